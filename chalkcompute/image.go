@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 )
@@ -19,6 +20,7 @@ type Image struct {
 	steps         []map[string]any
 	mounts        []map[string]any
 	uploads       []upload
+	raw           []byte // a spec given as JSON (FromSpec)
 	err           error
 }
 
@@ -61,13 +63,16 @@ func (i *Image) withStep(step map[string]any) *Image {
 
 // plain reports whether the image is just a reference (nothing to build).
 func (i *Image) plain() bool {
-	return !i.debianSlim && i.dockerfile == "" && len(i.steps) == 0 && len(i.mounts) == 0
+	return i.raw == nil && !i.debianSlim && i.dockerfile == "" && len(i.steps) == 0 && len(i.mounts) == 0
 }
 
 // Spec returns the JSON spec the server canonicalises and hashes.
 func (i *Image) Spec() ([]byte, error) {
 	if i.err != nil {
 		return nil, i.err
+	}
+	if i.raw != nil {
+		return i.raw, nil
 	}
 	spec := map[string]any{"steps": i.steps}
 	if i.steps == nil {
@@ -111,4 +116,16 @@ func (i *Image) apply(ctx context.Context, c *Client, req *v1.CreateSandboxReque
 	}
 	req.ImageSpecJson = string(spec)
 	return nil
+}
+
+// FromSpec is an image from a JSON spec as the SDKs send it (chalk compute image build --spec).
+func FromSpec(spec []byte) *Image { return &Image{raw: append([]byte(nil), spec...)} }
+
+// FromDockerfile parses an existing Dockerfile (server-side) and continues chaining on top.
+func FromDockerfile(path string) *Image {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return &Image{err: fmt.Errorf("from_dockerfile %s: %w", path, err)}
+	}
+	return &Image{dockerfile: string(b)}
 }

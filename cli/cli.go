@@ -1,0 +1,176 @@
+// Package cli is the chalk command line: `chalk compute sandbox|image|policy …`,
+// `chalk whoami` and `chalk admin`. Every command takes --output json; long
+// operations (pull, warm, build) draw progress on a terminal.
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+)
+
+// ExitError carries a process exit code out of a command (exec).
+type ExitError struct{ Code int }
+
+func (e *ExitError) Error() string { return fmt.Sprintf("exit status %d", e.Code) }
+
+// Run runs the CLI with args and returns the process exit code.
+func Run(args []string) int {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	root := newRoot(os.Stdin, os.Stdout, os.Stderr)
+	root.SetArgs(args)
+	err := root.ExecuteContext(ctx)
+	var ee *ExitError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &ee):
+		return ee.Code
+	default:
+		fmt.Fprintln(os.Stderr, "Error:", err)
+		return 1
+	}
+}
+
+// env is what every command needs.
+type env struct {
+	in          io.Reader
+	out, errOut io.Writer
+	output      string
+	url, token  string
+}
+
+func (e *env) client() (*chalkcompute.Client, error) {
+	var opts []chalkcompute.Option
+	if e.url != "" {
+		opts = append(opts, chalkcompute.WithURL(e.url))
+	}
+	if e.token != "" {
+		opts = append(opts, chalkcompute.WithToken(e.token))
+	}
+	return chalkcompute.NewClient(opts...)
+}
+
+func (e *env) json() bool { return e.output == "json" }
+
+// print writes v as JSON (protobuf messages with protojson) when --output json.
+func (e *env) printJSON(v any) error {
+	if m, ok := v.(proto.Message); ok {
+		b, err := protojson.MarshalOptions{Multiline: true, Indent: "  ", UseProtoNames: true}.Marshal(m)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintln(e.out, string(b))
+		return err
+	}
+	if ms, ok := v.([]proto.Message); ok {
+		raw := make([]json.RawMessage, 0, len(ms))
+		for _, m := range ms {
+			b, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
+			if err != nil {
+				return err
+			}
+			raw = append(raw, b)
+		}
+		v = raw
+	}
+	enc := json.NewEncoder(e.out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func (e *env) table(header string, rows [][]string) {
+	tw := tabwriter.NewWriter(e.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, header)
+	for _, r := range rows {
+		fmt.Fprintln(tw, strings.Join(r, "\t"))
+	}
+	tw.Flush()
+}
+
+func newRoot(in io.Reader, out, errOut io.Writer) *cobra.Command {
+	e := &env{in: in, out: out, errOut: errOut}
+	root := &cobra.Command{
+		Use:           "chalk",
+		Short:         "chalkcompute: sandboxes with their own identity, egress policy and images that start instantly",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVarP(&e.output, "output", "o", "text", "output format: text or json")
+	root.PersistentFlags().StringVar(&e.url, "api-url", "", "chalkd API URL (default: CHALK_API_URL or the config file)")
+	root.PersistentFlags().StringVar(&e.token, "token", "", "API token (default: CHALK_API_TOKEN or the config file)")
+	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
+		if e.output != "text" && e.output != "json" {
+			return fmt.Errorf("--output %q: must be text or json", e.output)
+		}
+		return nil
+	}
+	compute := &cobra.Command{Use: "compute", Short: "Sandboxes, images and network policies"}
+	compute.AddCommand(sandboxCmd(e), imageCmd(e), policyCmd(e))
+	root.AddCommand(compute, whoamiCmd(e), adminCmd(e))
+	return root
+}
+
+func whoamiCmd(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:   "whoami",
+		Short: "Show the identity the CLI authenticates as",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			w, err := c.WhoAmI(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if e.json() {
+				return e.printJSON(w)
+			}
+			fmt.Fprintf(e.out, "%s\t%s\n", w.Kind, w.Subject)
+			return nil
+		},
+	}
+}
+
+func adminCmd(e *env) *cobra.Command {
+	admin := &cobra.Command{Use: "admin", Short: "Administration"}
+	keys := &cobra.Command{Use: "keys", Short: "Workload identity signing keys"}
+	keys.AddCommand(&cobra.Command{
+		Use:   "rotate",
+		Short: "Rotate the signing key now",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			kids, err := c.RotateKeys(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if e.json() {
+				return e.printJSON(map[string]any{"kids": kids})
+			}
+			fmt.Fprintln(e.out, strings.Join(kids, "\n"))
+			return nil
+		},
+	})
+	admin.AddCommand(keys)
+	return admin
+}

@@ -1,0 +1,198 @@
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+)
+
+func imageCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{Use: "image", Aliases: []string{"images"}, Short: "Build, pull, warm and list images"}
+	cmd.AddCommand(imgList(e), imgPull(e, "pull"), imgPull(e, "warm"), imgBuild(e), imgInspect(e), imgRm(e))
+	return cmd
+}
+
+// progressFn returns the progress callback for the output mode: bars for text,
+// nothing for json (the final result is printed as one document).
+func (e *env) progressFn() func(*v1.ImageProgress) {
+	if e.json() {
+		return nil
+	}
+	return newProgress(e.errOut).update
+}
+
+func imgPull(e *env, verb string) *cobra.Command {
+	var image string
+	short := "Pull an image into this node's cache"
+	if verb == "warm" {
+		short = "Distribute an image (reference or image hash) to nodes ahead of sandbox creation"
+	}
+	cmd := &cobra.Command{
+		Use:   verb + " [REF]",
+		Short: short,
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 1 {
+				image = args[0]
+			}
+			if image == "" {
+				return fmt.Errorf("an image is required (argument or --image)")
+			}
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			var last *v1.ImageProgress
+			if verb == "warm" {
+				last, err = c.WarmImage(cmd.Context(), image, e.progressFn())
+			} else {
+				last, err = c.PullImage(cmd.Context(), image, e.progressFn())
+			}
+			if err != nil {
+				return err
+			}
+			if e.json() {
+				return e.printJSON(last)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&image, "image", "", "image reference or image hash")
+	return cmd
+}
+
+func imgBuild(e *env) *cobra.Command {
+	var specFile, dockerfile string
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "build (--spec FILE.json | --dockerfile Dockerfile)",
+		Short: "Build an image from a spec file or a Dockerfile; skipped when its content hash is already built",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var img *chalkcompute.Image
+			switch {
+			case specFile != "" && dockerfile != "":
+				return fmt.Errorf("--spec and --dockerfile are exclusive")
+			case specFile != "":
+				b, err := os.ReadFile(specFile)
+				if err != nil {
+					return err
+				}
+				if !json.Valid(b) {
+					return fmt.Errorf("%s: not valid JSON", specFile)
+				}
+				img = chalkcompute.FromSpec(b)
+			case dockerfile != "":
+				img = chalkcompute.FromDockerfile(dockerfile)
+			default:
+				return fmt.Errorf("one of --spec or --dockerfile is required")
+			}
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			last, err := c.BuildImage(cmd.Context(), img, force, e.progressFn())
+			if err != nil {
+				return err
+			}
+			if e.json() {
+				return e.printJSON(last)
+			}
+			if last != nil && last.Image != nil {
+				fmt.Fprintln(e.out, last.Image.Ref)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&specFile, "spec", "", "image spec (JSON, as the SDKs send it)")
+	cmd.Flags().StringVar(&dockerfile, "dockerfile", "", "Dockerfile to build")
+	cmd.Flags().BoolVar(&force, "force", false, "rebuild every step even if cached")
+	return cmd
+}
+
+func imgList(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List images",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			imgs, err := c.ListImages(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if e.json() {
+				ms := make([]proto.Message, 0, len(imgs))
+				for _, i := range imgs {
+					ms = append(ms, i)
+				}
+				return e.printJSON(ms)
+			}
+			rows := make([][]string, 0, len(imgs))
+			for _, i := range imgs {
+				rows = append(rows, []string{i.Ref, short(i.Digest), human(i.Size), fmt.Sprint(i.Warm)})
+			}
+			e.table("REF\tDIGEST\tSIZE\tWARM", rows)
+			return nil
+		},
+	}
+}
+
+func imgInspect(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:   "inspect REF",
+		Short: "Show an image's manifest and config",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			info, err := c.InspectImage(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if e.json() {
+				return e.printJSON(info)
+			}
+			fmt.Fprintf(e.out, "ref:    %s\ndigest: %s\nsize:   %s\nwarm:   %v\nconfig: %s\n", info.Image.Ref, info.Image.Digest, human(info.Image.Size), info.Image.Warm, info.ConfigJson)
+			return nil
+		},
+	}
+}
+
+func imgRm(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:   "rm REF...",
+		Short: "Remove images from the registry",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			for _, r := range args {
+				if err := c.RemoveImage(cmd.Context(), r); err != nil {
+					return err
+				}
+				if !e.json() {
+					fmt.Fprintln(e.out, r)
+				}
+			}
+			if e.json() {
+				return e.printJSON(map[string]any{"removed": args})
+			}
+			return nil
+		},
+	}
+}
