@@ -1,0 +1,351 @@
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// Lifetime limits.
+const (
+	DefaultTimeout = 5 * time.Minute
+	MaxTimeout     = 24 * time.Hour
+)
+
+// liveSandbox is the in-memory side of a running sandbox.
+type liveSandbox struct {
+	id       string
+	slot     int
+	ip       netip.Addr
+	done     chan struct{} // closed once the sandbox has ended and is cleaned up
+	cancel   context.CancelFunc
+	timer    *time.Timer
+	reason   string // why we are ending it (terminated, timeout, idle); "" if it ended by itself
+	lastUsed time.Time
+}
+
+func newID() string {
+	b := make([]byte, 8)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return "sb-" + hex.EncodeToString(b)
+}
+
+// launch starts a recorded sandbox on the node and begins watching it.
+func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRequest) error {
+	req.ID, req.Slot = sb.ID, sb.Slot
+	if s.cfg.Hooks.Prepare != nil {
+		if err := s.cfg.Hooks.Prepare(ctx, sb, &req); err != nil {
+			return s.fail(ctx, sb, err)
+		}
+	}
+	st, err := s.node.Start(ctx, req)
+	if err != nil {
+		return s.fail(ctx, sb, err)
+	}
+	now := time.Now().UTC()
+	sb.State = store.StateRunning
+	sb.Pid = st.Pid
+	sb.StartedAt = now
+	sb.LastActive = now
+	if st.Net != nil {
+		sb.IP = st.Net.SandboxIP.String()
+	}
+	if err := s.store.UpdateSandbox(ctx, sb); err != nil {
+		_ = s.node.Destroy(context.WithoutCancel(ctx), sb.ID, sb.Slot)
+		return s.fail(ctx, sb, err)
+	}
+	s.watch(sb)
+	if s.cfg.Hooks.Started != nil {
+		if err := s.cfg.Hooks.Started(ctx, sb, st); err != nil {
+			s.end(sb.ID, "error")
+			return fmt.Errorf("sandbox %q: %w", sb.ID, err)
+		}
+	}
+	return nil
+}
+
+// fail records a failed start.
+func (s *Server) fail(ctx context.Context, sb *store.Sandbox, cause error) error {
+	sb.State = store.StateFailed
+	sb.Error = cause.Error()
+	sb.EndReason = "error"
+	sb.EndedAt = time.Now().UTC()
+	if err := s.store.UpdateSandbox(context.WithoutCancel(ctx), sb); err != nil {
+		s.log.Error("record failed sandbox", "sandbox", sb.ID, "err", err)
+	}
+	if s.cfg.Hooks.Ended != nil {
+		s.cfg.Hooks.Ended(context.WithoutCancel(ctx), sb)
+	}
+	return cause
+}
+
+// watch registers a running sandbox: it waits for its init to exit and arms
+// its lifetime timer.
+func (s *Server) watch(sb *store.Sandbox) {
+	ctx, cancel := context.WithCancel(s.baseCtx)
+	ip, _ := netip.ParseAddr(sb.IP)
+	l := &liveSandbox{id: sb.ID, slot: sb.Slot, ip: ip, done: make(chan struct{}), cancel: cancel, lastUsed: sb.LastActive}
+	if l.lastUsed.IsZero() {
+		l.lastUsed = time.Now()
+	}
+	s.mu.Lock()
+	s.live[sb.ID] = l
+	s.mu.Unlock()
+	l.timer = time.AfterFunc(time.Until(sb.Deadline()), func() { s.end(sb.ID, "timeout") })
+	if sb.IdleTimeout > 0 {
+		go s.idleLoop(ctx, l, sb.IdleTimeout)
+	}
+	go func() {
+		ex, err := s.node.Wait(ctx, sb.ID, sb.Pid)
+		if err != nil && ctx.Err() != nil {
+			return // daemon shutting down: the sandbox keeps running
+		}
+		s.finish(sb.ID, ex)
+	}()
+}
+
+// idleLoop ends the sandbox when nothing used it for d.
+func (s *Server) idleLoop(ctx context.Context, l *liveSandbox, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			s.mu.Lock()
+			idle := time.Since(l.lastUsed)
+			s.mu.Unlock()
+			if idle >= d {
+				s.end(l.id, "idle")
+				return
+			}
+			t.Reset(d - idle)
+		}
+	}
+}
+
+// touch records activity for the idle timeout.
+func (s *Server) touch(id string) {
+	s.mu.Lock()
+	if l := s.live[id]; l != nil {
+		l.lastUsed = time.Now()
+	}
+	s.mu.Unlock()
+}
+
+// end kills a running sandbox for reason and waits until it is cleaned up.
+func (s *Server) end(id, reason string) {
+	s.mu.Lock()
+	l := s.live[id]
+	if l != nil && l.reason == "" {
+		l.reason = reason
+	}
+	s.mu.Unlock()
+	if l == nil {
+		return
+	}
+	sb, err := s.store.GetSandbox(s.baseCtx, id)
+	if err == nil {
+		if derr := s.node.Destroy(s.baseCtx, id, sb.Slot); derr != nil {
+			s.log.Warn("destroy sandbox", "sandbox", id, "err", derr)
+		}
+	}
+	<-l.done
+}
+
+// finish records the end of a sandbox and frees everything it held. It runs
+// once per sandbox, from its watcher.
+func (s *Server) finish(id string, ex sandbox.Exit) {
+	ctx := s.baseCtx
+	s.mu.Lock()
+	l := s.live[id]
+	s.mu.Unlock()
+	if l == nil {
+		return
+	}
+	defer func() {
+		s.mu.Lock()
+		delete(s.live, id)
+		s.mu.Unlock()
+		l.timer.Stop()
+		l.cancel()
+		close(l.done)
+	}()
+	sb, err := s.store.GetSandbox(ctx, id)
+	if err != nil {
+		s.log.Error("finish sandbox", "sandbox", id, "err", err)
+		return
+	}
+	if s.cfg.Hooks.Ended != nil {
+		s.cfg.Hooks.Ended(ctx, sb)
+	}
+	if err := s.node.Destroy(ctx, id, sb.Slot); err != nil {
+		s.log.Warn("destroy sandbox", "sandbox", id, "err", err)
+	}
+	s.mu.Lock()
+	reason := l.reason
+	s.mu.Unlock()
+	sb.State = store.StateStopped
+	sb.EndedAt = time.Now().UTC()
+	sb.ExitCode = ex.Code
+	switch {
+	case reason != "":
+		sb.EndReason = reason
+	case ex.OOM:
+		sb.EndReason = "oom"
+	default:
+		sb.EndReason = "exited"
+	}
+	if !ex.Known && reason == "" {
+		sb.ExitCode = -1
+	}
+	if err := s.store.UpdateSandbox(ctx, sb); err != nil {
+		s.log.Error("record sandbox end", "sandbox", id, "err", err)
+	}
+	s.log.Info("sandbox ended", "sandbox", id, "reason", sb.EndReason, "exit_code", sb.ExitCode)
+}
+
+// Reconcile brings memory and the node in line with the store after a start:
+// running sandboxes are watched again, those whose timeout passed are ended,
+// those that died meanwhile are recorded and cleaned, and anything on the node
+// that belongs to no live sandbox is removed.
+func (s *Server) Reconcile(ctx context.Context) error {
+	sbs, err := s.store.ListSandboxes(ctx, "", true)
+	if err != nil {
+		return err
+	}
+	live := map[string]int{}
+	for _, sb := range sbs {
+		pid, running := s.node.Running(ctx, sb.ID)
+		switch {
+		case running && sb.State == store.StateRunning && pid == sb.Pid:
+			live[sb.ID] = sb.Slot
+			s.watch(sb)
+			if time.Now().After(sb.Deadline()) {
+				go s.end(sb.ID, "timeout")
+			}
+		default:
+			reason := "exited"
+			if sb.State == store.StateCreating {
+				reason = "error"
+				sb.Error = "chalkd stopped while the sandbox was being created"
+			}
+			if time.Now().After(sb.Deadline()) {
+				reason = "timeout"
+			}
+			if err := s.node.Destroy(ctx, sb.ID, sb.Slot); err != nil {
+				s.log.Warn("reconcile: destroy", "sandbox", sb.ID, "err", err)
+			}
+			sb.State, sb.EndReason, sb.EndedAt, sb.ExitCode = store.StateStopped, reason, time.Now().UTC(), -1
+			if reason == "error" {
+				sb.State = store.StateFailed
+			}
+			if err := s.store.UpdateSandbox(ctx, sb); err != nil {
+				return err
+			}
+			if s.cfg.Hooks.Ended != nil {
+				s.cfg.Hooks.Ended(ctx, sb)
+			}
+		}
+	}
+	left, err := s.node.Leftovers(ctx, live)
+	if err != nil {
+		return err
+	}
+	if len(left) > 0 {
+		s.log.Warn("reconcile: node objects of no live sandbox", "objects", left)
+	}
+	return nil
+}
+
+// Leftovers lists node objects not belonging to live sandboxes (leak checks).
+func (s *Server) Leftovers(ctx context.Context) ([]string, error) {
+	s.mu.Lock()
+	live := map[string]int{}
+	for id, l := range s.live {
+		live[id] = l.slot
+	}
+	s.mu.Unlock()
+	return s.node.Leftovers(ctx, live)
+}
+
+// SandboxByAddr maps a sandbox's source address to its record (metadata
+// service, MCP gateway). Only running sandboxes match.
+func (s *Server) SandboxByAddr(ctx context.Context, a netip.Addr) (*store.Sandbox, bool) {
+	s.mu.Lock()
+	var id string
+	for _, l := range s.live {
+		if l.ip == a.Unmap() {
+			id = l.id
+			break
+		}
+	}
+	s.mu.Unlock()
+	if id == "" {
+		return nil, false
+	}
+	sb, err := s.store.GetSandbox(ctx, id)
+	if err != nil || sb.State != store.StateRunning {
+		return nil, false
+	}
+	return sb, true
+}
+
+// IsRunning reports whether sandbox id is running (token revocation).
+func (s *Server) IsRunning(ctx context.Context, id string) bool {
+	s.mu.Lock()
+	_, ok := s.live[id]
+	s.mu.Unlock()
+	return ok
+}
+
+// WaitEnded blocks until sandbox id is no longer live, or ctx ends.
+func (s *Server) WaitEnded(ctx context.Context, id string) error {
+	s.mu.Lock()
+	l := s.live[id]
+	s.mu.Unlock()
+	if l == nil {
+		return nil
+	}
+	select {
+	case <-l.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Shutdown stops watching (sandboxes keep running; a restart reattaches).
+func (s *Server) Shutdown() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range s.live {
+		l.timer.Stop()
+		l.cancel()
+	}
+}
+
+func notRunning(sb *store.Sandbox) error {
+	if sb.State == store.StateRunning {
+		return nil
+	}
+	msg := fmt.Sprintf("sandbox %q is %s", sb.ID, sb.State)
+	if sb.EndReason != "" {
+		msg += " (" + sb.EndReason + ")"
+	}
+	return fmt.Errorf("%s: %w", msg, errdefs.ErrFailedPrecondition)
+}
+
+var errNoBackend = errors.New("not enabled on this chalkd")

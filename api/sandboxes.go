@@ -1,0 +1,582 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math"
+	"path"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"connectrpc.com/connect"
+	"golang.org/x/sys/unix"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/procapi"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+type sandboxService struct{ s *Server }
+
+var _ computev1connect.SandboxServiceHandler = (*sandboxService)(nil)
+
+func invalid(format string, a ...any) error {
+	return fmt.Errorf(format+": %w", append(a, errdefs.ErrInvalidArgument)...)
+}
+
+// validateCreate checks a create request and fills defaults.
+func validateCreate(r *v1.CreateSandboxRequest) (timeout, idle time.Duration, err error) {
+	if r.Image == "" && r.ImageSpecJson == "" {
+		return 0, 0, invalid("image: required (an image reference or an image spec)")
+	}
+	if r.TimeoutSeconds < 0 || r.TimeoutSeconds > int64(MaxTimeout/time.Second) {
+		return 0, 0, invalid("timeout_seconds %d: must be between 1 and %d", r.TimeoutSeconds, int64(MaxTimeout/time.Second))
+	}
+	timeout = time.Duration(r.TimeoutSeconds) * time.Second
+	if timeout == 0 {
+		timeout = DefaultTimeout
+	}
+	if r.IdleTimeoutSeconds < 0 || r.IdleTimeoutSeconds > int64(MaxTimeout/time.Second) {
+		return 0, 0, invalid("idle_timeout_seconds %d: must be between 0 and %d", r.IdleTimeoutSeconds, int64(MaxTimeout/time.Second))
+	}
+	idle = time.Duration(r.IdleTimeoutSeconds) * time.Second
+	if r.Cpu < 0 || math.IsNaN(r.Cpu) || math.IsInf(r.Cpu, 0) || r.Cpu > float64(runtime.NumCPU()*4) {
+		return 0, 0, invalid("cpu %v: must be between 0 (unlimited) and %d cores", r.Cpu, runtime.NumCPU()*4)
+	}
+	if r.MemoryMb < 0 || r.MemoryMb > 1<<22 {
+		return 0, 0, invalid("memory_mb %d: must be between 0 (unlimited) and %d", r.MemoryMb, 1<<22)
+	}
+	if r.MemoryMb > 0 && r.MemoryMb < 8 {
+		return 0, 0, invalid("memory_mb %d: at least 8 MiB is needed to start a sandbox", r.MemoryMb)
+	}
+	if r.Workdir != "" && !path.IsAbs(r.Workdir) {
+		return 0, 0, invalid("workdir %q: must be an absolute path", r.Workdir)
+	}
+	if err := validateEnv(r.Env); err != nil {
+		return 0, 0, err
+	}
+	return timeout, idle, nil
+}
+
+func validateEnv(env map[string]string) error {
+	for k, v := range env {
+		if k == "" || strings.ContainsAny(k, "=\x00") {
+			return invalid("env name %q: must be non-empty without '=' or NUL", k)
+		}
+		if strings.ContainsRune(v, 0) {
+			return invalid("env %s: value contains NUL", k)
+		}
+	}
+	return nil
+}
+
+func envList(env map[string]string) []string {
+	out := make([]string, 0, len(env))
+	for k, v := range env {
+		out = append(out, k+"="+v)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.CreateSandboxRequest]) (*connect.Response[v1.Sandbox], error) {
+	s := h.s
+	p, err := user(ctx)
+	if err != nil {
+		return nil, err
+	}
+	r := req.Msg
+	timeout, idle, err := validateCreate(r)
+	if err != nil {
+		return nil, err
+	}
+	sb := &store.Sandbox{
+		ID: newID(), OrgID: p.OrgID, State: store.StateCreating, Image: r.Image,
+		Entrypoint: r.Entrypoint, Env: r.Env, Workdir: r.Workdir, CPU: r.Cpu, MemoryMB: r.MemoryMb,
+		Timeout: timeout, IdleTimeout: idle, Tunnels: r.Tunnels, Labels: r.Labels, CreatedBy: p.Subject,
+		AWSRoleARN: r.AwsRoleArn, GCPProvider: r.GcpWorkloadProvider, CreatedAt: time.Now().UTC(),
+	}
+	// Policies first: a bad policy must fail before anything is built or started.
+	policies, err := s.resolvePolicies(ctx, p.OrgID, r.NetworkPolicies, r.InlinePolicies)
+	if err != nil {
+		return nil, err
+	}
+	for _, pol := range policies {
+		sb.Policies = append(sb.Policies, pol.Name)
+	}
+	if len(r.Tunnels) > 0 {
+		return nil, fmt.Errorf("tunnels: %w", fmt.Errorf("WireGuard tunnels are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition))
+	}
+	ref := r.Image
+	var mounts []store.Mount
+	if r.ImageSpecJson != "" {
+		if s.cfg.Images == nil {
+			return nil, fmt.Errorf("image specs: builds are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
+		}
+		res, err := s.cfg.Images.Build(ctx, []byte(r.ImageSpecJson), false, nil)
+		if err != nil {
+			return nil, err
+		}
+		ref, sb.ImageHash, mounts = res.Ref, res.Hash, res.Mounts
+		if sb.Image == "" {
+			sb.Image = res.Hash
+		}
+	}
+	sb.Mounts = mounts
+	img, err := s.node.EnsureImage(ctx, ref, nil)
+	if err != nil {
+		return nil, err
+	}
+	sb.ImageDigest, sb.ImageWarm, sb.LocalRef = img.Digest, img.Warm, img.Ref
+	if sb.ImageHash == "" {
+		sb.ImageHash = img.Digest
+	}
+	if s.cfg.Policies != nil {
+		if sb.PolicyHash, err = s.cfg.Policies.Hash(policies); err != nil {
+			return nil, err
+		}
+	}
+	if err := s.store.CreateSandbox(ctx, sb, s.node.MaxSlot()); err != nil {
+		return nil, err
+	}
+	startReq := node.StartRequest{
+		Image: img, Entrypoint: r.Entrypoint, Env: envList(r.Env), Workdir: r.Workdir,
+		CPU: r.Cpu, Memory: r.MemoryMb << 20,
+	}
+	if err := s.launch(ctx, sb, startReq); err != nil {
+		return nil, err
+	}
+	if s.cfg.Policies != nil {
+		if err := s.cfg.Policies.Apply(ctx, sb, policies); err != nil {
+			s.end(sb.ID, "error")
+			return nil, err
+		}
+	}
+	return connect.NewResponse(toProto(sb)), nil
+}
+
+// sandboxFor loads a sandbox the caller may see: users see their org's,
+// workloads only themselves.
+func (s *Server) sandboxFor(ctx context.Context, id string) (*store.Sandbox, error) {
+	p, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if id == "" {
+		return nil, invalid("sandbox id: required")
+	}
+	if p.IsWorkload() && p.SandboxID != id {
+		return nil, fmt.Errorf("workload %s may only see itself: %w", p.Subject, errdefs.ErrPermissionDenied)
+	}
+	sb, err := s.store.GetSandbox(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if sb.OrgID != p.OrgID {
+		return nil, fmt.Errorf("sandbox %q: %w", id, errdefs.ErrNotFound)
+	}
+	return sb, nil
+}
+
+// runningFor is sandboxFor for users, requiring the sandbox to run.
+func (s *Server) runningFor(ctx context.Context, id string) (*store.Sandbox, error) {
+	if _, err := user(ctx); err != nil {
+		return nil, err
+	}
+	sb, err := s.sandboxFor(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if err := notRunning(sb); err != nil {
+		return nil, err
+	}
+	s.touch(id)
+	return sb, nil
+}
+
+func (h *sandboxService) Get(ctx context.Context, req *connect.Request[v1.GetSandboxRequest]) (*connect.Response[v1.Sandbox], error) {
+	sb, err := h.s.sandboxFor(ctx, req.Msg.Id)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(toProto(sb)), nil
+}
+
+func (h *sandboxService) List(ctx context.Context, req *connect.Request[v1.ListSandboxesRequest]) (*connect.Response[v1.ListSandboxesResponse], error) {
+	p, err := user(ctx)
+	if err != nil {
+		return nil, err
+	}
+	sbs, err := h.s.store.ListSandboxes(ctx, p.OrgID, !req.Msg.All)
+	if err != nil {
+		return nil, err
+	}
+	out := &v1.ListSandboxesResponse{}
+	for _, sb := range sbs {
+		out.Sandboxes = append(out.Sandboxes, toProto(sb))
+	}
+	return connect.NewResponse(out), nil
+}
+
+func (h *sandboxService) Wait(ctx context.Context, req *connect.Request[v1.WaitSandboxRequest]) (*connect.Response[v1.Sandbox], error) {
+	if _, err := h.s.sandboxFor(ctx, req.Msg.Id); err != nil {
+		return nil, err
+	}
+	if req.Msg.TimeoutSeconds < 0 {
+		return nil, invalid("timeout_seconds %d: must not be negative", req.Msg.TimeoutSeconds)
+	}
+	if req.Msg.TimeoutSeconds > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(req.Msg.TimeoutSeconds)*time.Second)
+		defer cancel()
+	}
+	if err := h.s.WaitEnded(ctx, req.Msg.Id); err != nil {
+		return nil, fmt.Errorf("wait for sandbox %q: %w", req.Msg.Id, errdefs.ErrDeadlineExceeded)
+	}
+	sb, err := h.s.store.GetSandbox(ctx, req.Msg.Id)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(toProto(sb)), nil
+}
+
+func (h *sandboxService) Terminate(ctx context.Context, req *connect.Request[v1.TerminateSandboxRequest]) (*connect.Response[v1.Sandbox], error) {
+	if _, err := user(ctx); err != nil {
+		return nil, err
+	}
+	sb, err := h.s.sandboxFor(ctx, req.Msg.Id)
+	if err != nil {
+		return nil, err
+	}
+	h.s.end(sb.ID, "terminated")
+	sb, err = h.s.store.GetSandbox(ctx, sb.ID)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(toProto(sb)), nil
+}
+
+// execEntry is a running exec whose stdin or signals are still reachable.
+type execEntry struct {
+	sandboxID string
+	proc      *procapi.Process
+	stdinMu   sync.Mutex
+}
+
+// streamWriter sends output chunks as exec events. procapi calls it from one
+// goroutine; the mutex orders it against the started and exited events.
+type streamWriter struct {
+	mu     *sync.Mutex
+	stream *connect.ServerStream[v1.ExecEvent]
+	stderr bool
+	touch  func()
+}
+
+func (w streamWriter) Write(b []byte) (int, error) {
+	ev := &v1.ExecEvent{}
+	data := append([]byte(nil), b...)
+	if w.stderr {
+		ev.Event = &v1.ExecEvent_Stderr{Stderr: data}
+	} else {
+		ev.Event = &v1.ExecEvent_Stdout{Stdout: data}
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.touch()
+	if err := w.stream.Send(ev); err != nil {
+		return 0, err
+	}
+	return len(b), nil
+}
+
+func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecRequest], stream *connect.ServerStream[v1.ExecEvent]) error {
+	s := h.s
+	r := req.Msg
+	sb, err := s.runningFor(ctx, r.SandboxId)
+	if err != nil {
+		return err
+	}
+	if len(r.Argv) == 0 || r.Argv[0] == "" {
+		return invalid("argv: a command is required")
+	}
+	if r.TimeoutSeconds < 0 {
+		return invalid("timeout_seconds %d: must not be negative", r.TimeoutSeconds)
+	}
+	if r.Workdir != "" && !path.IsAbs(r.Workdir) {
+		return invalid("workdir %q: must be an absolute path", r.Workdir)
+	}
+	if err := validateEnv(r.Env); err != nil {
+		return err
+	}
+	execCtx := ctx
+	if r.TimeoutSeconds > 0 {
+		var cancel context.CancelFunc
+		execCtx, cancel = context.WithTimeout(ctx, time.Duration(r.TimeoutSeconds)*time.Second)
+		defer cancel()
+	}
+	var mu sync.Mutex
+	touch := func() { s.touch(sb.ID) }
+	proc, err := s.node.Exec(execCtx, sb.ID, procapi.ExecRequest{
+		Argv: r.Argv, Env: envList(r.Env), Dir: r.Workdir, Stdin: r.Stdin, User: r.User,
+	}, streamWriter{&mu, stream, false, touch}, streamWriter{&mu, stream, true, touch})
+	if err != nil {
+		return fmt.Errorf("exec in sandbox %q: %w", sb.ID, err)
+	}
+	id := newID()[3:]
+	s.mu.Lock()
+	s.execs[id] = &execEntry{sandboxID: sb.ID, proc: proc}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.execs, id)
+		s.mu.Unlock()
+	}()
+	mu.Lock()
+	err = stream.Send(&v1.ExecEvent{Event: &v1.ExecEvent_Started{Started: &v1.ExecStarted{ExecId: id, Pid: int32(proc.Pid())}}})
+	mu.Unlock()
+	if err != nil {
+		_ = proc.Signal(syscall.SIGKILL)
+		_, _ = proc.Wait()
+		return err
+	}
+	st, werr := proc.Wait()
+	timedOut := execCtx.Err() == context.DeadlineExceeded && ctx.Err() == nil
+	if werr != nil && !timedOut {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if s.IsRunning(ctx, sb.ID) {
+			return fmt.Errorf("exec in sandbox %q: %w", sb.ID, werr)
+		}
+		return fmt.Errorf("exec in sandbox %q: the sandbox ended: %w", sb.ID, errdefs.ErrFailedPrecondition)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	return stream.Send(&v1.ExecEvent{Event: &v1.ExecEvent_Exited{Exited: &v1.ExecExited{
+		ExitCode: int32(st.Code), Signal: st.Signal, TimedOut: timedOut,
+	}}})
+}
+
+func (s *Server) execFor(ctx context.Context, sandboxID, execID string) (*execEntry, error) {
+	if _, err := s.runningFor(ctx, sandboxID); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	e := s.execs[execID]
+	s.mu.Unlock()
+	if e == nil || e.sandboxID != sandboxID {
+		return nil, fmt.Errorf("exec %q in sandbox %q: %w", execID, sandboxID, errdefs.ErrNotFound)
+	}
+	return e, nil
+}
+
+func (h *sandboxService) WriteStdin(ctx context.Context, req *connect.Request[v1.WriteStdinRequest]) (*connect.Response[v1.WriteStdinResponse], error) {
+	e, err := h.s.execFor(ctx, req.Msg.SandboxId, req.Msg.ExecId)
+	if err != nil {
+		return nil, err
+	}
+	in := e.proc.Stdin()
+	if in == nil {
+		return nil, fmt.Errorf("exec %q was started without stdin: %w", req.Msg.ExecId, errdefs.ErrFailedPrecondition)
+	}
+	e.stdinMu.Lock()
+	defer e.stdinMu.Unlock()
+	if len(req.Msg.Data) > 0 {
+		if _, err := in.Write(req.Msg.Data); err != nil {
+			return nil, fmt.Errorf("stdin of exec %q: %v: %w", req.Msg.ExecId, err, errdefs.ErrFailedPrecondition)
+		}
+	}
+	if req.Msg.Close {
+		if err := in.Close(); err != nil {
+			return nil, fmt.Errorf("close stdin of exec %q: %v: %w", req.Msg.ExecId, err, errdefs.ErrFailedPrecondition)
+		}
+	}
+	return connect.NewResponse(&v1.WriteStdinResponse{}), nil
+}
+
+func (h *sandboxService) SignalExec(ctx context.Context, req *connect.Request[v1.SignalExecRequest]) (*connect.Response[v1.SignalExecResponse], error) {
+	e, err := h.s.execFor(ctx, req.Msg.SandboxId, req.Msg.ExecId)
+	if err != nil {
+		return nil, err
+	}
+	name := strings.ToUpper(req.Msg.Signal)
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	sig := unix.SignalNum(name)
+	if sig == 0 {
+		return nil, invalid("signal %q: unknown", req.Msg.Signal)
+	}
+	if err := e.proc.Signal(sig); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&v1.SignalExecResponse{}), nil
+}
+
+func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[v1.LogsRequest], stream *connect.ServerStream[v1.LogChunk]) error {
+	sb, err := h.s.sandboxFor(ctx, req.Msg.SandboxId)
+	if err != nil {
+		return err
+	}
+	f, err := h.s.node.Logs(sb.ID)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf := make([]byte, 32<<10)
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		n, err := f.Read(buf)
+		if n > 0 {
+			if serr := stream.Send(&v1.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
+				return serr
+			}
+			continue
+		}
+		if err != nil && err != io.EOF {
+			return err
+		}
+		if !req.Msg.Follow || !h.s.IsRunning(ctx, sb.ID) {
+			// One more read after the end so nothing written last is lost.
+			if n, _ := f.Read(buf); n > 0 {
+				if serr := stream.Send(&v1.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
+					return serr
+				}
+				continue
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+func (h *sandboxService) ReadFile(ctx context.Context, req *connect.Request[v1.ReadFileRequest], stream *connect.ServerStream[v1.FileChunk]) error {
+	sb, err := h.s.runningFor(ctx, req.Msg.SandboxId)
+	if err != nil {
+		return err
+	}
+	if !path.IsAbs(req.Msg.Path) {
+		return invalid("path %q: must be absolute", req.Msg.Path)
+	}
+	rc, err := h.s.node.Files(sb.ID).ReadFile(ctx, req.Msg.Path)
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := rc.Read(buf)
+		if n > 0 {
+			if serr := stream.Send(&v1.FileChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
+				return serr
+			}
+		}
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func (h *sandboxService) WriteFile(ctx context.Context, req *connect.Request[v1.WriteFileRequest]) (*connect.Response[v1.WriteFileResponse], error) {
+	sb, err := h.s.runningFor(ctx, req.Msg.SandboxId)
+	if err != nil {
+		return nil, err
+	}
+	if !path.IsAbs(req.Msg.Path) {
+		return nil, invalid("path %q: must be absolute", req.Msg.Path)
+	}
+	mode := fs.FileMode(req.Msg.Mode)
+	if mode == 0 {
+		mode = 0o644
+	}
+	if mode&^fs.ModePerm != 0 {
+		return nil, invalid("mode %o: only permission bits are allowed", req.Msg.Mode)
+	}
+	if err := h.s.node.Files(sb.ID).WriteFile(ctx, req.Msg.Path, mode, strings.NewReader(string(req.Msg.Data))); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&v1.WriteFileResponse{Size: int64(len(req.Msg.Data))}), nil
+}
+
+func (h *sandboxService) ListFiles(ctx context.Context, req *connect.Request[v1.ListFilesRequest]) (*connect.Response[v1.ListFilesResponse], error) {
+	sb, err := h.s.runningFor(ctx, req.Msg.SandboxId)
+	if err != nil {
+		return nil, err
+	}
+	if !path.IsAbs(req.Msg.Path) {
+		return nil, invalid("path %q: must be absolute", req.Msg.Path)
+	}
+	infos, err := h.s.node.Files(sb.ID).ListDir(ctx, req.Msg.Path)
+	if err != nil {
+		return nil, err
+	}
+	out := &v1.ListFilesResponse{}
+	for _, fi := range infos {
+		out.Files = append(out.Files, &v1.FileInfo{Name: fi.Name, Size: fi.Size, Mode: uint32(fi.Mode.Perm()), IsDir: fi.IsDir, ModTime: fi.ModTime.UTC().Format(time.RFC3339)})
+	}
+	return connect.NewResponse(out), nil
+}
+
+func (h *sandboxService) RemoveFile(ctx context.Context, req *connect.Request[v1.RemoveFileRequest]) (*connect.Response[v1.RemoveFileResponse], error) {
+	sb, err := h.s.runningFor(ctx, req.Msg.SandboxId)
+	if err != nil {
+		return nil, err
+	}
+	if !path.IsAbs(req.Msg.Path) || path.Clean(req.Msg.Path) == "/" {
+		return nil, invalid("path %q: must be absolute and not /", req.Msg.Path)
+	}
+	if err := h.s.node.Files(sb.ID).Remove(ctx, req.Msg.Path, req.Msg.Recursive); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&v1.RemoveFileResponse{}), nil
+}
+
+func (h *sandboxService) EgressLog(ctx context.Context, req *connect.Request[v1.EgressLogRequest]) (*connect.Response[v1.EgressLogResponse], error) {
+	sb, err := h.s.sandboxFor(ctx, req.Msg.SandboxId)
+	if err != nil {
+		return nil, err
+	}
+	if h.s.cfg.Policies == nil {
+		return nil, fmt.Errorf("egress log: network policies are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
+	}
+	return connect.NewResponse(&v1.EgressLogResponse{Drops: h.s.cfg.Policies.Drops(sb.ID)}), nil
+}
+
+func ts(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}
+
+func toProto(sb *store.Sandbox) *v1.Sandbox {
+	return &v1.Sandbox{
+		Id: sb.ID, OrgId: sb.OrgID, State: sb.State, Image: sb.Image, ImageDigest: sb.ImageDigest,
+		Entrypoint: sb.Entrypoint, Env: sb.Env, Workdir: sb.Workdir, Cpu: sb.CPU, MemoryMb: sb.MemoryMB,
+		TimeoutSeconds: int64(sb.Timeout / time.Second), IdleTimeoutSeconds: int64(sb.IdleTimeout / time.Second),
+		CreatedAt: ts(sb.CreatedAt), StartedAt: ts(sb.StartedAt), EndedAt: ts(sb.EndedAt),
+		ExitCode: int32(sb.ExitCode), EndReason: sb.EndReason, Error: sb.Error, ImageWarm: sb.ImageWarm,
+		Ip: sb.IP, NetworkPolicies: sb.Policies, Tunnels: sb.Tunnels, Labels: sb.Labels, CreatedBy: sb.CreatedBy,
+		ImageHash: sb.ImageHash,
+	}
+}
+
+var _ = errors.New

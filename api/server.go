@@ -1,0 +1,111 @@
+package api
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"sync"
+
+	"connectrpc.com/connect"
+
+	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/nodecache"
+	"github.com/chalkcompute/chalkcompute/procapi"
+	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// Node is what the control plane needs from a node agent (implemented by
+// *node.Agent in-process; an RPC client later for multi-node).
+type Node interface {
+	MaxSlot() int
+	EnsureImage(ctx context.Context, ref string, progress func(nodecache.Progress)) (*nodecache.Image, error)
+	Start(ctx context.Context, req node.StartRequest) (node.Started, error)
+	Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error)
+	Running(ctx context.Context, id string) (int, bool)
+	Destroy(ctx context.Context, id string, slot int) error
+	Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (*procapi.Process, error)
+	Files(id string) *procapi.Client
+	Logs(id string) (*os.File, error)
+	Leftovers(ctx context.Context, live map[string]int) ([]string, error)
+}
+
+var _ Node = (*node.Agent)(nil)
+
+// Hooks are optional integrations the daemon wires in (identity, egress,
+// builds). Nil hooks are skipped.
+type Hooks struct {
+	// Prepare runs after the sandbox record exists and before it starts; it may
+	// add bind mounts and env (identity token files, cloud federation).
+	Prepare func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error
+	// Started runs once the sandbox runs (egress rules, etc.).
+	Started func(ctx context.Context, sb *store.Sandbox, st node.Started) error
+	// Ended runs when the sandbox has ended, before its resources are freed.
+	Ended func(ctx context.Context, sb *store.Sandbox)
+}
+
+// Config configures the API server.
+type Config struct {
+	Store      *store.Store
+	Node       Node
+	Workload   WorkloadVerifier // nil: workload tokens are refused
+	Hooks      Hooks
+	Images     ImageBackend // nil: image builds are unavailable
+	ImageStore ImageStore
+	Policies   PolicyBackend
+	Identity   IdentityBackend
+	Logger     *slog.Logger
+	// MaxWriteFile bounds WriteFile payloads (default 64 MiB).
+	MaxWriteFile int64
+}
+
+// Server implements every service of the API.
+type Server struct {
+	cfg   Config
+	log   *slog.Logger
+	store *store.Store
+	node  Node
+	auth  *authenticator
+
+	mu      sync.Mutex
+	live    map[string]*liveSandbox // running sandboxes this process watches
+	execs   map[string]*execEntry
+	baseCtx context.Context
+}
+
+// New returns a Server. Call Reconcile before serving.
+func New(ctx context.Context, cfg Config) *Server {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.MaxWriteFile == 0 {
+		cfg.MaxWriteFile = 64 << 20
+	}
+	return &Server{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		store:   cfg.Store,
+		node:    cfg.Node,
+		auth:    &authenticator{store: cfg.Store, workload: cfg.Workload},
+		live:    map[string]*liveSandbox{},
+		execs:   map[string]*execEntry{},
+		baseCtx: context.WithoutCancel(ctx),
+	}
+}
+
+// Handler returns the HTTP handler serving every service.
+func (s *Server) Handler() http.Handler {
+	opts := []connect.HandlerOption{
+		connect.WithInterceptors(errorInterceptor{}, authInterceptor{s.auth}),
+		connect.WithReadMaxBytes(int(s.cfg.MaxWriteFile) + 1<<20),
+	}
+	mux := http.NewServeMux()
+	mux.Handle(computev1connect.NewSandboxServiceHandler(&sandboxService{s}, opts...))
+	mux.Handle(computev1connect.NewImageServiceHandler(&imageService{s}, opts...))
+	mux.Handle(computev1connect.NewPolicyServiceHandler(&policyService{s}, opts...))
+	mux.Handle(computev1connect.NewIdentityServiceHandler(&identityService{s}, opts...))
+	return mux
+}

@@ -1,0 +1,87 @@
+// Command chalkd is the chalkcompute daemon: control plane and node agent in one
+// process by default.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/chalkcompute/chalkcompute/daemon"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "seed" {
+		seed(os.Args[2:])
+		return
+	}
+	var cfg daemon.Config
+	var level, upstreams string
+	fs := flag.NewFlagSet("chalkd", flag.ExitOnError)
+	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/chalk", "state directory (store, registry, cache, keys)")
+	fs.StringVar(&cfg.RunDir, "run-dir", "/run/chalk", "runtime directory (runc state, netns, API socket)")
+	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:7447", "API TCP address (empty: unix socket only)")
+	fs.StringVar(&cfg.Socket, "socket", "", "API unix socket (default RUN_DIR/chalkd.sock)")
+	fs.StringVar(&cfg.RegistryAddr, "registry-addr", "127.0.0.1:7448", "embedded OCI registry address")
+	fs.StringVar(&cfg.InitBinary, "init-binary", "", "static chalk-init (default: next to chalkd)")
+	fs.StringVar(&cfg.ChalkBinary, "chalk-binary", "", "chalk CLI mounted into sandboxes (default: next to chalkd)")
+	fs.StringVar(&cfg.Subnet, "subnet", "", "sandbox IPv4 subnet (default 10.213.0.0/16)")
+	fs.StringVar(&cfg.Subnet6, "subnet6", "", "sandbox IPv6 subnet")
+	fs.StringVar(&cfg.NetPrefix, "net-prefix", "", "host interface name prefix")
+	fs.StringVar(&cfg.NetTable, "nft-table", "", "nftables table name")
+	fs.StringVar(&cfg.CgroupParent, "cgroup-parent", "", "cgroup parent of sandboxes (default /chalk)")
+	fs.StringVar(&cfg.ClientConfig, "client-config", "", "where to write the CLI config on first start (default ~/.config/chalk/config.json)")
+	fs.Int64Var(&cfg.CacheMaxBytes, "cache-max-bytes", 0, "node image cache size cap (default 20 GiB)")
+	fs.StringVar(&upstreams, "registry-upstreams", "", "pull-through mirrors, e.g. docker.io=https://registry-1.docker.io,nvcr.io=https://nvcr.io")
+	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
+	_ = fs.Parse(os.Args[1:])
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+		fmt.Fprintln(os.Stderr, "chalkd: bad -log-level:", err)
+		os.Exit(2)
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+	if upstreams != "" {
+		cfg.Upstreams = map[string]string{}
+		for _, kv := range strings.Split(upstreams, ",") {
+			k, v, ok := strings.Cut(kv, "=")
+			if !ok {
+				fmt.Fprintf(os.Stderr, "chalkd: bad -registry-upstreams entry %q (want host=url)\n", kv)
+				os.Exit(2)
+			}
+			cfg.Upstreams[k] = v
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := daemon.Main(ctx, cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "chalkd:", err)
+		os.Exit(1)
+	}
+}
+
+// seed pushes the base images into the embedded registry's storage.
+func seed(args []string) {
+	var o daemon.SeedOptions
+	fs := flag.NewFlagSet("chalkd seed", flag.ExitOnError)
+	fs.StringVar(&o.DataDir, "data-dir", "/var/lib/chalk", "chalkd's data dir (chalkd must not be running on it)")
+	fs.BoolVar(&o.Busybox, "busybox", false, "seed "+daemon.BusyboxRef+" from the host's busybox-static")
+	fs.BoolVar(&o.Python, "python", false, "seed "+daemon.PythonRef+" (debootstrap from the Debian mirror; minutes, once)")
+	_ = fs.Parse(args)
+	if !o.Busybox && !o.Python {
+		fmt.Fprintln(os.Stderr, "chalkd seed: say what to seed: --busybox and/or --python")
+		os.Exit(2)
+	}
+	o.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := daemon.Seed(ctx, o); err != nil {
+		fmt.Fprintln(os.Stderr, "chalkd seed:", err)
+		os.Exit(1)
+	}
+}

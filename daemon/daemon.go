@@ -1,0 +1,308 @@
+// Package daemon wires chalkd together: the store, the embedded registry, the
+// node cache, sandbox networking, the runc runtime, the node agent and the API,
+// plus the optional identity, egress and build integrations.
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/nodecache"
+	"github.com/chalkcompute/chalkcompute/registry"
+	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/sandboxnet"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// Config is chalkd's configuration. The zero value plus a DataDir works.
+type Config struct {
+	DataDir       string // state: store, registry, cache, keys, tokens (default /var/lib/chalk)
+	RunDir        string // runtime state: runc root, netns files (default /run/chalk)
+	Listen        string // API TCP address (default 127.0.0.1:7447); "" with Socket set disables TCP
+	Socket        string // API unix socket (default RunDir/chalkd.sock)
+	RegistryAddr  string // embedded registry (default 127.0.0.1:7448)
+	InitBinary    string // default: chalk-init next to the chalkd executable
+	ChalkBinary   string // default: chalk next to the chalkd executable (optional)
+	Subnet        string // sandbox IPv4 subnet (sandboxnet default if empty)
+	Subnet6       string
+	NetPrefix     string // interface name prefix (sandboxnet default if empty)
+	NetTable      string // nftables table (sandboxnet default if empty)
+	CgroupParent  string
+	CacheMaxBytes int64
+	// ClientConfig, if set, is where chalkd writes the CLI/SDK config (API URL +
+	// admin token) on first start. Default: $HOME/.config/chalk/config.json.
+	ClientConfig string
+	Upstreams    map[string]string // registry pull-through upstreams
+	Logger       *slog.Logger
+}
+
+func (c *Config) defaults() error {
+	if c.DataDir == "" {
+		c.DataDir = "/var/lib/chalk"
+	}
+	if c.RunDir == "" {
+		c.RunDir = "/run/chalk"
+	}
+	if c.Socket == "" {
+		c.Socket = filepath.Join(c.RunDir, "chalkd.sock")
+	}
+	if c.RegistryAddr == "" {
+		c.RegistryAddr = "127.0.0.1:7448"
+	}
+	exe, _ := os.Executable()
+	if c.InitBinary == "" {
+		c.InitBinary = filepath.Join(filepath.Dir(exe), "chalk-init")
+	}
+	if c.ChalkBinary == "" {
+		if p := filepath.Join(filepath.Dir(exe), "chalk"); fileExists(p) {
+			c.ChalkBinary = p
+		}
+	}
+	if c.ClientConfig == "" {
+		if home, err := os.UserHomeDir(); err == nil {
+			c.ClientConfig = filepath.Join(home, ".config", "chalk", "config.json")
+		}
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// Daemon is a running chalkd.
+type Daemon struct {
+	cfg      Config
+	log      *slog.Logger
+	Store    *store.Store
+	Registry *registry.Registry
+	Cache    *nodecache.Cache
+	Net      *sandboxnet.Manager
+	Runtime  *sandbox.Runtime
+	Agent    *node.Agent
+	API      *api.Server
+
+	AdminToken string // set when this start created it
+	servers    []*http.Server
+	listeners  []net.Listener
+	cancel     context.CancelFunc
+}
+
+// Start brings up every component and serves the API. It returns once serving.
+func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	d := &Daemon{cfg: cfg, log: cfg.Logger}
+	ctx, d.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+	for _, dir := range []string{cfg.DataDir, cfg.RunDir} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, err
+		}
+	}
+	if err := sandbox.SetSubreaper(); err != nil {
+		return nil, fmt.Errorf("become subreaper: %w", err)
+	}
+	if d.Store, err = store.Open(ctx, filepath.Join(cfg.DataDir, "chalk.db")); err != nil {
+		return nil, err
+	}
+	if d.Registry, err = registry.New(ctx, registry.Config{
+		RootDir: filepath.Join(cfg.DataDir, "registry"), Addr: cfg.RegistryAddr, Logger: cfg.Logger, Upstreams: cfg.Upstreams,
+	}); err != nil {
+		return nil, fmt.Errorf("embedded registry: %w", err)
+	}
+	if d.Cache, err = nodecache.New(nodecache.Config{Root: filepath.Join(cfg.DataDir, "cache"), MaxBytes: cfg.CacheMaxBytes, Logger: cfg.Logger}); err != nil {
+		return nil, fmt.Errorf("node cache: %w", err)
+	}
+	netCfg := sandboxnet.Config{Prefix: cfg.NetPrefix, Table: cfg.NetTable, NetnsDir: filepath.Join(cfg.RunDir, "netns"), Logger: cfg.Logger}
+	if cfg.Subnet != "" {
+		if netCfg.Subnet, err = netip.ParsePrefix(cfg.Subnet); err != nil {
+			return nil, fmt.Errorf("subnet %q: %w", cfg.Subnet, err)
+		}
+	}
+	if cfg.Subnet6 != "" {
+		if netCfg.Subnet6, err = netip.ParsePrefix(cfg.Subnet6); err != nil {
+			return nil, fmt.Errorf("subnet6 %q: %w", cfg.Subnet6, err)
+		}
+	}
+	if d.Net, err = sandboxnet.New(netCfg); err != nil {
+		return nil, err
+	}
+	if err := d.Net.Init(ctx); err != nil {
+		return nil, fmt.Errorf("sandbox network: %w", err)
+	}
+	if d.Runtime, err = sandbox.New(sandbox.Config{
+		StateDir: filepath.Join(cfg.DataDir, "sandboxes"), LogDir: filepath.Join(cfg.DataDir, "logs"),
+		RuncRoot: filepath.Join(cfg.RunDir, "runc"), InitBinary: cfg.InitBinary, ChalkBinary: cfg.ChalkBinary,
+		CgroupParent: cfg.CgroupParent, Logger: cfg.Logger,
+	}); err != nil {
+		return nil, err
+	}
+	if d.Agent, err = node.New(node.Config{
+		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
+		ResolvConf: func(*sandboxnet.Net) []byte { return node.HostResolvConf() },
+	}); err != nil {
+		return nil, err
+	}
+	d.API = api.New(ctx, api.Config{
+		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
+	})
+	if err := d.API.Reconcile(ctx); err != nil {
+		return nil, fmt.Errorf("reconcile: %w", err)
+	}
+	if err := d.bootstrapToken(ctx); err != nil {
+		return nil, err
+	}
+	if err := d.serve(); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// serve starts the API on the unix socket and the TCP address.
+func (d *Daemon) serve() error {
+	h := d.API.Handler()
+	if d.cfg.Socket != "" {
+		_ = os.Remove(d.cfg.Socket)
+		l, err := net.Listen("unix", d.cfg.Socket)
+		if err != nil {
+			return fmt.Errorf("listen %s: %w", d.cfg.Socket, err)
+		}
+		_ = os.Chmod(d.cfg.Socket, 0o600)
+		d.listeners = append(d.listeners, l)
+	}
+	if d.cfg.Listen != "" {
+		l, err := net.Listen("tcp", d.cfg.Listen)
+		if err != nil {
+			return fmt.Errorf("listen %s: %w", d.cfg.Listen, err)
+		}
+		d.listeners = append(d.listeners, l)
+	}
+	for _, l := range d.listeners {
+		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+		d.servers = append(d.servers, srv)
+		go func() {
+			if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				d.log.Error("api server", "err", err)
+			}
+		}()
+	}
+	return nil
+}
+
+// APIURL is the TCP URL of the API ("" if TCP is off).
+func (d *Daemon) APIURL() string {
+	for _, l := range d.listeners {
+		if l.Addr().Network() == "tcp" {
+			return "http://" + l.Addr().String()
+		}
+	}
+	return ""
+}
+
+// SocketPath is the API's unix socket.
+func (d *Daemon) SocketPath() string { return d.cfg.Socket }
+
+// ClientConfig is what the CLI and SDKs read to find and authenticate to chalkd.
+type ClientConfig struct {
+	APIURL string `json:"api_url"`
+	Token  string `json:"token"`
+}
+
+// bootstrapToken creates the admin token on first start and writes it 0600 to
+// the data dir and to the CLI's config.
+func (d *Daemon) bootstrapToken(ctx context.Context) error {
+	n, err := d.Store.CountTokens(ctx)
+	if err != nil {
+		return err
+	}
+	if n > 0 {
+		return nil
+	}
+	secret, hash := api.NewToken()
+	if err := d.Store.CreateToken(ctx, store.Token{ID: "admin", Name: "admin", OrgID: "default", Hash: hash, Admin: true, CreatedAt: time.Now().UTC()}); err != nil {
+		return err
+	}
+	d.AdminToken = secret
+	if err := writeFile0600(filepath.Join(d.cfg.DataDir, "admin.token"), []byte(secret+"\n")); err != nil {
+		return err
+	}
+	if d.cfg.ClientConfig != "" {
+		url := "http://" + d.cfg.Listen
+		if d.cfg.Listen == "" {
+			url = "unix://" + d.cfg.Socket
+		}
+		b, _ := json.MarshalIndent(ClientConfig{APIURL: url, Token: secret}, "", "  ")
+		if err := os.MkdirAll(filepath.Dir(d.cfg.ClientConfig), 0o700); err != nil {
+			return err
+		}
+		if err := writeFile0600(d.cfg.ClientConfig, append(b, '\n')); err != nil {
+			return err
+		}
+	}
+	d.log.Info("created admin API token", "file", filepath.Join(d.cfg.DataDir, "admin.token"))
+	return nil
+}
+
+func writeFile0600(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// Close stops serving. Running sandboxes keep running; the next start
+// reattaches to them.
+func (d *Daemon) Close() error {
+	var errs []error
+	for _, s := range d.servers {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = s.Shutdown(ctx)
+		cancel()
+	}
+	if d.API != nil {
+		d.API.Shutdown()
+	}
+	if d.cancel != nil {
+		d.cancel()
+	}
+	if d.Registry != nil {
+		errs = append(errs, d.Registry.Close())
+	}
+	if d.Store != nil {
+		errs = append(errs, d.Store.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Main runs chalkd until ctx is done.
+func Main(ctx context.Context, cfg Config) error {
+	d, err := Start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	cfg.Logger.Info("chalkd serving", "api", d.APIURL(), "socket", d.SocketPath(), "registry", d.Registry.Addr())
+	<-ctx.Done()
+	return d.Close()
+}
+
+var _ = strings.TrimSpace

@@ -1,0 +1,67 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+
+	"github.com/chalkcompute/chalkcompute/baseimage"
+	"github.com/chalkcompute/chalkcompute/registry"
+)
+
+// Base image references the setup seeds. DefaultPython is what
+// Image.debian_slim() means without a version on these machines.
+const (
+	BusyboxRef    = "docker.io/library/busybox:latest"
+	DefaultPython = "3.11"
+	PythonRef     = "docker.io/library/python:" + DefaultPython + "-slim-bookworm"
+)
+
+// SeedOptions says which base images to seed.
+type SeedOptions struct {
+	DataDir      string
+	RegistryAddr string // where the temporary registry listens (default 127.0.0.1:0)
+	Busybox      bool
+	Python       bool
+	Logger       *slog.Logger
+}
+
+// Seed pushes base images into the embedded registry's storage (chalkd must not
+// be running on the same data dir). It is idempotent.
+func Seed(ctx context.Context, o SeedOptions) error {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.RegistryAddr == "" {
+		o.RegistryAddr = "127.0.0.1:0"
+	}
+	reg, err := registry.New(ctx, registry.Config{RootDir: filepath.Join(o.DataDir, "registry"), Addr: o.RegistryAddr, Logger: o.Logger})
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+	if o.Busybox {
+		img, err := baseimage.Busybox(ctx)
+		if err != nil {
+			return fmt.Errorf("busybox image: %w", err)
+		}
+		d, err := baseimage.Seed(ctx, reg, BusyboxRef, img)
+		if err != nil {
+			return err
+		}
+		o.Logger.Info("seeded", "ref", BusyboxRef, "digest", d)
+	}
+	if o.Python {
+		img, err := baseimage.PythonSlim(ctx, filepath.Join(o.DataDir, "seed-cache"), o.Logger)
+		if err != nil {
+			return fmt.Errorf("python base image: %w", err)
+		}
+		d, err := baseimage.Seed(ctx, reg, PythonRef, img)
+		if err != nil {
+			return err
+		}
+		o.Logger.Info("seeded", "ref", PythonRef, "digest", d)
+	}
+	return nil
+}

@@ -1,0 +1,282 @@
+// Package chalktest runs a real chalkd for end-to-end tests: built from this
+// tree, seeded with the busybox base image, inside a throwaway "node" network
+// namespace (so its nftables table, veths and sandbox NAT never touch the host's
+// network), serving the API on a unix socket.
+//
+// Tests using it need root; they skip with a clear message otherwise.
+package chalktest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+)
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+// Bin returns a directory holding chalkd, chalk and chalk-init built from this
+// tree ($CHALK_TEST_BIN if set, as scripts/test.sh does).
+func Bin(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		if d := os.Getenv("CHALK_TEST_BIN"); d != "" {
+			binDir = d
+			return
+		}
+		_, file, _, _ := runtime.Caller(0)
+		root := filepath.Join(filepath.Dir(file), "..", "..")
+		binDir, buildErr = os.MkdirTemp("", "chalktest-bin-")
+		if buildErr != nil {
+			return
+		}
+		for _, b := range [][2]string{{"chalkd", "./cmd/chalkd"}, {"chalk", "./cmd/chalk"}, {"chalk-init", "./cmd/chalk-init"}} {
+			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, b[0]), b[1])
+			cmd.Dir = root
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+			if out, err := cmd.CombinedOutput(); err != nil {
+				buildErr = fmt.Errorf("build %s: %v\n%s", b[0], err, out)
+				return
+			}
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binDir
+}
+
+// RequireRoot skips the test unless it runs as root with runc available.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: starts real sandboxes (runc, namespaces, nftables)")
+	}
+	if _, err := exec.LookPath("runc"); err != nil {
+		t.Skip("needs runc (Debian package runc; scripts/deps.sh installs it)")
+	}
+}
+
+// Node is a chalkd under test.
+type Node struct {
+	t       testing.TB
+	Dir     string // data dir
+	RunDir  string
+	Netns   string // name of the node's network namespace
+	Socket  string
+	Cgroup  string
+	Args    []string // extra chalkd flags
+	cmd     *exec.Cmd
+	logPath string
+	exited  chan struct{}
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// Start starts a chalkd in a fresh node netns, seeded with busybox. Everything
+// is removed when the test ends.
+func Start(t testing.TB, extraArgs ...string) *Node {
+	t.Helper()
+	RequireRoot(t)
+	bin := Bin(t)
+	id := randHex(4)
+	n := &Node{
+		t:      t,
+		Dir:    t.TempDir(),
+		RunDir: filepath.Join("/run", "chalktest-"+id),
+		Netns:  "chalkt-" + id,
+		Cgroup: "/chalktest-" + id,
+		Args:   extraArgs,
+	}
+	n.Socket = filepath.Join(n.RunDir, "chalkd.sock")
+	n.logPath = filepath.Join(n.Dir, "chalkd.log")
+	if out, err := exec.Command("ip", "netns", "add", n.Netns).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v %s", err, out)
+	}
+	t.Cleanup(n.cleanup)
+	if out, err := exec.Command("ip", "-n", n.Netns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		t.Fatalf("lo up: %v %s", err, out)
+	}
+	seed := n.command(filepath.Join(bin, "chalkd"), "seed", "--data-dir", n.Dir, "--busybox")
+	if out, err := seed.CombinedOutput(); err != nil {
+		t.Fatalf("chalkd seed: %v\n%s", err, out)
+	}
+	n.Restart()
+	return n
+}
+
+// command runs argv inside the node's network namespace.
+func (n *Node) command(argv ...string) *exec.Cmd {
+	return exec.Command("nsenter", append([]string{"--net=/run/netns/" + n.Netns, "--"}, argv...)...)
+}
+
+// Restart starts chalkd (again) on the same state and waits until it serves.
+func (n *Node) Restart() {
+	t := n.t
+	t.Helper()
+	args := append([]string{filepath.Join(Bin(t), "chalkd"),
+		"--data-dir", n.Dir, "--run-dir", n.RunDir, "--listen", "", "--cgroup-parent", n.Cgroup,
+		"--client-config", filepath.Join(n.Dir, "client.json"), "--log-level", "debug",
+		"--init-binary", filepath.Join(Bin(t), "chalk-init"), "--chalk-binary", filepath.Join(Bin(t), "chalk"),
+	}, n.Args...)
+	logf, err := os.OpenFile(n.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.cmd = n.command(args...)
+	n.cmd.Stdout, n.cmd.Stderr = logf, logf
+	if err := n.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	logf.Close()
+	n.exited = make(chan struct{})
+	go func(c *exec.Cmd, ch chan struct{}) { _ = c.Wait(); close(ch) }(n.cmd, n.exited)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		c, err := n.clientErr()
+		if err == nil {
+			if _, err = c.WhoAmI(context.Background()); err == nil {
+				return
+			}
+		}
+		select {
+		case <-n.exited:
+			t.Fatalf("chalkd exited during start:\n%s", n.Log())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("chalkd not serving after 60s (%v):\n%s", err, n.Log())
+		}
+		time.Sleep(20 * time.Millisecond) // polling an external process for readiness
+	}
+}
+
+// Kill kills chalkd with SIGKILL (sandboxes keep running).
+func (n *Node) Kill() {
+	if n.cmd != nil && n.cmd.Process != nil {
+		_ = n.cmd.Process.Signal(syscall.SIGKILL)
+		<-n.exited
+	}
+}
+
+// Stop stops chalkd gracefully.
+func (n *Node) Stop() {
+	if n.cmd != nil && n.cmd.Process != nil {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+		<-n.exited
+	}
+}
+
+// Token is the admin token chalkd created.
+func (n *Node) Token() string {
+	b, err := os.ReadFile(filepath.Join(n.Dir, "admin.token"))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func (n *Node) clientErr() (*chalkcompute.Client, error) {
+	tok := n.Token()
+	if tok == "" {
+		return nil, fmt.Errorf("no admin token yet")
+	}
+	return chalkcompute.NewClient(chalkcompute.WithURL("unix://"+n.Socket), chalkcompute.WithToken(tok))
+}
+
+// Client is an admin SDK client for this node.
+func (n *Node) Client() *chalkcompute.Client {
+	n.t.Helper()
+	c, err := n.clientErr()
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	return c
+}
+
+// CLI runs the chalk CLI against this node and returns stdout, stderr and the exit code.
+func (n *Node) CLI(args ...string) (string, string, int) {
+	cmd := exec.Command(filepath.Join(Bin(n.t), "chalk"), append([]string{"--api-url", "unix://" + n.Socket, "--token", n.Token()}, args...)...)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		n.t.Fatalf("chalk %v: %v", args, err)
+	}
+	return out.String(), errb.String(), code
+}
+
+// Exec runs a command in the node's network namespace (to inspect what chalkd did).
+func (n *Node) Exec(argv ...string) (string, error) {
+	out, err := n.command(argv...).CombinedOutput()
+	return string(out), err
+}
+
+// Log returns chalkd's log so far.
+func (n *Node) Log() string {
+	b, _ := os.ReadFile(n.logPath)
+	return string(b)
+}
+
+func (n *Node) cleanup() {
+	if n.t.Failed() {
+		n.t.Logf("chalkd log:\n%s", tailStr(n.Log(), 8000))
+	}
+	n.Stop()
+	// Kill whatever sandboxes are left, then remove their state.
+	runcRoot := filepath.Join(n.RunDir, "runc")
+	if out, err := exec.Command("runc", "--root", runcRoot, "list", "-q").Output(); err == nil {
+		for _, id := range strings.Fields(string(out)) {
+			_ = exec.Command("runc", "--root", runcRoot, "delete", "--force", id).Run()
+		}
+	}
+	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			f := strings.Fields(line)
+			if len(f) > 4 && (strings.HasPrefix(f[4], n.Dir) || strings.HasPrefix(f[4], n.RunDir)) {
+				_ = syscall.Unmount(f[4], syscall.MNT_DETACH)
+			}
+		}
+	}
+	_ = exec.Command("ip", "netns", "del", n.Netns).Run()
+	for _, ctl := range []string{"memory", "pids", "cpu", "cpuacct", "cpuset", "blkio", "devices", "freezer", "systemd", "unified"} {
+		base := filepath.Join("/sys/fs/cgroup", ctl, n.Cgroup)
+		ents, _ := os.ReadDir(base)
+		for _, e := range ents {
+			if e.IsDir() {
+				_ = os.Remove(filepath.Join(base, e.Name()))
+			}
+		}
+		_ = os.Remove(base)
+	}
+	_ = os.RemoveAll(n.RunDir)
+}
+
+func tailStr(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}

@@ -1,0 +1,225 @@
+// Package node is the node agent: it turns a placed sandbox into a running one on
+// this machine (image in the node cache, network namespace, runc with our init)
+// and gives the control plane exec and file access to it.
+//
+// The control plane talks to it only through the methods below (see api.Node), so
+// moving it behind an RPC for multi-node is a deployment change, not a rewrite.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/nodecache"
+	"github.com/chalkcompute/chalkcompute/procapi"
+	"github.com/chalkcompute/chalkcompute/registry"
+	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/sandboxnet"
+)
+
+// Config wires an Agent to this node's components.
+type Config struct {
+	Runtime  *sandbox.Runtime
+	Net      *sandboxnet.Manager
+	Cache    *nodecache.Cache
+	Registry *registry.Registry
+	// ResolvConf returns the /etc/resolv.conf a sandbox gets. Default: its
+	// gateway (where the DNS proxy answers through sandboxnet's DNAT).
+	ResolvConf func(n *sandboxnet.Net) []byte
+	// DefaultPids is the pids cgroup limit when a request sets none.
+	DefaultPids int64
+	Logger      *slog.Logger
+}
+
+// Agent runs sandboxes on this node.
+type Agent struct {
+	cfg Config
+	log *slog.Logger
+}
+
+// New returns an Agent.
+func New(cfg Config) (*Agent, error) {
+	if cfg.Runtime == nil || cfg.Net == nil || cfg.Cache == nil || cfg.Registry == nil {
+		return nil, fmt.Errorf("node agent: Runtime, Net, Cache and Registry are required: %w", errdefs.ErrInvalidArgument)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.ResolvConf == nil {
+		cfg.ResolvConf = func(n *sandboxnet.Net) []byte {
+			return []byte("nameserver " + n.HostIP.String() + "\noptions ndots:0\n")
+		}
+	}
+	if cfg.DefaultPids == 0 {
+		cfg.DefaultPids = 4096
+	}
+	return &Agent{cfg: cfg, log: cfg.Logger}, nil
+}
+
+// MaxSlot is how many sandboxes this node can hold at once.
+func (a *Agent) MaxSlot() int { return a.cfg.Net.MaxSlot() }
+
+// EnsureImage resolves ref through the registry (and its mirrors) and makes the
+// image warm in the node cache.
+func (a *Agent) EnsureImage(ctx context.Context, ref string, progress func(nodecache.Progress)) (*nodecache.Image, error) {
+	if progress != nil {
+		progress(nodecache.Progress{Phase: "resolve", Layer: ref})
+	}
+	r, digest, err := a.cfg.Registry.Resolve(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	if img, ok := a.cfg.Cache.Lookup(digest.String()); ok {
+		if progress != nil {
+			progress(nodecache.Progress{Phase: "done"})
+		}
+		return img, nil
+	}
+	return a.cfg.Cache.Ensure(ctx, r, progress)
+}
+
+// StartRequest is one sandbox to run here.
+type StartRequest struct {
+	ID         string
+	Slot       int
+	Image      *nodecache.Image
+	Entrypoint []string
+	Env        []string // added after the image's env
+	Workdir    string   // "" => the image's WORKDIR
+	User       string   // "" => the image's USER
+	CPU        float64
+	Memory     int64 // bytes
+	Pids       int64
+	Binds      []sandbox.Bind
+}
+
+// Started describes a sandbox that is up.
+type Started struct {
+	Pid int
+	Net *sandboxnet.Net
+}
+
+// Start sets up the network and starts the sandbox. On error nothing is left.
+func (a *Agent) Start(ctx context.Context, req StartRequest) (st Started, err error) {
+	if req.Image == nil {
+		return Started{}, fmt.Errorf("sandbox %q: no image: %w", req.ID, errdefs.ErrInvalidArgument)
+	}
+	n, err := a.cfg.Net.Setup(ctx, req.ID, req.Slot)
+	if err != nil {
+		return Started{}, fmt.Errorf("sandbox %q network: %w", req.ID, err)
+	}
+	defer func() {
+		if err != nil {
+			if terr := a.cfg.Net.Teardown(context.WithoutCancel(ctx), req.ID, req.Slot); terr != nil {
+				a.log.Warn("network teardown after failed start", "sandbox", req.ID, "err", terr)
+			}
+		}
+	}()
+	cfg := req.Image.Config.Config
+	env := append(append([]string(nil), cfg.Env...), req.Env...)
+	workdir := req.Workdir
+	if workdir == "" {
+		workdir = cfg.WorkingDir
+	}
+	user := req.User
+	if user == "" {
+		user = cfg.User
+	}
+	pids := req.Pids
+	if pids == 0 {
+		pids = a.cfg.DefaultPids
+	}
+	pid, err := a.cfg.Runtime.Start(ctx, sandbox.Spec{
+		ID:         req.ID,
+		LowerDirs:  req.Image.LowerDirs(),
+		Entrypoint: req.Entrypoint,
+		Env:        env,
+		Workdir:    workdir,
+		User:       user,
+		CPU:        req.CPU,
+		Memory:     req.Memory,
+		Pids:       pids,
+		NetnsPath:  n.NetnsPath,
+		ResolvConf: a.cfg.ResolvConf(n),
+		Binds:      req.Binds,
+	})
+	if err != nil {
+		return Started{}, err
+	}
+	return Started{Pid: pid, Net: n}, nil
+}
+
+// Net returns the network of a sandbox that is (or was) set up in slot.
+func (a *Agent) Net(id string, slot int) *sandboxnet.Net { return a.cfg.Net.Lookup(id, slot) }
+
+// Wait blocks until the sandbox's init exits.
+func (a *Agent) Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error) {
+	return a.cfg.Runtime.Wait(ctx, id, pid)
+}
+
+// Running reports whether the sandbox runs, with its init pid.
+func (a *Agent) Running(ctx context.Context, id string) (int, bool) {
+	return a.cfg.Runtime.Running(ctx, id)
+}
+
+// Destroy stops the sandbox and removes everything it had on this node. Idempotent.
+func (a *Agent) Destroy(ctx context.Context, id string, slot int) error {
+	return errors.Join(a.cfg.Runtime.Destroy(ctx, id), a.cfg.Net.Teardown(ctx, id, slot))
+}
+
+// Exec starts a process in the sandbox through its init.
+func (a *Agent) Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (*procapi.Process, error) {
+	return a.cfg.Runtime.Client(id).Exec(ctx, req, stdout, stderr)
+}
+
+// Files gives file access to the sandbox.
+func (a *Agent) Files(id string) *procapi.Client { return a.cfg.Runtime.Client(id) }
+
+// Logs opens the sandbox's console log.
+func (a *Agent) Logs(id string) (*os.File, error) {
+	f, err := os.Open(a.cfg.Runtime.LogPath(id))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("logs of sandbox %q: %w", id, errdefs.ErrNotFound)
+	}
+	return f, err
+}
+
+// Leftovers lists runtime and network objects not belonging to live sandboxes.
+func (a *Agent) Leftovers(ctx context.Context, live map[string]int) ([]string, error) {
+	ids := map[string]bool{}
+	for id := range live {
+		ids[id] = true
+	}
+	rt, err := a.cfg.Runtime.Leftovers(ctx, ids)
+	if err != nil {
+		return nil, err
+	}
+	nl, err := a.cfg.Net.Leftovers(ctx, live)
+	if err != nil {
+		return nil, err
+	}
+	return append(rt, nl...), nil
+}
+
+// HostResolvConf returns the host's nameservers as a resolv.conf for sandboxes,
+// skipping loopback resolvers a sandbox could not reach. Used when no DNS proxy runs.
+func HostResolvConf() []byte {
+	b, err := os.ReadFile("/etc/resolv.conf")
+	if err != nil {
+		return nil
+	}
+	var out strings.Builder
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == "nameserver" && !strings.HasPrefix(f[1], "127.") && f[1] != "::1" {
+			out.WriteString(line + "\n")
+		}
+	}
+	return []byte(out.String())
+}

@@ -1,0 +1,471 @@
+// Package sandbox runs sandboxes with runc: an overlay rootfs over the node
+// cache's extracted layers, an OCI bundle, `runc run -d`, and our own init
+// (cmd/chalk-init) as PID 1 serving the process API (package procapi) on a unix
+// socket the host holds. Exec never spawns `runc exec`.
+//
+// Layout of one sandbox on the host (Config.StateDir/<id>):
+//
+//	bundle/config.json   OCI spec
+//	rootfs/              overlay mount point (lower = image layers, upper/work below)
+//	upper/ work/         the sandbox's writable layer
+//	run/                 bind-mounted at /.chalk/run; holds init.sock
+//	etc/                 resolv.conf, hosts, hostname bind-mounted into /etc
+//
+// Config.LogDir/<id>.log holds init's (and the entrypoint's) stdout and stderr
+// and outlives the sandbox.
+//
+// The chalkd process should be a child subreaper (see SetSubreaper) so that a
+// sandbox's init becomes its child once `runc run -d` returns; Wait then reaps
+// it and reports the exit status. After a chalkd restart the sandboxes belong to
+// the host's PID 1, and Wait falls back to observing the exit through a pidfd.
+package sandbox
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	runc "github.com/containerd/go-runc"
+	"golang.org/x/sys/unix"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/procapi"
+)
+
+// Paths inside every sandbox.
+const (
+	InitPath    = "/.chalk/bin/chalk-init"
+	ChalkPath   = "/usr/local/bin/chalk"
+	RunDir      = "/.chalk/run"
+	SocketName  = "init.sock"
+	IdentityDir = "/.chalk/identity"
+)
+
+// Config configures a Runtime. Zero values get the documented defaults.
+type Config struct {
+	StateDir     string // per-sandbox directories; required
+	LogDir       string // console logs, kept after a sandbox ends; default StateDir/../logs
+	RuncRoot     string // runc --root; default /run/chalk/runc
+	RuncBinary   string // default "runc" from PATH
+	InitBinary   string // host path of the static chalk-init; required
+	ChalkBinary  string // host path of the chalk CLI, mounted at /usr/local/bin/chalk; optional
+	CgroupParent string // cgroupfs parent of every sandbox's cgroup; default "/chalk"
+	Logger       *slog.Logger
+}
+
+// Runtime creates, watches and destroys sandboxes on this node.
+type Runtime struct {
+	cfg  Config
+	runc *runc.Runc
+	log  *slog.Logger
+}
+
+// New checks the configuration and prepares the state directories.
+func New(cfg Config) (*Runtime, error) {
+	if cfg.StateDir == "" || cfg.InitBinary == "" {
+		return nil, fmt.Errorf("sandbox runtime: StateDir and InitBinary are required: %w", errdefs.ErrInvalidArgument)
+	}
+	if cfg.LogDir == "" {
+		cfg.LogDir = filepath.Join(filepath.Dir(cfg.StateDir), "logs")
+	}
+	if cfg.RuncRoot == "" {
+		cfg.RuncRoot = "/run/chalk/runc"
+	}
+	if cfg.RuncBinary == "" {
+		cfg.RuncBinary = "runc"
+	}
+	if cfg.CgroupParent == "" {
+		cfg.CgroupParent = "/chalk"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if _, err := os.Stat(cfg.InitBinary); err != nil {
+		return nil, fmt.Errorf("sandbox init binary: %w", err)
+	}
+	bin, err := exec.LookPath(cfg.RuncBinary)
+	if err != nil {
+		return nil, fmt.Errorf("runc not found (install Debian's runc): %w", err)
+	}
+	for _, d := range []string{cfg.StateDir, cfg.RuncRoot, cfg.LogDir} {
+		if err := os.MkdirAll(d, 0o711); err != nil {
+			return nil, err
+		}
+	}
+	return &Runtime{
+		cfg:  cfg,
+		runc: &runc.Runc{Command: bin, Root: cfg.RuncRoot},
+		log:  cfg.Logger,
+	}, nil
+}
+
+// SetSubreaper makes the calling process a child subreaper, so sandbox inits
+// are reparented to it when runc exits. Call once at daemon start.
+func SetSubreaper() error { return unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }
+
+// Bind is an extra bind mount into a sandbox.
+type Bind struct {
+	Source, Dest string
+	ReadOnly     bool
+}
+
+// Spec describes one sandbox to start.
+type Spec struct {
+	ID         string
+	LowerDirs  []string // image layers, top-most first
+	Entrypoint []string // optional: run under init; the sandbox ends when it exits
+	Env        []string
+	Workdir    string
+	User       string // name, uid or uid:gid; names resolve through the image's /etc/passwd
+	CPU        float64
+	Memory     int64 // bytes
+	Pids       int64
+	NetnsPath  string
+	ResolvConf []byte
+	Hosts      []byte
+	Binds      []Bind
+}
+
+// Dir is the host directory of sandbox id.
+func (r *Runtime) Dir(id string) string { return filepath.Join(r.cfg.StateDir, id) }
+
+// LogPath is the console log of sandbox id.
+func (r *Runtime) LogPath(id string) string { return filepath.Join(r.cfg.LogDir, id+".log") }
+
+// Client is the process API client of sandbox id.
+func (r *Runtime) Client(id string) *procapi.Client {
+	return procapi.NewClient(filepath.Join(r.Dir(id), "run", SocketName))
+}
+
+// cgroupPath is the cgroupfs path of sandbox id.
+func (r *Runtime) cgroupPath(id string) string { return filepath.Join(r.cfg.CgroupParent, id) }
+
+// Start creates and starts the sandbox and returns once its init serves the
+// process API. On error everything it made is removed.
+func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
+	if !validID(sp.ID) {
+		return 0, fmt.Errorf("sandbox id %q: %w", sp.ID, errdefs.ErrInvalidArgument)
+	}
+	dir := r.Dir(sp.ID)
+	if _, err := os.Stat(dir); err == nil {
+		return 0, fmt.Errorf("sandbox %q: %w", sp.ID, errdefs.ErrAlreadyExists)
+	}
+	defer func() {
+		if err != nil {
+			if derr := r.Destroy(context.WithoutCancel(ctx), sp.ID); derr != nil {
+				r.log.Warn("cleanup after failed start", "sandbox", sp.ID, "err", derr)
+			}
+		}
+	}()
+	for _, d := range []string{"bundle", "rootfs", "upper", "work", "run", "etc", "empty"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			return 0, err
+		}
+	}
+	rootfs := filepath.Join(dir, "rootfs")
+	lowers := sp.LowerDirs
+	if len(lowers) == 0 {
+		lowers = []string{filepath.Join(dir, "empty")}
+	}
+	data := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", strings.Join(lowers, ":"),
+		filepath.Join(dir, "upper"), filepath.Join(dir, "work"))
+	if err := unix.Mount("overlay", rootfs, "overlay", 0, data); err != nil {
+		return 0, fmt.Errorf("mount overlay rootfs: %w", err)
+	}
+	etc := filepath.Join(dir, "etc")
+	files := map[string][]byte{
+		"hostname":    []byte(sp.ID + "\n"),
+		"hosts":       sp.Hosts,
+		"resolv.conf": sp.ResolvConf,
+	}
+	if files["hosts"] == nil {
+		files["hosts"] = []byte("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t" + sp.ID + "\n")
+	}
+	for name, b := range files {
+		if err := os.WriteFile(filepath.Join(etc, name), b, 0o644); err != nil {
+			return 0, err
+		}
+	}
+	user, err := resolveUser(rootfs, sp.User)
+	if err != nil {
+		return 0, err
+	}
+	args := []string{InitPath, "--socket", RunDir + "/" + SocketName}
+	if len(sp.Entrypoint) > 0 {
+		args = append(append(args, "--"), sp.Entrypoint...)
+	}
+	opts := []SpecOpt{
+		WithProcess(args, sp.Env, sp.Workdir, user),
+		WithHostname(sp.ID),
+		WithResources(r.cgroupPath(sp.ID), sp.CPU, sp.Memory, sp.Pids),
+		WithSeccomp(),
+		WithBind(r.cfg.InitBinary, InitPath, true),
+		WithBind(filepath.Join(dir, "run"), RunDir, false),
+		WithBind(filepath.Join(etc, "hostname"), "/etc/hostname", true),
+		WithBind(filepath.Join(etc, "hosts"), "/etc/hosts", true),
+	}
+	if sp.ResolvConf != nil {
+		opts = append(opts, WithBind(filepath.Join(etc, "resolv.conf"), "/etc/resolv.conf", true))
+	}
+	if sp.NetnsPath != "" {
+		opts = append(opts, WithNetNS(sp.NetnsPath))
+	}
+	if r.cfg.ChalkBinary != "" {
+		opts = append(opts, WithBind(r.cfg.ChalkBinary, ChalkPath, true))
+	}
+	for _, b := range sp.Binds {
+		opts = append(opts, WithBind(b.Source, b.Dest, b.ReadOnly))
+	}
+	spec, err := GenerateSpec(opts...)
+	if err != nil {
+		return 0, fmt.Errorf("sandbox %q spec: %v: %w", sp.ID, err, errdefs.ErrInvalidArgument)
+	}
+	spec.Root.Path = rootfs
+	cfgJSON, err := json.Marshal(spec)
+	if err != nil {
+		return 0, err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "bundle", "config.json"), cfgJSON, 0o600); err != nil {
+		return 0, err
+	}
+	logf, err := os.OpenFile(r.LogPath(sp.ID), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return 0, err
+	}
+	defer logf.Close()
+	pidFile := filepath.Join(dir, "init.pid")
+	if _, err := r.runc.Run(ctx, sp.ID, filepath.Join(dir, "bundle"), &runc.CreateOpts{
+		IO:      fileIO{logf},
+		PidFile: pidFile,
+		Detach:  true,
+	}); err != nil {
+		return 0, fmt.Errorf("runc run %s: %w (%s)", sp.ID, err, tail(r.LogPath(sp.ID), 2048))
+	}
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		return 0, fmt.Errorf("sandbox %q pid file: %w", sp.ID, err)
+	}
+	pid, err = strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("sandbox %q pid file: %w", sp.ID, err)
+	}
+	readyCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := r.waitReady(readyCtx, sp.ID, pid); err != nil {
+		return 0, err
+	}
+	return pid, nil
+}
+
+// waitReady waits until init serves, failing early if init dies first.
+func (r *Runtime) waitReady(ctx context.Context, id string, pid int) error {
+	done := make(chan error, 1)
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() { done <- r.Client(id).WaitReady(wctx) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("sandbox %q init not ready: %w (%s)", id, err, tail(r.LogPath(id), 2048))
+		}
+		return nil
+	case <-exitedChan(wctx, pid):
+		return fmt.Errorf("sandbox %q: init exited during start: %s: %w", id, tail(r.LogPath(id), 2048), errdefs.ErrFailedPrecondition)
+	}
+}
+
+// Exit is how a sandbox's init ended.
+type Exit struct {
+	Code   int
+	Signal string
+	OOM    bool
+	Known  bool // false when the status could not be observed (init was not our child)
+}
+
+// Wait blocks until the init with pid exits (or ctx is done) and reports how.
+func (r *Runtime) Wait(ctx context.Context, id string, pid int) (Exit, error) {
+	ex, err := waitPid(ctx, pid)
+	if err != nil {
+		return Exit{}, err
+	}
+	ex.OOM = r.oomKilled(id)
+	return ex, nil
+}
+
+// Running reports whether runc sees sandbox id running, and its init pid.
+func (r *Runtime) Running(ctx context.Context, id string) (int, bool) {
+	c, err := r.runc.State(ctx, id)
+	if err != nil || c.Status != "running" {
+		return 0, false
+	}
+	return c.Pid, true
+}
+
+// Destroy kills the sandbox and removes its runc state, cgroup, mounts and
+// directory. It is idempotent and safe on a half-created sandbox.
+func (r *Runtime) Destroy(ctx context.Context, id string) error {
+	var errs []error
+	if err := r.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil && !isNotExist(err) {
+		errs = append(errs, fmt.Errorf("runc delete: %w", err))
+	}
+	dir := r.Dir(id)
+	rootfs := filepath.Join(dir, "rootfs")
+	if err := unix.Unmount(rootfs, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		errs = append(errs, fmt.Errorf("unmount rootfs: %w", err))
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// List returns the ids of the sandboxes runc knows on this node.
+func (r *Runtime) List(ctx context.Context) ([]string, error) {
+	cs, err := r.runc.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ids := make([]string, 0, len(cs))
+	for _, c := range cs {
+		ids = append(ids, c.ID)
+	}
+	return ids, nil
+}
+
+// Leftovers lists what exists on this node for sandboxes not in live: runc
+// containers, state directories, overlay mounts and cgroups. Used by the
+// reconciler and by leak tests.
+func (r *Runtime) Leftovers(ctx context.Context, live map[string]bool) ([]string, error) {
+	var out []string
+	ids, err := r.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range ids {
+		if !live[id] {
+			out = append(out, "runc:"+id)
+		}
+	}
+	ents, _ := os.ReadDir(r.cfg.StateDir)
+	for _, e := range ents {
+		if !live[e.Name()] {
+			out = append(out, "dir:"+e.Name())
+		}
+	}
+	if mounts, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		prefix := r.cfg.StateDir + "/"
+		for _, line := range strings.Split(string(mounts), "\n") {
+			f := strings.Fields(line)
+			if len(f) > 4 && strings.HasPrefix(f[4], prefix) {
+				id, _, _ := strings.Cut(strings.TrimPrefix(f[4], prefix), "/")
+				if !live[id] {
+					out = append(out, "mount:"+f[4])
+				}
+			}
+		}
+	}
+	for _, ctl := range []string{"memory", "pids", "cpu"} {
+		ents, _ := os.ReadDir(filepath.Join("/sys/fs/cgroup", ctl, r.cfg.CgroupParent))
+		for _, e := range ents {
+			if e.IsDir() && !live[e.Name()] {
+				out = append(out, "cgroup:"+ctl+"/"+e.Name())
+			}
+		}
+	}
+	return out, nil
+}
+
+// oomKilled reads the cgroup's OOM kill counter (v1 memory.oom_control or v2 memory.events).
+func (r *Runtime) oomKilled(id string) bool {
+	for _, p := range []string{
+		filepath.Join("/sys/fs/cgroup/memory", r.cgroupPath(id), "memory.oom_control"),
+		filepath.Join("/sys/fs/cgroup", r.cgroupPath(id), "memory.events"),
+		filepath.Join("/sys/fs/cgroup/unified", r.cgroupPath(id), "memory.events"),
+	} {
+		f, err := os.Open(p)
+		if err != nil {
+			continue
+		}
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			k, v, _ := strings.Cut(sc.Text(), " ")
+			if k == "oom_kill" && strings.TrimSpace(v) != "0" {
+				f.Close()
+				return true
+			}
+		}
+		f.Close()
+	}
+	return false
+}
+
+// fileIO hands one file to runc as the container's stdout and stderr; stdin is /dev/null.
+type fileIO struct{ f *os.File }
+
+func (fileIO) Close() error             { return nil }
+func (fileIO) Stdin() io.WriteCloser    { return nil }
+func (fileIO) Stdout() io.ReadCloser    { return nil }
+func (fileIO) Stderr() io.ReadCloser    { return nil }
+func (i fileIO) Set(cmd *exec.Cmd)      { cmd.Stdout, cmd.Stderr = i.f, i.f }
+func (i fileIO) CloseAfterStart() error { return nil }
+func isNotExist(err error) bool         { return err != nil && strings.Contains(err.Error(), "does not exist") }
+func validID(id string) bool {
+	return id != "" && len(id) <= 64 && strings.Trim(id, "abcdefghijklmnopqrstuvwxyz0123456789-") == ""
+}
+
+var _ runc.IO = fileIO{}
+
+// tail returns the last n bytes of a file, for error messages.
+func tail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return ""
+	}
+	off := st.Size() - n
+	if off < 0 {
+		off = 0
+	}
+	b := make([]byte, st.Size()-off)
+	_, _ = f.ReadAt(b, off)
+	return strings.TrimSpace(string(b))
+}
+
+// resolveUser turns a user name into uid:gid through the rootfs's /etc/passwd.
+func resolveUser(rootfs, user string) (string, error) {
+	if user == "" || user == "root" {
+		return "", nil
+	}
+	name, group, _ := strings.Cut(user, ":")
+	if _, err := strconv.Atoi(name); err == nil {
+		return user, nil
+	}
+	b, err := os.ReadFile(filepath.Join(rootfs, "etc", "passwd"))
+	if err != nil {
+		return "", fmt.Errorf("user %q: image has no /etc/passwd: %w", user, errdefs.ErrInvalidArgument)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Split(line, ":")
+		if len(f) >= 4 && f[0] == name {
+			if group != "" {
+				return f[2] + ":" + group, nil
+			}
+			return f[2] + ":" + f[3], nil
+		}
+	}
+	return "", fmt.Errorf("user %q not found in the image's /etc/passwd: %w", user, errdefs.ErrInvalidArgument)
+}

@@ -1,0 +1,204 @@
+package sandbox
+
+import (
+	"fmt"
+	"math"
+	"strconv"
+	"strings"
+
+	"github.com/containerd/containerd/v2/contrib/seccomp"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// SpecOpt changes one aspect of an OCI runtime spec. Each is small and testable
+// alone, in the manner of containerd's oci.SpecOpts.
+type SpecOpt func(*specs.Spec) error
+
+// MaxNoFile is the highest RLIMIT_NOFILE a sandbox gets. The machines we run on
+// have a hard limit of 20000; asking for more makes runc fail.
+const MaxNoFile = 20000
+
+// defaultCaps is Docker's default capability set minus NET_RAW (no raw sockets:
+// no spoofing, no ping floods) and MKNOD.
+var defaultCaps = []string{
+	"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_SETGID", "CAP_SETUID",
+	"CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+}
+
+// GenerateSpec builds a spec from the defaults and opts, in order.
+func GenerateSpec(opts ...SpecOpt) (*specs.Spec, error) {
+	s := baseSpec()
+	for _, o := range opts {
+		if err := o(s); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+func baseSpec() *specs.Spec {
+	caps := append([]string(nil), defaultCaps...)
+	return &specs.Spec{
+		Version: specs.Version,
+		Root:    &specs.Root{Path: "rootfs"},
+		Process: &specs.Process{
+			Cwd:             "/",
+			Env:             []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+			NoNewPrivileges: true,
+			Capabilities: &specs.LinuxCapabilities{
+				Bounding: caps, Effective: caps, Permitted: caps,
+			},
+			Rlimits: []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: MaxNoFile, Soft: MaxNoFile}},
+		},
+		Mounts: []specs.Mount{
+			{Destination: "/proc", Type: "proc", Source: "proc", Options: []string{"nosuid", "noexec", "nodev"}},
+			{Destination: "/dev", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "strictatime", "mode=755", "size=65536k"}},
+			{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"}},
+			{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=65536k"}},
+			{Destination: "/dev/mqueue", Type: "mqueue", Source: "mqueue", Options: []string{"nosuid", "noexec", "nodev"}},
+			{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}},
+			{Destination: "/sys/fs/cgroup", Type: "cgroup", Source: "cgroup", Options: []string{"nosuid", "noexec", "nodev", "relatime", "ro"}},
+		},
+		Linux: &specs.Linux{
+			Namespaces: []specs.LinuxNamespace{
+				{Type: specs.PIDNamespace}, {Type: specs.IPCNamespace}, {Type: specs.UTSNamespace},
+				{Type: specs.MountNamespace}, {Type: specs.NetworkNamespace}, {Type: specs.CgroupNamespace},
+			},
+			MaskedPaths: []string{
+				"/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+				"/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+			},
+			ReadonlyPaths: []string{
+				"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+			},
+			Resources: &specs.LinuxResources{
+				Devices: []specs.LinuxDeviceCgroup{{Allow: false, Access: "rwm"}},
+			},
+		},
+	}
+}
+
+// WithSeccomp applies the default seccomp profile that containerd and Docker ship.
+func WithSeccomp() SpecOpt {
+	return func(s *specs.Spec) error {
+		s.Linux.Seccomp = seccomp.DefaultProfile(s)
+		return nil
+	}
+}
+
+// WithProcess sets argv, env (appended after the defaults; later wins), cwd and user ("uid[:gid]").
+func WithProcess(args, env []string, cwd, user string) SpecOpt {
+	return func(s *specs.Spec) error {
+		if len(args) == 0 {
+			return fmt.Errorf("process args: empty")
+		}
+		s.Process.Args = args
+		s.Process.Env = mergeEnv(s.Process.Env, env)
+		if cwd != "" {
+			if !strings.HasPrefix(cwd, "/") {
+				return fmt.Errorf("workdir %q: must be absolute", cwd)
+			}
+			s.Process.Cwd = cwd
+		}
+		uid, gid, err := parseUser(user)
+		if err != nil {
+			return err
+		}
+		s.Process.User = specs.User{UID: uid, GID: gid}
+		return nil
+	}
+}
+
+// WithHostname sets the UTS hostname.
+func WithHostname(h string) SpecOpt {
+	return func(s *specs.Spec) error { s.Hostname = h; return nil }
+}
+
+// WithNetNS joins the network namespace at path (made by sandboxnet).
+func WithNetNS(path string) SpecOpt {
+	return func(s *specs.Spec) error {
+		for i, ns := range s.Linux.Namespaces {
+			if ns.Type == specs.NetworkNamespace {
+				s.Linux.Namespaces[i].Path = path
+			}
+		}
+		return nil
+	}
+}
+
+// WithBind adds a bind mount.
+func WithBind(src, dst string, readOnly bool) SpecOpt {
+	return func(s *specs.Spec) error {
+		opts := []string{"rbind", "nosuid", "nodev"}
+		if readOnly {
+			opts = append(opts, "ro")
+		} else {
+			opts = append(opts, "rw")
+		}
+		s.Mounts = append(s.Mounts, specs.Mount{Destination: dst, Type: "bind", Source: src, Options: opts})
+		return nil
+	}
+}
+
+// WithResources sets cgroup limits: cpu in cores (0 = none), memory in bytes
+// (0 = none), pids (0 = none).
+func WithResources(cgroupsPath string, cpu float64, memory, pids int64) SpecOpt {
+	return func(s *specs.Spec) error {
+		if cpu < 0 || memory < 0 || pids < 0 || math.IsNaN(cpu) || math.IsInf(cpu, 0) {
+			return fmt.Errorf("resources: negative or invalid limit")
+		}
+		s.Linux.CgroupsPath = cgroupsPath
+		r := s.Linux.Resources
+		if cpu > 0 {
+			period := uint64(100000)
+			quota := int64(cpu * float64(period))
+			if quota < 1000 {
+				quota = 1000
+			}
+			r.CPU = &specs.LinuxCPU{Period: &period, Quota: &quota}
+		}
+		if memory > 0 {
+			swap := memory // no swap beyond the memory limit
+			r.Memory = &specs.LinuxMemory{Limit: &memory, Swap: &swap}
+		}
+		if pids > 0 {
+			r.Pids = &specs.LinuxPids{Limit: pids}
+		}
+		return nil
+	}
+}
+
+func mergeEnv(base, add []string) []string {
+	idx := map[string]int{}
+	out := make([]string, 0, len(base)+len(add))
+	for _, kv := range append(append([]string(nil), base...), add...) {
+		k, _, _ := strings.Cut(kv, "=")
+		if i, ok := idx[k]; ok {
+			out[i] = kv
+			continue
+		}
+		idx[k] = len(out)
+		out = append(out, kv)
+	}
+	return out
+}
+
+func parseUser(u string) (uint32, uint32, error) {
+	if u == "" || u == "root" {
+		return 0, 0, nil
+	}
+	us, gs, hasG := strings.Cut(u, ":")
+	uid, err := strconv.ParseUint(us, 10, 32)
+	if err != nil {
+		return 0, 0, fmt.Errorf("user %q: only numeric uid[:gid] is supported here", u)
+	}
+	gid := uid
+	if hasG {
+		g, err := strconv.ParseUint(gs, 10, 32)
+		if err != nil {
+			return 0, 0, fmt.Errorf("user %q: bad gid", u)
+		}
+		gid = g
+	}
+	return uint32(uid), uint32(gid), nil
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The second command of the README: the whole test suite. Installs what the tests
+# need (as root), builds, then runs the Go tests (with -race) and the Python SDK
+# tests against a real chalkd.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run as root: the tests start real sandboxes (runc, netns, nftables)" >&2; exit 1; }
+scripts/deps.sh
+scripts/build.sh
+export CHALK_TEST_BIN="$PWD/bin"
+echo "==> go vet"
+go vet ./...
+echo "==> go test -race"
+set +e
+go test -race -count=1 -timeout 45m ./... 2>&1 | tee /tmp/chalk-go-test.log
+status=${PIPESTATUS[0]}
+set -e
+[ "$status" = 0 ] || { echo "go test failed (full log: /tmp/chalk-go-test.log)"; exit "$status"; }
+if [ -d sdk/python ]; then
+  echo "==> python SDK tests"
+  (cd sdk/python && CHALK_TEST_BIN="$CHALK_TEST_BIN" /usr/bin/python3 -m unittest discover -v -s tests -t . 2>&1)
+fi
