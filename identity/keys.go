@@ -95,8 +95,8 @@ type keySet struct {
 	verify map[string]*signingKey
 	// byHeader indexes verify by the encoded header each key signs with.
 	byHeader map[string]*signingKey
-	jwks   jose.JSONWebKeySet
-	algs   []string
+	jwks     jose.JSONWebKeySet
+	algs     []string
 }
 
 func generateKey(alg string, now time.Time) (*keyRecord, error) {
