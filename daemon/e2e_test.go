@@ -1,0 +1,455 @@
+package daemon_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+)
+
+func ctxT(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func create(t *testing.T, c *chalkcompute.Client, opts ...chalkcompute.CreateOption) *chalkcompute.Sandbox {
+	t.Helper()
+	sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"), opts...)
+	if err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	return sb
+}
+
+func mustExec(t *testing.T, sb *chalkcompute.Sandbox, argv ...string) string {
+	t.Helper()
+	res, err := sb.Exec(ctxT(t, 30*time.Second), argv)
+	if err != nil {
+		t.Fatalf("exec %v: %v", argv, err)
+	}
+	if res.Code != 0 {
+		t.Fatalf("exec %v: exit %d, stderr %q", argv, res.Code, res.Stderr)
+	}
+	return string(res.Stdout)
+}
+
+// TestSandboxLifecycle covers create, exec, files, list, terminate and the
+// recorded end state through the Go SDK.
+func TestSandboxLifecycle(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, 2*time.Minute)
+
+	sb := create(t, c, chalkcompute.WithEnv(map[string]string{"GREETING": "hi"}), chalkcompute.WithWorkdir("/tmp"))
+	if sb.Info.State != "running" || sb.Info.Ip == "" || sb.Info.ImageDigest == "" {
+		t.Fatalf("created sandbox: %+v", sb.Info)
+	}
+	if got := mustExec(t, sb, "sh", "-c", "echo $GREETING; pwd; hostname"); got != "hi\n/tmp\n"+sb.ID()+"\n" {
+		t.Fatalf("env/workdir/hostname: %q", got)
+	}
+	// Exit codes and stderr.
+	res, err := sb.Exec(ctx, []string{"sh", "-c", "echo out; echo err >&2; exit 7"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Code != 7 || string(res.Stdout) != "out\n" || string(res.Stderr) != "err\n" {
+		t.Fatalf("exit/stdout/stderr: %d %q %q", res.Code, res.Stdout, res.Stderr)
+	}
+	// Per-exec env and workdir.
+	res, err = sb.Exec(ctx, []string{"sh", "-c", "echo $X; pwd"}, chalkcompute.ExecEnv(map[string]string{"X": "y"}), chalkcompute.ExecWorkdir("/"))
+	if err != nil || string(res.Stdout) != "y\n/\n" {
+		t.Fatalf("exec env/workdir: %v %q", err, res.Stdout)
+	}
+	// Files.
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB
+	if err := sb.WriteFile(ctx, "/data/dir/blob.bin", payload, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	got, err := sb.ReadFile(ctx, "/data/dir/blob.bin")
+	if err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("read back %d bytes, err %v", len(got), err)
+	}
+	if out := mustExec(t, sb, "sh", "-c", "wc -c < /data/dir/blob.bin; stat -c %a /data/dir/blob.bin"); out != "1048576\n640\n" {
+		t.Fatalf("file in sandbox: %q", out)
+	}
+	files, err := sb.ListFiles(ctx, "/data/dir")
+	if err != nil || len(files) != 1 || files[0].Name != "blob.bin" || files[0].Size != 1<<20 {
+		t.Fatalf("list: %v %v", files, err)
+	}
+	if _, err := sb.ReadFile(ctx, "/nope"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("missing file: want not found, got %v", err)
+	}
+	if err := sb.RemoveFile(ctx, "/data", true); err != nil {
+		t.Fatal(err)
+	}
+	// List shows it running.
+	list, err := c.List(ctx, false)
+	if err != nil || len(list) != 1 || list[0].Id != sb.ID() {
+		t.Fatalf("list: %v %v", list, err)
+	}
+	info, err := sb.Terminate(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State != "stopped" || info.EndReason != "terminated" || info.EndedAt == "" {
+		t.Fatalf("terminated: %+v", info)
+	}
+	// A dead sandbox refuses exec with a clear error.
+	if _, err := sb.Exec(ctx, []string{"true"}); !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "stopped") {
+		t.Fatalf("exec in dead sandbox: %v", err)
+	}
+	if list, _ := c.List(ctx, false); len(list) != 0 {
+		t.Fatalf("live list after terminate: %v", list)
+	}
+	if all, _ := c.List(ctx, true); len(all) != 1 {
+		t.Fatalf("list --all: %v", all)
+	}
+}
+
+// lineWriter records when each chunk arrived.
+type lineWriter struct {
+	mu     sync.Mutex
+	buf    bytes.Buffer
+	gotA   chan struct{}
+	closed bool
+}
+
+func (w *lineWriter) Write(b []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.buf.Write(b)
+	if !w.closed && strings.Contains(w.buf.String(), "a\n") {
+		close(w.gotA)
+		w.closed = true
+	}
+	return len(b), nil
+}
+
+// TestExecStreamsAndStdin shows output arrives while the process still runs
+// (it blocks on stdin until we see its first line) and stdin reaches it.
+func TestExecStreamsAndStdin(t *testing.T) {
+	n := chalktest.Start(t)
+	sb := create(t, n.Client())
+	ctx := ctxT(t, time.Minute)
+	w := &lineWriter{gotA: make(chan struct{})}
+	p, err := sb.Start(ctx, []string{"sh", "-c", "echo a; read x; echo got $x; cat"}, chalkcompute.Stdout(w), chalkcompute.ExecStdin())
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-w.gotA: // streamed before exit: the process is blocked in `read`
+	case <-ctx.Done():
+		t.Fatal("first line never arrived while the process was running")
+	}
+	if _, err := io.WriteString(p.Stdin(), "x1\nmore\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Stdin().Close(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := p.Wait()
+	if err != nil || st.Code != 0 {
+		t.Fatalf("wait: %v %+v", err, st)
+	}
+	if got := w.buf.String(); got != "a\ngot x1\nmore\n" {
+		t.Fatalf("output %q", got)
+	}
+}
+
+// TestExecConcurrentTimeoutSignal runs several execs at once, a timed-out one
+// and a large output.
+func TestExecConcurrentTimeoutAndLargeOutput(t *testing.T) {
+	n := chalktest.Start(t)
+	sb := create(t, n.Client())
+	ctx := ctxT(t, 2*time.Minute)
+	var wg sync.WaitGroup
+	errs := make(chan error, 10)
+	for i := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := sb.Exec(ctx, []string{"sh", "-c", fmt.Sprintf("echo %d", i)})
+			if err != nil {
+				errs <- err
+				return
+			}
+			if string(res.Stdout) != fmt.Sprintf("%d\n", i) {
+				errs <- fmt.Errorf("exec %d got %q", i, res.Stdout)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	res, err := sb.Exec(ctx, []string{"sleep", "30"}, chalkcompute.ExecTimeout(time.Second))
+	if err != nil || !res.TimedOut || res.Code == 0 {
+		t.Fatalf("timeout: %v %+v", err, res)
+	}
+	// 64 MiB of output streams through without being buffered whole.
+	var cw countingWriter
+	p, err := sb.Start(ctx, []string{"sh", "-c", "head -c 67108864 /dev/zero"}, chalkcompute.Stdout(&cw))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := p.Wait(); err != nil || st.Code != 0 || cw.n != 64<<20 {
+		t.Fatalf("large output: %v %+v %d bytes", err, st, cw.n)
+	}
+}
+
+type countingWriter struct{ n int64 }
+
+func (c *countingWriter) Write(b []byte) (int, error) { c.n += int64(len(b)); return len(b), nil }
+
+// TestBadInput: clear errors with the right codes; the daemon keeps working.
+func TestBadInput(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, time.Minute)
+	cases := []struct {
+		name  string
+		img   string
+		opts  []chalkcompute.CreateOption
+		class error
+		msg   string
+	}{
+		{"unknown image", "no-such-image:1", nil, errdefs.ErrNotFound, "no-such-image"},
+		{"malformed ref", "UPPER/Case::bad", nil, errdefs.ErrInvalidArgument, "UPPER/Case::bad"},
+		{"negative memory", "busybox", []chalkcompute.CreateOption{chalkcompute.WithMemoryMB(-1)}, errdefs.ErrInvalidArgument, "memory_mb"},
+		{"negative cpu", "busybox", []chalkcompute.CreateOption{chalkcompute.WithCPU(-2)}, errdefs.ErrInvalidArgument, "cpu"},
+		{"timeout too long", "busybox", []chalkcompute.CreateOption{chalkcompute.WithTimeout(25 * time.Hour)}, errdefs.ErrInvalidArgument, "timeout"},
+		{"relative workdir", "busybox", []chalkcompute.CreateOption{chalkcompute.WithWorkdir("rel")}, errdefs.ErrInvalidArgument, "workdir"},
+		{"bad env", "busybox", []chalkcompute.CreateOption{chalkcompute.WithEnv(map[string]string{"A=B": "x"})}, errdefs.ErrInvalidArgument, "env"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := c.Create(ctx, chalkcompute.Base(tc.img), tc.opts...)
+			if !errors.Is(err, tc.class) || !strings.Contains(err.Error(), tc.msg) {
+				t.Fatalf("got %v, want %v mentioning %q", err, tc.class, tc.msg)
+			}
+		})
+	}
+	if _, err := c.Sandbox(ctx, "sb-doesnotexist"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("unknown sandbox: %v", err)
+	}
+	sb := create(t, c)
+	if _, err := sb.Exec(ctx, []string{"/no/such/binary"}); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("missing binary: %v", err)
+	}
+	if _, err := sb.Exec(ctx, nil); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("empty argv: %v", err)
+	}
+	if err := sb.WriteFile(ctx, "relative/path", []byte("x"), 0o644); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("relative path: %v", err)
+	}
+	// Nothing was left behind by the failed creates, and the daemon still works.
+	if out := mustExec(t, sb, "echo", "alive"); out != "alive\n" {
+		t.Fatalf("after bad input: %q", out)
+	}
+	if list, _ := c.List(ctx, false); len(list) != 1 {
+		t.Fatalf("live sandboxes after failed creates: %d", len(list))
+	}
+}
+
+// TestAuth: every call needs a valid token.
+func TestAuth(t *testing.T) {
+	n := chalktest.Start(t)
+	ctx := ctxT(t, time.Minute)
+	bad, err := chalkcompute.NewClient(chalkcompute.WithURL("unix://"+n.Socket), chalkcompute.WithToken("chalk_wrong"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = bad.List(ctx, false)
+	if !errors.Is(err, errdefs.ErrUnauthenticated) || !strings.Contains(err.Error(), "invalid API token") {
+		t.Fatalf("wrong token: %v", err)
+	}
+	// The CLI gets 401 semantics too, and works with the right token.
+	out, stderr, code := n.CLI("compute", "sandbox", "ls", "-o", "json")
+	if code != 0 || strings.TrimSpace(out) != "[]" {
+		t.Fatalf("cli ls: %d %q %q", code, out, stderr)
+	}
+}
+
+// TestLimits: memory limit kills with OOM recorded; pids limit holds.
+func TestLimits(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, 2*time.Minute)
+	sb := create(t, c, chalkcompute.WithMemoryMB(32), chalkcompute.WithCPU(0.5))
+	if out := mustExec(t, sb, "sh", "-c", "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max"); strings.TrimSpace(out) != fmt.Sprint(32<<20) {
+		t.Fatalf("memory limit inside: %q", out)
+	}
+	if out := mustExec(t, sb, "sh", "-c", "ulimit -n"); strings.TrimSpace(out) != "20000" {
+		t.Fatalf("nofile: %q", out)
+	}
+	// Allocate far beyond the limit in a child: it is OOM-killed, the sandbox survives.
+	res, err := sb.Exec(ctx, []string{"sh", "-c", "head -c 200000000 /dev/zero | tail > /dev/null"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Code == 0 {
+		t.Fatalf("memory bomb was not killed")
+	}
+	if out := mustExec(t, sb, "echo", "ok"); out != "ok\n" {
+		t.Fatal("sandbox dead after child OOM")
+	}
+}
+
+// TestEntrypointExit: a sandbox with an entrypoint ends when it exits, with
+// its exit code and logs kept.
+func TestEntrypointExitAndLogs(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, time.Minute)
+	sb := create(t, c, chalkcompute.WithEntrypoint("sh", "-c", "echo starting; echo to-stderr >&2; sleep 1000; exit 5"))
+	// Exec works while the entrypoint runs; when the entrypoint exits the sandbox ends.
+	mustExec(t, sb, "pkill", "sleep")
+	info, err := sb.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State != "stopped" || info.EndReason != "exited" || info.ExitCode != 5 {
+		t.Fatalf("after entrypoint exit: %+v", info)
+	}
+	var logs bytes.Buffer
+	if err := sb.Logs(ctx, &logs, false); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), "starting") || !strings.Contains(logs.String(), "to-stderr") {
+		t.Fatalf("logs: %q", logs.String())
+	}
+	sb2 := create(t, c, chalkcompute.WithEntrypoint("sh", "-c", "exit 42"))
+	info, err = sb2.Wait(ctx)
+	if err != nil || info.ExitCode != 42 || info.EndReason != "exited" {
+		t.Fatalf("exit 42: %v %+v", err, info)
+	}
+}
+
+// TestTimeout: the lifetime timeout ends a sandbox.
+func TestTimeout(t *testing.T) {
+	n := chalktest.Start(t)
+	sb := create(t, n.Client(), chalkcompute.WithTimeout(2*time.Second))
+	info, err := sb.Wait(ctxT(t, time.Minute))
+	if err != nil || info.EndReason != "timeout" {
+		t.Fatalf("timeout: %v %+v", err, info)
+	}
+}
+
+// TestRestartSurvival: kill -9 chalkd; running sandboxes keep running and stay
+// manageable after restart; one whose timeout passed meanwhile is reaped.
+func TestRestartSurvival(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, 2*time.Minute)
+	keep := create(t, c)
+	short := create(t, c, chalkcompute.WithTimeout(time.Second))
+	mustExec(t, keep, "sh", "-c", "echo state > /tmp/marker")
+	n.Kill()
+	// While chalkd is down the short sandbox's deadline passes.
+	time.Sleep(1500 * time.Millisecond) // wall-clock deadline under test, not synchronisation
+	n.Restart()
+	c = n.Client()
+	kept, err := c.Sandbox(ctx, keep.ID())
+	if err != nil || kept.Info.State != "running" {
+		t.Fatalf("after restart: %v %+v", err, kept)
+	}
+	if out := mustExec(t, kept, "cat", "/tmp/marker"); out != "state\n" {
+		t.Fatalf("state lost: %q", out)
+	}
+	info, err := short.Wait(ctx)
+	if err != nil || info.State != "stopped" || info.EndReason != "timeout" {
+		t.Fatalf("short sandbox after restart: %v %+v", err, info)
+	}
+	if _, err := kept.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestNoLeaks: many create/terminate cycles leave no mounts, netns, veths,
+// cgroups or runc state behind.
+func TestNoLeaks(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, 10*time.Minute)
+	count := 200
+	if testing.Short() {
+		count = 20
+	}
+	sem := make(chan struct{}, 4)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var firstErr error
+	for range count {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			sb, err := c.Create(ctx, chalkcompute.Base("busybox"))
+			if err == nil {
+				_, err = sb.Exec(ctx, []string{"true"})
+			}
+			if err == nil {
+				_, err = sb.Terminate(ctx)
+			}
+			if err != nil {
+				mu.Lock()
+				if firstErr == nil {
+					firstErr = err
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		t.Fatal(firstErr)
+	}
+	out, _, code := n.CLI("compute", "sandbox", "ls", "--all", "-o", "json")
+	var all []map[string]any
+	if code != 0 || json.Unmarshal([]byte(out), &all) != nil || len(all) != count {
+		t.Fatalf("ls --all: %d sandboxes (want %d)", len(all), count)
+	}
+	for _, sb := range all {
+		if sb["state"] != "stopped" {
+			t.Fatalf("sandbox not stopped: %v", sb)
+		}
+	}
+	// Nothing left in the node netns or on the host.
+	links, _ := n.Exec("ip", "-o", "link")
+	if strings.Count(links, "\n") > 3 { // lo + the service dummy (+ nothing else)
+		t.Errorf("leftover links:\n%s", links)
+	}
+	netns, _ := n.Exec("sh", "-c", "ls "+n.RunDir+"/netns 2>/dev/null | wc -l")
+	if strings.TrimSpace(netns) != "0" {
+		t.Errorf("leftover netns files: %s", netns)
+	}
+	mounts, _ := n.Exec("sh", "-c", "grep -c "+n.Dir+"/sandboxes /proc/self/mountinfo || true")
+	if strings.TrimSpace(mounts) != "0" {
+		t.Errorf("leftover mounts: %s", mounts)
+	}
+	runcList, _ := n.Exec("runc", "--root", n.RunDir+"/runc", "list", "-q")
+	if strings.TrimSpace(runcList) != "" {
+		t.Errorf("leftover runc containers: %s", runcList)
+	}
+	cg, _ := n.Exec("sh", "-c", "ls /sys/fs/cgroup/memory"+n.Cgroup+" 2>/dev/null | grep -c sb- || true")
+	if strings.TrimSpace(cg) != "0" {
+		t.Errorf("leftover cgroups: %s", cg)
+	}
+	dirs, _ := n.Exec("sh", "-c", "ls "+n.Dir+"/sandboxes | wc -l")
+	if strings.TrimSpace(dirs) != "0" {
+		t.Errorf("leftover sandbox dirs: %s", dirs)
+	}
+}
