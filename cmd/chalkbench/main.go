@@ -1,0 +1,200 @@
+// Command chalkbench measures chalkcompute against its physical limits and peers,
+// side by side in one run on the same busybox rootfs:
+//
+//   - time-to-interactive: create a sandbox + first exec of `true`, vs raw
+//     `runc run` of `true`, vs `podman run --rm`;
+//   - exec round trip of `true` in a running sandbox through the SDK, vs
+//     `runc exec`, vs `podman exec`;
+//   - chalkd memory per idle sandbox with N running.
+//
+// It talks to the running chalkd (scripts/setup.sh starts one) and needs root.
+// Run it with scripts/bench.sh.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+)
+
+func main() {
+	n := flag.Int("n", 30, "iterations per measurement")
+	idle := flag.Int("idle", 200, "sandboxes for the memory-per-idle-sandbox measurement (0 skips it)")
+	pidFile := flag.String("chalkd-pid-file", "/run/chalk/chalkd.pid", "chalkd's pid file (for its RSS)")
+	flag.Parse()
+	ctx := context.Background()
+	c, err := chalkcompute.NewClient()
+	if err != nil {
+		fail(err)
+	}
+	if _, err := c.PullImage(ctx, "busybox", nil); err != nil {
+		fail(err)
+	}
+	work, err := os.MkdirTemp("", "chalkbench-")
+	if err != nil {
+		fail(err)
+	}
+	defer os.RemoveAll(work)
+	bundle, err := busyboxBundle(work)
+	if err != nil {
+		fail(err)
+	}
+	host, _ := os.Hostname()
+	fmt.Printf("chalkbench %s on %s (%d cpus, %s/%s), n=%d\n\n", time.Now().UTC().Format("2006-01-02"), host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, *n)
+
+	// Time to interactive.
+	tti := measure(*n, func() error {
+		sb, err := c.Create(ctx, chalkcompute.Base("busybox"))
+		if err != nil {
+			return err
+		}
+		res, err := sb.Exec(ctx, []string{"true"})
+		if err == nil && res.Code != 0 {
+			err = fmt.Errorf("true exited %d", res.Code)
+		}
+		_, _ = sb.Terminate(ctx) // after the measured part would be nicer; terminate is part of the cycle here
+		return err
+	}, true)
+	runcRun := measure(*n, func() error {
+		return run("runc", "--root", filepath.Join(work, "runc"), "run", "--bundle", bundle, "bench-"+strconv.FormatInt(time.Now().UnixNano(), 36))
+	}, false)
+	podmanRun, podmanErr := podmanMeasure(*n, work, "run")
+	fmt.Println("time-to-interactive (create + first exec of `true`)")
+	row("chalkcompute (SDK)", tti, runcRun)
+	row("runc run (raw)", runcRun, runcRun)
+	rowOpt("podman run --rm", podmanRun, runcRun, podmanErr)
+	fmt.Println()
+
+	// Exec round trip.
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithTimeout(30*time.Minute))
+	if err != nil {
+		fail(err)
+	}
+	defer sb.Terminate(ctx)
+	execRT := measure(*n*10, func() error {
+		_, err := sb.Exec(ctx, []string{"true"})
+		return err
+	}, false)
+	id := "bench-exec-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	if err := runDetached(work, bundle, id); err != nil {
+		fail(err)
+	}
+	defer run("runc", "--root", filepath.Join(work, "runc"), "delete", "--force", id)
+	runcExec := measure(*n, func() error {
+		return run("runc", "--root", filepath.Join(work, "runc"), "exec", id, "true")
+	}, false)
+	podmanExec, podmanExecErr := podmanMeasure(*n, work, "exec")
+	fmt.Println("exec round trip of `true` in a running sandbox")
+	row("chalkcompute (SDK)", execRT, runcExec)
+	row("runc exec (raw)", runcExec, runcExec)
+	rowOpt("podman exec", podmanExec, runcExec, podmanExecErr)
+	fmt.Printf("goal: median <= 5ms and <= 0.1x runc exec: %s\n\n", verdict(median(execRT) <= 5*time.Millisecond && float64(median(execRT)) <= 0.1*float64(median(runcExec))))
+
+	if *idle > 0 {
+		memoryPerSandbox(ctx, c, *idle, *pidFile)
+	}
+}
+
+func memoryPerSandbox(ctx context.Context, c *chalkcompute.Client, count int, pidFile string) {
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		fmt.Printf("memory per idle sandbox: skipped (%v)\n", err)
+		return
+	}
+	pid := strings.TrimSpace(string(b))
+	before := rss(pid)
+	var sbs []*chalkcompute.Sandbox
+	defer func() {
+		for _, sb := range sbs {
+			_, _ = sb.Terminate(ctx)
+		}
+	}()
+	for range count {
+		sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithTimeout(30*time.Minute))
+		if err != nil {
+			fmt.Printf("memory per idle sandbox: create failed after %d: %v\n", len(sbs), err)
+			return
+		}
+		sbs = append(sbs, sb)
+	}
+	runtime.GC()
+	after := rss(pid)
+	per := float64(after-before) / float64(count) / 1024
+	fmt.Printf("chalkd memory per idle sandbox (%d running): %.2f MiB (RSS %d -> %d KiB); goal <= 2 MiB: %s\n",
+		count, per, before, after, verdict(per <= 2))
+}
+
+func rss(pid string) int64 {
+	b, err := os.ReadFile("/proc/" + pid + "/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			v, _ := strconv.ParseInt(f[1], 10, 64)
+			return v
+		}
+	}
+	return 0
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "NOT met"
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "chalkbench:", err)
+	os.Exit(1)
+}
+
+func run(argv ...string) error {
+	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s: %v: %s", strings.Join(argv, " "), err, out)
+	}
+	return nil
+}
+
+func measure(n int, f func() error, warm bool) []time.Duration {
+	if warm {
+		_ = f()
+	}
+	ds := make([]time.Duration, 0, n)
+	for range n {
+		start := time.Now()
+		if err := f(); err != nil {
+			fail(err)
+		}
+		ds = append(ds, time.Since(start))
+	}
+	sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+	return ds
+}
+
+func median(ds []time.Duration) time.Duration { return ds[len(ds)/2] }
+func p90(ds []time.Duration) time.Duration    { return ds[len(ds)*9/10] }
+
+func row(name string, ds, ref []time.Duration) {
+	fmt.Printf("  %-22s median %9s  p90 %9s  ratio vs raw runc %.3fx\n", name, median(ds).Round(10*time.Microsecond), p90(ds).Round(10*time.Microsecond), float64(median(ds))/float64(median(ref)))
+}
+
+func rowOpt(name string, ds, ref []time.Duration, err error) {
+	if err != nil {
+		fmt.Printf("  %-22s n/a (%v)\n", name, err)
+		return
+	}
+	row(name, ds, ref)
+}
