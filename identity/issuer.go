@@ -121,6 +121,9 @@ func withoutKID(recs []*keyRecord, kid string) []*keyRecord {
 // URL returns the issuer URL (the iss of every token).
 func (i *Issuer) URL() string { return i.cfg.Issuer }
 
+// Now returns the issuer's clock (Config.Now): token times are on it.
+func (i *Issuer) Now() time.Time { return i.cfg.Now() }
+
 // Rotate forces a rotation: the next key (already published) starts
 // signing, the current key retires (it stays published until its tokens
 // have expired) and a new next key is published. This is

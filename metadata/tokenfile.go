@@ -1,0 +1,146 @@
+package metadata
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/identity"
+)
+
+// TokenFileConfig configures a token file; see StartTokenFileConfig.
+type TokenFileConfig struct {
+	Issuer   *identity.Issuer
+	Subject  identity.Subject
+	Audience string
+	// Path is the host path of the file, inside a directory that is
+	// bind-mounted (as a directory, so renames show through) into the
+	// sandbox.
+	Path string
+	// TTL is the lifetime of each token (default identity.DefaultTTL).
+	TTL time.Duration
+	// Logger receives refresh failures (nil discards).
+	Logger *slog.Logger
+}
+
+// StartTokenFile keeps a token for (s, audience) fresh at path (host path of
+// a dir bind-mounted into the sandbox), refreshing at 80% of its lifetime,
+// replaced atomically (write temp + rename), 0644 inside a 0755 dir. The
+// first token is written before StartTokenFile returns, so the file exists
+// when the sandbox starts. Refreshing stops when ctx is done, when stop is
+// called (stop waits for it), or when the issuer refuses the sandbox
+// because it has ended.
+func StartTokenFile(ctx context.Context, iss *identity.Issuer, s identity.Subject, audience, path string) (stop func(), err error) {
+	return StartTokenFileConfig(ctx, TokenFileConfig{Issuer: iss, Subject: s, Audience: audience, Path: path})
+}
+
+// refreshFraction is the part of a token's lifetime after which it is
+// replaced.
+const refreshFraction = 0.8
+
+// StartTokenFileConfig is StartTokenFile with every option.
+func StartTokenFileConfig(ctx context.Context, cfg TokenFileConfig) (stop func(), err error) {
+	if cfg.Issuer == nil || cfg.Path == "" {
+		return nil, fmt.Errorf("metadata: token file needs an issuer and a path: %w", errdefs.ErrInvalidArgument)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	dir := filepath.Dir(cfg.Path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("metadata: token dir: %w", err)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("metadata: token dir: %w", err)
+	}
+	next, err := refreshTokenFile(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		backoff := time.Second
+		t := time.NewTimer(next)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			wait, err := refreshTokenFile(ctx, cfg)
+			switch {
+			case err == nil:
+				backoff = time.Second
+			case errors.Is(err, errdefs.ErrFailedPrecondition):
+				cfg.Logger.InfoContext(ctx, "metadata: sandbox ended; token file no longer refreshed", "path", cfg.Path, "sandbox", cfg.Subject.SandboxID)
+				return
+			case ctx.Err() != nil:
+				return
+			default:
+				// Retry well before the current token expires.
+				cfg.Logger.WarnContext(ctx, "metadata: token file refresh failed", "path", cfg.Path, "err", err, "retry_in", backoff)
+				wait = backoff
+				backoff = min(2*backoff, 30*time.Second)
+			}
+			t.Reset(wait)
+		}
+	}()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			cancel()
+			<-done
+		})
+	}, nil
+}
+
+// refreshTokenFile mints a token, replaces the file and returns how long to
+// wait before the next refresh.
+func refreshTokenFile(ctx context.Context, cfg TokenFileConfig) (time.Duration, error) {
+	minted := cfg.Issuer.Now()
+	tok, exp, err := cfg.Issuer.Mint(ctx, cfg.Subject, cfg.Audience, cfg.TTL)
+	if err != nil {
+		return 0, err
+	}
+	if err := writeFileAtomic(cfg.Path, []byte(tok), 0o644); err != nil {
+		return 0, err
+	}
+	return time.Duration(float64(exp.Sub(minted)) * refreshFraction), nil
+}
+
+// writeFileAtomic replaces path with data: a reader sees the old or the new
+// content, never a partial file.
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("metadata: write %s: %w", path, err)
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp) // no-op after the rename
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(mode)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		return fmt.Errorf("metadata: write %s: %w", path, err)
+	}
+	return nil
+}
