@@ -1,0 +1,33 @@
+package baseimage
+
+import (
+	"context"
+	"fmt"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/chalkcompute/chalkcompute/registry"
+)
+
+// Seed pushes img to the embedded registry under ref (e.g.
+// "docker.io/library/busybox:latest") and returns its manifest digest. It is
+// idempotent: if ref already names img, nothing is uploaded.
+func Seed(ctx context.Context, reg *registry.Registry, ref string, img v1.Image) (string, error) {
+	local, err := reg.LocalRef(ref)
+	if err != nil {
+		return "", err
+	}
+	want, err := img.Digest()
+	if err != nil {
+		return "", fmt.Errorf("seed %s: digest: %w", ref, err)
+	}
+	opts := reg.RemoteOptions(ctx)
+	if d, err := remote.Head(local, opts...); err == nil && d.Digest == want {
+		return want.String(), nil
+	}
+	if err := remote.Write(local, img, opts...); err != nil {
+		return "", fmt.Errorf("seed %s: %w", ref, registry.WrapRemoteError(local.String(), err))
+	}
+	return want.String(), nil
+}
