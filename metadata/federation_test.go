@@ -1,0 +1,136 @@
+package metadata
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+func TestAWSFederation(t *testing.T) {
+	tests := []struct {
+		arn, session string
+		ok           bool
+	}{
+		{"arn:aws:iam::123456789012:role/chalk-sandbox", "sbx-a", true},
+		{"arn:aws:iam::123456789012:role/path/to/role", "", true},
+		{"arn:aws-cn:iam::123456789012:role/r", "", true},
+		{"arn:aws-us-gov:iam::123456789012:role/r", "", true},
+		{"arn:aws:iam::123456789012:user/alice", "", false},
+		{"arn:aws:iam::12345:role/r", "", false},
+		{"arn:aws:sts::123456789012:assumed-role/r/s", "", false},
+		{"arn:aws:iam::123456789012:role/r\nAWS_SECRET_ACCESS_KEY=x", "", false},
+		{"", "", false},
+		{"arn:aws:iam::123456789012:role/r", "bad session name", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.arn+"/"+tt.session, func(t *testing.T) {
+			f, err := AWSFederation(tt.arn, tt.session)
+			if !tt.ok {
+				if !errors.Is(err, errdefs.ErrInvalidArgument) {
+					t.Fatalf("AWSFederation = %+v, %v; want ErrInvalidArgument", f, err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := []string{"AWS_ROLE_ARN=" + tt.arn, "AWS_WEB_IDENTITY_TOKEN_FILE=/run/chalk/identity/aws-web-identity-token"}
+			if tt.session != "" {
+				want = append(want, "AWS_ROLE_SESSION_NAME="+tt.session)
+			}
+			if !slices.Equal(f.Env, want) || f.Audience != "sts.amazonaws.com" || f.TokenFileName != AWSTokenFileName || len(f.Files) != 0 {
+				t.Fatalf("AWSFederation = %+v, want env %v", f, want)
+			}
+		})
+	}
+}
+
+func TestGCPFederation(t *testing.T) {
+	const full = "//iam.googleapis.com/projects/123456/locations/global/workloadIdentityPools/chalk-pool/providers/chalk-oidc"
+	tests := []struct {
+		provider, sa string
+		ok           bool
+	}{
+		{full, "", true},
+		{full[len("//iam.googleapis.com/"):], "", true},
+		{full, "reader@my-project.iam.gserviceaccount.com", true},
+		{full, "not-an-email", false},
+		{"//iam.googleapis.com/projects/my-project/locations/global/workloadIdentityPools/p/providers/x", "", false},
+		{"projects/1/locations/us-east1/workloadIdentityPools/pool1/providers/prov1", "", false},
+		{"https://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/pool1/providers/prov1", "", false},
+		{"", "", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.provider+"/"+tt.sa, func(t *testing.T) {
+			f, err := GCPFederation(tt.provider, tt.sa)
+			if !tt.ok {
+				if !errors.Is(err, errdefs.ErrInvalidArgument) {
+					t.Fatalf("GCPFederation = %+v, %v; want ErrInvalidArgument", f, err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if f.Audience != full || f.TokenFileName != GCPTokenFileName ||
+				!slices.Equal(f.Env, []string{"GOOGLE_APPLICATION_CREDENTIALS=/run/chalk/identity/gcp-credentials.json"}) {
+				t.Fatalf("GCPFederation = %+v", f)
+			}
+			var creds map[string]any
+			if err := json.Unmarshal(f.Files[GCPCredentialsFileName], &creds); err != nil {
+				t.Fatal(err)
+			}
+			want := map[string]any{
+				"type":               "external_account",
+				"audience":           full,
+				"subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+				"token_url":          "https://sts.googleapis.com/v1/token",
+				"credential_source":  map[string]any{"file": "/run/chalk/identity/gcp-token", "format": map[string]any{"type": "text"}},
+			}
+			if tt.sa != "" {
+				want["service_account_impersonation_url"] = "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/" + tt.sa + ":generateAccessToken"
+			}
+			if got, _ := json.Marshal(creds); string(got) != mustJSON(want) {
+				t.Fatalf("credentials file\n got %s\nwant %s", got, mustJSON(want))
+			}
+			// Written to the host side of the identity dir, 0644.
+			dir := filepath.Join(t.TempDir(), "identity")
+			if err := f.WriteFiles(dir); err != nil {
+				t.Fatal(err)
+			}
+			st, err := os.Stat(filepath.Join(dir, GCPCredentialsFileName))
+			if err != nil || st.Mode().Perm() != 0o644 {
+				t.Fatalf("credentials file: %v %v", st, err)
+			}
+		})
+	}
+}
+
+func TestChalkAPIFederation(t *testing.T) {
+	f, err := ChalkAPIFederation("https://chalk.example.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"CHALK_IDENTITY_TOKEN_FILE=/run/chalk/identity/token", "CHALK_METADATA_URL=http://169.254.169.254"}
+	if !slices.Equal(f.Env, want) || f.Audience != "https://chalk.example.com" || f.TokenFileName != "token" {
+		t.Fatalf("ChalkAPIFederation = %+v", f)
+	}
+	for _, bad := range []string{"", "a b", "a,b"} {
+		if _, err := ChalkAPIFederation(bad); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Fatalf("ChalkAPIFederation(%q) = %v", bad, err)
+		}
+	}
+	if err := (Federation{Files: map[string][]byte{"../escape": nil}}).WriteFiles(t.TempDir()); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("WriteFiles with a path-escaping name = %v", err)
+	}
+}
+
+func mustJSON(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}

@@ -1,0 +1,144 @@
+package metadata
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/identity"
+)
+
+// realClockIssuer is an issuer on the wall clock: token files refresh on
+// real timers.
+func realClockIssuer(t *testing.T, isActive func(context.Context, string) bool) *identity.Issuer {
+	t.Helper()
+	iss, err := identity.New(context.Background(), identity.Config{
+		Issuer: "https://id.example.com", Dir: t.TempDir(), Alg: identity.AlgES256, IsActive: isActive,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return iss
+}
+
+func TestTokenFile(t *testing.T) {
+	iss := realClockIssuer(t, nil)
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "sbx-a", "identity")
+	path := filepath.Join(dir, AWSTokenFileName)
+	stop, err := StartTokenFileConfig(ctx, TokenFileConfig{
+		Issuer: iss, Subject: sandboxA.Subject(), Audience: AWSAudience, Path: path, TTL: 2 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+
+	// The first token is there before Start returns.
+	first, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("token file missing after Start: %v", err)
+	}
+	c, err := iss.Verify(ctx, string(first), AWSAudience)
+	if err != nil || c.SandboxID != sandboxA.ID {
+		t.Fatalf("first token: %+v, %v", c, err)
+	}
+	for p, want := range map[string]os.FileMode{path: 0o644, dir: 0o755} {
+		if st, err := os.Stat(p); err != nil || st.Mode().Perm() != want {
+			t.Fatalf("%s: mode %v (%v), want %v", p, st.Mode().Perm(), err, want)
+		}
+	}
+
+	// Readers racing the refreshes always see a whole, valid token.
+	var reads atomic.Int64
+	var readErr atomic.Value
+	readCtx, stopReading := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for readCtx.Err() == nil {
+			b, err := os.ReadFile(path)
+			if err == nil {
+				_, err = iss.Verify(ctx, string(b), AWSAudience)
+			}
+			if err != nil {
+				readErr.Store(err)
+				return
+			}
+			reads.Add(1)
+		}
+	}()
+
+	// Refreshed at 80% of the 2s lifetime: wait for two replacements.
+	deadline := time.Now().Add(15 * time.Second)
+	seen := map[string]bool{string(first): true}
+	for len(seen) < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("token file replaced %d times in 15s, want 2", len(seen)-1)
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen[string(b)] = true
+		time.Sleep(20 * time.Millisecond) // polling the file with a deadline
+	}
+	stopReading()
+	wg.Wait()
+	if err, _ := readErr.Load().(error); err != nil {
+		t.Fatalf("a reader saw a bad token file during refresh: %v", err)
+	}
+	if reads.Load() == 0 {
+		t.Fatal("the reader never read the file")
+	}
+	ents, _ := os.ReadDir(dir)
+	if len(ents) != 1 {
+		t.Fatalf("dir holds %d entries (temp files left?), want 1", len(ents))
+	}
+	stop()
+	stop() // idempotent
+}
+
+func TestTokenFileEndedSandbox(t *testing.T) {
+	var ended atomic.Bool
+	iss := realClockIssuer(t, func(context.Context, string) bool { return !ended.Load() })
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), ChalkTokenFileName)
+	ended.Store(true)
+	if _, err := StartTokenFile(ctx, iss, sandboxA.Subject(), "api", path); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("StartTokenFile for an ended sandbox = %v, want ErrFailedPrecondition", err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("a token file was written for an ended sandbox: %v", err)
+	}
+	ended.Store(false)
+	if _, err := StartTokenFile(ctx, iss, sandboxA.Subject(), "", path); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("StartTokenFile without audience = %v", err)
+	}
+}
+
+// TestTokenFileStopsWithContext: cancelling the context ends refreshing;
+// stop then returns at once.
+func TestTokenFileStopsWithContext(t *testing.T) {
+	iss := realClockIssuer(t, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	stop, err := StartTokenFile(ctx, iss, sandboxA.Subject(), "api", filepath.Join(t.TempDir(), "token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	done := make(chan struct{})
+	go func() { stop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("stop did not return after the context was cancelled")
+	}
+}
