@@ -30,6 +30,10 @@ const (
 	EnvTokenFile = "CHALK_IDENTITY_TOKEN_FILE"
 	// EnvMetadataURL is the metadata service's URL inside the sandbox.
 	EnvMetadataURL = "CHALK_METADATA_URL"
+	// EnvAPITokenFile and EnvAPIURL are what the chalk CLI and SDKs read
+	// (the SDK re-reads the token file at each call).
+	EnvAPITokenFile = "CHALK_API_TOKEN_FILE"
+	EnvAPIURL       = "CHALK_API_URL"
 
 	// AWSAudience is the audience AWS STS AssumeRoleWithWebIdentity expects.
 	AWSAudience = "sts.amazonaws.com"
@@ -69,21 +73,27 @@ func (f Federation) WriteFiles(hostDir string) error {
 
 func sandboxPath(name string) string { return SandboxIdentityDir + "/" + name }
 
-// ChalkAPIFederation is the sandbox's own identity toward chalkd's API:
-// a token file with audience apiAudience, named by CHALK_IDENTITY_TOKEN_FILE,
-// and CHALK_METADATA_URL. The chalk CLI inside the sandbox reads them.
-func ChalkAPIFederation(apiAudience string) (Federation, error) {
-	if apiAudience == "" || strings.ContainsAny(apiAudience, " ,\t\n") {
+// ChalkAPIFederation is the sandbox's own identity toward chalkd's API: a
+// token file with audience apiAudience, named by CHALK_IDENTITY_TOKEN_FILE
+// and CHALK_API_TOKEN_FILE (which the chalk CLI and SDKs read), plus
+// CHALK_METADATA_URL and, when apiURL is not empty, CHALK_API_URL (the API
+// as reachable from inside the sandbox). No user credential is involved.
+func ChalkAPIFederation(apiAudience, apiURL string) (Federation, error) {
+	if apiAudience == "" || strings.ContainsAny(apiAudience, " ,\t\r\n") {
 		return Federation{}, fmt.Errorf("metadata: API audience %q: %w", apiAudience, errdefs.ErrInvalidArgument)
 	}
-	return Federation{
-		Audience:      apiAudience,
-		TokenFileName: ChalkTokenFileName,
-		Env: []string{
-			EnvTokenFile + "=" + sandboxPath(ChalkTokenFileName),
-			EnvMetadataURL + "=" + URL,
-		},
-	}, nil
+	if strings.ContainsAny(apiURL, " \t\r\n") {
+		return Federation{}, fmt.Errorf("metadata: API URL %q: %w", apiURL, errdefs.ErrInvalidArgument)
+	}
+	env := []string{
+		EnvTokenFile + "=" + sandboxPath(ChalkTokenFileName),
+		EnvAPITokenFile + "=" + sandboxPath(ChalkTokenFileName),
+		EnvMetadataURL + "=" + URL,
+	}
+	if apiURL != "" {
+		env = append(env, EnvAPIURL+"="+apiURL)
+	}
+	return Federation{Audience: apiAudience, TokenFileName: ChalkTokenFileName, Env: env}, nil
 }
 
 var (

@@ -112,16 +112,22 @@ func TestGCPFederation(t *testing.T) {
 }
 
 func TestChalkAPIFederation(t *testing.T) {
-	f, err := ChalkAPIFederation("https://chalk.example.com")
+	f, err := ChalkAPIFederation("https://chalk.example.com", "http://10.88.0.1:7080")
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"CHALK_IDENTITY_TOKEN_FILE=/run/chalk/identity/token", "CHALK_METADATA_URL=http://169.254.169.254"}
+	want := []string{
+		"CHALK_IDENTITY_TOKEN_FILE=/run/chalk/identity/token", "CHALK_API_TOKEN_FILE=/run/chalk/identity/token",
+		"CHALK_METADATA_URL=http://169.254.169.254", "CHALK_API_URL=http://10.88.0.1:7080",
+	}
 	if !slices.Equal(f.Env, want) || f.Audience != "https://chalk.example.com" || f.TokenFileName != "token" {
 		t.Fatalf("ChalkAPIFederation = %+v", f)
 	}
+	if f, err := ChalkAPIFederation("chalk-api", ""); err != nil || len(f.Env) != 3 {
+		t.Fatalf("without an API URL: %+v, %v", f, err)
+	}
 	for _, bad := range []string{"", "a b", "a,b"} {
-		if _, err := ChalkAPIFederation(bad); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		if _, err := ChalkAPIFederation(bad, ""); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Fatalf("ChalkAPIFederation(%q) = %v", bad, err)
 		}
 	}
