@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -293,10 +294,15 @@ func parseHeader(ks *keySet, seg string) (*signingKey, error) {
 	if err := json.Unmarshal(hdrJSON, &names); err != nil {
 		return nil, unauthenticated("header: %v", err)
 	}
+	var refused []string
 	for n := range names {
 		if !allowedHeaders[n] {
-			return nil, unauthenticated("header parameter %q not allowed", n)
+			refused = append(refused, n)
 		}
+	}
+	if len(refused) > 0 {
+		slices.Sort(refused)
+		return nil, unauthenticated("header parameters %q not allowed", refused)
 	}
 	var hdr joseHeader
 	if err := json.Unmarshal(hdrJSON, &hdr); err != nil {
