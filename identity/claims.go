@@ -19,9 +19,9 @@ const (
 	ClaimCreatedBy     = "created_by"
 )
 
-// ClaimsSupported lists every claim our tokens carry (published in the
+// claimsSupported lists every claim our tokens carry (published in the
 // discovery document).
-var ClaimsSupported = []string{
+var claimsSupported = []string{
 	"iss", "sub", "aud", "exp", "iat", "nbf", "jti",
 	ClaimOrgID, ClaimSandboxID, ClaimImageDigest, ClaimNetworkPolicy, ClaimCreatedBy,
 }

@@ -28,7 +28,7 @@ func (i *Issuer) Discovery() Discovery {
 		ResponseTypesSupported:           []string{"id_token"},
 		SubjectTypesSupported:            []string{"public"},
 		IDTokenSigningAlgValuesSupported: append([]string(nil), ks.algs...),
-		ClaimsSupported:                  append([]string(nil), ClaimsSupported...),
+		ClaimsSupported:                  append([]string(nil), claimsSupported...),
 		ScopesSupported:                  []string{"openid"},
 	}
 }
