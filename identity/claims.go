@@ -143,3 +143,20 @@ func checkClaimValue(name, v string) error {
 	}
 	return nil
 }
+
+// CheckSandbox reports whether the token belongs to sandboxID: verifiers
+// acting on a sandbox named in a request (read its info, mint its tokens)
+// must call it so that sandbox A's token never acts on sandbox B.
+func (c *Claims) CheckSandbox(orgID, sandboxID string) error {
+	if c == nil || c.SandboxID != sandboxID || c.OrgID != orgID {
+		return fmt.Errorf("identity: token of sandbox %q may not act on sandbox %q: %w", c.sandboxID(), sandboxID, errdefs.ErrPermissionDenied)
+	}
+	return nil
+}
+
+func (c *Claims) sandboxID() string {
+	if c == nil {
+		return ""
+	}
+	return c.SandboxID
+}

@@ -185,6 +185,23 @@ func TestMintAndVerify(t *testing.T) {
 	if err != nil || cB.Subject == c.Subject || cB.SandboxID != "sbx-2" {
 		t.Fatalf("sandbox B verified as %+v, %v", cB, err)
 	}
+	// Sandbox A's token presented as B (or as A in another org) is refused.
+	for _, tt := range []struct {
+		org, sbx string
+		ok       bool
+	}{
+		{"org-a", "sbx-1", true},
+		{"org-a", "sbx-2", false},
+		{"org-b", "sbx-1", false},
+	} {
+		err := c.CheckSandbox(tt.org, tt.sbx)
+		if tt.ok != (err == nil) || (err != nil && !errors.Is(err, errdefs.ErrPermissionDenied)) {
+			t.Fatalf("A's claims CheckSandbox(%s, %s) = %v", tt.org, tt.sbx, err)
+		}
+	}
+	if err := (*Claims)(nil).CheckSandbox("org-a", "sbx-1"); !errors.Is(err, errdefs.ErrPermissionDenied) {
+		t.Fatalf("nil claims: %v", err)
+	}
 }
 
 func TestMintArguments(t *testing.T) {
