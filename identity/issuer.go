@@ -146,6 +146,8 @@ func (i *Issuer) rotateLocked(ctx context.Context) error {
 	// persisting fails.
 	cur := *ks.current.rec
 	cur.Retired = now
+	// A retired key never signs again: forget its private half.
+	cur.JWK = cur.JWK.Public()
 	promoted := *ks.next.rec
 	promoted.Activated = now
 	recs := make([]*keyRecord, 0, len(ks.retired)+3)

@@ -299,6 +299,25 @@ func TestKeysPersisted(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := kids(env.iss)
+	// The retired key's private half is gone from disk; the others keep it.
+	raw, err := os.ReadFile(filepath.Join(env.dir, KeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct {
+		Keys []struct {
+			Retired string         `json:"retired"`
+			JWK     map[string]any `json:"jwk"`
+		} `json:"keys"`
+	}
+	if err := json.Unmarshal(raw, &doc); err != nil || len(doc.Keys) != 3 {
+		t.Fatalf("key file: %d keys, %v", len(doc.Keys), err)
+	}
+	for _, k := range doc.Keys {
+		if _, private := k.JWK["d"]; private != (k.Retired == "") {
+			t.Fatalf("key %v (retired %q): private exponent present = %v", k.JWK["kid"], k.Retired, private)
+		}
+	}
 
 	// Loosen the mode: a restart restores 0600.
 	if err := os.Chmod(filepath.Join(env.dir, KeyFile), 0o644); err != nil {

@@ -129,19 +129,30 @@ func generateKey(alg string, now time.Time) (*keyRecord, error) {
 
 func loadKey(rec *keyRecord) (*signingKey, error) {
 	k := &signingKey{rec: rec, alg: jose.SignatureAlgorithm(rec.Alg), header: headerFor(rec.Alg, rec.KID)}
-	switch priv := rec.JWK.Key.(type) {
+	var private bool
+	switch key := rec.JWK.Key.(type) {
 	case *rsa.PrivateKey:
-		if rec.Alg != AlgRS256 {
-			return nil, fmt.Errorf("identity: key %s: RSA key with alg %q: %w", rec.KID, rec.Alg, errdefs.ErrInvalidArgument)
-		}
-		k.public = priv.Public()
+		k.public, private = key.Public(), true
 	case *ecdsa.PrivateKey:
-		if rec.Alg != AlgES256 || priv.Curve != elliptic.P256() {
-			return nil, fmt.Errorf("identity: key %s: EC key with alg %q: %w", rec.KID, rec.Alg, errdefs.ErrInvalidArgument)
-		}
-		k.public = priv.Public()
+		k.public, private = key.Public(), true
+	case *rsa.PublicKey, *ecdsa.PublicKey:
+		k.public = key
 	default:
 		return nil, fmt.Errorf("identity: key %s: unsupported key type %T: %w", rec.KID, rec.JWK.Key, errdefs.ErrInvalidArgument)
+	}
+	switch pub := k.public.(type) {
+	case *rsa.PublicKey:
+		if rec.Alg != AlgRS256 || pub.N.BitLen() < rsaBits {
+			return nil, fmt.Errorf("identity: key %s: %d-bit RSA key with alg %q: %w", rec.KID, pub.N.BitLen(), rec.Alg, errdefs.ErrInvalidArgument)
+		}
+	case *ecdsa.PublicKey:
+		if rec.Alg != AlgES256 || pub.Curve != elliptic.P256() {
+			return nil, fmt.Errorf("identity: key %s: EC key with alg %q: %w", rec.KID, rec.Alg, errdefs.ErrInvalidArgument)
+		}
+	}
+	// Only a key that may still sign keeps its private half.
+	if rec.Retired.IsZero() != private {
+		return nil, fmt.Errorf("identity: key %s: retired keys hold only a public key, others a private key: %w", rec.KID, errdefs.ErrInvalidArgument)
 	}
 	if rec.KID == "" || rec.JWK.KeyID != rec.KID {
 		return nil, fmt.Errorf("identity: key %q: kid mismatch: %w", rec.KID, errdefs.ErrInvalidArgument)
