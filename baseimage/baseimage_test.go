@@ -202,7 +202,7 @@ func TestSeedIdempotent(t *testing.T) {
 func TestMirrorParsing(t *testing.T) {
 	for _, tc := range []struct {
 		name, text, want string
-		deb822         bool
+		deb822           bool
 	}{
 		{"one-line", "deb http://deb.debian.org/debian bookworm main\n", "http://deb.debian.org/debian", false},
 		{"one-line options", "deb [arch=amd64 signed-by=/k.gpg] http://m.example/debian/ bookworm main\n", "http://m.example/debian", false},

@@ -29,6 +29,7 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/registry"
 )
 
 // DefaultMaxBytes is the cache size GC trims to when Config.MaxBytes is 0.
@@ -57,6 +58,7 @@ type Cache struct {
 	maxBytes int64
 	log      *slog.Logger
 	remote   []remote.Option
+	puller   *remote.Puller
 
 	imageFlight singleflight.Group
 	layerFlight singleflight.Group
@@ -126,6 +128,9 @@ func New(cfg Config) (*Cache, error) {
 		log:      log,
 		remote:   cfg.Remote,
 		inUse:    map[string]int{},
+	}
+	if c.puller, err = remote.NewPuller(append(append([]remote.Option{}, cfg.Remote...), remote.WithPlatform(registry.Platform()))...); err != nil {
+		return nil, fmt.Errorf("nodecache: remote options: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
 	for _, d := range []string{c.tmpDir(), filepath.Join(root, "blobs", "sha256"), filepath.Join(root, "layers", "sha256")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
@@ -339,4 +344,3 @@ func isDigest(s string) bool {
 	h, err := v1.NewHash(s)
 	return err == nil && h.Algorithm == "sha256"
 }
-

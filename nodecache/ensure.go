@@ -134,7 +134,12 @@ type singleResult struct {
 
 func (c *Cache) remoteOptions(ctx context.Context) []remote.Option {
 	opts := append([]remote.Option{}, c.remote...)
-	return append(opts, remote.WithContext(ctx), remote.WithPlatform(registry.Platform()))
+	opts = append(opts, remote.WithContext(ctx), remote.WithPlatform(registry.Platform()))
+	if c.puller != nil {
+		// Reuses the registry ping and token per repository.
+		opts = append(opts, remote.Reuse(c.puller))
+	}
+	return opts
 }
 
 // pull fetches the image at ref (a digest reference to an image manifest),
