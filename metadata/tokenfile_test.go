@@ -3,8 +3,10 @@ package metadata
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -140,5 +142,63 @@ func TestTokenFileStopsWithContext(t *testing.T) {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("stop did not return after the context was cancelled")
+	}
+}
+
+// logRecorder is a slog handler that keeps messages.
+type logRecorder struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (l *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (l *logRecorder) Handle(_ context.Context, r slog.Record) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.msgs = append(l.msgs, r.Message)
+	return nil
+}
+func (l *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return l }
+func (l *logRecorder) WithGroup(string) slog.Handler      { return l }
+func (l *logRecorder) has(sub string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, m := range l.msgs {
+		if strings.Contains(m, sub) {
+			return true
+		}
+	}
+	return false
+}
+
+// TestTokenFileSandboxEnds: when the sandbox ends, the refresher stops on
+// its own and the last token it wrote no longer verifies.
+func TestTokenFileSandboxEnds(t *testing.T) {
+	var ended atomic.Bool
+	iss := realClockIssuer(t, func(context.Context, string) bool { return !ended.Load() })
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), ChalkTokenFileName)
+	logs := &logRecorder{}
+	stop, err := StartTokenFileConfig(ctx, TokenFileConfig{
+		Issuer: iss, Subject: sandboxA.Subject(), Audience: "api", Path: path, TTL: time.Second, Logger: slog.New(logs),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	ended.Store(true)
+	deadline := time.Now().Add(10 * time.Second)
+	for !logs.has("sandbox ended") {
+		if time.Now().After(deadline) {
+			t.Fatal("refresher did not notice the sandbox ended within 10s")
+		}
+		time.Sleep(10 * time.Millisecond) // polling with a deadline
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := iss.Verify(ctx, string(b), "api"); !errors.Is(err, errdefs.ErrUnauthenticated) {
+		t.Fatalf("token of the ended sandbox: %v", err)
 	}
 }
