@@ -44,6 +44,14 @@ func newID() string {
 // launch starts a recorded sandbox on the node and begins watching it.
 func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRequest) error {
 	req.ID, req.Slot = sb.ID, sb.Slot
+	s.mu.Lock()
+	s.starting[sb.ID] = true
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.starting, sb.ID)
+		s.mu.Unlock()
+	}()
 	if s.cfg.Hooks.Prepare != nil {
 		if err := s.cfg.Hooks.Prepare(ctx, sb, &req); err != nil {
 			return s.fail(ctx, sb, err)
@@ -233,6 +241,9 @@ func (s *Server) Reconcile(ctx context.Context) error {
 		case running && sb.State == store.StateRunning && pid == sb.Pid:
 			live[sb.ID] = sb.Slot
 			s.watch(sb)
+			if s.cfg.Hooks.Resumed != nil {
+				s.cfg.Hooks.Resumed(ctx, sb)
+			}
 			if time.Now().After(sb.Deadline()) {
 				go s.end(sb.ID, "timeout")
 			}
@@ -303,10 +314,20 @@ func (s *Server) SandboxByAddr(ctx context.Context, a netip.Addr) (*store.Sandbo
 	return sb, true
 }
 
-// IsRunning reports whether sandbox id is running (token revocation).
+// IsRunning reports whether sandbox id is running.
 func (s *Server) IsRunning(ctx context.Context, id string) bool {
 	s.mu.Lock()
 	_, ok := s.live[id]
+	s.mu.Unlock()
+	return ok
+}
+
+// IsActive reports whether sandbox id is starting or running: its identity
+// may be used. Once it ends, its tokens are refused (revocation).
+func (s *Server) IsActive(ctx context.Context, id string) bool {
+	s.mu.Lock()
+	_, ok := s.live[id]
+	ok = ok || s.starting[id]
 	s.mu.Unlock()
 	return ok
 }

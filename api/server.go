@@ -45,6 +45,8 @@ type Hooks struct {
 	Started func(ctx context.Context, sb *store.Sandbox, st node.Started) error
 	// Ended runs when the sandbox has ended, before its resources are freed.
 	Ended func(ctx context.Context, sb *store.Sandbox)
+	// Resumed runs for a sandbox found running when chalkd starts.
+	Resumed func(ctx context.Context, sb *store.Sandbox)
 }
 
 // Config configures the API server.
@@ -70,10 +72,11 @@ type Server struct {
 	node  Node
 	auth  *authenticator
 
-	mu      sync.Mutex
-	live    map[string]*liveSandbox // running sandboxes this process watches
-	execs   map[string]*execEntry
-	baseCtx context.Context
+	mu       sync.Mutex
+	live     map[string]*liveSandbox // running sandboxes this process watches
+	starting map[string]bool         // sandboxes between their record and their watch
+	execs    map[string]*execEntry
+	baseCtx  context.Context
 }
 
 // New returns a Server. Call Reconcile before serving.
@@ -85,14 +88,15 @@ func New(ctx context.Context, cfg Config) *Server {
 		cfg.MaxWriteFile = 64 << 20
 	}
 	return &Server{
-		cfg:     cfg,
-		log:     cfg.Logger,
-		store:   cfg.Store,
-		node:    cfg.Node,
-		auth:    &authenticator{store: cfg.Store, workload: cfg.Workload},
-		live:    map[string]*liveSandbox{},
-		execs:   map[string]*execEntry{},
-		baseCtx: context.WithoutCancel(ctx),
+		cfg:      cfg,
+		log:      cfg.Logger,
+		store:    cfg.Store,
+		node:     cfg.Node,
+		auth:     &authenticator{store: cfg.Store, workload: cfg.Workload},
+		live:     map[string]*liveSandbox{},
+		starting: map[string]bool{},
+		execs:    map[string]*execEntry{},
+		baseCtx:  context.WithoutCancel(ctx),
 	}
 }
 

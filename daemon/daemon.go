@@ -14,10 +14,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/identity"
+	"github.com/chalkcompute/chalkcompute/metadata"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/registry"
@@ -45,6 +46,13 @@ type Config struct {
 	// admin token) on first start. Default: $HOME/.config/chalk/config.json.
 	ClientConfig string
 	Upstreams    map[string]string // registry pull-through upstreams
+	// IssuerURL is the workload identity issuer (https in production; the
+	// discovery document and JWKS must be reachable there). Default:
+	// http://<Listen>, for development.
+	IssuerURL string
+	// MetadataPort is where the metadata service listens on the node service
+	// address (sandboxes reach it as 169.254.169.254:80). Default 80.
+	MetadataPort uint16
 	Logger       *slog.Logger
 }
 
@@ -78,6 +86,16 @@ func (c *Config) defaults() error {
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
+	if c.IssuerURL == "" {
+		host := c.Listen
+		if host == "" {
+			host = "127.0.0.1:7447"
+		}
+		c.IssuerURL = "http://" + host
+	}
+	if c.MetadataPort == 0 {
+		c.MetadataPort = 80
+	}
 	return nil
 }
 
@@ -94,6 +112,8 @@ type Daemon struct {
 	Runtime  *sandbox.Runtime
 	Agent    *node.Agent
 	API      *api.Server
+	Issuer   *identity.Issuer
+	Metadata *metadata.Server
 
 	AdminToken string // set when this start created it
 	servers    []*http.Server
@@ -132,7 +152,10 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if d.Cache, err = nodecache.New(nodecache.Config{Root: filepath.Join(cfg.DataDir, "cache"), MaxBytes: cfg.CacheMaxBytes, Logger: cfg.Logger}); err != nil {
 		return nil, fmt.Errorf("node cache: %w", err)
 	}
-	netCfg := sandboxnet.Config{Prefix: cfg.NetPrefix, Table: cfg.NetTable, NetnsDir: filepath.Join(cfg.RunDir, "netns"), Logger: cfg.Logger}
+	netCfg := sandboxnet.Config{
+		Prefix: cfg.NetPrefix, Table: cfg.NetTable, NetnsDir: filepath.Join(cfg.RunDir, "netns"), Logger: cfg.Logger,
+		MetadataPort: cfg.MetadataPort, ServicePorts: []uint16{cfg.MetadataPort},
+	}
 	if cfg.Subnet != "" {
 		if netCfg.Subnet, err = netip.ParsePrefix(cfg.Subnet); err != nil {
 			return nil, fmt.Errorf("subnet %q: %w", cfg.Subnet, err)
@@ -162,8 +185,27 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}); err != nil {
 		return nil, err
 	}
+	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), stops: map[string][]func(){}}
+	if d.Issuer, err = identity.New(ctx, identity.Config{
+		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.DataDir, "identity"), Logger: cfg.Logger,
+		IsActive: func(ctx context.Context, id string) bool { return d.API.IsActive(ctx, id) },
+	}); err != nil {
+		return nil, fmt.Errorf("identity issuer: %w", err)
+	}
+	wi.iss = d.Issuer
+	go func() {
+		if err := d.Issuer.Run(ctx); err != nil && ctx.Err() == nil {
+			d.log.Error("identity key rotation", "err", err)
+		}
+	}()
+	if d.Metadata, err = metadata.New(metadata.Config{Issuer: d.Issuer, Resolver: wi, Logger: cfg.Logger}); err != nil {
+		return nil, err
+	}
+	wi.meta = d.Metadata
 	d.API = api.New(ctx, api.Config{
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
+		Workload: wi, Identity: wi,
+		Hooks: api.Hooks{Prepare: wi.prepare, Ended: wi.ended, Resumed: wi.resume},
 	})
 	if err := d.API.Reconcile(ctx); err != nil {
 		return nil, fmt.Errorf("reconcile: %w", err)
@@ -177,9 +219,31 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	return d, nil
 }
 
+// handler is the API plus the issuer's discovery documents.
+func (d *Daemon) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/.well-known/", d.Issuer.DiscoveryHandler())
+	mux.Handle("/", d.API.Handler())
+	return mux
+}
+
 // serve starts the API on the unix socket and the TCP address.
 func (d *Daemon) serve() error {
-	h := d.API.Handler()
+	h := d.handler()
+	// The metadata service on the node service address; sandboxes reach it as
+	// 169.254.169.254 and, under /api, reach the API with their own identity.
+	d.Metadata.Handle("/api/", stripAPI(d.API.Handler()), metadata.WithoutFlavorHeader())
+	ml, err := net.Listen("tcp", netip.AddrPortFrom(d.Net.ServiceAddr(), d.cfg.MetadataPort).String())
+	if err != nil {
+		return fmt.Errorf("metadata service: %w", err)
+	}
+	msrv := &http.Server{Handler: d.Metadata, ReadHeaderTimeout: 10 * time.Second}
+	d.servers = append(d.servers, msrv)
+	go func() {
+		if err := msrv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("metadata server", "err", err)
+		}
+	}()
 	if d.cfg.Socket != "" {
 		_ = os.Remove(d.cfg.Socket)
 		l, err := net.Listen("unix", d.cfg.Socket)
@@ -304,5 +368,3 @@ func Main(ctx context.Context, cfg Config) error {
 	<-ctx.Done()
 	return d.Close()
 }
-
-var _ = strings.TrimSpace

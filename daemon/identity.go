@@ -1,0 +1,153 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/identity"
+	"github.com/chalkcompute/chalkcompute/metadata"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// workloadIdentity connects the OIDC issuer to the API (workload tokens, token
+// minting, key rotation) and to sandboxes (metadata service, token files,
+// cloud federation).
+type workloadIdentity struct {
+	iss     *identity.Issuer
+	meta    *metadata.Server
+	api     func() *api.Server
+	filesAt string // host dir holding one identity dir per sandbox
+
+	mu    sync.Mutex
+	stops map[string][]func()
+}
+
+var (
+	_ api.WorkloadVerifier = (*workloadIdentity)(nil)
+	_ api.IdentityBackend  = (*workloadIdentity)(nil)
+	_ metadata.Resolver    = (*workloadIdentity)(nil)
+)
+
+func subjectOf(sb *store.Sandbox) identity.Subject {
+	return identity.Subject{OrgID: sb.OrgID, SandboxID: sb.ID, ImageDigest: sb.ImageHash, NetworkPolicy: sb.PolicyHash, CreatedBy: sb.CreatedBy}
+}
+
+// VerifyWorkload accepts a workload token for the API audience of a running sandbox.
+func (w *workloadIdentity) VerifyWorkload(ctx context.Context, token string) (*api.Principal, error) {
+	c, err := w.iss.Verify(ctx, token, api.APIAudience)
+	if err != nil {
+		return nil, err
+	}
+	return &api.Principal{Kind: "workload", OrgID: c.OrgID, SandboxID: c.SandboxID, Subject: c.Subject}, nil
+}
+
+// Mint mints a token for a sandbox.
+func (w *workloadIdentity) Mint(ctx context.Context, sb *store.Sandbox, audience string, ttl time.Duration) (string, time.Time, error) {
+	return w.iss.Mint(ctx, subjectOf(sb), audience, ttl)
+}
+
+// Rotate forces a key rotation and returns the published key ids.
+func (w *workloadIdentity) Rotate(ctx context.Context) ([]string, error) {
+	if err := w.iss.Rotate(ctx); err != nil {
+		return nil, err
+	}
+	var kids []string
+	for _, k := range w.iss.JWKS().Keys {
+		kids = append(kids, k.KeyID)
+	}
+	return kids, nil
+}
+
+// SandboxByAddr resolves metadata callers by source address.
+func (w *workloadIdentity) SandboxByAddr(ctx context.Context, a netip.Addr) (metadata.Sandbox, bool) {
+	sb, ok := w.api().SandboxByAddr(ctx, a)
+	if !ok {
+		return metadata.Sandbox{}, false
+	}
+	return metadata.Sandbox{ID: sb.ID, OrgID: sb.OrgID, ImageDigest: sb.ImageHash, NetworkPolicy: sb.PolicyHash, CreatedBy: sb.CreatedBy, Running: true}, true
+}
+
+// prepare gives a starting sandbox its identity dir: the Chalk API token file
+// (so `chalk` inside authenticates as the sandbox itself) and cloud federation
+// files when asked for. Nothing of the creating user's is passed in.
+func (w *workloadIdentity) prepare(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
+	dir := filepath.Join(w.filesAt, sb.ID)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	feds := []func() (metadata.Federation, error){
+		func() (metadata.Federation, error) {
+			return metadata.ChalkAPIFederation(api.APIAudience, metadata.URL+"/api")
+		},
+	}
+	if sb.AWSRoleARN != "" {
+		feds = append(feds, func() (metadata.Federation, error) { return metadata.AWSFederation(sb.AWSRoleARN, sb.ID) })
+	}
+	if sb.GCPProvider != "" {
+		feds = append(feds, func() (metadata.Federation, error) { return metadata.GCPFederation(sb.GCPProvider, "") })
+	}
+	var stops []func()
+	for _, mk := range feds {
+		f, err := mk()
+		if err != nil {
+			for _, s := range stops {
+				s()
+			}
+			return fmt.Errorf("sandbox identity: %v: %w", err, errdefs.ErrInvalidArgument)
+		}
+		stop, err := metadata.StartTokenFile(context.WithoutCancel(ctx), w.iss, subjectOf(sb), f.Audience, filepath.Join(dir, f.TokenFileName))
+		if err == nil {
+			err = f.WriteFiles(dir)
+		}
+		if err != nil {
+			for _, s := range stops {
+				s()
+			}
+			return err
+		}
+		stops = append(stops, stop)
+		req.Env = append(req.Env, f.Env...)
+	}
+	w.mu.Lock()
+	w.stops[sb.ID] = stops
+	w.mu.Unlock()
+	req.Binds = append(req.Binds, sandbox.Bind{Source: dir, Dest: metadata.SandboxIdentityDir, ReadOnly: true})
+	return nil
+}
+
+// ended stops refreshing the sandbox's tokens and removes its identity dir.
+func (w *workloadIdentity) ended(_ context.Context, sb *store.Sandbox) {
+	w.mu.Lock()
+	stops := w.stops[sb.ID]
+	delete(w.stops, sb.ID)
+	w.mu.Unlock()
+	for _, s := range stops {
+		s()
+	}
+	w.meta.Forget(sb.ID)
+	_ = os.RemoveAll(filepath.Join(w.filesAt, sb.ID))
+}
+
+// restart resumes token refresh for a sandbox found running at start.
+func (w *workloadIdentity) resume(ctx context.Context, sb *store.Sandbox) {
+	var req node.StartRequest
+	if err := w.prepare(ctx, sb, &req); err != nil {
+		w.meta.Forget(sb.ID)
+	}
+}
+
+// stripAPI serves the API under /api for sandboxes (the workload token in the
+// request authenticates; the metadata route only makes the API reachable).
+func stripAPI(h http.Handler) http.Handler {
+	return http.StripPrefix("/api", h)
+}
