@@ -78,8 +78,9 @@ func (c *Cache) Ensure(ctx context.Context, ref name.Reference, progress func(Pr
 	}
 
 	c.mu.Lock()
-	if desc.Digest != manifestDigest {
+	if desc.Digest != manifestDigest && c.idx.Platform[desc.Digest.String()] != manifestDigest.String() {
 		c.idx.Platform[desc.Digest.String()] = manifestDigest.String()
+		c.dirty = true
 	}
 	img := c.warmLocked(manifestDigest.String(), ref.String(), time.Now())
 	c.mu.Unlock()

@@ -532,3 +532,53 @@ func TestRestartKeepsWarm(t *testing.T) {
 		t.Error("image with a missing layer dir is warm after restart")
 	}
 }
+
+func TestEnsureIndexPicksPlatform(t *testing.T) {
+	requireRoot(t)
+	reg := newRegistry(t)
+	c := newCache(t, "", 0)
+	mk := func(s string) v1.Image {
+		img, err := mutate.AppendLayers(mutate.MediaType(empty.Image, types.OCIManifestSchema1), makeLayer(t, gzipLayer, file{"which", s}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return img
+	}
+	mine, other := mk("mine"), mk("other")
+	p := registry.Platform()
+	op := v1.Platform{OS: "linux", Architecture: "s390x"}
+	if p.Architecture == op.Architecture {
+		op.Architecture = "riscv64"
+	}
+	idx := mutate.AppendManifests(mutate.IndexMediaType(empty.Index, types.OCIImageIndex),
+		mutate.IndexAddendum{Add: other, Descriptor: v1.Descriptor{Platform: &op}},
+		mutate.IndexAddendum{Add: mine, Descriptor: v1.Descriptor{Platform: &p}})
+	local, err := reg.LocalRef("test/multi:v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.WriteIndex(local, idx, reg.RemoteOptions(t.Context())...); err != nil {
+		t.Fatal(err)
+	}
+	idxDigest, _ := idx.Digest()
+	mineDigest, _ := mine.Digest()
+
+	img, err := c.Ensure(t.Context(), local, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img.Digest != mineDigest.String() {
+		t.Errorf("digest = %s, want the %s image %s", img.Digest, p, mineDigest)
+	}
+	if got := readFile(t, filepath.Join(img.Layers[0].Dir, "which")); got != "mine" {
+		t.Errorf("extracted the %q image", got)
+	}
+	// The index digest maps to the platform image without I/O afterwards.
+	if err := reg.Close(); err != nil {
+		t.Fatal(err)
+	}
+	byIndex, err := c.Ensure(t.Context(), local.Context().Digest(idxDigest.String()), nil)
+	if err != nil || !byIndex.Warm || byIndex.Digest != mineDigest.String() {
+		t.Errorf("Ensure(index digest) = %+v, %v; want warm %s", byIndex, err, mineDigest)
+	}
+}

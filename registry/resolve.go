@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strings"
 
+	"github.com/distribution/reference"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -70,6 +71,11 @@ func normalizeHost(h string) string {
 func parseRef(ref string) (name.Reference, error) {
 	if strings.TrimSpace(ref) != ref || ref == "" {
 		return nil, fmt.Errorf("image reference %q: %w", ref, errdefs.ErrInvalidArgument)
+	}
+	// distribution's grammar is the stricter one (it rejects "a//b", which
+	// go-containerregistry lets through); check against it first.
+	if _, err := reference.ParseNormalizedNamed(ref); err != nil {
+		return nil, fmt.Errorf("image reference %q: %v: %w", ref, err, errdefs.ErrInvalidArgument)
 	}
 	r, err := name.ParseReference(ref, name.WeakValidation)
 	if err != nil {
