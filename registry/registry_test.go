@@ -278,7 +278,7 @@ func TestPullThrough(t *testing.T) {
 	r := newTestRegistry(t, Config{Upstreams: map[string]string{
 		"example.com":  "http://" + up.Addr(),
 		"tools.test":   "http://" + up.Addr() + "/mirror",
-		"unreachable.": "http://127.0.0.1:1",
+		"unreachable.test": "http://127.0.0.1:1",
 	}})
 	mineDigest, _ := mine.Digest()
 	otherDigest, _ := other.Digest()
@@ -316,7 +316,7 @@ func TestPullThrough(t *testing.T) {
 	if _, _, err := r.Resolve(ctx, "example.com/org/missing:v1"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("missing upstream image: err = %v, want ErrNotFound", err)
 	}
-	if _, _, err := r.Resolve(ctx, "unreachable./x:v1"); !errors.Is(err, errdefs.ErrUnavailable) {
+	if _, _, err := r.Resolve(ctx, "unreachable.test/x:v1"); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Errorf("unreachable upstream: err = %v, want ErrUnavailable", err)
 	}
 
