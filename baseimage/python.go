@@ -237,6 +237,10 @@ func buildPythonLayer(ctx context.Context, cacheDir, mirror, layerPath string, l
 		tmp.Close()
 		return pythonMeta{}, err
 	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return pythonMeta{}, err
+	}
 	if err := tmp.Sync(); err != nil {
 		tmp.Close()
 		return pythonMeta{}, err
