@@ -276,8 +276,8 @@ func TestPullThrough(t *testing.T) {
 	}
 
 	r := newTestRegistry(t, Config{Upstreams: map[string]string{
-		"example.com":  "http://" + up.Addr(),
-		"tools.test":   "http://" + up.Addr() + "/mirror",
+		"example.com":      "http://" + up.Addr(),
+		"tools.test":       "http://" + up.Addr() + "/mirror",
 		"unreachable.test": "http://127.0.0.1:1",
 	}})
 	mineDigest, _ := mine.Digest()
