@@ -162,7 +162,7 @@ func WithResources(cgroupsPath string, cpu float64, memory, pids int64) SpecOpt 
 			r.Memory = &specs.LinuxMemory{Limit: &memory, Swap: &swap}
 		}
 		if pids > 0 {
-			r.Pids = &specs.LinuxPids{Limit: pids}
+			r.Pids = &specs.LinuxPids{Limit: &pids}
 		}
 		return nil
 	}
