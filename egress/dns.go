@@ -1,0 +1,333 @@
+package egress
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/miekg/dns"
+)
+
+// upstream exchanges queries with the upstream resolver from the node's
+// network namespace.
+type upstream struct {
+	addr    string
+	nsFD    int
+	timeout time.Duration
+}
+
+func (u *upstream) exchange(ctx context.Context, q *dns.Msg, network string) (*dns.Msg, error) {
+	ctx, cancel := context.WithTimeout(ctx, u.timeout)
+	defer cancel()
+	var c net.Conn
+	err := inNetns(u.nsFD, func() (err error) {
+		var d net.Dialer
+		c, err = d.DialContext(ctx, network, u.addr)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	cl := &dns.Client{Net: network, Timeout: u.timeout, UDPSize: dns.MaxMsgSize}
+	r, _, err := cl.ExchangeWithConnContext(ctx, q, &dns.Conn{Conn: c, UDPSize: dns.MaxMsgSize})
+	return r, err
+}
+
+// listen starts a UDP and a TCP DNS server on every ListenAddr and returns
+// once they serve.
+func (m *Manager) listen() ([]*dns.Server, error) {
+	var servers []*dns.Server
+	fail := func(err error) ([]*dns.Server, error) {
+		for _, s := range servers {
+			s.Shutdown()
+		}
+		return nil, err
+	}
+	h := dns.HandlerFunc(m.serveDNS)
+	for _, a := range m.cfg.ListenAddrs {
+		var (
+			pc net.PacketConn
+			ln net.Listener
+		)
+		err := inNetns(m.nsFD, func() (err error) {
+			if pc, err = net.ListenPacket("udp", a); err != nil {
+				return err
+			}
+			if ln, err = net.Listen("tcp", a); err != nil {
+				pc.Close()
+			}
+			return err
+		})
+		if err != nil {
+			return fail(fmt.Errorf("egress: dns proxy listen %s: %w", a, err))
+		}
+		for _, s := range []*dns.Server{{PacketConn: pc, Handler: h}, {Listener: ln, Handler: h}} {
+			started := make(chan struct{})
+			s.NotifyStartedFunc = func() { close(started) }
+			errc := make(chan error, 1)
+			go func() { errc <- s.ActivateAndServe() }()
+			select {
+			case <-started:
+				servers = append(servers, s)
+			case err := <-errc:
+				return fail(fmt.Errorf("egress: dns proxy serve %s: %w", a, err))
+			}
+		}
+	}
+	return servers, nil
+}
+
+// answerTTL is the TTL of the answers made up for denied names.
+const answerTTL = 60
+
+// serveDNS answers one query of a sandbox.
+func (m *Manager) serveDNS(w dns.ResponseWriter, r *dns.Msg) {
+	ctx := context.Background()
+	resp := m.resolve(ctx, w, r)
+	if resp == nil {
+		return
+	}
+	if _, ok := w.RemoteAddr().(*net.UDPAddr); ok {
+		size := dns.MinMsgSize
+		if o := r.IsEdns0(); o != nil && int(o.UDPSize()) > size {
+			size = int(o.UDPSize())
+		}
+		resp.Truncate(size)
+	}
+	if err := w.WriteMsg(resp); err != nil {
+		m.log.Debug("egress: dns reply", "err", err)
+	}
+}
+
+func addrOf(a net.Addr) netip.Addr {
+	switch a := a.(type) {
+	case *net.UDPAddr:
+		ip, _ := netip.AddrFromSlice(a.IP)
+		return ip.Unmap()
+	case *net.TCPAddr:
+		ip, _ := netip.AddrFromSlice(a.IP)
+		return ip.Unmap()
+	}
+	return netip.Addr{}
+}
+
+func (m *Manager) resolve(ctx context.Context, w dns.ResponseWriter, r *dns.Msg) *dns.Msg {
+	src := addrOf(w.RemoteAddr())
+	m.mu.Lock()
+	s := m.byIP[src]
+	var (
+		id    string
+		rules *Rules
+	)
+	if s != nil {
+		id, rules = s.ID, s.rules
+	}
+	m.mu.Unlock()
+	if s == nil {
+		m.log.Debug("egress: dns query from unknown source refused", "src", src)
+		return new(dns.Msg).SetRcode(r, dns.RcodeRefused)
+	}
+	if r.Opcode != dns.OpcodeQuery || len(r.Question) != 1 {
+		return new(dns.Msg).SetRcode(r, dns.RcodeFormatError)
+	}
+	q := r.Question[0]
+	if !rules.MatchName(q.Name) {
+		return m.deny(id, r)
+	}
+	network := "udp"
+	if _, ok := w.RemoteAddr().(*net.TCPAddr); ok {
+		network = "tcp"
+	}
+	resp, err := m.up.exchange(ctx, r, network)
+	if err != nil {
+		m.log.Warn("egress: dns upstream", "sandbox", id, "name", q.Name, "err", err)
+		return new(dns.Msg).SetRcode(r, dns.RcodeServerFailure)
+	}
+	if rules.AllowAll() {
+		return resp
+	}
+	if err := m.learn(id, q.Name, resp); err != nil {
+		m.log.Warn("egress: allowing dns answer", "sandbox", id, "name", q.Name, "err", err)
+		return new(dns.Msg).SetRcode(r, dns.RcodeServerFailure)
+	}
+	return resp
+}
+
+// deny answers a query for a name the rules do not allow without asking
+// upstream: A and AAAA get the blackhole address (the connection then times
+// out), other types an empty answer.
+func (m *Manager) deny(id string, r *dns.Msg) *dns.Msg {
+	q := r.Question[0]
+	resp := new(dns.Msg).SetReply(r)
+	resp.RecursionAvailable = true
+	hdr := dns.RR_Header{Name: q.Name, Rrtype: q.Qtype, Class: dns.ClassINET, Ttl: answerTTL}
+	switch {
+	case q.Qclass != dns.ClassINET:
+	case q.Qtype == dns.TypeA:
+		resp.Answer = append(resp.Answer, &dns.A{Hdr: hdr, A: m.cfg.Blackhole4.AsSlice()})
+	case q.Qtype == dns.TypeAAAA:
+		resp.Answer = append(resp.Answer, &dns.AAAA{Hdr: hdr, AAAA: m.cfg.Blackhole6.AsSlice()})
+	}
+	m.mu.Lock()
+	if s := m.byID[id]; s != nil {
+		m.recordDrop(s, Drop{Time: m.cfg.Now(), Proto: "dns", Dst: normalize(q.Name), Port: 53, Name: normalize(q.Name)})
+	}
+	m.mu.Unlock()
+	return resp
+}
+
+// chainAddrs follows the CNAME chain from qname through the answer section
+// and returns the A/AAAA records on it. Records of other owners are not
+// returned.
+func chainAddrs(qname string, answer []dns.RR) []dns.RR {
+	byOwner := map[string][]dns.RR{}
+	for _, rr := range answer {
+		o := normalize(rr.Header().Name)
+		byOwner[o] = append(byOwner[o], rr)
+	}
+	var out []dns.RR
+	cur := normalize(qname)
+	seen := map[string]bool{}
+	for len(seen) < 16 && !seen[cur] {
+		seen[cur] = true
+		next := ""
+		for _, rr := range byOwner[cur] {
+			switch rr := rr.(type) {
+			case *dns.A, *dns.AAAA:
+				out = append(out, rr)
+			case *dns.CNAME:
+				next = normalize(rr.Target)
+			}
+		}
+		if next == "" {
+			break
+		}
+		cur = next
+	}
+	return out
+}
+
+var (
+	cgnat    = netip.MustParsePrefix("100.64.0.0/10")
+	thisNet  = netip.MustParsePrefix("0.0.0.0/8")
+	reserved = netip.MustParsePrefix("240.0.0.0/4")
+)
+
+// internal reports addresses a public name must not resolve to (DNS
+// rebinding): loopback, private, link-local (metadata included), CGNAT,
+// multicast, unspecified, reserved, and the blackholes.
+func (m *Manager) internal(a netip.Addr) bool {
+	a = a.Unmap()
+	return a.IsLoopback() || a.IsPrivate() || a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() ||
+		a.IsInterfaceLocalMulticast() || a.IsMulticast() || a.IsUnspecified() ||
+		cgnat.Contains(a) || thisNet.Contains(a) || reserved.Contains(a) ||
+		a == m.cfg.Blackhole4 || a == m.cfg.Blackhole6
+}
+
+// addrAllowed reports whether an address from an allowed name's answer may
+// be learned.
+func (m *Manager) addrAllowed(r *Rules, a netip.Addr) bool {
+	return !m.internal(a) || (r.MatchAddr(a) && a != m.cfg.Blackhole4 && a != m.cfg.Blackhole6)
+}
+
+// learn adds the addresses of an allowed name's answer to the sandbox's
+// allow sets before the answer goes back; internal addresses are rewritten
+// to the blackhole instead.
+func (m *Manager) learn(id, qname string, resp *dns.Msg) error {
+	rrs := chainAddrs(qname, resp.Answer)
+	if len(rrs) == 0 {
+		return nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := m.byID[id]
+	if s == nil || !s.installed {
+		return nil // removed or unrestricted meanwhile
+	}
+	name := normalize(qname)
+	if !s.rules.MatchName(name) {
+		return fmt.Errorf("name %s no longer allowed", name)
+	}
+	now := m.cfg.Now()
+	type add struct {
+		a       netip.Addr
+		expires time.Time
+	}
+	var (
+		adds       []add
+		els4, els6 []nftables.SetElement
+	)
+	for _, rr := range rrs {
+		var a netip.Addr
+		switch rr := rr.(type) {
+		case *dns.A:
+			a, _ = netip.AddrFromSlice(rr.A)
+		case *dns.AAAA:
+			a, _ = netip.AddrFromSlice(rr.AAAA)
+		}
+		a = a.Unmap()
+		if !a.IsValid() {
+			continue
+		}
+		if !m.addrAllowed(s.rules, a) {
+			m.recordDrop(s, Drop{Time: now, Proto: "dns-rebind", Dst: a.String(), Name: name})
+			switch rr := rr.(type) {
+			case *dns.A:
+				rr.A = m.cfg.Blackhole4.AsSlice()
+			case *dns.AAAA:
+				rr.AAAA = m.cfg.Blackhole6.AsSlice()
+			}
+			continue
+		}
+		if len(s.recent) > 4096 {
+			clear(s.recent)
+		}
+		s.recent[a] = name
+		ttl := time.Duration(rr.Header().Ttl) * time.Second
+		want := max(ttl, m.cfg.MinTTL)
+		if l := s.learned[a]; l != nil && !l.expires.Before(now.Add(ttl+5*time.Second)) {
+			l.names[name] = struct{}{}
+			continue // the kernel's entry outlives this answer
+		} else if l != nil {
+			want = max(want, l.expires.Sub(now))
+		}
+		want = want.Round(time.Second)
+		adds = append(adds, add{a, now.Add(want)})
+		if a.Is4() {
+			els4 = append(els4, learnedElement(a, want))
+		} else {
+			els6 = append(els6, learnedElement(a, want))
+		}
+	}
+	if len(adds) == 0 {
+		return nil
+	}
+	_, _, dns4, dns6 := sandboxSets(m.table, s.names)
+	if len(els4) > 0 {
+		if err := m.conn.SetAddElements(dns4, els4); err != nil {
+			return err
+		}
+	}
+	if len(els6) > 0 {
+		if err := m.conn.SetAddElements(dns6, els6); err != nil {
+			return err
+		}
+	}
+	if err := m.conn.Flush(); err != nil {
+		return fmt.Errorf("add learned addresses of %s: %w", name, err)
+	}
+	for _, ad := range adds {
+		l := s.learned[ad.a]
+		if l == nil {
+			l = &learned{names: map[string]struct{}{}}
+			s.learned[ad.a] = l
+		}
+		l.expires = ad.expires
+		l.names[name] = struct{}{}
+	}
+	return nil
+}

@@ -1,0 +1,46 @@
+// Package egress enforces NetworkPolicy egress allowlists for sandboxes.
+//
+// A policy allows exact hostnames, leading wildcards (*.example.com) and raw
+// IPv4/IPv6 CIDR ranges. Compile turns one or more policies (their union) into
+// Rules; a Manager enforces Rules for each sandbox with two mechanisms that
+// live in the node's network namespace, out of the sandbox's reach:
+//
+//   - nftables, in the regular chain "egress" of the node table (inet chalk by
+//     default), which sandboxnet jumps to for every new packet a sandbox
+//     forwards. egress owns that chain's contents: one rule dispatches on the
+//     input interface through a verdict map (egress_sbx) to a per-sandbox
+//     chain eg_<n>. That chain drops direct DNS and DoT (tcp/udp 53 and 853)
+//     and the DNS blackhole addresses, accepts destinations in the sandbox's
+//     allow sets (cidr4_<n>/cidr6_<n>: interval sets of the policy's CIDR
+//     entries; dns4_<n>/dns6_<n>: addresses learned from DNS answers, each with
+//     a timeout of max(TTL, MinTTL)) and sends everything else to egd_<n>,
+//     which logs (NFLOG, rate-limited in the kernel) and counts, then drops.
+//     Nothing is rejected: a denied connection times out. Sandboxes whose
+//     rules allow everything have no dispatch entry, so their packets return
+//     from "egress" and are accepted.
+//
+//   - a DNS proxy (github.com/miekg/dns) that is every sandbox's resolver
+//     (sandboxnet DNATs port 53 on the sandbox's gateway to it). It knows the
+//     sandbox by the query's source address. Names the rules do not allow are
+//     never forwarded upstream: A/AAAA queries for them are answered with a
+//     blackhole address (Config.Blackhole4/6) that the sandbox's chain drops,
+//     so the sandbox sees a connect timeout rather than a policy error; other
+//     query types get an empty answer. Allowed names are forwarded; the A/AAAA
+//     records reached from the queried name by following the CNAME chain in the
+//     answer are added to the sandbox's dns sets before the answer is returned.
+//     A CNAME target need not be allowed itself: allowing a name allows what it
+//     resolves to (as with CDNs). Records that are not on that chain are
+//     ignored. Answers pointing at private, loopback, link-local, CGNAT,
+//     multicast or metadata addresses are not added (DNS rebinding defence)
+//     unless a CIDR entry allows them; they are rewritten to the blackhole
+//     address so that they, too, time out.
+//
+// Apply replaces a sandbox's rules atomically (one nftables transaction);
+// addresses learned for names the new rules no longer allow are removed at
+// once. Connections already established before an update keep flowing
+// (sandboxnet accepts established traffic before it jumps to "egress").
+//
+// Dropped packets are counted per sandbox (a counter in egd_<n>) and sampled
+// through NFLOG group Config.LogGroup; Blocked returns the recent samples,
+// aggregated per destination, for the egress log.
+package egress

@@ -1,0 +1,631 @@
+package egress
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/miekg/dns"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+// Config configures a Manager. The zero value works for a node whose table
+// is "chalk", whose DNS upstream is in /etc/resolv.conf, and that listens on
+// ListenAddrs (required for the DNS proxy).
+type Config struct {
+	// Table is the inet nftables table holding chain "egress" (sandboxnet's).
+	Table string
+	// Upstream is the DNS server allowed names are forwarded to, host:port.
+	// Default: the first nameserver of /etc/resolv.conf, port 53.
+	Upstream string
+	// ListenAddrs are the DNS proxy's addresses (ServiceAddr:DNSPort, IPv4
+	// and IPv6), each served over UDP and TCP.
+	ListenAddrs []string
+	Logger      *slog.Logger
+	Now         func() time.Time
+
+	// NetNS is the path of the network namespace that holds the table, the
+	// proxy's listeners and its upstream sockets ("" = the process's own;
+	// tests run the node in a namespace of its own).
+	NetNS string
+	// MinTTL is the least time a DNS-learned address stays allowed
+	// (default 60 s): addresses are allowed for max(TTL, MinTTL).
+	MinTTL time.Duration
+	// LogGroup is the NFLOG group of drop samples (default 4272).
+	LogGroup uint16
+	// LogRate is the number of drop samples per second and sandbox the
+	// kernel sends (default 10, burst 2×). Every drop is counted regardless.
+	LogRate uint64
+	// Blackhole4 and Blackhole6 are what denied names resolve to: addresses
+	// that every restricted sandbox drops (default 198.18.0.1, the benchmark
+	// range of RFC 2544, and 100::1, the discard prefix of RFC 6666).
+	Blackhole4, Blackhole6 netip.Addr
+	// UpstreamTimeout bounds one upstream exchange (default 2 s).
+	UpstreamTimeout time.Duration
+	// DropRing is the number of distinct destinations Blocked keeps per
+	// sandbox (default 256).
+	DropRing int
+}
+
+// Sandbox identifies one sandbox's network: its host-side interface and its
+// addresses (the DNS proxy knows a sandbox by the query's source address).
+type Sandbox struct {
+	ID         string
+	HostIf     string
+	SandboxIP  netip.Addr
+	SandboxIP6 netip.Addr
+}
+
+// Drop is one blocked destination in a sandbox's egress log. Count is the
+// number of sampled drops (a lower bound: samples are rate-limited; see
+// Dropped for the exact total). Proto "dns" records a denied name lookup.
+type Drop struct {
+	Time  time.Time
+	Proto string
+	Dst   string
+	Port  int
+	Name  string
+	Count int64
+}
+
+// Manager enforces compiled rules for the sandboxes of one node.
+type Manager struct {
+	cfg    Config
+	log    *slog.Logger
+	nsFD   int
+	nsFile *os.File
+	up     *upstream
+
+	mu       sync.Mutex
+	conn     *nftables.Conn
+	table    *nftables.Table
+	dispatch *nftables.Set
+	dnsPorts *nftables.Set
+	next     uint32
+	byID     map[string]*sbx
+	byIP     map[netip.Addr]*sbx
+	byN      map[uint32]*sbx
+	started  bool
+}
+
+type sbx struct {
+	Sandbox
+	names     sbxNames
+	rules     *Rules
+	installed bool                    // chains and sets exist
+	learned   map[netip.Addr]*learned // DNS-learned addresses in dns4/dns6
+	recent    map[netip.Addr]string   // address -> name it was an answer for
+	drops     []*Drop                 // most recent last
+}
+
+type learned struct {
+	expires time.Time
+	names   map[string]struct{}
+}
+
+// New validates cfg and returns a Manager; Start brings it up.
+func New(cfg Config) (*Manager, error) {
+	if cfg.Table == "" {
+		cfg.Table = "chalk"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.MinTTL <= 0 {
+		cfg.MinTTL = 60 * time.Second
+	}
+	if cfg.LogGroup == 0 {
+		cfg.LogGroup = 4272
+	}
+	if cfg.LogRate == 0 {
+		cfg.LogRate = 10
+	}
+	if !cfg.Blackhole4.IsValid() {
+		cfg.Blackhole4 = netip.MustParseAddr("198.18.0.1")
+	}
+	if !cfg.Blackhole6.IsValid() {
+		cfg.Blackhole6 = netip.MustParseAddr("100::1")
+	}
+	if !cfg.Blackhole4.Is4() || !cfg.Blackhole6.Is6() || cfg.Blackhole6.Is4In6() {
+		return nil, fmt.Errorf("egress: blackholes %s, %s: want an IPv4 and an IPv6 address: %w", cfg.Blackhole4, cfg.Blackhole6, errdefs.ErrInvalidArgument)
+	}
+	if cfg.UpstreamTimeout <= 0 {
+		cfg.UpstreamTimeout = 2 * time.Second
+	}
+	if cfg.DropRing <= 0 {
+		cfg.DropRing = 256
+	}
+	if cfg.Upstream == "" {
+		cc, err := dns.ClientConfigFromFile("/etc/resolv.conf")
+		if err != nil || len(cc.Servers) == 0 {
+			return nil, fmt.Errorf("egress: no Upstream and no nameserver in /etc/resolv.conf: %w", errdefs.ErrInvalidArgument)
+		}
+		cfg.Upstream = netip.AddrPortFrom(netip.MustParseAddr(cc.Servers[0]), 53).String()
+	}
+	for _, a := range append([]string{cfg.Upstream}, cfg.ListenAddrs...) {
+		if _, err := netip.ParseAddrPort(a); err != nil {
+			return nil, fmt.Errorf("egress: address %q: %v: %w", a, err, errdefs.ErrInvalidArgument)
+		}
+	}
+	m := &Manager{
+		cfg:  cfg,
+		log:  cfg.Logger,
+		byID: map[string]*sbx{},
+		byIP: map[netip.Addr]*sbx{},
+		byN:  map[uint32]*sbx{},
+		next: 1,
+	}
+	m.table = &nftables.Table{Family: nftables.TableFamilyINet, Name: cfg.Table}
+	return m, nil
+}
+
+// Start opens the nftables connection, installs the dispatch rule in chain
+// "egress", starts the DNS proxy's listeners, the drop-log reader and the
+// expiry loop. They stop when ctx ends. The table and chain "egress" must
+// exist (sandboxnet creates them).
+func (m *Manager) Start(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.started {
+		return fmt.Errorf("egress: already started: %w", errdefs.ErrFailedPrecondition)
+	}
+	if m.cfg.NetNS != "" {
+		f, err := os.Open(m.cfg.NetNS)
+		if err != nil {
+			return fmt.Errorf("egress: netns %s: %w", m.cfg.NetNS, err)
+		}
+		m.nsFile, m.nsFD = f, int(f.Fd())
+	}
+	opts := []nftables.ConnOption{nftables.AsLasting()}
+	if m.nsFD != 0 {
+		opts = append(opts, nftables.WithNetNSFd(m.nsFD))
+	}
+	conn, err := nftables.New(opts...)
+	if err != nil {
+		return fmt.Errorf("egress: nftables: %w", err)
+	}
+	m.conn = conn
+	if err := m.installBase(); err != nil {
+		return err
+	}
+	m.up = &upstream{addr: m.cfg.Upstream, nsFD: m.nsFD, timeout: m.cfg.UpstreamTimeout}
+	servers, err := m.listen()
+	if err != nil {
+		return err
+	}
+	nfl, err := dialNFLOG(m.nsFD, m.cfg.LogGroup, 128)
+	if err != nil {
+		for _, s := range servers {
+			s.Shutdown()
+		}
+		return err
+	}
+	m.started = true
+	go m.readDrops(nfl)
+	go m.expireLoop(ctx)
+	go func() {
+		<-ctx.Done()
+		for _, s := range servers {
+			s.Shutdown()
+		}
+		nfl.Close()
+		m.mu.Lock()
+		m.conn.CloseLasting()
+		if m.nsFile != nil {
+			m.nsFile.Close()
+		}
+		m.mu.Unlock()
+	}()
+	return nil
+}
+
+// installBase creates the node-wide sets and makes the dispatch rule the
+// only rule of chain "egress". Per-sandbox objects a previous process left
+// are adopted by index so that new ones do not collide with them.
+func (m *Manager) installBase() error {
+	chain, err := m.conn.ListChain(m.table, egressChain)
+	if err != nil {
+		return fmt.Errorf("egress: table inet %s chain %s (created by sandboxnet): %v: %w", m.cfg.Table, egressChain, err, errdefs.ErrFailedPrecondition)
+	}
+	m.dispatch = &nftables.Set{Table: m.table, Name: dispatchMap, KeyType: nftables.TypeIFName, DataType: nftables.TypeVerdict, IsMap: true}
+	m.dnsPorts = &nftables.Set{Table: m.table, Name: dnsPortsSet, KeyType: nftables.TypeInetService, Constant: true}
+	if err := m.conn.AddSet(m.dispatch, nil); err != nil {
+		return err
+	}
+	if err := m.conn.AddSet(m.dnsPorts, []nftables.SetElement{{Key: port(53)}, {Key: port(853)}}); err != nil {
+		return err
+	}
+	m.conn.FlushChain(chain)
+	m.conn.AddRule(&nftables.Rule{Table: m.table, Chain: chain, Exprs: dispatchRule()})
+	if err := m.conn.Flush(); err != nil {
+		return fmt.Errorf("egress: install dispatch rule: %w", err)
+	}
+	chains, err := m.conn.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return fmt.Errorf("egress: list chains: %w", err)
+	}
+	for _, c := range chains {
+		var n uint32
+		if c.Table.Name == m.cfg.Table {
+			if _, err := fmt.Sscanf(c.Name, "eg_%d", &n); err == nil && n >= m.next {
+				m.next = n + 1
+			}
+		}
+	}
+	return nil
+}
+
+func port(p uint16) []byte { return []byte{byte(p >> 8), byte(p)} }
+
+// Apply installs or replaces the rules of one sandbox. A replacement is one
+// nftables transaction and takes effect at once: addresses learned for names
+// the new rules no longer allow are removed in it.
+func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
+	if sb.ID == "" || sb.HostIf == "" || len(sb.HostIf) >= 16 {
+		return fmt.Errorf("egress: sandbox %q interface %q: %w", sb.ID, sb.HostIf, errdefs.ErrInvalidArgument)
+	}
+	if rules == nil {
+		return fmt.Errorf("egress: sandbox %q: nil rules: %w", sb.ID, errdefs.ErrInvalidArgument)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.started {
+		return fmt.Errorf("egress: not started: %w", errdefs.ErrFailedPrecondition)
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	s := m.byID[sb.ID]
+	if s == nil {
+		s = &sbx{names: namesFor(m.next), learned: map[netip.Addr]*learned{}, recent: map[netip.Addr]string{}}
+		m.next++
+	}
+	old := *s
+	s.Sandbox, s.rules = sb, rules
+	var err error
+	switch {
+	case rules.AllowAll():
+		if s.installed {
+			m.teardown(s)
+		}
+		err = m.conn.Flush()
+		if err == nil {
+			s.installed = false
+			clear(s.learned)
+		}
+	case !s.installed:
+		err = m.install(s)
+		if err == nil {
+			s.installed = true
+		}
+	default:
+		err = m.update(s, &old)
+	}
+	if err != nil {
+		s.Sandbox, s.rules = old.Sandbox, old.rules
+		return fmt.Errorf("egress: apply rules of sandbox %s: %w", sb.ID, err)
+	}
+	for _, a := range []netip.Addr{old.SandboxIP, old.SandboxIP6} {
+		if a.IsValid() && m.byIP[a] == s {
+			delete(m.byIP, a)
+		}
+	}
+	m.byID[sb.ID], m.byN[s.names.n] = s, s
+	for _, a := range []netip.Addr{sb.SandboxIP, sb.SandboxIP6} {
+		if a.IsValid() {
+			m.byIP[a.Unmap()] = s
+		}
+	}
+	m.log.Debug("egress rules applied", "sandbox", sb.ID, "policy", rules.Hash())
+	return nil
+}
+
+// blackholesAllowed are the blackhole addresses a CIDR entry would accept
+// (they need an explicit drop rule).
+func (m *Manager) blackholesAllowed(r *Rules) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range []netip.Addr{m.cfg.Blackhole4, m.cfg.Blackhole6} {
+		if r.MatchAddr(a) {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func (m *Manager) install(s *sbx) error {
+	t := m.table
+	cidr4, cidr6, dns4, dns6 := sandboxSets(t, s.names)
+	v4, v6 := split(s.rules.Prefixes())
+	for _, st := range []struct {
+		set *nftables.Set
+		els []nftables.SetElement
+	}{{cidr4, prefixElements(v4)}, {cidr6, prefixElements(v6)}, {dns4, nil}, {dns6, nil}} {
+		if err := m.conn.AddSet(st.set, st.els); err != nil {
+			return err
+		}
+	}
+	chain := m.conn.AddChain(&nftables.Chain{Table: t, Name: s.names.chain})
+	deny := m.conn.AddChain(&nftables.Chain{Table: t, Name: s.names.deny})
+	for _, r := range denyRules(s.names, m.cfg.LogGroup, m.cfg.LogRate, uint32(2*m.cfg.LogRate)) {
+		m.conn.AddRule(&nftables.Rule{Table: t, Chain: deny, Exprs: r})
+	}
+	for _, r := range sandboxRules(s.names, m.blackholesAllowed(s.rules)) {
+		m.conn.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: r})
+	}
+	if err := m.conn.SetAddElements(m.dispatch, []nftables.SetElement{dispatchElement(s.HostIf, s.names.chain)}); err != nil {
+		return err
+	}
+	if err := m.conn.Flush(); err != nil {
+		// Undo what part of the batch may have left (a batch is atomic, so
+		// normally nothing).
+		m.teardown(s)
+		_ = m.conn.Flush()
+		return err
+	}
+	return nil
+}
+
+func dispatchElement(ifname_ string, chain string) nftables.SetElement {
+	return nftables.SetElement{Key: ifname(ifname_), VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: chain}}
+}
+
+// update replaces the CIDR sets and rules of an installed sandbox and drops
+// learned addresses that no allowed name vouches for any more.
+func (m *Manager) update(s *sbx, old *sbx) error {
+	t := m.table
+	cidr4, cidr6, dns4, dns6 := sandboxSets(t, s.names)
+	v4, v6 := split(s.rules.Prefixes())
+	m.conn.FlushSet(cidr4)
+	m.conn.FlushSet(cidr6)
+	if els := prefixElements(v4); len(els) > 0 {
+		if err := m.conn.SetAddElements(cidr4, els); err != nil {
+			return err
+		}
+	}
+	if els := prefixElements(v6); len(els) > 0 {
+		if err := m.conn.SetAddElements(cidr6, els); err != nil {
+			return err
+		}
+	}
+	chain := &nftables.Chain{Table: t, Name: s.names.chain}
+	m.conn.FlushChain(chain)
+	for _, r := range sandboxRules(s.names, m.blackholesAllowed(s.rules)) {
+		m.conn.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: r})
+	}
+	if old.HostIf != s.HostIf {
+		if err := m.conn.SetDeleteElements(m.dispatch, []nftables.SetElement{dispatchElement(old.HostIf, s.names.chain)}); err != nil {
+			return err
+		}
+		if err := m.conn.SetAddElements(m.dispatch, []nftables.SetElement{dispatchElement(s.HostIf, s.names.chain)}); err != nil {
+			return err
+		}
+	}
+	now := m.cfg.Now()
+	var del4, del6 []nftables.SetElement
+	var stale []netip.Addr
+	for a, l := range s.learned {
+		for n := range l.names {
+			if !s.rules.MatchName(n) {
+				delete(l.names, n)
+			}
+		}
+		if len(l.names) > 0 && m.addrAllowed(s.rules, a) {
+			continue
+		}
+		stale = append(stale, a)
+		if l.expires.Before(now) {
+			continue // the kernel has let it go already
+		}
+		if a.Is4() {
+			del4 = append(del4, nftables.SetElement{Key: a.AsSlice()})
+		} else {
+			del6 = append(del6, nftables.SetElement{Key: a.AsSlice()})
+		}
+	}
+	if len(del4) > 0 {
+		if err := m.conn.SetDeleteElements(dns4, del4); err != nil {
+			return err
+		}
+	}
+	if len(del6) > 0 {
+		if err := m.conn.SetDeleteElements(dns6, del6); err != nil {
+			return err
+		}
+	}
+	if err := m.conn.Flush(); err != nil {
+		if len(del4)+len(del6) == 0 {
+			return err
+		}
+		// An element may have expired in the kernel between our bookkeeping
+		// and the batch: flush both DNS sets instead (names re-resolve).
+		m.log.Warn("egress: removing learned addresses failed; flushing learned sets", "sandbox", s.ID, "err", err)
+		return m.updateFlushingLearned(s, old)
+	}
+	for _, a := range stale {
+		delete(s.learned, a)
+	}
+	return nil
+}
+
+func (m *Manager) updateFlushingLearned(s *sbx, old *sbx) error {
+	clear(s.learned)
+	_, _, dns4, dns6 := sandboxSets(m.table, s.names)
+	m.conn.FlushSet(dns4)
+	m.conn.FlushSet(dns6)
+	if err := m.conn.Flush(); err != nil {
+		return err
+	}
+	return m.update(s, old)
+}
+
+// teardown queues the removal of a sandbox's chains and sets.
+func (m *Manager) teardown(s *sbx) {
+	t := m.table
+	_ = m.conn.SetDeleteElements(m.dispatch, []nftables.SetElement{dispatchElement(s.HostIf, s.names.chain)})
+	chain := &nftables.Chain{Table: t, Name: s.names.chain}
+	deny := &nftables.Chain{Table: t, Name: s.names.deny}
+	m.conn.FlushChain(chain)
+	m.conn.FlushChain(deny)
+	m.conn.DelChain(chain)
+	m.conn.DelChain(deny)
+	cidr4, cidr6, dns4, dns6 := sandboxSets(t, s.names)
+	for _, set := range []*nftables.Set{cidr4, cidr6, dns4, dns6} {
+		m.conn.DelSet(set)
+	}
+}
+
+// Remove deletes a sandbox's rules and sets. It is idempotent.
+func (m *Manager) Remove(ctx context.Context, id string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := m.byID[id]
+	if s == nil {
+		return nil
+	}
+	if s.installed {
+		m.teardown(s)
+		if err := m.conn.Flush(); err != nil {
+			return fmt.Errorf("egress: remove rules of sandbox %s: %w", id, err)
+		}
+	}
+	delete(m.byID, id)
+	delete(m.byN, s.names.n)
+	for _, a := range []netip.Addr{s.SandboxIP, s.SandboxIP6} {
+		if a.IsValid() && m.byIP[a.Unmap()] == s {
+			delete(m.byIP, a.Unmap())
+		}
+	}
+	return nil
+}
+
+// Blocked returns a sandbox's recent blocked destinations, oldest first.
+func (m *Manager) Blocked(id string) []Drop {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := m.byID[id]
+	if s == nil {
+		return nil
+	}
+	out := make([]Drop, len(s.drops))
+	for i, d := range s.drops {
+		out[i] = *d
+	}
+	return out
+}
+
+// Dropped returns the exact number of packets the sandbox's rules dropped
+// (the kernel's counter). A sandbox without restrictions drops nothing.
+func (m *Manager) Dropped(ctx context.Context, id string) (int64, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := m.byID[id]
+	if s == nil {
+		return 0, fmt.Errorf("egress: sandbox %q: %w", id, errdefs.ErrNotFound)
+	}
+	if !s.installed {
+		return 0, nil
+	}
+	rules, err := m.conn.GetRules(m.table, &nftables.Chain{Table: m.table, Name: s.names.deny})
+	if err != nil {
+		return 0, fmt.Errorf("egress: read drop counter of sandbox %s: %w", id, err)
+	}
+	for _, r := range rules {
+		for _, e := range r.Exprs {
+			if c, ok := e.(*expr.Counter); ok {
+				return int64(c.Packets), nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("egress: sandbox %s: drop counter missing: %w", id, errdefs.ErrNotFound)
+}
+
+// Policy returns the hash of the rules applied to a sandbox.
+func (m *Manager) Policy(id string) (string, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if s := m.byID[id]; s != nil {
+		return s.rules.Hash(), true
+	}
+	return "", false
+}
+
+// recordDrop adds one sample to a sandbox's ring; callers hold m.mu.
+func (m *Manager) recordDrop(s *sbx, d Drop) {
+	for i, o := range s.drops {
+		if o.Proto == d.Proto && o.Dst == d.Dst && o.Port == d.Port && o.Name == d.Name {
+			o.Count++
+			o.Time = d.Time
+			s.drops = append(slices.Delete(s.drops, i, i+1), o)
+			return
+		}
+	}
+	d.Count = 1
+	s.drops = append(s.drops, &d)
+	if len(s.drops) > m.cfg.DropRing {
+		s.drops = slices.Delete(s.drops, 0, len(s.drops)-m.cfg.DropRing)
+	}
+	m.log.Info("egress blocked", "sandbox", s.ID, "proto", d.Proto, "dst", d.Dst, "port", d.Port, "name", d.Name)
+}
+
+func (m *Manager) readDrops(l *nflog) {
+	for {
+		pkts, err := l.receive()
+		if err != nil {
+			if !errors.Is(err, os.ErrClosed) {
+				m.log.Debug("egress: drop log reader stopped", "err", err)
+			}
+			return
+		}
+		now := m.cfg.Now()
+		m.mu.Lock()
+		for _, p := range pkts {
+			n, ok := sandboxIndex(p.prefix)
+			if !ok {
+				continue
+			}
+			s := m.byN[n]
+			info, err := parsePacket(p.payload)
+			if s == nil || err != nil {
+				continue
+			}
+			m.recordDrop(s, Drop{Time: now, Proto: info.proto, Dst: info.dst.String(), Port: info.port, Name: s.recent[info.dst]})
+		}
+		m.mu.Unlock()
+	}
+}
+
+// expireLoop forgets learned addresses the kernel has expired.
+func (m *Manager) expireLoop(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := m.cfg.Now()
+		m.mu.Lock()
+		for _, s := range m.byID {
+			for a, l := range s.learned {
+				if !l.expires.After(now) {
+					delete(s.learned, a)
+				}
+			}
+		}
+		m.mu.Unlock()
+	}
+}

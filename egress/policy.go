@@ -1,0 +1,231 @@
+package egress
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+// Policy is what the API stores (names as in the seed).
+type Policy struct {
+	Name string
+	// AllowAll means unrestricted egress; AllowedHostnames is then moot.
+	AllowAll bool
+	// AllowedHostnames holds exact names (api.openai.com), leading
+	// wildcards (*.anthropic.com: one or more labels before anthropic.com,
+	// never anthropic.com itself), and IPv4/IPv6 addresses or CIDR ranges.
+	AllowedHostnames []string
+	Description      string
+}
+
+// Rules is the compiled union of policies. It is immutable.
+type Rules struct {
+	allowAll bool
+	exact    map[string]struct{} // normalised names
+	suffixes map[string]struct{} // "example.com" for "*.example.com"
+	prefixes []netip.Prefix      // masked, sorted, deduplicated
+	hash     string
+}
+
+// Compile validates policies and compiles their union. With no policies
+// egress is unrestricted. Errors name the policy and the bad entry and wrap
+// errdefs.ErrInvalidArgument.
+func Compile(policies ...Policy) (*Rules, error) {
+	r := &Rules{exact: map[string]struct{}{}, suffixes: map[string]struct{}{}}
+	if len(policies) == 0 {
+		r.allowAll = true
+	}
+	for _, p := range policies {
+		if p.AllowAll {
+			r.allowAll = true
+		}
+		for i, entry := range p.AllowedHostnames {
+			if err := r.add(entry); err != nil {
+				return nil, fmt.Errorf("network policy %q: allowed_hostnames[%d] %q: %v: %w", p.Name, i, entry, err, errdefs.ErrInvalidArgument)
+			}
+		}
+	}
+	if r.allowAll {
+		r.exact, r.suffixes, r.prefixes = map[string]struct{}{}, map[string]struct{}{}, nil
+	}
+	slices.SortFunc(r.prefixes, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	r.prefixes = slices.Compact(r.prefixes)
+	r.hash = r.computeHash()
+	return r, nil
+}
+
+// ValidateEntry checks one allowed_hostnames entry the way Compile does.
+func ValidateEntry(entry string) error {
+	r := &Rules{exact: map[string]struct{}{}, suffixes: map[string]struct{}{}}
+	if err := r.add(entry); err != nil {
+		return fmt.Errorf("allowed hostname %q: %v: %w", entry, err, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+func (r *Rules) add(entry string) error {
+	e := strings.TrimSpace(entry)
+	if e == "" {
+		return fmt.Errorf("empty entry")
+	}
+	if strings.Contains(e, "/") {
+		p, err := netip.ParsePrefix(e)
+		if err != nil {
+			return fmt.Errorf("bad CIDR range: %v", err)
+		}
+		if p.Addr().Zone() != "" {
+			return fmt.Errorf("bad CIDR range: zones are not allowed")
+		}
+		r.prefixes = append(r.prefixes, p.Masked())
+		return nil
+	}
+	if a, err := netip.ParseAddr(e); err == nil {
+		if a.Zone() != "" {
+			return fmt.Errorf("bad address: zones are not allowed")
+		}
+		a = a.Unmap()
+		r.prefixes = append(r.prefixes, netip.PrefixFrom(a, a.BitLen()))
+		return nil
+	}
+	name := normalize(e)
+	if rest, ok := strings.CutPrefix(name, "*."); ok {
+		if strings.Contains(rest, "*") {
+			return fmt.Errorf("a wildcard is only allowed as the whole leading label (*.example.com)")
+		}
+		if err := checkHostname(rest); err != nil {
+			return err
+		}
+		r.suffixes[rest] = struct{}{}
+		return nil
+	}
+	if name == "*" {
+		return fmt.Errorf("\"*\" would match every name; use allow_all instead")
+	}
+	if strings.Contains(name, "*") {
+		return fmt.Errorf("a wildcard is only allowed as the whole leading label (*.example.com)")
+	}
+	if err := checkHostname(name); err != nil {
+		return err
+	}
+	r.exact[name] = struct{}{}
+	return nil
+}
+
+// checkHostname accepts DNS names of LDH labels (and '_', which real
+// service names use) of 1-63 characters, 253 characters in all.
+func checkHostname(name string) error {
+	if name == "" {
+		return fmt.Errorf("empty hostname")
+	}
+	if len(name) > 253 {
+		return fmt.Errorf("hostname longer than 253 characters")
+	}
+	for label := range strings.SplitSeq(name, ".") {
+		if label == "" {
+			return fmt.Errorf("empty label")
+		}
+		if len(label) > 63 {
+			return fmt.Errorf("label longer than 63 characters")
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+				return fmt.Errorf("invalid character %q in hostname", c)
+			}
+		}
+	}
+	return nil
+}
+
+// normalize lower-cases ASCII and drops one trailing dot.
+func normalize(name string) string {
+	name = strings.TrimSuffix(name, ".")
+	for i := 0; i < len(name); i++ {
+		if c := name[i]; c >= 'A' && c <= 'Z' {
+			return strings.ToLower(name)
+		}
+	}
+	return name
+}
+
+// AllowAll reports whether egress is unrestricted.
+func (r *Rules) AllowAll() bool { return r.allowAll }
+
+// MatchName reports whether the rules allow the DNS name: case-insensitive, a
+// trailing dot ignored, wildcards matching whole labels only.
+func (r *Rules) MatchName(name string) bool {
+	if r.allowAll {
+		return true
+	}
+	name = normalize(name)
+	if name == "" || strings.HasPrefix(name, ".") || strings.Contains(name, "..") {
+		return false
+	}
+	if _, ok := r.exact[name]; ok {
+		return true
+	}
+	for i := 0; i < len(name); i++ {
+		if name[i] == '.' {
+			if _, ok := r.suffixes[name[i+1:]]; ok {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// MatchAddr reports whether a CIDR entry allows a (or egress is unrestricted).
+func (r *Rules) MatchAddr(a netip.Addr) bool {
+	if r.allowAll {
+		return true
+	}
+	a = a.Unmap().WithZone("")
+	for _, p := range r.prefixes {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// Prefixes returns a copy of the CIDR entries, masked and sorted.
+func (r *Rules) Prefixes() []netip.Prefix { return slices.Clone(r.prefixes) }
+
+// Hash is a stable hash of the effective policy (the identity claim
+// network_policy): equal for equal unions whatever the order or spelling of
+// the entries. "allow-all" when egress is unrestricted.
+func (r *Rules) Hash() string { return r.hash }
+
+func (r *Rules) computeHash() string {
+	if r.allowAll {
+		return "allow-all"
+	}
+	var lines []string
+	for n := range r.exact {
+		lines = append(lines, "name "+n)
+	}
+	for s := range r.suffixes {
+		lines = append(lines, "wildcard *."+s)
+	}
+	for _, p := range r.prefixes {
+		lines = append(lines, "cidr "+p.String())
+	}
+	slices.Sort(lines)
+	h := sha256.New()
+	h.Write([]byte("chalk-egress-v1\n"))
+	for _, l := range lines {
+		h.Write([]byte(l))
+		h.Write([]byte{'\n'})
+	}
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))
+}
