@@ -6,8 +6,9 @@
 // Addressing: slot n (1..MaxSlot) owns the IPv4 /30 at Subnet.base+4n (host
 // side .1 = the sandbox's gateway and DNS server, sandbox .2) and the IPv6
 // /126 at Subnet6.base+4n (::1 host, ::2 sandbox). Slot 0 is reserved for the
-// node's service address (base+1 and base6+1) on a dummy interface
-// Prefix+"svc": the metadata service and the DNS proxy listen there.
+// node's service address (base+1 and base6+1), added to the node's loopback
+// interface (the kernels we run on may lack the dummy driver): the metadata
+// service and the DNS proxy listen there.
 //
 // nftables: one table `inet <Table>` owned by this package:
 //
@@ -151,7 +152,6 @@ func (m *Manager) Table() string { return m.cfg.Table }
 // IfacePrefix is the prefix of every sandbox's host-side interface.
 func (m *Manager) IfacePrefix() string { return m.cfg.Prefix }
 
-func (m *Manager) svcIf() string { return m.cfg.Prefix + "svc" }
 
 // Lookup returns the Net that Setup(id, slot) makes.
 func (m *Manager) Lookup(id string, slot int) *Net {
@@ -223,24 +223,25 @@ func (m *Manager) Init(ctx context.Context) error {
 	return m.installTable()
 }
 
+func (m *Manager) serviceAddrs() []netip.Prefix {
+	return []netip.Prefix{netip.PrefixFrom(m.svc, 32), netip.PrefixFrom(m.svc6, 128)}
+}
+
 func (m *Manager) ensureServiceIf() error {
-	link, err := netlink.LinkByName(m.svcIf())
+	lo, err := netlink.LinkByName("lo")
 	if err != nil {
-		d := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: m.svcIf()}}
-		if err := netlink.LinkAdd(d); err != nil && !errors.Is(err, unix.EEXIST) {
-			return fmt.Errorf("service interface %s: %w", m.svcIf(), err)
-		}
-		if link, err = netlink.LinkByName(m.svcIf()); err != nil {
-			return err
-		}
+		return err
 	}
-	for _, a := range []netip.Prefix{netip.PrefixFrom(m.svc, 32), netip.PrefixFrom(m.svc6, 128)} {
+	if err := netlink.LinkSetUp(lo); err != nil {
+		return err
+	}
+	for _, a := range m.serviceAddrs() {
 		addr := &netlink.Addr{IPNet: prefixNet(a), Flags: unix.IFA_F_NODAD}
-		if err := netlink.AddrReplace(link, addr); err != nil {
+		if err := netlink.AddrReplace(lo, addr); err != nil {
 			return fmt.Errorf("service address %s: %w", a, err)
 		}
 	}
-	return netlink.LinkSetUp(link)
+	return nil
 }
 
 func prefixNet(p netip.Prefix) *net.IPNet {
@@ -260,8 +261,12 @@ func (m *Manager) Close(ctx context.Context) error {
 		}
 	}
 	m.nftMu.Unlock()
-	if link, err := netlink.LinkByName(m.svcIf()); err == nil {
-		errs = append(errs, netlink.LinkDel(link))
+	if lo, err := netlink.LinkByName("lo"); err == nil {
+		for _, a := range m.serviceAddrs() {
+			if err := netlink.AddrDel(lo, &netlink.Addr{IPNet: prefixNet(a)}); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+				errs = append(errs, err)
+			}
+		}
 	}
 	return errors.Join(errs...)
 }
