@@ -1,0 +1,246 @@
+package egress
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+func mustCompile(t testing.TB, ps ...Policy) *Rules {
+	t.Helper()
+	r, err := Compile(ps...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func TestMatchName(t *testing.T) {
+	r := mustCompile(t, Policy{Name: "p", AllowedHostnames: []string{
+		"api.openai.com", "*.example.com", "Exact.Test.", "*.a.b.example.org", "_svc.internal-name.test",
+	}})
+	for _, tc := range []struct {
+		name string
+		want bool
+	}{
+		{"api.openai.com", true},
+		{"API.OpenAI.com", true},
+		{"api.openai.com.", true},
+		{"openai.com", false},
+		{"x.api.openai.com", false},
+		{"api.openai.com.evil.test", false},
+		{"www.example.com", true},
+		{"a.b.c.example.com", true},
+		{"WWW.EXAMPLE.COM.", true},
+		{"example.com", false},
+		{"example.com.", false},
+		{".example.com", false},
+		{"evilexample.com", false},
+		{"www.evilexample.com", false},
+		{"example.com.evil.test", false},
+		{"www.example.com.evil.test", false},
+		{"wwwexample.com", false},
+		{"www..example.com", false},
+		{"exact.test", true},
+		{"EXACT.TEST.", true},
+		{"sub.exact.test", false},
+		{"x.a.b.example.org", true},
+		{"a.b.example.org", false},
+		{"b.example.org", false},
+		{"_svc.internal-name.test", true},
+		{"", false},
+		{".", false},
+		{"com", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := r.MatchName(tc.name); got != tc.want {
+				t.Errorf("MatchName(%q) = %v, want %v", tc.name, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestMatchAddr(t *testing.T) {
+	r := mustCompile(t, Policy{Name: "p", AllowedHostnames: []string{
+		"203.0.113.0/24", "198.51.100.7", "2001:db8:1::/48", "10.1.2.3/8",
+	}})
+	for _, tc := range []struct {
+		addr string
+		want bool
+	}{
+		{"203.0.113.1", true},
+		{"203.0.113.255", true},
+		{"203.0.114.0", false},
+		{"198.51.100.7", true},
+		{"198.51.100.8", false},
+		{"::ffff:198.51.100.7", true},
+		{"2001:db8:1:ffff::1", true},
+		{"2001:db8:2::1", false},
+		{"10.200.0.1", true}, // 10.1.2.3/8 is masked to 10.0.0.0/8
+		{"11.0.0.1", false},
+		{"fe80::1%eth0", false},
+	} {
+		t.Run(tc.addr, func(t *testing.T) {
+			if got := r.MatchAddr(netip.MustParseAddr(tc.addr)); got != tc.want {
+				t.Errorf("MatchAddr(%s) = %v, want %v", tc.addr, got, tc.want)
+			}
+		})
+	}
+	if got := r.Prefixes(); len(got) != 4 || got[0].String() != "10.0.0.0/8" {
+		t.Errorf("Prefixes = %v, want 4 masked and sorted", got)
+	}
+}
+
+func TestCompileErrors(t *testing.T) {
+	for _, tc := range []struct {
+		entry string
+		want  string
+	}{
+		{"", "empty entry"},
+		{"   ", "empty entry"},
+		{"api.*.example.com", "wildcard"},
+		{"example.*", "wildcard"},
+		{"*example.com", "wildcard"},
+		{"**.example.com", "wildcard"},
+		{"*.*.example.com", "wildcard"},
+		{"*", "allow_all"},
+		{"*.", "allow_all"},
+		{"10.0.0.0/33", "bad CIDR"},
+		{"10.0.0/8", "bad CIDR"},
+		{"2001:db8::/129", "bad CIDR"},
+		{"fe80::/10%eth0", "bad CIDR"},
+		{"exa mple.com", "invalid character"},
+		{"a..b", "empty label"},
+		{strings.Repeat("a", 64) + ".com", "63"},
+		{"https://example.com", "bad CIDR"},
+	} {
+		t.Run(tc.entry, func(t *testing.T) {
+			_, err := Compile(Policy{Name: "pol", AllowedHostnames: []string{"ok.test", tc.entry}})
+			if err == nil {
+				t.Fatalf("Compile accepted %q", tc.entry)
+			}
+			if !errors.Is(err, errdefs.ErrInvalidArgument) {
+				t.Errorf("error %v does not wrap ErrInvalidArgument", err)
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, `"pol"`) || !strings.Contains(msg, "allowed_hostnames[1]") || !strings.Contains(msg, tc.want) {
+				t.Errorf("error %q does not name the policy, the entry and %q", msg, tc.want)
+			}
+			if ValidateEntry(tc.entry) == nil {
+				t.Errorf("ValidateEntry accepted %q", tc.entry)
+			}
+		})
+	}
+}
+
+func TestCompileUnion(t *testing.T) {
+	a := Policy{Name: "a", AllowedHostnames: []string{"a.test", "203.0.113.0/24"}}
+	b := Policy{Name: "b", AllowedHostnames: []string{"*.b.test"}}
+	all := Policy{Name: "all", AllowAll: true}
+	for _, tc := range []struct {
+		name     string
+		ps       []Policy
+		allowAll bool
+		match    []string
+		noMatch  []string
+	}{
+		{"none means unrestricted", nil, true, []string{"anything.test"}, nil},
+		{"one", []Policy{a}, false, []string{"a.test"}, []string{"x.b.test"}},
+		{"union", []Policy{a, b}, false, []string{"a.test", "x.b.test"}, []string{"b.test", "c.test"}},
+		{"allow_all wins", []Policy{a, all}, true, []string{"c.test"}, nil},
+		{"empty restricted policy allows nothing", []Policy{{Name: "e"}}, false, nil, []string{"a.test"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := mustCompile(t, tc.ps...)
+			if r.AllowAll() != tc.allowAll {
+				t.Errorf("AllowAll = %v", r.AllowAll())
+			}
+			for _, n := range tc.match {
+				if !r.MatchName(n) {
+					t.Errorf("%s not matched", n)
+				}
+			}
+			for _, n := range tc.noMatch {
+				if r.MatchName(n) {
+					t.Errorf("%s matched", n)
+				}
+			}
+		})
+	}
+}
+
+func TestHash(t *testing.T) {
+	h := func(ps ...Policy) string { return mustCompile(t, ps...).Hash() }
+	base := h(Policy{Name: "x", AllowedHostnames: []string{"a.test", "*.b.test", "10.0.0.0/8"}})
+	for _, tc := range []struct {
+		name string
+		got  string
+		same bool
+	}{
+		{"order and spelling", h(Policy{Name: "y", AllowedHostnames: []string{"10.1.0.0/8", "*.B.test.", "A.test"}}), true},
+		{"split across policies", h(Policy{Name: "p", AllowedHostnames: []string{"a.test"}}, Policy{Name: "q", AllowedHostnames: []string{"*.b.test", "10.0.0.0/8"}}), true},
+		{"duplicates", h(Policy{Name: "x", AllowedHostnames: []string{"a.test", "a.test", "*.b.test", "10.0.0.0/8", "10.0.0.0/8"}}), true},
+		{"wildcard is not exact", h(Policy{Name: "x", AllowedHostnames: []string{"*.a.test", "*.b.test", "10.0.0.0/8"}}), false},
+		{"other cidr", h(Policy{Name: "x", AllowedHostnames: []string{"a.test", "*.b.test", "10.0.0.0/9"}}), false},
+		{"allow all", h(), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if (tc.got == base) != tc.same {
+				t.Errorf("hash %s vs %s: same=%v, want %v", tc.got, base, tc.got == base, tc.same)
+			}
+		})
+	}
+	if h() != h(Policy{Name: "z", AllowAll: true, AllowedHostnames: []string{"q.test"}}) {
+		t.Error("allow-all hashes differ")
+	}
+}
+
+// FuzzMatchName checks the matcher against a slow reference on arbitrary
+// names and patterns.
+func FuzzMatchName(f *testing.F) {
+	for _, s := range [][2]string{
+		{"*.example.com", "www.example.com"}, {"*.example.com", "example.com"},
+		{"*.example.com", "evilexample.com"}, {"example.com", "EXAMPLE.COM."},
+		{"*.example.com", "example.com.evil.test"}, {"*.a.b", ".a.b"}, {"a.b", "a..b"},
+	} {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, pattern, name string) {
+		r, err := Compile(Policy{Name: "f", AllowedHostnames: []string{pattern}})
+		if err != nil {
+			return
+		}
+		got := r.MatchName(name)
+		if len(r.prefixes) > 0 {
+			if got {
+				t.Fatalf("CIDR pattern %q matched name %q", pattern, name)
+			}
+			return
+		}
+		n := strings.ToLower(strings.TrimSuffix(name, "."))
+		p := strings.ToLower(strings.TrimSuffix(strings.TrimSpace(pattern), "."))
+		labels := strings.Split(n, ".")
+		valid := n != ""
+		for _, l := range labels {
+			valid = valid && l != ""
+		}
+		want := false
+		if valid {
+			if rest, ok := strings.CutPrefix(p, "*."); ok {
+				pl := strings.Split(rest, ".")
+				want = len(labels) > len(pl) && strings.Join(labels[len(labels)-len(pl):], ".") == rest
+			} else {
+				want = n == p
+			}
+		}
+		if got != want {
+			t.Fatalf("pattern %q name %q: got %v want %v", pattern, name, got, want)
+		}
+		if got && !strings.EqualFold(strings.TrimSuffix(name, "."), n) {
+			t.Fatalf("normalisation changed more than case")
+		}
+	})
+}
