@@ -3,10 +3,10 @@ package egress
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 )
@@ -121,14 +121,22 @@ func denyRules(nm sbxNames, group uint16, ratePerSec uint64, burst uint32) [][]e
 	}
 }
 
-// prefixElements turns masked prefixes of one family into interval set
-// elements: [start, end+1) pairs, the end omitted when the range reaches the
-// top of the address space.
+// prefixElements turns merged, sorted prefixes of one family into interval
+// set elements as nft makes them: [start, end+1) pairs, the end omitted when
+// the range reaches the top of the address space, and an interval end at
+// the zero address first unless a range starts there.
 func prefixElements(ps []netip.Prefix) []nftables.SetElement {
 	var els []nftables.SetElement
+	if len(ps) > 0 && !ps[0].Masked().Addr().IsUnspecified() {
+		els = append(els, nftables.SetElement{Key: make([]byte, ps[0].Addr().BitLen()/8), IntervalEnd: true})
+	}
 	for _, p := range ps {
 		start := p.Masked().Addr()
-		els = append(els, nftables.SetElement{Key: start.AsSlice()})
+		if n := len(els); n > 0 && els[n-1].IntervalEnd && slices.Equal(els[n-1].Key, start.AsSlice()) {
+			els = els[:n-1] // adjacent to the previous range: extend it
+		} else {
+			els = append(els, nftables.SetElement{Key: start.AsSlice()})
+		}
 		if end, ok := nextAfter(lastAddr(p)); ok {
 			els = append(els, nftables.SetElement{Key: end.AsSlice(), IntervalEnd: true})
 		}
@@ -190,5 +198,3 @@ func sandboxSets(t *nftables.Table, nm sbxNames) (cidr4, cidr6, dns4, dns6 *nfta
 func learnedElement(a netip.Addr, timeout time.Duration) nftables.SetElement {
 	return nftables.SetElement{Key: a.AsSlice(), Timeout: timeout}
 }
-
-var _ = binaryutil.BigEndian
