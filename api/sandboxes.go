@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -318,15 +319,9 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 	if err := validateEnv(r.Env); err != nil {
 		return err
 	}
-	execCtx := ctx
-	if r.TimeoutSeconds > 0 {
-		var cancel context.CancelFunc
-		execCtx, cancel = context.WithTimeout(ctx, time.Duration(r.TimeoutSeconds)*time.Second)
-		defer cancel()
-	}
 	var mu sync.Mutex
 	touch := func() { s.touch(sb.ID) }
-	proc, err := s.node.Exec(execCtx, sb.ID, procapi.ExecRequest{
+	proc, err := s.node.Exec(ctx, sb.ID, procapi.ExecRequest{
 		Argv: r.Argv, Env: envList(r.Env), Dir: r.Workdir, Stdin: r.Stdin, User: r.User,
 	}, streamWriter{&mu, stream, false, touch}, streamWriter{&mu, stream, true, touch})
 	if err != nil {
@@ -349,9 +344,18 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 		_, _ = proc.Wait()
 		return err
 	}
+	// The per-exec timeout kills the process (group); the exit status then
+	// reports the kill and timed_out.
+	var timedOut atomic.Bool
+	if r.TimeoutSeconds > 0 {
+		t := time.AfterFunc(time.Duration(r.TimeoutSeconds)*time.Second, func() {
+			timedOut.Store(true)
+			_ = proc.Signal(syscall.SIGKILL)
+		})
+		defer t.Stop()
+	}
 	st, werr := proc.Wait()
-	timedOut := execCtx.Err() == context.DeadlineExceeded && ctx.Err() == nil
-	if werr != nil && !timedOut {
+	if werr != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -363,7 +367,7 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 	mu.Lock()
 	defer mu.Unlock()
 	return stream.Send(&v1.ExecEvent{Event: &v1.ExecEvent_Exited{Exited: &v1.ExecExited{
-		ExitCode: int32(st.Code), Signal: st.Signal, TimedOut: timedOut,
+		ExitCode: int32(st.Code), Signal: st.Signal, TimedOut: timedOut.Load(),
 	}}})
 }
 

@@ -94,8 +94,12 @@ func TestWorkloadIdentity(t *testing.T) {
 		t.Fatalf("create from inside: code %d %q", code, stderr)
 	}
 	// No delegate credentials: the admin token appears nowhere in the sandbox.
-	admin := n.Token()
-	probe := "grep -rl " + admin + " / --exclude-dir=proc --exclude-dir=sys 2>/dev/null; cat /proc/*/environ /proc/*/cmdline 2>/dev/null | grep -c " + admin + " || true"
+	// The pattern goes in a file so that no command line of ours carries it.
+	if err := a.WriteFile(ctx, "/tmp/probe/pattern", []byte(n.Token()+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	probe := "grep -rlF -f /tmp/probe/pattern / --exclude-dir=proc --exclude-dir=sys --exclude-dir=probe 2>/dev/null; " +
+		"for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do tr '\\0' '\\n' < $f 2>/dev/null; done | grep -cF -f /tmp/probe/pattern || true"
 	if out := mustExec(t, a, "sh", "-c", probe); strings.TrimSpace(out) != "0" {
 		t.Fatalf("admin token visible in the sandbox: %q", out)
 	}

@@ -3,6 +3,7 @@ package procapi
 import (
 	"os"
 	"os/signal"
+	"strconv"
 	"sync"
 	"syscall"
 
@@ -79,6 +80,10 @@ func (r *Reaper) Start(argv0 string, argv []string, attr *os.ProcAttr) (*os.Proc
 	}
 	ch := make(chan unix.WaitStatus, 1)
 	r.waiters[p.Pid] = ch
+	// Children are the OOM killer's preferred victims, so a memory bomb kills
+	// the bomb, not init (and with it the sandbox). Raising a score needs no
+	// privilege, unlike lowering init's.
+	_ = os.WriteFile("/proc/"+strconv.Itoa(p.Pid)+"/oom_score_adj", []byte("500"), 0)
 	// Reap anything that exited before we registered (a SIGCHLD may have
 	// arrived while we held the lock; the loop will also run).
 	go r.reap()

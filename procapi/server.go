@@ -294,8 +294,9 @@ func (s *server) exec(c *conn, req *request) {
 					stdinW.Close()
 				}
 			case frameSignal:
+				// To the process group, as a terminal would: children go too.
 				if len(b) == 1 {
-					_ = unix.Kill(pid, unix.Signal(b[0]))
+					_ = unix.Kill(-pid, unix.Signal(b[0]))
 				}
 			}
 		}

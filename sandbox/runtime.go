@@ -262,10 +262,18 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	readyCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := r.waitReady(readyCtx, sp.ID, pid); err != nil {
+		// An entrypoint that ends at once ends the sandbox at once: that is a
+		// successful start (the watcher records the exit). Init's own failures
+		// are logged with its name and fail the start.
+		if errors.Is(err, errExitedEarly) && !strings.Contains(tail(r.LogPath(sp.ID), 4096), "chalk-init:") && len(sp.Entrypoint) > 0 {
+			return pid, nil
+		}
 		return 0, err
 	}
 	return pid, nil
 }
+
+var errExitedEarly = errors.New("init exited during start")
 
 // waitReady waits until init serves, failing early if init dies first.
 func (r *Runtime) waitReady(ctx context.Context, id string, pid int) error {
@@ -280,7 +288,7 @@ func (r *Runtime) waitReady(ctx context.Context, id string, pid int) error {
 		}
 		return nil
 	case <-exitedChan(wctx, pid):
-		return fmt.Errorf("sandbox %q: init exited during start: %s: %w", id, tail(r.LogPath(id), 2048), errdefs.ErrFailedPrecondition)
+		return fmt.Errorf("sandbox %q: %w: %s: %w", id, errExitedEarly, tail(r.LogPath(id), 2048), errdefs.ErrFailedPrecondition)
 	}
 }
 
