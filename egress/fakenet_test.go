@@ -55,7 +55,7 @@ var serverAddrs = []string{
 }
 
 type fakeNet struct {
-	t      *testing.T
+	t      testing.TB
 	prefix string
 	inet   string // netns names
 	node   string
@@ -108,7 +108,7 @@ func withNetns(t testing.TB, name string, fn func() error) error {
 	return inNetns(int(f.Fd()), fn)
 }
 
-func newFakeNet(t *testing.T) *fakeNet {
+func newFakeNet(t testing.TB) *fakeNet {
 	requireRoot(t)
 	f := &fakeNet{t: t, prefix: fmt.Sprintf("egt%d", os.Getpid()%100000)}
 	f.inet, f.node = f.prefix+"-inet", f.prefix+"-node"
@@ -223,7 +223,7 @@ type sandbox struct {
 	gw6 netip.Addr
 }
 
-func (f *fakeNet) addSandbox(t *testing.T) *sandbox {
+func (f *fakeNet) addSandbox(t testing.TB) *sandbox {
 	f.nextSB++
 	k := f.nextSB
 	ns := fmt.Sprintf("%s-sb%d", f.prefix, k)
@@ -250,7 +250,7 @@ func (f *fakeNet) addSandbox(t *testing.T) *sandbox {
 }
 
 // startManager runs a Manager in the node namespace.
-func (f *fakeNet) startManager(t *testing.T, cfg Config) *Manager {
+func (f *fakeNet) startManager(t testing.TB, cfg Config) *Manager {
 	cfg.NetNS = nsPath(f.node)
 	cfg.Upstream = net.JoinHostPort(resolverIP, "53")
 	cfg.ListenAddrs = []string{fmt.Sprintf("%s:%d", proxyV4, proxyPort), fmt.Sprintf("[%s]:%d", proxyV6, proxyPort)}
@@ -308,7 +308,7 @@ func (s *sandbox) exchange(network, server, name string, qtype uint16, timeout t
 }
 
 // lookup resolves name through the proxy and returns the addresses.
-func (s *sandbox) lookup(t *testing.T, name string, qtype uint16) []netip.Addr {
+func (s *sandbox) lookup(t testing.TB, name string, qtype uint16) []netip.Addr {
 	t.Helper()
 	r, err := s.exchange("udp", "", name, qtype, 2*time.Second)
 	if err != nil {
@@ -361,7 +361,7 @@ func (d *fakeDNS) inject(t testing.TB, qname, record string) {
 	d.extra[dns.Fqdn(qname)] = append(d.extra[dns.Fqdn(qname)], rr)
 }
 
-func startFakeDNS(t *testing.T, ns string) *fakeDNS {
+func startFakeDNS(t testing.TB, ns string) *fakeDNS {
 	d := &fakeDNS{zone: map[string][]dns.RR{}, extra: map[string][]dns.RR{}, queries: map[string]int{}}
 	h := dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
 		resp := new(dns.Msg).SetReply(r)
