@@ -281,9 +281,11 @@ type streamWriter struct {
 	stream *connect.ServerStream[v1.ExecEvent]
 	stderr bool
 	touch  func()
+	ready  <-chan struct{} // closed once the started event is sent
 }
 
 func (w streamWriter) Write(b []byte) (int, error) {
+	<-w.ready
 	ev := &v1.ExecEvent{}
 	data := append([]byte(nil), b...)
 	if w.stderr {
@@ -321,9 +323,17 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 	}
 	var mu sync.Mutex
 	touch := func() { s.touch(sb.ID) }
+	ready := make(chan struct{})
+	defer func() {
+		select {
+		case <-ready:
+		default:
+			close(ready)
+		}
+	}()
 	proc, err := s.node.Exec(ctx, sb.ID, procapi.ExecRequest{
 		Argv: r.Argv, Env: envList(r.Env), Dir: r.Workdir, Stdin: r.Stdin, User: r.User,
-	}, streamWriter{&mu, stream, false, touch}, streamWriter{&mu, stream, true, touch})
+	}, streamWriter{&mu, stream, false, touch, ready}, streamWriter{&mu, stream, true, touch, ready})
 	if err != nil {
 		return fmt.Errorf("exec in sandbox %q: %w", sb.ID, err)
 	}
@@ -339,6 +349,7 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 	mu.Lock()
 	err = stream.Send(&v1.ExecEvent{Event: &v1.ExecEvent_Started{Started: &v1.ExecStarted{ExecId: id, Pid: int32(proc.Pid())}}})
 	mu.Unlock()
+	close(ready)
 	if err != nil {
 		_ = proc.Signal(syscall.SIGKILL)
 		_, _ = proc.Wait()
