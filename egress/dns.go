@@ -234,6 +234,30 @@ func (m *Manager) addrAllowed(r *Rules, a netip.Addr) bool {
 	return !m.internal(a) || (r.MatchAddr(a) && a != m.cfg.Blackhole4 && a != m.cfg.Blackhole6)
 }
 
+// learnedNames is the comment of a learned element: the names that vouch
+// for it, as many as fit.
+func learnedNames(l *learned, name string) string {
+	names := []string{name}
+	if l != nil {
+		for n := range l.names {
+			if n != name {
+				names = append(names, n)
+			}
+		}
+	}
+	out := ""
+	for _, n := range names {
+		if len(out)+len(n)+1 > 200 {
+			break
+		}
+		if out != "" {
+			out += ","
+		}
+		out += n
+	}
+	return out
+}
+
 // learn adds the addresses of an allowed name's answer to the sandbox's
 // allow sets before the answer goes back; internal addresses are rewritten
 // to the blackhole instead.
@@ -297,10 +321,11 @@ func (m *Manager) learn(id, qname string, resp *dns.Msg) error {
 		}
 		want = want.Round(time.Second)
 		adds = append(adds, add{a, now.Add(want)})
+		el := learnedElement(a, want, learnedNames(s.learned[a], name))
 		if a.Is4() {
-			els4 = append(els4, learnedElement(a, want))
+			els4 = append(els4, el)
 		} else {
-			els6 = append(els6, learnedElement(a, want))
+			els6 = append(els6, el)
 		}
 	}
 	if len(adds) == 0 {

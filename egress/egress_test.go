@@ -263,12 +263,31 @@ func TestAdversarial(t *testing.T) {
 		if _, err := b.dial("tcp", "198.51.100.20:80", time.Second); err != nil {
 			t.Fatalf("before: %v", err)
 		}
+		var long net.Conn
+		if err := withNetns(t, b.ns, func() (err error) { long, err = net.DialTimeout("tcp", "198.51.100.20:8000", time.Second); return err }); err != nil {
+			t.Fatal(err)
+		}
+		defer long.Close()
+		echo := func(timeout time.Duration) error {
+			long.SetDeadline(time.Now().Add(timeout))
+			if _, err := long.Write([]byte("x")); err != nil {
+				return err
+			}
+			_, err := long.Read(make([]byte, 1))
+			return err
+		}
+		if err := echo(time.Second); err != nil {
+			t.Fatalf("established connection before the update: %v", err)
+		}
 		if err := m.Apply(ctx, b.sb, mustCompile(t, Policy{Name: "b2", AllowedHostnames: []string{"allowed.test", "203.0.113.0/24"}})); err != nil {
 			t.Fatal(err)
 		}
 		// Applied synchronously: the first new connection already sees it.
 		if _, err := b.dial("tcp", "198.51.100.20:80", deny); !isTimeout(err) {
 			t.Fatalf("address of a name no longer allowed: %v, want a timeout", err)
+		}
+		if err := echo(deny); !isTimeout(err) {
+			t.Fatalf("established connection after the update: %v, want it cut (a timeout)", err)
 		}
 		if _, err := b.dial("tcp", "203.0.113.200:80", time.Second); err != nil {
 			t.Fatalf("new CIDR: %v", err)

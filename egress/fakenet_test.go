@@ -160,6 +160,7 @@ func newFakeNet(t testing.TB) *fakeNet {
 		f.greeter(f.inet, net.JoinHostPort(a, "80"), "hello from "+a)
 		f.echoUDP(f.inet, net.JoinHostPort(a, "7"))
 	}
+	f.echoTCP(f.inet, "198.51.100.20:8000")
 	f.greeter(f.inet, net.JoinHostPort(resolverIP, "80"), "resolver web")
 	f.greeter(f.inet, net.JoinHostPort(resolverIP, "853"), "dot")
 	f.greeter(f.node, net.JoinHostPort(proxyV4, "8080"), "metadata")
@@ -191,6 +192,25 @@ func (f *fakeNet) greeter(ns, addr, msg string) {
 			}
 			c.Write([]byte(msg))
 			c.Close()
+		}
+	}()
+}
+
+// echoTCP echoes what each TCP connection sends, for as long as it lasts.
+func (f *fakeNet) echoTCP(ns, addr string) {
+	t := f.t
+	var ln net.Listener
+	if err := withNetns(t, ns, func() (err error) { ln, err = net.Listen("tcp", addr); return err }); err != nil {
+		t.Fatalf("listen %s in %s: %v", addr, ns, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
 		}
 	}()
 }

@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -95,7 +97,15 @@ type Manager struct {
 	byID     map[string]*sbx
 	byIP     map[netip.Addr]*sbx
 	byN      map[uint32]*sbx
+	adopted  map[string]adoptedSbx // left by a previous process, by sandbox ID
 	started  bool
+	done     chan struct{}
+}
+
+// adoptedSbx is a sandbox whose rules a previous process installed.
+type adoptedSbx struct {
+	n      uint32
+	hostIf string
 }
 
 type sbx struct {
@@ -161,12 +171,14 @@ func New(cfg Config) (*Manager, error) {
 		}
 	}
 	m := &Manager{
-		cfg:  cfg,
-		log:  cfg.Logger,
-		byID: map[string]*sbx{},
-		byIP: map[netip.Addr]*sbx{},
-		byN:  map[uint32]*sbx{},
-		next: 1,
+		cfg:     cfg,
+		log:     cfg.Logger,
+		byID:    map[string]*sbx{},
+		byIP:    map[netip.Addr]*sbx{},
+		byN:     map[uint32]*sbx{},
+		next:    1,
+		adopted: map[string]adoptedSbx{},
+		done:    make(chan struct{}),
 	}
 	m.table = &nftables.Table{Family: nftables.TableFamilyINet, Name: cfg.Table}
 	return m, nil
@@ -228,9 +240,15 @@ func (m *Manager) Start(ctx context.Context) error {
 			m.nsFile.Close()
 		}
 		m.mu.Unlock()
+		close(m.done)
 	}()
 	return nil
 }
+
+// Done is closed when the Manager has stopped after its Start context
+// ended: listeners closed, the NFLOG group released. The rules stay in the
+// kernel (sandboxes keep their policies while chalkd restarts).
+func (m *Manager) Done() <-chan struct{} { return m.done }
 
 // installBase creates the node-wide sets and makes the dispatch rule the
 // only rule of chain "egress". Per-sandbox objects a previous process left
@@ -253,19 +271,118 @@ func (m *Manager) installBase() error {
 	if err := m.conn.Flush(); err != nil {
 		return fmt.Errorf("egress: install dispatch rule: %w", err)
 	}
+	return m.adopt()
+}
+
+// adopt takes over the per-sandbox objects a previous process left: those
+// the dispatch map still points to are kept (Apply for the same sandbox ID
+// takes them over, Remove deletes them; see Adopted), the rest are deleted.
+func (m *Manager) adopt() error {
+	els, err := m.conn.GetSetElements(m.dispatch)
+	if err != nil {
+		return fmt.Errorf("egress: read %s: %w", dispatchMap, err)
+	}
+	keep := map[uint32]bool{}
+	for _, el := range els {
+		var (
+			n  uint32
+			id string
+		)
+		if _, err := fmt.Sscanf(el.Comment, "%d %s", &n, &id); err != nil {
+			continue
+		}
+		m.adopted[id] = adoptedSbx{n: n, hostIf: strings.TrimRight(string(el.Key), "\x00")}
+		keep[n] = true
+		m.next = max(m.next, n+1)
+	}
 	chains, err := m.conn.ListChainsOfTableFamily(nftables.TableFamilyINet)
 	if err != nil {
 		return fmt.Errorf("egress: list chains: %w", err)
 	}
+	sets, err := m.conn.GetSets(m.table)
+	if err != nil {
+		return fmt.Errorf("egress: list sets: %w", err)
+	}
+	orphans := map[uint32]bool{}
 	for _, c := range chains {
-		var n uint32
-		if c.Table.Name == m.cfg.Table {
-			if _, err := fmt.Sscanf(c.Name, "eg_%d", &n); err == nil && n >= m.next {
-				m.next = n + 1
+		if c.Table.Name != m.cfg.Table {
+			continue
+		}
+		if n, ok := objectIndex(c.Name); ok {
+			m.next = max(m.next, n+1)
+			if !keep[n] {
+				orphans[n] = true
 			}
 		}
 	}
+	for _, st := range sets {
+		if n, ok := objectIndex(st.Name); ok {
+			m.next = max(m.next, n+1)
+			if !keep[n] {
+				orphans[n] = true
+			}
+		}
+	}
+	if len(orphans) == 0 {
+		return nil
+	}
+	present := map[string]bool{}
+	for _, c := range chains {
+		if c.Table.Name == m.cfg.Table {
+			present[c.Name] = true
+		}
+	}
+	for _, st := range sets {
+		present[st.Name] = true
+	}
+	for n := range orphans {
+		nm := namesFor(n)
+		for _, c := range []string{nm.chain, nm.deny} {
+			if present[c] {
+				m.conn.FlushChain(&nftables.Chain{Table: m.table, Name: c})
+			}
+		}
+		for _, c := range []string{nm.chain, nm.deny} {
+			if present[c] {
+				m.conn.DelChain(&nftables.Chain{Table: m.table, Name: c})
+			}
+		}
+		for _, st := range []string{nm.cidr4, nm.cidr6, nm.dns4, nm.dns6} {
+			if present[st] {
+				m.conn.DelSet(&nftables.Set{Table: m.table, Name: st})
+			}
+		}
+	}
+	if err := m.conn.Flush(); err != nil {
+		return fmt.Errorf("egress: delete orphaned sandbox objects: %w", err)
+	}
+	m.log.Info("egress: deleted orphaned sandbox rules", "count", len(orphans))
 	return nil
+}
+
+// objectIndex reads n from the name of a per-sandbox chain or set.
+func objectIndex(name string) (uint32, bool) {
+	for _, p := range []string{"eg_", "egd_", "cidr4_", "cidr6_", "dns4_", "dns6_"} {
+		if rest, ok := strings.CutPrefix(name, p); ok {
+			n, err := strconv.ParseUint(rest, 10, 32)
+			return uint32(n), err == nil
+		}
+	}
+	return 0, false
+}
+
+// Adopted returns the IDs of sandboxes whose rules a previous process
+// installed and that have not been applied or removed since: after a
+// restart, Apply the live ones and Remove the others.
+func (m *Manager) Adopted() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var ids []string
+	for id := range m.adopted {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
 }
 
 func port(p uint16) []byte { return []byte{byte(p >> 8), byte(p)} }
@@ -290,8 +407,15 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 	}
 	s := m.byID[sb.ID]
 	if s == nil {
-		s = &sbx{names: namesFor(m.next), learned: map[netip.Addr]*learned{}, recent: map[netip.Addr]string{}}
-		m.next++
+		if a, ok := m.adopted[sb.ID]; ok {
+			var err error
+			if s, err = m.takeOver(sb.ID, a); err != nil {
+				return err
+			}
+		} else {
+			s = &sbx{names: namesFor(m.next), learned: map[netip.Addr]*learned{}, recent: map[netip.Addr]string{}}
+			m.next++
+		}
 	}
 	old := *s
 	s.Sandbox, s.rules = sb, rules
@@ -299,7 +423,7 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 	switch {
 	case rules.AllowAll():
 		if s.installed {
-			m.teardown(s)
+			m.teardown(s, old.HostIf)
 		}
 		err = m.conn.Flush()
 		if err == nil {
@@ -318,6 +442,15 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 		s.Sandbox, s.rules = old.Sandbox, old.rules
 		return fmt.Errorf("egress: apply rules of sandbox %s: %w", sb.ID, err)
 	}
+	if old.rules != nil && !rules.AllowAll() {
+		// Established connections were accepted before the update; end
+		// those the new rules do not allow.
+		if n, err := m.cutFlows(s); err != nil {
+			m.log.Warn("egress: ending disallowed connections", "sandbox", sb.ID, "err", err)
+		} else if n > 0 {
+			m.log.Info("egress: ended connections the new policy disallows", "sandbox", sb.ID, "count", n)
+		}
+	}
 	for _, a := range []netip.Addr{old.SandboxIP, old.SandboxIP6} {
 		if a.IsValid() && m.byIP[a] == s {
 			delete(m.byIP, a)
@@ -331,6 +464,34 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 	}
 	m.log.Debug("egress rules applied", "sandbox", sb.ID, "policy", rules.Hash())
 	return nil
+}
+
+// takeOver turns an adopted sandbox into a managed one, reading back the
+// addresses it had learned (their names are in the elements' comments).
+func (m *Manager) takeOver(id string, a adoptedSbx) (*sbx, error) {
+	s := &sbx{names: namesFor(a.n), installed: true, learned: map[netip.Addr]*learned{}, recent: map[netip.Addr]string{}}
+	s.ID, s.HostIf = id, a.hostIf
+	_, _, dns4, dns6 := sandboxSets(m.table, s.names)
+	now := m.cfg.Now()
+	for _, set := range []*nftables.Set{dns4, dns6} {
+		els, err := m.conn.GetSetElements(set)
+		if err != nil {
+			return nil, fmt.Errorf("egress: sandbox %s: read %s: %w", id, set.Name, err)
+		}
+		for _, el := range els {
+			addr, ok := netip.AddrFromSlice(el.Key)
+			if !ok || el.Comment == "" {
+				continue
+			}
+			l := &learned{expires: now.Add(el.Expires), names: map[string]struct{}{}}
+			for n := range strings.SplitSeq(el.Comment, ",") {
+				l.names[n] = struct{}{}
+			}
+			s.learned[addr] = l
+		}
+	}
+	delete(m.adopted, id)
+	return s, nil
 }
 
 // blackholesAllowed are the blackhole addresses a CIDR entry would accept
@@ -365,21 +526,24 @@ func (m *Manager) install(s *sbx) error {
 	for _, r := range sandboxRules(s.names, m.blackholesAllowed(s.rules)) {
 		m.conn.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: r})
 	}
-	if err := m.conn.SetAddElements(m.dispatch, []nftables.SetElement{dispatchElement(s.HostIf, s.names.chain)}); err != nil {
+	if err := m.conn.SetAddElements(m.dispatch, []nftables.SetElement{dispatchElement(s, s.HostIf)}); err != nil {
 		return err
 	}
 	if err := m.conn.Flush(); err != nil {
 		// Undo what part of the batch may have left (a batch is atomic, so
 		// normally nothing).
-		m.teardown(s)
+		m.teardown(s, s.HostIf)
 		_ = m.conn.Flush()
 		return err
 	}
 	return nil
 }
 
-func dispatchElement(ifname_ string, chain string) nftables.SetElement {
-	return nftables.SetElement{Key: ifname(ifname_), VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: chain}}
+// dispatchElement maps a sandbox's interface to its chain; the comment
+// ("<n> <sandbox ID>") lets a restarted process adopt it.
+func dispatchElement(s *sbx, hostIf string) nftables.SetElement {
+	return nftables.SetElement{Key: ifname(hostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: s.names.chain},
+		Comment: fmt.Sprintf("%d %s", s.names.n, s.ID)}
 }
 
 // update replaces the CIDR sets and rules of an installed sandbox and drops
@@ -406,10 +570,10 @@ func (m *Manager) update(s *sbx, old *sbx) error {
 		m.conn.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: r})
 	}
 	if old.HostIf != s.HostIf {
-		if err := m.conn.SetDeleteElements(m.dispatch, []nftables.SetElement{dispatchElement(old.HostIf, s.names.chain)}); err != nil {
+		if err := m.conn.SetDeleteElements(m.dispatch, []nftables.SetElement{dispatchElement(s, old.HostIf)}); err != nil {
 			return err
 		}
-		if err := m.conn.SetAddElements(m.dispatch, []nftables.SetElement{dispatchElement(s.HostIf, s.names.chain)}); err != nil {
+		if err := m.conn.SetAddElements(m.dispatch, []nftables.SetElement{dispatchElement(s, s.HostIf)}); err != nil {
 			return err
 		}
 	}
@@ -472,9 +636,9 @@ func (m *Manager) updateFlushingLearned(s *sbx, old *sbx) error {
 }
 
 // teardown queues the removal of a sandbox's chains and sets.
-func (m *Manager) teardown(s *sbx) {
+func (m *Manager) teardown(s *sbx, hostIf string) {
 	t := m.table
-	_ = m.conn.SetDeleteElements(m.dispatch, []nftables.SetElement{dispatchElement(s.HostIf, s.names.chain)})
+	_ = m.conn.SetDeleteElements(m.dispatch, []nftables.SetElement{dispatchElement(s, hostIf)})
 	chain := &nftables.Chain{Table: t, Name: s.names.chain}
 	deny := &nftables.Chain{Table: t, Name: s.names.deny}
 	m.conn.FlushChain(chain)
@@ -493,10 +657,21 @@ func (m *Manager) Remove(ctx context.Context, id string) error {
 	defer m.mu.Unlock()
 	s := m.byID[id]
 	if s == nil {
+		a, ok := m.adopted[id]
+		if !ok {
+			return nil
+		}
+		s = &sbx{names: namesFor(a.n), installed: true}
+		s.ID, s.HostIf = id, a.hostIf
+		m.teardown(s, s.HostIf)
+		if err := m.conn.Flush(); err != nil {
+			return fmt.Errorf("egress: remove adopted rules of sandbox %s: %w", id, err)
+		}
+		delete(m.adopted, id)
 		return nil
 	}
 	if s.installed {
-		m.teardown(s)
+		m.teardown(s, s.HostIf)
 		if err := m.conn.Flush(); err != nil {
 			return fmt.Errorf("egress: remove rules of sandbox %s: %w", id, err)
 		}

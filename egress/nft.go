@@ -195,6 +195,7 @@ func sandboxSets(t *nftables.Table, nm sbxNames) (cidr4, cidr6, dns4, dns6 *nfta
 }
 
 // learnedElement is one DNS-learned address with its timeout.
-func learnedElement(a netip.Addr, timeout time.Duration) nftables.SetElement {
-	return nftables.SetElement{Key: a.AsSlice(), Timeout: timeout}
+// The comment holds the names it was learned for, for a restarted process.
+func learnedElement(a netip.Addr, timeout time.Duration, names string) nftables.SetElement {
+	return nftables.SetElement{Key: a.AsSlice(), Timeout: timeout, Comment: names}
 }
