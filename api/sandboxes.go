@@ -154,14 +154,15 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		Image: img, Entrypoint: r.Entrypoint, Env: envList(r.Env), Workdir: r.Workdir,
 		CPU: r.Cpu, Memory: r.MemoryMb << 20,
 	}
-	if err := s.launch(ctx, sb, startReq); err != nil {
-		return nil, err
-	}
+	// The egress rules are keyed by the slot's interface, so they are in force
+	// before the sandbox's first packet: nothing runs unrestricted, not even briefly.
 	if s.cfg.Policies != nil {
 		if err := s.cfg.Policies.Apply(ctx, sb, policies); err != nil {
-			s.end(sb.ID, "error")
-			return nil, err
+			return nil, s.fail(ctx, sb, err)
 		}
+	}
+	if err := s.launch(ctx, sb, startReq); err != nil {
+		return nil, err
 	}
 	return connect.NewResponse(toProto(sb)), nil
 }

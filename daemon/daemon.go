@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/egress"
 	"github.com/chalkcompute/chalkcompute/identity"
 	"github.com/chalkcompute/chalkcompute/metadata"
 	"github.com/chalkcompute/chalkcompute/node"
@@ -112,6 +113,7 @@ type Daemon struct {
 	Runtime  *sandbox.Runtime
 	Agent    *node.Agent
 	API      *api.Server
+	Egress   *egress.Manager
 	Issuer   *identity.Issuer
 	Metadata *metadata.Server
 
@@ -154,7 +156,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}
 	netCfg := sandboxnet.Config{
 		Prefix: cfg.NetPrefix, Table: cfg.NetTable, NetnsDir: filepath.Join(cfg.RunDir, "netns"), Logger: cfg.Logger,
-		MetadataPort: cfg.MetadataPort, ServicePorts: []uint16{cfg.MetadataPort},
+		MetadataPort: cfg.MetadataPort, ServicePorts: []uint16{cfg.MetadataPort}, DNSPort: 53,
 	}
 	if cfg.Subnet != "" {
 		if netCfg.Subnet, err = netip.ParsePrefix(cfg.Subnet); err != nil {
@@ -181,10 +183,23 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}
 	if d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
-		ResolvConf: func(*sandboxnet.Net) []byte { return node.HostResolvConf() },
 	}); err != nil {
 		return nil, err
 	}
+	// Egress policies and the DNS proxy every sandbox resolves through.
+	if d.Egress, err = egress.New(egress.Config{
+		Table: d.Net.Table(), Logger: cfg.Logger,
+		ListenAddrs: []string{
+			netip.AddrPortFrom(d.Net.ServiceAddr(), 53).String(),
+			netip.AddrPortFrom(d.Net.ServiceAddr6(), 53).String(),
+		},
+	}); err != nil {
+		return nil, err
+	}
+	if err := d.Egress.Start(ctx); err != nil {
+		return nil, fmt.Errorf("egress: %w", err)
+	}
+	pol := &policies{m: d.Egress, agent: d.Agent}
 	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), stops: map[string][]func(){}}
 	if d.Issuer, err = identity.New(ctx, identity.Config{
 		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.DataDir, "identity"), Logger: cfg.Logger,
@@ -204,8 +219,20 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	wi.meta = d.Metadata
 	d.API = api.New(ctx, api.Config{
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
-		Workload: wi, Identity: wi,
-		Hooks: api.Hooks{Prepare: wi.prepare, Ended: wi.ended, Resumed: wi.resume},
+		Workload: wi, Identity: wi, Policies: pol,
+		Hooks: api.Hooks{
+			Prepare: wi.prepare,
+			Ended: func(ctx context.Context, sb *store.Sandbox) {
+				wi.ended(ctx, sb)
+				pol.remove(ctx, sb)
+			},
+			Resumed: func(ctx context.Context, sb *store.Sandbox) {
+				wi.resume(ctx, sb)
+				if err := pol.resume(ctx, d.Store, sb); err != nil {
+					d.log.Error("resume egress policy", "sandbox", sb.ID, "err", err)
+				}
+			},
+		},
 	})
 	if err := d.API.Reconcile(ctx); err != nil {
 		return nil, fmt.Errorf("reconcile: %w", err)
