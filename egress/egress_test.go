@@ -4,6 +4,7 @@ package egress
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"os/exec"
@@ -351,4 +352,79 @@ func TestAdversarial(t *testing.T) {
 			t.Fatalf("removed sandbox's query: rcode %s, want REFUSED", dns.RcodeToString[r.Rcode])
 		}
 	})
+}
+
+// TestRestart stops a Manager and starts another on the same node: rules
+// and learned addresses stay in force meanwhile, the new Manager adopts
+// them, and objects nobody points to are deleted.
+func TestRestart(t *testing.T) {
+	f := newFakeNet(t)
+	f.dns.set(t, testZone)
+	a, b := f.addSandbox(t), f.addSandbox(t)
+	ctx := context.Background()
+
+	m1ctx, stop := context.WithCancel(ctx)
+	m1, err := New(Config{NetNS: nsPath(f.node), Upstream: resolverIP + ":53",
+		ListenAddrs: []string{fmt.Sprintf("%s:%d", proxyV4, proxyPort)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m1.Start(m1ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := m1.Apply(ctx, a.sb, mustCompile(t, policyA)); err != nil {
+		t.Fatal(err)
+	}
+	if err := m1.Apply(ctx, b.sb, mustCompile(t, Policy{Name: "b", AllowedHostnames: []string{"other.test"}})); err != nil {
+		t.Fatal(err)
+	}
+	a.lookup(t, "allowed.test.", dns.TypeA)
+	a.lookup(t, "www.wild.test.", dns.TypeA)
+	stop()
+	<-m1.Done()
+
+	// While no Manager runs, the kernel keeps enforcing.
+	if _, err := a.dial("tcp", "198.51.100.10:80", time.Second); err != nil {
+		t.Fatalf("learned address without a manager: %v", err)
+	}
+	if _, err := a.dial("tcp", "198.51.100.19:80", 400*time.Millisecond); !isTimeout(err) {
+		t.Fatalf("denied address without a manager: %v, want a timeout", err)
+	}
+	// An orphan, as a crash between two batches could leave.
+	nftIn(t, f.node, "add chain inet chalk eg_77\nadd set inet chalk dns4_77 { type ipv4_addr; flags timeout; }\n")
+
+	m2 := f.startManager(t, Config{})
+	if got := m2.Adopted(); !slices.Equal(got, []string{a.sb.ID, b.sb.ID}) {
+		t.Fatalf("Adopted = %v", got)
+	}
+	if out := run(t, "ip", "netns", "exec", f.node, "nft", "list", "table", "inet", "chalk"); strings.Contains(out, "_77") {
+		t.Fatalf("orphan not deleted:\n%s", out)
+	}
+	// Same sandbox, narrower policy: the learned address of the name that
+	// is no longer allowed goes, the other stays.
+	if err := m2.Apply(ctx, a.sb, mustCompile(t, Policy{Name: "a2", AllowedHostnames: []string{"*.wild.test"}})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.dial("tcp", "198.51.100.11:80", time.Second); err != nil {
+		t.Fatalf("address learned before the restart: %v", err)
+	}
+	if _, err := a.dial("tcp", "198.51.100.10:80", 400*time.Millisecond); !isTimeout(err) {
+		t.Fatalf("address of a name dropped after the restart: %v, want a timeout", err)
+	}
+	// A sandbox that ended while no manager ran.
+	if err := m2.Remove(ctx, b.sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	if got := m2.Adopted(); len(got) != 0 {
+		t.Fatalf("Adopted after Apply/Remove = %v", got)
+	}
+	if out := run(t, "ip", "netns", "exec", f.node, "nft", "list", "map", "inet", "chalk", "egress_sbx"); strings.Contains(out, b.sb.HostIf) {
+		t.Fatalf("removed sandbox still dispatched:\n%s", out)
+	}
+	if _, err := b.dial("tcp", "198.51.100.19:80", time.Second); err != nil {
+		t.Fatalf("removed sandbox is not unrestricted: %v", err)
+	}
+	if err := m2.Remove(ctx, a.sb.ID); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -260,11 +260,17 @@ func (m *Manager) installBase() error {
 	}
 	m.dispatch = &nftables.Set{Table: m.table, Name: dispatchMap, KeyType: nftables.TypeIFName, DataType: nftables.TypeVerdict, IsMap: true}
 	m.dnsPorts = &nftables.Set{Table: m.table, Name: dnsPortsSet, KeyType: nftables.TypeInetService, Constant: true}
-	if err := m.conn.AddSet(m.dispatch, nil); err != nil {
-		return err
+	// Created once; a restarted process finds them (a constant set cannot be
+	// added to again).
+	if _, err := m.conn.GetSetByName(m.table, dispatchMap); err != nil {
+		if err := m.conn.AddSet(m.dispatch, nil); err != nil {
+			return err
+		}
 	}
-	if err := m.conn.AddSet(m.dnsPorts, []nftables.SetElement{{Key: port(53)}, {Key: port(853)}}); err != nil {
-		return err
+	if _, err := m.conn.GetSetByName(m.table, dnsPortsSet); err != nil {
+		if err := m.conn.AddSet(m.dnsPorts, []nftables.SetElement{{Key: port(53)}, {Key: port(853)}}); err != nil {
+			return err
+		}
 	}
 	m.conn.FlushChain(chain)
 	m.conn.AddRule(&nftables.Rule{Table: m.table, Chain: chain, Exprs: dispatchRule()})
