@@ -317,13 +317,13 @@ func TestAdversarial(t *testing.T) {
 
 	t.Run("flushing nftables from inside", func(t *testing.T) {
 		// Without CAP_NET_ADMIN (as in a sandbox) nft cannot even read.
-		out, err := exec.Command("ip", "netns", "exec", a.ns, "setpriv", "--inh-caps=-all", "--bounding-set=-all",
+		out, err := exec.Command("nsenter", "--net="+nsPath(a.ns), "setpriv", "--inh-caps=-all", "--bounding-set=-all",
 			"nft", "flush", "ruleset").CombinedOutput()
 		if err == nil {
 			t.Fatalf("nft flush without CAP_NET_ADMIN succeeded: %s", out)
 		}
 		// Even root in the sandbox's namespace only sees its own, empty ruleset.
-		run(t, "ip", "netns", "exec", a.ns, "nft", "flush", "ruleset")
+		run(t, "nsenter", "--net="+nsPath(a.ns), "nft", "flush", "ruleset")
 		if _, err := a.dial("tcp", "198.51.100.19:80", deny); !isTimeout(err) {
 			t.Fatalf("after flushing inside: %v, want a timeout", err)
 		}

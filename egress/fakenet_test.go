@@ -95,9 +95,15 @@ func addNetns(t testing.TB, name string) {
 	run(t, "ip", "-n", name, "link", "set", "lo", "up")
 }
 
-func nsPath(name string) string { return "/var/run/netns/" + name }
+// nsPath is the path of a namespace given by name (ip netns) or path.
+func nsPath(name string) string {
+	if strings.HasPrefix(name, "/") {
+		return name
+	}
+	return "/var/run/netns/" + name
+}
 
-// withNetns runs fn in the named namespace.
+// withNetns runs fn in the namespace given by name or path.
 func withNetns(t testing.TB, name string, fn func() error) error {
 	t.Helper()
 	f, err := os.Open(nsPath(name))
@@ -108,7 +114,11 @@ func withNetns(t testing.TB, name string, fn func() error) error {
 	return inNetns(int(f.Fd()), fn)
 }
 
-func newFakeNet(t testing.TB) *fakeNet {
+// newFakeNet builds the fake internet and a node whose table mimics
+// sandboxnet's.
+func newFakeNet(t testing.TB) *fakeNet { return buildFakeNet(t, true) }
+
+func buildFakeNet(t testing.TB, mimicSandboxnet bool) *fakeNet {
 	requireRoot(t)
 	f := &fakeNet{t: t, prefix: fmt.Sprintf("egt%d", os.Getpid()%100000)}
 	f.inet, f.node = f.prefix+"-inet", f.prefix+"-node"
@@ -135,6 +145,21 @@ func newFakeNet(t testing.TB) *fakeNet {
 	run(t, "ip", "-n", f.node, "addr", "add", proxyV4+"/32", "dev", "lo")
 	run(t, "ip", "-n", f.node, "addr", "add", proxyV6+"/128", "dev", "lo", "nodad")
 	run(t, "ip", "netns", "exec", f.node, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	f.dns = startFakeDNS(t, f.inet)
+	for _, a := range serverAddrs {
+		if a == resolverIP {
+			continue
+		}
+		f.greeter(f.inet, net.JoinHostPort(a, "80"), "hello from "+a)
+		f.echoUDP(f.inet, net.JoinHostPort(a, "7"))
+	}
+	f.echoTCP(f.inet, "198.51.100.20:8000")
+	f.greeter(f.inet, net.JoinHostPort(resolverIP, "80"), "resolver web")
+	f.greeter(f.inet, net.JoinHostPort(resolverIP, "853"), "dot")
+	if !mimicSandboxnet {
+		return f
+	}
+	f.greeter(f.node, net.JoinHostPort(proxyV4, "8080"), "metadata")
 	nftIn(t, f.node, fmt.Sprintf(`table inet chalk {
 	chain egress {
 	}
@@ -151,19 +176,6 @@ func newFakeNet(t testing.TB) *fakeNet {
 		iifname "sb-*" meta nfproto ipv6 fib daddr type local meta l4proto { tcp, udp } th dport 53 dnat ip6 to [%[2]s]:%[3]d
 	}
 }`, proxyV4, proxyV6, proxyPort))
-
-	f.dns = startFakeDNS(t, f.inet)
-	for _, a := range serverAddrs {
-		if a == resolverIP {
-			continue
-		}
-		f.greeter(f.inet, net.JoinHostPort(a, "80"), "hello from "+a)
-		f.echoUDP(f.inet, net.JoinHostPort(a, "7"))
-	}
-	f.echoTCP(f.inet, "198.51.100.20:8000")
-	f.greeter(f.inet, net.JoinHostPort(resolverIP, "80"), "resolver web")
-	f.greeter(f.inet, net.JoinHostPort(resolverIP, "853"), "dot")
-	f.greeter(f.node, net.JoinHostPort(proxyV4, "8080"), "metadata")
 	return f
 }
 
@@ -358,7 +370,7 @@ func isTimeout(err error) bool {
 
 // ping sends one ICMP echo from the sandbox (busybox ping).
 func (s *sandbox) ping(addr string) bool {
-	return exec.Command("ip", "netns", "exec", s.ns, "busybox", "ping", "-c", "1", "-W", "1", addr).Run() == nil
+	return exec.Command("nsenter", "--net="+nsPath(s.ns), "busybox", "ping", "-c", "1", "-W", "1", addr).Run() == nil
 }
 
 // fakeDNS is the authoritative server of the fake internet.
