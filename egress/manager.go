@@ -17,6 +17,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"github.com/miekg/dns"
+	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
@@ -99,6 +100,7 @@ type Manager struct {
 	byN      map[uint32]*sbx
 	adopted  map[string]adoptedSbx // left by a previous process, by sandbox ID
 	started  bool
+	stopping chan struct{}
 	done     chan struct{}
 }
 
@@ -116,7 +118,12 @@ type sbx struct {
 	learned   map[netip.Addr]*learned // DNS-learned addresses in dns4/dns6
 	recent    map[netip.Addr]string   // address -> name it was an answer for
 	drops     []*Drop                 // most recent last
+	logWindow time.Time
+	logged    int
 }
+
+// logPerSecond bounds the egress log lines of one sandbox.
+const logPerSecond = 10
 
 type learned struct {
 	expires time.Time
@@ -171,14 +178,15 @@ func New(cfg Config) (*Manager, error) {
 		}
 	}
 	m := &Manager{
-		cfg:     cfg,
-		log:     cfg.Logger,
-		byID:    map[string]*sbx{},
-		byIP:    map[netip.Addr]*sbx{},
-		byN:     map[uint32]*sbx{},
-		next:    1,
-		adopted: map[string]adoptedSbx{},
-		done:    make(chan struct{}),
+		cfg:      cfg,
+		log:      cfg.Logger,
+		byID:     map[string]*sbx{},
+		byIP:     map[netip.Addr]*sbx{},
+		byN:      map[uint32]*sbx{},
+		next:     1,
+		adopted:  map[string]adoptedSbx{},
+		done:     make(chan struct{}),
+		stopping: make(chan struct{}),
 	}
 	m.table = &nftables.Table{Family: nftables.TableFamilyINet, Name: cfg.Table}
 	return m, nil
@@ -230,6 +238,7 @@ func (m *Manager) Start(ctx context.Context) error {
 	go m.expireLoop(ctx)
 	go func() {
 		<-ctx.Done()
+		close(m.stopping)
 		for _, s := range servers {
 			s.Shutdown()
 		}
@@ -758,15 +767,31 @@ func (m *Manager) recordDrop(s *sbx, d Drop) {
 	if len(s.drops) > m.cfg.DropRing {
 		s.drops = slices.Delete(s.drops, 0, len(s.drops)-m.cfg.DropRing)
 	}
-	m.log.Info("egress blocked", "sandbox", s.ID, "proto", d.Proto, "dst", d.Dst, "port", d.Port, "name", d.Name)
+	// Logged once per destination while it stays in the ring (repeats only
+	// raise the count), and at most logPerSecond lines a second per sandbox.
+	if d.Time.Sub(s.logWindow) >= time.Second {
+		s.logWindow, s.logged = d.Time, 0
+	}
+	if s.logged < logPerSecond {
+		s.logged++
+		m.log.Info("egress blocked", "sandbox", s.ID, "proto", d.Proto, "dst", d.Dst, "port", d.Port, "name", d.Name)
+	}
 }
 
 func (m *Manager) readDrops(l *nflog) {
 	for {
 		pkts, err := l.receive()
 		if err != nil {
-			if !errors.Is(err, os.ErrClosed) {
-				m.log.Debug("egress: drop log reader stopped", "err", err)
+			if errors.Is(err, unix.ENOBUFS) {
+				// The kernel dropped samples while we were slow; the
+				// counters still have every drop.
+				m.log.Debug("egress: drop log overrun")
+				continue
+			}
+			select {
+			case <-m.stopping:
+			default:
+				m.log.Warn("egress: drop log reader stopped", "err", err)
 			}
 			return
 		}
