@@ -51,6 +51,9 @@ type Config struct {
 	// discovery document and JWKS must be reachable there). Default:
 	// http://<Listen>, for development.
 	IssuerURL string
+	// DNSUpstream is where the DNS proxy forwards allowed names (host:port;
+	// default: the first nameserver of /etc/resolv.conf).
+	DNSUpstream string
 	// MetadataPort is where the metadata service listens on the node service
 	// address (sandboxes reach it as 169.254.169.254:80). Default 80.
 	MetadataPort uint16
@@ -188,7 +191,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}
 	// Egress policies and the DNS proxy every sandbox resolves through.
 	if d.Egress, err = egress.New(egress.Config{
-		Table: d.Net.Table(), Logger: cfg.Logger,
+		Table: d.Net.Table(), Logger: cfg.Logger, Upstream: cfg.DNSUpstream,
 		ListenAddrs: []string{
 			netip.AddrPortFrom(d.Net.ServiceAddr(), 53).String(),
 			netip.AddrPortFrom(d.Net.ServiceAddr6(), 53).String(),

@@ -37,6 +37,8 @@ func main() {
 	fs.StringVar(&cfg.CgroupParent, "cgroup-parent", "", "cgroup parent of sandboxes (default /chalk)")
 	fs.StringVar(&cfg.ClientConfig, "client-config", "", "where to write the CLI config on first start (default ~/.config/chalk/config.json)")
 	fs.Int64Var(&cfg.CacheMaxBytes, "cache-max-bytes", 0, "node image cache size cap (default 20 GiB)")
+	fs.StringVar(&cfg.DNSUpstream, "dns-upstream", "", "DNS server the sandboxes' DNS proxy forwards to (default: from /etc/resolv.conf)")
+	fs.StringVar(&cfg.IssuerURL, "issuer", "", "workload identity issuer URL (https in production; default http://LISTEN)")
 	fs.StringVar(&upstreams, "registry-upstreams", "", "pull-through mirrors, e.g. docker.io=https://registry-1.docker.io,nvcr.io=https://nvcr.io")
 	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
 	_ = fs.Parse(os.Args[1:])

@@ -95,6 +95,11 @@ func randHex(n int) string {
 // Start starts a chalkd in a fresh node netns, seeded with busybox. Everything
 // is removed when the test ends.
 func Start(t testing.TB, extraArgs ...string) *Node {
+	return StartWith(t, nil, extraArgs...)
+}
+
+// StartWith is Start with the node's uplink attached to inet (nil: no uplink).
+func StartWith(t testing.TB, inet *FakeInternet, extraArgs ...string) *Node {
 	t.Helper()
 	RequireRoot(t)
 	bin := Bin(t)
@@ -115,6 +120,10 @@ func Start(t testing.TB, extraArgs ...string) *Node {
 	t.Cleanup(n.cleanup)
 	if out, err := exec.Command("ip", "-n", n.Netns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
 		t.Fatalf("lo up: %v %s", err, out)
+	}
+	if inet != nil {
+		inet.Attach(n.Netns)
+		n.Args = append(n.Args, "--dns-upstream", inet.DNS)
 	}
 	seed := n.command(filepath.Join(bin, "chalkd"), "seed", "--data-dir", n.Dir, "--busybox")
 	if out, err := seed.CombinedOutput(); err != nil {
