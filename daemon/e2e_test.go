@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -453,4 +454,55 @@ func TestNoLeaks(t *testing.T) {
 	if strings.TrimSpace(dirs) != "0" {
 		t.Errorf("leftover sandbox dirs: %s", dirs)
 	}
+}
+
+// TestIsolation: sandboxes cannot reach each other or the node's own
+// services; they can reach the metadata service.
+func TestIsolation(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	a, b := create(t, c), create(t, c)
+	// B serves on 8080.
+	ctx := ctxT(t, time.Minute)
+	srv, err := b.Start(ctx, []string{"nc", "-l", "-p", "8080", "-e", "echo", "from-b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Signal(ctx, "KILL")
+	mustExec(t, b, "sh", "-c", "while ! netstat -ltn | grep -q :8080; do sleep 0.01; done")
+	// The node listens on its service address (a non-service port) and on the uplink-less lo.
+	n.Listen("10.213.0.1:9999")
+	n.Listen("127.0.0.1:9998")
+	for _, tc := range []struct{ name, argv string }{
+		{"sandbox to sandbox", "timeout 3 nc " + b.Info.Ip + " 8080 </dev/null"},
+		{"sandbox to node service address, other port", "timeout 3 nc 10.213.0.1 9999 </dev/null"},
+		{"sandbox to its gateway, other port", "timeout 3 nc " + gateway(a.Info.Ip) + " 9999 </dev/null"},
+		{"sandbox to the registry port", "timeout 3 nc 10.213.0.1 7448 </dev/null"},
+	} {
+		res, err := a.Exec(ctx, []string{"sh", "-c", tc.argv})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Code == 0 || strings.Contains(string(res.Stdout), "from-b") || strings.Contains(string(res.Stdout), "node-service") {
+			t.Errorf("%s: reachable (exit %d, %q)", tc.name, res.Code, res.Stdout)
+		}
+	}
+	// Metadata is reachable.
+	if out := mustExec(t, a, "wget", "-q", "-O-", "--header", "Metadata-Flavor: chalk", "http://169.254.169.254/v1/identity"); !strings.Contains(out, a.ID()) {
+		t.Fatalf("metadata: %q", out)
+	}
+	// No NET_ADMIN, no raw sockets.
+	if res, _ := a.Exec(ctx, []string{"ip", "addr", "add", "10.213.0.99/32", "dev", "eth0"}); res == nil || res.Code == 0 {
+		t.Errorf("sandbox could add an address (CAP_NET_ADMIN)")
+	}
+	if res, _ := a.Exec(ctx, []string{"ping", "-c", "1", "-W", "1", b.Info.Ip}); res == nil || res.Code == 0 {
+		t.Errorf("ping (raw socket) to another sandbox succeeded")
+	}
+}
+
+// gateway is the host side of a sandbox's /30 (its address minus one).
+func gateway(ip string) string {
+	a := netip.MustParseAddr(ip).As4()
+	a[3]--
+	return netip.AddrFrom4(a).String()
 }

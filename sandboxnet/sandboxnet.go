@@ -152,7 +152,6 @@ func (m *Manager) Table() string { return m.cfg.Table }
 // IfacePrefix is the prefix of every sandbox's host-side interface.
 func (m *Manager) IfacePrefix() string { return m.cfg.Prefix }
 
-
 // Lookup returns the Net that Setup(id, slot) makes.
 func (m *Manager) Lookup(id string, slot int) *Net {
 	base := addN(m.cfg.Subnet.Addr(), uint64(slot)*4)

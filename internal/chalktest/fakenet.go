@@ -173,3 +173,21 @@ func listenIn(t testing.TB, ns, network, addr string) any {
 	}
 	return l
 }
+
+// Listen opens a TCP listener inside the node's network namespace (to check
+// that sandboxes cannot reach the node's own services). It accepts and
+// closes connections until the test ends.
+func (n *Node) Listen(addr string) {
+	l := listenIn(n.t, n.Netns, "tcp", addr).(net.Listener)
+	n.t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprint(c, "node-service")
+			c.Close()
+		}
+	}()
+}
