@@ -1,0 +1,122 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+func open(t *testing.T) *Store {
+	t.Helper()
+	s, err := Open(context.Background(), filepath.Join(t.TempDir(), "chalk.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func TestSlotsLowestFreeAndReused(t *testing.T) {
+	ctx := context.Background()
+	s := open(t)
+	var sbs []*Sandbox
+	for i, id := range []string{"a", "b", "c"} {
+		sb := &Sandbox{ID: id, OrgID: "o", State: StateRunning, CreatedAt: time.Now()}
+		if err := s.CreateSandbox(ctx, sb, 3); err != nil {
+			t.Fatal(err)
+		}
+		if sb.Slot != i+1 {
+			t.Fatalf("%s got slot %d", id, sb.Slot)
+		}
+		sbs = append(sbs, sb)
+	}
+	if err := s.CreateSandbox(ctx, &Sandbox{ID: "d", OrgID: "o", State: StateCreating}, 3); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("full node: %v", err)
+	}
+	sbs[1].State = StateStopped
+	if err := s.UpdateSandbox(ctx, sbs[1]); err != nil {
+		t.Fatal(err)
+	}
+	d := &Sandbox{ID: "d", OrgID: "o", State: StateCreating}
+	if err := s.CreateSandbox(ctx, d, 3); err != nil || d.Slot != 2 {
+		t.Fatalf("reuse: slot %d err %v", d.Slot, err)
+	}
+	if err := s.CreateSandbox(ctx, &Sandbox{ID: "a", OrgID: "o", State: StateStopped}, 10); err == nil {
+		t.Fatal("duplicate id accepted")
+	}
+	live, err := s.ListSandboxes(ctx, "o", true)
+	if err != nil || len(live) != 3 {
+		t.Fatalf("live: %d %v", len(live), err)
+	}
+	all, _ := s.ListSandboxes(ctx, "", false)
+	if len(all) != 4 || all[0].ID != "d" {
+		t.Fatalf("all (newest first): %v", all)
+	}
+	if _, err := s.GetSandbox(ctx, "nope"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("missing: %v", err)
+	}
+	if err := s.UpdateSandbox(ctx, &Sandbox{ID: "nope"}); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("update missing: %v", err)
+	}
+}
+
+func TestPoliciesAndTokens(t *testing.T) {
+	ctx := context.Background()
+	s := open(t)
+	p := &Policy{OrgID: "o", Name: "p", AllowedHostnames: []string{"a.test"}}
+	if err := s.PutPolicy(ctx, p, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.PutPolicy(ctx, p, true); !errors.Is(err, errdefs.ErrAlreadyExists) {
+		t.Fatalf("create twice: %v", err)
+	}
+	if err := s.PutPolicy(ctx, &Policy{OrgID: "o", Name: "q"}, false); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("update missing: %v", err)
+	}
+	if _, err := s.GetPolicy(ctx, "other-org", "p"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("other org sees policy: %v", err)
+	}
+	if err := s.DeletePolicy(ctx, "o", "p"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeletePolicy(ctx, "o", "p"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("delete twice: %v", err)
+	}
+	if err := s.CreateToken(ctx, Token{ID: "t", Name: "admin", OrgID: "o", Hash: "h1", Admin: true}); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := s.TokenByHash(ctx, "h1")
+	if err != nil || tok.Name != "admin" || !tok.Admin {
+		t.Fatalf("token: %+v %v", tok, err)
+	}
+	if _, err := s.TokenByHash(ctx, "h2"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("unknown token: %v", err)
+	}
+}
+
+// TestReopen: state survives closing and reopening (migrations are idempotent).
+func TestReopen(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "chalk.db")
+	s, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateSandbox(ctx, &Sandbox{ID: "x", OrgID: "o", State: StateRunning, Env: map[string]string{"A": "b"}}, 5); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, err = Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	sb, err := s.GetSandbox(ctx, "x")
+	if err != nil || sb.Env["A"] != "b" || sb.Slot != 1 {
+		t.Fatalf("after reopen: %+v %v", sb, err)
+	}
+}
