@@ -147,7 +147,7 @@ func (m *Manager) resolve(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 		m.log.Warn("egress: dns upstream", "sandbox", id, "name", q.Name, "err", err)
 		return new(dns.Msg).SetRcode(r, dns.RcodeServerFailure)
 	}
-	if rules.AllowAll() {
+	if rules.AllowAll() && !rules.Learn() {
 		return resp
 	}
 	if err := m.learn(id, q.Name, resp); err != nil {
@@ -263,9 +263,6 @@ func learnedNames(l *learned, name string) string {
 // to the blackhole instead.
 func (m *Manager) learn(id, qname string, resp *dns.Msg) error {
 	rrs := chainAddrs(qname, resp.Answer)
-	if len(rrs) == 0 {
-		return nil
-	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s := m.byID[id]
@@ -275,6 +272,9 @@ func (m *Manager) learn(id, qname string, resp *dns.Msg) error {
 	name := normalize(qname)
 	if !s.rules.MatchName(name) {
 		return fmt.Errorf("name %s no longer allowed", name)
+	}
+	if s.rules.Learn() {
+		s.observeName(name)
 	}
 	now := m.cfg.Now()
 	type add struct {

@@ -35,6 +35,9 @@ rebind-10.test. 300 IN A 10.98.0.10
 rebind-md.test. 300 IN A 169.254.169.254
 rebind-v6.test. 300 IN AAAA ::ffff:10.98.0.10
 rebind-ok.test. 300 IN A 10.99.0.10
+s1.cdn.test. 300 IN A 203.0.113.10
+s2.cdn.test. 300 IN A 203.0.113.10
+s3.cdn.test. 300 IN A 203.0.113.10
 `
 
 var policyA = Policy{Name: "a", AllowedHostnames: []string{
@@ -329,6 +332,52 @@ func TestAdversarial(t *testing.T) {
 		}
 		if got := run(t, "ip", "netns", "exec", f.node, "nft", "list", "chain", "inet", "chalk", "egress"); !strings.Contains(got, "vmap @egress_sbx") {
 			t.Fatalf("node's egress chain changed:\n%s", got)
+		}
+	})
+
+	t.Run("learn mode", func(t *testing.T) {
+		d := f.addSandbox(t)
+		if err := m.Apply(ctx, d.sb, LearnRules()); err != nil {
+			t.Fatal(err)
+		}
+		defer m.Remove(ctx, d.sb.ID)
+		for _, n := range []string{"allowed.test.", "S1.cdn.test.", "s2.cdn.test.", "s3.cdn.test."} {
+			addrs := d.lookup(t, n, dns.TypeA)
+			if _, err := d.dial("tcp", net.JoinHostPort(addrs[0].String(), "80"), time.Second); err != nil {
+				t.Fatalf("learn mode, %s: %v", n, err)
+			}
+		}
+		for _, dst := range []string{"198.51.100.19:80", "[2001:db8:3::10]:80"} {
+			if _, err := d.dial("tcp", dst, time.Second); err != nil {
+				t.Fatalf("learn mode, %s: %v", dst, err)
+			}
+		}
+		if _, err := d.exchange("udp", resolverIP+":53", "free.test.", dns.TypeA, time.Second); err != nil {
+			t.Fatalf("learn mode, direct DNS: %v", err)
+		}
+		want := []string{"*.cdn.test", "198.51.100.19", "2001:db8:3::10", "allowed.test"}
+		var got Policy
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) { // NFLOG is asynchronous
+			var err error
+			if got, err = m.Proposal(d.sb.ID); err != nil {
+				t.Fatal(err)
+			}
+			if slices.Equal(got.AllowedHostnames, want) || time.Now().After(deadline) {
+				break
+			}
+		}
+		if !slices.Equal(got.AllowedHostnames, want) || got.AllowAll {
+			t.Fatalf("Proposal = %+v, want %v", got, want)
+		}
+		// The proposal, applied, allows what was seen and nothing else.
+		if err := m.Apply(ctx, d.sb, mustCompile(t, got)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.dial("tcp", "198.51.100.19:80", time.Second); err != nil {
+			t.Fatalf("proposed address: %v", err)
+		}
+		if addrs := d.lookup(t, "free.test.", dns.TypeA); addrs[0] != blackhole4 {
+			t.Fatalf("unseen name resolves to %v", addrs)
 		}
 	})
 

@@ -120,6 +120,8 @@ type sbx struct {
 	drops     []*Drop                 // most recent last
 	logWindow time.Time
 	logged    int
+	seenNames map[string]struct{}     // learn mode: names resolved
+	seenAddrs map[netip.Addr]struct{} // learn mode: addresses reached without DNS
 }
 
 // logPerSecond bounds the egress log lines of one sandbox.
@@ -436,7 +438,7 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 	s.Sandbox, s.rules = sb, rules
 	var err error
 	switch {
-	case rules.AllowAll():
+	case rules.AllowAll() && !rules.Learn():
 		if s.installed {
 			m.teardown(s, old.HostIf)
 		}
@@ -509,6 +511,14 @@ func (m *Manager) takeOver(id string, a adoptedSbx) (*sbx, error) {
 	return s, nil
 }
 
+// chainRules are the rules of the sandbox's chain eg_<n>.
+func (m *Manager) chainRules(s *sbx) [][]expr.Any {
+	if s.rules.Learn() {
+		return learnRules(s.names, m.cfg.LogGroup, m.cfg.LogRate, uint32(2*m.cfg.LogRate))
+	}
+	return sandboxRules(s.names, m.blackholesAllowed(s.rules))
+}
+
 // blackholesAllowed are the blackhole addresses a CIDR entry would accept
 // (they need an explicit drop rule).
 func (m *Manager) blackholesAllowed(r *Rules) []netip.Addr {
@@ -538,7 +548,7 @@ func (m *Manager) install(s *sbx) error {
 	for _, r := range denyRules(s.names, m.cfg.LogGroup, m.cfg.LogRate, uint32(2*m.cfg.LogRate)) {
 		m.conn.AddRule(&nftables.Rule{Table: t, Chain: deny, Exprs: r})
 	}
-	for _, r := range sandboxRules(s.names, m.blackholesAllowed(s.rules)) {
+	for _, r := range m.chainRules(s) {
 		m.conn.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: r})
 	}
 	if err := m.conn.SetAddElements(m.dispatch, []nftables.SetElement{dispatchElement(s, s.HostIf)}); err != nil {
@@ -581,7 +591,7 @@ func (m *Manager) update(s *sbx, old *sbx) error {
 	}
 	chain := &nftables.Chain{Table: t, Name: s.names.chain}
 	m.conn.FlushChain(chain)
-	for _, r := range sandboxRules(s.names, m.blackholesAllowed(s.rules)) {
+	for _, r := range m.chainRules(s) {
 		m.conn.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: r})
 	}
 	if old.HostIf != s.HostIf {
@@ -798,13 +808,17 @@ func (m *Manager) readDrops(l *nflog) {
 		now := m.cfg.Now()
 		m.mu.Lock()
 		for _, p := range pkts {
-			n, ok := sandboxIndex(p.prefix)
+			n, learn, ok := sandboxIndex(p.prefix)
 			if !ok {
 				continue
 			}
 			s := m.byN[n]
 			info, err := parsePacket(p.payload)
 			if s == nil || err != nil {
+				continue
+			}
+			if learn {
+				s.observe(info)
 				continue
 			}
 			m.recordDrop(s, Drop{Time: now, Proto: info.proto, Dst: info.dst.String(), Port: info.port, Name: s.recent[info.dst]})

@@ -105,14 +105,18 @@ func (l *nflog) receive() ([]nflogPacket, error) {
 	return out, nil
 }
 
-// sandboxIndex reads n from a prefix made with logPrefixFmt.
-func sandboxIndex(prefix string) (uint32, bool) {
+// sandboxIndex reads n from a prefix made with logPrefixFmt or
+// learnPrefixFmt; learn tells which.
+func sandboxIndex(prefix string) (n uint32, learn, ok bool) {
 	rest, ok := strings.CutPrefix(prefix, "chalk-egress ")
 	if !ok {
-		return 0, false
+		if rest, ok = strings.CutPrefix(prefix, "chalk-learn "); !ok {
+			return 0, false, false
+		}
+		learn = true
 	}
-	n, err := strconv.ParseUint(strings.TrimSpace(rest), 10, 32)
-	return uint32(n), err == nil
+	v, err := strconv.ParseUint(strings.TrimSpace(rest), 10, 32)
+	return uint32(v), learn, err == nil
 }
 
 // packetInfo is what the egress log shows of a dropped packet.

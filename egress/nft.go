@@ -13,10 +13,11 @@ import (
 
 // Names of the node-wide objects egress keeps in the table.
 const (
-	egressChain  = "egress"          // created by sandboxnet, contents ours
-	dispatchMap  = "egress_sbx"      // iifname -> goto eg_<n>
-	dnsPortsSet  = "egress_dnsports" // {53, 853}
-	logPrefixFmt = "chalk-egress %d "
+	egressChain    = "egress"          // created by sandboxnet, contents ours
+	dispatchMap    = "egress_sbx"      // iifname -> goto eg_<n>
+	dnsPortsSet    = "egress_dnsports" // {53, 853}
+	logPrefixFmt   = "chalk-egress %d "
+	learnPrefixFmt = "chalk-learn %d "
 )
 
 // sbxNames are the names of one sandbox's nftables objects.
@@ -83,6 +84,21 @@ func sandboxRules(nm sbxNames, blackholes []netip.Addr) [][]expr.Any {
 	}
 	rules = append(rules, []expr.Any{deny})
 	return rules
+}
+
+// learnRules are the rules of chain eg_<n> in learn mode: addresses known
+// from DNS are accepted silently, others are sampled to NFLOG and accepted.
+func learnRules(nm sbxNames, group uint16, ratePerSec uint64, burst uint32) [][]expr.Any {
+	return [][]expr.Any{
+		append(daddr(true), &expr.Lookup{SourceRegister: 1, SetName: nm.dns4}, &expr.Verdict{Kind: expr.VerdictAccept}),
+		append(daddr(false), &expr.Lookup{SourceRegister: 1, SetName: nm.dns6}, &expr.Verdict{Kind: expr.VerdictAccept}),
+		{
+			&expr.Limit{Type: expr.LimitTypePkts, Rate: ratePerSec, Unit: expr.LimitTimeSecond, Burst: burst},
+			&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX | 1<<unix.NFTA_LOG_SNAPLEN,
+				Group: group, Snaplen: 128, Data: []byte(fmt.Sprintf(learnPrefixFmt, nm.n))},
+		},
+		{&expr.Verdict{Kind: expr.VerdictAccept}},
+	}
 }
 
 // daddr loads the IPv4 or IPv6 destination address into register 1, after

@@ -72,7 +72,7 @@ func TestSandboxRulesExprs(t *testing.T) {
 	if !reflect.DeepEqual(deny, wantDeny) {
 		t.Errorf("deny rules differ:\n got %s\nwant %s", dumpRules(deny), dumpRules(wantDeny))
 	}
-	if n, ok := sandboxIndex(string(deny[0][1].(*expr.Log).Data)); !ok || n != 7 {
+	if n, learn, ok := sandboxIndex(string(deny[0][1].(*expr.Log).Data)); !ok || n != 7 || learn {
 		t.Errorf("log prefix does not round-trip: %d %v", n, ok)
 	}
 	if got, want := dispatchRule(), []expr.Any{

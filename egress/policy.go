@@ -26,6 +26,7 @@ type Policy struct {
 // Rules is the compiled union of policies. It is immutable.
 type Rules struct {
 	allowAll bool
+	learn    bool
 	exact    map[string]struct{} // normalised names
 	suffixes map[string]struct{} // "example.com" for "*.example.com"
 	prefixes []netip.Prefix      // masked, sorted, deduplicated
@@ -160,6 +161,16 @@ func normalize(name string) string {
 
 // AllowAll reports whether egress is unrestricted.
 func (r *Rules) AllowAll() bool { return r.allowAll }
+
+// LearnRules are unrestricted egress that records what the sandbox contacts
+// (names it resolves, addresses it reaches without resolving them), so that
+// Manager.Proposal can suggest a policy.
+func LearnRules() *Rules {
+	return &Rules{allowAll: true, learn: true, exact: map[string]struct{}{}, suffixes: map[string]struct{}{}, hash: "learn"}
+}
+
+// Learn reports whether these are LearnRules.
+func (r *Rules) Learn() bool { return r.learn }
 
 // MatchName reports whether the rules allow the DNS name: case-insensitive, a
 // trailing dot ignored, wildcards matching whole labels only.

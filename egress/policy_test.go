@@ -3,6 +3,7 @@ package egress
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -243,4 +244,36 @@ func FuzzMatchName(f *testing.F) {
 			t.Fatalf("normalisation changed more than case")
 		}
 	})
+}
+
+func TestProposeEntries(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		names []string
+		addrs []string
+		want  []string
+	}{
+		{"empty", nil, nil, nil},
+		{"plain names", []string{"b.test", "a.test"}, nil, []string{"a.test", "b.test"}},
+		{"three siblings become a wildcard", []string{"x.cdn.test", "y.cdn.test", "z.cdn.test", "cdn.test"}, nil, []string{"*.cdn.test", "cdn.test"}},
+		{"two siblings stay", []string{"x.cdn.test", "y.cdn.test"}, nil, []string{"x.cdn.test", "y.cdn.test"}},
+		{"no wildcard over a TLD", []string{"a.test", "b.test", "c.test"}, nil, []string{"a.test", "b.test", "c.test"}},
+		{"deeper names are covered", []string{"x.cdn.test", "y.cdn.test", "z.cdn.test", "a.b.cdn.test"}, nil, []string{"*.cdn.test"}},
+		{"addresses", []string{"a.test"}, []string{"203.0.113.7", "2001:db8::1"}, []string{"2001:db8::1", "203.0.113.7", "a.test"}},
+		{"invalid names are left out", []string{"bad name.test", "ok.test"}, nil, []string{"ok.test"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var addrs []netip.Addr
+			for _, a := range tc.addrs {
+				addrs = append(addrs, netip.MustParseAddr(a))
+			}
+			got := proposeEntries(tc.names, addrs)
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("got %v, want %v", got, tc.want)
+			}
+			if _, err := Compile(Policy{Name: "p", AllowedHostnames: got}); err != nil {
+				t.Errorf("proposal does not compile: %v", err)
+			}
+		})
+	}
 }
