@@ -59,7 +59,11 @@ func (p *progress) update(m *v1.ImageProgress) {
 		p.clear()
 		fmt.Fprintf(p.w, "#%d CACHED\n", m.Step)
 	case m.Phase == "pull" || m.Phase == "extract":
-		line := fmt.Sprintf("%-8s %s [%s] %s/%s", m.Phase, short(m.Layer), bar(m.Current, m.Total), human(m.Current), human(m.Total))
+		amount := human(m.Current) + "/" + human(m.Total)
+		if m.Phase == "extract" {
+			amount = "" // extraction reports layers, not bytes
+		}
+		line := fmt.Sprintf("%-8s %s [%s] %s", m.Phase, short(m.Layer), bar(m.Current, m.Total), amount)
 		if p.tty {
 			fmt.Fprintf(p.w, "\r%-90s", line)
 			p.last = line
@@ -75,6 +79,7 @@ func (p *progress) update(m *v1.ImageProgress) {
 			}
 			fmt.Fprintf(p.w, "ready %s %s, pulled %s%s\n", m.Image.Ref, short(m.Image.Digest), human(m.BytesPulled), warm)
 		}
+	case m.Phase == "resolve" && m.Layer == "":
 	case m.Phase != "":
 		p.clear()
 		fmt.Fprintf(p.w, "%s %s\n", m.Phase, m.Layer)
