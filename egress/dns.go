@@ -129,6 +129,7 @@ func (m *Manager) resolve(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 	m.mu.Unlock()
 	if s == nil {
 		m.log.Debug("egress: dns query from unknown source refused", "src", src)
+		m.stats.refused.Add(1)
 		return new(dns.Msg).SetRcode(r, dns.RcodeRefused)
 	}
 	if r.Opcode != dns.OpcodeQuery || len(r.Question) != 1 {
@@ -136,6 +137,7 @@ func (m *Manager) resolve(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 	}
 	q := r.Question[0]
 	if !rules.MatchName(q.Name) {
+		m.stats.denied.Add(1)
 		return m.deny(id, r)
 	}
 	network := "udp"
@@ -145,15 +147,19 @@ func (m *Manager) resolve(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 	resp, err := m.up.exchange(ctx, r, network)
 	if err != nil {
 		m.log.Warn("egress: dns upstream", "sandbox", id, "name", q.Name, "err", err)
+		m.stats.failed.Add(1)
 		return new(dns.Msg).SetRcode(r, dns.RcodeServerFailure)
 	}
 	if rules.AllowAll() && !rules.Learn() {
+		m.stats.allowed.Add(1)
 		return resp
 	}
 	if err := m.learn(id, q.Name, resp); err != nil {
 		m.log.Warn("egress: allowing dns answer", "sandbox", id, "name", q.Name, "err", err)
+		m.stats.failed.Add(1)
 		return new(dns.Msg).SetRcode(r, dns.RcodeServerFailure)
 	}
+	m.stats.allowed.Add(1)
 	return resp
 }
 

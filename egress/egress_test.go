@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 const testZone = `
@@ -238,6 +239,35 @@ func TestAdversarial(t *testing.T) {
 		}
 		if got := m.Blocked(c.sb.ID); len(got) != 0 {
 			t.Errorf("unrestricted sandbox has drops %+v", got)
+		}
+
+		reg := prometheus.NewPedanticRegistry()
+		if err := reg.Register(m.Collector()); err != nil {
+			t.Fatal(err)
+		}
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		values := map[string]float64{}
+		for _, mf := range mfs {
+			for _, mt := range mf.GetMetric() {
+				key := mf.GetName()
+				for _, l := range mt.GetLabel() {
+					key += "/" + l.GetValue()
+				}
+				values[key] = mt.GetCounter().GetValue() + mt.GetGauge().GetValue()
+			}
+		}
+		for key, min := range map[string]float64{
+			"chalk_egress_dropped_packets_total/" + a.sb.ID: float64(n),
+			"chalk_egress_learned_addresses/" + a.sb.ID:     1,
+			"chalk_egress_dns_queries_total/allowed":        5,
+			"chalk_egress_dns_queries_total/denied":         5,
+		} {
+			if values[key] < min {
+				t.Errorf("metric %s = %v, want >= %v (all: %v)", key, values[key], min, values)
+			}
 		}
 	})
 

@@ -102,6 +102,7 @@ type Manager struct {
 	started  bool
 	stopping chan struct{}
 	done     chan struct{}
+	stats    stats
 }
 
 // adoptedSbx is a sandbox whose rules a previous process installed.
