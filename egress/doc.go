@@ -37,10 +37,23 @@
 //
 // Apply replaces a sandbox's rules atomically (one nftables transaction);
 // addresses learned for names the new rules no longer allow are removed at
-// once. Connections already established before an update keep flowing
+// once, and the conntrack entries of the sandbox's connections that the new
+// rules do not allow are deleted, so established connections end too
 // (sandboxnet accepts established traffic before it jumps to "egress").
 //
-// Dropped packets are counted per sandbox (a counter in egd_<n>) and sampled
-// through NFLOG group Config.LogGroup; Blocked returns the recent samples,
-// aggregated per destination, for the egress log.
+// Dropped packets are counted per sandbox (a counter in egd_<n>; Dropped,
+// Collector) and sampled through NFLOG group Config.LogGroup (at most
+// Config.LogRate a second per sandbox); Blocked returns the recent samples and
+// denied lookups, aggregated per destination, for the egress log.
+//
+// Learn mode (LearnRules) leaves egress unrestricted but samples every new
+// connection to an address that did not come from a DNS answer and records
+// the names resolved; Proposal turns them into a policy.
+//
+// Restarts: the rules live in the kernel and keep holding while no Manager
+// runs. A new Manager adopts them (the dispatch map's element comments hold
+// "<n> <sandbox ID>", learned elements' comments the names they were learned
+// for): Apply for an adopted ID takes its objects over, Remove deletes them,
+// Adopted lists those not yet claimed; per-sandbox objects the dispatch map
+// no longer points to are deleted at Start.
 package egress

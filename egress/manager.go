@@ -424,10 +424,11 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 		return err
 	}
 	s := m.byID[sb.ID]
+	adopted, wasAdopted := m.adopted[sb.ID]
 	if s == nil {
-		if a, ok := m.adopted[sb.ID]; ok {
+		if wasAdopted {
 			var err error
-			if s, err = m.takeOver(sb.ID, a); err != nil {
+			if s, err = m.takeOver(sb.ID, adopted); err != nil {
 				return err
 			}
 		} else {
@@ -458,6 +459,9 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 	}
 	if err != nil {
 		s.Sandbox, s.rules = old.Sandbox, old.rules
+		if wasAdopted {
+			m.adopted[sb.ID] = adopted // still the kernel's; try again or Remove
+		}
 		return fmt.Errorf("egress: apply rules of sandbox %s: %w", sb.ID, err)
 	}
 	if old.rules != nil && !rules.AllowAll() {
