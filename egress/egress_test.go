@@ -411,6 +411,33 @@ func TestAdversarial(t *testing.T) {
 		}
 	})
 
+	t.Run("interface reused before Remove", func(t *testing.T) {
+		e := f.addSandbox(t)
+		if err := m.Apply(ctx, e.sb, mustCompile(t, Policy{Name: "e", AllowedHostnames: []string{"other.test"}})); err != nil {
+			t.Fatal(err)
+		}
+		next := e.sb
+		next.ID += "-next"
+		if err := m.Apply(ctx, next, mustCompile(t, Policy{Name: "next", AllowedHostnames: []string{"198.51.100.19"}})); err != nil {
+			t.Fatalf("second sandbox on the same interface: %v", err)
+		}
+		if _, err := e.dial("tcp", "198.51.100.19:80", time.Second); err != nil {
+			t.Fatalf("new sandbox's rules: %v", err)
+		}
+		if err := m.Remove(ctx, e.sb.ID); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.dial("tcp", "198.51.100.19:80", time.Second); err != nil {
+			t.Fatalf("new sandbox's rules after the old one's Remove: %v", err)
+		}
+		if _, err := e.dial("tcp", "198.51.100.20:80", deny); !isTimeout(err) {
+			t.Fatalf("old sandbox's CIDR/names still apply: %v", err)
+		}
+		if err := m.Remove(ctx, next.ID); err != nil {
+			t.Fatal(err)
+		}
+	})
+
 	t.Run("remove", func(t *testing.T) {
 		if err := m.Remove(ctx, c.sb.ID); err != nil {
 			t.Fatal(err)

@@ -450,6 +450,7 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 			clear(s.learned)
 		}
 	case !s.installed:
+		m.evictInterface(sb.HostIf, sb.ID)
 		err = m.install(s)
 		if err == nil {
 			s.installed = true
@@ -486,6 +487,27 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 	}
 	m.log.Debug("egress rules applied", "sandbox", sb.ID, "policy", rules.Hash())
 	return nil
+}
+
+// evictInterface queues the removal of the rules of other sandboxes that
+// still hold hostIf (a slot reused before the previous sandbox's Remove), so
+// that the new sandbox's dispatch element can take its place in the same
+// transaction.
+func (m *Manager) evictInterface(hostIf, id string) {
+	for oid, o := range m.byID {
+		if oid != id && o.installed && o.HostIf == hostIf {
+			m.log.Warn("egress: interface reused before its sandbox was removed", "interface", hostIf, "old", oid, "new", id)
+			m.teardown(o, o.HostIf)
+			o.installed = false
+			clear(o.learned)
+		}
+	}
+	for oid, a := range m.adopted {
+		if oid != id && a.hostIf == hostIf {
+			m.teardown(&sbx{names: namesFor(a.n), Sandbox: Sandbox{ID: oid, HostIf: a.hostIf}}, a.hostIf)
+			delete(m.adopted, oid)
+		}
+	}
 }
 
 // takeOver turns an adopted sandbox into a managed one, reading back the
