@@ -16,6 +16,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/egress"
 	"github.com/chalkcompute/chalkcompute/identity"
@@ -253,6 +255,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 func (d *Daemon) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/.well-known/", d.Issuer.DiscoveryHandler())
+	mux.Handle("/metrics", promhttp.Handler())
 	mux.Handle("/", d.API.Handler())
 	return mux
 }

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -339,13 +341,84 @@ func TestEntrypointExitAndLogs(t *testing.T) {
 	}
 }
 
-// TestTimeout: the lifetime timeout ends a sandbox.
-func TestTimeout(t *testing.T) {
+// TestTimeouts: the lifetime timeout and the idle timeout end a sandbox;
+// activity keeps an idle-timeout sandbox alive.
+func TestTimeouts(t *testing.T) {
 	n := chalktest.Start(t)
-	sb := create(t, n.Client(), chalkcompute.WithTimeout(2*time.Second))
-	info, err := sb.Wait(ctxT(t, time.Minute))
+	c := n.Client()
+	ctx := ctxT(t, time.Minute)
+	sb := create(t, c, chalkcompute.WithTimeout(2*time.Second))
+	idle := create(t, c, chalkcompute.WithIdleTimeout(2*time.Second))
+	info, err := sb.Wait(ctx)
 	if err != nil || info.EndReason != "timeout" {
 		t.Fatalf("timeout: %v %+v", err, info)
+	}
+	// The lifetime sandbox lived ~2s; the idle one was created after it and
+	// has been idle about as long. Keep it busy past its idle timeout.
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		mustExec(t, idle, "true")
+	}
+	if _, err := idle.Refresh(ctx); err != nil || idle.Info.State != "running" {
+		t.Fatalf("active sandbox ended by idle timeout: %v %+v", err, idle.Info)
+	}
+	info, err = idle.Wait(ctx)
+	if err != nil || info.EndReason != "idle" {
+		t.Fatalf("idle: %v %+v", err, info)
+	}
+}
+
+// TestCLI: the chalk CLI end to end with --output json.
+func TestCLI(t *testing.T) {
+	n := chalktest.Start(t)
+	out, stderr, code := n.CLI("compute", "sandbox", "create", "--image", "busybox", "--env", "A=1", "-o", "json")
+	var sb map[string]any
+	if code != 0 || json.Unmarshal([]byte(out), &sb) != nil || sb["state"] != "running" {
+		t.Fatalf("create: %d %q %q", code, out, stderr)
+	}
+	id := sb["id"].(string)
+	out, _, code = n.CLI("compute", "sandbox", "exec", id, "--", "sh", "-c", "echo $A; echo e >&2; exit 4")
+	if code != 4 || out != "1\n" {
+		t.Fatalf("exec: exit %d %q", code, out)
+	}
+	out, _, code = n.CLI("compute", "sandbox", "exec", id, "-o", "json", "--", "echo", "hi")
+	var res map[string]any
+	if code != 0 || json.Unmarshal([]byte(out), &res) != nil || res["stdout"] != "hi\n" || res["exit_code"] != float64(0) {
+		t.Fatalf("exec json: %d %q", code, out)
+	}
+	local := filepath.Join(t.TempDir(), "in.txt")
+	if err := os.WriteFile(local, []byte("payload"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr, code := n.CLI("compute", "sandbox", "cp", local, id+":/x/in.txt"); code != 0 {
+		t.Fatalf("cp in: %q", stderr)
+	}
+	back := filepath.Join(t.TempDir(), "out.txt")
+	if _, stderr, code := n.CLI("compute", "sandbox", "cp", id+":/x/in.txt", back); code != 0 {
+		t.Fatalf("cp out: %q", stderr)
+	}
+	if b, _ := os.ReadFile(back); string(b) != "payload" {
+		t.Fatalf("round trip: %q", b)
+	}
+	out, _, code = n.CLI("compute", "image", "ls", "-o", "json")
+	if code != 0 || !strings.Contains(out, "docker.io/library/busybox") {
+		t.Fatalf("image ls: %q", out)
+	}
+	out, _, code = n.CLI("compute", "image", "pull", "busybox", "-o", "json")
+	var pulled map[string]any
+	if code != 0 || json.Unmarshal([]byte(out), &pulled) != nil || pulled["phase"] != "done" {
+		t.Fatalf("image pull: %q", out)
+	}
+	if _, stderr, code := n.CLI("compute", "sandbox", "create", "--image", "nope:1"); code == 0 || !strings.Contains(stderr, "nope") {
+		t.Fatalf("bad image via CLI: %d %q", code, stderr)
+	}
+	out, _, code = n.CLI("compute", "sandbox", "rm", id, "-o", "json")
+	if code != 0 || !strings.Contains(out, "terminated") {
+		t.Fatalf("rm: %q", out)
+	}
+	out, _, _ = n.CLI("compute", "sandbox", "logs", id, "-o", "json")
+	if !strings.Contains(out, "sandbox_id") {
+		t.Fatalf("logs json: %q", out)
 	}
 }
 
@@ -389,6 +462,15 @@ func TestNoLeaks(t *testing.T) {
 	if testing.Short() {
 		count = 20
 	}
+	// Warm up (first create starts lazily created goroutines), then count.
+	warm := create(t, c)
+	if _, err := warm.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	goroutinesBefore, err := n.Metric("go_goroutines")
+	if err != nil {
+		t.Fatal(err)
+	}
 	sem := make(chan struct{}, 4)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -421,7 +503,7 @@ func TestNoLeaks(t *testing.T) {
 	}
 	out, _, code := n.CLI("compute", "sandbox", "ls", "--all", "-o", "json")
 	var all []map[string]any
-	if code != 0 || json.Unmarshal([]byte(out), &all) != nil || len(all) != count {
+	if code != 0 || json.Unmarshal([]byte(out), &all) != nil || len(all) != count+1 {
 		t.Fatalf("ls --all: %d sandboxes (want %d)", len(all), count)
 	}
 	for _, sb := range all {
@@ -449,6 +531,12 @@ func TestNoLeaks(t *testing.T) {
 	cg, _ := n.Exec("sh", "-c", "ls /sys/fs/cgroup/memory"+n.Cgroup+" 2>/dev/null | grep -c sb- || true")
 	if strings.TrimSpace(cg) != "0" {
 		t.Errorf("leftover cgroups: %s", cg)
+	}
+	// chalkd's goroutines are back where they were: a leak per sandbox would
+	// show as hundreds; a few idle keep-alive connections (API clients, the
+	// node cache's registry client) are allowed.
+	if after, err := n.Metric("go_goroutines"); err != nil || after > goroutinesBefore+16 {
+		t.Errorf("goroutines: %v before, %v after %d sandboxes (%v)", goroutinesBefore, after, count, err)
 	}
 	dirs, _ := n.Exec("sh", "-c", "ls "+n.Dir+"/sandboxes | wc -l")
 	if strings.TrimSpace(dirs) != "0" {
