@@ -9,6 +9,8 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/miekg/dns"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
 // upstream exchanges queries with the upstream resolver from the node's
@@ -336,6 +338,9 @@ func (m *Manager) learn(id, qname string, resp *dns.Msg) error {
 	}
 	if len(adds) == 0 {
 		return nil
+	}
+	if len(s.learned)+len(adds) > m.cfg.MaxLearned {
+		return fmt.Errorf("sandbox %s: %d learned addresses: %w", id, len(s.learned), errdefs.ErrResourceExhausted)
 	}
 	_, _, dns4, dns6 := sandboxSets(m.table, s.names)
 	if len(els4) > 0 {

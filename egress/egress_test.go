@@ -43,7 +43,7 @@ s3.cdn.test. 300 IN A 203.0.113.10
 
 var policyA = Policy{Name: "a", AllowedHostnames: []string{
 	"allowed.test", "*.wild.test", "cname-out.test", "rebind-lo.test", "rebind-10.test", "rebind-md.test",
-	"rebind-v6.test", "rebind-ok.test", "udp.test", "v6.test", "short.test",
+	"rebind-v6.test", "rebind-ok.test", "udp.test", "v6.test", "short.test", "noreply.test",
 	"203.0.113.0/25", "2001:db8:1::/48", "10.99.0.0/16", "198.51.100.53/32",
 }}
 
@@ -58,7 +58,7 @@ func TestAdversarial(t *testing.T) {
 	f := newFakeNet(t)
 	f.dns.set(t, testZone)
 	f.dns.inject(t, "cname-out.test", "injected.test. 300 IN A 198.51.100.17")
-	m := f.startManager(t, Config{MinTTL: 2 * time.Second})
+	m := f.startManager(t, Config{MinTTL: 2 * time.Second, UpstreamTimeout: 300 * time.Millisecond})
 	ctx := context.Background()
 	a, b, c := f.addSandbox(t), f.addSandbox(t), f.addSandbox(t)
 	for _, x := range []struct {
@@ -199,6 +199,13 @@ func TestAdversarial(t *testing.T) {
 		}
 		if f.dns.count("exfil-data.evil.test") != 0 {
 			t.Error("TXT query for a denied name was forwarded")
+		}
+	})
+
+	t.Run("upstream does not answer", func(t *testing.T) {
+		r, err := a.exchange("udp", "", "noreply.test.", dns.TypeA, 2*time.Second)
+		if err != nil || r.Rcode != dns.RcodeServerFailure {
+			t.Fatalf("got %v, %v; want SERVFAIL", r, err)
 		}
 	})
 

@@ -403,6 +403,10 @@ func startFakeDNS(t testing.TB, ns string) *fakeDNS {
 			name := strings.ToLower(dns.Fqdn(q.Name))
 			d.mu.Lock()
 			d.queries[name]++
+			if strings.HasPrefix(name, "noreply.") {
+				d.mu.Unlock()
+				return // an upstream that does not answer
+			}
 			for _, rr := range d.zone[name] {
 				if rr.Header().Rrtype == q.Qtype || rr.Header().Rrtype == dns.TypeCNAME || q.Qtype == dns.TypeANY {
 					resp.Answer = append(resp.Answer, dns.Copy(rr))

@@ -58,6 +58,10 @@ type Config struct {
 	// DropRing is the number of distinct destinations Blocked keeps per
 	// sandbox (default 256).
 	DropRing int
+	// MaxLearned bounds the DNS-learned addresses per sandbox (default
+	// 16384); beyond it lookups of new addresses fail (SERVFAIL) until
+	// entries expire.
+	MaxLearned int
 }
 
 // Sandbox identifies one sandbox's network: its host-side interface and its
@@ -167,6 +171,9 @@ func New(cfg Config) (*Manager, error) {
 	}
 	if cfg.DropRing <= 0 {
 		cfg.DropRing = 256
+	}
+	if cfg.MaxLearned <= 0 {
+		cfg.MaxLearned = 16384
 	}
 	if cfg.Upstream == "" {
 		cc, err := dns.ClientConfigFromFile("/etc/resolv.conf")
