@@ -1,0 +1,148 @@
+package imagespec
+
+import (
+	"strings"
+
+	"github.com/moby/buildkit/frontend/dockerfile/instructions"
+	"github.com/moby/buildkit/frontend/dockerfile/parser"
+)
+
+// ParseDockerfile turns a Dockerfile into a base reference and steps. It
+// supports one stage of FROM, RUN, ENV, ARG, WORKDIR, USER, CMD, ENTRYPOINT,
+// LABEL and EXPOSE. COPY/ADD of local files need their content uploaded, which
+// only the SDKs' add_local_file/add_local_dir do; anything else (multi-stage,
+// RUN --mount, ONBUILD, HEALTHCHECK, heredocs, ...) is an error naming the line.
+func ParseDockerfile(text string) (base string, steps []Step, err error) {
+	res, err := parser.Parse(strings.NewReader(text))
+	if err != nil {
+		return "", nil, invalid("dockerfile: %v", err)
+	}
+	froms := 0
+	for _, n := range res.AST.Children {
+		if strings.EqualFold(n.Value, "from") {
+			froms++
+			if froms > 1 {
+				return "", nil, invalid("dockerfile line %d: multi-stage builds are not supported (%s)", n.StartLine, n.Original)
+			}
+			cmd, err := instructions.ParseInstruction(n)
+			if err != nil {
+				return "", nil, invalid("dockerfile line %d: %v", n.StartLine, err)
+			}
+			st, ok := cmd.(*instructions.Stage)
+			if !ok || st.BaseName == "" {
+				return "", nil, invalid("dockerfile line %d: bad FROM", n.StartLine)
+			}
+			if st.Platform != "" {
+				return "", nil, invalid("dockerfile line %d: FROM --platform is not supported", n.StartLine)
+			}
+			base = st.BaseName
+			continue
+		}
+		if froms == 0 && !strings.EqualFold(n.Value, "arg") {
+			return "", nil, invalid("dockerfile line %d: %s before FROM", n.StartLine, strings.ToUpper(n.Value))
+		}
+		s, err := convertNode(n)
+		if err != nil {
+			return "", nil, err
+		}
+		if froms == 0 {
+			continue // ARG before FROM only parameterises FROM; not supported beyond parsing
+		}
+		steps = append(steps, s...)
+	}
+	if froms == 0 {
+		return "", nil, invalid("dockerfile: no FROM")
+	}
+	return base, steps, nil
+}
+
+// parseDockerfileLines parses dockerfile_commands (no FROM allowed).
+func parseDockerfileLines(lines []string) ([]Step, error) {
+	if len(lines) == 0 {
+		return nil, invalid("lines: at least one instruction is required")
+	}
+	res, err := parser.Parse(strings.NewReader(strings.Join(lines, "\n")))
+	if err != nil {
+		return nil, invalid("dockerfile_commands: %v", err)
+	}
+	var steps []Step
+	for _, n := range res.AST.Children {
+		if strings.EqualFold(n.Value, "from") {
+			return nil, invalid("dockerfile_commands line %d: FROM is not allowed here (use from_dockerfile)", n.StartLine)
+		}
+		s, err := convertNode(n)
+		if err != nil {
+			return nil, err
+		}
+		steps = append(steps, s...)
+	}
+	return steps, nil
+}
+
+func shellArgv(c instructions.ShellDependantCmdLine) []string {
+	if c.PrependShell {
+		return []string{"/bin/sh", "-c", strings.Join(c.CmdLine, " ")}
+	}
+	return c.CmdLine
+}
+
+func kvMap(kvs instructions.KeyValuePairs) map[string]string {
+	m := make(map[string]string, len(kvs))
+	for _, kv := range kvs {
+		m[kv.Key] = kv.Value
+	}
+	return m
+}
+
+// convertNode converts one instruction to steps.
+func convertNode(n *parser.Node) ([]Step, error) {
+	line := n.StartLine
+	unsupported := func(why string) ([]Step, error) {
+		return nil, invalid("dockerfile line %d: %s is not supported%s (%s)", line, strings.ToUpper(n.Value), why, strings.TrimSpace(n.Original))
+	}
+	if len(n.Heredocs) > 0 {
+		return unsupported(" with heredocs")
+	}
+	cmd, err := instructions.ParseInstruction(n)
+	if err != nil {
+		return nil, invalid("dockerfile line %d: %v", line, err)
+	}
+	switch c := cmd.(type) {
+	case *instructions.RunCommand:
+		if len(c.FlagsUsed) > 0 {
+			return unsupported(" with flags (--" + strings.Join(c.FlagsUsed, ", --") + ")")
+		}
+		if c.PrependShell {
+			return []Step{{Kind: KindRun, Commands: []string{strings.Join(c.CmdLine, " ")}}}, nil
+		}
+		quoted := make([]string, len(c.CmdLine))
+		for i, a := range c.CmdLine {
+			quoted[i] = "'" + shellQuote.Replace(a) + "'"
+		}
+		return []Step{{Kind: KindRun, Commands: []string{"exec " + strings.Join(quoted, " ")}}}, nil
+	case *instructions.EnvCommand:
+		return []Step{{Kind: KindEnv, Env: kvMap(c.Env)}}, nil
+	case *instructions.LabelCommand:
+		return []Step{{Kind: KindLabel, Labels: kvMap(c.Labels)}}, nil
+	case *instructions.WorkdirCommand:
+		return []Step{{Kind: KindWorkdir, Path: c.Path}}, nil
+	case *instructions.UserCommand:
+		return []Step{{Kind: KindUser, User: c.User}}, nil
+	case *instructions.CmdCommand:
+		return []Step{{Kind: KindCmd, Argv: shellArgv(c.ShellDependantCmdLine)}}, nil
+	case *instructions.EntrypointCommand:
+		return []Step{{Kind: KindEntrypoint, Argv: shellArgv(c.ShellDependantCmdLine)}}, nil
+	case *instructions.ExposeCommand:
+		return []Step{{Kind: KindExpose, Ports: c.Ports}}, nil
+	case *instructions.ArgCommand:
+		var out []Step
+		for _, a := range c.Args {
+			out = append(out, Step{Kind: KindArg, Name: a.Key, Value: a.Value})
+		}
+		return out, nil
+	case *instructions.CopyCommand, *instructions.AddCommand:
+		return unsupported(": add local files with add_local_file/add_local_dir (strategy=\"copy\") in the SDK")
+	default:
+		return unsupported("")
+	}
+}
