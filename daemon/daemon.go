@@ -21,6 +21,8 @@ import (
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/egress"
 	"github.com/chalkcompute/chalkcompute/identity"
+	"github.com/chalkcompute/chalkcompute/imagebuild"
+	"github.com/chalkcompute/chalkcompute/imagespec"
 	"github.com/chalkcompute/chalkcompute/metadata"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
@@ -53,6 +55,9 @@ type Config struct {
 	// discovery document and JWKS must be reachable there). Default:
 	// http://<Listen>, for development.
 	IssuerURL string
+	// BuildEnv is added to image build RUN steps (e.g. PIP_INDEX_URL,
+	// PIP_TRUSTED_HOST for a private package index); not part of image hashes.
+	BuildEnv []string
 	// DNSUpstream is where the DNS proxy forwards allowed names (host:port;
 	// default: the first nameserver of /etc/resolv.conf).
 	DNSUpstream string
@@ -188,6 +193,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}
 	if d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
+		ReservedSlots: buildSlots,
 	}); err != nil {
 		return nil, err
 	}
@@ -205,6 +211,23 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, fmt.Errorf("egress: %w", err)
 	}
 	pol := &policies{m: d.Egress, agent: d.Agent}
+	// Image builds and uploaded content.
+	blobs, err := imagebuild.NewBlobs(filepath.Join(cfg.DataDir, "blobs"))
+	if err != nil {
+		return nil, err
+	}
+	builder, err := imagebuild.New(imagebuild.Config{
+		Registry: d.Registry, Cache: d.Cache, Runtime: d.Runtime, Blobs: blobs,
+		Network: &buildNet{net: d.Net, used: map[int]bool{}}, Env: cfg.BuildEnv,
+		Defaults: imagespec.Defaults{PythonVersion: DefaultPython}, Logger: cfg.Logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+	im := &images{b: builder, blobs: blobs, dir: filepath.Join(cfg.DataDir, "mounts")}
+	if err := os.MkdirAll(im.dir, 0o755); err != nil {
+		return nil, err
+	}
 	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), stops: map[string][]func(){}}
 	if d.Issuer, err = identity.New(ctx, identity.Config{
 		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.DataDir, "identity"), Logger: cfg.Logger,
@@ -224,9 +247,14 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	wi.meta = d.Metadata
 	d.API = api.New(ctx, api.Config{
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
-		Workload: wi, Identity: wi, Policies: pol,
+		Workload: wi, Identity: wi, Policies: pol, Images: im,
 		Hooks: api.Hooks{
-			Prepare: wi.prepare,
+			Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
+				if err := im.binds(ctx, sb, req); err != nil {
+					return err
+				}
+				return wi.prepare(ctx, sb, req)
+			},
 			Ended: func(ctx context.Context, sb *store.Sandbox) {
 				wi.ended(ctx, sb)
 				pol.remove(ctx, sb)
@@ -241,6 +269,12 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	})
 	if err := d.API.Reconcile(ctx); err != nil {
 		return nil, fmt.Errorf("reconcile: %w", err)
+	}
+	// Egress rules left by the previous process for sandboxes that ended meanwhile.
+	for _, id := range d.Egress.Adopted() {
+		if !d.API.IsActive(ctx, id) {
+			_ = d.Egress.Remove(ctx, id)
+		}
 	}
 	if err := d.bootstrapToken(ctx); err != nil {
 		return nil, err

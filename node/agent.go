@@ -34,7 +34,10 @@ type Config struct {
 	ResolvConf func(n *sandboxnet.Net) []byte
 	// DefaultPids is the pids cgroup limit when a request sets none.
 	DefaultPids int64
-	Logger      *slog.Logger
+	// ReservedSlots are network slots at the top of the range kept for
+	// others (build containers); sandboxes get the rest.
+	ReservedSlots int
+	Logger        *slog.Logger
 }
 
 // Agent runs sandboxes on this node.
@@ -63,7 +66,7 @@ func New(cfg Config) (*Agent, error) {
 }
 
 // MaxSlot is how many sandboxes this node can hold at once.
-func (a *Agent) MaxSlot() int { return a.cfg.Net.MaxSlot() }
+func (a *Agent) MaxSlot() int { return a.cfg.Net.MaxSlot() - a.cfg.ReservedSlots }
 
 // EnsureImage resolves ref through the registry (and its mirrors) and makes the
 // image warm in the node cache.

@@ -27,6 +27,8 @@ type ServerOptions struct {
 	Logger *slog.Logger
 	// Reaper starts and reaps processes; nil creates one.
 	Reaper *Reaper
+	// DefaultUser ("uid[:gid]") runs processes whose request names no user.
+	DefaultUser string
 }
 
 // Serve serves the process API on l until ctx is done.
@@ -38,7 +40,7 @@ func Serve(ctx context.Context, l net.Listener, opts ServerOptions) error {
 		opts.Reaper = NewReaper()
 		defer opts.Reaper.Close()
 	}
-	s := &server{log: opts.Logger, reaper: opts.Reaper}
+	s := &server{log: opts.Logger, reaper: opts.Reaper, defaultUser: opts.DefaultUser}
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
 	for {
@@ -58,8 +60,9 @@ func Serve(ctx context.Context, l net.Listener, opts ServerOptions) error {
 }
 
 type server struct {
-	log    *slog.Logger
-	reaper *Reaper
+	log         *slog.Logger
+	reaper      *Reaper
+	defaultUser string
 }
 
 // conn serialises frame writes from several goroutines.
@@ -162,7 +165,8 @@ func lookPath(file string, env []string) (string, error) {
 	return "", fmt.Errorf("executable %q not found in PATH: %w", file, errdefs.ErrNotFound)
 }
 
-func parseUser(u string) (*syscall.Credential, error) {
+// ParseUser parses "uid[:gid]" ("" = no change).
+func ParseUser(u string) (*syscall.Credential, error) {
 	if u == "" {
 		return nil, nil
 	}
@@ -191,7 +195,11 @@ func (s *server) exec(c *conn, req *request) {
 		c.sendErr(err)
 		return
 	}
-	cred, err := parseUser(req.User)
+	user := req.User
+	if user == "" {
+		user = s.defaultUser
+	}
+	cred, err := ParseUser(user)
 	if err != nil {
 		c.sendErr(err)
 		return

@@ -200,12 +200,17 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	if err != nil {
 		return 0, err
 	}
+	// Init runs as root (it owns the socket and reaps); the image's user is
+	// the default for the entrypoint and every exec.
 	args := []string{InitPath, "--socket", RunDir + "/" + SocketName}
+	if user != "" {
+		args = append(args, "--user", user)
+	}
 	if len(sp.Entrypoint) > 0 {
 		args = append(append(args, "--"), sp.Entrypoint...)
 	}
 	opts := []SpecOpt{
-		WithProcess(args, sp.Env, sp.Workdir, user),
+		WithProcess(args, sp.Env, sp.Workdir, ""),
 		WithHostname(sp.ID),
 		WithResources(r.cgroupPath(sp.ID), sp.CPU, sp.Memory, sp.Pids),
 		WithSeccomp(),

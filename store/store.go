@@ -138,6 +138,7 @@ type Sandbox struct {
 type Mount struct {
 	Digest string `json:"digest"`
 	Dst    string `json:"dst"`
+	IsDir  bool   `json:"is_dir,omitempty"`
 }
 
 // Deadline is when the sandbox's lifetime timeout expires.

@@ -23,6 +23,7 @@ import (
 
 func main() {
 	socket := "/.chalk/run/init.sock"
+	user := ""
 	args := os.Args[1:]
 	for len(args) > 0 {
 		if args[0] == "--" {
@@ -31,6 +32,10 @@ func main() {
 		}
 		if args[0] == "--socket" && len(args) > 1 {
 			socket, args = args[1], args[2:]
+			continue
+		}
+		if args[0] == "--user" && len(args) > 1 {
+			user, args = args[1], args[2:]
 			continue
 		}
 		break
@@ -50,7 +55,7 @@ func main() {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() {
-		if err := procapi.Serve(ctx, l, procapi.ServerOptions{Reaper: reaper}); err != nil {
+		if err := procapi.Serve(ctx, l, procapi.ServerOptions{Reaper: reaper, DefaultUser: user}); err != nil {
 			fmt.Fprintln(os.Stderr, "chalk-init: serve:", err)
 		}
 	}()
@@ -63,8 +68,14 @@ func main() {
 			fmt.Fprintf(os.Stderr, "chalk-init: entrypoint %q: %v\n", args[0], err)
 			os.Exit(127)
 		}
+		cred, err := procapi.ParseUser(user)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "chalk-init:", err)
+			os.Exit(126)
+		}
 		devnull, _ := os.Open(os.DevNull)
-		p, ch, err := reaper.Start(bin, args, &os.ProcAttr{Env: os.Environ(), Files: []*os.File{devnull, os.Stdout, os.Stderr}})
+		p, ch, err := reaper.Start(bin, args, &os.ProcAttr{Env: os.Environ(), Files: []*os.File{devnull, os.Stdout, os.Stderr},
+			Sys: &syscall.SysProcAttr{Credential: cred}})
 		if devnull != nil {
 			devnull.Close()
 		}

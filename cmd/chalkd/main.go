@@ -39,6 +39,13 @@ func main() {
 	fs.Int64Var(&cfg.CacheMaxBytes, "cache-max-bytes", 0, "node image cache size cap (default 20 GiB)")
 	fs.StringVar(&cfg.DNSUpstream, "dns-upstream", "", "DNS server the sandboxes' DNS proxy forwards to (default: from /etc/resolv.conf)")
 	fs.StringVar(&cfg.IssuerURL, "issuer", "", "workload identity issuer URL (https in production; default http://LISTEN)")
+	fs.Func("build-env", "NAME=VALUE added to image build RUN steps, e.g. PIP_INDEX_URL=... (repeatable)", func(v string) error {
+		if !strings.Contains(v, "=") {
+			return fmt.Errorf("want NAME=VALUE")
+		}
+		cfg.BuildEnv = append(cfg.BuildEnv, v)
+		return nil
+	})
 	fs.StringVar(&upstreams, "registry-upstreams", "", "pull-through mirrors, e.g. docker.io=https://registry-1.docker.io,nvcr.io=https://nvcr.io")
 	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
 	_ = fs.Parse(os.Args[1:])

@@ -1,0 +1,198 @@
+package daemon
+
+import (
+	"archive/tar"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/imagebuild"
+	"github.com/chalkcompute/chalkcompute/imagespec"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/sandboxnet"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// buildSlots is how many network slots at the top of the range are kept for
+// build containers (the API hands out the others to sandboxes).
+const buildSlots = 64
+
+// images connects the builder and the blob store to the API.
+type images struct {
+	b     *imagebuild.Builder
+	blobs *imagebuild.Blobs
+	dir   string // extracted directory mounts
+	mu    sync.Mutex
+}
+
+var _ api.ImageBackend = (*images)(nil)
+
+func (im *images) Build(ctx context.Context, specJSON []byte, force bool, events func(*v1.ImageProgress)) (*api.BuildResult, error) {
+	spec, err := imagespec.Parse(specJSON)
+	if err != nil {
+		return nil, err
+	}
+	var ev func(imagebuild.Event)
+	if events != nil {
+		ev = func(e imagebuild.Event) {
+			events(&v1.ImageProgress{Phase: "build", Step: int32(e.Step), Layer: e.Kind, Cached: e.Cached, Line: e.Line})
+		}
+	}
+	res, err := im.b.Build(ctx, spec, force, ev)
+	if err != nil {
+		return nil, err
+	}
+	out := &api.BuildResult{Ref: res.Ref, Hash: res.Hash, Digest: res.Digest, Cached: res.Cached, StepsBuilt: res.StepsBuilt}
+	for _, m := range res.Mounts {
+		if !im.blobs.Has(m.Src) {
+			return nil, fmt.Errorf("mount %s: content %s was not uploaded: %w", m.Dst, m.Src, errdefs.ErrFailedPrecondition)
+		}
+		out.Mounts = append(out.Mounts, store.Mount{Digest: m.Src, Dst: m.Dst, IsDir: m.IsDir})
+	}
+	return out, nil
+}
+
+func (im *images) RefForHash(ctx context.Context, h string) (string, bool) {
+	return im.b.RefForHash(ctx, h)
+}
+func (im *images) HasBlob(d string) bool                               { return im.blobs.Has(d) }
+func (im *images) PutBlob(_ context.Context, d string, b []byte) error { return im.blobs.Put(d, b) }
+
+// binds turns a sandbox's mount-strategy files into read-only bind mounts:
+// files straight from the blob store, directories extracted once per digest.
+func (im *images) binds(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
+	for _, m := range sb.Mounts {
+		src := im.blobs.Path(m.Digest)
+		if m.IsDir {
+			var err error
+			if src, err = im.extracted(m.Digest); err != nil {
+				return fmt.Errorf("mount %s: %w", m.Dst, err)
+			}
+		}
+		req.Binds = append(req.Binds, sandbox.Bind{Source: src, Dest: m.Dst, ReadOnly: true})
+	}
+	return nil
+}
+
+// extracted returns the directory holding a directory upload's content.
+func (im *images) extracted(digest string) (string, error) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	dst := filepath.Join(im.dir, strings.TrimPrefix(digest, "sha256:"))
+	if _, err := os.Stat(dst); err == nil {
+		return dst, nil
+	}
+	rc, err := im.blobs.Open(digest)
+	if err != nil {
+		return "", err
+	}
+	defer rc.Close()
+	tmp, err := os.MkdirTemp(im.dir, ".extract-*")
+	if err != nil {
+		return "", err
+	}
+	defer os.RemoveAll(tmp)
+	tr := tar.NewReader(rc)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return "", fmt.Errorf("directory content %s: %v: %w", digest, err, errdefs.ErrInvalidArgument)
+		}
+		name := path.Clean(h.Name)
+		if name == "." {
+			continue
+		}
+		if strings.HasPrefix(name, "../") || name == ".." || path.IsAbs(name) {
+			return "", fmt.Errorf("directory content %s: entry %q escapes: %w", digest, h.Name, errdefs.ErrInvalidArgument)
+		}
+		p := filepath.Join(tmp, name)
+		switch h.Typeflag {
+		case tar.TypeDir:
+			if err := os.MkdirAll(p, 0o755); err != nil {
+				return "", err
+			}
+		case tar.TypeReg:
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				return "", err
+			}
+			mode := os.FileMode(0o644)
+			if h.Mode&0o111 != 0 {
+				mode = 0o755
+			}
+			f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
+			if err != nil {
+				return "", err
+			}
+			_, err = io.Copy(f, tr)
+			f.Close()
+			if err != nil {
+				return "", err
+			}
+		case tar.TypeSymlink:
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				return "", err
+			}
+			if err := os.Symlink(h.Linkname, p); err != nil {
+				return "", err
+			}
+		}
+	}
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return "", err
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		return "", err
+	}
+	return dst, nil
+}
+
+// buildNet gives build containers network namespaces from the reserved slots,
+// with the host's resolvers (builds are not subject to sandbox policies).
+type buildNet struct {
+	net  *sandboxnet.Manager
+	mu   sync.Mutex
+	used map[int]bool
+}
+
+var _ imagebuild.Network = (*buildNet)(nil)
+
+func (bn *buildNet) Attach(ctx context.Context, id string) (string, []byte, func(), error) {
+	bn.mu.Lock()
+	slot := 0
+	for s := bn.net.MaxSlot(); s > bn.net.MaxSlot()-buildSlots; s-- {
+		if !bn.used[s] {
+			slot = s
+			bn.used[s] = true
+			break
+		}
+	}
+	bn.mu.Unlock()
+	if slot == 0 {
+		return "", nil, nil, fmt.Errorf("too many concurrent builds (%d): %w", buildSlots, errdefs.ErrResourceExhausted)
+	}
+	release := func() {
+		_ = bn.net.Teardown(context.WithoutCancel(ctx), id, slot)
+		bn.mu.Lock()
+		delete(bn.used, slot)
+		bn.mu.Unlock()
+	}
+	n, err := bn.net.Setup(ctx, id, slot)
+	if err != nil {
+		release()
+		return "", nil, nil, err
+	}
+	return n.NetnsPath, node.HostResolvConf(), release, nil
+}

@@ -1,0 +1,172 @@
+package daemon_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+)
+
+func writeFile(t *testing.T, dir, name, content string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestImageBuilds: the seed 004 API through the Go SDK against chalkd on the
+// busybox base: content-addressed builds, cache hits, rebuilding only the
+// last step, sandboxes from Image values, copy vs mount, failures.
+func TestImageBuilds(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, 5*time.Minute)
+	dir := t.TempDir()
+	app := writeFile(t, dir, "app.py", "print('hello')\n")
+	writeFile(t, dir, "src/a.txt", "A")
+	writeFile(t, dir, "src/sub/b.txt", "B")
+
+	base := chalkcompute.Base("busybox")
+	img := base.
+		RunCommands("echo one > /one").
+		Env(map[string]string{"PROJECT_ROOT": "/app"}).
+		Workdir("/app").
+		AddLocalFile(app, "/app/app.py", chalkcompute.Copy).
+		RunCommands("cat /app/app.py > /two && echo built-two")
+	// Immutability: the base is unchanged by chaining.
+	if spec, _ := base.Spec(); strings.Contains(string(spec), "run") {
+		t.Fatalf("base changed by chaining: %s", spec)
+	}
+	var lines []string
+	res, err := c.BuildImage(ctx, img, false, func(p *v1.ImageProgress) {
+		if p.Line != "" {
+			lines = append(lines, p.Line)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Cached || res.Step != 5 || !strings.HasPrefix(res.Image.Ref, "sha256:") {
+		t.Fatalf("first build: %+v", res)
+	}
+	if !strings.Contains(strings.Join(lines, "\n"), "built-two") {
+		t.Fatalf("build log did not stream: %q", lines)
+	}
+	hash := res.Image.Ref
+	// Same spec: skipped entirely.
+	start := time.Now()
+	again, err := c.BuildImage(ctx, img, false, nil)
+	if err != nil || !again.Cached || again.Image.Ref != hash {
+		t.Fatalf("rebuild: %v %+v", err, again)
+	}
+	t.Logf("cache hit round trip: %v", time.Since(start))
+	// Change only the last step: only it is rebuilt.
+	changed := base.
+		RunCommands("echo one > /one").
+		Env(map[string]string{"PROJECT_ROOT": "/app"}).
+		Workdir("/app").
+		AddLocalFile(app, "/app/app.py", chalkcompute.Copy).
+		RunCommands("cat /app/app.py > /two && echo built-three")
+	res2, err := c.BuildImage(ctx, changed, false, nil)
+	if err != nil || res2.Step != 1 || res2.Image.Ref == hash {
+		t.Fatalf("changed last step: %v %+v", err, res2)
+	}
+	// Force rebuilds even when cached.
+	forced, err := c.BuildImage(ctx, img, true, nil)
+	if err != nil || forced.Step != 5 {
+		t.Fatalf("force: %v %+v", err, forced)
+	}
+
+	// A sandbox straight from the Image value, with a mounted file too.
+	withMount := img.AddLocalFile(writeFile(t, dir, "data.txt", "mounted"), "/data/data.txt", chalkcompute.Mount).
+		AddLocalDir(filepath.Join(dir, "src"), "/srcdir", chalkcompute.Mount)
+	sb, err := c.Create(ctx, withMount)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sb.Info.ImageHash != hash {
+		t.Fatalf("mounts changed the image hash: %s vs %s", sb.Info.ImageHash, hash)
+	}
+	out := mustExec(t, sb, "sh", "-c", "cat /one /two; echo $PROJECT_ROOT; pwd; cat /data/data.txt; cat /srcdir/a.txt /srcdir/sub/b.txt")
+	if out != "one\nprint('hello')\n/app\n/app\nmountedAB" {
+		t.Fatalf("sandbox from image: %q", out)
+	}
+	if res, _ := sb.Exec(ctx, []string{"sh", "-c", "echo x > /data/data.txt"}); res == nil || res.Code == 0 {
+		t.Fatal("mounted file is writable")
+	}
+
+	// A failing RUN reports the command, the exit code and the output, and tags nothing.
+	bad := base.RunCommands("echo about-to-fail; exit 3")
+	_, err = c.BuildImage(ctx, bad, false, nil)
+	if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "exit code 3") || !strings.Contains(err.Error(), "about-to-fail") {
+		t.Fatalf("failing RUN: %v", err)
+	}
+	if out, _, _ := n.CLI("compute", "image", "ls", "-o", "json"); strings.Count(out, "chalk.local/build") > 12 {
+		t.Fatalf("unexpected build tags after a failed build: %s", out)
+	}
+
+	// from_dockerfile and dockerfile_commands.
+	df := writeFile(t, dir, "Dockerfile", "FROM busybox\nARG GREETING=hi\nENV WHO=world\nWORKDIR /w\nRUN echo \"$GREETING $WHO\" > /w/greeting\nCMD [\"cat\", \"/w/greeting\"]\n")
+	dimg := chalkcompute.FromDockerfile(df).DockerfileCommands("EXPOSE 8080", "USER 1000:1000")
+	sb2, err := c.Create(ctx, dimg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := mustExec(t, sb2, "sh", "-c", "cat /w/greeting; id -u"); out != "hi world\n1000\n" {
+		t.Fatalf("dockerfile image: %q", out)
+	}
+	badDF := writeFile(t, dir, "Dockerfile.bad", "FROM busybox\nRUN true\nFROM busybox\n")
+	if _, err := c.BuildImage(ctx, chalkcompute.FromDockerfile(badDF), false, nil); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "line 3") {
+		t.Fatalf("multi-stage Dockerfile: %v", err)
+	}
+	if _, err := c.BuildImage(ctx, base.Workdir("relative"), false, nil); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "step 0 (workdir)") {
+		t.Fatalf("bad step: %v", err)
+	}
+
+	// The CLI: warm and inspect by image hash, build from a Dockerfile with progress.
+	if out, stderr, code := n.CLI("compute", "image", "warm", "--image", hash, "-o", "json"); code != 0 || !strings.Contains(out, "done") {
+		t.Fatalf("warm: %d %q %q", code, out, stderr)
+	}
+	if out, _, code := n.CLI("compute", "image", "inspect", hash, "-o", "json"); code != 0 || !strings.Contains(out, "PROJECT_ROOT=/app") {
+		t.Fatalf("inspect: %q", out)
+	}
+	if out, stderr, code := n.CLI("compute", "image", "build", "--dockerfile", df); code != 0 || !strings.HasPrefix(strings.TrimSpace(out), "sha256:") || !strings.Contains(stderr, "CACHED") {
+		t.Fatalf("cli build: %d %q %q", code, out, stderr)
+	}
+}
+
+// TestReproducibleLayers: two nodes with empty caches build the same COPY/ENV
+// spec to the same image digest.
+func TestReproducibleLayers(t *testing.T) {
+	dir := t.TempDir()
+	f := writeFile(t, dir, "f.txt", "same bytes")
+	writeFile(t, dir, "tree/x", "x")
+	img := chalkcompute.Base("busybox").
+		Env(map[string]string{"A": "1"}).
+		AddLocalFile(f, "/opt/f.txt", chalkcompute.Copy).
+		AddLocalDir(filepath.Join(dir, "tree"), "/opt/tree", chalkcompute.Copy)
+	var digests []string
+	for range 2 {
+		n := chalktest.Start(t)
+		res, err := n.Client().BuildImage(ctxT(t, 2*time.Minute), img, false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		digests = append(digests, res.Image.Digest+" "+res.Image.Ref)
+	}
+	if digests[0] != digests[1] {
+		t.Fatalf("two builds on empty caches differ:\n%s\n%s", digests[0], digests[1])
+	}
+}

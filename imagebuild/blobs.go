@@ -1,0 +1,86 @@
+package imagebuild
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+var digestRE = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
+
+// Blobs stores content the SDKs upload (copy and mount sources), by SHA-256.
+type Blobs struct{ dir string }
+
+// NewBlobs opens (creating) a blob store in dir.
+func NewBlobs(dir string) (*Blobs, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	return &Blobs{dir: dir}, nil
+}
+
+func (b *Blobs) path(digest string) string {
+	return filepath.Join(b.dir, digest[len("sha256:"):])
+}
+
+// Has reports whether digest is stored.
+func (b *Blobs) Has(digest string) bool {
+	if !digestRE.MatchString(digest) {
+		return false
+	}
+	_, err := os.Stat(b.path(digest))
+	return err == nil
+}
+
+// Put stores data, which must hash to digest.
+func (b *Blobs) Put(digest string, data []byte) error {
+	if !digestRE.MatchString(digest) {
+		return fmt.Errorf("digest %q: want sha256:<64 hex>: %w", digest, errdefs.ErrInvalidArgument)
+	}
+	sum := sha256.Sum256(data)
+	if got := "sha256:" + hex.EncodeToString(sum[:]); got != digest {
+		return fmt.Errorf("upload of %s: content hashes to %s: %w", digest, got, errdefs.ErrInvalidArgument)
+	}
+	if b.Has(digest) {
+		return nil
+	}
+	tmp, err := os.CreateTemp(b.dir, ".upload-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(0o644); err != nil { // bind-mounted read-only into sandboxes
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), b.path(digest))
+}
+
+// Open opens stored content.
+func (b *Blobs) Open(digest string) (io.ReadCloser, error) {
+	if !digestRE.MatchString(digest) {
+		return nil, fmt.Errorf("digest %q: %w", digest, errdefs.ErrInvalidArgument)
+	}
+	f, err := os.Open(b.path(digest))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("content %s was not uploaded (upload it with UploadBlob first): %w", digest, errdefs.ErrFailedPrecondition)
+	}
+	return f, err
+}
+
+// Path is the file holding digest (for bind mounts of mount-strategy files).
+func (b *Blobs) Path(digest string) string { return b.path(digest) }

@@ -1,0 +1,252 @@
+package imagebuild
+
+import (
+	"archive/tar"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"golang.org/x/sys/unix"
+)
+
+// epoch is SOURCE_DATE_EPOCH for layers: every mtime is clamped to it.
+var epoch = time.Unix(0, 0).UTC()
+
+// excluded are paths the runtime creates as mount points in a build
+// container's upper dir; they are not part of what a step built.
+var excluded = map[string]bool{
+	".chalk": true, "etc/resolv.conf": true, "etc/hosts": true, "etc/hostname": true,
+	"run/chalk": true, "usr/local/bin/chalk": true, "proc": true, "sys": true, "dev": true,
+}
+
+// header returns a reproducible tar header.
+func header(name string, fi fs.FileInfo, link string) (*tar.Header, error) {
+	h, err := tar.FileInfoHeader(fi, link)
+	if err != nil {
+		return nil, err
+	}
+	h.Name = name
+	h.Uname, h.Gname = "", ""
+	h.ModTime, h.AccessTime, h.ChangeTime = epoch, time.Time{}, time.Time{}
+	h.Format = tar.FormatPAX
+	h.PAXRecords = nil
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		h.Uid, h.Gid = int(st.Uid), int(st.Gid)
+	}
+	if fi.IsDir() && !strings.HasSuffix(h.Name, "/") {
+		h.Name += "/"
+	}
+	return h, nil
+}
+
+// diffUpper writes the OCI layer tar of an overlay upper dir: entries sorted,
+// overlay whiteouts (0/0 character devices) become .wh. files, opaque
+// directories get .wh..wh..opq, mtimes are clamped and owner names dropped.
+func diffUpper(upper string, w io.Writer) error {
+	tw := tar.NewWriter(w)
+	var walk func(dir, rel string) error
+	walk = func(dir, rel string) error {
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			return err
+		}
+		sort.Slice(ents, func(i, j int) bool { return ents[i].Name() < ents[j].Name() })
+		for _, e := range ents {
+			name := path.Join(rel, e.Name())
+			if excluded[name] {
+				continue
+			}
+			full := filepath.Join(dir, e.Name())
+			fi, err := os.Lstat(full)
+			if err != nil {
+				return err
+			}
+			st, _ := fi.Sys().(*syscall.Stat_t)
+			switch {
+			case fi.Mode()&fs.ModeCharDevice != 0 && st != nil && st.Rdev == 0:
+				wh := &tar.Header{Name: path.Join(rel, ".wh."+e.Name()), Typeflag: tar.TypeReg, Mode: 0o644, ModTime: epoch, Format: tar.FormatPAX}
+				if err := tw.WriteHeader(wh); err != nil {
+					return err
+				}
+				continue
+			case fi.IsDir():
+				h, err := header(name, fi, "")
+				if err != nil {
+					return err
+				}
+				if err := tw.WriteHeader(h); err != nil {
+					return err
+				}
+				if opaque(full) {
+					wh := &tar.Header{Name: path.Join(name, ".wh..wh..opq"), Typeflag: tar.TypeReg, Mode: 0o644, ModTime: epoch, Format: tar.FormatPAX}
+					if err := tw.WriteHeader(wh); err != nil {
+						return err
+					}
+				}
+				if err := walk(full, name); err != nil {
+					return err
+				}
+				continue
+			case fi.Mode()&fs.ModeSymlink != 0:
+				target, err := os.Readlink(full)
+				if err != nil {
+					return err
+				}
+				h, err := header(name, fi, target)
+				if err != nil {
+					return err
+				}
+				if err := tw.WriteHeader(h); err != nil {
+					return err
+				}
+				continue
+			case fi.Mode().IsRegular():
+				h, err := header(name, fi, "")
+				if err != nil {
+					return err
+				}
+				if err := tw.WriteHeader(h); err != nil {
+					return err
+				}
+				f, err := os.Open(full)
+				if err != nil {
+					return err
+				}
+				_, err = io.Copy(tw, f)
+				f.Close()
+				if err != nil {
+					return err
+				}
+			default:
+				// Sockets, fifos and device nodes are not carried in layers.
+			}
+		}
+		return nil
+	}
+	if err := walk(upper, ""); err != nil {
+		return err
+	}
+	return tw.Close()
+}
+
+func opaque(dir string) bool {
+	buf := make([]byte, 4)
+	for _, attr := range []string{"trusted.overlay.opaque", "user.overlay.opaque"} {
+		if n, err := unix.Lgetxattr(dir, attr, buf); err == nil && n == 1 && buf[0] == 'y' {
+			return true
+		}
+	}
+	return false
+}
+
+// layerFromBytes is an uncompressed layer over tar bytes.
+func layerFromBytes(b []byte) (v1.Layer, error) {
+	return tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
+}
+
+// parents returns the tar entries for the directories leading to dst.
+func parents(tw *tar.Writer, dst string) error {
+	dir := path.Dir(strings.TrimPrefix(dst, "/"))
+	if dir == "." {
+		return nil
+	}
+	parts := strings.Split(dir, "/")
+	for i := range parts {
+		h := &tar.Header{Name: strings.Join(parts[:i+1], "/") + "/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: epoch, Format: tar.FormatPAX}
+		if err := tw.WriteHeader(h); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// copyLayer makes the layer of a copy step from uploaded content: a file's
+// bytes placed at dst, or a directory tar placed under dst.
+func copyLayer(content io.Reader, dst string, isDir bool, mode uint32) ([]byte, error) {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	dst = path.Clean("/" + dst)
+	if err := parents(tw, dst); err != nil {
+		return nil, err
+	}
+	rel := strings.TrimPrefix(dst, "/")
+	if !isDir {
+		data, err := io.ReadAll(content)
+		if err != nil {
+			return nil, err
+		}
+		h := &tar.Header{Name: rel, Typeflag: tar.TypeReg, Mode: int64(mode), Size: int64(len(data)), ModTime: epoch, Format: tar.FormatPAX}
+		if err := tw.WriteHeader(h); err != nil {
+			return nil, err
+		}
+		if _, err := tw.Write(data); err != nil {
+			return nil, err
+		}
+		return buf.Bytes(), tw.Close()
+	}
+	if rel != "" {
+		if err := tw.WriteHeader(&tar.Header{Name: rel + "/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: epoch, Format: tar.FormatPAX}); err != nil {
+			return nil, err
+		}
+	}
+	tr := tar.NewReader(content)
+	var entries []*tar.Header
+	data := map[string][]byte{}
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("directory content: %w", err)
+		}
+		name := path.Clean(h.Name)
+		if strings.HasPrefix(name, "../") || name == ".." || path.IsAbs(name) {
+			return nil, fmt.Errorf("directory content: entry %q escapes the directory", h.Name)
+		}
+		if name == "." {
+			continue
+		}
+		switch h.Typeflag {
+		case tar.TypeDir:
+			entries = append(entries, &tar.Header{Name: path.Join(rel, name) + "/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: epoch, Format: tar.FormatPAX})
+		case tar.TypeReg:
+			b, err := io.ReadAll(tr)
+			if err != nil {
+				return nil, err
+			}
+			m := int64(0o644)
+			if h.Mode&0o111 != 0 {
+				m = 0o755
+			}
+			n := path.Join(rel, name)
+			data[n] = b
+			entries = append(entries, &tar.Header{Name: n, Typeflag: tar.TypeReg, Mode: m, Size: int64(len(b)), ModTime: epoch, Format: tar.FormatPAX})
+		case tar.TypeSymlink:
+			entries = append(entries, &tar.Header{Name: path.Join(rel, name), Typeflag: tar.TypeSymlink, Linkname: h.Linkname, Mode: 0o777, ModTime: epoch, Format: tar.FormatPAX})
+		}
+	}
+	sort.Slice(entries, func(i, j int) bool { return entries[i].Name < entries[j].Name })
+	for _, h := range entries {
+		if err := tw.WriteHeader(h); err != nil {
+			return nil, err
+		}
+		if b, ok := data[h.Name]; ok {
+			if _, err := tw.Write(b); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return buf.Bytes(), tw.Close()
+}
