@@ -240,6 +240,7 @@ func (s *Server) Reconcile(ctx context.Context) error {
 		switch {
 		case running && sb.State == store.StateRunning && pid == sb.Pid:
 			live[sb.ID] = sb.Slot
+			s.node.Adopt(sb.ID, sb.ImageDigest)
 			s.watch(sb)
 			if s.cfg.Hooks.Resumed != nil {
 				s.cfg.Hooks.Resumed(ctx, sb)

@@ -31,6 +31,7 @@ type Node interface {
 	Files(id string) *procapi.Client
 	Logs(id string) (*os.File, error)
 	Leftovers(ctx context.Context, live map[string]int) ([]string, error)
+	Adopt(id, imageDigest string)
 }
 
 var _ Node = (*node.Agent)(nil)

@@ -270,6 +270,23 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := d.API.Reconcile(ctx); err != nil {
 		return nil, fmt.Errorf("reconcile: %w", err)
 	}
+	// Keep the node cache under its size cap.
+	go func() {
+		t := time.NewTicker(10 * time.Minute)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if freed, err := d.Agent.CollectGarbage(ctx); err != nil {
+					d.log.Warn("node cache GC", "err", err)
+				} else if freed > 0 {
+					d.log.Info("node cache GC", "freed_bytes", freed)
+				}
+			}
+		}
+	}()
 	// Egress rules left by the previous process for sandboxes that ended meanwhile.
 	for _, id := range d.Egress.Adopted() {
 		if !d.API.IsActive(ctx, id) {
@@ -415,6 +432,9 @@ func (d *Daemon) Close() error {
 	}
 	if d.cancel != nil {
 		d.cancel()
+	}
+	if d.Cache != nil {
+		errs = append(errs, d.Cache.Flush())
 	}
 	if d.Registry != nil {
 		errs = append(errs, d.Registry.Close())

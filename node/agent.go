@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/nodecache"
@@ -44,6 +45,9 @@ type Config struct {
 type Agent struct {
 	cfg Config
 	log *slog.Logger
+
+	mu    sync.Mutex
+	inUse map[string]func() // sandbox id -> release of its image's layers (GC keeps them)
 }
 
 // New returns an Agent.
@@ -62,7 +66,7 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.DefaultPids == 0 {
 		cfg.DefaultPids = 4096
 	}
-	return &Agent{cfg: cfg, log: cfg.Logger}, nil
+	return &Agent{cfg: cfg, log: cfg.Logger, inUse: map[string]func(){}}, nil
 }
 
 // MaxSlot is how many sandboxes this node can hold at once.
@@ -138,6 +142,12 @@ func (a *Agent) Start(ctx context.Context, req StartRequest) (st Started, err er
 	if pids == 0 {
 		pids = a.cfg.DefaultPids
 	}
+	a.hold(req.ID, req.Image)
+	defer func() {
+		if err != nil {
+			a.release(req.ID)
+		}
+	}()
 	pid, err := a.cfg.Runtime.Start(ctx, sandbox.Spec{
 		ID:         req.ID,
 		LowerDirs:  req.Image.LowerDirs(),
@@ -173,8 +183,42 @@ func (a *Agent) Running(ctx context.Context, id string) (int, bool) {
 
 // Destroy stops the sandbox and removes everything it had on this node. Idempotent.
 func (a *Agent) Destroy(ctx context.Context, id string, slot int) error {
-	return errors.Join(a.cfg.Runtime.Destroy(ctx, id), a.cfg.Net.Teardown(ctx, id, slot))
+	err := errors.Join(a.cfg.Runtime.Destroy(ctx, id), a.cfg.Net.Teardown(ctx, id, slot))
+	a.release(id)
+	return err
 }
+
+// Adopt marks the image layers of a sandbox found running at start as in use.
+func (a *Agent) Adopt(id, imageDigest string) {
+	if img, ok := a.cfg.Cache.Lookup(imageDigest); ok {
+		a.hold(id, img)
+	}
+}
+
+func (a *Agent) hold(id string, img *nodecache.Image) {
+	rel := a.cfg.Cache.Acquire(img)
+	a.mu.Lock()
+	old := a.inUse[id]
+	a.inUse[id] = rel
+	a.mu.Unlock()
+	if old != nil {
+		old()
+	}
+}
+
+func (a *Agent) release(id string) {
+	a.mu.Lock()
+	rel := a.inUse[id]
+	delete(a.inUse, id)
+	a.mu.Unlock()
+	if rel != nil {
+		rel()
+	}
+}
+
+// CollectGarbage trims the node cache to its size cap, least recently used
+// first, never touching layers of running sandboxes.
+func (a *Agent) CollectGarbage(ctx context.Context) (int64, error) { return a.cfg.Cache.GC(ctx) }
 
 // Exec starts a process in the sandbox through its init.
 func (a *Agent) Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (*procapi.Process, error) {
