@@ -13,10 +13,26 @@ import (
 
 // Names of the nftables objects in the table.
 const (
+	// ChainEgress is the regular chain the egress package fills (see the
+	// package doc for the contract).
 	ChainEgress = "egress"
-	setSrc4     = "src4"
-	setSrc6     = "src6"
-	metadataIP  = "169.254.169.254"
+
+	chainSpoof       = "spoof"
+	chainPrerouting  = "prerouting"
+	chainPostrouting = "postrouting"
+	chainForward     = "forward"
+	chainInput       = "input"
+	setSrc4          = "src4"
+	setSrc6          = "src6"
+)
+
+// MetadataAddr is the address sandboxes reach the metadata service at.
+var MetadataAddr = netip.MustParseAddr("169.254.169.254")
+
+// ICMPv6 neighbour discovery types accepted from sandboxes.
+const (
+	icmp6NeighbourSolicitation  = 135
+	icmp6NeighbourAdvertisement = 136
 )
 
 // ifname pads an interface name to the 16 bytes nftables compares.
@@ -26,8 +42,11 @@ func ifname(n string) []byte {
 	return b
 }
 
-// Expression helpers (each a short sequence, unit-tested byte for byte).
+// Expression helpers: each is a short sequence, pinned byte for byte by the
+// unit tests.
 
+// iifPrefix matches input interfaces whose name starts with prefix
+// (a comparison of only len(prefix) bytes is nft's "iifname prefix*").
 func iifPrefix(prefix string) []expr.Any {
 	return []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
@@ -35,6 +54,7 @@ func iifPrefix(prefix string) []expr.Any {
 	}
 }
 
+// oifPrefix matches (eq) or excludes (!eq) output interfaces by prefix.
 func oifPrefix(prefix string, eq bool) []expr.Any {
 	op := expr.CmpOpEq
 	if !eq {
@@ -67,24 +87,55 @@ func dport(port uint16) []expr.Any {
 	}
 }
 
-// addrMatch matches the source (src) or destination address against p.
-func addrMatch(p netip.Prefix, src bool) []expr.Any {
-	var off, l uint32 = 16, 4
-	if src {
-		off = 12
+// icmp6Type matches the ICMPv6 type (the caller has matched l4proto icmpv6).
+func icmp6Type(t byte) []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{t}},
 	}
-	if p.Addr().Is6() {
-		off, l = 24, 16
-		if src {
-			off = 8
-		}
+}
+
+// addrOffset is the offset and length of the source or destination address
+// in the network header.
+func addrOffset(v6, src bool) (off, l uint32) {
+	switch {
+	case v6 && src:
+		return 8, 16
+	case v6:
+		return 24, 16
+	case src:
+		return 12, 4
+	default:
+		return 16, 4
 	}
+}
+
+// addrMasked matches the source or destination address: (addr & mask) == want.
+// A full mask is a plain comparison.
+func addrMasked(src bool, mask []byte, want netip.Addr) []expr.Any {
+	off, l := addrOffset(want.Is6(), src)
 	out := []expr.Any{&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: l}}
-	if p.Bits() != p.Addr().BitLen() {
-		mask := prefixNet(p).Mask
+	full := true
+	for _, b := range mask {
+		full = full && b == 0xff
+	}
+	if !full {
 		out = append(out, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: l, Mask: mask, Xor: make([]byte, l)})
 	}
-	return append(out, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: p.Masked().Addr().AsSlice()})
+	return append(out, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: want.AsSlice()})
+}
+
+// addrIn matches a source or destination address in p.
+func addrIn(p netip.Prefix, src bool) []expr.Any {
+	return addrMasked(src, prefixNet(p).Mask, p.Masked().Addr())
+}
+
+// gatewayDst matches a destination that is the host side (base+1) of any
+// slot's block of four in p (slot 0's is the service address).
+func gatewayDst(p netip.Prefix) []expr.Any {
+	mask := []byte(prefixNet(p).Mask)
+	mask[len(mask)-1] |= 3
+	return addrMasked(false, mask, addN(p.Masked().Addr(), 1))
 }
 
 func ctEstablished() []expr.Any {
@@ -97,7 +148,11 @@ func ctEstablished() []expr.Any {
 	}
 }
 
-func verdict(k expr.VerdictKind) expr.Any { return &expr.Verdict{Kind: k} }
+func verdict(k expr.VerdictKind) []expr.Any { return []expr.Any{&expr.Verdict{Kind: k}} }
+
+func counted(k expr.VerdictKind) []expr.Any {
+	return []expr.Any{&expr.Counter{}, &expr.Verdict{Kind: k}}
+}
 
 func cat(parts ...[]expr.Any) []expr.Any {
 	var out []expr.Any
@@ -107,20 +162,21 @@ func cat(parts ...[]expr.Any) []expr.Any {
 	return out
 }
 
-// antiSpoof drops packets from a sandbox interface whose (interface, source)
-// pair is not in the set.
+// antiSpoof drops packets from a sandbox interface whose (interface, source
+// address) pair is not in set: nft's
+//
+//	iifname "cx*" meta nfproto ipv4 iifname . ip saddr != @src4 counter drop
 func antiSpoof(prefix string, v6 bool, set *nftables.Set) []expr.Any {
-	proto, off, l := byte(unix.NFPROTO_IPV4), uint32(12), uint32(4)
+	proto := byte(unix.NFPROTO_IPV4)
 	if v6 {
-		proto, off, l = unix.NFPROTO_IPV6, 8, 16
+		proto = unix.NFPROTO_IPV6
 	}
+	off, l := addrOffset(v6, true)
 	return cat(iifPrefix(prefix), nfproto(proto), []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 		&expr.Payload{DestRegister: 2, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: l},
 		&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID, Invert: true},
-		&expr.Counter{},
-		verdict(expr.VerdictDrop),
-	})
+	}, counted(expr.VerdictDrop))
 }
 
 // dnat rewrites the destination to addr:port.
@@ -136,54 +192,62 @@ func dnat(addr netip.Addr, port uint16) []expr.Any {
 	}
 }
 
-// ruleset is every rule of the table, by chain, for the manager's config.
+// ruleset is every rule of the table's base chains, by chain, in order.
 func (m *Manager) ruleset(src4, src6 *nftables.Set) map[string][][]expr.Any {
 	p := m.cfg.Prefix
-	meta := netip.PrefixFrom(netip.MustParseAddr(metadataIP), 32)
-	pre := [][]expr.Any{
-		cat(iifPrefix(p), nfproto(unix.NFPROTO_IPV4), addrMatch(meta, false), l4proto(unix.IPPROTO_TCP), dport(80), dnat(m.svc, m.cfg.MetadataPort)),
-	}
-	if m.cfg.DNSPort != 0 {
-		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
-			pre = append(pre,
-				cat(iifPrefix(p), nfproto(unix.NFPROTO_IPV4), addrMatch(m.cfg.Subnet, false), l4proto(proto), dport(53), dnat(m.svc, m.cfg.DNSPort)),
-				cat(iifPrefix(p), nfproto(unix.NFPROTO_IPV6), addrMatch(m.cfg.Subnet6, false), l4proto(proto), dport(53), dnat(m.svc6, m.cfg.DNSPort)))
-		}
-	}
-	post := [][]expr.Any{
-		cat(nfproto(unix.NFPROTO_IPV4), addrMatch(m.cfg.Subnet, true), oifPrefix(p, false), []expr.Any{&expr.Masq{}}),
-		cat(nfproto(unix.NFPROTO_IPV6), addrMatch(m.cfg.Subnet6, true), oifPrefix(p, false), []expr.Any{&expr.Masq{}}),
-	}
-	fwd := [][]expr.Any{
+	const (
+		v4, v6   = byte(unix.NFPROTO_IPV4), byte(unix.NFPROTO_IPV6)
+		tcp, udp = byte(unix.IPPROTO_TCP), byte(unix.IPPROTO_UDP)
+		icmp6    = byte(unix.IPPROTO_ICMPV6)
+	)
+	linkLocal := netip.MustParsePrefix("fe80::/10")
+	unspecified := netip.PrefixFrom(netip.IPv6Unspecified(), 128)
+	spoof := [][]expr.Any{
+		// Neighbour discovery from link-local or unspecified sources (never forwarded).
+		cat(iifPrefix(p), nfproto(v6), l4proto(icmp6), addrIn(linkLocal, true), verdict(expr.VerdictAccept)),
+		cat(iifPrefix(p), nfproto(v6), l4proto(icmp6), addrIn(unspecified, true), verdict(expr.VerdictAccept)),
 		antiSpoof(p, false, src4),
 		antiSpoof(p, true, src6),
-		cat(ctEstablished(), []expr.Any{verdict(expr.VerdictAccept)}),
-		cat(iifPrefix(p), oifPrefix(p, true), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)}),
-		cat(iifPrefix(p), []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainEgress}}),
 	}
-	in := [][]expr.Any{
-		cat(iifPrefix(p), ctEstablished(), []expr.Any{verdict(expr.VerdictAccept)}),
-		// IPv6 neighbour discovery toward the gateway.
-		cat(iifPrefix(p), nfproto(unix.NFPROTO_IPV6), l4proto(unix.IPPROTO_ICMPV6), []expr.Any{verdict(expr.VerdictAccept)}),
+
+	pre := [][]expr.Any{
+		cat(iifPrefix(p), nfproto(v4), addrIn(netip.PrefixFrom(MetadataAddr, 32), false), l4proto(tcp), dport(80), dnat(m.svc, m.cfg.MetadataPort)),
 	}
-	ports := append([]uint16{m.cfg.MetadataPort}, m.cfg.ServicePorts...)
 	if m.cfg.DNSPort != 0 {
-		ports = append(ports, m.cfg.DNSPort)
-	}
-	seen := map[uint16]bool{}
-	for _, port := range ports {
-		if seen[port] {
-			continue
+		for _, proto := range []byte{udp, tcp} {
+			pre = append(pre,
+				cat(iifPrefix(p), nfproto(v4), gatewayDst(m.cfg.Subnet), l4proto(proto), dport(53), dnat(m.svc, m.cfg.DNSPort)),
+				cat(iifPrefix(p), nfproto(v6), gatewayDst(m.cfg.Subnet6), l4proto(proto), dport(53), dnat(m.svc6, m.cfg.DNSPort)))
 		}
-		seen[port] = true
-		for _, proto := range []byte{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+	}
+
+	post := [][]expr.Any{
+		cat(nfproto(v4), addrIn(m.cfg.Subnet, true), oifPrefix(p, false), []expr.Any{&expr.Masq{}}),
+		cat(nfproto(v6), addrIn(m.cfg.Subnet6, true), oifPrefix(p, false), []expr.Any{&expr.Masq{}}),
+	}
+
+	fwd := [][]expr.Any{
+		cat(ctEstablished(), verdict(expr.VerdictAccept)),
+		cat(iifPrefix(p), oifPrefix(p, true), counted(expr.VerdictDrop)), // sandbox → sandbox
+		cat(oifPrefix(p, true), counted(expr.VerdictDrop)),               // unsolicited → sandbox
+		cat(iifPrefix(p), []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainEgress}}),
+		cat(iifPrefix(p), verdict(expr.VerdictAccept)),
+	}
+
+	in := [][]expr.Any{
+		cat(iifPrefix(p), ctEstablished(), verdict(expr.VerdictAccept)),
+		cat(iifPrefix(p), nfproto(v6), l4proto(icmp6), icmp6Type(icmp6NeighbourSolicitation), verdict(expr.VerdictAccept)),
+		cat(iifPrefix(p), nfproto(v6), l4proto(icmp6), icmp6Type(icmp6NeighbourAdvertisement), verdict(expr.VerdictAccept)),
+	}
+	for _, port := range m.ports {
+		for _, proto := range []byte{tcp, udp} {
 			in = append(in,
-				cat(iifPrefix(p), nfproto(unix.NFPROTO_IPV4), addrMatch(netip.PrefixFrom(m.svc, 32), false), l4proto(proto), dport(port), []expr.Any{verdict(expr.VerdictAccept)}),
-				cat(iifPrefix(p), nfproto(unix.NFPROTO_IPV6), addrMatch(netip.PrefixFrom(m.svc6, 128), false), l4proto(proto), dport(port), []expr.Any{verdict(expr.VerdictAccept)}))
+				cat(iifPrefix(p), nfproto(v4), addrIn(netip.PrefixFrom(m.svc, 32), false), l4proto(proto), dport(port), verdict(expr.VerdictAccept)),
+				cat(iifPrefix(p), nfproto(v6), addrIn(netip.PrefixFrom(m.svc6, 128), false), l4proto(proto), dport(port), verdict(expr.VerdictAccept)))
 		}
 	}
-	in = append(in, cat(iifPrefix(p), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)}))
-	return map[string][][]expr.Any{"prerouting": pre, "postrouting": post, "forward": fwd, "input": in}
+	in = append(in, cat(iifPrefix(p), counted(expr.VerdictDrop)))
+	return map[string][][]expr.Any{chainSpoof: spoof, chainPrerouting: pre, chainPostrouting: post, chainForward: fwd, chainInput: in}
 }
 
 func (m *Manager) table() *nftables.Table {
@@ -196,65 +260,72 @@ func (m *Manager) sets() (*nftables.Set, *nftables.Set) {
 		&nftables.Set{Table: t, Name: setSrc6, KeyType: nftables.MustConcatSetType(nftables.TypeIFName, nftables.TypeIP6Addr), Concatenation: true}
 }
 
-// installTable creates the table (or refreshes its base chains' rules),
-// keeping the sets' elements and the egress chain's rules.
+// baseChains are the hooked chains, in the order they are created.
+func (m *Manager) baseChains() []*nftables.Chain {
+	t := m.table()
+	accept := nftables.ChainPolicyAccept
+	return []*nftables.Chain{
+		{Name: chainSpoof, Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRaw, Policy: &accept},
+		{Name: chainPrerouting, Table: t, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest},
+		{Name: chainPostrouting, Table: t, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource},
+		{Name: chainForward, Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept},
+		{Name: chainInput, Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &accept},
+	}
+}
+
+// installTable creates the table, or replaces the rules of its base chains,
+// in one transaction; the sets' elements and chain "egress" are kept.
 func (m *Manager) installTable() error {
 	m.nftMu.Lock()
 	defer m.nftMu.Unlock()
 	c, err := nftables.New()
 	if err != nil {
-		return err
+		return fmt.Errorf("nftables: %w", err)
 	}
 	t := c.AddTable(m.table())
 	src4, src6 := m.sets()
-	existing4, _ := c.GetSetByName(t, setSrc4)
-	if existing4 == nil {
-		if err := c.AddSet(src4, nil); err != nil {
-			return err
-		}
-		if err := c.AddSet(src6, nil); err != nil {
-			return err
-		}
-	} else {
-		src4 = existing4
-		if src6, err = c.GetSetByName(t, setSrc6); err != nil {
-			return err
-		}
+	if existing, err := c.GetSetByName(t, setSrc4); err == nil {
+		src4 = existing
+	} else if err := c.AddSet(src4, nil); err != nil {
+		return fmt.Errorf("set %s: %w", setSrc4, err)
 	}
-	c.AddChain(&nftables.Chain{Name: ChainEgress, Table: t})
-	policy := nftables.ChainPolicyAccept
-	chains := map[string]*nftables.Chain{
-		"prerouting":  {Name: "prerouting", Table: t, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest},
-		"postrouting": {Name: "postrouting", Table: t, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource},
-		"forward":     {Name: "forward", Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &policy},
-		"input":       {Name: "input", Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &policy},
+	if existing, err := c.GetSetByName(t, setSrc6); err == nil {
+		src6 = existing
+	} else if err := c.AddSet(src6, nil); err != nil {
+		return fmt.Errorf("set %s: %w", setSrc6, err)
 	}
-	for _, name := range []string{"prerouting", "postrouting", "forward", "input"} {
-		ch := c.AddChain(chains[name])
+	c.AddChain(&nftables.Chain{Name: ChainEgress, Table: t}) // no NLM_F_EXCL: an existing chain keeps its rules
+	rules := m.ruleset(src4, src6)
+	for _, ch := range m.baseChains() {
+		c.AddChain(ch)
 		c.FlushChain(ch)
-	}
-	for name, rules := range m.ruleset(src4, src6) {
-		for _, exprs := range rules {
-			c.AddRule(&nftables.Rule{Table: t, Chain: chains[name], Exprs: exprs})
+		for _, exprs := range rules[ch.Name] {
+			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: exprs})
 		}
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("nftables table %s: %w", m.cfg.Table, err)
+		return fmt.Errorf("nftables table inet %s: %w", m.cfg.Table, err)
 	}
 	return nil
 }
 
+// sourceElements are the anti-spoofing set elements of n.
+func sourceElements(n *Net) (e4, e6 []nftables.SetElement) {
+	return []nftables.SetElement{{Key: append(ifname(n.HostIf), n.SandboxIP.AsSlice()...)}},
+		[]nftables.SetElement{{Key: append(ifname(n.HostIf), n.SandboxIP6.AsSlice()...)}}
+}
+
 // setSource adds (or removes) the sandbox's (interface, address) pairs.
+// Removing missing elements is not an error.
 func (m *Manager) setSource(n *Net, add bool) error {
 	m.nftMu.Lock()
 	defer m.nftMu.Unlock()
 	c, err := nftables.New()
 	if err != nil {
-		return err
+		return fmt.Errorf("nftables: %w", err)
 	}
 	src4, src6 := m.sets()
-	e4 := []nftables.SetElement{{Key: append(ifname(n.HostIf), n.SandboxIP.AsSlice()...)}}
-	e6 := []nftables.SetElement{{Key: append(ifname(n.HostIf), n.SandboxIP6.AsSlice()...)}}
+	e4, e6 := sourceElements(n)
 	if add {
 		if err := c.SetAddElements(src4, e4); err != nil {
 			return err
@@ -264,7 +335,7 @@ func (m *Manager) setSource(n *Net, add bool) error {
 		}
 		return c.Flush()
 	}
-	// Delete one at a time so a missing element does not stop the other.
+	// One transaction each, so a missing element does not keep the other.
 	var errs []error
 	for _, d := range []struct {
 		s *nftables.Set
@@ -281,33 +352,40 @@ func (m *Manager) setSource(n *Net, add bool) error {
 	return errors.Join(errs...)
 }
 
-// sourceElements lists the interface names in the anti-spoofing set.
-func (m *Manager) sourceElements() ([]string, error) {
+// sourceInterfaces lists the interface names in the anti-spoofing sets.
+func (m *Manager) sourceInterfaces() ([]string, error) {
 	m.nftMu.Lock()
 	defer m.nftMu.Unlock()
 	c, err := nftables.New()
 	if err != nil {
 		return nil, err
 	}
-	set, err := c.GetSetByName(m.table(), setSrc4)
-	if err != nil {
-		return nil, err
-	}
-	elems, err := c.GetSetElements(set)
-	if err != nil {
-		return nil, err
-	}
+	seen := map[string]bool{}
 	var out []string
-	for _, e := range elems {
-		if len(e.Key) >= 16 {
-			name := string(e.Key[:16])
-			for i := 0; i < len(name); i++ {
-				if name[i] == 0 {
-					name = name[:i]
+	for _, name := range []string{setSrc4, setSrc6} {
+		set, err := c.GetSetByName(m.table(), name)
+		if err != nil {
+			return nil, fmt.Errorf("set %s: %w", name, err)
+		}
+		elems, err := c.GetSetElements(set)
+		if err != nil {
+			return nil, fmt.Errorf("set %s elements: %w", name, err)
+		}
+		for _, e := range elems {
+			if len(e.Key) < 16 {
+				continue
+			}
+			k := e.Key[:16]
+			for i, b := range k {
+				if b == 0 {
+					k = k[:i]
 					break
 				}
 			}
-			out = append(out, name)
+			if !seen[string(k)] {
+				seen[string(k)] = true
+				out = append(out, string(k))
+			}
 		}
 	}
 	return out, nil

@@ -1,105 +1,236 @@
 package sandboxnet
 
 import (
+	"bytes"
+	"encoding/hex"
+	"fmt"
 	"net/netip"
-	"reflect"
 	"testing"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 )
 
-func testManager(t *testing.T) *Manager {
+// These tests need no privileges: they pin the expressions the Manager
+// builds, marshalled to the netlink bytes the kernel gets.
+
+func testManager(t *testing.T, cfg Config) *Manager {
 	t.Helper()
-	m, err := New(Config{Prefix: "cx", DNSPort: 53, MetadataPort: 80})
+	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return m
 }
 
-// TestAntiSpoofBytes pins the anti-spoofing rule: iifname "cx*", IPv4, then
-// (iifname . ip saddr) looked up inverted in the set → counter, drop.
-func TestAntiSpoofBytes(t *testing.T) {
+// wire marshals a rule's expressions as the kernel receives them.
+func wire(t *testing.T, exprs []expr.Any) [][]byte {
+	t.Helper()
+	var out [][]byte
+	for _, e := range exprs {
+		b, err := expr.Marshal(unix.NFPROTO_INET, e)
+		if err != nil {
+			t.Fatalf("marshal %T: %v", e, err)
+		}
+		out = append(out, b)
+	}
+	return out
+}
+
+func sameWire(t *testing.T, name string, got, want []expr.Any) {
+	t.Helper()
+	g, w := wire(t, got), wire(t, want)
+	if len(g) != len(w) {
+		t.Errorf("%s: %d expressions, want %d:\n got %s\nwant %s", name, len(g), len(w), dump(got), dump(want))
+		return
+	}
+	for i := range g {
+		if !bytes.Equal(g[i], w[i]) {
+			t.Errorf("%s: expression %d is %T %x, want %T %x", name, i, got[i], g[i], want[i], w[i])
+		}
+	}
+}
+
+func dump(es []expr.Any) string {
+	var b bytes.Buffer
+	for _, e := range es {
+		fmt.Fprintf(&b, "%T%+v ", e, e)
+	}
+	return b.String()
+}
+
+var (
+	iifCX   = []expr.Any{&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte("cx")}}
+	oifCX   = []expr.Any{&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte("cx")}}
+	ipv4    = []expr.Any{&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}}}
+	ipv6    = []expr.Any{&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV6}}}
+	drop    = []expr.Any{&expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop}}
+	accept  = []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}
+	ctEstab = []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
+			Xor:  []byte{0, 0, 0, 0}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
+	}
+)
+
+// TestIsolationRules pins the anti-spoofing and isolation rules expression
+// by expression.
+func TestIsolationRules(t *testing.T) {
+	m := testManager(t, Config{Prefix: "cx", DNSPort: 53})
+	s4, s6 := m.sets()
+	s4.ID, s6.ID = 7, 8
+	rules := m.ruleset(s4, s6)
+	for _, tc := range []struct {
+		name  string
+		chain string
+		index int
+		want  []expr.Any
+	}{
+		{"spoof: link-local ICMPv6 passes", chainSpoof, 0, cat(iifCX, ipv6,
+			[]expr.Any{&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
+				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 16},
+				&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 16, Mask: netip.MustParseAddr("ffc0::").AsSlice(), Xor: make([]byte, 16)},
+				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: netip.MustParseAddr("fe80::").AsSlice()}}, accept)},
+		{"spoof: IPv4 (iifname . saddr) not in src4", chainSpoof, 2, cat(iifCX, ipv4, []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Payload{DestRegister: 2, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+			&expr.Lookup{SourceRegister: 1, SetName: "src4", SetID: 7, Invert: true}}, drop)},
+		{"spoof: IPv6 (iifname . saddr) not in src6", chainSpoof, 3, cat(iifCX, ipv6, []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Payload{DestRegister: 2, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 16},
+			&expr.Lookup{SourceRegister: 1, SetName: "src6", SetID: 8, Invert: true}}, drop)},
+		{"forward: established first", chainForward, 0, cat(ctEstab, accept)},
+		{"forward: sandbox to sandbox dropped", chainForward, 1, cat(iifCX, oifCX, drop)},
+		{"forward: new toward a sandbox dropped", chainForward, 2, cat(oifCX, drop)},
+		{"forward: jump egress", chainForward, 3, cat(iifCX, []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "egress"}})},
+		{"forward: returned from egress accepted", chainForward, 4, cat(iifCX, accept)},
+		{"input: established", chainInput, 0, cat(iifCX, ctEstab, accept)},
+		{"input: the rest from sandboxes dropped", chainInput, len(rules[chainInput]) - 1, cat(iifCX, drop)},
+		{"postrouting: masquerade IPv4 leaving through non-sandbox interfaces", chainPostrouting, 0, cat(ipv4, []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: []byte{255, 255, 0, 0}, Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{10, 213, 0, 0}},
+			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1}, &expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte("cx")},
+			&expr.Masq{}})},
+		{"prerouting: metadata DNAT", chainPrerouting, 0, cat(iifCX, ipv4, []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{169, 254, 169, 254}},
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 80}},
+			&expr.Immediate{Register: 1, Data: []byte{10, 213, 0, 1}},
+			&expr.Immediate{Register: 2, Data: []byte{0, 80}},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1, RegProtoMin: 2, Specified: true}})},
+		{"prerouting: DNS to any gateway (.1 of a /30) DNATed", chainPrerouting, 1, cat(iifCX, ipv4, []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: []byte{255, 255, 0, 3}, Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{10, 213, 0, 1}},
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 53}},
+			&expr.Immediate{Register: 1, Data: []byte{10, 213, 0, 1}},
+			&expr.Immediate{Register: 2, Data: []byte{0, 53}},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1, RegProtoMin: 2, Specified: true}})},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := rules[tc.chain]
+			if tc.index >= len(r) {
+				t.Fatalf("chain %s has %d rules", tc.chain, len(r))
+			}
+			sameWire(t, tc.name, r[tc.index], tc.want)
+		})
+	}
+	if n := len(rules[chainForward]); n != 5 {
+		t.Errorf("forward chain has %d rules, want 5", n)
+	}
+}
+
+// TestAntiSpoofGolden pins the kernel encoding of the set lookup: registers
+// 1 (16-byte iifname) and 2 (the address) form the concatenated key.
+func TestAntiSpoofGolden(t *testing.T) {
 	set := &nftables.Set{Name: "src4", ID: 7}
-	got := antiSpoof("cx", false, set)
-	want := []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte("cx")},
-		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
-		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-		&expr.Payload{DestRegister: 2, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
-		&expr.Lookup{SourceRegister: 1, SetName: "src4", SetID: 7, Invert: true},
-		&expr.Counter{},
-		&expr.Verdict{Kind: expr.VerdictDrop},
-	}
-	if !reflect.DeepEqual(got, want) {
-		t.Fatalf("anti-spoof rule:\n got %#v\nwant %#v", got, want)
-	}
-	got6 := antiSpoof("cx", true, set)
-	if p := got6[5].(*expr.Payload); p.Offset != 8 || p.Len != 16 {
-		t.Fatalf("IPv6 source payload: %+v", p)
+	r := antiSpoof("cx", false, set)
+	got := hex.EncodeToString(wire(t, r[4:7])[2])
+	// "lookup" { SREG 1, FLAGS NFT_LOOKUP_F_INV, SET "src4", SET_ID 7 }
+	const want = "0b0001006c6f6f6b7570000028000280080002000000000108000500000000010900010073726334000000000800040000000007"
+	if got != want {
+		t.Fatalf("lookup expression bytes\n got %s\nwant %s", got, want)
 	}
 }
 
-// TestForwardChainOrder: anti-spoofing comes before established-accept, and
-// sandbox-to-sandbox drop before the jump to the egress chain.
-func TestForwardChainOrder(t *testing.T) {
-	m := testManager(t)
+// TestInputServicePorts: exactly the service ports on the service addresses
+// are open, for TCP and UDP, IPv4 and IPv6; ping is not.
+func TestInputServicePorts(t *testing.T) {
+	m := testManager(t, Config{Prefix: "cx", DNSPort: 5353, MetadataPort: 8080, ServicePorts: []uint16{8080, 9000}})
 	s4, s6 := m.sets()
-	fwd := m.ruleset(s4, s6)["forward"]
-	if len(fwd) != 5 {
-		t.Fatalf("forward chain has %d rules", len(fwd))
+	in := m.ruleset(s4, s6)[chainInput]
+	type key struct {
+		addr  netip.Addr
+		proto byte
+		port  uint16
 	}
-	last := func(r []expr.Any) expr.Any { return r[len(r)-1] }
-	for i, want := range []expr.VerdictKind{expr.VerdictDrop, expr.VerdictDrop, expr.VerdictAccept, expr.VerdictDrop, expr.VerdictJump} {
-		if v := last(fwd[i]).(*expr.Verdict); v.Kind != want {
-			t.Errorf("forward rule %d verdict %v, want %v", i, v.Kind, want)
+	open := map[key]bool{}
+	for _, r := range in {
+		var k key
+		for i, e := range r {
+			switch e := e.(type) {
+			case *expr.Payload:
+				if c, ok := r[i+1].(*expr.Cmp); ok && e.Base == expr.PayloadBaseNetworkHeader {
+					k.addr, _ = netip.AddrFromSlice(c.Data)
+				} else if ok && e.Base == expr.PayloadBaseTransportHeader && e.Offset == 2 {
+					k.port = binaryutil.BigEndian.Uint16(c.Data)
+				}
+			case *expr.Meta:
+				if c, ok := r[i+1].(*expr.Cmp); ok && e.Key == expr.MetaKeyL4PROTO {
+					k.proto = c.Data[0]
+				}
+			}
+		}
+		if k.port != 0 {
+			open[k] = true
 		}
 	}
-	if v := last(fwd[4]).(*expr.Verdict); v.Chain != ChainEgress {
-		t.Errorf("jump target %q", v.Chain)
-	}
-	// sandbox → sandbox: iifname cx* and oifname cx*.
-	if c := fwd[3][3].(*expr.Cmp); string(c.Data) != "cx" || c.Op != expr.CmpOpEq {
-		t.Errorf("sandbox-to-sandbox match: %+v", c)
-	}
-	// The input chain ends by dropping everything else from sandboxes.
-	in := m.ruleset(s4, s6)["input"]
-	if v := last(in[len(in)-1]).(*expr.Verdict); v.Kind != expr.VerdictDrop {
-		t.Errorf("input chain does not end in drop")
-	}
-}
-
-// TestMetadataDNAT: 169.254.169.254:80 goes to the service address.
-func TestMetadataDNAT(t *testing.T) {
-	m := testManager(t)
-	s4, s6 := m.sets()
-	pre := m.ruleset(s4, s6)["prerouting"][0]
-	var daddr *expr.Cmp
-	for _, e := range pre {
-		if c, ok := e.(*expr.Cmp); ok && len(c.Data) == 4 {
-			daddr = c
+	var want []key
+	for _, a := range []netip.Addr{m.ServiceAddr(), m.ServiceAddr6()} {
+		for _, p := range []byte{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+			for _, port := range []uint16{8080, 5353, 9000} {
+				want = append(want, key{a, p, port})
+			}
 		}
 	}
-	if daddr == nil || netip.AddrFrom4([4]byte(daddr.Data)).String() != "169.254.169.254" {
-		t.Fatalf("metadata match: %+v", daddr)
+	for _, k := range want {
+		if !open[k] {
+			t.Errorf("input does not accept %v proto %d port %d", k.addr, k.proto, k.port)
+		}
 	}
-	if i := pre[len(pre)-3].(*expr.Immediate); netip.AddrFrom4([4]byte(i.Data)) != m.ServiceAddr() {
-		t.Fatalf("dnat target %v, want %v", i.Data, m.ServiceAddr())
+	if len(open) != len(want) {
+		t.Errorf("input accepts %d (addr, proto, port), want %d: %v", len(open), len(want), open)
 	}
 }
 
 func TestAddressing(t *testing.T) {
-	m := testManager(t)
+	m := testManager(t, Config{})
 	n := m.Lookup("sb-1", 3)
-	if n.HostIP.String() != "10.213.0.13" || n.SandboxIP.String() != "10.213.0.14" || n.HostIf != "cx0003" {
-		t.Fatalf("slot 3: %+v", n)
-	}
-	if n.SandboxIP6.String() != "fd63:6861:6c6b::e" {
-		t.Fatalf("slot 3 v6: %v", n.SandboxIP6)
+	for _, c := range []struct{ name, got, want string }{
+		{"HostIP", n.HostIP.String(), "10.213.0.13"},
+		{"SandboxIP", n.SandboxIP.String(), "10.213.0.14"},
+		{"HostIP6", n.HostIP6.String(), "fd63:6861:6c6b::d"},
+		{"SandboxIP6", n.SandboxIP6.String(), "fd63:6861:6c6b::e"},
+		{"HostIf", n.HostIf, "cx0003"},
+		{"NetnsPath", n.NetnsPath, "/run/chalk/netns/sb-1"},
+		{"ServiceAddr", m.ServiceAddr().String(), "10.213.0.1"},
+		{"ServiceAddr6", m.ServiceAddr6().String(), "fd63:6861:6c6b::1"},
+		{"MaxSlot", fmt.Sprint(m.MaxSlot()), "16383"},
+		{"last slot", m.Lookup("x", m.MaxSlot()).SandboxIP.String(), "10.213.255.254"},
+		{"slot 300 v6", m.Lookup("x", 300).SandboxIP6.String(), "fd63:6861:6c6b::4b2"},
+	} {
+		if c.got != c.want {
+			t.Errorf("%s = %s, want %s", c.name, c.got, c.want)
+		}
 	}
 	for _, tc := range []struct {
 		addr string
@@ -107,21 +238,52 @@ func TestAddressing(t *testing.T) {
 		ok   bool
 	}{
 		{"10.213.0.14", 3, true},
-		{"10.213.0.13", 0, false}, // gateway, not a sandbox
+		{"10.213.255.254", 16383, true},
+		{"10.213.0.13", 0, false}, // a gateway
 		{"10.213.0.2", 0, false},  // slot 0 is the service slot
+		{"10.213.0.1", 0, false},
 		{"fd63:6861:6c6b::e", 3, true},
+		{"fd63:6861:6c6b::4b2", 300, true},
+		{"fd63:6861:6c6b:0:1::e", 0, false}, // beyond the slots
+		{"fd63:6861:6c6b:1::e", 0, false},
 		{"10.214.0.14", 0, false},
 		{"::ffff:10.213.0.14", 3, true},
+		{"fd63:6861:6c6c::e", 0, false},
 	} {
 		slot, ok := m.SlotForAddr(netip.MustParseAddr(tc.addr))
 		if slot != tc.slot || ok != tc.ok {
-			t.Errorf("SlotForAddr(%s) = %d %v", tc.addr, slot, ok)
+			t.Errorf("SlotForAddr(%s) = %d %v, want %d %v", tc.addr, slot, ok, tc.slot, tc.ok)
 		}
 	}
-	if m.ServiceAddr().String() != "10.213.0.1" || m.MaxSlot() != 16383 {
-		t.Fatalf("service %v max %d", m.ServiceAddr(), m.MaxSlot())
-	}
-	if _, err := New(Config{Prefix: "waytoolongprefix"}); err == nil {
-		t.Fatal("long prefix accepted")
+}
+
+func TestNewValidation(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		cfg     Config
+		ok      bool
+		maxSlot int
+	}{
+		{"defaults", Config{}, true, 16383},
+		{"small v4", Config{Subnet: netip.MustParsePrefix("10.9.0.0/24")}, true, 63},
+		{"small v6 limits", Config{Subnet6: netip.MustParsePrefix("fd00::/120")}, true, 63},
+		{"huge v4 capped by names", Config{Subnet: netip.MustParsePrefix("10.0.0.0/8")}, true, 0xffff},
+		{"11-byte prefix", Config{Prefix: "abcdefghijk"}, true, 16383},
+		{"12-byte prefix", Config{Prefix: "abcdefghijkl"}, false, 0},
+		{"prefix with slash", Config{Prefix: "a/b"}, false, 0},
+		{"v6 as Subnet", Config{Subnet: netip.MustParsePrefix("fd00::/64")}, false, 0},
+		{"v4 as Subnet6", Config{Subnet6: netip.MustParsePrefix("10.0.0.0/8")}, false, 0},
+		{"v4 too small", Config{Subnet: netip.MustParsePrefix("10.0.0.0/30")}, false, 0},
+		{"relative netns dir", Config{NetnsDir: "run/netns"}, false, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := New(tc.cfg)
+			if (err == nil) != tc.ok {
+				t.Fatalf("New: %v, want ok=%v", err, tc.ok)
+			}
+			if err == nil && m.MaxSlot() != tc.maxSlot {
+				t.Fatalf("MaxSlot = %d, want %d", m.MaxSlot(), tc.maxSlot)
+			}
+		})
 	}
 }

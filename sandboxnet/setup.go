@@ -1,0 +1,223 @@
+package sandboxnet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+// Setup creates the sandbox's network namespace (bind-mounted at
+// NetnsDir/id), its veth pair, addresses and routes, and its anti-spoofing
+// elements. A slot that is in use (by any id) or an id whose netns file
+// exists is ErrAlreadyExists. On error Setup removes what it made and
+// nothing else.
+func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err error) {
+	if slot < 1 || slot > m.maxSlot {
+		return nil, fmt.Errorf("network slot %d: out of range 1..%d: %w", slot, m.maxSlot, errdefs.ErrInvalidArgument)
+	}
+	if !validID(id) {
+		return nil, fmt.Errorf("sandbox id %q: %w", id, errdefs.ErrInvalidArgument)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	n := m.Lookup(id, slot)
+	if l, err := netlink.LinkByName(n.HostIf); err == nil {
+		return nil, fmt.Errorf("network slot %d: in use by %q (%s): %w", slot, l.Attrs().Alias, n.HostIf, errdefs.ErrAlreadyExists)
+	}
+
+	var undo []func() error
+	defer func() {
+		if err != nil {
+			for i := len(undo) - 1; i >= 0; i-- {
+				if uerr := undo[i](); uerr != nil {
+					m.log.Warn("sandbox network rollback", "sandbox", id, "slot", slot, "err", uerr)
+				}
+			}
+		}
+	}()
+
+	ns, err := newNamedNetns(n.NetnsPath)
+	if err != nil {
+		return nil, err
+	}
+	defer ns.Close()
+	undo = append(undo, func() error { return removeNetnsFile(n.NetnsPath) })
+
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: n.HostIf, Alias: id, TxQLen: -1, Flags: net.FlagUp},
+		PeerName:      "eth0",
+		PeerTxQLen:    -1,
+		PeerNamespace: netlink.NsFd(int(ns)),
+	}
+	if err := netlink.LinkAdd(veth); err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			return nil, fmt.Errorf("network slot %d: %s exists: %w", slot, n.HostIf, errdefs.ErrAlreadyExists)
+		}
+		return nil, fmt.Errorf("veth %s: %w", n.HostIf, err)
+	}
+	host, err := netlink.LinkByName(n.HostIf)
+	if err != nil {
+		return nil, fmt.Errorf("veth %s: %w", n.HostIf, err)
+	}
+	undo = append(undo, func() error { return ignoreNotFound(netlink.LinkDel(host)) })
+	for _, a := range []netip.Prefix{netip.PrefixFrom(n.HostIP, 30), netip.PrefixFrom(n.HostIP6, 126)} {
+		if err := netlink.AddrAdd(host, &netlink.Addr{IPNet: prefixNet(a), Flags: unix.IFA_F_NODAD}); err != nil {
+			return nil, fmt.Errorf("address %s on %s: %w", a, n.HostIf, err)
+		}
+	}
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return nil, fmt.Errorf("netlink in sandbox netns: %w", err)
+	}
+	defer h.Close()
+	if err := configureInside(h, n); err != nil {
+		return nil, fmt.Errorf("sandbox %q network: %w", id, err)
+	}
+	if err := m.setSource(n, true); err != nil {
+		return nil, fmt.Errorf("anti-spoofing elements for %s: %w", n.HostIf, err)
+	}
+	undo = append(undo, func() error { return m.setSource(n, false) })
+	m.log.Debug("sandbox network up", "sandbox", id, "slot", slot, "if", n.HostIf, "ip", n.SandboxIP, "ip6", n.SandboxIP6)
+	return n, nil
+}
+
+// configureInside brings up lo and eth0 in the sandbox namespace, with the
+// sandbox's addresses and default routes via the host side.
+func configureInside(h *netlink.Handle, n *Net) error {
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	if err := h.LinkSetUp(lo); err != nil {
+		return fmt.Errorf("lo up: %w", err)
+	}
+	eth, err := h.LinkByName("eth0")
+	if err != nil {
+		return err
+	}
+	for _, a := range []netip.Prefix{netip.PrefixFrom(n.SandboxIP, 30), netip.PrefixFrom(n.SandboxIP6, 126)} {
+		if err := h.AddrAdd(eth, &netlink.Addr{IPNet: prefixNet(a), Flags: unix.IFA_F_NODAD}); err != nil {
+			return fmt.Errorf("address %s on eth0: %w", a, err)
+		}
+	}
+	if err := h.LinkSetUp(eth); err != nil {
+		return fmt.Errorf("eth0 up: %w", err)
+	}
+	for _, gw := range []netip.Addr{n.HostIP, n.HostIP6} {
+		r := &netlink.Route{LinkIndex: eth.Attrs().Index, Gw: gw.AsSlice()}
+		if err := h.RouteAdd(r); err != nil {
+			return fmt.Errorf("default route via %s: %w", gw, err)
+		}
+	}
+	return nil
+}
+
+// Teardown removes everything Setup(ctx, id, slot) made. It is idempotent.
+// The slot's interface and anti-spoofing elements are removed only when they
+// belong to id (a slot now used by another sandbox is left alone).
+func (m *Manager) Teardown(ctx context.Context, id string, slot int) error {
+	if !validID(id) {
+		return fmt.Errorf("sandbox id %q: %w", id, errdefs.ErrInvalidArgument)
+	}
+	n := m.Lookup(id, slot)
+	var errs []error
+	if slot >= 1 && slot <= m.maxSlot {
+		owned := true
+		if l, err := netlink.LinkByName(n.HostIf); err == nil {
+			if alias := l.Attrs().Alias; alias != "" && alias != id {
+				owned = false
+				m.log.Warn("teardown: slot belongs to another sandbox", "sandbox", id, "slot", slot, "owner", alias)
+			} else if err := netlink.LinkDel(l); ignoreNotFound(err) != nil {
+				errs = append(errs, fmt.Errorf("delete %s: %w", n.HostIf, err))
+			}
+		}
+		if owned {
+			if err := m.setSource(n, false); err != nil {
+				errs = append(errs, fmt.Errorf("anti-spoofing elements of %s: %w", n.HostIf, err))
+			}
+		}
+	}
+	if err := removeNetnsFile(n.NetnsPath); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func ignoreNotFound(err error) error {
+	var nf netlink.LinkNotFoundError
+	if err == nil || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOENT) || errors.As(err, &nf) {
+		return nil
+	}
+	return err
+}
+
+// newNamedNetns creates a network namespace and bind-mounts it at path
+// (which must not exist). The returned handle is open; close it.
+func newNamedNetns(path string) (netns.NsHandle, error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDONLY, 0o444)
+	if err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return 0, fmt.Errorf("netns %s: %w", path, errdefs.ErrAlreadyExists)
+		}
+		return 0, fmt.Errorf("netns file: %w", err)
+	}
+	f.Close()
+	ns, err := unshareNetns(path)
+	if err != nil {
+		_ = os.Remove(path)
+		return 0, err
+	}
+	return ns, nil
+}
+
+// unshareNetns makes a new network namespace on a locked thread, bind-mounts
+// it at path and returns the thread to its namespace.
+func unshareNetns(path string) (netns.NsHandle, error) {
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return 0, fmt.Errorf("current netns: %w", err)
+	}
+	defer orig.Close()
+	ns, err := netns.New() // unshare(CLONE_NEWNET): this thread is now in it
+	if err != nil {
+		runtime.UnlockOSThread()
+		return 0, fmt.Errorf("new netns: %w", err)
+	}
+	merr := unix.Mount(fmt.Sprintf("/proc/self/fd/%d", int(ns)), path, "none", unix.MS_BIND, "")
+	if err := netns.Set(orig); err != nil {
+		// Leave the thread locked: the runtime discards it when this
+		// goroutine ends, rather than run other goroutines in the wrong netns.
+		ns.Close()
+		return 0, fmt.Errorf("return to the node netns: %w", err)
+	}
+	runtime.UnlockOSThread()
+	if merr != nil {
+		ns.Close()
+		return 0, fmt.Errorf("bind netns to %s: %w", path, merr)
+	}
+	return ns, nil
+}
+
+// removeNetnsFile unmounts and removes a netns file; missing is fine.
+func removeNetnsFile(path string) error {
+	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("unmount netns %s: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove netns %s: %w", path, err)
+	}
+	return nil
+}
