@@ -55,7 +55,7 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 	undo = append(undo, func() error { return removeNetnsFile(n.NetnsPath) })
 
 	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: n.HostIf, Alias: id, TxQLen: -1, Flags: net.FlagUp},
+		LinkAttrs:     netlink.LinkAttrs{Name: n.HostIf, TxQLen: -1, Flags: net.FlagUp},
 		PeerName:      "eth0",
 		PeerTxQLen:    -1,
 		PeerNamespace: netlink.NsFd(int(ns)),
@@ -71,6 +71,10 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 		return nil, fmt.Errorf("veth %s: %w", n.HostIf, err)
 	}
 	undo = append(undo, func() error { return ignoreNotFound(netlink.LinkDel(host)) })
+	// The alias records the owner (the kernel ignores IFLA_IFALIAS on creation).
+	if err := netlink.LinkSetAlias(host, id); err != nil {
+		return nil, fmt.Errorf("alias of %s: %w", n.HostIf, err)
+	}
 	for _, a := range []netip.Prefix{netip.PrefixFrom(n.HostIP, 30), netip.PrefixFrom(n.HostIP6, 126)} {
 		if err := netlink.AddrAdd(host, &netlink.Addr{IPNet: prefixNet(a), Flags: unix.IFA_F_NODAD}); err != nil {
 			return nil, fmt.Errorf("address %s on %s: %w", a, n.HostIf, err)

@@ -1,0 +1,442 @@
+package sandboxnet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/nettest"
+)
+
+// Tests in this file need root and run inside the node namespace TestMain
+// makes.
+
+// denied is how long a connection attempt that must be dropped is given.
+const denied = 300 * time.Millisecond
+
+func requireNode(t testing.TB) {
+	t.Helper()
+	nettest.RequireRoot(t)
+	if !nettest.InNode() {
+		t.Skip("runs only inside the node namespace TestMain creates")
+	}
+}
+
+// newNode returns an initialised Manager with its own table, prefix and
+// netns directory, closed (with every sandbox torn down) when the test ends.
+func newNode(t testing.TB, cfg Config) *Manager {
+	t.Helper()
+	requireNode(t)
+	if cfg.Table == "" {
+		cfg.Table = nettest.UniqueName("t")
+	}
+	if cfg.Prefix == "" {
+		cfg.Prefix = "s" + nettest.UniqueName("")[:3]
+	}
+	if cfg.NetnsDir == "" {
+		cfg.NetnsDir = t.TempDir()
+	}
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Init(context.Background()); err != nil {
+		t.Fatalf("Init: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx := context.Background()
+		ents, _ := os.ReadDir(cfg.NetnsDir)
+		for _, e := range ents {
+			_ = removeNetnsFile(filepath.Join(cfg.NetnsDir, e.Name()))
+		}
+		links, _ := netlink.LinkList()
+		for _, l := range links {
+			if _, ok := m.slotOfIf(l.Attrs().Name); ok {
+				_ = netlink.LinkDel(l)
+			}
+		}
+		if err := m.Close(ctx); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	return m
+}
+
+func setup(t testing.TB, m *Manager, id string, slot int) *Net {
+	t.Helper()
+	n, err := m.Setup(context.Background(), id, slot)
+	if err != nil {
+		t.Fatalf("Setup(%s, %d): %v", id, slot, err)
+	}
+	t.Cleanup(func() { _ = m.Teardown(context.Background(), id, slot) })
+	return n
+}
+
+func nftList(t testing.TB, m *Manager) string {
+	t.Helper()
+	out, err := exec.Command("nft", "list", "table", "inet", m.Table()).CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list table: %v %s", err, out)
+	}
+	return string(out)
+}
+
+func TestSetup(t *testing.T) {
+	m := newNode(t, Config{DNSPort: 5353})
+	n := setup(t, m, "sb-one", 1)
+	if got := m.Lookup("sb-one", 1); *got != *n {
+		t.Errorf("Lookup = %+v, Setup = %+v", got, n)
+	}
+
+	// The node side.
+	host, err := netlink.LinkByName(n.HostIf)
+	if err != nil {
+		t.Fatalf("host interface: %v", err)
+	}
+	if host.Attrs().Alias != "sb-one" || host.Attrs().OperState == netlink.OperDown || host.Type() != "veth" {
+		t.Errorf("host interface %s: alias %q state %v type %s", n.HostIf, host.Attrs().Alias, host.Attrs().OperState, host.Type())
+	}
+	checkAddrs(t, nil, host, netip.PrefixFrom(n.HostIP, 30), netip.PrefixFrom(n.HostIP6, 126))
+	svcIf := m.ServiceIf()
+	svc, err := netlink.LinkByName(svcIf)
+	if err != nil {
+		t.Fatalf("service interface %q: %v", svcIf, err)
+	}
+	checkAddrs(t, nil, svc, netip.PrefixFrom(m.ServiceAddr(), 32), netip.PrefixFrom(m.ServiceAddr6(), 128))
+	for key, want := range map[string]string{"net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "1"} {
+		if v, _ := readSysctl(key); v != want {
+			t.Errorf("%s = %q, want %q", key, v, want)
+		}
+	}
+
+	// The sandbox side, through a handle bound to its namespace.
+	h := nettest.OpenNetns(n.NetnsPath).Handle(t)
+	links, err := h.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]netlink.Link{}
+	for _, l := range links {
+		names[l.Attrs().Name] = l
+	}
+	if len(names) != 2 || names["lo"] == nil || names["eth0"] == nil {
+		t.Fatalf("sandbox interfaces: %v, want lo and eth0", names)
+	}
+	for _, name := range []string{"lo", "eth0"} {
+		if names[name].Attrs().Flags&net.FlagUp == 0 {
+			t.Errorf("%s is down in the sandbox", name)
+		}
+	}
+	eth := names["eth0"]
+	checkAddrs(t, h, eth, netip.PrefixFrom(n.SandboxIP, 30), netip.PrefixFrom(n.SandboxIP6, 126))
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := h.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var def *netlink.Route
+		for i, r := range routes {
+			if r.Dst == nil || r.Dst.IP.IsUnspecified() {
+				def = &routes[i]
+			}
+		}
+		want := n.HostIP
+		if fam == netlink.FAMILY_V6 {
+			want = n.HostIP6
+		}
+		if def == nil || def.LinkIndex != eth.Attrs().Index {
+			t.Errorf("family %d: no default route on eth0: %+v", fam, routes)
+		} else if gw, _ := netip.AddrFromSlice(def.Gw); gw.Unmap() != want {
+			t.Errorf("family %d: default route via %v, want %v", fam, def.Gw, want)
+		}
+	}
+
+	// The rules, as nft prints them.
+	out := nftList(t, m)
+	for _, want := range []string{
+		fmt.Sprintf(`"%s" . %s`, n.HostIf, n.SandboxIP),
+		fmt.Sprintf(`"%s" . %s`, n.HostIf, n.SandboxIP6),
+		"chain " + ChainEgress + " {",
+		"jump " + ChainEgress,
+		"masquerade",
+		fmt.Sprintf("ip daddr 169.254.169.254 tcp dport 80 dnat ip to %s:80", m.ServiceAddr()),
+		fmt.Sprintf("dnat ip to %s:5353", m.ServiceAddr()),
+		fmt.Sprintf("dnat ip6 to [%s]:5353", m.ServiceAddr6()),
+		"hook prerouting priority raw",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("nft list table lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+// checkAddrs asserts that link has exactly the global addresses want.
+func checkAddrs(t *testing.T, h *netlink.Handle, link netlink.Link, want ...netip.Prefix) {
+	t.Helper()
+	if h == nil {
+		var err error
+		if h, err = netlink.NewHandle(); err != nil {
+			t.Fatal(err)
+		}
+		defer h.Close()
+	}
+	addrs, err := h.AddrList(link, netlink.FAMILY_ALL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[netip.Prefix]bool{}
+	for _, a := range addrs {
+		ip, _ := netip.AddrFromSlice(a.IP)
+		if ip.IsLinkLocalUnicast() || ip.IsLoopback() {
+			continue
+		}
+		ones, _ := a.Mask.Size()
+		got[netip.PrefixFrom(ip.Unmap(), ones)] = true
+	}
+	for _, p := range want {
+		if !got[p] {
+			t.Errorf("%s: no address %s (has %v)", link.Attrs().Name, p, got)
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("%s: addresses %v, want %v", link.Attrs().Name, got, want)
+	}
+}
+
+func TestSetupErrors(t *testing.T) {
+	m := newNode(t, Config{})
+	ctx := context.Background()
+	a := setup(t, m, "sb-a", 4)
+	for _, tc := range []struct {
+		name string
+		id   string
+		slot int
+		want error
+	}{
+		{"slot used by another sandbox", "sb-b", 4, errdefs.ErrAlreadyExists},
+		{"same sandbox again", "sb-a", 4, errdefs.ErrAlreadyExists},
+		{"id already has a netns", "sb-a", 5, errdefs.ErrAlreadyExists},
+		{"slot 0", "sb-c", 0, errdefs.ErrInvalidArgument},
+		{"slot too high", "sb-c", m.MaxSlot() + 1, errdefs.ErrInvalidArgument},
+		{"id with slash", "a/b", 6, errdefs.ErrInvalidArgument},
+		{"empty id", "", 6, errdefs.ErrInvalidArgument},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := m.Setup(ctx, tc.id, tc.slot); !errors.Is(err, tc.want) {
+				t.Fatalf("Setup(%q, %d) = %v, want %v", tc.id, tc.slot, err, tc.want)
+			}
+			// The failed Setup removed nothing of sb-a's.
+			l, err := netlink.LinkByName(a.HostIf)
+			if err != nil || l.Attrs().Alias != "sb-a" {
+				t.Fatalf("sb-a's interface: %v %v", l, err)
+			}
+			if _, err := os.Stat(a.NetnsPath); err != nil {
+				t.Fatalf("sb-a's netns: %v", err)
+			}
+			if left, err := m.Leftovers(ctx, map[string]int{"sb-a": 4}); err != nil || len(left) != 0 {
+				t.Fatalf("Leftovers = %v %v", left, err)
+			}
+		})
+	}
+	// Teardown by another id leaves the slot to its owner.
+	if err := m.Teardown(ctx, "sb-b", 4); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := netlink.LinkByName(a.HostIf); err != nil {
+		t.Fatalf("Teardown of another id removed %s: %v", a.HostIf, err)
+	}
+	if !strings.Contains(nftList(t, m), fmt.Sprintf(`"%s" . %s`, a.HostIf, a.SandboxIP)) {
+		t.Fatal("Teardown of another id removed the owner's anti-spoofing element")
+	}
+}
+
+// TestRollback: a Setup failing at its last step (the table is gone) leaves
+// nothing behind.
+func TestRollback(t *testing.T) {
+	m := newNode(t, Config{})
+	ctx := context.Background()
+	if err := m.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Setup(ctx, "sb-x", 9); err == nil {
+		t.Fatal("Setup without a table succeeded")
+	}
+	if _, err := netlink.LinkByName(m.Lookup("sb-x", 9).HostIf); err == nil {
+		t.Error("failed Setup left its veth")
+	}
+	if _, err := os.Stat(m.Lookup("sb-x", 9).NetnsPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("failed Setup left its netns file: %v", err)
+	}
+	if err := m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	setup(t, m, "sb-x", 9) // and the slot is usable again
+}
+
+func TestTeardownLeavesNothing(t *testing.T) {
+	m := newNode(t, Config{})
+	ctx := context.Background()
+	n := setup(t, m, "sb-t", 7)
+	for i := 0; i < 2; i++ { // idempotent
+		if err := m.Teardown(ctx, "sb-t", 7); err != nil {
+			t.Fatalf("Teardown #%d: %v", i+1, err)
+		}
+	}
+	assertClean(t, m, n)
+}
+
+// assertClean checks that nothing of any sandbox is left, and nothing of n
+// in particular.
+func assertClean(t *testing.T, m *Manager, ns ...*Net) {
+	t.Helper()
+	if left, err := m.Leftovers(context.Background(), nil); err != nil || len(left) != 0 {
+		t.Errorf("Leftovers = %v %v", left, err)
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Name, m.IfacePrefix()) && l.Attrs().Name != m.svcName() {
+			t.Errorf("interface %s left", l.Attrs().Name)
+		}
+	}
+	if ents, _ := os.ReadDir(m.cfg.NetnsDir); len(ents) != 0 {
+		t.Errorf("%d netns files left in %s", len(ents), m.cfg.NetnsDir)
+	}
+	out := nftList(t, m)
+	for _, n := range ns {
+		for _, s := range []string{n.HostIf, n.SandboxIP.String(), n.SandboxIP6.String()} {
+			if strings.Contains(out, s) {
+				t.Errorf("table still mentions %s:\n%s", s, out)
+			}
+		}
+	}
+	if strings.Contains(out, `" . `) {
+		t.Errorf("anti-spoofing elements left:\n%s", out)
+	}
+}
+
+// TestCycles: 200 Setup/Teardown cycles on a few slots in parallel leave
+// nothing behind.
+func TestCycles(t *testing.T) {
+	m := newNode(t, Config{})
+	ctx := context.Background()
+	const workers, rounds = 4, 50
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := 0; r < rounds; r++ {
+				id := fmt.Sprintf("cyc-%d-%d", w, r)
+				slot := 10 + w
+				if _, err := m.Setup(ctx, id, slot); err != nil {
+					errs <- fmt.Errorf("Setup %s: %w", id, err)
+					return
+				}
+				if err := m.Teardown(ctx, id, slot); err != nil {
+					errs <- fmt.Errorf("Teardown %s: %w", id, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	assertClean(t, m)
+}
+
+// TestLeftovers: objects of sandboxes not in live are listed and removable.
+func TestLeftovers(t *testing.T) {
+	m := newNode(t, Config{})
+	ctx := context.Background()
+	a := setup(t, m, "sb-live", 2)
+	b := setup(t, m, "sb-dead", 3)
+	live := map[string]int{"sb-live": 2}
+	left, err := m.Leftovers(ctx, live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"link:" + b.HostIf, "netns:sb-dead", "nft-src:" + b.HostIf}
+	if fmt.Sprint(left) != fmt.Sprint(want) {
+		t.Fatalf("Leftovers = %v, want %v", left, want)
+	}
+	// A live id claiming a slot whose interface names another sandbox.
+	if left, _ := m.Leftovers(ctx, map[string]int{"sb-live": 2, "sb-other": 3}); !contains(left, "link:"+b.HostIf) {
+		t.Errorf("interface of another sandbox in a live slot not reported: %v", left)
+	}
+	for _, obj := range left {
+		if err := m.RemoveLeftover(ctx, obj); err != nil {
+			t.Errorf("RemoveLeftover(%s): %v", obj, err)
+		}
+	}
+	if left, err := m.Leftovers(ctx, live); err != nil || len(left) != 0 {
+		t.Fatalf("after removal: %v %v", left, err)
+	}
+	if _, err := netlink.LinkByName(a.HostIf); err != nil {
+		t.Fatalf("live sandbox's interface removed: %v", err)
+	}
+	if !strings.Contains(nftList(t, m), fmt.Sprintf(`"%s" . %s`, a.HostIf, a.SandboxIP)) {
+		t.Fatal("live sandbox's anti-spoofing element removed")
+	}
+}
+
+func contains(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// BenchmarkSetupTeardown measures one sandbox network's life.
+func BenchmarkSetupTeardown(b *testing.B) {
+	m := newNode(b, Config{})
+	ctx := context.Background()
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		id := fmt.Sprintf("bench-%d", i)
+		if _, err := m.Setup(ctx, id, 1); err != nil {
+			b.Fatal(err)
+		}
+		if err := m.Teardown(ctx, id, 1); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkSetup measures Setup alone (Teardown outside the timer).
+func BenchmarkSetup(b *testing.B) {
+	m := newNode(b, Config{})
+	ctx := context.Background()
+	for i := 0; b.Loop(); i++ {
+		id := fmt.Sprintf("bench-%d", i)
+		if _, err := m.Setup(ctx, id, 1); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		if err := m.Teardown(ctx, id, 1); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+}
