@@ -1,0 +1,153 @@
+"""The Dockerfile subset of imagespec (FROM, RUN, ENV, ARG, WORKDIR, USER,
+CMD, ENTRYPOINT, LABEL, EXPOSE), used only to compute the canonical spec and
+hash locally. chalkd parses Dockerfiles with BuildKit's parser and is the
+authority; this covers the common forms (continuations, comments, JSON and
+shell forms, quoted key=value pairs)."""
+
+import json
+import shlex
+from typing import Any, Dict, List, Optional, Tuple
+
+from .errors import InvalidArgumentError
+
+_SUPPORTED = {"from", "run", "env", "arg", "workdir", "user", "cmd", "entrypoint", "label", "expose"}
+
+
+def _logical_lines(text: str) -> List[Tuple[int, str]]:
+    out: List[Tuple[int, str]] = []
+    cur: Optional[List[str]] = None
+    start = 0
+    for i, raw in enumerate(text.split("\n"), 1):
+        line = raw.rstrip("\r")
+        s = line.strip()
+        if cur is None and (not s or s.startswith("#")):
+            continue
+        if cur is not None and s.startswith("#"):
+            continue  # comment lines inside a continuation are dropped
+        if cur is None:
+            cur, start = [], i
+        if line.rstrip().endswith("\\"):
+            cur.append(line.rstrip()[:-1])
+            continue
+        cur.append(line)
+        out.append((start, "".join(cur).strip()))
+        cur = None
+    if cur:
+        out.append((start, "".join(cur).strip()))
+    return out
+
+
+def _json_form(rest: str) -> Optional[List[str]]:
+    if not rest.startswith("["):
+        return None
+    try:
+        v = json.loads(rest)
+    except ValueError:
+        return None
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return v
+    return None
+
+
+def _kv_pairs(rest: str, what: str, line: int, legacy: bool) -> List[Tuple[str, Optional[str]]]:
+    try:
+        words = shlex.split(rest, posix=True)
+    except ValueError as e:
+        raise InvalidArgumentError("dockerfile line %d: %s: %s" % (line, what, e)) from None
+    if legacy and words and "=" not in words[0]:
+        # ENV name value (the old form): the rest of the line is the value.
+        name, _, value = rest.partition(" ")
+        return [(name, value.strip())]
+    out: List[Tuple[str, Optional[str]]] = []
+    for w in words:
+        if "=" in w:
+            k, v = w.split("=", 1)
+            out.append((k, v))
+        elif what == "ARG":
+            out.append((w, None))
+        else:
+            raise InvalidArgumentError("dockerfile line %d: %s %s: want key=value" % (line, what, w))
+    return out
+
+
+def _argv(rest: str) -> List[str]:
+    j = _json_form(rest)
+    if j is not None:
+        return j
+    return ["/bin/sh", "-c", rest]
+
+
+def _convert(line: int, word: str, rest: str) -> List[Dict[str, Any]]:
+    kw = word.lower()
+    if kw not in _SUPPORTED:
+        if kw in ("copy", "add"):
+            raise InvalidArgumentError("dockerfile line %d: %s is not supported: add local files with add_local_file/add_local_dir (strategy=\"copy\") in the SDK" % (line, word.upper()))
+        raise InvalidArgumentError("dockerfile line %d: %s is not supported" % (line, word.upper()))
+    if kw == "run":
+        if rest.startswith("--"):
+            raise InvalidArgumentError("dockerfile line %d: RUN with flags is not supported" % line)
+        j = _json_form(rest)
+        if j is None:
+            return [{"kind": "run", "commands": [rest]}]
+        return [{"kind": "run", "commands": ["exec " + " ".join("'" + a.replace("'", "'\"'\"'") + "'" for a in j)]}]
+    if kw == "env":
+        return [{"kind": "env", "env": {k: v or "" for k, v in _kv_pairs(rest, "ENV", line, True)}}]
+    if kw == "label":
+        return [{"kind": "label", "labels": {k: v or "" for k, v in _kv_pairs(rest, "LABEL", line, True)}}]
+    if kw == "arg":
+        out = []
+        for k, v in _kv_pairs(rest, "ARG", line, False):
+            st: Dict[str, Any] = {"kind": "arg", "name": k}
+            if v is not None:
+                st["value"] = v
+            out.append(st)
+        return out
+    if kw == "workdir":
+        return [{"kind": "workdir", "path": rest}]
+    if kw == "user":
+        return [{"kind": "user", "user": rest}]
+    if kw in ("cmd", "entrypoint"):
+        return [{"kind": kw, "argv": _argv(rest)}]
+    if kw == "expose":
+        return [{"kind": "expose", "ports": rest.split()}]
+    raise InvalidArgumentError("dockerfile line %d: %s is not supported" % (line, word.upper()))
+
+
+def parse_dockerfile(text: str) -> Tuple[str, List[Dict[str, Any]]]:
+    """(base reference, steps) of a whole Dockerfile."""
+    base = ""
+    froms = 0
+    steps: List[Dict[str, Any]] = []
+    for line, s in _logical_lines(text):
+        word, _, rest = s.partition(" ")
+        rest = rest.strip()
+        if word.lower() == "from":
+            froms += 1
+            if froms > 1:
+                raise InvalidArgumentError("dockerfile line %d: multi-stage builds are not supported (%s)" % (line, s))
+            parts = rest.split()
+            if not parts or parts[0].startswith("--"):
+                raise InvalidArgumentError("dockerfile line %d: bad FROM" % line)
+            base = parts[0]
+            continue
+        if froms == 0 and word.lower() != "arg":
+            raise InvalidArgumentError("dockerfile line %d: %s before FROM" % (line, word.upper()))
+        conv = _convert(line, word, rest)
+        if froms:
+            steps.extend(conv)
+    if not froms:
+        raise InvalidArgumentError("dockerfile: no FROM")
+    return base, steps
+
+
+def parse_dockerfile_lines(lines: List[str]) -> List[Dict[str, Any]]:
+    """Steps of dockerfile_commands (no FROM)."""
+    if not lines:
+        raise InvalidArgumentError("lines: at least one instruction is required")
+    steps: List[Dict[str, Any]] = []
+    for line, s in _logical_lines("\n".join(lines)):
+        word, _, rest = s.partition(" ")
+        if word.lower() == "from":
+            raise InvalidArgumentError("dockerfile_commands line %d: FROM is not allowed here (use from_dockerfile)" % line)
+        steps.extend(_convert(line, word, rest.strip()))
+    return steps

@@ -1,0 +1,261 @@
+"""SandboxClient: the entry point of the SDK."""
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+from ._transport import Transport, b64, resolve_config
+from .image import Image
+from .policy import NetworkPolicy, Tunnel
+from .sandbox import Sandbox, Seconds, _int, _seconds
+
+__all__ = ["SandboxClient", "BuildResult"]
+
+
+class BuildResult:
+    """The outcome of :meth:`SandboxClient.build` or ``warm``.
+
+    Attributes:
+        image_hash: the content hash (``sha256:...``) for builds, else the reference.
+        digest: the manifest digest.
+        cached: the whole build was skipped (its hash was already built).
+        steps_built: how many steps actually ran.
+        warm: the image is extracted in the node's cache.
+    """
+
+    def __init__(self, last: Dict[str, Any]) -> None:
+        img = last.get("image") or {}
+        self.image_hash: str = img.get("ref", "")
+        self.digest: str = img.get("digest", "")
+        self.size: int = _int(img.get("size"))
+        self.warm: bool = bool(img.get("warm"))
+        self.local_ref: str = img.get("localRef", "")
+        self.cached: bool = bool(last.get("cached"))
+        self.steps_built: int = _int(last.get("step"))
+        self.raw = last
+
+    def __repr__(self) -> str:
+        return "BuildResult(image_hash=%r, cached=%r, steps_built=%d)" % (self.image_hash, self.cached, self.steps_built)
+
+
+def _default_log(line: str) -> None:
+    print(line, flush=True)
+
+
+class SandboxClient:
+    """A client for one chalkd.
+
+    With no arguments the API URL and token come from ``CHALK_API_URL`` and
+    ``CHALK_API_TOKEN`` (or ``CHALK_API_TOKEN_FILE``), else from the config
+    file chalkd writes on first start (``~/.config/chalk/config.json``, or
+    ``$CHALK_CONFIG``). URLs are ``http(s)://host:port`` or
+    ``unix:///path/to/chalkd.sock``.
+    """
+
+    def __init__(self, api_url: Optional[str] = None, token: Optional[str] = None, timeout: Optional[float] = None) -> None:
+        url, tok, tok_file = resolve_config(api_url, token)
+        self.api_url = url
+        self._t = Transport(url, tok, tok_file, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return "SandboxClient(api_url=%r)" % self.api_url
+
+    # ------------------------------------------------------------ sandboxes
+
+    def create(
+        self,
+        image: Union[Image, str, None] = None,
+        network_policies: Optional[Sequence[Union[NetworkPolicy, str]]] = None,
+        tunnels: Optional[Sequence[Union[Tunnel, str]]] = None,
+        timeout: Optional[Seconds] = None,
+        idle_timeout: Optional[Seconds] = None,
+        env: Optional[Mapping[str, str]] = None,
+        workdir: Optional[str] = None,
+        cpu: Optional[float] = None,
+        memory: Optional[int] = None,
+        entrypoint: Optional[Sequence[str]] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        aws_role_arn: Optional[str] = None,
+        gcp_workload_provider: Optional[str] = None,
+        on_build_log: Optional[Callable[[str], None]] = None,
+    ) -> Sandbox:
+        """Create a sandbox and return it once it is running.
+
+        Args:
+            image: an :class:`Image` (built first if needed: content-addressed,
+                cached) or an image reference string. Default: ``Image.debian_slim()``.
+            network_policies: :class:`NetworkPolicy` values (created or updated
+                by name) or names of existing policies.
+            tunnels: :class:`Tunnel` values or names.
+            timeout: lifetime in seconds or a timedelta (default 300, max 86400).
+            idle_timeout: end after this long without exec or file activity.
+            env: environment for the entrypoint and every exec.
+            workdir: working directory.
+            cpu: CPU cores (fractional allowed).
+            memory: memory limit in MiB.
+            entrypoint: argv of the main process; the sandbox ends when it exits.
+            labels: key/value labels.
+            on_build_log: called with each build log line when the image is
+                built first (default: print). Pass ``lambda line: None`` to silence.
+        """
+        if image is None:
+            image = Image.debian_slim()
+        req: Dict[str, Any] = {}
+        if isinstance(image, str):
+            req["image"] = image
+        elif isinstance(image, Image):
+            if image.is_plain():
+                req["image"] = image.ref
+            else:
+                # Build through the streaming call so logs reach the caller,
+                # then create from the same spec (a cache hit).
+                if _has_steps(image):
+                    self.build(image, on_log=on_build_log or _default_log)
+                else:
+                    self._upload(image)
+                req["imageSpecJson"] = image.spec_json()
+        else:
+            raise TypeError("create: image must be an Image or a reference string, got %r" % (image,))
+        names: List[str] = []
+        inline: List[Dict[str, Any]] = []
+        for p in network_policies or []:
+            if isinstance(p, NetworkPolicy):
+                inline.append(p.to_json())
+            elif isinstance(p, str):
+                names.append(p)
+            else:
+                raise TypeError("network_policies: want NetworkPolicy or str, got %r" % (p,))
+        if inline:
+            req["inlinePolicies"] = inline
+        if names:
+            req["networkPolicies"] = names
+        tnames: List[str] = []
+        for tn in tunnels or []:
+            if isinstance(tn, Tunnel):
+                tnames.append(tn.name)
+            elif isinstance(tn, str):
+                tnames.append(tn)
+            else:
+                raise TypeError("tunnels: want Tunnel or str, got %r" % (tn,))
+        if tnames:
+            req["tunnels"] = tnames
+        t = _seconds("timeout", timeout)
+        if t:
+            req["timeoutSeconds"] = t
+        it = _seconds("idle_timeout", idle_timeout)
+        if it:
+            req["idleTimeoutSeconds"] = it
+        if env:
+            req["env"] = {str(k): str(v) for k, v in env.items()}
+        if workdir:
+            req["workdir"] = workdir
+        if cpu:
+            req["cpu"] = float(cpu)
+        if memory:
+            req["memoryMb"] = int(memory)
+        if entrypoint:
+            req["entrypoint"] = [str(a) for a in entrypoint]
+        if labels:
+            req["labels"] = {str(k): str(v) for k, v in labels.items()}
+        if aws_role_arn:
+            req["awsRoleArn"] = aws_role_arn
+        if gcp_workload_provider:
+            req["gcpWorkloadProvider"] = gcp_workload_provider
+        return Sandbox(self, self._t.unary("SandboxService", "Create", req))
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        """A handle to an existing sandbox."""
+        return Sandbox(self, self._t.unary("SandboxService", "Get", {"id": sandbox_id}))
+
+    def list(self, all: bool = False) -> List[Sandbox]:
+        """Sandboxes of the caller's org (``all=False``: only creating/running ones)."""
+        r = self._t.unary("SandboxService", "List", {"all": all})
+        return [Sandbox(self, m) for m in r.get("sandboxes") or []]
+
+    # ------------------------------------------------------------ images
+
+    def _upload(self, image: Image) -> None:
+        ups = image.uploads()
+        if not ups:
+            return
+        r = self._t.unary("ImageService", "HasBlobs", {"digests": [d for d, _ in ups]})
+        missing = set(r.get("missing") or [])
+        for d, data in ups:
+            if d in missing:
+                self._t.unary("ImageService", "UploadBlob", {"digest": d, "data": b64(data)})
+                missing.discard(d)
+
+    def build(self, image: Image, force: bool = False, on_log: Optional[Callable[[str], None]] = _default_log,
+              on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> BuildResult:
+        """Build ``image`` (skipped when its content hash is already built),
+        streaming build log lines to ``on_log`` as they come. Returns the
+        :class:`BuildResult`; a failing step raises FailedPreconditionError
+        with the command, exit code and output."""
+        self._upload(image)
+        return self._progress(self._t.stream("ImageService", "Build", {"specJson": image.spec_json(), "force": force}), on_log, on_progress)
+
+    def warm(self, image: Union[Image, str], on_log: Optional[Callable[[str], None]] = None,
+             on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> BuildResult:
+        """Make an image (an :class:`Image`, a reference or an image hash
+        ``sha256:...``) warm on the node ahead of sandbox creation. An Image
+        with build steps is built first."""
+        if isinstance(image, Image):
+            if image.is_plain():
+                ref = image.ref
+            else:
+                ref = self.build(image, on_log=on_log).image_hash
+        else:
+            ref = image
+        return self._progress(self._t.stream("ImageService", "Warm", {"image": ref}), on_log, on_progress)
+
+    def pull(self, ref: str, on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> BuildResult:
+        """Pull a reference into the node's cache."""
+        return self._progress(self._t.stream("ImageService", "Pull", {"ref": ref}), None, on_progress)
+
+    def list_images(self) -> List[Dict[str, Any]]:
+        """Images in the registry."""
+        return list(self._t.unary("ImageService", "List", {}).get("images") or [])
+
+    def _progress(self, stream: Any, on_log: Optional[Callable[[str], None]],
+                  on_progress: Optional[Callable[[Dict[str, Any]], None]]) -> BuildResult:
+        last: Dict[str, Any] = {}
+        with stream:
+            for m in stream:
+                last = m
+                if on_progress is not None:
+                    on_progress(m)
+                if on_log is not None and m.get("line"):
+                    on_log(m["line"])
+        return BuildResult(last)
+
+    # ------------------------------------------------------------ policies
+
+    def create_policy(self, policy: NetworkPolicy) -> NetworkPolicy:
+        """Create a network policy."""
+        return NetworkPolicy.from_json(self._t.unary("PolicyService", "Create", policy.to_json()))
+
+    def update_policy(self, policy: NetworkPolicy) -> NetworkPolicy:
+        """Replace a network policy (sandboxes using it are updated live)."""
+        return NetworkPolicy.from_json(self._t.unary("PolicyService", "Update", policy.to_json()))
+
+    def get_policy(self, name: str) -> NetworkPolicy:
+        """A network policy by name."""
+        return NetworkPolicy.from_json(self._t.unary("PolicyService", "Get", {"name": name}))
+
+    def list_policies(self) -> List[NetworkPolicy]:
+        """All network policies."""
+        return [NetworkPolicy.from_json(m) for m in self._t.unary("PolicyService", "List", {}).get("policies") or []]
+
+    def delete_policy(self, name: str) -> None:
+        """Delete a network policy (refused while a sandbox uses it)."""
+        self._t.unary("PolicyService", "Delete", {"name": name})
+
+    # ------------------------------------------------------------ identity
+
+    def whoami(self) -> Dict[str, Any]:
+        """Who the token belongs to: ``{"kind": "user"|"workload", "subject", "orgId", ...}``."""
+        return self._t.unary("IdentityService", "WhoAmI", {})
+
+
+def _has_steps(image: Image) -> bool:
+    """Whether the image has build steps (so creating it may run a build)."""
+    s = image.spec()
+    return bool(s.get("steps")) or bool(s.get("dockerfile"))

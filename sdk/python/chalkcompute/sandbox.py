@@ -1,0 +1,417 @@
+"""Sandbox handles: exec (collected or streamed), stdin, files, logs, lifecycle."""
+
+import datetime
+import threading
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+from ._transport import Stream, b64, unb64
+from .errors import ProtocolError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import SandboxClient
+
+__all__ = ["Sandbox", "ExecResult", "Process", "FileInfo"]
+
+Seconds = Union[int, float, datetime.timedelta]
+
+
+def _seconds(name: str, v: Optional[Seconds], minimum: int = 1) -> int:
+    """Whole seconds from a number or timedelta (rounded up); 0 for None."""
+    if v is None:
+        return 0
+    if isinstance(v, datetime.timedelta):
+        v = v.total_seconds()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError("%s: want seconds (int, float or timedelta), got %r" % (name, v))
+    if v < 0:
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError("%s %r: must not be negative" % (name, v))
+    s = int(v)
+    if s < v:
+        s += 1
+    if 0 < s < minimum:
+        s = minimum
+    return s
+
+
+def _int(v: Any) -> int:
+    """Protobuf JSON int64 fields arrive as strings."""
+    try:
+        return int(v or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+class ExecResult:
+    """A finished command: its output and how it ended.
+
+    Attributes:
+        stdout, stderr: output decoded as UTF-8 (invalid bytes replaced).
+        stdout_bytes, stderr_bytes: the raw output.
+        exit_code: the exit status (128+N when killed by signal N).
+        signal: the signal name that ended it, or "".
+        timed_out: the exec timeout killed it.
+    """
+
+    def __init__(self, stdout: bytes, stderr: bytes, exit_code: int, signal: str = "", timed_out: bool = False) -> None:
+        self.stdout_bytes = stdout
+        self.stderr_bytes = stderr
+        self.exit_code = exit_code
+        self.signal = signal
+        self.timed_out = timed_out
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    @property
+    def returncode(self) -> int:
+        """Alias of exit_code (as in subprocess)."""
+        return self.exit_code
+
+    @property
+    def ok(self) -> bool:
+        """The command exited with status 0."""
+        return self.exit_code == 0
+
+    def __repr__(self) -> str:
+        return "ExecResult(exit_code=%d, stdout=%r, stderr=%r)" % (self.exit_code, self.stdout, self.stderr)
+
+
+class Process:
+    """A command running in a sandbox.
+
+    Iterate it to receive ``(stream_name, data)`` pairs (``"stdout"`` or
+    ``"stderr"``, bytes) as the output is produced; ``wait()`` returns the
+    :class:`ExecResult` with whatever output was not consumed by iteration.
+    With ``stdin=True`` write to the process with ``write_stdin`` and send EOF
+    with ``close_stdin``.
+    """
+
+    def __init__(self, sandbox: "Sandbox", stream: Stream, exec_id: str, pid: int, stdin_open: bool) -> None:
+        self.sandbox = sandbox
+        self.exec_id = exec_id
+        self.pid = pid
+        self._stream = stream
+        self._stdin_open = stdin_open
+        self._lock = threading.Lock()
+        self._exit: Optional[Dict[str, Any]] = None
+        self._finished = False
+
+    def __iter__(self) -> Iterator[Tuple[str, bytes]]:
+        return self
+
+    def __next__(self) -> Tuple[str, bytes]:
+        while True:
+            if self._finished:
+                raise StopIteration
+            try:
+                ev = next(self._stream)
+            except StopIteration:
+                self._finished = True
+                if self._exit is None:
+                    raise ProtocolError("exec %s: stream ended without an exit status" % self.exec_id) from None
+                raise
+            except BaseException:
+                self._finished = True
+                raise
+            if "stdout" in ev:
+                return ("stdout", unb64(ev["stdout"]))
+            if "stderr" in ev:
+                return ("stderr", unb64(ev["stderr"]))
+            if "exited" in ev:
+                self._exit = ev.get("exited") or {}
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        """The exit status once the process has ended and its output was read, else None."""
+        if self._exit is None:
+            return None
+        return _int(self._exit.get("exitCode", self._exit.get("exit_code")))
+
+    def wait(self) -> ExecResult:
+        """Read the remaining output and return the result once the process ends."""
+        out: List[bytes] = []
+        err: List[bytes] = []
+        for name, data in self:
+            (out if name == "stdout" else err).append(data)
+        ex = self._exit or {}
+        return ExecResult(
+            b"".join(out), b"".join(err), self.exit_code or 0,
+            signal=str(ex.get("signal") or ""), timed_out=bool(ex.get("timedOut", ex.get("timed_out"))),
+        )
+
+    def write_stdin(self, data: Union[str, bytes]) -> None:
+        """Write to the process's stdin (it must have been started with stdin=True)."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        with self._lock:
+            for off in range(0, len(data), 1 << 20):
+                self.sandbox._client._t.unary("SandboxService", "WriteStdin", {
+                    "sandboxId": self.sandbox.id, "execId": self.exec_id, "data": b64(data[off:off + (1 << 20)]),
+                })
+
+    def close_stdin(self) -> None:
+        """Send EOF on the process's stdin."""
+        with self._lock:
+            self.sandbox._client._t.unary("SandboxService", "WriteStdin", {
+                "sandboxId": self.sandbox.id, "execId": self.exec_id, "close": True,
+            })
+
+    def signal(self, sig: str = "TERM") -> None:
+        """Send a signal (e.g. ``"TERM"``, ``"KILL"``) to the process."""
+        self.sandbox._client._t.unary("SandboxService", "SignalExec", {
+            "sandboxId": self.sandbox.id, "execId": self.exec_id, "signal": sig,
+        })
+
+    def close(self) -> None:
+        """Stop reading output (the process keeps running)."""
+        self._finished = True
+        self._stream.close()
+
+    def __enter__(self) -> "Process":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class FileInfo:
+    """An entry of :meth:`Sandbox.list_files`."""
+
+    def __init__(self, m: Dict[str, Any]) -> None:
+        self.name: str = m.get("name", "")
+        self.size: int = _int(m.get("size"))
+        self.mode: int = _int(m.get("mode"))
+        self.is_dir: bool = bool(m.get("isDir", m.get("is_dir")))
+        self.mod_time: str = m.get("modTime", m.get("mod_time", ""))
+
+    def __repr__(self) -> str:
+        return "FileInfo(name=%r, size=%d, is_dir=%r)" % (self.name, self.size, self.is_dir)
+
+
+class Sandbox:
+    """A handle to a sandbox. ``info`` holds the state as of the last call
+    that returned it (``refresh()`` reloads it)."""
+
+    def __init__(self, client: "SandboxClient", info: Dict[str, Any]) -> None:
+        self._client = client
+        self.id: str = info.get("id", "")
+        self.info: Dict[str, Any] = info
+
+    def __repr__(self) -> str:
+        return "Sandbox(id=%r, state=%r)" % (self.id, self.state)
+
+    # -- state
+
+    @property
+    def state(self) -> str:
+        """creating | running | stopped | failed"""
+        return self.info.get("state", "")
+
+    @property
+    def exit_code(self) -> int:
+        """The entrypoint's exit code (valid when stopped)."""
+        return _int(self.info.get("exitCode"))
+
+    @property
+    def end_reason(self) -> str:
+        """exited | terminated | timeout | idle | oom | error (once ended)."""
+        return self.info.get("endReason", "")
+
+    @property
+    def ip(self) -> str:
+        return self.info.get("ip", "")
+
+    @property
+    def image_hash(self) -> str:
+        """The image's content hash when created from a built image."""
+        return self.info.get("imageHash", "")
+
+    def _set(self, info: Dict[str, Any]) -> "Sandbox":
+        if info:
+            self.info = info
+        return self
+
+    def refresh(self) -> "Sandbox":
+        """Reload ``info`` from the server."""
+        return self._set(self._client._t.unary("SandboxService", "Get", {"id": self.id}))
+
+    def terminate(self) -> "Sandbox":
+        """End the sandbox (and every process in it)."""
+        return self._set(self._client._t.unary("SandboxService", "Terminate", {"id": self.id}))
+
+    def wait(self, timeout: Optional[Seconds] = None) -> "Sandbox":
+        """Block until the sandbox ends (or ``timeout`` seconds pass) and return it."""
+        req: Dict[str, Any] = {"id": self.id}
+        t = _seconds("timeout", timeout)
+        if t:
+            req["timeoutSeconds"] = t
+        return self._set(self._client._t.unary("SandboxService", "Wait", req))
+
+    # -- processes
+
+    def start(
+        self,
+        *argv: str,
+        env: Optional[Mapping[str, str]] = None,
+        workdir: Optional[str] = None,
+        timeout: Optional[Seconds] = None,
+        stdin: bool = False,
+        user: Optional[str] = None,
+    ) -> Process:
+        """Start ``argv`` and return the running :class:`Process` as soon as it started.
+
+        Args:
+            env: extra environment variables.
+            workdir: working directory.
+            timeout: kill the process after this many seconds.
+            stdin: keep stdin open for ``write_stdin`` (otherwise it is /dev/null).
+            user: run as ``uid[:gid]`` or a user name.
+        """
+        if len(argv) == 1 and isinstance(argv[0], (list, tuple)):
+            argv = tuple(argv[0])
+        if not argv:
+            raise ValueError("exec: a command is required")
+        req: Dict[str, Any] = {"sandboxId": self.id, "argv": [str(a) for a in argv]}
+        if env:
+            req["env"] = {str(k): str(v) for k, v in env.items()}
+        if workdir:
+            req["workdir"] = workdir
+        t = _seconds("timeout", timeout)
+        if t:
+            req["timeoutSeconds"] = t
+        if stdin:
+            req["stdin"] = True
+        if user:
+            req["user"] = user
+        stream = self._client._t.stream("SandboxService", "Exec", req)
+        try:
+            first = next(stream)
+        except StopIteration:
+            raise ProtocolError("exec: stream ended before the process started") from None
+        started = first.get("started")
+        if started is None:
+            stream.close()
+            raise ProtocolError("exec: protocol error: first event is not 'started'")
+        return Process(self, stream, started.get("execId", ""), _int(started.get("pid")), stdin)
+
+    def exec_stream(
+        self,
+        *argv: str,
+        env: Optional[Mapping[str, str]] = None,
+        workdir: Optional[str] = None,
+        timeout: Optional[Seconds] = None,
+        stdin: bool = False,
+        user: Optional[str] = None,
+    ) -> Process:
+        """Run ``argv`` and stream its output: iterate the returned
+        :class:`Process` for ``(stream_name, bytes)`` pairs as they are produced::
+
+            p = sandbox.exec_stream("sh", "-c", "echo a; sleep 1; echo b")
+            for name, data in p:
+                print(name, data)
+            print(p.exit_code)
+        """
+        return self.start(*argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin, user=user)
+
+    def exec(
+        self,
+        *argv: str,
+        env: Optional[Mapping[str, str]] = None,
+        workdir: Optional[str] = None,
+        timeout: Optional[Seconds] = None,
+        stdin: Optional[Union[str, bytes]] = None,
+        user: Optional[str] = None,
+    ) -> ExecResult:
+        """Run ``argv`` to completion and return its :class:`ExecResult`.
+
+        ``sandbox.exec("echo", "hi")`` or ``sandbox.exec(["echo", "hi"])``.
+        ``stdin`` (str or bytes) is written to the process's stdin, then closed.
+        A non-zero exit status is not an exception: check ``result.exit_code``.
+        """
+        p = self.start(*argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin is not None, user=user)
+        if stdin is None:
+            return p.wait()
+        data = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)
+        errors: List[BaseException] = []
+
+        def feed() -> None:
+            # From a thread so a process that writes while it reads cannot
+            # deadlock against us not reading its output.
+            try:
+                if data:
+                    p.write_stdin(data)
+                p.close_stdin()
+            except BaseException as e:  # reported below unless the process already ended
+                errors.append(e)
+
+        th = threading.Thread(target=feed, name="chalk-stdin-%s" % p.exec_id, daemon=True)
+        th.start()
+        try:
+            res = p.wait()
+        finally:
+            th.join()
+        if errors and res.exit_code == 0:
+            raise errors[0]
+        return res
+
+    # -- files
+
+    def write_file(self, path: str, data: Union[str, bytes], mode: int = 0o644) -> int:
+        """Write ``data`` to ``path`` in the sandbox (parents created, replaced
+        atomically); returns the size written."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        r = self._client._t.unary("SandboxService", "WriteFile", {
+            "sandboxId": self.id, "path": path, "data": b64(bytes(data)), "mode": mode,
+        })
+        return _int(r.get("size"))
+
+    def read_file(self, path: str) -> bytes:
+        """Read a whole file from the sandbox."""
+        parts = []
+        for m in self._client._t.stream("SandboxService", "ReadFile", {"sandboxId": self.id, "path": path}):
+            parts.append(unb64(m.get("data")))
+        return b"".join(parts)
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        """Read a file from the sandbox as text."""
+        return self.read_file(path).decode(encoding)
+
+    def list_files(self, path: str = "/") -> List[FileInfo]:
+        """List a directory in the sandbox."""
+        r = self._client._t.unary("SandboxService", "ListFiles", {"sandboxId": self.id, "path": path})
+        return [FileInfo(m) for m in r.get("files") or []]
+
+    def remove_file(self, path: str, recursive: bool = False) -> None:
+        """Remove a file (or, with ``recursive``, a directory tree)."""
+        self._client._t.unary("SandboxService", "RemoveFile", {"sandboxId": self.id, "path": path, "recursive": recursive})
+
+    # -- logs
+
+    def logs(self, follow: bool = False) -> Iterator[bytes]:
+        """The sandbox's console output (its entrypoint's stdout/stderr) as it
+        comes; with ``follow``, until the sandbox ends."""
+        for m in self._client._t.stream("SandboxService", "Logs", {"sandboxId": self.id, "follow": follow}):
+            data = unb64(m.get("data"))
+            if data:
+                yield data
+
+    def egress_log(self) -> List[Dict[str, Any]]:
+        """What the sandbox's network policy dropped recently."""
+        return list(self._client._t.unary("SandboxService", "EgressLog", {"sandboxId": self.id}).get("drops") or [])
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.terminate()
+        except Exception:
+            pass
