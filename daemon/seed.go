@@ -24,6 +24,7 @@ type SeedOptions struct {
 	RegistryAddr string // where the temporary registry listens (default 127.0.0.1:0)
 	Busybox      bool
 	Python       bool
+	CacheDir     string // Python base layer cache (default DataDir/seed-cache)
 	Logger       *slog.Logger
 }
 
@@ -53,7 +54,11 @@ func Seed(ctx context.Context, o SeedOptions) error {
 		o.Logger.Info("seeded", "ref", BusyboxRef, "digest", d)
 	}
 	if o.Python {
-		img, err := baseimage.PythonSlim(ctx, filepath.Join(o.DataDir, "seed-cache"), o.Logger)
+		cache := o.CacheDir
+		if cache == "" {
+			cache = filepath.Join(o.DataDir, "seed-cache")
+		}
+		img, err := baseimage.PythonSlim(ctx, cache, o.Logger)
 		if err != nil {
 			return fmt.Errorf("python base image: %w", err)
 		}

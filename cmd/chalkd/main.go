@@ -80,6 +80,7 @@ func seed(args []string) {
 	fs := flag.NewFlagSet("chalkd seed", flag.ExitOnError)
 	fs.StringVar(&o.DataDir, "data-dir", "/var/lib/chalk", "chalkd's data dir (chalkd must not be running on it)")
 	fs.BoolVar(&o.Busybox, "busybox", false, "seed "+daemon.BusyboxRef+" from the host's busybox-static")
+	fs.StringVar(&o.CacheDir, "cache-dir", "", "where the Python base layer is cached (default DATA_DIR/seed-cache)")
 	fs.BoolVar(&o.Python, "python", false, "seed "+daemon.PythonRef+" (debootstrap from the Debian mirror; minutes, once)")
 	_ = fs.Parse(args)
 	if !o.Busybox && !o.Python {

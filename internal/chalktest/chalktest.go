@@ -104,6 +104,22 @@ func Start(t testing.TB, extraArgs ...string) *Node {
 
 // StartWith is Start with the node's uplink attached to inet (nil: no uplink).
 func StartWith(t testing.TB, inet *FakeInternet, extraArgs ...string) *Node {
+	return StartOpts(t, Options{Internet: inet, Args: extraArgs})
+}
+
+// Options configure StartOpts.
+type Options struct {
+	Internet *FakeInternet // the node's uplink (nil: none)
+	Python   bool          // also seed python:3.11-slim-bookworm (debootstrap once per machine, cached)
+	Args     []string      // extra chalkd flags
+}
+
+// PythonSeedCache is where the Python base layer is cached between test runs.
+const PythonSeedCache = "/var/cache/chalk/seed"
+
+// StartOpts starts a chalkd as configured by o.
+func StartOpts(t testing.TB, o Options) *Node {
+	inet, extraArgs := o.Internet, o.Args
 	t.Helper()
 	RequireRoot(t)
 	bin := Bin(t)
@@ -129,7 +145,14 @@ func StartWith(t testing.TB, inet *FakeInternet, extraArgs ...string) *Node {
 		inet.Attach(n.Netns)
 		n.Args = append(n.Args, "--dns-upstream", inet.DNS)
 	}
-	seed := n.command(filepath.Join(bin, "chalkd"), "seed", "--data-dir", n.Dir, "--busybox")
+	seedArgs := []string{filepath.Join(bin, "chalkd"), "seed", "--data-dir", n.Dir, "--busybox"}
+	if o.Python {
+		seedArgs = append(seedArgs, "--python", "--cache-dir", PythonSeedCache)
+	}
+	// Seeding writes the registry's storage; it runs in the host's network
+	// namespace because the Python base comes from the Debian mirror (as the
+	// setup script does), cached across runs.
+	seed := exec.Command(seedArgs[0], seedArgs[1:]...)
 	if out, err := seed.CombinedOutput(); err != nil {
 		t.Fatalf("chalkd seed: %v\n%s", err, out)
 	}

@@ -191,3 +191,13 @@ func (n *Node) Listen(addr string) {
 		}
 	}()
 }
+
+// Serve adds addr (a documentation address) with an HTTP server of h on port 80.
+func (f *FakeInternet) Serve(addr string, h http.Handler) {
+	f.t.Helper()
+	f.ip("addr", "add", addr+"/32", "dev", "lo")
+	l := listenIn(f.t, f.Netns, "tcp", net.JoinHostPort(addr, "80"))
+	srv := &http.Server{Handler: h}
+	go func() { _ = srv.Serve(l.(net.Listener)) }()
+	f.t.Cleanup(func() { _ = srv.Close() })
+}
