@@ -1,5 +1,5 @@
 """The Dockerfile subset of imagespec (FROM, RUN, ENV, ARG, WORKDIR, USER,
-CMD, ENTRYPOINT, LABEL, EXPOSE), used only to compute the canonical spec and
+CMD, ENTRYPOINT, LABEL, EXPOSE, and COPY/ADD from the uploaded build context), used only to compute the canonical spec and
 hash locally. chalkd parses Dockerfiles with BuildKit's parser and is the
 authority; this covers the common forms (continuations, comments, JSON and
 shell forms, quoted key=value pairs)."""
@@ -77,11 +77,35 @@ def _argv(rest: str) -> List[str]:
     return ["/bin/sh", "-c", rest]
 
 
-def _convert(line: int, word: str, rest: str) -> List[Dict[str, Any]]:
+def _copy(line: int, word: str, rest: str, context: str) -> List[Dict[str, Any]]:
+    if not context:
+        raise InvalidArgumentError(
+            "dockerfile line %d: %s needs the build context: build it with from_dockerfile (which uploads the "
+            "Dockerfile's directory) or use add_local_file/add_local_dir (%s %s)" % (line, word.upper(), word.upper(), rest))
+    if rest.startswith("--"):
+        raise InvalidArgumentError("dockerfile line %d: %s is not supported with flags (%s %s)" % (line, word.upper(), word.upper(), rest))
+    parts = _json_form(rest)
+    if parts is None:
+        parts = rest.split()
+    if len(parts) < 2:
+        raise InvalidArgumentError("dockerfile line %d: %s requires at least two arguments" % (line, word.upper()))
+    srcs, dst = parts[:-1], parts[-1]
+    if word.lower() == "add":
+        for src in srcs:
+            if "://" in src or src.startswith("git@"):
+                raise InvalidArgumentError("dockerfile line %d: ADD is not supported for URLs (download in a RUN step instead)" % line)
+            if src.endswith(".tar") or ".tar." in src or src.endswith(".tgz"):
+                raise InvalidArgumentError("dockerfile line %d: ADD is not supported for archives (COPY it and extract in a RUN step)" % line)
+    if not dst.startswith("/"):
+        raise InvalidArgumentError("dockerfile line %d: destination %r must be absolute here (set WORKDIR-relative paths explicitly)" % (line, dst))
+    return [{"kind": "copy", "src": context, "paths": srcs, "dst": dst}]
+
+
+def _convert(line: int, word: str, rest: str, context: str = "") -> List[Dict[str, Any]]:
     kw = word.lower()
+    if kw in ("copy", "add"):
+        return _copy(line, word, rest, context)
     if kw not in _SUPPORTED:
-        if kw in ("copy", "add"):
-            raise InvalidArgumentError("dockerfile line %d: %s is not supported: add local files with add_local_file/add_local_dir (strategy=\"copy\") in the SDK" % (line, word.upper()))
         raise InvalidArgumentError("dockerfile line %d: %s is not supported" % (line, word.upper()))
     if kw == "run":
         if rest.startswith("--"):
@@ -113,8 +137,14 @@ def _convert(line: int, word: str, rest: str) -> List[Dict[str, Any]]:
     raise InvalidArgumentError("dockerfile line %d: %s is not supported" % (line, word.upper()))
 
 
-def parse_dockerfile(text: str) -> Tuple[str, List[Dict[str, Any]]]:
-    """(base reference, steps) of a whole Dockerfile."""
+def uses_context(text: str) -> bool:
+    """Whether a Dockerfile has COPY or ADD instructions (needs its directory uploaded)."""
+    return any(s.split(None, 1)[0].lower() in ("copy", "add") for _, s in _logical_lines(text))
+
+
+def parse_dockerfile(text: str, context: str = "") -> Tuple[str, List[Dict[str, Any]]]:
+    """(base reference, steps) of a whole Dockerfile; ``context`` is the
+    digest of its directory's tar (for COPY/ADD)."""
     base = ""
     froms = 0
     steps: List[Dict[str, Any]] = []
@@ -132,7 +162,7 @@ def parse_dockerfile(text: str) -> Tuple[str, List[Dict[str, Any]]]:
             continue
         if froms == 0 and word.lower() != "arg":
             raise InvalidArgumentError("dockerfile line %d: %s before FROM" % (line, word.upper()))
-        conv = _convert(line, word, rest)
+        conv = _convert(line, word, rest, context)
         if froms:
             steps.extend(conv)
     if not froms:

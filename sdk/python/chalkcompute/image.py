@@ -66,13 +66,13 @@ class Image:
         )
     """
 
-    __slots__ = ("_base", "_debian_slim", "_python_version", "_dockerfile", "_steps", "_mounts", "_uploads")
+    __slots__ = ("_base", "_debian_slim", "_python_version", "_dockerfile", "_context", "_steps", "_mounts", "_uploads")
 
     def __init__(self) -> None:
         raise TypeError("use Image.debian_slim(), Image.base(ref) or Image.from_dockerfile(path)")
 
     @classmethod
-    def _new(cls, base: str = "", debian_slim: bool = False, python_version: str = "", dockerfile: str = "",
+    def _new(cls, base: str = "", debian_slim: bool = False, python_version: str = "", dockerfile: str = "", context: str = "",
              steps: Tuple[str, ...] = (), mounts: Tuple[str, ...] = (), uploads: Tuple[Tuple[str, bytes], ...] = ()) -> "Image":
         img = object.__new__(cls)
         # Steps and mounts are kept as canonical JSON strings: nothing mutable is shared.
@@ -80,6 +80,7 @@ class Image:
         object.__setattr__(img, "_debian_slim", debian_slim)
         object.__setattr__(img, "_python_version", python_version)
         object.__setattr__(img, "_dockerfile", dockerfile)
+        object.__setattr__(img, "_context", context)
         object.__setattr__(img, "_steps", steps)
         object.__setattr__(img, "_mounts", mounts)
         object.__setattr__(img, "_uploads", uploads)
@@ -132,12 +133,20 @@ class Image:
     @classmethod
     def from_dockerfile(cls, path: Union[str, "os.PathLike[str]"]) -> "Image":
         """Start from an existing Dockerfile (FROM and the supported
-        instructions become the base and steps); continue chaining on top."""
+        instructions become the base and steps); continue chaining on top.
+        When it has COPY/ADD instructions, the Dockerfile's directory is the
+        build context: it is read now and uploaded (as a reproducible tar)."""
         with open(path, "r", encoding="utf-8") as f:
             text = f.read()
         if not text.strip():
             raise InvalidArgumentError("from_dockerfile %s: the file is empty" % os.fspath(path))
-        return cls._new(dockerfile=text)
+        from ._dockerfile import uses_context
+
+        if not uses_context(text):
+            return cls._new(dockerfile=text)
+        data = dir_tar(os.path.dirname(os.path.abspath(os.fspath(path))))
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        return cls._new(dockerfile=text, context=digest, uploads=((digest, data),))
 
     @classmethod
     def from_spec(cls, spec: Union[str, bytes, Mapping[str, Any]]) -> "Image":
@@ -149,6 +158,7 @@ class Image:
         return cls._new(
             base=spec.get("base", ""), debian_slim=bool(spec.get("debian_slim")),
             python_version=spec.get("python_version", ""), dockerfile=spec.get("dockerfile", ""),
+            context=spec.get("context", ""),
             steps=tuple(json.dumps(s, sort_keys=True) for s in spec.get("steps") or []),
             mounts=tuple(json.dumps(m, sort_keys=True) for m in spec.get("mounts") or []),
         )
@@ -328,6 +338,8 @@ class Image:
             s["base"] = self._base
         if self._dockerfile:
             s["dockerfile"] = self._dockerfile
+        if self._context:
+            s["context"] = self._context
         if self._mounts:
             s["mounts"] = [json.loads(x) for x in self._mounts]
         return s
@@ -402,7 +414,10 @@ def canonicalize(spec: Mapping[str, Any], default_python: str = DEFAULT_PYTHON) 
             raise _invalid("image spec: from_dockerfile cannot be combined with base or debian_slim")
         from ._dockerfile import parse_dockerfile
 
-        base, dsteps = parse_dockerfile(spec["dockerfile"])
+        ctx = spec.get("context") or ""
+        if ctx and not _DIGEST.match(ctx):
+            raise _invalid("image spec: context %r: want sha256:<64 hex>" % ctx)
+        base, dsteps = parse_dockerfile(spec["dockerfile"], ctx)
         steps_in = dsteps + steps_in
     elif spec.get("debian_slim"):
         if spec.get("base"):
@@ -522,7 +537,18 @@ def _canonical_step(st: Mapping[str, Any]) -> Dict[str, Any]:
             raise _invalid("src %r: want sha256:<64 hex> of uploaded content" % st.get("src"))
         out["src"] = st["src"]
         out["dst"] = _abs("dst", st.get("dst"))
-        if st.get("is_dir"):
+        if st.get("paths"):
+            paths = []
+            for sp in st["paths"]:
+                c = posixpath.normpath(sp) if sp else ""
+                if not sp or c.startswith("/") or c == ".." or c.startswith("../") or any(ch in c for ch in "*?["):
+                    raise _invalid("source %r: must be a relative path inside the build context, without wildcards" % sp)
+                paths.append(c)
+            out["paths"] = paths
+            out["is_dir"] = True  # the source is the context tar
+            if len(paths) > 1 or st["dst"].endswith("/"):
+                out["dst"] = "/" if out["dst"] == "/" else out["dst"] + "/"
+        elif st.get("is_dir"):
             out["is_dir"] = True
         else:
             out["mode"] = 0o755 if int(st.get("mode") or 0) & 0o111 else 0o644

@@ -32,6 +32,13 @@ def _files(tmp: str):
     df = os.path.join(tmp, "Dockerfile")
     with open(df, "w") as f:
         f.write('FROM busybox\nARG V=1\nENV X=$V Y=2\nWORKDIR /w\nRUN echo hi > f\nCMD ["cat", "f"]\n')
+    ctxdir = os.path.join(tmp, "ctx")
+    os.makedirs(os.path.join(ctxdir, "src"))
+    for name in ("app.py", "src/m.py", "a", "b"):
+        with open(os.path.join(ctxdir, name), "w") as f:
+            f.write(name)
+    with open(os.path.join(ctxdir, "Dockerfile"), "w") as f:
+        f.write("FROM busybox\nCOPY app.py /app/\nCOPY src /app/src\nADD a b /opt/\n")
     return app, run, os.path.join(tmp, "src"), df
 
 
@@ -64,6 +71,7 @@ def builders(tmp: str):
         ),
         "dockerfile_commands": lambda: Image.debian_slim("3.11").dockerfile_commands(["EXPOSE 8080", "RUN useradd -m worker", "USER worker"]),
         "from_dockerfile": lambda: Image.from_dockerfile(df).run_commands("true"),
+        "from_dockerfile with COPY": lambda: Image.from_dockerfile(os.path.join(tmp, "ctx", "Dockerfile")),
         "node base": lambda: Image.base("node:22-slim"),
         "nvcr base": lambda: Image.base("nvcr.io/nvidia/pytorch:24.01-py3").pip_install(["transformers", "accelerate"]),
     }
@@ -72,6 +80,8 @@ def builders(tmp: str):
 def _fake_digests(spec):
     """Replace uploaded-content digests (which depend on file bytes) by the vectors' placeholder."""
     s = json.loads(json.dumps(spec))
+    if "context" in s:
+        s["context"] = FAKE
     for st in s.get("steps", []) + s.get("mounts", []):
         if "src" in st:
             st["src"] = FAKE
