@@ -27,6 +27,7 @@ type Image struct {
 	pythonVersion string
 	debianSlim    bool
 	dockerfile    string
+	context       string // digest of the Dockerfile directory's tar
 	steps         []map[string]any
 	mounts        []map[string]any
 	uploads       []upload
@@ -98,6 +99,9 @@ func (i *Image) Spec() ([]byte, error) {
 	}
 	if i.dockerfile != "" {
 		spec["dockerfile"] = i.dockerfile
+		if i.context != "" {
+			spec["context"] = i.context
+		}
 	}
 	if len(i.mounts) > 0 {
 		spec["mounts"] = i.mounts
@@ -131,13 +135,29 @@ func (i *Image) apply(ctx context.Context, c *Client, req *v1.CreateSandboxReque
 // FromSpec is an image from a JSON spec as the SDKs send it (chalk compute image build --spec).
 func FromSpec(spec []byte) *Image { return &Image{raw: append([]byte(nil), spec...)} }
 
-// FromDockerfile parses an existing Dockerfile (server-side) and continues chaining on top.
+// FromDockerfile parses an existing Dockerfile (server-side) and continues
+// chaining on top. If it COPYs or ADDs local files, the Dockerfile's directory
+// is uploaded as the build context.
 func FromDockerfile(path string) *Image {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return &Image{err: fmt.Errorf("from_dockerfile %s: %w", path, err)}
 	}
-	return &Image{dockerfile: string(b)}
+	img := &Image{dockerfile: string(b)}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 0 && (strings.EqualFold(f[0], "COPY") || strings.EqualFold(f[0], "ADD")) {
+			ctx, err := dirTar(filepath.Dir(path))
+			if err != nil {
+				return &Image{err: fmt.Errorf("from_dockerfile %s: build context: %w", path, err)}
+			}
+			sum := sha256.Sum256(ctx)
+			img.context = "sha256:" + hex.EncodeToString(sum[:])
+			img.uploads = append(img.uploads, upload{digest: img.context, data: ctx})
+			break
+		}
+	}
+	return img
 }
 
 // Strategy says how local files get into a sandbox.

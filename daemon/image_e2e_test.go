@@ -118,13 +118,13 @@ func TestImageBuilds(t *testing.T) {
 	}
 
 	// from_dockerfile and dockerfile_commands.
-	df := writeFile(t, dir, "Dockerfile", "FROM busybox\nARG GREETING=hi\nENV WHO=world\nWORKDIR /w\nRUN echo \"$GREETING $WHO\" > /w/greeting\nCMD [\"cat\", \"/w/greeting\"]\n")
+	df := writeFile(t, dir, "Dockerfile", "FROM busybox\nARG GREETING=hi\nENV WHO=world\nWORKDIR /w\nRUN echo \"$GREETING $WHO\" > /w/greeting\nCOPY app.py /w/\nCOPY src /w/src\nCMD [\"cat\", \"/w/greeting\"]\n")
 	dimg := chalkcompute.FromDockerfile(df).DockerfileCommands("EXPOSE 8080", "USER 1000:1000")
 	sb2, err := c.Create(ctx, dimg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if out := mustExec(t, sb2, "sh", "-c", "cat /w/greeting; id -u"); out != "hi world\n1000\n" {
+	if out := mustExec(t, sb2, "sh", "-c", "cat /w/greeting; id -u; cat /w/app.py /w/src/a.txt /w/src/sub/b.txt"); out != "hi world\n1000\nprint('hello')\nAB" {
 		t.Fatalf("dockerfile image: %q", out)
 	}
 	badDF := writeFile(t, dir, "Dockerfile.bad", "FROM busybox\nRUN true\nFROM busybox\n")

@@ -305,7 +305,12 @@ func (b *Builder) step(ctx context.Context, img v1.Image, prevKey string, st ima
 			return nil, err
 		}
 		defer rc.Close()
-		tarBytes, err := copyLayer(rc, st.Dst, st.IsDir, st.Mode)
+		var tarBytes []byte
+		if len(st.Paths) > 0 {
+			tarBytes, err = contextLayer(rc, st.Paths, st.Dst)
+		} else {
+			tarBytes, err = copyLayer(rc, st.Dst, st.IsDir, st.Mode)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("copy to %s: %v: %w", st.Dst, err, errdefs.ErrInvalidArgument)
 		}

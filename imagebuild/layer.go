@@ -250,3 +250,96 @@ func copyLayer(content io.Reader, dst string, isDir bool, mode uint32) ([]byte, 
 	}
 	return buf.Bytes(), tw.Close()
 }
+
+// contextLayer makes the layer of a Dockerfile COPY/ADD from the build
+// context tar: each source (a file or a directory, relative to the context)
+// goes to dst with docker's rules (a directory's contents are copied; a file
+// goes to dst, or into dst when dst ends in "/").
+func contextLayer(content io.Reader, sources []string, dst string) ([]byte, error) {
+	type entry struct {
+		h    *tar.Header
+		data []byte
+	}
+	var all []entry
+	tr := tar.NewReader(content)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("build context: %w", err)
+		}
+		b, err := io.ReadAll(tr)
+		if err != nil {
+			return nil, err
+		}
+		hc := *h
+		hc.Name = path.Clean(h.Name)
+		all = append(all, entry{&hc, b})
+	}
+	intoDir := strings.HasSuffix(dst, "/")
+	dstClean := strings.TrimPrefix(path.Clean(dst), "/")
+	var out []entry
+	for _, src := range sources {
+		src = path.Clean(src)
+		found := false
+		for _, e := range all {
+			var rel string
+			switch {
+			case src == "." || strings.HasPrefix(e.h.Name, src+"/"):
+				rel = strings.TrimPrefix(e.h.Name, src+"/")
+				if src == "." {
+					rel = e.h.Name
+				}
+			case e.h.Name == src && e.h.Typeflag != tar.TypeDir:
+				rel = path.Base(src)
+				if !intoDir {
+					rel = ""
+				}
+			case e.h.Name == src:
+				found = true
+				continue
+			default:
+				continue
+			}
+			found = true
+			name := path.Join(dstClean, rel)
+			h := &tar.Header{Name: name, Typeflag: e.h.Typeflag, Linkname: e.h.Linkname, Mode: e.h.Mode, Size: int64(len(e.data)), ModTime: epoch, Format: tar.FormatPAX}
+			if h.Typeflag == tar.TypeDir {
+				h.Name += "/"
+				h.Size = 0
+			}
+			out = append(out, entry{h, e.data})
+		}
+		if !found {
+			return nil, fmt.Errorf("COPY source %q: not in the build context", src)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].h.Name < out[j].h.Name })
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	target := "/" + dstClean
+	if intoDir {
+		target += "/"
+	}
+	if err := parents(tw, target+"x"); err != nil && dstClean != "" {
+		return nil, err
+	}
+	seen := map[string]bool{}
+	for _, e := range out {
+		if seen[e.h.Name] {
+			continue
+		}
+		seen[e.h.Name] = true
+		if err := tw.WriteHeader(e.h); err != nil {
+			return nil, err
+		}
+		if e.h.Typeflag == tar.TypeReg {
+			if _, err := tw.Write(e.data); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return buf.Bytes(), tw.Close()
+}

@@ -13,6 +13,13 @@ import (
 // only the SDKs' add_local_file/add_local_dir do; anything else (multi-stage,
 // RUN --mount, ONBUILD, HEALTHCHECK, heredocs, ...) is an error naming the line.
 func ParseDockerfile(text string) (base string, steps []Step, err error) {
+	return ParseDockerfileContext(text, "")
+}
+
+// ParseDockerfileContext is ParseDockerfile with a build context: COPY and
+// ADD of local paths copy from the uploaded tar of the Dockerfile's directory
+// (digest context).
+func ParseDockerfileContext(text, context string) (base string, steps []Step, err error) {
 	res, err := parser.Parse(strings.NewReader(text))
 	if err != nil {
 		return "", nil, invalid("dockerfile: %v", err)
@@ -41,7 +48,7 @@ func ParseDockerfile(text string) (base string, steps []Step, err error) {
 		if froms == 0 && !strings.EqualFold(n.Value, "arg") {
 			return "", nil, invalid("dockerfile line %d: %s before FROM", n.StartLine, strings.ToUpper(n.Value))
 		}
-		s, err := convertNode(n)
+		s, err := convertNode(n, context)
 		if err != nil {
 			return "", nil, err
 		}
@@ -70,7 +77,7 @@ func parseDockerfileLines(lines []string) ([]Step, error) {
 		if strings.EqualFold(n.Value, "from") {
 			return nil, invalid("dockerfile_commands line %d: FROM is not allowed here (use from_dockerfile)", n.StartLine)
 		}
-		s, err := convertNode(n)
+		s, err := convertNode(n, "")
 		if err != nil {
 			return nil, err
 		}
@@ -95,7 +102,7 @@ func kvMap(kvs instructions.KeyValuePairs) map[string]string {
 }
 
 // convertNode converts one instruction to steps.
-func convertNode(n *parser.Node) ([]Step, error) {
+func convertNode(n *parser.Node, context string) ([]Step, error) {
 	line := n.StartLine
 	unsupported := func(why string) ([]Step, error) {
 		return nil, invalid("dockerfile line %d: %s is not supported%s (%s)", line, strings.ToUpper(n.Value), why, strings.TrimSpace(n.Original))
@@ -140,9 +147,40 @@ func convertNode(n *parser.Node) ([]Step, error) {
 			out = append(out, Step{Kind: KindArg, Name: a.Key, Value: a.Value})
 		}
 		return out, nil
-	case *instructions.CopyCommand, *instructions.AddCommand:
-		return unsupported(": add local files with add_local_file/add_local_dir (strategy=\"copy\") in the SDK")
+	case *instructions.CopyCommand:
+		if c.From != "" || c.Chown != "" || c.Chmod != "" || c.Link || c.Parents || len(c.ExcludePatterns) > 0 {
+			return unsupported(" with flags (--from, --chown, --chmod, --link, --parents, --exclude)")
+		}
+		return copyFromContext(line, n, context, c.SourcesAndDest)
+	case *instructions.AddCommand:
+		if c.Chown != "" || c.Chmod != "" || c.Link || c.Checksum != "" || c.KeepGitDir != nil || len(c.ExcludePatterns) > 0 {
+			return unsupported(" with flags")
+		}
+		for _, src := range c.SourcePaths {
+			if strings.Contains(src, "://") || strings.HasPrefix(src, "git@") {
+				return unsupported(" for URLs (download in a RUN step instead)")
+			}
+			if strings.HasSuffix(src, ".tar") || strings.Contains(src, ".tar.") || strings.HasSuffix(src, ".tgz") {
+				return unsupported(" for archives (it would be extracted; COPY it and extract in a RUN step)")
+			}
+		}
+		return copyFromContext(line, n, context, c.SourcesAndDest)
 	default:
 		return unsupported("")
 	}
+}
+
+func copyFromContext(line int, n *parser.Node, context string, sd instructions.SourcesAndDest) ([]Step, error) {
+	if context == "" {
+		return nil, invalid("dockerfile line %d: %s needs the build context: build it with from_dockerfile (which uploads the Dockerfile's directory) or use add_local_file/add_local_dir (%s)",
+			line, strings.ToUpper(n.Value), strings.TrimSpace(n.Original))
+	}
+	if len(sd.SourceContents) > 0 || len(sd.SourcePaths) == 0 {
+		return nil, invalid("dockerfile line %d: %s with inline content is not supported", line, strings.ToUpper(n.Value))
+	}
+	dst := sd.DestPath
+	if !strings.HasPrefix(dst, "/") {
+		return nil, invalid("dockerfile line %d: destination %q must be absolute here (set WORKDIR-relative paths explicitly)", line, dst)
+	}
+	return []Step{{Kind: KindCopy, Src: context, Paths: sd.SourcePaths, Dst: dst}}, nil
 }

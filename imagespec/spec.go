@@ -58,6 +58,7 @@ type Step struct {
 	ExtraURL string            `json:"extra_index_url,omitempty"`
 	Pre      bool              `json:"pre,omitempty"`
 	Src      string            `json:"src,omitempty"`    // copy: sha256 digest of the uploaded content
+	Paths    []string          `json:"paths,omitempty"`  // copy from a Dockerfile's context: source paths in it
 	Dst      string            `json:"dst,omitempty"`    // copy
 	IsDir    bool              `json:"is_dir,omitempty"` // copy: content is a tar of a directory
 	Mode     uint32            `json:"mode,omitempty"`   // copy of a file: 0644 or 0755
@@ -82,6 +83,7 @@ type Spec struct {
 	DebianSlim    bool    `json:"debian_slim,omitempty"`    // Image.debian_slim(...)
 	PythonVersion string  `json:"python_version,omitempty"` // with debian_slim; "" = server default
 	Dockerfile    string  `json:"dockerfile,omitempty"`     // Image.from_dockerfile: its text
+	Context       string  `json:"context,omitempty"`        // digest of the Dockerfile directory's tar (for COPY/ADD)
 	Steps         []Step  `json:"steps"`
 	Mounts        []Mount `json:"mounts,omitempty"`
 }
@@ -138,7 +140,10 @@ func Canonicalize(s Spec, d Defaults) (*Canonical, error) {
 		if s.Base != "" || s.DebianSlim {
 			return nil, invalid("image spec: from_dockerfile cannot be combined with base or debian_slim")
 		}
-		base, steps, err := ParseDockerfile(s.Dockerfile)
+		if s.Context != "" && !digestRE.MatchString(s.Context) {
+			return nil, invalid("image spec: context %q: want sha256:<64 hex>", s.Context)
+		}
+		base, steps, err := ParseDockerfileContext(s.Dockerfile, s.Context)
 		if err != nil {
 			return nil, err
 		}
@@ -306,6 +311,23 @@ func canonicalStep(st Step) (Step, error) {
 			return out, err
 		}
 		out.Src, out.Dst, out.IsDir = st.Src, p, st.IsDir
+		if len(st.Paths) > 0 {
+			for _, sp := range st.Paths {
+				c := path.Clean(sp)
+				if sp == "" || path.IsAbs(c) || c == ".." || strings.HasPrefix(c, "../") || strings.ContainsAny(c, "*?[") {
+					return out, invalid("source %q: must be a relative path inside the build context, without wildcards", sp)
+				}
+				out.Paths = append(out.Paths, c)
+			}
+			out.IsDir = true // the source is the context tar
+			if len(out.Paths) > 1 || strings.HasSuffix(st.Dst, "/") {
+				out.Dst = p + "/"
+				if p == "/" {
+					out.Dst = "/"
+				}
+			}
+			break
+		}
 		if !st.IsDir {
 			out.Mode = 0o644
 			if st.Mode&0o111 != 0 {

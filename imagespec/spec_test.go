@@ -57,6 +57,7 @@ var vectorSpecs = []struct{ name, spec string }{
 	{"dockerfile_commands", `{"debian_slim":true,"python_version":"3.11","steps":[{"kind":"dockerfile","lines":["EXPOSE 8080","RUN useradd -m worker","USER worker"]}]}`},
 	{"from_dockerfile", `{"dockerfile":"FROM busybox\nARG V=1\nENV X=$V Y=2\nWORKDIR /w\nRUN echo hi > f\nCMD [\"cat\", \"f\"]\n","steps":[{"kind":"run","commands":["true"]}]}`},
 	{"node base", `{"base":"node:22-slim","steps":[]}`},
+	{"from_dockerfile with COPY", `{"dockerfile":"FROM busybox\nCOPY app.py /app/\nCOPY src /app/src\nADD a b /opt/\n","context":"` + fileDigest + `","steps":[]}`},
 	{"nvcr base", `{"base":"nvcr.io/nvidia/pytorch:24.01-py3","steps":[{"kind":"pip_install","packages":["transformers","accelerate"]}]}`},
 }
 
@@ -198,7 +199,11 @@ func TestBadSpecs(t *testing.T) {
 		{`{"dockerfile":"FROM a\nRUN --mount=type=cache,target=/x true\n","steps":[]}`, "line 2: RUN is not supported with flags"},
 		{`{"dockerfile":"FROM a\nONBUILD RUN x\n","steps":[]}`, "line 2: ONBUILD"},
 		{`{"dockerfile":"FROM a\nHEALTHCHECK CMD true\n","steps":[]}`, "line 2: HEALTHCHECK"},
-		{`{"dockerfile":"FROM a\nCOPY x /x\n","steps":[]}`, "line 2: COPY is not supported"},
+		{`{"dockerfile":"FROM a\nCOPY x /x\n","steps":[]}`, "line 2: COPY needs the build context"},
+		{`{"dockerfile":"FROM a\nCOPY --from=b x /x\n","context":"` + fileDigest + `","steps":[]}`, "line 2: COPY is not supported with flags"},
+		{`{"dockerfile":"FROM a\nADD https://example.test/x /x\n","context":"` + fileDigest + `","steps":[]}`, "line 2: ADD is not supported for URLs"},
+		{`{"dockerfile":"FROM a\nCOPY ../x /x\n","context":"` + fileDigest + `","steps":[]}`, "inside the build context"},
+		{`{"dockerfile":"FROM a\nCOPY x rel\n","context":"` + fileDigest + `","steps":[]}`, "must be absolute"},
 		{`{"dockerfile":"RUN x\n","steps":[]}`, "line 1: RUN before FROM"},
 		{`{"base":"x","steps":[{"kind":"dockerfile","lines":["FROM y"]}]}`, "FROM is not allowed"},
 	} {

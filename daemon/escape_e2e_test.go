@@ -1,0 +1,322 @@
+package daemon_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+)
+
+// The escape suite: real attempts, from inside a sandbox running as its root,
+// to get out of it or to hurt the node or other sandboxes. Every attempt must
+// fail, and the test checks what the sandbox sees when it does (the message
+// names the mechanism that stopped it: capabilities, seccomp, a read-only
+// mount, the network rules, a cgroup limit).
+
+// escapeAttempt is one attempt and how it must fail.
+type escapeAttempt struct {
+	name   string
+	script string // run with sh -c as the sandbox's root
+	want   string // in stdout+stderr (case-insensitive): how it was refused
+	// absent, if set, must not appear in the output (a service banner, a secret).
+	absent string
+}
+
+// runAttempts runs each attempt in sb and asserts it failed the expected way.
+func runAttempts(t *testing.T, sb *chalkcompute.Sandbox, attempts []escapeAttempt) {
+	t.Helper()
+	for _, a := range attempts {
+		t.Run(a.name, func(t *testing.T) {
+			res, err := sb.Exec(ctxT(t, 30*time.Second), []string{"sh", "-c", a.script})
+			if err != nil {
+				t.Fatalf("exec: %v", err)
+			}
+			out := string(res.Stdout) + string(res.Stderr)
+			if res.Code == 0 {
+				t.Fatalf("%q succeeded (exit 0), output %q", a.script, out)
+			}
+			if a.want != "" && !strings.Contains(strings.ToLower(out), strings.ToLower(a.want)) {
+				t.Errorf("%q: exit %d, output %q; want it refused with %q", a.script, res.Code, out, a.want)
+			}
+			if a.absent != "" && strings.Contains(out, a.absent) {
+				t.Errorf("%q: output %q contains %q", a.script, out, a.absent)
+			}
+		})
+	}
+}
+
+// TestEscapePrivileged: mounts, namespaces, ptrace of init, kernel and cgroup
+// knobs, modules, raw sockets, device nodes and the kernel log are all refused
+// to a sandbox's root.
+func TestEscapePrivileged(t *testing.T) {
+	n := chalktest.Start(t)
+	sb := create(t, n.Client())
+	// A fake kernel module: the loader must be refused before the kernel
+	// looks at its contents.
+	if err := sb.WriteFile(ctxT(t, 10*time.Second), "/tmp/evil.ko", []byte("\x7fELF not really a module"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	const (
+		denied   = msgDenied
+		eperm    = msgEPERM
+		readOnly = msgReadOnly
+	)
+	runAttempts(t, sb, []escapeAttempt{
+		// Mounts need CAP_SYS_ADMIN.
+		{"mount proc", "mkdir -p /tmp/m && mount -t proc proc /tmp/m", denied, ""},
+		{"mount tmpfs", "mkdir -p /tmp/m && mount -t tmpfs t /tmp/m", denied, ""},
+		{"bind mount", "mkdir -p /tmp/m && mount --bind / /tmp/m", denied, ""},
+		{"remount root rw", "mount -o remount,rw /sys", denied, ""},
+		// A new user namespace would hand back a full capability set in it:
+		// seccomp refuses unshare/clone of namespaces without CAP_SYS_ADMIN.
+		{"unshare user ns", "unshare -U id", eperm, ""},
+		{"unshare user ns as root (-r)", "unshare -r sh -c 'mount -t tmpfs t /tmp'", eperm, ""},
+		{"unshare mount ns", "unshare -m id", eperm, ""},
+		{"unshare net ns", "unshare -n id", eperm, ""},
+		// ptrace of init (no ptrace tool in busybox: /proc/1/mem and environ
+		// need the same access check as PTRACE_ATTACH / PTRACE_MODE_READ).
+		{"read init's memory", "dd if=/proc/1/mem bs=4 count=1 skip=$((0x400000/4)) | od -c", denied, "E   L   F"},
+		{"read init's environ", "cat /proc/1/environ", denied, "PATH="},
+		{"nsenter init's namespaces", "nsenter -t 1 -m -p id", eperm, ""},
+		// Kernel and cgroup knobs are read-only mounts.
+		{"write /proc/sys", "echo 1 > /proc/sys/kernel/panic", readOnly, ""},
+		{"sysctl -w", "sysctl -w net.ipv4.ip_forward=1", readOnly, ""},
+		{"write /proc/sysrq-trigger", "echo b > /proc/sysrq-trigger", readOnly, ""},
+		{"write uevent_helper", "echo /tmp/x > /sys/kernel/uevent_helper", readOnly, ""},
+		{"raise the pids limit", "f=/sys/fs/cgroup/pids/pids.max; [ -e $f ] || f=/sys/fs/cgroup/pids.max; echo max > $f", readOnly, ""},
+		{"raise the memory limit", "f=/sys/fs/cgroup/memory/memory.limit_in_bytes; [ -e $f ] || f=/sys/fs/cgroup/memory.max; echo -1 > $f", readOnly, ""},
+		{"new cgroup (release_agent escape)", "mkdir /sys/fs/cgroup/memory/x || mkdir /sys/fs/cgroup/x", readOnly, ""},
+		// Modules need CAP_SYS_MODULE (and seccomp refuses init_module).
+		{"insmod", "insmod /tmp/evil.ko", eperm, ""},
+		{"rmmod", "rmmod overlay", eperm, ""},
+		// Raw sockets need CAP_NET_RAW.
+		{"raw socket (ping)", "ping -c 1 -W 1 127.0.0.1", denied, ""},
+		{"network admin", "ip link set lo down", eperm, ""},
+		// Devices: no CAP_MKNOD and the device cgroup denies everything else.
+		{"mknod the host disk", "mknod /tmp/sda b 8 0", eperm, ""},
+		{"kernel log", "dmesg", eperm, ""},
+		{"set the clock", "date -s 2000.01.01-00:00:00", eperm, ""},
+	})
+}
+
+// TestEscapeHostFiles: /proc/1/root (and every other path a sandbox has) is
+// the sandbox's own root, not the host's.
+func TestEscapeHostFiles(t *testing.T) {
+	n := chalktest.Start(t)
+	sb := create(t, n.Client())
+	secret := "host-secret-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	hostFile := filepath.Join(t.TempDir(), "secret.txt")
+	if err := os.WriteFile(hostFile, []byte(secret), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustExec(t, sb, "readlink", "/proc/1/root"); got != "/\n" {
+		t.Errorf("init's root as seen from the sandbox: %q, want /", got)
+	}
+	if got := mustExec(t, sb, "cat", "/proc/1/root/etc/hostname"); got != sb.ID()+"\n" {
+		t.Errorf("/proc/1/root/etc/hostname: %q, want the sandbox's own %q", got, sb.ID())
+	}
+	// The sandbox's pid namespace holds only its own processes.
+	if got := mustExec(t, sb, "sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '"); !strings.HasPrefix(got, "/.chalk/bin/chalk-init ") {
+		t.Errorf("pid 1 is not the sandbox's init: %q", got)
+	}
+	runAttempts(t, sb, []escapeAttempt{
+		{"host file via /proc/1/root", "cat /proc/1/root" + hostFile, "no such file", secret},
+		{"host file via /proc/self/root/..", "cat /proc/self/root/../../.." + hostFile, "no such file", secret},
+		{"chalkd's data dir via /proc/1/root", "ls /proc/1/root" + n.Dir, "no such file", "chalkd.log"},
+		{"host file via cwd of init", "cat /proc/1/cwd/../.." + hostFile, "no such file", secret},
+		{"chroot escape", "mkdir -p /tmp/c && chroot /tmp/c /bin/sh -c 'cd ../../..; cat ." + hostFile + "'", "no such file", secret},
+		{"host's pid 1 environment", "for p in /proc/[0-9]*; do grep -l chalkd $p/cmdline; done; exit 1", "", "chalkd"},
+	})
+}
+
+// TestEscapeNetwork: nothing on the node (its service address, the gateway,
+// the embedded registry) or in another sandbox is reachable.
+func TestEscapeNetwork(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	a, b := create(t, c), create(t, c)
+	ctx := ctxT(t, time.Minute)
+	srv, err := b.Start(ctx, []string{"nc", "-lk", "-p", "8080", "-e", "echo", "from-b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Signal(context.Background(), "KILL") })
+	mustExec(t, b, "sh", "-c", "while ! netstat -ltn | grep -q :8080; do sleep 0.01; done")
+	// b's service is up (reachable from inside b): a's failure below is the isolation.
+	if out := mustExec(t, b, "sh", "-c", "timeout 3 nc 127.0.0.1 8080 </dev/null"); !strings.Contains(out, "from-b") {
+		t.Fatalf("b's own service: %q", out)
+	}
+	n.Listen("10.213.0.1:9999")
+	n.Listen("127.0.0.1:9998")
+	gw := gateway(a.Info.Ip)
+	get := "printf 'GET /v2/ HTTP/1.0\\r\\n\\r\\n' | timeout 3 nc "
+	runAttempts(t, a, []escapeAttempt{
+		{"another sandbox", "timeout 3 nc " + b.Info.Ip + " 8080 </dev/null; exit 1", "", "from-b"},
+		{"node service address, other port", "timeout 3 nc 10.213.0.1 9999 </dev/null; exit 1", "", "node-service"},
+		{"gateway, other port", "timeout 3 nc " + gw + " 9999 </dev/null; exit 1", "", "node-service"},
+		{"node loopback via the gateway", "timeout 3 nc " + gw + " 9998 </dev/null; exit 1", "", "node-service"},
+		{"embedded registry via the gateway", get + gw + " 7448; exit 1", "", "HTTP/"},
+		{"embedded registry on the service address", get + "10.213.0.1 7448; exit 1", "", "HTTP/"},
+		{"registry on the sandbox's own loopback", get + "127.0.0.1 7448; exit 1", "", "HTTP/"},
+		{"spoofed source address", "ip addr add 10.213.0.1/32 dev lo", msgEPERM, ""},
+	})
+}
+
+// How refusals read inside a busybox sandbox.
+const (
+	msgDenied   = "permission denied"       // EACCES, or busybox's "are you root?"
+	msgEPERM    = "operation not permitted" // EPERM: capabilities or seccomp
+	msgReadOnly = "read-only file system"   // EROFS: a read-only mount
+)
+
+// cgroupFile is a file of sandbox id's cgroup v1 controller ctl on the host.
+func cgroupFile(n *chalktest.Node, ctl, id, file string) string {
+	return filepath.Join("/sys/fs/cgroup", ctl, n.Cgroup, id, file)
+}
+
+func readInt(t *testing.T, path string) int64 {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	return v
+}
+
+// pollUntil calls cond until it is true or d passes (an external condition:
+// a kernel counter, not one of our goroutines).
+func pollUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestEscapeForkBomb: a fork bomb hits the pids limit and stays there; the
+// node and other sandboxes stay usable; the bombed sandbox survives it.
+func TestEscapeForkBomb(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	bombed := create(t, c)
+	limit := readInt(t, cgroupFile(n, "pids", bombed.ID(), "pids.max"))
+	if limit <= 0 || limit > 4096 {
+		t.Fatalf("pids limit %d: want a default of at most 4096", limit)
+	}
+	ctx := ctxT(t, 2*time.Minute)
+	// Each invocation forks two more and returns; /tmp/stop ends it (written
+	// through the file API, which needs no fork).
+	bomb, err := bombed.Start(ctx, []string{"sh", "-c", "f(){ [ -e /tmp/stop ] || { f | f & }; }; f; sleep 60"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = bomb.Signal(context.Background(), "KILL") })
+	// The limit was hit (forks refused) and held.
+	events := cgroupFile(n, "pids", bombed.ID(), "pids.events")
+	pollUntil(t, time.Minute, "the fork bomb to reach the pids limit", func() bool {
+		b, _ := os.ReadFile(events)
+		return strings.Contains(string(b), "max ") && !strings.Contains(string(b), "max 0")
+	})
+	if cur := readInt(t, cgroupFile(n, "pids", bombed.ID(), "pids.current")); cur > limit {
+		t.Errorf("pids.current %d above the limit %d", cur, limit)
+	}
+	// While the bomb runs, the node creates and serves another sandbox.
+	start := time.Now()
+	other := create(t, c)
+	if out := mustExec(t, other, "echo", "ok"); out != "ok\n" {
+		t.Fatalf("other sandbox during the bomb: %q", out)
+	}
+	t.Logf("create+exec of another sandbox during the fork bomb: %v", time.Since(start))
+	// Stop the bomb; the sandbox drains and serves again.
+	if err := bombed.WriteFile(ctx, "/tmp/stop", nil, 0o644); err != nil {
+		t.Fatalf("file API during the bomb: %v", err)
+	}
+	_ = bomb.Signal(ctx, "KILL")
+	pollUntil(t, time.Minute, "the fork bomb to drain", func() bool {
+		return readInt(t, cgroupFile(n, "pids", bombed.ID(), "pids.current")) < 10
+	})
+	if out := mustExec(t, bombed, "echo", "survived"); out != "survived\n" {
+		t.Fatalf("bombed sandbox after the bomb: %q", out)
+	}
+	if info, err := bombed.Refresh(ctx); err != nil || info.State != "running" {
+		t.Fatalf("bombed sandbox state: %v %+v", err, info)
+	}
+}
+
+// TestEscapeMemoryBomb: a memory bomb is OOM-killed inside its own sandbox
+// only; as the entrypoint it ends its sandbox with end_reason "oom".
+func TestEscapeMemoryBomb(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, 2*time.Minute)
+	bombed := create(t, c, chalkcompute.WithMemoryMB(64))
+	neighbour := create(t, c, chalkcompute.WithMemoryMB(64))
+	mustExec(t, neighbour, "sh", "-c", "echo alive > /tmp/state")
+	// tail keeps everything it reads when there are no newlines.
+	res, err := bombed.Exec(ctx, []string{"sh", "-c", "head -c 1000000000 /dev/zero | tail"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Code == 0 {
+		t.Fatalf("memory bomb was not killed: %+v", res.ExitStatus)
+	}
+	if oom := readOOMKills(t, cgroupFile(n, "memory", bombed.ID(), "memory.oom_control")); oom == 0 {
+		t.Errorf("no OOM kill recorded in the bombed sandbox's cgroup")
+	}
+	if oom := readOOMKills(t, cgroupFile(n, "memory", neighbour.ID(), "memory.oom_control")); oom != 0 {
+		t.Errorf("the neighbour saw %d OOM kills", oom)
+	}
+	for _, sb := range []*chalkcompute.Sandbox{bombed, neighbour} {
+		if info, err := sb.Refresh(ctx); err != nil || info.State != "running" {
+			t.Fatalf("%s after the bomb: %v %+v", sb.ID(), err, info)
+		}
+	}
+	if out := mustExec(t, bombed, "echo", "init survived"); out != "init survived\n" {
+		t.Fatalf("bombed sandbox: %q", out)
+	}
+	if out := mustExec(t, neighbour, "cat", "/tmp/state"); out != "alive\n" {
+		t.Fatalf("neighbour: %q", out)
+	}
+	// The bomb as the entrypoint: the sandbox ends, and says why.
+	ep := create(t, c, chalkcompute.WithMemoryMB(32), chalkcompute.WithEntrypoint("sh", "-c", "head -c 1000000000 /dev/zero | tail"))
+	info, err := ep.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State != "stopped" || info.EndReason != "oom" {
+		t.Fatalf("entrypoint memory bomb: state %q end_reason %q exit %d", info.State, info.EndReason, info.ExitCode)
+	}
+	if out := mustExec(t, neighbour, "echo", "ok"); out != "ok\n" {
+		t.Fatalf("neighbour after the entrypoint bomb: %q", out)
+	}
+}
+
+// readOOMKills reads oom_kill from a cgroup v1 memory.oom_control.
+func readOOMKills(t *testing.T, path string) int {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
+			k, _ := strconv.Atoi(strings.TrimSpace(v))
+			return k
+		}
+	}
+	t.Fatalf("%s has no oom_kill line: %q", path, b)
+	return 0
+}
