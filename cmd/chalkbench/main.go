@@ -101,6 +101,8 @@ func main() {
 	rowOpt("podman exec", podmanExec, runcExec, podmanExecErr)
 	fmt.Printf("goal: median <= 5ms and <= 0.1x runc exec: %s\n\n", verdict(median(execRT) <= 5*time.Millisecond && float64(median(execRT)) <= 0.1*float64(median(runcExec))))
 
+	imageBench(ctx, c, work, *n)
+
 	if *idle > 0 {
 		memoryPerSandbox(ctx, c, *idle, *pidFile)
 	}
