@@ -134,6 +134,14 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		}
 	}
 	sb.Mounts = mounts
+	if strings.HasPrefix(ref, "sha256:") && s.cfg.Images != nil {
+		// An image hash from a build (as `chalk compute image build` prints).
+		built, ok := s.cfg.Images.RefForHash(ctx, ref)
+		if !ok {
+			return nil, fmt.Errorf("image %s: no image with this hash was built here: %w", ref, errdefs.ErrNotFound)
+		}
+		sb.ImageHash, ref = ref, built
+	}
 	img, err := s.node.EnsureImage(ctx, ref, nil)
 	if err != nil {
 		return nil, err
