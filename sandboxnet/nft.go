@@ -278,9 +278,9 @@ func (m *Manager) baseChains() []*nftables.Chain {
 func (m *Manager) installTable() error {
 	m.nftMu.Lock()
 	defer m.nftMu.Unlock()
-	c, err := nftables.New()
+	c, err := m.conn()
 	if err != nil {
-		return fmt.Errorf("nftables: %w", err)
+		return err
 	}
 	t := c.AddTable(m.table())
 	src4, src6 := m.sets()
@@ -315,27 +315,50 @@ func sourceElements(n *Net) (e4, e6 []nftables.SetElement) {
 		[]nftables.SetElement{{Key: append(ifname(n.HostIf), n.SandboxIP6.AsSlice()...)}}
 }
 
-// setSource adds (or removes) the sandbox's (interface, address) pairs.
-// Removing missing elements is not an error.
+// conn returns the Manager's lasting nf_tables connection (nftMu held).
+func (m *Manager) conn() (*nftables.Conn, error) {
+	if m.nft == nil {
+		c, err := nftables.New(nftables.AsLasting())
+		if err != nil {
+			return nil, fmt.Errorf("nftables: %w", err)
+		}
+		m.nft = c
+	}
+	return m.nft, nil
+}
+
+// closeConn drops the lasting connection (nftMu held).
+func (m *Manager) closeConn() {
+	if m.nft != nil {
+		_ = m.nft.CloseLasting()
+		m.nft = nil
+	}
+}
+
+// setSource adds (or removes) the sandbox's (interface, address) pairs in
+// one transaction. Removing missing elements is not an error.
 func (m *Manager) setSource(n *Net, add bool) error {
 	m.nftMu.Lock()
 	defer m.nftMu.Unlock()
-	c, err := nftables.New()
+	c, err := m.conn()
 	if err != nil {
-		return fmt.Errorf("nftables: %w", err)
+		return err
 	}
 	src4, src6 := m.sets()
 	e4, e6 := sourceElements(n)
-	if add {
-		if err := c.SetAddElements(src4, e4); err != nil {
-			return err
-		}
-		if err := c.SetAddElements(src6, e6); err != nil {
-			return err
-		}
-		return c.Flush()
+	op := c.SetAddElements
+	if !add {
+		op = c.SetDeleteElements
 	}
-	// One transaction each, so a missing element does not keep the other.
+	if err := errors.Join(op(src4, e4), op(src6, e6)); err != nil {
+		return err
+	}
+	err = c.Flush()
+	if err == nil || add || !errors.Is(err, unix.ENOENT) {
+		return err
+	}
+	// An element was missing, so the transaction did nothing: delete the
+	// elements one at a time.
 	var errs []error
 	for _, d := range []struct {
 		s *nftables.Set
@@ -356,7 +379,7 @@ func (m *Manager) setSource(n *Net, add bool) error {
 func (m *Manager) sourceInterfaces() ([]string, error) {
 	m.nftMu.Lock()
 	defer m.nftMu.Unlock()
-	c, err := nftables.New()
+	c, err := m.conn()
 	if err != nil {
 		return nil, err
 	}

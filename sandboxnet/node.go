@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -47,7 +46,11 @@ func (m *Manager) Init(ctx context.Context) error {
 	if err := m.ensureServiceIf(); err != nil {
 		return err
 	}
-	return m.installTable()
+	if err := m.installTable(); err != nil {
+		return err
+	}
+	m.pool.start()
+	return nil
 }
 
 // keepRouterAdvertisements sets accept_ra=2 on every interface that has
@@ -133,9 +136,10 @@ func (m *Manager) ensureServiceIf() error {
 // It is for tests and uninstalling; a daemon restart must not call it. It
 // does not tear down sandboxes.
 func (m *Manager) Close(ctx context.Context) error {
+	m.pool.close()
 	var errs []error
 	m.nftMu.Lock()
-	c, err := nftables.New()
+	c, err := m.conn()
 	if err == nil {
 		c.DelTable(m.table())
 		if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
@@ -144,6 +148,7 @@ func (m *Manager) Close(ctx context.Context) error {
 	} else {
 		errs = append(errs, err)
 	}
+	m.closeConn()
 	m.nftMu.Unlock()
 	if l, err := netlink.LinkByName(m.svcName()); err == nil {
 		if err := netlink.LinkDel(l); err != nil {

@@ -333,7 +333,13 @@ func assertClean(t *testing.T, m *Manager, ns ...*Net) {
 // TestCycles: 200 Setup/Teardown cycles on a few slots in parallel leave
 // nothing behind.
 func TestCycles(t *testing.T) {
-	m := newNode(t, Config{})
+	for _, pool := range []int{4, -1} {
+		t.Run(fmt.Sprintf("pool=%d", pool), func(t *testing.T) { cycles(t, pool) })
+	}
+}
+
+func cycles(t *testing.T, pool int) {
+	m := newNode(t, Config{NetnsPool: pool})
 	ctx := context.Background()
 	const workers, rounds = 4, 50
 	var wg sync.WaitGroup
@@ -424,19 +430,64 @@ func BenchmarkSetupTeardown(b *testing.B) {
 	}
 }
 
-// BenchmarkSetup measures Setup alone (Teardown outside the timer).
+// BenchmarkSetup measures Setup alone (Teardown outside the timer), with
+// and without ready namespaces; "idle" lets the pool refill between
+// sandboxes, as on a node that is not creating sandboxes back to back.
 func BenchmarkSetup(b *testing.B) {
-	m := newNode(b, Config{})
-	ctx := context.Background()
-	for i := 0; b.Loop(); i++ {
-		id := fmt.Sprintf("bench-%d", i)
-		if _, err := m.Setup(ctx, id, 1); err != nil {
-			b.Fatal(err)
+	for _, bc := range []struct {
+		name string
+		pool int
+		idle bool
+	}{{"nopool", -1, false}, {"pool/back-to-back", 4, false}, {"pool/idle", 4, true}} {
+		b.Run(bc.name, func(b *testing.B) {
+			m := newNode(b, Config{NetnsPool: bc.pool})
+			ctx := context.Background()
+			for i := 0; b.Loop(); i++ {
+				id := fmt.Sprintf("bench-%d", i)
+				if _, err := m.Setup(ctx, id, 1); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				if err := m.Teardown(ctx, id, 1); err != nil {
+					b.Fatal(err)
+				}
+				if bc.idle {
+					m.pool.wait()
+				}
+				b.StartTimer()
+			}
+		})
+	}
+}
+
+// TestRouterAdvertisementsKept: enabling forwarding does not cost the node
+// its RA-learned routes: interfaces that have them get accept_ra=2, others
+// are left alone.
+func TestRouterAdvertisementsKept(t *testing.T) {
+	requireNode(t)
+	router := nettest.NewNetns(t)
+	ra, plain := nettest.UniqueName("ra"), nettest.UniqueName("pl")
+	nettest.Veth(t, nettest.Current(), ra, router, "eth0")
+	nettest.Veth(t, nettest.Current(), plain, router, "eth1")
+	node := nettest.Current()
+	for _, ifname := range []string{ra, plain} {
+		if err := writeSysctl("net/ipv6/conf/"+ifname+"/accept_ra", "1"); err != nil {
+			t.Fatal(err)
 		}
-		b.StopTimer()
-		if err := m.Teardown(ctx, id, 1); err != nil {
-			b.Fatal(err)
+	}
+	// What the kernel installs from a router advertisement.
+	node.Run(t, "ip", "-6", "route", "add", "2001:db8:ff::/64", "via", "fe80::1", "dev", ra, "proto", "ra")
+	if err := writeSysctl("net/ipv6/conf/all/forwarding", "0"); err != nil {
+		t.Fatal(err)
+	}
+	newNode(t, Config{})
+	for _, c := range []struct{ key, want string }{
+		{"net/ipv6/conf/" + ra + "/accept_ra", "2"},
+		{"net/ipv6/conf/" + plain + "/accept_ra", "1"},
+		{"net/ipv6/conf/all/forwarding", "1"},
+	} {
+		if v, err := readSysctl(c.key); err != nil || v != c.want {
+			t.Errorf("%s = %q %v, want %s", c.key, v, err, c.want)
 		}
-		b.StartTimer()
 	}
 }

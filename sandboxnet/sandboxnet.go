@@ -70,6 +70,8 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/google/nftables"
+
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
@@ -97,6 +99,7 @@ type Config struct {
 	DNSPort      uint16       // DNS proxy port on the service address; 0 = no DNS DNAT
 	MetadataPort uint16       // metadata port on the service address; default 80
 	ServicePorts []uint16     // ports sandboxes may reach on the service address (DNSPort and MetadataPort are added)
+	NetnsPool    int          // fresh namespaces kept ready for Setup; 0 = 4, negative = none
 	Logger       *slog.Logger // nil = discard
 }
 
@@ -108,7 +111,10 @@ type Manager struct {
 	maxSlot   int
 	ports     []uint16 // service ports, deduplicated, in order
 
-	nftMu sync.Mutex // serialises nf_tables transactions
+	nftMu sync.Mutex     // serialises nf_tables transactions, guards nft
+	nft   *nftables.Conn // lasting connection, opened on first use
+
+	pool *nsPool
 
 	mu     sync.Mutex
 	svcDev string // interface holding the service addresses, once known
@@ -165,7 +171,13 @@ func New(cfg Config) (*Manager, error) {
 	}
 	cfg.Subnet, cfg.Subnet6 = cfg.Subnet.Masked(), cfg.Subnet6.Masked()
 	cfg.ServicePorts = append([]uint16(nil), cfg.ServicePorts...)
-	m := &Manager{cfg: cfg, log: cfg.Logger}
+	switch {
+	case cfg.NetnsPool == 0:
+		cfg.NetnsPool = 4
+	case cfg.NetnsPool < 0:
+		cfg.NetnsPool = 0
+	}
+	m := &Manager{cfg: cfg, log: cfg.Logger, pool: newNSPool(cfg.NetnsPool)}
 	// A slot is 4 addresses (2 bits) in both families; names carry 4 hex digits.
 	slotBits := min(32-cfg.Subnet.Bits(), 128-cfg.Subnet6.Bits(), 18) - 2
 	m.maxSlot = 1<<slotBits - 1

@@ -47,7 +47,7 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 		}
 	}()
 
-	ns, err := newNamedNetns(n.NetnsPath)
+	ns, err := m.newNamedNetns(n.NetnsPath)
 	if err != nil {
 		return nil, err
 	}
@@ -96,16 +96,9 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 	return n, nil
 }
 
-// configureInside brings up lo and eth0 in the sandbox namespace, with the
-// sandbox's addresses and default routes via the host side.
+// configureInside brings up eth0 in the sandbox namespace (whose lo is up),
+// with the sandbox's addresses and default routes via the host side.
 func configureInside(h *netlink.Handle, n *Net) error {
-	lo, err := h.LinkByName("lo")
-	if err != nil {
-		return err
-	}
-	if err := h.LinkSetUp(lo); err != nil {
-		return fmt.Errorf("lo up: %w", err)
-	}
 	eth, err := h.LinkByName("eth0")
 	if err != nil {
 		return err
@@ -166,52 +159,55 @@ func ignoreNotFound(err error) error {
 	return err
 }
 
-// newNamedNetns creates a network namespace and bind-mounts it at path
-// (which must not exist). The returned handle is open; close it.
-func newNamedNetns(path string) (netns.NsHandle, error) {
+// newNamedNetns takes a fresh network namespace (loopback up) and
+// bind-mounts it at path, which must not exist. The returned handle is
+// open; close it.
+func (m *Manager) newNamedNetns(path string) (netns.NsHandle, error) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDONLY, 0o444)
 	if err != nil {
 		if errors.Is(err, os.ErrExist) {
-			return 0, fmt.Errorf("netns %s: %w", path, errdefs.ErrAlreadyExists)
+			return -1, fmt.Errorf("netns %s: %w", path, errdefs.ErrAlreadyExists)
 		}
-		return 0, fmt.Errorf("netns file: %w", err)
+		return -1, fmt.Errorf("netns file: %w", err)
 	}
 	f.Close()
-	ns, err := unshareNetns(path)
+	ns, err := m.pool.get()
+	if err == nil {
+		err = unix.Mount(fmt.Sprintf("/proc/self/fd/%d", int(ns)), path, "none", unix.MS_BIND, "")
+		if err != nil {
+			ns.Close()
+			err = fmt.Errorf("bind netns to %s: %w", path, err)
+		}
+	}
 	if err != nil {
 		_ = os.Remove(path)
-		return 0, err
+		return -1, err
 	}
 	return ns, nil
 }
 
-// unshareNetns makes a new network namespace on a locked thread, bind-mounts
-// it at path and returns the thread to its namespace.
-func unshareNetns(path string) (netns.NsHandle, error) {
+// unshareNetns makes a new network namespace on a locked thread and returns
+// the thread to its namespace.
+func unshareNetns() (netns.NsHandle, error) {
 	runtime.LockOSThread()
 	orig, err := netns.Get()
 	if err != nil {
 		runtime.UnlockOSThread()
-		return 0, fmt.Errorf("current netns: %w", err)
+		return -1, fmt.Errorf("current netns: %w", err)
 	}
 	defer orig.Close()
 	ns, err := netns.New() // unshare(CLONE_NEWNET): this thread is now in it
 	if err != nil {
 		runtime.UnlockOSThread()
-		return 0, fmt.Errorf("new netns: %w", err)
+		return -1, fmt.Errorf("new netns: %w", err)
 	}
-	merr := unix.Mount(fmt.Sprintf("/proc/self/fd/%d", int(ns)), path, "none", unix.MS_BIND, "")
 	if err := netns.Set(orig); err != nil {
 		// Leave the thread locked: the runtime discards it when this
 		// goroutine ends, rather than run other goroutines in the wrong netns.
 		ns.Close()
-		return 0, fmt.Errorf("return to the node netns: %w", err)
+		return -1, fmt.Errorf("return to the node netns: %w", err)
 	}
 	runtime.UnlockOSThread()
-	if merr != nil {
-		ns.Close()
-		return 0, fmt.Errorf("bind netns to %s: %w", path, merr)
-	}
 	return ns, nil
 }
 

@@ -304,6 +304,14 @@ func TestRestart(t *testing.T) {
 	if got, err := nettest.Fetch(sbA, "tcp", "", hostPort(tn.b.SandboxIP, sandboxPort), denied); !nettest.IsTimeout(err) {
 		t.Errorf("other sandbox after restart: %q %v", got, err)
 	}
+	// Chain "egress" is consulted: its drop holds, and what returns from it passes.
+	nettest.ServeRemoteAddr(t, inet.Netns, hostPort(inet.IP, 81))
+	if got, err := nettest.Fetch(sbA, "tcp", "", hostPort(inet.IP, 81), denied); !nettest.IsTimeout(err) {
+		t.Errorf("port 81 dropped in chain egress was reached: %q %v", got, err)
+	}
+	if got, err := nettest.Fetch(nettest.Current(), "tcp", "", hostPort(inet.IP, 81), 3*time.Second); err != nil || got != inet.NodeIP.String() {
+		t.Errorf("the node's own traffic to port 81 went through chain egress: %q %v", got, err)
+	}
 	if m2.Lookup("sb-a", 1).HostIf != a.HostIf {
 		t.Error("Lookup after restart differs")
 	}
