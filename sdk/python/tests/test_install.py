@@ -1,0 +1,107 @@
+"""Packaging: ``pip install`` works offline (no index, no build isolation),
+the package is standard library only, and runs on the oldest supported
+Python (3.9) when such an interpreter is on the machine."""
+
+import ast
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+SDK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(SDK_ROOT, "chalkcompute")
+
+
+def _run(argv, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def _python39() -> str:
+    """A Python 3.9 interpreter if the machine has one ("" otherwise)."""
+    cands = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3")))
+    cands += ["/usr/bin/python3.9", "/usr/local/bin/python3.9", shutil.which("python3.9") or ""]
+    for c in cands:
+        if c and os.access(c, os.X_OK):
+            r = _run([c, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+            if r.returncode == 0 and r.stdout.decode().strip() == "3.9":
+                return c
+    return ""
+
+
+class InstallTest(unittest.TestCase):
+    def test_pip_install_offline(self) -> None:
+        tmp = tempfile.mkdtemp(prefix="chalk-pip-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        # Build from a copy: setuptools writes build/ and *.egg-info next to the sources.
+        src = os.path.join(tmp, "src")
+        shutil.copytree(SDK_ROOT, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "tests"))
+        venv = os.path.join(tmp, "venv")
+        # --without-pip: the interpreter's own pip (a system site package) installs into the venv.
+        r = _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv])
+        if r.returncode != 0:
+            self.skipTest("cannot create a venv with %s (Debian: apt-get install python3-venv): %s" % (sys.executable, r.stdout.decode()[-300:]))
+        py = os.path.join(venv, "bin", "python")
+        if _run([py, "-c", "import setuptools, pip"]).returncode != 0:
+            self.skipTest("%s has no setuptools/pip for an offline build (Debian: python3-setuptools python3-pip)" % sys.executable)
+        has_wheel = _run([py, "-c", "import setuptools.command.bdist_wheel"]).returncode == 0 or _run([py, "-c", "import wheel"]).returncode == 0
+        if not has_wheel:
+            self.skipTest("%s has neither wheel nor setuptools >= 70.1 for --no-build-isolation (Debian: python3-wheel)" % sys.executable)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+        r = _run([py, "-m", "pip", "install", "--no-build-isolation", "--no-index", "--no-cache-dir", src], env=env)
+        self.assertEqual(r.returncode, 0, r.stdout.decode())
+        # Imported from the venv (not this tree), with its public API and type marker.
+        probe = (
+            "import chalkcompute, os, sys\n"
+            "from chalkcompute import SandboxClient, Image, NetworkPolicy, Tunnel, ChalkError, ExecResult\n"
+            "d = os.path.dirname(chalkcompute.__file__)\n"
+            "print(d)\n"
+            "print(os.path.exists(os.path.join(d, 'py.typed')))\n"
+            "print(Image.debian_slim('3.11').pip_install(['requests']).spec_json())\n"
+        )
+        r = _run([py, "-c", probe], cwd=tmp, env=dict(env, PYTHONPATH=""))
+        self.assertEqual(r.returncode, 0, r.stdout.decode())
+        where, typed, spec = r.stdout.decode().splitlines()
+        self.assertTrue(where.startswith(venv), where)
+        self.assertEqual(typed, "True")
+        sys.path.insert(0, SDK_ROOT)
+        try:
+            from chalkcompute import Image
+        finally:
+            sys.path.remove(SDK_ROOT)
+        self.assertEqual(spec, Image.debian_slim("3.11").pip_install(["requests"]).spec_json())
+
+    def test_standard_library_only(self) -> None:
+        stdlib = getattr(sys, "stdlib_module_names", None)
+        if stdlib is None:
+            self.skipTest("sys.stdlib_module_names needs Python >= 3.10")
+        files = sorted(glob.glob(os.path.join(PACKAGE, "*.py")))
+        self.assertGreater(len(files), 3)
+        for path in files:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module or ""]
+                for n in names:
+                    with self.subTest(file=os.path.basename(path), module=n):
+                        self.assertIn(n.split(".")[0], stdlib, "%s imports %s, which is not in the standard library" % (path, n))
+
+    def test_oldest_supported_python(self) -> None:
+        py = _python39()
+        if not py:
+            self.skipTest("no Python 3.9 interpreter on this machine (pyenv install 3.9 to run this)")
+        # The offline suites exercise every module (protocol, images, errors) on 3.9.
+        r = _run([py, "-m", "unittest", "tests.test_image", "tests.test_transport"], cwd=SDK_ROOT,
+                 env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+        self.assertEqual(r.returncode, 0, r.stdout.decode()[-4000:])
+        self.assertIn("OK", r.stdout.decode())
+
+
+if __name__ == "__main__":
+    unittest.main()
