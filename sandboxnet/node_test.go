@@ -116,6 +116,9 @@ func TestSetup(t *testing.T) {
 		t.Fatalf("service interface %q: %v", svcIf, err)
 	}
 	checkAddrs(t, nil, svc, netip.PrefixFrom(m.ServiceAddr(), 32), netip.PrefixFrom(m.ServiceAddr6(), 128))
+	if mi, err := os.ReadFile("/proc/self/mountinfo"); err != nil || !sharedMount(string(mi), m.cfg.NetnsDir) {
+		t.Errorf("%s is not a shared mount point (%v)", m.cfg.NetnsDir, err)
+	}
 	for key, want := range map[string]string{"net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "1"} {
 		if v, _ := readSysctl(key); v != want {
 			t.Errorf("%s = %q, want %q", key, v, want)
@@ -181,6 +184,25 @@ func TestSetup(t *testing.T) {
 			t.Errorf("nft list table lacks %q:\n%s", want, out)
 		}
 	}
+}
+
+// sharedMount reports whether mountinfo lists dir as a mount point with
+// shared propagation.
+func sharedMount(mountinfo, dir string) bool {
+	for _, line := range strings.Split(mountinfo, "\n") {
+		f := strings.Fields(line)
+		if len(f) > 6 && f[4] == dir {
+			for _, opt := range f[6:] {
+				if opt == "-" {
+					break
+				}
+				if strings.HasPrefix(opt, "shared:") {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }
 
 // checkAddrs asserts that link has exactly the global addresses want.

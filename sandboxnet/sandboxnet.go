@@ -116,8 +116,9 @@ type Manager struct {
 
 	pool *nsPool
 
-	mu     sync.Mutex
-	svcDev string // interface holding the service addresses, once known
+	mu       sync.Mutex
+	svcDev   string // interface holding the service addresses, once known
+	boundDir bool   // Init bound NetnsDir onto itself
 }
 
 // Net is one sandbox's network.
