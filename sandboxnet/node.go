@@ -34,9 +34,6 @@ func (m *Manager) Init(ctx context.Context) error {
 	if err := os.MkdirAll(m.cfg.NetnsDir, 0o755); err != nil {
 		return fmt.Errorf("netns dir: %w", err)
 	}
-	if err := m.shareNetnsDir(); err != nil {
-		return fmt.Errorf("netns dir %s: %w", m.cfg.NetnsDir, err)
-	}
 	if err := m.keepRouterAdvertisements(); err != nil {
 		m.log.Warn("could not keep router advertisements on uplinks", "err", err)
 	}
@@ -54,25 +51,6 @@ func (m *Manager) Init(ctx context.Context) error {
 	}
 	m.pool.start()
 	return nil
-}
-
-// shareNetnsDir makes NetnsDir a mount point with shared propagation (bound
-// onto itself if it is not a mount point), as iproute2 does for /run/netns:
-// a netns file unmounted by Teardown is then also unmounted in mount
-// namespaces created since (which would otherwise keep the namespace alive).
-func (m *Manager) shareNetnsDir() error {
-	dir := m.cfg.NetnsDir
-	err := unix.Mount("", dir, "none", unix.MS_SHARED|unix.MS_REC, "")
-	if err == nil || !errors.Is(err, unix.EINVAL) {
-		return err
-	}
-	if err := unix.Mount(dir, dir, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-		return fmt.Errorf("bind onto itself: %w", err)
-	}
-	m.mu.Lock()
-	m.boundDir = true
-	m.mu.Unlock()
-	return unix.Mount("", dir, "none", unix.MS_SHARED|unix.MS_REC, "")
 }
 
 // keepRouterAdvertisements sets accept_ra=2 on every interface that has
@@ -154,11 +132,9 @@ func (m *Manager) ensureServiceIf() error {
 	return nil
 }
 
-// Close removes the table, the service addresses (and dummy interface), the
-// ready namespaces and, if this Manager's Init made it, the bind mount of
-// NetnsDir onto itself (which detaches the netns files in it). It is for tests
-// and uninstalling; a daemon restart must not call it. Tear the sandboxes
-// down first.
+// Close removes the table, the service addresses (and dummy interface) and
+// the ready namespaces. It is for tests and uninstalling; a daemon restart
+// must not call it. It does not tear sandboxes down.
 func (m *Manager) Close(ctx context.Context) error {
 	m.pool.close()
 	var errs []error
@@ -187,13 +163,6 @@ func (m *Manager) Close(ctx context.Context) error {
 	}
 	m.mu.Lock()
 	m.svcDev = ""
-	bound := m.boundDir
-	m.boundDir = false
 	m.mu.Unlock()
-	if bound {
-		if err := unix.Unmount(m.cfg.NetnsDir, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
-			errs = append(errs, fmt.Errorf("unmount %s: %w", m.cfg.NetnsDir, err))
-		}
-	}
 	return errors.Join(errs...)
 }

@@ -117,8 +117,7 @@ type Manager struct {
 	pool *nsPool
 
 	mu       sync.Mutex
-	svcDev   string // interface holding the service addresses, once known
-	boundDir bool   // Init bound NetnsDir onto itself
+	svcDev string // interface holding the service addresses, once known
 }
 
 // Net is one sandbox's network.
