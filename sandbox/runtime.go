@@ -331,6 +331,7 @@ func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	if err := r.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil && !isNotExist(err) {
 		errs = append(errs, fmt.Errorf("runc delete: %w", err))
 	}
+	r.removeCgroups(id)
 	dir := r.Dir(id)
 	rootfs := filepath.Join(dir, "rootfs")
 	if err := unix.Unmount(rootfs, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
@@ -340,6 +341,26 @@ func (r *Runtime) Destroy(ctx context.Context, id string) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// removeCgroups removes the sandbox's cgroup directories that runc left (it
+// can lose the race with exiting processes). A cgroup is removable once its
+// last task is gone, so retry briefly.
+func (r *Runtime) removeCgroups(id string) {
+	for _, ctl := range []string{"memory", "pids", "cpu", "cpuacct", "cpuset", "blkio", "devices", "freezer", "systemd", "unified", ""} {
+		p := filepath.Join("/sys/fs/cgroup", ctl, r.cgroupPath(id))
+		for attempt := 0; attempt < 50; attempt++ {
+			err := os.Remove(p)
+			if err == nil || errors.Is(err, os.ErrNotExist) {
+				break
+			}
+			if !errors.Is(err, unix.EBUSY) {
+				r.log.Warn("remove cgroup", "path", p, "err", err)
+				break
+			}
+			time.Sleep(10 * time.Millisecond) // retry until its tasks have exited
+		}
+	}
 }
 
 // List returns the ids of the sandboxes runc knows on this node.
