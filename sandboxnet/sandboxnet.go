@@ -116,7 +116,7 @@ type Manager struct {
 
 	pool *nsPool
 
-	mu       sync.Mutex
+	mu     sync.Mutex
 	svcDev string // interface holding the service addresses, once known
 }
 
