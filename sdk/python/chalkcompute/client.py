@@ -3,6 +3,7 @@
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from ._transport import Transport, b64, resolve_config
+from .errors import FailedPreconditionError, UnimplementedError
 from .image import Image
 from .policy import NetworkPolicy, Tunnel
 from .sandbox import Sandbox, Seconds, _int, _seconds
@@ -130,6 +131,8 @@ class SandboxClient:
         tnames: List[str] = []
         for tn in tunnels or []:
             if isinstance(tn, Tunnel):
+                if tn.peers:
+                    self.apply_tunnel(tn)
                 tnames.append(tn.name)
             elif isinstance(tn, str):
                 tnames.append(tn)
@@ -247,6 +250,19 @@ class SandboxClient:
     def delete_policy(self, name: str) -> None:
         """Delete a network policy (refused while a sandbox uses it)."""
         self._t.unary("PolicyService", "Delete", {"name": name})
+
+    # ------------------------------------------------------------ tunnels
+
+    def apply_tunnel(self, tunnel: Tunnel) -> Dict[str, Any]:
+        """Create or update a tunnel and its external peers by name
+        (``TunnelService/Apply``). Sandboxes join it with ``create(tunnels=[...])``.
+
+        chalkd has no tunnel service yet: this raises FailedPreconditionError."""
+        try:
+            return self._t.unary("TunnelService", "Apply", tunnel.to_json())
+        except UnimplementedError as e:
+            raise FailedPreconditionError(
+                "tunnel %s: this chalkd has no WireGuard tunnel service (%s)" % (tunnel.name, e.message)) from None
 
     # ------------------------------------------------------------ identity
 

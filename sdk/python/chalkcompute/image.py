@@ -561,32 +561,78 @@ def _canonical_step(st: Mapping[str, Any]) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------- reproducible tar
 
-def _tar_header(name: str, typeflag: bytes, mode: int, size: int = 0, linkname: str = "") -> bytes:
-    """A USTAR header as Go's archive/tar writes it (uid/gid 0, mtime 0, no uname/gname)."""
-    def octal(n: int, width: int) -> bytes:
-        return ("%0*o" % (width - 1, n)).encode("ascii") + b"\x00"
+def _octal(n: int, width: int) -> bytes:
+    """archive/tar's formatOctal: zero-padded octal and a NUL."""
+    return ("%0*o" % (width - 1, n)).encode("ascii") + b"\x00"
 
-    def field(s: bytes, width: int) -> bytes:
-        return s[:width] + b"\x00" * (width - len(s[:width]))
 
-    nb = name.encode("utf-8")
-    prefix = b""
-    if len(nb) > 100:
-        # USTAR prefix/name split at a slash.
-        i = nb.rfind(b"/", 0, 156)
-        while i > 0 and len(nb) - i - 1 > 100:
-            i = nb.rfind(b"/", 0, i)
-        if i <= 0 or len(nb) - i - 1 > 100 or i > 155:
-            raise InvalidArgumentError("add_local_dir: path %r is too long" % name)
-        prefix, nb = nb[:i], nb[i + 1:]
-    h = (
-        field(nb, 100) + octal(mode, 8) + octal(0, 8) + octal(0, 8) + octal(size, 12) + octal(0, 12)
-        + b"        " + typeflag + field(linkname.encode("utf-8"), 100)
-        + b"ustar\x0000" + field(b"", 32) + field(b"", 32) + octal(0, 8) + octal(0, 8)
-        + field(prefix, 155) + b"\x00" * 12
-    )
-    chk = sum(h)
-    return h[:148] + ("%06o" % chk).encode("ascii") + b"\x00 " + h[156:]
+def _fmt_str(s: bytes, width: int) -> bytes:
+    """archive/tar's formatString: copy (cut at the width), NUL-terminate when
+    shorter, and turn the trailing slashes of a cut name into a NUL."""
+    b = bytearray(width)
+    b[: min(len(s), width)] = s[:width]
+    if len(s) > width and b[width - 1] == 0x2F:
+        b[len(s[:width].rstrip(b"/"))] = 0
+    return bytes(b)
+
+
+def _to_ascii(s: bytes) -> bytes:
+    """archive/tar's toASCII: drop every non-ASCII byte (and NUL)."""
+    return bytes(c for c in s if 0 < c < 0x80)
+
+
+def _needs_pax(s: bytes) -> bool:
+    return len(s) > 100 or any(c >= 0x80 for c in s)
+
+
+def _pax_record(k: bytes, v: bytes) -> bytes:
+    """archive/tar's formatPAXRecord: "<len> <key>=<value>\\n"."""
+    size = len(k) + len(v) + 3
+    size += len(str(size))
+    rec = b"%d %s=%s\n" % (size, k, v)
+    if len(rec) != size:
+        rec = b"%d %s=%s\n" % (len(rec), k, v)
+    return rec
+
+
+def _block(name: bytes, typeflag: bytes, mode: int, size: int, linkname: bytes, devnums: bool) -> bytes:
+    h = bytearray(512)
+    h[0:100] = _fmt_str(name, 100)
+    h[100:108] = _octal(mode, 8)
+    h[108:116] = _octal(0, 8)
+    h[116:124] = _octal(0, 8)
+    h[124:136] = _octal(size, 12)
+    h[136:148] = _octal(0, 12)
+    h[156:157] = typeflag
+    h[157:257] = _fmt_str(linkname, 100)
+    h[257:265] = b"ustar\x0000"
+    if devnums:
+        h[329:337] = _octal(0, 8)
+        h[337:345] = _octal(0, 8)
+    h[148:156] = b" " * 8
+    h[148:156] = ("%06o" % sum(h)).encode("ascii") + b"\x00 "
+    return bytes(h)
+
+
+def _tar_entry(name: bytes, typeflag: bytes, mode: int, size: int = 0, linkname: bytes = b"") -> bytes:
+    """One entry as Go's archive/tar writes a FormatPAX header with uid/gid 0,
+    mtime 0 and no user/group names (what the Go SDK's dirTar produces, so both
+    SDKs upload the same bytes and get the same digest): names that are longer
+    than 100 bytes or not ASCII go in a PAX extended header
+    (``<dir>/PaxHeaders.0/<base>``) and, cut to ASCII, in the main header."""
+    out = b""
+    pax = {}
+    if _needs_pax(name):
+        pax[b"path"] = name
+    if _needs_pax(linkname):
+        pax[b"linkpath"] = linkname
+    if pax:
+        data = b"".join(_pax_record(k, pax[k]) for k in sorted(pax))
+        d, f = posixpath.split(name)
+        pname = posixpath.normpath(b"/".join(e for e in (d, b"PaxHeaders.0", f) if e))
+        pname = _to_ascii(pname)[:100].rstrip(b"/")
+        out += _block(pname, b"x", 0, len(data), b"", devnums=False) + data + b"\x00" * (-len(data) % 512)
+    return out + _block(_to_ascii(name), typeflag, mode, size, _to_ascii(linkname), devnums=True)
 
 
 def dir_tar(root: str) -> bytes:
@@ -598,19 +644,19 @@ def dir_tar(root: str) -> bytes:
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
             rels.append(os.path.relpath(os.path.join(dirpath, n), root).replace(os.sep, "/"))
-    rels.sort(key=lambda r: r.encode("utf-8"))
+    rels.sort(key=os.fsencode)
     buf = io.BytesIO()
     for rel in rels:
         p = os.path.join(root, *rel.split("/"))
         st = os.lstat(p)
         if stat.S_ISLNK(st.st_mode):
-            buf.write(_tar_header(rel, b"2", 0o777, linkname=os.readlink(p)))
+            buf.write(_tar_entry(os.fsencode(rel), b"2", 0o777, linkname=os.fsencode(os.readlink(p))))
         elif stat.S_ISDIR(st.st_mode):
-            buf.write(_tar_header(rel + "/", b"5", 0o755))
+            buf.write(_tar_entry(os.fsencode(rel) + b"/", b"5", 0o755))
         elif stat.S_ISREG(st.st_mode):
             with open(p, "rb") as f:
                 data = f.read()
-            buf.write(_tar_header(rel, b"0", _file_mode(st.st_mode), size=len(data)))
+            buf.write(_tar_entry(os.fsencode(rel), b"0", _file_mode(st.st_mode), size=len(data)))
             buf.write(data)
             if len(data) % 512:
                 buf.write(b"\x00" * (512 - len(data) % 512))

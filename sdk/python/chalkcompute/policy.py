@@ -69,8 +69,9 @@ class Tunnel:
     external peers added with :meth:`add_peer`). Keys are generated per
     workload by the server.
 
-    Note: chalkd does not implement tunnels yet; creating a sandbox with one
-    raises FailedPreconditionError saying so.
+    Peers are sent with ``TunnelService/Apply`` (``SandboxClient.apply_tunnel``,
+    called by ``create`` for tunnels with peers). chalkd does not implement
+    tunnels yet: creating a sandbox with one raises FailedPreconditionError.
     """
 
     def __init__(self, name: str) -> None:
