@@ -528,3 +528,50 @@ func TestTeardownReachesOtherMountNamespaces(t *testing.T) {
 		t.Fatalf("after Teardown the other mount namespace still has %s mounted (%s times)", n.NetnsPath, got)
 	}
 }
+
+// netnsFDs counts this process's open network namespace descriptors.
+func netnsFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := 0
+	for _, e := range ents {
+		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(l, "net:[") {
+			k++
+		}
+	}
+	return k
+}
+
+// TestPool: the ready namespaces are refilled after use and released by
+// Close; Setup holds no descriptor after it returns.
+func TestPool(t *testing.T) {
+	requireNode(t)
+	base := netnsFDs(t)
+	m := newNode(t, Config{NetnsPool: 3})
+	m.pool.wait()
+	if got := netnsFDs(t); got != base+3 {
+		t.Fatalf("%d namespace descriptors with a full pool of 3, want %d", got, base+3)
+	}
+	n := setup(t, m, "sb-pool", 8)
+	m.pool.wait()
+	if got := netnsFDs(t); got != base+3 {
+		t.Errorf("%d namespace descriptors after Setup, want %d", got, base+3)
+	}
+	// The namespace came from the pool ready: loopback up.
+	h := nettest.OpenNetns(n.NetnsPath).Handle(t)
+	if lo, err := h.LinkByName("lo"); err != nil || lo.Attrs().Flags&net.FlagUp == 0 {
+		t.Errorf("lo in the sandbox: %v %v", lo, err)
+	}
+	if err := m.Teardown(context.Background(), "sb-pool", 8); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := netnsFDs(t); got != base {
+		t.Errorf("%d namespace descriptors after Close, want %d", got, base)
+	}
+}
