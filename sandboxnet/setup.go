@@ -66,11 +66,17 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 		}
 		return nil, fmt.Errorf("veth %s: %w", n.HostIf, err)
 	}
+	undo = append(undo, func() error { // the exclusive LinkAdd made the name ours
+		l, err := netlink.LinkByName(n.HostIf)
+		if err != nil {
+			return ignoreNotFound(err)
+		}
+		return ignoreNotFound(netlink.LinkDel(l))
+	})
 	host, err := netlink.LinkByName(n.HostIf)
 	if err != nil {
 		return nil, fmt.Errorf("veth %s: %w", n.HostIf, err)
 	}
-	undo = append(undo, func() error { return ignoreNotFound(netlink.LinkDel(host)) })
 	// The alias records the owner (the kernel ignores IFLA_IFALIAS on creation).
 	if err := netlink.LinkSetAlias(host, id); err != nil {
 		return nil, fmt.Errorf("alias of %s: %w", n.HostIf, err)
@@ -91,7 +97,6 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 	if err := m.setSource(n, true); err != nil {
 		return nil, fmt.Errorf("anti-spoofing elements for %s: %w", n.HostIf, err)
 	}
-	undo = append(undo, func() error { return m.setSource(n, false) })
 	m.log.Debug("sandbox network up", "sandbox", id, "slot", slot, "if", n.HostIf, "ip", n.SandboxIP, "ip6", n.SandboxIP6)
 	return n, nil
 }
