@@ -8,6 +8,8 @@ import (
 
 	"github.com/containerd/containerd/v2/contrib/seccomp"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
 // SpecOpt changes one aspect of an OCI runtime spec. Each is small and testable
@@ -18,12 +20,32 @@ type SpecOpt func(*specs.Spec) error
 // have a hard limit of 20000; asking for more makes runc fail.
 const MaxNoFile = 20000
 
-// defaultCaps is Docker's default capability set minus NET_RAW (no raw sockets:
-// no spoofing, no ping floods) and MKNOD.
+// defaultCaps is the capability set of a sandbox's root: Docker's default set
+// minus everything a sandbox's workloads (shells, package managers, servers,
+// image builds) do not need. Each one kept, and why:
+//
+//	CAP_CHOWN, CAP_FOWNER     package managers and tar chown/chmod files they unpack
+//	CAP_DAC_OVERRIDE          root reads and writes files of other users (apt's _apt)
+//	CAP_FSETID                keep setgid bits on unpacked files (dpkg: root:shadow 2755)
+//	CAP_SETUID, CAP_SETGID    switch to the image's user and to service users (apt, su)
+//	CAP_KILL                  signal processes of other users in the sandbox
+//	CAP_NET_BIND_SERVICE      listen on ports below 1024
+//	CAP_SYS_CHROOT            chroot(2) (dpkg, build tools); confined by pivot_root
+//
+// Dropped compared with Docker: NET_RAW (no raw sockets: no spoofing, no ping
+// floods), MKNOD (no device nodes), SETFCAP (no file capabilities), SETPCAP
+// (no changing the bounding set or securebits), AUDIT_WRITE (no audit log
+// writes to the host). Never granted: NET_ADMIN, SYS_ADMIN, SYS_PTRACE,
+// SYS_MODULE and every other capability.
 var defaultCaps = []string{
-	"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_SETGID", "CAP_SETUID",
-	"CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+	"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+	"CAP_NET_BIND_SERVICE", "CAP_SETGID", "CAP_SETUID", "CAP_SYS_CHROOT",
 }
+
+// DefaultCapabilities returns (a copy of) the capability set every sandbox
+// process gets: bounding, effective and permitted; inheritable and ambient
+// stay empty, so a process that switches to a non-root user has none.
+func DefaultCapabilities() []string { return append([]string(nil), defaultCaps...) }
 
 // GenerateSpec builds a spec from the defaults and opts, in order.
 func GenerateSpec(opts ...SpecOpt) (*specs.Spec, error) {
@@ -37,7 +59,6 @@ func GenerateSpec(opts ...SpecOpt) (*specs.Spec, error) {
 }
 
 func baseSpec() *specs.Spec {
-	caps := append([]string(nil), defaultCaps...)
 	return &specs.Spec{
 		Version: specs.Version,
 		Root:    &specs.Root{Path: "rootfs"},
@@ -46,7 +67,7 @@ func baseSpec() *specs.Spec {
 			Env:             []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
 			NoNewPrivileges: true,
 			Capabilities: &specs.LinuxCapabilities{
-				Bounding: caps, Effective: caps, Permitted: caps,
+				Bounding: DefaultCapabilities(), Effective: DefaultCapabilities(), Permitted: DefaultCapabilities(),
 			},
 			Rlimits: []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: MaxNoFile, Soft: MaxNoFile}},
 		},
@@ -78,7 +99,9 @@ func baseSpec() *specs.Spec {
 	}
 }
 
-// WithSeccomp applies the default seccomp profile that containerd and Docker ship.
+// WithSeccomp applies the default seccomp profile that containerd and Docker
+// ship. The profile depends on the bounding capabilities (CAP_SYS_ADMIN would
+// allow mount, unshare...), so apply it after anything that changes them.
 func WithSeccomp() SpecOpt {
 	return func(s *specs.Spec) error {
 		s.Linux.Seccomp = seccomp.DefaultProfile(s)
@@ -90,13 +113,13 @@ func WithSeccomp() SpecOpt {
 func WithProcess(args, env []string, cwd, user string) SpecOpt {
 	return func(s *specs.Spec) error {
 		if len(args) == 0 {
-			return fmt.Errorf("process args: empty")
+			return fmt.Errorf("process args: empty: %w", errdefs.ErrInvalidArgument)
 		}
 		s.Process.Args = args
 		s.Process.Env = mergeEnv(s.Process.Env, env)
 		if cwd != "" {
 			if !strings.HasPrefix(cwd, "/") {
-				return fmt.Errorf("workdir %q: must be absolute", cwd)
+				return fmt.Errorf("workdir %q: must be absolute: %w", cwd, errdefs.ErrInvalidArgument)
 			}
 			s.Process.Cwd = cwd
 		}
@@ -145,7 +168,7 @@ func WithBind(src, dst string, readOnly bool) SpecOpt {
 func WithResources(cgroupsPath string, cpu float64, memory, pids int64) SpecOpt {
 	return func(s *specs.Spec) error {
 		if cpu < 0 || memory < 0 || pids < 0 || math.IsNaN(cpu) || math.IsInf(cpu, 0) {
-			return fmt.Errorf("resources: negative or invalid limit")
+			return fmt.Errorf("resources (cpu %v, memory %d, pids %d): negative or invalid limit: %w", cpu, memory, pids, errdefs.ErrInvalidArgument)
 		}
 		s.Linux.CgroupsPath = cgroupsPath
 		r := s.Linux.Resources
@@ -164,6 +187,24 @@ func WithResources(cgroupsPath string, cpu float64, memory, pids int64) SpecOpt 
 		if pids > 0 {
 			r.Pids = &specs.LinuxPids{Limit: &pids}
 		}
+		return nil
+	}
+}
+
+// WithNoFile sets RLIMIT_NOFILE (soft = hard = n). It must be positive and at
+// most MaxNoFile: runc fails a container that asks for more than the host allows.
+func WithNoFile(n uint64) SpecOpt {
+	return func(s *specs.Spec) error {
+		if n == 0 || n > MaxNoFile {
+			return fmt.Errorf("nofile %d: must be between 1 and %d: %w", n, MaxNoFile, errdefs.ErrInvalidArgument)
+		}
+		for i, rl := range s.Process.Rlimits {
+			if rl.Type == "RLIMIT_NOFILE" {
+				s.Process.Rlimits[i].Soft, s.Process.Rlimits[i].Hard = n, n
+				return nil
+			}
+		}
+		s.Process.Rlimits = append(s.Process.Rlimits, specs.POSIXRlimit{Type: "RLIMIT_NOFILE", Soft: n, Hard: n})
 		return nil
 	}
 }
@@ -190,13 +231,13 @@ func parseUser(u string) (uint32, uint32, error) {
 	us, gs, hasG := strings.Cut(u, ":")
 	uid, err := strconv.ParseUint(us, 10, 32)
 	if err != nil {
-		return 0, 0, fmt.Errorf("user %q: only numeric uid[:gid] is supported here", u)
+		return 0, 0, fmt.Errorf("user %q: only numeric uid[:gid] is supported here: %w", u, errdefs.ErrInvalidArgument)
 	}
 	gid := uid
 	if hasG {
 		g, err := strconv.ParseUint(gs, 10, 32)
 		if err != nil {
-			return 0, 0, fmt.Errorf("user %q: bad gid", u)
+			return 0, 0, fmt.Errorf("user %q: bad gid: %w", u, errdefs.ErrInvalidArgument)
 		}
 		gid = g
 	}
