@@ -201,6 +201,7 @@ func (m *Manager) ruleset(src4, src6 *nftables.Set) map[string][][]expr.Any {
 		icmp6    = byte(unix.IPPROTO_ICMPV6)
 	)
 	linkLocal := netip.MustParsePrefix("fe80::/10")
+	linkLocal4 := netip.MustParsePrefix("169.254.0.0/16")
 	unspecified := netip.PrefixFrom(netip.IPv6Unspecified(), 128)
 	spoof := [][]expr.Any{
 		// Neighbour discovery from link-local or unspecified sources (never forwarded).
@@ -230,6 +231,9 @@ func (m *Manager) ruleset(src4, src6 *nftables.Set) map[string][][]expr.Any {
 		cat(ctEstablished(), verdict(expr.VerdictAccept)),
 		cat(iifPrefix(p), oifPrefix(p, true), counted(expr.VerdictDrop)), // sandbox → sandbox
 		cat(oifPrefix(p, true), counted(expr.VerdictDrop)),               // unsolicited → sandbox
+		// Link-local destinations beyond the node (a cloud's instance metadata,
+		// DNS and time services) are the node's, not the sandboxes'.
+		cat(iifPrefix(p), nfproto(v4), addrIn(linkLocal4, false), counted(expr.VerdictDrop)),
 		cat(iifPrefix(p), []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainEgress}}),
 		cat(iifPrefix(p), verdict(expr.VerdictAccept)),
 	}

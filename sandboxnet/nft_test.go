@@ -106,8 +106,12 @@ func TestIsolationRules(t *testing.T) {
 		{"forward: established first", chainForward, 0, cat(ctEstab, accept)},
 		{"forward: sandbox to sandbox dropped", chainForward, 1, cat(iifCX, oifCX, drop)},
 		{"forward: new toward a sandbox dropped", chainForward, 2, cat(oifCX, drop)},
-		{"forward: jump egress", chainForward, 3, cat(iifCX, []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "egress"}})},
-		{"forward: returned from egress accepted", chainForward, 4, cat(iifCX, accept)},
+		{"forward: link-local destinations dropped", chainForward, 3, cat(iifCX, ipv4, []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: []byte{255, 255, 0, 0}, Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{169, 254, 0, 0}}}, drop)},
+		{"forward: jump egress", chainForward, 4, cat(iifCX, []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "egress"}})},
+		{"forward: returned from egress accepted", chainForward, 5, cat(iifCX, accept)},
 		{"input: established", chainInput, 0, cat(iifCX, ctEstab, accept)},
 		{"input: the rest from sandboxes dropped", chainInput, len(rules[chainInput]) - 1, cat(iifCX, drop)},
 		{"postrouting: masquerade IPv4 leaving through non-sandbox interfaces", chainPostrouting, 0, cat(ipv4, []expr.Any{
@@ -144,8 +148,8 @@ func TestIsolationRules(t *testing.T) {
 			sameWire(t, tc.name, r[tc.index], tc.want)
 		})
 	}
-	if n := len(rules[chainForward]); n != 5 {
-		t.Errorf("forward chain has %d rules, want 5", n)
+	if n := len(rules[chainForward]); n != 6 {
+		t.Errorf("forward chain has %d rules, want 6", n)
 	}
 }
 

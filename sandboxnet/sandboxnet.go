@@ -32,7 +32,8 @@
 //	postrouting (nat, srcnat) traffic from Subnet/Subnet6 leaving through a non-sandbox
 //	            interface is masqueraded (NAT44 and NAT66)
 //	forward     (filter) established/related accept; sandbox → sandbox drop; anything new
-//	            toward a sandbox drop; from a sandbox: jump egress, then accept
+//	            toward a sandbox drop; sandbox → 169.254.0.0/16 drop (a cloud's metadata
+//	            service is the node's); from a sandbox: jump egress, then accept
 //	egress      (regular chain) created empty and never flushed or written by this package
 //	input       (filter) from sandbox interfaces only: established/related, ICMPv6 neighbour
 //	            solicitation/advertisement, and TCP/UDP to ServiceAddr/ServiceAddr6 on

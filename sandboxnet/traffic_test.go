@@ -250,6 +250,19 @@ func TestTraffic(t *testing.T) {
 			}
 		}
 	})
+	t.Run("link-local services beyond the node are not reachable", func(t *testing.T) {
+		// A cloud metadata service look-alike on the uplink, which the node reaches.
+		cloud := netip.MustParseAddr("169.254.7.7")
+		inet.AddAddr(t, "eth0", cloud.String()+"/32")
+		nettest.Current().Run(t, "ip", "route", "add", cloud.String()+"/32", "via", inet.IP.String())
+		nettest.ServeRemoteAddr(t, inet.Netns, hostPort(cloud, 80))
+		if got, err := nettest.Fetch(nettest.Current(), "tcp", "", hostPort(cloud, 80), 3*time.Second); err != nil {
+			t.Fatalf("the node cannot reach %s: %q %v", cloud, got, err)
+		}
+		if got, err := nettest.Fetch(sbA, "tcp", "", hostPort(cloud, 80), denied); !nettest.IsTimeout(err) {
+			t.Errorf("sandbox reached %s: %q %v", cloud, got, err)
+		}
+	})
 	t.Run("the internet cannot open connections to a sandbox", func(t *testing.T) {
 		for _, dst := range []netip.Addr{a.SandboxIP, a.SandboxIP6} {
 			if got, err := nettest.Fetch(inet.Netns, "tcp", "", hostPort(dst, sandboxPort), denied); !nettest.IsTimeout(err) {
