@@ -138,8 +138,13 @@ def _convert(line: int, word: str, rest: str, context: str = "") -> List[Dict[st
 
 
 def uses_context(text: str) -> bool:
-    """Whether a Dockerfile has COPY or ADD instructions (needs its directory uploaded)."""
-    return any(s.split(None, 1)[0].lower() in ("copy", "add") for _, s in _logical_lines(text))
+    """Whether a Dockerfile has COPY or ADD instructions (needs its directory
+    uploaded). Same rule as the Go SDK: any line starting with the word."""
+    for line in text.split("\n"):
+        f = line.split()
+        if f and f[0].lower() in ("copy", "add"):
+            return True
+    return False
 
 
 def parse_dockerfile(text: str, context: str = "") -> Tuple[str, List[Dict[str, Any]]]:
