@@ -585,6 +585,21 @@ def _needs_pax(s: bytes) -> bool:
     return len(s) > 100 or any(c >= 0x80 for c in s)
 
 
+def _split_ustar(name: bytes) -> Optional[Tuple[bytes, bytes]]:
+    """archive/tar's splitUSTARPath: (prefix, name) for a long ASCII name, or None."""
+    length = len(name)
+    if length <= 100 or any(c >= 0x80 for c in name):
+        return None
+    if length > 156:
+        length = 156
+    elif name[length - 1:length] == b"/":
+        length -= 1
+    i = name.rfind(b"/", 0, length)
+    if i <= 0 or len(name) - i - 1 > 100 or len(name) - i - 1 == 0 or i > 155:
+        return None
+    return name[:i], name[i + 1:]
+
+
 def _pax_record(k: bytes, v: bytes) -> bytes:
     """archive/tar's formatPAXRecord: "<len> <key>=<value>\\n"."""
     size = len(k) + len(v) + 3
@@ -595,8 +610,9 @@ def _pax_record(k: bytes, v: bytes) -> bytes:
     return rec
 
 
-def _block(name: bytes, typeflag: bytes, mode: int, size: int, linkname: bytes, devnums: bool) -> bytes:
+def _block(name: bytes, typeflag: bytes, mode: int, size: int, linkname: bytes, devnums: bool, prefix: bytes = b"") -> bytes:
     h = bytearray(512)
+    h[345:500] = _fmt_str(prefix, 155)
     h[0:100] = _fmt_str(name, 100)
     h[100:108] = _octal(mode, 8)
     h[108:116] = _octal(0, 8)
@@ -618,8 +634,14 @@ def _tar_entry(name: bytes, typeflag: bytes, mode: int, size: int = 0, linkname:
     """One entry as Go's archive/tar writes a FormatPAX header with uid/gid 0,
     mtime 0 and no user/group names (what the Go SDK's dirTar produces, so both
     SDKs upload the same bytes and get the same digest): names that are longer
-    than 100 bytes or not ASCII go in a PAX extended header
-    (``<dir>/PaxHeaders.0/<base>``) and, cut to ASCII, in the main header."""
+    than 100 bytes or not ASCII go in the USTAR prefix field when they can be
+    split there, else in a PAX extended header (``<dir>/PaxHeaders.0/<base>``)
+    and, cut to ASCII, in the main header."""
+    split = _split_ustar(name)
+    if not _needs_pax(linkname) and (not _needs_pax(name) or split is not None):
+        if split is None:
+            return _block(name, typeflag, mode, size, linkname, devnums=True)
+        return _block(split[1], typeflag, mode, size, linkname, devnums=True, prefix=split[0])
     out = b""
     pax = {}
     if _needs_pax(name):
