@@ -24,6 +24,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // RequireRoot skips t unless the test runs as root.
@@ -252,7 +253,7 @@ func (n *Netns) AddAddr(t testing.TB, ifname, cidr string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.Flags |= 0x02 // IFA_F_NODAD
+	a.Flags |= unix.IFA_F_NODAD
 	if err := h.AddrAdd(l, a); err != nil {
 		t.Fatalf("address %s on %s: %v", cidr, ifname, err)
 	}
