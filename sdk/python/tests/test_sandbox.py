@@ -17,7 +17,7 @@ from chalkcompute import (
     UnauthenticatedError,
 )
 
-from .chalkd import Chalkd
+from .chalkd import INDEX_ADDR, Chalkd
 
 
 class SandboxTest(unittest.TestCase):
@@ -26,7 +26,8 @@ class SandboxTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.node = Chalkd().start()
+        # A fake internet uplink with one web server (the package index) at INDEX_ADDR.
+        cls.node = Chalkd(pip_packages={"chalkdemo": ["1.0"]}).start()
         cls.addClassCleanup(cls.node.stop)
         cls.client = cls.node.client()
         cls.sb = cls.client.create(image=Image.base("busybox"), timeout=600)
@@ -207,6 +208,25 @@ class SandboxTest(unittest.TestCase):
         os.environ["CHALK_API_URL"] = self.node.url
         os.environ["CHALK_API_TOKEN_FILE"] = tf
         self.assertEqual(SandboxClient().whoami()["kind"], "user")
+
+    def test_network_policy_enforced(self) -> None:
+        url = "http://%s/simple/chalkdemo/" % INDEX_ADDR
+        fetch = ("sh", "-c", "timeout 5 wget -q -O - %s" % url)  # busybox wget -T crashes; timeout bounds a drop
+        cases = [
+            ("unrestricted", None, True),
+            ("allowed by CIDR", NetworkPolicy(name="py-allow-index", allow_all=False, allowed_hostnames=["198.51.100.0/24"]), True),
+            ("not on the allowlist", NetworkPolicy(name="py-deny-index", allow_all=False, allowed_hostnames=["203.0.113.0/24"]), False),
+        ]
+        for name, pol, reachable in cases:
+            with self.subTest(name):
+                sb = self.new_sandbox(network_policies=[pol] if pol else None)
+                r = sb.exec(*fetch)
+                if reachable:
+                    self.assertEqual(r.exit_code, 0, r.stderr)
+                    self.assertIn("chalkdemo-1.0-py3-none-any.whl", r.stdout)
+                else:
+                    self.assertNotEqual(r.exit_code, 0)
+                    self.assertNotIn("chalkdemo", r.stdout)
 
     def test_network_policy_inline(self) -> None:
         pol = NetworkPolicy(name="py-sdk-policy", allow_all=False, allowed_hostnames=["example.com", "*.example.org", "198.51.100.0/24"],
