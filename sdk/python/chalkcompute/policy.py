@@ -33,6 +33,7 @@ class NetworkPolicy:
 
     @classmethod
     def from_json(cls, m: Dict[str, Any]) -> "NetworkPolicy":
+        """A policy from the API's NetworkPolicy message."""
         return cls(
             name=m.get("name", ""), allow_all=m.get("allowAll", m.get("allow_all", True)),
             allowed_hostnames=m.get("allowedHostnames", m.get("allowed_hostnames")) or [],
@@ -55,6 +56,7 @@ class TunnelPeer:
         self.endpoint = endpoint
 
     def to_json(self) -> Dict[str, Any]:
+        """The peer as the API sends it."""
         m: Dict[str, Any] = {"publicKey": self.public_key, "allowedIps": list(self.allowed_ips)}
         if self.endpoint:
             m["endpoint"] = self.endpoint
@@ -89,6 +91,7 @@ class Tunnel:
         return self
 
     def to_json(self) -> Dict[str, Any]:
+        """The tunnel as ``TunnelService/Apply`` takes it."""
         return {"name": self.name, "peers": [p.to_json() for p in self.peers]}
 
     def __repr__(self) -> str:

@@ -63,10 +63,12 @@ class ExecResult:
 
     @property
     def stdout(self) -> str:
+        """Standard output as text (UTF-8, invalid bytes replaced)."""
         return self.stdout_bytes.decode("utf-8", "replace")
 
     @property
     def stderr(self) -> str:
+        """Standard error as text (UTF-8, invalid bytes replaced)."""
         return self.stderr_bytes.decode("utf-8", "replace")
 
     @property
@@ -226,6 +228,7 @@ class Sandbox:
 
     @property
     def ip(self) -> str:
+        """The sandbox's address on the node."""
         return self.info.get("ip", "")
 
     @property
