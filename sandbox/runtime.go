@@ -3,7 +3,8 @@
 // (cmd/chalk-init) as PID 1 serving the process API (package procapi) on a unix
 // socket the host holds. Exec never spawns `runc exec`.
 //
-// Layout of one sandbox on the host (Config.StateDir/<id>):
+// Layout of one sandbox on the host (Config.StateDir/<id>, a size-limited tmpfs:
+// the disk quota, see disk.go):
 //
 //	bundle/config.json   OCI spec
 //	rootfs/              overlay mount point (lower = image layers, upper/work below)
@@ -60,7 +61,13 @@ type Config struct {
 	InitBinary   string // host path of the static chalk-init; required
 	ChalkBinary  string // host path of the chalk CLI, mounted at /usr/local/bin/chalk; optional
 	CgroupParent string // cgroupfs parent of every sandbox's cgroup; default "/chalk"
-	Logger       *slog.Logger
+	// Disk is how the writable layer's quota is enforced: DiskTmpfs (default)
+	// or DiskNone. See disk.go.
+	Disk string
+	// DefaultDiskMB is the writable-layer quota of a Spec without DiskMB;
+	// default DefaultDiskMB (10 GiB).
+	DefaultDiskMB int64
+	Logger        *slog.Logger
 }
 
 // Runtime creates, watches and destroys sandboxes on this node.
@@ -89,6 +96,15 @@ func New(cfg Config) (*Runtime, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Disk == "" {
+		cfg.Disk = DiskTmpfs
+	}
+	if cfg.Disk != DiskTmpfs && cfg.Disk != DiskNone {
+		return nil, fmt.Errorf("sandbox runtime: disk backend %q: want %q or %q: %w", cfg.Disk, DiskTmpfs, DiskNone, errdefs.ErrInvalidArgument)
+	}
+	if cfg.DefaultDiskMB == 0 {
+		cfg.DefaultDiskMB = DefaultDiskMB
 	}
 	if _, err := os.Stat(cfg.InitBinary); err != nil {
 		return nil, fmt.Errorf("sandbox init binary: %w", err)
@@ -130,6 +146,7 @@ type Spec struct {
 	CPU        float64
 	Memory     int64 // bytes
 	Pids       int64
+	DiskMB     int64 // writable-layer quota in MiB; 0 = Config.DefaultDiskMB
 	NetnsPath  string
 	ResolvConf []byte
 	Hosts      []byte
@@ -160,6 +177,10 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	if _, err := os.Stat(dir); err == nil {
 		return 0, fmt.Errorf("sandbox %q: %w", sp.ID, errdefs.ErrAlreadyExists)
 	}
+	diskMB, err := r.diskMB(sp)
+	if err != nil {
+		return 0, err
+	}
 	defer func() {
 		if err != nil {
 			if derr := r.Destroy(context.WithoutCancel(ctx), sp.ID); derr != nil {
@@ -167,6 +188,9 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 			}
 		}
 	}()
+	if err := r.makeDir(dir, diskMB); err != nil {
+		return 0, err
+	}
 	for _, d := range []string{"bundle", "rootfs", "upper", "work", "run", "etc", "empty"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
 			return 0, err
@@ -336,6 +360,9 @@ func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	rootfs := filepath.Join(dir, "rootfs")
 	if err := unix.Unmount(rootfs, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		errs = append(errs, fmt.Errorf("unmount rootfs: %w", err))
+	}
+	if err := unmountDir(dir); err != nil {
+		errs = append(errs, err)
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		errs = append(errs, err)
