@@ -12,6 +12,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
 // procSys is where sysctls are written (a variable for tests).
@@ -33,6 +35,9 @@ func readSysctl(key string) (string, error) {
 func (m *Manager) Init(ctx context.Context) error {
 	if err := os.MkdirAll(m.cfg.NetnsDir, 0o755); err != nil {
 		return fmt.Errorf("netns dir: %w", err)
+	}
+	if v, err := readSysctl("net/ipv6/conf/default/disable_ipv6"); err != nil || v != "0" {
+		return fmt.Errorf("IPv6 is disabled on this node (net.ipv6.conf.default.disable_ipv6=%q, %v); sandboxes need it: %w", v, err, errdefs.ErrFailedPrecondition)
 	}
 	if err := m.keepRouterAdvertisements(); err != nil {
 		m.log.Warn("could not keep router advertisements on uplinks", "err", err)

@@ -575,3 +575,20 @@ func TestPool(t *testing.T) {
 		t.Errorf("%d namespace descriptors after Close, want %d", got, base)
 	}
 }
+
+// TestInitNeedsIPv6: a node with IPv6 disabled for new interfaces is a
+// precondition failure at Init, not a Setup error later.
+func TestInitNeedsIPv6(t *testing.T) {
+	requireNode(t)
+	if err := writeSysctl("net/ipv6/conf/default/disable_ipv6", "1"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = writeSysctl("net/ipv6/conf/default/disable_ipv6", "0") })
+	m, err := New(Config{Table: nettest.UniqueName("t"), NetnsDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Init(context.Background()); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("Init = %v, want ErrFailedPrecondition", err)
+	}
+}
