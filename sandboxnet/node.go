@@ -16,8 +16,8 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
-// procSys is where sysctls are written (a variable for tests).
-var procSys = "/proc/sys"
+// procSys is where sysctls are read and written (for this process's netns).
+const procSys = "/proc/sys"
 
 func writeSysctl(key, value string) error {
 	return os.WriteFile(filepath.Join(procSys, key), []byte(value), 0o644)
@@ -39,6 +39,13 @@ func (m *Manager) Init(ctx context.Context) error {
 	if v, err := readSysctl("net/ipv6/conf/default/disable_ipv6"); err != nil || v != "0" {
 		return fmt.Errorf("IPv6 is disabled on this node (net.ipv6.conf.default.disable_ipv6=%q, %v); sandboxes need it: %w", v, err, errdefs.ErrFailedPrecondition)
 	}
+	// The rules first, so forwarding is never on without them.
+	if err := m.ensureServiceIf(); err != nil {
+		return err
+	}
+	if err := m.installTable(); err != nil {
+		return err
+	}
 	if err := m.keepRouterAdvertisements(); err != nil {
 		m.log.Warn("could not keep router advertisements on uplinks", "err", err)
 	}
@@ -47,12 +54,6 @@ func (m *Manager) Init(ctx context.Context) error {
 	}
 	if err := writeSysctl("net/ipv6/conf/all/forwarding", "1"); err != nil {
 		return fmt.Errorf("enable IPv6 forwarding: %w", err)
-	}
-	if err := m.ensureServiceIf(); err != nil {
-		return err
-	}
-	if err := m.installTable(); err != nil {
-		return err
 	}
 	m.pool.start()
 	return nil
