@@ -7,6 +7,8 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +18,7 @@ import (
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
 	"github.com/chalkcompute/chalkcompute/baseimage"
@@ -75,7 +78,12 @@ type emptyNetns struct {
 	t        testing.TB
 	attaches atomic.Int32
 	resolv   string
+	// serve, if set, is served on 127.0.0.1:indexPort inside each namespace
+	// (loopback up): a package index the RUN step reaches over loopback.
+	serve http.Handler
 }
+
+const indexPort = "8765"
 
 var _ Network = (*emptyNetns)(nil)
 
@@ -90,7 +98,11 @@ func (n *emptyNetns) Attach(_ context.Context, id string) (string, []byte, func(
 	}
 	defer orig.Close()
 	h, err := netns.NewNamed(name)
+	var ln net.Listener
 	if err == nil {
+		if n.serve != nil {
+			ln, err = listenIn(h)
+		}
 		h.Close()
 	}
 	if serr := netns.Set(orig); serr != nil {
@@ -102,8 +114,20 @@ func (n *emptyNetns) Attach(_ context.Context, id string) (string, []byte, func(
 	if err != nil {
 		return "", nil, nil, err
 	}
+	var srv *http.Server
+	if ln != nil {
+		srv = &http.Server{Handler: n.serve}
+		go srv.Serve(ln)
+	}
 	var once sync.Once
-	detach := func() { once.Do(func() { _ = netns.DeleteNamed(name) }) }
+	detach := func() {
+		once.Do(func() {
+			if srv != nil {
+				srv.Close()
+			}
+			_ = netns.DeleteNamed(name)
+		})
+	}
 	n.t.Cleanup(detach)
 	return "/var/run/netns/" + name, []byte(n.resolv), detach, nil
 }
@@ -202,4 +226,22 @@ func (e *env) ensure(t testing.TB, r *Result) *nodecache.Image {
 		t.Fatal(err)
 	}
 	return img
+}
+
+// listenIn brings loopback up in ns (the calling thread is in it) and
+// listens on 127.0.0.1:indexPort there.
+func listenIn(ns netns.NsHandle) (net.Listener, error) {
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return nil, err
+	}
+	if err := h.LinkSetUp(lo); err != nil {
+		return nil, err
+	}
+	return net.Listen("tcp", "127.0.0.1:"+indexPort)
 }
