@@ -382,11 +382,11 @@ func (o *output) tail() string {
 	return string(t)
 }
 
-func (o *output) Close() error                { return nil }
-func (o *output) Stdin() io.WriteCloser       { return nil }
-func (o *output) Stdout() io.ReadCloser       { return nil }
-func (o *output) Stderr() io.ReadCloser       { return nil }
-func (o *output) Set(cmd *exec.Cmd)           { cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, o, o }
+func (o *output) Close() error          { return nil }
+func (o *output) Stdin() io.WriteCloser { return nil }
+func (o *output) Stdout() io.ReadCloser { return nil }
+func (o *output) Stderr() io.ReadCloser { return nil }
+func (o *output) Set(cmd *exec.Cmd)     { cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, o, o }
 
 // cleanupLeftovers removes what a previous process left: build containers
 // (by id prefix) in RuncRoot, overlay mounts and directories in WorkDir.
