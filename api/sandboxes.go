@@ -60,6 +60,9 @@ func validateCreate(r *v1.CreateSandboxRequest) (timeout, idle time.Duration, er
 	if r.MemoryMb > 0 && r.MemoryMb < 8 {
 		return 0, 0, invalid("memory_mb %d: at least 8 MiB is needed to start a sandbox", r.MemoryMb)
 	}
+	if r.DiskMb < 0 || r.DiskMb > 1<<20 {
+		return 0, 0, invalid("disk_mb %d: must be between 0 (the node's default) and %d", r.DiskMb, 1<<20)
+	}
 	if r.Workdir != "" && !path.IsAbs(r.Workdir) {
 		return 0, 0, invalid("workdir %q: must be an absolute path", r.Workdir)
 	}
@@ -160,7 +163,7 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 	}
 	startReq := node.StartRequest{
 		Image: img, Entrypoint: r.Entrypoint, Env: envList(r.Env), Workdir: r.Workdir,
-		CPU: r.Cpu, Memory: r.MemoryMb << 20,
+		CPU: r.Cpu, Memory: r.MemoryMb << 20, DiskMB: r.DiskMb,
 	}
 	// The egress rules are keyed by the slot's interface, so they are in force
 	// before the sandbox's first packet: nothing runs unrestricted, not even briefly.

@@ -52,6 +52,11 @@ func WithCPU(cores float64) CreateOption { return func(o *createOptions) { o.req
 // WithMemoryMB limits the sandbox's memory.
 func WithMemoryMB(mb int64) CreateOption { return func(o *createOptions) { o.req.MemoryMb = mb } }
 
+// WithDiskMB sets the quota of the sandbox's writable layer in MiB (0 = the
+// node's default, 10 GiB). The writable layer is memory-backed (tmpfs): what
+// is written also counts against the memory limit.
+func WithDiskMB(mb int64) CreateOption { return func(o *createOptions) { o.req.DiskMb = mb } }
+
 // WithTimeout sets the sandbox's lifetime (default 5 minutes, max 24 hours).
 func WithTimeout(d time.Duration) CreateOption {
 	return func(o *createOptions) {

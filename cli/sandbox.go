@@ -41,6 +41,7 @@ func sbCreate(e *env) *cobra.Command {
 		envs, policies     []string
 		cpu                float64
 		memory             int64
+		disk               int64
 		timeout, idle      time.Duration
 		awsRole, gcpProvdr string
 	)
@@ -61,7 +62,7 @@ func sbCreate(e *env) *cobra.Command {
 			}
 			opts := []chalkcompute.CreateOption{
 				chalkcompute.WithEnv(envm), chalkcompute.WithWorkdir(workdir), chalkcompute.WithCPU(cpu),
-				chalkcompute.WithMemoryMB(memory), chalkcompute.WithTimeout(timeout), chalkcompute.WithIdleTimeout(idle),
+				chalkcompute.WithMemoryMB(memory), chalkcompute.WithDiskMB(disk), chalkcompute.WithTimeout(timeout), chalkcompute.WithIdleTimeout(idle),
 				chalkcompute.WithAWSRole(awsRole), chalkcompute.WithGCPWorkloadProvider(gcpProvdr),
 			}
 			if len(args) > 0 {
@@ -94,6 +95,7 @@ func sbCreate(e *env) *cobra.Command {
 	f.StringArrayVar(&policies, "network-policy", nil, "network policy name (repeatable)")
 	f.Float64Var(&cpu, "cpu", 0, "CPU cores (0 = unlimited)")
 	f.Int64Var(&memory, "memory", 0, "memory limit in MiB (0 = unlimited)")
+	f.Int64Var(&disk, "disk", 0, "writable-layer quota in MiB (0 = the node's default, 10 GiB)")
 	f.DurationVar(&timeout, "timeout", 0, "lifetime (default 5m, max 24h)")
 	f.DurationVar(&idle, "idle-timeout", 0, "end after this long without activity")
 	f.StringVar(&awsRole, "aws-role-arn", "", "AWS role to assume with the sandbox's identity")

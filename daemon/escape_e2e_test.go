@@ -2,6 +2,9 @@ package daemon_test
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -9,7 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
 )
 
@@ -330,4 +336,72 @@ func readOOMKills(t *testing.T, path string) int {
 	}
 	t.Fatalf("%s has no oom_kill line: %q", path, b)
 	return 0
+}
+
+// sandboxDisk is the quota filesystem of sandbox id on the host.
+func sandboxDisk(t *testing.T, n *chalktest.Node, id string) (used, size int64) {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(filepath.Join(n.Dir, "sandboxes", id), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Type != unix.TMPFS_MAGIC {
+		t.Fatalf("sandbox %s directory is not its own quota filesystem (type %#x)", id, st.Type)
+	}
+	bs := int64(st.Bsize)
+	return (int64(st.Blocks) - int64(st.Bfree)) * bs, int64(st.Blocks) * bs
+}
+
+// TestEscapeDiskFill: filling the disk stops at the sandbox's quota (ENOSPC
+// inside, nothing beyond it on the node); the sandbox and its neighbours keep
+// working; the quota comes from the API, the SDK and the CLI.
+func TestEscapeDiskFill(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, 2*time.Minute)
+	full := create(t, c, chalkcompute.WithDiskMB(32))
+	neighbour := create(t, c)
+	if _, size := sandboxDisk(t, n, full.ID()); size != 32<<20 {
+		t.Fatalf("quota of a 32 MiB sandbox: %d bytes", size)
+	}
+	if _, size := sandboxDisk(t, n, neighbour.ID()); size != 10<<30 {
+		t.Fatalf("default quota: %d bytes, want 10 GiB", size)
+	}
+	res, err := full.Exec(ctx, []string{"dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=200"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Code == 0 || !strings.Contains(string(res.Stderr), "No space left on device") {
+		t.Fatalf("fill: exit %d, %q", res.Code, res.Stderr)
+	}
+	if used, size := sandboxDisk(t, n, full.ID()); used > size || used < size-(2<<20) {
+		t.Fatalf("after the fill: %d of %d bytes used", used, size)
+	}
+	if got := mustExec(t, full, "df", "-m", "/"); !strings.Contains(got, "100%") {
+		t.Errorf("df inside the full sandbox: %q", got)
+	}
+	// The file API is held by the same quota.
+	if err := full.WriteFile(ctx, "/more.bin", make([]byte, 8<<20), 0o644); err == nil {
+		t.Error("file API wrote past the quota")
+	}
+	// The sandbox keeps working, and deleting frees space.
+	if out := mustExec(t, full, "sh", "-c", "rm /fill && echo freed > /note && cat /note"); out != "freed\n" {
+		t.Fatalf("after freeing: %q", out)
+	}
+	if out := mustExec(t, neighbour, "sh", "-c", "dd if=/dev/zero of=/fill bs=1M count=64 2>/dev/null && ls -l /fill | awk '{print $5}'"); out != fmt.Sprint(64<<20)+"\n" {
+		t.Fatalf("neighbour writing within its own quota: %q", out)
+	}
+	// Bad quotas are refused with the field named.
+	if _, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithDiskMB(-1)); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "disk_mb") {
+		t.Fatalf("negative disk: %v", err)
+	}
+	// The CLI flag.
+	out, stderr, code := n.CLI("compute", "sandbox", "create", "--image", "busybox", "--disk", "16", "-o", "json")
+	var sb map[string]any
+	if code != 0 || json.Unmarshal([]byte(out), &sb) != nil {
+		t.Fatalf("cli create --disk: %d %q %q", code, out, stderr)
+	}
+	if _, size := sandboxDisk(t, n, sb["id"].(string)); size != 16<<20 {
+		t.Fatalf("cli --disk 16: quota %d bytes", size)
+	}
 }

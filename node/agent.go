@@ -103,6 +103,7 @@ type StartRequest struct {
 	CPU        float64
 	Memory     int64 // bytes
 	Pids       int64
+	DiskMB     int64 // writable-layer quota in MiB; 0 = the runtime's default
 	Binds      []sandbox.Bind
 }
 
@@ -158,6 +159,7 @@ func (a *Agent) Start(ctx context.Context, req StartRequest) (st Started, err er
 		CPU:        req.CPU,
 		Memory:     req.Memory,
 		Pids:       pids,
+		DiskMB:     req.DiskMB,
 		NetnsPath:  n.NetnsPath,
 		ResolvConf: a.cfg.ResolvConf(n),
 		Binds:      req.Binds,

@@ -278,6 +278,7 @@ type CreateSandboxRequest struct {
 	Labels              map[string]string      `protobuf:"bytes,13,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	AwsRoleArn          string                 `protobuf:"bytes,14,opt,name=aws_role_arn,json=awsRoleArn,proto3" json:"aws_role_arn,omitempty"`
 	GcpWorkloadProvider string                 `protobuf:"bytes,15,opt,name=gcp_workload_provider,json=gcpWorkloadProvider,proto3" json:"gcp_workload_provider,omitempty"`
+	DiskMb              int64                  `protobuf:"varint,16,opt,name=disk_mb,json=diskMb,proto3" json:"disk_mb,omitempty"` // writable-layer quota in MiB; 0 = the node's default (10 GiB)
 	unknownFields       protoimpl.UnknownFields
 	sizeCache           protoimpl.SizeCache
 }
@@ -415,6 +416,13 @@ func (x *CreateSandboxRequest) GetGcpWorkloadProvider() string {
 		return x.GcpWorkloadProvider
 	}
 	return ""
+}
+
+func (x *CreateSandboxRequest) GetDiskMb() int64 {
+	if x != nil {
+		return x.DiskMb
+	}
+	return 0
 }
 
 type GetSandboxRequest struct {
@@ -3280,7 +3288,7 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xff\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x98\x06\n" +
 	"\x14CreateSandboxRequest\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12&\n" +
 	"\x0fimage_spec_json\x18\x02 \x01(\tR\rimageSpecJson\x12\x1e\n" +
@@ -3300,7 +3308,8 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x06labels\x18\r \x03(\v22.chalk.compute.v1.CreateSandboxRequest.LabelsEntryR\x06labels\x12 \n" +
 	"\faws_role_arn\x18\x0e \x01(\tR\n" +
 	"awsRoleArn\x122\n" +
-	"\x15gcp_workload_provider\x18\x0f \x01(\tR\x13gcpWorkloadProvider\x1a6\n" +
+	"\x15gcp_workload_provider\x18\x0f \x01(\tR\x13gcpWorkloadProvider\x12\x17\n" +
+	"\adisk_mb\x18\x10 \x01(\x03R\x06diskMb\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a9\n" +
