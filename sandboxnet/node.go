@@ -142,8 +142,10 @@ func (m *Manager) ensureServiceIf() error {
 // the ready namespaces. It is for tests and uninstalling; a daemon restart
 // must not call it. It does not tear sandboxes down.
 func (m *Manager) Close(ctx context.Context) error {
-	m.pool.close()
 	var errs []error
+	if err := m.pool.close(); err != nil {
+		errs = append(errs, fmt.Errorf("spare networks: %w", err))
+	}
 	m.nftMu.Lock()
 	c, err := m.conn()
 	if err == nil {

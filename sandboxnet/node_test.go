@@ -280,6 +280,9 @@ func TestRollback(t *testing.T) {
 	if _, err := os.Stat(m.Lookup("sb-x", 9).NetnsPath); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("failed Setup left its netns file: %v", err)
 	}
+	if spares := spareLinks(t, m); len(spares) != 0 {
+		t.Errorf("failed Setup left veths: %v", spares)
+	}
 	if err := m.Init(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -310,7 +313,9 @@ func assertClean(t *testing.T, m *Manager, ns ...*Net) {
 		t.Fatal(err)
 	}
 	for _, l := range links {
-		if strings.HasPrefix(l.Attrs().Name, m.IfacePrefix()) && l.Attrs().Name != m.svcName() {
+		name := l.Attrs().Name
+		spare := strings.HasPrefix(name, m.IfacePrefix()+"q") && l.Attrs().OperState == netlink.OperDown && l.Attrs().Alias == ""
+		if strings.HasPrefix(name, m.IfacePrefix()) && name != m.svcName() && !spare {
 			t.Errorf("interface %s left", l.Attrs().Name)
 		}
 	}
@@ -555,15 +560,22 @@ func TestPool(t *testing.T) {
 	if got := netnsFDs(t); got != base+3 {
 		t.Fatalf("%d namespace descriptors with a full pool of 3, want %d", got, base+3)
 	}
+	if spares := spareLinks(t, m); len(spares) != 3 {
+		t.Fatalf("spare veths %v, want 3", spares)
+	}
 	n := setup(t, m, "sb-pool", 8)
 	m.pool.wait()
 	if got := netnsFDs(t); got != base+3 {
 		t.Errorf("%d namespace descriptors after Setup, want %d", got, base+3)
 	}
-	// The namespace came from the pool ready: loopback up.
+	// The network came from the pool ready: loopback up, eth0 renamed away
+	// on the node side.
 	h := nettest.OpenNetns(n.NetnsPath).Handle(t)
 	if lo, err := h.LinkByName("lo"); err != nil || lo.Attrs().Flags&net.FlagUp == 0 {
 		t.Errorf("lo in the sandbox: %v %v", lo, err)
+	}
+	if spares := spareLinks(t, m); len(spares) != 3 {
+		t.Errorf("spare veths after Setup and refill: %v, want 3", spares)
 	}
 	if err := m.Teardown(context.Background(), "sb-pool", 8); err != nil {
 		t.Fatal(err)
@@ -574,6 +586,25 @@ func TestPool(t *testing.T) {
 	if got := netnsFDs(t); got != base {
 		t.Errorf("%d namespace descriptors after Close, want %d", got, base)
 	}
+	if spares := spareLinks(t, m); len(spares) != 0 {
+		t.Errorf("spare veths left after Close: %v", spares)
+	}
+}
+
+// spareLinks lists the node-side interfaces of spare networks.
+func spareLinks(t *testing.T, m *Manager) []string {
+	t.Helper()
+	links, err := netlink.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Name, m.IfacePrefix()+"q") {
+			out = append(out, l.Attrs().Name)
+		}
+	}
+	return out
 }
 
 // TestInitNeedsIPv6: a node with IPv6 disabled for new interfaces is a

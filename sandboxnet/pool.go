@@ -1,58 +1,157 @@
 package sandboxnet
 
 import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
 	"fmt"
 	"sync"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
-// nsPool keeps a few fresh network namespaces (loopback up) ready, so Setup
-// does not wait for unshare(2). They are held by file descriptor only: if
-// the process dies they vanish with it.
-type nsPool struct {
-	size int
-
-	mu      sync.Mutex
-	ready   []netns.NsHandle
-	filling bool
-	closed  bool
-	done    *sync.Cond // signalled when a refill ends
+// spare is a sandbox network made ahead of time: a fresh namespace with lo
+// and eth0 up, and eth0's peer in the node namespace, down, under a
+// temporary name (Prefix + "q" + 3 hex digits, never a slot's name). Setup
+// renames the peer and adds the slot's addresses and routes.
+type spare struct {
+	ns     netns.NsHandle
+	h      *netlink.Handle // bound to ns
+	eth0   int             // index of eth0 in ns
+	host   string          // temporary name of the node side
+	hostIx int             // index of the node side
 }
 
-func newNSPool(size int) *nsPool {
-	p := &nsPool{size: size}
+// discard deletes the spare's node side (and with it eth0) and closes its
+// namespace.
+func (s *spare) discard() error {
+	var err error
+	if l, lerr := netlink.LinkByIndex(s.hostIx); lerr == nil && l.Attrs().Name == s.host {
+		err = ignoreNotFound(netlink.LinkDel(l))
+	}
+	s.release()
+	return err
+}
+
+// release closes the spare's descriptors (the links stay). It is idempotent.
+func (s *spare) release() {
+	if s.h != nil {
+		s.h.Close()
+		s.h = nil
+	}
+	if s.ns.IsOpen() {
+		s.ns.Close()
+		s.ns = -1
+	}
+}
+
+// makeSpare builds a spare for a Manager with the given interface prefix.
+func makeSpare(prefix string) (*spare, error) {
+	ns, err := unshareNetns()
+	if err != nil {
+		return nil, err
+	}
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		ns.Close()
+		return nil, fmt.Errorf("netlink in new netns: %w", err)
+	}
+	s := &spare{ns: ns, h: h}
+	fail := func(what string, err error) (*spare, error) {
+		_ = s.discard()
+		return nil, fmt.Errorf("spare sandbox network: %s: %w", what, err)
+	}
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return fail("lo", err)
+	}
+	if err := h.LinkSetUp(lo); err != nil {
+		return fail("lo up", err)
+	}
+	for tries := 0; ; tries++ {
+		b := make([]byte, 2)
+		_, _ = rand.Read(b)
+		s.host = prefix + "q" + hex.EncodeToString(b)[:3]
+		veth := &netlink.Veth{
+			LinkAttrs:     netlink.LinkAttrs{Name: s.host, TxQLen: -1},
+			PeerName:      "eth0",
+			PeerTxQLen:    -1,
+			PeerNamespace: netlink.NsFd(int(ns)),
+		}
+		err := netlink.LinkAdd(veth)
+		if err == nil {
+			s.hostIx = veth.Attrs().Index
+			break
+		}
+		if !errors.Is(err, unix.EEXIST) || tries == 8 {
+			return fail("veth", err)
+		}
+	}
+	if s.hostIx == 0 {
+		l, err := netlink.LinkByName(s.host)
+		if err != nil {
+			return fail("veth", err)
+		}
+		s.hostIx = l.Attrs().Index
+	}
+	eth, err := h.LinkByName("eth0")
+	if err != nil {
+		return fail("eth0", err)
+	}
+	s.eth0 = eth.Attrs().Index
+	if err := h.LinkSetUp(eth); err != nil {
+		return fail("eth0 up", err)
+	}
+	return s, nil
+}
+
+// sparePool keeps a few spares ready. Spares hold their namespace by
+// descriptor only: if the process dies, the namespaces and veths vanish.
+type sparePool struct {
+	size   int
+	prefix string
+
+	mu      sync.Mutex
+	ready   []*spare
+	filling bool
+	closed  bool
+	done    *sync.Cond // signalled when a fill ends
+}
+
+func newSparePool(size int, prefix string) *sparePool {
+	p := &sparePool{size: size, prefix: prefix}
 	p.done = sync.NewCond(&p.mu)
 	return p
 }
 
 // start (re)opens the pool and fills it in the background.
-func (p *nsPool) start() {
+func (p *sparePool) start() {
 	p.mu.Lock()
 	p.closed = false
 	p.mu.Unlock()
 	p.refill()
 }
 
-// get returns a fresh namespace: a ready one, or a new one made now.
-func (p *nsPool) get() (netns.NsHandle, error) {
+// get returns a spare: a ready one, or one made now.
+func (p *sparePool) get() (*spare, error) {
 	p.mu.Lock()
-	var ns netns.NsHandle = -1
+	var s *spare
 	if k := len(p.ready); k > 0 {
-		ns = p.ready[k-1]
+		s = p.ready[k-1]
 		p.ready = p.ready[:k-1]
 	}
 	p.mu.Unlock()
 	p.refill()
-	if ns >= 0 {
-		return ns, nil
+	if s != nil {
+		return s, nil
 	}
-	return freshNetns()
+	return makeSpare(p.prefix)
 }
 
 // refill starts a background fill unless one runs, the pool is full or closed.
-func (p *nsPool) refill() {
+func (p *sparePool) refill() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.filling || p.closed || len(p.ready) >= p.size {
@@ -61,18 +160,18 @@ func (p *nsPool) refill() {
 	p.filling = true
 	go func() {
 		for {
-			ns, err := freshNetns()
+			s, err := makeSpare(p.prefix)
 			p.mu.Lock()
 			if err != nil || p.closed || len(p.ready) >= p.size {
-				if err == nil {
-					ns.Close()
-				}
 				p.filling = false
 				p.done.Broadcast()
 				p.mu.Unlock()
+				if s != nil {
+					_ = s.discard()
+				}
 				return
 			}
-			p.ready = append(p.ready, ns)
+			p.ready = append(p.ready, s)
 			full := len(p.ready) >= p.size
 			if full {
 				p.filling = false
@@ -87,7 +186,7 @@ func (p *nsPool) refill() {
 }
 
 // wait blocks while a fill runs.
-func (p *nsPool) wait() {
+func (p *sparePool) wait() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for p.filling {
@@ -95,41 +194,19 @@ func (p *nsPool) wait() {
 	}
 }
 
-// close waits for a running fill and releases the ready namespaces.
-func (p *nsPool) close() {
+// close stops filling and deletes the ready spares.
+func (p *sparePool) close() error {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	p.closed = true
 	for p.filling {
 		p.done.Wait()
 	}
-	p.closed = true
-	for _, ns := range p.ready {
-		ns.Close()
-	}
+	ready := p.ready
 	p.ready = nil
-}
-
-// freshNetns makes a network namespace with its loopback up, leaving the
-// calling thread where it was.
-func freshNetns() (netns.NsHandle, error) {
-	ns, err := unshareNetns()
-	if err != nil {
-		return -1, err
+	p.mu.Unlock()
+	var errs []error
+	for _, s := range ready {
+		errs = append(errs, s.discard())
 	}
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		ns.Close()
-		return -1, fmt.Errorf("netlink in new netns: %w", err)
-	}
-	defer h.Close()
-	lo, err := h.LinkByName("lo")
-	if err == nil {
-		err = h.LinkSetUp(lo)
-	}
-	if err != nil {
-		ns.Close()
-		return -1, fmt.Errorf("lo up in new netns: %w", err)
-	}
-	return ns, nil
+	return errors.Join(errs...)
 }

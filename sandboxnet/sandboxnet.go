@@ -111,7 +111,7 @@ type Config struct {
 	DNSPort      uint16       // DNS proxy port on the service address; 0 = no DNS DNAT
 	MetadataPort uint16       // metadata port on the service address; default 80
 	ServicePorts []uint16     // ports sandboxes may reach on the service address (DNSPort and MetadataPort are added)
-	NetnsPool    int          // fresh namespaces kept ready for Setup; 0 = 4, negative = none
+	NetnsPool    int          // sandbox networks (netns + veth) made ahead for Setup; 0 = 4, negative = none
 	Logger       *slog.Logger // nil = discard
 }
 
@@ -126,7 +126,7 @@ type Manager struct {
 	nftMu sync.Mutex     // serialises nf_tables transactions, guards nft
 	nft   *nftables.Conn // lasting connection, opened on first use
 
-	pool *nsPool
+	pool *sparePool
 
 	mu     sync.Mutex
 	svcDev string // interface holding the service addresses, once known
@@ -189,7 +189,7 @@ func New(cfg Config) (*Manager, error) {
 	case cfg.NetnsPool < 0:
 		cfg.NetnsPool = 0
 	}
-	m := &Manager{cfg: cfg, log: cfg.Logger, pool: newNSPool(cfg.NetnsPool)}
+	m := &Manager{cfg: cfg, log: cfg.Logger, pool: newSparePool(cfg.NetnsPool, cfg.Prefix)}
 	// A slot is 4 addresses (2 bits) in both families; names carry 4 hex digits.
 	slotBits := min(32-cfg.Subnet.Bits(), 128-cfg.Subnet6.Bits(), 18) - 2
 	m.maxSlot = 1<<slotBits - 1

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"runtime"
@@ -47,37 +46,41 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 		}
 	}()
 
-	ns, err := m.newNamedNetns(n.NetnsPath)
+	if err := createNetnsFile(n.NetnsPath); err != nil {
+		return nil, err
+	}
+	undo = append(undo, func() error { return removeNetnsFile(n.NetnsPath) })
+	sp, err := m.pool.get()
 	if err != nil {
 		return nil, err
 	}
-	defer ns.Close()
-	undo = append(undo, func() error { return removeNetnsFile(n.NetnsPath) })
-
-	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: n.HostIf, TxQLen: -1, Flags: net.FlagUp},
-		PeerName:      "eth0",
-		PeerTxQLen:    -1,
-		PeerNamespace: netlink.NsFd(int(ns)),
-	}
-	if err := netlink.LinkAdd(veth); err != nil {
-		if errors.Is(err, unix.EEXIST) {
-			return nil, fmt.Errorf("network slot %d: %s exists: %w", slot, n.HostIf, errdefs.ErrAlreadyExists)
+	// Until the rename, discarding the spare undoes it; after, the veth is
+	// deleted by its slot name (the exclusive rename made that name ours).
+	renamed := false
+	defer sp.release()
+	undo = append(undo, func() error {
+		if !renamed {
+			return sp.discard()
 		}
-		return nil, fmt.Errorf("veth %s: %w", n.HostIf, err)
-	}
-	undo = append(undo, func() error { // the exclusive LinkAdd made the name ours
 		l, err := netlink.LinkByName(n.HostIf)
 		if err != nil {
 			return ignoreNotFound(err)
 		}
 		return ignoreNotFound(netlink.LinkDel(l))
 	})
-	host, err := netlink.LinkByName(n.HostIf)
-	if err != nil {
-		return nil, fmt.Errorf("veth %s: %w", n.HostIf, err)
+	if err := unix.Mount(fmt.Sprintf("/proc/self/fd/%d", int(sp.ns)), n.NetnsPath, "none", unix.MS_BIND, ""); err != nil {
+		return nil, fmt.Errorf("bind netns to %s: %w", n.NetnsPath, err)
 	}
-	// The alias records the owner (the kernel ignores IFLA_IFALIAS on creation).
+	host := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: sp.hostIx, Name: sp.host}}
+	if err := netlink.LinkSetName(host, n.HostIf); err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			return nil, fmt.Errorf("network slot %d: %s exists: %w", slot, n.HostIf, errdefs.ErrAlreadyExists)
+		}
+		return nil, fmt.Errorf("rename %s to %s: %w", sp.host, n.HostIf, err)
+	}
+	renamed = true
+	host.Name = n.HostIf
+	// The alias records the owner, for Teardown and Leftovers.
 	if err := netlink.LinkSetAlias(host, id); err != nil {
 		return nil, fmt.Errorf("alias of %s: %w", n.HostIf, err)
 	}
@@ -86,12 +89,10 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 			return nil, fmt.Errorf("address %s on %s: %w", a, n.HostIf, err)
 		}
 	}
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		return nil, fmt.Errorf("netlink in sandbox netns: %w", err)
+	if err := netlink.LinkSetUp(host); err != nil {
+		return nil, fmt.Errorf("%s up: %w", n.HostIf, err)
 	}
-	defer h.Close()
-	if err := configureInside(h, n); err != nil {
+	if err := configureInside(sp.h, sp.eth0, n); err != nil {
 		return nil, fmt.Errorf("sandbox %q network: %w", id, err)
 	}
 	if err := m.setSource(n, true); err != nil {
@@ -101,23 +102,17 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 	return n, nil
 }
 
-// configureInside brings up eth0 in the sandbox namespace (whose lo is up),
-// with the sandbox's addresses and default routes via the host side.
-func configureInside(h *netlink.Handle, n *Net) error {
-	eth, err := h.LinkByName("eth0")
-	if err != nil {
-		return err
-	}
+// configureInside gives eth0 (index eth0, up) in the sandbox namespace the
+// sandbox's addresses and default routes via the host side.
+func configureInside(h *netlink.Handle, eth0 int, n *Net) error {
+	eth := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: eth0, Name: "eth0"}}
 	for _, a := range []netip.Prefix{netip.PrefixFrom(n.SandboxIP, 30), netip.PrefixFrom(n.SandboxIP6, 126)} {
 		if err := h.AddrAdd(eth, &netlink.Addr{IPNet: prefixNet(a), Flags: unix.IFA_F_NODAD}); err != nil {
 			return fmt.Errorf("address %s on eth0: %w", a, err)
 		}
 	}
-	if err := h.LinkSetUp(eth); err != nil {
-		return fmt.Errorf("eth0 up: %w", err)
-	}
 	for _, gw := range []netip.Addr{n.HostIP, n.HostIP6} {
-		r := &netlink.Route{LinkIndex: eth.Attrs().Index, Gw: gw.AsSlice()}
+		r := &netlink.Route{LinkIndex: eth0, Gw: gw.AsSlice()}
 		if err := h.RouteAdd(r); err != nil {
 			return fmt.Errorf("default route via %s: %w", gw, err)
 		}
@@ -164,31 +159,17 @@ func ignoreNotFound(err error) error {
 	return err
 }
 
-// newNamedNetns takes a fresh network namespace (loopback up) and
-// bind-mounts it at path, which must not exist. The returned handle is
-// open; close it.
-func (m *Manager) newNamedNetns(path string) (netns.NsHandle, error) {
+// createNetnsFile creates the empty file a namespace is bind-mounted on;
+// an existing one is ErrAlreadyExists.
+func createNetnsFile(path string) error {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDONLY, 0o444)
 	if err != nil {
 		if errors.Is(err, os.ErrExist) {
-			return -1, fmt.Errorf("netns %s: %w", path, errdefs.ErrAlreadyExists)
+			return fmt.Errorf("netns %s: %w", path, errdefs.ErrAlreadyExists)
 		}
-		return -1, fmt.Errorf("netns file: %w", err)
+		return fmt.Errorf("netns file: %w", err)
 	}
-	f.Close()
-	ns, err := m.pool.get()
-	if err == nil {
-		err = unix.Mount(fmt.Sprintf("/proc/self/fd/%d", int(ns)), path, "none", unix.MS_BIND, "")
-		if err != nil {
-			ns.Close()
-			err = fmt.Errorf("bind netns to %s: %w", path, err)
-		}
-	}
-	if err != nil {
-		_ = os.Remove(path)
-		return -1, err
-	}
-	return ns, nil
+	return f.Close()
 }
 
 // unshareNetns makes a new network namespace on a locked thread and returns
