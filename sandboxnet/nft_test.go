@@ -291,3 +291,58 @@ func TestNewValidation(t *testing.T) {
 		})
 	}
 }
+
+// FuzzSlotForAddr: an address maps to a slot exactly when it is that slot's
+// sandbox address, in both families and for several subnet sizes.
+func FuzzSlotForAddr(f *testing.F) {
+	f.Add([]byte{10, 213, 0, 14}, uint8(16), uint8(48))
+	f.Add(netip.MustParseAddr("fd63:6861:6c6b::e").AsSlice(), uint8(16), uint8(48))
+	f.Add([]byte{10, 213, 255, 254}, uint8(20), uint8(120))
+	f.Fuzz(func(t *testing.T, raw []byte, bits4, bits6 uint8) {
+		a, ok := netip.AddrFromSlice(raw)
+		if !ok {
+			return
+		}
+		cfg := Config{
+			Subnet:  netip.PrefixFrom(netip.MustParseAddr("10.213.0.0"), int(bits4%29)).Masked(),
+			Subnet6: netip.PrefixFrom(netip.MustParseAddr("fd63:6861:6c6b::"), 48+int(bits6)%77).Masked(),
+		}
+		m, err := New(cfg)
+		if err != nil {
+			return
+		}
+		slot, ok := m.SlotForAddr(a)
+		if !ok {
+			return
+		}
+		if slot < 1 || slot > m.MaxSlot() {
+			t.Fatalf("%v → slot %d outside 1..%d", a, slot, m.MaxSlot())
+		}
+		n := m.Lookup("x", slot)
+		if u := a.Unmap(); u != n.SandboxIP && u != n.SandboxIP6 {
+			t.Fatalf("%v → slot %d whose addresses are %v, %v", a, slot, n.SandboxIP, n.SandboxIP6)
+		}
+	})
+}
+
+// TestSlotRoundTrip: every slot's sandbox addresses map back to it, and its
+// gateway addresses to no slot.
+func TestSlotRoundTrip(t *testing.T) {
+	m := testManager(t, Config{Subnet: netip.MustParsePrefix("10.9.0.0/22"), Subnet6: netip.MustParsePrefix("fd00:1::/64")})
+	for slot := 1; slot <= m.MaxSlot(); slot++ {
+		n := m.Lookup("x", slot)
+		for _, a := range []netip.Addr{n.SandboxIP, n.SandboxIP6} {
+			if got, ok := m.SlotForAddr(a); !ok || got != slot {
+				t.Fatalf("SlotForAddr(%v) = %d %v, want %d", a, got, ok, slot)
+			}
+		}
+		for _, a := range []netip.Addr{n.HostIP, n.HostIP6} {
+			if got, ok := m.SlotForAddr(a); ok {
+				t.Fatalf("gateway %v maps to slot %d", a, got)
+			}
+		}
+	}
+	if m.MaxSlot() != 255 {
+		t.Fatalf("MaxSlot = %d, want 255", m.MaxSlot())
+	}
+}
