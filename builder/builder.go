@@ -153,8 +153,9 @@ type Builder struct {
 	epoch time.Time
 	runc  runcRunner
 
-	mu      sync.Mutex
-	flights map[string]*flight
+	mu       sync.Mutex
+	flights  map[string]*flight
+	inflight sync.WaitGroup // builds running (they outlive callers that left)
 }
 
 // New returns a Builder.
@@ -364,7 +365,9 @@ func (b *Builder) join(ctx context.Context, key string, events func(Event), fn f
 				s(e)
 			}
 		}
+		b.inflight.Add(1)
 		go func() {
+			defer b.inflight.Done()
 			res, err := fn(bctx, emit)
 			b.mu.Lock()
 			f.res, f.err = res, err

@@ -6,6 +6,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -14,6 +16,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/images"
@@ -417,5 +420,74 @@ func TestBuildErrors(t *testing.T) {
 				t.Fatalf("Build = %v, want %v containing %q", err, c.want, c.text)
 			}
 		})
+	}
+}
+
+// TestCancelStopsBuild cancels the only caller while its RUN step runs: the
+// build stops, its container, mount and directory are gone, nothing is tagged.
+func TestCancelStopsBuild(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	spec := images.Spec{Base: "busybox", Steps: []images.Step{{Kind: images.KindRun, Commands: []string{"echo started; sleep 300"}}}}
+	errc := make(chan error, 1)
+	go func() {
+		_, err := e.b.Build(ctx, spec, func(ev Event) {
+			if ev.Line == "started" {
+				cancel()
+			}
+		})
+		errc <- err
+	}()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Build = %v, want context.Canceled", err)
+	}
+	e.b.inflight.Wait() // the build goes on briefly after its last caller left
+	if cs, err := e.b.runc.List(context.Background()); err != nil || len(cs) != 0 {
+		t.Errorf("build containers left: %v %v", cs, err)
+	}
+	if ents, _ := os.ReadDir(e.b.cfg.WorkDir); len(ents) != 0 {
+		t.Errorf("work dir not empty: %v", ents)
+	}
+	mounts, _ := os.ReadFile("/proc/self/mounts")
+	if strings.Contains(string(mounts), e.b.cfg.WorkDir) {
+		t.Error("overlay mount left")
+	}
+	if _, ok, _ := e.b.Lookup(context.Background(), spec); ok {
+		t.Error("a cancelled build was tagged")
+	}
+}
+
+// TestLeftoversRemoved: New cleans what a crashed process left in WorkDir
+// (a mounted build rootfs) without touching the lower layers.
+func TestLeftoversRemoved(t *testing.T) {
+	e := newEnv(t)
+	wd := e.b.cfg.WorkDir
+	dir := filepath.Join(wd, idPrefix+"deadbeef")
+	lower := t.TempDir()
+	if err := os.WriteFile(filepath.Join(lower, "keep"), []byte("k"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"rootfs", "upper", "work"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	opts := "lowerdir=" + lower + ",upperdir=" + filepath.Join(dir, "upper") + ",workdir=" + filepath.Join(dir, "work")
+	if err := unix.Mount("overlay", filepath.Join(dir, "rootfs"), "overlay", 0, opts); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(filepath.Join(dir, "rootfs"), unix.MNT_DETACH) })
+	if err := os.WriteFile(filepath.Join(wd, "layer-123.tar"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(e.b.cfg); err != nil {
+		t.Fatal(err)
+	}
+	if ents, _ := os.ReadDir(wd); len(ents) != 0 {
+		t.Errorf("leftovers: %v", ents)
+	}
+	if b, err := os.ReadFile(filepath.Join(lower, "keep")); err != nil || string(b) != "k" {
+		t.Errorf("lower layer damaged: %q %v", b, err)
 	}
 }
