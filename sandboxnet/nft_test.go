@@ -215,4 +215,3 @@ func TestInputServicePorts(t *testing.T) {
 		t.Errorf("input accepts %d (addr, proto, port), want %d: %v", len(open), len(want), open)
 	}
 }
-
