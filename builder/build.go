@@ -88,7 +88,7 @@ func (b *Builder) build(ctx context.Context, p *plan, emit func(Event)) (*Result
 		built++
 		emit(Event{Step: i + 1, Kind: st.Kind, Key: key, Done: true})
 	}
-	return &Result{Ref: cur.String(), Digest: cur.DigestStr(), Key: p.keys[n], StepsBuilt: built}, nil
+	return &Result{Ref: cur.String(), Digest: cur.DigestStr(), Key: p.keys[n], StepsBuilt: built, Cached: built == 0}, nil
 }
 
 // describe names a step in errors: its kind and what it runs or changes.

@@ -41,8 +41,9 @@ import (
 )
 
 // Version is the builder version hashed into every key. Bump it when what a
-// step produces changes.
-const Version = "chalk-builder/1"
+// step produces changes. (chalk-builder/1 was package imagebuild's: its
+// images share Repository but never a key with this builder's.)
+const Version = "chalk-builder/2"
 
 // Repository is where step images are tagged, by the hex of their cache key,
 // in the embedded registry (through Registry.LocalRef).
