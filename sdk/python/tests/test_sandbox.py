@@ -113,7 +113,7 @@ class SandboxTest(unittest.TestCase):
     def test_process_stdin_interactive(self) -> None:
         p = self.sb.exec_stream("sh", "-c", "while read l; do echo got:$l; done; echo eof", stdin=True)
         self.assertTrue(p.exec_id)
-        self.assertIsInstance(p.pid, int)
+        self.assertGreater(p.pid, 0)
         p.write_stdin("one\n")
         it = iter(p)
         self.assertEqual(next(it), ("stdout", b"got:one\n"))  # answered before stdin closes
