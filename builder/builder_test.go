@@ -6,6 +6,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"go/parser"
+	"go/token"
 	"os"
 	"path/filepath"
 	"slices"
@@ -489,5 +491,26 @@ func TestLeftoversRemoved(t *testing.T) {
 	}
 	if b, err := os.ReadFile(filepath.Join(lower, "keep")); err != nil || string(b) != "k" {
 		t.Errorf("lower layer damaged: %q %v", b, err)
+	}
+}
+
+// TestPipWithoutPython: pip_install on an image without python fails with a
+// clear message, exit code 127.
+func TestPipWithoutPython(t *testing.T) {
+	e := newEnv(t)
+	_, err := e.b.Build(context.Background(), images.Spec{Base: "busybox", Steps: []images.Step{{Kind: images.KindPip, Packages: []string{"requests"}}}}, nil)
+	var re *RunError
+	if !errors.As(err, &re) || re.ExitCode != 127 || !strings.Contains(re.Output, "the image has no python3 or python") {
+		t.Fatalf("Build = %v", err)
+	}
+}
+
+func TestPackageDoc(t *testing.T) {
+	f, err := parser.ParseFile(token.NewFileSet(), "builder.go", nil, parser.ParseComments|parser.PackageClauseOnly)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.Doc == nil || !strings.HasPrefix(f.Doc.Text(), "Package builder ") {
+		t.Fatal("package builder has no doc comment")
 	}
 }

@@ -242,7 +242,7 @@ func writeCopyLayer(w io.Writer, content io.Reader, dst string, isDir bool, mode
 				m = 0o755
 			}
 			if err = tw.WriteHeader(hdr(out, tar.TypeReg, m, h.Size)); err == nil {
-				_, err = io.Copy(tw, tr)
+				_, err = io.Copy(tw, contentReader{tr})
 			}
 		case tar.TypeSymlink:
 			l := hdr(out, tar.TypeSymlink, 0o777, 0)
@@ -263,4 +263,15 @@ func writeCopyLayer(w io.Writer, content io.Reader, dst string, isDir bool, mode
 		}
 	}
 	return tw.Close()
+}
+
+// contentReader marks errors reading uploaded content as the content's fault.
+type contentReader struct{ r io.Reader }
+
+func (c contentReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if err != nil && !errors.Is(err, io.EOF) {
+		err = fmt.Errorf("directory content is not a valid tar: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	return n, err
 }

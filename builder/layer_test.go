@@ -217,3 +217,41 @@ func TestWriteCopyLayer(t *testing.T) {
 		})
 	}
 }
+
+// FuzzWriteCopyLayer: arbitrary directory content never panics, never
+// escapes dst, and errors are classified.
+func FuzzWriteCopyLayer(f *testing.F) {
+	f.Add([]byte{})
+	f.Add([]byte("not a tar"))
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	tw.WriteHeader(&tar.Header{Name: "a/b", Typeflag: tar.TypeReg, Size: 1})
+	tw.Write([]byte("x"))
+	tw.WriteHeader(&tar.Header{Name: "l", Typeflag: tar.TypeSymlink, Linkname: "../../etc"})
+	tw.Close()
+	f.Add(buf.Bytes())
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, content []byte) {
+		var out bytes.Buffer
+		err := writeCopyLayer(&out, bytes.NewReader(content), "/dst", true, 0, time.Unix(0, 0), dir)
+		if err != nil {
+			if !errors.Is(err, errdefs.ErrInvalidArgument) {
+				t.Fatalf("unclassified error %v", err)
+			}
+			return
+		}
+		tr := tar.NewReader(&out)
+		for {
+			h, err := tr.Next()
+			if errors.Is(err, io.EOF) {
+				return
+			}
+			if err != nil {
+				t.Fatalf("output is not a tar: %v", err)
+			}
+			if h.Name != "dst/" && !strings.HasPrefix(h.Name, "dst/") {
+				t.Fatalf("entry %q outside dst", h.Name)
+			}
+		}
+	})
+}

@@ -27,8 +27,8 @@ func ShellCommand(st Step) string {
 	case KindRun:
 		return strings.Join(st.Commands, " && ")
 	case KindPip:
-		args := []string{`"$(command -v python3 || command -v python)"`, "-m", "pip", "install",
-			"--no-cache-dir", "--disable-pip-version-check"}
+		args := []string{`PY=$(command -v python3 || command -v python) || { echo "pip_install: the image has no python3 or python" >&2; exit 127; };`,
+			`"$PY"`, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check"}
 		if st.IndexURL != "" {
 			args = append(args, "--index-url", ShellQuote(st.IndexURL))
 		}

@@ -329,9 +329,9 @@ func TestShellCommand(t *testing.T) {
 	}{
 		{Step{Kind: KindRun, Commands: []string{"a", "b"}}, "a && b"},
 		{Step{Kind: KindPip, Packages: []string{"pandas>=2.0", "x'y"}},
-			`"$(command -v python3 || command -v python)" -m pip install --no-cache-dir --disable-pip-version-check -- 'pandas>=2.0' 'x'"'"'y'`},
+			`PY=$(command -v python3 || command -v python) || { echo "pip_install: the image has no python3 or python" >&2; exit 127; }; "$PY" -m pip install --no-cache-dir --disable-pip-version-check -- 'pandas>=2.0' 'x'"'"'y'`},
 		{Step{Kind: KindPip, Packages: []string{"a"}, IndexURL: "https://i", ExtraURL: "https://e", Pre: true},
-			`"$(command -v python3 || command -v python)" -m pip install --no-cache-dir --disable-pip-version-check --index-url 'https://i' --extra-index-url 'https://e' --pre -- 'a'`},
+			`PY=$(command -v python3 || command -v python) || { echo "pip_install: the image has no python3 or python" >&2; exit 127; }; "$PY" -m pip install --no-cache-dir --disable-pip-version-check --index-url 'https://i' --extra-index-url 'https://e' --pre -- 'a'`},
 		{Step{Kind: KindApt, Packages: []string{"git", "curl"}},
 			"apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends 'git' 'curl' && rm -rf /var/lib/apt/lists/*"},
 		{Step{Kind: KindEnv, Env: map[string]string{"A": "1"}}, ""},
