@@ -9,17 +9,16 @@ targets (long, non-ASCII), modes, block-sized and empty files, empty dirs.
 """
 
 import hashlib
+import json
 import os
-import re
 import shutil
-import subprocess
 import tempfile
 import unittest
 from typing import Callable, Dict
 
 from chalkcompute.image import dir_tar
 
-REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+from .goprobe import run_go
 
 GO_PROBE = r'''
 package main
@@ -92,16 +91,8 @@ CASES: Dict[str, Callable[[str], None]] = {
 }
 
 
-def go_version(go_mod: str) -> str:
-    with open(go_mod, encoding="utf-8") as f:
-        m = re.search(r"^go\s+(\S+)", f.read(), re.M)
-    return m.group(1) if m else "1.26"
-
-
 class TarParityTest(unittest.TestCase):
     def test_dir_tar_digest_equals_go_sdk(self) -> None:
-        if shutil.which("go") is None:
-            self.skipTest("needs the go toolchain to run the Go SDK")
         tmp = tempfile.mkdtemp(prefix="chalk-tar-parity-")
         self.addCleanup(shutil.rmtree, tmp, True)
         dirs = {}
@@ -110,22 +101,7 @@ class TarParityTest(unittest.TestCase):
             os.makedirs(d)
             make(d)
             dirs[name] = d
-        probe = os.path.join(tmp, "probe")
-        os.makedirs(probe)
-        ver = go_version(os.path.join(REPO_ROOT, "go.mod"))
-        with open(os.path.join(probe, "go.mod"), "w") as f:
-            f.write("module chalktarprobe\n\ngo %s\n" % ver)
-        with open(os.path.join(probe, "main.go"), "w") as f:
-            f.write(GO_PROBE)
-        with open(os.path.join(tmp, "go.work"), "w") as f:
-            f.write("go %s\n\nuse (\n\t%s\n\t./probe\n)\n" % (ver, REPO_ROOT))
-        env = dict(os.environ, GOWORK=os.path.join(tmp, "go.work"), GOFLAGS="", GOPROXY="off", CGO_ENABLED="0")
-        r = subprocess.run(["go", "run", "./probe"] + list(dirs.values()), cwd=tmp, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.assertEqual(r.returncode, 0, "go run of the Go SDK probe failed:\n" + r.stderr.decode(errors="replace"))
-        import json
-
-        go = json.loads(r.stdout)
+        go = json.loads(run_go(self, GO_PROBE, list(dirs.values())))
         for name, d in dirs.items():
             with self.subTest(name):
                 self.assertEqual("sha256:" + hashlib.sha256(dir_tar(d)).hexdigest(), go[d])
