@@ -1,6 +1,9 @@
 package procapi
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"os"
 	"os/signal"
 	"strconv"
@@ -8,70 +11,103 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
-// Reaper is the one place that waits for child processes. As PID 1 (or a
-// child subreaper) init inherits orphans; a single wait4(-1) loop reaps them
-// all and hands the statuses of the processes we started to their waiters.
-// Spawning goes through Reaper.Start, which holds the lock across fork and
-// registration so a fast-exiting child cannot be reaped before it is known.
+// Reaper is the one place in the process that waits for child processes.
+// As PID 1, or as a child subreaper when it is not (tests), the process
+// inherits every orphan below it; a single wait4(-1) loop driven by SIGCHLD
+// reaps them all and hands the statuses of the processes started through
+// Start to their waiters.
+//
+// Because it reaps every child, nothing else in the process may wait for
+// children: no os/exec Cmd.Wait or Run, no os.Process.Wait. Start processes
+// with Reaper.Start instead.
 type Reaper struct {
 	mu      sync.Mutex
 	waiters map[int]chan unix.WaitStatus
-	sigs    chan os.Signal
-	stop    chan struct{}
+	// pass is closed (and replaced) after every reap pass that reaped
+	// something; idle records whether the last pass found no children.
+	pass chan struct{}
+	idle bool
+	sigs chan os.Signal
 }
 
-// NewReaper starts reaping children of this process. If it is not PID 1 it
-// becomes a child subreaper so orphans of its children come to it too.
-func NewReaper() *Reaper {
-	if os.Getpid() != 1 {
-		_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-	}
-	r := &Reaper{waiters: map[int]chan unix.WaitStatus{}, sigs: make(chan os.Signal, 64), stop: make(chan struct{})}
-	signal.Notify(r.sigs, syscall.SIGCHLD)
-	go r.loop()
-	return r
-}
+var (
+	reaperOnce sync.Once
+	theReaper  *Reaper
+)
 
-// Close stops reaping.
-func (r *Reaper) Close() {
-	signal.Stop(r.sigs)
-	close(r.stop)
+// StartReaper starts reaping the children of this process and returns the
+// process's Reaper; later calls return the same one. When the process is
+// not PID 1 it becomes a child subreaper (prctl PR_SET_CHILD_SUBREAPER) so
+// that orphans of its children come to it too.
+func StartReaper() *Reaper {
+	reaperOnce.Do(func() {
+		if os.Getpid() != 1 {
+			_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+		}
+		r := &Reaper{
+			waiters: map[int]chan unix.WaitStatus{},
+			pass:    make(chan struct{}),
+			sigs:    make(chan os.Signal, 16),
+		}
+		signal.Notify(r.sigs, syscall.SIGCHLD)
+		go r.loop()
+		// Children that ended before SIGCHLD was caught are reaped now.
+		r.reap()
+		theReaper = r
+	})
+	return theReaper
 }
 
 func (r *Reaper) loop() {
-	for {
-		select {
-		case <-r.stop:
-			return
-		case <-r.sigs:
-			r.reap()
-		}
+	for range r.sigs {
+		r.reap()
 	}
 }
 
+// reap reaps every child that has ended. SIGCHLDs coalesce, so one signal
+// may stand for several children: loop until none is left to reap.
 func (r *Reaper) reap() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.reapLocked()
+}
+
+func (r *Reaper) reapLocked() {
+	reaped := false
 	for {
 		var ws unix.WaitStatus
 		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
-		if err == unix.EINTR {
+		if errors.Is(err, unix.EINTR) {
 			continue
 		}
-		if pid <= 0 || err != nil {
-			return
+		if err != nil || pid <= 0 {
+			r.idle = errors.Is(err, unix.ECHILD)
+			break
 		}
+		reaped = true
 		if ch, ok := r.waiters[pid]; ok {
 			delete(r.waiters, pid)
-			ch <- ws
+			ch <- ws // buffered: never blocks
 		}
+	}
+	if reaped {
+		close(r.pass)
+		r.pass = make(chan struct{})
 	}
 }
 
-// Start starts a process and returns a channel that receives its wait status.
+// Start starts a process like os.StartProcess and returns a channel that
+// receives its wait status once it has ended and been reaped. The caller
+// should Release the returned process when done with it and must not Wait
+// for it.
 func (r *Reaper) Start(argv0 string, argv []string, attr *os.ProcAttr) (*os.Process, <-chan unix.WaitStatus, error) {
+	// The lock is held across fork and registration so a child that ends at
+	// once is not reaped before it is known; its SIGCHLD triggers a pass
+	// that waits for the lock.
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	p, err := os.StartProcess(argv0, argv, attr)
@@ -80,12 +116,52 @@ func (r *Reaper) Start(argv0 string, argv []string, attr *os.ProcAttr) (*os.Proc
 	}
 	ch := make(chan unix.WaitStatus, 1)
 	r.waiters[p.Pid] = ch
-	// Children are the OOM killer's preferred victims, so a memory bomb kills
-	// the bomb, not init (and with it the sandbox). Raising a score needs no
-	// privilege, unlike lowering init's.
+	r.idle = false
+	// Children are the OOM killer's preferred victims, so a memory bomb
+	// kills the bomb, not init (and with it the sandbox). Raising a score
+	// needs no privilege, unlike lowering init's.
 	_ = os.WriteFile("/proc/"+strconv.Itoa(p.Pid)+"/oom_score_adj", []byte("500"), 0)
-	// Reap anything that exited before we registered (a SIGCHLD may have
-	// arrived while we held the lock; the loop will also run).
-	go r.reap()
 	return p, ch, nil
+}
+
+// Signal sends sig to every process started through Start that has not been
+// reaped yet, and to its process group.
+func (r *Reaper) Signal(sig syscall.Signal) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for pid := range r.waiters {
+		_ = signalGroup(pid, sig)
+	}
+}
+
+// WaitIdle returns once this process has no children left (all reaped), or
+// with ctx's error.
+func (r *Reaper) WaitIdle(ctx context.Context) error {
+	for {
+		r.mu.Lock()
+		r.reapLocked()
+		idle, pass := r.idle, r.pass
+		r.mu.Unlock()
+		if idle {
+			return nil
+		}
+		select {
+		case <-pass:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// signalGroup signals the process group led by pid, and pid itself if it
+// has moved to another group.
+func signalGroup(pid int, sig syscall.Signal) error {
+	if pid <= 1 {
+		// Never init, and never kill(-1) (everything) or kill(0) (our group).
+		return fmt.Errorf("signal pid %d: %w", pid, errdefs.ErrInvalidArgument)
+	}
+	if pg, err := unix.Getpgid(pid); err == nil && pg != pid {
+		_ = unix.Kill(pid, sig)
+	}
+	return unix.Kill(-pid, sig)
 }

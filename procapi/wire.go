@@ -1,20 +1,60 @@
 // Package procapi is the process API between the host and a sandbox's init
 // (cmd/chalk-init): start processes with streamed stdin/stdout/stderr, signal
-// and wait for them, and read, write, list and remove files. Exec through it
-// costs one unix-socket connection and a fork — no `runc exec`.
+// and wait for them, and read, write, stat, list and remove files. An exec
+// costs one unix-socket connection and a fork/exec inside the sandbox — never
+// a `runc exec`.
 //
-// Wire protocol: one unix stream connection per operation. Both sides send
-// frames: 1 byte type, 4 bytes big-endian payload length, payload. The client
-// opens with a request frame (JSON). Data frames carry at most MaxChunk bytes,
-// so neither side buffers more than a frame: a process writing gigabytes is
-// slowed to the speed of the reader (backpressure through the socket).
+// The host side is Client; the sandbox side is Serve, run by chalk-init as
+// PID 1. Processes are started and reaped through the process-wide Reaper,
+// the only caller of wait4 in the process.
 //
-//	client → server                      server → client
-//	'Q' request JSON                     'P' started JSON {"pid"}
-//	'I' stdin bytes                      'O' stdout bytes, 'e' stderr bytes
-//	'E' stdin EOF                        'X' exit JSON {"code","signal"}
-//	'S' signal (1 byte: number)          'd' file bytes, 'f' end of file
-//	'D' file bytes, 'F' end of file      'K' result JSON, 'R' error JSON {"class","message"}
+// # Wire protocol
+//
+// One unix stream connection per operation, so concurrent operations need no
+// multiplexing. Both directions carry frames:
+//
+//	+--------+----------------------+-------------------+
+//	| type   | length               | payload           |
+//	| 1 byte | 4 bytes, big endian  | length bytes      |
+//	+--------+----------------------+-------------------+
+//
+// No frame is longer than MaxFrame; data frames (stdin, stdout, stderr, file
+// bytes) carry at most MaxChunk bytes. JSON payloads ignore unknown fields,
+// and a receiver ignores frame types it does not know, so the protocol grows
+// by addition only: a host talks to inits of older builds still running in
+// sandboxes that outlived a chalkd upgrade. Ping reports ProtocolVersion.
+//
+// The client opens every connection with a request frame, 'Q' {"op": ...}.
+// The server then answers, per op:
+//
+//	ping            'K' {"version"}
+//	stat            'K' FileInfo
+//	remove          'K' {}
+//	list            'L' [FileInfo...] (any number of batches), then 'K' {}
+//	read            'd' file bytes (any number), then 'f' (end of file)
+//	write           client sends 'D' file bytes (any number), then 'F' (end);
+//	                server answers 'K' {} once the file is in place
+//	exec            'P' {"pid"}, then 'O' stdout and 'e' stderr bytes as the
+//	                process writes them, 'W' stdin credit, 'C' (the process
+//	                closed its stdin), and last 'X' {"code","signal"};
+//	                meanwhile the client may send 'I' stdin bytes, 'E' (stdin
+//	                EOF) and 'S' (1 byte: a signal number)
+//
+// Any op may end with 'R' {"class","message"} instead: an error whose class
+// (not_found, invalid_argument, ...) the client turns back into the matching
+// errdefs error. Closing the connection cancels the op; for exec that kills
+// the process group.
+//
+// # Flow control
+//
+// Nothing buffers more than a frame per stream. Output: the server reads a
+// pipe only after the previous chunk went into the socket, so a process
+// writing faster than the host reads blocks in write(2), the socket and the
+// pipe being the only buffers. Stdin: the client may have at most StdinWindow
+// bytes sent and not yet written into the process's stdin pipe; the server
+// returns credit with 'W' (4 bytes, big endian: bytes written) as the process
+// reads. So the server never blocks reading the connection, and a signal or
+// a cancel reaches a process that does not read its stdin.
 package procapi
 
 import (
@@ -23,78 +63,97 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
+// ProtocolVersion is the version of the wire protocol this package speaks.
+const ProtocolVersion = 1
+
 // Frame types.
 const (
-	frameRequest  = 'Q'
-	frameStdin    = 'I'
-	frameStdinEOF = 'E'
-	frameSignal   = 'S'
-	frameData     = 'D'
-	frameDataEnd  = 'F'
-	frameStarted  = 'P'
-	frameStdout   = 'O'
-	frameStderr   = 'e'
-	frameExit     = 'X'
-	frameFile     = 'd'
-	frameFileEnd  = 'f'
-	frameResult   = 'K'
-	frameError    = 'R'
+	frameRequest     = 'Q'
+	frameStdin       = 'I'
+	frameStdinEOF    = 'E'
+	frameSignal      = 'S'
+	frameData        = 'D'
+	frameDataEnd     = 'F'
+	frameStarted     = 'P'
+	frameStdout      = 'O'
+	frameStderr      = 'e'
+	frameCredit      = 'W'
+	frameStdinClosed = 'C'
+	frameExit        = 'X'
+	frameFile        = 'd'
+	frameFileEnd     = 'f'
+	frameList        = 'L'
+	frameResult      = 'K'
+	frameError       = 'R'
 )
 
-// MaxChunk is the largest data payload in one frame.
-const MaxChunk = 64 << 10
+const (
+	// MaxChunk is the largest payload of a data frame.
+	MaxChunk = 64 << 10
+	// MaxFrame is the largest payload of any frame (requests with long
+	// argv/env, directory listing batches).
+	MaxFrame = 1 << 20
+	// StdinWindow is how many stdin bytes a client may have in flight.
+	StdinWindow = 256 << 10
+	// frameHeader is the size of a frame header.
+	frameHeader = 5
+)
 
-// maxFrame bounds any frame (JSON results such as directory listings).
-const maxFrame = 16 << 20
+// frameWriter writes frames to one connection; it is not safe for concurrent
+// use (callers serialise).
+type frameWriter struct {
+	w   io.Writer
+	hdr [frameHeader]byte
+	// small holds header+payload of small frames so they go out in one write.
+	small [frameHeader + 512]byte
+}
 
-// writeFrame writes one frame.
-func writeFrame(w io.Writer, typ byte, payload []byte) error {
-	if len(payload) > maxFrame {
-		return fmt.Errorf("frame of %d bytes: %w", len(payload), errdefs.ErrResourceExhausted)
+// writeFrame writes one frame in one write(2)/writev(2) when w is a net.Conn.
+func (fw *frameWriter) writeFrame(typ byte, payload []byte) error {
+	if len(payload) > MaxFrame {
+		return fmt.Errorf("frame of %d bytes exceeds %d: %w", len(payload), MaxFrame, errdefs.ErrInvalidArgument)
 	}
-	var hdr [5]byte
-	hdr[0] = typ
-	binary.BigEndian.PutUint32(hdr[1:], uint32(len(payload)))
-	if len(payload) == 0 {
-		_, err := w.Write(hdr[:])
+	if len(payload) <= len(fw.small)-frameHeader {
+		b := fw.small[:frameHeader+len(payload)]
+		putHeader(b, typ, len(payload))
+		copy(b[frameHeader:], payload)
+		_, err := fw.w.Write(b)
 		return err
 	}
-	// One write for small frames keeps them in one segment.
-	if len(payload) <= 4096 {
-		buf := make([]byte, 5+len(payload))
-		copy(buf, hdr[:])
-		copy(buf[5:], payload)
-		_, err := w.Write(buf)
-		return err
-	}
-	if _, err := w.Write(hdr[:]); err != nil {
-		return err
-	}
-	_, err := w.Write(payload)
+	putHeader(fw.hdr[:], typ, len(payload))
+	bufs := net.Buffers{fw.hdr[:], payload}
+	_, err := bufs.WriteTo(fw.w)
 	return err
 }
 
-func writeJSON(w io.Writer, typ byte, v any) error {
+func (fw *frameWriter) writeJSON(typ byte, v any) error {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return err
 	}
-	return writeFrame(w, typ, b)
+	return fw.writeFrame(typ, b)
 }
 
-// readFrame reads one frame, reusing buf when it is large enough.
+func putHeader(b []byte, typ byte, n int) {
+	b[0] = typ
+	binary.BigEndian.PutUint32(b[1:frameHeader], uint32(n))
+}
+
+// readFrame reads one frame. The payload is read into buf when it fits (and
+// then aliases it), else into a new slice.
 func readFrame(r io.Reader, buf []byte) (byte, []byte, error) {
-	var hdr [5]byte
+	var hdr [frameHeader]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return 0, nil, err
 	}
 	n := binary.BigEndian.Uint32(hdr[1:])
-	if n > maxFrame {
-		return 0, nil, fmt.Errorf("procapi: frame of %d bytes exceeds the limit: %w", n, errdefs.ErrInvalidArgument)
+	if n > MaxFrame {
+		return 0, nil, fmt.Errorf("procapi: frame %q of %d bytes exceeds %d: %w", hdr[0], n, MaxFrame, errdefs.ErrInvalidArgument)
 	}
 	if int(n) > cap(buf) {
 		buf = make([]byte, n)
@@ -109,9 +168,20 @@ func readFrame(r io.Reader, buf []byte) (byte, []byte, error) {
 	return hdr[0], buf, nil
 }
 
+// Operations.
+const (
+	opPing   = "ping"
+	opExec   = "exec"
+	opRead   = "read"
+	opWrite  = "write"
+	opStat   = "stat"
+	opList   = "list"
+	opRemove = "remove"
+)
+
 // request is the opening frame of every operation.
 type request struct {
-	Op        string   `json:"op"` // ping, exec, read, write, stat, list, remove
+	Op        string   `json:"op"`
 	Argv      []string `json:"argv,omitempty"`
 	Env       []string `json:"env,omitempty"`
 	Dir       string   `json:"dir,omitempty"`
@@ -120,6 +190,10 @@ type request struct {
 	Path      string   `json:"path,omitempty"`
 	Mode      uint32   `json:"mode,omitempty"`
 	Recursive bool     `json:"recursive,omitempty"`
+}
+
+type pingMsg struct {
+	Version int `json:"version"`
 }
 
 type startedMsg struct {
@@ -136,6 +210,7 @@ type errorMsg struct {
 	Message string `json:"message"`
 }
 
+// classNames are the wire names of the errdefs classes.
 var classNames = []struct {
 	name string
 	err  error
@@ -144,11 +219,14 @@ var classNames = []struct {
 	{"already_exists", errdefs.ErrAlreadyExists},
 	{"invalid_argument", errdefs.ErrInvalidArgument},
 	{"failed_precondition", errdefs.ErrFailedPrecondition},
+	{"unauthenticated", errdefs.ErrUnauthenticated},
 	{"permission_denied", errdefs.ErrPermissionDenied},
 	{"resource_exhausted", errdefs.ErrResourceExhausted},
+	{"deadline_exceeded", errdefs.ErrDeadlineExceeded},
+	{"unavailable", errdefs.ErrUnavailable},
 }
 
-// wireError encodes err with its class.
+// wireError encodes err with its class ("internal" when it has none).
 func wireError(err error) errorMsg {
 	for _, c := range classNames {
 		if errors.Is(err, c.err) {
@@ -158,25 +236,30 @@ func wireError(err error) errorMsg {
 	return errorMsg{Class: "internal", Message: err.Error()}
 }
 
-// remoteError is an error reported by the server, wrapping its class.
-type remoteError struct {
-	msg   string
-	class error
+// RemoteError is an error reported by a sandbox's init. It unwraps to the
+// errdefs class the server gave it (none for internal errors).
+type RemoteError struct {
+	Message string // as the server wrote it; it already names the class
+	class   error
 }
 
-func (e *remoteError) Error() string { return e.msg }
-func (e *remoteError) Unwrap() error { return e.class }
+func (e *RemoteError) Error() string { return e.Message }
+func (e *RemoteError) Unwrap() error { return e.class }
 
+// decodeError turns an error frame back into an error of its class.
 func decodeError(b []byte) error {
 	var m errorMsg
 	if err := json.Unmarshal(b, &m); err != nil {
-		return fmt.Errorf("procapi: bad error frame: %w", err)
+		return fmt.Errorf("procapi: malformed error frame: %v: %w", err, errdefs.ErrUnavailable)
 	}
+	e := &RemoteError{Message: m.Message}
 	for _, c := range classNames {
 		if c.name == m.Class {
-			// The message already names the class ("...: not found"); keep it as the server wrote it.
-			return &remoteError{msg: m.Message, class: c.err}
+			e.class = c.err
 		}
 	}
-	return errors.New(m.Message)
+	if e.Message == "" {
+		e.Message = "procapi: error of class " + m.Class
+	}
+	return e
 }

@@ -1,20 +1,36 @@
 // Command chalk-init is PID 1 of every sandbox. It reaps zombies, runs the
-// optional entrypoint (the sandbox ends when it exits, with its exit code) and
-// serves the process API (package procapi) on a unix socket whose directory
-// the host bind-mounts in. Build it static: CGO_ENABLED=0.
+// optional entrypoint and serves the process API (package procapi) on a unix
+// socket whose directory the host bind-mounts in. Build it static:
 //
-//	chalk-init [--socket /.chalk/run/init.sock] [--] [entrypoint argv...]
+//	CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o bin/chalk-init ./cmd/chalk-init
+//
+// Usage:
+//
+//	chalk-init [--socket /.chalk/run/init.sock] [--user uid[:gid]] [--grace 10s] [--] [entrypoint argv...]
+//
+// The socket appears only once init accepts connections on it (it is bound
+// under a temporary name and renamed), with mode 0600. With an entrypoint,
+// the entrypoint's stdout and stderr are init's, and init exits with the
+// entrypoint's exit code (128+n if signal n killed it) when it ends; without
+// one init serves until it is signalled. --user is the default user of the
+// entrypoint and of every exec (init itself keeps its own user).
+//
+// SIGTERM, SIGINT and SIGHUP are forwarded to every process (as PID 1: all of
+// the sandbox; otherwise the process groups init started); init then waits up
+// to --grace for the entrypoint (or, without one, for all children) to end,
+// and exits. A second signal, or the end of the grace period, kills the rest.
 package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -22,86 +38,140 @@ import (
 )
 
 func main() {
-	socket := "/.chalk/run/init.sock"
-	user := ""
-	args := os.Args[1:]
-	for len(args) > 0 {
-		if args[0] == "--" {
-			args = args[1:]
-			break
-		}
-		if args[0] == "--socket" && len(args) > 1 {
-			socket, args = args[1], args[2:]
-			continue
-		}
-		if args[0] == "--user" && len(args) > 1 {
-			user, args = args[1], args[2:]
-			continue
-		}
-		break
+	os.Exit(run(os.Args[1:]))
+}
+
+// run is chalk-init; it returns the exit code.
+func run(args []string) int {
+	fl := flag.NewFlagSet("chalk-init", flag.ContinueOnError)
+	socket := fl.String("socket", "/.chalk/run/init.sock", "unix socket to serve the process API on")
+	user := fl.String("user", "", "default user (numeric uid[:gid]) of the entrypoint and of execs")
+	grace := fl.Duration("grace", 10*time.Second, "how long to wait for processes to end after a termination signal")
+	if err := fl.Parse(args); err != nil {
+		return 2
 	}
-	reaper := procapi.NewReaper()
+	entry := fl.Args()
+	fail := func(code int, format string, a ...any) int {
+		fmt.Fprintf(os.Stderr, "chalk-init: "+format+"\n", a...)
+		return code
+	}
+
+	// Before anything can start a child, so no status is lost.
+	reaper := procapi.StartReaper()
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 
-	_ = os.MkdirAll(filepath.Dir(socket), 0o755)
-	_ = os.Remove(socket)
-	l, err := net.Listen("unix", socket)
+	cred, err := procapi.ParseUser(*user)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "chalk-init:", err)
-		os.Exit(1)
+		return fail(2, "%v", err)
 	}
-	_ = os.Chmod(socket, 0o600)
+	l, err := listen(*socket)
+	if err != nil {
+		return fail(1, "%v", err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go func() {
-		if err := procapi.Serve(ctx, l, procapi.ServerOptions{Reaper: reaper, DefaultUser: user}); err != nil {
-			fmt.Fprintln(os.Stderr, "chalk-init: serve:", err)
-		}
-	}()
+	served := make(chan error, 1)
+	go func() { served <- procapi.Serve(ctx, l, procapi.ServerOptions{DefaultUser: *user}) }()
 
-	var entry <-chan unix.WaitStatus
-	var entryPid int
-	if len(args) > 0 {
-		bin, err := exec.LookPath(args[0])
+	var entryExit <-chan unix.WaitStatus
+	if len(entry) > 0 {
+		bin, err := procapi.LookPath(entry[0], os.Environ(), "")
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "chalk-init: entrypoint %q: %v\n", args[0], err)
-			os.Exit(127)
+			return fail(127, "entrypoint: %v", err)
 		}
-		cred, err := procapi.ParseUser(user)
+		devnull, err := os.Open(os.DevNull)
 		if err != nil {
-			fmt.Fprintln(os.Stderr, "chalk-init:", err)
-			os.Exit(126)
+			return fail(1, "%v", err)
 		}
-		devnull, _ := os.Open(os.DevNull)
-		p, ch, err := reaper.Start(bin, args, &os.ProcAttr{Env: os.Environ(), Files: []*os.File{devnull, os.Stdout, os.Stderr},
-			Sys: &syscall.SysProcAttr{Credential: cred}})
-		if devnull != nil {
-			devnull.Close()
-		}
+		p, ch, err := reaper.Start(bin, entry, &os.ProcAttr{
+			Env:   os.Environ(),
+			Files: []*os.File{devnull, os.Stdout, os.Stderr},
+			Sys:   &syscall.SysProcAttr{Setpgid: true, Credential: cred},
+		})
+		devnull.Close()
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "chalk-init: start entrypoint: %v\n", err)
-			os.Exit(126)
+			return fail(126, "start entrypoint %q: %v", entry[0], err)
 		}
-		entry, entryPid = ch, p.Pid
+		p.Release()
+		entryExit = ch
 	}
+
 	for {
 		select {
-		case ws := <-entry:
-			code := ws.ExitStatus()
-			if ws.Signaled() {
-				code = 128 + int(ws.Signal())
-			}
-			os.Exit(code)
+		case ws := <-entryExit:
+			return exitCode(ws)
+		case err := <-served:
+			return fail(1, "serve: %v", err)
 		case sig := <-sigs:
-			// Forward to every process in the sandbox, then end it.
-			if entryPid != 0 {
-				_ = unix.Kill(entryPid, sig.(syscall.Signal))
-			}
-			if os.Getpid() == 1 { // only inside the sandbox's PID namespace
-				_ = unix.Kill(-1, sig.(syscall.Signal))
-			}
-			os.Exit(128 + int(sig.(syscall.Signal)))
+			return terminate(reaper, sig.(syscall.Signal), entryExit, sigs, *grace)
 		}
 	}
+}
+
+// terminate forwards sig, waits up to grace for the processes to end, and
+// returns init's exit code.
+func terminate(reaper *procapi.Reaper, sig syscall.Signal, entryExit <-chan unix.WaitStatus, sigs <-chan os.Signal, grace time.Duration) int {
+	forward(reaper, sig)
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	idle := make(chan error, 1)
+	if entryExit == nil {
+		go func() { idle <- reaper.WaitIdle(ctx) }()
+	}
+	select {
+	case ws := <-entryExit:
+		return exitCode(ws)
+	case err := <-idle:
+		if err == nil {
+			return 128 + int(sig)
+		}
+	case <-ctx.Done():
+	case <-sigs:
+	}
+	forward(reaper, syscall.SIGKILL)
+	return 128 + int(sig)
+}
+
+// forward sends sig to every process of the sandbox (init is PID 1 of its
+// PID namespace), or else to the process groups init started.
+func forward(reaper *procapi.Reaper, sig syscall.Signal) {
+	if os.Getpid() == 1 {
+		_ = unix.Kill(-1, sig) // all but init itself
+		return
+	}
+	reaper.Signal(sig)
+}
+
+// listen binds the socket under a temporary name, restricts it to its owner
+// and renames it into place, so it appears only when it accepts.
+func listen(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	tmp := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
+	_ = os.Remove(tmp)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	l.SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		l.Close()
+		os.Remove(tmp)
+		return nil, err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		l.Close()
+		os.Remove(tmp)
+		return nil, err
+	}
+	return l, nil
+}
+
+func exitCode(ws unix.WaitStatus) int {
+	if ws.Signaled() {
+		return 128 + int(ws.Signal())
+	}
+	return ws.ExitStatus()
 }

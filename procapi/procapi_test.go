@@ -1,0 +1,253 @@
+package procapi
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+// serve starts a server on a temporary socket and returns a client for it.
+// Cleanup stops the server, which kills what it still runs.
+func serve(t testing.TB, opts ServerOptions) *Client {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, l, opts) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	return NewClient(sock)
+}
+
+// testCtx is a context that ends with the test (or after a minute).
+func testCtx(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// run runs req to the end and returns its output and status.
+func run(t *testing.T, c *Client, req ExecRequest) (stdout, stderr string, st ExitStatus) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	p, err := c.Exec(testCtx(t), req, &out, &errb)
+	if err != nil {
+		t.Fatalf("exec %q: %v", req.Argv, err)
+	}
+	st, err = p.Wait()
+	if err != nil {
+		t.Fatalf("wait %q: %v", req.Argv, err)
+	}
+	return out.String(), errb.String(), st
+}
+
+// waiter is an io.Writer that lets a test wait for some output.
+type waiter struct {
+	mu    sync.Mutex
+	buf   bytes.Buffer
+	wants []want
+}
+
+type want struct {
+	s  string
+	ch chan struct{}
+}
+
+func (w *waiter) Write(b []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.buf.Write(b)
+	kept := w.wants[:0]
+	for _, wt := range w.wants {
+		if strings.Contains(w.buf.String(), wt.s) {
+			close(wt.ch)
+		} else {
+			kept = append(kept, wt)
+		}
+	}
+	w.wants = kept
+	return len(b), nil
+}
+
+// until returns a channel closed once the output contains s.
+func (w *waiter) until(s string) <-chan struct{} {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	ch := make(chan struct{})
+	if strings.Contains(w.buf.String(), s) {
+		close(ch)
+	} else {
+		w.wants = append(w.wants, want{s, ch})
+	}
+	return ch
+}
+
+func (w *waiter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+// await waits for ch or fails the test when ctx ends.
+func await(t testing.TB, ctx context.Context, ch <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-ctx.Done():
+		t.Fatalf("timed out waiting for %s", what)
+	}
+}
+
+// eventually polls cond (an external condition: the kernel's process
+// table) until it holds or the deadline passes.
+func eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// procStat returns the state letter and parent pid of pid; ok=false if it
+// does not exist.
+func procStat(pid int) (state byte, ppid int, ok bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, 0, false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 || i+4 > len(s) {
+		return 0, 0, false
+	}
+	f := strings.Fields(s[i+2:])
+	ppid, _ = strconv.Atoi(f[1])
+	return f[0][0], ppid, true
+}
+
+// gone reports whether pid no longer exists (or is a zombie, which the
+// reaper is about to collect or another parent owns).
+func gone(pid int) bool {
+	st, _, ok := procStat(pid)
+	return !ok || st == 'Z'
+}
+
+// raw opens a connection and sends a request frame of the given bytes.
+func raw(t *testing.T, c *Client, typ byte, payload []byte) net.Conn {
+	t.Helper()
+	nc, err := net.Dial("unix", c.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	fw := frameWriter{w: nc}
+	if err := fw.writeFrame(typ, payload); err != nil {
+		t.Fatal(err)
+	}
+	return nc
+}
+
+func isRoot() bool { return os.Geteuid() == 0 }
+
+func TestPingAndWaitReady(t *testing.T) {
+	ctx := testCtx(t)
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	c := NewClient(sock)
+	if err := c.Ping(ctx); !errors.Is(err, errdefs.ErrUnavailable) {
+		t.Fatalf("ping without a server: %v, want unavailable", err)
+	}
+	short, cancel := context.WithTimeout(ctx, 30*time.Millisecond)
+	defer cancel()
+	if err := c.WaitReady(short); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("WaitReady without a server: %v, want deadline exceeded", err)
+	}
+	ready := make(chan error, 1)
+	go func() { ready <- c.WaitReady(ctx) }()
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sctx, stop := context.WithCancel(ctx)
+	served := make(chan error, 1)
+	go func() { served <- Serve(sctx, l, ServerOptions{}) }()
+	if err := <-ready; err != nil {
+		t.Fatalf("WaitReady: %v", err)
+	}
+	if err := c.Ping(ctx); err != nil {
+		t.Fatalf("ping: %v", err)
+	}
+	stop()
+	if err := <-served; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+	if err := c.Ping(ctx); !errors.Is(err, errdefs.ErrUnavailable) {
+		t.Fatalf("ping after shutdown: %v, want unavailable", err)
+	}
+}
+
+func TestServeRejectsBadDefaultUser(t *testing.T) {
+	l, err := net.Listen("unix", filepath.Join(t.TempDir(), "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := Serve(testCtx(t), l, ServerOptions{DefaultUser: "nobody"}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("Serve with DefaultUser nobody: %v, want invalid argument", err)
+	}
+}
+
+// TestServeShutdownKillsExecs: stopping the server kills the process groups
+// it still runs, and their clients learn the connection was lost.
+func TestServeShutdownKillsExecs(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := testCtx(t)
+	sctx, stop := context.WithCancel(ctx)
+	served := make(chan error, 1)
+	go func() { served <- Serve(sctx, l, ServerOptions{}) }()
+	c := NewClient(sock)
+	var out waiter
+	ready := out.until("\n")
+	p, err := c.Exec(ctx, ExecRequest{Argv: []string{"sh", "-c", "sleep 1000 & echo $!; wait"}}, &out, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	await(t, ctx, ready, "the child's pid")
+	child, _ := strconv.Atoi(strings.TrimSpace(out.String()))
+	stop()
+	if err := <-served; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+	if _, err := p.Wait(); !errors.Is(err, errdefs.ErrUnavailable) {
+		t.Fatalf("Wait after shutdown: %v, want unavailable", err)
+	}
+	if !gone(p.Pid()) {
+		t.Errorf("exec %d survived the shutdown", p.Pid())
+	}
+	eventually(t, fmt.Sprintf("child %d is killed", child), func() bool { return gone(child) })
+}

@@ -1,0 +1,288 @@
+package procapi
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+	"sync"
+	"syscall"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+// ExecRequest describes a process to start.
+type ExecRequest struct {
+	Argv  []string // required; Argv[0] is resolved through the exec's PATH if it has no slash
+	Env   []string // KEY=VALUE, overriding and extending init's environment
+	Dir   string   // working directory; "" => init's
+	Stdin bool     // false: the process reads /dev/null
+	User  string   // "uid[:gid]", numeric; "" => the server's default user
+}
+
+// ExitStatus is how a process ended.
+type ExitStatus struct {
+	Code   int    // exit code; 128+n when killed by signal n
+	Signal string // e.g. "SIGKILL"; "" if it exited normally
+}
+
+// Process is a process started by Exec.
+type Process struct {
+	cc  *clientConn
+	ctx context.Context
+	pid int
+
+	wmu sync.Mutex // frame writes
+
+	stdin *stdinWriter
+
+	exited chan struct{} // closed when the exec is over (status or err set)
+	status ExitStatus
+	err    error
+}
+
+// Exec starts a process in the sandbox and returns once it runs (or failed
+// to start: a missing executable is errdefs.ErrNotFound, an empty Argv or a
+// bad Dir or User errdefs.ErrInvalidArgument).
+//
+// stdout and stderr receive the output as the process produces it, in order
+// per stream, from a single goroutine; nil discards. A writer that blocks
+// slows the process down (backpressure) and must not wait for the process's
+// stdin to be written. Cancelling ctx kills the process group (SIGKILL) and
+// ends Wait with ctx's error.
+func (c *Client) Exec(ctx context.Context, req ExecRequest, stdout, stderr io.Writer) (*Process, error) {
+	if len(req.Argv) == 0 || req.Argv[0] == "" {
+		return nil, fmt.Errorf("argv: a command is required: %w", errdefs.ErrInvalidArgument)
+	}
+	cc, err := c.call(ctx, &request{Op: opExec, Argv: req.Argv, Env: req.Env, Dir: req.Dir, Stdin: req.Stdin, User: req.User})
+	if err != nil {
+		return nil, err
+	}
+	typ, b, err := readFrame(cc, nil)
+	if err != nil {
+		cc.close()
+		return nil, connErr(ctx, err)
+	}
+	var st startedMsg
+	switch typ {
+	case frameStarted:
+		if err := json.Unmarshal(b, &st); err != nil {
+			cc.close()
+			return nil, fmt.Errorf("procapi: malformed start frame: %v: %w", err, errdefs.ErrUnavailable)
+		}
+	case frameError:
+		cc.close()
+		return nil, decodeError(b)
+	default:
+		cc.close()
+		return nil, unexpected(typ)
+	}
+	if stdout == nil {
+		stdout = io.Discard
+	}
+	if stderr == nil {
+		stderr = io.Discard
+	}
+	p := &Process{cc: cc, ctx: ctx, pid: st.Pid, exited: make(chan struct{})}
+	if req.Stdin {
+		p.stdin = &stdinWriter{p: p, credit: StdinWindow}
+		p.stdin.cond.L = &p.stdin.mu
+	}
+	go p.read(stdout, stderr)
+	return p, nil
+}
+
+// read delivers the server's frames until the exit status.
+func (p *Process) read(stdout, stderr io.Writer) {
+	defer func() {
+		p.cc.close()
+		close(p.exited)
+		if p.stdin != nil {
+			p.stdin.mu.Lock()
+			p.stdin.cond.Broadcast()
+			p.stdin.mu.Unlock()
+		}
+	}()
+	buf := make([]byte, MaxChunk)
+	for {
+		typ, b, err := readFrame(p.cc, buf)
+		if err != nil {
+			p.err = connErr(p.ctx, err)
+			return
+		}
+		switch typ {
+		case frameStdout, frameStderr:
+			w := stdout
+			if typ == frameStderr {
+				w = stderr
+			}
+			if _, err := w.Write(b); err != nil {
+				// Closing the connection kills the process.
+				p.err = fmt.Errorf("process %d: output writer: %w", p.pid, err)
+				return
+			}
+		case frameCredit:
+			if len(b) == 4 && p.stdin != nil {
+				p.stdin.grant(int(binary.BigEndian.Uint32(b)))
+			}
+		case frameStdinClosed:
+			if p.stdin != nil {
+				p.stdin.markClosed()
+			}
+		case frameExit:
+			var m exitMsg
+			if err := json.Unmarshal(b, &m); err != nil {
+				p.err = fmt.Errorf("procapi: malformed exit frame: %v: %w", err, errdefs.ErrUnavailable)
+				return
+			}
+			p.status = ExitStatus{Code: m.Code, Signal: m.Signal}
+			return
+		case frameError:
+			p.err = decodeError(b)
+			return
+		}
+		// Other frame types are from a newer server: ignored.
+	}
+}
+
+func (p *Process) done() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+func (p *Process) send(typ byte, payload []byte) error {
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	return p.cc.fw.writeFrame(typ, payload)
+}
+
+// Pid is the process id inside the sandbox.
+func (p *Process) Pid() int { return p.pid }
+
+// Stdin is the process's stdin, nil unless ExecRequest.Stdin. Write blocks
+// while StdinWindow bytes wait for the process to read them; Close sends EOF.
+// Once the process has closed its stdin or exited, Write fails.
+func (p *Process) Stdin() io.WriteCloser {
+	if p.stdin == nil {
+		return nil // a typed nil would not compare equal to nil
+	}
+	return p.stdin
+}
+
+// Signal sends sig to the process's group (the process and its children).
+// After the process has ended it returns errdefs.ErrFailedPrecondition.
+func (p *Process) Signal(sig syscall.Signal) error {
+	if sig <= 0 || sig > 64 {
+		return fmt.Errorf("signal %d: %w", sig, errdefs.ErrInvalidArgument)
+	}
+	if p.done() {
+		return fmt.Errorf("signal process %d: it has ended: %w", p.pid, errdefs.ErrFailedPrecondition)
+	}
+	if err := p.send(frameSignal, []byte{byte(sig)}); err != nil {
+		if p.done() {
+			return fmt.Errorf("signal process %d: it has ended: %w", p.pid, errdefs.ErrFailedPrecondition)
+		}
+		return connErr(p.ctx, err)
+	}
+	return nil
+}
+
+// Wait returns how the process ended, once all its output has been
+// delivered to the writers. The error is set when the exec was cut short:
+// ctx's error after a cancel, errdefs.ErrUnavailable when the connection to
+// init was lost (the sandbox stopped), or the output writer's error.
+func (p *Process) Wait() (ExitStatus, error) {
+	<-p.exited
+	return p.status, p.err
+}
+
+// stdinWriter sends stdin within the credit the server grants.
+type stdinWriter struct {
+	p *Process
+
+	wmu sync.Mutex // one Write or Close at a time
+
+	mu     sync.Mutex
+	cond   sync.Cond
+	credit int
+	closed bool // the process closed its stdin
+	eof    bool // Close was called
+}
+
+func (w *stdinWriter) grant(n int) {
+	w.mu.Lock()
+	w.credit = min(w.credit+n, StdinWindow)
+	w.cond.Broadcast()
+	w.mu.Unlock()
+}
+
+func (w *stdinWriter) markClosed() {
+	w.mu.Lock()
+	w.closed = true
+	w.cond.Broadcast()
+	w.mu.Unlock()
+}
+
+// take waits for credit and takes up to n bytes of it.
+func (w *stdinWriter) take(n int) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for {
+		switch {
+		case w.eof:
+			return 0, fmt.Errorf("stdin of process %d: %w", w.p.pid, io.ErrClosedPipe)
+		case w.closed:
+			return 0, fmt.Errorf("stdin of process %d: the process closed it: %w (%w)", w.p.pid, io.ErrClosedPipe, errdefs.ErrFailedPrecondition)
+		case w.p.done():
+			return 0, fmt.Errorf("stdin of process %d: it has ended: %w (%w)", w.p.pid, io.ErrClosedPipe, errdefs.ErrFailedPrecondition)
+		case w.credit > 0:
+			n = min(n, w.credit, MaxChunk)
+			w.credit -= n
+			return n, nil
+		}
+		w.cond.Wait()
+	}
+}
+
+func (w *stdinWriter) Write(b []byte) (int, error) {
+	w.wmu.Lock()
+	defer w.wmu.Unlock()
+	off := 0
+	for off < len(b) {
+		n, err := w.take(len(b) - off)
+		if err != nil {
+			return off, err
+		}
+		if err := w.p.send(frameStdin, b[off:off+n]); err != nil {
+			return off, fmt.Errorf("stdin of process %d: %w", w.p.pid, connErr(w.p.ctx, err))
+		}
+		off += n
+	}
+	return off, nil
+}
+
+// Close sends EOF; the process reads it after the bytes already written.
+func (w *stdinWriter) Close() error {
+	w.wmu.Lock()
+	defer w.wmu.Unlock()
+	w.mu.Lock()
+	if w.eof {
+		w.mu.Unlock()
+		return nil
+	}
+	w.eof = true
+	w.cond.Broadcast()
+	w.mu.Unlock()
+	if w.p.done() {
+		return nil
+	}
+	if err := w.p.send(frameStdinEOF, nil); err != nil && !w.p.done() {
+		return fmt.Errorf("close stdin of process %d: %w", w.p.pid, connErr(w.p.ctx, err))
+	}
+	return nil
+}
