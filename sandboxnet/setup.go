@@ -120,9 +120,12 @@ func configureInside(h *netlink.Handle, eth0 int, n *Net) error {
 	return nil
 }
 
-// Teardown removes everything Setup(ctx, id, slot) made. It is idempotent.
-// The slot's interface and anti-spoofing elements are removed only when they
-// belong to id (a slot now used by another sandbox is left alone).
+// Teardown removes everything Setup(ctx, id, slot) made, and the
+// connection tracking entries of the slot's addresses (so a sandbox that
+// later gets the slot inherits no established flow). It is idempotent. The
+// slot's interface and anti-spoofing elements are removed only when they
+// belong to id (a slot now used by another sandbox is left alone). Call it
+// after the sandbox's processes are gone.
 func (m *Manager) Teardown(ctx context.Context, id string, slot int) error {
 	if !validID(id) {
 		return fmt.Errorf("sandbox id %q: %w", id, errdefs.ErrInvalidArgument)
@@ -135,7 +138,7 @@ func (m *Manager) Teardown(ctx context.Context, id string, slot int) error {
 			if alias := l.Attrs().Alias; alias != "" && alias != id {
 				owned = false
 				m.log.Warn("teardown: slot belongs to another sandbox", "sandbox", id, "slot", slot, "owner", alias)
-			} else if err := netlink.LinkDel(l); ignoreNotFound(err) != nil {
+			} else if err := ignoreNotFound(netlink.LinkDel(l)); err != nil {
 				errs = append(errs, fmt.Errorf("delete %s: %w", n.HostIf, err))
 			}
 		}
@@ -143,10 +146,46 @@ func (m *Manager) Teardown(ctx context.Context, id string, slot int) error {
 			if err := m.setSource(n, false); err != nil {
 				errs = append(errs, fmt.Errorf("anti-spoofing elements of %s: %w", n.HostIf, err))
 			}
+			if err := forgetFlows(n.SandboxIP, n.SandboxIP6); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if err := removeNetnsFile(n.NetnsPath); err != nil {
 		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// flowsOf matches conntrack entries from or to the given addresses.
+type flowsOf map[netip.Addr]bool
+
+var _ netlink.CustomConntrackFilter = flowsOf(nil)
+
+func (f flowsOf) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
+	src, _ := netip.AddrFromSlice(flow.Forward.SrcIP)
+	dst, _ := netip.AddrFromSlice(flow.Forward.DstIP)
+	return f[src.Unmap()] || f[dst.Unmap()]
+}
+
+// forgetFlows deletes the connection tracking entries of flows from or to
+// the addresses. (The kernel walks its whole table for each family, about
+// 2 ms each with the default 262144 buckets.)
+func forgetFlows(addrs ...netip.Addr) error {
+	h, err := netlink.NewHandle(unix.NETLINK_NETFILTER)
+	if err != nil {
+		return fmt.Errorf("conntrack: %w", err)
+	}
+	defer h.Close()
+	f := flowsOf{}
+	for _, a := range addrs {
+		f[a] = true
+	}
+	var errs []error
+	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
+		if _, err := h.ConntrackDeleteFilters(netlink.ConntrackTable, fam, f); err != nil {
+			errs = append(errs, fmt.Errorf("delete conntrack entries: %w", err))
+		}
 	}
 	return errors.Join(errs...)
 }

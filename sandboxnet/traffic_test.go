@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
 	"github.com/chalkcompute/chalkcompute/internal/nettest"
 )
 
@@ -333,4 +336,85 @@ func TestRestart(t *testing.T) {
 func nettestCmd(name string, args ...string) (string, error) {
 	out, err := nettest.Current().Command(name, args...).CombinedOutput()
 	return string(out), err
+}
+
+// TestTeardownForgetsFlows: a sandbox that gets a slot after another does
+// not inherit its tracked flows (which would skip chain "egress").
+func TestTeardownForgetsFlows(t *testing.T) {
+	tn := newTrafficNode(t)
+	m, a, inet := tn.m, tn.a, tn.inet
+	ctx := context.Background()
+	const echoPort = 4446
+	serveUDPRemoteAddr(t, inet.Netns, hostPort(inet.IP, echoPort))
+	serveUDPRemoteAddr(t, inet.Netns, hostPort(inet.IP6, echoPort))
+	ask := func(n *Net, dst netip.Addr, timeout time.Duration) (string, error) {
+		src := n.SandboxIP
+		if dst.Is6() {
+			src = n.SandboxIP6
+		}
+		c, err := nettest.OpenNetns(n.NetnsPath).Dial("udp", hostPort(src, 40000), hostPort(dst, echoPort), timeout)
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(timeout))
+		if _, err := c.Write([]byte("?")); err != nil {
+			return "", err
+		}
+		buf := make([]byte, 64)
+		k, err := c.Read(buf)
+		return string(buf[:k]), err
+	}
+	// The first sandbox's flows, answered, so conntrack has them established.
+	for _, dst := range []netip.Addr{inet.IP, inet.IP6} {
+		if _, err := ask(a, dst, 3*time.Second); err != nil {
+			t.Fatalf("first sandbox to %s: %v", dst, err)
+		}
+	}
+	if flows := flowsWith(t, a.SandboxIP, a.SandboxIP6); len(flows) < 2 {
+		t.Fatalf("conntrack has %d flows of the sandbox, want at least 2", len(flows))
+	}
+	// The next sandbox's policy (chain "egress") forbids the same flows.
+	if out, err := nettestCmd("nft", "add", "rule", "inet", m.Table(), ChainEgress, "udp", "dport", fmt.Sprint(echoPort), "drop"); err != nil {
+		t.Fatalf("nft: %v %s", err, out)
+	}
+	if err := m.Teardown(ctx, a.ID, a.Slot); err != nil {
+		t.Fatal(err)
+	}
+	if flows := flowsWith(t, a.SandboxIP, a.SandboxIP6); len(flows) != 0 {
+		t.Fatalf("after Teardown conntrack still has %v", flows)
+	}
+	next := setup(t, m, "sb-next", a.Slot)
+	for _, dst := range []netip.Addr{inet.IP, inet.IP6} {
+		if got, err := ask(next, dst, denied); !nettest.IsTimeout(err) {
+			t.Errorf("the next sandbox in the slot reached %s past chain egress: %q %v", dst, got, err)
+		}
+	}
+}
+
+// flowsWith lists the tracked flows from or to the addresses.
+func flowsWith(t *testing.T, addrs ...netip.Addr) []string {
+	t.Helper()
+	h, err := netlink.NewHandle(unix.NETLINK_NETFILTER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	f := flowsOf{}
+	for _, a := range addrs {
+		f[a] = true
+	}
+	var out []string
+	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
+		flows, err := h.ConntrackTableList(netlink.ConntrackTable, fam)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, fl := range flows {
+			if f.MatchConntrackFlow(fl) {
+				out = append(out, fl.String())
+			}
+		}
+	}
+	return out
 }
