@@ -102,8 +102,8 @@ class InstallTest(unittest.TestCase):
         py = _python39()
         if not py:
             self.skipTest("no Python 3.9 interpreter on this machine (pyenv install 3.9 to run this)")
-        # The offline suites exercise every module (protocol, images, errors) on 3.9.
-        r = _run([py, "-m", "unittest", "tests.test_image", "tests.test_transport"], cwd=SDK_ROOT,
+        # The offline suites exercise every module (protocol, images, errors, the public API) on 3.9.
+        r = _run([py, "-m", "unittest", "tests.test_image", "tests.test_transport", "tests.test_public_api"], cwd=SDK_ROOT,
                  env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
         self.assertEqual(r.returncode, 0, r.stdout.decode()[-4000:])
         self.assertIn("OK", r.stdout.decode())
