@@ -333,7 +333,7 @@ func TestForce(t *testing.T) {
 	ctx := context.Background()
 	spec := images.Spec{Base: "busybox", Steps: []images.Step{
 		{Kind: images.KindRun, Commands: []string{"echo a > /a"}},
-		{Kind: images.KindRun, Commands: []string{"date +%s%N > /stamp"}},
+		{Kind: images.KindRun, Commands: []string{"cat /proc/sys/kernel/random/uuid > /stamp"}},
 		{Kind: images.KindCmd, Argv: []string{"cat", "/stamp"}},
 	}}
 	r1, err := e.b.Build(ctx, spec, nil)
