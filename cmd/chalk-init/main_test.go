@@ -1,0 +1,291 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/procapi"
+)
+
+// The test binary doubles as chalk-init: started with this variable set it
+// runs main's code instead of the tests.
+const asInit = "CHALK_INIT_TEST_AS_INIT"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(asInit) == "1" {
+		os.Exit(run(os.Args[1:]))
+	}
+	os.Exit(m.Run())
+}
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// initCmd returns a command running chalk-init with args, killed at the
+// end of the test if it still runs.
+func initCmd(t *testing.T, args ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(os.Environ(), asInit+"=1")
+	t.Cleanup(func() {
+		if cmd.Process != nil && cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	return cmd
+}
+
+func exitCodeOf(err error) int {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode()
+	}
+	if err != nil {
+		return -1
+	}
+	return 0
+}
+
+// gone reports whether pid no longer runs (missing, or a zombie).
+func gone(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return true
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i > 0 && i+2 < len(s) && s[i+2] == 'Z'
+}
+
+// eventually polls an external condition (the process table) until it
+// holds or the deadline passes.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestEntrypoint(t *testing.T) {
+	cases := []struct {
+		name           string
+		args           []string
+		code           int
+		stdout, stderr string // stderr: a substring
+	}{
+		{"exit code and output", []string{"--", "sh", "-c", "echo out; echo err >&2; exit 5"}, 5, "out\n", "err\n"},
+		{"flags before the entrypoint", []string{"--grace", "1s", "sh", "-c", "echo $0 $1", "a", "b"}, 0, "a b\n", ""},
+		{"killed by a signal", []string{"--", "sh", "-c", "kill -9 $$"}, 137, "", ""},
+		{"stdin is /dev/null", []string{"--", "cat"}, 0, "", ""},
+		{"environment passed on", []string{"--", "sh", "-c", "echo $CHALK_TEST_ENV"}, 0, "passed\n", ""},
+		{"missing entrypoint", []string{"--", "no-such-entrypoint"}, 127, "", `chalk-init: entrypoint: executable "no-such-entrypoint" not found in PATH`},
+		{"bad user", []string{"--user", "root", "--", "true"}, 2, "", `chalk-init: user "root"`},
+		{"bad flag", []string{"--no-such-flag"}, 2, "", "flag provided but not defined"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "run", "init.sock")
+			cmd := initCmd(t, append([]string{"--socket", sock}, tc.args...)...)
+			cmd.Env = append(cmd.Env, "CHALK_TEST_ENV=passed")
+			var out, errb bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &out, &errb
+			err := cmd.Run()
+			if code := exitCodeOf(err); code != tc.code || out.String() != tc.stdout || !strings.Contains(errb.String(), tc.stderr) {
+				t.Fatalf("exit %d (%v), stdout %q, stderr %q; want %d, %q, stderr with %q", code, err, out.String(), errb.String(), tc.code, tc.stdout, tc.stderr)
+			}
+		})
+	}
+}
+
+func TestEntrypointUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run the entrypoint as another user")
+	}
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	cmd := initCmd(t, "--socket", sock, "--user", "1234:5678", "--", "sh", "-c", "echo $(id -u) $(id -g) $(id -G)")
+	out, err := cmd.Output()
+	if err != nil || string(out) != "1234 5678 5678\n" {
+		t.Fatalf("got %q, %v", out, err)
+	}
+}
+
+// TestServes: without an entrypoint init serves until signalled; the
+// socket appears ready, private to its owner, and nothing else is left in
+// its directory.
+func TestServes(t *testing.T) {
+	ctx := testCtx(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "init.sock")
+	cmd := initCmd(t, "--socket", sock)
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c := procapi.NewClient(sock)
+	if err := c.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(sock)
+	if err != nil || st.Mode() != os.ModeSocket|0o600 {
+		t.Fatalf("socket: %v %v; want a socket with mode 0600", st.Mode(), err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Fatalf("socket directory holds %d entries, want only the socket", len(ents))
+	}
+	var out bytes.Buffer
+	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"sh", "-c", "echo $PPID"}}, &out, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if es, err := p.Wait(); err != nil || es.Code != 0 || strings.TrimSpace(out.String()) != strconv.Itoa(cmd.Process.Pid) {
+		t.Fatalf("exec: %+v %v, parent %q; want init's pid %d", es, err, out.String(), cmd.Process.Pid)
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := exitCodeOf(cmd.Wait()); code != 128+int(syscall.SIGTERM) {
+		t.Fatalf("exit %d after SIGTERM, want %d; stderr %q", code, 128+int(syscall.SIGTERM), errb.String())
+	}
+}
+
+// TestSocketInUse: a socket that cannot be created is init's failure.
+func TestSocketInUse(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(file, nil, 0o644)
+	cmd := initCmd(t, "--socket", filepath.Join(file, "init.sock"))
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	if code := exitCodeOf(cmd.Run()); code != 1 || !strings.Contains(errb.String(), "chalk-init:") {
+		t.Fatalf("exit %d, stderr %q; want 1 and a chalk-init message", code, errb.String())
+	}
+}
+
+// TestTerminate: a termination signal is forwarded; init waits for the
+// entrypoint (or, without one, for the execs) and exits; what ignores the
+// signal is killed when the grace period ends.
+func TestTerminate(t *testing.T) {
+	cases := []struct {
+		name   string
+		script string // prints its background child's pid, then "ready"
+		grace  string
+		code   int
+		out    string
+	}{
+		{"entrypoint handles TERM", `trap 'echo got-term; exit 7' TERM; sleep 1000 & echo $!; echo ready; wait`, "60s", 7, "got-term\n"},
+		{"entrypoint dies of TERM", `sleep 1000 & echo $!; echo ready; wait`, "60s", 143, ""},
+		{"entrypoint ignores TERM", `trap '' TERM; sleep 1000 & echo $!; echo ready; wait`, "100ms", 143, ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := testCtx(t)
+			sock := filepath.Join(t.TempDir(), "init.sock")
+			cmd := initCmd(t, "--socket", sock, "--grace", tc.grace, "--", "sh", "-c", tc.script)
+			stdout, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			r := bufio.NewReader(stdout)
+			line, _ := r.ReadString('\n')
+			child, err := strconv.Atoi(strings.TrimSpace(line))
+			if err != nil {
+				t.Fatalf("child pid line %q", line)
+			}
+			if line, _ := r.ReadString('\n'); line != "ready\n" {
+				t.Fatalf("got %q, want ready", line)
+			}
+			if err := procapi.NewClient(sock).WaitReady(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			rest, _ := io.ReadAll(r)
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			var werr error
+			select {
+			case werr = <-done:
+			case <-ctx.Done():
+				t.Fatal("init did not exit after SIGTERM")
+			}
+			if code := exitCodeOf(werr); code != tc.code || string(rest) != tc.out {
+				t.Fatalf("exit %d, output %q; want %d, %q", code, rest, tc.code, tc.out)
+			}
+			eventually(t, fmt.Sprintf("the entrypoint's child %d is gone", child), func() bool { return gone(child) })
+		})
+	}
+}
+
+// TestTerminateWaitsForExecs: without an entrypoint, init exits as soon as
+// the execs it forwarded the signal to have ended (not at the end of the
+// 60s grace period, which the test's deadline would not survive).
+func TestTerminateWaitsForExecs(t *testing.T) {
+	ctx := testCtx(t)
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	cmd := initCmd(t, "--socket", sock, "--grace", "60s")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c := procapi.NewClient(sock)
+	if err := c.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan struct{})
+	var once sync.Once
+	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"sh", "-c", "trap 'exit 9' TERM; echo ready; sleep 1000 & wait"}},
+		writerFunc(func([]byte) { once.Do(func() { close(ready) }) }), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ready:
+	case <-ctx.Done():
+		t.Fatal("exec not ready")
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if code := exitCodeOf(err); code != 143 {
+			t.Fatalf("exit %d, want 143", code)
+		}
+	case <-ctx.Done():
+		t.Fatal("init still waits although its exec ended")
+	}
+	// The exec ended by its trap; init may exit before it reports that.
+	if st, err := p.Wait(); err == nil && st.Code != 9 {
+		t.Fatalf("exec ended with %+v, want code 9", st)
+	}
+}
+
+type writerFunc func([]byte)
+
+func (f writerFunc) Write(b []byte) (int, error) { f(b); return len(b), nil }
