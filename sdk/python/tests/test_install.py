@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import unittest
 
@@ -50,7 +51,7 @@ class InstallTest(unittest.TestCase):
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         sys.path.insert(0, SDK_ROOT)
         try:
-            from chalkcompute import Image
+            from chalkcompute import Image, __version__
         finally:
             sys.path.remove(SDK_ROOT)
         want_spec = Image.debian_slim("3.11").pip_install(["requests"]).spec_json()
@@ -78,6 +79,26 @@ class InstallTest(unittest.TestCase):
         after = sorted(os.path.relpath(os.path.join(d, f), src) for d, _, fs in os.walk(src) for f in fs
                        if "__pycache__" not in d)
         self.assertEqual(after, before, "pip install left files in the source tree")
+        # An sdist made by the backend's PEP 517 hook installs offline too.
+        with self.subTest("sdist"):
+            sdist_dir = os.path.join(tmp, "sdist")
+            os.makedirs(sdist_dir)
+            hook = ("import sys; sys.path.insert(0, '_build'); import chalk_backend; "
+                    "print(chalk_backend.build_sdist(sys.argv[1]))")
+            r = _run([sys.executable, "-c", hook, sdist_dir], cwd=src, env=env)
+            self.assertEqual(r.returncode, 0, r.stdout.decode())
+            name = r.stdout.decode().split()[-1]
+            with tarfile.open(os.path.join(sdist_dir, name)) as t:
+                members = t.getnames()
+                kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                t.extractall(os.path.join(tmp, "unpacked"), **kw)
+            for want in ("pyproject.toml", "_build/chalk_backend.py", "chalkcompute/__init__.py", "chalkcompute/py.typed", "PKG-INFO"):
+                self.assertIn(name[: -len(".tar.gz")] + "/" + want, members)
+            r = _run([py, "-m", "pip", "install", "--force-reinstall", "--no-index", "--no-cache-dir",
+                      os.path.join(tmp, "unpacked", name[: -len(".tar.gz")])], env=env)
+            self.assertEqual(r.returncode, 0, r.stdout.decode())
+            r = _run([py, "-c", "import chalkcompute; print(chalkcompute.__version__)"], cwd=tmp, env=dict(env, PYTHONPATH=""))
+            self.assertEqual((r.returncode, r.stdout.decode().strip()), (0, __version__), r.stdout.decode())
 
     def test_standard_library_only(self) -> None:
         stdlib = getattr(sys, "stdlib_module_names", None)
