@@ -77,6 +77,7 @@ class SandboxClient:
         aws_role_arn: Optional[str] = None,
         gcp_workload_provider: Optional[str] = None,
         on_build_log: Optional[Callable[[str], None]] = None,
+        disk: Optional[int] = None,
     ) -> Sandbox:
         """Create a sandbox and return it once it is running.
 
@@ -96,6 +97,8 @@ class SandboxClient:
             labels: key/value labels.
             on_build_log: called with each build log line when the image is
                 built first (default: print). Pass ``lambda line: None`` to silence.
+            disk: quota of the sandbox's writable layer in MiB (default: the
+                node's, 10 GiB); writes beyond it fail with ENOSPC.
         """
         if image is None:
             image = Image.debian_slim()
@@ -154,6 +157,8 @@ class SandboxClient:
             req["cpu"] = float(cpu)
         if memory:
             req["memoryMb"] = int(memory)
+        if disk:
+            req["diskMb"] = int(disk)
         if entrypoint:
             req["entrypoint"] = [str(a) for a in entrypoint]
         if labels:

@@ -150,6 +150,13 @@ class SandboxTest(unittest.TestCase):
         self.assertEqual(ended.end_reason, "exited")
         self.assertIn(b"from-entrypoint", b"".join(sb.logs()))
 
+    def test_disk_quota(self) -> None:
+        sb = self.new_sandbox(disk=16, timeout=120)
+        r = sb.exec("sh", "-c", "dd if=/dev/zero of=/big bs=1M count=64 2>&1")
+        self.assertNotEqual(r.exit_code, 0)
+        self.assertIn("No space left on device", r.stdout)
+        self.assertEqual(sb.exec("sh", "-c", "rm /big && echo ok > /small && cat /small").stdout, "ok\n")
+
     def test_terminate(self) -> None:
         sb = self.new_sandbox()
         done = sb.terminate()

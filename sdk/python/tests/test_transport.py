@@ -306,14 +306,14 @@ class UnaryTest(_EnvSandbox):
         pol = NetworkPolicy(name="p", allow_all=False, allowed_hostnames=["*.example.com", "10.0.0.0/8"], description="d")
         c.create(image=Image.base("busybox"), network_policies=[pol, "existing"], tunnels=[Tunnel(name="mesh")],
                  timeout=datetime.timedelta(minutes=2), idle_timeout=30.5, env={"A": 1}, workdir="/w", cpu=0.5,
-                 memory=256, entrypoint=["sleep", "60"], labels={"k": "v"})
+                 memory=256, entrypoint=["sleep", "60"], labels={"k": "v"}, disk=1024)
         body = srv.calls[-1][2]
         self.assertEqual(body, {
             "image": "busybox",
             "inlinePolicies": [{"name": "p", "allowAll": False, "allowedHostnames": ["*.example.com", "10.0.0.0/8"], "description": "d"}],
             "networkPolicies": ["existing"], "tunnels": ["mesh"], "timeoutSeconds": 120, "idleTimeoutSeconds": 31,
             "env": {"A": "1"}, "workdir": "/w", "cpu": 0.5, "memoryMb": 256, "entrypoint": ["sleep", "60"],
-            "labels": {"k": "v"},
+            "labels": {"k": "v"}, "diskMb": 1024,
         })
         # An image with steps goes as a spec (its build streams first).
         srv.route("ImageService", "Build", lambda m, h: ("stream", [(0, {"line": "step 1"}), (2, {})]))
