@@ -17,9 +17,11 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"golang.org/x/sys/unix"
 
+	"github.com/chalkcompute/chalkcompute/baseimage"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/images"
 )
@@ -512,5 +514,41 @@ func TestPackageDoc(t *testing.T) {
 	}
 	if f.Doc == nil || !strings.HasPrefix(f.Doc.Text(), "Package builder ") {
 		t.Fatal("package builder has no doc comment")
+	}
+}
+
+// TestMovedBaseTag: the key covers the base's manifest digest, so when the
+// tag moves, the built image is no longer a hit and a rebuild starts over.
+func TestMovedBaseTag(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	spec := images.Spec{Base: "busybox", Steps: []images.Step{{Kind: images.KindEnv, Env: map[string]string{"A": "1"}}}}
+	r1, err := e.b.Build(ctx, spec, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, err := baseimage.Busybox(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	moved, err := mutate.Config(base, v1.Config{Env: []string{"MOVED=1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := baseimage.Seed(ctx, e.reg, "busybox", moved); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := e.b.Lookup(ctx, spec); err != nil || ok {
+		t.Fatalf("Lookup after the tag moved = %v, %v; want a miss", ok, err)
+	}
+	r2, err := e.b.Build(ctx, spec, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r2.Key == r1.Key || r2.StepsBuilt != 1 {
+		t.Fatalf("after the tag moved: %+v (before %+v)", r2, r1)
+	}
+	if env := e.ensure(t, r2).Config.Config.Env; !slices.Equal(env, []string{"MOVED=1", "A=1"}) {
+		t.Errorf("built on the old base: env %q", env)
 	}
 }
