@@ -222,6 +222,15 @@ class SandboxClient:
         """Images in the registry."""
         return list(self._t.unary("ImageService", "List", {}).get("images") or [])
 
+    def inspect_image(self, ref: str) -> Dict[str, Any]:
+        """An image's record, OCI config and manifest: ``{"image": {...},
+        "configJson": "...", "manifestJson": "..."}`` (a reference or an image hash)."""
+        return self._t.unary("ImageService", "Inspect", {"ref": ref})
+
+    def remove_image(self, ref: str) -> None:
+        """Remove an image from the registry."""
+        self._t.unary("ImageService", "Remove", {"ref": ref})
+
     def _progress(self, stream: Any, on_log: Optional[Callable[[str], None]],
                   on_progress: Optional[Callable[[Dict[str, Any]], None]]) -> BuildResult:
         last: Dict[str, Any] = {}
@@ -274,6 +283,21 @@ class SandboxClient:
     def whoami(self) -> Dict[str, Any]:
         """Who the token belongs to: ``{"kind": "user"|"workload", "subject", "orgId", ...}``."""
         return self._t.unary("IdentityService", "WhoAmI", {})
+
+    def mint_token(self, sandbox_id: str, audience: str = "", ttl: Optional[Seconds] = None) -> Dict[str, Any]:
+        """Mint a workload identity token (an OIDC JWT) for a sandbox:
+        ``{"token", "expiresAt"}``. A workload may only mint its own."""
+        req: Dict[str, Any] = {"sandboxId": sandbox_id}
+        if audience:
+            req["audience"] = audience
+        t = _seconds("ttl", ttl)
+        if t:
+            req["ttlSeconds"] = t
+        return self._t.unary("IdentityService", "MintToken", req)
+
+    def rotate_keys(self) -> List[str]:
+        """Rotate the identity issuer's signing keys (admin); returns the key ids now published."""
+        return list(self._t.unary("IdentityService", "RotateKeys", {}).get("kids") or [])
 
 
 def _has_steps(image: Image) -> bool:

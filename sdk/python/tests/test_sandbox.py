@@ -157,6 +157,27 @@ class SandboxTest(unittest.TestCase):
         self.assertIn("No space left on device", r.stdout)
         self.assertEqual(sb.exec("sh", "-c", "rm /big && echo ok > /small && cat /small").stdout, "ok\n")
 
+    def test_image_and_identity_admin(self) -> None:
+        import base64
+        import json
+
+        info = self.client.inspect_image("busybox")
+        self.assertEqual(json.loads(info["configJson"])["os"], "linux")
+        self.assertTrue(info["image"]["digest"].startswith("sha256:"))
+        t = self.client.mint_token(self.sb.id, audience="https://vault.example.test", ttl=300)
+        claims = json.loads(base64.urlsafe_b64decode(t["token"].split(".")[1] + "=="))
+        self.assertEqual(claims["aud"], "https://vault.example.test")
+        self.assertIn(self.sb.id, claims["sub"])
+        self.assertEqual(claims["exp"] - claims["iat"], 300)
+        before = set(self.client.rotate_keys())
+        self.assertTrue(before)
+        self.assertNotEqual(set(self.client.rotate_keys()), before)
+        res = self.client.build(Image.base("busybox").run_commands("echo removable > /r"), on_log=None)
+        local = self.client.inspect_image(res.image_hash)["image"]["localRef"]
+        self.client.remove_image(local)
+        with self.assertRaises(NotFoundError):
+            self.client.inspect_image(res.image_hash)
+
     def test_terminate(self) -> None:
         sb = self.new_sandbox()
         done = sb.terminate()

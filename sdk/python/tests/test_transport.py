@@ -324,6 +324,28 @@ class UnaryTest(_EnvSandbox):
             c.create(image="busybox", timeout=-1)
 
 
+class AdminCallsTest(_EnvSandbox):
+    def test_request_shapes(self) -> None:
+        srv = self.server()
+        srv.unary("ImageService", "Inspect", {"image": {"ref": "busybox"}, "configJson": "{}", "manifestJson": "{}"})
+        srv.unary("ImageService", "Remove", {})
+        srv.unary("IdentityService", "MintToken", {"token": "a.b.c", "expiresAt": "2026-01-01T00:00:00Z"})
+        srv.unary("IdentityService", "RotateKeys", {"kids": ["k1", "k2"]})
+        c = SandboxClient(api_url=srv.url, token=TOKEN)
+        self.assertEqual(c.inspect_image("busybox")["image"]["ref"], "busybox")
+        c.remove_image("chalk.local/build:ab")
+        self.assertEqual(c.mint_token("sb-1", audience="aud", ttl=datetime.timedelta(minutes=5))["token"], "a.b.c")
+        c.mint_token("sb-1")
+        self.assertEqual(c.rotate_keys(), ["k1", "k2"])
+        self.assertEqual([(p.rsplit("/", 1)[-1], body) for p, _, body in srv.calls], [
+            ("Inspect", {"ref": "busybox"}),
+            ("Remove", {"ref": "chalk.local/build:ab"}),
+            ("MintToken", {"sandboxId": "sb-1", "audience": "aud", "ttlSeconds": 300}),
+            ("MintToken", {"sandboxId": "sb-1"}),
+            ("RotateKeys", {}),
+        ])
+
+
 def exec_route(events: List[Any]) -> Route:
     return lambda m, h: ("stream", events)
 
