@@ -132,21 +132,25 @@ func TestEscapeHostFiles(t *testing.T) {
 	if err := os.WriteFile(hostFile, []byte(secret), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if got := mustExec(t, sb, "readlink", "/proc/1/root"); got != "/\n" {
-		t.Errorf("init's root as seen from the sandbox: %q, want /", got)
+	// A process's root is the sandbox's root. (Init's own /proc/1/root is
+	// not even readable: init is not dumpable.)
+	if got := mustExec(t, sb, "readlink", "/proc/self/root"); got != "/\n" {
+		t.Errorf("root as seen from the sandbox: %q, want /", got)
 	}
-	if got := mustExec(t, sb, "cat", "/proc/1/root/etc/hostname"); got != sb.ID()+"\n" {
-		t.Errorf("/proc/1/root/etc/hostname: %q, want the sandbox's own %q", got, sb.ID())
+	if got := mustExec(t, sb, "cat", "/proc/self/root/etc/hostname"); got != sb.ID()+"\n" {
+		t.Errorf("/proc/self/root/etc/hostname: %q, want the sandbox's own %q", got, sb.ID())
 	}
 	// The sandbox's pid namespace holds only its own processes.
 	if got := mustExec(t, sb, "sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '"); !strings.HasPrefix(got, "/.chalk/bin/chalk-init ") {
 		t.Errorf("pid 1 is not the sandbox's init: %q", got)
 	}
 	runAttempts(t, sb, []escapeAttempt{
-		{"host file via /proc/1/root", "cat /proc/1/root" + hostFile, "no such file", secret},
+		{"host file via /proc/1/root", "cat /proc/1/root" + hostFile, "permission denied", secret},
 		{"host file via /proc/self/root/..", "cat /proc/self/root/../../.." + hostFile, "no such file", secret},
-		{"chalkd's data dir via /proc/1/root", "ls /proc/1/root" + n.Dir, "no such file", "chalkd.log"},
-		{"host file via cwd of init", "cat /proc/1/cwd/../.." + hostFile, "no such file", secret},
+		{"chalkd's data dir via /proc/1/root", "ls /proc/1/root" + n.Dir, "permission denied", "chalkd.log"},
+		{"host file via /proc/self/root", "cat /proc/self/root" + hostFile, "no such file", secret},
+		{"host file via cwd of init", "cat /proc/1/cwd/../.." + hostFile, "permission denied", secret},
+		{"host file via cwd", "cd /proc/self/cwd/../../.. && cat ." + hostFile, "no such file", secret},
 		{"chroot escape", "mkdir -p /tmp/c && chroot /tmp/c /bin/sh -c 'cd ../../..; cat ." + hostFile + "'", "no such file", secret},
 		{"host's pid 1 environment", "for p in /proc/[0-9]*; do grep -l chalkd $p/cmdline; done; exit 1", "", "chalkd"},
 	})

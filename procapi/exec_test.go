@@ -183,7 +183,7 @@ func TestStdin(t *testing.T) {
 // writer back (bounded: the credit window plus a pipe), and a signal or a
 // cancel still gets through to it.
 func TestStdinBackpressure(t *testing.T) {
-	for _, how := range []string{"signal", "cancel"} {
+	for _, how := range []string{"signal", "cancel", "close"} {
 		t.Run(how, func(t *testing.T) {
 			c := serve(t, ServerOptions{})
 			ctx, cancel := context.WithCancel(testCtx(t))
@@ -210,10 +210,26 @@ func TestStdinBackpressure(t *testing.T) {
 				}
 			case "cancel":
 				cancel()
+			case "close":
+				// Close ends a blocked Write; the process lives on.
+				if err := p.Stdin().Close(); err != nil {
+					t.Fatal(err)
+				}
+				if r := <-wrote; !errors.Is(r.err, io.ErrClosedPipe) {
+					t.Fatalf("write blocked during Close: %d, %v", r.n, r.err)
+				} else {
+					wrote <- r
+				}
+				if _, _, ok := procStat(p.Pid()); !ok {
+					t.Fatal("closing stdin ended the process")
+				}
+				if err := p.Signal(syscall.SIGKILL); err != nil {
+					t.Fatal(err)
+				}
 			}
 			st, err := p.Wait()
 			switch how {
-			case "signal":
+			case "signal", "close":
 				if err != nil || st.Signal != "SIGKILL" || st.Code != 137 {
 					t.Fatalf("wait after SIGKILL: %v %+v", err, st)
 				}

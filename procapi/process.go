@@ -267,9 +267,8 @@ func (w *stdinWriter) Write(b []byte) (int, error) {
 }
 
 // Close sends EOF; the process reads it after the bytes already written.
+// A Write blocked waiting for credit returns io.ErrClosedPipe.
 func (w *stdinWriter) Close() error {
-	w.wmu.Lock()
-	defer w.wmu.Unlock()
 	w.mu.Lock()
 	if w.eof {
 		w.mu.Unlock()
@@ -278,6 +277,8 @@ func (w *stdinWriter) Close() error {
 	w.eof = true
 	w.cond.Broadcast()
 	w.mu.Unlock()
+	w.wmu.Lock() // after a concurrent Write's last frame
+	defer w.wmu.Unlock()
 	if w.p.done() {
 		return nil
 	}

@@ -33,7 +33,8 @@ func (m *Manager) Leftovers(ctx context.Context, live map[string]int) ([]string,
 			out = append(out, "netns:"+e.Name())
 		}
 	}
-	links, err := netlink.LinkList()
+	var links []netlink.Link
+	err = retryDump(func() (err error) { links, err = netlink.LinkList(); return err })
 	if err != nil {
 		return nil, fmt.Errorf("list links: %w", err)
 	}

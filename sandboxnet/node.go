@@ -67,7 +67,11 @@ func (m *Manager) keepRouterAdvertisements() error {
 	if v, _ := readSysctl("net/ipv6/conf/all/forwarding"); v == "1" {
 		return nil // already forwarding: whatever RA setup exists is the admin's
 	}
-	routes, err := netlink.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Protocol: unix.RTPROT_RA}, netlink.RT_FILTER_PROTOCOL)
+	var routes []netlink.Route
+	err := retryDump(func() (err error) {
+		routes, err = netlink.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Protocol: unix.RTPROT_RA}, netlink.RT_FILTER_PROTOCOL)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("list IPv6 routes: %w", err)
 	}

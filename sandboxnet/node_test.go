@@ -391,8 +391,8 @@ func TestLeftovers(t *testing.T) {
 		t.Fatalf("Leftovers = %v, want %v", left, want)
 	}
 	// A live id claiming a slot whose interface names another sandbox.
-	if left, _ := m.Leftovers(ctx, map[string]int{"sb-live": 2, "sb-other": 3}); !contains(left, "link:"+b.HostIf) {
-		t.Errorf("interface of another sandbox in a live slot not reported: %v", left)
+	if left, err := m.Leftovers(ctx, map[string]int{"sb-live": 2, "sb-other": 3}); err != nil || !contains(left, "link:"+b.HostIf) {
+		t.Errorf("interface of another sandbox in a live slot not reported: %v %v", left, err)
 	}
 	for _, obj := range left {
 		if err := m.RemoveLeftover(ctx, obj); err != nil {

@@ -77,6 +77,7 @@
 package sandboxnet
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -87,6 +88,7 @@ import (
 	"sync"
 
 	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
@@ -310,6 +312,18 @@ func (m *Manager) SlotForAddr(a netip.Addr) (int, bool) {
 		return 0, false
 	}
 	return int(off / 4), true
+}
+
+// retryDump runs a netlink dump again while the kernel reports it
+// interrupted (the table changed meanwhile: other sandboxes come and go).
+func retryDump(dump func() error) error {
+	var err error
+	for range 10 {
+		if err = dump(); !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return err
+		}
+	}
+	return err
 }
 
 func validID(id string) bool {

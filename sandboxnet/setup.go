@@ -183,7 +183,7 @@ func forgetFlows(addrs ...netip.Addr) error {
 	}
 	var errs []error
 	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
-		if _, err := h.ConntrackDeleteFilters(netlink.ConntrackTable, fam, f); err != nil {
+		if err := retryDump(func() error { _, err := h.ConntrackDeleteFilters(netlink.ConntrackTable, fam, f); return err }); err != nil {
 			errs = append(errs, fmt.Errorf("delete conntrack entries: %w", err))
 		}
 	}

@@ -56,6 +56,12 @@ func run(args []string) int {
 		return code
 	}
 
+	// Not dumpable: processes of the sandbox (root among them, without
+	// CAP_SYS_PTRACE) can then neither ptrace init nor read its
+	// /proc/1/mem or /proc/1/environ. Children regain the flag at execve.
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		return fail(1, "prctl(PR_SET_DUMPABLE): %v", err)
+	}
 	// Before anything can start a child, so no status is lost.
 	reaper := procapi.StartReaper()
 	sigs := make(chan os.Signal, 4)

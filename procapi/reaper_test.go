@@ -1,0 +1,74 @@
+package procapi
+
+import (
+	"context"
+	"errors"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestReaper(t *testing.T) {
+	r := StartReaper()
+	if StartReaper() != r {
+		t.Fatal("StartReaper returned a second reaper")
+	}
+	ctx := testCtx(t)
+	// Children of earlier tests have all been reaped by now.
+	if err := r.WaitIdle(ctx); err != nil {
+		t.Fatalf("WaitIdle with no children: %v", err)
+	}
+	// Statuses reach the right waiters, even for children that end at once.
+	type started struct {
+		ch   <-chan unix.WaitStatus
+		code int
+	}
+	var all []started
+	for i, argv := range [][]string{{"sh", "-c", "exit 3"}, {"true"}, {"sh", "-c", "exit 42"}} {
+		bin, err := LookPath(argv[0], os.Environ(), "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, ch, err := r.Start(bin, argv, &os.ProcAttr{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Release()
+		all = append(all, started{ch, []int{3, 0, 42}[i]})
+	}
+	for i, s := range all {
+		if ws := <-s.ch; ws.ExitStatus() != s.code {
+			t.Errorf("child %d: exit %d, want %d", i, ws.ExitStatus(), s.code)
+		}
+	}
+	// Signal reaches every group still running; WaitIdle waits for them.
+	var sleepers []<-chan unix.WaitStatus
+	for range 2 {
+		p, ch, err := r.Start("/bin/sh", []string{"sh", "-c", "sleep 1000"}, &os.ProcAttr{Sys: &syscall.SysProcAttr{Setpgid: true}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Release()
+		sleepers = append(sleepers, ch)
+	}
+	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if err := r.WaitIdle(short); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("WaitIdle with children running: %v", err)
+	}
+	r.Signal(syscall.SIGKILL)
+	for i, ch := range sleepers {
+		if ws := <-ch; !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+			t.Errorf("sleeper %d: %v, want killed by SIGKILL", i, ws)
+		}
+	}
+	if err := r.WaitIdle(ctx); err != nil {
+		t.Fatalf("WaitIdle after the kill: %v", err)
+	}
+	if err := signalGroup(1, syscall.Signal(0)); err == nil {
+		t.Fatal("signalGroup accepted pid 1")
+	}
+}
