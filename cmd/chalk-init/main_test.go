@@ -52,6 +52,20 @@ func initCmd(t *testing.T, args ...string) *exec.Cmd {
 	return cmd
 }
 
+// waitExit waits for cmd to exit until ctx ends; then it kills it, reaps it
+// and reports exited = false. Either way cmd has been waited for when it returns.
+func waitExit(ctx context.Context, cmd *exec.Cmd) (exited bool, err error) {
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		return true, err
+	case <-ctx.Done():
+		cmd.Process.Kill()
+		return false, <-done
+	}
+}
+
 func exitCodeOf(err error) int {
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
@@ -225,12 +239,8 @@ func TestTerminate(t *testing.T) {
 				t.Fatal(err)
 			}
 			rest, _ := io.ReadAll(r)
-			done := make(chan error, 1)
-			go func() { done <- cmd.Wait() }()
-			var werr error
-			select {
-			case werr = <-done:
-			case <-ctx.Done():
+			ok, werr := waitExit(ctx, cmd)
+			if !ok {
 				t.Fatal("init did not exit after SIGTERM")
 			}
 			if code := exitCodeOf(werr); code != tc.code || string(rest) != tc.out {
@@ -257,7 +267,7 @@ func TestTerminateWaitsForExecs(t *testing.T) {
 	}
 	ready := make(chan struct{})
 	var once sync.Once
-	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"sh", "-c", "trap 'exit 9' TERM; echo ready; sleep 1000 & wait"}},
+	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"sh", "-c", "trap 'exit 9' TERM; sleep 1000 & echo ready; wait"}},
 		writerFunc(func([]byte) { once.Do(func() { close(ready) }) }), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -270,15 +280,12 @@ func TestTerminateWaitsForExecs(t *testing.T) {
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		if code := exitCodeOf(err); code != 143 {
-			t.Fatalf("exit %d, want 143", code)
-		}
-	case <-ctx.Done():
+	ok, werr := waitExit(ctx, cmd)
+	if !ok {
 		t.Fatal("init still waits although its exec ended")
+	}
+	if code := exitCodeOf(werr); code != 143 {
+		t.Fatalf("exit %d, want 143", code)
 	}
 	// The exec ended by its trap; init may exit before it reports that.
 	if st, err := p.Wait(); err == nil && st.Code != 9 {
