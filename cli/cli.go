@@ -1,5 +1,5 @@
 // Package cli is the chalk command line: `chalk compute sandbox|image|policy …`,
-// `chalk whoami` and `chalk admin`. Every command takes --output json; long
+// `chalk whoami`, `chalk query` and `chalk admin`. Every command takes --output json; long
 // operations (pull, warm, build) draw progress on a terminal.
 package cli
 
@@ -121,7 +121,7 @@ func newRoot(in io.Reader, out, errOut io.Writer) *cobra.Command {
 	}
 	compute := &cobra.Command{Use: "compute", Short: "Sandboxes, images and network policies"}
 	compute.AddCommand(sandboxCmd(e), imageCmd(e), policyCmd(e))
-	root.AddCommand(compute, whoamiCmd(e), adminCmd(e))
+	root.AddCommand(compute, whoamiCmd(e), queryCmd(e), adminCmd(e))
 	return root
 }
 

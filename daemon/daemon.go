@@ -64,7 +64,12 @@ type Config struct {
 	// MetadataPort is where the metadata service listens on the node service
 	// address (sandboxes reach it as 169.254.169.254:80). Default 80.
 	MetadataPort uint16
-	Logger       *slog.Logger
+	// QueryURL is the organisation's Chalk query server as reachable from
+	// inside sandboxes. When set, every sandbox gets a token for it
+	// (audience QueryURL) and CHALK_QUERY_URL, so `chalk query` inside
+	// works with no configuration (metadata.ChalkQueryFederation).
+	QueryURL string
+	Logger   *slog.Logger
 }
 
 func (c *Config) defaults() error {
@@ -106,6 +111,11 @@ func (c *Config) defaults() error {
 	}
 	if c.MetadataPort == 0 {
 		c.MetadataPort = 80
+	}
+	if c.QueryURL != "" {
+		if _, err := metadata.ChalkQueryFederation(c.QueryURL); err != nil {
+			return fmt.Errorf("--query-url: %w", err)
+		}
 	}
 	return nil
 }
@@ -228,7 +238,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := os.MkdirAll(im.dir, 0o755); err != nil {
 		return nil, err
 	}
-	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), stops: map[string][]func(){}}
+	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), stops: map[string][]func(){}, queryURL: cfg.QueryURL}
 	if d.Issuer, err = identity.New(ctx, identity.Config{
 		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.DataDir, "identity"), Logger: cfg.Logger,
 		IsActive: func(ctx context.Context, id string) bool { return d.API.IsActive(ctx, id) },

@@ -27,6 +27,8 @@ type workloadIdentity struct {
 	meta    *metadata.Server
 	api     func() *api.Server
 	filesAt string // host dir holding one identity dir per sandbox
+	// queryURL, if set, is the Chalk query server sandboxes get a token for.
+	queryURL string
 
 	mu    sync.Mutex
 	stops map[string][]func()
@@ -89,6 +91,9 @@ func (w *workloadIdentity) prepare(ctx context.Context, sb *store.Sandbox, req *
 		func() (metadata.Federation, error) {
 			return metadata.ChalkAPIFederation(api.APIAudience, metadata.URL+"/api")
 		},
+	}
+	if w.queryURL != "" {
+		feds = append(feds, func() (metadata.Federation, error) { return metadata.ChalkQueryFederation(w.queryURL) })
 	}
 	if sb.AWSRoleARN != "" {
 		feds = append(feds, func() (metadata.Federation, error) { return metadata.AWSFederation(sb.AWSRoleARN, sb.ID) })

@@ -3,6 +3,7 @@ package metadata
 import (
 	"encoding/json"
 	"fmt"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -25,6 +26,9 @@ const (
 	GCPTokenFileName = "gcp-token"
 	// GCPCredentialsFileName is the external_account credentials file.
 	GCPCredentialsFileName = "gcp-credentials.json"
+	// QueryTokenFileName holds a token whose audience is the Chalk query
+	// server (ChalkQueryFederation).
+	QueryTokenFileName = "query-token"
 
 	// EnvTokenFile names the Chalk API token file inside the sandbox.
 	EnvTokenFile = "CHALK_IDENTITY_TOKEN_FILE"
@@ -34,6 +38,11 @@ const (
 	// (the SDK re-reads the token file at each call).
 	EnvAPITokenFile = "CHALK_API_TOKEN_FILE"
 	EnvAPIURL       = "CHALK_API_URL"
+
+	// EnvQueryURL and EnvQueryTokenFile tell `chalk query` where the
+	// organisation's Chalk query server is and which token to present.
+	EnvQueryURL       = "CHALK_QUERY_URL"
+	EnvQueryTokenFile = "CHALK_QUERY_TOKEN_FILE"
 
 	// AWSAudience is the audience AWS STS AssumeRoleWithWebIdentity expects.
 	AWSAudience = "sts.amazonaws.com"
@@ -94,6 +103,24 @@ func ChalkAPIFederation(apiAudience, apiURL string) (Federation, error) {
 		env = append(env, EnvAPIURL+"="+apiURL)
 	}
 	return Federation{Audience: apiAudience, TokenFileName: ChalkTokenFileName, Env: env}, nil
+}
+
+// ChalkQueryFederation is the sandbox's identity toward the organisation's
+// Chalk query server at queryURL (an absolute http or https URL, as
+// reachable from inside sandboxes): a token file whose audience is
+// queryURL, named by CHALK_QUERY_TOKEN_FILE, and CHALK_QUERY_URL. `chalk
+// query` inside the sandbox reads both; the server verifies the token
+// against the issuer's JWKS like any OIDC relying party.
+func ChalkQueryFederation(queryURL string) (Federation, error) {
+	u, err := url.Parse(queryURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" ||
+		strings.ContainsAny(queryURL, " ,\t\r\n") {
+		return Federation{}, fmt.Errorf("metadata: query server URL %q: want an absolute http(s) URL without credentials, query or fragment: %w", queryURL, errdefs.ErrInvalidArgument)
+	}
+	return Federation{Audience: queryURL, TokenFileName: QueryTokenFileName, Env: []string{
+		EnvQueryURL + "=" + queryURL,
+		EnvQueryTokenFile + "=" + sandboxPath(QueryTokenFileName),
+	}}, nil
 }
 
 var (

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
@@ -133,6 +134,23 @@ func TestChalkAPIFederation(t *testing.T) {
 	}
 	if err := (Federation{Files: map[string][]byte{"../escape": nil}}).WriteFiles(t.TempDir()); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Fatalf("WriteFiles with a path-escaping name = %v", err)
+	}
+}
+
+func TestChalkQueryFederation(t *testing.T) {
+	f, err := ChalkQueryFederation("https://query.chalk.example.com/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"CHALK_QUERY_URL=https://query.chalk.example.com/", "CHALK_QUERY_TOKEN_FILE=/run/chalk/identity/query-token"}
+	if !slices.Equal(f.Env, want) || f.Audience != "https://query.chalk.example.com/" || f.TokenFileName != "query-token" || len(f.Files) != 0 {
+		t.Fatalf("ChalkQueryFederation = %+v", f)
+	}
+	for _, bad := range []string{"", "query.example.com", "ftp://q.example.com", "https://user:pw@q.example.com", "https://q.example.com/?a=b",
+		"https://q.example.com/#x", "https://q.example.com/a b", "http://"} {
+		if _, err := ChalkQueryFederation(bad); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "query server URL") {
+			t.Errorf("ChalkQueryFederation(%q) = %v, want an InvalidArgument naming the URL", bad, err)
+		}
 	}
 }
 

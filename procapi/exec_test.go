@@ -335,9 +335,9 @@ func TestSignal(t *testing.T) {
 		signal string
 		out    string
 	}{
-		{"trapped", "trap 'echo term; exit 3' TERM; echo ready; sleep 1000 & wait", syscall.SIGTERM, 3, "", "ready\nterm\n"},
-		{"default action", "echo ready; sleep 1000 & wait", syscall.SIGINT, 130, "SIGINT", "ready\n"},
-		{"kill", "trap '' TERM; echo ready; sleep 1000 & wait", syscall.SIGKILL, 137, "SIGKILL", "ready\n"},
+		{"trapped", "trap 'echo term; exit 3' TERM; sleep 1000 & echo ready; wait", syscall.SIGTERM, 3, "", "ready\nterm\n"},
+		{"default action", "sleep 1000 & echo ready; wait", syscall.SIGINT, 130, "SIGINT", "ready\n"},
+		{"kill", "trap '' TERM; sleep 1000 & echo ready; wait", syscall.SIGKILL, 137, "SIGKILL", "ready\n"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -352,6 +352,10 @@ func TestSignal(t *testing.T) {
 				t.Fatal(err)
 			}
 			st, err := p.Wait()
+			// The background sleep may outlive the shell: a non-interactive
+			// shell's background jobs ignore SIGINT, and a signal between
+			// fork and exec is taken by the child's copy of the trap.
+			syscall.Kill(-p.Pid(), syscall.SIGKILL)
 			if err != nil || st.Code != tc.code || st.Signal != tc.signal || out.String() != tc.out {
 				t.Fatalf("got %v %+v %q; want {%d %s} %q", err, st, out.String(), tc.code, tc.signal, tc.out)
 			}

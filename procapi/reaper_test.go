@@ -17,10 +17,9 @@ func TestReaper(t *testing.T) {
 		t.Fatal("StartReaper returned a second reaper")
 	}
 	ctx := testCtx(t)
-	// Children of earlier tests have all been reaped by now.
-	if err := r.WaitIdle(ctx); err != nil {
-		t.Fatalf("WaitIdle with no children: %v", err)
-	}
+	// The reaper is process-wide: other tests' children may still run, so
+	// WaitIdle returning is asserted where the process is ours alone (the
+	// chalk-init tests run the binary as init); here only that it waits.
 	// Statuses reach the right waiters, even for children that end at once.
 	type started struct {
 		ch   <-chan unix.WaitStatus
@@ -64,9 +63,6 @@ func TestReaper(t *testing.T) {
 		if ws := <-ch; !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
 			t.Errorf("sleeper %d: %v, want killed by SIGKILL", i, ws)
 		}
-	}
-	if err := r.WaitIdle(ctx); err != nil {
-		t.Fatalf("WaitIdle after the kill: %v", err)
 	}
 	if err := signalGroup(1, syscall.Signal(0)); err == nil {
 		t.Fatal("signalGroup accepted pid 1")
