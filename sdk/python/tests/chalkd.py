@@ -83,15 +83,50 @@ def _run(*argv: str, check: bool = True) -> str:
 
 
 # A static file server that says "ready" once it listens (no polling needed).
+# The fake internet's server: the package index (GET, files under root) and
+# a stand-in Chalk query server (POST /v1/query/online, as chalkd's
+# --query-url QUERY_URL). The query server checks that the bearer token is a
+# workload token of a sandbox with audience QUERY_URL (its claims only: the
+# signature is verified by go-oidc in daemon/query_e2e_test.go) and answers
+# user.score = 0.93.
 _SERVER = textwrap.dedent("""
-    import functools, http.server, sys
+    import base64, functools, http.server, json, sys
     addr, port, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
-    h.log_message = lambda *a: None
-    srv = http.server.ThreadingHTTPServer((addr, port), h)
+    audience = "http://%s" % addr
+
+    class H(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            auth = self.headers.get("Authorization") or ""
+            try:
+                payload = auth.split(" ", 1)[1].split(".")[1]
+                claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+                q = json.loads(body)
+            except Exception:
+                return self.send_error(401, "no token")
+            if self.path != "/v1/query/online":
+                return self.send_error(404)
+            if claims.get("aud") not in (audience, [audience]) or not str(claims.get("sub", "")).startswith("chalk:org:"):
+                return self.send_error(401, "token not for %s" % audience)
+            data = [{"field": f, "value": 0.93 if f == "user.score" else None} for f in q.get("outputs", [])]
+            out = json.dumps({"data": data, "errors": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    srv = http.server.ThreadingHTTPServer((addr, port), functools.partial(H, directory=root))
     print("ready", flush=True)
     srv.serve_forever()
 """)
+
+#: The stand-in Chalk query server of the fake internet (pass
+#: ``extra_args=["--query-url", QUERY_URL]`` with ``pip_packages``).
+QUERY_URL = "http://" + INDEX_ADDR
 
 
 def write_wheel(directory: str, name: str, version: str, module_source: str) -> str:

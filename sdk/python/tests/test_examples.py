@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 
 from chalkcompute import ChalkError, Image
 
-from .chalkd import REPO_ROOT, Chalkd, bin_dir
+from .chalkd import QUERY_URL, REPO_ROOT, Chalkd, bin_dir
 
 EXAMPLES = os.path.join(REPO_ROOT, "examples", "python")
 
@@ -45,7 +45,9 @@ class ExamplesTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.node = Chalkd(python=True, pip_packages=PACKAGES).start()
+        # --query-url: the seed's `chalk query` in 000_identity.py reaches the
+        # fake internet's stand-in query server as the sandbox.
+        cls.node = Chalkd(python=True, pip_packages=PACKAGES, extra_args=["--query-url", QUERY_URL]).start()
         cls.addClassCleanup(cls.node.stop)
         cls.client = cls.node.client()
 
@@ -91,8 +93,12 @@ class ExamplesTest(unittest.TestCase):
     def test_identity_example_output(self) -> None:
         r = self.run_script("000_identity.py")
         self.assertEqual(r.returncode, 0, r.stderr.decode(errors="replace"))
+        out = r.stdout.decode(errors="replace")
+        # The seed's `chalk query` ran as the sandbox against the query server.
+        self.assertIn("exit code: 0\n", out)
+        self.assertIn("user.score\t0.93\n", out)
         # `chalk whoami` inside the sandbox answers with the sandbox's workload identity.
-        self.assertIn("workload", r.stdout.decode(errors="replace").lower())
+        self.assertIn("workload", out.lower())
 
     def _images_of(self, name: str) -> List[Image]:
         """Run an example in-process and collect every Image it printed."""
