@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -99,6 +98,15 @@ func eventually(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// runsSleep reports whether pid has exec'd sleep. A signal that reaches a
+// shell's background child between fork and exec is taken by the child's
+// copy of the shell's trap and lost at exec, so tests signal only once the
+// child is sleep.
+func runsSleep(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	return err == nil && strings.HasPrefix(string(b), "sleep\x00")
 }
 
 func TestEntrypoint(t *testing.T) {
@@ -235,6 +243,7 @@ func TestTerminate(t *testing.T) {
 			if err := procapi.NewClient(sock).WaitReady(ctx); err != nil {
 				t.Fatal(err)
 			}
+			eventually(t, "the background child runs sleep", func() bool { return runsSleep(child) })
 			if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 				t.Fatal(err)
 			}
@@ -265,18 +274,19 @@ func TestTerminateWaitsForExecs(t *testing.T) {
 	if err := c.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
-	ready := make(chan struct{})
-	var once sync.Once
-	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"sh", "-c", "trap 'exit 9' TERM; sleep 1000 & echo ready; wait"}},
-		writerFunc(func([]byte) { once.Do(func() { close(ready) }) }), nil)
+	pr, pw := io.Pipe()
+	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"sh", "-c", "trap 'exit 9' TERM; sleep 1000 & echo $!; wait"}}, pw, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-ready:
-	case <-ctx.Done():
-		t.Fatal("exec not ready")
+	go func() { p.Wait(); pw.Close() }()
+	line, _ := bufio.NewReader(pr).ReadString('\n')
+	go io.Copy(io.Discard, pr)
+	child, err := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil {
+		t.Fatalf("child pid line %q", line)
 	}
+	eventually(t, "the background child runs sleep", func() bool { return runsSleep(child) })
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -292,7 +302,3 @@ func TestTerminateWaitsForExecs(t *testing.T) {
 		t.Fatalf("exec ended with %+v, want code 9", st)
 	}
 }
-
-type writerFunc func([]byte)
-
-func (f writerFunc) Write(b []byte) (int, error) { f(b); return len(b), nil }
