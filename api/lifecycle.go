@@ -52,15 +52,21 @@ func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRe
 		delete(s.starting, sb.ID)
 		s.mu.Unlock()
 	}()
+	t0 := time.Now()
 	if s.cfg.Hooks.Prepare != nil {
 		if err := s.cfg.Hooks.Prepare(ctx, sb, &req); err != nil {
 			return s.fail(ctx, sb, err)
 		}
 	}
+	t1 := time.Now()
 	st, err := s.node.Start(ctx, req)
 	if err != nil {
 		return s.fail(ctx, sb, err)
 	}
+	t2 := time.Now()
+	defer func() {
+		s.log.Debug("sandbox started", "sandbox", sb.ID, "prepare", t1.Sub(t0), "node", t2.Sub(t1), "record_and_hooks", time.Since(t2))
+	}()
 	now := time.Now().UTC()
 	sb.State = store.StateRunning
 	sb.Pid = st.Pid

@@ -1,6 +1,7 @@
 package sandbox
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -108,4 +109,46 @@ func exitFromSiginfo(info *unix.Siginfo) Exit {
 		return Exit{Code: 128 + int(f.Status), Signal: unix.SignalName(sig), Known: true}
 	}
 	return Exit{}
+}
+
+// watchCreate reports on the returned channel when an entry called name is
+// created in, or renamed into, dir (init binds its socket under a temporary
+// name and renames it into place). Start the watch before whatever creates
+// the entry; stop releases it. The channel never fires for entries that
+// existed before the watch.
+func watchCreate(dir, name string) (appeared <-chan struct{}, stop func(), err error) {
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		return nil, nil, fmt.Errorf("inotify: %w", err)
+	}
+	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_CREATE|unix.IN_MOVED_TO); err != nil {
+		unix.Close(fd)
+		return nil, nil, fmt.Errorf("inotify watch %s: %w", dir, err)
+	}
+	// Non-blocking, so reads park in Go's netpoller and Close ends them.
+	f := os.NewFile(uintptr(fd), "inotify")
+	ch := make(chan struct{})
+	go func() {
+		buf := make([]byte, 64*(unix.SizeofInotifyEvent+unix.NAME_MAX+1))
+		for {
+			n, err := f.Read(buf)
+			if err != nil {
+				return
+			}
+			for off := 0; off+unix.SizeofInotifyEvent <= n; {
+				ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+				end := off + unix.SizeofInotifyEvent + int(ev.Len)
+				if end > n {
+					break
+				}
+				got := string(bytes.TrimRight(buf[off+unix.SizeofInotifyEvent:end], "\x00"))
+				if got == name {
+					close(ch)
+					return
+				}
+				off = end
+			}
+		}
+	}()
+	return ch, func() { _ = f.Close() }, nil
 }
