@@ -118,8 +118,8 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 	for _, pol := range policies {
 		sb.Policies = append(sb.Policies, pol.Name)
 	}
-	if len(r.Tunnels) > 0 {
-		return nil, fmt.Errorf("tunnels: %w", fmt.Errorf("WireGuard tunnels are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition))
+	if err := s.ensureTunnels(ctx, p.OrgID, r.Tunnels); err != nil {
+		return nil, err
 	}
 	ref := r.Image
 	var mounts []store.Mount

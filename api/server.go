@@ -60,6 +60,7 @@ type Config struct {
 	ImageStore ImageStore
 	Policies   PolicyBackend
 	Identity   IdentityBackend
+	Tunnels    TunnelBackend // nil: tunnels are unavailable
 	Logger     *slog.Logger
 	// MaxWriteFile bounds WriteFile payloads (default 64 MiB).
 	MaxWriteFile int64
@@ -112,5 +113,6 @@ func (s *Server) Handler() http.Handler {
 	mux.Handle(computev1connect.NewImageServiceHandler(&imageService{s}, opts...))
 	mux.Handle(computev1connect.NewPolicyServiceHandler(&policyService{s}, opts...))
 	mux.Handle(computev1connect.NewIdentityServiceHandler(&identityService{s}, opts...))
+	mux.Handle(computev1connect.NewTunnelServiceHandler(&tunnelService{s}, opts...))
 	return mux
 }

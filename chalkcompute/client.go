@@ -38,6 +38,7 @@ type Client struct {
 	sandbox  computev1connect.SandboxServiceClient
 	images   computev1connect.ImageServiceClient
 	policies computev1connect.PolicyServiceClient
+	tunnels  computev1connect.TunnelServiceClient
 	identity computev1connect.IdentityServiceClient
 }
 
@@ -138,6 +139,7 @@ func NewClient(opts ...Option) (*Client, error) {
 	c.sandbox = computev1connect.NewSandboxServiceClient(hc, base, auth)
 	c.images = computev1connect.NewImageServiceClient(hc, base, auth)
 	c.policies = computev1connect.NewPolicyServiceClient(hc, base, auth)
+	c.tunnels = computev1connect.NewTunnelServiceClient(hc, base, auth)
 	c.identity = computev1connect.NewIdentityServiceClient(hc, base, auth)
 	return c, nil
 }

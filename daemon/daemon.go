@@ -30,6 +30,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/sandbox"
 	"github.com/chalkcompute/chalkcompute/sandboxnet"
 	"github.com/chalkcompute/chalkcompute/store"
+	"github.com/chalkcompute/chalkcompute/tunnel"
 )
 
 // Config is chalkd's configuration. The zero value plus a DataDir works.
@@ -69,7 +70,12 @@ type Config struct {
 	// (audience QueryURL) and CHALK_QUERY_URL, so `chalk query` inside
 	// works with no configuration (metadata.ChalkQueryFederation).
 	QueryURL string
-	Logger   *slog.Logger
+	// TunnelSubnets is carved into one /24 per WireGuard tunnel (default
+	// DefaultTunnelSubnets). TunnelEndpoint is the node's address as external
+	// WireGuard peers reach it (default: its address toward the outside).
+	TunnelSubnets  string
+	TunnelEndpoint string
+	Logger         *slog.Logger
 }
 
 func (c *Config) defaults() error {
@@ -134,8 +140,11 @@ type Daemon struct {
 	Agent    *node.Agent
 	API      *api.Server
 	Egress   *egress.Manager
+	Tunnels  *tunnel.Manager
 	Issuer   *identity.Issuer
 	Metadata *metadata.Server
+
+	tun *tunnels
 
 	AdminToken string // set when this start created it
 	servers    []*http.Server
@@ -221,6 +230,15 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, fmt.Errorf("egress: %w", err)
 	}
 	pol := &policies{m: d.Egress, agent: d.Agent}
+	if cfg.TunnelSubnets == "" {
+		cfg.TunnelSubnets = DefaultTunnelSubnets
+	}
+	d.Tunnels = tunnel.NewManager(cfg.Logger)
+	tun, err := newTunnels(d.Tunnels, d.Agent, d.Store, cfg.TunnelSubnets, cfg.TunnelEndpoint)
+	if err != nil {
+		return nil, err
+	}
+	d.tun = tun
 	// Image builds and uploaded content.
 	blobs, err := imagebuild.NewBlobs(filepath.Join(cfg.DataDir, "blobs"))
 	if err != nil {
@@ -257,7 +275,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	wi.meta = d.Metadata
 	d.API = api.New(ctx, api.Config{
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
-		Workload: wi, Identity: wi, Policies: pol, Images: im,
+		Workload: wi, Identity: wi, Policies: pol, Images: im, Tunnels: tun,
 		Hooks: api.Hooks{
 			Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
 				if err := im.binds(ctx, sb, req); err != nil {
@@ -265,7 +283,9 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 				}
 				return wi.prepare(ctx, sb, req)
 			},
+			Started: tun.started,
 			Ended: func(ctx context.Context, sb *store.Sandbox) {
+				d.Tunnels.Leave(sb.ID)
 				wi.ended(ctx, sb)
 				pol.remove(ctx, sb)
 			},
@@ -273,6 +293,9 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 				wi.resume(ctx, sb)
 				if err := pol.resume(ctx, d.Store, sb); err != nil {
 					d.log.Error("resume egress policy", "sandbox", sb.ID, "err", err)
+				}
+				if err := tun.resume(ctx, sb); err != nil {
+					d.log.Error("rejoin tunnels", "sandbox", sb.ID, "err", err)
 				}
 			},
 		},
@@ -327,6 +350,7 @@ func (d *Daemon) serve() error {
 	// The metadata service on the node service address; sandboxes reach it as
 	// 169.254.169.254 and, under /api, reach the API with their own identity.
 	d.Metadata.Handle("/api/", stripAPI(d.API.Handler()), metadata.WithoutFlavorHeader())
+	d.Metadata.Handle("GET /v1/tunnels", http.HandlerFunc(d.tun.metadataTunnels))
 	ml, err := net.Listen("tcp", netip.AddrPortFrom(d.Net.ServiceAddr(), d.cfg.MetadataPort).String())
 	if err != nil {
 		return fmt.Errorf("metadata service: %w", err)
@@ -442,6 +466,9 @@ func (d *Daemon) Close() error {
 	}
 	if d.cancel != nil {
 		d.cancel()
+	}
+	if d.Tunnels != nil {
+		d.Tunnels.Close()
 	}
 	if d.Cache != nil {
 		errs = append(errs, d.Cache.Flush())

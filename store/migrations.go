@@ -28,6 +28,14 @@ var migrations = []string{
 		doc BLOB NOT NULL,
 		PRIMARY KEY (org_id, name)
 	);`,
+	// WireGuard tunnels: idx numbers the tunnel's subnet (unique per node).
+	`CREATE TABLE tunnels (
+		org_id TEXT NOT NULL,
+		name TEXT NOT NULL,
+		idx INTEGER NOT NULL UNIQUE,
+		doc BLOB NOT NULL,
+		PRIMARY KEY (org_id, name)
+	);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

@@ -39,6 +39,8 @@ func main() {
 	fs.Int64Var(&cfg.CacheMaxBytes, "cache-max-bytes", 0, "node image cache size cap (default 20 GiB)")
 	fs.StringVar(&cfg.DNSUpstream, "dns-upstream", "", "DNS server the sandboxes' DNS proxy forwards to (default: from /etc/resolv.conf)")
 	fs.StringVar(&cfg.QueryURL, "query-url", "", "the organisation's Chalk query server as sandboxes reach it; `chalk query` inside sandboxes uses it with the sandbox's identity")
+	fs.StringVar(&cfg.TunnelSubnets, "tunnel-subnets", "", "IPv4 network carved into one /24 per WireGuard tunnel (default "+daemon.DefaultTunnelSubnets+")")
+	fs.StringVar(&cfg.TunnelEndpoint, "tunnel-endpoint", "", "this node's address as external WireGuard peers reach it (default: its address toward the outside)")
 	fs.StringVar(&cfg.IssuerURL, "issuer", "", "workload identity issuer URL (https in production; default http://LISTEN)")
 	fs.Func("build-env", "NAME=VALUE added to image build RUN steps, e.g. PIP_INDEX_URL=... (repeatable)", func(v string) error {
 		if !strings.Contains(v, "=") {

@@ -3243,6 +3243,496 @@ func (x *RotateKeysResponse) GetKids() []string {
 	return nil
 }
 
+// An external WireGuard peer of a tunnel. config (output only) is the
+// wg-quick file the peer's side needs: its [Interface] (with a placeholder
+// for its own private key, which never reaches chalkd) and one [Peer] per
+// member sandbox.
+type TunnelPeer struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	PublicKey     string                 `protobuf:"bytes,1,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`    // base64
+	AllowedIps    []string               `protobuf:"bytes,2,rep,name=allowed_ips,json=allowedIps,proto3" json:"allowed_ips,omitempty"` // the peer's own addresses (CIDRs), routed to it
+	Endpoint      string                 `protobuf:"bytes,3,opt,name=endpoint,proto3" json:"endpoint,omitempty"`                       // host:port, empty for peers that connect in
+	Config        string                 `protobuf:"bytes,4,opt,name=config,proto3" json:"config,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelPeer) Reset() {
+	*x = TunnelPeer{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelPeer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelPeer) ProtoMessage() {}
+
+func (x *TunnelPeer) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelPeer.ProtoReflect.Descriptor instead.
+func (*TunnelPeer) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *TunnelPeer) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *TunnelPeer) GetAllowedIps() []string {
+	if x != nil {
+		return x.AllowedIps
+	}
+	return nil
+}
+
+func (x *TunnelPeer) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *TunnelPeer) GetConfig() string {
+	if x != nil {
+		return x.Config
+	}
+	return ""
+}
+
+// A sandbox in a tunnel.
+type TunnelMember struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Address       string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`                      // its tunnel address
+	PublicKey     string                 `protobuf:"bytes,3,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"` // base64
+	Endpoint      string                 `protobuf:"bytes,4,opt,name=endpoint,proto3" json:"endpoint,omitempty"`                    // node host:port of its WireGuard socket
+	Interface     string                 `protobuf:"bytes,5,opt,name=interface,proto3" json:"interface,omitempty"`                  // inside the sandbox
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelMember) Reset() {
+	*x = TunnelMember{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelMember) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelMember) ProtoMessage() {}
+
+func (x *TunnelMember) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelMember.ProtoReflect.Descriptor instead.
+func (*TunnelMember) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *TunnelMember) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *TunnelMember) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *TunnelMember) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *TunnelMember) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *TunnelMember) GetInterface() string {
+	if x != nil {
+		return x.Interface
+	}
+	return ""
+}
+
+// A named WireGuard tunnel of an org; created on first use.
+type Tunnel struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Peers         []*TunnelPeer          `protobuf:"bytes,2,rep,name=peers,proto3" json:"peers,omitempty"`     // Apply: the whole set of external peers
+	Subnet        string                 `protobuf:"bytes,3,opt,name=subnet,proto3" json:"subnet,omitempty"`   // output only
+	Members       []*TunnelMember        `protobuf:"bytes,4,rep,name=members,proto3" json:"members,omitempty"` // output only
+	CreatedAt     string                 `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Tunnel) Reset() {
+	*x = Tunnel{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Tunnel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Tunnel) ProtoMessage() {}
+
+func (x *Tunnel) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Tunnel.ProtoReflect.Descriptor instead.
+func (*Tunnel) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{57}
+}
+
+func (x *Tunnel) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Tunnel) GetPeers() []*TunnelPeer {
+	if x != nil {
+		return x.Peers
+	}
+	return nil
+}
+
+func (x *Tunnel) GetSubnet() string {
+	if x != nil {
+		return x.Subnet
+	}
+	return ""
+}
+
+func (x *Tunnel) GetMembers() []*TunnelMember {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+func (x *Tunnel) GetCreatedAt() string {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return ""
+}
+
+type TunnelName struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelName) Reset() {
+	*x = TunnelName{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelName) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelName) ProtoMessage() {}
+
+func (x *TunnelName) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelName.ProtoReflect.Descriptor instead.
+func (*TunnelName) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *TunnelName) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ListTunnelsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTunnelsRequest) Reset() {
+	*x = ListTunnelsRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTunnelsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTunnelsRequest) ProtoMessage() {}
+
+func (x *ListTunnelsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTunnelsRequest.ProtoReflect.Descriptor instead.
+func (*ListTunnelsRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{59}
+}
+
+type ListTunnelsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tunnels       []*Tunnel              `protobuf:"bytes,1,rep,name=tunnels,proto3" json:"tunnels,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTunnelsResponse) Reset() {
+	*x = ListTunnelsResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTunnelsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTunnelsResponse) ProtoMessage() {}
+
+func (x *ListTunnelsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTunnelsResponse.ProtoReflect.Descriptor instead.
+func (*ListTunnelsResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{60}
+}
+
+func (x *ListTunnelsResponse) GetTunnels() []*Tunnel {
+	if x != nil {
+		return x.Tunnels
+	}
+	return nil
+}
+
+type AddTunnelPeerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tunnel        string                 `protobuf:"bytes,1,opt,name=tunnel,proto3" json:"tunnel,omitempty"`
+	Peer          *TunnelPeer            `protobuf:"bytes,2,opt,name=peer,proto3" json:"peer,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddTunnelPeerRequest) Reset() {
+	*x = AddTunnelPeerRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddTunnelPeerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddTunnelPeerRequest) ProtoMessage() {}
+
+func (x *AddTunnelPeerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddTunnelPeerRequest.ProtoReflect.Descriptor instead.
+func (*AddTunnelPeerRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *AddTunnelPeerRequest) GetTunnel() string {
+	if x != nil {
+		return x.Tunnel
+	}
+	return ""
+}
+
+func (x *AddTunnelPeerRequest) GetPeer() *TunnelPeer {
+	if x != nil {
+		return x.Peer
+	}
+	return nil
+}
+
+type RemoveTunnelPeerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tunnel        string                 `protobuf:"bytes,1,opt,name=tunnel,proto3" json:"tunnel,omitempty"`
+	PublicKey     string                 `protobuf:"bytes,2,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveTunnelPeerRequest) Reset() {
+	*x = RemoveTunnelPeerRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveTunnelPeerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveTunnelPeerRequest) ProtoMessage() {}
+
+func (x *RemoveTunnelPeerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveTunnelPeerRequest.ProtoReflect.Descriptor instead.
+func (*RemoveTunnelPeerRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{62}
+}
+
+func (x *RemoveTunnelPeerRequest) GetTunnel() string {
+	if x != nil {
+		return x.Tunnel
+	}
+	return ""
+}
+
+func (x *RemoveTunnelPeerRequest) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+type DeleteTunnelResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteTunnelResponse) Reset() {
+	*x = DeleteTunnelResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteTunnelResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteTunnelResponse) ProtoMessage() {}
+
+func (x *DeleteTunnelResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteTunnelResponse.ProtoReflect.Descriptor instead.
+func (*DeleteTunnelResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{63}
+}
+
 var File_chalk_compute_v1_compute_proto protoreflect.FileDescriptor
 
 const file_chalk_compute_v1_compute_proto_rawDesc = "" +
@@ -3501,7 +3991,44 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"expires_at\x18\x02 \x01(\tR\texpiresAt\"\x13\n" +
 	"\x11RotateKeysRequest\"(\n" +
 	"\x12RotateKeysResponse\x12\x12\n" +
-	"\x04kids\x18\x01 \x03(\tR\x04kids2\xff\b\n" +
+	"\x04kids\x18\x01 \x03(\tR\x04kids\"\x80\x01\n" +
+	"\n" +
+	"TunnelPeer\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x01 \x01(\tR\tpublicKey\x12\x1f\n" +
+	"\vallowed_ips\x18\x02 \x03(\tR\n" +
+	"allowedIps\x12\x1a\n" +
+	"\bendpoint\x18\x03 \x01(\tR\bendpoint\x12\x16\n" +
+	"\x06config\x18\x04 \x01(\tR\x06config\"\xa0\x01\n" +
+	"\fTunnelMember\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x03 \x01(\tR\tpublicKey\x12\x1a\n" +
+	"\bendpoint\x18\x04 \x01(\tR\bendpoint\x12\x1c\n" +
+	"\tinterface\x18\x05 \x01(\tR\tinterface\"\xc1\x01\n" +
+	"\x06Tunnel\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x122\n" +
+	"\x05peers\x18\x02 \x03(\v2\x1c.chalk.compute.v1.TunnelPeerR\x05peers\x12\x16\n" +
+	"\x06subnet\x18\x03 \x01(\tR\x06subnet\x128\n" +
+	"\amembers\x18\x04 \x03(\v2\x1e.chalk.compute.v1.TunnelMemberR\amembers\x12\x1d\n" +
+	"\n" +
+	"created_at\x18\x05 \x01(\tR\tcreatedAt\" \n" +
+	"\n" +
+	"TunnelName\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
+	"\x12ListTunnelsRequest\"I\n" +
+	"\x13ListTunnelsResponse\x122\n" +
+	"\atunnels\x18\x01 \x03(\v2\x18.chalk.compute.v1.TunnelR\atunnels\"`\n" +
+	"\x14AddTunnelPeerRequest\x12\x16\n" +
+	"\x06tunnel\x18\x01 \x01(\tR\x06tunnel\x120\n" +
+	"\x04peer\x18\x02 \x01(\v2\x1c.chalk.compute.v1.TunnelPeerR\x04peer\"P\n" +
+	"\x17RemoveTunnelPeerRequest\x12\x16\n" +
+	"\x06tunnel\x18\x01 \x01(\tR\x06tunnel\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x02 \x01(\tR\tpublicKey\"\x16\n" +
+	"\x14DeleteTunnelResponse2\xff\b\n" +
 	"\x0eSandboxService\x12K\n" +
 	"\x06Create\x12&.chalk.compute.v1.CreateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12E\n" +
 	"\x03Get\x12#.chalk.compute.v1.GetSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12W\n" +
@@ -3540,7 +4067,15 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x06WhoAmI\x12\x1f.chalk.compute.v1.WhoAmIRequest\x1a .chalk.compute.v1.WhoAmIResponse\x12T\n" +
 	"\tMintToken\x12\".chalk.compute.v1.MintTokenRequest\x1a#.chalk.compute.v1.MintTokenResponse\x12W\n" +
 	"\n" +
-	"RotateKeys\x12#.chalk.compute.v1.RotateKeysRequest\x1a$.chalk.compute.v1.RotateKeysResponseBEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
+	"RotateKeys\x12#.chalk.compute.v1.RotateKeysRequest\x1a$.chalk.compute.v1.RotateKeysResponse2\xd4\x03\n" +
+	"\rTunnelService\x12;\n" +
+	"\x05Apply\x12\x18.chalk.compute.v1.Tunnel\x1a\x18.chalk.compute.v1.Tunnel\x12=\n" +
+	"\x03Get\x12\x1c.chalk.compute.v1.TunnelName\x1a\x18.chalk.compute.v1.Tunnel\x12S\n" +
+	"\x04List\x12$.chalk.compute.v1.ListTunnelsRequest\x1a%.chalk.compute.v1.ListTunnelsResponse\x12N\n" +
+	"\x06Delete\x12\x1c.chalk.compute.v1.TunnelName\x1a&.chalk.compute.v1.DeleteTunnelResponse\x12O\n" +
+	"\aAddPeer\x12&.chalk.compute.v1.AddTunnelPeerRequest\x1a\x1c.chalk.compute.v1.TunnelPeer\x12Q\n" +
+	"\n" +
+	"RemovePeer\x12).chalk.compute.v1.RemoveTunnelPeerRequest\x1a\x18.chalk.compute.v1.TunnelBEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
 
 var (
 	file_chalk_compute_v1_compute_proto_rawDescOnce sync.Once
@@ -3554,7 +4089,7 @@ func file_chalk_compute_v1_compute_proto_rawDescGZIP() []byte {
 	return file_chalk_compute_v1_compute_proto_rawDescData
 }
 
-var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 60)
+var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 69)
 var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*Sandbox)(nil),                 // 0: chalk.compute.v1.Sandbox
 	(*CreateSandboxRequest)(nil),    // 1: chalk.compute.v1.CreateSandboxRequest
@@ -3611,20 +4146,29 @@ var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*MintTokenResponse)(nil),       // 52: chalk.compute.v1.MintTokenResponse
 	(*RotateKeysRequest)(nil),       // 53: chalk.compute.v1.RotateKeysRequest
 	(*RotateKeysResponse)(nil),      // 54: chalk.compute.v1.RotateKeysResponse
-	nil,                             // 55: chalk.compute.v1.Sandbox.EnvEntry
-	nil,                             // 56: chalk.compute.v1.Sandbox.LabelsEntry
-	nil,                             // 57: chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	nil,                             // 58: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
-	nil,                             // 59: chalk.compute.v1.ExecRequest.EnvEntry
+	(*TunnelPeer)(nil),              // 55: chalk.compute.v1.TunnelPeer
+	(*TunnelMember)(nil),            // 56: chalk.compute.v1.TunnelMember
+	(*Tunnel)(nil),                  // 57: chalk.compute.v1.Tunnel
+	(*TunnelName)(nil),              // 58: chalk.compute.v1.TunnelName
+	(*ListTunnelsRequest)(nil),      // 59: chalk.compute.v1.ListTunnelsRequest
+	(*ListTunnelsResponse)(nil),     // 60: chalk.compute.v1.ListTunnelsResponse
+	(*AddTunnelPeerRequest)(nil),    // 61: chalk.compute.v1.AddTunnelPeerRequest
+	(*RemoveTunnelPeerRequest)(nil), // 62: chalk.compute.v1.RemoveTunnelPeerRequest
+	(*DeleteTunnelResponse)(nil),    // 63: chalk.compute.v1.DeleteTunnelResponse
+	nil,                             // 64: chalk.compute.v1.Sandbox.EnvEntry
+	nil,                             // 65: chalk.compute.v1.Sandbox.LabelsEntry
+	nil,                             // 66: chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	nil,                             // 67: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	nil,                             // 68: chalk.compute.v1.ExecRequest.EnvEntry
 }
 var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
-	55, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
-	56, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
-	57, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	64, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
+	65, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
+	66, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
 	44, // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
-	58, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	67, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
 	0,  // 5: chalk.compute.v1.ListSandboxesResponse.sandboxes:type_name -> chalk.compute.v1.Sandbox
-	59, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
+	68, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
 	9,  // 7: chalk.compute.v1.ExecEvent.started:type_name -> chalk.compute.v1.ExecStarted
 	10, // 8: chalk.compute.v1.ExecEvent.exited:type_name -> chalk.compute.v1.ExecExited
 	22, // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
@@ -3633,71 +4177,87 @@ var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
 	29, // 12: chalk.compute.v1.ListImagesResponse.images:type_name -> chalk.compute.v1.Image
 	29, // 13: chalk.compute.v1.InspectImageResponse.image:type_name -> chalk.compute.v1.Image
 	44, // 14: chalk.compute.v1.ListPoliciesResponse.policies:type_name -> chalk.compute.v1.NetworkPolicy
-	1,  // 15: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
-	2,  // 16: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
-	3,  // 17: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
-	5,  // 18: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
-	6,  // 19: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
-	7,  // 20: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
-	11, // 21: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
-	13, // 22: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
-	15, // 23: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
-	17, // 24: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
-	19, // 25: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
-	21, // 26: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
-	24, // 27: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
-	26, // 28: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
-	30, // 29: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
-	31, // 30: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
-	39, // 31: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
-	33, // 32: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
-	35, // 33: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
-	37, // 34: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
-	40, // 35: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
-	42, // 36: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
-	44, // 37: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
-	44, // 38: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
-	45, // 39: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
-	46, // 40: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
-	45, // 41: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
-	49, // 42: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
-	51, // 43: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
-	53, // 44: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
-	0,  // 45: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
-	0,  // 46: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
-	4,  // 47: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
-	0,  // 48: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
-	0,  // 49: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
-	8,  // 50: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
-	12, // 51: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
-	14, // 52: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
-	16, // 53: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
-	18, // 54: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
-	20, // 55: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
-	23, // 56: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
-	25, // 57: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
-	28, // 58: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
-	32, // 59: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
-	32, // 60: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
-	32, // 61: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
-	34, // 62: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
-	36, // 63: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
-	38, // 64: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
-	41, // 65: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
-	43, // 66: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
-	44, // 67: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
-	44, // 68: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
-	44, // 69: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
-	47, // 70: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
-	48, // 71: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
-	50, // 72: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
-	52, // 73: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
-	54, // 74: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
-	45, // [45:75] is the sub-list for method output_type
-	15, // [15:45] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	55, // 15: chalk.compute.v1.Tunnel.peers:type_name -> chalk.compute.v1.TunnelPeer
+	56, // 16: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
+	57, // 17: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
+	55, // 18: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
+	1,  // 19: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
+	2,  // 20: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
+	3,  // 21: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
+	5,  // 22: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
+	6,  // 23: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
+	7,  // 24: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
+	11, // 25: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
+	13, // 26: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
+	15, // 27: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
+	17, // 28: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
+	19, // 29: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
+	21, // 30: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
+	24, // 31: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
+	26, // 32: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
+	30, // 33: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
+	31, // 34: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
+	39, // 35: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
+	33, // 36: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
+	35, // 37: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
+	37, // 38: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
+	40, // 39: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
+	42, // 40: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
+	44, // 41: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
+	44, // 42: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
+	45, // 43: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
+	46, // 44: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
+	45, // 45: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
+	49, // 46: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
+	51, // 47: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
+	53, // 48: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
+	57, // 49: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
+	58, // 50: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
+	59, // 51: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
+	58, // 52: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
+	61, // 53: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
+	62, // 54: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
+	0,  // 55: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
+	0,  // 56: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
+	4,  // 57: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
+	0,  // 58: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
+	0,  // 59: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
+	8,  // 60: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
+	12, // 61: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
+	14, // 62: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
+	16, // 63: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
+	18, // 64: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
+	20, // 65: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
+	23, // 66: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
+	25, // 67: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
+	28, // 68: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
+	32, // 69: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
+	32, // 70: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
+	32, // 71: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
+	34, // 72: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
+	36, // 73: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
+	38, // 74: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
+	41, // 75: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
+	43, // 76: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
+	44, // 77: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
+	44, // 78: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
+	44, // 79: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
+	47, // 80: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
+	48, // 81: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
+	50, // 82: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
+	52, // 83: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
+	54, // 84: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
+	57, // 85: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
+	57, // 86: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
+	60, // 87: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
+	63, // 88: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
+	55, // 89: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
+	57, // 90: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
+	55, // [55:91] is the sub-list for method output_type
+	19, // [19:55] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_chalk_compute_v1_compute_proto_init() }
@@ -3718,9 +4278,9 @@ func file_chalk_compute_v1_compute_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_compute_v1_compute_proto_rawDesc), len(file_chalk_compute_v1_compute_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   60,
+			NumMessages:   69,
 			NumExtensions: 0,
-			NumServices:   4,
+			NumServices:   5,
 		},
 		GoTypes:           file_chalk_compute_v1_compute_proto_goTypes,
 		DependencyIndexes: file_chalk_compute_v1_compute_proto_depIdxs,

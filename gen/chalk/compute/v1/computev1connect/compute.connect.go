@@ -32,6 +32,8 @@ const (
 	PolicyServiceName = "chalk.compute.v1.PolicyService"
 	// IdentityServiceName is the fully-qualified name of the IdentityService service.
 	IdentityServiceName = "chalk.compute.v1.IdentityService"
+	// TunnelServiceName is the fully-qualified name of the TunnelService service.
+	TunnelServiceName = "chalk.compute.v1.TunnelService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -111,6 +113,19 @@ const (
 	// IdentityServiceRotateKeysProcedure is the fully-qualified name of the IdentityService's
 	// RotateKeys RPC.
 	IdentityServiceRotateKeysProcedure = "/chalk.compute.v1.IdentityService/RotateKeys"
+	// TunnelServiceApplyProcedure is the fully-qualified name of the TunnelService's Apply RPC.
+	TunnelServiceApplyProcedure = "/chalk.compute.v1.TunnelService/Apply"
+	// TunnelServiceGetProcedure is the fully-qualified name of the TunnelService's Get RPC.
+	TunnelServiceGetProcedure = "/chalk.compute.v1.TunnelService/Get"
+	// TunnelServiceListProcedure is the fully-qualified name of the TunnelService's List RPC.
+	TunnelServiceListProcedure = "/chalk.compute.v1.TunnelService/List"
+	// TunnelServiceDeleteProcedure is the fully-qualified name of the TunnelService's Delete RPC.
+	TunnelServiceDeleteProcedure = "/chalk.compute.v1.TunnelService/Delete"
+	// TunnelServiceAddPeerProcedure is the fully-qualified name of the TunnelService's AddPeer RPC.
+	TunnelServiceAddPeerProcedure = "/chalk.compute.v1.TunnelService/AddPeer"
+	// TunnelServiceRemovePeerProcedure is the fully-qualified name of the TunnelService's RemovePeer
+	// RPC.
+	TunnelServiceRemovePeerProcedure = "/chalk.compute.v1.TunnelService/RemovePeer"
 )
 
 // SandboxServiceClient is a client for the chalk.compute.v1.SandboxService service.
@@ -1067,4 +1082,212 @@ func (UnimplementedIdentityServiceHandler) MintToken(context.Context, *connect.R
 
 func (UnimplementedIdentityServiceHandler) RotateKeys(context.Context, *connect.Request[v1.RotateKeysRequest]) (*connect.Response[v1.RotateKeysResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.IdentityService.RotateKeys is not implemented"))
+}
+
+// TunnelServiceClient is a client for the chalk.compute.v1.TunnelService service.
+type TunnelServiceClient interface {
+	// Apply creates the tunnel if needed and sets its external peers.
+	Apply(context.Context, *connect.Request[v1.Tunnel]) (*connect.Response[v1.Tunnel], error)
+	Get(context.Context, *connect.Request[v1.TunnelName]) (*connect.Response[v1.Tunnel], error)
+	List(context.Context, *connect.Request[v1.ListTunnelsRequest]) (*connect.Response[v1.ListTunnelsResponse], error)
+	// Delete removes a tunnel no running sandbox is in.
+	Delete(context.Context, *connect.Request[v1.TunnelName]) (*connect.Response[v1.DeleteTunnelResponse], error)
+	// AddPeer adds (or replaces, by public key) an external peer; the answer's
+	// peer carries its wg-quick config.
+	AddPeer(context.Context, *connect.Request[v1.AddTunnelPeerRequest]) (*connect.Response[v1.TunnelPeer], error)
+	RemovePeer(context.Context, *connect.Request[v1.RemoveTunnelPeerRequest]) (*connect.Response[v1.Tunnel], error)
+}
+
+// NewTunnelServiceClient constructs a client for the chalk.compute.v1.TunnelService service. By
+// default, it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses,
+// and sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the
+// connect.WithGRPC() or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewTunnelServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) TunnelServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	tunnelServiceMethods := v1.File_chalk_compute_v1_compute_proto.Services().ByName("TunnelService").Methods()
+	return &tunnelServiceClient{
+		apply: connect.NewClient[v1.Tunnel, v1.Tunnel](
+			httpClient,
+			baseURL+TunnelServiceApplyProcedure,
+			connect.WithSchema(tunnelServiceMethods.ByName("Apply")),
+			connect.WithClientOptions(opts...),
+		),
+		get: connect.NewClient[v1.TunnelName, v1.Tunnel](
+			httpClient,
+			baseURL+TunnelServiceGetProcedure,
+			connect.WithSchema(tunnelServiceMethods.ByName("Get")),
+			connect.WithClientOptions(opts...),
+		),
+		list: connect.NewClient[v1.ListTunnelsRequest, v1.ListTunnelsResponse](
+			httpClient,
+			baseURL+TunnelServiceListProcedure,
+			connect.WithSchema(tunnelServiceMethods.ByName("List")),
+			connect.WithClientOptions(opts...),
+		),
+		delete: connect.NewClient[v1.TunnelName, v1.DeleteTunnelResponse](
+			httpClient,
+			baseURL+TunnelServiceDeleteProcedure,
+			connect.WithSchema(tunnelServiceMethods.ByName("Delete")),
+			connect.WithClientOptions(opts...),
+		),
+		addPeer: connect.NewClient[v1.AddTunnelPeerRequest, v1.TunnelPeer](
+			httpClient,
+			baseURL+TunnelServiceAddPeerProcedure,
+			connect.WithSchema(tunnelServiceMethods.ByName("AddPeer")),
+			connect.WithClientOptions(opts...),
+		),
+		removePeer: connect.NewClient[v1.RemoveTunnelPeerRequest, v1.Tunnel](
+			httpClient,
+			baseURL+TunnelServiceRemovePeerProcedure,
+			connect.WithSchema(tunnelServiceMethods.ByName("RemovePeer")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// tunnelServiceClient implements TunnelServiceClient.
+type tunnelServiceClient struct {
+	apply      *connect.Client[v1.Tunnel, v1.Tunnel]
+	get        *connect.Client[v1.TunnelName, v1.Tunnel]
+	list       *connect.Client[v1.ListTunnelsRequest, v1.ListTunnelsResponse]
+	delete     *connect.Client[v1.TunnelName, v1.DeleteTunnelResponse]
+	addPeer    *connect.Client[v1.AddTunnelPeerRequest, v1.TunnelPeer]
+	removePeer *connect.Client[v1.RemoveTunnelPeerRequest, v1.Tunnel]
+}
+
+// Apply calls chalk.compute.v1.TunnelService.Apply.
+func (c *tunnelServiceClient) Apply(ctx context.Context, req *connect.Request[v1.Tunnel]) (*connect.Response[v1.Tunnel], error) {
+	return c.apply.CallUnary(ctx, req)
+}
+
+// Get calls chalk.compute.v1.TunnelService.Get.
+func (c *tunnelServiceClient) Get(ctx context.Context, req *connect.Request[v1.TunnelName]) (*connect.Response[v1.Tunnel], error) {
+	return c.get.CallUnary(ctx, req)
+}
+
+// List calls chalk.compute.v1.TunnelService.List.
+func (c *tunnelServiceClient) List(ctx context.Context, req *connect.Request[v1.ListTunnelsRequest]) (*connect.Response[v1.ListTunnelsResponse], error) {
+	return c.list.CallUnary(ctx, req)
+}
+
+// Delete calls chalk.compute.v1.TunnelService.Delete.
+func (c *tunnelServiceClient) Delete(ctx context.Context, req *connect.Request[v1.TunnelName]) (*connect.Response[v1.DeleteTunnelResponse], error) {
+	return c.delete.CallUnary(ctx, req)
+}
+
+// AddPeer calls chalk.compute.v1.TunnelService.AddPeer.
+func (c *tunnelServiceClient) AddPeer(ctx context.Context, req *connect.Request[v1.AddTunnelPeerRequest]) (*connect.Response[v1.TunnelPeer], error) {
+	return c.addPeer.CallUnary(ctx, req)
+}
+
+// RemovePeer calls chalk.compute.v1.TunnelService.RemovePeer.
+func (c *tunnelServiceClient) RemovePeer(ctx context.Context, req *connect.Request[v1.RemoveTunnelPeerRequest]) (*connect.Response[v1.Tunnel], error) {
+	return c.removePeer.CallUnary(ctx, req)
+}
+
+// TunnelServiceHandler is an implementation of the chalk.compute.v1.TunnelService service.
+type TunnelServiceHandler interface {
+	// Apply creates the tunnel if needed and sets its external peers.
+	Apply(context.Context, *connect.Request[v1.Tunnel]) (*connect.Response[v1.Tunnel], error)
+	Get(context.Context, *connect.Request[v1.TunnelName]) (*connect.Response[v1.Tunnel], error)
+	List(context.Context, *connect.Request[v1.ListTunnelsRequest]) (*connect.Response[v1.ListTunnelsResponse], error)
+	// Delete removes a tunnel no running sandbox is in.
+	Delete(context.Context, *connect.Request[v1.TunnelName]) (*connect.Response[v1.DeleteTunnelResponse], error)
+	// AddPeer adds (or replaces, by public key) an external peer; the answer's
+	// peer carries its wg-quick config.
+	AddPeer(context.Context, *connect.Request[v1.AddTunnelPeerRequest]) (*connect.Response[v1.TunnelPeer], error)
+	RemovePeer(context.Context, *connect.Request[v1.RemoveTunnelPeerRequest]) (*connect.Response[v1.Tunnel], error)
+}
+
+// NewTunnelServiceHandler builds an HTTP handler from the service implementation. It returns the
+// path on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewTunnelServiceHandler(svc TunnelServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	tunnelServiceMethods := v1.File_chalk_compute_v1_compute_proto.Services().ByName("TunnelService").Methods()
+	tunnelServiceApplyHandler := connect.NewUnaryHandler(
+		TunnelServiceApplyProcedure,
+		svc.Apply,
+		connect.WithSchema(tunnelServiceMethods.ByName("Apply")),
+		connect.WithHandlerOptions(opts...),
+	)
+	tunnelServiceGetHandler := connect.NewUnaryHandler(
+		TunnelServiceGetProcedure,
+		svc.Get,
+		connect.WithSchema(tunnelServiceMethods.ByName("Get")),
+		connect.WithHandlerOptions(opts...),
+	)
+	tunnelServiceListHandler := connect.NewUnaryHandler(
+		TunnelServiceListProcedure,
+		svc.List,
+		connect.WithSchema(tunnelServiceMethods.ByName("List")),
+		connect.WithHandlerOptions(opts...),
+	)
+	tunnelServiceDeleteHandler := connect.NewUnaryHandler(
+		TunnelServiceDeleteProcedure,
+		svc.Delete,
+		connect.WithSchema(tunnelServiceMethods.ByName("Delete")),
+		connect.WithHandlerOptions(opts...),
+	)
+	tunnelServiceAddPeerHandler := connect.NewUnaryHandler(
+		TunnelServiceAddPeerProcedure,
+		svc.AddPeer,
+		connect.WithSchema(tunnelServiceMethods.ByName("AddPeer")),
+		connect.WithHandlerOptions(opts...),
+	)
+	tunnelServiceRemovePeerHandler := connect.NewUnaryHandler(
+		TunnelServiceRemovePeerProcedure,
+		svc.RemovePeer,
+		connect.WithSchema(tunnelServiceMethods.ByName("RemovePeer")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/chalk.compute.v1.TunnelService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case TunnelServiceApplyProcedure:
+			tunnelServiceApplyHandler.ServeHTTP(w, r)
+		case TunnelServiceGetProcedure:
+			tunnelServiceGetHandler.ServeHTTP(w, r)
+		case TunnelServiceListProcedure:
+			tunnelServiceListHandler.ServeHTTP(w, r)
+		case TunnelServiceDeleteProcedure:
+			tunnelServiceDeleteHandler.ServeHTTP(w, r)
+		case TunnelServiceAddPeerProcedure:
+			tunnelServiceAddPeerHandler.ServeHTTP(w, r)
+		case TunnelServiceRemovePeerProcedure:
+			tunnelServiceRemovePeerHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedTunnelServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedTunnelServiceHandler struct{}
+
+func (UnimplementedTunnelServiceHandler) Apply(context.Context, *connect.Request[v1.Tunnel]) (*connect.Response[v1.Tunnel], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TunnelService.Apply is not implemented"))
+}
+
+func (UnimplementedTunnelServiceHandler) Get(context.Context, *connect.Request[v1.TunnelName]) (*connect.Response[v1.Tunnel], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TunnelService.Get is not implemented"))
+}
+
+func (UnimplementedTunnelServiceHandler) List(context.Context, *connect.Request[v1.ListTunnelsRequest]) (*connect.Response[v1.ListTunnelsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TunnelService.List is not implemented"))
+}
+
+func (UnimplementedTunnelServiceHandler) Delete(context.Context, *connect.Request[v1.TunnelName]) (*connect.Response[v1.DeleteTunnelResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TunnelService.Delete is not implemented"))
+}
+
+func (UnimplementedTunnelServiceHandler) AddPeer(context.Context, *connect.Request[v1.AddTunnelPeerRequest]) (*connect.Response[v1.TunnelPeer], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TunnelService.AddPeer is not implemented"))
+}
+
+func (UnimplementedTunnelServiceHandler) RemovePeer(context.Context, *connect.Request[v1.RemoveTunnelPeerRequest]) (*connect.Response[v1.Tunnel], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TunnelService.RemovePeer is not implemented"))
 }

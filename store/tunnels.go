@@ -1,0 +1,154 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+// Tunnel is a named WireGuard tunnel of an org. Index numbers its subnet;
+// members are runtime state (the node's devices), external peers are here.
+type Tunnel struct {
+	OrgID     string       `json:"org_id"`
+	Name      string       `json:"name"`
+	Index     int          `json:"index"`
+	Peers     []TunnelPeer `json:"peers"`
+	CreatedAt time.Time    `json:"created_at"`
+	UpdatedAt time.Time    `json:"updated_at"`
+}
+
+// TunnelPeer is an external WireGuard peer of a tunnel.
+type TunnelPeer struct {
+	PublicKey  string   `json:"public_key"`
+	AllowedIPs []string `json:"allowed_ips"`
+	Endpoint   string   `json:"endpoint,omitempty"`
+}
+
+// EnsureTunnel returns the org's tunnel name, creating it (with the lowest
+// free index below max) if it does not exist yet.
+func (s *Store) EnsureTunnel(ctx context.Context, orgID, name string, max int) (*Tunnel, bool, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, false, err
+	}
+	defer tx.Rollback()
+	if t, err := getTunnel(ctx, tx, orgID, name); err == nil {
+		return t, false, nil
+	} else if !errors.Is(err, errdefs.ErrNotFound) {
+		return nil, false, err
+	}
+	// The lowest free index.
+	rows, err := tx.QueryContext(ctx, `SELECT idx FROM tunnels ORDER BY idx`)
+	if err != nil {
+		return nil, false, err
+	}
+	idx := 0
+	for rows.Next() {
+		var i int
+		if err := rows.Scan(&i); err != nil {
+			rows.Close()
+			return nil, false, err
+		}
+		if i == idx {
+			idx++
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, false, err
+	}
+	if idx >= max {
+		return nil, false, fmt.Errorf("tunnel %q: all %d tunnel subnets are in use: %w", name, max, errdefs.ErrResourceExhausted)
+	}
+	now := time.Now().UTC()
+	t := &Tunnel{OrgID: orgID, Name: name, Index: idx, CreatedAt: now, UpdatedAt: now}
+	doc, err := json.Marshal(t)
+	if err != nil {
+		return nil, false, err
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT INTO tunnels (org_id, name, idx, doc) VALUES (?, ?, ?, ?)`, orgID, name, idx, doc); err != nil {
+		return nil, false, err
+	}
+	return t, true, tx.Commit()
+}
+
+// PutTunnel replaces a tunnel's document (its peers); the tunnel must exist.
+func (s *Store) PutTunnel(ctx context.Context, t *Tunnel) error {
+	t.UpdatedAt = time.Now().UTC()
+	doc, err := json.Marshal(t)
+	if err != nil {
+		return err
+	}
+	res, err := s.db.ExecContext(ctx, `UPDATE tunnels SET doc = ? WHERE org_id = ? AND name = ?`, doc, t.OrgID, t.Name)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("tunnel %q: %w", t.Name, errdefs.ErrNotFound)
+	}
+	return nil
+}
+
+// GetTunnel returns the org's tunnel name.
+func (s *Store) GetTunnel(ctx context.Context, orgID, name string) (*Tunnel, error) {
+	return getTunnel(ctx, s.db, orgID, name)
+}
+
+type queryer interface {
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+func getTunnel(ctx context.Context, q queryer, orgID, name string) (*Tunnel, error) {
+	var doc []byte
+	err := q.QueryRowContext(ctx, `SELECT doc FROM tunnels WHERE org_id = ? AND name = ?`, orgID, name).Scan(&doc)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("tunnel %q: %w", name, errdefs.ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var t Tunnel
+	if err := json.Unmarshal(doc, &t); err != nil {
+		return nil, err
+	}
+	return &t, nil
+}
+
+// ListTunnels lists an org's tunnels by name.
+func (s *Store) ListTunnels(ctx context.Context, orgID string) ([]*Tunnel, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT doc FROM tunnels WHERE org_id = ? ORDER BY name`, orgID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []*Tunnel
+	for rows.Next() {
+		var doc []byte
+		if err := rows.Scan(&doc); err != nil {
+			return nil, err
+		}
+		var t Tunnel
+		if err := json.Unmarshal(doc, &t); err != nil {
+			return nil, err
+		}
+		out = append(out, &t)
+	}
+	return out, rows.Err()
+}
+
+// DeleteTunnel removes a tunnel.
+func (s *Store) DeleteTunnel(ctx context.Context, orgID, name string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM tunnels WHERE org_id = ? AND name = ?`, orgID, name)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("tunnel %q: %w", name, errdefs.ErrNotFound)
+	}
+	return nil
+}

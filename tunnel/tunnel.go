@@ -1,0 +1,480 @@
+// Package tunnel gives sandboxes WireGuard interfaces joining them into named
+// tunnels, and bridges tunnels to external WireGuard peers.
+//
+// Each (sandbox, tunnel) membership is one WireGuard device run by
+// wireguard-go inside chalkd: its TUN interface is created inside the
+// sandbox's network namespace (a thread of chalkd enters the namespace only
+// to open it), its UDP socket is opened in the node's namespace, and its
+// private key is generated here, handed to the device through its in-memory
+// configuration interface (never a file, never an environment variable) and
+// never leaves this process. The sandbox sees only the interface, with its
+// address and a route for the tunnel's subnet; without CAP_NET_ADMIN it can
+// neither read nor change the device. Tunnel traffic therefore never takes
+// the sandbox's veth (and its egress rules): it leaves the namespace through
+// the TUN, and the node only as WireGuard UDP.
+//
+// Every peer's AllowedIPs is exactly its member address (/32), so the
+// cryptokey routing of the receiving device drops packets whose source
+// address is not the sending member's own: members cannot spoof one another.
+// Peer lists are updated synchronously when a member joins or leaves.
+package tunnel
+
+import (
+	"bufio"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/crypto/curve25519"
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+// MTU of tunnel interfaces (WireGuard's default over a 1500-byte path).
+const MTU = 1420
+
+// Key is a Curve25519 key as WireGuard uses it.
+type Key [32]byte
+
+// String is the key in base64, as wg(8) and wg-quick write it.
+func (k Key) String() string { return base64.StdEncoding.EncodeToString(k[:]) }
+
+func (k Key) hex() string { return hex.EncodeToString(k[:]) }
+
+// ParseKey reads a base64 WireGuard key.
+func ParseKey(s string) (Key, error) {
+	var k Key
+	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(s))
+	if err != nil || len(b) != len(k) {
+		return k, fmt.Errorf("WireGuard key %q: want 32 bytes in base64: %w", s, errdefs.ErrInvalidArgument)
+	}
+	copy(k[:], b)
+	return k, nil
+}
+
+// NewPrivateKey returns a fresh, clamped Curve25519 private key.
+func NewPrivateKey() (Key, error) {
+	var k Key
+	if _, err := rand.Read(k[:]); err != nil {
+		return k, err
+	}
+	k[0] &= 248
+	k[31] = (k[31] & 127) | 64
+	return k, nil
+}
+
+// PublicKey derives the public key of a private key.
+func (k Key) PublicKey() Key {
+	var pub Key
+	p, _ := curve25519.X25519(k[:], curve25519.Basepoint)
+	copy(pub[:], p)
+	return pub
+}
+
+// Peer is an external WireGuard peer of a tunnel.
+type Peer struct {
+	PublicKey  Key
+	AllowedIPs []netip.Prefix
+	Endpoint   string // host:port; empty for peers that connect in
+}
+
+// Member is a sandbox's place in a tunnel.
+type Member struct {
+	Tunnel    string // the tunnel's key (org-scoped name)
+	SandboxID string
+	Interface string // inside the sandbox
+	Addr      netip.Addr
+	PublicKey Key
+	Port      int // the device's UDP port on the node
+}
+
+// Manager runs the WireGuard devices of this node.
+type Manager struct {
+	log *slog.Logger
+
+	mu      sync.Mutex
+	members map[string]map[string]*member // tunnel key -> sandbox id -> member
+	subnets map[string]netip.Prefix       // tunnel key -> subnet
+	peers   map[string][]Peer             // tunnel key -> external peers
+}
+
+type member struct {
+	Member
+	netnsPath string
+	priv      Key
+	dev       *device.Device
+}
+
+// NewManager returns a Manager with no devices.
+func NewManager(log *slog.Logger) *Manager {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Manager{log: log, members: map[string]map[string]*member{}, subnets: map[string]netip.Prefix{}, peers: map[string][]Peer{}}
+}
+
+// Join gives sandbox id (whose network namespace is at netnsPath) an
+// interface ifname in tunnel key with subnet, at the lowest free address, and
+// adds it to every other member's peers. Joining twice is an AlreadyExists.
+func (m *Manager) Join(key, id, netnsPath, ifname string, subnet netip.Prefix) (Member, error) {
+	if !subnet.Addr().Is4() || subnet.Bits() > 30 || subnet != subnet.Masked() {
+		return Member{}, fmt.Errorf("tunnel %s: subnet %s: want an IPv4 network of at least 4 addresses: %w", key, subnet, errdefs.ErrInvalidArgument)
+	}
+	priv, err := NewPrivateKey()
+	if err != nil {
+		return Member{}, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if old, ok := m.subnets[key]; ok && old != subnet {
+		return Member{}, fmt.Errorf("tunnel %s: subnet %s, but its members use %s: %w", key, subnet, old, errdefs.ErrFailedPrecondition)
+	}
+	if _, ok := m.members[key][id]; ok {
+		return Member{}, fmt.Errorf("sandbox %s is already in tunnel %s: %w", id, key, errdefs.ErrAlreadyExists)
+	}
+	addr, err := m.freeAddr(key, subnet)
+	if err != nil {
+		return Member{}, err
+	}
+	mb := &member{Member: Member{Tunnel: key, SandboxID: id, Interface: ifname, Addr: addr, PublicKey: priv.PublicKey()}, netnsPath: netnsPath, priv: priv}
+	if err := mb.up(netnsPath, subnet, m.routesLocked(key)); err != nil {
+		clear(mb.priv[:])
+		return Member{}, fmt.Errorf("sandbox %s tunnel %s: %w", id, key, err)
+	}
+	if m.members[key] == nil {
+		m.members[key] = map[string]*member{}
+	}
+	m.members[key][id] = mb
+	m.subnets[key] = subnet
+	if err := m.syncLocked(key); err != nil {
+		m.removeLocked(key, id)
+		return Member{}, err
+	}
+	m.log.Debug("tunnel member up", "tunnel", key, "sandbox", id, "if", ifname, "addr", addr, "port", mb.Port)
+	return mb.Member, nil
+}
+
+// Leave takes sandbox id out of every tunnel: its devices are closed (the
+// interfaces vanish with them), its keys zeroed and the remaining members'
+// peer lists updated.
+func (m *Manager) Leave(id string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for key, ms := range m.members {
+		if _, ok := ms[id]; ok {
+			m.removeLocked(key, id)
+			if err := m.syncLocked(key); err != nil {
+				m.log.Warn("tunnel peers after a member left", "tunnel", key, "err", err)
+			}
+		}
+	}
+}
+
+func (m *Manager) removeLocked(key, id string) {
+	mb := m.members[key][id]
+	if mb == nil {
+		return
+	}
+	mb.dev.Close()
+	clear(mb.priv[:])
+	delete(m.members[key], id)
+	if len(m.members[key]) == 0 {
+		delete(m.members, key)
+		delete(m.subnets, key)
+	}
+}
+
+// SetPeers replaces the external peers of tunnel key on every member.
+func (m *Manager) SetPeers(key string, peers []Peer) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(peers) == 0 {
+		delete(m.peers, key)
+	} else {
+		m.peers[key] = slices.Clone(peers)
+	}
+	for _, mb := range m.members[key] {
+		if err := mb.routes(m.routesLocked(key)); err != nil {
+			return err
+		}
+	}
+	return m.syncLocked(key)
+}
+
+// Members lists the members of tunnel key, by address.
+func (m *Manager) Members(key string) []Member {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []Member
+	for _, mb := range m.members[key] {
+		out = append(out, mb.Member)
+	}
+	slices.SortFunc(out, func(a, b Member) int { return a.Addr.Compare(b.Addr) })
+	return out
+}
+
+// Of lists the memberships of sandbox id.
+func (m *Manager) Of(id string) []Member {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []Member
+	for _, ms := range m.members {
+		if mb, ok := ms[id]; ok {
+			out = append(out, mb.Member)
+		}
+	}
+	slices.SortFunc(out, func(a, b Member) int { return strings.Compare(a.Interface, b.Interface) })
+	return out
+}
+
+// Devices is the number of WireGuard devices running.
+func (m *Manager) Devices() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	for _, ms := range m.members {
+		n += len(ms)
+	}
+	return n
+}
+
+// Close closes every device.
+func (m *Manager) Close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for key, ms := range m.members {
+		for id := range ms {
+			m.removeLocked(key, id)
+		}
+	}
+}
+
+// freeAddr is the lowest host address of subnet no member of key has.
+func (m *Manager) freeAddr(key string, subnet netip.Prefix) (netip.Addr, error) {
+	used := map[netip.Addr]bool{}
+	for _, mb := range m.members[key] {
+		used[mb.Addr] = true
+	}
+	for _, p := range m.peers[key] {
+		for _, pfx := range p.AllowedIPs {
+			if pfx.IsSingleIP() {
+				used[pfx.Addr()] = true
+			}
+		}
+	}
+	last := lastAddr(subnet)
+	for a := subnet.Addr().Next(); a.IsValid() && a.Less(last); a = a.Next() {
+		if !used[a] {
+			return a, nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("tunnel %s: no free address in %s: %w", key, subnet, errdefs.ErrResourceExhausted)
+}
+
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Addr().As4()
+	host := uint32(1)<<(32-p.Bits()) - 1
+	v := (uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])) | host
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+// routesLocked are the prefixes beyond the subnet that the tunnel's
+// interfaces route: the external peers' AllowedIPs.
+func (m *Manager) routesLocked(key string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range m.peers[key] {
+		out = append(out, p.AllowedIPs...)
+	}
+	return out
+}
+
+// syncLocked gives every member of key its peers: the other members (each
+// exactly its /32, at its node endpoint) and the external peers.
+func (m *Manager) syncLocked(key string) error {
+	var errs []error
+	for id, mb := range m.members[key] {
+		var b strings.Builder
+		b.WriteString("replace_peers=true\n")
+		for oid, o := range m.members[key] {
+			if oid == id {
+				continue
+			}
+			fmt.Fprintf(&b, "public_key=%s\nendpoint=127.0.0.1:%d\nreplace_allowed_ips=true\nallowed_ip=%s/32\n", o.PublicKey.hex(), o.Port, o.Addr)
+		}
+		for _, p := range m.peers[key] {
+			fmt.Fprintf(&b, "public_key=%s\nreplace_allowed_ips=true\n", p.PublicKey.hex())
+			if p.Endpoint != "" {
+				fmt.Fprintf(&b, "endpoint=%s\npersistent_keepalive_interval=25\n", p.Endpoint)
+			}
+			for _, a := range p.AllowedIPs {
+				fmt.Fprintf(&b, "allowed_ip=%s\n", a)
+			}
+		}
+		if err := mb.dev.IpcSet(b.String()); err != nil {
+			errs = append(errs, fmt.Errorf("tunnel %s: peers of %s: %w", key, id, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// up creates the member's device: TUN in the sandbox's namespace, address
+// and routes there, UDP on the node.
+func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix) (err error) {
+	tdev, err := createTUNIn(netnsPath, mb.Interface)
+	if err != nil {
+		return err
+	}
+	mb.dev = device.NewDevice(tdev, conn.NewDefaultBind(), device.NewLogger(device.LogLevelSilent, ""))
+	defer func() {
+		if err != nil {
+			mb.dev.Close()
+		}
+	}()
+	if err := mb.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=0\n", mb.priv.hex())); err != nil {
+		return fmt.Errorf("configure device: %w", err)
+	}
+	if err := mb.dev.Up(); err != nil {
+		return fmt.Errorf("device up: %w", err)
+	}
+	if mb.Port, err = listenPort(mb.dev); err != nil {
+		return err
+	}
+	h, ns, err := handleAt(netnsPath)
+	if err != nil {
+		return err
+	}
+	defer ns.Close()
+	defer h.Close()
+	l, err := h.LinkByName(mb.Interface)
+	if err != nil {
+		return fmt.Errorf("tunnel interface %s: %w", mb.Interface, err)
+	}
+	if err := h.AddrAdd(l, &netlink.Addr{IPNet: prefixNet(netip.PrefixFrom(mb.Addr, subnet.Bits()))}); err != nil {
+		return fmt.Errorf("address %s on %s: %w", mb.Addr, mb.Interface, err)
+	}
+	if err := h.LinkSetUp(l); err != nil {
+		return fmt.Errorf("%s up: %w", mb.Interface, err)
+	}
+	return mb.routesWith(h, l, extra)
+}
+
+// routes sets the routes of the external peers' prefixes on the interface.
+func (mb *member) routes(extra []netip.Prefix) error {
+	h, ns, err := handleAt(mb.netnsPath)
+	if err != nil {
+		return err
+	}
+	defer ns.Close()
+	defer h.Close()
+	l, err := h.LinkByName(mb.Interface)
+	if err != nil {
+		return fmt.Errorf("tunnel interface %s: %w", mb.Interface, err)
+	}
+	return mb.routesWith(h, l, extra)
+}
+
+func (mb *member) routesWith(h *netlink.Handle, l netlink.Link, extra []netip.Prefix) error {
+	for _, p := range extra {
+		r := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: prefixNet(p)}
+		if err := h.RouteReplace(r); err != nil {
+			return fmt.Errorf("route %s via %s: %w", p, mb.Interface, err)
+		}
+	}
+	return nil
+}
+
+func listenPort(d *device.Device) (int, error) {
+	s, err := d.IpcGet()
+	if err != nil {
+		return 0, err
+	}
+	sc := bufio.NewScanner(strings.NewReader(s))
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "listen_port="); ok {
+			return strconv.Atoi(v)
+		}
+	}
+	return 0, errors.New("device reports no listen port")
+}
+
+// createTUNIn creates a TUN interface called name inside the namespace at
+// netnsPath: one locked thread enters the namespace for the open and the
+// interface's setup, and returns to the node's namespace before it is
+// released.
+func createTUNIn(netnsPath, name string) (tun.Device, error) {
+	target, err := netns.GetFromPath(netnsPath)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox netns %s: %w", netnsPath, err)
+	}
+	defer target.Close()
+	type result struct {
+		dev tun.Device
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: err}
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(target); err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: fmt.Errorf("enter sandbox netns: %w", err)}
+			return
+		}
+		dev, err := tun.CreateTUN(name, MTU)
+		if serr := netns.Set(orig); serr != nil {
+			// The thread cannot go back: leave it locked so the runtime
+			// discards it with this goroutine.
+			if dev != nil {
+				dev.Close()
+			}
+			ch <- result{err: fmt.Errorf("return to node netns: %w", serr)}
+			return
+		}
+		runtime.UnlockOSThread()
+		if err != nil {
+			err = fmt.Errorf("create TUN %s: %w", name, err)
+		}
+		ch <- result{dev, err}
+	}()
+	r := <-ch
+	return r.dev, r.err
+}
+
+// handleAt is a netlink handle in the namespace at path.
+func handleAt(path string) (*netlink.Handle, netns.NsHandle, error) {
+	ns, err := netns.GetFromPath(path)
+	if err != nil {
+		return nil, 0, fmt.Errorf("sandbox netns %s: %w", path, err)
+	}
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		ns.Close()
+		return nil, 0, fmt.Errorf("netlink in %s: %w", path, err)
+	}
+	return h, ns, nil
+}
+
+func prefixNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
