@@ -119,8 +119,8 @@ func newRoot(in io.Reader, out, errOut io.Writer) *cobra.Command {
 		}
 		return nil
 	}
-	compute := &cobra.Command{Use: "compute", Short: "Sandboxes, images and network policies"}
-	compute.AddCommand(sandboxCmd(e), imageCmd(e), policyCmd(e))
+	compute := &cobra.Command{Use: "compute", Short: "Sandboxes, images, network policies and tunnels"}
+	compute.AddCommand(sandboxCmd(e), imageCmd(e), policyCmd(e), tunnelCmd(e))
 	root.AddCommand(compute, whoamiCmd(e), queryCmd(e), adminCmd(e))
 	return root
 }

@@ -39,6 +39,7 @@ func sbCreate(e *env) *cobra.Command {
 	var (
 		image, workdir     string
 		envs, policies     []string
+		tunnels            []string
 		cpu                float64
 		memory             int64
 		disk               int64
@@ -71,6 +72,9 @@ func sbCreate(e *env) *cobra.Command {
 			if len(policies) > 0 {
 				opts = append(opts, chalkcompute.WithNetworkPolicyNames(policies...))
 			}
+			if len(tunnels) > 0 {
+				opts = append(opts, chalkcompute.WithTunnels(tunnels...))
+			}
 			if !e.json() {
 				// Pull first so a cold image shows progress.
 				if _, err := c.PullImage(cmd.Context(), image, newProgress(e.errOut).update); err != nil {
@@ -93,6 +97,7 @@ func sbCreate(e *env) *cobra.Command {
 	f.StringVar(&workdir, "workdir", "", "working directory")
 	f.StringArrayVarP(&envs, "env", "e", nil, "NAME=VALUE (repeatable)")
 	f.StringArrayVar(&policies, "network-policy", nil, "network policy name (repeatable)")
+	f.StringArrayVar(&tunnels, "tunnel", nil, "tunnel name to join, created on first use (repeatable)")
 	f.Float64Var(&cpu, "cpu", 0, "CPU cores (0 = unlimited)")
 	f.Int64Var(&memory, "memory", 0, "memory limit in MiB (0 = unlimited)")
 	f.Int64Var(&disk, "disk", 0, "writable-layer quota in MiB (0 = the node's default, 10 GiB)")

@@ -197,6 +197,12 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			return nil, fmt.Errorf("subnet6 %q: %w", cfg.Subnet6, err)
 		}
 	}
+	if cfg.TunnelSubnets == "" {
+		cfg.TunnelSubnets = DefaultTunnelSubnets
+	}
+	if tp, err := netip.ParsePrefix(cfg.TunnelSubnets); err == nil {
+		netCfg.Reserved = append(netCfg.Reserved, tp.Masked()) // validated with the tunnels below
+	}
 	if d.Net, err = sandboxnet.New(netCfg); err != nil {
 		return nil, err
 	}
@@ -230,9 +236,6 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, fmt.Errorf("egress: %w", err)
 	}
 	pol := &policies{m: d.Egress, agent: d.Agent}
-	if cfg.TunnelSubnets == "" {
-		cfg.TunnelSubnets = DefaultTunnelSubnets
-	}
 	d.Tunnels = tunnel.NewManager(cfg.Logger)
 	tun, err := newTunnels(d.Tunnels, d.Agent, d.Store, cfg.TunnelSubnets, cfg.TunnelEndpoint)
 	if err != nil {

@@ -1,8 +1,11 @@
 package daemon_test
 
 import (
+	"bufio"
 	"encoding/json"
 	"errors"
+	"io"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,32 +17,45 @@ import (
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+	"github.com/chalkcompute/chalkcompute/tunnel"
 )
 
 var (
-	probeOnce sync.Once
-	probeBin  []byte
-	probeErr  error
+	testBinMu sync.Mutex
+	testBins  = map[string]string{} // testdata command -> built path
 )
 
-// netprobe is testdata/netprobe built static (busybox has no UDP tools).
+// testdataBin builds testdata/<name> static, once per test binary, and
+// returns its path.
+func testdataBin(t *testing.T, name string) string {
+	t.Helper()
+	testBinMu.Lock()
+	defer testBinMu.Unlock()
+	if p, ok := testBins[name]; ok {
+		return p
+	}
+	dir, err := os.MkdirTemp("", "chalk-testdata-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, name)
+	cmd := exec.Command("go", "build", "-o", out, "./testdata/"+name)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build testdata/%s: %v\n%s", name, err, b)
+	}
+	testBins[name] = out
+	return out
+}
+
+// netprobe is testdata/netprobe (busybox has no UDP tools).
 func netprobe(t *testing.T) []byte {
 	t.Helper()
-	probeOnce.Do(func() {
-		out := filepath.Join(os.TempDir(), "chalk-netprobe-"+time.Now().Format("150405.000000"))
-		cmd := exec.Command("go", "build", "-o", out, "./testdata/netprobe")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if b, err := cmd.CombinedOutput(); err != nil {
-			probeErr = errors.New(string(b))
-			return
-		}
-		probeBin, probeErr = os.ReadFile(out)
-		os.Remove(out)
-	})
-	if probeErr != nil {
-		t.Fatalf("build netprobe: %v", probeErr)
+	b, err := os.ReadFile(testdataBin(t, "netprobe"))
+	if err != nil {
+		t.Fatal(err)
 	}
-	return probeBin
+	return b
 }
 
 func withProbe(t *testing.T, sb *chalkcompute.Sandbox) {
@@ -192,5 +208,150 @@ func TestTunnel(t *testing.T) {
 	}
 	if _, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithTunnels("Bad_Name")); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "Bad_Name") {
 		t.Fatalf("bad tunnel name: %v", err)
+	}
+}
+
+// TestTunnelExternalPeer: an on-prem WireGuard peer in the fake internet
+// (wireguard-go configured from the wg-quick file the API returns) and a
+// sandbox reach each other's services, even under a deny-all egress policy
+// (tunnel traffic leaves the node only as WireGuard UDP); a sandbox of
+// another tunnel reaches neither; removing the peer cuts it off.
+func TestTunnelExternalPeer(t *testing.T) {
+	inet := chalktest.NewFakeInternet(t)
+	n := chalktest.StartWith(t, inet)
+	c := n.Client()
+	ctx := ctxT(t, 5*time.Minute)
+	if _, err := c.CreatePolicy(ctx, chalkcompute.NetworkPolicy{Name: "deny-all", AllowAll: chalkcompute.Bool(false)}); err != nil {
+		t.Fatal(err)
+	}
+	a := create(t, c, chalkcompute.WithTunnels("ext"), chalkcompute.WithNetworkPolicyNames("deny-all"))
+	o := create(t, c, chalkcompute.WithTunnels("other"))
+	for _, sb := range []*chalkcompute.Sandbox{a, o} {
+		withProbe(t, sb)
+	}
+	tun, err := c.Tunnel(ctx, "ext")
+	if err != nil || len(tun.Members) != 1 {
+		t.Fatalf("tunnel: %+v %v", tun, err)
+	}
+	aAddr := tun.Members[0].Address
+	peerAddr := netip.MustParsePrefix(tun.Subnet).Addr().As4()
+	peerAddr[3] = 200
+	peerIP := netip.AddrFrom4(peerAddr).String()
+
+	priv, err := tunnel.NewPrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := priv.PublicKey().String()
+	// Bad peers are refused, naming the problem.
+	for _, bad := range []chalkcompute.TunnelPeer{
+		{PublicKey: "not-a-key", AllowedIPs: []string{peerIP + "/32"}},
+		{PublicKey: pub, AllowedIPs: []string{"0.0.0.0/0"}},
+		{PublicKey: pub, AllowedIPs: []string{aAddr + "/32"}},
+		{PublicKey: pub, AllowedIPs: []string{"169.254.169.254/32"}},
+		{PublicKey: pub, AllowedIPs: []string{tun.Subnet}},
+	} {
+		if _, err := c.AddTunnelPeer(ctx, "ext", bad); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("peer %+v: %v, want InvalidArgument", bad, err)
+		}
+	}
+	p, err := c.AddTunnelPeer(ctx, "ext", chalkcompute.TunnelPeer{PublicKey: pub, AllowedIPs: []string{peerIP + "/32"}, Endpoint: "203.0.113.1:51900"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"Address = " + peerIP + "/32", "ListenPort = 51900", "PublicKey = " + tun.Members[0].PublicKey, "AllowedIPs = " + aAddr + "/32", "Endpoint = 203.0.113.2:"} {
+		if !strings.Contains(p.Config, want) {
+			t.Fatalf("wg-quick config lacks %q:\n%s", want, p.Config)
+		}
+	}
+	if strings.Contains(p.Config, priv.String()) {
+		t.Fatal("the config holds the peer's private key")
+	}
+	// The CLI lists the peer.
+	if out, stderr, code := n.CLI("compute", "tunnel", "peer", "ls", "ext", "--output", "json"); code != 0 || !strings.Contains(out, pub) || !strings.Contains(out, "[Interface]") {
+		t.Fatalf("tunnel peer ls: %d %q %q", code, out, stderr)
+	}
+	cfg := filepath.Join(t.TempDir(), "wg-ext.conf")
+	if err := os.WriteFile(cfg, []byte(p.Config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	// The external peer comes up in the fake internet.
+	inNet := func(argv ...string) *exec.Cmd {
+		return exec.Command("ip", append([]string{"netns", "exec", inet.Netns}, argv...)...)
+	}
+	wg := inNet(testdataBin(t, "wgpeer"), "-key", priv.String(), cfg)
+	stdin, _ := wg.StdinPipe()
+	stdout, _ := wg.StdoutPipe()
+	var wgErr strings.Builder
+	wg.Stderr = &wgErr
+	if err := wg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = wg.Wait() })
+	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("wgpeer: %q %v %s", line, err, wgErr.String())
+	}
+	probe := testdataBin(t, "netprobe")
+
+	// Peer -> sandbox.
+	var served outputWatch
+	ready := served.until("ready")
+	srv, err := a.Start(ctx, []string{"netprobe", "serve", "7000"}, chalkcompute.Stdout(&served), chalkcompute.Stderr(&served))
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-ready
+	if out, err := inNet(probe, "tcp", aAddr+":7000", "from-onprem").CombinedOutput(); err != nil || string(out) != "echo from-onprem\n" {
+		t.Fatalf("peer -> sandbox: %q %v", out, err)
+	}
+	// Sandbox -> peer, TCP and UDP, though a's egress policy denies everything.
+	psrv := inNet(probe, "serve", "7001")
+	pout, _ := psrv.StdoutPipe()
+	if err := psrv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = psrv.Process.Kill(); _ = psrv.Wait() })
+	if line, err := bufio.NewReader(pout).ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("peer's server: %q %v", line, err)
+	}
+	go func() { _, _ = io.Copy(io.Discard, pout) }()
+	if out := mustExec(t, a, "netprobe", "tcp", peerIP+":7001", "to-onprem"); out != "echo to-onprem\n" {
+		t.Fatalf("sandbox -> peer TCP: %q", out)
+	}
+	if out := mustExec(t, a, "netprobe", "udp", peerIP+":7001", "to-onprem-udp"); out != "echo to-onprem-udp\n" {
+		t.Fatalf("sandbox -> peer UDP: %q", out)
+	}
+	// ...while the policy still holds for its normal egress.
+	if res, err := a.Exec(ctx, []string{"netprobe", "tcp-once", "203.0.113.1:7001", "direct"}); err != nil || res.Code == 0 {
+		t.Fatalf("deny-all sandbox reached the internet directly: %v %+v", err, res)
+	}
+	// A sandbox of another tunnel reaches neither the member nor the peer.
+	for _, dst := range []string{aAddr + ":7000", peerIP + ":7001"} {
+		if res, err := o.Exec(ctx, []string{"netprobe", "tcp-once", dst, "cross"}); err != nil || res.Code == 0 {
+			t.Fatalf("sandbox of tunnel other reached %s: %v %+v", dst, err, res)
+		}
+	}
+	// Removing the peer cuts it off both ways.
+	if err := c.RemoveTunnelPeer(ctx, "ext", pub); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := inNet(probe, "tcp-once", aAddr+":7000", "after-removal").CombinedOutput(); err == nil {
+		t.Fatalf("removed peer still reaches the sandbox: %q", out)
+	}
+	if res, err := a.Exec(ctx, []string{"netprobe", "tcp-once", peerIP + ":7001", "after-removal"}); err != nil || res.Code == 0 {
+		t.Fatalf("sandbox still reaches the removed peer: %v %+v", err, res)
+	}
+	if tun, err := c.Tunnel(ctx, "ext"); err != nil || len(tun.Peers) != 0 {
+		t.Fatalf("after removal: %+v %v", tun, err)
+	}
+	if err := c.RemoveTunnelPeer(ctx, "ext", pub); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("remove an absent peer: %v", err)
+	}
+	if _, err := a.Exec(ctx, []string{"netprobe", "udp", "127.0.0.1:7000", "quit"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Wait(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -234,9 +234,18 @@ func (m *Manager) ruleset(src4, src6 *nftables.Set) map[string][][]expr.Any {
 		// Link-local destinations beyond the node (a cloud's instance metadata,
 		// DNS and time services) are the node's, not the sandboxes'.
 		cat(iifPrefix(p), nfproto(v4), addrIn(linkLocal4, false), counted(expr.VerdictDrop)),
+	}
+	for _, r := range m.cfg.Reserved {
+		fam := v4
+		if r.Addr().Is6() {
+			fam = v6
+		}
+		fwd = append(fwd, cat(iifPrefix(p), nfproto(fam), addrIn(r, false), counted(expr.VerdictDrop)))
+	}
+	fwd = append(fwd,
 		cat(iifPrefix(p), []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainEgress}}),
 		cat(iifPrefix(p), verdict(expr.VerdictAccept)),
-	}
+	)
 
 	in := [][]expr.Any{
 		cat(iifPrefix(p), ctEstablished(), verdict(expr.VerdictAccept)),

@@ -77,6 +77,23 @@ var (
 	}
 )
 
+// TestReservedRules: reserved destinations (the tunnels' address space) are
+// dropped from sandboxes before the egress policy is consulted.
+func TestReservedRules(t *testing.T) {
+	m := testManager(t, Config{Prefix: "cx", Reserved: []netip.Prefix{netip.MustParsePrefix("100.96.0.0/12")}})
+	s4, s6 := m.sets()
+	fwd := m.ruleset(s4, s6)[chainForward]
+	want := cat(iifCX, ipv4, []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: []byte{255, 240, 0, 0}, Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{100, 96, 0, 0}}}, drop)
+	if len(fwd) != 7 {
+		t.Fatalf("%d forward rules, want 7", len(fwd))
+	}
+	sameWire(t, "forward: reserved destinations dropped", fwd[4], want)
+	sameWire(t, "forward: then the egress jump", fwd[5], cat(iifCX, []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "egress"}}))
+}
+
 // TestIsolationRules pins the anti-spoofing and isolation rules expression
 // by expression.
 func TestIsolationRules(t *testing.T) {

@@ -118,6 +118,10 @@ type Config struct {
 	MetadataPort uint16       // metadata port on the service address; default 80
 	ServicePorts []uint16     // ports sandboxes may reach on the service address (DNSPort and MetadataPort are added)
 	NetnsPool    int          // sandbox networks (netns + veth) made ahead for Setup; 0 = 4, negative = none
+	// Reserved are destinations sandboxes never reach through the node,
+	// whatever their egress policy: the WireGuard tunnels' address space,
+	// reachable only over a tunnel's own interface inside the sandbox.
+	Reserved []netip.Prefix
 	Logger       *slog.Logger // nil = discard
 }
 

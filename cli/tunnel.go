@@ -1,0 +1,288 @@
+package cli
+
+import (
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+)
+
+func tunnelCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{Use: "tunnel", Aliases: []string{"tunnels"}, Short: "WireGuard tunnels between sandboxes and to external peers"}
+	peer := &cobra.Command{Use: "peer", Aliases: []string{"peers"}, Short: "External WireGuard peers of a tunnel"}
+	peer.AddCommand(peerAdd(e), peerList(e), peerRm(e))
+	cmd.AddCommand(tunCreate(e), tunList(e), tunInspect(e), tunRm(e), peer)
+	return cmd
+}
+
+type tunnelPeerJSON struct {
+	PublicKey  string   `json:"public_key"`
+	AllowedIPs []string `json:"allowed_ips"`
+	Endpoint   string   `json:"endpoint,omitempty"`
+	Config     string   `json:"config,omitempty"`
+}
+
+type tunnelMemberJSON struct {
+	SandboxID string `json:"sandbox_id"`
+	Address   string `json:"address"`
+	PublicKey string `json:"public_key"`
+	Endpoint  string `json:"endpoint"`
+	Interface string `json:"interface"`
+}
+
+type tunnelJSON struct {
+	Name    string             `json:"name"`
+	Subnet  string             `json:"subnet"`
+	Members []tunnelMemberJSON `json:"members"`
+	Peers   []tunnelPeerJSON   `json:"peers"`
+}
+
+func toPeerJSON(p chalkcompute.TunnelPeer) tunnelPeerJSON {
+	return tunnelPeerJSON{PublicKey: p.PublicKey, AllowedIPs: nonNil(p.AllowedIPs), Endpoint: p.Endpoint, Config: p.Config}
+}
+
+func toTunnelJSON(t chalkcompute.Tunnel) tunnelJSON {
+	j := tunnelJSON{Name: t.Name, Subnet: t.Subnet, Members: []tunnelMemberJSON{}, Peers: []tunnelPeerJSON{}}
+	for _, m := range t.Members {
+		j.Members = append(j.Members, tunnelMemberJSON{SandboxID: m.SandboxID, Address: m.Address, PublicKey: m.PublicKey, Endpoint: m.Endpoint, Interface: m.Interface})
+	}
+	for _, p := range t.Peers {
+		pj := toPeerJSON(p)
+		pj.Config = ""
+		j.Peers = append(j.Peers, pj)
+	}
+	return j
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+func (e *env) printTunnel(t chalkcompute.Tunnel) error {
+	j := toTunnelJSON(t)
+	if e.json() {
+		return e.printJSON(j)
+	}
+	fmt.Fprintf(e.out, "name:    %s\nsubnet:  %s\n", j.Name, j.Subnet)
+	fmt.Fprintf(e.out, "members: %d\n", len(j.Members))
+	if len(j.Members) > 0 {
+		rows := make([][]string, 0, len(j.Members))
+		for _, m := range j.Members {
+			rows = append(rows, []string{"  " + m.SandboxID, m.Address, m.Interface, m.PublicKey, m.Endpoint})
+		}
+		e.table("  SANDBOX\tADDRESS\tINTERFACE\tPUBLIC_KEY\tENDPOINT", rows)
+	}
+	fmt.Fprintf(e.out, "peers:   %d\n", len(j.Peers))
+	if len(j.Peers) > 0 {
+		e.peerTable(j.Peers, "  ")
+	}
+	return nil
+}
+
+func (e *env) peerTable(ps []tunnelPeerJSON, indent string) {
+	rows := make([][]string, 0, len(ps))
+	for _, p := range ps {
+		rows = append(rows, []string{indent + p.PublicKey, strings.Join(p.AllowedIPs, ","), p.Endpoint})
+	}
+	e.table(indent+"PUBLIC_KEY\tALLOWED_IPS\tENDPOINT", rows)
+}
+
+func tunCreate(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:   "create NAME",
+		Short: "Create a tunnel (sandboxes created with --tunnel NAME also create it on first use)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			// Apply sets the peers; keep the ones an existing tunnel has.
+			var peers []chalkcompute.TunnelPeer
+			if t, err := c.Tunnel(cmd.Context(), args[0]); err == nil {
+				peers = t.Peers
+			}
+			t, err := c.ApplyTunnel(cmd.Context(), args[0], peers...)
+			if err != nil {
+				return err
+			}
+			return e.printTunnel(t)
+		},
+	}
+}
+
+func tunList(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List tunnels",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			ts, err := c.Tunnels(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if e.json() {
+				out := make([]tunnelJSON, 0, len(ts))
+				for _, t := range ts {
+					out = append(out, toTunnelJSON(t))
+				}
+				return e.printJSON(out)
+			}
+			rows := make([][]string, 0, len(ts))
+			for _, t := range ts {
+				rows = append(rows, []string{t.Name, t.Subnet, fmt.Sprint(len(t.Members)), fmt.Sprint(len(t.Peers))})
+			}
+			e.table("NAME\tSUBNET\tMEMBERS\tPEERS", rows)
+			return nil
+		},
+	}
+}
+
+func tunInspect(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:     "inspect NAME",
+		Aliases: []string{"get"},
+		Short:   "Show a tunnel: its subnet, the sandboxes in it and its external peers",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			t, err := c.Tunnel(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			return e.printTunnel(t)
+		},
+	}
+}
+
+func tunRm(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:   "rm NAME",
+		Short: "Delete a tunnel no running sandbox is in",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			if err := c.DeleteTunnel(cmd.Context(), args[0]); err != nil {
+				return err
+			}
+			if e.json() {
+				return e.printJSON(map[string]string{"deleted": args[0]})
+			}
+			fmt.Fprintln(e.out, args[0])
+			return nil
+		},
+	}
+}
+
+func peerAdd(e *env) *cobra.Command {
+	var (
+		key, endpoint, configOut string
+		allowed                  []string
+	)
+	cmd := &cobra.Command{
+		Use:   "add TUNNEL --public-key KEY --allowed-ip CIDR... [--endpoint HOST:PORT] [--config-out FILE]",
+		Short: "Bridge a tunnel to an external WireGuard peer; prints the wg-quick config the peer needs",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if key == "" {
+				return fmt.Errorf("--public-key is required (the external peer's WireGuard public key, base64; `wg genkey | wg pubkey` makes one)")
+			}
+			if len(allowed) == 0 {
+				return fmt.Errorf("--allowed-ip is required: the peer's address in the tunnel (/32) and the networks behind it")
+			}
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			p, err := c.AddTunnelPeer(cmd.Context(), args[0], chalkcompute.TunnelPeer{PublicKey: key, AllowedIPs: allowed, Endpoint: endpoint})
+			if err != nil {
+				return err
+			}
+			if configOut != "" {
+				if err := os.WriteFile(configOut, []byte(p.Config), 0o600); err != nil {
+					return err
+				}
+			}
+			if e.json() {
+				return e.printJSON(toPeerJSON(p))
+			}
+			fmt.Fprint(e.out, p.Config)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&key, "public-key", "", "the peer's WireGuard public key (base64)")
+	f.StringArrayVar(&allowed, "allowed-ip", nil, "network routed to the peer, CIDR (repeatable)")
+	f.StringVar(&endpoint, "endpoint", "", "HOST:PORT the node reaches the peer at (empty: the peer connects in)")
+	f.StringVar(&configOut, "config-out", "", "also write the peer's wg-quick config to this file (0600)")
+	return cmd
+}
+
+func peerList(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:     "ls TUNNEL",
+		Aliases: []string{"list"},
+		Short:   "List a tunnel's external peers",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			t, err := c.Tunnel(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			// With --output json each peer carries its current wg-quick
+			// config: it lists the members, so it changes as they come and go.
+			ps := make([]tunnelPeerJSON, 0, len(t.Peers))
+			for _, p := range t.Peers {
+				ps = append(ps, toPeerJSON(p))
+			}
+			if e.json() {
+				return e.printJSON(ps)
+			}
+			e.peerTable(ps, "")
+			return nil
+		},
+	}
+}
+
+func peerRm(e *env) *cobra.Command {
+	return &cobra.Command{
+		Use:   "rm TUNNEL PUBLIC_KEY",
+		Short: "Cut an external peer off a tunnel",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			if err := c.RemoveTunnelPeer(cmd.Context(), args[0], args[1]); err != nil {
+				return err
+			}
+			if e.json() {
+				return e.printJSON(map[string]string{"removed": args[1], "tunnel": args[0]})
+			}
+			fmt.Fprintln(e.out, args[1])
+			return nil
+		},
+	}
+}
