@@ -122,7 +122,7 @@ type Config struct {
 	// whatever their egress policy: the WireGuard tunnels' address space,
 	// reachable only over a tunnel's own interface inside the sandbox.
 	Reserved []netip.Prefix
-	Logger       *slog.Logger // nil = discard
+	Logger   *slog.Logger // nil = discard
 }
 
 // Manager sets up and tears down sandbox networks on this node.
