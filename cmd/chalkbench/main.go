@@ -5,6 +5,9 @@
 //     `runc run` of `true`, vs `podman run --rm`;
 //   - exec round trip of `true` in a running sandbox through the SDK, vs
 //     `runc exec`, vs `podman exec`;
+//   - image builds: cache hit, last-step rebuild beside buildah;
+//   - tunnels: first packet after a member is created, throughput beside a
+//     bare veth pair;
 //   - chalkd memory per idle sandbox with N running.
 //
 // It talks to the running chalkd (scripts/setup.sh starts one) and needs root.
@@ -19,6 +22,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -31,7 +35,11 @@ func main() {
 	n := flag.Int("n", 30, "iterations per measurement")
 	idle := flag.Int("idle", 200, "sandboxes for the memory-per-idle-sandbox measurement (0 skips it)")
 	pidFile := flag.String("chalkd-pid-file", "/run/chalk/chalkd.pid", "chalkd's pid file (for its RSS)")
+	only := flag.String("only", "", "comma-separated sections to run: tti,exec,image,tunnel,memory (default: all)")
 	flag.Parse()
+	want := func(section string) bool {
+		return *only == "" || slices.Contains(strings.Split(*only, ","), section)
+	}
 	ctx := context.Background()
 	c, err := chalkcompute.NewClient()
 	if err != nil {
@@ -52,9 +60,27 @@ func main() {
 	host, _ := os.Hostname()
 	fmt.Printf("chalkbench %s on %s (%d cpus, %s/%s), n=%d\n\n", time.Now().UTC().Format("2006-01-02"), host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, *n)
 
+	if want("tti") {
+		ttiBench(ctx, c, work, bundle, *n)
+	}
+	if want("exec") {
+		execBench(ctx, c, work, bundle, *n)
+	}
+	if want("image") {
+		imageBench(ctx, c, work, *n)
+	}
+	if want("tunnel") {
+		tunnelBench(ctx, c, work, *n)
+	}
+	if want("memory") && *idle > 0 {
+		memoryPerSandbox(ctx, c, *idle, *pidFile)
+	}
+}
+
+func ttiBench(ctx context.Context, c *chalkcompute.Client, work, bundle string, n int) {
 	// Time to interactive.
 	var last *chalkcompute.Sandbox
-	tti := measureWithCleanup(*n, func() error {
+	tti := measureWithCleanup(n, func() error {
 		sb, err := c.Create(ctx, chalkcompute.Base("busybox"))
 		if err != nil {
 			return err
@@ -66,23 +92,25 @@ func main() {
 		}
 		return err
 	}, func() { _, _ = last.Terminate(ctx) })
-	runcRun := measure(*n, func() error {
+	runcRun := measure(n, func() error {
 		return run("runc", "--root", filepath.Join(work, "runc"), "run", "--bundle", bundle, "bench-"+strconv.FormatInt(time.Now().UnixNano(), 36))
 	}, false)
-	podmanRun, podmanErr := podmanMeasure(*n, work, "run")
+	podmanRun, podmanErr := podmanMeasure(n, work, "run")
 	fmt.Println("time-to-interactive (create + first exec of `true`)")
 	row("chalkcompute (SDK)", tti, runcRun)
 	row("runc run (raw)", runcRun, runcRun)
 	rowOpt("podman run --rm", podmanRun, runcRun, podmanErr)
 	fmt.Println()
+}
 
+func execBench(ctx context.Context, c *chalkcompute.Client, work, bundle string, n int) {
 	// Exec round trip.
 	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithTimeout(30*time.Minute))
 	if err != nil {
 		fail(err)
 	}
 	defer sb.Terminate(ctx)
-	execRT := measure(*n*10, func() error {
+	execRT := measure(n*10, func() error {
 		_, err := sb.Exec(ctx, []string{"true"})
 		return err
 	}, false)
@@ -91,21 +119,15 @@ func main() {
 		fail(err)
 	}
 	defer run("runc", "--root", filepath.Join(work, "runc"), "delete", "--force", id)
-	runcExec := measure(*n, func() error {
+	runcExec := measure(n, func() error {
 		return run("runc", "--root", filepath.Join(work, "runc"), "exec", id, "true")
 	}, false)
-	podmanExec, podmanExecErr := podmanMeasure(*n, work, "exec")
+	podmanExec, podmanExecErr := podmanMeasure(n, work, "exec")
 	fmt.Println("exec round trip of `true` in a running sandbox")
 	row("chalkcompute (SDK)", execRT, runcExec)
 	row("runc exec (raw)", runcExec, runcExec)
 	rowOpt("podman exec", podmanExec, runcExec, podmanExecErr)
 	fmt.Printf("goal: median <= 5ms and <= 0.1x runc exec: %s\n\n", verdict(median(execRT) <= 5*time.Millisecond && float64(median(execRT)) <= 0.1*float64(median(runcExec))))
-
-	imageBench(ctx, c, work, *n)
-
-	if *idle > 0 {
-		memoryPerSandbox(ctx, c, *idle, *pidFile)
-	}
 }
 
 func memoryPerSandbox(ctx context.Context, c *chalkcompute.Client, count int, pidFile string) {

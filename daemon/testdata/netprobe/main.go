@@ -6,14 +6,20 @@
 //	netprobe udp ADDR MSG              send MSG (every 100ms, up to 10s) until the echo arrives; print it
 //	netprobe udp-from SRC ADDR MSG     send one datagram with source address SRC (IP_FREEBIND: no privilege needed)
 //	netprobe tcp-once ADDR MSG         one dial with a 2s timeout
+//	netprobe sink PORT                 TCP: read every connection to its end, then close it
+//	netprobe blast ADDR MIB            TCP: send MIB MiB to a sink; print "gbit/s N" once the sink has it all
+//
+// chalkbench builds it too, for the tunnel throughput benchmark.
 package main
 
 import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -41,6 +47,14 @@ func run(a []string) error {
 		return udpEcho(a[1], a[2])
 	case "udp-from":
 		return udpFrom(a[1], a[2], a[3])
+	case "sink":
+		return sink(a[1])
+	case "blast":
+		mib, err := strconv.Atoi(a[2])
+		if err != nil {
+			return err
+		}
+		return blast(a[1], mib)
 	}
 	return fmt.Errorf("unknown command %q", a[0])
 }
@@ -143,4 +157,53 @@ func udpFrom(src, addr, msg string) error {
 	}
 	_, err = pc.WriteTo([]byte(strings.TrimSpace(msg)), ua)
 	return err
+}
+
+func sink(port string) error {
+	l, err := net.Listen("tcp4", ":"+port)
+	if err != nil {
+		return err
+	}
+	fmt.Println("ready")
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return err
+		}
+		go func() {
+			defer c.Close()
+			_, _ = io.Copy(io.Discard, c)
+		}()
+	}
+}
+
+func blast(addr string, mib int) error {
+	var c net.Conn
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if c, err = net.DialTimeout("tcp4", addr, 2*time.Second); err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	buf := make([]byte, 256<<10)
+	start := time.Now()
+	for i := 0; i < mib*4; i++ {
+		if _, err := c.Write(buf); err != nil {
+			return err
+		}
+	}
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		return err
+	}
+	if _, err := io.Copy(io.Discard, c); err != nil { // the sink closes once it has read everything
+		return err
+	}
+	secs := time.Since(start).Seconds()
+	fmt.Printf("gbit/s %.3f\n", float64(mib)*8*(1<<20)/secs/1e9)
+	return nil
 }
