@@ -222,9 +222,16 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}); err != nil {
 		return nil, err
 	}
-	// Egress policies and the DNS proxy every sandbox resolves through.
+	d.Tunnels = tunnel.NewManager(cfg.Logger)
+	tun, err := newTunnels(d.Tunnels, d.Agent, d.Store, cfg.TunnelSubnets, cfg.TunnelEndpoint)
+	if err != nil {
+		return nil, err
+	}
+	d.tun = tun
+	// Egress policies and the DNS proxy every sandbox resolves through; it
+	// answers the tunnels' names itself.
 	if d.Egress, err = egress.New(egress.Config{
-		Table: d.Net.Table(), Logger: cfg.Logger, Upstream: cfg.DNSUpstream,
+		Table: d.Net.Table(), Logger: cfg.Logger, Upstream: cfg.DNSUpstream, Local: tun.resolveName,
 		ListenAddrs: []string{
 			netip.AddrPortFrom(d.Net.ServiceAddr(), 53).String(),
 			netip.AddrPortFrom(d.Net.ServiceAddr6(), 53).String(),
@@ -236,12 +243,6 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, fmt.Errorf("egress: %w", err)
 	}
 	pol := &policies{m: d.Egress, agent: d.Agent}
-	d.Tunnels = tunnel.NewManager(cfg.Logger)
-	tun, err := newTunnels(d.Tunnels, d.Agent, d.Store, cfg.TunnelSubnets, cfg.TunnelEndpoint)
-	if err != nil {
-		return nil, err
-	}
-	d.tun = tun
 	// Image builds and uploaded content.
 	blobs, err := imagebuild.NewBlobs(filepath.Join(cfg.DataDir, "blobs"))
 	if err != nil {

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/miekg/dns"
+
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
@@ -246,4 +248,33 @@ func (b *tunnels) metadataTunnels(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(map[string]any{"tunnels": out})
+}
+
+// tunnelZone is the DNS zone of tunnel members: <sandbox-id>.<tunnel>.tunnel.internal.
+const tunnelZone = ".tunnel.internal."
+
+// resolveName is the DNS proxy's Local hook: it answers names in
+// tunnelZone, and only to members of that tunnel (NXDOMAIN to anyone else,
+// so a sandbox learns nothing about tunnels it is not in).
+func (b *tunnels) resolveName(sandboxID, qname string) ([]netip.Addr, bool) {
+	q := strings.ToLower(dns.Fqdn(qname))
+	rest, ok := strings.CutSuffix(q, tunnelZone)
+	if !ok {
+		return nil, q == tunnelZone[1:]
+	}
+	id, name, ok := strings.Cut(rest, ".")
+	if !ok || strings.Contains(name, ".") {
+		return nil, true
+	}
+	for _, m := range b.m.Of(sandboxID) {
+		if _, tn, _ := strings.Cut(m.Tunnel, "/"); tn != name {
+			continue
+		}
+		for _, o := range b.m.Members(m.Tunnel) {
+			if o.SandboxID == id {
+				return []netip.Addr{o.Addr}, true
+			}
+		}
+	}
+	return nil, true
 }

@@ -168,6 +168,17 @@ func TestTunnel(t *testing.T) {
 	if out := mustExec(t, a, "netprobe", "udp", bAddr, "hello-udp"); out != "echo hello-udp\n" {
 		t.Fatalf("UDP over the tunnel: %q", out)
 	}
+	// Members have DNS names, which only members resolve.
+	bName := b.ID() + ".mesh.tunnel.internal"
+	if out := mustExec(t, a, "netprobe", "tcp", bName+":7000", "hello-dns"); out != "echo hello-dns\n" {
+		t.Fatalf("TCP to %s: %q", bName, out)
+	}
+	if res, err := x.Exec(ctx, []string{"nslookup", bName}); err != nil || res.Code == 0 || strings.Contains(string(res.Stdout), addr[b.ID()]) {
+		t.Fatalf("a sandbox outside the tunnel resolved %s: %v %+v", bName, err, res)
+	}
+	if res, err := a.Exec(ctx, []string{"nslookup", "sb-nonexistent.mesh.tunnel.internal"}); err != nil || res.Code == 0 {
+		t.Fatalf("unknown member resolved: %v %+v", err, res)
+	}
 	// The sandbox outside the tunnel has no way to the tunnel addresses.
 	if res, err := x.Exec(ctx, []string{"netprobe", "tcp-once", bAddr, "intruder"}); err != nil || res.Code == 0 {
 		t.Fatalf("sandbox outside the tunnel reached it: %v %+v", err, res)
@@ -316,6 +327,10 @@ func TestTunnelExternalPeer(t *testing.T) {
 		t.Fatalf("peer's server: %q %v", line, err)
 	}
 	go func() { _, _ = io.Copy(io.Discard, pout) }()
+	// Tunnel names resolve under the deny-all policy too (and never go upstream).
+	if out := mustExec(t, a, "nslookup", a.ID()+".ext.tunnel.internal"); !strings.Contains(out, aAddr) {
+		t.Fatalf("own tunnel name under deny-all: %q", out)
+	}
 	if out := mustExec(t, a, "netprobe", "tcp", peerIP+":7001", "to-onprem"); out != "echo to-onprem\n" {
 		t.Fatalf("sandbox -> peer TCP: %q", out)
 	}

@@ -138,6 +138,12 @@ func (m *Manager) resolve(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 		return new(dns.Msg).SetRcode(r, dns.RcodeFormatError)
 	}
 	q := r.Question[0]
+	if m.cfg.Local != nil {
+		if addrs, ok := m.cfg.Local(id, q.Name); ok {
+			m.stats.local.Add(1)
+			return localAnswer(r, addrs)
+		}
+	}
 	if !rules.MatchName(q.Name) {
 		m.stats.denied.Add(1)
 		return m.deny(id, r)
@@ -162,6 +168,26 @@ func (m *Manager) resolve(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 		return new(dns.Msg).SetRcode(r, dns.RcodeServerFailure)
 	}
 	m.stats.allowed.Add(1)
+	return resp
+}
+
+// localAnswer answers a name the node knows: A records (the addresses are
+// IPv4), an empty answer to other types, NXDOMAIN without addresses.
+func localAnswer(r *dns.Msg, addrs []netip.Addr) *dns.Msg {
+	q := r.Question[0]
+	resp := new(dns.Msg).SetReply(r)
+	resp.Authoritative = true
+	if len(addrs) == 0 {
+		resp.Rcode = dns.RcodeNameError
+		return resp
+	}
+	if q.Qtype == dns.TypeA || q.Qtype == dns.TypeANY {
+		for _, a := range addrs {
+			if a.Is4() {
+				resp.Answer = append(resp.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 5}, A: a.AsSlice()})
+			}
+		}
+	}
 	return resp
 }
 

@@ -58,6 +58,11 @@ type Config struct {
 	// DropRing is the number of distinct destinations Blocked keeps per
 	// sandbox (default 256).
 	DropRing int
+	// Local answers names the node knows itself, for the sandbox asking
+	// (nil: none). handled reports that qname is one of them: it is then
+	// never forwarded upstream nor checked against the egress policy, and
+	// no addresses means NXDOMAIN. The tunnels' <sandbox-id>.<tunnel>.tunnel.internal.
+	Local func(sandboxID, qname string) (addrs []netip.Addr, handled bool)
 	// MaxLearned bounds the DNS-learned addresses per sandbox (default
 	// 16384); beyond it lookups of new addresses fail (SERVFAIL) until
 	// entries expire.

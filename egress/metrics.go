@@ -11,12 +11,12 @@ import (
 
 // stats are the proxy's counters, exported by Collector.
 type stats struct {
-	allowed, denied, refused, failed atomic.Int64
+	allowed, denied, refused, failed, local atomic.Int64
 }
 
 var (
 	descQueries = prometheus.NewDesc("chalk_egress_dns_queries_total",
-		"DNS queries the egress proxy answered, by result (allowed: forwarded; denied: answered with the blackhole; refused: unknown source; failed: upstream or rule errors).",
+		"DNS queries the egress proxy answered, by result (allowed: forwarded; denied: answered with the blackhole; refused: unknown source; failed: upstream or rule errors; local: names the node answers itself, such as tunnel members).",
 		[]string{"result"}, nil)
 	descDropped = prometheus.NewDesc("chalk_egress_dropped_packets_total",
 		"Packets a sandbox's egress policy dropped.", []string{"sandbox"}, nil)
@@ -44,7 +44,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for _, x := range []struct {
 		v     *atomic.Int64
 		label string
-	}{{&m.stats.allowed, "allowed"}, {&m.stats.denied, "denied"}, {&m.stats.refused, "refused"}, {&m.stats.failed, "failed"}} {
+	}{{&m.stats.allowed, "allowed"}, {&m.stats.denied, "denied"}, {&m.stats.refused, "refused"}, {&m.stats.failed, "failed"}, {&m.stats.local, "local"}} {
 		ch <- prometheus.MustNewConstMetric(descQueries, prometheus.CounterValue, float64(x.v.Load()), x.label)
 	}
 	m.mu.Lock()
