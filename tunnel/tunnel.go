@@ -38,6 +38,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/crypto/curve25519"
+	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
@@ -388,11 +389,32 @@ func (mb *member) routes(extra []netip.Prefix) error {
 	return mb.routesWith(h, l, extra)
 }
 
+// routesWith makes the interface's routes to external peers' networks
+// exactly extra (the subnet's own route, which the kernel made with the
+// address, stays).
 func (mb *member) routesWith(h *netlink.Handle, l netlink.Link, extra []netip.Prefix) error {
+	want := map[netip.Prefix]bool{}
 	for _, p := range extra {
+		want[p] = true
 		r := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: prefixNet(p)}
 		if err := h.RouteReplace(r); err != nil {
 			return fmt.Errorf("route %s via %s: %w", p, mb.Interface, err)
+		}
+	}
+	have, err := h.RouteList(l, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("routes of %s: %w", mb.Interface, err)
+	}
+	for _, r := range have {
+		if r.Dst == nil || r.Protocol == unix.RTPROT_KERNEL {
+			continue
+		}
+		ones, _ := r.Dst.Mask.Size()
+		a, _ := netip.AddrFromSlice(r.Dst.IP.To4())
+		if p := netip.PrefixFrom(a, ones); !want[p] {
+			if err := h.RouteDel(&r); err != nil {
+				return fmt.Errorf("route %s via %s: %w", p, mb.Interface, err)
+			}
 		}
 	}
 	return nil

@@ -128,17 +128,20 @@ func TestJoinLeaveNoLeaks(t *testing.T) {
 			if _, err := m.Join("org/t", "a", "/run/netns/"+nsA, "wg1", subnet); !errors.Is(err, errdefs.ErrAlreadyExists) {
 				t.Fatalf("second join: %v", err)
 			}
+			// Removing the external peer removes its route; the subnet's stays.
+			if err := m.SetPeers("org/t", nil); err != nil {
+				t.Fatal(err)
+			}
+			out, _ := exec.Command("ip", "-n", nsB, "route", "show", "dev", "wg0").CombinedOutput()
+			if strings.Contains(string(out), "10.77.0.0/16") || !strings.Contains(string(out), "100.96.7.0/24") {
+				t.Fatalf("routes after the peer was removed: %q", out)
+			}
 		}
 		m.Leave("a")
 		if i == 0 && links(t, nsA) == "" {
 			t.Fatal("no links at all")
 		}
 		m.Leave("b")
-		if i == 0 {
-			if err := m.SetPeers("org/t", nil); err != nil {
-				t.Fatal(err)
-			}
-		}
 	}
 	if n := m.Devices(); n != 0 {
 		t.Fatalf("%d devices left", n)

@@ -35,14 +35,14 @@ from .errors import (
     UnknownError,
 )
 from .image import Image
-from .policy import NetworkPolicy, Tunnel, TunnelPeer
+from .policy import NetworkPolicy, Tunnel, TunnelMember, TunnelPeer
 from .sandbox import ExecResult, FileInfo, Process, Sandbox
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SandboxClient", "Sandbox", "Process", "ExecResult", "FileInfo", "BuildResult",
-    "Image", "NetworkPolicy", "Tunnel", "TunnelPeer",
+    "Image", "NetworkPolicy", "Tunnel", "TunnelMember", "TunnelPeer",
     "ChalkError", "CanceledError", "UnknownError", "InvalidArgumentError", "DeadlineExceededError",
     "NotFoundError", "AlreadyExistsError", "PermissionDeniedError", "ResourceExhaustedError",
     "FailedPreconditionError", "AbortedError", "OutOfRangeError", "UnimplementedError", "InternalError",

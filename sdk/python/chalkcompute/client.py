@@ -3,7 +3,6 @@
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from ._transport import Transport, b64, resolve_config
-from .errors import FailedPreconditionError, UnimplementedError
 from .image import Image
 from .policy import NetworkPolicy, Tunnel
 from .sandbox import Sandbox, Seconds, _int, _seconds
@@ -134,8 +133,9 @@ class SandboxClient:
         tnames: List[str] = []
         for tn in tunnels or []:
             if isinstance(tn, Tunnel):
-                if tn.peers:
+                if tn.peers and tn._client is None:
                     self.apply_tunnel(tn)
+                tn._bind(self)
                 tnames.append(tn.name)
             elif isinstance(tn, str):
                 tnames.append(tn)
@@ -267,16 +267,33 @@ class SandboxClient:
 
     # ------------------------------------------------------------ tunnels
 
-    def apply_tunnel(self, tunnel: Tunnel) -> Dict[str, Any]:
-        """Create or update a tunnel and its external peers by name
-        (``TunnelService/Apply``). Sandboxes join it with ``create(tunnels=[...])``.
+    def apply_tunnel(self, tunnel: Tunnel) -> Tunnel:
+        """Create the tunnel if needed and set its external peers to exactly
+        ``tunnel.peers`` (``TunnelService/Apply``); binds it to this client
+        and fills in its subnet, members and the peers' wg-quick files."""
+        tunnel._update(self._t.unary("TunnelService", "Apply", tunnel.to_json()))
+        tunnel._bind(self)
+        return tunnel
 
-        chalkd has no tunnel service yet: this raises FailedPreconditionError."""
-        try:
-            return self._t.unary("TunnelService", "Apply", tunnel.to_json())
-        except UnimplementedError as e:
-            raise FailedPreconditionError(
-                "tunnel %s: this chalkd has no WireGuard tunnel service (%s)" % (tunnel.name, e.message)) from None
+    def get_tunnel(self, name: str) -> Tunnel:
+        """A tunnel with its subnet, members and peers, bound to this client."""
+        t = Tunnel(name)
+        t._bind(self)
+        return t.refresh()
+
+    def list_tunnels(self) -> List[Tunnel]:
+        """The org's tunnels."""
+        out = []
+        for m in self._t.unary("TunnelService", "List", {}).get("tunnels") or []:
+            t = Tunnel(m.get("name", ""))
+            t._update(m)
+            t._bind(self)
+            out.append(t)
+        return out
+
+    def delete_tunnel(self, name: str) -> None:
+        """Delete a tunnel (refused while a running sandbox is in it)."""
+        self._t.unary("TunnelService", "Delete", {"name": name})
 
     # ------------------------------------------------------------ identity
 

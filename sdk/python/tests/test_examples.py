@@ -19,7 +19,6 @@ EXAMPLES = os.path.join(REPO_ROOT, "examples", "python")
 # Examples that need what chalkd does not have yet: (exception name, text the
 # error must contain, reason). They must fail with exactly that error.
 EXPECTED_FAILURES: Dict[str, Tuple[str, str, str]] = {
-    "000_tunnels.py": ("FailedPreconditionError", "tunnel", "chalkd has no WireGuard tunnel backend yet"),
 }
 
 # Images the 004 examples define that cannot be built on this offline machine,

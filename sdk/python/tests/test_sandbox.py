@@ -197,11 +197,11 @@ class SandboxTest(unittest.TestCase):
             ("unknown sandbox", lambda: self.client.get("sb-does-not-exist"), NotFoundError, "sb-does-not-exist"),
             ("bad policy", lambda: self.client.create(image="busybox", network_policies=[
                 NetworkPolicy(name="bad", allow_all=False, allowed_hostnames=["exa mple.com"])]), InvalidArgumentError, "exa mple.com"),
-            ("tunnels not implemented", lambda: self.client.create(image="busybox", tunnels=[Tunnel(name="mesh")]),
-             FailedPreconditionError, "tunnel"),
-            ("tunnel with an external peer", lambda: self.client.create(image="busybox", tunnels=[
-                Tunnel(name="onprem").add_peer("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=", ["10.8.0.0/24"], endpoint="198.51.100.7:51820")]),
-             FailedPreconditionError, "onprem"),
+            ("bad tunnel name", lambda: self.client.create(image="busybox", tunnels=[Tunnel(name="Bad_Mesh")]),
+             InvalidArgumentError, "Bad_Mesh"),
+            ("tunnel peer with a bad key", lambda: self.client.create(image="busybox", tunnels=[
+                Tunnel(name="onprem").add_peer("not-a-key", ["10.8.0.0/24"], endpoint="198.51.100.7:51820")]),
+             InvalidArgumentError, "not-a-key"),
         ]
         for name, call, cls, needle in cases:
             with self.subTest(name):
