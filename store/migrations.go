@@ -36,6 +36,23 @@ var migrations = []string{
 		doc BLOB NOT NULL,
 		PRIMARY KEY (org_id, name)
 	);`,
+	// MCP gateway: registered upstream servers (the credential encrypted in
+	// the document) and the audit log of every call through the gateway.
+	`CREATE TABLE mcp_servers (
+		org_id TEXT NOT NULL,
+		name TEXT NOT NULL,
+		doc BLOB NOT NULL,
+		PRIMARY KEY (org_id, name)
+	);
+	CREATE TABLE mcp_audit (
+		seq INTEGER PRIMARY KEY AUTOINCREMENT,
+		org_id TEXT NOT NULL,
+		at INTEGER NOT NULL,
+		sandbox_id TEXT NOT NULL,
+		server TEXT NOT NULL,
+		doc BLOB NOT NULL
+	);
+	CREATE INDEX mcp_audit_org ON mcp_audit (org_id, seq);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

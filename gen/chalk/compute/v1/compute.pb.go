@@ -3733,6 +3733,569 @@ func (*DeleteTunnelResponse) Descriptor() ([]byte, []int) {
 	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{63}
 }
 
+// An upstream MCP server sandboxes reach through the gateway at
+// http://169.254.169.254/mcp/<name>, authenticated with their workload
+// identity; the gateway adds the credential, which no API returns.
+type McpServer struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Name             string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`                                                                                                                  // a DNS label
+	Url              string                 `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"`                                                                                                                    // Streamable HTTP endpoint (http or https)
+	HeaderName       string                 `protobuf:"bytes,3,opt,name=header_name,json=headerName,proto3" json:"header_name,omitempty"`                                                                                    // the credential's header; "" or "Authorization": "Authorization: Bearer <credential>"
+	Credential       string                 `protobuf:"bytes,4,opt,name=credential,proto3" json:"credential,omitempty"`                                                                                                      // input only (write-only): never returned
+	AllowedTools     []string               `protobuf:"bytes,5,rep,name=allowed_tools,json=allowedTools,proto3" json:"allowed_tools,omitempty"`                                                                              // empty: every tool
+	AllowedResources []string               `protobuf:"bytes,6,rep,name=allowed_resources,json=allowedResources,proto3" json:"allowed_resources,omitempty"`                                                                  // resource URIs; empty: every resource
+	AllowedPrompts   []string               `protobuf:"bytes,7,rep,name=allowed_prompts,json=allowedPrompts,proto3" json:"allowed_prompts,omitempty"`                                                                        // empty: every prompt
+	SandboxLabels    map[string]string      `protobuf:"bytes,8,rep,name=sandbox_labels,json=sandboxLabels,proto3" json:"sandbox_labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // sandboxes that may use it must carry all of these; empty: every sandbox
+	RatePerSecond    float64                `protobuf:"fixed64,9,opt,name=rate_per_second,json=ratePerSecond,proto3" json:"rate_per_second,omitempty"`                                                                       // per sandbox; 0: the default (50/s, burst 2x)
+	HasCredential    bool                   `protobuf:"varint,10,opt,name=has_credential,json=hasCredential,proto3" json:"has_credential,omitempty"`                                                                         // output only
+	CreatedAt        string                 `protobuf:"bytes,11,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`                                                                                      // RFC 3339
+	CreatedBy        string                 `protobuf:"bytes,12,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	GatewayUrl       string                 `protobuf:"bytes,13,opt,name=gateway_url,json=gatewayUrl,proto3" json:"gateway_url,omitempty"` // output only: the URL inside sandboxes (and the token audience)
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *McpServer) Reset() {
+	*x = McpServer{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *McpServer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*McpServer) ProtoMessage() {}
+
+func (x *McpServer) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use McpServer.ProtoReflect.Descriptor instead.
+func (*McpServer) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{64}
+}
+
+func (x *McpServer) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *McpServer) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *McpServer) GetHeaderName() string {
+	if x != nil {
+		return x.HeaderName
+	}
+	return ""
+}
+
+func (x *McpServer) GetCredential() string {
+	if x != nil {
+		return x.Credential
+	}
+	return ""
+}
+
+func (x *McpServer) GetAllowedTools() []string {
+	if x != nil {
+		return x.AllowedTools
+	}
+	return nil
+}
+
+func (x *McpServer) GetAllowedResources() []string {
+	if x != nil {
+		return x.AllowedResources
+	}
+	return nil
+}
+
+func (x *McpServer) GetAllowedPrompts() []string {
+	if x != nil {
+		return x.AllowedPrompts
+	}
+	return nil
+}
+
+func (x *McpServer) GetSandboxLabels() map[string]string {
+	if x != nil {
+		return x.SandboxLabels
+	}
+	return nil
+}
+
+func (x *McpServer) GetRatePerSecond() float64 {
+	if x != nil {
+		return x.RatePerSecond
+	}
+	return 0
+}
+
+func (x *McpServer) GetHasCredential() bool {
+	if x != nil {
+		return x.HasCredential
+	}
+	return false
+}
+
+func (x *McpServer) GetCreatedAt() string {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return ""
+}
+
+func (x *McpServer) GetCreatedBy() string {
+	if x != nil {
+		return x.CreatedBy
+	}
+	return ""
+}
+
+func (x *McpServer) GetGatewayUrl() string {
+	if x != nil {
+		return x.GatewayUrl
+	}
+	return ""
+}
+
+type McpServerName struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *McpServerName) Reset() {
+	*x = McpServerName{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *McpServerName) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*McpServerName) ProtoMessage() {}
+
+func (x *McpServerName) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use McpServerName.ProtoReflect.Descriptor instead.
+func (*McpServerName) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{65}
+}
+
+func (x *McpServerName) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ListMcpServersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMcpServersRequest) Reset() {
+	*x = ListMcpServersRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMcpServersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMcpServersRequest) ProtoMessage() {}
+
+func (x *ListMcpServersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMcpServersRequest.ProtoReflect.Descriptor instead.
+func (*ListMcpServersRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{66}
+}
+
+type ListMcpServersResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Servers       []*McpServer           `protobuf:"bytes,1,rep,name=servers,proto3" json:"servers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMcpServersResponse) Reset() {
+	*x = ListMcpServersResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMcpServersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMcpServersResponse) ProtoMessage() {}
+
+func (x *ListMcpServersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMcpServersResponse.ProtoReflect.Descriptor instead.
+func (*ListMcpServersResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{67}
+}
+
+func (x *ListMcpServersResponse) GetServers() []*McpServer {
+	if x != nil {
+		return x.Servers
+	}
+	return nil
+}
+
+type RemoveMcpServerResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveMcpServerResponse) Reset() {
+	*x = RemoveMcpServerResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveMcpServerResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveMcpServerResponse) ProtoMessage() {}
+
+func (x *RemoveMcpServerResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveMcpServerResponse.ProtoReflect.Descriptor instead.
+func (*RemoveMcpServerResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{68}
+}
+
+type McpAuditRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Server        string                 `protobuf:"bytes,2,opt,name=server,proto3" json:"server,omitempty"`
+	Since         string                 `protobuf:"bytes,3,opt,name=since,proto3" json:"since,omitempty"`  // RFC 3339; "" = any time
+	Limit         int32                  `protobuf:"varint,4,opt,name=limit,proto3" json:"limit,omitempty"` // default 100, max 10000
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *McpAuditRequest) Reset() {
+	*x = McpAuditRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *McpAuditRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*McpAuditRequest) ProtoMessage() {}
+
+func (x *McpAuditRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use McpAuditRequest.ProtoReflect.Descriptor instead.
+func (*McpAuditRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *McpAuditRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *McpAuditRequest) GetServer() string {
+	if x != nil {
+		return x.Server
+	}
+	return ""
+}
+
+func (x *McpAuditRequest) GetSince() string {
+	if x != nil {
+		return x.Since
+	}
+	return ""
+}
+
+func (x *McpAuditRequest) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+type McpAuditRecord struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Seq           int64                  `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	At            string                 `protobuf:"bytes,2,opt,name=at,proto3" json:"at,omitempty"` // RFC 3339
+	SandboxId     string                 `protobuf:"bytes,3,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Sub           string                 `protobuf:"bytes,4,opt,name=sub,proto3" json:"sub,omitempty"`
+	Server        string                 `protobuf:"bytes,5,opt,name=server,proto3" json:"server,omitempty"`
+	HttpMethod    string                 `protobuf:"bytes,6,opt,name=http_method,json=httpMethod,proto3" json:"http_method,omitempty"`
+	Method        string                 `protobuf:"bytes,7,opt,name=method,proto3" json:"method,omitempty"` // JSON-RPC method
+	Tool          string                 `protobuf:"bytes,8,opt,name=tool,proto3" json:"tool,omitempty"`     // tool or prompt name, or resource URI
+	ArgsSha256    string                 `protobuf:"bytes,9,opt,name=args_sha256,json=argsSha256,proto3" json:"args_sha256,omitempty"`
+	Decision      string                 `protobuf:"bytes,10,opt,name=decision,proto3" json:"decision,omitempty"` // "allowed" or "denied: <reason>"
+	Status        int32                  `protobuf:"varint,11,opt,name=status,proto3" json:"status,omitempty"`
+	LatencyMs     float64                `protobuf:"fixed64,12,opt,name=latency_ms,json=latencyMs,proto3" json:"latency_ms,omitempty"`
+	BytesIn       int64                  `protobuf:"varint,13,opt,name=bytes_in,json=bytesIn,proto3" json:"bytes_in,omitempty"`
+	BytesOut      int64                  `protobuf:"varint,14,opt,name=bytes_out,json=bytesOut,proto3" json:"bytes_out,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *McpAuditRecord) Reset() {
+	*x = McpAuditRecord{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *McpAuditRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*McpAuditRecord) ProtoMessage() {}
+
+func (x *McpAuditRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use McpAuditRecord.ProtoReflect.Descriptor instead.
+func (*McpAuditRecord) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{70}
+}
+
+func (x *McpAuditRecord) GetSeq() int64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *McpAuditRecord) GetAt() string {
+	if x != nil {
+		return x.At
+	}
+	return ""
+}
+
+func (x *McpAuditRecord) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *McpAuditRecord) GetSub() string {
+	if x != nil {
+		return x.Sub
+	}
+	return ""
+}
+
+func (x *McpAuditRecord) GetServer() string {
+	if x != nil {
+		return x.Server
+	}
+	return ""
+}
+
+func (x *McpAuditRecord) GetHttpMethod() string {
+	if x != nil {
+		return x.HttpMethod
+	}
+	return ""
+}
+
+func (x *McpAuditRecord) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *McpAuditRecord) GetTool() string {
+	if x != nil {
+		return x.Tool
+	}
+	return ""
+}
+
+func (x *McpAuditRecord) GetArgsSha256() string {
+	if x != nil {
+		return x.ArgsSha256
+	}
+	return ""
+}
+
+func (x *McpAuditRecord) GetDecision() string {
+	if x != nil {
+		return x.Decision
+	}
+	return ""
+}
+
+func (x *McpAuditRecord) GetStatus() int32 {
+	if x != nil {
+		return x.Status
+	}
+	return 0
+}
+
+func (x *McpAuditRecord) GetLatencyMs() float64 {
+	if x != nil {
+		return x.LatencyMs
+	}
+	return 0
+}
+
+func (x *McpAuditRecord) GetBytesIn() int64 {
+	if x != nil {
+		return x.BytesIn
+	}
+	return 0
+}
+
+func (x *McpAuditRecord) GetBytesOut() int64 {
+	if x != nil {
+		return x.BytesOut
+	}
+	return 0
+}
+
+type McpAuditResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Records       []*McpAuditRecord      `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *McpAuditResponse) Reset() {
+	*x = McpAuditResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *McpAuditResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*McpAuditResponse) ProtoMessage() {}
+
+func (x *McpAuditResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use McpAuditResponse.ProtoReflect.Descriptor instead.
+func (*McpAuditResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{71}
+}
+
+func (x *McpAuditResponse) GetRecords() []*McpAuditRecord {
+	if x != nil {
+		return x.Records
+	}
+	return nil
+}
+
 var File_chalk_compute_v1_compute_proto protoreflect.FileDescriptor
 
 const file_chalk_compute_v1_compute_proto_rawDesc = "" +
@@ -4028,7 +4591,65 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x06tunnel\x18\x01 \x01(\tR\x06tunnel\x12\x1d\n" +
 	"\n" +
 	"public_key\x18\x02 \x01(\tR\tpublicKey\"\x16\n" +
-	"\x14DeleteTunnelResponse2\xff\b\n" +
+	"\x14DeleteTunnelResponse\"\xb4\x04\n" +
+	"\tMcpServer\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
+	"\x03url\x18\x02 \x01(\tR\x03url\x12\x1f\n" +
+	"\vheader_name\x18\x03 \x01(\tR\n" +
+	"headerName\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x04 \x01(\tR\n" +
+	"credential\x12#\n" +
+	"\rallowed_tools\x18\x05 \x03(\tR\fallowedTools\x12+\n" +
+	"\x11allowed_resources\x18\x06 \x03(\tR\x10allowedResources\x12'\n" +
+	"\x0fallowed_prompts\x18\a \x03(\tR\x0eallowedPrompts\x12U\n" +
+	"\x0esandbox_labels\x18\b \x03(\v2..chalk.compute.v1.McpServer.SandboxLabelsEntryR\rsandboxLabels\x12&\n" +
+	"\x0frate_per_second\x18\t \x01(\x01R\rratePerSecond\x12%\n" +
+	"\x0ehas_credential\x18\n" +
+	" \x01(\bR\rhasCredential\x12\x1d\n" +
+	"\n" +
+	"created_at\x18\v \x01(\tR\tcreatedAt\x12\x1d\n" +
+	"\n" +
+	"created_by\x18\f \x01(\tR\tcreatedBy\x12\x1f\n" +
+	"\vgateway_url\x18\r \x01(\tR\n" +
+	"gatewayUrl\x1a@\n" +
+	"\x12SandboxLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"#\n" +
+	"\rMcpServerName\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x17\n" +
+	"\x15ListMcpServersRequest\"O\n" +
+	"\x16ListMcpServersResponse\x125\n" +
+	"\aservers\x18\x01 \x03(\v2\x1b.chalk.compute.v1.McpServerR\aservers\"\x19\n" +
+	"\x17RemoveMcpServerResponse\"t\n" +
+	"\x0fMcpAuditRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x16\n" +
+	"\x06server\x18\x02 \x01(\tR\x06server\x12\x14\n" +
+	"\x05since\x18\x03 \x01(\tR\x05since\x12\x14\n" +
+	"\x05limit\x18\x04 \x01(\x05R\x05limit\"\xf4\x02\n" +
+	"\x0eMcpAuditRecord\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x0e\n" +
+	"\x02at\x18\x02 \x01(\tR\x02at\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x03 \x01(\tR\tsandboxId\x12\x10\n" +
+	"\x03sub\x18\x04 \x01(\tR\x03sub\x12\x16\n" +
+	"\x06server\x18\x05 \x01(\tR\x06server\x12\x1f\n" +
+	"\vhttp_method\x18\x06 \x01(\tR\n" +
+	"httpMethod\x12\x16\n" +
+	"\x06method\x18\a \x01(\tR\x06method\x12\x12\n" +
+	"\x04tool\x18\b \x01(\tR\x04tool\x12\x1f\n" +
+	"\vargs_sha256\x18\t \x01(\tR\n" +
+	"argsSha256\x12\x1a\n" +
+	"\bdecision\x18\n" +
+	" \x01(\tR\bdecision\x12\x16\n" +
+	"\x06status\x18\v \x01(\x05R\x06status\x12\x1d\n" +
+	"\n" +
+	"latency_ms\x18\f \x01(\x01R\tlatencyMs\x12\x19\n" +
+	"\bbytes_in\x18\r \x01(\x03R\abytesIn\x12\x1b\n" +
+	"\tbytes_out\x18\x0e \x01(\x03R\bbytesOut\"N\n" +
+	"\x10McpAuditResponse\x12:\n" +
+	"\arecords\x18\x01 \x03(\v2 .chalk.compute.v1.McpAuditRecordR\arecords2\xff\b\n" +
 	"\x0eSandboxService\x12K\n" +
 	"\x06Create\x12&.chalk.compute.v1.CreateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12E\n" +
 	"\x03Get\x12#.chalk.compute.v1.GetSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12W\n" +
@@ -4075,7 +4696,13 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x06Delete\x12\x1c.chalk.compute.v1.TunnelName\x1a&.chalk.compute.v1.DeleteTunnelResponse\x12O\n" +
 	"\aAddPeer\x12&.chalk.compute.v1.AddTunnelPeerRequest\x1a\x1c.chalk.compute.v1.TunnelPeer\x12Q\n" +
 	"\n" +
-	"RemovePeer\x12).chalk.compute.v1.RemoveTunnelPeerRequest\x1a\x18.chalk.compute.v1.TunnelBEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
+	"RemovePeer\x12).chalk.compute.v1.RemoveTunnelPeerRequest\x1a\x18.chalk.compute.v1.Tunnel2\xe1\x02\n" +
+	"\n" +
+	"McpService\x12E\n" +
+	"\tAddServer\x12\x1b.chalk.compute.v1.McpServer\x1a\x1b.chalk.compute.v1.McpServer\x12`\n" +
+	"\vListServers\x12'.chalk.compute.v1.ListMcpServersRequest\x1a(.chalk.compute.v1.ListMcpServersResponse\x12Z\n" +
+	"\fRemoveServer\x12\x1f.chalk.compute.v1.McpServerName\x1a).chalk.compute.v1.RemoveMcpServerResponse\x12N\n" +
+	"\x05Audit\x12!.chalk.compute.v1.McpAuditRequest\x1a\".chalk.compute.v1.McpAuditResponseBEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
 
 var (
 	file_chalk_compute_v1_compute_proto_rawDescOnce sync.Once
@@ -4089,7 +4716,7 @@ func file_chalk_compute_v1_compute_proto_rawDescGZIP() []byte {
 	return file_chalk_compute_v1_compute_proto_rawDescData
 }
 
-var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 69)
+var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
 var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*Sandbox)(nil),                 // 0: chalk.compute.v1.Sandbox
 	(*CreateSandboxRequest)(nil),    // 1: chalk.compute.v1.CreateSandboxRequest
@@ -4155,20 +4782,29 @@ var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*AddTunnelPeerRequest)(nil),    // 61: chalk.compute.v1.AddTunnelPeerRequest
 	(*RemoveTunnelPeerRequest)(nil), // 62: chalk.compute.v1.RemoveTunnelPeerRequest
 	(*DeleteTunnelResponse)(nil),    // 63: chalk.compute.v1.DeleteTunnelResponse
-	nil,                             // 64: chalk.compute.v1.Sandbox.EnvEntry
-	nil,                             // 65: chalk.compute.v1.Sandbox.LabelsEntry
-	nil,                             // 66: chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	nil,                             // 67: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
-	nil,                             // 68: chalk.compute.v1.ExecRequest.EnvEntry
+	(*McpServer)(nil),               // 64: chalk.compute.v1.McpServer
+	(*McpServerName)(nil),           // 65: chalk.compute.v1.McpServerName
+	(*ListMcpServersRequest)(nil),   // 66: chalk.compute.v1.ListMcpServersRequest
+	(*ListMcpServersResponse)(nil),  // 67: chalk.compute.v1.ListMcpServersResponse
+	(*RemoveMcpServerResponse)(nil), // 68: chalk.compute.v1.RemoveMcpServerResponse
+	(*McpAuditRequest)(nil),         // 69: chalk.compute.v1.McpAuditRequest
+	(*McpAuditRecord)(nil),          // 70: chalk.compute.v1.McpAuditRecord
+	(*McpAuditResponse)(nil),        // 71: chalk.compute.v1.McpAuditResponse
+	nil,                             // 72: chalk.compute.v1.Sandbox.EnvEntry
+	nil,                             // 73: chalk.compute.v1.Sandbox.LabelsEntry
+	nil,                             // 74: chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	nil,                             // 75: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	nil,                             // 76: chalk.compute.v1.ExecRequest.EnvEntry
+	nil,                             // 77: chalk.compute.v1.McpServer.SandboxLabelsEntry
 }
 var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
-	64, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
-	65, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
-	66, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	72, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
+	73, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
+	74, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
 	44, // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
-	67, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	75, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
 	0,  // 5: chalk.compute.v1.ListSandboxesResponse.sandboxes:type_name -> chalk.compute.v1.Sandbox
-	68, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
+	76, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
 	9,  // 7: chalk.compute.v1.ExecEvent.started:type_name -> chalk.compute.v1.ExecStarted
 	10, // 8: chalk.compute.v1.ExecEvent.exited:type_name -> chalk.compute.v1.ExecExited
 	22, // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
@@ -4181,83 +4817,94 @@ var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
 	56, // 16: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
 	57, // 17: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
 	55, // 18: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
-	1,  // 19: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
-	2,  // 20: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
-	3,  // 21: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
-	5,  // 22: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
-	6,  // 23: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
-	7,  // 24: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
-	11, // 25: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
-	13, // 26: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
-	15, // 27: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
-	17, // 28: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
-	19, // 29: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
-	21, // 30: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
-	24, // 31: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
-	26, // 32: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
-	30, // 33: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
-	31, // 34: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
-	39, // 35: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
-	33, // 36: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
-	35, // 37: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
-	37, // 38: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
-	40, // 39: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
-	42, // 40: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
-	44, // 41: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
-	44, // 42: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
-	45, // 43: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
-	46, // 44: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
-	45, // 45: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
-	49, // 46: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
-	51, // 47: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
-	53, // 48: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
-	57, // 49: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
-	58, // 50: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
-	59, // 51: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
-	58, // 52: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
-	61, // 53: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
-	62, // 54: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
-	0,  // 55: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
-	0,  // 56: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
-	4,  // 57: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
-	0,  // 58: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
-	0,  // 59: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
-	8,  // 60: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
-	12, // 61: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
-	14, // 62: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
-	16, // 63: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
-	18, // 64: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
-	20, // 65: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
-	23, // 66: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
-	25, // 67: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
-	28, // 68: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
-	32, // 69: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
-	32, // 70: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
-	32, // 71: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
-	34, // 72: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
-	36, // 73: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
-	38, // 74: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
-	41, // 75: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
-	43, // 76: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
-	44, // 77: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
-	44, // 78: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
-	44, // 79: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
-	47, // 80: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
-	48, // 81: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
-	50, // 82: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
-	52, // 83: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
-	54, // 84: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
-	57, // 85: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
-	57, // 86: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
-	60, // 87: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
-	63, // 88: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
-	55, // 89: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
-	57, // 90: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
-	55, // [55:91] is the sub-list for method output_type
-	19, // [19:55] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	77, // 19: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
+	64, // 20: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
+	70, // 21: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
+	1,  // 22: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
+	2,  // 23: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
+	3,  // 24: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
+	5,  // 25: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
+	6,  // 26: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
+	7,  // 27: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
+	11, // 28: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
+	13, // 29: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
+	15, // 30: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
+	17, // 31: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
+	19, // 32: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
+	21, // 33: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
+	24, // 34: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
+	26, // 35: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
+	30, // 36: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
+	31, // 37: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
+	39, // 38: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
+	33, // 39: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
+	35, // 40: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
+	37, // 41: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
+	40, // 42: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
+	42, // 43: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
+	44, // 44: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
+	44, // 45: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
+	45, // 46: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
+	46, // 47: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
+	45, // 48: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
+	49, // 49: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
+	51, // 50: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
+	53, // 51: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
+	57, // 52: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
+	58, // 53: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
+	59, // 54: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
+	58, // 55: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
+	61, // 56: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
+	62, // 57: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
+	64, // 58: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
+	66, // 59: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
+	65, // 60: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
+	69, // 61: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
+	0,  // 62: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
+	0,  // 63: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
+	4,  // 64: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
+	0,  // 65: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
+	0,  // 66: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
+	8,  // 67: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
+	12, // 68: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
+	14, // 69: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
+	16, // 70: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
+	18, // 71: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
+	20, // 72: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
+	23, // 73: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
+	25, // 74: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
+	28, // 75: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
+	32, // 76: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
+	32, // 77: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
+	32, // 78: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
+	34, // 79: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
+	36, // 80: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
+	38, // 81: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
+	41, // 82: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
+	43, // 83: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
+	44, // 84: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
+	44, // 85: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
+	44, // 86: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
+	47, // 87: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
+	48, // 88: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
+	50, // 89: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
+	52, // 90: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
+	54, // 91: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
+	57, // 92: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
+	57, // 93: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
+	60, // 94: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
+	63, // 95: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
+	55, // 96: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
+	57, // 97: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
+	64, // 98: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
+	67, // 99: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
+	68, // 100: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
+	71, // 101: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
+	62, // [62:102] is the sub-list for method output_type
+	22, // [22:62] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_chalk_compute_v1_compute_proto_init() }
@@ -4278,9 +4925,9 @@ func file_chalk_compute_v1_compute_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_compute_v1_compute_proto_rawDesc), len(file_chalk_compute_v1_compute_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   69,
+			NumMessages:   78,
 			NumExtensions: 0,
-			NumServices:   5,
+			NumServices:   6,
 		},
 		GoTypes:           file_chalk_compute_v1_compute_proto_goTypes,
 		DependencyIndexes: file_chalk_compute_v1_compute_proto_depIdxs,

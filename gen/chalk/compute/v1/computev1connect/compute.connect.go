@@ -34,6 +34,8 @@ const (
 	IdentityServiceName = "chalk.compute.v1.IdentityService"
 	// TunnelServiceName is the fully-qualified name of the TunnelService service.
 	TunnelServiceName = "chalk.compute.v1.TunnelService"
+	// McpServiceName is the fully-qualified name of the McpService service.
+	McpServiceName = "chalk.compute.v1.McpService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -126,6 +128,14 @@ const (
 	// TunnelServiceRemovePeerProcedure is the fully-qualified name of the TunnelService's RemovePeer
 	// RPC.
 	TunnelServiceRemovePeerProcedure = "/chalk.compute.v1.TunnelService/RemovePeer"
+	// McpServiceAddServerProcedure is the fully-qualified name of the McpService's AddServer RPC.
+	McpServiceAddServerProcedure = "/chalk.compute.v1.McpService/AddServer"
+	// McpServiceListServersProcedure is the fully-qualified name of the McpService's ListServers RPC.
+	McpServiceListServersProcedure = "/chalk.compute.v1.McpService/ListServers"
+	// McpServiceRemoveServerProcedure is the fully-qualified name of the McpService's RemoveServer RPC.
+	McpServiceRemoveServerProcedure = "/chalk.compute.v1.McpService/RemoveServer"
+	// McpServiceAuditProcedure is the fully-qualified name of the McpService's Audit RPC.
+	McpServiceAuditProcedure = "/chalk.compute.v1.McpService/Audit"
 )
 
 // SandboxServiceClient is a client for the chalk.compute.v1.SandboxService service.
@@ -1290,4 +1300,156 @@ func (UnimplementedTunnelServiceHandler) AddPeer(context.Context, *connect.Reque
 
 func (UnimplementedTunnelServiceHandler) RemovePeer(context.Context, *connect.Request[v1.RemoveTunnelPeerRequest]) (*connect.Response[v1.Tunnel], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TunnelService.RemovePeer is not implemented"))
+}
+
+// McpServiceClient is a client for the chalk.compute.v1.McpService service.
+type McpServiceClient interface {
+	// AddServer registers an upstream server (or replaces one of the same name).
+	AddServer(context.Context, *connect.Request[v1.McpServer]) (*connect.Response[v1.McpServer], error)
+	ListServers(context.Context, *connect.Request[v1.ListMcpServersRequest]) (*connect.Response[v1.ListMcpServersResponse], error)
+	RemoveServer(context.Context, *connect.Request[v1.McpServerName]) (*connect.Response[v1.RemoveMcpServerResponse], error)
+	// Audit returns gateway calls, newest first.
+	Audit(context.Context, *connect.Request[v1.McpAuditRequest]) (*connect.Response[v1.McpAuditResponse], error)
+}
+
+// NewMcpServiceClient constructs a client for the chalk.compute.v1.McpService service. By default,
+// it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses, and
+// sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the connect.WithGRPC()
+// or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewMcpServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) McpServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	mcpServiceMethods := v1.File_chalk_compute_v1_compute_proto.Services().ByName("McpService").Methods()
+	return &mcpServiceClient{
+		addServer: connect.NewClient[v1.McpServer, v1.McpServer](
+			httpClient,
+			baseURL+McpServiceAddServerProcedure,
+			connect.WithSchema(mcpServiceMethods.ByName("AddServer")),
+			connect.WithClientOptions(opts...),
+		),
+		listServers: connect.NewClient[v1.ListMcpServersRequest, v1.ListMcpServersResponse](
+			httpClient,
+			baseURL+McpServiceListServersProcedure,
+			connect.WithSchema(mcpServiceMethods.ByName("ListServers")),
+			connect.WithClientOptions(opts...),
+		),
+		removeServer: connect.NewClient[v1.McpServerName, v1.RemoveMcpServerResponse](
+			httpClient,
+			baseURL+McpServiceRemoveServerProcedure,
+			connect.WithSchema(mcpServiceMethods.ByName("RemoveServer")),
+			connect.WithClientOptions(opts...),
+		),
+		audit: connect.NewClient[v1.McpAuditRequest, v1.McpAuditResponse](
+			httpClient,
+			baseURL+McpServiceAuditProcedure,
+			connect.WithSchema(mcpServiceMethods.ByName("Audit")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// mcpServiceClient implements McpServiceClient.
+type mcpServiceClient struct {
+	addServer    *connect.Client[v1.McpServer, v1.McpServer]
+	listServers  *connect.Client[v1.ListMcpServersRequest, v1.ListMcpServersResponse]
+	removeServer *connect.Client[v1.McpServerName, v1.RemoveMcpServerResponse]
+	audit        *connect.Client[v1.McpAuditRequest, v1.McpAuditResponse]
+}
+
+// AddServer calls chalk.compute.v1.McpService.AddServer.
+func (c *mcpServiceClient) AddServer(ctx context.Context, req *connect.Request[v1.McpServer]) (*connect.Response[v1.McpServer], error) {
+	return c.addServer.CallUnary(ctx, req)
+}
+
+// ListServers calls chalk.compute.v1.McpService.ListServers.
+func (c *mcpServiceClient) ListServers(ctx context.Context, req *connect.Request[v1.ListMcpServersRequest]) (*connect.Response[v1.ListMcpServersResponse], error) {
+	return c.listServers.CallUnary(ctx, req)
+}
+
+// RemoveServer calls chalk.compute.v1.McpService.RemoveServer.
+func (c *mcpServiceClient) RemoveServer(ctx context.Context, req *connect.Request[v1.McpServerName]) (*connect.Response[v1.RemoveMcpServerResponse], error) {
+	return c.removeServer.CallUnary(ctx, req)
+}
+
+// Audit calls chalk.compute.v1.McpService.Audit.
+func (c *mcpServiceClient) Audit(ctx context.Context, req *connect.Request[v1.McpAuditRequest]) (*connect.Response[v1.McpAuditResponse], error) {
+	return c.audit.CallUnary(ctx, req)
+}
+
+// McpServiceHandler is an implementation of the chalk.compute.v1.McpService service.
+type McpServiceHandler interface {
+	// AddServer registers an upstream server (or replaces one of the same name).
+	AddServer(context.Context, *connect.Request[v1.McpServer]) (*connect.Response[v1.McpServer], error)
+	ListServers(context.Context, *connect.Request[v1.ListMcpServersRequest]) (*connect.Response[v1.ListMcpServersResponse], error)
+	RemoveServer(context.Context, *connect.Request[v1.McpServerName]) (*connect.Response[v1.RemoveMcpServerResponse], error)
+	// Audit returns gateway calls, newest first.
+	Audit(context.Context, *connect.Request[v1.McpAuditRequest]) (*connect.Response[v1.McpAuditResponse], error)
+}
+
+// NewMcpServiceHandler builds an HTTP handler from the service implementation. It returns the path
+// on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewMcpServiceHandler(svc McpServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	mcpServiceMethods := v1.File_chalk_compute_v1_compute_proto.Services().ByName("McpService").Methods()
+	mcpServiceAddServerHandler := connect.NewUnaryHandler(
+		McpServiceAddServerProcedure,
+		svc.AddServer,
+		connect.WithSchema(mcpServiceMethods.ByName("AddServer")),
+		connect.WithHandlerOptions(opts...),
+	)
+	mcpServiceListServersHandler := connect.NewUnaryHandler(
+		McpServiceListServersProcedure,
+		svc.ListServers,
+		connect.WithSchema(mcpServiceMethods.ByName("ListServers")),
+		connect.WithHandlerOptions(opts...),
+	)
+	mcpServiceRemoveServerHandler := connect.NewUnaryHandler(
+		McpServiceRemoveServerProcedure,
+		svc.RemoveServer,
+		connect.WithSchema(mcpServiceMethods.ByName("RemoveServer")),
+		connect.WithHandlerOptions(opts...),
+	)
+	mcpServiceAuditHandler := connect.NewUnaryHandler(
+		McpServiceAuditProcedure,
+		svc.Audit,
+		connect.WithSchema(mcpServiceMethods.ByName("Audit")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/chalk.compute.v1.McpService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case McpServiceAddServerProcedure:
+			mcpServiceAddServerHandler.ServeHTTP(w, r)
+		case McpServiceListServersProcedure:
+			mcpServiceListServersHandler.ServeHTTP(w, r)
+		case McpServiceRemoveServerProcedure:
+			mcpServiceRemoveServerHandler.ServeHTTP(w, r)
+		case McpServiceAuditProcedure:
+			mcpServiceAuditHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedMcpServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedMcpServiceHandler struct{}
+
+func (UnimplementedMcpServiceHandler) AddServer(context.Context, *connect.Request[v1.McpServer]) (*connect.Response[v1.McpServer], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.McpService.AddServer is not implemented"))
+}
+
+func (UnimplementedMcpServiceHandler) ListServers(context.Context, *connect.Request[v1.ListMcpServersRequest]) (*connect.Response[v1.ListMcpServersResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.McpService.ListServers is not implemented"))
+}
+
+func (UnimplementedMcpServiceHandler) RemoveServer(context.Context, *connect.Request[v1.McpServerName]) (*connect.Response[v1.RemoveMcpServerResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.McpService.RemoveServer is not implemented"))
+}
+
+func (UnimplementedMcpServiceHandler) Audit(context.Context, *connect.Request[v1.McpAuditRequest]) (*connect.Response[v1.McpAuditResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.McpService.Audit is not implemented"))
 }

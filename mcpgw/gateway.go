@@ -1,0 +1,690 @@
+// Package mcpgw is the MCP gateway: sandboxes reach their org's upstream MCP
+// servers at http://169.254.169.254/mcp/<server> with their workload
+// identity token, and the gateway
+//
+//   - verifies the token (signature, expiry, audience = the gateway URL, the
+//     sandbox still running) and that it belongs to the sandbox whose network
+//     namespace the request came from;
+//   - checks the server's policy: which sandboxes may use it (labels), and
+//     which tools, prompts and resources they may use. The JSON-RPC method
+//     and the tool come from the body, item by item for batches; the
+//     standard Mcp-Method/Mcp-Name headers must agree with the body;
+//     tools/list results are filtered to the allowed tools and calls of
+//     others are refused with a JSON-RPC error;
+//   - removes the sandbox's Authorization header, adds the upstream
+//     credential, and proxies the Streamable HTTP transport: POST with JSON
+//     or SSE responses (streamed event by event), GET streams, DELETE;
+//     session ids are the gateway's own, bound to the sandbox and server
+//     (upstream ids never reach the sandbox);
+//   - redacts the credential from anything that goes back, and never writes
+//     it to logs or errors;
+//   - audits every message (Config.Audit) and enforces a per-sandbox rate
+//     limit per server, size limits, upstream timeouts, and a dialer that
+//     refuses link-local and metadata addresses (also after redirects and
+//     DNS changes: the check is on the address actually dialled).
+package mcpgw
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// Upstream is a registered server as the gateway uses it: the credential
+// in the clear (in memory only).
+type Upstream struct {
+	Name, URL  string
+	HeaderName string // "" = Authorization: Bearer
+	Credential string
+	// Allowlists: nil allows everything.
+	Tools, Resources, Prompts []string
+	Labels                    map[string]string // required sandbox labels
+	Rate                      float64           // calls per second per sandbox; 0 = DefaultRate
+}
+
+// Caller is the sandbox a request came from, known by its network namespace.
+type Caller struct {
+	SandboxID, OrgID string
+	Labels           map[string]string
+}
+
+// Claims are what the gateway needs of a verified workload token.
+type Claims struct {
+	Subject, SandboxID string
+}
+
+// Limits and defaults.
+const (
+	DefaultRate         = 50.0
+	DefaultMaxRequest   = 1 << 20
+	DefaultMaxResponse  = 16 << 20
+	DefaultTimeout      = 60 * time.Second
+	DefaultStreamIdle   = 5 * time.Minute
+	maxSessionsPerCallr = 64
+	sessionIdle         = time.Hour
+)
+
+// Config configures a Gateway. Upstream, Verify and Caller are required.
+type Config struct {
+	// Upstream returns the org's server with its credential (errdefs.ErrNotFound if none).
+	Upstream func(ctx context.Context, orgID, name string) (*Upstream, error)
+	// Verify checks a workload token for exactly audience.
+	Verify func(ctx context.Context, token, audience string) (Claims, error)
+	// Caller identifies the sandbox the request came from.
+	Caller func(r *http.Request) (Caller, bool)
+	// BaseURL is the gateway's URL inside sandboxes (default
+	// http://169.254.169.254/mcp); a server's URL and token audience is
+	// BaseURL/<name> (BaseURL itself is accepted too).
+	BaseURL string
+	// Audit receives one record per message (nil: none).
+	Audit func(store.MCPAudit)
+	// Transport reaches upstreams (default: Dialer-guarded http.Transport).
+	Transport http.RoundTripper
+	// Deny are destinations never dialled (link-local and the metadata
+	// address always are).
+	Deny []netip.Prefix
+	// MaxRequest and MaxResponse bound bodies (a response: each SSE event).
+	MaxRequest, MaxResponse int64
+	// Timeout bounds an upstream answer (headers, and whole JSON bodies);
+	// StreamIdle bounds the wait between two events of a stream.
+	Timeout, StreamIdle time.Duration
+	Logger              *slog.Logger
+	Now                 func() time.Time
+}
+
+// Gateway is the http.Handler behind /mcp/ on the metadata address.
+type Gateway struct {
+	cfg    Config
+	client *http.Client
+
+	mu       sync.Mutex
+	sessions map[string]*session // gateway session id ->
+	buckets  map[string]*bucket  // sandbox/server ->
+}
+
+type session struct {
+	sandboxID, orgID, server string
+	upstreamID               string
+	used                     time.Time
+}
+
+// New returns a Gateway.
+func New(cfg Config) (*Gateway, error) {
+	if cfg.Upstream == nil || cfg.Verify == nil || cfg.Caller == nil {
+		return nil, errors.New("mcpgw: Upstream, Verify and Caller are required")
+	}
+	if cfg.BaseURL == "" {
+		cfg.BaseURL = "http://169.254.169.254/mcp"
+	}
+	cfg.BaseURL = strings.TrimSuffix(cfg.BaseURL, "/")
+	if cfg.MaxRequest <= 0 {
+		cfg.MaxRequest = DefaultMaxRequest
+	}
+	if cfg.MaxResponse <= 0 {
+		cfg.MaxResponse = DefaultMaxResponse
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	if cfg.StreamIdle <= 0 {
+		cfg.StreamIdle = DefaultStreamIdle
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	g := &Gateway{cfg: cfg, sessions: map[string]*session{}, buckets: map[string]*bucket{}}
+	rt := cfg.Transport
+	if rt == nil {
+		rt = g.transport()
+	}
+	g.client = &http.Client{Transport: rt, CheckRedirect: func(req *http.Request, via []*http.Request) error {
+		if len(via) >= 5 {
+			return errors.New("too many redirects")
+		}
+		return CheckURL(req.URL.String(), cfg.Deny)
+	}}
+	return g, nil
+}
+
+// forbidden reports addresses the gateway never dials.
+func forbidden(a netip.Addr, deny []netip.Prefix) bool {
+	a = a.Unmap()
+	if a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsMulticast() || a.IsUnspecified() || a.IsInterfaceLocalMulticast() {
+		return true
+	}
+	for _, p := range deny {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// CheckURL refuses upstream URLs that are not http(s), carry credentials
+// or name a forbidden address literally.
+func CheckURL(raw string, deny []netip.Prefix) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("upstream URL %q: %v: %w", raw, err, errdefs.ErrInvalidArgument)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return fmt.Errorf("upstream URL %q: scheme must be http or https: %w", raw, errdefs.ErrInvalidArgument)
+	}
+	if u.Host == "" || u.User != nil || u.Fragment != "" {
+		return fmt.Errorf("upstream URL %q: want scheme://host[:port]/path, without user info or fragment: %w", raw, errdefs.ErrInvalidArgument)
+	}
+	if a, err := netip.ParseAddr(strings.Trim(u.Hostname(), "[]")); err == nil && forbidden(a, deny) {
+		return fmt.Errorf("upstream URL %q: %s is a link-local, metadata or node-internal address: %w", raw, a, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+func (g *Gateway) transport() *http.Transport {
+	d := &net.Dialer{Timeout: 10 * time.Second, Control: func(_, address string, _ syscall.RawConn) error {
+		ap, err := netip.ParseAddrPort(address)
+		if err != nil {
+			return err
+		}
+		if forbidden(ap.Addr(), g.cfg.Deny) {
+			return fmt.Errorf("%s is a link-local, metadata or node-internal address: %w", ap.Addr(), errForbiddenAddr)
+		}
+		return nil
+	}}
+	return &http.Transport{
+		Proxy: nil, DialContext: d.DialContext, ForceAttemptHTTP2: true,
+		MaxIdleConns: 256, MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second,
+		TLSHandshakeTimeout: 10 * time.Second, ResponseHeaderTimeout: g.cfg.Timeout,
+	}
+}
+
+var errForbiddenAddr = errors.New("forbidden upstream address")
+
+// httpError is a refusal before or instead of proxying.
+type httpError struct {
+	status int
+	msg    string
+}
+
+func (e *httpError) Error() string { return e.msg }
+
+func fail(status int, format string, args ...any) *httpError {
+	return &httpError{status: status, msg: fmt.Sprintf(format, args...)}
+}
+
+// call is one request through the gateway.
+type call struct {
+	start    time.Time
+	caller   Caller
+	sub      string
+	up       *Upstream
+	bytesIn  int64
+	bytesOut int64
+	msgs     []rpcMsg // the JSON-RPC messages of a POST
+}
+
+func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	c := &call{start: g.cfg.Now()}
+	name := strings.Trim(strings.TrimPrefix(r.URL.Path, "/mcp"), "/")
+	status, decision := http.StatusOK, "allowed"
+	defer func() {
+		g.audit(c, r, name, status, decision)
+	}()
+	err := g.serve(w, r, c, name, &status)
+	if err != nil {
+		var he *httpError
+		if !errors.As(err, &he) {
+			he = fail(http.StatusBadGateway, "%v", err)
+		}
+		status = he.status
+		decision = "denied: " + he.msg
+		if he.status == http.StatusBadGateway || he.status == http.StatusGatewayTimeout {
+			decision = "error: " + he.msg
+		}
+		g.writeError(w, c, he)
+	}
+}
+
+func (g *Gateway) writeError(w http.ResponseWriter, c *call, he *httpError) {
+	msg := he.msg
+	if c.up != nil {
+		msg = redactString(msg, c.up)
+	}
+	if he.status == http.StatusUnauthorized {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="chalk-mcp-gateway"`)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(he.status)
+	_ = json.NewEncoder(w).Encode(map[string]string{"error": msg})
+}
+
+func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name string, status *int) error {
+	if name == "" || strings.Contains(name, "/") {
+		return fail(http.StatusNotFound, "want %s/<server>", g.cfg.BaseURL)
+	}
+	caller, ok := g.cfg.Caller(r)
+	if !ok {
+		return fail(http.StatusForbidden, "request does not come from a running sandbox")
+	}
+	c.caller = caller
+	// The workload token, for this gateway.
+	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok || tok == "" {
+		return fail(http.StatusUnauthorized, "missing bearer token: use the sandbox's identity token for audience %s/%s (GET http://169.254.169.254/v1/identity/token?audience=...)", g.cfg.BaseURL, name)
+	}
+	aud := g.cfg.BaseURL + "/" + name
+	cl, err := g.cfg.Verify(r.Context(), tok, aud)
+	if err != nil {
+		if cl2, err2 := g.cfg.Verify(r.Context(), tok, g.cfg.BaseURL); err2 == nil {
+			cl, err = cl2, nil
+		}
+	}
+	if err != nil {
+		return fail(http.StatusUnauthorized, "%v", err)
+	}
+	c.sub = cl.Subject
+	if cl.SandboxID != caller.SandboxID {
+		return fail(http.StatusForbidden, "the token belongs to sandbox %s, the request comes from sandbox %s", cl.SandboxID, caller.SandboxID)
+	}
+	up, err := g.cfg.Upstream(r.Context(), caller.OrgID, name)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return fail(http.StatusNotFound, "no MCP server %q is registered", name)
+	} else if err != nil {
+		return fail(http.StatusInternalServerError, "MCP server %q: %v", name, err)
+	}
+	c.up = up
+	for k, v := range up.Labels {
+		if caller.Labels[k] != v {
+			return fail(http.StatusForbidden, "sandbox %s may not use MCP server %q (it needs label %s=%s)", caller.SandboxID, name, k, v)
+		}
+	}
+	if !g.allow(caller.SandboxID+"/"+name, up.Rate) {
+		return fail(http.StatusTooManyRequests, "rate limit of MCP server %q exceeded for sandbox %s", name, caller.SandboxID)
+	}
+	switch r.Method {
+	case http.MethodPost, http.MethodGet, http.MethodDelete:
+	default:
+		w.Header().Set("Allow", "GET, POST, DELETE")
+		return fail(http.StatusMethodNotAllowed, "method %s: the Streamable HTTP transport uses POST, GET and DELETE", r.Method)
+	}
+	var body []byte
+	if r.Method == http.MethodPost {
+		body, err = io.ReadAll(io.LimitReader(r.Body, g.cfg.MaxRequest+1))
+		if err != nil {
+			return fail(http.StatusBadRequest, "reading the request: %v", err)
+		}
+		if int64(len(body)) > g.cfg.MaxRequest {
+			return fail(http.StatusRequestEntityTooLarge, "request body over %d bytes", g.cfg.MaxRequest)
+		}
+		c.bytesIn = int64(len(body))
+		if c.msgs, err = parseMessages(body); err != nil {
+			return fail(http.StatusBadRequest, "%v", err)
+		}
+		if err := checkHeaders(r.Header, c.msgs); err != nil {
+			return err
+		}
+		if denied := g.policy(up, c.msgs); denied {
+			*status = http.StatusOK
+			return g.refuse(w, c)
+		}
+	}
+	// The session: the gateway's id in, upstream's id out.
+	var sess *session
+	if id := r.Header.Get("Mcp-Session-Id"); id != "" {
+		if sess = g.session(id, caller, name); sess == nil {
+			return fail(http.StatusNotFound, "unknown MCP session (start a new one with initialize)")
+		}
+	} else if r.Method != http.MethodPost {
+		return fail(http.StatusBadRequest, "%s needs an Mcp-Session-Id", r.Method)
+	}
+	resp, err := g.forward(r, up, body, sess)
+	if err != nil {
+		if errors.Is(err, errForbiddenAddr) {
+			return fail(http.StatusBadGateway, "upstream MCP server %q: refused: it (or a redirect) leads to a link-local, metadata or node-internal address", name)
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			return fail(http.StatusGatewayTimeout, "upstream MCP server %q did not answer in %s", name, g.cfg.Timeout)
+		}
+		return fail(http.StatusBadGateway, "upstream MCP server %q: %v", name, redactString(err.Error(), up))
+	}
+	defer resp.Body.Close()
+	*status = resp.StatusCode
+	if r.Method == http.MethodDelete && resp.StatusCode < 300 && sess != nil {
+		g.dropSession(r.Header.Get("Mcp-Session-Id"))
+	}
+	gwID := ""
+	if upID := resp.Header.Get("Mcp-Session-Id"); upID != "" {
+		if sess != nil {
+			gwID = r.Header.Get("Mcp-Session-Id")
+		} else if gwID, err = g.newSession(caller, name, upID); err != nil {
+			return fail(http.StatusTooManyRequests, "%v", err)
+		}
+	}
+	return g.relay(w, resp, c, gwID)
+}
+
+// forward sends the request upstream with the credential.
+func (g *Gateway) forward(r *http.Request, up *Upstream, body []byte, sess *session) (*http.Response, error) {
+	ctx := r.Context()
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, r.Method, up.URL, rd)
+	if err != nil {
+		return nil, err
+	}
+	for _, h := range []string{"Accept", "Content-Type", "Mcp-Protocol-Version", "Last-Event-Id", "Mcp-Method", "Mcp-Name"} {
+		if v := r.Header.Values(h); len(v) > 0 {
+			req.Header[http.CanonicalHeaderKey(h)] = slices.Clone(v)
+		}
+	}
+	for k, v := range r.Header {
+		if strings.HasPrefix(k, "Mcp-Param-") {
+			req.Header[k] = slices.Clone(v)
+		}
+	}
+	if sess != nil {
+		req.Header.Set("Mcp-Session-Id", sess.upstreamID)
+	}
+	if up.Credential != "" {
+		if up.HeaderName == "" || strings.EqualFold(up.HeaderName, "Authorization") {
+			req.Header.Set("Authorization", "Bearer "+up.Credential)
+		} else {
+			req.Header.Set(up.HeaderName, up.Credential)
+		}
+	}
+	return g.client.Do(req)
+}
+
+// relay copies the upstream response to the sandbox: headers it needs,
+// the body filtered and redacted (SSE event by event, flushed as it comes).
+func (g *Gateway) relay(w http.ResponseWriter, resp *http.Response, c *call, gwID string) error {
+	h := w.Header()
+	for _, k := range []string{"Content-Type", "Mcp-Protocol-Version", "Cache-Control"} {
+		if v := resp.Header.Get(k); v != "" {
+			h.Set(k, redactString(v, c.up))
+		}
+	}
+	if gwID != "" {
+		h.Set("Mcp-Session-Id", gwID)
+	}
+	ct := resp.Header.Get("Content-Type")
+	listIDs := toolListIDs(c.msgs)
+	switch {
+	case strings.HasPrefix(ct, "text/event-stream"):
+		w.WriteHeader(resp.StatusCode)
+		return g.relaySSE(w, resp.Body, c, listIDs)
+	default:
+		b, err := readLimited(resp.Body, g.cfg.MaxResponse, g.cfg.Timeout)
+		if err != nil {
+			return fail(http.StatusBadGateway, "upstream MCP server %q: response: %v", c.up.Name, err)
+		}
+		if strings.HasPrefix(ct, "application/json") {
+			b = g.transform(b, c.up, listIDs)
+		} else {
+			b = redact(b, c.up)
+		}
+		h.Del("Content-Length")
+		w.WriteHeader(resp.StatusCode)
+		n, _ := w.Write(b)
+		c.bytesOut += int64(n)
+		return nil
+	}
+}
+
+func readLimited(r io.Reader, max int64, timeout time.Duration) ([]byte, error) {
+	type res struct {
+		b   []byte
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		b, err := io.ReadAll(io.LimitReader(r, max+1))
+		ch <- res{b, err}
+	}()
+	select {
+	case x := <-ch:
+		if x.err == nil && int64(len(x.b)) > max {
+			return nil, fmt.Errorf("over %d bytes", max)
+		}
+		return x.b, x.err
+	case <-time.After(timeout):
+		if c, ok := r.(io.Closer); ok {
+			c.Close()
+		}
+		return nil, fmt.Errorf("no complete answer in %s", timeout)
+	}
+}
+
+// relaySSE streams events: each event's data (a JSON-RPC message) is
+// filtered and redacted, and the event flushed before the next is read.
+func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call, listIDs map[string]bool) error {
+	fl, _ := w.(http.Flusher)
+	br := bufio.NewReaderSize(body, 64<<10)
+	var ev bytes.Buffer   // the event's non-data lines
+	var data bytes.Buffer // its data, lines joined
+	hasData := false
+	idle := time.AfterFunc(g.cfg.StreamIdle, func() { body.Close() })
+	defer idle.Stop()
+	for {
+		line, err := br.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) {
+			// A long line: collect it whole, within the limit.
+			full := append([]byte(nil), line...)
+			for errors.Is(err, bufio.ErrBufferFull) && int64(len(full)) <= g.cfg.MaxResponse {
+				line, err = br.ReadSlice('\n')
+				full = append(full, line...)
+			}
+			if int64(len(full)) > g.cfg.MaxResponse {
+				return nil // the sandbox sees the stream end
+			}
+			line = full
+		}
+		if len(line) == 0 && err != nil {
+			return nil
+		}
+		idle.Reset(g.cfg.StreamIdle)
+		trimmed := bytes.TrimRight(line, "\r\n")
+		switch {
+		case len(trimmed) == 0:
+			if hasData || ev.Len() > 0 {
+				var out bytes.Buffer
+				out.Write(redact(ev.Bytes(), c.up))
+				if hasData {
+					for _, l := range bytes.Split(g.transform(data.Bytes(), c.up, listIDs), []byte("\n")) {
+						out.WriteString("data: ")
+						out.Write(l)
+						out.WriteByte('\n')
+					}
+				}
+				out.WriteByte('\n')
+				n, werr := w.Write(out.Bytes())
+				c.bytesOut += int64(n)
+				if werr != nil {
+					return nil
+				}
+				if fl != nil {
+					fl.Flush()
+				}
+			}
+			ev.Reset()
+			data.Reset()
+			hasData = false
+		case bytes.HasPrefix(trimmed, []byte("data:")):
+			d := bytes.TrimPrefix(trimmed[5:], []byte(" "))
+			if hasData {
+				data.WriteByte('\n')
+			}
+			data.Write(d)
+			hasData = true
+			if int64(data.Len()) > g.cfg.MaxResponse {
+				return nil
+			}
+		default:
+			ev.Write(trimmed)
+			ev.WriteByte('\n')
+		}
+		if err != nil {
+			return nil
+		}
+	}
+}
+
+// audit records the call: one record per JSON-RPC message, or one for the
+// HTTP request when it carried none (GET, DELETE, refusals before parsing).
+func (g *Gateway) audit(c *call, r *http.Request, name string, status int, decision string) {
+	if g.cfg.Audit == nil {
+		return
+	}
+	now := g.cfg.Now()
+	base := store.MCPAudit{
+		At: now.UTC(), OrgID: c.caller.OrgID, SandboxID: c.caller.SandboxID, Subject: c.sub, Server: name,
+		HTTPMethod: r.Method, Decision: decision, Status: status,
+		LatencyMS: float64(now.Sub(c.start).Microseconds()) / 1000, BytesIn: c.bytesIn, BytesOut: c.bytesOut,
+	}
+	if c.caller.SandboxID == "" {
+		return // not from a sandbox: nothing to attribute it to
+	}
+	if len(c.msgs) == 0 {
+		g.cfg.Audit(base)
+		return
+	}
+	for _, m := range c.msgs {
+		rec := base
+		rec.Method, rec.Tool = m.Method, m.name
+		if m.Method == "" {
+			rec.Method = "(response)"
+		}
+		if len(m.args) > 0 {
+			sum := sha256.Sum256(m.args)
+			rec.ArgsSHA256 = hex.EncodeToString(sum[:])
+		}
+		if m.denied != "" {
+			rec.Decision = "denied: " + m.denied
+		}
+		g.cfg.Audit(rec)
+	}
+}
+
+// ---- sessions
+
+func randomID() (string, error) {
+	b := make([]byte, 24)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	return base64.RawURLEncoding.EncodeToString(b), nil
+}
+
+func (g *Gateway) newSession(c Caller, server, upstreamID string) (string, error) {
+	id, err := randomID()
+	if err != nil {
+		return "", err
+	}
+	now := g.cfg.Now()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	n := 0
+	for k, s := range g.sessions {
+		if now.Sub(s.used) > sessionIdle {
+			delete(g.sessions, k)
+			continue
+		}
+		if s.sandboxID == c.SandboxID {
+			n++
+		}
+	}
+	if n >= maxSessionsPerCallr {
+		return "", fmt.Errorf("sandbox %s has %d open MCP sessions: close some (DELETE)", c.SandboxID, n)
+	}
+	g.sessions[id] = &session{sandboxID: c.SandboxID, orgID: c.OrgID, server: server, upstreamID: upstreamID, used: now}
+	return id, nil
+}
+
+// session returns the session id names if it belongs to this sandbox and
+// server (another sandbox's id is as unknown as a made-up one).
+func (g *Gateway) session(id string, c Caller, server string) *session {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	s := g.sessions[id]
+	if s == nil || s.sandboxID != c.SandboxID || s.orgID != c.OrgID || s.server != server {
+		return nil
+	}
+	s.used = g.cfg.Now()
+	return s
+}
+
+func (g *Gateway) dropSession(id string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	delete(g.sessions, id)
+}
+
+// Forget drops a sandbox's sessions and rate state (it ended).
+func (g *Gateway) Forget(sandboxID string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for k, s := range g.sessions {
+		if s.sandboxID == sandboxID {
+			delete(g.sessions, k)
+		}
+	}
+	for k := range g.buckets {
+		if strings.HasPrefix(k, sandboxID+"/") {
+			delete(g.buckets, k)
+		}
+	}
+}
+
+// ---- rate limiting: a token bucket per sandbox and server.
+
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+func (g *Gateway) allow(key string, rate float64) bool {
+	if rate <= 0 {
+		rate = DefaultRate
+	}
+	burst := 2 * rate
+	now := g.cfg.Now()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	b := g.buckets[key]
+	if b == nil {
+		b = &bucket{tokens: burst, last: now}
+		g.buckets[key] = b
+	}
+	b.tokens = min(burst, b.tokens+now.Sub(b.last).Seconds()*rate)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}

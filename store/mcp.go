@@ -1,0 +1,187 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+// MCPServer is an upstream MCP server registered with the gateway.
+// Credential is sealed (encrypted with the node's gateway key): the store
+// never holds it in the clear, and no API returns it.
+type MCPServer struct {
+	OrgID      string `json:"org_id"`
+	Name       string `json:"name"`
+	URL        string `json:"url"`
+	HeaderName string `json:"header_name"` // the header the credential goes in (Authorization: "Bearer <credential>")
+	Credential []byte `json:"credential"`  // sealed
+	// Allowlists: nil allows everything; an empty list nothing.
+	AllowedTools     []string          `json:"allowed_tools"`
+	AllowedResources []string          `json:"allowed_resources"`
+	AllowedPrompts   []string          `json:"allowed_prompts"`
+	SandboxLabels    map[string]string `json:"sandbox_labels"` // sandboxes that may use it: all these labels (none: every sandbox)
+	RatePerSecond    float64           `json:"rate_per_second"`
+	CreatedAt        time.Time         `json:"created_at"`
+	CreatedBy        string            `json:"created_by"`
+}
+
+// PutMCPServer creates or replaces a server.
+func (s *Store) PutMCPServer(ctx context.Context, m *MCPServer) error {
+	doc, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	_, err = s.db.ExecContext(ctx, `INSERT INTO mcp_servers (org_id, name, doc) VALUES (?, ?, ?)
+		ON CONFLICT (org_id, name) DO UPDATE SET doc = excluded.doc`, m.OrgID, m.Name, doc)
+	return err
+}
+
+// GetMCPServer returns one server.
+func (s *Store) GetMCPServer(ctx context.Context, orgID, name string) (*MCPServer, error) {
+	var doc []byte
+	err := s.db.QueryRowContext(ctx, `SELECT doc FROM mcp_servers WHERE org_id = ? AND name = ?`, orgID, name).Scan(&doc)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("MCP server %q: %w", name, errdefs.ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var m MCPServer
+	if err := json.Unmarshal(doc, &m); err != nil {
+		return nil, fmt.Errorf("MCP server %q: %w", name, err)
+	}
+	return &m, nil
+}
+
+// ListMCPServers returns the org's servers by name.
+func (s *Store) ListMCPServers(ctx context.Context, orgID string) ([]*MCPServer, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT doc FROM mcp_servers WHERE org_id = ? ORDER BY name`, orgID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []*MCPServer
+	for rows.Next() {
+		var doc []byte
+		if err := rows.Scan(&doc); err != nil {
+			return nil, err
+		}
+		var m MCPServer
+		if err := json.Unmarshal(doc, &m); err != nil {
+			return nil, err
+		}
+		out = append(out, &m)
+	}
+	return out, rows.Err()
+}
+
+// DeleteMCPServer removes a server.
+func (s *Store) DeleteMCPServer(ctx context.Context, orgID, name string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM mcp_servers WHERE org_id = ? AND name = ?`, orgID, name)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("MCP server %q: %w", name, errdefs.ErrNotFound)
+	}
+	return nil
+}
+
+// MCPAudit is one call through the gateway (one JSON-RPC message, or one
+// HTTP request refused before its body was read).
+type MCPAudit struct {
+	Seq        int64     `json:"seq"`
+	At         time.Time `json:"at"`
+	OrgID      string    `json:"org_id"`
+	SandboxID  string    `json:"sandbox_id"`
+	Subject    string    `json:"sub"`
+	Server     string    `json:"server"`
+	HTTPMethod string    `json:"http_method"`
+	Method     string    `json:"method"` // JSON-RPC method
+	Tool       string    `json:"tool"`   // tool, prompt or resource URI named by the call
+	ArgsSHA256 string    `json:"args_sha256"`
+	Decision   string    `json:"decision"` // "allowed" or "denied: <reason>"
+	Status     int       `json:"status"`   // HTTP status returned to the sandbox
+	LatencyMS  float64   `json:"latency_ms"`
+	BytesIn    int64     `json:"bytes_in"`
+	BytesOut   int64     `json:"bytes_out"`
+}
+
+// AddMCPAudit appends records in one transaction.
+func (s *Store) AddMCPAudit(ctx context.Context, recs []MCPAudit) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	st, err := tx.PrepareContext(ctx, `INSERT INTO mcp_audit (org_id, at, sandbox_id, server, doc) VALUES (?, ?, ?, ?, ?)`)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	for i := range recs {
+		doc, err := json.Marshal(&recs[i])
+		if err != nil {
+			return err
+		}
+		if _, err := st.ExecContext(ctx, recs[i].OrgID, recs[i].At.UnixNano(), recs[i].SandboxID, recs[i].Server, doc); err != nil {
+			return err
+		}
+	}
+	return tx.Commit()
+}
+
+// MCPAuditQuery selects audit records: newest first, at most Limit.
+type MCPAuditQuery struct {
+	OrgID, SandboxID, Server string
+	Since                    time.Time
+	Limit                    int
+}
+
+// ListMCPAudit returns the records q selects, newest first.
+func (s *Store) ListMCPAudit(ctx context.Context, q MCPAuditQuery) ([]MCPAudit, error) {
+	if q.Limit <= 0 || q.Limit > 10000 {
+		q.Limit = 100
+	}
+	sqlq := `SELECT seq, doc FROM mcp_audit WHERE org_id = ?`
+	args := []any{q.OrgID}
+	if q.SandboxID != "" {
+		sqlq += ` AND sandbox_id = ?`
+		args = append(args, q.SandboxID)
+	}
+	if q.Server != "" {
+		sqlq += ` AND server = ?`
+		args = append(args, q.Server)
+	}
+	if !q.Since.IsZero() {
+		sqlq += ` AND at >= ?`
+		args = append(args, q.Since.UnixNano())
+	}
+	sqlq += ` ORDER BY seq DESC LIMIT ?`
+	args = append(args, q.Limit)
+	rows, err := s.db.QueryContext(ctx, sqlq, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []MCPAudit
+	for rows.Next() {
+		var seq int64
+		var doc []byte
+		if err := rows.Scan(&seq, &doc); err != nil {
+			return nil, err
+		}
+		var r MCPAudit
+		if err := json.Unmarshal(doc, &r); err != nil {
+			return nil, err
+		}
+		r.Seq = seq
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
