@@ -66,6 +66,9 @@ func validateCreate(r *v1.CreateSandboxRequest) (timeout, idle time.Duration, er
 	if r.Workdir != "" && !path.IsAbs(r.Workdir) {
 		return 0, 0, invalid("workdir %q: must be an absolute path", r.Workdir)
 	}
+	if err := validLabels(r.Labels); err != nil {
+		return 0, 0, err
+	}
 	if err := validateEnv(r.Env); err != nil {
 		return 0, 0, err
 	}

@@ -61,6 +61,7 @@ type Config struct {
 	Policies   PolicyBackend
 	Identity   IdentityBackend
 	Tunnels    TunnelBackend // nil: tunnels are unavailable
+	MCP        MCPBackend    // nil: the MCP gateway is unavailable
 	Logger     *slog.Logger
 	// MaxWriteFile bounds WriteFile payloads (default 64 MiB).
 	MaxWriteFile int64
@@ -114,5 +115,6 @@ func (s *Server) Handler() http.Handler {
 	mux.Handle(computev1connect.NewPolicyServiceHandler(&policyService{s}, opts...))
 	mux.Handle(computev1connect.NewIdentityServiceHandler(&identityService{s}, opts...))
 	mux.Handle(computev1connect.NewTunnelServiceHandler(&tunnelService{s}, opts...))
+	mux.Handle(computev1connect.NewMcpServiceHandler(&mcpService{s}, opts...))
 	return mux
 }

@@ -39,6 +39,7 @@ type Client struct {
 	images   computev1connect.ImageServiceClient
 	policies computev1connect.PolicyServiceClient
 	tunnels  computev1connect.TunnelServiceClient
+	mcp      computev1connect.McpServiceClient
 	identity computev1connect.IdentityServiceClient
 }
 
@@ -140,6 +141,7 @@ func NewClient(opts ...Option) (*Client, error) {
 	c.images = computev1connect.NewImageServiceClient(hc, base, auth)
 	c.policies = computev1connect.NewPolicyServiceClient(hc, base, auth)
 	c.tunnels = computev1connect.NewTunnelServiceClient(hc, base, auth)
+	c.mcp = computev1connect.NewMcpServiceClient(hc, base, auth)
 	c.identity = computev1connect.NewIdentityServiceClient(hc, base, auth)
 	return c, nil
 }

@@ -119,8 +119,8 @@ func newRoot(in io.Reader, out, errOut io.Writer) *cobra.Command {
 		}
 		return nil
 	}
-	compute := &cobra.Command{Use: "compute", Short: "Sandboxes, images, network policies and tunnels"}
-	compute.AddCommand(sandboxCmd(e), imageCmd(e), policyCmd(e), tunnelCmd(e))
+	compute := &cobra.Command{Use: "compute", Short: "Sandboxes, images, network policies, tunnels and the MCP gateway"}
+	compute.AddCommand(sandboxCmd(e), imageCmd(e), policyCmd(e), tunnelCmd(e), mcpCmd(e))
 	root.AddCommand(compute, whoamiCmd(e), queryCmd(e), adminCmd(e))
 	return root
 }

@@ -39,7 +39,7 @@ func sbCreate(e *env) *cobra.Command {
 	var (
 		image, workdir     string
 		envs, policies     []string
-		tunnels            []string
+		tunnels, labels    []string
 		cpu                float64
 		memory             int64
 		disk               int64
@@ -75,6 +75,13 @@ func sbCreate(e *env) *cobra.Command {
 			if len(tunnels) > 0 {
 				opts = append(opts, chalkcompute.WithTunnels(tunnels...))
 			}
+			if len(labels) > 0 {
+				lm, err := parseEnv(labels)
+				if err != nil {
+					return fmt.Errorf("--label: %w", err)
+				}
+				opts = append(opts, chalkcompute.WithLabels(lm))
+			}
 			if !e.json() {
 				// Pull first so a cold image shows progress.
 				if _, err := c.PullImage(cmd.Context(), image, newProgress(e.errOut).update); err != nil {
@@ -97,6 +104,7 @@ func sbCreate(e *env) *cobra.Command {
 	f.StringVar(&workdir, "workdir", "", "working directory")
 	f.StringArrayVarP(&envs, "env", "e", nil, "NAME=VALUE (repeatable)")
 	f.StringArrayVar(&policies, "network-policy", nil, "network policy name (repeatable)")
+	f.StringArrayVar(&labels, "label", nil, "KEY=VALUE label (repeatable; MCP servers can be limited to labelled sandboxes)")
 	f.StringArrayVar(&tunnels, "tunnel", nil, "tunnel name to join, created on first use (repeatable)")
 	f.Float64Var(&cpu, "cpu", 0, "CPU cores (0 = unlimited)")
 	f.Int64Var(&memory, "memory", 0, "memory limit in MiB (0 = unlimited)")

@@ -145,6 +145,7 @@ type Daemon struct {
 	Metadata *metadata.Server
 
 	tun *tunnels
+	mcp *mcpGateway
 
 	AdminToken string // set when this start created it
 	servers    []*http.Server
@@ -231,7 +232,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	// Egress policies and the DNS proxy every sandbox resolves through; it
 	// answers the tunnels' names itself.
 	if d.Egress, err = egress.New(egress.Config{
-		Table: d.Net.Table(), Logger: cfg.Logger, Upstream: cfg.DNSUpstream, Local: tun.resolveName,
+		Table: d.Net.Table(), Logger: cfg.Logger, Upstream: cfg.DNSUpstream, Local: localNames(tun),
 		ListenAddrs: []string{
 			netip.AddrPortFrom(d.Net.ServiceAddr(), 53).String(),
 			netip.AddrPortFrom(d.Net.ServiceAddr6(), 53).String(),
@@ -277,9 +278,16 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, err
 	}
 	wi.meta = d.Metadata
+	// The MCP gateway never dials sandboxes, the node's service address or
+	// tunnel space (besides the link-local and metadata addresses it always refuses).
+	s4, s6 := d.Net.Subnets()
+	deny := []netip.Prefix{s4, s6, netip.PrefixFrom(d.Net.ServiceAddr(), 32), tun.base}
+	if d.mcp, err = newMCPGateway(cfg.DataDir, d.Store, d.Issuer, deny, cfg.Logger); err != nil {
+		return nil, fmt.Errorf("MCP gateway: %w", err)
+	}
 	d.API = api.New(ctx, api.Config{
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
-		Workload: wi, Identity: wi, Policies: pol, Images: im, Tunnels: tun,
+		Workload: wi, Identity: wi, Policies: pol, Images: im, Tunnels: tun, MCP: d.mcp,
 		Hooks: api.Hooks{
 			Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
 				if err := im.binds(ctx, sb, req); err != nil {
@@ -290,6 +298,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			Started: tun.started,
 			Ended: func(ctx context.Context, sb *store.Sandbox) {
 				d.Tunnels.Leave(sb.ID)
+				d.mcp.gw.Forget(sb.ID)
 				wi.ended(ctx, sb)
 				pol.remove(ctx, sb)
 			},
@@ -355,6 +364,8 @@ func (d *Daemon) serve() error {
 	// 169.254.169.254 and, under /api, reach the API with their own identity.
 	d.Metadata.Handle("/api/", stripAPI(d.API.Handler()), metadata.WithoutFlavorHeader())
 	d.Metadata.Handle("GET /v1/tunnels", http.HandlerFunc(d.tun.metadataTunnels))
+	// The MCP gateway: stock MCP clients send no Metadata-Flavor header.
+	d.Metadata.Handle("/mcp/", d.mcp.gw, metadata.WithoutFlavorHeader())
 	ml, err := net.Listen("tcp", netip.AddrPortFrom(d.Net.ServiceAddr(), d.cfg.MetadataPort).String())
 	if err != nil {
 		return fmt.Errorf("metadata service: %w", err)
@@ -473,6 +484,9 @@ func (d *Daemon) Close() error {
 	}
 	if d.Tunnels != nil {
 		d.Tunnels.Close()
+	}
+	if d.mcp != nil {
+		d.mcp.close()
 	}
 	if d.Cache != nil {
 		errs = append(errs, d.Cache.Flush())

@@ -252,6 +252,9 @@ func (m *Manager) ServiceAddr() netip.Addr { return m.svc }
 // ServiceAddr6 is the node's IPv6 service address.
 func (m *Manager) ServiceAddr6() netip.Addr { return m.svc6 }
 
+// Subnets are the sandboxes' IPv4 and IPv6 networks.
+func (m *Manager) Subnets() (netip.Prefix, netip.Prefix) { return m.cfg.Subnet, m.cfg.Subnet6 }
+
 // MaxSlot is the highest usable slot.
 func (m *Manager) MaxSlot() int { return m.maxSlot }
 

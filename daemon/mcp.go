@@ -1,0 +1,226 @@
+package daemon
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/identity"
+	"github.com/chalkcompute/chalkcompute/mcpgw"
+	"github.com/chalkcompute/chalkcompute/metadata"
+	"github.com/chalkcompute/chalkcompute/sandboxnet"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// GatewayBase is the MCP gateway's URL inside sandboxes; a server's URL and
+// token audience is GatewayBase/<name>.
+const GatewayBase = "http://169.254.169.254/mcp"
+
+// mcpGateway wires mcpgw to the store, the issuer and the metadata service.
+type mcpGateway struct {
+	gw     *mcpgw.Gateway
+	sealer *mcpgw.Sealer
+	st     *store.Store
+	deny   []netip.Prefix
+	log    *slog.Logger
+
+	audit    chan store.MCPAudit
+	flushReq chan chan struct{}
+	dropped  atomic.Int64
+	stop     chan struct{}
+	done     chan struct{}
+	once     sync.Once
+}
+
+var _ api.MCPBackend = (*mcpGateway)(nil)
+
+func newMCPGateway(dataDir string, st *store.Store, iss *identity.Issuer, deny []netip.Prefix, log *slog.Logger) (*mcpGateway, error) {
+	sealer, err := mcpgw.OpenSealer(filepath.Join(dataDir, "mcp-gateway.key"))
+	if err != nil {
+		return nil, err
+	}
+	m := &mcpGateway{sealer: sealer, st: st, deny: deny, log: log, audit: make(chan store.MCPAudit, 8192), flushReq: make(chan chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
+	m.gw, err = mcpgw.New(mcpgw.Config{
+		BaseURL:  GatewayBase,
+		Upstream: m.upstream,
+		Verify: func(ctx context.Context, token, aud string) (mcpgw.Claims, error) {
+			c, err := iss.Verify(ctx, token, aud)
+			if err != nil {
+				return mcpgw.Claims{}, err
+			}
+			return mcpgw.Claims{Subject: c.Subject, SandboxID: c.SandboxID}, nil
+		},
+		Caller: m.caller,
+		Audit:  m.record,
+		Deny:   deny,
+		Logger: log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	go m.writeAudit()
+	return m, nil
+}
+
+func (m *mcpGateway) Seal(aad string, plaintext []byte) ([]byte, error) {
+	return m.sealer.Seal(aad, plaintext)
+}
+
+func (m *mcpGateway) CheckURL(u string) error { return mcpgw.CheckURL(u, m.deny) }
+
+func (m *mcpGateway) GatewayURL(name string) string { return GatewayBase + "/" + name }
+
+func (m *mcpGateway) upstream(ctx context.Context, orgID, name string) (*mcpgw.Upstream, error) {
+	s, err := m.st.GetMCPServer(ctx, orgID, name)
+	if err != nil {
+		return nil, err
+	}
+	up := &mcpgw.Upstream{
+		Name: s.Name, URL: s.URL, HeaderName: s.HeaderName, Tools: s.AllowedTools, Resources: s.AllowedResources,
+		Prompts: s.AllowedPrompts, Labels: s.SandboxLabels, Rate: s.RatePerSecond,
+	}
+	if len(s.Credential) > 0 {
+		cred, err := m.sealer.Open(orgID+"/"+name, s.Credential)
+		if err != nil {
+			return nil, err
+		}
+		up.Credential = string(cred)
+	}
+	return up, nil
+}
+
+// caller is the sandbox the metadata service identified by the request's
+// source address (its veth), with its labels.
+func (m *mcpGateway) caller(r *http.Request) (mcpgw.Caller, bool) {
+	sb, ok := metadata.CallerFrom(r.Context())
+	if !ok || !sb.Running {
+		return mcpgw.Caller{}, false
+	}
+	c := mcpgw.Caller{SandboxID: sb.ID, OrgID: sb.OrgID}
+	if rec, err := m.st.GetSandbox(r.Context(), sb.ID); err == nil {
+		c.Labels = rec.Labels
+	}
+	return c, true
+}
+
+// record queues an audit record; a full queue drops (and counts) rather
+// than slowing calls down.
+func (m *mcpGateway) record(a store.MCPAudit) {
+	select {
+	case m.audit <- a:
+	default:
+		if m.dropped.Add(1)%1000 == 1 {
+			m.log.Warn("mcp gateway: audit queue full, records dropped", "dropped", m.dropped.Load())
+		}
+	}
+}
+
+// writeAudit stores queued records in batches.
+func (m *mcpGateway) writeAudit() {
+	defer close(m.done)
+	var batch []store.MCPAudit
+	flush := func() {
+		if len(batch) == 0 {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		if err := m.st.AddMCPAudit(ctx, batch); err != nil {
+			m.log.Error("mcp gateway: audit", "records", len(batch), "err", err)
+		}
+		cancel()
+		batch = batch[:0]
+	}
+	// drain takes what is queued now; false once the queue is closed.
+	drain := func() bool {
+		for {
+			select {
+			case a, ok := <-m.audit:
+				if !ok {
+					return false
+				}
+				batch = append(batch, a)
+				if len(batch) >= 512 {
+					flush()
+				}
+			default:
+				return true
+			}
+		}
+	}
+	for {
+		select {
+		case a, ok := <-m.audit:
+			if !ok {
+				flush()
+				return
+			}
+			batch = append(batch, a)
+			open := drain()
+			flush()
+			if !open {
+				return
+			}
+		case ack := <-m.flushReq:
+			open := drain()
+			flush()
+			close(ack)
+			if !open {
+				return
+			}
+		case <-m.stop:
+			return
+		}
+	}
+}
+
+// FlushAudit returns once every record queued before the call is stored.
+func (m *mcpGateway) FlushAudit(ctx context.Context) {
+	ack := make(chan struct{})
+	select {
+	case m.flushReq <- ack:
+	case <-m.done:
+		return
+	case <-ctx.Done():
+		return
+	}
+	select {
+	case <-ack:
+	case <-ctx.Done():
+	}
+}
+
+// close stores what is queued and stops the writer (later records are
+// dropped: the gateway's handlers may outlive the metadata server's Close).
+func (m *mcpGateway) close() {
+	m.once.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		m.FlushAudit(ctx)
+		close(m.stop)
+		<-m.done
+	})
+}
+
+// MetadataName is the DNS name of the metadata service (and so of the MCP
+// gateway: http://metadata.chalk.internal/mcp/<server>) inside sandboxes.
+const MetadataName = "metadata.chalk.internal."
+
+// localNames is the DNS proxy's Local hook: the metadata name, then the
+// tunnels' names.
+func localNames(tun *tunnels) func(string, string) ([]netip.Addr, bool) {
+	return func(sandboxID, qname string) ([]netip.Addr, bool) {
+		if strings.EqualFold(dns.Fqdn(qname), MetadataName) {
+			return []netip.Addr{sandboxnet.MetadataAddr}, true
+		}
+		return tun.resolveName(sandboxID, qname)
+	}
+}

@@ -1,0 +1,166 @@
+// Command mcpprobe is the MCP client the gateway tests run inside a
+// sandbox: the official Go SDK's client over Streamable HTTP, with the
+// sandbox's workload token from the metadata service.
+//
+//	mcpprobe sdk URL               list tools, call add, whoami, secret_tool, then slow (printing its progress as it comes)
+//	mcpprobe raw METHOD URL TOKEN BODY [Header=Value...]
+//	                               one request; TOKEN is "meta:AUDIENCE" (from the metadata service), "-" (none) or a JWT;
+//	                               prints "status: N", "session: ID" and the body
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/modelcontextprotocol/go-sdk/mcp"
+)
+
+func main() {
+	var err error
+	switch {
+	case len(os.Args) == 3 && os.Args[1] == "sdk":
+		err = sdk(os.Args[2])
+	case len(os.Args) >= 6 && os.Args[1] == "raw":
+		err = raw(os.Args[2], os.Args[3], os.Args[4], os.Args[5], os.Args[6:])
+	default:
+		err = fmt.Errorf("usage: mcpprobe sdk URL | raw METHOD URL TOKEN BODY [Header=Value...]")
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mcpprobe:", err)
+		os.Exit(1)
+	}
+}
+
+// token fetches the sandbox's identity token for audience.
+func token(audience string) (string, error) {
+	req, _ := http.NewRequest(http.MethodGet, "http://169.254.169.254/v1/identity/token?audience="+url.QueryEscape(audience), nil)
+	req.Header.Set("Metadata-Flavor", "chalk")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	var t struct {
+		Token string `json:"token"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&t); err != nil || t.Token == "" {
+		return "", fmt.Errorf("token for %s: %d %v", audience, resp.StatusCode, err)
+	}
+	return t.Token, nil
+}
+
+type bearer struct{ tok string }
+
+func (b bearer) RoundTrip(r *http.Request) (*http.Response, error) {
+	r = r.Clone(r.Context())
+	r.Header.Set("Authorization", "Bearer "+b.tok)
+	return http.DefaultTransport.RoundTrip(r)
+}
+
+func text(r *mcp.CallToolResult) string {
+	var b strings.Builder
+	for _, c := range r.Content {
+		if t, ok := c.(*mcp.TextContent); ok {
+			b.WriteString(t.Text)
+		}
+	}
+	return b.String()
+}
+
+func sdk(endpoint string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	tok, err := token(endpoint)
+	if err != nil {
+		return err
+	}
+	c := mcp.NewClient(&mcp.Implementation{Name: "mcpprobe", Version: "1"}, &mcp.ClientOptions{
+		ProgressNotificationHandler: func(_ context.Context, r *mcp.ProgressNotificationClientRequest) {
+			fmt.Printf("progress: %s\n", r.Params.Message)
+		},
+	})
+	s, err := c.Connect(ctx, &mcp.StreamableClientTransport{Endpoint: endpoint, HTTPClient: &http.Client{Transport: bearer{tok}}}, nil)
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	defer s.Close()
+	fmt.Printf("session: %s\n", s.ID())
+	lt, err := s.ListTools(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("tools/list: %w", err)
+	}
+	var names []string
+	for _, t := range lt.Tools {
+		names = append(names, t.Name)
+	}
+	slices.Sort(names)
+	fmt.Printf("tools: %s\n", strings.Join(names, ","))
+	for _, call := range []mcp.CallToolParams{
+		{Name: "add", Arguments: map[string]any{"a": 2, "b": 3}},
+		{Name: "whoami"},
+		{Name: "secret_tool"},
+	} {
+		res, err := s.CallTool(ctx, &call)
+		switch {
+		case err != nil:
+			fmt.Printf("%s: error: %v\n", call.Name, err)
+		case res.IsError:
+			fmt.Printf("%s: tool error: %s\n", call.Name, text(res))
+		default:
+			fmt.Printf("%s: %s\n", call.Name, text(res))
+		}
+	}
+	p := &mcp.CallToolParams{Name: "slow"}
+	p.SetProgressToken("p1")
+	res, err := s.CallTool(ctx, p)
+	if err != nil {
+		return fmt.Errorf("slow: %w", err)
+	}
+	fmt.Printf("slow: %s\n", text(res))
+	return nil
+}
+
+func raw(method, endpoint, tok, body string, headers []string) error {
+	switch {
+	case tok == "-":
+		tok = ""
+	case strings.HasPrefix(tok, "meta:"):
+		var err error
+		if tok, err = token(strings.TrimPrefix(tok, "meta:")); err != nil {
+			return err
+		}
+	}
+	var rd io.Reader
+	if body != "" && body != "-" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, endpoint, rd)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	if tok != "" {
+		req.Header.Set("Authorization", "Bearer "+tok)
+	}
+	for _, h := range headers {
+		k, v, _ := strings.Cut(h, "=")
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	fmt.Printf("status: %d\nsession: %s\n%s\n", resp.StatusCode, resp.Header.Get("Mcp-Session-Id"), b)
+	return nil
+}
