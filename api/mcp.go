@@ -25,6 +25,8 @@ type MCPBackend interface {
 	GatewayURL(name string) string
 	// FlushAudit stores the audit records queued so far.
 	FlushAudit(ctx context.Context)
+	// Invalidate drops any cached copy of the server (it changed).
+	Invalidate(orgID, name string)
 }
 
 // Limits of a server registration.
@@ -154,6 +156,7 @@ func (h *mcpService) AddServer(ctx context.Context, req *connect.Request[v1.McpS
 	if err := h.s.store.PutMCPServer(ctx, rec); err != nil {
 		return nil, err
 	}
+	mb.Invalidate(u.OrgID, rec.Name)
 	return connect.NewResponse(h.s.mcpToProto(mb, rec)), nil
 }
 
@@ -182,7 +185,13 @@ func (h *mcpService) RemoveServer(ctx context.Context, req *connect.Request[v1.M
 	if err != nil {
 		return nil, err
 	}
-	if err := h.s.store.DeleteMCPServer(ctx, u.OrgID, req.Msg.Name); err != nil {
+	mb, err := h.s.mcp()
+	if err != nil {
+		return nil, err
+	}
+	err = h.s.store.DeleteMCPServer(ctx, u.OrgID, req.Msg.Name)
+	mb.Invalidate(u.OrgID, req.Msg.Name)
+	if err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(&v1.RemoveMcpServerResponse{}), nil

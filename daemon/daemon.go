@@ -298,7 +298,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			Started: tun.started,
 			Ended: func(ctx context.Context, sb *store.Sandbox) {
 				d.Tunnels.Leave(sb.ID)
-				d.mcp.gw.Forget(sb.ID)
+				d.mcp.ended(sb.ID)
 				wi.ended(ctx, sb)
 				pol.remove(ctx, sb)
 			},

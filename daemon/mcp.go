@@ -33,12 +33,17 @@ type mcpGateway struct {
 	deny   []netip.Prefix
 	log    *slog.Logger
 
-	audit    chan store.MCPAudit
-	flushReq chan chan struct{}
-	dropped  atomic.Int64
-	stop     chan struct{}
-	done     chan struct{}
-	once     sync.Once
+	audit     chan store.MCPAudit
+	flushReq  chan chan struct{}
+	dropped   atomic.Int64
+	cacheMu   sync.Mutex
+	upstreams map[string]*mcpgw.Upstream   // org/name -> (dropped by Invalidate)
+	gen       uint64                       // Invalidate calls: a load that raced one is not cached
+	labels    map[string]map[string]string // sandbox id -> labels (immutable; dropped when it ends)
+
+	stop chan struct{}
+	done chan struct{}
+	once sync.Once
 }
 
 var _ api.MCPBackend = (*mcpGateway)(nil)
@@ -48,7 +53,8 @@ func newMCPGateway(dataDir string, st *store.Store, iss *identity.Issuer, deny [
 	if err != nil {
 		return nil, err
 	}
-	m := &mcpGateway{sealer: sealer, st: st, deny: deny, log: log, audit: make(chan store.MCPAudit, 8192), flushReq: make(chan chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
+	m := &mcpGateway{sealer: sealer, st: st, deny: deny, log: log, audit: make(chan store.MCPAudit, 8192), flushReq: make(chan chan struct{}), stop: make(chan struct{}), done: make(chan struct{}),
+		upstreams: map[string]*mcpgw.Upstream{}, labels: map[string]map[string]string{}}
 	m.gw, err = mcpgw.New(mcpgw.Config{
 		BaseURL:  GatewayBase,
 		Upstream: m.upstream,
@@ -57,7 +63,7 @@ func newMCPGateway(dataDir string, st *store.Store, iss *identity.Issuer, deny [
 			if err != nil {
 				return mcpgw.Claims{}, err
 			}
-			return mcpgw.Claims{Subject: c.Subject, SandboxID: c.SandboxID}, nil
+			return mcpgw.Claims{Subject: c.Subject, SandboxID: c.SandboxID, Expiry: c.Expiry}, nil
 		},
 		Caller: m.caller,
 		Audit:  m.record,
@@ -79,7 +85,47 @@ func (m *mcpGateway) CheckURL(u string) error { return mcpgw.CheckURL(u, m.deny)
 
 func (m *mcpGateway) GatewayURL(name string) string { return GatewayBase + "/" + name }
 
+// Invalidate drops a server from the cache (it was added, replaced or removed).
+func (m *mcpGateway) Invalidate(orgID, name string) {
+	m.cacheMu.Lock()
+	delete(m.upstreams, orgID+"/"+name)
+	m.gen++
+	m.cacheMu.Unlock()
+}
+
+// ended forgets a sandbox that ended.
+func (m *mcpGateway) ended(id string) {
+	m.gw.Forget(id)
+	m.cacheMu.Lock()
+	delete(m.labels, id)
+	m.cacheMu.Unlock()
+}
+
 func (m *mcpGateway) upstream(ctx context.Context, orgID, name string) (*mcpgw.Upstream, error) {
+	key := orgID + "/" + name
+	m.cacheMu.Lock()
+	up, ok := m.upstreams[key]
+	gen := m.gen
+	m.cacheMu.Unlock()
+	if ok {
+		return up, nil
+	}
+	up, err := m.load(ctx, orgID, name)
+	if err != nil {
+		return nil, err
+	}
+	m.cacheMu.Lock()
+	if m.gen == gen {
+		if len(m.upstreams) > 4096 {
+			clear(m.upstreams)
+		}
+		m.upstreams[key] = up
+	}
+	m.cacheMu.Unlock()
+	return up, nil
+}
+
+func (m *mcpGateway) load(ctx context.Context, orgID, name string) (*mcpgw.Upstream, error) {
 	s, err := m.st.GetMCPServer(ctx, orgID, name)
 	if err != nil {
 		return nil, err
@@ -106,9 +152,20 @@ func (m *mcpGateway) caller(r *http.Request) (mcpgw.Caller, bool) {
 		return mcpgw.Caller{}, false
 	}
 	c := mcpgw.Caller{SandboxID: sb.ID, OrgID: sb.OrgID}
-	if rec, err := m.st.GetSandbox(r.Context(), sb.ID); err == nil {
-		c.Labels = rec.Labels
+	m.cacheMu.Lock()
+	l, ok := m.labels[sb.ID]
+	m.cacheMu.Unlock()
+	if !ok {
+		rec, err := m.st.GetSandbox(r.Context(), sb.ID)
+		if err != nil {
+			return mcpgw.Caller{}, false
+		}
+		l = rec.Labels
+		m.cacheMu.Lock()
+		m.labels[sb.ID] = l
+		m.cacheMu.Unlock()
 	}
+	c.Labels = l
 	return c, true
 }
 

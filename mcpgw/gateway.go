@@ -72,6 +72,7 @@ type Caller struct {
 // Claims are what the gateway needs of a verified workload token.
 type Claims struct {
 	Subject, SandboxID string
+	Expiry             time.Time
 }
 
 // Limits and defaults.
@@ -121,7 +122,11 @@ type Gateway struct {
 	mu       sync.Mutex
 	sessions map[string]*session // gateway session id ->
 	buckets  map[string]*bucket  // sandbox/server ->
+	verified map[string]Claims   // audience + token -> claims, until the token expires
 }
+
+// maxVerified bounds the verified-token cache.
+const maxVerified = 8192
 
 type session struct {
 	sandboxID, orgID, server string
@@ -156,7 +161,7 @@ func New(cfg Config) (*Gateway, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	g := &Gateway{cfg: cfg, sessions: map[string]*session{}, buckets: map[string]*bucket{}}
+	g := &Gateway{cfg: cfg, sessions: map[string]*session{}, buckets: map[string]*bucket{}, verified: map[string]Claims{}}
 	rt := cfg.Transport
 	if rt == nil {
 		rt = g.transport()
@@ -295,13 +300,7 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 	if !ok || tok == "" {
 		return fail(http.StatusUnauthorized, "missing bearer token: use the sandbox's identity token for audience %s/%s (GET http://169.254.169.254/v1/identity/token?audience=...)", g.cfg.BaseURL, name)
 	}
-	aud := g.cfg.BaseURL + "/" + name
-	cl, err := g.cfg.Verify(r.Context(), tok, aud)
-	if err != nil {
-		if cl2, err2 := g.cfg.Verify(r.Context(), tok, g.cfg.BaseURL); err2 == nil {
-			cl, err = cl2, nil
-		}
-	}
+	cl, err := g.verify(r.Context(), tok, g.cfg.BaseURL+"/"+name)
 	if err != nil {
 		return fail(http.StatusUnauthorized, "%v", err)
 	}
@@ -384,6 +383,42 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 		}
 	}
 	return g.relay(w, resp, c, gwID)
+}
+
+// verify checks the token for the server's URL (or the gateway's). A
+// verified token is remembered until it expires: the request must still
+// come from its sandbox, which the caller check establishes per request,
+// and Forget drops a sandbox's tokens when it ends.
+func (g *Gateway) verify(ctx context.Context, tok, aud string) (Claims, error) {
+	key := aud + "\x00" + tok
+	now := g.cfg.Now()
+	g.mu.Lock()
+	cl, ok := g.verified[key]
+	g.mu.Unlock()
+	if ok && now.Before(cl.Expiry) {
+		return cl, nil
+	}
+	cl, err := g.cfg.Verify(ctx, tok, aud)
+	if err != nil {
+		cl2, err2 := g.cfg.Verify(ctx, tok, g.cfg.BaseURL)
+		if err2 != nil {
+			return Claims{}, err
+		}
+		cl = cl2
+	}
+	if !cl.Expiry.IsZero() {
+		g.mu.Lock()
+		if len(g.verified) >= maxVerified {
+			for k, c := range g.verified {
+				if !now.Before(c.Expiry) || len(g.verified) >= maxVerified {
+					delete(g.verified, k)
+				}
+			}
+		}
+		g.verified[key] = cl
+		g.mu.Unlock()
+	}
+	return cl, nil
 }
 
 // forward sends the request upstream with the credential.
@@ -656,6 +691,11 @@ func (g *Gateway) Forget(sandboxID string) {
 	for k := range g.buckets {
 		if strings.HasPrefix(k, sandboxID+"/") {
 			delete(g.buckets, k)
+		}
+	}
+	for k, c := range g.verified {
+		if c.SandboxID == sandboxID {
+			delete(g.verified, k)
 		}
 	}
 }

@@ -8,6 +8,7 @@
 //   - image builds: cache hit, last-step rebuild beside buildah;
 //   - tunnels: first packet after a member is created, throughput beside a
 //     bare veth pair;
+//   - MCP gateway: added latency of a tools/call and throughput, beside direct;
 //   - chalkd memory per idle sandbox with N running.
 //
 // It talks to the running chalkd (scripts/setup.sh starts one) and needs root.
@@ -35,7 +36,7 @@ func main() {
 	n := flag.Int("n", 30, "iterations per measurement")
 	idle := flag.Int("idle", 200, "sandboxes for the memory-per-idle-sandbox measurement (0 skips it)")
 	pidFile := flag.String("chalkd-pid-file", "/run/chalk/chalkd.pid", "chalkd's pid file (for its RSS)")
-	only := flag.String("only", "", "comma-separated sections to run: tti,exec,image,tunnel,memory (default: all)")
+	only := flag.String("only", "", "comma-separated sections to run: tti,exec,image,tunnel,mcp,memory (default: all)")
 	flag.Parse()
 	want := func(section string) bool {
 		return *only == "" || slices.Contains(strings.Split(*only, ","), section)
@@ -71,6 +72,9 @@ func main() {
 	}
 	if want("tunnel") {
 		tunnelBench(ctx, c, work, *n)
+	}
+	if want("mcp") {
+		mcpBench(ctx, c, work, *n)
 	}
 	if want("memory") && *idle > 0 {
 		memoryPerSandbox(ctx, c, *idle, *pidFile)

@@ -6,6 +6,10 @@
 //	mcpprobe raw METHOD URL TOKEN BODY [Header=Value...]
 //	                               one request; TOKEN is "meta:AUDIENCE" (from the metadata service), "-" (none) or a JWT;
 //	                               prints "status: N", "session: ID" and the body
+//	mcpprobe upstream ADDR         serve internal/mcptest's upstream on ADDR (chalkbench)
+//	mcpprobe bench URL AUD N CONC SECS
+//	                               N sequential tools/call of "add", then CONC sessions calling for SECS seconds;
+//	                               prints a JSON line (AUD "-": no token, for the direct baseline)
 package main
 
 import (
@@ -13,14 +17,20 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
+
+	"github.com/chalkcompute/chalkcompute/internal/mcptest"
 )
 
 func main() {
@@ -30,6 +40,10 @@ func main() {
 		err = sdk(os.Args[2])
 	case len(os.Args) >= 6 && os.Args[1] == "raw":
 		err = raw(os.Args[2], os.Args[3], os.Args[4], os.Args[5], os.Args[6:])
+	case len(os.Args) == 3 && os.Args[1] == "upstream":
+		err = serveUpstream(os.Args[2])
+	case len(os.Args) == 7 && os.Args[1] == "bench":
+		err = bench(os.Args[2], os.Args[3], os.Args[4], os.Args[5], os.Args[6])
 	default:
 		err = fmt.Errorf("usage: mcpprobe sdk URL | raw METHOD URL TOKEN BODY [Header=Value...]")
 	}
@@ -162,5 +176,84 @@ func raw(method, endpoint, tok, body string, headers []string) error {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	fmt.Printf("status: %d\nsession: %s\n%s\n", resp.StatusCode, resp.Header.Get("Mcp-Session-Id"), b)
+	return nil
+}
+
+func serveUpstream(addr string) error {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	fmt.Println("ready")
+	return http.Serve(l, mcptest.New("Authorization"))
+}
+
+func connect(ctx context.Context, endpoint, aud string) (*mcp.ClientSession, error) {
+	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
+	if aud != "-" {
+		tok, err := token(aud)
+		if err != nil {
+			return nil, err
+		}
+		hc.Transport = bearer{tok}
+	}
+	c := mcp.NewClient(&mcp.Implementation{Name: "mcpprobe-bench", Version: "1"}, nil)
+	return c.Connect(ctx, &mcp.StreamableClientTransport{Endpoint: endpoint, HTTPClient: hc, DisableStandaloneSSE: true}, nil)
+}
+
+func bench(endpoint, aud, nS, concS, secsS string) error {
+	n, _ := strconv.Atoi(nS)
+	conc, _ := strconv.Atoi(concS)
+	secs, _ := strconv.Atoi(secsS)
+	ctx := context.Background()
+	s, err := connect(ctx, endpoint, aud)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	args := &mcp.CallToolParams{Name: "add", Arguments: map[string]any{"a": 1, "b": 2}}
+	lat := make([]time.Duration, 0, n)
+	for i := range n + n/10 {
+		t0 := time.Now()
+		if _, err := s.CallTool(ctx, args); err != nil {
+			return err
+		}
+		if i >= n/10 { // the first tenth warms connections
+			lat = append(lat, time.Since(t0))
+		}
+	}
+	slices.Sort(lat)
+	var calls atomic.Int64
+	var wg sync.WaitGroup
+	deadline := time.Now().Add(time.Duration(secs) * time.Second)
+	errs := make(chan error, conc)
+	for range conc {
+		cs, err := connect(ctx, endpoint, aud)
+		if err != nil {
+			return err
+		}
+		defer cs.Close()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(deadline) {
+				if _, err := cs.CallTool(ctx, args); err != nil {
+					errs <- err
+					return
+				}
+				calls.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return err
+	}
+	out, _ := json.Marshal(map[string]any{
+		"median_us": lat[len(lat)/2].Microseconds(), "p90_us": lat[len(lat)*9/10].Microseconds(),
+		"calls_per_sec": float64(calls.Load()) / float64(secs),
+	})
+	fmt.Println(string(out))
 	return nil
 }

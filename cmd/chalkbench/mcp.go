@@ -1,0 +1,102 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+)
+
+type mcpBenchResult struct {
+	MedianUS    float64 `json:"median_us"`
+	P90US       float64 `json:"p90_us"`
+	CallsPerSec float64 `json:"calls_per_sec"`
+}
+
+// mcpBench measures the MCP gateway: a tools/call from inside a sandbox
+// through the gateway beside the same call straight to the upstream (both
+// with the official Go SDK's client), latency of sequential calls and
+// throughput of 8 concurrent sessions. The upstream (the official SDK's
+// server) runs in a network namespace of its own, which the sandbox reaches
+// through its normal egress and chalkd directly.
+func mcpBench(ctx context.Context, c *chalkcompute.Client, work string, n int) {
+	probe := filepath.Join(work, "mcpprobe")
+	build := exec.Command("go", "build", "-o", probe, "./daemon/testdata/mcpprobe")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		fail(fmt.Errorf("build mcpprobe: %v: %s", err, out))
+	}
+	id := strconv.FormatInt(time.Now().UnixNano()%1e6, 36)
+	ns, hostIf := "cbench-mcp"+id, "cbm0"+id
+	if err := run("ip", "netns", "add", ns); err != nil {
+		fail(err)
+	}
+	defer run("ip", "netns", "del", ns)
+	for _, argv := range [][]string{
+		{"ip", "link", "add", hostIf, "type", "veth", "peer", "name", "cbm1" + id, "netns", ns},
+		{"ip", "addr", "add", "10.254.88.1/30", "dev", hostIf},
+		{"ip", "link", "set", hostIf, "up"},
+		{"ip", "-n", ns, "addr", "add", "10.254.88.2/30", "dev", "cbm1" + id},
+		{"ip", "-n", ns, "link", "set", "cbm1" + id, "up"},
+		{"ip", "-n", ns, "link", "set", "lo", "up"},
+		{"ip", "-n", ns, "route", "add", "default", "via", "10.254.88.1"},
+	} {
+		if err := run(argv...); err != nil {
+			fail(err)
+		}
+	}
+	up := exec.Command("ip", "netns", "exec", ns, probe, "upstream", "10.254.88.2:8080")
+	out, err := up.StdoutPipe()
+	if err != nil {
+		fail(err)
+	}
+	if err := up.Start(); err != nil {
+		fail(err)
+	}
+	defer func() { _ = up.Process.Kill(); _ = up.Wait() }()
+	waitReady(out)
+	name := "bench-" + id
+	srv, err := c.AddMCPServer(ctx, chalkcompute.MCPServer{Name: name, URL: "http://10.254.88.2:8080/", Credential: "bench-credential", RatePerSecond: 1e6})
+	if err != nil {
+		fail(err)
+	}
+	defer c.RemoveMCPServer(ctx, name)
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithTimeout(30*time.Minute))
+	if err != nil {
+		fail(err)
+	}
+	defer sb.Terminate(ctx)
+	b, err := os.ReadFile(probe)
+	if err != nil {
+		fail(err)
+	}
+	if err := sb.WriteFile(ctx, "/bin/mcpprobe", b, 0o755); err != nil {
+		fail(err)
+	}
+	calls := strconv.Itoa(max(n*20, 200))
+	measure := func(url, aud string) mcpBenchResult {
+		res, err := sb.Exec(ctx, []string{"mcpprobe", "bench", url, aud, calls, "8", "3"})
+		if err != nil || res.Code != 0 {
+			fail(fmt.Errorf("mcpprobe bench %s: %v %s", url, err, res.Stderr))
+		}
+		var r mcpBenchResult
+		if err := json.Unmarshal(res.Stdout, &r); err != nil {
+			fail(fmt.Errorf("mcpprobe bench: %q", res.Stdout))
+		}
+		return r
+	}
+	direct := measure("http://10.254.88.2:8080/", "-")
+	gw := measure(srv.GatewayURL, srv.GatewayURL)
+	added := (gw.MedianUS - direct.MedianUS) / 1000
+	fmt.Println("MCP gateway: tools/call from a sandbox (official Go SDK client and server)")
+	fmt.Printf("  %-22s median %7.2fms  p90 %7.2fms  %8.0f calls/s (8 sessions)\n", "through the gateway", gw.MedianUS/1000, gw.P90US/1000, gw.CallsPerSec)
+	fmt.Printf("  %-22s median %7.2fms  p90 %7.2fms  %8.0f calls/s (8 sessions)\n", "direct to upstream", direct.MedianUS/1000, direct.P90US/1000, direct.CallsPerSec)
+	fmt.Printf("  added latency %.2fms (%.2fx direct); throughput %.2fx direct\n", added, gw.MedianUS/direct.MedianUS, gw.CallsPerSec/direct.CallsPerSec)
+	fmt.Printf("goal: added median <= 1ms: %s; >= 5000 calls/s: %s\n\n", verdict(added <= 1), verdict(gw.CallsPerSec >= 5000))
+}
