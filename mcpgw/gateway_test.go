@@ -37,8 +37,12 @@ type fixture struct {
 }
 
 func newFixture(t *testing.T, header string) *fixture {
+	return newFixtureWith(t, header, nil)
+}
+
+func newFixtureWith(t *testing.T, header string, opts *mcp.StreamableHTTPOptions) *fixture {
 	t.Helper()
-	f := &fixture{up: mcptest.New(header), servers: map[string]*Upstream{}}
+	f := &fixture{up: mcptest.NewWith(header, opts), servers: map[string]*Upstream{}}
 	upSrv := httptest.NewServer(f.up)
 	t.Cleanup(upSrv.Close)
 	f.servers["tools"] = &Upstream{Name: "tools", URL: upSrv.URL, HeaderName: header, Credential: secret,
@@ -187,6 +191,31 @@ func TestToolsThroughGateway(t *testing.T) {
 				t.Fatalf("audit lacks the calls: %+v", f.audit)
 			}
 		})
+	}
+}
+
+// TestStatelessUpstream: a stateless upstream (no sessions; JSON answers)
+// works through the gateway, with the same enforcement.
+func TestStatelessUpstream(t *testing.T) {
+	f := newFixtureWith(t, "Authorization", &mcp.StreamableHTTPOptions{Stateless: true, JSONResponse: true})
+	ctx := context.Background()
+	s := f.connect(t, "sb-a", "tools", nil)
+	res, err := s.CallTool(ctx, &mcp.CallToolParams{Name: "add", Arguments: map[string]any{"a": 20, "b": 22}})
+	if err != nil || text(res) != "42" {
+		t.Fatalf("add: %v %+v", err, res)
+	}
+	lt, err := s.ListTools(ctx, nil)
+	if err != nil || len(lt.Tools) != 3 {
+		t.Fatalf("tools/list (JSON answer): %+v %v", lt, err)
+	}
+	if _, err := s.CallTool(ctx, &mcp.CallToolParams{Name: "secret_tool"}); err == nil {
+		t.Fatal("secret_tool allowed")
+	}
+	f.gw.mu.Lock()
+	n := len(f.gw.sessions)
+	f.gw.mu.Unlock()
+	if n != 0 {
+		t.Fatalf("%d gateway sessions for a stateless upstream", n)
 	}
 }
 

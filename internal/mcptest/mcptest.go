@@ -34,7 +34,10 @@ type Upstream struct {
 }
 
 // New returns an upstream that reports credential header h (e.g. "Authorization").
-func New(h string) *Upstream {
+func New(h string) *Upstream { return NewWith(h, nil) }
+
+// NewWith is New with the SDK's transport options (e.g. Stateless).
+func NewWith(h string, opts *mcp.StreamableHTTPOptions) *Upstream {
 	u := &Upstream{Header: h, release: make(chan struct{})}
 	srv := mcp.NewServer(&mcp.Implementation{Name: "mcptest-upstream", Version: "1.0.0"}, nil)
 	mcp.AddTool(srv, &mcp.Tool{Name: "whoami", Description: "Returns the credential this server received"},
@@ -77,7 +80,7 @@ func New(h string) *Upstream {
 			return &mcp.ReadResourceResult{Contents: []*mcp.ResourceContents{{URI: uri, MIMEType: "text/plain", Text: "contents of " + uri}}}, nil
 		})
 	}
-	sh := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, nil)
+	sh := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, opts)
 	u.handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.mu.Lock()
 		u.seen = append(u.seen, r.Header.Get(u.Header))
