@@ -52,6 +52,20 @@ func (s *Server) mcp() (MCPBackend, error) {
 	return s.cfg.MCP, nil
 }
 
+// mcpFor authenticates the caller (with who: user or admin) and returns the
+// backend, for the service's handlers.
+func (s *Server) mcpFor(ctx context.Context, who func(context.Context) (*Principal, error)) (*Principal, MCPBackend, error) {
+	u, err := who(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	b, err := s.mcp()
+	if err != nil {
+		return nil, nil, err
+	}
+	return u, b, nil
+}
+
 func admin(ctx context.Context) (*Principal, error) {
 	u, err := user(ctx)
 	if err != nil {
@@ -111,16 +125,12 @@ func (s *Server) mcpToProto(mb MCPBackend, m *store.MCPServer) *v1.McpServer {
 }
 
 func (h *mcpService) AddServer(ctx context.Context, req *connect.Request[v1.McpServer]) (*connect.Response[v1.McpServer], error) {
-	u, err := admin(ctx)
-	if err != nil {
-		return nil, err
-	}
-	mb, err := h.s.mcp()
+	u, mb, err := h.s.mcpFor(ctx, admin)
 	if err != nil {
 		return nil, err
 	}
 	m := req.Msg
-	if !tunnelName.MatchString(m.Name) {
+	if !dnsLabel.MatchString(m.Name) {
 		return nil, invalid("MCP server name %q: must be a DNS label (a-z, 0-9 and '-', at most 63 characters)", m.Name)
 	}
 	if err := mb.CheckURL(m.Url); err != nil {
@@ -161,11 +171,7 @@ func (h *mcpService) AddServer(ctx context.Context, req *connect.Request[v1.McpS
 }
 
 func (h *mcpService) ListServers(ctx context.Context, _ *connect.Request[v1.ListMcpServersRequest]) (*connect.Response[v1.ListMcpServersResponse], error) {
-	u, err := user(ctx)
-	if err != nil {
-		return nil, err
-	}
-	mb, err := h.s.mcp()
+	u, mb, err := h.s.mcpFor(ctx, user)
 	if err != nil {
 		return nil, err
 	}
@@ -181,11 +187,7 @@ func (h *mcpService) ListServers(ctx context.Context, _ *connect.Request[v1.List
 }
 
 func (h *mcpService) RemoveServer(ctx context.Context, req *connect.Request[v1.McpServerName]) (*connect.Response[v1.RemoveMcpServerResponse], error) {
-	u, err := admin(ctx)
-	if err != nil {
-		return nil, err
-	}
-	mb, err := h.s.mcp()
+	u, mb, err := h.s.mcpFor(ctx, admin)
 	if err != nil {
 		return nil, err
 	}
@@ -198,11 +200,7 @@ func (h *mcpService) RemoveServer(ctx context.Context, req *connect.Request[v1.M
 }
 
 func (h *mcpService) Audit(ctx context.Context, req *connect.Request[v1.McpAuditRequest]) (*connect.Response[v1.McpAuditResponse], error) {
-	u, err := admin(ctx)
-	if err != nil {
-		return nil, err
-	}
-	mb, err := h.s.mcp()
+	u, mb, err := h.s.mcpFor(ctx, admin)
 	if err != nil {
 		return nil, err
 	}

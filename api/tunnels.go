@@ -36,10 +36,12 @@ type TunnelBackend interface {
 // MaxTunnelsPerSandbox bounds a sandbox's tunnels (interfaces wg0…wg3).
 const MaxTunnelsPerSandbox = 4
 
-var tunnelName = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+// dnsLabel is a name that is one DNS label: tunnel and MCP server names (they
+// appear in hostnames and URLs).
+var dnsLabel = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 
 func validTunnelName(name string) error {
-	if !tunnelName.MatchString(name) {
+	if !dnsLabel.MatchString(name) {
 		return invalid("tunnel name %q: must be a DNS label (a-z, 0-9 and '-', at most 63 characters, no leading or trailing '-')", name)
 	}
 	return nil
@@ -54,6 +56,20 @@ func (s *Server) tunnels() (TunnelBackend, error) {
 		return nil, fmt.Errorf("WireGuard tunnels are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
 	}
 	return s.cfg.Tunnels, nil
+}
+
+// tunnelsFor authenticates the caller (with who: user or admin) and returns the
+// backend, for the service's handlers.
+func (s *Server) tunnelsFor(ctx context.Context, who func(context.Context) (*Principal, error)) (*Principal, TunnelBackend, error) {
+	u, err := who(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	b, err := s.tunnels()
+	if err != nil {
+		return nil, nil, err
+	}
+	return u, b, nil
 }
 
 // ensureTunnels creates the named tunnels that do not exist yet (a tunnel is
@@ -124,11 +140,7 @@ func (s *Server) setPeers(ctx context.Context, tb TunnelBackend, t *store.Tunnel
 }
 
 func (h *tunnelService) Apply(ctx context.Context, req *connect.Request[v1.Tunnel]) (*connect.Response[v1.Tunnel], error) {
-	u, err := user(ctx)
-	if err != nil {
-		return nil, err
-	}
-	tb, err := h.s.tunnels()
+	u, tb, err := h.s.tunnelsFor(ctx, user)
 	if err != nil {
 		return nil, err
 	}
@@ -151,11 +163,7 @@ func (h *tunnelService) Apply(ctx context.Context, req *connect.Request[v1.Tunne
 }
 
 func (h *tunnelService) Get(ctx context.Context, req *connect.Request[v1.TunnelName]) (*connect.Response[v1.Tunnel], error) {
-	u, err := user(ctx)
-	if err != nil {
-		return nil, err
-	}
-	tb, err := h.s.tunnels()
+	u, tb, err := h.s.tunnelsFor(ctx, user)
 	if err != nil {
 		return nil, err
 	}
@@ -167,11 +175,7 @@ func (h *tunnelService) Get(ctx context.Context, req *connect.Request[v1.TunnelN
 }
 
 func (h *tunnelService) List(ctx context.Context, _ *connect.Request[v1.ListTunnelsRequest]) (*connect.Response[v1.ListTunnelsResponse], error) {
-	u, err := user(ctx)
-	if err != nil {
-		return nil, err
-	}
-	tb, err := h.s.tunnels()
+	u, tb, err := h.s.tunnelsFor(ctx, user)
 	if err != nil {
 		return nil, err
 	}
@@ -187,11 +191,7 @@ func (h *tunnelService) List(ctx context.Context, _ *connect.Request[v1.ListTunn
 }
 
 func (h *tunnelService) Delete(ctx context.Context, req *connect.Request[v1.TunnelName]) (*connect.Response[v1.DeleteTunnelResponse], error) {
-	u, err := user(ctx)
-	if err != nil {
-		return nil, err
-	}
-	tb, err := h.s.tunnels()
+	u, tb, err := h.s.tunnelsFor(ctx, user)
 	if err != nil {
 		return nil, err
 	}
@@ -209,11 +209,7 @@ func (h *tunnelService) Delete(ctx context.Context, req *connect.Request[v1.Tunn
 }
 
 func (h *tunnelService) AddPeer(ctx context.Context, req *connect.Request[v1.AddTunnelPeerRequest]) (*connect.Response[v1.TunnelPeer], error) {
-	u, err := user(ctx)
-	if err != nil {
-		return nil, err
-	}
-	tb, err := h.s.tunnels()
+	u, tb, err := h.s.tunnelsFor(ctx, user)
 	if err != nil {
 		return nil, err
 	}
@@ -233,11 +229,7 @@ func (h *tunnelService) AddPeer(ctx context.Context, req *connect.Request[v1.Add
 }
 
 func (h *tunnelService) RemovePeer(ctx context.Context, req *connect.Request[v1.RemoveTunnelPeerRequest]) (*connect.Response[v1.Tunnel], error) {
-	u, err := user(ctx)
-	if err != nil {
-		return nil, err
-	}
-	tb, err := h.s.tunnels()
+	u, tb, err := h.s.tunnelsFor(ctx, user)
 	if err != nil {
 		return nil, err
 	}

@@ -224,7 +224,9 @@ func (i *Image) Workdir(dir string) *Image {
 	return i.withStep(map[string]any{"kind": "workdir", "path": dir})
 }
 
-// Env sets environment variables.
+// Env sets environment variables. As in a Dockerfile's ENV, $NAME and
+// ${NAME} in values take the value in force before this step (the base
+// image's too), e.g. "PATH": "/opt/bin:$PATH"; \$ is a literal $.
 func (i *Image) Env(env map[string]string) *Image {
 	cp := make(map[string]string, len(env))
 	for k, v := range env {

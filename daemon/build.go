@@ -169,7 +169,7 @@ type buildNet struct {
 
 var _ imagebuild.Network = (*buildNet)(nil)
 
-func (bn *buildNet) Attach(ctx context.Context, id string) (string, []byte, func(), error) {
+func (bn *buildNet) Attach(ctx context.Context, id string) (imagebuild.Attachment, error) {
 	bn.mu.Lock()
 	slot := 0
 	for s := bn.net.MaxSlot(); s > bn.net.MaxSlot()-buildSlots; s-- {
@@ -181,10 +181,11 @@ func (bn *buildNet) Attach(ctx context.Context, id string) (string, []byte, func
 	}
 	bn.mu.Unlock()
 	if slot == 0 {
-		return "", nil, nil, fmt.Errorf("too many concurrent builds (%d): %w", buildSlots, errdefs.ErrResourceExhausted)
+		return imagebuild.Attachment{}, fmt.Errorf("too many concurrent builds (%d): %w", buildSlots, errdefs.ErrResourceExhausted)
 	}
 	release := func() {
 		_ = bn.net.Teardown(context.WithoutCancel(ctx), id, slot)
+		bn.net.Refill()
 		bn.mu.Lock()
 		delete(bn.used, slot)
 		bn.mu.Unlock()
@@ -192,7 +193,7 @@ func (bn *buildNet) Attach(ctx context.Context, id string) (string, []byte, func
 	n, err := bn.net.Setup(ctx, id, slot)
 	if err != nil {
 		release()
-		return "", nil, nil, err
+		return imagebuild.Attachment{}, err
 	}
-	return n.NetnsPath, node.HostResolvConf(), release, nil
+	return imagebuild.Attachment{NetnsPath: n.NetnsPath, ResolvConf: node.HostResolvConf(), UserNS: node.SandboxUserNS(n), Detach: release}, nil
 }

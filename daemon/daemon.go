@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/egress"
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/identity"
 	"github.com/chalkcompute/chalkcompute/imagebuild"
 	"github.com/chalkcompute/chalkcompute/imagespec"
@@ -32,6 +34,70 @@ import (
 	"github.com/chalkcompute/chalkcompute/store"
 	"github.com/chalkcompute/chalkcompute/tunnel"
 )
+
+// stageBinaries copies chalk-init and chalk (if any) into dir (0755), each
+// replaced atomically (running sandboxes keep the file they mounted) unless
+// the copy there is already of that file, and
+// returns the copies' paths.
+func stageBinaries(dir, initBin, chalkBin string) (string, string, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", "", err
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return "", "", err
+	}
+	var out [2]string
+	for i, src := range []string{initBin, chalkBin} {
+		if src == "" {
+			continue
+		}
+		dst := filepath.Join(dir, filepath.Base(src))
+		if err := copyExecutable(src, dst); err != nil {
+			return "", "", fmt.Errorf("stage %s for sandboxes: %w", src, err)
+		}
+		out[i] = dst
+	}
+	return out[0], out[1], nil
+}
+
+func copyExecutable(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	st, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	// A copy made from this very file (same size, its mtime) is kept.
+	if d, err := os.Stat(dst); err == nil && d.Size() == st.Size() && d.ModTime().Equal(st.ModTime()) {
+		return nil
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(dst), ".stage-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := io.Copy(tmp, in); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(0o755); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	if err := os.Chtimes(tmp.Name(), st.ModTime(), st.ModTime()); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), dst)
+}
+
+// userNS is the user namespace of sandbox id in slot (nil without).
+func (d *Daemon) userNS(id string, slot int) *sandboxnet.UserNS { return d.Net.Lookup(id, slot).UserNS }
 
 // Config is chalkd's configuration. The zero value plus a DataDir works.
 type Config struct {
@@ -75,12 +141,26 @@ type Config struct {
 	// WireGuard peers reach it (default: its address toward the outside).
 	TunnelSubnets  string
 	TunnelEndpoint string
-	Logger         *slog.Logger
+	// NoUserNS runs sandboxes without user namespaces: their root is then the
+	// host's root, confined only by capabilities, seccomp and the rest. The
+	// default gives each sandbox a user namespace mapping its ids to a host
+	// range of its own starting at UIDBase (default sandboxnet.DefaultUIDBase).
+	NoUserNS bool
+	UIDBase  uint32
+	// Runtime is the OCI runtime of this node's sandboxes: "runc" (default)
+	// or "runsc" (gVisor; implies NoUserNS). RuntimeBinary overrides its
+	// path (default: the name, from PATH).
+	Runtime       string
+	RuntimeBinary string
+	Logger        *slog.Logger
 }
 
 func (c *Config) defaults() error {
 	if c.DataDir == "" {
 		c.DataDir = "/var/lib/chalk"
+	}
+	if c.Runtime == sandbox.RuntimeRunsc {
+		c.NoUserNS = true // see sandbox/runsc.go
 	}
 	if c.RunDir == "" {
 		c.RunDir = "/run/chalk"
@@ -170,11 +250,25 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			return nil, err
 		}
 	}
+	if !cfg.NoUserNS {
+		// Sandboxes' roots are unprivileged host uids that must pass through
+		// the data dir to their own rootfs and binds (as dockerd's under
+		// userns-remap): searchable, not listable. Everything secret in it
+		// is 0600/0700 on its own.
+		if err := os.Chmod(cfg.DataDir, 0o711); err != nil {
+			return nil, err
+		}
+	}
 	if err := sandbox.SetSubreaper(); err != nil {
 		return nil, fmt.Errorf("become subreaper: %w", err)
 	}
 	if d.Store, err = store.Open(ctx, filepath.Join(cfg.DataDir, "chalk.db")); err != nil {
 		return nil, err
+	}
+	for _, f := range []string{"chalk.db", "chalk.db-wal", "chalk.db-shm"} {
+		if err := os.Chmod(filepath.Join(cfg.DataDir, f), 0o600); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, err
+		}
 	}
 	if d.Registry, err = registry.New(ctx, registry.Config{
 		RootDir: filepath.Join(cfg.DataDir, "registry"), Addr: cfg.RegistryAddr, Logger: cfg.Logger, Upstreams: cfg.Upstreams,
@@ -187,6 +281,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	netCfg := sandboxnet.Config{
 		Prefix: cfg.NetPrefix, Table: cfg.NetTable, NetnsDir: filepath.Join(cfg.RunDir, "netns"), Logger: cfg.Logger,
 		MetadataPort: cfg.MetadataPort, ServicePorts: []uint16{cfg.MetadataPort}, DNSPort: 53,
+		UserNS: !cfg.NoUserNS, UIDBase: cfg.UIDBase,
 	}
 	if cfg.Subnet != "" {
 		if netCfg.Subnet, err = netip.ParsePrefix(cfg.Subnet); err != nil {
@@ -210,12 +305,25 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := d.Net.Init(ctx); err != nil {
 		return nil, fmt.Errorf("sandbox network: %w", err)
 	}
+	if !cfg.NoUserNS {
+		// Sandbox roots bind-mount chalk-init and chalk as unprivileged host
+		// uids: wherever the binaries were built (say under /root, 0700), a
+		// copy in the data dir is reachable.
+		if cfg.InitBinary, cfg.ChalkBinary, err = stageBinaries(filepath.Join(cfg.DataDir, "bin"), cfg.InitBinary, cfg.ChalkBinary); err != nil {
+			return nil, err
+		}
+	}
 	if d.Runtime, err = sandbox.New(sandbox.Config{
 		StateDir: filepath.Join(cfg.DataDir, "sandboxes"), LogDir: filepath.Join(cfg.DataDir, "logs"),
 		RuncRoot: filepath.Join(cfg.RunDir, "runc"), InitBinary: cfg.InitBinary, ChalkBinary: cfg.ChalkBinary,
-		CgroupParent: cfg.CgroupParent, Logger: cfg.Logger,
+		CgroupParent: cfg.CgroupParent, Logger: cfg.Logger, Runtime: cfg.Runtime, RuncBinary: cfg.RuntimeBinary,
 	}); err != nil {
 		return nil, err
+	}
+	if !cfg.NoUserNS {
+		if err := d.Runtime.CheckUserNS(); err != nil {
+			return nil, fmt.Errorf("%w (or run chalkd --userns=false)", err)
+		}
 	}
 	if d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
@@ -261,7 +369,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := os.MkdirAll(im.dir, 0o755); err != nil {
 		return nil, err
 	}
-	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), stops: map[string][]func(){}, queryURL: cfg.QueryURL}
+	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), userNS: d.userNS, stops: map[string][]func(){}, queryURL: cfg.QueryURL}
 	if d.Issuer, err = identity.New(ctx, identity.Config{
 		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.DataDir, "identity"), Logger: cfg.Logger,
 		IsActive: func(ctx context.Context, id string) bool { return d.API.IsActive(ctx, id) },
@@ -290,6 +398,12 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		Workload: wi, Identity: wi, Policies: pol, Images: im, Tunnels: tun, MCP: d.mcp,
 		Hooks: api.Hooks{
 			Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
+				if cfg.Runtime == sandbox.RuntimeRunsc && len(sb.Tunnels) > 0 {
+					// The WireGuard device is added to the sandbox's network
+					// namespace after start; gVisor's network stack only
+					// takes over the interfaces present when it starts.
+					return fmt.Errorf("sandbox %s: tunnels are not available on this node: it runs sandboxes on gVisor (chalkd --runtime runsc), whose network stack cannot use the tunnel's device: %w", sb.ID, errdefs.ErrFailedPrecondition)
+				}
 				if err := im.binds(ctx, sb, req); err != nil {
 					return err
 				}

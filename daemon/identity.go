@@ -16,6 +16,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/metadata"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/sandboxnet"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -27,6 +28,9 @@ type workloadIdentity struct {
 	meta    *metadata.Server
 	api     func() *api.Server
 	filesAt string // host dir holding one identity dir per sandbox
+	// userNS gives a sandbox's user namespace (nil: none), whose root must
+	// reach its identity dir and nobody else's.
+	userNS func(id string, slot int) *sandboxnet.UserNS
 	// queryURL, if set, is the Chalk query server sandboxes get a token for.
 	queryURL string
 
@@ -83,8 +87,8 @@ func (w *workloadIdentity) SandboxByAddr(ctx context.Context, a netip.Addr) (met
 // (so `chalk` inside authenticates as the sandbox itself) and cloud federation
 // files when asked for. Nothing of the creating user's is passed in.
 func (w *workloadIdentity) prepare(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
-	dir := filepath.Join(w.filesAt, sb.ID)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	dir, err := w.identityDir(sb)
+	if err != nil {
 		return err
 	}
 	feds := []func() (metadata.Federation, error){
@@ -128,6 +132,40 @@ func (w *workloadIdentity) prepare(ctx context.Context, sb *store.Sandbox, req *
 	w.mu.Unlock()
 	req.Binds = append(req.Binds, sandbox.Bind{Source: dir, Dest: metadata.SandboxIdentityDir, ReadOnly: true})
 	return nil
+}
+
+// identityDir makes the host dir bind-mounted at the sandbox's identity dir:
+// filesAt/<id>/files, 0755 so every user in the sandbox reads its tokens,
+// inside filesAt/<id>, root:<the sandbox's root's host gid> 0710 under a user
+// namespace (root only without), so the sandbox's root can reach it (runc
+// binds it from inside the user namespace) and another sandbox's uids
+// cannot, even after an escape.
+//
+// A sandbox started by an older chalkd has its files directly in
+// filesAt/<id> (bind-mounted as such): that dir is kept, so its tokens keep
+// being refreshed where it sees them.
+func (w *workloadIdentity) identityDir(sb *store.Sandbox) (string, error) {
+	outer := filepath.Join(w.filesAt, sb.ID)
+	if st, err := os.Stat(filepath.Join(outer, metadata.ChalkTokenFileName)); err == nil && st.Mode().IsRegular() {
+		return outer, nil
+	}
+	if err := os.MkdirAll(outer, 0o700); err != nil {
+		return "", err
+	}
+	mode := os.FileMode(0o700)
+	if w.userNS != nil {
+		if u := w.userNS(sb.ID, sb.Slot); u != nil {
+			if err := os.Chown(outer, 0, int(u.HostID)); err != nil {
+				return "", err
+			}
+			mode = 0o710
+		}
+	}
+	if err := os.Chmod(outer, mode); err != nil {
+		return "", err
+	}
+	dir := filepath.Join(outer, "files")
+	return dir, os.MkdirAll(dir, 0o755)
 }
 
 // ended stops refreshing the sandbox's tokens and removes its identity dir.

@@ -2,9 +2,11 @@ package daemon_test
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -168,5 +170,88 @@ func TestReproducibleLayers(t *testing.T) {
 	}
 	if digests[0] != digests[1] {
 		t.Fatalf("two builds on empty caches differ:\n%s\n%s", digests[0], digests[1])
+	}
+}
+
+// TestConcurrentBuildsBuildOnce: the same new spec built by four clients at
+// once runs its steps once; all four get the same image.
+func TestConcurrentBuildsBuildOnce(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, 3*time.Minute)
+	token := fmt.Sprintf("once-%d", time.Now().UnixNano())
+	img := chalkcompute.Base("busybox").RunCommands("sleep 0.5; echo built-" + token + " > /marker; echo built-" + token)
+	const clients = 4
+	var (
+		mu    sync.Mutex
+		seen  int
+		refs  = map[string]bool{}
+		wg    sync.WaitGroup
+		start = make(chan struct{})
+		errs  = make(chan error, clients)
+	)
+	for range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			res, err := c.BuildImage(ctx, img, false, func(p *v1.ImageProgress) {
+				if strings.Contains(p.Line, "built-"+token) {
+					mu.Lock()
+					seen++
+					mu.Unlock()
+				}
+			})
+			if err != nil {
+				errs <- err
+				return
+			}
+			mu.Lock()
+			refs[res.Image.Ref] = true
+			mu.Unlock()
+		}()
+	}
+	close(start)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if seen != 1 || len(refs) != 1 {
+		t.Fatalf("4 concurrent builds: the step ran %d times (want 1), images %v (want one)", seen, refs)
+	}
+}
+
+// TestDockerfileVariables: ENV, WORKDIR, LABEL and COPY destinations
+// take $VAR/${VAR} from the build arguments and the environment in force
+// (the base image's PATH included), as a Dockerfile build does; a bad
+// substitution is refused naming the step.
+func TestDockerfileVariables(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, 3*time.Minute)
+	dir := t.TempDir()
+	writeFile(t, dir, "app.txt", "app")
+	df := writeFile(t, dir, "Dockerfile", `FROM busybox
+ARG VER=1.2
+ENV APP_HOME=/srv/app PATH=/opt/tool/bin:$PATH
+ENV DATA=$APP_HOME/data V=${VER} DFLT=${NOPE:-fallback} LIT=\$HOME
+WORKDIR $APP_HOME
+COPY app.txt ${APP_HOME}/conf/
+LABEL version=$VER
+USER 1000
+`)
+	sb, err := c.Create(ctx, chalkcompute.FromDockerfile(df))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := mustExec(t, sb, "sh", "-c", `echo "$PATH|$DATA|$V|$DFLT|$LIT"; pwd; id -u; cat conf/app.txt`)
+	want := "/opt/tool/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|/srv/app/data|1.2|fallback|$HOME\n/srv/app\n1000\napp"
+	if got != want {
+		t.Fatalf("variables in the built image:\n got %q\nwant %q", got, want)
+	}
+	bad := writeFile(t, dir, "Dockerfile.bad", "FROM busybox\nENV A=${B\n")
+	if _, err := c.BuildImage(ctx, chalkcompute.FromDockerfile(bad), false, nil); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "step") {
+		t.Fatalf("bad substitution: %v", err)
 	}
 }

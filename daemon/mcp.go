@@ -23,7 +23,7 @@ import (
 
 // GatewayBase is the MCP gateway's URL inside sandboxes; a server's URL and
 // token audience is GatewayBase/<name>.
-const GatewayBase = "http://169.254.169.254/mcp"
+const GatewayBase = metadata.URL + "/mcp"
 
 // mcpGateway wires mcpgw to the store, the issuer and the metadata service.
 type mcpGateway struct {

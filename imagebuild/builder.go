@@ -18,6 +18,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path"
 	"sort"
 	"strings"
 	"sync"
@@ -44,7 +45,16 @@ const buildRepo = "chalk.local/build"
 
 // Network gives run steps a network namespace.
 type Network interface {
-	Attach(ctx context.Context, id string) (netnsPath string, resolvConf []byte, detach func(), err error)
+	Attach(ctx context.Context, id string) (Attachment, error)
+}
+
+// Attachment is a run step's network: its namespace, resolv.conf, the user
+// namespace owning the network namespace (nil: none) and how to let it go.
+type Attachment struct {
+	NetnsPath  string
+	ResolvConf []byte
+	UserNS     *sandbox.UserNS
+	Detach     func()
 }
 
 // Config wires a Builder.
@@ -259,6 +269,15 @@ func (b *Builder) step(ctx context.Context, img v1.Image, prevKey string, st ima
 	}
 	cf = cf.DeepCopy()
 	cfg := &cf.Config
+	// Variables in values take what was in force before this step (see expand.go).
+	before := append([]string(nil), cfg.Env...)
+	expand := func(v string) (string, error) {
+		out, err := expandVars(v, before, args)
+		if err != nil {
+			return "", fmt.Errorf("substitute variables: %w", err)
+		}
+		return out, nil
+	}
 	switch st.Kind {
 	case imagespec.KindEnv:
 		keys := make([]string, 0, len(st.Env))
@@ -267,10 +286,21 @@ func (b *Builder) step(ctx context.Context, img v1.Image, prevKey string, st ima
 		}
 		sort.Strings(keys)
 		for _, k := range keys {
-			cfg.Env = setEnv(cfg.Env, k, st.Env[k])
+			v, err := expand(st.Env[k])
+			if err != nil {
+				return nil, err
+			}
+			cfg.Env = setEnv(cfg.Env, k, v)
 		}
 	case imagespec.KindWorkdir:
-		cfg.WorkingDir = st.Path
+		wd, err := expand(st.Path)
+		if err != nil {
+			return nil, err
+		}
+		if !strings.HasPrefix(wd, "/") {
+			return nil, fmt.Errorf("workdir %q (%q once substituted) must be absolute: %w", st.Path, wd, errdefs.ErrInvalidArgument)
+		}
+		cfg.WorkingDir = path.Clean(wd)
 	case imagespec.KindUser:
 		cfg.User = st.User
 	case imagespec.KindEntrypoint:
@@ -282,7 +312,9 @@ func (b *Builder) step(ctx context.Context, img v1.Image, prevKey string, st ima
 			cfg.Labels = map[string]string{}
 		}
 		for k, v := range st.Labels {
-			cfg.Labels[k] = v
+			if cfg.Labels[k], err = expand(v); err != nil {
+				return nil, err
+			}
 		}
 	case imagespec.KindExpose:
 		if cfg.ExposedPorts == nil {
@@ -306,8 +338,15 @@ func (b *Builder) step(ctx context.Context, img v1.Image, prevKey string, st ima
 		}
 		defer rc.Close()
 		var tarBytes []byte
-		if len(st.Paths) > 0 {
-			tarBytes, err = contextLayer(rc, st.Paths, st.Dst)
+		if len(st.Paths) > 0 { // a Dockerfile's COPY/ADD: its destination takes variables
+			dst, xerr := expand(st.Dst)
+			if xerr != nil {
+				return nil, xerr
+			}
+			if !strings.HasPrefix(dst, "/") {
+				return nil, fmt.Errorf("copy destination %q (%q once substituted) must be absolute: %w", st.Dst, dst, errdefs.ErrInvalidArgument)
+			}
+			tarBytes, err = contextLayer(rc, st.Paths, dst)
 		} else {
 			tarBytes, err = copyLayer(rc, st.Dst, st.IsDir, st.Mode)
 		}
@@ -377,12 +416,12 @@ func (b *Builder) run(ctx context.Context, prevKey string, cfg *v1.Config, cmd s
 	}
 	spec.Env = append(env, b.cfg.Env...)
 	if b.cfg.Network != nil {
-		nsPath, resolv, detach, err := b.cfg.Network.Attach(ctx, id)
+		att, err := b.cfg.Network.Attach(ctx, id)
 		if err != nil {
 			return nil, fmt.Errorf("build network: %w", err)
 		}
-		defer detach()
-		spec.NetnsPath, spec.ResolvConf = nsPath, resolv
+		defer att.Detach()
+		spec.NetnsPath, spec.ResolvConf, spec.UserNS = att.NetnsPath, att.ResolvConf, att.UserNS
 	}
 	defer func() {
 		if err := b.cfg.Runtime.Destroy(context.WithoutCancel(ctx), id); err != nil {
@@ -412,7 +451,13 @@ func (b *Builder) run(ctx context.Context, prevKey string, cfg *v1.Config, cmd s
 		return nil, fmt.Errorf("command %q failed with exit code %d%s; last output:\n%s: %w", cmd, ex.Code, signalNote(ex), out.String(), errdefs.ErrFailedPrecondition)
 	}
 	var buf bytes.Buffer
-	if err := diffUpper(b.cfg.Runtime.Dir(id)+"/upper", &buf); err != nil {
+	// Under a user namespace the upper dir holds host ids; the layer gets
+	// the ids the build saw.
+	var shift idShift
+	if spec.UserNS != nil {
+		shift = idShift{base: spec.UserNS.HostID, size: spec.UserNS.Size}
+	}
+	if err := diffUpper(b.cfg.Runtime.Dir(id)+"/upper", shift, &buf); err != nil {
 		return nil, fmt.Errorf("layer of %q: %w", cmd, err)
 	}
 	return buf.Bytes(), nil

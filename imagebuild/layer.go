@@ -31,7 +31,18 @@ var excluded = map[string]bool{
 }
 
 // header returns a reproducible tar header.
-func header(name string, fi fs.FileInfo, link string) (*tar.Header, error) {
+// idShift maps host ids in [base, base+size) back to the ids a build saw in
+// its user namespace (the zero value maps nothing).
+type idShift struct{ base, size uint32 }
+
+func (s idShift) id(hostID uint32) int {
+	if s.size > 0 && hostID >= s.base && hostID-s.base < s.size {
+		return int(hostID - s.base)
+	}
+	return int(hostID)
+}
+
+func header(name string, fi fs.FileInfo, link string, shift idShift) (*tar.Header, error) {
 	h, err := tar.FileInfoHeader(fi, link)
 	if err != nil {
 		return nil, err
@@ -42,7 +53,7 @@ func header(name string, fi fs.FileInfo, link string) (*tar.Header, error) {
 	h.Format = tar.FormatPAX
 	h.PAXRecords = nil
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		h.Uid, h.Gid = int(st.Uid), int(st.Gid)
+		h.Uid, h.Gid = shift.id(st.Uid), shift.id(st.Gid)
 	}
 	if fi.IsDir() && !strings.HasSuffix(h.Name, "/") {
 		h.Name += "/"
@@ -52,8 +63,9 @@ func header(name string, fi fs.FileInfo, link string) (*tar.Header, error) {
 
 // diffUpper writes the OCI layer tar of an overlay upper dir: entries sorted,
 // overlay whiteouts (0/0 character devices) become .wh. files, opaque
-// directories get .wh..wh..opq, mtimes are clamped and owner names dropped.
-func diffUpper(upper string, w io.Writer) error {
+// directories get .wh..wh..opq, mtimes are clamped and owner names dropped,
+// and host ids in the build's user namespace range are shifted back.
+func diffUpper(upper string, shift idShift, w io.Writer) error {
 	tw := tar.NewWriter(w)
 	var walk func(dir, rel string) error
 	walk = func(dir, rel string) error {
@@ -81,7 +93,7 @@ func diffUpper(upper string, w io.Writer) error {
 				}
 				continue
 			case fi.IsDir():
-				h, err := header(name, fi, "")
+				h, err := header(name, fi, "", shift)
 				if err != nil {
 					return err
 				}
@@ -103,7 +115,7 @@ func diffUpper(upper string, w io.Writer) error {
 				if err != nil {
 					return err
 				}
-				h, err := header(name, fi, target)
+				h, err := header(name, fi, target, shift)
 				if err != nil {
 					return err
 				}
@@ -112,7 +124,7 @@ func diffUpper(upper string, w io.Writer) error {
 				}
 				continue
 			case fi.Mode().IsRegular():
-				h, err := header(name, fi, "")
+				h, err := header(name, fi, "", shift)
 				if err != nil {
 					return err
 				}

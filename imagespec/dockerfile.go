@@ -179,7 +179,7 @@ func copyFromContext(line int, n *parser.Node, context string, sd instructions.S
 		return nil, invalid("dockerfile line %d: %s with inline content is not supported", line, strings.ToUpper(n.Value))
 	}
 	dst := sd.DestPath
-	if !strings.HasPrefix(dst, "/") {
+	if !strings.HasPrefix(dst, "/") && !strings.HasPrefix(dst, "$") { // a variable is checked once substituted, at build time
 		return nil, invalid("dockerfile line %d: destination %q must be absolute here (set WORKDIR-relative paths explicitly)", line, dst)
 	}
 	return []Step{{Kind: KindCopy, Src: context, Paths: sd.SourcePaths, Dst: dst}}, nil

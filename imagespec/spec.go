@@ -207,7 +207,13 @@ func Canonicalize(s Spec, d Defaults) (*Canonical, error) {
 	return c, nil
 }
 
+// absPath checks and cleans an absolute path. A path starting with a
+// variable ($NAME, ${NAME}) is kept as written: the builder substitutes it
+// and checks the result.
 func absPath(field, p string) (string, error) {
+	if strings.HasPrefix(p, "$") && len(p) > 1 {
+		return p, nil
+	}
 	if !path.IsAbs(p) {
 		return "", invalid("%s %q: must be an absolute path", field, p)
 	}

@@ -127,6 +127,7 @@ func (a *Agent) Start(ctx context.Context, req StartRequest) (st Started, err er
 			if terr := a.cfg.Net.Teardown(context.WithoutCancel(ctx), req.ID, req.Slot); terr != nil {
 				a.log.Warn("network teardown after failed start", "sandbox", req.ID, "err", terr)
 			}
+			a.cfg.Net.Refill()
 		}
 	}()
 	cfg := req.Image.Config.Config
@@ -161,6 +162,7 @@ func (a *Agent) Start(ctx context.Context, req StartRequest) (st Started, err er
 		Pids:       pids,
 		DiskMB:     req.DiskMB,
 		NetnsPath:  n.NetnsPath,
+		UserNS:     SandboxUserNS(n),
 		ResolvConf: a.cfg.ResolvConf(n),
 		Binds:      req.Binds,
 	})
@@ -168,6 +170,15 @@ func (a *Agent) Start(ctx context.Context, req StartRequest) (st Started, err er
 		return Started{}, err
 	}
 	return Started{Pid: pid, Net: n}, nil
+}
+
+// SandboxUserNS is the runtime's view of the user namespace sandboxnet made
+// with n (nil when the node runs without user namespaces).
+func SandboxUserNS(n *sandboxnet.Net) *sandbox.UserNS {
+	if n == nil || n.UserNS == nil {
+		return nil
+	}
+	return &sandbox.UserNS{Path: n.UserNS.Path, HostID: n.UserNS.HostID, Size: n.UserNS.Size}
 }
 
 // Net returns the network of a sandbox that is (or was) set up in slot.
@@ -186,6 +197,9 @@ func (a *Agent) Running(ctx context.Context, id string) (int, bool) {
 // Destroy stops the sandbox and removes everything it had on this node. Idempotent.
 func (a *Agent) Destroy(ctx context.Context, id string, slot int) error {
 	err := errors.Join(a.cfg.Runtime.Destroy(ctx, id), a.cfg.Net.Teardown(ctx, id, slot))
+	// The spare network this sandbox used is replaced now, while nothing
+	// is being started (see sandboxnet.Manager.Refill).
+	a.cfg.Net.Refill()
 	a.release(id)
 	return err
 }

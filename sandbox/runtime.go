@@ -54,10 +54,13 @@ const (
 
 // Config configures a Runtime. Zero values get the documented defaults.
 type Config struct {
-	StateDir     string // per-sandbox directories; required
-	LogDir       string // console logs, kept after a sandbox ends; default StateDir/../logs
-	RuncRoot     string // runc --root; default /run/chalk/runc
-	RuncBinary   string // default "runc" from PATH
+	StateDir   string // per-sandbox directories; required
+	LogDir     string // console logs, kept after a sandbox ends; default StateDir/../logs
+	RuncRoot   string // runc --root; default /run/chalk/runc
+	RuncBinary string // default "runc" from PATH (or "runsc" with Runtime RuntimeRunsc)
+	// Runtime is the OCI runtime: RuntimeRunc (default) or RuntimeRunsc
+	// (gVisor: the sandbox's kernel is gVisor's Sentry; see runsc.go).
+	Runtime      string
 	InitBinary   string // host path of the static chalk-init; required
 	ChalkBinary  string // host path of the chalk CLI, mounted at /usr/local/bin/chalk; optional
 	CgroupParent string // cgroupfs parent of every sandbox's cgroup; default "/chalk"
@@ -88,8 +91,15 @@ func New(cfg Config) (*Runtime, error) {
 	if cfg.RuncRoot == "" {
 		cfg.RuncRoot = "/run/chalk/runc"
 	}
+	switch cfg.Runtime {
+	case "", RuntimeRunc:
+		cfg.Runtime = RuntimeRunc
+	case RuntimeRunsc:
+	default:
+		return nil, fmt.Errorf("sandbox runtime %q: want %q or %q: %w", cfg.Runtime, RuntimeRunc, RuntimeRunsc, errdefs.ErrInvalidArgument)
+	}
 	if cfg.RuncBinary == "" {
-		cfg.RuncBinary = "runc"
+		cfg.RuncBinary = cfg.Runtime
 	}
 	if cfg.CgroupParent == "" {
 		cfg.CgroupParent = "/chalk"
@@ -111,6 +121,9 @@ func New(cfg Config) (*Runtime, error) {
 	}
 	bin, err := exec.LookPath(cfg.RuncBinary)
 	if err != nil {
+		if cfg.Runtime == RuntimeRunsc {
+			return nil, fmt.Errorf("runsc not found (scripts/gvisor.sh builds it from gvisor.dev's Go module): %w", err)
+		}
 		return nil, fmt.Errorf("runc not found (install Debian's runc): %w", err)
 	}
 	for _, d := range []string{cfg.StateDir, cfg.RuncRoot, cfg.LogDir} {
@@ -120,7 +133,7 @@ func New(cfg Config) (*Runtime, error) {
 	}
 	return &Runtime{
 		cfg:  cfg,
-		runc: &runc.Runc{Command: bin, Root: cfg.RuncRoot},
+		runc: &runc.Runc{Command: bin, Root: cfg.RuncRoot, ExtraArgs: runtimeArgs(cfg.Runtime)},
 		log:  cfg.Logger,
 	}, nil
 }
@@ -148,9 +161,76 @@ type Spec struct {
 	Pids       int64
 	DiskMB     int64 // writable-layer quota in MiB; 0 = Config.DefaultDiskMB
 	NetnsPath  string
+	UserNS     *UserNS // nil: the sandbox's root is the host's root (confined by the rest)
 	ResolvConf []byte
 	Hosts      []byte
 	Binds      []Bind
+}
+
+// prepareUserNS gives the sandbox's root what it must own on the host: its
+// directory is root:HostID 0710, so the sandbox's root (runc's init joins
+// the user namespace before it mounts the rootfs and binds) can pass through
+// it and no other sandbox's uids can (even after an escape, another
+// sandbox's writable layer, run dir and files are out of reach); the upper
+// dir (the rootfs's / and everything the sandbox writes) and the run dir
+// (init makes its socket there) belong to the sandbox's root.
+// (CheckUserNS, called once at daemon start, checks that the sandbox's
+// root can reach the state dir and binaries.)
+func (r *Runtime) prepareUserNS(dir string, u *UserNS) error {
+	id := int(u.HostID)
+	if err := os.Chown(dir, 0, id); err != nil {
+		return err
+	}
+	if err := os.Chmod(dir, 0o710); err != nil {
+		return err
+	}
+	for _, d := range []string{"upper", "run"} {
+		if err := os.Chown(filepath.Join(dir, d), id, id); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// CheckUserNS reports whether sandboxes with user namespaces can run here:
+// their root, an unprivileged host uid, must reach the state dir and the
+// binaries bind-mounted into every sandbox.
+func (r *Runtime) CheckUserNS() error {
+	return searchableByAll(r.cfg.StateDir, r.cfg.InitBinary, r.cfg.ChalkBinary)
+}
+
+// searchableByAll checks that a sandbox's root, an unprivileged host uid,
+// can reach each path: every directory above it searchable by others, and
+// the file itself readable and executable. Dockerd's data dir is 0711 under
+// user namespace remapping for the same reason.
+func searchableByAll(paths ...string) error {
+	for _, p := range paths {
+		if p == "" {
+			continue
+		}
+		p, err := filepath.Abs(p)
+		if err != nil {
+			return err
+		}
+		for d := p; ; d = filepath.Dir(d) {
+			st, err := os.Stat(d)
+			if err != nil {
+				return err
+			}
+			want := os.FileMode(0o001)
+			if !st.IsDir() {
+				want = 0o005
+			}
+			if st.Mode().Perm()&want != want {
+				return fmt.Errorf("%s (mode %v) is not reachable by sandboxes running in user namespaces: %s needs o+x on every directory above it and o+rx on the file: %w",
+					d, st.Mode().Perm(), p, errdefs.ErrFailedPrecondition)
+			}
+			if d == "/" {
+				break
+			}
+		}
+	}
+	return nil
 }
 
 // Dir is the host directory of sandbox id.
@@ -199,6 +279,14 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	}
 	rootfs := filepath.Join(dir, "rootfs")
 	lowers := sp.LowerDirs
+	if sp.UserNS != nil {
+		if err := r.prepareUserNS(dir, sp.UserNS); err != nil {
+			return 0, err
+		}
+		if lowers, err = idmapLowers(lowers, sp.UserNS.Path, filepath.Join(dir, "lower")); err != nil {
+			return 0, fmt.Errorf("sandbox %q image layers: %w", sp.ID, err)
+		}
+	}
 	if len(lowers) == 0 {
 		lowers = []string{filepath.Join(dir, "empty")}
 	}
@@ -249,6 +337,9 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	}
 	if sp.NetnsPath != "" {
 		opts = append(opts, WithNetNS(sp.NetnsPath))
+	}
+	if sp.UserNS != nil {
+		opts = append(opts, WithUserNS(sp.UserNS.Path, sp.UserNS.HostID, sp.UserNS.Size))
 	}
 	if r.cfg.ChalkBinary != "" {
 		opts = append(opts, WithBind(r.cfg.ChalkBinary, ChalkPath, true))
@@ -386,6 +477,9 @@ func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	rootfs := filepath.Join(dir, "rootfs")
 	if err := unix.Unmount(rootfs, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		errs = append(errs, fmt.Errorf("unmount rootfs: %w", err))
+	}
+	if err := unmountLowers(filepath.Join(dir, "lower")); err != nil {
+		errs = append(errs, err)
 	}
 	if err := unmountDir(dir); err != nil {
 		errs = append(errs, err)

@@ -243,3 +243,19 @@ func parseUser(u string) (uint32, uint32, error) {
 	}
 	return uint32(uid), uint32(gid), nil
 }
+
+// WithUserNS joins the user namespace at path (made by sandboxnet) whose ids
+// 0..size-1 are hostID.. on the host. runc needs the mappings too: it joins
+// the namespace rather than writing them, but sets up /dev and the cgroup
+// mounts for the mapped root.
+func WithUserNS(path string, hostID, size uint32) SpecOpt {
+	return func(s *specs.Spec) error {
+		if path == "" || size == 0 || uint64(hostID)+uint64(size) > 1<<32-1 || hostID == 0 {
+			return fmt.Errorf("user namespace %q (%d ids from %d): invalid: %w", path, size, hostID, errdefs.ErrInvalidArgument)
+		}
+		s.Linux.Namespaces = append(s.Linux.Namespaces, specs.LinuxNamespace{Type: specs.UserNamespace, Path: path})
+		s.Linux.UIDMappings = []specs.LinuxIDMapping{{ContainerID: 0, HostID: hostID, Size: size}}
+		s.Linux.GIDMappings = []specs.LinuxIDMapping{{ContainerID: 0, HostID: hostID, Size: size}}
+		return nil
+	}
+}

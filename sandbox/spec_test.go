@@ -329,3 +329,33 @@ func TestGenerateSpecIndependent(t *testing.T) {
 		t.Fatalf("nofile of a fresh spec: %d", b.Process.Rlimits[0].Hard)
 	}
 }
+
+// TestWithUserNS: the sandbox joins the given user namespace (never a new
+// one) with the same mappings for runc; bad input is refused.
+func TestWithUserNS(t *testing.T) {
+	s, err := GenerateSpec(WithUserNS("/run/chalk/userns/sb-1", 1<<20+65536, 65536))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var joined int
+	for _, ns := range s.Linux.Namespaces {
+		if ns.Type == specs.UserNamespace {
+			joined++
+			if ns.Path != "/run/chalk/userns/sb-1" {
+				t.Errorf("user namespace path %q", ns.Path)
+			}
+		}
+	}
+	want := []specs.LinuxIDMapping{{ContainerID: 0, HostID: 1<<20 + 65536, Size: 65536}}
+	if joined != 1 || !slices.Equal(s.Linux.UIDMappings, want) || !slices.Equal(s.Linux.GIDMappings, want) {
+		t.Fatalf("user namespaces %d, uid %+v gid %+v", joined, s.Linux.UIDMappings, s.Linux.GIDMappings)
+	}
+	for _, bad := range []struct {
+		path       string
+		host, size uint32
+	}{{"", 1 << 20, 65536}, {"/x", 0, 65536}, {"/x", 1 << 20, 0}, {"/x", 1<<32 - 100, 65536}} {
+		if _, err := GenerateSpec(WithUserNS(bad.path, bad.host, bad.size)); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("WithUserNS(%q, %d, %d): %v", bad.path, bad.host, bad.size, err)
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 
@@ -14,7 +15,8 @@ import (
 )
 
 // Leftovers lists what this Manager made that belongs to no sandbox in live
-// (id → slot): "netns:<id>" for a netns file, "link:<name>" for a host-side
+// (id → slot): "netns:<id>" for a netns file, "userns:<id>" for a user
+// namespace file, "link:<name>" for a host-side
 // interface (missing from live, or whose alias names another sandbox), and
 // "nft-src:<name>" for anti-spoofing elements of an interface not in live.
 // The result is sorted. RemoveLeftover removes one entry.
@@ -31,6 +33,15 @@ func (m *Manager) Leftovers(ctx context.Context, live map[string]int) ([]string,
 	for _, e := range ents {
 		if _, ok := live[e.Name()]; !ok {
 			out = append(out, "netns:"+e.Name())
+		}
+	}
+	uents, err := os.ReadDir(m.UserNSDir())
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("userns dir: %w", err)
+	}
+	for _, e := range uents {
+		if _, ok := live[e.Name()]; !ok {
+			out = append(out, "userns:"+e.Name())
 		}
 	}
 	var links []netlink.Link
@@ -70,6 +81,11 @@ func (m *Manager) RemoveLeftover(ctx context.Context, obj string) error {
 			break
 		}
 		return removeNetnsFile(m.Lookup(name, 0).NetnsPath)
+	case "userns":
+		if !validID(name) {
+			break
+		}
+		return removeUserNSFile(filepath.Join(m.UserNSDir(), name))
 	case "link", "nft-src":
 		slot, ok := m.slotOfIf(name)
 		if !ok {

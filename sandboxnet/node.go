@@ -36,6 +36,11 @@ func (m *Manager) Init(ctx context.Context) error {
 	if err := os.MkdirAll(m.cfg.NetnsDir, 0o755); err != nil {
 		return fmt.Errorf("netns dir: %w", err)
 	}
+	if m.cfg.UserNS {
+		if err := os.MkdirAll(m.UserNSDir(), 0o755); err != nil {
+			return fmt.Errorf("userns dir: %w", err)
+		}
+	}
 	if v, err := readSysctl("net/ipv6/conf/default/disable_ipv6"); err != nil || v != "0" {
 		return fmt.Errorf("IPv6 is disabled on this node (net.ipv6.conf.default.disable_ipv6=%q, %v); sandboxes need it: %w", v, err, errdefs.ErrFailedPrecondition)
 	}

@@ -78,6 +78,7 @@ func newNode(t testing.TB, cfg Config) *Manager {
 func setup(t testing.TB, m *Manager, id string, slot int) *Net {
 	t.Helper()
 	n, err := m.Setup(context.Background(), id, slot)
+	m.Refill()
 	if err != nil {
 		t.Fatalf("Setup(%s, %d): %v", id, slot, err)
 	}
@@ -356,7 +357,9 @@ func cycles(t *testing.T, pool int) {
 			for r := 0; r < rounds; r++ {
 				id := fmt.Sprintf("cyc-%d-%d", w, r)
 				slot := 10 + w
-				if _, err := m.Setup(ctx, id, slot); err != nil {
+				_, err := m.Setup(ctx, id, slot)
+				m.Refill()
+				if err != nil {
 					errs <- fmt.Errorf("Setup %s: %w", id, err)
 					return
 				}
@@ -429,6 +432,7 @@ func BenchmarkSetupTeardown(b *testing.B) {
 		if _, err := m.Setup(ctx, id, 1); err != nil {
 			b.Fatal(err)
 		}
+		m.Refill()
 		if err := m.Teardown(ctx, id, 1); err != nil {
 			b.Fatal(err)
 		}
@@ -440,12 +444,16 @@ func BenchmarkSetupTeardown(b *testing.B) {
 // sandboxes, as on a node that is not creating sandboxes back to back.
 func BenchmarkSetup(b *testing.B) {
 	for _, bc := range []struct {
-		name string
-		pool int
-		idle bool
-	}{{"nopool", -1, false}, {"pool/back-to-back", 4, false}, {"pool/idle", 4, true}} {
+		name   string
+		pool   int
+		idle   bool
+		userns bool
+	}{
+		{"nopool", -1, false, false}, {"pool/back-to-back", 4, false, false}, {"pool/idle", 4, true, false},
+		{"userns/nopool", -1, false, true}, {"userns/pool/back-to-back", 4, false, true}, {"userns/pool/idle", 4, true, true},
+	} {
 		b.Run(bc.name, func(b *testing.B) {
-			m := newNode(b, Config{NetnsPool: bc.pool})
+			m := newNode(b, Config{NetnsPool: bc.pool, UserNS: bc.userns})
 			ctx := context.Background()
 			for i := 0; b.Loop(); i++ {
 				id := fmt.Sprintf("bench-%d", i)
@@ -453,6 +461,7 @@ func BenchmarkSetup(b *testing.B) {
 					b.Fatal(err)
 				}
 				b.StopTimer()
+				m.Refill()
 				if err := m.Teardown(ctx, id, 1); err != nil {
 					b.Fatal(err)
 				}
@@ -534,39 +543,83 @@ func TestTeardownReachesOtherMountNamespaces(t *testing.T) {
 	}
 }
 
-// netnsFDs counts this process's open network namespace descriptors.
-func netnsFDs(t *testing.T) int {
+// openNetns returns the network namespaces this process holds open by
+// descriptor, as "net:[inode]" with how many descriptors each. (Other tests'
+// background work may open and close namespaces meanwhile, so the checks
+// below are about particular namespaces, never a total.)
+func openNetns(t *testing.T) map[string]int {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
 		t.Fatal(err)
 	}
-	k := 0
+	out := map[string]int{}
 	for _, e := range ents {
 		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(l, "net:[") {
-			k++
+			out[l]++
 		}
 	}
-	return k
+	return out
+}
+
+// readyNetns names the namespaces of the pool's ready spares.
+func readyNetns(t *testing.T, m *Manager) []string {
+	t.Helper()
+	m.pool.mu.Lock()
+	defer m.pool.mu.Unlock()
+	var out []string
+	for _, s := range m.pool.ready {
+		l, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", int(s.ns)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, l)
+	}
+	return out
+}
+
+// nsName names the namespace bound at path as readlink does for a descriptor.
+func nsName(t *testing.T, path string) string {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("net:[%d]", st.Ino)
 }
 
 // TestPool: the ready namespaces are refilled after use and released by
 // Close; Setup holds no descriptor after it returns.
 func TestPool(t *testing.T) {
 	requireNode(t)
-	base := netnsFDs(t)
 	m := newNode(t, Config{NetnsPool: 3})
 	m.pool.wait()
-	if got := netnsFDs(t); got != base+3 {
-		t.Fatalf("%d namespace descriptors with a full pool of 3, want %d", got, base+3)
+	seen := map[string]bool{}
+	check := func(when string) {
+		t.Helper()
+		ready, open := readyNetns(t, m), openNetns(t)
+		if len(ready) != 3 {
+			t.Fatalf("%s: %d spares ready, want 3", when, len(ready))
+		}
+		for _, ns := range ready {
+			seen[ns] = true
+			if open[ns] != 1 {
+				t.Errorf("%s: spare namespace %s held by %d descriptors, want 1", when, ns, open[ns])
+			}
+		}
 	}
+	check("full pool")
 	if spares := spareLinks(t, m); len(spares) != 3 {
 		t.Fatalf("spare veths %v, want 3", spares)
 	}
 	n := setup(t, m, "sb-pool", 8)
 	m.pool.wait()
-	if got := netnsFDs(t); got != base+3 {
-		t.Errorf("%d namespace descriptors after Setup, want %d", got, base+3)
+	check("after Setup and refill")
+	sb := nsName(t, n.NetnsPath)
+	if k := openNetns(t)[sb]; k != 0 {
+		t.Errorf("Setup left %d descriptors on the sandbox's namespace %s", k, sb)
+	} else if !seen[sb] {
+		t.Errorf("the sandbox's namespace %s did not come from the pool %v", sb, seen)
 	}
 	// The network came from the pool ready: loopback up, eth0 renamed away
 	// on the node side.
@@ -583,8 +636,11 @@ func TestPool(t *testing.T) {
 	if err := m.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if got := netnsFDs(t); got != base {
-		t.Errorf("%d namespace descriptors after Close, want %d", got, base)
+	open := openNetns(t)
+	for ns := range seen {
+		if open[ns] != 0 {
+			t.Errorf("namespace %s still held by %d descriptors after Close", ns, open[ns])
+		}
 	}
 	if spares := spareLinks(t, m); len(spares) != 0 {
 		t.Errorf("spare veths left after Close: %v", spares)

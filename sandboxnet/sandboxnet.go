@@ -65,8 +65,9 @@
 // Teardown of different slots may run concurrently. Setup takes a spare
 // network made ahead of time (Config.NetnsPool of them: a namespace with lo
 // and eth0 up, eth0's peer down in the node namespace under the temporary
-// name Prefix+"q"+3 hex digits; Init starts filling the pool, Close deletes
-// it; spares vanish with the process), so it waits neither for unshare(2)
+// name Prefix+"q"+3 hex digits; with Config.UserNS, owned by a new user
+// namespace; Init fills the pool, Refill tops it up after a Teardown, Close
+// deletes it; spares vanish with the process), so it waits neither for unshare(2)
 // nor for veth creation: it renames the peer to the slot's name and adds
 // addresses and routes (in the sandbox's namespace through a netlink handle
 // bound to it, no thread switches) and two set elements in one nf_tables
@@ -82,6 +83,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -122,7 +124,12 @@ type Config struct {
 	// whatever their egress policy: the WireGuard tunnels' address space,
 	// reachable only over a tunnel's own interface inside the sandbox.
 	Reserved []netip.Prefix
-	Logger   *slog.Logger // nil = discard
+	// UserNS gives each sandbox a user namespace of its own, mapping its
+	// ids 0..IDsPerSandbox-1 to UIDBase + slot*IDsPerSandbox on the host,
+	// which owns its network namespace (see userns.go).
+	UserNS  bool
+	UIDBase uint32       // first host id of slot 0's range; default DefaultUIDBase
+	Logger  *slog.Logger // nil = discard
 }
 
 // Manager sets up and tears down sandbox networks on this node.
@@ -152,6 +159,7 @@ type Net struct {
 	SandboxIP  netip.Addr
 	HostIP6    netip.Addr
 	SandboxIP6 netip.Addr
+	UserNS     *UserNS // the sandbox's user namespace; nil without Config.UserNS
 }
 
 // New validates cfg, fills in defaults and returns a Manager. Call Init
@@ -199,10 +207,26 @@ func New(cfg Config) (*Manager, error) {
 	case cfg.NetnsPool < 0:
 		cfg.NetnsPool = 0
 	}
-	m := &Manager{cfg: cfg, log: cfg.Logger, pool: newSparePool(cfg.NetnsPool, cfg.Prefix)}
 	// A slot is 4 addresses (2 bits) in both families; names carry 4 hex digits.
 	slotBits := min(32-cfg.Subnet.Bits(), 128-cfg.Subnet6.Bits(), 18) - 2
-	m.maxSlot = 1<<slotBits - 1
+	maxSlot := 1<<slotBits - 1
+	var holderBins []string
+	if cfg.UserNS {
+		if cfg.UIDBase == 0 {
+			cfg.UIDBase = DefaultUIDBase
+		}
+		if err := checkUIDRange(cfg.UIDBase, maxSlot); err != nil {
+			return nil, err
+		}
+		for _, name := range []string{"unshare", "cat"} {
+			bin, err := exec.LookPath(name)
+			if err != nil {
+				return nil, fmt.Errorf("user namespaces need %s(1) (util-linux, coreutils) to make them: %w", name, err)
+			}
+			holderBins = append(holderBins, bin)
+		}
+	}
+	m := &Manager{cfg: cfg, log: cfg.Logger, pool: newSparePool(cfg.NetnsPool, cfg.Prefix, holderBins), maxSlot: maxSlot}
 	m.svc = addN(cfg.Subnet.Addr(), 1)
 	m.svc6 = addN(cfg.Subnet6.Addr(), 1)
 	seen := map[uint16]bool{0: true}
@@ -300,6 +324,7 @@ func (m *Manager) Lookup(id string, slot int) *Net {
 		SandboxIP:  addN(base, 2),
 		HostIP6:    addN(base6, 1),
 		SandboxIP6: addN(base6, 2),
+		UserNS:     m.userNS(id, slot),
 	}
 }
 

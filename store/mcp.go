@@ -2,13 +2,8 @@ package store
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
-	"errors"
-	"fmt"
 	"time"
-
-	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
 // MCPServer is an upstream MCP server registered with the gateway.
@@ -43,53 +38,17 @@ func (s *Store) PutMCPServer(ctx context.Context, m *MCPServer) error {
 
 // GetMCPServer returns one server.
 func (s *Store) GetMCPServer(ctx context.Context, orgID, name string) (*MCPServer, error) {
-	var doc []byte
-	err := s.db.QueryRowContext(ctx, `SELECT doc FROM mcp_servers WHERE org_id = ? AND name = ?`, orgID, name).Scan(&doc)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, fmt.Errorf("MCP server %q: %w", name, errdefs.ErrNotFound)
-	}
-	if err != nil {
-		return nil, err
-	}
-	var m MCPServer
-	if err := json.Unmarshal(doc, &m); err != nil {
-		return nil, fmt.Errorf("MCP server %q: %w", name, err)
-	}
-	return &m, nil
+	return getNamed[MCPServer](ctx, s.db, "mcp_servers", "MCP server", orgID, name)
 }
 
 // ListMCPServers returns the org's servers by name.
 func (s *Store) ListMCPServers(ctx context.Context, orgID string) ([]*MCPServer, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT doc FROM mcp_servers WHERE org_id = ? ORDER BY name`, orgID)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []*MCPServer
-	for rows.Next() {
-		var doc []byte
-		if err := rows.Scan(&doc); err != nil {
-			return nil, err
-		}
-		var m MCPServer
-		if err := json.Unmarshal(doc, &m); err != nil {
-			return nil, err
-		}
-		out = append(out, &m)
-	}
-	return out, rows.Err()
+	return listNamed[MCPServer](ctx, s.db, "mcp_servers", orgID)
 }
 
 // DeleteMCPServer removes a server.
 func (s *Store) DeleteMCPServer(ctx context.Context, orgID, name string) error {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM mcp_servers WHERE org_id = ? AND name = ?`, orgID, name)
-	if err != nil {
-		return err
-	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		return fmt.Errorf("MCP server %q: %w", name, errdefs.ErrNotFound)
-	}
-	return nil
+	return deleteNamed(ctx, s.db, "mcp_servers", "MCP server", orgID, name)
 }
 
 // MCPAudit is one call through the gateway (one JSON-RPC message, or one

@@ -290,51 +290,15 @@ func (s *Store) PutPolicy(ctx context.Context, p *Policy, create bool) error {
 
 // GetPolicy returns one policy.
 func (s *Store) GetPolicy(ctx context.Context, orgID, name string) (*Policy, error) {
-	var doc []byte
-	err := s.db.QueryRowContext(ctx, `SELECT doc FROM policies WHERE org_id = ? AND name = ?`, orgID, name).Scan(&doc)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, fmt.Errorf("network policy %q: %w", name, errdefs.ErrNotFound)
-	}
-	if err != nil {
-		return nil, err
-	}
-	var p Policy
-	if err := json.Unmarshal(doc, &p); err != nil {
-		return nil, err
-	}
-	return &p, nil
+	return getNamed[Policy](ctx, s.db, "policies", "network policy", orgID, name)
 }
 
 // ListPolicies lists an org's policies by name.
 func (s *Store) ListPolicies(ctx context.Context, orgID string) ([]*Policy, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT doc FROM policies WHERE org_id = ? ORDER BY name`, orgID)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []*Policy
-	for rows.Next() {
-		var doc []byte
-		if err := rows.Scan(&doc); err != nil {
-			return nil, err
-		}
-		var p Policy
-		if err := json.Unmarshal(doc, &p); err != nil {
-			return nil, err
-		}
-		out = append(out, &p)
-	}
-	return out, rows.Err()
+	return listNamed[Policy](ctx, s.db, "policies", orgID)
 }
 
 // DeletePolicy removes a policy.
 func (s *Store) DeletePolicy(ctx context.Context, orgID, name string) error {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM policies WHERE org_id = ? AND name = ?`, orgID, name)
-	if err != nil {
-		return err
-	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		return fmt.Errorf("network policy %q: %w", name, errdefs.ErrNotFound)
-	}
-	return nil
+	return deleteNamed(ctx, s.db, "policies", "network policy", orgID, name)
 }

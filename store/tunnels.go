@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -99,56 +98,16 @@ func (s *Store) GetTunnel(ctx context.Context, orgID, name string) (*Tunnel, err
 	return getTunnel(ctx, s.db, orgID, name)
 }
 
-type queryer interface {
-	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
-}
-
 func getTunnel(ctx context.Context, q queryer, orgID, name string) (*Tunnel, error) {
-	var doc []byte
-	err := q.QueryRowContext(ctx, `SELECT doc FROM tunnels WHERE org_id = ? AND name = ?`, orgID, name).Scan(&doc)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, fmt.Errorf("tunnel %q: %w", name, errdefs.ErrNotFound)
-	}
-	if err != nil {
-		return nil, err
-	}
-	var t Tunnel
-	if err := json.Unmarshal(doc, &t); err != nil {
-		return nil, err
-	}
-	return &t, nil
+	return getNamed[Tunnel](ctx, q, "tunnels", "tunnel", orgID, name)
 }
 
 // ListTunnels lists an org's tunnels by name.
 func (s *Store) ListTunnels(ctx context.Context, orgID string) ([]*Tunnel, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT doc FROM tunnels WHERE org_id = ? ORDER BY name`, orgID)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []*Tunnel
-	for rows.Next() {
-		var doc []byte
-		if err := rows.Scan(&doc); err != nil {
-			return nil, err
-		}
-		var t Tunnel
-		if err := json.Unmarshal(doc, &t); err != nil {
-			return nil, err
-		}
-		out = append(out, &t)
-	}
-	return out, rows.Err()
+	return listNamed[Tunnel](ctx, s.db, "tunnels", orgID)
 }
 
 // DeleteTunnel removes a tunnel.
 func (s *Store) DeleteTunnel(ctx context.Context, orgID, name string) error {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM tunnels WHERE org_id = ? AND name = ?`, orgID, name)
-	if err != nil {
-		return err
-	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		return fmt.Errorf("tunnel %q: %w", name, errdefs.ErrNotFound)
-	}
-	return nil
+	return deleteNamed(ctx, s.db, "tunnels", "tunnel", orgID, name)
 }

@@ -355,6 +355,25 @@ func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix
 	if mb.Port, err = listenPort(mb.dev); err != nil {
 		return err
 	}
+	return mb.withLink(netnsPath, func(h *netlink.Handle, l netlink.Link) error {
+		if err := h.AddrAdd(l, &netlink.Addr{IPNet: prefixNet(netip.PrefixFrom(mb.Addr, subnet.Bits()))}); err != nil {
+			return fmt.Errorf("address %s on %s: %w", mb.Addr, mb.Interface, err)
+		}
+		if err := h.LinkSetUp(l); err != nil {
+			return fmt.Errorf("%s up: %w", mb.Interface, err)
+		}
+		return mb.routesWith(h, l, extra)
+	})
+}
+
+// routes sets the routes of the external peers' prefixes on the interface.
+func (mb *member) routes(extra []netip.Prefix) error {
+	return mb.withLink(mb.netnsPath, func(h *netlink.Handle, l netlink.Link) error { return mb.routesWith(h, l, extra) })
+}
+
+// withLink calls fn with a netlink handle in the sandbox's namespace at
+// netnsPath and the member's interface there.
+func (mb *member) withLink(netnsPath string, fn func(*netlink.Handle, netlink.Link) error) error {
 	h, ns, err := handleAt(netnsPath)
 	if err != nil {
 		return err
@@ -365,28 +384,7 @@ func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix
 	if err != nil {
 		return fmt.Errorf("tunnel interface %s: %w", mb.Interface, err)
 	}
-	if err := h.AddrAdd(l, &netlink.Addr{IPNet: prefixNet(netip.PrefixFrom(mb.Addr, subnet.Bits()))}); err != nil {
-		return fmt.Errorf("address %s on %s: %w", mb.Addr, mb.Interface, err)
-	}
-	if err := h.LinkSetUp(l); err != nil {
-		return fmt.Errorf("%s up: %w", mb.Interface, err)
-	}
-	return mb.routesWith(h, l, extra)
-}
-
-// routes sets the routes of the external peers' prefixes on the interface.
-func (mb *member) routes(extra []netip.Prefix) error {
-	h, ns, err := handleAt(mb.netnsPath)
-	if err != nil {
-		return err
-	}
-	defer ns.Close()
-	defer h.Close()
-	l, err := h.LinkByName(mb.Interface)
-	if err != nil {
-		return fmt.Errorf("tunnel interface %s: %w", mb.Interface, err)
-	}
-	return mb.routesWith(h, l, extra)
+	return fn(h, l)
 }
 
 // routesWith makes the interface's routes to external peers' networks

@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -132,6 +133,12 @@ func StartOpts(t testing.TB, o Options) *Node {
 		Cgroup: "/chalktest-" + id,
 		Args:   extraArgs,
 	}
+	// t.TempDir's parent is 0700; sandbox roots (unprivileged host uids under
+	// user namespaces) must pass through it to their rootfs, as through
+	// chalkd's data dir (which chalkd makes 0711 itself).
+	if err := os.Chmod(filepath.Dir(n.Dir), 0o711); err != nil {
+		t.Fatal(err)
+	}
 	n.Socket = filepath.Join(n.RunDir, "chalkd.sock")
 	n.logPath = filepath.Join(n.Dir, "chalkd.log")
 	if out, err := exec.Command("ip", "netns", "add", n.Netns).CombinedOutput(); err != nil {
@@ -140,6 +147,18 @@ func StartOpts(t testing.TB, o Options) *Node {
 	t.Cleanup(n.cleanup)
 	if out, err := exec.Command("ip", "-n", n.Netns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
 		t.Fatalf("lo up: %v %s", err, out)
+	}
+	// CHALK_TEST_RUNTIME=runsc (runsc from CHALK_RUNSC, next to chalkd, or
+	// on PATH) runs every node of the suite on gVisor.
+	if rt := os.Getenv("CHALK_TEST_RUNTIME"); rt != "" && !slices.Contains(n.Args, "--runtime") {
+		n.Args = append(n.Args, "--runtime", rt)
+		b := os.Getenv("CHALK_RUNSC")
+		if b == "" {
+			b = filepath.Join(bin, "runsc") // scripts/gvisor.sh puts it next to chalkd
+		}
+		if _, err := os.Stat(b); err == nil && rt == "runsc" {
+			n.Args = append(n.Args, "--runtime-binary", b)
+		}
 	}
 	if inet != nil {
 		inet.Attach(n.Netns)

@@ -35,6 +35,7 @@ from .errors import (
     UnknownError,
 )
 from .image import Image
+from .mcp import MCPAuditRecord, MCPServer
 from .policy import NetworkPolicy, Tunnel, TunnelMember, TunnelPeer
 from .sandbox import ExecResult, FileInfo, Process, Sandbox
 
@@ -42,7 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SandboxClient", "Sandbox", "Process", "ExecResult", "FileInfo", "BuildResult",
-    "Image", "NetworkPolicy", "Tunnel", "TunnelMember", "TunnelPeer",
+    "Image", "NetworkPolicy", "Tunnel", "TunnelMember", "TunnelPeer", "MCPServer", "MCPAuditRecord",
     "ChalkError", "CanceledError", "UnknownError", "InvalidArgumentError", "DeadlineExceededError",
     "NotFoundError", "AlreadyExistsError", "PermissionDeniedError", "ResourceExhaustedError",
     "FailedPreconditionError", "AbortedError", "OutOfRangeError", "UnimplementedError", "InternalError",

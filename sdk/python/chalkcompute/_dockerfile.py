@@ -96,7 +96,7 @@ def _copy(line: int, word: str, rest: str, context: str) -> List[Dict[str, Any]]
                 raise InvalidArgumentError("dockerfile line %d: ADD is not supported for URLs (download in a RUN step instead)" % line)
             if src.endswith(".tar") or ".tar." in src or src.endswith(".tgz"):
                 raise InvalidArgumentError("dockerfile line %d: ADD is not supported for archives (COPY it and extract in a RUN step)" % line)
-    if not dst.startswith("/"):
+    if not dst.startswith("/") and not dst.startswith("$"):  # a variable is checked once substituted, at build time
         raise InvalidArgumentError("dockerfile line %d: destination %r must be absolute here (set WORKDIR-relative paths explicitly)" % (line, dst))
     return [{"kind": "copy", "src": context, "paths": srcs, "dst": dst}]
 

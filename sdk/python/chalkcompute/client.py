@@ -1,9 +1,11 @@
 """SandboxClient: the entry point of the SDK."""
 
+import datetime
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from ._transport import Transport, b64, resolve_config
 from .image import Image
+from .mcp import MCPAuditRecord, MCPServer, _format_time
 from .policy import NetworkPolicy, Tunnel
 from .sandbox import Sandbox, Seconds, _int, _seconds
 
@@ -294,6 +296,101 @@ class SandboxClient:
     def delete_tunnel(self, name: str) -> None:
         """Delete a tunnel (refused while a running sandbox is in it)."""
         self._t.unary("TunnelService", "Delete", {"name": name})
+
+    # ------------------------------------------------------------ MCP gateway
+
+    def add_mcp_server(
+        self,
+        name: str,
+        url: str,
+        *,
+        credential: Optional[str] = None,
+        header_name: Optional[str] = None,
+        allowed_tools: Optional[Sequence[str]] = None,
+        allowed_resources: Optional[Sequence[str]] = None,
+        allowed_prompts: Optional[Sequence[str]] = None,
+        sandbox_labels: Optional[Mapping[str, str]] = None,
+        rate_per_second: Optional[float] = None,
+    ) -> MCPServer:
+        """Register an upstream MCP server with the gateway, replacing one of
+        the same name (``McpService/AddServer``; needs an admin token).
+
+        Sandboxes reach it at the returned server's ``gateway_url``
+        (``http://169.254.169.254/mcp/<name>``) with their workload token for
+        that audience. A replacement is the whole registration: fields left
+        out (the credential too) are not kept from the old one.
+
+        Args:
+            name: a DNS label (a-z, 0-9 and '-', at most 63 characters).
+            url: the upstream's Streamable HTTP endpoint (http or https).
+            credential: the secret the gateway adds to upstream calls.
+                Write-only: it is stored encrypted and never returned.
+            header_name: the header the credential goes in (e.g.
+                ``X-Api-Key``); default ``Authorization: Bearer <credential>``.
+            allowed_tools, allowed_resources, allowed_prompts: allowlists of
+                tool names, resource URIs and prompt names; empty or None
+                allows everything. An entry ending in ``*`` matches by prefix.
+            sandbox_labels: only sandboxes carrying all these labels may use
+                the server (default: every sandbox).
+            rate_per_second: the per-sandbox call rate (default 50/s, burst 2x).
+
+        Returns:
+            the registered :class:`MCPServer` (``has_credential`` tells
+            whether a credential is stored).
+        """
+        req: Dict[str, Any] = {"name": name, "url": url}
+        if header_name:
+            req["headerName"] = header_name
+        if credential:
+            req["credential"] = credential
+        for key, lst in (("allowedTools", allowed_tools), ("allowedResources", allowed_resources),
+                         ("allowedPrompts", allowed_prompts)):
+            if lst:
+                req[key] = [lst] if isinstance(lst, str) else [str(e) for e in lst]
+        if sandbox_labels:
+            req["sandboxLabels"] = {str(k): str(v) for k, v in sandbox_labels.items()}
+        if rate_per_second:
+            req["ratePerSecond"] = float(rate_per_second)
+        return MCPServer.from_json(self._t.unary("McpService", "AddServer", req))
+
+    def list_mcp_servers(self) -> List[MCPServer]:
+        """The org's MCP servers by name (without credentials)."""
+        return [MCPServer.from_json(m) for m in self._t.unary("McpService", "ListServers", {}).get("servers") or []]
+
+    def remove_mcp_server(self, name: str) -> None:
+        """Unregister an MCP server; sandboxes lose access at once (admin).
+        An unknown name raises :class:`NotFoundError`."""
+        self._t.unary("McpService", "RemoveServer", {"name": name})
+
+    def mcp_audit(
+        self,
+        server: Optional[str] = None,
+        sandbox: Union[Sandbox, str, None] = None,
+        since: Union[datetime.datetime, str, None] = None,
+        limit: Optional[int] = None,
+    ) -> List[MCPAuditRecord]:
+        """Calls through the MCP gateway, newest first (admin).
+
+        Args:
+            server: only calls to this server name.
+            sandbox: only calls from this sandbox (a :class:`Sandbox` or its id).
+            since: only calls at or after this time (a datetime, naive meaning
+                UTC, or an RFC 3339 string).
+            limit: at most this many records (default 100, max 10000).
+        """
+        req: Dict[str, Any] = {}
+        if server:
+            req["server"] = server
+        sid = sandbox.id if isinstance(sandbox, Sandbox) else sandbox
+        if sid:
+            req["sandboxId"] = sid
+        if since is not None:
+            s = _format_time(since)
+            if s:
+                req["since"] = s
+        if limit is not None:
+            req["limit"] = int(limit)
+        return [MCPAuditRecord.from_json(m) for m in self._t.unary("McpService", "Audit", req).get("records") or []]
 
     # ------------------------------------------------------------ identity
 

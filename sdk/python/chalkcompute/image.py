@@ -243,7 +243,10 @@ class Image:
         return self._with_step({"kind": "workdir", "path": path})
 
     def env(self, vars: Mapping[str, str]) -> "Image":
-        """Set environment variables."""
+        """Set environment variables. As in a Dockerfile's ENV, ``$NAME`` and
+        ``${NAME}`` in values take the value in force before this step (the
+        base image's too), e.g. ``{"PATH": "/opt/bin:$PATH"}``; ``\\$`` is a
+        literal ``$``."""
         return self._with_step({"kind": "env", "env": {str(k): str(v) for k, v in dict(vars).items()}})
 
     def user(self, user: str) -> "Image":
@@ -457,6 +460,10 @@ def canonicalize(spec: Mapping[str, Any], default_python: str = DEFAULT_PYTHON) 
 
 
 def _abs(field: str, p: Any) -> str:
+    # A path starting with a variable is kept as written (the builder
+    # substitutes it and checks the result), as the Go side does.
+    if isinstance(p, str) and p.startswith("$") and len(p) > 1:
+        return p
     if not isinstance(p, str) or not p.startswith("/"):
         raise _invalid("%s %r: must be an absolute path" % (field, p))
     return _clean(p)

@@ -1,0 +1,130 @@
+package sandboxnet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+// nsInode is the namespace inode behind a namespace file.
+func nsInode(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// ownerOf is the inode of the user namespace owning the namespace at path.
+func ownerOf(t *testing.T, path string) uint64 {
+	t.Helper()
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	owner, err := unix.IoctlRetInt(fd, unix.NS_GET_USERNS)
+	if err != nil {
+		t.Fatalf("NS_GET_USERNS %s: %v", path, err)
+	}
+	defer unix.Close(owner)
+	var st unix.Stat_t
+	if err := unix.Fstat(owner, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// TestUserNS: with UserNS each sandbox's network namespace is owned by a user
+// namespace of its own, bind-mounted for runc, mapping 0..65535 to the
+// slot's host range; Teardown and Leftovers know the file; the pool's
+// holders do not outlive Close.
+func TestUserNS(t *testing.T) {
+	for _, pool := range []int{2, -1} {
+		t.Run(fmt.Sprintf("pool=%d", pool), func(t *testing.T) {
+			m := newNode(t, Config{NetnsPool: pool, UserNS: true})
+			// The spares' holders outlive the (discarded) thread that
+			// filled the pool: their maps are written only at Setup.
+			m.pool.wait()
+			m.pool.mu.Lock()
+			for _, sp := range m.pool.ready {
+				b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", sp.holder.cmd.Process.Pid))
+				if f := strings.Fields(string(b)); err != nil || len(f) < 3 || f[2] == "Z" || f[2] == "X" {
+					t.Errorf("holder %d of a ready spare: %v %q, want it alive", sp.holder.cmd.Process.Pid, err, f)
+				}
+			}
+			m.pool.mu.Unlock()
+			a := setup(t, m, "sb-ua", 3)
+			b := setup(t, m, "sb-ub", 4)
+			for _, n := range []*Net{a, b} {
+				u := n.UserNS
+				if u == nil || u.Path != m.UserNSDir()+"/"+n.ID || u.HostID != DefaultUIDBase+uint32(n.Slot)*IDsPerSandbox || u.Size != IDsPerSandbox {
+					t.Fatalf("%s: user namespace %+v", n.ID, u)
+				}
+				if got, want := ownerOf(t, n.NetnsPath), nsInode(t, u.Path); got != want {
+					t.Errorf("%s: netns owned by user namespace %d, want its own %d", n.ID, got, want)
+				}
+				for _, f := range []string{"uid_map", "gid_map"} {
+					out, err := exec.Command("nsenter", "--user="+u.Path, "cat", "/proc/self/"+f).CombinedOutput()
+					if err != nil {
+						t.Fatalf("nsenter %s: %v %s", u.Path, err, out)
+					}
+					if got := strings.Fields(string(out)); len(got) != 3 || got[0] != "0" || got[1] != fmt.Sprint(u.HostID) || got[2] != "65536" {
+						t.Errorf("%s %s: %q", n.ID, f, out)
+					}
+				}
+				// Lookup (a restarted daemon) finds the same.
+				if l := m.Lookup(n.ID, n.Slot); *l.UserNS != *u {
+					t.Errorf("Lookup: %+v, Setup: %+v", l.UserNS, u)
+				}
+			}
+			if nsInode(t, a.UserNS.Path) == nsInode(t, b.UserNS.Path) {
+				t.Fatal("two sandboxes share a user namespace")
+			}
+			left, err := m.Leftovers(context.Background(), map[string]int{"sb-ub": 4})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(strings.Join(left, " "), "userns:sb-ua") || strings.Contains(strings.Join(left, " "), "userns:sb-ub") {
+				t.Errorf("leftovers with only sb-ub live: %v", left)
+			}
+			if err := m.Teardown(context.Background(), "sb-ua", 3); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Stat(a.UserNS.Path); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("user namespace file after teardown: %v", err)
+			}
+			// The slot's range comes back with the slot.
+			again := setup(t, m, "sb-uc", 3)
+			if again.UserNS.HostID != a.UserNS.HostID || nsInode(t, again.UserNS.Path) == 0 {
+				t.Errorf("slot 3 again: %+v", again.UserNS)
+			}
+		})
+	}
+}
+
+// TestUserNSRange: a uid base whose last range would pass the last valid
+// uid is refused at New, naming the problem.
+func TestUserNSRange(t *testing.T) {
+	_, err := New(Config{UserNS: true, UIDBase: 3 << 30, NetnsDir: t.TempDir()})
+	if !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "uid base") {
+		t.Fatalf("base 3·2^30 with 16383 slots: %v", err)
+	}
+	if _, err := New(Config{UserNS: true, NetnsDir: t.TempDir()}); err != nil {
+		t.Fatalf("defaults: %v", err)
+	}
+	// Without user namespaces, nothing changes.
+	m, err := New(Config{NetnsDir: t.TempDir()})
+	if err != nil || m.Lookup("x", 1).UserNS != nil {
+		t.Fatalf("no userns: %v %+v", err, m.Lookup("x", 1))
+	}
+}
