@@ -50,7 +50,9 @@ func progressSender(stream *connect.ServerStream[v1.ImageProgress]) func(nodecac
 	}
 }
 
-func (h *imageService) ensure(ctx context.Context, ref string, stream *connect.ServerStream[v1.ImageProgress]) error {
+// ensure makes ref warm on the node and, with prestart set, sets how many
+// sandboxes of it are kept pre-started and waits for them.
+func (h *imageService) ensure(ctx context.Context, ref string, prestart *int32, stream *connect.ServerStream[v1.ImageProgress]) error {
 	if _, err := user(ctx); err != nil {
 		return err
 	}
@@ -62,9 +64,20 @@ func (h *imageService) ensure(ctx context.Context, ref string, stream *connect.S
 			ref = r
 		}
 	}
+	if prestart != nil && *prestart < 0 {
+		return invalid("sandboxes: %d: want 0 or more", *prestart)
+	}
 	img, err := h.s.node.EnsureImage(ctx, ref, progressSender(stream))
 	if err != nil {
 		return err
+	}
+	if prestart != nil {
+		err := h.s.node.SetPrestarted(ctx, img, int(*prestart), func(ready, want int) {
+			_ = stream.Send(&v1.ImageProgress{Phase: "prestart", Layer: img.Digest, Current: int64(ready), Total: int64(want)})
+		})
+		if err != nil {
+			return err
+		}
 	}
 	var size int64
 	for _, l := range img.Layers {
@@ -75,11 +88,11 @@ func (h *imageService) ensure(ctx context.Context, ref string, stream *connect.S
 }
 
 func (h *imageService) Pull(ctx context.Context, req *connect.Request[v1.PullImageRequest], stream *connect.ServerStream[v1.ImageProgress]) error {
-	return h.ensure(ctx, req.Msg.Ref, stream)
+	return h.ensure(ctx, req.Msg.Ref, nil, stream)
 }
 
 func (h *imageService) Warm(ctx context.Context, req *connect.Request[v1.WarmImageRequest], stream *connect.ServerStream[v1.ImageProgress]) error {
-	return h.ensure(ctx, req.Msg.Image, stream)
+	return h.ensure(ctx, req.Msg.Image, req.Msg.Sandboxes, stream)
 }
 
 func (h *imageService) Build(ctx context.Context, req *connect.Request[v1.BuildImageRequest], stream *connect.ServerStream[v1.ImageProgress]) error {

@@ -33,6 +33,10 @@ type liveSandbox struct {
 	lastUsed time.Time
 }
 
+// NewSandboxID returns a fresh sandbox id (also for pre-started sandboxes,
+// which carry the id of the sandbox they become).
+func NewSandboxID() string { return newID() }
+
 func newID() string {
 	b := make([]byte, 8)
 	if _, err := rand.Read(b); err != nil {
@@ -277,6 +281,9 @@ func (s *Server) Reconcile(ctx context.Context) error {
 				s.cfg.Hooks.Ended(ctx, sb)
 			}
 		}
+	}
+	if err := s.node.ReapPool(ctx, live); err != nil {
+		s.log.Warn("reconcile: pre-started sandboxes of the previous process", "err", err)
 	}
 	left, err := s.node.Leftovers(ctx, live)
 	if err != nil {

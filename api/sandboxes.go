@@ -96,7 +96,7 @@ func envList(env map[string]string) []string {
 	return out
 }
 
-func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.CreateSandboxRequest]) (*connect.Response[v1.Sandbox], error) {
+func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.CreateSandboxRequest]) (_ *connect.Response[v1.Sandbox], err error) {
 	s := h.s
 	p, err := user(ctx)
 	if err != nil {
@@ -161,21 +161,33 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 			return nil, err
 		}
 	}
-	if err := s.store.CreateSandbox(ctx, sb, s.node.MaxSlot()); err != nil {
-		return nil, err
-	}
 	startReq := node.StartRequest{
 		Image: img, Entrypoint: r.Entrypoint, Env: envList(r.Env), Workdir: r.Workdir,
 		CPU: r.Cpu, Memory: r.MemoryMb << 20, DiskMB: r.DiskMb,
 	}
+	// A pre-started sandbox fits unless the sandbox needs binds or devices
+	// made at start (mount-strategy files, tunnels); the node checks the rest.
+	if len(mounts) == 0 && len(r.Tunnels) == 0 {
+		if id, slot, ok := s.node.Claim(startReq); ok {
+			sb.ID, sb.Slot = id, slot
+			defer func() {
+				if err != nil {
+					s.node.Unclaim(id) // a no-op once Start has taken it
+				}
+			}()
+		}
+	}
+	if err = s.store.CreateSandbox(ctx, sb, s.node.MaxSlot()); err != nil {
+		return nil, err
+	}
 	// The egress rules are keyed by the slot's interface, so they are in force
 	// before the sandbox's first packet: nothing runs unrestricted, not even briefly.
 	if s.cfg.Policies != nil {
-		if err := s.cfg.Policies.Apply(ctx, sb, policies); err != nil {
+		if err = s.cfg.Policies.Apply(ctx, sb, policies); err != nil {
 			return nil, s.fail(ctx, sb, err)
 		}
 	}
-	if err := s.launch(ctx, sb, startReq); err != nil {
+	if err = s.launch(ctx, sb, startReq); err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(toProto(sb)), nil

@@ -32,6 +32,13 @@ type Node interface {
 	Logs(id string) (*os.File, error)
 	Leftovers(ctx context.Context, live map[string]int) ([]string, error)
 	Adopt(id, imageDigest string)
+	// Claim hands out a pre-started sandbox fitting req (its id and slot are
+	// then the new sandbox's); Unclaim gives back one whose create failed
+	// before Start; ReapPool removes those a previous process left.
+	Claim(req node.StartRequest) (id string, slot int, ok bool)
+	Unclaim(id string)
+	ReapPool(ctx context.Context, live map[string]int) error
+	SetPrestarted(ctx context.Context, img *nodecache.Image, n int, progress func(ready, want int)) error
 }
 
 var _ Node = (*node.Agent)(nil)

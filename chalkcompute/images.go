@@ -35,9 +35,24 @@ func (c *Client) PullImage(ctx context.Context, ref string, progress func(*Progr
 	return drainProgress(stream, progress)
 }
 
+// WarmOption modifies a WarmImage call.
+type WarmOption func(*v1.WarmImageRequest)
+
+// WithPrestarted keeps n sandboxes of the image pre-started on the node from
+// now on (0: none), in place of the node's automatic count: creating a
+// sandbox of it then claims one instead of starting a container. WarmImage
+// returns once n are ready.
+func WithPrestarted(n int) WarmOption {
+	return func(r *v1.WarmImageRequest) { k := int32(n); r.Sandboxes = &k }
+}
+
 // WarmImage makes an image (reference or image hash) warm on the node ahead of sandbox creation.
-func (c *Client) WarmImage(ctx context.Context, image string, progress func(*Progress)) (*v1.ImageProgress, error) {
-	stream, err := c.images.Warm(ctx, connect.NewRequest(&v1.WarmImageRequest{Image: image}))
+func (c *Client) WarmImage(ctx context.Context, image string, progress func(*Progress), opts ...WarmOption) (*v1.ImageProgress, error) {
+	req := &v1.WarmImageRequest{Image: image}
+	for _, o := range opts {
+		o(req)
+	}
+	stream, err := c.images.Warm(ctx, connect.NewRequest(req))
 	if err != nil {
 		return nil, fromConnect(err)
 	}

@@ -29,6 +29,7 @@ func (e *env) progressFn() func(*v1.ImageProgress) {
 
 func imgPull(e *env, verb string) *cobra.Command {
 	var image string
+	var sandboxes int
 	short := "Pull an image into this node's cache"
 	if verb == "warm" {
 		short = "Distribute an image (reference or image hash) to nodes ahead of sandbox creation"
@@ -50,7 +51,14 @@ func imgPull(e *env, verb string) *cobra.Command {
 			}
 			var last *v1.ImageProgress
 			if verb == "warm" {
-				last, err = c.WarmImage(cmd.Context(), image, e.progressFn())
+				var opts []chalkcompute.WarmOption
+				if cmd.Flags().Changed("sandboxes") {
+					if sandboxes < 0 {
+						return fmt.Errorf("--sandboxes %d: want 0 or more", sandboxes)
+					}
+					opts = append(opts, chalkcompute.WithPrestarted(sandboxes))
+				}
+				last, err = c.WarmImage(cmd.Context(), image, e.progressFn(), opts...)
 			} else {
 				last, err = c.PullImage(cmd.Context(), image, e.progressFn())
 			}
@@ -64,6 +72,9 @@ func imgPull(e *env, verb string) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&image, "image", "", "image reference or image hash")
+	if verb == "warm" {
+		cmd.Flags().IntVar(&sandboxes, "sandboxes", 0, "keep this many sandboxes of the image pre-started from now on (0: none; default: the node's automatic count), and wait until they are ready")
+	}
 	return cmd
 }
 

@@ -70,6 +70,17 @@ func (p *progress) update(m *v1.ImageProgress) {
 		} else if m.Current == m.Total || m.Current == 0 {
 			fmt.Fprintln(p.w, line)
 		}
+	case m.Phase == "prestart":
+		line := fmt.Sprintf("%-8s %s [%s] %d/%d sandboxes", m.Phase, short(m.Layer), bar(m.Current, m.Total), m.Current, m.Total)
+		if m.Total == 0 {
+			line = fmt.Sprintf("%-8s %s: no sandboxes kept pre-started", m.Phase, short(m.Layer))
+		}
+		if p.tty {
+			fmt.Fprintf(p.w, "\r%-90s", line)
+			p.last = line
+		} else {
+			fmt.Fprintln(p.w, line)
+		}
 	case m.Phase == "done":
 		p.clear()
 		if m.Image != nil {

@@ -152,10 +152,29 @@ type Config struct {
 	// path (default: the name, from PATH).
 	Runtime       string
 	RuntimeBinary string
+	// Prestart is how many sandboxes are kept pre-started for each of the
+	// recently used images (node/pool.go); 0 turns that off (`image warm
+	// --sandboxes N` still pre-starts). PrestartSlots is the network slot
+	// range of pre-started sandboxes; negative: none at all. Defaults 2
+	// and 32 (DefaultPrestart, DefaultPrestartSlots).
+	Prestart      int
+	PrestartSlots int
 	Logger        *slog.Logger
 }
 
+// Defaults of the pre-started sandboxes.
+const (
+	DefaultPrestart      = 2
+	DefaultPrestartSlots = 32
+)
+
 func (c *Config) defaults() error {
+	if c.PrestartSlots == 0 {
+		c.PrestartSlots = DefaultPrestartSlots
+	}
+	if c.Prestart < 0 {
+		return fmt.Errorf("prestart %d: want 0 or more: %w", c.Prestart, errdefs.ErrInvalidArgument)
+	}
 	if c.DataDir == "" {
 		c.DataDir = "/var/lib/chalk"
 	}
@@ -325,9 +344,14 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			return nil, fmt.Errorf("%w (or run chalkd --userns=false)", err)
 		}
 	}
+	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), userNS: d.userNS, stops: map[string][]func(){}, queryURL: cfg.QueryURL}
+	pool := node.PoolConfig{
+		Size: cfg.Prestart, Slots: max(cfg.PrestartSlots, 0), Dir: filepath.Join(cfg.DataDir, "prestarted"),
+		NewID: api.NewSandboxID, Binds: wi.binds, Discard: wi.discard,
+	}
 	if d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
-		ReservedSlots: buildSlots,
+		ReservedSlots: buildSlots, Pool: pool,
 	}); err != nil {
 		return nil, err
 	}
@@ -369,7 +393,6 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := os.MkdirAll(im.dir, 0o755); err != nil {
 		return nil, err
 	}
-	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), userNS: d.userNS, stops: map[string][]func(){}, queryURL: cfg.QueryURL}
 	if d.Issuer, err = identity.New(ctx, identity.Config{
 		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.DataDir, "identity"), Logger: cfg.Logger,
 		IsActive: func(ctx context.Context, id string) bool { return d.API.IsActive(ctx, id) },
@@ -592,6 +615,9 @@ func (d *Daemon) Close() error {
 	}
 	if d.API != nil {
 		d.API.Shutdown()
+	}
+	if d.Agent != nil {
+		d.Agent.ClosePool()
 	}
 	if d.cancel != nil {
 		d.cancel()

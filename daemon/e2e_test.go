@@ -519,6 +519,20 @@ func TestNoLeaks(t *testing.T) {
 			t.Fatalf("sandbox not stopped: %v", sb)
 		}
 	}
+	// chalkd's goroutines are back where they were: a leak per sandbox would
+	// show as hundreds; a few idle keep-alive connections (API clients, the
+	// node cache's registry client) are allowed.
+	if after, err := n.Metric("go_goroutines"); err != nil || after > goroutinesBefore+16 {
+		t.Errorf("goroutines: %v before, %v after %d sandboxes (%v)", goroutinesBefore, after, count, err)
+	}
+	// The creates claimed pre-started sandboxes where they could (busybox is
+	// pooled after the first create); a graceful stop removes the unclaimed
+	// ones, and sandboxes that were running would survive it: so after it
+	// nothing of any sandbox may be left.
+	if counter(t, n, "chalk_sandbox_starts_prestarted_total") == 0 {
+		t.Errorf("no create claimed a pre-started sandbox: the pool path went untested")
+	}
+	n.Stop()
 	// Nothing left in the node netns or on the host.
 	// lo, the service dummy (where the kernel has the driver) and the spare
 	// pool's networks made ahead (cxq*, down, at most sandboxnet's default
@@ -557,12 +571,6 @@ func TestNoLeaks(t *testing.T) {
 	cg, _ := n.Exec("sh", "-c", "ls /sys/fs/cgroup/memory"+n.Cgroup+" 2>/dev/null | grep -c sb- || true")
 	if strings.TrimSpace(cg) != "0" {
 		t.Errorf("leftover cgroups: %s", cg)
-	}
-	// chalkd's goroutines are back where they were: a leak per sandbox would
-	// show as hundreds; a few idle keep-alive connections (API clients, the
-	// node cache's registry client) are allowed.
-	if after, err := n.Metric("go_goroutines"); err != nil || after > goroutinesBefore+16 {
-		t.Errorf("goroutines: %v before, %v after %d sandboxes (%v)", goroutinesBefore, after, count, err)
 	}
 	dirs, _ := n.Exec("sh", "-c", "ls "+n.Dir+"/sandboxes | wc -l")
 	if strings.TrimSpace(dirs) != "0" {

@@ -130,9 +130,26 @@ func (w *workloadIdentity) prepare(ctx context.Context, sb *store.Sandbox, req *
 	w.mu.Lock()
 	w.stops[sb.ID] = stops
 	w.mu.Unlock()
-	req.Binds = append(req.Binds, sandbox.Bind{Source: dir, Dest: metadata.SandboxIdentityDir, ReadOnly: true})
+	req.Binds = append(req.Binds, identityBind(dir))
 	return nil
 }
+
+func identityBind(dir string) sandbox.Bind {
+	return sandbox.Bind{Source: dir, Dest: metadata.SandboxIdentityDir, ReadOnly: true}
+}
+
+// binds makes the identity dir of a pre-started sandbox, empty until it is
+// claimed (prepare then fills it, before its init is activated).
+func (w *workloadIdentity) binds(id string, slot int) ([]sandbox.Bind, error) {
+	dir, err := w.identityDir(&store.Sandbox{ID: id, Slot: slot})
+	if err != nil {
+		return nil, err
+	}
+	return []sandbox.Bind{identityBind(dir)}, nil
+}
+
+// discard removes the identity dir of a pre-started sandbox never claimed.
+func (w *workloadIdentity) discard(id string) { _ = os.RemoveAll(filepath.Join(w.filesAt, id)) }
 
 // identityDir makes the host dir bind-mounted at the sandbox's identity dir:
 // filesAt/<id>/files, 0755 so every user in the sandbox reads its tokens,

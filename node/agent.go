@@ -12,7 +12,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 
@@ -38,7 +40,10 @@ type Config struct {
 	// ReservedSlots are network slots at the top of the range kept for
 	// others (build containers); sandboxes get the rest.
 	ReservedSlots int
-	Logger        *slog.Logger
+	// Pool configures pre-started sandboxes (pool.go); its slots come
+	// below the reserved ones.
+	Pool   PoolConfig
+	Logger *slog.Logger
 }
 
 // Agent runs sandboxes on this node.
@@ -48,6 +53,8 @@ type Agent struct {
 
 	mu    sync.Mutex
 	inUse map[string]func() // sandbox id -> release of its image's layers (GC keeps them)
+
+	pool *warmPool // nil: no pre-started sandboxes
 }
 
 // New returns an Agent.
@@ -66,11 +73,26 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.DefaultPids == 0 {
 		cfg.DefaultPids = 4096
 	}
-	return &Agent{cfg: cfg, log: cfg.Logger, inUse: map[string]func(){}}, nil
+	a := &Agent{cfg: cfg, log: cfg.Logger, inUse: map[string]func(){}}
+	if cfg.Pool.Slots > 0 {
+		hi := cfg.Net.MaxSlot() - cfg.ReservedSlots
+		lo := hi - cfg.Pool.Slots + 1
+		if lo < 2 {
+			return nil, fmt.Errorf("node agent: %d pre-start slots do not fit in %d network slots: %w", cfg.Pool.Slots, hi, errdefs.ErrInvalidArgument)
+		}
+		var err error
+		if a.pool, err = newWarmPool(a, cfg.Pool, lo, hi); err != nil {
+			return nil, err
+		}
+	}
+	return a, nil
 }
 
-// MaxSlot is how many sandboxes this node can hold at once.
-func (a *Agent) MaxSlot() int { return a.cfg.Net.MaxSlot() - a.cfg.ReservedSlots }
+// MaxSlot is the highest slot the control plane allocates for sandboxes
+// itself (pre-started sandboxes come with theirs, above it).
+func (a *Agent) MaxSlot() int {
+	return a.cfg.Net.MaxSlot() - a.cfg.ReservedSlots - a.cfg.Pool.Slots
+}
 
 // EnsureImage resolves ref through the registry (and its mirrors) and makes the
 // image warm in the node cache.
@@ -109,12 +131,41 @@ type StartRequest struct {
 
 // Started describes a sandbox that is up.
 type Started struct {
-	Pid int
-	Net *sandboxnet.Net
+	Pid        int
+	Net        *sandboxnet.Net
+	Prestarted bool // a pre-started sandbox was activated
 }
 
-// Start sets up the network and starts the sandbox. On error nothing is left.
-func (a *Agent) Start(ctx context.Context, req StartRequest) (st Started, err error) {
+// Start starts the sandbox: a claimed pre-started one is activated (see
+// Claim), any other is set up and started now. On error nothing is left but
+// what Claim's caller recorded.
+func (a *Agent) Start(ctx context.Context, req StartRequest) (Started, error) {
+	if a.pool != nil {
+		if m := a.pool.claimedMember(req.ID); m != nil {
+			defer a.pool.kick(a.pool.cfg.FillDelay)
+			st, err := a.activate(ctx, m, req)
+			if err == nil {
+				startsPrestarted.Inc()
+				return st, nil
+			}
+			// Dead or broken: start the sandbox afresh in its place.
+			a.log.Warn("pre-started sandbox unusable; starting afresh", "sandbox", req.ID, "err", err)
+			if derr := errors.Join(a.cfg.Runtime.Destroy(context.WithoutCancel(ctx), m.id), a.cfg.Net.Teardown(context.WithoutCancel(ctx), m.id, m.slot)); derr != nil {
+				return Started{}, fmt.Errorf("sandbox %q: pre-started sandbox unusable (%v) and not removable: %w", req.ID, err, derr)
+			}
+			a.release(m.id)
+			_ = os.Remove(filepath.Join(a.pool.cfg.Dir, m.id))
+		}
+	}
+	st, err := a.start(ctx, req)
+	if err == nil {
+		startsCold.Inc()
+	}
+	return st, err
+}
+
+// start sets up the network and starts the sandbox. On error nothing is left.
+func (a *Agent) start(ctx context.Context, req StartRequest) (st Started, err error) {
 	if req.Image == nil {
 		return Started{}, fmt.Errorf("sandbox %q: no image: %w", req.ID, errdefs.ErrInvalidArgument)
 	}
@@ -255,6 +306,11 @@ func (a *Agent) Logs(id string) (*os.File, error) {
 
 // Leftovers lists runtime and network objects not belonging to live sandboxes.
 func (a *Agent) Leftovers(ctx context.Context, live map[string]int) ([]string, error) {
+	if a.pool != nil {
+		all := maps.Clone(live)
+		maps.Copy(all, a.pool.members())
+		live = all
+	}
 	ids := map[string]bool{}
 	for id := range live {
 		ids[id] = true

@@ -140,6 +140,18 @@ func (c *Client) Ping(ctx context.Context) error {
 	return c.simple(ctx, &request{Op: opPing}, &m)
 }
 
+// Activate hands a pre-started sandbox's init the settings of the sandbox it
+// becomes (see ServerOptions.Activate). It returns once they are applied and
+// the entrypoint, if any, has started.
+func (c *Client) Activate(ctx context.Context, a Activation) error {
+	for _, e := range a.Env {
+		if k, _, ok := strings.Cut(e, "="); !ok || k == "" {
+			return fmt.Errorf("activate: environment entry %q: want KEY=VALUE: %w", e, errdefs.ErrInvalidArgument)
+		}
+	}
+	return c.simple(ctx, &request{Op: opActivate, Env: a.Env, Dir: a.Dir, Argv: a.Entrypoint}, nil)
+}
+
 // WaitReady polls Ping until it succeeds or ctx is done, starting at 1ms
 // between attempts and backing off to 20ms.
 func (c *Client) WaitReady(ctx context.Context) error {

@@ -25,6 +25,20 @@ type ServerOptions struct {
 	// names no user, and owns the files and directories WriteFile creates.
 	// "" means the server's own user.
 	DefaultUser string
+	// Activate, if set, serves the activate op (Client.Activate): init
+	// applies the settings a pre-started sandbox receives when it is given
+	// to a user. Without it the op fails with FailedPrecondition.
+	Activate func(Activation) error
+}
+
+// Activation is what a pre-started sandbox receives when it is claimed:
+// environment added to init's (and so to every later exec's), the default
+// working directory (made if missing), and the entrypoint to start (none:
+// the sandbox runs until it is terminated).
+type Activation struct {
+	Env        []string `json:"env,omitempty"`
+	Dir        string   `json:"dir,omitempty"`
+	Entrypoint []string `json:"argv,omitempty"`
 }
 
 // Serve serves the process API on l until ctx is done. Then it closes l and
@@ -46,11 +60,12 @@ func Serve(ctx context.Context, l net.Listener, opts ServerOptions) error {
 	}
 	defer devnull.Close()
 	s := &server{
-		log:     log,
-		reaper:  StartReaper(),
-		owner:   owner,
-		devnull: devnull,
-		conns:   map[net.Conn]struct{}{},
+		log:      log,
+		reaper:   StartReaper(),
+		owner:    owner,
+		devnull:  devnull,
+		activate: opts.Activate,
+		conns:    map[net.Conn]struct{}{},
 	}
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
@@ -88,10 +103,11 @@ func Serve(ctx context.Context, l net.Listener, opts ServerOptions) error {
 }
 
 type server struct {
-	log     *slog.Logger
-	reaper  *Reaper
-	owner   *syscall.Credential // default user; nil = the server's own
-	devnull *os.File
+	log      *slog.Logger
+	reaper   *Reaper
+	owner    *syscall.Credential // default user; nil = the server's own
+	devnull  *os.File
+	activate func(Activation) error
 
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{}
@@ -174,6 +190,16 @@ func (s *server) handle(nc net.Conn) {
 	switch req.Op {
 	case opPing:
 		_ = c.sendJSON(frameResult, pingMsg{Version: ProtocolVersion})
+	case opActivate:
+		err := fmt.Errorf("activate: this init serves no pre-started sandbox: %w", errdefs.ErrFailedPrecondition)
+		if s.activate != nil {
+			err = s.activate(Activation{Env: req.Env, Dir: req.Dir, Entrypoint: req.Argv})
+		}
+		if err != nil {
+			c.sendErr(err)
+			return
+		}
+		_ = c.sendJSON(frameResult, struct{}{})
 	case opExec:
 		s.exec(c, &req)
 	case opRead:

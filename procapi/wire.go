@@ -28,6 +28,9 @@
 // The server then answers, per op:
 //
 //	ping            'K' {"version"}
+//	activate        'K' {} once init has taken the sandbox's settings and
+//	                started its entrypoint (pre-started sandboxes; see
+//	                ServerOptions.Activate)
 //	stat            'K' FileInfo
 //	remove          'K' {}
 //	list            'L' [FileInfo...] (any number of batches), then 'K' {}
@@ -170,13 +173,14 @@ func readFrame(r io.Reader, buf []byte) (byte, []byte, error) {
 
 // Operations.
 const (
-	opPing   = "ping"
-	opExec   = "exec"
-	opRead   = "read"
-	opWrite  = "write"
-	opStat   = "stat"
-	opList   = "list"
-	opRemove = "remove"
+	opPing     = "ping"
+	opActivate = "activate"
+	opExec     = "exec"
+	opRead     = "read"
+	opWrite    = "write"
+	opStat     = "stat"
+	opList     = "list"
+	opRemove   = "remove"
 )
 
 // request is the opening frame of every operation.

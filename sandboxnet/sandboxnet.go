@@ -298,6 +298,13 @@ func (m *Manager) ServiceIf() string {
 // hostIf is slot's host-side interface name.
 func (m *Manager) hostIf(slot int) string { return fmt.Sprintf("%s%04x", m.cfg.Prefix, slot) }
 
+// SlotInUse reports whether slot's host-side interface exists: a sandbox
+// (or a failed teardown) holds the slot.
+func (m *Manager) SlotInUse(slot int) bool {
+	_, err := netlink.LinkByName(m.hostIf(slot))
+	return err == nil
+}
+
 // slotOfIf parses a host-side interface name; ok is false for other names.
 func (m *Manager) slotOfIf(name string) (int, bool) {
 	rest, ok := strings.CutPrefix(name, m.cfg.Prefix)

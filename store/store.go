@@ -149,6 +149,9 @@ func (sb *Sandbox) Live() bool { return sb.State == StateCreating || sb.State ==
 
 // CreateSandbox inserts a new sandbox, assigning it the lowest network slot in
 // [1, maxSlot] not held by a live sandbox.
+//
+// The slot is the lowest free one up to maxSlot, unless sb.Slot is set
+// already (by the node, for a pre-started sandbox): then it must be free.
 func (s *Store) CreateSandbox(ctx context.Context, sb *Sandbox, maxSlot int) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
@@ -166,17 +169,31 @@ func (s *Store) CreateSandbox(ctx context.Context, sb *Sandbox, maxSlot int) err
 			rows.Close()
 			return err
 		}
+		if sb.Slot != 0 {
+			// A slot given by the node (a pre-started sandbox's) must be free.
+			if used == sb.Slot {
+				rows.Close()
+				return fmt.Errorf("sandbox %q: slot %d is in use: %w", sb.ID, sb.Slot, errdefs.ErrAlreadyExists)
+			}
+			continue
+		}
 		if used == slot {
 			slot++
 		} else if used > slot {
 			break
 		}
 	}
-	rows.Close()
-	if slot > maxSlot {
-		return fmt.Errorf("node is full (%d sandboxes): %w", maxSlot, errdefs.ErrResourceExhausted)
+	if err := rows.Err(); err != nil {
+		rows.Close()
+		return err
 	}
-	sb.Slot = slot
+	rows.Close()
+	if sb.Slot == 0 {
+		if slot > maxSlot {
+			return fmt.Errorf("node is full (%d sandboxes): %w", maxSlot, errdefs.ErrResourceExhausted)
+		}
+		sb.Slot = slot
+	}
 	doc, err := json.Marshal(sb)
 	if err != nil {
 		return err

@@ -15,6 +15,11 @@
 // one init serves until it is signalled. --user is the default user of the
 // entrypoint and of every exec (init itself keeps its own user).
 //
+// Started without an entrypoint, init can be activated once through the
+// process API (procapi.Client.Activate): that is how a pre-started sandbox
+// receives the environment, working directory and entrypoint of the sandbox
+// it becomes; from then on it behaves as if started with them.
+//
 // SIGTERM, SIGINT and SIGHUP are forwarded to every process (as PID 1: all of
 // the sandbox; otherwise the process groups init started); init then waits up
 // to --grace for the entrypoint (or, without one, for all children) to end,
@@ -29,11 +34,14 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/procapi"
 )
 
@@ -77,29 +85,86 @@ func run(args []string) int {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	served := make(chan error, 1)
-	go func() { served <- procapi.Serve(ctx, l, procapi.ServerOptions{DefaultUser: *user}) }()
 
-	var entryExit <-chan unix.WaitStatus
-	if len(entry) > 0 {
-		bin, err := procapi.LookPath(entry[0], os.Environ(), "")
+	// startEntry runs the entrypoint in a process group of its own, with
+	// init's environment as it is now, as the default user.
+	startEntry := func(argv []string) (<-chan unix.WaitStatus, int, error) {
+		bin, err := procapi.LookPath(argv[0], os.Environ(), "")
 		if err != nil {
-			return fail(127, "entrypoint: %v", err)
+			return nil, 127, fmt.Errorf("entrypoint: %w", err)
 		}
 		devnull, err := os.Open(os.DevNull)
 		if err != nil {
-			return fail(1, "%v", err)
+			return nil, 1, err
 		}
-		p, ch, err := reaper.Start(bin, entry, &os.ProcAttr{
+		defer devnull.Close()
+		p, ch, err := reaper.Start(bin, argv, &os.ProcAttr{
 			Env:   os.Environ(),
 			Files: []*os.File{devnull, os.Stdout, os.Stderr},
 			Sys:   &syscall.SysProcAttr{Setpgid: true, Credential: cred},
 		})
-		devnull.Close()
 		if err != nil {
-			return fail(126, "start entrypoint %q: %v", entry[0], err)
+			return nil, 126, fmt.Errorf("start entrypoint %q: %w", argv[0], err)
 		}
 		p.Release()
+		return ch, 0, nil
+	}
+
+	// A pre-started sandbox (no entrypoint on the command line) is
+	// activated once, when it is given to a user: its environment and
+	// working directory are set, and its entrypoint started, before the
+	// activate call returns, so the first exec already sees them.
+	var (
+		activateMu sync.Mutex
+		activated  = len(entry) > 0
+		entryCh    = make(chan (<-chan unix.WaitStatus), 1)
+	)
+	activate := func(a procapi.Activation) error {
+		activateMu.Lock()
+		defer activateMu.Unlock()
+		if activated {
+			return fmt.Errorf("activate: this sandbox was activated already: %w", errdefs.ErrFailedPrecondition)
+		}
+		for _, e := range a.Env {
+			k, v, _ := strings.Cut(e, "=")
+			if err := os.Setenv(k, v); err != nil {
+				return fmt.Errorf("activate: environment %q: %v: %w", k, err, errdefs.ErrInvalidArgument)
+			}
+		}
+		if a.Dir != "" {
+			if err := os.MkdirAll(a.Dir, 0o755); err != nil {
+				return fmt.Errorf("activate: working directory: %v: %w", err, errdefs.ErrInvalidArgument)
+			}
+			if cred != nil {
+				_ = os.Chown(a.Dir, int(cred.Uid), int(cred.Gid))
+			}
+			if err := os.Chdir(a.Dir); err != nil {
+				return fmt.Errorf("activate: working directory: %v: %w", err, errdefs.ErrInvalidArgument)
+			}
+		}
+		activated = true
+		if len(a.Entrypoint) > 0 {
+			ch, code, err := startEntry(a.Entrypoint)
+			if err != nil {
+				// The sandbox ends as a cold start with this entrypoint would.
+				fmt.Fprintf(os.Stderr, "chalk-init: %v\n", err)
+				ch = failedEntry(code)
+			}
+			entryCh <- ch
+		}
+		return nil
+	}
+	served := make(chan error, 1)
+	go func() {
+		served <- procapi.Serve(ctx, l, procapi.ServerOptions{DefaultUser: *user, Activate: activate})
+	}()
+
+	var entryExit <-chan unix.WaitStatus
+	if len(entry) > 0 {
+		ch, code, err := startEntry(entry)
+		if err != nil {
+			return fail(code, "%v", err)
+		}
 		entryExit = ch
 	}
 
@@ -107,6 +172,7 @@ func run(args []string) int {
 		select {
 		case ws := <-entryExit:
 			return exitCode(ws)
+		case entryExit = <-entryCh:
 		case err := <-served:
 			return fail(1, "serve: %v", err)
 		case sig := <-sigs:
@@ -173,6 +239,13 @@ func listen(path string) (net.Listener, error) {
 		return nil, err
 	}
 	return l, nil
+}
+
+// failedEntry is the exit of an entrypoint that could not be started.
+func failedEntry(code int) <-chan unix.WaitStatus {
+	ch := make(chan unix.WaitStatus, 1)
+	ch <- unix.WaitStatus(code << 8)
+	return ch
 }
 
 func exitCode(ws unix.WaitStatus) int {

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/procapi"
 )
 
@@ -189,6 +190,86 @@ func TestServes(t *testing.T) {
 	}
 	if code := exitCodeOf(cmd.Wait()); code != 128+int(syscall.SIGTERM) {
 		t.Fatalf("exit %d after SIGTERM, want %d; stderr %q", code, 128+int(syscall.SIGTERM), errb.String())
+	}
+}
+
+// TestActivate: an init started without an entrypoint (a pre-started
+// sandbox) takes its environment, working directory and entrypoint once,
+// through the process API; execs after that see them, the entrypoint's exit
+// ends init with its code, and a second activation is refused.
+func TestActivate(t *testing.T) {
+	ctx := testCtx(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "init.sock")
+	cmd := initCmd(t, "--socket", sock)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c := procapi.NewClient(sock)
+	if err := c.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Activate(ctx, procapi.Activation{Env: []string{"no-equals-sign"}}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("activation with a malformed env entry: %v, want invalid argument", err)
+	}
+	work := filepath.Join(dir, "made", "work")
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The entrypoint prints what it sees, then waits for the test.
+	err := c.Activate(ctx, procapi.Activation{
+		Env:        []string{"CHALK_ACT=one", "CHALK_TEST_ENV=overridden"},
+		Dir:        work,
+		Entrypoint: []string{"sh", "-c", "echo entry $CHALK_ACT $CHALK_TEST_ENV $(pwd); read x < " + fifo + "; exit 7"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got bytes.Buffer
+	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"sh", "-c", "echo $CHALK_ACT $CHALK_TEST_ENV $(pwd)"}}, &got, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if es, err := p.Wait(); err != nil || es.Code != 0 || got.String() != "one overridden "+work+"\n" {
+		t.Fatalf("exec after activation: %+v %v %q, want the activation's env and dir", es, err, got.String())
+	}
+	if err := c.Activate(ctx, procapi.Activation{}); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("second activation: %v, want failed precondition", err)
+	}
+	if err := os.WriteFile(fifo, []byte("go\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if exited, err := waitExit(ctx, cmd); !exited || exitCodeOf(err) != 7 {
+		t.Fatalf("init after the entrypoint exited 7: exited %v, code %d (%v); stderr %q", exited, exitCodeOf(err), err, errb.String())
+	}
+	if out.String() != "entry one overridden "+work+"\n" {
+		t.Fatalf("entrypoint output %q", out.String())
+	}
+}
+
+// TestActivateMissingEntrypoint: an entrypoint that is not there ends the
+// activated sandbox with 127, as at a cold start.
+func TestActivateMissingEntrypoint(t *testing.T) {
+	ctx := testCtx(t)
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	cmd := initCmd(t, "--socket", sock)
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c := procapi.NewClient(sock)
+	if err := c.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Activate(ctx, procapi.Activation{Entrypoint: []string{"no-such-entrypoint"}}); err != nil {
+		t.Fatal(err)
+	}
+	if exited, err := waitExit(ctx, cmd); !exited || exitCodeOf(err) != 127 || !strings.Contains(errb.String(), "no-such-entrypoint") {
+		t.Fatalf("exited %v, code %d (%v), stderr %q; want 127 naming the entrypoint", exited, exitCodeOf(err), err, errb.String())
 	}
 }
 

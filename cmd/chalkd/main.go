@@ -44,6 +44,8 @@ func main() {
 	fs.StringVar(&cfg.TunnelEndpoint, "tunnel-endpoint", "", "this node's address as external WireGuard peers reach it (default: its address toward the outside)")
 	fs.StringVar(&cfg.Runtime, "runtime", "runc", "OCI runtime of sandboxes: runc, or runsc (gVisor: a user-space kernel between sandboxes and the host; implies --userns=false)")
 	fs.StringVar(&cfg.RuntimeBinary, "runtime-binary", "", "path of the runtime binary (default: --runtime's name from PATH)")
+	fs.IntVar(&cfg.Prestart, "prestart", daemon.DefaultPrestart, "sandboxes kept pre-started for each of the 4 most recently used images, so a create is a claim instead of a runc start (0: off; `chalk compute image warm --sandboxes N` sets an image's count)")
+	fs.IntVar(&cfg.PrestartSlots, "prestart-slots", daemon.DefaultPrestartSlots, "network slots reserved for pre-started sandboxes and the sandboxes they become (-1: no pre-starting at all)")
 	userns := fs.Bool("userns", true, "give each sandbox a user namespace (its root is an unprivileged host uid range of its own); false: sandbox root is host root, confined by capabilities and seccomp only")
 	fs.Func("uid-base", "first host uid of the sandboxes' user namespace ranges (default 1048576; 65536 ids per sandbox)", func(v string) error {
 		n, err := strconv.ParseUint(v, 10, 32)

@@ -1,0 +1,222 @@
+package daemon_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+)
+
+// journalled lists the pre-started sandboxes chalkd has not handed out.
+func journalled(t *testing.T, n *chalktest.Node) []string {
+	t.Helper()
+	ents, err := os.ReadDir(filepath.Join(n.Dir, "prestarted"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, e := range ents {
+		ids = append(ids, e.Name())
+	}
+	return ids
+}
+
+// runcIDs lists the node's runc containers.
+func runcIDs(t *testing.T, n *chalktest.Node) []string {
+	t.Helper()
+	out, err := n.Exec(runtimeBinary(), "--root", filepath.Join(n.RunDir, "runc"), "list", "-q")
+	if err != nil {
+		t.Fatalf("runc list: %v %s", err, out)
+	}
+	return strings.Fields(out)
+}
+
+// runtimeBinary is what lists the node's containers (runsc on gVisor runs).
+func runtimeBinary() string {
+	if os.Getenv("CHALK_TEST_RUNTIME") == "runsc" {
+		return filepath.Join(os.Getenv("CHALK_TEST_BIN"), "runsc")
+	}
+	return "runc"
+}
+
+func counter(t *testing.T, n *chalktest.Node, name string) float64 {
+	t.Helper()
+	v, err := n.Metric(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// TestPrestarted: with sandboxes of an image pre-started, a create claims
+// one and the result is indistinguishable from a cold start: the request's
+// environment, working directory, entrypoint (exit code, logs), hostname,
+// identity and egress policy; requests that do not fit (limits) start cold;
+// pre-started sandboxes are invisible through the API until claimed, are
+// removed when their count drops, at a graceful stop, and after a kill -9 at
+// the next start.
+func TestPrestarted(t *testing.T) {
+	inet := chalktest.NewFakeInternet(t)
+	inet.Host("allowed.test", "198.51.100.10", "allowed")
+	inet.Host("denied.test", "198.51.100.66", "denied")
+	n := chalktest.StartWith(t, inet)
+	c := n.Client()
+	ctx := ctxT(t, 4*time.Minute)
+
+	var phases []string
+	last, err := c.WarmImage(ctx, "busybox", func(p *chalkcompute.Progress) {
+		if p.Phase == "prestart" {
+			phases = append(phases, p.Phase+":"+itoa(p.Current)+"/"+itoa(p.Total))
+		}
+	}, chalkcompute.WithPrestarted(2))
+	if err != nil || last.Phase != "done" {
+		t.Fatalf("warm with 2 pre-started: %v %v", last, err)
+	}
+	if len(phases) == 0 || phases[len(phases)-1] != "prestart:2/2" {
+		t.Fatalf("progress %v, want it to end at prestart:2/2", phases)
+	}
+	members := journalled(t, n)
+	if len(members) != 2 {
+		t.Fatalf("journal %v, want 2 pre-started sandboxes", members)
+	}
+	running := runcIDs(t, n)
+	for _, id := range members {
+		if !slices.Contains(running, id) {
+			t.Fatalf("pre-started %s is not running (runc: %v)", id, running)
+		}
+		// Not a sandbox anyone can see or use before it is claimed.
+		if _, err := c.Sandbox(ctx, id); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Fatalf("pre-started %s through the API: %v, want not found", id, err)
+		}
+	}
+	if out, _, code := n.CLI("compute", "sandbox", "ls", "--all", "-o", "json"); code != 0 || strings.TrimSpace(out) != "[]" {
+		t.Fatalf("ls with only pre-started sandboxes: %d %s", code, out)
+	}
+
+	pre0, cold0 := counter(t, n, "chalk_sandbox_starts_prestarted_total"), counter(t, n, "chalk_sandbox_starts_cold_total")
+	policy := chalkcompute.NetworkPolicy{Name: "only-allowed", AllowAll: chalkcompute.Bool(false), AllowedHostnames: []string{"allowed.test"}}
+	sb := create(t, c, chalkcompute.WithEnv(map[string]string{"GREETING": "hi", "PATH": "/custom:/bin"}),
+		chalkcompute.WithWorkdir("/work/dir"), chalkcompute.WithNetworkPolicies(policy))
+	if got := counter(t, n, "chalk_sandbox_starts_prestarted_total"); got != pre0+1 {
+		t.Fatalf("pre-started starts %v -> %v: the create did not claim one", pre0, got)
+	}
+	if !slices.Contains(members, sb.ID()) {
+		t.Fatalf("sandbox %s is not one of the pre-started %v", sb.ID(), members)
+	}
+	if out := mustExec(t, sb, "/bin/sh", "-c", "echo $GREETING $PATH $(pwd) $(hostname)"); out != "hi /custom:/bin /work/dir "+sb.ID()+"\n" {
+		t.Fatalf("environment, workdir and hostname of a claimed sandbox: %q", out)
+	}
+	if out := mustExec(t, sb, "wget", "-q", "-O-", "--header", "Metadata-Flavor: chalk", "http://169.254.169.254/v1/identity"); !strings.Contains(out, sb.ID()) {
+		t.Fatalf("metadata identity of a claimed sandbox: %s", out)
+	}
+	if out := mustExec(t, sb, "sh", "-c", "ls /run/chalk/identity"); !strings.Contains(out, "token") {
+		t.Fatalf("identity files of a claimed sandbox: %q", out)
+	}
+	if got := fetch(t, sb, "http://allowed.test/"); got != "allowed" {
+		t.Fatalf("allowed name from a claimed sandbox: %q", got)
+	}
+	if got := fetch(t, sb, "http://denied.test/"); got != "" {
+		t.Fatalf("a claimed sandbox's policy does not hold: fetched %q", got)
+	}
+
+	// The entrypoint runs, its output is the sandbox's log, its exit ends it.
+	ep, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sh", "-c", "echo from-entrypoint $GREETING; exit 3"),
+		chalkcompute.WithEnv(map[string]string{"GREETING": "hello"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := counter(t, n, "chalk_sandbox_starts_prestarted_total"); got != pre0+2 {
+		t.Fatalf("the second create did not claim a pre-started sandbox (%v)", got)
+	}
+	info, err := ep.Wait(ctx)
+	if err != nil || info.State != "stopped" || info.ExitCode != 3 {
+		t.Fatalf("entrypoint exit: %+v %v, want stopped with 3", info, err)
+	}
+	if out, _, code := n.CLI("compute", "sandbox", "logs", ep.ID()); code != 0 || !strings.Contains(out, "from-entrypoint hello") {
+		t.Fatalf("entrypoint logs: %d %q", code, out)
+	}
+
+	// Limits are set at container start: such a request starts cold.
+	limited := create(t, c, chalkcompute.WithMemoryMB(256))
+	if got := counter(t, n, "chalk_sandbox_starts_cold_total"); got != cold0+1 {
+		t.Fatalf("a create with a memory limit: cold starts %v -> %v, want +1", cold0, got)
+	}
+	if out := mustExec(t, limited, "true"); out != "" {
+		t.Fatalf("exec: %q", out)
+	}
+
+	// Refilled to 2 (SetPrestarted waits), then down to 0: the unclaimed
+	// ones are destroyed.
+	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(2)); err != nil {
+		t.Fatal(err)
+	}
+	members = journalled(t, n)
+	if len(members) != 2 {
+		t.Fatalf("journal after refill: %v", members)
+	}
+	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(0)); err != nil {
+		t.Fatal(err)
+	}
+	if left := journalled(t, n); len(left) != 0 {
+		t.Fatalf("journal after setting 0: %v", left)
+	}
+	running = runcIDs(t, n)
+	for _, id := range members {
+		if slices.Contains(running, id) {
+			t.Fatalf("pre-started %s still runs after its count went to 0", id)
+		}
+	}
+	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(-1)); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("negative count: %v, want invalid argument", err)
+	}
+
+	// kill -9 with pre-started sandboxes: the next chalkd removes them,
+	// and keeps the claimed sandbox.
+	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(1)); err != nil {
+		t.Fatal(err)
+	}
+	orphans := journalled(t, n)
+	if len(orphans) != 1 {
+		t.Fatalf("journal: %v", orphans)
+	}
+	n.Kill()
+	n.Restart()
+	c = n.Client()
+	running = runcIDs(t, n)
+	if slices.Contains(running, orphans[0]) {
+		t.Fatalf("pre-started %s of the killed chalkd still runs after restart: %v", orphans[0], running)
+	}
+	kept, err := c.Sandbox(ctx, sb.ID())
+	if err != nil || kept.Info.State != "running" {
+		t.Fatalf("claimed sandbox after restart: %v %+v", err, kept)
+	}
+	if out := mustExec(t, kept, "sh", "-c", "echo $GREETING"); out != "hi\n" {
+		t.Fatalf("claimed sandbox's environment after restart: %q", out)
+	}
+	for _, s := range []*chalkcompute.Sandbox{kept, limited} {
+		if _, err := s.Terminate(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A graceful stop removes the pre-started ones too.
+	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(1)); err != nil {
+		t.Fatal(err)
+	}
+	n.Stop()
+	if left := runcIDs(t, n); len(left) != 0 {
+		t.Fatalf("containers after a graceful stop with only pre-started sandboxes: %v", left)
+	}
+	if left := journalled(t, n); len(left) != 0 {
+		t.Fatalf("journal after a graceful stop: %v", left)
+	}
+}
+
+func itoa(v int64) string { return strconv.FormatInt(v, 10) }

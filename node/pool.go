@@ -1,0 +1,527 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/nodecache"
+	"github.com/chalkcompute/chalkcompute/procapi"
+	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/sandboxnet"
+)
+
+// Pre-started sandboxes.
+//
+// Starting a sandbox is mostly runc: the network comes ready from
+// sandboxnet's pool, but the container itself costs a `runc run` (tens of
+// milliseconds of fork, namespaces, mounts and cgroups). So the agent keeps a
+// few sandboxes of recently used images started ahead, each with the id,
+// network slot, hostname and identity dir of the sandbox it will become, and
+// its init serving but idle: no user code has ever run in one. A create that
+// fits (the image is pooled, default limits) claims one; the agent then
+// activates its init with the request's environment, working directory and
+// entrypoint (procapi.Client.Activate) and it is a sandbox like any other.
+// Everything the control plane binds to the sandbox (record, egress policy,
+// identity, timers) is attached at claim, as at any start.
+//
+// A member is journalled (PoolConfig.Dir/<id>, holding its slot) from before
+// it is started until it is activated, so a chalkd that died with members
+// removes them at its next start (ReapPool), and members never show as
+// leftovers (Leftovers counts them as live). Members take their network slots
+// from a range of PoolConfig.Slots slots of their own, which the sandboxes
+// they become keep: the ordinary allocator never hands them out.
+
+// Starts by kind, on /metrics.
+var (
+	startsPrestarted = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "chalk_sandbox_starts_prestarted_total",
+		Help: "Sandboxes started by activating a pre-started sandbox.",
+	})
+	startsCold = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "chalk_sandbox_starts_cold_total",
+		Help: "Sandboxes started with a container start (no pre-started sandbox fitted).",
+	})
+)
+
+func init() { prometheus.MustRegister(startsPrestarted, startsCold) }
+
+// PoolConfig configures an Agent's pre-started sandboxes.
+type PoolConfig struct {
+	// Size is how many sandboxes are kept pre-started for each recently
+	// used image; 0 turns automatic pre-starting off (SetPrestarted still
+	// works).
+	Size int
+	// Images is how many recently used images get Size each; default 4.
+	Images int
+	// Slots is the size of the network slot range of pre-started sandboxes
+	// (and of the sandboxes they become), taken from the top of the range
+	// ordinary sandboxes get; 0: no pre-started sandboxes at all.
+	Slots int
+	// Dir journals the members not yet claimed; required with Slots.
+	Dir string
+	// NewID returns a fresh sandbox id; required with Slots.
+	NewID func() string
+	// Binds returns the bind mounts the daemon gives every sandbox with
+	// this id and slot (its identity dir), made now; Discard removes them
+	// for a member that was never claimed. Both optional.
+	Binds   func(id string, slot int) ([]sandbox.Bind, error)
+	Discard func(id string)
+	// FillDelay is how long a refill waits after a claim, so that it does
+	// not compete with the claimed sandbox's first commands; default 50ms.
+	FillDelay time.Duration
+}
+
+// member is one pre-started sandbox.
+type member struct {
+	id     string
+	slot   int
+	digest string
+	pid    int
+	net    *sandboxnet.Net
+	binds  []sandbox.Bind
+}
+
+type warmPool struct {
+	a   *Agent
+	cfg PoolConfig
+	lo  int // slots lo..hi are the pool's
+	hi  int
+
+	mu       sync.Mutex
+	ready    map[string][]*member // image digest -> members
+	claimed  map[string]*member   // sandbox id -> claimed, not yet activated
+	starting map[string]int       // image digest -> members being started
+	held     map[int]string       // slot -> id of a member (any state before activation)
+	imgs     map[string]*nodecache.Image
+	explicit map[string]int       // image digest -> count set by SetPrestarted
+	recent   []string             // automatically pooled image digests, most recent last
+	failed   map[string]time.Time // image digest -> last failed start (backoff)
+	filling  bool
+	closed   bool
+	changed  chan struct{} // closed and replaced whenever the pool changes
+	timer    *time.Timer
+}
+
+func newWarmPool(a *Agent, cfg PoolConfig, lo, hi int) (*warmPool, error) {
+	if cfg.Dir == "" || cfg.NewID == nil {
+		return nil, fmt.Errorf("pre-started sandboxes: Dir and NewID are required: %w", errdefs.ErrInvalidArgument)
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, err
+	}
+	if cfg.Images == 0 {
+		cfg.Images = 4
+	}
+	if cfg.FillDelay == 0 {
+		cfg.FillDelay = 50 * time.Millisecond
+	}
+	return &warmPool{
+		a: a, cfg: cfg, lo: lo, hi: hi,
+		ready: map[string][]*member{}, claimed: map[string]*member{}, starting: map[string]int{},
+		held: map[int]string{}, imgs: map[string]*nodecache.Image{}, explicit: map[string]int{},
+		failed: map[string]time.Time{}, changed: make(chan struct{}),
+	}, nil
+}
+
+// notify wakes the waiters; p.mu held.
+func (p *warmPool) notify() {
+	close(p.changed)
+	p.changed = make(chan struct{})
+}
+
+// target is how many members image digest should have; p.mu held.
+func (p *warmPool) target(digest string) int {
+	if n, ok := p.explicit[digest]; ok {
+		return n
+	}
+	if slices.Contains(p.recent, digest) {
+		return p.cfg.Size
+	}
+	return 0
+}
+
+// trim takes the members above their image's target out of the pool; the
+// caller destroys them. p.mu held.
+func (p *warmPool) trim() []*member {
+	var out []*member
+	for d, ms := range p.ready {
+		if t := p.target(d); len(ms) > t {
+			out = append(out, ms[t:]...)
+			p.ready[d] = ms[:t]
+		}
+		if len(p.ready[d]) == 0 {
+			delete(p.ready, d)
+		}
+	}
+	return out
+}
+
+// use records that img was just used by a create, making it (or keeping it)
+// one of the automatically pooled images.
+func (p *warmPool) use(img *nodecache.Image) {
+	p.mu.Lock()
+	p.imgs[img.Digest] = img
+	var drop []*member
+	if _, ok := p.explicit[img.Digest]; !ok && p.cfg.Size > 0 {
+		p.recent = append(slices.DeleteFunc(p.recent, func(d string) bool { return d == img.Digest }), img.Digest)
+		if len(p.recent) > p.cfg.Images {
+			p.recent = p.recent[len(p.recent)-p.cfg.Images:]
+		}
+		drop = p.trim()
+	}
+	p.mu.Unlock()
+	p.discard(drop)
+}
+
+// take hands out a ready member of the image, or nil.
+func (p *warmPool) take(digest string) *member {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ms := p.ready[digest]
+	if len(ms) == 0 || p.closed {
+		return nil
+	}
+	m := ms[len(ms)-1]
+	p.ready[digest] = ms[:len(ms)-1]
+	p.claimed[m.id] = m
+	p.notify()
+	return m
+}
+
+// claimedMember removes and returns the claimed member with this id.
+func (p *warmPool) claimedMember(id string) *member {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m := p.claimed[id]
+	delete(p.claimed, id)
+	if m != nil {
+		delete(p.held, m.slot)
+	}
+	return m
+}
+
+// kick schedules a fill after delay (0: now) unless one is due or running.
+func (p *warmPool) kick(delay time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed || p.filling {
+		return
+	}
+	if p.timer != nil {
+		if delay > 0 {
+			return // one is due already
+		}
+		p.timer.Stop()
+	}
+	p.timer = time.AfterFunc(delay, p.fill)
+}
+
+// next picks the image that needs a member most and a free slot for it;
+// p.mu held. ok is false when nothing is needed or possible.
+func (p *warmPool) next() (digest string, slot int, ok bool) {
+	best := -1
+	for d := range p.imgs {
+		if t, failed := p.failed[d]; failed && time.Since(t) < time.Minute {
+			continue
+		}
+		if missing := p.target(d) - len(p.ready[d]) - p.starting[d]; missing > best && missing > 0 {
+			digest, best = d, missing
+		}
+	}
+	if best <= 0 {
+		return "", 0, false
+	}
+	for s := p.lo; s <= p.hi; s++ {
+		if _, taken := p.held[s]; !taken && !p.a.cfg.Net.SlotInUse(s) {
+			return digest, s, true
+		}
+	}
+	return "", 0, false
+}
+
+// fill starts members until every image has its count (one at a time: a
+// fill is background work on the node's CPUs).
+func (p *warmPool) fill() {
+	p.mu.Lock()
+	if p.filling || p.closed {
+		p.mu.Unlock()
+		return
+	}
+	p.filling, p.timer = true, nil
+	for {
+		digest, slot, ok := p.next()
+		if !ok || p.closed {
+			break
+		}
+		img := p.imgs[digest]
+		id := p.cfg.NewID()
+		p.held[slot] = id
+		p.starting[digest]++
+		p.mu.Unlock()
+		m, err := p.start(img, id, slot)
+		p.mu.Lock()
+		p.starting[digest]--
+		if err != nil {
+			delete(p.held, slot)
+			p.failed[digest] = time.Now()
+			p.a.log.Warn("pre-starting a sandbox failed; retrying in a minute", "image", digest, "err", err)
+			p.notify()
+			continue
+		}
+		delete(p.failed, digest)
+		p.ready[digest] = append(p.ready[digest], m)
+		p.notify()
+		if drop := p.trim(); len(drop) > 0 || p.closed {
+			p.mu.Unlock()
+			p.discard(drop)
+			p.mu.Lock()
+		}
+	}
+	p.filling = false
+	p.notify()
+	p.mu.Unlock()
+}
+
+// start starts one member. On error nothing of it is left.
+func (p *warmPool) start(img *nodecache.Image, id string, slot int) (*member, error) {
+	journal := filepath.Join(p.cfg.Dir, id)
+	if err := os.WriteFile(journal, []byte(strconv.Itoa(slot)), 0o600); err != nil {
+		return nil, err
+	}
+	m := &member{id: id, slot: slot, digest: img.Digest}
+	var err error
+	if p.cfg.Binds != nil {
+		if m.binds, err = p.cfg.Binds(id, slot); err != nil {
+			p.forget(id)
+			return nil, err
+		}
+	}
+	st, err := p.a.start(context.Background(), StartRequest{ID: id, Slot: slot, Image: img, Binds: m.binds})
+	if err != nil {
+		p.forget(id)
+		return nil, err
+	}
+	m.pid, m.net = st.Pid, st.Net
+	return m, nil
+}
+
+// forget removes a member's journal entry and what Binds made.
+func (p *warmPool) forget(id string) {
+	if p.cfg.Discard != nil {
+		p.cfg.Discard(id)
+	}
+	_ = os.Remove(filepath.Join(p.cfg.Dir, id))
+}
+
+// discard destroys members that left the pool unclaimed.
+func (p *warmPool) discard(ms []*member) {
+	for _, m := range ms {
+		if err := p.a.Destroy(context.Background(), m.id, m.slot); err != nil {
+			p.a.log.Warn("destroy pre-started sandbox", "sandbox", m.id, "err", err)
+		}
+		p.forget(m.id)
+		p.mu.Lock()
+		delete(p.held, m.slot)
+		p.mu.Unlock()
+	}
+}
+
+// members lists every member not yet activated (ready, claimed or
+// starting) by id with its slot.
+func (p *warmPool) members() map[string]int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := map[string]int{}
+	for slot, id := range p.held {
+		out[id] = slot
+	}
+	return out
+}
+
+// Claim hands out a pre-started sandbox for req if one fits: req's image is
+// pooled and req asks for default limits and no extra binds. It returns the
+// id and slot the sandbox must be recorded with; Start with that id then
+// activates it (or, if the pre-started sandbox has died meanwhile, starts
+// the sandbox afresh with the same id and slot). Every call counts as a use
+// of req's image (it becomes, or stays, a pooled image).
+func (a *Agent) Claim(req StartRequest) (id string, slot int, ok bool) {
+	p := a.pool
+	if p == nil || req.Image == nil {
+		return "", 0, false
+	}
+	p.use(req.Image)
+	defer p.kick(p.cfg.FillDelay)
+	if req.CPU != 0 || req.Memory != 0 || req.DiskMB != 0 || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
+		return "", 0, false
+	}
+	m := p.take(req.Image.Digest)
+	if m == nil {
+		return "", 0, false
+	}
+	return m.id, m.slot, true
+}
+
+// Unclaim returns an unused claim (the create failed before Start): the
+// sandbox is destroyed, never put back, since its id may have been seen.
+func (a *Agent) Unclaim(id string) {
+	if a.pool == nil {
+		return
+	}
+	if m := a.pool.claimedMember(id); m != nil {
+		a.pool.discard([]*member{m})
+	}
+}
+
+// activate turns a claimed member into the sandbox req describes.
+func (a *Agent) activate(ctx context.Context, m *member, req StartRequest) (Started, error) {
+	if req.Slot != m.slot {
+		return Started{}, fmt.Errorf("pre-started sandbox %s has slot %d, not %d", m.id, m.slot, req.Slot)
+	}
+	for _, b := range req.Binds {
+		if !slices.Contains(m.binds, b) {
+			return Started{}, fmt.Errorf("pre-started sandbox %s: bind mount %s is not in place", m.id, b.Dest)
+		}
+	}
+	err := a.cfg.Runtime.Client(m.id).Activate(ctx, procapi.Activation{Env: req.Env, Dir: req.Workdir, Entrypoint: req.Entrypoint})
+	if err != nil {
+		return Started{}, err
+	}
+	_ = os.Remove(filepath.Join(a.pool.cfg.Dir, m.id))
+	return Started{Pid: m.pid, Net: m.net, Prestarted: true}, nil
+}
+
+// SetPrestarted sets how many sandboxes of img are kept pre-started (0:
+// none), in place of the automatic count, and waits until that many are
+// ready (or ctx ends). progress, if set, is called as they become ready.
+func (a *Agent) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, progress func(ready, want int)) error {
+	p := a.pool
+	if p == nil {
+		return fmt.Errorf("pre-started sandboxes are off on this node (chalkd --prestart-slots 0): %w", errdefs.ErrFailedPrecondition)
+	}
+	if n < 0 || n > p.hi-p.lo+1 {
+		return fmt.Errorf("pre-started sandboxes: %d: want 0 to %d (the node's pre-start slots): %w", n, p.hi-p.lo+1, errdefs.ErrInvalidArgument)
+	}
+	p.mu.Lock()
+	p.imgs[img.Digest] = img
+	p.explicit[img.Digest] = n
+	p.recent = slices.DeleteFunc(p.recent, func(d string) bool { return d == img.Digest })
+	delete(p.failed, img.Digest)
+	drop := p.trim()
+	p.mu.Unlock()
+	p.discard(drop)
+	p.kick(0)
+	last := -1
+	for {
+		p.mu.Lock()
+		ready, ch, closed := len(p.ready[img.Digest]), p.changed, p.closed
+		_, failed := p.failed[img.Digest]
+		busy := p.filling || p.timer != nil
+		p.mu.Unlock()
+		if progress != nil && ready != last {
+			progress(min(ready, n), n)
+			last = ready
+		}
+		switch {
+		case ready >= n:
+			return nil
+		case closed:
+			return fmt.Errorf("pre-started sandboxes: node shutting down: %w", errdefs.ErrUnavailable)
+		case failed:
+			return fmt.Errorf("pre-starting sandboxes of %s failed (see chalkd's log): %w", img.Digest, errdefs.ErrFailedPrecondition)
+		case !busy:
+			return fmt.Errorf("pre-started sandboxes: %d of %d ready and no free pre-start slot: %w", ready, n, errdefs.ErrResourceExhausted)
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// ReapPool removes the pre-started sandboxes a previous chalkd left (its
+// journal), except those that became the live sandboxes given.
+func (a *Agent) ReapPool(ctx context.Context, live map[string]int) error {
+	if a.pool == nil {
+		return nil
+	}
+	ents, err := os.ReadDir(a.pool.cfg.Dir)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ents {
+		id := e.Name()
+		path := filepath.Join(a.pool.cfg.Dir, id)
+		if _, ok := live[id]; ok {
+			_ = os.Remove(path)
+			continue
+		}
+		b, err := os.ReadFile(path)
+		slot, perr := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil || perr != nil || slot < a.pool.lo || slot > a.pool.hi {
+			errs = append(errs, fmt.Errorf("pre-start journal %s: %q %v", id, b, err))
+			_ = os.Remove(path)
+			continue
+		}
+		if err := a.Destroy(ctx, id, slot); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		a.pool.forget(id)
+	}
+	return errors.Join(errs...)
+}
+
+// ClosePool stops pre-starting and destroys the members not claimed.
+func (a *Agent) ClosePool() {
+	p := a.pool
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	p.closed = true
+	if p.timer != nil {
+		p.timer.Stop()
+		p.timer = nil
+	}
+	p.notify()
+	for p.filling {
+		ch := p.changed
+		p.mu.Unlock()
+		<-ch
+		p.mu.Lock()
+	}
+	var drop []*member
+	for _, ms := range p.ready {
+		drop = append(drop, ms...)
+	}
+	p.ready = map[string][]*member{}
+	p.mu.Unlock()
+	p.discard(drop)
+}
+
+// PoolStats reports the ready pre-started sandboxes per image digest.
+func (a *Agent) PoolStats() map[string]int {
+	out := map[string]int{}
+	if a.pool == nil {
+		return out
+	}
+	a.pool.mu.Lock()
+	defer a.pool.mu.Unlock()
+	for d, ms := range a.pool.ready {
+		out[d] = len(ms)
+	}
+	return out
+}
