@@ -34,6 +34,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -70,6 +71,7 @@ func run(args []string) int {
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		return fail(1, "prctl(PR_SET_DUMPABLE): %v", err)
 	}
+	reserveThreads(reservedThreads)
 	// Before anything can start a child, so no status is lost.
 	reaper := procapi.StartReaper()
 	sigs := make(chan os.Signal, 4)
@@ -239,6 +241,31 @@ func listen(path string) (net.Listener, error) {
 		return nil, err
 	}
 	return l, nil
+}
+
+// reservedThreads is how many OS threads init makes at start.
+const reservedThreads = 16
+
+// reserveThreads makes n OS threads now and leaves them idle in the Go
+// runtime (which keeps idle threads for reuse). Init shares the sandbox's
+// pids limit with everything in it: under a fork bomb every pid is taken,
+// and a Go program that then needs a new thread (a blocking syscall while
+// serving a request) dies of it — and with init, the sandbox. With threads
+// made ahead, serving the file API and execs through a bomb needs none.
+func reserveThreads(n int) {
+	var locked, release sync.WaitGroup
+	locked.Add(n)
+	release.Add(1)
+	for range n {
+		go func() {
+			runtime.LockOSThread() // this goroutine's thread is now its own
+			locked.Done()
+			release.Wait()
+			runtime.UnlockOSThread()
+		}()
+	}
+	locked.Wait()
+	release.Done()
 }
 
 // failedEntry is the exit of an entrypoint that could not be started.

@@ -177,6 +177,10 @@ func TestServes(t *testing.T) {
 	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
 		t.Fatalf("socket directory holds %d entries, want only the socket", len(ents))
 	}
+	// Threads made ahead, for serving through a fork bomb (reserveThreads).
+	if th := threadsOf(t, cmd.Process.Pid); th < reservedThreads {
+		t.Fatalf("init runs %d threads, want at least the %d reserved", th, reservedThreads)
+	}
 	var out bytes.Buffer
 	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"sh", "-c", "echo $PPID"}}, &out, nil)
 	if err != nil {
@@ -271,6 +275,26 @@ func TestActivateMissingEntrypoint(t *testing.T) {
 	if exited, err := waitExit(ctx, cmd); !exited || exitCodeOf(err) != 127 || !strings.Contains(errb.String(), "no-such-entrypoint") {
 		t.Fatalf("exited %v, code %d (%v), stderr %q; want 127 naming the entrypoint", exited, exitCodeOf(err), err, errb.String())
 	}
+}
+
+// threadsOf reads the thread count of pid.
+func threadsOf(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Threads:"); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatal("no Threads line in /proc/pid/status")
+	return 0
 }
 
 // TestSocketInUse: a socket that cannot be created is init's failure.
