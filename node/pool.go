@@ -353,18 +353,18 @@ func (p *warmPool) members() map[string]int {
 // pooled and req asks for default limits and no extra binds. It returns the
 // id and slot the sandbox must be recorded with; Start with that id then
 // activates it (or, if the pre-started sandbox has died meanwhile, starts
-// the sandbox afresh with the same id and slot). Every call counts as a use
-// of req's image (it becomes, or stays, a pooled image).
+// the sandbox afresh with the same id and slot). Every call for a fitting
+// request counts as a use of its image (it becomes, or stays, pooled).
 func (a *Agent) Claim(req StartRequest) (id string, slot int, ok bool) {
 	p := a.pool
 	if p == nil || req.Image == nil {
 		return "", 0, false
 	}
+	if req.CPU != 0 || req.Memory != 0 || req.DiskMB != 0 || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
+		return "", 0, false // no use pre-starting for such requests
+	}
 	p.use(req.Image)
 	defer p.kick(p.cfg.FillDelay)
-	if req.CPU != 0 || req.Memory != 0 || req.DiskMB != 0 || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
-		return "", 0, false
-	}
 	m := p.take(req.Image.Digest)
 	if m == nil {
 		return "", 0, false
@@ -451,26 +451,32 @@ func (a *Agent) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, 
 }
 
 // ReapPool removes the pre-started sandboxes a previous chalkd left (its
-// journal), except those that became the live sandboxes given.
+// journal), except those that became the live sandboxes given. It reaps
+// even with pre-starting now off, whatever slots the journal names.
 func (a *Agent) ReapPool(ctx context.Context, live map[string]int) error {
-	if a.pool == nil {
+	dir := a.cfg.Pool.Dir
+	if dir == "" {
 		return nil
 	}
-	ents, err := os.ReadDir(a.pool.cfg.Dir)
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
 	if err != nil {
 		return err
 	}
 	var errs []error
 	for _, e := range ents {
 		id := e.Name()
-		path := filepath.Join(a.pool.cfg.Dir, id)
+		path := filepath.Join(dir, id)
 		if _, ok := live[id]; ok {
 			_ = os.Remove(path)
 			continue
 		}
 		b, err := os.ReadFile(path)
 		slot, perr := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil || perr != nil || slot < a.pool.lo || slot > a.pool.hi {
+		if err != nil || perr != nil || slot < 1 || slot > a.cfg.Net.MaxSlot() {
+			// Not ours to guess: the leftover check reports what remains.
 			errs = append(errs, fmt.Errorf("pre-start journal %s: %q %v", id, b, err))
 			_ = os.Remove(path)
 			continue
@@ -479,7 +485,10 @@ func (a *Agent) ReapPool(ctx context.Context, live map[string]int) error {
 			errs = append(errs, err)
 			continue
 		}
-		a.pool.forget(id)
+		if a.cfg.Pool.Discard != nil {
+			a.cfg.Pool.Discard(id)
+		}
+		_ = os.Remove(path)
 	}
 	return errors.Join(errs...)
 }
@@ -510,18 +519,4 @@ func (a *Agent) ClosePool() {
 	p.ready = map[string][]*member{}
 	p.mu.Unlock()
 	p.discard(drop)
-}
-
-// PoolStats reports the ready pre-started sandboxes per image digest.
-func (a *Agent) PoolStats() map[string]int {
-	out := map[string]int{}
-	if a.pool == nil {
-		return out
-	}
-	a.pool.mu.Lock()
-	defer a.pool.mu.Unlock()
-	for d, ms := range a.pool.ready {
-		out[d] = len(ms)
-	}
-	return out
 }

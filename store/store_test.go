@@ -20,6 +20,36 @@ func open(t *testing.T) *Store {
 	return s
 }
 
+// TestGivenSlot: a slot given by the node (a pre-started sandbox's, above
+// maxSlot) is kept if free and refused if a live sandbox holds it; the
+// lowest-free allocation is not disturbed by it.
+func TestGivenSlot(t *testing.T) {
+	ctx := context.Background()
+	s := open(t)
+	pre := &Sandbox{ID: "pre", OrgID: "o", State: StateCreating, Slot: 40}
+	if err := s.CreateSandbox(ctx, pre, 3); err != nil || pre.Slot != 40 {
+		t.Fatalf("given slot: %d %v", pre.Slot, err)
+	}
+	low := &Sandbox{ID: "low", OrgID: "o", State: StateCreating}
+	if err := s.CreateSandbox(ctx, low, 3); err != nil || low.Slot != 1 {
+		t.Fatalf("allocated beside a given slot: %d %v", low.Slot, err)
+	}
+	if err := s.CreateSandbox(ctx, &Sandbox{ID: "dup", OrgID: "o", State: StateCreating, Slot: 40}, 3); !errors.Is(err, errdefs.ErrAlreadyExists) {
+		t.Fatalf("a given slot in use: %v, want already exists", err)
+	}
+	if _, err := s.GetSandbox(ctx, "dup"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("the refused sandbox was recorded: %v", err)
+	}
+	pre.State = StateStopped
+	if err := s.UpdateSandbox(ctx, pre); err != nil {
+		t.Fatal(err)
+	}
+	again := &Sandbox{ID: "again", OrgID: "o", State: StateCreating, Slot: 40}
+	if err := s.CreateSandbox(ctx, again, 3); err != nil || again.Slot != 40 {
+		t.Fatalf("a given slot freed by a stopped sandbox: %d %v", again.Slot, err)
+	}
+}
+
 func TestSlotsLowestFreeAndReused(t *testing.T) {
 	ctx := context.Background()
 	s := open(t)

@@ -82,9 +82,15 @@ func main() {
 }
 
 func ttiBench(ctx context.Context, c *chalkcompute.Client, work, bundle string, n int) {
-	// Time to interactive.
+	// Time to interactive, from a pre-started sandbox (one made ready,
+	// untimed, before each create) and cold (none kept for busybox).
+	prestart := func(k int) {
+		if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(k)); err != nil {
+			fail(err)
+		}
+	}
 	var last *chalkcompute.Sandbox
-	tti := measureWithCleanup(n, func() error {
+	createExec := func() error {
 		sb, err := c.Create(ctx, chalkcompute.Base("busybox"))
 		if err != nil {
 			return err
@@ -95,16 +101,24 @@ func ttiBench(ctx context.Context, c *chalkcompute.Client, work, bundle string, 
 			err = fmt.Errorf("true exited %d", res.Code)
 		}
 		return err
-	}, func() { _, _ = last.Terminate(ctx) })
+	}
+	prestart(1)
+	warm := measureWithCleanup(n, createExec, func() { _, _ = last.Terminate(ctx); prestart(1) })
+	prestart(0)
+	cold := measureWithCleanup(n, createExec, func() { _, _ = last.Terminate(ctx) })
+	// Leave busybox with the node's default count (chalkd --prestart).
+	prestart(2)
 	runcRun := measure(n, func() error {
 		return run("runc", "--root", filepath.Join(work, "runc"), "run", "--bundle", bundle, "bench-"+strconv.FormatInt(time.Now().UnixNano(), 36))
 	}, false)
 	podmanRun, podmanErr := podmanMeasure(n, work, "run")
 	fmt.Println("time-to-interactive (create + first exec of `true`)")
-	row("chalkcompute (SDK)", tti, runcRun)
+	row("chalkcompute pre-started", warm, runcRun)
+	row("chalkcompute cold", cold, runcRun)
 	row("runc run (raw)", runcRun, runcRun)
 	rowOpt("podman run --rm", podmanRun, runcRun, podmanErr)
-	fmt.Println()
+	fmt.Printf("goal: median <= raw runc run: pre-started %s, cold %s\n\n",
+		verdict(median(warm) <= median(runcRun)), verdict(median(cold) <= median(runcRun)))
 }
 
 func execBench(ctx context.Context, c *chalkcompute.Client, work, bundle string, n int) {
@@ -235,12 +249,12 @@ func median(ds []time.Duration) time.Duration { return ds[len(ds)/2] }
 func p90(ds []time.Duration) time.Duration    { return ds[len(ds)*9/10] }
 
 func row(name string, ds, ref []time.Duration) {
-	fmt.Printf("  %-22s median %9s  p90 %9s  ratio vs raw runc %.3fx\n", name, median(ds).Round(10*time.Microsecond), p90(ds).Round(10*time.Microsecond), float64(median(ds))/float64(median(ref)))
+	fmt.Printf("  %-25s median %9s  p90 %9s  ratio vs raw runc %.3fx\n", name, median(ds).Round(10*time.Microsecond), p90(ds).Round(10*time.Microsecond), float64(median(ds))/float64(median(ref)))
 }
 
 func rowOpt(name string, ds, ref []time.Duration, err error) {
 	if err != nil {
-		fmt.Printf("  %-22s n/a (%v)\n", name, err)
+		fmt.Printf("  %-25s n/a (%v)\n", name, err)
 		return
 	}
 	row(name, ds, ref)

@@ -4,6 +4,7 @@ import datetime
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from ._transport import Transport, b64, resolve_config
+from .errors import InvalidArgumentError
 from .image import Image
 from .mcp import MCPAuditRecord, MCPServer, _format_time
 from .policy import NetworkPolicy, Tunnel
@@ -203,10 +204,19 @@ class SandboxClient:
         return self._progress(self._t.stream("ImageService", "Build", {"specJson": image.spec_json(), "force": force}), on_log, on_progress)
 
     def warm(self, image: Union[Image, str], on_log: Optional[Callable[[str], None]] = None,
-             on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> BuildResult:
+             on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+             sandboxes: Optional[int] = None) -> BuildResult:
         """Make an image (an :class:`Image`, a reference or an image hash
         ``sha256:...``) warm on the node ahead of sandbox creation. An Image
-        with build steps is built first."""
+        with build steps is built first.
+
+        With ``sandboxes=n`` the node keeps ``n`` sandboxes of the image
+        pre-started from now on (0: none), in place of its automatic count,
+        and this returns once they are ready: creating a sandbox of the image
+        then claims one instead of starting a container (progress phase
+        ``prestart``)."""
+        if sandboxes is not None and (isinstance(sandboxes, bool) or not isinstance(sandboxes, int) or sandboxes < 0):
+            raise InvalidArgumentError(f"sandboxes: {sandboxes!r}: want an int, 0 or more")
         if isinstance(image, Image):
             if image.is_plain():
                 ref = image.ref
@@ -214,7 +224,10 @@ class SandboxClient:
                 ref = self.build(image, on_log=on_log).image_hash
         else:
             ref = image
-        return self._progress(self._t.stream("ImageService", "Warm", {"image": ref}), on_log, on_progress)
+        req: Dict[str, Any] = {"image": ref}
+        if sandboxes is not None:
+            req["sandboxes"] = sandboxes
+        return self._progress(self._t.stream("ImageService", "Warm", req), on_log, on_progress)
 
     def pull(self, ref: str, on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> BuildResult:
         """Pull a reference into the node's cache."""

@@ -4,6 +4,7 @@ and streamed), stdin, exit codes, files, logs, terminate, errors."""
 import os
 import time
 import unittest
+from typing import Any, Dict, List
 
 from chalkcompute import (
     ChalkError,
@@ -58,6 +59,24 @@ class SandboxTest(unittest.TestCase):
         self.assertEqual(self.client.get(sb.id).id, sb.id)
         self.assertIn(sb.id, [s.id for s in self.client.list()])
         self.assertEqual(sb.refresh().state, "running")
+
+    def test_prestarted(self) -> None:
+        phases: List[Dict[str, Any]] = []
+        res = self.client.warm("busybox", on_progress=phases.append, sandboxes=1)
+        self.assertTrue(res.warm)
+        pre = [(int(p.get("current", 0)), int(p.get("total", 0))) for p in phases if p.get("phase") == "prestart"]
+        self.assertEqual(pre[-1], (1, 1), phases)
+        # The create claims the pre-started sandbox; the request's settings hold.
+        sb = self.new_sandbox(env={"GREETING": "pre"}, workdir="/made/here")
+        try:
+            r = sb.exec("sh", "-c", "echo $GREETING $(pwd) $(hostname)")
+            self.assertEqual(r.stdout, "pre /made/here %s\n" % sb.id)
+        finally:
+            sb.terminate()
+        self.client.warm("busybox", sandboxes=0)
+        for bad in (-1, True, "2"):
+            with self.assertRaises(InvalidArgumentError):
+                self.client.warm("busybox", sandboxes=bad)  # type: ignore[arg-type]
 
     def test_exec_results(self) -> None:
         cases = [
