@@ -136,6 +136,9 @@ func TestPrestarted(t *testing.T) {
 	if got := counter(t, n, "chalk_sandbox_starts_prestarted_total"); got != pre0+2 {
 		t.Fatalf("the second create did not claim a pre-started sandbox (%v)", got)
 	}
+	if got := counter(t, n, "chalk_sandbox_starts_cold_total"); got != cold0 {
+		t.Fatalf("cold starts %v -> %v while pre-started sandboxes were ready", cold0, got)
+	}
 	info, err := ep.Wait(ctx)
 	if err != nil || info.State != "stopped" || info.ExitCode != 3 {
 		t.Fatalf("entrypoint exit: %+v %v, want stopped with 3", info, err)
@@ -144,13 +147,43 @@ func TestPrestarted(t *testing.T) {
 		t.Fatalf("entrypoint logs: %d %q", code, out)
 	}
 
-	// Limits are set at container start: such a request starts cold.
-	limited := create(t, c, chalkcompute.WithMemoryMB(256))
-	if got := counter(t, n, "chalk_sandbox_starts_cold_total"); got != cold0+1 {
-		t.Fatalf("a create with a memory limit: cold starts %v -> %v, want +1", cold0, got)
+	// CPU and memory limits are set on a claimed sandbox before it is
+	// activated (runc update; gVisor has none: cold there); a disk quota is
+	// the size of the tmpfs made at start: such a request starts cold.
+	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(2)); err != nil {
+		t.Fatal(err)
 	}
-	if out := mustExec(t, limited, "true"); out != "" {
+	pre1, cold1 := counter(t, n, "chalk_sandbox_starts_prestarted_total"), counter(t, n, "chalk_sandbox_starts_cold_total")
+	limited := create(t, c, chalkcompute.WithMemoryMB(256), chalkcompute.WithCPU(0.5))
+	if onGVisor(n) {
+		if got := counter(t, n, "chalk_sandbox_starts_cold_total"); got != cold1+1 {
+			t.Fatalf("a create with limits on gVisor: cold starts %v -> %v, want +1", cold1, got)
+		}
+	} else {
+		if got := counter(t, n, "chalk_sandbox_starts_prestarted_total"); got != pre1+1 {
+			t.Fatalf("a create with cpu and memory limits did not claim a pre-started sandbox (%v -> %v)", pre1, got)
+		}
+		if got := readInt(t, cgroupFile(n, "memory", limited.ID(), "memory.limit_in_bytes")); got != 256<<20 {
+			t.Fatalf("memory limit of a claimed sandbox: %d, want %d", got, 256<<20)
+		}
+		if got := readInt(t, cgroupFile(n, "cpu", limited.ID(), "cpu.cfs_quota_us")); got != 50000 {
+			t.Fatalf("cpu quota of a claimed sandbox: %d, want 50000 (0.5 cores)", got)
+		}
+		// The limit holds: allocating past it is an OOM kill inside.
+		res, err := limited.Exec(ctx, []string{"sh", "-c", "head -c 400m /dev/zero | tail > /dev/null"})
+		if err != nil || res.Code == 0 {
+			t.Fatalf("allocating 400 MiB under a 256 MiB limit: %+v %v", res, err)
+		}
+	}
+	if out := mustExec(t, limited, "echo", "alive"); out != "alive\n" {
 		t.Fatalf("exec: %q", out)
+	}
+	disk := create(t, c, chalkcompute.WithDiskMB(64))
+	if got := counter(t, n, "chalk_sandbox_starts_cold_total"); got != cold1+1+boolToFloat(onGVisor(n)) {
+		t.Fatalf("a create with a disk quota: cold starts %v -> %v, want +1", cold1, got)
+	}
+	if _, err := disk.Terminate(ctx); err != nil {
+		t.Fatal(err)
 	}
 
 	// Refilled to 2 (SetPrestarted waits), then down to 0: the unclaimed
@@ -217,6 +250,13 @@ func TestPrestarted(t *testing.T) {
 	if left := journalled(t, n); len(left) != 0 {
 		t.Fatalf("journal after a graceful stop: %v", left)
 	}
+}
+
+func boolToFloat(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func itoa(v int64) string { return strconv.FormatInt(v, 10) }

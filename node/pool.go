@@ -350,7 +350,9 @@ func (p *warmPool) members() map[string]int {
 }
 
 // Claim hands out a pre-started sandbox for req if one fits: req's image is
-// pooled and req asks for default limits and no extra binds. It returns the
+// pooled, req asks for no disk quota, pids limit or user of its own and no
+// extra binds, and cpu and memory limits only where the runtime can set
+// them on a running sandbox (runc). It returns the
 // id and slot the sandbox must be recorded with; Start with that id then
 // activates it (or, if the pre-started sandbox has died meanwhile, starts
 // the sandbox afresh with the same id and slot). Every call for a fitting
@@ -360,7 +362,8 @@ func (a *Agent) Claim(req StartRequest) (id string, slot int, ok bool) {
 	if p == nil || req.Image == nil {
 		return "", 0, false
 	}
-	if req.CPU != 0 || req.Memory != 0 || req.DiskMB != 0 || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
+	limits := req.CPU != 0 || req.Memory != 0
+	if limits && !a.cfg.Runtime.CanUpdate() || req.DiskMB != 0 || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
 		return "", 0, false // no use pre-starting for such requests
 	}
 	p.use(req.Image)
@@ -391,6 +394,12 @@ func (a *Agent) activate(ctx context.Context, m *member, req StartRequest) (Star
 	for _, b := range req.Binds {
 		if !slices.Contains(m.binds, b) {
 			return Started{}, fmt.Errorf("pre-started sandbox %s: bind mount %s is not in place", m.id, b.Dest)
+		}
+	}
+	if req.CPU != 0 || req.Memory != 0 {
+		// Before anything of the user's runs in it.
+		if err := a.cfg.Runtime.SetLimits(ctx, m.id, req.CPU, req.Memory); err != nil {
+			return Started{}, err
 		}
 	}
 	err := a.cfg.Runtime.Client(m.id).Activate(ctx, procapi.Activation{Env: req.Env, Dir: req.Workdir, Entrypoint: req.Entrypoint})

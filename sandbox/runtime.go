@@ -465,6 +465,26 @@ func (r *Runtime) Running(ctx context.Context, id string) (int, bool) {
 	return c.Pid, true
 }
 
+// CanUpdate reports whether SetLimits works on this runtime (runc; gVisor's
+// runsc has no update).
+func (r *Runtime) CanUpdate() bool { return r.cfg.Runtime == RuntimeRunc }
+
+// SetLimits sets the cpu and memory limits of a running sandbox (zero: leave
+// as is) with `runc update`.
+func (r *Runtime) SetLimits(ctx context.Context, id string, cpu float64, memory int64) error {
+	if !r.CanUpdate() {
+		return fmt.Errorf("sandbox %q: limits cannot change on %s: %w", id, r.cfg.Runtime, errdefs.ErrFailedPrecondition)
+	}
+	res, err := Resources(cpu, memory, 0)
+	if err != nil {
+		return err
+	}
+	if err := r.runc.Update(ctx, id, res); err != nil {
+		return fmt.Errorf("runc update %s: %w", id, err)
+	}
+	return nil
+}
+
 // Destroy kills the sandbox and removes its runc state, cgroup, mounts and
 // directory. It is idempotent and safe on a half-created sandbox.
 func (r *Runtime) Destroy(ctx context.Context, id string) error {

@@ -167,28 +167,48 @@ func WithBind(src, dst string, readOnly bool) SpecOpt {
 // (0 = none), pids (0 = none).
 func WithResources(cgroupsPath string, cpu float64, memory, pids int64) SpecOpt {
 	return func(s *specs.Spec) error {
-		if cpu < 0 || memory < 0 || pids < 0 || math.IsNaN(cpu) || math.IsInf(cpu, 0) {
-			return fmt.Errorf("resources (cpu %v, memory %d, pids %d): negative or invalid limit: %w", cpu, memory, pids, errdefs.ErrInvalidArgument)
+		r, err := Resources(cpu, memory, pids)
+		if err != nil {
+			return err
 		}
 		s.Linux.CgroupsPath = cgroupsPath
-		r := s.Linux.Resources
-		if cpu > 0 {
-			period := uint64(100000)
-			quota := int64(cpu * float64(period))
-			if quota < 1000 {
-				quota = 1000
-			}
-			r.CPU = &specs.LinuxCPU{Period: &period, Quota: &quota}
+		if r.CPU != nil {
+			s.Linux.Resources.CPU = r.CPU
 		}
-		if memory > 0 {
-			swap := memory // no swap beyond the memory limit
-			r.Memory = &specs.LinuxMemory{Limit: &memory, Swap: &swap}
+		if r.Memory != nil {
+			s.Linux.Resources.Memory = r.Memory
 		}
-		if pids > 0 {
-			r.Pids = &specs.LinuxPids{Limit: &pids}
+		if r.Pids != nil {
+			s.Linux.Resources.Pids = r.Pids
 		}
 		return nil
 	}
+}
+
+// Resources is the OCI form of the limits (zero: unlimited): cpu in
+// cores (a CFS quota over a 100ms period, at least 1ms), memory in bytes
+// with no swap beyond it, and a pids limit.
+func Resources(cpu float64, memory, pids int64) (*specs.LinuxResources, error) {
+	if cpu < 0 || memory < 0 || pids < 0 || math.IsNaN(cpu) || math.IsInf(cpu, 0) {
+		return nil, fmt.Errorf("resources (cpu %v, memory %d, pids %d): negative or invalid limit: %w", cpu, memory, pids, errdefs.ErrInvalidArgument)
+	}
+	r := &specs.LinuxResources{}
+	if cpu > 0 {
+		period := uint64(100000)
+		quota := int64(cpu * float64(period))
+		if quota < 1000 {
+			quota = 1000
+		}
+		r.CPU = &specs.LinuxCPU{Period: &period, Quota: &quota}
+	}
+	if memory > 0 {
+		swap := memory // no swap beyond the memory limit
+		r.Memory = &specs.LinuxMemory{Limit: &memory, Swap: &swap}
+	}
+	if pids > 0 {
+		r.Pids = &specs.LinuxPids{Limit: &pids}
+	}
+	return r, nil
 }
 
 // WithNoFile sets RLIMIT_NOFILE (soft = hard = n). It must be positive and at
