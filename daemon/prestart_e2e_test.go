@@ -148,8 +148,7 @@ func TestPrestarted(t *testing.T) {
 	}
 
 	// CPU and memory limits are set on a claimed sandbox before it is
-	// activated (runc update; gVisor has none: cold there); a disk quota is
-	// the size of the tmpfs made at start: such a request starts cold.
+	// activated (runc update; gVisor has none: cold there).
 	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(2)); err != nil {
 		t.Fatal(err)
 	}
@@ -178,9 +177,18 @@ func TestPrestarted(t *testing.T) {
 	if out := mustExec(t, limited, "echo", "alive"); out != "alive\n" {
 		t.Fatalf("exec: %q", out)
 	}
+	// The disk quota (the sandbox dir's tmpfs) is resized at claim; it holds.
+	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(2)); err != nil {
+		t.Fatal(err)
+	}
+	pre2 := counter(t, n, "chalk_sandbox_starts_prestarted_total")
 	disk := create(t, c, chalkcompute.WithDiskMB(64))
-	if got := counter(t, n, "chalk_sandbox_starts_cold_total"); got != cold1+1+boolToFloat(onGVisor(n)) {
-		t.Fatalf("a create with a disk quota: cold starts %v -> %v, want +1", cold1, got)
+	if got := counter(t, n, "chalk_sandbox_starts_prestarted_total"); got != pre2+1 {
+		t.Fatalf("a create with a disk quota did not claim a pre-started sandbox (%v -> %v)", pre2, got)
+	}
+	res, err := disk.Exec(ctx, []string{"sh", "-c", "dd if=/dev/zero of=/fill bs=1M count=100 2>&1; df -m / | tail -1 | awk '{print \"size\", $2}'"})
+	if err != nil || !strings.Contains(string(res.Stdout), "No space left") || !strings.Contains(string(res.Stdout), "size 64\n") {
+		t.Fatalf("writing 100 MiB under a 64 MiB quota: %q %v", res.Stdout, err)
 	}
 	if _, err := disk.Terminate(ctx); err != nil {
 		t.Fatal(err)
@@ -250,13 +258,6 @@ func TestPrestarted(t *testing.T) {
 	if left := journalled(t, n); len(left) != 0 {
 		t.Fatalf("journal after a graceful stop: %v", left)
 	}
-}
-
-func boolToFloat(b bool) float64 {
-	if b {
-		return 1
-	}
-	return 0
 }
 
 func itoa(v int64) string { return strconv.FormatInt(v, 10) }

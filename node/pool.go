@@ -350,9 +350,9 @@ func (p *warmPool) members() map[string]int {
 }
 
 // Claim hands out a pre-started sandbox for req if one fits: req's image is
-// pooled, req asks for no disk quota, pids limit or user of its own and no
-// extra binds, and cpu and memory limits only where the runtime can set
-// them on a running sandbox (runc). It returns the
+// pooled, req asks for no pids limit or user of its own and no extra binds,
+// and cpu and memory limits only where the runtime can set them on a
+// running sandbox (runc). Its limits and disk quota are set at Start. It returns the
 // id and slot the sandbox must be recorded with; Start with that id then
 // activates it (or, if the pre-started sandbox has died meanwhile, starts
 // the sandbox afresh with the same id and slot). Every call for a fitting
@@ -363,7 +363,7 @@ func (a *Agent) Claim(req StartRequest) (id string, slot int, ok bool) {
 		return "", 0, false
 	}
 	limits := req.CPU != 0 || req.Memory != 0
-	if limits && !a.cfg.Runtime.CanUpdate() || req.DiskMB != 0 || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
+	if limits && !a.cfg.Runtime.CanUpdate() || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
 		return "", 0, false // no use pre-starting for such requests
 	}
 	p.use(req.Image)
@@ -394,6 +394,11 @@ func (a *Agent) activate(ctx context.Context, m *member, req StartRequest) (Star
 	for _, b := range req.Binds {
 		if !slices.Contains(m.binds, b) {
 			return Started{}, fmt.Errorf("pre-started sandbox %s: bind mount %s is not in place", m.id, b.Dest)
+		}
+	}
+	if req.DiskMB != 0 {
+		if err := a.cfg.Runtime.SetDiskMB(m.id, req.DiskMB); err != nil {
+			return Started{}, err
 		}
 	}
 	if req.CPU != 0 || req.Memory != 0 {

@@ -61,10 +61,7 @@ func (r *Runtime) makeDir(dir string, mb int64) error {
 	if r.cfg.Disk == DiskNone {
 		return nil
 	}
-	// nr_inodes: one per 4 KiB of quota (at least 64k), so inodes cannot be
-	// exhausted much faster than bytes; tmpfs's own default is half of RAM's pages.
-	inodes := max(mb*256, 65536)
-	data := fmt.Sprintf("size=%dm,nr_inodes=%d,mode=0711", mb, inodes)
+	data := fmt.Sprintf("size=%dm,nr_inodes=%d,mode=0711", mb, diskInodes(mb))
 	if err := unix.Mount("chalk-disk", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, data); err != nil {
 		return fmt.Errorf("mount the sandbox's disk (tmpfs %s) on %s: %w", data, dir, err)
 	}
@@ -73,6 +70,26 @@ func (r *Runtime) makeDir(dir string, mb int64) error {
 
 // unmountDir removes the quota filesystem of dir (with the overlay still on
 // it, if any). Not mounted is not an error.
+// SetDiskMB changes the writable-layer quota of a running sandbox (a tmpfs
+// remount: what is stored stays; a quota below the usage is refused by
+// the kernel). A no-op without quotas (DiskNone).
+func (r *Runtime) SetDiskMB(id string, mb int64) error {
+	mb, err := r.diskMB(Spec{ID: id, DiskMB: mb})
+	if err != nil || r.cfg.Disk == DiskNone {
+		return err
+	}
+	data := fmt.Sprintf("size=%dm,nr_inodes=%d", mb, diskInodes(mb))
+	if err := unix.Mount("chalk-disk", r.Dir(id), "tmpfs", unix.MS_REMOUNT|unix.MS_NOSUID|unix.MS_NODEV, data); err != nil {
+		return fmt.Errorf("sandbox %q: resize its disk (tmpfs %s): %w", id, data, err)
+	}
+	return nil
+}
+
+// diskInodes is the inode limit of a quota of mb MiB: one per 4 KiB (at
+// least 64k), so inodes cannot be exhausted much faster than bytes;
+// tmpfs's own default is half of RAM's pages.
+func diskInodes(mb int64) int64 { return max(mb*256, 65536) }
+
 func unmountDir(dir string) error {
 	err := unix.Unmount(dir, unix.MNT_DETACH)
 	if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
