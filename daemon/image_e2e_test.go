@@ -222,7 +222,7 @@ func TestConcurrentBuildsBuildOnce(t *testing.T) {
 	}
 }
 
-// TestDockerfileVariables: ENV, WORKDIR, LABEL and COPY destinations
+// TestDockerfileVariables: ENV, WORKDIR, LABEL, USER and COPY destinations
 // take $VAR/${VAR} from the build arguments and the environment in force
 // (the base image's PATH included), as a Dockerfile build does; a bad
 // substitution is refused naming the step.
@@ -239,19 +239,25 @@ ENV DATA=$APP_HOME/data V=${VER} DFLT=${NOPE:-fallback} LIT=\$HOME
 WORKDIR $APP_HOME
 COPY app.txt ${APP_HOME}/conf/
 LABEL version=$VER
-USER 1000
+ARG UID=1000
+USER ${UID}:$UID
 `)
 	sb, err := c.Create(ctx, chalkcompute.FromDockerfile(df))
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := mustExec(t, sb, "sh", "-c", `echo "$PATH|$DATA|$V|$DFLT|$LIT"; pwd; id -u; cat conf/app.txt`)
-	want := "/opt/tool/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|/srv/app/data|1.2|fallback|$HOME\n/srv/app\n1000\napp"
+	got := mustExec(t, sb, "sh", "-c", `echo "$PATH|$DATA|$V|$DFLT|$LIT"; pwd; id -u; id -g; cat conf/app.txt`)
+	want := "/opt/tool/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|/srv/app/data|1.2|fallback|$HOME\n/srv/app\n1000\n1000\napp"
 	if got != want {
 		t.Fatalf("variables in the built image:\n got %q\nwant %q", got, want)
 	}
 	bad := writeFile(t, dir, "Dockerfile.bad", "FROM busybox\nENV A=${B\n")
 	if _, err := c.BuildImage(ctx, chalkcompute.FromDockerfile(bad), false, nil); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "step") {
 		t.Fatalf("bad substitution: %v", err)
+	}
+	// A USER that is no user once substituted is refused at build time.
+	badUser := writeFile(t, dir, "Dockerfile.baduser", "FROM busybox\nENV U=\"a b\"\nUSER $U\n")
+	if _, err := c.BuildImage(ctx, chalkcompute.FromDockerfile(badUser), false, nil); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "once substituted") {
+		t.Fatalf("USER substituted into a bad user: %v", err)
 	}
 }

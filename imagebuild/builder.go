@@ -302,7 +302,14 @@ func (b *Builder) step(ctx context.Context, img v1.Image, prevKey string, st ima
 		}
 		cfg.WorkingDir = path.Clean(wd)
 	case imagespec.KindUser:
-		cfg.User = st.User
+		u, err := expand(st.User)
+		if err != nil {
+			return nil, err
+		}
+		if !imagespec.ValidUser(u) {
+			return nil, fmt.Errorf("user %q (%q once substituted): want name, uid, or user:group: %w", st.User, u, errdefs.ErrInvalidArgument)
+		}
+		cfg.User = u
 	case imagespec.KindEntrypoint:
 		cfg.Entrypoint = st.Argv
 	case imagespec.KindCmd:

@@ -7,9 +7,8 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
-// Variable substitution in ENV, WORKDIR and LABEL values and in the
-// destination of a Dockerfile COPY/ADD (not in USER, which the spec checks
-// as written), as a Dockerfile build does it:
+// Variable substitution in ENV, WORKDIR, LABEL and USER values and in the
+// destination of a Dockerfile COPY/ADD, as a Dockerfile build does it:
 // $NAME and ${NAME} take the value of the build argument or environment
 // variable NAME in force before the step (the image's own ENV wins over an
 // ARG of the same name; unset is empty), ${NAME:-word} gives word when NAME

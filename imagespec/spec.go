@@ -125,6 +125,9 @@ var (
 	aptPkg     = regexp.MustCompile(`^[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+~:\-]+)?$`)
 	portRE     = regexp.MustCompile(`^[0-9]{1,5}(/(tcp|udp|sctp))?$`)
 	userRE     = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.\-]*(:[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$`)
+	// A USER with variables ($NAME, ${NAME}, ${NAME:-word}): checked again
+	// once substituted at build time.
+	userVarRE = regexp.MustCompile(`^[A-Za-z0-9_.\-${}:+]+$`)
 	shellQuote = strings.NewReplacer("'", `'"'"'`)
 )
 
@@ -266,8 +269,8 @@ func canonicalStep(st Step) (Step, error) {
 		}
 		out.Path = p
 	case KindUser:
-		if !userRE.MatchString(st.User) {
-			return out, invalid("user %q: want name, uid, or user:group", st.User)
+		if !ValidUser(st.User) && !(strings.Contains(st.User, "$") && userVarRE.MatchString(st.User)) {
+			return out, invalid("user %q: want name, uid, or user:group (variables such as $APP_USER are substituted at build time)", st.User)
 		}
 		out.User = st.User
 	case KindEntrypoint, KindCmd:
@@ -419,3 +422,7 @@ func ShellCommand(st Step) string {
 
 // Executes reports whether a step runs a command (and so makes a layer).
 func Executes(kind string) bool { return kind == KindRun || kind == KindPip || kind == KindApt }
+
+// ValidUser reports whether u is a user as an image config holds it: a name
+// or uid, optionally with :group.
+func ValidUser(u string) bool { return userRE.MatchString(u) }

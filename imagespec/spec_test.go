@@ -206,6 +206,9 @@ func TestBadSpecs(t *testing.T) {
 		{`{"dockerfile":"FROM a\nCOPY x rel\n","context":"` + fileDigest + `","steps":[]}`, "must be absolute"},
 		{`{"dockerfile":"RUN x\n","steps":[]}`, "line 1: RUN before FROM"},
 		{`{"base":"x","steps":[{"kind":"dockerfile","lines":["FROM y"]}]}`, "FROM is not allowed"},
+		{`{"base":"x","steps":[{"kind":"user","user":"a b"}]}`, `user "a b"`},
+		{`{"base":"x","steps":[{"kind":"user","user":"$(id)"}]}`, `user "$(id)"`},
+		{`{"base":"x","steps":[{"kind":"user","user":"../x"}]}`, `user "../x"`},
 	} {
 		s, err := Parse([]byte(tc.spec))
 		if err == nil {
