@@ -118,16 +118,16 @@ func Parse(b []byte) (Spec, error) {
 }
 
 var (
-	pyVersion  = regexp.MustCompile(`^[0-9]+\.[0-9]+(\.[0-9]+)?$`)
-	envName    = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
-	digestRE   = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
-	pkgSpec    = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._\-\[\], <>=!~*+;:'"@/]*$`)
-	aptPkg     = regexp.MustCompile(`^[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+~:\-]+)?$`)
-	portRE     = regexp.MustCompile(`^[0-9]{1,5}(/(tcp|udp|sctp))?$`)
-	userRE     = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.\-]*(:[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$`)
+	pyVersion = regexp.MustCompile(`^[0-9]+\.[0-9]+(\.[0-9]+)?$`)
+	envName   = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+	digestRE  = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
+	pkgSpec   = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._\-\[\], <>=!~*+;:'"@/]*$`)
+	aptPkg    = regexp.MustCompile(`^[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+~:\-]+)?$`)
+	portRE    = regexp.MustCompile(`^[0-9]{1,5}(/(tcp|udp|sctp))?$`)
+	userRE    = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.\-]*(:[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$`)
 	// A USER with variables ($NAME, ${NAME}, ${NAME:-word}): checked again
 	// once substituted at build time.
-	userVarRE = regexp.MustCompile(`^[A-Za-z0-9_.\-${}:+]+$`)
+	userVarRE  = regexp.MustCompile(`^[A-Za-z0-9_.\-${}:+]+$`)
 	shellQuote = strings.NewReplacer("'", `'"'"'`)
 )
 
