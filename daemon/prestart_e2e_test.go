@@ -32,7 +32,7 @@ func journalled(t *testing.T, n *chalktest.Node) []string {
 // runcIDs lists the node's runc containers.
 func runcIDs(t *testing.T, n *chalktest.Node) []string {
 	t.Helper()
-	out, err := n.Exec(runtimeBinary(), "--root", filepath.Join(n.RunDir, "runc"), "list", "-q")
+	out, err := n.Exec(runtimeBinary(), "--root", filepath.Join(n.RunDir, "runc"), "list", "--quiet")
 	if err != nil {
 		t.Fatalf("runc list: %v %s", err, out)
 	}
