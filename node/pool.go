@@ -84,12 +84,11 @@ type PoolConfig struct {
 
 // member is one pre-started sandbox.
 type member struct {
-	id     string
-	slot   int
-	digest string
-	pid    int
-	net    *sandboxnet.Net
-	binds  []sandbox.Bind
+	id    string
+	slot  int
+	pid   int
+	net   *sandboxnet.Net
+	binds []sandbox.Bind
 }
 
 type warmPool struct {
@@ -299,7 +298,7 @@ func (p *warmPool) start(img *nodecache.Image, id string, slot int) (*member, er
 	if err := os.WriteFile(journal, []byte(strconv.Itoa(slot)), 0o600); err != nil {
 		return nil, err
 	}
-	m := &member{id: id, slot: slot, digest: img.Digest}
+	m := &member{id: id, slot: slot}
 	var err error
 	if p.cfg.Binds != nil {
 		if m.binds, err = p.cfg.Binds(id, slot); err != nil {
