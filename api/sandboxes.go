@@ -165,9 +165,10 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		Image: img, Entrypoint: r.Entrypoint, Env: envList(r.Env), Workdir: r.Workdir,
 		CPU: r.Cpu, Memory: r.MemoryMb << 20, DiskMB: r.DiskMb,
 	}
-	// A pre-started sandbox fits unless the sandbox needs binds or devices
-	// made at start (mount-strategy files, tunnels); the node checks the rest.
-	if len(mounts) == 0 && len(r.Tunnels) == 0 {
+	// A pre-started sandbox fits unless the sandbox needs binds made at
+	// container start (mount-strategy files); the node checks the rest.
+	// (Tunnel devices are added after start, by the Started hook, either way.)
+	if len(mounts) == 0 {
 		if id, slot, ok := s.node.Claim(startReq); ok {
 			sb.ID, sb.Slot = id, slot
 			defer func() {

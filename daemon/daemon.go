@@ -348,6 +348,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	pool := node.PoolConfig{
 		Size: cfg.Prestart, Slots: max(cfg.PrestartSlots, 0), Dir: filepath.Join(cfg.DataDir, "prestarted"),
 		NewID: api.NewSandboxID, Binds: wi.binds, Discard: wi.discard,
+		CountsFile: filepath.Join(cfg.DataDir, "prestart-counts.json"),
 	}
 	if d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
@@ -452,6 +453,10 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	})
 	if err := d.API.Reconcile(ctx); err != nil {
 		return nil, fmt.Errorf("reconcile: %w", err)
+	}
+	// After reconcile reaped the previous process's pre-started sandboxes.
+	if err := d.Agent.RestorePool(); err != nil {
+		d.log.Warn("pre-started sandboxes: counts of the previous run", "err", err)
 	}
 	// Keep the node cache under its size cap.
 	go func() {

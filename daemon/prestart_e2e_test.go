@@ -62,7 +62,7 @@ func counter(t *testing.T, n *chalktest.Node, name string) float64 {
 // identity and egress policy; requests that do not fit (limits) start cold;
 // pre-started sandboxes are invisible through the API until claimed, are
 // removed when their count drops, at a graceful stop, and after a kill -9 at
-// the next start.
+// the next start, which pre-starts the count set for the image again.
 func TestPrestarted(t *testing.T) {
 	inet := chalktest.NewFakeInternet(t)
 	inet.Host("allowed.test", "198.51.100.10", "allowed")
@@ -235,6 +235,12 @@ func TestPrestarted(t *testing.T) {
 	if slices.Contains(running, orphans[0]) {
 		t.Fatalf("pre-started %s of the killed chalkd still runs after restart: %v", orphans[0], running)
 	}
+	// The count set with warm --sandboxes outlives the restart: a new one
+	// is pre-started.
+	pollUntil(t, time.Minute, "the restarted chalkd to pre-start the count kept for busybox", func() bool {
+		ids := journalled(t, n)
+		return len(ids) == 1 && ids[0] != orphans[0]
+	})
 	kept, err := c.Sandbox(ctx, sb.ID())
 	if err != nil || kept.Info.State != "running" {
 		t.Fatalf("claimed sandbox after restart: %v %+v", err, kept)

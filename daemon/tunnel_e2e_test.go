@@ -129,8 +129,17 @@ func TestTunnel(t *testing.T) {
 	c := n.Client()
 	skipTunnelsOnGVisor(t, n, c)
 	ctx := ctxT(t, 5*time.Minute)
+	// a and b are pre-started sandboxes claimed (the tunnel device is added
+	// after start either way); m is whatever the node has ready by then.
+	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(2)); err != nil {
+		t.Fatal(err)
+	}
+	pre := counter(t, n, "chalk_sandbox_starts_prestarted_total")
 	a := create(t, c, chalkcompute.WithTunnels("mesh"))
 	b := create(t, c, chalkcompute.WithTunnels("mesh"))
+	if got := counter(t, n, "chalk_sandbox_starts_prestarted_total"); got != pre+2 {
+		t.Fatalf("tunnel members did not claim pre-started sandboxes (%v -> %v)", pre, got)
+	}
 	m := create(t, c, chalkcompute.WithTunnels("mesh"))
 	x := create(t, c) // not in the tunnel
 	tun, err := c.Tunnel(ctx, "mesh")

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -80,6 +81,9 @@ type PoolConfig struct {
 	// FillDelay is how long a refill waits after a claim, so that it does
 	// not compete with the claimed sandbox's first commands; default 50ms.
 	FillDelay time.Duration
+	// CountsFile keeps the counts set with SetPrestarted across restarts
+	// (RestorePool); optional.
+	CountsFile string
 }
 
 // member is one pre-started sandbox.
@@ -431,7 +435,11 @@ func (a *Agent) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, 
 	p.recent = slices.DeleteFunc(p.recent, func(d string) bool { return d == img.Digest })
 	delete(p.failed, img.Digest)
 	drop := p.trim()
+	err := p.saveCounts()
 	p.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("pre-started sandboxes: keep the count: %w", err)
+	}
 	p.discard(drop)
 	p.kick(0)
 	last := -1
@@ -461,6 +469,56 @@ func (a *Agent) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, 
 			return ctx.Err()
 		}
 	}
+}
+
+// saveCounts writes the explicit counts to CountsFile; p.mu held.
+func (p *warmPool) saveCounts() error {
+	if p.cfg.CountsFile == "" {
+		return nil
+	}
+	b, err := json.Marshal(p.explicit)
+	if err != nil {
+		return err
+	}
+	tmp := p.cfg.CountsFile + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, p.cfg.CountsFile)
+}
+
+// RestorePool brings back the counts set with SetPrestarted before a
+// restart (for images still in the node cache) and starts filling. Call it
+// after ReapPool.
+func (a *Agent) RestorePool() error {
+	p := a.pool
+	if p == nil || p.cfg.CountsFile == "" {
+		return nil
+	}
+	b, err := os.ReadFile(p.cfg.CountsFile)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var counts map[string]int
+	if err := json.Unmarshal(b, &counts); err != nil {
+		return fmt.Errorf("pre-start counts %s: %w", p.cfg.CountsFile, err)
+	}
+	p.mu.Lock()
+	for d, n := range counts {
+		img, ok := a.cfg.Cache.Lookup(d)
+		if !ok || n < 0 {
+			continue // the image left the node cache: its count goes with it
+		}
+		p.imgs[d] = img
+		p.explicit[d] = min(n, p.hi-p.lo+1)
+	}
+	err = p.saveCounts()
+	p.mu.Unlock()
+	p.kick(0)
+	return err
 }
 
 // ReapPool removes the pre-started sandboxes a previous chalkd left (its
