@@ -612,9 +612,15 @@ func TestPool(t *testing.T) {
 	if spares := spareLinks(t, m); len(spares) != 3 {
 		t.Fatalf("spare veths %v, want 3", spares)
 	}
+	if m.SlotInUse(8) {
+		t.Fatal("slot 8 in use before Setup")
+	}
 	n := setup(t, m, "sb-pool", 8)
 	m.pool.wait()
 	check("after Setup and refill")
+	if !m.SlotInUse(8) {
+		t.Error("slot 8 not in use after Setup")
+	}
 	sb := nsName(t, n.NetnsPath)
 	if k := openNetns(t)[sb]; k != 0 {
 		t.Errorf("Setup left %d descriptors on the sandbox's namespace %s", k, sb)
@@ -632,6 +638,9 @@ func TestPool(t *testing.T) {
 	}
 	if err := m.Teardown(context.Background(), "sb-pool", 8); err != nil {
 		t.Fatal(err)
+	}
+	if m.SlotInUse(8) {
+		t.Error("slot 8 still in use after Teardown")
 	}
 	if err := m.Close(context.Background()); err != nil {
 		t.Fatal(err)

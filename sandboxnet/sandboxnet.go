@@ -302,7 +302,8 @@ func (m *Manager) hostIf(slot int) string { return fmt.Sprintf("%s%04x", m.cfg.P
 // (or a failed teardown) holds the slot.
 func (m *Manager) SlotInUse(slot int) bool {
 	_, err := netlink.LinkByName(m.hostIf(slot))
-	return err == nil
+	var nf netlink.LinkNotFoundError
+	return !errors.As(err, &nf) // any other answer: assume it is held
 }
 
 // slotOfIf parses a host-side interface name; ok is false for other names.
