@@ -328,6 +328,20 @@ func (s *Server) SandboxByAddr(ctx context.Context, a netip.Addr) (*store.Sandbo
 	return sb, true
 }
 
+// SlotLive reports whether a live sandbox holds slot: one is running, or
+// has ended and is still being cleaned up (its egress rules, identity and
+// record are released by finish, after its network is gone).
+func (s *Server) SlotLive(slot int) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range s.live {
+		if l.slot == slot {
+			return true
+		}
+	}
+	return false
+}
+
 // IsRunning reports whether sandbox id is running.
 func (s *Server) IsRunning(ctx context.Context, id string) bool {
 	s.mu.Lock()

@@ -349,6 +349,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		Size: cfg.Prestart, Slots: max(cfg.PrestartSlots, 0), Dir: filepath.Join(cfg.DataDir, "prestarted"),
 		NewID: api.NewSandboxID, Binds: wi.binds, Discard: wi.discard,
 		CountsFile: filepath.Join(cfg.DataDir, "prestart-counts.json"),
+		SlotBusy:   func(slot int) bool { return d.API != nil && d.API.SlotLive(slot) },
 	}
 	if d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,

@@ -84,6 +84,11 @@ type PoolConfig struct {
 	// CountsFile keeps the counts set with SetPrestarted across restarts
 	// (RestorePool); optional.
 	CountsFile string
+	// SlotBusy, if set, reports slots the control plane still holds
+	// although their network is gone: a sandbox that was destroyed and whose
+	// end is still being recorded (its egress rules, keyed by the slot's
+	// interface, are removed then). A member never takes such a slot.
+	SlotBusy func(slot int) bool
 }
 
 // member is one pre-started sandbox.
@@ -246,7 +251,7 @@ func (p *warmPool) next() (digest string, slot int, ok bool) {
 		return "", 0, false
 	}
 	for s := p.lo; s <= p.hi; s++ {
-		if _, taken := p.held[s]; !taken && !p.a.cfg.Net.SlotInUse(s) {
+		if _, taken := p.held[s]; !taken && !p.a.cfg.Net.SlotInUse(s) && (p.cfg.SlotBusy == nil || !p.cfg.SlotBusy(s)) {
 			return digest, s, true
 		}
 	}
