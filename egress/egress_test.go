@@ -445,6 +445,33 @@ func TestAdversarial(t *testing.T) {
 		}
 	})
 
+	t.Run("interface reused unrestricted before Remove", func(t *testing.T) {
+		e := f.addSandbox(t)
+		if err := m.Apply(ctx, e.sb, mustCompile(t, Policy{Name: "e", AllowedHostnames: []string{"other.test"}})); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.dial("tcp", "198.51.100.19:80", deny); !isTimeout(err) {
+			t.Fatalf("first sandbox's rules: %v", err)
+		}
+		next := e.sb
+		next.ID += "-open"
+		if err := m.Apply(ctx, next, mustCompile(t)); err != nil {
+			t.Fatalf("unrestricted sandbox on the same interface: %v", err)
+		}
+		if _, err := e.dial("tcp", "198.51.100.19:80", time.Second); err != nil {
+			t.Fatalf("the previous sandbox's rules apply to an unrestricted one: %v", err)
+		}
+		if err := m.Remove(ctx, e.sb.ID); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.dial("tcp", "198.51.100.19:80", time.Second); err != nil {
+			t.Fatalf("after the old one's Remove: %v", err)
+		}
+		if err := m.Remove(ctx, next.ID); err != nil {
+			t.Fatal(err)
+		}
+	})
+
 	t.Run("remove", func(t *testing.T) {
 		if err := m.Remove(ctx, c.sb.ID); err != nil {
 			t.Fatal(err)

@@ -456,6 +456,10 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 		if s.installed {
 			m.teardown(s, old.HostIf)
 		}
+		// Unrestricted is the absence of rules on the interface: rules a
+		// previous sandbox left on it (a slot reused before its Remove)
+		// must go too, or they would apply to this one.
+		m.evictInterface(sb.HostIf, sb.ID)
 		err = m.conn.Flush()
 		if err == nil {
 			s.installed = false
