@@ -222,7 +222,7 @@ func TestConcurrentBuildsBuildOnce(t *testing.T) {
 	}
 }
 
-// TestDockerfileVariables: ENV, WORKDIR, LABEL, USER and COPY destinations
+// TestDockerfileVariables: FROM (from ARGs before it), ENV, WORKDIR, LABEL, USER and COPY destinations
 // take $VAR/${VAR} from the build arguments and the environment in force
 // (the base image's PATH included), as a Dockerfile build does; a bad
 // substitution is refused naming the step.
@@ -232,7 +232,9 @@ func TestDockerfileVariables(t *testing.T) {
 	ctx := ctxT(t, 3*time.Minute)
 	dir := t.TempDir()
 	writeFile(t, dir, "app.txt", "app")
-	df := writeFile(t, dir, "Dockerfile", `FROM busybox
+	df := writeFile(t, dir, "Dockerfile", `ARG BASE=busy
+ARG TAG
+FROM ${BASE}box:${TAG:-latest}
 ARG VER=1.2
 ENV APP_HOME=/srv/app PATH=/opt/tool/bin:$PATH
 ENV DATA=$APP_HOME/data V=${VER} DFLT=${NOPE:-fallback} LIT=\$HOME

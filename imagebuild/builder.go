@@ -272,7 +272,7 @@ func (b *Builder) step(ctx context.Context, img v1.Image, prevKey string, st ima
 	// Variables in values take what was in force before this step (see expand.go).
 	before := append([]string(nil), cfg.Env...)
 	expand := func(v string) (string, error) {
-		out, err := expandVars(v, before, args)
+		out, err := imagespec.ExpandVars(v, before, args)
 		if err != nil {
 			return "", fmt.Errorf("substitute variables: %w", err)
 		}

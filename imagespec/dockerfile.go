@@ -25,6 +25,7 @@ func ParseDockerfileContext(text, context string) (base string, steps []Step, er
 		return "", nil, invalid("dockerfile: %v", err)
 	}
 	froms := 0
+	meta := map[string]string{} // ARGs before FROM: they parameterise FROM only
 	for _, n := range res.AST.Children {
 		if strings.EqualFold(n.Value, "from") {
 			froms++
@@ -42,7 +43,12 @@ func ParseDockerfileContext(text, context string) (base string, steps []Step, er
 			if st.Platform != "" {
 				return "", nil, invalid("dockerfile line %d: FROM --platform is not supported", n.StartLine)
 			}
-			base = st.BaseName
+			if base, err = ExpandVars(st.BaseName, nil, meta); err != nil {
+				return "", nil, invalid("dockerfile line %d: FROM: %v", n.StartLine, err)
+			}
+			if base == "" || strings.ContainsAny(base, "$ \t") {
+				return "", nil, invalid("dockerfile line %d: FROM %q is %q once the ARGs before it are substituted: not an image reference", n.StartLine, st.BaseName, base)
+			}
 			continue
 		}
 		if froms == 0 && !strings.EqualFold(n.Value, "arg") {
@@ -53,7 +59,18 @@ func ParseDockerfileContext(text, context string) (base string, steps []Step, er
 			return "", nil, err
 		}
 		if froms == 0 {
-			continue // ARG before FROM only parameterises FROM; not supported beyond parsing
+			// ARG before FROM: its default (which may use earlier ones) is
+			// substituted into FROM; no build step comes of it.
+			for _, a := range s {
+				v := ""
+				if a.Value != nil {
+					if v, err = ExpandVars(*a.Value, nil, meta); err != nil {
+						return "", nil, invalid("dockerfile line %d: ARG %s: %v", n.StartLine, a.Name, err)
+					}
+				}
+				meta[a.Name] = v
+			}
+			continue
 		}
 		steps = append(steps, s...)
 	}

@@ -251,3 +251,37 @@ func FuzzParseDockerfile(f *testing.F) {
 		_, _, _ = ParseDockerfile(text) // must not panic
 	})
 }
+
+// TestArgsBeforeFrom: ARGs before FROM parameterise FROM (defaults, which
+// may use earlier ones, and ${NAME:-word}); the canonical form, and so the
+// hash, is that of the FROM they spell; they are no build steps.
+func TestArgsBeforeFrom(t *testing.T) {
+	canon := func(dockerfile string) (*Canonical, error) {
+		b, _ := json.Marshal(map[string]any{"dockerfile": dockerfile, "steps": []any{}})
+		s, err := Parse(b)
+		if err != nil {
+			return nil, err
+		}
+		return Canonicalize(s, Defaults{PythonVersion: "3.11"})
+	}
+	got, err := canon("ARG REG=docker.io\nARG IMG=${REG}/library/busybox\nARG TAG\nFROM $IMG:${TAG:-1.36}\nARG TAG=inner\nRUN echo $TAG\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := canon("FROM docker.io/library/busybox:1.36\nARG TAG=inner\nRUN echo $TAG\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Base != "docker.io/library/busybox:1.36" || string(got.JSON()) != string(want.JSON()) {
+		t.Fatalf("canonical form\n got %s\nwant %s", got.JSON(), want.JSON())
+	}
+	for _, tc := range []struct{ dockerfile, want string }{
+		{"ARG B\nFROM $B\n", "not an image reference"},
+		{"ARG B=${X\nFROM $B\n", "ARG B"},
+		{"FROM ${B:?no}\n", "FROM"},
+	} {
+		if _, err := canon(tc.dockerfile); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: %v, want invalid argument mentioning %q", tc.dockerfile, err, tc.want)
+		}
+	}
+}

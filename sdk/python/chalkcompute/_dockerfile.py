@@ -147,11 +147,70 @@ def uses_context(text: str) -> bool:
     return False
 
 
+def _is_name_char(c: str, first: bool) -> bool:
+    return c == "_" or ("a" <= c <= "z") or ("A" <= c <= "Z") or (not first and "0" <= c <= "9")
+
+
+def expand_vars(s: str, args: Dict[str, str]) -> str:
+    """Substitute ``$NAME``, ``${NAME}``, ``${NAME:-word}`` and
+    ``${NAME:+word}`` in ``s`` from ``args`` (unset is empty; ``\\$`` is a
+    literal ``$``; a ``$`` not followed by a name stays), as chalkd's builder
+    does (imagespec.ExpandVars)."""
+    if "$" not in s and "\\" not in s:
+        return s
+    out: List[str] = []
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and i + 1 < len(s) and s[i + 1] == "$":
+            out.append("$")
+            i += 2
+            continue
+        if c != "$" or i + 1 == len(s):
+            out.append(c)
+            i += 1
+            continue
+        if s[i + 1] == "{":
+            end = s.find("}", i)
+            if end < 0:
+                raise InvalidArgumentError("%r: unterminated ${ at offset %d" % (s, i))
+            expr = s[i + 2:end]
+            name, op, word = expr, "", ""
+            j = expr.find(":")
+            if j >= 0:
+                name, op = expr[:j], expr[j:]
+                if len(op) < 2 or op[1] not in "-+":
+                    raise InvalidArgumentError("%r: unsupported substitution ${%s} (want ${NAME}, ${NAME:-word} or ${NAME:+word})" % (s, expr))
+                op, word = op[:2], op[2:]
+            if not name or not all(_is_name_char(ch, k == 0) for k, ch in enumerate(name)):
+                raise InvalidArgumentError("%r: bad variable name in ${%s}" % (s, expr))
+            v = args.get(name, "")
+            if op == ":-" and v == "":
+                v = word
+            elif op == ":+":
+                v = word if v != "" else ""
+            out.append(v)
+            i = end + 1
+            continue
+        j = i + 1
+        while j < len(s) and _is_name_char(s[j], j == i + 1):
+            j += 1
+        if j == i + 1:
+            out.append(c)
+            i += 1
+            continue
+        out.append(args.get(s[i + 1:j], ""))
+        i = j
+    return "".join(out)
+
+
 def parse_dockerfile(text: str, context: str = "") -> Tuple[str, List[Dict[str, Any]]]:
     """(base reference, steps) of a whole Dockerfile; ``context`` is the
-    digest of its directory's tar (for COPY/ADD)."""
+    digest of its directory's tar (for COPY/ADD). ARGs before FROM are
+    substituted into FROM (their defaults may use earlier ones)."""
     base = ""
     froms = 0
+    meta: Dict[str, str] = {}
     steps: List[Dict[str, Any]] = []
     for line, s in _logical_lines(text):
         word, _, rest = s.partition(" ")
@@ -163,11 +222,22 @@ def parse_dockerfile(text: str, context: str = "") -> Tuple[str, List[Dict[str, 
             parts = rest.split()
             if not parts or parts[0].startswith("--"):
                 raise InvalidArgumentError("dockerfile line %d: bad FROM" % line)
-            base = parts[0]
+            try:
+                base = expand_vars(parts[0], meta)
+            except InvalidArgumentError as e:
+                raise InvalidArgumentError("dockerfile line %d: FROM: %s" % (line, e)) from None
+            if not base or any(ch in base for ch in "$ \t"):
+                raise InvalidArgumentError("dockerfile line %d: FROM %r is %r once the ARGs before it are substituted: not an image reference" % (line, parts[0], base))
             continue
         if froms == 0 and word.lower() != "arg":
             raise InvalidArgumentError("dockerfile line %d: %s before FROM" % (line, word.upper()))
         conv = _convert(line, word, rest, context)
+        if not froms:
+            for a in conv:
+                try:
+                    meta[a["name"]] = expand_vars(a.get("value", ""), meta)
+                except InvalidArgumentError as e:
+                    raise InvalidArgumentError("dockerfile line %d: ARG %s: %s" % (line, a["name"], e)) from None
         if froms:
             steps.extend(conv)
     if not froms:

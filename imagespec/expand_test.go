@@ -1,4 +1,4 @@
-package imagebuild
+package imagespec
 
 import (
 	"errors"
@@ -26,13 +26,13 @@ func TestExpandVars(t *testing.T) {
 		"no vars":                 "no vars",
 		"$PATH$VER":               "/usr/bin:/bin1.2",
 	} {
-		got, err := expandVars(in, env, args)
+		got, err := ExpandVars(in, env, args)
 		if err != nil || got != want {
 			t.Errorf("expand %q: %q %v, want %q", in, got, err, want)
 		}
 	}
 	for _, bad := range []string{"${HOME", "${HOME:?err}", "${1X}", "${}"} {
-		if _, err := expandVars(bad, env, args); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		if _, err := ExpandVars(bad, env, args); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("expand %q: %v, want invalid argument", bad, err)
 		}
 	}

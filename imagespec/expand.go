@@ -1,4 +1,4 @@
-package imagebuild
+package imagespec
 
 import (
 	"fmt"
@@ -19,9 +19,9 @@ import (
 // is in the hash chain) and earlier steps, so the result is as reproducible
 // as the hash.
 
-// expandVars substitutes variables in s from env (the image config's
+// ExpandVars substitutes variables in s from env (the image config's
 // KEY=VALUE list) and args (build arguments).
-func expandVars(s string, env []string, args map[string]string) (string, error) {
+func ExpandVars(s string, env []string, args map[string]string) (string, error) {
 	if !strings.ContainsAny(s, "$\\") {
 		return s, nil
 	}
