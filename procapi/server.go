@@ -27,8 +27,11 @@ type ServerOptions struct {
 	DefaultUser string
 	// Activate, if set, serves the activate op (Client.Activate): init
 	// applies the settings a pre-started sandbox receives when it is given
-	// to a user. Without it the op fails with FailedPrecondition.
-	Activate func(Activation) error
+	// to a user. Without it the op fails with FailedPrecondition. then, if
+	// not nil, runs once the answer has been sent (init must not exit
+	// before: an entrypoint that ends at once would otherwise cut the
+	// answer off).
+	Activate func(Activation) (then func(), err error)
 }
 
 // Activation is what a pre-started sandbox receives when it is claimed:
@@ -107,7 +110,7 @@ type server struct {
 	reaper   *Reaper
 	owner    *syscall.Credential // default user; nil = the server's own
 	devnull  *os.File
-	activate func(Activation) error
+	activate func(Activation) (func(), error)
 
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{}
@@ -191,15 +194,19 @@ func (s *server) handle(nc net.Conn) {
 	case opPing:
 		_ = c.sendJSON(frameResult, pingMsg{Version: ProtocolVersion})
 	case opActivate:
+		var then func()
 		err := fmt.Errorf("activate: this init serves no pre-started sandbox: %w", errdefs.ErrFailedPrecondition)
 		if s.activate != nil {
-			err = s.activate(Activation{Env: req.Env, Dir: req.Dir, Entrypoint: req.Argv})
+			then, err = s.activate(Activation{Env: req.Env, Dir: req.Dir, Entrypoint: req.Argv})
 		}
 		if err != nil {
 			c.sendErr(err)
 			return
 		}
 		_ = c.sendJSON(frameResult, struct{}{})
+		if then != nil {
+			then()
+		}
 	case opExec:
 		s.exec(c, &req)
 	case opRead:

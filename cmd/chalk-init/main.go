@@ -121,40 +121,42 @@ func run(args []string) int {
 		activated  = len(entry) > 0
 		entryCh    = make(chan (<-chan unix.WaitStatus), 1)
 	)
-	activate := func(a procapi.Activation) error {
+	activate := func(a procapi.Activation) (func(), error) {
 		activateMu.Lock()
 		defer activateMu.Unlock()
 		if activated {
-			return fmt.Errorf("activate: this sandbox was activated already: %w", errdefs.ErrFailedPrecondition)
+			return nil, fmt.Errorf("activate: this sandbox was activated already: %w", errdefs.ErrFailedPrecondition)
 		}
 		for _, e := range a.Env {
 			k, v, _ := strings.Cut(e, "=")
 			if err := os.Setenv(k, v); err != nil {
-				return fmt.Errorf("activate: environment %q: %v: %w", k, err, errdefs.ErrInvalidArgument)
+				return nil, fmt.Errorf("activate: environment %q: %v: %w", k, err, errdefs.ErrInvalidArgument)
 			}
 		}
 		if a.Dir != "" {
 			if err := os.MkdirAll(a.Dir, 0o755); err != nil {
-				return fmt.Errorf("activate: working directory: %v: %w", err, errdefs.ErrInvalidArgument)
+				return nil, fmt.Errorf("activate: working directory: %v: %w", err, errdefs.ErrInvalidArgument)
 			}
 			if cred != nil {
 				_ = os.Chown(a.Dir, int(cred.Uid), int(cred.Gid))
 			}
 			if err := os.Chdir(a.Dir); err != nil {
-				return fmt.Errorf("activate: working directory: %v: %w", err, errdefs.ErrInvalidArgument)
+				return nil, fmt.Errorf("activate: working directory: %v: %w", err, errdefs.ErrInvalidArgument)
 			}
 		}
 		activated = true
-		if len(a.Entrypoint) > 0 {
-			ch, code, err := startEntry(a.Entrypoint)
-			if err != nil {
-				// The sandbox ends as a cold start with this entrypoint would.
-				fmt.Fprintf(os.Stderr, "chalk-init: %v\n", err)
-				ch = failedEntry(code)
-			}
-			entryCh <- ch
+		if len(a.Entrypoint) == 0 {
+			return nil, nil
 		}
-		return nil
+		ch, code, err := startEntry(a.Entrypoint)
+		if err != nil {
+			// The sandbox ends as a cold start with this entrypoint would.
+			fmt.Fprintf(os.Stderr, "chalk-init: %v\n", err)
+			ch = failedEntry(code)
+		}
+		// Handed to the main loop (which exits when the entrypoint does)
+		// only once the answer is out.
+		return func() { entryCh <- ch }, nil
 	}
 	served := make(chan error, 1)
 	go func() {

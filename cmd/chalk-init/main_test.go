@@ -254,26 +254,40 @@ func TestActivate(t *testing.T) {
 	}
 }
 
-// TestActivateMissingEntrypoint: an entrypoint that is not there ends the
-// activated sandbox with 127, as at a cold start.
-func TestActivateMissingEntrypoint(t *testing.T) {
-	ctx := testCtx(t)
-	sock := filepath.Join(t.TempDir(), "init.sock")
-	cmd := initCmd(t, "--socket", sock)
-	var errb bytes.Buffer
-	cmd.Stderr = &errb
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	c := procapi.NewClient(sock)
-	if err := c.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Activate(ctx, procapi.Activation{Entrypoint: []string{"no-such-entrypoint"}}); err != nil {
-		t.Fatal(err)
-	}
-	if exited, err := waitExit(ctx, cmd); !exited || exitCodeOf(err) != 127 || !strings.Contains(errb.String(), "no-such-entrypoint") {
-		t.Fatalf("exited %v, code %d (%v), stderr %q; want 127 naming the entrypoint", exited, exitCodeOf(err), err, errb.String())
+// TestActivateShortEntrypoint: an entrypoint that ends at once, or is not
+// there (127, as at a cold start), ends the activated sandbox — but only
+// after the activation's answer is out: the host must never see a failed
+// activation for an entrypoint that ran (it would start the sandbox again).
+func TestActivateShortEntrypoint(t *testing.T) {
+	for _, tc := range []struct {
+		argv   []string
+		code   int
+		stderr string
+	}{
+		{[]string{"true"}, 0, ""},
+		{[]string{"sh", "-c", "exit 9"}, 9, ""},
+		{[]string{"no-such-entrypoint"}, 127, "no-such-entrypoint"},
+	} {
+		for range 5 {
+			ctx := testCtx(t)
+			sock := filepath.Join(t.TempDir(), "init.sock")
+			cmd := initCmd(t, "--socket", sock)
+			var errb bytes.Buffer
+			cmd.Stderr = &errb
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			c := procapi.NewClient(sock)
+			if err := c.WaitReady(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Activate(ctx, procapi.Activation{Entrypoint: tc.argv}); err != nil {
+				t.Fatalf("activate with %v: %v", tc.argv, err)
+			}
+			if exited, err := waitExit(ctx, cmd); !exited || exitCodeOf(err) != tc.code || !strings.Contains(errb.String(), tc.stderr) {
+				t.Fatalf("%v: exited %v, code %d (%v), stderr %q; want %d with %q", tc.argv, exited, exitCodeOf(err), err, errb.String(), tc.code, tc.stderr)
+			}
+		}
 	}
 }
 
