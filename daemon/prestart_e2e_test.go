@@ -194,6 +194,30 @@ func TestPrestarted(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// A pre-started sandbox that died meanwhile is replaced, at claim, by a
+	// cold start with its id and slot.
+	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(1)); err != nil {
+		t.Fatal(err)
+	}
+	dead := journalled(t, n)
+	if len(dead) != 1 {
+		t.Fatalf("journal: %v", dead)
+	}
+	if out, err := n.Exec(runtimeBinary(), "--root", filepath.Join(n.RunDir, "runc"), "delete", "--force", dead[0]); err != nil {
+		t.Fatalf("kill the pre-started sandbox: %v %s", err, out)
+	}
+	cold2 := counter(t, n, "chalk_sandbox_starts_cold_total")
+	revived := create(t, c, chalkcompute.WithEnv(map[string]string{"GREETING": "again"}))
+	if revived.ID() != dead[0] || counter(t, n, "chalk_sandbox_starts_cold_total") != cold2+1 {
+		t.Fatalf("sandbox %s (want %s) after its pre-started one died; cold starts %v -> %v", revived.ID(), dead[0], cold2, counter(t, n, "chalk_sandbox_starts_cold_total"))
+	}
+	if out := mustExec(t, revived, "sh", "-c", "echo $GREETING $(hostname)"); out != "again "+dead[0]+"\n" {
+		t.Fatalf("the sandbox started in place of a dead pre-started one: %q", out)
+	}
+	if _, err := revived.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+
 	// Refilled to 2 (SetPrestarted waits), then down to 0: the unclaimed
 	// ones are destroyed.
 	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(2)); err != nil {

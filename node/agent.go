@@ -14,7 +14,6 @@ import (
 	"log/slog"
 	"maps"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 
@@ -131,9 +130,8 @@ type StartRequest struct {
 
 // Started describes a sandbox that is up.
 type Started struct {
-	Pid        int
-	Net        *sandboxnet.Net
-	Prestarted bool // a pre-started sandbox was activated
+	Pid int
+	Net *sandboxnet.Net
 }
 
 // Start starts the sandbox: a claimed pre-started one is activated (see
@@ -143,18 +141,21 @@ func (a *Agent) Start(ctx context.Context, req StartRequest) (Started, error) {
 	if a.pool != nil {
 		if m := a.pool.claimedMember(req.ID); m != nil {
 			defer a.pool.kick(a.pool.cfg.FillDelay)
+			// Held until the sandbox runs there (or failed to): the slot's
+			// network is its own from now on.
+			defer a.pool.unhold(m.slot)
 			st, err := a.activate(ctx, m, req)
 			if err == nil {
 				startsPrestarted.Inc()
 				return st, nil
 			}
-			// Dead or broken: start the sandbox afresh in its place.
+			// Dead or broken: start the sandbox afresh in its place (its
+			// identity dir, filled by the caller, stays).
 			a.log.Warn("pre-started sandbox unusable; starting afresh", "sandbox", req.ID, "err", err)
-			if derr := errors.Join(a.cfg.Runtime.Destroy(context.WithoutCancel(ctx), m.id), a.cfg.Net.Teardown(context.WithoutCancel(ctx), m.id, m.slot)); derr != nil {
+			if derr := a.Destroy(context.WithoutCancel(ctx), m.id, m.slot); derr != nil {
 				return Started{}, fmt.Errorf("sandbox %q: pre-started sandbox unusable (%v) and not removable: %w", req.ID, err, derr)
 			}
-			a.release(m.id)
-			_ = os.Remove(filepath.Join(a.pool.cfg.Dir, m.id))
+			a.pool.cfg.unjournal(m.id)
 		}
 	}
 	st, err := a.start(ctx, req)

@@ -115,6 +115,7 @@ type warmPool struct {
 	explicit map[string]int       // image digest -> count set by SetPrestarted
 	recent   []string             // automatically pooled image digests, most recent last
 	failed   map[string]time.Time // image digest -> last failed start (backoff)
+	dropping int                  // members taken out and being destroyed (by discard)
 	filling  bool
 	closed   bool
 	changed  chan struct{} // closed and replaced whenever the pool changes
@@ -160,9 +161,10 @@ func (p *warmPool) target(digest string) int {
 }
 
 // trim takes the members above their image's target out of the pool; the
-// caller destroys them. p.mu held.
+// caller destroys them (discard). p.mu held.
 func (p *warmPool) trim() []*member {
 	var out []*member
+	defer func() { p.dropping += len(out) }()
 	for d, ms := range p.ready {
 		if t := p.target(d); len(ms) > t {
 			out = append(out, ms[t:]...)
@@ -207,16 +209,22 @@ func (p *warmPool) take(digest string) *member {
 	return m
 }
 
-// claimedMember removes and returns the claimed member with this id.
+// claimedMember removes and returns the claimed member with this id. Its
+// slot stays held (no member may take it) until unhold: the sandbox may
+// still be started afresh there.
 func (p *warmPool) claimedMember(id string) *member {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	m := p.claimed[id]
 	delete(p.claimed, id)
-	if m != nil {
-		delete(p.held, m.slot)
-	}
 	return m
+}
+
+// unhold frees a slot the pool held.
+func (p *warmPool) unhold(slot int) {
+	p.mu.Lock()
+	delete(p.held, slot)
+	p.mu.Unlock()
 }
 
 // kick schedules a fill after delay (0: now) unless one is due or running.
@@ -311,13 +319,13 @@ func (p *warmPool) start(img *nodecache.Image, id string, slot int) (*member, er
 	var err error
 	if p.cfg.Binds != nil {
 		if m.binds, err = p.cfg.Binds(id, slot); err != nil {
-			p.forget(id)
+			p.cfg.forget(id)
 			return nil, err
 		}
 	}
 	st, err := p.a.start(context.Background(), StartRequest{ID: id, Slot: slot, Image: img, Binds: m.binds})
 	if err != nil {
-		p.forget(id)
+		p.cfg.forget(id)
 		return nil, err
 	}
 	m.pid, m.net = st.Pid, st.Net
@@ -325,23 +333,32 @@ func (p *warmPool) start(img *nodecache.Image, id string, slot int) (*member, er
 }
 
 // forget removes a member's journal entry and what Binds made.
-func (p *warmPool) forget(id string) {
-	if p.cfg.Discard != nil {
-		p.cfg.Discard(id)
+func (c *PoolConfig) forget(id string) {
+	if c.Discard != nil {
+		c.Discard(id)
 	}
-	_ = os.Remove(filepath.Join(p.cfg.Dir, id))
+	c.unjournal(id)
 }
 
-// discard destroys members that left the pool unclaimed.
+// unjournal removes a member's journal entry (it became a sandbox, or is gone).
+func (c *PoolConfig) unjournal(id string) { _ = os.Remove(filepath.Join(c.Dir, id)) }
+
+// discard destroys members that left the pool unclaimed; whoever took them
+// out counted them in p.dropping.
 func (p *warmPool) discard(ms []*member) {
 	for _, m := range ms {
 		if err := p.a.Destroy(context.Background(), m.id, m.slot); err != nil {
 			p.a.log.Warn("destroy pre-started sandbox", "sandbox", m.id, "err", err)
 		}
-		p.forget(m.id)
+		p.cfg.forget(m.id)
 		p.mu.Lock()
 		delete(p.held, m.slot)
+		p.dropping--
+		p.notify()
 		p.mu.Unlock()
+	}
+	if len(ms) > 0 {
+		p.kick(0) // a slot came free
 	}
 }
 
@@ -360,8 +377,8 @@ func (p *warmPool) members() map[string]int {
 // Claim hands out a pre-started sandbox for req if one fits: req's image is
 // pooled, req asks for no pids limit or user of its own and no extra binds,
 // and cpu and memory limits only where the runtime can set them on a
-// running sandbox (runc). Its limits and disk quota are set at Start. It returns the
-// id and slot the sandbox must be recorded with; Start with that id then
+// running sandbox (runc). Its limits and disk quota are set at Start. It
+// returns the id and slot the sandbox must be recorded with; Start with that id then
 // activates it (or, if the pre-started sandbox has died meanwhile, starts
 // the sandbox afresh with the same id and slot). Every call for a fitting
 // request counts as a use of its image (it becomes, or stays, pooled).
@@ -371,7 +388,7 @@ func (a *Agent) Claim(req StartRequest) (id string, slot int, ok bool) {
 		return "", 0, false
 	}
 	limits := req.CPU != 0 || req.Memory != 0
-	if limits && !a.cfg.Runtime.CanUpdate() || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
+	if (limits && !a.cfg.Runtime.CanUpdate()) || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
 		return "", 0, false // no use pre-starting for such requests
 	}
 	p.use(req.Image)
@@ -390,6 +407,9 @@ func (a *Agent) Unclaim(id string) {
 		return
 	}
 	if m := a.pool.claimedMember(id); m != nil {
+		a.pool.mu.Lock()
+		a.pool.dropping++
+		a.pool.mu.Unlock()
 		a.pool.discard([]*member{m})
 	}
 }
@@ -419,17 +439,17 @@ func (a *Agent) activate(ctx context.Context, m *member, req StartRequest) (Star
 	if err != nil {
 		return Started{}, err
 	}
-	_ = os.Remove(filepath.Join(a.pool.cfg.Dir, m.id))
-	return Started{Pid: m.pid, Net: m.net, Prestarted: true}, nil
+	a.pool.cfg.unjournal(m.id)
+	return Started{Pid: m.pid, Net: m.net}, nil
 }
 
 // SetPrestarted sets how many sandboxes of img are kept pre-started (0:
-// none), in place of the automatic count, and waits until that many are
-// ready (or ctx ends). progress, if set, is called as they become ready.
+// none), in place of the automatic count, and waits until exactly that many
+// are ready, none is starting and those taken out are gone (or ctx ends). progress, if set, is called as they become ready.
 func (a *Agent) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, progress func(ready, want int)) error {
 	p := a.pool
 	if p == nil {
-		return fmt.Errorf("pre-started sandboxes are off on this node (chalkd --prestart-slots 0): %w", errdefs.ErrFailedPrecondition)
+		return fmt.Errorf("pre-started sandboxes are off on this node (chalkd --prestart-slots -1): %w", errdefs.ErrFailedPrecondition)
 	}
 	if n < 0 || n > p.hi-p.lo+1 {
 		return fmt.Errorf("pre-started sandboxes: %d: want 0 to %d (the node's pre-start slots): %w", n, p.hi-p.lo+1, errdefs.ErrInvalidArgument)
@@ -451,6 +471,7 @@ func (a *Agent) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, 
 	for {
 		p.mu.Lock()
 		ready, ch, closed := len(p.ready[img.Digest]), p.changed, p.closed
+		settling := p.starting[img.Digest] > 0 || p.dropping > 0
 		_, failed := p.failed[img.Digest]
 		busy := p.filling || p.timer != nil
 		p.mu.Unlock()
@@ -459,13 +480,13 @@ func (a *Agent) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, 
 			last = ready
 		}
 		switch {
-		case ready >= n:
-			return nil
+		case ready >= n && !settling:
+			return nil // (one still starting would be taken out again once up)
 		case closed:
 			return fmt.Errorf("pre-started sandboxes: node shutting down: %w", errdefs.ErrUnavailable)
 		case failed:
 			return fmt.Errorf("pre-starting sandboxes of %s failed (see chalkd's log): %w", img.Digest, errdefs.ErrFailedPrecondition)
-		case !busy:
+		case !busy && !settling && ready < n:
 			return fmt.Errorf("pre-started sandboxes: %d of %d ready and no free pre-start slot: %w", ready, n, errdefs.ErrResourceExhausted)
 		}
 		select {
@@ -561,10 +582,7 @@ func (a *Agent) ReapPool(ctx context.Context, live map[string]int) error {
 			errs = append(errs, err)
 			continue
 		}
-		if a.cfg.Pool.Discard != nil {
-			a.cfg.Pool.Discard(id)
-		}
-		_ = os.Remove(path)
+		a.cfg.Pool.forget(id)
 	}
 	return errors.Join(errs...)
 }
@@ -593,6 +611,7 @@ func (a *Agent) ClosePool() {
 		drop = append(drop, ms...)
 	}
 	p.ready = map[string][]*member{}
+	p.dropping += len(drop)
 	p.mu.Unlock()
 	p.discard(drop)
 }

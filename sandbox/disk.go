@@ -68,8 +68,6 @@ func (r *Runtime) makeDir(dir string, mb int64) error {
 	return nil
 }
 
-// unmountDir removes the quota filesystem of dir (with the overlay still on
-// it, if any). Not mounted is not an error.
 // SetDiskMB changes the writable-layer quota of a running sandbox (a tmpfs
 // remount: what is stored stays; a quota below the usage is refused by
 // the kernel). A no-op without quotas (DiskNone).
@@ -90,6 +88,8 @@ func (r *Runtime) SetDiskMB(id string, mb int64) error {
 // tmpfs's own default is half of RAM's pages.
 func diskInodes(mb int64) int64 { return max(mb*256, 65536) }
 
+// unmountDir removes the quota filesystem of dir (with the overlay still on
+// it, if any). Not mounted is not an error.
 func unmountDir(dir string) error {
 	err := unix.Unmount(dir, unix.MNT_DETACH)
 	if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
