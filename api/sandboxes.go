@@ -22,6 +22,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
+	"github.com/chalkcompute/chalkcompute/metadata"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/procapi"
 	"github.com/chalkcompute/chalkcompute/store"
@@ -72,7 +73,23 @@ func validateCreate(r *v1.CreateSandboxRequest) (timeout, idle time.Duration, er
 	if err := validateEnv(r.Env); err != nil {
 		return 0, 0, err
 	}
+	if err := validateFederation(r); err != nil {
+		return 0, 0, err
+	}
 	return timeout, idle, nil
+}
+
+// validateFederation checks the cloud federation fields before anything is
+// built or started (the identity hook checks them again when it writes the
+// files).
+func validateFederation(r *v1.CreateSandboxRequest) error {
+	if r.AwsRegion != "" && r.AwsRoleArn == "" {
+		return invalid("aws_region %q: needs aws_role_arn (the region is set for the role's AWS SDK credentials)", r.AwsRegion)
+	}
+	if err := metadata.ValidateAWS(r.AwsRoleArn, r.AwsRegion); err != nil {
+		return err
+	}
+	return metadata.ValidateGCP(r.GcpWorkloadProvider, r.GcpServiceAccount)
 }
 
 func validateEnv(env map[string]string) error {
@@ -111,7 +128,8 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		ID: newID(), OrgID: p.OrgID, State: store.StateCreating, Image: r.Image,
 		Entrypoint: r.Entrypoint, Env: r.Env, Workdir: r.Workdir, CPU: r.Cpu, MemoryMB: r.MemoryMb,
 		Timeout: timeout, IdleTimeout: idle, Tunnels: r.Tunnels, Labels: r.Labels, CreatedBy: p.Subject,
-		AWSRoleARN: r.AwsRoleArn, GCPProvider: r.GcpWorkloadProvider, CreatedAt: time.Now().UTC(),
+		AWSRoleARN: r.AwsRoleArn, AWSRegion: r.AwsRegion, GCPProvider: r.GcpWorkloadProvider,
+		GCPServiceAccount: r.GcpServiceAccount, CreatedAt: time.Now().UTC(),
 	}
 	// Policies first: a bad policy must fail before anything is built or started.
 	policies, err := s.resolvePolicies(ctx, p.OrgID, r.NetworkPolicies, r.InlinePolicies)

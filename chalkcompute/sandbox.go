@@ -93,9 +93,22 @@ func WithNetworkPolicyNames(names ...string) CreateOption {
 // WithAWSRole makes the sandbox assume role via web identity federation.
 func WithAWSRole(arn string) CreateOption { return func(o *createOptions) { o.req.AwsRoleArn = arn } }
 
+// WithAWSRegion sets AWS_REGION and AWS_DEFAULT_REGION for the role given
+// with WithAWSRole (default: the node's, chalkd --aws-region, else us-east-1).
+func WithAWSRegion(region string) CreateOption {
+	return func(o *createOptions) { o.req.AwsRegion = region }
+}
+
 // WithGCPWorkloadProvider configures GCP workload identity federation.
 func WithGCPWorkloadProvider(p string) CreateOption {
 	return func(o *createOptions) { o.req.GcpWorkloadProvider = p }
+}
+
+// WithGCPServiceAccount makes the federated GCP token impersonate the
+// service account email (with WithGCPWorkloadProvider): Google client
+// libraries then act as that service account.
+func WithGCPServiceAccount(email string) CreateOption {
+	return func(o *createOptions) { o.req.GcpServiceAccount = email }
 }
 
 // Create creates a sandbox from img and returns once it is running.

@@ -45,6 +45,7 @@ func sbCreate(e *env) *cobra.Command {
 		disk               int64
 		timeout, idle      time.Duration
 		awsRole, gcpProvdr string
+		awsRegion, gcpSA   string
 	)
 	cmd := &cobra.Command{
 		Use:   "create --image REF [-- ENTRYPOINT...]",
@@ -64,7 +65,8 @@ func sbCreate(e *env) *cobra.Command {
 			opts := []chalkcompute.CreateOption{
 				chalkcompute.WithEnv(envm), chalkcompute.WithWorkdir(workdir), chalkcompute.WithCPU(cpu),
 				chalkcompute.WithMemoryMB(memory), chalkcompute.WithDiskMB(disk), chalkcompute.WithTimeout(timeout), chalkcompute.WithIdleTimeout(idle),
-				chalkcompute.WithAWSRole(awsRole), chalkcompute.WithGCPWorkloadProvider(gcpProvdr),
+				chalkcompute.WithAWSRole(awsRole), chalkcompute.WithAWSRegion(awsRegion),
+				chalkcompute.WithGCPWorkloadProvider(gcpProvdr), chalkcompute.WithGCPServiceAccount(gcpSA),
 			}
 			if len(args) > 0 {
 				opts = append(opts, chalkcompute.WithEntrypoint(args...))
@@ -112,7 +114,9 @@ func sbCreate(e *env) *cobra.Command {
 	f.DurationVar(&timeout, "timeout", 0, "lifetime (default 5m, max 24h)")
 	f.DurationVar(&idle, "idle-timeout", 0, "end after this long without activity")
 	f.StringVar(&awsRole, "aws-role-arn", "", "AWS role to assume with the sandbox's identity")
+	f.StringVar(&awsRegion, "aws-region", "", "AWS region for --aws-role-arn (default: the node's, else us-east-1)")
 	f.StringVar(&gcpProvdr, "gcp-workload-provider", "", "GCP workload identity provider resource name")
+	f.StringVar(&gcpSA, "gcp-service-account", "", "GCP service account email to impersonate (with --gcp-workload-provider)")
 	return cmd
 }
 

@@ -136,6 +136,10 @@ type Config struct {
 	// (audience QueryURL) and CHALK_QUERY_URL, so `chalk query` inside
 	// works with no configuration (metadata.ChalkQueryFederation).
 	QueryURL string
+	// AWSRegion is the AWS region (AWS_REGION, AWS_DEFAULT_REGION) of
+	// sandboxes created with an AWS role and no region of their own; ""
+	// means metadata.DefaultAWSRegion.
+	AWSRegion string
 	// TunnelSubnets is carved into one /24 per WireGuard tunnel (default
 	// DefaultTunnelSubnets). TunnelEndpoint is the node's address as external
 	// WireGuard peers reach it (default: its address toward the outside).
@@ -216,6 +220,11 @@ func (c *Config) defaults() error {
 	}
 	if c.MetadataPort == 0 {
 		c.MetadataPort = 80
+	}
+	if c.AWSRegion != "" {
+		if err := metadata.ValidateAWS("", c.AWSRegion); err != nil {
+			return fmt.Errorf("--aws-region: %w", err)
+		}
 	}
 	if c.QueryURL != "" {
 		if _, err := metadata.ChalkQueryFederation(c.QueryURL); err != nil {
@@ -344,7 +353,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			return nil, fmt.Errorf("%w (or run chalkd --userns=false)", err)
 		}
 	}
-	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), userNS: d.userNS, stops: map[string][]func(){}, queryURL: cfg.QueryURL}
+	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), userNS: d.userNS, stops: map[string][]func(){}, queryURL: cfg.QueryURL, awsRegion: cfg.AWSRegion}
 	pool := node.PoolConfig{
 		Size: cfg.Prestart, Slots: max(cfg.PrestartSlots, 0), Dir: filepath.Join(cfg.DataDir, "prestarted"),
 		NewID: api.NewSandboxID, Binds: wi.binds, Discard: wi.discard,

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"net/http"
@@ -33,6 +34,9 @@ type workloadIdentity struct {
 	userNS func(id string, slot int) *sandboxnet.UserNS
 	// queryURL, if set, is the Chalk query server sandboxes get a token for.
 	queryURL string
+	// awsRegion is the region of sandboxes with an AWS role whose create
+	// request names none ("" = metadata.DefaultAWSRegion).
+	awsRegion string
 
 	mu    sync.Mutex
 	stops map[string][]func()
@@ -100,10 +104,14 @@ func (w *workloadIdentity) prepare(ctx context.Context, sb *store.Sandbox, req *
 		feds = append(feds, func() (metadata.Federation, error) { return metadata.ChalkQueryFederation(w.queryURL) })
 	}
 	if sb.AWSRoleARN != "" {
-		feds = append(feds, func() (metadata.Federation, error) { return metadata.AWSFederation(sb.AWSRoleARN, sb.ID) })
+		feds = append(feds, func() (metadata.Federation, error) {
+			return metadata.AWSFederation(sb.AWSRoleARN, sb.ID, cmp.Or(sb.AWSRegion, w.awsRegion))
+		})
 	}
 	if sb.GCPProvider != "" {
-		feds = append(feds, func() (metadata.Federation, error) { return metadata.GCPFederation(sb.GCPProvider, "") })
+		feds = append(feds, func() (metadata.Federation, error) {
+			return metadata.GCPFederation(sb.GCPProvider, sb.GCPServiceAccount)
+		})
 	}
 	var stops []func()
 	for _, mk := range feds {

@@ -126,20 +126,47 @@ func ChalkQueryFederation(queryURL string) (Federation, error) {
 var (
 	awsRoleARN     = regexp.MustCompile(`^arn:aws(-cn|-us-gov|-iso|-iso-[a-z])?:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$`)
 	awsSessionName = regexp.MustCompile(`^[\w+=,.@-]{2,64}$`)
+	awsRegion      = regexp.MustCompile(`^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]{1,2}$`)
 )
+
+// DefaultAWSRegion is the region a sandbox with an AWS role gets when neither
+// its create request nor the node names one: the region of STS's global
+// endpoint, so SDKs that insist on a region (aws-sdk-go-v2, boto3) work.
+const DefaultAWSRegion = "us-east-1"
+
+// ValidateAWS checks an AWS role ARN and region (either may be empty).
+func ValidateAWS(roleARN, region string) error {
+	if roleARN != "" && !awsRoleARN.MatchString(roleARN) {
+		return fmt.Errorf("metadata: AWS role ARN %q: %w", roleARN, errdefs.ErrInvalidArgument)
+	}
+	if region != "" && !awsRegion.MatchString(region) {
+		return fmt.Errorf("metadata: AWS region %q (want e.g. us-east-1): %w", region, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
 
 // AWSFederation lets AWS SDKs assume roleARN with the sandbox's identity
 // (AssumeRoleWithWebIdentity, no static keys): AWS_ROLE_ARN and
 // AWS_WEB_IDENTITY_TOKEN_FILE pointing at a token with audience
-// sts.amazonaws.com. sessionName (optional, e.g. the sandbox id) becomes
-// AWS_ROLE_SESSION_NAME.
-func AWSFederation(roleARN, sessionName string) (Federation, error) {
-	if !awsRoleARN.MatchString(roleARN) {
-		return Federation{}, fmt.Errorf("metadata: AWS role ARN %q: %w", roleARN, errdefs.ErrInvalidArgument)
+// sts.amazonaws.com, and AWS_REGION and AWS_DEFAULT_REGION (read by the Go,
+// JavaScript and Java SDKs and by boto3/the CLI respectively) set to region
+// (DefaultAWSRegion if empty), as EKS's pod identity webhook does.
+// sessionName (optional, e.g. the sandbox id) becomes AWS_ROLE_SESSION_NAME.
+func AWSFederation(roleARN, sessionName, region string) (Federation, error) {
+	if roleARN == "" {
+		return Federation{}, fmt.Errorf("metadata: AWS role ARN: required: %w", errdefs.ErrInvalidArgument)
+	}
+	if err := ValidateAWS(roleARN, region); err != nil {
+		return Federation{}, err
+	}
+	if region == "" {
+		region = DefaultAWSRegion
 	}
 	env := []string{
 		"AWS_ROLE_ARN=" + roleARN,
 		"AWS_WEB_IDENTITY_TOKEN_FILE=" + sandboxPath(AWSTokenFileName),
+		"AWS_REGION=" + region,
+		"AWS_DEFAULT_REGION=" + region,
 	}
 	if sessionName != "" {
 		if !awsSessionName.MatchString(sessionName) {
@@ -154,6 +181,23 @@ var (
 	gcpProvider = regexp.MustCompile(`^(?://iam\.googleapis\.com/)?(projects/[0-9]{1,20}/locations/global/workloadIdentityPools/[a-z0-9-]{4,32}/providers/[a-z0-9-]{4,32})$`)
 	gcpSAEmail  = regexp.MustCompile(`^[a-z0-9-]{6,30}@[a-z0-9.-]+\.gserviceaccount\.com$`)
 )
+
+// ValidateGCP checks a GCP workload identity provider and service account
+// (either may be empty; a service account needs a provider).
+func ValidateGCP(provider, serviceAccount string) error {
+	if provider != "" && !gcpProvider.MatchString(provider) {
+		return fmt.Errorf("metadata: GCP workload identity provider %q (want projects/N/locations/global/workloadIdentityPools/P/providers/X): %w", provider, errdefs.ErrInvalidArgument)
+	}
+	if serviceAccount != "" {
+		if provider == "" {
+			return fmt.Errorf("metadata: GCP service account %q: needs a GCP workload identity provider: %w", serviceAccount, errdefs.ErrInvalidArgument)
+		}
+		if !gcpSAEmail.MatchString(serviceAccount) {
+			return fmt.Errorf("metadata: GCP service account %q (want NAME@PROJECT.iam.gserviceaccount.com): %w", serviceAccount, errdefs.ErrInvalidArgument)
+		}
+	}
+	return nil
+}
 
 // GCPCredentials is an external_account credentials file (the format
 // Google's client libraries read from GOOGLE_APPLICATION_CREDENTIALS).

@@ -14,23 +14,29 @@ import (
 
 func TestAWSFederation(t *testing.T) {
 	tests := []struct {
-		arn, session string
-		ok           bool
+		arn, session, region string
+		ok                   bool
+		wantRegion           string
 	}{
-		{"arn:aws:iam::123456789012:role/chalk-sandbox", "sbx-a", true},
-		{"arn:aws:iam::123456789012:role/path/to/role", "", true},
-		{"arn:aws-cn:iam::123456789012:role/r", "", true},
-		{"arn:aws-us-gov:iam::123456789012:role/r", "", true},
-		{"arn:aws:iam::123456789012:user/alice", "", false},
-		{"arn:aws:iam::12345:role/r", "", false},
-		{"arn:aws:sts::123456789012:assumed-role/r/s", "", false},
-		{"arn:aws:iam::123456789012:role/r\nAWS_SECRET_ACCESS_KEY=x", "", false},
-		{"", "", false},
-		{"arn:aws:iam::123456789012:role/r", "bad session name", false},
+		{"arn:aws:iam::123456789012:role/chalk-sandbox", "sbx-a", "", true, DefaultAWSRegion},
+		{"arn:aws:iam::123456789012:role/path/to/role", "", "eu-west-1", true, "eu-west-1"},
+		{"arn:aws-cn:iam::123456789012:role/r", "", "cn-north-1", true, "cn-north-1"},
+		{"arn:aws-us-gov:iam::123456789012:role/r", "", "us-gov-west-1", true, "us-gov-west-1"},
+		{"arn:aws:iam::123456789012:role/r", "", "ap-southeast-2", true, "ap-southeast-2"},
+		{"arn:aws:iam::123456789012:user/alice", "", "", false, ""},
+		{"arn:aws:iam::12345:role/r", "", "", false, ""},
+		{"arn:aws:sts::123456789012:assumed-role/r/s", "", "", false, ""},
+		{"arn:aws:iam::123456789012:role/r\nAWS_SECRET_ACCESS_KEY=x", "", "", false, ""},
+		{"", "", "", false, ""},
+		{"", "", "us-east-1", false, ""},
+		{"arn:aws:iam::123456789012:role/r", "bad session name", "", false, ""},
+		{"arn:aws:iam::123456789012:role/r", "", "US-EAST-1", false, ""},
+		{"arn:aws:iam::123456789012:role/r", "", "us-east-1\nAWS_ACCESS_KEY_ID=x", false, ""},
+		{"arn:aws:iam::123456789012:role/r", "", "useast1", false, ""},
 	}
 	for _, tt := range tests {
-		t.Run(tt.arn+"/"+tt.session, func(t *testing.T) {
-			f, err := AWSFederation(tt.arn, tt.session)
+		t.Run(tt.arn+"/"+tt.session+"/"+tt.region, func(t *testing.T) {
+			f, err := AWSFederation(tt.arn, tt.session, tt.region)
 			if !tt.ok {
 				if !errors.Is(err, errdefs.ErrInvalidArgument) {
 					t.Fatalf("AWSFederation = %+v, %v; want ErrInvalidArgument", f, err)
@@ -40,7 +46,8 @@ func TestAWSFederation(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			want := []string{"AWS_ROLE_ARN=" + tt.arn, "AWS_WEB_IDENTITY_TOKEN_FILE=/run/chalk/identity/aws-web-identity-token"}
+			want := []string{"AWS_ROLE_ARN=" + tt.arn, "AWS_WEB_IDENTITY_TOKEN_FILE=/run/chalk/identity/aws-web-identity-token",
+				"AWS_REGION=" + tt.wantRegion, "AWS_DEFAULT_REGION=" + tt.wantRegion}
 			if tt.session != "" {
 				want = append(want, "AWS_ROLE_SESSION_NAME="+tt.session)
 			}
@@ -48,6 +55,26 @@ func TestAWSFederation(t *testing.T) {
 				t.Fatalf("AWSFederation = %+v, want env %v", f, want)
 			}
 		})
+	}
+}
+
+func TestValidateGCP(t *testing.T) {
+	const p = "projects/123456/locations/global/workloadIdentityPools/chalk-pool/providers/chalk-oidc"
+	for _, tt := range []struct {
+		provider, sa string
+		ok           bool
+	}{
+		{"", "", true},
+		{p, "", true},
+		{p, "reader@my-project.iam.gserviceaccount.com", true},
+		{"", "reader@my-project.iam.gserviceaccount.com", false}, // impersonation needs a provider
+		{p, "reader@example.com", false},
+		{"projects/x", "", false},
+	} {
+		err := ValidateGCP(tt.provider, tt.sa)
+		if (err == nil) != tt.ok || (err != nil && !errors.Is(err, errdefs.ErrInvalidArgument)) {
+			t.Errorf("ValidateGCP(%q, %q) = %v, want ok=%v", tt.provider, tt.sa, err, tt.ok)
+		}
 	}
 }
 

@@ -39,6 +39,7 @@ func main() {
 	fs.StringVar(&cfg.ClientConfig, "client-config", "", "where to write the CLI config on first start (default ~/.config/chalk/config.json)")
 	fs.Int64Var(&cfg.CacheMaxBytes, "cache-max-bytes", 0, "node image cache size cap (default 20 GiB)")
 	fs.StringVar(&cfg.DNSUpstream, "dns-upstream", "", "DNS server the sandboxes' DNS proxy forwards to (default: from /etc/resolv.conf)")
+	fs.StringVar(&cfg.AWSRegion, "aws-region", "", "AWS region (AWS_REGION, AWS_DEFAULT_REGION) of sandboxes created with an AWS role and no region of their own (default us-east-1)")
 	fs.StringVar(&cfg.QueryURL, "query-url", "", "the organisation's Chalk query server as sandboxes reach it; `chalk query` inside sandboxes uses it with the sandbox's identity")
 	fs.StringVar(&cfg.TunnelSubnets, "tunnel-subnets", "", "IPv4 network carved into one /24 per WireGuard tunnel (default "+daemon.DefaultTunnelSubnets+")")
 	fs.StringVar(&cfg.TunnelEndpoint, "tunnel-endpoint", "", "this node's address as external WireGuard peers reach it (default: its address toward the outside)")

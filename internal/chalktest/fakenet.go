@@ -1,6 +1,7 @@
 package chalktest
 
 import (
+	"crypto/tls"
 	"fmt"
 	"net"
 	"net/http"
@@ -199,5 +200,16 @@ func (f *FakeInternet) Serve(addr string, h http.Handler) {
 	l := listenIn(f.t, f.Netns, "tcp", net.JoinHostPort(addr, "80"))
 	srv := &http.Server{Handler: h}
 	go func() { _ = srv.Serve(l.(net.Listener)) }()
+	f.t.Cleanup(func() { _ = srv.Close() })
+}
+
+// ServeTLS adds addr (a documentation address) with an HTTPS server of h on
+// port 443 presenting cert (e.g. from a test CA the client is told to trust).
+func (f *FakeInternet) ServeTLS(addr string, h http.Handler, cert tls.Certificate) {
+	f.t.Helper()
+	f.ip("addr", "add", addr+"/32", "dev", "lo")
+	l := listenIn(f.t, f.Netns, "tcp", net.JoinHostPort(addr, "443"))
+	srv := &http.Server{Handler: h, TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}}
+	go func() { _ = srv.ServeTLS(l.(net.Listener), "", "") }()
 	f.t.Cleanup(func() { _ = srv.Close() })
 }

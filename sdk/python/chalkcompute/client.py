@@ -78,6 +78,8 @@ class SandboxClient:
         labels: Optional[Mapping[str, str]] = None,
         aws_role_arn: Optional[str] = None,
         gcp_workload_provider: Optional[str] = None,
+        aws_region: Optional[str] = None,
+        gcp_service_account: Optional[str] = None,
         on_build_log: Optional[Callable[[str], None]] = None,
         disk: Optional[int] = None,
     ) -> Sandbox:
@@ -97,6 +99,16 @@ class SandboxClient:
             memory: memory limit in MiB.
             entrypoint: argv of the main process; the sandbox ends when it exits.
             labels: key/value labels.
+            aws_role_arn: an AWS IAM role the sandbox assumes with its own
+                identity (AssumeRoleWithWebIdentity); AWS SDKs' default
+                credential chains pick it up with no other configuration.
+            aws_region: AWS_REGION/AWS_DEFAULT_REGION for that role
+                (default: the node's, else ``us-east-1``).
+            gcp_workload_provider: a GCP workload identity provider
+                (``projects/N/locations/global/workloadIdentityPools/P/providers/X``);
+                Google client libraries' default credentials use it.
+            gcp_service_account: a service account email the federated GCP
+                token impersonates (needs ``gcp_workload_provider``).
             on_build_log: called with each build log line when the image is
                 built first (default: print). Pass ``lambda line: None`` to silence.
             disk: quota of the sandbox's writable layer in MiB (default: the
@@ -168,8 +180,12 @@ class SandboxClient:
             req["labels"] = {str(k): str(v) for k, v in labels.items()}
         if aws_role_arn:
             req["awsRoleArn"] = aws_role_arn
+        if aws_region:
+            req["awsRegion"] = aws_region
         if gcp_workload_provider:
             req["gcpWorkloadProvider"] = gcp_workload_provider
+        if gcp_service_account:
+            req["gcpServiceAccount"] = gcp_service_account
         return Sandbox(self, self._t.unary("SandboxService", "Create", req))
 
     def get(self, sandbox_id: str) -> Sandbox:

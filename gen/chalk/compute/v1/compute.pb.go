@@ -278,7 +278,9 @@ type CreateSandboxRequest struct {
 	Labels              map[string]string      `protobuf:"bytes,13,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	AwsRoleArn          string                 `protobuf:"bytes,14,opt,name=aws_role_arn,json=awsRoleArn,proto3" json:"aws_role_arn,omitempty"`
 	GcpWorkloadProvider string                 `protobuf:"bytes,15,opt,name=gcp_workload_provider,json=gcpWorkloadProvider,proto3" json:"gcp_workload_provider,omitempty"`
-	DiskMb              int64                  `protobuf:"varint,16,opt,name=disk_mb,json=diskMb,proto3" json:"disk_mb,omitempty"` // writable-layer quota in MiB; 0 = the node's default (10 GiB)
+	DiskMb              int64                  `protobuf:"varint,16,opt,name=disk_mb,json=diskMb,proto3" json:"disk_mb,omitempty"`                                   // writable-layer quota in MiB; 0 = the node's default (10 GiB)
+	AwsRegion           string                 `protobuf:"bytes,17,opt,name=aws_region,json=awsRegion,proto3" json:"aws_region,omitempty"`                           // AWS_REGION/AWS_DEFAULT_REGION with aws_role_arn; "" = the node's default (chalkd --aws-region, else us-east-1)
+	GcpServiceAccount   string                 `protobuf:"bytes,18,opt,name=gcp_service_account,json=gcpServiceAccount,proto3" json:"gcp_service_account,omitempty"` // with gcp_workload_provider: the federated token impersonates this service account
 	unknownFields       protoimpl.UnknownFields
 	sizeCache           protoimpl.SizeCache
 }
@@ -423,6 +425,20 @@ func (x *CreateSandboxRequest) GetDiskMb() int64 {
 		return x.DiskMb
 	}
 	return 0
+}
+
+func (x *CreateSandboxRequest) GetAwsRegion() string {
+	if x != nil {
+		return x.AwsRegion
+	}
+	return ""
+}
+
+func (x *CreateSandboxRequest) GetGcpServiceAccount() string {
+	if x != nil {
+		return x.GcpServiceAccount
+	}
+	return ""
 }
 
 type GetSandboxRequest struct {
@@ -4352,7 +4368,7 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x98\x06\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xe7\x06\n" +
 	"\x14CreateSandboxRequest\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12&\n" +
 	"\x0fimage_spec_json\x18\x02 \x01(\tR\rimageSpecJson\x12\x1e\n" +
@@ -4373,7 +4389,10 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\faws_role_arn\x18\x0e \x01(\tR\n" +
 	"awsRoleArn\x122\n" +
 	"\x15gcp_workload_provider\x18\x0f \x01(\tR\x13gcpWorkloadProvider\x12\x17\n" +
-	"\adisk_mb\x18\x10 \x01(\x03R\x06diskMb\x1a6\n" +
+	"\adisk_mb\x18\x10 \x01(\x03R\x06diskMb\x12\x1d\n" +
+	"\n" +
+	"aws_region\x18\x11 \x01(\tR\tawsRegion\x12.\n" +
+	"\x13gcp_service_account\x18\x12 \x01(\tR\x11gcpServiceAccount\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a9\n" +
