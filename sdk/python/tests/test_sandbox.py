@@ -197,6 +197,26 @@ class SandboxTest(unittest.TestCase):
         with self.assertRaises(NotFoundError):
             self.client.inspect_image(res.image_hash)
 
+    def test_cloud_federation_options(self) -> None:
+        # The documented options alone give the SDKs' default chains what they
+        # need (TestCloudFederation runs the real Go SDKs against STS stand-ins).
+        role = "arn:aws:iam::123456789012:role/chalk-sandbox"
+        provider = "projects/123456/locations/global/workloadIdentityPools/chalk-pool/providers/chalk-oidc"
+        sa = "reader@my-project.iam.gserviceaccount.com"
+        sb = self.client.create(
+            image=Image.base("busybox"), aws_role_arn=role, aws_region="eu-west-2",
+            gcp_workload_provider=provider, gcp_service_account=sa,
+        )
+        self.addCleanup(sb.terminate)
+        env = sb.exec("sh", "-c", "echo $AWS_ROLE_ARN $AWS_REGION $AWS_DEFAULT_REGION").stdout.split()
+        self.assertEqual(env, [role, "eu-west-2", "eu-west-2"])
+        creds = sb.exec("sh", "-c", "cat $GOOGLE_APPLICATION_CREDENTIALS").stdout
+        self.assertIn(sa + ":generateAccessToken", creds)
+        with self.assertRaises(InvalidArgumentError):
+            self.client.create(image=Image.base("busybox"), gcp_service_account=sa)
+        with self.assertRaises(InvalidArgumentError):
+            self.client.create(image=Image.base("busybox"), aws_role_arn=role, aws_region="Mars-1")
+
     def test_terminate(self) -> None:
         sb = self.new_sandbox()
         done = sb.terminate()
