@@ -34,6 +34,8 @@ stage "repository hygiene (no committed binaries)"
 scripts/check-repo.sh
 stage "dependencies"
 scripts/deps.sh
+stage "generated code is fresh (proto/ -> gen/)"
+scripts/gen.sh --check
 stage "build"
 scripts/build.sh
 stage "gVisor runsc"
