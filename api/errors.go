@@ -4,52 +4,21 @@
 // timeouts, restart reconciliation). It drives the node agent through the Node
 // interface.
 //
-// This file is the one place where errdefs classes become wire codes.
+// This file is where handler errors become wire codes (through errdefs/errconnect,
+// which holds the mapping both ways).
 package api
 
 import (
 	"context"
-	"errors"
 
 	"connectrpc.com/connect"
 
-	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/errdefs/errconnect"
 )
 
-var codes = []struct {
-	class error
-	code  connect.Code
-}{
-	{errdefs.ErrNotFound, connect.CodeNotFound},
-	{errdefs.ErrAlreadyExists, connect.CodeAlreadyExists},
-	{errdefs.ErrInvalidArgument, connect.CodeInvalidArgument},
-	{errdefs.ErrFailedPrecondition, connect.CodeFailedPrecondition},
-	{errdefs.ErrUnauthenticated, connect.CodeUnauthenticated},
-	{errdefs.ErrPermissionDenied, connect.CodePermissionDenied},
-	{errdefs.ErrResourceExhausted, connect.CodeResourceExhausted},
-	{errdefs.ErrDeadlineExceeded, connect.CodeDeadlineExceeded},
-	{errdefs.ErrUnavailable, connect.CodeUnavailable},
-	{context.DeadlineExceeded, connect.CodeDeadlineExceeded},
-	{context.Canceled, connect.CodeCanceled},
-}
-
 // toConnect converts an error to a Connect error with the code of its errdefs
-// class. Errors of no class are internal.
-func toConnect(err error) error {
-	if err == nil {
-		return nil
-	}
-	var ce *connect.Error
-	if errors.As(err, &ce) {
-		return err
-	}
-	for _, c := range codes {
-		if errors.Is(err, c.class) {
-			return connect.NewError(c.code, err)
-		}
-	}
-	return connect.NewError(connect.CodeInternal, err)
-}
+// class (errconnect holds the one mapping, both ways).
+func toConnect(err error) error { return errconnect.ToConnect(err) }
 
 // errorInterceptor maps every handler error through toConnect.
 type errorInterceptor struct{}

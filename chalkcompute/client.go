@@ -27,6 +27,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/errdefs/errconnect"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
 )
 
@@ -180,18 +181,6 @@ func (tokenInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) 
 	return next
 }
 
-var classes = map[connect.Code]error{
-	connect.CodeNotFound:           errdefs.ErrNotFound,
-	connect.CodeAlreadyExists:      errdefs.ErrAlreadyExists,
-	connect.CodeInvalidArgument:    errdefs.ErrInvalidArgument,
-	connect.CodeFailedPrecondition: errdefs.ErrFailedPrecondition,
-	connect.CodeUnauthenticated:    errdefs.ErrUnauthenticated,
-	connect.CodePermissionDenied:   errdefs.ErrPermissionDenied,
-	connect.CodeResourceExhausted:  errdefs.ErrResourceExhausted,
-	connect.CodeDeadlineExceeded:   errdefs.ErrDeadlineExceeded,
-	connect.CodeUnavailable:        errdefs.ErrUnavailable,
-}
-
 // Error is an error returned by chalkd: the server's message and code.
 type Error struct {
 	Code    string
@@ -210,5 +199,5 @@ func fromConnect(err error) error {
 	if err == nil || !errors.As(err, &ce) {
 		return err
 	}
-	return &Error{Code: ce.Code().String(), Message: ce.Message(), class: classes[ce.Code()]}
+	return &Error{Code: ce.Code().String(), Message: ce.Message(), class: errconnect.Class(ce.Code())}
 }

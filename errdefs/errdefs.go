@@ -2,7 +2,7 @@
 //
 // Code wraps one of these with the identifiers a reader needs, for example
 // fmt.Errorf("sandbox %q: %w", id, errdefs.ErrNotFound). Exactly one place
-// (the api package) converts them to wire codes.
+// (package errdefs/errconnect) maps them to wire codes and back.
 package errdefs
 
 import "errors"
