@@ -4,6 +4,7 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -68,29 +69,46 @@ func (e *env) client() (*chalkcompute.Client, error) {
 func (e *env) json() bool { return e.output == "json" }
 
 // print writes v as JSON (protobuf messages with protojson) when --output json.
+// printJSON prints v as conventional, stable JSON (two-space indent, one
+// space after a colon): protojson randomises its spacing on purpose, so proto
+// messages are re-indented with encoding/json, which drops all insignificant
+// whitespace first.
 func (e *env) printJSON(v any) error {
-	if m, ok := v.(proto.Message); ok {
-		b, err := protojson.MarshalOptions{Multiline: true, Indent: "  ", UseProtoNames: true}.Marshal(m)
-		if err != nil {
-			return err
-		}
-		_, err = fmt.Fprintln(e.out, string(b))
+	b, err := marshalJSON(v)
+	if err != nil {
 		return err
 	}
-	if ms, ok := v.([]proto.Message); ok {
-		raw := make([]json.RawMessage, 0, len(ms))
-		for _, m := range ms {
-			b, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
+	_, err = fmt.Fprintln(e.out, string(b))
+	return err
+}
+
+func marshalJSON(v any) ([]byte, error) {
+	var raw []byte
+	var err error
+	switch m := v.(type) {
+	case proto.Message:
+		raw, err = protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
+	case []proto.Message:
+		list := make([]json.RawMessage, 0, len(m))
+		for _, x := range m {
+			b, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(x)
 			if err != nil {
-				return err
+				return nil, err
 			}
-			raw = append(raw, b)
+			list = append(list, b)
 		}
-		v = raw
+		raw, err = json.Marshal(list)
+	default:
+		raw, err = json.Marshal(v)
 	}
-	enc := json.NewEncoder(e.out)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
+	if err != nil {
+		return nil, err
+	}
+	var out bytes.Buffer
+	if err := json.Indent(&out, raw, "", "  "); err != nil {
+		return nil, err
+	}
+	return out.Bytes(), nil
 }
 
 func (e *env) table(header string, rows [][]string) {
