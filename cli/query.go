@@ -14,7 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
-	"github.com/chalkcompute/chalkcompute/metadata"
+	"github.com/chalkcompute/chalkcompute/sandboxenv"
 )
 
 // queryResult is the part of the query server's answer the CLI reads: the
@@ -52,16 +52,16 @@ JSON when they parse as JSON (user.id=1 is the number 1), else strings.`,
 				return err
 			}
 			if queryURL == "" {
-				queryURL = os.Getenv(metadata.EnvQueryURL)
+				queryURL = os.Getenv(sandboxenv.QueryURL)
 			}
 			if queryURL == "" {
-				return fmt.Errorf("no Chalk query server: pass --query-url or set %s (inside a sandbox chalkd sets it when started with --query-url): %w", metadata.EnvQueryURL, errdefs.ErrFailedPrecondition)
+				return fmt.Errorf("no Chalk query server: pass --query-url or set %s (inside a sandbox chalkd sets it when started with --query-url): %w", sandboxenv.QueryURL, errdefs.ErrFailedPrecondition)
 			}
 			if tokenFile == "" {
-				tokenFile = os.Getenv(metadata.EnvQueryTokenFile)
+				tokenFile = os.Getenv(sandboxenv.QueryTokenFile)
 			}
 			if tokenFile == "" {
-				return fmt.Errorf("no token for the query server: pass --query-token-file or set %s: %w", metadata.EnvQueryTokenFile, errdefs.ErrFailedPrecondition)
+				return fmt.Errorf("no token for the query server: pass --query-token-file or set %s: %w", sandboxenv.QueryTokenFile, errdefs.ErrFailedPrecondition)
 			}
 			tok, err := os.ReadFile(tokenFile)
 			if err != nil {
@@ -119,8 +119,8 @@ JSON when they parse as JSON (user.id=1 is the number 1), else strings.`,
 	}
 	cmd.Flags().StringArrayVar(&inputs, "in", nil, "input feature=value (repeatable)")
 	cmd.Flags().StringArrayVar(&outputs, "out", nil, "output feature (repeatable)")
-	cmd.Flags().StringVar(&queryURL, "query-url", "", "query server URL (default $"+metadata.EnvQueryURL+")")
-	cmd.Flags().StringVar(&tokenFile, "query-token-file", "", "file holding the bearer token (default $"+metadata.EnvQueryTokenFile+")")
+	cmd.Flags().StringVar(&queryURL, "query-url", "", "query server URL (default $"+sandboxenv.QueryURL+")")
+	cmd.Flags().StringVar(&tokenFile, "query-token-file", "", "file holding the bearer token (default $"+sandboxenv.QueryTokenFile+")")
 	return cmd
 }
 

@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/sandboxenv"
 )
 
 // In-sandbox locations of identity files. The host keeps them in a
@@ -30,19 +31,14 @@ const (
 	// server (ChalkQueryFederation).
 	QueryTokenFileName = "query-token"
 
-	// EnvTokenFile names the Chalk API token file inside the sandbox.
-	EnvTokenFile = "CHALK_IDENTITY_TOKEN_FILE"
-	// EnvMetadataURL is the metadata service's URL inside the sandbox.
-	EnvMetadataURL = "CHALK_METADATA_URL"
-	// EnvAPITokenFile and EnvAPIURL are what the chalk CLI and SDKs read
-	// (the SDK re-reads the token file at each call).
-	EnvAPITokenFile = "CHALK_API_TOKEN_FILE"
-	EnvAPIURL       = "CHALK_API_URL"
-
-	// EnvQueryURL and EnvQueryTokenFile tell `chalk query` where the
-	// organisation's Chalk query server is and which token to present.
-	EnvQueryURL       = "CHALK_QUERY_URL"
-	EnvQueryTokenFile = "CHALK_QUERY_TOKEN_FILE"
+	// The environment variables chalkd sets (package sandboxenv names them
+	// for code inside the sandbox).
+	EnvTokenFile      = sandboxenv.TokenFile
+	EnvMetadataURL    = sandboxenv.MetadataURL
+	EnvAPITokenFile   = sandboxenv.APITokenFile
+	EnvAPIURL         = sandboxenv.APIURL
+	EnvQueryURL       = sandboxenv.QueryURL
+	EnvQueryTokenFile = sandboxenv.QueryTokenFile
 
 	// AWSAudience is the audience AWS STS AssumeRoleWithWebIdentity expects.
 	AWSAudience = "sts.amazonaws.com"
