@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -144,13 +145,14 @@ const (
 // access their method needs (GET and HEAD: pull; anything else: push).
 type authHandler struct {
 	next http.Handler
+	log  *slog.Logger
 	// Hashes of "username:password": compared in constant time, whatever
 	// the length of what a client sent.
 	pull, push [sha256.Size]byte
 }
 
-func newAuthHandler(c Credentials, next http.Handler) *authHandler {
-	return &authHandler{next: next, pull: credHash(c.Pull.Username, c.Pull.Password), push: credHash(c.Push.Username, c.Push.Password)}
+func newAuthHandler(c Credentials, log *slog.Logger, next http.Handler) *authHandler {
+	return &authHandler{next: next, log: log, pull: credHash(c.Pull.Username, c.Pull.Password), push: credHash(c.Push.Username, c.Push.Password)}
 }
 
 func credHash(user, pass string) [sha256.Size]byte {
@@ -177,11 +179,17 @@ func (h *authHandler) access(r *http.Request) access {
 func (h *authHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	a := h.access(r)
 	if a == accessNone {
+		// A client's first request is anonymous (the challenge tells it how
+		// to authenticate); a credential that does not match is worth a warning.
+		if user, _, ok := r.BasicAuth(); ok {
+			h.log.Warn("registry: wrong credentials", "user", user, "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path)
+		}
 		w.Header().Set("WWW-Authenticate", `Basic realm="chalk-registry"`)
 		writeRegistryError(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
 		return
 	}
 	if a != accessPush && r.Method != http.MethodGet && r.Method != http.MethodHead {
+		h.log.Warn("registry: write with the pull credential refused", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path)
 		writeRegistryError(w, http.StatusForbidden, "DENIED", "this credential may only pull")
 		return
 	}

@@ -166,7 +166,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 			IdleConnTimeout:     90 * time.Second,
 		},
 		srv: &http.Server{
-			Handler:           newAuthHandler(creds, &immutableTags{next: app}),
+			Handler:           newAuthHandler(creds, log, &immutableTags{next: app}),
 			ReadHeaderTimeout: 30 * time.Second,
 			BaseContext:       func(net.Listener) context.Context { return appCtx },
 			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
