@@ -1,6 +1,7 @@
 package registry
 
 import (
+	"bytes"
 	"errors"
 	"log/slog"
 	"net/http"
@@ -151,6 +152,22 @@ func TestTagsImmutable(t *testing.T) {
 	mt, _ := b.MediaType()
 	if err := remote.Put(local, rawManifest{raw, mt}, opts...); !errors.Is(classify(err), errdefs.ErrAlreadyExists) {
 		t.Errorf("raw put: %v, want already exists", err)
+	}
+	// Unclean paths: the registry redirects them rather than putting.
+	creds := r.Credentials()
+	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	for _, p := range []string{"/v2/chalk.local/build/manifests/k1/", "/v2//chalk.local/build/manifests/k1", "/v2/chalk.local/./build/manifests/k1"} {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPut, "http://"+r.Addr()+p, bytes.NewReader(raw))
+		req.Header.Set("Content-Type", string(mt))
+		req.SetBasicAuth(creds.Push.Username, creds.Push.Password)
+		resp, err := noRedirect.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode < 300 || resp.StatusCode == http.StatusNotModified {
+			t.Errorf("PUT %s of another manifest: %d", p, resp.StatusCode)
+		}
 	}
 	if _, h, err := r.Resolve(ctx, "chalk.local/build:k1"); err != nil || h != aDigest {
 		t.Fatalf("tag after overwrite attempts = %s, %v; want %s", h, err, aDigest)
