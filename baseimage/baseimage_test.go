@@ -14,7 +14,10 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/archive"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/google/go-containerregistry/pkg/v1/validate"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
@@ -193,6 +196,18 @@ func TestSeedIdempotent(t *testing.T) {
 	}
 	if err := validate.Image(pulled); err != nil {
 		t.Errorf("seeded image invalid: %v", err)
+	}
+	// Seeding another image replaces the tag (immutable to plain pushes).
+	other, err := mutate.AppendLayers(img, static.NewLayer([]byte("upgraded"), types.OCILayer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherDigest, _ := other.Digest()
+	if d, err := Seed(t.Context(), reg, "docker.io/library/busybox:latest", other); err != nil || d != otherDigest.String() {
+		t.Fatalf("Seed(another image) = %s, %v; want %s", d, err, otherDigest)
+	}
+	if _, h, err := reg.Resolve(t.Context(), "busybox"); err != nil || h != otherDigest {
+		t.Errorf("after re-seeding Resolve(busybox) = %s, %v; want %s", h, err, otherDigest)
 	}
 	if _, err := Seed(t.Context(), reg, "Not A Ref", img); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("Seed(bad ref) = %v, want ErrInvalidArgument", err)

@@ -298,12 +298,15 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			return nil, err
 		}
 	}
-	if d.Registry, err = registry.New(ctx, registry.Config{
-		RootDir: filepath.Join(cfg.DataDir, "registry"), Addr: cfg.RegistryAddr, Logger: cfg.Logger, Upstreams: cfg.Upstreams,
-	}); err != nil {
+	regCfg := registryConfig(cfg.DataDir, cfg.RegistryAddr, cfg.Logger)
+	regCfg.Upstreams = cfg.Upstreams
+	if d.Registry, err = registry.New(ctx, regCfg); err != nil {
 		return nil, fmt.Errorf("embedded registry: %w", err)
 	}
-	if d.Cache, err = nodecache.New(nodecache.Config{Root: filepath.Join(cfg.DataDir, "cache"), MaxBytes: cfg.CacheMaxBytes, Logger: cfg.Logger}); err != nil {
+	if d.Cache, err = nodecache.New(nodecache.Config{
+		Root: filepath.Join(cfg.DataDir, "cache"), MaxBytes: cfg.CacheMaxBytes, Logger: cfg.Logger,
+		Remote: d.Registry.PullOptions(), // the node pulls with the read-only credential
+	}); err != nil {
 		return nil, fmt.Errorf("node cache: %w", err)
 	}
 	netCfg := sandboxnet.Config{

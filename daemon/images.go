@@ -39,7 +39,7 @@ func (s imageStore) Inspect(ctx context.Context, ref string) (*v1.InspectImageRe
 	if err != nil {
 		return nil, err
 	}
-	img, err := remote.Image(r, remote.WithContext(ctx))
+	img, err := remote.Image(r, s.reg.RemoteOptions(ctx)...)
 	if err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 
 	"github.com/chalkcompute/chalkcompute/baseimage"
@@ -17,6 +18,19 @@ const (
 	DefaultPython = "3.11"
 	PythonRef     = "docker.io/library/python:" + DefaultPython + "-slim-bookworm"
 )
+
+// RegistryCredentials is the file in the data dir that holds the embedded
+// registry's push and pull credentials (0600; registry.Credentials as JSON).
+// Sandboxes never see it.
+const RegistryCredentials = "registry-auth.json"
+
+// registryConfig is the embedded registry's configuration for dataDir.
+func registryConfig(dataDir, addr string, log *slog.Logger) registry.Config {
+	return registry.Config{
+		RootDir: filepath.Join(dataDir, "registry"), Addr: addr, Logger: log,
+		CredentialsFile: filepath.Join(dataDir, RegistryCredentials),
+	}
+}
 
 // SeedOptions says which base images to seed.
 type SeedOptions struct {
@@ -37,7 +51,10 @@ func Seed(ctx context.Context, o SeedOptions) error {
 	if o.RegistryAddr == "" {
 		o.RegistryAddr = "127.0.0.1:0"
 	}
-	reg, err := registry.New(ctx, registry.Config{RootDir: filepath.Join(o.DataDir, "registry"), Addr: o.RegistryAddr, Logger: o.Logger})
+	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
+		return err
+	}
+	reg, err := registry.New(ctx, registryConfig(o.DataDir, o.RegistryAddr, o.Logger))
 	if err != nil {
 		return err
 	}

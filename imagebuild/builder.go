@@ -205,7 +205,7 @@ func (b *Builder) build(ctx context.Context, c *imagespec.Canonical, keys []stri
 		if img, err = remote.Image(base, opts...); err != nil {
 			return nil, fmt.Errorf("base image %s: %w", base, registry.WrapRemoteError("base image", err))
 		}
-		if err := b.push(ctx, keys[0], img); err != nil {
+		if img, err = b.push(ctx, keys[0], img, false); err != nil {
 			return nil, err
 		}
 		start = 0
@@ -233,7 +233,8 @@ func (b *Builder) build(ctx context.Context, c *imagespec.Canonical, keys []stri
 		if err != nil {
 			return nil, fmt.Errorf("step %d (%s): %w", i+1, st.Kind, err)
 		}
-		if err := b.push(ctx, keys[i+1], img); err != nil {
+		// Steps from limit on are forced: what they push replaces the cache.
+		if img, err = b.push(ctx, keys[i+1], img, i >= limit); err != nil {
 			return nil, err
 		}
 		built++
@@ -250,15 +251,40 @@ func (b *Builder) build(ctx context.Context, c *imagespec.Canonical, keys []stri
 	return &Result{Ref: ref.String(), Hash: final, Digest: d.String(), Cached: built == 0, StepsBuilt: built}, nil
 }
 
-func (b *Builder) push(ctx context.Context, key string, img v1.Image) error {
+// push tags img as key and returns the image key names. Build cache tags
+// are immutable in the registry: if key already names another image (a
+// concurrent build of another spec with the same prefix wrote it first), that
+// image is the cached one and is returned, unless replace (a forced step)
+// says to delete the old tag and push img.
+func (b *Builder) push(ctx context.Context, key string, img v1.Image, replace bool) (v1.Image, error) {
 	ref, err := b.tagRef(key)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if err := remote.Write(ref, img, b.cfg.Registry.RemoteOptions(ctx)...); err != nil {
-		return fmt.Errorf("push %s: %w", ref, err)
+	opts := b.cfg.Registry.RemoteOptions(ctx)
+	err = remote.Write(ref, img, opts...)
+	if err == nil {
+		return img, nil
 	}
-	return nil
+	err = registry.WrapRemoteError(ref.String(), err)
+	if !errors.Is(err, errdefs.ErrAlreadyExists) {
+		return nil, fmt.Errorf("push %s: %w", ref, err)
+	}
+	if !replace {
+		b.log.Info("build cache key written meanwhile; using that image", "key", key)
+		cached, err := remote.Image(ref, opts...)
+		if err != nil {
+			return nil, fmt.Errorf("cached step image %s: %w", ref, registry.WrapRemoteError(ref.String(), err))
+		}
+		return cached, nil
+	}
+	if err := remote.Delete(ref, opts...); err != nil && !errdefs.Is(registry.WrapRemoteError(ref.String(), err), errdefs.ErrNotFound) {
+		return nil, fmt.Errorf("replace %s: %w", ref, registry.WrapRemoteError(ref.String(), err))
+	}
+	if err := remote.Write(ref, img, opts...); err != nil {
+		return nil, fmt.Errorf("push %s: %w", ref, registry.WrapRemoteError(ref.String(), err))
+	}
+	return img, nil
 }
 
 // step applies one step to img.

@@ -7,9 +7,10 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 
 	"github.com/chalkcompute/chalkcompute/baseimage"
+	"github.com/chalkcompute/chalkcompute/registry"
 )
 
-func seededBusybox(b *testing.B) (name.Reference, name.Digest) {
+func seededBusybox(b *testing.B) (*registry.Registry, name.Reference, name.Digest) {
 	b.Helper()
 	requireRoot(b)
 	reg := newRegistry(b)
@@ -17,14 +18,15 @@ func seededBusybox(b *testing.B) (name.Reference, name.Digest) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	return pushV1(b, reg, "docker.io/library/busybox:latest", img)
+	tag, dig := pushV1(b, reg, "docker.io/library/busybox:latest", img)
+	return reg, tag, dig
 }
 
 // BenchmarkEnsureWarm measures Ensure of an image already in the cache, by
 // digest (no I/O) and by tag (one manifest request to the local registry).
 func BenchmarkEnsureWarm(b *testing.B) {
-	tag, dig := seededBusybox(b)
-	c := newCache(b, "", 0)
+	reg, tag, dig := seededBusybox(b)
+	c := newCache(b, reg, "", 0)
 	if _, err := c.Ensure(b.Context(), tag, nil); err != nil {
 		b.Fatal(err)
 	}
@@ -47,11 +49,11 @@ func BenchmarkEnsureWarm(b *testing.B) {
 // BenchmarkEnsureColdBusybox measures pulling and extracting busybox from
 // the embedded registry into an empty cache.
 func BenchmarkEnsureColdBusybox(b *testing.B) {
-	tag, _ := seededBusybox(b)
+	reg, tag, _ := seededBusybox(b)
 	var pulled int64
 	for b.Loop() {
 		b.StopTimer()
-		c := newCache(b, "", 0)
+		c := newCache(b, reg, "", 0)
 		b.StartTimer()
 		img, err := c.Ensure(b.Context(), tag, nil)
 		if err != nil || img.Warm {

@@ -46,12 +46,14 @@ func newRegistry(t testing.TB) *registry.Registry {
 	return r
 }
 
-func newCache(t testing.TB, root string, max int64) *Cache {
+// newCache opens a cache at root (a temp dir if "") that pulls from reg with
+// its read-only credential, as chalkd's does.
+func newCache(t testing.TB, reg *registry.Registry, root string, max int64) *Cache {
 	t.Helper()
 	if root == "" {
 		root = t.TempDir()
 	}
-	c, err := New(Config{Root: root, MaxBytes: max})
+	c, err := New(Config{Root: root, MaxBytes: max, Remote: reg.PullOptions()})
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
@@ -153,7 +155,7 @@ func TestEnsureCompressions(t *testing.T) {
 	reg := newRegistry(t)
 	for _, kind := range []layerKind{gzipLayer, zstdLayer, plainTarLayer} {
 		t.Run(kind.String(), func(t *testing.T) {
-			c := newCache(t, "", 0)
+			c := newCache(t, reg, "", 0)
 			content := "hello " + kind.String()
 			tag, dig := pushImage(t, reg, "test/"+kind.String()+":v1", makeLayer(t, kind, file{"etc/", ""}, file{"etc/greeting", content}))
 			img, err := c.Ensure(t.Context(), tag, nil)
@@ -202,7 +204,7 @@ func mountOverlay(t *testing.T, lowerdirs []string) string {
 func TestWhiteoutsInOverlay(t *testing.T) {
 	requireRoot(t)
 	reg := newRegistry(t)
-	c := newCache(t, "", 0)
+	c := newCache(t, reg, "", 0)
 	base := makeLayer(t, gzipLayer,
 		file{"a/", ""}, file{"a/keep", "keep"}, file{"a/gone", "gone"},
 		file{"opq/", ""}, file{"opq/old", "old"}, file{"opq/sub/", ""}, file{"opq/sub/deep", "deep"},
@@ -259,7 +261,7 @@ func TestWhiteoutsInOverlay(t *testing.T) {
 func TestEnsureWarmAndShared(t *testing.T) {
 	requireRoot(t)
 	reg := newRegistry(t)
-	c := newCache(t, "", 0)
+	c := newCache(t, reg, "", 0)
 	ctx := t.Context()
 	base := makeLayer(t, gzipLayer, file{"base", "b"})
 	tagA, digA := pushImage(t, reg, "test/a:v1", base, makeLayer(t, gzipLayer, file{"a", "a"}))
@@ -317,7 +319,7 @@ func TestEnsureWarmAndShared(t *testing.T) {
 func TestEnsureConcurrent(t *testing.T) {
 	requireRoot(t)
 	reg := newRegistry(t)
-	c := newCache(t, "", 0)
+	c := newCache(t, reg, "", 0)
 	var layers []v1.Layer
 	for i := range 4 {
 		layers = append(layers, makeLayer(t, gzipLayer, file{fmt.Sprintf("f%d", i), strings.Repeat("x", 100_000*(i+1))}))
@@ -371,7 +373,7 @@ func (wrongDiffID) DiffID() (v1.Hash, error) {
 func TestCorruptLayerRejected(t *testing.T) {
 	requireRoot(t)
 	reg := newRegistry(t)
-	c := newCache(t, "", 0)
+	c := newCache(t, reg, "", 0)
 	good := makeLayer(t, gzipLayer, file{"ok", "ok"})
 	bad := wrongDiffID{makeLayer(t, gzipLayer, file{"evil", "evil"})}
 	tag, dig := pushImage(t, reg, "test/corrupt:v1", good, bad)
@@ -392,7 +394,7 @@ func TestCorruptLayerRejected(t *testing.T) {
 
 func TestEnsureErrors(t *testing.T) {
 	reg := newRegistry(t)
-	c := newCache(t, "", 0)
+	c := newCache(t, reg, "", 0)
 	missing, _ := reg.LocalRef("test/missing:v1")
 	if _, err := c.Ensure(t.Context(), missing, nil); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("missing image: err = %v, want ErrNotFound", err)
@@ -409,7 +411,7 @@ func TestGC(t *testing.T) {
 	requireRoot(t)
 	reg := newRegistry(t)
 	ctx := t.Context()
-	c := newCache(t, "", 0)
+	c := newCache(t, reg, "", 0)
 	big := func(s string) v1.Layer { return makeLayer(t, plainTarLayer, file{s, strings.Repeat(s, 200_000)}) }
 	ensure := func(ref name.Reference) *Image {
 		t.Helper()
@@ -482,7 +484,7 @@ func TestRestartKeepsWarm(t *testing.T) {
 	requireRoot(t)
 	reg := newRegistry(t)
 	root := t.TempDir()
-	c1 := newCache(t, root, 0)
+	c1 := newCache(t, reg, root, 0)
 	tag, dig := pushImage(t, reg, "test/restart:v1", makeLayer(t, gzipLayer, file{"x", "x"}), makeLayer(t, gzipLayer, file{"y", "y"}))
 	first, err := c1.Ensure(t.Context(), tag, nil)
 	if err != nil {
@@ -503,7 +505,7 @@ func TestRestartKeepsWarm(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	c2 := newCache(t, root, 0)
+	c2 := newCache(t, reg, root, 0)
 	img, ok := c2.Lookup(dig.DigestStr())
 	if !ok || !slices.Equal(img.LowerDirs(), first.LowerDirs()) {
 		t.Fatalf("after restart Lookup = %+v, %v", img, ok)
@@ -527,7 +529,7 @@ func TestRestartKeepsWarm(t *testing.T) {
 	if err := os.RemoveAll(first.Layers[1].Dir); err != nil {
 		t.Fatal(err)
 	}
-	c3 := newCache(t, root, 0)
+	c3 := newCache(t, reg, root, 0)
 	if _, ok := c3.Lookup(dig.DigestStr()); ok {
 		t.Error("image with a missing layer dir is warm after restart")
 	}
@@ -536,7 +538,7 @@ func TestRestartKeepsWarm(t *testing.T) {
 func TestEnsureIndexPicksPlatform(t *testing.T) {
 	requireRoot(t)
 	reg := newRegistry(t)
-	c := newCache(t, "", 0)
+	c := newCache(t, reg, "", 0)
 	mk := func(s string) v1.Image {
 		img, err := mutate.AppendLayers(mutate.MediaType(empty.Image, types.OCIManifestSchema1), makeLayer(t, gzipLayer, file{"which", s}))
 		if err != nil {

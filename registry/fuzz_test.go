@@ -1,10 +1,14 @@
 package registry
 
 import (
+	"net/http"
+	"net/url"
 	"strings"
 	"testing"
 
+	v2 "github.com/distribution/distribution/v3/registry/api/v2"
 	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/gorilla/mux"
 )
 
 // FuzzLocalRef checks that any reference LocalRef accepts maps into the
@@ -37,6 +41,44 @@ func FuzzLocalRef(f *testing.F) {
 		}
 		if again.String() != s {
 			t.Fatalf("LocalRef not idempotent: %q -> %q -> %q", ref, s, again)
+		}
+	})
+}
+
+// FuzzTagPut checks that every request distribution's router takes for a
+// manifest put by tag is one tagPut sees, with the same repository and tag:
+// otherwise a put could move a tag past the immutability check.
+func FuzzTagPut(f *testing.F) {
+	for _, s := range []string{
+		"/v2/docker.io/library/busybox/manifests/latest",
+		"/v2/chalk.local/build/manifests/0123abcd",
+		"/v2/a/manifests/sha256:" + strings.Repeat("a", 64),
+		"/v2/a/manifests/b/manifests/t",
+		"/v2/manifests/manifests/manifests",
+		"/v2/a/manifests/", "/v2//a/manifests/t", "/v2/a/./manifests/t", "/v2/a/manifests/t/",
+	} {
+		f.Add(s)
+	}
+	router := v2.Router()
+	f.Fuzz(func(t *testing.T, path string) {
+		req := &http.Request{Method: http.MethodPut, URL: &url.URL{Path: path}, Header: http.Header{}}
+		var m mux.RouteMatch
+		if !router.Match(req, &m) || m.MatchErr != nil || m.Route.GetName() != v2.RouteNameManifest {
+			return
+		}
+		if m.Handler != nil {
+			// The router's routes have no handlers of their own: this is
+			// its redirect of an unclean path (StrictSlash), not a put. The
+			// redirected request comes through tagPut again.
+			return
+		}
+		ref := m.Vars["reference"]
+		if strings.Contains(ref, ":") {
+			return // a digest
+		}
+		repo, tag, ok := tagPut(req)
+		if !ok || repo != m.Vars["name"] || tag != ref {
+			t.Fatalf("%q: distribution puts tag %s:%s; tagPut = %q, %q, %v", path, m.Vars["name"], ref, repo, tag, ok)
 		}
 	})
 }

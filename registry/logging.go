@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 
 	"github.com/sirupsen/logrus"
@@ -58,6 +59,9 @@ func (slogHook) Fire(e *logrus.Entry) error {
 	case e.Level == logrus.WarnLevel:
 		level = slog.LevelWarn
 	}
+	if level > slog.LevelDebug && expected(e) {
+		level = slog.LevelDebug
+	}
 	ctx := context.Background()
 	if !l.Enabled(ctx, level) {
 		return nil
@@ -74,6 +78,19 @@ func (slogHook) Fire(e *logrus.Entry) error {
 	}
 	l.LogAttrs(ctx, level, e.Message, attrs...)
 	return nil
+}
+
+// expected reports whether e, logged by distribution as an error or a
+// warning, is part of normal operation: a 404 answer to a read (every
+// Resolve, build cache lookup and push probes for what is missing), and the
+// start-up warning about the partial-index validation chalkd configures on
+// purpose (see distributionConfig).
+func expected(e *logrus.Entry) bool {
+	if strings.HasPrefix(e.Message, "Image index completeness validation has been disabled") {
+		return true
+	}
+	method := fmt.Sprint(e.Data["http.request.method"])
+	return fmt.Sprint(e.Data["http.response.status"]) == "404" && (method == "GET" || method == "HEAD")
 }
 
 // instanceContext answers distribution's "instance.id" lookups with our id,

@@ -6,6 +6,10 @@
 // docker.io/library/busybox:latest lives at
 // 127.0.0.1:PORT/docker.io/library/busybox:latest. Resolve finds an image
 // there, or pulls it through from a configured upstream and caches it.
+//
+// Every request needs a credential (auth.go): the push credential for
+// writes, the push or the read-only pull credential for reads. Tags are
+// immutable once written (immutable.go).
 package registry
 
 import (
@@ -42,6 +46,10 @@ type Config struct {
 	// Logger receives the registry's logs (distribution's request logs at
 	// debug level). nil discards them.
 	Logger *slog.Logger
+	// CredentialsFile is where the registry's credentials are kept (created
+	// 0600 with random ones on first use; LoadOrCreateCredentials). "" gives
+	// fresh random credentials that live as long as the Registry.
+	CredentialsFile string
 	// Upstreams maps a registry host (e.g. "docker.io", "nvcr.io") to an
 	// upstream base URL for pull-through, e.g.
 	// {"docker.io": "https://registry-1.docker.io"}. An http:// URL is
@@ -56,6 +64,7 @@ type Registry struct {
 	id        string
 	addr      string
 	host      name.Registry
+	creds     Credentials
 	app       *handlers.App
 	srv       *http.Server
 	serveErr  chan error
@@ -91,6 +100,19 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 	}
 	if err := os.MkdirAll(cfg.RootDir, 0o700); err != nil {
 		return nil, fmt.Errorf("registry root %s: %w", cfg.RootDir, err)
+	}
+	// Not world-readable, also when an older version made it so.
+	if err := os.Chmod(cfg.RootDir, 0o700); err != nil {
+		return nil, fmt.Errorf("registry root %s: %w", cfg.RootDir, err)
+	}
+	var creds Credentials
+	if cfg.CredentialsFile != "" {
+		creds, err = LoadOrCreateCredentials(cfg.CredentialsFile)
+	} else {
+		creds, err = NewCredentials()
+	}
+	if err != nil {
+		return nil, err
 	}
 
 	var idb [16]byte
@@ -132,6 +154,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		id:        id,
 		addr:      addr,
 		host:      host,
+		creds:     creds,
 		app:       app,
 		upstreams: ups,
 		serveErr:  make(chan error, 1),
@@ -143,7 +166,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 			IdleConnTimeout:     90 * time.Second,
 		},
 		srv: &http.Server{
-			Handler:           app,
+			Handler:           newAuthHandler(creds, log, &immutableTags{next: app}),
 			ReadHeaderTimeout: 30 * time.Second,
 			BaseContext:       func(net.Listener) context.Context { return appCtx },
 			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
@@ -151,9 +174,10 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		newConns: map[net.Conn]struct{}{},
 	}
 	r.srv.ConnState = r.trackConn
-	r.puller, err = remote.NewPuller(remote.WithTransport(r.transport))
+	own := []remote.Option{remote.WithTransport(r.transport), remote.WithAuth(creds.Push.Authenticator())}
+	r.puller, err = remote.NewPuller(own...)
 	if err == nil {
-		r.pusher, err = remote.NewPusher(remote.WithTransport(r.transport))
+		r.pusher, err = remote.NewPusher(own...)
 	}
 	if err != nil {
 		_ = ln.Close()
@@ -254,7 +278,18 @@ func (r *Registry) closeNewConns() {
 }
 
 // RemoteOptions returns go-containerregistry options for talking to the
-// embedded registry (its loopback transport, reused connections), with ctx.
+// embedded registry as chalkd (the push credential, its loopback transport,
+// reused connections), with ctx.
 func (r *Registry) RemoteOptions(ctx context.Context) []remote.Option {
 	return []remote.Option{remote.WithContext(ctx), remote.Reuse(r.puller), remote.Reuse(r.pusher)}
 }
+
+// PullOptions returns go-containerregistry options that read from the
+// embedded registry with the read-only pull credential: what a node's image
+// cache uses.
+func (r *Registry) PullOptions() []remote.Option {
+	return []remote.Option{remote.WithAuth(r.creds.Pull.Authenticator())}
+}
+
+// Credentials returns the registry's credentials.
+func (r *Registry) Credentials() Credentials { return r.creds }

@@ -4,12 +4,16 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"log"
 	"log/slog"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	ggcrregistry "github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
@@ -250,7 +254,10 @@ func imageSize(t *testing.T, img v1.Image) int64 {
 }
 
 func TestPullThrough(t *testing.T) {
-	up := newTestRegistry(t, Config{})
+	// The upstream is an anonymous registry (go-containerregistry's in-memory one).
+	up := httptest.NewServer(ggcrregistry.New(ggcrregistry.Logger(log.New(io.Discard, "", 0))))
+	t.Cleanup(up.Close)
+	upAddr := strings.TrimPrefix(up.URL, "http://")
 	ctx := t.Context()
 
 	// Upstream: a two-platform index at org/app:v1 and a plain image under a
@@ -265,19 +272,19 @@ func TestPullThrough(t *testing.T) {
 		mutate.IndexAddendum{Add: other, Descriptor: v1.Descriptor{Platform: &otherPlatform}},
 		mutate.IndexAddendum{Add: mine, Descriptor: v1.Descriptor{Platform: &p}},
 	)
-	upIdx, _ := name.ParseReference(up.Addr()+"/org/app:v1", name.Insecure)
-	if err := remote.WriteIndex(upIdx, idx, up.RemoteOptions(ctx)...); err != nil {
+	upIdx, _ := name.ParseReference(upAddr+"/org/app:v1", name.Insecure)
+	if err := remote.WriteIndex(upIdx, idx, remote.WithContext(ctx)); err != nil {
 		t.Fatal(err)
 	}
 	tool := randomImage(t)
-	upTool, _ := name.ParseReference(up.Addr()+"/mirror/team/tool:v2", name.Insecure)
-	if err := remote.Write(upTool, tool, up.RemoteOptions(ctx)...); err != nil {
+	upTool, _ := name.ParseReference(upAddr+"/mirror/team/tool:v2", name.Insecure)
+	if err := remote.Write(upTool, tool, remote.WithContext(ctx)); err != nil {
 		t.Fatal(err)
 	}
 
 	r := newTestRegistry(t, Config{Upstreams: map[string]string{
-		"example.com":      "http://" + up.Addr(),
-		"tools.test":       "http://" + up.Addr() + "/mirror",
+		"example.com":      "http://" + upAddr,
+		"tools.test":       "http://" + upAddr + "/mirror",
 		"unreachable.test": "http://127.0.0.1:1",
 	}})
 	mineDigest, _ := mine.Digest()
@@ -321,9 +328,7 @@ func TestPullThrough(t *testing.T) {
 	}
 
 	// Cached: works with the upstream gone.
-	if err := up.Close(); err != nil {
-		t.Fatal(err)
-	}
+	up.Close()
 	if _, h, err := r.Resolve(ctx, "example.com/org/app:v1"); err != nil || h != mineDigest {
 		t.Errorf("Resolve after upstream closed = %s, %v", h, err)
 	}

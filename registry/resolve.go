@@ -277,6 +277,10 @@ func WrapRemoteError(what string, err error) error {
 func classify(err error) error {
 	var te *transport.Error
 	if errors.As(err, &te) {
+		if te.StatusCode == 409 {
+			// The embedded registry's answer to moving an immutable tag.
+			return errdefs.ErrAlreadyExists
+		}
 		for _, d := range te.Errors {
 			switch d.Code {
 			case transport.ManifestUnknownErrorCode, transport.NameUnknownErrorCode, transport.BlobUnknownErrorCode:
