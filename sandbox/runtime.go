@@ -40,7 +40,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
-	"github.com/chalkcompute/chalkcompute/procapi"
 )
 
 // Paths inside every sandbox.
@@ -239,11 +238,6 @@ func (r *Runtime) Dir(id string) string { return filepath.Join(r.cfg.StateDir, i
 // LogPath is the console log of sandbox id.
 func (r *Runtime) LogPath(id string) string { return filepath.Join(r.cfg.LogDir, id+".log") }
 
-// Client is the process API client of sandbox id.
-func (r *Runtime) Client(id string) *procapi.Client {
-	return procapi.NewClient(filepath.Join(r.Dir(id), "run", SocketName))
-}
-
 // cgroupPath is the cgroupfs path of sandbox id.
 func (r *Runtime) cgroupPath(id string) string { return filepath.Join(r.cfg.CgroupParent, id) }
 
@@ -364,7 +358,7 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 		return 0, err
 	}
 	defer logf.Close()
-	pidFile := filepath.Join(dir, "init.pid")
+	pidFile := filepath.Join(dir, initPidFile)
 	// Watch for init's socket before init can make it: readiness is then an
 	// event, not a poll.
 	appeared, stopWatch, werr := watchCreate(filepath.Join(dir, "run"), SocketName)
