@@ -58,7 +58,7 @@ func DialSocket(ctx context.Context, dir, name string, check PeerCheck) (net.Con
 		return nil, notServing(dir, name, err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
-		return nil, fmt.Errorf("sandbox init at %s/%s: not a socket (mode %#o): %w (%w)", dir, name, st.Mode, ErrUntrustedPeer, errdefs.ErrUnavailable)
+		return nil, fmt.Errorf("sandbox init socket %s: not a socket (mode %#o): %w (%w)", name, st.Mode, ErrUntrustedPeer, errdefs.ErrUnavailable)
 	}
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, "unix", "/proc/self/fd/"+strconv.Itoa(fd))
@@ -71,7 +71,7 @@ func DialSocket(ctx context.Context, dir, name string, check PeerCheck) (net.Con
 	}
 	if err != nil {
 		nc.Close()
-		return nil, fmt.Errorf("sandbox init at %s/%s: %v: %w (%w)", dir, name, err, ErrUntrustedPeer, errdefs.ErrUnavailable)
+		return nil, fmt.Errorf("sandbox init socket %s: %v: %w (%w)", name, err, ErrUntrustedPeer, errdefs.ErrUnavailable)
 	}
 	return nc, nil
 }
@@ -83,9 +83,9 @@ func notServing(dir, name string, err error) error {
 		err = op.Err // without the /proc/self/fd path
 	}
 	if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EAGAIN) {
-		return fmt.Errorf("sandbox init at %s/%s is not serving: %w", dir, name, errdefs.ErrUnavailable)
+		return fmt.Errorf("sandbox init socket %s: not serving: %w", name, errdefs.ErrUnavailable)
 	}
-	return fmt.Errorf("dial sandbox init at %s/%s: %v: %w", dir, name, err, errdefs.ErrUnavailable)
+	return fmt.Errorf("dial sandbox init socket %s: %v: %w", name, err, errdefs.ErrUnavailable)
 }
 
 // peerCred returns the credentials of the peer of a unix connection: for
