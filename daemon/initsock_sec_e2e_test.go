@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -174,5 +175,114 @@ func TestInitSocketFakeListener(t *testing.T) {
 	}
 	if got := strings.TrimSpace(mustExec(t, a, "hostname")); got != a.ID() {
 		t.Fatalf("exec on A after the restore ran in %q", got)
+	}
+}
+
+// TestExecSurvivesChalkdKill: what a user started in a sandbox does not
+// depend on chalkd's lifetime. An exec blocked on a fifo survives chalkd's
+// kill -9 and, released after the restart, finishes its work (its marker
+// file appears). Its output after the kill is discarded.
+func TestExecSurvivesChalkdKill(t *testing.T) {
+	n := chalktest.Start(t)
+	ctx := ctxT(t, 2*time.Minute)
+	sb := create(t, n.Client())
+	mustExec(t, sb, "mkfifo", "/tmp/go", "/tmp/done")
+	out := newOutputLog()
+	if _, err := sb.Start(ctx, []string{"sh", "-c",
+		`echo ready; read x < /tmp/go; echo "finished $x" > /tmp/marker; echo "$x" > /tmp/done; echo after the kill`},
+		chalkcompute.Stdout(out)); err != nil {
+		t.Fatal(err)
+	}
+	out.await(t, ctx, "ready")
+	n.Kill()
+	n.Restart()
+	sb, err := n.Client().Sandbox(ctx, sb.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Opening /tmp/go for writing blocks until the exec opens it for
+	// reading: if the exec died with chalkd this runs into its deadline.
+	res, err := sb.Exec(ctxT(t, 30*time.Second), []string{"sh", "-c", "echo go > /tmp/go && cat /tmp/done"})
+	if err != nil || res.Code != 0 || string(res.Stdout) != "go\n" {
+		t.Fatalf("releasing the exec started before the kill: %v %+v (the exec died with chalkd?)", err, res)
+	}
+	if got := mustExec(t, sb, "cat", "/tmp/marker"); got != "finished go\n" {
+		t.Fatalf("marker %q", got)
+	}
+}
+
+// chalkdPid finds the pid of n's chalkd by its data dir.
+func chalkdPid(t *testing.T, n *chalktest.Node) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "\x00--data-dir\x00" + n.Dir + "\x00"
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err == nil && strings.HasSuffix(strings.SplitN(string(b), "\x00", 2)[0], "/chalkd") && strings.Contains(string(b), want) {
+			return pid
+		}
+	}
+	t.Fatalf("no chalkd with --data-dir %s", n.Dir)
+	return 0
+}
+
+// zombieChildren lists the children of pid that have exited and not been
+// reaped, as "pid(comm)".
+func zombieChildren(t *testing.T, pid int) []string {
+	t.Helper()
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range ents {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces and parentheses.
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(s[i+1:])
+		if len(f) >= 2 && f[0] == "Z" && f[1] == strconv.Itoa(pid) {
+			out = append(out, e.Name()+s[strings.IndexByte(s, ' '):i+1])
+		}
+	}
+	return out
+}
+
+// TestPrestartEvictionReapsInits: pre-started sandboxes taken out of the
+// pool (their count lowered) leave no zombie processes under chalkd.
+func TestPrestartEvictionReapsInits(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, 2*time.Minute)
+	pid := chalkdPid(t, n)
+	if z := zombieChildren(t, pid); len(z) != 0 {
+		t.Fatalf("zombies under chalkd before the test: %v", z)
+	}
+	for round, count := range []int{2, 0, 1, 0} {
+		if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(count)); err != nil {
+			t.Fatalf("round %d: warm with %d pre-started: %v", round, count, err)
+		}
+		if got := len(journalled(t, n)); got != count {
+			t.Fatalf("round %d: %d pre-started, want %d", round, got, count)
+		}
+		if z := zombieChildren(t, pid); len(z) != 0 {
+			t.Fatalf("round %d (%d pre-started): zombie children of chalkd: %v", round, count, z)
+		}
 	}
 }
