@@ -256,10 +256,13 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	if err != nil {
 		return 0, err
 	}
+	started := 0 // init's pid once runc ran it
 	defer func() {
 		if err != nil {
 			if derr := r.Destroy(context.WithoutCancel(ctx), sp.ID); derr != nil {
 				r.log.Warn("cleanup after failed start", "sandbox", sp.ID, "err", derr)
+			} else if started > 0 {
+				r.reap(ctx, sp.ID, started)
 			}
 		}
 	}()
@@ -383,6 +386,7 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	if err != nil {
 		return 0, fmt.Errorf("sandbox %q pid file: %w", sp.ID, err)
 	}
+	started = pid
 	tReady := time.Now()
 	readyCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -429,6 +433,17 @@ func (r *Runtime) waitReady(ctx context.Context, id string, pid int, appeared <-
 		return nil
 	case <-exitedChan(wctx, pid):
 		return fmt.Errorf("sandbox %q: %w: %s: %w", id, errExitedEarly, tail(r.LogPath(id), 2048), errdefs.ErrFailedPrecondition)
+	}
+}
+
+// reap waits (briefly) for the init of a sandbox that failed to start and
+// was destroyed: this process, its subreaper, is its parent, and nobody
+// else will wait for it.
+func (r *Runtime) reap(ctx context.Context, id string, pid int) {
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if _, err := waitPid(wctx, pid); err != nil {
+		r.log.Warn("reap the init of a sandbox that failed to start", "sandbox", id, "pid", pid, "err", err)
 	}
 }
 
