@@ -379,6 +379,9 @@ func decodeListBatch(out []FileInfo, b []byte, path string) ([]FileInfo, error) 
 	if _, err := dec.Token(); err != nil {
 		return out, malformed(err)
 	}
+	if _, err := dec.Token(); err != io.EOF {
+		return out, malformed(fmt.Errorf("data after the array"))
+	}
 	return out, nil
 }
 
