@@ -264,9 +264,12 @@ func zombieChildren(t *testing.T, pid int) []string {
 	return out
 }
 
-// TestPrestartEvictionReapsInits: pre-started sandboxes taken out of the
-// pool (their count lowered) leave no zombie processes under chalkd.
-func TestPrestartEvictionReapsInits(t *testing.T) {
+// TestNoZombiesUnderChalkd: chalkd is the subreaper of every sandbox's
+// processes; none is left a zombie under it. Pre-started sandboxes taken
+// out of the pool (their count lowered) are reaped by the pool (no watcher
+// waits for them), and a terminated sandbox leaves nothing either (on
+// gVisor: its gofer, reparented to chalkd beside the sandbox process).
+func TestNoZombiesUnderChalkd(t *testing.T) {
 	n := chalktest.Start(t)
 	c := n.Client()
 	ctx := ctxT(t, 2*time.Minute)
@@ -284,5 +287,12 @@ func TestPrestartEvictionReapsInits(t *testing.T) {
 		if z := zombieChildren(t, pid); len(z) != 0 {
 			t.Fatalf("round %d (%d pre-started): zombie children of chalkd: %v", round, count, z)
 		}
+	}
+	sb := create(t, c)
+	if _, err := sb.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if z := zombieChildren(t, pid); len(z) != 0 {
+		t.Fatalf("after a terminate: zombie children of chalkd: %v", z)
 	}
 }

@@ -50,7 +50,7 @@ func TestCheckPeer(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = os.Remove(cg); _ = os.Remove(filepath.Dir(cg)) })
-	init := startIn(t, cg)
+	initPID := startIn(t, cg)
 	sibling := startIn(t, cg) // another process of the sandbox
 	outsider := startIn(t, "")
 
@@ -75,13 +75,13 @@ func TestCheckPeer(t *testing.T) {
 		peer    int
 		ok      bool
 	}{
-		{"runc: init", RuntimeRunc, strconv.Itoa(init), init, true},
-		{"runc: init, pid file with newline", RuntimeRunc, strconv.Itoa(init) + "\n", init, true},
-		{"runc: another process of the sandbox", RuntimeRunc, strconv.Itoa(init), sibling, false},
-		{"runc: a process outside the sandbox", RuntimeRunc, strconv.Itoa(init), outsider, false},
+		{"runc: init", RuntimeRunc, strconv.Itoa(initPID), initPID, true},
+		{"runc: init, pid file with newline", RuntimeRunc, strconv.Itoa(initPID) + "\n", initPID, true},
+		{"runc: another process of the sandbox", RuntimeRunc, strconv.Itoa(initPID), sibling, false},
+		{"runc: a process outside the sandbox", RuntimeRunc, strconv.Itoa(initPID), outsider, false},
 		{"runc: the pid file names a process outside the cgroup", RuntimeRunc, strconv.Itoa(outsider), outsider, false},
-		{"runc: no pid file", RuntimeRunc, "", init, false},
-		{"runc: garbage in the pid file", RuntimeRunc, "1x", init, false},
+		{"runc: no pid file", RuntimeRunc, "", initPID, false},
+		{"runc: garbage in the pid file", RuntimeRunc, "1x", initPID, false},
 		{"runc: dead pid", RuntimeRunc, "999999999", 999999999, false},
 		{"runsc: the gofer (in the cgroup)", RuntimeRunsc, "", sibling, true},
 		{"runsc: a process outside the sandbox", RuntimeRunsc, "", outsider, false},

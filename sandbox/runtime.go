@@ -23,6 +23,7 @@ package sandbox
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -436,14 +437,52 @@ func (r *Runtime) waitReady(ctx context.Context, id string, pid int, appeared <-
 	}
 }
 
-// reap waits (briefly) for the init of a sandbox that failed to start and
-// was destroyed: this process, its subreaper, is its parent, and nobody
-// else will wait for it.
+// helperChildren lists the processes of sandbox id, other than its init,
+// that are children of this process: runsc's gofer, reparented to chalkd
+// (the subreaper) like the sandbox process, is one. Destroy reaps them;
+// init is left to whoever watches it (the control plane's watcher, or the
+// pre-start pool for its members).
+func (r *Runtime) helperChildren(id string) []int {
+	initPID, _ := r.initPid(id)
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	self, cg := strconv.Itoa(os.Getpid()), r.cgroupPath(id)
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == initPID {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...; comm may hold spaces and parentheses.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 2 || f[1] != self {
+			continue
+		}
+		if in, _ := inCgroup(pid, cg); in {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// reap waits (briefly) for a child process of a sandbox that was destroyed
+// (the init of a sandbox that failed to start, runsc's gofer): this
+// process, their subreaper, is their parent, and nobody else waits for them.
 func (r *Runtime) reap(ctx context.Context, id string, pid int) {
 	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
 	if _, err := waitPid(wctx, pid); err != nil {
-		r.log.Warn("reap the init of a sandbox that failed to start", "sandbox", id, "pid", pid, "err", err)
+		r.log.Warn("reap a process of a destroyed sandbox", "sandbox", id, "pid", pid, "err", err)
 	}
 }
 
@@ -498,8 +537,12 @@ func (r *Runtime) SetLimits(ctx context.Context, id string, cpu float64, memory 
 // directory. It is idempotent and safe on a half-created sandbox.
 func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	var errs []error
+	helpers := r.helperChildren(id)
 	if err := r.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil && !isNotExist(err) {
 		errs = append(errs, fmt.Errorf("runc delete: %w", err))
+	}
+	for _, pid := range helpers {
+		r.reap(ctx, id, pid)
 	}
 	r.removeCgroups(id)
 	dir := r.Dir(id)
