@@ -41,7 +41,8 @@
 //	                process writes them, 'W' stdin credit, 'C' (the process
 //	                closed its stdin), and last 'X' {"code","signal"};
 //	                meanwhile the client may send 'I' stdin bytes, 'E' (stdin
-//	                EOF) and 'S' (1 byte: a signal number)
+//	                EOF), 'S' (1 byte: a signal number) and 'Z' (cancel: kill
+//	                the process group)
 //
 // Any op may end with 'R' {"class","message"} instead: an error whose class
 // (not_found, invalid_argument, ...) the client turns back into the matching
