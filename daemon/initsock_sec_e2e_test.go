@@ -2,6 +2,7 @@ package daemon_test
 
 import (
 	"context"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -12,7 +13,9 @@ import (
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+	"github.com/chalkcompute/chalkcompute/procapi"
 )
 
 // The host ↔ sandbox control channel, attacked from inside: the sandbox's
@@ -294,5 +297,26 @@ func TestNoZombiesUnderChalkd(t *testing.T) {
 	}
 	if z := zombieChildren(t, pid); len(z) != 0 {
 		t.Fatalf("after a terminate: zombie children of chalkd: %v", z)
+	}
+}
+
+// TestListFilesLimit: listing a directory of more than
+// procapi.MaxListEntries entries costs chalkd a bounded amount of memory:
+// the API refuses it (resource exhausted, naming the limit) instead of
+// collecting it all; a directory at the limit lists in full.
+func TestListFilesLimit(t *testing.T) {
+	n := chalktest.Start(t)
+	ctx := ctxT(t, 2*time.Minute)
+	sb := create(t, n.Client())
+	over := strconv.Itoa(procapi.MaxListEntries + 1)
+	mustExec(t, sb, "sh", "-c", "mkdir /tmp/big && cd /tmp/big && seq 1 "+over+" | xargs touch")
+	_, err := sb.ListFiles(ctx, "/tmp/big")
+	if !errors.Is(err, errdefs.ErrResourceExhausted) || !strings.Contains(err.Error(), "MaxListEntries") {
+		t.Fatalf("listing %s entries: %v; want resource exhausted naming MaxListEntries", over, err)
+	}
+	mustExec(t, sb, "rm", "/tmp/big/1")
+	files, err := sb.ListFiles(ctx, "/tmp/big")
+	if err != nil || len(files) != procapi.MaxListEntries {
+		t.Fatalf("listing %d entries: %d, %v", procapi.MaxListEntries, len(files), err)
 	}
 }
