@@ -96,7 +96,7 @@ func (r *Runtime) initPid(id string) (int, error) {
 }
 
 // inCgroup reports whether pid is in the cgroup at path (cgroupfs path, as
-// in the spec's cgroupsPath) in any hierarchy.
+// in the spec's cgroupsPath), or below it, in any hierarchy.
 func inCgroup(pid int, path string) (bool, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
 	if err != nil {
@@ -106,7 +106,7 @@ func inCgroup(pid int, path string) (bool, error) {
 	for sc.Scan() {
 		// hierarchy-ID:controller-list:cgroup-path
 		f := strings.SplitN(sc.Text(), ":", 3)
-		if len(f) == 3 && f[2] == path {
+		if len(f) == 3 && (f[2] == path || strings.HasPrefix(f[2], path+"/")) {
 			return true, nil
 		}
 	}

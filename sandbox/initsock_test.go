@@ -53,6 +53,13 @@ func TestCheckPeer(t *testing.T) {
 	initPID := startIn(t, cg)
 	sibling := startIn(t, cg) // another process of the sandbox
 	outsider := startIn(t, "")
+	// sb-peer2's cgroup is not below sb-peer's though its path extends it.
+	cg2 := cg + "2"
+	if err := os.MkdirAll(cg2, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(cg2) })
+	longer := startIn(t, cg2)
 
 	state := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(state, id), 0o700); err != nil {
@@ -86,6 +93,7 @@ func TestCheckPeer(t *testing.T) {
 		{"runsc: the gofer (in the cgroup)", RuntimeRunsc, "", sibling, true},
 		{"runsc: a process outside the sandbox", RuntimeRunsc, "", outsider, false},
 		{"runsc: chalkd itself", RuntimeRunsc, "", os.Getpid(), false},
+		{"runsc: a process of a sandbox whose id extends this one's", RuntimeRunsc, "", longer, false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
