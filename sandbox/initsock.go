@@ -45,7 +45,7 @@ const initPidFile = "init.pid"
 // gVisor, its Sentry) as the listener; see checkPeer.
 func (r *Runtime) Client(id string) *procapi.Client {
 	runDir := filepath.Join(r.Dir(id), "run")
-	return procapi.NewClient("of sandbox "+id, func(ctx context.Context) (net.Conn, error) {
+	return procapi.NewClient(id, func(ctx context.Context) (net.Conn, error) {
 		return procapi.DialSocket(ctx, runDir, SocketName, func(cred *unix.Ucred) error {
 			return r.checkPeer(id, cred)
 		})
