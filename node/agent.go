@@ -152,7 +152,7 @@ func (a *Agent) Start(ctx context.Context, req StartRequest) (Started, error) {
 			// Dead or broken: start the sandbox afresh in its place (its
 			// identity dir, filled by the caller, stays).
 			a.log.Warn("pre-started sandbox unusable; starting afresh", "sandbox", req.ID, "err", err)
-			if derr := a.Destroy(context.WithoutCancel(ctx), m.id, m.slot); derr != nil {
+			if derr := a.destroyMember(context.WithoutCancel(ctx), m); derr != nil {
 				return Started{}, fmt.Errorf("sandbox %q: pre-started sandbox unusable (%v) and not removable: %w", req.ID, err, derr)
 			}
 			a.pool.cfg.unjournal(m.id)

@@ -347,7 +347,7 @@ func (c *PoolConfig) unjournal(id string) { _ = os.Remove(filepath.Join(c.Dir, i
 // out counted them in p.dropping.
 func (p *warmPool) discard(ms []*member) {
 	for _, m := range ms {
-		if err := p.a.Destroy(context.Background(), m.id, m.slot); err != nil {
+		if err := p.a.destroyMember(context.Background(), m); err != nil {
 			p.a.log.Warn("destroy pre-started sandbox", "sandbox", m.id, "err", err)
 		}
 		p.cfg.forget(m.id)
@@ -360,6 +360,24 @@ func (p *warmPool) discard(ms []*member) {
 	if len(ms) > 0 {
 		p.kick(0) // a slot came free
 	}
+}
+
+// destroyMember destroys a member that never became a sandbox and reaps its
+// init: chalkd, the subreaper, is its parent once `runc run -d` has
+// returned, and nothing else waits for a member (a sandbox's init is reaped
+// by the control plane's watcher, which a member never had).
+func (a *Agent) destroyMember(ctx context.Context, m *member) error {
+	if err := a.Destroy(ctx, m.id, m.slot); err != nil {
+		return err // init may still run: waiting for it could hang
+	}
+	if m.pid > 0 {
+		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		if _, err := a.cfg.Runtime.Wait(wctx, m.id, m.pid); err != nil {
+			a.log.Warn("reap the init of a pre-started sandbox", "sandbox", m.id, "pid", m.pid, "err", err)
+		}
+	}
+	return nil
 }
 
 // members lists every member not yet activated (ready, claimed or

@@ -1,6 +1,7 @@
 package procapi
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -10,7 +11,7 @@ import (
 	"net"
 	"slices"
 	"strings"
-	"syscall"
+	"sync"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
@@ -20,18 +21,47 @@ import (
 // connection: every call dials, so a Client is cheap, safe for concurrent
 // use, and survives init restarts.
 type Client struct {
-	socket string
+	name string // for messages: the sandbox or socket
+	dial Dialer
 }
 
-// NewClient returns a client for the init serving at socketPath (the host
-// path of the socket).
-func NewClient(socketPath string) *Client { return &Client{socket: socketPath} }
+// NewClient returns a client that reaches the init called name (in
+// messages) through dial. Hosts dial with DialSocket and a peer check (see
+// sandbox.Runtime.Client); the sandbox side can never be trusted to keep a
+// path pointing at its own init.
+func NewClient(name string, dial Dialer) *Client { return &Client{name: name, dial: dial} }
+
+// cancelGrace bounds how long a cancelled exec may take to tell the server
+// (a write to a server that does not read).
+const cancelGrace = time.Second
 
 // clientConn is the client's end of one operation.
 type clientConn struct {
 	net.Conn
+	wmu  sync.Mutex // serialises frame writes (stdin, signals, the cancel)
 	fw   frameWriter
 	stop func() bool // detaches the ctx watcher
+	// exec: an abort first sends frameCancel, since the server lets an
+	// exec whose connection merely ends run on (chalkd may have died).
+	exec bool
+}
+
+func (cc *clientConn) send(typ byte, payload []byte) error {
+	cc.wmu.Lock()
+	defer cc.wmu.Unlock()
+	return cc.fw.writeFrame(typ, payload)
+}
+
+// abort cancels the operation: an exec is told to kill its process group,
+// then the connection is closed.
+func (cc *clientConn) abort() {
+	if cc.exec {
+		// The deadline also unblocks a write in progress (stdin to a
+		// server that stopped reading), which holds wmu.
+		_ = cc.Conn.SetWriteDeadline(time.Now().Add(cancelGrace))
+		_ = cc.send(frameCancel, nil)
+	}
+	cc.Conn.Close()
 }
 
 func (cc *clientConn) close() {
@@ -49,21 +79,17 @@ func (c *Client) call(ctx context.Context, req *request) (*clientConn, error) {
 	if len(b) > MaxFrame {
 		return nil, fmt.Errorf("%s request of %d bytes exceeds %d: %w", req.Op, len(b), MaxFrame, errdefs.ErrInvalidArgument)
 	}
-	var d net.Dialer
-	nc, err := d.DialContext(ctx, "unix", c.socket)
+	nc, err := c.dial(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctxErr(ctx)
 		}
-		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EAGAIN) {
-			return nil, fmt.Errorf("sandbox init at %s is not serving: %w", c.socket, errdefs.ErrUnavailable)
-		}
-		return nil, fmt.Errorf("dial sandbox init at %s: %v: %w", c.socket, err, errdefs.ErrUnavailable)
+		return nil, err
 	}
-	cc := &clientConn{Conn: nc}
+	cc := &clientConn{Conn: nc, exec: req.Op == opExec}
 	cc.fw.w = nc
-	cc.stop = context.AfterFunc(ctx, func() { nc.Close() })
-	if err := cc.fw.writeFrame(frameRequest, b); err != nil {
+	cc.stop = context.AfterFunc(ctx, cc.abort)
+	if err := cc.send(frameRequest, b); err != nil {
 		cc.close()
 		return nil, connErr(ctx, err)
 	}
@@ -99,7 +125,7 @@ func unexpected(typ byte) error {
 // collect are passed to each.
 func result(ctx context.Context, cc *clientConn, out any, collect byte, each func([]byte) error) error {
 	for {
-		typ, b, err := readFrame(cc, nil)
+		typ, b, err := readServerFrame(cc, nil)
 		if err != nil {
 			return connErr(ctx, err)
 		}
@@ -164,12 +190,15 @@ func (c *Client) WaitReady(ctx context.Context) error {
 			return nil
 		}
 		if ctx.Err() != nil {
-			return fmt.Errorf("sandbox init at %s not ready: %w", c.socket, ctxErr(ctx))
+			return fmt.Errorf("sandbox init %s not ready: %w", c.name, ctxErr(ctx))
+		}
+		if errors.Is(err, ErrUntrustedPeer) {
+			return fmt.Errorf("sandbox init %s: %w", c.name, err) // waiting will not help
 		}
 		t.Reset(delay)
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("sandbox init at %s not ready (%v): %w", c.socket, err, ctxErr(ctx))
+			return fmt.Errorf("sandbox init %s not ready (%v): %w", c.name, err, ctxErr(ctx))
 		case <-t.C:
 		}
 		delay = min(delay*2, 20*time.Millisecond)
@@ -209,7 +238,7 @@ func (r *fileReader) fill() (int, error) {
 	if r.err != nil {
 		return 0, r.err
 	}
-	typ, b, err := readFrame(r.cc, r.buf)
+	typ, b, err := readServerFrame(r.cc, r.buf)
 	switch {
 	case err != nil:
 		r.err = connErr(r.ctx, err)
@@ -312,17 +341,47 @@ func (c *Client) ListDir(ctx context.Context, path string) ([]FileInfo, error) {
 	defer cc.close()
 	out := []FileInfo{}
 	err = result(ctx, cc, nil, frameList, func(b []byte) error {
-		var batch []FileInfo
-		if err := json.Unmarshal(b, &batch); err != nil {
-			return fmt.Errorf("procapi: malformed listing: %v: %w", err, errdefs.ErrUnavailable)
-		}
-		out = append(out, batch...)
-		return nil
+		var err error
+		out, err = decodeListBatch(out, b, path)
+		return err
 	})
 	if err != nil {
 		return nil, err
 	}
 	slices.SortFunc(out, func(a, b FileInfo) int { return strings.Compare(a.Name, b.Name) })
+	return out, nil
+}
+
+// decodeListBatch appends the entries of one list frame to out, entry by
+// entry so that no frame makes more than MaxListEntries entries in all,
+// each with a plain name of at most MaxNameLen bytes.
+func decodeListBatch(out []FileInfo, b []byte, path string) ([]FileInfo, error) {
+	malformed := func(err error) error {
+		return fmt.Errorf("procapi: malformed listing of %s: %v: %w", path, err, errdefs.ErrUnavailable)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('[') {
+		return out, malformed(fmt.Errorf("want a JSON array (%v)", err))
+	}
+	for dec.More() {
+		if len(out) >= MaxListEntries {
+			return out, errTooManyEntries(path)
+		}
+		var fi FileInfo
+		if err := dec.Decode(&fi); err != nil {
+			return out, malformed(err)
+		}
+		if fi.Name == "" || fi.Name == "." || fi.Name == ".." || len(fi.Name) > MaxNameLen || strings.ContainsAny(fi.Name, "/\x00") {
+			return out, malformed(fmt.Errorf("entry name %.300q", fi.Name))
+		}
+		out = append(out, fi)
+	}
+	if _, err := dec.Token(); err != nil {
+		return out, malformed(err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return out, malformed(fmt.Errorf("data after the array"))
+	}
 	return out, nil
 }
 

@@ -127,12 +127,14 @@ func startErr(name string, err error) error {
 
 // execution is one running exec on the server.
 type execution struct {
-	c     *conn
-	pid   int
-	stdin *stdinQueue // nil without stdin
+	c        *conn
+	pid      int
+	stdin    *stdinQueue   // nil without stdin
+	stopping chan struct{} // closed when the server shuts down
 
-	mu     sync.Mutex
-	exited bool // reaped: its pid may be reused, signals must stop
+	mu        sync.Mutex
+	exited    bool // reaped: its pid may be reused, signals must stop
+	cancelled bool // the client sent frameCancel
 }
 
 func (s *server) exec(c *conn, req *request) {
@@ -202,7 +204,7 @@ func (s *server) exec(c *conn, req *request) {
 		c.sendErr(startErr(req.Argv[0], err))
 		return
 	}
-	e := &execution{c: c, pid: p.Pid}
+	e := &execution{c: c, pid: p.Pid, stopping: s.stopping}
 	p.Release() // (it sets p.Pid to -1)
 	s.log.Debug("procapi: exec", "pid", e.pid, "argv0", req.Argv[0])
 	if stdinW != nil {
@@ -235,9 +237,7 @@ func (e *execution) run(outR, errR *os.File, exited <-chan unix.WaitStatus) {
 	select {
 	case ws = <-exited:
 	case <-clientGone:
-		// The client cancelled or went away: kill the whole group.
-		e.signal(syscall.SIGKILL)
-		ws = <-exited
+		ws = e.clientGone(exited)
 	}
 	e.mu.Lock()
 	e.exited = true
@@ -264,6 +264,43 @@ func (e *execution) run(outR, errR *os.File, exited <-chan unix.WaitStatus) {
 	_ = e.c.sendJSON(frameExit, msg)
 }
 
+// clientGone handles the end of the connection before the process's: a
+// cancel (or the server shutting down) kills the process group; otherwise
+// the client merely went away (chalkd was killed or restarted) and the
+// process runs on, detached, with stdin at EOF and its output discarded
+// (the pumps drain the pipes, so it never blocks or gets SIGPIPE on them),
+// until it ends or the server shuts down.
+func (e *execution) clientGone(exited <-chan unix.WaitStatus) unix.WaitStatus {
+	e.mu.Lock()
+	cancelled := e.cancelled
+	e.mu.Unlock()
+	select {
+	case <-e.stopping:
+		cancelled = true
+	default:
+	}
+	if !cancelled {
+		if e.stdin != nil {
+			e.stdin.close()
+		}
+		select {
+		case ws := <-exited:
+			return ws
+		case <-e.stopping:
+		}
+	}
+	e.signal(syscall.SIGKILL)
+	return <-exited
+}
+
+// cancel kills the process group for good: the client cancelled.
+func (e *execution) cancel() {
+	e.mu.Lock()
+	e.cancelled = true
+	e.mu.Unlock()
+	e.signal(syscall.SIGKILL)
+}
+
 // signal signals the process group unless the process has been reaped.
 func (e *execution) signal(sig syscall.Signal) {
 	e.mu.Lock()
@@ -288,8 +325,9 @@ func (e *execution) readClient(gone chan<- struct{}) {
 		switch typ {
 		case frameStdin:
 			if e.stdin != nil && !e.stdin.push(b) {
-				// Over its credit: a broken client. Closing the
-				// connection kills the process.
+				// Over its credit: a broken client. Its process is
+				// killed and the connection cut.
+				e.cancel()
 				e.c.Close()
 				return
 			}
@@ -301,6 +339,8 @@ func (e *execution) readClient(gone chan<- struct{}) {
 			if len(b) == 1 && b[0] >= 1 && b[0] <= 64 {
 				e.signal(syscall.Signal(b[0]))
 			}
+		case frameCancel:
+			e.cancel()
 		}
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -611,5 +612,56 @@ func TestUser(t *testing.T) {
 	}
 	if _, err := plain.Exec(testCtx(t), ExecRequest{Argv: []string{bin}, User: "1234"}, nil, nil); !errors.Is(err, errdefs.ErrPermissionDenied) {
 		t.Fatalf("exec of a root-only file as 1234: %v", err)
+	}
+}
+
+// TestExecSurvivesLostConnection: an exec whose client goes away without
+// cancelling it (chalkd was killed) runs on to its end, with its output
+// discarded (a megabyte of it does not block it) and its stdin at EOF.
+func TestExecSurvivesLostConnection(t *testing.T) {
+	c := serve(t, ServerOptions{})
+	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+	defer cancel()
+	dir := t.TempDir()
+	goFifo, doneFifo := filepath.Join(dir, "go"), filepath.Join(dir, "done")
+	for _, f := range []string{goFifo, doneFifo} {
+		if err := unix.Mkfifo(f, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	script := `echo ready; read x < "$1"; yes | head -c 1000000; read y; echo "$x stdin:${y:-eof}" > "$2"`
+	req, _ := json.Marshal(request{Op: opExec, Argv: []string{"sh", "-c", script, "sh", goFifo, doneFifo}, Stdin: true})
+	nc := raw(t, c, frameRequest, req)
+	for {
+		typ, b, err := readFrame(nc, nil)
+		if err != nil {
+			t.Fatalf("before ready: %v", err)
+		}
+		if typ == frameStdout && string(b) == "ready\n" {
+			break
+		}
+	}
+	nc.Close()
+	// Opening the fifo blocks until the exec opens it to read: if the
+	// exec died with its connection, this runs into the deadline.
+	released := make(chan error, 1)
+	go func() { released <- os.WriteFile(goFifo, []byte("go\n"), 0) }()
+	select {
+	case err := <-released:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-ctx.Done():
+		t.Fatal("the exec did not survive its connection")
+	}
+	got := make(chan []byte, 1)
+	go func() { b, _ := os.ReadFile(doneFifo); got <- b }()
+	select {
+	case b := <-got:
+		if string(b) != "go stdin:eof\n" {
+			t.Fatalf("the exec wrote %q", b)
+		}
+	case <-ctx.Done():
+		t.Fatal("the exec did not finish after its connection was lost")
 	}
 }

@@ -27,6 +27,21 @@ type FileInfo struct {
 // even with 255-byte names).
 const listBatch = 256
 
+const (
+	// MaxListEntries is the most entries ListDir returns: a larger
+	// directory is errdefs.ErrResourceExhausted (list it with an exec:
+	// `ls`, `find`), so that a listing costs the host a bounded amount of
+	// memory (MaxListEntries entries of at most MaxNameLen bytes of name).
+	MaxListEntries = 20000
+	// MaxNameLen is the longest file name in a listing (NAME_MAX).
+	MaxNameLen = 255
+)
+
+// errTooManyEntries is the error of a listing over MaxListEntries.
+func errTooManyEntries(path string) error {
+	return fmt.Errorf("list %s: more than %d entries (procapi.MaxListEntries); list it with an exec (ls, find) instead: %w", path, MaxListEntries, errdefs.ErrResourceExhausted)
+}
+
 // fileErr classifies a file system error.
 func fileErr(op, path string, err error) error {
 	var class error
@@ -232,6 +247,7 @@ func (s *server) list(c *conn, req *request) {
 	}
 	defer d.Close()
 	batch := make([]FileInfo, 0, listBatch)
+	total := 0
 	for {
 		ents, err := d.ReadDir(listBatch)
 		for _, e := range ents {
@@ -240,6 +256,10 @@ func (s *server) list(c *conn, req *request) {
 				continue // removed since it was listed
 			}
 			batch = append(batch, infoOf(e.Name(), st))
+		}
+		if total += len(batch); total > MaxListEntries {
+			c.sendErr(errTooManyEntries(req.Path))
+			return
 		}
 		if len(batch) > 0 {
 			if c.sendJSON(frameList, batch) != nil {

@@ -370,7 +370,7 @@ func TestProtocolErrors(t *testing.T) {
 	}
 	// A frame header announcing more than MaxFrame: the server hangs up
 	// without reading (or allocating) the payload.
-	nc, err := net.Dial("unix", c.socket)
+	nc, err := net.Dial("unix", c.name)
 	if err != nil {
 		t.Fatal(err)
 	}

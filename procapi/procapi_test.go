@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
@@ -35,7 +37,20 @@ func serve(t testing.TB, opts ServerOptions) *Client {
 			t.Errorf("Serve: %v", err)
 		}
 	})
-	return NewClient(sock)
+	return testClient(sock)
+}
+
+// testClient is a client of a server this process runs at sock: it dials
+// as a host does (DialSocket) and accepts only this process as the listener.
+func testClient(sock string) *Client {
+	return NewClient(sock, func(ctx context.Context) (net.Conn, error) {
+		return DialSocket(ctx, filepath.Dir(sock), filepath.Base(sock), func(cred *unix.Ucred) error {
+			if int(cred.Pid) != os.Getpid() {
+				return fmt.Errorf("listener pid %d, want %d", cred.Pid, os.Getpid())
+			}
+			return nil
+		})
+	})
 }
 
 // testCtx is a context that ends with the test (or after a minute).
@@ -157,7 +172,7 @@ func gone(pid int) bool {
 // raw opens a connection and sends a request frame of the given bytes.
 func raw(t *testing.T, c *Client, typ byte, payload []byte) net.Conn {
 	t.Helper()
-	nc, err := net.Dial("unix", c.socket)
+	nc, err := net.Dial("unix", c.name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +189,7 @@ func isRoot() bool { return os.Geteuid() == 0 }
 func TestPingAndWaitReady(t *testing.T) {
 	ctx := testCtx(t)
 	sock := filepath.Join(t.TempDir(), "init.sock")
-	c := NewClient(sock)
+	c := testClient(sock)
 	if err := c.Ping(ctx); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("ping without a server: %v, want unavailable", err)
 	}
@@ -230,7 +245,7 @@ func TestServeShutdownKillsExecs(t *testing.T) {
 	sctx, stop := context.WithCancel(ctx)
 	served := make(chan error, 1)
 	go func() { served <- Serve(sctx, l, ServerOptions{}) }()
-	c := NewClient(sock)
+	c := testClient(sock)
 	var out waiter
 	ready := out.until("\n")
 	p, err := c.Exec(ctx, ExecRequest{Argv: []string{"sh", "-c", "sleep 1000 & echo $!; wait"}}, &out, nil)

@@ -33,8 +33,6 @@ type Process struct {
 	ctx context.Context
 	pid int
 
-	wmu sync.Mutex // frame writes
-
 	stdin *stdinWriter
 
 	exited chan struct{} // closed when the exec is over (status or err set)
@@ -59,7 +57,7 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, stdout, stderr io.Wr
 	if err != nil {
 		return nil, err
 	}
-	typ, b, err := readFrame(cc, nil)
+	typ, b, err := readServerFrame(cc, nil)
 	if err != nil {
 		cc.close()
 		return nil, connErr(ctx, err)
@@ -106,7 +104,7 @@ func (p *Process) read(stdout, stderr io.Writer) {
 	}()
 	buf := make([]byte, MaxChunk)
 	for {
-		typ, b, err := readFrame(p.cc, buf)
+		typ, b, err := readServerFrame(p.cc, buf)
 		if err != nil {
 			p.err = connErr(p.ctx, err)
 			return
@@ -118,7 +116,7 @@ func (p *Process) read(stdout, stderr io.Writer) {
 				w = stderr
 			}
 			if _, err := w.Write(b); err != nil {
-				// Closing the connection kills the process.
+				p.cc.abort() // kills the process
 				p.err = fmt.Errorf("process %d: output writer: %w", p.pid, err)
 				return
 			}
@@ -155,11 +153,7 @@ func (p *Process) done() bool {
 	}
 }
 
-func (p *Process) send(typ byte, payload []byte) error {
-	p.wmu.Lock()
-	defer p.wmu.Unlock()
-	return p.cc.fw.writeFrame(typ, payload)
-}
+func (p *Process) send(typ byte, payload []byte) error { return p.cc.send(typ, payload) }
 
 // Pid is the process id inside the sandbox.
 func (p *Process) Pid() int { return p.pid }

@@ -45,8 +45,9 @@ type Activation struct {
 }
 
 // Serve serves the process API on l until ctx is done. Then it closes l and
-// every open connection — which kills the process groups of running execs —
-// and returns once their handlers have finished. Processes are started and
+// every open connection, kills the process groups of running execs (also
+// those whose client went away: see the package doc on exec), and returns
+// once their handlers have finished. Processes are started and
 // reaped through StartReaper().
 func Serve(ctx context.Context, l net.Listener, opts ServerOptions) error {
 	log := opts.Logger
@@ -69,6 +70,7 @@ func Serve(ctx context.Context, l net.Listener, opts ServerOptions) error {
 		devnull:  devnull,
 		activate: opts.Activate,
 		conns:    map[net.Conn]struct{}{},
+		stopping: make(chan struct{}),
 	}
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
@@ -115,6 +117,7 @@ type server struct {
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{}
 	closing  bool
+	stopping chan struct{} // closed with closing: kills detached execs
 	handlers sync.WaitGroup
 }
 
@@ -141,6 +144,7 @@ func (s *server) untrack(nc net.Conn) {
 func (s *server) shutdown() {
 	s.mu.Lock()
 	s.closing = true
+	close(s.stopping)
 	for nc := range s.conns {
 		nc.Close()
 	}

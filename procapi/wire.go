@@ -41,12 +41,25 @@
 //	                process writes them, 'W' stdin credit, 'C' (the process
 //	                closed its stdin), and last 'X' {"code","signal"};
 //	                meanwhile the client may send 'I' stdin bytes, 'E' (stdin
-//	                EOF) and 'S' (1 byte: a signal number)
+//	                EOF), 'S' (1 byte: a signal number) and 'Z' (cancel: kill
+//	                the process group)
 //
 // Any op may end with 'R' {"class","message"} instead: an error whose class
 // (not_found, invalid_argument, ...) the client turns back into the matching
-// errdefs error. Closing the connection cancels the op; for exec that kills
-// the process group.
+// errdefs error. Closing the connection cancels the op, except for exec: the
+// client cancels an exec with 'Z', which kills its process group, and then
+// closes. An exec whose connection just ends (chalkd was killed or
+// restarted) runs on to its end with stdin at EOF and its output discarded:
+// nothing a user started in a sandbox depends on chalkd's lifetime.
+//
+// # Hostile peers
+//
+// The host treats every byte from init as hostile (the sandbox's root can
+// replace init's socket, or init itself): frames are bounded per type
+// (serverFrameLimit), decoded fields are bounded (error messages to
+// MaxErrorMessage, listings to MaxListEntries entries of names of at most
+// MaxNameLen bytes), and the host reaches init only through DialSocket,
+// which refuses anything but the sandbox's own init.
 //
 // # Flow control
 //
@@ -67,6 +80,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
@@ -80,6 +94,7 @@ const (
 	frameStdin       = 'I'
 	frameStdinEOF    = 'E'
 	frameSignal      = 'S'
+	frameCancel      = 'Z'
 	frameData        = 'D'
 	frameDataEnd     = 'F'
 	frameStarted     = 'P'
@@ -105,7 +120,29 @@ const (
 	StdinWindow = 256 << 10
 	// frameHeader is the size of a frame header.
 	frameHeader = 5
+	// maxControl is the largest payload of a JSON control frame from the
+	// server (started, exit, result, error).
+	maxControl = 64 << 10
+	// MaxErrorMessage is the longest error message taken from the server;
+	// longer ones are cut.
+	MaxErrorMessage = 4 << 10
 )
+
+// serverFrameLimit is the largest payload the client accepts in a frame of
+// type typ from the server.
+func serverFrameLimit(typ byte) uint32 {
+	switch typ {
+	case frameStdout, frameStderr, frameFile:
+		return MaxChunk
+	case frameCredit:
+		return 4
+	case frameStdinClosed, frameFileEnd:
+		return 0
+	case frameStarted, frameExit, frameResult, frameError:
+		return maxControl
+	}
+	return MaxFrame // directory listings; frame types of newer servers
+}
 
 // frameWriter writes frames to one connection; it is not safe for concurrent
 // use (callers serialise).
@@ -147,16 +184,28 @@ func putHeader(b []byte, typ byte, n int) {
 	binary.BigEndian.PutUint32(b[1:frameHeader], uint32(n))
 }
 
-// readFrame reads one frame. The payload is read into buf when it fits (and
-// then aliases it), else into a new slice.
+// readFrame reads one frame of at most MaxFrame bytes. The payload is read
+// into buf when it fits (and then aliases it), else into a new slice.
 func readFrame(r io.Reader, buf []byte) (byte, []byte, error) {
+	return readFrameMax(r, buf, func(byte) uint32 { return MaxFrame })
+}
+
+// readServerFrame reads one frame from the server, bounded per type by
+// serverFrameLimit.
+func readServerFrame(r io.Reader, buf []byte) (byte, []byte, error) {
+	return readFrameMax(r, buf, serverFrameLimit)
+}
+
+// readFrameMax reads one frame whose payload is at most limit(type) bytes;
+// a larger one is refused before its payload is read.
+func readFrameMax(r io.Reader, buf []byte, limit func(byte) uint32) (byte, []byte, error) {
 	var hdr [frameHeader]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return 0, nil, err
 	}
 	n := binary.BigEndian.Uint32(hdr[1:])
-	if n > MaxFrame {
-		return 0, nil, fmt.Errorf("procapi: frame %q of %d bytes exceeds %d: %w", hdr[0], n, MaxFrame, errdefs.ErrInvalidArgument)
+	if max := limit(hdr[0]); n > max {
+		return 0, nil, fmt.Errorf("procapi: frame %q of %d bytes exceeds %d: %w", hdr[0], n, max, errdefs.ErrInvalidArgument)
 	}
 	if int(n) > cap(buf) {
 		buf = make([]byte, n)
@@ -255,6 +304,9 @@ func decodeError(b []byte) error {
 	var m errorMsg
 	if err := json.Unmarshal(b, &m); err != nil {
 		return fmt.Errorf("procapi: malformed error frame: %v: %w", err, errdefs.ErrUnavailable)
+	}
+	if len(m.Message) > MaxErrorMessage {
+		m.Message = strings.ToValidUTF8(m.Message[:MaxErrorMessage], "") + " [cut at procapi.MaxErrorMessage]"
 	}
 	e := &RemoteError{Message: m.Message}
 	for _, c := range classNames {

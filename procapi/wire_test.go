@@ -148,5 +148,9 @@ func FuzzDecodeError(f *testing.F) {
 		if err == nil || err.Error() == "" {
 			t.Fatalf("decodeError(%q) = %v", b, err)
 		}
+		var re *RemoteError
+		if errors.As(err, &re) && len(re.Message) > MaxErrorMessage+64 {
+			t.Fatalf("error message of %d bytes kept (MaxErrorMessage %d)", len(re.Message), MaxErrorMessage)
+		}
 	})
 }

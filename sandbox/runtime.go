@@ -23,6 +23,7 @@ package sandbox
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -40,7 +41,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
-	"github.com/chalkcompute/chalkcompute/procapi"
 )
 
 // Paths inside every sandbox.
@@ -239,11 +239,6 @@ func (r *Runtime) Dir(id string) string { return filepath.Join(r.cfg.StateDir, i
 // LogPath is the console log of sandbox id.
 func (r *Runtime) LogPath(id string) string { return filepath.Join(r.cfg.LogDir, id+".log") }
 
-// Client is the process API client of sandbox id.
-func (r *Runtime) Client(id string) *procapi.Client {
-	return procapi.NewClient(filepath.Join(r.Dir(id), "run", SocketName))
-}
-
 // cgroupPath is the cgroupfs path of sandbox id.
 func (r *Runtime) cgroupPath(id string) string { return filepath.Join(r.cfg.CgroupParent, id) }
 
@@ -262,10 +257,13 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	if err != nil {
 		return 0, err
 	}
+	started := 0 // init's pid once runc ran it
 	defer func() {
 		if err != nil {
 			if derr := r.Destroy(context.WithoutCancel(ctx), sp.ID); derr != nil {
 				r.log.Warn("cleanup after failed start", "sandbox", sp.ID, "err", derr)
+			} else if started > 0 {
+				r.reap(ctx, sp.ID, started)
 			}
 		}
 	}()
@@ -364,7 +362,7 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 		return 0, err
 	}
 	defer logf.Close()
-	pidFile := filepath.Join(dir, "init.pid")
+	pidFile := filepath.Join(dir, initPidFile)
 	// Watch for init's socket before init can make it: readiness is then an
 	// event, not a poll.
 	appeared, stopWatch, werr := watchCreate(filepath.Join(dir, "run"), SocketName)
@@ -389,6 +387,7 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	if err != nil {
 		return 0, fmt.Errorf("sandbox %q pid file: %w", sp.ID, err)
 	}
+	started = pid
 	tReady := time.Now()
 	readyCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -435,6 +434,55 @@ func (r *Runtime) waitReady(ctx context.Context, id string, pid int, appeared <-
 		return nil
 	case <-exitedChan(wctx, pid):
 		return fmt.Errorf("sandbox %q: %w: %s: %w", id, errExitedEarly, tail(r.LogPath(id), 2048), errdefs.ErrFailedPrecondition)
+	}
+}
+
+// helperChildren lists the processes of sandbox id, other than its init,
+// that are children of this process: runsc's gofer, reparented to chalkd
+// (the subreaper) like the sandbox process, is one. Destroy reaps them;
+// init is left to whoever watches it (the control plane's watcher, or the
+// pre-start pool for its members).
+func (r *Runtime) helperChildren(id string) []int {
+	initPID, _ := r.initPid(id)
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	self, cg := strconv.Itoa(os.Getpid()), r.cgroupPath(id)
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == initPID {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...; comm may hold spaces and parentheses.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 2 || f[1] != self {
+			continue
+		}
+		if in, _ := inCgroup(pid, cg); in {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// reap waits (briefly) for a child process of a sandbox that was destroyed
+// (the init of a sandbox that failed to start, runsc's gofer): this
+// process, their subreaper, is their parent, and nobody else waits for them.
+func (r *Runtime) reap(ctx context.Context, id string, pid int) {
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if _, err := waitPid(wctx, pid); err != nil {
+		r.log.Warn("reap a process of a destroyed sandbox", "sandbox", id, "pid", pid, "err", err)
 	}
 }
 
@@ -489,8 +537,12 @@ func (r *Runtime) SetLimits(ctx context.Context, id string, cpu float64, memory 
 // directory. It is idempotent and safe on a half-created sandbox.
 func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	var errs []error
+	helpers := r.helperChildren(id)
 	if err := r.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil && !isNotExist(err) {
 		errs = append(errs, fmt.Errorf("runc delete: %w", err))
+	}
+	for _, pid := range helpers {
+		r.reap(ctx, id, pid)
 	}
 	r.removeCgroups(id)
 	dir := r.Dir(id)

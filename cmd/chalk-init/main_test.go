@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/procapi"
@@ -50,6 +53,20 @@ func initCmd(t *testing.T, args ...string) *exec.Cmd {
 		}
 	})
 	return cmd
+}
+
+// initClient is a process API client of the init cmd runs, serving at
+// sock: it accepts only cmd's process as the socket's listener, as chalkd
+// accepts only the sandbox's init.
+func initClient(sock string, cmd *exec.Cmd) *procapi.Client {
+	return procapi.NewClient(sock, func(ctx context.Context) (net.Conn, error) {
+		return procapi.DialSocket(ctx, filepath.Dir(sock), filepath.Base(sock), func(cred *unix.Ucred) error {
+			if int(cred.Pid) != cmd.Process.Pid {
+				return fmt.Errorf("listener pid %d, want init's %d", cred.Pid, cmd.Process.Pid)
+			}
+			return nil
+		})
+	})
 }
 
 // waitExit waits for cmd to exit until ctx ends; then it kills it, reaps it
@@ -166,7 +183,7 @@ func TestServes(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	c := procapi.NewClient(sock)
+	c := initClient(sock, cmd)
 	if err := c.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -211,7 +228,7 @@ func TestActivate(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	c := procapi.NewClient(sock)
+	c := initClient(sock, cmd)
 	if err := c.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -277,7 +294,7 @@ func TestActivateShortEntrypoint(t *testing.T) {
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
-			c := procapi.NewClient(sock)
+			c := initClient(sock, cmd)
 			if err := c.WaitReady(ctx); err != nil {
 				t.Fatal(err)
 			}
@@ -359,7 +376,7 @@ func TestTerminate(t *testing.T) {
 			if line, _ := r.ReadString('\n'); line != "ready\n" {
 				t.Fatalf("got %q, want ready", line)
 			}
-			if err := procapi.NewClient(sock).WaitReady(ctx); err != nil {
+			if err := initClient(sock, cmd).WaitReady(ctx); err != nil {
 				t.Fatal(err)
 			}
 			eventually(t, "the background child runs sleep", func() bool { return runsSleep(child) })
@@ -389,7 +406,7 @@ func TestTerminateWaitsForExecs(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	c := procapi.NewClient(sock)
+	c := initClient(sock, cmd)
 	if err := c.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
