@@ -1,0 +1,119 @@
+package mcpgw
+
+import (
+	"bytes"
+	"fmt"
+	"strconv"
+	"sync/atomic"
+)
+
+// Request ids: the gateway gives every request it forwards an id of its own
+// (a number unique in the gateway) and keeps the sandbox's; an answer is
+// matched to its request by that id only, gets the sandbox's id back, and
+// is filtered by what its request was. An answer with an id the gateway did
+// not send (or sent on another request, or already answered) is dropped, so
+// no spelling of an id ("7.0", "\u0037") can make an answer skip the
+// filtering of list results.
+
+var lastID atomic.Uint64
+
+type pending struct {
+	id     value // the sandbox's
+	method string
+}
+
+// assignIDs gives the requests their gateway ids and returns the body to
+// forward: the canonical encoding of the checked messages.
+func (c *call) assignIDs() []byte {
+	c.pending = map[string]pending{}
+	out := make([]value, len(c.msgs))
+	for i := range c.msgs {
+		m := &c.msgs[i]
+		if !m.isRequest() {
+			out[i] = m.upward(nil)
+			continue
+		}
+		gw := value{kind: 'n', str: strconv.FormatUint(lastID.Add(1), 10)}
+		c.pending[gw.str] = pending{id: *m.id, method: m.method}
+		out[i] = m.upward(&gw)
+	}
+	if c.batch {
+		return value{kind: 'a', arr: out}.bytes()
+	}
+	return out[0].bytes()
+}
+
+// downstream checks one JSON body from the upstream (a message or a batch)
+// and returns what the sandbox gets: messages re-encoded with the sandbox's
+// ids, list results filtered; nil if nothing is left.
+func (g *Gateway) downstream(c *call, b []byte) []byte {
+	v, err := decodeStrict(bytes.TrimSpace(b))
+	if err != nil {
+		c.note("(response)", "", "refused: the upstream's answer is not strict JSON: "+err.Error())
+		return nil
+	}
+	if v.kind == 'a' {
+		out := value{kind: 'a', arr: []value{}}
+		for _, it := range v.arr {
+			if x, ok := g.downMsg(c, it); ok {
+				out.arr = append(out.arr, x)
+			}
+		}
+		if len(out.arr) == 0 {
+			return nil
+		}
+		return redact(out.bytes(), c.up)
+	}
+	x, ok := g.downMsg(c, v)
+	if !ok {
+		return nil
+	}
+	return redact(x.bytes(), c.up)
+}
+
+func (g *Gateway) downMsg(c *call, v value) (value, bool) {
+	if v.kind != 'o' {
+		c.note("(response)", "", "refused: the upstream sent a JSON-RPC message that is not an object")
+		return value{}, false
+	}
+	if err := v.checkKeys(topLevel, true); err != nil {
+		c.note("(response)", "", "refused: the upstream's message: "+err.Error())
+		return value{}, false
+	}
+	if m, ok := v.get("method"); ok {
+		// A request or notification of the server's (progress, sampling…).
+		if how := c.det.findValue(v); how != "" {
+			c.note(m.str, "", "refused: the upstream's message held its credential ("+how+")")
+			return value{}, false
+		}
+		return v, true
+	}
+	id, _ := v.get("id")
+	key := ""
+	if id.kind == 'n' {
+		key = id.str
+	}
+	p, ok := c.pending[key]
+	if !ok {
+		if _, isErr := v.get("error"); isErr && id.kind == 'z' {
+			// An error the upstream could not attribute (a parse error).
+			if how := c.det.findValue(v); how != "" {
+				c.note("(response)", "", "refused: the upstream's error held its credential ("+how+")")
+				return value{}, false
+			}
+			return v, true
+		}
+		c.note("(response)", "", fmt.Sprintf("refused: the upstream answered id %s, which the gateway did not send or was answered", id.bytes()))
+		return value{}, false
+	}
+	delete(c.pending, key)
+	v.set("id", p.id)
+	if res, ok := v.get("result"); ok {
+		v.set("result", filterResult(p.method, res, c.up))
+	}
+	if how := c.det.findValue(v); how != "" {
+		c.note(p.method, "", "refused: the upstream's answer held its credential ("+how+")")
+		return rpcErrorValue(p.id, codeLeak, "the upstream's answer was refused: it held the server's credential"), true
+	}
+	return v, true
+}
