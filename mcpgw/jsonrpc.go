@@ -27,7 +27,7 @@ var inspectedParams = []string{"name", "uri", "cursor", "arguments", "_meta"}
 // methods are the JSON-RPC methods a sandbox may send (MCP 2025-06-18 and
 // 2025-03-26, client to server); the gateway refuses others.
 var methods = map[string]bool{
-	"initialize": true, "ping": true,
+	"initialize": true, "ping": true, "server/discover": true,
 	"tools/list": true, "tools/call": true,
 	"prompts/list": true, "prompts/get": true,
 	"resources/list": true, "resources/templates/list": true, "resources/read": true,

@@ -1,0 +1,105 @@
+package mcpgw
+
+import (
+	"bytes"
+	"encoding/json"
+	"testing"
+)
+
+// FuzzDecodeStrict: what decodeStrict accepts re-encodes to a fixed point
+// that encoding/json reads as the same document.
+func FuzzDecodeStrict(f *testing.F) {
+	for _, s := range []string{`{"a":1,"b":[true,null,"x\u0041"]}`, `[1.0,-2e3,"\ud83d\ude00"]`, `{"a":{"A":1}}`, `"\u017f"`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		v, err := decodeStrict(b)
+		if err != nil {
+			return
+		}
+		e1 := v.bytes()
+		v2, err := decodeStrict(e1)
+		if err != nil {
+			t.Fatalf("re-encoding %q does not decode: %v", e1, err)
+		}
+		if e2 := v2.bytes(); !bytes.Equal(e1, e2) {
+			t.Fatalf("not stable: %q -> %q", e1, e2)
+		}
+		if !json.Valid(e1) {
+			t.Fatalf("invalid JSON %q", e1)
+		}
+	})
+}
+
+// FuzzParseMessages: for every body the gateway accepts, what it forwards
+// decodes again to the same checks, and a case-insensitive reader (Go's
+// encoding/json, as the official SDK uses) sees in the forwarded bytes the
+// method and name that the gateway checked.
+func FuzzParseMessages(f *testing.F) {
+	for _, s := range []string{
+		`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","arguments":{"p":"/x"}}}`,
+		`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_repo"},"Params":{"name":"read_file"}}`,
+		`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_repo"},"paramſ":{"name":"read_file"}}`,
+		`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","NAME":"delete_repo"}}`,
+		`{"jsonrpc":"2.0","id":1,"method":"tools/call","Method":"ping","params":{"name":"delete_repo"}}`,
+		`{"jsonrpc":"2.0","id":7.0,"method":"tools/list"}`,
+		`{"jsonrpc":"2.0","id":"\u0037","method":"tools/list"}`,
+		`[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"resources/read","params":{"uri":"file:///a"}}]`,
+		`{"jsonrpc":"2.0","id":3,"result":{}}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		msgs, err := parseMessages(b)
+		if err != nil {
+			return
+		}
+		c := &call{msgs: msgs, batch: bytes.HasPrefix(bytes.TrimSpace(b), []byte("["))}
+		fwd := c.assignIDs()
+		again, err := parseMessages(fwd)
+		if err != nil {
+			t.Fatalf("forwarded %q does not parse: %v", fwd, err)
+		}
+		if len(again) != len(msgs) {
+			t.Fatalf("%d messages forwarded as %d", len(msgs), len(again))
+		}
+		c2 := &call{msgs: again, batch: c.batch}
+		if fwd2 := c2.assignIDs(); len(fwd2) == 0 {
+			t.Fatal("empty re-encoding")
+		}
+		var lenient []struct {
+			Method string
+			Params struct{ Name, URI string }
+		}
+		if c.batch {
+			if err := json.Unmarshal(fwd, &lenient); err != nil {
+				t.Fatalf("encoding/json cannot read %q: %v", fwd, err)
+			}
+		} else {
+			lenient = make([]struct {
+				Method string
+				Params struct{ Name, URI string }
+			}, 1)
+			if err := json.Unmarshal(fwd, &lenient[0]); err != nil {
+				t.Fatalf("encoding/json cannot read %q: %v", fwd, err)
+			}
+		}
+		for i, m := range msgs {
+			if again[i].method != m.method || again[i].name != m.name {
+				t.Fatalf("checked %s %q, forwarded parses as %s %q", m.method, m.name, again[i].method, again[i].name)
+			}
+			l := lenient[i]
+			name := l.Params.Name
+			switch m.method {
+			case "resources/read", "resources/subscribe", "resources/unsubscribe":
+				name = l.Params.URI
+			case "tools/call", "prompts/get":
+			default:
+				name = ""
+			}
+			if l.Method != m.method || name != m.name {
+				t.Fatalf("checked %s %q, a case-insensitive reader sees %s %q in %q", m.method, m.name, l.Method, name, fwd)
+			}
+		}
+	})
+}
