@@ -6,22 +6,29 @@
 //     sandbox still running) and that it belongs to the sandbox whose network
 //     namespace the request came from;
 //   - checks the server's policy: which sandboxes may use it (labels), and
-//     which tools, prompts and resources they may use. The JSON-RPC method
-//     and the tool come from the body, item by item for batches; the
-//     standard Mcp-Method/Mcp-Name headers must agree with the body;
-//     tools/list results are filtered to the allowed tools and calls of
-//     others are refused with a JSON-RPC error;
+//     which tools, prompts and resources they may use. Bodies are read by
+//     one strict decoder (strictjson.go, jsonrpc.go: no duplicate keys, no
+//     case or folding twins of spec members, no unknown top-level members)
+//     item by item for batches; the standard Mcp-Method/Mcp-Name headers
+//     must agree with the body; calls outside the allowlists are refused
+//     with a JSON-RPC error. What is forwarded is the gateway's encoding of
+//     what it checked, with request ids of its own (downstream.go); answers
+//     are matched by those ids, so list results are always filtered;
 //   - removes the sandbox's Authorization header, adds the upstream
 //     credential, and proxies the Streamable HTTP transport: POST with JSON
 //     or SSE responses (streamed event by event), GET streams, DELETE;
 //     session ids are the gateway's own, bound to the sandbox and server
 //     (upstream ids never reach the sandbox);
-//   - redacts the credential from anything that goes back, and never writes
-//     it to logs or errors;
-//   - audits every message (Config.Audit) and enforces a per-sandbox rate
-//     limit per server, size limits, upstream timeouts, and a dialer that
-//     refuses link-local and metadata addresses (also after redirects and
-//     DNS changes: the check is on the address actually dialled).
+//   - refuses upstream messages that hold the credential in a common
+//     encoding (leak.go), redacts it as a safety net, and never writes it
+//     to logs or errors;
+//   - audits every message with its decision (Config.Audit; within a
+//     per-sandbox budget, the excess counted), and enforces a per-sandbox
+//     rate limit per server counted in messages, a cap on requests in
+//     flight, a minimum request body rate, size limits, upstream timeouts,
+//     redirects only within the upstream's origin, and a dialer that
+//     refuses loopback, link-local, metadata and the node's own addresses
+//     (on the address actually dialled, for every hop).
 package mcpgw
 
 import (
