@@ -18,8 +18,8 @@ import (
 var lastID atomic.Uint64
 
 type pending struct {
-	id     value // the sandbox's
-	method string
+	id           value // the sandbox's
+	method, name string
 }
 
 // assignIDs gives the requests their gateway ids and returns the body to
@@ -34,7 +34,7 @@ func (c *call) assignIDs() []byte {
 			continue
 		}
 		gw := value{kind: 'n', str: strconv.FormatUint(lastID.Add(1), 10)}
-		c.pending[gw.str] = pending{id: *m.id, method: m.method}
+		c.pending[gw.str] = pending{id: *m.id, method: m.method, name: m.name}
 		out[i] = m.upward(&gw)
 	}
 	if c.batch {
@@ -112,7 +112,7 @@ func (g *Gateway) downMsg(c *call, v value) (value, bool) {
 		v.set("result", filterResult(p.method, res, c.up))
 	}
 	if how := c.det.findValue(v); how != "" {
-		c.note(p.method, "", "refused: the upstream's answer held its credential ("+how+")")
+		c.note(p.method, p.name, "refused: the upstream's answer held its credential ("+how+")")
 		return rpcErrorValue(p.id, codeLeak, "the upstream's answer was refused: it held the server's credential"), true
 	}
 	return v, true

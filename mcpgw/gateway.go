@@ -500,7 +500,8 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, erro
 	deadline := func(n int) time.Time {
 		return start.Add(g.cfg.ReadGrace + time.Duration(float64(n)/float64(g.cfg.MinReadRate)*float64(time.Second)))
 	}
-	// Without a connection deadline (HTTP/2, wrapped writers) a timer ends the body.
+	// Without a connection deadline (HTTP/2, a writer wrapped without
+	// Unwrap) a timer closes the body, which ends a pending Read on HTTP/2.
 	noDeadline := rc.SetReadDeadline(deadline(0)) != nil
 	var timer *time.Timer
 	var timedOut atomic.Bool
@@ -517,6 +518,7 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, erro
 		n, err := r.Body.Read(chunk)
 		buf.Write(chunk[:n])
 		if int64(buf.Len()) > g.cfg.MaxRequest {
+			w.Header().Set("Connection", "close")
 			return nil, fail(http.StatusRequestEntityTooLarge, "request body over %d bytes", g.cfg.MaxRequest)
 		}
 		if err == io.EOF {

@@ -174,21 +174,20 @@ func TestToolsThroughGateway(t *testing.T) {
 			if n := f.up.SecretCalls.Load(); n != 0 {
 				t.Fatalf("secret_tool ran %d times upstream", n)
 			}
-			// The audit has the calls with their decisions.
-			f.mu.Lock()
-			defer f.mu.Unlock()
-			var sawDenied, sawAdd bool
-			for _, a := range f.audit {
-				if a.Method == "tools/call" && a.Tool == "secret_tool" && strings.HasPrefix(a.Decision, "denied") && a.SandboxID == "sb-a" {
-					sawDenied = true
+			// The audit has the calls with their decisions (a handler records
+			// after its answer: waitAudit).
+			f.waitAudit(t, func(recs []store.MCPAudit) bool {
+				var sawDenied, sawAdd bool
+				for _, a := range recs {
+					if a.Method == "tools/call" && a.Tool == "secret_tool" && strings.HasPrefix(a.Decision, "denied") && a.SandboxID == "sb-a" {
+						sawDenied = true
+					}
+					if a.Method == "tools/call" && a.Tool == "add" && a.Decision == "allowed" && len(a.ArgsSHA256) == 64 && a.Subject == "chalk:org:org1:sbx:sb-a" {
+						sawAdd = true
+					}
 				}
-				if a.Method == "tools/call" && a.Tool == "add" && a.Decision == "allowed" && len(a.ArgsSHA256) == 64 && a.Subject == "chalk:org:org1:sbx:sb-a" {
-					sawAdd = true
-				}
-			}
-			if !sawDenied || !sawAdd {
-				t.Fatalf("audit lacks the calls: %+v", f.audit)
-			}
+				return sawDenied && sawAdd
+			})
 		})
 	}
 }

@@ -17,8 +17,11 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
+
+	"github.com/chalkcompute/chalkcompute/store"
 )
 
 // These are the attacks of issue #21, each against an official-SDK upstream
@@ -45,6 +48,27 @@ func (f *fixture) postTo(t *testing.T, server, body string) (int, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b)
+}
+
+// waitAudit returns once cond holds of the audit records (a handler
+// records after its answer is written, so the client can be ahead).
+func (f *fixture) waitAudit(t *testing.T, cond func([]store.MCPAudit) bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		f.mu.Lock()
+		ok := cond(f.audit)
+		f.mu.Unlock()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			t.Fatalf("the audit never got there (%d records; the last %+v)", len(f.audit), f.audit[max(0, len(f.audit)-3):])
+		}
+		runtime.Gosched()
+	}
 }
 
 func (f *fixture) ranTool(name string) bool {
@@ -79,6 +103,7 @@ func TestSmuggledToolCalls(t *testing.T) {
 	if f.ranTool("delete_repo") {
 		t.Fatalf("delete_repo ran upstream: %v", f.up.Ran())
 	}
+	f.waitAudit(t, func(recs []store.MCPAudit) bool { return len(recs) >= 14 })
 	f.mu.Lock()
 	for _, a := range f.audit {
 		if a.Tool == "read_file" && a.Decision == "allowed" {
@@ -203,17 +228,15 @@ func TestCredentialEchoes(t *testing.T) {
 		t.Errorf("progress with half the credential reached the sandbox: %q", progress)
 	}
 	pmu.Unlock()
-	f.mu.Lock()
-	n := 0
-	for _, a := range f.audit {
-		if strings.Contains(a.Decision, "held its credential") {
-			n++
+	f.waitAudit(t, func(recs []store.MCPAudit) bool {
+		n := 0
+		for _, a := range recs {
+			if strings.Contains(a.Decision, "held its credential") {
+				n++
+			}
 		}
-	}
-	f.mu.Unlock()
-	if n < 7 { // six answers and the progress notification
-		t.Fatalf("%d refusals audited: %+v", n, f.audit)
-	}
+		return n >= 7 // six answers and the progress notification
+	})
 
 	// A hand-written upstream: the credential \u-escaped in a JSON string,
 	// and in a Content-Type parameter.
@@ -251,6 +274,7 @@ func TestBatchAuditAndRate(t *testing.T) {
 	if status, body := f.postTo(t, "ro", batch); status != 200 || !strings.Contains(body, "batch refused") {
 		t.Fatalf("batch: %d %s", status, body)
 	}
+	f.waitAudit(t, func(recs []store.MCPAudit) bool { return len(recs) >= 2 })
 	f.mu.Lock()
 	for _, a := range f.audit {
 		if a.Method == "tools/call" && a.Decision == "allowed" {
@@ -274,6 +298,7 @@ func TestBatchAuditAndRate(t *testing.T) {
 func TestAuditFlood(t *testing.T) {
 	f := newHostile(t)
 	f.gw.cfg.AuditBurst = 500
+	f.gw.cfg.MaxConcurrent = 64 // every batch is read (and refused by the rate)
 	f.gw.cfg.AuditRate = 1e-9
 	item := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file"}}`
 	batch := "[" + strings.TrimSuffix(strings.Repeat(item+",", maxBatch), ",") + "]"
@@ -287,19 +312,27 @@ func TestAuditFlood(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+	count := func(recs []store.MCPAudit) (stored, suppressed int) {
+		for _, a := range recs {
+			if a.Method == "(audit)" {
+				var k int
+				fmt.Sscanf(a.Decision, "suppressed: %d", &k)
+				suppressed += k
+			} else {
+				stored++
+			}
+		}
+		return
+	}
+	// Every handler has audited once the gateway counted them all.
+	f.waitAudit(t, func(recs []store.MCPAudit) bool {
+		stored, _ := count(recs)
+		return int64(stored)+f.gw.Suppressed() >= n*maxBatch
+	})
 	f.gw.FlushSuppressed()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	stored, suppressed := 0, 0
-	for _, a := range f.audit {
-		if a.Method == "(audit)" {
-			var k int
-			fmt.Sscanf(a.Decision, "suppressed: %d", &k)
-			suppressed += k
-		} else {
-			stored++
-		}
-	}
+	stored, suppressed := count(f.audit)
 	if stored != 500 || stored+suppressed != n*maxBatch || f.gw.Suppressed() != int64(suppressed) {
 		t.Fatalf("%d records stored, %d reported suppressed (counter %d), want %d in all", stored, suppressed, f.gw.Suppressed(), n*maxBatch)
 	}
