@@ -46,6 +46,7 @@ func FuzzParseMessages(f *testing.F) {
 		`{"jsonrpc":"2.0","id":"\u0037","method":"tools/list"}`,
 		`[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"resources/read","params":{"uri":"file:///a"}}]`,
 		`{"jsonrpc":"2.0","id":3,"result":{}}`,
+		`{"jsonrpc":"2.0","id":4,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"greet"},"argument":{"name":"a","value":""}}}`,
 	} {
 		f.Add([]byte(s))
 	}
@@ -69,7 +70,10 @@ func FuzzParseMessages(f *testing.F) {
 		}
 		var lenient []struct {
 			Method string
-			Params struct{ Name, URI string }
+			Params struct {
+				Name, URI string
+				Ref       struct{ Name, URI string }
+			}
 		}
 		if c.batch {
 			if err := json.Unmarshal(fwd, &lenient); err != nil {
@@ -78,7 +82,10 @@ func FuzzParseMessages(f *testing.F) {
 		} else {
 			lenient = make([]struct {
 				Method string
-				Params struct{ Name, URI string }
+				Params struct {
+					Name, URI string
+					Ref       struct{ Name, URI string }
+				}
 			}, 1)
 			if err := json.Unmarshal(fwd, &lenient[0]); err != nil {
 				t.Fatalf("encoding/json cannot read %q: %v", fwd, err)
@@ -94,6 +101,11 @@ func FuzzParseMessages(f *testing.F) {
 			case "resources/read", "resources/subscribe", "resources/unsubscribe":
 				name = l.Params.URI
 			case "tools/call", "prompts/get":
+			case "completion/complete":
+				name = l.Params.Ref.Name
+				if m.ref == "resource" {
+					name = l.Params.Ref.URI
+				}
 			default:
 				name = ""
 			}

@@ -964,14 +964,17 @@ func (g *Gateway) dropSession(id string) {
 // the count of its suppressed audit records first.
 func (g *Gateway) Forget(sandboxID string) {
 	g.mu.Lock()
-	defer g.mu.Unlock()
-	if out := g.takeSuppressedLocked(sandboxID, g.cfg.Now()); len(out) > 0 && g.cfg.Audit != nil {
-		defer func() {
-			for _, r := range out {
-				g.cfg.Audit(r)
-			}
-		}()
+	out := g.takeSuppressedLocked(sandboxID, g.cfg.Now())
+	g.forgetLocked(sandboxID)
+	g.mu.Unlock()
+	if g.cfg.Audit != nil {
+		for _, r := range out {
+			g.cfg.Audit(r)
+		}
 	}
+}
+
+func (g *Gateway) forgetLocked(sandboxID string) {
 	delete(g.audits, sandboxID)
 	for k, s := range g.sessions {
 		if s.sandboxID == sandboxID {

@@ -395,3 +395,23 @@ func TestSlowBodies(t *testing.T) {
 		t.Fatalf("request over the cap: %d", status)
 	}
 }
+
+// TestCompletionRefs: completions name a prompt or resource, and the same
+// allowlists apply.
+func TestCompletionRefs(t *testing.T) {
+	f := newHostile(t)
+	for _, tc := range []struct{ ref, want string }{
+		{`{"type":"ref/prompt","name":"internal"}`, `prompt \"internal\" is not allowed`},
+		{`{"type":"ref/resource","uri":"file:///secret.txt"}`, `resource \"file:///secret.txt\" is not allowed`},
+		{`{"type":"ref/prompt","name":"greet","Name":"internal"}`, `member \"Name\" is not \"name\"`},
+		{`{"type":"ref/tool","name":"greet"}`, `ref.type`},
+	} {
+		status, body := f.postTo(t, "tools", `{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":`+tc.ref+`,"argument":{"name":"a","value":""}}}`)
+		if !strings.Contains(body, tc.want) {
+			t.Errorf("ref %s: %d %s, want %q", tc.ref, status, body, tc.want)
+		}
+	}
+	if slices.Contains(f.up.Ran(), "completion/complete") {
+		t.Fatalf("a refused completion ran: %v", f.up.Ran())
+	}
+}

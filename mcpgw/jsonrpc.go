@@ -22,7 +22,7 @@ var topLevel = []string{"jsonrpc", "id", "method", "params", "result", "error"}
 // inspectedParams are the params members the gateway reads or that name
 // what runs; a folding twin of one would be read by a case-insensitive
 // upstream in its place.
-var inspectedParams = []string{"name", "uri", "cursor", "arguments", "_meta"}
+var inspectedParams = []string{"name", "uri", "cursor", "arguments", "_meta", "ref"}
 
 // methods are the JSON-RPC methods a sandbox may send (MCP 2025-06-18 and
 // 2025-03-26, client to server); the gateway refuses others.
@@ -43,6 +43,7 @@ type rpcMsg struct {
 	id     *value // nil: none (a notification)
 	method string // "" for a response
 	name   string // tool or prompt name, or resource URI
+	ref    string // completion/complete: "prompt" or "resource" (name holds which)
 	args   []byte // what the audit hashes
 	denied string // the policy's reason
 	batch  string // the batch was refused because of another item
@@ -144,6 +145,26 @@ func (m *rpcMsg) parse(v value) error {
 		}
 	case "resources/read", "resources/subscribe", "resources/unsubscribe":
 		key = "uri"
+	case "completion/complete":
+		// Completions name a prompt or a resource (template): the same
+		// allowlists apply.
+		ref, ok := params.get("ref")
+		if !ok || ref.kind != 'o' {
+			return errors.New("completion/complete: params.ref must be an object")
+		}
+		if err := ref.checkKeys([]string{"type", "name", "uri"}, false); err != nil {
+			return fmt.Errorf("completion/complete: params.ref: %v", err)
+		}
+		typ, _ := ref.get("type")
+		switch {
+		case typ.kind == 's' && typ.str == "ref/prompt":
+			m.ref, key = "prompt", "name"
+		case typ.kind == 's' && typ.str == "ref/resource":
+			m.ref, key = "resource", "uri"
+		default:
+			return errors.New(`completion/complete: params.ref.type must be "ref/prompt" or "ref/resource"`)
+		}
+		params = ref
 	}
 	if key != "" {
 		n, ok := params.get(key)
@@ -240,6 +261,11 @@ func (g *Gateway) policy(up *Upstream, msgs []rpcMsg) bool {
 			list, kind = up.Prompts, "prompt"
 		case "resources/read", "resources/subscribe":
 			list, kind = up.Resources, "resource"
+		case "completion/complete":
+			list, kind = up.Prompts, "prompt"
+			if m.ref == "resource" {
+				list, kind = up.Resources, "resource"
+			}
 		default:
 			continue
 		}
