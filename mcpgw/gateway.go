@@ -469,7 +469,7 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 	resp, err := g.forward(r, up, body, sess)
 	if err != nil {
 		if errors.Is(err, errForbiddenAddr) {
-			return fail(http.StatusBadGateway, "upstream MCP server %q: refused: it (or a redirect) leads to a link-local, metadata or node-internal address", name)
+			return fail(http.StatusBadGateway, "upstream MCP server %q: refused: it (or a redirect) leads outside its origin, or to a loopback, link-local, metadata or node-internal address", name)
 		}
 		if errors.Is(err, context.DeadlineExceeded) {
 			return fail(http.StatusGatewayTimeout, "upstream MCP server %q did not answer in %s", name, g.cfg.Timeout)
