@@ -333,22 +333,31 @@ func fail(status int, format string, args ...any) *httpError {
 
 // call is one request through the gateway.
 type call struct {
-	start    time.Time
-	caller   Caller
-	sub      string
-	up       *Upstream
-	bytesIn  int64
-	bytesOut int64
-	msgs     []rpcMsg // the JSON-RPC messages of a POST
-	batch    bool     // the POST was a batch
-	pending  map[string]pending
-	det      *leakDetector
-	notes    []store.MCPAudit // refusals of the upstream's messages
+	start     time.Time
+	caller    Caller
+	sub       string
+	up        *Upstream
+	bytesIn   int64
+	bytesOut  int64
+	msgs      []rpcMsg // the JSON-RPC messages of a POST
+	batch     bool     // the POST was a batch
+	pending   map[string]pending
+	det       *leakDetector
+	notes     []store.MCPAudit // refusals of the upstream's messages
+	moreNotes int              // refusals beyond maxNotes
 }
+
+// maxNotes bounds the refusals a call keeps for the audit (a stream can
+// last long); the rest are counted in one more record.
+const maxNotes = 64
 
 // note records a refusal of something the upstream sent.
 func (c *call) note(method, tool, decision string) {
-	c.notes = append(c.notes, store.MCPAudit{Method: method, Tool: tool, Decision: decision})
+	if len(c.notes) < maxNotes {
+		c.notes = append(c.notes, store.MCPAudit{Method: method, Tool: tool, Decision: decision})
+		return
+	}
+	c.moreNotes++
 }
 
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -836,6 +845,11 @@ func (g *Gateway) audit(c *call, r *http.Request, name string, status int, decis
 	for _, n := range c.notes {
 		rec := base
 		rec.Method, rec.Tool, rec.Decision = n.Method, n.Tool, n.Decision
+		recs = append(recs, rec)
+	}
+	if c.moreNotes > 0 {
+		rec := base
+		rec.Method, rec.Decision = "(response)", fmt.Sprintf("refused: %d more upstream messages (not recorded one by one)", c.moreNotes)
 		recs = append(recs, rec)
 	}
 	g.emit(suppKey{c.caller.OrgID, c.caller.SandboxID, name}, recs)

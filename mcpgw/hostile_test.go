@@ -415,3 +415,54 @@ func TestCompletionRefs(t *testing.T) {
 		t.Fatalf("a refused completion ran: %v", f.up.Ran())
 	}
 }
+
+// TestRefusalNotesAreBounded: a stream of refused upstream messages keeps
+// at most maxNotes records in memory, and the audit counts the rest.
+func TestRefusalNotesAreBounded(t *testing.T) {
+	f := newHostile(t)
+	c := &call{caller: Caller{SandboxID: "sb-a", OrgID: "org1"}}
+	for range maxNotes + 36 {
+		c.note("(response)", "", "refused: test")
+	}
+	if len(c.notes) != maxNotes {
+		t.Fatalf("%d notes kept", len(c.notes))
+	}
+	f.gw.audit(c, httptest.NewRequest(http.MethodGet, "/mcp/ro", nil), "ro", 200, "allowed")
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	last := f.audit[len(f.audit)-1]
+	if len(f.audit) != maxNotes+2 || !strings.Contains(last.Decision, "36 more") {
+		t.Fatalf("%d records, last %+v", len(f.audit), last)
+	}
+}
+
+// TestOversizedBatches: the issue's 40 concurrent 1,000-item batches are
+// refused before any item runs, each with one record saying why.
+func TestOversizedBatches(t *testing.T) {
+	f := newHostile(t)
+	f.gw.cfg.MaxConcurrent = 64
+	item := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file"}}`
+	batch := "[" + strings.TrimSuffix(strings.Repeat(item+",", 1000), ",") + "]"
+	var wg sync.WaitGroup
+	for range 40 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if status, body := f.postTo(t, "ro", batch); status != http.StatusBadRequest {
+				t.Errorf("1,000-item batch: %d %.200s", status, body)
+			}
+		}()
+	}
+	wg.Wait()
+	f.waitAudit(t, func(recs []store.MCPAudit) bool { return len(recs) >= 40 })
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, a := range f.audit {
+		if !strings.Contains(a.Decision, "batch of 1000 messages: at most 256") {
+			t.Fatalf("record %+v", a)
+		}
+	}
+	if len(f.audit) != 40 || f.ranTool("read_file") {
+		t.Fatalf("%d records; ran %v", len(f.audit), f.up.Ran())
+	}
+}
