@@ -23,14 +23,19 @@ type pending struct {
 }
 
 // assignIDs gives the requests their gateway ids and returns the body to
-// forward: the canonical encoding of the checked messages.
-func (c *call) assignIDs() []byte {
+// forward: the canonical encoding of the checked messages. inflight (may be
+// nil) maps the sandbox's ids of requests in flight to the gateway's, so a
+// notifications/cancelled names the request the upstream knows.
+func (c *call) assignIDs(inflight func(sandboxID value) (value, bool)) []byte {
 	c.pending = map[string]pending{}
 	out := make([]value, len(c.msgs))
 	for i := range c.msgs {
 		m := &c.msgs[i]
 		if !m.isRequest() {
 			out[i] = m.upward(nil)
+			if m.method == "notifications/cancelled" && inflight != nil {
+				out[i] = cancelled(out[i], inflight)
+			}
 			continue
 		}
 		gw := value{kind: 'n', str: strconv.FormatUint(lastID.Add(1), 10)}
@@ -41,6 +46,61 @@ func (c *call) assignIDs() []byte {
 		return value{kind: 'a', arr: out}.bytes()
 	}
 	return out[0].bytes()
+}
+
+// cancelled rewrites a cancellation's requestId to the gateway's id of
+// that request (a request not in flight keeps the sandbox's id: it names
+// nothing the upstream runs for this sandbox's session).
+func cancelled(msg value, inflight func(value) (value, bool)) value {
+	params, ok := msg.get("params")
+	if !ok || params.kind != 'o' {
+		return msg
+	}
+	rid, ok := params.get("requestId")
+	if !ok {
+		return msg
+	}
+	if gw, ok := inflight(rid); ok {
+		p := value{kind: 'o', obj: append([]member(nil), params.obj...)}
+		p.set("requestId", gw)
+		msg.set("params", p)
+	}
+	return msg
+}
+
+// inflightKey identifies a request in flight: sandbox, server, the
+// sandbox's id.
+func inflightKey(sandboxID, server string, id value) string {
+	return sandboxID + "\x00" + server + "\x00" + string(id.bytes())
+}
+
+// track records the call's requests as in flight until the returned
+// function runs.
+func (g *Gateway) track(c *call, server string) func() {
+	var keys []string
+	g.mu.Lock()
+	for gw, p := range c.pending {
+		k := inflightKey(c.caller.SandboxID, server, p.id)
+		g.requests[k] = value{kind: 'n', str: gw}
+		keys = append(keys, k)
+	}
+	g.mu.Unlock()
+	return func() {
+		g.mu.Lock()
+		for _, k := range keys {
+			delete(g.requests, k)
+		}
+		g.mu.Unlock()
+	}
+}
+
+func (g *Gateway) inflightID(c *call, server string) func(value) (value, bool) {
+	return func(id value) (value, bool) {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		gw, ok := g.requests[inflightKey(c.caller.SandboxID, server, id)]
+		return gw, ok
+	}
 }
 
 // downstream checks one JSON body from the upstream (a message or a batch)

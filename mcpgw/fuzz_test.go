@@ -56,7 +56,7 @@ func FuzzParseMessages(f *testing.F) {
 			return
 		}
 		c := &call{msgs: msgs, batch: bytes.HasPrefix(bytes.TrimSpace(b), []byte("["))}
-		fwd := c.assignIDs()
+		fwd := c.assignIDs(nil)
 		again, err := parseMessages(fwd)
 		if err != nil {
 			t.Fatalf("forwarded %q does not parse: %v", fwd, err)
@@ -65,7 +65,7 @@ func FuzzParseMessages(f *testing.F) {
 			t.Fatalf("%d messages forwarded as %d", len(msgs), len(again))
 		}
 		c2 := &call{msgs: again, batch: c.batch}
-		if fwd2 := c2.assignIDs(); len(fwd2) == 0 {
+		if fwd2 := c2.assignIDs(nil); len(fwd2) == 0 {
 			t.Fatal("empty re-encoding")
 		}
 		var lenient []struct {

@@ -155,6 +155,7 @@ type Gateway struct {
 	buckets   map[string]*bucket  // sandbox/server ->
 	verified  map[string]Claims   // audience + token -> claims, until the token expires
 	inflight  map[string]int      // sandbox -> requests in flight
+	requests  map[string]value    // inflightKey -> the gateway's id of a request in flight
 	audits    map[string]*bucket  // sandbox -> audit budget
 	supp      map[suppKey]int     // records over a sandbox's audit budget, not yet reported
 	suppTotal atomic.Int64
@@ -214,7 +215,7 @@ func New(cfg Config) (*Gateway, error) {
 		cfg.AuditBurst = DefaultAuditBurst
 	}
 	g := &Gateway{cfg: cfg, sessions: map[string]*session{}, buckets: map[string]*bucket{}, verified: map[string]Claims{},
-		inflight: map[string]int{}, audits: map[string]*bucket{}, supp: map[suppKey]int{}}
+		inflight: map[string]int{}, requests: map[string]value{}, audits: map[string]*bucket{}, supp: map[suppKey]int{}}
 	rt := cfg.Transport
 	if rt == nil {
 		rt = g.transport()
@@ -464,7 +465,8 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 			*status = http.StatusOK
 			return g.refuse(w, c)
 		}
-		body = c.assignIDs()
+		body = c.assignIDs(g.inflightID(c, name))
+		defer g.track(c, name)()
 	}
 	// The session: the gateway's id in, upstream's id out.
 	var sess *session

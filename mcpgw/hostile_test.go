@@ -466,3 +466,51 @@ func TestOversizedBatches(t *testing.T) {
 		t.Fatalf("%d records; ran %v", len(f.audit), f.up.Ran())
 	}
 }
+
+// TestCancellationReachesTheUpstream: a notifications/cancelled names the
+// request by the sandbox's id; the gateway gives the upstream its own. (The
+// call's stream stays open: only the notification can cancel it.)
+func TestCancellationReachesTheUpstream(t *testing.T) {
+	f := newFixture(t, "Authorization")
+	aud := "http://169.254.169.254/mcp/tools"
+	status, hdr, body := f.post(t, "sb-a", tok("sb-a", aud), initBody, nil)
+	sid := hdr.Get("Mcp-Session-Id")
+	if status != 200 || sid == "" {
+		t.Fatalf("initialize: %d %s", status, body)
+	}
+	h := http.Header{"Mcp-Session-Id": {sid}, "Mcp-Protocol-Version": {"2025-06-18"}}
+	if status, _, body := f.post(t, "sb-a", tok("sb-a", aud), `{"jsonrpc":"2.0","method":"notifications/initialized"}`, h); status != 202 {
+		t.Fatalf("initialized: %d %s", status, body)
+	}
+	req, _ := http.NewRequest(http.MethodPost, f.url("tools"), strings.NewReader(`{"jsonrpc":"2.0","id":"req-1","method":"tools/call","params":{"name":"slow","_meta":{"progressToken":"c1"}}}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	for k, v := range h {
+		req.Header[k] = v
+	}
+	resp, err := (&http.Client{Transport: as{sandbox: "sb-a", token: tok("sb-a", aud)}}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	for { // until the progress event: the tool runs
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("the slow call's stream ended: %v", err)
+		}
+		if strings.Contains(line, "halfway") {
+			break
+		}
+	}
+	if status, _, body := f.post(t, "sb-a", tok("sb-a", aud), `{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"req-1"}}`, h); status != 202 {
+		t.Fatalf("cancelled: %d %s", status, body)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for f.up.Cancelled.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the upstream never saw the cancellation")
+		}
+		runtime.Gosched()
+	}
+}

@@ -36,6 +36,8 @@ type Upstream struct {
 	Header string
 	// SecretCalls counts calls of secret_tool that reached the server.
 	SecretCalls atomic.Int64
+	// Cancelled counts "slow" calls that ended because they were cancelled.
+	Cancelled atomic.Int64
 
 	mu       sync.Mutex
 	seen     []string // credential header values received
@@ -126,6 +128,7 @@ func NewWith(h string, opts *mcp.StreamableHTTPOptions) *Upstream {
 			select {
 			case <-u.release:
 			case <-ctx.Done():
+				u.Cancelled.Add(1)
 				return nil, nil, ctx.Err()
 			}
 			return &mcp.CallToolResult{Content: []mcp.Content{&mcp.TextContent{Text: "done"}}}, nil, nil
