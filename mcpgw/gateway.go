@@ -276,7 +276,7 @@ func CheckURL(raw string, deny []netip.Prefix) error {
 		return fmt.Errorf("upstream URL %q: want scheme://host[:port]/path, without user info or fragment: %w", raw, errdefs.ErrInvalidArgument)
 	}
 	if a, err := netip.ParseAddr(strings.Trim(u.Hostname(), "[]")); err == nil && forbidden(a, deny) {
-		return fmt.Errorf("upstream URL %q: %s is a link-local, metadata or node-internal address: %w", raw, a, errdefs.ErrInvalidArgument)
+		return fmt.Errorf("upstream URL %q: %s is a loopback, link-local, metadata or node-internal address: %w", raw, a, errdefs.ErrInvalidArgument)
 	}
 	return nil
 }
@@ -373,6 +373,11 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		var he *httpError
 		if !errors.As(err, &he) {
 			he = fail(http.StatusBadGateway, "%v", err)
+		}
+		if how := c.det.find(he.msg); how != "" {
+			// An upstream's error (a redirect's URL, say) carrying the
+			// credential goes neither to the sandbox nor to the audit.
+			he = fail(he.status, "upstream MCP server %q: the error held the server's credential (%s); withheld", name, how)
 		}
 		status = he.status
 		decision = "denied: " + he.msg

@@ -374,7 +374,7 @@ func TestSessionsAreBoundToTheSandbox(t *testing.T) {
 }
 
 func TestUpstreamAddresses(t *testing.T) {
-	for _, bad := range []string{"http://169.254.169.254/mcp", "http://[fe80::1]/x", "ftp://example.com/", "http://user:pw@example.com/", "http://10.213.0.1/x"} {
+	for _, bad := range []string{"http://169.254.169.254/mcp", "http://127.0.0.1:8080/x", "http://[::1]/", "http://[fe80::1]/x", "ftp://example.com/", "http://user:pw@example.com/", "http://10.213.0.1/x"} {
 		if err := CheckURL(bad, []netip.Prefix{netip.MustParsePrefix("10.213.0.0/16")}); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("CheckURL(%q) = %v", bad, err)
 		}

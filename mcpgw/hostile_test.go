@@ -514,3 +514,29 @@ func TestCancellationReachesTheUpstream(t *testing.T) {
 		runtime.Gosched()
 	}
 }
+
+// TestErrorsWithholdTheCredential: an upstream error carrying the
+// credential (here a same-origin redirect loop whose URL holds it
+// base64-encoded) reaches neither the sandbox nor the audit.
+func TestErrorsWithholdTheCredential(t *testing.T) {
+	enc := base64.URLEncoding.EncodeToString([]byte(secret))
+	loop := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, "/next?k="+enc, http.StatusTemporaryRedirect)
+	}))
+	defer loop.Close()
+	f := newHostile(t)
+	f.gw.cfg.AllowAddrs = append(f.gw.cfg.AllowAddrs, addrPort(t, loop.URL))
+	f.servers["loop"] = &Upstream{Name: "loop", URL: loop.URL, Credential: secret}
+	status, body := f.postTo(t, "loop", `{"jsonrpc":"2.0","id":1,"method":"ping"}`)
+	if status != http.StatusBadGateway || strings.Contains(body, enc[:20]) || !strings.Contains(body, "withheld") {
+		t.Fatalf("%d %s", status, body)
+	}
+	f.waitAudit(t, func(recs []store.MCPAudit) bool { return len(recs) > 0 })
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, a := range f.audit {
+		if strings.Contains(a.Decision, enc[:20]) {
+			t.Fatalf("the audit holds the encoded credential: %+v", a)
+		}
+	}
+}
