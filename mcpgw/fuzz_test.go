@@ -115,3 +115,54 @@ func FuzzParseMessages(f *testing.F) {
 		}
 	})
 }
+
+// FuzzDownstream: whatever an upstream answers, what the sandbox gets
+// parses strictly, never holds the credential as is, and a tools/list
+// answer lists only allowed tools.
+func FuzzDownstream(f *testing.F) {
+	for _, s := range []string{
+		`{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"read_file"},{"name":"delete_repo"},{"Name":"delete_repo"}]}}`,
+		`[{"jsonrpc":"2.0","id":1,"result":{"tools":[]}},{"jsonrpc":"2.0","method":"notifications/progress","params":{"message":"x"}}]`,
+		`{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"\u0073k-live-upstream-credential-0123456789"}]}}`,
+		`{"jsonrpc":"2.0","id":1.0,"result":{"tools":[{"name":"delete_repo"}]}}`,
+		`{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"parse error"}}`,
+	} {
+		f.Add([]byte(s))
+	}
+	up := &Upstream{Name: "ro", Credential: secret, Tools: []string{"read_file"}}
+	g := &Gateway{}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c := &call{up: up, det: newLeakDetector(secret), pending: map[string]pending{"1": {id: value{kind: 'n', str: "7"}, method: "tools/list"}}}
+		out := g.downstream(c, b)
+		if out == nil {
+			return
+		}
+		if bytes.Contains(out, []byte(secret)) {
+			t.Fatalf("the credential in %q", out)
+		}
+		v, err := decodeStrict(out)
+		if err != nil {
+			t.Fatalf("the sandbox gets %q: %v", out, err)
+		}
+		var lenient []struct {
+			ID     json.RawMessage
+			Result struct{ Tools []struct{ Name string } }
+		}
+		if v.kind != 'a' {
+			out = append(append([]byte("["), out...), ']')
+		}
+		if json.Unmarshal(out, &lenient) != nil {
+			return // not an array of objects: nothing a client reads as a list
+		}
+		for _, m := range lenient {
+			if string(m.ID) != "7" {
+				continue
+			}
+			for _, tl := range m.Result.Tools {
+				if tl.Name != "read_file" {
+					t.Fatalf("tools/list answer lists %q: %s", tl.Name, out)
+				}
+			}
+		}
+	})
+}
