@@ -163,7 +163,10 @@ type Config struct {
 	// and 32 (DefaultPrestart, DefaultPrestartSlots).
 	Prestart      int
 	PrestartSlots int
-	Logger        *slog.Logger
+	// MCPAuditRetention is how long MCP gateway audit records are kept
+	// (default DefaultMCPAuditRetention).
+	MCPAuditRetention time.Duration
+	Logger            *slog.Logger
 }
 
 // Defaults of the pre-started sandboxes.
@@ -427,7 +430,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	// tunnel space (besides the link-local and metadata addresses it always refuses).
 	s4, s6 := d.Net.Subnets()
 	deny := []netip.Prefix{s4, s6, netip.PrefixFrom(d.Net.ServiceAddr(), 32), tun.base}
-	if d.mcp, err = newMCPGateway(cfg.DataDir, d.Store, d.Issuer, deny, cfg.Logger); err != nil {
+	if d.mcp, err = newMCPGateway(cfg.DataDir, d.Store, d.Issuer, deny, cfg.MCPAuditRetention, cfg.Logger); err != nil {
 		return nil, fmt.Errorf("MCP gateway: %w", err)
 	}
 	d.API = api.New(ctx, api.Config{

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/netip"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/identity"
@@ -35,7 +37,10 @@ type mcpGateway struct {
 
 	audit     chan store.MCPAudit
 	flushReq  chan chan struct{}
-	dropped   atomic.Int64
+	dropped   atomic.Int64 // records lost to a full queue, ever
+	droppedMu sync.Mutex
+	droppedBy map[string]int64 // org -> records lost and not yet reported in the audit
+	retention time.Duration
 	cacheMu   sync.Mutex
 	upstreams map[string]*mcpgw.Upstream   // org/name -> (dropped by Invalidate)
 	gen       uint64                       // Invalidate calls: a load that raced one is not cached
@@ -48,12 +53,40 @@ type mcpGateway struct {
 
 var _ api.MCPBackend = (*mcpGateway)(nil)
 
-func newMCPGateway(dataDir string, st *store.Store, iss *identity.Issuer, deny []netip.Prefix, log *slog.Logger) (*mcpGateway, error) {
+// DefaultMCPAuditRetention is how long MCP audit records are kept.
+const DefaultMCPAuditRetention = 30 * 24 * time.Hour
+
+// The audit's losses, for /metrics: records a full queue dropped (each also
+// reported by an "(audit)" record of its org) and records over a sandbox's
+// audit budget (reported as "suppressed" records).
+var (
+	mcpAuditDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "chalk_mcp_audit_dropped_total",
+		Help: "MCP gateway audit records lost because the audit queue was full (each org's audit also has a record of its losses)."})
+	mcpGateways = sync.Map{} // *mcpgw.Gateway -> struct{}: the live ones, for the suppressed count
+)
+
+func init() {
+	prometheus.MustRegister(mcpAuditDropped, prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "chalk_mcp_audit_suppressed_total",
+		Help: "MCP gateway audit records over a sandbox's audit rate, counted in \"suppressed\" audit records instead."},
+		func() float64 {
+			var n int64
+			mcpGateways.Range(func(k, _ any) bool {
+				n += k.(*mcpgw.Gateway).Suppressed()
+				return true
+			})
+			return float64(n)
+		}))
+}
+
+func newMCPGateway(dataDir string, st *store.Store, iss *identity.Issuer, deny []netip.Prefix, retention time.Duration, log *slog.Logger) (*mcpGateway, error) {
+	if retention <= 0 {
+		retention = DefaultMCPAuditRetention
+	}
 	sealer, err := mcpgw.OpenSealer(filepath.Join(dataDir, "mcp-gateway.key"))
 	if err != nil {
 		return nil, err
 	}
-	m := &mcpGateway{sealer: sealer, st: st, deny: deny, log: log, audit: make(chan store.MCPAudit, 8192), flushReq: make(chan chan struct{}), stop: make(chan struct{}), done: make(chan struct{}),
+	m := &mcpGateway{sealer: sealer, st: st, deny: deny, log: log, audit: make(chan store.MCPAudit, 8192), flushReq: make(chan chan struct{}), droppedBy: map[string]int64{}, retention: retention, stop: make(chan struct{}), done: make(chan struct{}),
 		upstreams: map[string]*mcpgw.Upstream{}, labels: map[string]map[string]string{}}
 	m.gw, err = mcpgw.New(mcpgw.Config{
 		BaseURL:  GatewayBase,
@@ -73,6 +106,7 @@ func newMCPGateway(dataDir string, st *store.Store, iss *identity.Issuer, deny [
 	if err != nil {
 		return nil, err
 	}
+	mcpGateways.Store(m.gw, struct{}{})
 	go m.writeAudit()
 	return m, nil
 }
@@ -169,15 +203,60 @@ func (m *mcpGateway) caller(r *http.Request) (mcpgw.Caller, bool) {
 	return c, true
 }
 
-// record queues an audit record; a full queue drops (and counts) rather
-// than slowing calls down.
+// record queues an audit record; a full queue drops rather than slowing
+// calls down, but never silently: the loss is counted (metric
+// chalk_mcp_audit_dropped_total, log) and written to the org's audit as an
+// "(audit)" record once the queue drains (reportDropped). The gateway
+// bounds each sandbox's records (mcpgw.Config.AuditRate), so one sandbox
+// alone cannot fill the queue.
 func (m *mcpGateway) record(a store.MCPAudit) {
 	select {
 	case m.audit <- a:
 	default:
+		mcpAuditDropped.Inc()
+		m.droppedMu.Lock()
+		m.droppedBy[a.OrgID]++
+		m.droppedMu.Unlock()
 		if m.dropped.Add(1)%1000 == 1 {
 			m.log.Warn("mcp gateway: audit queue full, records dropped", "dropped", m.dropped.Load())
 		}
+	}
+}
+
+// reportDropped writes a record of each org's lost records.
+func (m *mcpGateway) reportDropped(ctx context.Context) {
+	m.droppedMu.Lock()
+	by := m.droppedBy
+	m.droppedBy = map[string]int64{}
+	m.droppedMu.Unlock()
+	if len(by) == 0 {
+		return
+	}
+	now := time.Now().UTC()
+	var recs []store.MCPAudit
+	for org, n := range by {
+		recs = append(recs, store.MCPAudit{At: now, OrgID: org, Method: "(audit)",
+			Decision: fmt.Sprintf("dropped: %d records lost: the gateway's audit queue was full", n)})
+	}
+	if err := m.st.AddMCPAudit(ctx, recs); err != nil {
+		m.log.Error("mcp gateway: audit", "records", len(recs), "err", err)
+		m.droppedMu.Lock()
+		for org, n := range by {
+			m.droppedBy[org] += n
+		}
+		m.droppedMu.Unlock()
+	}
+}
+
+// prune removes records older than the retention.
+func (m *mcpGateway) prune() {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	n, err := m.st.PruneMCPAudit(ctx, time.Now().Add(-m.retention))
+	if err != nil {
+		m.log.Error("mcp gateway: pruning the audit", "err", err)
+	} else if n > 0 {
+		m.log.Info("mcp gateway: pruned the audit", "records", n, "retention", m.retention)
 	}
 }
 
@@ -193,6 +272,7 @@ func (m *mcpGateway) writeAudit() {
 		if err := m.st.AddMCPAudit(ctx, batch); err != nil {
 			m.log.Error("mcp gateway: audit", "records", len(batch), "err", err)
 		}
+		m.reportDropped(ctx)
 		cancel()
 		batch = batch[:0]
 	}
@@ -213,8 +293,13 @@ func (m *mcpGateway) writeAudit() {
 			}
 		}
 	}
+	m.prune()
+	pruneTick := time.NewTicker(time.Hour)
+	defer pruneTick.Stop()
 	for {
 		select {
+		case <-pruneTick.C:
+			m.prune()
 		case a, ok := <-m.audit:
 			if !ok {
 				flush()
@@ -241,6 +326,7 @@ func (m *mcpGateway) writeAudit() {
 
 // FlushAudit returns once every record queued before the call is stored.
 func (m *mcpGateway) FlushAudit(ctx context.Context) {
+	m.gw.FlushSuppressed()
 	ack := make(chan struct{})
 	select {
 	case m.flushReq <- ack:
@@ -262,6 +348,7 @@ func (m *mcpGateway) close() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		m.FlushAudit(ctx)
+		mcpGateways.Delete(m.gw)
 		close(m.stop)
 		<-m.done
 	})

@@ -6,22 +6,29 @@
 //     sandbox still running) and that it belongs to the sandbox whose network
 //     namespace the request came from;
 //   - checks the server's policy: which sandboxes may use it (labels), and
-//     which tools, prompts and resources they may use. The JSON-RPC method
-//     and the tool come from the body, item by item for batches; the
-//     standard Mcp-Method/Mcp-Name headers must agree with the body;
-//     tools/list results are filtered to the allowed tools and calls of
-//     others are refused with a JSON-RPC error;
+//     which tools, prompts and resources they may use. Bodies are read by
+//     one strict decoder (strictjson.go, jsonrpc.go: no duplicate keys, no
+//     case or folding twins of spec members, no unknown top-level members)
+//     item by item for batches; the standard Mcp-Method/Mcp-Name headers
+//     must agree with the body; calls outside the allowlists are refused
+//     with a JSON-RPC error. What is forwarded is the gateway's encoding of
+//     what it checked, with request ids of its own (downstream.go); answers
+//     are matched by those ids, so list results are always filtered;
 //   - removes the sandbox's Authorization header, adds the upstream
 //     credential, and proxies the Streamable HTTP transport: POST with JSON
 //     or SSE responses (streamed event by event), GET streams, DELETE;
 //     session ids are the gateway's own, bound to the sandbox and server
 //     (upstream ids never reach the sandbox);
-//   - redacts the credential from anything that goes back, and never writes
-//     it to logs or errors;
-//   - audits every message (Config.Audit) and enforces a per-sandbox rate
-//     limit per server, size limits, upstream timeouts, and a dialer that
-//     refuses link-local and metadata addresses (also after redirects and
-//     DNS changes: the check is on the address actually dialled).
+//   - refuses upstream messages that hold the credential in a common
+//     encoding (leak.go), redacts it as a safety net, and never writes it
+//     to logs or errors;
+//   - audits every message with its decision (Config.Audit; within a
+//     per-sandbox budget, the excess counted), and enforces a per-sandbox
+//     rate limit per server counted in messages, a cap on requests in
+//     flight, a minimum request body rate, size limits, upstream timeouts,
+//     redirects only within the upstream's origin, and a dialer that
+//     refuses loopback, link-local, metadata and the node's own addresses
+//     (on the address actually dialled, for every hop).
 package mcpgw
 
 import (
@@ -37,13 +44,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"mime"
 	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -77,13 +87,18 @@ type Claims struct {
 
 // Limits and defaults.
 const (
-	DefaultRate         = 50.0
-	DefaultMaxRequest   = 1 << 20
-	DefaultMaxResponse  = 16 << 20
-	DefaultTimeout      = 60 * time.Second
-	DefaultStreamIdle   = 5 * time.Minute
-	maxSessionsPerCallr = 64
-	sessionIdle         = time.Hour
+	DefaultRate          = 50.0
+	DefaultMaxRequest    = 1 << 20
+	DefaultMaxResponse   = 16 << 20
+	DefaultTimeout       = 60 * time.Second
+	DefaultStreamIdle    = 5 * time.Minute
+	DefaultMaxConcurrent = 16
+	DefaultReadGrace     = 10 * time.Second
+	DefaultMinReadRate   = 16 << 10
+	DefaultAuditRate     = 200.0
+	DefaultAuditBurst    = 2000
+	maxSessionsPerCallr  = 64
+	sessionIdle          = time.Hour
 )
 
 // Config configures a Gateway. Upstream, Verify and Caller are required.
@@ -102,9 +117,25 @@ type Config struct {
 	Audit func(store.MCPAudit)
 	// Transport reaches upstreams (default: Dialer-guarded http.Transport).
 	Transport http.RoundTripper
-	// Deny are destinations never dialled (link-local and the metadata
-	// address always are).
+	// Deny are destinations never dialled (loopback, link-local, the
+	// metadata address and the node's own addresses always are).
 	Deny []netip.Prefix
+	// AllowAddrs are exact destinations dialled despite the rules above
+	// (tests: httptest upstreams listen on loopback).
+	AllowAddrs []netip.AddrPort
+	// MaxConcurrent bounds a sandbox's requests in flight (streams
+	// included); default DefaultMaxConcurrent.
+	MaxConcurrent int
+	// ReadGrace and MinReadRate bound how slowly a request body may arrive:
+	// it must be complete by ReadGrace + size/MinReadRate (defaults
+	// DefaultReadGrace, DefaultMinReadRate).
+	ReadGrace   time.Duration
+	MinReadRate int64
+	// AuditRate and AuditBurst bound the records one sandbox adds per second
+	// (defaults DefaultAuditRate, DefaultAuditBurst); the ones over it are
+	// counted and recorded as one "suppressed" record per sandbox and server.
+	AuditRate  float64
+	AuditBurst int
 	// MaxRequest and MaxResponse bound bodies (a response: each SSE event).
 	MaxRequest, MaxResponse int64
 	// Timeout bounds an upstream answer (headers, and whole JSON bodies);
@@ -119,11 +150,18 @@ type Gateway struct {
 	cfg    Config
 	client *http.Client
 
-	mu       sync.Mutex
-	sessions map[string]*session // gateway session id ->
-	buckets  map[string]*bucket  // sandbox/server ->
-	verified map[string]Claims   // audience + token -> claims, until the token expires
+	mu        sync.Mutex
+	sessions  map[string]*session // gateway session id ->
+	buckets   map[string]*bucket  // sandbox/server ->
+	verified  map[string]Claims   // audience + token -> claims, until the token expires
+	inflight  map[string]int      // sandbox -> requests in flight
+	requests  map[string]value    // inflightKey -> the gateway's id of a request in flight
+	audits    map[string]*bucket  // sandbox -> audit budget
+	supp      map[suppKey]int     // records over a sandbox's audit budget, not yet reported
+	suppTotal atomic.Int64
 }
+
+type suppKey struct{ org, sandbox, server string }
 
 // maxVerified bounds the verified-token cache.
 const maxVerified = 8192
@@ -161,24 +199,59 @@ func New(cfg Config) (*Gateway, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	g := &Gateway{cfg: cfg, sessions: map[string]*session{}, buckets: map[string]*bucket{}, verified: map[string]Claims{}}
+	if cfg.MaxConcurrent <= 0 {
+		cfg.MaxConcurrent = DefaultMaxConcurrent
+	}
+	if cfg.ReadGrace <= 0 {
+		cfg.ReadGrace = DefaultReadGrace
+	}
+	if cfg.MinReadRate <= 0 {
+		cfg.MinReadRate = DefaultMinReadRate
+	}
+	if cfg.AuditRate <= 0 {
+		cfg.AuditRate = DefaultAuditRate
+	}
+	if cfg.AuditBurst <= 0 {
+		cfg.AuditBurst = DefaultAuditBurst
+	}
+	g := &Gateway{cfg: cfg, sessions: map[string]*session{}, buckets: map[string]*bucket{}, verified: map[string]Claims{},
+		inflight: map[string]int{}, requests: map[string]value{}, audits: map[string]*bucket{}, supp: map[suppKey]int{}}
 	rt := cfg.Transport
 	if rt == nil {
 		rt = g.transport()
 	}
-	g.client = &http.Client{Transport: rt, CheckRedirect: func(req *http.Request, via []*http.Request) error {
+	g.client = &http.Client{Transport: rt, CheckRedirect: checkRedirect(cfg.Deny)}
+	return g, nil
+}
+
+// checkRedirect follows a redirect only within the registered upstream's
+// origin (scheme, host and port of via[0]): the request carries the
+// credential, in a custom header too, which net/http would copy to any
+// host. The dialer checks the address of every hop besides.
+func checkRedirect(deny []netip.Prefix) func(*http.Request, []*http.Request) error {
+	return func(req *http.Request, via []*http.Request) error {
 		if len(via) >= 5 {
 			return errors.New("too many redirects")
 		}
-		return CheckURL(req.URL.String(), cfg.Deny)
-	}}
-	return g, nil
+		if o, want := origin(req.URL), origin(via[0].URL); o != want {
+			return fmt.Errorf("redirect to %s, outside the registered origin %s: %w", o, want, errForbiddenAddr)
+		}
+		return CheckURL(req.URL.String(), deny)
+	}
+}
+
+func origin(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		port = map[string]string{"http": "80", "https": "443"}[u.Scheme]
+	}
+	return strings.ToLower(u.Scheme) + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port)
 }
 
 // forbidden reports addresses the gateway never dials.
 func forbidden(a netip.Addr, deny []netip.Prefix) bool {
 	a = a.Unmap()
-	if a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsMulticast() || a.IsUnspecified() || a.IsInterfaceLocalMulticast() {
+	if a.IsLoopback() || a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsMulticast() || a.IsUnspecified() || a.IsInterfaceLocalMulticast() {
 		return true
 	}
 	for _, p := range deny {
@@ -203,7 +276,7 @@ func CheckURL(raw string, deny []netip.Prefix) error {
 		return fmt.Errorf("upstream URL %q: want scheme://host[:port]/path, without user info or fragment: %w", raw, errdefs.ErrInvalidArgument)
 	}
 	if a, err := netip.ParseAddr(strings.Trim(u.Hostname(), "[]")); err == nil && forbidden(a, deny) {
-		return fmt.Errorf("upstream URL %q: %s is a link-local, metadata or node-internal address: %w", raw, a, errdefs.ErrInvalidArgument)
+		return fmt.Errorf("upstream URL %q: %s is a loopback, link-local, metadata or node-internal address: %w", raw, a, errdefs.ErrInvalidArgument)
 	}
 	return nil
 }
@@ -214,10 +287,7 @@ func (g *Gateway) transport() *http.Transport {
 		if err != nil {
 			return err
 		}
-		if forbidden(ap.Addr(), g.cfg.Deny) {
-			return fmt.Errorf("%s is a link-local, metadata or node-internal address: %w", ap.Addr(), errForbiddenAddr)
-		}
-		return nil
+		return g.checkDial(ap)
 	}}
 	return &http.Transport{
 		Proxy: nil, DialContext: d.DialContext, ForceAttemptHTTP2: true,
@@ -227,6 +297,28 @@ func (g *Gateway) transport() *http.Transport {
 }
 
 var errForbiddenAddr = errors.New("forbidden upstream address")
+
+// checkDial refuses the address about to be dialled if it is forbidden or
+// one of the node's own (a service on the node listening on all addresses).
+func (g *Gateway) checkDial(ap netip.AddrPort) error {
+	if slices.Contains(g.cfg.AllowAddrs, ap) {
+		return nil
+	}
+	a := ap.Addr().Unmap()
+	if forbidden(a, g.cfg.Deny) {
+		return fmt.Errorf("%s is a loopback, link-local, metadata or node-internal address: %w", a, errForbiddenAddr)
+	}
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return fmt.Errorf("the node's addresses: %v: %w", err, errForbiddenAddr)
+	}
+	for _, na := range addrs {
+		if p, err := netip.ParsePrefix(na.String()); err == nil && p.Addr().Unmap() == a {
+			return fmt.Errorf("%s is an address of the node: %w", a, errForbiddenAddr)
+		}
+	}
+	return nil
+}
 
 // httpError is a refusal before or instead of proxying.
 type httpError struct {
@@ -242,13 +334,31 @@ func fail(status int, format string, args ...any) *httpError {
 
 // call is one request through the gateway.
 type call struct {
-	start    time.Time
-	caller   Caller
-	sub      string
-	up       *Upstream
-	bytesIn  int64
-	bytesOut int64
-	msgs     []rpcMsg // the JSON-RPC messages of a POST
+	start     time.Time
+	caller    Caller
+	sub       string
+	up        *Upstream
+	bytesIn   int64
+	bytesOut  int64
+	msgs      []rpcMsg // the JSON-RPC messages of a POST
+	batch     bool     // the POST was a batch
+	pending   map[string]pending
+	det       *leakDetector
+	notes     []store.MCPAudit // refusals of the upstream's messages
+	moreNotes int              // refusals beyond maxNotes
+}
+
+// maxNotes bounds the refusals a call keeps for the audit (a stream can
+// last long); the rest are counted in one more record.
+const maxNotes = 64
+
+// note records a refusal of something the upstream sent.
+func (c *call) note(method, tool, decision string) {
+	if len(c.notes) < maxNotes {
+		c.notes = append(c.notes, store.MCPAudit{Method: method, Tool: tool, Decision: decision})
+		return
+	}
+	c.moreNotes++
 }
 
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -263,6 +373,11 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		var he *httpError
 		if !errors.As(err, &he) {
 			he = fail(http.StatusBadGateway, "%v", err)
+		}
+		if how := c.det.find(he.msg); how != "" {
+			// An upstream's error (a redirect's URL, say) carrying the
+			// credential goes neither to the sandbox nor to the audit.
+			he = fail(he.status, "upstream MCP server %q: the error held the server's credential (%s); withheld", name, how)
 		}
 		status = he.status
 		decision = "denied: " + he.msg
@@ -295,6 +410,10 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 		return fail(http.StatusForbidden, "request does not come from a running sandbox")
 	}
 	c.caller = caller
+	if !g.enter(caller.SandboxID) {
+		return fail(http.StatusTooManyRequests, "sandbox %s has %d requests in flight to the MCP gateway", caller.SandboxID, g.cfg.MaxConcurrent)
+	}
+	defer g.leave(caller.SandboxID)
 	// The workload token, for this gateway.
 	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok || tok == "" {
@@ -315,12 +434,13 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 		return fail(http.StatusInternalServerError, "MCP server %q: %v", name, err)
 	}
 	c.up = up
+	c.det = newLeakDetector(up.Credential)
 	for k, v := range up.Labels {
 		if caller.Labels[k] != v {
 			return fail(http.StatusForbidden, "sandbox %s may not use MCP server %q (it needs label %s=%s)", caller.SandboxID, name, k, v)
 		}
 	}
-	if !g.allow(caller.SandboxID+"/"+name, up.Rate) {
+	if !g.allow(caller.SandboxID+"/"+name, up.Rate, 1) {
 		return fail(http.StatusTooManyRequests, "rate limit of MCP server %q exceeded for sandbox %s", name, caller.SandboxID)
 	}
 	switch r.Method {
@@ -331,16 +451,17 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 	}
 	var body []byte
 	if r.Method == http.MethodPost {
-		body, err = io.ReadAll(io.LimitReader(r.Body, g.cfg.MaxRequest+1))
-		if err != nil {
-			return fail(http.StatusBadRequest, "reading the request: %v", err)
-		}
-		if int64(len(body)) > g.cfg.MaxRequest {
-			return fail(http.StatusRequestEntityTooLarge, "request body over %d bytes", g.cfg.MaxRequest)
+		if body, err = g.readBody(w, r); err != nil {
+			return err
 		}
 		c.bytesIn = int64(len(body))
 		if c.msgs, err = parseMessages(body); err != nil {
 			return fail(http.StatusBadRequest, "%v", err)
+		}
+		c.batch = bytes.HasPrefix(bytes.TrimSpace(body), []byte("["))
+		// The rate counts messages: the request took one token already.
+		if n := len(c.msgs) - 1; n > 0 && !g.allow(caller.SandboxID+"/"+name, up.Rate, n) {
+			return fail(http.StatusTooManyRequests, "rate limit of MCP server %q exceeded for sandbox %s (a batch of %d messages)", name, caller.SandboxID, len(c.msgs))
 		}
 		if err := checkHeaders(r.Header, c.msgs); err != nil {
 			return err
@@ -349,6 +470,8 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 			*status = http.StatusOK
 			return g.refuse(w, c)
 		}
+		body = c.assignIDs(g.inflightID(c, name))
+		defer g.track(c, name)()
 	}
 	// The session: the gateway's id in, upstream's id out.
 	var sess *session
@@ -362,7 +485,7 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 	resp, err := g.forward(r, up, body, sess)
 	if err != nil {
 		if errors.Is(err, errForbiddenAddr) {
-			return fail(http.StatusBadGateway, "upstream MCP server %q: refused: it (or a redirect) leads to a link-local, metadata or node-internal address", name)
+			return fail(http.StatusBadGateway, "upstream MCP server %q: refused: it (or a redirect) leads outside its origin, or to a loopback, link-local, metadata or node-internal address", name)
 		}
 		if errors.Is(err, context.DeadlineExceeded) {
 			return fail(http.StatusGatewayTimeout, "upstream MCP server %q did not answer in %s", name, g.cfg.Timeout)
@@ -383,6 +506,75 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 		}
 	}
 	return g.relay(w, resp, c, gwID)
+}
+
+// readBody reads a POST body within MaxRequest and at least MinReadRate
+// (after ReadGrace): a sandbox cannot hold a handler with a trickle.
+func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	rc := http.NewResponseController(w)
+	start := time.Now()
+	deadline := func(n int) time.Time {
+		return start.Add(g.cfg.ReadGrace + time.Duration(float64(n)/float64(g.cfg.MinReadRate)*float64(time.Second)))
+	}
+	// Without a connection deadline (HTTP/2, a writer wrapped without
+	// Unwrap) a timer closes the body, which ends a pending Read on HTTP/2.
+	noDeadline := rc.SetReadDeadline(deadline(0)) != nil
+	var timer *time.Timer
+	var timedOut atomic.Bool
+	if noDeadline {
+		timer = time.AfterFunc(g.cfg.ReadGrace+time.Duration(float64(g.cfg.MaxRequest)/float64(g.cfg.MinReadRate)*float64(time.Second)), func() {
+			timedOut.Store(true)
+			r.Body.Close()
+		})
+		defer timer.Stop()
+	}
+	var buf bytes.Buffer
+	chunk := make([]byte, 32<<10)
+	for {
+		n, err := r.Body.Read(chunk)
+		buf.Write(chunk[:n])
+		if int64(buf.Len()) > g.cfg.MaxRequest {
+			w.Header().Set("Connection", "close")
+			return nil, fail(http.StatusRequestEntityTooLarge, "request body over %d bytes", g.cfg.MaxRequest)
+		}
+		if err == io.EOF {
+			if !noDeadline {
+				_ = rc.SetReadDeadline(time.Time{})
+			}
+			return buf.Bytes(), nil
+		}
+		if err != nil {
+			// The deadline stays: net/http must not wait for the rest.
+			w.Header().Set("Connection", "close")
+			var ne net.Error
+			if timedOut.Load() || errors.As(err, &ne) && ne.Timeout() {
+				return nil, fail(http.StatusRequestTimeout, "request body slower than %d bytes/s", g.cfg.MinReadRate)
+			}
+			return nil, fail(http.StatusBadRequest, "reading the request: %v", err)
+		}
+		if !noDeadline && n > 0 {
+			_ = rc.SetReadDeadline(deadline(buf.Len()))
+		}
+	}
+}
+
+// enter counts a request of the sandbox in flight, within MaxConcurrent.
+func (g *Gateway) enter(sandboxID string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.inflight[sandboxID] >= g.cfg.MaxConcurrent {
+		return false
+	}
+	g.inflight[sandboxID]++
+	return true
+}
+
+func (g *Gateway) leave(sandboxID string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.inflight[sandboxID]--; g.inflight[sandboxID] <= 0 {
+		delete(g.inflight, sandboxID)
+	}
 }
 
 // verify checks the token for the server's URL (or the gateway's). A
@@ -442,6 +634,9 @@ func (g *Gateway) forward(r *http.Request, up *Upstream, body []byte, sess *sess
 			req.Header[k] = slices.Clone(v)
 		}
 	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json") // what the gateway encoded
+	}
 	if sess != nil {
 		req.Header.Set("Mcp-Session-Id", sess.upstreamID)
 	}
@@ -455,41 +650,52 @@ func (g *Gateway) forward(r *http.Request, up *Upstream, body []byte, sess *sess
 	return g.client.Do(req)
 }
 
-// relay copies the upstream response to the sandbox: headers it needs,
-// the body filtered and redacted (SSE event by event, flushed as it comes).
+// relay copies the upstream response to the sandbox: the headers it needs
+// (checked), JSON bodies and each SSE event's data through downstream
+// (SSE flushed event by event), anything else only if it does not hold the
+// credential.
 func (g *Gateway) relay(w http.ResponseWriter, resp *http.Response, c *call, gwID string) error {
 	h := w.Header()
-	for _, k := range []string{"Content-Type", "Mcp-Protocol-Version", "Cache-Control"} {
-		if v := resp.Header.Get(k); v != "" {
-			h.Set(k, redactString(v, c.up))
-		}
+	ct, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
+	if ct != "" && c.det.find(ct) == "" {
+		h.Set("Content-Type", ct) // without parameters: nothing rides along
+	}
+	if v := resp.Header.Get("Mcp-Protocol-Version"); protocolVersion.MatchString(v) {
+		h.Set("Mcp-Protocol-Version", v)
 	}
 	if gwID != "" {
 		h.Set("Mcp-Session-Id", gwID)
 	}
-	ct := resp.Header.Get("Content-Type")
-	listIDs := toolListIDs(c.msgs)
-	switch {
-	case strings.HasPrefix(ct, "text/event-stream"):
+	if ct == "text/event-stream" {
+		h.Set("Cache-Control", "no-cache")
 		w.WriteHeader(resp.StatusCode)
-		return g.relaySSE(w, resp.Body, c, listIDs)
-	default:
-		b, err := readLimited(resp.Body, g.cfg.MaxResponse, g.cfg.Timeout)
-		if err != nil {
-			return fail(http.StatusBadGateway, "upstream MCP server %q: response: %v", c.up.Name, err)
-		}
-		if strings.HasPrefix(ct, "application/json") {
-			b = g.transform(b, c.up, listIDs)
-		} else {
-			b = redact(b, c.up)
-		}
-		h.Del("Content-Length")
-		w.WriteHeader(resp.StatusCode)
-		n, _ := w.Write(b)
-		c.bytesOut += int64(n)
-		return nil
+		_ = http.NewResponseController(w).Flush() // the client waits for the headers
+		return g.relaySSE(w, resp.Body, c)
 	}
+	b, err := readLimited(resp.Body, g.cfg.MaxResponse, g.cfg.Timeout)
+	if err != nil {
+		return fail(http.StatusBadGateway, "upstream MCP server %q: response: %v", c.up.Name, err)
+	}
+	switch {
+	case len(bytes.TrimSpace(b)) == 0:
+	case ct == "application/json":
+		if b = g.downstream(c, b); b == nil {
+			return fail(http.StatusBadGateway, "upstream MCP server %q: its answer was refused (the audit says why)", c.up.Name)
+		}
+	default:
+		if how := c.det.find(string(b)); how != "" {
+			c.note("(response)", "", "refused: the upstream's answer held its credential ("+how+")")
+			return fail(http.StatusBadGateway, "upstream MCP server %q: its answer was refused (the audit says why)", c.up.Name)
+		}
+		b = redact(b, c.up)
+	}
+	w.WriteHeader(resp.StatusCode)
+	n, _ := w.Write(b)
+	c.bytesOut += int64(n)
+	return nil
 }
+
+var protocolVersion = regexp.MustCompile(`^[0-9]{4}-[0-9]{2}-[0-9]{2}$`)
 
 func readLimited(r io.Reader, max int64, timeout time.Duration) ([]byte, error) {
 	type res struct {
@@ -517,7 +723,7 @@ func readLimited(r io.Reader, max int64, timeout time.Duration) ([]byte, error) 
 
 // relaySSE streams events: each event's data (a JSON-RPC message) is
 // filtered and redacted, and the event flushed before the next is read.
-func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call, listIDs map[string]bool) error {
+func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) error {
 	fl, _ := w.(http.Flusher)
 	br := bufio.NewReaderSize(body, 64<<10)
 	var ev bytes.Buffer   // the event's non-data lines
@@ -548,22 +754,31 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call, l
 		case len(trimmed) == 0:
 			if hasData || ev.Len() > 0 {
 				var out bytes.Buffer
-				out.Write(redact(ev.Bytes(), c.up))
+				out.Write(ev.Bytes())
 				if hasData {
-					for _, l := range bytes.Split(g.transform(data.Bytes(), c.up, listIDs), []byte("\n")) {
-						out.WriteString("data: ")
-						out.Write(l)
-						out.WriteByte('\n')
+					d := bytes.TrimSpace(data.Bytes())
+					if len(d) > 0 {
+						d = g.downstream(c, d)
 					}
+					if d == nil {
+						out.Reset() // refused: the whole event goes
+					} else {
+						out.WriteString("data: ")
+						out.Write(d) // one line: the encoding escapes newlines
+						out.WriteString("\n\n")
+					}
+				} else {
+					out.WriteByte('\n')
 				}
-				out.WriteByte('\n')
-				n, werr := w.Write(out.Bytes())
-				c.bytesOut += int64(n)
-				if werr != nil {
-					return nil
-				}
-				if fl != nil {
-					fl.Flush()
+				if out.Len() > 0 {
+					n, werr := w.Write(out.Bytes())
+					c.bytesOut += int64(n)
+					if werr != nil {
+						return nil
+					}
+					if fl != nil {
+						fl.Flush()
+					}
 				}
 			}
 			ev.Reset()
@@ -580,8 +795,17 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call, l
 				return nil
 			}
 		default:
-			ev.Write(trimmed)
-			ev.WriteByte('\n')
+			// Only the fields a client uses, and none holding the credential.
+			field, _, _ := bytes.Cut(trimmed, []byte(":"))
+			switch string(field) {
+			case "id", "event", "retry":
+				if how := c.det.find(string(trimmed)); how != "" {
+					c.note("(response)", "", "refused: an SSE field held the credential ("+how+")")
+					break
+				}
+				ev.Write(redact(trimmed, c.up))
+				ev.WriteByte('\n')
+			}
 		}
 		if err != nil {
 			return nil
@@ -589,11 +813,14 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call, l
 	}
 }
 
-// audit records the call: one record per JSON-RPC message, or one for the
-// HTTP request when it carried none (GET, DELETE, refusals before parsing).
+// audit records the call: one record per JSON-RPC message with its own
+// decision (or one for the HTTP request when it carried none: GET, DELETE,
+// refusals before parsing), and one per message of the upstream's that the
+// gateway refused. Records over the sandbox's audit budget are counted and
+// reported in a "suppressed" record (see emit).
 func (g *Gateway) audit(c *call, r *http.Request, name string, status int, decision string) {
-	if g.cfg.Audit == nil {
-		return
+	if g.cfg.Audit == nil || c.caller.SandboxID == "" {
+		return // not from a sandbox: nothing to attribute it to
 	}
 	now := g.cfg.Now()
 	base := store.MCPAudit{
@@ -601,17 +828,14 @@ func (g *Gateway) audit(c *call, r *http.Request, name string, status int, decis
 		HTTPMethod: r.Method, Decision: decision, Status: status,
 		LatencyMS: float64(now.Sub(c.start).Microseconds()) / 1000, BytesIn: c.bytesIn, BytesOut: c.bytesOut,
 	}
-	if c.caller.SandboxID == "" {
-		return // not from a sandbox: nothing to attribute it to
-	}
+	recs := make([]store.MCPAudit, 0, len(c.msgs)+len(c.notes)+1)
 	if len(c.msgs) == 0 {
-		g.cfg.Audit(base)
-		return
+		recs = append(recs, base)
 	}
 	for _, m := range c.msgs {
 		rec := base
-		rec.Method, rec.Tool = m.Method, m.name
-		if m.Method == "" {
+		rec.Method, rec.Tool = m.method, m.name
+		if m.method == "" {
 			rec.Method = "(response)"
 		}
 		if len(m.args) > 0 {
@@ -620,10 +844,88 @@ func (g *Gateway) audit(c *call, r *http.Request, name string, status int, decis
 		}
 		if m.denied != "" {
 			rec.Decision = "denied: " + m.denied
+		} else if m.batch != "" {
+			rec.Decision = "denied: " + m.batch
 		}
-		g.cfg.Audit(rec)
+		recs = append(recs, rec)
+	}
+	for _, n := range c.notes {
+		rec := base
+		rec.Method, rec.Tool, rec.Decision = n.Method, n.Tool, n.Decision
+		recs = append(recs, rec)
+	}
+	if c.moreNotes > 0 {
+		rec := base
+		rec.Method, rec.Decision = "(response)", fmt.Sprintf("refused: %d more upstream messages (not recorded one by one)", c.moreNotes)
+		recs = append(recs, rec)
+	}
+	g.emit(suppKey{c.caller.OrgID, c.caller.SandboxID, name}, recs)
+}
+
+// emit passes records to Config.Audit within the sandbox's audit budget
+// (AuditRate per second, AuditBurst at once); the rest are counted, and
+// reported by a record of their number before the sandbox's next record
+// that fits, or by FlushSuppressed.
+func (g *Gateway) emit(k suppKey, recs []store.MCPAudit) {
+	now := g.cfg.Now()
+	g.mu.Lock()
+	b := g.audits[k.sandbox]
+	if b == nil {
+		b = &bucket{tokens: float64(g.cfg.AuditBurst), last: now}
+		g.audits[k.sandbox] = b
+	}
+	b.tokens = min(float64(g.cfg.AuditBurst), b.tokens+now.Sub(b.last).Seconds()*g.cfg.AuditRate)
+	b.last = now
+	n := min(len(recs), int(b.tokens))
+	b.tokens -= float64(n)
+	var out []store.MCPAudit
+	if n > 0 {
+		out = g.takeSuppressedLocked(k.sandbox, now)
+	}
+	if over := len(recs) - n; over > 0 {
+		g.supp[k] += over
+		g.suppTotal.Add(int64(over))
+	}
+	g.mu.Unlock()
+	for _, r := range out {
+		g.cfg.Audit(r)
+	}
+	for _, r := range recs[:n] {
+		g.cfg.Audit(r)
 	}
 }
+
+// takeSuppressedLocked turns the counts of a sandbox ("" = all) into records.
+func (g *Gateway) takeSuppressedLocked(sandboxID string, now time.Time) []store.MCPAudit {
+	var out []store.MCPAudit
+	for k, n := range g.supp {
+		if sandboxID != "" && k.sandbox != sandboxID {
+			continue
+		}
+		out = append(out, store.MCPAudit{
+			At: now.UTC(), OrgID: k.org, SandboxID: k.sandbox, Server: k.server, Method: "(audit)",
+			Decision: fmt.Sprintf("suppressed: %d records over the sandbox's audit rate (%g/s, burst %d)", n, g.cfg.AuditRate, g.cfg.AuditBurst),
+		})
+		delete(g.supp, k)
+	}
+	return out
+}
+
+// FlushSuppressed records the counts of suppressed records now.
+func (g *Gateway) FlushSuppressed() {
+	if g.cfg.Audit == nil {
+		return
+	}
+	g.mu.Lock()
+	out := g.takeSuppressedLocked("", g.cfg.Now())
+	g.mu.Unlock()
+	for _, r := range out {
+		g.cfg.Audit(r)
+	}
+}
+
+// Suppressed is the number of records over sandboxes' audit budgets so far.
+func (g *Gateway) Suppressed() int64 { return g.suppTotal.Load() }
 
 // ---- sessions
 
@@ -679,10 +981,22 @@ func (g *Gateway) dropSession(id string) {
 	delete(g.sessions, id)
 }
 
-// Forget drops a sandbox's sessions and rate state (it ended).
+// Forget drops a sandbox's sessions and rate state (it ended), recording
+// the count of its suppressed audit records first.
 func (g *Gateway) Forget(sandboxID string) {
 	g.mu.Lock()
-	defer g.mu.Unlock()
+	out := g.takeSuppressedLocked(sandboxID, g.cfg.Now())
+	g.forgetLocked(sandboxID)
+	g.mu.Unlock()
+	if g.cfg.Audit != nil {
+		for _, r := range out {
+			g.cfg.Audit(r)
+		}
+	}
+}
+
+func (g *Gateway) forgetLocked(sandboxID string) {
+	delete(g.audits, sandboxID)
 	for k, s := range g.sessions {
 		if s.sandboxID == sandboxID {
 			delete(g.sessions, k)
@@ -707,7 +1021,7 @@ type bucket struct {
 	last   time.Time
 }
 
-func (g *Gateway) allow(key string, rate float64) bool {
+func (g *Gateway) allow(key string, rate float64, n int) bool {
 	if rate <= 0 {
 		rate = DefaultRate
 	}
@@ -722,9 +1036,9 @@ func (g *Gateway) allow(key string, rate float64) bool {
 	}
 	b.tokens = min(burst, b.tokens+now.Sub(b.last).Seconds()*rate)
 	b.last = now
-	if b.tokens < 1 {
+	if b.tokens < float64(n) {
 		return false
 	}
-	b.tokens--
+	b.tokens -= float64(n)
 	return true
 }
