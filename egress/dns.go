@@ -245,21 +245,12 @@ func chainAddrs(qname string, answer []dns.RR) []dns.RR {
 	return out
 }
 
-var (
-	cgnat    = netip.MustParsePrefix("100.64.0.0/10")
-	thisNet  = netip.MustParsePrefix("0.0.0.0/8")
-	reserved = netip.MustParsePrefix("240.0.0.0/4")
-)
-
 // internal reports addresses a public name must not resolve to (DNS
-// rebinding): loopback, private, link-local (metadata included), CGNAT,
-// multicast, unspecified, reserved, and the blackholes.
+// rebinding): the blocked ranges (BlockedPrefixes: private, loopback,
+// link-local and metadata, CGNAT, multicast, reserved…) and the blackholes.
 func (m *Manager) internal(a netip.Addr) bool {
 	a = a.Unmap()
-	return a.IsLoopback() || a.IsPrivate() || a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() ||
-		a.IsInterfaceLocalMulticast() || a.IsMulticast() || a.IsUnspecified() ||
-		cgnat.Contains(a) || thisNet.Contains(a) || reserved.Contains(a) ||
-		a == m.cfg.Blackhole4 || a == m.cfg.Blackhole6
+	return isBlocked(a) || a == m.cfg.Blackhole4 || a == m.cfg.Blackhole6
 }
 
 // addrAllowed reports whether an address from an allowed name's answer may

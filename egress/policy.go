@@ -14,11 +14,15 @@ import (
 // Policy is what the API stores (names as in the seed).
 type Policy struct {
 	Name string
-	// AllowAll means unrestricted egress; AllowedHostnames is then moot.
+	// AllowAll means unrestricted egress except the blocked ranges
+	// (BlockedPrefixes); of AllowedHostnames only CIDR entries inside
+	// them then matter.
 	AllowAll bool
 	// AllowedHostnames holds exact names (api.openai.com), leading
 	// wildcards (*.anthropic.com: one or more labels before anthropic.com,
 	// never anthropic.com itself), and IPv4/IPv6 addresses or CIDR ranges.
+	// A blocked range is reachable only through a CIDR entry inside it
+	// (10.1.0.0/16); names never open one.
 	AllowedHostnames []string
 	Description      string
 }
@@ -52,14 +56,11 @@ func Compile(policies ...Policy) (*Rules, error) {
 		}
 	}
 	if r.allowAll {
-		r.exact, r.suffixes, r.prefixes = map[string]struct{}{}, map[string]struct{}{}, nil
+		// Only entries that open blocked space still mean something.
+		r.exact, r.suffixes = map[string]struct{}{}, map[string]struct{}{}
+		r.prefixes = slices.DeleteFunc(r.prefixes, func(p netip.Prefix) bool { return !opensBlocked(p) })
 	}
-	slices.SortFunc(r.prefixes, func(a, b netip.Prefix) int {
-		if c := a.Addr().Compare(b.Addr()); c != 0 {
-			return c
-		}
-		return a.Bits() - b.Bits()
-	})
+	slices.SortFunc(r.prefixes, comparePrefix)
 	r.prefixes = slices.Compact(r.prefixes)
 	r.hash = r.computeHash()
 	return r, nil
@@ -195,33 +196,46 @@ func (r *Rules) MatchName(name string) bool {
 	return false
 }
 
-// MatchAddr reports whether a CIDR entry allows a (or egress is unrestricted).
+// MatchAddr reports whether the rules let a sandbox connect to a without a
+// name: a CIDR entry allows it, or egress is unrestricted and a is not in a
+// blocked range (BlockedPrefixes). A blocked address is allowed only by an
+// entry that lies inside its blocked range (10.1.0.0/16 allows 10.1.2.3;
+// 0.0.0.0/0 does not).
 func (r *Rules) MatchAddr(a netip.Addr) bool {
-	if r.allowAll {
+	a = a.Unmap().WithZone("")
+	if r.allowAll && !isBlocked(a) {
 		return true
 	}
-	a = a.Unmap().WithZone("")
 	for _, p := range r.prefixes {
-		if p.Contains(a) {
+		if entryAllows(p, a) {
 			return true
 		}
 	}
 	return false
 }
 
-// Prefixes returns a copy of the CIDR entries, masked and sorted.
+// Prefixes returns a copy of the CIDR entries, masked and sorted. With
+// AllowAll only those that open blocked space are kept.
 func (r *Rules) Prefixes() []netip.Prefix { return slices.Clone(r.prefixes) }
+
+// allowedPrefixes are what the CIDR entries allow: each entry without the
+// blocked ranges strictly inside it (the contents of the cidr sets).
+func (r *Rules) allowedPrefixes() []netip.Prefix { return effectivePrefixes(r.prefixes) }
 
 // Hash is a stable hash of the effective policy (the identity claim
 // network_policy): equal for equal unions whatever the order or spelling of
-// the entries. "allow-all" when egress is unrestricted.
+// the entries. "allow-all" when egress is unrestricted and no CIDR entry
+// opens a blocked range.
 func (r *Rules) Hash() string { return r.hash }
 
 func (r *Rules) computeHash() string {
-	if r.allowAll {
+	if r.allowAll && len(r.prefixes) == 0 {
 		return "allow-all"
 	}
 	var lines []string
+	if r.allowAll {
+		lines = append(lines, "allow-all")
+	}
 	for n := range r.exact {
 		lines = append(lines, "name "+n)
 	}
