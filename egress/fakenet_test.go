@@ -389,6 +389,8 @@ type fakeDNS struct {
 	zone    map[string][]dns.RR // by lower-case fqdn
 	extra   map[string][]dns.RR // added to every answer for the name
 	queries map[string]int
+	// noreply receives one value for each query it leaves unanswered.
+	noreply chan string
 }
 
 // inject adds rr (of another owner) to every answer for qname.
@@ -404,7 +406,7 @@ func (d *fakeDNS) inject(t testing.TB, qname, record string) {
 }
 
 func startFakeDNS(t testing.TB, ns string) *fakeDNS {
-	d := &fakeDNS{zone: map[string][]dns.RR{}, extra: map[string][]dns.RR{}, queries: map[string]int{}}
+	d := &fakeDNS{zone: map[string][]dns.RR{}, extra: map[string][]dns.RR{}, queries: map[string]int{}, noreply: make(chan string, 256)}
 	h := dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
 		resp := new(dns.Msg).SetReply(r)
 		resp.Authoritative = true
@@ -415,6 +417,10 @@ func startFakeDNS(t testing.TB, ns string) *fakeDNS {
 			d.queries[name]++
 			if strings.HasPrefix(name, "noreply.") {
 				d.mu.Unlock()
+				select {
+				case d.noreply <- name:
+				default:
+				}
 				return // an upstream that does not answer
 			}
 			for _, rr := range d.zone[name] {

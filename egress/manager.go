@@ -107,6 +107,7 @@ type Manager struct {
 	byID     map[string]*sbx
 	byIP     map[netip.Addr]*sbx
 	byN      map[uint32]*sbx
+	inflight map[string]int        // forwarded DNS queries per sandbox ID
 	adopted  map[string]adoptedSbx // left by a previous process, by sandbox ID
 	started  bool
 	stopping chan struct{}
@@ -198,6 +199,7 @@ func New(cfg Config) (*Manager, error) {
 		byID:     map[string]*sbx{},
 		byIP:     map[netip.Addr]*sbx{},
 		byN:      map[uint32]*sbx{},
+		inflight: map[string]int{},
 		next:     1,
 		adopted:  map[string]adoptedSbx{},
 		done:     make(chan struct{}),

@@ -149,15 +149,32 @@ func checkHostname(name string) error {
 	return nil
 }
 
-// normalize lower-cases ASCII and drops one trailing dot.
+// normalize lower-cases ASCII (only: strings.ToLower would turn the Kelvin
+// sign into 'k') and drops one trailing dot.
 func normalize(name string) string {
 	name = strings.TrimSuffix(name, ".")
 	for i := 0; i < len(name); i++ {
 		if c := name[i]; c >= 'A' && c <= 'Z' {
-			return strings.ToLower(name)
+			b := []byte(name)
+			for j := i; j < len(b); j++ {
+				if b[j] >= 'A' && b[j] <= 'Z' {
+					b[j] += 'a' - 'A'
+				}
+			}
+			return string(b)
 		}
 	}
 	return name
+}
+
+// validName reports whether a DNS name in presentation form (as
+// github.com/miekg/dns gives a query's name) is a hostname the matcher can
+// judge: LDH labels (and '_') of 1-63 characters, 253 in all, a trailing
+// dot allowed. A name with an escape (x\.wild is one label holding a dot;
+// \000 a zero byte) or any other byte is not: the DNS proxy refuses it
+// rather than forward a name whose labels are not what they look like.
+func validName(name string) bool {
+	return checkHostname(normalize(name)) == nil
 }
 
 // AllowAll reports whether egress is unrestricted.
@@ -174,14 +191,17 @@ func LearnRules() *Rules {
 func (r *Rules) Learn() bool { return r.learn }
 
 // MatchName reports whether the rules allow the DNS name: case-insensitive, a
-// trailing dot ignored, wildcards matching whole labels only.
+// trailing dot ignored, wildcards matching whole labels only. Names that are
+// not plain hostnames (validName) never match, even under AllowAll.
 func (r *Rules) MatchName(name string) bool {
+	name = normalize(name)
+	// Only plain hostnames: then every '.' separates labels (an escaped
+	// dot inside a label would otherwise pass for a separator).
+	if checkHostname(name) != nil {
+		return false
+	}
 	if r.allowAll {
 		return true
-	}
-	name = normalize(name)
-	if name == "" || strings.HasPrefix(name, ".") || strings.Contains(name, "..") {
-		return false
 	}
 	if _, ok := r.exact[name]; ok {
 		return true

@@ -55,6 +55,27 @@ func TestMatchName(t *testing.T) {
 		{"", false},
 		{".", false},
 		{"com", false},
+		// Escapes in presentation form (what miekg/dns makes of a wire
+		// label): x\.wild is ONE label "x.wild", not two.
+		{`x\.www.example.com`, false},
+		{`x\.example.com`, false},
+		{`www\.example.com.`, false},
+		{`a\.b.c.example.com`, false},
+		{`x\046example.com`, false},
+		{`api.openai\.com`, false},
+		{`api\.openai.com`, false},
+		{`www.example\.com`, false},
+		{`www\000.example.com`, false},
+		{`www\ .example.com`, false},
+		{"www .example.com", false},
+		{"www\x00.example.com", false},
+		{"ww\u212a.example.com", false}, // Kelvin sign: not 'k'
+		{"\u212aey.example.com", false},
+		{"*.example.com", false},
+		{"www.example.com..", false},
+		{strings.Repeat("a", 64) + ".example.com", false},
+		{strings.Repeat("a", 63) + ".example.com", true},
+		{strings.Repeat("a.", 122) + "example.com", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := r.MatchName(tc.name); got != tc.want {
@@ -206,6 +227,8 @@ func FuzzMatchName(f *testing.F) {
 		{"*.example.com", "www.example.com"}, {"*.example.com", "example.com"},
 		{"*.example.com", "evilexample.com"}, {"example.com", "EXAMPLE.COM."},
 		{"*.example.com", "example.com.evil.test"}, {"*.a.b", ".a.b"}, {"a.b", "a..b"},
+		{"*.wild.example.com", `x\.wild.example.com`}, {"*.example.com", `x\.example.com`},
+		{"*.example.com", `x\046example.com`}, {"key.example.com", "\u212aey.example.com"},
 	} {
 		f.Add(s[0], s[1])
 	}
@@ -221,12 +244,17 @@ func FuzzMatchName(f *testing.F) {
 			}
 			return
 		}
-		n := strings.ToLower(strings.TrimSuffix(name, "."))
-		p := strings.ToLower(strings.TrimSuffix(strings.TrimSpace(pattern), "."))
+		n := asciiLower(strings.TrimSuffix(name, "."))
+		p := asciiLower(strings.TrimSuffix(strings.TrimSpace(pattern), "."))
 		labels := strings.Split(n, ".")
-		valid := n != ""
+		// Plain hostnames only: LDH and '_' labels of 1-63 bytes, 253 in
+		// all (so no escapes: '\\' is not a hostname byte).
+		valid := n != "" && len(n) <= 253
 		for _, l := range labels {
-			valid = valid && l != ""
+			valid = valid && l != "" && len(l) <= 63
+			for _, c := range []byte(l) {
+				valid = valid && (c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_')
+			}
 		}
 		want := false
 		if valid {
@@ -244,6 +272,17 @@ func FuzzMatchName(f *testing.F) {
 			t.Fatalf("normalisation changed more than case")
 		}
 	})
+}
+
+// asciiLower lower-cases A-Z only.
+func asciiLower(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if c >= 'A' && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
 }
 
 func TestProposeEntries(t *testing.T) {
