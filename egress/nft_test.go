@@ -167,7 +167,14 @@ func nftDebug(t *testing.T, ns, table string) string {
 	slices.Sort(keys)
 	var b strings.Builder
 	for _, k := range keys {
-		b.WriteString(strings.Join(groups[k], ""))
+		g := strings.Join(groups[k], "")
+		if k == "inet T @egress_sbx" {
+			// A hash map lists its elements in hash order, not insertion order.
+			lines := strings.Split(strings.TrimSuffix(g, "\n"), "\n")
+			slices.Sort(lines[1:])
+			g = strings.Join(lines, "\n") + "\n"
+		}
+		b.WriteString(g)
 	}
 	return b.String()
 }
@@ -223,10 +230,27 @@ func TestRulesMatchNft(t *testing.T) {
 		ip6 daddr @egress_blocked6 goto egd_2
 		accept
 	}
+	set cidr4_3 { type ipv4_addr; flags interval; }
+	set cidr6_3 { type ipv6_addr; flags interval; }
+	set dns4_3 { type ipv4_addr; flags timeout; }
+	set dns6_3 { type ipv6_addr; flags timeout; }
+	chain egd_3 {
+		limit rate 10/second burst 20 packets log prefix "chalk-egress 3 " group 4272 snaplen 128
+		counter drop
+	}
+	chain eg_3 {
+		ip daddr @dns4_3 accept
+		ip6 daddr @dns6_3 accept
+		ip daddr @egress_blocked4 goto egd_3
+		ip6 daddr @egress_blocked6 goto egd_3
+		limit rate 10/second burst 20 packets log prefix "chalk-learn 3 " group 4272 snaplen 128
+		accept
+	}
 	chain egress { iifname vmap @egress_sbx; }
 }
 add element inet want egress_sbx { "sb-test" : goto eg_1 }
-add element inet want egress_sbx { "sb-open" : goto eg_2 }`, rangesText(blocked4), rangesText(blocked6), rangesText(cidr4), rangesText(cidr6), rangesText(open4), rangesText(open6)))
+add element inet want egress_sbx { "sb-open" : goto eg_2 }
+add element inet want egress_sbx { "sb-learn" : goto eg_3 }`, rangesText(blocked4), rangesText(blocked6), rangesText(cidr4), rangesText(cidr6), rangesText(open4), rangesText(open6)))
 
 	m, err := New(Config{NetNS: nsPath(ns), Upstream: "127.0.0.1:53"})
 	if err != nil {
@@ -243,17 +267,20 @@ add element inet want egress_sbx { "sb-open" : goto eg_2 }`, rangesText(blocked4
 	if err := m.Apply(ctx, Sandbox{ID: "o", HostIf: "sb-open", SandboxIP: netip.MustParseAddr("10.200.2.2")}, open); err != nil {
 		t.Fatal(err)
 	}
+	if err := m.Apply(ctx, Sandbox{ID: "l", HostIf: "sb-learn", SandboxIP: netip.MustParseAddr("10.200.3.2")}, LearnRules()); err != nil {
+		t.Fatal(err)
+	}
 	got, want := nftDebug(t, ns, "chalk"), nftDebug(t, ns, "want")
 	if got != want {
 		t.Errorf("kernel objects differ from nft's for the same text\n--- got\n%s\n--- want\n%s", got, want)
 	}
-	for _, id := range []string{"s", "o"} {
+	for _, id := range []string{"s", "o", "l"} {
 		if err := m.Remove(ctx, id); err != nil {
 			t.Fatal(err)
 		}
 	}
 	out, _ := exec.Command("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "chalk").CombinedOutput()
-	if strings.Contains(string(out), "_1") || strings.Contains(string(out), "_2") || strings.Contains(string(out), "sb-") {
+	if strings.Contains(string(out), "_1") || strings.Contains(string(out), "_2") || strings.Contains(string(out), "_3") || strings.Contains(string(out), "sb-") {
 		t.Errorf("left after Remove:\n%s", out)
 	}
 }
