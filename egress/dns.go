@@ -330,6 +330,7 @@ func restrictAnswer(q dns.Question, resp *dns.Msg) {
 				continue
 			}
 			addrs++
+		case dns.TypeRRSIG: // signatures of the chain, for validating stubs
 		default:
 			if q.Qtype != h.Rrtype && q.Qtype != dns.TypeANY {
 				continue
