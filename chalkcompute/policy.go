@@ -9,7 +9,10 @@ import (
 )
 
 // NetworkPolicy is an egress allowlist. AllowAll defaults to true when nil
-// (unrestricted egress, as without any policy).
+// (unrestricted egress, as without any policy). Whatever the policy, the
+// node's private networks and cloud metadata addresses are blocked (see
+// egress.BlockedPrefixes); a CIDR entry inside one (10.20.0.0/16) opens it,
+// with AllowAll too. Hostnames never do.
 type NetworkPolicy struct {
 	Name             string
 	AllowAll         *bool

@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/nftables"
@@ -61,8 +64,10 @@ func (m *Manager) listen() ([]*dns.Server, error) {
 			}
 			if ln, err = net.Listen("tcp", a); err != nil {
 				pc.Close()
+				return err
 			}
-			return err
+			ln = &limitListener{Listener: ln, max: maxTCPConns, open: map[netip.Addr]int{}}
+			return nil
 		})
 		if err != nil {
 			return fail(fmt.Errorf("egress: dns proxy listen %s: %w", a, err))
@@ -81,6 +86,56 @@ func (m *Manager) listen() ([]*dns.Server, error) {
 		}
 	}
 	return servers, nil
+}
+
+// limitListener closes TCP connections beyond max per source address at
+// once (a sandbox could otherwise hold every file descriptor of chalkd).
+type limitListener struct {
+	net.Listener
+	max  int
+	mu   sync.Mutex
+	open map[netip.Addr]int
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		src := addrOf(c.RemoteAddr())
+		l.mu.Lock()
+		ok := l.open[src] < l.max
+		if ok {
+			l.open[src]++
+		}
+		l.mu.Unlock()
+		if ok {
+			return &limitedConn{Conn: c, release: func() { l.release(src) }}, nil
+		}
+		c.Close()
+	}
+}
+
+func (l *limitListener) release(src netip.Addr) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.open[src]--; l.open[src] <= 0 {
+		delete(l.open, src)
+	}
+}
+
+// limitedConn gives its slot back once, on the first Close.
+type limitedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
 }
 
 // answerTTL is the TTL of the answers made up for denied names.
@@ -117,6 +172,24 @@ func addrOf(a net.Addr) netip.Addr {
 	return netip.Addr{}
 }
 
+// Bounds on what a sandbox's queries and an upstream's answers may make the
+// proxy do.
+const (
+	// maxPinPerAnswer is the number of A/AAAA records of one answer that
+	// are pinned and returned; the rest are left out of the answer.
+	maxPinPerAnswer = 32
+	// maxPinTTL caps the TTL of returned records and of pins.
+	maxPinTTL = 24 * time.Hour
+	// maxInflight is the number of a sandbox's queries being forwarded at
+	// once; more are answered SERVFAIL at once.
+	maxInflight = 32
+	// maxTCPConns is the number of TCP connections one source address may
+	// hold open to the proxy.
+	maxTCPConns = 16
+	// forwardUDPSize is the EDNS buffer size advertised upstream.
+	forwardUDPSize = 1232
+)
+
 func (m *Manager) resolve(ctx context.Context, w dns.ResponseWriter, r *dns.Msg) *dns.Msg {
 	src := addrOf(w.RemoteAddr())
 	m.mu.Lock()
@@ -134,10 +207,18 @@ func (m *Manager) resolve(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 		m.stats.refused.Add(1)
 		return new(dns.Msg).SetRcode(r, dns.RcodeRefused)
 	}
-	if r.Opcode != dns.OpcodeQuery || len(r.Question) != 1 {
+	if r.Response || r.Opcode != dns.OpcodeQuery || len(r.Question) != 1 {
 		return new(dns.Msg).SetRcode(r, dns.RcodeFormatError)
 	}
 	q := r.Question[0]
+	// Only plain hostnames of class IN: a name with escapes (x\.wild is one
+	// label) or other bytes is not what a matcher or a log reader would take
+	// it for, so it is never forwarded.
+	if !validName(q.Name) || q.Qclass != dns.ClassINET {
+		m.log.Debug("egress: dns query for a name that is not a hostname refused", "sandbox", id, "name", q.Name)
+		m.stats.refused.Add(1)
+		return new(dns.Msg).SetRcode(r, dns.RcodeRefused)
+	}
 	if m.cfg.Local != nil {
 		if addrs, ok := m.cfg.Local(id, q.Name); ok {
 			m.stats.local.Add(1)
@@ -148,20 +229,30 @@ func (m *Manager) resolve(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 		m.stats.denied.Add(1)
 		return m.deny(id, r)
 	}
+	if !m.acquire(id) {
+		m.stats.failed.Add(1)
+		return new(dns.Msg).SetRcode(r, dns.RcodeServerFailure)
+	}
+	defer m.release(id)
 	network := "udp"
 	if _, ok := w.RemoteAddr().(*net.TCPAddr); ok {
 		network = "tcp"
 	}
-	resp, err := m.up.exchange(ctx, r, network)
+	resp, err := m.up.exchange(ctx, forwardQuery(r, q), network)
+	if err == nil {
+		err = checkReply(q, resp)
+	}
 	if err != nil {
 		m.log.Warn("egress: dns upstream", "sandbox", id, "name", q.Name, "err", err)
 		m.stats.failed.Add(1)
 		return new(dns.Msg).SetRcode(r, dns.RcodeServerFailure)
 	}
+	resp.Id, resp.Question = r.Id, r.Question
 	if rules.AllowAll() && !rules.Learn() {
 		m.stats.allowed.Add(1)
 		return resp
 	}
+	restrictAnswer(q, resp)
 	if err := m.learn(id, q.Name, resp); err != nil {
 		m.log.Warn("egress: allowing dns answer", "sandbox", id, "name", q.Name, "err", err)
 		m.stats.failed.Add(1)
@@ -169,6 +260,94 @@ func (m *Manager) resolve(ctx context.Context, w dns.ResponseWriter, r *dns.Msg)
 	}
 	m.stats.allowed.Add(1)
 	return resp
+}
+
+// acquire counts one forwarded query of a sandbox, false beyond maxInflight.
+func (m *Manager) acquire(id string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.inflight[id] >= maxInflight {
+		return false
+	}
+	m.inflight[id]++
+	return true
+}
+
+func (m *Manager) release(id string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.inflight[id]--; m.inflight[id] <= 0 {
+		delete(m.inflight, id)
+	}
+}
+
+// forwardQuery is the query sent upstream: only what was checked (the one
+// question, recursion and checking flags, an EDNS buffer size and DO bit of
+// our own), under a fresh ID.
+func forwardQuery(r *dns.Msg, q dns.Question) *dns.Msg {
+	f := new(dns.Msg)
+	f.Id = dns.Id()
+	f.Opcode = dns.OpcodeQuery
+	f.RecursionDesired = r.RecursionDesired
+	f.CheckingDisabled = r.CheckingDisabled
+	f.Question = []dns.Question{q}
+	if o := r.IsEdns0(); o != nil {
+		f.SetEdns0(forwardUDPSize, o.Do())
+	}
+	return f
+}
+
+// checkReply refuses an upstream reply to another question.
+func checkReply(q dns.Question, resp *dns.Msg) error {
+	if !resp.Response {
+		return fmt.Errorf("upstream reply without the response bit")
+	}
+	for _, rq := range resp.Question {
+		if len(resp.Question) != 1 || !strings.EqualFold(rq.Name, q.Name) || rq.Qtype != q.Qtype || rq.Qclass != q.Qclass {
+			return fmt.Errorf("upstream answered another question (%v)", resp.Question)
+		}
+	}
+	return nil
+}
+
+// restrictAnswer keeps of an upstream answer only the records on the CNAME
+// chain from the question's name and of the type asked (at most
+// maxPinPerAnswer addresses), drops addresses from the other sections
+// (nothing unpinned is handed out) and caps TTLs at maxPinTTL.
+func restrictAnswer(q dns.Question, resp *dns.Msg) {
+	chain := chainNames(q.Name, resp.Answer)
+	addrs := 0
+	keep := resp.Answer[:0]
+	for _, rr := range resp.Answer {
+		h := rr.Header()
+		if !chain[normalize(h.Name)] || h.Class != dns.ClassINET {
+			continue
+		}
+		switch h.Rrtype {
+		case dns.TypeCNAME:
+		case dns.TypeA, dns.TypeAAAA:
+			if (q.Qtype != h.Rrtype && q.Qtype != dns.TypeANY) || addrs >= maxPinPerAnswer {
+				continue
+			}
+			addrs++
+		case dns.TypeRRSIG: // signatures of the chain, for validating stubs
+		default:
+			if q.Qtype != h.Rrtype && q.Qtype != dns.TypeANY {
+				continue
+			}
+		}
+		h.Ttl = min(h.Ttl, uint32(maxPinTTL/time.Second))
+		keep = append(keep, rr)
+	}
+	clear(resp.Answer[len(keep):])
+	resp.Answer = keep
+	noAddrs := func(rrs []dns.RR) []dns.RR {
+		return slices.DeleteFunc(rrs, func(rr dns.RR) bool {
+			t := rr.Header().Rrtype
+			return t == dns.TypeA || t == dns.TypeAAAA
+		})
+	}
+	resp.Ns, resp.Extra = noAddrs(resp.Ns), noAddrs(resp.Extra)
 }
 
 // localAnswer answers a name the node knows: A records (the addresses are
@@ -214,6 +393,9 @@ func (m *Manager) deny(id string, r *dns.Msg) *dns.Msg {
 	return resp
 }
 
+// maxChain bounds the names on a CNAME chain that are followed.
+const maxChain = 16
+
 // chainAddrs follows the CNAME chain from qname through the answer section
 // and returns the A/AAAA records on it. Records of other owners are not
 // returned.
@@ -226,7 +408,7 @@ func chainAddrs(qname string, answer []dns.RR) []dns.RR {
 	var out []dns.RR
 	cur := normalize(qname)
 	seen := map[string]bool{}
-	for len(seen) < 16 && !seen[cur] {
+	for len(seen) < maxChain && !seen[cur] {
 		seen[cur] = true
 		next := ""
 		for _, rr := range byOwner[cur] {
@@ -245,21 +427,33 @@ func chainAddrs(qname string, answer []dns.RR) []dns.RR {
 	return out
 }
 
-var (
-	cgnat    = netip.MustParsePrefix("100.64.0.0/10")
-	thisNet  = netip.MustParsePrefix("0.0.0.0/8")
-	reserved = netip.MustParsePrefix("240.0.0.0/4")
-)
+// chainNames are the (normalised) names on the CNAME chain from qname
+// through the answer, as chainAddrs follows it.
+func chainNames(qname string, answer []dns.RR) map[string]bool {
+	cnames := map[string]string{}
+	for _, rr := range answer {
+		if c, ok := rr.(*dns.CNAME); ok {
+			cnames[normalize(c.Hdr.Name)] = normalize(c.Target)
+		}
+	}
+	seen := map[string]bool{}
+	for cur := normalize(qname); len(seen) < maxChain && !seen[cur]; {
+		seen[cur] = true
+		next, ok := cnames[cur]
+		if !ok {
+			break
+		}
+		cur = next
+	}
+	return seen
+}
 
 // internal reports addresses a public name must not resolve to (DNS
-// rebinding): loopback, private, link-local (metadata included), CGNAT,
-// multicast, unspecified, reserved, and the blackholes.
+// rebinding): the blocked ranges (BlockedPrefixes: private, loopback,
+// link-local and metadata, CGNAT, multicast, reserved…) and the blackholes.
 func (m *Manager) internal(a netip.Addr) bool {
 	a = a.Unmap()
-	return a.IsLoopback() || a.IsPrivate() || a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() ||
-		a.IsInterfaceLocalMulticast() || a.IsMulticast() || a.IsUnspecified() ||
-		cgnat.Contains(a) || thisNet.Contains(a) || reserved.Contains(a) ||
-		a == m.cfg.Blackhole4 || a == m.cfg.Blackhole6
+	return isBlocked(a) || a == m.cfg.Blackhole4 || a == m.cfg.Blackhole6
 }
 
 // addrAllowed reports whether an address from an allowed name's answer may
@@ -345,7 +539,7 @@ func (m *Manager) learn(id, qname string, resp *dns.Msg) error {
 			clear(s.recent)
 		}
 		s.recent[a] = name
-		ttl := time.Duration(rr.Header().Ttl) * time.Second
+		ttl := min(time.Duration(rr.Header().Ttl)*time.Second, maxPinTTL)
 		want := max(ttl, m.cfg.MinTTL)
 		if l := s.learned[a]; l != nil && !l.expires.Before(now.Add(ttl+5*time.Second)) {
 			l.names[name] = struct{}{}

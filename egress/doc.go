@@ -15,9 +15,16 @@
 //     entries; dns4_<n>/dns6_<n>: addresses learned from DNS answers, each with
 //     a timeout of max(TTL, MinTTL)) and sends everything else to egd_<n>,
 //     which logs (NFLOG, rate-limited in the kernel) and counts, then drops.
-//     Nothing is rejected: a denied connection times out. Sandboxes whose
-//     rules allow everything have no dispatch entry, so their packets return
-//     from "egress" and are accepted.
+//     Nothing is rejected: a denied connection times out. Every applied
+//     sandbox has a chain, unrestricted and learn-mode ones too: theirs
+//     accepts what their CIDR entries open, sends the blocked ranges (the
+//     node-wide interval sets egress_blocked4/6, BlockedPrefixes: RFC 1918,
+//     CGNAT, loopback, link-local, ULA, multicast, reserved, cloud metadata
+//     addresses, and the private IPv4 ranges inside NAT64 and 6to4) to
+//     egd_<n>, and accepts the rest. A blocked range is opened only by a CIDR
+//     entry that lies inside it (10.1.0.0/16 opens itself, 0.0.0.0/0 opens no
+//     private range, 100.64.0.0/10 opens CGNAT but not 100.100.100.200); the
+//     cidr sets hold each entry minus the blocked ranges strictly inside it.
 //
 //   - a DNS proxy (github.com/miekg/dns) that is every sandbox's resolver
 //     (sandboxnet DNATs port 53 on the sandbox's gateway to it). It knows the
@@ -25,15 +32,21 @@
 //     never forwarded upstream: A/AAAA queries for them are answered with a
 //     blackhole address (Config.Blackhole4/6) that the sandbox's chain drops,
 //     so the sandbox sees a connect timeout rather than a policy error; other
-//     query types get an empty answer. Allowed names are forwarded; the A/AAAA
-//     records reached from the queried name by following the CNAME chain in the
-//     answer are added to the sandbox's dns sets before the answer is returned.
-//     A CNAME target need not be allowed itself: allowing a name allows what it
-//     resolves to (as with CDNs). Records that are not on that chain are
-//     ignored. Answers pointing at private, loopback, link-local, CGNAT,
-//     multicast or metadata addresses are not added (DNS rebinding defence)
-//     unless a CIDR entry allows them; they are rewritten to the blackhole
-//     address so that they, too, time out.
+//     query types get an empty answer. Queries and answers are hostile input:
+//     a name that is not a plain hostname (an escaped dot inside a label, any
+//     byte but letters, digits, '-' and '_') or of a class other than IN is
+//     refused and never forwarded; what goes upstream is rebuilt from the
+//     checked question; a reply to another question is SERVFAIL. Allowed
+//     names are forwarded; of the answer only the records on the CNAME chain
+//     from the queried name, of the type asked, are kept (at most 32
+//     addresses, TTLs capped at 24 h, no addresses in the other sections), and
+//     their A/AAAA records are added to the sandbox's dns sets before the
+//     answer is returned. A CNAME target need not be allowed itself: allowing
+//     a name allows what it resolves to (as with CDNs). Answers pointing into
+//     the blocked ranges are not added (DNS rebinding defence) unless a CIDR
+//     entry opens them; they are rewritten to the blackhole address so that
+//     they, too, time out. A sandbox has at most 32 queries being forwarded
+//     and 16 TCP connections to the proxy at once.
 //
 // Apply replaces a sandbox's rules atomically (one nftables transaction);
 // addresses learned for names the new rules no longer allow are removed at

@@ -32,7 +32,9 @@ import (
 // The inet namespace holds the "public" servers on its loopback: a DNS
 // server of the test's own on 198.51.100.53, TCP greeters on port 80 and UDP
 // echo on port 7 of addresses in 198.51.100.0/24, 203.0.113.0/24,
-// 2001:db8::/32 and two "LAN" addresses (10.98.0.10, 10.99.0.10), and routes
+// 2001:db8::/32, "LAN" addresses (10.98.0.10, 10.99.0.10, 172.16.5.10,
+// 192.168.5.10, 100.64.1.10, fd00:99::10) and cloud services (169.254.7.10,
+// 100.100.100.200, 168.63.129.16), and routes
 // the sandbox ranges back to the node. The node's only uplink is inet. The
 // node's table inet chalk mimics sandboxnet: forward policy drop,
 // established accepted, new packets from sb-* jump to "egress" and are
@@ -52,6 +54,10 @@ var serverAddrs = []string{
 	"198.51.100.22", "198.51.100.23", resolverIP,
 	"203.0.113.10", "203.0.113.200", "10.98.0.10", "10.99.0.10",
 	"2001:db8:1::10", "2001:db8:2::10", "2001:db8:3::10",
+	// Private and metadata addresses "beyond the node" (its LAN, a cloud's
+	// services): blocked unless a CIDR entry opens them.
+	"100.64.1.10", "169.254.7.10", "100.100.100.200", "168.63.129.16",
+	"172.16.5.10", "192.168.5.10", "fd00:99::10",
 }
 
 type fakeNet struct {
@@ -93,6 +99,10 @@ func addNetns(t testing.TB, name string) {
 		}
 	})
 	run(t, "ip", "-n", name, "link", "set", "lo", "up")
+	// No duplicate address detection: a link's link-local address would be
+	// tentative for a second or two after it comes up, and neighbour
+	// discovery through it (the first IPv6 packet of a test) would fail.
+	run(t, "ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
 }
 
 // nsPath is the path of a namespace given by name (ip netns) or path.
@@ -379,6 +389,8 @@ type fakeDNS struct {
 	zone    map[string][]dns.RR // by lower-case fqdn
 	extra   map[string][]dns.RR // added to every answer for the name
 	queries map[string]int
+	// noreply receives one value for each query it leaves unanswered.
+	noreply chan string
 }
 
 // inject adds rr (of another owner) to every answer for qname.
@@ -394,7 +406,7 @@ func (d *fakeDNS) inject(t testing.TB, qname, record string) {
 }
 
 func startFakeDNS(t testing.TB, ns string) *fakeDNS {
-	d := &fakeDNS{zone: map[string][]dns.RR{}, extra: map[string][]dns.RR{}, queries: map[string]int{}}
+	d := &fakeDNS{zone: map[string][]dns.RR{}, extra: map[string][]dns.RR{}, queries: map[string]int{}, noreply: make(chan string, 256)}
 	h := dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
 		resp := new(dns.Msg).SetReply(r)
 		resp.Authoritative = true
@@ -405,6 +417,10 @@ func startFakeDNS(t testing.TB, ns string) *fakeDNS {
 			d.queries[name]++
 			if strings.HasPrefix(name, "noreply.") {
 				d.mu.Unlock()
+				select {
+				case d.noreply <- name:
+				default:
+				}
 				return // an upstream that does not answer
 			}
 			for _, rr := range d.zone[name] {

@@ -107,6 +107,7 @@ type Manager struct {
 	byID     map[string]*sbx
 	byIP     map[netip.Addr]*sbx
 	byN      map[uint32]*sbx
+	inflight map[string]int        // forwarded DNS queries per sandbox ID
 	adopted  map[string]adoptedSbx // left by a previous process, by sandbox ID
 	started  bool
 	stopping chan struct{}
@@ -198,6 +199,7 @@ func New(cfg Config) (*Manager, error) {
 		byID:     map[string]*sbx{},
 		byIP:     map[netip.Addr]*sbx{},
 		byN:      map[uint32]*sbx{},
+		inflight: map[string]int{},
 		next:     1,
 		adopted:  map[string]adoptedSbx{},
 		done:     make(chan struct{}),
@@ -296,12 +298,40 @@ func (m *Manager) installBase() error {
 			return err
 		}
 	}
+	if err := m.installBlocked(); err != nil {
+		return err
+	}
 	m.conn.FlushChain(chain)
 	m.conn.AddRule(&nftables.Rule{Table: m.table, Chain: chain, Exprs: dispatchRule()})
 	if err := m.conn.Flush(); err != nil {
 		return fmt.Errorf("egress: install dispatch rule: %w", err)
 	}
 	return m.adopt()
+}
+
+// installBlocked queues the node-wide sets of blocked ranges, their
+// elements replaced (a new version's list takes effect at Start).
+func (m *Manager) installBlocked() error {
+	v4, v6 := split(blockedPrefixes)
+	for _, b := range []struct {
+		set *nftables.Set
+		els []nftables.SetElement
+	}{
+		{&nftables.Set{Table: m.table, Name: blocked4Set, KeyType: nftables.TypeIPAddr, Interval: true}, prefixElements(v4)},
+		{&nftables.Set{Table: m.table, Name: blocked6Set, KeyType: nftables.TypeIP6Addr, Interval: true}, prefixElements(v6)},
+	} {
+		if _, err := m.conn.GetSetByName(m.table, b.set.Name); err != nil {
+			if err := m.conn.AddSet(b.set, b.els); err != nil {
+				return fmt.Errorf("egress: set %s: %w", b.set.Name, err)
+			}
+			continue
+		}
+		m.conn.FlushSet(b.set)
+		if err := m.conn.SetAddElements(b.set, b.els); err != nil {
+			return fmt.Errorf("egress: set %s: %w", b.set.Name, err)
+		}
+	}
+	return nil
 }
 
 // adopt takes over the per-sandbox objects a previous process left: those
@@ -451,20 +481,9 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 	old := *s
 	s.Sandbox, s.rules = sb, rules
 	var err error
+	// Every sandbox has a chain, unrestricted ones too: the blocked ranges
+	// hold for all.
 	switch {
-	case rules.AllowAll() && !rules.Learn():
-		if s.installed {
-			m.teardown(s, old.HostIf)
-		}
-		// Unrestricted is the absence of rules on the interface: rules a
-		// previous sandbox left on it (a slot reused before its Remove)
-		// must go too, or they would apply to this one.
-		m.evictInterface(sb.HostIf, sb.ID)
-		err = m.conn.Flush()
-		if err == nil {
-			s.installed = false
-			clear(s.learned)
-		}
 	case !s.installed:
 		m.evictInterface(sb.HostIf, sb.ID)
 		err = m.install(s)
@@ -481,7 +500,7 @@ func (m *Manager) Apply(ctx context.Context, sb Sandbox, rules *Rules) error {
 		}
 		return fmt.Errorf("egress: apply rules of sandbox %s: %w", sb.ID, err)
 	}
-	if old.rules != nil && !rules.AllowAll() {
+	if old.rules != nil {
 		// Established connections were accepted before the update; end
 		// those the new rules do not allow.
 		if n, err := m.cutFlows(s); err != nil {
@@ -556,8 +575,11 @@ func (m *Manager) takeOver(id string, a adoptedSbx) (*sbx, error) {
 
 // chainRules are the rules of the sandbox's chain eg_<n>.
 func (m *Manager) chainRules(s *sbx) [][]expr.Any {
-	if s.rules.Learn() {
+	switch {
+	case s.rules.Learn():
 		return learnRules(s.names, m.cfg.LogGroup, m.cfg.LogRate, uint32(2*m.cfg.LogRate))
+	case s.rules.AllowAll():
+		return allowAllRules(s.names)
 	}
 	return sandboxRules(s.names, m.blackholesAllowed(s.rules))
 }
@@ -577,7 +599,7 @@ func (m *Manager) blackholesAllowed(r *Rules) []netip.Addr {
 func (m *Manager) install(s *sbx) error {
 	t := m.table
 	cidr4, cidr6, dns4, dns6 := sandboxSets(t, s.names)
-	v4, v6 := split(s.rules.Prefixes())
+	v4, v6 := split(s.rules.allowedPrefixes())
 	for _, st := range []struct {
 		set *nftables.Set
 		els []nftables.SetElement
@@ -619,7 +641,7 @@ func dispatchElement(s *sbx, hostIf string) nftables.SetElement {
 func (m *Manager) update(s *sbx, old *sbx) error {
 	t := m.table
 	cidr4, cidr6, dns4, dns6 := sandboxSets(t, s.names)
-	v4, v6 := split(s.rules.Prefixes())
+	v4, v6 := split(s.rules.allowedPrefixes())
 	m.conn.FlushSet(cidr4)
 	m.conn.FlushSet(cidr6)
 	if els := prefixElements(v4); len(els) > 0 {
@@ -770,7 +792,7 @@ func (m *Manager) Blocked(id string) []Drop {
 }
 
 // Dropped returns the exact number of packets the sandbox's rules dropped
-// (the kernel's counter). A sandbox without restrictions drops nothing.
+// (the kernel's counter).
 func (m *Manager) Dropped(ctx context.Context, id string) (int64, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -16,7 +16,7 @@ type stats struct {
 
 var (
 	descQueries = prometheus.NewDesc("chalk_egress_dns_queries_total",
-		"DNS queries the egress proxy answered, by result (allowed: forwarded; denied: answered with the blackhole; refused: unknown source; failed: upstream or rule errors; local: names the node answers itself, such as tunnel members).",
+		"DNS queries the egress proxy answered, by result (allowed: forwarded; denied: answered with the blackhole; refused: unknown source, or a name that is not a plain hostname; failed: upstream or rule errors, or too many queries of the sandbox at once; local: names the node answers itself, such as tunnel members).",
 		[]string{"result"}, nil)
 	descDropped = prometheus.NewDesc("chalk_egress_dropped_packets_total",
 		"Packets a sandbox's egress policy dropped.", []string{"sandbox"}, nil)

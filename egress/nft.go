@@ -16,6 +16,8 @@ const (
 	egressChain    = "egress"          // created by sandboxnet, contents ours
 	dispatchMap    = "egress_sbx"      // iifname -> goto eg_<n>
 	dnsPortsSet    = "egress_dnsports" // {53, 853}
+	blocked4Set    = "egress_blocked4" // BlockedPrefixes, IPv4
+	blocked6Set    = "egress_blocked6" // BlockedPrefixes, IPv6
 	logPrefixFmt   = "chalk-egress %d "
 	learnPrefixFmt = "chalk-learn %d "
 )
@@ -86,19 +88,49 @@ func sandboxRules(nm sbxNames, blackholes []netip.Addr) [][]expr.Any {
 	return rules
 }
 
-// learnRules are the rules of chain eg_<n> in learn mode: addresses known
-// from DNS are accepted silently, others are sampled to NFLOG and accepted.
-func learnRules(nm sbxNames, group uint16, ratePerSec uint64, burst uint32) [][]expr.Any {
+// blockedRules send destinations in the blocked ranges to chain egd_<n>.
+func blockedRules(nm sbxNames) [][]expr.Any {
+	deny := &expr.Verdict{Kind: expr.VerdictGoto, Chain: nm.deny}
 	return [][]expr.Any{
+		append(daddr(true), &expr.Lookup{SourceRegister: 1, SetName: blocked4Set}, deny),
+		append(daddr(false), &expr.Lookup{SourceRegister: 1, SetName: blocked6Set}, deny),
+	}
+}
+
+// allowAllRules are the rules of chain eg_<n> when egress is unrestricted:
+// what the CIDR entries open is accepted, the blocked ranges are dropped,
+// the rest accepted.
+func allowAllRules(nm sbxNames) [][]expr.Any {
+	var rules [][]expr.Any
+	for _, s := range []struct {
+		v4   bool
+		name string
+	}{{true, nm.cidr4}, {false, nm.cidr6}} {
+		rules = append(rules, append(daddr(s.v4),
+			&expr.Lookup{SourceRegister: 1, SetName: s.name},
+			&expr.Verdict{Kind: expr.VerdictAccept}))
+	}
+	rules = append(rules, blockedRules(nm)...)
+	return append(rules, []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}})
+}
+
+// learnRules are the rules of chain eg_<n> in learn mode: addresses known
+// from DNS are accepted silently, the blocked ranges dropped, others are
+// sampled to NFLOG and accepted.
+func learnRules(nm sbxNames, group uint16, ratePerSec uint64, burst uint32) [][]expr.Any {
+	rules := [][]expr.Any{
 		append(daddr(true), &expr.Lookup{SourceRegister: 1, SetName: nm.dns4}, &expr.Verdict{Kind: expr.VerdictAccept}),
 		append(daddr(false), &expr.Lookup{SourceRegister: 1, SetName: nm.dns6}, &expr.Verdict{Kind: expr.VerdictAccept}),
+	}
+	rules = append(rules, blockedRules(nm)...)
+	return append(rules, [][]expr.Any{
 		{
 			&expr.Limit{Type: expr.LimitTypePkts, Rate: ratePerSec, Unit: expr.LimitTimeSecond, Burst: burst},
 			&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX | 1<<unix.NFTA_LOG_SNAPLEN,
 				Group: group, Snaplen: 128, Data: []byte(fmt.Sprintf(learnPrefixFmt, nm.n))},
 		},
 		{&expr.Verdict{Kind: expr.VerdictAccept}},
-	}
+	}...)
 }
 
 // daddr loads the IPv4 or IPv6 destination address into register 1, after

@@ -167,7 +167,14 @@ func nftDebug(t *testing.T, ns, table string) string {
 	slices.Sort(keys)
 	var b strings.Builder
 	for _, k := range keys {
-		b.WriteString(strings.Join(groups[k], ""))
+		g := strings.Join(groups[k], "")
+		if k == "inet T @egress_sbx" {
+			// A hash map lists its elements in hash order, not insertion order.
+			lines := strings.Split(strings.TrimSuffix(g, "\n"), "\n")
+			slices.Sort(lines[1:])
+			g = strings.Join(lines, "\n") + "\n"
+		}
+		b.WriteString(g)
 	}
 	return b.String()
 }
@@ -180,11 +187,19 @@ func TestRulesMatchNft(t *testing.T) {
 	ns := fmt.Sprintf("egt%d-nft", unix.Getpid()%100000)
 	addNetns(t, ns)
 	nftIn(t, ns, "table inet chalk {\n\tchain egress {\n\t}\n}\n")
-	nftIn(t, ns, `table inet want {
+	// 0.0.0.0/0 opens no blocked range, 10.0.0.0/8 opens itself.
+	rules := mustCompile(t, Policy{Name: "p", AllowedHostnames: []string{"x.test", "0.0.0.0/0", "10.0.0.0/8", "2001:db8::/32"}})
+	open := mustCompile(t, Policy{Name: "o", AllowAll: true, AllowedHostnames: []string{"192.168.7.0/24", "fd00:1::/64", "8.8.8.0/24"}})
+	cidr4, cidr6 := split(rules.allowedPrefixes())
+	open4, open6 := split(open.allowedPrefixes())
+	blocked4, blocked6 := split(blockedPrefixes)
+	nftIn(t, ns, fmt.Sprintf(`table inet want {
 	set egress_dnsports { type inet_service; flags constant; elements = { 53, 853 } }
+	set egress_blocked4 { type ipv4_addr; flags interval; elements = { %s } }
+	set egress_blocked6 { type ipv6_addr; flags interval; elements = { %s } }
 	map egress_sbx { type ifname : verdict; }
-	set cidr4_1 { type ipv4_addr; flags interval; elements = { 0.0.0.0/0, } }
-	set cidr6_1 { type ipv6_addr; flags interval; elements = { 2001:db8::/32 } }
+	set cidr4_1 { type ipv4_addr; flags interval; elements = { %s } }
+	set cidr6_1 { type ipv6_addr; flags interval; elements = { %s } }
 	set dns4_1 { type ipv4_addr; flags timeout; }
 	set dns6_1 { type ipv6_addr; flags timeout; }
 	chain egd_1 {
@@ -194,16 +209,49 @@ func TestRulesMatchNft(t *testing.T) {
 	chain eg_1 {
 		meta l4proto tcp th dport @egress_dnsports goto egd_1
 		meta l4proto udp th dport @egress_dnsports goto egd_1
-		ip daddr 198.18.0.1 goto egd_1
 		ip daddr @cidr4_1 accept
 		ip daddr @dns4_1 accept
 		ip6 daddr @cidr6_1 accept
 		ip6 daddr @dns6_1 accept
 		goto egd_1
 	}
+	set cidr4_2 { type ipv4_addr; flags interval; elements = { %s } }
+	set cidr6_2 { type ipv6_addr; flags interval; elements = { %s } }
+	set dns4_2 { type ipv4_addr; flags timeout; }
+	set dns6_2 { type ipv6_addr; flags timeout; }
+	chain egd_2 {
+		limit rate 10/second burst 20 packets log prefix "chalk-egress 2 " group 4272 snaplen 128
+		counter drop
+	}
+	chain eg_2 {
+		ip daddr @cidr4_2 accept
+		ip6 daddr @cidr6_2 accept
+		ip daddr @egress_blocked4 goto egd_2
+		ip6 daddr @egress_blocked6 goto egd_2
+		accept
+	}
+	set cidr4_3 { type ipv4_addr; flags interval; }
+	set cidr6_3 { type ipv6_addr; flags interval; }
+	set dns4_3 { type ipv4_addr; flags timeout; }
+	set dns6_3 { type ipv6_addr; flags timeout; }
+	chain egd_3 {
+		limit rate 10/second burst 20 packets log prefix "chalk-egress 3 " group 4272 snaplen 128
+		counter drop
+	}
+	chain eg_3 {
+		ip daddr @dns4_3 accept
+		ip6 daddr @dns6_3 accept
+		ip daddr @egress_blocked4 goto egd_3
+		ip6 daddr @egress_blocked6 goto egd_3
+		limit rate 10/second burst 20 packets log prefix "chalk-learn 3 " group 4272 snaplen 128
+		accept
+	}
 	chain egress { iifname vmap @egress_sbx; }
 }
-add element inet want egress_sbx { "sb-test" : goto eg_1 }`)
+add element inet want egress_sbx { "sb-test" : goto eg_1 }
+add element inet want egress_sbx { "sb-open" : goto eg_2 }
+add element inet want egress_sbx { "sb-learn" : goto eg_3 }`, rangesText(blocked4), rangesText(blocked6), rangesText(cidr4), rangesText(cidr6), rangesText(open4), rangesText(open6)))
+
 	m, err := New(Config{NetNS: nsPath(ns), Upstream: "127.0.0.1:53"})
 	if err != nil {
 		t.Fatal(err)
@@ -213,19 +261,44 @@ add element inet want egress_sbx { "sb-test" : goto eg_1 }`)
 	if err := m.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	rules := mustCompile(t, Policy{Name: "p", AllowedHostnames: []string{"x.test", "0.0.0.0/0", "10.0.0.0/8", "2001:db8::/32"}})
 	if err := m.Apply(ctx, Sandbox{ID: "s", HostIf: "sb-test", SandboxIP: netip.MustParseAddr("10.200.1.2")}, rules); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Apply(ctx, Sandbox{ID: "o", HostIf: "sb-open", SandboxIP: netip.MustParseAddr("10.200.2.2")}, open); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Apply(ctx, Sandbox{ID: "l", HostIf: "sb-learn", SandboxIP: netip.MustParseAddr("10.200.3.2")}, LearnRules()); err != nil {
 		t.Fatal(err)
 	}
 	got, want := nftDebug(t, ns, "chalk"), nftDebug(t, ns, "want")
 	if got != want {
 		t.Errorf("kernel objects differ from nft's for the same text\n--- got\n%s\n--- want\n%s", got, want)
 	}
-	if err := m.Remove(ctx, "s"); err != nil {
-		t.Fatal(err)
+	for _, id := range []string{"s", "o", "l"} {
+		if err := m.Remove(ctx, id); err != nil {
+			t.Fatal(err)
+		}
 	}
 	out, _ := exec.Command("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "chalk").CombinedOutput()
-	if strings.Contains(string(out), "_1") || strings.Contains(string(out), "sb-test") {
+	if strings.Contains(string(out), "_1") || strings.Contains(string(out), "_2") || strings.Contains(string(out), "_3") || strings.Contains(string(out), "sb-") {
 		t.Errorf("left after Remove:\n%s", out)
 	}
+}
+
+// rangesText writes merged prefixes of one family as nft set elements:
+// first-last ranges, adjacent ones joined (as prefixElements does).
+func rangesText(ps []netip.Prefix) string {
+	var first, last []netip.Addr
+	for _, p := range ps {
+		if n := len(last); n > 0 && last[n-1].Next() == p.Masked().Addr() {
+			last[n-1] = lastAddr(p)
+			continue
+		}
+		first, last = append(first, p.Masked().Addr()), append(last, lastAddr(p))
+	}
+	var parts []string
+	for i := range first {
+		parts = append(parts, first[i].String()+"-"+last[i].String())
+	}
+	return strings.Join(parts, ", ")
 }

@@ -14,11 +14,15 @@ import (
 // Policy is what the API stores (names as in the seed).
 type Policy struct {
 	Name string
-	// AllowAll means unrestricted egress; AllowedHostnames is then moot.
+	// AllowAll means unrestricted egress except the blocked ranges
+	// (BlockedPrefixes); of AllowedHostnames only CIDR entries inside
+	// them then matter.
 	AllowAll bool
 	// AllowedHostnames holds exact names (api.openai.com), leading
 	// wildcards (*.anthropic.com: one or more labels before anthropic.com,
 	// never anthropic.com itself), and IPv4/IPv6 addresses or CIDR ranges.
+	// A blocked range is reachable only through a CIDR entry inside it
+	// (10.1.0.0/16); names never open one.
 	AllowedHostnames []string
 	Description      string
 }
@@ -52,14 +56,11 @@ func Compile(policies ...Policy) (*Rules, error) {
 		}
 	}
 	if r.allowAll {
-		r.exact, r.suffixes, r.prefixes = map[string]struct{}{}, map[string]struct{}{}, nil
+		// Only entries that open blocked space still mean something.
+		r.exact, r.suffixes = map[string]struct{}{}, map[string]struct{}{}
+		r.prefixes = slices.DeleteFunc(r.prefixes, func(p netip.Prefix) bool { return !opensBlocked(p) })
 	}
-	slices.SortFunc(r.prefixes, func(a, b netip.Prefix) int {
-		if c := a.Addr().Compare(b.Addr()); c != 0 {
-			return c
-		}
-		return a.Bits() - b.Bits()
-	})
+	slices.SortFunc(r.prefixes, comparePrefix)
 	r.prefixes = slices.Compact(r.prefixes)
 	r.hash = r.computeHash()
 	return r, nil
@@ -148,15 +149,32 @@ func checkHostname(name string) error {
 	return nil
 }
 
-// normalize lower-cases ASCII and drops one trailing dot.
+// normalize lower-cases ASCII (only: strings.ToLower would turn the Kelvin
+// sign into 'k') and drops one trailing dot.
 func normalize(name string) string {
 	name = strings.TrimSuffix(name, ".")
 	for i := 0; i < len(name); i++ {
 		if c := name[i]; c >= 'A' && c <= 'Z' {
-			return strings.ToLower(name)
+			b := []byte(name)
+			for j := i; j < len(b); j++ {
+				if b[j] >= 'A' && b[j] <= 'Z' {
+					b[j] += 'a' - 'A'
+				}
+			}
+			return string(b)
 		}
 	}
 	return name
+}
+
+// validName reports whether a DNS name in presentation form (as
+// github.com/miekg/dns gives a query's name) is a hostname the matcher can
+// judge: LDH labels (and '_') of 1-63 characters, 253 in all, a trailing
+// dot allowed. A name with an escape (x\.wild is one label holding a dot;
+// \000 a zero byte) or any other byte is not: the DNS proxy refuses it
+// rather than forward a name whose labels are not what they look like.
+func validName(name string) bool {
+	return checkHostname(normalize(name)) == nil
 }
 
 // AllowAll reports whether egress is unrestricted.
@@ -173,14 +191,17 @@ func LearnRules() *Rules {
 func (r *Rules) Learn() bool { return r.learn }
 
 // MatchName reports whether the rules allow the DNS name: case-insensitive, a
-// trailing dot ignored, wildcards matching whole labels only.
+// trailing dot ignored, wildcards matching whole labels only. Names that are
+// not plain hostnames (validName) never match, even under AllowAll.
 func (r *Rules) MatchName(name string) bool {
+	name = normalize(name)
+	// Only plain hostnames: then every '.' separates labels (an escaped
+	// dot inside a label would otherwise pass for a separator).
+	if checkHostname(name) != nil {
+		return false
+	}
 	if r.allowAll {
 		return true
-	}
-	name = normalize(name)
-	if name == "" || strings.HasPrefix(name, ".") || strings.Contains(name, "..") {
-		return false
 	}
 	if _, ok := r.exact[name]; ok {
 		return true
@@ -195,33 +216,46 @@ func (r *Rules) MatchName(name string) bool {
 	return false
 }
 
-// MatchAddr reports whether a CIDR entry allows a (or egress is unrestricted).
+// MatchAddr reports whether the rules let a sandbox connect to a without a
+// name: a CIDR entry allows it, or egress is unrestricted and a is not in a
+// blocked range (BlockedPrefixes). A blocked address is allowed only by an
+// entry that lies inside its blocked range (10.1.0.0/16 allows 10.1.2.3;
+// 0.0.0.0/0 does not).
 func (r *Rules) MatchAddr(a netip.Addr) bool {
-	if r.allowAll {
+	a = a.Unmap().WithZone("")
+	if r.allowAll && !isBlocked(a) {
 		return true
 	}
-	a = a.Unmap().WithZone("")
 	for _, p := range r.prefixes {
-		if p.Contains(a) {
+		if entryAllows(p, a) {
 			return true
 		}
 	}
 	return false
 }
 
-// Prefixes returns a copy of the CIDR entries, masked and sorted.
+// Prefixes returns a copy of the CIDR entries, masked and sorted. With
+// AllowAll only those that open blocked space are kept.
 func (r *Rules) Prefixes() []netip.Prefix { return slices.Clone(r.prefixes) }
+
+// allowedPrefixes are what the CIDR entries allow: each entry without the
+// blocked ranges strictly inside it (the contents of the cidr sets).
+func (r *Rules) allowedPrefixes() []netip.Prefix { return effectivePrefixes(r.prefixes) }
 
 // Hash is a stable hash of the effective policy (the identity claim
 // network_policy): equal for equal unions whatever the order or spelling of
-// the entries. "allow-all" when egress is unrestricted.
+// the entries. "allow-all" when egress is unrestricted and no CIDR entry
+// opens a blocked range.
 func (r *Rules) Hash() string { return r.hash }
 
 func (r *Rules) computeHash() string {
-	if r.allowAll {
+	if r.allowAll && len(r.prefixes) == 0 {
 		return "allow-all"
 	}
 	var lines []string
+	if r.allowAll {
+		lines = append(lines, "allow-all")
+	}
 	for n := range r.exact {
 		lines = append(lines, "name "+n)
 	}

@@ -55,6 +55,27 @@ func TestMatchName(t *testing.T) {
 		{"", false},
 		{".", false},
 		{"com", false},
+		// Escapes in presentation form (what miekg/dns makes of a wire
+		// label): x\.wild is ONE label "x.wild", not two.
+		{`x\.www.example.com`, false},
+		{`x\.example.com`, false},
+		{`www\.example.com.`, false},
+		{`a\.b.c.example.com`, false},
+		{`x\046example.com`, false},
+		{`api.openai\.com`, false},
+		{`api\.openai.com`, false},
+		{`www.example\.com`, false},
+		{`www\000.example.com`, false},
+		{`www\ .example.com`, false},
+		{"www .example.com", false},
+		{"www\x00.example.com", false},
+		{"ww\u212a.example.com", false}, // Kelvin sign: not 'k'
+		{"\u212aey.example.com", false},
+		{"*.example.com", false},
+		{"www.example.com..", false},
+		{strings.Repeat("a", 64) + ".example.com", false},
+		{strings.Repeat("a", 63) + ".example.com", true},
+		{strings.Repeat("a.", 122) + "example.com", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := r.MatchName(tc.name); got != tc.want {
@@ -206,6 +227,8 @@ func FuzzMatchName(f *testing.F) {
 		{"*.example.com", "www.example.com"}, {"*.example.com", "example.com"},
 		{"*.example.com", "evilexample.com"}, {"example.com", "EXAMPLE.COM."},
 		{"*.example.com", "example.com.evil.test"}, {"*.a.b", ".a.b"}, {"a.b", "a..b"},
+		{"*.wild.example.com", `x\.wild.example.com`}, {"*.example.com", `x\.example.com`},
+		{"*.example.com", `x\046example.com`}, {"key.example.com", "\u212aey.example.com"},
 	} {
 		f.Add(s[0], s[1])
 	}
@@ -221,12 +244,17 @@ func FuzzMatchName(f *testing.F) {
 			}
 			return
 		}
-		n := strings.ToLower(strings.TrimSuffix(name, "."))
-		p := strings.ToLower(strings.TrimSuffix(strings.TrimSpace(pattern), "."))
+		n := asciiLower(strings.TrimSuffix(name, "."))
+		p := asciiLower(strings.TrimSuffix(strings.TrimSpace(pattern), "."))
 		labels := strings.Split(n, ".")
-		valid := n != ""
+		// Plain hostnames only: LDH and '_' labels of 1-63 bytes, 253 in
+		// all (so no escapes: '\\' is not a hostname byte).
+		valid := n != "" && len(n) <= 253
 		for _, l := range labels {
-			valid = valid && l != ""
+			valid = valid && l != "" && len(l) <= 63
+			for _, c := range []byte(l) {
+				valid = valid && (c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_')
+			}
 		}
 		want := false
 		if valid {
@@ -244,6 +272,17 @@ func FuzzMatchName(f *testing.F) {
 			t.Fatalf("normalisation changed more than case")
 		}
 	})
+}
+
+// asciiLower lower-cases A-Z only.
+func asciiLower(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if c >= 'A' && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
 }
 
 func TestProposeEntries(t *testing.T) {
@@ -275,5 +314,89 @@ func TestProposeEntries(t *testing.T) {
 				t.Errorf("proposal does not compile: %v", err)
 			}
 		})
+	}
+}
+
+// TestBlockedRanges: the node's private networks and the metadata
+// addresses are closed to every sandbox, allow-all included, unless a CIDR
+// entry inside them opens them; names and broad entries never do.
+func TestBlockedRanges(t *testing.T) {
+	allowAll := mustCompile(t)
+	broad := mustCompile(t, Policy{Name: "broad", AllowedHostnames: []string{"0.0.0.0/0", "::/0", "96.0.0.0/3"}})
+	opened := mustCompile(t, Policy{Name: "lan", AllowAll: true, AllowedHostnames: []string{"10.1.0.0/16", "100.64.0.0/10", "fd00::/8", "192.0.2.7"}})
+	meta := mustCompile(t, Policy{Name: "md", AllowedHostnames: []string{"100.100.100.200/32", "fd00:ec2::254/128"}})
+	for _, tc := range []struct {
+		addr                          string
+		allowAll, broad, opened, meta bool
+	}{
+		{"198.51.100.7", true, true, true, false},
+		{"203.0.113.9", true, true, true, false},
+		{"2001:db8::1", true, true, true, false},
+		{"8.8.8.8", true, true, true, false},
+		{"10.0.0.1", false, false, false, false},
+		{"10.1.2.3", false, false, true, false},
+		{"::ffff:10.1.2.3", false, false, true, false},
+		{"172.16.0.1", false, false, false, false},
+		{"172.31.255.254", false, false, false, false},
+		{"172.32.0.1", true, true, true, false},
+		{"192.168.1.1", false, false, false, false},
+		{"100.64.0.1", false, false, true, false},
+		{"100.127.255.1", false, false, true, false},
+		{"100.100.100.200", false, false, false, true},
+		{"168.63.129.16", false, false, false, false},
+		{"169.254.1.1", false, false, false, false},
+		{"169.254.169.254", false, false, false, false},
+		{"127.0.0.1", false, false, false, false},
+		{"0.0.0.0", false, false, false, false},
+		{"0.1.2.3", false, false, false, false},
+		{"192.0.2.1", false, false, false, false},
+		{"192.0.2.7", false, false, true, false},
+		{"198.18.0.1", false, false, false, false},
+		{"224.0.0.1", false, false, false, false},
+		{"255.255.255.255", false, false, false, false},
+		{"fd00::1", false, false, true, false},
+		{"fd00:ec2::254", false, false, false, true},
+		{"fc00::1", false, false, false, false},
+		{"fe80::1", false, false, false, false},
+		{"ff02::1", false, false, false, false},
+		{"::1", false, false, false, false},
+		{"::", false, false, false, false},
+		{"100::1", false, false, false, false},
+		{"64:ff9b::a01:203", false, false, false, false},   // NAT64 of 10.1.2.3
+		{"64:ff9b::808:808", true, true, true, false},      // NAT64 of 8.8.8.8
+		{"2002:a01:203::1", false, false, false, false},    // 6to4 of 10.1.2.3
+		{"2002:c633:6407::1", true, true, true, false},     // 6to4 of 198.51.100.7
+		{"64:ff9b::6464:64c8", false, false, false, false}, // NAT64 of 100.100.100.200
+	} {
+		t.Run(tc.addr, func(t *testing.T) {
+			a := netip.MustParseAddr(tc.addr)
+			for _, c := range []struct {
+				name string
+				r    *Rules
+				want bool
+			}{{"allow-all", allowAll, tc.allowAll}, {"0.0.0.0/0", broad, tc.broad}, {"opened", opened, tc.opened}, {"metadata", meta, tc.meta}} {
+				if got := c.r.MatchAddr(a); got != c.want {
+					t.Errorf("%s: MatchAddr(%s) = %v, want %v", c.name, a, got, c.want)
+				}
+			}
+		})
+	}
+	// What the nft sets hold is what MatchAddr says.
+	for _, r := range []*Rules{broad, opened, meta} {
+		allowed := r.allowedPrefixes()
+		for _, b := range blockedPrefixes {
+			for _, a := range []netip.Addr{b.Addr(), lastAddr(b)} {
+				inSet := slices.ContainsFunc(allowed, func(p netip.Prefix) bool { return p.Contains(a) })
+				if inSet != r.MatchAddr(a) && !r.AllowAll() {
+					t.Errorf("rules %s: %s in cidr set = %v, MatchAddr = %v", r.Hash(), a, inSet, r.MatchAddr(a))
+				}
+			}
+		}
+	}
+	if allowAll.Hash() != "allow-all" || opened.Hash() == "allow-all" {
+		t.Errorf("hashes: plain allow-all %s, allow-all opening 10.1.0.0/16 %s", allowAll.Hash(), opened.Hash())
+	}
+	if h := mustCompile(t, Policy{Name: "x", AllowAll: true, AllowedHostnames: []string{"8.8.8.0/24", "0.0.0.0/0"}}).Hash(); h != "allow-all" {
+		t.Errorf("allow-all with entries that open nothing hashes to %s", h)
 	}
 }

@@ -119,6 +119,37 @@ func sandboxnetInNode(t *testing.T) {
 			}
 		})
 	}
+	t.Run("the node's own addresses", func(t *testing.T) {
+		// The node's uplink, another interface of the node and the gateway
+		// and service addresses on ports that are not the services': all
+		// local to the node, so sandboxnet's input chain decides (drop).
+		run(t, "ip", "link", "add", "egt-other", "type", "veth", "peer", "name", "egt-other-p")
+		t.Cleanup(func() { exec.Command("ip", "link", "del", "egt-other").Run() })
+		run(t, "ip", "addr", "add", "10.77.0.1/24", "dev", "egt-other")
+		run(t, "ip", "link", "set", "egt-other", "up")
+		ln, err := net.Listen("tcp", ":8082") // every address of the node
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.Write([]byte("node"))
+				c.Close()
+			}
+		}()
+		for _, s := range []*sandbox{a, open} {
+			for _, dst := range []string{"100.127.0.2", "[fd00:ff::2]", "10.77.0.1", s.gw.String(), "[" + s.gw6.String() + "]", sn.ServiceAddr().String()} {
+				if got, err := s.dial("tcp", dst+":8082", deny); !isTimeout(err) {
+					t.Errorf("%s to the node at %s: %q %v; want a timeout", s.sb.ID, dst, got, err)
+				}
+			}
+		}
+	})
 	t.Run("direct DNS", func(t *testing.T) {
 		if _, err := a.exchange("udp", resolverIP+":53", "allowed.test.", dns.TypeA, deny); !isTimeout(err) {
 			t.Fatalf("got %v, want a timeout", err)

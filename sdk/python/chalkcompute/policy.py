@@ -13,6 +13,11 @@ class NetworkPolicy:
     leading wildcards (``*.example.com``) and CIDR ranges. Everything else is
     dropped at the network layer. Passing a policy to ``create`` creates or
     updates it by name first.
+
+    Whatever the policy, the node's private networks and cloud metadata
+    addresses (10/8, 172.16/12, 192.168/16, 100.64/10, 169.254/16, fc00::/7,
+    ...) are blocked; a CIDR entry inside one (``"10.20.0.0/16"``) opens it,
+    with ``allow_all`` too. Hostnames never do.
     """
 
     def __init__(self, name: str, allow_all: bool = True, allowed_hostnames: Optional[Sequence[str]] = None,
