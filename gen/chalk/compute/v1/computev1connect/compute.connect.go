@@ -36,6 +36,8 @@ const (
 	TunnelServiceName = "chalk.compute.v1.TunnelService"
 	// McpServiceName is the fully-qualified name of the McpService service.
 	McpServiceName = "chalk.compute.v1.McpService"
+	// TeamServiceName is the fully-qualified name of the TeamService service.
+	TeamServiceName = "chalk.compute.v1.TeamService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -136,6 +138,29 @@ const (
 	McpServiceRemoveServerProcedure = "/chalk.compute.v1.McpService/RemoveServer"
 	// McpServiceAuditProcedure is the fully-qualified name of the McpService's Audit RPC.
 	McpServiceAuditProcedure = "/chalk.compute.v1.McpService/Audit"
+	// TeamServiceCreateOrgProcedure is the fully-qualified name of the TeamService's CreateOrg RPC.
+	TeamServiceCreateOrgProcedure = "/chalk.compute.v1.TeamService/CreateOrg"
+	// TeamServiceListOrgsProcedure is the fully-qualified name of the TeamService's ListOrgs RPC.
+	TeamServiceListOrgsProcedure = "/chalk.compute.v1.TeamService/ListOrgs"
+	// TeamServiceAddMemberProcedure is the fully-qualified name of the TeamService's AddMember RPC.
+	TeamServiceAddMemberProcedure = "/chalk.compute.v1.TeamService/AddMember"
+	// TeamServiceListMembersProcedure is the fully-qualified name of the TeamService's ListMembers RPC.
+	TeamServiceListMembersProcedure = "/chalk.compute.v1.TeamService/ListMembers"
+	// TeamServiceRemoveMemberProcedure is the fully-qualified name of the TeamService's RemoveMember
+	// RPC.
+	TeamServiceRemoveMemberProcedure = "/chalk.compute.v1.TeamService/RemoveMember"
+	// TeamServiceCreateKeyProcedure is the fully-qualified name of the TeamService's CreateKey RPC.
+	TeamServiceCreateKeyProcedure = "/chalk.compute.v1.TeamService/CreateKey"
+	// TeamServiceListKeysProcedure is the fully-qualified name of the TeamService's ListKeys RPC.
+	TeamServiceListKeysProcedure = "/chalk.compute.v1.TeamService/ListKeys"
+	// TeamServiceRevokeKeyProcedure is the fully-qualified name of the TeamService's RevokeKey RPC.
+	TeamServiceRevokeKeyProcedure = "/chalk.compute.v1.TeamService/RevokeKey"
+	// TeamServiceGetQuotaProcedure is the fully-qualified name of the TeamService's GetQuota RPC.
+	TeamServiceGetQuotaProcedure = "/chalk.compute.v1.TeamService/GetQuota"
+	// TeamServiceSetQuotaProcedure is the fully-qualified name of the TeamService's SetQuota RPC.
+	TeamServiceSetQuotaProcedure = "/chalk.compute.v1.TeamService/SetQuota"
+	// TeamServiceAuditProcedure is the fully-qualified name of the TeamService's Audit RPC.
+	TeamServiceAuditProcedure = "/chalk.compute.v1.TeamService/Audit"
 )
 
 // SandboxServiceClient is a client for the chalk.compute.v1.SandboxService service.
@@ -1452,4 +1477,342 @@ func (UnimplementedMcpServiceHandler) RemoveServer(context.Context, *connect.Req
 
 func (UnimplementedMcpServiceHandler) Audit(context.Context, *connect.Request[v1.McpAuditRequest]) (*connect.Response[v1.McpAuditResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.McpService.Audit is not implemented"))
+}
+
+// TeamServiceClient is a client for the chalk.compute.v1.TeamService service.
+type TeamServiceClient interface {
+	// CreateOrg (node admin) makes an org and its first admin.
+	CreateOrg(context.Context, *connect.Request[v1.CreateOrgRequest]) (*connect.Response[v1.CreateOrgResponse], error)
+	// ListOrgs: every org for the node admin, else the caller's.
+	ListOrgs(context.Context, *connect.Request[v1.ListOrgsRequest]) (*connect.Response[v1.ListOrgsResponse], error)
+	AddMember(context.Context, *connect.Request[v1.AddMemberRequest]) (*connect.Response[v1.AddMemberResponse], error)
+	ListMembers(context.Context, *connect.Request[v1.ListMembersRequest]) (*connect.Response[v1.ListMembersResponse], error)
+	RemoveMember(context.Context, *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error)
+	CreateKey(context.Context, *connect.Request[v1.CreateKeyRequest]) (*connect.Response[v1.ApiKey], error)
+	ListKeys(context.Context, *connect.Request[v1.ListKeysRequest]) (*connect.Response[v1.ListKeysResponse], error)
+	RevokeKey(context.Context, *connect.Request[v1.RevokeKeyRequest]) (*connect.Response[v1.RevokeKeyResponse], error)
+	GetQuota(context.Context, *connect.Request[v1.GetQuotaRequest]) (*connect.Response[v1.Quota], error)
+	// SetQuota (node admin) sets an org's limits.
+	SetQuota(context.Context, *connect.Request[v1.SetQuotaRequest]) (*connect.Response[v1.Quota], error)
+	// Audit returns the caller's org's audit records, newest first (admins).
+	Audit(context.Context, *connect.Request[v1.AuditRequest]) (*connect.Response[v1.AuditResponse], error)
+}
+
+// NewTeamServiceClient constructs a client for the chalk.compute.v1.TeamService service. By
+// default, it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses,
+// and sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the
+// connect.WithGRPC() or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewTeamServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) TeamServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	teamServiceMethods := v1.File_chalk_compute_v1_compute_proto.Services().ByName("TeamService").Methods()
+	return &teamServiceClient{
+		createOrg: connect.NewClient[v1.CreateOrgRequest, v1.CreateOrgResponse](
+			httpClient,
+			baseURL+TeamServiceCreateOrgProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("CreateOrg")),
+			connect.WithClientOptions(opts...),
+		),
+		listOrgs: connect.NewClient[v1.ListOrgsRequest, v1.ListOrgsResponse](
+			httpClient,
+			baseURL+TeamServiceListOrgsProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("ListOrgs")),
+			connect.WithClientOptions(opts...),
+		),
+		addMember: connect.NewClient[v1.AddMemberRequest, v1.AddMemberResponse](
+			httpClient,
+			baseURL+TeamServiceAddMemberProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("AddMember")),
+			connect.WithClientOptions(opts...),
+		),
+		listMembers: connect.NewClient[v1.ListMembersRequest, v1.ListMembersResponse](
+			httpClient,
+			baseURL+TeamServiceListMembersProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("ListMembers")),
+			connect.WithClientOptions(opts...),
+		),
+		removeMember: connect.NewClient[v1.RemoveMemberRequest, v1.RemoveMemberResponse](
+			httpClient,
+			baseURL+TeamServiceRemoveMemberProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("RemoveMember")),
+			connect.WithClientOptions(opts...),
+		),
+		createKey: connect.NewClient[v1.CreateKeyRequest, v1.ApiKey](
+			httpClient,
+			baseURL+TeamServiceCreateKeyProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("CreateKey")),
+			connect.WithClientOptions(opts...),
+		),
+		listKeys: connect.NewClient[v1.ListKeysRequest, v1.ListKeysResponse](
+			httpClient,
+			baseURL+TeamServiceListKeysProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("ListKeys")),
+			connect.WithClientOptions(opts...),
+		),
+		revokeKey: connect.NewClient[v1.RevokeKeyRequest, v1.RevokeKeyResponse](
+			httpClient,
+			baseURL+TeamServiceRevokeKeyProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("RevokeKey")),
+			connect.WithClientOptions(opts...),
+		),
+		getQuota: connect.NewClient[v1.GetQuotaRequest, v1.Quota](
+			httpClient,
+			baseURL+TeamServiceGetQuotaProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("GetQuota")),
+			connect.WithClientOptions(opts...),
+		),
+		setQuota: connect.NewClient[v1.SetQuotaRequest, v1.Quota](
+			httpClient,
+			baseURL+TeamServiceSetQuotaProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("SetQuota")),
+			connect.WithClientOptions(opts...),
+		),
+		audit: connect.NewClient[v1.AuditRequest, v1.AuditResponse](
+			httpClient,
+			baseURL+TeamServiceAuditProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("Audit")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// teamServiceClient implements TeamServiceClient.
+type teamServiceClient struct {
+	createOrg    *connect.Client[v1.CreateOrgRequest, v1.CreateOrgResponse]
+	listOrgs     *connect.Client[v1.ListOrgsRequest, v1.ListOrgsResponse]
+	addMember    *connect.Client[v1.AddMemberRequest, v1.AddMemberResponse]
+	listMembers  *connect.Client[v1.ListMembersRequest, v1.ListMembersResponse]
+	removeMember *connect.Client[v1.RemoveMemberRequest, v1.RemoveMemberResponse]
+	createKey    *connect.Client[v1.CreateKeyRequest, v1.ApiKey]
+	listKeys     *connect.Client[v1.ListKeysRequest, v1.ListKeysResponse]
+	revokeKey    *connect.Client[v1.RevokeKeyRequest, v1.RevokeKeyResponse]
+	getQuota     *connect.Client[v1.GetQuotaRequest, v1.Quota]
+	setQuota     *connect.Client[v1.SetQuotaRequest, v1.Quota]
+	audit        *connect.Client[v1.AuditRequest, v1.AuditResponse]
+}
+
+// CreateOrg calls chalk.compute.v1.TeamService.CreateOrg.
+func (c *teamServiceClient) CreateOrg(ctx context.Context, req *connect.Request[v1.CreateOrgRequest]) (*connect.Response[v1.CreateOrgResponse], error) {
+	return c.createOrg.CallUnary(ctx, req)
+}
+
+// ListOrgs calls chalk.compute.v1.TeamService.ListOrgs.
+func (c *teamServiceClient) ListOrgs(ctx context.Context, req *connect.Request[v1.ListOrgsRequest]) (*connect.Response[v1.ListOrgsResponse], error) {
+	return c.listOrgs.CallUnary(ctx, req)
+}
+
+// AddMember calls chalk.compute.v1.TeamService.AddMember.
+func (c *teamServiceClient) AddMember(ctx context.Context, req *connect.Request[v1.AddMemberRequest]) (*connect.Response[v1.AddMemberResponse], error) {
+	return c.addMember.CallUnary(ctx, req)
+}
+
+// ListMembers calls chalk.compute.v1.TeamService.ListMembers.
+func (c *teamServiceClient) ListMembers(ctx context.Context, req *connect.Request[v1.ListMembersRequest]) (*connect.Response[v1.ListMembersResponse], error) {
+	return c.listMembers.CallUnary(ctx, req)
+}
+
+// RemoveMember calls chalk.compute.v1.TeamService.RemoveMember.
+func (c *teamServiceClient) RemoveMember(ctx context.Context, req *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error) {
+	return c.removeMember.CallUnary(ctx, req)
+}
+
+// CreateKey calls chalk.compute.v1.TeamService.CreateKey.
+func (c *teamServiceClient) CreateKey(ctx context.Context, req *connect.Request[v1.CreateKeyRequest]) (*connect.Response[v1.ApiKey], error) {
+	return c.createKey.CallUnary(ctx, req)
+}
+
+// ListKeys calls chalk.compute.v1.TeamService.ListKeys.
+func (c *teamServiceClient) ListKeys(ctx context.Context, req *connect.Request[v1.ListKeysRequest]) (*connect.Response[v1.ListKeysResponse], error) {
+	return c.listKeys.CallUnary(ctx, req)
+}
+
+// RevokeKey calls chalk.compute.v1.TeamService.RevokeKey.
+func (c *teamServiceClient) RevokeKey(ctx context.Context, req *connect.Request[v1.RevokeKeyRequest]) (*connect.Response[v1.RevokeKeyResponse], error) {
+	return c.revokeKey.CallUnary(ctx, req)
+}
+
+// GetQuota calls chalk.compute.v1.TeamService.GetQuota.
+func (c *teamServiceClient) GetQuota(ctx context.Context, req *connect.Request[v1.GetQuotaRequest]) (*connect.Response[v1.Quota], error) {
+	return c.getQuota.CallUnary(ctx, req)
+}
+
+// SetQuota calls chalk.compute.v1.TeamService.SetQuota.
+func (c *teamServiceClient) SetQuota(ctx context.Context, req *connect.Request[v1.SetQuotaRequest]) (*connect.Response[v1.Quota], error) {
+	return c.setQuota.CallUnary(ctx, req)
+}
+
+// Audit calls chalk.compute.v1.TeamService.Audit.
+func (c *teamServiceClient) Audit(ctx context.Context, req *connect.Request[v1.AuditRequest]) (*connect.Response[v1.AuditResponse], error) {
+	return c.audit.CallUnary(ctx, req)
+}
+
+// TeamServiceHandler is an implementation of the chalk.compute.v1.TeamService service.
+type TeamServiceHandler interface {
+	// CreateOrg (node admin) makes an org and its first admin.
+	CreateOrg(context.Context, *connect.Request[v1.CreateOrgRequest]) (*connect.Response[v1.CreateOrgResponse], error)
+	// ListOrgs: every org for the node admin, else the caller's.
+	ListOrgs(context.Context, *connect.Request[v1.ListOrgsRequest]) (*connect.Response[v1.ListOrgsResponse], error)
+	AddMember(context.Context, *connect.Request[v1.AddMemberRequest]) (*connect.Response[v1.AddMemberResponse], error)
+	ListMembers(context.Context, *connect.Request[v1.ListMembersRequest]) (*connect.Response[v1.ListMembersResponse], error)
+	RemoveMember(context.Context, *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error)
+	CreateKey(context.Context, *connect.Request[v1.CreateKeyRequest]) (*connect.Response[v1.ApiKey], error)
+	ListKeys(context.Context, *connect.Request[v1.ListKeysRequest]) (*connect.Response[v1.ListKeysResponse], error)
+	RevokeKey(context.Context, *connect.Request[v1.RevokeKeyRequest]) (*connect.Response[v1.RevokeKeyResponse], error)
+	GetQuota(context.Context, *connect.Request[v1.GetQuotaRequest]) (*connect.Response[v1.Quota], error)
+	// SetQuota (node admin) sets an org's limits.
+	SetQuota(context.Context, *connect.Request[v1.SetQuotaRequest]) (*connect.Response[v1.Quota], error)
+	// Audit returns the caller's org's audit records, newest first (admins).
+	Audit(context.Context, *connect.Request[v1.AuditRequest]) (*connect.Response[v1.AuditResponse], error)
+}
+
+// NewTeamServiceHandler builds an HTTP handler from the service implementation. It returns the path
+// on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewTeamServiceHandler(svc TeamServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	teamServiceMethods := v1.File_chalk_compute_v1_compute_proto.Services().ByName("TeamService").Methods()
+	teamServiceCreateOrgHandler := connect.NewUnaryHandler(
+		TeamServiceCreateOrgProcedure,
+		svc.CreateOrg,
+		connect.WithSchema(teamServiceMethods.ByName("CreateOrg")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceListOrgsHandler := connect.NewUnaryHandler(
+		TeamServiceListOrgsProcedure,
+		svc.ListOrgs,
+		connect.WithSchema(teamServiceMethods.ByName("ListOrgs")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceAddMemberHandler := connect.NewUnaryHandler(
+		TeamServiceAddMemberProcedure,
+		svc.AddMember,
+		connect.WithSchema(teamServiceMethods.ByName("AddMember")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceListMembersHandler := connect.NewUnaryHandler(
+		TeamServiceListMembersProcedure,
+		svc.ListMembers,
+		connect.WithSchema(teamServiceMethods.ByName("ListMembers")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceRemoveMemberHandler := connect.NewUnaryHandler(
+		TeamServiceRemoveMemberProcedure,
+		svc.RemoveMember,
+		connect.WithSchema(teamServiceMethods.ByName("RemoveMember")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceCreateKeyHandler := connect.NewUnaryHandler(
+		TeamServiceCreateKeyProcedure,
+		svc.CreateKey,
+		connect.WithSchema(teamServiceMethods.ByName("CreateKey")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceListKeysHandler := connect.NewUnaryHandler(
+		TeamServiceListKeysProcedure,
+		svc.ListKeys,
+		connect.WithSchema(teamServiceMethods.ByName("ListKeys")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceRevokeKeyHandler := connect.NewUnaryHandler(
+		TeamServiceRevokeKeyProcedure,
+		svc.RevokeKey,
+		connect.WithSchema(teamServiceMethods.ByName("RevokeKey")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceGetQuotaHandler := connect.NewUnaryHandler(
+		TeamServiceGetQuotaProcedure,
+		svc.GetQuota,
+		connect.WithSchema(teamServiceMethods.ByName("GetQuota")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceSetQuotaHandler := connect.NewUnaryHandler(
+		TeamServiceSetQuotaProcedure,
+		svc.SetQuota,
+		connect.WithSchema(teamServiceMethods.ByName("SetQuota")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceAuditHandler := connect.NewUnaryHandler(
+		TeamServiceAuditProcedure,
+		svc.Audit,
+		connect.WithSchema(teamServiceMethods.ByName("Audit")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/chalk.compute.v1.TeamService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case TeamServiceCreateOrgProcedure:
+			teamServiceCreateOrgHandler.ServeHTTP(w, r)
+		case TeamServiceListOrgsProcedure:
+			teamServiceListOrgsHandler.ServeHTTP(w, r)
+		case TeamServiceAddMemberProcedure:
+			teamServiceAddMemberHandler.ServeHTTP(w, r)
+		case TeamServiceListMembersProcedure:
+			teamServiceListMembersHandler.ServeHTTP(w, r)
+		case TeamServiceRemoveMemberProcedure:
+			teamServiceRemoveMemberHandler.ServeHTTP(w, r)
+		case TeamServiceCreateKeyProcedure:
+			teamServiceCreateKeyHandler.ServeHTTP(w, r)
+		case TeamServiceListKeysProcedure:
+			teamServiceListKeysHandler.ServeHTTP(w, r)
+		case TeamServiceRevokeKeyProcedure:
+			teamServiceRevokeKeyHandler.ServeHTTP(w, r)
+		case TeamServiceGetQuotaProcedure:
+			teamServiceGetQuotaHandler.ServeHTTP(w, r)
+		case TeamServiceSetQuotaProcedure:
+			teamServiceSetQuotaHandler.ServeHTTP(w, r)
+		case TeamServiceAuditProcedure:
+			teamServiceAuditHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedTeamServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedTeamServiceHandler struct{}
+
+func (UnimplementedTeamServiceHandler) CreateOrg(context.Context, *connect.Request[v1.CreateOrgRequest]) (*connect.Response[v1.CreateOrgResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.CreateOrg is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) ListOrgs(context.Context, *connect.Request[v1.ListOrgsRequest]) (*connect.Response[v1.ListOrgsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.ListOrgs is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) AddMember(context.Context, *connect.Request[v1.AddMemberRequest]) (*connect.Response[v1.AddMemberResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.AddMember is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) ListMembers(context.Context, *connect.Request[v1.ListMembersRequest]) (*connect.Response[v1.ListMembersResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.ListMembers is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) RemoveMember(context.Context, *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.RemoveMember is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) CreateKey(context.Context, *connect.Request[v1.CreateKeyRequest]) (*connect.Response[v1.ApiKey], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.CreateKey is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) ListKeys(context.Context, *connect.Request[v1.ListKeysRequest]) (*connect.Response[v1.ListKeysResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.ListKeys is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) RevokeKey(context.Context, *connect.Request[v1.RevokeKeyRequest]) (*connect.Response[v1.RevokeKeyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.RevokeKey is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) GetQuota(context.Context, *connect.Request[v1.GetQuotaRequest]) (*connect.Response[v1.Quota], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.GetQuota is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) SetQuota(context.Context, *connect.Request[v1.SetQuotaRequest]) (*connect.Response[v1.Quota], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.SetQuota is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) Audit(context.Context, *connect.Request[v1.AuditRequest]) (*connect.Response[v1.AuditResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.Audit is not implemented"))
 }
