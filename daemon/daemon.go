@@ -101,14 +101,15 @@ func (d *Daemon) userNS(id string, slot int) *sandboxnet.UserNS { return d.Net.L
 
 // Config is chalkd's configuration. The zero value plus a DataDir works.
 type Config struct {
-	DataDir       string // state: store, registry, cache, keys, tokens (default /var/lib/chalk)
-	RunDir        string // runtime state: runc root, netns files (default /run/chalk)
-	Listen        string // API TCP address (default 127.0.0.1:7447); "" with Socket set disables TCP
-	Socket        string // API unix socket (default RunDir/chalkd.sock)
-	RegistryAddr  string // embedded registry (default 127.0.0.1:7448)
-	InitBinary    string // default: chalk-init next to the chalkd executable
-	ChalkBinary   string // default: chalk next to the chalkd executable (optional)
-	Subnet        string // sandbox IPv4 subnet (sandboxnet default if empty)
+	DataDir       string      // state: store, registry, cache, keys, tokens (default /var/lib/chalk)
+	DefaultQuota  store.Quota // every org's limits where the node admin set none (zero: none)
+	RunDir        string      // runtime state: runc root, netns files (default /run/chalk)
+	Listen        string      // API TCP address (default 127.0.0.1:7447); "" with Socket set disables TCP
+	Socket        string      // API unix socket (default RunDir/chalkd.sock)
+	RegistryAddr  string      // embedded registry (default 127.0.0.1:7448)
+	InitBinary    string      // default: chalk-init next to the chalkd executable
+	ChalkBinary   string      // default: chalk next to the chalkd executable (optional)
+	Subnet        string      // sandbox IPv4 subnet (sandboxnet default if empty)
 	Subnet6       string
 	NetPrefix     string // interface name prefix (sandboxnet default if empty)
 	NetTable      string // nftables table (sandboxnet default if empty)
@@ -430,6 +431,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	d.API = api.New(ctx, api.Config{
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
 		Workload: wi, Identity: wi, Policies: pol, Images: im, Tunnels: tun, MCP: d.mcp,
+		DefaultQuota: cfg.DefaultQuota,
 		Hooks: api.Hooks{
 			Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
 				if cfg.Runtime == sandbox.RuntimeRunsc && len(sb.Tunnels) > 0 {
@@ -579,15 +581,15 @@ type ClientConfig struct {
 // bootstrapToken creates the admin token on first start and writes it 0600 to
 // the data dir and to the CLI's config.
 func (d *Daemon) bootstrapToken(ctx context.Context) error {
-	n, err := d.Store.CountTokens(ctx)
-	if err != nil {
+	if has, err := d.Store.HasUsers(ctx); err != nil || has {
 		return err
 	}
-	if n > 0 {
-		return nil
-	}
-	secret, hash := api.NewToken()
-	if err := d.Store.CreateToken(ctx, store.Token{ID: "admin", Name: "admin", OrgID: "default", Hash: hash, Admin: true, CreatedAt: time.Now().UTC()}); err != nil {
+	// The node admin "admin", admin of the org "default", with one key.
+	secret, prefix, hash := api.NewKey()
+	now := time.Now().UTC()
+	key := &store.APIKey{ID: "admin", Hash: hash, Prefix: prefix, OrgID: "default", User: "admin", Name: "admin",
+		Role: store.RoleAdmin, CreatedBy: "chalkd", CreatedAt: now}
+	if err := d.Store.CreateOrg(ctx, store.Org{Name: "default", CreatedAt: now}, "admin", true, key); err != nil {
 		return err
 	}
 	d.AdminToken = secret

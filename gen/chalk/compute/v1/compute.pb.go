@@ -6172,72 +6172,72 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x06detail\x18\n" +
 	" \x01(\tR\x06detail\"H\n" +
 	"\rAuditResponse\x127\n" +
-	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords2\xff\b\n" +
+	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords2\xa2\t\n" +
 	"\x0eSandboxService\x12K\n" +
-	"\x06Create\x12&.chalk.compute.v1.CreateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12E\n" +
-	"\x03Get\x12#.chalk.compute.v1.GetSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12W\n" +
-	"\x04List\x12&.chalk.compute.v1.ListSandboxesRequest\x1a'.chalk.compute.v1.ListSandboxesResponse\x12G\n" +
-	"\x04Wait\x12$.chalk.compute.v1.WaitSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12Q\n" +
+	"\x06Create\x12&.chalk.compute.v1.CreateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12J\n" +
+	"\x03Get\x12#.chalk.compute.v1.GetSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\"\x03\x90\x02\x01\x12\\\n" +
+	"\x04List\x12&.chalk.compute.v1.ListSandboxesRequest\x1a'.chalk.compute.v1.ListSandboxesResponse\"\x03\x90\x02\x01\x12L\n" +
+	"\x04Wait\x12$.chalk.compute.v1.WaitSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\"\x03\x90\x02\x01\x12Q\n" +
 	"\tTerminate\x12).chalk.compute.v1.TerminateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12D\n" +
 	"\x04Exec\x12\x1d.chalk.compute.v1.ExecRequest\x1a\x1b.chalk.compute.v1.ExecEvent0\x01\x12W\n" +
 	"\n" +
 	"WriteStdin\x12#.chalk.compute.v1.WriteStdinRequest\x1a$.chalk.compute.v1.WriteStdinResponse\x12W\n" +
 	"\n" +
-	"SignalExec\x12#.chalk.compute.v1.SignalExecRequest\x1a$.chalk.compute.v1.SignalExecResponse\x12C\n" +
-	"\x04Logs\x12\x1d.chalk.compute.v1.LogsRequest\x1a\x1a.chalk.compute.v1.LogChunk0\x01\x12L\n" +
-	"\bReadFile\x12!.chalk.compute.v1.ReadFileRequest\x1a\x1b.chalk.compute.v1.FileChunk0\x01\x12T\n" +
-	"\tWriteFile\x12\".chalk.compute.v1.WriteFileRequest\x1a#.chalk.compute.v1.WriteFileResponse\x12T\n" +
-	"\tListFiles\x12\".chalk.compute.v1.ListFilesRequest\x1a#.chalk.compute.v1.ListFilesResponse\x12W\n" +
+	"SignalExec\x12#.chalk.compute.v1.SignalExecRequest\x1a$.chalk.compute.v1.SignalExecResponse\x12H\n" +
+	"\x04Logs\x12\x1d.chalk.compute.v1.LogsRequest\x1a\x1a.chalk.compute.v1.LogChunk\"\x03\x90\x02\x010\x01\x12Q\n" +
+	"\bReadFile\x12!.chalk.compute.v1.ReadFileRequest\x1a\x1b.chalk.compute.v1.FileChunk\"\x03\x90\x02\x010\x01\x12T\n" +
+	"\tWriteFile\x12\".chalk.compute.v1.WriteFileRequest\x1a#.chalk.compute.v1.WriteFileResponse\x12Y\n" +
+	"\tListFiles\x12\".chalk.compute.v1.ListFilesRequest\x1a#.chalk.compute.v1.ListFilesResponse\"\x03\x90\x02\x01\x12W\n" +
 	"\n" +
-	"RemoveFile\x12#.chalk.compute.v1.RemoveFileRequest\x1a$.chalk.compute.v1.RemoveFileResponse\x12T\n" +
-	"\tEgressLog\x12\".chalk.compute.v1.EgressLogRequest\x1a#.chalk.compute.v1.EgressLogResponse2\xad\x05\n" +
+	"RemoveFile\x12#.chalk.compute.v1.RemoveFileRequest\x1a$.chalk.compute.v1.RemoveFileResponse\x12Y\n" +
+	"\tEgressLog\x12\".chalk.compute.v1.EgressLogRequest\x1a#.chalk.compute.v1.EgressLogResponse\"\x03\x90\x02\x012\xbc\x05\n" +
 	"\fImageService\x12M\n" +
 	"\x04Pull\x12\".chalk.compute.v1.PullImageRequest\x1a\x1f.chalk.compute.v1.ImageProgress0\x01\x12M\n" +
 	"\x04Warm\x12\".chalk.compute.v1.WarmImageRequest\x1a\x1f.chalk.compute.v1.ImageProgress0\x01\x12O\n" +
-	"\x05Build\x12#.chalk.compute.v1.BuildImageRequest\x1a\x1f.chalk.compute.v1.ImageProgress0\x01\x12Q\n" +
-	"\x04List\x12#.chalk.compute.v1.ListImagesRequest\x1a$.chalk.compute.v1.ListImagesResponse\x12X\n" +
-	"\aInspect\x12%.chalk.compute.v1.InspectImageRequest\x1a&.chalk.compute.v1.InspectImageResponse\x12U\n" +
-	"\x06Remove\x12$.chalk.compute.v1.RemoveImageRequest\x1a%.chalk.compute.v1.RemoveImageResponse\x12Q\n" +
-	"\bHasBlobs\x12!.chalk.compute.v1.HasBlobsRequest\x1a\".chalk.compute.v1.HasBlobsResponse\x12W\n" +
+	"\x05Build\x12#.chalk.compute.v1.BuildImageRequest\x1a\x1f.chalk.compute.v1.ImageProgress0\x01\x12V\n" +
+	"\x04List\x12#.chalk.compute.v1.ListImagesRequest\x1a$.chalk.compute.v1.ListImagesResponse\"\x03\x90\x02\x01\x12]\n" +
+	"\aInspect\x12%.chalk.compute.v1.InspectImageRequest\x1a&.chalk.compute.v1.InspectImageResponse\"\x03\x90\x02\x01\x12U\n" +
+	"\x06Remove\x12$.chalk.compute.v1.RemoveImageRequest\x1a%.chalk.compute.v1.RemoveImageResponse\x12V\n" +
+	"\bHasBlobs\x12!.chalk.compute.v1.HasBlobsRequest\x1a\".chalk.compute.v1.HasBlobsResponse\"\x03\x90\x02\x01\x12W\n" +
 	"\n" +
-	"UploadBlob\x12#.chalk.compute.v1.UploadBlobRequest\x1a$.chalk.compute.v1.UploadBlobResponse2\x94\x03\n" +
+	"UploadBlob\x12#.chalk.compute.v1.UploadBlobRequest\x1a$.chalk.compute.v1.UploadBlobResponse2\x9e\x03\n" +
 	"\rPolicyService\x12J\n" +
 	"\x06Create\x12\x1f.chalk.compute.v1.NetworkPolicy\x1a\x1f.chalk.compute.v1.NetworkPolicy\x12J\n" +
-	"\x06Update\x12\x1f.chalk.compute.v1.NetworkPolicy\x1a\x1f.chalk.compute.v1.NetworkPolicy\x12D\n" +
-	"\x03Get\x12\x1c.chalk.compute.v1.PolicyName\x1a\x1f.chalk.compute.v1.NetworkPolicy\x12U\n" +
-	"\x04List\x12%.chalk.compute.v1.ListPoliciesRequest\x1a&.chalk.compute.v1.ListPoliciesResponse\x12N\n" +
-	"\x06Delete\x12\x1c.chalk.compute.v1.PolicyName\x1a&.chalk.compute.v1.DeletePolicyResponse2\x8d\x02\n" +
-	"\x0fIdentityService\x12K\n" +
-	"\x06WhoAmI\x12\x1f.chalk.compute.v1.WhoAmIRequest\x1a .chalk.compute.v1.WhoAmIResponse\x12T\n" +
+	"\x06Update\x12\x1f.chalk.compute.v1.NetworkPolicy\x1a\x1f.chalk.compute.v1.NetworkPolicy\x12I\n" +
+	"\x03Get\x12\x1c.chalk.compute.v1.PolicyName\x1a\x1f.chalk.compute.v1.NetworkPolicy\"\x03\x90\x02\x01\x12Z\n" +
+	"\x04List\x12%.chalk.compute.v1.ListPoliciesRequest\x1a&.chalk.compute.v1.ListPoliciesResponse\"\x03\x90\x02\x01\x12N\n" +
+	"\x06Delete\x12\x1c.chalk.compute.v1.PolicyName\x1a&.chalk.compute.v1.DeletePolicyResponse2\x92\x02\n" +
+	"\x0fIdentityService\x12P\n" +
+	"\x06WhoAmI\x12\x1f.chalk.compute.v1.WhoAmIRequest\x1a .chalk.compute.v1.WhoAmIResponse\"\x03\x90\x02\x01\x12T\n" +
 	"\tMintToken\x12\".chalk.compute.v1.MintTokenRequest\x1a#.chalk.compute.v1.MintTokenResponse\x12W\n" +
 	"\n" +
-	"RotateKeys\x12#.chalk.compute.v1.RotateKeysRequest\x1a$.chalk.compute.v1.RotateKeysResponse2\xd4\x03\n" +
+	"RotateKeys\x12#.chalk.compute.v1.RotateKeysRequest\x1a$.chalk.compute.v1.RotateKeysResponse2\xde\x03\n" +
 	"\rTunnelService\x12;\n" +
-	"\x05Apply\x12\x18.chalk.compute.v1.Tunnel\x1a\x18.chalk.compute.v1.Tunnel\x12=\n" +
-	"\x03Get\x12\x1c.chalk.compute.v1.TunnelName\x1a\x18.chalk.compute.v1.Tunnel\x12S\n" +
-	"\x04List\x12$.chalk.compute.v1.ListTunnelsRequest\x1a%.chalk.compute.v1.ListTunnelsResponse\x12N\n" +
+	"\x05Apply\x12\x18.chalk.compute.v1.Tunnel\x1a\x18.chalk.compute.v1.Tunnel\x12B\n" +
+	"\x03Get\x12\x1c.chalk.compute.v1.TunnelName\x1a\x18.chalk.compute.v1.Tunnel\"\x03\x90\x02\x01\x12X\n" +
+	"\x04List\x12$.chalk.compute.v1.ListTunnelsRequest\x1a%.chalk.compute.v1.ListTunnelsResponse\"\x03\x90\x02\x01\x12N\n" +
 	"\x06Delete\x12\x1c.chalk.compute.v1.TunnelName\x1a&.chalk.compute.v1.DeleteTunnelResponse\x12O\n" +
 	"\aAddPeer\x12&.chalk.compute.v1.AddTunnelPeerRequest\x1a\x1c.chalk.compute.v1.TunnelPeer\x12Q\n" +
 	"\n" +
-	"RemovePeer\x12).chalk.compute.v1.RemoveTunnelPeerRequest\x1a\x18.chalk.compute.v1.Tunnel2\xe1\x02\n" +
+	"RemovePeer\x12).chalk.compute.v1.RemoveTunnelPeerRequest\x1a\x18.chalk.compute.v1.Tunnel2\xeb\x02\n" +
 	"\n" +
 	"McpService\x12E\n" +
-	"\tAddServer\x12\x1b.chalk.compute.v1.McpServer\x1a\x1b.chalk.compute.v1.McpServer\x12`\n" +
-	"\vListServers\x12'.chalk.compute.v1.ListMcpServersRequest\x1a(.chalk.compute.v1.ListMcpServersResponse\x12Z\n" +
-	"\fRemoveServer\x12\x1f.chalk.compute.v1.McpServerName\x1a).chalk.compute.v1.RemoveMcpServerResponse\x12N\n" +
-	"\x05Audit\x12!.chalk.compute.v1.McpAuditRequest\x1a\".chalk.compute.v1.McpAuditResponse2\x95\a\n" +
+	"\tAddServer\x12\x1b.chalk.compute.v1.McpServer\x1a\x1b.chalk.compute.v1.McpServer\x12e\n" +
+	"\vListServers\x12'.chalk.compute.v1.ListMcpServersRequest\x1a(.chalk.compute.v1.ListMcpServersResponse\"\x03\x90\x02\x01\x12Z\n" +
+	"\fRemoveServer\x12\x1f.chalk.compute.v1.McpServerName\x1a).chalk.compute.v1.RemoveMcpServerResponse\x12S\n" +
+	"\x05Audit\x12!.chalk.compute.v1.McpAuditRequest\x1a\".chalk.compute.v1.McpAuditResponse\"\x03\x90\x02\x012\xae\a\n" +
 	"\vTeamService\x12T\n" +
-	"\tCreateOrg\x12\".chalk.compute.v1.CreateOrgRequest\x1a#.chalk.compute.v1.CreateOrgResponse\x12Q\n" +
-	"\bListOrgs\x12!.chalk.compute.v1.ListOrgsRequest\x1a\".chalk.compute.v1.ListOrgsResponse\x12T\n" +
-	"\tAddMember\x12\".chalk.compute.v1.AddMemberRequest\x1a#.chalk.compute.v1.AddMemberResponse\x12Z\n" +
-	"\vListMembers\x12$.chalk.compute.v1.ListMembersRequest\x1a%.chalk.compute.v1.ListMembersResponse\x12]\n" +
+	"\tCreateOrg\x12\".chalk.compute.v1.CreateOrgRequest\x1a#.chalk.compute.v1.CreateOrgResponse\x12V\n" +
+	"\bListOrgs\x12!.chalk.compute.v1.ListOrgsRequest\x1a\".chalk.compute.v1.ListOrgsResponse\"\x03\x90\x02\x01\x12T\n" +
+	"\tAddMember\x12\".chalk.compute.v1.AddMemberRequest\x1a#.chalk.compute.v1.AddMemberResponse\x12_\n" +
+	"\vListMembers\x12$.chalk.compute.v1.ListMembersRequest\x1a%.chalk.compute.v1.ListMembersResponse\"\x03\x90\x02\x01\x12]\n" +
 	"\fRemoveMember\x12%.chalk.compute.v1.RemoveMemberRequest\x1a&.chalk.compute.v1.RemoveMemberResponse\x12I\n" +
-	"\tCreateKey\x12\".chalk.compute.v1.CreateKeyRequest\x1a\x18.chalk.compute.v1.ApiKey\x12Q\n" +
-	"\bListKeys\x12!.chalk.compute.v1.ListKeysRequest\x1a\".chalk.compute.v1.ListKeysResponse\x12T\n" +
-	"\tRevokeKey\x12\".chalk.compute.v1.RevokeKeyRequest\x1a#.chalk.compute.v1.RevokeKeyResponse\x12F\n" +
-	"\bGetQuota\x12!.chalk.compute.v1.GetQuotaRequest\x1a\x17.chalk.compute.v1.Quota\x12F\n" +
-	"\bSetQuota\x12!.chalk.compute.v1.SetQuotaRequest\x1a\x17.chalk.compute.v1.Quota\x12H\n" +
-	"\x05Audit\x12\x1e.chalk.compute.v1.AuditRequest\x1a\x1f.chalk.compute.v1.AuditResponseBEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
+	"\tCreateKey\x12\".chalk.compute.v1.CreateKeyRequest\x1a\x18.chalk.compute.v1.ApiKey\x12V\n" +
+	"\bListKeys\x12!.chalk.compute.v1.ListKeysRequest\x1a\".chalk.compute.v1.ListKeysResponse\"\x03\x90\x02\x01\x12T\n" +
+	"\tRevokeKey\x12\".chalk.compute.v1.RevokeKeyRequest\x1a#.chalk.compute.v1.RevokeKeyResponse\x12K\n" +
+	"\bGetQuota\x12!.chalk.compute.v1.GetQuotaRequest\x1a\x17.chalk.compute.v1.Quota\"\x03\x90\x02\x01\x12F\n" +
+	"\bSetQuota\x12!.chalk.compute.v1.SetQuotaRequest\x1a\x17.chalk.compute.v1.Quota\x12M\n" +
+	"\x05Audit\x12\x1e.chalk.compute.v1.AuditRequest\x1a\x1f.chalk.compute.v1.AuditResponse\"\x03\x90\x02\x01BEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
 
 var (
 	file_chalk_compute_v1_compute_proto_rawDescOnce sync.Once

@@ -202,18 +202,21 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			httpClient,
 			baseURL+SandboxServiceGetProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("Get")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		list: connect.NewClient[v1.ListSandboxesRequest, v1.ListSandboxesResponse](
 			httpClient,
 			baseURL+SandboxServiceListProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("List")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		wait: connect.NewClient[v1.WaitSandboxRequest, v1.Sandbox](
 			httpClient,
 			baseURL+SandboxServiceWaitProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("Wait")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		terminate: connect.NewClient[v1.TerminateSandboxRequest, v1.Sandbox](
@@ -244,12 +247,14 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			httpClient,
 			baseURL+SandboxServiceLogsProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("Logs")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		readFile: connect.NewClient[v1.ReadFileRequest, v1.FileChunk](
 			httpClient,
 			baseURL+SandboxServiceReadFileProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("ReadFile")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		writeFile: connect.NewClient[v1.WriteFileRequest, v1.WriteFileResponse](
@@ -262,6 +267,7 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			httpClient,
 			baseURL+SandboxServiceListFilesProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("ListFiles")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		removeFile: connect.NewClient[v1.RemoveFileRequest, v1.RemoveFileResponse](
@@ -274,6 +280,7 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			httpClient,
 			baseURL+SandboxServiceEgressLogProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("EgressLog")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 	}
@@ -402,18 +409,21 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceGetProcedure,
 		svc.Get,
 		connect.WithSchema(sandboxServiceMethods.ByName("Get")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceListHandler := connect.NewUnaryHandler(
 		SandboxServiceListProcedure,
 		svc.List,
 		connect.WithSchema(sandboxServiceMethods.ByName("List")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceWaitHandler := connect.NewUnaryHandler(
 		SandboxServiceWaitProcedure,
 		svc.Wait,
 		connect.WithSchema(sandboxServiceMethods.ByName("Wait")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceTerminateHandler := connect.NewUnaryHandler(
@@ -444,12 +454,14 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceLogsProcedure,
 		svc.Logs,
 		connect.WithSchema(sandboxServiceMethods.ByName("Logs")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceReadFileHandler := connect.NewServerStreamHandler(
 		SandboxServiceReadFileProcedure,
 		svc.ReadFile,
 		connect.WithSchema(sandboxServiceMethods.ByName("ReadFile")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceWriteFileHandler := connect.NewUnaryHandler(
@@ -462,6 +474,7 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceListFilesProcedure,
 		svc.ListFiles,
 		connect.WithSchema(sandboxServiceMethods.ByName("ListFiles")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceRemoveFileHandler := connect.NewUnaryHandler(
@@ -474,6 +487,7 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceEgressLogProcedure,
 		svc.EgressLog,
 		connect.WithSchema(sandboxServiceMethods.ByName("EgressLog")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	return "/chalk.compute.v1.SandboxService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -616,12 +630,14 @@ func NewImageServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			httpClient,
 			baseURL+ImageServiceListProcedure,
 			connect.WithSchema(imageServiceMethods.ByName("List")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		inspect: connect.NewClient[v1.InspectImageRequest, v1.InspectImageResponse](
 			httpClient,
 			baseURL+ImageServiceInspectProcedure,
 			connect.WithSchema(imageServiceMethods.ByName("Inspect")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		remove: connect.NewClient[v1.RemoveImageRequest, v1.RemoveImageResponse](
@@ -634,6 +650,7 @@ func NewImageServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			httpClient,
 			baseURL+ImageServiceHasBlobsProcedure,
 			connect.WithSchema(imageServiceMethods.ByName("HasBlobs")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		uploadBlob: connect.NewClient[v1.UploadBlobRequest, v1.UploadBlobResponse](
@@ -738,12 +755,14 @@ func NewImageServiceHandler(svc ImageServiceHandler, opts ...connect.HandlerOpti
 		ImageServiceListProcedure,
 		svc.List,
 		connect.WithSchema(imageServiceMethods.ByName("List")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	imageServiceInspectHandler := connect.NewUnaryHandler(
 		ImageServiceInspectProcedure,
 		svc.Inspect,
 		connect.WithSchema(imageServiceMethods.ByName("Inspect")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	imageServiceRemoveHandler := connect.NewUnaryHandler(
@@ -756,6 +775,7 @@ func NewImageServiceHandler(svc ImageServiceHandler, opts ...connect.HandlerOpti
 		ImageServiceHasBlobsProcedure,
 		svc.HasBlobs,
 		connect.WithSchema(imageServiceMethods.ByName("HasBlobs")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	imageServiceUploadBlobHandler := connect.NewUnaryHandler(
@@ -859,12 +879,14 @@ func NewPolicyServiceClient(httpClient connect.HTTPClient, baseURL string, opts 
 			httpClient,
 			baseURL+PolicyServiceGetProcedure,
 			connect.WithSchema(policyServiceMethods.ByName("Get")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		list: connect.NewClient[v1.ListPoliciesRequest, v1.ListPoliciesResponse](
 			httpClient,
 			baseURL+PolicyServiceListProcedure,
 			connect.WithSchema(policyServiceMethods.ByName("List")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		delete: connect.NewClient[v1.PolicyName, v1.DeletePolicyResponse](
@@ -942,12 +964,14 @@ func NewPolicyServiceHandler(svc PolicyServiceHandler, opts ...connect.HandlerOp
 		PolicyServiceGetProcedure,
 		svc.Get,
 		connect.WithSchema(policyServiceMethods.ByName("Get")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	policyServiceListHandler := connect.NewUnaryHandler(
 		PolicyServiceListProcedure,
 		svc.List,
 		connect.WithSchema(policyServiceMethods.ByName("List")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	policyServiceDeleteHandler := connect.NewUnaryHandler(
@@ -1019,6 +1043,7 @@ func NewIdentityServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			httpClient,
 			baseURL+IdentityServiceWhoAmIProcedure,
 			connect.WithSchema(identityServiceMethods.ByName("WhoAmI")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		mintToken: connect.NewClient[v1.MintTokenRequest, v1.MintTokenResponse](
@@ -1076,6 +1101,7 @@ func NewIdentityServiceHandler(svc IdentityServiceHandler, opts ...connect.Handl
 		IdentityServiceWhoAmIProcedure,
 		svc.WhoAmI,
 		connect.WithSchema(identityServiceMethods.ByName("WhoAmI")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	identityServiceMintTokenHandler := connect.NewUnaryHandler(
@@ -1154,12 +1180,14 @@ func NewTunnelServiceClient(httpClient connect.HTTPClient, baseURL string, opts 
 			httpClient,
 			baseURL+TunnelServiceGetProcedure,
 			connect.WithSchema(tunnelServiceMethods.ByName("Get")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		list: connect.NewClient[v1.ListTunnelsRequest, v1.ListTunnelsResponse](
 			httpClient,
 			baseURL+TunnelServiceListProcedure,
 			connect.WithSchema(tunnelServiceMethods.ByName("List")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		delete: connect.NewClient[v1.TunnelName, v1.DeleteTunnelResponse](
@@ -1254,12 +1282,14 @@ func NewTunnelServiceHandler(svc TunnelServiceHandler, opts ...connect.HandlerOp
 		TunnelServiceGetProcedure,
 		svc.Get,
 		connect.WithSchema(tunnelServiceMethods.ByName("Get")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	tunnelServiceListHandler := connect.NewUnaryHandler(
 		TunnelServiceListProcedure,
 		svc.List,
 		connect.WithSchema(tunnelServiceMethods.ByName("List")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	tunnelServiceDeleteHandler := connect.NewUnaryHandler(
@@ -1358,6 +1388,7 @@ func NewMcpServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...
 			httpClient,
 			baseURL+McpServiceListServersProcedure,
 			connect.WithSchema(mcpServiceMethods.ByName("ListServers")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		removeServer: connect.NewClient[v1.McpServerName, v1.RemoveMcpServerResponse](
@@ -1370,6 +1401,7 @@ func NewMcpServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...
 			httpClient,
 			baseURL+McpServiceAuditProcedure,
 			connect.WithSchema(mcpServiceMethods.ByName("Audit")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 	}
@@ -1430,6 +1462,7 @@ func NewMcpServiceHandler(svc McpServiceHandler, opts ...connect.HandlerOption) 
 		McpServiceListServersProcedure,
 		svc.ListServers,
 		connect.WithSchema(mcpServiceMethods.ByName("ListServers")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	mcpServiceRemoveServerHandler := connect.NewUnaryHandler(
@@ -1442,6 +1475,7 @@ func NewMcpServiceHandler(svc McpServiceHandler, opts ...connect.HandlerOption) 
 		McpServiceAuditProcedure,
 		svc.Audit,
 		connect.WithSchema(mcpServiceMethods.ByName("Audit")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	return "/chalk.compute.v1.McpService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -1519,6 +1553,7 @@ func NewTeamServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			httpClient,
 			baseURL+TeamServiceListOrgsProcedure,
 			connect.WithSchema(teamServiceMethods.ByName("ListOrgs")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		addMember: connect.NewClient[v1.AddMemberRequest, v1.AddMemberResponse](
@@ -1531,6 +1566,7 @@ func NewTeamServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			httpClient,
 			baseURL+TeamServiceListMembersProcedure,
 			connect.WithSchema(teamServiceMethods.ByName("ListMembers")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		removeMember: connect.NewClient[v1.RemoveMemberRequest, v1.RemoveMemberResponse](
@@ -1549,6 +1585,7 @@ func NewTeamServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			httpClient,
 			baseURL+TeamServiceListKeysProcedure,
 			connect.WithSchema(teamServiceMethods.ByName("ListKeys")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		revokeKey: connect.NewClient[v1.RevokeKeyRequest, v1.RevokeKeyResponse](
@@ -1561,6 +1598,7 @@ func NewTeamServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			httpClient,
 			baseURL+TeamServiceGetQuotaProcedure,
 			connect.WithSchema(teamServiceMethods.ByName("GetQuota")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		setQuota: connect.NewClient[v1.SetQuotaRequest, v1.Quota](
@@ -1573,6 +1611,7 @@ func NewTeamServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			httpClient,
 			baseURL+TeamServiceAuditProcedure,
 			connect.WithSchema(teamServiceMethods.ByName("Audit")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 	}
@@ -1684,6 +1723,7 @@ func NewTeamServiceHandler(svc TeamServiceHandler, opts ...connect.HandlerOption
 		TeamServiceListOrgsProcedure,
 		svc.ListOrgs,
 		connect.WithSchema(teamServiceMethods.ByName("ListOrgs")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	teamServiceAddMemberHandler := connect.NewUnaryHandler(
@@ -1696,6 +1736,7 @@ func NewTeamServiceHandler(svc TeamServiceHandler, opts ...connect.HandlerOption
 		TeamServiceListMembersProcedure,
 		svc.ListMembers,
 		connect.WithSchema(teamServiceMethods.ByName("ListMembers")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	teamServiceRemoveMemberHandler := connect.NewUnaryHandler(
@@ -1714,6 +1755,7 @@ func NewTeamServiceHandler(svc TeamServiceHandler, opts ...connect.HandlerOption
 		TeamServiceListKeysProcedure,
 		svc.ListKeys,
 		connect.WithSchema(teamServiceMethods.ByName("ListKeys")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	teamServiceRevokeKeyHandler := connect.NewUnaryHandler(
@@ -1726,6 +1768,7 @@ func NewTeamServiceHandler(svc TeamServiceHandler, opts ...connect.HandlerOption
 		TeamServiceGetQuotaProcedure,
 		svc.GetQuota,
 		connect.WithSchema(teamServiceMethods.ByName("GetQuota")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	teamServiceSetQuotaHandler := connect.NewUnaryHandler(
@@ -1738,6 +1781,7 @@ func NewTeamServiceHandler(svc TeamServiceHandler, opts ...connect.HandlerOption
 		TeamServiceAuditProcedure,
 		svc.Audit,
 		connect.WithSchema(teamServiceMethods.ByName("Audit")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	return "/chalk.compute.v1.TeamService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
