@@ -89,10 +89,10 @@ func (f *fakeNode) Logs(string) (*os.File, error) {
 	return nil, errdefs.ErrNotFound
 }
 func (f *fakeNode) Leftovers(context.Context, map[string]int) ([]string, error) { return nil, nil }
-func (f *fakeNode) Adopt(string, string)                                       {}
-func (f *fakeNode) Claim(node.StartRequest) (string, int, bool)                { return "", 0, false }
-func (f *fakeNode) Unclaim(string)                                             {}
-func (f *fakeNode) ReapPool(context.Context, map[string]int) error             { return nil }
+func (f *fakeNode) Adopt(string, string)                                        {}
+func (f *fakeNode) Claim(node.StartRequest) (string, int, bool)                 { return "", 0, false }
+func (f *fakeNode) Unclaim(string)                                              {}
+func (f *fakeNode) ReapPool(context.Context, map[string]int) error              { return nil }
 func (f *fakeNode) SetPrestarted(context.Context, *nodecache.Image, int, func(int, int)) error {
 	return nil
 }
@@ -149,5 +149,5 @@ func (f *fakeImages) RefForHash(_ context.Context, h string) (string, bool) {
 	r, ok := f.hashes[h]
 	return r, ok
 }
-func (f *fakeImages) HasBlob(string) bool                         { return false }
+func (f *fakeImages) HasBlob(string) bool                           { return false }
 func (f *fakeImages) PutBlob(context.Context, string, []byte) error { return nil }
