@@ -52,6 +52,7 @@ type env struct {
 	out, errOut io.Writer
 	output      string
 	url, token  string
+	org         string
 }
 
 func (e *env) client() (*chalkcompute.Client, error) {
@@ -61,6 +62,9 @@ func (e *env) client() (*chalkcompute.Client, error) {
 	}
 	if e.token != "" {
 		opts = append(opts, chalkcompute.WithToken(e.token))
+	}
+	if e.org != "" {
+		opts = append(opts, chalkcompute.WithOrg(e.org))
 	}
 	return chalkcompute.NewClient(opts...)
 }
@@ -112,7 +116,8 @@ func newRoot(in io.Reader, out, errOut io.Writer) *cobra.Command {
 	}
 	root.PersistentFlags().StringVarP(&e.output, "output", "o", "text", "output format: text or json")
 	root.PersistentFlags().StringVar(&e.url, "api-url", "", "chalkd API URL (default: CHALK_API_URL or the config file)")
-	root.PersistentFlags().StringVar(&e.token, "token", "", "API token (default: CHALK_API_TOKEN or the config file)")
+	root.PersistentFlags().StringVar(&e.token, "token", "", "API key (default: CHALK_API_TOKEN or the config file)")
+	root.PersistentFlags().StringVar(&e.org, "org", "", "org whose key (from 'chalk auth login') to use (default: CHALK_ORG or the config's current org)")
 	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
 		if e.output != "text" && e.output != "json" {
 			return fmt.Errorf("--output %q: must be text or json", e.output)
@@ -121,7 +126,7 @@ func newRoot(in io.Reader, out, errOut io.Writer) *cobra.Command {
 	}
 	compute := &cobra.Command{Use: "compute", Short: "Sandboxes, images, network policies, tunnels and the MCP gateway"}
 	compute.AddCommand(sandboxCmd(e), imageCmd(e), policyCmd(e), tunnelCmd(e), mcpCmd(e))
-	root.AddCommand(compute, whoamiCmd(e), queryCmd(e), adminCmd(e))
+	root.AddCommand(compute, whoamiCmd(e), queryCmd(e), adminCmd(e), authCmd(e))
 	return root
 }
 
@@ -142,7 +147,15 @@ func whoamiCmd(e *env) *cobra.Command {
 			if e.json() {
 				return e.printJSON(w)
 			}
-			fmt.Fprintf(e.out, "%s\t%s\n", w.Kind, w.Subject)
+			if w.Kind == "user" {
+				admin := ""
+				if w.NodeAdmin {
+					admin = " (node admin)"
+				}
+				fmt.Fprintf(e.out, "user %s in org %s, role %s%s, key %s\n", w.User, w.OrgId, w.Role, admin, w.KeyPrefix)
+				return nil
+			}
+			fmt.Fprintf(e.out, "%s\t%s\tcreated by %s\n", w.Kind, w.Subject, w.User)
 			return nil
 		},
 	}
@@ -171,6 +184,6 @@ func adminCmd(e *env) *cobra.Command {
 			return nil
 		},
 	})
-	admin.AddCommand(keys)
+	admin.AddCommand(keys, orgCmd(e), memberCmd(e), auditCmd(e))
 	return admin
 }
