@@ -67,7 +67,7 @@ func (a *authenticator) authenticate(ctx context.Context, header string) (*Princ
 	tok, ok := strings.CutPrefix(header, "Bearer ")
 	tok = strings.TrimSpace(tok)
 	if !ok || tok == "" {
-		return nil, fmt.Errorf("missing API key: send 'Authorization: Bearer <key>' (chalkd wrote the admin key to its data dir and the CLI config; 'chalk auth login' stores another): %w", errdefs.ErrUnauthenticated)
+		return nil, fmt.Errorf("missing API token: send 'Authorization: Bearer <key>' (chalkd wrote the admin key to its data dir and the CLI config; 'chalk auth login' stores another): %w", errdefs.ErrUnauthenticated)
 	}
 	if strings.HasPrefix(tok, KeyPrefix) {
 		return a.authenticateKey(ctx, tok)
@@ -79,14 +79,14 @@ func (a *authenticator) authenticate(ctx context.Context, header string) (*Princ
 		}
 		return p, nil
 	}
-	return nil, fmt.Errorf("invalid API key: %w", errdefs.ErrUnauthenticated)
+	return nil, fmt.Errorf("invalid API token: %w", errdefs.ErrUnauthenticated)
 }
 
 // authenticateKey finds a user API key by its hash and checks it is usable now.
 func (a *authenticator) authenticateKey(ctx context.Context, secret string) (*Principal, error) {
 	ka, err := a.store.KeyByHash(ctx, HashKey(secret))
 	if errors.Is(err, errdefs.ErrNotFound) {
-		return nil, fmt.Errorf("invalid API key: %w", errdefs.ErrUnauthenticated)
+		return nil, fmt.Errorf("invalid API token: %w", errdefs.ErrUnauthenticated)
 	}
 	if err != nil {
 		return nil, err
