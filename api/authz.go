@@ -47,6 +47,7 @@ type rule struct {
 	field     string     // the request field naming the object
 	workload  bool       // sandboxes (workload tokens) may call it, for themselves
 	nodeAdmin bool       // only the node's bootstrap admin
+	quiet     bool       // not audited: data-plane calls made many times per action (stdin chunks, uploads)
 }
 
 var (
@@ -64,7 +65,7 @@ var rules = map[string]rule{
 	c.SandboxServiceWaitProcedure:       {role: viewer, object: objSandbox, field: "id", workload: true},
 	c.SandboxServiceTerminateProcedure:  {role: member, object: objSandbox, field: "id"},
 	c.SandboxServiceExecProcedure:       {role: member, object: objSandbox, field: "sandbox_id"},
-	c.SandboxServiceWriteStdinProcedure: {role: member, object: objSandbox, field: "sandbox_id"},
+	c.SandboxServiceWriteStdinProcedure: {role: member, object: objSandbox, field: "sandbox_id", quiet: true},
 	c.SandboxServiceSignalExecProcedure: {role: member, object: objSandbox, field: "sandbox_id"},
 	c.SandboxServiceLogsProcedure:       {role: viewer, object: objSandbox, field: "sandbox_id", workload: true},
 	c.SandboxServiceReadFileProcedure:   {role: viewer, object: objSandbox, field: "sandbox_id"},
@@ -80,7 +81,7 @@ var rules = map[string]rule{
 	c.ImageServiceInspectProcedure:    {role: viewer, object: objImage, field: "ref"},
 	c.ImageServiceRemoveProcedure:     {role: member, object: objImage, field: "ref"},
 	c.ImageServiceHasBlobsProcedure:   {role: viewer},
-	c.ImageServiceUploadBlobProcedure: {role: member},
+	c.ImageServiceUploadBlobProcedure: {role: member, quiet: true},
 
 	c.PolicyServiceCreateProcedure: {role: member},
 	c.PolicyServiceUpdateProcedure: {role: member, object: objPolicy, field: "name"},
@@ -287,7 +288,7 @@ func (c *authzConn) Receive(m any) error {
 
 // audit records a call that is not read-only in the caller's org.
 func (s *Server) audit(ctx context.Context, procedure, object, peer string, callErr error) {
-	if readOnly(procedure) {
+	if readOnly(procedure) || rules[procedure].quiet {
 		return
 	}
 	p, ok := PrincipalFrom(ctx)

@@ -68,6 +68,10 @@ func (h *imageService) ensure(ctx context.Context, ref string, prestart *int32, 
 	if prestart != nil && *prestart < 0 {
 		return invalid("sandboxes: %d: want 0 or more", *prestart)
 	}
+	if prestart != nil && !p.NodeAdmin {
+		// The pools are the node's, shared by every org's creates.
+		return fmt.Errorf("sandboxes: pre-started pools are node-wide; only the node admin sets them: %w", errdefs.ErrPermissionDenied)
+	}
 	img, err := h.s.node.EnsureImage(ctx, ref, progressSender(stream))
 	if err != nil {
 		return err

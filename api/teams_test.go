@@ -299,7 +299,16 @@ func TestAuditTrail(t *testing.T) {
 	if term.Action != "SandboxService/Terminate" || term.Object != sb.Msg.Id || term.Outcome != "permission_denied" || term.Actor != UserSubject("a", "vic") {
 		t.Fatalf("refused terminate record: %+v", term)
 	}
-	if b, err := tn.user("bob").team.Audit(ctx, connect.NewRequest(&v1.AuditRequest{})); err != nil || len(b.Msg.Records) != 0 {
+	// Pre-started pools are the node's: an org admin may not size them.
+	n := int32(1)
+	st, err := tn.user("bob").image.Warm(ctx, connect.NewRequest(&v1.WarmImageRequest{Image: "busybox", Sandboxes: &n}))
+	if err == nil {
+		for st.Receive() {
+		}
+		err = st.Err()
+	}
+	wantCode(t, "an org admin sizing a pre-started pool", err, connect.CodePermissionDenied)
+	if b, err := tn.user("bob").team.Audit(ctx, connect.NewRequest(&v1.AuditRequest{})); err != nil || len(b.Msg.Records) != 1 || b.Msg.Records[0].Outcome != "permission_denied" {
 		t.Fatalf("org b's audit: %+v %v", b, err)
 	}
 	_, err = tn.user("mia").team.Audit(ctx, connect.NewRequest(&v1.AuditRequest{}))
