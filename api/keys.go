@@ -27,9 +27,6 @@ const (
 	keyIDRandomHx = 8
 )
 
-// TokenPrefix is KeyPrefix (the name before teams).
-const TokenPrefix = KeyPrefix
-
 func base62(n uint64, width int) string {
 	b := make([]byte, width)
 	for i := width - 1; i >= 0; i-- {
@@ -52,12 +49,6 @@ func NewKey() (secret, prefix, hash string) {
 	}
 	secret = KeyPrefix + string(body) + base62(uint64(crc32.ChecksumIEEE(body)), keyCheckLen)
 	return secret, KeyPublicPrefix(secret), HashKey(secret)
-}
-
-// NewToken returns a fresh API key and its hash (the name before teams).
-func NewToken() (secret, hash string) {
-	secret, _, hash = NewKey()
-	return secret, hash
 }
 
 // KeyPublicPrefix is the part of a key that may be shown: chalk_ and 8 characters.
@@ -88,9 +79,6 @@ func HashKey(secret string) string {
 	s := sha256.Sum256([]byte(secret))
 	return hex.EncodeToString(s[:])
 }
-
-// HashToken is HashKey (the name before teams).
-func HashToken(secret string) string { return HashKey(secret) }
 
 func newKeyID() string {
 	b := make([]byte, keyIDRandomHx)
