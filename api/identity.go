@@ -31,6 +31,7 @@ func (h *identityService) WhoAmI(ctx context.Context, _ *connect.Request[v1.WhoA
 	out := &v1.WhoAmIResponse{Kind: p.Kind, Subject: p.Subject, OrgId: p.OrgID, SandboxId: p.SandboxID, Name: p.Name,
 		Role: string(p.Role), KeyPrefix: p.KeyPrefix, NodeAdmin: p.NodeAdmin, User: p.User}
 	if p.IsWorkload() {
+		out.Name = p.SandboxID
 		if sb, err := h.s.store.GetSandbox(ctx, p.SandboxID); err == nil {
 			out.User = sb.CreatedBy
 		}
