@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 
@@ -100,9 +101,15 @@ func orgAObjects(t *testing.T, tn *testNode) map[objectKind]string {
 // permission_denied from every RPC that is not read-only, and a member from
 // every admin RPC. A new RPC is covered as soon as it is in the proto.
 func TestCrossOrgMatrix(t *testing.T) {
-	tn := newTestNode(t, Config{})
+	tn := newTestNode(t, Config{Workload: fakeWorkloads{}})
 	objs := orgAObjects(t, tn)
-	secrets := []string{"sha256:dig-a", "built-a", "pol-a", "tun-a", "mcp-a", objs[objSandbox], objs[objKey], "alice", "mia", "vic"}
+	// A sandbox of org b, acting as itself (a workload token).
+	bsb, err := tn.user("bob").sandbox.Create(context.Background(), connect.NewRequest(&v1.CreateSandboxRequest{Image: "busybox"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	workloadB := "wl.b." + bsb.Msg.Id
+	secrets := []string{"sha256:dig-a", "built-a", "pol-a", "tun-a", "mcp-a", objs[objSandbox], objs[objKey], `"alice"`, `"mia"`, `"vic"`, ":user:alice", ":user:mia", ":user:vic"}
 
 	request := func(md protoreflect.MethodDescriptor, r rule) *dynamicpb.Message {
 		m := dynamicpb.NewMessage(md.Input())
@@ -133,6 +140,15 @@ func TestCrossOrgMatrix(t *testing.T) {
 	for _, d := range crossOrg {
 		proc, md, r := d.proc, d.md, d.r
 		stream := md.IsStreamingServer()
+		if !r.workload {
+			if code, body := tn.call(t, workloadB, proc, request(md, r), stream); code != "permission_denied" {
+				t.Errorf("%s as a workload: code %q (%s), want permission_denied", proc, code, body)
+			}
+		} else if r.object != objNone {
+			if code, body := tn.call(t, workloadB, proc, request(md, r), stream); code != "not_found" && code != "permission_denied" {
+				t.Errorf("%s as org b's workload on org a's %s: code %q (%s)", proc, r.field, code, body)
+			}
+		}
 		if r.object != objNone {
 			code, body := tn.call(t, tn.keys["bob"], proc, request(md, r), stream)
 			if code != "not_found" && code != "permission_denied" {
@@ -159,4 +175,15 @@ func TestCrossOrgMatrix(t *testing.T) {
 	if _, err := tn.user("vic").sandbox.Get(context.Background(), connect.NewRequest(&v1.GetSandboxRequest{Id: objs[objSandbox]})); err != nil {
 		t.Fatalf("org a's viewer reads its sandbox: %v", err)
 	}
+}
+
+// fakeWorkloads accepts "wl.<org>.<sandbox id>" as that sandbox's workload token.
+type fakeWorkloads struct{}
+
+func (fakeWorkloads) VerifyWorkload(_ context.Context, tok string) (*Principal, error) {
+	parts := strings.SplitN(tok, ".", 3)
+	if len(parts) != 3 || parts[0] != "wl" {
+		return nil, errors.New("not a fake workload token")
+	}
+	return &Principal{Kind: "workload", OrgID: parts[1], SandboxID: parts[2], Subject: "chalk:org:" + parts[1] + ":sbx:" + parts[2]}, nil
 }
