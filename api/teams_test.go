@@ -200,6 +200,19 @@ func TestOrgLifecycle(t *testing.T) {
 			t.Fatalf("listed key: %+v", k)
 		}
 	}
+	// A user in two orgs: dan joins org b too, with a key there; each key
+	// acts in its own org with that org's role.
+	inB, err := tn.user("bob").team.AddMember(ctx, connect.NewRequest(&v1.AddMemberRequest{User: "dan", Role: "viewer"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	whoB, err := tn.as(inB.Msg.Key.Secret).identity.WhoAmI(ctx, connect.NewRequest(&v1.WhoAmIRequest{}))
+	if err != nil || whoB.Msg.OrgId != "b" || whoB.Msg.Role != "viewer" || whoB.Msg.User != "dan" {
+		t.Fatalf("dan's key in org b: %+v %v", whoB.Msg, err)
+	}
+	if who, err := dan.identity.WhoAmI(ctx, connect.NewRequest(&v1.WhoAmIRequest{})); err != nil || who.Msg.OrgId != "c" || who.Msg.Role != "member" {
+		t.Fatalf("dan's key in org c after joining b: %+v %v", who.Msg, err)
+	}
 	// The node admin sets c's quota; carol cannot.
 	_, err = carol.team.SetQuota(ctx, connect.NewRequest(&v1.SetQuotaRequest{Quota: &v1.Quota{MaxRunningSandboxes: 100}}))
 	wantCode(t, "an org admin setting its quota", err, connect.CodePermissionDenied)
