@@ -328,3 +328,24 @@ func (s *Server) quotaOf(ctx context.Context, org string) (store.Quota, error) {
 	}
 	return o.Quota.Or(s.cfg.DefaultQuota), nil
 }
+
+func (h *teamService) SetMemberRole(ctx context.Context, req *connect.Request[v1.SetMemberRoleRequest]) (*connect.Response[v1.Member], error) {
+	p, err := user(ctx)
+	if err != nil {
+		return nil, err
+	}
+	role, err := store.ParseRole(req.Msg.Role)
+	if err != nil {
+		return nil, err
+	}
+	org := orgOf(p, req.Msg.Org)
+	setAuditObject(ctx, "member:"+org+"/"+req.Msg.User)
+	if err := h.s.store.SetMemberRole(ctx, org, req.Msg.User, role); err != nil {
+		return nil, err
+	}
+	m, err := h.s.store.GetMember(ctx, org, req.Msg.User)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&v1.Member{User: m.User, Role: string(m.Role), CreatedAt: ts(m.CreatedAt)}), nil
+}

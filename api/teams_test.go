@@ -90,6 +90,13 @@ func TestRevokedKeyFailsNextCall(t *testing.T) {
 		}
 	}
 
+	// Lowering a member's role lowers what its keys may do at once.
+	if _, err := tn.user("alice").team.SetMemberRole(ctx, connect.NewRequest(&v1.SetMemberRoleRequest{User: "mia", Role: "viewer"})); err != nil {
+		t.Fatal(err)
+	}
+	_, err = tn.user("mia").sandbox.Create(ctx, connect.NewRequest(&v1.CreateSandboxRequest{Image: "busybox"}))
+	wantCode(t, "a create by a member just made viewer", err, connect.CodePermissionDenied)
+
 	// Removing the member ends every key it has in the org at once.
 	if _, err := tn.user("alice").team.RemoveMember(ctx, connect.NewRequest(&v1.RemoveMemberRequest{User: "mia"})); err != nil {
 		t.Fatal(err)
@@ -130,6 +137,8 @@ func TestTeamBadInput(t *testing.T) {
 	wantCode(t, "unknown role", err, connect.CodeInvalidArgument)
 	_, err = bob.RemoveMember(ctx, connect.NewRequest(&v1.RemoveMemberRequest{User: "bob"}))
 	wantCode(t, "removing the last admin", err, connect.CodeFailedPrecondition)
+	_, err = bob.SetMemberRole(ctx, connect.NewRequest(&v1.SetMemberRoleRequest{User: "bob", Role: "member"}))
+	wantCode(t, "demoting the last admin", err, connect.CodeFailedPrecondition)
 	if !strings.Contains(err.Error(), "last admin") {
 		t.Fatalf("last admin error: %v", err)
 	}

@@ -131,3 +131,12 @@ func (c *Client) Audit(ctx context.Context, q *v1.AuditRequest) ([]*v1.AuditReco
 	}
 	return resp.Msg.Records, nil
 }
+
+// SetMemberRole changes a member's role in org ("" = the caller's); its keys follow at once.
+func (c *Client) SetMemberRole(ctx context.Context, org, user, role string) (*v1.Member, error) {
+	resp, err := c.team.SetMemberRole(ctx, connect.NewRequest(&v1.SetMemberRoleRequest{Org: org, User: user, Role: role}))
+	if err != nil {
+		return nil, err
+	}
+	return resp.Msg, nil
+}

@@ -214,7 +214,27 @@ func memberCmd(e *env) *cobra.Command {
 			return nil
 		},
 	}
-	cmd.AddCommand(add, ls, rm)
+	setRole := &cobra.Command{
+		Use:   "set-role USER admin|member|viewer",
+		Short: "Change a member's role (its keys follow at once; not the last admin's)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.adminClient()
+			if err != nil {
+				return err
+			}
+			m, err := c.SetMemberRole(cmd.Context(), e.org, args[0], args[1])
+			if err != nil {
+				return err
+			}
+			if e.json() {
+				return e.printJSON(m)
+			}
+			fmt.Fprintf(e.out, "%s is now %s\n", m.User, m.Role)
+			return nil
+		},
+	}
+	cmd.AddCommand(add, ls, rm, setRole)
 	return cmd
 }
 

@@ -67,6 +67,9 @@ func TestTeamsEndToEnd(t *testing.T) {
 	if _, stderr, code := cli("admin", "member", "rm", "ann"); code == 0 || !strings.Contains(stderr, "last admin") {
 		t.Fatalf("removing the last admin: %d %q", code, stderr)
 	}
+	if out, stderr, code := cli("admin", "member", "set-role", "vic", "member"); code != 0 || !strings.Contains(out, "vic is now member") {
+		t.Fatalf("set-role: %d %q %q", code, out, stderr)
+	}
 
 	ci, err := chalkcompute.NewClient(chalkcompute.WithURL("unix://"+n.Socket), chalkcompute.WithToken(key.Secret))
 	if err != nil {

@@ -554,3 +554,34 @@ func (s *Store) RemoveOrgImages(ctx context.Context, org string, refs ...string)
 	}
 	return nil
 }
+
+// SetMemberRole changes a member's role; taking admin from the org's last
+// admin is refused (failed precondition).
+func (s *Store) SetMemberRole(ctx context.Context, org, user string, role Role) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	var cur string
+	err = tx.QueryRowContext(ctx, `SELECT role FROM members WHERE org_id = ? AND user_name = ?`, org, user).Scan(&cur)
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("member %q of org %q: %w", user, org, errdefs.ErrNotFound)
+	}
+	if err != nil {
+		return err
+	}
+	if Role(cur) == RoleAdmin && role != RoleAdmin {
+		var admins int
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM members WHERE org_id = ? AND role = ?`, org, string(RoleAdmin)).Scan(&admins); err != nil {
+			return err
+		}
+		if admins <= 1 {
+			return fmt.Errorf("user %q is the last admin of org %q; make another admin first: %w", user, org, errdefs.ErrFailedPrecondition)
+		}
+	}
+	if _, err := tx.ExecContext(ctx, `UPDATE members SET role = ? WHERE org_id = ? AND user_name = ?`, string(role), org, user); err != nil {
+		return err
+	}
+	return tx.Commit()
+}

@@ -478,6 +478,14 @@ class SandboxClient:
             req["org"] = org
         self._t.unary("TeamService", "RemoveMember", req)
 
+    def set_member_role(self, user: str, role: str, org: Optional[str] = None) -> Dict[str, Any]:
+        """Change a member's role; its keys follow at once. Taking admin from
+        the last admin raises :class:`FailedPreconditionError`."""
+        req: Dict[str, Any] = {"user": user, "role": role}
+        if org:
+            req["org"] = org
+        return self._t.unary("TeamService", "SetMemberRole", req)
+
     def create_key(self, name: str, role: Optional[str] = None, ttl: Optional[Seconds] = None,
                    user: Optional[str] = None) -> Dict[str, Any]:
         """Create an API key in the caller's org: ``{"secret", "prefix", "id", "role", ...}``;

@@ -41,7 +41,7 @@ class TeamsTest(unittest.TestCase):
 
         def stop() -> None:
             try:
-                sb.terminate()
+                self.admin.get(sb.id).terminate()  # the creator's role may have changed
             except ChalkError:
                 pass
         self.addCleanup(stop)
@@ -67,6 +67,11 @@ class TeamsTest(unittest.TestCase):
             member.create_key("too-high", role="admin")
         with self.assertRaises(FailedPreconditionError):
             self.admin.remove_member("pat")
+        with self.assertRaises(FailedPreconditionError):
+            self.admin.set_member_role("pat", "member")
+        self.assertEqual(self.admin.set_member_role("max", "viewer")["role"], "viewer")
+        with self.assertRaises(PermissionDeniedError):
+            member.create(image=Image.base("busybox"))
         actions = [r["action"] for r in self.admin.audit()]
         self.assertIn("SandboxService/Create", actions)
 

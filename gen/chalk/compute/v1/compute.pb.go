@@ -4914,6 +4914,66 @@ func (x *RemoveMemberRequest) GetUser() string {
 	return ""
 }
 
+type SetMemberRoleRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Org           string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	User          string                 `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	Role          string                 `protobuf:"bytes,3,opt,name=role,proto3" json:"role,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetMemberRoleRequest) Reset() {
+	*x = SetMemberRoleRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetMemberRoleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetMemberRoleRequest) ProtoMessage() {}
+
+func (x *SetMemberRoleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetMemberRoleRequest.ProtoReflect.Descriptor instead.
+func (*SetMemberRoleRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{83}
+}
+
+func (x *SetMemberRoleRequest) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *SetMemberRoleRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *SetMemberRoleRequest) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
 type RemoveMemberResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -4922,7 +4982,7 @@ type RemoveMemberResponse struct {
 
 func (x *RemoveMemberResponse) Reset() {
 	*x = RemoveMemberResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4934,7 +4994,7 @@ func (x *RemoveMemberResponse) String() string {
 func (*RemoveMemberResponse) ProtoMessage() {}
 
 func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4947,7 +5007,7 @@ func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberResponse.ProtoReflect.Descriptor instead.
 func (*RemoveMemberResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{83}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{84}
 }
 
 // An API key: per user per org. Only a hash of the secret is stored.
@@ -4971,7 +5031,7 @@ type ApiKey struct {
 
 func (x *ApiKey) Reset() {
 	*x = ApiKey{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4983,7 +5043,7 @@ func (x *ApiKey) String() string {
 func (*ApiKey) ProtoMessage() {}
 
 func (x *ApiKey) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4996,7 +5056,7 @@ func (x *ApiKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApiKey.ProtoReflect.Descriptor instead.
 func (*ApiKey) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{84}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *ApiKey) GetId() string {
@@ -5095,7 +5155,7 @@ type CreateKeyRequest struct {
 
 func (x *CreateKeyRequest) Reset() {
 	*x = CreateKeyRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5107,7 +5167,7 @@ func (x *CreateKeyRequest) String() string {
 func (*CreateKeyRequest) ProtoMessage() {}
 
 func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5120,7 +5180,7 @@ func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{85}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *CreateKeyRequest) GetName() string {
@@ -5160,7 +5220,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5172,7 +5232,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5185,7 +5245,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{86}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *ListKeysRequest) GetAll() bool {
@@ -5204,7 +5264,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5216,7 +5276,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5229,7 +5289,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{87}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *ListKeysResponse) GetKeys() []*ApiKey {
@@ -5248,7 +5308,7 @@ type RevokeKeyRequest struct {
 
 func (x *RevokeKeyRequest) Reset() {
 	*x = RevokeKeyRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5260,7 +5320,7 @@ func (x *RevokeKeyRequest) String() string {
 func (*RevokeKeyRequest) ProtoMessage() {}
 
 func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5273,7 +5333,7 @@ func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{88}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *RevokeKeyRequest) GetId() string {
@@ -5292,7 +5352,7 @@ type RevokeKeyResponse struct {
 
 func (x *RevokeKeyResponse) Reset() {
 	*x = RevokeKeyResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5304,7 +5364,7 @@ func (x *RevokeKeyResponse) String() string {
 func (*RevokeKeyResponse) ProtoMessage() {}
 
 func (x *RevokeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5317,7 +5377,7 @@ func (x *RevokeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyResponse.ProtoReflect.Descriptor instead.
 func (*RevokeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{89}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *RevokeKeyResponse) GetKey() *ApiKey {
@@ -5340,7 +5400,7 @@ type Quota struct {
 
 func (x *Quota) Reset() {
 	*x = Quota{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5352,7 +5412,7 @@ func (x *Quota) String() string {
 func (*Quota) ProtoMessage() {}
 
 func (x *Quota) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5365,7 +5425,7 @@ func (x *Quota) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quota.ProtoReflect.Descriptor instead.
 func (*Quota) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{90}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *Quota) GetMaxRunningSandboxes() int32 {
@@ -5405,7 +5465,7 @@ type GetQuotaRequest struct {
 
 func (x *GetQuotaRequest) Reset() {
 	*x = GetQuotaRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5417,7 +5477,7 @@ func (x *GetQuotaRequest) String() string {
 func (*GetQuotaRequest) ProtoMessage() {}
 
 func (x *GetQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5430,7 +5490,7 @@ func (x *GetQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetQuotaRequest.ProtoReflect.Descriptor instead.
 func (*GetQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{91}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *GetQuotaRequest) GetOrg() string {
@@ -5450,7 +5510,7 @@ type SetQuotaRequest struct {
 
 func (x *SetQuotaRequest) Reset() {
 	*x = SetQuotaRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5462,7 +5522,7 @@ func (x *SetQuotaRequest) String() string {
 func (*SetQuotaRequest) ProtoMessage() {}
 
 func (x *SetQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5475,7 +5535,7 @@ func (x *SetQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetQuotaRequest.ProtoReflect.Descriptor instead.
 func (*SetQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{92}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *SetQuotaRequest) GetOrg() string {
@@ -5503,7 +5563,7 @@ type AuditRequest struct {
 
 func (x *AuditRequest) Reset() {
 	*x = AuditRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5515,7 +5575,7 @@ func (x *AuditRequest) String() string {
 func (*AuditRequest) ProtoMessage() {}
 
 func (x *AuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5528,7 +5588,7 @@ func (x *AuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRequest.ProtoReflect.Descriptor instead.
 func (*AuditRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{93}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *AuditRequest) GetSince() string {
@@ -5570,7 +5630,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5582,7 +5642,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5595,7 +5655,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{94}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *AuditRecord) GetSeq() int64 {
@@ -5677,7 +5737,7 @@ type AuditResponse struct {
 
 func (x *AuditResponse) Reset() {
 	*x = AuditResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5689,7 +5749,7 @@ func (x *AuditResponse) String() string {
 func (*AuditResponse) ProtoMessage() {}
 
 func (x *AuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5702,7 +5762,7 @@ func (x *AuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditResponse.ProtoReflect.Descriptor instead.
 func (*AuditResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{95}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *AuditResponse) GetRecords() []*AuditRecord {
@@ -6110,7 +6170,11 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\amembers\x18\x01 \x03(\v2\x18.chalk.compute.v1.MemberR\amembers\";\n" +
 	"\x13RemoveMemberRequest\x12\x10\n" +
 	"\x03org\x18\x01 \x01(\tR\x03org\x12\x12\n" +
-	"\x04user\x18\x02 \x01(\tR\x04user\"\x16\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\"P\n" +
+	"\x14SetMemberRoleRequest\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\x12\x12\n" +
+	"\x04role\x18\x03 \x01(\tR\x04role\"\x16\n" +
 	"\x14RemoveMemberResponse\"\xb4\x02\n" +
 	"\x06ApiKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
@@ -6225,13 +6289,14 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\tAddServer\x12\x1b.chalk.compute.v1.McpServer\x1a\x1b.chalk.compute.v1.McpServer\x12e\n" +
 	"\vListServers\x12'.chalk.compute.v1.ListMcpServersRequest\x1a(.chalk.compute.v1.ListMcpServersResponse\"\x03\x90\x02\x01\x12Z\n" +
 	"\fRemoveServer\x12\x1f.chalk.compute.v1.McpServerName\x1a).chalk.compute.v1.RemoveMcpServerResponse\x12S\n" +
-	"\x05Audit\x12!.chalk.compute.v1.McpAuditRequest\x1a\".chalk.compute.v1.McpAuditResponse\"\x03\x90\x02\x012\xae\a\n" +
+	"\x05Audit\x12!.chalk.compute.v1.McpAuditRequest\x1a\".chalk.compute.v1.McpAuditResponse\"\x03\x90\x02\x012\x81\b\n" +
 	"\vTeamService\x12T\n" +
 	"\tCreateOrg\x12\".chalk.compute.v1.CreateOrgRequest\x1a#.chalk.compute.v1.CreateOrgResponse\x12V\n" +
 	"\bListOrgs\x12!.chalk.compute.v1.ListOrgsRequest\x1a\".chalk.compute.v1.ListOrgsResponse\"\x03\x90\x02\x01\x12T\n" +
 	"\tAddMember\x12\".chalk.compute.v1.AddMemberRequest\x1a#.chalk.compute.v1.AddMemberResponse\x12_\n" +
 	"\vListMembers\x12$.chalk.compute.v1.ListMembersRequest\x1a%.chalk.compute.v1.ListMembersResponse\"\x03\x90\x02\x01\x12]\n" +
-	"\fRemoveMember\x12%.chalk.compute.v1.RemoveMemberRequest\x1a&.chalk.compute.v1.RemoveMemberResponse\x12I\n" +
+	"\fRemoveMember\x12%.chalk.compute.v1.RemoveMemberRequest\x1a&.chalk.compute.v1.RemoveMemberResponse\x12Q\n" +
+	"\rSetMemberRole\x12&.chalk.compute.v1.SetMemberRoleRequest\x1a\x18.chalk.compute.v1.Member\x12I\n" +
 	"\tCreateKey\x12\".chalk.compute.v1.CreateKeyRequest\x1a\x18.chalk.compute.v1.ApiKey\x12V\n" +
 	"\bListKeys\x12!.chalk.compute.v1.ListKeysRequest\x1a\".chalk.compute.v1.ListKeysResponse\"\x03\x90\x02\x01\x12T\n" +
 	"\tRevokeKey\x12\".chalk.compute.v1.RevokeKeyRequest\x1a#.chalk.compute.v1.RevokeKeyResponse\x12K\n" +
@@ -6251,7 +6316,7 @@ func file_chalk_compute_v1_compute_proto_rawDescGZIP() []byte {
 	return file_chalk_compute_v1_compute_proto_rawDescData
 }
 
-var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 102)
+var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 103)
 var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*Sandbox)(nil),                 // 0: chalk.compute.v1.Sandbox
 	(*CreateSandboxRequest)(nil),    // 1: chalk.compute.v1.CreateSandboxRequest
@@ -6336,34 +6401,35 @@ var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*ListMembersRequest)(nil),      // 80: chalk.compute.v1.ListMembersRequest
 	(*ListMembersResponse)(nil),     // 81: chalk.compute.v1.ListMembersResponse
 	(*RemoveMemberRequest)(nil),     // 82: chalk.compute.v1.RemoveMemberRequest
-	(*RemoveMemberResponse)(nil),    // 83: chalk.compute.v1.RemoveMemberResponse
-	(*ApiKey)(nil),                  // 84: chalk.compute.v1.ApiKey
-	(*CreateKeyRequest)(nil),        // 85: chalk.compute.v1.CreateKeyRequest
-	(*ListKeysRequest)(nil),         // 86: chalk.compute.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),        // 87: chalk.compute.v1.ListKeysResponse
-	(*RevokeKeyRequest)(nil),        // 88: chalk.compute.v1.RevokeKeyRequest
-	(*RevokeKeyResponse)(nil),       // 89: chalk.compute.v1.RevokeKeyResponse
-	(*Quota)(nil),                   // 90: chalk.compute.v1.Quota
-	(*GetQuotaRequest)(nil),         // 91: chalk.compute.v1.GetQuotaRequest
-	(*SetQuotaRequest)(nil),         // 92: chalk.compute.v1.SetQuotaRequest
-	(*AuditRequest)(nil),            // 93: chalk.compute.v1.AuditRequest
-	(*AuditRecord)(nil),             // 94: chalk.compute.v1.AuditRecord
-	(*AuditResponse)(nil),           // 95: chalk.compute.v1.AuditResponse
-	nil,                             // 96: chalk.compute.v1.Sandbox.EnvEntry
-	nil,                             // 97: chalk.compute.v1.Sandbox.LabelsEntry
-	nil,                             // 98: chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	nil,                             // 99: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
-	nil,                             // 100: chalk.compute.v1.ExecRequest.EnvEntry
-	nil,                             // 101: chalk.compute.v1.McpServer.SandboxLabelsEntry
+	(*SetMemberRoleRequest)(nil),    // 83: chalk.compute.v1.SetMemberRoleRequest
+	(*RemoveMemberResponse)(nil),    // 84: chalk.compute.v1.RemoveMemberResponse
+	(*ApiKey)(nil),                  // 85: chalk.compute.v1.ApiKey
+	(*CreateKeyRequest)(nil),        // 86: chalk.compute.v1.CreateKeyRequest
+	(*ListKeysRequest)(nil),         // 87: chalk.compute.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),        // 88: chalk.compute.v1.ListKeysResponse
+	(*RevokeKeyRequest)(nil),        // 89: chalk.compute.v1.RevokeKeyRequest
+	(*RevokeKeyResponse)(nil),       // 90: chalk.compute.v1.RevokeKeyResponse
+	(*Quota)(nil),                   // 91: chalk.compute.v1.Quota
+	(*GetQuotaRequest)(nil),         // 92: chalk.compute.v1.GetQuotaRequest
+	(*SetQuotaRequest)(nil),         // 93: chalk.compute.v1.SetQuotaRequest
+	(*AuditRequest)(nil),            // 94: chalk.compute.v1.AuditRequest
+	(*AuditRecord)(nil),             // 95: chalk.compute.v1.AuditRecord
+	(*AuditResponse)(nil),           // 96: chalk.compute.v1.AuditResponse
+	nil,                             // 97: chalk.compute.v1.Sandbox.EnvEntry
+	nil,                             // 98: chalk.compute.v1.Sandbox.LabelsEntry
+	nil,                             // 99: chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	nil,                             // 100: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	nil,                             // 101: chalk.compute.v1.ExecRequest.EnvEntry
+	nil,                             // 102: chalk.compute.v1.McpServer.SandboxLabelsEntry
 }
 var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
-	96,  // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
-	97,  // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
-	98,  // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	97,  // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
+	98,  // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
+	99,  // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
 	44,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
-	99,  // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	100, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
 	0,   // 5: chalk.compute.v1.ListSandboxesResponse.sandboxes:type_name -> chalk.compute.v1.Sandbox
-	100, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
+	101, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
 	9,   // 7: chalk.compute.v1.ExecEvent.started:type_name -> chalk.compute.v1.ExecStarted
 	10,  // 8: chalk.compute.v1.ExecEvent.exited:type_name -> chalk.compute.v1.ExecExited
 	22,  // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
@@ -6376,20 +6442,20 @@ var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
 	56,  // 16: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
 	57,  // 17: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
 	55,  // 18: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
-	101, // 19: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
+	102, // 19: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
 	64,  // 20: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
 	70,  // 21: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
-	90,  // 22: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
+	91,  // 22: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
 	72,  // 23: chalk.compute.v1.CreateOrgResponse.org:type_name -> chalk.compute.v1.Org
-	84,  // 24: chalk.compute.v1.CreateOrgResponse.admin_key:type_name -> chalk.compute.v1.ApiKey
+	85,  // 24: chalk.compute.v1.CreateOrgResponse.admin_key:type_name -> chalk.compute.v1.ApiKey
 	72,  // 25: chalk.compute.v1.ListOrgsResponse.orgs:type_name -> chalk.compute.v1.Org
 	77,  // 26: chalk.compute.v1.AddMemberResponse.member:type_name -> chalk.compute.v1.Member
-	84,  // 27: chalk.compute.v1.AddMemberResponse.key:type_name -> chalk.compute.v1.ApiKey
+	85,  // 27: chalk.compute.v1.AddMemberResponse.key:type_name -> chalk.compute.v1.ApiKey
 	77,  // 28: chalk.compute.v1.ListMembersResponse.members:type_name -> chalk.compute.v1.Member
-	84,  // 29: chalk.compute.v1.ListKeysResponse.keys:type_name -> chalk.compute.v1.ApiKey
-	84,  // 30: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
-	90,  // 31: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
-	94,  // 32: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
+	85,  // 29: chalk.compute.v1.ListKeysResponse.keys:type_name -> chalk.compute.v1.ApiKey
+	85,  // 30: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
+	91,  // 31: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
+	95,  // 32: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
 	1,   // 33: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
 	2,   // 34: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
 	3,   // 35: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
@@ -6435,65 +6501,67 @@ var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
 	78,  // 75: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
 	80,  // 76: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
 	82,  // 77: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
-	85,  // 78: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
-	86,  // 79: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
-	88,  // 80: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
-	91,  // 81: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
-	92,  // 82: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
-	93,  // 83: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
-	0,   // 84: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
-	0,   // 85: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
-	4,   // 86: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
-	0,   // 87: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
-	0,   // 88: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
-	8,   // 89: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
-	12,  // 90: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
-	14,  // 91: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
-	16,  // 92: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
-	18,  // 93: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
-	20,  // 94: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
-	23,  // 95: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
-	25,  // 96: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
-	28,  // 97: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
-	32,  // 98: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
-	32,  // 99: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
-	32,  // 100: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
-	34,  // 101: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
-	36,  // 102: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
-	38,  // 103: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
-	41,  // 104: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
-	43,  // 105: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
-	44,  // 106: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
-	44,  // 107: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
-	44,  // 108: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
-	47,  // 109: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
-	48,  // 110: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
-	50,  // 111: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
-	52,  // 112: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
-	54,  // 113: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
-	57,  // 114: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
-	57,  // 115: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
-	60,  // 116: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
-	63,  // 117: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
-	55,  // 118: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
-	57,  // 119: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
-	64,  // 120: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
-	67,  // 121: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
-	68,  // 122: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
-	71,  // 123: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
-	74,  // 124: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
-	76,  // 125: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
-	79,  // 126: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
-	81,  // 127: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
-	83,  // 128: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
-	84,  // 129: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
-	87,  // 130: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
-	89,  // 131: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
-	90,  // 132: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
-	90,  // 133: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
-	95,  // 134: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
-	84,  // [84:135] is the sub-list for method output_type
-	33,  // [33:84] is the sub-list for method input_type
+	83,  // 78: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
+	86,  // 79: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
+	87,  // 80: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
+	89,  // 81: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
+	92,  // 82: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
+	93,  // 83: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
+	94,  // 84: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
+	0,   // 85: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
+	0,   // 86: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
+	4,   // 87: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
+	0,   // 88: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
+	0,   // 89: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
+	8,   // 90: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
+	12,  // 91: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
+	14,  // 92: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
+	16,  // 93: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
+	18,  // 94: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
+	20,  // 95: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
+	23,  // 96: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
+	25,  // 97: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
+	28,  // 98: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
+	32,  // 99: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
+	32,  // 100: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
+	32,  // 101: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
+	34,  // 102: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
+	36,  // 103: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
+	38,  // 104: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
+	41,  // 105: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
+	43,  // 106: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
+	44,  // 107: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
+	44,  // 108: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
+	44,  // 109: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
+	47,  // 110: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
+	48,  // 111: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
+	50,  // 112: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
+	52,  // 113: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
+	54,  // 114: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
+	57,  // 115: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
+	57,  // 116: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
+	60,  // 117: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
+	63,  // 118: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
+	55,  // 119: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
+	57,  // 120: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
+	64,  // 121: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
+	67,  // 122: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
+	68,  // 123: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
+	71,  // 124: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
+	74,  // 125: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
+	76,  // 126: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
+	79,  // 127: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
+	81,  // 128: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
+	84,  // 129: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
+	77,  // 130: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
+	85,  // 131: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
+	88,  // 132: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
+	90,  // 133: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
+	91,  // 134: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
+	91,  // 135: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
+	96,  // 136: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
+	85,  // [85:137] is the sub-list for method output_type
+	33,  // [33:85] is the sub-list for method input_type
 	33,  // [33:33] is the sub-list for extension type_name
 	33,  // [33:33] is the sub-list for extension extendee
 	0,   // [0:33] is the sub-list for field type_name
@@ -6518,7 +6586,7 @@ func file_chalk_compute_v1_compute_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_compute_v1_compute_proto_rawDesc), len(file_chalk_compute_v1_compute_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   102,
+			NumMessages:   103,
 			NumExtensions: 0,
 			NumServices:   7,
 		},

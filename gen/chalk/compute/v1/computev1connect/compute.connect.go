@@ -149,6 +149,9 @@ const (
 	// TeamServiceRemoveMemberProcedure is the fully-qualified name of the TeamService's RemoveMember
 	// RPC.
 	TeamServiceRemoveMemberProcedure = "/chalk.compute.v1.TeamService/RemoveMember"
+	// TeamServiceSetMemberRoleProcedure is the fully-qualified name of the TeamService's SetMemberRole
+	// RPC.
+	TeamServiceSetMemberRoleProcedure = "/chalk.compute.v1.TeamService/SetMemberRole"
 	// TeamServiceCreateKeyProcedure is the fully-qualified name of the TeamService's CreateKey RPC.
 	TeamServiceCreateKeyProcedure = "/chalk.compute.v1.TeamService/CreateKey"
 	// TeamServiceListKeysProcedure is the fully-qualified name of the TeamService's ListKeys RPC.
@@ -1522,6 +1525,9 @@ type TeamServiceClient interface {
 	AddMember(context.Context, *connect.Request[v1.AddMemberRequest]) (*connect.Response[v1.AddMemberResponse], error)
 	ListMembers(context.Context, *connect.Request[v1.ListMembersRequest]) (*connect.Response[v1.ListMembersResponse], error)
 	RemoveMember(context.Context, *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error)
+	// SetMemberRole changes a member's role (not the last admin's away from
+	// admin); the member's keys follow at once (their role is capped by it).
+	SetMemberRole(context.Context, *connect.Request[v1.SetMemberRoleRequest]) (*connect.Response[v1.Member], error)
 	CreateKey(context.Context, *connect.Request[v1.CreateKeyRequest]) (*connect.Response[v1.ApiKey], error)
 	ListKeys(context.Context, *connect.Request[v1.ListKeysRequest]) (*connect.Response[v1.ListKeysResponse], error)
 	RevokeKey(context.Context, *connect.Request[v1.RevokeKeyRequest]) (*connect.Response[v1.RevokeKeyResponse], error)
@@ -1575,6 +1581,12 @@ func NewTeamServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(teamServiceMethods.ByName("RemoveMember")),
 			connect.WithClientOptions(opts...),
 		),
+		setMemberRole: connect.NewClient[v1.SetMemberRoleRequest, v1.Member](
+			httpClient,
+			baseURL+TeamServiceSetMemberRoleProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("SetMemberRole")),
+			connect.WithClientOptions(opts...),
+		),
 		createKey: connect.NewClient[v1.CreateKeyRequest, v1.ApiKey](
 			httpClient,
 			baseURL+TeamServiceCreateKeyProcedure,
@@ -1619,17 +1631,18 @@ func NewTeamServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 
 // teamServiceClient implements TeamServiceClient.
 type teamServiceClient struct {
-	createOrg    *connect.Client[v1.CreateOrgRequest, v1.CreateOrgResponse]
-	listOrgs     *connect.Client[v1.ListOrgsRequest, v1.ListOrgsResponse]
-	addMember    *connect.Client[v1.AddMemberRequest, v1.AddMemberResponse]
-	listMembers  *connect.Client[v1.ListMembersRequest, v1.ListMembersResponse]
-	removeMember *connect.Client[v1.RemoveMemberRequest, v1.RemoveMemberResponse]
-	createKey    *connect.Client[v1.CreateKeyRequest, v1.ApiKey]
-	listKeys     *connect.Client[v1.ListKeysRequest, v1.ListKeysResponse]
-	revokeKey    *connect.Client[v1.RevokeKeyRequest, v1.RevokeKeyResponse]
-	getQuota     *connect.Client[v1.GetQuotaRequest, v1.Quota]
-	setQuota     *connect.Client[v1.SetQuotaRequest, v1.Quota]
-	audit        *connect.Client[v1.AuditRequest, v1.AuditResponse]
+	createOrg     *connect.Client[v1.CreateOrgRequest, v1.CreateOrgResponse]
+	listOrgs      *connect.Client[v1.ListOrgsRequest, v1.ListOrgsResponse]
+	addMember     *connect.Client[v1.AddMemberRequest, v1.AddMemberResponse]
+	listMembers   *connect.Client[v1.ListMembersRequest, v1.ListMembersResponse]
+	removeMember  *connect.Client[v1.RemoveMemberRequest, v1.RemoveMemberResponse]
+	setMemberRole *connect.Client[v1.SetMemberRoleRequest, v1.Member]
+	createKey     *connect.Client[v1.CreateKeyRequest, v1.ApiKey]
+	listKeys      *connect.Client[v1.ListKeysRequest, v1.ListKeysResponse]
+	revokeKey     *connect.Client[v1.RevokeKeyRequest, v1.RevokeKeyResponse]
+	getQuota      *connect.Client[v1.GetQuotaRequest, v1.Quota]
+	setQuota      *connect.Client[v1.SetQuotaRequest, v1.Quota]
+	audit         *connect.Client[v1.AuditRequest, v1.AuditResponse]
 }
 
 // CreateOrg calls chalk.compute.v1.TeamService.CreateOrg.
@@ -1655,6 +1668,11 @@ func (c *teamServiceClient) ListMembers(ctx context.Context, req *connect.Reques
 // RemoveMember calls chalk.compute.v1.TeamService.RemoveMember.
 func (c *teamServiceClient) RemoveMember(ctx context.Context, req *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error) {
 	return c.removeMember.CallUnary(ctx, req)
+}
+
+// SetMemberRole calls chalk.compute.v1.TeamService.SetMemberRole.
+func (c *teamServiceClient) SetMemberRole(ctx context.Context, req *connect.Request[v1.SetMemberRoleRequest]) (*connect.Response[v1.Member], error) {
+	return c.setMemberRole.CallUnary(ctx, req)
 }
 
 // CreateKey calls chalk.compute.v1.TeamService.CreateKey.
@@ -1696,6 +1714,9 @@ type TeamServiceHandler interface {
 	AddMember(context.Context, *connect.Request[v1.AddMemberRequest]) (*connect.Response[v1.AddMemberResponse], error)
 	ListMembers(context.Context, *connect.Request[v1.ListMembersRequest]) (*connect.Response[v1.ListMembersResponse], error)
 	RemoveMember(context.Context, *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error)
+	// SetMemberRole changes a member's role (not the last admin's away from
+	// admin); the member's keys follow at once (their role is capped by it).
+	SetMemberRole(context.Context, *connect.Request[v1.SetMemberRoleRequest]) (*connect.Response[v1.Member], error)
 	CreateKey(context.Context, *connect.Request[v1.CreateKeyRequest]) (*connect.Response[v1.ApiKey], error)
 	ListKeys(context.Context, *connect.Request[v1.ListKeysRequest]) (*connect.Response[v1.ListKeysResponse], error)
 	RevokeKey(context.Context, *connect.Request[v1.RevokeKeyRequest]) (*connect.Response[v1.RevokeKeyResponse], error)
@@ -1743,6 +1764,12 @@ func NewTeamServiceHandler(svc TeamServiceHandler, opts ...connect.HandlerOption
 		TeamServiceRemoveMemberProcedure,
 		svc.RemoveMember,
 		connect.WithSchema(teamServiceMethods.ByName("RemoveMember")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceSetMemberRoleHandler := connect.NewUnaryHandler(
+		TeamServiceSetMemberRoleProcedure,
+		svc.SetMemberRole,
+		connect.WithSchema(teamServiceMethods.ByName("SetMemberRole")),
 		connect.WithHandlerOptions(opts...),
 	)
 	teamServiceCreateKeyHandler := connect.NewUnaryHandler(
@@ -1796,6 +1823,8 @@ func NewTeamServiceHandler(svc TeamServiceHandler, opts ...connect.HandlerOption
 			teamServiceListMembersHandler.ServeHTTP(w, r)
 		case TeamServiceRemoveMemberProcedure:
 			teamServiceRemoveMemberHandler.ServeHTTP(w, r)
+		case TeamServiceSetMemberRoleProcedure:
+			teamServiceSetMemberRoleHandler.ServeHTTP(w, r)
 		case TeamServiceCreateKeyProcedure:
 			teamServiceCreateKeyHandler.ServeHTTP(w, r)
 		case TeamServiceListKeysProcedure:
@@ -1835,6 +1864,10 @@ func (UnimplementedTeamServiceHandler) ListMembers(context.Context, *connect.Req
 
 func (UnimplementedTeamServiceHandler) RemoveMember(context.Context, *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.RemoveMember is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) SetMemberRole(context.Context, *connect.Request[v1.SetMemberRoleRequest]) (*connect.Response[v1.Member], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.SetMemberRole is not implemented"))
 }
 
 func (UnimplementedTeamServiceHandler) CreateKey(context.Context, *connect.Request[v1.CreateKeyRequest]) (*connect.Response[v1.ApiKey], error) {
