@@ -1,5 +1,6 @@
 // Package cli is the chalk command line: `chalk compute sandbox|image|policy …`,
-// `chalk whoami`, `chalk query` and `chalk admin`. Every command takes --output json; long
+// `chalk whoami`, `chalk query`, `chalk admin` (orgs, members, quotas, audit, signing keys) and
+// `chalk auth` (login, API keys). Every command takes --output json; long
 // operations (pull, warm, build) draw progress on a terminal.
 package cli
 
