@@ -101,15 +101,14 @@ func (d *Daemon) userNS(id string, slot int) *sandboxnet.UserNS { return d.Net.L
 
 // Config is chalkd's configuration. The zero value plus a DataDir works.
 type Config struct {
-	DataDir       string      // state: store, registry, cache, keys, tokens (default /var/lib/chalk)
-	DefaultQuota  store.Quota // every org's limits where the node admin set none (zero: none)
-	RunDir        string      // runtime state: runc root, netns files (default /run/chalk)
-	Listen        string      // API TCP address (default 127.0.0.1:7447); "" with Socket set disables TCP
-	Socket        string      // API unix socket (default RunDir/chalkd.sock)
-	RegistryAddr  string      // embedded registry (default 127.0.0.1:7448)
-	InitBinary    string      // default: chalk-init next to the chalkd executable
-	ChalkBinary   string      // default: chalk next to the chalkd executable (optional)
-	Subnet        string      // sandbox IPv4 subnet (sandboxnet default if empty)
+	DataDir       string // state: store, registry, cache, keys, tokens (default /var/lib/chalk)
+	RunDir        string // runtime state: runc root, netns files (default /run/chalk)
+	Listen        string // API TCP address (default 127.0.0.1:7447); "" with Socket set disables TCP
+	Socket        string // API unix socket (default RunDir/chalkd.sock)
+	RegistryAddr  string // embedded registry (default 127.0.0.1:7448)
+	InitBinary    string // default: chalk-init next to the chalkd executable
+	ChalkBinary   string // default: chalk next to the chalkd executable (optional)
+	Subnet        string // sandbox IPv4 subnet (sandboxnet default if empty)
 	Subnet6       string
 	NetPrefix     string // interface name prefix (sandboxnet default if empty)
 	NetTable      string // nftables table (sandboxnet default if empty)
@@ -165,6 +164,8 @@ type Config struct {
 	Prestart      int
 	PrestartSlots int
 	Logger        *slog.Logger
+	// DefaultQuota is every org's quota where the node admin set none (zero: no limits).
+	DefaultQuota store.Quota
 }
 
 // Defaults of the pre-started sandboxes.
