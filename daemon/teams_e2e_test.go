@@ -70,6 +70,17 @@ func TestTeamsEndToEnd(t *testing.T) {
 	if out, stderr, code := cli("admin", "member", "set-role", "vic", "member"); code != 0 || !strings.Contains(out, "vic is now member") {
 		t.Fatalf("set-role: %d %q %q", code, out, stderr)
 	}
+	// --org picks a stored org's key; an org without one is a clear error;
+	// the node admin manages another org's members by naming it.
+	if out, _, code := cli("--org", "acme", "whoami"); code != 0 || !strings.Contains(out, "org acme") {
+		t.Fatalf("--org acme: %q", out)
+	}
+	if _, stderr, code := cli("--org", "default", "compute", "sandbox", "ls"); code == 0 || !strings.Contains(stderr, `no API key for org "default"`) {
+		t.Fatalf("--org without a key: %d %q", code, stderr)
+	}
+	if out, stderr, code := cli("--token", n.Token(), "--org", "acme", "admin", "member", "ls", "-o", "json"); code != 0 || !strings.Contains(out, `"vic"`) {
+		t.Fatalf("node admin lists acme's members: %d %q %q", code, out, stderr)
+	}
 
 	ci, err := chalkcompute.NewClient(chalkcompute.WithURL("unix://"+n.Socket), chalkcompute.WithToken(key.Secret))
 	if err != nil {
