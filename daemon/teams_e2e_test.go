@@ -70,6 +70,17 @@ func TestTeamsEndToEnd(t *testing.T) {
 	if out, stderr, code := cli("admin", "member", "set-role", "vic", "member"); code != 0 || !strings.Contains(out, "vic is now member") {
 		t.Fatalf("set-role: %d %q %q", code, out, stderr)
 	}
+	if out, _, code := cli("--token", n.Token(), "admin", "org", "ls"); code != 0 || !strings.Contains(out, "acme") || !strings.Contains(out, "default") {
+		t.Fatalf("org ls as the node admin: %q", out)
+	}
+	var quota map[string]any
+	if out, stderr, code := cli("--token", n.Token(), "admin", "org", "quota", "acme", "--max-sandboxes", "5", "-o", "json"); code != 0 ||
+		json.Unmarshal([]byte(out), &quota) != nil || quota["max_running_sandboxes"] != float64(5) {
+		t.Fatalf("org quota set: %d %q %q", code, out, stderr)
+	}
+	if _, stderr, code := cli("admin", "org", "quota", "acme", "--max-sandboxes", "50"); code == 0 || !strings.Contains(stderr, "node") {
+		t.Fatalf("org quota set by the org's admin: %d %q", code, stderr)
+	}
 	// --org picks a stored org's key; an org without one is a clear error;
 	// the node admin manages another org's members by naming it.
 	if out, _, code := cli("--org", "acme", "whoami"); code != 0 || !strings.Contains(out, "org acme") {
