@@ -50,73 +50,73 @@ type rule struct {
 	quiet     bool       // not audited: data-plane calls made many times per action (stdin chunks, uploads)
 }
 
-var (
-	viewer = store.RoleViewer
-	member = store.RoleMember
-	admin_ = store.RoleAdmin
+const (
+	roleViewer = store.RoleViewer
+	roleMember = store.RoleMember
+	roleAdmin  = store.RoleAdmin
 )
 
 // rules: one per procedure. Roles follow the proto: a method marked
 // NO_SIDE_EFFECTS may be open to viewers, any other needs member or more.
 var rules = map[string]rule{
-	c.SandboxServiceCreateProcedure:     {role: member},
-	c.SandboxServiceGetProcedure:        {role: viewer, object: objSandbox, field: "id", workload: true},
-	c.SandboxServiceListProcedure:       {role: viewer},
-	c.SandboxServiceWaitProcedure:       {role: viewer, object: objSandbox, field: "id", workload: true},
-	c.SandboxServiceTerminateProcedure:  {role: member, object: objSandbox, field: "id"},
-	c.SandboxServiceExecProcedure:       {role: member, object: objSandbox, field: "sandbox_id"},
-	c.SandboxServiceWriteStdinProcedure: {role: member, object: objSandbox, field: "sandbox_id", quiet: true},
-	c.SandboxServiceSignalExecProcedure: {role: member, object: objSandbox, field: "sandbox_id"},
-	c.SandboxServiceLogsProcedure:       {role: viewer, object: objSandbox, field: "sandbox_id", workload: true},
-	c.SandboxServiceReadFileProcedure:   {role: viewer, object: objSandbox, field: "sandbox_id"},
-	c.SandboxServiceWriteFileProcedure:  {role: member, object: objSandbox, field: "sandbox_id"},
-	c.SandboxServiceListFilesProcedure:  {role: viewer, object: objSandbox, field: "sandbox_id"},
-	c.SandboxServiceRemoveFileProcedure: {role: member, object: objSandbox, field: "sandbox_id"},
-	c.SandboxServiceEgressLogProcedure:  {role: viewer, object: objSandbox, field: "sandbox_id", workload: true},
+	c.SandboxServiceCreateProcedure:     {role: roleMember},
+	c.SandboxServiceGetProcedure:        {role: roleViewer, object: objSandbox, field: "id", workload: true},
+	c.SandboxServiceListProcedure:       {role: roleViewer},
+	c.SandboxServiceWaitProcedure:       {role: roleViewer, object: objSandbox, field: "id", workload: true},
+	c.SandboxServiceTerminateProcedure:  {role: roleMember, object: objSandbox, field: "id"},
+	c.SandboxServiceExecProcedure:       {role: roleMember, object: objSandbox, field: "sandbox_id"},
+	c.SandboxServiceWriteStdinProcedure: {role: roleMember, object: objSandbox, field: "sandbox_id", quiet: true},
+	c.SandboxServiceSignalExecProcedure: {role: roleMember, object: objSandbox, field: "sandbox_id"},
+	c.SandboxServiceLogsProcedure:       {role: roleViewer, object: objSandbox, field: "sandbox_id", workload: true},
+	c.SandboxServiceReadFileProcedure:   {role: roleViewer, object: objSandbox, field: "sandbox_id"},
+	c.SandboxServiceWriteFileProcedure:  {role: roleMember, object: objSandbox, field: "sandbox_id"},
+	c.SandboxServiceListFilesProcedure:  {role: roleViewer, object: objSandbox, field: "sandbox_id"},
+	c.SandboxServiceRemoveFileProcedure: {role: roleMember, object: objSandbox, field: "sandbox_id"},
+	c.SandboxServiceEgressLogProcedure:  {role: roleViewer, object: objSandbox, field: "sandbox_id", workload: true},
 
-	c.ImageServicePullProcedure:       {role: member, object: objImage, field: "ref"},
-	c.ImageServiceWarmProcedure:       {role: member, object: objImage, field: "image"},
-	c.ImageServiceBuildProcedure:      {role: member},
-	c.ImageServiceListProcedure:       {role: viewer},
-	c.ImageServiceInspectProcedure:    {role: viewer, object: objImage, field: "ref"},
-	c.ImageServiceRemoveProcedure:     {role: member, object: objImage, field: "ref"},
-	c.ImageServiceHasBlobsProcedure:   {role: viewer},
-	c.ImageServiceUploadBlobProcedure: {role: member, quiet: true},
+	c.ImageServicePullProcedure:       {role: roleMember, object: objImage, field: "ref"},
+	c.ImageServiceWarmProcedure:       {role: roleMember, object: objImage, field: "image"},
+	c.ImageServiceBuildProcedure:      {role: roleMember},
+	c.ImageServiceListProcedure:       {role: roleViewer},
+	c.ImageServiceInspectProcedure:    {role: roleViewer, object: objImage, field: "ref"},
+	c.ImageServiceRemoveProcedure:     {role: roleMember, object: objImage, field: "ref"},
+	c.ImageServiceHasBlobsProcedure:   {role: roleViewer},
+	c.ImageServiceUploadBlobProcedure: {role: roleMember, quiet: true},
 
-	c.PolicyServiceCreateProcedure: {role: member},
-	c.PolicyServiceUpdateProcedure: {role: member, object: objPolicy, field: "name"},
-	c.PolicyServiceGetProcedure:    {role: viewer, object: objPolicy, field: "name"},
-	c.PolicyServiceListProcedure:   {role: viewer},
-	c.PolicyServiceDeleteProcedure: {role: member, object: objPolicy, field: "name"},
+	c.PolicyServiceCreateProcedure: {role: roleMember},
+	c.PolicyServiceUpdateProcedure: {role: roleMember, object: objPolicy, field: "name"},
+	c.PolicyServiceGetProcedure:    {role: roleViewer, object: objPolicy, field: "name"},
+	c.PolicyServiceListProcedure:   {role: roleViewer},
+	c.PolicyServiceDeleteProcedure: {role: roleMember, object: objPolicy, field: "name"},
 
-	c.IdentityServiceWhoAmIProcedure:     {role: viewer, workload: true},
-	c.IdentityServiceMintTokenProcedure:  {role: member, object: objSandbox, field: "sandbox_id", workload: true},
-	c.IdentityServiceRotateKeysProcedure: {role: admin_, nodeAdmin: true},
+	c.IdentityServiceWhoAmIProcedure:     {role: roleViewer, workload: true},
+	c.IdentityServiceMintTokenProcedure:  {role: roleMember, object: objSandbox, field: "sandbox_id", workload: true},
+	c.IdentityServiceRotateKeysProcedure: {role: roleAdmin, nodeAdmin: true},
 
-	c.TunnelServiceApplyProcedure:      {role: member},
-	c.TunnelServiceGetProcedure:        {role: viewer, object: objTunnel, field: "name"},
-	c.TunnelServiceListProcedure:       {role: viewer},
-	c.TunnelServiceDeleteProcedure:     {role: member, object: objTunnel, field: "name"},
-	c.TunnelServiceAddPeerProcedure:    {role: member},
-	c.TunnelServiceRemovePeerProcedure: {role: member, object: objTunnel, field: "tunnel"},
+	c.TunnelServiceApplyProcedure:      {role: roleMember},
+	c.TunnelServiceGetProcedure:        {role: roleViewer, object: objTunnel, field: "name"},
+	c.TunnelServiceListProcedure:       {role: roleViewer},
+	c.TunnelServiceDeleteProcedure:     {role: roleMember, object: objTunnel, field: "name"},
+	c.TunnelServiceAddPeerProcedure:    {role: roleMember},
+	c.TunnelServiceRemovePeerProcedure: {role: roleMember, object: objTunnel, field: "tunnel"},
 
-	c.McpServiceAddServerProcedure:    {role: admin_},
-	c.McpServiceListServersProcedure:  {role: viewer},
-	c.McpServiceRemoveServerProcedure: {role: admin_, object: objMCPServer, field: "name"},
-	c.McpServiceAuditProcedure:        {role: admin_},
+	c.McpServiceAddServerProcedure:    {role: roleAdmin},
+	c.McpServiceListServersProcedure:  {role: roleViewer},
+	c.McpServiceRemoveServerProcedure: {role: roleAdmin, object: objMCPServer, field: "name"},
+	c.McpServiceAuditProcedure:        {role: roleAdmin},
 
-	c.TeamServiceCreateOrgProcedure:     {role: admin_, nodeAdmin: true},
-	c.TeamServiceListOrgsProcedure:      {role: viewer},
-	c.TeamServiceAddMemberProcedure:     {role: admin_, object: objOrg, field: "org"},
-	c.TeamServiceListMembersProcedure:   {role: viewer, object: objOrg, field: "org"},
-	c.TeamServiceRemoveMemberProcedure:  {role: admin_, object: objOrg, field: "org"},
-	c.TeamServiceSetMemberRoleProcedure: {role: admin_, object: objOrg, field: "org"},
-	c.TeamServiceCreateKeyProcedure:     {role: member},
-	c.TeamServiceListKeysProcedure:      {role: viewer},
-	c.TeamServiceRevokeKeyProcedure:     {role: member, object: objKey, field: "id"},
-	c.TeamServiceGetQuotaProcedure:      {role: viewer, object: objOrg, field: "org"},
-	c.TeamServiceSetQuotaProcedure:      {role: admin_, object: objOrg, field: "org", nodeAdmin: true},
-	c.TeamServiceAuditProcedure:         {role: admin_},
+	c.TeamServiceCreateOrgProcedure:     {role: roleAdmin, nodeAdmin: true},
+	c.TeamServiceListOrgsProcedure:      {role: roleViewer},
+	c.TeamServiceAddMemberProcedure:     {role: roleAdmin, object: objOrg, field: "org"},
+	c.TeamServiceListMembersProcedure:   {role: roleViewer, object: objOrg, field: "org"},
+	c.TeamServiceRemoveMemberProcedure:  {role: roleAdmin, object: objOrg, field: "org"},
+	c.TeamServiceSetMemberRoleProcedure: {role: roleAdmin, object: objOrg, field: "org"},
+	c.TeamServiceCreateKeyProcedure:     {role: roleMember},
+	c.TeamServiceListKeysProcedure:      {role: roleViewer},
+	c.TeamServiceRevokeKeyProcedure:     {role: roleMember, object: objKey, field: "id"},
+	c.TeamServiceGetQuotaProcedure:      {role: roleViewer, object: objOrg, field: "org"},
+	c.TeamServiceSetQuotaProcedure:      {role: roleAdmin, object: objOrg, field: "org", nodeAdmin: true},
+	c.TeamServiceAuditProcedure:         {role: roleAdmin},
 }
 
 // readOnly reports whether the proto marks procedure NO_SIDE_EFFECTS.
