@@ -7,11 +7,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
 )
 
@@ -158,4 +160,40 @@ func TestTeamsEndToEnd(t *testing.T) {
 	if out, _, code := cli("admin", "audit", "-o", "json"); code != 0 || !strings.Contains(out, "SandboxService/Create") || !strings.Contains(out, "TeamService/RevokeKey") {
 		t.Fatalf("audit: %q", out)
 	}
+
+	// Quota on real sandboxes (pre-started ones included): with one running,
+	// 6 creates racing a quota of 3 give exactly 2 more.
+	if _, err := root.SetQuota(ctx, "acme", &v1.Quota{MaxRunningSandboxes: 3}); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var made []*chalkcompute.Sandbox
+	refused := 0
+	for i := 0; i < 6; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := ann.Create(ctx, chalkcompute.Base("busybox"))
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				made = append(made, s)
+			case errors.Is(err, errdefs.ErrResourceExhausted) && strings.Contains(err.Error(), "max_running_sandboxes 3"):
+				refused++
+			default:
+				t.Errorf("racing create: %v", err)
+			}
+		}()
+	}
+	wg.Wait()
+	if len(made) != 2 || refused != 4 {
+		t.Fatalf("6 creates racing a quota of 3 with 1 running: %d made, %d refused", len(made), refused)
+	}
+	if _, err := made[0].Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	again := create(t, ann) // a slot is free again
+	mustExec(t, again, "true")
 }
