@@ -2,14 +2,9 @@ package api
 
 import (
 	"context"
-	"crypto/rand"
-	"crypto/sha256"
-	"encoding/base64"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -21,17 +16,21 @@ import (
 // APIAudience is the audience a workload identity token must carry to call the API.
 const APIAudience = "chalk-api"
 
-// TokenPrefix starts every user API token.
-const TokenPrefix = "chalk_"
-
 // Principal is who is calling.
 type Principal struct {
 	Kind      string // "user" or "workload"
 	OrgID     string
-	Subject   string
-	Name      string // user token name
+	Subject   string // users: chalk:org:<org>:user:<user>; workloads: the token's sub
+	Name      string // users: the user's name; workloads: the sandbox id
 	SandboxID string // workload only
-	Admin     bool
+	Admin     bool   // Role is admin
+
+	// Users only (from the API key):
+	User      string
+	Role      store.Role // min(the key's role, the user's current role in OrgID)
+	NodeAdmin bool       // the node's bootstrap admin, through an admin-role key
+	KeyID     string
+	KeyPrefix string
 }
 
 // IsWorkload reports whether the caller is a sandbox acting as itself.
@@ -55,65 +54,23 @@ type WorkloadVerifier interface {
 	VerifyWorkload(ctx context.Context, token string) (*Principal, error)
 }
 
-// NewToken returns a fresh random API token and the hash stored for it.
-func NewToken() (secret, hash string) {
-	b := make([]byte, 32)
-	if _, err := rand.Read(b); err != nil {
-		panic(err)
-	}
-	secret = TokenPrefix + base64.RawURLEncoding.EncodeToString(b)
-	return secret, HashToken(secret)
-}
-
-// HashToken is the stored form of a token.
-func HashToken(secret string) string {
-	s := sha256.Sum256([]byte(secret))
-	return hex.EncodeToString(s[:])
-}
-
-// authenticator resolves bearer tokens to principals, caching user tokens.
+// authenticator resolves bearer tokens to principals. There is no cache:
+// every call looks the key's hash up (one indexed read), so a revoked key,
+// a removed member or a lowered role takes effect on the next call.
 type authenticator struct {
 	store    *store.Store
 	workload WorkloadVerifier
-
-	mu    sync.Mutex
-	cache map[string]cachedPrincipal
-}
-
-type cachedPrincipal struct {
-	p   *Principal
-	exp time.Time
+	now      func() time.Time
 }
 
 func (a *authenticator) authenticate(ctx context.Context, header string) (*Principal, error) {
 	tok, ok := strings.CutPrefix(header, "Bearer ")
 	tok = strings.TrimSpace(tok)
 	if !ok || tok == "" {
-		return nil, fmt.Errorf("missing API token: send 'Authorization: Bearer <token>' (chalkd wrote the admin token to its data dir and the CLI config): %w", errdefs.ErrUnauthenticated)
+		return nil, fmt.Errorf("missing API token: send 'Authorization: Bearer <key>' (chalkd wrote the admin key to its data dir and the CLI config; 'chalk auth login' stores another): %w", errdefs.ErrUnauthenticated)
 	}
-	if strings.HasPrefix(tok, TokenPrefix) {
-		h := HashToken(tok)
-		a.mu.Lock()
-		c, hit := a.cache[h]
-		a.mu.Unlock()
-		if hit && time.Now().Before(c.exp) {
-			return c.p, nil
-		}
-		t, err := a.store.TokenByHash(ctx, h)
-		if errors.Is(err, errdefs.ErrNotFound) {
-			return nil, fmt.Errorf("invalid API token: %w", errdefs.ErrUnauthenticated)
-		}
-		if err != nil {
-			return nil, err
-		}
-		p := &Principal{Kind: "user", OrgID: t.OrgID, Subject: "chalk:org:" + t.OrgID + ":user:" + t.Name, Name: t.Name, Admin: t.Admin}
-		a.mu.Lock()
-		if a.cache == nil {
-			a.cache = map[string]cachedPrincipal{}
-		}
-		a.cache[h] = cachedPrincipal{p: p, exp: time.Now().Add(time.Minute)}
-		a.mu.Unlock()
-		return p, nil
+	if strings.HasPrefix(tok, KeyPrefix) {
+		return a.authenticateKey(ctx, tok)
 	}
 	if strings.Count(tok, ".") == 2 && a.workload != nil {
 		p, err := a.workload.VerifyWorkload(ctx, tok)
@@ -124,6 +81,39 @@ func (a *authenticator) authenticate(ctx context.Context, header string) (*Princ
 	}
 	return nil, fmt.Errorf("invalid API token: %w", errdefs.ErrUnauthenticated)
 }
+
+// authenticateKey finds a user API key by its hash and checks it is usable now.
+func (a *authenticator) authenticateKey(ctx context.Context, secret string) (*Principal, error) {
+	ka, err := a.store.KeyByHash(ctx, HashKey(secret))
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return nil, fmt.Errorf("invalid API token: %w", errdefs.ErrUnauthenticated)
+	}
+	if err != nil {
+		return nil, err
+	}
+	k, now := ka.Key, a.now()
+	if !k.RevokedAt.IsZero() {
+		return nil, fmt.Errorf("API key %s was revoked at %s: %w", k.Prefix, ts(k.RevokedAt), errdefs.ErrUnauthenticated)
+	}
+	if !k.ExpiresAt.IsZero() && !now.Before(k.ExpiresAt) {
+		return nil, fmt.Errorf("API key %s expired at %s: %w", k.Prefix, ts(k.ExpiresAt), errdefs.ErrUnauthenticated)
+	}
+	if now.Sub(k.LastUsedAt) > time.Minute {
+		// last_used_at is shown to users, not used for decisions: a
+		// minute's precision keeps the hot path free of writes, and a
+		// failed update does not refuse a valid key.
+		_ = a.store.TouchKey(ctx, k.ID, now)
+	}
+	role := k.Role.Min(ka.MemberRole)
+	return &Principal{
+		Kind: "user", OrgID: k.OrgID, Subject: UserSubject(k.OrgID, k.User), Name: k.User, User: k.User,
+		Role: role, Admin: role == store.RoleAdmin, NodeAdmin: ka.NodeAdmin && role == store.RoleAdmin,
+		KeyID: k.ID, KeyPrefix: k.Prefix,
+	}, nil
+}
+
+// UserSubject is the subject of a user in an org (the created_by of its sandboxes).
+func UserSubject(org, user string) string { return "chalk:org:" + org + ":user:" + user }
 
 // authInterceptor authenticates every call.
 type authInterceptor struct{ a *authenticator }

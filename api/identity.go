@@ -28,7 +28,15 @@ func (h *identityService) WhoAmI(ctx context.Context, _ *connect.Request[v1.WhoA
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&v1.WhoAmIResponse{Kind: p.Kind, Subject: p.Subject, OrgId: p.OrgID, SandboxId: p.SandboxID, Name: p.Name}), nil
+	out := &v1.WhoAmIResponse{Kind: p.Kind, Subject: p.Subject, OrgId: p.OrgID, SandboxId: p.SandboxID, Name: p.Name,
+		Role: string(p.Role), KeyPrefix: p.KeyPrefix, NodeAdmin: p.NodeAdmin, User: p.User}
+	if p.IsWorkload() {
+		out.Name = p.SandboxID
+		if sb, err := h.s.store.GetSandbox(ctx, p.SandboxID); err == nil {
+			out.User = sb.CreatedBy
+		}
+	}
+	return connect.NewResponse(out), nil
 }
 
 func (h *identityService) MintToken(ctx context.Context, req *connect.Request[v1.MintTokenRequest]) (*connect.Response[v1.MintTokenResponse], error) {
@@ -68,8 +76,8 @@ func (h *identityService) RotateKeys(ctx context.Context, _ *connect.Request[v1.
 	if err != nil {
 		return nil, err
 	}
-	if !p.Admin {
-		return nil, fmt.Errorf("key rotation needs an admin token: %w", errdefs.ErrPermissionDenied)
+	if !p.NodeAdmin {
+		return nil, fmt.Errorf("key rotation needs the node admin's key: %w", errdefs.ErrPermissionDenied)
 	}
 	if h.s.cfg.Identity == nil {
 		return nil, fmt.Errorf("workload identity is %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)

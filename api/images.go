@@ -53,7 +53,8 @@ func progressSender(stream *connect.ServerStream[v1.ImageProgress]) func(nodecac
 // ensure makes ref warm on the node and, with prestart set, sets how many
 // sandboxes of it are kept pre-started and waits for them.
 func (h *imageService) ensure(ctx context.Context, ref string, prestart *int32, stream *connect.ServerStream[v1.ImageProgress]) error {
-	if _, err := user(ctx); err != nil {
+	p, err := user(ctx)
+	if err != nil {
 		return err
 	}
 	if strings.TrimSpace(ref) == "" {
@@ -67,9 +68,17 @@ func (h *imageService) ensure(ctx context.Context, ref string, prestart *int32, 
 	if prestart != nil && *prestart < 0 {
 		return invalid("sandboxes: %d: want 0 or more", *prestart)
 	}
+	if prestart != nil && !p.NodeAdmin {
+		// The pools are the node's, shared by every org's creates.
+		return fmt.Errorf("sandboxes: pre-started pools are node-wide; only the node admin sets them: %w", errdefs.ErrPermissionDenied)
+	}
 	img, err := h.s.node.EnsureImage(ctx, ref, progressSender(stream))
 	if err != nil {
 		return err
+	}
+	// The same image by another name: its digest decides.
+	if err := h.s.imageVisible(ctx, p.OrgID, img.Digest); err != nil {
+		return fmt.Errorf("image %q: %w", ref, errdefs.ErrNotFound)
 	}
 	if prestart != nil {
 		err := h.s.node.SetPrestarted(ctx, img, int(*prestart), func(ready, want int) {
@@ -96,7 +105,8 @@ func (h *imageService) Warm(ctx context.Context, req *connect.Request[v1.WarmIma
 }
 
 func (h *imageService) Build(ctx context.Context, req *connect.Request[v1.BuildImageRequest], stream *connect.ServerStream[v1.ImageProgress]) error {
-	if _, err := user(ctx); err != nil {
+	p, err := user(ctx)
+	if err != nil {
 		return err
 	}
 	if h.s.cfg.Images == nil {
@@ -106,12 +116,19 @@ func (h *imageService) Build(ctx context.Context, req *connect.Request[v1.BuildI
 	if err != nil {
 		return err
 	}
+	// The built image is in this org's view (and, if another org built the
+	// same content, in both: the blobs are shared, the views are not).
+	if err := h.s.store.AddOrgImages(ctx, p.OrgID, res.Hash, res.Digest, res.Ref); err != nil {
+		return err
+	}
+	setAuditObject(ctx, res.Hash)
 	return stream.Send(&v1.ImageProgress{Phase: "done", Cached: res.Cached, Step: int32(res.StepsBuilt),
 		Image: &v1.Image{Ref: res.Hash, Digest: res.Digest, LocalRef: res.Ref}})
 }
 
 func (h *imageService) List(ctx context.Context, _ *connect.Request[v1.ListImagesRequest]) (*connect.Response[v1.ListImagesResponse], error) {
-	if _, err := user(ctx); err != nil {
+	p, err := user(ctx)
+	if err != nil {
 		return nil, err
 	}
 	if h.s.cfg.ImageStore == nil {
@@ -121,11 +138,18 @@ func (h *imageService) List(ctx context.Context, _ *connect.Request[v1.ListImage
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&v1.ListImagesResponse{Images: imgs}), nil
+	out := &v1.ListImagesResponse{}
+	for _, img := range imgs {
+		if h.s.imageVisible(ctx, p.OrgID, img.Digest) == nil && h.s.imageVisible(ctx, p.OrgID, img.Ref) == nil {
+			out.Images = append(out.Images, img)
+		}
+	}
+	return connect.NewResponse(out), nil
 }
 
 func (h *imageService) Inspect(ctx context.Context, req *connect.Request[v1.InspectImageRequest]) (*connect.Response[v1.InspectImageResponse], error) {
-	if _, err := user(ctx); err != nil {
+	p, err := user(ctx)
+	if err != nil {
 		return nil, err
 	}
 	if h.s.cfg.ImageStore == nil {
@@ -141,17 +165,58 @@ func (h *imageService) Inspect(ctx context.Context, req *connect.Request[v1.Insp
 	if err != nil {
 		return nil, err
 	}
+	if out.Image != nil && h.s.imageVisible(ctx, p.OrgID, out.Image.Digest) != nil {
+		return nil, fmt.Errorf("image %q: %w", req.Msg.Ref, errdefs.ErrNotFound)
+	}
 	return connect.NewResponse(out), nil
 }
 
+// Remove takes an image out of the caller's org's view; the registry drops
+// it when no org holds it any more. Images no org holds (seeded by the node,
+// or from before teams) are shared: only the node admin removes them.
 func (h *imageService) Remove(ctx context.Context, req *connect.Request[v1.RemoveImageRequest]) (*connect.Response[v1.RemoveImageResponse], error) {
-	if _, err := user(ctx); err != nil {
+	p, err := user(ctx)
+	if err != nil {
 		return nil, err
 	}
 	if h.s.cfg.ImageStore == nil {
 		return nil, fmt.Errorf("image removal is %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
 	}
-	if err := h.s.cfg.ImageStore.Remove(ctx, req.Msg.Ref); err != nil {
+	ref, iref := req.Msg.Ref, req.Msg.Ref
+	if strings.HasPrefix(ref, "sha256:") && h.s.cfg.Images != nil {
+		if r, ok := h.s.cfg.Images.RefForHash(ctx, ref); ok {
+			iref = r
+		}
+	}
+	in, err := h.s.cfg.ImageStore.Inspect(ctx, iref)
+	if err != nil {
+		return nil, err
+	}
+	digest := in.GetImage().GetDigest()
+	owners, err := h.s.store.ImageOwners(ctx, digest)
+	if err != nil {
+		return nil, err
+	}
+	mine := false
+	for _, o := range owners {
+		mine = mine || o == p.OrgID
+	}
+	switch {
+	case len(owners) > 0 && !mine:
+		return nil, fmt.Errorf("image %q: %w", ref, errdefs.ErrNotFound)
+	case len(owners) == 0 && !p.NodeAdmin:
+		return nil, fmt.Errorf("image %q is shared by every org (seeded by the node); only the node admin removes it: %w", ref, errdefs.ErrPermissionDenied)
+	}
+	if mine {
+		refs := []string{digest, ref, iref}
+		if err := h.s.store.RemoveOrgImages(ctx, p.OrgID, refs...); err != nil {
+			return nil, err
+		}
+		if len(owners) > 1 {
+			return connect.NewResponse(&v1.RemoveImageResponse{}), nil // still in another org's view
+		}
+	}
+	if err := h.s.cfg.ImageStore.Remove(ctx, ref); err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(&v1.RemoveImageResponse{}), nil

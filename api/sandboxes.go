@@ -124,6 +124,11 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 	if err != nil {
 		return nil, err
 	}
+	quota, err := s.quotaOf(ctx, p.OrgID)
+	if err != nil {
+		return nil, err
+	}
+	chargeDefaults(r, quota)
 	sb := &store.Sandbox{
 		ID: newID(), OrgID: p.OrgID, State: store.StateCreating, Image: r.Image,
 		Entrypoint: r.Entrypoint, Env: r.Env, Workdir: r.Workdir, CPU: r.Cpu, MemoryMB: r.MemoryMb,
@@ -152,12 +157,18 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		if err != nil {
 			return nil, err
 		}
+		if err := s.store.AddOrgImages(ctx, p.OrgID, res.Hash, res.Digest, res.Ref); err != nil {
+			return nil, err
+		}
 		ref, sb.ImageHash, mounts = res.Ref, res.Hash, res.Mounts
 		if sb.Image == "" {
 			sb.Image = res.Hash
 		}
 	}
 	sb.Mounts = mounts
+	if err := s.imageVisible(ctx, p.OrgID, ref); err != nil {
+		return nil, err
+	}
 	if strings.HasPrefix(ref, "sha256:") && s.cfg.Images != nil {
 		// An image hash from a build (as `chalk compute image build` prints).
 		built, ok := s.cfg.Images.RefForHash(ctx, ref)
@@ -169,6 +180,9 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 	img, err := s.node.EnsureImage(ctx, ref, nil)
 	if err != nil {
 		return nil, err
+	}
+	if err := s.imageVisible(ctx, p.OrgID, img.Digest); err != nil {
+		return nil, fmt.Errorf("image %q: %w", r.Image, errdefs.ErrNotFound)
 	}
 	sb.ImageDigest, sb.ImageWarm, sb.LocalRef = img.Digest, img.Warm, img.Ref
 	if sb.ImageHash == "" {
@@ -196,9 +210,10 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 			}()
 		}
 	}
-	if err = s.store.CreateSandbox(ctx, sb, s.node.MaxSlot()); err != nil {
+	if err = s.store.CreateSandboxWithin(ctx, sb, s.node.MaxSlot(), quota); err != nil {
 		return nil, err
 	}
+	setAuditObject(ctx, sb.ID)
 	// The egress rules are keyed by the slot's interface, so they are in force
 	// before the sandbox's first packet: nothing runs unrestricted, not even briefly.
 	if s.cfg.Policies != nil {
@@ -210,6 +225,24 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		return nil, err
 	}
 	return connect.NewResponse(toProto(sb)), nil
+}
+
+// Charges for sandboxes without limits where the org has a quota on them:
+// such a sandbox gets (and is counted at) these limits.
+const (
+	defaultQuotaCPU      = 1.0
+	defaultQuotaMemoryMB = 512
+)
+
+// chargeDefaults gives a create request without a cpu (memory) limit the
+// default one when its org's quota limits total vCPU (memory).
+func chargeDefaults(r *v1.CreateSandboxRequest, q store.Quota) {
+	if q.MaxVCPU > 0 && r.Cpu == 0 {
+		r.Cpu = math.Min(defaultQuotaCPU, q.MaxVCPU)
+	}
+	if q.MaxMemoryMB > 0 && r.MemoryMb == 0 {
+		r.MemoryMb = min(defaultQuotaMemoryMB, q.MaxMemoryMB)
+	}
 }
 
 // sandboxFor loads a sandbox the caller may see: users see their org's,

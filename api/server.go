@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -72,6 +73,8 @@ type Config struct {
 	Logger     *slog.Logger
 	// MaxWriteFile bounds WriteFile payloads (default 64 MiB).
 	MaxWriteFile int64
+	// DefaultQuota is every org's quota where the node admin set none (zero: no limits).
+	DefaultQuota store.Quota
 }
 
 // Server implements every service of the API.
@@ -102,7 +105,7 @@ func New(ctx context.Context, cfg Config) *Server {
 		log:      cfg.Logger,
 		store:    cfg.Store,
 		node:     cfg.Node,
-		auth:     &authenticator{store: cfg.Store, workload: cfg.Workload},
+		auth:     &authenticator{store: cfg.Store, workload: cfg.Workload, now: time.Now},
 		live:     map[string]*liveSandbox{},
 		starting: map[string]bool{},
 		execs:    map[string]*execEntry{},
@@ -113,7 +116,7 @@ func New(ctx context.Context, cfg Config) *Server {
 // Handler returns the HTTP handler serving every service.
 func (s *Server) Handler() http.Handler {
 	opts := []connect.HandlerOption{
-		connect.WithInterceptors(errorInterceptor{}, authInterceptor{s.auth}),
+		connect.WithInterceptors(errorInterceptor{}, authInterceptor{s.auth}, authzInterceptor{s}),
 		connect.WithReadMaxBytes(int(s.cfg.MaxWriteFile) + 1<<20),
 	}
 	mux := http.NewServeMux()
@@ -123,5 +126,6 @@ func (s *Server) Handler() http.Handler {
 	mux.Handle(computev1connect.NewIdentityServiceHandler(&identityService{s}, opts...))
 	mux.Handle(computev1connect.NewTunnelServiceHandler(&tunnelService{s}, opts...))
 	mux.Handle(computev1connect.NewMcpServiceHandler(&mcpService{s}, opts...))
+	mux.Handle(computev1connect.NewTeamServiceHandler(&teamService{s}, opts...))
 	return mux
 }

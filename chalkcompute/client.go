@@ -42,12 +42,14 @@ type Client struct {
 	tunnels  computev1connect.TunnelServiceClient
 	mcp      computev1connect.McpServiceClient
 	identity computev1connect.IdentityServiceClient
+	team     computev1connect.TeamServiceClient
 }
 
 type options struct {
 	url       string
 	token     string
 	tokenFile string
+	org       string
 	http      *http.Client
 }
 
@@ -63,13 +65,50 @@ func WithToken(t string) Option { return func(o *options) { o.token = t } }
 // WithTokenFile reads the token from a file at each call (for refreshed workload tokens).
 func WithTokenFile(p string) Option { return func(o *options) { o.tokenFile = p } }
 
+// WithOrg picks the key for org from the config file's keys (as stored by
+// `chalk auth login`); default CHALK_ORG, else the config's current org.
+func WithOrg(org string) Option { return func(o *options) { o.org = org } }
+
 // WithHTTPClient sets the HTTP client (for custom transports).
 func WithHTTPClient(c *http.Client) Option { return func(o *options) { o.http = c } }
 
-// FileConfig is the client config file chalkd writes.
+// FileConfig is the client config file chalkd writes (and `chalk auth
+// login` updates): the API URL, the current key and org, and a key per org.
 type FileConfig struct {
-	APIURL string `json:"api_url"`
-	Token  string `json:"token"`
+	APIURL string            `json:"api_url"`
+	Token  string            `json:"token"`
+	Org    string            `json:"org,omitempty"`
+	Keys   map[string]string `json:"keys,omitempty"` // org -> API key
+}
+
+// ReadConfig reads the client config file (a missing file is an empty config).
+func ReadConfig() (*FileConfig, error) {
+	fc := &FileConfig{}
+	b, err := os.ReadFile(ConfigPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return fc, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(b, fc); err != nil {
+		return nil, fmt.Errorf("client config %s: %v: %w", ConfigPath(), err, errdefs.ErrInvalidArgument)
+	}
+	return fc, nil
+}
+
+// WriteConfig writes the client config file (0600).
+func WriteConfig(fc *FileConfig) error {
+	p := ConfigPath()
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return err
+	}
+	b, _ := json.MarshalIndent(fc, "", "  ")
+	tmp := p + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, p)
 }
 
 // ConfigPath is where the client config is read from.
@@ -87,8 +126,15 @@ func ConfigPath() string {
 // makeOptions applies opts over the environment and the config file, and
 // validates the result in one place.
 func makeOptions(opts []Option) (*options, error) {
-	o := &options{url: os.Getenv("CHALK_API_URL"), token: os.Getenv("CHALK_API_TOKEN"), tokenFile: os.Getenv("CHALK_API_TOKEN_FILE")}
-	if o.url == "" || (o.token == "" && o.tokenFile == "") {
+	o := &options{url: os.Getenv("CHALK_API_URL"), token: os.Getenv("CHALK_API_TOKEN"), tokenFile: os.Getenv("CHALK_API_TOKEN_FILE"), org: os.Getenv("CHALK_ORG")}
+	given := &options{}
+	for _, opt := range opts {
+		opt(given)
+	}
+	if given.org != "" {
+		o.org = given.org
+	}
+	if o.url == "" || (o.token == "" && o.tokenFile == "") || o.org != "" {
 		if b, err := os.ReadFile(ConfigPath()); err == nil {
 			var fc FileConfig
 			if err := json.Unmarshal(b, &fc); err != nil {
@@ -97,8 +143,15 @@ func makeOptions(opts []Option) (*options, error) {
 			if o.url == "" {
 				o.url = fc.APIURL
 			}
-			if o.token == "" && o.tokenFile == "" {
-				o.token = fc.Token
+			if o.token == "" && o.tokenFile == "" && given.token == "" && given.tokenFile == "" {
+				switch k, ok := fc.Keys[o.org]; {
+				case o.org == "" || o.org == fc.Org && !ok:
+					o.token = fc.Token
+				case ok:
+					o.token = k
+				default:
+					return nil, fmt.Errorf("no API key for org %q in %s: run 'chalk auth login --org %s --key <key>': %w", o.org, ConfigPath(), o.org, errdefs.ErrUnauthenticated)
+				}
 			}
 		}
 	}
@@ -144,6 +197,7 @@ func NewClient(opts ...Option) (*Client, error) {
 	c.tunnels = computev1connect.NewTunnelServiceClient(hc, base, auth)
 	c.mcp = computev1connect.NewMcpServiceClient(hc, base, auth)
 	c.identity = computev1connect.NewIdentityServiceClient(hc, base, auth)
+	c.team = computev1connect.NewTeamServiceClient(hc, base, auth)
 	return c, nil
 }
 

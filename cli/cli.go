@@ -1,5 +1,6 @@
 // Package cli is the chalk command line: `chalk compute sandbox|image|policy …`,
-// `chalk whoami`, `chalk query` and `chalk admin`. Every command takes --output json; long
+// `chalk whoami`, `chalk query`, `chalk admin` (orgs, members, quotas, audit, signing keys) and
+// `chalk auth` (login, API keys). Every command takes --output json; long
 // operations (pull, warm, build) draw progress on a terminal.
 package cli
 
@@ -53,6 +54,7 @@ type env struct {
 	out, errOut io.Writer
 	output      string
 	url, token  string
+	org         string
 }
 
 func (e *env) client() (*chalkcompute.Client, error) {
@@ -62,6 +64,9 @@ func (e *env) client() (*chalkcompute.Client, error) {
 	}
 	if e.token != "" {
 		opts = append(opts, chalkcompute.WithToken(e.token))
+	}
+	if e.org != "" {
+		opts = append(opts, chalkcompute.WithOrg(e.org))
 	}
 	return chalkcompute.NewClient(opts...)
 }
@@ -130,7 +135,8 @@ func newRoot(in io.Reader, out, errOut io.Writer) *cobra.Command {
 	}
 	root.PersistentFlags().StringVarP(&e.output, "output", "o", "text", "output format: text or json")
 	root.PersistentFlags().StringVar(&e.url, "api-url", "", "chalkd API URL (default: CHALK_API_URL or the config file)")
-	root.PersistentFlags().StringVar(&e.token, "token", "", "API token (default: CHALK_API_TOKEN or the config file)")
+	root.PersistentFlags().StringVar(&e.token, "token", "", "API key (default: CHALK_API_TOKEN or the config file)")
+	root.PersistentFlags().StringVar(&e.org, "org", "", "org whose key (from 'chalk auth login') to use (default: CHALK_ORG or the config's current org)")
 	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
 		if e.output != "text" && e.output != "json" {
 			return fmt.Errorf("--output %q: must be text or json", e.output)
@@ -139,7 +145,7 @@ func newRoot(in io.Reader, out, errOut io.Writer) *cobra.Command {
 	}
 	compute := &cobra.Command{Use: "compute", Short: "Sandboxes, images, network policies, tunnels and the MCP gateway"}
 	compute.AddCommand(sandboxCmd(e), imageCmd(e), policyCmd(e), tunnelCmd(e), mcpCmd(e))
-	root.AddCommand(compute, whoamiCmd(e), queryCmd(e), adminCmd(e))
+	root.AddCommand(compute, whoamiCmd(e), queryCmd(e), adminCmd(e), authCmd(e))
 	return root
 }
 
@@ -160,7 +166,15 @@ func whoamiCmd(e *env) *cobra.Command {
 			if e.json() {
 				return e.printJSON(w)
 			}
-			fmt.Fprintf(e.out, "%s\t%s\n", w.Kind, w.Subject)
+			if w.Kind == "user" {
+				admin := ""
+				if w.NodeAdmin {
+					admin = " (node admin)"
+				}
+				fmt.Fprintf(e.out, "user %s in org %s, role %s%s, key %s\n", w.User, w.OrgId, w.Role, admin, w.KeyPrefix)
+				return nil
+			}
+			fmt.Fprintf(e.out, "%s\t%s\tcreated by %s\n", w.Kind, w.Subject, w.User)
 			return nil
 		},
 	}
@@ -189,6 +203,6 @@ func adminCmd(e *env) *cobra.Command {
 			return nil
 		},
 	})
-	admin.AddCommand(keys)
+	admin.AddCommand(keys, orgCmd(e), memberCmd(e), auditCmd(e))
 	return admin
 }

@@ -167,6 +167,8 @@ type Config struct {
 	// (default DefaultMCPAuditRetention).
 	MCPAuditRetention time.Duration
 	Logger            *slog.Logger
+	// DefaultQuota is every org's quota where the node admin set none (zero: no limits).
+	DefaultQuota store.Quota
 }
 
 // Defaults of the pre-started sandboxes.
@@ -436,6 +438,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	d.API = api.New(ctx, api.Config{
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
 		Workload: wi, Identity: wi, Policies: pol, Images: im, Tunnels: tun, MCP: d.mcp,
+		DefaultQuota: cfg.DefaultQuota,
 		Hooks: api.Hooks{
 			Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
 				if cfg.Runtime == sandbox.RuntimeRunsc && len(sb.Tunnels) > 0 {
@@ -585,15 +588,15 @@ type ClientConfig struct {
 // bootstrapToken creates the admin token on first start and writes it 0600 to
 // the data dir and to the CLI's config.
 func (d *Daemon) bootstrapToken(ctx context.Context) error {
-	n, err := d.Store.CountTokens(ctx)
-	if err != nil {
+	if has, err := d.Store.HasUsers(ctx); err != nil || has {
 		return err
 	}
-	if n > 0 {
-		return nil
-	}
-	secret, hash := api.NewToken()
-	if err := d.Store.CreateToken(ctx, store.Token{ID: "admin", Name: "admin", OrgID: "default", Hash: hash, Admin: true, CreatedAt: time.Now().UTC()}); err != nil {
+	// The node admin "admin", admin of the org "default", with one key.
+	secret, prefix, hash := api.NewKey()
+	now := time.Now().UTC()
+	key := &store.APIKey{ID: "admin", Hash: hash, Prefix: prefix, OrgID: "default", User: "admin", Name: "admin",
+		Role: store.RoleAdmin, CreatedBy: "chalkd", CreatedAt: now}
+	if err := d.Store.CreateOrg(ctx, store.Org{Name: "default", CreatedAt: now}, "admin", true, key); err != nil {
 		return err
 	}
 	d.AdminToken = secret

@@ -43,51 +43,6 @@ func Open(ctx context.Context, path string) (*Store, error) {
 // Close closes the database.
 func (s *Store) Close() error { return s.db.Close() }
 
-// Token is an API token. Only its SHA-256 hash is stored.
-type Token struct {
-	ID        string    `json:"id"`
-	Name      string    `json:"name"`
-	OrgID     string    `json:"org_id"`
-	Hash      string    `json:"-"`
-	Admin     bool      `json:"admin"`
-	CreatedAt time.Time `json:"created_at"`
-}
-
-// CreateToken stores a new token.
-func (s *Store) CreateToken(ctx context.Context, t Token) error {
-	doc, _ := json.Marshal(t)
-	_, err := s.db.ExecContext(ctx, `INSERT INTO tokens(id, hash, org_id, doc) VALUES(?,?,?,?)`, t.ID, t.Hash, t.OrgID, doc)
-	if err != nil {
-		return fmt.Errorf("create token %q: %w", t.Name, err)
-	}
-	return nil
-}
-
-// TokenByHash finds a token by the hash of its secret.
-func (s *Store) TokenByHash(ctx context.Context, hash string) (Token, error) {
-	var doc []byte
-	err := s.db.QueryRowContext(ctx, `SELECT doc FROM tokens WHERE hash = ?`, hash).Scan(&doc)
-	if errors.Is(err, sql.ErrNoRows) {
-		return Token{}, fmt.Errorf("token: %w", errdefs.ErrNotFound)
-	}
-	if err != nil {
-		return Token{}, fmt.Errorf("token lookup: %w", err)
-	}
-	var t Token
-	if err := json.Unmarshal(doc, &t); err != nil {
-		return Token{}, fmt.Errorf("token record: %w", err)
-	}
-	t.Hash = hash
-	return t, nil
-}
-
-// CountTokens reports how many tokens exist.
-func (s *Store) CountTokens(ctx context.Context) (int, error) {
-	var n int
-	err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM tokens`).Scan(&n)
-	return n, err
-}
-
 // Sandbox states.
 const (
 	StateCreating = "creating"
@@ -155,11 +110,26 @@ func (sb *Sandbox) Live() bool { return sb.State == StateCreating || sb.State ==
 // The slot is the lowest free one up to maxSlot, unless sb.Slot is set
 // already (by the node, for a pre-started sandbox): then it must be free.
 func (s *Store) CreateSandbox(ctx context.Context, sb *Sandbox, maxSlot int) error {
+	return s.CreateSandboxWithin(ctx, sb, maxSlot, Quota{})
+}
+
+// CreateSandboxWithin is CreateSandbox refusing, in the same transaction,
+// a sandbox that would take its org past q (ErrResourceExhausted naming the
+// limit). Concurrent creates are serialised on the org's row, so a quota
+// of n admits exactly n however many race.
+func (s *Store) CreateSandboxWithin(ctx context.Context, sb *Sandbox, maxSlot int, q Quota) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
+	// Take the org's row first (a row lock on PostgreSQL; SQLite has one writer).
+	if _, err := tx.ExecContext(ctx, `UPDATE orgs SET create_seq = create_seq + 1 WHERE name = ?`, sb.OrgID); err != nil {
+		return err
+	}
+	if err := checkQuota(ctx, tx, sb, q); err != nil {
+		return err
+	}
 	rows, err := tx.QueryContext(ctx, `SELECT slot FROM sandboxes WHERE state IN (?, ?) ORDER BY slot`, StateCreating, StateRunning)
 	if err != nil {
 		return err
@@ -200,11 +170,58 @@ func (s *Store) CreateSandbox(ctx context.Context, sb *Sandbox, maxSlot int) err
 	if err != nil {
 		return err
 	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO sandboxes(id, org_id, state, slot, doc) VALUES(?,?,?,?,?)`,
-		sb.ID, sb.OrgID, sb.State, sb.Slot, doc); err != nil {
+	if _, err := tx.ExecContext(ctx, `INSERT INTO sandboxes(id, org_id, state, slot, created_at, doc) VALUES(?,?,?,?,?,?)`,
+		sb.ID, sb.OrgID, sb.State, sb.Slot, nanos(sb.CreatedAt), doc); err != nil {
 		return fmt.Errorf("sandbox %q: %w", sb.ID, err)
 	}
 	return tx.Commit()
+}
+
+// checkQuota refuses sb if its org would pass a limit of q.
+func checkQuota(ctx context.Context, tx *sql.Tx, sb *Sandbox, q Quota) error {
+	if q == (Quota{}) {
+		return nil
+	}
+	if q.MaxCreatesPerMinute > 0 {
+		var n int
+		since := sb.CreatedAt.Add(-time.Minute)
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM sandboxes WHERE org_id = ? AND created_at > ?`, sb.OrgID, nanos(since)).Scan(&n); err != nil {
+			return err
+		}
+		if n >= q.MaxCreatesPerMinute {
+			return fmt.Errorf("org %q quota max_creates_per_minute %d reached (%d sandboxes created in the last minute): %w",
+				sb.OrgID, q.MaxCreatesPerMinute, n, errdefs.ErrResourceExhausted)
+		}
+	}
+	rows, err := tx.QueryContext(ctx, `SELECT doc FROM sandboxes WHERE org_id = ? AND state IN (?, ?)`, sb.OrgID, StateCreating, StateRunning)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	running, cpu, mem := 0, 0.0, int64(0)
+	for rows.Next() {
+		var doc []byte
+		if err := rows.Scan(&doc); err != nil {
+			return err
+		}
+		var o Sandbox
+		if err := json.Unmarshal(doc, &o); err != nil {
+			return err
+		}
+		running, cpu, mem = running+1, cpu+o.CPU, mem+o.MemoryMB
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	switch {
+	case q.MaxRunning > 0 && running+1 > q.MaxRunning:
+		return fmt.Errorf("org %q quota max_running_sandboxes %d reached (%d running): %w", sb.OrgID, q.MaxRunning, running, errdefs.ErrResourceExhausted)
+	case q.MaxVCPU > 0 && cpu+sb.CPU > q.MaxVCPU+1e-9:
+		return fmt.Errorf("org %q quota max_vcpu %g: %g in use, %g asked: %w", sb.OrgID, q.MaxVCPU, cpu, sb.CPU, errdefs.ErrResourceExhausted)
+	case q.MaxMemoryMB > 0 && mem+sb.MemoryMB > q.MaxMemoryMB:
+		return fmt.Errorf("org %q quota max_memory_mb %d: %d in use, %d asked: %w", sb.OrgID, q.MaxMemoryMB, mem, sb.MemoryMB, errdefs.ErrResourceExhausted)
+	}
+	return nil
 }
 
 // UpdateSandbox rewrites a sandbox record.

@@ -116,16 +116,6 @@ func TestPoliciesAndTokens(t *testing.T) {
 	if err := s.DeletePolicy(ctx, "o", "p"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("delete twice: %v", err)
 	}
-	if err := s.CreateToken(ctx, Token{ID: "t", Name: "admin", OrgID: "o", Hash: "h1", Admin: true}); err != nil {
-		t.Fatal(err)
-	}
-	tok, err := s.TokenByHash(ctx, "h1")
-	if err != nil || tok.Name != "admin" || !tok.Admin {
-		t.Fatalf("token: %+v %v", tok, err)
-	}
-	if _, err := s.TokenByHash(ctx, "h2"); !errors.Is(err, errdefs.ErrNotFound) {
-		t.Fatalf("unknown token: %v", err)
-	}
 }
 
 // TestReopen: state survives closing and reopening (migrations are idempotent).

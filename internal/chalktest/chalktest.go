@@ -66,6 +66,36 @@ func Bin(t testing.TB) string {
 	return binDir
 }
 
+// BuildRev returns a directory holding chalkd, chalk and chalk-init built
+// from git revision rev of this repository ($CHALK_TEST_OLD_BIN if set), for
+// upgrade tests.
+func BuildRev(t testing.TB, rev string) string {
+	t.Helper()
+	if d := os.Getenv("CHALK_TEST_OLD_BIN"); d != "" {
+		return d
+	}
+	_, file, _, _ := runtime.Caller(0)
+	root := filepath.Join(filepath.Dir(file), "..", "..")
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	if err := os.Mkdir(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	archive := exec.Command("sh", "-c", `git -C "$1" archive "$2" | tar -x -C "$3"`, "sh", root, rev, src)
+	if out, err := archive.CombinedOutput(); err != nil {
+		t.Fatalf("git archive %s: %v\n%s", rev, err, out)
+	}
+	for _, b := range [][2]string{{"chalkd", "./cmd/chalkd"}, {"chalk", "./cmd/chalk"}, {"chalk-init", "./cmd/chalk-init"}} {
+		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, b[0]), b[1])
+		cmd.Dir = src
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("build %s at %s: %v\n%s", b[0], rev, err, out)
+		}
+	}
+	return dir
+}
+
 // RequireRoot skips the test unless it runs as root with runc available.
 func RequireRoot(t testing.TB) {
 	t.Helper()
@@ -86,6 +116,7 @@ type Node struct {
 	Socket  string
 	Cgroup  string
 	Args    []string // extra chalkd flags
+	BinDir  string   // where chalkd, chalk and chalk-init come from (default Bin); Restart uses the current one
 	cmd     *exec.Cmd
 	logPath string
 	exited  chan struct{}
@@ -113,6 +144,7 @@ type Options struct {
 	Internet *FakeInternet // the node's uplink (nil: none)
 	Python   bool          // also seed python:3.11-slim-bookworm (debootstrap once per machine, cached)
 	Args     []string      // extra chalkd flags
+	BinDir   string        // binaries to run (default Bin: built from this tree)
 }
 
 // PythonSeedCache is where the Python base layer is cached between test runs.
@@ -123,10 +155,14 @@ func StartOpts(t testing.TB, o Options) *Node {
 	inet, extraArgs := o.Internet, o.Args
 	t.Helper()
 	RequireRoot(t)
-	bin := Bin(t)
+	bin := o.BinDir
+	if bin == "" {
+		bin = Bin(t)
+	}
 	id := randHex(4)
 	n := &Node{
 		t:      t,
+		BinDir: bin,
 		Dir:    t.TempDir(),
 		RunDir: filepath.Join("/run", "chalktest-"+id),
 		Netns:  "chalkt-" + id,
@@ -188,10 +224,10 @@ func (n *Node) command(argv ...string) *exec.Cmd {
 func (n *Node) Restart() {
 	t := n.t
 	t.Helper()
-	args := append([]string{filepath.Join(Bin(t), "chalkd"),
+	args := append([]string{filepath.Join(n.BinDir, "chalkd"),
 		"--data-dir", n.Dir, "--run-dir", n.RunDir, "--listen", "", "--cgroup-parent", n.Cgroup,
 		"--client-config", filepath.Join(n.Dir, "client.json"), "--log-level", "debug",
-		"--init-binary", filepath.Join(Bin(t), "chalk-init"), "--chalk-binary", filepath.Join(Bin(t), "chalk"),
+		"--init-binary", filepath.Join(n.BinDir, "chalk-init"), "--chalk-binary", filepath.Join(n.BinDir, "chalk"),
 	}, n.Args...)
 	logf, err := os.OpenFile(n.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {

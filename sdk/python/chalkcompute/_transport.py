@@ -34,15 +34,18 @@ def config_path() -> str:
     return os.path.join(os.path.expanduser("~"), ".config", "chalk", "config.json")
 
 
-def resolve_config(api_url: Optional[str], token: Optional[str]) -> Tuple[str, Optional[str], Optional[str]]:
+def resolve_config(api_url: Optional[str], token: Optional[str], org: Optional[str] = None) -> Tuple[str, Optional[str], Optional[str]]:
     """Find the API URL and token like the Go SDK: arguments, then
     CHALK_API_URL / CHALK_API_TOKEN / CHALK_API_TOKEN_FILE, then the config file.
+    With ``org`` (or ``CHALK_ORG``) the key is the config's key for that org
+    (as ``chalk auth login`` stores it).
 
     Returns (url, token, token_file)."""
     url = api_url or os.environ.get("CHALK_API_URL") or ""
     tok = token or os.environ.get("CHALK_API_TOKEN") or ""
     tok_file = "" if token else (os.environ.get("CHALK_API_TOKEN_FILE") or "")
-    if not url or not (tok or tok_file):
+    org = org or os.environ.get("CHALK_ORG") or ""
+    if not url or not (tok or tok_file) or org:
         path = config_path()
         try:
             with open(path, "r", encoding="utf-8") as f:
@@ -59,7 +62,15 @@ def resolve_config(api_url: Optional[str], token: Optional[str]) -> Tuple[str, O
             if not url:
                 url = fc.get("api_url") or ""
             if not (tok or tok_file):
-                tok = fc.get("token") or ""
+                keys = fc.get("keys") or {}
+                if org and org in keys:
+                    tok = keys[org]
+                elif not org or org == fc.get("org"):
+                    tok = fc.get("token") or ""
+                else:
+                    raise UnauthenticatedError(
+                        "no API key for org %r in %s: run 'chalk auth login --org %s --key <key>'" % (org, path, org)
+                    )
     if not url:
         raise ConfigError(
             "no chalkd API URL: set CHALK_API_URL or run chalkd once (it writes %s)" % config_path()

@@ -50,11 +50,13 @@ class SandboxClient:
     ``CHALK_API_TOKEN`` (or ``CHALK_API_TOKEN_FILE``), else from the config
     file chalkd writes on first start (``~/.config/chalk/config.json``, or
     ``$CHALK_CONFIG``). URLs are ``http(s)://host:port`` or
-    ``unix:///path/to/chalkd.sock``.
+    ``unix:///path/to/chalkd.sock``. ``org`` (or ``CHALK_ORG``) picks that
+    org's key from the config file (``chalk auth login`` stores one per org).
     """
 
-    def __init__(self, api_url: Optional[str] = None, token: Optional[str] = None, timeout: Optional[float] = None) -> None:
-        url, tok, tok_file = resolve_config(api_url, token)
+    def __init__(self, api_url: Optional[str] = None, token: Optional[str] = None, timeout: Optional[float] = None,
+                 org: Optional[str] = None) -> None:
+        url, tok, tok_file = resolve_config(api_url, token, org)
         self.api_url = url
         self._t = Transport(url, tok, tok_file, timeout=timeout)
 
@@ -441,6 +443,100 @@ class SandboxClient:
     def rotate_keys(self) -> List[str]:
         """Rotate the identity issuer's signing keys (admin); returns the key ids now published."""
         return list(self._t.unary("IdentityService", "RotateKeys", {}).get("kids") or [])
+
+
+    # ------------------------------------------------------------ teams
+
+    def create_org(self, name: str, admin: str) -> Dict[str, Any]:
+        """Create an org and its first admin (node admin only):
+        ``{"org": {...}, "adminKey": {"secret", "prefix", ...}}``; the secret is shown only here.
+        A taken name raises :class:`AlreadyExistsError`."""
+        return self._t.unary("TeamService", "CreateOrg", {"name": name, "admin": admin})
+
+    def list_orgs(self) -> List[Dict[str, Any]]:
+        """The caller's orgs (every org for the node admin), each with its quota in force."""
+        return list(self._t.unary("TeamService", "ListOrgs", {}).get("orgs") or [])
+
+    def add_member(self, user: str, role: str = "member", org: Optional[str] = None) -> Dict[str, Any]:
+        """Add a user (new or existing) to the org with a role (admin, member or
+        viewer): ``{"member": {...}, "key": {"secret", ...}}``, a first key for the
+        user, shown only here. ``org``: another org (node admin only)."""
+        req: Dict[str, Any] = {"user": user, "role": role}
+        if org:
+            req["org"] = org
+        return self._t.unary("TeamService", "AddMember", req)
+
+    def list_members(self, org: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The org's members: ``[{"user", "role", "createdAt"}]``."""
+        return list(self._t.unary("TeamService", "ListMembers", {"org": org} if org else {}).get("members") or [])
+
+    def remove_member(self, user: str, org: Optional[str] = None) -> None:
+        """Remove a user from the org and revoke its keys there. Removing the
+        last admin raises :class:`FailedPreconditionError`."""
+        req: Dict[str, Any] = {"user": user}
+        if org:
+            req["org"] = org
+        self._t.unary("TeamService", "RemoveMember", req)
+
+    def set_member_role(self, user: str, role: str, org: Optional[str] = None) -> Dict[str, Any]:
+        """Change a member's role; its keys follow at once. Taking admin from
+        the last admin raises :class:`FailedPreconditionError`."""
+        req: Dict[str, Any] = {"user": user, "role": role}
+        if org:
+            req["org"] = org
+        return self._t.unary("TeamService", "SetMemberRole", req)
+
+    def create_key(self, name: str, role: Optional[str] = None, ttl: Optional[Seconds] = None,
+                   user: Optional[str] = None) -> Dict[str, Any]:
+        """Create an API key in the caller's org: ``{"secret", "prefix", "id", "role", ...}``;
+        the secret is shown only here. ``role`` at most the caller's (default: the
+        caller's); ``ttl`` makes it expire; ``user`` makes it for another member (admins)."""
+        req: Dict[str, Any] = {"name": name}
+        if role:
+            req["role"] = role
+        t = _seconds("ttl", ttl)
+        if t:
+            req["ttlSeconds"] = t
+        if user:
+            req["user"] = user
+        return self._t.unary("TeamService", "CreateKey", req)
+
+    def list_keys(self, all: bool = False) -> List[Dict[str, Any]]:
+        """The caller's API keys (``all``: every member's, admins), without secrets."""
+        return list(self._t.unary("TeamService", "ListKeys", {"all": bool(all)}).get("keys") or [])
+
+    def revoke_key(self, key: str) -> Dict[str, Any]:
+        """Revoke a key by id or prefix: it fails on its next use."""
+        return dict(self._t.unary("TeamService", "RevokeKey", {"id": key}).get("key") or {})
+
+    def get_quota(self, org: Optional[str] = None) -> Dict[str, Any]:
+        """The org's limits in force (0 or absent: no limit)."""
+        return self._t.unary("TeamService", "GetQuota", {"org": org} if org else {})
+
+    def set_quota(self, org: Optional[str] = None, max_running_sandboxes: int = 0, max_vcpu: float = 0,
+                  max_memory_mb: int = 0, max_creates_per_minute: int = 0) -> Dict[str, Any]:
+        """Set an org's limits (node admin; 0 = the node's default); returns the limits in force."""
+        q = {"maxRunningSandboxes": int(max_running_sandboxes), "maxVcpu": float(max_vcpu),
+             "maxMemoryMb": int(max_memory_mb), "maxCreatesPerMinute": int(max_creates_per_minute)}
+        req: Dict[str, Any] = {"quota": q}
+        if org:
+            req["org"] = org
+        return self._t.unary("TeamService", "SetQuota", req)
+
+    def audit(self, since: Union[datetime.datetime, str, None] = None, action: Optional[str] = None,
+              limit: Optional[int] = None) -> List[Dict[str, Any]]:
+        """The org's audit trail, newest first (admins): ``[{"at", "actor", "via",
+        "action", "object", "outcome", ...}]``."""
+        req: Dict[str, Any] = {}
+        if since is not None:
+            s = _format_time(since)
+            if s:
+                req["since"] = s
+        if action:
+            req["action"] = action
+        if limit is not None:
+            req["limit"] = int(limit)
+        return list(self._t.unary("TeamService", "Audit", req).get("records") or [])
 
 
 def _has_steps(image: Image) -> bool:

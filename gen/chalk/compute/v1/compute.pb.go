@@ -3007,8 +3007,12 @@ type WhoAmIResponse struct {
 	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"` // user | workload
 	Subject       string                 `protobuf:"bytes,2,opt,name=subject,proto3" json:"subject,omitempty"`
 	OrgId         string                 `protobuf:"bytes,3,opt,name=org_id,json=orgId,proto3" json:"org_id,omitempty"`
-	SandboxId     string                 `protobuf:"bytes,4,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"` // workload only
-	Name          string                 `protobuf:"bytes,5,opt,name=name,proto3" json:"name,omitempty"`                            // user token name
+	SandboxId     string                 `protobuf:"bytes,4,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`  // workload only
+	Name          string                 `protobuf:"bytes,5,opt,name=name,proto3" json:"name,omitempty"`                             // the user's name (users) or the sandbox id (workloads)
+	Role          string                 `protobuf:"bytes,6,opt,name=role,proto3" json:"role,omitempty"`                             // admin | member | viewer: the calling key's role in org_id (users)
+	KeyPrefix     string                 `protobuf:"bytes,7,opt,name=key_prefix,json=keyPrefix,proto3" json:"key_prefix,omitempty"`  // the calling key's public prefix (users)
+	NodeAdmin     bool                   `protobuf:"varint,8,opt,name=node_admin,json=nodeAdmin,proto3" json:"node_admin,omitempty"` // the node's bootstrap admin: may create orgs and set quotas
+	User          string                 `protobuf:"bytes,9,opt,name=user,proto3" json:"user,omitempty"`                             // the user (users) or the sandbox's creator (workloads)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3074,6 +3078,34 @@ func (x *WhoAmIResponse) GetSandboxId() string {
 func (x *WhoAmIResponse) GetName() string {
 	if x != nil {
 		return x.Name
+	}
+	return ""
+}
+
+func (x *WhoAmIResponse) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *WhoAmIResponse) GetKeyPrefix() string {
+	if x != nil {
+		return x.KeyPrefix
+	}
+	return ""
+}
+
+func (x *WhoAmIResponse) GetNodeAdmin() bool {
+	if x != nil {
+		return x.NodeAdmin
+	}
+	return false
+}
+
+func (x *WhoAmIResponse) GetUser() string {
+	if x != nil {
+		return x.User
 	}
 	return ""
 }
@@ -4323,6 +4355,1423 @@ func (x *McpAuditResponse) GetRecords() []*McpAuditRecord {
 	return nil
 }
 
+// An organisation owns sandboxes, its view of images, network policies,
+// tunnels, MCP servers and audit records. Its name is its id.
+type Org struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"` // a DNS label
+	CreatedAt     string                 `protobuf:"bytes,2,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	Quota         *Quota                 `protobuf:"bytes,3,opt,name=quota,proto3" json:"quota,omitempty"` // the org's limits in force (node defaults where unset)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Org) Reset() {
+	*x = Org{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Org) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Org) ProtoMessage() {}
+
+func (x *Org) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Org.ProtoReflect.Descriptor instead.
+func (*Org) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{72}
+}
+
+func (x *Org) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Org) GetCreatedAt() string {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return ""
+}
+
+func (x *Org) GetQuota() *Quota {
+	if x != nil {
+		return x.Quota
+	}
+	return nil
+}
+
+type CreateOrgRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Admin         string                 `protobuf:"bytes,2,opt,name=admin,proto3" json:"admin,omitempty"` // the first admin: an existing user or a new one (a DNS label)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateOrgRequest) Reset() {
+	*x = CreateOrgRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateOrgRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateOrgRequest) ProtoMessage() {}
+
+func (x *CreateOrgRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateOrgRequest.ProtoReflect.Descriptor instead.
+func (*CreateOrgRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *CreateOrgRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateOrgRequest) GetAdmin() string {
+	if x != nil {
+		return x.Admin
+	}
+	return ""
+}
+
+type CreateOrgResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Org           *Org                   `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	AdminKey      *ApiKey                `protobuf:"bytes,2,opt,name=admin_key,json=adminKey,proto3" json:"admin_key,omitempty"` // a key for the first admin in the new org (secret shown once)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateOrgResponse) Reset() {
+	*x = CreateOrgResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateOrgResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateOrgResponse) ProtoMessage() {}
+
+func (x *CreateOrgResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateOrgResponse.ProtoReflect.Descriptor instead.
+func (*CreateOrgResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{74}
+}
+
+func (x *CreateOrgResponse) GetOrg() *Org {
+	if x != nil {
+		return x.Org
+	}
+	return nil
+}
+
+func (x *CreateOrgResponse) GetAdminKey() *ApiKey {
+	if x != nil {
+		return x.AdminKey
+	}
+	return nil
+}
+
+type ListOrgsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListOrgsRequest) Reset() {
+	*x = ListOrgsRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListOrgsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListOrgsRequest) ProtoMessage() {}
+
+func (x *ListOrgsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListOrgsRequest.ProtoReflect.Descriptor instead.
+func (*ListOrgsRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{75}
+}
+
+type ListOrgsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Orgs          []*Org                 `protobuf:"bytes,1,rep,name=orgs,proto3" json:"orgs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListOrgsResponse) Reset() {
+	*x = ListOrgsResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListOrgsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListOrgsResponse) ProtoMessage() {}
+
+func (x *ListOrgsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListOrgsResponse.ProtoReflect.Descriptor instead.
+func (*ListOrgsResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{76}
+}
+
+func (x *ListOrgsResponse) GetOrgs() []*Org {
+	if x != nil {
+		return x.Orgs
+	}
+	return nil
+}
+
+// A user's membership of an org.
+type Member struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	User          string                 `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	Role          string                 `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"` // admin | member | viewer
+	CreatedAt     string                 `protobuf:"bytes,3,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Member) Reset() {
+	*x = Member{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Member) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Member) ProtoMessage() {}
+
+func (x *Member) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Member.ProtoReflect.Descriptor instead.
+func (*Member) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{77}
+}
+
+func (x *Member) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *Member) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *Member) GetCreatedAt() string {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return ""
+}
+
+type AddMemberRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Org           string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`   // "" = the caller's org (another org: node admin only)
+	User          string                 `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"` // an existing user or a new one (a DNS label)
+	Role          string                 `protobuf:"bytes,3,opt,name=role,proto3" json:"role,omitempty"` // admin | member | viewer
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddMemberRequest) Reset() {
+	*x = AddMemberRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddMemberRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddMemberRequest) ProtoMessage() {}
+
+func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddMemberRequest.ProtoReflect.Descriptor instead.
+func (*AddMemberRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{78}
+}
+
+func (x *AddMemberRequest) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *AddMemberRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *AddMemberRequest) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+type AddMemberResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Member        *Member                `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
+	Key           *ApiKey                `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"` // a first key for the user in the org (secret shown once)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddMemberResponse) Reset() {
+	*x = AddMemberResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddMemberResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddMemberResponse) ProtoMessage() {}
+
+func (x *AddMemberResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddMemberResponse.ProtoReflect.Descriptor instead.
+func (*AddMemberResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{79}
+}
+
+func (x *AddMemberResponse) GetMember() *Member {
+	if x != nil {
+		return x.Member
+	}
+	return nil
+}
+
+func (x *AddMemberResponse) GetKey() *ApiKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+type ListMembersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Org           string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMembersRequest) Reset() {
+	*x = ListMembersRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMembersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMembersRequest) ProtoMessage() {}
+
+func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMembersRequest.ProtoReflect.Descriptor instead.
+func (*ListMembersRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{80}
+}
+
+func (x *ListMembersRequest) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+type ListMembersResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Members       []*Member              `protobuf:"bytes,1,rep,name=members,proto3" json:"members,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMembersResponse) Reset() {
+	*x = ListMembersResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMembersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMembersResponse) ProtoMessage() {}
+
+func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMembersResponse.ProtoReflect.Descriptor instead.
+func (*ListMembersResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{81}
+}
+
+func (x *ListMembersResponse) GetMembers() []*Member {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+type RemoveMemberRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Org           string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	User          string                 `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveMemberRequest) Reset() {
+	*x = RemoveMemberRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveMemberRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveMemberRequest) ProtoMessage() {}
+
+func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveMemberRequest.ProtoReflect.Descriptor instead.
+func (*RemoveMemberRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{82}
+}
+
+func (x *RemoveMemberRequest) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *RemoveMemberRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+type SetMemberRoleRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Org           string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	User          string                 `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	Role          string                 `protobuf:"bytes,3,opt,name=role,proto3" json:"role,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetMemberRoleRequest) Reset() {
+	*x = SetMemberRoleRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetMemberRoleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetMemberRoleRequest) ProtoMessage() {}
+
+func (x *SetMemberRoleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetMemberRoleRequest.ProtoReflect.Descriptor instead.
+func (*SetMemberRoleRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{83}
+}
+
+func (x *SetMemberRoleRequest) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *SetMemberRoleRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *SetMemberRoleRequest) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+type RemoveMemberResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveMemberResponse) Reset() {
+	*x = RemoveMemberResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveMemberResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveMemberResponse) ProtoMessage() {}
+
+func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveMemberResponse.ProtoReflect.Descriptor instead.
+func (*RemoveMemberResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{84}
+}
+
+// An API key: per user per org. Only a hash of the secret is stored.
+type ApiKey struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Prefix        string                 `protobuf:"bytes,2,opt,name=prefix,proto3" json:"prefix,omitempty"` // the public start of the secret (chalk_xxxxxxxx), for finding a leaked key
+	Name          string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	Org           string                 `protobuf:"bytes,4,opt,name=org,proto3" json:"org,omitempty"`
+	User          string                 `protobuf:"bytes,5,opt,name=user,proto3" json:"user,omitempty"`
+	Role          string                 `protobuf:"bytes,6,opt,name=role,proto3" json:"role,omitempty"` // at most the creator's role; the member's current role caps it at use
+	CreatedBy     string                 `protobuf:"bytes,7,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	CreatedAt     string                 `protobuf:"bytes,8,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	ExpiresAt     string                 `protobuf:"bytes,9,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"` // "" = never
+	LastUsedAt    string                 `protobuf:"bytes,10,opt,name=last_used_at,json=lastUsedAt,proto3" json:"last_used_at,omitempty"`
+	RevokedAt     string                 `protobuf:"bytes,11,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	Secret        string                 `protobuf:"bytes,12,opt,name=secret,proto3" json:"secret,omitempty"` // output of CreateKey only; never stored
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApiKey) Reset() {
+	*x = ApiKey{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApiKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApiKey) ProtoMessage() {}
+
+func (x *ApiKey) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApiKey.ProtoReflect.Descriptor instead.
+func (*ApiKey) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{85}
+}
+
+func (x *ApiKey) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ApiKey) GetPrefix() string {
+	if x != nil {
+		return x.Prefix
+	}
+	return ""
+}
+
+func (x *ApiKey) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ApiKey) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *ApiKey) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *ApiKey) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *ApiKey) GetCreatedBy() string {
+	if x != nil {
+		return x.CreatedBy
+	}
+	return ""
+}
+
+func (x *ApiKey) GetCreatedAt() string {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return ""
+}
+
+func (x *ApiKey) GetExpiresAt() string {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return ""
+}
+
+func (x *ApiKey) GetLastUsedAt() string {
+	if x != nil {
+		return x.LastUsedAt
+	}
+	return ""
+}
+
+func (x *ApiKey) GetRevokedAt() string {
+	if x != nil {
+		return x.RevokedAt
+	}
+	return ""
+}
+
+func (x *ApiKey) GetSecret() string {
+	if x != nil {
+		return x.Secret
+	}
+	return ""
+}
+
+type CreateKeyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Role          string                 `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"`                                // "" = the caller's role
+	TtlSeconds    int64                  `protobuf:"varint,3,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"` // 0 = no expiry
+	User          string                 `protobuf:"bytes,4,opt,name=user,proto3" json:"user,omitempty"`                                // "" = the caller; another member of the org: admins only
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateKeyRequest) Reset() {
+	*x = CreateKeyRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateKeyRequest) ProtoMessage() {}
+
+func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
+func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{86}
+}
+
+func (x *CreateKeyRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateKeyRequest) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *CreateKeyRequest) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+func (x *CreateKeyRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+type ListKeysRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	All           bool                   `protobuf:"varint,1,opt,name=all,proto3" json:"all,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListKeysRequest) Reset() {
+	*x = ListKeysRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListKeysRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListKeysRequest) ProtoMessage() {}
+
+func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
+func (*ListKeysRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{87}
+}
+
+func (x *ListKeysRequest) GetAll() bool {
+	if x != nil {
+		return x.All
+	}
+	return false
+}
+
+type ListKeysResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Keys          []*ApiKey              `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListKeysResponse) Reset() {
+	*x = ListKeysResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListKeysResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListKeysResponse) ProtoMessage() {}
+
+func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
+func (*ListKeysResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{88}
+}
+
+func (x *ListKeysResponse) GetKeys() []*ApiKey {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+type RevokeKeyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeKeyRequest) Reset() {
+	*x = RevokeKeyRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeKeyRequest) ProtoMessage() {}
+
+func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeKeyRequest.ProtoReflect.Descriptor instead.
+func (*RevokeKeyRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{89}
+}
+
+func (x *RevokeKeyRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type RevokeKeyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *ApiKey                `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeKeyResponse) Reset() {
+	*x = RevokeKeyResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeKeyResponse) ProtoMessage() {}
+
+func (x *RevokeKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeKeyResponse.ProtoReflect.Descriptor instead.
+func (*RevokeKeyResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{90}
+}
+
+func (x *RevokeKeyResponse) GetKey() *ApiKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+// Quota: per-org limits enforced at sandbox create. 0 = no limit.
+type Quota struct {
+	state               protoimpl.MessageState `protogen:"open.v1"`
+	MaxRunningSandboxes int32                  `protobuf:"varint,1,opt,name=max_running_sandboxes,json=maxRunningSandboxes,proto3" json:"max_running_sandboxes,omitempty"`
+	MaxVcpu             float64                `protobuf:"fixed64,2,opt,name=max_vcpu,json=maxVcpu,proto3" json:"max_vcpu,omitempty"`
+	MaxMemoryMb         int64                  `protobuf:"varint,3,opt,name=max_memory_mb,json=maxMemoryMb,proto3" json:"max_memory_mb,omitempty"`
+	MaxCreatesPerMinute int32                  `protobuf:"varint,4,opt,name=max_creates_per_minute,json=maxCreatesPerMinute,proto3" json:"max_creates_per_minute,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *Quota) Reset() {
+	*x = Quota{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Quota) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Quota) ProtoMessage() {}
+
+func (x *Quota) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Quota.ProtoReflect.Descriptor instead.
+func (*Quota) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{91}
+}
+
+func (x *Quota) GetMaxRunningSandboxes() int32 {
+	if x != nil {
+		return x.MaxRunningSandboxes
+	}
+	return 0
+}
+
+func (x *Quota) GetMaxVcpu() float64 {
+	if x != nil {
+		return x.MaxVcpu
+	}
+	return 0
+}
+
+func (x *Quota) GetMaxMemoryMb() int64 {
+	if x != nil {
+		return x.MaxMemoryMb
+	}
+	return 0
+}
+
+func (x *Quota) GetMaxCreatesPerMinute() int32 {
+	if x != nil {
+		return x.MaxCreatesPerMinute
+	}
+	return 0
+}
+
+type GetQuotaRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Org           string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetQuotaRequest) Reset() {
+	*x = GetQuotaRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetQuotaRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetQuotaRequest) ProtoMessage() {}
+
+func (x *GetQuotaRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetQuotaRequest.ProtoReflect.Descriptor instead.
+func (*GetQuotaRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{92}
+}
+
+func (x *GetQuotaRequest) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+type SetQuotaRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Org           string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	Quota         *Quota                 `protobuf:"bytes,2,opt,name=quota,proto3" json:"quota,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetQuotaRequest) Reset() {
+	*x = SetQuotaRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetQuotaRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetQuotaRequest) ProtoMessage() {}
+
+func (x *SetQuotaRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetQuotaRequest.ProtoReflect.Descriptor instead.
+func (*SetQuotaRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{93}
+}
+
+func (x *SetQuotaRequest) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *SetQuotaRequest) GetQuota() *Quota {
+	if x != nil {
+		return x.Quota
+	}
+	return nil
+}
+
+type AuditRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Since         string                 `protobuf:"bytes,1,opt,name=since,proto3" json:"since,omitempty"`   // RFC 3339; "" = any time
+	Limit         int32                  `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"`  // default 100, max 10000
+	Action        string                 `protobuf:"bytes,3,opt,name=action,proto3" json:"action,omitempty"` // e.g. "SandboxService/Create"; "" = any
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditRequest) Reset() {
+	*x = AuditRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditRequest) ProtoMessage() {}
+
+func (x *AuditRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditRequest.ProtoReflect.Descriptor instead.
+func (*AuditRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{94}
+}
+
+func (x *AuditRequest) GetSince() string {
+	if x != nil {
+		return x.Since
+	}
+	return ""
+}
+
+func (x *AuditRequest) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+func (x *AuditRequest) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+type AuditRecord struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Seq           int64                  `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	At            string                 `protobuf:"bytes,2,opt,name=at,proto3" json:"at,omitempty"` // RFC 3339
+	Org           string                 `protobuf:"bytes,3,opt,name=org,proto3" json:"org,omitempty"`
+	Actor         string                 `protobuf:"bytes,4,opt,name=actor,proto3" json:"actor,omitempty"`     // the user's subject, or the sandbox's workload subject
+	Via           string                 `protobuf:"bytes,5,opt,name=via,proto3" json:"via,omitempty"`         // the key prefix, or "sandbox:<id>"
+	Peer          string                 `protobuf:"bytes,6,opt,name=peer,proto3" json:"peer,omitempty"`       // remote address of the call
+	Action        string                 `protobuf:"bytes,7,opt,name=action,proto3" json:"action,omitempty"`   // Service/Method
+	Object        string                 `protobuf:"bytes,8,opt,name=object,proto3" json:"object,omitempty"`   // the object acted on (sandbox id, policy name, ...)
+	Outcome       string                 `protobuf:"bytes,9,opt,name=outcome,proto3" json:"outcome,omitempty"` // "ok" or the error code
+	Detail        string                 `protobuf:"bytes,10,opt,name=detail,proto3" json:"detail,omitempty"`  // the error message, for failures
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditRecord) Reset() {
+	*x = AuditRecord{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditRecord) ProtoMessage() {}
+
+func (x *AuditRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
+func (*AuditRecord) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{95}
+}
+
+func (x *AuditRecord) GetSeq() int64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *AuditRecord) GetAt() string {
+	if x != nil {
+		return x.At
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetVia() string {
+	if x != nil {
+		return x.Via
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetObject() string {
+	if x != nil {
+		return x.Object
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+type AuditResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Records       []*AuditRecord         `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditResponse) Reset() {
+	*x = AuditResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditResponse) ProtoMessage() {}
+
+func (x *AuditResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditResponse.ProtoReflect.Descriptor instead.
+func (*AuditResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{96}
+}
+
+func (x *AuditResponse) GetRecords() []*AuditRecord {
+	if x != nil {
+		return x.Records
+	}
+	return nil
+}
+
 var File_chalk_compute_v1_compute_proto protoreflect.FileDescriptor
 
 const file_chalk_compute_v1_compute_proto_rawDesc = "" +
@@ -4567,14 +6016,20 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x14ListPoliciesResponse\x12;\n" +
 	"\bpolicies\x18\x01 \x03(\v2\x1f.chalk.compute.v1.NetworkPolicyR\bpolicies\"\x16\n" +
 	"\x14DeletePolicyResponse\"\x0f\n" +
-	"\rWhoAmIRequest\"\x88\x01\n" +
+	"\rWhoAmIRequest\"\xee\x01\n" +
 	"\x0eWhoAmIResponse\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x18\n" +
 	"\asubject\x18\x02 \x01(\tR\asubject\x12\x15\n" +
 	"\x06org_id\x18\x03 \x01(\tR\x05orgId\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x04 \x01(\tR\tsandboxId\x12\x12\n" +
-	"\x04name\x18\x05 \x01(\tR\x04name\"n\n" +
+	"\x04name\x18\x05 \x01(\tR\x04name\x12\x12\n" +
+	"\x04role\x18\x06 \x01(\tR\x04role\x12\x1d\n" +
+	"\n" +
+	"key_prefix\x18\a \x01(\tR\tkeyPrefix\x12\x1d\n" +
+	"\n" +
+	"node_admin\x18\b \x01(\bR\tnodeAdmin\x12\x12\n" +
+	"\x04user\x18\t \x01(\tR\x04user\"n\n" +
 	"\x10MintTokenRequest\x12\x1a\n" +
 	"\baudience\x18\x01 \x01(\tR\baudience\x12\x1f\n" +
 	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
@@ -4682,60 +6137,172 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\bbytes_in\x18\r \x01(\x03R\abytesIn\x12\x1b\n" +
 	"\tbytes_out\x18\x0e \x01(\x03R\bbytesOut\"N\n" +
 	"\x10McpAuditResponse\x12:\n" +
-	"\arecords\x18\x01 \x03(\v2 .chalk.compute.v1.McpAuditRecordR\arecords2\xff\b\n" +
+	"\arecords\x18\x01 \x03(\v2 .chalk.compute.v1.McpAuditRecordR\arecords\"g\n" +
+	"\x03Org\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
+	"\n" +
+	"created_at\x18\x02 \x01(\tR\tcreatedAt\x12-\n" +
+	"\x05quota\x18\x03 \x01(\v2\x17.chalk.compute.v1.QuotaR\x05quota\"<\n" +
+	"\x10CreateOrgRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05admin\x18\x02 \x01(\tR\x05admin\"s\n" +
+	"\x11CreateOrgResponse\x12'\n" +
+	"\x03org\x18\x01 \x01(\v2\x15.chalk.compute.v1.OrgR\x03org\x125\n" +
+	"\tadmin_key\x18\x02 \x01(\v2\x18.chalk.compute.v1.ApiKeyR\badminKey\"\x11\n" +
+	"\x0fListOrgsRequest\"=\n" +
+	"\x10ListOrgsResponse\x12)\n" +
+	"\x04orgs\x18\x01 \x03(\v2\x15.chalk.compute.v1.OrgR\x04orgs\"O\n" +
+	"\x06Member\x12\x12\n" +
+	"\x04user\x18\x01 \x01(\tR\x04user\x12\x12\n" +
+	"\x04role\x18\x02 \x01(\tR\x04role\x12\x1d\n" +
+	"\n" +
+	"created_at\x18\x03 \x01(\tR\tcreatedAt\"L\n" +
+	"\x10AddMemberRequest\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\x12\x12\n" +
+	"\x04role\x18\x03 \x01(\tR\x04role\"q\n" +
+	"\x11AddMemberResponse\x120\n" +
+	"\x06member\x18\x01 \x01(\v2\x18.chalk.compute.v1.MemberR\x06member\x12*\n" +
+	"\x03key\x18\x02 \x01(\v2\x18.chalk.compute.v1.ApiKeyR\x03key\"&\n" +
+	"\x12ListMembersRequest\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\"I\n" +
+	"\x13ListMembersResponse\x122\n" +
+	"\amembers\x18\x01 \x03(\v2\x18.chalk.compute.v1.MemberR\amembers\";\n" +
+	"\x13RemoveMemberRequest\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\"P\n" +
+	"\x14SetMemberRoleRequest\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\x12\x12\n" +
+	"\x04role\x18\x03 \x01(\tR\x04role\"\x16\n" +
+	"\x14RemoveMemberResponse\"\xb4\x02\n" +
+	"\x06ApiKey\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06prefix\x18\x02 \x01(\tR\x06prefix\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12\x10\n" +
+	"\x03org\x18\x04 \x01(\tR\x03org\x12\x12\n" +
+	"\x04user\x18\x05 \x01(\tR\x04user\x12\x12\n" +
+	"\x04role\x18\x06 \x01(\tR\x04role\x12\x1d\n" +
+	"\n" +
+	"created_by\x18\a \x01(\tR\tcreatedBy\x12\x1d\n" +
+	"\n" +
+	"created_at\x18\b \x01(\tR\tcreatedAt\x12\x1d\n" +
+	"\n" +
+	"expires_at\x18\t \x01(\tR\texpiresAt\x12 \n" +
+	"\flast_used_at\x18\n" +
+	" \x01(\tR\n" +
+	"lastUsedAt\x12\x1d\n" +
+	"\n" +
+	"revoked_at\x18\v \x01(\tR\trevokedAt\x12\x16\n" +
+	"\x06secret\x18\f \x01(\tR\x06secret\"o\n" +
+	"\x10CreateKeyRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04role\x18\x02 \x01(\tR\x04role\x12\x1f\n" +
+	"\vttl_seconds\x18\x03 \x01(\x03R\n" +
+	"ttlSeconds\x12\x12\n" +
+	"\x04user\x18\x04 \x01(\tR\x04user\"#\n" +
+	"\x0fListKeysRequest\x12\x10\n" +
+	"\x03all\x18\x01 \x01(\bR\x03all\"@\n" +
+	"\x10ListKeysResponse\x12,\n" +
+	"\x04keys\x18\x01 \x03(\v2\x18.chalk.compute.v1.ApiKeyR\x04keys\"\"\n" +
+	"\x10RevokeKeyRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"?\n" +
+	"\x11RevokeKeyResponse\x12*\n" +
+	"\x03key\x18\x01 \x01(\v2\x18.chalk.compute.v1.ApiKeyR\x03key\"\xaf\x01\n" +
+	"\x05Quota\x122\n" +
+	"\x15max_running_sandboxes\x18\x01 \x01(\x05R\x13maxRunningSandboxes\x12\x19\n" +
+	"\bmax_vcpu\x18\x02 \x01(\x01R\amaxVcpu\x12\"\n" +
+	"\rmax_memory_mb\x18\x03 \x01(\x03R\vmaxMemoryMb\x123\n" +
+	"\x16max_creates_per_minute\x18\x04 \x01(\x05R\x13maxCreatesPerMinute\"#\n" +
+	"\x0fGetQuotaRequest\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\"R\n" +
+	"\x0fSetQuotaRequest\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\x12-\n" +
+	"\x05quota\x18\x02 \x01(\v2\x17.chalk.compute.v1.QuotaR\x05quota\"R\n" +
+	"\fAuditRequest\x12\x14\n" +
+	"\x05since\x18\x01 \x01(\tR\x05since\x12\x14\n" +
+	"\x05limit\x18\x02 \x01(\x05R\x05limit\x12\x16\n" +
+	"\x06action\x18\x03 \x01(\tR\x06action\"\xdf\x01\n" +
+	"\vAuditRecord\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x0e\n" +
+	"\x02at\x18\x02 \x01(\tR\x02at\x12\x10\n" +
+	"\x03org\x18\x03 \x01(\tR\x03org\x12\x14\n" +
+	"\x05actor\x18\x04 \x01(\tR\x05actor\x12\x10\n" +
+	"\x03via\x18\x05 \x01(\tR\x03via\x12\x12\n" +
+	"\x04peer\x18\x06 \x01(\tR\x04peer\x12\x16\n" +
+	"\x06action\x18\a \x01(\tR\x06action\x12\x16\n" +
+	"\x06object\x18\b \x01(\tR\x06object\x12\x18\n" +
+	"\aoutcome\x18\t \x01(\tR\aoutcome\x12\x16\n" +
+	"\x06detail\x18\n" +
+	" \x01(\tR\x06detail\"H\n" +
+	"\rAuditResponse\x127\n" +
+	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords2\xa2\t\n" +
 	"\x0eSandboxService\x12K\n" +
-	"\x06Create\x12&.chalk.compute.v1.CreateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12E\n" +
-	"\x03Get\x12#.chalk.compute.v1.GetSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12W\n" +
-	"\x04List\x12&.chalk.compute.v1.ListSandboxesRequest\x1a'.chalk.compute.v1.ListSandboxesResponse\x12G\n" +
-	"\x04Wait\x12$.chalk.compute.v1.WaitSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12Q\n" +
+	"\x06Create\x12&.chalk.compute.v1.CreateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12J\n" +
+	"\x03Get\x12#.chalk.compute.v1.GetSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\"\x03\x90\x02\x01\x12\\\n" +
+	"\x04List\x12&.chalk.compute.v1.ListSandboxesRequest\x1a'.chalk.compute.v1.ListSandboxesResponse\"\x03\x90\x02\x01\x12L\n" +
+	"\x04Wait\x12$.chalk.compute.v1.WaitSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\"\x03\x90\x02\x01\x12Q\n" +
 	"\tTerminate\x12).chalk.compute.v1.TerminateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12D\n" +
 	"\x04Exec\x12\x1d.chalk.compute.v1.ExecRequest\x1a\x1b.chalk.compute.v1.ExecEvent0\x01\x12W\n" +
 	"\n" +
 	"WriteStdin\x12#.chalk.compute.v1.WriteStdinRequest\x1a$.chalk.compute.v1.WriteStdinResponse\x12W\n" +
 	"\n" +
-	"SignalExec\x12#.chalk.compute.v1.SignalExecRequest\x1a$.chalk.compute.v1.SignalExecResponse\x12C\n" +
-	"\x04Logs\x12\x1d.chalk.compute.v1.LogsRequest\x1a\x1a.chalk.compute.v1.LogChunk0\x01\x12L\n" +
-	"\bReadFile\x12!.chalk.compute.v1.ReadFileRequest\x1a\x1b.chalk.compute.v1.FileChunk0\x01\x12T\n" +
-	"\tWriteFile\x12\".chalk.compute.v1.WriteFileRequest\x1a#.chalk.compute.v1.WriteFileResponse\x12T\n" +
-	"\tListFiles\x12\".chalk.compute.v1.ListFilesRequest\x1a#.chalk.compute.v1.ListFilesResponse\x12W\n" +
+	"SignalExec\x12#.chalk.compute.v1.SignalExecRequest\x1a$.chalk.compute.v1.SignalExecResponse\x12H\n" +
+	"\x04Logs\x12\x1d.chalk.compute.v1.LogsRequest\x1a\x1a.chalk.compute.v1.LogChunk\"\x03\x90\x02\x010\x01\x12Q\n" +
+	"\bReadFile\x12!.chalk.compute.v1.ReadFileRequest\x1a\x1b.chalk.compute.v1.FileChunk\"\x03\x90\x02\x010\x01\x12T\n" +
+	"\tWriteFile\x12\".chalk.compute.v1.WriteFileRequest\x1a#.chalk.compute.v1.WriteFileResponse\x12Y\n" +
+	"\tListFiles\x12\".chalk.compute.v1.ListFilesRequest\x1a#.chalk.compute.v1.ListFilesResponse\"\x03\x90\x02\x01\x12W\n" +
 	"\n" +
-	"RemoveFile\x12#.chalk.compute.v1.RemoveFileRequest\x1a$.chalk.compute.v1.RemoveFileResponse\x12T\n" +
-	"\tEgressLog\x12\".chalk.compute.v1.EgressLogRequest\x1a#.chalk.compute.v1.EgressLogResponse2\xad\x05\n" +
+	"RemoveFile\x12#.chalk.compute.v1.RemoveFileRequest\x1a$.chalk.compute.v1.RemoveFileResponse\x12Y\n" +
+	"\tEgressLog\x12\".chalk.compute.v1.EgressLogRequest\x1a#.chalk.compute.v1.EgressLogResponse\"\x03\x90\x02\x012\xbc\x05\n" +
 	"\fImageService\x12M\n" +
 	"\x04Pull\x12\".chalk.compute.v1.PullImageRequest\x1a\x1f.chalk.compute.v1.ImageProgress0\x01\x12M\n" +
 	"\x04Warm\x12\".chalk.compute.v1.WarmImageRequest\x1a\x1f.chalk.compute.v1.ImageProgress0\x01\x12O\n" +
-	"\x05Build\x12#.chalk.compute.v1.BuildImageRequest\x1a\x1f.chalk.compute.v1.ImageProgress0\x01\x12Q\n" +
-	"\x04List\x12#.chalk.compute.v1.ListImagesRequest\x1a$.chalk.compute.v1.ListImagesResponse\x12X\n" +
-	"\aInspect\x12%.chalk.compute.v1.InspectImageRequest\x1a&.chalk.compute.v1.InspectImageResponse\x12U\n" +
-	"\x06Remove\x12$.chalk.compute.v1.RemoveImageRequest\x1a%.chalk.compute.v1.RemoveImageResponse\x12Q\n" +
-	"\bHasBlobs\x12!.chalk.compute.v1.HasBlobsRequest\x1a\".chalk.compute.v1.HasBlobsResponse\x12W\n" +
+	"\x05Build\x12#.chalk.compute.v1.BuildImageRequest\x1a\x1f.chalk.compute.v1.ImageProgress0\x01\x12V\n" +
+	"\x04List\x12#.chalk.compute.v1.ListImagesRequest\x1a$.chalk.compute.v1.ListImagesResponse\"\x03\x90\x02\x01\x12]\n" +
+	"\aInspect\x12%.chalk.compute.v1.InspectImageRequest\x1a&.chalk.compute.v1.InspectImageResponse\"\x03\x90\x02\x01\x12U\n" +
+	"\x06Remove\x12$.chalk.compute.v1.RemoveImageRequest\x1a%.chalk.compute.v1.RemoveImageResponse\x12V\n" +
+	"\bHasBlobs\x12!.chalk.compute.v1.HasBlobsRequest\x1a\".chalk.compute.v1.HasBlobsResponse\"\x03\x90\x02\x01\x12W\n" +
 	"\n" +
-	"UploadBlob\x12#.chalk.compute.v1.UploadBlobRequest\x1a$.chalk.compute.v1.UploadBlobResponse2\x94\x03\n" +
+	"UploadBlob\x12#.chalk.compute.v1.UploadBlobRequest\x1a$.chalk.compute.v1.UploadBlobResponse2\x9e\x03\n" +
 	"\rPolicyService\x12J\n" +
 	"\x06Create\x12\x1f.chalk.compute.v1.NetworkPolicy\x1a\x1f.chalk.compute.v1.NetworkPolicy\x12J\n" +
-	"\x06Update\x12\x1f.chalk.compute.v1.NetworkPolicy\x1a\x1f.chalk.compute.v1.NetworkPolicy\x12D\n" +
-	"\x03Get\x12\x1c.chalk.compute.v1.PolicyName\x1a\x1f.chalk.compute.v1.NetworkPolicy\x12U\n" +
-	"\x04List\x12%.chalk.compute.v1.ListPoliciesRequest\x1a&.chalk.compute.v1.ListPoliciesResponse\x12N\n" +
-	"\x06Delete\x12\x1c.chalk.compute.v1.PolicyName\x1a&.chalk.compute.v1.DeletePolicyResponse2\x8d\x02\n" +
-	"\x0fIdentityService\x12K\n" +
-	"\x06WhoAmI\x12\x1f.chalk.compute.v1.WhoAmIRequest\x1a .chalk.compute.v1.WhoAmIResponse\x12T\n" +
+	"\x06Update\x12\x1f.chalk.compute.v1.NetworkPolicy\x1a\x1f.chalk.compute.v1.NetworkPolicy\x12I\n" +
+	"\x03Get\x12\x1c.chalk.compute.v1.PolicyName\x1a\x1f.chalk.compute.v1.NetworkPolicy\"\x03\x90\x02\x01\x12Z\n" +
+	"\x04List\x12%.chalk.compute.v1.ListPoliciesRequest\x1a&.chalk.compute.v1.ListPoliciesResponse\"\x03\x90\x02\x01\x12N\n" +
+	"\x06Delete\x12\x1c.chalk.compute.v1.PolicyName\x1a&.chalk.compute.v1.DeletePolicyResponse2\x92\x02\n" +
+	"\x0fIdentityService\x12P\n" +
+	"\x06WhoAmI\x12\x1f.chalk.compute.v1.WhoAmIRequest\x1a .chalk.compute.v1.WhoAmIResponse\"\x03\x90\x02\x01\x12T\n" +
 	"\tMintToken\x12\".chalk.compute.v1.MintTokenRequest\x1a#.chalk.compute.v1.MintTokenResponse\x12W\n" +
 	"\n" +
-	"RotateKeys\x12#.chalk.compute.v1.RotateKeysRequest\x1a$.chalk.compute.v1.RotateKeysResponse2\xd4\x03\n" +
+	"RotateKeys\x12#.chalk.compute.v1.RotateKeysRequest\x1a$.chalk.compute.v1.RotateKeysResponse2\xde\x03\n" +
 	"\rTunnelService\x12;\n" +
-	"\x05Apply\x12\x18.chalk.compute.v1.Tunnel\x1a\x18.chalk.compute.v1.Tunnel\x12=\n" +
-	"\x03Get\x12\x1c.chalk.compute.v1.TunnelName\x1a\x18.chalk.compute.v1.Tunnel\x12S\n" +
-	"\x04List\x12$.chalk.compute.v1.ListTunnelsRequest\x1a%.chalk.compute.v1.ListTunnelsResponse\x12N\n" +
+	"\x05Apply\x12\x18.chalk.compute.v1.Tunnel\x1a\x18.chalk.compute.v1.Tunnel\x12B\n" +
+	"\x03Get\x12\x1c.chalk.compute.v1.TunnelName\x1a\x18.chalk.compute.v1.Tunnel\"\x03\x90\x02\x01\x12X\n" +
+	"\x04List\x12$.chalk.compute.v1.ListTunnelsRequest\x1a%.chalk.compute.v1.ListTunnelsResponse\"\x03\x90\x02\x01\x12N\n" +
 	"\x06Delete\x12\x1c.chalk.compute.v1.TunnelName\x1a&.chalk.compute.v1.DeleteTunnelResponse\x12O\n" +
 	"\aAddPeer\x12&.chalk.compute.v1.AddTunnelPeerRequest\x1a\x1c.chalk.compute.v1.TunnelPeer\x12Q\n" +
 	"\n" +
-	"RemovePeer\x12).chalk.compute.v1.RemoveTunnelPeerRequest\x1a\x18.chalk.compute.v1.Tunnel2\xe1\x02\n" +
+	"RemovePeer\x12).chalk.compute.v1.RemoveTunnelPeerRequest\x1a\x18.chalk.compute.v1.Tunnel2\xeb\x02\n" +
 	"\n" +
 	"McpService\x12E\n" +
-	"\tAddServer\x12\x1b.chalk.compute.v1.McpServer\x1a\x1b.chalk.compute.v1.McpServer\x12`\n" +
-	"\vListServers\x12'.chalk.compute.v1.ListMcpServersRequest\x1a(.chalk.compute.v1.ListMcpServersResponse\x12Z\n" +
-	"\fRemoveServer\x12\x1f.chalk.compute.v1.McpServerName\x1a).chalk.compute.v1.RemoveMcpServerResponse\x12N\n" +
-	"\x05Audit\x12!.chalk.compute.v1.McpAuditRequest\x1a\".chalk.compute.v1.McpAuditResponseBEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
+	"\tAddServer\x12\x1b.chalk.compute.v1.McpServer\x1a\x1b.chalk.compute.v1.McpServer\x12e\n" +
+	"\vListServers\x12'.chalk.compute.v1.ListMcpServersRequest\x1a(.chalk.compute.v1.ListMcpServersResponse\"\x03\x90\x02\x01\x12Z\n" +
+	"\fRemoveServer\x12\x1f.chalk.compute.v1.McpServerName\x1a).chalk.compute.v1.RemoveMcpServerResponse\x12S\n" +
+	"\x05Audit\x12!.chalk.compute.v1.McpAuditRequest\x1a\".chalk.compute.v1.McpAuditResponse\"\x03\x90\x02\x012\x81\b\n" +
+	"\vTeamService\x12T\n" +
+	"\tCreateOrg\x12\".chalk.compute.v1.CreateOrgRequest\x1a#.chalk.compute.v1.CreateOrgResponse\x12V\n" +
+	"\bListOrgs\x12!.chalk.compute.v1.ListOrgsRequest\x1a\".chalk.compute.v1.ListOrgsResponse\"\x03\x90\x02\x01\x12T\n" +
+	"\tAddMember\x12\".chalk.compute.v1.AddMemberRequest\x1a#.chalk.compute.v1.AddMemberResponse\x12_\n" +
+	"\vListMembers\x12$.chalk.compute.v1.ListMembersRequest\x1a%.chalk.compute.v1.ListMembersResponse\"\x03\x90\x02\x01\x12]\n" +
+	"\fRemoveMember\x12%.chalk.compute.v1.RemoveMemberRequest\x1a&.chalk.compute.v1.RemoveMemberResponse\x12Q\n" +
+	"\rSetMemberRole\x12&.chalk.compute.v1.SetMemberRoleRequest\x1a\x18.chalk.compute.v1.Member\x12I\n" +
+	"\tCreateKey\x12\".chalk.compute.v1.CreateKeyRequest\x1a\x18.chalk.compute.v1.ApiKey\x12V\n" +
+	"\bListKeys\x12!.chalk.compute.v1.ListKeysRequest\x1a\".chalk.compute.v1.ListKeysResponse\"\x03\x90\x02\x01\x12T\n" +
+	"\tRevokeKey\x12\".chalk.compute.v1.RevokeKeyRequest\x1a#.chalk.compute.v1.RevokeKeyResponse\x12K\n" +
+	"\bGetQuota\x12!.chalk.compute.v1.GetQuotaRequest\x1a\x17.chalk.compute.v1.Quota\"\x03\x90\x02\x01\x12F\n" +
+	"\bSetQuota\x12!.chalk.compute.v1.SetQuotaRequest\x1a\x17.chalk.compute.v1.Quota\x12M\n" +
+	"\x05Audit\x12\x1e.chalk.compute.v1.AuditRequest\x1a\x1f.chalk.compute.v1.AuditResponse\"\x03\x90\x02\x01BEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
 
 var (
 	file_chalk_compute_v1_compute_proto_rawDescOnce sync.Once
@@ -4749,7 +6316,7 @@ func file_chalk_compute_v1_compute_proto_rawDescGZIP() []byte {
 	return file_chalk_compute_v1_compute_proto_rawDescData
 }
 
-var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
+var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 103)
 var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*Sandbox)(nil),                 // 0: chalk.compute.v1.Sandbox
 	(*CreateSandboxRequest)(nil),    // 1: chalk.compute.v1.CreateSandboxRequest
@@ -4823,121 +6390,181 @@ var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*McpAuditRequest)(nil),         // 69: chalk.compute.v1.McpAuditRequest
 	(*McpAuditRecord)(nil),          // 70: chalk.compute.v1.McpAuditRecord
 	(*McpAuditResponse)(nil),        // 71: chalk.compute.v1.McpAuditResponse
-	nil,                             // 72: chalk.compute.v1.Sandbox.EnvEntry
-	nil,                             // 73: chalk.compute.v1.Sandbox.LabelsEntry
-	nil,                             // 74: chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	nil,                             // 75: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
-	nil,                             // 76: chalk.compute.v1.ExecRequest.EnvEntry
-	nil,                             // 77: chalk.compute.v1.McpServer.SandboxLabelsEntry
+	(*Org)(nil),                     // 72: chalk.compute.v1.Org
+	(*CreateOrgRequest)(nil),        // 73: chalk.compute.v1.CreateOrgRequest
+	(*CreateOrgResponse)(nil),       // 74: chalk.compute.v1.CreateOrgResponse
+	(*ListOrgsRequest)(nil),         // 75: chalk.compute.v1.ListOrgsRequest
+	(*ListOrgsResponse)(nil),        // 76: chalk.compute.v1.ListOrgsResponse
+	(*Member)(nil),                  // 77: chalk.compute.v1.Member
+	(*AddMemberRequest)(nil),        // 78: chalk.compute.v1.AddMemberRequest
+	(*AddMemberResponse)(nil),       // 79: chalk.compute.v1.AddMemberResponse
+	(*ListMembersRequest)(nil),      // 80: chalk.compute.v1.ListMembersRequest
+	(*ListMembersResponse)(nil),     // 81: chalk.compute.v1.ListMembersResponse
+	(*RemoveMemberRequest)(nil),     // 82: chalk.compute.v1.RemoveMemberRequest
+	(*SetMemberRoleRequest)(nil),    // 83: chalk.compute.v1.SetMemberRoleRequest
+	(*RemoveMemberResponse)(nil),    // 84: chalk.compute.v1.RemoveMemberResponse
+	(*ApiKey)(nil),                  // 85: chalk.compute.v1.ApiKey
+	(*CreateKeyRequest)(nil),        // 86: chalk.compute.v1.CreateKeyRequest
+	(*ListKeysRequest)(nil),         // 87: chalk.compute.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),        // 88: chalk.compute.v1.ListKeysResponse
+	(*RevokeKeyRequest)(nil),        // 89: chalk.compute.v1.RevokeKeyRequest
+	(*RevokeKeyResponse)(nil),       // 90: chalk.compute.v1.RevokeKeyResponse
+	(*Quota)(nil),                   // 91: chalk.compute.v1.Quota
+	(*GetQuotaRequest)(nil),         // 92: chalk.compute.v1.GetQuotaRequest
+	(*SetQuotaRequest)(nil),         // 93: chalk.compute.v1.SetQuotaRequest
+	(*AuditRequest)(nil),            // 94: chalk.compute.v1.AuditRequest
+	(*AuditRecord)(nil),             // 95: chalk.compute.v1.AuditRecord
+	(*AuditResponse)(nil),           // 96: chalk.compute.v1.AuditResponse
+	nil,                             // 97: chalk.compute.v1.Sandbox.EnvEntry
+	nil,                             // 98: chalk.compute.v1.Sandbox.LabelsEntry
+	nil,                             // 99: chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	nil,                             // 100: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	nil,                             // 101: chalk.compute.v1.ExecRequest.EnvEntry
+	nil,                             // 102: chalk.compute.v1.McpServer.SandboxLabelsEntry
 }
 var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
-	72, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
-	73, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
-	74, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	44, // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
-	75, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
-	0,  // 5: chalk.compute.v1.ListSandboxesResponse.sandboxes:type_name -> chalk.compute.v1.Sandbox
-	76, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
-	9,  // 7: chalk.compute.v1.ExecEvent.started:type_name -> chalk.compute.v1.ExecStarted
-	10, // 8: chalk.compute.v1.ExecEvent.exited:type_name -> chalk.compute.v1.ExecExited
-	22, // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
-	27, // 10: chalk.compute.v1.EgressLogResponse.drops:type_name -> chalk.compute.v1.EgressDrop
-	29, // 11: chalk.compute.v1.ImageProgress.image:type_name -> chalk.compute.v1.Image
-	29, // 12: chalk.compute.v1.ListImagesResponse.images:type_name -> chalk.compute.v1.Image
-	29, // 13: chalk.compute.v1.InspectImageResponse.image:type_name -> chalk.compute.v1.Image
-	44, // 14: chalk.compute.v1.ListPoliciesResponse.policies:type_name -> chalk.compute.v1.NetworkPolicy
-	55, // 15: chalk.compute.v1.Tunnel.peers:type_name -> chalk.compute.v1.TunnelPeer
-	56, // 16: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
-	57, // 17: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
-	55, // 18: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
-	77, // 19: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
-	64, // 20: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
-	70, // 21: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
-	1,  // 22: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
-	2,  // 23: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
-	3,  // 24: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
-	5,  // 25: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
-	6,  // 26: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
-	7,  // 27: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
-	11, // 28: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
-	13, // 29: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
-	15, // 30: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
-	17, // 31: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
-	19, // 32: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
-	21, // 33: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
-	24, // 34: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
-	26, // 35: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
-	30, // 36: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
-	31, // 37: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
-	39, // 38: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
-	33, // 39: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
-	35, // 40: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
-	37, // 41: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
-	40, // 42: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
-	42, // 43: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
-	44, // 44: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
-	44, // 45: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
-	45, // 46: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
-	46, // 47: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
-	45, // 48: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
-	49, // 49: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
-	51, // 50: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
-	53, // 51: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
-	57, // 52: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
-	58, // 53: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
-	59, // 54: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
-	58, // 55: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
-	61, // 56: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
-	62, // 57: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
-	64, // 58: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
-	66, // 59: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
-	65, // 60: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
-	69, // 61: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
-	0,  // 62: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
-	0,  // 63: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
-	4,  // 64: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
-	0,  // 65: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
-	0,  // 66: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
-	8,  // 67: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
-	12, // 68: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
-	14, // 69: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
-	16, // 70: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
-	18, // 71: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
-	20, // 72: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
-	23, // 73: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
-	25, // 74: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
-	28, // 75: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
-	32, // 76: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
-	32, // 77: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
-	32, // 78: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
-	34, // 79: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
-	36, // 80: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
-	38, // 81: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
-	41, // 82: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
-	43, // 83: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
-	44, // 84: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
-	44, // 85: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
-	44, // 86: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
-	47, // 87: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
-	48, // 88: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
-	50, // 89: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
-	52, // 90: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
-	54, // 91: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
-	57, // 92: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
-	57, // 93: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
-	60, // 94: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
-	63, // 95: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
-	55, // 96: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
-	57, // 97: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
-	64, // 98: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
-	67, // 99: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
-	68, // 100: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
-	71, // 101: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
-	62, // [62:102] is the sub-list for method output_type
-	22, // [22:62] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	97,  // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
+	98,  // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
+	99,  // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	44,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
+	100, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	0,   // 5: chalk.compute.v1.ListSandboxesResponse.sandboxes:type_name -> chalk.compute.v1.Sandbox
+	101, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
+	9,   // 7: chalk.compute.v1.ExecEvent.started:type_name -> chalk.compute.v1.ExecStarted
+	10,  // 8: chalk.compute.v1.ExecEvent.exited:type_name -> chalk.compute.v1.ExecExited
+	22,  // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
+	27,  // 10: chalk.compute.v1.EgressLogResponse.drops:type_name -> chalk.compute.v1.EgressDrop
+	29,  // 11: chalk.compute.v1.ImageProgress.image:type_name -> chalk.compute.v1.Image
+	29,  // 12: chalk.compute.v1.ListImagesResponse.images:type_name -> chalk.compute.v1.Image
+	29,  // 13: chalk.compute.v1.InspectImageResponse.image:type_name -> chalk.compute.v1.Image
+	44,  // 14: chalk.compute.v1.ListPoliciesResponse.policies:type_name -> chalk.compute.v1.NetworkPolicy
+	55,  // 15: chalk.compute.v1.Tunnel.peers:type_name -> chalk.compute.v1.TunnelPeer
+	56,  // 16: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
+	57,  // 17: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
+	55,  // 18: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
+	102, // 19: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
+	64,  // 20: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
+	70,  // 21: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
+	91,  // 22: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
+	72,  // 23: chalk.compute.v1.CreateOrgResponse.org:type_name -> chalk.compute.v1.Org
+	85,  // 24: chalk.compute.v1.CreateOrgResponse.admin_key:type_name -> chalk.compute.v1.ApiKey
+	72,  // 25: chalk.compute.v1.ListOrgsResponse.orgs:type_name -> chalk.compute.v1.Org
+	77,  // 26: chalk.compute.v1.AddMemberResponse.member:type_name -> chalk.compute.v1.Member
+	85,  // 27: chalk.compute.v1.AddMemberResponse.key:type_name -> chalk.compute.v1.ApiKey
+	77,  // 28: chalk.compute.v1.ListMembersResponse.members:type_name -> chalk.compute.v1.Member
+	85,  // 29: chalk.compute.v1.ListKeysResponse.keys:type_name -> chalk.compute.v1.ApiKey
+	85,  // 30: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
+	91,  // 31: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
+	95,  // 32: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
+	1,   // 33: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
+	2,   // 34: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
+	3,   // 35: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
+	5,   // 36: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
+	6,   // 37: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
+	7,   // 38: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
+	11,  // 39: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
+	13,  // 40: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
+	15,  // 41: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
+	17,  // 42: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
+	19,  // 43: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
+	21,  // 44: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
+	24,  // 45: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
+	26,  // 46: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
+	30,  // 47: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
+	31,  // 48: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
+	39,  // 49: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
+	33,  // 50: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
+	35,  // 51: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
+	37,  // 52: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
+	40,  // 53: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
+	42,  // 54: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
+	44,  // 55: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
+	44,  // 56: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
+	45,  // 57: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
+	46,  // 58: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
+	45,  // 59: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
+	49,  // 60: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
+	51,  // 61: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
+	53,  // 62: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
+	57,  // 63: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
+	58,  // 64: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
+	59,  // 65: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
+	58,  // 66: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
+	61,  // 67: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
+	62,  // 68: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
+	64,  // 69: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
+	66,  // 70: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
+	65,  // 71: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
+	69,  // 72: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
+	73,  // 73: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
+	75,  // 74: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
+	78,  // 75: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
+	80,  // 76: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
+	82,  // 77: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
+	83,  // 78: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
+	86,  // 79: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
+	87,  // 80: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
+	89,  // 81: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
+	92,  // 82: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
+	93,  // 83: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
+	94,  // 84: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
+	0,   // 85: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
+	0,   // 86: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
+	4,   // 87: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
+	0,   // 88: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
+	0,   // 89: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
+	8,   // 90: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
+	12,  // 91: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
+	14,  // 92: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
+	16,  // 93: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
+	18,  // 94: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
+	20,  // 95: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
+	23,  // 96: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
+	25,  // 97: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
+	28,  // 98: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
+	32,  // 99: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
+	32,  // 100: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
+	32,  // 101: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
+	34,  // 102: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
+	36,  // 103: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
+	38,  // 104: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
+	41,  // 105: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
+	43,  // 106: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
+	44,  // 107: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
+	44,  // 108: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
+	44,  // 109: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
+	47,  // 110: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
+	48,  // 111: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
+	50,  // 112: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
+	52,  // 113: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
+	54,  // 114: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
+	57,  // 115: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
+	57,  // 116: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
+	60,  // 117: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
+	63,  // 118: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
+	55,  // 119: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
+	57,  // 120: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
+	64,  // 121: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
+	67,  // 122: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
+	68,  // 123: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
+	71,  // 124: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
+	74,  // 125: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
+	76,  // 126: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
+	79,  // 127: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
+	81,  // 128: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
+	84,  // 129: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
+	77,  // 130: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
+	85,  // 131: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
+	88,  // 132: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
+	90,  // 133: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
+	91,  // 134: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
+	91,  // 135: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
+	96,  // 136: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
+	85,  // [85:137] is the sub-list for method output_type
+	33,  // [33:85] is the sub-list for method input_type
+	33,  // [33:33] is the sub-list for extension type_name
+	33,  // [33:33] is the sub-list for extension extendee
+	0,   // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_chalk_compute_v1_compute_proto_init() }
@@ -4959,9 +6586,9 @@ func file_chalk_compute_v1_compute_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_compute_v1_compute_proto_rawDesc), len(file_chalk_compute_v1_compute_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   78,
+			NumMessages:   103,
 			NumExtensions: 0,
-			NumServices:   6,
+			NumServices:   7,
 		},
 		GoTypes:           file_chalk_compute_v1_compute_proto_goTypes,
 		DependencyIndexes: file_chalk_compute_v1_compute_proto_depIdxs,

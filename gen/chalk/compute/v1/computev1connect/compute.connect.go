@@ -36,6 +36,8 @@ const (
 	TunnelServiceName = "chalk.compute.v1.TunnelService"
 	// McpServiceName is the fully-qualified name of the McpService service.
 	McpServiceName = "chalk.compute.v1.McpService"
+	// TeamServiceName is the fully-qualified name of the TeamService service.
+	TeamServiceName = "chalk.compute.v1.TeamService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -136,6 +138,32 @@ const (
 	McpServiceRemoveServerProcedure = "/chalk.compute.v1.McpService/RemoveServer"
 	// McpServiceAuditProcedure is the fully-qualified name of the McpService's Audit RPC.
 	McpServiceAuditProcedure = "/chalk.compute.v1.McpService/Audit"
+	// TeamServiceCreateOrgProcedure is the fully-qualified name of the TeamService's CreateOrg RPC.
+	TeamServiceCreateOrgProcedure = "/chalk.compute.v1.TeamService/CreateOrg"
+	// TeamServiceListOrgsProcedure is the fully-qualified name of the TeamService's ListOrgs RPC.
+	TeamServiceListOrgsProcedure = "/chalk.compute.v1.TeamService/ListOrgs"
+	// TeamServiceAddMemberProcedure is the fully-qualified name of the TeamService's AddMember RPC.
+	TeamServiceAddMemberProcedure = "/chalk.compute.v1.TeamService/AddMember"
+	// TeamServiceListMembersProcedure is the fully-qualified name of the TeamService's ListMembers RPC.
+	TeamServiceListMembersProcedure = "/chalk.compute.v1.TeamService/ListMembers"
+	// TeamServiceRemoveMemberProcedure is the fully-qualified name of the TeamService's RemoveMember
+	// RPC.
+	TeamServiceRemoveMemberProcedure = "/chalk.compute.v1.TeamService/RemoveMember"
+	// TeamServiceSetMemberRoleProcedure is the fully-qualified name of the TeamService's SetMemberRole
+	// RPC.
+	TeamServiceSetMemberRoleProcedure = "/chalk.compute.v1.TeamService/SetMemberRole"
+	// TeamServiceCreateKeyProcedure is the fully-qualified name of the TeamService's CreateKey RPC.
+	TeamServiceCreateKeyProcedure = "/chalk.compute.v1.TeamService/CreateKey"
+	// TeamServiceListKeysProcedure is the fully-qualified name of the TeamService's ListKeys RPC.
+	TeamServiceListKeysProcedure = "/chalk.compute.v1.TeamService/ListKeys"
+	// TeamServiceRevokeKeyProcedure is the fully-qualified name of the TeamService's RevokeKey RPC.
+	TeamServiceRevokeKeyProcedure = "/chalk.compute.v1.TeamService/RevokeKey"
+	// TeamServiceGetQuotaProcedure is the fully-qualified name of the TeamService's GetQuota RPC.
+	TeamServiceGetQuotaProcedure = "/chalk.compute.v1.TeamService/GetQuota"
+	// TeamServiceSetQuotaProcedure is the fully-qualified name of the TeamService's SetQuota RPC.
+	TeamServiceSetQuotaProcedure = "/chalk.compute.v1.TeamService/SetQuota"
+	// TeamServiceAuditProcedure is the fully-qualified name of the TeamService's Audit RPC.
+	TeamServiceAuditProcedure = "/chalk.compute.v1.TeamService/Audit"
 )
 
 // SandboxServiceClient is a client for the chalk.compute.v1.SandboxService service.
@@ -177,18 +205,21 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			httpClient,
 			baseURL+SandboxServiceGetProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("Get")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		list: connect.NewClient[v1.ListSandboxesRequest, v1.ListSandboxesResponse](
 			httpClient,
 			baseURL+SandboxServiceListProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("List")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		wait: connect.NewClient[v1.WaitSandboxRequest, v1.Sandbox](
 			httpClient,
 			baseURL+SandboxServiceWaitProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("Wait")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		terminate: connect.NewClient[v1.TerminateSandboxRequest, v1.Sandbox](
@@ -219,12 +250,14 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			httpClient,
 			baseURL+SandboxServiceLogsProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("Logs")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		readFile: connect.NewClient[v1.ReadFileRequest, v1.FileChunk](
 			httpClient,
 			baseURL+SandboxServiceReadFileProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("ReadFile")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		writeFile: connect.NewClient[v1.WriteFileRequest, v1.WriteFileResponse](
@@ -237,6 +270,7 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			httpClient,
 			baseURL+SandboxServiceListFilesProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("ListFiles")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		removeFile: connect.NewClient[v1.RemoveFileRequest, v1.RemoveFileResponse](
@@ -249,6 +283,7 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			httpClient,
 			baseURL+SandboxServiceEgressLogProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("EgressLog")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 	}
@@ -377,18 +412,21 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceGetProcedure,
 		svc.Get,
 		connect.WithSchema(sandboxServiceMethods.ByName("Get")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceListHandler := connect.NewUnaryHandler(
 		SandboxServiceListProcedure,
 		svc.List,
 		connect.WithSchema(sandboxServiceMethods.ByName("List")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceWaitHandler := connect.NewUnaryHandler(
 		SandboxServiceWaitProcedure,
 		svc.Wait,
 		connect.WithSchema(sandboxServiceMethods.ByName("Wait")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceTerminateHandler := connect.NewUnaryHandler(
@@ -419,12 +457,14 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceLogsProcedure,
 		svc.Logs,
 		connect.WithSchema(sandboxServiceMethods.ByName("Logs")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceReadFileHandler := connect.NewServerStreamHandler(
 		SandboxServiceReadFileProcedure,
 		svc.ReadFile,
 		connect.WithSchema(sandboxServiceMethods.ByName("ReadFile")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceWriteFileHandler := connect.NewUnaryHandler(
@@ -437,6 +477,7 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceListFilesProcedure,
 		svc.ListFiles,
 		connect.WithSchema(sandboxServiceMethods.ByName("ListFiles")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceRemoveFileHandler := connect.NewUnaryHandler(
@@ -449,6 +490,7 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceEgressLogProcedure,
 		svc.EgressLog,
 		connect.WithSchema(sandboxServiceMethods.ByName("EgressLog")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	return "/chalk.compute.v1.SandboxService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -591,12 +633,14 @@ func NewImageServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			httpClient,
 			baseURL+ImageServiceListProcedure,
 			connect.WithSchema(imageServiceMethods.ByName("List")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		inspect: connect.NewClient[v1.InspectImageRequest, v1.InspectImageResponse](
 			httpClient,
 			baseURL+ImageServiceInspectProcedure,
 			connect.WithSchema(imageServiceMethods.ByName("Inspect")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		remove: connect.NewClient[v1.RemoveImageRequest, v1.RemoveImageResponse](
@@ -609,6 +653,7 @@ func NewImageServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			httpClient,
 			baseURL+ImageServiceHasBlobsProcedure,
 			connect.WithSchema(imageServiceMethods.ByName("HasBlobs")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		uploadBlob: connect.NewClient[v1.UploadBlobRequest, v1.UploadBlobResponse](
@@ -713,12 +758,14 @@ func NewImageServiceHandler(svc ImageServiceHandler, opts ...connect.HandlerOpti
 		ImageServiceListProcedure,
 		svc.List,
 		connect.WithSchema(imageServiceMethods.ByName("List")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	imageServiceInspectHandler := connect.NewUnaryHandler(
 		ImageServiceInspectProcedure,
 		svc.Inspect,
 		connect.WithSchema(imageServiceMethods.ByName("Inspect")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	imageServiceRemoveHandler := connect.NewUnaryHandler(
@@ -731,6 +778,7 @@ func NewImageServiceHandler(svc ImageServiceHandler, opts ...connect.HandlerOpti
 		ImageServiceHasBlobsProcedure,
 		svc.HasBlobs,
 		connect.WithSchema(imageServiceMethods.ByName("HasBlobs")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	imageServiceUploadBlobHandler := connect.NewUnaryHandler(
@@ -834,12 +882,14 @@ func NewPolicyServiceClient(httpClient connect.HTTPClient, baseURL string, opts 
 			httpClient,
 			baseURL+PolicyServiceGetProcedure,
 			connect.WithSchema(policyServiceMethods.ByName("Get")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		list: connect.NewClient[v1.ListPoliciesRequest, v1.ListPoliciesResponse](
 			httpClient,
 			baseURL+PolicyServiceListProcedure,
 			connect.WithSchema(policyServiceMethods.ByName("List")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		delete: connect.NewClient[v1.PolicyName, v1.DeletePolicyResponse](
@@ -917,12 +967,14 @@ func NewPolicyServiceHandler(svc PolicyServiceHandler, opts ...connect.HandlerOp
 		PolicyServiceGetProcedure,
 		svc.Get,
 		connect.WithSchema(policyServiceMethods.ByName("Get")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	policyServiceListHandler := connect.NewUnaryHandler(
 		PolicyServiceListProcedure,
 		svc.List,
 		connect.WithSchema(policyServiceMethods.ByName("List")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	policyServiceDeleteHandler := connect.NewUnaryHandler(
@@ -994,6 +1046,7 @@ func NewIdentityServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			httpClient,
 			baseURL+IdentityServiceWhoAmIProcedure,
 			connect.WithSchema(identityServiceMethods.ByName("WhoAmI")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		mintToken: connect.NewClient[v1.MintTokenRequest, v1.MintTokenResponse](
@@ -1051,6 +1104,7 @@ func NewIdentityServiceHandler(svc IdentityServiceHandler, opts ...connect.Handl
 		IdentityServiceWhoAmIProcedure,
 		svc.WhoAmI,
 		connect.WithSchema(identityServiceMethods.ByName("WhoAmI")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	identityServiceMintTokenHandler := connect.NewUnaryHandler(
@@ -1129,12 +1183,14 @@ func NewTunnelServiceClient(httpClient connect.HTTPClient, baseURL string, opts 
 			httpClient,
 			baseURL+TunnelServiceGetProcedure,
 			connect.WithSchema(tunnelServiceMethods.ByName("Get")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		list: connect.NewClient[v1.ListTunnelsRequest, v1.ListTunnelsResponse](
 			httpClient,
 			baseURL+TunnelServiceListProcedure,
 			connect.WithSchema(tunnelServiceMethods.ByName("List")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		delete: connect.NewClient[v1.TunnelName, v1.DeleteTunnelResponse](
@@ -1229,12 +1285,14 @@ func NewTunnelServiceHandler(svc TunnelServiceHandler, opts ...connect.HandlerOp
 		TunnelServiceGetProcedure,
 		svc.Get,
 		connect.WithSchema(tunnelServiceMethods.ByName("Get")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	tunnelServiceListHandler := connect.NewUnaryHandler(
 		TunnelServiceListProcedure,
 		svc.List,
 		connect.WithSchema(tunnelServiceMethods.ByName("List")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	tunnelServiceDeleteHandler := connect.NewUnaryHandler(
@@ -1333,6 +1391,7 @@ func NewMcpServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...
 			httpClient,
 			baseURL+McpServiceListServersProcedure,
 			connect.WithSchema(mcpServiceMethods.ByName("ListServers")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 		removeServer: connect.NewClient[v1.McpServerName, v1.RemoveMcpServerResponse](
@@ -1345,6 +1404,7 @@ func NewMcpServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...
 			httpClient,
 			baseURL+McpServiceAuditProcedure,
 			connect.WithSchema(mcpServiceMethods.ByName("Audit")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 	}
@@ -1405,6 +1465,7 @@ func NewMcpServiceHandler(svc McpServiceHandler, opts ...connect.HandlerOption) 
 		McpServiceListServersProcedure,
 		svc.ListServers,
 		connect.WithSchema(mcpServiceMethods.ByName("ListServers")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	mcpServiceRemoveServerHandler := connect.NewUnaryHandler(
@@ -1417,6 +1478,7 @@ func NewMcpServiceHandler(svc McpServiceHandler, opts ...connect.HandlerOption) 
 		McpServiceAuditProcedure,
 		svc.Audit,
 		connect.WithSchema(mcpServiceMethods.ByName("Audit")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	return "/chalk.compute.v1.McpService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -1452,4 +1514,382 @@ func (UnimplementedMcpServiceHandler) RemoveServer(context.Context, *connect.Req
 
 func (UnimplementedMcpServiceHandler) Audit(context.Context, *connect.Request[v1.McpAuditRequest]) (*connect.Response[v1.McpAuditResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.McpService.Audit is not implemented"))
+}
+
+// TeamServiceClient is a client for the chalk.compute.v1.TeamService service.
+type TeamServiceClient interface {
+	// CreateOrg (node admin) makes an org and its first admin.
+	CreateOrg(context.Context, *connect.Request[v1.CreateOrgRequest]) (*connect.Response[v1.CreateOrgResponse], error)
+	// ListOrgs: every org for the node admin, else the caller's.
+	ListOrgs(context.Context, *connect.Request[v1.ListOrgsRequest]) (*connect.Response[v1.ListOrgsResponse], error)
+	AddMember(context.Context, *connect.Request[v1.AddMemberRequest]) (*connect.Response[v1.AddMemberResponse], error)
+	ListMembers(context.Context, *connect.Request[v1.ListMembersRequest]) (*connect.Response[v1.ListMembersResponse], error)
+	RemoveMember(context.Context, *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error)
+	// SetMemberRole changes a member's role (not the last admin's away from
+	// admin); the member's keys follow at once (their role is capped by it).
+	SetMemberRole(context.Context, *connect.Request[v1.SetMemberRoleRequest]) (*connect.Response[v1.Member], error)
+	CreateKey(context.Context, *connect.Request[v1.CreateKeyRequest]) (*connect.Response[v1.ApiKey], error)
+	ListKeys(context.Context, *connect.Request[v1.ListKeysRequest]) (*connect.Response[v1.ListKeysResponse], error)
+	RevokeKey(context.Context, *connect.Request[v1.RevokeKeyRequest]) (*connect.Response[v1.RevokeKeyResponse], error)
+	GetQuota(context.Context, *connect.Request[v1.GetQuotaRequest]) (*connect.Response[v1.Quota], error)
+	// SetQuota (node admin) sets an org's limits.
+	SetQuota(context.Context, *connect.Request[v1.SetQuotaRequest]) (*connect.Response[v1.Quota], error)
+	// Audit returns the caller's org's audit records, newest first (admins).
+	Audit(context.Context, *connect.Request[v1.AuditRequest]) (*connect.Response[v1.AuditResponse], error)
+}
+
+// NewTeamServiceClient constructs a client for the chalk.compute.v1.TeamService service. By
+// default, it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses,
+// and sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the
+// connect.WithGRPC() or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewTeamServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) TeamServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	teamServiceMethods := v1.File_chalk_compute_v1_compute_proto.Services().ByName("TeamService").Methods()
+	return &teamServiceClient{
+		createOrg: connect.NewClient[v1.CreateOrgRequest, v1.CreateOrgResponse](
+			httpClient,
+			baseURL+TeamServiceCreateOrgProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("CreateOrg")),
+			connect.WithClientOptions(opts...),
+		),
+		listOrgs: connect.NewClient[v1.ListOrgsRequest, v1.ListOrgsResponse](
+			httpClient,
+			baseURL+TeamServiceListOrgsProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("ListOrgs")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+		addMember: connect.NewClient[v1.AddMemberRequest, v1.AddMemberResponse](
+			httpClient,
+			baseURL+TeamServiceAddMemberProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("AddMember")),
+			connect.WithClientOptions(opts...),
+		),
+		listMembers: connect.NewClient[v1.ListMembersRequest, v1.ListMembersResponse](
+			httpClient,
+			baseURL+TeamServiceListMembersProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("ListMembers")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+		removeMember: connect.NewClient[v1.RemoveMemberRequest, v1.RemoveMemberResponse](
+			httpClient,
+			baseURL+TeamServiceRemoveMemberProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("RemoveMember")),
+			connect.WithClientOptions(opts...),
+		),
+		setMemberRole: connect.NewClient[v1.SetMemberRoleRequest, v1.Member](
+			httpClient,
+			baseURL+TeamServiceSetMemberRoleProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("SetMemberRole")),
+			connect.WithClientOptions(opts...),
+		),
+		createKey: connect.NewClient[v1.CreateKeyRequest, v1.ApiKey](
+			httpClient,
+			baseURL+TeamServiceCreateKeyProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("CreateKey")),
+			connect.WithClientOptions(opts...),
+		),
+		listKeys: connect.NewClient[v1.ListKeysRequest, v1.ListKeysResponse](
+			httpClient,
+			baseURL+TeamServiceListKeysProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("ListKeys")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+		revokeKey: connect.NewClient[v1.RevokeKeyRequest, v1.RevokeKeyResponse](
+			httpClient,
+			baseURL+TeamServiceRevokeKeyProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("RevokeKey")),
+			connect.WithClientOptions(opts...),
+		),
+		getQuota: connect.NewClient[v1.GetQuotaRequest, v1.Quota](
+			httpClient,
+			baseURL+TeamServiceGetQuotaProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("GetQuota")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+		setQuota: connect.NewClient[v1.SetQuotaRequest, v1.Quota](
+			httpClient,
+			baseURL+TeamServiceSetQuotaProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("SetQuota")),
+			connect.WithClientOptions(opts...),
+		),
+		audit: connect.NewClient[v1.AuditRequest, v1.AuditResponse](
+			httpClient,
+			baseURL+TeamServiceAuditProcedure,
+			connect.WithSchema(teamServiceMethods.ByName("Audit")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// teamServiceClient implements TeamServiceClient.
+type teamServiceClient struct {
+	createOrg     *connect.Client[v1.CreateOrgRequest, v1.CreateOrgResponse]
+	listOrgs      *connect.Client[v1.ListOrgsRequest, v1.ListOrgsResponse]
+	addMember     *connect.Client[v1.AddMemberRequest, v1.AddMemberResponse]
+	listMembers   *connect.Client[v1.ListMembersRequest, v1.ListMembersResponse]
+	removeMember  *connect.Client[v1.RemoveMemberRequest, v1.RemoveMemberResponse]
+	setMemberRole *connect.Client[v1.SetMemberRoleRequest, v1.Member]
+	createKey     *connect.Client[v1.CreateKeyRequest, v1.ApiKey]
+	listKeys      *connect.Client[v1.ListKeysRequest, v1.ListKeysResponse]
+	revokeKey     *connect.Client[v1.RevokeKeyRequest, v1.RevokeKeyResponse]
+	getQuota      *connect.Client[v1.GetQuotaRequest, v1.Quota]
+	setQuota      *connect.Client[v1.SetQuotaRequest, v1.Quota]
+	audit         *connect.Client[v1.AuditRequest, v1.AuditResponse]
+}
+
+// CreateOrg calls chalk.compute.v1.TeamService.CreateOrg.
+func (c *teamServiceClient) CreateOrg(ctx context.Context, req *connect.Request[v1.CreateOrgRequest]) (*connect.Response[v1.CreateOrgResponse], error) {
+	return c.createOrg.CallUnary(ctx, req)
+}
+
+// ListOrgs calls chalk.compute.v1.TeamService.ListOrgs.
+func (c *teamServiceClient) ListOrgs(ctx context.Context, req *connect.Request[v1.ListOrgsRequest]) (*connect.Response[v1.ListOrgsResponse], error) {
+	return c.listOrgs.CallUnary(ctx, req)
+}
+
+// AddMember calls chalk.compute.v1.TeamService.AddMember.
+func (c *teamServiceClient) AddMember(ctx context.Context, req *connect.Request[v1.AddMemberRequest]) (*connect.Response[v1.AddMemberResponse], error) {
+	return c.addMember.CallUnary(ctx, req)
+}
+
+// ListMembers calls chalk.compute.v1.TeamService.ListMembers.
+func (c *teamServiceClient) ListMembers(ctx context.Context, req *connect.Request[v1.ListMembersRequest]) (*connect.Response[v1.ListMembersResponse], error) {
+	return c.listMembers.CallUnary(ctx, req)
+}
+
+// RemoveMember calls chalk.compute.v1.TeamService.RemoveMember.
+func (c *teamServiceClient) RemoveMember(ctx context.Context, req *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error) {
+	return c.removeMember.CallUnary(ctx, req)
+}
+
+// SetMemberRole calls chalk.compute.v1.TeamService.SetMemberRole.
+func (c *teamServiceClient) SetMemberRole(ctx context.Context, req *connect.Request[v1.SetMemberRoleRequest]) (*connect.Response[v1.Member], error) {
+	return c.setMemberRole.CallUnary(ctx, req)
+}
+
+// CreateKey calls chalk.compute.v1.TeamService.CreateKey.
+func (c *teamServiceClient) CreateKey(ctx context.Context, req *connect.Request[v1.CreateKeyRequest]) (*connect.Response[v1.ApiKey], error) {
+	return c.createKey.CallUnary(ctx, req)
+}
+
+// ListKeys calls chalk.compute.v1.TeamService.ListKeys.
+func (c *teamServiceClient) ListKeys(ctx context.Context, req *connect.Request[v1.ListKeysRequest]) (*connect.Response[v1.ListKeysResponse], error) {
+	return c.listKeys.CallUnary(ctx, req)
+}
+
+// RevokeKey calls chalk.compute.v1.TeamService.RevokeKey.
+func (c *teamServiceClient) RevokeKey(ctx context.Context, req *connect.Request[v1.RevokeKeyRequest]) (*connect.Response[v1.RevokeKeyResponse], error) {
+	return c.revokeKey.CallUnary(ctx, req)
+}
+
+// GetQuota calls chalk.compute.v1.TeamService.GetQuota.
+func (c *teamServiceClient) GetQuota(ctx context.Context, req *connect.Request[v1.GetQuotaRequest]) (*connect.Response[v1.Quota], error) {
+	return c.getQuota.CallUnary(ctx, req)
+}
+
+// SetQuota calls chalk.compute.v1.TeamService.SetQuota.
+func (c *teamServiceClient) SetQuota(ctx context.Context, req *connect.Request[v1.SetQuotaRequest]) (*connect.Response[v1.Quota], error) {
+	return c.setQuota.CallUnary(ctx, req)
+}
+
+// Audit calls chalk.compute.v1.TeamService.Audit.
+func (c *teamServiceClient) Audit(ctx context.Context, req *connect.Request[v1.AuditRequest]) (*connect.Response[v1.AuditResponse], error) {
+	return c.audit.CallUnary(ctx, req)
+}
+
+// TeamServiceHandler is an implementation of the chalk.compute.v1.TeamService service.
+type TeamServiceHandler interface {
+	// CreateOrg (node admin) makes an org and its first admin.
+	CreateOrg(context.Context, *connect.Request[v1.CreateOrgRequest]) (*connect.Response[v1.CreateOrgResponse], error)
+	// ListOrgs: every org for the node admin, else the caller's.
+	ListOrgs(context.Context, *connect.Request[v1.ListOrgsRequest]) (*connect.Response[v1.ListOrgsResponse], error)
+	AddMember(context.Context, *connect.Request[v1.AddMemberRequest]) (*connect.Response[v1.AddMemberResponse], error)
+	ListMembers(context.Context, *connect.Request[v1.ListMembersRequest]) (*connect.Response[v1.ListMembersResponse], error)
+	RemoveMember(context.Context, *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error)
+	// SetMemberRole changes a member's role (not the last admin's away from
+	// admin); the member's keys follow at once (their role is capped by it).
+	SetMemberRole(context.Context, *connect.Request[v1.SetMemberRoleRequest]) (*connect.Response[v1.Member], error)
+	CreateKey(context.Context, *connect.Request[v1.CreateKeyRequest]) (*connect.Response[v1.ApiKey], error)
+	ListKeys(context.Context, *connect.Request[v1.ListKeysRequest]) (*connect.Response[v1.ListKeysResponse], error)
+	RevokeKey(context.Context, *connect.Request[v1.RevokeKeyRequest]) (*connect.Response[v1.RevokeKeyResponse], error)
+	GetQuota(context.Context, *connect.Request[v1.GetQuotaRequest]) (*connect.Response[v1.Quota], error)
+	// SetQuota (node admin) sets an org's limits.
+	SetQuota(context.Context, *connect.Request[v1.SetQuotaRequest]) (*connect.Response[v1.Quota], error)
+	// Audit returns the caller's org's audit records, newest first (admins).
+	Audit(context.Context, *connect.Request[v1.AuditRequest]) (*connect.Response[v1.AuditResponse], error)
+}
+
+// NewTeamServiceHandler builds an HTTP handler from the service implementation. It returns the path
+// on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewTeamServiceHandler(svc TeamServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	teamServiceMethods := v1.File_chalk_compute_v1_compute_proto.Services().ByName("TeamService").Methods()
+	teamServiceCreateOrgHandler := connect.NewUnaryHandler(
+		TeamServiceCreateOrgProcedure,
+		svc.CreateOrg,
+		connect.WithSchema(teamServiceMethods.ByName("CreateOrg")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceListOrgsHandler := connect.NewUnaryHandler(
+		TeamServiceListOrgsProcedure,
+		svc.ListOrgs,
+		connect.WithSchema(teamServiceMethods.ByName("ListOrgs")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceAddMemberHandler := connect.NewUnaryHandler(
+		TeamServiceAddMemberProcedure,
+		svc.AddMember,
+		connect.WithSchema(teamServiceMethods.ByName("AddMember")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceListMembersHandler := connect.NewUnaryHandler(
+		TeamServiceListMembersProcedure,
+		svc.ListMembers,
+		connect.WithSchema(teamServiceMethods.ByName("ListMembers")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceRemoveMemberHandler := connect.NewUnaryHandler(
+		TeamServiceRemoveMemberProcedure,
+		svc.RemoveMember,
+		connect.WithSchema(teamServiceMethods.ByName("RemoveMember")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceSetMemberRoleHandler := connect.NewUnaryHandler(
+		TeamServiceSetMemberRoleProcedure,
+		svc.SetMemberRole,
+		connect.WithSchema(teamServiceMethods.ByName("SetMemberRole")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceCreateKeyHandler := connect.NewUnaryHandler(
+		TeamServiceCreateKeyProcedure,
+		svc.CreateKey,
+		connect.WithSchema(teamServiceMethods.ByName("CreateKey")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceListKeysHandler := connect.NewUnaryHandler(
+		TeamServiceListKeysProcedure,
+		svc.ListKeys,
+		connect.WithSchema(teamServiceMethods.ByName("ListKeys")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceRevokeKeyHandler := connect.NewUnaryHandler(
+		TeamServiceRevokeKeyProcedure,
+		svc.RevokeKey,
+		connect.WithSchema(teamServiceMethods.ByName("RevokeKey")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceGetQuotaHandler := connect.NewUnaryHandler(
+		TeamServiceGetQuotaProcedure,
+		svc.GetQuota,
+		connect.WithSchema(teamServiceMethods.ByName("GetQuota")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceSetQuotaHandler := connect.NewUnaryHandler(
+		TeamServiceSetQuotaProcedure,
+		svc.SetQuota,
+		connect.WithSchema(teamServiceMethods.ByName("SetQuota")),
+		connect.WithHandlerOptions(opts...),
+	)
+	teamServiceAuditHandler := connect.NewUnaryHandler(
+		TeamServiceAuditProcedure,
+		svc.Audit,
+		connect.WithSchema(teamServiceMethods.ByName("Audit")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/chalk.compute.v1.TeamService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case TeamServiceCreateOrgProcedure:
+			teamServiceCreateOrgHandler.ServeHTTP(w, r)
+		case TeamServiceListOrgsProcedure:
+			teamServiceListOrgsHandler.ServeHTTP(w, r)
+		case TeamServiceAddMemberProcedure:
+			teamServiceAddMemberHandler.ServeHTTP(w, r)
+		case TeamServiceListMembersProcedure:
+			teamServiceListMembersHandler.ServeHTTP(w, r)
+		case TeamServiceRemoveMemberProcedure:
+			teamServiceRemoveMemberHandler.ServeHTTP(w, r)
+		case TeamServiceSetMemberRoleProcedure:
+			teamServiceSetMemberRoleHandler.ServeHTTP(w, r)
+		case TeamServiceCreateKeyProcedure:
+			teamServiceCreateKeyHandler.ServeHTTP(w, r)
+		case TeamServiceListKeysProcedure:
+			teamServiceListKeysHandler.ServeHTTP(w, r)
+		case TeamServiceRevokeKeyProcedure:
+			teamServiceRevokeKeyHandler.ServeHTTP(w, r)
+		case TeamServiceGetQuotaProcedure:
+			teamServiceGetQuotaHandler.ServeHTTP(w, r)
+		case TeamServiceSetQuotaProcedure:
+			teamServiceSetQuotaHandler.ServeHTTP(w, r)
+		case TeamServiceAuditProcedure:
+			teamServiceAuditHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedTeamServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedTeamServiceHandler struct{}
+
+func (UnimplementedTeamServiceHandler) CreateOrg(context.Context, *connect.Request[v1.CreateOrgRequest]) (*connect.Response[v1.CreateOrgResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.CreateOrg is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) ListOrgs(context.Context, *connect.Request[v1.ListOrgsRequest]) (*connect.Response[v1.ListOrgsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.ListOrgs is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) AddMember(context.Context, *connect.Request[v1.AddMemberRequest]) (*connect.Response[v1.AddMemberResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.AddMember is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) ListMembers(context.Context, *connect.Request[v1.ListMembersRequest]) (*connect.Response[v1.ListMembersResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.ListMembers is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) RemoveMember(context.Context, *connect.Request[v1.RemoveMemberRequest]) (*connect.Response[v1.RemoveMemberResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.RemoveMember is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) SetMemberRole(context.Context, *connect.Request[v1.SetMemberRoleRequest]) (*connect.Response[v1.Member], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.SetMemberRole is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) CreateKey(context.Context, *connect.Request[v1.CreateKeyRequest]) (*connect.Response[v1.ApiKey], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.CreateKey is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) ListKeys(context.Context, *connect.Request[v1.ListKeysRequest]) (*connect.Response[v1.ListKeysResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.ListKeys is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) RevokeKey(context.Context, *connect.Request[v1.RevokeKeyRequest]) (*connect.Response[v1.RevokeKeyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.RevokeKey is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) GetQuota(context.Context, *connect.Request[v1.GetQuotaRequest]) (*connect.Response[v1.Quota], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.GetQuota is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) SetQuota(context.Context, *connect.Request[v1.SetQuotaRequest]) (*connect.Response[v1.Quota], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.SetQuota is not implemented"))
+}
+
+func (UnimplementedTeamServiceHandler) Audit(context.Context, *connect.Request[v1.AuditRequest]) (*connect.Response[v1.AuditResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.Audit is not implemented"))
 }
