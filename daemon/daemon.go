@@ -278,6 +278,9 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			return nil, err
 		}
 	}
+	if err := restrictDataDir(cfg.DataDir); err != nil {
+		return nil, err
+	}
 	if err := sandbox.SetSubreaper(); err != nil {
 		return nil, fmt.Errorf("become subreaper: %w", err)
 	}
@@ -392,7 +395,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, err
 	}
 	im := &images{b: builder, blobs: blobs, dir: filepath.Join(cfg.DataDir, "mounts")}
-	if err := os.MkdirAll(im.dir, 0o755); err != nil {
+	if err := os.MkdirAll(im.dir, 0o700); err != nil {
 		return nil, err
 	}
 	if d.Issuer, err = identity.New(ctx, identity.Config{

@@ -126,10 +126,17 @@ func New(cfg Config) (*Runtime, error) {
 		}
 		return nil, fmt.Errorf("runc not found (install Debian's runc): %w", err)
 	}
-	for _, d := range []string{cfg.StateDir, cfg.RuncRoot, cfg.LogDir} {
+	for _, d := range []string{cfg.StateDir, cfg.RuncRoot} {
 		if err := os.MkdirAll(d, 0o711); err != nil {
 			return nil, err
 		}
+	}
+	// Console logs are the sandboxes' output: chalkd's alone.
+	if err := os.MkdirAll(cfg.LogDir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(cfg.LogDir, 0o700); err != nil {
+		return nil, err
 	}
 	return &Runtime{
 		cfg:  cfg,
