@@ -66,6 +66,15 @@ func validateCreate(r *v1.CreateSandboxRequest) (timeout, idle time.Duration, er
 	if r.Workdir != "" && !path.IsAbs(r.Workdir) {
 		return 0, 0, invalid("workdir %q: must be an absolute path", r.Workdir)
 	}
+	if err := noNUL("image", r.Image); err != nil {
+		return 0, 0, err
+	}
+	if err := noNUL("workdir", r.Workdir); err != nil {
+		return 0, 0, err
+	}
+	if err := noNUL("entrypoint", r.Entrypoint...); err != nil {
+		return 0, 0, err
+	}
 	if err := validLabels(r.Labels); err != nil {
 		return 0, 0, err
 	}
@@ -73,6 +82,21 @@ func validateCreate(r *v1.CreateSandboxRequest) (timeout, idle time.Duration, er
 		return 0, 0, err
 	}
 	return timeout, idle, nil
+}
+
+// noNUL refuses values holding a NUL byte: they go to the OS as argv,
+// paths or names, which end at the first NUL (an entrypoint "sh\x00" would
+// start and then fail with 127 instead of being refused here).
+func noNUL(field string, vals ...string) error {
+	for i, v := range vals {
+		if strings.IndexByte(v, 0) >= 0 {
+			if len(vals) > 1 || field == "entrypoint" || field == "argv" {
+				return invalid("%s[%d]: contains a NUL byte", field, i)
+			}
+			return invalid("%s: contains a NUL byte", field)
+		}
+	}
+	return nil
 }
 
 func validateEnv(env map[string]string) error {
@@ -346,6 +370,15 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 	if r.Workdir != "" && !path.IsAbs(r.Workdir) {
 		return invalid("workdir %q: must be an absolute path", r.Workdir)
 	}
+	if err := noNUL("argv", r.Argv...); err != nil {
+		return err
+	}
+	if err := noNUL("workdir", r.Workdir); err != nil {
+		return err
+	}
+	if err := noNUL("user", r.User); err != nil {
+		return err
+	}
 	if err := validateEnv(r.Env); err != nil {
 		return err
 	}
@@ -516,6 +549,9 @@ func (h *sandboxService) ReadFile(ctx context.Context, req *connect.Request[v1.R
 	if !path.IsAbs(req.Msg.Path) {
 		return invalid("path %q: must be absolute", req.Msg.Path)
 	}
+	if err := noNUL("path", req.Msg.Path); err != nil {
+		return err
+	}
 	rc, err := h.s.node.Files(sb.ID).ReadFile(ctx, req.Msg.Path)
 	if err != nil {
 		return err
@@ -546,6 +582,9 @@ func (h *sandboxService) WriteFile(ctx context.Context, req *connect.Request[v1.
 	if !path.IsAbs(req.Msg.Path) {
 		return nil, invalid("path %q: must be absolute", req.Msg.Path)
 	}
+	if err := noNUL("path", req.Msg.Path); err != nil {
+		return nil, err
+	}
 	mode := fs.FileMode(req.Msg.Mode)
 	if mode == 0 {
 		mode = 0o644
@@ -567,6 +606,9 @@ func (h *sandboxService) ListFiles(ctx context.Context, req *connect.Request[v1.
 	if !path.IsAbs(req.Msg.Path) {
 		return nil, invalid("path %q: must be absolute", req.Msg.Path)
 	}
+	if err := noNUL("path", req.Msg.Path); err != nil {
+		return nil, err
+	}
 	infos, err := h.s.node.Files(sb.ID).ListDir(ctx, req.Msg.Path)
 	if err != nil {
 		return nil, err
@@ -585,6 +627,9 @@ func (h *sandboxService) RemoveFile(ctx context.Context, req *connect.Request[v1
 	}
 	if !path.IsAbs(req.Msg.Path) || path.Clean(req.Msg.Path) == "/" {
 		return nil, invalid("path %q: must be absolute and not /", req.Msg.Path)
+	}
+	if err := noNUL("path", req.Msg.Path); err != nil {
+		return nil, err
 	}
 	if err := h.s.node.Files(sb.ID).Remove(ctx, req.Msg.Path, req.Msg.Recursive); err != nil {
 		return nil, err

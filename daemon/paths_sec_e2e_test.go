@@ -134,6 +134,16 @@ func TestPathsDirMountConfined(t *testing.T) {
 		})
 	}
 
+	// NUL in what goes to the OS is refused at validation (it used to start
+	// and die with 127), in the request and in an image spec alike.
+	if _, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "60\x00")); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "entrypoint[1]") {
+		t.Errorf("create with NUL in the entrypoint: %v, want invalid_argument naming entrypoint[1]", err)
+	}
+	nulSpec := chalkcompute.FromSpec([]byte(`{"base":"busybox","steps":[{"kind":"workdir","path":"/w\u0000x"}]}`))
+	if _, err := c.Create(ctxT(t, time.Minute), nulSpec); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "steps[0].path") {
+		t.Errorf("create with NUL in an image spec: %v, want invalid_argument naming steps[0].path", err)
+	}
+
 	// A symlink that stays a symlink is fine: inside the sandbox it
 	// resolves in the sandbox's own root.
 	img, digest := dirMountImage(t, n, makeTar(t,
