@@ -55,7 +55,7 @@ func validateCreate(r *v1.CreateSandboxRequest) (timeout, idle time.Duration, er
 		return 0, 0, invalid("cpu %v: must be between 0 (unlimited) and %d cores", r.Cpu, runtime.NumCPU()*4)
 	}
 	if r.MemoryMb < 0 || r.MemoryMb > 1<<22 {
-		return 0, 0, invalid("memory_mb %d: must be between 0 (unlimited) and %d", r.MemoryMb, 1<<22)
+		return 0, 0, invalid("memory_mb %d: must be between 0 (the node's default) and %d", r.MemoryMb, 1<<22)
 	}
 	if r.MemoryMb > 0 && r.MemoryMb < 8 {
 		return 0, 0, invalid("memory_mb %d: at least 8 MiB is needed to start a sandbox", r.MemoryMb)
@@ -82,6 +82,28 @@ func validateCreate(r *v1.CreateSandboxRequest) (timeout, idle time.Duration, er
 		return 0, 0, err
 	}
 	return timeout, idle, nil
+}
+
+// resources applies the node's defaults and bounds to a create's memory
+// limit and disk quota (MiB). A sandbox's disk is a tmpfs: its pages are
+// memory, charged to the sandbox's memory cgroup (the writer's), so the
+// memory limit bounds files and processes together and the quota can be at
+// most the limit. The default quota is the node's, capped at the limit;
+// neither can exceed the node's memory.
+func (s *Server) resources(memMB, diskMB int64) (int64, int64, error) {
+	if memMB == 0 {
+		memMB = s.cfg.DefaultMemoryMB
+	}
+	if node := s.cfg.NodeMemoryMB; node > 0 && memMB > node {
+		return 0, 0, invalid("memory_mb %d: more than this node's memory (%d MiB)", memMB, node)
+	}
+	if diskMB == 0 {
+		return memMB, min(s.cfg.DefaultDiskMB, memMB), nil
+	}
+	if diskMB > memMB {
+		return 0, 0, invalid("disk_mb %d: more than the memory limit (memory_mb %d): a sandbox's disk is memory (a tmpfs charged to its memory limit); ask for memory_mb of at least %d", diskMB, memMB, diskMB)
+	}
+	return memMB, diskMB, nil
 }
 
 // noNUL refuses values holding a NUL byte: they go to the OS as argv,
@@ -129,6 +151,9 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 	r := req.Msg
 	timeout, idle, err := validateCreate(r)
 	if err != nil {
+		return nil, err
+	}
+	if r.MemoryMb, r.DiskMb, err = s.resources(r.MemoryMb, r.DiskMb); err != nil {
 		return nil, err
 	}
 	sb := &store.Sandbox{
@@ -504,16 +529,39 @@ func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[v1.LogsR
 	if err != nil {
 		return err
 	}
-	f, err := h.s.node.Logs(sb.ID)
+	prev, f, err := h.s.node.Logs(sb.ID)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
 	buf := make([]byte, 32<<10)
+	if prev != nil {
+		// The older part first (init rotates the log into it at its cap).
+		defer prev.Close()
+		for {
+			n, err := prev.Read(buf)
+			if n > 0 {
+				if serr := stream.Send(&v1.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
+					return serr
+				}
+			}
+			if err != nil {
+				break
+			}
+		}
+	}
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		n, err := f.Read(buf)
+		if err == io.EOF {
+			// Rotated (emptied) since we read: follow from its new start.
+			if off, _ := f.Seek(0, io.SeekCurrent); off > 0 {
+				if st, serr := f.Stat(); serr == nil && st.Size() < off {
+					_, _ = f.Seek(0, io.SeekStart)
+				}
+			}
+		}
 		if n > 0 {
 			if serr := stream.Send(&v1.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
 				return serr

@@ -159,6 +159,7 @@ type Config struct {
 	// and 32 (DefaultPrestart, DefaultPrestartSlots).
 	Prestart      int
 	PrestartSlots int
+	Limits        Limits // memory defaults, console log bounds (limits.go)
 	Logger        *slog.Logger
 }
 
@@ -174,6 +175,9 @@ func (c *Config) defaults() error {
 	}
 	if c.Prestart < 0 {
 		return fmt.Errorf("prestart %d: want 0 or more: %w", c.Prestart, errdefs.ErrInvalidArgument)
+	}
+	if err := c.Limits.defaults(); err != nil {
+		return err
 	}
 	if c.DataDir == "" {
 		c.DataDir = "/var/lib/chalk"
@@ -281,6 +285,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := restrictDataDir(cfg.DataDir); err != nil {
 		return nil, err
 	}
+	go pruneLogsLoop(ctx, d.log, cfg.DataDir, cfg.Limits.LogRetention)
 	if err := sandbox.SetSubreaper(); err != nil {
 		return nil, fmt.Errorf("become subreaper: %w", err)
 	}
@@ -339,6 +344,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		StateDir: filepath.Join(cfg.DataDir, "sandboxes"), LogDir: filepath.Join(cfg.DataDir, "logs"),
 		RuncRoot: filepath.Join(cfg.RunDir, "runc"), InitBinary: cfg.InitBinary, ChalkBinary: cfg.ChalkBinary,
 		CgroupParent: cfg.CgroupParent, Logger: cfg.Logger, Runtime: cfg.Runtime, RuncBinary: cfg.RuntimeBinary,
+		LogMaxBytes: cfg.Limits.LogMaxBytes,
 	}); err != nil {
 		return nil, err
 	}
@@ -388,7 +394,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}
 	builder, err := imagebuild.New(imagebuild.Config{
 		Registry: d.Registry, Cache: d.Cache, Runtime: d.Runtime, Blobs: blobs,
-		Network: &buildNet{net: d.Net, used: map[int]bool{}}, Env: cfg.BuildEnv,
+		Network: &buildNet{net: d.Net, used: map[int]bool{}}, Env: cfg.BuildEnv, MemoryMB: cfg.Limits.BuildMemoryMB,
 		Defaults: imagespec.Defaults{PythonVersion: DefaultPython}, Logger: cfg.Logger,
 	})
 	if err != nil {
@@ -423,6 +429,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}
 	d.API = api.New(ctx, api.Config{
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
+		DefaultMemoryMB: cfg.Limits.DefaultMemoryMB, NodeMemoryMB: cfg.Limits.nodeMemoryMB,
 		Workload: wi, Identity: wi, Policies: pol, Images: im, Tunnels: tun, MCP: d.mcp,
 		Hooks: api.Hooks{
 			Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {

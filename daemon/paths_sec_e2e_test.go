@@ -185,3 +185,86 @@ func asNobody(argv ...string) (string, error) {
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
+
+// TestPathsConsoleLogCapped: whatever the entrypoint writes, its console
+// log on the host stays under --log-max-bytes (plus one previous part), and
+// the log API still returns the newest output.
+func TestPathsConsoleLogCapped(t *testing.T) {
+	chalktest.RequireRoot(t)
+	const capB = 64 << 10
+	n := chalktest.Start(t, "--log-max-bytes", "65536")
+	c := n.Client()
+	ctx := ctxT(t, 2*time.Minute)
+	// ~1.3 MB of output, 20 times the cap.
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sh", "-c", "seq 1 200000; echo end"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := sb.Wait(ctx); err != nil || info.ExitCode != 0 {
+		t.Fatalf("wait: %v %+v", err, info)
+	}
+	logPath := filepath.Join(n.Dir, "logs", sb.ID()+".log")
+	for _, p := range []string{logPath, logPath + ".1"} {
+		st, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Size() > capB {
+			t.Errorf("%s: %d bytes, over the cap (%d)", p, st.Size(), capB)
+		}
+	}
+	var out bytes.Buffer
+	if err := sb.Logs(ctx, &out, false); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasSuffix(out.String(), "199999\n200000\nend\n") || out.Len() < capB {
+		t.Fatalf("log API: %d bytes ending %q", out.Len(), out.String()[max(0, out.Len()-64):])
+	}
+}
+
+// TestPathsResourceDefaults: a sandbox without memory_mb gets the node's
+// default memory limit (1 GiB), including a pre-started one (set at claim);
+// its disk, a tmpfs charged to that limit, defaults to at most the limit;
+// requests past the node's memory, or a disk past the memory limit, are
+// refused with invalid_argument.
+func TestPathsResourceDefaults(t *testing.T) {
+	chalktest.RequireRoot(t)
+	n := chalktest.Start(t)
+	c := n.Client()
+	ctx := ctxT(t, 2*time.Minute)
+	for i := range 2 { // the first is cold, the second may be pre-started
+		sb := create(t, c)
+		if sb.Info.MemoryMb != 1024 {
+			t.Errorf("sandbox %d: memory_mb %d, want the default 1024", i, sb.Info.MemoryMb)
+		}
+		if got := readInt(t, cgroupFile(n, "memory", sb.ID(), "memory.limit_in_bytes")); got != 1<<30 {
+			t.Errorf("sandbox %d: cgroup memory limit %d, want 1 GiB", i, got)
+		}
+		if _, size := sandboxDisk(t, n, sb.ID()); size != 1<<30 {
+			t.Errorf("sandbox %d: disk quota %d, want 1 GiB", i, size)
+		}
+	}
+	for _, tc := range []struct {
+		opts []chalkcompute.CreateOption
+		want string
+	}{
+		{[]chalkcompute.CreateOption{chalkcompute.WithMemoryMB(4 << 20)}, "more than this node's memory"},
+		{[]chalkcompute.CreateOption{chalkcompute.WithDiskMB(2048)}, "disk_mb 2048: more than the memory limit (memory_mb 1024)"},
+		{[]chalkcompute.CreateOption{chalkcompute.WithDiskMB(512), chalkcompute.WithMemoryMB(256)}, "disk_mb 512"},
+	} {
+		if _, err := c.Create(ctx, chalkcompute.Base("busybox"), tc.opts...); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("create: %v, want invalid_argument with %q", err, tc.want)
+		}
+	}
+	// The disk is memory of the sandbox: what it writes there is charged
+	// to its memory cgroup (the writer's), so it is bounded by the limit.
+	sb := create(t, c, chalkcompute.WithMemoryMB(64))
+	before := readInt(t, cgroupFile(n, "memory", sb.ID(), "memory.usage_in_bytes"))
+	mustExec(t, sb, "dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=40")
+	if after := readInt(t, cgroupFile(n, "memory", sb.ID(), "memory.usage_in_bytes")); after-before < 40<<20 {
+		t.Fatalf("40 MiB written to the disk raised the sandbox's memory use by %d bytes only", after-before)
+	}
+	if res, err := sb.Exec(ctx, []string{"dd", "if=/dev/zero", "of=/fill2", "bs=1M", "count=100"}); err != nil || res.Code == 0 {
+		t.Fatalf("wrote 140 MiB into a 64 MiB sandbox: %v %+v", err, res)
+	}
+}

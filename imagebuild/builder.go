@@ -67,6 +67,9 @@ type Config struct {
 	Env      []string // added to run steps (e.g. PIP_INDEX_URL); not hashed
 	Defaults imagespec.Defaults
 	Platform string // default linux/<arch> of the registry
+	// MemoryMB is the memory limit of RUN steps, which their disk quota
+	// (a tmpfs charged to it) equals; 0: none, and the runtime's default quota.
+	MemoryMB int64
 	Logger   *slog.Logger
 }
 
@@ -411,6 +414,7 @@ func (b *Builder) run(ctx context.Context, prevKey string, cfg *v1.Config, cmd s
 	spec := sandbox.Spec{
 		ID: id, LowerDirs: lower.LowerDirs(), Entrypoint: []string{"/bin/sh", "-c", cmd},
 		Workdir: cfg.WorkingDir, User: cfg.User, Pids: 4096,
+		Memory: b.cfg.MemoryMB << 20, DiskMB: b.cfg.MemoryMB,
 	}
 	env := append([]string(nil), cfg.Env...)
 	argNames := make([]string, 0, len(args))

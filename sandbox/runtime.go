@@ -70,8 +70,15 @@ type Config struct {
 	// DefaultDiskMB is the writable-layer quota of a Spec without DiskMB;
 	// default DefaultDiskMB (10 GiB).
 	DefaultDiskMB int64
-	Logger        *slog.Logger
+	// LogMaxBytes caps each console log (default DefaultLogMaxBytes): init
+	// rotates it into LogPath+".1" (see cmd/chalk-init's console), so at
+	// most twice this is kept per sandbox. Not on runsc (no cap there).
+	LogMaxBytes int64
+	Logger      *slog.Logger
 }
+
+// DefaultLogMaxBytes is Config.LogMaxBytes's default.
+const DefaultLogMaxBytes = 8 << 20
 
 // Runtime creates, watches and destroys sandboxes on this node.
 type Runtime struct {
@@ -115,6 +122,9 @@ func New(cfg Config) (*Runtime, error) {
 	}
 	if cfg.DefaultDiskMB == 0 {
 		cfg.DefaultDiskMB = DefaultDiskMB
+	}
+	if cfg.LogMaxBytes == 0 {
+		cfg.LogMaxBytes = DefaultLogMaxBytes
 	}
 	if _, err := os.Stat(cfg.InitBinary); err != nil {
 		return nil, fmt.Errorf("sandbox init binary: %w", err)
@@ -323,6 +333,11 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	// Init runs as root (it owns the socket and reaps); the image's user is
 	// the default for the entrypoint and every exec.
 	args := []string{InitPath, "--socket", RunDir + "/" + SocketName}
+	capLog := r.cfg.Runtime == RuntimeRunc
+	if capLog {
+		// fd 3 of init is the log's previous part (ExtraFiles below).
+		args = append(args, "--log-max", strconv.FormatInt(r.cfg.LogMaxBytes, 10), "--log-prev-fd", "3")
+	}
 	if user != "" {
 		args = append(args, "--user", user)
 	}
@@ -366,11 +381,21 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	if err := os.WriteFile(filepath.Join(dir, "bundle", "config.json"), cfgJSON, 0o600); err != nil {
 		return 0, err
 	}
-	logf, err := os.OpenFile(r.LogPath(sp.ID), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	// Read-write: init reads the log to rotate it into the previous part.
+	logf, err := os.OpenFile(r.LogPath(sp.ID), os.O_CREATE|os.O_RDWR|os.O_APPEND, 0o600)
 	if err != nil {
 		return 0, err
 	}
 	defer logf.Close()
+	var extra []*os.File
+	if capLog {
+		prev, err := os.OpenFile(r.LogPath(sp.ID)+".1", os.O_CREATE|os.O_RDWR, 0o600)
+		if err != nil {
+			return 0, err
+		}
+		defer prev.Close()
+		extra = []*os.File{prev}
+	}
 	pidFile := filepath.Join(dir, "init.pid")
 	// Watch for init's socket before init can make it: readiness is then an
 	// event, not a poll.
@@ -382,9 +407,10 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	}
 	tRun := time.Now()
 	if _, err := r.runc.Run(ctx, sp.ID, filepath.Join(dir, "bundle"), &runc.CreateOpts{
-		IO:      fileIO{logf},
-		PidFile: pidFile,
-		Detach:  true,
+		IO:         fileIO{logf},
+		PidFile:    pidFile,
+		Detach:     true,
+		ExtraFiles: extra,
 	}); err != nil {
 		return 0, fmt.Errorf("runc run %s: %w (%s)", sp.ID, err, tail(r.LogPath(sp.ID), 2048))
 	}
