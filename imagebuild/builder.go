@@ -439,6 +439,7 @@ func (b *Builder) run(ctx context.Context, prevKey string, cfg *v1.Config, cmd s
 			b.log.Warn("remove build container", "id", id, "err", err)
 		}
 		_ = os.Remove(b.cfg.Runtime.LogPath(id))
+		_ = os.Remove(b.cfg.Runtime.LogPath(id) + ".1")
 	}()
 	pid, err := b.cfg.Runtime.Start(ctx, spec)
 	if err != nil {
@@ -503,6 +504,9 @@ func (t *tailBuf) add(line string) {
 func (t *tailBuf) String() string { t.mu.Lock(); defer t.mu.Unlock(); return string(t.b) }
 
 // followLog calls fn for each line appended to path until done, then for the rest.
+// maxLine bounds one line of build output handed to the callback.
+const maxLine = 64 << 10
+
 func followLog(path string, done <-chan struct{}, fn func(string)) {
 	var f *os.File
 	var pending []byte
@@ -516,7 +520,8 @@ func followLog(path string, done <-chan struct{}, fn func(string)) {
 			fn(string(pending[:i]))
 			pending = pending[i+1:]
 		}
-		if final && len(pending) > 0 {
+		// A line is at most maxLine bytes: the build's output is not ours to buffer.
+		if (final && len(pending) > 0) || len(pending) > maxLine {
 			fn(string(pending))
 			pending = nil
 		}
@@ -533,6 +538,12 @@ func followLog(path string, done <-chan struct{}, fn func(string)) {
 				pending = append(pending, buf[:n]...)
 				if n == 0 || err != nil {
 					break
+				}
+			}
+			// chalk-init empties the log when it rotates it at its cap.
+			if off, err := f.Seek(0, io.SeekCurrent); err == nil && off > 0 {
+				if st, err := f.Stat(); err == nil && st.Size() < off {
+					_, _ = f.Seek(0, io.SeekStart)
 				}
 			}
 			flush(false)

@@ -688,9 +688,9 @@ func resolveUser(rootfs, user string) (string, error) {
 	if _, err := strconv.Atoi(name); err == nil {
 		return user, nil
 	}
-	b, err := os.ReadFile(filepath.Join(rootfs, "etc", "passwd"))
+	b, err := readInRoot(rootfs, "etc/passwd", 4<<20)
 	if err != nil {
-		return "", fmt.Errorf("user %q: image has no /etc/passwd: %w", user, errdefs.ErrInvalidArgument)
+		return "", fmt.Errorf("user %q: image has no usable /etc/passwd (%v): %w", user, err, errdefs.ErrInvalidArgument)
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Split(line, ":")
