@@ -359,6 +359,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		NewID: api.NewSandboxID, Binds: wi.binds, Discard: wi.discard,
 		CountsFile: filepath.Join(cfg.DataDir, "prestart-counts.json"),
 		SlotBusy:   func(slot int) bool { return d.API != nil && d.API.SlotLive(slot) },
+		Memory:     cfg.Limits.DefaultMemoryMB << 20, DiskMB: min(sandbox.DefaultDiskMB, cfg.Limits.DefaultMemoryMB),
 	}
 	if d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,

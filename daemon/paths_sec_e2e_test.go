@@ -232,8 +232,17 @@ func TestPathsResourceDefaults(t *testing.T) {
 	n := chalktest.Start(t)
 	c := n.Client()
 	ctx := ctxT(t, 2*time.Minute)
-	for i := range 2 { // the first is cold, the second may be pre-started
+	if _, err := c.WarmImage(ctx, "busybox", nil, chalkcompute.WithPrestarted(1)); err != nil {
+		t.Fatal(err)
+	}
+	claimed := counter(t, n, "chalk_sandbox_starts_prestarted_total")
+	for i := range 2 { // the first is pre-started, the second pre-started or cold
 		sb := create(t, c)
+		if i == 0 {
+			if got := counter(t, n, "chalk_sandbox_starts_prestarted_total"); got != claimed+1 {
+				t.Fatalf("the first create was not pre-started (%v -> %v)", claimed, got)
+			}
+		}
 		if sb.Info.MemoryMb != 1024 {
 			t.Errorf("sandbox %d: memory_mb %d, want the default 1024", i, sb.Info.MemoryMb)
 		}
