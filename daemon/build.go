@@ -103,7 +103,13 @@ func (im *images) extracted(digest string) (string, error) {
 	}
 	defer os.RemoveAll(tmp)
 	// The archive is the API user's: untar confines every write to tmp.
-	if err := untar.Extract(rc, tmp, untar.Limits{}); err != nil {
+	// A plain tar holds its files' bytes, so content larger than the blob
+	// can only come from sparse entries: refused.
+	lim := untar.Limits{}
+	if st, err := os.Stat(im.blobs.Path(digest)); err == nil {
+		lim.MaxBytes = min(st.Size(), untar.DefaultMaxBytes)
+	}
+	if err := untar.Extract(rc, tmp, lim); err != nil {
 		return "", fmt.Errorf("directory content %s: %w", digest, err)
 	}
 	if err := os.Chmod(tmp, 0o755); err != nil {

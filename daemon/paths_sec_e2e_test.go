@@ -25,6 +25,7 @@ import (
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+	"github.com/chalkcompute/chalkcompute/internal/tartest"
 )
 
 // Attacks of an API user on the host's paths: directory uploads that try to
@@ -117,6 +118,17 @@ func TestPathsDirMountConfined(t *testing.T) {
 		"hard link to a host file":      {{name: "shadow", typ: tar.TypeLink, link: "../../../../../../../etc/shadow"}},
 		"device node":                   {{name: "sda", typ: tar.TypeBlock}},
 	}
+	// A sparse entry reading as 1 GiB from a 1.5 KB upload: refused at the
+	// upload's size, not written out.
+	t.Run("sparse bomb", func(t *testing.T) {
+		img, digest := dirMountImage(t, n, tartest.SparseBomb(1<<30))
+		if _, err := c.Create(ctxT(t, time.Minute), img); !errors.Is(err, errdefs.ErrResourceExhausted) || !strings.Contains(err.Error(), "mount /m") {
+			t.Fatalf("create: %v, want resource_exhausted naming the mount", err)
+		}
+		if _, err := os.Stat(filepath.Join(n.Dir, "mounts", strings.TrimPrefix(digest, "sha256:"))); err == nil {
+			t.Fatal("the sparse bomb was extracted")
+		}
+	})
 	for name, ents := range attacks {
 		t.Run(name, func(t *testing.T) {
 			img, _ := dirMountImage(t, n, makeTar(t, ents...))

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/tartest"
 )
 
 // ent is one tar entry for tests; "@OUT@" in Name or Linkname is replaced by
@@ -214,4 +215,18 @@ func FuzzExtract(f *testing.F) {
 		_ = Extract(bytes.NewReader(buf.Bytes()), root2, fuzzLimits)
 		checkConfined(t, base2, root2, out2)
 	})
+}
+
+// TestExtractSparseBomb: a small archive whose sparse entry reads as 100
+// MiB is stopped at the byte bound (the daemon sets it to the archive's size).
+func TestExtractSparseBomb(t *testing.T) {
+	b := tartest.SparseBomb(100 << 20)
+	_, root, _ := layout(t)
+	err := Extract(bytes.NewReader(b), root, Limits{MaxBytes: int64(len(b))})
+	if !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("Extract: %v, want resource exhausted", err)
+	}
+	if fi, err := os.Stat(filepath.Join(root, "big")); err == nil && fi.Size() > int64(len(b))+1 {
+		t.Fatalf("wrote %d bytes", fi.Size())
+	}
 }
