@@ -282,7 +282,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			return nil, err
 		}
 	}
-	if err := restrictDataDir(cfg.DataDir); err != nil {
+	if err := restrictDataDir(cfg.DataDir, !cfg.NoUserNS); err != nil {
 		return nil, err
 	}
 	go pruneLogsLoop(ctx, d.log, cfg.DataDir, cfg.Limits.LogRetention)

@@ -29,8 +29,15 @@ var dataDirModes = map[string]os.FileMode{
 	"sandboxes":      0o711,
 }
 
-// restrictDataDir makes (or fixes) DataDir's subdirectories with dataDirModes.
-func restrictDataDir(dataDir string) error {
+// restrictDataDir makes (or fixes) DataDir's subdirectories with
+// dataDirModes, and DataDir itself 0700 when no sandbox runs in a user
+// namespace (Start makes it 0711 otherwise).
+func restrictDataDir(dataDir string, userns bool) error {
+	if !userns {
+		if err := os.Chmod(dataDir, 0o700); err != nil {
+			return fmt.Errorf("data dir: %w", err)
+		}
+	}
 	for name, mode := range dataDirModes {
 		p := filepath.Join(dataDir, name)
 		if err := os.Mkdir(p, mode); err != nil && !errors.Is(err, os.ErrExist) {

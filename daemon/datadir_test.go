@@ -18,7 +18,10 @@ func TestRestrictDataDir(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := restrictDataDir(dir); err != nil {
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := restrictDataDir(dir, false); err != nil {
 		t.Fatal(err)
 	}
 	for name, want := range dataDirModes {
@@ -29,6 +32,9 @@ func TestRestrictDataDir(t *testing.T) {
 		if st.Mode().Perm() != want {
 			t.Errorf("%s: mode %v, want %v", name, st.Mode().Perm(), want)
 		}
+	}
+	if st, _ := os.Stat(dir); st.Mode().Perm() != 0o700 {
+		t.Errorf("data dir without user namespaces: mode %v, want 0700", st.Mode().Perm())
 	}
 	if dataDirModes["mounts"] != 0o700 || dataDirModes["cache"] != 0o700 || dataDirModes["logs"] != 0o700 {
 		t.Errorf("uploads, layers and logs must be private: %v", dataDirModes)

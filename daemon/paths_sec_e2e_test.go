@@ -216,7 +216,11 @@ func TestPathsConsoleLogCapped(t *testing.T) {
 		t.Fatalf("wait: %v %+v", err, info)
 	}
 	logPath := filepath.Join(n.Dir, "logs", sb.ID()+".log")
-	for _, p := range []string{logPath, logPath + ".1"} {
+	parts := []string{logPath, logPath + ".1"}
+	if onGVisor(n) {
+		parts = parts[:1] // runsc passes init no extra fd: the log is emptied at the cap
+	}
+	for _, p := range parts {
 		st, err := os.Stat(p)
 		if err != nil {
 			t.Fatal(err)
@@ -229,7 +233,7 @@ func TestPathsConsoleLogCapped(t *testing.T) {
 	if err := sb.Logs(ctx, &out, false); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.HasSuffix(out.String(), "199999\n200000\nend\n") || out.Len() < capB {
+	if !strings.HasSuffix(out.String(), "199999\n200000\nend\n") || (out.Len() < capB && !onGVisor(n)) {
 		t.Fatalf("log API: %d bytes ending %q", out.Len(), out.String()[max(0, out.Len()-64):])
 	}
 }
@@ -285,7 +289,11 @@ func TestPathsResourceDefaults(t *testing.T) {
 	if after := readInt(t, cgroupFile(n, "memory", sb.ID(), "memory.usage_in_bytes")); after-before < 36<<20 { // 40 MiB, less what the kernel reclaimed meanwhile
 		t.Fatalf("40 MiB written to the disk raised the sandbox's memory use by %d bytes only", after-before)
 	}
-	if res, err := sb.Exec(ctx, []string{"dd", "if=/dev/zero", "of=/fill2", "bs=1M", "count=100"}); err != nil || res.Code == 0 {
+	res, err := sb.Exec(ctx, []string{"dd", "if=/dev/zero", "of=/fill2", "bs=1M", "count=100"})
+	if onGVisor(n) && err != nil {
+		return // gVisor's Sentry, out of memory, ends the sandbox as a whole (ARCHITECTURE.md)
+	}
+	if err != nil || res.Code == 0 {
 		t.Fatalf("wrote 140 MiB into a 64 MiB sandbox: %v %+v", err, res)
 	}
 }

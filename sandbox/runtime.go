@@ -333,10 +333,12 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	// Init runs as root (it owns the socket and reaps); the image's user is
 	// the default for the entrypoint and every exec.
 	args := []string{InitPath, "--socket", RunDir + "/" + SocketName}
-	capLog := r.cfg.Runtime == RuntimeRunc
-	if capLog {
-		// fd 3 of init is the log's previous part (ExtraFiles below).
-		args = append(args, "--log-max", strconv.FormatInt(r.cfg.LogMaxBytes, 10), "--log-prev-fd", "3")
+	// The log's previous part is init's fd 3 (ExtraFiles below); runsc
+	// passes no extra fds, so on gVisor init empties the log at the cap.
+	prevLog := r.cfg.Runtime == RuntimeRunc
+	args = append(args, "--log-max", strconv.FormatInt(r.cfg.LogMaxBytes, 10))
+	if prevLog {
+		args = append(args, "--log-prev-fd", "3")
 	}
 	if user != "" {
 		args = append(args, "--user", user)
@@ -388,7 +390,7 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	}
 	defer logf.Close()
 	var extra []*os.File
-	if capLog {
+	if prevLog {
 		prev, err := os.OpenFile(r.LogPath(sp.ID)+".1", os.O_CREATE|os.O_RDWR, 0o600)
 		if err != nil {
 			return 0, err
