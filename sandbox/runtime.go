@@ -72,7 +72,8 @@ type Config struct {
 	DefaultDiskMB int64
 	// LogMaxBytes caps each console log (default DefaultLogMaxBytes): init
 	// rotates it into LogPath+".1" (see cmd/chalk-init's console), so at
-	// most twice this is kept per sandbox. Not on runsc (no cap there).
+	// most twice this is kept per sandbox. On runsc (no extra fds) init
+	// empties the log at the cap instead: at most this, no .1.
 	LogMaxBytes int64
 	Logger      *slog.Logger
 }
