@@ -85,8 +85,8 @@ func (f *fakeNode) Exec(context.Context, string, procapi.ExecRequest, io.Writer,
 	return nil, errors.New("fake node: no exec")
 }
 func (f *fakeNode) Files(string) *procapi.Client { return nil }
-func (f *fakeNode) Logs(string) (*os.File, error) {
-	return nil, errdefs.ErrNotFound
+func (f *fakeNode) Logs(string) (*os.File, *os.File, error) {
+	return nil, nil, errdefs.ErrNotFound
 }
 func (f *fakeNode) Leftovers(context.Context, map[string]int) ([]string, error) { return nil, nil }
 func (f *fakeNode) Adopt(string, string)                                        {}

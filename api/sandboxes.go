@@ -56,7 +56,7 @@ func validateCreate(r *v1.CreateSandboxRequest) (timeout, idle time.Duration, er
 		return 0, 0, invalid("cpu %v: must be between 0 (unlimited) and %d cores", r.Cpu, runtime.NumCPU()*4)
 	}
 	if r.MemoryMb < 0 || r.MemoryMb > 1<<22 {
-		return 0, 0, invalid("memory_mb %d: must be between 0 (unlimited) and %d", r.MemoryMb, 1<<22)
+		return 0, 0, invalid("memory_mb %d: must be between 0 (the node's default) and %d", r.MemoryMb, 1<<22)
 	}
 	if r.MemoryMb > 0 && r.MemoryMb < 8 {
 		return 0, 0, invalid("memory_mb %d: at least 8 MiB is needed to start a sandbox", r.MemoryMb)
@@ -66,6 +66,15 @@ func validateCreate(r *v1.CreateSandboxRequest) (timeout, idle time.Duration, er
 	}
 	if r.Workdir != "" && !path.IsAbs(r.Workdir) {
 		return 0, 0, invalid("workdir %q: must be an absolute path", r.Workdir)
+	}
+	if err := noNUL("image", r.Image); err != nil {
+		return 0, 0, err
+	}
+	if err := noNUL("workdir", r.Workdir); err != nil {
+		return 0, 0, err
+	}
+	if err := noNUL("entrypoint", r.Entrypoint...); err != nil {
+		return 0, 0, err
 	}
 	if err := validLabels(r.Labels); err != nil {
 		return 0, 0, err
@@ -90,6 +99,43 @@ func validateFederation(r *v1.CreateSandboxRequest) error {
 		return err
 	}
 	return metadata.ValidateGCP(r.GcpWorkloadProvider, r.GcpServiceAccount)
+}
+
+// resources applies the node's defaults and bounds to a create's memory
+// limit and disk quota (MiB). A sandbox's disk is a tmpfs: its pages are
+// memory, charged to the sandbox's memory cgroup (the writer's), so the
+// memory limit bounds files and processes together and the quota can be at
+// most the limit. The default quota is the node's, capped at the limit;
+// neither can exceed the node's memory.
+func (s *Server) resources(memMB, diskMB int64) (int64, int64, error) {
+	if memMB == 0 {
+		memMB = s.cfg.DefaultMemoryMB
+	}
+	if node := s.cfg.NodeMemoryMB; node > 0 && memMB > node {
+		return 0, 0, invalid("memory_mb %d: more than this node's memory (%d MiB)", memMB, node)
+	}
+	if diskMB == 0 {
+		return memMB, min(s.cfg.DefaultDiskMB, memMB), nil
+	}
+	if diskMB > memMB {
+		return 0, 0, invalid("disk_mb %d: more than the memory limit (memory_mb %d): a sandbox's disk is memory (a tmpfs charged to its memory limit); ask for memory_mb of at least %d", diskMB, memMB, diskMB)
+	}
+	return memMB, diskMB, nil
+}
+
+// noNUL refuses values holding a NUL byte: they go to the OS as argv,
+// paths or names, which end at the first NUL (an entrypoint "sh\x00" would
+// start and then fail with 127 instead of being refused here).
+func noNUL(field string, vals ...string) error {
+	for i, v := range vals {
+		if strings.IndexByte(v, 0) >= 0 {
+			if len(vals) > 1 || field == "entrypoint" || field == "argv" {
+				return invalid("%s[%d]: contains a NUL byte", field, i)
+			}
+			return invalid("%s: contains a NUL byte", field)
+		}
+	}
+	return nil
 }
 
 func validateEnv(env map[string]string) error {
@@ -129,6 +175,9 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		return nil, err
 	}
 	chargeDefaults(r, quota)
+	if r.MemoryMb, r.DiskMb, err = s.resources(r.MemoryMb, r.DiskMb); err != nil {
+		return nil, err
+	}
 	sb := &store.Sandbox{
 		ID: newID(), OrgID: p.OrgID, State: store.StateCreating, Image: r.Image,
 		Entrypoint: r.Entrypoint, Env: r.Env, Workdir: r.Workdir, CPU: r.Cpu, MemoryMB: r.MemoryMb,
@@ -397,6 +446,15 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 	if r.Workdir != "" && !path.IsAbs(r.Workdir) {
 		return invalid("workdir %q: must be an absolute path", r.Workdir)
 	}
+	if err := noNUL("argv", r.Argv...); err != nil {
+		return err
+	}
+	if err := noNUL("workdir", r.Workdir); err != nil {
+		return err
+	}
+	if err := noNUL("user", r.User); err != nil {
+		return err
+	}
 	if err := validateEnv(r.Env); err != nil {
 		return err
 	}
@@ -522,16 +580,39 @@ func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[v1.LogsR
 	if err != nil {
 		return err
 	}
-	f, err := h.s.node.Logs(sb.ID)
+	prev, f, err := h.s.node.Logs(sb.ID)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
 	buf := make([]byte, 32<<10)
+	if prev != nil {
+		// The older part first (init rotates the log into it at its cap).
+		defer prev.Close()
+		for {
+			n, err := prev.Read(buf)
+			if n > 0 {
+				if serr := stream.Send(&v1.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
+					return serr
+				}
+			}
+			if err != nil {
+				break
+			}
+		}
+	}
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		n, err := f.Read(buf)
+		if err == io.EOF {
+			// Rotated (emptied) since we read: follow from its new start.
+			if off, _ := f.Seek(0, io.SeekCurrent); off > 0 {
+				if st, serr := f.Stat(); serr == nil && st.Size() < off {
+					_, _ = f.Seek(0, io.SeekStart)
+				}
+			}
+		}
 		if n > 0 {
 			if serr := stream.Send(&v1.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
 				return serr
@@ -567,6 +648,9 @@ func (h *sandboxService) ReadFile(ctx context.Context, req *connect.Request[v1.R
 	if !path.IsAbs(req.Msg.Path) {
 		return invalid("path %q: must be absolute", req.Msg.Path)
 	}
+	if err := noNUL("path", req.Msg.Path); err != nil {
+		return err
+	}
 	rc, err := h.s.node.Files(sb.ID).ReadFile(ctx, req.Msg.Path)
 	if err != nil {
 		return err
@@ -597,6 +681,9 @@ func (h *sandboxService) WriteFile(ctx context.Context, req *connect.Request[v1.
 	if !path.IsAbs(req.Msg.Path) {
 		return nil, invalid("path %q: must be absolute", req.Msg.Path)
 	}
+	if err := noNUL("path", req.Msg.Path); err != nil {
+		return nil, err
+	}
 	mode := fs.FileMode(req.Msg.Mode)
 	if mode == 0 {
 		mode = 0o644
@@ -618,6 +705,9 @@ func (h *sandboxService) ListFiles(ctx context.Context, req *connect.Request[v1.
 	if !path.IsAbs(req.Msg.Path) {
 		return nil, invalid("path %q: must be absolute", req.Msg.Path)
 	}
+	if err := noNUL("path", req.Msg.Path); err != nil {
+		return nil, err
+	}
 	infos, err := h.s.node.Files(sb.ID).ListDir(ctx, req.Msg.Path)
 	if err != nil {
 		return nil, err
@@ -636,6 +726,9 @@ func (h *sandboxService) RemoveFile(ctx context.Context, req *connect.Request[v1
 	}
 	if !path.IsAbs(req.Msg.Path) || path.Clean(req.Msg.Path) == "/" {
 		return nil, invalid("path %q: must be absolute and not /", req.Msg.Path)
+	}
+	if err := noNUL("path", req.Msg.Path); err != nil {
+		return nil, err
 	}
 	if err := h.s.node.Files(sb.ID).Remove(ctx, req.Msg.Path, req.Msg.Recursive); err != nil {
 		return nil, err

@@ -30,7 +30,9 @@ type Node interface {
 	Destroy(ctx context.Context, id string, slot int) error
 	Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (*procapi.Process, error)
 	Files(id string) *procapi.Client
-	Logs(id string) (*os.File, error)
+	// Logs opens the sandbox's console log: its previous part (nil if
+	// none) and the current one, which init empties when it rotates.
+	Logs(id string) (prev, cur *os.File, err error)
 	Leftovers(ctx context.Context, live map[string]int) ([]string, error)
 	Adopt(id, imageDigest string)
 	// Claim hands out a pre-started sandbox fitting req (its id and slot are
@@ -75,7 +77,20 @@ type Config struct {
 	MaxWriteFile int64
 	// DefaultQuota is every org's quota where the node admin set none (zero: no limits).
 	DefaultQuota store.Quota
+	// DefaultMemoryMB is the memory limit of a create without memory_mb
+	// (default DefaultMemoryMB). A sandbox's disk is a tmpfs whose pages
+	// count toward this limit (see resources).
+	DefaultMemoryMB int64
+	// DefaultDiskMB is the disk quota of a create without disk_mb, capped
+	// at its memory limit (default 10 GiB).
+	DefaultDiskMB int64
+	// NodeMemoryMB is the node's memory; no sandbox may ask for more
+	// (0: not checked).
+	NodeMemoryMB int64
 }
+
+// DefaultMemoryMB is Config.DefaultMemoryMB's default: 1 GiB.
+const DefaultMemoryMB = 1024
 
 // Server implements every service of the API.
 type Server struct {
@@ -99,6 +114,12 @@ func New(ctx context.Context, cfg Config) *Server {
 	}
 	if cfg.MaxWriteFile == 0 {
 		cfg.MaxWriteFile = 64 << 20
+	}
+	if cfg.DefaultMemoryMB == 0 {
+		cfg.DefaultMemoryMB = DefaultMemoryMB
+	}
+	if cfg.DefaultDiskMB == 0 {
+		cfg.DefaultDiskMB = 10 << 10
 	}
 	return &Server{
 		cfg:      cfg,

@@ -49,12 +49,14 @@ func WithWorkdir(dir string) CreateOption { return func(o *createOptions) { o.re
 // WithCPU limits the sandbox to cores CPUs.
 func WithCPU(cores float64) CreateOption { return func(o *createOptions) { o.req.Cpu = cores } }
 
-// WithMemoryMB limits the sandbox's memory.
+// WithMemoryMB limits the sandbox's memory, its disk included (without it:
+// the node's default, 1 GiB unless chalkd --default-memory-mb).
 func WithMemoryMB(mb int64) CreateOption { return func(o *createOptions) { o.req.MemoryMb = mb } }
 
-// WithDiskMB sets the quota of the sandbox's writable layer in MiB (0 = the
-// node's default, 10 GiB). The writable layer is memory-backed (tmpfs): what
-// is written also counts against the memory limit.
+// WithDiskMB sets the quota of the sandbox's writable layer in MiB (0 =
+// min(10 GiB, the memory limit)). The writable layer is memory-backed
+// (tmpfs): what is written counts against the memory limit, so the quota
+// may be at most that limit.
 func WithDiskMB(mb int64) CreateOption { return func(o *createOptions) { o.req.DiskMb = mb } }
 
 // WithTimeout sets the sandbox's lifetime (default 5 minutes, max 24 hours).

@@ -166,6 +166,7 @@ type Config struct {
 	// MCPAuditRetention is how long MCP gateway audit records are kept
 	// (default DefaultMCPAuditRetention).
 	MCPAuditRetention time.Duration
+	Limits            Limits // memory defaults, console log bounds (limits.go)
 	Logger            *slog.Logger
 	// DefaultQuota is every org's quota where the node admin set none (zero: no limits).
 	DefaultQuota store.Quota
@@ -183,6 +184,9 @@ func (c *Config) defaults() error {
 	}
 	if c.Prestart < 0 {
 		return fmt.Errorf("prestart %d: want 0 or more: %w", c.Prestart, errdefs.ErrInvalidArgument)
+	}
+	if err := c.Limits.defaults(); err != nil {
+		return err
 	}
 	if c.DataDir == "" {
 		c.DataDir = "/var/lib/chalk"
@@ -292,6 +296,10 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			return nil, err
 		}
 	}
+	if err := restrictDataDir(cfg.DataDir, !cfg.NoUserNS); err != nil {
+		return nil, err
+	}
+	go pruneLogsLoop(ctx, d.log, cfg.DataDir, cfg.Limits.LogRetention)
 	if err := sandbox.SetSubreaper(); err != nil {
 		return nil, fmt.Errorf("become subreaper: %w", err)
 	}
@@ -353,6 +361,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		StateDir: filepath.Join(cfg.DataDir, "sandboxes"), LogDir: filepath.Join(cfg.DataDir, "logs"),
 		RuncRoot: filepath.Join(cfg.RunDir, "runc"), InitBinary: cfg.InitBinary, ChalkBinary: cfg.ChalkBinary,
 		CgroupParent: cfg.CgroupParent, Logger: cfg.Logger, Runtime: cfg.Runtime, RuncBinary: cfg.RuntimeBinary,
+		LogMaxBytes: cfg.Limits.LogMaxBytes,
 	}); err != nil {
 		return nil, err
 	}
@@ -367,6 +376,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		NewID: api.NewSandboxID, Binds: wi.binds, Discard: wi.discard,
 		CountsFile: filepath.Join(cfg.DataDir, "prestart-counts.json"),
 		SlotBusy:   func(slot int) bool { return d.API != nil && d.API.SlotLive(slot) },
+		Memory:     cfg.Limits.DefaultMemoryMB << 20, DiskMB: min(sandbox.DefaultDiskMB, cfg.Limits.DefaultMemoryMB),
 	}
 	if d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
@@ -402,14 +412,14 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}
 	builder, err := imagebuild.New(imagebuild.Config{
 		Registry: d.Registry, Cache: d.Cache, Runtime: d.Runtime, Blobs: blobs,
-		Network: &buildNet{net: d.Net, used: map[int]bool{}}, Env: cfg.BuildEnv,
+		Network: &buildNet{net: d.Net, used: map[int]bool{}}, Env: cfg.BuildEnv, MemoryMB: cfg.Limits.BuildMemoryMB,
 		Defaults: imagespec.Defaults{PythonVersion: DefaultPython}, Logger: cfg.Logger,
 	})
 	if err != nil {
 		return nil, err
 	}
 	im := &images{b: builder, blobs: blobs, dir: filepath.Join(cfg.DataDir, "mounts")}
-	if err := os.MkdirAll(im.dir, 0o755); err != nil {
+	if err := os.MkdirAll(im.dir, 0o700); err != nil {
 		return nil, err
 	}
 	if d.Issuer, err = identity.New(ctx, identity.Config{
@@ -437,6 +447,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}
 	d.API = api.New(ctx, api.Config{
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
+		DefaultMemoryMB: cfg.Limits.DefaultMemoryMB, NodeMemoryMB: cfg.Limits.nodeMemoryMB,
 		Workload: wi, Identity: wi, Policies: pol, Images: im, Tunnels: tun, MCP: d.mcp,
 		DefaultQuota: cfg.DefaultQuota,
 		Hooks: api.Hooks{

@@ -443,8 +443,8 @@ func TestEscapeDiskFill(t *testing.T) {
 	if _, size := sandboxDisk(t, n, full.ID()); size != 32<<20 {
 		t.Fatalf("quota of a 32 MiB sandbox: %d bytes", size)
 	}
-	if _, size := sandboxDisk(t, n, neighbour.ID()); size != 10<<30 {
-		t.Fatalf("default quota: %d bytes, want 10 GiB", size)
+	if _, size := sandboxDisk(t, n, neighbour.ID()); size != 1<<30 {
+		t.Fatalf("default quota: %d bytes, want 1 GiB (capped at the default memory limit)", size)
 	}
 	res, err := full.Exec(ctx, []string{"dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=200"})
 	if err != nil {

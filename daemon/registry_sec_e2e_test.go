@@ -10,11 +10,9 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -65,14 +63,6 @@ func dialIn(ns string) func(ctx context.Context, network, addr string) (net.Conn
 		runtime.UnlockOSThread()
 		return c, err
 	}
-}
-
-// asNobody runs argv as uid/gid 65534 and returns its combined output and error.
-func asNobody(argv ...string) (string, error) {
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
-	out, err := cmd.CombinedOutput()
-	return string(out), err
 }
 
 // TestRegistryLocalAttacker: an unprivileged local user on the node can

@@ -67,6 +67,9 @@ type Config struct {
 	Env      []string // added to run steps (e.g. PIP_INDEX_URL); not hashed
 	Defaults imagespec.Defaults
 	Platform string // default linux/<arch> of the registry
+	// MemoryMB is the memory limit of RUN steps, which their disk quota
+	// (a tmpfs charged to it) equals; 0: none, and the runtime's default quota.
+	MemoryMB int64
 	Logger   *slog.Logger
 }
 
@@ -437,6 +440,7 @@ func (b *Builder) run(ctx context.Context, prevKey string, cfg *v1.Config, cmd s
 	spec := sandbox.Spec{
 		ID: id, LowerDirs: lower.LowerDirs(), Entrypoint: []string{"/bin/sh", "-c", cmd},
 		Workdir: cfg.WorkingDir, User: cfg.User, Pids: 4096,
+		Memory: b.cfg.MemoryMB << 20, DiskMB: b.cfg.MemoryMB,
 	}
 	env := append([]string(nil), cfg.Env...)
 	argNames := make([]string, 0, len(args))
@@ -461,6 +465,7 @@ func (b *Builder) run(ctx context.Context, prevKey string, cfg *v1.Config, cmd s
 			b.log.Warn("remove build container", "id", id, "err", err)
 		}
 		_ = os.Remove(b.cfg.Runtime.LogPath(id))
+		_ = os.Remove(b.cfg.Runtime.LogPath(id) + ".1")
 	}()
 	pid, err := b.cfg.Runtime.Start(ctx, spec)
 	if err != nil {
@@ -525,6 +530,9 @@ func (t *tailBuf) add(line string) {
 func (t *tailBuf) String() string { t.mu.Lock(); defer t.mu.Unlock(); return string(t.b) }
 
 // followLog calls fn for each line appended to path until done, then for the rest.
+// maxLine bounds one line of build output handed to the callback.
+const maxLine = 64 << 10
+
 func followLog(path string, done <-chan struct{}, fn func(string)) {
 	var f *os.File
 	var pending []byte
@@ -538,7 +546,8 @@ func followLog(path string, done <-chan struct{}, fn func(string)) {
 			fn(string(pending[:i]))
 			pending = pending[i+1:]
 		}
-		if final && len(pending) > 0 {
+		// A line is at most maxLine bytes: the build's output is not ours to buffer.
+		if (final && len(pending) > 0) || len(pending) > maxLine {
 			fn(string(pending))
 			pending = nil
 		}
@@ -555,6 +564,12 @@ func followLog(path string, done <-chan struct{}, fn func(string)) {
 				pending = append(pending, buf[:n]...)
 				if n == 0 || err != nil {
 					break
+				}
+			}
+			// chalk-init empties the log when it rotates it at its cap.
+			if off, err := f.Seek(0, io.SeekCurrent); err == nil && off > 0 {
+				if st, err := f.Stat(); err == nil && st.Size() < off {
+					_, _ = f.Seek(0, io.SeekStart)
 				}
 			}
 			flush(false)

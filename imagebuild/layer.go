@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"golang.org/x/sys/unix"
@@ -131,11 +132,13 @@ func diffUpper(upper string, shift idShift, w io.Writer) error {
 				if err := tw.WriteHeader(h); err != nil {
 					return err
 				}
-				f, err := os.Open(full)
+				// The build's processes are gone (its PID 1 has exited), so
+				// the tree no longer changes; still, never follow a link.
+				f, err := os.OpenFile(full, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 				if err != nil {
 					return err
 				}
-				_, err = io.Copy(tw, f)
+				_, err = io.Copy(tw, io.LimitReader(f, h.Size))
 				f.Close()
 				if err != nil {
 					return err
@@ -285,6 +288,12 @@ func contextLayer(content io.Reader, sources []string, dst string) ([]byte, erro
 		b, err := io.ReadAll(tr)
 		if err != nil {
 			return nil, err
+		}
+		switch h.Typeflag {
+		case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+			// The layer is extracted on the host (nodecache): no device
+			// nodes or fifos from an API user's upload.
+			return nil, fmt.Errorf("build context: entry %q: device nodes and fifos are refused: %w", h.Name, errdefs.ErrInvalidArgument)
 		}
 		hc := *h
 		hc.Name = path.Clean(h.Name)

@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"path"
+	"reflect"
 	"regexp"
 	"sort"
 	"strings"
@@ -113,6 +114,9 @@ func Parse(b []byte) (Spec, error) {
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&s); err != nil {
 		return Spec{}, invalid("image spec: %v", err)
+	}
+	if f := nulField(reflect.ValueOf(s), ""); f != "" {
+		return Spec{}, invalid("image spec: field %q contains a NUL byte", f)
 	}
 	return s, nil
 }

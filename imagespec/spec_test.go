@@ -209,6 +209,13 @@ func TestBadSpecs(t *testing.T) {
 		{`{"base":"x","steps":[{"kind":"user","user":"a b"}]}`, `user "a b"`},
 		{`{"base":"x","steps":[{"kind":"user","user":"$(id)"}]}`, `user "$(id)"`},
 		{`{"base":"x","steps":[{"kind":"user","user":"../x"}]}`, `user "../x"`},
+		{`{"base":"x","steps":[{"kind":"run","commands":["echo a\u0000b"]}]}`, `field "steps[0].commands[0]" contains a NUL byte`},
+		{`{"base":"x","steps":[{"kind":"entrypoint","argv":["/bin/sh\u0000"]}]}`, `field "steps[0].argv[0]" contains a NUL byte`},
+		{`{"base":"x","steps":[{"kind":"workdir","path":"/a\u0000"}]}`, `field "steps[0].path" contains a NUL byte`},
+		{`{"base":"x","steps":[{"kind":"env","env":{"A":"\u0000"}}]}`, `field "steps[0].env.A" contains a NUL byte`},
+		{`{"base":"x","steps":[],"mounts":[{"src":"` + fileDigest + `","dst":"/m\u0000"}]}`, `field "mounts[0].dst" contains a NUL byte`},
+		{`{"dockerfile":"FROM a\nRUN x\u0000\n","steps":[]}`, `field "dockerfile" contains a NUL byte`},
+		{`{"base":"x\u0000","steps":[]}`, `field "base" contains a NUL byte`},
 	} {
 		s, err := Parse([]byte(tc.spec))
 		if err == nil {

@@ -296,13 +296,20 @@ func (a *Agent) Exec(ctx context.Context, id string, req procapi.ExecRequest, st
 // Files gives file access to the sandbox.
 func (a *Agent) Files(id string) *procapi.Client { return a.cfg.Runtime.Client(id) }
 
-// Logs opens the sandbox's console log.
-func (a *Agent) Logs(id string) (*os.File, error) {
-	f, err := os.Open(a.cfg.Runtime.LogPath(id))
+// Logs opens the sandbox's console log: the previous part (nil if there is
+// none) and the current one.
+func (a *Agent) Logs(id string) (prev, cur *os.File, err error) {
+	cur, err = os.Open(a.cfg.Runtime.LogPath(id))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("logs of sandbox %q: %w", id, errdefs.ErrNotFound)
+		return nil, nil, fmt.Errorf("logs of sandbox %q: %w", id, errdefs.ErrNotFound)
 	}
-	return f, err
+	if err != nil {
+		return nil, nil, err
+	}
+	if prev, err = os.Open(a.cfg.Runtime.LogPath(id) + ".1"); err != nil {
+		prev = nil
+	}
+	return prev, cur, nil
 }
 
 // Leftovers lists runtime and network objects not belonging to live sandboxes.

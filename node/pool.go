@@ -89,6 +89,11 @@ type PoolConfig struct {
 	// end is still being recorded (its egress rules, keyed by the slot's
 	// interface, are removed then). A member never takes such a slot.
 	SlotBusy func(slot int) bool
+	// Memory (bytes) and DiskMB are the limits members start with: the
+	// node's defaults, so a claim that asks for them changes nothing
+	// (others are set at activation). 0: none, the runtime's default quota.
+	Memory int64
+	DiskMB int64
 }
 
 // member is one pre-started sandbox.
@@ -323,7 +328,7 @@ func (p *warmPool) start(img *nodecache.Image, id string, slot int) (*member, er
 			return nil, err
 		}
 	}
-	st, err := p.a.start(context.Background(), StartRequest{ID: id, Slot: slot, Image: img, Binds: m.binds})
+	st, err := p.a.start(context.Background(), StartRequest{ID: id, Slot: slot, Image: img, Binds: m.binds, Memory: p.cfg.Memory, DiskMB: p.cfg.DiskMB})
 	if err != nil {
 		p.cfg.forget(id)
 		return nil, err
@@ -405,7 +410,7 @@ func (a *Agent) Claim(req StartRequest) (id string, slot int, ok bool) {
 	if p == nil || req.Image == nil {
 		return "", 0, false
 	}
-	limits := req.CPU != 0 || req.Memory != 0
+	limits := req.CPU != 0 || (req.Memory != 0 && req.Memory != p.cfg.Memory)
 	if (limits && !a.cfg.Runtime.CanUpdate()) || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
 		return "", 0, false // no use pre-starting for such requests
 	}
@@ -442,12 +447,12 @@ func (a *Agent) activate(ctx context.Context, m *member, req StartRequest) (Star
 			return Started{}, fmt.Errorf("pre-started sandbox %s: bind mount %s is not in place", m.id, b.Dest)
 		}
 	}
-	if req.DiskMB != 0 {
+	if req.DiskMB != 0 && req.DiskMB != a.pool.cfg.DiskMB {
 		if err := a.cfg.Runtime.SetDiskMB(m.id, req.DiskMB); err != nil {
 			return Started{}, err
 		}
 	}
-	if req.CPU != 0 || req.Memory != 0 {
+	if req.CPU != 0 || (req.Memory != 0 && req.Memory != a.pool.cfg.Memory) {
 		// Before anything of the user's runs in it.
 		if err := a.cfg.Runtime.SetLimits(ctx, m.id, req.CPU, req.Memory); err != nil {
 			return Started{}, err

@@ -132,6 +132,15 @@ func New(cfg Config) (*Cache, error) {
 	if c.puller, err = remote.NewPuller(append(append([]remote.Option{}, cfg.Remote...), remote.WithPlatform(registry.Platform()))...); err != nil {
 		return nil, fmt.Errorf("nodecache: remote options: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
+	// Layers hold other users' image content (and setuid files as the image
+	// has them): the cache is chalkd's alone. Overlay reads the lower layers
+	// with the mounter's credentials, so sandboxes need no access here.
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, fmt.Errorf("nodecache: %w", err)
+	}
+	if err := os.Chmod(root, 0o700); err != nil {
+		return nil, fmt.Errorf("nodecache: %w", err)
+	}
 	for _, d := range []string{c.tmpDir(), filepath.Join(root, "blobs", "sha256"), filepath.Join(root, "layers", "sha256")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("nodecache: %w", err)

@@ -70,8 +70,16 @@ type Config struct {
 	// DefaultDiskMB is the writable-layer quota of a Spec without DiskMB;
 	// default DefaultDiskMB (10 GiB).
 	DefaultDiskMB int64
-	Logger        *slog.Logger
+	// LogMaxBytes caps each console log (default DefaultLogMaxBytes): init
+	// rotates it into LogPath+".1" (see cmd/chalk-init's console), so at
+	// most twice this is kept per sandbox. On runsc (no extra fds) init
+	// empties the log at the cap instead: at most this, no .1.
+	LogMaxBytes int64
+	Logger      *slog.Logger
 }
+
+// DefaultLogMaxBytes is Config.LogMaxBytes's default.
+const DefaultLogMaxBytes = 8 << 20
 
 // Runtime creates, watches and destroys sandboxes on this node.
 type Runtime struct {
@@ -116,6 +124,9 @@ func New(cfg Config) (*Runtime, error) {
 	if cfg.DefaultDiskMB == 0 {
 		cfg.DefaultDiskMB = DefaultDiskMB
 	}
+	if cfg.LogMaxBytes == 0 {
+		cfg.LogMaxBytes = DefaultLogMaxBytes
+	}
 	if _, err := os.Stat(cfg.InitBinary); err != nil {
 		return nil, fmt.Errorf("sandbox init binary: %w", err)
 	}
@@ -126,10 +137,17 @@ func New(cfg Config) (*Runtime, error) {
 		}
 		return nil, fmt.Errorf("runc not found (install Debian's runc): %w", err)
 	}
-	for _, d := range []string{cfg.StateDir, cfg.RuncRoot, cfg.LogDir} {
+	for _, d := range []string{cfg.StateDir, cfg.RuncRoot} {
 		if err := os.MkdirAll(d, 0o711); err != nil {
 			return nil, err
 		}
+	}
+	// Console logs are the sandboxes' output: chalkd's alone.
+	if err := os.MkdirAll(cfg.LogDir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(cfg.LogDir, 0o700); err != nil {
+		return nil, err
 	}
 	return &Runtime{
 		cfg:  cfg,
@@ -314,6 +332,13 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	// Init runs as root (it owns the socket and reaps); the image's user is
 	// the default for the entrypoint and every exec.
 	args := []string{InitPath, "--socket", RunDir + "/" + SocketName}
+	// The log's previous part is init's fd 3 (ExtraFiles below); runsc
+	// passes no extra fds, so on gVisor init empties the log at the cap.
+	prevLog := r.cfg.Runtime == RuntimeRunc
+	args = append(args, "--log-max", strconv.FormatInt(r.cfg.LogMaxBytes, 10))
+	if prevLog {
+		args = append(args, "--log-prev-fd", "3")
+	}
 	if user != "" {
 		args = append(args, "--user", user)
 	}
@@ -357,11 +382,21 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	if err := os.WriteFile(filepath.Join(dir, "bundle", "config.json"), cfgJSON, 0o600); err != nil {
 		return 0, err
 	}
-	logf, err := os.OpenFile(r.LogPath(sp.ID), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	// Read-write: init reads the log to rotate it into the previous part.
+	logf, err := os.OpenFile(r.LogPath(sp.ID), os.O_CREATE|os.O_RDWR|os.O_APPEND, 0o600)
 	if err != nil {
 		return 0, err
 	}
 	defer logf.Close()
+	var extra []*os.File
+	if prevLog {
+		prev, err := os.OpenFile(r.LogPath(sp.ID)+".1", os.O_CREATE|os.O_RDWR, 0o600)
+		if err != nil {
+			return 0, err
+		}
+		defer prev.Close()
+		extra = []*os.File{prev}
+	}
 	pidFile := filepath.Join(dir, initPidFile)
 	// Watch for init's socket before init can make it: readiness is then an
 	// event, not a poll.
@@ -373,9 +408,10 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	}
 	tRun := time.Now()
 	if _, err := r.runc.Run(ctx, sp.ID, filepath.Join(dir, "bundle"), &runc.CreateOpts{
-		IO:      fileIO{logf},
-		PidFile: pidFile,
-		Detach:  true,
+		IO:         fileIO{logf},
+		PidFile:    pidFile,
+		Detach:     true,
+		ExtraFiles: extra,
 	}); err != nil {
 		return 0, fmt.Errorf("runc run %s: %w (%s)", sp.ID, err, tail(r.LogPath(sp.ID), 2048))
 	}
@@ -707,9 +743,9 @@ func resolveUser(rootfs, user string) (string, error) {
 	if _, err := strconv.Atoi(name); err == nil {
 		return user, nil
 	}
-	b, err := os.ReadFile(filepath.Join(rootfs, "etc", "passwd"))
+	b, err := readInRoot(rootfs, "etc/passwd", 4<<20)
 	if err != nil {
-		return "", fmt.Errorf("user %q: image has no /etc/passwd: %w", user, errdefs.ErrInvalidArgument)
+		return "", fmt.Errorf("user %q: image has no usable /etc/passwd (%v): %w", user, err, errdefs.ErrInvalidArgument)
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Split(line, ":")

@@ -30,6 +30,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/signal"
@@ -56,14 +57,33 @@ func run(args []string) int {
 	socket := fl.String("socket", "/.chalk/run/init.sock", "unix socket to serve the process API on")
 	user := fl.String("user", "", "default user (numeric uid[:gid]) of the entrypoint and of execs")
 	grace := fl.Duration("grace", 10*time.Second, "how long to wait for processes to end after a termination signal")
+	logMax := fl.Int64("log-max", 0, "cap the console log (stdout, a regular file) at this many bytes, rotating into --log-prev-fd; the entrypoint's output then goes through init (0: no cap)")
+	logPrev := fl.Int("log-prev-fd", 0, "fd of the console log's previous part (with --log-max)")
 	if err := fl.Parse(args); err != nil {
 		return 2
 	}
 	entry := fl.Args()
+	var stderr io.Writer = os.Stderr
 	fail := func(code int, format string, a ...any) int {
-		fmt.Fprintf(os.Stderr, "chalk-init: "+format+"\n", a...)
+		fmt.Fprintf(stderr, "chalk-init: "+format+"\n", a...)
 		return code
 	}
+	var con *console
+	if *logMax > 0 {
+		var prev *os.File
+		if *logPrev > 2 {
+			// Inherited from runc without close-on-exec: nothing init
+			// starts may get it.
+			unix.CloseOnExec(*logPrev)
+			prev = os.NewFile(uintptr(*logPrev), "console.1")
+		}
+		var err error
+		if con, err = newConsole(os.Stdout, prev, *logMax); err != nil {
+			return fail(1, "%v", err)
+		}
+		stderr = con
+	}
+	var pumpDone chan struct{} // closed when the entrypoint's output is all in the log
 
 	// Not dumpable: processes of the sandbox (root among them, without
 	// CAP_SYS_PTRACE) can then neither ptrace init nor read its
@@ -100,9 +120,20 @@ func run(args []string) int {
 			return nil, 1, err
 		}
 		defer devnull.Close()
+		outF, errF := os.Stdout, os.Stderr
+		if con != nil {
+			r, w, err := os.Pipe()
+			if err != nil {
+				return nil, 1, err
+			}
+			defer w.Close()
+			outF, errF = w, w
+			pumpDone = make(chan struct{})
+			go con.pump(r, pumpDone)
+		}
 		p, ch, err := reaper.Start(bin, argv, &os.ProcAttr{
 			Env:   os.Environ(),
-			Files: []*os.File{devnull, os.Stdout, os.Stderr},
+			Files: []*os.File{devnull, outF, errF},
 			Sys:   &syscall.SysProcAttr{Setpgid: true, Credential: cred},
 		})
 		if err != nil {
@@ -151,12 +182,17 @@ func run(args []string) int {
 		ch, code, err := startEntry(a.Entrypoint)
 		if err != nil {
 			// The sandbox ends as a cold start with this entrypoint would.
-			fmt.Fprintf(os.Stderr, "chalk-init: %v\n", err)
+			fmt.Fprintf(stderr, "chalk-init: %v\n", err)
 			ch = failedEntry(code)
 		}
 		// Handed to the main loop (which exits when the entrypoint does)
 		// only once the answer is out.
 		return func() { entryCh <- ch }, nil
+	}
+	donePumping := func() chan struct{} { // set by startEntry, under activateMu after start
+		activateMu.Lock()
+		defer activateMu.Unlock()
+		return pumpDone
 	}
 	served := make(chan error, 1)
 	go func() {
@@ -175,12 +211,15 @@ func run(args []string) int {
 	for {
 		select {
 		case ws := <-entryExit:
+			drained(donePumping())
 			return exitCode(ws)
 		case entryExit = <-entryCh:
 		case err := <-served:
 			return fail(1, "serve: %v", err)
 		case sig := <-sigs:
-			return terminate(reaper, sig.(syscall.Signal), entryExit, sigs, *grace)
+			code := terminate(reaper, sig.(syscall.Signal), entryExit, sigs, *grace)
+			drained(donePumping())
+			return code
 		}
 	}
 }

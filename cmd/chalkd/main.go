@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/daemon"
 )
 
@@ -52,6 +53,10 @@ func main() {
 	fs.StringVar(&cfg.RuntimeBinary, "runtime-binary", "", "path of the runtime binary (default: --runtime's name from PATH)")
 	fs.IntVar(&cfg.Prestart, "prestart", daemon.DefaultPrestart, "sandboxes kept pre-started for each of the 4 most recently used images, so a create is a claim instead of a runc start (0: off; `chalk compute image warm --sandboxes N` sets an image's count)")
 	fs.IntVar(&cfg.PrestartSlots, "prestart-slots", daemon.DefaultPrestartSlots, "network slots reserved for pre-started sandboxes and the sandboxes they become (-1: no pre-starting at all)")
+	fs.Int64Var(&cfg.Limits.DefaultMemoryMB, "default-memory-mb", api.DefaultMemoryMB, "memory limit (MiB) of sandboxes whose request gives none; a sandbox's disk (a tmpfs) counts toward its memory limit, so its disk quota is at most this")
+	fs.Int64Var(&cfg.Limits.BuildMemoryMB, "build-memory-mb", daemon.DefaultBuildMemoryMB, "memory limit (MiB) of image build RUN steps, their disk included")
+	fs.Int64Var(&cfg.Limits.LogMaxBytes, "log-max-bytes", daemon.DefaultLogMaxBytes, "cap of a sandbox's console log: past it the log is rotated to LOG.1 (the last two parts are kept)")
+	fs.DurationVar(&cfg.Limits.LogRetention, "log-retention", daemon.DefaultLogRetention, "how long console logs of ended sandboxes are kept")
 	userns := fs.Bool("userns", true, "give each sandbox a user namespace (its root is an unprivileged host uid range of its own); false: sandbox root is host root, confined by capabilities and seccomp only")
 	fs.Func("uid-base", "first host uid of the sandboxes' user namespace ranges (default 1048576; 65536 ids per sandbox)", func(v string) error {
 		n, err := strconv.ParseUint(v, 10, 32)

@@ -98,7 +98,8 @@ class SandboxClient:
             env: environment for the entrypoint and every exec.
             workdir: working directory.
             cpu: CPU cores (fractional allowed).
-            memory: memory limit in MiB.
+            memory: memory limit in MiB, the sandbox's disk included (default:
+                the node's, 1 GiB unless chalkd --default-memory-mb).
             entrypoint: argv of the main process; the sandbox ends when it exits.
             labels: key/value labels.
             aws_role_arn: an AWS IAM role the sandbox assumes with its own
@@ -113,8 +114,9 @@ class SandboxClient:
                 token impersonates (needs ``gcp_workload_provider``).
             on_build_log: called with each build log line when the image is
                 built first (default: print). Pass ``lambda line: None`` to silence.
-            disk: quota of the sandbox's writable layer in MiB (default: the
-                node's, 10 GiB); writes beyond it fail with ENOSPC.
+            disk: quota of the sandbox's writable layer in MiB, at most the
+                memory limit it is counted in (default: min(10 GiB, the memory
+                limit)); writes beyond it fail with ENOSPC.
         """
         if image is None:
             image = Image.debian_slim()

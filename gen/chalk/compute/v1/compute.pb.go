@@ -36,7 +36,7 @@ type Sandbox struct {
 	Env                map[string]string `protobuf:"bytes,7,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	Workdir            string            `protobuf:"bytes,8,opt,name=workdir,proto3" json:"workdir,omitempty"`
 	Cpu                float64           `protobuf:"fixed64,9,opt,name=cpu,proto3" json:"cpu,omitempty"`                           // cores (0 = unlimited)
-	MemoryMb           int64             `protobuf:"varint,10,opt,name=memory_mb,json=memoryMb,proto3" json:"memory_mb,omitempty"` // 0 = unlimited
+	MemoryMb           int64             `protobuf:"varint,10,opt,name=memory_mb,json=memoryMb,proto3" json:"memory_mb,omitempty"` // 0 = the node's default (chalkd --default-memory-mb, 1 GiB); counts the sandbox's disk too
 	TimeoutSeconds     int64             `protobuf:"varint,11,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"`
 	IdleTimeoutSeconds int64             `protobuf:"varint,12,opt,name=idle_timeout_seconds,json=idleTimeoutSeconds,proto3" json:"idle_timeout_seconds,omitempty"`
 	CreatedAt          string            `protobuf:"bytes,13,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"` // RFC 3339
@@ -278,7 +278,7 @@ type CreateSandboxRequest struct {
 	Labels              map[string]string      `protobuf:"bytes,13,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	AwsRoleArn          string                 `protobuf:"bytes,14,opt,name=aws_role_arn,json=awsRoleArn,proto3" json:"aws_role_arn,omitempty"`
 	GcpWorkloadProvider string                 `protobuf:"bytes,15,opt,name=gcp_workload_provider,json=gcpWorkloadProvider,proto3" json:"gcp_workload_provider,omitempty"`
-	DiskMb              int64                  `protobuf:"varint,16,opt,name=disk_mb,json=diskMb,proto3" json:"disk_mb,omitempty"`                                   // writable-layer quota in MiB; 0 = the node's default (10 GiB)
+	DiskMb              int64                  `protobuf:"varint,16,opt,name=disk_mb,json=diskMb,proto3" json:"disk_mb,omitempty"`                                   // writable-layer quota in MiB (a tmpfs charged to memory_mb, so at most memory_mb); 0 = min(10 GiB, memory_mb)
 	AwsRegion           string                 `protobuf:"bytes,17,opt,name=aws_region,json=awsRegion,proto3" json:"aws_region,omitempty"`                           // AWS_REGION/AWS_DEFAULT_REGION with aws_role_arn; "" = the node's default (chalkd --aws-region, else us-east-1)
 	GcpServiceAccount   string                 `protobuf:"bytes,18,opt,name=gcp_service_account,json=gcpServiceAccount,proto3" json:"gcp_service_account,omitempty"` // with gcp_workload_provider: the federated token impersonates this service account
 	unknownFields       protoimpl.UnknownFields
