@@ -8,9 +8,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
-	"sync"
-	"time"
 
 	"connectrpc.com/connect"
 
@@ -71,18 +70,13 @@ func HashToken(secret string) string {
 	return hex.EncodeToString(s[:])
 }
 
-// authenticator resolves bearer tokens to principals, caching user tokens.
+// authenticator resolves bearer tokens to principals. User tokens are looked
+// up in the store on every request (an indexed read): nothing is cached, so a
+// deleted token is refused by the very next request on every path (TCP, unix
+// socket, the metadata service's /api).
 type authenticator struct {
 	store    *store.Store
 	workload WorkloadVerifier
-
-	mu    sync.Mutex
-	cache map[string]cachedPrincipal
-}
-
-type cachedPrincipal struct {
-	p   *Principal
-	exp time.Time
 }
 
 func (a *authenticator) authenticate(ctx context.Context, header string) (*Principal, error) {
@@ -92,28 +86,14 @@ func (a *authenticator) authenticate(ctx context.Context, header string) (*Princ
 		return nil, fmt.Errorf("missing API token: send 'Authorization: Bearer <token>' (chalkd wrote the admin token to its data dir and the CLI config): %w", errdefs.ErrUnauthenticated)
 	}
 	if strings.HasPrefix(tok, TokenPrefix) {
-		h := HashToken(tok)
-		a.mu.Lock()
-		c, hit := a.cache[h]
-		a.mu.Unlock()
-		if hit && time.Now().Before(c.exp) {
-			return c.p, nil
-		}
-		t, err := a.store.TokenByHash(ctx, h)
+		t, err := a.store.TokenByHash(ctx, HashToken(tok))
 		if errors.Is(err, errdefs.ErrNotFound) {
 			return nil, fmt.Errorf("invalid API token: %w", errdefs.ErrUnauthenticated)
 		}
 		if err != nil {
 			return nil, err
 		}
-		p := &Principal{Kind: "user", OrgID: t.OrgID, Subject: "chalk:org:" + t.OrgID + ":user:" + t.Name, Name: t.Name, Admin: t.Admin}
-		a.mu.Lock()
-		if a.cache == nil {
-			a.cache = map[string]cachedPrincipal{}
-		}
-		a.cache[h] = cachedPrincipal{p: p, exp: time.Now().Add(time.Minute)}
-		a.mu.Unlock()
-		return p, nil
+		return &Principal{Kind: "user", OrgID: t.OrgID, Subject: "chalk:org:" + t.OrgID + ":user:" + t.Name, Name: t.Name, Admin: t.Admin}, nil
 	}
 	if strings.Count(tok, ".") == 2 && a.workload != nil {
 		p, err := a.workload.VerifyWorkload(ctx, tok)
@@ -125,14 +105,23 @@ func (a *authenticator) authenticate(ctx context.Context, header string) (*Princ
 	return nil, fmt.Errorf("invalid API token: %w", errdefs.ErrUnauthenticated)
 }
 
-// authInterceptor authenticates every call.
+// authInterceptor makes sure every call has a principal: the one guard
+// authenticated from the request's headers before any body was read, or
+// (for a handler mounted without guard) one it authenticates itself.
 type authInterceptor struct{ a *authenticator }
+
+func (i authInterceptor) principal(ctx context.Context, h http.Header) (*Principal, error) {
+	if p, ok := PrincipalFrom(ctx); ok {
+		return p, nil
+	}
+	return i.a.authenticate(ctx, h.Get("Authorization"))
+}
 
 var _ connect.Interceptor = authInterceptor{}
 
 func (i authInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-		p, err := i.a.authenticate(ctx, req.Header().Get("Authorization"))
+		p, err := i.principal(ctx, req.Header())
 		if err != nil {
 			return nil, toConnect(err)
 		}
@@ -146,7 +135,7 @@ func (authInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) con
 
 func (i authInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
-		p, err := i.a.authenticate(ctx, conn.RequestHeader().Get("Authorization"))
+		p, err := i.principal(ctx, conn.RequestHeader())
 		if err != nil {
 			return toConnect(err)
 		}

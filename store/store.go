@@ -81,6 +81,19 @@ func (s *Store) TokenByHash(ctx context.Context, hash string) (Token, error) {
 	return t, nil
 }
 
+// DeleteToken removes a token (revocation: the API looks tokens up on every
+// request, so the next one is refused).
+func (s *Store) DeleteToken(ctx context.Context, id string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM tokens WHERE id = ?`, id)
+	if err != nil {
+		return fmt.Errorf("delete token %q: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("token %q: %w", id, errdefs.ErrNotFound)
+	}
+	return nil
+}
+
 // CountTokens reports how many tokens exist.
 func (s *Store) CountTokens(ctx context.Context) (int, error) {
 	var n int
