@@ -1,10 +1,12 @@
 package daemon_test
 
 import (
+	"bufio"
 	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"path/filepath"
@@ -73,6 +75,54 @@ func TestAPISecurity(t *testing.T) {
 		out := mustExec(t, a, "sh", "-c", script)
 		if !strings.HasPrefix(out, "HTTP/1.1 401") {
 			t.Fatalf("status line %q, want 401 before any body byte", out)
+		}
+	})
+
+	// 2. A sandbox opening 70 keep-alive connections to its metadata
+	// service gets 64 (metadata.Limits.ConnsPerSandbox); the others are
+	// refused at accept. Meanwhile another sandbox is served.
+	t.Run("connections per sandbox", func(t *testing.T) {
+		hog := create(t, c) // its connections stay open until it ends
+		const script = `mkfifo /tmp/lines /tmp/hold
+exec 3<>/tmp/lines 4<>/tmp/hold
+i=0
+while [ $i -lt 70 ]; do
+  i=$((i+1))
+  ( (printf 'GET /v1/identity HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata-Flavor: chalk\r\n\r\n'; cat /tmp/hold) |
+    nc 169.254.169.254 80 | { IFS= read -r l; echo "x$l" >&3; cat >/dev/null; } ) &
+done
+ok=0; refused=0; i=0
+while [ $i -lt 70 ]; do
+  i=$((i+1)); IFS= read -r l <&3
+  case "$l" in *" 200 "*) ok=$((ok+1));; *) refused=$((refused+1));; esac
+done
+echo "ok=$ok refused=$refused"
+cat /tmp/hold`
+		pr, pw := io.Pipe()
+		proc, err := hog.Start(ctx, []string{"sh", "-c", script}, chalkcompute.Stdout(pw))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer proc.Signal(ctx, "KILL")
+		line := make(chan string, 1)
+		go func() {
+			l, _ := bufio.NewReader(pr).ReadString('\n')
+			line <- strings.TrimSpace(l)
+		}()
+		select {
+		case l := <-line:
+			if l != "ok=64 refused=6" {
+				t.Fatalf("70 connections from one sandbox: %q, want 64 served", l)
+			}
+		case <-ctx.Done():
+			t.Fatal("no tally from the sandbox")
+		}
+		// The hog's 64 connections are open: B is served, the hog is not.
+		if out := mustExec(t, b, "wget", "-q", "-O-", "--header", "Metadata-Flavor: chalk", "http://169.254.169.254/v1/identity"); !strings.Contains(out, b.ID()) {
+			t.Fatalf("B while the hog holds its cap: %q", out)
+		}
+		if res, err := hog.Exec(ctx, []string{"wget", "-q", "-O-", "-T", "5", "--header", "Metadata-Flavor: chalk", "http://169.254.169.254/v1/identity"}); err != nil || res.Code == 0 {
+			t.Fatalf("a 65th connection of the hog was served: %v %+v", err, res)
 		}
 	})
 
