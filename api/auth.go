@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 	"time"
 
@@ -118,11 +119,18 @@ func UserSubject(org, user string) string { return "chalk:org:" + org + ":user:"
 // authInterceptor authenticates every call.
 type authInterceptor struct{ a *authenticator }
 
+func (i authInterceptor) principal(ctx context.Context, h http.Header) (*Principal, error) {
+	if p, ok := PrincipalFrom(ctx); ok {
+		return p, nil
+	}
+	return i.a.authenticate(ctx, h.Get("Authorization"))
+}
+
 var _ connect.Interceptor = authInterceptor{}
 
 func (i authInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-		p, err := i.a.authenticate(ctx, req.Header().Get("Authorization"))
+		p, err := i.principal(ctx, req.Header())
 		if err != nil {
 			return nil, toConnect(err)
 		}
@@ -136,7 +144,7 @@ func (authInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) con
 
 func (i authInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
-		p, err := i.a.authenticate(ctx, conn.RequestHeader().Get("Authorization"))
+		p, err := i.principal(ctx, conn.RequestHeader())
 		if err != nil {
 			return toConnect(err)
 		}

@@ -92,6 +92,25 @@ func (s *Server) resolvePolicies(ctx context.Context, orgID string, names []stri
 	return out, nil
 }
 
+// PolicyHash is the network_policy claim of sb now: the hash of the union of
+// the policies currently bound to it (read from the store, so updates of a
+// bound policy, by Update or by another sandbox's inline policy of that name,
+// show at once). Identity tokens carry it as minted, never as it was at create.
+func (s *Server) PolicyHash(ctx context.Context, sb *store.Sandbox) (string, error) {
+	if s.cfg.Policies == nil {
+		return sb.PolicyHash, nil
+	}
+	ps := make([]*store.Policy, 0, len(sb.Policies))
+	for _, n := range sb.Policies {
+		p, err := s.store.GetPolicy(ctx, sb.OrgID, n)
+		if err != nil {
+			return "", fmt.Errorf("sandbox %s: network policy %q: %w", sb.ID, n, err)
+		}
+		ps = append(ps, p)
+	}
+	return s.cfg.Policies.Hash(ps)
+}
+
 // reapplyPolicy pushes a changed policy to every running sandbox that uses it.
 func (s *Server) reapplyPolicy(ctx context.Context, orgID, name string) {
 	if s.cfg.Policies == nil {

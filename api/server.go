@@ -12,6 +12,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
+	"github.com/chalkcompute/chalkcompute/internal/reqlimit"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
@@ -87,6 +88,8 @@ type Config struct {
 	// NodeMemoryMB is the node's memory; no sandbox may ask for more
 	// (0: not checked).
 	NodeMemoryMB int64
+	// Limits bound request bodies per caller (see Limits).
+	Limits Limits
 }
 
 // DefaultMemoryMB is Config.DefaultMemoryMB's default: 1 GiB.
@@ -99,6 +102,8 @@ type Server struct {
 	store *store.Store
 	node  Node
 	auth  *authenticator
+	// budget counts request body bytes in flight per caller (guard).
+	budget *reqlimit.Budget
 
 	mu       sync.Mutex
 	live     map[string]*liveSandbox // running sandboxes this process watches
@@ -121,7 +126,9 @@ func New(ctx context.Context, cfg Config) *Server {
 	if cfg.DefaultDiskMB == 0 {
 		cfg.DefaultDiskMB = 10 << 10
 	}
+	cfg.Limits.defaults(cfg.MaxWriteFile + 1<<20)
 	return &Server{
+		budget:   reqlimit.NewBudget(cfg.Limits.InFlightPerCaller, cfg.Limits.InFlightTotal),
 		cfg:      cfg,
 		log:      cfg.Logger,
 		store:    cfg.Store,
@@ -134,11 +141,25 @@ func New(ctx context.Context, cfg Config) *Server {
 	}
 }
 
-// Handler returns the HTTP handler serving every service.
-func (s *Server) Handler() http.Handler {
+// Handler returns the HTTP handler serving every service. Every request is
+// authenticated from its headers, and its body admitted against the caller's
+// budget, before a byte of the body is read (guard).
+func (s *Server) Handler() http.Handler { return s.guard(s.services(), nil) }
+
+// SandboxHandler is Handler for requests the metadata service relays from a
+// sandbox (its /api route): from names the calling sandbox, and a workload
+// token is accepted only from the sandbox it was issued to.
+func (s *Server) SandboxHandler(from SandboxOf) http.Handler {
+	if from == nil {
+		panic("api: SandboxHandler needs the calling sandbox")
+	}
+	return s.guard(s.services(), from)
+}
+
+func (s *Server) services() http.Handler {
 	opts := []connect.HandlerOption{
 		connect.WithInterceptors(errorInterceptor{}, authInterceptor{s.auth}, authzInterceptor{s}),
-		connect.WithReadMaxBytes(int(s.cfg.MaxWriteFile) + 1<<20),
+		connect.WithReadMaxBytes(int(s.maxMessage())),
 	}
 	mux := http.NewServeMux()
 	mux.Handle(computev1connect.NewSandboxServiceHandler(&sandboxService{s}, opts...))

@@ -524,7 +524,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 func (d *Daemon) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/.well-known/", d.Issuer.DiscoveryHandler())
-	mux.Handle("/metrics", promhttp.Handler())
+	mux.Handle("/metrics", d.API.RequireAdmin(promhttp.Handler()))
 	mux.Handle("/", d.API.Handler())
 	return mux
 }
@@ -534,7 +534,7 @@ func (d *Daemon) serve() error {
 	h := d.handler()
 	// The metadata service on the node service address; sandboxes reach it as
 	// 169.254.169.254 and, under /api, reach the API with their own identity.
-	d.Metadata.Handle("/api/", stripAPI(d.API.Handler()), metadata.WithoutFlavorHeader())
+	d.Metadata.Handle("/api/", sandboxAPI(d.API), metadata.WithoutFlavorHeader())
 	d.Metadata.Handle("GET /v1/tunnels", http.HandlerFunc(d.tun.metadataTunnels))
 	// The MCP gateway: stock MCP clients send no Metadata-Flavor header.
 	d.Metadata.Handle("/mcp/", d.mcp.gw, metadata.WithoutFlavorHeader())
@@ -542,10 +542,10 @@ func (d *Daemon) serve() error {
 	if err != nil {
 		return fmt.Errorf("metadata service: %w", err)
 	}
-	msrv := &http.Server{Handler: d.Metadata, ReadHeaderTimeout: 10 * time.Second}
+	msrv := d.Metadata.HTTPServer()
 	d.servers = append(d.servers, msrv)
 	go func() {
-		if err := msrv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := msrv.Serve(d.Metadata.Listener(ml)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			d.log.Error("metadata server", "err", err)
 		}
 	}()
@@ -566,7 +566,7 @@ func (d *Daemon) serve() error {
 		d.listeners = append(d.listeners, l)
 	}
 	for _, l := range d.listeners {
-		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Minute, MaxHeaderBytes: 64 << 10}
 		d.servers = append(d.servers, srv)
 		go func() {
 			if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -2,6 +2,8 @@ package daemon
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"time"
 
@@ -36,12 +38,23 @@ func (b *policies) Validate(p *store.Policy) error {
 	return nil
 }
 
+// AllowAllPolicyHash is the network_policy claim of a sandbox whose egress is
+// unrestricted (no policy, or one that allows all): a hash like any other,
+// of the effective policy "allow-all" in egress's hash format.
+var AllowAllPolicyHash = func() string {
+	h := sha256.Sum256([]byte("chalk-egress-v1\nallow-all\n"))
+	return "sha256:" + hex.EncodeToString(h[:])
+}()
+
 func (b *policies) Hash(ps []*store.Policy) (string, error) {
 	r, err := egress.Compile(toEgress(ps)...)
 	if err != nil {
 		return "", err
 	}
-	return r.Hash(), nil
+	if h := r.Hash(); h != "allow-all" {
+		return h, nil
+	}
+	return AllowAllPolicyHash, nil
 }
 
 func (b *policies) Apply(ctx context.Context, sb *store.Sandbox, ps []*store.Policy) error {

@@ -48,8 +48,15 @@ var (
 	_ metadata.Resolver    = (*workloadIdentity)(nil)
 )
 
-func subjectOf(sb *store.Sandbox) identity.Subject {
-	return identity.Subject{OrgID: sb.OrgID, SandboxID: sb.ID, ImageDigest: sb.ImageHash, NetworkPolicy: sb.PolicyHash, CreatedBy: sb.CreatedBy}
+// subject is the identity of sb now: its network_policy claim is computed
+// from the policies bound to it at this moment (api.Server.PolicyHash), so
+// every token minted, by any path, carries the policy in force.
+func (w *workloadIdentity) subject(ctx context.Context, sb *store.Sandbox) (identity.Subject, error) {
+	ph, err := w.api().PolicyHash(ctx, sb)
+	if err != nil {
+		return identity.Subject{}, err
+	}
+	return identity.Subject{OrgID: sb.OrgID, SandboxID: sb.ID, ImageDigest: sb.ImageHash, NetworkPolicy: ph, CreatedBy: sb.CreatedBy}, nil
 }
 
 // VerifyWorkload accepts a workload token for the API audience of a running sandbox.
@@ -63,7 +70,11 @@ func (w *workloadIdentity) VerifyWorkload(ctx context.Context, token string) (*a
 
 // Mint mints a token for a sandbox.
 func (w *workloadIdentity) Mint(ctx context.Context, sb *store.Sandbox, audience string, ttl time.Duration) (string, time.Time, error) {
-	return w.iss.Mint(ctx, subjectOf(sb), audience, ttl)
+	sub, err := w.subject(ctx, sb)
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	return w.iss.Mint(ctx, sub, audience, ttl)
 }
 
 // Rotate forces a key rotation and returns the published key ids.
@@ -84,7 +95,11 @@ func (w *workloadIdentity) SandboxByAddr(ctx context.Context, a netip.Addr) (met
 	if !ok {
 		return metadata.Sandbox{}, false
 	}
-	return metadata.Sandbox{ID: sb.ID, OrgID: sb.OrgID, ImageDigest: sb.ImageHash, NetworkPolicy: sb.PolicyHash, CreatedBy: sb.CreatedBy, Running: true}, true
+	sub, err := w.subject(ctx, sb)
+	if err != nil {
+		return metadata.Sandbox{}, false
+	}
+	return metadata.Sandbox{ID: sb.ID, OrgID: sb.OrgID, ImageDigest: sub.ImageDigest, NetworkPolicy: sub.NetworkPolicy, CreatedBy: sb.CreatedBy, Running: true}, true
 }
 
 // prepare gives a starting sandbox its identity dir: the Chalk API token file
@@ -122,7 +137,11 @@ func (w *workloadIdentity) prepare(ctx context.Context, sb *store.Sandbox, req *
 			}
 			return fmt.Errorf("sandbox identity: %v: %w", err, errdefs.ErrInvalidArgument)
 		}
-		stop, err := metadata.StartTokenFile(context.WithoutCancel(ctx), w.iss, subjectOf(sb), f.Audience, filepath.Join(dir, f.TokenFileName))
+		rec := *sb
+		stop, err := metadata.StartTokenFileConfig(context.WithoutCancel(ctx), metadata.TokenFileConfig{
+			Issuer: w.iss, Subject: identity.Subject{OrgID: rec.OrgID, SandboxID: rec.ID}, Audience: f.Audience, Path: filepath.Join(dir, f.TokenFileName),
+			SubjectNow: func(ctx context.Context) (identity.Subject, error) { return w.subject(ctx, &rec) },
+		})
 		if err == nil {
 			err = f.WriteFiles(dir)
 		}
@@ -214,8 +233,14 @@ func (w *workloadIdentity) resume(ctx context.Context, sb *store.Sandbox) {
 	}
 }
 
-// stripAPI serves the API under /api for sandboxes (the workload token in the
-// request authenticates; the metadata route only makes the API reachable).
-func stripAPI(h http.Handler) http.Handler {
-	return http.StripPrefix("/api", h)
+// sandboxAPI serves the API under /api for sandboxes: the token in the
+// request authenticates (before any body is read), and a workload token only
+// from the sandbox it was issued to, which the metadata service knows from
+// the connection's source address. A token copied out of one sandbox is
+// useless from another.
+func sandboxAPI(a *api.Server) http.Handler {
+	return http.StripPrefix("/api", a.SandboxHandler(func(r *http.Request) (string, bool) {
+		sb, ok := metadata.CallerFrom(r.Context())
+		return sb.ID, ok && sb.Running
+	}))
 }

@@ -26,6 +26,7 @@ import (
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/identity"
+	"github.com/chalkcompute/chalkcompute/internal/reqlimit"
 )
 
 const (
@@ -72,6 +73,8 @@ type Config struct {
 	// token is reused for identical requests while at least 3/4 of its
 	// lifetime remains.
 	DisableTokenCache bool
+	// Limits bound connections, headers and bodies per sandbox.
+	Limits Limits
 }
 
 // Server is the metadata service. It is safe for concurrent use.
@@ -80,6 +83,8 @@ type Server struct {
 	log   *slog.Logger
 	mux   *http.ServeMux
 	cache *tokenCache
+	// budget counts request body bytes in flight per sandbox.
+	budget *reqlimit.Budget
 }
 
 var _ http.Handler = (*Server)(nil)
@@ -89,7 +94,8 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Issuer == nil || cfg.Resolver == nil {
 		return nil, fmt.Errorf("metadata: Issuer and Resolver are required: %w", errdefs.ErrInvalidArgument)
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux()}
+	cfg.Limits.defaults()
+	s := &Server{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), budget: reqlimit.NewBudget(cfg.Limits.InFlightPerSandbox, 0)}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -164,6 +170,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusForbidden, "sandbox "+sb.ID+" is not running")
 		return
 	}
+	// Identified: now its body may be admitted (not read yet: the route
+	// decides, after its own checks).
+	release, err := s.budget.Admit(sb.ID, r, 0)
+	if err != nil {
+		w.Header().Set("Connection", "close")
+		writeError(w, http.StatusTooManyRequests, err.Error())
+		return
+	}
+	defer release()
+	reqlimit.BodyDeadline(w, r, s.cfg.Limits.BodyRate)
 	s.mux.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callerKey{}, sb)))
 }
 

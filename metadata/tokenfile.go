@@ -27,6 +27,10 @@ type TokenFileConfig struct {
 	TTL time.Duration
 	// Logger receives refresh failures (nil discards).
 	Logger *slog.Logger
+	// SubjectNow, if set, gives the subject at each refresh instead of
+	// Subject (claims that change while the sandbox runs, such as
+	// network_policy). Its errors are retried as refresh failures.
+	SubjectNow func(ctx context.Context) (identity.Subject, error)
 }
 
 // StartTokenFile keeps a token for (s, audience) fresh at path (host path of
@@ -106,8 +110,15 @@ func StartTokenFileConfig(ctx context.Context, cfg TokenFileConfig) (stop func()
 // refreshTokenFile mints a token, replaces the file and returns how long to
 // wait before the next refresh.
 func refreshTokenFile(ctx context.Context, cfg TokenFileConfig) (time.Duration, error) {
+	sub := cfg.Subject
+	if cfg.SubjectNow != nil {
+		var err error
+		if sub, err = cfg.SubjectNow(ctx); err != nil {
+			return 0, err
+		}
+	}
 	minted := cfg.Issuer.Now()
-	tok, exp, err := cfg.Issuer.Mint(ctx, cfg.Subject, cfg.Audience, cfg.TTL)
+	tok, exp, err := cfg.Issuer.Mint(ctx, sub, cfg.Audience, cfg.TTL)
 	if err != nil {
 		return 0, err
 	}

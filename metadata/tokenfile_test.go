@@ -202,3 +202,59 @@ func TestTokenFileSandboxEnds(t *testing.T) {
 		t.Fatalf("token of the ended sandbox: %v", err)
 	}
 }
+
+// TestTokenFileSubjectNow: each refresh mints for the subject of that moment
+// (a policy update shows in the next token file: network_policy).
+func TestTokenFileSubjectNow(t *testing.T) {
+	iss := realClockIssuer(t, nil)
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "identity", ChalkTokenFileName)
+	calls := make(chan int, 8)
+	var n atomic.Int64
+	stop, err := StartTokenFileConfig(ctx, TokenFileConfig{
+		Issuer: iss, Subject: sandboxA.Subject(), Audience: "chalk-api", Path: path, TTL: time.Second,
+		SubjectNow: func(ctx context.Context) (identity.Subject, error) {
+			i := int(n.Add(1))
+			s := sandboxA.Subject()
+			s.NetworkPolicy = "sha256:policy-" + strings.Repeat("x", i)
+			calls <- i
+			if i >= 3 { // hold the second refresh until the test has read the file
+				<-ctx.Done()
+				return s, ctx.Err()
+			}
+			return s, nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	policyIn := func() string {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := iss.Verify(ctx, string(b), "chalk-api")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.NetworkPolicy
+	}
+	next := func() {
+		t.Helper()
+		select {
+		case <-calls:
+		case <-time.After(10 * time.Second): // a failure detector
+			t.Fatal("SubjectNow not called")
+		}
+	}
+	next()
+	if got := policyIn(); got != "sha256:policy-x" {
+		t.Fatalf("first token: network_policy %q", got)
+	}
+	next() // the first refresh
+	next() // the second one starts (and holds): the first refresh's file is written
+	if got := policyIn(); got != "sha256:policy-xx" {
+		t.Fatalf("refreshed token: network_policy %q, want the subject of the refresh", got)
+	}
+}

@@ -378,7 +378,12 @@ func (n *Node) Metric(name string) (float64, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", n.Socket)
 	}}}
-	resp, err := hc.Get("http://chalkd/metrics")
+	req, err := http.NewRequest(http.MethodGet, "http://chalkd/metrics", nil)
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Authorization", "Bearer "+n.Token()) // /metrics needs the admin token
+	resp, err := hc.Do(req)
 	if err != nil {
 		return 0, err
 	}
