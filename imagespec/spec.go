@@ -333,11 +333,11 @@ func canonicalStep(st Step) (Step, error) {
 				out.Paths = append(out.Paths, c)
 			}
 			out.IsDir = true // the source is the context tar
-			if len(out.Paths) > 1 || strings.HasSuffix(st.Dst, "/") {
+			// A directory destination ends in one "/" (a $VARIABLE
+			// destination is kept as written, so it may end in one already:
+			// adding another each time would not be a fixed point).
+			if (len(out.Paths) > 1 || strings.HasSuffix(st.Dst, "/")) && !strings.HasSuffix(p, "/") {
 				out.Dst = p + "/"
-				if p == "/" {
-					out.Dst = "/"
-				}
 			}
 			break
 		}

@@ -554,7 +554,8 @@ def _canonical_step(st: Mapping[str, Any]) -> Dict[str, Any]:
             out["paths"] = paths
             out["is_dir"] = True  # the source is the context tar
             if len(paths) > 1 or st["dst"].endswith("/"):
-                out["dst"] = "/" if out["dst"] == "/" else out["dst"] + "/"
+                # one trailing "/" (a $VARIABLE dst is kept as written and may end in one)
+                out["dst"] = out["dst"] if out["dst"].endswith("/") else out["dst"] + "/"
         elif st.get("is_dir"):
             out["is_dir"] = True
         else:
