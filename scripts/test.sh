@@ -64,7 +64,7 @@ if [ -d sdk/python ]; then
 fi
 stage_end
 [ "$status" = 0 ] || { echo "FAILED: go test (full log: /tmp/chalk-go-test.log)"; exit "$status"; }
-[ "$fzstatus" = 0 ] || { echo "FAILED: fuzzing found a crasher (see above; the input is under testdata/fuzz)"; exit "$fzstatus"; }
+[ "$fzstatus" = 0 ] || { echo "FAILED: fuzzing (see above; inputs are under testdata/fuzz)"; exit "$fzstatus"; }
 [ "$gvstatus" = 0 ] || { echo "FAILED: go test on gVisor (full log: /tmp/chalk-go-test-runsc.log)"; exit "$gvstatus"; }
 [ "$pystatus" = 0 ] || { echo "FAILED: python SDK tests"; exit "$pystatus"; }
 echo "all tests passed"
