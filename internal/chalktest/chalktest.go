@@ -191,6 +191,10 @@ func StartOpts(t testing.TB, o Options) *Node {
 		b := os.Getenv("CHALK_RUNSC")
 		if b == "" {
 			b = filepath.Join(bin, "runsc") // scripts/gvisor.sh puts it next to chalkd
+			if _, err := os.Stat(b); err != nil && o.BinDir != "" {
+				// Other binaries (e.g. an older chalkd): this tree's runsc.
+				b = filepath.Join(Bin(t), "runsc")
+			}
 		}
 		if _, err := os.Stat(b); err == nil && rt == "runsc" {
 			n.Args = append(n.Args, "--runtime-binary", b)
