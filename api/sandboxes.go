@@ -755,8 +755,12 @@ func ts(t time.Time) string {
 }
 
 func toProto(sb *store.Sandbox) *v1.Sandbox {
+	state := sb.State
+	if state == store.StateRunning && sb.Paused {
+		state = statePaused
+	}
 	return &v1.Sandbox{
-		Id: sb.ID, OrgId: sb.OrgID, State: sb.State, Image: sb.Image, ImageDigest: sb.ImageDigest,
+		Id: sb.ID, OrgId: sb.OrgID, State: state, Image: sb.Image, ImageDigest: sb.ImageDigest,
 		Entrypoint: sb.Entrypoint, Env: sb.Env, Workdir: sb.Workdir, Cpu: sb.CPU, MemoryMb: sb.MemoryMB,
 		TimeoutSeconds: int64(sb.Timeout / time.Second), IdleTimeoutSeconds: int64(sb.IdleTimeout / time.Second),
 		CreatedAt: ts(sb.CreatedAt), StartedAt: ts(sb.StartedAt), EndedAt: ts(sb.EndedAt),

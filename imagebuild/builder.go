@@ -418,6 +418,10 @@ func appendLayer(img v1.Image, tarBytes []byte, createdBy string) (v1.Image, err
 	if err != nil {
 		return nil, err
 	}
+	return appendLayerOf(img, l, createdBy)
+}
+
+func appendLayerOf(img v1.Image, l v1.Layer, createdBy string) (v1.Image, error) {
 	return mutate.Append(img, mutate.Addendum{Layer: l, History: v1.History{CreatedBy: createdBy, Created: v1.Time{Time: epoch}}})
 }
 
