@@ -9,8 +9,8 @@ import (
 	"sync"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
-	"github.com/chalkcompute/chalkcompute/imagebuild"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/imagebuild"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
@@ -172,6 +172,8 @@ func (f *fakeImages) Remove(_ context.Context, ref string) error {
 func (f *fakeImages) Build(context.Context, []byte, bool, func(*v1.ImageProgress)) (*BuildResult, error) {
 	return nil, errors.New("fake images: no builds")
 }
+
+func (f *fakeImages) BaseDigest(context.Context, []byte) (string, error) { return "", nil }
 
 func (f *fakeImages) RefForHash(_ context.Context, h string) (string, bool) {
 	f.mu.Lock()
