@@ -36,7 +36,7 @@ func TestSnapshotEndToEnd(t *testing.T) {
 	sb := create(t, c, chalkcompute.WithEntrypoint("sh", "-c", "while true; do sleep 1; done"))
 	mustExec(t, sb, "sh", "-c", strings.Join([]string{
 		"mkdir -p /opt/tool/bin /data/empty",
-		"cp /bin/busybox /opt/tool/bin/tool",
+		"cp /bin/busybox /opt/tool/bin/echo",
 		"echo state-1 > /data/state.txt",
 		"ln -s /data/state.txt /data/link",
 		"rm /bin/cat",                  // a file of the image: a whiteout
@@ -69,7 +69,7 @@ func TestSnapshotEndToEnd(t *testing.T) {
 	// The layer, read from the registry's storage: what was written, the
 	// whiteout, and nothing of chalkd's.
 	entries := snapshotLayer(t, n, img.Digest)
-	for _, want := range []string{"opt/tool/bin/tool", "data/state.txt", "data/link", "data/empty/", "bin/.wh.cat"} {
+	for _, want := range []string{"opt/tool/bin/echo", "data/state.txt", "data/link", "data/empty/", "bin/.wh.cat"} {
 		if _, ok := entries[want]; !ok {
 			t.Errorf("layer lacks %s; has %v", want, keys(entries))
 		}
@@ -96,7 +96,7 @@ func TestSnapshotEndToEnd(t *testing.T) {
 		if err != nil {
 			t.Fatalf("create from snapshot: %v", err)
 		}
-		out := mustExec(t, nb, "sh", "-c", "cat /data/state.txt; readlink /data/link; /opt/tool/bin/tool echo tool-ok; test -d /data/empty && echo dir-ok; test -e /bin/cat || echo cat-gone; cat /run/chalk/extra 2>/dev/null || echo no-extra")
+		out := mustExec(t, nb, "sh", "-c", "cat /data/state.txt; readlink /data/link; /opt/tool/bin/echo tool-ok; test -d /data/empty && echo dir-ok; test -e /bin/cat || echo cat-gone; cat /run/chalk/extra 2>/dev/null || echo no-extra")
 		for _, want := range []string{"state-1", "/data/state.txt", "tool-ok", "dir-ok", "cat-gone", "no-extra"} {
 			if !strings.Contains(out, want) {
 				t.Errorf("sandbox from snapshot: %q lacks %q", out, want)

@@ -72,7 +72,7 @@ type SnapshotResult struct {
 // The image config is base's, with one history entry more; created times
 // are the layer epoch, so the digest depends only on base and the layer.
 // progress (nil: none) is told bytes pushed of total.
-func PushSnapshot(ctx context.Context, reg *registry.Registry, base name.Reference, layerPath string, progress func(cur, total int64)) (*SnapshotResult, error) {
+func PushSnapshot(ctx context.Context, reg *registry.Registry, base name.Reference, layerPath string, progress func(cur, total int64)) (_ *SnapshotResult, err error) {
 	opts := reg.RemoteOptions(ctx)
 	img, err := remote.Image(base, opts...)
 	if err != nil {
@@ -99,7 +99,17 @@ func PushSnapshot(ctx context.Context, reg *registry.Registry, base name.Referen
 	if err != nil {
 		return nil, err
 	}
+	st, err := os.Stat(layerPath)
+	if err != nil {
+		return nil, err
+	}
 	if progress != nil {
+		progress(0, st.Size())
+		defer func() {
+			if err == nil {
+				progress(st.Size(), st.Size())
+			}
+		}()
 		ch := make(chan v1.Update, 16)
 		done := make(chan struct{})
 		go func() {
@@ -113,10 +123,6 @@ func PushSnapshot(ctx context.Context, reg *registry.Registry, base name.Referen
 	}
 	if err := remote.Write(ref, img, opts...); err != nil {
 		return nil, fmt.Errorf("push snapshot %s: %w", ref, registry.WrapRemoteError(ref.String(), err))
-	}
-	st, err := os.Stat(layerPath)
-	if err != nil {
-		return nil, err
 	}
 	return &SnapshotResult{Ref: user, LocalRef: ref.String(), Digest: d.String(), DiffID: diffID.String(), Size: st.Size()}, nil
 }
