@@ -66,6 +66,17 @@ func TestSnapshotEndToEnd(t *testing.T) {
 		t.Fatalf("second snapshot of the same state: %v %+v, want %s", err, again, img.Digest)
 	}
 
+	// The CLI: text prints the reference (progress on stderr), -o json the image.
+	out, stderr, code := n.CLI("compute", "sandbox", "snapshot", sb.ID())
+	if code != 0 || strings.TrimSpace(out) != img.Ref || !strings.Contains(stderr, "push") {
+		t.Errorf("cli snapshot: exit %d, out %q, stderr %q; want %s and push progress", code, out, stderr, img.Ref)
+	}
+	out, stderr, code = n.CLI("compute", "sandbox", "snapshot", sb.ID(), "-o", "json")
+	var js struct{ Ref, Digest string }
+	if code != 0 || json.Unmarshal([]byte(out), &js) != nil || js.Digest != img.Digest || js.Ref != img.Ref {
+		t.Errorf("cli snapshot -o json: exit %d, out %q, stderr %q", code, out, stderr)
+	}
+
 	// The layer, read from the registry's storage: what was written, the
 	// whiteout, and nothing of chalkd's.
 	entries := snapshotLayer(t, n, img.Digest)
@@ -262,9 +273,9 @@ func TestPauseResume(t *testing.T) {
 	waitTicks(sb, frozen+3)
 	mustExec(t, sb, "true")
 
-	// Terminate a paused sandbox.
-	if _, err := sb.Pause(ctx); err != nil {
-		t.Fatal(err)
+	// Terminate a paused sandbox (paused through the CLI).
+	if out, stderr, code := n.CLI("compute", "sandbox", "pause", sb.ID()); code != 0 || !strings.Contains(out, "paused") {
+		t.Fatalf("cli pause: exit %d, %q %q", code, out, stderr)
 	}
 	end, err := sb.Terminate(ctx)
 	if err != nil || end.State != "stopped" {
