@@ -285,3 +285,42 @@ func TestPauseResume(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestSnapshotRunsc: on gVisor (--overlay2=none, so writes reach the host
+// upper dir) a file written just before the snapshot is in it, and pause
+// and resume work through runsc.
+func TestSnapshotRunsc(t *testing.T) {
+	runsc := runscBinary(t)
+	n := chalktest.Start(t, "--runtime", "runsc", "--runtime-binary", runsc)
+	c := n.Client()
+	ctx := ctxT(t, 4*time.Minute)
+	sb := create(t, c)
+	mustExec(t, sb, "sh", "-c", "mkdir -p /data && echo gvisor-state > /data/s && rm /bin/vi")
+	img, err := sb.Snapshot(ctx)
+	if err != nil {
+		t.Fatalf("snapshot: %v", err)
+	}
+	nb, err := c.Create(ctx, chalkcompute.Base(img.Ref))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := mustExec(t, nb, "sh", "-c", "cat /data/s; test -e /bin/vi || echo vi-gone"); !strings.Contains(out, "gvisor-state") || !strings.Contains(out, "vi-gone") {
+		t.Errorf("sandbox from a gVisor snapshot: %q", out)
+	}
+	if info, err := sb.Pause(ctx); err != nil || info.State != "paused" {
+		t.Fatalf("pause: %v %+v", err, info)
+	}
+	if _, err := sb.Exec(ctx, []string{"true"}); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Errorf("exec while paused: %v", err)
+	}
+	if _, err := sb.Resume(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, sb, "true")
+	if _, err := sb.Pause(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if end, err := sb.Terminate(ctx); err != nil || end.State != "stopped" {
+		t.Fatalf("terminate paused: %v %+v", err, end)
+	}
+}
