@@ -267,6 +267,16 @@ func TestPauseResume(t *testing.T) {
 		t.Errorf("snapshot thawed a paused sandbox: %d -> %d", frozen, now)
 	}
 
+	// chalkd restarts: the paused sandbox is adopted, still paused.
+	n.Restart()
+	c = n.Client()
+	if sb, err = c.Sandbox(ctx, sb.ID()); err != nil || sb.Info.State != "paused" {
+		t.Fatalf("after restart: %v %+v", err, sb)
+	}
+	if ref, err = c.Sandbox(ctx, ref.ID()); err != nil || ref.Info.State != "running" {
+		t.Fatalf("reference sandbox after restart: %v", err)
+	}
+
 	if info, err := sb.Resume(ctx); err != nil || info.State != "running" {
 		t.Fatalf("resume: %v %+v", err, info)
 	}
