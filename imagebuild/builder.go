@@ -5,7 +5,8 @@
 // sandbox) on an overlay of the previous layers, and the overlay's upper dir
 // becomes the layer. Every step's image is tagged with its cache key, so a
 // build starts from the longest cached prefix, and a spec whose hash exists is
-// returned without building.
+// returned without building. The same layer code turns a frozen sandbox's
+// upper dir into a snapshot image (snapshot.go).
 package imagebuild
 
 import (
