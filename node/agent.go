@@ -419,26 +419,50 @@ func (a *Agent) snapshotLayer(ctx context.Context, req SnapshotRequest, progress
 		return "", fmt.Errorf("sandbox %q is not running: %w", req.ID, errdefs.ErrFailedPrecondition)
 	}
 	progress("freeze", 0, 0)
-	if !a.cfg.Runtime.Paused(ctx, req.ID) {
-		if err := a.cfg.Runtime.Pause(ctx, req.ID); err != nil {
-			return "", fmt.Errorf("sandbox %q snapshot: freeze: %w", req.ID, err)
-		}
-		defer func() {
-			if rerr := a.cfg.Runtime.Resume(context.WithoutCancel(ctx), req.ID); rerr != nil {
-				err = errors.Join(err, fmt.Errorf("sandbox %q snapshot: thaw: %w", req.ID, rerr))
-			}
-		}()
-	}
 	var userns *sandbox.UserNS
 	if n := a.cfg.Net.Lookup(req.ID, req.Slot); n != nil {
 		userns = SandboxUserNS(n)
 	}
-	path, err = imagebuild.SnapshotLayer(a.cfg.Runtime.UpperDir(req.ID), userns, req.Exclude, a.cfg.SnapshotDir)
+	err = whileFrozen(ctx, a.cfg.Runtime, req.ID, func() error {
+		var err error
+		path, err = imagebuild.SnapshotLayer(a.cfg.Runtime.UpperDir(req.ID), userns, req.Exclude, a.cfg.SnapshotDir)
+		return err
+	})
 	if err != nil {
-		return "", fmt.Errorf("sandbox %q: %w", req.ID, err)
+		if path != "" {
+			os.Remove(path)
+		}
+		return "", fmt.Errorf("sandbox %q snapshot: %w", req.ID, err)
 	}
 	if st, serr := os.Stat(path); serr == nil {
 		progress("layer", st.Size(), st.Size())
 	}
 	return path, nil
+}
+
+// freezer is the part of the runtime a snapshot freezes with.
+type freezer interface {
+	Paused(ctx context.Context, id string) bool
+	Pause(ctx context.Context, id string) error
+	Resume(ctx context.Context, id string) error
+}
+
+var _ freezer = (*sandbox.Runtime)(nil)
+
+// whileFrozen runs fn with sandbox id frozen: it freezes it (unless it is
+// paused already, and then leaves it paused) and thaws it afterwards on
+// every path, fn's error, panic or a cancelled ctx included. If the freeze
+// fails, fn does not run: the tree is read only while nothing can change it.
+func whileFrozen(ctx context.Context, f freezer, id string, fn func() error) (err error) {
+	if !f.Paused(ctx, id) {
+		if err := f.Pause(ctx, id); err != nil {
+			return fmt.Errorf("freeze: %w", err)
+		}
+		defer func() {
+			if rerr := f.Resume(context.WithoutCancel(ctx), id); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("thaw: %w", rerr))
+			}
+		}()
+	}
+	return fn()
 }
