@@ -73,6 +73,9 @@ var rules = map[string]rule{
 	c.SandboxServiceListFilesProcedure:  {role: roleViewer, object: objSandbox, field: "sandbox_id"},
 	c.SandboxServiceRemoveFileProcedure: {role: roleMember, object: objSandbox, field: "sandbox_id"},
 	c.SandboxServiceEgressLogProcedure:  {role: roleViewer, object: objSandbox, field: "sandbox_id", workload: true},
+	c.SandboxServiceSnapshotProcedure:   {role: roleMember, object: objSandbox, field: "sandbox_id"},
+	c.SandboxServicePauseProcedure:      {role: roleMember, object: objSandbox, field: "sandbox_id"},
+	c.SandboxServiceResumeProcedure:     {role: roleMember, object: objSandbox, field: "sandbox_id"},
 
 	c.ImageServicePullProcedure:       {role: roleMember, object: objImage, field: "ref"},
 	c.ImageServiceWarmProcedure:       {role: roleMember, object: objImage, field: "image"},

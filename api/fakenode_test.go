@@ -5,10 +5,12 @@ import (
 	"errors"
 	"io"
 	"os"
+	"strings"
 	"sync"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/imagebuild"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
@@ -22,6 +24,7 @@ type fakeNode struct {
 	mu      sync.Mutex
 	digests map[string]string        // image ref -> digest (default: "sha256:d-" + ref)
 	running map[string]chan struct{} // closed at Destroy
+	paused  map[string]bool
 }
 
 var _ Node = (*fakeNode)(nil)
@@ -97,6 +100,33 @@ func (f *fakeNode) SetPrestarted(context.Context, *nodecache.Image, int, func(in
 	return nil
 }
 
+func (f *fakeNode) SetPaused(_ context.Context, id string, paused bool) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.running[id] == nil {
+		return errdefs.ErrFailedPrecondition
+	}
+	if f.paused == nil {
+		f.paused = map[string]bool{}
+	}
+	f.paused[id] = paused
+	return nil
+}
+
+// Snapshot "pushes" an image whose digest depends on the sandbox's image
+// only (the fake has no filesystem): digest "sha256:snap-" + image digest.
+func (f *fakeNode) Snapshot(_ context.Context, req node.SnapshotRequest) (*imagebuild.SnapshotResult, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.running[req.ID] == nil {
+		return nil, errdefs.ErrFailedPrecondition
+	}
+	d := "sha256:snap-" + strings.TrimPrefix(req.ImageDigest, "sha256:")
+	ref := imagebuild.SnapshotRepo + ":" + strings.TrimPrefix(d, "sha256:")
+	f.digests[ref] = d
+	return &imagebuild.SnapshotResult{Ref: ref, LocalRef: "local/" + ref, Digest: d}, nil
+}
+
 // fakeImages is an ImageStore and ImageBackend over a fixed set of images.
 type fakeImages struct {
 	mu     sync.Mutex
@@ -142,6 +172,8 @@ func (f *fakeImages) Remove(_ context.Context, ref string) error {
 func (f *fakeImages) Build(context.Context, []byte, bool, func(*v1.ImageProgress)) (*BuildResult, error) {
 	return nil, errors.New("fake images: no builds")
 }
+
+func (f *fakeImages) BaseDigest(context.Context, []byte) (string, error) { return "", nil }
 
 func (f *fakeImages) RefForHash(_ context.Context, h string) (string, bool) {
 	f.mu.Lock()

@@ -27,6 +27,10 @@ type BuildResult struct {
 // ImageBackend builds image specs and stores uploaded file content.
 type ImageBackend interface {
 	Build(ctx context.Context, specJSON []byte, force bool, events func(*v1.ImageProgress)) (*BuildResult, error)
+	// BaseDigest resolves the manifest digest of a spec's base image
+	// ("": none to check), so that a build on another org's image (a
+	// snapshot) is refused before it starts.
+	BaseDigest(ctx context.Context, specJSON []byte) (string, error)
 	// RefForHash returns where the image with content hash h lives, if built.
 	RefForHash(ctx context.Context, h string) (string, bool)
 	HasBlob(digest string) bool
@@ -112,6 +116,9 @@ func (h *imageService) Build(ctx context.Context, req *connect.Request[v1.BuildI
 	if h.s.cfg.Images == nil {
 		return fmt.Errorf("image builds are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
 	}
+	if err := h.s.baseVisible(ctx, p.OrgID, []byte(req.Msg.SpecJson)); err != nil {
+		return err
+	}
 	res, err := h.s.cfg.Images.Build(ctx, []byte(req.Msg.SpecJson), req.Msg.Force, func(p *v1.ImageProgress) { _ = stream.Send(p) })
 	if err != nil {
 		return err
@@ -124,6 +131,19 @@ func (h *imageService) Build(ctx context.Context, req *connect.Request[v1.BuildI
 	setAuditObject(ctx, res.Hash)
 	return stream.Send(&v1.ImageProgress{Phase: "done", Cached: res.Cached, Step: int32(res.StepsBuilt),
 		Image: &v1.Image{Ref: res.Hash, Digest: res.Digest, LocalRef: res.Ref}})
+}
+
+// baseVisible refuses a spec whose base image is not in org's view (another
+// org's build or snapshot): not found, as for a create naming it.
+func (s *Server) baseVisible(ctx context.Context, org string, specJSON []byte) error {
+	d, err := s.cfg.Images.BaseDigest(ctx, specJSON)
+	if err != nil || d == "" {
+		return err
+	}
+	if err := s.imageVisible(ctx, org, d); err != nil {
+		return fmt.Errorf("base image: %w", err)
+	}
+	return nil
 }
 
 func (h *imageService) List(ctx context.Context, _ *connect.Request[v1.ListImagesRequest]) (*connect.Response[v1.ListImagesResponse], error) {

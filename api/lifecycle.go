@@ -387,6 +387,9 @@ func (s *Server) Shutdown() {
 }
 
 func notRunning(sb *store.Sandbox) error {
+	if sb.State == store.StateRunning && sb.Paused {
+		return fmt.Errorf("sandbox %q is paused (resume it first): %w", sb.ID, errdefs.ErrFailedPrecondition)
+	}
 	if sb.State == store.StateRunning {
 		return nil
 	}

@@ -202,6 +202,9 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		if s.cfg.Images == nil {
 			return nil, fmt.Errorf("image specs: builds are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
 		}
+		if err := s.baseVisible(ctx, p.OrgID, []byte(r.ImageSpecJson)); err != nil {
+			return nil, err
+		}
 		res, err := s.cfg.Images.Build(ctx, []byte(r.ImageSpecJson), false, nil)
 		if err != nil {
 			return nil, err
@@ -755,8 +758,12 @@ func ts(t time.Time) string {
 }
 
 func toProto(sb *store.Sandbox) *v1.Sandbox {
+	state := sb.State
+	if state == store.StateRunning && sb.Paused {
+		state = statePaused
+	}
 	return &v1.Sandbox{
-		Id: sb.ID, OrgId: sb.OrgID, State: sb.State, Image: sb.Image, ImageDigest: sb.ImageDigest,
+		Id: sb.ID, OrgId: sb.OrgID, State: state, Image: sb.Image, ImageDigest: sb.ImageDigest,
 		Entrypoint: sb.Entrypoint, Env: sb.Env, Workdir: sb.Workdir, Cpu: sb.CPU, MemoryMb: sb.MemoryMB,
 		TimeoutSeconds: int64(sb.Timeout / time.Second), IdleTimeoutSeconds: int64(sb.IdleTimeout / time.Second),
 		CreatedAt: ts(sb.CreatedAt), StartedAt: ts(sb.StartedAt), EndedAt: ts(sb.EndedAt),

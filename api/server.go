@@ -12,6 +12,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
+	"github.com/chalkcompute/chalkcompute/imagebuild"
 	"github.com/chalkcompute/chalkcompute/internal/reqlimit"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
@@ -43,6 +44,10 @@ type Node interface {
 	Unclaim(id string)
 	ReapPool(ctx context.Context, live map[string]int) error
 	SetPrestarted(ctx context.Context, img *nodecache.Image, n int, progress func(ready, want int)) error
+	// SetPaused freezes or thaws a sandbox; Snapshot commits its writable
+	// layer on its image into the registry (see node.Agent.Snapshot).
+	SetPaused(ctx context.Context, id string, paused bool) error
+	Snapshot(ctx context.Context, req node.SnapshotRequest) (*imagebuild.SnapshotResult, error)
 }
 
 var _ Node = (*node.Agent)(nil)

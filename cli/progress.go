@@ -58,7 +58,7 @@ func (p *progress) update(m *v1.ImageProgress) {
 	case m.Phase == "build" && m.Cached:
 		p.clear()
 		fmt.Fprintf(p.w, "#%d CACHED\n", m.Step)
-	case m.Phase == "pull" || m.Phase == "extract":
+	case m.Phase == "pull" || m.Phase == "extract" || m.Phase == "push":
 		amount := human(m.Current) + "/" + human(m.Total)
 		if m.Phase == "extract" {
 			amount = "" // extraction reports layers, not bytes

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/google/go-containerregistry/pkg/name"
+
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
@@ -57,6 +59,21 @@ func (im *images) Build(ctx context.Context, specJSON []byte, force bool, events
 		out.Mounts = append(out.Mounts, store.Mount{Digest: m.Src, Dst: m.Dst, IsDir: m.IsDir})
 	}
 	return out, nil
+}
+
+func (im *images) BaseDigest(ctx context.Context, specJSON []byte) (string, error) {
+	spec, err := imagespec.Parse(specJSON)
+	if err != nil {
+		return "", err
+	}
+	_, _, base, err := im.b.Plan(ctx, spec)
+	if err != nil {
+		return "", err
+	}
+	if d, ok := base.(name.Digest); ok {
+		return d.DigestStr(), nil
+	}
+	return "", nil
 }
 
 func (im *images) RefForHash(ctx context.Context, h string) (string, bool) {

@@ -5,7 +5,8 @@
 // sandbox) on an overlay of the previous layers, and the overlay's upper dir
 // becomes the layer. Every step's image is tagged with its cache key, so a
 // build starts from the longest cached prefix, and a spec whose hash exists is
-// returned without building.
+// returned without building. The same layer code turns a frozen sandbox's
+// upper dir into a snapshot image (snapshot.go).
 package imagebuild
 
 import (
@@ -418,6 +419,10 @@ func appendLayer(img v1.Image, tarBytes []byte, createdBy string) (v1.Image, err
 	if err != nil {
 		return nil, err
 	}
+	return appendLayerOf(img, l, createdBy)
+}
+
+func appendLayerOf(img v1.Image, l v1.Layer, createdBy string) (v1.Image, error) {
 	return mutate.Append(img, mutate.Addendum{Layer: l, History: v1.History{CreatedBy: createdBy, Created: v1.Time{Time: epoch}}})
 }
 

@@ -67,6 +67,13 @@ func header(name string, fi fs.FileInfo, link string, shift idShift) (*tar.Heade
 // directories get .wh..wh..opq, mtimes are clamped and owner names dropped,
 // and host ids in the build's user namespace range are shifted back.
 func diffUpper(upper string, shift idShift, w io.Writer) error {
+	return diffUpperExcluding(upper, shift, nil, false, w)
+}
+
+// diffUpperExcluding is diffUpper leaving out the paths in extra (relative,
+// cleaned, like the keys of excluded) as well; with stripSetID the
+// setuid/setgid bits are dropped.
+func diffUpperExcluding(upper string, shift idShift, extra map[string]bool, stripSetID bool, w io.Writer) error {
 	tw := tar.NewWriter(w)
 	var walk func(dir, rel string) error
 	walk = func(dir, rel string) error {
@@ -77,7 +84,12 @@ func diffUpper(upper string, shift idShift, w io.Writer) error {
 		sort.Slice(ents, func(i, j int) bool { return ents[i].Name() < ents[j].Name() })
 		for _, e := range ents {
 			name := path.Join(rel, e.Name())
-			if excluded[name] {
+			if excluded[name] || extra[name] {
+				continue
+			}
+			if strings.HasPrefix(e.Name(), ".wh.") {
+				// A file the container named like a whiteout would become
+				// one in the layer: it is not carried.
 				continue
 			}
 			full := filepath.Join(dir, e.Name())
@@ -97,6 +109,9 @@ func diffUpper(upper string, shift idShift, w io.Writer) error {
 				h, err := header(name, fi, "", shift)
 				if err != nil {
 					return err
+				}
+				if stripSetID {
+					h.Mode &^= 0o6000
 				}
 				if err := tw.WriteHeader(h); err != nil {
 					return err
@@ -129,11 +144,15 @@ func diffUpper(upper string, shift idShift, w io.Writer) error {
 				if err != nil {
 					return err
 				}
+				if stripSetID {
+					h.Mode &^= 0o6000
+				}
 				if err := tw.WriteHeader(h); err != nil {
 					return err
 				}
-				// The build's processes are gone (its PID 1 has exited), so
-				// the tree no longer changes; still, never follow a link.
+				// The build's processes are gone (its PID 1 has exited) or
+				// the snapshotted sandbox is frozen, so the tree does not
+				// change; still, never follow a link.
 				f, err := os.OpenFile(full, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 				if err != nil {
 					return err

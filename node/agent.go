@@ -18,6 +18,7 @@ import (
 	"sync"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/imagebuild"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
 	"github.com/chalkcompute/chalkcompute/registry"
@@ -41,8 +42,11 @@ type Config struct {
 	ReservedSlots int
 	// Pool configures pre-started sandboxes (pool.go); its slots come
 	// below the reserved ones.
-	Pool   PoolConfig
-	Logger *slog.Logger
+	Pool PoolConfig
+	// SnapshotDir holds snapshot layers while they are pushed (default:
+	// the system's temporary directory).
+	SnapshotDir string
+	Logger      *slog.Logger
 }
 
 // Agent runs sandboxes on this node.
@@ -52,6 +56,10 @@ type Agent struct {
 
 	mu    sync.Mutex
 	inUse map[string]func() // sandbox id -> release of its image's layers (GC keeps them)
+
+	// freezeMu orders pause/resume against a snapshot's freeze and thaw,
+	// so a snapshot never thaws a sandbox a user paused meanwhile.
+	freezeMu sync.Mutex
 
 	pool *warmPool // nil: no pre-started sandboxes
 }
@@ -349,4 +357,112 @@ func HostResolvConf() []byte {
 		}
 	}
 	return []byte(out.String())
+}
+
+// SetPaused freezes (paused) or thaws sandbox id's processes: the cgroup
+// freezer through runc pause/resume. A frozen sandbox uses no CPU; its memory
+// stays where it is.
+func (a *Agent) SetPaused(ctx context.Context, id string, paused bool) error {
+	a.freezeMu.Lock()
+	defer a.freezeMu.Unlock()
+	if paused {
+		return a.cfg.Runtime.Pause(ctx, id)
+	}
+	return a.cfg.Runtime.Resume(ctx, id)
+}
+
+// SnapshotRequest is a sandbox whose filesystem changes become a layer.
+type SnapshotRequest struct {
+	ID   string
+	Slot int
+	// ImageRef and ImageDigest name the sandbox's image in the embedded
+	// registry (its LocalRef and manifest digest); the layer goes on it.
+	ImageRef, ImageDigest string
+	// Exclude lists more paths left out of the layer (bind mount
+	// destinations); chalkd's own mount points always are.
+	Exclude []string
+	// Progress (nil: none) is told each phase: "freeze", "layer" (current =
+	// the layer's size), "push" (bytes of total).
+	Progress func(phase string, current, total int64)
+}
+
+// Snapshot freezes the sandbox, writes its writable layer as a reproducible
+// layer tar, thaws it (always, even on error; a sandbox paused before stays
+// paused), and pushes its image plus that layer to the embedded registry.
+func (a *Agent) Snapshot(ctx context.Context, req SnapshotRequest) (*imagebuild.SnapshotResult, error) {
+	progress := req.Progress
+	if progress == nil {
+		progress = func(string, int64, int64) {}
+	}
+	local, err := a.cfg.Registry.LocalRef(req.ImageRef)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox %q image: %w", req.ID, err)
+	}
+	base := local.Context().Digest(req.ImageDigest)
+	layer, err := a.snapshotLayer(ctx, req, progress)
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(layer)
+	res, err := imagebuild.PushSnapshot(ctx, a.cfg.Registry, base, layer, func(cur, total int64) { progress("push", cur, total) })
+	if err != nil {
+		return nil, fmt.Errorf("sandbox %q snapshot: %w", req.ID, err)
+	}
+	return res, nil
+}
+
+// snapshotLayer takes the layer while the sandbox is frozen.
+func (a *Agent) snapshotLayer(ctx context.Context, req SnapshotRequest, progress func(string, int64, int64)) (path string, err error) {
+	a.freezeMu.Lock()
+	defer a.freezeMu.Unlock()
+	if _, ok := a.cfg.Runtime.Running(ctx, req.ID); !ok {
+		return "", fmt.Errorf("sandbox %q is not running: %w", req.ID, errdefs.ErrFailedPrecondition)
+	}
+	progress("freeze", 0, 0)
+	var userns *sandbox.UserNS
+	if n := a.cfg.Net.Lookup(req.ID, req.Slot); n != nil {
+		userns = SandboxUserNS(n)
+	}
+	err = whileFrozen(ctx, a.cfg.Runtime, req.ID, func() error {
+		var err error
+		path, err = imagebuild.SnapshotLayer(a.cfg.Runtime.UpperDir(req.ID), userns, req.Exclude, a.cfg.SnapshotDir)
+		return err
+	})
+	if err != nil {
+		if path != "" {
+			os.Remove(path)
+		}
+		return "", fmt.Errorf("sandbox %q snapshot: %w", req.ID, err)
+	}
+	if st, serr := os.Stat(path); serr == nil {
+		progress("layer", st.Size(), st.Size())
+	}
+	return path, nil
+}
+
+// freezer is the part of the runtime a snapshot freezes with.
+type freezer interface {
+	Paused(ctx context.Context, id string) bool
+	Pause(ctx context.Context, id string) error
+	Resume(ctx context.Context, id string) error
+}
+
+var _ freezer = (*sandbox.Runtime)(nil)
+
+// whileFrozen runs fn with sandbox id frozen: it freezes it (unless it is
+// paused already, and then leaves it paused) and thaws it afterwards on
+// every path, fn's error, panic or a cancelled ctx included. If the freeze
+// fails, fn does not run: the tree is read only while nothing can change it.
+func whileFrozen(ctx context.Context, f freezer, id string, fn func() error) (err error) {
+	if !f.Paused(ctx, id) {
+		if err := f.Pause(ctx, id); err != nil {
+			return fmt.Errorf("freeze: %w", err)
+		}
+		defer func() {
+			if rerr := f.Resume(context.WithoutCancel(ctx), id); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("thaw: %w", rerr))
+			}
+		}()
+	}
+	return fn()
 }

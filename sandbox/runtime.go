@@ -543,11 +543,46 @@ func (r *Runtime) Wait(ctx context.Context, id string, pid int) (Exit, error) {
 // Running reports whether runc sees sandbox id running, and its init pid.
 func (r *Runtime) Running(ctx context.Context, id string) (int, bool) {
 	c, err := r.runc.State(ctx, id)
-	if err != nil || c.Status != "running" {
+	if err != nil || (c.Status != "running" && c.Status != "paused") {
 		return 0, false
 	}
 	return c.Pid, true
 }
+
+// Pause freezes every process of sandbox id (`runc pause`: the cgroup
+// freezer); they use no CPU until Resume. Pausing a paused sandbox is a no-op.
+func (r *Runtime) Pause(ctx context.Context, id string) error {
+	if c, err := r.runc.State(ctx, id); err == nil && c.Status == "paused" {
+		return nil
+	}
+	if err := r.runc.Pause(ctx, id); err != nil {
+		return fmt.Errorf("runc pause %s: %w", id, err)
+	}
+	return nil
+}
+
+// Resume thaws a sandbox frozen by Pause. Resuming a running sandbox is a
+// no-op.
+func (r *Runtime) Resume(ctx context.Context, id string) error {
+	if c, err := r.runc.State(ctx, id); err == nil && c.Status == "running" {
+		return nil
+	}
+	if err := r.runc.Resume(ctx, id); err != nil {
+		return fmt.Errorf("runc resume %s: %w", id, err)
+	}
+	return nil
+}
+
+// Paused reports whether sandbox id is frozen.
+func (r *Runtime) Paused(ctx context.Context, id string) bool {
+	c, err := r.runc.State(ctx, id)
+	return err == nil && c.Status == "paused"
+}
+
+// UpperDir is the host path of sandbox id's writable layer (overlay upper).
+// It holds what the sandbox wrote: hostile content, read only with
+// imagebuild's confined diff while the sandbox is frozen.
+func (r *Runtime) UpperDir(id string) string { return filepath.Join(r.Dir(id), "upper") }
 
 // CanUpdate reports whether SetLimits works on this runtime (runc; gVisor's
 // runsc has no update).
@@ -573,6 +608,13 @@ func (r *Runtime) SetLimits(ctx context.Context, id string, cpu float64, memory 
 // directory. It is idempotent and safe on a half-created sandbox.
 func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	var errs []error
+	if r.Paused(ctx, id) {
+		// A frozen process does not die of SIGKILL until thawed (cgroup v1
+		// freezer), and runc delete would wait for it: kill, then thaw, so
+		// nothing runs again but the kill.
+		_ = r.runc.Kill(ctx, id, int(unix.SIGKILL), &runc.KillOpts{All: true})
+		_ = r.runc.Resume(ctx, id)
+	}
 	helpers := r.helperChildren(id)
 	if err := r.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil && !isNotExist(err) {
 		errs = append(errs, fmt.Errorf("runc delete: %w", err))

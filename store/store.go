@@ -89,6 +89,9 @@ type Sandbox struct {
 	ExitCode          int               `json:"exit_code"`
 	EndReason         string            `json:"end_reason,omitempty"`
 	Error             string            `json:"error,omitempty"`
+	// Paused: running, with every process frozen (the API shows state
+	// "paused"; slots and quotas count it as running).
+	Paused bool `json:"paused,omitempty"`
 }
 
 // Mount is a content-addressed upload shown in the sandbox at Dst.
@@ -236,6 +239,24 @@ func (s *Store) UpdateSandbox(ctx context.Context, sb *Sandbox) error {
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
 		return fmt.Errorf("sandbox %q: %w", sb.ID, errdefs.ErrNotFound)
+	}
+	return nil
+}
+
+// SetSandboxPaused records that a running sandbox is paused (or not). Only
+// the flag changes, and only while the sandbox runs: a sandbox that ended
+// meanwhile stays ended (failed precondition).
+func (s *Store) SetSandboxPaused(ctx context.Context, id string, paused bool) error {
+	v := "false"
+	if paused {
+		v = "true"
+	}
+	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET doc = json_set(doc, '$.paused', json(?)) WHERE id = ? AND state = ?`, v, id, StateRunning)
+	if err != nil {
+		return fmt.Errorf("sandbox %q: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("sandbox %q is not running: %w", id, errdefs.ErrFailedPrecondition)
 	}
 	return nil
 }

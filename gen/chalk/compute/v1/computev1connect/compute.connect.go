@@ -83,6 +83,12 @@ const (
 	// SandboxServiceEgressLogProcedure is the fully-qualified name of the SandboxService's EgressLog
 	// RPC.
 	SandboxServiceEgressLogProcedure = "/chalk.compute.v1.SandboxService/EgressLog"
+	// SandboxServiceSnapshotProcedure is the fully-qualified name of the SandboxService's Snapshot RPC.
+	SandboxServiceSnapshotProcedure = "/chalk.compute.v1.SandboxService/Snapshot"
+	// SandboxServicePauseProcedure is the fully-qualified name of the SandboxService's Pause RPC.
+	SandboxServicePauseProcedure = "/chalk.compute.v1.SandboxService/Pause"
+	// SandboxServiceResumeProcedure is the fully-qualified name of the SandboxService's Resume RPC.
+	SandboxServiceResumeProcedure = "/chalk.compute.v1.SandboxService/Resume"
 	// ImageServicePullProcedure is the fully-qualified name of the ImageService's Pull RPC.
 	ImageServicePullProcedure = "/chalk.compute.v1.ImageService/Pull"
 	// ImageServiceWarmProcedure is the fully-qualified name of the ImageService's Warm RPC.
@@ -182,6 +188,9 @@ type SandboxServiceClient interface {
 	ListFiles(context.Context, *connect.Request[v1.ListFilesRequest]) (*connect.Response[v1.ListFilesResponse], error)
 	RemoveFile(context.Context, *connect.Request[v1.RemoveFileRequest]) (*connect.Response[v1.RemoveFileResponse], error)
 	EgressLog(context.Context, *connect.Request[v1.EgressLogRequest]) (*connect.Response[v1.EgressLogResponse], error)
+	Snapshot(context.Context, *connect.Request[v1.SnapshotSandboxRequest]) (*connect.ServerStreamForClient[v1.SnapshotProgress], error)
+	Pause(context.Context, *connect.Request[v1.PauseSandboxRequest]) (*connect.Response[v1.Sandbox], error)
+	Resume(context.Context, *connect.Request[v1.ResumeSandboxRequest]) (*connect.Response[v1.Sandbox], error)
 }
 
 // NewSandboxServiceClient constructs a client for the chalk.compute.v1.SandboxService service. By
@@ -286,6 +295,24 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
+		snapshot: connect.NewClient[v1.SnapshotSandboxRequest, v1.SnapshotProgress](
+			httpClient,
+			baseURL+SandboxServiceSnapshotProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("Snapshot")),
+			connect.WithClientOptions(opts...),
+		),
+		pause: connect.NewClient[v1.PauseSandboxRequest, v1.Sandbox](
+			httpClient,
+			baseURL+SandboxServicePauseProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("Pause")),
+			connect.WithClientOptions(opts...),
+		),
+		resume: connect.NewClient[v1.ResumeSandboxRequest, v1.Sandbox](
+			httpClient,
+			baseURL+SandboxServiceResumeProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("Resume")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -305,6 +332,9 @@ type sandboxServiceClient struct {
 	listFiles  *connect.Client[v1.ListFilesRequest, v1.ListFilesResponse]
 	removeFile *connect.Client[v1.RemoveFileRequest, v1.RemoveFileResponse]
 	egressLog  *connect.Client[v1.EgressLogRequest, v1.EgressLogResponse]
+	snapshot   *connect.Client[v1.SnapshotSandboxRequest, v1.SnapshotProgress]
+	pause      *connect.Client[v1.PauseSandboxRequest, v1.Sandbox]
+	resume     *connect.Client[v1.ResumeSandboxRequest, v1.Sandbox]
 }
 
 // Create calls chalk.compute.v1.SandboxService.Create.
@@ -377,6 +407,21 @@ func (c *sandboxServiceClient) EgressLog(ctx context.Context, req *connect.Reque
 	return c.egressLog.CallUnary(ctx, req)
 }
 
+// Snapshot calls chalk.compute.v1.SandboxService.Snapshot.
+func (c *sandboxServiceClient) Snapshot(ctx context.Context, req *connect.Request[v1.SnapshotSandboxRequest]) (*connect.ServerStreamForClient[v1.SnapshotProgress], error) {
+	return c.snapshot.CallServerStream(ctx, req)
+}
+
+// Pause calls chalk.compute.v1.SandboxService.Pause.
+func (c *sandboxServiceClient) Pause(ctx context.Context, req *connect.Request[v1.PauseSandboxRequest]) (*connect.Response[v1.Sandbox], error) {
+	return c.pause.CallUnary(ctx, req)
+}
+
+// Resume calls chalk.compute.v1.SandboxService.Resume.
+func (c *sandboxServiceClient) Resume(ctx context.Context, req *connect.Request[v1.ResumeSandboxRequest]) (*connect.Response[v1.Sandbox], error) {
+	return c.resume.CallUnary(ctx, req)
+}
+
 // SandboxServiceHandler is an implementation of the chalk.compute.v1.SandboxService service.
 type SandboxServiceHandler interface {
 	Create(context.Context, *connect.Request[v1.CreateSandboxRequest]) (*connect.Response[v1.Sandbox], error)
@@ -393,6 +438,9 @@ type SandboxServiceHandler interface {
 	ListFiles(context.Context, *connect.Request[v1.ListFilesRequest]) (*connect.Response[v1.ListFilesResponse], error)
 	RemoveFile(context.Context, *connect.Request[v1.RemoveFileRequest]) (*connect.Response[v1.RemoveFileResponse], error)
 	EgressLog(context.Context, *connect.Request[v1.EgressLogRequest]) (*connect.Response[v1.EgressLogResponse], error)
+	Snapshot(context.Context, *connect.Request[v1.SnapshotSandboxRequest], *connect.ServerStream[v1.SnapshotProgress]) error
+	Pause(context.Context, *connect.Request[v1.PauseSandboxRequest]) (*connect.Response[v1.Sandbox], error)
+	Resume(context.Context, *connect.Request[v1.ResumeSandboxRequest]) (*connect.Response[v1.Sandbox], error)
 }
 
 // NewSandboxServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -493,6 +541,24 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
+	sandboxServiceSnapshotHandler := connect.NewServerStreamHandler(
+		SandboxServiceSnapshotProcedure,
+		svc.Snapshot,
+		connect.WithSchema(sandboxServiceMethods.ByName("Snapshot")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServicePauseHandler := connect.NewUnaryHandler(
+		SandboxServicePauseProcedure,
+		svc.Pause,
+		connect.WithSchema(sandboxServiceMethods.ByName("Pause")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServiceResumeHandler := connect.NewUnaryHandler(
+		SandboxServiceResumeProcedure,
+		svc.Resume,
+		connect.WithSchema(sandboxServiceMethods.ByName("Resume")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.compute.v1.SandboxService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case SandboxServiceCreateProcedure:
@@ -523,6 +589,12 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 			sandboxServiceRemoveFileHandler.ServeHTTP(w, r)
 		case SandboxServiceEgressLogProcedure:
 			sandboxServiceEgressLogHandler.ServeHTTP(w, r)
+		case SandboxServiceSnapshotProcedure:
+			sandboxServiceSnapshotHandler.ServeHTTP(w, r)
+		case SandboxServicePauseProcedure:
+			sandboxServicePauseHandler.ServeHTTP(w, r)
+		case SandboxServiceResumeProcedure:
+			sandboxServiceResumeHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -586,6 +658,18 @@ func (UnimplementedSandboxServiceHandler) RemoveFile(context.Context, *connect.R
 
 func (UnimplementedSandboxServiceHandler) EgressLog(context.Context, *connect.Request[v1.EgressLogRequest]) (*connect.Response[v1.EgressLogResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.SandboxService.EgressLog is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) Snapshot(context.Context, *connect.Request[v1.SnapshotSandboxRequest], *connect.ServerStream[v1.SnapshotProgress]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.SandboxService.Snapshot is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) Pause(context.Context, *connect.Request[v1.PauseSandboxRequest]) (*connect.Response[v1.Sandbox], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.SandboxService.Pause is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) Resume(context.Context, *connect.Request[v1.ResumeSandboxRequest]) (*connect.Response[v1.Sandbox], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.SandboxService.Resume is not implemented"))
 }
 
 // ImageServiceClient is a client for the chalk.compute.v1.ImageService service.
