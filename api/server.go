@@ -73,6 +73,7 @@ type Config struct {
 	Identity   IdentityBackend
 	Tunnels    TunnelBackend // nil: tunnels are unavailable
 	MCP        MCPBackend    // nil: the MCP gateway is unavailable
+	Ingress    IngressBackend // nil: ingress (Expose) is unavailable
 	Logger     *slog.Logger
 	// MaxWriteFile bounds WriteFile payloads (default 64 MiB).
 	MaxWriteFile int64
