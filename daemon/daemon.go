@@ -652,6 +652,7 @@ func writeFile0600(path string, b []byte) error {
 // reattaches to them.
 func (d *Daemon) Close() error {
 	var errs []error
+	d.ingress.close() // cut exposed routes' streams first: Shutdown waits for requests
 	for _, s := range d.servers {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		_ = s.Shutdown(ctx)
@@ -672,7 +673,6 @@ func (d *Daemon) Close() error {
 	if d.mcp != nil {
 		d.mcp.close()
 	}
-	d.ingress.close()
 	if d.Cache != nil {
 		errs = append(errs, d.Cache.Flush())
 	}

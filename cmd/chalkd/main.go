@@ -53,6 +53,8 @@ func main() {
 	fs.StringVar(&cfg.Ingress.URL, "ingress-url", "", "the ingress listener's base URL as clients reach it (default from --ingress-domain or --ingress-listen)")
 	fs.StringVar(&cfg.Ingress.TLSCert, "ingress-tls-cert", "", "PEM certificate (chain) of the ingress listener: serve HTTPS and HTTP/2")
 	fs.StringVar(&cfg.Ingress.TLSKey, "ingress-tls-key", "", "PEM private key of --ingress-tls-cert")
+	fs.IntVar(&cfg.Ingress.Limits.MaxPerRoute, "ingress-max-per-route", 256, "requests and WebSockets in flight per exposed port; more are answered 503")
+	fs.IntVar(&cfg.Ingress.Limits.MaxConnsPerClient, "ingress-max-conns-per-client", 64, "open ingress connections per client address; more are closed at accept")
 	fs.BoolVar(&cfg.Ingress.SelfSigned, "ingress-tls-self-signed", false, "serve the ingress over HTTPS with a self-signed certificate made at first start (DATA_DIR/ingress-tls/)")
 	fs.StringVar(&cfg.Runtime, "runtime", "runc", "OCI runtime of sandboxes: runc, or runsc (gVisor: a user-space kernel between sandboxes and the host; implies --userns=false)")
 	fs.DurationVar(&cfg.MCPAuditRetention, "mcp-audit-retention", daemon.DefaultMCPAuditRetention, "how long MCP gateway audit records are kept")
