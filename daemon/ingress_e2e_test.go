@@ -412,6 +412,32 @@ func TestIngress(t *testing.T) {
 		}
 	})
 
+	t.Run("cli", func(t *testing.T) {
+		out, stderr, code := n.CLI("compute", "sandbox", "expose", sb.ID(), "8082", "--public", "-o", "json")
+		var x struct {
+			URL     string `json:"url"`
+			PathURL string `json:"path_url"`
+			Public  bool   `json:"public"`
+		}
+		if code != 0 || json.Unmarshal([]byte(out), &x) != nil || !x.Public || x.URL != fmt.Sprintf("https://8082-%s.%s:7449/", sb.ID(), ingressDomain) {
+			t.Fatalf("cli expose: %d %q %q", code, out, stderr)
+		}
+		// Nothing listens on 8082: the ingress answers 502 at once.
+		if code, _, _ := ic.get(t, x.URL, ""); code != http.StatusBadGateway {
+			t.Fatalf("exposed port with no server: %d, want 502", code)
+		}
+		out, _, code = n.CLI("compute", "sandbox", "exposures", sb.ID())
+		if code != 0 || !strings.Contains(out, "8082") || !strings.Contains(out, "public") || !strings.Contains(out, "private") {
+			t.Fatalf("cli exposures: %q", out)
+		}
+		if out, stderr, code := n.CLI("compute", "sandbox", "unexpose", sb.ID(), "8082"); code != 0 {
+			t.Fatalf("cli unexpose: %q %q", out, stderr)
+		}
+		if code, _, _ := ic.get(t, x.URL, ""); code != http.StatusNotFound {
+			t.Fatalf("after cli unexpose: %d", code)
+		}
+	})
+
 	t.Run("unexpose_cuts_open_websocket", func(t *testing.T) {
 		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
