@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -435,6 +436,39 @@ func TestIngress(t *testing.T) {
 		}
 		if code, _, _ := ic.get(t, x.URL, ""); code != http.StatusNotFound {
 			t.Fatalf("after cli unexpose: %d", code)
+		}
+	})
+
+	t.Run("node_users_reach_sandboxes_only_through_the_ingress", func(t *testing.T) {
+		// An unprivileged user on the node: the sandbox's address is closed
+		// to it (sandboxnet's output chain), the public route open; root
+		// (chalkd) reaches the sandbox directly.
+		probe := func(uid, url string) string {
+			argv := []string{"nsenter", "--net=/run/netns/" + n.Netns, "--"}
+			if uid != "0" {
+				argv = append(argv, "setpriv", "--reuid="+uid, "--regid="+uid, "--clear-groups")
+			}
+			argv = append(argv, "/usr/bin/python3", "-c", `import ssl, sys, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=2, context=ssl._create_unverified_context()).status)
+except Exception as e:
+    print("error", type(e).__name__)`, url)
+			out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+			if err != nil {
+				t.Fatalf("%v: %v %s", argv, err, out)
+			}
+			return strings.TrimSpace(string(out))
+		}
+		direct := "http://" + net.JoinHostPort(sb.Info.Ip, "8081") + "/"
+		viaIngress := fmt.Sprintf("https://127.0.0.1:7449/s/%s/8081/", sb.ID())
+		if got := probe("65534", direct); got == "200" {
+			t.Fatalf("uid 65534 on the node reached the sandbox directly: %s", got)
+		}
+		if got := probe("0", direct); got != "200" {
+			t.Fatalf("root on the node to the sandbox: %s", got)
+		}
+		if got := probe("65534", viaIngress); got != "200" {
+			t.Fatalf("uid 65534 through the ingress: %s", got)
 		}
 	})
 
