@@ -82,13 +82,14 @@ func (h *sandboxService) Expose(ctx context.Context, req *connect.Request[v1.Exp
 	if err := h.s.store.PutExposure(ctx, e); err != nil {
 		return nil, err
 	}
-	// The sandbox may have ended between the check and the record: its end
-	// deletes exposures, so check again after recording.
+	ib.Route(e, addr)
+	// The sandbox may have ended since the check, its Ended hook running
+	// before the record or the route existed: check again after both.
 	if !h.s.IsRunning(ctx, sb.ID) {
+		ib.Unroute(sb.ID, 0)
 		_ = h.s.store.DeleteExposures(context.WithoutCancel(ctx), sb.ID)
 		return nil, notRunning(&store.Sandbox{ID: sb.ID, State: store.StateStopped})
 	}
-	ib.Route(e, addr)
 	out := exposureToProto(ib, e)
 	if !e.Public {
 		exp := time.Now().Add(ttl).UTC()

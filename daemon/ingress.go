@@ -126,6 +126,7 @@ func newIngress(cfg *Config, st *store.Store, apiOf func() *api.Server) (*ingres
 	}
 	n.srv, err = ingress.New(ingress.Config{
 		BaseURL: base, Domain: ic.Domain, Key: key, Limits: ic.Limits, Logger: cfg.Logger,
+		Live: func(id string) bool { return apiOf().IsRunning(context.Background(), id) },
 		Authenticate: func(ctx context.Context, h string) (string, error) {
 			p, err := apiOf().Authenticate(ctx, h)
 			if err != nil {

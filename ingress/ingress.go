@@ -63,9 +63,13 @@ type Config struct {
 	// Authenticate resolves an Authorization header to the caller's org; an
 	// error refuses it.
 	Authenticate func(ctx context.Context, authorization string) (org string, err error)
-	Limits       Limits
-	Logger       *slog.Logger
-	now          func() time.Time
+	// Live reports whether a sandbox still runs; a route of one that does
+	// not is never forwarded to (its address may belong to another
+	// sandbox by now). Nil: routes are trusted to be removed in time.
+	Live   func(id string) bool
+	Limits Limits
+	Logger *slog.Logger
+	now    func() time.Time
 }
 
 // Route is one exposed port as the API recorded it.
@@ -269,6 +273,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rt := s.lookup(k)
+	if rt != nil && s.cfg.Live != nil && !s.cfg.Live(k.id) {
+		rt = nil
+	}
 	if rt == nil {
 		http.Error(w, "no such route", http.StatusNotFound)
 		return
