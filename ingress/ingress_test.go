@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -264,16 +265,16 @@ func itoa(p uint16) string { return strconv.Itoa(int(p)) }
 // TestEndedSandboxNotForwarded: a route left for a sandbox that no longer
 // runs (its address may be another sandbox's now) is not forwarded to.
 func TestEndedSandboxNotForwarded(t *testing.T) {
-	reached := false
-	s, front, port := newTest(t, true, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { reached = true }))
-	live := true
-	s.cfg.Live = func(id string) bool { return live && id == "sb-0001" }
+	var reached, ended atomic.Bool
+	s, front, port := newTest(t, true, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { reached.Store(true) }))
+	s.cfg.Live = func(id string) bool { return !ended.Load() && id == "sb-0001" }
 	host := itoa(port) + "-sb-0001.sbx.test"
-	if r, _ := do(t, front, host, "/"); r.StatusCode != 200 || !reached {
-		t.Fatalf("live: %d reached=%v", r.StatusCode, reached)
+	if r, _ := do(t, front, host, "/"); r.StatusCode != 200 || !reached.Load() {
+		t.Fatalf("live: %d reached=%v", r.StatusCode, reached.Load())
 	}
-	live, reached = false, false
-	if r, _ := do(t, front, host, "/"); r.StatusCode != 404 || reached {
-		t.Fatalf("ended: %d reached=%v", r.StatusCode, reached)
+	ended.Store(true)
+	reached.Store(false)
+	if r, _ := do(t, front, host, "/"); r.StatusCode != 404 || reached.Load() {
+		t.Fatalf("ended: %d reached=%v", r.StatusCode, reached.Load())
 	}
 }
