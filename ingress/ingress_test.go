@@ -278,3 +278,47 @@ func TestEndedSandboxNotForwarded(t *testing.T) {
 		t.Fatalf("ended: %d reached=%v", r.StatusCode, reached.Load())
 	}
 }
+
+// TestClientBounds: a client that never finishes its headers is
+// disconnected at ReadHeaderTimeout; oversized headers are refused (431).
+func TestClientBounds(t *testing.T) {
+	s, err := New(Config{BaseURL: "http://x", Key: testKey, Limits: Limits{ReadHeaderTimeout: 200 * time.Millisecond, MaxHeaderBytes: 4 << 10},
+		Authenticate: func(context.Context, string) (string, error) { return "", errors.New("no") }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := s.HTTPServer()
+	go hs.Serve(s.Listener(l))
+	defer hs.Close()
+
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n") // and nothing more
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	start := time.Now()
+	b, _ := io.ReadAll(c)
+	if time.Since(start) > 5*time.Second {
+		t.Fatalf("slow headers held the connection %s", time.Since(start))
+	}
+	if len(b) > 0 && !strings.Contains(string(b), "408") {
+		t.Fatalf("slow headers answered %q", b)
+	}
+
+	req, _ := http.NewRequest("GET", "http://"+l.Addr().String()+"/", nil)
+	req.Header.Set("X-Big", strings.Repeat("a", 16<<10))
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Fatalf("16 KiB header: %d, want 431", resp.StatusCode)
+	}
+}
