@@ -76,8 +76,9 @@ type Config struct {
 	ImageStore ImageStore
 	Policies   PolicyBackend
 	Identity   IdentityBackend
-	Tunnels    TunnelBackend // nil: tunnels are unavailable
-	MCP        MCPBackend    // nil: the MCP gateway is unavailable
+	Tunnels    TunnelBackend  // nil: tunnels are unavailable
+	MCP        MCPBackend     // nil: the MCP gateway is unavailable
+	Ingress    IngressBackend // nil: ingress (Expose) is unavailable
 	Logger     *slog.Logger
 	// MaxWriteFile bounds WriteFile payloads (default 64 MiB).
 	MaxWriteFile int64

@@ -18,6 +18,7 @@ func sandboxCmd(e *env) *cobra.Command {
 	cmd := &cobra.Command{Use: "sandbox", Aliases: []string{"sandboxes", "sb"}, Short: "Create and use sandboxes"}
 	cmd.AddCommand(sbCreate(e), sbExec(e), sbList(e), sbGet(e), sbLogs(e), sbCp(e), sbRm(e), sbWait(e), sbEgressLog(e))
 	cmd.AddCommand(sbSnapshot(e), sbPause(e), sbResume(e))
+	cmd.AddCommand(exposeCmds(e)...)
 	return cmd
 }
 

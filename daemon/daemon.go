@@ -170,6 +170,7 @@ type Config struct {
 	Logger            *slog.Logger
 	// DefaultQuota is every org's quota where the node admin set none (zero: no limits).
 	DefaultQuota store.Quota
+	Ingress      IngressConfig // exposed sandbox ports (daemon/ingress.go)
 }
 
 // Defaults of the pre-started sandboxes.
@@ -261,8 +262,9 @@ type Daemon struct {
 	Issuer   *identity.Issuer
 	Metadata *metadata.Server
 
-	tun *tunnels
-	mcp *mcpGateway
+	tun     *tunnels
+	mcp     *mcpGateway
+	ingress *ingressNode
 
 	AdminToken string // set when this start created it
 	servers    []*http.Server
@@ -445,11 +447,14 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if d.mcp, err = newMCPGateway(cfg.DataDir, d.Store, d.Issuer, deny, cfg.MCPAuditRetention, cfg.Logger); err != nil {
 		return nil, fmt.Errorf("MCP gateway: %w", err)
 	}
+	if d.ingress, err = newIngress(&cfg, d.Store, func() *api.Server { return d.API }); err != nil {
+		return nil, err
+	}
 	d.API = api.New(ctx, api.Config{
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
 		DefaultMemoryMB: cfg.Limits.DefaultMemoryMB, NodeMemoryMB: cfg.Limits.nodeMemoryMB,
 		Workload: wi, Identity: wi, Policies: pol, Images: im, Tunnels: tun, MCP: d.mcp,
-		DefaultQuota: cfg.DefaultQuota,
+		DefaultQuota: cfg.DefaultQuota, Ingress: d.ingress.backend(),
 		Hooks: api.Hooks{
 			Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
 				if cfg.Runtime == sandbox.RuntimeRunsc && len(sb.Tunnels) > 0 {
@@ -465,6 +470,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			},
 			Started: tun.started,
 			Ended: func(ctx context.Context, sb *store.Sandbox) {
+				d.ingress.ended(ctx, sb)
 				d.Tunnels.Leave(sb.ID)
 				d.mcp.ended(sb.ID)
 				wi.ended(ctx, sb)
@@ -515,6 +521,9 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, err
 	}
 	if err := d.serve(); err != nil {
+		return nil, err
+	}
+	if err := startIngress(ctx, d); err != nil {
 		return nil, err
 	}
 	return d, nil
@@ -643,6 +652,7 @@ func writeFile0600(path string, b []byte) error {
 // reattaches to them.
 func (d *Daemon) Close() error {
 	var errs []error
+	d.ingress.close() // cut exposed routes' streams first: Shutdown waits for requests
 	for _, s := range d.servers {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		_ = s.Shutdown(ctx)

@@ -27,7 +27,7 @@ var (
 
 // testdataBin builds testdata/<name> static, once per test binary, and
 // returns its path.
-func testdataBin(t *testing.T, name string) string {
+func testdataBin(t testing.TB, name string) string {
 	t.Helper()
 	testBinMu.Lock()
 	defer testBinMu.Unlock()

@@ -22,6 +22,7 @@ const (
 	chainPostrouting = "postrouting"
 	chainForward     = "forward"
 	chainInput       = "input"
+	chainOutput      = "output"
 	setSrc4          = "src4"
 	setSrc6          = "src6"
 )
@@ -148,6 +149,15 @@ func ctEstablished() []expr.Any {
 	}
 }
 
+// notRootSocket matches packets of local sockets owned by a uid other than
+// 0 (packets without a socket, which the kernel sends itself, do not match).
+func notRootSocket() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeySKUID, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
+	}
+}
+
 func verdict(k expr.VerdictKind) []expr.Any { return []expr.Any{&expr.Verdict{Kind: k}} }
 
 func counted(k expr.VerdictKind) []expr.Any {
@@ -260,7 +270,16 @@ func (m *Manager) ruleset(src4, src6 *nftables.Set) map[string][][]expr.Any {
 		}
 	}
 	in = append(in, cat(iifPrefix(p), counted(expr.VerdictDrop)))
-	return map[string][][]expr.Any{chainSpoof: spoof, chainPrerouting: pre, chainPostrouting: post, chainForward: fwd, chainInput: in}
+
+	// The node's own sockets toward sandboxes: root's (chalkd: the ingress
+	// dials exposed ports) may open connections; other local users' may
+	// not, so a sandbox port is reachable from the node only through the
+	// ingress. Replies to connections sandboxes opened (metadata, DNS) pass.
+	out := [][]expr.Any{
+		cat(oifPrefix(p, true), ctEstablished(), verdict(expr.VerdictAccept)),
+		cat(oifPrefix(p, true), notRootSocket(), counted(expr.VerdictDrop)),
+	}
+	return map[string][][]expr.Any{chainSpoof: spoof, chainPrerouting: pre, chainPostrouting: post, chainForward: fwd, chainInput: in, chainOutput: out}
 }
 
 func (m *Manager) table() *nftables.Table {
@@ -283,6 +302,7 @@ func (m *Manager) baseChains() []*nftables.Chain {
 		{Name: chainPostrouting, Table: t, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource},
 		{Name: chainForward, Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept},
 		{Name: chainInput, Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &accept},
+		{Name: chainOutput, Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityFilter, Policy: &accept},
 	}
 }
 

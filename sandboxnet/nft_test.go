@@ -131,6 +131,9 @@ func TestIsolationRules(t *testing.T) {
 		{"forward: returned from egress accepted", chainForward, 5, cat(iifCX, accept)},
 		{"input: established", chainInput, 0, cat(iifCX, ctEstab, accept)},
 		{"input: the rest from sandboxes dropped", chainInput, len(rules[chainInput]) - 1, cat(iifCX, drop)},
+		{"output: replies toward sandboxes pass", chainOutput, 0, cat(oifCX, ctEstab, accept)},
+		{"output: non-root node sockets toward sandboxes dropped", chainOutput, 1, cat(oifCX, []expr.Any{
+			&expr.Meta{Key: expr.MetaKeySKUID, Register: 1}, &expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}}}, drop)},
 		{"postrouting: masquerade IPv4 leaving through non-sandbox interfaces", chainPostrouting, 0, cat(ipv4, []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
 			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: []byte{255, 255, 0, 0}, Xor: make([]byte, 4)},

@@ -123,6 +123,13 @@ var migrations = []migration{
 	CREATE INDEX org_images_ref ON org_images (ref);
 	ALTER TABLE sandboxes ADD COLUMN created_at BIGINT NOT NULL DEFAULT 0;
 	CREATE INDEX sandboxes_org_created ON sandboxes (org_id, created_at);`, fn: migrateTokens},
+	{sql: `CREATE TABLE exposures (
+		sandbox_id TEXT NOT NULL,
+		port INTEGER NOT NULL,
+		org_id TEXT NOT NULL,
+		doc TEXT NOT NULL,
+		PRIMARY KEY (sandbox_id, port)
+	);`},
 }
 
 // legacyToken is a row of the tokens table before teams.

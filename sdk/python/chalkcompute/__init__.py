@@ -37,12 +37,12 @@ from .errors import (
 from .image import Image
 from .mcp import MCPAuditRecord, MCPServer
 from .policy import NetworkPolicy, Tunnel, TunnelMember, TunnelPeer
-from .sandbox import ExecResult, FileInfo, Process, Sandbox
+from .sandbox import ExecResult, Exposure, FileInfo, Process, Sandbox
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SandboxClient", "Sandbox", "Process", "ExecResult", "FileInfo", "BuildResult",
+    "SandboxClient", "Sandbox", "Process", "ExecResult", "FileInfo", "BuildResult", "Exposure",
     "Image", "NetworkPolicy", "Tunnel", "TunnelMember", "TunnelPeer", "MCPServer", "MCPAuditRecord",
     "ChalkError", "CanceledError", "UnknownError", "InvalidArgumentError", "DeadlineExceededError",
     "NotFoundError", "AlreadyExistsError", "PermissionDeniedError", "ResourceExhaustedError",

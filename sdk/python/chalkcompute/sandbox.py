@@ -441,6 +441,34 @@ class Sandbox:
         """Thaw a paused sandbox."""
         return self._set(self._client._t.unary("SandboxService", "Resume", {"sandboxId": self.id}))
 
+    # -- ingress
+
+    def expose(self, port: int, public: bool = False, token_ttl: Optional[Seconds] = None) -> "Exposure":
+        """Serve ``port`` of the sandbox on chalkd's ingress listener.
+
+        Private by default: callers need an API key of the sandbox's org
+        (``Authorization: Bearer``) or the returned ``signed_url`` (valid for
+        ``token_ttl`` seconds, default one hour). ``public=True`` opens it to
+        anyone with the URL. HTTP/1.1, HTTP/2, WebSocket and server-sent
+        events pass through, streamed.
+        """
+        req: Dict[str, Any] = {"sandboxId": self.id, "port": int(port)}
+        if public:
+            req["public"] = True
+        t = _seconds("token_ttl", token_ttl)
+        if t:
+            req["tokenTtlSeconds"] = t
+        return Exposure(self._client._t.unary("SandboxService", "Expose", req))
+
+    def unexpose(self, port: int) -> None:
+        """Stop serving ``port``: its URLs stop working and open connections are closed."""
+        self._client._t.unary("SandboxService", "Unexpose", {"sandboxId": self.id, "port": int(port)})
+
+    def exposures(self) -> List["Exposure"]:
+        """The sandbox's exposed ports."""
+        r = self._client._t.unary("SandboxService", "ListExposures", {"sandboxId": self.id})
+        return [Exposure(x) for x in r.get("exposures") or []]
+
     def __enter__(self) -> "Sandbox":
         return self
 
@@ -449,3 +477,22 @@ class Sandbox:
             self.terminate()
         except Exception:
             pass
+
+
+class Exposure:
+    """An exposed sandbox port. ``url`` routes by host name when the node has
+    an ingress domain (else it equals ``path_url``, ``/s/<sandbox>/<port>/``);
+    ``token`` and ``signed_url`` are set on private ports, from ``expose`` only."""
+
+    def __init__(self, info: Dict[str, Any]) -> None:
+        self.sandbox_id: str = info.get("sandboxId", "")
+        self.port: int = int(info.get("port", 0))
+        self.public: bool = bool(info.get("public", False))
+        self.url: str = info.get("url", "")
+        self.path_url: str = info.get("pathUrl", "")
+        self.token: str = info.get("token", "")
+        self.signed_url: str = info.get("signedUrl", "")
+        self.token_expires_at: str = info.get("tokenExpiresAt", "")
+
+    def __repr__(self) -> str:
+        return "Exposure(%s:%d %s %s)" % (self.sandbox_id, self.port, "public" if self.public else "private", self.url)

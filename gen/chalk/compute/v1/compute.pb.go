@@ -2144,6 +2144,365 @@ func (x *ResumeSandboxRequest) GetSandboxId() string {
 	return ""
 }
 
+// ExposeRequest serves sandbox_id's TCP port on the ingress listener.
+// Private (the default): callers need an API key of the sandbox's org or the
+// signed token returned here. token_ttl_seconds: the token's lifetime
+// (default 3600, at most 7 days).
+type ExposeRequest struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId       string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Port            uint32                 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	Public          bool                   `protobuf:"varint,3,opt,name=public,proto3" json:"public,omitempty"`
+	TokenTtlSeconds int64                  `protobuf:"varint,4,opt,name=token_ttl_seconds,json=tokenTtlSeconds,proto3" json:"token_ttl_seconds,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ExposeRequest) Reset() {
+	*x = ExposeRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExposeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExposeRequest) ProtoMessage() {}
+
+func (x *ExposeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExposeRequest.ProtoReflect.Descriptor instead.
+func (*ExposeRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *ExposeRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *ExposeRequest) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *ExposeRequest) GetPublic() bool {
+	if x != nil {
+		return x.Public
+	}
+	return false
+}
+
+func (x *ExposeRequest) GetTokenTtlSeconds() int64 {
+	if x != nil {
+		return x.TokenTtlSeconds
+	}
+	return 0
+}
+
+// Exposure is one exposed port. url routes by host name
+// (<port>-<sandbox>.<ingress domain>); path_url by path (/s/<sandbox>/<port>/).
+// signed_url is url with the token (private exposures, from Expose only).
+type Exposure struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId      string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Port           uint32                 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	Public         bool                   `protobuf:"varint,3,opt,name=public,proto3" json:"public,omitempty"`
+	Url            string                 `protobuf:"bytes,4,opt,name=url,proto3" json:"url,omitempty"`
+	PathUrl        string                 `protobuf:"bytes,5,opt,name=path_url,json=pathUrl,proto3" json:"path_url,omitempty"`
+	Token          string                 `protobuf:"bytes,6,opt,name=token,proto3" json:"token,omitempty"`
+	SignedUrl      string                 `protobuf:"bytes,7,opt,name=signed_url,json=signedUrl,proto3" json:"signed_url,omitempty"`
+	TokenExpiresAt string                 `protobuf:"bytes,8,opt,name=token_expires_at,json=tokenExpiresAt,proto3" json:"token_expires_at,omitempty"` // RFC 3339
+	CreatedAt      string                 `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *Exposure) Reset() {
+	*x = Exposure{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Exposure) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Exposure) ProtoMessage() {}
+
+func (x *Exposure) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Exposure.ProtoReflect.Descriptor instead.
+func (*Exposure) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *Exposure) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *Exposure) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *Exposure) GetPublic() bool {
+	if x != nil {
+		return x.Public
+	}
+	return false
+}
+
+func (x *Exposure) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *Exposure) GetPathUrl() string {
+	if x != nil {
+		return x.PathUrl
+	}
+	return ""
+}
+
+func (x *Exposure) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *Exposure) GetSignedUrl() string {
+	if x != nil {
+		return x.SignedUrl
+	}
+	return ""
+}
+
+func (x *Exposure) GetTokenExpiresAt() string {
+	if x != nil {
+		return x.TokenExpiresAt
+	}
+	return ""
+}
+
+func (x *Exposure) GetCreatedAt() string {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return ""
+}
+
+type UnexposeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Port          uint32                 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnexposeRequest) Reset() {
+	*x = UnexposeRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnexposeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnexposeRequest) ProtoMessage() {}
+
+func (x *UnexposeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnexposeRequest.ProtoReflect.Descriptor instead.
+func (*UnexposeRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *UnexposeRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *UnexposeRequest) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+type UnexposeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnexposeResponse) Reset() {
+	*x = UnexposeResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnexposeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnexposeResponse) ProtoMessage() {}
+
+func (x *UnexposeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnexposeResponse.ProtoReflect.Descriptor instead.
+func (*UnexposeResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{36}
+}
+
+type ListExposuresRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListExposuresRequest) Reset() {
+	*x = ListExposuresRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListExposuresRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListExposuresRequest) ProtoMessage() {}
+
+func (x *ListExposuresRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListExposuresRequest.ProtoReflect.Descriptor instead.
+func (*ListExposuresRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *ListExposuresRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+type ListExposuresResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Exposures     []*Exposure            `protobuf:"bytes,1,rep,name=exposures,proto3" json:"exposures,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListExposuresResponse) Reset() {
+	*x = ListExposuresResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListExposuresResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListExposuresResponse) ProtoMessage() {}
+
+func (x *ListExposuresResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListExposuresResponse.ProtoReflect.Descriptor instead.
+func (*ListExposuresResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *ListExposuresResponse) GetExposures() []*Exposure {
+	if x != nil {
+		return x.Exposures
+	}
+	return nil
+}
+
 type Image struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ref           string                 `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`       // user-facing reference or image hash
@@ -2157,7 +2516,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2169,7 +2528,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2182,7 +2541,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{33}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Image) GetRef() string {
@@ -2229,7 +2588,7 @@ type PullImageRequest struct {
 
 func (x *PullImageRequest) Reset() {
 	*x = PullImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2241,7 +2600,7 @@ func (x *PullImageRequest) String() string {
 func (*PullImageRequest) ProtoMessage() {}
 
 func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2254,7 +2613,7 @@ func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageRequest.ProtoReflect.Descriptor instead.
 func (*PullImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{34}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *PullImageRequest) GetRef() string {
@@ -2277,7 +2636,7 @@ type WarmImageRequest struct {
 
 func (x *WarmImageRequest) Reset() {
 	*x = WarmImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2289,7 +2648,7 @@ func (x *WarmImageRequest) String() string {
 func (*WarmImageRequest) ProtoMessage() {}
 
 func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2302,7 +2661,7 @@ func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageRequest.ProtoReflect.Descriptor instead.
 func (*WarmImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{35}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *WarmImageRequest) GetImage() string {
@@ -2336,7 +2695,7 @@ type ImageProgress struct {
 
 func (x *ImageProgress) Reset() {
 	*x = ImageProgress{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2348,7 +2707,7 @@ func (x *ImageProgress) String() string {
 func (*ImageProgress) ProtoMessage() {}
 
 func (x *ImageProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2361,7 +2720,7 @@ func (x *ImageProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageProgress.ProtoReflect.Descriptor instead.
 func (*ImageProgress) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{36}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ImageProgress) GetPhase() string {
@@ -2435,7 +2794,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2447,7 +2806,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2460,7 +2819,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{37}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{43}
 }
 
 type ListImagesResponse struct {
@@ -2472,7 +2831,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2484,7 +2843,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2497,7 +2856,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{38}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -2516,7 +2875,7 @@ type InspectImageRequest struct {
 
 func (x *InspectImageRequest) Reset() {
 	*x = InspectImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2528,7 +2887,7 @@ func (x *InspectImageRequest) String() string {
 func (*InspectImageRequest) ProtoMessage() {}
 
 func (x *InspectImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2541,7 +2900,7 @@ func (x *InspectImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageRequest.ProtoReflect.Descriptor instead.
 func (*InspectImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{39}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *InspectImageRequest) GetRef() string {
@@ -2562,7 +2921,7 @@ type InspectImageResponse struct {
 
 func (x *InspectImageResponse) Reset() {
 	*x = InspectImageResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2574,7 +2933,7 @@ func (x *InspectImageResponse) String() string {
 func (*InspectImageResponse) ProtoMessage() {}
 
 func (x *InspectImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2587,7 +2946,7 @@ func (x *InspectImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageResponse.ProtoReflect.Descriptor instead.
 func (*InspectImageResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{40}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *InspectImageResponse) GetImage() *Image {
@@ -2620,7 +2979,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2632,7 +2991,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2645,7 +3004,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{41}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -2663,7 +3022,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2675,7 +3034,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2688,7 +3047,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{42}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{48}
 }
 
 type BuildImageRequest struct {
@@ -2701,7 +3060,7 @@ type BuildImageRequest struct {
 
 func (x *BuildImageRequest) Reset() {
 	*x = BuildImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2713,7 +3072,7 @@ func (x *BuildImageRequest) String() string {
 func (*BuildImageRequest) ProtoMessage() {}
 
 func (x *BuildImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2726,7 +3085,7 @@ func (x *BuildImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BuildImageRequest.ProtoReflect.Descriptor instead.
 func (*BuildImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{43}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *BuildImageRequest) GetSpecJson() string {
@@ -2752,7 +3111,7 @@ type HasBlobsRequest struct {
 
 func (x *HasBlobsRequest) Reset() {
 	*x = HasBlobsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2764,7 +3123,7 @@ func (x *HasBlobsRequest) String() string {
 func (*HasBlobsRequest) ProtoMessage() {}
 
 func (x *HasBlobsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2777,7 +3136,7 @@ func (x *HasBlobsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HasBlobsRequest.ProtoReflect.Descriptor instead.
 func (*HasBlobsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{44}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *HasBlobsRequest) GetDigests() []string {
@@ -2796,7 +3155,7 @@ type HasBlobsResponse struct {
 
 func (x *HasBlobsResponse) Reset() {
 	*x = HasBlobsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2808,7 +3167,7 @@ func (x *HasBlobsResponse) String() string {
 func (*HasBlobsResponse) ProtoMessage() {}
 
 func (x *HasBlobsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2821,7 +3180,7 @@ func (x *HasBlobsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HasBlobsResponse.ProtoReflect.Descriptor instead.
 func (*HasBlobsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{45}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *HasBlobsResponse) GetMissing() []string {
@@ -2841,7 +3200,7 @@ type UploadBlobRequest struct {
 
 func (x *UploadBlobRequest) Reset() {
 	*x = UploadBlobRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2853,7 +3212,7 @@ func (x *UploadBlobRequest) String() string {
 func (*UploadBlobRequest) ProtoMessage() {}
 
 func (x *UploadBlobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2866,7 +3225,7 @@ func (x *UploadBlobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadBlobRequest.ProtoReflect.Descriptor instead.
 func (*UploadBlobRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{46}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *UploadBlobRequest) GetDigest() string {
@@ -2893,7 +3252,7 @@ type UploadBlobResponse struct {
 
 func (x *UploadBlobResponse) Reset() {
 	*x = UploadBlobResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2905,7 +3264,7 @@ func (x *UploadBlobResponse) String() string {
 func (*UploadBlobResponse) ProtoMessage() {}
 
 func (x *UploadBlobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2918,7 +3277,7 @@ func (x *UploadBlobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadBlobResponse.ProtoReflect.Descriptor instead.
 func (*UploadBlobResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{47}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *UploadBlobResponse) GetDigest() string {
@@ -2949,7 +3308,7 @@ type NetworkPolicy struct {
 
 func (x *NetworkPolicy) Reset() {
 	*x = NetworkPolicy{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2961,7 +3320,7 @@ func (x *NetworkPolicy) String() string {
 func (*NetworkPolicy) ProtoMessage() {}
 
 func (x *NetworkPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2974,7 +3333,7 @@ func (x *NetworkPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkPolicy.ProtoReflect.Descriptor instead.
 func (*NetworkPolicy) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{48}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *NetworkPolicy) GetName() string {
@@ -3028,7 +3387,7 @@ type PolicyName struct {
 
 func (x *PolicyName) Reset() {
 	*x = PolicyName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3040,7 +3399,7 @@ func (x *PolicyName) String() string {
 func (*PolicyName) ProtoMessage() {}
 
 func (x *PolicyName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3053,7 +3412,7 @@ func (x *PolicyName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyName.ProtoReflect.Descriptor instead.
 func (*PolicyName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{49}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *PolicyName) GetName() string {
@@ -3071,7 +3430,7 @@ type ListPoliciesRequest struct {
 
 func (x *ListPoliciesRequest) Reset() {
 	*x = ListPoliciesRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3083,7 +3442,7 @@ func (x *ListPoliciesRequest) String() string {
 func (*ListPoliciesRequest) ProtoMessage() {}
 
 func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3096,7 +3455,7 @@ func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
 func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{50}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{56}
 }
 
 type ListPoliciesResponse struct {
@@ -3108,7 +3467,7 @@ type ListPoliciesResponse struct {
 
 func (x *ListPoliciesResponse) Reset() {
 	*x = ListPoliciesResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3120,7 +3479,7 @@ func (x *ListPoliciesResponse) String() string {
 func (*ListPoliciesResponse) ProtoMessage() {}
 
 func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3133,7 +3492,7 @@ func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
 func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{51}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ListPoliciesResponse) GetPolicies() []*NetworkPolicy {
@@ -3151,7 +3510,7 @@ type DeletePolicyResponse struct {
 
 func (x *DeletePolicyResponse) Reset() {
 	*x = DeletePolicyResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3163,7 +3522,7 @@ func (x *DeletePolicyResponse) String() string {
 func (*DeletePolicyResponse) ProtoMessage() {}
 
 func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3176,7 +3535,7 @@ func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
 func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{52}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{58}
 }
 
 type WhoAmIRequest struct {
@@ -3187,7 +3546,7 @@ type WhoAmIRequest struct {
 
 func (x *WhoAmIRequest) Reset() {
 	*x = WhoAmIRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3199,7 +3558,7 @@ func (x *WhoAmIRequest) String() string {
 func (*WhoAmIRequest) ProtoMessage() {}
 
 func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3212,7 +3571,7 @@ func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIRequest.ProtoReflect.Descriptor instead.
 func (*WhoAmIRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{53}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{59}
 }
 
 type WhoAmIResponse struct {
@@ -3232,7 +3591,7 @@ type WhoAmIResponse struct {
 
 func (x *WhoAmIResponse) Reset() {
 	*x = WhoAmIResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3244,7 +3603,7 @@ func (x *WhoAmIResponse) String() string {
 func (*WhoAmIResponse) ProtoMessage() {}
 
 func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3257,7 +3616,7 @@ func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIResponse.ProtoReflect.Descriptor instead.
 func (*WhoAmIResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{54}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *WhoAmIResponse) GetKind() string {
@@ -3334,7 +3693,7 @@ type MintTokenRequest struct {
 
 func (x *MintTokenRequest) Reset() {
 	*x = MintTokenRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3346,7 +3705,7 @@ func (x *MintTokenRequest) String() string {
 func (*MintTokenRequest) ProtoMessage() {}
 
 func (x *MintTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3359,7 +3718,7 @@ func (x *MintTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintTokenRequest.ProtoReflect.Descriptor instead.
 func (*MintTokenRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{55}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *MintTokenRequest) GetAudience() string {
@@ -3393,7 +3752,7 @@ type MintTokenResponse struct {
 
 func (x *MintTokenResponse) Reset() {
 	*x = MintTokenResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3405,7 +3764,7 @@ func (x *MintTokenResponse) String() string {
 func (*MintTokenResponse) ProtoMessage() {}
 
 func (x *MintTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3418,7 +3777,7 @@ func (x *MintTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintTokenResponse.ProtoReflect.Descriptor instead.
 func (*MintTokenResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{56}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *MintTokenResponse) GetToken() string {
@@ -3443,7 +3802,7 @@ type RotateKeysRequest struct {
 
 func (x *RotateKeysRequest) Reset() {
 	*x = RotateKeysRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3455,7 +3814,7 @@ func (x *RotateKeysRequest) String() string {
 func (*RotateKeysRequest) ProtoMessage() {}
 
 func (x *RotateKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3468,7 +3827,7 @@ func (x *RotateKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeysRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeysRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{57}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{63}
 }
 
 type RotateKeysResponse struct {
@@ -3480,7 +3839,7 @@ type RotateKeysResponse struct {
 
 func (x *RotateKeysResponse) Reset() {
 	*x = RotateKeysResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3492,7 +3851,7 @@ func (x *RotateKeysResponse) String() string {
 func (*RotateKeysResponse) ProtoMessage() {}
 
 func (x *RotateKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3505,7 +3864,7 @@ func (x *RotateKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeysResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeysResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{58}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *RotateKeysResponse) GetKids() []string {
@@ -3531,7 +3890,7 @@ type TunnelPeer struct {
 
 func (x *TunnelPeer) Reset() {
 	*x = TunnelPeer{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3543,7 +3902,7 @@ func (x *TunnelPeer) String() string {
 func (*TunnelPeer) ProtoMessage() {}
 
 func (x *TunnelPeer) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3556,7 +3915,7 @@ func (x *TunnelPeer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelPeer.ProtoReflect.Descriptor instead.
 func (*TunnelPeer) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{59}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *TunnelPeer) GetPublicKey() string {
@@ -3601,7 +3960,7 @@ type TunnelMember struct {
 
 func (x *TunnelMember) Reset() {
 	*x = TunnelMember{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3613,7 +3972,7 @@ func (x *TunnelMember) String() string {
 func (*TunnelMember) ProtoMessage() {}
 
 func (x *TunnelMember) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3626,7 +3985,7 @@ func (x *TunnelMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelMember.ProtoReflect.Descriptor instead.
 func (*TunnelMember) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{60}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *TunnelMember) GetSandboxId() string {
@@ -3678,7 +4037,7 @@ type Tunnel struct {
 
 func (x *Tunnel) Reset() {
 	*x = Tunnel{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3690,7 +4049,7 @@ func (x *Tunnel) String() string {
 func (*Tunnel) ProtoMessage() {}
 
 func (x *Tunnel) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3703,7 +4062,7 @@ func (x *Tunnel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tunnel.ProtoReflect.Descriptor instead.
 func (*Tunnel) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{61}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *Tunnel) GetName() string {
@@ -3750,7 +4109,7 @@ type TunnelName struct {
 
 func (x *TunnelName) Reset() {
 	*x = TunnelName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3762,7 +4121,7 @@ func (x *TunnelName) String() string {
 func (*TunnelName) ProtoMessage() {}
 
 func (x *TunnelName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3775,7 +4134,7 @@ func (x *TunnelName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelName.ProtoReflect.Descriptor instead.
 func (*TunnelName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{62}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *TunnelName) GetName() string {
@@ -3793,7 +4152,7 @@ type ListTunnelsRequest struct {
 
 func (x *ListTunnelsRequest) Reset() {
 	*x = ListTunnelsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3805,7 +4164,7 @@ func (x *ListTunnelsRequest) String() string {
 func (*ListTunnelsRequest) ProtoMessage() {}
 
 func (x *ListTunnelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3818,7 +4177,7 @@ func (x *ListTunnelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTunnelsRequest.ProtoReflect.Descriptor instead.
 func (*ListTunnelsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{63}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{69}
 }
 
 type ListTunnelsResponse struct {
@@ -3830,7 +4189,7 @@ type ListTunnelsResponse struct {
 
 func (x *ListTunnelsResponse) Reset() {
 	*x = ListTunnelsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3842,7 +4201,7 @@ func (x *ListTunnelsResponse) String() string {
 func (*ListTunnelsResponse) ProtoMessage() {}
 
 func (x *ListTunnelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3855,7 +4214,7 @@ func (x *ListTunnelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTunnelsResponse.ProtoReflect.Descriptor instead.
 func (*ListTunnelsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{64}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *ListTunnelsResponse) GetTunnels() []*Tunnel {
@@ -3875,7 +4234,7 @@ type AddTunnelPeerRequest struct {
 
 func (x *AddTunnelPeerRequest) Reset() {
 	*x = AddTunnelPeerRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3887,7 +4246,7 @@ func (x *AddTunnelPeerRequest) String() string {
 func (*AddTunnelPeerRequest) ProtoMessage() {}
 
 func (x *AddTunnelPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3900,7 +4259,7 @@ func (x *AddTunnelPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddTunnelPeerRequest.ProtoReflect.Descriptor instead.
 func (*AddTunnelPeerRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{65}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *AddTunnelPeerRequest) GetTunnel() string {
@@ -3927,7 +4286,7 @@ type RemoveTunnelPeerRequest struct {
 
 func (x *RemoveTunnelPeerRequest) Reset() {
 	*x = RemoveTunnelPeerRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3939,7 +4298,7 @@ func (x *RemoveTunnelPeerRequest) String() string {
 func (*RemoveTunnelPeerRequest) ProtoMessage() {}
 
 func (x *RemoveTunnelPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3952,7 +4311,7 @@ func (x *RemoveTunnelPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveTunnelPeerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveTunnelPeerRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{66}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *RemoveTunnelPeerRequest) GetTunnel() string {
@@ -3977,7 +4336,7 @@ type DeleteTunnelResponse struct {
 
 func (x *DeleteTunnelResponse) Reset() {
 	*x = DeleteTunnelResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3989,7 +4348,7 @@ func (x *DeleteTunnelResponse) String() string {
 func (*DeleteTunnelResponse) ProtoMessage() {}
 
 func (x *DeleteTunnelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4002,7 +4361,7 @@ func (x *DeleteTunnelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteTunnelResponse.ProtoReflect.Descriptor instead.
 func (*DeleteTunnelResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{67}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{73}
 }
 
 // An upstream MCP server sandboxes reach through the gateway at
@@ -4029,7 +4388,7 @@ type McpServer struct {
 
 func (x *McpServer) Reset() {
 	*x = McpServer{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4041,7 +4400,7 @@ func (x *McpServer) String() string {
 func (*McpServer) ProtoMessage() {}
 
 func (x *McpServer) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4054,7 +4413,7 @@ func (x *McpServer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpServer.ProtoReflect.Descriptor instead.
 func (*McpServer) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{68}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *McpServer) GetName() string {
@@ -4157,7 +4516,7 @@ type McpServerName struct {
 
 func (x *McpServerName) Reset() {
 	*x = McpServerName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4169,7 +4528,7 @@ func (x *McpServerName) String() string {
 func (*McpServerName) ProtoMessage() {}
 
 func (x *McpServerName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4182,7 +4541,7 @@ func (x *McpServerName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpServerName.ProtoReflect.Descriptor instead.
 func (*McpServerName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{69}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *McpServerName) GetName() string {
@@ -4200,7 +4559,7 @@ type ListMcpServersRequest struct {
 
 func (x *ListMcpServersRequest) Reset() {
 	*x = ListMcpServersRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4212,7 +4571,7 @@ func (x *ListMcpServersRequest) String() string {
 func (*ListMcpServersRequest) ProtoMessage() {}
 
 func (x *ListMcpServersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4225,7 +4584,7 @@ func (x *ListMcpServersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMcpServersRequest.ProtoReflect.Descriptor instead.
 func (*ListMcpServersRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{70}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{76}
 }
 
 type ListMcpServersResponse struct {
@@ -4237,7 +4596,7 @@ type ListMcpServersResponse struct {
 
 func (x *ListMcpServersResponse) Reset() {
 	*x = ListMcpServersResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4249,7 +4608,7 @@ func (x *ListMcpServersResponse) String() string {
 func (*ListMcpServersResponse) ProtoMessage() {}
 
 func (x *ListMcpServersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4262,7 +4621,7 @@ func (x *ListMcpServersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMcpServersResponse.ProtoReflect.Descriptor instead.
 func (*ListMcpServersResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{71}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *ListMcpServersResponse) GetServers() []*McpServer {
@@ -4280,7 +4639,7 @@ type RemoveMcpServerResponse struct {
 
 func (x *RemoveMcpServerResponse) Reset() {
 	*x = RemoveMcpServerResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4292,7 +4651,7 @@ func (x *RemoveMcpServerResponse) String() string {
 func (*RemoveMcpServerResponse) ProtoMessage() {}
 
 func (x *RemoveMcpServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4305,7 +4664,7 @@ func (x *RemoveMcpServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMcpServerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveMcpServerResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{72}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{78}
 }
 
 type McpAuditRequest struct {
@@ -4320,7 +4679,7 @@ type McpAuditRequest struct {
 
 func (x *McpAuditRequest) Reset() {
 	*x = McpAuditRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4332,7 +4691,7 @@ func (x *McpAuditRequest) String() string {
 func (*McpAuditRequest) ProtoMessage() {}
 
 func (x *McpAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4345,7 +4704,7 @@ func (x *McpAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditRequest.ProtoReflect.Descriptor instead.
 func (*McpAuditRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{73}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *McpAuditRequest) GetSandboxId() string {
@@ -4398,7 +4757,7 @@ type McpAuditRecord struct {
 
 func (x *McpAuditRecord) Reset() {
 	*x = McpAuditRecord{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4410,7 +4769,7 @@ func (x *McpAuditRecord) String() string {
 func (*McpAuditRecord) ProtoMessage() {}
 
 func (x *McpAuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4423,7 +4782,7 @@ func (x *McpAuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditRecord.ProtoReflect.Descriptor instead.
 func (*McpAuditRecord) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{74}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *McpAuditRecord) GetSeq() int64 {
@@ -4533,7 +4892,7 @@ type McpAuditResponse struct {
 
 func (x *McpAuditResponse) Reset() {
 	*x = McpAuditResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4545,7 +4904,7 @@ func (x *McpAuditResponse) String() string {
 func (*McpAuditResponse) ProtoMessage() {}
 
 func (x *McpAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4558,7 +4917,7 @@ func (x *McpAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditResponse.ProtoReflect.Descriptor instead.
 func (*McpAuditResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{75}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *McpAuditResponse) GetRecords() []*McpAuditRecord {
@@ -4581,7 +4940,7 @@ type Org struct {
 
 func (x *Org) Reset() {
 	*x = Org{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4593,7 +4952,7 @@ func (x *Org) String() string {
 func (*Org) ProtoMessage() {}
 
 func (x *Org) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4606,7 +4965,7 @@ func (x *Org) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Org.ProtoReflect.Descriptor instead.
 func (*Org) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{76}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *Org) GetName() string {
@@ -4640,7 +4999,7 @@ type CreateOrgRequest struct {
 
 func (x *CreateOrgRequest) Reset() {
 	*x = CreateOrgRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4652,7 +5011,7 @@ func (x *CreateOrgRequest) String() string {
 func (*CreateOrgRequest) ProtoMessage() {}
 
 func (x *CreateOrgRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4665,7 +5024,7 @@ func (x *CreateOrgRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOrgRequest.ProtoReflect.Descriptor instead.
 func (*CreateOrgRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{77}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *CreateOrgRequest) GetName() string {
@@ -4692,7 +5051,7 @@ type CreateOrgResponse struct {
 
 func (x *CreateOrgResponse) Reset() {
 	*x = CreateOrgResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4704,7 +5063,7 @@ func (x *CreateOrgResponse) String() string {
 func (*CreateOrgResponse) ProtoMessage() {}
 
 func (x *CreateOrgResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4717,7 +5076,7 @@ func (x *CreateOrgResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOrgResponse.ProtoReflect.Descriptor instead.
 func (*CreateOrgResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{78}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *CreateOrgResponse) GetOrg() *Org {
@@ -4742,7 +5101,7 @@ type ListOrgsRequest struct {
 
 func (x *ListOrgsRequest) Reset() {
 	*x = ListOrgsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4754,7 +5113,7 @@ func (x *ListOrgsRequest) String() string {
 func (*ListOrgsRequest) ProtoMessage() {}
 
 func (x *ListOrgsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4767,7 +5126,7 @@ func (x *ListOrgsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOrgsRequest.ProtoReflect.Descriptor instead.
 func (*ListOrgsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{79}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{85}
 }
 
 type ListOrgsResponse struct {
@@ -4779,7 +5138,7 @@ type ListOrgsResponse struct {
 
 func (x *ListOrgsResponse) Reset() {
 	*x = ListOrgsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4791,7 +5150,7 @@ func (x *ListOrgsResponse) String() string {
 func (*ListOrgsResponse) ProtoMessage() {}
 
 func (x *ListOrgsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4804,7 +5163,7 @@ func (x *ListOrgsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOrgsResponse.ProtoReflect.Descriptor instead.
 func (*ListOrgsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{80}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *ListOrgsResponse) GetOrgs() []*Org {
@@ -4826,7 +5185,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4838,7 +5197,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4851,7 +5210,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{81}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *Member) GetUser() string {
@@ -4886,7 +5245,7 @@ type AddMemberRequest struct {
 
 func (x *AddMemberRequest) Reset() {
 	*x = AddMemberRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4898,7 +5257,7 @@ func (x *AddMemberRequest) String() string {
 func (*AddMemberRequest) ProtoMessage() {}
 
 func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4911,7 +5270,7 @@ func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddMemberRequest.ProtoReflect.Descriptor instead.
 func (*AddMemberRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{82}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *AddMemberRequest) GetOrg() string {
@@ -4945,7 +5304,7 @@ type AddMemberResponse struct {
 
 func (x *AddMemberResponse) Reset() {
 	*x = AddMemberResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4957,7 +5316,7 @@ func (x *AddMemberResponse) String() string {
 func (*AddMemberResponse) ProtoMessage() {}
 
 func (x *AddMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4970,7 +5329,7 @@ func (x *AddMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddMemberResponse.ProtoReflect.Descriptor instead.
 func (*AddMemberResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{83}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *AddMemberResponse) GetMember() *Member {
@@ -4996,7 +5355,7 @@ type ListMembersRequest struct {
 
 func (x *ListMembersRequest) Reset() {
 	*x = ListMembersRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5008,7 +5367,7 @@ func (x *ListMembersRequest) String() string {
 func (*ListMembersRequest) ProtoMessage() {}
 
 func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5021,7 +5380,7 @@ func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMembersRequest.ProtoReflect.Descriptor instead.
 func (*ListMembersRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{84}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *ListMembersRequest) GetOrg() string {
@@ -5040,7 +5399,7 @@ type ListMembersResponse struct {
 
 func (x *ListMembersResponse) Reset() {
 	*x = ListMembersResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5052,7 +5411,7 @@ func (x *ListMembersResponse) String() string {
 func (*ListMembersResponse) ProtoMessage() {}
 
 func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5065,7 +5424,7 @@ func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMembersResponse.ProtoReflect.Descriptor instead.
 func (*ListMembersResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{85}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *ListMembersResponse) GetMembers() []*Member {
@@ -5085,7 +5444,7 @@ type RemoveMemberRequest struct {
 
 func (x *RemoveMemberRequest) Reset() {
 	*x = RemoveMemberRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5097,7 +5456,7 @@ func (x *RemoveMemberRequest) String() string {
 func (*RemoveMemberRequest) ProtoMessage() {}
 
 func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5110,7 +5469,7 @@ func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberRequest.ProtoReflect.Descriptor instead.
 func (*RemoveMemberRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{86}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *RemoveMemberRequest) GetOrg() string {
@@ -5138,7 +5497,7 @@ type SetMemberRoleRequest struct {
 
 func (x *SetMemberRoleRequest) Reset() {
 	*x = SetMemberRoleRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5150,7 +5509,7 @@ func (x *SetMemberRoleRequest) String() string {
 func (*SetMemberRoleRequest) ProtoMessage() {}
 
 func (x *SetMemberRoleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5163,7 +5522,7 @@ func (x *SetMemberRoleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMemberRoleRequest.ProtoReflect.Descriptor instead.
 func (*SetMemberRoleRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{87}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *SetMemberRoleRequest) GetOrg() string {
@@ -5195,7 +5554,7 @@ type RemoveMemberResponse struct {
 
 func (x *RemoveMemberResponse) Reset() {
 	*x = RemoveMemberResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5207,7 +5566,7 @@ func (x *RemoveMemberResponse) String() string {
 func (*RemoveMemberResponse) ProtoMessage() {}
 
 func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5220,7 +5579,7 @@ func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberResponse.ProtoReflect.Descriptor instead.
 func (*RemoveMemberResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{88}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{94}
 }
 
 // An API key: per user per org. Only a hash of the secret is stored.
@@ -5244,7 +5603,7 @@ type ApiKey struct {
 
 func (x *ApiKey) Reset() {
 	*x = ApiKey{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5256,7 +5615,7 @@ func (x *ApiKey) String() string {
 func (*ApiKey) ProtoMessage() {}
 
 func (x *ApiKey) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5269,7 +5628,7 @@ func (x *ApiKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApiKey.ProtoReflect.Descriptor instead.
 func (*ApiKey) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{89}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *ApiKey) GetId() string {
@@ -5368,7 +5727,7 @@ type CreateKeyRequest struct {
 
 func (x *CreateKeyRequest) Reset() {
 	*x = CreateKeyRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5380,7 +5739,7 @@ func (x *CreateKeyRequest) String() string {
 func (*CreateKeyRequest) ProtoMessage() {}
 
 func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5393,7 +5752,7 @@ func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{90}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *CreateKeyRequest) GetName() string {
@@ -5433,7 +5792,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5445,7 +5804,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5458,7 +5817,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{91}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *ListKeysRequest) GetAll() bool {
@@ -5477,7 +5836,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5489,7 +5848,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5502,7 +5861,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{92}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *ListKeysResponse) GetKeys() []*ApiKey {
@@ -5521,7 +5880,7 @@ type RevokeKeyRequest struct {
 
 func (x *RevokeKeyRequest) Reset() {
 	*x = RevokeKeyRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5533,7 +5892,7 @@ func (x *RevokeKeyRequest) String() string {
 func (*RevokeKeyRequest) ProtoMessage() {}
 
 func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5546,7 +5905,7 @@ func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{93}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *RevokeKeyRequest) GetId() string {
@@ -5565,7 +5924,7 @@ type RevokeKeyResponse struct {
 
 func (x *RevokeKeyResponse) Reset() {
 	*x = RevokeKeyResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5577,7 +5936,7 @@ func (x *RevokeKeyResponse) String() string {
 func (*RevokeKeyResponse) ProtoMessage() {}
 
 func (x *RevokeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5590,7 +5949,7 @@ func (x *RevokeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyResponse.ProtoReflect.Descriptor instead.
 func (*RevokeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{94}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *RevokeKeyResponse) GetKey() *ApiKey {
@@ -5613,7 +5972,7 @@ type Quota struct {
 
 func (x *Quota) Reset() {
 	*x = Quota{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5625,7 +5984,7 @@ func (x *Quota) String() string {
 func (*Quota) ProtoMessage() {}
 
 func (x *Quota) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5638,7 +5997,7 @@ func (x *Quota) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quota.ProtoReflect.Descriptor instead.
 func (*Quota) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{95}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *Quota) GetMaxRunningSandboxes() int32 {
@@ -5678,7 +6037,7 @@ type GetQuotaRequest struct {
 
 func (x *GetQuotaRequest) Reset() {
 	*x = GetQuotaRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5690,7 +6049,7 @@ func (x *GetQuotaRequest) String() string {
 func (*GetQuotaRequest) ProtoMessage() {}
 
 func (x *GetQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5703,7 +6062,7 @@ func (x *GetQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetQuotaRequest.ProtoReflect.Descriptor instead.
 func (*GetQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{96}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *GetQuotaRequest) GetOrg() string {
@@ -5723,7 +6082,7 @@ type SetQuotaRequest struct {
 
 func (x *SetQuotaRequest) Reset() {
 	*x = SetQuotaRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5735,7 +6094,7 @@ func (x *SetQuotaRequest) String() string {
 func (*SetQuotaRequest) ProtoMessage() {}
 
 func (x *SetQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5748,7 +6107,7 @@ func (x *SetQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetQuotaRequest.ProtoReflect.Descriptor instead.
 func (*SetQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{97}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{103}
 }
 
 func (x *SetQuotaRequest) GetOrg() string {
@@ -5776,7 +6135,7 @@ type AuditRequest struct {
 
 func (x *AuditRequest) Reset() {
 	*x = AuditRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[104]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5788,7 +6147,7 @@ func (x *AuditRequest) String() string {
 func (*AuditRequest) ProtoMessage() {}
 
 func (x *AuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[104]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5801,7 +6160,7 @@ func (x *AuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRequest.ProtoReflect.Descriptor instead.
 func (*AuditRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{98}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{104}
 }
 
 func (x *AuditRequest) GetSince() string {
@@ -5843,7 +6202,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[105]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5855,7 +6214,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[105]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5868,7 +6227,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{99}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{105}
 }
 
 func (x *AuditRecord) GetSeq() int64 {
@@ -5950,7 +6309,7 @@ type AuditResponse struct {
 
 func (x *AuditResponse) Reset() {
 	*x = AuditResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[106]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5962,7 +6321,7 @@ func (x *AuditResponse) String() string {
 func (*AuditResponse) ProtoMessage() {}
 
 func (x *AuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[106]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5975,7 +6334,7 @@ func (x *AuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditResponse.ProtoReflect.Descriptor instead.
 func (*AuditResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{100}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{106}
 }
 
 func (x *AuditResponse) GetRecords() []*AuditRecord {
@@ -6176,7 +6535,36 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\"5\n" +
 	"\x14ResumeSandboxRequest\x12\x1d\n" +
 	"\n" +
-	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\"v\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\"\x86\x01\n" +
+	"\rExposeRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\x12\x16\n" +
+	"\x06public\x18\x03 \x01(\bR\x06public\x12*\n" +
+	"\x11token_ttl_seconds\x18\x04 \x01(\x03R\x0ftokenTtlSeconds\"\x80\x02\n" +
+	"\bExposure\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\x12\x16\n" +
+	"\x06public\x18\x03 \x01(\bR\x06public\x12\x10\n" +
+	"\x03url\x18\x04 \x01(\tR\x03url\x12\x19\n" +
+	"\bpath_url\x18\x05 \x01(\tR\apathUrl\x12\x14\n" +
+	"\x05token\x18\x06 \x01(\tR\x05token\x12\x1d\n" +
+	"\n" +
+	"signed_url\x18\a \x01(\tR\tsignedUrl\x12(\n" +
+	"\x10token_expires_at\x18\b \x01(\tR\x0etokenExpiresAt\x12\x1d\n" +
+	"\n" +
+	"created_at\x18\t \x01(\tR\tcreatedAt\"D\n" +
+	"\x0fUnexposeRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\"\x12\n" +
+	"\x10UnexposeResponse\"5\n" +
+	"\x14ListExposuresRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\"Q\n" +
+	"\x15ListExposuresResponse\x128\n" +
+	"\texposures\x18\x01 \x03(\v2\x1a.chalk.compute.v1.ExposureR\texposures\"v\n" +
 	"\x05Image\x12\x10\n" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x12\n" +
@@ -6464,7 +6852,7 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x06detail\x18\n" +
 	" \x01(\tR\x06detail\"H\n" +
 	"\rAuditResponse\x127\n" +
-	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords2\x96\v\n" +
+	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords2\x97\r\n" +
 	"\x0eSandboxService\x12K\n" +
 	"\x06Create\x12&.chalk.compute.v1.CreateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12J\n" +
 	"\x03Get\x12#.chalk.compute.v1.GetSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\"\x03\x90\x02\x01\x12\\\n" +
@@ -6485,7 +6873,10 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\tEgressLog\x12\".chalk.compute.v1.EgressLogRequest\x1a#.chalk.compute.v1.EgressLogResponse\"\x03\x90\x02\x01\x12Z\n" +
 	"\bSnapshot\x12(.chalk.compute.v1.SnapshotSandboxRequest\x1a\".chalk.compute.v1.SnapshotProgress0\x01\x12I\n" +
 	"\x05Pause\x12%.chalk.compute.v1.PauseSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12K\n" +
-	"\x06Resume\x12&.chalk.compute.v1.ResumeSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox2\xbc\x05\n" +
+	"\x06Resume\x12&.chalk.compute.v1.ResumeSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12E\n" +
+	"\x06Expose\x12\x1f.chalk.compute.v1.ExposeRequest\x1a\x1a.chalk.compute.v1.Exposure\x12Q\n" +
+	"\bUnexpose\x12!.chalk.compute.v1.UnexposeRequest\x1a\".chalk.compute.v1.UnexposeResponse\x12e\n" +
+	"\rListExposures\x12&.chalk.compute.v1.ListExposuresRequest\x1a'.chalk.compute.v1.ListExposuresResponse\"\x03\x90\x02\x012\xbc\x05\n" +
 	"\fImageService\x12M\n" +
 	"\x04Pull\x12\".chalk.compute.v1.PullImageRequest\x1a\x1f.chalk.compute.v1.ImageProgress0\x01\x12M\n" +
 	"\x04Warm\x12\".chalk.compute.v1.WarmImageRequest\x1a\x1f.chalk.compute.v1.ImageProgress0\x01\x12O\n" +
@@ -6547,7 +6938,7 @@ func file_chalk_compute_v1_compute_proto_rawDescGZIP() []byte {
 	return file_chalk_compute_v1_compute_proto_rawDescData
 }
 
-var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 107)
+var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 113)
 var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*Sandbox)(nil),                 // 0: chalk.compute.v1.Sandbox
 	(*CreateSandboxRequest)(nil),    // 1: chalk.compute.v1.CreateSandboxRequest
@@ -6582,231 +6973,244 @@ var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*SnapshotProgress)(nil),        // 30: chalk.compute.v1.SnapshotProgress
 	(*PauseSandboxRequest)(nil),     // 31: chalk.compute.v1.PauseSandboxRequest
 	(*ResumeSandboxRequest)(nil),    // 32: chalk.compute.v1.ResumeSandboxRequest
-	(*Image)(nil),                   // 33: chalk.compute.v1.Image
-	(*PullImageRequest)(nil),        // 34: chalk.compute.v1.PullImageRequest
-	(*WarmImageRequest)(nil),        // 35: chalk.compute.v1.WarmImageRequest
-	(*ImageProgress)(nil),           // 36: chalk.compute.v1.ImageProgress
-	(*ListImagesRequest)(nil),       // 37: chalk.compute.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),      // 38: chalk.compute.v1.ListImagesResponse
-	(*InspectImageRequest)(nil),     // 39: chalk.compute.v1.InspectImageRequest
-	(*InspectImageResponse)(nil),    // 40: chalk.compute.v1.InspectImageResponse
-	(*RemoveImageRequest)(nil),      // 41: chalk.compute.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),     // 42: chalk.compute.v1.RemoveImageResponse
-	(*BuildImageRequest)(nil),       // 43: chalk.compute.v1.BuildImageRequest
-	(*HasBlobsRequest)(nil),         // 44: chalk.compute.v1.HasBlobsRequest
-	(*HasBlobsResponse)(nil),        // 45: chalk.compute.v1.HasBlobsResponse
-	(*UploadBlobRequest)(nil),       // 46: chalk.compute.v1.UploadBlobRequest
-	(*UploadBlobResponse)(nil),      // 47: chalk.compute.v1.UploadBlobResponse
-	(*NetworkPolicy)(nil),           // 48: chalk.compute.v1.NetworkPolicy
-	(*PolicyName)(nil),              // 49: chalk.compute.v1.PolicyName
-	(*ListPoliciesRequest)(nil),     // 50: chalk.compute.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),    // 51: chalk.compute.v1.ListPoliciesResponse
-	(*DeletePolicyResponse)(nil),    // 52: chalk.compute.v1.DeletePolicyResponse
-	(*WhoAmIRequest)(nil),           // 53: chalk.compute.v1.WhoAmIRequest
-	(*WhoAmIResponse)(nil),          // 54: chalk.compute.v1.WhoAmIResponse
-	(*MintTokenRequest)(nil),        // 55: chalk.compute.v1.MintTokenRequest
-	(*MintTokenResponse)(nil),       // 56: chalk.compute.v1.MintTokenResponse
-	(*RotateKeysRequest)(nil),       // 57: chalk.compute.v1.RotateKeysRequest
-	(*RotateKeysResponse)(nil),      // 58: chalk.compute.v1.RotateKeysResponse
-	(*TunnelPeer)(nil),              // 59: chalk.compute.v1.TunnelPeer
-	(*TunnelMember)(nil),            // 60: chalk.compute.v1.TunnelMember
-	(*Tunnel)(nil),                  // 61: chalk.compute.v1.Tunnel
-	(*TunnelName)(nil),              // 62: chalk.compute.v1.TunnelName
-	(*ListTunnelsRequest)(nil),      // 63: chalk.compute.v1.ListTunnelsRequest
-	(*ListTunnelsResponse)(nil),     // 64: chalk.compute.v1.ListTunnelsResponse
-	(*AddTunnelPeerRequest)(nil),    // 65: chalk.compute.v1.AddTunnelPeerRequest
-	(*RemoveTunnelPeerRequest)(nil), // 66: chalk.compute.v1.RemoveTunnelPeerRequest
-	(*DeleteTunnelResponse)(nil),    // 67: chalk.compute.v1.DeleteTunnelResponse
-	(*McpServer)(nil),               // 68: chalk.compute.v1.McpServer
-	(*McpServerName)(nil),           // 69: chalk.compute.v1.McpServerName
-	(*ListMcpServersRequest)(nil),   // 70: chalk.compute.v1.ListMcpServersRequest
-	(*ListMcpServersResponse)(nil),  // 71: chalk.compute.v1.ListMcpServersResponse
-	(*RemoveMcpServerResponse)(nil), // 72: chalk.compute.v1.RemoveMcpServerResponse
-	(*McpAuditRequest)(nil),         // 73: chalk.compute.v1.McpAuditRequest
-	(*McpAuditRecord)(nil),          // 74: chalk.compute.v1.McpAuditRecord
-	(*McpAuditResponse)(nil),        // 75: chalk.compute.v1.McpAuditResponse
-	(*Org)(nil),                     // 76: chalk.compute.v1.Org
-	(*CreateOrgRequest)(nil),        // 77: chalk.compute.v1.CreateOrgRequest
-	(*CreateOrgResponse)(nil),       // 78: chalk.compute.v1.CreateOrgResponse
-	(*ListOrgsRequest)(nil),         // 79: chalk.compute.v1.ListOrgsRequest
-	(*ListOrgsResponse)(nil),        // 80: chalk.compute.v1.ListOrgsResponse
-	(*Member)(nil),                  // 81: chalk.compute.v1.Member
-	(*AddMemberRequest)(nil),        // 82: chalk.compute.v1.AddMemberRequest
-	(*AddMemberResponse)(nil),       // 83: chalk.compute.v1.AddMemberResponse
-	(*ListMembersRequest)(nil),      // 84: chalk.compute.v1.ListMembersRequest
-	(*ListMembersResponse)(nil),     // 85: chalk.compute.v1.ListMembersResponse
-	(*RemoveMemberRequest)(nil),     // 86: chalk.compute.v1.RemoveMemberRequest
-	(*SetMemberRoleRequest)(nil),    // 87: chalk.compute.v1.SetMemberRoleRequest
-	(*RemoveMemberResponse)(nil),    // 88: chalk.compute.v1.RemoveMemberResponse
-	(*ApiKey)(nil),                  // 89: chalk.compute.v1.ApiKey
-	(*CreateKeyRequest)(nil),        // 90: chalk.compute.v1.CreateKeyRequest
-	(*ListKeysRequest)(nil),         // 91: chalk.compute.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),        // 92: chalk.compute.v1.ListKeysResponse
-	(*RevokeKeyRequest)(nil),        // 93: chalk.compute.v1.RevokeKeyRequest
-	(*RevokeKeyResponse)(nil),       // 94: chalk.compute.v1.RevokeKeyResponse
-	(*Quota)(nil),                   // 95: chalk.compute.v1.Quota
-	(*GetQuotaRequest)(nil),         // 96: chalk.compute.v1.GetQuotaRequest
-	(*SetQuotaRequest)(nil),         // 97: chalk.compute.v1.SetQuotaRequest
-	(*AuditRequest)(nil),            // 98: chalk.compute.v1.AuditRequest
-	(*AuditRecord)(nil),             // 99: chalk.compute.v1.AuditRecord
-	(*AuditResponse)(nil),           // 100: chalk.compute.v1.AuditResponse
-	nil,                             // 101: chalk.compute.v1.Sandbox.EnvEntry
-	nil,                             // 102: chalk.compute.v1.Sandbox.LabelsEntry
-	nil,                             // 103: chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	nil,                             // 104: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
-	nil,                             // 105: chalk.compute.v1.ExecRequest.EnvEntry
-	nil,                             // 106: chalk.compute.v1.McpServer.SandboxLabelsEntry
+	(*ExposeRequest)(nil),           // 33: chalk.compute.v1.ExposeRequest
+	(*Exposure)(nil),                // 34: chalk.compute.v1.Exposure
+	(*UnexposeRequest)(nil),         // 35: chalk.compute.v1.UnexposeRequest
+	(*UnexposeResponse)(nil),        // 36: chalk.compute.v1.UnexposeResponse
+	(*ListExposuresRequest)(nil),    // 37: chalk.compute.v1.ListExposuresRequest
+	(*ListExposuresResponse)(nil),   // 38: chalk.compute.v1.ListExposuresResponse
+	(*Image)(nil),                   // 39: chalk.compute.v1.Image
+	(*PullImageRequest)(nil),        // 40: chalk.compute.v1.PullImageRequest
+	(*WarmImageRequest)(nil),        // 41: chalk.compute.v1.WarmImageRequest
+	(*ImageProgress)(nil),           // 42: chalk.compute.v1.ImageProgress
+	(*ListImagesRequest)(nil),       // 43: chalk.compute.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),      // 44: chalk.compute.v1.ListImagesResponse
+	(*InspectImageRequest)(nil),     // 45: chalk.compute.v1.InspectImageRequest
+	(*InspectImageResponse)(nil),    // 46: chalk.compute.v1.InspectImageResponse
+	(*RemoveImageRequest)(nil),      // 47: chalk.compute.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),     // 48: chalk.compute.v1.RemoveImageResponse
+	(*BuildImageRequest)(nil),       // 49: chalk.compute.v1.BuildImageRequest
+	(*HasBlobsRequest)(nil),         // 50: chalk.compute.v1.HasBlobsRequest
+	(*HasBlobsResponse)(nil),        // 51: chalk.compute.v1.HasBlobsResponse
+	(*UploadBlobRequest)(nil),       // 52: chalk.compute.v1.UploadBlobRequest
+	(*UploadBlobResponse)(nil),      // 53: chalk.compute.v1.UploadBlobResponse
+	(*NetworkPolicy)(nil),           // 54: chalk.compute.v1.NetworkPolicy
+	(*PolicyName)(nil),              // 55: chalk.compute.v1.PolicyName
+	(*ListPoliciesRequest)(nil),     // 56: chalk.compute.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),    // 57: chalk.compute.v1.ListPoliciesResponse
+	(*DeletePolicyResponse)(nil),    // 58: chalk.compute.v1.DeletePolicyResponse
+	(*WhoAmIRequest)(nil),           // 59: chalk.compute.v1.WhoAmIRequest
+	(*WhoAmIResponse)(nil),          // 60: chalk.compute.v1.WhoAmIResponse
+	(*MintTokenRequest)(nil),        // 61: chalk.compute.v1.MintTokenRequest
+	(*MintTokenResponse)(nil),       // 62: chalk.compute.v1.MintTokenResponse
+	(*RotateKeysRequest)(nil),       // 63: chalk.compute.v1.RotateKeysRequest
+	(*RotateKeysResponse)(nil),      // 64: chalk.compute.v1.RotateKeysResponse
+	(*TunnelPeer)(nil),              // 65: chalk.compute.v1.TunnelPeer
+	(*TunnelMember)(nil),            // 66: chalk.compute.v1.TunnelMember
+	(*Tunnel)(nil),                  // 67: chalk.compute.v1.Tunnel
+	(*TunnelName)(nil),              // 68: chalk.compute.v1.TunnelName
+	(*ListTunnelsRequest)(nil),      // 69: chalk.compute.v1.ListTunnelsRequest
+	(*ListTunnelsResponse)(nil),     // 70: chalk.compute.v1.ListTunnelsResponse
+	(*AddTunnelPeerRequest)(nil),    // 71: chalk.compute.v1.AddTunnelPeerRequest
+	(*RemoveTunnelPeerRequest)(nil), // 72: chalk.compute.v1.RemoveTunnelPeerRequest
+	(*DeleteTunnelResponse)(nil),    // 73: chalk.compute.v1.DeleteTunnelResponse
+	(*McpServer)(nil),               // 74: chalk.compute.v1.McpServer
+	(*McpServerName)(nil),           // 75: chalk.compute.v1.McpServerName
+	(*ListMcpServersRequest)(nil),   // 76: chalk.compute.v1.ListMcpServersRequest
+	(*ListMcpServersResponse)(nil),  // 77: chalk.compute.v1.ListMcpServersResponse
+	(*RemoveMcpServerResponse)(nil), // 78: chalk.compute.v1.RemoveMcpServerResponse
+	(*McpAuditRequest)(nil),         // 79: chalk.compute.v1.McpAuditRequest
+	(*McpAuditRecord)(nil),          // 80: chalk.compute.v1.McpAuditRecord
+	(*McpAuditResponse)(nil),        // 81: chalk.compute.v1.McpAuditResponse
+	(*Org)(nil),                     // 82: chalk.compute.v1.Org
+	(*CreateOrgRequest)(nil),        // 83: chalk.compute.v1.CreateOrgRequest
+	(*CreateOrgResponse)(nil),       // 84: chalk.compute.v1.CreateOrgResponse
+	(*ListOrgsRequest)(nil),         // 85: chalk.compute.v1.ListOrgsRequest
+	(*ListOrgsResponse)(nil),        // 86: chalk.compute.v1.ListOrgsResponse
+	(*Member)(nil),                  // 87: chalk.compute.v1.Member
+	(*AddMemberRequest)(nil),        // 88: chalk.compute.v1.AddMemberRequest
+	(*AddMemberResponse)(nil),       // 89: chalk.compute.v1.AddMemberResponse
+	(*ListMembersRequest)(nil),      // 90: chalk.compute.v1.ListMembersRequest
+	(*ListMembersResponse)(nil),     // 91: chalk.compute.v1.ListMembersResponse
+	(*RemoveMemberRequest)(nil),     // 92: chalk.compute.v1.RemoveMemberRequest
+	(*SetMemberRoleRequest)(nil),    // 93: chalk.compute.v1.SetMemberRoleRequest
+	(*RemoveMemberResponse)(nil),    // 94: chalk.compute.v1.RemoveMemberResponse
+	(*ApiKey)(nil),                  // 95: chalk.compute.v1.ApiKey
+	(*CreateKeyRequest)(nil),        // 96: chalk.compute.v1.CreateKeyRequest
+	(*ListKeysRequest)(nil),         // 97: chalk.compute.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),        // 98: chalk.compute.v1.ListKeysResponse
+	(*RevokeKeyRequest)(nil),        // 99: chalk.compute.v1.RevokeKeyRequest
+	(*RevokeKeyResponse)(nil),       // 100: chalk.compute.v1.RevokeKeyResponse
+	(*Quota)(nil),                   // 101: chalk.compute.v1.Quota
+	(*GetQuotaRequest)(nil),         // 102: chalk.compute.v1.GetQuotaRequest
+	(*SetQuotaRequest)(nil),         // 103: chalk.compute.v1.SetQuotaRequest
+	(*AuditRequest)(nil),            // 104: chalk.compute.v1.AuditRequest
+	(*AuditRecord)(nil),             // 105: chalk.compute.v1.AuditRecord
+	(*AuditResponse)(nil),           // 106: chalk.compute.v1.AuditResponse
+	nil,                             // 107: chalk.compute.v1.Sandbox.EnvEntry
+	nil,                             // 108: chalk.compute.v1.Sandbox.LabelsEntry
+	nil,                             // 109: chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	nil,                             // 110: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	nil,                             // 111: chalk.compute.v1.ExecRequest.EnvEntry
+	nil,                             // 112: chalk.compute.v1.McpServer.SandboxLabelsEntry
 }
 var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
-	101, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
-	102, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
-	103, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	48,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
-	104, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	107, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
+	108, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
+	109, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	54,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
+	110, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
 	0,   // 5: chalk.compute.v1.ListSandboxesResponse.sandboxes:type_name -> chalk.compute.v1.Sandbox
-	105, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
+	111, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
 	9,   // 7: chalk.compute.v1.ExecEvent.started:type_name -> chalk.compute.v1.ExecStarted
 	10,  // 8: chalk.compute.v1.ExecEvent.exited:type_name -> chalk.compute.v1.ExecExited
 	22,  // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
 	27,  // 10: chalk.compute.v1.EgressLogResponse.drops:type_name -> chalk.compute.v1.EgressDrop
-	33,  // 11: chalk.compute.v1.SnapshotProgress.image:type_name -> chalk.compute.v1.Image
-	33,  // 12: chalk.compute.v1.ImageProgress.image:type_name -> chalk.compute.v1.Image
-	33,  // 13: chalk.compute.v1.ListImagesResponse.images:type_name -> chalk.compute.v1.Image
-	33,  // 14: chalk.compute.v1.InspectImageResponse.image:type_name -> chalk.compute.v1.Image
-	48,  // 15: chalk.compute.v1.ListPoliciesResponse.policies:type_name -> chalk.compute.v1.NetworkPolicy
-	59,  // 16: chalk.compute.v1.Tunnel.peers:type_name -> chalk.compute.v1.TunnelPeer
-	60,  // 17: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
-	61,  // 18: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
-	59,  // 19: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
-	106, // 20: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
-	68,  // 21: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
-	74,  // 22: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
-	95,  // 23: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
-	76,  // 24: chalk.compute.v1.CreateOrgResponse.org:type_name -> chalk.compute.v1.Org
-	89,  // 25: chalk.compute.v1.CreateOrgResponse.admin_key:type_name -> chalk.compute.v1.ApiKey
-	76,  // 26: chalk.compute.v1.ListOrgsResponse.orgs:type_name -> chalk.compute.v1.Org
-	81,  // 27: chalk.compute.v1.AddMemberResponse.member:type_name -> chalk.compute.v1.Member
-	89,  // 28: chalk.compute.v1.AddMemberResponse.key:type_name -> chalk.compute.v1.ApiKey
-	81,  // 29: chalk.compute.v1.ListMembersResponse.members:type_name -> chalk.compute.v1.Member
-	89,  // 30: chalk.compute.v1.ListKeysResponse.keys:type_name -> chalk.compute.v1.ApiKey
-	89,  // 31: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
-	95,  // 32: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
-	99,  // 33: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
-	1,   // 34: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
-	2,   // 35: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
-	3,   // 36: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
-	5,   // 37: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
-	6,   // 38: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
-	7,   // 39: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
-	11,  // 40: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
-	13,  // 41: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
-	15,  // 42: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
-	17,  // 43: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
-	19,  // 44: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
-	21,  // 45: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
-	24,  // 46: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
-	26,  // 47: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
-	29,  // 48: chalk.compute.v1.SandboxService.Snapshot:input_type -> chalk.compute.v1.SnapshotSandboxRequest
-	31,  // 49: chalk.compute.v1.SandboxService.Pause:input_type -> chalk.compute.v1.PauseSandboxRequest
-	32,  // 50: chalk.compute.v1.SandboxService.Resume:input_type -> chalk.compute.v1.ResumeSandboxRequest
-	34,  // 51: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
-	35,  // 52: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
-	43,  // 53: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
-	37,  // 54: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
-	39,  // 55: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
-	41,  // 56: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
-	44,  // 57: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
-	46,  // 58: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
-	48,  // 59: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
-	48,  // 60: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
-	49,  // 61: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
-	50,  // 62: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
-	49,  // 63: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
-	53,  // 64: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
-	55,  // 65: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
-	57,  // 66: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
-	61,  // 67: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
-	62,  // 68: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
-	63,  // 69: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
-	62,  // 70: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
-	65,  // 71: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
-	66,  // 72: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
-	68,  // 73: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
-	70,  // 74: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
-	69,  // 75: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
-	73,  // 76: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
-	77,  // 77: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
-	79,  // 78: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
-	82,  // 79: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
-	84,  // 80: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
-	86,  // 81: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
-	87,  // 82: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
-	90,  // 83: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
-	91,  // 84: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
-	93,  // 85: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
-	96,  // 86: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
-	97,  // 87: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
-	98,  // 88: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
-	0,   // 89: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
-	0,   // 90: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
-	4,   // 91: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
-	0,   // 92: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
-	0,   // 93: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
-	8,   // 94: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
-	12,  // 95: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
-	14,  // 96: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
-	16,  // 97: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
-	18,  // 98: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
-	20,  // 99: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
-	23,  // 100: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
-	25,  // 101: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
-	28,  // 102: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
-	30,  // 103: chalk.compute.v1.SandboxService.Snapshot:output_type -> chalk.compute.v1.SnapshotProgress
-	0,   // 104: chalk.compute.v1.SandboxService.Pause:output_type -> chalk.compute.v1.Sandbox
-	0,   // 105: chalk.compute.v1.SandboxService.Resume:output_type -> chalk.compute.v1.Sandbox
-	36,  // 106: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
-	36,  // 107: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
-	36,  // 108: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
-	38,  // 109: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
-	40,  // 110: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
-	42,  // 111: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
-	45,  // 112: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
-	47,  // 113: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
-	48,  // 114: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
-	48,  // 115: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
-	48,  // 116: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
-	51,  // 117: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
-	52,  // 118: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
-	54,  // 119: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
-	56,  // 120: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
-	58,  // 121: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
-	61,  // 122: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
-	61,  // 123: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
-	64,  // 124: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
-	67,  // 125: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
-	59,  // 126: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
-	61,  // 127: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
-	68,  // 128: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
-	71,  // 129: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
-	72,  // 130: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
-	75,  // 131: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
-	78,  // 132: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
-	80,  // 133: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
-	83,  // 134: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
-	85,  // 135: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
-	88,  // 136: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
-	81,  // 137: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
-	89,  // 138: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
-	92,  // 139: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
-	94,  // 140: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
-	95,  // 141: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
-	95,  // 142: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
-	100, // 143: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
-	89,  // [89:144] is the sub-list for method output_type
-	34,  // [34:89] is the sub-list for method input_type
-	34,  // [34:34] is the sub-list for extension type_name
-	34,  // [34:34] is the sub-list for extension extendee
-	0,   // [0:34] is the sub-list for field type_name
+	39,  // 11: chalk.compute.v1.SnapshotProgress.image:type_name -> chalk.compute.v1.Image
+	34,  // 12: chalk.compute.v1.ListExposuresResponse.exposures:type_name -> chalk.compute.v1.Exposure
+	39,  // 13: chalk.compute.v1.ImageProgress.image:type_name -> chalk.compute.v1.Image
+	39,  // 14: chalk.compute.v1.ListImagesResponse.images:type_name -> chalk.compute.v1.Image
+	39,  // 15: chalk.compute.v1.InspectImageResponse.image:type_name -> chalk.compute.v1.Image
+	54,  // 16: chalk.compute.v1.ListPoliciesResponse.policies:type_name -> chalk.compute.v1.NetworkPolicy
+	65,  // 17: chalk.compute.v1.Tunnel.peers:type_name -> chalk.compute.v1.TunnelPeer
+	66,  // 18: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
+	67,  // 19: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
+	65,  // 20: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
+	112, // 21: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
+	74,  // 22: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
+	80,  // 23: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
+	101, // 24: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
+	82,  // 25: chalk.compute.v1.CreateOrgResponse.org:type_name -> chalk.compute.v1.Org
+	95,  // 26: chalk.compute.v1.CreateOrgResponse.admin_key:type_name -> chalk.compute.v1.ApiKey
+	82,  // 27: chalk.compute.v1.ListOrgsResponse.orgs:type_name -> chalk.compute.v1.Org
+	87,  // 28: chalk.compute.v1.AddMemberResponse.member:type_name -> chalk.compute.v1.Member
+	95,  // 29: chalk.compute.v1.AddMemberResponse.key:type_name -> chalk.compute.v1.ApiKey
+	87,  // 30: chalk.compute.v1.ListMembersResponse.members:type_name -> chalk.compute.v1.Member
+	95,  // 31: chalk.compute.v1.ListKeysResponse.keys:type_name -> chalk.compute.v1.ApiKey
+	95,  // 32: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
+	101, // 33: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
+	105, // 34: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
+	1,   // 35: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
+	2,   // 36: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
+	3,   // 37: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
+	5,   // 38: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
+	6,   // 39: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
+	7,   // 40: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
+	11,  // 41: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
+	13,  // 42: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
+	15,  // 43: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
+	17,  // 44: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
+	19,  // 45: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
+	21,  // 46: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
+	24,  // 47: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
+	26,  // 48: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
+	29,  // 49: chalk.compute.v1.SandboxService.Snapshot:input_type -> chalk.compute.v1.SnapshotSandboxRequest
+	31,  // 50: chalk.compute.v1.SandboxService.Pause:input_type -> chalk.compute.v1.PauseSandboxRequest
+	32,  // 51: chalk.compute.v1.SandboxService.Resume:input_type -> chalk.compute.v1.ResumeSandboxRequest
+	33,  // 52: chalk.compute.v1.SandboxService.Expose:input_type -> chalk.compute.v1.ExposeRequest
+	35,  // 53: chalk.compute.v1.SandboxService.Unexpose:input_type -> chalk.compute.v1.UnexposeRequest
+	37,  // 54: chalk.compute.v1.SandboxService.ListExposures:input_type -> chalk.compute.v1.ListExposuresRequest
+	40,  // 55: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
+	41,  // 56: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
+	49,  // 57: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
+	43,  // 58: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
+	45,  // 59: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
+	47,  // 60: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
+	50,  // 61: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
+	52,  // 62: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
+	54,  // 63: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
+	54,  // 64: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
+	55,  // 65: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
+	56,  // 66: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
+	55,  // 67: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
+	59,  // 68: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
+	61,  // 69: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
+	63,  // 70: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
+	67,  // 71: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
+	68,  // 72: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
+	69,  // 73: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
+	68,  // 74: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
+	71,  // 75: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
+	72,  // 76: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
+	74,  // 77: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
+	76,  // 78: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
+	75,  // 79: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
+	79,  // 80: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
+	83,  // 81: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
+	85,  // 82: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
+	88,  // 83: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
+	90,  // 84: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
+	92,  // 85: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
+	93,  // 86: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
+	96,  // 87: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
+	97,  // 88: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
+	99,  // 89: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
+	102, // 90: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
+	103, // 91: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
+	104, // 92: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
+	0,   // 93: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
+	0,   // 94: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
+	4,   // 95: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
+	0,   // 96: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
+	0,   // 97: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
+	8,   // 98: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
+	12,  // 99: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
+	14,  // 100: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
+	16,  // 101: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
+	18,  // 102: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
+	20,  // 103: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
+	23,  // 104: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
+	25,  // 105: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
+	28,  // 106: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
+	30,  // 107: chalk.compute.v1.SandboxService.Snapshot:output_type -> chalk.compute.v1.SnapshotProgress
+	0,   // 108: chalk.compute.v1.SandboxService.Pause:output_type -> chalk.compute.v1.Sandbox
+	0,   // 109: chalk.compute.v1.SandboxService.Resume:output_type -> chalk.compute.v1.Sandbox
+	34,  // 110: chalk.compute.v1.SandboxService.Expose:output_type -> chalk.compute.v1.Exposure
+	36,  // 111: chalk.compute.v1.SandboxService.Unexpose:output_type -> chalk.compute.v1.UnexposeResponse
+	38,  // 112: chalk.compute.v1.SandboxService.ListExposures:output_type -> chalk.compute.v1.ListExposuresResponse
+	42,  // 113: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
+	42,  // 114: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
+	42,  // 115: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
+	44,  // 116: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
+	46,  // 117: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
+	48,  // 118: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
+	51,  // 119: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
+	53,  // 120: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
+	54,  // 121: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
+	54,  // 122: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
+	54,  // 123: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
+	57,  // 124: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
+	58,  // 125: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
+	60,  // 126: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
+	62,  // 127: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
+	64,  // 128: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
+	67,  // 129: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
+	67,  // 130: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
+	70,  // 131: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
+	73,  // 132: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
+	65,  // 133: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
+	67,  // 134: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
+	74,  // 135: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
+	77,  // 136: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
+	78,  // 137: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
+	81,  // 138: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
+	84,  // 139: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
+	86,  // 140: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
+	89,  // 141: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
+	91,  // 142: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
+	94,  // 143: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
+	87,  // 144: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
+	95,  // 145: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
+	98,  // 146: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
+	100, // 147: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
+	101, // 148: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
+	101, // 149: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
+	106, // 150: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
+	93,  // [93:151] is the sub-list for method output_type
+	35,  // [35:93] is the sub-list for method input_type
+	35,  // [35:35] is the sub-list for extension type_name
+	35,  // [35:35] is the sub-list for extension extendee
+	0,   // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_chalk_compute_v1_compute_proto_init() }
@@ -6820,15 +7224,15 @@ func file_chalk_compute_v1_compute_proto_init() {
 		(*ExecEvent_Stderr)(nil),
 		(*ExecEvent_Exited)(nil),
 	}
-	file_chalk_compute_v1_compute_proto_msgTypes[35].OneofWrappers = []any{}
-	file_chalk_compute_v1_compute_proto_msgTypes[48].OneofWrappers = []any{}
+	file_chalk_compute_v1_compute_proto_msgTypes[41].OneofWrappers = []any{}
+	file_chalk_compute_v1_compute_proto_msgTypes[54].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_compute_v1_compute_proto_rawDesc), len(file_chalk_compute_v1_compute_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   107,
+			NumMessages:   113,
 			NumExtensions: 0,
 			NumServices:   7,
 		},

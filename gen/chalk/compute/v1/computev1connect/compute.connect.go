@@ -89,6 +89,13 @@ const (
 	SandboxServicePauseProcedure = "/chalk.compute.v1.SandboxService/Pause"
 	// SandboxServiceResumeProcedure is the fully-qualified name of the SandboxService's Resume RPC.
 	SandboxServiceResumeProcedure = "/chalk.compute.v1.SandboxService/Resume"
+	// SandboxServiceExposeProcedure is the fully-qualified name of the SandboxService's Expose RPC.
+	SandboxServiceExposeProcedure = "/chalk.compute.v1.SandboxService/Expose"
+	// SandboxServiceUnexposeProcedure is the fully-qualified name of the SandboxService's Unexpose RPC.
+	SandboxServiceUnexposeProcedure = "/chalk.compute.v1.SandboxService/Unexpose"
+	// SandboxServiceListExposuresProcedure is the fully-qualified name of the SandboxService's
+	// ListExposures RPC.
+	SandboxServiceListExposuresProcedure = "/chalk.compute.v1.SandboxService/ListExposures"
 	// ImageServicePullProcedure is the fully-qualified name of the ImageService's Pull RPC.
 	ImageServicePullProcedure = "/chalk.compute.v1.ImageService/Pull"
 	// ImageServiceWarmProcedure is the fully-qualified name of the ImageService's Warm RPC.
@@ -191,6 +198,10 @@ type SandboxServiceClient interface {
 	Snapshot(context.Context, *connect.Request[v1.SnapshotSandboxRequest]) (*connect.ServerStreamForClient[v1.SnapshotProgress], error)
 	Pause(context.Context, *connect.Request[v1.PauseSandboxRequest]) (*connect.Response[v1.Sandbox], error)
 	Resume(context.Context, *connect.Request[v1.ResumeSandboxRequest]) (*connect.Response[v1.Sandbox], error)
+	// Ingress: serve a port of the sandbox on chalkd's ingress listener.
+	Expose(context.Context, *connect.Request[v1.ExposeRequest]) (*connect.Response[v1.Exposure], error)
+	Unexpose(context.Context, *connect.Request[v1.UnexposeRequest]) (*connect.Response[v1.UnexposeResponse], error)
+	ListExposures(context.Context, *connect.Request[v1.ListExposuresRequest]) (*connect.Response[v1.ListExposuresResponse], error)
 }
 
 // NewSandboxServiceClient constructs a client for the chalk.compute.v1.SandboxService service. By
@@ -313,28 +324,50 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			connect.WithSchema(sandboxServiceMethods.ByName("Resume")),
 			connect.WithClientOptions(opts...),
 		),
+		expose: connect.NewClient[v1.ExposeRequest, v1.Exposure](
+			httpClient,
+			baseURL+SandboxServiceExposeProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("Expose")),
+			connect.WithClientOptions(opts...),
+		),
+		unexpose: connect.NewClient[v1.UnexposeRequest, v1.UnexposeResponse](
+			httpClient,
+			baseURL+SandboxServiceUnexposeProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("Unexpose")),
+			connect.WithClientOptions(opts...),
+		),
+		listExposures: connect.NewClient[v1.ListExposuresRequest, v1.ListExposuresResponse](
+			httpClient,
+			baseURL+SandboxServiceListExposuresProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("ListExposures")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // sandboxServiceClient implements SandboxServiceClient.
 type sandboxServiceClient struct {
-	create     *connect.Client[v1.CreateSandboxRequest, v1.Sandbox]
-	get        *connect.Client[v1.GetSandboxRequest, v1.Sandbox]
-	list       *connect.Client[v1.ListSandboxesRequest, v1.ListSandboxesResponse]
-	wait       *connect.Client[v1.WaitSandboxRequest, v1.Sandbox]
-	terminate  *connect.Client[v1.TerminateSandboxRequest, v1.Sandbox]
-	exec       *connect.Client[v1.ExecRequest, v1.ExecEvent]
-	writeStdin *connect.Client[v1.WriteStdinRequest, v1.WriteStdinResponse]
-	signalExec *connect.Client[v1.SignalExecRequest, v1.SignalExecResponse]
-	logs       *connect.Client[v1.LogsRequest, v1.LogChunk]
-	readFile   *connect.Client[v1.ReadFileRequest, v1.FileChunk]
-	writeFile  *connect.Client[v1.WriteFileRequest, v1.WriteFileResponse]
-	listFiles  *connect.Client[v1.ListFilesRequest, v1.ListFilesResponse]
-	removeFile *connect.Client[v1.RemoveFileRequest, v1.RemoveFileResponse]
-	egressLog  *connect.Client[v1.EgressLogRequest, v1.EgressLogResponse]
-	snapshot   *connect.Client[v1.SnapshotSandboxRequest, v1.SnapshotProgress]
-	pause      *connect.Client[v1.PauseSandboxRequest, v1.Sandbox]
-	resume     *connect.Client[v1.ResumeSandboxRequest, v1.Sandbox]
+	create        *connect.Client[v1.CreateSandboxRequest, v1.Sandbox]
+	get           *connect.Client[v1.GetSandboxRequest, v1.Sandbox]
+	list          *connect.Client[v1.ListSandboxesRequest, v1.ListSandboxesResponse]
+	wait          *connect.Client[v1.WaitSandboxRequest, v1.Sandbox]
+	terminate     *connect.Client[v1.TerminateSandboxRequest, v1.Sandbox]
+	exec          *connect.Client[v1.ExecRequest, v1.ExecEvent]
+	writeStdin    *connect.Client[v1.WriteStdinRequest, v1.WriteStdinResponse]
+	signalExec    *connect.Client[v1.SignalExecRequest, v1.SignalExecResponse]
+	logs          *connect.Client[v1.LogsRequest, v1.LogChunk]
+	readFile      *connect.Client[v1.ReadFileRequest, v1.FileChunk]
+	writeFile     *connect.Client[v1.WriteFileRequest, v1.WriteFileResponse]
+	listFiles     *connect.Client[v1.ListFilesRequest, v1.ListFilesResponse]
+	removeFile    *connect.Client[v1.RemoveFileRequest, v1.RemoveFileResponse]
+	egressLog     *connect.Client[v1.EgressLogRequest, v1.EgressLogResponse]
+	snapshot      *connect.Client[v1.SnapshotSandboxRequest, v1.SnapshotProgress]
+	pause         *connect.Client[v1.PauseSandboxRequest, v1.Sandbox]
+	resume        *connect.Client[v1.ResumeSandboxRequest, v1.Sandbox]
+	expose        *connect.Client[v1.ExposeRequest, v1.Exposure]
+	unexpose      *connect.Client[v1.UnexposeRequest, v1.UnexposeResponse]
+	listExposures *connect.Client[v1.ListExposuresRequest, v1.ListExposuresResponse]
 }
 
 // Create calls chalk.compute.v1.SandboxService.Create.
@@ -422,6 +455,21 @@ func (c *sandboxServiceClient) Resume(ctx context.Context, req *connect.Request[
 	return c.resume.CallUnary(ctx, req)
 }
 
+// Expose calls chalk.compute.v1.SandboxService.Expose.
+func (c *sandboxServiceClient) Expose(ctx context.Context, req *connect.Request[v1.ExposeRequest]) (*connect.Response[v1.Exposure], error) {
+	return c.expose.CallUnary(ctx, req)
+}
+
+// Unexpose calls chalk.compute.v1.SandboxService.Unexpose.
+func (c *sandboxServiceClient) Unexpose(ctx context.Context, req *connect.Request[v1.UnexposeRequest]) (*connect.Response[v1.UnexposeResponse], error) {
+	return c.unexpose.CallUnary(ctx, req)
+}
+
+// ListExposures calls chalk.compute.v1.SandboxService.ListExposures.
+func (c *sandboxServiceClient) ListExposures(ctx context.Context, req *connect.Request[v1.ListExposuresRequest]) (*connect.Response[v1.ListExposuresResponse], error) {
+	return c.listExposures.CallUnary(ctx, req)
+}
+
 // SandboxServiceHandler is an implementation of the chalk.compute.v1.SandboxService service.
 type SandboxServiceHandler interface {
 	Create(context.Context, *connect.Request[v1.CreateSandboxRequest]) (*connect.Response[v1.Sandbox], error)
@@ -441,6 +489,10 @@ type SandboxServiceHandler interface {
 	Snapshot(context.Context, *connect.Request[v1.SnapshotSandboxRequest], *connect.ServerStream[v1.SnapshotProgress]) error
 	Pause(context.Context, *connect.Request[v1.PauseSandboxRequest]) (*connect.Response[v1.Sandbox], error)
 	Resume(context.Context, *connect.Request[v1.ResumeSandboxRequest]) (*connect.Response[v1.Sandbox], error)
+	// Ingress: serve a port of the sandbox on chalkd's ingress listener.
+	Expose(context.Context, *connect.Request[v1.ExposeRequest]) (*connect.Response[v1.Exposure], error)
+	Unexpose(context.Context, *connect.Request[v1.UnexposeRequest]) (*connect.Response[v1.UnexposeResponse], error)
+	ListExposures(context.Context, *connect.Request[v1.ListExposuresRequest]) (*connect.Response[v1.ListExposuresResponse], error)
 }
 
 // NewSandboxServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -559,6 +611,25 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		connect.WithSchema(sandboxServiceMethods.ByName("Resume")),
 		connect.WithHandlerOptions(opts...),
 	)
+	sandboxServiceExposeHandler := connect.NewUnaryHandler(
+		SandboxServiceExposeProcedure,
+		svc.Expose,
+		connect.WithSchema(sandboxServiceMethods.ByName("Expose")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServiceUnexposeHandler := connect.NewUnaryHandler(
+		SandboxServiceUnexposeProcedure,
+		svc.Unexpose,
+		connect.WithSchema(sandboxServiceMethods.ByName("Unexpose")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServiceListExposuresHandler := connect.NewUnaryHandler(
+		SandboxServiceListExposuresProcedure,
+		svc.ListExposures,
+		connect.WithSchema(sandboxServiceMethods.ByName("ListExposures")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.compute.v1.SandboxService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case SandboxServiceCreateProcedure:
@@ -595,6 +666,12 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 			sandboxServicePauseHandler.ServeHTTP(w, r)
 		case SandboxServiceResumeProcedure:
 			sandboxServiceResumeHandler.ServeHTTP(w, r)
+		case SandboxServiceExposeProcedure:
+			sandboxServiceExposeHandler.ServeHTTP(w, r)
+		case SandboxServiceUnexposeProcedure:
+			sandboxServiceUnexposeHandler.ServeHTTP(w, r)
+		case SandboxServiceListExposuresProcedure:
+			sandboxServiceListExposuresHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -670,6 +747,18 @@ func (UnimplementedSandboxServiceHandler) Pause(context.Context, *connect.Reques
 
 func (UnimplementedSandboxServiceHandler) Resume(context.Context, *connect.Request[v1.ResumeSandboxRequest]) (*connect.Response[v1.Sandbox], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.SandboxService.Resume is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) Expose(context.Context, *connect.Request[v1.ExposeRequest]) (*connect.Response[v1.Exposure], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.SandboxService.Expose is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) Unexpose(context.Context, *connect.Request[v1.UnexposeRequest]) (*connect.Response[v1.UnexposeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.SandboxService.Unexpose is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) ListExposures(context.Context, *connect.Request[v1.ListExposuresRequest]) (*connect.Response[v1.ListExposuresResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.SandboxService.ListExposures is not implemented"))
 }
 
 // ImageServiceClient is a client for the chalk.compute.v1.ImageService service.
