@@ -767,3 +767,9 @@ func toProto(sb *store.Sandbox) *v1.Sandbox {
 }
 
 var _ = errors.New
+
+// ResizeExec resizes the terminal of an exec started with pty.
+// TODO(pty): not implemented yet; the PTY work implements it in init.
+func (h *sandboxService) ResizeExec(ctx context.Context, req *connect.Request[v1.ResizeExecRequest]) (*connect.Response[v1.ResizeExecResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, fmt.Errorf("ResizeExec: terminals are not implemented yet"))
+}

@@ -678,8 +678,15 @@ type ExecRequest struct {
 	Stdin          bool                   `protobuf:"varint,5,opt,name=stdin,proto3" json:"stdin,omitempty"`                                         // keep stdin open for WriteStdin; otherwise /dev/null
 	TimeoutSeconds int64                  `protobuf:"varint,6,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"` // 0 = until the sandbox ends
 	User           string                 `protobuf:"bytes,7,opt,name=user,proto3" json:"user,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// pty runs the command on a pseudo-terminal that init allocates inside the
+	// sandbox (its master never leaves init): stdout events carry the terminal's
+	// output, stderr is unused, WriteStdin types into it, ResizeExec resizes it.
+	Pty           bool   `protobuf:"varint,8,opt,name=pty,proto3" json:"pty,omitempty"`
+	Rows          uint32 `protobuf:"varint,9,opt,name=rows,proto3" json:"rows,omitempty"` // initial window size with pty (default 24x80)
+	Cols          uint32 `protobuf:"varint,10,opt,name=cols,proto3" json:"cols,omitempty"`
+	Term          string `protobuf:"bytes,11,opt,name=term,proto3" json:"term,omitempty"` // TERM with pty (default xterm-256color)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExecRequest) Reset() {
@@ -757,6 +764,34 @@ func (x *ExecRequest) GetTimeoutSeconds() int64 {
 func (x *ExecRequest) GetUser() string {
 	if x != nil {
 		return x.User
+	}
+	return ""
+}
+
+func (x *ExecRequest) GetPty() bool {
+	if x != nil {
+		return x.Pty
+	}
+	return false
+}
+
+func (x *ExecRequest) GetRows() uint32 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *ExecRequest) GetCols() uint32 {
+	if x != nil {
+		return x.Cols
+	}
+	return 0
+}
+
+func (x *ExecRequest) GetTerm() string {
+	if x != nil {
+		return x.Term
 	}
 	return ""
 }
@@ -1187,6 +1222,110 @@ func (*SignalExecResponse) Descriptor() ([]byte, []int) {
 	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{14}
 }
 
+type ResizeExecRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	ExecId        string                 `protobuf:"bytes,2,opt,name=exec_id,json=execId,proto3" json:"exec_id,omitempty"`
+	Rows          uint32                 `protobuf:"varint,3,opt,name=rows,proto3" json:"rows,omitempty"`
+	Cols          uint32                 `protobuf:"varint,4,opt,name=cols,proto3" json:"cols,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResizeExecRequest) Reset() {
+	*x = ResizeExecRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResizeExecRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResizeExecRequest) ProtoMessage() {}
+
+func (x *ResizeExecRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResizeExecRequest.ProtoReflect.Descriptor instead.
+func (*ResizeExecRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ResizeExecRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *ResizeExecRequest) GetExecId() string {
+	if x != nil {
+		return x.ExecId
+	}
+	return ""
+}
+
+func (x *ResizeExecRequest) GetRows() uint32 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *ResizeExecRequest) GetCols() uint32 {
+	if x != nil {
+		return x.Cols
+	}
+	return 0
+}
+
+type ResizeExecResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResizeExecResponse) Reset() {
+	*x = ResizeExecResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResizeExecResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResizeExecResponse) ProtoMessage() {}
+
+func (x *ResizeExecResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResizeExecResponse.ProtoReflect.Descriptor instead.
+func (*ResizeExecResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{16}
+}
+
 type LogsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
@@ -1197,7 +1336,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[15]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1209,7 +1348,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[15]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1222,7 +1361,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{15}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *LogsRequest) GetSandboxId() string {
@@ -1248,7 +1387,7 @@ type LogChunk struct {
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[16]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1260,7 +1399,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[16]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1273,7 +1412,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{16}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *LogChunk) GetData() []byte {
@@ -1293,7 +1432,7 @@ type ReadFileRequest struct {
 
 func (x *ReadFileRequest) Reset() {
 	*x = ReadFileRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[17]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1305,7 +1444,7 @@ func (x *ReadFileRequest) String() string {
 func (*ReadFileRequest) ProtoMessage() {}
 
 func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[17]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1318,7 +1457,7 @@ func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileRequest.ProtoReflect.Descriptor instead.
 func (*ReadFileRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{17}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ReadFileRequest) GetSandboxId() string {
@@ -1344,7 +1483,7 @@ type FileChunk struct {
 
 func (x *FileChunk) Reset() {
 	*x = FileChunk{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[18]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1356,7 +1495,7 @@ func (x *FileChunk) String() string {
 func (*FileChunk) ProtoMessage() {}
 
 func (x *FileChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[18]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1369,7 +1508,7 @@ func (x *FileChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
 func (*FileChunk) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{18}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *FileChunk) GetData() []byte {
@@ -1391,7 +1530,7 @@ type WriteFileRequest struct {
 
 func (x *WriteFileRequest) Reset() {
 	*x = WriteFileRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[19]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1403,7 +1542,7 @@ func (x *WriteFileRequest) String() string {
 func (*WriteFileRequest) ProtoMessage() {}
 
 func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[19]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1416,7 +1555,7 @@ func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{19}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *WriteFileRequest) GetSandboxId() string {
@@ -1456,7 +1595,7 @@ type WriteFileResponse struct {
 
 func (x *WriteFileResponse) Reset() {
 	*x = WriteFileResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[20]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1468,7 +1607,7 @@ func (x *WriteFileResponse) String() string {
 func (*WriteFileResponse) ProtoMessage() {}
 
 func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[20]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1481,7 +1620,7 @@ func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileResponse.ProtoReflect.Descriptor instead.
 func (*WriteFileResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{20}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WriteFileResponse) GetSize() int64 {
@@ -1501,7 +1640,7 @@ type ListFilesRequest struct {
 
 func (x *ListFilesRequest) Reset() {
 	*x = ListFilesRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[21]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1513,7 +1652,7 @@ func (x *ListFilesRequest) String() string {
 func (*ListFilesRequest) ProtoMessage() {}
 
 func (x *ListFilesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[21]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1526,7 +1665,7 @@ func (x *ListFilesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFilesRequest.ProtoReflect.Descriptor instead.
 func (*ListFilesRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{21}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListFilesRequest) GetSandboxId() string {
@@ -1556,7 +1695,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[22]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1568,7 +1707,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[22]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1581,7 +1720,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{22}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *FileInfo) GetName() string {
@@ -1628,7 +1767,7 @@ type ListFilesResponse struct {
 
 func (x *ListFilesResponse) Reset() {
 	*x = ListFilesResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[23]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1640,7 +1779,7 @@ func (x *ListFilesResponse) String() string {
 func (*ListFilesResponse) ProtoMessage() {}
 
 func (x *ListFilesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[23]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1653,7 +1792,7 @@ func (x *ListFilesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFilesResponse.ProtoReflect.Descriptor instead.
 func (*ListFilesResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{23}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListFilesResponse) GetFiles() []*FileInfo {
@@ -1674,7 +1813,7 @@ type RemoveFileRequest struct {
 
 func (x *RemoveFileRequest) Reset() {
 	*x = RemoveFileRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[24]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1686,7 +1825,7 @@ func (x *RemoveFileRequest) String() string {
 func (*RemoveFileRequest) ProtoMessage() {}
 
 func (x *RemoveFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[24]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1699,7 +1838,7 @@ func (x *RemoveFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveFileRequest.ProtoReflect.Descriptor instead.
 func (*RemoveFileRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{24}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RemoveFileRequest) GetSandboxId() string {
@@ -1731,7 +1870,7 @@ type RemoveFileResponse struct {
 
 func (x *RemoveFileResponse) Reset() {
 	*x = RemoveFileResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[25]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1743,7 +1882,7 @@ func (x *RemoveFileResponse) String() string {
 func (*RemoveFileResponse) ProtoMessage() {}
 
 func (x *RemoveFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[25]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1756,7 +1895,7 @@ func (x *RemoveFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveFileResponse.ProtoReflect.Descriptor instead.
 func (*RemoveFileResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{25}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{27}
 }
 
 type EgressLogRequest struct {
@@ -1768,7 +1907,7 @@ type EgressLogRequest struct {
 
 func (x *EgressLogRequest) Reset() {
 	*x = EgressLogRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[26]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1780,7 +1919,7 @@ func (x *EgressLogRequest) String() string {
 func (*EgressLogRequest) ProtoMessage() {}
 
 func (x *EgressLogRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[26]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1793,7 +1932,7 @@ func (x *EgressLogRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EgressLogRequest.ProtoReflect.Descriptor instead.
 func (*EgressLogRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{26}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *EgressLogRequest) GetSandboxId() string {
@@ -1817,7 +1956,7 @@ type EgressDrop struct {
 
 func (x *EgressDrop) Reset() {
 	*x = EgressDrop{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[27]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1829,7 +1968,7 @@ func (x *EgressDrop) String() string {
 func (*EgressDrop) ProtoMessage() {}
 
 func (x *EgressDrop) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[27]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1842,7 +1981,7 @@ func (x *EgressDrop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EgressDrop.ProtoReflect.Descriptor instead.
 func (*EgressDrop) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{27}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *EgressDrop) GetTime() string {
@@ -1896,7 +2035,7 @@ type EgressLogResponse struct {
 
 func (x *EgressLogResponse) Reset() {
 	*x = EgressLogResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[28]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1908,7 +2047,7 @@ func (x *EgressLogResponse) String() string {
 func (*EgressLogResponse) ProtoMessage() {}
 
 func (x *EgressLogResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[28]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1921,7 +2060,7 @@ func (x *EgressLogResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EgressLogResponse.ProtoReflect.Descriptor instead.
 func (*EgressLogResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{28}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *EgressLogResponse) GetDrops() []*EgressDrop {
@@ -1944,7 +2083,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[29]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1956,7 +2095,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[29]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1969,7 +2108,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{29}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Image) GetRef() string {
@@ -2016,7 +2155,7 @@ type PullImageRequest struct {
 
 func (x *PullImageRequest) Reset() {
 	*x = PullImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[30]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2028,7 +2167,7 @@ func (x *PullImageRequest) String() string {
 func (*PullImageRequest) ProtoMessage() {}
 
 func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[30]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2041,7 +2180,7 @@ func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageRequest.ProtoReflect.Descriptor instead.
 func (*PullImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{30}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *PullImageRequest) GetRef() string {
@@ -2064,7 +2203,7 @@ type WarmImageRequest struct {
 
 func (x *WarmImageRequest) Reset() {
 	*x = WarmImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[31]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2076,7 +2215,7 @@ func (x *WarmImageRequest) String() string {
 func (*WarmImageRequest) ProtoMessage() {}
 
 func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[31]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2089,7 +2228,7 @@ func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageRequest.ProtoReflect.Descriptor instead.
 func (*WarmImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{31}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *WarmImageRequest) GetImage() string {
@@ -2123,7 +2262,7 @@ type ImageProgress struct {
 
 func (x *ImageProgress) Reset() {
 	*x = ImageProgress{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[32]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2135,7 +2274,7 @@ func (x *ImageProgress) String() string {
 func (*ImageProgress) ProtoMessage() {}
 
 func (x *ImageProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[32]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2148,7 +2287,7 @@ func (x *ImageProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageProgress.ProtoReflect.Descriptor instead.
 func (*ImageProgress) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{32}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ImageProgress) GetPhase() string {
@@ -2222,7 +2361,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2234,7 +2373,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2247,7 +2386,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{33}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{35}
 }
 
 type ListImagesResponse struct {
@@ -2259,7 +2398,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2271,7 +2410,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2284,7 +2423,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{34}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -2303,7 +2442,7 @@ type InspectImageRequest struct {
 
 func (x *InspectImageRequest) Reset() {
 	*x = InspectImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2315,7 +2454,7 @@ func (x *InspectImageRequest) String() string {
 func (*InspectImageRequest) ProtoMessage() {}
 
 func (x *InspectImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2328,7 +2467,7 @@ func (x *InspectImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageRequest.ProtoReflect.Descriptor instead.
 func (*InspectImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{35}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *InspectImageRequest) GetRef() string {
@@ -2349,7 +2488,7 @@ type InspectImageResponse struct {
 
 func (x *InspectImageResponse) Reset() {
 	*x = InspectImageResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2361,7 +2500,7 @@ func (x *InspectImageResponse) String() string {
 func (*InspectImageResponse) ProtoMessage() {}
 
 func (x *InspectImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2374,7 +2513,7 @@ func (x *InspectImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageResponse.ProtoReflect.Descriptor instead.
 func (*InspectImageResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{36}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *InspectImageResponse) GetImage() *Image {
@@ -2407,7 +2546,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2419,7 +2558,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2432,7 +2571,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{37}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -2450,7 +2589,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2462,7 +2601,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2475,7 +2614,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{38}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{40}
 }
 
 type BuildImageRequest struct {
@@ -2488,7 +2627,7 @@ type BuildImageRequest struct {
 
 func (x *BuildImageRequest) Reset() {
 	*x = BuildImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2500,7 +2639,7 @@ func (x *BuildImageRequest) String() string {
 func (*BuildImageRequest) ProtoMessage() {}
 
 func (x *BuildImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2513,7 +2652,7 @@ func (x *BuildImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BuildImageRequest.ProtoReflect.Descriptor instead.
 func (*BuildImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{39}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *BuildImageRequest) GetSpecJson() string {
@@ -2539,7 +2678,7 @@ type HasBlobsRequest struct {
 
 func (x *HasBlobsRequest) Reset() {
 	*x = HasBlobsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2551,7 +2690,7 @@ func (x *HasBlobsRequest) String() string {
 func (*HasBlobsRequest) ProtoMessage() {}
 
 func (x *HasBlobsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2564,7 +2703,7 @@ func (x *HasBlobsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HasBlobsRequest.ProtoReflect.Descriptor instead.
 func (*HasBlobsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{40}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *HasBlobsRequest) GetDigests() []string {
@@ -2583,7 +2722,7 @@ type HasBlobsResponse struct {
 
 func (x *HasBlobsResponse) Reset() {
 	*x = HasBlobsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2595,7 +2734,7 @@ func (x *HasBlobsResponse) String() string {
 func (*HasBlobsResponse) ProtoMessage() {}
 
 func (x *HasBlobsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2608,7 +2747,7 @@ func (x *HasBlobsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HasBlobsResponse.ProtoReflect.Descriptor instead.
 func (*HasBlobsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{41}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *HasBlobsResponse) GetMissing() []string {
@@ -2628,7 +2767,7 @@ type UploadBlobRequest struct {
 
 func (x *UploadBlobRequest) Reset() {
 	*x = UploadBlobRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2640,7 +2779,7 @@ func (x *UploadBlobRequest) String() string {
 func (*UploadBlobRequest) ProtoMessage() {}
 
 func (x *UploadBlobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2653,7 +2792,7 @@ func (x *UploadBlobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadBlobRequest.ProtoReflect.Descriptor instead.
 func (*UploadBlobRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{42}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *UploadBlobRequest) GetDigest() string {
@@ -2680,7 +2819,7 @@ type UploadBlobResponse struct {
 
 func (x *UploadBlobResponse) Reset() {
 	*x = UploadBlobResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2692,7 +2831,7 @@ func (x *UploadBlobResponse) String() string {
 func (*UploadBlobResponse) ProtoMessage() {}
 
 func (x *UploadBlobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2705,7 +2844,7 @@ func (x *UploadBlobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadBlobResponse.ProtoReflect.Descriptor instead.
 func (*UploadBlobResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{43}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *UploadBlobResponse) GetDigest() string {
@@ -2736,7 +2875,7 @@ type NetworkPolicy struct {
 
 func (x *NetworkPolicy) Reset() {
 	*x = NetworkPolicy{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2748,7 +2887,7 @@ func (x *NetworkPolicy) String() string {
 func (*NetworkPolicy) ProtoMessage() {}
 
 func (x *NetworkPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2761,7 +2900,7 @@ func (x *NetworkPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkPolicy.ProtoReflect.Descriptor instead.
 func (*NetworkPolicy) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{44}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *NetworkPolicy) GetName() string {
@@ -2815,7 +2954,7 @@ type PolicyName struct {
 
 func (x *PolicyName) Reset() {
 	*x = PolicyName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2827,7 +2966,7 @@ func (x *PolicyName) String() string {
 func (*PolicyName) ProtoMessage() {}
 
 func (x *PolicyName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2840,7 +2979,7 @@ func (x *PolicyName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyName.ProtoReflect.Descriptor instead.
 func (*PolicyName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{45}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *PolicyName) GetName() string {
@@ -2858,7 +2997,7 @@ type ListPoliciesRequest struct {
 
 func (x *ListPoliciesRequest) Reset() {
 	*x = ListPoliciesRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2870,7 +3009,7 @@ func (x *ListPoliciesRequest) String() string {
 func (*ListPoliciesRequest) ProtoMessage() {}
 
 func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2883,7 +3022,7 @@ func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
 func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{46}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{48}
 }
 
 type ListPoliciesResponse struct {
@@ -2895,7 +3034,7 @@ type ListPoliciesResponse struct {
 
 func (x *ListPoliciesResponse) Reset() {
 	*x = ListPoliciesResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2907,7 +3046,7 @@ func (x *ListPoliciesResponse) String() string {
 func (*ListPoliciesResponse) ProtoMessage() {}
 
 func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2920,7 +3059,7 @@ func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
 func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{47}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ListPoliciesResponse) GetPolicies() []*NetworkPolicy {
@@ -2938,7 +3077,7 @@ type DeletePolicyResponse struct {
 
 func (x *DeletePolicyResponse) Reset() {
 	*x = DeletePolicyResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2950,7 +3089,7 @@ func (x *DeletePolicyResponse) String() string {
 func (*DeletePolicyResponse) ProtoMessage() {}
 
 func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2963,7 +3102,7 @@ func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
 func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{48}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{50}
 }
 
 type WhoAmIRequest struct {
@@ -2974,7 +3113,7 @@ type WhoAmIRequest struct {
 
 func (x *WhoAmIRequest) Reset() {
 	*x = WhoAmIRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2986,7 +3125,7 @@ func (x *WhoAmIRequest) String() string {
 func (*WhoAmIRequest) ProtoMessage() {}
 
 func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2999,7 +3138,7 @@ func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIRequest.ProtoReflect.Descriptor instead.
 func (*WhoAmIRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{49}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{51}
 }
 
 type WhoAmIResponse struct {
@@ -3019,7 +3158,7 @@ type WhoAmIResponse struct {
 
 func (x *WhoAmIResponse) Reset() {
 	*x = WhoAmIResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3031,7 +3170,7 @@ func (x *WhoAmIResponse) String() string {
 func (*WhoAmIResponse) ProtoMessage() {}
 
 func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3044,7 +3183,7 @@ func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIResponse.ProtoReflect.Descriptor instead.
 func (*WhoAmIResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{50}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *WhoAmIResponse) GetKind() string {
@@ -3121,7 +3260,7 @@ type MintTokenRequest struct {
 
 func (x *MintTokenRequest) Reset() {
 	*x = MintTokenRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3133,7 +3272,7 @@ func (x *MintTokenRequest) String() string {
 func (*MintTokenRequest) ProtoMessage() {}
 
 func (x *MintTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3146,7 +3285,7 @@ func (x *MintTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintTokenRequest.ProtoReflect.Descriptor instead.
 func (*MintTokenRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{51}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *MintTokenRequest) GetAudience() string {
@@ -3180,7 +3319,7 @@ type MintTokenResponse struct {
 
 func (x *MintTokenResponse) Reset() {
 	*x = MintTokenResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3192,7 +3331,7 @@ func (x *MintTokenResponse) String() string {
 func (*MintTokenResponse) ProtoMessage() {}
 
 func (x *MintTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3205,7 +3344,7 @@ func (x *MintTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintTokenResponse.ProtoReflect.Descriptor instead.
 func (*MintTokenResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{52}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *MintTokenResponse) GetToken() string {
@@ -3230,7 +3369,7 @@ type RotateKeysRequest struct {
 
 func (x *RotateKeysRequest) Reset() {
 	*x = RotateKeysRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3242,7 +3381,7 @@ func (x *RotateKeysRequest) String() string {
 func (*RotateKeysRequest) ProtoMessage() {}
 
 func (x *RotateKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3255,7 +3394,7 @@ func (x *RotateKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeysRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeysRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{53}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{55}
 }
 
 type RotateKeysResponse struct {
@@ -3267,7 +3406,7 @@ type RotateKeysResponse struct {
 
 func (x *RotateKeysResponse) Reset() {
 	*x = RotateKeysResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3279,7 +3418,7 @@ func (x *RotateKeysResponse) String() string {
 func (*RotateKeysResponse) ProtoMessage() {}
 
 func (x *RotateKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3292,7 +3431,7 @@ func (x *RotateKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeysResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeysResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{54}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *RotateKeysResponse) GetKids() []string {
@@ -3318,7 +3457,7 @@ type TunnelPeer struct {
 
 func (x *TunnelPeer) Reset() {
 	*x = TunnelPeer{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3330,7 +3469,7 @@ func (x *TunnelPeer) String() string {
 func (*TunnelPeer) ProtoMessage() {}
 
 func (x *TunnelPeer) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3343,7 +3482,7 @@ func (x *TunnelPeer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelPeer.ProtoReflect.Descriptor instead.
 func (*TunnelPeer) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{55}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *TunnelPeer) GetPublicKey() string {
@@ -3388,7 +3527,7 @@ type TunnelMember struct {
 
 func (x *TunnelMember) Reset() {
 	*x = TunnelMember{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3400,7 +3539,7 @@ func (x *TunnelMember) String() string {
 func (*TunnelMember) ProtoMessage() {}
 
 func (x *TunnelMember) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3413,7 +3552,7 @@ func (x *TunnelMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelMember.ProtoReflect.Descriptor instead.
 func (*TunnelMember) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{56}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *TunnelMember) GetSandboxId() string {
@@ -3465,7 +3604,7 @@ type Tunnel struct {
 
 func (x *Tunnel) Reset() {
 	*x = Tunnel{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3477,7 +3616,7 @@ func (x *Tunnel) String() string {
 func (*Tunnel) ProtoMessage() {}
 
 func (x *Tunnel) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3490,7 +3629,7 @@ func (x *Tunnel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tunnel.ProtoReflect.Descriptor instead.
 func (*Tunnel) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{57}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *Tunnel) GetName() string {
@@ -3537,7 +3676,7 @@ type TunnelName struct {
 
 func (x *TunnelName) Reset() {
 	*x = TunnelName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3549,7 +3688,7 @@ func (x *TunnelName) String() string {
 func (*TunnelName) ProtoMessage() {}
 
 func (x *TunnelName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3562,7 +3701,7 @@ func (x *TunnelName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelName.ProtoReflect.Descriptor instead.
 func (*TunnelName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{58}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *TunnelName) GetName() string {
@@ -3580,7 +3719,7 @@ type ListTunnelsRequest struct {
 
 func (x *ListTunnelsRequest) Reset() {
 	*x = ListTunnelsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3592,7 +3731,7 @@ func (x *ListTunnelsRequest) String() string {
 func (*ListTunnelsRequest) ProtoMessage() {}
 
 func (x *ListTunnelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3605,7 +3744,7 @@ func (x *ListTunnelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTunnelsRequest.ProtoReflect.Descriptor instead.
 func (*ListTunnelsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{59}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{61}
 }
 
 type ListTunnelsResponse struct {
@@ -3617,7 +3756,7 @@ type ListTunnelsResponse struct {
 
 func (x *ListTunnelsResponse) Reset() {
 	*x = ListTunnelsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3629,7 +3768,7 @@ func (x *ListTunnelsResponse) String() string {
 func (*ListTunnelsResponse) ProtoMessage() {}
 
 func (x *ListTunnelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3642,7 +3781,7 @@ func (x *ListTunnelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTunnelsResponse.ProtoReflect.Descriptor instead.
 func (*ListTunnelsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{60}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *ListTunnelsResponse) GetTunnels() []*Tunnel {
@@ -3662,7 +3801,7 @@ type AddTunnelPeerRequest struct {
 
 func (x *AddTunnelPeerRequest) Reset() {
 	*x = AddTunnelPeerRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3674,7 +3813,7 @@ func (x *AddTunnelPeerRequest) String() string {
 func (*AddTunnelPeerRequest) ProtoMessage() {}
 
 func (x *AddTunnelPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3687,7 +3826,7 @@ func (x *AddTunnelPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddTunnelPeerRequest.ProtoReflect.Descriptor instead.
 func (*AddTunnelPeerRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{61}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *AddTunnelPeerRequest) GetTunnel() string {
@@ -3714,7 +3853,7 @@ type RemoveTunnelPeerRequest struct {
 
 func (x *RemoveTunnelPeerRequest) Reset() {
 	*x = RemoveTunnelPeerRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3726,7 +3865,7 @@ func (x *RemoveTunnelPeerRequest) String() string {
 func (*RemoveTunnelPeerRequest) ProtoMessage() {}
 
 func (x *RemoveTunnelPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3739,7 +3878,7 @@ func (x *RemoveTunnelPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveTunnelPeerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveTunnelPeerRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{62}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *RemoveTunnelPeerRequest) GetTunnel() string {
@@ -3764,7 +3903,7 @@ type DeleteTunnelResponse struct {
 
 func (x *DeleteTunnelResponse) Reset() {
 	*x = DeleteTunnelResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3776,7 +3915,7 @@ func (x *DeleteTunnelResponse) String() string {
 func (*DeleteTunnelResponse) ProtoMessage() {}
 
 func (x *DeleteTunnelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3789,7 +3928,7 @@ func (x *DeleteTunnelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteTunnelResponse.ProtoReflect.Descriptor instead.
 func (*DeleteTunnelResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{63}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{65}
 }
 
 // An upstream MCP server sandboxes reach through the gateway at
@@ -3816,7 +3955,7 @@ type McpServer struct {
 
 func (x *McpServer) Reset() {
 	*x = McpServer{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3828,7 +3967,7 @@ func (x *McpServer) String() string {
 func (*McpServer) ProtoMessage() {}
 
 func (x *McpServer) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3841,7 +3980,7 @@ func (x *McpServer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpServer.ProtoReflect.Descriptor instead.
 func (*McpServer) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{64}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *McpServer) GetName() string {
@@ -3944,7 +4083,7 @@ type McpServerName struct {
 
 func (x *McpServerName) Reset() {
 	*x = McpServerName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3956,7 +4095,7 @@ func (x *McpServerName) String() string {
 func (*McpServerName) ProtoMessage() {}
 
 func (x *McpServerName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3969,7 +4108,7 @@ func (x *McpServerName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpServerName.ProtoReflect.Descriptor instead.
 func (*McpServerName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{65}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *McpServerName) GetName() string {
@@ -3987,7 +4126,7 @@ type ListMcpServersRequest struct {
 
 func (x *ListMcpServersRequest) Reset() {
 	*x = ListMcpServersRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3999,7 +4138,7 @@ func (x *ListMcpServersRequest) String() string {
 func (*ListMcpServersRequest) ProtoMessage() {}
 
 func (x *ListMcpServersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4012,7 +4151,7 @@ func (x *ListMcpServersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMcpServersRequest.ProtoReflect.Descriptor instead.
 func (*ListMcpServersRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{66}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{68}
 }
 
 type ListMcpServersResponse struct {
@@ -4024,7 +4163,7 @@ type ListMcpServersResponse struct {
 
 func (x *ListMcpServersResponse) Reset() {
 	*x = ListMcpServersResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4036,7 +4175,7 @@ func (x *ListMcpServersResponse) String() string {
 func (*ListMcpServersResponse) ProtoMessage() {}
 
 func (x *ListMcpServersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4049,7 +4188,7 @@ func (x *ListMcpServersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMcpServersResponse.ProtoReflect.Descriptor instead.
 func (*ListMcpServersResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{67}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *ListMcpServersResponse) GetServers() []*McpServer {
@@ -4067,7 +4206,7 @@ type RemoveMcpServerResponse struct {
 
 func (x *RemoveMcpServerResponse) Reset() {
 	*x = RemoveMcpServerResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4079,7 +4218,7 @@ func (x *RemoveMcpServerResponse) String() string {
 func (*RemoveMcpServerResponse) ProtoMessage() {}
 
 func (x *RemoveMcpServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4092,7 +4231,7 @@ func (x *RemoveMcpServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMcpServerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveMcpServerResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{68}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{70}
 }
 
 type McpAuditRequest struct {
@@ -4107,7 +4246,7 @@ type McpAuditRequest struct {
 
 func (x *McpAuditRequest) Reset() {
 	*x = McpAuditRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4119,7 +4258,7 @@ func (x *McpAuditRequest) String() string {
 func (*McpAuditRequest) ProtoMessage() {}
 
 func (x *McpAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4132,7 +4271,7 @@ func (x *McpAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditRequest.ProtoReflect.Descriptor instead.
 func (*McpAuditRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{69}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *McpAuditRequest) GetSandboxId() string {
@@ -4185,7 +4324,7 @@ type McpAuditRecord struct {
 
 func (x *McpAuditRecord) Reset() {
 	*x = McpAuditRecord{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4197,7 +4336,7 @@ func (x *McpAuditRecord) String() string {
 func (*McpAuditRecord) ProtoMessage() {}
 
 func (x *McpAuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4210,7 +4349,7 @@ func (x *McpAuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditRecord.ProtoReflect.Descriptor instead.
 func (*McpAuditRecord) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{70}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *McpAuditRecord) GetSeq() int64 {
@@ -4320,7 +4459,7 @@ type McpAuditResponse struct {
 
 func (x *McpAuditResponse) Reset() {
 	*x = McpAuditResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4332,7 +4471,7 @@ func (x *McpAuditResponse) String() string {
 func (*McpAuditResponse) ProtoMessage() {}
 
 func (x *McpAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4345,7 +4484,7 @@ func (x *McpAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditResponse.ProtoReflect.Descriptor instead.
 func (*McpAuditResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{71}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *McpAuditResponse) GetRecords() []*McpAuditRecord {
@@ -4368,7 +4507,7 @@ type Org struct {
 
 func (x *Org) Reset() {
 	*x = Org{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4380,7 +4519,7 @@ func (x *Org) String() string {
 func (*Org) ProtoMessage() {}
 
 func (x *Org) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4393,7 +4532,7 @@ func (x *Org) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Org.ProtoReflect.Descriptor instead.
 func (*Org) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{72}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *Org) GetName() string {
@@ -4427,7 +4566,7 @@ type CreateOrgRequest struct {
 
 func (x *CreateOrgRequest) Reset() {
 	*x = CreateOrgRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4439,7 +4578,7 @@ func (x *CreateOrgRequest) String() string {
 func (*CreateOrgRequest) ProtoMessage() {}
 
 func (x *CreateOrgRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4452,7 +4591,7 @@ func (x *CreateOrgRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOrgRequest.ProtoReflect.Descriptor instead.
 func (*CreateOrgRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{73}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *CreateOrgRequest) GetName() string {
@@ -4479,7 +4618,7 @@ type CreateOrgResponse struct {
 
 func (x *CreateOrgResponse) Reset() {
 	*x = CreateOrgResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4491,7 +4630,7 @@ func (x *CreateOrgResponse) String() string {
 func (*CreateOrgResponse) ProtoMessage() {}
 
 func (x *CreateOrgResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4504,7 +4643,7 @@ func (x *CreateOrgResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOrgResponse.ProtoReflect.Descriptor instead.
 func (*CreateOrgResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{74}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *CreateOrgResponse) GetOrg() *Org {
@@ -4529,7 +4668,7 @@ type ListOrgsRequest struct {
 
 func (x *ListOrgsRequest) Reset() {
 	*x = ListOrgsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4541,7 +4680,7 @@ func (x *ListOrgsRequest) String() string {
 func (*ListOrgsRequest) ProtoMessage() {}
 
 func (x *ListOrgsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4554,7 +4693,7 @@ func (x *ListOrgsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOrgsRequest.ProtoReflect.Descriptor instead.
 func (*ListOrgsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{75}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{77}
 }
 
 type ListOrgsResponse struct {
@@ -4566,7 +4705,7 @@ type ListOrgsResponse struct {
 
 func (x *ListOrgsResponse) Reset() {
 	*x = ListOrgsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4578,7 +4717,7 @@ func (x *ListOrgsResponse) String() string {
 func (*ListOrgsResponse) ProtoMessage() {}
 
 func (x *ListOrgsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4591,7 +4730,7 @@ func (x *ListOrgsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOrgsResponse.ProtoReflect.Descriptor instead.
 func (*ListOrgsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{76}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *ListOrgsResponse) GetOrgs() []*Org {
@@ -4613,7 +4752,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4625,7 +4764,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4638,7 +4777,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{77}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *Member) GetUser() string {
@@ -4673,7 +4812,7 @@ type AddMemberRequest struct {
 
 func (x *AddMemberRequest) Reset() {
 	*x = AddMemberRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4685,7 +4824,7 @@ func (x *AddMemberRequest) String() string {
 func (*AddMemberRequest) ProtoMessage() {}
 
 func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4698,7 +4837,7 @@ func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddMemberRequest.ProtoReflect.Descriptor instead.
 func (*AddMemberRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{78}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *AddMemberRequest) GetOrg() string {
@@ -4732,7 +4871,7 @@ type AddMemberResponse struct {
 
 func (x *AddMemberResponse) Reset() {
 	*x = AddMemberResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4744,7 +4883,7 @@ func (x *AddMemberResponse) String() string {
 func (*AddMemberResponse) ProtoMessage() {}
 
 func (x *AddMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4757,7 +4896,7 @@ func (x *AddMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddMemberResponse.ProtoReflect.Descriptor instead.
 func (*AddMemberResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{79}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *AddMemberResponse) GetMember() *Member {
@@ -4783,7 +4922,7 @@ type ListMembersRequest struct {
 
 func (x *ListMembersRequest) Reset() {
 	*x = ListMembersRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4795,7 +4934,7 @@ func (x *ListMembersRequest) String() string {
 func (*ListMembersRequest) ProtoMessage() {}
 
 func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4808,7 +4947,7 @@ func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMembersRequest.ProtoReflect.Descriptor instead.
 func (*ListMembersRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{80}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *ListMembersRequest) GetOrg() string {
@@ -4827,7 +4966,7 @@ type ListMembersResponse struct {
 
 func (x *ListMembersResponse) Reset() {
 	*x = ListMembersResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4839,7 +4978,7 @@ func (x *ListMembersResponse) String() string {
 func (*ListMembersResponse) ProtoMessage() {}
 
 func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4852,7 +4991,7 @@ func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMembersResponse.ProtoReflect.Descriptor instead.
 func (*ListMembersResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{81}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *ListMembersResponse) GetMembers() []*Member {
@@ -4872,7 +5011,7 @@ type RemoveMemberRequest struct {
 
 func (x *RemoveMemberRequest) Reset() {
 	*x = RemoveMemberRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4884,7 +5023,7 @@ func (x *RemoveMemberRequest) String() string {
 func (*RemoveMemberRequest) ProtoMessage() {}
 
 func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4897,7 +5036,7 @@ func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberRequest.ProtoReflect.Descriptor instead.
 func (*RemoveMemberRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{82}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *RemoveMemberRequest) GetOrg() string {
@@ -4925,7 +5064,7 @@ type SetMemberRoleRequest struct {
 
 func (x *SetMemberRoleRequest) Reset() {
 	*x = SetMemberRoleRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4937,7 +5076,7 @@ func (x *SetMemberRoleRequest) String() string {
 func (*SetMemberRoleRequest) ProtoMessage() {}
 
 func (x *SetMemberRoleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4950,7 +5089,7 @@ func (x *SetMemberRoleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMemberRoleRequest.ProtoReflect.Descriptor instead.
 func (*SetMemberRoleRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{83}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *SetMemberRoleRequest) GetOrg() string {
@@ -4982,7 +5121,7 @@ type RemoveMemberResponse struct {
 
 func (x *RemoveMemberResponse) Reset() {
 	*x = RemoveMemberResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4994,7 +5133,7 @@ func (x *RemoveMemberResponse) String() string {
 func (*RemoveMemberResponse) ProtoMessage() {}
 
 func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5007,7 +5146,7 @@ func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberResponse.ProtoReflect.Descriptor instead.
 func (*RemoveMemberResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{84}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{86}
 }
 
 // An API key: per user per org. Only a hash of the secret is stored.
@@ -5031,7 +5170,7 @@ type ApiKey struct {
 
 func (x *ApiKey) Reset() {
 	*x = ApiKey{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5043,7 +5182,7 @@ func (x *ApiKey) String() string {
 func (*ApiKey) ProtoMessage() {}
 
 func (x *ApiKey) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5056,7 +5195,7 @@ func (x *ApiKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApiKey.ProtoReflect.Descriptor instead.
 func (*ApiKey) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{85}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *ApiKey) GetId() string {
@@ -5155,7 +5294,7 @@ type CreateKeyRequest struct {
 
 func (x *CreateKeyRequest) Reset() {
 	*x = CreateKeyRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5167,7 +5306,7 @@ func (x *CreateKeyRequest) String() string {
 func (*CreateKeyRequest) ProtoMessage() {}
 
 func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5180,7 +5319,7 @@ func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{86}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *CreateKeyRequest) GetName() string {
@@ -5220,7 +5359,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5232,7 +5371,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5245,7 +5384,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{87}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *ListKeysRequest) GetAll() bool {
@@ -5264,7 +5403,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5276,7 +5415,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5289,7 +5428,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{88}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *ListKeysResponse) GetKeys() []*ApiKey {
@@ -5308,7 +5447,7 @@ type RevokeKeyRequest struct {
 
 func (x *RevokeKeyRequest) Reset() {
 	*x = RevokeKeyRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5320,7 +5459,7 @@ func (x *RevokeKeyRequest) String() string {
 func (*RevokeKeyRequest) ProtoMessage() {}
 
 func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5333,7 +5472,7 @@ func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{89}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *RevokeKeyRequest) GetId() string {
@@ -5352,7 +5491,7 @@ type RevokeKeyResponse struct {
 
 func (x *RevokeKeyResponse) Reset() {
 	*x = RevokeKeyResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5364,7 +5503,7 @@ func (x *RevokeKeyResponse) String() string {
 func (*RevokeKeyResponse) ProtoMessage() {}
 
 func (x *RevokeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5377,7 +5516,7 @@ func (x *RevokeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyResponse.ProtoReflect.Descriptor instead.
 func (*RevokeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{90}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *RevokeKeyResponse) GetKey() *ApiKey {
@@ -5400,7 +5539,7 @@ type Quota struct {
 
 func (x *Quota) Reset() {
 	*x = Quota{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5412,7 +5551,7 @@ func (x *Quota) String() string {
 func (*Quota) ProtoMessage() {}
 
 func (x *Quota) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5425,7 +5564,7 @@ func (x *Quota) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quota.ProtoReflect.Descriptor instead.
 func (*Quota) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{91}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *Quota) GetMaxRunningSandboxes() int32 {
@@ -5465,7 +5604,7 @@ type GetQuotaRequest struct {
 
 func (x *GetQuotaRequest) Reset() {
 	*x = GetQuotaRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5477,7 +5616,7 @@ func (x *GetQuotaRequest) String() string {
 func (*GetQuotaRequest) ProtoMessage() {}
 
 func (x *GetQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5490,7 +5629,7 @@ func (x *GetQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetQuotaRequest.ProtoReflect.Descriptor instead.
 func (*GetQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{92}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *GetQuotaRequest) GetOrg() string {
@@ -5510,7 +5649,7 @@ type SetQuotaRequest struct {
 
 func (x *SetQuotaRequest) Reset() {
 	*x = SetQuotaRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5522,7 +5661,7 @@ func (x *SetQuotaRequest) String() string {
 func (*SetQuotaRequest) ProtoMessage() {}
 
 func (x *SetQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5535,7 +5674,7 @@ func (x *SetQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetQuotaRequest.ProtoReflect.Descriptor instead.
 func (*SetQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{93}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *SetQuotaRequest) GetOrg() string {
@@ -5563,7 +5702,7 @@ type AuditRequest struct {
 
 func (x *AuditRequest) Reset() {
 	*x = AuditRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5575,7 +5714,7 @@ func (x *AuditRequest) String() string {
 func (*AuditRequest) ProtoMessage() {}
 
 func (x *AuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5588,7 +5727,7 @@ func (x *AuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRequest.ProtoReflect.Descriptor instead.
 func (*AuditRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{94}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *AuditRequest) GetSince() string {
@@ -5630,7 +5769,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5642,7 +5781,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5655,7 +5794,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{95}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *AuditRecord) GetSeq() int64 {
@@ -5737,7 +5876,7 @@ type AuditResponse struct {
 
 func (x *AuditResponse) Reset() {
 	*x = AuditResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5749,7 +5888,7 @@ func (x *AuditResponse) String() string {
 func (*AuditResponse) ProtoMessage() {}
 
 func (x *AuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5762,7 +5901,7 @@ func (x *AuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditResponse.ProtoReflect.Descriptor instead.
 func (*AuditResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{96}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *AuditResponse) GetRecords() []*AuditRecord {
@@ -5858,7 +5997,7 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x0ftimeout_seconds\x18\x02 \x01(\x03R\x0etimeoutSeconds\")\n" +
 	"\x17TerminateSandboxRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\x9f\x02\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\xed\x02\n" +
 	"\vExecRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
@@ -5867,7 +6006,12 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\aworkdir\x18\x04 \x01(\tR\aworkdir\x12\x14\n" +
 	"\x05stdin\x18\x05 \x01(\bR\x05stdin\x12'\n" +
 	"\x0ftimeout_seconds\x18\x06 \x01(\x03R\x0etimeoutSeconds\x12\x12\n" +
-	"\x04user\x18\a \x01(\tR\x04user\x1a6\n" +
+	"\x04user\x18\a \x01(\tR\x04user\x12\x10\n" +
+	"\x03pty\x18\b \x01(\bR\x03pty\x12\x12\n" +
+	"\x04rows\x18\t \x01(\rR\x04rows\x12\x12\n" +
+	"\x04cols\x18\n" +
+	" \x01(\rR\x04cols\x12\x12\n" +
+	"\x04term\x18\v \x01(\tR\x04term\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xbb\x01\n" +
@@ -5897,7 +6041,14 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x17\n" +
 	"\aexec_id\x18\x02 \x01(\tR\x06execId\x12\x16\n" +
 	"\x06signal\x18\x03 \x01(\tR\x06signal\"\x14\n" +
-	"\x12SignalExecResponse\"D\n" +
+	"\x12SignalExecResponse\"s\n" +
+	"\x11ResizeExecRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x17\n" +
+	"\aexec_id\x18\x02 \x01(\tR\x06execId\x12\x12\n" +
+	"\x04rows\x18\x03 \x01(\rR\x04rows\x12\x12\n" +
+	"\x04cols\x18\x04 \x01(\rR\x04cols\"\x14\n" +
+	"\x12ResizeExecResponse\"D\n" +
 	"\vLogsRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x16\n" +
@@ -6236,7 +6387,7 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x06detail\x18\n" +
 	" \x01(\tR\x06detail\"H\n" +
 	"\rAuditResponse\x127\n" +
-	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords2\xa2\t\n" +
+	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords2\xfb\t\n" +
 	"\x0eSandboxService\x12K\n" +
 	"\x06Create\x12&.chalk.compute.v1.CreateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12J\n" +
 	"\x03Get\x12#.chalk.compute.v1.GetSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\"\x03\x90\x02\x01\x12\\\n" +
@@ -6247,7 +6398,9 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\n" +
 	"WriteStdin\x12#.chalk.compute.v1.WriteStdinRequest\x1a$.chalk.compute.v1.WriteStdinResponse\x12W\n" +
 	"\n" +
-	"SignalExec\x12#.chalk.compute.v1.SignalExecRequest\x1a$.chalk.compute.v1.SignalExecResponse\x12H\n" +
+	"SignalExec\x12#.chalk.compute.v1.SignalExecRequest\x1a$.chalk.compute.v1.SignalExecResponse\x12W\n" +
+	"\n" +
+	"ResizeExec\x12#.chalk.compute.v1.ResizeExecRequest\x1a$.chalk.compute.v1.ResizeExecResponse\x12H\n" +
 	"\x04Logs\x12\x1d.chalk.compute.v1.LogsRequest\x1a\x1a.chalk.compute.v1.LogChunk\"\x03\x90\x02\x010\x01\x12Q\n" +
 	"\bReadFile\x12!.chalk.compute.v1.ReadFileRequest\x1a\x1b.chalk.compute.v1.FileChunk\"\x03\x90\x02\x010\x01\x12T\n" +
 	"\tWriteFile\x12\".chalk.compute.v1.WriteFileRequest\x1a#.chalk.compute.v1.WriteFileResponse\x12Y\n" +
@@ -6316,7 +6469,7 @@ func file_chalk_compute_v1_compute_proto_rawDescGZIP() []byte {
 	return file_chalk_compute_v1_compute_proto_rawDescData
 }
 
-var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 103)
+var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 105)
 var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*Sandbox)(nil),                 // 0: chalk.compute.v1.Sandbox
 	(*CreateSandboxRequest)(nil),    // 1: chalk.compute.v1.CreateSandboxRequest
@@ -6333,129 +6486,131 @@ var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*WriteStdinResponse)(nil),      // 12: chalk.compute.v1.WriteStdinResponse
 	(*SignalExecRequest)(nil),       // 13: chalk.compute.v1.SignalExecRequest
 	(*SignalExecResponse)(nil),      // 14: chalk.compute.v1.SignalExecResponse
-	(*LogsRequest)(nil),             // 15: chalk.compute.v1.LogsRequest
-	(*LogChunk)(nil),                // 16: chalk.compute.v1.LogChunk
-	(*ReadFileRequest)(nil),         // 17: chalk.compute.v1.ReadFileRequest
-	(*FileChunk)(nil),               // 18: chalk.compute.v1.FileChunk
-	(*WriteFileRequest)(nil),        // 19: chalk.compute.v1.WriteFileRequest
-	(*WriteFileResponse)(nil),       // 20: chalk.compute.v1.WriteFileResponse
-	(*ListFilesRequest)(nil),        // 21: chalk.compute.v1.ListFilesRequest
-	(*FileInfo)(nil),                // 22: chalk.compute.v1.FileInfo
-	(*ListFilesResponse)(nil),       // 23: chalk.compute.v1.ListFilesResponse
-	(*RemoveFileRequest)(nil),       // 24: chalk.compute.v1.RemoveFileRequest
-	(*RemoveFileResponse)(nil),      // 25: chalk.compute.v1.RemoveFileResponse
-	(*EgressLogRequest)(nil),        // 26: chalk.compute.v1.EgressLogRequest
-	(*EgressDrop)(nil),              // 27: chalk.compute.v1.EgressDrop
-	(*EgressLogResponse)(nil),       // 28: chalk.compute.v1.EgressLogResponse
-	(*Image)(nil),                   // 29: chalk.compute.v1.Image
-	(*PullImageRequest)(nil),        // 30: chalk.compute.v1.PullImageRequest
-	(*WarmImageRequest)(nil),        // 31: chalk.compute.v1.WarmImageRequest
-	(*ImageProgress)(nil),           // 32: chalk.compute.v1.ImageProgress
-	(*ListImagesRequest)(nil),       // 33: chalk.compute.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),      // 34: chalk.compute.v1.ListImagesResponse
-	(*InspectImageRequest)(nil),     // 35: chalk.compute.v1.InspectImageRequest
-	(*InspectImageResponse)(nil),    // 36: chalk.compute.v1.InspectImageResponse
-	(*RemoveImageRequest)(nil),      // 37: chalk.compute.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),     // 38: chalk.compute.v1.RemoveImageResponse
-	(*BuildImageRequest)(nil),       // 39: chalk.compute.v1.BuildImageRequest
-	(*HasBlobsRequest)(nil),         // 40: chalk.compute.v1.HasBlobsRequest
-	(*HasBlobsResponse)(nil),        // 41: chalk.compute.v1.HasBlobsResponse
-	(*UploadBlobRequest)(nil),       // 42: chalk.compute.v1.UploadBlobRequest
-	(*UploadBlobResponse)(nil),      // 43: chalk.compute.v1.UploadBlobResponse
-	(*NetworkPolicy)(nil),           // 44: chalk.compute.v1.NetworkPolicy
-	(*PolicyName)(nil),              // 45: chalk.compute.v1.PolicyName
-	(*ListPoliciesRequest)(nil),     // 46: chalk.compute.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),    // 47: chalk.compute.v1.ListPoliciesResponse
-	(*DeletePolicyResponse)(nil),    // 48: chalk.compute.v1.DeletePolicyResponse
-	(*WhoAmIRequest)(nil),           // 49: chalk.compute.v1.WhoAmIRequest
-	(*WhoAmIResponse)(nil),          // 50: chalk.compute.v1.WhoAmIResponse
-	(*MintTokenRequest)(nil),        // 51: chalk.compute.v1.MintTokenRequest
-	(*MintTokenResponse)(nil),       // 52: chalk.compute.v1.MintTokenResponse
-	(*RotateKeysRequest)(nil),       // 53: chalk.compute.v1.RotateKeysRequest
-	(*RotateKeysResponse)(nil),      // 54: chalk.compute.v1.RotateKeysResponse
-	(*TunnelPeer)(nil),              // 55: chalk.compute.v1.TunnelPeer
-	(*TunnelMember)(nil),            // 56: chalk.compute.v1.TunnelMember
-	(*Tunnel)(nil),                  // 57: chalk.compute.v1.Tunnel
-	(*TunnelName)(nil),              // 58: chalk.compute.v1.TunnelName
-	(*ListTunnelsRequest)(nil),      // 59: chalk.compute.v1.ListTunnelsRequest
-	(*ListTunnelsResponse)(nil),     // 60: chalk.compute.v1.ListTunnelsResponse
-	(*AddTunnelPeerRequest)(nil),    // 61: chalk.compute.v1.AddTunnelPeerRequest
-	(*RemoveTunnelPeerRequest)(nil), // 62: chalk.compute.v1.RemoveTunnelPeerRequest
-	(*DeleteTunnelResponse)(nil),    // 63: chalk.compute.v1.DeleteTunnelResponse
-	(*McpServer)(nil),               // 64: chalk.compute.v1.McpServer
-	(*McpServerName)(nil),           // 65: chalk.compute.v1.McpServerName
-	(*ListMcpServersRequest)(nil),   // 66: chalk.compute.v1.ListMcpServersRequest
-	(*ListMcpServersResponse)(nil),  // 67: chalk.compute.v1.ListMcpServersResponse
-	(*RemoveMcpServerResponse)(nil), // 68: chalk.compute.v1.RemoveMcpServerResponse
-	(*McpAuditRequest)(nil),         // 69: chalk.compute.v1.McpAuditRequest
-	(*McpAuditRecord)(nil),          // 70: chalk.compute.v1.McpAuditRecord
-	(*McpAuditResponse)(nil),        // 71: chalk.compute.v1.McpAuditResponse
-	(*Org)(nil),                     // 72: chalk.compute.v1.Org
-	(*CreateOrgRequest)(nil),        // 73: chalk.compute.v1.CreateOrgRequest
-	(*CreateOrgResponse)(nil),       // 74: chalk.compute.v1.CreateOrgResponse
-	(*ListOrgsRequest)(nil),         // 75: chalk.compute.v1.ListOrgsRequest
-	(*ListOrgsResponse)(nil),        // 76: chalk.compute.v1.ListOrgsResponse
-	(*Member)(nil),                  // 77: chalk.compute.v1.Member
-	(*AddMemberRequest)(nil),        // 78: chalk.compute.v1.AddMemberRequest
-	(*AddMemberResponse)(nil),       // 79: chalk.compute.v1.AddMemberResponse
-	(*ListMembersRequest)(nil),      // 80: chalk.compute.v1.ListMembersRequest
-	(*ListMembersResponse)(nil),     // 81: chalk.compute.v1.ListMembersResponse
-	(*RemoveMemberRequest)(nil),     // 82: chalk.compute.v1.RemoveMemberRequest
-	(*SetMemberRoleRequest)(nil),    // 83: chalk.compute.v1.SetMemberRoleRequest
-	(*RemoveMemberResponse)(nil),    // 84: chalk.compute.v1.RemoveMemberResponse
-	(*ApiKey)(nil),                  // 85: chalk.compute.v1.ApiKey
-	(*CreateKeyRequest)(nil),        // 86: chalk.compute.v1.CreateKeyRequest
-	(*ListKeysRequest)(nil),         // 87: chalk.compute.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),        // 88: chalk.compute.v1.ListKeysResponse
-	(*RevokeKeyRequest)(nil),        // 89: chalk.compute.v1.RevokeKeyRequest
-	(*RevokeKeyResponse)(nil),       // 90: chalk.compute.v1.RevokeKeyResponse
-	(*Quota)(nil),                   // 91: chalk.compute.v1.Quota
-	(*GetQuotaRequest)(nil),         // 92: chalk.compute.v1.GetQuotaRequest
-	(*SetQuotaRequest)(nil),         // 93: chalk.compute.v1.SetQuotaRequest
-	(*AuditRequest)(nil),            // 94: chalk.compute.v1.AuditRequest
-	(*AuditRecord)(nil),             // 95: chalk.compute.v1.AuditRecord
-	(*AuditResponse)(nil),           // 96: chalk.compute.v1.AuditResponse
-	nil,                             // 97: chalk.compute.v1.Sandbox.EnvEntry
-	nil,                             // 98: chalk.compute.v1.Sandbox.LabelsEntry
-	nil,                             // 99: chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	nil,                             // 100: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
-	nil,                             // 101: chalk.compute.v1.ExecRequest.EnvEntry
-	nil,                             // 102: chalk.compute.v1.McpServer.SandboxLabelsEntry
+	(*ResizeExecRequest)(nil),       // 15: chalk.compute.v1.ResizeExecRequest
+	(*ResizeExecResponse)(nil),      // 16: chalk.compute.v1.ResizeExecResponse
+	(*LogsRequest)(nil),             // 17: chalk.compute.v1.LogsRequest
+	(*LogChunk)(nil),                // 18: chalk.compute.v1.LogChunk
+	(*ReadFileRequest)(nil),         // 19: chalk.compute.v1.ReadFileRequest
+	(*FileChunk)(nil),               // 20: chalk.compute.v1.FileChunk
+	(*WriteFileRequest)(nil),        // 21: chalk.compute.v1.WriteFileRequest
+	(*WriteFileResponse)(nil),       // 22: chalk.compute.v1.WriteFileResponse
+	(*ListFilesRequest)(nil),        // 23: chalk.compute.v1.ListFilesRequest
+	(*FileInfo)(nil),                // 24: chalk.compute.v1.FileInfo
+	(*ListFilesResponse)(nil),       // 25: chalk.compute.v1.ListFilesResponse
+	(*RemoveFileRequest)(nil),       // 26: chalk.compute.v1.RemoveFileRequest
+	(*RemoveFileResponse)(nil),      // 27: chalk.compute.v1.RemoveFileResponse
+	(*EgressLogRequest)(nil),        // 28: chalk.compute.v1.EgressLogRequest
+	(*EgressDrop)(nil),              // 29: chalk.compute.v1.EgressDrop
+	(*EgressLogResponse)(nil),       // 30: chalk.compute.v1.EgressLogResponse
+	(*Image)(nil),                   // 31: chalk.compute.v1.Image
+	(*PullImageRequest)(nil),        // 32: chalk.compute.v1.PullImageRequest
+	(*WarmImageRequest)(nil),        // 33: chalk.compute.v1.WarmImageRequest
+	(*ImageProgress)(nil),           // 34: chalk.compute.v1.ImageProgress
+	(*ListImagesRequest)(nil),       // 35: chalk.compute.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),      // 36: chalk.compute.v1.ListImagesResponse
+	(*InspectImageRequest)(nil),     // 37: chalk.compute.v1.InspectImageRequest
+	(*InspectImageResponse)(nil),    // 38: chalk.compute.v1.InspectImageResponse
+	(*RemoveImageRequest)(nil),      // 39: chalk.compute.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),     // 40: chalk.compute.v1.RemoveImageResponse
+	(*BuildImageRequest)(nil),       // 41: chalk.compute.v1.BuildImageRequest
+	(*HasBlobsRequest)(nil),         // 42: chalk.compute.v1.HasBlobsRequest
+	(*HasBlobsResponse)(nil),        // 43: chalk.compute.v1.HasBlobsResponse
+	(*UploadBlobRequest)(nil),       // 44: chalk.compute.v1.UploadBlobRequest
+	(*UploadBlobResponse)(nil),      // 45: chalk.compute.v1.UploadBlobResponse
+	(*NetworkPolicy)(nil),           // 46: chalk.compute.v1.NetworkPolicy
+	(*PolicyName)(nil),              // 47: chalk.compute.v1.PolicyName
+	(*ListPoliciesRequest)(nil),     // 48: chalk.compute.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),    // 49: chalk.compute.v1.ListPoliciesResponse
+	(*DeletePolicyResponse)(nil),    // 50: chalk.compute.v1.DeletePolicyResponse
+	(*WhoAmIRequest)(nil),           // 51: chalk.compute.v1.WhoAmIRequest
+	(*WhoAmIResponse)(nil),          // 52: chalk.compute.v1.WhoAmIResponse
+	(*MintTokenRequest)(nil),        // 53: chalk.compute.v1.MintTokenRequest
+	(*MintTokenResponse)(nil),       // 54: chalk.compute.v1.MintTokenResponse
+	(*RotateKeysRequest)(nil),       // 55: chalk.compute.v1.RotateKeysRequest
+	(*RotateKeysResponse)(nil),      // 56: chalk.compute.v1.RotateKeysResponse
+	(*TunnelPeer)(nil),              // 57: chalk.compute.v1.TunnelPeer
+	(*TunnelMember)(nil),            // 58: chalk.compute.v1.TunnelMember
+	(*Tunnel)(nil),                  // 59: chalk.compute.v1.Tunnel
+	(*TunnelName)(nil),              // 60: chalk.compute.v1.TunnelName
+	(*ListTunnelsRequest)(nil),      // 61: chalk.compute.v1.ListTunnelsRequest
+	(*ListTunnelsResponse)(nil),     // 62: chalk.compute.v1.ListTunnelsResponse
+	(*AddTunnelPeerRequest)(nil),    // 63: chalk.compute.v1.AddTunnelPeerRequest
+	(*RemoveTunnelPeerRequest)(nil), // 64: chalk.compute.v1.RemoveTunnelPeerRequest
+	(*DeleteTunnelResponse)(nil),    // 65: chalk.compute.v1.DeleteTunnelResponse
+	(*McpServer)(nil),               // 66: chalk.compute.v1.McpServer
+	(*McpServerName)(nil),           // 67: chalk.compute.v1.McpServerName
+	(*ListMcpServersRequest)(nil),   // 68: chalk.compute.v1.ListMcpServersRequest
+	(*ListMcpServersResponse)(nil),  // 69: chalk.compute.v1.ListMcpServersResponse
+	(*RemoveMcpServerResponse)(nil), // 70: chalk.compute.v1.RemoveMcpServerResponse
+	(*McpAuditRequest)(nil),         // 71: chalk.compute.v1.McpAuditRequest
+	(*McpAuditRecord)(nil),          // 72: chalk.compute.v1.McpAuditRecord
+	(*McpAuditResponse)(nil),        // 73: chalk.compute.v1.McpAuditResponse
+	(*Org)(nil),                     // 74: chalk.compute.v1.Org
+	(*CreateOrgRequest)(nil),        // 75: chalk.compute.v1.CreateOrgRequest
+	(*CreateOrgResponse)(nil),       // 76: chalk.compute.v1.CreateOrgResponse
+	(*ListOrgsRequest)(nil),         // 77: chalk.compute.v1.ListOrgsRequest
+	(*ListOrgsResponse)(nil),        // 78: chalk.compute.v1.ListOrgsResponse
+	(*Member)(nil),                  // 79: chalk.compute.v1.Member
+	(*AddMemberRequest)(nil),        // 80: chalk.compute.v1.AddMemberRequest
+	(*AddMemberResponse)(nil),       // 81: chalk.compute.v1.AddMemberResponse
+	(*ListMembersRequest)(nil),      // 82: chalk.compute.v1.ListMembersRequest
+	(*ListMembersResponse)(nil),     // 83: chalk.compute.v1.ListMembersResponse
+	(*RemoveMemberRequest)(nil),     // 84: chalk.compute.v1.RemoveMemberRequest
+	(*SetMemberRoleRequest)(nil),    // 85: chalk.compute.v1.SetMemberRoleRequest
+	(*RemoveMemberResponse)(nil),    // 86: chalk.compute.v1.RemoveMemberResponse
+	(*ApiKey)(nil),                  // 87: chalk.compute.v1.ApiKey
+	(*CreateKeyRequest)(nil),        // 88: chalk.compute.v1.CreateKeyRequest
+	(*ListKeysRequest)(nil),         // 89: chalk.compute.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),        // 90: chalk.compute.v1.ListKeysResponse
+	(*RevokeKeyRequest)(nil),        // 91: chalk.compute.v1.RevokeKeyRequest
+	(*RevokeKeyResponse)(nil),       // 92: chalk.compute.v1.RevokeKeyResponse
+	(*Quota)(nil),                   // 93: chalk.compute.v1.Quota
+	(*GetQuotaRequest)(nil),         // 94: chalk.compute.v1.GetQuotaRequest
+	(*SetQuotaRequest)(nil),         // 95: chalk.compute.v1.SetQuotaRequest
+	(*AuditRequest)(nil),            // 96: chalk.compute.v1.AuditRequest
+	(*AuditRecord)(nil),             // 97: chalk.compute.v1.AuditRecord
+	(*AuditResponse)(nil),           // 98: chalk.compute.v1.AuditResponse
+	nil,                             // 99: chalk.compute.v1.Sandbox.EnvEntry
+	nil,                             // 100: chalk.compute.v1.Sandbox.LabelsEntry
+	nil,                             // 101: chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	nil,                             // 102: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	nil,                             // 103: chalk.compute.v1.ExecRequest.EnvEntry
+	nil,                             // 104: chalk.compute.v1.McpServer.SandboxLabelsEntry
 }
 var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
-	97,  // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
-	98,  // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
-	99,  // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	44,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
-	100, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	99,  // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
+	100, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
+	101, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	46,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
+	102, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
 	0,   // 5: chalk.compute.v1.ListSandboxesResponse.sandboxes:type_name -> chalk.compute.v1.Sandbox
-	101, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
+	103, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
 	9,   // 7: chalk.compute.v1.ExecEvent.started:type_name -> chalk.compute.v1.ExecStarted
 	10,  // 8: chalk.compute.v1.ExecEvent.exited:type_name -> chalk.compute.v1.ExecExited
-	22,  // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
-	27,  // 10: chalk.compute.v1.EgressLogResponse.drops:type_name -> chalk.compute.v1.EgressDrop
-	29,  // 11: chalk.compute.v1.ImageProgress.image:type_name -> chalk.compute.v1.Image
-	29,  // 12: chalk.compute.v1.ListImagesResponse.images:type_name -> chalk.compute.v1.Image
-	29,  // 13: chalk.compute.v1.InspectImageResponse.image:type_name -> chalk.compute.v1.Image
-	44,  // 14: chalk.compute.v1.ListPoliciesResponse.policies:type_name -> chalk.compute.v1.NetworkPolicy
-	55,  // 15: chalk.compute.v1.Tunnel.peers:type_name -> chalk.compute.v1.TunnelPeer
-	56,  // 16: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
-	57,  // 17: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
-	55,  // 18: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
-	102, // 19: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
-	64,  // 20: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
-	70,  // 21: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
-	91,  // 22: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
-	72,  // 23: chalk.compute.v1.CreateOrgResponse.org:type_name -> chalk.compute.v1.Org
-	85,  // 24: chalk.compute.v1.CreateOrgResponse.admin_key:type_name -> chalk.compute.v1.ApiKey
-	72,  // 25: chalk.compute.v1.ListOrgsResponse.orgs:type_name -> chalk.compute.v1.Org
-	77,  // 26: chalk.compute.v1.AddMemberResponse.member:type_name -> chalk.compute.v1.Member
-	85,  // 27: chalk.compute.v1.AddMemberResponse.key:type_name -> chalk.compute.v1.ApiKey
-	77,  // 28: chalk.compute.v1.ListMembersResponse.members:type_name -> chalk.compute.v1.Member
-	85,  // 29: chalk.compute.v1.ListKeysResponse.keys:type_name -> chalk.compute.v1.ApiKey
-	85,  // 30: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
-	91,  // 31: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
-	95,  // 32: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
+	24,  // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
+	29,  // 10: chalk.compute.v1.EgressLogResponse.drops:type_name -> chalk.compute.v1.EgressDrop
+	31,  // 11: chalk.compute.v1.ImageProgress.image:type_name -> chalk.compute.v1.Image
+	31,  // 12: chalk.compute.v1.ListImagesResponse.images:type_name -> chalk.compute.v1.Image
+	31,  // 13: chalk.compute.v1.InspectImageResponse.image:type_name -> chalk.compute.v1.Image
+	46,  // 14: chalk.compute.v1.ListPoliciesResponse.policies:type_name -> chalk.compute.v1.NetworkPolicy
+	57,  // 15: chalk.compute.v1.Tunnel.peers:type_name -> chalk.compute.v1.TunnelPeer
+	58,  // 16: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
+	59,  // 17: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
+	57,  // 18: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
+	104, // 19: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
+	66,  // 20: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
+	72,  // 21: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
+	93,  // 22: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
+	74,  // 23: chalk.compute.v1.CreateOrgResponse.org:type_name -> chalk.compute.v1.Org
+	87,  // 24: chalk.compute.v1.CreateOrgResponse.admin_key:type_name -> chalk.compute.v1.ApiKey
+	74,  // 25: chalk.compute.v1.ListOrgsResponse.orgs:type_name -> chalk.compute.v1.Org
+	79,  // 26: chalk.compute.v1.AddMemberResponse.member:type_name -> chalk.compute.v1.Member
+	87,  // 27: chalk.compute.v1.AddMemberResponse.key:type_name -> chalk.compute.v1.ApiKey
+	79,  // 28: chalk.compute.v1.ListMembersResponse.members:type_name -> chalk.compute.v1.Member
+	87,  // 29: chalk.compute.v1.ListKeysResponse.keys:type_name -> chalk.compute.v1.ApiKey
+	87,  // 30: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
+	93,  // 31: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
+	97,  // 32: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
 	1,   // 33: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
 	2,   // 34: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
 	3,   // 35: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
@@ -6464,104 +6619,106 @@ var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
 	7,   // 38: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
 	11,  // 39: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
 	13,  // 40: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
-	15,  // 41: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
-	17,  // 42: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
-	19,  // 43: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
-	21,  // 44: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
-	24,  // 45: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
-	26,  // 46: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
-	30,  // 47: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
-	31,  // 48: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
-	39,  // 49: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
-	33,  // 50: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
-	35,  // 51: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
-	37,  // 52: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
-	40,  // 53: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
-	42,  // 54: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
-	44,  // 55: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
-	44,  // 56: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
-	45,  // 57: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
-	46,  // 58: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
-	45,  // 59: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
-	49,  // 60: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
-	51,  // 61: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
-	53,  // 62: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
-	57,  // 63: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
-	58,  // 64: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
-	59,  // 65: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
-	58,  // 66: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
-	61,  // 67: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
-	62,  // 68: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
-	64,  // 69: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
-	66,  // 70: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
-	65,  // 71: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
-	69,  // 72: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
-	73,  // 73: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
-	75,  // 74: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
-	78,  // 75: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
-	80,  // 76: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
-	82,  // 77: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
-	83,  // 78: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
-	86,  // 79: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
-	87,  // 80: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
-	89,  // 81: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
-	92,  // 82: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
-	93,  // 83: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
-	94,  // 84: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
-	0,   // 85: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
-	0,   // 86: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
-	4,   // 87: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
-	0,   // 88: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
-	0,   // 89: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
-	8,   // 90: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
-	12,  // 91: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
-	14,  // 92: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
-	16,  // 93: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
-	18,  // 94: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
-	20,  // 95: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
-	23,  // 96: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
-	25,  // 97: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
-	28,  // 98: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
-	32,  // 99: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
-	32,  // 100: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
-	32,  // 101: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
-	34,  // 102: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
-	36,  // 103: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
-	38,  // 104: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
-	41,  // 105: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
-	43,  // 106: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
-	44,  // 107: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
-	44,  // 108: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
-	44,  // 109: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
-	47,  // 110: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
-	48,  // 111: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
-	50,  // 112: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
-	52,  // 113: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
-	54,  // 114: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
-	57,  // 115: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
-	57,  // 116: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
-	60,  // 117: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
-	63,  // 118: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
-	55,  // 119: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
-	57,  // 120: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
-	64,  // 121: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
-	67,  // 122: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
-	68,  // 123: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
-	71,  // 124: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
-	74,  // 125: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
-	76,  // 126: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
-	79,  // 127: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
-	81,  // 128: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
-	84,  // 129: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
-	77,  // 130: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
-	85,  // 131: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
-	88,  // 132: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
-	90,  // 133: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
-	91,  // 134: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
-	91,  // 135: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
-	96,  // 136: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
-	85,  // [85:137] is the sub-list for method output_type
-	33,  // [33:85] is the sub-list for method input_type
+	15,  // 41: chalk.compute.v1.SandboxService.ResizeExec:input_type -> chalk.compute.v1.ResizeExecRequest
+	17,  // 42: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
+	19,  // 43: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
+	21,  // 44: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
+	23,  // 45: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
+	26,  // 46: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
+	28,  // 47: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
+	32,  // 48: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
+	33,  // 49: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
+	41,  // 50: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
+	35,  // 51: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
+	37,  // 52: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
+	39,  // 53: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
+	42,  // 54: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
+	44,  // 55: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
+	46,  // 56: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
+	46,  // 57: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
+	47,  // 58: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
+	48,  // 59: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
+	47,  // 60: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
+	51,  // 61: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
+	53,  // 62: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
+	55,  // 63: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
+	59,  // 64: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
+	60,  // 65: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
+	61,  // 66: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
+	60,  // 67: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
+	63,  // 68: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
+	64,  // 69: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
+	66,  // 70: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
+	68,  // 71: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
+	67,  // 72: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
+	71,  // 73: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
+	75,  // 74: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
+	77,  // 75: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
+	80,  // 76: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
+	82,  // 77: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
+	84,  // 78: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
+	85,  // 79: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
+	88,  // 80: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
+	89,  // 81: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
+	91,  // 82: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
+	94,  // 83: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
+	95,  // 84: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
+	96,  // 85: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
+	0,   // 86: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
+	0,   // 87: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
+	4,   // 88: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
+	0,   // 89: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
+	0,   // 90: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
+	8,   // 91: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
+	12,  // 92: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
+	14,  // 93: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
+	16,  // 94: chalk.compute.v1.SandboxService.ResizeExec:output_type -> chalk.compute.v1.ResizeExecResponse
+	18,  // 95: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
+	20,  // 96: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
+	22,  // 97: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
+	25,  // 98: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
+	27,  // 99: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
+	30,  // 100: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
+	34,  // 101: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
+	34,  // 102: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
+	34,  // 103: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
+	36,  // 104: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
+	38,  // 105: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
+	40,  // 106: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
+	43,  // 107: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
+	45,  // 108: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
+	46,  // 109: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
+	46,  // 110: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
+	46,  // 111: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
+	49,  // 112: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
+	50,  // 113: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
+	52,  // 114: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
+	54,  // 115: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
+	56,  // 116: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
+	59,  // 117: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
+	59,  // 118: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
+	62,  // 119: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
+	65,  // 120: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
+	57,  // 121: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
+	59,  // 122: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
+	66,  // 123: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
+	69,  // 124: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
+	70,  // 125: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
+	73,  // 126: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
+	76,  // 127: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
+	78,  // 128: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
+	81,  // 129: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
+	83,  // 130: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
+	86,  // 131: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
+	79,  // 132: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
+	87,  // 133: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
+	90,  // 134: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
+	92,  // 135: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
+	93,  // 136: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
+	93,  // 137: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
+	98,  // 138: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
+	86,  // [86:139] is the sub-list for method output_type
+	33,  // [33:86] is the sub-list for method input_type
 	33,  // [33:33] is the sub-list for extension type_name
 	33,  // [33:33] is the sub-list for extension extendee
 	0,   // [0:33] is the sub-list for field type_name
@@ -6578,15 +6735,15 @@ func file_chalk_compute_v1_compute_proto_init() {
 		(*ExecEvent_Stderr)(nil),
 		(*ExecEvent_Exited)(nil),
 	}
-	file_chalk_compute_v1_compute_proto_msgTypes[31].OneofWrappers = []any{}
-	file_chalk_compute_v1_compute_proto_msgTypes[44].OneofWrappers = []any{}
+	file_chalk_compute_v1_compute_proto_msgTypes[33].OneofWrappers = []any{}
+	file_chalk_compute_v1_compute_proto_msgTypes[46].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_compute_v1_compute_proto_rawDesc), len(file_chalk_compute_v1_compute_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   103,
+			NumMessages:   105,
 			NumExtensions: 0,
 			NumServices:   7,
 		},
