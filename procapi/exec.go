@@ -366,7 +366,11 @@ func (e *execution) readClient(gone chan<- struct{}) {
 		case frameResize:
 			e.resize(b)
 		case frameSignal:
-			if len(b) == 1 && b[0] >= 1 && b[0] <= 64 {
+			switch {
+			case len(b) != 1 || b[0] < 1 || b[0] > 64:
+			case b[0] == byte(syscall.SIGKILL) && e.pty != nil:
+				e.kill() // a terminal's exec is its session: all of it
+			default:
 				e.signal(syscall.Signal(b[0]))
 			}
 		case frameCancel:

@@ -169,12 +169,20 @@ func TestPTYStdinEOF(t *testing.T) {
 	p.Wait()
 }
 
-// A cancelled exec on a terminal is killed with its session: a job that a
-// shell with job control runs in a process group of its own too.
+// A cancelled exec on a terminal, or one sent SIGKILL, is killed with its
+// session: a job that a shell with job control runs in a process group of
+// its own too.
 func TestPTYCancelKillsSession(t *testing.T) {
+	for _, how := range []string{"cancel", "SIGKILL"} {
+		t.Run(how, func(t *testing.T) { testPTYKillsSession(t, how) })
+	}
+}
+
+func testPTYKillsSession(t *testing.T, how string) {
 	c := serve(t, ServerOptions{})
 	ctx := testCtx(t)
 	ectx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	p, w := startPTY(t, ectx, c, `set -m; sleep 1000 & echo "job=$! shell=$$"; wait`)
 	await(t, ctx, w.until("shell="), "the job's pid")
 	m := regexp.MustCompile(`job=(\d+) shell=(\d+)`).FindStringSubmatch(w.String())
@@ -189,9 +197,19 @@ func TestPTYCancelKillsSession(t *testing.T) {
 	if sid, _ := unix.Getsid(job); sid != shell {
 		t.Fatalf("the job's session %d, want the shell's %d", sid, shell)
 	}
-	cancel()
-	if _, err := p.Wait(); !errors.Is(err, context.Canceled) {
-		t.Fatalf("wait after cancel: %v", err)
+	t.Cleanup(func() { unix.Kill(job, unix.SIGKILL) })
+	if how == "cancel" {
+		cancel()
+		if _, err := p.Wait(); !errors.Is(err, context.Canceled) {
+			t.Fatalf("wait after cancel: %v", err)
+		}
+	} else {
+		if err := p.Signal(unix.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		if st, err := p.Wait(); err != nil || st.Signal != "SIGKILL" {
+			t.Fatalf("wait after SIGKILL: %+v %v", st, err)
+		}
 	}
 	eventually(t, "the job in its own group is killed", func() bool { return gone(job) })
 	eventually(t, "the shell is killed", func() bool { return gone(shell) })

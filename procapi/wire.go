@@ -52,8 +52,9 @@
 // out, and the client cancels the exec), 'O' frames carry the terminal's
 // output (bounded like any output: MaxChunk), 'e' is unused, 'I' types into
 // the terminal, 'E' is ignored (type ^D instead: the terminal stays open),
-// and a cancel kills the whole session (background jobs in their own
-// process groups too).
+// and a cancel or an 'S' of SIGKILL kills the whole session (background
+// jobs in their own process groups too); other signals go to the process's
+// group as for any exec.
 //
 // Any op may end with 'R' {"class","message"} instead: an error whose class
 // (not_found, invalid_argument, ...) the client turns back into the matching
