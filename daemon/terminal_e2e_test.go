@@ -137,8 +137,16 @@ func cliEnv(n *chalktest.Node) []string {
 // terminal: a prompt, the window size and its changes, ^C and ^Z reaching
 // the program through the sandbox's terminal, and the shell's exit status
 // as the CLI's, with the terminal restored.
-func TestTerminalShell(t *testing.T) {
-	n := chalktest.Start(t)
+func TestTerminalShell(t *testing.T) { testTerminalShell(t, chalktest.Start(t)) }
+
+// TestTerminalShellRunsc is TestTerminalShell on gVisor: its /dev/ptmx and
+// line discipline are gVisor's own.
+func TestTerminalShellRunsc(t *testing.T) {
+	runsc := runscBinary(t)
+	testTerminalShell(t, chalktest.Start(t, "--runtime", "runsc", "--runtime-binary", runsc))
+}
+
+func testTerminalShell(t *testing.T, n *chalktest.Node) {
 	sb := create(t, n.Client())
 	tm := startTmux(t, cliEnv(n), cliScript(t, "sandbox shell "+sb.ID()))
 
