@@ -98,7 +98,7 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, stdout, stderr io.Wr
 	if stderr == nil {
 		stderr = io.Discard
 	}
-	p := &Process{cc: cc, ctx: ctx, pid: st.Pid, pty: st.PTY, exited: make(chan struct{})}
+	p := &Process{cc: cc, ctx: ctx, pid: st.Pid, pty: req.PTY != nil, exited: make(chan struct{})}
 	if req.Stdin {
 		p.stdin = &stdinWriter{p: p, credit: StdinWindow}
 		p.stdin.cond.L = &p.stdin.mu
