@@ -1,10 +1,12 @@
 package procapi
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -297,5 +299,31 @@ func TestPTYBackgroundJobKeepsTerminal(t *testing.T) {
 	if gone(job) {
 		b, _ := os.ReadFile("/proc/" + strconv.Itoa(job) + "/status")
 		t.Fatalf("the job died: the test proves nothing (%s)", b)
+	}
+}
+
+// An init that predates terminals ignores "pty" and starts the process on
+// pipes: the client refuses the exec and cancels it ('Z').
+func TestPTYOldInit(t *testing.T) {
+	sent := make(chan []byte, 1)
+	c := NewClient("old-init", func(ctx context.Context) (net.Conn, error) {
+		cli, srv := net.Pipe()
+		go func() {
+			defer srv.Close()
+			if _, _, err := readFrame(srv, nil); err != nil {
+				return
+			}
+			go func() { b, _ := io.ReadAll(srv); sent <- b }()
+			_, _ = srv.Write(rawFrame(frameStarted, []byte(`{"pid":42}`)))
+			_, _ = srv.Write(rawFrame(frameStdout, []byte("not a terminal")))
+		}()
+		return cli, nil
+	})
+	_, err := c.Exec(testCtx(t), ExecRequest{Argv: []string{"sh"}, PTY: &PTY{}}, nil, nil)
+	if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "predates terminals") {
+		t.Fatalf("exec on an old init: %v, want failed precondition", err)
+	}
+	if b := <-sent; !bytes.Contains(b, []byte{frameCancel, 0, 0, 0, 0}) {
+		t.Fatalf("the client sent %q after the start, want a cancel", b)
 	}
 }
