@@ -321,3 +321,21 @@ func waitOutput(t *testing.T, ctx context.Context, buf *syncBuffer, want string)
 		t.Fatalf("output never held %q: %q", want, buf.String())
 	}
 }
+
+// TestTerminalShellBash: `shell` picks bash when the image has it (Debian's
+// python image): bash's prompt, its job control, its exit status.
+func TestTerminalShellBash(t *testing.T) {
+	n := chalktest.StartOpts(t, chalktest.Options{Python: true})
+	sb, err := n.Client().Create(ctxT(t, 2*time.Minute), chalkcompute.DebianSlim("3.11"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tm := startTmux(t, cliEnv(n), cliScript(t, "sandbox shell "+sb.ID()))
+	tm.line("echo shell=$BASH_VERSION.")
+	tm.waitFor("shell=5.") // bash 5 in bookworm; empty under sh
+	tm.line("sleep 102")
+	waitProc(t, sb, "sleep 102", "SR")
+	tm.keys(false, "C-c")
+	tm.line("exit 9")
+	tm.waitFor("CLI-EXIT=9")
+}
