@@ -215,7 +215,8 @@ func TestTerminalExecIT(t *testing.T) {
 }
 
 // TestTerminalRestoredWhenChalkdDies: the CLI's connection dies with chalkd
-// (SIGKILL): the CLI fails and the terminal is out of raw mode again.
+// (SIGKILL): the CLI fails and the terminal is out of raw mode again, while
+// the shell runs on in the sandbox.
 func TestTerminalRestoredWhenChalkdDies(t *testing.T) {
 	n := chalktest.Start(t)
 	sb := create(t, n.Client())
@@ -226,6 +227,13 @@ func TestTerminalRestoredWhenChalkdDies(t *testing.T) {
 	s := tm.screen()
 	if !strings.Contains(s, "RESTORED") || strings.Contains(s, "NOT-RESTORED") || strings.Contains(s, "CLI-EXIT=0") {
 		t.Fatalf("after chalkd died:\n%s", s)
+	}
+	// The shell itself lives on in the sandbox (a dropped connection is not
+	// a cancel), on its terminal, in init.
+	n.Restart()
+	out := mustExec(t, sb, "sh", "-c", `for p in /proc/[0-9]*; do [ "$(tr '\0' ' ' < $p/cmdline)" = "sh " ] && readlink $p/fd/0; done; true`)
+	if !strings.Contains(out, "/dev/pts/") {
+		t.Fatalf("no shell on a terminal after chalkd's restart: %q", out)
 	}
 }
 
