@@ -8,8 +8,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -346,4 +348,56 @@ func TestTerminalShellBash(t *testing.T) {
 	tm.keys(false, "C-c")
 	tm.line("exit 9")
 	tm.waitFor("CLI-EXIT=9")
+}
+
+// TestTerminalRestoredOnSignal: SIGTERM or SIGHUP to the CLI in raw mode
+// restores the terminal, and the shell in the sandbox is killed with the
+// exec (the CLI cancelled it).
+func TestTerminalRestoredOnSignal(t *testing.T) {
+	n := chalktest.Start(t)
+	sb := create(t, n.Client())
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGHUP} {
+		t.Run(sig.String(), func(t *testing.T) {
+			tm := startTmux(t, cliEnv(n), cliScript(t, "sandbox shell "+sb.ID()))
+			tm.waitFor("/ #")
+			wrapper, err := strconv.Atoi(strings.TrimSpace(tm.run("display-message", "-p", "-t", "t", "#{pane_pid}")))
+			if err != nil {
+				t.Fatal(err)
+			}
+			cli := childOf(t, wrapper)
+			if err := syscall.Kill(cli, sig); err != nil {
+				t.Fatal(err)
+			}
+			tm.waitFor("CLI-EXIT=")
+			if s := tm.screen(); !strings.Contains(s, "RESTORED") || strings.Contains(s, "NOT-RESTORED") {
+				t.Fatalf("after %v:\n%s", sig, s)
+			}
+			deadline := time.Now().Add(30 * time.Second)
+			for {
+				out := mustExec(t, sb, "sh", "-c", `for p in /proc/[0-9]*; do readlink $p/fd/0; done | grep -c /dev/pts/ || true`)
+				if strings.TrimSpace(out) == "0" {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("a process on a terminal still runs in the sandbox after the CLI got %v", sig)
+				}
+				time.Sleep(20 * time.Millisecond) // polling the sandbox's process table
+			}
+		})
+	}
+}
+
+// childOf is the one child process of pid.
+func childOf(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 1 {
+		t.Fatalf("pid %d has children %q, want one (the CLI)", pid, f)
+	}
+	c, _ := strconv.Atoi(f[0])
+	return c
 }
