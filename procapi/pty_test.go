@@ -327,3 +327,20 @@ func TestPTYOldInit(t *testing.T) {
 		t.Fatalf("the client sent %q after the start, want a cancel", b)
 	}
 }
+
+// An exec on a terminal as another user owns its terminal, as after a login.
+func TestPTYUser(t *testing.T) {
+	if !isRoot() {
+		t.Skip("needs root: starts a process as another user")
+	}
+	c := serve(t, ServerOptions{})
+	out, _, st := run(t, c, ExecRequest{Argv: []string{"sh", "-c", `id -u; t=$(tty); stat -c 'owner=%u' "$t"; test -t 0 && echo isatty`}, User: "65534:65534", PTY: &PTY{}})
+	for _, want := range []string{"65534\r\n", "owner=65534\r\n", "isatty\r\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output %q lacks %q", out, want)
+		}
+	}
+	if st.Code != 0 {
+		t.Errorf("exit %+v", st)
+	}
+}
