@@ -67,6 +67,7 @@ var rules = map[string]rule{
 	c.SandboxServiceExecProcedure:          {role: roleMember, object: objSandbox, field: "sandbox_id"},
 	c.SandboxServiceWriteStdinProcedure:    {role: roleMember, object: objSandbox, field: "sandbox_id", quiet: true},
 	c.SandboxServiceSignalExecProcedure:    {role: roleMember, object: objSandbox, field: "sandbox_id"},
+	c.SandboxServiceResizeExecProcedure:    {role: roleMember, object: objSandbox, field: "sandbox_id"},
 	c.SandboxServiceLogsProcedure:          {role: roleViewer, object: objSandbox, field: "sandbox_id", workload: true},
 	c.SandboxServiceReadFileProcedure:      {role: roleViewer, object: objSandbox, field: "sandbox_id"},
 	c.SandboxServiceWriteFileProcedure:     {role: roleMember, object: objSandbox, field: "sandbox_id"},

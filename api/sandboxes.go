@@ -461,6 +461,10 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 	if err := validateEnv(r.Env); err != nil {
 		return err
 	}
+	tty, err := execPTY(r)
+	if err != nil {
+		return err
+	}
 	var mu sync.Mutex
 	touch := func() { s.touch(sb.ID) }
 	ready := make(chan struct{})
@@ -472,7 +476,7 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 		}
 	}()
 	proc, err := s.node.Exec(ctx, sb.ID, procapi.ExecRequest{
-		Argv: r.Argv, Env: envList(r.Env), Dir: r.Workdir, Stdin: r.Stdin, User: r.User,
+		Argv: r.Argv, Env: envList(r.Env), Dir: r.Workdir, Stdin: r.Stdin, User: r.User, PTY: tty,
 	}, streamWriter{&mu, stream, false, touch, ready}, streamWriter{&mu, stream, true, touch, ready})
 	if err != nil {
 		return fmt.Errorf("exec in sandbox %q: %w", sb.ID, err)
@@ -774,3 +778,49 @@ func toProto(sb *store.Sandbox) *v1.Sandbox {
 }
 
 var _ = errors.New
+
+// execPTY checks the terminal fields of an exec request: nil without pty;
+// a size of 0 (both) or 1..procapi.MaxWinsize each; a plain TERM name.
+func execPTY(r *v1.ExecRequest) (*procapi.PTY, error) {
+	if !r.Pty {
+		if r.Rows != 0 || r.Cols != 0 || r.Term != "" {
+			return nil, invalid("rows, cols and term need pty")
+		}
+		return nil, nil
+	}
+	if r.Rows != 0 || r.Cols != 0 {
+		if err := checkWinsize(r.Rows, r.Cols); err != nil {
+			return nil, err
+		}
+	}
+	if r.Term != "" && !procapi.ValidTerm(r.Term) {
+		return nil, invalid("term %.80q: want a plain terminal name (letters, digits, .+-_; at most 64 bytes)", r.Term)
+	}
+	return &procapi.PTY{Rows: uint16(r.Rows), Cols: uint16(r.Cols), Term: r.Term}, nil
+}
+
+func checkWinsize(rows, cols uint32) error {
+	if rows < 1 || rows > procapi.MaxWinsize || cols < 1 || cols > procapi.MaxWinsize {
+		return invalid("terminal size %dx%d: rows and cols must be 1..%d", rows, cols, procapi.MaxWinsize)
+	}
+	return nil
+}
+
+// ResizeExec resizes the terminal of an exec started with pty; its process
+// gets SIGWINCH.
+func (h *sandboxService) ResizeExec(ctx context.Context, req *connect.Request[v1.ResizeExecRequest]) (*connect.Response[v1.ResizeExecResponse], error) {
+	if err := checkWinsize(req.Msg.Rows, req.Msg.Cols); err != nil {
+		return nil, err
+	}
+	e, err := h.s.execFor(ctx, req.Msg.SandboxId, req.Msg.ExecId)
+	if err != nil {
+		return nil, err
+	}
+	if !e.proc.PTY() {
+		return nil, fmt.Errorf("exec %q was started without pty: %w", req.Msg.ExecId, errdefs.ErrFailedPrecondition)
+	}
+	if err := e.proc.Resize(int(req.Msg.Rows), int(req.Msg.Cols)); err != nil {
+		return nil, fmt.Errorf("resize exec %q: %w", req.Msg.ExecId, err)
+	}
+	return connect.NewResponse(&v1.ResizeExecResponse{}), nil
+}

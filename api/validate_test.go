@@ -31,3 +31,37 @@ func TestValidateCreateNUL(t *testing.T) {
 		t.Errorf("valid request: %v", err)
 	}
 }
+
+// TestExecPTY: the terminal fields of an exec are checked before anything
+// reaches the node: sizes 1..1000 (0x0 = init's default), TERM a plain name,
+// no terminal fields without pty.
+func TestExecPTY(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		req  *v1.ExecRequest
+		want string // "" = valid
+	}{
+		{"no pty", &v1.ExecRequest{}, ""},
+		{"defaults", &v1.ExecRequest{Pty: true}, ""},
+		{"size and term", &v1.ExecRequest{Pty: true, Rows: 50, Cols: 1000, Term: "vt100"}, ""},
+		{"pty without stdin", &v1.ExecRequest{Pty: true, Stdin: false, Rows: 1, Cols: 1}, ""},
+		{"rows over", &v1.ExecRequest{Pty: true, Rows: 1001, Cols: 80}, "terminal size 1001x80"},
+		{"cols zero", &v1.ExecRequest{Pty: true, Rows: 24}, "terminal size 24x0"},
+		{"term with a space", &v1.ExecRequest{Pty: true, Term: "xterm 256"}, "term"},
+		{"term with an escape", &v1.ExecRequest{Pty: true, Term: "xterm\x1b"}, "term"},
+		{"term too long", &v1.ExecRequest{Pty: true, Term: strings.Repeat("x", 65)}, "term"},
+		{"size without pty", &v1.ExecRequest{Rows: 24, Cols: 80}, "need pty"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, err := execPTY(tc.req)
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("valid request: %v", err)
+			case tc.want == "" && (p != nil) != tc.req.Pty:
+				t.Fatalf("PTY %+v for pty=%v", p, tc.req.Pty)
+			case tc.want != "" && (!errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("got %v, want invalid argument with %q", err, tc.want)
+			}
+		})
+	}
+}

@@ -12,6 +12,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 )
 
@@ -208,6 +209,21 @@ func ExecUser(u string) ExecOption { return func(o *execOptions) { o.req.User = 
 // ExecStdin keeps stdin open: write it with Process.Stdin.
 func ExecStdin() ExecOption { return func(o *execOptions) { o.req.Stdin = true } }
 
+// ExecPTY runs the command on a pseudo-terminal of rows x cols (0, 0: 24x80)
+// allocated inside the sandbox: the program sees a terminal (isatty, job
+// control, ^C typed on stdin interrupts it), its output arrives on Stdout,
+// Stderr gets nothing, and Process.Resize resizes it. Add ExecStdin to type
+// into it; closing its stdin does not close the terminal (type "\x04").
+func ExecPTY(rows, cols int) ExecOption {
+	return func(o *execOptions) {
+		o.req.Pty = true
+		o.req.Rows, o.req.Cols = uint32(max(rows, 0)), uint32(max(cols, 0))
+	}
+}
+
+// ExecTerm sets TERM for ExecPTY (default xterm-256color).
+func ExecTerm(term string) ExecOption { return func(o *execOptions) { o.req.Term = term } }
+
 // Stdout streams stdout to w as it is produced.
 func Stdout(w io.Writer) ExecOption { return func(o *execOptions) { o.stdout = w } }
 
@@ -313,6 +329,18 @@ func (p *Process) Stdin() io.WriteCloser {
 func (p *Process) Signal(ctx context.Context, sig string) error {
 	_, err := p.sb.c.sandbox.SignalExec(ctx, connect.NewRequest(&v1.SignalExecRequest{SandboxId: p.sb.id, ExecId: p.ExecID, Signal: sig}))
 	return err
+}
+
+// Resize sets the size of the terminal of a process started with ExecPTY
+// (rows and cols in 1..1000); the program gets SIGWINCH.
+func (p *Process) Resize(ctx context.Context, rows, cols int) error {
+	if rows < 1 || rows > 1000 || cols < 1 || cols > 1000 {
+		return fmt.Errorf("resize to %dx%d: rows and cols must be 1..1000: %w", rows, cols, errdefs.ErrInvalidArgument)
+	}
+	_, err := p.sb.c.sandbox.ResizeExec(ctx, connect.NewRequest(&v1.ResizeExecRequest{
+		SandboxId: p.sb.id, ExecId: p.ExecID, Rows: uint32(rows), Cols: uint32(cols),
+	}))
+	return fromConnect(err)
 }
 
 type stdinWriter struct {

@@ -16,7 +16,7 @@ import (
 
 func sandboxCmd(e *env) *cobra.Command {
 	cmd := &cobra.Command{Use: "sandbox", Aliases: []string{"sandboxes", "sb"}, Short: "Create and use sandboxes"}
-	cmd.AddCommand(sbCreate(e), sbExec(e), sbList(e), sbGet(e), sbLogs(e), sbCp(e), sbRm(e), sbWait(e), sbEgressLog(e))
+	cmd.AddCommand(sbCreate(e), sbExec(e), sbShell(e), sbList(e), sbGet(e), sbLogs(e), sbCp(e), sbRm(e), sbWait(e), sbEgressLog(e))
 	cmd.AddCommand(sbSnapshot(e), sbPause(e), sbResume(e))
 	cmd.AddCommand(exposeCmds(e)...)
 	return cmd
@@ -125,6 +125,7 @@ func sbCreate(e *env) *cobra.Command {
 func sbExec(e *env) *cobra.Command {
 	var (
 		interactive bool
+		tty         bool
 		workdir     string
 		envs        []string
 		timeout     time.Duration
@@ -133,8 +134,19 @@ func sbExec(e *env) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "exec ID -- COMMAND [ARGS...]",
 		Short: "Run a command in a sandbox, streaming its output; exits with its exit code",
-		Args:  cobra.MinimumNArgs(2),
+		Long: `Run a command in a sandbox, streaming its output; exits with its exit code.
+
+With -t the command runs on a terminal allocated in the sandbox; with -it
+this terminal is in raw mode and follows the window size, as with
+"docker exec -it" (^C, ^Z and ^D reach the program).`,
+		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if tty && e.json() {
+				return fmt.Errorf("-t and --output json do not mix: a terminal's output is not JSON")
+			}
+			if tty && interactive && !isTerminal(e.in) {
+				return errNotATTY
+			}
 			c, err := e.client()
 			if err != nil {
 				return err
@@ -150,6 +162,9 @@ func sbExec(e *env) *cobra.Command {
 			opts := []chalkcompute.ExecOption{chalkcompute.ExecEnv(envm), chalkcompute.ExecWorkdir(workdir), chalkcompute.ExecUser(user)}
 			if timeout > 0 {
 				opts = append(opts, chalkcompute.ExecTimeout(timeout))
+			}
+			if tty {
+				return runTerminal(cmd.Context(), e, sb, args[1:], interactive, opts)
 			}
 			if e.json() {
 				res, err := sb.Exec(cmd.Context(), args[1:], opts...)
@@ -194,9 +209,47 @@ func sbExec(e *env) *cobra.Command {
 	}
 	f := cmd.Flags()
 	f.BoolVarP(&interactive, "interactive", "i", false, "pass stdin to the command")
+	f.BoolVarP(&tty, "tty", "t", false, "run the command on a terminal (with -i: raw mode, like docker exec -it)")
 	f.StringVarP(&workdir, "workdir", "w", "", "working directory")
 	f.StringArrayVarP(&envs, "env", "e", nil, "NAME=VALUE (repeatable)")
 	f.DurationVar(&timeout, "timeout", 0, "kill the command after this long")
+	f.StringVarP(&user, "user", "u", "", "uid[:gid]")
+	return cmd
+}
+
+func sbShell(e *env) *cobra.Command {
+	var (
+		workdir string
+		envs    []string
+		user    string
+	)
+	cmd := &cobra.Command{
+		Use:   "shell ID",
+		Short: "Open an interactive shell in a sandbox (bash if it has one, else sh); exits with the shell's exit code",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if !isTerminal(e.in) {
+				return errNotATTY
+			}
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			envm, err := parseEnv(envs)
+			if err != nil {
+				return err
+			}
+			sb, err := c.Sandbox(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			opts := []chalkcompute.ExecOption{chalkcompute.ExecEnv(envm), chalkcompute.ExecWorkdir(workdir), chalkcompute.ExecUser(user)}
+			return runTerminal(cmd.Context(), e, sb, []string{"/bin/sh", "-c", shellScript}, true, opts)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVarP(&workdir, "workdir", "w", "", "working directory")
+	f.StringArrayVarP(&envs, "env", "e", nil, "NAME=VALUE (repeatable)")
 	f.StringVarP(&user, "user", "u", "", "uid[:gid]")
 	return cmd
 }
@@ -246,6 +299,9 @@ func sbGet(e *env) *cobra.Command {
 		Short: "Show one sandbox",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if !isTerminal(e.in) {
+				return errNotATTY
+			}
 			c, err := e.client()
 			if err != nil {
 				return err
@@ -269,6 +325,9 @@ func sbWait(e *env) *cobra.Command {
 		Short: "Wait until a sandbox ends",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if !isTerminal(e.in) {
+				return errNotATTY
+			}
 			c, err := e.client()
 			if err != nil {
 				return err
@@ -297,6 +356,9 @@ func sbLogs(e *env) *cobra.Command {
 		Short: "Print a sandbox's console output (its entrypoint's stdout and stderr)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if !isTerminal(e.in) {
+				return errNotATTY
+			}
 			c, err := e.client()
 			if err != nil {
 				return err
@@ -451,6 +513,9 @@ func sbEgressLog(e *env) *cobra.Command {
 		Short: "Show what the sandbox's network policy blocked",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if !isTerminal(e.in) {
+				return errNotATTY
+			}
 			c, err := e.client()
 			if err != nil {
 				return err

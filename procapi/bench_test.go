@@ -67,3 +67,56 @@ func BenchmarkOutput(b *testing.B) {
 		}
 	}
 }
+
+// chanWriter hands every output chunk to a channel.
+type chanWriter chan []byte
+
+func (w chanWriter) Write(b []byte) (int, error) {
+	w <- append([]byte(nil), b...)
+	return len(b), nil
+}
+
+// BenchmarkPTYEcho is a keystroke's echo round trip through a terminal of
+// an exec: the byte goes to init in a stdin frame, into the terminal, whose
+// line discipline echoes it, and back in an output frame. Compare with
+// BenchmarkLocalPTYEcho, the same echo on a terminal of this process: the
+// physical limit.
+func BenchmarkPTYEcho(b *testing.B) {
+	c := serve(b, ServerOptions{})
+	ctx := context.Background()
+	out := make(chanWriter, 16)
+	p, err := c.Exec(ctx, ExecRequest{Argv: []string{"cat"}, Stdin: true, PTY: &PTY{}}, out, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() { p.Signal(9); p.Wait() }()
+	key := []byte{'x'}
+	for b.Loop() {
+		if _, err := p.Stdin().Write(key); err != nil {
+			b.Fatal(err)
+		}
+		if got := <-out; len(got) != 1 || got[0] != 'x' {
+			b.Fatalf("echo %q", got)
+		}
+	}
+}
+
+// BenchmarkLocalPTYEcho is the floor under BenchmarkPTYEcho: a byte written
+// to a terminal's master and its echo read back, in this process.
+func BenchmarkLocalPTYEcho(b *testing.B) {
+	master, tty, err := openPTY()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer master.Close()
+	defer tty.Close()
+	key, buf := []byte{'x'}, make([]byte, 16)
+	for b.Loop() {
+		if _, err := master.Write(key); err != nil {
+			b.Fatal(err)
+		}
+		if n, err := master.Read(buf); err != nil || n != 1 || buf[0] != 'x' {
+			b.Fatalf("echo %q %v", buf[:n], err)
+		}
+	}
+}

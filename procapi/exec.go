@@ -130,6 +130,7 @@ type execution struct {
 	c        *conn
 	pid      int
 	stdin    *stdinQueue   // nil without stdin
+	pty      *os.File      // the terminal's master; nil without a terminal
 	stopping chan struct{} // closed when the server shuts down
 
 	mu        sync.Mutex
@@ -160,6 +161,10 @@ func (s *server) exec(c *conn, req *request) {
 			c.sendErr(err)
 			return
 		}
+	}
+	if req.PTY != nil {
+		s.execPTY(c, req, bin, env, cred)
+		return
 	}
 
 	var files [3]*os.File // the child's ends
@@ -211,25 +216,32 @@ func (s *server) exec(c *conn, req *request) {
 		e.stdin = newStdinQueue(stdinW)
 		go e.stdin.run(c)
 	}
-	e.run(outR, errR, exited)
+	e.run([]output{{outR, frameStdout}, {errR, frameStderr}}, exited)
 	s.log.Debug("procapi: exec ended", "pid", e.pid)
+}
+
+// output is a stream of the process's output and the frame type it goes in.
+type output struct {
+	r   *os.File
+	typ byte
 }
 
 // run streams the exec until the process has ended and its output has been
 // forwarded, then sends its exit status.
-func (e *execution) run(outR, errR *os.File, exited <-chan unix.WaitStatus) {
+func (e *execution) run(outs []output, exited <-chan unix.WaitStatus) {
 	defer func() {
 		if e.stdin != nil {
 			e.stdin.close()
 		}
 	}()
-	if err := e.c.sendJSON(frameStarted, startedMsg{Pid: e.pid}); err != nil {
-		e.signal(syscall.SIGKILL)
+	if err := e.c.sendJSON(frameStarted, startedMsg{Pid: e.pid, PTY: e.pty != nil}); err != nil {
+		e.kill()
 	}
 	var pumps sync.WaitGroup
-	pumps.Add(2)
-	go func() { defer pumps.Done(); pump(e.c, outR, frameStdout) }()
-	go func() { defer pumps.Done(); pump(e.c, errR, frameStderr) }()
+	for _, o := range outs {
+		pumps.Add(1)
+		go func() { defer pumps.Done(); pump(e.c, o.r, o.typ) }()
+	}
 	clientGone := make(chan struct{})
 	go e.readClient(clientGone)
 
@@ -252,8 +264,9 @@ func (e *execution) run(outR, errR *os.File, exited <-chan unix.WaitStatus) {
 	case <-grace.C:
 		// A descendant holds the pipes: forward what is buffered, then stop.
 		now := time.Now()
-		_ = outR.SetReadDeadline(now)
-		_ = errR.SetReadDeadline(now)
+		for _, o := range outs {
+			_ = o.r.SetReadDeadline(now)
+		}
 		<-pumped
 	}
 	msg := exitMsg{Code: ws.ExitStatus()}
@@ -289,7 +302,7 @@ func (e *execution) clientGone(exited <-chan unix.WaitStatus) unix.WaitStatus {
 		case <-e.stopping:
 		}
 	}
-	e.signal(syscall.SIGKILL)
+	e.kill()
 	return <-exited
 }
 
@@ -298,7 +311,21 @@ func (e *execution) cancel() {
 	e.mu.Lock()
 	e.cancelled = true
 	e.mu.Unlock()
-	e.signal(syscall.SIGKILL)
+	e.kill()
+}
+
+// kill kills the process group, and on a terminal the whole session, unless
+// the process has been reaped.
+func (e *execution) kill() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.exited {
+		return
+	}
+	if e.pty != nil {
+		killSession(e.pid)
+	}
+	_ = signalGroup(e.pid, syscall.SIGKILL)
 }
 
 // signal signals the process group unless the process has been reaped.
@@ -332,11 +359,18 @@ func (e *execution) readClient(gone chan<- struct{}) {
 				return
 			}
 		case frameStdinEOF:
-			if e.stdin != nil {
+			// A terminal stays open: its EOF is a typed ^D.
+			if e.stdin != nil && e.pty == nil {
 				e.stdin.eof()
 			}
+		case frameResize:
+			e.resize(b)
 		case frameSignal:
-			if len(b) == 1 && b[0] >= 1 && b[0] <= 64 {
+			switch {
+			case len(b) != 1 || b[0] < 1 || b[0] > 64:
+			case b[0] == byte(syscall.SIGKILL) && e.pty != nil:
+				e.kill() // a terminal's exec is its session: all of it
+			default:
 				e.signal(syscall.Signal(b[0]))
 			}
 		case frameCancel:

@@ -19,6 +19,10 @@ type ExecRequest struct {
 	Dir   string   // working directory; "" => init's
 	Stdin bool     // false: the process reads /dev/null
 	User  string   // "uid[:gid]", numeric; "" => the server's default user
+	// PTY, if set, runs the process on a terminal that init allocates
+	// (see the package doc): its output arrives on stdout, Stdin types
+	// into it, Resize resizes it.
+	PTY *PTY
 }
 
 // ExitStatus is how a process ended.
@@ -32,6 +36,7 @@ type Process struct {
 	cc  *clientConn
 	ctx context.Context
 	pid int
+	pty bool
 
 	stdin *stdinWriter
 
@@ -53,7 +58,12 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, stdout, stderr io.Wr
 	if len(req.Argv) == 0 || req.Argv[0] == "" {
 		return nil, fmt.Errorf("argv: a command is required: %w", errdefs.ErrInvalidArgument)
 	}
-	cc, err := c.call(ctx, &request{Op: opExec, Argv: req.Argv, Env: req.Env, Dir: req.Dir, Stdin: req.Stdin, User: req.User})
+	if req.PTY != nil {
+		if _, err := req.PTY.withDefaults(); err != nil {
+			return nil, err
+		}
+	}
+	cc, err := c.call(ctx, &request{Op: opExec, Argv: req.Argv, Env: req.Env, Dir: req.Dir, Stdin: req.Stdin, User: req.User, PTY: req.PTY})
 	if err != nil {
 		return nil, err
 	}
@@ -76,13 +86,19 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, stdout, stderr io.Wr
 		cc.close()
 		return nil, unexpected(typ)
 	}
+	if req.PTY != nil && !st.PTY {
+		// An init of an older build ran it without a terminal.
+		cc.abort()
+		cc.close()
+		return nil, fmt.Errorf("exec on a terminal: the sandbox's init predates terminals (start a new sandbox): %w", errdefs.ErrFailedPrecondition)
+	}
 	if stdout == nil {
 		stdout = io.Discard
 	}
 	if stderr == nil {
 		stderr = io.Discard
 	}
-	p := &Process{cc: cc, ctx: ctx, pid: st.Pid, exited: make(chan struct{})}
+	p := &Process{cc: cc, ctx: ctx, pid: st.Pid, pty: req.PTY != nil, exited: make(chan struct{})}
 	if req.Stdin {
 		p.stdin = &stdinWriter{p: p, credit: StdinWindow}
 		p.stdin.cond.L = &p.stdin.mu
@@ -185,6 +201,31 @@ func (p *Process) Signal(sig syscall.Signal) error {
 	}
 	return nil
 }
+
+// Resize sets the size of the process's terminal (rows and columns in
+// 1..MaxWinsize); the process gets SIGWINCH. A process without a terminal
+// is errdefs.ErrFailedPrecondition, as is one that has ended.
+func (p *Process) Resize(rows, cols int) error {
+	if !p.pty {
+		return fmt.Errorf("resize process %d: it has no terminal: %w", p.pid, errdefs.ErrFailedPrecondition)
+	}
+	if err := CheckWinsize(rows, cols); err != nil {
+		return err
+	}
+	if p.done() {
+		return fmt.Errorf("resize process %d: it has ended: %w", p.pid, errdefs.ErrFailedPrecondition)
+	}
+	if err := p.send(frameResize, resizePayload(uint16(rows), uint16(cols))); err != nil {
+		if p.done() {
+			return fmt.Errorf("resize process %d: it has ended: %w", p.pid, errdefs.ErrFailedPrecondition)
+		}
+		return connErr(p.ctx, err)
+	}
+	return nil
+}
+
+// PTY reports whether the process runs on a terminal.
+func (p *Process) PTY() bool { return p.pty }
 
 // Wait returns how the process ended, once all its output has been
 // delivered to the writers. The error is set when the exec was cut short:

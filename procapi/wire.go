@@ -41,8 +41,20 @@
 //	                process writes them, 'W' stdin credit, 'C' (the process
 //	                closed its stdin), and last 'X' {"code","signal"};
 //	                meanwhile the client may send 'I' stdin bytes, 'E' (stdin
-//	                EOF), 'S' (1 byte: a signal number) and 'Z' (cancel: kill
-//	                the process group)
+//	                EOF), 'S' (1 byte: a signal number), 'Z' (cancel: kill
+//	                the process group) and 'T' (4 bytes: rows and columns,
+//	                each big endian uint16: resize the terminal)
+//
+// An exec with "pty" {"rows","cols","term"} runs on a pseudo-terminal that
+// init allocates: the process is a session leader with the terminal as its
+// controlling tty and stdin, stdout and stderr; the master stays in init.
+// 'P' then says {"pid","pty":true} (an init without terminals leaves pty
+// out, and the client cancels the exec), 'O' frames carry the terminal's
+// output (bounded like any output: MaxChunk), 'e' is unused, 'I' types into
+// the terminal, 'E' is ignored (type ^D instead: the terminal stays open),
+// and a cancel or an 'S' of SIGKILL kills the whole session (background
+// jobs in their own process groups too); other signals go to the process's
+// group as for any exec.
 //
 // Any op may end with 'R' {"class","message"} instead: an error whose class
 // (not_found, invalid_argument, ...) the client turns back into the matching
@@ -95,6 +107,7 @@ const (
 	frameStdinEOF    = 'E'
 	frameSignal      = 'S'
 	frameCancel      = 'Z'
+	frameResize      = 'T'
 	frameData        = 'D'
 	frameDataEnd     = 'F'
 	frameStarted     = 'P'
@@ -243,6 +256,7 @@ type request struct {
 	Path      string   `json:"path,omitempty"`
 	Mode      uint32   `json:"mode,omitempty"`
 	Recursive bool     `json:"recursive,omitempty"`
+	PTY       *PTY     `json:"pty,omitempty"`
 }
 
 type pingMsg struct {
@@ -250,7 +264,8 @@ type pingMsg struct {
 }
 
 type startedMsg struct {
-	Pid int `json:"pid"`
+	Pid int  `json:"pid"`
+	PTY bool `json:"pty,omitempty"` // the exec runs on a terminal
 }
 
 type exitMsg struct {

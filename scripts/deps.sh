@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages chalkcompute needs (idempotent). Run as root.
 set -euo pipefail
-pkgs=(runc nftables iproute2 busybox-static debootstrap ca-certificates protobuf-compiler)
+pkgs=(runc nftables iproute2 busybox-static debootstrap ca-certificates protobuf-compiler tmux)
 [ "${CHALK_BENCH_DEPS:-0}" = 1 ] && pkgs+=(podman buildah uidmap)
 missing=()
 for p in "${pkgs[@]}"; do

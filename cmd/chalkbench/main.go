@@ -36,7 +36,7 @@ func main() {
 	n := flag.Int("n", 30, "iterations per measurement")
 	idle := flag.Int("idle", 200, "sandboxes for the memory-per-idle-sandbox measurement (0 skips it)")
 	pidFile := flag.String("chalkd-pid-file", "/run/chalk/chalkd.pid", "chalkd's pid file (for its RSS)")
-	only := flag.String("only", "", "comma-separated sections to run: tti,exec,image,tunnel,mcp,memory (default: all)")
+	only := flag.String("only", "", "comma-separated sections to run: tti,exec,terminal,image,tunnel,mcp,memory (default: all)")
 	flag.Parse()
 	want := func(section string) bool {
 		return *only == "" || slices.Contains(strings.Split(*only, ","), section)
@@ -66,6 +66,9 @@ func main() {
 	}
 	if want("exec") {
 		execBench(ctx, c, work, bundle, *n)
+	}
+	if want("terminal") {
+		terminalBench(ctx, c, *n)
 	}
 	if want("image") {
 		imageBench(ctx, c, work, *n)

@@ -85,6 +85,11 @@ class ExecResult:
         return "ExecResult(exit_code=%d, stdout=%r, stderr=%r)" % (self.exit_code, self.stdout, self.stderr)
 
 
+def _check_winsize(rows: int, cols: int) -> None:
+    if not (isinstance(rows, int) and isinstance(cols, int) and 1 <= rows <= 1000 and 1 <= cols <= 1000):
+        raise ValueError("terminal size %rx%r: rows and cols must be integers in 1..1000" % (rows, cols))
+
+
 class Process:
     """A command running in a sandbox.
 
@@ -93,12 +98,19 @@ class Process:
     :class:`ExecResult` with whatever output was not consumed by iteration.
     With ``stdin=True`` write to the process with ``write_stdin`` and send EOF
     with ``close_stdin``.
+
+    Started with ``pty=True`` it runs on a terminal allocated in the sandbox:
+    all its output arrives as ``"stdout"``, what you write is typed into the
+    terminal (``"\\x03"`` is ^C, ``"\\x04"`` ^D; ``close_stdin`` does not
+    close the terminal), and ``resize`` changes its size.
     """
 
-    def __init__(self, sandbox: "Sandbox", stream: Stream, exec_id: str, pid: int, stdin_open: bool) -> None:
+    def __init__(self, sandbox: "Sandbox", stream: Stream, exec_id: str, pid: int, stdin_open: bool,
+                 pty: bool = False) -> None:
         self.sandbox = sandbox
         self.exec_id = exec_id
         self.pid = pid
+        self.pty = pty
         self._stream = stream
         self._stdin_open = stdin_open
         self._lock = threading.Lock()
@@ -169,6 +181,14 @@ class Process:
         """Send a signal (e.g. ``"TERM"``, ``"KILL"``) to the process."""
         self.sandbox._client._t.unary("SandboxService", "SignalExec", {
             "sandboxId": self.sandbox.id, "execId": self.exec_id, "signal": sig,
+        })
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Resize the terminal of a process started with ``pty=True`` (rows and
+        cols in 1..1000); the program gets SIGWINCH."""
+        _check_winsize(rows, cols)
+        self.sandbox._client._t.unary("SandboxService", "ResizeExec", {
+            "sandboxId": self.sandbox.id, "execId": self.exec_id, "rows": int(rows), "cols": int(cols),
         })
 
     def close(self) -> None:
@@ -267,6 +287,10 @@ class Sandbox:
         timeout: Optional[Seconds] = None,
         stdin: bool = False,
         user: Optional[str] = None,
+        pty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        term: Optional[str] = None,
     ) -> Process:
         """Start ``argv`` and return the running :class:`Process` as soon as it started.
 
@@ -276,6 +300,9 @@ class Sandbox:
             timeout: kill the process after this many seconds.
             stdin: keep stdin open for ``write_stdin`` (otherwise it is /dev/null).
             user: run as ``uid[:gid]`` or a user name.
+            pty: run on a terminal of ``rows`` x ``cols`` allocated in the
+                sandbox (``TERM`` is ``term``, default xterm-256color); see
+                :class:`Process`.
         """
         if len(argv) == 1 and isinstance(argv[0], (list, tuple)):
             argv = tuple(argv[0])
@@ -293,6 +320,11 @@ class Sandbox:
             req["stdin"] = True
         if user:
             req["user"] = user
+        if pty:
+            _check_winsize(rows, cols)
+            req.update(pty=True, rows=rows, cols=cols)
+            if term:
+                req["term"] = term
         stream = self._client._t.stream("SandboxService", "Exec", req)
         try:
             first = next(stream)
@@ -302,7 +334,7 @@ class Sandbox:
         if started is None:
             stream.close()
             raise ProtocolError("exec: protocol error: first event is not 'started'")
-        return Process(self, stream, started.get("execId", ""), _int(started.get("pid")), stdin)
+        return Process(self, stream, started.get("execId", ""), _int(started.get("pid")), stdin, pty=pty)
 
     def exec_stream(
         self,
@@ -312,6 +344,10 @@ class Sandbox:
         timeout: Optional[Seconds] = None,
         stdin: bool = False,
         user: Optional[str] = None,
+        pty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        term: Optional[str] = None,
     ) -> Process:
         """Run ``argv`` and stream its output: iterate the returned
         :class:`Process` for ``(stream_name, bytes)`` pairs as they are produced::
@@ -321,7 +357,8 @@ class Sandbox:
                 print(name, data)
             print(p.exit_code)
         """
-        return self.start(*argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin, user=user)
+        return self.start(*argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin, user=user,
+                          pty=pty, rows=rows, cols=cols, term=term)
 
     def exec(
         self,
@@ -331,14 +368,21 @@ class Sandbox:
         timeout: Optional[Seconds] = None,
         stdin: Optional[Union[str, bytes]] = None,
         user: Optional[str] = None,
+        pty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        term: Optional[str] = None,
     ) -> ExecResult:
         """Run ``argv`` to completion and return its :class:`ExecResult`.
 
         ``sandbox.exec("echo", "hi")`` or ``sandbox.exec(["echo", "hi"])``.
         ``stdin`` (str or bytes) is written to the process's stdin, then closed.
         A non-zero exit status is not an exception: check ``result.exit_code``.
+        With ``pty=True`` the command runs on a terminal (``isatty`` holds, its
+        output, stderr included, is ``result.stdout`` with ``\\r\\n`` line ends).
         """
-        p = self.start(*argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin is not None, user=user)
+        p = self.start(*argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin is not None, user=user,
+                       pty=pty, rows=rows, cols=cols, term=term)
         if stdin is None:
             return p.wait()
         data = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)

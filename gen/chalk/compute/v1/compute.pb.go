@@ -678,8 +678,15 @@ type ExecRequest struct {
 	Stdin          bool                   `protobuf:"varint,5,opt,name=stdin,proto3" json:"stdin,omitempty"`                                         // keep stdin open for WriteStdin; otherwise /dev/null
 	TimeoutSeconds int64                  `protobuf:"varint,6,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"` // 0 = until the sandbox ends
 	User           string                 `protobuf:"bytes,7,opt,name=user,proto3" json:"user,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// pty runs the command on a pseudo-terminal that init allocates inside the
+	// sandbox (its master never leaves init): stdout events carry the terminal's
+	// output, stderr is unused, WriteStdin types into it, ResizeExec resizes it.
+	Pty           bool   `protobuf:"varint,8,opt,name=pty,proto3" json:"pty,omitempty"`
+	Rows          uint32 `protobuf:"varint,9,opt,name=rows,proto3" json:"rows,omitempty"` // initial window size with pty (default 24x80)
+	Cols          uint32 `protobuf:"varint,10,opt,name=cols,proto3" json:"cols,omitempty"`
+	Term          string `protobuf:"bytes,11,opt,name=term,proto3" json:"term,omitempty"` // TERM with pty (default xterm-256color)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExecRequest) Reset() {
@@ -757,6 +764,34 @@ func (x *ExecRequest) GetTimeoutSeconds() int64 {
 func (x *ExecRequest) GetUser() string {
 	if x != nil {
 		return x.User
+	}
+	return ""
+}
+
+func (x *ExecRequest) GetPty() bool {
+	if x != nil {
+		return x.Pty
+	}
+	return false
+}
+
+func (x *ExecRequest) GetRows() uint32 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *ExecRequest) GetCols() uint32 {
+	if x != nil {
+		return x.Cols
+	}
+	return 0
+}
+
+func (x *ExecRequest) GetTerm() string {
+	if x != nil {
+		return x.Term
 	}
 	return ""
 }
@@ -1187,6 +1222,110 @@ func (*SignalExecResponse) Descriptor() ([]byte, []int) {
 	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{14}
 }
 
+type ResizeExecRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	ExecId        string                 `protobuf:"bytes,2,opt,name=exec_id,json=execId,proto3" json:"exec_id,omitempty"`
+	Rows          uint32                 `protobuf:"varint,3,opt,name=rows,proto3" json:"rows,omitempty"`
+	Cols          uint32                 `protobuf:"varint,4,opt,name=cols,proto3" json:"cols,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResizeExecRequest) Reset() {
+	*x = ResizeExecRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResizeExecRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResizeExecRequest) ProtoMessage() {}
+
+func (x *ResizeExecRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResizeExecRequest.ProtoReflect.Descriptor instead.
+func (*ResizeExecRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ResizeExecRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *ResizeExecRequest) GetExecId() string {
+	if x != nil {
+		return x.ExecId
+	}
+	return ""
+}
+
+func (x *ResizeExecRequest) GetRows() uint32 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *ResizeExecRequest) GetCols() uint32 {
+	if x != nil {
+		return x.Cols
+	}
+	return 0
+}
+
+type ResizeExecResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResizeExecResponse) Reset() {
+	*x = ResizeExecResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResizeExecResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResizeExecResponse) ProtoMessage() {}
+
+func (x *ResizeExecResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResizeExecResponse.ProtoReflect.Descriptor instead.
+func (*ResizeExecResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{16}
+}
+
 type LogsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
@@ -1197,7 +1336,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[15]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1209,7 +1348,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[15]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1222,7 +1361,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{15}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *LogsRequest) GetSandboxId() string {
@@ -1248,7 +1387,7 @@ type LogChunk struct {
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[16]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1260,7 +1399,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[16]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1273,7 +1412,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{16}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *LogChunk) GetData() []byte {
@@ -1293,7 +1432,7 @@ type ReadFileRequest struct {
 
 func (x *ReadFileRequest) Reset() {
 	*x = ReadFileRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[17]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1305,7 +1444,7 @@ func (x *ReadFileRequest) String() string {
 func (*ReadFileRequest) ProtoMessage() {}
 
 func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[17]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1318,7 +1457,7 @@ func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileRequest.ProtoReflect.Descriptor instead.
 func (*ReadFileRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{17}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ReadFileRequest) GetSandboxId() string {
@@ -1344,7 +1483,7 @@ type FileChunk struct {
 
 func (x *FileChunk) Reset() {
 	*x = FileChunk{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[18]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1356,7 +1495,7 @@ func (x *FileChunk) String() string {
 func (*FileChunk) ProtoMessage() {}
 
 func (x *FileChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[18]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1369,7 +1508,7 @@ func (x *FileChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
 func (*FileChunk) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{18}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *FileChunk) GetData() []byte {
@@ -1391,7 +1530,7 @@ type WriteFileRequest struct {
 
 func (x *WriteFileRequest) Reset() {
 	*x = WriteFileRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[19]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1403,7 +1542,7 @@ func (x *WriteFileRequest) String() string {
 func (*WriteFileRequest) ProtoMessage() {}
 
 func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[19]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1416,7 +1555,7 @@ func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{19}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *WriteFileRequest) GetSandboxId() string {
@@ -1456,7 +1595,7 @@ type WriteFileResponse struct {
 
 func (x *WriteFileResponse) Reset() {
 	*x = WriteFileResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[20]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1468,7 +1607,7 @@ func (x *WriteFileResponse) String() string {
 func (*WriteFileResponse) ProtoMessage() {}
 
 func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[20]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1481,7 +1620,7 @@ func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileResponse.ProtoReflect.Descriptor instead.
 func (*WriteFileResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{20}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WriteFileResponse) GetSize() int64 {
@@ -1501,7 +1640,7 @@ type ListFilesRequest struct {
 
 func (x *ListFilesRequest) Reset() {
 	*x = ListFilesRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[21]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1513,7 +1652,7 @@ func (x *ListFilesRequest) String() string {
 func (*ListFilesRequest) ProtoMessage() {}
 
 func (x *ListFilesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[21]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1526,7 +1665,7 @@ func (x *ListFilesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFilesRequest.ProtoReflect.Descriptor instead.
 func (*ListFilesRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{21}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListFilesRequest) GetSandboxId() string {
@@ -1556,7 +1695,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[22]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1568,7 +1707,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[22]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1581,7 +1720,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{22}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *FileInfo) GetName() string {
@@ -1628,7 +1767,7 @@ type ListFilesResponse struct {
 
 func (x *ListFilesResponse) Reset() {
 	*x = ListFilesResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[23]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1640,7 +1779,7 @@ func (x *ListFilesResponse) String() string {
 func (*ListFilesResponse) ProtoMessage() {}
 
 func (x *ListFilesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[23]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1653,7 +1792,7 @@ func (x *ListFilesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFilesResponse.ProtoReflect.Descriptor instead.
 func (*ListFilesResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{23}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListFilesResponse) GetFiles() []*FileInfo {
@@ -1674,7 +1813,7 @@ type RemoveFileRequest struct {
 
 func (x *RemoveFileRequest) Reset() {
 	*x = RemoveFileRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[24]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1686,7 +1825,7 @@ func (x *RemoveFileRequest) String() string {
 func (*RemoveFileRequest) ProtoMessage() {}
 
 func (x *RemoveFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[24]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1699,7 +1838,7 @@ func (x *RemoveFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveFileRequest.ProtoReflect.Descriptor instead.
 func (*RemoveFileRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{24}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RemoveFileRequest) GetSandboxId() string {
@@ -1731,7 +1870,7 @@ type RemoveFileResponse struct {
 
 func (x *RemoveFileResponse) Reset() {
 	*x = RemoveFileResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[25]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1743,7 +1882,7 @@ func (x *RemoveFileResponse) String() string {
 func (*RemoveFileResponse) ProtoMessage() {}
 
 func (x *RemoveFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[25]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1756,7 +1895,7 @@ func (x *RemoveFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveFileResponse.ProtoReflect.Descriptor instead.
 func (*RemoveFileResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{25}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{27}
 }
 
 type EgressLogRequest struct {
@@ -1768,7 +1907,7 @@ type EgressLogRequest struct {
 
 func (x *EgressLogRequest) Reset() {
 	*x = EgressLogRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[26]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1780,7 +1919,7 @@ func (x *EgressLogRequest) String() string {
 func (*EgressLogRequest) ProtoMessage() {}
 
 func (x *EgressLogRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[26]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1793,7 +1932,7 @@ func (x *EgressLogRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EgressLogRequest.ProtoReflect.Descriptor instead.
 func (*EgressLogRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{26}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *EgressLogRequest) GetSandboxId() string {
@@ -1817,7 +1956,7 @@ type EgressDrop struct {
 
 func (x *EgressDrop) Reset() {
 	*x = EgressDrop{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[27]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1829,7 +1968,7 @@ func (x *EgressDrop) String() string {
 func (*EgressDrop) ProtoMessage() {}
 
 func (x *EgressDrop) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[27]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1842,7 +1981,7 @@ func (x *EgressDrop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EgressDrop.ProtoReflect.Descriptor instead.
 func (*EgressDrop) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{27}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *EgressDrop) GetTime() string {
@@ -1896,7 +2035,7 @@ type EgressLogResponse struct {
 
 func (x *EgressLogResponse) Reset() {
 	*x = EgressLogResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[28]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1908,7 +2047,7 @@ func (x *EgressLogResponse) String() string {
 func (*EgressLogResponse) ProtoMessage() {}
 
 func (x *EgressLogResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[28]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1921,7 +2060,7 @@ func (x *EgressLogResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EgressLogResponse.ProtoReflect.Descriptor instead.
 func (*EgressLogResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{28}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *EgressLogResponse) GetDrops() []*EgressDrop {
@@ -1943,7 +2082,7 @@ type SnapshotSandboxRequest struct {
 
 func (x *SnapshotSandboxRequest) Reset() {
 	*x = SnapshotSandboxRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[29]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1955,7 +2094,7 @@ func (x *SnapshotSandboxRequest) String() string {
 func (*SnapshotSandboxRequest) ProtoMessage() {}
 
 func (x *SnapshotSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[29]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1968,7 +2107,7 @@ func (x *SnapshotSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotSandboxRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{29}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SnapshotSandboxRequest) GetSandboxId() string {
@@ -1991,7 +2130,7 @@ type SnapshotProgress struct {
 
 func (x *SnapshotProgress) Reset() {
 	*x = SnapshotProgress{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[30]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2003,7 +2142,7 @@ func (x *SnapshotProgress) String() string {
 func (*SnapshotProgress) ProtoMessage() {}
 
 func (x *SnapshotProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[30]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2016,7 +2155,7 @@ func (x *SnapshotProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotProgress.ProtoReflect.Descriptor instead.
 func (*SnapshotProgress) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{30}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SnapshotProgress) GetPhase() string {
@@ -2065,7 +2204,7 @@ type PauseSandboxRequest struct {
 
 func (x *PauseSandboxRequest) Reset() {
 	*x = PauseSandboxRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[31]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2077,7 +2216,7 @@ func (x *PauseSandboxRequest) String() string {
 func (*PauseSandboxRequest) ProtoMessage() {}
 
 func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[31]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2090,7 +2229,7 @@ func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseSandboxRequest.ProtoReflect.Descriptor instead.
 func (*PauseSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{31}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *PauseSandboxRequest) GetSandboxId() string {
@@ -2109,7 +2248,7 @@ type ResumeSandboxRequest struct {
 
 func (x *ResumeSandboxRequest) Reset() {
 	*x = ResumeSandboxRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[32]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2121,7 +2260,7 @@ func (x *ResumeSandboxRequest) String() string {
 func (*ResumeSandboxRequest) ProtoMessage() {}
 
 func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[32]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2134,7 +2273,7 @@ func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{32}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ResumeSandboxRequest) GetSandboxId() string {
@@ -2160,7 +2299,7 @@ type ExposeRequest struct {
 
 func (x *ExposeRequest) Reset() {
 	*x = ExposeRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2172,7 +2311,7 @@ func (x *ExposeRequest) String() string {
 func (*ExposeRequest) ProtoMessage() {}
 
 func (x *ExposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[33]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2185,7 +2324,7 @@ func (x *ExposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExposeRequest.ProtoReflect.Descriptor instead.
 func (*ExposeRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{33}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ExposeRequest) GetSandboxId() string {
@@ -2236,7 +2375,7 @@ type Exposure struct {
 
 func (x *Exposure) Reset() {
 	*x = Exposure{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2248,7 +2387,7 @@ func (x *Exposure) String() string {
 func (*Exposure) ProtoMessage() {}
 
 func (x *Exposure) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[34]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2261,7 +2400,7 @@ func (x *Exposure) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Exposure.ProtoReflect.Descriptor instead.
 func (*Exposure) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{34}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Exposure) GetSandboxId() string {
@@ -2337,7 +2476,7 @@ type UnexposeRequest struct {
 
 func (x *UnexposeRequest) Reset() {
 	*x = UnexposeRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2349,7 +2488,7 @@ func (x *UnexposeRequest) String() string {
 func (*UnexposeRequest) ProtoMessage() {}
 
 func (x *UnexposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[35]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2362,7 +2501,7 @@ func (x *UnexposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexposeRequest.ProtoReflect.Descriptor instead.
 func (*UnexposeRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{35}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *UnexposeRequest) GetSandboxId() string {
@@ -2387,7 +2526,7 @@ type UnexposeResponse struct {
 
 func (x *UnexposeResponse) Reset() {
 	*x = UnexposeResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2399,7 +2538,7 @@ func (x *UnexposeResponse) String() string {
 func (*UnexposeResponse) ProtoMessage() {}
 
 func (x *UnexposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[36]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2412,7 +2551,7 @@ func (x *UnexposeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexposeResponse.ProtoReflect.Descriptor instead.
 func (*UnexposeResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{36}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{38}
 }
 
 type ListExposuresRequest struct {
@@ -2424,7 +2563,7 @@ type ListExposuresRequest struct {
 
 func (x *ListExposuresRequest) Reset() {
 	*x = ListExposuresRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2436,7 +2575,7 @@ func (x *ListExposuresRequest) String() string {
 func (*ListExposuresRequest) ProtoMessage() {}
 
 func (x *ListExposuresRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[37]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2449,7 +2588,7 @@ func (x *ListExposuresRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListExposuresRequest.ProtoReflect.Descriptor instead.
 func (*ListExposuresRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{37}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ListExposuresRequest) GetSandboxId() string {
@@ -2468,7 +2607,7 @@ type ListExposuresResponse struct {
 
 func (x *ListExposuresResponse) Reset() {
 	*x = ListExposuresResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2480,7 +2619,7 @@ func (x *ListExposuresResponse) String() string {
 func (*ListExposuresResponse) ProtoMessage() {}
 
 func (x *ListExposuresResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[38]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2493,7 +2632,7 @@ func (x *ListExposuresResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListExposuresResponse.ProtoReflect.Descriptor instead.
 func (*ListExposuresResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{38}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ListExposuresResponse) GetExposures() []*Exposure {
@@ -2516,7 +2655,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2528,7 +2667,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[39]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2541,7 +2680,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{39}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Image) GetRef() string {
@@ -2588,7 +2727,7 @@ type PullImageRequest struct {
 
 func (x *PullImageRequest) Reset() {
 	*x = PullImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2600,7 +2739,7 @@ func (x *PullImageRequest) String() string {
 func (*PullImageRequest) ProtoMessage() {}
 
 func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[40]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2613,7 +2752,7 @@ func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageRequest.ProtoReflect.Descriptor instead.
 func (*PullImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{40}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *PullImageRequest) GetRef() string {
@@ -2636,7 +2775,7 @@ type WarmImageRequest struct {
 
 func (x *WarmImageRequest) Reset() {
 	*x = WarmImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2648,7 +2787,7 @@ func (x *WarmImageRequest) String() string {
 func (*WarmImageRequest) ProtoMessage() {}
 
 func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[41]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2661,7 +2800,7 @@ func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageRequest.ProtoReflect.Descriptor instead.
 func (*WarmImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{41}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *WarmImageRequest) GetImage() string {
@@ -2695,7 +2834,7 @@ type ImageProgress struct {
 
 func (x *ImageProgress) Reset() {
 	*x = ImageProgress{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2707,7 +2846,7 @@ func (x *ImageProgress) String() string {
 func (*ImageProgress) ProtoMessage() {}
 
 func (x *ImageProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[42]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2720,7 +2859,7 @@ func (x *ImageProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageProgress.ProtoReflect.Descriptor instead.
 func (*ImageProgress) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{42}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ImageProgress) GetPhase() string {
@@ -2794,7 +2933,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2806,7 +2945,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[43]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2819,7 +2958,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{43}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{45}
 }
 
 type ListImagesResponse struct {
@@ -2831,7 +2970,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2843,7 +2982,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2856,7 +2995,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{44}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -2875,7 +3014,7 @@ type InspectImageRequest struct {
 
 func (x *InspectImageRequest) Reset() {
 	*x = InspectImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2887,7 +3026,7 @@ func (x *InspectImageRequest) String() string {
 func (*InspectImageRequest) ProtoMessage() {}
 
 func (x *InspectImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2900,7 +3039,7 @@ func (x *InspectImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageRequest.ProtoReflect.Descriptor instead.
 func (*InspectImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{45}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *InspectImageRequest) GetRef() string {
@@ -2921,7 +3060,7 @@ type InspectImageResponse struct {
 
 func (x *InspectImageResponse) Reset() {
 	*x = InspectImageResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2933,7 +3072,7 @@ func (x *InspectImageResponse) String() string {
 func (*InspectImageResponse) ProtoMessage() {}
 
 func (x *InspectImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2946,7 +3085,7 @@ func (x *InspectImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageResponse.ProtoReflect.Descriptor instead.
 func (*InspectImageResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{46}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *InspectImageResponse) GetImage() *Image {
@@ -2979,7 +3118,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2991,7 +3130,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3004,7 +3143,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{47}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -3022,7 +3161,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3034,7 +3173,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3047,7 +3186,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{48}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{50}
 }
 
 type BuildImageRequest struct {
@@ -3060,7 +3199,7 @@ type BuildImageRequest struct {
 
 func (x *BuildImageRequest) Reset() {
 	*x = BuildImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3072,7 +3211,7 @@ func (x *BuildImageRequest) String() string {
 func (*BuildImageRequest) ProtoMessage() {}
 
 func (x *BuildImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3085,7 +3224,7 @@ func (x *BuildImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BuildImageRequest.ProtoReflect.Descriptor instead.
 func (*BuildImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{49}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *BuildImageRequest) GetSpecJson() string {
@@ -3111,7 +3250,7 @@ type HasBlobsRequest struct {
 
 func (x *HasBlobsRequest) Reset() {
 	*x = HasBlobsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3123,7 +3262,7 @@ func (x *HasBlobsRequest) String() string {
 func (*HasBlobsRequest) ProtoMessage() {}
 
 func (x *HasBlobsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3136,7 +3275,7 @@ func (x *HasBlobsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HasBlobsRequest.ProtoReflect.Descriptor instead.
 func (*HasBlobsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{50}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *HasBlobsRequest) GetDigests() []string {
@@ -3155,7 +3294,7 @@ type HasBlobsResponse struct {
 
 func (x *HasBlobsResponse) Reset() {
 	*x = HasBlobsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3167,7 +3306,7 @@ func (x *HasBlobsResponse) String() string {
 func (*HasBlobsResponse) ProtoMessage() {}
 
 func (x *HasBlobsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3180,7 +3319,7 @@ func (x *HasBlobsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HasBlobsResponse.ProtoReflect.Descriptor instead.
 func (*HasBlobsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{51}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *HasBlobsResponse) GetMissing() []string {
@@ -3200,7 +3339,7 @@ type UploadBlobRequest struct {
 
 func (x *UploadBlobRequest) Reset() {
 	*x = UploadBlobRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3212,7 +3351,7 @@ func (x *UploadBlobRequest) String() string {
 func (*UploadBlobRequest) ProtoMessage() {}
 
 func (x *UploadBlobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3225,7 +3364,7 @@ func (x *UploadBlobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadBlobRequest.ProtoReflect.Descriptor instead.
 func (*UploadBlobRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{52}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *UploadBlobRequest) GetDigest() string {
@@ -3252,7 +3391,7 @@ type UploadBlobResponse struct {
 
 func (x *UploadBlobResponse) Reset() {
 	*x = UploadBlobResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3264,7 +3403,7 @@ func (x *UploadBlobResponse) String() string {
 func (*UploadBlobResponse) ProtoMessage() {}
 
 func (x *UploadBlobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3277,7 +3416,7 @@ func (x *UploadBlobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadBlobResponse.ProtoReflect.Descriptor instead.
 func (*UploadBlobResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{53}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *UploadBlobResponse) GetDigest() string {
@@ -3308,7 +3447,7 @@ type NetworkPolicy struct {
 
 func (x *NetworkPolicy) Reset() {
 	*x = NetworkPolicy{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3320,7 +3459,7 @@ func (x *NetworkPolicy) String() string {
 func (*NetworkPolicy) ProtoMessage() {}
 
 func (x *NetworkPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3333,7 +3472,7 @@ func (x *NetworkPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkPolicy.ProtoReflect.Descriptor instead.
 func (*NetworkPolicy) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{54}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *NetworkPolicy) GetName() string {
@@ -3387,7 +3526,7 @@ type PolicyName struct {
 
 func (x *PolicyName) Reset() {
 	*x = PolicyName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3399,7 +3538,7 @@ func (x *PolicyName) String() string {
 func (*PolicyName) ProtoMessage() {}
 
 func (x *PolicyName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3412,7 +3551,7 @@ func (x *PolicyName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyName.ProtoReflect.Descriptor instead.
 func (*PolicyName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{55}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *PolicyName) GetName() string {
@@ -3430,7 +3569,7 @@ type ListPoliciesRequest struct {
 
 func (x *ListPoliciesRequest) Reset() {
 	*x = ListPoliciesRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3442,7 +3581,7 @@ func (x *ListPoliciesRequest) String() string {
 func (*ListPoliciesRequest) ProtoMessage() {}
 
 func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3455,7 +3594,7 @@ func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
 func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{56}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{58}
 }
 
 type ListPoliciesResponse struct {
@@ -3467,7 +3606,7 @@ type ListPoliciesResponse struct {
 
 func (x *ListPoliciesResponse) Reset() {
 	*x = ListPoliciesResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3479,7 +3618,7 @@ func (x *ListPoliciesResponse) String() string {
 func (*ListPoliciesResponse) ProtoMessage() {}
 
 func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3492,7 +3631,7 @@ func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
 func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{57}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ListPoliciesResponse) GetPolicies() []*NetworkPolicy {
@@ -3510,7 +3649,7 @@ type DeletePolicyResponse struct {
 
 func (x *DeletePolicyResponse) Reset() {
 	*x = DeletePolicyResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3522,7 +3661,7 @@ func (x *DeletePolicyResponse) String() string {
 func (*DeletePolicyResponse) ProtoMessage() {}
 
 func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3535,7 +3674,7 @@ func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
 func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{58}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{60}
 }
 
 type WhoAmIRequest struct {
@@ -3546,7 +3685,7 @@ type WhoAmIRequest struct {
 
 func (x *WhoAmIRequest) Reset() {
 	*x = WhoAmIRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3558,7 +3697,7 @@ func (x *WhoAmIRequest) String() string {
 func (*WhoAmIRequest) ProtoMessage() {}
 
 func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3571,7 +3710,7 @@ func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIRequest.ProtoReflect.Descriptor instead.
 func (*WhoAmIRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{59}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{61}
 }
 
 type WhoAmIResponse struct {
@@ -3591,7 +3730,7 @@ type WhoAmIResponse struct {
 
 func (x *WhoAmIResponse) Reset() {
 	*x = WhoAmIResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3603,7 +3742,7 @@ func (x *WhoAmIResponse) String() string {
 func (*WhoAmIResponse) ProtoMessage() {}
 
 func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3616,7 +3755,7 @@ func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIResponse.ProtoReflect.Descriptor instead.
 func (*WhoAmIResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{60}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *WhoAmIResponse) GetKind() string {
@@ -3693,7 +3832,7 @@ type MintTokenRequest struct {
 
 func (x *MintTokenRequest) Reset() {
 	*x = MintTokenRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3705,7 +3844,7 @@ func (x *MintTokenRequest) String() string {
 func (*MintTokenRequest) ProtoMessage() {}
 
 func (x *MintTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3718,7 +3857,7 @@ func (x *MintTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintTokenRequest.ProtoReflect.Descriptor instead.
 func (*MintTokenRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{61}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *MintTokenRequest) GetAudience() string {
@@ -3752,7 +3891,7 @@ type MintTokenResponse struct {
 
 func (x *MintTokenResponse) Reset() {
 	*x = MintTokenResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3764,7 +3903,7 @@ func (x *MintTokenResponse) String() string {
 func (*MintTokenResponse) ProtoMessage() {}
 
 func (x *MintTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3777,7 +3916,7 @@ func (x *MintTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintTokenResponse.ProtoReflect.Descriptor instead.
 func (*MintTokenResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{62}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *MintTokenResponse) GetToken() string {
@@ -3802,7 +3941,7 @@ type RotateKeysRequest struct {
 
 func (x *RotateKeysRequest) Reset() {
 	*x = RotateKeysRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3814,7 +3953,7 @@ func (x *RotateKeysRequest) String() string {
 func (*RotateKeysRequest) ProtoMessage() {}
 
 func (x *RotateKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3827,7 +3966,7 @@ func (x *RotateKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeysRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeysRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{63}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{65}
 }
 
 type RotateKeysResponse struct {
@@ -3839,7 +3978,7 @@ type RotateKeysResponse struct {
 
 func (x *RotateKeysResponse) Reset() {
 	*x = RotateKeysResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3851,7 +3990,7 @@ func (x *RotateKeysResponse) String() string {
 func (*RotateKeysResponse) ProtoMessage() {}
 
 func (x *RotateKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3864,7 +4003,7 @@ func (x *RotateKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeysResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeysResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{64}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *RotateKeysResponse) GetKids() []string {
@@ -3890,7 +4029,7 @@ type TunnelPeer struct {
 
 func (x *TunnelPeer) Reset() {
 	*x = TunnelPeer{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3902,7 +4041,7 @@ func (x *TunnelPeer) String() string {
 func (*TunnelPeer) ProtoMessage() {}
 
 func (x *TunnelPeer) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3915,7 +4054,7 @@ func (x *TunnelPeer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelPeer.ProtoReflect.Descriptor instead.
 func (*TunnelPeer) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{65}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *TunnelPeer) GetPublicKey() string {
@@ -3960,7 +4099,7 @@ type TunnelMember struct {
 
 func (x *TunnelMember) Reset() {
 	*x = TunnelMember{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3972,7 +4111,7 @@ func (x *TunnelMember) String() string {
 func (*TunnelMember) ProtoMessage() {}
 
 func (x *TunnelMember) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3985,7 +4124,7 @@ func (x *TunnelMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelMember.ProtoReflect.Descriptor instead.
 func (*TunnelMember) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{66}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *TunnelMember) GetSandboxId() string {
@@ -4037,7 +4176,7 @@ type Tunnel struct {
 
 func (x *Tunnel) Reset() {
 	*x = Tunnel{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4049,7 +4188,7 @@ func (x *Tunnel) String() string {
 func (*Tunnel) ProtoMessage() {}
 
 func (x *Tunnel) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4062,7 +4201,7 @@ func (x *Tunnel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tunnel.ProtoReflect.Descriptor instead.
 func (*Tunnel) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{67}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *Tunnel) GetName() string {
@@ -4109,7 +4248,7 @@ type TunnelName struct {
 
 func (x *TunnelName) Reset() {
 	*x = TunnelName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4121,7 +4260,7 @@ func (x *TunnelName) String() string {
 func (*TunnelName) ProtoMessage() {}
 
 func (x *TunnelName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4134,7 +4273,7 @@ func (x *TunnelName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelName.ProtoReflect.Descriptor instead.
 func (*TunnelName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{68}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *TunnelName) GetName() string {
@@ -4152,7 +4291,7 @@ type ListTunnelsRequest struct {
 
 func (x *ListTunnelsRequest) Reset() {
 	*x = ListTunnelsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4164,7 +4303,7 @@ func (x *ListTunnelsRequest) String() string {
 func (*ListTunnelsRequest) ProtoMessage() {}
 
 func (x *ListTunnelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4177,7 +4316,7 @@ func (x *ListTunnelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTunnelsRequest.ProtoReflect.Descriptor instead.
 func (*ListTunnelsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{69}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{71}
 }
 
 type ListTunnelsResponse struct {
@@ -4189,7 +4328,7 @@ type ListTunnelsResponse struct {
 
 func (x *ListTunnelsResponse) Reset() {
 	*x = ListTunnelsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4201,7 +4340,7 @@ func (x *ListTunnelsResponse) String() string {
 func (*ListTunnelsResponse) ProtoMessage() {}
 
 func (x *ListTunnelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4214,7 +4353,7 @@ func (x *ListTunnelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTunnelsResponse.ProtoReflect.Descriptor instead.
 func (*ListTunnelsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{70}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *ListTunnelsResponse) GetTunnels() []*Tunnel {
@@ -4234,7 +4373,7 @@ type AddTunnelPeerRequest struct {
 
 func (x *AddTunnelPeerRequest) Reset() {
 	*x = AddTunnelPeerRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4246,7 +4385,7 @@ func (x *AddTunnelPeerRequest) String() string {
 func (*AddTunnelPeerRequest) ProtoMessage() {}
 
 func (x *AddTunnelPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4259,7 +4398,7 @@ func (x *AddTunnelPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddTunnelPeerRequest.ProtoReflect.Descriptor instead.
 func (*AddTunnelPeerRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{71}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *AddTunnelPeerRequest) GetTunnel() string {
@@ -4286,7 +4425,7 @@ type RemoveTunnelPeerRequest struct {
 
 func (x *RemoveTunnelPeerRequest) Reset() {
 	*x = RemoveTunnelPeerRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4298,7 +4437,7 @@ func (x *RemoveTunnelPeerRequest) String() string {
 func (*RemoveTunnelPeerRequest) ProtoMessage() {}
 
 func (x *RemoveTunnelPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4311,7 +4450,7 @@ func (x *RemoveTunnelPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveTunnelPeerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveTunnelPeerRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{72}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *RemoveTunnelPeerRequest) GetTunnel() string {
@@ -4336,7 +4475,7 @@ type DeleteTunnelResponse struct {
 
 func (x *DeleteTunnelResponse) Reset() {
 	*x = DeleteTunnelResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4348,7 +4487,7 @@ func (x *DeleteTunnelResponse) String() string {
 func (*DeleteTunnelResponse) ProtoMessage() {}
 
 func (x *DeleteTunnelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4361,7 +4500,7 @@ func (x *DeleteTunnelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteTunnelResponse.ProtoReflect.Descriptor instead.
 func (*DeleteTunnelResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{73}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{75}
 }
 
 // An upstream MCP server sandboxes reach through the gateway at
@@ -4388,7 +4527,7 @@ type McpServer struct {
 
 func (x *McpServer) Reset() {
 	*x = McpServer{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4400,7 +4539,7 @@ func (x *McpServer) String() string {
 func (*McpServer) ProtoMessage() {}
 
 func (x *McpServer) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4413,7 +4552,7 @@ func (x *McpServer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpServer.ProtoReflect.Descriptor instead.
 func (*McpServer) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{74}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *McpServer) GetName() string {
@@ -4516,7 +4655,7 @@ type McpServerName struct {
 
 func (x *McpServerName) Reset() {
 	*x = McpServerName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4528,7 +4667,7 @@ func (x *McpServerName) String() string {
 func (*McpServerName) ProtoMessage() {}
 
 func (x *McpServerName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4541,7 +4680,7 @@ func (x *McpServerName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpServerName.ProtoReflect.Descriptor instead.
 func (*McpServerName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{75}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *McpServerName) GetName() string {
@@ -4559,7 +4698,7 @@ type ListMcpServersRequest struct {
 
 func (x *ListMcpServersRequest) Reset() {
 	*x = ListMcpServersRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4571,7 +4710,7 @@ func (x *ListMcpServersRequest) String() string {
 func (*ListMcpServersRequest) ProtoMessage() {}
 
 func (x *ListMcpServersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4584,7 +4723,7 @@ func (x *ListMcpServersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMcpServersRequest.ProtoReflect.Descriptor instead.
 func (*ListMcpServersRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{76}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{78}
 }
 
 type ListMcpServersResponse struct {
@@ -4596,7 +4735,7 @@ type ListMcpServersResponse struct {
 
 func (x *ListMcpServersResponse) Reset() {
 	*x = ListMcpServersResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4608,7 +4747,7 @@ func (x *ListMcpServersResponse) String() string {
 func (*ListMcpServersResponse) ProtoMessage() {}
 
 func (x *ListMcpServersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4621,7 +4760,7 @@ func (x *ListMcpServersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMcpServersResponse.ProtoReflect.Descriptor instead.
 func (*ListMcpServersResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{77}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *ListMcpServersResponse) GetServers() []*McpServer {
@@ -4639,7 +4778,7 @@ type RemoveMcpServerResponse struct {
 
 func (x *RemoveMcpServerResponse) Reset() {
 	*x = RemoveMcpServerResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4651,7 +4790,7 @@ func (x *RemoveMcpServerResponse) String() string {
 func (*RemoveMcpServerResponse) ProtoMessage() {}
 
 func (x *RemoveMcpServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4664,7 +4803,7 @@ func (x *RemoveMcpServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMcpServerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveMcpServerResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{78}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{80}
 }
 
 type McpAuditRequest struct {
@@ -4679,7 +4818,7 @@ type McpAuditRequest struct {
 
 func (x *McpAuditRequest) Reset() {
 	*x = McpAuditRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4691,7 +4830,7 @@ func (x *McpAuditRequest) String() string {
 func (*McpAuditRequest) ProtoMessage() {}
 
 func (x *McpAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4704,7 +4843,7 @@ func (x *McpAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditRequest.ProtoReflect.Descriptor instead.
 func (*McpAuditRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{79}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *McpAuditRequest) GetSandboxId() string {
@@ -4757,7 +4896,7 @@ type McpAuditRecord struct {
 
 func (x *McpAuditRecord) Reset() {
 	*x = McpAuditRecord{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4769,7 +4908,7 @@ func (x *McpAuditRecord) String() string {
 func (*McpAuditRecord) ProtoMessage() {}
 
 func (x *McpAuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4782,7 +4921,7 @@ func (x *McpAuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditRecord.ProtoReflect.Descriptor instead.
 func (*McpAuditRecord) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{80}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *McpAuditRecord) GetSeq() int64 {
@@ -4892,7 +5031,7 @@ type McpAuditResponse struct {
 
 func (x *McpAuditResponse) Reset() {
 	*x = McpAuditResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4904,7 +5043,7 @@ func (x *McpAuditResponse) String() string {
 func (*McpAuditResponse) ProtoMessage() {}
 
 func (x *McpAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4917,7 +5056,7 @@ func (x *McpAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditResponse.ProtoReflect.Descriptor instead.
 func (*McpAuditResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{81}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *McpAuditResponse) GetRecords() []*McpAuditRecord {
@@ -4940,7 +5079,7 @@ type Org struct {
 
 func (x *Org) Reset() {
 	*x = Org{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4952,7 +5091,7 @@ func (x *Org) String() string {
 func (*Org) ProtoMessage() {}
 
 func (x *Org) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4965,7 +5104,7 @@ func (x *Org) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Org.ProtoReflect.Descriptor instead.
 func (*Org) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{82}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *Org) GetName() string {
@@ -4999,7 +5138,7 @@ type CreateOrgRequest struct {
 
 func (x *CreateOrgRequest) Reset() {
 	*x = CreateOrgRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5011,7 +5150,7 @@ func (x *CreateOrgRequest) String() string {
 func (*CreateOrgRequest) ProtoMessage() {}
 
 func (x *CreateOrgRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5024,7 +5163,7 @@ func (x *CreateOrgRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOrgRequest.ProtoReflect.Descriptor instead.
 func (*CreateOrgRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{83}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *CreateOrgRequest) GetName() string {
@@ -5051,7 +5190,7 @@ type CreateOrgResponse struct {
 
 func (x *CreateOrgResponse) Reset() {
 	*x = CreateOrgResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5063,7 +5202,7 @@ func (x *CreateOrgResponse) String() string {
 func (*CreateOrgResponse) ProtoMessage() {}
 
 func (x *CreateOrgResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5076,7 +5215,7 @@ func (x *CreateOrgResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOrgResponse.ProtoReflect.Descriptor instead.
 func (*CreateOrgResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{84}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *CreateOrgResponse) GetOrg() *Org {
@@ -5101,7 +5240,7 @@ type ListOrgsRequest struct {
 
 func (x *ListOrgsRequest) Reset() {
 	*x = ListOrgsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5113,7 +5252,7 @@ func (x *ListOrgsRequest) String() string {
 func (*ListOrgsRequest) ProtoMessage() {}
 
 func (x *ListOrgsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5126,7 +5265,7 @@ func (x *ListOrgsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOrgsRequest.ProtoReflect.Descriptor instead.
 func (*ListOrgsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{85}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{87}
 }
 
 type ListOrgsResponse struct {
@@ -5138,7 +5277,7 @@ type ListOrgsResponse struct {
 
 func (x *ListOrgsResponse) Reset() {
 	*x = ListOrgsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5150,7 +5289,7 @@ func (x *ListOrgsResponse) String() string {
 func (*ListOrgsResponse) ProtoMessage() {}
 
 func (x *ListOrgsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5163,7 +5302,7 @@ func (x *ListOrgsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOrgsResponse.ProtoReflect.Descriptor instead.
 func (*ListOrgsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{86}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *ListOrgsResponse) GetOrgs() []*Org {
@@ -5185,7 +5324,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5197,7 +5336,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5210,7 +5349,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{87}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *Member) GetUser() string {
@@ -5245,7 +5384,7 @@ type AddMemberRequest struct {
 
 func (x *AddMemberRequest) Reset() {
 	*x = AddMemberRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5257,7 +5396,7 @@ func (x *AddMemberRequest) String() string {
 func (*AddMemberRequest) ProtoMessage() {}
 
 func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5270,7 +5409,7 @@ func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddMemberRequest.ProtoReflect.Descriptor instead.
 func (*AddMemberRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{88}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *AddMemberRequest) GetOrg() string {
@@ -5304,7 +5443,7 @@ type AddMemberResponse struct {
 
 func (x *AddMemberResponse) Reset() {
 	*x = AddMemberResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5316,7 +5455,7 @@ func (x *AddMemberResponse) String() string {
 func (*AddMemberResponse) ProtoMessage() {}
 
 func (x *AddMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5329,7 +5468,7 @@ func (x *AddMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddMemberResponse.ProtoReflect.Descriptor instead.
 func (*AddMemberResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{89}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *AddMemberResponse) GetMember() *Member {
@@ -5355,7 +5494,7 @@ type ListMembersRequest struct {
 
 func (x *ListMembersRequest) Reset() {
 	*x = ListMembersRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5367,7 +5506,7 @@ func (x *ListMembersRequest) String() string {
 func (*ListMembersRequest) ProtoMessage() {}
 
 func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5380,7 +5519,7 @@ func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMembersRequest.ProtoReflect.Descriptor instead.
 func (*ListMembersRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{90}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *ListMembersRequest) GetOrg() string {
@@ -5399,7 +5538,7 @@ type ListMembersResponse struct {
 
 func (x *ListMembersResponse) Reset() {
 	*x = ListMembersResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5411,7 +5550,7 @@ func (x *ListMembersResponse) String() string {
 func (*ListMembersResponse) ProtoMessage() {}
 
 func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5424,7 +5563,7 @@ func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMembersResponse.ProtoReflect.Descriptor instead.
 func (*ListMembersResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{91}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *ListMembersResponse) GetMembers() []*Member {
@@ -5444,7 +5583,7 @@ type RemoveMemberRequest struct {
 
 func (x *RemoveMemberRequest) Reset() {
 	*x = RemoveMemberRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5456,7 +5595,7 @@ func (x *RemoveMemberRequest) String() string {
 func (*RemoveMemberRequest) ProtoMessage() {}
 
 func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5469,7 +5608,7 @@ func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberRequest.ProtoReflect.Descriptor instead.
 func (*RemoveMemberRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{92}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *RemoveMemberRequest) GetOrg() string {
@@ -5497,7 +5636,7 @@ type SetMemberRoleRequest struct {
 
 func (x *SetMemberRoleRequest) Reset() {
 	*x = SetMemberRoleRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5509,7 +5648,7 @@ func (x *SetMemberRoleRequest) String() string {
 func (*SetMemberRoleRequest) ProtoMessage() {}
 
 func (x *SetMemberRoleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5522,7 +5661,7 @@ func (x *SetMemberRoleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMemberRoleRequest.ProtoReflect.Descriptor instead.
 func (*SetMemberRoleRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{93}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *SetMemberRoleRequest) GetOrg() string {
@@ -5554,7 +5693,7 @@ type RemoveMemberResponse struct {
 
 func (x *RemoveMemberResponse) Reset() {
 	*x = RemoveMemberResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5566,7 +5705,7 @@ func (x *RemoveMemberResponse) String() string {
 func (*RemoveMemberResponse) ProtoMessage() {}
 
 func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5579,7 +5718,7 @@ func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberResponse.ProtoReflect.Descriptor instead.
 func (*RemoveMemberResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{94}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{96}
 }
 
 // An API key: per user per org. Only a hash of the secret is stored.
@@ -5603,7 +5742,7 @@ type ApiKey struct {
 
 func (x *ApiKey) Reset() {
 	*x = ApiKey{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5615,7 +5754,7 @@ func (x *ApiKey) String() string {
 func (*ApiKey) ProtoMessage() {}
 
 func (x *ApiKey) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5628,7 +5767,7 @@ func (x *ApiKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApiKey.ProtoReflect.Descriptor instead.
 func (*ApiKey) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{95}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *ApiKey) GetId() string {
@@ -5727,7 +5866,7 @@ type CreateKeyRequest struct {
 
 func (x *CreateKeyRequest) Reset() {
 	*x = CreateKeyRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5739,7 +5878,7 @@ func (x *CreateKeyRequest) String() string {
 func (*CreateKeyRequest) ProtoMessage() {}
 
 func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5752,7 +5891,7 @@ func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{96}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *CreateKeyRequest) GetName() string {
@@ -5792,7 +5931,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5804,7 +5943,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5817,7 +5956,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{97}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *ListKeysRequest) GetAll() bool {
@@ -5836,7 +5975,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5848,7 +5987,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5861,7 +6000,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{98}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *ListKeysResponse) GetKeys() []*ApiKey {
@@ -5880,7 +6019,7 @@ type RevokeKeyRequest struct {
 
 func (x *RevokeKeyRequest) Reset() {
 	*x = RevokeKeyRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5892,7 +6031,7 @@ func (x *RevokeKeyRequest) String() string {
 func (*RevokeKeyRequest) ProtoMessage() {}
 
 func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5905,7 +6044,7 @@ func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{99}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *RevokeKeyRequest) GetId() string {
@@ -5924,7 +6063,7 @@ type RevokeKeyResponse struct {
 
 func (x *RevokeKeyResponse) Reset() {
 	*x = RevokeKeyResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5936,7 +6075,7 @@ func (x *RevokeKeyResponse) String() string {
 func (*RevokeKeyResponse) ProtoMessage() {}
 
 func (x *RevokeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5949,7 +6088,7 @@ func (x *RevokeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyResponse.ProtoReflect.Descriptor instead.
 func (*RevokeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{100}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *RevokeKeyResponse) GetKey() *ApiKey {
@@ -5972,7 +6111,7 @@ type Quota struct {
 
 func (x *Quota) Reset() {
 	*x = Quota{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[101]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5984,7 +6123,7 @@ func (x *Quota) String() string {
 func (*Quota) ProtoMessage() {}
 
 func (x *Quota) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[101]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5997,7 +6136,7 @@ func (x *Quota) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quota.ProtoReflect.Descriptor instead.
 func (*Quota) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{101}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{103}
 }
 
 func (x *Quota) GetMaxRunningSandboxes() int32 {
@@ -6037,7 +6176,7 @@ type GetQuotaRequest struct {
 
 func (x *GetQuotaRequest) Reset() {
 	*x = GetQuotaRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[102]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[104]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6049,7 +6188,7 @@ func (x *GetQuotaRequest) String() string {
 func (*GetQuotaRequest) ProtoMessage() {}
 
 func (x *GetQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[102]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[104]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6062,7 +6201,7 @@ func (x *GetQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetQuotaRequest.ProtoReflect.Descriptor instead.
 func (*GetQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{102}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{104}
 }
 
 func (x *GetQuotaRequest) GetOrg() string {
@@ -6082,7 +6221,7 @@ type SetQuotaRequest struct {
 
 func (x *SetQuotaRequest) Reset() {
 	*x = SetQuotaRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[103]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[105]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6094,7 +6233,7 @@ func (x *SetQuotaRequest) String() string {
 func (*SetQuotaRequest) ProtoMessage() {}
 
 func (x *SetQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[103]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[105]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6107,7 +6246,7 @@ func (x *SetQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetQuotaRequest.ProtoReflect.Descriptor instead.
 func (*SetQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{103}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{105}
 }
 
 func (x *SetQuotaRequest) GetOrg() string {
@@ -6135,7 +6274,7 @@ type AuditRequest struct {
 
 func (x *AuditRequest) Reset() {
 	*x = AuditRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[104]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[106]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6147,7 +6286,7 @@ func (x *AuditRequest) String() string {
 func (*AuditRequest) ProtoMessage() {}
 
 func (x *AuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[104]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[106]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6160,7 +6299,7 @@ func (x *AuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRequest.ProtoReflect.Descriptor instead.
 func (*AuditRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{104}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{106}
 }
 
 func (x *AuditRequest) GetSince() string {
@@ -6202,7 +6341,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[105]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[107]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6214,7 +6353,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[105]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[107]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6227,7 +6366,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{105}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{107}
 }
 
 func (x *AuditRecord) GetSeq() int64 {
@@ -6309,7 +6448,7 @@ type AuditResponse struct {
 
 func (x *AuditResponse) Reset() {
 	*x = AuditResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[106]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[108]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6321,7 +6460,7 @@ func (x *AuditResponse) String() string {
 func (*AuditResponse) ProtoMessage() {}
 
 func (x *AuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[106]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[108]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6334,7 +6473,7 @@ func (x *AuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditResponse.ProtoReflect.Descriptor instead.
 func (*AuditResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{106}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{108}
 }
 
 func (x *AuditResponse) GetRecords() []*AuditRecord {
@@ -6430,7 +6569,7 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x0ftimeout_seconds\x18\x02 \x01(\x03R\x0etimeoutSeconds\")\n" +
 	"\x17TerminateSandboxRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\x9f\x02\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\xed\x02\n" +
 	"\vExecRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
@@ -6439,7 +6578,12 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\aworkdir\x18\x04 \x01(\tR\aworkdir\x12\x14\n" +
 	"\x05stdin\x18\x05 \x01(\bR\x05stdin\x12'\n" +
 	"\x0ftimeout_seconds\x18\x06 \x01(\x03R\x0etimeoutSeconds\x12\x12\n" +
-	"\x04user\x18\a \x01(\tR\x04user\x1a6\n" +
+	"\x04user\x18\a \x01(\tR\x04user\x12\x10\n" +
+	"\x03pty\x18\b \x01(\bR\x03pty\x12\x12\n" +
+	"\x04rows\x18\t \x01(\rR\x04rows\x12\x12\n" +
+	"\x04cols\x18\n" +
+	" \x01(\rR\x04cols\x12\x12\n" +
+	"\x04term\x18\v \x01(\tR\x04term\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xbb\x01\n" +
@@ -6469,7 +6613,14 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x17\n" +
 	"\aexec_id\x18\x02 \x01(\tR\x06execId\x12\x16\n" +
 	"\x06signal\x18\x03 \x01(\tR\x06signal\"\x14\n" +
-	"\x12SignalExecResponse\"D\n" +
+	"\x12SignalExecResponse\"s\n" +
+	"\x11ResizeExecRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x17\n" +
+	"\aexec_id\x18\x02 \x01(\tR\x06execId\x12\x12\n" +
+	"\x04rows\x18\x03 \x01(\rR\x04rows\x12\x12\n" +
+	"\x04cols\x18\x04 \x01(\rR\x04cols\"\x14\n" +
+	"\x12ResizeExecResponse\"D\n" +
 	"\vLogsRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x16\n" +
@@ -6852,7 +7003,7 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x06detail\x18\n" +
 	" \x01(\tR\x06detail\"H\n" +
 	"\rAuditResponse\x127\n" +
-	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords2\x97\r\n" +
+	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords2\xf0\r\n" +
 	"\x0eSandboxService\x12K\n" +
 	"\x06Create\x12&.chalk.compute.v1.CreateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12J\n" +
 	"\x03Get\x12#.chalk.compute.v1.GetSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\"\x03\x90\x02\x01\x12\\\n" +
@@ -6863,7 +7014,9 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\n" +
 	"WriteStdin\x12#.chalk.compute.v1.WriteStdinRequest\x1a$.chalk.compute.v1.WriteStdinResponse\x12W\n" +
 	"\n" +
-	"SignalExec\x12#.chalk.compute.v1.SignalExecRequest\x1a$.chalk.compute.v1.SignalExecResponse\x12H\n" +
+	"SignalExec\x12#.chalk.compute.v1.SignalExecRequest\x1a$.chalk.compute.v1.SignalExecResponse\x12W\n" +
+	"\n" +
+	"ResizeExec\x12#.chalk.compute.v1.ResizeExecRequest\x1a$.chalk.compute.v1.ResizeExecResponse\x12H\n" +
 	"\x04Logs\x12\x1d.chalk.compute.v1.LogsRequest\x1a\x1a.chalk.compute.v1.LogChunk\"\x03\x90\x02\x010\x01\x12Q\n" +
 	"\bReadFile\x12!.chalk.compute.v1.ReadFileRequest\x1a\x1b.chalk.compute.v1.FileChunk\"\x03\x90\x02\x010\x01\x12T\n" +
 	"\tWriteFile\x12\".chalk.compute.v1.WriteFileRequest\x1a#.chalk.compute.v1.WriteFileResponse\x12Y\n" +
@@ -6938,7 +7091,7 @@ func file_chalk_compute_v1_compute_proto_rawDescGZIP() []byte {
 	return file_chalk_compute_v1_compute_proto_rawDescData
 }
 
-var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 113)
+var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 115)
 var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*Sandbox)(nil),                 // 0: chalk.compute.v1.Sandbox
 	(*CreateSandboxRequest)(nil),    // 1: chalk.compute.v1.CreateSandboxRequest
@@ -6955,141 +7108,143 @@ var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*WriteStdinResponse)(nil),      // 12: chalk.compute.v1.WriteStdinResponse
 	(*SignalExecRequest)(nil),       // 13: chalk.compute.v1.SignalExecRequest
 	(*SignalExecResponse)(nil),      // 14: chalk.compute.v1.SignalExecResponse
-	(*LogsRequest)(nil),             // 15: chalk.compute.v1.LogsRequest
-	(*LogChunk)(nil),                // 16: chalk.compute.v1.LogChunk
-	(*ReadFileRequest)(nil),         // 17: chalk.compute.v1.ReadFileRequest
-	(*FileChunk)(nil),               // 18: chalk.compute.v1.FileChunk
-	(*WriteFileRequest)(nil),        // 19: chalk.compute.v1.WriteFileRequest
-	(*WriteFileResponse)(nil),       // 20: chalk.compute.v1.WriteFileResponse
-	(*ListFilesRequest)(nil),        // 21: chalk.compute.v1.ListFilesRequest
-	(*FileInfo)(nil),                // 22: chalk.compute.v1.FileInfo
-	(*ListFilesResponse)(nil),       // 23: chalk.compute.v1.ListFilesResponse
-	(*RemoveFileRequest)(nil),       // 24: chalk.compute.v1.RemoveFileRequest
-	(*RemoveFileResponse)(nil),      // 25: chalk.compute.v1.RemoveFileResponse
-	(*EgressLogRequest)(nil),        // 26: chalk.compute.v1.EgressLogRequest
-	(*EgressDrop)(nil),              // 27: chalk.compute.v1.EgressDrop
-	(*EgressLogResponse)(nil),       // 28: chalk.compute.v1.EgressLogResponse
-	(*SnapshotSandboxRequest)(nil),  // 29: chalk.compute.v1.SnapshotSandboxRequest
-	(*SnapshotProgress)(nil),        // 30: chalk.compute.v1.SnapshotProgress
-	(*PauseSandboxRequest)(nil),     // 31: chalk.compute.v1.PauseSandboxRequest
-	(*ResumeSandboxRequest)(nil),    // 32: chalk.compute.v1.ResumeSandboxRequest
-	(*ExposeRequest)(nil),           // 33: chalk.compute.v1.ExposeRequest
-	(*Exposure)(nil),                // 34: chalk.compute.v1.Exposure
-	(*UnexposeRequest)(nil),         // 35: chalk.compute.v1.UnexposeRequest
-	(*UnexposeResponse)(nil),        // 36: chalk.compute.v1.UnexposeResponse
-	(*ListExposuresRequest)(nil),    // 37: chalk.compute.v1.ListExposuresRequest
-	(*ListExposuresResponse)(nil),   // 38: chalk.compute.v1.ListExposuresResponse
-	(*Image)(nil),                   // 39: chalk.compute.v1.Image
-	(*PullImageRequest)(nil),        // 40: chalk.compute.v1.PullImageRequest
-	(*WarmImageRequest)(nil),        // 41: chalk.compute.v1.WarmImageRequest
-	(*ImageProgress)(nil),           // 42: chalk.compute.v1.ImageProgress
-	(*ListImagesRequest)(nil),       // 43: chalk.compute.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),      // 44: chalk.compute.v1.ListImagesResponse
-	(*InspectImageRequest)(nil),     // 45: chalk.compute.v1.InspectImageRequest
-	(*InspectImageResponse)(nil),    // 46: chalk.compute.v1.InspectImageResponse
-	(*RemoveImageRequest)(nil),      // 47: chalk.compute.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),     // 48: chalk.compute.v1.RemoveImageResponse
-	(*BuildImageRequest)(nil),       // 49: chalk.compute.v1.BuildImageRequest
-	(*HasBlobsRequest)(nil),         // 50: chalk.compute.v1.HasBlobsRequest
-	(*HasBlobsResponse)(nil),        // 51: chalk.compute.v1.HasBlobsResponse
-	(*UploadBlobRequest)(nil),       // 52: chalk.compute.v1.UploadBlobRequest
-	(*UploadBlobResponse)(nil),      // 53: chalk.compute.v1.UploadBlobResponse
-	(*NetworkPolicy)(nil),           // 54: chalk.compute.v1.NetworkPolicy
-	(*PolicyName)(nil),              // 55: chalk.compute.v1.PolicyName
-	(*ListPoliciesRequest)(nil),     // 56: chalk.compute.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),    // 57: chalk.compute.v1.ListPoliciesResponse
-	(*DeletePolicyResponse)(nil),    // 58: chalk.compute.v1.DeletePolicyResponse
-	(*WhoAmIRequest)(nil),           // 59: chalk.compute.v1.WhoAmIRequest
-	(*WhoAmIResponse)(nil),          // 60: chalk.compute.v1.WhoAmIResponse
-	(*MintTokenRequest)(nil),        // 61: chalk.compute.v1.MintTokenRequest
-	(*MintTokenResponse)(nil),       // 62: chalk.compute.v1.MintTokenResponse
-	(*RotateKeysRequest)(nil),       // 63: chalk.compute.v1.RotateKeysRequest
-	(*RotateKeysResponse)(nil),      // 64: chalk.compute.v1.RotateKeysResponse
-	(*TunnelPeer)(nil),              // 65: chalk.compute.v1.TunnelPeer
-	(*TunnelMember)(nil),            // 66: chalk.compute.v1.TunnelMember
-	(*Tunnel)(nil),                  // 67: chalk.compute.v1.Tunnel
-	(*TunnelName)(nil),              // 68: chalk.compute.v1.TunnelName
-	(*ListTunnelsRequest)(nil),      // 69: chalk.compute.v1.ListTunnelsRequest
-	(*ListTunnelsResponse)(nil),     // 70: chalk.compute.v1.ListTunnelsResponse
-	(*AddTunnelPeerRequest)(nil),    // 71: chalk.compute.v1.AddTunnelPeerRequest
-	(*RemoveTunnelPeerRequest)(nil), // 72: chalk.compute.v1.RemoveTunnelPeerRequest
-	(*DeleteTunnelResponse)(nil),    // 73: chalk.compute.v1.DeleteTunnelResponse
-	(*McpServer)(nil),               // 74: chalk.compute.v1.McpServer
-	(*McpServerName)(nil),           // 75: chalk.compute.v1.McpServerName
-	(*ListMcpServersRequest)(nil),   // 76: chalk.compute.v1.ListMcpServersRequest
-	(*ListMcpServersResponse)(nil),  // 77: chalk.compute.v1.ListMcpServersResponse
-	(*RemoveMcpServerResponse)(nil), // 78: chalk.compute.v1.RemoveMcpServerResponse
-	(*McpAuditRequest)(nil),         // 79: chalk.compute.v1.McpAuditRequest
-	(*McpAuditRecord)(nil),          // 80: chalk.compute.v1.McpAuditRecord
-	(*McpAuditResponse)(nil),        // 81: chalk.compute.v1.McpAuditResponse
-	(*Org)(nil),                     // 82: chalk.compute.v1.Org
-	(*CreateOrgRequest)(nil),        // 83: chalk.compute.v1.CreateOrgRequest
-	(*CreateOrgResponse)(nil),       // 84: chalk.compute.v1.CreateOrgResponse
-	(*ListOrgsRequest)(nil),         // 85: chalk.compute.v1.ListOrgsRequest
-	(*ListOrgsResponse)(nil),        // 86: chalk.compute.v1.ListOrgsResponse
-	(*Member)(nil),                  // 87: chalk.compute.v1.Member
-	(*AddMemberRequest)(nil),        // 88: chalk.compute.v1.AddMemberRequest
-	(*AddMemberResponse)(nil),       // 89: chalk.compute.v1.AddMemberResponse
-	(*ListMembersRequest)(nil),      // 90: chalk.compute.v1.ListMembersRequest
-	(*ListMembersResponse)(nil),     // 91: chalk.compute.v1.ListMembersResponse
-	(*RemoveMemberRequest)(nil),     // 92: chalk.compute.v1.RemoveMemberRequest
-	(*SetMemberRoleRequest)(nil),    // 93: chalk.compute.v1.SetMemberRoleRequest
-	(*RemoveMemberResponse)(nil),    // 94: chalk.compute.v1.RemoveMemberResponse
-	(*ApiKey)(nil),                  // 95: chalk.compute.v1.ApiKey
-	(*CreateKeyRequest)(nil),        // 96: chalk.compute.v1.CreateKeyRequest
-	(*ListKeysRequest)(nil),         // 97: chalk.compute.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),        // 98: chalk.compute.v1.ListKeysResponse
-	(*RevokeKeyRequest)(nil),        // 99: chalk.compute.v1.RevokeKeyRequest
-	(*RevokeKeyResponse)(nil),       // 100: chalk.compute.v1.RevokeKeyResponse
-	(*Quota)(nil),                   // 101: chalk.compute.v1.Quota
-	(*GetQuotaRequest)(nil),         // 102: chalk.compute.v1.GetQuotaRequest
-	(*SetQuotaRequest)(nil),         // 103: chalk.compute.v1.SetQuotaRequest
-	(*AuditRequest)(nil),            // 104: chalk.compute.v1.AuditRequest
-	(*AuditRecord)(nil),             // 105: chalk.compute.v1.AuditRecord
-	(*AuditResponse)(nil),           // 106: chalk.compute.v1.AuditResponse
-	nil,                             // 107: chalk.compute.v1.Sandbox.EnvEntry
-	nil,                             // 108: chalk.compute.v1.Sandbox.LabelsEntry
-	nil,                             // 109: chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	nil,                             // 110: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
-	nil,                             // 111: chalk.compute.v1.ExecRequest.EnvEntry
-	nil,                             // 112: chalk.compute.v1.McpServer.SandboxLabelsEntry
+	(*ResizeExecRequest)(nil),       // 15: chalk.compute.v1.ResizeExecRequest
+	(*ResizeExecResponse)(nil),      // 16: chalk.compute.v1.ResizeExecResponse
+	(*LogsRequest)(nil),             // 17: chalk.compute.v1.LogsRequest
+	(*LogChunk)(nil),                // 18: chalk.compute.v1.LogChunk
+	(*ReadFileRequest)(nil),         // 19: chalk.compute.v1.ReadFileRequest
+	(*FileChunk)(nil),               // 20: chalk.compute.v1.FileChunk
+	(*WriteFileRequest)(nil),        // 21: chalk.compute.v1.WriteFileRequest
+	(*WriteFileResponse)(nil),       // 22: chalk.compute.v1.WriteFileResponse
+	(*ListFilesRequest)(nil),        // 23: chalk.compute.v1.ListFilesRequest
+	(*FileInfo)(nil),                // 24: chalk.compute.v1.FileInfo
+	(*ListFilesResponse)(nil),       // 25: chalk.compute.v1.ListFilesResponse
+	(*RemoveFileRequest)(nil),       // 26: chalk.compute.v1.RemoveFileRequest
+	(*RemoveFileResponse)(nil),      // 27: chalk.compute.v1.RemoveFileResponse
+	(*EgressLogRequest)(nil),        // 28: chalk.compute.v1.EgressLogRequest
+	(*EgressDrop)(nil),              // 29: chalk.compute.v1.EgressDrop
+	(*EgressLogResponse)(nil),       // 30: chalk.compute.v1.EgressLogResponse
+	(*SnapshotSandboxRequest)(nil),  // 31: chalk.compute.v1.SnapshotSandboxRequest
+	(*SnapshotProgress)(nil),        // 32: chalk.compute.v1.SnapshotProgress
+	(*PauseSandboxRequest)(nil),     // 33: chalk.compute.v1.PauseSandboxRequest
+	(*ResumeSandboxRequest)(nil),    // 34: chalk.compute.v1.ResumeSandboxRequest
+	(*ExposeRequest)(nil),           // 35: chalk.compute.v1.ExposeRequest
+	(*Exposure)(nil),                // 36: chalk.compute.v1.Exposure
+	(*UnexposeRequest)(nil),         // 37: chalk.compute.v1.UnexposeRequest
+	(*UnexposeResponse)(nil),        // 38: chalk.compute.v1.UnexposeResponse
+	(*ListExposuresRequest)(nil),    // 39: chalk.compute.v1.ListExposuresRequest
+	(*ListExposuresResponse)(nil),   // 40: chalk.compute.v1.ListExposuresResponse
+	(*Image)(nil),                   // 41: chalk.compute.v1.Image
+	(*PullImageRequest)(nil),        // 42: chalk.compute.v1.PullImageRequest
+	(*WarmImageRequest)(nil),        // 43: chalk.compute.v1.WarmImageRequest
+	(*ImageProgress)(nil),           // 44: chalk.compute.v1.ImageProgress
+	(*ListImagesRequest)(nil),       // 45: chalk.compute.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),      // 46: chalk.compute.v1.ListImagesResponse
+	(*InspectImageRequest)(nil),     // 47: chalk.compute.v1.InspectImageRequest
+	(*InspectImageResponse)(nil),    // 48: chalk.compute.v1.InspectImageResponse
+	(*RemoveImageRequest)(nil),      // 49: chalk.compute.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),     // 50: chalk.compute.v1.RemoveImageResponse
+	(*BuildImageRequest)(nil),       // 51: chalk.compute.v1.BuildImageRequest
+	(*HasBlobsRequest)(nil),         // 52: chalk.compute.v1.HasBlobsRequest
+	(*HasBlobsResponse)(nil),        // 53: chalk.compute.v1.HasBlobsResponse
+	(*UploadBlobRequest)(nil),       // 54: chalk.compute.v1.UploadBlobRequest
+	(*UploadBlobResponse)(nil),      // 55: chalk.compute.v1.UploadBlobResponse
+	(*NetworkPolicy)(nil),           // 56: chalk.compute.v1.NetworkPolicy
+	(*PolicyName)(nil),              // 57: chalk.compute.v1.PolicyName
+	(*ListPoliciesRequest)(nil),     // 58: chalk.compute.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),    // 59: chalk.compute.v1.ListPoliciesResponse
+	(*DeletePolicyResponse)(nil),    // 60: chalk.compute.v1.DeletePolicyResponse
+	(*WhoAmIRequest)(nil),           // 61: chalk.compute.v1.WhoAmIRequest
+	(*WhoAmIResponse)(nil),          // 62: chalk.compute.v1.WhoAmIResponse
+	(*MintTokenRequest)(nil),        // 63: chalk.compute.v1.MintTokenRequest
+	(*MintTokenResponse)(nil),       // 64: chalk.compute.v1.MintTokenResponse
+	(*RotateKeysRequest)(nil),       // 65: chalk.compute.v1.RotateKeysRequest
+	(*RotateKeysResponse)(nil),      // 66: chalk.compute.v1.RotateKeysResponse
+	(*TunnelPeer)(nil),              // 67: chalk.compute.v1.TunnelPeer
+	(*TunnelMember)(nil),            // 68: chalk.compute.v1.TunnelMember
+	(*Tunnel)(nil),                  // 69: chalk.compute.v1.Tunnel
+	(*TunnelName)(nil),              // 70: chalk.compute.v1.TunnelName
+	(*ListTunnelsRequest)(nil),      // 71: chalk.compute.v1.ListTunnelsRequest
+	(*ListTunnelsResponse)(nil),     // 72: chalk.compute.v1.ListTunnelsResponse
+	(*AddTunnelPeerRequest)(nil),    // 73: chalk.compute.v1.AddTunnelPeerRequest
+	(*RemoveTunnelPeerRequest)(nil), // 74: chalk.compute.v1.RemoveTunnelPeerRequest
+	(*DeleteTunnelResponse)(nil),    // 75: chalk.compute.v1.DeleteTunnelResponse
+	(*McpServer)(nil),               // 76: chalk.compute.v1.McpServer
+	(*McpServerName)(nil),           // 77: chalk.compute.v1.McpServerName
+	(*ListMcpServersRequest)(nil),   // 78: chalk.compute.v1.ListMcpServersRequest
+	(*ListMcpServersResponse)(nil),  // 79: chalk.compute.v1.ListMcpServersResponse
+	(*RemoveMcpServerResponse)(nil), // 80: chalk.compute.v1.RemoveMcpServerResponse
+	(*McpAuditRequest)(nil),         // 81: chalk.compute.v1.McpAuditRequest
+	(*McpAuditRecord)(nil),          // 82: chalk.compute.v1.McpAuditRecord
+	(*McpAuditResponse)(nil),        // 83: chalk.compute.v1.McpAuditResponse
+	(*Org)(nil),                     // 84: chalk.compute.v1.Org
+	(*CreateOrgRequest)(nil),        // 85: chalk.compute.v1.CreateOrgRequest
+	(*CreateOrgResponse)(nil),       // 86: chalk.compute.v1.CreateOrgResponse
+	(*ListOrgsRequest)(nil),         // 87: chalk.compute.v1.ListOrgsRequest
+	(*ListOrgsResponse)(nil),        // 88: chalk.compute.v1.ListOrgsResponse
+	(*Member)(nil),                  // 89: chalk.compute.v1.Member
+	(*AddMemberRequest)(nil),        // 90: chalk.compute.v1.AddMemberRequest
+	(*AddMemberResponse)(nil),       // 91: chalk.compute.v1.AddMemberResponse
+	(*ListMembersRequest)(nil),      // 92: chalk.compute.v1.ListMembersRequest
+	(*ListMembersResponse)(nil),     // 93: chalk.compute.v1.ListMembersResponse
+	(*RemoveMemberRequest)(nil),     // 94: chalk.compute.v1.RemoveMemberRequest
+	(*SetMemberRoleRequest)(nil),    // 95: chalk.compute.v1.SetMemberRoleRequest
+	(*RemoveMemberResponse)(nil),    // 96: chalk.compute.v1.RemoveMemberResponse
+	(*ApiKey)(nil),                  // 97: chalk.compute.v1.ApiKey
+	(*CreateKeyRequest)(nil),        // 98: chalk.compute.v1.CreateKeyRequest
+	(*ListKeysRequest)(nil),         // 99: chalk.compute.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),        // 100: chalk.compute.v1.ListKeysResponse
+	(*RevokeKeyRequest)(nil),        // 101: chalk.compute.v1.RevokeKeyRequest
+	(*RevokeKeyResponse)(nil),       // 102: chalk.compute.v1.RevokeKeyResponse
+	(*Quota)(nil),                   // 103: chalk.compute.v1.Quota
+	(*GetQuotaRequest)(nil),         // 104: chalk.compute.v1.GetQuotaRequest
+	(*SetQuotaRequest)(nil),         // 105: chalk.compute.v1.SetQuotaRequest
+	(*AuditRequest)(nil),            // 106: chalk.compute.v1.AuditRequest
+	(*AuditRecord)(nil),             // 107: chalk.compute.v1.AuditRecord
+	(*AuditResponse)(nil),           // 108: chalk.compute.v1.AuditResponse
+	nil,                             // 109: chalk.compute.v1.Sandbox.EnvEntry
+	nil,                             // 110: chalk.compute.v1.Sandbox.LabelsEntry
+	nil,                             // 111: chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	nil,                             // 112: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	nil,                             // 113: chalk.compute.v1.ExecRequest.EnvEntry
+	nil,                             // 114: chalk.compute.v1.McpServer.SandboxLabelsEntry
 }
 var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
-	107, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
-	108, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
-	109, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	54,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
-	110, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	109, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
+	110, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
+	111, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	56,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
+	112, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
 	0,   // 5: chalk.compute.v1.ListSandboxesResponse.sandboxes:type_name -> chalk.compute.v1.Sandbox
-	111, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
+	113, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
 	9,   // 7: chalk.compute.v1.ExecEvent.started:type_name -> chalk.compute.v1.ExecStarted
 	10,  // 8: chalk.compute.v1.ExecEvent.exited:type_name -> chalk.compute.v1.ExecExited
-	22,  // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
-	27,  // 10: chalk.compute.v1.EgressLogResponse.drops:type_name -> chalk.compute.v1.EgressDrop
-	39,  // 11: chalk.compute.v1.SnapshotProgress.image:type_name -> chalk.compute.v1.Image
-	34,  // 12: chalk.compute.v1.ListExposuresResponse.exposures:type_name -> chalk.compute.v1.Exposure
-	39,  // 13: chalk.compute.v1.ImageProgress.image:type_name -> chalk.compute.v1.Image
-	39,  // 14: chalk.compute.v1.ListImagesResponse.images:type_name -> chalk.compute.v1.Image
-	39,  // 15: chalk.compute.v1.InspectImageResponse.image:type_name -> chalk.compute.v1.Image
-	54,  // 16: chalk.compute.v1.ListPoliciesResponse.policies:type_name -> chalk.compute.v1.NetworkPolicy
-	65,  // 17: chalk.compute.v1.Tunnel.peers:type_name -> chalk.compute.v1.TunnelPeer
-	66,  // 18: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
-	67,  // 19: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
-	65,  // 20: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
-	112, // 21: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
-	74,  // 22: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
-	80,  // 23: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
-	101, // 24: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
-	82,  // 25: chalk.compute.v1.CreateOrgResponse.org:type_name -> chalk.compute.v1.Org
-	95,  // 26: chalk.compute.v1.CreateOrgResponse.admin_key:type_name -> chalk.compute.v1.ApiKey
-	82,  // 27: chalk.compute.v1.ListOrgsResponse.orgs:type_name -> chalk.compute.v1.Org
-	87,  // 28: chalk.compute.v1.AddMemberResponse.member:type_name -> chalk.compute.v1.Member
-	95,  // 29: chalk.compute.v1.AddMemberResponse.key:type_name -> chalk.compute.v1.ApiKey
-	87,  // 30: chalk.compute.v1.ListMembersResponse.members:type_name -> chalk.compute.v1.Member
-	95,  // 31: chalk.compute.v1.ListKeysResponse.keys:type_name -> chalk.compute.v1.ApiKey
-	95,  // 32: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
-	101, // 33: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
-	105, // 34: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
+	24,  // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
+	29,  // 10: chalk.compute.v1.EgressLogResponse.drops:type_name -> chalk.compute.v1.EgressDrop
+	41,  // 11: chalk.compute.v1.SnapshotProgress.image:type_name -> chalk.compute.v1.Image
+	36,  // 12: chalk.compute.v1.ListExposuresResponse.exposures:type_name -> chalk.compute.v1.Exposure
+	41,  // 13: chalk.compute.v1.ImageProgress.image:type_name -> chalk.compute.v1.Image
+	41,  // 14: chalk.compute.v1.ListImagesResponse.images:type_name -> chalk.compute.v1.Image
+	41,  // 15: chalk.compute.v1.InspectImageResponse.image:type_name -> chalk.compute.v1.Image
+	56,  // 16: chalk.compute.v1.ListPoliciesResponse.policies:type_name -> chalk.compute.v1.NetworkPolicy
+	67,  // 17: chalk.compute.v1.Tunnel.peers:type_name -> chalk.compute.v1.TunnelPeer
+	68,  // 18: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
+	69,  // 19: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
+	67,  // 20: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
+	114, // 21: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
+	76,  // 22: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
+	82,  // 23: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
+	103, // 24: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
+	84,  // 25: chalk.compute.v1.CreateOrgResponse.org:type_name -> chalk.compute.v1.Org
+	97,  // 26: chalk.compute.v1.CreateOrgResponse.admin_key:type_name -> chalk.compute.v1.ApiKey
+	84,  // 27: chalk.compute.v1.ListOrgsResponse.orgs:type_name -> chalk.compute.v1.Org
+	89,  // 28: chalk.compute.v1.AddMemberResponse.member:type_name -> chalk.compute.v1.Member
+	97,  // 29: chalk.compute.v1.AddMemberResponse.key:type_name -> chalk.compute.v1.ApiKey
+	89,  // 30: chalk.compute.v1.ListMembersResponse.members:type_name -> chalk.compute.v1.Member
+	97,  // 31: chalk.compute.v1.ListKeysResponse.keys:type_name -> chalk.compute.v1.ApiKey
+	97,  // 32: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
+	103, // 33: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
+	107, // 34: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
 	1,   // 35: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
 	2,   // 36: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
 	3,   // 37: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
@@ -7098,116 +7253,118 @@ var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
 	7,   // 40: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
 	11,  // 41: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
 	13,  // 42: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
-	15,  // 43: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
-	17,  // 44: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
-	19,  // 45: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
-	21,  // 46: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
-	24,  // 47: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
-	26,  // 48: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
-	29,  // 49: chalk.compute.v1.SandboxService.Snapshot:input_type -> chalk.compute.v1.SnapshotSandboxRequest
-	31,  // 50: chalk.compute.v1.SandboxService.Pause:input_type -> chalk.compute.v1.PauseSandboxRequest
-	32,  // 51: chalk.compute.v1.SandboxService.Resume:input_type -> chalk.compute.v1.ResumeSandboxRequest
-	33,  // 52: chalk.compute.v1.SandboxService.Expose:input_type -> chalk.compute.v1.ExposeRequest
-	35,  // 53: chalk.compute.v1.SandboxService.Unexpose:input_type -> chalk.compute.v1.UnexposeRequest
-	37,  // 54: chalk.compute.v1.SandboxService.ListExposures:input_type -> chalk.compute.v1.ListExposuresRequest
-	40,  // 55: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
-	41,  // 56: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
-	49,  // 57: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
-	43,  // 58: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
-	45,  // 59: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
-	47,  // 60: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
-	50,  // 61: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
-	52,  // 62: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
-	54,  // 63: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
-	54,  // 64: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
-	55,  // 65: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
-	56,  // 66: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
-	55,  // 67: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
-	59,  // 68: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
-	61,  // 69: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
-	63,  // 70: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
-	67,  // 71: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
-	68,  // 72: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
-	69,  // 73: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
-	68,  // 74: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
-	71,  // 75: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
-	72,  // 76: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
-	74,  // 77: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
-	76,  // 78: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
-	75,  // 79: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
-	79,  // 80: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
-	83,  // 81: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
-	85,  // 82: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
-	88,  // 83: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
-	90,  // 84: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
-	92,  // 85: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
-	93,  // 86: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
-	96,  // 87: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
-	97,  // 88: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
-	99,  // 89: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
-	102, // 90: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
-	103, // 91: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
-	104, // 92: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
-	0,   // 93: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
-	0,   // 94: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
-	4,   // 95: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
-	0,   // 96: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
-	0,   // 97: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
-	8,   // 98: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
-	12,  // 99: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
-	14,  // 100: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
-	16,  // 101: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
-	18,  // 102: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
-	20,  // 103: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
-	23,  // 104: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
-	25,  // 105: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
-	28,  // 106: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
-	30,  // 107: chalk.compute.v1.SandboxService.Snapshot:output_type -> chalk.compute.v1.SnapshotProgress
-	0,   // 108: chalk.compute.v1.SandboxService.Pause:output_type -> chalk.compute.v1.Sandbox
-	0,   // 109: chalk.compute.v1.SandboxService.Resume:output_type -> chalk.compute.v1.Sandbox
-	34,  // 110: chalk.compute.v1.SandboxService.Expose:output_type -> chalk.compute.v1.Exposure
-	36,  // 111: chalk.compute.v1.SandboxService.Unexpose:output_type -> chalk.compute.v1.UnexposeResponse
-	38,  // 112: chalk.compute.v1.SandboxService.ListExposures:output_type -> chalk.compute.v1.ListExposuresResponse
-	42,  // 113: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
-	42,  // 114: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
-	42,  // 115: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
-	44,  // 116: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
-	46,  // 117: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
-	48,  // 118: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
-	51,  // 119: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
-	53,  // 120: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
-	54,  // 121: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
-	54,  // 122: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
-	54,  // 123: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
-	57,  // 124: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
-	58,  // 125: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
-	60,  // 126: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
-	62,  // 127: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
-	64,  // 128: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
-	67,  // 129: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
-	67,  // 130: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
-	70,  // 131: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
-	73,  // 132: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
-	65,  // 133: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
-	67,  // 134: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
-	74,  // 135: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
-	77,  // 136: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
-	78,  // 137: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
-	81,  // 138: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
-	84,  // 139: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
-	86,  // 140: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
-	89,  // 141: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
-	91,  // 142: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
-	94,  // 143: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
-	87,  // 144: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
-	95,  // 145: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
-	98,  // 146: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
-	100, // 147: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
-	101, // 148: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
-	101, // 149: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
-	106, // 150: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
-	93,  // [93:151] is the sub-list for method output_type
-	35,  // [35:93] is the sub-list for method input_type
+	15,  // 43: chalk.compute.v1.SandboxService.ResizeExec:input_type -> chalk.compute.v1.ResizeExecRequest
+	17,  // 44: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
+	19,  // 45: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
+	21,  // 46: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
+	23,  // 47: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
+	26,  // 48: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
+	28,  // 49: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
+	31,  // 50: chalk.compute.v1.SandboxService.Snapshot:input_type -> chalk.compute.v1.SnapshotSandboxRequest
+	33,  // 51: chalk.compute.v1.SandboxService.Pause:input_type -> chalk.compute.v1.PauseSandboxRequest
+	34,  // 52: chalk.compute.v1.SandboxService.Resume:input_type -> chalk.compute.v1.ResumeSandboxRequest
+	35,  // 53: chalk.compute.v1.SandboxService.Expose:input_type -> chalk.compute.v1.ExposeRequest
+	37,  // 54: chalk.compute.v1.SandboxService.Unexpose:input_type -> chalk.compute.v1.UnexposeRequest
+	39,  // 55: chalk.compute.v1.SandboxService.ListExposures:input_type -> chalk.compute.v1.ListExposuresRequest
+	42,  // 56: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
+	43,  // 57: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
+	51,  // 58: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
+	45,  // 59: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
+	47,  // 60: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
+	49,  // 61: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
+	52,  // 62: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
+	54,  // 63: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
+	56,  // 64: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
+	56,  // 65: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
+	57,  // 66: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
+	58,  // 67: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
+	57,  // 68: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
+	61,  // 69: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
+	63,  // 70: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
+	65,  // 71: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
+	69,  // 72: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
+	70,  // 73: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
+	71,  // 74: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
+	70,  // 75: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
+	73,  // 76: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
+	74,  // 77: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
+	76,  // 78: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
+	78,  // 79: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
+	77,  // 80: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
+	81,  // 81: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
+	85,  // 82: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
+	87,  // 83: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
+	90,  // 84: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
+	92,  // 85: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
+	94,  // 86: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
+	95,  // 87: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
+	98,  // 88: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
+	99,  // 89: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
+	101, // 90: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
+	104, // 91: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
+	105, // 92: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
+	106, // 93: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
+	0,   // 94: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
+	0,   // 95: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
+	4,   // 96: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
+	0,   // 97: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
+	0,   // 98: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
+	8,   // 99: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
+	12,  // 100: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
+	14,  // 101: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
+	16,  // 102: chalk.compute.v1.SandboxService.ResizeExec:output_type -> chalk.compute.v1.ResizeExecResponse
+	18,  // 103: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
+	20,  // 104: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
+	22,  // 105: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
+	25,  // 106: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
+	27,  // 107: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
+	30,  // 108: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
+	32,  // 109: chalk.compute.v1.SandboxService.Snapshot:output_type -> chalk.compute.v1.SnapshotProgress
+	0,   // 110: chalk.compute.v1.SandboxService.Pause:output_type -> chalk.compute.v1.Sandbox
+	0,   // 111: chalk.compute.v1.SandboxService.Resume:output_type -> chalk.compute.v1.Sandbox
+	36,  // 112: chalk.compute.v1.SandboxService.Expose:output_type -> chalk.compute.v1.Exposure
+	38,  // 113: chalk.compute.v1.SandboxService.Unexpose:output_type -> chalk.compute.v1.UnexposeResponse
+	40,  // 114: chalk.compute.v1.SandboxService.ListExposures:output_type -> chalk.compute.v1.ListExposuresResponse
+	44,  // 115: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
+	44,  // 116: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
+	44,  // 117: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
+	46,  // 118: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
+	48,  // 119: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
+	50,  // 120: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
+	53,  // 121: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
+	55,  // 122: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
+	56,  // 123: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
+	56,  // 124: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
+	56,  // 125: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
+	59,  // 126: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
+	60,  // 127: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
+	62,  // 128: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
+	64,  // 129: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
+	66,  // 130: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
+	69,  // 131: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
+	69,  // 132: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
+	72,  // 133: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
+	75,  // 134: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
+	67,  // 135: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
+	69,  // 136: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
+	76,  // 137: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
+	79,  // 138: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
+	80,  // 139: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
+	83,  // 140: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
+	86,  // 141: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
+	88,  // 142: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
+	91,  // 143: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
+	93,  // 144: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
+	96,  // 145: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
+	89,  // 146: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
+	97,  // 147: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
+	100, // 148: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
+	102, // 149: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
+	103, // 150: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
+	103, // 151: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
+	108, // 152: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
+	94,  // [94:153] is the sub-list for method output_type
+	35,  // [35:94] is the sub-list for method input_type
 	35,  // [35:35] is the sub-list for extension type_name
 	35,  // [35:35] is the sub-list for extension extendee
 	0,   // [0:35] is the sub-list for field type_name
@@ -7224,15 +7381,15 @@ func file_chalk_compute_v1_compute_proto_init() {
 		(*ExecEvent_Stderr)(nil),
 		(*ExecEvent_Exited)(nil),
 	}
-	file_chalk_compute_v1_compute_proto_msgTypes[41].OneofWrappers = []any{}
-	file_chalk_compute_v1_compute_proto_msgTypes[54].OneofWrappers = []any{}
+	file_chalk_compute_v1_compute_proto_msgTypes[43].OneofWrappers = []any{}
+	file_chalk_compute_v1_compute_proto_msgTypes[56].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_compute_v1_compute_proto_rawDesc), len(file_chalk_compute_v1_compute_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   113,
+			NumMessages:   115,
 			NumExtensions: 0,
 			NumServices:   7,
 		},

@@ -67,6 +67,9 @@ const (
 	// SandboxServiceSignalExecProcedure is the fully-qualified name of the SandboxService's SignalExec
 	// RPC.
 	SandboxServiceSignalExecProcedure = "/chalk.compute.v1.SandboxService/SignalExec"
+	// SandboxServiceResizeExecProcedure is the fully-qualified name of the SandboxService's ResizeExec
+	// RPC.
+	SandboxServiceResizeExecProcedure = "/chalk.compute.v1.SandboxService/ResizeExec"
 	// SandboxServiceLogsProcedure is the fully-qualified name of the SandboxService's Logs RPC.
 	SandboxServiceLogsProcedure = "/chalk.compute.v1.SandboxService/Logs"
 	// SandboxServiceReadFileProcedure is the fully-qualified name of the SandboxService's ReadFile RPC.
@@ -189,6 +192,7 @@ type SandboxServiceClient interface {
 	Exec(context.Context, *connect.Request[v1.ExecRequest]) (*connect.ServerStreamForClient[v1.ExecEvent], error)
 	WriteStdin(context.Context, *connect.Request[v1.WriteStdinRequest]) (*connect.Response[v1.WriteStdinResponse], error)
 	SignalExec(context.Context, *connect.Request[v1.SignalExecRequest]) (*connect.Response[v1.SignalExecResponse], error)
+	ResizeExec(context.Context, *connect.Request[v1.ResizeExecRequest]) (*connect.Response[v1.ResizeExecResponse], error)
 	Logs(context.Context, *connect.Request[v1.LogsRequest]) (*connect.ServerStreamForClient[v1.LogChunk], error)
 	ReadFile(context.Context, *connect.Request[v1.ReadFileRequest]) (*connect.ServerStreamForClient[v1.FileChunk], error)
 	WriteFile(context.Context, *connect.Request[v1.WriteFileRequest]) (*connect.Response[v1.WriteFileResponse], error)
@@ -264,6 +268,12 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			httpClient,
 			baseURL+SandboxServiceSignalExecProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("SignalExec")),
+			connect.WithClientOptions(opts...),
+		),
+		resizeExec: connect.NewClient[v1.ResizeExecRequest, v1.ResizeExecResponse](
+			httpClient,
+			baseURL+SandboxServiceResizeExecProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("ResizeExec")),
 			connect.WithClientOptions(opts...),
 		),
 		logs: connect.NewClient[v1.LogsRequest, v1.LogChunk](
@@ -356,6 +366,7 @@ type sandboxServiceClient struct {
 	exec          *connect.Client[v1.ExecRequest, v1.ExecEvent]
 	writeStdin    *connect.Client[v1.WriteStdinRequest, v1.WriteStdinResponse]
 	signalExec    *connect.Client[v1.SignalExecRequest, v1.SignalExecResponse]
+	resizeExec    *connect.Client[v1.ResizeExecRequest, v1.ResizeExecResponse]
 	logs          *connect.Client[v1.LogsRequest, v1.LogChunk]
 	readFile      *connect.Client[v1.ReadFileRequest, v1.FileChunk]
 	writeFile     *connect.Client[v1.WriteFileRequest, v1.WriteFileResponse]
@@ -408,6 +419,11 @@ func (c *sandboxServiceClient) WriteStdin(ctx context.Context, req *connect.Requ
 // SignalExec calls chalk.compute.v1.SandboxService.SignalExec.
 func (c *sandboxServiceClient) SignalExec(ctx context.Context, req *connect.Request[v1.SignalExecRequest]) (*connect.Response[v1.SignalExecResponse], error) {
 	return c.signalExec.CallUnary(ctx, req)
+}
+
+// ResizeExec calls chalk.compute.v1.SandboxService.ResizeExec.
+func (c *sandboxServiceClient) ResizeExec(ctx context.Context, req *connect.Request[v1.ResizeExecRequest]) (*connect.Response[v1.ResizeExecResponse], error) {
+	return c.resizeExec.CallUnary(ctx, req)
 }
 
 // Logs calls chalk.compute.v1.SandboxService.Logs.
@@ -480,6 +496,7 @@ type SandboxServiceHandler interface {
 	Exec(context.Context, *connect.Request[v1.ExecRequest], *connect.ServerStream[v1.ExecEvent]) error
 	WriteStdin(context.Context, *connect.Request[v1.WriteStdinRequest]) (*connect.Response[v1.WriteStdinResponse], error)
 	SignalExec(context.Context, *connect.Request[v1.SignalExecRequest]) (*connect.Response[v1.SignalExecResponse], error)
+	ResizeExec(context.Context, *connect.Request[v1.ResizeExecRequest]) (*connect.Response[v1.ResizeExecResponse], error)
 	Logs(context.Context, *connect.Request[v1.LogsRequest], *connect.ServerStream[v1.LogChunk]) error
 	ReadFile(context.Context, *connect.Request[v1.ReadFileRequest], *connect.ServerStream[v1.FileChunk]) error
 	WriteFile(context.Context, *connect.Request[v1.WriteFileRequest]) (*connect.Response[v1.WriteFileResponse], error)
@@ -551,6 +568,12 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceSignalExecProcedure,
 		svc.SignalExec,
 		connect.WithSchema(sandboxServiceMethods.ByName("SignalExec")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServiceResizeExecHandler := connect.NewUnaryHandler(
+		SandboxServiceResizeExecProcedure,
+		svc.ResizeExec,
+		connect.WithSchema(sandboxServiceMethods.ByName("ResizeExec")),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceLogsHandler := connect.NewServerStreamHandler(
@@ -648,6 +671,8 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 			sandboxServiceWriteStdinHandler.ServeHTTP(w, r)
 		case SandboxServiceSignalExecProcedure:
 			sandboxServiceSignalExecHandler.ServeHTTP(w, r)
+		case SandboxServiceResizeExecProcedure:
+			sandboxServiceResizeExecHandler.ServeHTTP(w, r)
 		case SandboxServiceLogsProcedure:
 			sandboxServiceLogsHandler.ServeHTTP(w, r)
 		case SandboxServiceReadFileProcedure:
@@ -711,6 +736,10 @@ func (UnimplementedSandboxServiceHandler) WriteStdin(context.Context, *connect.R
 
 func (UnimplementedSandboxServiceHandler) SignalExec(context.Context, *connect.Request[v1.SignalExecRequest]) (*connect.Response[v1.SignalExecResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.SandboxService.SignalExec is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) ResizeExec(context.Context, *connect.Request[v1.ResizeExecRequest]) (*connect.Response[v1.ResizeExecResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.SandboxService.ResizeExec is not implemented"))
 }
 
 func (UnimplementedSandboxServiceHandler) Logs(context.Context, *connect.Request[v1.LogsRequest], *connect.ServerStream[v1.LogChunk]) error {
