@@ -5,7 +5,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"os"
 	"sync"
 	"time"
 
@@ -29,11 +28,12 @@ type Node interface {
 	Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error)
 	Running(ctx context.Context, id string) (int, bool)
 	Destroy(ctx context.Context, id string, slot int) error
-	Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (*procapi.Process, error)
-	Files(id string) *procapi.Client
-	// Logs opens the sandbox's console log: its previous part (nil if
-	// none) and the current one, which init empties when it rotates.
-	Logs(id string) (prev, cur *os.File, err error)
+	Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (node.Process, error)
+	Files(id string) node.Files
+	// Logs opens the sandbox's console log from its start (its rotated
+	// part first). Read returns io.EOF at the end of what is written; a
+	// later Read returns what was written since (follow).
+	Logs(id string) (io.ReadCloser, error)
 	Leftovers(ctx context.Context, live map[string]int) ([]string, error)
 	Adopt(id, imageDigest string)
 	// Claim hands out a pre-started sandbox fitting req (its id and slot are

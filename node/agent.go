@@ -289,27 +289,21 @@ func (a *Agent) release(id string) {
 func (a *Agent) CollectGarbage(ctx context.Context) (int64, error) { return a.cfg.Cache.GC(ctx) }
 
 // Exec starts a process in the sandbox through its init.
-func (a *Agent) Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (*procapi.Process, error) {
-	return a.cfg.Runtime.Client(id).Exec(ctx, req, stdout, stderr)
+func (a *Agent) Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (Process, error) {
+	p, err := a.cfg.Runtime.Client(id).Exec(ctx, req, stdout, stderr)
+	if err != nil {
+		return nil, err // not a typed nil in the interface
+	}
+	return p, nil
 }
 
 // Files gives file access to the sandbox.
-func (a *Agent) Files(id string) *procapi.Client { return a.cfg.Runtime.Client(id) }
+func (a *Agent) Files(id string) Files { return a.cfg.Runtime.Client(id) }
 
-// Logs opens the sandbox's console log: the previous part (nil if there is
-// none) and the current one.
-func (a *Agent) Logs(id string) (prev, cur *os.File, err error) {
-	cur, err = os.Open(a.cfg.Runtime.LogPath(id))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil, fmt.Errorf("logs of sandbox %q: %w", id, errdefs.ErrNotFound)
-	}
-	if err != nil {
-		return nil, nil, err
-	}
-	if prev, err = os.Open(a.cfg.Runtime.LogPath(id) + ".1"); err != nil {
-		prev = nil
-	}
-	return prev, cur, nil
+// Logs opens the sandbox's console log (see consoleLog: the previous part,
+// then the current one, followed across rotations).
+func (a *Agent) Logs(id string) (io.ReadCloser, error) {
+	return openConsoleLog(id, a.cfg.Runtime.LogPath(id))
 }
 
 // Leftovers lists runtime and network objects not belonging to live sandboxes.
