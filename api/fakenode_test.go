@@ -28,19 +28,23 @@ import (
 // node/ and daemon/.
 type fakeNode struct {
 	mu       sync.Mutex
-	digests  map[string]string                                           // image ref -> digest (default: "sha256:d-" + ref)
-	running  map[string]*fakeSandbox                                     // by id, until destroyed
-	started  []node.StartRequest                                         // every Start, in order
-	destroys map[string]int                                              // id -> Destroy calls
-	adopted  []string                                                    // ids passed to Adopt
-	pool     []fakeMember                                                // pre-started sandboxes Claim hands out
-	unclaims []string                                                    // ids passed to Unclaim
-	left     []string                                                    // what Leftovers reports
-	startErr error                                                       // Start fails with it when set
-	exec     func(req procapi.ExecRequest, stdout, stderr io.Writer) int // default: echo argv, exit 0
-	files    map[string]map[string][]byte                                // sandbox id -> path -> content
-	logs     map[string]*bytes.Buffer                                    // sandbox id -> console output
+	digests  map[string]string            // image ref -> digest (default: "sha256:d-" + ref)
+	running  map[string]*fakeSandbox      // by id, until destroyed
+	started  []node.StartRequest          // every Start, in order
+	destroys map[string]int               // id -> Destroy calls
+	adopted  []string                     // ids passed to Adopt
+	pool     []fakeMember                 // pre-started sandboxes Claim hands out
+	unclaims []string                     // ids passed to Unclaim
+	left     []string                     // what Leftovers reports
+	startErr error                        // Start fails with it when set
+	exec     fakeExec                     // default: echo argv, exit 0
+	files    map[string]map[string][]byte // sandbox id -> path -> content
+	logs     map[string]*bytes.Buffer     // sandbox id -> console output
 }
+
+// fakeExec is the body of an exec: it writes its output, may read the
+// signals sent to it, and returns the exit code.
+type fakeExec func(req procapi.ExecRequest, stdin io.Reader, stdout, stderr io.Writer, sig <-chan syscall.Signal) int
 
 type fakeSandbox struct {
 	pid  int
@@ -161,7 +165,7 @@ func (f *fakeNode) Exec(_ context.Context, id string, req procapi.ExecRequest, s
 		return nil, fmt.Errorf("sandbox %q: %w", id, errdefs.ErrUnavailable)
 	}
 	if run == nil {
-		run = func(req procapi.ExecRequest, stdout, _ io.Writer) int {
+		run = func(req procapi.ExecRequest, _ io.Reader, stdout, _ io.Writer, _ <-chan syscall.Signal) int {
 			fmt.Fprint(stdout, strings.Join(req.Argv, " "))
 			return 0
 		}
@@ -171,7 +175,11 @@ func (f *fakeNode) Exec(_ context.Context, id string, req procapi.ExecRequest, s
 		p.stdinR, p.stdinW = io.Pipe()
 	}
 	go func() {
-		code := run(req, stdout, stderr)
+		var stdin io.Reader = strings.NewReader("")
+		if p.stdinR != nil {
+			stdin = p.stdinR
+		}
+		code := run(req, stdin, stdout, stderr, p.signals)
 		p.status = procapi.ExitStatus{Code: code}
 		close(p.done)
 	}()
