@@ -49,6 +49,8 @@ type Config struct {
 type Agent struct {
 	cfg Config
 	log *slog.Logger
+	rt  runtime // cfg.Runtime (a fake in tests)
+	net network // cfg.Net (a fake in tests)
 
 	mu    sync.Mutex
 	inUse map[string]func() // sandbox id -> release of its image's layers (GC keeps them)
@@ -61,6 +63,11 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Runtime == nil || cfg.Net == nil || cfg.Cache == nil || cfg.Registry == nil {
 		return nil, fmt.Errorf("node agent: Runtime, Net, Cache and Registry are required: %w", errdefs.ErrInvalidArgument)
 	}
+	return newAgent(cfg, runcRuntime{cfg.Runtime}, cfg.Net)
+}
+
+// newAgent is New with the runtime and network given (fakes in tests).
+func newAgent(cfg Config, rt runtime, net network) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -72,9 +79,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.DefaultPids == 0 {
 		cfg.DefaultPids = 4096
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, inUse: map[string]func(){}}
+	a := &Agent{cfg: cfg, log: cfg.Logger, rt: rt, net: net, inUse: map[string]func(){}}
 	if cfg.Pool.Slots > 0 {
-		hi := cfg.Net.MaxSlot() - cfg.ReservedSlots
+		hi := net.MaxSlot() - cfg.ReservedSlots
 		lo := hi - cfg.Pool.Slots + 1
 		if lo < 2 {
 			return nil, fmt.Errorf("node agent: %d pre-start slots do not fit in %d network slots: %w", cfg.Pool.Slots, hi, errdefs.ErrInvalidArgument)
@@ -90,7 +97,7 @@ func New(cfg Config) (*Agent, error) {
 // MaxSlot is the highest slot the control plane allocates for sandboxes
 // itself (pre-started sandboxes come with theirs, above it).
 func (a *Agent) MaxSlot() int {
-	return a.cfg.Net.MaxSlot() - a.cfg.ReservedSlots - a.cfg.Pool.Slots
+	return a.net.MaxSlot() - a.cfg.ReservedSlots - a.cfg.Pool.Slots
 }
 
 // EnsureImage resolves ref through the registry (and its mirrors) and makes the
@@ -170,16 +177,16 @@ func (a *Agent) start(ctx context.Context, req StartRequest) (st Started, err er
 	if req.Image == nil {
 		return Started{}, fmt.Errorf("sandbox %q: no image: %w", req.ID, errdefs.ErrInvalidArgument)
 	}
-	n, err := a.cfg.Net.Setup(ctx, req.ID, req.Slot)
+	n, err := a.net.Setup(ctx, req.ID, req.Slot)
 	if err != nil {
 		return Started{}, fmt.Errorf("sandbox %q network: %w", req.ID, err)
 	}
 	defer func() {
 		if err != nil {
-			if terr := a.cfg.Net.Teardown(context.WithoutCancel(ctx), req.ID, req.Slot); terr != nil {
+			if terr := a.net.Teardown(context.WithoutCancel(ctx), req.ID, req.Slot); terr != nil {
 				a.log.Warn("network teardown after failed start", "sandbox", req.ID, "err", terr)
 			}
-			a.cfg.Net.Refill()
+			a.net.Refill()
 		}
 	}()
 	cfg := req.Image.Config.Config
@@ -202,7 +209,7 @@ func (a *Agent) start(ctx context.Context, req StartRequest) (st Started, err er
 			a.release(req.ID)
 		}
 	}()
-	pid, err := a.cfg.Runtime.Start(ctx, sandbox.Spec{
+	pid, err := a.rt.Start(ctx, sandbox.Spec{
 		ID:         req.ID,
 		LowerDirs:  req.Image.LowerDirs(),
 		Entrypoint: req.Entrypoint,
@@ -234,24 +241,24 @@ func SandboxUserNS(n *sandboxnet.Net) *sandbox.UserNS {
 }
 
 // Net returns the network of a sandbox that is (or was) set up in slot.
-func (a *Agent) Net(id string, slot int) *sandboxnet.Net { return a.cfg.Net.Lookup(id, slot) }
+func (a *Agent) Net(id string, slot int) *sandboxnet.Net { return a.net.Lookup(id, slot) }
 
 // Wait blocks until the sandbox's init exits.
 func (a *Agent) Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error) {
-	return a.cfg.Runtime.Wait(ctx, id, pid)
+	return a.rt.Wait(ctx, id, pid)
 }
 
 // Running reports whether the sandbox runs, with its init pid.
 func (a *Agent) Running(ctx context.Context, id string) (int, bool) {
-	return a.cfg.Runtime.Running(ctx, id)
+	return a.rt.Running(ctx, id)
 }
 
 // Destroy stops the sandbox and removes everything it had on this node. Idempotent.
 func (a *Agent) Destroy(ctx context.Context, id string, slot int) error {
-	err := errors.Join(a.cfg.Runtime.Destroy(ctx, id), a.cfg.Net.Teardown(ctx, id, slot))
+	err := errors.Join(a.rt.Destroy(ctx, id), a.net.Teardown(ctx, id, slot))
 	// The spare network this sandbox used is replaced now, while nothing
 	// is being started (see sandboxnet.Manager.Refill).
-	a.cfg.Net.Refill()
+	a.net.Refill()
 	a.release(id)
 	return err
 }
@@ -290,7 +297,7 @@ func (a *Agent) CollectGarbage(ctx context.Context) (int64, error) { return a.cf
 
 // Exec starts a process in the sandbox through its init.
 func (a *Agent) Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (Process, error) {
-	p, err := a.cfg.Runtime.Client(id).Exec(ctx, req, stdout, stderr)
+	p, err := a.rt.Init(id).Exec(ctx, req, stdout, stderr)
 	if err != nil {
 		return nil, err // not a typed nil in the interface
 	}
@@ -298,30 +305,30 @@ func (a *Agent) Exec(ctx context.Context, id string, req procapi.ExecRequest, st
 }
 
 // Files gives file access to the sandbox.
-func (a *Agent) Files(id string) Files { return a.cfg.Runtime.Client(id) }
+func (a *Agent) Files(id string) Files { return a.rt.Init(id) }
 
 // Logs opens the sandbox's console log (see consoleLog: the previous part,
 // then the current one, followed across rotations).
 func (a *Agent) Logs(id string) (io.ReadCloser, error) {
-	return openConsoleLog(id, a.cfg.Runtime.LogPath(id))
+	return openConsoleLog(id, a.rt.LogPath(id))
 }
 
 // Leftovers lists runtime and network objects not belonging to live sandboxes.
 func (a *Agent) Leftovers(ctx context.Context, live map[string]int) ([]string, error) {
 	if a.pool != nil {
-		all := maps.Clone(live)
-		maps.Copy(all, a.pool.members())
+		all := a.pool.members() // a fresh map (live may be nil)
+		maps.Copy(all, live)
 		live = all
 	}
 	ids := map[string]bool{}
 	for id := range live {
 		ids[id] = true
 	}
-	rt, err := a.cfg.Runtime.Leftovers(ctx, ids)
+	rt, err := a.rt.Leftovers(ctx, ids)
 	if err != nil {
 		return nil, err
 	}
-	nl, err := a.cfg.Net.Leftovers(ctx, live)
+	nl, err := a.net.Leftovers(ctx, live)
 	if err != nil {
 		return nil, err
 	}

@@ -264,7 +264,7 @@ func (p *warmPool) next() (digest string, slot int, ok bool) {
 		return "", 0, false
 	}
 	for s := p.lo; s <= p.hi; s++ {
-		if _, taken := p.held[s]; !taken && !p.a.cfg.Net.SlotInUse(s) && (p.cfg.SlotBusy == nil || !p.cfg.SlotBusy(s)) {
+		if _, taken := p.held[s]; !taken && !p.a.net.SlotInUse(s) && (p.cfg.SlotBusy == nil || !p.cfg.SlotBusy(s)) {
 			return digest, s, true
 		}
 	}
@@ -378,7 +378,7 @@ func (a *Agent) destroyMember(ctx context.Context, m *member) error {
 	if m.pid > 0 {
 		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
-		if _, err := a.cfg.Runtime.Wait(wctx, m.id, m.pid); err != nil {
+		if _, err := a.rt.Wait(wctx, m.id, m.pid); err != nil {
 			a.log.Warn("reap the init of a pre-started sandbox", "sandbox", m.id, "pid", m.pid, "err", err)
 		}
 	}
@@ -411,7 +411,7 @@ func (a *Agent) Claim(req StartRequest) (id string, slot int, ok bool) {
 		return "", 0, false
 	}
 	limits := req.CPU != 0 || (req.Memory != 0 && req.Memory != p.cfg.Memory)
-	if (limits && !a.cfg.Runtime.CanUpdate()) || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
+	if (limits && !a.rt.CanUpdate()) || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
 		return "", 0, false // no use pre-starting for such requests
 	}
 	p.use(req.Image)
@@ -448,17 +448,17 @@ func (a *Agent) activate(ctx context.Context, m *member, req StartRequest) (Star
 		}
 	}
 	if req.DiskMB != 0 && req.DiskMB != a.pool.cfg.DiskMB {
-		if err := a.cfg.Runtime.SetDiskMB(m.id, req.DiskMB); err != nil {
+		if err := a.rt.SetDiskMB(m.id, req.DiskMB); err != nil {
 			return Started{}, err
 		}
 	}
 	if req.CPU != 0 || (req.Memory != 0 && req.Memory != a.pool.cfg.Memory) {
 		// Before anything of the user's runs in it.
-		if err := a.cfg.Runtime.SetLimits(ctx, m.id, req.CPU, req.Memory); err != nil {
+		if err := a.rt.SetLimits(ctx, m.id, req.CPU, req.Memory); err != nil {
 			return Started{}, err
 		}
 	}
-	err := a.cfg.Runtime.Client(m.id).Activate(ctx, procapi.Activation{Env: req.Env, Dir: req.Workdir, Entrypoint: req.Entrypoint})
+	err := a.rt.Init(m.id).Activate(ctx, procapi.Activation{Env: req.Env, Dir: req.Workdir, Entrypoint: req.Entrypoint})
 	if err != nil {
 		return Started{}, err
 	}
@@ -595,7 +595,7 @@ func (a *Agent) ReapPool(ctx context.Context, live map[string]int) error {
 		}
 		b, err := os.ReadFile(path)
 		slot, perr := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil || perr != nil || slot < 1 || slot > a.cfg.Net.MaxSlot() {
+		if err != nil || perr != nil || slot < 1 || slot > a.net.MaxSlot() {
 			// Not ours to guess: the leftover check reports what remains.
 			errs = append(errs, fmt.Errorf("pre-start journal %s: %q %v", id, b, err))
 			_ = os.Remove(path)
