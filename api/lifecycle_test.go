@@ -333,3 +333,30 @@ func TestCreateClaimsPrestarted(t *testing.T) {
 		t.Fatalf("unclaimed %q, want sb-warm2", got)
 	}
 }
+
+// TestLiveShared: the Live set given in Config is the one the server fills:
+// a sandbox is active (not yet running) while it is prepared, running and
+// holding its slot once started, and none of these once it has ended.
+func TestLiveShared(t *testing.T) {
+	ctx := context.Background()
+	live := NewLive()
+	var during []bool
+	tn := newTestNode(t, Config{Live: live, Hooks: Hooks{Prepare: func(ctx context.Context, sb *store.Sandbox, _ *node.StartRequest) error {
+		during = append(during, live.IsActive(ctx, sb.ID), live.IsRunning(ctx, sb.ID))
+		return nil
+	}}})
+	sb := create(t, tn.user("mia"), &v1.CreateSandboxRequest{Image: "busybox"})
+	if len(during) != 2 || !during[0] || during[1] {
+		t.Fatalf("while prepared: active, running = %v, want true, false", during)
+	}
+	rec, _ := tn.store.GetSandbox(ctx, sb.Id)
+	if !live.IsRunning(ctx, sb.Id) || !live.IsActive(ctx, sb.Id) || !live.SlotLive(rec.Slot) {
+		t.Fatal("a running sandbox is not live")
+	}
+	if _, err := tn.user("mia").sandbox.Terminate(ctx, connect.NewRequest(&v1.TerminateSandboxRequest{Id: sb.Id})); err != nil {
+		t.Fatal(err)
+	}
+	if live.IsRunning(ctx, sb.Id) || live.IsActive(ctx, sb.Id) || live.SlotLive(rec.Slot) {
+		t.Fatal("an ended sandbox is still live")
+	}
+}

@@ -370,12 +370,15 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			return nil, fmt.Errorf("%w (or run chalkd --userns=false)", err)
 		}
 	}
+	// Which sandboxes are live: filled by the API server (built last), read
+	// by the pre-start pool and the identity issuer (built before it).
+	live := api.NewLive()
 	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), userNS: d.userNS, stops: map[string][]func(){}, queryURL: cfg.QueryURL, awsRegion: cfg.AWSRegion}
 	pool := node.PoolConfig{
 		Size: cfg.Prestart, Slots: max(cfg.PrestartSlots, 0), Dir: filepath.Join(cfg.DataDir, "prestarted"),
 		NewID: api.NewSandboxID, Binds: wi.binds, Discard: wi.discard,
 		CountsFile: filepath.Join(cfg.DataDir, "prestart-counts.json"),
-		SlotBusy:   func(slot int) bool { return d.API != nil && d.API.SlotLive(slot) },
+		SlotBusy:   live.SlotLive,
 		Memory:     cfg.Limits.DefaultMemoryMB << 20, DiskMB: min(sandbox.DefaultDiskMB, cfg.Limits.DefaultMemoryMB),
 	}
 	if d.Agent, err = node.New(node.Config{
@@ -424,7 +427,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}
 	if d.Issuer, err = identity.New(ctx, identity.Config{
 		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.DataDir, "identity"), Logger: cfg.Logger,
-		IsActive: func(ctx context.Context, id string) bool { return d.API.IsActive(ctx, id) },
+		IsActive: live.IsActive,
 	}); err != nil {
 		return nil, fmt.Errorf("identity issuer: %w", err)
 	}
@@ -449,7 +452,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
 		DefaultMemoryMB: cfg.Limits.DefaultMemoryMB, NodeMemoryMB: cfg.Limits.nodeMemoryMB,
 		Workload: wi, Identity: wi, Policies: pol, Images: im, Tunnels: tun, MCP: d.mcp,
-		DefaultQuota: cfg.DefaultQuota,
+		DefaultQuota: cfg.DefaultQuota, Live: live,
 		Hooks: api.Hooks{
 			Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
 				if cfg.Runtime == sandbox.RuntimeRunsc && len(sb.Tunnels) > 0 {
