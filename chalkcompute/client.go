@@ -29,6 +29,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/errdefs/errconnect"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
+	"github.com/chalkcompute/chalkcompute/internal/atomicfile"
 )
 
 // Client talks to one chalkd.
@@ -104,11 +105,7 @@ func WriteConfig(fc *FileConfig) error {
 		return err
 	}
 	b, _ := json.MarshalIndent(fc, "", "  ")
-	tmp := p + ".tmp"
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, p)
+	return atomicfile.WriteFile(p, append(b, '\n'), 0o600)
 }
 
 // ConfigPath is where the client config is read from.

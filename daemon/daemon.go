@@ -23,6 +23,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/egress"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/identity"
+	"github.com/chalkcompute/chalkcompute/internal/atomicfile"
 	"github.com/chalkcompute/chalkcompute/metadata"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
@@ -428,13 +429,7 @@ func (d *Daemon) bootstrapToken(ctx context.Context) error {
 	return nil
 }
 
-func writeFile0600(path string, b []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
-}
+func writeFile0600(path string, b []byte) error { return atomicfile.WriteFile(path, b, 0o600) }
 
 // Close stops serving. Running sandboxes keep running; the next start
 // reattaches to them.

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/atomicfile"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
 	"github.com/chalkcompute/chalkcompute/sandbox"
@@ -529,11 +530,7 @@ func (p *warmPool) saveCounts() error {
 	if err != nil {
 		return err
 	}
-	tmp := p.cfg.CountsFile + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, p.cfg.CountsFile)
+	return atomicfile.WriteFile(p.cfg.CountsFile, b, 0o600)
 }
 
 // RestorePool brings back the counts set with SetPrestarted before a
