@@ -5,7 +5,6 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -20,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	"github.com/chalkcompute/chalkcompute/egress"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/identity"
@@ -212,9 +212,7 @@ func (c *Config) defaults() error {
 		}
 	}
 	if c.ClientConfig == "" {
-		if home, err := os.UserHomeDir(); err == nil {
-			c.ClientConfig = filepath.Join(home, ".config", "chalk", "config.json")
-		}
+		c.ClientConfig = chalkcompute.DefaultConfigPath()
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -388,12 +386,6 @@ func (d *Daemon) APIURL() string {
 // SocketPath is the API's unix socket.
 func (d *Daemon) SocketPath() string { return d.cfg.Socket }
 
-// ClientConfig is what the CLI and SDKs read to find and authenticate to chalkd.
-type ClientConfig struct {
-	APIURL string `json:"api_url"`
-	Token  string `json:"token"`
-}
-
 // bootstrapToken creates the admin token on first start and writes it 0600 to
 // the data dir and to the CLI's config.
 func (d *Daemon) bootstrapToken(ctx context.Context) error {
@@ -417,11 +409,8 @@ func (d *Daemon) bootstrapToken(ctx context.Context) error {
 		if d.cfg.Listen == "" {
 			url = "unix://" + d.cfg.Socket
 		}
-		b, _ := json.MarshalIndent(ClientConfig{APIURL: url, Token: secret}, "", "  ")
-		if err := os.MkdirAll(filepath.Dir(d.cfg.ClientConfig), 0o700); err != nil {
-			return err
-		}
-		if err := writeFile0600(d.cfg.ClientConfig, append(b, '\n')); err != nil {
+		// The format is the SDKs' (chalkcompute owns it).
+		if err := chalkcompute.WriteConfigFile(d.cfg.ClientConfig, &chalkcompute.FileConfig{APIURL: url, Token: secret}); err != nil {
 			return err
 		}
 	}
