@@ -206,7 +206,7 @@ func (d *Daemon) startBuilds(context.Context) error {
 	}
 	builder, err := imagebuild.New(imagebuild.Config{
 		Registry: d.Registry, Cache: d.Cache, Runtime: d.Runtime, Blobs: blobs,
-		Network: &buildNet{net: d.Net, used: map[int]bool{}}, Env: cfg.BuildEnv, MemoryMB: cfg.Limits.BuildMemoryMB,
+		Network: newBuildNet(d.Net), Env: cfg.BuildEnv, MemoryMB: cfg.Limits.BuildMemoryMB,
 		Defaults: imagespec.Defaults{PythonVersion: DefaultPython}, Logger: cfg.Logger,
 	})
 	if err != nil {

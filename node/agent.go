@@ -81,13 +81,16 @@ func newAgent(cfg Config, rt runtime, net network) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, rt: rt, net: net, inUse: map[string]func(){}}
 	if cfg.Pool.Slots > 0 {
-		hi := net.MaxSlot() - cfg.ReservedSlots
-		lo := hi - cfg.Pool.Slots + 1
-		if lo < 2 {
-			return nil, fmt.Errorf("node agent: %d pre-start slots do not fit in %d network slots: %w", cfg.Pool.Slots, hi, errdefs.ErrInvalidArgument)
+		plan, err := sandboxnet.SplitSlots(net.MaxSlot(), cfg.Pool.Slots, cfg.ReservedSlots)
+		if err != nil {
+			return nil, fmt.Errorf("node agent: %w", err)
 		}
-		var err error
-		if a.pool, err = newWarmPool(a, cfg.Pool, lo, hi); err != nil {
+		// A member never takes a slot whose network exists (a sandbox's, or
+		// a failed teardown's) or one the control plane still holds.
+		busy := func(slot int) bool {
+			return net.SlotInUse(slot) || (cfg.Pool.SlotBusy != nil && cfg.Pool.SlotBusy(slot))
+		}
+		if a.pool, err = newWarmPool(a, cfg.Pool, sandboxnet.NewSlotRange(plan.PoolLo, plan.PoolHi, busy)); err != nil {
 			return nil, err
 		}
 	}

@@ -107,16 +107,14 @@ type member struct {
 }
 
 type warmPool struct {
-	a   *Agent
-	cfg PoolConfig
-	lo  int // slots lo..hi are the pool's
-	hi  int
+	a     *Agent
+	cfg   PoolConfig
+	slots *sandboxnet.SlotRange // the pool's slots; a member holds its slot until it is activated or gone
 
 	mu       sync.Mutex
 	ready    map[string][]*member // image digest -> members
 	claimed  map[string]*member   // sandbox id -> claimed, not yet activated
 	starting map[string]int       // image digest -> members being started
-	held     map[int]string       // slot -> id of a member (any state before activation)
 	imgs     map[string]*nodecache.Image
 	explicit map[string]int       // image digest -> count set by SetPrestarted
 	recent   []string             // automatically pooled image digests, most recent last
@@ -128,7 +126,7 @@ type warmPool struct {
 	timer    *time.Timer
 }
 
-func newWarmPool(a *Agent, cfg PoolConfig, lo, hi int) (*warmPool, error) {
+func newWarmPool(a *Agent, cfg PoolConfig, slots *sandboxnet.SlotRange) (*warmPool, error) {
 	if cfg.Dir == "" || cfg.NewID == nil {
 		return nil, fmt.Errorf("pre-started sandboxes: Dir and NewID are required: %w", errdefs.ErrInvalidArgument)
 	}
@@ -142,9 +140,9 @@ func newWarmPool(a *Agent, cfg PoolConfig, lo, hi int) (*warmPool, error) {
 		cfg.FillDelay = 50 * time.Millisecond
 	}
 	return &warmPool{
-		a: a, cfg: cfg, lo: lo, hi: hi,
+		a: a, cfg: cfg, slots: slots,
 		ready: map[string][]*member{}, claimed: map[string]*member{}, starting: map[string]int{},
-		held: map[int]string{}, imgs: map[string]*nodecache.Image{}, explicit: map[string]int{},
+		imgs: map[string]*nodecache.Image{}, explicit: map[string]int{},
 		failed: map[string]time.Time{}, changed: make(chan struct{}),
 	}, nil
 }
@@ -227,11 +225,7 @@ func (p *warmPool) claimedMember(id string) *member {
 }
 
 // unhold frees a slot the pool held.
-func (p *warmPool) unhold(slot int) {
-	p.mu.Lock()
-	delete(p.held, slot)
-	p.mu.Unlock()
-}
+func (p *warmPool) unhold(slot int) { p.slots.Release(slot) }
 
 // kick schedules a fill after delay (0: now) unless one is due or running.
 func (p *warmPool) kick(delay time.Duration) {
@@ -249,9 +243,9 @@ func (p *warmPool) kick(delay time.Duration) {
 	p.timer = time.AfterFunc(delay, p.fill)
 }
 
-// next picks the image that needs a member most and a free slot for it;
+// next picks the image that needs a member most, if a slot is free for it;
 // p.mu held. ok is false when nothing is needed or possible.
-func (p *warmPool) next() (digest string, slot int, ok bool) {
+func (p *warmPool) next() (digest string, ok bool) {
 	best := -1
 	for d := range p.imgs {
 		if t, failed := p.failed[d]; failed && time.Since(t) < time.Minute {
@@ -261,15 +255,10 @@ func (p *warmPool) next() (digest string, slot int, ok bool) {
 			digest, best = d, missing
 		}
 	}
-	if best <= 0 {
-		return "", 0, false
+	if best <= 0 || !p.slots.Free() {
+		return "", false
 	}
-	for s := p.lo; s <= p.hi; s++ {
-		if _, taken := p.held[s]; !taken && !p.a.net.SlotInUse(s) && (p.cfg.SlotBusy == nil || !p.cfg.SlotBusy(s)) {
-			return digest, s, true
-		}
-	}
-	return "", 0, false
+	return digest, true
 }
 
 // fill starts members until every image has its count (one at a time: a
@@ -282,20 +271,23 @@ func (p *warmPool) fill() {
 	}
 	p.filling, p.timer = true, nil
 	for {
-		digest, slot, ok := p.next()
+		digest, ok := p.next()
 		if !ok || p.closed {
 			break
 		}
 		img := p.imgs[digest]
 		id := p.cfg.NewID()
-		p.held[slot] = id
+		slot, ok := p.slots.Take(id)
+		if !ok {
+			break
+		}
 		p.starting[digest]++
 		p.mu.Unlock()
 		m, err := p.start(img, id, slot)
 		p.mu.Lock()
 		p.starting[digest]--
 		if err != nil {
-			delete(p.held, slot)
+			p.slots.Release(slot)
 			p.failed[digest] = time.Now()
 			p.a.log.Warn("pre-starting a sandbox failed; retrying in a minute", "image", digest, "err", err)
 			p.notify()
@@ -358,7 +350,7 @@ func (p *warmPool) discard(ms []*member) {
 		}
 		p.cfg.forget(m.id)
 		p.mu.Lock()
-		delete(p.held, m.slot)
+		p.slots.Release(m.slot)
 		p.dropping--
 		p.notify()
 		p.mu.Unlock()
@@ -388,15 +380,7 @@ func (a *Agent) destroyMember(ctx context.Context, m *member) error {
 
 // members lists every member not yet activated (ready, claimed or
 // starting) by id with its slot.
-func (p *warmPool) members() map[string]int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	out := map[string]int{}
-	for slot, id := range p.held {
-		out[id] = slot
-	}
-	return out
-}
+func (p *warmPool) members() map[string]int { return p.slots.Held() }
 
 // Claim hands out a pre-started sandbox for req if one fits: req's image is
 // pooled, req asks for no pids limit or user of its own and no extra binds,
@@ -475,8 +459,8 @@ func (a *Agent) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, 
 	if p == nil {
 		return fmt.Errorf("pre-started sandboxes are off on this node (chalkd --prestart-slots -1): %w", errdefs.ErrFailedPrecondition)
 	}
-	if n < 0 || n > p.hi-p.lo+1 {
-		return fmt.Errorf("pre-started sandboxes: %d: want 0 to %d (the node's pre-start slots): %w", n, p.hi-p.lo+1, errdefs.ErrInvalidArgument)
+	if n < 0 || n > p.slots.Size() {
+		return fmt.Errorf("pre-started sandboxes: %d: want 0 to %d (the node's pre-start slots): %w", n, p.slots.Size(), errdefs.ErrInvalidArgument)
 	}
 	p.mu.Lock()
 	p.imgs[img.Digest] = img
@@ -559,7 +543,7 @@ func (a *Agent) RestorePool() error {
 			continue // the image left the node cache: its count goes with it
 		}
 		p.imgs[d] = img
-		p.explicit[d] = min(n, p.hi-p.lo+1)
+		p.explicit[d] = min(n, p.slots.Size())
 	}
 	err = p.saveCounts()
 	p.mu.Unlock()
