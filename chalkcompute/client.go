@@ -26,10 +26,10 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/chalkcompute/chalkcompute/atomicfile"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/errdefs/errconnect"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
-	"github.com/chalkcompute/chalkcompute/internal/atomicfile"
 )
 
 // Client talks to one chalkd.

@@ -19,8 +19,8 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 
+	"github.com/chalkcompute/chalkcompute/atomicfile"
 	"github.com/chalkcompute/chalkcompute/errdefs"
-	"github.com/chalkcompute/chalkcompute/internal/atomicfile"
 )
 
 // rsaBits is the size of generated RSA keys.

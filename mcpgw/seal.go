@@ -1,7 +1,7 @@
 package mcpgw
 
 import (
-	"github.com/chalkcompute/chalkcompute/internal/atomicfile"
+	"github.com/chalkcompute/chalkcompute/atomicfile"
 
 	"crypto/aes"
 	"crypto/cipher"

@@ -10,9 +10,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/chalkcompute/chalkcompute/atomicfile"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/identity"
-	"github.com/chalkcompute/chalkcompute/internal/atomicfile"
 )
 
 // TokenFileConfig configures a token file; see StartTokenFileConfig.

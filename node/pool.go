@@ -15,8 +15,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/chalkcompute/chalkcompute/atomicfile"
 	"github.com/chalkcompute/chalkcompute/errdefs"
-	"github.com/chalkcompute/chalkcompute/internal/atomicfile"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
 	"github.com/chalkcompute/chalkcompute/sandbox"
