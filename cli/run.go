@@ -14,8 +14,14 @@ import (
 // printJSON) under --output json, else as text. Commands that do more
 // (stream, prompt, loop) write their own RunE.
 func call[T any](e *env, f func(ctx context.Context, c *chalkcompute.Client, args []string) (T, error), asJSON func(T) any, text func(T)) func(*cobra.Command, []string) error {
+	return callWith(e, e.client, f, asJSON, text)
+}
+
+// callWith is call with the client from client (adminClient for org
+// management).
+func callWith[T any](e *env, client func() (*chalkcompute.Client, error), f func(ctx context.Context, c *chalkcompute.Client, args []string) (T, error), asJSON func(T) any, text func(T)) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, args []string) error {
-		c, err := e.client()
+		c, err := client()
 		if err != nil {
 			return err
 		}
@@ -31,5 +37,9 @@ func call[T any](e *env, f func(ctx context.Context, c *chalkcompute.Client, arg
 	}
 }
 
-// deleted is the JSON of a command that removed name.
+// deleted and removed are the JSON of a command that removed name.
 func deleted(name string) any { return map[string]string{"deleted": name} }
+func removed(name string) any { return map[string]string{"removed": name} }
+
+// asIs is the JSON of a result printed as it is.
+func asIs[T any](v T) any { return v }
