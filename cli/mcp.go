@@ -150,7 +150,7 @@ func mcpRm(e *env) *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (string, error) {
 			return args[0], c.RemoveMCPServer(ctx, args[0])
-		}, func(name string) any { return map[string]string{"removed": name} }, func(name string) { fmt.Fprintln(e.out, name) }),
+		}, removed, func(name string) { fmt.Fprintln(e.out, name) }),
 	}
 }
 
