@@ -306,26 +306,10 @@ func (s *Server) Leftovers(ctx context.Context) ([]string, error) {
 	return s.node.Leftovers(ctx, live)
 }
 
-// SandboxByAddr maps a sandbox's source address to its record (metadata
-// service, MCP gateway). Only running sandboxes match.
+// SandboxByAddr maps a sandbox's source address to its record (see
+// Live.SandboxByAddr).
 func (s *Server) SandboxByAddr(ctx context.Context, a netip.Addr) (*store.Sandbox, bool) {
-	s.live.mu.Lock()
-	var id string
-	for _, l := range s.live.m {
-		if l.ip == a.Unmap() {
-			id = l.id
-			break
-		}
-	}
-	s.live.mu.Unlock()
-	if id == "" {
-		return nil, false
-	}
-	sb, err := s.store.GetSandbox(ctx, id)
-	if err != nil || sb.State != store.StateRunning {
-		return nil, false
-	}
-	return sb, true
+	return s.live.SandboxByAddr(ctx, s.store, a)
 }
 
 // SlotLive reports whether a live sandbox holds slot (see Live.SlotLive).

@@ -2,7 +2,10 @@ package api
 
 import (
 	"context"
+	"net/netip"
 	"sync"
+
+	"github.com/chalkcompute/chalkcompute/store"
 )
 
 // Live is the set of live sandboxes: those being started (between their
@@ -50,4 +53,26 @@ func (l *Live) IsActive(_ context.Context, id string) bool {
 	defer l.mu.Unlock()
 	_, ok := l.m[id]
 	return ok || l.starting[id]
+}
+
+// SandboxByAddr maps a sandbox's source address to its record (metadata
+// service, MCP gateway). Only running sandboxes match.
+func (l *Live) SandboxByAddr(ctx context.Context, st *store.Store, a netip.Addr) (*store.Sandbox, bool) {
+	l.mu.Lock()
+	var id string
+	for _, sb := range l.m {
+		if sb.ip == a.Unmap() {
+			id = sb.id
+			break
+		}
+	}
+	l.mu.Unlock()
+	if id == "" {
+		return nil, false
+	}
+	sb, err := st.GetSandbox(ctx, id)
+	if err != nil || sb.State != store.StateRunning {
+		return nil, false
+	}
+	return sb, true
 }

@@ -157,7 +157,7 @@ func (d *Daemon) startAgent(context.Context) (err error) {
 	// Which sandboxes are live: filled by the API server (built last), read
 	// by the pre-start pool and the identity issuer (built before it).
 	d.live = api.NewLive()
-	d.wi = &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), userNS: d.userNS, stops: map[string][]func(){}, queryURL: cfg.QueryURL, awsRegion: cfg.AWSRegion}
+	d.wi = &workloadIdentity{store: d.Store, live: d.live, filesAt: filepath.Join(cfg.DataDir, "identity-files"), userNS: d.userNS, stops: map[string][]func(){}, queryURL: cfg.QueryURL, awsRegion: cfg.AWSRegion}
 	pool := node.PoolConfig{
 		Size: cfg.Prestart, Slots: max(cfg.PrestartSlots, 0), Dir: filepath.Join(cfg.DataDir, "prestarted"),
 		NewID: api.NewSandboxID, Binds: d.wi.binds, Discard: d.wi.discard,
@@ -194,6 +194,7 @@ func (d *Daemon) startEgress(ctx context.Context) (err error) {
 		return fmt.Errorf("egress: %w", err)
 	}
 	d.pol = &policies{m: d.Egress, agent: d.Agent}
+	d.wi.pol = d.pol // the network_policy claim of its tokens
 	return nil
 }
 
