@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/netip"
 	"path"
 	"slices"
 	"strings"
@@ -19,6 +20,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
 	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/sandboxnet"
 )
 
 // fakeNode is a Node that runs nothing: a started sandbox "runs" until it
@@ -89,7 +91,8 @@ func (f *fakeNode) Start(_ context.Context, req node.StartRequest) (node.Started
 	f.pool = slices.DeleteFunc(f.pool, func(m fakeMember) bool { return m.id == req.ID })
 	f.running[req.ID] = &fakeSandbox{pid: 4242, exit: make(chan sandbox.Exit, 1)}
 	f.files[req.ID] = map[string][]byte{}
-	return node.Started{Pid: 4242}, nil
+	ip := netip.AddrFrom4([4]byte{10, 213, byte(req.Slot >> 6), byte(req.Slot<<2 | 2)})
+	return node.Started{Pid: 4242, Net: &sandboxnet.Net{ID: req.ID, Slot: req.Slot, SandboxIP: ip}}, nil
 }
 
 // run makes id look like a sandbox a previous chalkd started (Reconcile).

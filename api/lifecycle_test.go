@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net/netip"
 	"strings"
 	"sync"
 	"syscall"
@@ -353,10 +354,22 @@ func TestLiveShared(t *testing.T) {
 	if !live.IsRunning(ctx, sb.Id) || !live.IsActive(ctx, sb.Id) || !live.SlotLive(rec.Slot) {
 		t.Fatal("a running sandbox is not live")
 	}
+	if got, ok := live.SandboxByAddr(ctx, tn.store, netip.MustParseAddr(sb.Ip)); !ok || got.ID != sb.Id {
+		t.Fatalf("by its address %s: %v %v", sb.Ip, got, ok)
+	}
+	if _, ok := tn.srv.SandboxByAddr(ctx, netip.MustParseAddr("::ffff:"+sb.Ip)); !ok {
+		t.Fatal("an IPv4-mapped address does not match")
+	}
+	if _, ok := live.SandboxByAddr(ctx, tn.store, netip.MustParseAddr("10.9.9.9")); ok {
+		t.Fatal("an unknown address matched")
+	}
 	if _, err := tn.user("mia").sandbox.Terminate(ctx, connect.NewRequest(&v1.TerminateSandboxRequest{Id: sb.Id})); err != nil {
 		t.Fatal(err)
 	}
 	if live.IsRunning(ctx, sb.Id) || live.IsActive(ctx, sb.Id) || live.SlotLive(rec.Slot) {
 		t.Fatal("an ended sandbox is still live")
+	}
+	if _, ok := live.SandboxByAddr(ctx, tn.store, netip.MustParseAddr(sb.Ip)); ok {
+		t.Fatal("an ended sandbox is found by its address")
 	}
 }
