@@ -322,18 +322,9 @@ func keysCmd(e *env) *cobra.Command {
 		Use:   "ls [--all]",
 		Short: "List your keys (--all: every member's, admins)",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			keys, err := c.Keys(cmd.Context(), all)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(msgs(keys))
-			}
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.ApiKey, error) {
+			return c.Keys(ctx, all)
+		}, func(keys []*v1.ApiKey) any { return msgs(keys) }, func(keys []*v1.ApiKey) {
 			rows := make([][]string, 0, len(keys))
 			for _, k := range keys {
 				state := "active"
@@ -343,29 +334,16 @@ func keysCmd(e *env) *cobra.Command {
 				rows = append(rows, []string{k.Id, k.Prefix, k.Name, k.User, k.Role, k.CreatedBy, k.CreatedAt, dash(k.LastUsedAt), dash(k.ExpiresAt), state})
 			}
 			e.table("ID\tPREFIX\tNAME\tUSER\tROLE\tCREATED BY\tCREATED\tLAST USED\tEXPIRES\tSTATE", rows)
-			return nil
-		},
+		}),
 	}
 	ls.Flags().BoolVar(&all, "all", false, "every member's keys (admins)")
 	revoke := &cobra.Command{
 		Use:   "revoke ID|PREFIX",
 		Short: "Revoke a key: it fails on its next use",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			k, err := c.RevokeKey(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(k)
-			}
-			fmt.Fprintf(e.out, "revoked %s (%s)\n", k.Prefix, k.Name)
-			return nil
-		},
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.ApiKey, error) {
+			return c.RevokeKey(ctx, args[0])
+		}, asIs, func(k *v1.ApiKey) { fmt.Fprintf(e.out, "revoked %s (%s)\n", k.Prefix, k.Name) }),
 	}
 	cmd.AddCommand(create, ls, revoke)
 	return cmd
