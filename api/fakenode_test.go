@@ -1,12 +1,18 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
-	"os"
+	"io/fs"
+	"net/netip"
+	"path"
+	"slices"
 	"strings"
 	"sync"
+	"syscall"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
@@ -15,22 +21,54 @@ import (
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
 	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/sandboxnet"
 )
 
 // fakeNode is a Node that runs nothing: a started sandbox "runs" until it
-// is destroyed. It lets the control plane (authorisation, quotas, the
-// audit trail) be tested without root; the real node is tested in daemon/.
+// is destroyed or the test ends it (exit). It lets the control plane
+// (the sandbox state machine, timeouts, reconcile, authorisation, quotas,
+// the audit trail) be tested without root; the real node is tested in
+// node/ and daemon/.
 type fakeNode struct {
-	mu      sync.Mutex
-	digests map[string]string        // image ref -> digest (default: "sha256:d-" + ref)
-	running map[string]chan struct{} // closed at Destroy
-	paused  map[string]bool
+	mu       sync.Mutex
+	digests  map[string]string            // image ref -> digest (default: "sha256:d-" + ref)
+	running  map[string]*fakeSandbox      // by id, until destroyed
+	started  []node.StartRequest          // every Start, in order
+	destroys map[string]int               // id -> Destroy calls
+	adopted  []string                     // ids passed to Adopt
+	pool     []fakeMember                 // pre-started sandboxes Claim hands out
+	unclaims []string                     // ids passed to Unclaim
+	left     []string                     // what Leftovers reports
+	startErr error                        // Start fails with it when set
+	exec     fakeExec                     // default: echo argv, exit 0
+	files    map[string]map[string][]byte // sandbox id -> path -> content
+	logs     map[string]*bytes.Buffer     // sandbox id -> console output
+	paused   map[string]bool
 }
 
-var _ Node = (*fakeNode)(nil)
+// fakeExec is the body of an exec: it writes its output, may read the
+// signals sent to it, and returns the exit code.
+type fakeExec func(req procapi.ExecRequest, stdin io.Reader, stdout, stderr io.Writer, sig <-chan syscall.Signal) int
+
+type fakeSandbox struct {
+	pid  int
+	exit chan sandbox.Exit // buffered: the exit Wait returns
+}
+
+type fakeMember struct {
+	id   string
+	slot int
+}
+
+var (
+	_ Node         = (*fakeNode)(nil)
+	_ node.Process = (*fakeProcess)(nil)
+	_ node.Files   = (*fakeFiles)(nil)
+)
 
 func newFakeNode() *fakeNode {
-	return &fakeNode{digests: map[string]string{}, running: map[string]chan struct{}{}}
+	return &fakeNode{digests: map[string]string{}, running: map[string]*fakeSandbox{},
+		destroys: map[string]int{}, files: map[string]map[string][]byte{}, logs: map[string]*bytes.Buffer{}}
 }
 
 func (f *fakeNode) MaxSlot() int { return 200 }
@@ -48,20 +86,46 @@ func (f *fakeNode) EnsureImage(_ context.Context, ref string, _ func(nodecache.P
 func (f *fakeNode) Start(_ context.Context, req node.StartRequest) (node.Started, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.running[req.ID] = make(chan struct{})
-	return node.Started{Pid: 4242}, nil
+	f.started = append(f.started, req)
+	if f.startErr != nil {
+		return node.Started{}, f.startErr
+	}
+	f.pool = slices.DeleteFunc(f.pool, func(m fakeMember) bool { return m.id == req.ID })
+	f.running[req.ID] = &fakeSandbox{pid: 4242, exit: make(chan sandbox.Exit, 1)}
+	f.files[req.ID] = map[string][]byte{}
+	ip := netip.AddrFrom4([4]byte{10, 213, byte(req.Slot >> 6), byte(req.Slot<<2 | 2)})
+	return node.Started{Pid: 4242, Net: &sandboxnet.Net{ID: req.ID, Slot: req.Slot, SandboxIP: ip}}, nil
+}
+
+// run makes id look like a sandbox a previous chalkd started (Reconcile).
+func (f *fakeNode) run(id string, pid int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.running[id] = &fakeSandbox{pid: pid, exit: make(chan sandbox.Exit, 1)}
+}
+
+// exitSandbox ends sandbox id's init as if it exited by itself.
+func (f *fakeNode) exitSandbox(id string, ex sandbox.Exit) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if sb := f.running[id]; sb != nil {
+		select {
+		case sb.exit <- ex:
+		default:
+		}
+	}
 }
 
 func (f *fakeNode) Wait(ctx context.Context, id string, _ int) (sandbox.Exit, error) {
 	f.mu.Lock()
-	ch := f.running[id]
+	sb := f.running[id]
 	f.mu.Unlock()
-	if ch == nil {
+	if sb == nil {
 		return sandbox.Exit{Known: true}, nil
 	}
 	select {
-	case <-ch:
-		return sandbox.Exit{Code: 137, Signal: "SIGKILL", Known: true}, nil
+	case ex := <-sb.exit:
+		return ex, nil
 	case <-ctx.Done():
 		return sandbox.Exit{}, ctx.Err()
 	}
@@ -70,32 +134,211 @@ func (f *fakeNode) Wait(ctx context.Context, id string, _ int) (sandbox.Exit, er
 func (f *fakeNode) Running(_ context.Context, id string) (int, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	_, ok := f.running[id]
-	return 4242, ok
+	sb, ok := f.running[id]
+	if !ok {
+		return 0, false
+	}
+	return sb.pid, true
 }
 
 func (f *fakeNode) Destroy(_ context.Context, id string, _ int) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if ch := f.running[id]; ch != nil {
-		close(ch)
+	f.destroys[id]++
+	if sb := f.running[id]; sb != nil {
+		select {
+		case sb.exit <- sandbox.Exit{Code: 137, Signal: "SIGKILL", Known: true}:
+		default:
+		}
 		delete(f.running, id)
 	}
 	return nil
 }
 
-func (f *fakeNode) Exec(context.Context, string, procapi.ExecRequest, io.Writer, io.Writer) (*procapi.Process, error) {
-	return nil, errors.New("fake node: no exec")
+func (f *fakeNode) destroyed(id string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.destroys[id]
 }
-func (f *fakeNode) Files(string) *procapi.Client { return nil }
-func (f *fakeNode) Logs(string) (*os.File, *os.File, error) {
-	return nil, nil, errdefs.ErrNotFound
+
+func (f *fakeNode) Exec(_ context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (node.Process, error) {
+	f.mu.Lock()
+	_, ok := f.running[id]
+	run := f.exec
+	f.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("sandbox %q: %w", id, errdefs.ErrUnavailable)
+	}
+	if run == nil {
+		run = func(req procapi.ExecRequest, _ io.Reader, stdout, _ io.Writer, _ <-chan syscall.Signal) int {
+			fmt.Fprint(stdout, strings.Join(req.Argv, " "))
+			return 0
+		}
+	}
+	p := &fakeProcess{done: make(chan struct{}), signals: make(chan syscall.Signal, 4)}
+	if req.Stdin {
+		p.stdinR, p.stdinW = io.Pipe()
+	}
+	go func() {
+		var stdin io.Reader = strings.NewReader("")
+		if p.stdinR != nil {
+			stdin = p.stdinR
+		}
+		code := run(req, stdin, stdout, stderr, p.signals)
+		p.status = procapi.ExitStatus{Code: code}
+		close(p.done)
+	}()
+	return p, nil
 }
-func (f *fakeNode) Leftovers(context.Context, map[string]int) ([]string, error) { return nil, nil }
-func (f *fakeNode) Adopt(string, string)                                        {}
-func (f *fakeNode) Claim(node.StartRequest) (string, int, bool)                 { return "", 0, false }
-func (f *fakeNode) Unclaim(string)                                              {}
-func (f *fakeNode) ReapPool(context.Context, map[string]int) error              { return nil }
+
+// fakeProcess is an exec whose body is a Go function; Signal records.
+type fakeProcess struct {
+	stdinR  *io.PipeReader
+	stdinW  *io.PipeWriter
+	signals chan syscall.Signal
+	done    chan struct{}
+	status  procapi.ExitStatus
+}
+
+func (p *fakeProcess) Pid() int { return 7 }
+func (p *fakeProcess) Stdin() io.WriteCloser {
+	if p.stdinW == nil {
+		return nil
+	}
+	return p.stdinW
+}
+func (p *fakeProcess) Signal(sig syscall.Signal) error {
+	select {
+	case <-p.done:
+		return fmt.Errorf("process ended: %w", errdefs.ErrFailedPrecondition)
+	case p.signals <- sig:
+		return nil
+	}
+}
+func (p *fakeProcess) PTY() bool { return false }
+func (p *fakeProcess) Resize(rows, cols int) error {
+	return fmt.Errorf("fake process: no terminal: %w", errdefs.ErrFailedPrecondition)
+}
+func (p *fakeProcess) Wait() (procapi.ExitStatus, error) {
+	<-p.done
+	return p.status, nil
+}
+
+func (f *fakeNode) Files(id string) node.Files { return &fakeFiles{f, id} }
+
+// fakeFiles is a sandbox's file system as a map.
+type fakeFiles struct {
+	f  *fakeNode
+	id string
+}
+
+func (ff *fakeFiles) fs() (map[string][]byte, error) {
+	m := ff.f.files[ff.id]
+	if m == nil {
+		return nil, fmt.Errorf("sandbox %q: %w", ff.id, errdefs.ErrUnavailable)
+	}
+	return m, nil
+}
+
+func (ff *fakeFiles) ReadFile(_ context.Context, p string) (io.ReadCloser, error) {
+	ff.f.mu.Lock()
+	defer ff.f.mu.Unlock()
+	m, err := ff.fs()
+	if err != nil {
+		return nil, err
+	}
+	b, ok := m[p]
+	if !ok {
+		return nil, fmt.Errorf("%s: %w", p, errdefs.ErrNotFound)
+	}
+	return io.NopCloser(bytes.NewReader(b)), nil
+}
+
+func (ff *fakeFiles) WriteFile(_ context.Context, p string, _ fs.FileMode, r io.Reader) error {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	ff.f.mu.Lock()
+	defer ff.f.mu.Unlock()
+	m, err := ff.fs()
+	if err != nil {
+		return err
+	}
+	m[p] = b
+	return nil
+}
+
+func (ff *fakeFiles) ListDir(_ context.Context, dir string) ([]procapi.FileInfo, error) {
+	ff.f.mu.Lock()
+	defer ff.f.mu.Unlock()
+	m, err := ff.fs()
+	if err != nil {
+		return nil, err
+	}
+	var out []procapi.FileInfo
+	for p, b := range m {
+		if path.Dir(p) == dir {
+			out = append(out, procapi.FileInfo{Name: path.Base(p), Size: int64(len(b)), Mode: 0o644})
+		}
+	}
+	slices.SortFunc(out, func(a, b procapi.FileInfo) int { return strings.Compare(a.Name, b.Name) })
+	return out, nil
+}
+
+func (ff *fakeFiles) Remove(_ context.Context, p string, _ bool) error {
+	ff.f.mu.Lock()
+	defer ff.f.mu.Unlock()
+	m, err := ff.fs()
+	if err != nil {
+		return err
+	}
+	if _, ok := m[p]; !ok {
+		return fmt.Errorf("%s: %w", p, errdefs.ErrNotFound)
+	}
+	delete(m, p)
+	return nil
+}
+
+func (f *fakeNode) Logs(id string) (io.ReadCloser, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	b := f.logs[id]
+	if b == nil {
+		return nil, fmt.Errorf("logs of sandbox %q: %w", id, errdefs.ErrNotFound)
+	}
+	return io.NopCloser(bytes.NewReader(b.Bytes())), nil
+}
+
+func (f *fakeNode) Leftovers(context.Context, map[string]int) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.left, nil
+}
+
+func (f *fakeNode) Adopt(id, _ string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.adopted = append(f.adopted, id)
+}
+
+func (f *fakeNode) Claim(node.StartRequest) (string, int, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.pool) == 0 {
+		return "", 0, false
+	}
+	m := f.pool[0]
+	return m.id, m.slot, true
+}
+
+func (f *fakeNode) Unclaim(id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.unclaims = append(f.unclaims, id)
+}
+
+func (f *fakeNode) ReapPool(context.Context, map[string]int) error { return nil }
 func (f *fakeNode) SetPrestarted(context.Context, *nodecache.Image, int, func(int, int)) error {
 	return nil
 }

@@ -48,13 +48,13 @@ func newID() string {
 // launch starts a recorded sandbox on the node and begins watching it.
 func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRequest) error {
 	req.ID, req.Slot = sb.ID, sb.Slot
-	s.mu.Lock()
-	s.starting[sb.ID] = true
-	s.mu.Unlock()
+	s.live.mu.Lock()
+	s.live.starting[sb.ID] = true
+	s.live.mu.Unlock()
 	defer func() {
-		s.mu.Lock()
-		delete(s.starting, sb.ID)
-		s.mu.Unlock()
+		s.live.mu.Lock()
+		delete(s.live.starting, sb.ID)
+		s.live.mu.Unlock()
 	}()
 	t0 := time.Now()
 	if s.cfg.Hooks.Prepare != nil {
@@ -117,9 +117,9 @@ func (s *Server) watch(sb *store.Sandbox) {
 	if l.lastUsed.IsZero() {
 		l.lastUsed = time.Now()
 	}
-	s.mu.Lock()
-	s.live[sb.ID] = l
-	s.mu.Unlock()
+	s.live.mu.Lock()
+	s.live.m[sb.ID] = l
+	s.live.mu.Unlock()
 	l.timer = time.AfterFunc(time.Until(sb.Deadline()), func() { s.end(sb.ID, "timeout") })
 	if sb.IdleTimeout > 0 {
 		go s.idleLoop(ctx, l, sb.IdleTimeout)
@@ -142,9 +142,9 @@ func (s *Server) idleLoop(ctx context.Context, l *liveSandbox, d time.Duration) 
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			s.mu.Lock()
+			s.live.mu.Lock()
 			idle := time.Since(l.lastUsed)
-			s.mu.Unlock()
+			s.live.mu.Unlock()
 			if idle >= d {
 				s.end(l.id, "idle")
 				return
@@ -156,21 +156,21 @@ func (s *Server) idleLoop(ctx context.Context, l *liveSandbox, d time.Duration) 
 
 // touch records activity for the idle timeout.
 func (s *Server) touch(id string) {
-	s.mu.Lock()
-	if l := s.live[id]; l != nil {
+	s.live.mu.Lock()
+	if l := s.live.m[id]; l != nil {
 		l.lastUsed = time.Now()
 	}
-	s.mu.Unlock()
+	s.live.mu.Unlock()
 }
 
 // end kills a running sandbox for reason and waits until it is cleaned up.
 func (s *Server) end(id, reason string) {
-	s.mu.Lock()
-	l := s.live[id]
+	s.live.mu.Lock()
+	l := s.live.m[id]
 	if l != nil && l.reason == "" {
 		l.reason = reason
 	}
-	s.mu.Unlock()
+	s.live.mu.Unlock()
 	if l == nil {
 		return
 	}
@@ -187,16 +187,16 @@ func (s *Server) end(id, reason string) {
 // once per sandbox, from its watcher.
 func (s *Server) finish(id string, ex sandbox.Exit) {
 	ctx := s.baseCtx
-	s.mu.Lock()
-	l := s.live[id]
-	s.mu.Unlock()
+	s.live.mu.Lock()
+	l := s.live.m[id]
+	s.live.mu.Unlock()
 	if l == nil {
 		return
 	}
 	defer func() {
-		s.mu.Lock()
-		delete(s.live, id)
-		s.mu.Unlock()
+		s.live.mu.Lock()
+		delete(s.live.m, id)
+		s.live.mu.Unlock()
 		l.timer.Stop()
 		l.cancel()
 		close(l.done)
@@ -212,9 +212,9 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 	if err := s.node.Destroy(ctx, id, sb.Slot); err != nil {
 		s.log.Warn("destroy sandbox", "sandbox", id, "err", err)
 	}
-	s.mu.Lock()
+	s.live.mu.Lock()
 	reason := l.reason
-	s.mu.Unlock()
+	s.live.mu.Unlock()
 	sb.State = store.StateStopped
 	sb.EndedAt = time.Now().UTC()
 	sb.ExitCode = ex.Code
@@ -297,74 +297,35 @@ func (s *Server) Reconcile(ctx context.Context) error {
 
 // Leftovers lists node objects not belonging to live sandboxes (leak checks).
 func (s *Server) Leftovers(ctx context.Context) ([]string, error) {
-	s.mu.Lock()
+	s.live.mu.Lock()
 	live := map[string]int{}
-	for id, l := range s.live {
+	for id, l := range s.live.m {
 		live[id] = l.slot
 	}
-	s.mu.Unlock()
+	s.live.mu.Unlock()
 	return s.node.Leftovers(ctx, live)
 }
 
-// SandboxByAddr maps a sandbox's source address to its record (metadata
-// service, MCP gateway). Only running sandboxes match.
+// SandboxByAddr maps a sandbox's source address to its record (see
+// Live.SandboxByAddr).
 func (s *Server) SandboxByAddr(ctx context.Context, a netip.Addr) (*store.Sandbox, bool) {
-	s.mu.Lock()
-	var id string
-	for _, l := range s.live {
-		if l.ip == a.Unmap() {
-			id = l.id
-			break
-		}
-	}
-	s.mu.Unlock()
-	if id == "" {
-		return nil, false
-	}
-	sb, err := s.store.GetSandbox(ctx, id)
-	if err != nil || sb.State != store.StateRunning {
-		return nil, false
-	}
-	return sb, true
+	return s.live.SandboxByAddr(ctx, s.store, a)
 }
 
-// SlotLive reports whether a live sandbox holds slot: one is running, or
-// has ended and is still being cleaned up (its egress rules, identity and
-// record are released by finish, after its network is gone).
-func (s *Server) SlotLive(slot int) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, l := range s.live {
-		if l.slot == slot {
-			return true
-		}
-	}
-	return false
-}
+// SlotLive reports whether a live sandbox holds slot (see Live.SlotLive).
+func (s *Server) SlotLive(slot int) bool { return s.live.SlotLive(slot) }
 
 // IsRunning reports whether sandbox id is running.
-func (s *Server) IsRunning(ctx context.Context, id string) bool {
-	s.mu.Lock()
-	_, ok := s.live[id]
-	s.mu.Unlock()
-	return ok
-}
+func (s *Server) IsRunning(ctx context.Context, id string) bool { return s.live.IsRunning(ctx, id) }
 
-// IsActive reports whether sandbox id is starting or running: its identity
-// may be used. Once it ends, its tokens are refused (revocation).
-func (s *Server) IsActive(ctx context.Context, id string) bool {
-	s.mu.Lock()
-	_, ok := s.live[id]
-	ok = ok || s.starting[id]
-	s.mu.Unlock()
-	return ok
-}
+// IsActive reports whether sandbox id is starting or running (see Live.IsActive).
+func (s *Server) IsActive(ctx context.Context, id string) bool { return s.live.IsActive(ctx, id) }
 
 // WaitEnded blocks until sandbox id is no longer live, or ctx ends.
 func (s *Server) WaitEnded(ctx context.Context, id string) error {
-	s.mu.Lock()
-	l := s.live[id]
-	s.mu.Unlock()
+	s.live.mu.Lock()
+	l := s.live.m[id]
+	s.live.mu.Unlock()
 	if l == nil {
 		return nil
 	}
@@ -378,9 +339,9 @@ func (s *Server) WaitEnded(ctx context.Context, id string) error {
 
 // Shutdown stops watching (sandboxes keep running; a restart reattaches).
 func (s *Server) Shutdown() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, l := range s.live {
+	s.live.mu.Lock()
+	defer s.live.mu.Unlock()
+	for _, l := range s.live.m {
 		l.timer.Stop()
 		l.cancel()
 	}

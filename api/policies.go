@@ -97,18 +97,24 @@ func (s *Server) resolvePolicies(ctx context.Context, orgID string, names []stri
 // bound policy, by Update or by another sandbox's inline policy of that name,
 // show at once). Identity tokens carry it as minted, never as it was at create.
 func (s *Server) PolicyHash(ctx context.Context, sb *store.Sandbox) (string, error) {
-	if s.cfg.Policies == nil {
+	return PolicyHash(ctx, s.store, s.cfg.Policies, sb)
+}
+
+// PolicyHash is Server.PolicyHash for those built before the server (the
+// identity issuer's subjects): policies may be nil (none enforced).
+func PolicyHash(ctx context.Context, st *store.Store, policies PolicyBackend, sb *store.Sandbox) (string, error) {
+	if policies == nil {
 		return sb.PolicyHash, nil
 	}
 	ps := make([]*store.Policy, 0, len(sb.Policies))
 	for _, n := range sb.Policies {
-		p, err := s.store.GetPolicy(ctx, sb.OrgID, n)
+		p, err := st.GetPolicy(ctx, sb.OrgID, n)
 		if err != nil {
 			return "", fmt.Errorf("sandbox %s: network policy %q: %w", sb.ID, n, err)
 		}
 		ps = append(ps, p)
 	}
-	return s.cfg.Policies.Hash(ps)
+	return policies.Hash(ps)
 }
 
 // reapplyPolicy pushes a changed policy to every running sandbox that uses it.

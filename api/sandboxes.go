@@ -401,7 +401,7 @@ func (h *sandboxService) Terminate(ctx context.Context, req *connect.Request[v1.
 // execEntry is a running exec whose stdin or signals are still reachable.
 type execEntry struct {
 	sandboxID string
-	proc      *procapi.Process
+	proc      node.Process
 	stdinMu   sync.Mutex
 }
 
@@ -587,39 +587,16 @@ func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[v1.LogsR
 	if err != nil {
 		return err
 	}
-	prev, f, err := h.s.node.Logs(sb.ID)
+	log, err := h.s.node.Logs(sb.ID)
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	defer log.Close()
 	buf := make([]byte, 32<<10)
-	if prev != nil {
-		// The older part first (init rotates the log into it at its cap).
-		defer prev.Close()
-		for {
-			n, err := prev.Read(buf)
-			if n > 0 {
-				if serr := stream.Send(&v1.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
-					return serr
-				}
-			}
-			if err != nil {
-				break
-			}
-		}
-	}
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		n, err := f.Read(buf)
-		if err == io.EOF {
-			// Rotated (emptied) since we read: follow from its new start.
-			if off, _ := f.Seek(0, io.SeekCurrent); off > 0 {
-				if st, serr := f.Stat(); serr == nil && st.Size() < off {
-					_, _ = f.Seek(0, io.SeekStart)
-				}
-			}
-		}
+		n, err := log.Read(buf)
 		if n > 0 {
 			if serr := stream.Send(&v1.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
 				return serr
@@ -631,7 +608,7 @@ func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[v1.LogsR
 		}
 		if !req.Msg.Follow || !h.s.IsRunning(ctx, sb.ID) {
 			// One more read after the end so nothing written last is lost.
-			if n, _ := f.Read(buf); n > 0 {
+			if n, _ := log.Read(buf); n > 0 {
 				if serr := stream.Send(&v1.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
 					return serr
 				}

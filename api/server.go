@@ -5,7 +5,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"os"
 	"sync"
 	"time"
 
@@ -30,11 +29,12 @@ type Node interface {
 	Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error)
 	Running(ctx context.Context, id string) (int, bool)
 	Destroy(ctx context.Context, id string, slot int) error
-	Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (*procapi.Process, error)
-	Files(id string) *procapi.Client
-	// Logs opens the sandbox's console log: its previous part (nil if
-	// none) and the current one, which init empties when it rotates.
-	Logs(id string) (prev, cur *os.File, err error)
+	Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (node.Process, error)
+	Files(id string) node.Files
+	// Logs opens the sandbox's console log from its start (its rotated
+	// part first). Read returns io.EOF at the end of what is written; a
+	// later Read returns what was written since (follow).
+	Logs(id string) (io.ReadCloser, error)
 	Leftovers(ctx context.Context, live map[string]int) ([]string, error)
 	Adopt(id, imageDigest string)
 	// Claim hands out a pre-started sandbox fitting req (its id and slot are
@@ -96,6 +96,11 @@ type Config struct {
 	NodeMemoryMB int64
 	// Limits bound request bodies per caller (see Limits).
 	Limits Limits
+	// Live is where the server keeps the sandboxes it starts and watches;
+	// those who must know which sandboxes are live (the node's pre-start
+	// pool, the identity issuer) are built before the server with the same
+	// one. Nil: the server makes its own.
+	Live *Live
 }
 
 // DefaultMemoryMB is Config.DefaultMemoryMB's default: 1 GiB.
@@ -111,11 +116,11 @@ type Server struct {
 	// budget counts request body bytes in flight per caller (guard).
 	budget *reqlimit.Budget
 
-	mu       sync.Mutex
-	live     map[string]*liveSandbox // running sandboxes this process watches
-	starting map[string]bool         // sandboxes between their record and their watch
-	execs    map[string]*execEntry
-	baseCtx  context.Context
+	live *Live // the sandboxes this process starts and watches
+
+	mu      sync.Mutex
+	execs   map[string]*execEntry
+	baseCtx context.Context
 }
 
 // New returns a Server. Call Reconcile before serving.
@@ -133,17 +138,19 @@ func New(ctx context.Context, cfg Config) *Server {
 		cfg.DefaultDiskMB = 10 << 10
 	}
 	cfg.Limits.defaults(cfg.MaxWriteFile + 1<<20)
+	if cfg.Live == nil {
+		cfg.Live = NewLive()
+	}
 	return &Server{
-		budget:   reqlimit.NewBudget(cfg.Limits.InFlightPerCaller, cfg.Limits.InFlightTotal),
-		cfg:      cfg,
-		log:      cfg.Logger,
-		store:    cfg.Store,
-		node:     cfg.Node,
-		auth:     &authenticator{store: cfg.Store, workload: cfg.Workload, now: time.Now},
-		live:     map[string]*liveSandbox{},
-		starting: map[string]bool{},
-		execs:    map[string]*execEntry{},
-		baseCtx:  context.WithoutCancel(ctx),
+		budget:  reqlimit.NewBudget(cfg.Limits.InFlightPerCaller, cfg.Limits.InFlightTotal),
+		cfg:     cfg,
+		log:     cfg.Logger,
+		store:   cfg.Store,
+		node:    cfg.Node,
+		auth:    &authenticator{store: cfg.Store, workload: cfg.Workload, now: time.Now},
+		live:    cfg.Live,
+		execs:   map[string]*execEntry{},
+		baseCtx: context.WithoutCancel(ctx),
 	}
 }
 

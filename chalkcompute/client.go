@@ -26,6 +26,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/chalkcompute/chalkcompute/atomicfile"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/errdefs/errconnect"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
@@ -98,24 +99,29 @@ func ReadConfig() (*FileConfig, error) {
 }
 
 // WriteConfig writes the client config file (0600).
-func WriteConfig(fc *FileConfig) error {
-	p := ConfigPath()
-	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+func WriteConfig(fc *FileConfig) error { return WriteConfigFile(ConfigPath(), fc) }
+
+// WriteConfigFile writes fc to path (0600, its directory 0700), replacing
+// the file atomically. chalkd writes its first admin key with it.
+func WriteConfigFile(path string, fc *FileConfig) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
 	b, _ := json.MarshalIndent(fc, "", "  ")
-	tmp := p + ".tmp"
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, p)
+	return atomicfile.WriteFile(path, append(b, '\n'), 0o600)
 }
 
-// ConfigPath is where the client config is read from.
+// ConfigPath is where the client config is read from: CHALK_CONFIG, else
+// DefaultConfigPath.
 func ConfigPath() string {
 	if p := os.Getenv("CHALK_CONFIG"); p != "" {
 		return p
 	}
+	return DefaultConfigPath()
+}
+
+// DefaultConfigPath is ~/.config/chalk/config.json ("" without a home).
+func DefaultConfigPath() string {
 	home, err := os.UserHomeDir()
 	if err != nil {
 		return ""

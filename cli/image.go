@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -133,29 +134,21 @@ func imgList(e *env) *cobra.Command {
 		Aliases: []string{"list"},
 		Short:   "List images",
 		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.Image, error) {
+			return c.ListImages(ctx)
+		}, func(imgs []*v1.Image) any {
+			ms := make([]proto.Message, 0, len(imgs))
+			for _, i := range imgs {
+				ms = append(ms, i)
 			}
-			imgs, err := c.ListImages(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				ms := make([]proto.Message, 0, len(imgs))
-				for _, i := range imgs {
-					ms = append(ms, i)
-				}
-				return e.printJSON(ms)
-			}
+			return ms
+		}, func(imgs []*v1.Image) {
 			rows := make([][]string, 0, len(imgs))
 			for _, i := range imgs {
 				rows = append(rows, []string{i.Ref, short(i.Digest), human(i.Size), fmt.Sprint(i.Warm)})
 			}
 			e.table("REF\tDIGEST\tSIZE\tWARM", rows)
-			return nil
-		},
+		}),
 	}
 }
 
@@ -164,21 +157,11 @@ func imgInspect(e *env) *cobra.Command {
 		Use:   "inspect REF",
 		Short: "Show an image's manifest and config",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			info, err := c.InspectImage(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(info)
-			}
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.InspectImageResponse, error) {
+			return c.InspectImage(ctx, args[0])
+		}, func(info *v1.InspectImageResponse) any { return info }, func(info *v1.InspectImageResponse) {
 			fmt.Fprintf(e.out, "ref:    %s\ndigest: %s\nsize:   %s\nwarm:   %v\nconfig: %s\n", info.Image.Ref, info.Image.Digest, human(info.Image.Size), info.Image.Warm, info.ConfigJson)
-			return nil
-		},
+		}),
 	}
 }
 

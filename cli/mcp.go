@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -124,29 +125,21 @@ func mcpList(e *env) *cobra.Command {
 		Aliases: []string{"list"},
 		Short:   "List the org's MCP servers (credentials are never shown)",
 		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]chalkcompute.MCPServer, error) {
+			return c.MCPServers(ctx)
+		}, func(ss []chalkcompute.MCPServer) any {
+			out := make([]mcpServerJSON, 0, len(ss))
+			for _, s := range ss {
+				out = append(out, toMCPJSON(s))
 			}
-			ss, err := c.MCPServers(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				out := make([]mcpServerJSON, 0, len(ss))
-				for _, s := range ss {
-					out = append(out, toMCPJSON(s))
-				}
-				return e.printJSON(out)
-			}
+			return out
+		}, func(ss []chalkcompute.MCPServer) {
 			rows := make([][]string, 0, len(ss))
 			for _, s := range ss {
 				rows = append(rows, []string{s.Name, s.URL, fmt.Sprint(s.HasCredential), allOr(s.AllowedTools), s.GatewayURL})
 			}
 			e.table("NAME\tURL\tCREDENTIAL\tTOOLS\tGATEWAY_URL", rows)
-			return nil
-		},
+		}),
 	}
 }
 
@@ -155,20 +148,9 @@ func mcpRm(e *env) *cobra.Command {
 		Use:   "rm NAME",
 		Short: "Unregister an MCP server (admin)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			if err := c.RemoveMCPServer(cmd.Context(), args[0]); err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(map[string]string{"removed": args[0]})
-			}
-			fmt.Fprintln(e.out, args[0])
-			return nil
-		},
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (string, error) {
+			return args[0], c.RemoveMCPServer(ctx, args[0])
+		}, removed, func(name string) { fmt.Fprintln(e.out, name) }),
 	}
 }
 

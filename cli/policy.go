@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"strings"
 
@@ -27,14 +28,14 @@ func toPolicyJSON(p chalkcompute.NetworkPolicy) policyJSON {
 	return policyJSON{Name: p.Name, AllowAll: allow, AllowedHostnames: p.AllowedHostnames, Description: p.Description}
 }
 
-func (e *env) printPolicy(p chalkcompute.NetworkPolicy) error {
-	j := toPolicyJSON(p)
-	if e.json() {
-		return e.printJSON(j)
+func policyText(e *env) func(chalkcompute.NetworkPolicy) {
+	return func(p chalkcompute.NetworkPolicy) {
+		j := toPolicyJSON(p)
+		fmt.Fprintf(e.out, "name:        %s\nallow_all:   %v\nallowed:     %s\ndescription: %s\n", j.Name, j.AllowAll, strings.Join(j.AllowedHostnames, ", "), j.Description)
 	}
-	fmt.Fprintf(e.out, "name:        %s\nallow_all:   %v\nallowed:     %s\ndescription: %s\n", j.Name, j.AllowAll, strings.Join(j.AllowedHostnames, ", "), j.Description)
-	return nil
 }
+
+func policyAsJSON(p chalkcompute.NetworkPolicy) any { return toPolicyJSON(p) }
 
 func polPut(e *env, create bool) *cobra.Command {
 	var allow []string
@@ -48,22 +49,13 @@ func polPut(e *env, create bool) *cobra.Command {
 		Use:   verb + " NAME --allow HOST|*.DOMAIN|CIDR ... [--allow-all]",
 		Short: strings.ToUpper(verb[:1]) + verb[1:] + " a network policy (updates apply to running sandboxes)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (chalkcompute.NetworkPolicy, error) {
 			p := chalkcompute.NetworkPolicy{Name: args[0], AllowAll: chalkcompute.Bool(allowAll), AllowedHostnames: allow, Description: desc}
 			if create {
-				p, err = c.CreatePolicy(cmd.Context(), p)
-			} else {
-				p, err = c.UpdatePolicy(cmd.Context(), p)
+				return c.CreatePolicy(ctx, p)
 			}
-			if err != nil {
-				return err
-			}
-			return e.printPolicy(p)
-		},
+			return c.UpdatePolicy(ctx, p)
+		}, policyAsJSON, policyText(e)),
 	}
 	cmd.Flags().StringArrayVar(&allow, "allow", nil, "allowed hostname, *.domain or CIDR (repeatable)")
 	cmd.Flags().BoolVar(&allowAll, "allow-all", false, "allow all egress (the policy then restricts nothing)")
@@ -76,17 +68,9 @@ func polGet(e *env) *cobra.Command {
 		Use:   "get NAME",
 		Short: "Show a network policy",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			p, err := c.GetPolicy(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			return e.printPolicy(p)
-		},
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (chalkcompute.NetworkPolicy, error) {
+			return c.GetPolicy(ctx, args[0])
+		}, policyAsJSON, policyText(e)),
 	}
 }
 
@@ -96,30 +80,22 @@ func polList(e *env) *cobra.Command {
 		Aliases: []string{"list"},
 		Short:   "List network policies",
 		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]chalkcompute.NetworkPolicy, error) {
+			return c.ListPolicies(ctx)
+		}, func(ps []chalkcompute.NetworkPolicy) any {
+			out := make([]policyJSON, 0, len(ps))
+			for _, p := range ps {
+				out = append(out, toPolicyJSON(p))
 			}
-			ps, err := c.ListPolicies(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				out := make([]policyJSON, 0, len(ps))
-				for _, p := range ps {
-					out = append(out, toPolicyJSON(p))
-				}
-				return e.printJSON(out)
-			}
+			return out
+		}, func(ps []chalkcompute.NetworkPolicy) {
 			rows := make([][]string, 0, len(ps))
 			for _, p := range ps {
 				j := toPolicyJSON(p)
 				rows = append(rows, []string{j.Name, fmt.Sprint(j.AllowAll), strings.Join(j.AllowedHostnames, ",")})
 			}
 			e.table("NAME\tALLOW_ALL\tALLOWED", rows)
-			return nil
-		},
+		}),
 	}
 }
 
@@ -128,19 +104,8 @@ func polRm(e *env) *cobra.Command {
 		Use:   "rm NAME",
 		Short: "Delete a network policy",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			if err := c.DeletePolicy(cmd.Context(), args[0]); err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(map[string]string{"deleted": args[0]})
-			}
-			fmt.Fprintln(e.out, args[0])
-			return nil
-		},
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (string, error) {
+			return args[0], c.DeletePolicy(ctx, args[0])
+		}, deleted, func(name string) { fmt.Fprintln(e.out, name) }),
 	}
 }

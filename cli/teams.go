@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -39,21 +40,11 @@ func orgCmd(e *env) *cobra.Command {
 		Use:   "create NAME --admin USER",
 		Short: "Create an org and its first admin; prints the admin's key (shown once)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			res, err := c.CreateOrg(cmd.Context(), args[0], admin)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(res)
-			}
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.CreateOrgResponse, error) {
+			return c.CreateOrg(ctx, args[0], admin)
+		}, asIs, func(res *v1.CreateOrgResponse) {
 			fmt.Fprintf(e.out, "created org %s with admin %s\nkey (shown once; 'chalk auth login --key ...' stores it):\n%s\n", res.Org.Name, admin, res.AdminKey.Secret)
-			return nil
-		},
+		}),
 	}
 	create.Flags().StringVar(&admin, "admin", "", "the org's first admin (a new or existing user)")
 	_ = create.MarkFlagRequired("admin")
@@ -61,25 +52,15 @@ func orgCmd(e *env) *cobra.Command {
 		Use:   "ls",
 		Short: "List orgs (every org for the node admin, else yours) with their quotas",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			orgs, err := c.Orgs(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(msgs(orgs))
-			}
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.Org, error) {
+			return c.Orgs(ctx)
+		}, func(orgs []*v1.Org) any { return msgs(orgs) }, func(orgs []*v1.Org) {
 			rows := make([][]string, 0, len(orgs))
 			for _, o := range orgs {
 				rows = append(rows, append([]string{o.Name, o.CreatedAt}, quotaCells(o.Quota)...))
 			}
 			e.table("NAME\tCREATED\tMAX SANDBOXES\tMAX VCPU\tMAX MEMORY MB\tMAX CREATES/MIN", rows)
-			return nil
-		},
+		}),
 	}
 	cmd.AddCommand(create, ls, quotaCmd(e))
 	return cmd
@@ -149,90 +130,48 @@ func quotaCmd(e *env) *cobra.Command {
 
 func memberCmd(e *env) *cobra.Command {
 	cmd := &cobra.Command{Use: "member", Aliases: []string{"members"}, Short: "Members of your org (or --org, node admin) and their roles"}
-	var role string
+	var role, user string
 	add := &cobra.Command{
 		Use:   "add USER --role admin|member|viewer",
 		Short: "Add a user (new or existing) to the org; prints the user's first key (shown once)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.adminClient()
-			if err != nil {
-				return err
-			}
-			res, err := c.AddMember(cmd.Context(), e.org, args[0], role)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(res)
-			}
-			fmt.Fprintf(e.out, "added %s as %s to org %s\nkey (shown once; 'chalk auth login --key ...' stores it):\n%s\n", args[0], res.Member.Role, res.Key.Org, res.Key.Secret)
-			return nil
-		},
+		RunE: callWith(e, e.adminClient, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.AddMemberResponse, error) {
+			user = args[0] // printed as given
+			return c.AddMember(ctx, e.org, args[0], role)
+		}, asIs, func(res *v1.AddMemberResponse) {
+			fmt.Fprintf(e.out, "added %s as %s to org %s\nkey (shown once; 'chalk auth login --key ...' stores it):\n%s\n", user, res.Member.Role, res.Key.Org, res.Key.Secret)
+		}),
 	}
 	add.Flags().StringVar(&role, "role", "member", "admin, member or viewer")
 	ls := &cobra.Command{
 		Use:   "ls",
 		Short: "List the org's members",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := e.adminClient()
-			if err != nil {
-				return err
-			}
-			ms, err := c.Members(cmd.Context(), e.org)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(msgs(ms))
-			}
+		RunE: callWith(e, e.adminClient, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.Member, error) {
+			return c.Members(ctx, e.org)
+		}, func(ms []*v1.Member) any { return msgs(ms) }, func(ms []*v1.Member) {
 			rows := make([][]string, 0, len(ms))
 			for _, m := range ms {
 				rows = append(rows, []string{m.User, m.Role, m.CreatedAt})
 			}
 			e.table("USER\tROLE\tADDED", rows)
-			return nil
-		},
+		}),
 	}
 	rm := &cobra.Command{
 		Use:   "rm USER",
 		Short: "Remove a user from the org (revokes its keys there; not the last admin)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.adminClient()
-			if err != nil {
-				return err
-			}
-			if err := c.RemoveMember(cmd.Context(), e.org, args[0]); err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(map[string]string{"removed": args[0]})
-			}
-			fmt.Fprintln(e.out, "removed", args[0])
-			return nil
-		},
+		RunE: callWith(e, e.adminClient, func(ctx context.Context, c *chalkcompute.Client, args []string) (string, error) {
+			return args[0], c.RemoveMember(ctx, e.org, args[0])
+		}, removed, func(user string) { fmt.Fprintln(e.out, "removed", user) }),
 	}
 	setRole := &cobra.Command{
 		Use:   "set-role USER admin|member|viewer",
 		Short: "Change a member's role (its keys follow at once; not the last admin's)",
 		Args:  cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.adminClient()
-			if err != nil {
-				return err
-			}
-			m, err := c.SetMemberRole(cmd.Context(), e.org, args[0], args[1])
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(m)
-			}
-			fmt.Fprintf(e.out, "%s is now %s\n", m.User, m.Role)
-			return nil
-		},
+		RunE: callWith(e, e.adminClient, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.Member, error) {
+			return c.SetMemberRole(ctx, e.org, args[0], args[1])
+		}, asIs, func(m *v1.Member) { fmt.Fprintf(e.out, "%s is now %s\n", m.User, m.Role) }),
 	}
 	cmd.AddCommand(add, ls, rm, setRole)
 	return cmd
@@ -383,18 +322,9 @@ func keysCmd(e *env) *cobra.Command {
 		Use:   "ls [--all]",
 		Short: "List your keys (--all: every member's, admins)",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			keys, err := c.Keys(cmd.Context(), all)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(msgs(keys))
-			}
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.ApiKey, error) {
+			return c.Keys(ctx, all)
+		}, func(keys []*v1.ApiKey) any { return msgs(keys) }, func(keys []*v1.ApiKey) {
 			rows := make([][]string, 0, len(keys))
 			for _, k := range keys {
 				state := "active"
@@ -404,29 +334,16 @@ func keysCmd(e *env) *cobra.Command {
 				rows = append(rows, []string{k.Id, k.Prefix, k.Name, k.User, k.Role, k.CreatedBy, k.CreatedAt, dash(k.LastUsedAt), dash(k.ExpiresAt), state})
 			}
 			e.table("ID\tPREFIX\tNAME\tUSER\tROLE\tCREATED BY\tCREATED\tLAST USED\tEXPIRES\tSTATE", rows)
-			return nil
-		},
+		}),
 	}
 	ls.Flags().BoolVar(&all, "all", false, "every member's keys (admins)")
 	revoke := &cobra.Command{
 		Use:   "revoke ID|PREFIX",
 		Short: "Revoke a key: it fails on its next use",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			k, err := c.RevokeKey(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(k)
-			}
-			fmt.Fprintf(e.out, "revoked %s (%s)\n", k.Prefix, k.Name)
-			return nil
-		},
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.ApiKey, error) {
+			return c.RevokeKey(ctx, args[0])
+		}, asIs, func(k *v1.ApiKey) { fmt.Fprintf(e.out, "revoked %s (%s)\n", k.Prefix, k.Name) }),
 	}
 	cmd.AddCommand(create, ls, revoke)
 	return cmd

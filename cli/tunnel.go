@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"strings"
@@ -64,25 +65,25 @@ func nonNil(s []string) []string {
 	return s
 }
 
-func (e *env) printTunnel(t chalkcompute.Tunnel) error {
-	j := toTunnelJSON(t)
-	if e.json() {
-		return e.printJSON(j)
-	}
-	fmt.Fprintf(e.out, "name:    %s\nsubnet:  %s\n", j.Name, j.Subnet)
-	fmt.Fprintf(e.out, "members: %d\n", len(j.Members))
-	if len(j.Members) > 0 {
-		rows := make([][]string, 0, len(j.Members))
-		for _, m := range j.Members {
-			rows = append(rows, []string{"  " + m.SandboxID, m.Address, m.Interface, m.PublicKey, m.Endpoint})
+func tunnelAsJSON(t chalkcompute.Tunnel) any { return toTunnelJSON(t) }
+
+func tunnelText(e *env) func(chalkcompute.Tunnel) {
+	return func(t chalkcompute.Tunnel) {
+		j := toTunnelJSON(t)
+		fmt.Fprintf(e.out, "name:    %s\nsubnet:  %s\n", j.Name, j.Subnet)
+		fmt.Fprintf(e.out, "members: %d\n", len(j.Members))
+		if len(j.Members) > 0 {
+			rows := make([][]string, 0, len(j.Members))
+			for _, m := range j.Members {
+				rows = append(rows, []string{"  " + m.SandboxID, m.Address, m.Interface, m.PublicKey, m.Endpoint})
+			}
+			e.table("  SANDBOX\tADDRESS\tINTERFACE\tPUBLIC_KEY\tENDPOINT", rows)
 		}
-		e.table("  SANDBOX\tADDRESS\tINTERFACE\tPUBLIC_KEY\tENDPOINT", rows)
+		fmt.Fprintf(e.out, "peers:   %d\n", len(j.Peers))
+		if len(j.Peers) > 0 {
+			e.peerTable(j.Peers, "  ")
+		}
 	}
-	fmt.Fprintf(e.out, "peers:   %d\n", len(j.Peers))
-	if len(j.Peers) > 0 {
-		e.peerTable(j.Peers, "  ")
-	}
-	return nil
 }
 
 func (e *env) peerTable(ps []tunnelPeerJSON, indent string) {
@@ -98,22 +99,14 @@ func tunCreate(e *env) *cobra.Command {
 		Use:   "create NAME",
 		Short: "Create a tunnel (sandboxes created with --tunnel NAME also create it on first use)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (chalkcompute.Tunnel, error) {
 			// Apply sets the peers; keep the ones an existing tunnel has.
 			var peers []chalkcompute.TunnelPeer
-			if t, err := c.Tunnel(cmd.Context(), args[0]); err == nil {
+			if t, err := c.Tunnel(ctx, args[0]); err == nil {
 				peers = t.Peers
 			}
-			t, err := c.ApplyTunnel(cmd.Context(), args[0], peers...)
-			if err != nil {
-				return err
-			}
-			return e.printTunnel(t)
-		},
+			return c.ApplyTunnel(ctx, args[0], peers...)
+		}, tunnelAsJSON, tunnelText(e)),
 	}
 }
 
@@ -123,29 +116,21 @@ func tunList(e *env) *cobra.Command {
 		Aliases: []string{"list"},
 		Short:   "List tunnels",
 		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]chalkcompute.Tunnel, error) {
+			return c.Tunnels(ctx)
+		}, func(ts []chalkcompute.Tunnel) any {
+			out := make([]tunnelJSON, 0, len(ts))
+			for _, t := range ts {
+				out = append(out, toTunnelJSON(t))
 			}
-			ts, err := c.Tunnels(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				out := make([]tunnelJSON, 0, len(ts))
-				for _, t := range ts {
-					out = append(out, toTunnelJSON(t))
-				}
-				return e.printJSON(out)
-			}
+			return out
+		}, func(ts []chalkcompute.Tunnel) {
 			rows := make([][]string, 0, len(ts))
 			for _, t := range ts {
 				rows = append(rows, []string{t.Name, t.Subnet, fmt.Sprint(len(t.Members)), fmt.Sprint(len(t.Peers))})
 			}
 			e.table("NAME\tSUBNET\tMEMBERS\tPEERS", rows)
-			return nil
-		},
+		}),
 	}
 }
 
@@ -155,17 +140,9 @@ func tunInspect(e *env) *cobra.Command {
 		Aliases: []string{"get"},
 		Short:   "Show a tunnel: its subnet, the sandboxes in it and its external peers",
 		Args:    cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			t, err := c.Tunnel(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			return e.printTunnel(t)
-		},
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (chalkcompute.Tunnel, error) {
+			return c.Tunnel(ctx, args[0])
+		}, tunnelAsJSON, tunnelText(e)),
 	}
 }
 
@@ -174,20 +151,9 @@ func tunRm(e *env) *cobra.Command {
 		Use:   "rm NAME",
 		Short: "Delete a tunnel no running sandbox is in",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			if err := c.DeleteTunnel(cmd.Context(), args[0]); err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(map[string]string{"deleted": args[0]})
-			}
-			fmt.Fprintln(e.out, args[0])
-			return nil
-		},
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (string, error) {
+			return args[0], c.DeleteTunnel(ctx, args[0])
+		}, deleted, func(name string) { fmt.Fprintln(e.out, name) }),
 	}
 }
 
@@ -241,14 +207,10 @@ func peerList(e *env) *cobra.Command {
 		Aliases: []string{"list"},
 		Short:   "List a tunnel's external peers",
 		Args:    cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) ([]tunnelPeerJSON, error) {
+			t, err := c.Tunnel(ctx, args[0])
 			if err != nil {
-				return err
-			}
-			t, err := c.Tunnel(cmd.Context(), args[0])
-			if err != nil {
-				return err
+				return nil, err
 			}
 			// With --output json each peer carries its current wg-quick
 			// config: it lists the members, so it changes as they come and go.
@@ -256,12 +218,8 @@ func peerList(e *env) *cobra.Command {
 			for _, p := range t.Peers {
 				ps = append(ps, toPeerJSON(p))
 			}
-			if e.json() {
-				return e.printJSON(ps)
-			}
-			e.peerTable(ps, "")
-			return nil
-		},
+			return ps, nil
+		}, func(ps []tunnelPeerJSON) any { return ps }, func(ps []tunnelPeerJSON) { e.peerTable(ps, "") }),
 	}
 }
 
@@ -270,19 +228,9 @@ func peerRm(e *env) *cobra.Command {
 		Use:   "rm TUNNEL PUBLIC_KEY",
 		Short: "Cut an external peer off a tunnel",
 		Args:  cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			if err := c.RemoveTunnelPeer(cmd.Context(), args[0], args[1]); err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(map[string]string{"removed": args[1], "tunnel": args[0]})
-			}
-			fmt.Fprintln(e.out, args[1])
-			return nil
-		},
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) ([]string, error) {
+			return args, c.RemoveTunnelPeer(ctx, args[0], args[1])
+		}, func(args []string) any { return map[string]string{"removed": args[1], "tunnel": args[0]} },
+			func(args []string) { fmt.Fprintln(e.out, args[1]) }),
 	}
 }

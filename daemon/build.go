@@ -138,36 +138,29 @@ func (im *images) extracted(digest string) (string, error) {
 	return dst, nil
 }
 
-// buildNet gives build containers network namespaces from the reserved slots,
-// with the host's resolvers (builds are not subject to sandbox policies).
+// buildNet gives build containers network namespaces from the reserved slots
+// (the top of the range, see sandboxnet.SplitSlots), with the host's
+// resolvers (builds are not subject to sandbox policies).
 type buildNet struct {
-	net  *sandboxnet.Manager
-	mu   sync.Mutex
-	used map[int]bool
+	net   *sandboxnet.Manager
+	slots *sandboxnet.SlotRange
 }
 
 var _ imagebuild.Network = (*buildNet)(nil)
 
+func newBuildNet(n *sandboxnet.Manager) *buildNet {
+	return &buildNet{net: n, slots: sandboxnet.NewSlotRange(n.MaxSlot()-buildSlots+1, n.MaxSlot(), n.SlotInUse)}
+}
+
 func (bn *buildNet) Attach(ctx context.Context, id string) (imagebuild.Attachment, error) {
-	bn.mu.Lock()
-	slot := 0
-	for s := bn.net.MaxSlot(); s > bn.net.MaxSlot()-buildSlots; s-- {
-		if !bn.used[s] {
-			slot = s
-			bn.used[s] = true
-			break
-		}
-	}
-	bn.mu.Unlock()
-	if slot == 0 {
+	slot, ok := bn.slots.Take(id)
+	if !ok {
 		return imagebuild.Attachment{}, fmt.Errorf("too many concurrent builds (%d): %w", buildSlots, errdefs.ErrResourceExhausted)
 	}
 	release := func() {
 		_ = bn.net.Teardown(context.WithoutCancel(ctx), id, slot)
 		bn.net.Refill()
-		bn.mu.Lock()
-		delete(bn.used, slot)
-		bn.mu.Unlock()
+		bn.slots.Release(slot)
 	}
 	n, err := bn.net.Setup(ctx, id, slot)
 	if err != nil {

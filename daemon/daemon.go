@@ -5,7 +5,6 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -20,11 +19,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/atomicfile"
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	"github.com/chalkcompute/chalkcompute/egress"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/identity"
-	"github.com/chalkcompute/chalkcompute/imagebuild"
-	"github.com/chalkcompute/chalkcompute/imagespec"
 	"github.com/chalkcompute/chalkcompute/metadata"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
@@ -214,9 +213,7 @@ func (c *Config) defaults() error {
 		}
 	}
 	if c.ClientConfig == "" {
-		if home, err := os.UserHomeDir(); err == nil {
-			c.ClientConfig = filepath.Join(home, ".config", "chalk", "config.json")
-		}
+		c.ClientConfig = chalkcompute.DefaultConfigPath()
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -265,6 +262,11 @@ type Daemon struct {
 	tun     *tunnels
 	mcp     *mcpGateway
 	ingress *ingressNode
+	// Built by Start's steps for later ones (start.go).
+	live *api.Live // which sandboxes are live: filled by API, read by the pool and the issuer
+	wi   *workloadIdentity
+	pol  *policies
+	im   *images
 
 	AdminToken string // set when this start created it
 	servers    []*http.Server
@@ -284,237 +286,28 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			d.Close()
 		}
 	}()
-	for _, dir := range []string{cfg.DataDir, cfg.RunDir} {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
+	// Each step builds one subsystem from those built before it (start.go).
+	for _, step := range []struct {
+		name string
+		run  func(context.Context) error
+	}{
+		{"data dir", d.prepareDataDir},
+		{"store", d.openStore},
+		{"registry and node cache", d.startImages},
+		{"sandbox network", d.startNetwork},
+		{"sandbox runtime", d.startRuntime},
+		{"node agent", d.startAgent},
+		{"tunnels and egress", d.startEgress},
+		{"image builds", d.startBuilds},
+		{"identity and metadata", d.startIdentity},
+		{"MCP gateway", d.startMCP},
+		{"ingress", d.newIngress},
+		{"API", d.startAPI},
+		{"background work", d.startBackground},
+	} {
+		if err := step.run(ctx); err != nil {
+			d.log.Debug("start step failed", "step", step.name, "err", err)
 			return nil, err
-		}
-	}
-	if !cfg.NoUserNS {
-		// Sandboxes' roots are unprivileged host uids that must pass through
-		// the data dir to their own rootfs and binds (as dockerd's under
-		// userns-remap): searchable, not listable. Everything secret in it
-		// is 0600/0700 on its own.
-		if err := os.Chmod(cfg.DataDir, 0o711); err != nil {
-			return nil, err
-		}
-	}
-	if err := restrictDataDir(cfg.DataDir, !cfg.NoUserNS); err != nil {
-		return nil, err
-	}
-	go pruneLogsLoop(ctx, d.log, cfg.DataDir, cfg.Limits.LogRetention)
-	if err := sandbox.SetSubreaper(); err != nil {
-		return nil, fmt.Errorf("become subreaper: %w", err)
-	}
-	if d.Store, err = store.Open(ctx, filepath.Join(cfg.DataDir, "chalk.db")); err != nil {
-		return nil, err
-	}
-	for _, f := range []string{"chalk.db", "chalk.db-wal", "chalk.db-shm"} {
-		if err := os.Chmod(filepath.Join(cfg.DataDir, f), 0o600); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, err
-		}
-	}
-	regCfg := registryConfig(cfg.DataDir, cfg.RegistryAddr, cfg.Logger)
-	regCfg.Upstreams = cfg.Upstreams
-	if d.Registry, err = registry.New(ctx, regCfg); err != nil {
-		return nil, fmt.Errorf("embedded registry: %w", err)
-	}
-	if d.Cache, err = nodecache.New(nodecache.Config{
-		Root: filepath.Join(cfg.DataDir, "cache"), MaxBytes: cfg.CacheMaxBytes, Logger: cfg.Logger,
-		Remote: d.Registry.PullOptions(), // the node pulls with the read-only credential
-	}); err != nil {
-		return nil, fmt.Errorf("node cache: %w", err)
-	}
-	netCfg := sandboxnet.Config{
-		Prefix: cfg.NetPrefix, Table: cfg.NetTable, NetnsDir: filepath.Join(cfg.RunDir, "netns"), Logger: cfg.Logger,
-		MetadataPort: cfg.MetadataPort, ServicePorts: []uint16{cfg.MetadataPort}, DNSPort: 53,
-		UserNS: !cfg.NoUserNS, UIDBase: cfg.UIDBase,
-	}
-	if cfg.Subnet != "" {
-		if netCfg.Subnet, err = netip.ParsePrefix(cfg.Subnet); err != nil {
-			return nil, fmt.Errorf("subnet %q: %w", cfg.Subnet, err)
-		}
-	}
-	if cfg.Subnet6 != "" {
-		if netCfg.Subnet6, err = netip.ParsePrefix(cfg.Subnet6); err != nil {
-			return nil, fmt.Errorf("subnet6 %q: %w", cfg.Subnet6, err)
-		}
-	}
-	if cfg.TunnelSubnets == "" {
-		cfg.TunnelSubnets = DefaultTunnelSubnets
-	}
-	if tp, err := netip.ParsePrefix(cfg.TunnelSubnets); err == nil {
-		netCfg.Reserved = append(netCfg.Reserved, tp.Masked()) // validated with the tunnels below
-	}
-	if d.Net, err = sandboxnet.New(netCfg); err != nil {
-		return nil, err
-	}
-	if err := d.Net.Init(ctx); err != nil {
-		return nil, fmt.Errorf("sandbox network: %w", err)
-	}
-	if !cfg.NoUserNS {
-		// Sandbox roots bind-mount chalk-init and chalk as unprivileged host
-		// uids: wherever the binaries were built (say under /root, 0700), a
-		// copy in the data dir is reachable.
-		if cfg.InitBinary, cfg.ChalkBinary, err = stageBinaries(filepath.Join(cfg.DataDir, "bin"), cfg.InitBinary, cfg.ChalkBinary); err != nil {
-			return nil, err
-		}
-	}
-	if d.Runtime, err = sandbox.New(sandbox.Config{
-		StateDir: filepath.Join(cfg.DataDir, "sandboxes"), LogDir: filepath.Join(cfg.DataDir, "logs"),
-		RuncRoot: filepath.Join(cfg.RunDir, "runc"), InitBinary: cfg.InitBinary, ChalkBinary: cfg.ChalkBinary,
-		CgroupParent: cfg.CgroupParent, Logger: cfg.Logger, Runtime: cfg.Runtime, RuncBinary: cfg.RuntimeBinary,
-		LogMaxBytes: cfg.Limits.LogMaxBytes,
-	}); err != nil {
-		return nil, err
-	}
-	if !cfg.NoUserNS {
-		if err := d.Runtime.CheckUserNS(); err != nil {
-			return nil, fmt.Errorf("%w (or run chalkd --userns=false)", err)
-		}
-	}
-	wi := &workloadIdentity{api: func() *api.Server { return d.API }, filesAt: filepath.Join(cfg.DataDir, "identity-files"), userNS: d.userNS, stops: map[string][]func(){}, queryURL: cfg.QueryURL, awsRegion: cfg.AWSRegion}
-	pool := node.PoolConfig{
-		Size: cfg.Prestart, Slots: max(cfg.PrestartSlots, 0), Dir: filepath.Join(cfg.DataDir, "prestarted"),
-		NewID: api.NewSandboxID, Binds: wi.binds, Discard: wi.discard,
-		CountsFile: filepath.Join(cfg.DataDir, "prestart-counts.json"),
-		SlotBusy:   func(slot int) bool { return d.API != nil && d.API.SlotLive(slot) },
-		Memory:     cfg.Limits.DefaultMemoryMB << 20, DiskMB: min(sandbox.DefaultDiskMB, cfg.Limits.DefaultMemoryMB),
-	}
-	if d.Agent, err = node.New(node.Config{
-		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
-		ReservedSlots: buildSlots, Pool: pool,
-	}); err != nil {
-		return nil, err
-	}
-	d.Tunnels = tunnel.NewManager(cfg.Logger)
-	tun, err := newTunnels(d.Tunnels, d.Agent, d.Store, cfg.TunnelSubnets, cfg.TunnelEndpoint)
-	if err != nil {
-		return nil, err
-	}
-	d.tun = tun
-	// Egress policies and the DNS proxy every sandbox resolves through; it
-	// answers the tunnels' names itself.
-	if d.Egress, err = egress.New(egress.Config{
-		Table: d.Net.Table(), Logger: cfg.Logger, Upstream: cfg.DNSUpstream, Local: localNames(tun),
-		ListenAddrs: []string{
-			netip.AddrPortFrom(d.Net.ServiceAddr(), 53).String(),
-			netip.AddrPortFrom(d.Net.ServiceAddr6(), 53).String(),
-		},
-	}); err != nil {
-		return nil, err
-	}
-	if err := d.Egress.Start(ctx); err != nil {
-		return nil, fmt.Errorf("egress: %w", err)
-	}
-	pol := &policies{m: d.Egress, agent: d.Agent}
-	// Image builds and uploaded content.
-	blobs, err := imagebuild.NewBlobs(filepath.Join(cfg.DataDir, "blobs"))
-	if err != nil {
-		return nil, err
-	}
-	builder, err := imagebuild.New(imagebuild.Config{
-		Registry: d.Registry, Cache: d.Cache, Runtime: d.Runtime, Blobs: blobs,
-		Network: &buildNet{net: d.Net, used: map[int]bool{}}, Env: cfg.BuildEnv, MemoryMB: cfg.Limits.BuildMemoryMB,
-		Defaults: imagespec.Defaults{PythonVersion: DefaultPython}, Logger: cfg.Logger,
-	})
-	if err != nil {
-		return nil, err
-	}
-	im := &images{b: builder, blobs: blobs, dir: filepath.Join(cfg.DataDir, "mounts")}
-	if err := os.MkdirAll(im.dir, 0o700); err != nil {
-		return nil, err
-	}
-	if d.Issuer, err = identity.New(ctx, identity.Config{
-		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.DataDir, "identity"), Logger: cfg.Logger,
-		IsActive: func(ctx context.Context, id string) bool { return d.API.IsActive(ctx, id) },
-	}); err != nil {
-		return nil, fmt.Errorf("identity issuer: %w", err)
-	}
-	wi.iss = d.Issuer
-	go func() {
-		if err := d.Issuer.Run(ctx); err != nil && ctx.Err() == nil {
-			d.log.Error("identity key rotation", "err", err)
-		}
-	}()
-	if d.Metadata, err = metadata.New(metadata.Config{Issuer: d.Issuer, Resolver: wi, Logger: cfg.Logger}); err != nil {
-		return nil, err
-	}
-	wi.meta = d.Metadata
-	// The MCP gateway never dials sandboxes, the node's service address or
-	// tunnel space (besides the link-local and metadata addresses it always refuses).
-	s4, s6 := d.Net.Subnets()
-	deny := []netip.Prefix{s4, s6, netip.PrefixFrom(d.Net.ServiceAddr(), 32), tun.base}
-	if d.mcp, err = newMCPGateway(cfg.DataDir, d.Store, d.Issuer, deny, cfg.MCPAuditRetention, cfg.Logger); err != nil {
-		return nil, fmt.Errorf("MCP gateway: %w", err)
-	}
-	if d.ingress, err = newIngress(&cfg, d.Store, func() *api.Server { return d.API }); err != nil {
-		return nil, err
-	}
-	d.API = api.New(ctx, api.Config{
-		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
-		DefaultMemoryMB: cfg.Limits.DefaultMemoryMB, NodeMemoryMB: cfg.Limits.nodeMemoryMB,
-		Workload: wi, Identity: wi, Policies: pol, Images: im, Tunnels: tun, MCP: d.mcp,
-		DefaultQuota: cfg.DefaultQuota, Ingress: d.ingress.backend(),
-		Hooks: api.Hooks{
-			Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
-				if cfg.Runtime == sandbox.RuntimeRunsc && len(sb.Tunnels) > 0 {
-					// The WireGuard device is added to the sandbox's network
-					// namespace after start; gVisor's network stack only
-					// takes over the interfaces present when it starts.
-					return fmt.Errorf("sandbox %s: tunnels are not available on this node: it runs sandboxes on gVisor (chalkd --runtime runsc), whose network stack cannot use the tunnel's device: %w", sb.ID, errdefs.ErrFailedPrecondition)
-				}
-				if err := im.binds(ctx, sb, req); err != nil {
-					return err
-				}
-				return wi.prepare(ctx, sb, req)
-			},
-			Started: tun.started,
-			Ended: func(ctx context.Context, sb *store.Sandbox) {
-				d.ingress.ended(ctx, sb)
-				d.Tunnels.Leave(sb.ID)
-				d.mcp.ended(sb.ID)
-				wi.ended(ctx, sb)
-				pol.remove(ctx, sb)
-			},
-			Resumed: func(ctx context.Context, sb *store.Sandbox) {
-				wi.resume(ctx, sb)
-				if err := pol.resume(ctx, d.Store, sb); err != nil {
-					d.log.Error("resume egress policy", "sandbox", sb.ID, "err", err)
-				}
-				if err := tun.resume(ctx, sb); err != nil {
-					d.log.Error("rejoin tunnels", "sandbox", sb.ID, "err", err)
-				}
-			},
-		},
-	})
-	if err := d.API.Reconcile(ctx); err != nil {
-		return nil, fmt.Errorf("reconcile: %w", err)
-	}
-	// After reconcile reaped the previous process's pre-started sandboxes.
-	if err := d.Agent.RestorePool(); err != nil {
-		d.log.Warn("pre-started sandboxes: counts of the previous run", "err", err)
-	}
-	// Keep the node cache under its size cap.
-	go func() {
-		t := time.NewTicker(10 * time.Minute)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				if freed, err := d.Agent.CollectGarbage(ctx); err != nil {
-					d.log.Warn("node cache GC", "err", err)
-				} else if freed > 0 {
-					d.log.Info("node cache GC", "freed_bytes", freed)
-				}
-			}
-		}
-	}()
-	// Egress rules left by the previous process for sandboxes that ended meanwhile.
-	for _, id := range d.Egress.Adopted() {
-		if !d.API.IsActive(ctx, id) {
-			_ = d.Egress.Remove(ctx, id)
 		}
 	}
 	if err := d.bootstrapToken(ctx); err != nil {
@@ -599,12 +392,6 @@ func (d *Daemon) APIURL() string {
 // SocketPath is the API's unix socket.
 func (d *Daemon) SocketPath() string { return d.cfg.Socket }
 
-// ClientConfig is what the CLI and SDKs read to find and authenticate to chalkd.
-type ClientConfig struct {
-	APIURL string `json:"api_url"`
-	Token  string `json:"token"`
-}
-
 // bootstrapToken creates the admin token on first start and writes it 0600 to
 // the data dir and to the CLI's config.
 func (d *Daemon) bootstrapToken(ctx context.Context) error {
@@ -628,11 +415,8 @@ func (d *Daemon) bootstrapToken(ctx context.Context) error {
 		if d.cfg.Listen == "" {
 			url = "unix://" + d.cfg.Socket
 		}
-		b, _ := json.MarshalIndent(ClientConfig{APIURL: url, Token: secret}, "", "  ")
-		if err := os.MkdirAll(filepath.Dir(d.cfg.ClientConfig), 0o700); err != nil {
-			return err
-		}
-		if err := writeFile0600(d.cfg.ClientConfig, append(b, '\n')); err != nil {
+		// The format is the SDKs' (chalkcompute owns it).
+		if err := chalkcompute.WriteConfigFile(d.cfg.ClientConfig, &chalkcompute.FileConfig{APIURL: url, Token: secret}); err != nil {
 			return err
 		}
 	}
@@ -640,13 +424,7 @@ func (d *Daemon) bootstrapToken(ctx context.Context) error {
 	return nil
 }
 
-func writeFile0600(path string, b []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
-}
+func writeFile0600(path string, b []byte) error { return atomicfile.WriteFile(path, b, 0o600) }
 
 // Close stops serving. Running sandboxes keep running; the next start
 // reattaches to them.

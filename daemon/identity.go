@@ -27,8 +27,10 @@ import (
 type workloadIdentity struct {
 	iss     *identity.Issuer
 	meta    *metadata.Server
-	api     func() *api.Server
-	filesAt string // host dir holding one identity dir per sandbox
+	store   *store.Store
+	live    *api.Live         // which sandboxes run, and at which address
+	pol     api.PolicyBackend // set once egress is up (before the API serves); nil: no policies
+	filesAt string            // host dir holding one identity dir per sandbox
 	// userNS gives a sandbox's user namespace (nil: none), whose root must
 	// reach its identity dir and nobody else's.
 	userNS func(id string, slot int) *sandboxnet.UserNS
@@ -49,10 +51,10 @@ var (
 )
 
 // subject is the identity of sb now: its network_policy claim is computed
-// from the policies bound to it at this moment (api.Server.PolicyHash), so
+// from the policies bound to it at this moment (api.PolicyHash), so
 // every token minted, by any path, carries the policy in force.
 func (w *workloadIdentity) subject(ctx context.Context, sb *store.Sandbox) (identity.Subject, error) {
-	ph, err := w.api().PolicyHash(ctx, sb)
+	ph, err := api.PolicyHash(ctx, w.store, w.pol, sb)
 	if err != nil {
 		return identity.Subject{}, err
 	}
@@ -91,7 +93,7 @@ func (w *workloadIdentity) Rotate(ctx context.Context) ([]string, error) {
 
 // SandboxByAddr resolves metadata callers by source address.
 func (w *workloadIdentity) SandboxByAddr(ctx context.Context, a netip.Addr) (metadata.Sandbox, bool) {
-	sb, ok := w.api().SandboxByAddr(ctx, a)
+	sb, ok := w.live.SandboxByAddr(ctx, w.store, a)
 	if !ok {
 		return metadata.Sandbox{}, false
 	}

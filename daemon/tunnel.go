@@ -15,6 +15,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
 	"github.com/chalkcompute/chalkcompute/metadata"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/store"
@@ -89,7 +90,7 @@ func (b *tunnels) ValidatePeer(t *store.Tunnel, p store.TunnelPeer) error {
 		if pfx.Bits() < 8 || pfx.Overlaps(netip.MustParsePrefix("169.254.0.0/16")) || pfx.Overlaps(netip.MustParsePrefix("127.0.0.0/8")) {
 			return fmt.Errorf("tunnel %s peer %s: allowed IP %s: default routes, loopback and link-local (metadata) ranges may not go through a tunnel: %w", t.Name, p.PublicKey, s, errdefs.ErrInvalidArgument)
 		}
-		if pfx.Overlaps(subnet) && (!pfx.IsSingleIP() || pfx.Addr() == subnet.Addr() || pfx.Addr() == lastOf(subnet)) {
+		if pfx.Overlaps(subnet) && (!pfx.IsSingleIP() || pfx.Addr() == subnet.Addr() || pfx.Addr() == ipprefix.Last(subnet)) {
 			return fmt.Errorf("tunnel %s peer %s: allowed IP %s overlaps the tunnel's subnet %s: inside it a peer gets one address (/32): %w", t.Name, p.PublicKey, s, subnet, errdefs.ErrInvalidArgument)
 		}
 		for _, m := range members {
@@ -104,12 +105,6 @@ func (b *tunnels) ValidatePeer(t *store.Tunnel, p store.TunnelPeer) error {
 		}
 	}
 	return nil
-}
-
-func lastOf(p netip.Prefix) netip.Addr {
-	a := p.Addr().As4()
-	v := (uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])) | (uint32(1)<<(32-p.Bits()) - 1)
-	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
 func toPeers(t *store.Tunnel) ([]tunnel.Peer, error) {

@@ -3,6 +3,8 @@ package egress
 import (
 	"net/netip"
 	"slices"
+
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
 )
 
 // blockedPrefixes are the destinations no sandbox reaches unless a CIDR
@@ -162,5 +164,5 @@ func subtract(p netip.Prefix, holes []netip.Prefix) []netip.Prefix {
 
 // nextAfterPrefix is the first address after p.
 func nextAfterPrefix(p netip.Prefix) netip.Addr {
-	return lastAddr(p).Next()
+	return ipprefix.Last(p).Next()
 }

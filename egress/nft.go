@@ -9,6 +9,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
 )
 
 // Names of the node-wide objects egress keeps in the table.
@@ -185,7 +187,7 @@ func prefixElements(ps []netip.Prefix) []nftables.SetElement {
 		} else {
 			els = append(els, nftables.SetElement{Key: start.AsSlice()})
 		}
-		if end, ok := nextAfter(lastAddr(p)); ok {
+		if end, ok := nextAfter(ipprefix.Last(p)); ok {
 			els = append(els, nftables.SetElement{Key: end.AsSlice(), IntervalEnd: true})
 		}
 	}
@@ -206,15 +208,6 @@ func mergePrefixes(ps []netip.Prefix) []netip.Prefix {
 		out = append(out, p)
 	}
 	return out
-}
-
-func lastAddr(p netip.Prefix) netip.Addr {
-	b := p.Masked().Addr().AsSlice()
-	for i := p.Bits(); i < len(b)*8; i++ {
-		b[i/8] |= 0x80 >> (i % 8)
-	}
-	a, _ := netip.AddrFromSlice(b)
-	return a
 }
 
 func nextAfter(a netip.Addr) (netip.Addr, bool) {

@@ -15,6 +15,8 @@ import (
 
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
 )
 
 func TestSandboxRulesExprs(t *testing.T) {
@@ -291,10 +293,10 @@ func rangesText(ps []netip.Prefix) string {
 	var first, last []netip.Addr
 	for _, p := range ps {
 		if n := len(last); n > 0 && last[n-1].Next() == p.Masked().Addr() {
-			last[n-1] = lastAddr(p)
+			last[n-1] = ipprefix.Last(p)
 			continue
 		}
-		first, last = append(first, p.Masked().Addr()), append(last, lastAddr(p))
+		first, last = append(first, p.Masked().Addr()), append(last, ipprefix.Last(p))
 	}
 	var parts []string
 	for i := range first {

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
 )
 
 func mustCompile(t testing.TB, ps ...Policy) *Rules {
@@ -385,7 +386,7 @@ func TestBlockedRanges(t *testing.T) {
 	for _, r := range []*Rules{broad, opened, meta} {
 		allowed := r.allowedPrefixes()
 		for _, b := range blockedPrefixes {
-			for _, a := range []netip.Addr{b.Addr(), lastAddr(b)} {
+			for _, a := range []netip.Addr{b.Addr(), ipprefix.Last(b)} {
 				inSet := slices.ContainsFunc(allowed, func(p netip.Prefix) bool { return p.Contains(a) })
 				if inSet != r.MatchAddr(a) && !r.AllowAll() {
 					t.Errorf("rules %s: %s in cidr set = %v, MatchAddr = %v", r.Hash(), a, inSet, r.MatchAddr(a))

@@ -19,6 +19,7 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 
+	"github.com/chalkcompute/chalkcompute/atomicfile"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
@@ -257,33 +258,8 @@ func writeKeyFile(dir string, recs []*keyRecord) error {
 	if err != nil {
 		return fmt.Errorf("identity: encode keys: %w", err)
 	}
-	f, err := os.CreateTemp(dir, "."+KeyFile+".tmp-*")
-	if err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, KeyFile), b, 0o600); err != nil {
 		return fmt.Errorf("identity: write keys: %w", err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after the rename
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return fmt.Errorf("identity: write keys: %w", err)
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return fmt.Errorf("identity: write keys: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("identity: write keys: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("identity: write keys: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, KeyFile)); err != nil {
-		return fmt.Errorf("identity: write keys: %w", err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		d.Sync() // make the rename durable; best effort
-		d.Close()
 	}
 	return nil
 }

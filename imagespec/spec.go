@@ -2,9 +2,12 @@
 // and its content hash (the chained per-step cache keys of docs/IMAGE_HASH.md),
 // and the Dockerfile subset that expands into it.
 //
-// The server is the one implementation of canonicalisation and hashing; the
-// golden vectors in testdata/hash_vectors.json pin both so that any SDK can
-// check it builds the same spec.
+// This package is the authority on canonicalisation, hashing and the
+// Dockerfile subset: chalkd builds and caches by what it computes, and the Go
+// SDK only assembles specs. The Python SDK has a second implementation (for
+// Image.keys/hash without a server, stdlib only); the golden vectors in
+// testdata/hash_vectors.json and the parity tests under sdk/python/tests
+// hold it to this one (docs/IMAGE_HASH.md, "Two implementations").
 package imagespec
 
 import (

@@ -1,6 +1,8 @@
 package mcpgw
 
 import (
+	"github.com/chalkcompute/chalkcompute/atomicfile"
+
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
@@ -26,11 +28,7 @@ func OpenSealer(path string) (*Sealer, error) {
 		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 			return nil, err
 		}
-		tmp := path + ".tmp"
-		if err := os.WriteFile(tmp, key, 0o600); err != nil {
-			return nil, err
-		}
-		if err := os.Rename(tmp, path); err != nil {
+		if err := atomicfile.WriteFile(path, key, 0o600); err != nil {
 			return nil, err
 		}
 	} else if err != nil {

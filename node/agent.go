@@ -53,6 +53,8 @@ type Config struct {
 type Agent struct {
 	cfg Config
 	log *slog.Logger
+	rt  runtime // cfg.Runtime (a fake in tests)
+	net network // cfg.Net (a fake in tests)
 
 	mu    sync.Mutex
 	inUse map[string]func() // sandbox id -> release of its image's layers (GC keeps them)
@@ -69,6 +71,11 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Runtime == nil || cfg.Net == nil || cfg.Cache == nil || cfg.Registry == nil {
 		return nil, fmt.Errorf("node agent: Runtime, Net, Cache and Registry are required: %w", errdefs.ErrInvalidArgument)
 	}
+	return newAgent(cfg, runcRuntime{cfg.Runtime}, cfg.Net)
+}
+
+// newAgent is New with the runtime and network given (fakes in tests).
+func newAgent(cfg Config, rt runtime, net network) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -80,15 +87,18 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.DefaultPids == 0 {
 		cfg.DefaultPids = 4096
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, inUse: map[string]func(){}}
+	a := &Agent{cfg: cfg, log: cfg.Logger, rt: rt, net: net, inUse: map[string]func(){}}
 	if cfg.Pool.Slots > 0 {
-		hi := cfg.Net.MaxSlot() - cfg.ReservedSlots
-		lo := hi - cfg.Pool.Slots + 1
-		if lo < 2 {
-			return nil, fmt.Errorf("node agent: %d pre-start slots do not fit in %d network slots: %w", cfg.Pool.Slots, hi, errdefs.ErrInvalidArgument)
+		plan, err := sandboxnet.SplitSlots(net.MaxSlot(), cfg.Pool.Slots, cfg.ReservedSlots)
+		if err != nil {
+			return nil, fmt.Errorf("node agent: %w", err)
 		}
-		var err error
-		if a.pool, err = newWarmPool(a, cfg.Pool, lo, hi); err != nil {
+		// A member never takes a slot whose network exists (a sandbox's, or
+		// a failed teardown's) or one the control plane still holds.
+		busy := func(slot int) bool {
+			return net.SlotInUse(slot) || (cfg.Pool.SlotBusy != nil && cfg.Pool.SlotBusy(slot))
+		}
+		if a.pool, err = newWarmPool(a, cfg.Pool, sandboxnet.NewSlotRange(plan.PoolLo, plan.PoolHi, busy)); err != nil {
 			return nil, err
 		}
 	}
@@ -98,7 +108,7 @@ func New(cfg Config) (*Agent, error) {
 // MaxSlot is the highest slot the control plane allocates for sandboxes
 // itself (pre-started sandboxes come with theirs, above it).
 func (a *Agent) MaxSlot() int {
-	return a.cfg.Net.MaxSlot() - a.cfg.ReservedSlots - a.cfg.Pool.Slots
+	return a.net.MaxSlot() - a.cfg.ReservedSlots - a.cfg.Pool.Slots
 }
 
 // EnsureImage resolves ref through the registry (and its mirrors) and makes the
@@ -178,16 +188,16 @@ func (a *Agent) start(ctx context.Context, req StartRequest) (st Started, err er
 	if req.Image == nil {
 		return Started{}, fmt.Errorf("sandbox %q: no image: %w", req.ID, errdefs.ErrInvalidArgument)
 	}
-	n, err := a.cfg.Net.Setup(ctx, req.ID, req.Slot)
+	n, err := a.net.Setup(ctx, req.ID, req.Slot)
 	if err != nil {
 		return Started{}, fmt.Errorf("sandbox %q network: %w", req.ID, err)
 	}
 	defer func() {
 		if err != nil {
-			if terr := a.cfg.Net.Teardown(context.WithoutCancel(ctx), req.ID, req.Slot); terr != nil {
+			if terr := a.net.Teardown(context.WithoutCancel(ctx), req.ID, req.Slot); terr != nil {
 				a.log.Warn("network teardown after failed start", "sandbox", req.ID, "err", terr)
 			}
-			a.cfg.Net.Refill()
+			a.net.Refill()
 		}
 	}()
 	cfg := req.Image.Config.Config
@@ -210,7 +220,7 @@ func (a *Agent) start(ctx context.Context, req StartRequest) (st Started, err er
 			a.release(req.ID)
 		}
 	}()
-	pid, err := a.cfg.Runtime.Start(ctx, sandbox.Spec{
+	pid, err := a.rt.Start(ctx, sandbox.Spec{
 		ID:         req.ID,
 		LowerDirs:  req.Image.LowerDirs(),
 		Entrypoint: req.Entrypoint,
@@ -242,24 +252,24 @@ func SandboxUserNS(n *sandboxnet.Net) *sandbox.UserNS {
 }
 
 // Net returns the network of a sandbox that is (or was) set up in slot.
-func (a *Agent) Net(id string, slot int) *sandboxnet.Net { return a.cfg.Net.Lookup(id, slot) }
+func (a *Agent) Net(id string, slot int) *sandboxnet.Net { return a.net.Lookup(id, slot) }
 
 // Wait blocks until the sandbox's init exits.
 func (a *Agent) Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error) {
-	return a.cfg.Runtime.Wait(ctx, id, pid)
+	return a.rt.Wait(ctx, id, pid)
 }
 
 // Running reports whether the sandbox runs, with its init pid.
 func (a *Agent) Running(ctx context.Context, id string) (int, bool) {
-	return a.cfg.Runtime.Running(ctx, id)
+	return a.rt.Running(ctx, id)
 }
 
 // Destroy stops the sandbox and removes everything it had on this node. Idempotent.
 func (a *Agent) Destroy(ctx context.Context, id string, slot int) error {
-	err := errors.Join(a.cfg.Runtime.Destroy(ctx, id), a.cfg.Net.Teardown(ctx, id, slot))
+	err := errors.Join(a.rt.Destroy(ctx, id), a.net.Teardown(ctx, id, slot))
 	// The spare network this sandbox used is replaced now, while nothing
 	// is being started (see sandboxnet.Manager.Refill).
-	a.cfg.Net.Refill()
+	a.net.Refill()
 	a.release(id)
 	return err
 }
@@ -297,45 +307,39 @@ func (a *Agent) release(id string) {
 func (a *Agent) CollectGarbage(ctx context.Context) (int64, error) { return a.cfg.Cache.GC(ctx) }
 
 // Exec starts a process in the sandbox through its init.
-func (a *Agent) Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (*procapi.Process, error) {
-	return a.cfg.Runtime.Client(id).Exec(ctx, req, stdout, stderr)
+func (a *Agent) Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (Process, error) {
+	p, err := a.rt.Init(id).Exec(ctx, req, stdout, stderr)
+	if err != nil {
+		return nil, err // not a typed nil in the interface
+	}
+	return p, nil
 }
 
 // Files gives file access to the sandbox.
-func (a *Agent) Files(id string) *procapi.Client { return a.cfg.Runtime.Client(id) }
+func (a *Agent) Files(id string) Files { return a.rt.Init(id) }
 
-// Logs opens the sandbox's console log: the previous part (nil if there is
-// none) and the current one.
-func (a *Agent) Logs(id string) (prev, cur *os.File, err error) {
-	cur, err = os.Open(a.cfg.Runtime.LogPath(id))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil, fmt.Errorf("logs of sandbox %q: %w", id, errdefs.ErrNotFound)
-	}
-	if err != nil {
-		return nil, nil, err
-	}
-	if prev, err = os.Open(a.cfg.Runtime.LogPath(id) + ".1"); err != nil {
-		prev = nil
-	}
-	return prev, cur, nil
+// Logs opens the sandbox's console log (see consoleLog: the previous part,
+// then the current one, followed across rotations).
+func (a *Agent) Logs(id string) (io.ReadCloser, error) {
+	return openConsoleLog(id, a.rt.LogPath(id))
 }
 
 // Leftovers lists runtime and network objects not belonging to live sandboxes.
 func (a *Agent) Leftovers(ctx context.Context, live map[string]int) ([]string, error) {
 	if a.pool != nil {
-		all := maps.Clone(live)
-		maps.Copy(all, a.pool.members())
+		all := a.pool.members() // a fresh map (live may be nil)
+		maps.Copy(all, live)
 		live = all
 	}
 	ids := map[string]bool{}
 	for id := range live {
 		ids[id] = true
 	}
-	rt, err := a.cfg.Runtime.Leftovers(ctx, ids)
+	rt, err := a.rt.Leftovers(ctx, ids)
 	if err != nil {
 		return nil, err
 	}
-	nl, err := a.cfg.Net.Leftovers(ctx, live)
+	nl, err := a.net.Leftovers(ctx, live)
 	if err != nil {
 		return nil, err
 	}

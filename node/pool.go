@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/chalkcompute/chalkcompute/atomicfile"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
@@ -106,16 +107,14 @@ type member struct {
 }
 
 type warmPool struct {
-	a   *Agent
-	cfg PoolConfig
-	lo  int // slots lo..hi are the pool's
-	hi  int
+	a     *Agent
+	cfg   PoolConfig
+	slots *sandboxnet.SlotRange // the pool's slots; a member holds its slot until it is activated or gone
 
 	mu       sync.Mutex
 	ready    map[string][]*member // image digest -> members
 	claimed  map[string]*member   // sandbox id -> claimed, not yet activated
 	starting map[string]int       // image digest -> members being started
-	held     map[int]string       // slot -> id of a member (any state before activation)
 	imgs     map[string]*nodecache.Image
 	explicit map[string]int       // image digest -> count set by SetPrestarted
 	recent   []string             // automatically pooled image digests, most recent last
@@ -127,7 +126,7 @@ type warmPool struct {
 	timer    *time.Timer
 }
 
-func newWarmPool(a *Agent, cfg PoolConfig, lo, hi int) (*warmPool, error) {
+func newWarmPool(a *Agent, cfg PoolConfig, slots *sandboxnet.SlotRange) (*warmPool, error) {
 	if cfg.Dir == "" || cfg.NewID == nil {
 		return nil, fmt.Errorf("pre-started sandboxes: Dir and NewID are required: %w", errdefs.ErrInvalidArgument)
 	}
@@ -141,9 +140,9 @@ func newWarmPool(a *Agent, cfg PoolConfig, lo, hi int) (*warmPool, error) {
 		cfg.FillDelay = 50 * time.Millisecond
 	}
 	return &warmPool{
-		a: a, cfg: cfg, lo: lo, hi: hi,
+		a: a, cfg: cfg, slots: slots,
 		ready: map[string][]*member{}, claimed: map[string]*member{}, starting: map[string]int{},
-		held: map[int]string{}, imgs: map[string]*nodecache.Image{}, explicit: map[string]int{},
+		imgs: map[string]*nodecache.Image{}, explicit: map[string]int{},
 		failed: map[string]time.Time{}, changed: make(chan struct{}),
 	}, nil
 }
@@ -226,11 +225,7 @@ func (p *warmPool) claimedMember(id string) *member {
 }
 
 // unhold frees a slot the pool held.
-func (p *warmPool) unhold(slot int) {
-	p.mu.Lock()
-	delete(p.held, slot)
-	p.mu.Unlock()
-}
+func (p *warmPool) unhold(slot int) { p.slots.Release(slot) }
 
 // kick schedules a fill after delay (0: now) unless one is due or running.
 func (p *warmPool) kick(delay time.Duration) {
@@ -248,9 +243,9 @@ func (p *warmPool) kick(delay time.Duration) {
 	p.timer = time.AfterFunc(delay, p.fill)
 }
 
-// next picks the image that needs a member most and a free slot for it;
+// next picks the image that needs a member most, if a slot is free for it;
 // p.mu held. ok is false when nothing is needed or possible.
-func (p *warmPool) next() (digest string, slot int, ok bool) {
+func (p *warmPool) next() (digest string, ok bool) {
 	best := -1
 	for d := range p.imgs {
 		if t, failed := p.failed[d]; failed && time.Since(t) < time.Minute {
@@ -260,15 +255,10 @@ func (p *warmPool) next() (digest string, slot int, ok bool) {
 			digest, best = d, missing
 		}
 	}
-	if best <= 0 {
-		return "", 0, false
+	if best <= 0 || !p.slots.Free() {
+		return "", false
 	}
-	for s := p.lo; s <= p.hi; s++ {
-		if _, taken := p.held[s]; !taken && !p.a.cfg.Net.SlotInUse(s) && (p.cfg.SlotBusy == nil || !p.cfg.SlotBusy(s)) {
-			return digest, s, true
-		}
-	}
-	return "", 0, false
+	return digest, true
 }
 
 // fill starts members until every image has its count (one at a time: a
@@ -281,20 +271,23 @@ func (p *warmPool) fill() {
 	}
 	p.filling, p.timer = true, nil
 	for {
-		digest, slot, ok := p.next()
+		digest, ok := p.next()
 		if !ok || p.closed {
 			break
 		}
 		img := p.imgs[digest]
 		id := p.cfg.NewID()
-		p.held[slot] = id
+		slot, ok := p.slots.Take(id)
+		if !ok {
+			break
+		}
 		p.starting[digest]++
 		p.mu.Unlock()
 		m, err := p.start(img, id, slot)
 		p.mu.Lock()
 		p.starting[digest]--
 		if err != nil {
-			delete(p.held, slot)
+			p.slots.Release(slot)
 			p.failed[digest] = time.Now()
 			p.a.log.Warn("pre-starting a sandbox failed; retrying in a minute", "image", digest, "err", err)
 			p.notify()
@@ -357,7 +350,7 @@ func (p *warmPool) discard(ms []*member) {
 		}
 		p.cfg.forget(m.id)
 		p.mu.Lock()
-		delete(p.held, m.slot)
+		p.slots.Release(m.slot)
 		p.dropping--
 		p.notify()
 		p.mu.Unlock()
@@ -378,7 +371,7 @@ func (a *Agent) destroyMember(ctx context.Context, m *member) error {
 	if m.pid > 0 {
 		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
-		if _, err := a.cfg.Runtime.Wait(wctx, m.id, m.pid); err != nil {
+		if _, err := a.rt.Wait(wctx, m.id, m.pid); err != nil {
 			a.log.Warn("reap the init of a pre-started sandbox", "sandbox", m.id, "pid", m.pid, "err", err)
 		}
 	}
@@ -387,15 +380,7 @@ func (a *Agent) destroyMember(ctx context.Context, m *member) error {
 
 // members lists every member not yet activated (ready, claimed or
 // starting) by id with its slot.
-func (p *warmPool) members() map[string]int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	out := map[string]int{}
-	for slot, id := range p.held {
-		out[id] = slot
-	}
-	return out
-}
+func (p *warmPool) members() map[string]int { return p.slots.Held() }
 
 // Claim hands out a pre-started sandbox for req if one fits: req's image is
 // pooled, req asks for no pids limit or user of its own and no extra binds,
@@ -411,7 +396,7 @@ func (a *Agent) Claim(req StartRequest) (id string, slot int, ok bool) {
 		return "", 0, false
 	}
 	limits := req.CPU != 0 || (req.Memory != 0 && req.Memory != p.cfg.Memory)
-	if (limits && !a.cfg.Runtime.CanUpdate()) || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
+	if (limits && !a.rt.CanUpdate()) || req.Pids != 0 || req.User != "" || len(req.Binds) > 0 {
 		return "", 0, false // no use pre-starting for such requests
 	}
 	p.use(req.Image)
@@ -448,17 +433,17 @@ func (a *Agent) activate(ctx context.Context, m *member, req StartRequest) (Star
 		}
 	}
 	if req.DiskMB != 0 && req.DiskMB != a.pool.cfg.DiskMB {
-		if err := a.cfg.Runtime.SetDiskMB(m.id, req.DiskMB); err != nil {
+		if err := a.rt.SetDiskMB(m.id, req.DiskMB); err != nil {
 			return Started{}, err
 		}
 	}
 	if req.CPU != 0 || (req.Memory != 0 && req.Memory != a.pool.cfg.Memory) {
 		// Before anything of the user's runs in it.
-		if err := a.cfg.Runtime.SetLimits(ctx, m.id, req.CPU, req.Memory); err != nil {
+		if err := a.rt.SetLimits(ctx, m.id, req.CPU, req.Memory); err != nil {
 			return Started{}, err
 		}
 	}
-	err := a.cfg.Runtime.Client(m.id).Activate(ctx, procapi.Activation{Env: req.Env, Dir: req.Workdir, Entrypoint: req.Entrypoint})
+	err := a.rt.Init(m.id).Activate(ctx, procapi.Activation{Env: req.Env, Dir: req.Workdir, Entrypoint: req.Entrypoint})
 	if err != nil {
 		return Started{}, err
 	}
@@ -474,8 +459,8 @@ func (a *Agent) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, 
 	if p == nil {
 		return fmt.Errorf("pre-started sandboxes are off on this node (chalkd --prestart-slots -1): %w", errdefs.ErrFailedPrecondition)
 	}
-	if n < 0 || n > p.hi-p.lo+1 {
-		return fmt.Errorf("pre-started sandboxes: %d: want 0 to %d (the node's pre-start slots): %w", n, p.hi-p.lo+1, errdefs.ErrInvalidArgument)
+	if n < 0 || n > p.slots.Size() {
+		return fmt.Errorf("pre-started sandboxes: %d: want 0 to %d (the node's pre-start slots): %w", n, p.slots.Size(), errdefs.ErrInvalidArgument)
 	}
 	p.mu.Lock()
 	p.imgs[img.Digest] = img
@@ -529,11 +514,7 @@ func (p *warmPool) saveCounts() error {
 	if err != nil {
 		return err
 	}
-	tmp := p.cfg.CountsFile + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, p.cfg.CountsFile)
+	return atomicfile.WriteFile(p.cfg.CountsFile, b, 0o600)
 }
 
 // RestorePool brings back the counts set with SetPrestarted before a
@@ -562,7 +543,7 @@ func (a *Agent) RestorePool() error {
 			continue // the image left the node cache: its count goes with it
 		}
 		p.imgs[d] = img
-		p.explicit[d] = min(n, p.hi-p.lo+1)
+		p.explicit[d] = min(n, p.slots.Size())
 	}
 	err = p.saveCounts()
 	p.mu.Unlock()
@@ -595,7 +576,7 @@ func (a *Agent) ReapPool(ctx context.Context, live map[string]int) error {
 		}
 		b, err := os.ReadFile(path)
 		slot, perr := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil || perr != nil || slot < 1 || slot > a.cfg.Net.MaxSlot() {
+		if err != nil || perr != nil || slot < 1 || slot > a.net.MaxSlot() {
 			// Not ours to guess: the leftover check reports what remains.
 			errs = append(errs, fmt.Errorf("pre-start journal %s: %q %v", id, b, err))
 			_ = os.Remove(path)

@@ -9,6 +9,8 @@ import (
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
 )
 
 // Names of the nftables objects in the table.
@@ -128,13 +130,13 @@ func addrMasked(src bool, mask []byte, want netip.Addr) []expr.Any {
 
 // addrIn matches a source or destination address in p.
 func addrIn(p netip.Prefix, src bool) []expr.Any {
-	return addrMasked(src, prefixNet(p).Mask, p.Masked().Addr())
+	return addrMasked(src, ipprefix.IPNet(p).Mask, p.Masked().Addr())
 }
 
 // gatewayDst matches a destination that is the host side (base+1) of any
 // slot's block of four in p (slot 0's is the service address).
 func gatewayDst(p netip.Prefix) []expr.Any {
-	mask := []byte(prefixNet(p).Mask)
+	mask := []byte(ipprefix.IPNet(p).Mask)
 	mask[len(mask)-1] |= 3
 	return addrMasked(false, mask, addN(p.Masked().Addr(), 1))
 }

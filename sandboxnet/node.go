@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
 )
 
 // procSys is where sysctls are read and written (for this process's netns).
@@ -136,7 +137,7 @@ func (m *Manager) ensureServiceIf() error {
 		return fmt.Errorf("service interface %s up: %w", link.Attrs().Name, err)
 	}
 	for _, a := range m.serviceAddrs() {
-		addr := &netlink.Addr{IPNet: prefixNet(a), Flags: unix.IFA_F_NODAD}
+		addr := &netlink.Addr{IPNet: ipprefix.IPNet(a), Flags: unix.IFA_F_NODAD}
 		if err := netlink.AddrReplace(link, addr); err != nil {
 			return fmt.Errorf("service address %s on %s: %w", a, link.Attrs().Name, err)
 		}
@@ -173,7 +174,7 @@ func (m *Manager) Close(ctx context.Context) error {
 		}
 	} else if lo, err := netlink.LinkByName("lo"); err == nil {
 		for _, a := range m.serviceAddrs() {
-			if err := netlink.AddrDel(lo, &netlink.Addr{IPNet: prefixNet(a)}); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			if err := netlink.AddrDel(lo, &netlink.Addr{IPNet: ipprefix.IPNet(a)}); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
 				errs = append(errs, fmt.Errorf("delete service address %s: %w", a, err))
 			}
 		}

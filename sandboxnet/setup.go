@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
 )
 
 // Setup creates the sandbox's network namespace (bind-mounted at
@@ -103,7 +104,7 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 		return nil, fmt.Errorf("alias of %s: %w", n.HostIf, err)
 	}
 	for _, a := range []netip.Prefix{netip.PrefixFrom(n.HostIP, 30), netip.PrefixFrom(n.HostIP6, 126)} {
-		if err := netlink.AddrAdd(host, &netlink.Addr{IPNet: prefixNet(a), Flags: unix.IFA_F_NODAD}); err != nil {
+		if err := netlink.AddrAdd(host, &netlink.Addr{IPNet: ipprefix.IPNet(a), Flags: unix.IFA_F_NODAD}); err != nil {
 			return nil, fmt.Errorf("address %s on %s: %w", a, n.HostIf, err)
 		}
 	}
@@ -134,7 +135,7 @@ func (m *Manager) Refill() { m.pool.refill() }
 func configureInside(h *netlink.Handle, eth0 int, n *Net) error {
 	eth := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: eth0, Name: "eth0"}}
 	for _, a := range []netip.Prefix{netip.PrefixFrom(n.SandboxIP, 30), netip.PrefixFrom(n.SandboxIP6, 126)} {
-		if err := h.AddrAdd(eth, &netlink.Addr{IPNet: prefixNet(a), Flags: unix.IFA_F_NODAD}); err != nil {
+		if err := h.AddrAdd(eth, &netlink.Addr{IPNet: ipprefix.IPNet(a), Flags: unix.IFA_F_NODAD}); err != nil {
 			return fmt.Errorf("address %s on eth0: %w", a, err)
 		}
 	}

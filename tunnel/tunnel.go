@@ -27,7 +27,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"runtime"
 	"slices"
@@ -44,6 +43,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
 )
 
 // MTU of tunnel interfaces (WireGuard's default over a 1500-byte path).
@@ -278,20 +278,13 @@ func (m *Manager) freeAddr(key string, subnet netip.Prefix) (netip.Addr, error) 
 			}
 		}
 	}
-	last := lastAddr(subnet)
+	last := ipprefix.Last(subnet)
 	for a := subnet.Addr().Next(); a.IsValid() && a.Less(last); a = a.Next() {
 		if !used[a] {
 			return a, nil
 		}
 	}
 	return netip.Addr{}, fmt.Errorf("tunnel %s: no free address in %s: %w", key, subnet, errdefs.ErrResourceExhausted)
-}
-
-func lastAddr(p netip.Prefix) netip.Addr {
-	b := p.Addr().As4()
-	host := uint32(1)<<(32-p.Bits()) - 1
-	v := (uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])) | host
-	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
 // routesLocked are the prefixes beyond the subnet that the tunnel's
@@ -356,7 +349,7 @@ func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix
 		return err
 	}
 	return mb.withLink(netnsPath, func(h *netlink.Handle, l netlink.Link) error {
-		if err := h.AddrAdd(l, &netlink.Addr{IPNet: prefixNet(netip.PrefixFrom(mb.Addr, subnet.Bits()))}); err != nil {
+		if err := h.AddrAdd(l, &netlink.Addr{IPNet: ipprefix.IPNet(netip.PrefixFrom(mb.Addr, subnet.Bits()))}); err != nil {
 			return fmt.Errorf("address %s on %s: %w", mb.Addr, mb.Interface, err)
 		}
 		if err := h.LinkSetUp(l); err != nil {
@@ -394,7 +387,7 @@ func (mb *member) routesWith(h *netlink.Handle, l netlink.Link, extra []netip.Pr
 	want := map[netip.Prefix]bool{}
 	for _, p := range extra {
 		want[p] = true
-		r := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: prefixNet(p)}
+		r := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: ipprefix.IPNet(p)}
 		if err := h.RouteReplace(r); err != nil {
 			return fmt.Errorf("route %s via %s: %w", p, mb.Interface, err)
 		}
@@ -493,8 +486,4 @@ func handleAt(path string) (*netlink.Handle, netns.NsHandle, error) {
 		return nil, 0, fmt.Errorf("netlink in %s: %w", path, err)
 	}
 	return h, ns, nil
-}
-
-func prefixNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }

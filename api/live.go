@@ -1,0 +1,78 @@
+package api
+
+import (
+	"context"
+	"net/netip"
+	"sync"
+
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// Live is the set of live sandboxes: those being started (between their
+// record and their watch) and those running or being cleaned up after
+// their end. The API server fills it; others read it. It exists before the
+// server, so that what is built first (the node's pre-start pool, the
+// identity issuer) needs no reference to a server built later.
+type Live struct {
+	mu       sync.Mutex
+	m        map[string]*liveSandbox // running sandboxes the server watches
+	starting map[string]bool         // sandboxes between their record and their watch
+}
+
+// NewLive returns an empty set.
+func NewLive() *Live {
+	return &Live{m: map[string]*liveSandbox{}, starting: map[string]bool{}}
+}
+
+// SlotLive reports whether a live sandbox holds slot: one is running, or
+// has ended and is still being cleaned up (its egress rules, identity and
+// record are released by finish, after its network is gone).
+func (l *Live) SlotLive(slot int) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, sb := range l.m {
+		if sb.slot == slot {
+			return true
+		}
+	}
+	return false
+}
+
+// IsRunning reports whether sandbox id is running (or ending).
+func (l *Live) IsRunning(_ context.Context, id string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	_, ok := l.m[id]
+	return ok
+}
+
+// IsActive reports whether sandbox id is starting or running: its identity
+// may be used. Once it ends, its tokens are refused (revocation).
+func (l *Live) IsActive(_ context.Context, id string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	_, ok := l.m[id]
+	return ok || l.starting[id]
+}
+
+// SandboxByAddr maps a sandbox's source address to its record (metadata
+// service, MCP gateway). Only running sandboxes match.
+func (l *Live) SandboxByAddr(ctx context.Context, st *store.Store, a netip.Addr) (*store.Sandbox, bool) {
+	l.mu.Lock()
+	var id string
+	for _, sb := range l.m {
+		if sb.ip == a.Unmap() {
+			id = sb.id
+			break
+		}
+	}
+	l.mu.Unlock()
+	if id == "" {
+		return nil, false
+	}
+	sb, err := st.GetSandbox(ctx, id)
+	if err != nil || sb.State != store.StateRunning {
+		return nil, false
+	}
+	return sb, true
+}
