@@ -299,9 +299,6 @@ func sbGet(e *env) *cobra.Command {
 		Short: "Show one sandbox",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if !isTerminal(e.in) {
-				return errNotATTY
-			}
 			c, err := e.client()
 			if err != nil {
 				return err
@@ -325,9 +322,6 @@ func sbWait(e *env) *cobra.Command {
 		Short: "Wait until a sandbox ends",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if !isTerminal(e.in) {
-				return errNotATTY
-			}
 			c, err := e.client()
 			if err != nil {
 				return err
@@ -356,9 +350,6 @@ func sbLogs(e *env) *cobra.Command {
 		Short: "Print a sandbox's console output (its entrypoint's stdout and stderr)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if !isTerminal(e.in) {
-				return errNotATTY
-			}
 			c, err := e.client()
 			if err != nil {
 				return err
@@ -513,9 +504,6 @@ func sbEgressLog(e *env) *cobra.Command {
 		Short: "Show what the sandbox's network policy blocked",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if !isTerminal(e.in) {
-				return errNotATTY
-			}
 			c, err := e.client()
 			if err != nil {
 				return err
