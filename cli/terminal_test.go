@@ -33,3 +33,26 @@ func TestTTYNeedsTerminal(t *testing.T) {
 		}
 	}
 }
+
+// TestOnlyTerminalCommandsNeedATTY: commands that take no interactive input
+// work with stdin a pipe (scripts, CI, `chalk` inside a sandbox): they get
+// past the terminal check to the client (which fails here: no server).
+func TestOnlyTerminalCommandsNeedATTY(t *testing.T) {
+	t.Setenv("CHALK_API_URL", "unix:///nonexistent/chalkd.sock")
+	t.Setenv("CHALK_API_TOKEN", "chalk_x")
+	for _, args := range [][]string{
+		{"compute", "sandbox", "get", "sbx-1"},
+		{"compute", "sandbox", "wait", "sbx-1"},
+		{"compute", "sandbox", "logs", "sbx-1"},
+		{"compute", "sandbox", "egress-log", "sbx-1"},
+		{"compute", "sandbox", "exec", "sbx-1", "--", "true"},
+		{"compute", "sandbox", "exec", "-i", "sbx-1", "--", "cat"},
+	} {
+		var out, errOut bytes.Buffer
+		root := newRoot(strings.NewReader("x\n"), &out, &errOut)
+		root.SetArgs(args)
+		if err := root.Execute(); errors.Is(err, errNotATTY) {
+			t.Errorf("%q with a pipe on stdin: %v", args, err)
+		}
+	}
+}
