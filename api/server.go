@@ -104,6 +104,8 @@ type Server struct {
 	auth  *authenticator
 	// budget counts request body bytes in flight per caller (guard).
 	budget *reqlimit.Budget
+	// sessions are the web console's signed-in browsers (session.go).
+	sessions *sessions
 
 	mu       sync.Mutex
 	live     map[string]*liveSandbox // running sandboxes this process watches
@@ -134,6 +136,7 @@ func New(ctx context.Context, cfg Config) *Server {
 		store:    cfg.Store,
 		node:     cfg.Node,
 		auth:     &authenticator{store: cfg.Store, workload: cfg.Workload, now: time.Now},
+		sessions: newSessions(time.Now),
 		live:     map[string]*liveSandbox{},
 		starting: map[string]bool{},
 		execs:    map[string]*execEntry{},

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages chalkcompute needs (idempotent). Run as root.
 set -euo pipefail
-pkgs=(runc nftables iproute2 busybox-static debootstrap ca-certificates protobuf-compiler)
+# chromium: the web console's browser tests (daemon/console_e2e_test.go), headless via chromedp.
+pkgs=(runc nftables iproute2 busybox-static debootstrap ca-certificates protobuf-compiler chromium curl openssl)
 [ "${CHALK_BENCH_DEPS:-0}" = 1 ] && pkgs+=(podman buildah uidmap)
 missing=()
 for p in "${pkgs[@]}"; do
