@@ -1,0 +1,298 @@
+package daemon_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/chromedp/cdproto/cdp"
+	"github.com/chromedp/cdproto/input"
+	"github.com/chromedp/cdproto/network"
+	"github.com/chromedp/cdproto/page"
+	"github.com/chromedp/chromedp"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+)
+
+// chromium is Debian's browser (scripts/deps.sh installs it), driven headless.
+const chromium = "/usr/bin/chromium"
+
+// unixProxy forwards TCP connections on 127.0.0.1 (in the test's network
+// namespace, where the browser runs) to the node's API socket, so that the
+// browser talks to the node under test and nothing else.
+func unixProxy(t *testing.T, socket string) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { l.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				u, err := net.Dial("unix", socket)
+				if err != nil {
+					return
+				}
+				defer u.Close()
+				done := make(chan struct{}, 2)
+				go func() { _, _ = io.Copy(u, c); done <- struct{}{} }()
+				go func() { _, _ = io.Copy(c, u); done <- struct{}{} }()
+				<-done
+			}()
+		}
+	}()
+	return "http://" + l.Addr().String()
+}
+
+// artefacts is where the test's screenshots go: $CHALK_ARTIFACTS/<test>, or
+// a temporary directory (named in the log).
+func artefacts(t *testing.T) string {
+	dir := t.TempDir()
+	if a := os.Getenv("CHALK_ARTIFACTS"); a != "" {
+		dir = filepath.Join(a, t.Name())
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("screenshots in %s", dir)
+	return dir
+}
+
+// browser starts headless Chromium. Its requests can reach nothing but the
+// test's proxy: every host name resolves to nothing, background networking
+// is off (chromedp's defaults). It accepts confirm() dialogs and logs the
+// page's console (CSP violations show there).
+func browser(t *testing.T, ctx context.Context) context.Context {
+	t.Helper()
+	if _, err := os.Stat(chromium); err != nil {
+		t.Fatalf("needs %s (Debian package chromium; scripts/deps.sh installs it): %v", chromium, err)
+	}
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(chromium),
+		chromedp.NoSandbox, // runs as root
+		chromedp.UserDataDir(t.TempDir()),
+		chromedp.WindowSize(1280, 1000),
+		chromedp.Flag("host-resolver-rules", "MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"),
+		chromedp.Flag("no-proxy-server", true),
+	)
+	actx, cancelA := chromedp.NewExecAllocator(ctx, opts...)
+	bctx, cancelB := chromedp.NewContext(actx, chromedp.WithLogf(t.Logf))
+	var mu sync.Mutex
+	done := false
+	logf := func(format string, a ...any) {
+		mu.Lock()
+		defer mu.Unlock()
+		if !done {
+			t.Logf(format, a...)
+		}
+	}
+	t.Cleanup(func() {
+		mu.Lock()
+		done = true
+		mu.Unlock()
+		cancelB()
+		cancelA()
+	})
+	if err := chromedp.Do(bctx); err != nil {
+		t.Fatalf("start chromium: %v", err)
+	}
+	dialogs := chromedp.Events(bctx, page.JavascriptDialogOpening)
+	go func() {
+		for ev, err := range dialogs {
+			if err != nil {
+				return
+			}
+			logf("browser dialog: %s (accepted)", ev.Message)
+			go func() {
+				_, _ = chromedp.Call(bctx, page.HandleJavaScriptDialog, page.HandleJavaScriptDialogParams{Accept: true})
+			}()
+		}
+	}()
+	messages := chromedp.Console(bctx)
+	go func() {
+		for m, err := range messages {
+			if err != nil {
+				return
+			}
+			logf("browser console: %s", m)
+		}
+	}()
+	return bctx
+}
+
+// TestConsoleEndToEnd drives the web console in headless Chromium against a
+// real node: a wrong key is refused with a message and no cookie; the org
+// admin signs in and sees a sandbox made with the SDK (state, image,
+// creator); types `echo hi` in its terminal and sees `hi`; terminates it
+// and watches its state become stopped; and a policy edit with a bad
+// hostname shows the API's validation error and changes nothing.
+// Screenshots of each step go to $CHALK_ARTIFACTS/TestConsoleEndToEnd.
+func TestConsoleEndToEnd(t *testing.T) {
+	n := chalktest.Start(t)
+	ctx := ctxT(t, 4*time.Minute)
+	org, err := n.Client().CreateOrg(ctx, "acme", "ann")
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := org.AdminKey.Secret
+	ann, err := chalkcompute.NewClient(chalkcompute.WithURL("unix://"+n.Socket), chalkcompute.WithToken(key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ann.CreatePolicy(ctx, chalkcompute.NetworkPolicy{Name: "web", AllowAll: chalkcompute.Bool(false), AllowedHostnames: []string{"example.com"}}); err != nil {
+		t.Fatal(err)
+	}
+	sb, err := ann.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "3600"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := unixProxy(t, n.Socket)
+	dir := artefacts(t)
+	b := browser(t, ctx)
+
+	// step runs actions (a minute at most) and saves a screenshot named name.
+	step := func(name string, actions ...chromedp.Action[chromedp.Void]) {
+		t.Helper()
+		sctx, cancel := context.WithTimeout(b, time.Minute)
+		defer cancel()
+		err := chromedp.Do(sctx, actions...)
+		if png, serr := chromedp.Run(b, chromedp.FullScreenshot(100)); serr == nil {
+			_ = os.WriteFile(filepath.Join(dir, name+".png"), png, 0o644)
+		}
+		if err != nil {
+			page, _ := chromedp.Run(b, chromedp.Text(chromedp.CSS("main")))
+			t.Fatalf("%s: %v\npage text: %s\nchalkd log:\n%s", name, err, page, tail(n.Log(), 3000))
+		}
+	}
+	// until polls a JavaScript expression in the page until it is true.
+	until := func(expr string) chromedp.Action[chromedp.Void] {
+		return chromedp.Poll[chromedp.Void](expr, chromedp.WithPollingTimeout(45*time.Second))
+	}
+	text := func(sel string) string {
+		t.Helper()
+		s, err := chromedp.Run(b, chromedp.Text(chromedp.CSS(sel)))
+		if err != nil {
+			t.Fatalf("text of %s: %v", sel, err)
+		}
+		return s
+	}
+	cookies := func() []*network.Cookie {
+		t.Helper()
+		r, err := chromedp.Call(b, network.GetCookies, network.GetCookiesParams{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Cookies
+	}
+	submit := chromedp.CSS("#signin-form button[type=submit]")
+
+	step("01-wrong-key",
+		chromedp.Navigate(base+"/console/"),
+		chromedp.WaitVisible(chromedp.ID("apikey")),
+		chromedp.SendKeys(chromedp.ID("apikey"), "chalk_thisisnotakey"),
+		chromedp.Click(submit),
+		until(`document.querySelector('#signin-error').textContent.includes('Sign-in failed: invalid API token')`),
+	)
+	if c := cookies(); len(c) != 0 {
+		t.Fatalf("a wrong key got cookies: %v", c)
+	}
+
+	row := fmt.Sprintf(`#sandboxes tr[data-id=%q]`, sb.ID())
+	step("02-sandboxes",
+		chromedp.SendKeys(chromedp.ID("apikey"), key),
+		chromedp.Click(submit),
+		chromedp.WaitVisible(chromedp.CSS(row)),
+		until(fmt.Sprintf(`document.querySelector('%s td.state').textContent === 'running'`, row)),
+	)
+	if image, creator := text(row+" td:nth-child(3)"), text(row+" td:nth-child(6)"); !strings.Contains(image, "busybox") || !strings.Contains(creator, "ann") {
+		t.Fatalf("sandbox row: image %q, created by %q", image, creator)
+	}
+	if c := cookies(); len(c) != 1 || !c[0].HTTPOnly || c[0].SameSite != network.CookieSameSiteStrict {
+		t.Fatalf("session cookies: %+v", c)
+	}
+
+	// The terminal: `echo hi` shows a line `hi` (with a pty, or in line
+	// mode on a node without terminals).
+	step("03-terminal",
+		chromedp.Click(chromedp.CSS(row+" a")),
+		until(`document.querySelector('#open-terminal') && !document.querySelector('#open-terminal').disabled`),
+		chromedp.Click(chromedp.ID("open-terminal")),
+		until(`document.querySelector('#terminal-status').textContent.startsWith('Connected')`),
+		chromedp.Focus(chromedp.CSS(".xterm-helper-textarea")),
+		typeKeys("echo hi\r"),
+		until(`Array.from(document.querySelectorAll('.xterm-rows > div')).some(r => r.textContent.trim() === 'hi')`),
+	)
+	t.Logf("terminal: %s", text("#terminal-status"))
+
+	step("04-terminated",
+		chromedp.Click(chromedp.ID("terminate")),
+		until(`document.querySelector('#detail-state') && document.querySelector('#detail-state').textContent === 'stopped'`),
+		chromedp.Evaluate[chromedp.Void](`location.hash = '#/sandboxes'`),
+		until(fmt.Sprintf(`!!document.querySelector('%s') && document.querySelector('%s td.state').textContent === 'stopped'`, row, row)),
+	)
+
+	step("05-policy-error",
+		chromedp.Evaluate[chromedp.Void](`location.hash = '#/policies'`),
+		chromedp.WaitVisible(chromedp.CSS(`button[aria-label="Edit web"]`)),
+		chromedp.Click(chromedp.CSS(`button[aria-label="Edit web"]`)),
+		chromedp.SetValue(chromedp.ID("policy-hosts"), "example.com\nbad_host!.example"),
+		chromedp.Click(chromedp.ID("policy-save")),
+		until(`document.querySelector('#policy-error').textContent.includes('bad_host!.example')`),
+	)
+	if msg := text("#policy-error"); !strings.HasPrefix(msg, "Not saved: ") {
+		t.Fatalf("policy error: %q", msg)
+	}
+	p, err := ann.GetPolicy(ctx, "web")
+	if err != nil || strings.Join(p.AllowedHostnames, ",") != "example.com" {
+		t.Fatalf("the refused edit changed the policy: %+v %v", p, err)
+	}
+}
+
+// typeKeys types s into the focused element as a keyboard does: a key
+// down (with its text) and up per character, Enter for "\r". (SendKeys
+// also sends a separate char event, which xterm.js takes as a second
+// keystroke.)
+func typeKeys(s string) chromedp.Action[chromedp.Void] {
+	return chromedp.Func(func(ctx context.Context, t *chromedp.Target) error {
+		for _, r := range s {
+			down := input.DispatchKeyEventParams{Type: input.DispatchKeyEventTypeKeyDown, Key: string(r), Text: string(r)}
+			if r == '\r' {
+				down = input.DispatchKeyEventParams{Type: input.DispatchKeyEventTypeRawKeyDown, Key: "Enter", Code: "Enter", WindowsVirtualKeyCode: 13}
+			}
+			up := down
+			up.Type, up.Text = input.DispatchKeyEventTypeKeyUp, ""
+			for _, ev := range []input.DispatchKeyEventParams{down, up} {
+				if _, err := cdp.Call(ctx, t, input.DispatchKeyEvent, ev); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
