@@ -148,6 +148,37 @@ func TestConsoleSession(t *testing.T) {
 		}
 	})
 
+	t.Run("metrics need an admin's session and its CSRF token", func(t *testing.T) {
+		ra := ta.s.RequireAdmin(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+		ac, acsrf := consoleSignIn(t, ta.s, ta.admin)
+		for _, tc := range []struct {
+			name   string
+			c      *http.Cookie
+			csrf   string
+			origin string
+			want   int
+		}{
+			{"admin", ac, acsrf, "", http.StatusOK},
+			{"admin without the CSRF token", ac, "", "", http.StatusForbidden},
+			{"admin from another origin", ac, acsrf, "http://evil.example", http.StatusForbidden},
+			{"member", cookie, csrf, "", http.StatusForbidden},
+		} {
+			req := httptest.NewRequest(http.MethodGet, "/metrics", nil)
+			req.AddCookie(tc.c)
+			if tc.csrf != "" {
+				req.Header.Set(CSRFHeader, tc.csrf)
+			}
+			if tc.origin != "" {
+				req.Header.Set("Origin", tc.origin)
+			}
+			w := httptest.NewRecorder()
+			ra.ServeHTTP(w, req)
+			if w.Code != tc.want {
+				t.Errorf("%s: %d, want %d", tc.name, w.Code, tc.want)
+			}
+		}
+	})
+
 	ok("the session still works")
 	if err := ta.st.RevokeKey(context.Background(), "o1", "key-user1", time.Now()); err != nil {
 		t.Fatal(err)

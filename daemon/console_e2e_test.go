@@ -261,6 +261,18 @@ func TestConsoleEndToEnd(t *testing.T) {
 	if msg := text("#policy-error"); !strings.HasPrefix(msg, "Not saved: ") {
 		t.Fatalf("policy error: %q", msg)
 	}
+	// The other pages load their lists (ann is her org's admin: the node
+	// page shows chalkd's metrics).
+	step("06-node",
+		chromedp.Evaluate[chromedp.Void](`location.hash = '#/node'`),
+		until(`Array.from(document.querySelectorAll('#metrics td')).some(td => td.textContent.startsWith('chalk_sandbox_starts'))`),
+	)
+	for page, title := range map[string]string{"images": "Images", "tunnels": "Tunnels", "mcp": "MCP servers", "audit": "MCP gateway audit log"} {
+		step("07-"+page,
+			chromedp.Evaluate[chromedp.Void](fmt.Sprintf(`location.hash = '#/%s'`, page)),
+			until(fmt.Sprintf(`document.querySelector('#view h1').textContent === %q && !!document.querySelector('#view table') && document.querySelector('#list-error').textContent === ''`, title)),
+		)
+	}
 	p, err := ann.GetPolicy(ctx, "web")
 	if err != nil || strings.Join(p.AllowedHostnames, ",") != "example.com" {
 		t.Fatalf("the refused edit changed the policy: %+v %v", p, err)

@@ -62,9 +62,14 @@ async function call(service, method, msg) {
   const body = await r.json().catch(() => ({}));
   if (!r.ok) {
     if (body.code === 'unauthenticated') showSignIn('Your session ended: sign in again.');
-    throw new APIError(body.code || String(r.status), body.message || r.statusText);
+    throw new APIError(body.code || String(r.status), userMessage(body.message || r.statusText));
   }
   return body;
+}
+
+// userMessage drops the error class the server appends (": invalid argument").
+function userMessage(m) {
+  return m.replace(/: (invalid argument|not found|permission denied|unauthenticated|failed precondition|already exists|resource exhausted)$/, '');
 }
 
 // stream makes a server-streaming Connect call (enveloped JSON) and calls
@@ -447,15 +452,42 @@ function policiesPage() {
 }
 
 // listPage shows one list RPC as a table.
-function listPage(title, service, method, key, cols) {
+function listPage(title, service, method, key, cols, req) {
   const err = errorBox('list-error');
   const holder = el('div', {});
   setView(title, err, holder);
   stopView = poll(async () => {
     try {
-      const r = await call(service, method, {});
+      const r = await call(service, method, req || {});
       holder.replaceChildren(table(title, cols.map(c => c[0]),
         (r[key] || []).map(o => el('tr', {}, cols.map(([, f]) => el('td', { text: f(o) === undefined ? '' : String(f(o)) }))))));
+    } catch (e) { err.textContent = e.message; }
+  }, 5000);
+}
+
+// nodePage shows the node's health: its sandboxes and the chalkd metrics
+// (/metrics, which needs an admin's session).
+function nodePage() {
+  const err = errorBox('node-error');
+  const summary = el('dl', { class: 'details', id: 'node-summary' });
+  const holder = el('div', {});
+  const filter = el('input', { type: 'text', id: 'metric-filter', value: 'chalk_' });
+  setView('Node health', err, summary, el('label', { for: 'metric-filter', text: 'Metrics whose name contains' }), filter, holder);
+  stopView = poll(async () => {
+    try {
+      const r = await call('SandboxService', 'List', { all: false });
+      const sbs = r.sandboxes || [];
+      summary.replaceChildren(el('dt', { text: 'Running sandboxes' }), el('dd', { text: String(sbs.filter(s => s.state === 'running').length) }),
+        el('dt', { text: 'Creating' }), el('dd', { text: String(sbs.filter(s => s.state === 'creating').length) }));
+      const m = await fetch('/metrics', { credentials: 'same-origin', headers: headers() });
+      if (!m.ok) { err.textContent = m.status === 403 ? 'Metrics need an admin key.' : 'Metrics: ' + m.statusText; return; }
+      err.textContent = '';
+      const f = filter.value.trim();
+      const rows = (await m.text()).split('\n').filter(l => l && !l.startsWith('#') && l.includes(f)).slice(0, 500).map(l => {
+        const i = l.lastIndexOf(' ');
+        return el('tr', {}, el('td', { class: 'mono', text: l.slice(0, i) }), el('td', { class: 'mono', text: l.slice(i + 1) }));
+      });
+      holder.replaceChildren(table('Metrics', ['Metric', 'Value'], rows, 'metrics'));
     } catch (e) { err.textContent = e.message; }
   }, 5000);
 }
@@ -475,6 +507,10 @@ function route() {
     case 'mcp': return listPage('MCP servers', 'McpService', 'ListServers', 'servers',
       [['Name', m => m.name], ['URL', m => m.url], ['Gateway URL', m => m.gatewayUrl], ['Allowed tools', m => (m.allowedTools || []).join(', ') || 'all'],
         ['Credential', m => m.hasCredential ? 'set' : 'none'], ['Created by', m => m.createdBy]]);
+    case 'audit': return listPage('MCP gateway audit log', 'McpService', 'Audit', 'records',
+      [['Time', a => a.at], ['Sandbox', a => a.sandboxId], ['Server', a => a.server], ['Method', a => a.method], ['Tool', a => a.tool],
+        ['Decision', a => a.decision], ['Status', a => a.status], ['Latency (ms)', a => a.latencyMs && a.latencyMs.toFixed(1)]], { limit: 200 });
+    case 'node': return nodePage();
     default: return sandboxesPage();
   }
 }
