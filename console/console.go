@@ -31,25 +31,25 @@ const Prefix = "/console/"
 const CSP = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; " +
 	"connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 
-// Sessions is what the console needs from the API server (*api.Server).
-type Sessions interface {
+// API is what the console needs from the API server (*api.Server).
+type API interface {
 	SignIn(w http.ResponseWriter, r *http.Request) (*api.ConsoleSession, error)
 	SignOut(w http.ResponseWriter, r *http.Request) error
 	Session(r *http.Request, csrf bool) (*api.ConsoleSession, error)
 	LocalTransport() http.RoundTripper
 }
 
-var _ Sessions = (*api.Server)(nil)
+var _ API = (*api.Server)(nil)
 
 // Config configures the console.
 type Config struct {
-	API    Sessions
+	API    API
 	Logger *slog.Logger
 }
 
 // Handler serves the console.
 type Handler struct {
-	api Sessions
+	api API
 	log *slog.Logger
 	mux *http.ServeMux
 }

@@ -30,7 +30,6 @@ import (
 //     "message": s}.
 const (
 	maxTerminalFrame = 64 << 10
-	shellTimeout     = 0 // a terminal lives until closed or the sandbox ends
 )
 
 // control is a text frame of the terminal protocol.
@@ -91,7 +90,7 @@ func (h *Handler) relay(ctx context.Context, conn *websocket.Conn, cs *api.Conso
 	rows, cols := clampSize(first.Rows, 24), clampSize(first.Cols, 80)
 	stream, err := client.Exec(ctx, connect.NewRequest(&v1.ExecRequest{
 		SandboxId: sandboxID, Argv: shell, Stdin: true, Pty: true, Rows: rows, Cols: cols, Term: "xterm-256color",
-		Env: map[string]string{"TERM": "xterm-256color"}, TimeoutSeconds: shellTimeout,
+		Env: map[string]string{"TERM": "xterm-256color"},
 	}))
 	if err != nil {
 		sendControl(ctx, conn, control{Type: "error", Message: err.Error()})

@@ -142,9 +142,11 @@ func browser(t *testing.T, ctx context.Context) context.Context {
 // TestConsoleEndToEnd drives the web console in headless Chromium against a
 // real node: a wrong key is refused with a message and no cookie; the org
 // admin signs in and sees a sandbox made with the SDK (state, image,
-// creator); types `echo hi` in its terminal and sees `hi`; terminates it
+// creator); sees its log and uploads a file into it (read back with the
+// SDK); types `echo hi` in its terminal and sees `hi`; terminates it
 // and watches its state become stopped; and a policy edit with a bad
-// hostname shows the API's validation error and changes nothing.
+// hostname shows the API's validation error and changes nothing. The other
+// pages (node metrics, images, tunnels, MCP servers and audit) load.
 // Screenshots of each step go to $CHALK_ARTIFACTS/TestConsoleEndToEnd.
 func TestConsoleEndToEnd(t *testing.T) {
 	n := chalktest.Start(t)
@@ -161,7 +163,7 @@ func TestConsoleEndToEnd(t *testing.T) {
 	if _, err := ann.CreatePolicy(ctx, chalkcompute.NetworkPolicy{Name: "web", AllowAll: chalkcompute.Bool(false), AllowedHostnames: []string{"example.com"}}); err != nil {
 		t.Fatal(err)
 	}
-	sb, err := ann.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "3600"))
+	sb, err := ann.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sh", "-c", "echo console-log-line; exec sleep 3600"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -230,10 +232,25 @@ func TestConsoleEndToEnd(t *testing.T) {
 		t.Fatalf("session cookies: %+v", c)
 	}
 
+	// The sandbox's page: its log, and a file uploaded into /tmp.
+	upload := filepath.Join(t.TempDir(), "hello.txt")
+	if err := os.WriteFile(upload, []byte("uploaded from the browser\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	step("03-sandbox",
+		chromedp.Click(chromedp.CSS(row+" a")),
+		until(`document.querySelector('#log').textContent.includes('console-log-line')`),
+		chromedp.SetValue(chromedp.ID("files-path"), "/tmp"),
+		chromedp.SetUploadFiles(chromedp.ID("upload"), []string{upload}),
+		until(`document.querySelector('#files-table caption').textContent === 'Files in /tmp' && document.querySelector('#files-table').textContent.includes('hello.txt')`),
+	)
+	if got, err := sb.ReadFile(ctx, "/tmp/hello.txt"); err != nil || string(got) != "uploaded from the browser\n" {
+		t.Fatalf("uploaded file: %q %v", got, err)
+	}
+
 	// The terminal: `echo hi` shows a line `hi` (with a pty, or in line
 	// mode on a node without terminals).
-	step("03-terminal",
-		chromedp.Click(chromedp.CSS(row+" a")),
+	step("04-terminal",
 		until(`document.querySelector('#open-terminal') && !document.querySelector('#open-terminal').disabled`),
 		chromedp.Click(chromedp.ID("open-terminal")),
 		until(`document.querySelector('#terminal-status').textContent.startsWith('Connected')`),
@@ -243,14 +260,14 @@ func TestConsoleEndToEnd(t *testing.T) {
 	)
 	t.Logf("terminal: %s", text("#terminal-status"))
 
-	step("04-terminated",
+	step("05-terminated",
 		chromedp.Click(chromedp.ID("terminate")),
 		until(`document.querySelector('#detail-state') && document.querySelector('#detail-state').textContent === 'stopped'`),
 		chromedp.Evaluate[chromedp.Void](`location.hash = '#/sandboxes'`),
 		until(fmt.Sprintf(`!!document.querySelector('%s') && document.querySelector('%s td.state').textContent === 'stopped'`, row, row)),
 	)
 
-	step("05-policy-error",
+	step("06-policy-error",
 		chromedp.Evaluate[chromedp.Void](`location.hash = '#/policies'`),
 		chromedp.WaitVisible(chromedp.CSS(`button[aria-label="Edit web"]`)),
 		chromedp.Click(chromedp.CSS(`button[aria-label="Edit web"]`)),
@@ -263,12 +280,12 @@ func TestConsoleEndToEnd(t *testing.T) {
 	}
 	// The other pages load their lists (ann is her org's admin: the node
 	// page shows chalkd's metrics).
-	step("06-node",
+	step("07-node",
 		chromedp.Evaluate[chromedp.Void](`location.hash = '#/node'`),
 		until(`Array.from(document.querySelectorAll('#metrics td')).some(td => td.textContent.startsWith('chalk_sandbox_starts'))`),
 	)
 	for page, title := range map[string]string{"images": "Images", "tunnels": "Tunnels", "mcp": "MCP servers", "audit": "MCP gateway audit log"} {
-		step("07-"+page,
+		step("08-"+page,
 			chromedp.Evaluate[chromedp.Void](fmt.Sprintf(`location.hash = '#/%s'`, page)),
 			until(fmt.Sprintf(`document.querySelector('#view h1').textContent === %q && !!document.querySelector('#view table') && document.querySelector('#list-error').textContent === ''`, title)),
 		)
