@@ -7,6 +7,11 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"connectrpc.com/connect"
+
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
 )
 
 const consoleOrigin = "http://example.com" // httptest.NewRequest's host
@@ -212,5 +217,30 @@ func TestSessionExpiry(t *testing.T) {
 	}
 	if len(ss.m) != 0 {
 		t.Fatalf("%d ended sessions kept", len(ss.m))
+	}
+}
+
+// TestLocalTransport: in-process calls act as the principal in their
+// context, through the same interceptors (authz) as any call; a call
+// without one is refused.
+func TestLocalTransport(t *testing.T) {
+	ta := newTestAPI(t, Config{})
+	hc := &http.Client{Transport: ta.s.LocalTransport()}
+	c := computev1connect.NewIdentityServiceClient(hc, "http://chalkd.local")
+	if _, err := c.WhoAmI(context.Background(), connect.NewRequest(&v1.WhoAmIRequest{})); err == nil {
+		t.Fatal("a call without a principal succeeded")
+	}
+	p, err := ta.s.auth.authenticate(context.Background(), "Bearer "+ta.other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := WithPrincipal(context.Background(), p)
+	r, err := c.WhoAmI(ctx, connect.NewRequest(&v1.WhoAmIRequest{}))
+	if err != nil || r.Msg.User != "user1" || r.Msg.Role != "member" {
+		t.Fatalf("WhoAmI: %v %v", r, err)
+	}
+	// authz still applies: a member may not rotate the signing keys.
+	if _, err := c.RotateKeys(ctx, connect.NewRequest(&v1.RotateKeysRequest{})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("RotateKeys as a member: %v, want permission_denied", err)
 	}
 }

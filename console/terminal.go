@@ -90,7 +90,6 @@ func (h *Handler) relay(ctx context.Context, conn *websocket.Conn, cs *api.Conso
 	rows, cols := clampSize(first.Rows, 24), clampSize(first.Cols, 80)
 	stream, err := client.Exec(ctx, connect.NewRequest(&v1.ExecRequest{
 		SandboxId: sandboxID, Argv: shell, Stdin: true, Pty: true, Rows: rows, Cols: cols, Term: "xterm-256color",
-		Env: map[string]string{"TERM": "xterm-256color"},
 	}))
 	if err != nil {
 		sendControl(ctx, conn, control{Type: "error", Message: err.Error()})
