@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/chromedp/cdproto/cdp"
+	"github.com/chromedp/cdproto/emulation"
 	"github.com/chromedp/cdproto/input"
 	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/cdproto/page"
@@ -185,9 +186,11 @@ func TestConsoleEndToEnd(t *testing.T) {
 			t.Fatalf("%s: %v\npage text: %s\nchalkd log:\n%s", name, err, page, tail(n.Log(), 3000))
 		}
 	}
-	// until polls a JavaScript expression in the page until it is true.
+	// until polls a JavaScript expression in the page until it is true
+	// (an exception, such as an element not there yet, counts as false).
 	until := func(expr string) chromedp.Action[chromedp.Void] {
-		return chromedp.Poll[chromedp.Void](expr, chromedp.WithPollingTimeout(45*time.Second))
+		return chromedp.Poll[chromedp.Void](fmt.Sprintf(`(() => { try { return !!(%s); } catch (e) { return false; } })()`, expr),
+			chromedp.WithPollingTimeout(45*time.Second))
 	}
 	text := func(sel string) string {
 		t.Helper()
@@ -258,7 +261,24 @@ func TestConsoleEndToEnd(t *testing.T) {
 		typeKeys("echo hi\r"),
 		until(`Array.from(document.querySelectorAll('.xterm-rows > div')).some(r => r.textContent.trim() === 'hi')`),
 	)
-	t.Logf("terminal: %s", text("#terminal-status"))
+	status := text("#terminal-status")
+	t.Logf("terminal: %s", status)
+	if status == "Connected." {
+		// A pseudo-terminal: its size is the page's, and follows it when
+		// the window shrinks (ResizeExec).
+		sizeShown := `Array.from(document.querySelectorAll('.xterm-rows > div')).filter(r => r.textContent.trim() === document.querySelector('#terminal').dataset.size).length`
+		step("04-terminal-size",
+			typeKeys("clear; stty size\r"),
+			until(sizeShown+` === 1`),
+			chromedp.Func(func(ctx context.Context, t *chromedp.Target) error {
+				_, err := cdp.Call(ctx, t, emulation.SetDeviceMetricsOverride, emulation.SetDeviceMetricsOverrideParams{Width: 640, Height: 1000, DeviceScaleFactor: 1})
+				return err
+			}),
+			until(`document.querySelector('#terminal').dataset.size.split(' ')[1] < 100`),
+			typeKeys("clear; stty size\r"),
+			until(sizeShown+` === 1`),
+		)
+	}
 
 	step("05-terminated",
 		chromedp.Click(chromedp.ID("terminate")),

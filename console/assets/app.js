@@ -294,6 +294,7 @@ function openTerminal(id, box, status) {
   term.loadAddon(fit);
   term.open(box);
   fit.fit();
+  box.dataset.size = `${term.rows} ${term.cols}`; // as `stty size` prints it
   const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
   const ws = new WebSocket(`${proto}//${location.host}/console/terminal?sandbox=${encodeURIComponent(id)}`);
   ws.binaryType = 'arraybuffer';
@@ -329,11 +330,13 @@ function openTerminal(id, box, status) {
     }
   });
   term.onResize(({ rows, cols }) => {
+    box.dataset.size = `${rows} ${cols}`;
     if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: 'resize', rows, cols }));
   });
-  const onWinResize = () => fit.fit();
-  window.addEventListener('resize', onWinResize);
-  return { dispose: () => { window.removeEventListener('resize', onWinResize); ws.close(); term.dispose(); } };
+  // The terminal follows its box (window resizes, layout changes).
+  const ro = new ResizeObserver(() => fit.fit());
+  ro.observe(box);
+  return { dispose: () => { ro.disconnect(); ws.close(); term.dispose(); } };
 }
 
 function filesBrowser(id, box) {
