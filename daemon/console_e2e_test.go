@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/browser"
 	"github.com/chromedp/cdproto/cdp"
 	"github.com/chromedp/cdproto/emulation"
 	"github.com/chromedp/cdproto/input"
@@ -78,11 +79,11 @@ func artefacts(t *testing.T) string {
 	return dir
 }
 
-// browser starts headless Chromium. Its requests can reach nothing but the
+// startBrowser starts headless Chromium. Its requests can reach nothing but the
 // test's proxy: every host name resolves to nothing, background networking
 // is off (chromedp's defaults). It accepts confirm() dialogs and logs the
 // page's console (CSP violations show there).
-func browser(t *testing.T, ctx context.Context) context.Context {
+func startBrowser(t *testing.T, ctx context.Context) context.Context {
 	t.Helper()
 	if _, err := os.Stat(chromium); err != nil {
 		t.Fatalf("needs %s (Debian package chromium; scripts/deps.sh installs it): %v", chromium, err)
@@ -143,11 +144,14 @@ func browser(t *testing.T, ctx context.Context) context.Context {
 // TestConsoleEndToEnd drives the web console in headless Chromium against a
 // real node: a wrong key is refused with a message and no cookie; the org
 // admin signs in and sees a sandbox made with the SDK (state, image,
-// creator); sees its log and uploads a file into it (read back with the
-// SDK); types `echo hi` in its terminal and sees `hi`; terminates it
+// creator), signing in with the keyboard alone; sees its log, uploads a
+// file into it (read back with the SDK) and downloads one the SDK wrote;
+// types `echo hi` in its terminal and sees `hi` (on a node with terminals,
+// `stty size` follows the window); terminates it
 // and watches its state become stopped; and a policy edit with a bad
 // hostname shows the API's validation error and changes nothing. The other
-// pages (node metrics, images, tunnels, MCP servers and audit) load.
+// pages (node metrics, images, tunnels, MCP servers and audit) load, and
+// every form control on them has a label.
 // Screenshots of each step go to $CHALK_ARTIFACTS/TestConsoleEndToEnd.
 func TestConsoleEndToEnd(t *testing.T) {
 	n := chalktest.Start(t)
@@ -170,7 +174,7 @@ func TestConsoleEndToEnd(t *testing.T) {
 	}
 	base := unixProxy(t, n.Socket)
 	dir := artefacts(t)
-	b := browser(t, ctx)
+	b := startBrowser(t, ctx)
 
 	// step runs actions (a minute at most) and saves a screenshot named name.
 	step := func(name string, actions ...chromedp.Action[chromedp.Void]) {
@@ -222,9 +226,10 @@ func TestConsoleEndToEnd(t *testing.T) {
 	}
 
 	row := fmt.Sprintf(`#sandboxes tr[data-id=%q]`, sb.ID())
+	// Keyboard only: the key field has the focus after the error; Enter submits.
 	step("02-sandboxes",
-		chromedp.SendKeys(chromedp.ID("apikey"), key),
-		chromedp.Click(submit),
+		until(`document.activeElement === document.querySelector('#apikey')`),
+		typeKeys(key+"\r"),
 		chromedp.WaitVisible(chromedp.CSS(row)),
 		until(fmt.Sprintf(`document.querySelector('%s td.state').textContent === 'running'`, row)),
 	)
@@ -250,6 +255,40 @@ func TestConsoleEndToEnd(t *testing.T) {
 	if got, err := sb.ReadFile(ctx, "/tmp/hello.txt"); err != nil || string(got) != "uploaded from the browser\n" {
 		t.Fatalf("uploaded file: %q %v", got, err)
 	}
+	// A download: a file the SDK wrote, saved by the browser.
+	downloads := t.TempDir()
+	if err := sb.WriteFile(ctx, "/tmp/from-sdk.txt", []byte("written by the SDK\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := chromedp.CallBrowser(b, browser.SetDownloadBehavior, browser.SetDownloadBehaviorParams{
+		Behavior: browser.SetDownloadBehaviorBehaviorAllow, DownloadPath: downloads, EventsEnabled: new(true),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	dctx, cancelD := context.WithCancel(b)
+	defer cancelD()
+	progress := chromedp.BrowserEvents(dctx, browser.DownloadProgress)
+	step("03-download",
+		chromedp.Click(chromedp.CSS(`#files form button[type=submit]`)),
+		chromedp.WaitVisible(chromedp.CSS(`button[aria-label="Download from-sdk.txt"]`)),
+		chromedp.Click(chromedp.CSS(`button[aria-label="Download from-sdk.txt"]`)),
+	)
+	for ev, err := range progress {
+		if err != nil {
+			t.Fatalf("download: %v", err)
+		}
+		if ev.State == browser.DownloadProgressStateCompleted {
+			got, err := os.ReadFile(filepath.Join(downloads, "from-sdk.txt"))
+			if err != nil || string(got) != "written by the SDK\n" {
+				t.Fatalf("downloaded file: %q %v", got, err)
+			}
+			break
+		}
+		if ev.State == browser.DownloadProgressStateCanceled {
+			t.Fatal("download canceled")
+		}
+	}
+	cancelD()
 
 	// The terminal: `echo hi` shows a line `hi` (with a pty, or in line
 	// mode on a node without terminals).
@@ -261,6 +300,10 @@ func TestConsoleEndToEnd(t *testing.T) {
 		typeKeys("echo hi\r"),
 		until(`Array.from(document.querySelectorAll('.xterm-rows > div')).some(r => r.textContent.trim() === 'hi')`),
 	)
+	unlabelled, err := chromedp.Run(b, chromedp.Evaluate[string](unlabelledJS))
+	if err != nil {
+		t.Fatal(err)
+	}
 	status := text("#terminal-status")
 	t.Logf("terminal: %s", status)
 	if status == "Connected." {
@@ -298,6 +341,14 @@ func TestConsoleEndToEnd(t *testing.T) {
 	if msg := text("#policy-error"); !strings.HasPrefix(msg, "Not saved: ") {
 		t.Fatalf("policy error: %q", msg)
 	}
+	// Every form control of the pages has a label (policies here, the
+	// sandbox page with its terminal above).
+	if unlabelled != "" {
+		t.Fatalf("controls without a label on the sandbox page: %s", unlabelled)
+	}
+	if u, err := chromedp.Run(b, chromedp.Evaluate[string](unlabelledJS)); err != nil || u != "" {
+		t.Fatalf("controls without a label on the policies page: %q %v", u, err)
+	}
 	// The other pages load their lists (ann is her org's admin: the node
 	// page shows chalkd's metrics).
 	step("07-node",
@@ -316,6 +367,11 @@ func TestConsoleEndToEnd(t *testing.T) {
 	}
 }
 
+// unlabelledJS names the page's form controls that have no label.
+const unlabelledJS = `Array.from(document.querySelectorAll('input, textarea, select'))
+	.filter(e => e.type !== 'hidden' && !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+	.map(e => e.outerHTML).join(' ')`
+
 // typeKeys types s into the focused element as a keyboard does: a key
 // down (with its text) and up per character, Enter for "\r". (SendKeys
 // also sends a separate char event, which xterm.js takes as a second
@@ -325,7 +381,7 @@ func typeKeys(s string) chromedp.Action[chromedp.Void] {
 		for _, r := range s {
 			down := input.DispatchKeyEventParams{Type: input.DispatchKeyEventTypeKeyDown, Key: string(r), Text: string(r)}
 			if r == '\r' {
-				down = input.DispatchKeyEventParams{Type: input.DispatchKeyEventTypeRawKeyDown, Key: "Enter", Code: "Enter", WindowsVirtualKeyCode: 13}
+				down = input.DispatchKeyEventParams{Type: input.DispatchKeyEventTypeKeyDown, Key: "Enter", Code: "Enter", WindowsVirtualKeyCode: 13, Text: "\r"}
 			}
 			up := down
 			up.Type, up.Text = input.DispatchKeyEventTypeKeyUp, ""
