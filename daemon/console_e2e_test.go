@@ -151,7 +151,7 @@ func startBrowser(t *testing.T, ctx context.Context) context.Context {
 // and watches its state become stopped; and a policy edit with a bad
 // hostname shows the API's validation error and changes nothing. The other
 // pages (node metrics, images, tunnels, MCP servers and audit) load, and
-// every form control on them has a label.
+// every form control of the sandbox and policies pages has a label.
 // Screenshots of each step go to $CHALK_ARTIFACTS/TestConsoleEndToEnd.
 func TestConsoleEndToEnd(t *testing.T) {
 	n := chalktest.Start(t)
