@@ -65,17 +65,29 @@ func unixProxy(t *testing.T, socket string) string {
 	return "http://" + l.Addr().String()
 }
 
-// artefacts is where the test's screenshots go: $CHALK_ARTIFACTS/<test>, or
-// a temporary directory (named in the log).
+// artefacts is where the test's screenshots go: $CHALK_ARTIFACTS/<test>
+// (kept), or else a temporary directory named in the log, kept only when
+// the test fails.
 func artefacts(t *testing.T) string {
-	dir := t.TempDir()
 	if a := os.Getenv("CHALK_ARTIFACTS"); a != "" {
-		dir = filepath.Join(a, t.Name())
+		dir := filepath.Join(a, t.Name())
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
+		t.Logf("screenshots in %s", dir)
+		return dir
 	}
-	t.Logf("screenshots in %s", dir)
+	dir, err := os.MkdirTemp("", "chalk-"+t.Name()+"-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("screenshots kept in %s", dir)
+			return
+		}
+		_ = os.RemoveAll(dir)
+	})
 	return dir
 }
 
