@@ -107,7 +107,9 @@ func (h *Handler) relay(ctx context.Context, conn *websocket.Conn, cs *api.Conso
 	pty := connect.CodeOf(rerr) != connect.CodeUnimplemented
 	sendControl(ctx, conn, control{Type: "mode", PTY: &pty})
 
-	go h.input(ctx, conn, client, sandboxID, execID, pty)
+	ended := make(chan struct{}) // the shell ended: nothing to hang up
+	defer close(ended)
+	go h.input(ctx, conn, client, sandboxID, execID, pty, ended)
 	for stream.Receive() {
 		ev := stream.Msg()
 		var data []byte
@@ -134,9 +136,14 @@ func (h *Handler) relay(ctx context.Context, conn *websocket.Conn, cs *api.Conso
 }
 
 // input relays keystrokes and resizes from the browser until it goes away,
-// then hangs the shell up.
-func (h *Handler) input(ctx context.Context, conn *websocket.Conn, client computev1connect.SandboxServiceClient, sandboxID, execID string, pty bool) {
+// then hangs the shell up unless it has ended.
+func (h *Handler) input(ctx context.Context, conn *websocket.Conn, client computev1connect.SandboxServiceClient, sandboxID, execID string, pty bool, ended <-chan struct{}) {
 	defer func() {
+		select {
+		case <-ended:
+			return
+		default:
+		}
 		// The browser went away: close the shell's input and hang it up
 		// (a fresh context: ctx may be done).
 		c, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)

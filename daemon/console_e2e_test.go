@@ -162,7 +162,8 @@ func startBrowser(t *testing.T, ctx context.Context) context.Context {
 // `stty size` follows the window); terminates it
 // and watches its state become stopped; and a policy edit with a bad
 // hostname shows the API's validation error and changes nothing. The other
-// pages (node metrics, images, tunnels, MCP servers and audit) load, and
+// pages (node metrics, images, tunnels, MCP servers and audit, the org's
+// audit trail with the console's terminate in it) load, and
 // every form control of the sandbox and policies pages has a label.
 // Screenshots of each step go to $CHALK_ARTIFACTS/TestConsoleEndToEnd.
 func TestConsoleEndToEnd(t *testing.T) {
@@ -367,12 +368,17 @@ func TestConsoleEndToEnd(t *testing.T) {
 		chromedp.Evaluate[chromedp.Void](`location.hash = '#/node'`),
 		until(`Array.from(document.querySelectorAll('#metrics td')).some(td => td.textContent.startsWith('chalk_sandbox_starts'))`),
 	)
-	for page, title := range map[string]string{"images": "Images", "tunnels": "Tunnels", "mcp": "MCP servers", "audit": "MCP gateway audit log"} {
+	for page, title := range map[string]string{"images": "Images", "tunnels": "Tunnels", "mcp": "MCP servers", "audit": "MCP gateway audit log", "org-audit": "Audit log"} {
 		step("08-"+page,
 			chromedp.Evaluate[chromedp.Void](fmt.Sprintf(`location.hash = '#/%s'`, page)),
 			until(fmt.Sprintf(`document.querySelector('#view h1').textContent === %q && !!document.querySelector('#view table') && document.querySelector('#list-error').textContent === ''`, title)),
 		)
 	}
+	// What the console did is in the org's audit trail, as ann's.
+	step("09-audit-trail",
+		chromedp.Evaluate[chromedp.Void](`location.hash = '#/org-audit'`),
+		until(`Array.from(document.querySelectorAll('#view tr')).some(tr => tr.textContent.includes('SandboxService/Terminate') && tr.textContent.includes('ann') && tr.textContent.includes('ok'))`),
+	)
 	p, err := ann.GetPolicy(ctx, "web")
 	if err != nil || strings.Join(p.AllowedHostnames, ",") != "example.com" {
 		t.Fatalf("the refused edit changed the policy: %+v %v", p, err)

@@ -513,6 +513,9 @@ function route() {
     case 'audit': return listPage('MCP gateway audit log', 'McpService', 'Audit', 'records',
       [['Time', a => a.at], ['Sandbox', a => a.sandboxId], ['Server', a => a.server], ['Method', a => a.method], ['Tool', a => a.tool],
         ['Decision', a => a.decision], ['Status', a => a.status], ['Latency (ms)', a => a.latencyMs && a.latencyMs.toFixed(1)]], { limit: 200 });
+    case 'org-audit': return listPage('Audit log', 'TeamService', 'Audit', 'records',
+      [['Time', a => a.at], ['Actor', a => a.actor], ['Via', a => a.via], ['Action', a => a.action], ['Object', a => a.object],
+        ['Outcome', a => a.outcome], ['Detail', a => a.detail], ['From', a => a.peer]], { limit: 200 });
     case 'node': return nodePage();
     default: return sandboxesPage();
   }
