@@ -18,9 +18,10 @@ while read -r name version integrity files; do
   case "$name" in ''|'#'*) continue ;; esac
   dir="$vendor/${name#@}"                 # e.g. xterm/xterm
   stamp="$dir/.integrity"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$name@$version $integrity" ]; then
-    continue
-  fi
+  have=1
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$name@$version $integrity" ] || have=0
+  for f in $files; do [ -f "$dir/$(basename "$f")" ] || have=0; done
+  [ "$have" = 1 ] && continue
   base=${name##*/}
   url="$registry/$name/-/$base-$version.tgz"
   echo "console assets: fetching $name@$version"
