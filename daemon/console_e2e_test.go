@@ -155,17 +155,19 @@ func startBrowser(t *testing.T, ctx context.Context) context.Context {
 
 // TestConsoleEndToEnd drives the web console in headless Chromium against a
 // real node: a wrong key is refused with a message and no cookie; the org
-// admin signs in and sees a sandbox made with the SDK (state, image,
-// creator), signing in with the keyboard alone; sees its log, uploads a
-// file into it (read back with the SDK) and downloads one the SDK wrote;
-// types `echo hi` in its terminal and sees `hi` (on a node with terminals,
-// `stty size` follows the window); terminates it
-// and watches its state become stopped; and a policy edit with a bad
-// hostname shows the API's validation error and changes nothing. The other
-// pages (node metrics, images, tunnels, MCP servers and audit, the org's
-// audit trail with the console's terminate in it) load, and
-// every form control of the sandbox and policies pages has a label.
-// Screenshots of each step go to $CHALK_ARTIFACTS/TestConsoleEndToEnd.
+// admin signs in with the keyboard alone and sees a sandbox made with the
+// SDK (state, image, creator); creates one from the page; sees the first
+// one's log, uploads a file into it (read back with the SDK) and downloads
+// one the SDK wrote; types `echo hi` in its terminal and sees `hi` (on a
+// node with terminals, `stty size` follows the window), then `exit 3` and
+// sees the shell's exit; terminates it and watches its state become
+// stopped; a policy edit with a bad hostname shows the API's validation
+// error and changes nothing. The other pages (node metrics, images,
+// tunnels, MCP servers and audit, the org's audit trail with the console's
+// terminate in it) load, and every form control of the sandbox and policies
+// pages has a label. Screenshots of each step go to
+// $CHALK_ARTIFACTS/TestConsoleEndToEnd (kept in a temporary directory on
+// failure otherwise).
 func TestConsoleEndToEnd(t *testing.T) {
 	n := chalktest.Start(t)
 	ctx := ctxT(t, 4*time.Minute)
@@ -253,6 +255,16 @@ func TestConsoleEndToEnd(t *testing.T) {
 		t.Fatalf("session cookies: %+v", c)
 	}
 
+	// A sandbox created from the page opens its page, running.
+	step("02-create",
+		chromedp.Click(chromedp.CSS("#view details summary")),
+		chromedp.SetValue(chromedp.ID("new-cmd"), "sleep 600"),
+		chromedp.Click(chromedp.CSS(`#create-form button[type=submit]`)),
+		until(`location.hash.startsWith('#/sandbox/sb-') && document.querySelector('#detail-state').textContent === 'running'`),
+		chromedp.Evaluate[chromedp.Void](`location.hash = '#/sandboxes'`),
+		chromedp.WaitVisible(chromedp.CSS(row)),
+	)
+
 	// The sandbox's page: its log, and a file uploaded into /tmp.
 	upload := filepath.Join(t.TempDir(), "hello.txt")
 	if err := os.WriteFile(upload, []byte("uploaded from the browser\n"), 0o644); err != nil {
@@ -335,6 +347,11 @@ func TestConsoleEndToEnd(t *testing.T) {
 			until(sizeShown+` === 1`),
 		)
 	}
+
+	step("04-terminal-exit",
+		typeKeys("exit 3\r"),
+		until(`document.querySelector('#terminal-status').textContent === 'The shell exited (3).'`),
+	)
 
 	step("05-terminated",
 		chromedp.Click(chromedp.ID("terminate")),
