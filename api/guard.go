@@ -57,6 +57,8 @@ type SandboxOf func(r *http.Request) (sandboxID string, ok bool)
 func (s *Server) guard(next http.Handler, from SandboxOf) http.Handler {
 	errw := connect.NewErrorWriter()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Answers are data, never to be sniffed into HTML or script by a browser.
+		w.Header().Set("X-Content-Type-Options", "nosniff")
 		// A console session cookie authenticates only on the API's own
 		// listeners, never through a sandbox's metadata /api route.
 		p, err := s.authenticateRequest(r.Context(), r, from == nil)
