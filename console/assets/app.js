@@ -226,7 +226,7 @@ function sandboxesPage() {
         el('td', {}, sb.state === 'running' || sb.state === 'creating'
           ? el('button', { type: 'button', 'aria-label': 'Terminate ' + sb.id, text: 'Terminate', onclick: () => terminate(sb.id, err) })
           : '')));
-      holder.replaceChildren(table('Sandboxes', ['ID', 'State', 'Image', 'Age', 'Org', 'Created by', ''], rows, 'sandboxes'));
+      holder.replaceChildren(table('Sandboxes', ['ID', 'State', 'Image', 'Age', 'Org', 'Created by', 'Actions'], rows, 'sandboxes'));
     } catch (e) { err.textContent = 'Could not list sandboxes: ' + e.message; }
   }, 2000);
 }
@@ -359,7 +359,7 @@ function filesBrowser(id, box) {
           el('td', { text: f.modTime || '' }),
           el('td', {}, f.isDir ? '' : el('button', { type: 'button', 'aria-label': 'Download ' + f.name, text: 'Download', onclick: () => download(id, full, f.name, err) })));
       });
-      list.replaceChildren(table('Files in ' + (dir || '/'), ['Name', 'Size', 'Modified', ''], rows, 'files-table'));
+      list.replaceChildren(table('Files in ' + (dir || '/'), ['Name', 'Size', 'Modified', 'Actions'], rows, 'files-table'));
     } catch (e) { err.textContent = 'Could not list files: ' + e.message; }
   };
   upload.addEventListener('change', async () => {
@@ -438,7 +438,7 @@ function policiesPage() {
   const load = async () => {
     try {
       const r = await call('PolicyService', 'List', {});
-      holder.replaceChildren(table('Network policies', ['Name', 'Allow all', 'Allowed', 'Description', 'Updated', ''],
+      holder.replaceChildren(table('Network policies', ['Name', 'Allow all', 'Allowed', 'Description', 'Updated', 'Actions'],
         (r.policies || []).map(p => el('tr', {},
           el('td', { class: 'mono', text: p.name }), el('td', { text: p.allowAll === false ? 'no' : 'yes' }),
           el('td', { class: 'mono', text: (p.allowedHostnames || []).join(' ') }), el('td', { text: p.description || '' }),
