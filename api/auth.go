@@ -71,7 +71,7 @@ func (a *authenticator) authenticate(ctx context.Context, header string) (*Princ
 		return nil, fmt.Errorf("missing API token: send 'Authorization: Bearer <key>' (chalkd wrote the admin key to its data dir and the CLI config; 'chalk auth login' stores another): %w", errdefs.ErrUnauthenticated)
 	}
 	if strings.HasPrefix(tok, KeyPrefix) {
-		return a.authenticateKey(ctx, tok)
+		return a.authenticateKey(ctx, HashKey(tok))
 	}
 	if strings.Count(tok, ".") == 2 && a.workload != nil {
 		p, err := a.workload.VerifyWorkload(ctx, tok)
@@ -83,9 +83,11 @@ func (a *authenticator) authenticate(ctx context.Context, header string) (*Princ
 	return nil, fmt.Errorf("invalid API token: %w", errdefs.ErrUnauthenticated)
 }
 
-// authenticateKey finds a user API key by its hash and checks it is usable now.
-func (a *authenticator) authenticateKey(ctx context.Context, secret string) (*Principal, error) {
-	ka, err := a.store.KeyByHash(ctx, HashKey(secret))
+// authenticateKey finds a user API key by its hash and checks it is usable
+// now (console sessions keep the hash, never the secret, and come here on
+// every request).
+func (a *authenticator) authenticateKey(ctx context.Context, hash string) (*Principal, error) {
+	ka, err := a.store.KeyByHash(ctx, hash)
 	if errors.Is(err, errdefs.ErrNotFound) {
 		return nil, fmt.Errorf("invalid API token: %w", errdefs.ErrUnauthenticated)
 	}

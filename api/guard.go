@@ -57,7 +57,11 @@ type SandboxOf func(r *http.Request) (sandboxID string, ok bool)
 func (s *Server) guard(next http.Handler, from SandboxOf) http.Handler {
 	errw := connect.NewErrorWriter()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p, err := s.auth.authenticate(r.Context(), r.Header.Get("Authorization"))
+		// Answers are data, never to be sniffed into HTML or script by a browser.
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		// A console session cookie authenticates only on the API's own
+		// listeners, never through a sandbox's metadata /api route.
+		p, err := s.authenticateRequest(r.Context(), r, from == nil)
 		if err == nil && from != nil {
 			err = boundTo(p, r, from)
 		}
@@ -107,11 +111,12 @@ func (s *Server) refuse(errw *connect.ErrorWriter, w http.ResponseWriter, r *htt
 	http.Error(w, err.Error(), code)
 }
 
-// RequireAdmin serves h only to callers with an admin API token (e.g.
-// /metrics); others get 401/403 before anything else happens.
+// RequireAdmin serves h only to callers with an admin API token or an
+// admin's console session (e.g. /metrics); others get 401/403 before
+// anything else happens.
 func (s *Server) RequireAdmin(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p, err := s.auth.authenticate(r.Context(), r.Header.Get("Authorization"))
+		p, err := s.authenticateRequest(r.Context(), r, true)
 		if err == nil && (p.IsWorkload() || !p.Admin) {
 			err = fmt.Errorf("%s needs an admin token: %w", r.URL.Path, errdefs.ErrPermissionDenied)
 		}

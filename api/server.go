@@ -115,6 +115,8 @@ type Server struct {
 	auth  *authenticator
 	// budget counts request body bytes in flight per caller (guard).
 	budget *reqlimit.Budget
+	// sessions are the web console's signed-in browsers (session.go).
+	sessions *sessions
 
 	live *Live // the sandboxes this process starts and watches
 
@@ -142,15 +144,16 @@ func New(ctx context.Context, cfg Config) *Server {
 		cfg.Live = NewLive()
 	}
 	return &Server{
-		budget:  reqlimit.NewBudget(cfg.Limits.InFlightPerCaller, cfg.Limits.InFlightTotal),
-		cfg:     cfg,
-		log:     cfg.Logger,
-		store:   cfg.Store,
-		node:    cfg.Node,
-		auth:    &authenticator{store: cfg.Store, workload: cfg.Workload, now: time.Now},
-		live:    cfg.Live,
-		execs:   map[string]*execEntry{},
-		baseCtx: context.WithoutCancel(ctx),
+		budget:   reqlimit.NewBudget(cfg.Limits.InFlightPerCaller, cfg.Limits.InFlightTotal),
+		cfg:      cfg,
+		log:      cfg.Logger,
+		store:    cfg.Store,
+		node:     cfg.Node,
+		auth:     &authenticator{store: cfg.Store, workload: cfg.Workload, now: time.Now},
+		sessions: newSessions(time.Now),
+		live:     cfg.Live,
+		execs:    map[string]*execEntry{},
+		baseCtx:  context.WithoutCancel(ctx),
 	}
 }
 

@@ -21,6 +21,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/atomicfile"
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/console"
 	"github.com/chalkcompute/chalkcompute/egress"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/identity"
@@ -322,11 +323,16 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	return d, nil
 }
 
-// handler is the API plus the issuer's discovery documents.
+// handler is the API plus the issuer's discovery documents and the web console.
 func (d *Daemon) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/.well-known/", d.Issuer.DiscoveryHandler())
 	mux.Handle("/metrics", d.API.RequireAdmin(promhttp.Handler()))
+	// The web console: pages, sign-in and terminals; its browsers call the
+	// API below with a session cookie (api.Server.Session).
+	con := console.New(console.Config{API: d.API, Logger: d.log.With("component", "console")})
+	mux.Handle("/console/", con)
+	mux.Handle("/console", con)
 	mux.Handle("/", d.API.Handler())
 	return mux
 }

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bin
+# The web console embeds xterm.js, fetched from npm at the pinned versions.
+scripts/console-assets.sh
 export CGO_ENABLED=0
 go build -trimpath -o bin/chalkd ./cmd/chalkd
 go build -trimpath -o bin/chalk ./cmd/chalk

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages chalkcompute needs (idempotent). Run as root.
 set -euo pipefail
-pkgs=(runc nftables iproute2 busybox-static debootstrap ca-certificates protobuf-compiler tmux)
+# tmux: terminal tests (daemon/terminal_e2e_test.go); chromium: the web console's browser tests
+# (daemon/console_e2e_test.go), headless via chromedp.
+pkgs=(runc nftables iproute2 busybox-static debootstrap ca-certificates protobuf-compiler tmux chromium curl openssl)
 [ "${CHALK_BENCH_DEPS:-0}" = 1 ] && pkgs+=(podman buildah uidmap)
 missing=()
 for p in "${pkgs[@]}"; do
