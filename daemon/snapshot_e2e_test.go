@@ -268,6 +268,7 @@ func TestPauseResume(t *testing.T) {
 	}
 
 	// chalkd restarts: the paused sandbox is adopted, still paused.
+	n.Stop()
 	n.Restart()
 	c = n.Client()
 	if sb, err = c.Sandbox(ctx, sb.ID()); err != nil || sb.Info.State != "paused" {

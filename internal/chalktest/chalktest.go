@@ -228,6 +228,15 @@ func (n *Node) command(argv ...string) *exec.Cmd {
 func (n *Node) Restart() {
 	t := n.t
 	t.Helper()
+	if n.exited != nil {
+		select {
+		case <-n.exited:
+		default:
+			// A second chalkd on the same data dir would be orphaned by
+			// cleanup (which ends only the newest).
+			t.Fatal("chalktest: Restart while chalkd runs: Stop or Kill it first")
+		}
+	}
 	args := append([]string{filepath.Join(n.BinDir, "chalkd"),
 		"--data-dir", n.Dir, "--run-dir", n.RunDir, "--listen", "", "--cgroup-parent", n.Cgroup,
 		"--client-config", filepath.Join(n.Dir, "client.json"), "--log-level", "debug",
