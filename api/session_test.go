@@ -95,7 +95,7 @@ func TestConsoleSession(t *testing.T) {
 		{"cross-site POST without the CSRF token", "http://evil.example", "", "cross-site", http.StatusForbidden},
 		{"cross-site POST with a stolen CSRF token", "http://evil.example", csrf, "", http.StatusForbidden},
 		{"same-origin POST without the CSRF token", consoleOrigin, "", "same-origin", http.StatusForbidden},
-		{"wrong CSRF token", consoleOrigin, "x" + csrf[1:], "same-origin", http.StatusForbidden},
+		{"wrong CSRF token", consoleOrigin, wrongToken(csrf), "same-origin", http.StatusForbidden},
 		{"wrong scheme in Origin", "https://example.com", csrf, "", http.StatusForbidden},
 		{"same-site but not same-origin", consoleOrigin, csrf, "same-site", http.StatusForbidden},
 		{"POST without Origin", "", csrf, "", http.StatusForbidden},
@@ -243,4 +243,13 @@ func TestLocalTransport(t *testing.T) {
 	if _, err := c.RotateKeys(ctx, connect.NewRequest(&v1.RotateKeysRequest{})); connect.CodeOf(err) != connect.CodePermissionDenied {
 		t.Fatalf("RotateKeys as a member: %v, want permission_denied", err)
 	}
+}
+
+// wrongToken is tok with its first character changed (always a different
+// token: a fixed replacement would equal tok whenever tok starts with it).
+func wrongToken(tok string) string {
+	if tok[0] == 'x' {
+		return "y" + tok[1:]
+	}
+	return "x" + tok[1:]
 }

@@ -83,13 +83,15 @@ func startPTY(t *testing.T, ctx context.Context, c *Client, script string) (*Pro
 func TestPTYResize(t *testing.T) {
 	c := serve(t, ServerOptions{})
 	ctx := testCtx(t)
-	p, w := startPTY(t, ctx, c, `trap 'echo winch' WINCH; stty size; read x; stty size; read x; stty size`)
+	p, w := startPTY(t, ctx, c, `trap 'echo winch' WINCH; stty size; until [ "$x" = a ]; do read x; done; stty size; until [ "$x" = b ]; do read x; done; stty size`)
 	await(t, ctx, w.until("24 80"), "the first size")
 	if err := p.Resize(50, 200); err != nil {
 		t.Fatal(err)
 	}
 	// The resize frame precedes the line on the connection, so the shell
-	// reads its line after the terminal changed size.
+	// reads its line after the terminal changed size. (The trapped SIGWINCH
+	// may interrupt a pending read, so the script reads until it gets the
+	// line it waits for.)
 	if _, err := io.WriteString(p.Stdin(), "a\n"); err != nil {
 		t.Fatal(err)
 	}
