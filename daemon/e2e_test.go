@@ -356,19 +356,21 @@ func TestTimeouts(t *testing.T) {
 	c := n.Client()
 	ctx := ctxT(t, time.Minute)
 	sb := create(t, c, chalkcompute.WithTimeout(2*time.Second))
-	idle := create(t, c, chalkcompute.WithIdleTimeout(2*time.Second))
-	info, err := sb.Wait(ctx)
-	if err != nil || info.EndReason != "timeout" {
-		t.Fatalf("timeout: %v %+v", err, info)
-	}
-	// The lifetime sandbox lived ~2s; the idle one was created after it and
-	// has been idle about as long. Keep it busy past its idle timeout.
-	deadline := time.Now().Add(3 * time.Second)
+	idle := create(t, c, chalkcompute.WithIdleTimeout(3*time.Second))
+	// Keep the idle-timeout sandbox busy from its start for longer than its
+	// idle timeout (each exec is activity). It must not race its idle timer:
+	// it starts right away, with execs milliseconds apart against a 3 s timeout.
+	deadline := time.Now().Add(4 * time.Second)
 	for time.Now().Before(deadline) {
 		mustExec(t, idle, "true")
 	}
 	if _, err := idle.Refresh(ctx); err != nil || idle.Info.State != "running" {
 		t.Fatalf("active sandbox ended by idle timeout: %v %+v", err, idle.Info)
+	}
+	// The lifetime sandbox ended after 2 s whatever it did.
+	info, err := sb.Wait(ctx)
+	if err != nil || info.EndReason != "timeout" {
+		t.Fatalf("timeout: %v %+v", err, info)
 	}
 	info, err = idle.Wait(ctx)
 	if err != nil || info.EndReason != "idle" {
