@@ -1,12 +1,12 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"strconv"
 	"time"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
@@ -107,26 +107,13 @@ func sbExposures(e *env) *cobra.Command {
 		Use:   "exposures ID",
 		Short: "List a sandbox's exposed ports",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) ([]*v1.Exposure, error) {
+			sb, err := c.Sandbox(ctx, args[0])
 			if err != nil {
-				return err
+				return nil, err
 			}
-			sb, err := c.Sandbox(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			xs, err := sb.Exposures(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				ms := make([]proto.Message, 0, len(xs))
-				for _, x := range xs {
-					ms = append(ms, x)
-				}
-				return e.printJSON(ms)
-			}
+			return sb.Exposures(ctx)
+		}, messages[*v1.Exposure], func(xs []*v1.Exposure) {
 			rows := make([][]string, 0, len(xs))
 			for _, x := range xs {
 				access := "private"
@@ -136,7 +123,6 @@ func sbExposures(e *env) *cobra.Command {
 				rows = append(rows, []string{strconv.Itoa(int(x.Port)), access, x.Url, x.PathUrl})
 			}
 			e.table("PORT\tACCESS\tURL\tPATH URL", rows)
-			return nil
-		},
+		}),
 	}
 }

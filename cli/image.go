@@ -7,7 +7,6 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
@@ -136,13 +135,7 @@ func imgList(e *env) *cobra.Command {
 		Args:    cobra.NoArgs,
 		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.Image, error) {
 			return c.ListImages(ctx)
-		}, func(imgs []*v1.Image) any {
-			ms := make([]proto.Message, 0, len(imgs))
-			for _, i := range imgs {
-				ms = append(ms, i)
-			}
-			return ms
-		}, func(imgs []*v1.Image) {
+		}, messages[*v1.Image], func(imgs []*v1.Image) {
 			rows := make([][]string, 0, len(imgs))
 			for _, i := range imgs {
 				rows = append(rows, []string{i.Ref, short(i.Digest), human(i.Size), fmt.Sprint(i.Warm)})

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 )
@@ -43,3 +44,12 @@ func removed(name string) any { return map[string]string{"removed": name} }
 
 // asIs is the JSON of a result printed as it is.
 func asIs[T any](v T) any { return v }
+
+// messages is the JSON of a list of API messages (printed as one array).
+func messages[M proto.Message](xs []M) any {
+	ms := make([]proto.Message, 0, len(xs))
+	for _, x := range xs {
+		ms = append(ms, x)
+	}
+	return ms
+}

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -275,11 +276,7 @@ func sbList(e *env) *cobra.Command {
 				return err
 			}
 			if e.json() {
-				ms := make([]proto.Message, 0, len(sbs))
-				for _, s := range sbs {
-					ms = append(ms, s)
-				}
-				return e.printJSON(ms)
+				return e.printJSON(messages(sbs))
 			}
 			rows := make([][]string, 0, len(sbs))
 			for _, s := range sbs {
@@ -503,32 +500,18 @@ func sbEgressLog(e *env) *cobra.Command {
 		Use:   "egress-log ID",
 		Short: "Show what the sandbox's network policy blocked",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) ([]*v1.EgressDrop, error) {
+			sb, err := c.Sandbox(ctx, args[0])
 			if err != nil {
-				return err
+				return nil, err
 			}
-			sb, err := c.Sandbox(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			drops, err := sb.EgressLog(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				ms := make([]proto.Message, 0, len(drops))
-				for _, d := range drops {
-					ms = append(ms, d)
-				}
-				return e.printJSON(ms)
-			}
+			return sb.EgressLog(ctx)
+		}, messages[*v1.EgressDrop], func(drops []*v1.EgressDrop) {
 			rows := make([][]string, 0, len(drops))
 			for _, d := range drops {
 				rows = append(rows, []string{d.Time, d.Proto, d.Dst, fmt.Sprint(d.Port), d.Name, fmt.Sprint(d.Count)})
 			}
 			e.table("TIME\tPROTO\tDESTINATION\tPORT\tNAME\tCOUNT", rows)
-			return nil
-		},
+		}),
 	}
 }
