@@ -55,6 +55,10 @@ type Config struct {
 	// {"docker.io": "https://registry-1.docker.io"}. An http:// URL is
 	// accessed without TLS.
 	Upstreams map[string]string
+	// MutableTags lets a put of a manifest by tag move a tag that names
+	// another manifest. Off by default: tags are immutable (immutable.go).
+	// Only the conformance test turns it on (the suite reuses tags).
+	MutableTags bool
 }
 
 // Registry is an embedded OCI registry serving over HTTP on a local address.
@@ -148,6 +152,10 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		return nil, fmt.Errorf("registry address %s: %w", addr, errdefs.ErrInvalidArgument)
 	}
 
+	var handler http.Handler = &immutableTags{next: app}
+	if cfg.MutableTags {
+		handler = app
+	}
 	r := &Registry{
 		cfg:       cfg,
 		log:       log,
@@ -166,7 +174,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 			IdleConnTimeout:     90 * time.Second,
 		},
 		srv: &http.Server{
-			Handler:           newAuthHandler(creds, log, &immutableTags{next: app}),
+			Handler:           newAuthHandler(creds, log, handler),
 			ReadHeaderTimeout: 30 * time.Second,
 			BaseContext:       func(net.Listener) context.Context { return appCtx },
 			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
