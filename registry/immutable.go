@@ -118,11 +118,14 @@ func (h *immutableTags) current(r *http.Request, repo, tag string) (string, erro
 	}
 }
 
-// headRecorder is the http.ResponseWriter of the tag probe: it keeps the
-// status and headers and drops the body.
+// headRecorder is the http.ResponseWriter of internal probes: it keeps the
+// status and headers and drops the body (or keeps its start).
 type headRecorder struct {
 	header http.Header
 	status int
+	// body, if not nil, keeps the first max bytes of the body.
+	body *bytes.Buffer
+	max  int
 }
 
 func (h *headRecorder) Header() http.Header { return h.header }
@@ -135,5 +138,8 @@ func (h *headRecorder) WriteHeader(code int) {
 
 func (h *headRecorder) Write(b []byte) (int, error) {
 	h.WriteHeader(http.StatusOK)
+	if h.body != nil && h.body.Len() < h.max {
+		h.body.Write(b[:min(len(b), h.max-h.body.Len())])
+	}
 	return len(b), nil
 }

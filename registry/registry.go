@@ -22,6 +22,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"runtime"
 	"sync"
 	"time"
@@ -152,10 +153,11 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		return nil, fmt.Errorf("registry address %s: %w", addr, errdefs.ErrInvalidArgument)
 	}
 
-	var handler http.Handler = &immutableTags{next: app}
-	if cfg.MutableTags {
-		handler = app
+	var handler http.Handler = &ociHandler{next: app, log: log, dir: filepath.Join(cfg.RootDir, "chalk-oci"), os: "linux", arch: runtime.GOARCH}
+	if !cfg.MutableTags {
+		handler = &immutableTags{next: handler}
 	}
+	handler = &recoverHandler{next: newAuthHandler(creds, log, handler), log: log}
 	r := &Registry{
 		cfg:       cfg,
 		log:       log,
@@ -174,7 +176,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 			IdleConnTimeout:     90 * time.Second,
 		},
 		srv: &http.Server{
-			Handler:           newAuthHandler(creds, log, handler),
+			Handler:           handler,
 			ReadHeaderTimeout: 30 * time.Second,
 			BaseContext:       func(net.Listener) context.Context { return appCtx },
 			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
@@ -231,10 +233,15 @@ func distributionConfig(root string) *configuration.Configuration {
 	var secret [32]byte
 	_, _ = rand.Read(secret[:])
 	c.HTTP.Secret = fmt.Sprintf("%x", secret)
-	// Pull-through caches only the node's platform out of a multi-platform
-	// index, so only that platform's child must exist when an index is put.
-	c.Validation.Manifests.Indexes.Platforms = "list"
-	c.Validation.Manifests.Indexes.PlatformList = []configuration.Platform{{Architecture: runtime.GOARCH, OS: "linux"}}
+	// distribution's check of an index's children panics on a child
+	// without a platform (an index of indexes); ociHandler checks them
+	// instead (only the node's platform and platform-less children must
+	// exist: pull-through caches only the node's platform).
+	c.Validation.Manifests.Indexes.Platforms = "none"
+	// Foreign (non-distributable) layer URLs are accepted over https only;
+	// distribution refuses every URL by default, with a 500. Nothing in
+	// chalkd fetches them: see docs/SECURITY.md.
+	c.Validation.Manifests.URLs.Allow = []string{"^https://"}
 	return c
 }
 

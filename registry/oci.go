@@ -1,0 +1,643 @@
+package registry
+
+import (
+	"bytes"
+	"crypto/sha256"
+	_ "crypto/sha512" // registers sha512 with go-digest
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"slices"
+	"sort"
+	"strings"
+
+	"github.com/distribution/reference"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/chalkcompute/chalkcompute/atomicfile"
+)
+
+// What the OCI distribution-spec v1.1 asks of a registry that
+// distribution/distribution v3 does not do, done in front of it (it sits
+// behind the auth and immutable-tag handlers, so every request here has
+// already been authenticated and authorised):
+//
+//   - The referrers API: GET /v2/<name>/referrers/<digest>[?artifactType=]
+//     answers an image index of the manifests whose subject is <digest>, and
+//     a manifest put with a subject answers the OCI-Subject header.
+//     distribution keeps no such index, so we keep one: a small JSON
+//     descriptor per (subject, referrer) under <root>/chalk-oci/referrers,
+//     written before the put reaches distribution and checked against
+//     distribution (does the referrer still exist?) when listed, so a failed
+//     put or a deleted manifest never shows up.
+//   - Manifests addressed by a digest other than sha256 (sha512):
+//     distribution stores every manifest under its sha256 and refuses a put
+//     by another algorithm. We verify the body against the digest in the
+//     URL, store it under its sha256 and keep the alias in
+//     <root>/chalk-oci/digests; reads and deletes by the alias are served as
+//     the sha256 and answered with the digest the client asked for.
+//   - Blobs addressed by sha512: distribution stores and links them, but
+//     answers with the sha256 in Docker-Content-Digest and Location; we
+//     answer with the digest the client used.
+//   - Image indexes: distribution's child-manifest check dereferences the
+//     platform of every child and panics on a child without one (an index
+//     of indexes), which dropped the connection. distribution's check is
+//     off (Platforms "none") and this one replaces it: a child must exist
+//     if it has no platform or has the node's platform (pull-through keeps
+//     only that one out of a multi-platform index).
+//
+// Everything is bounded: manifest bodies (maxManifestBytes), children of an
+// index that are checked (maxIndexChildren), referrers per subject
+// (maxReferrers).
+
+const (
+	// maxIndexChildren bounds the manifests of an index put.
+	maxIndexChildren = 1000
+	// maxReferrers bounds the referrers recorded for one subject; a put
+	// that would add more is refused.
+	maxReferrers = 1000
+	// maxProbeManifestBytes bounds what is read of a manifest looked at
+	// before its deletion.
+	maxProbeManifestBytes = maxManifestBytes
+)
+
+const mediaTypeOCIIndex = "application/vnd.oci.image.index.v1+json"
+
+// ociHandler implements the parts of the OCI distribution spec above.
+type ociHandler struct {
+	next http.Handler
+	log  *slog.Logger
+	// dir is <root>/chalk-oci.
+	dir string
+	// platform the children of an index must exist for ("linux", GOARCH).
+	os, arch string
+}
+
+// route is a parsed /v2/<name>/<kind>/<ref> path.
+type route struct {
+	name string
+	kind string // "manifests", "blobs", "uploads", "referrers"
+	ref  string
+}
+
+func parseRoute(p string) (route, bool) {
+	rest, ok := strings.CutPrefix(p, "/v2/")
+	if !ok {
+		return route{}, false
+	}
+	for _, kind := range []string{"/blobs/uploads/", "/manifests/", "/referrers/", "/blobs/"} {
+		i := strings.LastIndex(rest, kind)
+		if i <= 0 {
+			continue
+		}
+		k := strings.Trim(kind, "/")
+		if kind == "/blobs/uploads/" {
+			k = "uploads"
+		}
+		return route{name: rest[:i], kind: k, ref: rest[i+len(kind):]}, true
+	}
+	return route{}, false
+}
+
+func (h *ociHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	rt, ok := parseRoute(r.URL.Path)
+	if !ok {
+		h.next.ServeHTTP(w, r)
+		return
+	}
+	if rt.kind == "referrers" {
+		h.referrers(w, r, rt)
+		return
+	}
+	if _, err := reference.WithName(rt.name); err != nil {
+		h.next.ServeHTTP(w, r) // distribution answers NAME_INVALID
+		return
+	}
+	switch rt.kind {
+	case "manifests":
+		switch r.Method {
+		case http.MethodPut:
+			h.putManifest(w, r, rt)
+			return
+		case http.MethodGet, http.MethodHead, http.MethodDelete:
+			h.manifest(w, r, rt)
+			return
+		}
+	case "blobs":
+		if d, err := digest.Parse(rt.ref); err == nil && d.Algorithm() != digest.SHA256 {
+			h.next.ServeHTTP(asDigest(w, d, 0, ""), r)
+			return
+		}
+	case "uploads":
+		// Completing an upload (PUT ...?digest=) or mounting (POST ...?mount=)
+		// by sha512: answer with that digest.
+		q := r.URL.Query()
+		ds := q.Get("digest")
+		if r.Method == http.MethodPost && q.Get("mount") != "" {
+			ds = q.Get("mount")
+		}
+		if d, err := digest.Parse(ds); err == nil && d.Algorithm() != digest.SHA256 {
+			h.next.ServeHTTP(asDigest(w, d, http.StatusCreated, "/v2/"+rt.name+"/blobs/"+d.String()), r)
+			return
+		}
+	}
+	h.next.ServeHTTP(w, r)
+}
+
+// asDigest answers with d as Docker-Content-Digest (and location as
+// Location, if set) on a success (only on status only, if not 0: an upload
+// answers 202 with the location of the upload session).
+func asDigest(w http.ResponseWriter, d digest.Digest, only int, location string) http.ResponseWriter {
+	return &hookWriter{ResponseWriter: w, hook: func(status int, hd http.Header) {
+		if status < 200 || status > 299 || (only != 0 && status != only) {
+			return
+		}
+		if hd.Get("Docker-Content-Digest") != "" {
+			hd.Set("Docker-Content-Digest", d.String())
+		}
+		if hd.Get("Etag") != "" {
+			hd.Set("Etag", `"`+d.String()+`"`)
+		}
+		if location != "" && hd.Get("Location") != "" {
+			hd.Set("Location", location)
+		}
+	}}
+}
+
+// manifestDoc is what we read of a manifest or index.
+type manifestDoc struct {
+	SchemaVersion int    `json:"schemaVersion"`
+	MediaType     string `json:"mediaType"`
+	ArtifactType  string `json:"artifactType"`
+	Config        *struct {
+		MediaType string `json:"mediaType"`
+	} `json:"config"`
+	Subject *struct {
+		Digest string `json:"digest"`
+	} `json:"subject"`
+	Manifests []struct {
+		Digest   string `json:"digest"`
+		Platform *struct {
+			OS           string `json:"os"`
+			Architecture string `json:"architecture"`
+		} `json:"platform"`
+	} `json:"manifests"`
+	Annotations map[string]string `json:"annotations"`
+}
+
+// descriptor is an entry of a referrers list.
+type descriptor struct {
+	MediaType    string            `json:"mediaType"`
+	Digest       string            `json:"digest"`
+	Size         int64             `json:"size"`
+	ArtifactType string            `json:"artifactType,omitempty"`
+	Annotations  map[string]string `json:"annotations,omitempty"`
+}
+
+func isIndex(mediaType string) bool {
+	return mediaType == mediaTypeOCIIndex || mediaType == "application/vnd.docker.distribution.manifest.list.v2+json"
+}
+
+func (h *ociHandler) putManifest(w http.ResponseWriter, r *http.Request, rt route) {
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxManifestBytes+1))
+	if err != nil {
+		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", "reading the manifest: "+err.Error())
+		return
+	}
+	if len(body) > maxManifestBytes {
+		writeRegistryError(w, http.StatusRequestEntityTooLarge, "SIZE_INVALID", "manifest too large")
+		return
+	}
+	sum := sha256.Sum256(body)
+	canonical := digest.NewDigestFromEncoded(digest.SHA256, hex.EncodeToString(sum[:]))
+	asked := canonical // the digest the client addresses the manifest by
+	if strings.Contains(rt.ref, ":") {
+		d, err := digest.Parse(rt.ref)
+		if err != nil {
+			writeRegistryError(w, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("manifest digest %q: %v", rt.ref, err))
+			return
+		}
+		if d.Algorithm() != digest.SHA256 {
+			if d.Algorithm().FromBytes(body) != d {
+				writeRegistryError(w, http.StatusBadRequest, "DIGEST_INVALID", "the manifest does not match digest "+d.String())
+				return
+			}
+			asked = d
+		}
+	}
+	var doc manifestDoc
+	if err := json.Unmarshal(body, &doc); err != nil {
+		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", "manifest is not JSON: "+err.Error())
+		return
+	}
+	mediaType := r.Header.Get("Content-Type")
+	if doc.MediaType != "" && mediaType != "" && doc.MediaType != mediaType {
+		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID",
+			fmt.Sprintf("manifest mediaType %q differs from Content-Type %q", doc.MediaType, mediaType))
+		return
+	}
+	if mediaType == "" {
+		mediaType = doc.MediaType
+	}
+	if isIndex(mediaType) {
+		if !h.childrenExist(w, r, rt, &doc) {
+			return
+		}
+	}
+
+	var subject digest.Digest
+	if doc.Subject != nil {
+		subject, err = digest.Parse(doc.Subject.Digest)
+		if err != nil {
+			writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", fmt.Sprintf("subject digest %q: %v", doc.Subject.Digest, err))
+			return
+		}
+		artifactType := doc.ArtifactType
+		if artifactType == "" && doc.Config != nil {
+			artifactType = doc.Config.MediaType
+		}
+		// Recorded before the put: a put that fails leaves a record whose
+		// manifest does not exist, which listing skips; a put that succeeds
+		// is never without its record.
+		if err := h.addReferrer(rt.name, subject, descriptor{
+			MediaType: mediaType, Digest: asked.String(), Size: int64(len(body)),
+			ArtifactType: artifactType, Annotations: doc.Annotations,
+		}); err != nil {
+			h.fail(w, "recording referrer", err)
+			return
+		}
+	}
+	if asked != canonical {
+		if err := h.setAlias(rt.name, asked, canonical); err != nil {
+			h.fail(w, "recording digest alias", err)
+			return
+		}
+		r = withPath(r, "/v2/"+rt.name+"/manifests/"+canonical.String())
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.ContentLength = int64(len(body))
+	h.next.ServeHTTP(&hookWriter{ResponseWriter: w, hook: func(status int, hd http.Header) {
+		if status != http.StatusCreated {
+			return
+		}
+		if subject != "" {
+			hd.Set("OCI-Subject", subject.String())
+		}
+		if asked != canonical {
+			hd.Set("Docker-Content-Digest", asked.String())
+			hd.Set("Location", "/v2/"+rt.name+"/manifests/"+asked.String())
+		}
+	}}, r)
+}
+
+// childrenExist checks the children of an index put; false means it answered.
+func (h *ociHandler) childrenExist(w http.ResponseWriter, r *http.Request, rt route, doc *manifestDoc) bool {
+	if len(doc.Manifests) > maxIndexChildren {
+		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID",
+			fmt.Sprintf("index has %d manifests, more than the %d allowed", len(doc.Manifests), maxIndexChildren))
+		return false
+	}
+	for _, c := range doc.Manifests {
+		d, err := digest.Parse(c.Digest)
+		if err != nil {
+			writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", fmt.Sprintf("index child digest %q: %v", c.Digest, err))
+			return false
+		}
+		if c.Platform != nil && (c.Platform.OS != h.os || c.Platform.Architecture != h.arch) {
+			continue // another platform's child may be absent (pull-through keeps only ours)
+		}
+		status, _ := h.probe(r, http.MethodHead, rt.name, d, nil)
+		switch status {
+		case http.StatusOK:
+		case http.StatusNotFound:
+			writeRegistryError(w, http.StatusBadRequest, "MANIFEST_BLOB_UNKNOWN", "index child "+d.String()+" is not in "+rt.name)
+			return false
+		default:
+			writeRegistryError(w, http.StatusServiceUnavailable, "UNAVAILABLE",
+				fmt.Sprintf("checking index child %s: status %d", d, status))
+			return false
+		}
+	}
+	return true
+}
+
+// probe asks the registry (through h, so that aliases resolve) for manifest
+// d of repository name, keeping up to max bytes of the body when body is not nil.
+func (h *ociHandler) probe(r *http.Request, method, name string, d digest.Digest, body *bytes.Buffer) (int, http.Header) {
+	req, err := http.NewRequestWithContext(r.Context(), method, "/v2/"+name+"/manifests/"+d.String(), nil)
+	if err != nil {
+		return http.StatusInternalServerError, nil
+	}
+	req.Host = r.Host
+	req.Header.Set("Accept", manifestMediaTypes)
+	rec := &headRecorder{header: http.Header{}, body: body, max: maxProbeManifestBytes}
+	h.manifest(rec, req, route{name: name, kind: "manifests", ref: d.String()})
+	if rec.status == 0 {
+		rec.status = http.StatusOK
+	}
+	return rec.status, rec.header
+}
+
+// manifest serves GET, HEAD and DELETE of a manifest, resolving digest aliases.
+func (h *ociHandler) manifest(w http.ResponseWriter, r *http.Request, rt route) {
+	d, err := digest.Parse(rt.ref)
+	if err != nil {
+		if r.Method == http.MethodDelete {
+			h.next.ServeHTTP(w, r) // a tag delete
+			return
+		}
+		h.next.ServeHTTP(w, r)
+		return
+	}
+	target := d
+	if d.Algorithm() != digest.SHA256 {
+		c, err := h.alias(rt.name, d)
+		if errors.Is(err, fs.ErrNotExist) {
+			writeRegistryError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", "manifest unknown: "+d.String())
+			return
+		}
+		if err != nil {
+			h.fail(w, "reading digest alias", err)
+			return
+		}
+		target = c
+		r = withPath(r, "/v2/"+rt.name+"/manifests/"+c.String())
+		w = asDigest(w, d, 0, "")
+	}
+	if r.Method != http.MethodDelete {
+		h.next.ServeHTTP(w, r)
+		return
+	}
+	// Before a delete, find the manifest's subject, to drop its referrer record.
+	var buf bytes.Buffer
+	var subject digest.Digest
+	if status, _ := h.probe(r, http.MethodGet, rt.name, target, &buf); status == http.StatusOK {
+		var doc manifestDoc
+		if json.Unmarshal(buf.Bytes(), &doc) == nil && doc.Subject != nil {
+			subject, _ = digest.Parse(doc.Subject.Digest)
+		}
+	}
+	rec := &statusWriter{ResponseWriter: w}
+	h.next.ServeHTTP(rec, r)
+	if rec.status != http.StatusAccepted {
+		return
+	}
+	if d != target {
+		if err := os.Remove(h.aliasPath(rt.name, d)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			h.log.Warn("registry: removing digest alias", "err", err)
+		}
+	}
+	if subject != "" {
+		for _, ref := range []digest.Digest{d, target} {
+			if err := os.Remove(h.referrerPath(rt.name, subject, ref)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				h.log.Warn("registry: removing referrer record", "err", err)
+			}
+		}
+	}
+}
+
+// referrers serves GET /v2/<name>/referrers/<digest>.
+func (h *ociHandler) referrers(w http.ResponseWriter, r *http.Request, rt route) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		writeRegistryError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "the referrers API is read-only")
+		return
+	}
+	if _, err := reference.WithName(rt.name); err != nil {
+		writeRegistryError(w, http.StatusBadRequest, "NAME_INVALID", fmt.Sprintf("repository name %q is invalid", rt.name))
+		return
+	}
+	subject, err := digest.Parse(rt.ref)
+	if err != nil {
+		writeRegistryError(w, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("digest %q: %v", rt.ref, err))
+		return
+	}
+	list, err := h.listReferrers(r, rt.name, subject)
+	if err != nil {
+		h.fail(w, "listing referrers", err)
+		return
+	}
+	if at := r.URL.Query().Get("artifactType"); at != "" {
+		list = slices.DeleteFunc(list, func(d descriptor) bool { return d.ArtifactType != at })
+		w.Header().Set("OCI-Filters-Applied", "artifactType")
+	}
+	b, err := json.Marshal(struct {
+		SchemaVersion int          `json:"schemaVersion"`
+		MediaType     string       `json:"mediaType"`
+		Manifests     []descriptor `json:"manifests"`
+	}{2, mediaTypeOCIIndex, list})
+	if err != nil {
+		h.fail(w, "listing referrers", err)
+		return
+	}
+	w.Header().Set("Content-Type", mediaTypeOCIIndex)
+	w.Header().Set("Content-Length", fmt.Sprint(len(b)))
+	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodGet {
+		_, _ = w.Write(b)
+	}
+}
+
+// listReferrers returns the recorded referrers of subject whose manifest
+// exists, sorted by digest.
+func (h *ociHandler) listReferrers(r *http.Request, name string, subject digest.Digest) ([]descriptor, error) {
+	entries, err := os.ReadDir(h.subjectDir(name, subject))
+	if errors.Is(err, fs.ErrNotExist) {
+		return []descriptor{}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	list := []descriptor{}
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(h.subjectDir(name, subject), e.Name()))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // removed meanwhile
+		}
+		if err != nil {
+			return nil, err
+		}
+		var d descriptor
+		if err := json.Unmarshal(b, &d); err != nil {
+			h.log.Warn("registry: malformed referrer record", "file", e.Name(), "err", err)
+			continue
+		}
+		dd, err := digest.Parse(d.Digest)
+		if err != nil {
+			continue
+		}
+		if status, _ := h.probe(r, http.MethodHead, name, dd, nil); status != http.StatusOK {
+			continue // its put failed or it was deleted
+		}
+		list = append(list, d)
+	}
+	sort.Slice(list, func(i, j int) bool { return list[i].Digest < list[j].Digest })
+	return list, nil
+}
+
+func (h *ociHandler) subjectDir(name string, subject digest.Digest) string {
+	return filepath.Join(h.dir, "referrers", filepath.FromSlash(name), string(subject.Algorithm()), subject.Encoded())
+}
+
+func (h *ociHandler) referrerPath(name string, subject, ref digest.Digest) string {
+	return filepath.Join(h.subjectDir(name, subject), string(ref.Algorithm())+"-"+ref.Encoded()+".json")
+}
+
+func (h *ociHandler) addReferrer(name string, subject digest.Digest, d descriptor) error {
+	ref, err := digest.Parse(d.Digest)
+	if err != nil {
+		return err
+	}
+	dir := h.subjectDir(name, subject)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	p := h.referrerPath(name, subject, ref)
+	if _, err := os.Stat(p); err != nil {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			return err
+		}
+		if len(entries) >= maxReferrers {
+			return fmt.Errorf("subject %s already has %d referrers, the most allowed: %w", subject, len(entries), errTooMany)
+		}
+	}
+	b, err := json.Marshal(d)
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(p, b, 0o600)
+}
+
+var errTooMany = errors.New("too many")
+
+func (h *ociHandler) aliasPath(name string, d digest.Digest) string {
+	return filepath.Join(h.dir, "digests", filepath.FromSlash(name), string(d.Algorithm()), d.Encoded())
+}
+
+func (h *ociHandler) setAlias(name string, d, canonical digest.Digest) error {
+	p := h.aliasPath(name, d)
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(p, []byte(canonical.String()), 0o600)
+}
+
+func (h *ociHandler) alias(name string, d digest.Digest) (digest.Digest, error) {
+	b, err := os.ReadFile(h.aliasPath(name, d))
+	if err != nil {
+		return "", err
+	}
+	c, err := digest.Parse(strings.TrimSpace(string(b)))
+	if err != nil || c.Algorithm() != digest.SHA256 {
+		return "", fmt.Errorf("digest alias of %s is malformed", d)
+	}
+	return c, nil
+}
+
+func (h *ociHandler) fail(w http.ResponseWriter, what string, err error) {
+	if errors.Is(err, errTooMany) {
+		writeRegistryError(w, http.StatusBadRequest, "DENIED", err.Error())
+		return
+	}
+	h.log.Error("registry: "+what, "err", err)
+	writeRegistryError(w, http.StatusInternalServerError, "UNKNOWN", what+" failed")
+}
+
+// withPath returns a shallow copy of r for path p.
+func withPath(r *http.Request, p string) *http.Request {
+	r2 := r.Clone(r.Context())
+	u := *r.URL
+	u.Path, u.RawPath = p, ""
+	r2.URL = &u
+	r2.RequestURI = (&url.URL{Path: p, RawQuery: u.RawQuery}).RequestURI()
+	return r2
+}
+
+// hookWriter calls hook with the status and headers just before they are
+// written.
+type hookWriter struct {
+	http.ResponseWriter
+	hook  func(status int, h http.Header)
+	wrote bool
+}
+
+func (w *hookWriter) WriteHeader(code int) {
+	if !w.wrote {
+		w.wrote = true
+		w.hook(code, w.Header())
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *hookWriter) Write(b []byte) (int, error) {
+	if !w.wrote {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *hookWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// statusWriter records the status written.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// recoverHandler turns a panic while serving a request into a logged error
+// and a 500 answer, where net/http would drop the connection and log at a
+// level we do not show.
+type recoverHandler struct {
+	next http.Handler
+	log  *slog.Logger
+}
+
+func (h *recoverHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	sw := &statusWriter{ResponseWriter: w}
+	defer func() {
+		p := recover()
+		if p == nil {
+			return
+		}
+		if p == http.ErrAbortHandler {
+			panic(p)
+		}
+		h.log.Error("registry: panic serving a request", "method", r.Method, "path", r.URL.Path, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+		if sw.status == 0 {
+			writeRegistryError(w, http.StatusInternalServerError, "UNKNOWN", "internal error")
+			return
+		}
+		panic(http.ErrAbortHandler) // the answer is half written: the client must see it broken
+	}()
+	h.next.ServeHTTP(sw, r)
+}
