@@ -1,10 +1,12 @@
 package registry
 
 import (
-	"encoding/xml"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +21,9 @@ import (
 // list, referrers) and content management (tag, manifest and blob delete),
 // with every kind of test data the suite has (sha512, nested indexes,
 // artifacts, subjects, ...).
+//
+// The counts (the suite's own) are logged; every test must pass except the
+// mount without a source repository, which we decline (see below).
 //
 // It runs against a registry with mutable tags (Config.MutableTags): the
 // suite pushes different manifests under the same tag, which the default
@@ -64,6 +69,7 @@ func TestOCIConformance(t *testing.T) {
 		"OCI_API_TAGS_DELETE=true",
 		"OCI_API_MANIFESTS_DELETE=true",
 		"OCI_API_BLOBS_DELETE=true",
+		"OCI_API_BLOBS_UPLOAD_CANCEL=true", // off by default in the suite
 		"OCI_DATA_SHA512=true",
 		"OCI_DATA_INDEX_LIST=true",
 	}
@@ -78,46 +84,67 @@ func TestOCIConformance(t *testing.T) {
 	out, runErr := cmd.CombinedOutput()
 	elapsed := time.Since(start)
 
-	b, err := os.ReadFile(filepath.Join(results, "junit.xml"))
+	counts, leaves, err := parseConformanceReport(string(out))
 	if err != nil {
-		t.Fatalf("no results from the conformance suite (%v): %v\n%s", runErr, err, out)
+		t.Fatalf("conformance suite (%v): %v\n%s", runErr, err, out)
 	}
-	var suites struct {
-		Suites []struct {
-			Cases []struct {
-				Name   string `xml:"name,attr"`
-				Status string `xml:"status,attr"`
-				Out    string `xml:"system-out"`
-			} `xml:"testcase"`
-		} `xml:"testsuite"`
-	}
-	if err := xml.Unmarshal(b, &suites); err != nil {
-		t.Fatalf("junit.xml: %v", err)
-	}
-	counts := map[string]int{}
-	var failed []string
-	total := 0
-	for _, s := range suites.Suites {
-		for _, c := range s.Cases {
-			total++
-			counts[c.Status]++
-			if c.Status != "passed" && c.Status != "skipped" {
-				failed = append(failed, c.Name+": "+strings.TrimSpace(c.Out))
-			}
+	t.Logf("OCI distribution-spec v1.1 conformance: %d of %d pass, %d fail, %d error, %d skip, %d disabled (%.1f s)",
+		counts["Pass"], counts["Total"], counts["FAIL"], counts["Error"], counts["Skip"], counts["Disabled"], elapsed.Seconds())
+	for _, l := range leaves {
+		switch {
+		case l.status == "Pass":
+		case l.status == "Skip" && strings.HasSuffix(l.name, "/blob-mount-anonymous"):
+			// A mount without a source repository: declined on purpose
+			// (docs/SECURITY.md); the spec's answer, an upload session, is
+			// what the suite falls back to.
+		default:
+			t.Errorf("conformance: %s: %s%s", l.name, l.status, l.detail)
 		}
 	}
-	t.Logf("OCI distribution-spec conformance: %d of %d passed, %d failed, %d errors, %d skipped (%.1f s)",
-		counts["passed"], total, counts["failure"], counts["error"], counts["skipped"], elapsed.Seconds())
-	for _, f := range failed {
-		t.Errorf("conformance: %s", f)
+	if counts["FAIL"] != 0 || counts["Error"] != 0 || counts["Disabled"] != 0 || counts["Pass"] == 0 {
+		t.Errorf("conformance counts: %v", counts)
 	}
-	if counts["skipped"] != 0 {
-		t.Errorf("%d conformance tests skipped: a feature the suite probes is missing\n%s", counts["skipped"], out)
-	}
-	if total == 0 {
-		t.Fatalf("the conformance suite ran no tests\n%s", out)
-	}
-	if runErr != nil && len(failed) == 0 {
+	if runErr != nil && counts["FAIL"] == 0 && counts["Error"] == 0 {
 		t.Errorf("conformance suite: %v\n%s", runErr, out)
 	}
+}
+
+type conformanceLeaf struct{ name, status, detail string }
+
+var (
+	conformanceCount = regexp.MustCompile(`^\s+(Disabled|Skip|Pass|FAIL|Error|Total)\.+:\s+(\d+)$`)
+	conformanceTest  = regexp.MustCompile(`^(\s*)(OCI Conformance Test/.*): (Disabled|Skip|Pass|FAIL|Error|Unknown)$`)
+)
+
+// parseConformanceReport reads the suite's report: its own counts and the
+// status of each test that has no sub-tests, with its error lines.
+func parseConformanceReport(out string) (map[string]int, []conformanceLeaf, error) {
+	counts := map[string]int{}
+	var leaves []conformanceLeaf
+	lines := strings.Split(out, "\n")
+	for i, line := range lines {
+		if m := conformanceCount.FindStringSubmatch(line); m != nil {
+			n, _ := strconv.Atoi(m[2])
+			counts[m[1]] = n
+			continue
+		}
+		m := conformanceTest.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		if i+1 < len(lines) {
+			if next := conformanceTest.FindStringSubmatch(lines[i+1]); next != nil && len(next[1]) > len(m[1]) {
+				continue // has sub-tests
+			}
+		}
+		l := conformanceLeaf{name: m[2], status: m[3]}
+		for j := i + 1; j < len(lines) && strings.HasPrefix(strings.TrimSpace(lines[j]), "- "); j++ {
+			l.detail += "\n\t" + strings.TrimSpace(lines[j])
+		}
+		leaves = append(leaves, l)
+	}
+	if _, ok := counts["Total"]; !ok || len(leaves) == 0 {
+		return nil, nil, errors.New("no counts in the suite's report")
+	}
+	return counts, leaves, nil
 }

@@ -82,3 +82,47 @@ func FuzzTagPut(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseRoute checks that parseRoute reads every manifest, blob and
+// upload path distribution's router takes as distribution does (same
+// repository, same reference): otherwise a request could reach distribution
+// past the checks of ociHandler (index children, subjects, digest aliases).
+func FuzzParseRoute(f *testing.F) {
+	for _, s := range []string{
+		"/v2/docker.io/library/busybox/manifests/latest",
+		"/v2/a/manifests/sha512:" + strings.Repeat("a", 128),
+		"/v2/a/blobs/sha256:" + strings.Repeat("a", 64),
+		"/v2/a/blobs/uploads/", "/v2/a/blobs/uploads/0123-abcd",
+		"/v2/a/blobs/uploads/x/manifests/t", "/v2/a/manifests/blobs/uploads/",
+		"/v2/blobs/blobs/blobs", "/v2/a/referrers/manifests/t",
+	} {
+		f.Add(s)
+	}
+	router := v2.Router()
+	f.Fuzz(func(t *testing.T, path string) {
+		for _, method := range []string{http.MethodGet, http.MethodPut, http.MethodPost} {
+			req := &http.Request{Method: method, URL: &url.URL{Path: path}, Header: http.Header{}}
+			var m mux.RouteMatch
+			if !router.Match(req, &m) || m.MatchErr != nil || m.Handler != nil {
+				continue
+			}
+			var kind, ref string
+			switch m.Route.GetName() {
+			case v2.RouteNameManifest:
+				kind, ref = "manifests", m.Vars["reference"]
+			case v2.RouteNameBlob:
+				kind, ref = "blobs", m.Vars["digest"]
+			case v2.RouteNameBlobUpload:
+				kind = "uploads"
+			case v2.RouteNameBlobUploadChunk:
+				kind, ref = "uploads", m.Vars["uuid"]
+			default:
+				continue
+			}
+			rt, ok := parseRoute(path)
+			if !ok || rt.name != m.Vars["name"] || rt.kind != kind || rt.ref != ref {
+				t.Fatalf("%s %q: distribution routes %s of %q, ref %q; parseRoute = %+v, %v", method, path, kind, m.Vars["name"], ref, rt, ok)
+			}
+		}
+	})
+}

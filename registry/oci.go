@@ -20,6 +20,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
@@ -58,14 +59,14 @@ import (
 //
 // Everything is bounded: manifest bodies (maxManifestBytes), children of an
 // index that are checked (maxIndexChildren), referrers per subject
-// (maxReferrers).
+// (defaultMaxReferrers).
 
 const (
 	// maxIndexChildren bounds the manifests of an index put.
 	maxIndexChildren = 1000
-	// maxReferrers bounds the referrers recorded for one subject; a put
-	// that would add more is refused.
-	maxReferrers = 1000
+	// defaultMaxReferrers bounds the referrers recorded for one subject; a
+	// put that would add more is refused.
+	defaultMaxReferrers = 1000
 	// maxProbeManifestBytes bounds what is read of a manifest looked at
 	// before its deletion.
 	maxProbeManifestBytes = maxManifestBytes
@@ -81,6 +82,11 @@ type ociHandler struct {
 	dir string
 	// platform the children of an index must exist for ("linux", GOARCH).
 	os, arch string
+	// maxReferrers bounds the referrers recorded for one subject
+	// (defaultMaxReferrers); a put that would add more is refused.
+	maxReferrers int
+	// recMu serialises the puts and deletes that change records.
+	recMu sync.Mutex
 }
 
 // route is a parsed /v2/<name>/<kind>/<ref> path.
@@ -95,16 +101,23 @@ func parseRoute(p string) (route, bool) {
 	if !ok {
 		return route{}, false
 	}
-	for _, kind := range []string{"/blobs/uploads/", "/manifests/", "/referrers/", "/blobs/"} {
-		i := strings.LastIndex(rest, kind)
-		if i <= 0 {
+	// The reference (tag, digest, upload id) is the last path element, as
+	// in distribution's router: the kind is the marker right before it, and
+	// the name everything before that (a name may contain "manifests").
+	slash := strings.LastIndex(rest, "/")
+	if slash <= 0 {
+		return route{}, false
+	}
+	name, ref := rest[:slash], rest[slash+1:]
+	for _, kind := range []string{"blobs/uploads", "manifests", "referrers", "blobs"} {
+		n, ok := strings.CutSuffix(name, "/"+kind)
+		if !ok || n == "" {
 			continue
 		}
-		k := strings.Trim(kind, "/")
-		if kind == "/blobs/uploads/" {
-			k = "uploads"
+		if kind == "blobs/uploads" {
+			kind = "uploads"
 		}
-		return route{name: rest[:i], kind: k, ref: rest[i+len(kind):]}, true
+		return route{name: n, kind: kind, ref: ref}, true
 	}
 	return route{}, false
 }
@@ -203,7 +216,24 @@ type manifestDoc struct {
 			Architecture string `json:"architecture"`
 		} `json:"platform"`
 	} `json:"manifests"`
+	Layers []struct {
+		URLs []string `json:"urls"`
+	} `json:"layers"`
 	Annotations map[string]string `json:"annotations"`
+}
+
+// foreignURLs refuses layer URLs other than https ones (distribution refuses
+// them too, but with a 500 that names nothing).
+func foreignURLs(doc *manifestDoc) error {
+	for i, l := range doc.Layers {
+		for _, s := range l.URLs {
+			u, err := url.Parse(s)
+			if err != nil || u.Scheme != "https" || u.Host == "" || u.Fragment != "" {
+				return fmt.Errorf("layer %d: URL %q: only https URLs without a fragment are accepted", i, s)
+			}
+		}
+	}
+	return nil
 }
 
 // descriptor is an entry of a referrers list.
@@ -266,7 +296,19 @@ func (h *ociHandler) putManifest(w http.ResponseWriter, r *http.Request, rt rout
 		}
 	}
 
+	if err := foreignURLs(&doc); err != nil {
+		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", err.Error())
+		return
+	}
 	var subject digest.Digest
+	var undo []string // records to remove if the put fails
+	if doc.Subject != nil || asked != canonical {
+		// One put or delete with records at a time: a failed put removing
+		// the record it created cannot remove it under a concurrent put of
+		// the same manifest that succeeds.
+		h.recMu.Lock()
+		defer h.recMu.Unlock()
+	}
 	if doc.Subject != nil {
 		subject, err = digest.Parse(doc.Subject.Digest)
 		if err != nil {
@@ -280,18 +322,26 @@ func (h *ociHandler) putManifest(w http.ResponseWriter, r *http.Request, rt rout
 		// Recorded before the put: a put that fails leaves a record whose
 		// manifest does not exist, which listing skips; a put that succeeds
 		// is never without its record.
-		if err := h.addReferrer(rt.name, subject, descriptor{
+		created, err := h.addReferrer(rt.name, subject, descriptor{
 			MediaType: mediaType, Digest: asked.String(), Size: int64(len(body)),
 			ArtifactType: artifactType, Annotations: doc.Annotations,
-		}); err != nil {
+		})
+		if err != nil {
 			h.fail(w, "recording referrer", err)
 			return
 		}
+		if created {
+			undo = append(undo, h.referrerPath(rt.name, subject, asked))
+		}
 	}
 	if asked != canonical {
-		if err := h.setAlias(rt.name, asked, canonical); err != nil {
+		created, err := h.setAlias(rt.name, asked, canonical)
+		if err != nil {
 			h.fail(w, "recording digest alias", err)
 			return
+		}
+		if created {
+			undo = append(undo, h.aliasPath(rt.name, asked))
 		}
 		r = withPath(r, "/v2/"+rt.name+"/manifests/"+canonical.String())
 	}
@@ -299,6 +349,12 @@ func (h *ociHandler) putManifest(w http.ResponseWriter, r *http.Request, rt rout
 	r.ContentLength = int64(len(body))
 	h.next.ServeHTTP(&hookWriter{ResponseWriter: w, hook: func(status int, hd http.Header) {
 		if status != http.StatusCreated {
+			// Drop the records this put created.
+			for _, p := range undo {
+				if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+					h.log.Warn("registry: removing the record of a failed put", "err", err)
+				}
+			}
 			return
 		}
 		if subject != "" {
@@ -398,6 +454,8 @@ func (h *ociHandler) manifest(w http.ResponseWriter, r *http.Request, rt route) 
 			subject, _ = digest.Parse(doc.Subject.Digest)
 		}
 	}
+	h.recMu.Lock()
+	defer h.recMu.Unlock()
 	rec := &statusWriter{ResponseWriter: w}
 	h.next.ServeHTTP(rec, r)
 	if rec.status != http.StatusAccepted {
@@ -508,30 +566,34 @@ func (h *ociHandler) referrerPath(name string, subject, ref digest.Digest) strin
 	return filepath.Join(h.subjectDir(name, subject), string(ref.Algorithm())+"-"+ref.Encoded()+".json")
 }
 
-func (h *ociHandler) addReferrer(name string, subject digest.Digest, d descriptor) error {
+// addReferrer records d as a referrer of subject; created says whether the
+// record is new.
+func (h *ociHandler) addReferrer(name string, subject digest.Digest, d descriptor) (created bool, err error) {
 	ref, err := digest.Parse(d.Digest)
 	if err != nil {
-		return err
+		return false, err
 	}
 	dir := h.subjectDir(name, subject)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
+		return false, err
 	}
 	p := h.referrerPath(name, subject, ref)
-	if _, err := os.Stat(p); err != nil {
+	_, err = os.Stat(p)
+	created = err != nil
+	if created {
 		entries, err := os.ReadDir(dir)
 		if err != nil {
-			return err
+			return false, err
 		}
-		if len(entries) >= maxReferrers {
-			return fmt.Errorf("subject %s already has %d referrers, the most allowed: %w", subject, len(entries), errTooMany)
+		if len(entries) >= h.maxReferrers {
+			return false, fmt.Errorf("subject %s already has %d referrers, the most allowed: %w", subject, len(entries), errTooMany)
 		}
 	}
 	b, err := json.Marshal(d)
 	if err != nil {
-		return err
+		return false, err
 	}
-	return atomicfile.WriteFile(p, b, 0o600)
+	return created, atomicfile.WriteFile(p, b, 0o600)
 }
 
 var errTooMany = errors.New("too many")
@@ -540,12 +602,15 @@ func (h *ociHandler) aliasPath(name string, d digest.Digest) string {
 	return filepath.Join(h.dir, "digests", filepath.FromSlash(name), string(d.Algorithm()), d.Encoded())
 }
 
-func (h *ociHandler) setAlias(name string, d, canonical digest.Digest) error {
+// setAlias records that d (not sha256) names the manifest canonical;
+// created says whether the record is new.
+func (h *ociHandler) setAlias(name string, d, canonical digest.Digest) (created bool, err error) {
 	p := h.aliasPath(name, d)
 	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		return err
+		return false, err
 	}
-	return atomicfile.WriteFile(p, []byte(canonical.String()), 0o600)
+	_, err = os.Stat(p)
+	return err != nil, atomicfile.WriteFile(p, []byte(canonical.String()), 0o600)
 }
 
 func (h *ociHandler) alias(name string, d digest.Digest) (digest.Digest, error) {

@@ -153,7 +153,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		return nil, fmt.Errorf("registry address %s: %w", addr, errdefs.ErrInvalidArgument)
 	}
 
-	var handler http.Handler = &ociHandler{next: app, log: log, dir: filepath.Join(cfg.RootDir, "chalk-oci"), os: "linux", arch: runtime.GOARCH}
+	var handler http.Handler = &ociHandler{next: app, log: log, dir: filepath.Join(cfg.RootDir, "chalk-oci"), os: "linux", arch: runtime.GOARCH, maxReferrers: defaultMaxReferrers}
 	if !cfg.MutableTags {
 		handler = &immutableTags{next: handler}
 	}
