@@ -71,6 +71,7 @@ type Registry struct {
 	host      name.Registry
 	creds     Credentials
 	app       *handlers.App
+	oci       *ociHandler
 	srv       *http.Server
 	serveErr  chan error
 	transport *http.Transport
@@ -153,7 +154,8 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		return nil, fmt.Errorf("registry address %s: %w", addr, errdefs.ErrInvalidArgument)
 	}
 
-	var handler http.Handler = &ociHandler{next: app, log: log, dir: filepath.Join(cfg.RootDir, "chalk-oci"), os: "linux", arch: runtime.GOARCH, maxReferrers: defaultMaxReferrers}
+	oci := &ociHandler{next: app, log: log, dir: filepath.Join(cfg.RootDir, "chalk-oci"), os: "linux", arch: runtime.GOARCH, maxReferrers: defaultMaxReferrers}
+	var handler http.Handler = oci
 	if !cfg.MutableTags {
 		handler = &immutableTags{next: handler}
 	}
@@ -166,6 +168,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		host:      host,
 		creds:     creds,
 		app:       app,
+		oci:       oci,
 		upstreams: ups,
 		serveErr:  make(chan error, 1),
 		transport: &http.Transport{
