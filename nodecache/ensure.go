@@ -178,6 +178,13 @@ func (c *Cache) pull(ctx context.Context, ref name.Digest, userRef string, p *re
 		diffID := cf.RootFS.DiffIDs[i]
 		g.Go(func() error {
 			layer, err := img.LayerByDigest(ld.Digest)
+			if len(ld.URLs) > 0 {
+				// A foreign (non-distributable) layer names URLs, which
+				// go-containerregistry falls back to when the registry
+				// lacks the blob: a node fetches layers only from its
+				// registry, so this one is read by digest alone.
+				layer, err = remote.Layer(ref.Context().Digest(ld.Digest.String()), c.remoteOptions(gctx)...)
+			}
 			if err != nil {
 				return registry.WrapRemoteError(ref.String()+" layer "+ld.Digest.String(), err)
 			}

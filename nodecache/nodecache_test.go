@@ -7,11 +7,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/compression"
@@ -404,6 +408,69 @@ func TestEnsureErrors(t *testing.T) {
 	}
 	if _, err := New(Config{Root: t.TempDir(), MaxBytes: -1}); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("New with negative MaxBytes: %v", err)
+	}
+}
+
+// TestForeignLayerFromRegistryOnly: a foreign (non-distributable) layer
+// is read from the registry like any other; when the registry lacks its
+// blob, the pull fails rather than fetching the URL the layer names (which
+// go-containerregistry would do).
+func TestForeignLayerFromRegistryOnly(t *testing.T) {
+	requireRoot(t)
+	var conns atomic.Int64
+	foreign := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	foreign.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	foreign.StartTLS()
+	t.Cleanup(foreign.Close)
+	// A host name, not an IP literal: go-containerregistry refuses
+	// loopback and private IP literals itself, but not names.
+	u := "https://localhost:" + strings.TrimPrefix(foreign.Listener.Addr().String(), "127.0.0.1:") + "/layer"
+
+	reg := newRegistry(t)
+	push := func(tag, content string) (name.Digest, v1.Hash) {
+		layer := makeLayer(t, gzipLayer, file{"f", content})
+		img, err := mutate.Append(mutate.MediaType(empty.Image, types.OCIManifestSchema1), mutate.Addendum{
+			Layer: layer, MediaType: types.OCIRestrictedLayer, URLs: []string{u},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, d := pushV1(t, reg, "test/foreign:"+tag, img)
+		ld, _ := layer.Digest()
+		return d, ld
+	}
+	c := newCache(t, reg, "", 0)
+
+	present, _ := push("present", "in the registry")
+	img, err := c.Ensure(t.Context(), present, nil)
+	if err != nil {
+		t.Fatalf("Ensure of an image whose foreign layer is in the registry: %v", err)
+	}
+	if got := readFile(t, filepath.Join(img.LowerDirs()[0], "f")); got != "in the registry" {
+		t.Errorf("foreign layer content %q", got)
+	}
+
+	absent, blob := push("absent", "not in the registry")
+	local, _ := reg.LocalRef("test/foreign:absent")
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodDelete, "http://"+reg.Addr()+"/v2/"+local.Context().RepositoryStr()+"/blobs/"+blob.String(), nil)
+	req.SetBasicAuth(reg.Credentials().Push.Username, reg.Credentials().Push.Password)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("deleting the layer blob: %s", resp.Status)
+	}
+	if _, err := c.Ensure(t.Context(), absent, nil); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("Ensure of an image whose foreign layer is not in the registry: %v, want not found", err)
+	}
+	if n := conns.Load(); n != 0 {
+		t.Errorf("the foreign layer's URL was fetched (%d connections)", n)
 	}
 }
 
