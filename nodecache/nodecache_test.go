@@ -30,6 +30,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/testca"
 	"github.com/chalkcompute/chalkcompute/registry"
 )
 
@@ -179,6 +180,57 @@ func TestEnsureCompressions(t *testing.T) {
 				t.Errorf("blob not kept: %v", err)
 			}
 		})
+	}
+}
+
+// TestEnsureFromRemoteRegistryOverTLS: a node's cache pulls from a registry
+// it reaches by address over HTTPS (as fleet nodes pull from the control
+// plane's), with the pull credential and the CA it was given; a cache that
+// trusts another CA pulls nothing.
+func TestEnsureFromRemoteRegistryOverTLS(t *testing.T) {
+	requireRoot(t)
+	ca := testca.New(t)
+	certFile, keyFile := ca.ServerFiles(t, net.ParseIP("127.0.0.1"))
+	reg, err := registry.New(t.Context(), registry.Config{RootDir: t.TempDir(), TLSCertFile: certFile, TLSKeyFile: keyFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Close() })
+	_, dig := pushImage(t, reg, "test/remote:v1", makeLayer(t, gzipLayer, file{"etc/", ""}, file{"etc/greeting", "over tls"}))
+	ref, err := name.ParseReference(reg.Addr() + "/docker.io/test/remote:v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	opts, err := registry.RemotePullOptions(reg.Credentials().Pull, ca.PEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := New(Config{Root: t.TempDir(), Remote: opts})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := c.Ensure(t.Context(), ref, nil)
+	if err != nil {
+		t.Fatalf("Ensure over TLS: %v", err)
+	}
+	if img.Digest != dig.DigestStr() || len(img.Layers) != 1 {
+		t.Fatalf("image = %+v, want %s with 1 layer", img, dig.DigestStr())
+	}
+	if got := readFile(t, filepath.Join(img.Layers[0].Dir, "etc/greeting")); got != "over tls" {
+		t.Errorf("extracted content = %q", got)
+	}
+
+	other, err := registry.RemotePullOptions(reg.Credentials().Pull, testca.New(t).PEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := New(Config{Root: t.TempDir(), Remote: other})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c2.Ensure(t.Context(), ref, nil); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("Ensure trusting another CA: %v, want a certificate error", err)
 	}
 }
 

@@ -15,6 +15,7 @@ package registry
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -60,9 +61,15 @@ type Config struct {
 	// another manifest. Off by default: tags are immutable (immutable.go).
 	// Only the conformance test turns it on (the suite reuses tags).
 	MutableTags bool
+	// TLSCertFile and TLSKeyFile, if set, make the registry serve HTTPS
+	// with that certificate (PEM; the chain clients verify, naming the
+	// address they dial). Needed whenever the registry is reached over the
+	// network: clients then use RemotePullOptions (tls.go).
+	TLSCertFile, TLSKeyFile string
 }
 
-// Registry is an embedded OCI registry serving over HTTP on a local address.
+// Registry is an embedded OCI registry serving over HTTP on a local address
+// (HTTPS with Config.TLSCertFile).
 type Registry struct {
 	cfg       Config
 	log       *slog.Logger
@@ -75,10 +82,12 @@ type Registry struct {
 	srv       *http.Server
 	serveErr  chan error
 	transport *http.Transport
-	puller    *remote.Puller
-	pusher    *remote.Pusher
-	upstreams map[string]upstream
-	pulls     singleflight.Group
+	// roundTripper is transport, https only when the registry serves TLS.
+	roundTripper http.RoundTripper
+	puller       *remote.Puller
+	pusher       *remote.Pusher
+	upstreams    map[string]upstream
+	pulls        singleflight.Group
 
 	closeOnce sync.Once
 	closeErr  error
@@ -138,6 +147,14 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		return nil, err
 	}
 
+	var serverTLS *tls.Config
+	if cfg.TLSCertFile != "" || cfg.TLSKeyFile != "" {
+		if serverTLS, err = loadServerTLS(cfg.TLSCertFile, cfg.TLSKeyFile); err != nil {
+			_ = app.Shutdown()
+			unregisterLogger(id)
+			return nil, err
+		}
+	}
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", cfg.Addr)
 	if err != nil {
@@ -146,7 +163,11 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		return nil, fmt.Errorf("registry listen %s: %w", cfg.Addr, errdefs.ErrUnavailable)
 	}
 	addr := ln.Addr().String()
-	host, err := name.NewRegistry(addr, name.Insecure)
+	var nameOpts []name.Option
+	if serverTLS == nil {
+		nameOpts = append(nameOpts, name.Insecure)
+	}
+	host, err := name.NewRegistry(addr, nameOpts...)
 	if err != nil {
 		_ = ln.Close()
 		_ = app.Shutdown()
@@ -187,7 +208,14 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		newConns: map[net.Conn]struct{}{},
 	}
 	r.srv.ConnState = r.trackConn
-	own := []remote.Option{remote.WithTransport(r.transport), remote.WithAuth(creds.Push.Authenticator())}
+	var rt http.RoundTripper = r.transport
+	if serverTLS != nil {
+		r.transport.TLSClientConfig = pinnedClientTLS(serverTLS.Certificates[0])
+		rt = httpsOnly{r.transport}
+		ln = tls.NewListener(ln, serverTLS)
+	}
+	r.roundTripper = rt
+	own := []remote.Option{remote.WithTransport(rt), remote.WithAuth(creds.Push.Authenticator())}
 	r.puller, err = remote.NewPuller(own...)
 	if err == nil {
 		r.pusher, err = remote.NewPusher(own...)
@@ -306,7 +334,11 @@ func (r *Registry) RemoteOptions(ctx context.Context) []remote.Option {
 // embedded registry with the read-only pull credential: what a node's image
 // cache uses.
 func (r *Registry) PullOptions() []remote.Option {
-	return []remote.Option{remote.WithAuth(r.creds.Pull.Authenticator())}
+	opts := []remote.Option{remote.WithAuth(r.creds.Pull.Authenticator())}
+	if r.cfg.TLSCertFile != "" {
+		opts = append(opts, remote.WithTransport(r.roundTripper))
+	}
+	return opts
 }
 
 // Credentials returns the registry's credentials.
