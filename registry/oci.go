@@ -2,15 +2,14 @@ package registry
 
 import (
 	"bytes"
-	"crypto/sha256"
 	_ "crypto/sha512" // registers sha512 with go-digest
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"log/slog"
+	"mime"
 	"net/http"
 	"net/url"
 	"os"
@@ -249,122 +248,153 @@ func isIndex(mediaType string) bool {
 	return mediaType == mediaTypeOCIIndex || mediaType == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
 
-func (h *ociHandler) putManifest(w http.ResponseWriter, r *http.Request, rt route) {
-	body, err := io.ReadAll(io.LimitReader(r.Body, maxManifestBytes+1))
-	if err != nil {
-		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", "reading the manifest: "+err.Error())
-		return
-	}
-	if len(body) > maxManifestBytes {
-		writeRegistryError(w, http.StatusRequestEntityTooLarge, "SIZE_INVALID", "manifest too large")
-		return
-	}
-	sum := sha256.Sum256(body)
-	canonical := digest.NewDigestFromEncoded(digest.SHA256, hex.EncodeToString(sum[:]))
-	asked := canonical // the digest the client addresses the manifest by
-	if strings.Contains(rt.ref, ":") {
-		d, err := digest.Parse(rt.ref)
-		if err != nil {
-			writeRegistryError(w, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("manifest digest %q: %v", rt.ref, err))
-			return
-		}
-		if d.Algorithm() != digest.SHA256 {
-			if d.Algorithm().FromBytes(body) != d {
-				writeRegistryError(w, http.StatusBadRequest, "DIGEST_INVALID", "the manifest does not match digest "+d.String())
-				return
-			}
-			asked = d
-		}
-	}
-	var doc manifestDoc
-	if err := json.Unmarshal(body, &doc); err != nil {
-		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", "manifest is not JSON: "+err.Error())
-		return
-	}
-	mediaType := r.Header.Get("Content-Type")
-	if doc.MediaType != "" && mediaType != "" && doc.MediaType != mediaType {
-		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID",
-			fmt.Sprintf("manifest mediaType %q differs from Content-Type %q", doc.MediaType, mediaType))
-		return
-	}
-	if mediaType == "" {
-		mediaType = doc.MediaType
-	}
-	if isIndex(mediaType) {
-		if !h.childrenExist(w, r, rt, &doc) {
-			return
-		}
-	}
+// manifestPut is a manifest put as ociHandler reads it.
+type manifestPut struct {
+	body      []byte
+	doc       manifestDoc
+	mediaType string
+	canonical digest.Digest // the sha256 of body, what distribution stores it under
+	asked     digest.Digest // the digest the client addresses it by (canonical for a tag)
+	subject   digest.Digest // "" without a subject
+}
 
-	if err := foreignURLs(&doc); err != nil {
-		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", err.Error())
+func (h *ociHandler) putManifest(w http.ResponseWriter, r *http.Request, rt route) {
+	p, ok := h.readManifestPut(w, r, rt)
+	if !ok {
 		return
 	}
-	var subject digest.Digest
-	var undo []string // records to remove if the put fails
-	if doc.Subject != nil || asked != canonical {
+	if isIndex(p.mediaType) && !h.childrenExist(w, r, rt, &p.doc) {
+		return
+	}
+	if p.subject != "" || p.asked != p.canonical {
 		// One put or delete with records at a time: a failed put removing
 		// the record it created cannot remove it under a concurrent put of
 		// the same manifest that succeeds.
 		h.recMu.Lock()
 		defer h.recMu.Unlock()
 	}
-	if doc.Subject != nil {
-		subject, err = digest.Parse(doc.Subject.Digest)
-		if err != nil {
-			writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", fmt.Sprintf("subject digest %q: %v", doc.Subject.Digest, err))
-			return
-		}
-		artifactType := doc.ArtifactType
-		if artifactType == "" && doc.Config != nil {
-			artifactType = doc.Config.MediaType
-		}
-		// Recorded before the put: a put that fails leaves a record whose
-		// manifest does not exist, which listing skips; a put that succeeds
-		// is never without its record.
-		created, err := h.addReferrer(rt.name, subject, descriptor{
-			MediaType: mediaType, Digest: asked.String(), Size: int64(len(body)),
-			ArtifactType: artifactType, Annotations: doc.Annotations,
-		})
-		if err != nil {
-			h.fail(w, "recording referrer", err)
-			return
-		}
-		if created {
-			undo = append(undo, h.referrerPath(rt.name, subject, asked))
-		}
+	undo, err := h.record(rt.name, p)
+	if err != nil {
+		h.removeRecords(undo)
+		h.fail(w, "recording the manifest", err)
+		return
 	}
-	if asked != canonical {
-		created, err := h.setAlias(rt.name, asked, canonical)
-		if err != nil {
-			h.fail(w, "recording digest alias", err)
-			return
-		}
-		if created {
-			undo = append(undo, h.aliasPath(rt.name, asked))
-		}
-		r = withPath(r, "/v2/"+rt.name+"/manifests/"+canonical.String())
+	if p.asked != p.canonical {
+		r = withPath(r, "/v2/"+rt.name+"/manifests/"+p.canonical.String())
 	}
-	r.Body = io.NopCloser(bytes.NewReader(body))
-	r.ContentLength = int64(len(body))
+	r.Body = io.NopCloser(bytes.NewReader(p.body))
+	r.ContentLength = int64(len(p.body))
 	h.next.ServeHTTP(&hookWriter{ResponseWriter: w, hook: func(status int, hd http.Header) {
 		if status != http.StatusCreated {
-			// Drop the records this put created.
-			for _, p := range undo {
-				if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
-					h.log.Warn("registry: removing the record of a failed put", "err", err)
-				}
-			}
+			h.removeRecords(undo)
 			return
 		}
-		if subject != "" {
-			hd.Set("OCI-Subject", subject.String())
+		if p.subject != "" {
+			hd.Set("OCI-Subject", p.subject.String())
 		}
-		if asked != canonical {
-			hd.Set("Docker-Content-Digest", asked.String())
-			hd.Set("Location", "/v2/"+rt.name+"/manifests/"+asked.String())
+		if p.asked != p.canonical {
+			hd.Set("Docker-Content-Digest", p.asked.String())
+			hd.Set("Location", "/v2/"+rt.name+"/manifests/"+p.asked.String())
 		}
 	}}, r)
+}
+
+// removeRecords removes the records of a failed put.
+func (h *ociHandler) removeRecords(files []string) {
+	for _, f := range files {
+		if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			h.log.Warn("registry: removing the record of a failed put", "err", err)
+		}
+	}
+}
+
+// readManifestPut reads and checks a manifest put; false means it answered.
+func (h *ociHandler) readManifestPut(w http.ResponseWriter, r *http.Request, rt route) (manifestPut, bool) {
+	var p manifestPut
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxManifestBytes+1))
+	if err != nil {
+		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", "reading the manifest: "+err.Error())
+		return p, false
+	}
+	if len(body) > maxManifestBytes {
+		writeRegistryError(w, http.StatusRequestEntityTooLarge, "SIZE_INVALID", "manifest too large")
+		return p, false
+	}
+	p.body = body
+	p.canonical = digest.SHA256.FromBytes(body)
+	p.asked = p.canonical
+	if strings.Contains(rt.ref, ":") {
+		d, err := digest.Parse(rt.ref)
+		if err != nil {
+			writeRegistryError(w, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("manifest digest %q: %v", rt.ref, err))
+			return p, false
+		}
+		if d.Algorithm().FromBytes(body) != d {
+			writeRegistryError(w, http.StatusBadRequest, "DIGEST_INVALID", "the manifest does not match digest "+d.String())
+			return p, false
+		}
+		p.asked = d
+	}
+	if err := json.Unmarshal(body, &p.doc); err != nil {
+		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", "manifest is not JSON: "+err.Error())
+		return p, false
+	}
+	p.mediaType = p.doc.MediaType
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil || (p.doc.MediaType != "" && mt != p.doc.MediaType) {
+			writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID",
+				fmt.Sprintf("manifest mediaType %q differs from Content-Type %q", p.doc.MediaType, ct))
+			return p, false
+		}
+		p.mediaType = mt
+	}
+	if err := foreignURLs(&p.doc); err != nil {
+		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", err.Error())
+		return p, false
+	}
+	if p.doc.Subject != nil {
+		if p.subject, err = digest.Parse(p.doc.Subject.Digest); err != nil {
+			writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", fmt.Sprintf("subject digest %q: %v", p.doc.Subject.Digest, err))
+			return p, false
+		}
+	}
+	return p, true
+}
+
+// record writes what ociHandler keeps about a put before distribution
+// stores it: the referrer record of a manifest with a subject, the alias of
+// one put by another digest than sha256. A put that then fails leaves
+// records that reads skip (the manifest does not exist) and that the caller
+// removes (undo: the files this put created); a put that succeeds is never
+// without them.
+func (h *ociHandler) record(name string, p manifestPut) (undo []string, err error) {
+	if p.subject != "" {
+		artifactType := p.doc.ArtifactType
+		if artifactType == "" && p.doc.Config != nil {
+			artifactType = p.doc.Config.MediaType
+		}
+		created, err := h.addReferrer(name, p.subject, descriptor{
+			MediaType: p.mediaType, Digest: p.asked.String(), Size: int64(len(p.body)),
+			ArtifactType: artifactType, Annotations: p.doc.Annotations,
+		})
+		if err != nil {
+			return nil, err
+		}
+		if created {
+			undo = append(undo, h.referrerPath(name, p.subject, p.asked))
+		}
+	}
+	if p.asked != p.canonical {
+		created, err := h.setAlias(name, p.asked, p.canonical)
+		if err != nil {
+			return undo, err
+		}
+		if created {
+			undo = append(undo, h.aliasPath(name, p.asked))
+		}
+	}
+	return undo, nil
 }
 
 // childrenExist checks the children of an index put; false means it answered.
@@ -669,6 +699,13 @@ func (w *hookWriter) Write(b []byte) (int, error) {
 
 func (w *hookWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
+func (w *hookWriter) Flush() {
+	if !w.wrote {
+		w.WriteHeader(http.StatusOK)
+	}
+	_ = http.NewResponseController(w.ResponseWriter).Flush()
+}
+
 // statusWriter records the status written.
 type statusWriter struct {
 	http.ResponseWriter
@@ -690,6 +727,17 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 }
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// ReadFrom keeps the underlying writer's io.ReaderFrom (sendfile for blob
+// downloads) reachable through the wrapper.
+func (w *statusWriter) ReadFrom(r io.Reader) (int64, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return io.Copy(w.ResponseWriter, r)
+}
+
+func (w *statusWriter) Flush() { _ = http.NewResponseController(w.ResponseWriter).Flush() }
 
 // recoverHandler turns a panic while serving a request into a logged error
 // and a 500 answer, where net/http would drop the connection and log at a
@@ -839,3 +887,11 @@ func (p *pipeResponse) Write(b []byte) (int, error) {
 	p.WriteHeader(http.StatusOK)
 	return p.pw.Write(b)
 }
+
+var (
+	_ http.Handler        = (*ociHandler)(nil)
+	_ http.Handler        = (*recoverHandler)(nil)
+	_ http.ResponseWriter = (*hookWriter)(nil)
+	_ http.ResponseWriter = (*statusWriter)(nil)
+	_ http.ResponseWriter = (*pipeResponse)(nil)
+)

@@ -94,3 +94,5 @@ func RemotePullOptions(cred Credential, caPEM []byte) ([]remote.Option, error) {
 	}
 	return []remote.Option{remote.WithTransport(httpsOnly{tr}), remote.WithAuth(cred.Authenticator())}, nil
 }
+
+var _ http.RoundTripper = httpsOnly{}
