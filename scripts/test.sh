@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The second command of the README: the whole test suite. Installs what the tests
 # need (as root), builds (gVisor's runsc too), then runs the Go tests (with
-# -race), the bounded fuzz run of every parser of untrusted input, the
+# -race; the OCI conformance suite against the embedded registry in a stage of
+# its own, printing its counts), the bounded fuzz run of every parser of untrusted input, the
 # end-to-end suite again on gVisor, and the Python SDK tests against a real
 # chalkd. Each stage prints its duration, and a summary at the end.
 set -euo pipefail
@@ -45,10 +46,16 @@ stage "go vet"
 go vet ./...
 stage "go test -race"
 set +e
-go test -race -count=1 -timeout 45m ./... 2>&1 | tee /tmp/chalk-go-test.log
+# TestOCIConformance runs in its own stage below, verbose, to print its counts.
+go test -race -count=1 -timeout 45m -skip '^TestOCIConformance$' ./... 2>&1 | tee /tmp/chalk-go-test.log
 status=${PIPESTATUS[0]}
 set -e
 [ "$status" = 0 ] || echo "go test failed (full log: /tmp/chalk-go-test.log); running the rest anyway"
+stage "OCI distribution-spec conformance (embedded registry)"
+set +e
+go test -race -count=1 -timeout 5m -v -run '^TestOCIConformance$' ./registry 2>&1 | tee /tmp/chalk-conformance.log | grep -E 'conformance|^(---|ok|FAIL)'
+ocistatus=${PIPESTATUS[0]}
+set -e
 stage "fuzz (bounded: ${CHALK_FUZZTIME:-10s} per target)"
 fzstatus=0
 scripts/fuzz.sh || fzstatus=$?
@@ -64,6 +71,7 @@ if [ -d sdk/python ]; then
 fi
 stage_end
 [ "$status" = 0 ] || { echo "FAILED: go test (full log: /tmp/chalk-go-test.log)"; exit "$status"; }
+[ "$ocistatus" = 0 ] || { echo "FAILED: OCI conformance (full log: /tmp/chalk-conformance.log)"; exit "$ocistatus"; }
 [ "$fzstatus" = 0 ] || { echo "FAILED: fuzzing (see above; inputs are under testdata/fuzz)"; exit "$fzstatus"; }
 [ "$gvstatus" = 0 ] || { echo "FAILED: go test on gVisor (full log: /tmp/chalk-go-test-runsc.log)"; exit "$gvstatus"; }
 [ "$pystatus" = 0 ] || { echo "FAILED: python SDK tests"; exit "$pystatus"; }
