@@ -25,10 +25,9 @@ import (
 // The counts (the suite's own) are logged; every test must pass except the
 // mount without a source repository, which we decline (see below).
 //
-// It runs against a registry with mutable tags (Config.MutableTags): the
-// suite pushes different manifests under the same tag, which the default
-// (immutable tags) refuses by design. docs/SECURITY.md says why our default
-// differs; TestTagsImmutable guards the default.
+// It runs against the registry as chalkd configures it, immutable tags
+// included: the suite reuses tag names only after deleting them (the
+// content management workflow), which immutability allows.
 func TestOCIConformance(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the conformance suite (about 20 s)")
@@ -44,7 +43,7 @@ func TestOCIConformance(t *testing.T) {
 		t.Fatalf("building the conformance suite: %v\n%s", err, out)
 	}
 
-	r := newTestRegistry(t, Config{MutableTags: true})
+	r := newTestRegistry(t, Config{}) // chalkd's configuration: immutable tags
 	push := r.Credentials().Push
 	results := filepath.Join(dir, "results")
 	env := []string{

@@ -57,10 +57,6 @@ type Config struct {
 	// {"docker.io": "https://registry-1.docker.io"}. An http:// URL is
 	// accessed without TLS.
 	Upstreams map[string]string
-	// MutableTags lets a put of a manifest by tag move a tag that names
-	// another manifest. Off by default: tags are immutable (immutable.go).
-	// Only the conformance test turns it on (the suite reuses tags).
-	MutableTags bool
 	// TLSCertFile and TLSKeyFile, if set, make the registry serve HTTPS
 	// with that certificate (PEM; the chain clients verify, naming the
 	// address they dial). Needed whenever the registry is reached over the
@@ -176,11 +172,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 	}
 
 	oci := &ociHandler{next: app, log: log, dir: filepath.Join(cfg.RootDir, "chalk-oci"), os: "linux", arch: runtime.GOARCH, maxReferrers: defaultMaxReferrers}
-	var handler http.Handler = oci
-	if !cfg.MutableTags {
-		handler = &immutableTags{next: handler}
-	}
-	handler = &recoverHandler{next: newAuthHandler(creds, log, handler), log: log}
+	handler := &recoverHandler{next: newAuthHandler(creds, log, &immutableTags{next: oci}), log: log}
 	r := &Registry{
 		cfg:       cfg,
 		log:       log,
