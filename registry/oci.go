@@ -449,11 +449,7 @@ func (h *ociHandler) probe(r *http.Request, method, name string, d digest.Digest
 func (h *ociHandler) manifest(w http.ResponseWriter, r *http.Request, rt route) {
 	d, err := digest.Parse(rt.ref)
 	if err != nil {
-		if r.Method == http.MethodDelete {
-			h.next.ServeHTTP(w, r) // a tag delete
-			return
-		}
-		h.next.ServeHTTP(w, r)
+		h.next.ServeHTTP(w, r) // by tag
 		return
 	}
 	target := d
