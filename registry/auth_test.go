@@ -273,7 +273,8 @@ func TestCredentialsFile(t *testing.T) {
 }
 
 // TestNotFoundProbesLogAtDebug: a 404 answer to a read is normal (every
-// Resolve of an image not yet here); nothing is logged above debug for it.
+// Resolve of an image not yet here), and so is a read of a blob by sha512;
+// nothing is logged above debug for them.
 func TestNotFoundProbesLogAtDebug(t *testing.T) {
 	var buf syncBuffer
 	r := newTestRegistry(t, Config{Logger: slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))})
@@ -283,6 +284,13 @@ func TestNotFoundProbesLogAtDebug(t *testing.T) {
 	local, _ := r.LocalRef("nothere")
 	if _, err := remote.Head(local, r.RemoteOptions(t.Context())...); err == nil {
 		t.Fatal("HEAD of a missing manifest succeeded")
+	}
+	// A blob read by sha512 (distribution warns that it maps it to sha256).
+	data := []byte("sha512 read")
+	blob(t, r, "chalk.local/logs", data, sha512Of(data))
+	pull := r.Credentials().Pull
+	if resp, body := call(t, r, http.MethodGet, "/v2/chalk.local/logs/blobs/"+sha512Of(data), &pull, "", nil); resp.StatusCode != http.StatusOK {
+		t.Fatalf("blob by sha512: %d %s", resp.StatusCode, body)
 	}
 	out := buf.String()
 	if !strings.Contains(out, "http.response.status=404") {

@@ -82,11 +82,13 @@ func (slogHook) Fire(e *logrus.Entry) error {
 
 // expected reports whether e, logged by distribution as an error or a
 // warning, is part of normal operation: a 404 answer to a read (every
-// Resolve, build cache lookup and push probes for what is missing), and the
-// start-up warning about the partial-index validation chalkd configures on
-// purpose (see distributionConfig).
+// Resolve, build cache lookup and push probes for what is missing), the
+// start-up warning about the index validation chalkd turns off on purpose
+// (ociHandler does it; see distributionConfig), and the warning on every
+// read of a blob by sha512 (stored under its sha256).
 func expected(e *logrus.Entry) bool {
-	if strings.HasPrefix(e.Message, "Image index completeness validation has been disabled") {
+	if strings.HasPrefix(e.Message, "Image index completeness validation has been disabled") ||
+		strings.HasPrefix(e.Message, "looking up blob with canonical target") {
 		return true
 	}
 	method := fmt.Sprint(e.Data["http.request.method"])
