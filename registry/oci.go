@@ -204,6 +204,7 @@ type manifestDoc struct {
 	ArtifactType  string `json:"artifactType"`
 	Config        *struct {
 		MediaType string `json:"mediaType"`
+		Digest    string `json:"digest"`
 	} `json:"config"`
 	Subject *struct {
 		Digest string `json:"digest"`
@@ -216,9 +217,40 @@ type manifestDoc struct {
 		} `json:"platform"`
 	} `json:"manifests"`
 	Layers []struct {
-		URLs []string `json:"urls"`
+		Digest string   `json:"digest"`
+		URLs   []string `json:"urls"`
 	} `json:"layers"`
 	Annotations map[string]string `json:"annotations"`
+}
+
+// descriptorDigests refuses descriptors whose digest does not parse
+// (distribution answers a digest of an unknown algorithm with a 500).
+func descriptorDigests(doc *manifestDoc) error {
+	check := func(what, d string) error {
+		if _, err := digest.Parse(d); err != nil {
+			return fmt.Errorf("%s digest %q: %v", what, d, err)
+		}
+		return nil
+	}
+	if doc.Config != nil {
+		if err := check("config", doc.Config.Digest); err != nil {
+			return err
+		}
+	}
+	for i, l := range doc.Layers {
+		if err := check(fmt.Sprintf("layer %d", i), l.Digest); err != nil {
+			return err
+		}
+	}
+	for i, m := range doc.Manifests {
+		if err := check(fmt.Sprintf("manifest %d", i), m.Digest); err != nil {
+			return err
+		}
+	}
+	if doc.Subject != nil {
+		return check("subject", doc.Subject.Digest)
+	}
+	return nil
 }
 
 // foreignURLs refuses layer URLs other than https ones (distribution refuses
@@ -335,8 +367,17 @@ func (h *ociHandler) readManifestPut(w http.ResponseWriter, r *http.Request, rt 
 		}
 		p.asked = d
 	}
+	if t := bytes.TrimSpace(body); len(t) == 0 || t[0] != '{' {
+		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", "manifest is not a JSON object")
+		return p, false
+	}
 	if err := json.Unmarshal(body, &p.doc); err != nil {
 		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", "manifest is not JSON: "+err.Error())
+		return p, false
+	}
+	if p.doc.SchemaVersion != 2 {
+		// distribution answers an unknown version with a 500.
+		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", fmt.Sprintf("manifest schemaVersion %d is not supported (only 2)", p.doc.SchemaVersion))
 		return p, false
 	}
 	p.mediaType = p.doc.MediaType
@@ -348,6 +389,10 @@ func (h *ociHandler) readManifestPut(w http.ResponseWriter, r *http.Request, rt 
 			return p, false
 		}
 		p.mediaType = mt
+	}
+	if err := descriptorDigests(&p.doc); err != nil {
+		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", err.Error())
+		return p, false
 	}
 	if err := foreignURLs(&p.doc); err != nil {
 		writeRegistryError(w, http.StatusBadRequest, "MANIFEST_INVALID", err.Error())
