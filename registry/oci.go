@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
@@ -83,7 +84,8 @@ type ociHandler struct {
 	os, arch string
 	// maxReferrers bounds the referrers recorded for one subject
 	// (defaultMaxReferrers); a put that would add more is refused.
-	maxReferrers int
+	// (atomic: tests lower it while the registry serves).
+	maxReferrers atomic.Int64
 	// recMu serialises the puts and deletes that change records.
 	recMu sync.Mutex
 }
@@ -656,7 +658,7 @@ func (h *ociHandler) addReferrer(name string, subject digest.Digest, d descripto
 		if err != nil {
 			return false, err
 		}
-		if len(entries) >= h.maxReferrers {
+		if int64(len(entries)) >= h.maxReferrers.Load() {
 			return false, fmt.Errorf("subject %s already has %d referrers, the most allowed: %w", subject, len(entries), errTooMany)
 		}
 	}

@@ -360,7 +360,7 @@ func TestReferrers(t *testing.T) {
 	}
 
 	// Bounded: no more than maxReferrers per subject.
-	h.maxReferrers = 2
+	h.maxReferrers.Store(2)
 	more := imageManifest(t, r, repo, sha256Of, map[string]any{"subject": subj, "y": 1})
 	resp, body = call(t, r, http.MethodPut, "/v2/"+repo+"/manifests/"+sha256Of(more), &push, mtManifest, more)
 	wantStatus(t, "second referrer", resp, body, http.StatusCreated, "")

@@ -171,7 +171,8 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		return nil, fmt.Errorf("registry address %s: %w", addr, errdefs.ErrInvalidArgument)
 	}
 
-	oci := &ociHandler{next: app, log: log, dir: filepath.Join(cfg.RootDir, "chalk-oci"), os: "linux", arch: runtime.GOARCH, maxReferrers: defaultMaxReferrers}
+	oci := &ociHandler{next: app, log: log, dir: filepath.Join(cfg.RootDir, "chalk-oci"), os: "linux", arch: runtime.GOARCH}
+	oci.maxReferrers.Store(defaultMaxReferrers)
 	handler := &recoverHandler{next: newAuthHandler(creds, log, &immutableTags{next: oci}), log: log}
 	r := &Registry{
 		cfg:       cfg,
