@@ -564,7 +564,7 @@ func (h *ociHandler) alias(name string, d digest.Digest) (digest.Digest, error) 
 
 func (h *ociHandler) fail(w http.ResponseWriter, what string, err error) {
 	if errors.Is(err, errTooMany) {
-		writeRegistryError(w, http.StatusBadRequest, "DENIED", err.Error())
+		writeRegistryError(w, http.StatusForbidden, "DENIED", err.Error())
 		return
 	}
 	h.log.Error("registry: "+what, "err", err)

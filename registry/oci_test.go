@@ -366,7 +366,7 @@ func TestReferrers(t *testing.T) {
 	wantStatus(t, "second referrer", resp, body, http.StatusCreated, "")
 	third := imageManifest(t, r, repo, sha256Of, map[string]any{"subject": subj, "z": 1, "zz": 2})
 	resp, body = call(t, r, http.MethodPut, "/v2/"+repo+"/manifests/"+sha256Of(third), &push, mtManifest, third)
-	wantStatus(t, "referrer past the bound", resp, body, http.StatusBadRequest, "DENIED")
+	wantStatus(t, "referrer past the bound", resp, body, http.StatusForbidden, "DENIED")
 	resp, body = call(t, r, http.MethodPut, "/v2/"+repo+"/manifests/"+sha256Of(more), &push, mtManifest, more)
 	wantStatus(t, "putting a recorded referrer again at the bound", resp, body, http.StatusCreated, "")
 }
