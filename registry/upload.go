@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"runtime/debug"
 	"strconv"
 
 	"github.com/distribution/reference"
@@ -82,6 +83,15 @@ func (h *ociHandler) mountCopy(w http.ResponseWriter, r *http.Request, rt route,
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		defer func() {
+			// Off the request's goroutine, recoverHandler cannot catch a
+			// panic: it would end chalkd.
+			if p := recover(); p != nil {
+				h.log.Error("registry: panic reading a blob to mount", "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+				src.WriteHeader(http.StatusInternalServerError)
+				_ = pw.CloseWithError(fmt.Errorf("reading %s: internal error", d))
+			}
+		}()
 		h.next.ServeHTTP(src, get)
 		src.WriteHeader(http.StatusOK) // nothing written: an empty answer
 		_ = pw.Close()
