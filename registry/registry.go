@@ -24,7 +24,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"runtime"
 	"sync"
 	"time"
 
@@ -171,7 +170,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		return nil, fmt.Errorf("registry address %s: %w", addr, errdefs.ErrInvalidArgument)
 	}
 
-	oci := &ociHandler{next: app, log: log, dir: filepath.Join(cfg.RootDir, "chalk-oci"), os: "linux", arch: runtime.GOARCH}
+	oci := &ociHandler{next: app, log: log, dir: filepath.Join(cfg.RootDir, "chalk-oci"), os: Platform().OS, arch: Platform().Architecture}
 	oci.maxReferrers.Store(defaultMaxReferrers)
 	handler := &recoverHandler{next: newAuthHandler(creds, log, &immutableTags{next: oci}), log: log}
 	r := &Registry{
