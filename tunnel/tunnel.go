@@ -119,6 +119,7 @@ type member struct {
 	netnsPath string
 	priv      Key
 	dev       *device.Device
+	tun       *localTUN
 }
 
 // NewManager returns a Manager with no devices.
@@ -322,6 +323,13 @@ func (m *Manager) syncLocked(key string) error {
 		if err := mb.dev.IpcSet(b.String()); err != nil {
 			errs = append(errs, fmt.Errorf("tunnel %s: peers of %s: %w", key, id, err))
 		}
+		local := map[netip.Addr]tun.Device{}
+		for oid, o := range m.members[key] {
+			if oid != id {
+				local[o.Addr] = o.tun.Device
+			}
+		}
+		mb.tun.setLocal(local)
 	}
 	return errors.Join(errs...)
 }
@@ -333,7 +341,8 @@ func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix
 	if err != nil {
 		return err
 	}
-	mb.dev = device.NewDevice(tdev, conn.NewDefaultBind(), device.NewLogger(device.LogLevelSilent, ""))
+	mb.tun = newLocalTUN(tdev, mb.Addr)
+	mb.dev = device.NewDevice(mb.tun, conn.NewDefaultBind(), device.NewLogger(device.LogLevelSilent, ""))
 	defer func() {
 		if err != nil {
 			mb.dev.Close()
