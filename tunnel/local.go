@@ -31,11 +31,11 @@ type localTUN struct {
 	out  map[tun.Device][][]byte
 	dsts []tun.Device
 
-	forwarded, spoofed atomic.Uint64
+	stats *counters
 }
 
-func newLocalTUN(d tun.Device, self netip.Addr) *localTUN {
-	return &localTUN{Device: d, self: self.As4(), out: map[tun.Device][][]byte{}}
+func newLocalTUN(d tun.Device, self netip.Addr, stats *counters) *localTUN {
+	return &localTUN{Device: d, self: self.As4(), out: map[tun.Device][][]byte{}, stats: stats}
 }
 
 // setLocal replaces the members reachable the local way: address -> TUN.
@@ -67,7 +67,7 @@ func (t *localTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 			continue
 		}
 		if [4]byte(p[12:16]) != t.self {
-			t.spoofed.Add(1)
+			t.stats.spoofed.Add(1)
 			sizes[i] = 0
 			continue
 		}
@@ -84,7 +84,7 @@ func (t *localTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 		// left has a closed TUN: its packets are lost, as they would be
 		// on the wire.
 		_, _ = d.Write(batch, offset)
-		t.forwarded.Add(uint64(len(batch)))
+		t.stats.local.Add(uint64(len(batch)))
 		clear(batch)
 		t.out[d] = batch[:0]
 	}

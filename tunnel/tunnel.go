@@ -33,6 +33,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -108,6 +109,9 @@ type Member struct {
 type Manager struct {
 	log *slog.Logger
 
+	kernel error // why the kernel's WireGuard is not used (ProbeKernel)
+	stats  counters
+
 	mu      sync.Mutex
 	members map[string]map[string]*member // tunnel key -> sandbox id -> member
 	subnets map[string]netip.Prefix       // tunnel key -> subnet
@@ -120,14 +124,56 @@ type member struct {
 	priv      Key
 	dev       *device.Device
 	tun       *localTUN
+	bind      conn.Bind
 }
 
-// NewManager returns a Manager with no devices.
+// NewManager returns a Manager with no devices. It probes for the kernel's
+// WireGuard (ProbeKernel) and logs which data path its devices take.
 func NewManager(log *slog.Logger) *Manager {
+	return newManager(log, ProbeKernel)
+}
+
+func newManager(log *slog.Logger, probe func() error) *Manager {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Manager{log: log, members: map[string]map[string]*member{}, subnets: map[string]netip.Prefix{}, peers: map[string][]Peer{}}
+	m := &Manager{log: log, members: map[string]map[string]*member{}, subnets: map[string]netip.Prefix{}, peers: map[string][]Peer{}}
+	if err := probe(); err != nil {
+		m.kernel = err
+	} else {
+		// Kernel devices are not driven yet: that path cannot be
+		// tested on the machines this is built on (no module), and
+		// members on one node are joined TUN to TUN (localTUN), which
+		// a kernel device, read by nobody in userspace, could not be.
+		m.kernel = errors.New("the kernel has WireGuard, but chalkd does not drive kernel devices yet")
+	}
+	log.Info("tunnel data path", "path", m.DataPath(), "kernel_wireguard", m.kernel.Error())
+	return m
+}
+
+// DataPath names what carries the devices' traffic: "wireguard-go"
+// (userspace, with the kernel's TUN offloads) — KernelWireGuard says why not
+// the kernel's.
+func (m *Manager) DataPath() string { return "wireguard-go" }
+
+// KernelWireGuard is why the kernel's WireGuard is not used.
+func (m *Manager) KernelWireGuard() error { return m.kernel }
+
+// Stats are the Manager's packet counters since it started.
+type Stats struct {
+	// Local counts packets between members on this node, carried TUN to
+	// TUN inside this process.
+	Local uint64
+	// Spoofed counts packets a member sent to another member with a
+	// source address not its own, dropped.
+	Spoofed uint64
+}
+
+type counters struct{ local, spoofed atomic.Uint64 }
+
+// Stats returns the packet counters.
+func (m *Manager) Stats() Stats {
+	return Stats{Local: m.stats.local.Load(), Spoofed: m.stats.spoofed.Load()}
 }
 
 // Join gives sandbox id (whose network namespace is at netnsPath) an
@@ -154,7 +200,7 @@ func (m *Manager) Join(key, id, netnsPath, ifname string, subnet netip.Prefix) (
 		return Member{}, err
 	}
 	mb := &member{Member: Member{Tunnel: key, SandboxID: id, Interface: ifname, Addr: addr, PublicKey: priv.PublicKey()}, netnsPath: netnsPath, priv: priv}
-	if err := mb.up(netnsPath, subnet, m.routesLocked(key)); err != nil {
+	if err := mb.up(netnsPath, subnet, m.routesLocked(key), &m.stats); err != nil {
 		clear(mb.priv[:])
 		return Member{}, fmt.Errorf("sandbox %s tunnel %s: %w", id, key, err)
 	}
@@ -336,13 +382,14 @@ func (m *Manager) syncLocked(key string) error {
 
 // up creates the member's device: TUN in the sandbox's namespace, address
 // and routes there, UDP on the node.
-func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix) (err error) {
+func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix, stats *counters) (err error) {
 	tdev, err := createTUNIn(netnsPath, mb.Interface)
 	if err != nil {
 		return err
 	}
-	mb.tun = newLocalTUN(tdev, mb.Addr)
-	mb.dev = device.NewDevice(mb.tun, conn.NewDefaultBind(), device.NewLogger(device.LogLevelSilent, ""))
+	mb.tun = newLocalTUN(tdev, mb.Addr, stats)
+	mb.bind = conn.NewDefaultBind()
+	mb.dev = device.NewDevice(mb.tun, mb.bind, device.NewLogger(device.LogLevelSilent, ""))
 	defer func() {
 		if err != nil {
 			mb.dev.Close()
@@ -435,52 +482,57 @@ func listenPort(d *device.Device) (int, error) {
 }
 
 // createTUNIn creates a TUN interface called name inside the namespace at
-// netnsPath: one locked thread enters the namespace for the open and the
-// interface's setup, and returns to the node's namespace before it is
-// released.
+// netnsPath (wireguard-go's CreateTUN: virtio-net headers, TSO/USO).
 func createTUNIn(netnsPath, name string) (tun.Device, error) {
+	var dev tun.Device
+	err := inNetns(netnsPath, func() (err error) {
+		if dev, err = tun.CreateTUN(name, MTU); err != nil {
+			return fmt.Errorf("create TUN %s: %w", name, err)
+		}
+		return nil
+	}, func() {
+		dev.Close()
+	})
+	return dev, err
+}
+
+// inNetns runs fn on one locked thread inside the namespace at netnsPath,
+// which returns to the node's namespace before it is released. If it cannot
+// return, undo (if fn succeeded) undoes fn's work, and the thread stays
+// locked so the runtime discards it with its goroutine.
+func inNetns(netnsPath string, fn func() error, undo func()) error {
 	target, err := netns.GetFromPath(netnsPath)
 	if err != nil {
-		return nil, fmt.Errorf("sandbox netns %s: %w", netnsPath, err)
+		return fmt.Errorf("sandbox netns %s: %w", netnsPath, err)
 	}
 	defer target.Close()
-	type result struct {
-		dev tun.Device
-		err error
-	}
-	ch := make(chan result, 1)
+	ch := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
 		orig, err := netns.Get()
 		if err != nil {
 			runtime.UnlockOSThread()
-			ch <- result{err: err}
+			ch <- err
 			return
 		}
 		defer orig.Close()
 		if err := netns.Set(target); err != nil {
 			runtime.UnlockOSThread()
-			ch <- result{err: fmt.Errorf("enter sandbox netns: %w", err)}
+			ch <- fmt.Errorf("enter sandbox netns: %w", err)
 			return
 		}
-		dev, err := tun.CreateTUN(name, MTU)
+		err = fn()
 		if serr := netns.Set(orig); serr != nil {
-			// The thread cannot go back: leave it locked so the runtime
-			// discards it with this goroutine.
-			if dev != nil {
-				dev.Close()
+			if err == nil && undo != nil {
+				undo()
 			}
-			ch <- result{err: fmt.Errorf("return to node netns: %w", serr)}
+			ch <- fmt.Errorf("return to node netns: %w", serr)
 			return
 		}
 		runtime.UnlockOSThread()
-		if err != nil {
-			err = fmt.Errorf("create TUN %s: %w", name, err)
-		}
-		ch <- result{dev, err}
+		ch <- err
 	}()
-	r := <-ch
-	return r.dev, r.err
+	return <-ch
 }
 
 // handleAt is a netlink handle in the namespace at path.
