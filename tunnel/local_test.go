@@ -139,7 +139,10 @@ func TestLocalPath(t *testing.T) {
 	}()
 	before := m.Stats()
 	var cn net.Conn
-	in(t, nsA, func() (err error) { cn, err = net.DialTimeout("tcp4", b.Addr.String()+":7100", 10*time.Second); return err })
+	in(t, nsA, func() (err error) {
+		cn, err = net.DialTimeout("tcp4", b.Addr.String()+":7100", 10*time.Second)
+		return err
+	})
 	if _, err := cn.Write(payload); err != nil {
 		t.Fatal(err)
 	}
