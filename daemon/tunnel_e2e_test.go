@@ -186,11 +186,17 @@ func TestTunnel(t *testing.T) {
 		t.Fatalf("server not ready: %q", served.String())
 	}
 	bAddr := addr[b.ID()] + ":7000"
+	local := counter(t, n, "chalk_tunnel_local_packets_total")
 	if out := mustExec(t, a, "netprobe", "tcp", bAddr, "hello-tcp"); out != "echo hello-tcp\n" {
 		t.Fatalf("TCP over the tunnel: %q", out)
 	}
 	if out := mustExec(t, a, "netprobe", "udp", bAddr, "hello-udp"); out != "echo hello-udp\n" {
 		t.Fatalf("UDP over the tunnel: %q", out)
+	}
+	// Members on one node are joined TUN to TUN inside chalkd (a TCP
+	// exchange and a UDP one are at least 6 packets each way).
+	if got := counter(t, n, "chalk_tunnel_local_packets_total"); got < local+6 {
+		t.Fatalf("local tunnel packets %v -> %v: the members' traffic did not take the local path", local, got)
 	}
 	// Members have DNS names, which only members resolve.
 	bName := b.ID() + ".mesh.tunnel.internal"
