@@ -213,9 +213,11 @@ func TestTunnel(t *testing.T) {
 	if res, err := x.Exec(ctx, []string{"netprobe", "tcp-once", bAddr, "intruder"}); err != nil || res.Code == 0 {
 		t.Fatalf("sandbox outside the tunnel reached it: %v %+v", err, res)
 	}
-	// a sends one datagram claiming m's address (IP_FREEBIND needs no
-	// privilege), then one of its own: b's device drops the first (m's
-	// AllowedIPs are m's address alone, and it did not come from m's key).
+	// a tries to send one datagram claiming m's address (IP_FREEBIND needs
+	// no privilege), then one of its own: the first must not arrive. Without
+	// CAP_NET_RAW or CAP_NET_ADMIN the sandbox cannot even send it (sendto
+	// fails: no route from a foreign source); were it sent, chalkd's local
+	// path would drop it (tunnel.TestLocalPath sends one as root).
 	if _, err := a.Exec(ctx, []string{"netprobe", "udp-from", addr[m.ID()], bAddr, "spoofed"}); err != nil {
 		t.Fatal(err)
 	}
