@@ -218,8 +218,8 @@ func TestTunnel(t *testing.T) {
 	// CAP_NET_RAW or CAP_NET_ADMIN the sandbox cannot even send it (sendto
 	// fails: no route from a foreign source); were it sent, chalkd's local
 	// path would drop it (tunnel.TestLocalPath sends one as root).
-	if _, err := a.Exec(ctx, []string{"netprobe", "udp-from", addr[m.ID()], bAddr, "spoofed"}); err != nil {
-		t.Fatal(err)
+	if res, err := a.Exec(ctx, []string{"netprobe", "udp-from", addr[m.ID()], bAddr, "spoofed"}); err != nil || res.Code == 0 || !strings.Contains(string(res.Stderr), "network is unreachable") {
+		t.Fatalf("a sandbox sending from another member's address: %v %+v, want sendto to fail (network is unreachable)", err, res)
 	}
 	got := served.until("udp " + addr[a.ID()] + " after-spoof")
 	mustExec(t, a, "netprobe", "udp", bAddr, "after-spoof")
