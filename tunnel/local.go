@@ -1,7 +1,10 @@
 package tunnel
 
 import (
+	"bytes"
 	"net/netip"
+	"os"
+	"slices"
 	"sync/atomic"
 
 	"golang.zx2c4.com/wireguard/tun"
@@ -23,9 +26,11 @@ import (
 // (external peers' networks, IPv6, malformed packets) goes on to WireGuard
 // unchanged.
 type localTUN struct {
-	tun.Device
-	self  [4]byte
-	local atomic.Pointer[map[[4]byte]tun.Device]
+	tun.Device          // queue 0, wireguard-go's
+	raw        *os.File // queue 1, the forwarder's (steer.go), or nil
+	done       chan struct{}
+	self       [4]byte
+	local      atomic.Pointer[map[[4]byte]*localTUN]
 
 	// Only the device's single TUN reader uses these.
 	out  map[tun.Device][][]byte
@@ -34,17 +39,44 @@ type localTUN struct {
 	stats *counters
 }
 
-func newLocalTUN(d tun.Device, self netip.Addr, stats *counters) *localTUN {
-	return &localTUN{Device: d, self: self.As4(), out: map[tun.Device][][]byte{}, stats: stats}
+func newLocalTUN(d tun.Device, raw *os.File, self netip.Addr, stats *counters) *localTUN {
+	t := &localTUN{Device: d, raw: raw, self: self.As4(), out: map[tun.Device][][]byte{}, stats: stats}
+	if raw != nil {
+		t.done = make(chan struct{})
+		go t.forward(raw)
+	}
+	return t
 }
 
-// setLocal replaces the members reachable the local way: address -> TUN.
-func (t *localTUN) setLocal(m map[netip.Addr]tun.Device) {
-	l := make(map[[4]byte]tun.Device, len(m))
-	for a, d := range m {
-		l[a.As4()] = d
+// setLocal replaces the members reachable the local way: the table first,
+// then the steering program (a packet steered to the forwarder always
+// finds its member in the table, or that member has left).
+func (t *localTUN) setLocal(members map[netip.Addr]*localTUN) error {
+	l := make(map[[4]byte]*localTUN, len(members))
+	var steered [][4]byte
+	for a, o := range members {
+		l[a.As4()] = o
+		if o.raw != nil {
+			steered = append(steered, a.As4())
+		}
 	}
 	t.local.Store(&l)
+	if t.raw == nil {
+		return nil
+	}
+	slices.SortFunc(steered, func(a, b [4]byte) int { return bytes.Compare(a[:], b[:]) })
+	// Should this fail, the previous program stays: members it does not
+	// know take the batch path, members it still names are dropped by the
+	// forwarder.
+	return steer(t.raw, steered)
+}
+
+// closeQueue closes the forwarder's queue and waits for the forwarder.
+func (t *localTUN) closeQueue() {
+	if t.raw != nil {
+		t.raw.Close()
+		<-t.done
+	}
 }
 
 // Read reads a batch from the sandbox, forwards the packets for local
@@ -62,10 +94,11 @@ func (t *localTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 		if len(p) < 20 || p[0]>>4 != 4 {
 			continue
 		}
-		dst, ok := local[[4]byte(p[16:20])]
+		o, ok := local[[4]byte(p[16:20])]
 		if !ok {
 			continue
 		}
+		dst := o.Device
 		if [4]byte(p[12:16]) != t.self {
 			t.stats.spoofed.Add(1)
 			sizes[i] = 0
@@ -75,6 +108,7 @@ func (t *localTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 			t.dsts = append(t.dsts, dst)
 		}
 		t.out[dst] = append(t.out[dst], bufs[i][:offset+sizes[i]])
+		t.stats.localBytes.Add(uint64(sizes[i]))
 		sizes[i] = 0
 	}
 	for _, d := range t.dsts {

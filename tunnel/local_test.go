@@ -32,8 +32,8 @@ func in(t *testing.T, ns string, fn func() error) {
 
 // TestOffloads: every member's device batches: its TUN has virtio-net
 // headers with TCP segmentation offload on in the kernel (reads of up to
-// 64 KiB, coalesced writes), and its UDP socket reads with UDP GRO and
-// writes with sendmmsg. Any of these silently off costs most of the
+// 64 KiB, coalesced writes) and the local forwarder's steered queue, and
+// its UDP socket reads with UDP GRO and writes with sendmmsg. Any of these silently off costs most of the
 // throughput and no functional test would notice.
 func TestOffloads(t *testing.T) {
 	chalktest.RequireRoot(t)
@@ -50,8 +50,8 @@ func TestOffloads(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if o.TUNBatch < 2 || o.BindBatch < 2 || !o.TSO {
-			t.Errorf("member %s: offloads %+v, want TUN and UDP batches > 1 and TSO on", id, o)
+		if o.TUNBatch < 2 || o.BindBatch < 2 || !o.TSO || !o.Steering {
+			t.Errorf("member %s: offloads %+v, want TUN and UDP batches > 1, TSO on and the steering queue", id, o)
 		}
 		if !udpGRO(t, mb.Port) {
 			t.Errorf("member %s: the UDP socket on port %d does not read with UDP GRO", id, mb.Port)
@@ -103,9 +103,10 @@ func udpGRO(t *testing.T, port int) bool {
 }
 
 // TestLocalPath: members on this node reach each other TUN to TUN (the
-// packets are counted as local, not sent through WireGuard); a packet to a
-// member with a source address not the sender's is dropped and counted; a
-// member that left is no longer reached.
+// packets are counted as local, not sent through WireGuard, and TCP
+// segments go whole); a packet to a member with a source address not the
+// sender's is dropped and counted; a member that joins at the address of
+// one that left is reached.
 func TestLocalPath(t *testing.T) {
 	chalktest.RequireRoot(t)
 	nsA, nsB, nsC := netnsFor(t), netnsFor(t), netnsFor(t)
@@ -151,8 +152,13 @@ func TestLocalPath(t *testing.T) {
 		t.Fatalf("b received %d bytes, want the %d sent", len(r), len(payload))
 	}
 	after := m.Stats()
-	if after.Local-before.Local < uint64(len(payload)/MTU) {
-		t.Fatalf("%d local packets for %d bytes: the transfer did not take the local path", after.Local-before.Local, len(payload))
+	if after.LocalBytes-before.LocalBytes < uint64(len(payload)) {
+		t.Fatalf("%d bytes in %d local packets for %d bytes: the transfer did not take the local path", after.LocalBytes-before.LocalBytes, after.Local-before.Local, len(payload))
+	}
+	// The sandbox kernel's TCP segments (TSO, up to 64 KiB) went through
+	// whole: the steering program sent them to the forwarder's queue.
+	if after.LocalGSO == before.LocalGSO {
+		t.Fatalf("no segment larger than the MTU among %d local packets: steering or TSO is off", after.Local-before.Local)
 	}
 
 	// UDP: a datagram from a claiming c's address is dropped; one from a's
@@ -205,15 +211,23 @@ func TestLocalPath(t *testing.T) {
 		t.Fatalf("spoofed packets counted: %d, want %d", s, spoofed+1)
 	}
 
-	// b leaves: a's packets to b's address no longer take the local path.
+	// b leaves and d joins, at b's old address: a's packets to it reach d
+	// (the table and the steering program follow the membership).
 	m.Leave("b")
+	nsD := netnsFor(t)
+	d := join("d", nsD)
+	if d.Addr != b.Addr {
+		t.Fatalf("d has %s, want b's old address %s", d.Addr, b.Addr)
+	}
+	pcD := listen(d, nsD)
 	local := m.Stats().Local
-	send(a.Addr, b.Addr, "to nobody")
+	send(a.Addr, d.Addr, "to d")
+	recv(pcD, "to d")
+	if s := m.Stats().Local; s != local+1 {
+		t.Fatalf("local packets %d -> %d, want one more", local, s)
+	}
 	send(a.Addr, c.Addr, "to c")
 	recv(pcC, "to c")
-	if s := m.Stats().Local; s != local+1 {
-		t.Fatalf("local packets %d -> %d, want only the one to c: a packet to a member that left was forwarded", local, s)
-	}
 }
 
 // TestKernelProbe: on a kernel without WireGuard the probe says so, naming

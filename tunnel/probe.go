@@ -45,6 +45,10 @@ type Offloads struct {
 	// TSO: the kernel hands the TUN TCP segments of up to 64 KiB (one
 	// read), which wireguard-go splits, and coalesces what it writes (GRO).
 	TSO bool
+	// Steering: the TUN has the local forwarder's queue with its eBPF
+	// steering program (steer.go), so segments to other members on this
+	// node go whole.
+	Steering bool
 }
 
 // Offloads reports the offloads of sandbox id's device in tunnel key.
@@ -55,7 +59,7 @@ func (m *Manager) Offloads(key, id string) (Offloads, error) {
 	if mb == nil {
 		return Offloads{}, fmt.Errorf("sandbox %s is not in tunnel %s", id, key)
 	}
-	o := Offloads{TUNBatch: mb.tun.BatchSize(), BindBatch: mb.bind.BatchSize()}
+	o := Offloads{TUNBatch: mb.tun.BatchSize(), BindBatch: mb.bind.BatchSize(), Steering: mb.tun.raw != nil}
 	var err error
 	o.TSO, err = tunTSO(mb.netnsPath, mb.Interface)
 	return o, err

@@ -28,6 +28,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"runtime"
 	"slices"
 	"strconv"
@@ -162,18 +163,21 @@ func (m *Manager) KernelWireGuard() error { return m.kernel }
 // Stats are the Manager's packet counters since it started.
 type Stats struct {
 	// Local counts packets between members on this node, carried TUN to
-	// TUN inside this process.
-	Local uint64
+	// TUN inside this process, and LocalBytes their IP bytes.
+	Local, LocalBytes uint64
+	// LocalGSO counts those of them larger than the MTU: TCP segments
+	// forwarded whole, as the sender's kernel made them (steer.go).
+	LocalGSO uint64
 	// Spoofed counts packets a member sent to another member with a
 	// source address not its own, dropped.
 	Spoofed uint64
 }
 
-type counters struct{ local, spoofed atomic.Uint64 }
+type counters struct{ local, localBytes, localGSO, spoofed atomic.Uint64 }
 
 // Stats returns the packet counters.
 func (m *Manager) Stats() Stats {
-	return Stats{Local: m.stats.local.Load(), Spoofed: m.stats.spoofed.Load()}
+	return Stats{Local: m.stats.local.Load(), LocalBytes: m.stats.localBytes.Load(), LocalGSO: m.stats.localGSO.Load(), Spoofed: m.stats.spoofed.Load()}
 }
 
 // Join gives sandbox id (whose network namespace is at netnsPath) an
@@ -239,6 +243,7 @@ func (m *Manager) removeLocked(key, id string) {
 		return
 	}
 	mb.dev.Close()
+	mb.tun.closeQueue()
 	clear(mb.priv[:])
 	delete(m.members[key], id)
 	if len(m.members[key]) == 0 {
@@ -369,13 +374,15 @@ func (m *Manager) syncLocked(key string) error {
 		if err := mb.dev.IpcSet(b.String()); err != nil {
 			errs = append(errs, fmt.Errorf("tunnel %s: peers of %s: %w", key, id, err))
 		}
-		local := map[netip.Addr]tun.Device{}
+		local := map[netip.Addr]*localTUN{}
 		for oid, o := range m.members[key] {
 			if oid != id {
-				local[o.Addr] = o.tun.Device
+				local[o.Addr] = o.tun
 			}
 		}
-		mb.tun.setLocal(local)
+		if err := mb.tun.setLocal(local); err != nil {
+			m.log.Warn("tunnel steering", "tunnel", key, "sandbox", id, "err", err)
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -383,16 +390,17 @@ func (m *Manager) syncLocked(key string) error {
 // up creates the member's device: TUN in the sandbox's namespace, address
 // and routes there, UDP on the node.
 func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix, stats *counters) (err error) {
-	tdev, err := createTUNIn(netnsPath, mb.Interface)
+	tdev, raw, err := createTUNIn(netnsPath, mb.Interface)
 	if err != nil {
 		return err
 	}
-	mb.tun = newLocalTUN(tdev, mb.Addr, stats)
+	mb.tun = newLocalTUN(tdev, raw, mb.Addr, stats)
 	mb.bind = conn.NewDefaultBind()
 	mb.dev = device.NewDevice(mb.tun, mb.bind, device.NewLogger(device.LogLevelSilent, ""))
 	defer func() {
 		if err != nil {
 			mb.dev.Close()
+			mb.tun.closeQueue()
 		}
 	}()
 	if err := mb.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=0\n", mb.priv.hex())); err != nil {
@@ -482,18 +490,25 @@ func listenPort(d *device.Device) (int, error) {
 }
 
 // createTUNIn creates a TUN interface called name inside the namespace at
-// netnsPath (wireguard-go's CreateTUN: virtio-net headers, TSO/USO).
-func createTUNIn(netnsPath, name string) (tun.Device, error) {
-	var dev tun.Device
+// netnsPath: wireguard-go's device (virtio-net headers, TSO/USO) and the
+// local forwarder's queue, if it can have one (createTUNQueues).
+func createTUNIn(netnsPath, name string) (tun.Device, *os.File, error) {
+	var (
+		dev tun.Device
+		raw *os.File
+	)
 	err := inNetns(netnsPath, func() (err error) {
-		if dev, err = tun.CreateTUN(name, MTU); err != nil {
+		if dev, raw, err = createTUNQueues(name); err != nil {
 			return fmt.Errorf("create TUN %s: %w", name, err)
 		}
 		return nil
 	}, func() {
 		dev.Close()
+		if raw != nil {
+			raw.Close()
+		}
 	})
-	return dev, err
+	return dev, raw, err
 }
 
 // inNetns runs fn on one locked thread inside the namespace at netnsPath,
