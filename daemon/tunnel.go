@@ -47,6 +47,9 @@ func init() {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "chalk_tunnel_local_packets_total",
 			Help: "Packets between tunnel members on this node, carried TUN to TUN inside chalkd instead of through WireGuard over loopback."},
 			tunnelStat(func(s tunnel.Stats) uint64 { return s.Local })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "chalk_tunnel_local_segments_total",
+			Help: "Of the local tunnel packets, TCP segments larger than the MTU forwarded whole (the TUN's steered queue)."},
+			tunnelStat(func(s tunnel.Stats) uint64 { return s.LocalGSO })),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "chalk_tunnel_spoofed_packets_total",
 			Help: "Packets a tunnel member sent to another member with a source address not its own, dropped."},
 			tunnelStat(func(s tunnel.Stats) uint64 { return s.Spoofed })))

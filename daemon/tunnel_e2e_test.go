@@ -194,9 +194,27 @@ func TestTunnel(t *testing.T) {
 		t.Fatalf("UDP over the tunnel: %q", out)
 	}
 	// Members on one node are joined TUN to TUN inside chalkd (a TCP
-	// exchange and a UDP one are at least 6 packets each way).
+	// exchange and a UDP one are at least 6 packets each way), and a bulk
+	// transfer's TCP segments go whole (steered queue, TSO).
 	if got := counter(t, n, "chalk_tunnel_local_packets_total"); got < local+6 {
 		t.Fatalf("local tunnel packets %v -> %v: the members' traffic did not take the local path", local, got)
+	}
+	var sink outputWatch
+	sinkReady := sink.until("ready")
+	if _, err := b.Start(ctx, []string{"netprobe", "sink", "7002"}, chalkcompute.Stdout(&sink)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-sinkReady:
+	case <-ctx.Done():
+		t.Fatalf("sink not ready: %q", sink.String())
+	}
+	segs := counter(t, n, "chalk_tunnel_local_segments_total")
+	if out := mustExec(t, a, "netprobe", "blast", addr[b.ID()]+":7002", "16"); !strings.HasPrefix(out, "gbit/s ") {
+		t.Fatalf("16 MiB over the tunnel: %q", out)
+	}
+	if got := counter(t, n, "chalk_tunnel_local_segments_total"); got <= segs {
+		t.Fatalf("no TCP segment over the MTU went whole between members (%v -> %v): steering or TSO is off", segs, got)
 	}
 	// Members have DNS names, which only members resolve.
 	bName := b.ID() + ".mesh.tunnel.internal"

@@ -107,7 +107,7 @@ func tunnelBench(ctx context.Context, c *chalkcompute.Client, work string, n int
 	} else {
 		fmt.Printf("  (%.2fx the bare veth)\n  %-22s %7.2f Gbit/s\n", tunnelGbps[1]/veth, "bare veth pair", veth)
 	}
-	fmt.Printf("goal: >= 1 Gbit/s: %s\n\n", verdict(tunnelGbps[1] >= 1))
+	fmt.Printf("goal: >= 0.5x the bare veth: %s\n\n", verdict(vethErr == nil && tunnelGbps[1] >= veth/2))
 }
 
 func sortDurations(ds []time.Duration) { sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] }) }
