@@ -250,6 +250,12 @@ func TestTunnel(t *testing.T) {
 	if res, _ := a.Exec(ctx, []string{"sh", "-c", "ip link set wg0 down"}); res == nil || res.Code == 0 {
 		t.Fatal("the sandbox could take its tunnel interface down")
 	}
+	// wg0 is a multi-queue TUN: whoever opens /dev/net/tun in the sandbox's
+	// namespace could attach a queue to it. There is no such node, and none
+	// can be made (no CAP_MKNOD).
+	if res, _ := a.Exec(ctx, []string{"sh", "-c", "test -e /dev/net/tun && exit 0; mkdir -p /tmp/net && mknod /tmp/net/tun c 10 200"}); res == nil || res.Code == 0 {
+		t.Fatalf("the sandbox has or made a TUN device node: %+v", res)
+	}
 	// m leaves: the others' devices forget it.
 	if _, err := m.Terminate(ctx); err != nil {
 		t.Fatal(err)

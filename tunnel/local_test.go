@@ -265,3 +265,36 @@ func TestKernelProbe(t *testing.T) {
 		t.Fatalf("with the kernel's WireGuard: data path %s, kernel: %v", m.DataPath(), m.KernelWireGuard())
 	}
 }
+
+// TestWholeIPv4: the steered queue forwards only packets whose IPv4 header
+// is whole and consistent.
+func TestWholeIPv4(t *testing.T) {
+	good := []byte{0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0, 100, 96, 0, 1, 100, 96, 0, 2, 0, 1, 0, 2, 0, 8, 0, 0}
+	var sum uint32
+	for i := 0; i < 20; i += 2 {
+		sum += uint32(good[i])<<8 | uint32(good[i+1])
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	good[10], good[11] = byte(^sum>>8), byte(^sum)
+	if !wholeIPv4(good) {
+		t.Fatal("a valid packet refused")
+	}
+	mut := func(f func(p []byte) []byte) []byte { return f(append([]byte(nil), good...)) }
+	for name, p := range map[string][]byte{
+		"empty":          nil,
+		"short":          good[:19],
+		"IPv6":           mut(func(p []byte) []byte { p[0] = 0x65; return p }),
+		"IHL 4":          mut(func(p []byte) []byte { p[0] = 0x44; return p }),
+		"IHL past end":   mut(func(p []byte) []byte { p[0] = 0x4f; return p }),
+		"longer":         append(append([]byte(nil), good...), 0),
+		"shorter":        good[:27],
+		"bad checksum":   mut(func(p []byte) []byte { p[11]++; return p }),
+		"shifted by ten": append(make([]byte, 10), good[:18]...),
+	} {
+		if wholeIPv4(p) {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
