@@ -113,12 +113,13 @@ func (t *localTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	}
 	for _, d := range t.dsts {
 		batch := t.out[d]
-		// The receiving TUN coalesces the batch again (GRO) and writes it
-		// with one syscall per coalesced packet. A member that has just
+		// Counted before the write: once the packets are there, they are
+		// in. The receiving TUN coalesces the batch again (GRO) and writes
+		// it with one syscall per coalesced packet. A member that has just
 		// left has a closed TUN: its packets are lost, as they would be
 		// on the wire.
-		_, _ = d.Write(batch, offset)
 		t.stats.local.Add(uint64(len(batch)))
+		_, _ = d.Write(batch, offset)
 		clear(batch)
 		t.out[d] = batch[:0]
 	}
