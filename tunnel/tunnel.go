@@ -17,6 +17,11 @@
 // cryptokey routing of the receiving device drops packets whose source
 // address is not the sending member's own: members cannot spoof one another.
 // Peer lists are updated synchronously when a member joins or leaves.
+//
+// Packets between members on this node do not take WireGuard at all: they
+// go TUN to TUN inside this process (local.go, steer.go), under the same
+// rule (the source must be the sender's own address). WireGuard carries
+// the traffic to external peers.
 package tunnel
 
 import (
