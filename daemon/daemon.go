@@ -453,6 +453,7 @@ func (d *Daemon) Close() error {
 	}
 	if d.Tunnels != nil {
 		d.Tunnels.Close()
+		tunnelManagers.Delete(d.Tunnels)
 	}
 	if d.mcp != nil {
 		d.mcp.close()

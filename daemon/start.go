@@ -178,6 +178,7 @@ func (d *Daemon) startAgent(context.Context) (err error) {
 func (d *Daemon) startEgress(ctx context.Context) (err error) {
 	cfg := &d.cfg
 	d.Tunnels = tunnel.NewManager(cfg.Logger)
+	tunnelManagers.Store(d.Tunnels, struct{}{})
 	if d.tun, err = newTunnels(d.Tunnels, d.Agent, d.Store, cfg.TunnelSubnets, cfg.TunnelEndpoint); err != nil {
 		return err
 	}

@@ -9,8 +9,10 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/errdefs"
@@ -25,6 +27,33 @@ import (
 // DefaultTunnelSubnets is carved into one /24 per tunnel (CGNAT space, which
 // sandboxes' own networks and the usual on-prem ranges do not use).
 const DefaultTunnelSubnets = "100.96.0.0/12"
+
+// The tunnels' packet counters, for /metrics.
+var tunnelManagers = sync.Map{} // *tunnel.Manager -> struct{}: the live ones
+
+func tunnelStat(f func(tunnel.Stats) uint64) func() float64 {
+	return func() float64 {
+		var n uint64
+		tunnelManagers.Range(func(k, _ any) bool {
+			n += f(k.(*tunnel.Manager).Stats())
+			return true
+		})
+		return float64(n)
+	}
+}
+
+func init() {
+	prometheus.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "chalk_tunnel_local_packets_total",
+			Help: "Packets between tunnel members on this node, carried TUN to TUN inside chalkd instead of through WireGuard over loopback."},
+			tunnelStat(func(s tunnel.Stats) uint64 { return s.Local })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "chalk_tunnel_local_segments_total",
+			Help: "Of the local tunnel packets, TCP segments larger than the MTU forwarded whole (the TUN's steered queue)."},
+			tunnelStat(func(s tunnel.Stats) uint64 { return s.LocalGSO })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "chalk_tunnel_spoofed_packets_total",
+			Help: "Packets a tunnel member sent to another member with a source address not its own, dropped."},
+			tunnelStat(func(s tunnel.Stats) uint64 { return s.Spoofed })))
+}
 
 // tunnels joins sandboxes to their tunnels (tunnel.Manager) and answers the
 // API's questions about them.

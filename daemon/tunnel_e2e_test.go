@@ -186,11 +186,35 @@ func TestTunnel(t *testing.T) {
 		t.Fatalf("server not ready: %q", served.String())
 	}
 	bAddr := addr[b.ID()] + ":7000"
+	local := counter(t, n, "chalk_tunnel_local_packets_total")
 	if out := mustExec(t, a, "netprobe", "tcp", bAddr, "hello-tcp"); out != "echo hello-tcp\n" {
 		t.Fatalf("TCP over the tunnel: %q", out)
 	}
 	if out := mustExec(t, a, "netprobe", "udp", bAddr, "hello-udp"); out != "echo hello-udp\n" {
 		t.Fatalf("UDP over the tunnel: %q", out)
+	}
+	// Members on one node are joined TUN to TUN inside chalkd (a TCP
+	// exchange and a UDP one are at least 6 packets each way), and a bulk
+	// transfer's TCP segments go whole (steered queue, TSO).
+	if got := counter(t, n, "chalk_tunnel_local_packets_total"); got < local+6 {
+		t.Fatalf("local tunnel packets %v -> %v: the members' traffic did not take the local path", local, got)
+	}
+	var sink outputWatch
+	sinkReady := sink.until("ready")
+	if _, err := b.Start(ctx, []string{"netprobe", "sink", "7002"}, chalkcompute.Stdout(&sink)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-sinkReady:
+	case <-ctx.Done():
+		t.Fatalf("sink not ready: %q", sink.String())
+	}
+	segs := counter(t, n, "chalk_tunnel_local_segments_total")
+	if out := mustExec(t, a, "netprobe", "blast", addr[b.ID()]+":7002", "16"); !strings.HasPrefix(out, "gbit/s ") {
+		t.Fatalf("16 MiB over the tunnel: %q", out)
+	}
+	if got := counter(t, n, "chalk_tunnel_local_segments_total"); got <= segs {
+		t.Fatalf("no TCP segment over the MTU went whole between members (%v -> %v): steering or TSO is off", segs, got)
 	}
 	// Members have DNS names, which only members resolve.
 	bName := b.ID() + ".mesh.tunnel.internal"
@@ -207,11 +231,13 @@ func TestTunnel(t *testing.T) {
 	if res, err := x.Exec(ctx, []string{"netprobe", "tcp-once", bAddr, "intruder"}); err != nil || res.Code == 0 {
 		t.Fatalf("sandbox outside the tunnel reached it: %v %+v", err, res)
 	}
-	// a sends one datagram claiming m's address (IP_FREEBIND needs no
-	// privilege), then one of its own: b's device drops the first (m's
-	// AllowedIPs are m's address alone, and it did not come from m's key).
-	if _, err := a.Exec(ctx, []string{"netprobe", "udp-from", addr[m.ID()], bAddr, "spoofed"}); err != nil {
-		t.Fatal(err)
+	// a tries to send one datagram claiming m's address (IP_FREEBIND needs
+	// no privilege), then one of its own: the first must not arrive. Without
+	// CAP_NET_RAW or CAP_NET_ADMIN the sandbox cannot even send it (sendto
+	// fails: no route from a foreign source); were it sent, chalkd's local
+	// path would drop it (tunnel.TestLocalPath sends one as root).
+	if res, err := a.Exec(ctx, []string{"netprobe", "udp-from", addr[m.ID()], bAddr, "spoofed"}); err != nil || res.Code == 0 || !strings.Contains(string(res.Stderr), "network is unreachable") {
+		t.Fatalf("a sandbox sending from another member's address: %v %+v, want sendto to fail (network is unreachable)", err, res)
 	}
 	got := served.until("udp " + addr[a.ID()] + " after-spoof")
 	mustExec(t, a, "netprobe", "udp", bAddr, "after-spoof")
@@ -223,6 +249,12 @@ func TestTunnel(t *testing.T) {
 	// files, and wg0 is not readable through netlink without CAP_NET_ADMIN.
 	if res, _ := a.Exec(ctx, []string{"sh", "-c", "ip link set wg0 down"}); res == nil || res.Code == 0 {
 		t.Fatal("the sandbox could take its tunnel interface down")
+	}
+	// wg0 is a multi-queue TUN: whoever opens /dev/net/tun in the sandbox's
+	// namespace could attach a queue to it. There is no such node, and none
+	// can be made (no CAP_MKNOD).
+	if res, _ := a.Exec(ctx, []string{"sh", "-c", "test -e /dev/net/tun && exit 0; mkdir -p /tmp/net && mknod /tmp/net/tun c 10 200"}); res == nil || res.Code == 0 {
+		t.Fatalf("the sandbox has or made a TUN device node: %+v", res)
 	}
 	// m leaves: the others' devices forget it.
 	if _, err := m.Terminate(ctx); err != nil {

@@ -17,6 +17,11 @@
 // cryptokey routing of the receiving device drops packets whose source
 // address is not the sending member's own: members cannot spoof one another.
 // Peer lists are updated synchronously when a member joins or leaves.
+//
+// Packets between members on this node do not take WireGuard at all: they
+// go TUN to TUN inside this process (local.go, steer.go), under the same
+// rule (the source must be the sender's own address). WireGuard carries
+// the traffic to external peers.
 package tunnel
 
 import (
@@ -28,11 +33,13 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -108,6 +115,9 @@ type Member struct {
 type Manager struct {
 	log *slog.Logger
 
+	kernel error // why the kernel's WireGuard is not used (ProbeKernel)
+	stats  counters
+
 	mu      sync.Mutex
 	members map[string]map[string]*member // tunnel key -> sandbox id -> member
 	subnets map[string]netip.Prefix       // tunnel key -> subnet
@@ -119,14 +129,60 @@ type member struct {
 	netnsPath string
 	priv      Key
 	dev       *device.Device
+	tun       *localTUN
+	bind      conn.Bind
 }
 
-// NewManager returns a Manager with no devices.
+// NewManager returns a Manager with no devices. It probes for the kernel's
+// WireGuard (ProbeKernel) and logs which data path its devices take.
 func NewManager(log *slog.Logger) *Manager {
+	return newManager(log, ProbeKernel)
+}
+
+func newManager(log *slog.Logger, probe func() error) *Manager {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Manager{log: log, members: map[string]map[string]*member{}, subnets: map[string]netip.Prefix{}, peers: map[string][]Peer{}}
+	m := &Manager{log: log, members: map[string]map[string]*member{}, subnets: map[string]netip.Prefix{}, peers: map[string][]Peer{}}
+	if err := probe(); err != nil {
+		m.kernel = err
+	} else {
+		// Kernel devices are not driven yet: that path cannot be
+		// tested on the machines this is built on (no module), and
+		// members on one node are joined TUN to TUN (localTUN), which
+		// a kernel device, read by nobody in userspace, could not be.
+		m.kernel = errors.New("the kernel has WireGuard, but chalkd does not drive kernel devices yet")
+	}
+	log.Info("tunnel data path", "path", m.DataPath(), "kernel_wireguard", m.kernel.Error())
+	return m
+}
+
+// DataPath names what carries the devices' traffic: "wireguard-go"
+// (userspace, with the kernel's TUN offloads) — KernelWireGuard says why not
+// the kernel's.
+func (m *Manager) DataPath() string { return "wireguard-go" }
+
+// KernelWireGuard is why the kernel's WireGuard is not used.
+func (m *Manager) KernelWireGuard() error { return m.kernel }
+
+// Stats are the Manager's packet counters since it started.
+type Stats struct {
+	// Local counts packets between members on this node, carried TUN to
+	// TUN inside this process, and LocalBytes their IP bytes.
+	Local, LocalBytes uint64
+	// LocalGSO counts those of them larger than the MTU: TCP segments
+	// forwarded whole, as the sender's kernel made them (steer.go).
+	LocalGSO uint64
+	// Spoofed counts packets a member sent to another member with a
+	// source address not its own, dropped.
+	Spoofed uint64
+}
+
+type counters struct{ local, localBytes, localGSO, spoofed atomic.Uint64 }
+
+// Stats returns the packet counters.
+func (m *Manager) Stats() Stats {
+	return Stats{Local: m.stats.local.Load(), LocalBytes: m.stats.localBytes.Load(), LocalGSO: m.stats.localGSO.Load(), Spoofed: m.stats.spoofed.Load()}
 }
 
 // Join gives sandbox id (whose network namespace is at netnsPath) an
@@ -153,7 +209,7 @@ func (m *Manager) Join(key, id, netnsPath, ifname string, subnet netip.Prefix) (
 		return Member{}, err
 	}
 	mb := &member{Member: Member{Tunnel: key, SandboxID: id, Interface: ifname, Addr: addr, PublicKey: priv.PublicKey()}, netnsPath: netnsPath, priv: priv}
-	if err := mb.up(netnsPath, subnet, m.routesLocked(key)); err != nil {
+	if err := mb.up(netnsPath, subnet, m.routesLocked(key), &m.stats); err != nil {
 		clear(mb.priv[:])
 		return Member{}, fmt.Errorf("sandbox %s tunnel %s: %w", id, key, err)
 	}
@@ -192,6 +248,7 @@ func (m *Manager) removeLocked(key, id string) {
 		return
 	}
 	mb.dev.Close()
+	mb.tun.closeQueue()
 	clear(mb.priv[:])
 	delete(m.members[key], id)
 	if len(m.members[key]) == 0 {
@@ -322,21 +379,33 @@ func (m *Manager) syncLocked(key string) error {
 		if err := mb.dev.IpcSet(b.String()); err != nil {
 			errs = append(errs, fmt.Errorf("tunnel %s: peers of %s: %w", key, id, err))
 		}
+		local := map[netip.Addr]*localTUN{}
+		for oid, o := range m.members[key] {
+			if oid != id {
+				local[o.Addr] = o.tun
+			}
+		}
+		if err := mb.tun.setLocal(local); err != nil {
+			m.log.Warn("tunnel steering", "tunnel", key, "sandbox", id, "err", err)
+		}
 	}
 	return errors.Join(errs...)
 }
 
 // up creates the member's device: TUN in the sandbox's namespace, address
 // and routes there, UDP on the node.
-func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix) (err error) {
-	tdev, err := createTUNIn(netnsPath, mb.Interface)
+func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix, stats *counters) (err error) {
+	tdev, raw, err := createTUNIn(netnsPath, mb.Interface)
 	if err != nil {
 		return err
 	}
-	mb.dev = device.NewDevice(tdev, conn.NewDefaultBind(), device.NewLogger(device.LogLevelSilent, ""))
+	mb.tun = newLocalTUN(tdev, raw, mb.Addr, stats)
+	mb.bind = conn.NewDefaultBind()
+	mb.dev = device.NewDevice(mb.tun, mb.bind, device.NewLogger(device.LogLevelSilent, ""))
 	defer func() {
 		if err != nil {
 			mb.dev.Close()
+			mb.tun.closeQueue()
 		}
 	}()
 	if err := mb.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=0\n", mb.priv.hex())); err != nil {
@@ -426,52 +495,64 @@ func listenPort(d *device.Device) (int, error) {
 }
 
 // createTUNIn creates a TUN interface called name inside the namespace at
-// netnsPath: one locked thread enters the namespace for the open and the
-// interface's setup, and returns to the node's namespace before it is
-// released.
-func createTUNIn(netnsPath, name string) (tun.Device, error) {
+// netnsPath: wireguard-go's device (virtio-net headers, TSO/USO) and the
+// local forwarder's queue, if it can have one (createTUNQueues).
+func createTUNIn(netnsPath, name string) (tun.Device, *os.File, error) {
+	var (
+		dev tun.Device
+		raw *os.File
+	)
+	err := inNetns(netnsPath, func() (err error) {
+		if dev, raw, err = createTUNQueues(name); err != nil {
+			return fmt.Errorf("create TUN %s: %w", name, err)
+		}
+		return nil
+	}, func() {
+		dev.Close()
+		if raw != nil {
+			raw.Close()
+		}
+	})
+	return dev, raw, err
+}
+
+// inNetns runs fn on one locked thread inside the namespace at netnsPath,
+// which returns to the node's namespace before it is released. If it cannot
+// return, undo (if fn succeeded) undoes fn's work, and the thread stays
+// locked so the runtime discards it with its goroutine.
+func inNetns(netnsPath string, fn func() error, undo func()) error {
 	target, err := netns.GetFromPath(netnsPath)
 	if err != nil {
-		return nil, fmt.Errorf("sandbox netns %s: %w", netnsPath, err)
+		return fmt.Errorf("sandbox netns %s: %w", netnsPath, err)
 	}
 	defer target.Close()
-	type result struct {
-		dev tun.Device
-		err error
-	}
-	ch := make(chan result, 1)
+	ch := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
 		orig, err := netns.Get()
 		if err != nil {
 			runtime.UnlockOSThread()
-			ch <- result{err: err}
+			ch <- err
 			return
 		}
 		defer orig.Close()
 		if err := netns.Set(target); err != nil {
 			runtime.UnlockOSThread()
-			ch <- result{err: fmt.Errorf("enter sandbox netns: %w", err)}
+			ch <- fmt.Errorf("enter sandbox netns: %w", err)
 			return
 		}
-		dev, err := tun.CreateTUN(name, MTU)
+		err = fn()
 		if serr := netns.Set(orig); serr != nil {
-			// The thread cannot go back: leave it locked so the runtime
-			// discards it with this goroutine.
-			if dev != nil {
-				dev.Close()
+			if err == nil && undo != nil {
+				undo()
 			}
-			ch <- result{err: fmt.Errorf("return to node netns: %w", serr)}
+			ch <- fmt.Errorf("return to node netns: %w", serr)
 			return
 		}
 		runtime.UnlockOSThread()
-		if err != nil {
-			err = fmt.Errorf("create TUN %s: %w", name, err)
-		}
-		ch <- result{dev, err}
+		ch <- err
 	}()
-	r := <-ch
-	return r.dev, r.err
+	return <-ch
 }
 
 // handleAt is a netlink handle in the namespace at path.

@@ -90,24 +90,37 @@ func tunnelBench(ctx context.Context, c *chalkcompute.Client, work string, n int
 	if err := b.WriteFile(ctx, "/bin/netprobe", probe, 0o755); err != nil {
 		fail(err)
 	}
-	var tunnelGbps []float64
-	for range 3 {
+	// Tunnel and veth transfers alternate, so each pair sees about the same
+	// load from whatever else runs on the machine; the ratio is the median
+	// of the pairs'.
+	vethBlast, vethDone, vethErr := vethPair(probePath)
+	defer vethDone()
+	var tunnelGbps, vethGbps, ratios []float64
+	for range 5 {
 		res, err := b.Exec(ctx, []string{"netprobe", "blast", aAddr + ":5001", "512"})
 		if err != nil || res.Code != 0 {
 			fail(fmt.Errorf("blast over the tunnel: %v %s", err, res.Stderr))
 		}
 		tunnelGbps = append(tunnelGbps, parseGbps(string(res.Stdout)))
+		if vethErr == nil {
+			var v float64
+			if v, vethErr = vethBlast(); vethErr == nil {
+				vethGbps = append(vethGbps, v)
+				ratios = append(ratios, tunnelGbps[len(tunnelGbps)-1]/v)
+			}
+		}
 	}
-	veth, vethErr := vethThroughput(probePath)
 	sort.Float64s(tunnelGbps)
-	fmt.Println("tunnel: TCP throughput between two members (512 MiB, median of 3)")
-	fmt.Printf("  %-22s %7.2f Gbit/s", "over the tunnel", tunnelGbps[1])
+	fmt.Println("tunnel: TCP throughput between two members (512 MiB, median of 5, alternating with the veth)")
+	fmt.Printf("  %-22s %7.2f Gbit/s", "over the tunnel", tunnelGbps[2])
 	if vethErr != nil {
 		fmt.Printf("\n  %-22s n/a (%v)\n", "bare veth pair", vethErr)
 	} else {
-		fmt.Printf("  (%.2fx the bare veth)\n  %-22s %7.2f Gbit/s\n", tunnelGbps[1]/veth, "bare veth pair", veth)
+		sort.Float64s(vethGbps)
+		sort.Float64s(ratios)
+		fmt.Printf("  (%.2fx the bare veth)\n  %-22s %7.2f Gbit/s\n", ratios[2], "bare veth pair", vethGbps[2])
 	}
-	fmt.Printf("goal: >= 1 Gbit/s: %s\n\n", verdict(tunnelGbps[1] >= 1))
+	fmt.Printf("goal: >= 0.5x the bare veth: %s\n\n", verdict(vethErr == nil && ratios[2] >= 0.5))
 }
 
 func sortDurations(ds []time.Duration) { sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] }) }
@@ -130,16 +143,22 @@ func parseGbps(out string) float64 {
 	return f
 }
 
-// vethThroughput runs the same 512 MiB transfer between two network
-// namespaces joined by a veth pair: the median of 3.
-func vethThroughput(probe string) (float64, error) {
+// vethPair sets up two network namespaces joined by a veth pair with a
+// sink in one; blast sends 512 MiB to it from the other.
+func vethPair(probe string) (blast func() (float64, error), done func(), err error) {
 	id := strconv.FormatInt(time.Now().UnixNano()%1e6, 36)
 	nsA, nsB := "cbench-a"+id, "cbench-b"+id
+	var undo []func()
+	done = func() {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+	}
 	for _, ns := range []string{nsA, nsB} {
 		if err := run("ip", "netns", "add", ns); err != nil {
-			return 0, err
+			return nil, done, err
 		}
-		defer run("ip", "netns", "del", ns)
+		undo = append(undo, func() { _ = run("ip", "netns", "del", ns) })
 	}
 	for _, argv := range [][]string{
 		{"ip", "link", "add", "cbv0" + id, "netns", nsA, "type", "veth", "peer", "name", "cbv1" + id, "netns", nsB},
@@ -149,27 +168,24 @@ func vethThroughput(probe string) (float64, error) {
 		{"ip", "-n", nsB, "link", "set", "cbv1" + id, "up"},
 	} {
 		if err := run(argv...); err != nil {
-			return 0, err
+			return nil, done, err
 		}
 	}
 	srv := exec.Command("ip", "netns", "exec", nsA, probe, "sink", "5001")
 	out, err := srv.StdoutPipe()
 	if err != nil {
-		return 0, err
+		return nil, done, err
 	}
 	if err := srv.Start(); err != nil {
-		return 0, err
+		return nil, done, err
 	}
-	defer func() { _ = srv.Process.Kill(); _ = srv.Wait() }()
+	undo = append(undo, func() { _ = srv.Process.Kill(); _ = srv.Wait() })
 	waitReady(out)
-	var gbps []float64
-	for range 3 {
+	return func() (float64, error) {
 		b, err := exec.Command("ip", "netns", "exec", nsB, probe, "blast", "10.254.77.1:5001", "512").Output()
 		if err != nil {
 			return 0, err
 		}
-		gbps = append(gbps, parseGbps(string(b)))
-	}
-	sort.Float64s(gbps)
-	return gbps[1], nil
+		return parseGbps(string(b)), nil
+	}, done, nil
 }
