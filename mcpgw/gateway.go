@@ -529,7 +529,9 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, erro
 		defer timer.Stop()
 	}
 	var buf bytes.Buffer
-	chunk := make([]byte, 32<<10)
+	chunkp := chunks.Get().(*[]byte)
+	defer chunks.Put(chunkp)
+	chunk := *chunkp
 	for {
 		n, err := r.Body.Read(chunk)
 		buf.Write(chunk[:n])
@@ -557,6 +559,13 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, erro
 		}
 	}
 }
+
+// Buffers reused across requests (a request's body is copied out of its
+// chunk; an SSE reader is reset before and after use).
+var (
+	chunks     = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+	sseReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 64<<10) }}
+)
 
 // enter counts a request of the sandbox in flight, within MaxConcurrent.
 func (g *Gateway) enter(sandboxID string) bool {
@@ -725,7 +734,9 @@ func readLimited(r io.Reader, max int64, timeout time.Duration) ([]byte, error) 
 // filtered and redacted, and the event flushed before the next is read.
 func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) error {
 	fl, _ := w.(http.Flusher)
-	br := bufio.NewReaderSize(body, 64<<10)
+	br := sseReaders.Get().(*bufio.Reader)
+	br.Reset(body)
+	defer func() { br.Reset(nil); sseReaders.Put(br) }()
 	var ev bytes.Buffer   // the event's non-data lines
 	var data bytes.Buffer // its data, lines joined
 	hasData := false

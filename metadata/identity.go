@@ -67,6 +67,13 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		}
 		ttl = time.Duration(n) * time.Second
 	}
+	sbNow, err := sb.withPolicy(r.Context())
+	if err != nil {
+		s.log.ErrorContext(r.Context(), "metadata: network policy claim", "sandbox", sb.ID, "err", err)
+		writeError(w, http.StatusInternalServerError, "internal error")
+		return
+	}
+	sb = sbNow
 	key := cacheKey{sb.ID, sb.OrgID, sb.ImageDigest, sb.NetworkPolicy, sb.CreatedBy, aud, ttl}
 	now := s.cfg.Issuer.Now()
 	if tok, exp, ok := s.cache.get(key, now); ok {
@@ -93,6 +100,13 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) serveIdentity(w http.ResponseWriter, r *http.Request) {
 	sb, _ := CallerFrom(r.Context())
+	sbNow, err := sb.withPolicy(r.Context())
+	if err != nil {
+		s.log.ErrorContext(r.Context(), "metadata: network policy claim", "sandbox", sb.ID, "err", err)
+		writeError(w, http.StatusInternalServerError, "internal error")
+		return
+	}
+	sb = sbNow
 	sub := identity.SubjectFor(sb.OrgID, sb.ID)
 	if sub == "" {
 		s.log.ErrorContext(r.Context(), "metadata: sandbox has invalid ids", "sandbox", sb.ID, "org", sb.OrgID)
