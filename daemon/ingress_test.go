@@ -34,7 +34,7 @@ func TestIngressSetup(t *testing.T) {
 	if err := cfg.defaults(); err != nil {
 		t.Fatal(err)
 	}
-	n, err := newIngress(cfg, nil, nil)
+	n, err := newIngress(cfg, nil, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,7 +48,7 @@ func TestIngressSetup(t *testing.T) {
 		t.Fatalf("URLs %q %q", host, path)
 	}
 	cfg.Ingress.TLSKey = filepath.Join(dir, "missing.pem")
-	if _, err := newIngress(cfg, nil, nil); err == nil {
+	if _, err := newIngress(cfg, nil, nil, nil); err == nil {
 		t.Fatal("a missing key file was accepted")
 	}
 }
