@@ -41,11 +41,10 @@ this terminal is in raw mode and follows the window size, as with
 			}
 			return nil
 		}, withSandbox(e, func(ctx context.Context, sb *chalkcompute.Sandbox, args []string) error {
-			envm, err := parseEnv(envs)
+			opts, err := execOptions(envs, workdir, user)
 			if err != nil {
 				return err
 			}
-			opts := []chalkcompute.ExecOption{chalkcompute.ExecEnv(envm), chalkcompute.ExecWorkdir(workdir), chalkcompute.ExecUser(user)}
 			if timeout > 0 {
 				opts = append(opts, chalkcompute.ExecTimeout(timeout))
 			}
@@ -114,11 +113,10 @@ func sbShell(e *env) *cobra.Command {
 			}
 			return nil
 		}, withSandbox(e, func(ctx context.Context, sb *chalkcompute.Sandbox, _ []string) error {
-			envm, err := parseEnv(envs)
+			opts, err := execOptions(envs, workdir, user)
 			if err != nil {
 				return err
 			}
-			opts := []chalkcompute.ExecOption{chalkcompute.ExecEnv(envm), chalkcompute.ExecWorkdir(workdir), chalkcompute.ExecUser(user)}
 			return runTerminal(ctx, e, sb, []string{"/bin/sh", "-c", shellScript}, true, opts)
 		})),
 	}
@@ -127,6 +125,15 @@ func sbShell(e *env) *cobra.Command {
 	f.StringArrayVarP(&envs, "env", "e", nil, "NAME=VALUE (repeatable)")
 	f.StringVarP(&user, "user", "u", "", "uid[:gid]")
 	return cmd
+}
+
+// execOptions are the options exec and shell share (-e, -w, -u).
+func execOptions(envs []string, workdir, user string) ([]chalkcompute.ExecOption, error) {
+	envm, err := parseEnv(envs)
+	if err != nil {
+		return nil, err
+	}
+	return []chalkcompute.ExecOption{chalkcompute.ExecEnv(envm), chalkcompute.ExecWorkdir(workdir), chalkcompute.ExecUser(user)}, nil
 }
 
 // exitCode is the error carrying a command's non-zero exit code out of chalk.
