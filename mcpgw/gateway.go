@@ -71,6 +71,17 @@ type Upstream struct {
 	Tools, Resources, Prompts []string
 	Labels                    map[string]string // required sandbox labels
 	Rate                      float64           // calls per second per sandbox; 0 = DefaultRate
+
+	detOnce sync.Once
+	det     *leakDetector // the credential's, made once: an Upstream is reused across requests
+}
+
+// detector returns the leak detector of the credential, made at first use
+// (its encodings and windows are the same for every request; it goes with
+// the Upstream, which the caller drops when the server changes).
+func (u *Upstream) detector() *leakDetector {
+	u.detOnce.Do(func() { u.det = newLeakDetector(u.Credential) })
+	return u.det
 }
 
 // Caller is the sandbox a request came from, known by its network namespace.
@@ -434,7 +445,7 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 		return fail(http.StatusInternalServerError, "MCP server %q: %v", name, err)
 	}
 	c.up = up
-	c.det = newLeakDetector(up.Credential)
+	c.det = up.detector()
 	for k, v := range up.Labels {
 		if caller.Labels[k] != v {
 			return fail(http.StatusForbidden, "sandbox %s may not use MCP server %q (it needs label %s=%s)", caller.SandboxID, name, k, v)
