@@ -689,9 +689,8 @@ func (g *Gateway) relay(w http.ResponseWriter, resp *http.Response, c *call, gwI
 	if ct == "text/event-stream" {
 		h.Set("Cache-Control", "no-cache")
 		w.WriteHeader(resp.StatusCode)
-		sw := newSSEWriter(w)
-		defer sw.close()
-		return g.relaySSE(sw, resp.Body, c)
+		_ = http.NewResponseController(w).Flush() // the client waits for the headers
+		return g.relaySSE(w, resp.Body, c)
 	}
 	b, err := readLimited(resp.Body, g.cfg.MaxResponse, g.cfg.Timeout)
 	if err != nil {
@@ -742,58 +741,10 @@ func readLimited(r io.Reader, max int64, timeout time.Duration) ([]byte, error) 
 	}
 }
 
-// sseHeaderDelay is how long a stream's headers wait for its first event
-// to go out with it (one write for both: the common answer of one event);
-// then they go alone, for a client waits for them before reading events.
-const sseHeaderDelay = time.Millisecond
-
-// sseWriter writes a stream's events to the sandbox, each flushed at once;
-// the headers go with the first event, or alone after sseHeaderDelay.
-type sseWriter struct {
-	mu      sync.Mutex
-	w       http.ResponseWriter
-	rc      *http.ResponseController
-	flushed bool // the headers are out
-	closed  bool // the handler is returning: nothing more is written
-	timer   *time.Timer
-}
-
-func newSSEWriter(w http.ResponseWriter) *sseWriter {
-	s := &sseWriter{w: w, rc: http.NewResponseController(w)}
-	s.timer = time.AfterFunc(sseHeaderDelay, func() {
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		if !s.closed && !s.flushed {
-			_ = s.rc.Flush()
-			s.flushed = true
-		}
-	})
-	return s
-}
-
-// event writes one event and flushes it.
-func (s *sseWriter) event(b []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	n, err := s.w.Write(b)
-	if err == nil {
-		_ = s.rc.Flush()
-		s.flushed = true
-	}
-	return n, err
-}
-
-// close stops the header timer; once it returns the timer writes nothing.
-func (s *sseWriter) close() {
-	s.timer.Stop()
-	s.mu.Lock()
-	s.closed = true
-	s.mu.Unlock()
-}
-
 // relaySSE streams events: each event's data (a JSON-RPC message) is
 // filtered and redacted, and the event flushed before the next is read.
-func (g *Gateway) relaySSE(w *sseWriter, body io.ReadCloser, c *call) error {
+func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) error {
+	fl, _ := w.(http.Flusher)
 	br := sseReaders.Get().(*bufio.Reader)
 	br.Reset(body)
 	defer func() { br.Reset(nil); sseReaders.Put(br) }()
@@ -842,10 +793,13 @@ func (g *Gateway) relaySSE(w *sseWriter, body io.ReadCloser, c *call) error {
 					out.WriteByte('\n')
 				}
 				if out.Len() > 0 {
-					n, werr := w.event(out.Bytes())
+					n, werr := w.Write(out.Bytes())
 					c.bytesOut += int64(n)
 					if werr != nil {
 						return nil
+					}
+					if fl != nil {
+						fl.Flush()
 					}
 				}
 			}
