@@ -55,16 +55,31 @@ type WorkloadVerifier interface {
 	VerifyWorkload(ctx context.Context, token string) (*Principal, error)
 }
 
-// authenticator resolves bearer tokens to principals. There is no cache:
-// every call looks the key's hash up (one indexed read), so a revoked key,
-// a removed member or a lowered role takes effect on the next call.
-type authenticator struct {
+// Authenticator resolves bearer tokens to principals: the API server's
+// calls, console sessions and the ingress listener's private routes share
+// one (built before any of them, so none needs another to authenticate).
+// There is no cache: every call looks the key's hash up (one indexed read),
+// so a revoked key, a removed member or a lowered role takes effect on the
+// next call.
+type Authenticator struct {
 	store    *store.Store
 	workload WorkloadVerifier
 	now      func() time.Time
 }
 
-func (a *authenticator) authenticate(ctx context.Context, header string) (*Principal, error) {
+// NewAuthenticator returns an Authenticator of API keys in st and, if
+// workload is not nil, workload tokens for the API audience.
+func NewAuthenticator(st *store.Store, workload WorkloadVerifier) *Authenticator {
+	return &Authenticator{store: st, workload: workload, now: time.Now}
+}
+
+// Authenticate resolves an Authorization header value ("Bearer <token>")
+// as every API call does.
+func (a *Authenticator) Authenticate(ctx context.Context, header string) (*Principal, error) {
+	return a.authenticate(ctx, header)
+}
+
+func (a *Authenticator) authenticate(ctx context.Context, header string) (*Principal, error) {
 	tok, ok := strings.CutPrefix(header, "Bearer ")
 	tok = strings.TrimSpace(tok)
 	if !ok || tok == "" {
@@ -86,7 +101,7 @@ func (a *authenticator) authenticate(ctx context.Context, header string) (*Princ
 // authenticateKey finds a user API key by its hash and checks it is usable
 // now (console sessions keep the hash, never the secret, and come here on
 // every request).
-func (a *authenticator) authenticateKey(ctx context.Context, hash string) (*Principal, error) {
+func (a *Authenticator) authenticateKey(ctx context.Context, hash string) (*Principal, error) {
 	ka, err := a.store.KeyByHash(ctx, hash)
 	if errors.Is(err, errdefs.ErrNotFound) {
 		return nil, fmt.Errorf("invalid API token: %w", errdefs.ErrUnauthenticated)
@@ -119,7 +134,7 @@ func (a *authenticator) authenticateKey(ctx context.Context, hash string) (*Prin
 func UserSubject(org, user string) string { return "chalk:org:" + org + ":user:" + user }
 
 // authInterceptor authenticates every call.
-type authInterceptor struct{ a *authenticator }
+type authInterceptor struct{ a *Authenticator }
 
 func (i authInterceptor) principal(ctx context.Context, h http.Header) (*Principal, error) {
 	if p, ok := PrincipalFrom(ctx); ok {

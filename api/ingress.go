@@ -34,12 +34,6 @@ const (
 	MaxIngressTokenTTL     = 7 * 24 * time.Hour
 )
 
-// Authenticate resolves an Authorization header value as every API call
-// does (for the ingress listener: a key of the sandbox's org).
-func (s *Server) Authenticate(ctx context.Context, header string) (*Principal, error) {
-	return s.auth.authenticate(ctx, header)
-}
-
 func (s *Server) ingress() (IngressBackend, error) {
 	if s.cfg.Ingress == nil {
 		return nil, fmt.Errorf("ingress is %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)

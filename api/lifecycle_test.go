@@ -342,9 +342,13 @@ func TestLiveShared(t *testing.T) {
 	ctx := context.Background()
 	live := NewLive()
 	var during []bool
+	var atWhileEnding []bool // RunningAt and IsRunning while the terminated sandbox is cleaned up
 	tn := newTestNode(t, Config{Live: live, Hooks: Hooks{Prepare: func(ctx context.Context, sb *store.Sandbox, _ *node.StartRequest) error {
 		during = append(during, live.IsActive(ctx, sb.ID), live.IsRunning(ctx, sb.ID))
 		return nil
+	}, Ended: func(ctx context.Context, sb *store.Sandbox) {
+		_, at := live.RunningAt(netip.MustParseAddr(sb.IP))
+		atWhileEnding = append(atWhileEnding, at, live.IsRunning(ctx, sb.ID))
 	}}})
 	sb := create(t, tn.user("mia"), &v1.CreateSandboxRequest{Image: "busybox"})
 	if len(during) != 2 || !during[0] || during[1] {
@@ -363,6 +367,14 @@ func TestLiveShared(t *testing.T) {
 	if _, ok := live.SandboxByAddr(ctx, tn.store, netip.MustParseAddr("10.9.9.9")); ok {
 		t.Fatal("an unknown address matched")
 	}
+	for _, a := range []string{sb.Ip, "::ffff:" + sb.Ip} {
+		if id, ok := live.RunningAt(netip.MustParseAddr(a)); !ok || id != sb.Id {
+			t.Fatalf("RunningAt(%s) = %q %v, want %s", a, id, ok, sb.Id)
+		}
+	}
+	if _, ok := live.RunningAt(netip.MustParseAddr("10.9.9.9")); ok {
+		t.Fatal("RunningAt: an unknown address matched")
+	}
 	if _, err := tn.user("mia").sandbox.Terminate(ctx, connect.NewRequest(&v1.TerminateSandboxRequest{Id: sb.Id})); err != nil {
 		t.Fatal(err)
 	}
@@ -371,5 +383,13 @@ func TestLiveShared(t *testing.T) {
 	}
 	if _, ok := live.SandboxByAddr(ctx, tn.store, netip.MustParseAddr(sb.Ip)); ok {
 		t.Fatal("an ended sandbox is found by its address")
+	}
+	// While it is being ended it is still live (its slot is held) but no
+	// longer found by its address.
+	if len(atWhileEnding) != 2 || atWhileEnding[0] || !atWhileEnding[1] {
+		t.Fatalf("while ending: RunningAt, IsRunning = %v, want false, true", atWhileEnding)
+	}
+	if _, ok := live.RunningAt(netip.MustParseAddr(sb.Ip)); ok {
+		t.Fatal("RunningAt: an ended sandbox is found by its address")
 	}
 }

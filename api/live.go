@@ -55,6 +55,22 @@ func (l *Live) IsActive(_ context.Context, id string) bool {
 	return ok || l.starting[id]
 }
 
+// RunningAt returns the id of the live sandbox at address a, unless it is
+// being ended (terminate, timeout, idle): in memory, for callers on every
+// request (the metadata service). A sandbox is live from its watch until
+// it is cleaned up after its end.
+func (l *Live) RunningAt(a netip.Addr) (string, bool) {
+	a = a.Unmap()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, sb := range l.m {
+		if sb.ip == a && sb.reason == "" {
+			return sb.id, true
+		}
+	}
+	return "", false
+}
+
 // SandboxByAddr maps a sandbox's source address to its record (metadata
 // service, MCP gateway). Only running sandboxes match.
 func (l *Live) SandboxByAddr(ctx context.Context, st *store.Store, a netip.Addr) (*store.Sandbox, bool) {

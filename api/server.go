@@ -68,9 +68,12 @@ type Hooks struct {
 
 // Config configures the API server.
 type Config struct {
-	Store      *store.Store
-	Node       Node
-	Workload   WorkloadVerifier // nil: workload tokens are refused
+	Store    *store.Store
+	Node     Node
+	Workload WorkloadVerifier // nil: workload tokens are refused
+	// Auth authenticates callers (nil: NewAuthenticator(Store, Workload));
+	// the daemon shares one with the ingress listener.
+	Auth       *Authenticator
 	Hooks      Hooks
 	Images     ImageBackend // nil: image builds are unavailable
 	ImageStore ImageStore
@@ -112,7 +115,7 @@ type Server struct {
 	log   *slog.Logger
 	store *store.Store
 	node  Node
-	auth  *authenticator
+	auth  *Authenticator
 	// budget counts request body bytes in flight per caller (guard).
 	budget *reqlimit.Budget
 	// sessions are the web console's signed-in browsers (session.go).
@@ -143,13 +146,16 @@ func New(ctx context.Context, cfg Config) *Server {
 	if cfg.Live == nil {
 		cfg.Live = NewLive()
 	}
+	if cfg.Auth == nil {
+		cfg.Auth = NewAuthenticator(cfg.Store, cfg.Workload)
+	}
 	return &Server{
 		budget:   reqlimit.NewBudget(cfg.Limits.InFlightPerCaller, cfg.Limits.InFlightTotal),
 		cfg:      cfg,
 		log:      cfg.Logger,
 		store:    cfg.Store,
 		node:     cfg.Node,
-		auth:     &authenticator{store: cfg.Store, workload: cfg.Workload, now: time.Now},
+		auth:     cfg.Auth,
 		sessions: newSessions(time.Now),
 		live:     cfg.Live,
 		execs:    map[string]*execEntry{},

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 )
 
 // ExitError carries a process exit code out of a command (exec).
@@ -91,6 +92,8 @@ func marshalJSON(v any) ([]byte, error) {
 	var raw []byte
 	var err error
 	switch m := v.(type) {
+	case json.RawMessage:
+		raw = m // JSON as it came (a query server's answer): indented only
 	case proto.Message:
 		raw, err = protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
 	case []proto.Message:
@@ -154,29 +157,19 @@ func whoamiCmd(e *env) *cobra.Command {
 		Use:   "whoami",
 		Short: "Show the identity the CLI authenticates as",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			w, err := c.WhoAmI(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(w)
-			}
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) (*v1.WhoAmIResponse, error) {
+			return c.WhoAmI(ctx)
+		}, asIs, func(w *v1.WhoAmIResponse) {
 			if w.Kind == "user" {
 				admin := ""
 				if w.NodeAdmin {
 					admin = " (node admin)"
 				}
 				fmt.Fprintf(e.out, "user %s in org %s, role %s%s, key %s\n", w.User, w.OrgId, w.Role, admin, w.KeyPrefix)
-				return nil
+				return
 			}
 			fmt.Fprintf(e.out, "%s\t%s\tcreated by %s\n", w.Kind, w.Subject, w.User)
-			return nil
-		},
+		}),
 	}
 }
 
@@ -187,21 +180,11 @@ func adminCmd(e *env) *cobra.Command {
 		Use:   "rotate",
 		Short: "Rotate the signing key now",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			kids, err := c.RotateKeys(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(map[string]any{"kids": kids})
-			}
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]string, error) {
+			return c.RotateKeys(ctx)
+		}, func(kids []string) any { return map[string]any{"kids": kids} }, func(kids []string) {
 			fmt.Fprintln(e.out, strings.Join(kids, "\n"))
-			return nil
-		},
+		}),
 	})
 	admin.AddCommand(keys, orgCmd(e), memberCmd(e), auditCmd(e))
 	return admin

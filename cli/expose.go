@@ -25,6 +25,16 @@ func parsePort(s string) (int, error) {
 	return p, nil
 }
 
+// portArg checks the PORT argument (the second) before b runs.
+func portArg(b body) body {
+	return func(cmd *cobra.Command, args []string) error {
+		if _, err := parsePort(args[1]); err != nil {
+			return err
+		}
+		return b(cmd, args)
+	}
+}
+
 func sbExpose(e *env) *cobra.Command {
 	var public bool
 	var ttl time.Duration
@@ -35,37 +45,20 @@ func sbExpose(e *env) *cobra.Command {
 			"Private by default: callers need an API key of the sandbox's org (Authorization: Bearer) or the signed URL\n" +
 			"printed here (valid for --ttl). --public opens it to anyone with the URL.",
 		Args: cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			port, err := parsePort(args[1])
-			if err != nil {
-				return err
-			}
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			sb, err := c.Sandbox(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
+		RunE: portArg(onSandbox(e, func(ctx context.Context, sb *chalkcompute.Sandbox, args []string) (*v1.Exposure, error) {
+			port, _ := parsePort(args[1]) // checked by portArg
 			opts := []chalkcompute.ExposeOption{chalkcompute.WithTokenTTL(ttl)}
 			if public {
 				opts = append(opts, chalkcompute.Public())
 			}
-			x, err := sb.Expose(cmd.Context(), port, opts...)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(x)
-			}
+			return sb.Expose(ctx, port, opts...)
+		}, asIs, func(x *v1.Exposure) {
 			if x.Public {
 				fmt.Fprintln(e.out, x.Url)
-				return nil
+				return
 			}
 			fmt.Fprintf(e.out, "%s\n(private: send an API key of the org, or use the signed URL until %s:)\n%s\n", x.Url, x.TokenExpiresAt, x.SignedUrl)
-			return nil
-		},
+		})),
 	}
 	cmd.Flags().BoolVar(&public, "public", false, "anyone with the URL may connect (default: API key of the org or signed URL)")
 	cmd.Flags().DurationVar(&ttl, "ttl", time.Hour, "lifetime of the signed URL of a private port (at most 168h)")
@@ -77,28 +70,10 @@ func sbUnexpose(e *env) *cobra.Command {
 		Use:   "unexpose ID PORT",
 		Short: "Stop serving a sandbox port (open connections are closed)",
 		Args:  cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			port, err := parsePort(args[1])
-			if err != nil {
-				return err
-			}
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			sb, err := c.Sandbox(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			if err := sb.Unexpose(cmd.Context(), port); err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(&v1.UnexposeResponse{})
-			}
-			fmt.Fprintf(e.out, "%s:%d unexposed\n", args[0], port)
-			return nil
-		},
+		RunE: portArg(onSandbox(e, func(ctx context.Context, sb *chalkcompute.Sandbox, args []string) (string, error) {
+			port, _ := parsePort(args[1]) // checked by portArg
+			return fmt.Sprintf("%s:%d", args[0], port), sb.Unexpose(ctx, port)
+		}, func(string) any { return &v1.UnexposeResponse{} }, func(what string) { fmt.Fprintf(e.out, "%s unexposed\n", what) })),
 	}
 }
 
@@ -107,11 +82,7 @@ func sbExposures(e *env) *cobra.Command {
 		Use:   "exposures ID",
 		Short: "List a sandbox's exposed ports",
 		Args:  cobra.ExactArgs(1),
-		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) ([]*v1.Exposure, error) {
-			sb, err := c.Sandbox(ctx, args[0])
-			if err != nil {
-				return nil, err
-			}
+		RunE: onSandbox(e, func(ctx context.Context, sb *chalkcompute.Sandbox, _ []string) ([]*v1.Exposure, error) {
 			return sb.Exposures(ctx)
 		}, messages[*v1.Exposure], func(xs []*v1.Exposure) {
 			rows := make([][]string, 0, len(xs))

@@ -38,38 +38,29 @@ func imgPull(e *env, verb string) *cobra.Command {
 		Use:   verb + " [REF]",
 		Short: short,
 		Args:  cobra.MaximumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(args) == 1 {
-				image = args[0]
+	}
+	// The progress is the text; -o json prints the last message.
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if len(args) == 1 {
+			image = args[0]
+		}
+		if image == "" {
+			return fmt.Errorf("an image is required (argument or --image)")
+		}
+		prestart := cmd.Flags().Changed("sandboxes")
+		if prestart && sandboxes < 0 {
+			return fmt.Errorf("--sandboxes %d: want 0 or more", sandboxes)
+		}
+		return call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) (*v1.ImageProgress, error) {
+			if verb != "warm" {
+				return c.PullImage(ctx, image, e.progressFn())
 			}
-			if image == "" {
-				return fmt.Errorf("an image is required (argument or --image)")
+			var opts []chalkcompute.WarmOption
+			if prestart {
+				opts = append(opts, chalkcompute.WithPrestarted(sandboxes))
 			}
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			var last *v1.ImageProgress
-			if verb == "warm" {
-				var opts []chalkcompute.WarmOption
-				if cmd.Flags().Changed("sandboxes") {
-					if sandboxes < 0 {
-						return fmt.Errorf("--sandboxes %d: want 0 or more", sandboxes)
-					}
-					opts = append(opts, chalkcompute.WithPrestarted(sandboxes))
-				}
-				last, err = c.WarmImage(cmd.Context(), image, e.progressFn(), opts...)
-			} else {
-				last, err = c.PullImage(cmd.Context(), image, e.progressFn())
-			}
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(last)
-			}
-			return nil
-		},
+			return c.WarmImage(ctx, image, e.progressFn(), opts...)
+		}, asIs, nil)(cmd, args)
 	}
 	cmd.Flags().StringVar(&image, "image", "", "image reference or image hash")
 	if verb == "warm" {
@@ -85,46 +76,47 @@ func imgBuild(e *env) *cobra.Command {
 		Use:   "build (--spec FILE.json | --dockerfile Dockerfile)",
 		Short: "Build an image from a spec file or a Dockerfile; skipped when its content hash is already built",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			var img *chalkcompute.Image
-			switch {
-			case specFile != "" && dockerfile != "":
-				return fmt.Errorf("--spec and --dockerfile are exclusive")
-			case specFile != "":
-				b, err := os.ReadFile(specFile)
-				if err != nil {
-					return err
-				}
-				if !json.Valid(b) {
-					return fmt.Errorf("%s: not valid JSON", specFile)
-				}
-				img = chalkcompute.FromSpec(b)
-			case dockerfile != "":
-				img = chalkcompute.FromDockerfile(dockerfile)
-			default:
-				return fmt.Errorf("one of --spec or --dockerfile is required")
-			}
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			last, err := c.BuildImage(cmd.Context(), img, force, e.progressFn())
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(last)
-			}
+	}
+	// The build's progress and log on stderr; its image's reference (-o
+	// json: the last message) on stdout.
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		img, err := imageSource(specFile, dockerfile)
+		if err != nil {
+			return err
+		}
+		return call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) (*v1.ImageProgress, error) {
+			return c.BuildImage(ctx, img, force, e.progressFn())
+		}, asIs, func(last *v1.ImageProgress) {
 			if last != nil && last.Image != nil {
 				fmt.Fprintln(e.out, last.Image.Ref)
 			}
-			return nil
-		},
+		})(cmd, args)
 	}
 	cmd.Flags().StringVar(&specFile, "spec", "", "image spec (JSON, as the SDKs send it)")
 	cmd.Flags().StringVar(&dockerfile, "dockerfile", "", "Dockerfile to build")
 	cmd.Flags().BoolVar(&force, "force", false, "rebuild every step even if cached")
 	return cmd
+}
+
+// imageSource is the image `image build` builds: a spec file or a
+// Dockerfile, exactly one.
+func imageSource(specFile, dockerfile string) (*chalkcompute.Image, error) {
+	switch {
+	case specFile != "" && dockerfile != "":
+		return nil, fmt.Errorf("--spec and --dockerfile are exclusive")
+	case specFile != "":
+		b, err := os.ReadFile(specFile)
+		if err != nil {
+			return nil, err
+		}
+		if !json.Valid(b) {
+			return nil, fmt.Errorf("%s: not valid JSON", specFile)
+		}
+		return chalkcompute.FromSpec(b), nil
+	case dockerfile != "":
+		return chalkcompute.FromDockerfile(dockerfile), nil
+	}
+	return nil, fmt.Errorf("one of --spec or --dockerfile is required")
 }
 
 func imgList(e *env) *cobra.Command {
@@ -163,23 +155,16 @@ func imgRm(e *env) *cobra.Command {
 		Use:   "rm REF...",
 		Short: "Remove images from the registry",
 		Args:  cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
+		RunE: withClient(e, func(ctx context.Context, c *chalkcompute.Client, args []string) error {
 			for _, r := range args {
-				if err := c.RemoveImage(cmd.Context(), r); err != nil {
+				if err := c.RemoveImage(ctx, r); err != nil {
 					return err
 				}
 				if !e.json() {
-					fmt.Fprintln(e.out, r)
+					fmt.Fprintln(e.out, r) // as each goes
 				}
 			}
-			if e.json() {
-				return e.printJSON(map[string]any{"removed": args})
-			}
-			return nil
-		},
+			return output(e, args, func(refs []string) any { return map[string]any{"removed": refs} }, nil)
+		}),
 	}
 }

@@ -46,6 +46,8 @@ func toMCPJSON(s chalkcompute.MCPServer) mcpServerJSON {
 		SandboxLabels: labels, RatePerSecond: s.RatePerSecond, CreatedAt: s.CreatedAt, CreatedBy: s.CreatedBy}
 }
 
+func mcpAsJSON(s chalkcompute.MCPServer) any { return toMCPJSON(s) }
+
 func allOr(l []string) string {
 	if len(l) == 0 {
 		return "all"
@@ -92,19 +94,11 @@ func mcpAdd(e *env) *cobra.Command {
 				}
 				s.SandboxLabels = m
 			}
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			out, err := c.AddMCPServer(cmd.Context(), s)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(toMCPJSON(out))
-			}
-			fmt.Fprintf(e.out, "%s\ninside sandboxes: %s (token audience: the same URL)\n", out.Name, out.GatewayURL)
-			return nil
+			return call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) (chalkcompute.MCPServer, error) {
+				return c.AddMCPServer(ctx, s)
+			}, mcpAsJSON, func(out chalkcompute.MCPServer) {
+				fmt.Fprintf(e.out, "%s\ninside sandboxes: %s (token audience: the same URL)\n", out.Name, out.GatewayURL)
+			})(cmd, args)
 		},
 	}
 	f := cmd.Flags()
@@ -163,48 +157,18 @@ func mcpAudit(e *env) *cobra.Command {
 		Use:   "audit [--sandbox ID] [--server NAME] [--since 1h] [--limit N]",
 		Short: "Show calls through the MCP gateway, newest first (admin)",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]chalkcompute.MCPAuditRecord, error) {
 			if since > 0 {
 				q.Since = time.Now().Add(-since)
 			}
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			recs, err := c.MCPAudit(cmd.Context(), q)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				type rec struct {
-					Seq        int64     `json:"seq"`
-					At         time.Time `json:"at"`
-					SandboxID  string    `json:"sandbox_id"`
-					Sub        string    `json:"sub"`
-					Server     string    `json:"server"`
-					HTTPMethod string    `json:"http_method"`
-					Method     string    `json:"method"`
-					Tool       string    `json:"tool"`
-					ArgsSHA256 string    `json:"args_sha256"`
-					Decision   string    `json:"decision"`
-					Status     int       `json:"status"`
-					LatencyMS  float64   `json:"latency_ms"`
-					BytesIn    int64     `json:"bytes_in"`
-					BytesOut   int64     `json:"bytes_out"`
-				}
-				out := make([]rec, 0, len(recs))
-				for _, r := range recs {
-					out = append(out, rec{r.Seq, r.At, r.SandboxID, r.Subject, r.Server, r.HTTPMethod, r.Method, r.Tool, r.ArgsSHA256, r.Decision, r.Status, r.LatencyMS, r.BytesIn, r.BytesOut})
-				}
-				return e.printJSON(out)
-			}
+			return c.MCPAudit(ctx, q)
+		}, mcpAuditJSON, func(recs []chalkcompute.MCPAuditRecord) {
 			rows := make([][]string, 0, len(recs))
 			for _, r := range recs {
 				rows = append(rows, []string{r.At.Local().Format("15:04:05.000"), r.SandboxID, r.Server, r.Method, r.Tool, r.Decision, fmt.Sprint(r.Status), fmt.Sprintf("%.1fms", r.LatencyMS)})
 			}
 			e.table("TIME\tSANDBOX\tSERVER\tMETHOD\tTOOL\tDECISION\tSTATUS\tLATENCY", rows)
-			return nil
-		},
+		}),
 	}
 	f := cmd.Flags()
 	f.StringVar(&q.SandboxID, "sandbox", "", "only this sandbox's calls")
@@ -212,4 +176,29 @@ func mcpAudit(e *env) *cobra.Command {
 	f.DurationVar(&since, "since", 0, "only calls this recent")
 	f.IntVar(&q.Limit, "limit", 100, "at most this many records (max 10000)")
 	return cmd
+}
+
+// mcpAuditJSON is the JSON of audit records (snake_case, every field).
+func mcpAuditJSON(recs []chalkcompute.MCPAuditRecord) any {
+	type rec struct {
+		Seq        int64     `json:"seq"`
+		At         time.Time `json:"at"`
+		SandboxID  string    `json:"sandbox_id"`
+		Sub        string    `json:"sub"`
+		Server     string    `json:"server"`
+		HTTPMethod string    `json:"http_method"`
+		Method     string    `json:"method"`
+		Tool       string    `json:"tool"`
+		ArgsSHA256 string    `json:"args_sha256"`
+		Decision   string    `json:"decision"`
+		Status     int       `json:"status"`
+		LatencyMS  float64   `json:"latency_ms"`
+		BytesIn    int64     `json:"bytes_in"`
+		BytesOut   int64     `json:"bytes_out"`
+	}
+	out := make([]rec, 0, len(recs))
+	for _, r := range recs {
+		out = append(out, rec{r.Seq, r.At, r.SandboxID, r.Subject, r.Server, r.HTTPMethod, r.Method, r.Tool, r.ArgsSHA256, r.Decision, r.Status, r.LatencyMS, r.BytesIn, r.BytesOut})
+	}
+	return out
 }

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -51,61 +52,17 @@ JSON when they parse as JSON (user.id=1 is the number 1), else strings.`,
 			if err != nil {
 				return err
 			}
-			if queryURL == "" {
-				queryURL = os.Getenv(sandboxenv.QueryURL)
-			}
-			if queryURL == "" {
-				return fmt.Errorf("no Chalk query server: pass --query-url or set %s (inside a sandbox chalkd sets it when started with --query-url): %w", sandboxenv.QueryURL, errdefs.ErrFailedPrecondition)
-			}
-			if tokenFile == "" {
-				tokenFile = os.Getenv(sandboxenv.QueryTokenFile)
-			}
-			if tokenFile == "" {
-				return fmt.Errorf("no token for the query server: pass --query-token-file or set %s: %w", sandboxenv.QueryTokenFile, errdefs.ErrFailedPrecondition)
-			}
-			tok, err := os.ReadFile(tokenFile)
+			raw, res, err := postQuery(cmd.Context(), queryURL, tokenFile, body)
 			if err != nil {
-				return fmt.Errorf("query token: %w", err)
+				return err
 			}
-			u, err := url.JoinPath(queryURL, "v1/query/online")
-			if err != nil {
-				return fmt.Errorf("--query-url %q: %w (%w)", queryURL, err, errdefs.ErrInvalidArgument)
-			}
-			req, err := http.NewRequestWithContext(cmd.Context(), http.MethodPost, u, bytes.NewReader(body))
-			if err != nil {
-				return fmt.Errorf("--query-url %q: %w (%w)", queryURL, err, errdefs.ErrInvalidArgument)
-			}
-			req.Header.Set("Content-Type", "application/json")
-			req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
-			resp, err := (&http.Client{Timeout: 2 * time.Minute}).Do(req)
-			if err != nil {
-				return fmt.Errorf("query server: %w", err)
-			}
-			defer resp.Body.Close()
-			raw, err := io.ReadAll(io.LimitReader(resp.Body, maxQueryResponse+1))
-			if err != nil {
-				return fmt.Errorf("query server: read answer: %w", err)
-			}
-			if len(raw) > maxQueryResponse {
-				return fmt.Errorf("query server: answer larger than %d MiB", maxQueryResponse>>20)
-			}
-			if resp.StatusCode/100 != 2 {
-				return fmt.Errorf("query server: %s: %s", resp.Status, strings.TrimSpace(string(raw[:min(len(raw), 512)])))
-			}
-			var res queryResult
-			if err := json.Unmarshal(raw, &res); err != nil {
-				return fmt.Errorf("query server: answer is not a query result: %w", err)
-			}
-			if e.json() {
-				var pretty bytes.Buffer
-				if err := json.Indent(&pretty, raw, "", "  "); err != nil {
-					return err
-				}
-				fmt.Fprintln(e.out, pretty.String())
-			} else {
+			// -o json: the server's answer as it is (indented).
+			if err := output(e, res, func(queryResult) any { return raw }, func(res queryResult) {
 				for _, d := range res.Data {
 					fmt.Fprintf(e.out, "%s\t%s\n", d.Field, d.Value)
 				}
+			}); err != nil {
+				return err
 			}
 			if len(res.Errors) > 0 {
 				msgs := make([]string, len(res.Errors))
@@ -122,6 +79,58 @@ JSON when they parse as JSON (user.id=1 is the number 1), else strings.`,
 	cmd.Flags().StringVar(&queryURL, "query-url", "", "query server URL (default $"+sandboxenv.QueryURL+")")
 	cmd.Flags().StringVar(&tokenFile, "query-token-file", "", "file holding the bearer token (default $"+sandboxenv.QueryTokenFile+")")
 	return cmd
+}
+
+// postQuery runs an online query on the query server at queryURL (default
+// from the sandbox's environment) with the token in tokenFile (re-read on
+// every call) and returns its answer.
+func postQuery(ctx context.Context, queryURL, tokenFile string, body []byte) (json.RawMessage, queryResult, error) {
+	var res queryResult
+	if queryURL == "" {
+		queryURL = os.Getenv(sandboxenv.QueryURL)
+	}
+	if queryURL == "" {
+		return nil, res, fmt.Errorf("no Chalk query server: pass --query-url or set %s (inside a sandbox chalkd sets it when started with --query-url): %w", sandboxenv.QueryURL, errdefs.ErrFailedPrecondition)
+	}
+	if tokenFile == "" {
+		tokenFile = os.Getenv(sandboxenv.QueryTokenFile)
+	}
+	if tokenFile == "" {
+		return nil, res, fmt.Errorf("no token for the query server: pass --query-token-file or set %s: %w", sandboxenv.QueryTokenFile, errdefs.ErrFailedPrecondition)
+	}
+	tok, err := os.ReadFile(tokenFile)
+	if err != nil {
+		return nil, res, fmt.Errorf("query token: %w", err)
+	}
+	u, err := url.JoinPath(queryURL, "v1/query/online")
+	if err != nil {
+		return nil, res, fmt.Errorf("--query-url %q: %w (%w)", queryURL, err, errdefs.ErrInvalidArgument)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
+	if err != nil {
+		return nil, res, fmt.Errorf("--query-url %q: %w (%w)", queryURL, err, errdefs.ErrInvalidArgument)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
+	resp, err := (&http.Client{Timeout: 2 * time.Minute}).Do(req)
+	if err != nil {
+		return nil, res, fmt.Errorf("query server: %w", err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxQueryResponse+1))
+	if err != nil {
+		return nil, res, fmt.Errorf("query server: read answer: %w", err)
+	}
+	if len(raw) > maxQueryResponse {
+		return nil, res, fmt.Errorf("query server: answer larger than %d MiB", maxQueryResponse>>20)
+	}
+	if resp.StatusCode/100 != 2 {
+		return nil, res, fmt.Errorf("query server: %s: %s", resp.Status, strings.TrimSpace(string(raw[:min(len(raw), 512)])))
+	}
+	if err := json.Unmarshal(raw, &res); err != nil {
+		return nil, res, fmt.Errorf("query server: answer is not a query result: %w", err)
+	}
+	return raw, res, nil
 }
 
 // queryBody is the request body of an online query; bad flags are an

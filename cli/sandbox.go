@@ -3,13 +3,10 @@ package cli
 import (
 	"context"
 	"fmt"
-	"io"
-	"os"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
@@ -53,14 +50,12 @@ func sbCreate(e *env) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "create --image REF [-- ENTRYPOINT...]",
 		Short: "Create a sandbox",
-		RunE: func(cmd *cobra.Command, args []string) error {
+		RunE: first(func() error {
 			if image == "" {
 				return fmt.Errorf("--image is required")
 			}
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
+			return nil
+		}, withClient(e, func(ctx context.Context, c *chalkcompute.Client, args []string) error {
 			envm, err := parseEnv(envs)
 			if err != nil {
 				return err
@@ -89,20 +84,16 @@ func sbCreate(e *env) *cobra.Command {
 			}
 			if !e.json() {
 				// Pull first so a cold image shows progress.
-				if _, err := c.PullImage(cmd.Context(), image, newProgress(e.errOut).update); err != nil {
+				if _, err := c.PullImage(ctx, image, e.progressFn()); err != nil {
 					return err
 				}
 			}
-			sb, err := c.Create(cmd.Context(), chalkcompute.Base(image), opts...)
+			sb, err := c.Create(ctx, chalkcompute.Base(image), opts...)
 			if err != nil {
 				return err
 			}
-			if e.json() {
-				return e.printJSON(sb.Info)
-			}
-			fmt.Fprintln(e.out, sb.ID())
-			return nil
-		},
+			return output(e, sb, func(sb *chalkcompute.Sandbox) any { return sb.Info }, func(sb *chalkcompute.Sandbox) { fmt.Fprintln(e.out, sb.ID()) })
+		})),
 	}
 	f := cmd.Flags()
 	f.StringVar(&image, "image", "", "image reference")
@@ -123,138 +114,6 @@ func sbCreate(e *env) *cobra.Command {
 	return cmd
 }
 
-func sbExec(e *env) *cobra.Command {
-	var (
-		interactive bool
-		tty         bool
-		workdir     string
-		envs        []string
-		timeout     time.Duration
-		user        string
-	)
-	cmd := &cobra.Command{
-		Use:   "exec ID -- COMMAND [ARGS...]",
-		Short: "Run a command in a sandbox, streaming its output; exits with its exit code",
-		Long: `Run a command in a sandbox, streaming its output; exits with its exit code.
-
-With -t the command runs on a terminal allocated in the sandbox; with -it
-this terminal is in raw mode and follows the window size, as with
-"docker exec -it" (^C, ^Z and ^D reach the program).`,
-		Args: cobra.MinimumNArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if tty && e.json() {
-				return fmt.Errorf("-t and --output json do not mix: a terminal's output is not JSON")
-			}
-			if tty && interactive && !isTerminal(e.in) {
-				return errNotATTY
-			}
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			envm, err := parseEnv(envs)
-			if err != nil {
-				return err
-			}
-			sb, err := c.Sandbox(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			opts := []chalkcompute.ExecOption{chalkcompute.ExecEnv(envm), chalkcompute.ExecWorkdir(workdir), chalkcompute.ExecUser(user)}
-			if timeout > 0 {
-				opts = append(opts, chalkcompute.ExecTimeout(timeout))
-			}
-			if tty {
-				return runTerminal(cmd.Context(), e, sb, args[1:], interactive, opts)
-			}
-			if e.json() {
-				res, err := sb.Exec(cmd.Context(), args[1:], opts...)
-				if err != nil {
-					return err
-				}
-				if err := e.printJSON(map[string]any{"stdout": string(res.Stdout), "stderr": string(res.Stderr),
-					"exit_code": res.Code, "signal": res.Signal, "timed_out": res.TimedOut}); err != nil {
-					return err
-				}
-				if res.Code != 0 {
-					return &ExitError{Code: res.Code}
-				}
-				return nil
-			}
-			opts = append(opts, chalkcompute.Stdout(e.out), chalkcompute.Stderr(e.errOut))
-			if interactive {
-				opts = append(opts, chalkcompute.ExecStdin())
-			}
-			p, err := sb.Start(cmd.Context(), args[1:], opts...)
-			if err != nil {
-				return err
-			}
-			if interactive {
-				go func() {
-					_, _ = io.Copy(p.Stdin(), e.in)
-					_ = p.Stdin().Close()
-				}()
-			}
-			st, err := p.Wait()
-			if err != nil {
-				return err
-			}
-			if st.TimedOut {
-				fmt.Fprintln(e.errOut, "chalk: command timed out")
-			}
-			if st.Code != 0 {
-				return &ExitError{Code: st.Code}
-			}
-			return nil
-		},
-	}
-	f := cmd.Flags()
-	f.BoolVarP(&interactive, "interactive", "i", false, "pass stdin to the command")
-	f.BoolVarP(&tty, "tty", "t", false, "run the command on a terminal (with -i: raw mode, like docker exec -it)")
-	f.StringVarP(&workdir, "workdir", "w", "", "working directory")
-	f.StringArrayVarP(&envs, "env", "e", nil, "NAME=VALUE (repeatable)")
-	f.DurationVar(&timeout, "timeout", 0, "kill the command after this long")
-	f.StringVarP(&user, "user", "u", "", "uid[:gid]")
-	return cmd
-}
-
-func sbShell(e *env) *cobra.Command {
-	var (
-		workdir string
-		envs    []string
-		user    string
-	)
-	cmd := &cobra.Command{
-		Use:   "shell ID",
-		Short: "Open an interactive shell in a sandbox (bash if it has one, else sh); exits with the shell's exit code",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if !isTerminal(e.in) {
-				return errNotATTY
-			}
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			envm, err := parseEnv(envs)
-			if err != nil {
-				return err
-			}
-			sb, err := c.Sandbox(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			opts := []chalkcompute.ExecOption{chalkcompute.ExecEnv(envm), chalkcompute.ExecWorkdir(workdir), chalkcompute.ExecUser(user)}
-			return runTerminal(cmd.Context(), e, sb, []string{"/bin/sh", "-c", shellScript}, true, opts)
-		},
-	}
-	f := cmd.Flags()
-	f.StringVarP(&workdir, "workdir", "w", "", "working directory")
-	f.StringArrayVarP(&envs, "env", "e", nil, "NAME=VALUE (repeatable)")
-	f.StringVarP(&user, "user", "u", "", "uid[:gid]")
-	return cmd
-}
-
 func sandboxRow(s *v1.Sandbox) []string {
 	return []string{s.Id, s.State, s.Image, s.CreatedAt, s.EndReason}
 }
@@ -266,25 +125,15 @@ func sbList(e *env) *cobra.Command {
 		Aliases: []string{"list"},
 		Short:   "List sandboxes",
 		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			sbs, err := c.List(cmd.Context(), all)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(messages(sbs))
-			}
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.Sandbox, error) {
+			return c.List(ctx, all)
+		}, messages[*v1.Sandbox], func(sbs []*v1.Sandbox) {
 			rows := make([][]string, 0, len(sbs))
 			for _, s := range sbs {
 				rows = append(rows, sandboxRow(s))
 			}
 			e.table("ID\tSTATE\tIMAGE\tCREATED\tEND", rows)
-			return nil
-		},
+		}),
 	}
 	cmd.Flags().BoolVarP(&all, "all", "a", false, "include ended sandboxes")
 	return cmd
@@ -295,21 +144,9 @@ func sbGet(e *env) *cobra.Command {
 		Use:   "get ID",
 		Short: "Show one sandbox",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			sb, err := c.Sandbox(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(sb.Info)
-			}
-			e.table("ID\tSTATE\tIMAGE\tCREATED\tEND", [][]string{sandboxRow(sb.Info)})
-			return nil
-		},
+		RunE: onSandbox(e, func(_ context.Context, sb *chalkcompute.Sandbox, _ []string) (*v1.Sandbox, error) {
+			return sb.Info, nil
+		}, asIs, func(info *v1.Sandbox) { e.table("ID\tSTATE\tIMAGE\tCREATED\tEND", [][]string{sandboxRow(info)}) }),
 	}
 }
 
@@ -318,147 +155,12 @@ func sbWait(e *env) *cobra.Command {
 		Use:   "wait ID",
 		Short: "Wait until a sandbox ends",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			sb, err := c.Sandbox(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			info, err := sb.Wait(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(info)
-			}
+		RunE: onSandbox(e, func(ctx context.Context, sb *chalkcompute.Sandbox, _ []string) (*v1.Sandbox, error) {
+			return sb.Wait(ctx)
+		}, asIs, func(info *v1.Sandbox) {
 			fmt.Fprintf(e.out, "%s %s exit_code=%d\n", info.State, info.EndReason, info.ExitCode)
-			return nil
-		},
+		}),
 	}
-}
-
-func sbLogs(e *env) *cobra.Command {
-	var follow bool
-	cmd := &cobra.Command{
-		Use:   "logs ID",
-		Short: "Print a sandbox's console output (its entrypoint's stdout and stderr)",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			sb, err := c.Sandbox(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				var b strings.Builder
-				if err := sb.Logs(cmd.Context(), &b, follow); err != nil {
-					return err
-				}
-				return e.printJSON(map[string]string{"sandbox_id": sb.ID(), "logs": b.String()})
-			}
-			return sb.Logs(cmd.Context(), e.out, follow)
-		},
-	}
-	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing until the sandbox ends")
-	return cmd
-}
-
-// splitRemote parses "ID:/path".
-func splitRemote(s string) (id, path string, ok bool) {
-	id, path, ok = strings.Cut(s, ":")
-	if !ok || id == "" || !strings.HasPrefix(path, "/") {
-		return "", "", false
-	}
-	return id, path, true
-}
-
-func sbCp(e *env) *cobra.Command {
-	return &cobra.Command{
-		Use:   "cp SRC DST",
-		Short: "Copy a file into (LOCAL ID:/path) or out of (ID:/path LOCAL) a sandbox; '-' is stdin/stdout",
-		Args:  cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			ctx := cmd.Context()
-			if id, p, ok := splitRemote(args[0]); ok {
-				sb, err := c.Sandbox(ctx, id)
-				if err != nil {
-					return err
-				}
-				var w io.Writer = e.out
-				var f *os.File
-				if args[1] != "-" {
-					if f, err = os.Create(args[1]); err != nil {
-						return err
-					}
-					defer f.Close()
-					w = f
-				}
-				cw := &countWriter{w: w}
-				if err := sb.CopyFile(ctx, p, cw); err != nil {
-					return err
-				}
-				if f != nil {
-					if err := f.Close(); err != nil {
-						return err
-					}
-				}
-				if e.json() && args[1] != "-" {
-					return e.printJSON(map[string]any{"from": args[0], "to": args[1], "bytes": cw.n})
-				}
-				return nil
-			}
-			id, p, ok := splitRemote(args[1])
-			if !ok {
-				return fmt.Errorf("one of SRC and DST must be ID:/absolute/path")
-			}
-			var data []byte
-			mode := os.FileMode(0o644)
-			if args[0] == "-" {
-				data, err = io.ReadAll(e.in)
-			} else {
-				var st os.FileInfo
-				if st, err = os.Stat(args[0]); err == nil {
-					mode = st.Mode().Perm()
-					data, err = os.ReadFile(args[0])
-				}
-			}
-			if err != nil {
-				return err
-			}
-			sb, err := c.Sandbox(ctx, id)
-			if err != nil {
-				return err
-			}
-			if err := sb.WriteFile(ctx, p, data, mode); err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(map[string]any{"from": args[0], "to": args[1], "bytes": len(data)})
-			}
-			return nil
-		},
-	}
-}
-
-type countWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countWriter) Write(b []byte) (int, error) {
-	n, err := c.w.Write(b)
-	c.n += int64(n)
-	return n, err
 }
 
 func sbRm(e *env) *cobra.Command {
@@ -467,31 +169,9 @@ func sbRm(e *env) *cobra.Command {
 		Aliases: []string{"terminate"},
 		Short:   "Terminate sandboxes",
 		Args:    cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			var out []proto.Message
-			for _, id := range args {
-				sb, err := c.Sandbox(cmd.Context(), id)
-				if err != nil {
-					return err
-				}
-				info, err := sb.Terminate(cmd.Context())
-				if err != nil {
-					return err
-				}
-				out = append(out, info)
-				if !e.json() {
-					fmt.Fprintln(e.out, id)
-				}
-			}
-			if e.json() {
-				return e.printJSON(out)
-			}
-			return nil
-		},
+		RunE: eachSandbox(e, func(ctx context.Context, sb *chalkcompute.Sandbox) (*v1.Sandbox, error) {
+			return sb.Terminate(ctx)
+		}, func(id string, _ *v1.Sandbox) { fmt.Fprintln(e.out, id) }),
 	}
 }
 
@@ -500,11 +180,7 @@ func sbEgressLog(e *env) *cobra.Command {
 		Use:   "egress-log ID",
 		Short: "Show what the sandbox's network policy blocked",
 		Args:  cobra.ExactArgs(1),
-		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) ([]*v1.EgressDrop, error) {
-			sb, err := c.Sandbox(ctx, args[0])
-			if err != nil {
-				return nil, err
-			}
+		RunE: onSandbox(e, func(ctx context.Context, sb *chalkcompute.Sandbox, _ []string) ([]*v1.EgressDrop, error) {
 			return sb.EgressLog(ctx)
 		}, messages[*v1.EgressDrop], func(drops []*v1.EgressDrop) {
 			rows := make([][]string, 0, len(drops))

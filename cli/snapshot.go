@@ -1,10 +1,10 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
@@ -18,15 +18,7 @@ func sbSnapshot(e *env) *cobra.Command {
 		Use:   "snapshot ID",
 		Short: "Commit a running sandbox's filesystem as an image (create --image accepts the printed reference)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			sb, err := c.Sandbox(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onSandbox(e, func(ctx context.Context, sb *chalkcompute.Sandbox, _ []string) (*v1.Image, error) {
 			var opts []chalkcompute.SnapshotOption
 			if !quiet && !e.json() {
 				p := newProgress(e.errOut)
@@ -39,16 +31,8 @@ func sbSnapshot(e *env) *cobra.Command {
 					p.update(&v1.ImageProgress{Phase: m.Phase, Layer: m.LayerDigest, Current: m.Current, Total: m.Total})
 				}))
 			}
-			img, err := sb.Snapshot(cmd.Context(), opts...)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(img)
-			}
-			fmt.Fprintln(e.out, img.Ref)
-			return nil
-		},
+			return sb.Snapshot(ctx, opts...)
+		}, asIs, func(img *v1.Image) { fmt.Fprintln(e.out, img.Ref) }),
 	}
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "no progress on stderr")
 	return cmd
@@ -65,35 +49,11 @@ func pauseCmd(e *env, verb, short string) *cobra.Command {
 		Use:   verb + " ID...",
 		Short: short,
 		Args:  cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
+		RunE: eachSandbox(e, func(ctx context.Context, sb *chalkcompute.Sandbox) (*v1.Sandbox, error) {
+			if verb == "pause" {
+				return sb.Pause(ctx)
 			}
-			var out []proto.Message
-			for _, id := range args {
-				sb, err := c.Sandbox(cmd.Context(), id)
-				if err != nil {
-					return err
-				}
-				var info *v1.Sandbox
-				if verb == "pause" {
-					info, err = sb.Pause(cmd.Context())
-				} else {
-					info, err = sb.Resume(cmd.Context())
-				}
-				if err != nil {
-					return err
-				}
-				out = append(out, info)
-				if !e.json() {
-					fmt.Fprintf(e.out, "%s %s\n", id, info.State)
-				}
-			}
-			if e.json() {
-				return e.printJSON(out)
-			}
-			return nil
-		},
+			return sb.Resume(ctx)
+		}, func(id string, info *v1.Sandbox) { fmt.Fprintf(e.out, "%s %s\n", id, info.State) }),
 	}
 }

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
@@ -54,7 +53,7 @@ func orgCmd(e *env) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.Org, error) {
 			return c.Orgs(ctx)
-		}, func(orgs []*v1.Org) any { return msgs(orgs) }, func(orgs []*v1.Org) {
+		}, messages[*v1.Org], func(orgs []*v1.Org) {
 			rows := make([][]string, 0, len(orgs))
 			for _, o := range orgs {
 				rows = append(rows, append([]string{o.Name, o.CreatedAt}, quotaCells(o.Quota)...))
@@ -64,14 +63,6 @@ func orgCmd(e *env) *cobra.Command {
 	}
 	cmd.AddCommand(create, ls, quotaCmd(e))
 	return cmd
-}
-
-func msgs[T proto.Message](l []T) []proto.Message {
-	out := make([]proto.Message, 0, len(l))
-	for _, m := range l {
-		out = append(out, m)
-	}
-	return out
 }
 
 func limit(v any) string {
@@ -91,34 +82,24 @@ func quotaCmd(e *env) *cobra.Command {
 		Use:   "quota [ORG] [--max-sandboxes N] [--max-vcpu N] [--max-memory-mb N] [--max-creates-per-minute N]",
 		Short: "Show an org's quota, or set it (node admin; 0 = the node's default)",
 		Args:  cobra.MaximumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
+	}
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		set := false
+		for _, f := range []string{"max-sandboxes", "max-vcpu", "max-memory-mb", "max-creates-per-minute"} {
+			set = set || cmd.Flags().Changed(f)
+		}
+		return call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.Quota, error) {
 			org := ""
 			if len(args) == 1 {
 				org = args[0]
 			}
-			set := false
-			for _, f := range []string{"max-sandboxes", "max-vcpu", "max-memory-mb", "max-creates-per-minute"} {
-				set = set || cmd.Flags().Changed(f)
-			}
-			var res *v1.Quota
 			if set {
-				res, err = c.SetQuota(cmd.Context(), org, q)
-			} else {
-				res, err = c.Quota(cmd.Context(), org)
+				return c.SetQuota(ctx, org, q)
 			}
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(res)
-			}
+			return c.Quota(ctx, org)
+		}, asIs, func(res *v1.Quota) {
 			e.table("MAX SANDBOXES\tMAX VCPU\tMAX MEMORY MB\tMAX CREATES/MIN", [][]string{quotaCells(res)})
-			return nil
-		},
+		})(cmd, args)
 	}
 	f := cmd.Flags()
 	f.Int32Var(&q.MaxRunningSandboxes, "max-sandboxes", 0, "running sandboxes")
@@ -149,7 +130,7 @@ func memberCmd(e *env) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: callWith(e, e.adminClient, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.Member, error) {
 			return c.Members(ctx, e.org)
-		}, func(ms []*v1.Member) any { return msgs(ms) }, func(ms []*v1.Member) {
+		}, messages[*v1.Member], func(ms []*v1.Member) {
 			rows := make([][]string, 0, len(ms))
 			for _, m := range ms {
 				rows = append(rows, []string{m.User, m.Role, m.CreatedAt})
@@ -184,28 +165,18 @@ func auditCmd(e *env) *cobra.Command {
 		Use:   "audit [--since 1h] [--action SandboxService/Create] [--limit N]",
 		Short: "Show your org's audit trail, newest first (admin)",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.AuditRecord, error) {
 			if since > 0 {
 				q.Since = time.Now().Add(-since).UTC().Format(time.RFC3339)
 			}
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			recs, err := c.Audit(cmd.Context(), q)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(msgs(recs))
-			}
+			return c.Audit(ctx, q)
+		}, messages[*v1.AuditRecord], func(recs []*v1.AuditRecord) {
 			rows := make([][]string, 0, len(recs))
 			for _, r := range recs {
 				rows = append(rows, []string{r.At, r.Actor, r.Via, r.Action, r.Object, r.Outcome})
 			}
 			e.table("TIME\tACTOR\tVIA\tACTION\tOBJECT\tOUTCOME", rows)
-			return nil
-		},
+		}),
 	}
 	f := cmd.Flags()
 	f.DurationVar(&since, "since", 0, "only records this recent")
@@ -272,11 +243,9 @@ func loginCmd(e *env) *cobra.Command {
 			if err := chalkcompute.WriteConfig(fc); err != nil {
 				return err
 			}
-			if e.json() {
-				return e.printJSON(w)
-			}
-			fmt.Fprintf(e.out, "logged in as %s in org %s (%s) with key %s; saved to %s\n", w.User, w.OrgId, w.Role, w.KeyPrefix, chalkcompute.ConfigPath())
-			return nil
+			return output(e, w, asIs, func(w *v1.WhoAmIResponse) {
+				fmt.Fprintf(e.out, "logged in as %s in org %s (%s) with key %s; saved to %s\n", w.User, w.OrgId, w.Role, w.KeyPrefix, chalkcompute.ConfigPath())
+			})
 		},
 	}
 	cmd.Flags().StringVar(&key, "key", "", "the API key (default: read from stdin)")
@@ -294,25 +263,15 @@ func keysCmd(e *env) *cobra.Command {
 		Use:   "create NAME [--role viewer|member|admin] [--ttl 720h] [--user USER]",
 		Short: "Create an API key and print it (shown once)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.ApiKey, error) {
 			opts := []chalkcompute.KeyOption{chalkcompute.KeyRole(role), chalkcompute.KeyTTL(ttl)}
 			if user != "" {
 				opts = append(opts, chalkcompute.KeyFor(user))
 			}
-			k, err := c.CreateKey(cmd.Context(), args[0], opts...)
-			if err != nil {
-				return err
-			}
-			if e.json() {
-				return e.printJSON(k)
-			}
+			return c.CreateKey(ctx, args[0], opts...)
+		}, asIs, func(k *v1.ApiKey) {
 			fmt.Fprintf(e.out, "key %s (%s, role %s, org %s) — shown once:\n%s\n", k.Name, k.Prefix, k.Role, k.Org, k.Secret)
-			return nil
-		},
+		}),
 	}
 	cf := create.Flags()
 	cf.StringVar(&role, "role", "", "the key's role, at most yours (default: yours)")
@@ -324,7 +283,7 @@ func keysCmd(e *env) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.ApiKey, error) {
 			return c.Keys(ctx, all)
-		}, func(keys []*v1.ApiKey) any { return msgs(keys) }, func(keys []*v1.ApiKey) {
+		}, messages[*v1.ApiKey], func(keys []*v1.ApiKey) {
 			rows := make([][]string, 0, len(keys))
 			for _, k := range keys {
 				state := "active"

@@ -166,32 +166,21 @@ func peerAdd(e *env) *cobra.Command {
 		Use:   "add TUNNEL --public-key KEY --allowed-ip CIDR... [--endpoint HOST:PORT] [--config-out FILE]",
 		Short: "Bridge a tunnel to an external WireGuard peer; prints the wg-quick config the peer needs",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
+		RunE: first(func() error {
 			if key == "" {
 				return fmt.Errorf("--public-key is required (the external peer's WireGuard public key, base64; `wg genkey | wg pubkey` makes one)")
 			}
 			if len(allowed) == 0 {
 				return fmt.Errorf("--allowed-ip is required: the peer's address in the tunnel (/32) and the networks behind it")
 			}
-			c, err := e.client()
-			if err != nil {
-				return err
-			}
-			p, err := c.AddTunnelPeer(cmd.Context(), args[0], chalkcompute.TunnelPeer{PublicKey: key, AllowedIPs: allowed, Endpoint: endpoint})
-			if err != nil {
-				return err
-			}
-			if configOut != "" {
-				if err := os.WriteFile(configOut, []byte(p.Config), 0o600); err != nil {
-					return err
-				}
-			}
-			if e.json() {
-				return e.printJSON(toPeerJSON(p))
-			}
-			fmt.Fprint(e.out, p.Config)
 			return nil
-		},
+		}, call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (chalkcompute.TunnelPeer, error) {
+			p, err := c.AddTunnelPeer(ctx, args[0], chalkcompute.TunnelPeer{PublicKey: key, AllowedIPs: allowed, Endpoint: endpoint})
+			if err == nil && configOut != "" {
+				err = os.WriteFile(configOut, []byte(p.Config), 0o600)
+			}
+			return p, err
+		}, func(p chalkcompute.TunnelPeer) any { return toPeerJSON(p) }, func(p chalkcompute.TunnelPeer) { fmt.Fprint(e.out, p.Config) })),
 	}
 	f := cmd.Flags()
 	f.StringVar(&key, "public-key", "", "the peer's WireGuard public key (base64)")

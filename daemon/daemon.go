@@ -266,6 +266,7 @@ type Daemon struct {
 	// Built by Start's steps for later ones (start.go).
 	live *api.Live // which sandboxes are live: filled by API, read by the pool and the issuer
 	wi   *workloadIdentity
+	auth *api.Authenticator // API keys and workload tokens: the API's callers and the ingress's
 	pol  *policies
 	im   *images
 
@@ -302,6 +303,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		{"image builds", d.startBuilds},
 		{"identity and metadata", d.startIdentity},
 		{"MCP gateway", d.startMCP},
+		{"authentication", d.newAuth},
 		{"ingress", d.newIngress},
 		{"API", d.startAPI},
 		{"background work", d.startBackground},

@@ -42,6 +42,7 @@ type workloadIdentity struct {
 
 	mu    sync.Mutex
 	stops map[string][]func()
+	known map[string]metadata.Sandbox // running sandbox -> its fixed fields (SandboxByAddr)
 }
 
 var (
@@ -92,16 +93,42 @@ func (w *workloadIdentity) Rotate(ctx context.Context) ([]string, error) {
 }
 
 // SandboxByAddr resolves metadata callers by source address.
+//
+// It runs for every request to the metadata service (the MCP gateway's
+// included), so it reads no store on the way: the live set says which
+// sandbox runs at a and is not being ended (api.Live.RunningAt), and the
+// fields that never change for a sandbox are remembered from its record,
+// read once. The network_policy claim, which changes with the policies,
+// is computed only when a token or the identity is asked for (PolicyNow).
 func (w *workloadIdentity) SandboxByAddr(ctx context.Context, a netip.Addr) (metadata.Sandbox, bool) {
-	sb, ok := w.live.SandboxByAddr(ctx, w.store, a)
+	id, ok := w.live.RunningAt(a)
 	if !ok {
 		return metadata.Sandbox{}, false
 	}
-	sub, err := w.subject(ctx, sb)
-	if err != nil {
-		return metadata.Sandbox{}, false
+	w.mu.Lock()
+	known, ok := w.known[id]
+	w.mu.Unlock()
+	if !ok {
+		sb, found := w.live.SandboxByAddr(ctx, w.store, a)
+		if !found || sb.ID != id {
+			return metadata.Sandbox{}, false
+		}
+		known = metadata.Sandbox{ID: sb.ID, OrgID: sb.OrgID, ImageDigest: sb.ImageHash, CreatedBy: sb.CreatedBy, Running: true}
+		w.mu.Lock()
+		if w.known == nil {
+			w.known = map[string]metadata.Sandbox{}
+		}
+		w.known[id] = known
+		w.mu.Unlock()
 	}
-	return metadata.Sandbox{ID: sb.ID, OrgID: sb.OrgID, ImageDigest: sub.ImageDigest, NetworkPolicy: sub.NetworkPolicy, CreatedBy: sb.CreatedBy, Running: true}, true
+	known.PolicyNow = func(ctx context.Context) (string, error) {
+		sb, err := w.store.GetSandbox(ctx, id)
+		if err != nil {
+			return "", err
+		}
+		return api.PolicyHash(ctx, w.store, w.pol, sb)
+	}
+	return known, true
 }
 
 // prepare gives a starting sandbox its identity dir: the Chalk API token file
@@ -219,6 +246,7 @@ func (w *workloadIdentity) ended(_ context.Context, sb *store.Sandbox) {
 	w.mu.Lock()
 	stops := w.stops[sb.ID]
 	delete(w.stops, sb.ID)
+	delete(w.known, sb.ID)
 	w.mu.Unlock()
 	for _, s := range stops {
 		s()

@@ -80,8 +80,9 @@ func (n *ingressNode) ended(ctx context.Context, sb *store.Sandbox) {
 
 // newIngress makes the ingress server (nil when off): its signing key
 // (DataDir/ingress.key, made at first start), listener and TLS settings.
-// apiOf is the API server, built later; keys are checked through it.
-func newIngress(cfg *Config, st *store.Store, apiOf func() *api.Server) (*ingressNode, error) {
+// Keys are checked by auth (one of the sandbox's org; workload tokens
+// never open a route) and routes lead only to sandboxes live runs.
+func newIngress(cfg *Config, st *store.Store, auth *api.Authenticator, live *api.Live) (*ingressNode, error) {
 	ic := cfg.Ingress
 	if ic.Listen == "off" {
 		return nil, nil
@@ -126,23 +127,30 @@ func newIngress(cfg *Config, st *store.Store, apiOf func() *api.Server) (*ingres
 	}
 	n.srv, err = ingress.New(ingress.Config{
 		BaseURL: base, Domain: ic.Domain, Key: key, Limits: ic.Limits, Logger: cfg.Logger,
-		Live: func(id string) bool { return apiOf().IsRunning(context.Background(), id) },
-		Authenticate: func(ctx context.Context, h string) (string, error) {
-			p, err := apiOf().Authenticate(ctx, h)
-			if err != nil {
-				return "", err
-			}
-			if p.IsWorkload() {
-				return "", fmt.Errorf("workload tokens do not open ingress routes: %w", errdefs.ErrPermissionDenied)
-			}
-			return p.OrgID, nil
-		},
+		Live:         func(id string) bool { return live.IsRunning(context.Background(), id) },
+		Authenticate: ingressAuth(auth),
 	})
 	if err != nil {
 		n.ln.Close()
 		return nil, err
 	}
 	return n, nil
+}
+
+// ingressAuth is the ingress's check of an Authorization header: an API
+// key (as every API call checks it) gives its org; workload tokens never
+// open a route.
+func ingressAuth(auth *api.Authenticator) func(ctx context.Context, h string) (string, error) {
+	return func(ctx context.Context, h string) (string, error) {
+		p, err := auth.Authenticate(ctx, h)
+		if err != nil {
+			return "", err
+		}
+		if p.IsWorkload() {
+			return "", fmt.Errorf("workload tokens do not open ingress routes: %w", errdefs.ErrPermissionDenied)
+		}
+		return p.OrgID, nil
+	}
 }
 
 // startIngress restores the routes of running sandboxes (exposures of

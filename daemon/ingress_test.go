@@ -2,10 +2,17 @@ package daemon
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/store"
 )
 
 // TestIngressSetup: the signing key is made once (0600) and kept; a given
@@ -34,7 +41,7 @@ func TestIngressSetup(t *testing.T) {
 	if err := cfg.defaults(); err != nil {
 		t.Fatal(err)
 	}
-	n, err := newIngress(cfg, nil, nil)
+	n, err := newIngress(cfg, nil, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,7 +55,61 @@ func TestIngressSetup(t *testing.T) {
 		t.Fatalf("URLs %q %q", host, path)
 	}
 	cfg.Ingress.TLSKey = filepath.Join(dir, "missing.pem")
-	if _, err := newIngress(cfg, nil, nil); err == nil {
+	if _, err := newIngress(cfg, nil, nil, nil); err == nil {
 		t.Fatal("a missing key file was accepted")
+	}
+}
+
+// fakeWorkload accepts the token "work.load.token" as sandbox sb-1's.
+type fakeWorkload struct{}
+
+func (fakeWorkload) VerifyWorkload(_ context.Context, tok string) (*api.Principal, error) {
+	if tok != "work.load.token" {
+		return nil, errors.New("bad token")
+	}
+	return &api.Principal{Kind: "workload", OrgID: "org-a", SandboxID: "sb-1"}, nil
+}
+
+// TestIngressAuthWithoutTheAPI: the ingress checks keys with the
+// authenticator alone (built before the API server): a key gives its org,
+// at once refused once revoked; workload tokens and made-up keys open
+// nothing.
+func TestIngressAuthWithoutTheAPI(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "chalk.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	keys := map[string]*store.APIKey{}
+	secrets := map[string]string{}
+	for _, org := range []string{"org-a", "org-b"} {
+		secret, prefix, hash := api.NewKey()
+		k := &store.APIKey{ID: "key-" + org, Hash: hash, Prefix: prefix, OrgID: org, User: "ada", Name: "k", Role: store.RoleMember, CreatedBy: "ada", CreatedAt: time.Now()}
+		if err := st.CreateOrg(ctx, store.Org{Name: org, CreatedAt: time.Now()}, "ada", false, k); err != nil {
+			t.Fatal(err)
+		}
+		keys[org], secrets[org] = k, secret
+	}
+	check := ingressAuth(api.NewAuthenticator(st, fakeWorkload{}))
+	for org, secret := range secrets {
+		if got, err := check(ctx, "Bearer "+secret); err != nil || got != org {
+			t.Fatalf("key of %s: %q %v", org, got, err)
+		}
+	}
+	if _, err := check(ctx, "Bearer work.load.token"); !errors.Is(err, errdefs.ErrPermissionDenied) {
+		t.Fatalf("a valid workload token: %v, want PermissionDenied", err)
+	}
+	if _, err := check(ctx, "Bearer other.work.load"); !errors.Is(err, errdefs.ErrUnauthenticated) {
+		t.Fatalf("an invalid workload token: %v", err)
+	}
+	if _, err := check(ctx, "Bearer chalk_madeup"); !errors.Is(err, errdefs.ErrUnauthenticated) {
+		t.Fatalf("a made-up key: %v", err)
+	}
+	if err := st.RevokeKey(ctx, "org-a", keys["org-a"].ID, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := check(ctx, "Bearer "+secrets["org-a"]); !errors.Is(err, errdefs.ErrUnauthenticated) {
+		t.Fatalf("a revoked key: %v", err)
 	}
 }

@@ -305,9 +305,19 @@ func (m *mcpGateway) writeAudit() {
 				flush()
 				return
 			}
+			// Gather for a moment: one transaction per auditBatchDelay
+			// rather than one per call keeps the store's single
+			// connection free for requests (FlushAudit and close still
+			// store everything queued at once).
 			batch = append(batch, a)
-			open := drain()
+			open, ack := m.gather(&batch)
+			if open {
+				open = drain()
+			}
 			flush()
+			if ack != nil {
+				close(ack)
+			}
 			if !open {
 				return
 			}
@@ -322,6 +332,38 @@ func (m *mcpGateway) writeAudit() {
 			return
 		}
 	}
+}
+
+// auditBatchDelay is how long the audit writer gathers records after the
+// first before storing them (auditBatchMax at most).
+const (
+	auditBatchDelay = 50 * time.Millisecond
+	auditBatchMax   = 512
+)
+
+// gather adds queued records to batch until auditBatchDelay passes,
+// auditBatchMax are held, a flush is asked for (returned: the caller
+// answers it after storing the batch) or the writer stops; open is false
+// once the queue is closed or the writer stops.
+func (m *mcpGateway) gather(batch *[]store.MCPAudit) (open bool, ack chan struct{}) {
+	t := time.NewTimer(auditBatchDelay)
+	defer t.Stop()
+	for len(*batch) < auditBatchMax {
+		select {
+		case a, ok := <-m.audit:
+			if !ok {
+				return false, nil
+			}
+			*batch = append(*batch, a)
+		case <-t.C:
+			return true, nil
+		case ack := <-m.flushReq:
+			return true, ack
+		case <-m.stop:
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 // FlushAudit returns once every record queued before the call is stored.

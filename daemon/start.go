@@ -253,11 +253,19 @@ func (d *Daemon) startMCP(context.Context) (err error) {
 	return nil
 }
 
+// newAuth builds the authenticator of API keys and workload tokens, which
+// the API server and the ingress listener share.
+func (d *Daemon) newAuth(context.Context) error {
+	d.auth = api.NewAuthenticator(d.Store, d.wi)
+	return nil
+}
+
 // newIngress builds the ingress routes to exposed sandbox ports (served
-// once the API runs: startIngress). It reaches the API only when a request
-// comes in.
+// once the API runs: startIngress). Private routes check keys with the
+// authenticator and sandboxes with the live set, both built before it; the
+// API server, built after it, routes exposures through it.
 func (d *Daemon) newIngress(context.Context) (err error) {
-	d.ingress, err = newIngress(&d.cfg, d.Store, func() *api.Server { return d.API })
+	d.ingress, err = newIngress(&d.cfg, d.Store, d.auth, d.live)
 	return err
 }
 
@@ -269,7 +277,7 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
 		DefaultMemoryMB: cfg.Limits.DefaultMemoryMB, NodeMemoryMB: cfg.Limits.nodeMemoryMB,
 		Workload: d.wi, Identity: d.wi, Policies: d.pol, Images: d.im, Tunnels: d.tun, MCP: d.mcp,
-		DefaultQuota: cfg.DefaultQuota, Live: d.live, Ingress: d.ingress.backend(),
+		DefaultQuota: cfg.DefaultQuota, Live: d.live, Auth: d.auth, Ingress: d.ingress.backend(),
 		Hooks: d.sandboxHooks(),
 	})
 	if err := d.API.Reconcile(ctx); err != nil {

@@ -71,6 +71,17 @@ type Upstream struct {
 	Tools, Resources, Prompts []string
 	Labels                    map[string]string // required sandbox labels
 	Rate                      float64           // calls per second per sandbox; 0 = DefaultRate
+
+	detOnce sync.Once
+	det     *leakDetector // the credential's, made once: an Upstream is reused across requests
+}
+
+// detector returns the leak detector of the credential, made at first use
+// (its encodings and windows are the same for every request; it goes with
+// the Upstream, which the caller drops when the server changes).
+func (u *Upstream) detector() *leakDetector {
+	u.detOnce.Do(func() { u.det = newLeakDetector(u.Credential) })
+	return u.det
 }
 
 // Caller is the sandbox a request came from, known by its network namespace.
@@ -434,7 +445,7 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, c *call, name st
 		return fail(http.StatusInternalServerError, "MCP server %q: %v", name, err)
 	}
 	c.up = up
-	c.det = newLeakDetector(up.Credential)
+	c.det = up.detector()
 	for k, v := range up.Labels {
 		if caller.Labels[k] != v {
 			return fail(http.StatusForbidden, "sandbox %s may not use MCP server %q (it needs label %s=%s)", caller.SandboxID, name, k, v)
@@ -529,7 +540,9 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, erro
 		defer timer.Stop()
 	}
 	var buf bytes.Buffer
-	chunk := make([]byte, 32<<10)
+	chunkp := chunks.Get().(*[]byte)
+	defer chunks.Put(chunkp)
+	chunk := *chunkp
 	for {
 		n, err := r.Body.Read(chunk)
 		buf.Write(chunk[:n])
@@ -557,6 +570,13 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, erro
 		}
 	}
 }
+
+// Buffers reused across requests (a request's body is copied out of its
+// chunk; an SSE reader is reset before and after use).
+var (
+	chunks     = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+	sseReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 64<<10) }}
+)
 
 // enter counts a request of the sandbox in flight, within MaxConcurrent.
 func (g *Gateway) enter(sandboxID string) bool {
@@ -725,7 +745,9 @@ func readLimited(r io.Reader, max int64, timeout time.Duration) ([]byte, error) 
 // filtered and redacted, and the event flushed before the next is read.
 func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) error {
 	fl, _ := w.(http.Flusher)
-	br := bufio.NewReaderSize(body, 64<<10)
+	br := sseReaders.Get().(*bufio.Reader)
+	br.Reset(body)
+	defer func() { br.Reset(nil); sseReaders.Put(br) }()
 	var ev bytes.Buffer   // the event's non-data lines
 	var data bytes.Buffer // its data, lines joined
 	hasData := false

@@ -36,11 +36,11 @@ type fixture struct {
 	audit   []store.MCPAudit
 }
 
-func newFixture(t *testing.T, header string) *fixture {
+func newFixture(t testing.TB, header string) *fixture {
 	return newFixtureWith(t, header, nil)
 }
 
-func newFixtureWith(t *testing.T, header string, opts *mcp.StreamableHTTPOptions) *fixture {
+func newFixtureWith(t testing.TB, header string, opts *mcp.StreamableHTTPOptions) *fixture {
 	t.Helper()
 	f := &fixture{up: mcptest.NewWith(header, opts), servers: map[string]*Upstream{}}
 	upSrv := httptest.NewServer(f.up)
@@ -107,7 +107,7 @@ func (a as) RoundTrip(r *http.Request) (*http.Response, error) {
 
 func tok(sandbox, aud string) string { return "tok:" + sandbox + ":" + aud }
 
-func (f *fixture) connect(t *testing.T, sandbox, server string, opts *mcp.ClientOptions) *mcp.ClientSession {
+func (f *fixture) connect(t testing.TB, sandbox, server string, opts *mcp.ClientOptions) *mcp.ClientSession {
 	t.Helper()
 	c := mcp.NewClient(&mcp.Implementation{Name: "sandbox-client", Version: "1"}, opts)
 	hc := &http.Client{Transport: as{sandbox: sandbox, token: tok(sandbox, "http://169.254.169.254/mcp/"+server)}}

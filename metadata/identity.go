@@ -37,8 +37,20 @@ type IdentityResponse struct {
 	Issuer        string `json:"issuer"`
 }
 
-func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
+// callerNow is the caller with its network_policy claim as it is now
+// (Sandbox.PolicyNow); false once an error is written.
+func (s *Server) callerNow(w http.ResponseWriter, r *http.Request) (Sandbox, bool) {
 	sb, _ := CallerFrom(r.Context())
+	now, err := sb.withPolicy(r.Context())
+	if err != nil {
+		s.log.ErrorContext(r.Context(), "metadata: network policy claim", "sandbox", sb.ID, "err", err)
+		writeError(w, http.StatusInternalServerError, "internal error")
+		return Sandbox{}, false
+	}
+	return now, true
+}
+
+func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	for k := range q {
 		if k != "audience" && k != "ttl" {
@@ -67,6 +79,10 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		}
 		ttl = time.Duration(n) * time.Second
 	}
+	sb, ok := s.callerNow(w, r)
+	if !ok {
+		return
+	}
 	key := cacheKey{sb.ID, sb.OrgID, sb.ImageDigest, sb.NetworkPolicy, sb.CreatedBy, aud, ttl}
 	now := s.cfg.Issuer.Now()
 	if tok, exp, ok := s.cache.get(key, now); ok {
@@ -92,7 +108,10 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) serveIdentity(w http.ResponseWriter, r *http.Request) {
-	sb, _ := CallerFrom(r.Context())
+	sb, ok := s.callerNow(w, r)
+	if !ok {
+		return
+	}
 	sub := identity.SubjectFor(sb.OrgID, sb.ID)
 	if sub == "" {
 		s.log.ErrorContext(r.Context(), "metadata: sandbox has invalid ids", "sandbox", sb.ID, "org", sb.OrgID)

@@ -45,14 +45,32 @@ type Sandbox struct {
 	OrgID         string
 	ImageDigest   string
 	NetworkPolicy string
-	CreatedBy     string
-	Running       bool
-	Tunnels       any // filled later
+	// PolicyNow, if set, computes the network_policy claim at the moment a
+	// token or the identity is asked for (it replaces NetworkPolicy then):
+	// resolving a caller stays cheap for routes that need no claim (the
+	// MCP gateway), and every token carries the policy in force.
+	PolicyNow func(context.Context) (string, error)
+	CreatedBy string
+	Running   bool
+	Tunnels   any // filled later
 }
 
 // Subject returns the identity subject of the sandbox.
 func (s Sandbox) Subject() identity.Subject {
 	return identity.Subject{OrgID: s.OrgID, SandboxID: s.ID, ImageDigest: s.ImageDigest, NetworkPolicy: s.NetworkPolicy, CreatedBy: s.CreatedBy}
+}
+
+// withPolicy returns s with NetworkPolicy computed now (PolicyNow).
+func (s Sandbox) withPolicy(ctx context.Context) (Sandbox, error) {
+	if s.PolicyNow == nil {
+		return s, nil
+	}
+	p, err := s.PolicyNow(ctx)
+	if err != nil {
+		return Sandbox{}, err
+	}
+	s.NetworkPolicy, s.PolicyNow = p, nil
+	return s, nil
 }
 
 // Resolver maps the source address of a connection to the sandbox whose

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -280,5 +281,53 @@ func TestExtraRoutes(t *testing.T) {
 func TestNewValidation(t *testing.T) {
 	if _, err := New(Config{}); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Fatalf("New without issuer and resolver = %v", err)
+	}
+}
+
+// TestPolicyComputedPerToken: a resolver may leave the network_policy claim
+// to PolicyNow, which runs when a token or the identity is asked for (each
+// time: the claim follows the policy), and never for other routes; an error
+// there refuses the token.
+func TestPolicyComputedPerToken(t *testing.T) {
+	env := newEnv(t, Config{})
+	var mu sync.Mutex // the handlers run on the server's goroutines
+	var calls int
+	policy, fail := "sha256:p1", false
+	set := func(p string, f bool) { mu.Lock(); policy, fail = p, f; mu.Unlock() }
+	ran := func() int { mu.Lock(); defer mu.Unlock(); return calls }
+	lazy := sandboxA
+	lazy.NetworkPolicy = ""
+	lazy.PolicyNow = func(context.Context) (string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		calls++
+		if fail {
+			return "", errors.New("store unavailable")
+		}
+		return policy, nil
+	}
+	env.resolver.Set(addrA, lazy)
+	env.md.Handle("/v1/other", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sb, _ := CallerFrom(r.Context())
+		writeJSON(w, map[string]string{"id": sb.ID})
+	}))
+	a := clientFrom(t, addrA)
+	if r := env.call(t, a, "GET", "/v1/other", flavor); r.status != 200 || ran() != 0 {
+		t.Fatalf("other route: %d %s, PolicyNow ran %d times, want 0", r.status, r.body, ran())
+	}
+	for _, p := range []string{"sha256:p1", "sha256:p2"} {
+		set(p, false)
+		c, err := env.iss.Verify(context.Background(), env.token(t, a, "?audience=api").Token, "api")
+		if err != nil || c.NetworkPolicy != p {
+			t.Fatalf("claims %+v, %v; want network_policy %s", c, err, p)
+		}
+		var got IdentityResponse
+		if r := env.call(t, a, "GET", IdentityPath, flavor); r.status != 200 || json.Unmarshal(r.body, &got) != nil || got.NetworkPolicy != p {
+			t.Fatalf("identity %d %s, want network_policy %s", r.status, r.body, p)
+		}
+	}
+	set("sha256:p3", true)
+	if r := env.call(t, a, "GET", TokenPath+"?audience=api", flavor); r.status != 500 || strings.Contains(string(r.body), "eyJ") {
+		t.Fatalf("PolicyNow failing: %d %s, want 500 without a token", r.status, r.body)
 	}
 }

@@ -7,11 +7,15 @@ import (
 	"io"
 	"io/fs"
 	"maps"
+	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/nodecache"
@@ -32,6 +36,11 @@ type fakeRuntime struct {
 	canUpdate bool
 	limits    map[string][2]float64 // id -> cpu, memory (SetLimits)
 	disks     map[string]int64      // id -> MiB (SetDiskMB)
+	// procs gives each started sandbox a real init process API: a
+	// procapi server in this process on a socket of its own (rootless;
+	// processes run as the test's user), ended with the sandbox.
+	procs bool
+	t     *testing.T
 }
 
 // fakeInit is a sandbox's init: Activate records what it was told.
@@ -41,6 +50,8 @@ type fakeInit struct {
 	pid       int
 	gone      chan struct{} // closed when the sandbox is destroyed or killed
 	activated *procapi.Activation
+	client    *procapi.Client // with fakeRuntime.procs: the real process API
+	stop      func()          // ends the procapi server (and what it runs)
 }
 
 // fakeNet is a network that hands out each slot once: a second Setup of a
@@ -61,7 +72,30 @@ var (
 
 func newFakeRuntime(t *testing.T) *fakeRuntime {
 	return &fakeRuntime{dir: t.TempDir(), nextPid: 100, running: map[string]*fakeInit{},
-		limits: map[string][2]float64{}, disks: map[string]int64{}, canUpdate: true}
+		limits: map[string][2]float64{}, disks: map[string]int64{}, canUpdate: true, t: t}
+}
+
+// serveInit starts a procapi server for a sandbox's init (procs).
+func (r *fakeRuntime) serveInit(in *fakeInit) error {
+	sock := filepath.Join(r.t.TempDir(), "init.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = procapi.Serve(ctx, l, procapi.ServerOptions{}); close(done) }()
+	in.stop = func() { cancel(); <-done }
+	in.client = procapi.NewClient(sock, func(ctx context.Context) (net.Conn, error) {
+		return procapi.DialSocket(ctx, filepath.Dir(sock), filepath.Base(sock), func(cred *unix.Ucred) error {
+			if int(cred.Pid) != os.Getpid() {
+				return fmt.Errorf("listener pid %d, want %d", cred.Pid, os.Getpid())
+			}
+			return nil
+		})
+	})
+	r.t.Cleanup(in.stop)
+	return nil
 }
 
 func (r *fakeRuntime) Start(_ context.Context, sp sandbox.Spec) (int, error) {
@@ -77,17 +111,27 @@ func (r *fakeRuntime) Start(_ context.Context, sp sandbox.Spec) (int, error) {
 		return 0, fmt.Errorf("container %s: %w", sp.ID, errdefs.ErrAlreadyExists)
 	}
 	r.nextPid++
-	r.running[sp.ID] = &fakeInit{rt: r, id: sp.ID, pid: r.nextPid, gone: make(chan struct{})}
+	in := &fakeInit{rt: r, id: sp.ID, pid: r.nextPid, gone: make(chan struct{})}
+	if r.procs {
+		if err := r.serveInit(in); err != nil {
+			return 0, err
+		}
+	}
+	r.running[sp.ID] = in
 	return r.nextPid, nil
 }
 
 // kill ends a sandbox behind the agent's back (its init died).
 func (r *fakeRuntime) kill(id string) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	if in := r.running[id]; in != nil {
+	in := r.running[id]
+	if in != nil {
 		close(in.gone)
 		delete(r.running, id)
+	}
+	r.mu.Unlock()
+	if in != nil && in.stop != nil {
+		in.stop() // its processes end with it
 	}
 }
 
@@ -194,17 +238,47 @@ func (in *fakeInit) activation() *procapi.Activation {
 	return in.activated
 }
 
-func (in *fakeInit) Exec(context.Context, procapi.ExecRequest, io.Writer, io.Writer) (*procapi.Process, error) {
+// real is the init's process API while its sandbox runs (procs), else nil:
+// the calls below then fail as a dead init's socket does.
+func (in *fakeInit) real() *procapi.Client {
+	select {
+	case <-in.gone:
+		return nil
+	default:
+		return in.client
+	}
+}
+
+func (in *fakeInit) Exec(ctx context.Context, req procapi.ExecRequest, stdout, stderr io.Writer) (*procapi.Process, error) {
+	if c := in.real(); c != nil {
+		return c.Exec(ctx, req, stdout, stderr)
+	}
 	return nil, errInitGone
 }
-func (in *fakeInit) ReadFile(context.Context, string) (io.ReadCloser, error) { return nil, errInitGone }
-func (in *fakeInit) WriteFile(context.Context, string, fs.FileMode, io.Reader) error {
+func (in *fakeInit) ReadFile(ctx context.Context, path string) (io.ReadCloser, error) {
+	if c := in.real(); c != nil {
+		return c.ReadFile(ctx, path)
+	}
+	return nil, errInitGone
+}
+func (in *fakeInit) WriteFile(ctx context.Context, path string, mode fs.FileMode, r io.Reader) error {
+	if c := in.real(); c != nil {
+		return c.WriteFile(ctx, path, mode, r)
+	}
 	return errInitGone
 }
-func (in *fakeInit) ListDir(context.Context, string) ([]procapi.FileInfo, error) {
+func (in *fakeInit) ListDir(ctx context.Context, path string) ([]procapi.FileInfo, error) {
+	if c := in.real(); c != nil {
+		return c.ListDir(ctx, path)
+	}
 	return nil, errInitGone
 }
-func (in *fakeInit) Remove(context.Context, string, bool) error { return errInitGone }
+func (in *fakeInit) Remove(ctx context.Context, path string, recursive bool) error {
+	if c := in.real(); c != nil {
+		return c.Remove(ctx, path, recursive)
+	}
+	return errInitGone
+}
 
 func newFakeNet(max int) *fakeNet { return &fakeNet{max: max, inUse: map[int]string{}} }
 
