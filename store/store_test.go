@@ -3,18 +3,56 @@ package store
 import (
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/pgtest"
 )
 
-func open(t *testing.T) *Store {
+// The store's tests run on both databases: each test body runs once per
+// backend, as subtests named sqlite and postgres, on a fresh database.
+// PostgreSQL is a cluster of Debian's postgresql package that TestMain starts
+// for the package (internal/pgtest).
+
+var (
+	pg    *pgtest.Cluster
+	pgWhy string
+)
+
+func TestMain(m *testing.M) { os.Exit(pgtest.Main(m, &pg, &pgWhy)) }
+
+type backend struct {
+	name  string
+	newDB func(t *testing.T) string // a fresh, empty database for Open
+}
+
+var backends = []backend{
+	{"sqlite", func(t *testing.T) string { return filepath.Join(t.TempDir(), "chalk.db") }},
+	{"postgres", func(t *testing.T) string {
+		pgtest.Skip(t, pg, pgWhy)
+		return pg.NewDatabase(t)
+	}},
+}
+
+// eachBackend runs f as a subtest on each database.
+func eachBackend(t *testing.T, f func(t *testing.T, b backend)) {
+	for _, b := range backends {
+		t.Run(b.name, func(t *testing.T) { f(t, b) })
+	}
+}
+
+// open opens the store on a fresh database, closed when t ends.
+func (b backend) open(t *testing.T) *Store {
 	t.Helper()
-	s, err := Open(context.Background(), filepath.Join(t.TempDir(), "chalk.db"))
+	s, err := Open(context.Background(), b.newDB(t))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if s.Backend() != b.name {
+		t.Fatalf("opened a %s store, want %s", s.Backend(), b.name)
 	}
 	t.Cleanup(func() { s.Close() })
 	return s
@@ -24,119 +62,127 @@ func open(t *testing.T) *Store {
 // maxSlot) is kept if free and refused if a live sandbox holds it; the
 // lowest-free allocation is not disturbed by it.
 func TestGivenSlot(t *testing.T) {
-	ctx := context.Background()
-	s := open(t)
-	pre := &Sandbox{ID: "pre", OrgID: "o", State: StateCreating, Slot: 40}
-	if err := s.CreateSandbox(ctx, pre, 3); err != nil || pre.Slot != 40 {
-		t.Fatalf("given slot: %d %v", pre.Slot, err)
-	}
-	low := &Sandbox{ID: "low", OrgID: "o", State: StateCreating}
-	if err := s.CreateSandbox(ctx, low, 3); err != nil || low.Slot != 1 {
-		t.Fatalf("allocated beside a given slot: %d %v", low.Slot, err)
-	}
-	if err := s.CreateSandbox(ctx, &Sandbox{ID: "dup", OrgID: "o", State: StateCreating, Slot: 40}, 3); !errors.Is(err, errdefs.ErrAlreadyExists) {
-		t.Fatalf("a given slot in use: %v, want already exists", err)
-	}
-	if _, err := s.GetSandbox(ctx, "dup"); !errors.Is(err, errdefs.ErrNotFound) {
-		t.Fatalf("the refused sandbox was recorded: %v", err)
-	}
-	pre.State = StateStopped
-	if err := s.UpdateSandbox(ctx, pre); err != nil {
-		t.Fatal(err)
-	}
-	again := &Sandbox{ID: "again", OrgID: "o", State: StateCreating, Slot: 40}
-	if err := s.CreateSandbox(ctx, again, 3); err != nil || again.Slot != 40 {
-		t.Fatalf("a given slot freed by a stopped sandbox: %d %v", again.Slot, err)
-	}
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		pre := &Sandbox{ID: "pre", OrgID: "o", State: StateCreating, Slot: 40}
+		if err := s.CreateSandbox(ctx, pre, 3); err != nil || pre.Slot != 40 {
+			t.Fatalf("given slot: %d %v", pre.Slot, err)
+		}
+		low := &Sandbox{ID: "low", OrgID: "o", State: StateCreating}
+		if err := s.CreateSandbox(ctx, low, 3); err != nil || low.Slot != 1 {
+			t.Fatalf("allocated beside a given slot: %d %v", low.Slot, err)
+		}
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "dup", OrgID: "o", State: StateCreating, Slot: 40}, 3); !errors.Is(err, errdefs.ErrAlreadyExists) {
+			t.Fatalf("a given slot in use: %v, want already exists", err)
+		}
+		if _, err := s.GetSandbox(ctx, "dup"); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Fatalf("the refused sandbox was recorded: %v", err)
+		}
+		pre.State = StateStopped
+		if err := s.UpdateSandbox(ctx, pre); err != nil {
+			t.Fatal(err)
+		}
+		again := &Sandbox{ID: "again", OrgID: "o", State: StateCreating, Slot: 40}
+		if err := s.CreateSandbox(ctx, again, 3); err != nil || again.Slot != 40 {
+			t.Fatalf("a given slot freed by a stopped sandbox: %d %v", again.Slot, err)
+		}
+	})
 }
 
 func TestSlotsLowestFreeAndReused(t *testing.T) {
-	ctx := context.Background()
-	s := open(t)
-	var sbs []*Sandbox
-	for i, id := range []string{"a", "b", "c"} {
-		sb := &Sandbox{ID: id, OrgID: "o", State: StateRunning, CreatedAt: time.Now()}
-		if err := s.CreateSandbox(ctx, sb, 3); err != nil {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		var sbs []*Sandbox
+		for i, id := range []string{"a", "b", "c"} {
+			sb := &Sandbox{ID: id, OrgID: "o", State: StateRunning, CreatedAt: time.Now()}
+			if err := s.CreateSandbox(ctx, sb, 3); err != nil {
+				t.Fatal(err)
+			}
+			if sb.Slot != i+1 {
+				t.Fatalf("%s got slot %d", id, sb.Slot)
+			}
+			sbs = append(sbs, sb)
+		}
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "d", OrgID: "o", State: StateCreating}, 3); !errors.Is(err, errdefs.ErrResourceExhausted) {
+			t.Fatalf("full node: %v", err)
+		}
+		sbs[1].State = StateStopped
+		if err := s.UpdateSandbox(ctx, sbs[1]); err != nil {
 			t.Fatal(err)
 		}
-		if sb.Slot != i+1 {
-			t.Fatalf("%s got slot %d", id, sb.Slot)
+		d := &Sandbox{ID: "d", OrgID: "o", State: StateCreating}
+		if err := s.CreateSandbox(ctx, d, 3); err != nil || d.Slot != 2 {
+			t.Fatalf("reuse: slot %d err %v", d.Slot, err)
 		}
-		sbs = append(sbs, sb)
-	}
-	if err := s.CreateSandbox(ctx, &Sandbox{ID: "d", OrgID: "o", State: StateCreating}, 3); !errors.Is(err, errdefs.ErrResourceExhausted) {
-		t.Fatalf("full node: %v", err)
-	}
-	sbs[1].State = StateStopped
-	if err := s.UpdateSandbox(ctx, sbs[1]); err != nil {
-		t.Fatal(err)
-	}
-	d := &Sandbox{ID: "d", OrgID: "o", State: StateCreating}
-	if err := s.CreateSandbox(ctx, d, 3); err != nil || d.Slot != 2 {
-		t.Fatalf("reuse: slot %d err %v", d.Slot, err)
-	}
-	if err := s.CreateSandbox(ctx, &Sandbox{ID: "a", OrgID: "o", State: StateStopped}, 10); err == nil {
-		t.Fatal("duplicate id accepted")
-	}
-	live, err := s.ListSandboxes(ctx, "o", true)
-	if err != nil || len(live) != 3 {
-		t.Fatalf("live: %d %v", len(live), err)
-	}
-	all, _ := s.ListSandboxes(ctx, "", false)
-	if len(all) != 4 || all[0].ID != "d" {
-		t.Fatalf("all (newest first): %v", all)
-	}
-	if _, err := s.GetSandbox(ctx, "nope"); !errors.Is(err, errdefs.ErrNotFound) {
-		t.Fatalf("missing: %v", err)
-	}
-	if err := s.UpdateSandbox(ctx, &Sandbox{ID: "nope"}); !errors.Is(err, errdefs.ErrNotFound) {
-		t.Fatalf("update missing: %v", err)
-	}
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "a", OrgID: "o", State: StateStopped}, 10); err == nil {
+			t.Fatal("duplicate id accepted")
+		}
+		live, err := s.ListSandboxes(ctx, "o", true)
+		if err != nil || len(live) != 3 {
+			t.Fatalf("live: %d %v", len(live), err)
+		}
+		all, _ := s.ListSandboxes(ctx, "", false)
+		if len(all) != 4 || all[0].ID != "d" {
+			t.Fatalf("all (newest first): %v", all)
+		}
+		if _, err := s.GetSandbox(ctx, "nope"); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Fatalf("missing: %v", err)
+		}
+		if err := s.UpdateSandbox(ctx, &Sandbox{ID: "nope"}); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Fatalf("update missing: %v", err)
+		}
+	})
 }
 
 func TestPoliciesAndTokens(t *testing.T) {
-	ctx := context.Background()
-	s := open(t)
-	p := &Policy{OrgID: "o", Name: "p", AllowedHostnames: []string{"a.test"}}
-	if err := s.PutPolicy(ctx, p, true); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.PutPolicy(ctx, p, true); !errors.Is(err, errdefs.ErrAlreadyExists) {
-		t.Fatalf("create twice: %v", err)
-	}
-	if err := s.PutPolicy(ctx, &Policy{OrgID: "o", Name: "q"}, false); !errors.Is(err, errdefs.ErrNotFound) {
-		t.Fatalf("update missing: %v", err)
-	}
-	if _, err := s.GetPolicy(ctx, "other-org", "p"); !errors.Is(err, errdefs.ErrNotFound) {
-		t.Fatalf("other org sees policy: %v", err)
-	}
-	if err := s.DeletePolicy(ctx, "o", "p"); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.DeletePolicy(ctx, "o", "p"); !errors.Is(err, errdefs.ErrNotFound) {
-		t.Fatalf("delete twice: %v", err)
-	}
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		p := &Policy{OrgID: "o", Name: "p", AllowedHostnames: []string{"a.test"}}
+		if err := s.PutPolicy(ctx, p, true); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.PutPolicy(ctx, p, true); !errors.Is(err, errdefs.ErrAlreadyExists) {
+			t.Fatalf("create twice: %v", err)
+		}
+		if err := s.PutPolicy(ctx, &Policy{OrgID: "o", Name: "q"}, false); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Fatalf("update missing: %v", err)
+		}
+		if _, err := s.GetPolicy(ctx, "other-org", "p"); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Fatalf("other org sees policy: %v", err)
+		}
+		if err := s.DeletePolicy(ctx, "o", "p"); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.DeletePolicy(ctx, "o", "p"); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Fatalf("delete twice: %v", err)
+		}
+	})
 }
 
 // TestReopen: state survives closing and reopening (migrations are idempotent).
 func TestReopen(t *testing.T) {
-	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "chalk.db")
-	s, err := Open(ctx, path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.CreateSandbox(ctx, &Sandbox{ID: "x", OrgID: "o", State: StateRunning, Env: map[string]string{"A": "b"}}, 5); err != nil {
-		t.Fatal(err)
-	}
-	s.Close()
-	s, err = Open(ctx, path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	sb, err := s.GetSandbox(ctx, "x")
-	if err != nil || sb.Env["A"] != "b" || sb.Slot != 1 {
-		t.Fatalf("after reopen: %+v %v", sb, err)
-	}
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		path := b.newDB(t)
+		s, err := Open(ctx, path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "x", OrgID: "o", State: StateRunning, Env: map[string]string{"A": "b"}}, 5); err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+		s, err = Open(ctx, path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		sb, err := s.GetSandbox(ctx, "x")
+		if err != nil || sb.Env["A"] != "b" || sb.Slot != 1 {
+			t.Fatalf("after reopen: %+v %v", sb, err)
+		}
+	})
 }
