@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
@@ -30,6 +31,9 @@ import (
 type Store struct {
 	db  *handle
 	dsn string // the PostgreSQL URL (leases open their own connections); "" for SQLite
+
+	leaseMu sync.Mutex
+	leases  map[string]*localLease // SQLite's leases, by name
 }
 
 // IsPostgres reports whether database (as given to Open) names a

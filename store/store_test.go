@@ -3,8 +3,10 @@ package store
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -183,6 +185,79 @@ func TestReopen(t *testing.T) {
 		sb, err := s.GetSandbox(ctx, "x")
 		if err != nil || sb.Env["A"] != "b" || sb.Slot != 1 {
 			t.Fatalf("after reopen: %+v %v", sb, err)
+		}
+	})
+}
+
+// TestSlotRace: creates racing in different orgs (none with an org row to
+// lock) still get distinct slots, and no more than the node has.
+func TestSlotRace(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		var wg sync.WaitGroup
+		errs := make(chan error, 20)
+		for i := range 20 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs <- s.CreateSandbox(ctx, &Sandbox{ID: fmt.Sprintf("sb-%d", i), OrgID: fmt.Sprintf("o%d", i), State: StateCreating}, 15)
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		full := 0
+		for err := range errs {
+			switch {
+			case errors.Is(err, errdefs.ErrResourceExhausted):
+				full++
+			case err != nil:
+				t.Fatal(err)
+			}
+		}
+		live, err := s.ListSandboxes(ctx, "", true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := map[int]string{}
+		for _, sb := range live {
+			if o, dup := seen[sb.Slot]; dup || sb.Slot < 1 || sb.Slot > 15 {
+				t.Fatalf("slot %d of %s (also %q)", sb.Slot, sb.ID, o)
+			}
+			seen[sb.Slot] = sb.ID
+		}
+		if len(live) != 15 || full != 5 {
+			t.Fatalf("%d created, %d refused; want 15 and 5", len(live), full)
+		}
+	})
+}
+
+// TestPaused: the paused flag changes only on a running sandbox, and
+// nothing else of its record does.
+func TestPaused(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		sb := &Sandbox{ID: "x", OrgID: "o", State: StateRunning, Env: map[string]string{"NUL": "a\x00b"}}
+		if err := s.CreateSandbox(ctx, sb, 5); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.SetSandboxPaused(ctx, "x", true); err != nil {
+			t.Fatal(err)
+		}
+		got, err := s.GetSandbox(ctx, "x")
+		if err != nil || !got.Paused || got.Env["NUL"] != "a\x00b" || got.Slot != 1 {
+			t.Fatalf("paused: %+v %v", got, err)
+		}
+		got.State = StateStopped
+		if err := s.UpdateSandbox(ctx, got); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.SetSandboxPaused(ctx, "x", false); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+			t.Fatalf("unpausing a stopped sandbox: %v, want failed precondition", err)
+		}
+		if got, _ := s.GetSandbox(ctx, "x"); got.State != StateStopped || !got.Paused {
+			t.Fatalf("a refused unpause changed the record: %+v", got)
 		}
 	})
 }

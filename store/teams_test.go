@@ -212,3 +212,41 @@ func TestQuotaRace(t *testing.T) {
 		}
 	})
 }
+
+// TestAuditHostileText: audit fields carrying NUL bytes or invalid UTF-8
+// (what a caller or a sandbox sent) are recorded, not refused (PostgreSQL
+// refuses such text, which would lose the record, and an MCP batch with it).
+func TestAuditHostileText(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		bad := "x\x00y\xff"
+		if err := s.AddAudit(ctx, AuditRecord{OrgID: "a", At: time.Now(), Actor: bad, Object: bad, Detail: bad}); err != nil {
+			t.Fatalf("audit record with NUL and invalid UTF-8: %v", err)
+		}
+		recs, err := s.ListAudit(ctx, AuditQuery{OrgID: "a"})
+		if err != nil || len(recs) != 1 || recs[0].Object != "x\uFFFDy\uFFFD" {
+			t.Fatalf("audit: %+v %v", recs, err)
+		}
+		if err := s.AddMCPAudit(ctx, []MCPAudit{
+			{At: time.Now(), OrgID: "a", SandboxID: "s", Server: "ok"},
+			{At: time.Now(), OrgID: "a", SandboxID: "s\x00", Server: bad},
+		}); err != nil {
+			t.Fatalf("MCP audit batch with a hostile server name: %v", err)
+		}
+		if got, err := s.ListMCPAudit(ctx, MCPAuditQuery{OrgID: "a"}); err != nil || len(got) != 2 {
+			t.Fatalf("MCP audit: %+v %v", got, err)
+		}
+		// Names are refused as bad input on PostgreSQL, stored as given on SQLite; either way
+		// nothing half-written remains.
+		err = s.CreateOrg(ctx, Org{Name: "n\x00", CreatedAt: time.Now()}, "u", false, nil)
+		if b.name == "postgres" && !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Fatalf("org name with NUL on PostgreSQL: %v, want invalid argument", err)
+		}
+		if err != nil {
+			if orgs, _ := s.ListOrgs(ctx, ""); len(orgs) != 0 {
+				t.Fatalf("a refused org left %+v", orgs)
+			}
+		}
+	})
+}
