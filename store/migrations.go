@@ -31,8 +31,20 @@ import (
 //	{{autoinc_pk}}  INTEGER PRIMARY KEY AUTOINCREMENT / BIGINT identity primary key
 //	{{rowid}}       nothing / a rowid identity column (SQLite's implicit rowid)
 //
-// Adding a table (for both databases) is one entry at the end of the list;
-// the shared store test suite (store_test.go) runs it on both. (The shipped
+// Adding a table (for both databases) is one entry at the end of the list,
+// e.g. for node registration:
+//
+//	{sql: `CREATE TABLE nodes (
+//		id TEXT PRIMARY KEY,
+//		registered_at BIGINT NOT NULL,
+//		doc {{blob}} NOT NULL
+//	);`},
+//
+// then its methods in a file of their own, queries with ? placeholders
+// through s.db (or a txn from s.db.BeginTx), an allocation shared by
+// concurrent writers under tx.d.lock(ctx, tx, "name") (a no-op on SQLite),
+// and tests written with eachBackend (store_test.go), which runs each on
+// SQLite and on PostgreSQL. (The shipped
 // migrations were rewritten with the macros and BIGINT when PostgreSQL came:
 // on SQLite they make the same schema as before.)
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -260,4 +261,27 @@ func TestPaused(t *testing.T) {
 			t.Fatalf("a refused unpause changed the record: %+v", got)
 		}
 	})
+}
+
+// TestOpenErrorsHideThePassword: a PostgreSQL URL's password appears in no
+// error of Open (chalkd logs them), and Redact hides it.
+func TestOpenErrorsHideThePassword(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, u := range []string{
+		"postgres://chalk:s3cret-pw@/nodb?host=" + t.TempDir(), // no server there
+		"postgres://chalk:s3cret-pw@[::1/nodb",                 // unparsable
+		"postgresql://chalk:s3cret-pw@/nodb?host=" + t.TempDir() + "&sslmode=bogus",
+	} {
+		_, err := Open(ctx, u)
+		if err == nil || strings.Contains(err.Error(), "s3cret-pw") {
+			t.Fatalf("Open(%s) = %v: want an error without the password", Redact(u), err)
+		}
+		if strings.Contains(Redact(u), "s3cret-pw") {
+			t.Fatalf("Redact(%q) = %q", u, Redact(u))
+		}
+	}
+	if got := Redact("/var/lib/chalk/chalk.db"); got != "/var/lib/chalk/chalk.db" {
+		t.Fatalf("Redact of a SQLite path = %q", got)
+	}
 }

@@ -26,6 +26,7 @@ func main() {
 	var level, upstreams string
 	fs := flag.NewFlagSet("chalkd", flag.ExitOnError)
 	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/chalk", "state directory (store, registry, cache, keys)")
+	fs.StringVar(&cfg.Database, "database", os.Getenv("CHALK_DATABASE"), "the store: a postgres://user@host/db URL (PostgreSQL; the password from $PGPASSWORD or ~/.pgpass keeps it out of ps), or the path of a SQLite file; default $CHALK_DATABASE, else DATA_DIR/chalk.db")
 	fs.StringVar(&cfg.RunDir, "run-dir", "/run/chalk", "runtime directory (runc state, netns, API socket)")
 	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:7447", "API TCP address (empty: unix socket only)")
 	fs.StringVar(&cfg.Socket, "socket", "", "API unix socket (default RUN_DIR/chalkd.sock)")
