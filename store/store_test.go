@@ -285,3 +285,33 @@ func TestOpenErrorsHideThePassword(t *testing.T) {
 		t.Fatalf("Redact of a SQLite path = %q", got)
 	}
 }
+
+// TestConcurrentOpen: replicas starting together on an empty PostgreSQL
+// database all open it, the migrations applied once (goose's advisory lock).
+func TestConcurrentOpen(t *testing.T) {
+	pgtest.Skip(t, pg, pgWhy)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dsn := pg.NewDatabase(t)
+	var wg sync.WaitGroup
+	stores := make([]*Store, 4)
+	errs := make([]error, 4)
+	for i := range stores {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			stores[i], errs[i] = Open(ctx, dsn)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("replica %d: %v", i, err)
+		}
+		defer stores[i].Close()
+	}
+	var applied int
+	if err := stores[0].db.QueryRowContext(ctx, `SELECT count(*) FROM goose_db_version WHERE version_id > 0`).Scan(&applied); err != nil || applied != len(migrations) {
+		t.Fatalf("%d migrations recorded (%v), want %d once each", applied, err, len(migrations))
+	}
+}

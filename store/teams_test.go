@@ -2,8 +2,10 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -247,6 +249,70 @@ func TestAuditHostileText(t *testing.T) {
 			if orgs, _ := s.ListOrgs(ctx, ""); len(orgs) != 0 {
 				t.Fatalf("a refused org left %+v", orgs)
 			}
+		}
+	})
+}
+
+// TestAdoptUserVersion: a SQLite store migrated before goose (schema 3 by
+// PRAGMA user_version, no goose table) opens with the later migrations
+// applied once, and PRAGMA user_version kept current for older chalkds.
+func TestAdoptUserVersion(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "chalk.db")
+	db, err := sql.Open("sqlite", "file:"+path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range migrations[:3] {
+		if _, err := db.Exec(sqliteDialect.expand(m.sql)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, q := range []string{
+		`PRAGMA user_version = 3`,
+		`INSERT INTO tokens(id, hash, org_id, doc) VALUES('admin', 'h-admin', 'default', '{"id":"admin","name":"admin","org_id":"default","admin":true}')`,
+	} {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+	for range 2 { // the second open applies nothing
+		s, err := Open(ctx, path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ka, err := s.KeyByHash(ctx, "h-admin"); err != nil || !ka.NodeAdmin {
+			t.Fatalf("the token after adoption: %+v %v", ka, err)
+		}
+		var uv, max int
+		if err := s.db.QueryRowContext(ctx, `PRAGMA user_version`).Scan(&uv); err != nil || uv != len(migrations) {
+			t.Fatalf("user_version %d %v, want %d", uv, err, len(migrations))
+		}
+		if err := s.db.QueryRowContext(ctx, `SELECT max(version_id) FROM goose_db_version`).Scan(&max); err != nil || max != len(migrations) {
+			t.Fatalf("goose version %d %v, want %d", max, err, len(migrations))
+		}
+		s.Close()
+	}
+}
+
+// TestNewerSchemaRefused: a store migrated by a newer chalkd (a version
+// this one does not know) is refused at Open, naming both versions.
+func TestNewerSchemaRefused(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		dsn := b.newDB(t)
+		s, err := Open(ctx, dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.db.ExecContext(ctx, `INSERT INTO goose_db_version (version_id, is_applied) VALUES (?, ?)`, len(migrations)+1, true); err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+		want := fmt.Sprintf("store schema version %d is newer than this chalkd (%d)", len(migrations)+1, len(migrations))
+		if _, err := Open(ctx, dsn); err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("Open of a newer store: %v, want %q", err, want)
 		}
 	})
 }
