@@ -21,6 +21,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -56,9 +57,11 @@ func bindir() (string, error) {
 // Cluster is a running PostgreSQL server.
 type Cluster struct {
 	dir, bin string
-	asUser   string // "postgres" when started by root
+	cred     *syscall.Credential // the postgres user's, when started by root
 	next     atomic.Int64
 	admin    *sql.DB
+	server   *exec.Cmd
+	exited   chan struct{}
 }
 
 // Start initialises and starts a cluster in a new temp dir.
@@ -85,7 +88,7 @@ func Start() (*Cluster, error) {
 			os.RemoveAll(dir)
 			return nil, err
 		}
-		c.asUser = "postgres"
+		c.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
 	}
 	if err := os.Chmod(dir, 0o700); err != nil {
 		os.RemoveAll(dir)
@@ -96,30 +99,66 @@ func Start() (*Cluster, error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("initdb: %v\n%s", err, out)
 	}
-	opts := fmt.Sprintf("-c listen_addresses='' -c unix_socket_directories=%s -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300", dir)
-	if out, err := c.run("pg_ctl", "-D", data, "-l", filepath.Join(dir, "log"), "-o", opts, "-w", "-t", "60", "start"); err != nil {
-		log, _ := os.ReadFile(filepath.Join(dir, "log"))
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("pg_ctl start: %v\n%s\n%s", err, out, log)
-	}
-	c.admin, err = sql.Open("pgx", c.url("postgres"))
+	// The server runs as our child (not daemonised by pg_ctl), and gets
+	// SIGQUIT (immediate shutdown) if the test binary dies first, e.g. at
+	// a go test -timeout: no cluster outlives its tests.
+	c.server = c.command("postgres", "-D", data, "-k", dir, "-c", "listen_addresses=",
+		"-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300")
+	c.server.SysProcAttr.Pdeathsig = syscall.SIGQUIT
+	logf, err := os.Create(filepath.Join(dir, "log"))
 	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	c.server.Stdout, c.server.Stderr = logf, logf
+	if err := c.server.Start(); err != nil {
+		logf.Close()
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("postgres: %w", err)
+	}
+	logf.Close()
+	c.exited = make(chan struct{})
+	go func() { _ = c.server.Wait(); close(c.exited) }()
+	if c.admin, err = sql.Open("pgx", c.url("postgres")); err != nil {
 		c.Stop()
 		return nil, err
 	}
-	return c, nil
+	// Wait until it accepts connections (polling another process, bounded).
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := c.admin.PingContext(ctx)
+		cancel()
+		if err == nil {
+			return c, nil
+		}
+		select {
+		case <-c.exited:
+			log, _ := os.ReadFile(filepath.Join(dir, "log"))
+			c.Stop()
+			return nil, fmt.Errorf("postgres exited at start: %s", log)
+		default:
+		}
+		if time.Now().After(deadline) {
+			log, _ := os.ReadFile(filepath.Join(dir, "log"))
+			c.Stop()
+			return nil, fmt.Errorf("postgres not accepting connections after 60s (%v): %s", err, log)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// command is tool of the server's bin dir, run in the cluster's dir (as
+// the postgres user when we are root: PostgreSQL refuses to run as root).
+func (c *Cluster) command(tool string, args ...string) *exec.Cmd {
+	cmd := exec.Command(filepath.Join(c.bin, tool), args...)
+	cmd.Dir = c.dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: c.cred}
+	return cmd
 }
 
 func (c *Cluster) run(tool string, args ...string) ([]byte, error) {
-	path := filepath.Join(c.bin, tool)
-	var cmd *exec.Cmd
-	if c.asUser != "" {
-		cmd = exec.Command("runuser", append([]string{"-u", c.asUser, "--", path}, args...)...)
-	} else {
-		cmd = exec.Command(path, args...)
-	}
-	cmd.Dir = c.dir
-	return cmd.CombinedOutput()
+	return c.command(tool, args...).CombinedOutput()
 }
 
 func (c *Cluster) url(db string) string {
@@ -154,7 +193,10 @@ func (c *Cluster) Stop() {
 	if c.admin != nil {
 		c.admin.Close()
 	}
-	c.run("pg_ctl", "-D", filepath.Join(c.dir, "data"), "-m", "immediate", "-w", "stop")
+	if c.server != nil && c.server.Process != nil {
+		_ = c.server.Process.Signal(syscall.SIGQUIT)
+		<-c.exited
+	}
 	os.RemoveAll(c.dir)
 }
 
