@@ -44,12 +44,12 @@ func IsPostgres(database string) bool {
 
 // Redact returns database with any password in it replaced, for messages.
 func Redact(database string) string {
-	if !IsPostgres(database) {
-		return database
+	if !strings.Contains(database, "://") {
+		return database // a file's path
 	}
 	u, err := url.Parse(database)
 	if err != nil {
-		return "postgres://(unparsable URL)"
+		return "(an unparsable URL)"
 	}
 	return u.Redacted()
 }
