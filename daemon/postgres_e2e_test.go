@@ -6,44 +6,18 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
-	"github.com/chalkcompute/chalkcompute/internal/pgtest"
-)
-
-// One PostgreSQL cluster for the package's tests that need one, started by
-// the first of them and stopped by TestMain.
-var (
-	pgOnce    sync.Once
-	pgCluster *pgtest.Cluster
-	pgErr     error
 )
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if pgCluster != nil {
-		pgCluster.Stop()
-	}
+	chalktest.StopPostgres()
 	os.Exit(code)
-}
-
-// postgresDB returns the URL of a fresh database of the shared cluster,
-// skipping (failing under CHALK_TEST_POSTGRES=1) without the postgresql package.
-func postgresDB(t *testing.T) string {
-	t.Helper()
-	pgOnce.Do(func() { pgCluster, pgErr = pgtest.Start() })
-	if errors.Is(pgErr, pgtest.ErrMissing) && !pgtest.Required() {
-		t.Skip(pgErr)
-	}
-	if pgErr != nil {
-		t.Fatal(pgErr)
-	}
-	return pgCluster.NewDatabase(t)
 }
 
 // TestPostgresStore: chalkd --database postgres://... keeps its state in
@@ -51,7 +25,7 @@ func postgresDB(t *testing.T) string {
 // works on it and survives a restart.
 func TestPostgresStore(t *testing.T) {
 	chalktest.RequireRoot(t)
-	dsn := postgresDB(t)
+	dsn := chalktest.PostgresDB(t)
 	n := chalktest.Start(t, "--database", dsn)
 	ctx := ctxT(t, 3*time.Minute)
 	if _, err := os.Stat(filepath.Join(n.Dir, "chalk.db")); !errors.Is(err, os.ErrNotExist) {
