@@ -37,9 +37,12 @@ func Required() bool { return os.Getenv("CHALK_TEST_POSTGRES") == "1" }
 // ErrMissing is returned by Start when no PostgreSQL server binaries are installed.
 var ErrMissing = errors.New("PostgreSQL tests need Debian's " + Package + " package (apt-get install " + Package + "); CHALK_TEST_POSTGRES=1 makes its absence a failure")
 
-// bindir finds the newest /usr/lib/postgresql/<major>/bin with initdb.
+// installRoot is where Debian's postgresql-<major> packages install.
+var installRoot = "/usr/lib/postgresql"
+
+// bindir finds the newest installRoot/<major>/bin with initdb.
 func bindir() (string, error) {
-	ms, _ := filepath.Glob("/usr/lib/postgresql/*/bin/initdb")
+	ms, _ := filepath.Glob(filepath.Join(installRoot, "*", "bin", "initdb"))
 	if len(ms) == 0 {
 		if p, err := exec.LookPath("initdb"); err == nil {
 			return filepath.Dir(p), nil
