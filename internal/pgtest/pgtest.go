@@ -106,7 +106,7 @@ func Start() (*Cluster, error) {
 	// SIGQUIT (immediate shutdown) if the test binary dies first, e.g. at
 	// a go test -timeout: no cluster outlives its tests.
 	c.server = c.command("postgres", "-D", data, "-k", dir, "-c", "listen_addresses=",
-		"-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300")
+		"-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=32MB")
 	c.server.SysProcAttr.Pdeathsig = syscall.SIGQUIT
 	logf, err := os.Create(filepath.Join(dir, "log"))
 	if err != nil {
