@@ -45,6 +45,11 @@ func (s *Store) Lease(name string, check time.Duration) Lease {
 	return &pgLease{dsn: s.dsn, key: lockKey("lease:" + name), check: check}
 }
 
+var (
+	_ Lease = (*localLease)(nil)
+	_ Lease = (*pgLease)(nil)
+)
+
 // localLease is a Lease inside one process.
 type localLease struct {
 	ch chan struct{} // holds a token while held
