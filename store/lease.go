@@ -42,7 +42,7 @@ func (s *Store) Lease(name string, check time.Duration) Lease {
 		}
 		return l
 	}
-	return &pgLease{dsn: s.dsn, key: lockKey("lease:" + name), check: check}
+	return &pgLease{dsn: s.dsn, name: name, key: lockKey("lease:" + name), check: check}
 }
 
 var (
@@ -77,12 +77,19 @@ func (l *localLease) Acquire(ctx context.Context) (context.Context, func(), erro
 // pgLease is a PostgreSQL session advisory lock on a dedicated connection.
 type pgLease struct {
 	dsn   string
+	name  string
 	key   int64
 	check time.Duration
 }
 
 func (l *pgLease) Acquire(ctx context.Context) (context.Context, func(), error) {
-	conn, err := pgx.Connect(ctx, l.dsn)
+	cfg, err := pgx.ParseConfig(l.dsn)
+	if err != nil {
+		return nil, nil, fmt.Errorf("lease: database URL %s: %w", Redact(l.dsn), err)
+	}
+	// Operators see who holds what in pg_stat_activity and pg_locks.
+	cfg.RuntimeParams["application_name"] = "chalkd lease " + l.name
+	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, nil, fmt.Errorf("lease connection to %s: %w", Redact(l.dsn), err)
 	}
