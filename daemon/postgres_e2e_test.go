@@ -4,6 +4,7 @@ import (
 	"database/sql"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -113,5 +114,54 @@ func TestPostgresStore(t *testing.T) {
 	recs, err := ann.Audit(ctx, nil)
 	if err != nil || len(recs) == 0 {
 		t.Fatalf("audit: %d %v", len(recs), err)
+	}
+}
+
+// TestCopyStoreToPostgres: a node on SQLite is stopped, its store copied
+// with chalkd copy-store into PostgreSQL, and started on it: the org's key
+// works, and the sandbox that kept running meanwhile is adopted and execs.
+func TestCopyStoreToPostgres(t *testing.T) {
+	chalktest.RequireRoot(t)
+	dsn := chalktest.PostgresDB(t)
+	if os.Getenv("CHALK_TEST_STORE") == "postgres" {
+		t.Skip("the node must start on SQLite")
+	}
+	n := chalktest.Start(t)
+	ctx := ctxT(t, 3*time.Minute)
+	org, err := n.Client().CreateOrg(ctx, "acme", "ann")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ann, err := chalkcompute.NewClient(chalkcompute.WithURL("unix://"+n.Socket), chalkcompute.WithToken(org.AdminKey.Secret))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb := create(t, ann)
+	mustExec(t, sb, "sh", "-c", "echo kept > /tmp/mark")
+	n.Stop()
+
+	cmd := exec.Command(filepath.Join(chalktest.Bin(t), "chalkd"), "copy-store", "--from", filepath.Join(n.Dir, "chalk.db"), "--to", dsn)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "copied sandboxes: 1 rows") {
+		t.Fatalf("chalkd copy-store: %v\n%s", err, out)
+	}
+	// Once more: refused, the destination is not empty.
+	if out, err := exec.Command(cmd.Path, cmd.Args[1:]...).CombinedOutput(); err == nil || !strings.Contains(string(out), "copy into an empty database") {
+		t.Fatalf("a second copy-store: %v\n%s", err, out)
+	}
+	// The SQLite file goes away: the node must be using PostgreSQL.
+	if err := os.Rename(filepath.Join(n.Dir, "chalk.db"), filepath.Join(n.Dir, "chalk.db.moved")); err != nil {
+		t.Fatal(err)
+	}
+	n.Args = append(n.Args, "--database", dsn)
+	n.Restart()
+	if out := mustExec(t, sb, "cat", "/tmp/mark"); out != "kept\n" {
+		t.Fatalf("the sandbox after the move: %q", out)
+	}
+	if list, err := ann.List(ctx, false); err != nil || len(list) != 1 || list[0].Id != sb.ID() {
+		t.Fatalf("acme's sandboxes after the move: %v %v", list, err)
+	}
+	if _, err := os.Stat(filepath.Join(n.Dir, "chalk.db")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("chalkd made a SQLite store beside PostgreSQL: %v", err)
 	}
 }
