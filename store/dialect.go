@@ -18,9 +18,12 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
-// Everything that differs between SQLite and PostgreSQL is in this file.
-// The store is one implementation over database/sql; its SQL is written
-// once, with ? placeholders and portable types, and a dialect supplies:
+// What differs between SQLite and PostgreSQL in the store's queries and
+// schema is in this file. (Beside it: migrations.go adopts SQLite stores
+// versioned before goose, lease.go has a lease per database, copy.go moves
+// a SQLite store into PostgreSQL.) The store is one implementation over
+// database/sql; its SQL is written once, with ? placeholders and portable
+// types, and a dialect supplies:
 //
 //   - placeholders: ? is rewritten to $1, $2, ... for PostgreSQL (rebind);
 //   - the few column types without a portable spelling, as macros in
@@ -28,7 +31,9 @@ import (
 //   - row locks: forUpdate appends FOR UPDATE (SQLite has one writer and
 //     needs none), and lock takes a transaction-scoped advisory lock that
 //     serialises a whole allocation (slots, tunnel indexes) on PostgreSQL;
-//   - errors: conflict recognises a unique-constraint violation of either.
+//   - errors: conflict recognises a unique-constraint violation of either;
+//     classify makes PostgreSQL's refusal of NUL or invalid UTF-8 in text
+//     an ErrInvalidArgument.
 
 type dialect struct {
 	name   string        // "sqlite" or "postgres"
