@@ -101,7 +101,10 @@ func (d *Daemon) userNS(id string, slot int) *sandboxnet.UserNS { return d.Net.L
 
 // Config is chalkd's configuration. The zero value plus a DataDir works.
 type Config struct {
-	DataDir       string // state: store, registry, cache, keys, tokens (default /var/lib/chalk)
+	DataDir string // state: store, registry, cache, keys, tokens (default /var/lib/chalk)
+	// Database is the store: a postgres:// URL, or a SQLite file's absolute
+	// path (default: DataDir/chalk.db).
+	Database      string
 	RunDir        string // runtime state: runc root, netns files (default /run/chalk)
 	Listen        string // API TCP address (default 127.0.0.1:7447); "" with Socket set disables TCP
 	Socket        string // API unix socket (default RunDir/chalkd.sock)
@@ -191,6 +194,12 @@ func (c *Config) defaults() error {
 	}
 	if c.DataDir == "" {
 		c.DataDir = "/var/lib/chalk"
+	}
+	if c.Database == "" {
+		c.Database = filepath.Join(c.DataDir, "chalk.db")
+	}
+	if !store.IsPostgres(c.Database) && !filepath.IsAbs(c.Database) {
+		return fmt.Errorf("database %q: want a postgres:// URL or the absolute path of a SQLite file: %w", store.Redact(c.Database), errdefs.ErrInvalidArgument)
 	}
 	if c.Runtime == sandbox.RuntimeRunsc {
 		c.NoUserNS = true // see sandbox/runsc.go

@@ -57,13 +57,17 @@ func (d *Daemon) prepareDataDir(ctx context.Context) error {
 	return nil
 }
 
-// openStore opens the SQLite store.
+// openStore opens the store: PostgreSQL, or the SQLite file (0600).
 func (d *Daemon) openStore(ctx context.Context) (err error) {
-	if d.Store, err = store.Open(ctx, filepath.Join(d.cfg.DataDir, "chalk.db")); err != nil {
+	if d.Store, err = store.Open(ctx, d.cfg.Database); err != nil {
 		return err
 	}
-	for _, f := range []string{"chalk.db", "chalk.db-wal", "chalk.db-shm"} {
-		if err := os.Chmod(filepath.Join(d.cfg.DataDir, f), 0o600); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if store.IsPostgres(d.cfg.Database) {
+		d.log.Info("store on PostgreSQL", "database", store.Redact(d.cfg.Database))
+		return nil
+	}
+	for _, f := range []string{d.cfg.Database, d.cfg.Database + "-wal", d.cfg.Database + "-shm"} {
+		if err := os.Chmod(f, 0o600); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
 	}

@@ -2,8 +2,9 @@
 # Installs the Debian packages chalkcompute needs (idempotent). Run as root.
 set -euo pipefail
 # tmux: terminal tests (daemon/terminal_e2e_test.go); chromium: the web console's browser tests
-# (daemon/console_e2e_test.go), headless via chromedp.
-pkgs=(runc nftables iproute2 busybox-static debootstrap ca-certificates protobuf-compiler tmux chromium curl openssl)
+# (daemon/console_e2e_test.go), headless via chromedp. postgresql: the store's tests on PostgreSQL and
+# chalkd --database postgres:// (internal/pgtest starts a throwaway cluster from it).
+pkgs=(runc nftables iproute2 busybox-static debootstrap ca-certificates protobuf-compiler tmux chromium curl openssl postgresql)
 [ "${CHALK_BENCH_DEPS:-0}" = 1 ] && pkgs+=(podman buildah uidmap)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -42,6 +42,7 @@ scripts/build.sh
 stage "gVisor runsc"
 scripts/gvisor.sh   # bin/runsc for the gVisor runtime tests (pinned; reused once built)
 export CHALK_TEST_BIN="$PWD/bin"
+export CHALK_TEST_POSTGRES=1 # PostgreSQL tests (internal/pgtest) fail, not skip, without the postgresql package
 stage "go vet"
 go vet ./...
 stage "go test -race"

@@ -37,7 +37,7 @@ func getNamed[T any](ctx context.Context, q queryer, table, what, orgID, name st
 }
 
 // listNamed returns the org's documents of table by name.
-func listNamed[T any](ctx context.Context, db *sql.DB, table, orgID string) ([]*T, error) {
+func listNamed[T any](ctx context.Context, db *handle, table, orgID string) ([]*T, error) {
 	rows, err := db.QueryContext(ctx, `SELECT doc FROM `+table+` WHERE org_id = ? ORDER BY name`, orgID)
 	if err != nil {
 		return nil, err
@@ -60,7 +60,7 @@ func listNamed[T any](ctx context.Context, db *sql.DB, table, orgID string) ([]*
 
 // deleteNamed removes the document (org, name) of table; a missing one is
 // ErrNotFound naming what and name.
-func deleteNamed(ctx context.Context, db *sql.DB, table, what, orgID, name string) error {
+func deleteNamed(ctx context.Context, db *handle, table, what, orgID, name string) error {
 	res, err := db.ExecContext(ctx, `DELETE FROM `+table+` WHERE org_id = ? AND name = ?`, orgID, name)
 	if err != nil {
 		return err

@@ -73,22 +73,20 @@ type MCPAudit struct {
 
 // AddMCPAudit appends records in one transaction.
 func (s *Store) AddMCPAudit(ctx context.Context, recs []MCPAudit) error {
-	tx, err := s.db.BeginTx(ctx, nil)
+	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
-	st, err := tx.PrepareContext(ctx, `INSERT INTO mcp_audit (org_id, at, sandbox_id, server, doc) VALUES (?, ?, ?, ?, ?)`)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
 	for i := range recs {
 		doc, err := json.Marshal(&recs[i])
 		if err != nil {
 			return err
 		}
-		if _, err := st.ExecContext(ctx, recs[i].OrgID, recs[i].At.UnixNano(), recs[i].SandboxID, recs[i].Server, doc); err != nil {
+		// The sandbox names the server: stored as valid UTF-8 without NUL
+		// (PostgreSQL would refuse it, and with it the whole batch).
+		if _, err := tx.ExecContext(ctx, `INSERT INTO mcp_audit (org_id, at, sandbox_id, server, doc) VALUES (?, ?, ?, ?, ?)`,
+			text(recs[i].OrgID), recs[i].At.UnixNano(), text(recs[i].SandboxID), text(recs[i].Server), doc); err != nil {
 			return err
 		}
 	}

@@ -4,40 +4,76 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"log/slog"
 	"time"
+
+	"github.com/pressly/goose/v3"
+	"github.com/pressly/goose/v3/database"
+	"github.com/pressly/goose/v3/lock"
 )
+
+// Schema migrations: one list for both databases, applied in order at Open
+// by pressly/goose (its version table, goose_db_version, records which ran;
+// on PostgreSQL a session advisory lock lets one replica migrate while the
+// others wait). Migration i (from 0) is goose version i+1.
+//
+// Never edit a migration that has shipped: append. Write SQL that both
+// databases accept: TEXT, BIGINT, INTEGER columns, JSON documents as
+// {{blob}} or TEXT, BIGINT for anything past 2^31 (INTEGER is 32 bits on
+// PostgreSQL: nanosecond times, sizes), ? placeholders (only in a Go step), no SQLite- or
+// PostgreSQL-only functions. The few types without a portable spelling are
+// macros the dialect expands (dialect.go):
+//
+//	{{blob}}        BLOB / BYTEA
+//	{{rowid_pk}}    INTEGER PRIMARY KEY / BIGINT identity primary key
+//	{{autoinc_pk}}  INTEGER PRIMARY KEY AUTOINCREMENT / BIGINT identity primary key
+//	{{rowid}}       nothing / a rowid identity column (SQLite's implicit rowid)
+//
+// Adding a table (for both databases) is one entry at the end of the list,
+// e.g. for node registration:
+//
+//	{sql: `CREATE TABLE nodes (
+//		id TEXT PRIMARY KEY,
+//		registered_at BIGINT NOT NULL,
+//		doc {{blob}} NOT NULL
+//	);`},
+//
+// then its methods in a file of their own, queries with ? placeholders
+// through s.db (or a txn from s.db.BeginTx), an allocation shared by
+// concurrent writers under tx.d.lock(ctx, tx, "name") (a no-op on SQLite),
+// and tests written with eachBackend (store_test.go), which runs each on
+// SQLite and on PostgreSQL. (The shipped
+// migrations were rewritten with the macros and BIGINT when PostgreSQL came:
+// on SQLite they make the same schema as before.)
 
 // A migration is SQL, optionally followed by a Go step (for data moves that
 // need more than portable SQL); both run in one transaction.
 type migration struct {
 	sql string
-	fn  func(ctx context.Context, tx *sql.Tx) error
+	fn  func(ctx context.Context, tx *txn) error
 }
 
-// migrations are applied in order; the index of the last applied one is
-// PRAGMA user_version. Never edit a migration that has shipped: append.
-// New migrations use portable SQL (SQLite and PostgreSQL): TEXT, BIGINT,
-// INTEGER columns, no SQLite-only functions.
 var migrations = []migration{
 	{sql: `CREATE TABLE tokens (
 		id TEXT PRIMARY KEY,
 		hash TEXT NOT NULL UNIQUE,
 		org_id TEXT NOT NULL,
-		doc BLOB NOT NULL
+		doc {{blob}} NOT NULL
 	);
 	CREATE TABLE sandboxes (
 		id TEXT PRIMARY KEY,
 		org_id TEXT NOT NULL,
 		state TEXT NOT NULL,
 		slot INTEGER NOT NULL,
-		doc BLOB NOT NULL
+		doc {{blob}} NOT NULL{{rowid}}
 	);
 	CREATE INDEX sandboxes_state ON sandboxes(state, slot);
 	CREATE TABLE policies (
 		org_id TEXT NOT NULL,
 		name TEXT NOT NULL,
-		doc BLOB NOT NULL,
+		doc {{blob}} NOT NULL,
 		PRIMARY KEY (org_id, name)
 	);`},
 	// WireGuard tunnels: idx numbers the tunnel's subnet (unique per node).
@@ -45,7 +81,7 @@ var migrations = []migration{
 		org_id TEXT NOT NULL,
 		name TEXT NOT NULL,
 		idx INTEGER NOT NULL UNIQUE,
-		doc BLOB NOT NULL,
+		doc {{blob}} NOT NULL,
 		PRIMARY KEY (org_id, name)
 	);`},
 	// MCP gateway: registered upstream servers (the credential encrypted in
@@ -53,16 +89,16 @@ var migrations = []migration{
 	{sql: `CREATE TABLE mcp_servers (
 		org_id TEXT NOT NULL,
 		name TEXT NOT NULL,
-		doc BLOB NOT NULL,
+		doc {{blob}} NOT NULL,
 		PRIMARY KEY (org_id, name)
 	);
 	CREATE TABLE mcp_audit (
-		seq INTEGER PRIMARY KEY AUTOINCREMENT,
+		seq {{autoinc_pk}},
 		org_id TEXT NOT NULL,
-		at INTEGER NOT NULL,
+		at BIGINT NOT NULL, -- BIGINT: INTEGER is 32 bits on PostgreSQL (same affinity on SQLite)
 		sandbox_id TEXT NOT NULL,
 		server TEXT NOT NULL,
-		doc BLOB NOT NULL
+		doc {{blob}} NOT NULL
 	);
 	CREATE INDEX mcp_audit_org ON mcp_audit (org_id, seq);`},
 	// Teams: orgs, users, memberships with a role, API keys per user per org
@@ -103,7 +139,7 @@ var migrations = []migration{
 	CREATE INDEX api_keys_member ON api_keys (org_id, user_name);
 	CREATE INDEX api_keys_prefix ON api_keys (prefix);
 	CREATE TABLE audit (
-		seq INTEGER PRIMARY KEY,
+		seq {{rowid_pk}},
 		org_id TEXT NOT NULL,
 		at BIGINT NOT NULL,
 		actor TEXT NOT NULL,
@@ -144,7 +180,7 @@ type legacyToken struct {
 // migrateTokens makes an org of every org id in use, a user and membership
 // of every token's name (admin tokens: the node admin, role admin), and an
 // API key of every token with its hash, so existing tokens keep working.
-func migrateTokens(ctx context.Context, tx *sql.Tx) error {
+func migrateTokens(ctx context.Context, tx *txn) error {
 	now := time.Now().UnixNano()
 	rows, err := tx.QueryContext(ctx, `SELECT hash, doc FROM tokens`)
 	if err != nil {
@@ -173,7 +209,7 @@ func migrateTokens(ctx context.Context, tx *sql.Tx) error {
 		return err
 	}
 	for _, t := range []string{"tokens", "sandboxes", "policies", "tunnels", "mcp_servers"} {
-		if _, err := tx.ExecContext(ctx, `INSERT INTO orgs (name, created_at) SELECT DISTINCT org_id, ? FROM `+t+` WHERE true
+		if _, err := tx.ExecContext(ctx, `INSERT INTO orgs (name, created_at) SELECT DISTINCT org_id, CAST(? AS BIGINT) FROM `+t+` WHERE true
 			ON CONFLICT (name) DO NOTHING`, now); err != nil {
 			return fmt.Errorf("orgs from %s: %w", t, err)
 		}
@@ -209,36 +245,109 @@ func boolInt(b bool) int {
 	return 0
 }
 
-func (s *Store) migrate(ctx context.Context) error {
-	var v int
-	if err := s.db.QueryRowContext(ctx, `PRAGMA user_version`).Scan(&v); err != nil {
-		return fmt.Errorf("store version: %w", err)
+// migrate applies the migrations up to version (-1: all).
+func (s *Store) migrate(ctx context.Context, version int64) error {
+	d := s.db.d
+	if !d.postgres {
+		if err := adoptUserVersion(ctx, s.db.db); err != nil {
+			return err
+		}
 	}
-	if v > len(migrations) {
-		return fmt.Errorf("store schema version %d is newer than this chalkd (%d)", v, len(migrations))
+	var gms []*goose.Migration
+	for i, m := range migrations {
+		gms = append(gms, goose.NewGoMigration(int64(i+1), &goose.GoFunc{RunTx: func(ctx context.Context, tx *sql.Tx) error {
+			t := &txn{tx: tx, d: d}
+			if _, err := t.tx.ExecContext(ctx, d.expand(m.sql)); err != nil {
+				return err
+			}
+			if m.fn != nil {
+				return m.fn(ctx, t)
+			}
+			return nil
+		}}, nil))
 	}
-	for i := v; i < len(migrations); i++ {
-		tx, err := s.db.BeginTx(ctx, nil)
+	opts := []goose.ProviderOption{
+		goose.WithGoMigrations(gms...),
+		goose.WithDisableGlobalRegistry(true),
+		goose.WithSlog(slog.New(slog.DiscardHandler)),
+	}
+	if d.postgres {
+		l, err := lock.NewPostgresSessionLocker(lock.WithLockTimeout(1, 600))
 		if err != nil {
 			return err
 		}
-		if _, err := tx.ExecContext(ctx, migrations[i].sql); err != nil {
-			tx.Rollback()
-			return fmt.Errorf("store migration %d: %w", i+1, err)
-		}
-		if fn := migrations[i].fn; fn != nil {
-			if err := fn(ctx, tx); err != nil {
-				tx.Rollback()
-				return fmt.Errorf("store migration %d: %w", i+1, err)
-			}
-		}
-		if _, err := tx.ExecContext(ctx, fmt.Sprintf(`PRAGMA user_version = %d`, i+1)); err != nil {
-			tx.Rollback()
+		opts = append(opts, goose.WithSessionLocker(l))
+	}
+	p, err := goose.NewProvider(d.goose, s.db.db, nil, opts...)
+	if err != nil {
+		return fmt.Errorf("store migrations: %w", err)
+	}
+	cur, err := p.GetDBVersion(ctx)
+	if err != nil {
+		return fmt.Errorf("store version: %w", err)
+	}
+	if cur > int64(len(migrations)) {
+		return fmt.Errorf("store schema version %d is newer than this chalkd (%d)", cur, len(migrations))
+	}
+	if version < 0 {
+		_, err = p.Up(ctx)
+	} else {
+		_, err = p.UpTo(ctx, version)
+	}
+	if err != nil && !errors.Is(err, goose.ErrNoNextVersion) {
+		return fmt.Errorf("store migration: %w", err)
+	}
+	if !d.postgres {
+		// Keep PRAGMA user_version current too: a chalkd from before goose
+		// reads it, and refuses a store newer than it knows.
+		v, err := p.GetDBVersion(ctx)
+		if err != nil {
 			return err
 		}
-		if err := tx.Commit(); err != nil {
+		if _, err := s.db.db.ExecContext(ctx, fmt.Sprintf(`PRAGMA user_version = %d`, v)); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// adoptUserVersion hands a SQLite store migrated before goose (its version
+// in PRAGMA user_version) to goose: the version table is created with the
+// migrations already applied recorded as such.
+func adoptUserVersion(ctx context.Context, db *sql.DB) error {
+	var v int64
+	if err := db.QueryRowContext(ctx, `PRAGMA user_version`).Scan(&v); err != nil {
+		return fmt.Errorf("store version: %w", err)
+	}
+	if v == 0 {
+		return nil
+	}
+	var n int
+	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?`, goose.DefaultTablename).Scan(&n); err != nil {
+		return err
+	}
+	if n > 0 {
+		return nil
+	}
+	if v > int64(len(migrations)) {
+		return fmt.Errorf("store schema version %d is newer than this chalkd (%d)", v, len(migrations))
+	}
+	gs, err := database.NewStore(goose.DialectSQLite3, goose.DefaultTablename)
+	if err != nil {
+		return err
+	}
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if err := gs.CreateVersionTable(ctx, tx); err != nil {
+		return fmt.Errorf("store version table: %w", err)
+	}
+	for i := int64(0); i <= v; i++ { // goose records version 0 with the table
+		if err := gs.Insert(ctx, tx, database.InsertRequest{Version: i}); err != nil {
+			return fmt.Errorf("store version table: %w", err)
+		}
+	}
+	return tx.Commit()
 }

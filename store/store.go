@@ -1,7 +1,11 @@
-// Package store keeps chalkd's durable state in SQLite (modernc.org/sqlite, pure Go).
+// Package store keeps chalkd's durable state in SQLite (modernc.org/sqlite,
+// pure Go; the default, a file in the data dir) or PostgreSQL (pgx; for a
+// fleet of control-plane replicas).
 //
 // Records are stored as a few indexed columns plus a JSON document, so adding a field
-// needs no migration. Schema migrations live in migrations.go and run at Open.
+// needs no migration. Schema migrations live in migrations.go and run at Open
+// (pressly/goose, one list for both databases). The SQL is written once; what
+// differs between the two databases is in dialect.go.
 // Every write is a single transaction: a crash (even kill -9) leaves either the old
 // or the new record, never a torn one.
 package store
@@ -12,36 +16,87 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 
-	_ "modernc.org/sqlite" // registers the "sqlite" driver
+	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
+	_ "modernc.org/sqlite"             // registers the "sqlite" driver
 )
 
-// Store is the SQLite-backed state of one chalkd.
+// Store is the durable state of chalkd, in SQLite or PostgreSQL.
 type Store struct {
-	db *sql.DB
+	db  *handle
+	dsn string // the PostgreSQL URL (leases open their own connections); "" for SQLite
+
+	leaseMu sync.Mutex
+	leases  map[string]*localLease // SQLite's leases, by name
 }
 
-// Open opens (creating if needed) the database at path and applies migrations.
-func Open(ctx context.Context, path string) (*Store, error) {
-	dsn := "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_pragma=busy_timeout(5000)&_pragma=foreign_keys(1)"
-	db, err := sql.Open("sqlite", dsn)
-	if err != nil {
-		return nil, fmt.Errorf("open store %s: %w", path, err)
+// IsPostgres reports whether database (as given to Open) names a
+// PostgreSQL database rather than a SQLite file.
+func IsPostgres(database string) bool {
+	return strings.HasPrefix(database, "postgres://") || strings.HasPrefix(database, "postgresql://")
+}
+
+// Redact returns database with any password in it replaced, for messages.
+func Redact(database string) string {
+	if !strings.Contains(database, "://") {
+		return database // a file's path
 	}
-	db.SetMaxOpenConns(1) // SQLite has one writer; one connection avoids SQLITE_BUSY between our own goroutines.
-	s := &Store{db: db}
-	if err := s.migrate(ctx); err != nil {
-		db.Close()
+	u, err := url.Parse(database)
+	if err != nil {
+		return "(an unparsable URL)"
+	}
+	return u.Redacted()
+}
+
+// Open opens the store and applies migrations. database is a PostgreSQL URL
+// (postgres://user@host/db?sslmode=...; the database must exist) or the
+// path of a SQLite file (created if needed).
+func Open(ctx context.Context, database string) (*Store, error) {
+	return openAt(ctx, database, -1)
+}
+
+// openAt opens the store migrated up to version (-1: every migration).
+func openAt(ctx context.Context, database string, version int64) (*Store, error) {
+	var s *Store
+	if IsPostgres(database) {
+		db, err := sql.Open("pgx", database)
+		if err != nil {
+			return nil, fmt.Errorf("open store %s: %w", Redact(database), err)
+		}
+		db.SetMaxOpenConns(32)
+		db.SetMaxIdleConns(8)
+		if err := db.PingContext(ctx); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("open store %s: %w", Redact(database), err)
+		}
+		s = &Store{db: &handle{db: db, d: postgresDialect}, dsn: database}
+	} else {
+		dsn := "file:" + database + "?_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_pragma=busy_timeout(5000)&_pragma=foreign_keys(1)"
+		db, err := sql.Open("sqlite", dsn)
+		if err != nil {
+			return nil, fmt.Errorf("open store %s: %w", database, err)
+		}
+		db.SetMaxOpenConns(1) // SQLite has one writer; one connection avoids SQLITE_BUSY between our own goroutines.
+		s = &Store{db: &handle{db: db, d: sqliteDialect}}
+	}
+	if err := s.migrate(ctx, version); err != nil {
+		s.db.db.Close()
 		return nil, err
 	}
 	return s, nil
 }
 
 // Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+func (s *Store) Close() error { return s.db.db.Close() }
+
+// Backend names the database: "sqlite" or "postgres".
+func (s *Store) Backend() string { return s.db.d.name }
 
 // Sandbox states.
 const (
@@ -121,13 +176,20 @@ func (s *Store) CreateSandbox(ctx context.Context, sb *Sandbox, maxSlot int) err
 // limit). Concurrent creates are serialised on the org's row, so a quota
 // of n admits exactly n however many race.
 func (s *Store) CreateSandboxWithin(ctx context.Context, sb *Sandbox, maxSlot int, q Quota) error {
-	tx, err := s.db.BeginTx(ctx, nil)
+	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
-	// Take the org's row first (a row lock on PostgreSQL; SQLite has one writer).
+	// Take the org's row first (a row lock on PostgreSQL, held to commit:
+	// concurrent creates of the org queue here and each sees the others'
+	// sandboxes; SQLite has one writer).
 	if _, err := tx.ExecContext(ctx, `UPDATE orgs SET create_seq = create_seq + 1 WHERE name = ?`, sb.OrgID); err != nil {
+		return err
+	}
+	// Slots are the node's, shared by every org (and an org without a row
+	// locks nothing above): allocate them one create at a time.
+	if err := tx.d.lock(ctx, tx, "slots"); err != nil {
 		return err
 	}
 	if err := checkQuota(ctx, tx, sb, q); err != nil {
@@ -175,13 +237,16 @@ func (s *Store) CreateSandboxWithin(ctx context.Context, sb *Sandbox, maxSlot in
 	}
 	if _, err := tx.ExecContext(ctx, `INSERT INTO sandboxes(id, org_id, state, slot, created_at, doc) VALUES(?,?,?,?,?,?)`,
 		sb.ID, sb.OrgID, sb.State, sb.Slot, nanos(sb.CreatedAt), doc); err != nil {
+		if tx.d.conflict(err) {
+			return fmt.Errorf("sandbox %q: %w", sb.ID, errdefs.ErrAlreadyExists)
+		}
 		return fmt.Errorf("sandbox %q: %w", sb.ID, err)
 	}
 	return tx.Commit()
 }
 
 // checkQuota refuses sb if its org would pass a limit of q.
-func checkQuota(ctx context.Context, tx *sql.Tx, sb *Sandbox, q Quota) error {
+func checkQuota(ctx context.Context, tx *txn, sb *Sandbox, q Quota) error {
 	if q == (Quota{}) {
 		return nil
 	}
@@ -247,18 +312,31 @@ func (s *Store) UpdateSandbox(ctx context.Context, sb *Sandbox) error {
 // the flag changes, and only while the sandbox runs: a sandbox that ended
 // meanwhile stays ended (failed precondition).
 func (s *Store) SetSandboxPaused(ctx context.Context, id string, paused bool) error {
-	v := "false"
-	if paused {
-		v = "true"
+	tx, err := s.db.BeginTx(ctx)
+	if err != nil {
+		return err
 	}
-	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET doc = json_set(doc, '$.paused', json(?)) WHERE id = ? AND state = ?`, v, id, StateRunning)
+	defer tx.Rollback()
+	var doc []byte
+	err = tx.QueryRowContext(ctx, `SELECT doc FROM sandboxes WHERE id = ? AND state = ?`+tx.d.forUpdate, id, StateRunning).Scan(&doc)
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("sandbox %q is not running: %w", id, errdefs.ErrFailedPrecondition)
+	}
 	if err != nil {
 		return fmt.Errorf("sandbox %q: %w", id, err)
 	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		return fmt.Errorf("sandbox %q is not running: %w", id, errdefs.ErrFailedPrecondition)
+	var sb Sandbox
+	if err := json.Unmarshal(doc, &sb); err != nil {
+		return fmt.Errorf("sandbox %q record: %w", id, err)
 	}
-	return nil
+	sb.Paused = paused
+	if doc, err = json.Marshal(&sb); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `UPDATE sandboxes SET doc = ? WHERE id = ?`, doc, id); err != nil {
+		return fmt.Errorf("sandbox %q: %w", id, err)
+	}
+	return tx.Commit()
 }
 
 // GetSandbox returns one sandbox.
@@ -328,7 +406,7 @@ func (s *Store) PutPolicy(ctx context.Context, p *Policy, create bool) error {
 	if create {
 		_, err = s.db.ExecContext(ctx, `INSERT INTO policies(org_id, name, doc) VALUES(?,?,?)`, p.OrgID, p.Name, doc)
 		if err != nil {
-			if _, gerr := s.GetPolicy(ctx, p.OrgID, p.Name); gerr == nil {
+			if s.db.d.conflict(err) {
 				return fmt.Errorf("network policy %q: %w", p.Name, errdefs.ErrAlreadyExists)
 			}
 			return fmt.Errorf("network policy %q: %w", p.Name, err)

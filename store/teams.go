@@ -14,8 +14,7 @@ import (
 
 // Teams: orgs, users, their memberships (a role per org) and API keys (per
 // user per org, stored as a hash). The SQL here is portable (SQLite and
-// PostgreSQL) apart from the ? placeholders, which a PostgreSQL store
-// rewrites.
+// PostgreSQL) apart from the ? placeholders, which the dialect rewrites.
 
 // Role is a member's role in an org. Roles are ordered: viewer < member < admin.
 type Role string
@@ -120,6 +119,12 @@ type KeyAuth struct {
 	NodeAdmin  bool
 }
 
+// text makes s storable in a TEXT column of either database: invalid
+// UTF-8 and NUL bytes become U+FFFD.
+func text(s string) string {
+	return strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", "\uFFFD")
+}
+
 func nanos(t time.Time) int64 {
 	if t.IsZero() {
 		return 0
@@ -145,14 +150,14 @@ func (s *Store) HasUsers(ctx context.Context) (bool, error) {
 // if needed, as node admin when nodeAdmin) and key (if not nil) as that
 // user's key, all in one transaction.
 func (s *Store) CreateOrg(ctx context.Context, org Org, admin string, nodeAdmin bool, key *APIKey) error {
-	tx, err := s.db.BeginTx(ctx, nil)
+	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
 	q, _ := json.Marshal(org.Quota)
 	if _, err := tx.ExecContext(ctx, `INSERT INTO orgs (name, created_at, quota) VALUES (?, ?, ?)`, org.Name, nanos(org.CreatedAt), string(q)); err != nil {
-		if exists(ctx, tx, `SELECT 1 FROM orgs WHERE name = ?`, org.Name) {
+		if tx.d.conflict(err) {
 			return fmt.Errorf("org %q: %w", org.Name, errdefs.ErrAlreadyExists)
 		}
 		return fmt.Errorf("org %q: %w", org.Name, err)
@@ -168,7 +173,7 @@ func (s *Store) CreateOrg(ctx context.Context, org Org, admin string, nodeAdmin 
 	return tx.Commit()
 }
 
-func exists(ctx context.Context, tx *sql.Tx, q string, args ...any) bool {
+func exists(ctx context.Context, tx *txn, q string, args ...any) bool {
 	var one int
 	return tx.QueryRowContext(ctx, q, args...).Scan(&one) == nil
 }
@@ -242,7 +247,7 @@ func (s *Store) SetQuota(ctx context.Context, org string, q Quota) error {
 
 // addMember adds m (creating its user if missing); an existing membership is
 // ErrAlreadyExists.
-func addMember(ctx context.Context, tx *sql.Tx, m Member, nodeAdmin bool) error {
+func addMember(ctx context.Context, tx *txn, m Member, nodeAdmin bool) error {
 	if _, err := tx.ExecContext(ctx, `INSERT INTO users (name, node_admin, created_at) VALUES (?, ?, ?)
 		ON CONFLICT (name) DO NOTHING`, m.User, boolInt(nodeAdmin), nanos(m.CreatedAt)); err != nil {
 		return fmt.Errorf("user %q: %w", m.User, err)
@@ -252,6 +257,9 @@ func addMember(ctx context.Context, tx *sql.Tx, m Member, nodeAdmin bool) error 
 	}
 	if _, err := tx.ExecContext(ctx, `INSERT INTO members (org_id, user_name, role, created_at) VALUES (?, ?, ?, ?)`,
 		m.OrgID, m.User, string(m.Role), nanos(m.CreatedAt)); err != nil {
+		if tx.d.conflict(err) { // added by a concurrent transaction
+			return fmt.Errorf("user %q is already a member of org %q: %w", m.User, m.OrgID, errdefs.ErrAlreadyExists)
+		}
 		return fmt.Errorf("member %q of org %q: %w", m.User, m.OrgID, err)
 	}
 	return nil
@@ -260,7 +268,7 @@ func addMember(ctx context.Context, tx *sql.Tx, m Member, nodeAdmin bool) error 
 // AddMember adds a user (created if new) to an org with a role, and key (if
 // not nil) as the user's first key there, in one transaction.
 func (s *Store) AddMember(ctx context.Context, m Member, key *APIKey) error {
-	tx, err := s.db.BeginTx(ctx, nil)
+	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
 	}
@@ -317,7 +325,7 @@ func (s *Store) ListMembers(ctx context.Context, org string) ([]*Member, error) 
 // RemoveMember removes a user from an org and revokes the user's keys there.
 // Removing the org's last admin is refused (failed precondition).
 func (s *Store) RemoveMember(ctx context.Context, org, user string, at time.Time) error {
-	tx, err := s.db.BeginTx(ctx, nil)
+	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
 	}
@@ -348,7 +356,7 @@ func (s *Store) RemoveMember(ctx context.Context, org, user string, at time.Time
 	return tx.Commit()
 }
 
-func insertKey(ctx context.Context, tx *sql.Tx, k *APIKey) error {
+func insertKey(ctx context.Context, tx *txn, k *APIKey) error {
 	if _, err := tx.ExecContext(ctx, `INSERT INTO api_keys (id, hash, prefix, org_id, user_name, name, role, created_by, created_at, expires_at)
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, k.ID, k.Hash, k.Prefix, k.OrgID, k.User, k.Name, string(k.Role), k.CreatedBy,
 		nanos(k.CreatedAt), nanos(k.ExpiresAt)); err != nil {
@@ -359,7 +367,7 @@ func insertKey(ctx context.Context, tx *sql.Tx, k *APIKey) error {
 
 // CreateKey stores a key for a current member of its org.
 func (s *Store) CreateKey(ctx context.Context, k *APIKey) error {
-	tx, err := s.db.BeginTx(ctx, nil)
+	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
 	}
@@ -474,8 +482,11 @@ type AuditRecord struct {
 
 // AddAudit appends a record.
 func (s *Store) AddAudit(ctx context.Context, r AuditRecord) error {
+	// The fields may carry what a caller sent (an object name, a peer's
+	// address): stored as valid UTF-8 without NUL, which PostgreSQL would
+	// refuse, losing the record.
 	_, err := s.db.ExecContext(ctx, `INSERT INTO audit (org_id, at, actor, via, peer, action, object, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		r.OrgID, nanos(r.At), r.Actor, r.Via, r.Peer, r.Action, r.Object, r.Outcome, r.Detail)
+		text(r.OrgID), nanos(r.At), text(r.Actor), text(r.Via), text(r.Peer), text(r.Action), text(r.Object), text(r.Outcome), text(r.Detail))
 	return err
 }
 
@@ -558,7 +569,7 @@ func (s *Store) RemoveOrgImages(ctx context.Context, org string, refs ...string)
 // SetMemberRole changes a member's role; taking admin from the org's last
 // admin is refused (failed precondition).
 func (s *Store) SetMemberRole(ctx context.Context, org, user string, role Role) error {
-	tx, err := s.db.BeginTx(ctx, nil)
+	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
 	}

@@ -31,11 +31,15 @@ type TunnelPeer struct {
 // EnsureTunnel returns the org's tunnel name, creating it (with the lowest
 // free index below max) if it does not exist yet.
 func (s *Store) EnsureTunnel(ctx context.Context, orgID, name string, max int) (*Tunnel, bool, error) {
-	tx, err := s.db.BeginTx(ctx, nil)
+	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return nil, false, err
 	}
 	defer tx.Rollback()
+	// One allocation of a tunnel index at a time (indexes are the node's).
+	if err := tx.d.lock(ctx, tx, "tunnels"); err != nil {
+		return nil, false, err
+	}
 	if t, err := getTunnel(ctx, tx, orgID, name); err == nil {
 		return t, false, nil
 	} else if !errors.Is(err, errdefs.ErrNotFound) {

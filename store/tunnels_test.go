@@ -9,45 +9,47 @@ import (
 )
 
 func TestTunnels(t *testing.T) {
-	ctx := context.Background()
-	s := open(t)
-	a, created, err := s.EnsureTunnel(ctx, "o1", "mesh", 3)
-	if err != nil || !created || a.Index != 0 {
-		t.Fatalf("first tunnel: %+v %v %v", a, created, err)
-	}
-	if again, created, err := s.EnsureTunnel(ctx, "o1", "mesh", 3); err != nil || created || again.Index != 0 {
-		t.Fatalf("second ensure: %+v %v %v", again, created, err)
-	}
-	b, _, _ := s.EnsureTunnel(ctx, "o2", "mesh", 3) // same name, other org: another tunnel
-	c, _, _ := s.EnsureTunnel(ctx, "o1", "other", 3)
-	if b.Index != 1 || c.Index != 2 {
-		t.Fatalf("indexes %d %d, want 1 2", b.Index, c.Index)
-	}
-	if _, _, err := s.EnsureTunnel(ctx, "o1", "fourth", 3); !errors.Is(err, errdefs.ErrResourceExhausted) {
-		t.Fatalf("past the last subnet: %v", err)
-	}
-	// A freed index is reused.
-	if err := s.DeleteTunnel(ctx, "o2", "mesh"); err != nil {
-		t.Fatal(err)
-	}
-	if d, _, err := s.EnsureTunnel(ctx, "o1", "fourth", 3); err != nil || d.Index != 1 {
-		t.Fatalf("reuse: %+v %v", d, err)
-	}
-	a.Peers = []TunnelPeer{{PublicKey: "k", AllowedIPs: []string{"10.9.0.0/24"}, Endpoint: "h:1"}}
-	if err := s.PutTunnel(ctx, a); err != nil {
-		t.Fatal(err)
-	}
-	got, err := s.GetTunnel(ctx, "o1", "mesh")
-	if err != nil || len(got.Peers) != 1 || got.Peers[0].AllowedIPs[0] != "10.9.0.0/24" {
-		t.Fatalf("get: %+v %v", got, err)
-	}
-	if ls, err := s.ListTunnels(ctx, "o1"); err != nil || len(ls) != 3 || ls[0].Name != "fourth" {
-		t.Fatalf("list: %v %v", ls, err)
-	}
-	if _, err := s.GetTunnel(ctx, "o2", "mesh"); !errors.Is(err, errdefs.ErrNotFound) {
-		t.Fatalf("deleted: %v", err)
-	}
-	if err := s.PutTunnel(ctx, &Tunnel{OrgID: "o2", Name: "mesh"}); !errors.Is(err, errdefs.ErrNotFound) {
-		t.Fatalf("put missing: %v", err)
-	}
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		a, created, err := s.EnsureTunnel(ctx, "o1", "mesh", 3)
+		if err != nil || !created || a.Index != 0 {
+			t.Fatalf("first tunnel: %+v %v %v", a, created, err)
+		}
+		if again, created, err := s.EnsureTunnel(ctx, "o1", "mesh", 3); err != nil || created || again.Index != 0 {
+			t.Fatalf("second ensure: %+v %v %v", again, created, err)
+		}
+		tb, _, _ := s.EnsureTunnel(ctx, "o2", "mesh", 3) // same name, other org: another tunnel
+		c, _, _ := s.EnsureTunnel(ctx, "o1", "other", 3)
+		if tb.Index != 1 || c.Index != 2 {
+			t.Fatalf("indexes %d %d, want 1 2", tb.Index, c.Index)
+		}
+		if _, _, err := s.EnsureTunnel(ctx, "o1", "fourth", 3); !errors.Is(err, errdefs.ErrResourceExhausted) {
+			t.Fatalf("past the last subnet: %v", err)
+		}
+		// A freed index is reused.
+		if err := s.DeleteTunnel(ctx, "o2", "mesh"); err != nil {
+			t.Fatal(err)
+		}
+		if d, _, err := s.EnsureTunnel(ctx, "o1", "fourth", 3); err != nil || d.Index != 1 {
+			t.Fatalf("reuse: %+v %v", d, err)
+		}
+		a.Peers = []TunnelPeer{{PublicKey: "k", AllowedIPs: []string{"10.9.0.0/24"}, Endpoint: "h:1"}}
+		if err := s.PutTunnel(ctx, a); err != nil {
+			t.Fatal(err)
+		}
+		got, err := s.GetTunnel(ctx, "o1", "mesh")
+		if err != nil || len(got.Peers) != 1 || got.Peers[0].AllowedIPs[0] != "10.9.0.0/24" {
+			t.Fatalf("get: %+v %v", got, err)
+		}
+		if ls, err := s.ListTunnels(ctx, "o1"); err != nil || len(ls) != 3 || ls[0].Name != "fourth" {
+			t.Fatalf("list: %v %v", ls, err)
+		}
+		if _, err := s.GetTunnel(ctx, "o2", "mesh"); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Fatalf("deleted: %v", err)
+		}
+		if err := s.PutTunnel(ctx, &Tunnel{OrgID: "o2", Name: "mesh"}); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Fatalf("put missing: %v", err)
+		}
+	})
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/daemon"
+	"github.com/chalkcompute/chalkcompute/store"
 )
 
 func main() {
@@ -22,10 +23,15 @@ func main() {
 		seed(os.Args[2:])
 		return
 	}
+	if len(os.Args) > 1 && os.Args[1] == "copy-store" {
+		copyStore(os.Args[2:])
+		return
+	}
 	var cfg daemon.Config
 	var level, upstreams string
 	fs := flag.NewFlagSet("chalkd", flag.ExitOnError)
 	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/chalk", "state directory (store, registry, cache, keys)")
+	fs.StringVar(&cfg.Database, "database", os.Getenv("CHALK_DATABASE"), "the store: a postgres://user@host/db URL (PostgreSQL; the password from $PGPASSWORD or ~/.pgpass keeps it out of ps), or the path of a SQLite file; default $CHALK_DATABASE, else DATA_DIR/chalk.db")
 	fs.StringVar(&cfg.RunDir, "run-dir", "/run/chalk", "runtime directory (runc state, netns, API socket)")
 	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:7447", "API TCP address (empty: unix socket only)")
 	fs.StringVar(&cfg.Socket, "socket", "", "API unix socket (default RUN_DIR/chalkd.sock)")
@@ -131,4 +137,42 @@ func seed(args []string) {
 		fmt.Fprintln(os.Stderr, "chalkd seed:", err)
 		os.Exit(1)
 	}
+}
+
+// copyStore copies a SQLite store into an empty PostgreSQL database.
+func copyStore(args []string) {
+	fs := flag.NewFlagSet("chalkd copy-store", flag.ExitOnError)
+	from := fs.String("from", "/var/lib/chalk/chalk.db", "the SQLite store (chalkd must not be running on it)")
+	to := fs.String("to", os.Getenv("CHALK_DATABASE"), "the PostgreSQL database (postgres://…; empty, chalkd's tables are made first); default $CHALK_DATABASE")
+	_ = fs.Parse(args)
+	fail := func(err error) {
+		fmt.Fprintln(os.Stderr, "chalkd copy-store:", err)
+		os.Exit(1)
+	}
+	if !store.IsPostgres(*to) {
+		fail(fmt.Errorf("--to %q: want a postgres:// URL", store.Redact(*to)))
+	}
+	if _, err := os.Stat(*from); err != nil {
+		fail(fmt.Errorf("--from: %w", err)) // Open would make an empty one
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	src, err := store.Open(ctx, *from)
+	if err != nil {
+		fail(err)
+	}
+	defer src.Close()
+	dst, err := store.Open(ctx, *to)
+	if err != nil {
+		fail(err)
+	}
+	defer dst.Close()
+	total := 0
+	if err := src.CopyTo(ctx, dst, func(table string, rows int) {
+		total += rows
+		fmt.Fprintf(os.Stderr, "copied %s: %d rows\n", table, rows)
+	}); err != nil {
+		fail(err)
+	}
+	fmt.Printf("copied %d rows from %s to %s; start chalkd with --database set to it\n", total, *from, store.Redact(*to))
 }

@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -27,7 +28,39 @@ import (
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/internal/pgtest"
 )
+
+// One PostgreSQL cluster (internal/pgtest) for a test binary's nodes that
+// keep their store in PostgreSQL: started by the first PostgresDB, stopped
+// by StopPostgres (the package's TestMain).
+var (
+	pgOnce    sync.Once
+	pgCluster *pgtest.Cluster
+	pgErr     error
+)
+
+// PostgresDB returns the URL of a fresh database (dropped when t ends) of
+// the shared cluster, for chalkd --database. Without Debian's postgresql
+// package it skips t, naming the package (fails under CHALK_TEST_POSTGRES=1).
+func PostgresDB(t testing.TB) string {
+	t.Helper()
+	pgOnce.Do(func() { pgCluster, pgErr = pgtest.Start() })
+	if errors.Is(pgErr, pgtest.ErrMissing) && !pgtest.Required() {
+		t.Skip(pgErr)
+	}
+	if pgErr != nil {
+		t.Fatal(pgErr)
+	}
+	return pgCluster.NewDatabase(t)
+}
+
+// StopPostgres stops the cluster PostgresDB started, if any.
+func StopPostgres() {
+	if pgCluster != nil {
+		pgCluster.Stop()
+	}
+}
 
 var (
 	buildOnce sync.Once
@@ -179,6 +212,14 @@ func StartOpts(t testing.TB, o Options) *Node {
 	// chalkd's data dir (which chalkd makes 0711 itself).
 	if err := os.Chmod(filepath.Dir(n.Dir), 0o711); err != nil {
 		t.Fatal(err)
+	}
+	// CHALK_TEST_STORE=postgres keeps every node's store in PostgreSQL
+	// (a database of its own), to run the suite on it (not an older chalkd
+	// from BinDir, which may not know --database).
+	if os.Getenv("CHALK_TEST_STORE") == "postgres" && o.BinDir == "" && !slices.Contains(n.Args, "--database") {
+		db := PostgresDB(t) // dropped after the node's cleanup (registered below)
+		t.Logf("chalktest: the node's store is in PostgreSQL: %s", db)
+		n.Args = append(n.Args, "--database", db)
 	}
 	n.Socket = filepath.Join(n.RunDir, "chalkd.sock")
 	n.logPath = filepath.Join(n.Dir, "chalkd.log")
