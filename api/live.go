@@ -24,20 +24,6 @@ func NewLive() *Live {
 	return &Live{m: map[string]*liveSandbox{}, starting: map[string]bool{}}
 }
 
-// SlotLive reports whether a live sandbox holds slot: one is running, or
-// has ended and is still being cleaned up (its egress rules, identity and
-// record are released by finish, after its network is gone).
-func (l *Live) SlotLive(slot int) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for _, sb := range l.m {
-		if sb.slot == slot {
-			return true
-		}
-	}
-	return false
-}
-
 // IsRunning reports whether sandbox id is running (or ending).
 func (l *Live) IsRunning(_ context.Context, id string) bool {
 	l.mu.Lock()

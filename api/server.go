@@ -23,11 +23,19 @@ import (
 // Node is what the control plane needs from a node agent (implemented by
 // *node.Agent in-process; an RPC client later for multi-node).
 type Node interface {
-	MaxSlot() int
 	EnsureImage(ctx context.Context, ref string, progress func(nodecache.Progress)) (*nodecache.Image, error)
+	// ReserveSlot gives sandbox id a network slot on the node (slots are
+	// the node's: the control plane records the one it got).
+	ReserveSlot(id string) (int, error)
 	Start(ctx context.Context, req node.StartRequest) (node.Started, error)
 	Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error)
 	Running(ctx context.Context, id string) (int, bool)
+	// Kill kills every process of the sandbox and returns at once (Wait
+	// then reports its end). Teardown removes what an ended sandbox left
+	// on the node in the background and frees its slot when done; Destroy
+	// does both and returns when done. Both are idempotent.
+	Kill(ctx context.Context, id string) error
+	Teardown(id string, slot int) error
 	Destroy(ctx context.Context, id string, slot int) error
 	Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (node.Process, error)
 	Files(id string) node.Files
@@ -38,11 +46,14 @@ type Node interface {
 	Leftovers(ctx context.Context, live map[string]int) ([]string, error)
 	Adopt(id, imageDigest string)
 	// Claim hands out a pre-started sandbox fitting req (its id and slot are
-	// then the new sandbox's); Unclaim gives back one whose create failed
-	// before Start; ReapPool removes those a previous process left.
+	// then the new sandbox's); Unclaim gives back one (or a reserved slot)
+	// whose create failed before Start.
 	Claim(req node.StartRequest) (id string, slot int, ok bool)
 	Unclaim(id string)
-	ReapPool(ctx context.Context, live map[string]int) error
+	// Restore brings the node in line at a start: its slot allocator learns
+	// the live sandboxes' slots, unfinished teardowns are finished, and
+	// pre-started sandboxes a previous process left are removed.
+	Restore(ctx context.Context, live map[string]int) error
 	SetPrestarted(ctx context.Context, img *nodecache.Image, n int, progress func(ready, want int)) error
 	// SetPaused freezes or thaws a sandbox; Snapshot commits its writable
 	// layer on its image into the registry (see node.Agent.Snapshot).

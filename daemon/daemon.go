@@ -447,6 +447,13 @@ func (d *Daemon) Close() error {
 	}
 	if d.Agent != nil {
 		d.Agent.ClosePool()
+		// Teardowns under way finish now (a bounded wait); the next
+		// start finishes any left (their journal).
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if err := d.Agent.WaitTeardowns(ctx); err != nil {
+			d.log.Warn("stop", "err", err)
+		}
+		cancel()
 	}
 	if d.cancel != nil {
 		d.cancel()

@@ -162,12 +162,12 @@ func (d *Daemon) startAgent(context.Context) (err error) {
 		Size: cfg.Prestart, Slots: max(cfg.PrestartSlots, 0), Dir: filepath.Join(cfg.DataDir, "prestarted"),
 		NewID: api.NewSandboxID, Binds: d.wi.binds, Discard: d.wi.discard,
 		CountsFile: filepath.Join(cfg.DataDir, "prestart-counts.json"),
-		SlotBusy:   d.live.SlotLive,
 		Memory:     cfg.Limits.DefaultMemoryMB << 20, DiskMB: min(sandbox.DefaultDiskMB, cfg.Limits.DefaultMemoryMB),
 	}
 	d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
 		ReservedSlots: buildSlots, Pool: pool,
+		TeardownDir: filepath.Join(cfg.DataDir, "teardown"), TeardownHold: teardownHold(cfg.Logger),
 	})
 	return err
 }
@@ -207,7 +207,7 @@ func (d *Daemon) startBuilds(context.Context) error {
 	}
 	builder, err := imagebuild.New(imagebuild.Config{
 		Registry: d.Registry, Cache: d.Cache, Runtime: d.Runtime, Blobs: blobs,
-		Network: newBuildNet(d.Net), Env: cfg.BuildEnv, MemoryMB: cfg.Limits.BuildMemoryMB,
+		Network: newBuildNet(d.Net, d.Agent.Slots()), Env: cfg.BuildEnv, MemoryMB: cfg.Limits.BuildMemoryMB,
 		Defaults: imagespec.Defaults{PythonVersion: DefaultPython}, Logger: cfg.Logger,
 	})
 	if err != nil {

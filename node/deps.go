@@ -15,6 +15,7 @@ type runtime interface {
 	Start(ctx context.Context, sp sandbox.Spec) (pid int, err error)
 	Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error)
 	Running(ctx context.Context, id string) (int, bool)
+	Kill(ctx context.Context, id string) error
 	Destroy(ctx context.Context, id string) error
 	Leftovers(ctx context.Context, live map[string]bool) ([]string, error)
 	LogPath(id string) string

@@ -32,6 +32,8 @@ type fakeRuntime struct {
 	canUpdate bool
 	limits    map[string][2]float64 // id -> cpu, memory (SetLimits)
 	disks     map[string]int64      // id -> MiB (SetDiskMB)
+	dead      map[string]bool       // killed (Kill), not yet destroyed
+	destroys  map[string]int        // id -> Destroy calls
 }
 
 // fakeInit is a sandbox's init: Activate records what it was told.
@@ -61,7 +63,8 @@ var (
 
 func newFakeRuntime(t *testing.T) *fakeRuntime {
 	return &fakeRuntime{dir: t.TempDir(), nextPid: 100, running: map[string]*fakeInit{},
-		limits: map[string][2]float64{}, disks: map[string]int64{}, canUpdate: true}
+		limits: map[string][2]float64{}, disks: map[string]int64{}, canUpdate: true,
+		dead: map[string]bool{}, destroys: map[string]int{}}
 }
 
 func (r *fakeRuntime) Start(_ context.Context, sp sandbox.Spec) (int, error) {
@@ -115,8 +118,24 @@ func (r *fakeRuntime) Running(_ context.Context, id string) (int, bool) {
 	return 0, false
 }
 
+// Kill ends the sandbox's processes; its container stays until Destroy.
+func (r *fakeRuntime) Kill(_ context.Context, id string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if in := r.running[id]; in != nil {
+		close(in.gone)
+		delete(r.running, id)
+		r.dead[id] = true
+	}
+	return nil
+}
+
 func (r *fakeRuntime) Destroy(_ context.Context, id string) error {
 	r.kill(id)
+	r.mu.Lock()
+	delete(r.dead, id)
+	r.destroys[id]++
+	r.mu.Unlock()
 	return nil
 }
 
@@ -125,6 +144,11 @@ func (r *fakeRuntime) Leftovers(_ context.Context, live map[string]bool) ([]stri
 	defer r.mu.Unlock()
 	var out []string
 	for id := range r.running {
+		if !live[id] {
+			out = append(out, "container "+id)
+		}
+	}
+	for id := range r.dead {
 		if !live[id] {
 			out = append(out, "container "+id)
 		}

@@ -604,6 +604,68 @@ func (r *Runtime) SetLimits(ctx context.Context, id string, cpu float64, memory 
 	return nil
 }
 
+// Kill kills every process of sandbox id now, without waiting (Wait
+// observes the end): SIGKILL to its init through a pidfd, after checking
+// that the pid is in the sandbox's cgroup (a pid reused after init's death
+// is not killed). Under runc init is pid 1 of the sandbox's pid namespace:
+// the kernel kills every other process of the namespace as it dies, before
+// init can be reaped. Under runsc the pid is the Sentry's, which runs every
+// process of the sandbox. A frozen sandbox (cgroup freezer) is killed and
+// thawed through runc: a frozen process dies only once thawed. What stays
+// (mounts, cgroups, runc state, the network) is for Destroy.
+func (r *Runtime) Kill(ctx context.Context, id string) error {
+	if !validID(id) {
+		return fmt.Errorf("sandbox id %q: %w", id, errdefs.ErrInvalidArgument)
+	}
+	if r.frozen(id) {
+		if err := r.runc.Kill(ctx, id, int(unix.SIGKILL), &runc.KillOpts{All: true}); err != nil && !isNotExist(err) {
+			return fmt.Errorf("runc kill %s: %w", id, err)
+		}
+		if err := r.runc.Resume(ctx, id); err != nil && !isNotExist(err) {
+			return fmt.Errorf("runc resume %s: %w", id, err)
+		}
+		return nil
+	}
+	pid, err := r.initPid(id)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // never started, or destroyed already
+	}
+	if err != nil {
+		return err
+	}
+	fd, err := unix.PidfdOpen(pid, 0)
+	if errors.Is(err, unix.ESRCH) {
+		return nil // gone already
+	}
+	if err != nil {
+		return fmt.Errorf("sandbox %q: pidfd_open %d: %w", id, pid, err)
+	}
+	defer unix.Close(fd)
+	// The pidfd names the process that had pid when it was opened; if
+	// /proc/pid is in the sandbox's cgroup now, that is the same process
+	// (or it died and the signal goes nowhere).
+	if in, err := inCgroup(pid, r.cgroupPath(id)); err != nil || !in {
+		return nil // not the sandbox's: its init is gone
+	}
+	if err := unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("sandbox %q: kill init %d: %w", id, pid, err)
+	}
+	return nil
+}
+
+// frozen reports whether sandbox id's cgroup is frozen (or freezing), read
+// from cgroupfs (no runc call).
+func (r *Runtime) frozen(id string) bool {
+	cg := r.cgroupPath(id)
+	if b, err := os.ReadFile(filepath.Join("/sys/fs/cgroup/freezer", cg, "freezer.state")); err == nil {
+		return strings.TrimSpace(string(b)) != "THAWED"
+	}
+	if b, err := os.ReadFile(filepath.Join("/sys/fs/cgroup", cg, "cgroup.freeze")); err == nil {
+		return strings.TrimSpace(string(b)) == "1"
+	}
+	return false
+}
+
 // Destroy kills the sandbox and removes its runc state, cgroup, mounts and
 // directory. It is idempotent and safe on a half-created sandbox.
 func (r *Runtime) Destroy(ctx context.Context, id string) error {

@@ -20,67 +20,38 @@ func open(t *testing.T) *Store {
 	return s
 }
 
-// TestGivenSlot: a slot given by the node (a pre-started sandbox's, above
-// maxSlot) is kept if free and refused if a live sandbox holds it; the
-// lowest-free allocation is not disturbed by it.
-func TestGivenSlot(t *testing.T) {
+// TestSandboxSlotRecorded: the store records the slot the node gave a
+// sandbox and never chooses one: a sandbox without a slot is refused,
+// unrecorded.
+func TestSandboxSlotRecorded(t *testing.T) {
 	ctx := context.Background()
 	s := open(t)
-	pre := &Sandbox{ID: "pre", OrgID: "o", State: StateCreating, Slot: 40}
-	if err := s.CreateSandbox(ctx, pre, 3); err != nil || pre.Slot != 40 {
-		t.Fatalf("given slot: %d %v", pre.Slot, err)
+	sb := &Sandbox{ID: "a", OrgID: "o", State: StateRunning, Slot: 40, CreatedAt: time.Now()}
+	if err := s.CreateSandbox(ctx, sb); err != nil {
+		t.Fatal(err)
 	}
-	low := &Sandbox{ID: "low", OrgID: "o", State: StateCreating}
-	if err := s.CreateSandbox(ctx, low, 3); err != nil || low.Slot != 1 {
-		t.Fatalf("allocated beside a given slot: %d %v", low.Slot, err)
+	if got, err := s.GetSandbox(ctx, "a"); err != nil || got.Slot != 40 {
+		t.Fatalf("recorded slot: %+v %v", got, err)
 	}
-	if err := s.CreateSandbox(ctx, &Sandbox{ID: "dup", OrgID: "o", State: StateCreating, Slot: 40}, 3); !errors.Is(err, errdefs.ErrAlreadyExists) {
-		t.Fatalf("a given slot in use: %v, want already exists", err)
+	if err := s.CreateSandbox(ctx, &Sandbox{ID: "none", OrgID: "o", State: StateCreating}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("no slot: %v, want invalid argument", err)
 	}
-	if _, err := s.GetSandbox(ctx, "dup"); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := s.GetSandbox(ctx, "none"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("the refused sandbox was recorded: %v", err)
 	}
-	pre.State = StateStopped
-	if err := s.UpdateSandbox(ctx, pre); err != nil {
-		t.Fatal(err)
-	}
-	again := &Sandbox{ID: "again", OrgID: "o", State: StateCreating, Slot: 40}
-	if err := s.CreateSandbox(ctx, again, 3); err != nil || again.Slot != 40 {
-		t.Fatalf("a given slot freed by a stopped sandbox: %d %v", again.Slot, err)
-	}
-}
-
-func TestSlotsLowestFreeAndReused(t *testing.T) {
-	ctx := context.Background()
-	s := open(t)
-	var sbs []*Sandbox
-	for i, id := range []string{"a", "b", "c"} {
-		sb := &Sandbox{ID: id, OrgID: "o", State: StateRunning, CreatedAt: time.Now()}
-		if err := s.CreateSandbox(ctx, sb, 3); err != nil {
-			t.Fatal(err)
-		}
-		if sb.Slot != i+1 {
-			t.Fatalf("%s got slot %d", id, sb.Slot)
-		}
-		sbs = append(sbs, sb)
-	}
-	if err := s.CreateSandbox(ctx, &Sandbox{ID: "d", OrgID: "o", State: StateCreating}, 3); !errors.Is(err, errdefs.ErrResourceExhausted) {
-		t.Fatalf("full node: %v", err)
-	}
-	sbs[1].State = StateStopped
-	if err := s.UpdateSandbox(ctx, sbs[1]); err != nil {
-		t.Fatal(err)
-	}
-	d := &Sandbox{ID: "d", OrgID: "o", State: StateCreating}
-	if err := s.CreateSandbox(ctx, d, 3); err != nil || d.Slot != 2 {
-		t.Fatalf("reuse: slot %d err %v", d.Slot, err)
-	}
-	if err := s.CreateSandbox(ctx, &Sandbox{ID: "a", OrgID: "o", State: StateStopped}, 10); err == nil {
+	if err := s.CreateSandbox(ctx, &Sandbox{ID: "a", OrgID: "o", State: StateStopped, Slot: 2}); err == nil {
 		t.Fatal("duplicate id accepted")
 	}
+	// Live: creating, running and stopping; newest first.
+	for i, st := range []string{StateStopping, StateStopped, StateCreating} {
+		id := string(rune('b' + i))
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: id, OrgID: "o", State: st, Slot: 2 + i, CreatedAt: time.Now().Add(time.Duration(i+1) * time.Second)}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	live, err := s.ListSandboxes(ctx, "o", true)
-	if err != nil || len(live) != 3 {
-		t.Fatalf("live: %d %v", len(live), err)
+	if err != nil || len(live) != 3 || live[0].ID != "d" || live[1].ID != "b" || live[2].ID != "a" {
+		t.Fatalf("live: %v %v", live, err)
 	}
 	all, _ := s.ListSandboxes(ctx, "", false)
 	if len(all) != 4 || all[0].ID != "d" {
@@ -126,7 +97,7 @@ func TestReopen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.CreateSandbox(ctx, &Sandbox{ID: "x", OrgID: "o", State: StateRunning, Env: map[string]string{"A": "b"}}, 5); err != nil {
+	if err := s.CreateSandbox(ctx, &Sandbox{ID: "x", OrgID: "o", State: StateRunning, Env: map[string]string{"A": "b"}, Slot: 1}); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
