@@ -413,3 +413,45 @@ func TestLiveShared(t *testing.T) {
 		t.Fatal("an ended sandbox is found by its address")
 	}
 }
+
+// TestTerminateAsync: Terminate answers once the sandbox's processes are
+// killed and its end is recorded (stopped, terminated, 137); its teardown
+// on the node continues after, and its slot goes to no other sandbox until
+// that teardown has ended.
+func TestTerminateAsync(t *testing.T) {
+	ctx := context.Background()
+	tn := newTestNode(t, Config{})
+	hold := make(chan struct{})
+	tn.node.hold = hold
+	c := tn.user("mia")
+	sb := create(t, c, &v1.CreateSandboxRequest{Image: "busybox"})
+	rec, _ := tn.store.GetSandbox(ctx, sb.Id)
+	res, err := c.sandbox.Terminate(ctx, connect.NewRequest(&v1.TerminateSandboxRequest{Id: sb.Id}))
+	if err != nil || res.Msg.State != "stopped" || res.Msg.EndReason != "terminated" || res.Msg.ExitCode != 137 {
+		t.Fatalf("terminate: %+v %v", res, err)
+	}
+	tn.node.mu.Lock()
+	killed, tearing := tn.node.killed[sb.Id], tn.node.tearing[sb.Id]
+	tn.node.mu.Unlock()
+	if !killed || tearing != rec.Slot {
+		t.Fatalf("after terminate: killed %v, teardown of slot %d (want %d) under way", killed, tearing, rec.Slot)
+	}
+	if slot, _ := tn.node.slots.Of(sb.Id); slot != rec.Slot {
+		t.Fatalf("slot %d released before the teardown ended", rec.Slot)
+	}
+	other := create(t, c, &v1.CreateSandboxRequest{Image: "busybox"})
+	if o, _ := tn.store.GetSandbox(ctx, other.Id); o.Slot == rec.Slot {
+		t.Fatalf("slot %d reused during its teardown", rec.Slot)
+	}
+	close(hold)
+	tn.node.waitTornDown(t, sb.Id)
+	third := create(t, c, &v1.CreateSandboxRequest{Image: "busybox"})
+	if o, _ := tn.store.GetSandbox(ctx, third.Id); o.Slot != rec.Slot {
+		t.Fatalf("after the teardown: slot %d, want the freed %d", o.Slot, rec.Slot)
+	}
+	// Terminating again is a no-op answering the record.
+	res, err = c.sandbox.Terminate(ctx, connect.NewRequest(&v1.TerminateSandboxRequest{Id: sb.Id}))
+	if err != nil || res.Msg.State != "stopped" || res.Msg.EndReason != "terminated" {
+		t.Fatalf("second terminate: %+v %v", res, err)
+	}
+}

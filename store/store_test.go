@@ -111,3 +111,28 @@ func TestReopen(t *testing.T) {
 		t.Fatalf("after reopen: %+v %v", sb, err)
 	}
 }
+
+// TestMarkStopping: a running sandbox is recorded stopping with the reason;
+// one whose end is recorded already is left as it is.
+func TestMarkStopping(t *testing.T) {
+	ctx := context.Background()
+	s := open(t)
+	run := &Sandbox{ID: "r", OrgID: "o", State: StateRunning, Slot: 1}
+	done := &Sandbox{ID: "d", OrgID: "o", State: StateStopped, EndReason: "exited", Slot: 2}
+	for _, sb := range []*Sandbox{run, done} {
+		if err := s.CreateSandbox(ctx, sb); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{"r", "d"} {
+		if err := s.MarkStopping(ctx, id, "terminated"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, _ := s.GetSandbox(ctx, "r"); got.State != StateStopping || got.EndReason != "terminated" || !got.Live() {
+		t.Fatalf("running: %+v", got)
+	}
+	if got, _ := s.GetSandbox(ctx, "d"); got.State != StateStopped || got.EndReason != "exited" {
+		t.Fatalf("stopped: %+v", got)
+	}
+}
