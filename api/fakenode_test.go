@@ -47,13 +47,13 @@ type fakeNode struct {
 	files    map[string]map[string][]byte // sandbox id -> path -> content
 	logs     map[string]*bytes.Buffer     // sandbox id -> console output
 	paused   map[string]bool
-	slots    *node.Slots                  // the node's allocator, as the real agent's
-	killed   map[string]bool              // Kill was called
-	torn     map[string]int               // id -> slot, teardowns that ended
-	tearing  map[string]int               // id -> slot, teardowns under way
-	hold     chan struct{}                // when set, teardowns wait until it is closed
-	restored map[string]int               // what Restore was given
-	changed  chan struct{}                // closed and replaced at every teardown's end
+	slots    *node.Slots     // the node's allocator, as the real agent's
+	killed   map[string]bool // Kill was called
+	torn     map[string]int  // id -> slot, teardowns that ended
+	tearing  map[string]int  // id -> slot, teardowns under way
+	hold     chan struct{}   // when set, teardowns wait until it is closed
+	restored map[string]int  // what Restore was given
+	changed  chan struct{}   // closed and replaced at every teardown's end
 }
 
 // fakeExec is the body of an exec: it writes its output, may read the
