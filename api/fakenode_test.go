@@ -54,6 +54,8 @@ type fakeNode struct {
 	hold     chan struct{}   // when set, teardowns wait until it is closed
 	restored map[string]int  // what Restore was given
 	changed  chan struct{}   // closed and replaced at every teardown's end
+	keepSize int64           // size of a stopped sandbox's writable layer
+	kept     map[string]bool // stopped sandboxes whose layer is kept
 }
 
 // fakeExec is the body of an exec: it writes its output, may read the
@@ -85,7 +87,7 @@ func newFakeNode() *fakeNode {
 	return &fakeNode{digests: map[string]string{}, running: map[string]*fakeSandbox{},
 		destroys: map[string]int{}, files: map[string]map[string][]byte{}, logs: map[string]*bytes.Buffer{},
 		slots: slots, killed: map[string]bool{}, torn: map[string]int{}, tearing: map[string]int{},
-		changed: make(chan struct{})}
+		changed: make(chan struct{}), keepSize: 64 << 10, kept: map[string]bool{}}
 }
 
 func (f *fakeNode) ReserveSlot(id string) (int, error) { return f.slots.Take(node.SlotSandbox, id) }
@@ -107,11 +109,17 @@ func (f *fakeNode) Kill(_ context.Context, id string) error {
 }
 
 // Teardown "removes" the sandbox in the background (after f.hold, if
-// set) and then frees its slot.
-func (f *fakeNode) Teardown(id string, slot int) error {
+// set) and then frees its slot. Its writable layer, keepSize bytes, is
+// kept (until dropped) when keep allows.
+func (f *fakeNode) Teardown(id string, slot int, keep node.KeepUpper) (int64, error) {
 	f.mu.Lock()
 	f.tearing[id] = slot
 	hold := f.hold
+	var kept int64
+	if keep.For > 0 && f.keepSize <= keep.MaxBytes {
+		kept = f.keepSize
+		f.kept[id] = true
+	}
 	f.mu.Unlock()
 	go func() {
 		if hold != nil {
@@ -125,7 +133,7 @@ func (f *fakeNode) Teardown(id string, slot int) error {
 		f.changed = make(chan struct{})
 		f.mu.Unlock()
 	}()
-	return nil
+	return kept, nil
 }
 
 // waitTornDown waits until sandbox id's teardown has ended (10s at most).
@@ -457,7 +465,7 @@ func (f *fakeNode) SetPaused(_ context.Context, id string, paused bool) error {
 func (f *fakeNode) Snapshot(_ context.Context, req node.SnapshotRequest) (*imagebuild.SnapshotResult, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.running[req.ID] == nil {
+	if (req.Stopped && !f.kept[req.ID]) || (!req.Stopped && f.running[req.ID] == nil) {
 		return nil, errdefs.ErrFailedPrecondition
 	}
 	d := "sha256:snap-" + strings.TrimPrefix(req.ImageDigest, "sha256:")

@@ -228,7 +228,8 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 	// Journalled before the end is recorded: a restart in between finishes
 	// the teardown (its journal) rather than forget it (a stopped record
 	// is not reconciled).
-	if err := s.node.Teardown(id, sb.Slot); err != nil {
+	// Its writable layer may be kept for a while, for a snapshot.
+	if _, err := s.kept.teardown(s.node, sb); err != nil {
 		s.log.Warn("journal sandbox teardown", "sandbox", id, "err", err)
 	}
 	s.live.mu.Lock()

@@ -34,8 +34,10 @@ type Node interface {
 	// then reports its end). Teardown removes what an ended sandbox left
 	// on the node in the background and frees its slot when done; Destroy
 	// does both and returns when done. Both are idempotent.
+	// Teardown may keep the sandbox's writable layer for a snapshot of the
+	// stopped sandbox (keep; kept is its size, 0 when not kept).
 	Kill(ctx context.Context, id string) error
-	Teardown(id string, slot int) error
+	Teardown(id string, slot int, keep node.KeepUpper) (kept int64, err error)
 	Destroy(ctx context.Context, id string, slot int) error
 	Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (node.Process, error)
 	Files(id string) node.Files
@@ -107,6 +109,13 @@ type Config struct {
 	NodeMemoryMB int64
 	// Limits bound request bodies per caller (see Limits).
 	Limits Limits
+	// KeepStopped is how long a stopped sandbox's writable layer is kept so
+	// that it can still be snapshotted (default DefaultKeepStopped; < 0:
+	// never kept). KeepStoppedMB bounds what one org's kept layers hold
+	// (default DefaultKeepStoppedMB): they are host memory (tmpfs) that no
+	// cgroup counts any more, so a layer that does not fit is not kept.
+	KeepStopped   time.Duration
+	KeepStoppedMB int64
 	// Live is where the server keeps the sandboxes it starts and watches;
 	// those who must know which sandboxes are live (the node's pre-start
 	// pool, the identity issuer) are built before the server with the same
@@ -116,6 +125,12 @@ type Config struct {
 
 // DefaultMemoryMB is Config.DefaultMemoryMB's default: 1 GiB.
 const DefaultMemoryMB = 1024
+
+// Defaults of Config.KeepStopped and KeepStoppedMB.
+const (
+	DefaultKeepStopped   = 10 * time.Minute
+	DefaultKeepStoppedMB = 1024
+)
 
 // Server implements every service of the API.
 type Server struct {
@@ -130,6 +145,7 @@ type Server struct {
 	sessions *sessions
 
 	live *Live // the sandboxes this process starts and watches
+	kept *keptLayers
 
 	mu      sync.Mutex
 	execs   map[string]*execEntry
@@ -154,6 +170,12 @@ func New(ctx context.Context, cfg Config) *Server {
 	if cfg.Live == nil {
 		cfg.Live = NewLive()
 	}
+	if cfg.KeepStopped == 0 {
+		cfg.KeepStopped = DefaultKeepStopped
+	}
+	if cfg.KeepStoppedMB == 0 {
+		cfg.KeepStoppedMB = DefaultKeepStoppedMB
+	}
 	return &Server{
 		budget:   reqlimit.NewBudget(cfg.Limits.InFlightPerCaller, cfg.Limits.InFlightTotal),
 		cfg:      cfg,
@@ -163,6 +185,7 @@ func New(ctx context.Context, cfg Config) *Server {
 		auth:     &authenticator{store: cfg.Store, workload: cfg.Workload, now: time.Now},
 		sessions: newSessions(time.Now),
 		live:     cfg.Live,
+		kept:     newKeptLayers(cfg.KeepStopped, cfg.KeepStoppedMB<<20),
 		execs:    map[string]*execEntry{},
 		baseCtx:  context.WithoutCancel(ctx),
 	}

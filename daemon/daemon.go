@@ -454,6 +454,7 @@ func (d *Daemon) Close() error {
 			d.log.Warn("stop", "err", err)
 		}
 		cancel()
+		d.Agent.DropKept() // stopped sandboxes' kept layers (a restart would remove them)
 	}
 	if d.cancel != nil {
 		d.cancel()

@@ -269,6 +269,7 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		DefaultMemoryMB: cfg.Limits.DefaultMemoryMB, NodeMemoryMB: cfg.Limits.nodeMemoryMB,
 		Workload: d.wi, Identity: d.wi, Policies: d.pol, Images: d.im, Tunnels: d.tun, MCP: d.mcp,
 		DefaultQuota: cfg.DefaultQuota, Live: d.live, Ingress: d.ingress.backend(),
+		KeepStopped: cfg.Limits.KeepStopped, KeepStoppedMB: cfg.Limits.KeepStoppedMB,
 		Hooks: d.sandboxHooks(),
 	})
 	if err := d.API.Reconcile(ctx); err != nil {

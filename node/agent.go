@@ -293,13 +293,19 @@ func (a *Agent) Kill(ctx context.Context, id string) error { return a.rt.Kill(ct
 // Destroy stops the sandbox and removes everything it had on this node,
 // then frees its slot. Idempotent.
 func (a *Agent) Destroy(ctx context.Context, id string, slot int) error {
-	return a.destroy(ctx, id, slot, nil, false)
+	return a.destroy(ctx, id, slot, nil, false, false)
 }
 
 // destroy is Destroy; hold (nil: none) runs between the container's
-// removal and the network's; keepSlot leaves the slot held.
-func (a *Agent) destroy(ctx context.Context, id string, slot int, hold func(string), keepSlot bool) error {
-	rerr := a.rt.Destroy(ctx, id)
+// removal and the network's; keepSlot leaves the slot held; keepUpper
+// leaves the writable layer (see sandbox.Runtime.DestroyKeepUpper).
+func (a *Agent) destroy(ctx context.Context, id string, slot int, hold func(string), keepSlot, keepUpper bool) error {
+	var rerr error
+	if keepUpper {
+		rerr = a.rt.DestroyKeepUpper(ctx, id)
+	} else {
+		rerr = a.rt.Destroy(ctx, id)
+	}
 	if hold != nil {
 		hold(id)
 	}
@@ -382,6 +388,11 @@ func (a *Agent) Leftovers(ctx context.Context, live map[string]int) ([]string, e
 	for id := range live {
 		ids[id] = true
 	}
+	a.td.mu.Lock()
+	for id := range a.td.kept {
+		ids[id] = true // a stopped sandbox's kept writable layer (teardown.go)
+	}
+	a.td.mu.Unlock()
 	rt, err := a.rt.Leftovers(ctx, ids)
 	if err != nil {
 		return nil, err
@@ -432,6 +443,9 @@ type SnapshotRequest struct {
 	// Exclude lists more paths left out of the layer (bind mount
 	// destinations); chalkd's own mount points always are.
 	Exclude []string
+	// Stopped: the sandbox has ended; its writable layer is taken from
+	// where its teardown kept it (Teardown with KeepUpper), if it still is.
+	Stopped bool
 	// Progress (nil: none) is told each phase: "freeze", "layer" (current =
 	// the layer's size), "push" (bytes of total).
 	Progress func(phase string, current, total int64)
@@ -464,21 +478,30 @@ func (a *Agent) Snapshot(ctx context.Context, req SnapshotRequest) (*imagebuild.
 
 // snapshotLayer takes the layer while the sandbox is frozen.
 func (a *Agent) snapshotLayer(ctx context.Context, req SnapshotRequest, progress func(string, int64, int64)) (path string, err error) {
-	a.freezeMu.Lock()
-	defer a.freezeMu.Unlock()
-	if _, ok := a.cfg.Runtime.Running(ctx, req.ID); !ok {
-		return "", fmt.Errorf("sandbox %q is not running: %w", req.ID, errdefs.ErrFailedPrecondition)
-	}
-	progress("freeze", 0, 0)
 	var userns *sandbox.UserNS
 	if n := a.cfg.Net.Lookup(req.ID, req.Slot); n != nil {
-		userns = SandboxUserNS(n)
+		userns = SandboxUserNS(n) // (computed from the slot: the same after its teardown)
 	}
-	err = whileFrozen(ctx, a.cfg.Runtime, req.ID, func() error {
+	take := func() error {
 		var err error
 		path, err = imagebuild.SnapshotLayer(a.cfg.Runtime.UpperDir(req.ID), userns, req.Exclude, a.cfg.SnapshotDir)
 		return err
-	})
+	}
+	if req.Stopped {
+		// Nothing runs in it: nothing to freeze.
+		err = a.withKept(ctx, req.ID, take)
+	} else {
+		a.freezeMu.Lock()
+		defer a.freezeMu.Unlock()
+		if _, ok := a.cfg.Runtime.Running(ctx, req.ID); !ok {
+			return "", fmt.Errorf("sandbox %q is not running: %w", req.ID, errdefs.ErrFailedPrecondition)
+		}
+		progress("freeze", 0, 0)
+		err = whileFrozen(ctx, a.cfg.Runtime, req.ID, take)
+	}
+	if errors.Is(err, errdefs.ErrFailedPrecondition) && req.Stopped {
+		return "", err
+	}
 	if err != nil {
 		if path != "" {
 			os.Remove(path)

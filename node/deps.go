@@ -17,6 +17,8 @@ type runtime interface {
 	Running(ctx context.Context, id string) (int, bool)
 	Kill(ctx context.Context, id string) error
 	Destroy(ctx context.Context, id string) error
+	DestroyKeepUpper(ctx context.Context, id string) error
+	DiskUsage(id string) (used, quota int64, err error)
 	Leftovers(ctx context.Context, live map[string]bool) ([]string, error)
 	LogPath(id string) string
 	CanUpdate() bool

@@ -96,8 +96,11 @@ func (r *fakeRuntime) kill(id string) {
 
 func (r *fakeRuntime) Wait(ctx context.Context, id string, _ int) (sandbox.Exit, error) {
 	r.mu.Lock()
-	in := r.running[id]
+	in, dead := r.running[id], r.dead[id]
 	r.mu.Unlock()
+	if dead {
+		return sandbox.Exit{Code: 137, Signal: "SIGKILL", Known: true}, nil // killed, not yet destroyed
+	}
 	if in == nil {
 		return sandbox.Exit{Known: true}, nil
 	}
@@ -129,6 +132,12 @@ func (r *fakeRuntime) Kill(_ context.Context, id string) error {
 	}
 	return nil
 }
+
+// DestroyKeepUpper is Destroy (the fake has no layer to keep).
+func (r *fakeRuntime) DestroyKeepUpper(ctx context.Context, id string) error { return r.Destroy(ctx, id) }
+
+// DiskUsage: 64 KiB used of 1 GiB.
+func (r *fakeRuntime) DiskUsage(string) (int64, int64, error) { return 64 << 10, 1 << 30, nil }
 
 func (r *fakeRuntime) Destroy(_ context.Context, id string) error {
 	r.kill(id)

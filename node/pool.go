@@ -379,7 +379,7 @@ func (p *warmPool) discard(ms []*member) {
 // by the control plane's watcher, which a member never had).
 // keepSlot leaves its slot held (a sandbox is started afresh in it).
 func (a *Agent) destroyMember(ctx context.Context, m *member, keepSlot bool) error {
-	if err := a.destroy(ctx, m.id, m.slot, nil, keepSlot); err != nil {
+	if err := a.destroy(ctx, m.id, m.slot, nil, keepSlot, false); err != nil {
 		return err // init may still run: waiting for it could hang
 	}
 	if m.pid > 0 {

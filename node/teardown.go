@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
 // Background teardown.
@@ -36,26 +38,55 @@ type teardowns struct {
 
 	mu      sync.Mutex
 	pending map[string]chan struct{} // sandbox id -> closed when its teardown ends
+	kept    map[string]*keptUpper    // sandbox id -> its writable layer, kept
 }
 
 func (t *teardowns) init(n int) {
 	t.sem = make(chan struct{}, n)
 	t.pending = map[string]chan struct{}{}
+	t.kept = map[string]*keptUpper{}
+}
+
+// KeepUpper asks Teardown to keep an ended sandbox's writable layer (its
+// overlay upper, on its disk's tmpfs) For a while, so that it can be
+// snapshotted, if it holds at most MaxBytes. For 0: not kept.
+type KeepUpper struct {
+	For      time.Duration
+	MaxBytes int64
+}
+
+// keptUpper is a stopped sandbox's writable layer kept for a snapshot.
+type keptUpper struct {
+	mu    sync.RWMutex // read: a snapshot; write: its removal
+	gone  bool
+	slot  int
+	ready chan struct{} // closed once the teardown has left only the layer
+	timer *time.Timer
 }
 
 // Teardown removes an ended sandbox's container and network in the
-// background and then frees its slot (see above). It returns once the
-// teardown is journalled; the error is the journal's (the teardown runs
-// all the same: only a restart in the middle would miss it).
-func (a *Agent) Teardown(id string, slot int) error {
+// background and then frees its slot (see above). With keep, its writable
+// layer stays (kept: its size) until keep.For has passed, if it fits
+// keep.MaxBytes; it is host memory that no cgroup counts any more, so the
+// caller bounds it. It returns once the teardown is journalled; the error
+// is the journal's (the teardown runs all the same: only a restart in the
+// middle would miss it).
+func (a *Agent) Teardown(id string, slot int, keep KeepUpper) (kept int64, err error) {
 	jerr := a.journalTeardown(id, slot)
 	a.td.mu.Lock()
 	if _, ok := a.td.pending[id]; ok {
 		a.td.mu.Unlock()
-		return jerr // under way already
+		return 0, jerr // under way already
 	}
 	done := make(chan struct{})
 	a.td.pending[id] = done
+	var k *keptUpper
+	if keep.For > 0 && a.td.kept[id] == nil {
+		if used, quota, err := a.rt.DiskUsage(id); err == nil && quota > 0 && used <= keep.MaxBytes {
+			k = &keptUpper{slot: slot, ready: make(chan struct{})}
+			a.td.kept[id], kept = k, used
+		}
+	}
 	a.td.mu.Unlock()
 	go func() {
 		defer func() {
@@ -68,13 +99,100 @@ func (a *Agent) Teardown(id string, slot int) error {
 		defer func() { <-a.td.sem }()
 		ctx, cancel := context.WithTimeout(context.Background(), teardownTimeout)
 		defer cancel()
-		if err := a.destroy(ctx, id, slot, a.cfg.TeardownHold, false); err != nil {
+		if k != nil {
+			defer close(k.ready)
+		}
+		if err := a.destroy(ctx, id, slot, a.cfg.TeardownHold, false, k != nil); err != nil {
 			a.log.Warn("sandbox teardown failed; the next start retries it", "sandbox", id, "slot", slot, "err", err)
+			if k != nil {
+				a.dropKept(id)
+			}
+			return
+		}
+		if k != nil {
+			// The journal entry stays while the layer does: a restart
+			// removes it (Restore).
+			k.timer = time.AfterFunc(keep.For, func() { a.dropKept(id) })
 			return
 		}
 		a.unjournalTeardown(id)
 	}()
-	return jerr
+	return kept, jerr
+}
+
+// dropKept removes sandbox id's kept writable layer (waiting for a
+// snapshot reading it) and its journal entry.
+func (a *Agent) dropKept(id string) {
+	a.td.mu.Lock()
+	k := a.td.kept[id]
+	a.td.mu.Unlock()
+	if k == nil {
+		return
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.gone {
+		return
+	}
+	k.gone = true
+	if k.timer != nil {
+		k.timer.Stop()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), teardownTimeout)
+	defer cancel()
+	if err := a.rt.Destroy(ctx, id); err != nil {
+		a.log.Warn("remove a stopped sandbox's kept writable layer; the next start retries it", "sandbox", id, "err", err)
+	} else {
+		a.unjournalTeardown(id)
+	}
+	a.td.mu.Lock()
+	delete(a.td.kept, id)
+	a.td.mu.Unlock()
+}
+
+// DropKept removes every kept writable layer now (a graceful stop: a
+// restart would remove them anyway).
+func (a *Agent) DropKept() {
+	a.td.mu.Lock()
+	var ids []string
+	for id := range a.td.kept {
+		ids = append(ids, id)
+	}
+	a.td.mu.Unlock()
+	for _, id := range ids {
+		a.dropKept(id)
+	}
+}
+
+// Kept reports whether stopped sandbox id's writable layer is kept.
+func (a *Agent) Kept(id string) bool {
+	a.td.mu.Lock()
+	defer a.td.mu.Unlock()
+	return a.td.kept[id] != nil
+}
+
+// withKept runs fn with stopped sandbox id's kept writable layer, which is
+// not removed meanwhile; ErrFailedPrecondition when it is not kept (any
+// more).
+func (a *Agent) withKept(ctx context.Context, id string, fn func() error) error {
+	a.td.mu.Lock()
+	k := a.td.kept[id]
+	a.td.mu.Unlock()
+	notKept := fmt.Errorf("sandbox %q is stopped and its writable layer is no longer kept: %w", id, errdefs.ErrFailedPrecondition)
+	if k == nil {
+		return notKept
+	}
+	select {
+	case <-k.ready:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	if k.gone {
+		return notKept
+	}
+	return fn()
 }
 
 // TearingDown reports whether sandbox id's teardown is under way.
@@ -164,7 +282,7 @@ func (a *Agent) finishTeardowns(ctx context.Context, live map[string]int) error 
 		jobs = append(jobs, job{id, slot})
 	}
 	for _, j := range jobs {
-		if err := a.destroy(ctx, j.id, j.slot, nil, false); err != nil {
+		if err := a.destroy(ctx, j.id, j.slot, nil, false, false); err != nil {
 			errs = append(errs, fmt.Errorf("finish the teardown of sandbox %s: %w", j.id, err))
 			continue
 		}

@@ -53,7 +53,7 @@ func TestTeardownAsync(t *testing.T) {
 	if _, running := rt.Running(ctx, "sb-a"); running || rt.destroys["sb-a"] != 0 {
 		t.Fatal("kill: still running, or destroyed already")
 	}
-	if err := a.Teardown("sb-a", slot); err != nil {
+	if _, err := a.Teardown("sb-a", slot, KeepUpper{}); err != nil {
 		t.Fatal(err)
 	}
 	if got := <-held; got != "sb-a" {
@@ -111,7 +111,7 @@ func TestTeardownRestart(t *testing.T) {
 	if err := old.Kill(ctx, "sb-dead"); err != nil {
 		t.Fatal(err)
 	}
-	if err := old.Teardown("sb-dead", dead); err != nil {
+	if _, err := old.Teardown("sb-dead", dead, KeepUpper{}); err != nil {
 		t.Fatal(err)
 	}
 	<-held // the old process "dies" here, its network still up

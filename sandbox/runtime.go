@@ -653,6 +653,27 @@ func (r *Runtime) Kill(ctx context.Context, id string) error {
 	return nil
 }
 
+// keepOnlyUpper removes every entry of a destroyed sandbox's directory but
+// upper/ and makes it 0700. Nothing is followed: os.RemoveAll removes links,
+// not their targets.
+func keepOnlyUpper(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ents {
+		if e.Name() != "upper" {
+			errs = append(errs, os.RemoveAll(filepath.Join(dir, e.Name())))
+		}
+	}
+	errs = append(errs, os.Chmod(dir, 0o700))
+	return errors.Join(errs...)
+}
+
 // frozen reports whether sandbox id's cgroup is frozen (or freezing), read
 // from cgroupfs (no runc call).
 func (r *Runtime) frozen(id string) bool {
@@ -668,7 +689,23 @@ func (r *Runtime) frozen(id string) bool {
 
 // Destroy kills the sandbox and removes its runc state, cgroup, mounts and
 // directory. It is idempotent and safe on a half-created sandbox.
-func (r *Runtime) Destroy(ctx context.Context, id string) error {
+func (r *Runtime) Destroy(ctx context.Context, id string) error { return r.destroy(ctx, id, false) }
+
+// DestroyKeepUpper is Destroy leaving the sandbox's writable layer
+// (UpperDir, on its disk's tmpfs) in place for a snapshot of the stopped
+// sandbox: its processes, runc state, cgroups, rootfs and lower mounts,
+// bundle, init socket dir and pid file are removed, and its directory made
+// 0700 (no longer reachable by the uid range, which another sandbox may
+// get). Destroy removes the rest. A no-op keep without disk quotas
+// (DiskNone: the layer is on the host's disk, kept by nothing).
+func (r *Runtime) DestroyKeepUpper(ctx context.Context, id string) error {
+	return r.destroy(ctx, id, r.cfg.Disk != DiskNone)
+}
+
+func (r *Runtime) destroy(ctx context.Context, id string, keepUpper bool) error {
+	if !validID(id) {
+		return fmt.Errorf("sandbox id %q: %w", id, errdefs.ErrInvalidArgument)
+	}
 	var errs []error
 	if r.Paused(ctx, id) {
 		// A frozen process does not die of SIGKILL until thawed (cgroup v1
@@ -692,6 +729,14 @@ func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	}
 	if err := unmountLowers(filepath.Join(dir, "lower")); err != nil {
 		errs = append(errs, err)
+	}
+	if keepUpper {
+		if len(errs) > 0 {
+			// A mount may still be there (the image's layers under
+			// lower/): remove nothing; Destroy detaches the whole disk.
+			return errors.Join(errs...)
+		}
+		return keepOnlyUpper(dir)
 	}
 	if err := unmountDir(dir); err != nil {
 		errs = append(errs, err)
