@@ -134,7 +134,9 @@ func (r *fakeRuntime) Kill(_ context.Context, id string) error {
 }
 
 // DestroyKeepUpper is Destroy (the fake has no layer to keep).
-func (r *fakeRuntime) DestroyKeepUpper(ctx context.Context, id string) error { return r.Destroy(ctx, id) }
+func (r *fakeRuntime) DestroyKeepUpper(ctx context.Context, id string) error {
+	return r.Destroy(ctx, id)
+}
 
 // DiskUsage: 64 KiB used of 1 GiB.
 func (r *fakeRuntime) DiskUsage(string) (int64, int64, error) { return 64 << 10, 1 << 30, nil }
