@@ -33,6 +33,7 @@ type fakeRuntime struct {
 	limits    map[string][2]float64 // id -> cpu, memory (SetLimits)
 	disks     map[string]int64      // id -> MiB (SetDiskMB)
 	dead      map[string]bool       // killed (Kill), not yet destroyed
+	upper     map[string]bool       // writable layers kept (DestroyKeepUpper)
 	destroys  map[string]int        // id -> Destroy calls
 }
 
@@ -64,7 +65,7 @@ var (
 func newFakeRuntime(t *testing.T) *fakeRuntime {
 	return &fakeRuntime{dir: t.TempDir(), nextPid: 100, running: map[string]*fakeInit{},
 		limits: map[string][2]float64{}, disks: map[string]int64{}, canUpdate: true,
-		dead: map[string]bool{}, destroys: map[string]int{}}
+		dead: map[string]bool{}, destroys: map[string]int{}, upper: map[string]bool{}}
 }
 
 func (r *fakeRuntime) Start(_ context.Context, sp sandbox.Spec) (int, error) {
@@ -133,9 +134,14 @@ func (r *fakeRuntime) Kill(_ context.Context, id string) error {
 	return nil
 }
 
-// DestroyKeepUpper is Destroy (the fake has no layer to keep).
-func (r *fakeRuntime) DestroyKeepUpper(ctx context.Context, id string) error {
-	return r.Destroy(ctx, id)
+// DestroyKeepUpper is Destroy leaving a "layer" (until Destroy).
+func (r *fakeRuntime) DestroyKeepUpper(_ context.Context, id string) error {
+	r.kill(id)
+	r.mu.Lock()
+	delete(r.dead, id)
+	r.upper[id] = true
+	r.mu.Unlock()
+	return nil
 }
 
 // DiskUsage: 64 KiB used of 1 GiB.
@@ -145,6 +151,7 @@ func (r *fakeRuntime) Destroy(_ context.Context, id string) error {
 	r.kill(id)
 	r.mu.Lock()
 	delete(r.dead, id)
+	delete(r.upper, id)
 	r.destroys[id]++
 	r.mu.Unlock()
 	return nil
@@ -162,6 +169,11 @@ func (r *fakeRuntime) Leftovers(_ context.Context, live map[string]bool) ([]stri
 	for id := range r.dead {
 		if !live[id] {
 			out = append(out, "container "+id)
+		}
+	}
+	for id := range r.upper {
+		if !live[id] {
+			out = append(out, "layer "+id)
 		}
 	}
 	slices.Sort(out)

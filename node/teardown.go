@@ -30,6 +30,10 @@ import (
 // journal entry: the next start retries it, and its network, if still
 // there, keeps the slot busy.
 
+// keptMark is the journal entry of a sandbox whose teardown has ended but
+// for its kept writable layer.
+const keptMark = "kept"
+
 // teardownTimeout bounds one background teardown.
 const teardownTimeout = 2 * time.Minute
 
@@ -110,8 +114,12 @@ func (a *Agent) Teardown(id string, slot int, keep KeepUpper) (kept int64, err e
 			return
 		}
 		if k != nil {
-			// The journal entry stays while the layer does: a restart
-			// removes it (Restore).
+			// The journal entry stays while the layer does, marked: the
+			// network and slot are gone, a restart removes the layer only
+			// (Restore).
+			if a.cfg.TeardownDir != "" {
+				_ = os.WriteFile(filepath.Join(a.cfg.TeardownDir, id), []byte(keptMark), 0o600)
+			}
 			k.timer = time.AfterFunc(keep.For, func() { a.dropKept(id) })
 			return
 		}
@@ -272,6 +280,16 @@ func (a *Agent) finishTeardowns(ctx context.Context, live map[string]int) error 
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join(dir, id))
+		if err == nil && string(b) == keptMark {
+			// A kept writable layer: its network and slot are long gone
+			// (the slot may be a live sandbox's now).
+			if derr := a.rt.Destroy(ctx, id); derr != nil {
+				errs = append(errs, fmt.Errorf("remove the kept layer of sandbox %s: %w", id, derr))
+				continue
+			}
+			a.unjournalTeardown(id)
+			continue
+		}
 		slot, perr := strconv.Atoi(strings.TrimSpace(string(b)))
 		if err != nil || perr != nil || a.slots.Hold(id, slot) != nil {
 			// Not ours to guess: the leftover check reports what remains.

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
 // startCold starts a sandbox the way the control plane does: a slot from
@@ -163,4 +165,86 @@ func TestUnclaimReservedSlot(t *testing.T) {
 		t.Fatalf("a started sandbox's slot was freed by Unclaim (%d %v)", got, ok)
 	}
 	_ = slot
+}
+
+// TestTeardownKeepUpper: a teardown asked to keep the writable layer keeps
+// it if it fits (the network and slot go as usual, the journal is marked),
+// until dropKept, which waits for a snapshot reading it; a layer over
+// MaxBytes is not kept; a restart removes a kept layer without touching
+// the slot, which a live sandbox may hold by then.
+func TestTeardownKeepUpper(t *testing.T) {
+	ctx := context.Background()
+	rt, n := newFakeRuntime(t), newFakeNet(20)
+	dir := t.TempDir()
+	a := testAgent(t, Config{TeardownDir: dir}, rt, n)
+	slot := startCold(t, a, "sb-k")
+	_ = a.Kill(ctx, "sb-k")
+	kept, err := a.Teardown("sb-k", slot, KeepUpper{For: time.Hour, MaxBytes: 1 << 20})
+	if err != nil || kept != 64<<10 {
+		t.Fatalf("teardown keeping: %d %v, want the layer's 64 KiB", kept, err)
+	}
+	if err := a.WaitTeardowns(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !rt.upper["sb-k"] || n.slots()[slot] != "" || !a.Kept("sb-k") {
+		t.Fatalf("after the teardown: layer %v, networks %v, kept %v", rt.upper["sb-k"], n.slots(), a.Kept("sb-k"))
+	}
+	if _, held := a.Slots().Of("sb-k"); held {
+		t.Fatal("a kept layer holds its slot")
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "sb-k")); string(b) != keptMark {
+		t.Fatalf("journal %q, want %q", b, keptMark)
+	}
+	if left, err := a.Leftovers(ctx, nil); err != nil || len(left) != 0 {
+		t.Fatalf("a kept layer is a leftover: %v %v", left, err)
+	}
+	// A snapshot reading it holds off its removal.
+	reading, release := make(chan struct{}), make(chan struct{})
+	snap := make(chan error, 1)
+	go func() {
+		snap <- a.withKept(ctx, "sb-k", func() error { close(reading); <-release; return nil })
+	}()
+	<-reading
+	dropped := make(chan struct{})
+	go func() { a.dropKept("sb-k"); close(dropped) }()
+	select {
+	case <-dropped:
+		t.Fatal("the layer was removed while a snapshot read it")
+	case <-time.After(50 * time.Millisecond): // a bound on what must not happen
+	}
+	close(release)
+	<-dropped
+	if err := <-snap; err != nil || rt.upper["sb-k"] {
+		t.Fatalf("snapshot %v; layer left %v", err, rt.upper["sb-k"])
+	}
+	if err := a.withKept(ctx, "sb-k", func() error { return nil }); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("after removal: %v, want failed precondition", err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("journal after removal: %v", ents)
+	}
+
+	// Too big: not kept.
+	big := startCold(t, a, "sb-big")
+	_ = a.Kill(ctx, "sb-big")
+	if kept, _ := a.Teardown("sb-big", big, KeepUpper{For: time.Hour, MaxBytes: 1 << 10}); kept != 0 || a.Kept("sb-big") {
+		t.Fatalf("a layer over MaxBytes kept (%d)", kept)
+	}
+	_ = a.WaitTeardowns(ctx)
+
+	// A restart removes a kept layer, whatever holds its old slot now.
+	k2 := startCold(t, a, "sb-k2")
+	_ = a.Kill(ctx, "sb-k2")
+	_, _ = a.Teardown("sb-k2", k2, KeepUpper{For: time.Hour, MaxBytes: 1 << 20})
+	_ = a.WaitTeardowns(ctx)
+	b := testAgent(t, Config{TeardownDir: dir}, rt, n)
+	if err := b.Restore(ctx, map[string]int{"sb-live": k2}); err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	if rt.upper["sb-k2"] {
+		t.Fatal("kept layer left after a restart")
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("journal after the restart: %v", ents)
+	}
 }
