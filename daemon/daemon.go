@@ -455,6 +455,8 @@ func (d *Daemon) Close() error {
 		}
 		cancel()
 		d.Agent.DropKept() // stopped sandboxes' kept layers (a restart would remove them)
+		// The teardowns' refill of spare networks ends before the process does.
+		d.Net.WaitRefill()
 	}
 	if d.cancel != nil {
 		d.cancel()
