@@ -179,11 +179,16 @@ func (s *Server) end(id, reason string) {
 	if l == nil {
 		return
 	}
+	t0 := time.Now()
 	if first {
 		if err := s.store.MarkStopping(s.baseCtx, id, reason); err != nil {
 			s.log.Warn("record sandbox stopping", "sandbox", id, "err", err)
 		}
 	}
+	t1 := time.Now()
+	defer func() {
+		s.log.Debug("sandbox stopped", "sandbox", id, "record_stopping", t1.Sub(t0), "kill_to_recorded_end", time.Since(t1))
+	}()
 	if err := s.node.Kill(s.baseCtx, id); err != nil {
 		// Not killed: remove it all now (what Kill could not kill, the
 		// runtime's forced delete does).
@@ -222,9 +227,14 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 		s.log.Error("finish sandbox", "sandbox", id, "err", err)
 		return
 	}
+	t0 := time.Now()
 	if s.cfg.Hooks.Ended != nil {
 		s.cfg.Hooks.Ended(ctx, sb)
 	}
+	t1 := time.Now()
+	defer func() {
+		s.log.Debug("sandbox end recorded", "sandbox", id, "hooks", t1.Sub(t0), "teardown_and_record", time.Since(t1))
+	}()
 	// Journalled before the end is recorded: a restart in between finishes
 	// the teardown (its journal) rather than forget it (a stopped record
 	// is not reconciled).

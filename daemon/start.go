@@ -307,11 +307,15 @@ func (d *Daemon) sandboxHooks() api.Hooks {
 		},
 		Started: d.tun.started,
 		Ended: func(ctx context.Context, sb *store.Sandbox) {
+			t0 := time.Now()
 			d.ingress.ended(ctx, sb)
 			d.Tunnels.Leave(sb.ID)
 			d.mcp.ended(sb.ID)
+			t1 := time.Now()
 			d.wi.ended(ctx, sb)
+			t2 := time.Now()
 			d.pol.remove(ctx, sb)
+			d.log.Debug("sandbox end hooks", "sandbox", sb.ID, "ingress_tunnels_mcp", t1.Sub(t0), "identity", t2.Sub(t1), "egress", time.Since(t2))
 		},
 		Resumed: func(ctx context.Context, sb *store.Sandbox) {
 			d.wi.resume(ctx, sb)
