@@ -9,10 +9,11 @@ import (
 )
 
 // Live is the set of live sandboxes: those being started (between their
-// record and their watch) and those running or being cleaned up after
-// their end. The API server fills it; others read it. It exists before the
-// server, so that what is built first (the node's pre-start pool, the
-// identity issuer) needs no reference to a server built later.
+// record and their watch) and those running or whose end is being
+// recorded. The API server fills it; others read it. It exists before the
+// server, so that what is built first (the identity issuer) needs no
+// reference to a server built later. (Network slots are the node's:
+// node.Slots.)
 type Live struct {
 	mu       sync.Mutex
 	m        map[string]*liveSandbox // running sandboxes the server watches

@@ -117,9 +117,9 @@ type Config struct {
 	KeepStopped   time.Duration
 	KeepStoppedMB int64
 	// Live is where the server keeps the sandboxes it starts and watches;
-	// those who must know which sandboxes are live (the node's pre-start
-	// pool, the identity issuer) are built before the server with the same
-	// one. Nil: the server makes its own.
+	// those who must know which sandboxes are live (the identity issuer)
+	// are built before the server with the same one. Nil: the server makes
+	// its own.
 	Live *Live
 }
 

@@ -155,7 +155,7 @@ func (d *Daemon) startRuntime(context.Context) (err error) {
 func (d *Daemon) startAgent(context.Context) (err error) {
 	cfg := &d.cfg
 	// Which sandboxes are live: filled by the API server (built last), read
-	// by the pre-start pool and the identity issuer (built before it).
+	// by the identity issuer (built before it).
 	d.live = api.NewLive()
 	d.wi = &workloadIdentity{store: d.Store, live: d.live, filesAt: filepath.Join(cfg.DataDir, "identity-files"), userNS: d.userNS, stops: map[string][]func(){}, queryURL: cfg.QueryURL, awsRegion: cfg.AWSRegion}
 	pool := node.PoolConfig{
