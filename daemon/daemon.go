@@ -458,6 +458,9 @@ func (d *Daemon) Close() error {
 		// The teardowns' refill of spare networks ends before the process does.
 		d.Net.WaitRefill()
 	}
+	if d.wi != nil {
+		d.wi.removing.Wait()
+	}
 	if d.cancel != nil {
 		d.cancel()
 	}
