@@ -291,10 +291,21 @@ func (a *Agent) finishTeardowns(ctx context.Context, live map[string]int) error 
 			continue
 		}
 		slot, perr := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil || perr != nil || a.slots.Hold(id, slot) != nil {
+		if err != nil || perr != nil {
 			// Not ours to guess: the leftover check reports what remains.
 			errs = append(errs, fmt.Errorf("teardown journal %s: %q %v", id, b, err))
 			_ = os.Remove(filepath.Join(dir, id))
+			continue
+		}
+		if a.slots.Hold(id, slot) != nil {
+			// A live sandbox holds the slot: this teardown's network was
+			// gone before it was freed (a kept layer whose mark was not
+			// written yet). Its container's remains are its id's only.
+			if derr := a.rt.Destroy(ctx, id); derr != nil {
+				errs = append(errs, fmt.Errorf("finish the teardown of sandbox %s: %w", id, derr))
+				continue
+			}
+			a.unjournalTeardown(id)
 			continue
 		}
 		jobs = append(jobs, job{id, slot})
