@@ -7,12 +7,15 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"net/netip"
 	"path"
 	"slices"
 	"strings"
 	"sync"
 	"syscall"
+	"testing"
+	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
@@ -44,6 +47,15 @@ type fakeNode struct {
 	files    map[string]map[string][]byte // sandbox id -> path -> content
 	logs     map[string]*bytes.Buffer     // sandbox id -> console output
 	paused   map[string]bool
+	slots    *node.Slots     // the node's allocator, as the real agent's
+	killed   map[string]bool // Kill was called
+	torn     map[string]int  // id -> slot, teardowns that ended
+	tearing  map[string]int  // id -> slot, teardowns under way
+	hold     chan struct{}   // when set, teardowns wait until it is closed
+	restored map[string]int  // what Restore was given
+	changed  chan struct{}   // closed and replaced at every teardown's end
+	keepSize int64           // size of a stopped sandbox's writable layer
+	kept     map[string]bool // stopped sandboxes whose layer is kept
 }
 
 // fakeExec is the body of an exec: it writes its output, may read the
@@ -67,11 +79,94 @@ var (
 )
 
 func newFakeNode() *fakeNode {
+	// Slots 1..240 for cold starts, 241..260 for pre-started sandboxes.
+	slots, err := node.NewSlots(260, 20, 0, nil)
+	if err != nil {
+		panic(err)
+	}
 	return &fakeNode{digests: map[string]string{}, running: map[string]*fakeSandbox{},
-		destroys: map[string]int{}, files: map[string]map[string][]byte{}, logs: map[string]*bytes.Buffer{}}
+		destroys: map[string]int{}, files: map[string]map[string][]byte{}, logs: map[string]*bytes.Buffer{},
+		slots: slots, killed: map[string]bool{}, torn: map[string]int{}, tearing: map[string]int{},
+		changed: make(chan struct{}), keepSize: 64 << 10, kept: map[string]bool{}}
 }
 
-func (f *fakeNode) MaxSlot() int { return 200 }
+func (f *fakeNode) ReserveSlot(id string) (int, error) { return f.slots.Take(node.SlotSandbox, id) }
+
+// Kill ends the sandbox's init as SIGKILL would; what it has stays until
+// its teardown.
+func (f *fakeNode) Kill(_ context.Context, id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.killed[id] = true
+	if sb := f.running[id]; sb != nil {
+		select {
+		case sb.exit <- sandbox.Exit{Code: 137, Signal: "SIGKILL", Known: true}:
+		default:
+		}
+		delete(f.running, id)
+	}
+	return nil
+}
+
+// Teardown "removes" the sandbox in the background (after f.hold, if
+// set) and then frees its slot. Its writable layer, keepSize bytes, is
+// kept (until dropped) when keep allows.
+func (f *fakeNode) Teardown(id string, slot int, keep node.KeepUpper) (int64, error) {
+	f.mu.Lock()
+	f.tearing[id] = slot
+	hold := f.hold
+	var kept int64
+	if keep.For > 0 && f.keepSize <= keep.MaxBytes {
+		kept = f.keepSize
+		f.kept[id] = true
+	}
+	f.mu.Unlock()
+	go func() {
+		if hold != nil {
+			<-hold
+		}
+		_ = f.Destroy(context.Background(), id, slot)
+		f.mu.Lock()
+		delete(f.tearing, id)
+		f.torn[id] = slot
+		close(f.changed)
+		f.changed = make(chan struct{})
+		f.mu.Unlock()
+	}()
+	return kept, nil
+}
+
+// waitTornDown waits until sandbox id's teardown has ended (10s at most).
+func (f *fakeNode) waitTornDown(t *testing.T, id string) {
+	t.Helper()
+	deadline := time.NewTimer(10 * time.Second)
+	defer deadline.Stop()
+	for {
+		f.mu.Lock()
+		_, done := f.torn[id]
+		ch := f.changed
+		f.mu.Unlock()
+		if done {
+			return
+		}
+		select {
+		case <-ch:
+		case <-deadline.C:
+			t.Fatalf("the teardown of %s never ended", id)
+		}
+	}
+}
+
+func (f *fakeNode) Restore(_ context.Context, live map[string]int) error {
+	f.mu.Lock()
+	f.restored = maps.Clone(live)
+	f.mu.Unlock()
+	var errs []error
+	for id, slot := range live {
+		errs = append(errs, f.slots.Hold(id, slot))
+	}
+	return errors.Join(errs...)
+}
 
 func (f *fakeNode) EnsureImage(_ context.Context, ref string, _ func(nodecache.Progress)) (*nodecache.Image, error) {
 	f.mu.Lock()
@@ -141,7 +236,7 @@ func (f *fakeNode) Running(_ context.Context, id string) (int, bool) {
 	return sb.pid, true
 }
 
-func (f *fakeNode) Destroy(_ context.Context, id string, _ int) error {
+func (f *fakeNode) Destroy(_ context.Context, id string, slot int) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.destroys[id]++
@@ -151,6 +246,9 @@ func (f *fakeNode) Destroy(_ context.Context, id string, _ int) error {
 		default:
 		}
 		delete(f.running, id)
+	}
+	if held, ok := f.slots.Of(id); ok && held == slot {
+		f.slots.Release(id)
 	}
 	return nil
 }
@@ -329,6 +427,9 @@ func (f *fakeNode) Claim(node.StartRequest) (string, int, bool) {
 		return "", 0, false
 	}
 	m := f.pool[0]
+	if err := f.slots.Hold(m.id, m.slot); err != nil {
+		panic(err) // a member's slot is its own
+	}
 	return m.id, m.slot, true
 }
 
@@ -336,9 +437,12 @@ func (f *fakeNode) Unclaim(id string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.unclaims = append(f.unclaims, id)
+	_, started := f.running[id]
+	_, tearing := f.tearing[id]
+	if !started && !tearing && !f.killed[id] {
+		f.slots.Release(id)
+	}
 }
-
-func (f *fakeNode) ReapPool(context.Context, map[string]int) error { return nil }
 func (f *fakeNode) SetPrestarted(context.Context, *nodecache.Image, int, func(int, int)) error {
 	return nil
 }
@@ -361,7 +465,7 @@ func (f *fakeNode) SetPaused(_ context.Context, id string, paused bool) error {
 func (f *fakeNode) Snapshot(_ context.Context, req node.SnapshotRequest) (*imagebuild.SnapshotResult, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.running[req.ID] == nil {
+	if (req.Stopped && !f.kept[req.ID]) || (!req.Stopped && f.running[req.ID] == nil) {
 		return nil, errdefs.ErrFailedPrecondition
 	}
 	d := "sha256:snap-" + strings.TrimPrefix(req.ImageDigest, "sha256:")

@@ -163,28 +163,49 @@ func (s *Server) touch(id string) {
 	s.live.mu.Unlock()
 }
 
-// end kills a running sandbox for reason and waits until it is cleaned up.
+// end ends a running sandbox for reason: it is recorded as stopping (with
+// reason, so a restart in the middle keeps it), its processes are killed,
+// and end returns once its end is recorded (finish). What it leaves on the
+// node is removed in the background (node Teardown), its slot held until
+// then.
 func (s *Server) end(id, reason string) {
 	s.live.mu.Lock()
 	l := s.live.m[id]
-	if l != nil && l.reason == "" {
+	first := l != nil && l.reason == ""
+	if first {
 		l.reason = reason
 	}
 	s.live.mu.Unlock()
 	if l == nil {
 		return
 	}
-	sb, err := s.store.GetSandbox(s.baseCtx, id)
-	if err == nil {
-		if derr := s.node.Destroy(s.baseCtx, id, sb.Slot); derr != nil {
-			s.log.Warn("destroy sandbox", "sandbox", id, "err", derr)
+	t0 := time.Now()
+	if first {
+		if err := s.store.MarkStopping(s.baseCtx, id, reason); err != nil {
+			s.log.Warn("record sandbox stopping", "sandbox", id, "err", err)
+		}
+	}
+	t1 := time.Now()
+	defer func() {
+		s.log.Debug("sandbox stopped", "sandbox", id, "record_stopping", t1.Sub(t0), "kill_to_recorded_end", time.Since(t1))
+	}()
+	if err := s.node.Kill(s.baseCtx, id); err != nil {
+		// Not killed: remove it all now (what Kill could not kill, the
+		// runtime's forced delete does).
+		s.log.Warn("kill sandbox; destroying it", "sandbox", id, "err", err)
+		if sb, gerr := s.store.GetSandbox(s.baseCtx, id); gerr == nil {
+			if derr := s.node.Destroy(s.baseCtx, id, sb.Slot); derr != nil {
+				s.log.Warn("destroy sandbox", "sandbox", id, "err", derr)
+			}
 		}
 	}
 	<-l.done
 }
 
-// finish records the end of a sandbox and frees everything it held. It runs
-// once per sandbox, from its watcher.
+// finish records the end of a sandbox and frees everything it held: what
+// the control plane keyed by it first (hooks: egress rules, identity,
+// tunnels), then, in the background, what it left on the node (its slot is
+// free once that is gone). It runs once per sandbox, from its watcher.
 func (s *Server) finish(id string, ex sandbox.Exit) {
 	ctx := s.baseCtx
 	s.live.mu.Lock()
@@ -206,11 +227,20 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 		s.log.Error("finish sandbox", "sandbox", id, "err", err)
 		return
 	}
+	t0 := time.Now()
 	if s.cfg.Hooks.Ended != nil {
 		s.cfg.Hooks.Ended(ctx, sb)
 	}
-	if err := s.node.Destroy(ctx, id, sb.Slot); err != nil {
-		s.log.Warn("destroy sandbox", "sandbox", id, "err", err)
+	t1 := time.Now()
+	defer func() {
+		s.log.Debug("sandbox end recorded", "sandbox", id, "hooks", t1.Sub(t0), "teardown_and_record", time.Since(t1))
+	}()
+	// Journalled before the end is recorded: a restart in between finishes
+	// the teardown (its journal) rather than forget it (a stopped record
+	// is not reconciled).
+	// Its writable layer may be kept for a while, for a snapshot.
+	if _, err := s.kept.teardown(s.node, sb); err != nil {
+		s.log.Warn("journal sandbox teardown", "sandbox", id, "err", err)
 	}
 	s.live.mu.Lock()
 	reason := l.reason
@@ -260,6 +290,9 @@ func (s *Server) Reconcile(ctx context.Context) error {
 			}
 		default:
 			reason := "exited"
+			if sb.State == store.StateStopping && sb.EndReason != "" {
+				reason = sb.EndReason // asked for before the restart
+			}
 			if sb.State == store.StateCreating {
 				reason = "error"
 				sb.Error = "chalkd stopped while the sandbox was being created"
@@ -282,8 +315,8 @@ func (s *Server) Reconcile(ctx context.Context) error {
 			}
 		}
 	}
-	if err := s.node.ReapPool(ctx, live); err != nil {
-		s.log.Warn("reconcile: pre-started sandboxes of the previous process", "err", err)
+	if err := s.node.Restore(ctx, live); err != nil {
+		s.log.Warn("reconcile: node state of the previous process", "err", err)
 	}
 	left, err := s.node.Leftovers(ctx, live)
 	if err != nil {
@@ -311,9 +344,6 @@ func (s *Server) Leftovers(ctx context.Context) ([]string, error) {
 func (s *Server) SandboxByAddr(ctx context.Context, a netip.Addr) (*store.Sandbox, bool) {
 	return s.live.SandboxByAddr(ctx, s.store, a)
 }
-
-// SlotLive reports whether a live sandbox holds slot (see Live.SlotLive).
-func (s *Server) SlotLive(slot int) bool { return s.live.SlotLive(slot) }
 
 // IsRunning reports whether sandbox id is running.
 func (s *Server) IsRunning(ctx context.Context, id string) bool { return s.live.IsRunning(ctx, id) }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"maps"
 	"net/netip"
 	"strings"
 	"sync"
@@ -120,14 +121,23 @@ func TestSandboxStateMachine(t *testing.T) {
 			if sb.State != "stopped" || sb.EndReason != tc.wantReason || sb.ExitCode != tc.wantCode || sb.EndedAt == "" {
 				t.Fatalf("ended: state %s reason %s code %d", sb.State, sb.EndReason, sb.ExitCode)
 			}
-			if got := hl.String(); got != "prepare:creating started:running ended:running" {
+			// (A terminated sandbox is recorded stopping before it is killed.)
+			wantEnded := "ended:running"
+			if tc.wantReason == "terminated" {
+				wantEnded = "ended:stopping"
+			}
+			if got := hl.String(); got != "prepare:creating started:running "+wantEnded {
 				t.Fatalf("hooks: %q", got)
 			}
+			if tn.srv.IsRunning(ctx, sb.Id) {
+				t.Fatal("still live after the end")
+			}
+			tn.node.waitTornDown(t, sb.Id)
 			if tn.node.destroyed(sb.Id) == 0 {
 				t.Fatal("the node's sandbox was not destroyed")
 			}
-			if tn.srv.IsRunning(ctx, sb.Id) || tn.srv.SlotLive(1) {
-				t.Fatal("still live after the end")
+			if _, held := tn.node.slots.Of(sb.Id); held {
+				t.Fatal("its slot is still held after its teardown")
 			}
 			s, err := c.sandbox.Exec(ctx, connect.NewRequest(&v1.ExecRequest{SandboxId: sb.Id, Argv: []string{"true"}}))
 			if err == nil {
@@ -174,8 +184,15 @@ func TestStartFailures(t *testing.T) {
 		}
 		l, _ := tn.user("mia").sandbox.List(ctx, connect.NewRequest(&v1.ListSandboxesRequest{All: true}))
 		sb := l.Msg.Sandboxes[0]
-		if sb.State != "stopped" || sb.EndReason != "error" || tn.node.destroyed(sb.Id) == 0 {
+		if sb.State != "stopped" || sb.EndReason != "error" {
 			t.Fatalf("record: %+v", sb)
+		}
+		tn.node.waitTornDown(t, sb.Id)
+		if tn.node.destroyed(sb.Id) == 0 {
+			t.Fatal("not destroyed")
+		}
+		if _, held := tn.node.slots.Of(sb.Id); held {
+			t.Fatal("its slot is still held")
 		}
 	})
 	t.Run("prepare hook", func(t *testing.T) {
@@ -187,6 +204,9 @@ func TestStartFailures(t *testing.T) {
 		}
 		if len(tn.node.started) != 0 {
 			t.Fatal("the node was asked to start it")
+		}
+		if held := tn.node.slots.Held(); len(held) != 0 {
+			t.Fatalf("slots still held: %v", held)
 		}
 	})
 }
@@ -251,11 +271,16 @@ func TestReconcile(t *testing.T) {
 	var hl hookLog
 	tn := newTestNode(t, Config{Hooks: hl.hooks()})
 	now := time.Now().UTC()
+	slot := 0
 	rec := func(id string, state string, pid int, created time.Time) {
 		t.Helper()
+		slot++
 		sb := &store.Sandbox{ID: id, OrgID: "a", State: state, Image: "busybox", Pid: pid,
-			Timeout: time.Hour, CreatedAt: created, LastActive: created}
-		if err := tn.store.CreateSandbox(ctx, sb, 200); err != nil {
+			Timeout: time.Hour, CreatedAt: created, LastActive: created, Slot: slot}
+		if state == store.StateStopping {
+			sb.EndReason = "terminated"
+		}
+		if err := tn.store.CreateSandbox(ctx, sb); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -267,6 +292,8 @@ func TestReconcile(t *testing.T) {
 	tn.node.run("sb-reused-pid", 99) // another process has its pid now
 	rec("sb-expired", store.StateRunning, 13, now.Add(-2*time.Hour))
 	tn.node.run("sb-expired", 13)
+	rec("sb-stopping", store.StateStopping, 14, now) // terminate asked, chalkd died before the kill
+	tn.node.run("sb-stopping", 14)
 	tn.node.left = []string{"netns chalk-sb-gone"}
 
 	if err := tn.srv.Reconcile(ctx); err != nil {
@@ -291,6 +318,7 @@ func TestReconcile(t *testing.T) {
 		"sb-died":       {store.StateStopped, "exited"},
 		"sb-creating":   {store.StateFailed, "error"},
 		"sb-reused-pid": {store.StateStopped, "exited"},
+		"sb-stopping":   {store.StateStopped, "terminated"},
 	} {
 		sb, err := tn.store.GetSandbox(ctx, id)
 		if err != nil || sb.State != want.state || sb.EndReason != want.reason || sb.ExitCode != -1 {
@@ -305,6 +333,19 @@ func TestReconcile(t *testing.T) {
 	}
 	if sb, _ := tn.store.GetSandbox(ctx, "sb-expired"); sb.EndReason != "timeout" {
 		t.Fatalf("sb-expired: %+v", sb)
+	}
+	// The node's allocator was seeded with the live sandboxes' slots: a
+	// new sandbox does not get sb-alive's (slot 1).
+	tn.node.mu.Lock()
+	restored := maps.Clone(tn.node.restored)
+	tn.node.mu.Unlock()
+	if restored["sb-alive"] != 1 {
+		t.Fatalf("Restore got %v, want sb-alive in slot 1", restored)
+	}
+	if sb := create(t, tn.user("mia"), &v1.CreateSandboxRequest{Image: "busybox"}); sb.Id == "" {
+		t.Fatal("no create after the restart")
+	} else if rec, _ := tn.store.GetSandbox(ctx, sb.Id); rec.Slot == 1 {
+		t.Fatalf("a new sandbox got slot 1, held by the live sb-alive")
 	}
 	left, err := tn.srv.Leftovers(ctx)
 	if err != nil || len(left) != 1 {
@@ -323,8 +364,8 @@ func TestCreateClaimsPrestarted(t *testing.T) {
 	if sb.Id != "sb-warm1" {
 		t.Fatalf("created %s, want the pre-started sb-warm1", sb.Id)
 	}
-	if !tn.srv.SlotLive(250) {
-		t.Fatal("slot 250 not live")
+	if slot, _ := tn.node.slots.Of("sb-warm1"); slot != 250 {
+		t.Fatalf("sb-warm1 holds slot %d, want its 250", slot)
 	}
 	tn.node.startErr = errors.New("boom")
 	if _, err := tn.user("mia").sandbox.Create(ctx, connect.NewRequest(&v1.CreateSandboxRequest{Image: "busybox"})); err == nil {
@@ -354,8 +395,7 @@ func TestLiveShared(t *testing.T) {
 	if len(during) != 2 || !during[0] || during[1] {
 		t.Fatalf("while prepared: active, running = %v, want true, false", during)
 	}
-	rec, _ := tn.store.GetSandbox(ctx, sb.Id)
-	if !live.IsRunning(ctx, sb.Id) || !live.IsActive(ctx, sb.Id) || !live.SlotLive(rec.Slot) {
+	if !live.IsRunning(ctx, sb.Id) || !live.IsActive(ctx, sb.Id) {
 		t.Fatal("a running sandbox is not live")
 	}
 	if got, ok := live.SandboxByAddr(ctx, tn.store, netip.MustParseAddr(sb.Ip)); !ok || got.ID != sb.Id {
@@ -378,7 +418,7 @@ func TestLiveShared(t *testing.T) {
 	if _, err := tn.user("mia").sandbox.Terminate(ctx, connect.NewRequest(&v1.TerminateSandboxRequest{Id: sb.Id})); err != nil {
 		t.Fatal(err)
 	}
-	if live.IsRunning(ctx, sb.Id) || live.IsActive(ctx, sb.Id) || live.SlotLive(rec.Slot) {
+	if live.IsRunning(ctx, sb.Id) || live.IsActive(ctx, sb.Id) {
 		t.Fatal("an ended sandbox is still live")
 	}
 	if _, ok := live.SandboxByAddr(ctx, tn.store, netip.MustParseAddr(sb.Ip)); ok {
@@ -391,5 +431,47 @@ func TestLiveShared(t *testing.T) {
 	}
 	if _, ok := live.RunningAt(netip.MustParseAddr(sb.Ip)); ok {
 		t.Fatal("RunningAt: an ended sandbox is found by its address")
+	}
+}
+
+// TestTerminateAsync: Terminate answers once the sandbox's processes are
+// killed and its end is recorded (stopped, terminated, 137); its teardown
+// on the node continues after, and its slot goes to no other sandbox until
+// that teardown has ended.
+func TestTerminateAsync(t *testing.T) {
+	ctx := context.Background()
+	tn := newTestNode(t, Config{})
+	hold := make(chan struct{})
+	tn.node.hold = hold
+	c := tn.user("mia")
+	sb := create(t, c, &v1.CreateSandboxRequest{Image: "busybox"})
+	rec, _ := tn.store.GetSandbox(ctx, sb.Id)
+	res, err := c.sandbox.Terminate(ctx, connect.NewRequest(&v1.TerminateSandboxRequest{Id: sb.Id}))
+	if err != nil || res.Msg.State != "stopped" || res.Msg.EndReason != "terminated" || res.Msg.ExitCode != 137 {
+		t.Fatalf("terminate: %+v %v", res, err)
+	}
+	tn.node.mu.Lock()
+	killed, tearing := tn.node.killed[sb.Id], tn.node.tearing[sb.Id]
+	tn.node.mu.Unlock()
+	if !killed || tearing != rec.Slot {
+		t.Fatalf("after terminate: killed %v, teardown of slot %d (want %d) under way", killed, tearing, rec.Slot)
+	}
+	if slot, _ := tn.node.slots.Of(sb.Id); slot != rec.Slot {
+		t.Fatalf("slot %d released before the teardown ended", rec.Slot)
+	}
+	other := create(t, c, &v1.CreateSandboxRequest{Image: "busybox"})
+	if o, _ := tn.store.GetSandbox(ctx, other.Id); o.Slot == rec.Slot {
+		t.Fatalf("slot %d reused during its teardown", rec.Slot)
+	}
+	close(hold)
+	tn.node.waitTornDown(t, sb.Id)
+	third := create(t, c, &v1.CreateSandboxRequest{Image: "busybox"})
+	if o, _ := tn.store.GetSandbox(ctx, third.Id); o.Slot != rec.Slot {
+		t.Fatalf("after the teardown: slot %d, want the freed %d", o.Slot, rec.Slot)
+	}
+	// Terminating again is a no-op answering the record.
+	res, err = c.sandbox.Terminate(ctx, connect.NewRequest(&v1.TerminateSandboxRequest{Id: sb.Id}))
+	if err != nil || res.Msg.State != "stopped" || res.Msg.EndReason != "terminated" {
+		t.Fatalf("second terminate: %+v %v", res, err)
 	}
 }

@@ -9,10 +9,11 @@ import (
 )
 
 // Live is the set of live sandboxes: those being started (between their
-// record and their watch) and those running or being cleaned up after
-// their end. The API server fills it; others read it. It exists before the
-// server, so that what is built first (the node's pre-start pool, the
-// identity issuer) needs no reference to a server built later.
+// record and their watch) and those running or whose end is being
+// recorded. The API server fills it; others read it. It exists before the
+// server, so that what is built first (the identity issuer) needs no
+// reference to a server built later. (Network slots are the node's:
+// node.Slots.)
 type Live struct {
 	mu       sync.Mutex
 	m        map[string]*liveSandbox // running sandboxes the server watches
@@ -22,20 +23,6 @@ type Live struct {
 // NewLive returns an empty set.
 func NewLive() *Live {
 	return &Live{m: map[string]*liveSandbox{}, starting: map[string]bool{}}
-}
-
-// SlotLive reports whether a live sandbox holds slot: one is running, or
-// has ended and is still being cleaned up (its egress rules, identity and
-// record are released by finish, after its network is gone).
-func (l *Live) SlotLive(slot int) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for _, sb := range l.m {
-		if sb.slot == slot {
-			return true
-		}
-	}
-	return false
 }
 
 // IsRunning reports whether sandbox id is running (or ending).

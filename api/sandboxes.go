@@ -255,14 +255,19 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 	if len(mounts) == 0 {
 		if id, slot, ok := s.node.Claim(startReq); ok {
 			sb.ID, sb.Slot = id, slot
-			defer func() {
-				if err != nil {
-					s.node.Unclaim(id) // a no-op once Start has taken it
-				}
-			}()
 		}
 	}
-	if err = s.store.CreateSandboxWithin(ctx, sb, s.node.MaxSlot(), quota); err != nil {
+	if sb.Slot == 0 {
+		if sb.Slot, err = s.node.ReserveSlot(sb.ID); err != nil {
+			return nil, err
+		}
+	}
+	defer func(id string) {
+		if err != nil {
+			s.node.Unclaim(id) // a no-op once Start has taken it
+		}
+	}(sb.ID)
+	if err = s.store.CreateSandboxWithin(ctx, sb, quota); err != nil {
 		return nil, err
 	}
 	setAuditObject(ctx, sb.ID)

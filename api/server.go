@@ -23,11 +23,21 @@ import (
 // Node is what the control plane needs from a node agent (implemented by
 // *node.Agent in-process; an RPC client later for multi-node).
 type Node interface {
-	MaxSlot() int
 	EnsureImage(ctx context.Context, ref string, progress func(nodecache.Progress)) (*nodecache.Image, error)
+	// ReserveSlot gives sandbox id a network slot on the node (slots are
+	// the node's: the control plane records the one it got).
+	ReserveSlot(id string) (int, error)
 	Start(ctx context.Context, req node.StartRequest) (node.Started, error)
 	Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error)
 	Running(ctx context.Context, id string) (int, bool)
+	// Kill kills every process of the sandbox and returns at once (Wait
+	// then reports its end). Teardown removes what an ended sandbox left
+	// on the node in the background and frees its slot when done; Destroy
+	// does both and returns when done. Both are idempotent.
+	// Teardown may keep the sandbox's writable layer for a snapshot of the
+	// stopped sandbox (keep; kept is its size, 0 when not kept).
+	Kill(ctx context.Context, id string) error
+	Teardown(id string, slot int, keep node.KeepUpper) (kept int64, err error)
 	Destroy(ctx context.Context, id string, slot int) error
 	Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (node.Process, error)
 	Files(id string) node.Files
@@ -38,11 +48,14 @@ type Node interface {
 	Leftovers(ctx context.Context, live map[string]int) ([]string, error)
 	Adopt(id, imageDigest string)
 	// Claim hands out a pre-started sandbox fitting req (its id and slot are
-	// then the new sandbox's); Unclaim gives back one whose create failed
-	// before Start; ReapPool removes those a previous process left.
+	// then the new sandbox's); Unclaim gives back one (or a reserved slot)
+	// whose create failed before Start.
 	Claim(req node.StartRequest) (id string, slot int, ok bool)
 	Unclaim(id string)
-	ReapPool(ctx context.Context, live map[string]int) error
+	// Restore brings the node in line at a start: its slot allocator learns
+	// the live sandboxes' slots, unfinished teardowns are finished, and
+	// pre-started sandboxes a previous process left are removed.
+	Restore(ctx context.Context, live map[string]int) error
 	SetPrestarted(ctx context.Context, img *nodecache.Image, n int, progress func(ready, want int)) error
 	// SetPaused freezes or thaws a sandbox; Snapshot commits its writable
 	// layer on its image into the registry (see node.Agent.Snapshot).
@@ -99,15 +112,28 @@ type Config struct {
 	NodeMemoryMB int64
 	// Limits bound request bodies per caller (see Limits).
 	Limits Limits
+	// KeepStopped is how long a stopped sandbox's writable layer is kept so
+	// that it can still be snapshotted (default DefaultKeepStopped; < 0:
+	// never kept). KeepStoppedMB bounds what one org's kept layers hold
+	// (default DefaultKeepStoppedMB): they are host memory (tmpfs) that no
+	// cgroup counts any more, so a layer that does not fit is not kept.
+	KeepStopped   time.Duration
+	KeepStoppedMB int64
 	// Live is where the server keeps the sandboxes it starts and watches;
-	// those who must know which sandboxes are live (the node's pre-start
-	// pool, the identity issuer) are built before the server with the same
-	// one. Nil: the server makes its own.
+	// those who must know which sandboxes are live (the identity issuer)
+	// are built before the server with the same one. Nil: the server makes
+	// its own.
 	Live *Live
 }
 
 // DefaultMemoryMB is Config.DefaultMemoryMB's default: 1 GiB.
 const DefaultMemoryMB = 1024
+
+// Defaults of Config.KeepStopped and KeepStoppedMB.
+const (
+	DefaultKeepStopped   = 10 * time.Minute
+	DefaultKeepStoppedMB = 1024
+)
 
 // Server implements every service of the API.
 type Server struct {
@@ -122,6 +148,7 @@ type Server struct {
 	sessions *sessions
 
 	live *Live // the sandboxes this process starts and watches
+	kept *keptLayers
 
 	mu      sync.Mutex
 	execs   map[string]*execEntry
@@ -149,6 +176,12 @@ func New(ctx context.Context, cfg Config) *Server {
 	if cfg.Auth == nil {
 		cfg.Auth = NewAuthenticator(cfg.Store, cfg.Workload)
 	}
+	if cfg.KeepStopped == 0 {
+		cfg.KeepStopped = DefaultKeepStopped
+	}
+	if cfg.KeepStoppedMB == 0 {
+		cfg.KeepStoppedMB = DefaultKeepStoppedMB
+	}
 	return &Server{
 		budget:   reqlimit.NewBudget(cfg.Limits.InFlightPerCaller, cfg.Limits.InFlightTotal),
 		cfg:      cfg,
@@ -158,6 +191,7 @@ func New(ctx context.Context, cfg Config) *Server {
 		auth:     cfg.Auth,
 		sessions: newSessions(time.Now),
 		live:     cfg.Live,
+		kept:     newKeptLayers(cfg.KeepStopped, cfg.KeepStoppedMB<<20),
 		execs:    map[string]*execEntry{},
 		baseCtx:  context.WithoutCancel(ctx),
 	}

@@ -23,7 +23,7 @@ import (
 )
 
 // buildSlots is how many network slots at the top of the range are kept for
-// build containers (the API hands out the others to sandboxes).
+// build containers (the node's allocator hands out the others to sandboxes).
 const buildSlots = 64
 
 // images connects the builder and the blob store to the API.
@@ -138,29 +138,29 @@ func (im *images) extracted(digest string) (string, error) {
 	return dst, nil
 }
 
-// buildNet gives build containers network namespaces from the reserved slots
-// (the top of the range, see sandboxnet.SplitSlots), with the host's
-// resolvers (builds are not subject to sandbox policies).
+// buildNet gives build containers network namespaces from the build slots
+// of the node's allocator (the top of the range, see node.Slots), with the
+// host's resolvers (builds are not subject to sandbox policies).
 type buildNet struct {
 	net   *sandboxnet.Manager
-	slots *sandboxnet.SlotRange
+	slots *node.Slots
 }
 
 var _ imagebuild.Network = (*buildNet)(nil)
 
-func newBuildNet(n *sandboxnet.Manager) *buildNet {
-	return &buildNet{net: n, slots: sandboxnet.NewSlotRange(n.MaxSlot()-buildSlots+1, n.MaxSlot(), n.SlotInUse)}
+func newBuildNet(n *sandboxnet.Manager, slots *node.Slots) *buildNet {
+	return &buildNet{net: n, slots: slots}
 }
 
 func (bn *buildNet) Attach(ctx context.Context, id string) (imagebuild.Attachment, error) {
-	slot, ok := bn.slots.Take(id)
-	if !ok {
-		return imagebuild.Attachment{}, fmt.Errorf("too many concurrent builds (%d): %w", buildSlots, errdefs.ErrResourceExhausted)
+	slot, err := bn.slots.Take(node.SlotBuild, id)
+	if err != nil {
+		return imagebuild.Attachment{}, fmt.Errorf("too many concurrent builds (%d): %w", bn.slots.Size(node.SlotBuild), errdefs.ErrResourceExhausted)
 	}
 	release := func() {
 		_ = bn.net.Teardown(context.WithoutCancel(ctx), id, slot)
 		bn.net.Refill()
-		bn.slots.Release(slot)
+		bn.slots.Release(id)
 	}
 	n, err := bn.net.Setup(ctx, id, slot)
 	if err != nil {

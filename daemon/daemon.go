@@ -458,6 +458,19 @@ func (d *Daemon) Close() error {
 	}
 	if d.Agent != nil {
 		d.Agent.ClosePool()
+		// Teardowns under way finish now (a bounded wait); the next
+		// start finishes any left (their journal).
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if err := d.Agent.WaitTeardowns(ctx); err != nil {
+			d.log.Warn("stop", "err", err)
+		}
+		cancel()
+		d.Agent.DropKept() // stopped sandboxes' kept layers (a restart would remove them)
+		// The teardowns' refill of spare networks ends before the process does.
+		d.Net.WaitRefill()
+	}
+	if d.wi != nil {
+		d.wi.removing.Wait()
 	}
 	if d.cancel != nil {
 		d.cancel()

@@ -26,6 +26,7 @@ var dataDirModes = map[string]os.FileMode{
 	"identity":       0o700,
 	"identity-files": 0o700,
 	"prestarted":     0o700,
+	"teardown":       0o700,
 	"sandboxes":      0o711,
 }
 

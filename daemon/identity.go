@@ -40,6 +40,10 @@ type workloadIdentity struct {
 	// request names none ("" = metadata.DefaultAWSRegion).
 	awsRegion string
 
+	// removing counts identity dirs being removed in the background (a
+	// graceful stop waits for them).
+	removing sync.WaitGroup
+
 	mu    sync.Mutex
 	stops map[string][]func()
 	known map[string]metadata.Sandbox // running sandbox -> its fixed fields (SandboxByAddr)
@@ -241,7 +245,10 @@ func (w *workloadIdentity) identityDir(sb *store.Sandbox) (string, error) {
 	return dir, os.MkdirAll(dir, 0o755)
 }
 
-// ended stops refreshing the sandbox's tokens and removes its identity dir.
+// ended stops refreshing the sandbox's tokens and removes its identity dir
+// in the background: the sandbox runs nothing any more and its tokens are
+// refused already (it is no longer live); removing files from disk is not
+// what its Terminate waits for.
 func (w *workloadIdentity) ended(_ context.Context, sb *store.Sandbox) {
 	w.mu.Lock()
 	stops := w.stops[sb.ID]
@@ -252,7 +259,12 @@ func (w *workloadIdentity) ended(_ context.Context, sb *store.Sandbox) {
 		s()
 	}
 	w.meta.Forget(sb.ID)
-	_ = os.RemoveAll(filepath.Join(w.filesAt, sb.ID))
+	dir := filepath.Join(w.filesAt, sb.ID)
+	w.removing.Add(1)
+	go func() {
+		defer w.removing.Done()
+		_ = os.RemoveAll(dir)
+	}()
 }
 
 // restart resumes token refresh for a sandbox found running at start.

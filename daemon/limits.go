@@ -27,6 +27,12 @@ type Limits struct {
 	// (default DefaultLogRetention).
 	LogMaxBytes  int64
 	LogRetention time.Duration
+	// KeepStopped is how long a stopped sandbox's writable layer is kept
+	// for a snapshot (default api.DefaultKeepStopped, 10 minutes; < 0:
+	// never); KeepStoppedMB bounds the kept layers of one org (default
+	// api.DefaultKeepStoppedMB): host memory no cgroup counts any more.
+	KeepStopped   time.Duration
+	KeepStoppedMB int64
 	// nodeMemoryMB is the node's memory (from /proc/meminfo).
 	nodeMemoryMB int64
 }
@@ -50,6 +56,12 @@ func (l *Limits) defaults() error {
 	}
 	if l.LogRetention == 0 {
 		l.LogRetention = DefaultLogRetention
+	}
+	if l.KeepStoppedMB == 0 {
+		l.KeepStoppedMB = api.DefaultKeepStoppedMB
+	}
+	if l.KeepStoppedMB < 0 {
+		return fmt.Errorf("keep-stopped-mb %d: must not be negative: %w", l.KeepStoppedMB, errdefs.ErrInvalidArgument)
 	}
 	mem, err := nodeMemoryMB()
 	if err != nil {

@@ -136,12 +136,120 @@ func TestSnapshotEndToEnd(t *testing.T) {
 		t.Errorf("other org sees the sandbox: %v", err)
 	}
 
-	// A stopped sandbox has no writable layer left: failed precondition.
+	// A stopped sandbox's writable layer is kept for a while: the same
+	// state gives the same digest.
 	if _, err := sb.Terminate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := sb.Snapshot(ctx); !errors.Is(err, errdefs.ErrFailedPrecondition) {
-		t.Errorf("snapshot of a stopped sandbox: %v, want failed precondition", err)
+	if got, err := sb.Snapshot(ctx); err != nil || got.Digest != img.Digest {
+		t.Errorf("snapshot of the stopped sandbox: %v %+v, want %s", err, got, img.Digest)
+	}
+}
+
+// TestSnapshotStopped: files written, then the sandbox terminated: the CLI
+// snapshots it, and a sandbox created from the
+// image sees the files, none of chalkd's mounts (identity token, init
+// socket); the kept layer is 0700 root's. After the grace period
+// (--keep-stopped) the layer is gone from the node and a snapshot is
+// failed_precondition; a layer kept when chalkd is killed is removed by the
+// next start, and a sandbox over its org's budget (--keep-stopped-mb) is not
+// kept at all.
+func TestSnapshotStopped(t *testing.T) {
+	n := chalktest.Start(t, "--keep-stopped", "3s", "--keep-stopped-mb", "2")
+	c := n.Client()
+	ctx := ctxT(t, 4*time.Minute)
+	sb := create(t, c)
+	mustExec(t, sb, "sh", "-c", "mkdir -p /work && echo kept-1 > /work/a.txt && printf '#!/bin/sh\\necho tool-ok\\n' > /work/tool && chmod +x /work/tool && ls /run/chalk/identity/ && test -S /.chalk/run/init.sock")
+	if _, err := sb.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Its teardown (in the background) leaves only the layer, 0700.
+	dir := filepath.Join(n.Dir, "sandboxes", sb.ID())
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ents, err := os.ReadDir(dir)
+		st, serr := os.Stat(dir)
+		if err == nil && serr == nil && len(ents) == 1 && ents[0].Name() == "upper" && st.Mode().Perm() == 0o700 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("kept layer dir: %v %v %v, want only upper/, 0700", ents, st, err)
+		}
+		time.Sleep(20 * time.Millisecond) // polling chalkd's background teardown
+	}
+	out, stderr, code := n.CLI("compute", "sandbox", "snapshot", sb.ID(), "-o", "json")
+	var img struct{ Ref, Digest string }
+	if code != 0 || json.Unmarshal([]byte(out), &img) != nil || img.Ref == "" {
+		t.Fatalf("cli snapshot of a stopped sandbox: exit %d, %q %q", code, out, stderr)
+	}
+	entries := snapshotLayer(t, n, img.Digest)
+	for name := range entries {
+		if strings.Contains(name, "init.sock") || strings.Contains(name, "identity") || strings.HasPrefix(name, ".chalk") || strings.HasPrefix(name, "run/chalk") {
+			t.Errorf("layer of the stopped sandbox carries %s", name)
+		}
+	}
+	nb, err := c.Create(ctx, chalkcompute.Base(img.Ref))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustExec(t, nb, "sh", "-c", "cat /work/a.txt && /work/tool"); got != "kept-1\ntool-ok\n" {
+		t.Fatalf("from the stopped sandbox's snapshot: %q", got)
+	}
+	if _, err := nb.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	// The grace period (wall-clock time under test) passes: the node
+	// removes the layer (polled), the snapshot is refused.
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat(dir); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("kept layer %s still there after its grace period", dir)
+		}
+		time.Sleep(50 * time.Millisecond) // polling chalkd's work
+	}
+	if _, err := sb.Snapshot(ctx); !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "kept for 3s") {
+		t.Errorf("snapshot after the grace period: %v, want failed precondition naming it", err)
+	}
+
+	// Over the org's budget (2 MiB): a sandbox that wrote 3 MiB is not kept.
+	big := create(t, c)
+	mustExec(t, big, "sh", "-c", "dd if=/dev/zero of=/big bs=1M count=3 2>/dev/null")
+	if _, err := big.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := big.Snapshot(ctx); !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "at most 2 MiB") {
+		t.Errorf("snapshot of a stopped sandbox over the budget: %v, want failed precondition naming the budget", err)
+	}
+
+	// kill -9 with a layer kept: the next start removes it.
+	last := create(t, c)
+	mustExec(t, last, "sh", "-c", "echo x > /x")
+	if _, err := last.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	lastDir := filepath.Join(n.Dir, "sandboxes", last.ID())
+	if _, err := os.Stat(lastDir); err != nil {
+		t.Fatalf("layer not kept: %v", err)
+	}
+	n.Kill()
+	n.Restart()
+	c = n.Client()
+	if _, err := os.Stat(lastDir); !os.IsNotExist(err) {
+		t.Errorf("kept layer after a restart: %v", err)
+	}
+	if mounts, _ := n.Exec("sh", "-c", "grep -c "+n.Dir+"/sandboxes /proc/self/mountinfo || true"); strings.TrimSpace(mounts) != "0" {
+		t.Errorf("mounts left after the restart: %s", mounts)
+	}
+	again, err := c.Sandbox(ctx, last.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := again.Snapshot(ctx); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Errorf("snapshot after a restart: %v, want failed precondition", err)
 	}
 }
 

@@ -159,19 +159,19 @@ func (d *Daemon) startRuntime(context.Context) (err error) {
 func (d *Daemon) startAgent(context.Context) (err error) {
 	cfg := &d.cfg
 	// Which sandboxes are live: filled by the API server (built last), read
-	// by the pre-start pool and the identity issuer (built before it).
+	// by the identity issuer (built before it).
 	d.live = api.NewLive()
 	d.wi = &workloadIdentity{store: d.Store, live: d.live, filesAt: filepath.Join(cfg.DataDir, "identity-files"), userNS: d.userNS, stops: map[string][]func(){}, queryURL: cfg.QueryURL, awsRegion: cfg.AWSRegion}
 	pool := node.PoolConfig{
 		Size: cfg.Prestart, Slots: max(cfg.PrestartSlots, 0), Dir: filepath.Join(cfg.DataDir, "prestarted"),
 		NewID: api.NewSandboxID, Binds: d.wi.binds, Discard: d.wi.discard,
 		CountsFile: filepath.Join(cfg.DataDir, "prestart-counts.json"),
-		SlotBusy:   d.live.SlotLive,
 		Memory:     cfg.Limits.DefaultMemoryMB << 20, DiskMB: min(sandbox.DefaultDiskMB, cfg.Limits.DefaultMemoryMB),
 	}
 	d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
 		ReservedSlots: buildSlots, Pool: pool,
+		TeardownDir: filepath.Join(cfg.DataDir, "teardown"), TeardownHold: teardownHold(cfg.Logger),
 	})
 	return err
 }
@@ -212,7 +212,7 @@ func (d *Daemon) startBuilds(context.Context) error {
 	}
 	builder, err := imagebuild.New(imagebuild.Config{
 		Registry: d.Registry, Cache: d.Cache, Runtime: d.Runtime, Blobs: blobs,
-		Network: newBuildNet(d.Net), Env: cfg.BuildEnv, MemoryMB: cfg.Limits.BuildMemoryMB,
+		Network: newBuildNet(d.Net, d.Agent.Slots()), Env: cfg.BuildEnv, MemoryMB: cfg.Limits.BuildMemoryMB,
 		Defaults: imagespec.Defaults{PythonVersion: DefaultPython}, Logger: cfg.Logger,
 	})
 	if err != nil {
@@ -282,6 +282,7 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		DefaultMemoryMB: cfg.Limits.DefaultMemoryMB, NodeMemoryMB: cfg.Limits.nodeMemoryMB,
 		Workload: d.wi, Identity: d.wi, Policies: d.pol, Images: d.im, Tunnels: d.tun, MCP: d.mcp,
 		DefaultQuota: cfg.DefaultQuota, Live: d.live, Auth: d.auth, Ingress: d.ingress.backend(),
+		KeepStopped: cfg.Limits.KeepStopped, KeepStoppedMB: cfg.Limits.KeepStoppedMB,
 		Hooks: d.sandboxHooks(),
 	})
 	if err := d.API.Reconcile(ctx); err != nil {
@@ -319,11 +320,15 @@ func (d *Daemon) sandboxHooks() api.Hooks {
 		},
 		Started: d.tun.started,
 		Ended: func(ctx context.Context, sb *store.Sandbox) {
+			t0 := time.Now()
 			d.ingress.ended(ctx, sb)
 			d.Tunnels.Leave(sb.ID)
 			d.mcp.ended(sb.ID)
+			t1 := time.Now()
 			d.wi.ended(ctx, sb)
+			t2 := time.Now()
 			d.pol.remove(ctx, sb)
+			d.log.Debug("sandbox end hooks", "sandbox", sb.ID, "ingress_tunnels_mcp", t1.Sub(t0), "identity", t2.Sub(t1), "egress", time.Since(t2))
 		},
 		Resumed: func(ctx context.Context, sb *store.Sandbox) {
 			d.wi.resume(ctx, sb)

@@ -46,7 +46,16 @@ type Config struct {
 	// SnapshotDir holds snapshot layers while they are pushed (default:
 	// the system's temporary directory).
 	SnapshotDir string
-	Logger      *slog.Logger
+	// TeardownDir journals the teardowns not finished (teardown.go), so
+	// that the next process finishes them (Restore). "": not journalled.
+	TeardownDir string
+	// MaxTeardowns bounds the teardowns running at once (default 4).
+	MaxTeardowns int
+	// TeardownHold, if set, is called by every background teardown between
+	// the removal of the container and that of its network; it blocks as
+	// long as it wants (tests stop chalkd in the middle of a teardown).
+	TeardownHold func(id string)
+	Logger       *slog.Logger
 }
 
 // Agent runs sandboxes on this node.
@@ -63,7 +72,9 @@ type Agent struct {
 	// so a snapshot never thaws a sandbox a user paused meanwhile.
 	freezeMu sync.Mutex
 
-	pool *warmPool // nil: no pre-started sandboxes
+	slots *Slots    // the node's network slots: the one allocator
+	pool  *warmPool // nil: no pre-started sandboxes
+	td    teardowns // background teardowns (teardown.go)
 }
 
 // New returns an Agent.
@@ -87,29 +98,39 @@ func newAgent(cfg Config, rt runtime, net network) (*Agent, error) {
 	if cfg.DefaultPids == 0 {
 		cfg.DefaultPids = 4096
 	}
+	if cfg.MaxTeardowns <= 0 {
+		cfg.MaxTeardowns = 4
+	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, rt: rt, net: net, inUse: map[string]func(){}}
+	a.td.init(cfg.MaxTeardowns)
+	if cfg.TeardownDir != "" {
+		if err := os.MkdirAll(cfg.TeardownDir, 0o700); err != nil {
+			return nil, err
+		}
+	}
+	// No slot whose network exists (a sandbox's, or a failed teardown's)
+	// is handed out.
+	slots, err := NewSlots(net.MaxSlot(), max(cfg.Pool.Slots, 0), cfg.ReservedSlots, net.SlotInUse)
+	if err != nil {
+		return nil, fmt.Errorf("node agent: %w", err)
+	}
+	a.slots = slots
 	if cfg.Pool.Slots > 0 {
-		plan, err := sandboxnet.SplitSlots(net.MaxSlot(), cfg.Pool.Slots, cfg.ReservedSlots)
-		if err != nil {
-			return nil, fmt.Errorf("node agent: %w", err)
-		}
-		// A member never takes a slot whose network exists (a sandbox's, or
-		// a failed teardown's) or one the control plane still holds.
-		busy := func(slot int) bool {
-			return net.SlotInUse(slot) || (cfg.Pool.SlotBusy != nil && cfg.Pool.SlotBusy(slot))
-		}
-		if a.pool, err = newWarmPool(a, cfg.Pool, sandboxnet.NewSlotRange(plan.PoolLo, plan.PoolHi, busy)); err != nil {
+		if a.pool, err = newWarmPool(a, cfg.Pool); err != nil {
 			return nil, err
 		}
 	}
 	return a, nil
 }
 
-// MaxSlot is the highest slot the control plane allocates for sandboxes
-// itself (pre-started sandboxes come with theirs, above it).
-func (a *Agent) MaxSlot() int {
-	return a.net.MaxSlot() - a.cfg.ReservedSlots - a.cfg.Pool.Slots
-}
+// Slots is the node's network slot allocator (builds take theirs from it).
+func (a *Agent) Slots() *Slots { return a.slots }
+
+// ReserveSlot gives sandbox id a network slot for a cold start (a claimed
+// pre-started sandbox comes with its own). It is held until the sandbox's
+// teardown ends (Destroy, Teardown), or Unclaim gives it back unused.
+// ErrResourceExhausted when the node is full.
+func (a *Agent) ReserveSlot(id string) (int, error) { return a.slots.Take(SlotSandbox, id) }
 
 // EnsureImage resolves ref through the registry (and its mirrors) and makes the
 // image warm in the node cache.
@@ -159,18 +180,18 @@ func (a *Agent) Start(ctx context.Context, req StartRequest) (Started, error) {
 	if a.pool != nil {
 		if m := a.pool.claimedMember(req.ID); m != nil {
 			defer a.pool.kick(a.pool.cfg.FillDelay)
-			// Held until the sandbox runs there (or failed to): the slot's
-			// network is its own from now on.
-			defer a.pool.unhold(m.slot)
+			// The member's slot is the sandbox's from now on (it holds it
+			// under the same id until its teardown ends).
+			defer a.pool.unhold(m.id)
 			st, err := a.activate(ctx, m, req)
 			if err == nil {
 				startsPrestarted.Inc()
 				return st, nil
 			}
 			// Dead or broken: start the sandbox afresh in its place (its
-			// identity dir, filled by the caller, stays).
+			// identity dir, filled by the caller, stays; so does its slot).
 			a.log.Warn("pre-started sandbox unusable; starting afresh", "sandbox", req.ID, "err", err)
-			if derr := a.destroyMember(context.WithoutCancel(ctx), m); derr != nil {
+			if derr := a.destroyMember(context.WithoutCancel(ctx), m, true); derr != nil {
 				return Started{}, fmt.Errorf("sandbox %q: pre-started sandbox unusable (%v) and not removable: %w", req.ID, err, derr)
 			}
 			a.pool.cfg.unjournal(m.id)
@@ -264,13 +285,41 @@ func (a *Agent) Running(ctx context.Context, id string) (int, bool) {
 	return a.rt.Running(ctx, id)
 }
 
-// Destroy stops the sandbox and removes everything it had on this node. Idempotent.
+// Kill kills every process of the sandbox now and returns (see
+// sandbox.Runtime.Kill): nothing of it runs any more; Wait reports its end.
+// Everything else it has stays until Destroy or Teardown.
+func (a *Agent) Kill(ctx context.Context, id string) error { return a.rt.Kill(ctx, id) }
+
+// Destroy stops the sandbox and removes everything it had on this node,
+// then frees its slot. Idempotent.
 func (a *Agent) Destroy(ctx context.Context, id string, slot int) error {
-	err := errors.Join(a.rt.Destroy(ctx, id), a.net.Teardown(ctx, id, slot))
+	return a.destroy(ctx, id, slot, nil, false, false)
+}
+
+// destroy is Destroy; hold (nil: none) runs between the container's
+// removal and the network's; keepSlot leaves the slot held; keepUpper
+// leaves the writable layer (see sandbox.Runtime.DestroyKeepUpper).
+func (a *Agent) destroy(ctx context.Context, id string, slot int, hold func(string), keepSlot, keepUpper bool) error {
+	var rerr error
+	if keepUpper {
+		rerr = a.rt.DestroyKeepUpper(ctx, id)
+	} else {
+		rerr = a.rt.Destroy(ctx, id)
+	}
+	if hold != nil {
+		hold(id)
+	}
+	err := errors.Join(rerr, a.net.Teardown(ctx, id, slot))
 	// The spare network this sandbox used is replaced now, while nothing
 	// is being started (see sandboxnet.Manager.Refill).
 	a.net.Refill()
 	a.release(id)
+	// Free only the slot of this sandbox (a slot it never held may be
+	// someone else's now). A network teardown that failed leaves the
+	// slot busy (SlotInUse) for the allocator.
+	if held, ok := a.slots.Of(id); ok && held == slot && !keepSlot {
+		a.slots.Release(id)
+	}
 	return err
 }
 
@@ -324,8 +373,12 @@ func (a *Agent) Logs(id string) (io.ReadCloser, error) {
 	return openConsoleLog(id, a.rt.LogPath(id))
 }
 
-// Leftovers lists runtime and network objects not belonging to live sandboxes.
+// Leftovers lists runtime and network objects not belonging to live
+// sandboxes, once the teardowns under way have ended (or ctx ends).
 func (a *Agent) Leftovers(ctx context.Context, live map[string]int) ([]string, error) {
+	if err := a.WaitTeardowns(ctx); err != nil {
+		return nil, err
+	}
 	if a.pool != nil {
 		all := a.pool.members() // a fresh map (live may be nil)
 		maps.Copy(all, live)
@@ -335,6 +388,11 @@ func (a *Agent) Leftovers(ctx context.Context, live map[string]int) ([]string, e
 	for id := range live {
 		ids[id] = true
 	}
+	a.td.mu.Lock()
+	for id := range a.td.kept {
+		ids[id] = true // a stopped sandbox's kept writable layer (teardown.go)
+	}
+	a.td.mu.Unlock()
 	rt, err := a.rt.Leftovers(ctx, ids)
 	if err != nil {
 		return nil, err
@@ -385,6 +443,9 @@ type SnapshotRequest struct {
 	// Exclude lists more paths left out of the layer (bind mount
 	// destinations); chalkd's own mount points always are.
 	Exclude []string
+	// Stopped: the sandbox has ended; its writable layer is taken from
+	// where its teardown kept it (Teardown with KeepUpper), if it still is.
+	Stopped bool
 	// Progress (nil: none) is told each phase: "freeze", "layer" (current =
 	// the layer's size), "push" (bytes of total).
 	Progress func(phase string, current, total int64)
@@ -417,21 +478,30 @@ func (a *Agent) Snapshot(ctx context.Context, req SnapshotRequest) (*imagebuild.
 
 // snapshotLayer takes the layer while the sandbox is frozen.
 func (a *Agent) snapshotLayer(ctx context.Context, req SnapshotRequest, progress func(string, int64, int64)) (path string, err error) {
-	a.freezeMu.Lock()
-	defer a.freezeMu.Unlock()
-	if _, ok := a.cfg.Runtime.Running(ctx, req.ID); !ok {
-		return "", fmt.Errorf("sandbox %q is not running: %w", req.ID, errdefs.ErrFailedPrecondition)
-	}
-	progress("freeze", 0, 0)
 	var userns *sandbox.UserNS
 	if n := a.cfg.Net.Lookup(req.ID, req.Slot); n != nil {
-		userns = SandboxUserNS(n)
+		userns = SandboxUserNS(n) // (computed from the slot: the same after its teardown)
 	}
-	err = whileFrozen(ctx, a.cfg.Runtime, req.ID, func() error {
+	take := func() error {
 		var err error
 		path, err = imagebuild.SnapshotLayer(a.cfg.Runtime.UpperDir(req.ID), userns, req.Exclude, a.cfg.SnapshotDir)
 		return err
-	})
+	}
+	if req.Stopped {
+		// Nothing runs in it: nothing to freeze.
+		err = a.withKept(ctx, req.ID, take)
+	} else {
+		a.freezeMu.Lock()
+		defer a.freezeMu.Unlock()
+		if _, ok := a.cfg.Runtime.Running(ctx, req.ID); !ok {
+			return "", fmt.Errorf("sandbox %q is not running: %w", req.ID, errdefs.ErrFailedPrecondition)
+		}
+		progress("freeze", 0, 0)
+		err = whileFrozen(ctx, a.cfg.Runtime, req.ID, take)
+	}
+	if errors.Is(err, errdefs.ErrFailedPrecondition) && req.Stopped {
+		return "", err
+	}
 	if err != nil {
 		if path != "" {
 			os.Remove(path)

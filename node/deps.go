@@ -15,7 +15,10 @@ type runtime interface {
 	Start(ctx context.Context, sp sandbox.Spec) (pid int, err error)
 	Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error)
 	Running(ctx context.Context, id string) (int, bool)
+	Kill(ctx context.Context, id string) error
 	Destroy(ctx context.Context, id string) error
+	DestroyKeepUpper(ctx context.Context, id string) error
+	DiskUsage(id string) (used, quota int64, err error)
 	Leftovers(ctx context.Context, live map[string]bool) ([]string, error)
 	LogPath(id string) string
 	CanUpdate() bool

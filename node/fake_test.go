@@ -39,8 +39,11 @@ type fakeRuntime struct {
 	// procs gives each started sandbox a real init process API: a
 	// procapi server in this process on a socket of its own (rootless;
 	// processes run as the test's user), ended with the sandbox.
-	procs bool
-	t     *testing.T
+	procs    bool
+	t        *testing.T
+	dead     map[string]bool // killed (Kill), not yet destroyed
+	upper    map[string]bool // writable layers kept (DestroyKeepUpper)
+	destroys map[string]int  // id -> Destroy calls
 }
 
 // fakeInit is a sandbox's init: Activate records what it was told.
@@ -72,7 +75,8 @@ var (
 
 func newFakeRuntime(t *testing.T) *fakeRuntime {
 	return &fakeRuntime{dir: t.TempDir(), nextPid: 100, running: map[string]*fakeInit{},
-		limits: map[string][2]float64{}, disks: map[string]int64{}, canUpdate: true, t: t}
+		limits: map[string][2]float64{}, disks: map[string]int64{}, canUpdate: true, t: t,
+		dead: map[string]bool{}, destroys: map[string]int{}, upper: map[string]bool{}}
 }
 
 // serveInit starts a procapi server for a sandbox's init (procs).
@@ -137,8 +141,11 @@ func (r *fakeRuntime) kill(id string) {
 
 func (r *fakeRuntime) Wait(ctx context.Context, id string, _ int) (sandbox.Exit, error) {
 	r.mu.Lock()
-	in := r.running[id]
+	in, dead := r.running[id], r.dead[id]
 	r.mu.Unlock()
+	if dead {
+		return sandbox.Exit{Code: 137, Signal: "SIGKILL", Known: true}, nil // killed, not yet destroyed
+	}
 	if in == nil {
 		return sandbox.Exit{Known: true}, nil
 	}
@@ -159,8 +166,38 @@ func (r *fakeRuntime) Running(_ context.Context, id string) (int, bool) {
 	return 0, false
 }
 
+// Kill ends the sandbox's processes; its container stays until Destroy.
+func (r *fakeRuntime) Kill(_ context.Context, id string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if in := r.running[id]; in != nil {
+		close(in.gone)
+		delete(r.running, id)
+		r.dead[id] = true
+	}
+	return nil
+}
+
+// DestroyKeepUpper is Destroy leaving a "layer" (until Destroy).
+func (r *fakeRuntime) DestroyKeepUpper(_ context.Context, id string) error {
+	r.kill(id)
+	r.mu.Lock()
+	delete(r.dead, id)
+	r.upper[id] = true
+	r.mu.Unlock()
+	return nil
+}
+
+// DiskUsage: 64 KiB used of 1 GiB.
+func (r *fakeRuntime) DiskUsage(string) (int64, int64, error) { return 64 << 10, 1 << 30, nil }
+
 func (r *fakeRuntime) Destroy(_ context.Context, id string) error {
 	r.kill(id)
+	r.mu.Lock()
+	delete(r.dead, id)
+	delete(r.upper, id)
+	r.destroys[id]++
+	r.mu.Unlock()
 	return nil
 }
 
@@ -171,6 +208,16 @@ func (r *fakeRuntime) Leftovers(_ context.Context, live map[string]bool) ([]stri
 	for id := range r.running {
 		if !live[id] {
 			out = append(out, "container "+id)
+		}
+	}
+	for id := range r.dead {
+		if !live[id] {
+			out = append(out, "container "+id)
+		}
+	}
+	for id := range r.upper {
+		if !live[id] {
+			out = append(out, "layer "+id)
 		}
 	}
 	slices.Sort(out)

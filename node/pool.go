@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -41,8 +42,8 @@ import (
 // it is started until it is activated, so a chalkd that died with members
 // removes them at its next start (ReapPool), and members never show as
 // leftovers (Leftovers counts them as live). Members take their network slots
-// from a range of PoolConfig.Slots slots of their own, which the sandboxes
-// they become keep: the ordinary allocator never hands them out.
+// from the pre-start range of the node's allocator (Slots, SlotPool), which
+// the sandboxes they become keep until their teardown ends.
 
 // Starts by kind, on /metrics.
 var (
@@ -85,11 +86,6 @@ type PoolConfig struct {
 	// CountsFile keeps the counts set with SetPrestarted across restarts
 	// (RestorePool); optional.
 	CountsFile string
-	// SlotBusy, if set, reports slots the control plane still holds
-	// although their network is gone: a sandbox that was destroyed and whose
-	// end is still being recorded (its egress rules, keyed by the slot's
-	// interface, are removed then). A member never takes such a slot.
-	SlotBusy func(slot int) bool
 	// Memory (bytes) and DiskMB are the limits members start with: the
 	// node's defaults, so a claim that asks for them changes nothing
 	// (others are set at activation). 0: none, the runtime's default quota.
@@ -109,9 +105,10 @@ type member struct {
 type warmPool struct {
 	a     *Agent
 	cfg   PoolConfig
-	slots *sandboxnet.SlotRange // the pool's slots; a member holds its slot until it is activated or gone
+	slots *Slots // the node's; members take SlotPool slots
 
 	mu       sync.Mutex
+	mine     map[string]int       // member id -> slot, until it is activated or gone
 	ready    map[string][]*member // image digest -> members
 	claimed  map[string]*member   // sandbox id -> claimed, not yet activated
 	starting map[string]int       // image digest -> members being started
@@ -126,7 +123,7 @@ type warmPool struct {
 	timer    *time.Timer
 }
 
-func newWarmPool(a *Agent, cfg PoolConfig, slots *sandboxnet.SlotRange) (*warmPool, error) {
+func newWarmPool(a *Agent, cfg PoolConfig) (*warmPool, error) {
 	if cfg.Dir == "" || cfg.NewID == nil {
 		return nil, fmt.Errorf("pre-started sandboxes: Dir and NewID are required: %w", errdefs.ErrInvalidArgument)
 	}
@@ -140,7 +137,7 @@ func newWarmPool(a *Agent, cfg PoolConfig, slots *sandboxnet.SlotRange) (*warmPo
 		cfg.FillDelay = 50 * time.Millisecond
 	}
 	return &warmPool{
-		a: a, cfg: cfg, slots: slots,
+		a: a, cfg: cfg, slots: a.slots, mine: map[string]int{},
 		ready: map[string][]*member{}, claimed: map[string]*member{}, starting: map[string]int{},
 		imgs: map[string]*nodecache.Image{}, explicit: map[string]int{},
 		failed: map[string]time.Time{}, changed: make(chan struct{}),
@@ -224,8 +221,22 @@ func (p *warmPool) claimedMember(id string) *member {
 	return m
 }
 
-// unhold frees a slot the pool held.
-func (p *warmPool) unhold(slot int) { p.slots.Release(slot) }
+// unhold ends the pool's hold of member id: the sandbox it became (or
+// that was started afresh in its place) holds the slot from now on.
+func (p *warmPool) unhold(id string) {
+	p.mu.Lock()
+	delete(p.mine, id)
+	p.mu.Unlock()
+}
+
+// own records (slot > 0) or forgets a member's slot; p.mu held.
+func (p *warmPool) own(id string, slot int) {
+	if slot > 0 {
+		p.mine[id] = slot
+	} else {
+		delete(p.mine, id)
+	}
+}
 
 // kick schedules a fill after delay (0: now) unless one is due or running.
 func (p *warmPool) kick(delay time.Duration) {
@@ -255,7 +266,7 @@ func (p *warmPool) next() (digest string, ok bool) {
 			digest, best = d, missing
 		}
 	}
-	if best <= 0 || !p.slots.Free() {
+	if best <= 0 || !p.slots.Free(SlotPool) {
 		return "", false
 	}
 	return digest, true
@@ -277,17 +288,19 @@ func (p *warmPool) fill() {
 		}
 		img := p.imgs[digest]
 		id := p.cfg.NewID()
-		slot, ok := p.slots.Take(id)
-		if !ok {
+		slot, err := p.slots.Take(SlotPool, id)
+		if err != nil {
 			break
 		}
+		p.own(id, slot)
 		p.starting[digest]++
 		p.mu.Unlock()
 		m, err := p.start(img, id, slot)
 		p.mu.Lock()
 		p.starting[digest]--
 		if err != nil {
-			p.slots.Release(slot)
+			p.slots.Release(id)
+			p.own(id, 0)
 			p.failed[digest] = time.Now()
 			p.a.log.Warn("pre-starting a sandbox failed; retrying in a minute", "image", digest, "err", err)
 			p.notify()
@@ -345,12 +358,12 @@ func (c *PoolConfig) unjournal(id string) { _ = os.Remove(filepath.Join(c.Dir, i
 // out counted them in p.dropping.
 func (p *warmPool) discard(ms []*member) {
 	for _, m := range ms {
-		if err := p.a.destroyMember(context.Background(), m); err != nil {
+		if err := p.a.destroyMember(context.Background(), m, false); err != nil {
 			p.a.log.Warn("destroy pre-started sandbox", "sandbox", m.id, "err", err)
 		}
 		p.cfg.forget(m.id)
 		p.mu.Lock()
-		p.slots.Release(m.slot)
+		p.own(m.id, 0)
 		p.dropping--
 		p.notify()
 		p.mu.Unlock()
@@ -364,8 +377,9 @@ func (p *warmPool) discard(ms []*member) {
 // init: chalkd, the subreaper, is its parent once `runc run -d` has
 // returned, and nothing else waits for a member (a sandbox's init is reaped
 // by the control plane's watcher, which a member never had).
-func (a *Agent) destroyMember(ctx context.Context, m *member) error {
-	if err := a.Destroy(ctx, m.id, m.slot); err != nil {
+// keepSlot leaves its slot held (a sandbox is started afresh in it).
+func (a *Agent) destroyMember(ctx context.Context, m *member, keepSlot bool) error {
+	if err := a.destroy(ctx, m.id, m.slot, nil, keepSlot, false); err != nil {
 		return err // init may still run: waiting for it could hang
 	}
 	if m.pid > 0 {
@@ -380,7 +394,11 @@ func (a *Agent) destroyMember(ctx context.Context, m *member) error {
 
 // members lists every member not yet activated (ready, claimed or
 // starting) by id with its slot.
-func (p *warmPool) members() map[string]int { return p.slots.Held() }
+func (p *warmPool) members() map[string]int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return maps.Clone(p.mine)
+}
 
 // Claim hands out a pre-started sandbox for req if one fits: req's image is
 // pooled, req asks for no pids limit or user of its own and no extra binds,
@@ -408,17 +426,26 @@ func (a *Agent) Claim(req StartRequest) (id string, slot int, ok bool) {
 	return m.id, m.slot, true
 }
 
-// Unclaim returns an unused claim (the create failed before Start): the
-// sandbox is destroyed, never put back, since its id may have been seen.
+// Unclaim gives back what Claim or ReserveSlot gave to a create that
+// failed before its sandbox started: a claimed pre-started sandbox is
+// destroyed, never put back, since its id may have been seen; a reserved
+// slot is freed. A no-op for a sandbox that started (or whose start
+// failed after creating anything: its Destroy frees the slot).
 func (a *Agent) Unclaim(id string) {
-	if a.pool == nil {
-		return
+	if a.pool != nil {
+		if m := a.pool.claimedMember(id); m != nil {
+			a.pool.mu.Lock()
+			a.pool.dropping++
+			a.pool.mu.Unlock()
+			a.pool.discard([]*member{m})
+			return
+		}
 	}
-	if m := a.pool.claimedMember(id); m != nil {
-		a.pool.mu.Lock()
-		a.pool.dropping++
-		a.pool.mu.Unlock()
-		a.pool.discard([]*member{m})
+	a.mu.Lock()
+	_, started := a.inUse[id]
+	a.mu.Unlock()
+	if !started && !a.TearingDown(id) {
+		a.slots.Release(id)
 	}
 }
 
@@ -459,8 +486,8 @@ func (a *Agent) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, 
 	if p == nil {
 		return fmt.Errorf("pre-started sandboxes are off on this node (chalkd --prestart-slots -1): %w", errdefs.ErrFailedPrecondition)
 	}
-	if n < 0 || n > p.slots.Size() {
-		return fmt.Errorf("pre-started sandboxes: %d: want 0 to %d (the node's pre-start slots): %w", n, p.slots.Size(), errdefs.ErrInvalidArgument)
+	if n < 0 || n > p.slots.Size(SlotPool) {
+		return fmt.Errorf("pre-started sandboxes: %d: want 0 to %d (the node's pre-start slots): %w", n, p.slots.Size(SlotPool), errdefs.ErrInvalidArgument)
 	}
 	p.mu.Lock()
 	p.imgs[img.Digest] = img
@@ -543,7 +570,7 @@ func (a *Agent) RestorePool() error {
 			continue // the image left the node cache: its count goes with it
 		}
 		p.imgs[d] = img
-		p.explicit[d] = min(n, p.slots.Size())
+		p.explicit[d] = min(n, p.slots.Size(SlotPool))
 	}
 	err = p.saveCounts()
 	p.mu.Unlock()

@@ -50,8 +50,8 @@ func TestPoolClaimActivates(t *testing.T) {
 	ctx := context.Background()
 	rt, n := newFakeRuntime(t), newFakeNet(20)
 	a := testAgent(t, poolCfg(), rt, n)
-	if got := a.MaxSlot(); got != 14 {
-		t.Fatalf("MaxSlot %d, want 14", got)
+	if lo, hi := a.Slots().Range(SlotSandbox); lo != 1 || hi != 14 {
+		t.Fatalf("sandbox slots %d..%d, want 1..14", lo, hi)
 	}
 	img := testImage("busybox")
 	if err := a.SetPrestarted(ctx, img, 2, nil); err != nil {
@@ -174,9 +174,17 @@ func TestPoolDeadMember(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	last := rt.starts[len(rt.starts)-1]
-	if last.ID != id || !slices.Contains(last.Env, "A=1") || st.Net.Slot != slot {
-		t.Fatalf("fresh start %+v, net %+v", last, st.Net)
+	// (The pool may be refilling meanwhile: its starts are other ids.)
+	rt.mu.Lock()
+	var mine []sandbox.Spec
+	for _, sp := range rt.starts {
+		if sp.ID == id {
+			mine = append(mine, sp)
+		}
+	}
+	rt.mu.Unlock()
+	if len(mine) != 2 || !slices.Contains(mine[1].Env, "A=1") || st.Net.Slot != slot {
+		t.Fatalf("starts of %s: %+v, net %+v; want the member's and a fresh one", id, mine, st.Net)
 	}
 }
 
@@ -241,15 +249,17 @@ func TestPoolEvicts(t *testing.T) {
 	}
 }
 
-// TestPoolSlots: members stay in the pool's range, never take a slot the
-// control plane still holds (SlotBusy), and fail cleanly when the range is
-// full.
+// TestPoolSlots: members stay in the pool's range, never take a slot a
+// sandbox still holds (its teardown has not ended), and fail cleanly when
+// the range is full.
 func TestPoolSlots(t *testing.T) {
 	ctx := context.Background()
 	rt, n := newFakeRuntime(t), newFakeNet(20)
 	cfg := poolCfg()
-	cfg.Pool.SlotBusy = func(slot int) bool { return slot == 15 }
 	a := testAgent(t, cfg, rt, n)
+	if err := a.Slots().Hold("sb-ending", 15); err != nil {
+		t.Fatal(err)
+	}
 	img := testImage("busybox")
 	err := a.SetPrestarted(ctx, img, 4, nil)
 	if !errors.Is(err, errdefs.ErrResourceExhausted) {

@@ -604,9 +604,108 @@ func (r *Runtime) SetLimits(ctx context.Context, id string, cpu float64, memory 
 	return nil
 }
 
+// Kill kills every process of sandbox id now, without waiting (Wait
+// observes the end): SIGKILL to its init through a pidfd, after checking
+// that the pid is in the sandbox's cgroup (a pid reused after init's death
+// is not killed). Under runc init is pid 1 of the sandbox's pid namespace:
+// the kernel kills every other process of the namespace as it dies, before
+// init can be reaped. Under runsc the pid is the Sentry's, which runs every
+// process of the sandbox. A frozen sandbox (cgroup freezer) is killed and
+// thawed through runc: a frozen process dies only once thawed. What stays
+// (mounts, cgroups, runc state, the network) is for Destroy.
+func (r *Runtime) Kill(ctx context.Context, id string) error {
+	if !validID(id) {
+		return fmt.Errorf("sandbox id %q: %w", id, errdefs.ErrInvalidArgument)
+	}
+	if r.frozen(id) {
+		if err := r.runc.Kill(ctx, id, int(unix.SIGKILL), &runc.KillOpts{All: true}); err != nil && !isNotExist(err) {
+			return fmt.Errorf("runc kill %s: %w", id, err)
+		}
+		if err := r.runc.Resume(ctx, id); err != nil && !isNotExist(err) {
+			return fmt.Errorf("runc resume %s: %w", id, err)
+		}
+		return nil
+	}
+	pid, err := r.initPid(id)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // never started, or destroyed already
+	}
+	if err != nil {
+		return err
+	}
+	fd, err := unix.PidfdOpen(pid, 0)
+	if errors.Is(err, unix.ESRCH) {
+		return nil // gone already
+	}
+	if err != nil {
+		return fmt.Errorf("sandbox %q: pidfd_open %d: %w", id, pid, err)
+	}
+	defer unix.Close(fd)
+	// The pidfd names the process that had pid when it was opened; if
+	// /proc/pid is in the sandbox's cgroup now, that is the same process
+	// (or it died and the signal goes nowhere).
+	if in, err := inCgroup(pid, r.cgroupPath(id)); err != nil || !in {
+		return nil // not the sandbox's: its init is gone
+	}
+	if err := unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("sandbox %q: kill init %d: %w", id, pid, err)
+	}
+	return nil
+}
+
+// keepOnlyUpper removes every entry of a destroyed sandbox's directory but
+// upper/ and makes it 0700. Nothing is followed: os.RemoveAll removes links,
+// not their targets.
+func keepOnlyUpper(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ents {
+		if e.Name() != "upper" {
+			errs = append(errs, os.RemoveAll(filepath.Join(dir, e.Name())))
+		}
+	}
+	errs = append(errs, os.Chmod(dir, 0o700))
+	return errors.Join(errs...)
+}
+
+// frozen reports whether sandbox id's cgroup is frozen (or freezing), read
+// from cgroupfs (no runc call).
+func (r *Runtime) frozen(id string) bool {
+	cg := r.cgroupPath(id)
+	if b, err := os.ReadFile(filepath.Join("/sys/fs/cgroup/freezer", cg, "freezer.state")); err == nil {
+		return strings.TrimSpace(string(b)) != "THAWED"
+	}
+	if b, err := os.ReadFile(filepath.Join("/sys/fs/cgroup", cg, "cgroup.freeze")); err == nil {
+		return strings.TrimSpace(string(b)) == "1"
+	}
+	return false
+}
+
 // Destroy kills the sandbox and removes its runc state, cgroup, mounts and
 // directory. It is idempotent and safe on a half-created sandbox.
-func (r *Runtime) Destroy(ctx context.Context, id string) error {
+func (r *Runtime) Destroy(ctx context.Context, id string) error { return r.destroy(ctx, id, false) }
+
+// DestroyKeepUpper is Destroy leaving the sandbox's writable layer
+// (UpperDir, on its disk's tmpfs) in place for a snapshot of the stopped
+// sandbox: its processes, runc state, cgroups, rootfs and lower mounts,
+// bundle, init socket dir and pid file are removed, and its directory made
+// 0700 (no longer reachable by the uid range, which another sandbox may
+// get). Destroy removes the rest. A no-op keep without disk quotas
+// (DiskNone: the layer is on the host's disk, kept by nothing).
+func (r *Runtime) DestroyKeepUpper(ctx context.Context, id string) error {
+	return r.destroy(ctx, id, r.cfg.Disk != DiskNone)
+}
+
+func (r *Runtime) destroy(ctx context.Context, id string, keepUpper bool) error {
+	if !validID(id) {
+		return fmt.Errorf("sandbox id %q: %w", id, errdefs.ErrInvalidArgument)
+	}
 	var errs []error
 	if r.Paused(ctx, id) {
 		// A frozen process does not die of SIGKILL until thawed (cgroup v1
@@ -630,6 +729,14 @@ func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	}
 	if err := unmountLowers(filepath.Join(dir, "lower")); err != nil {
 		errs = append(errs, err)
+	}
+	if keepUpper {
+		if len(errs) > 0 {
+			// A mount may still be there (the image's layers under
+			// lower/): remove nothing; Destroy detaches the whole disk.
+			return errors.Join(errs...)
+		}
+		return keepOnlyUpper(dir)
 	}
 	if err := unmountDir(dir); err != nil {
 		errs = append(errs, err)

@@ -130,6 +130,10 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 // even at nice 19, +3 ms on the first exec when refilling right after it).
 func (m *Manager) Refill() { m.pool.refill() }
 
+// WaitRefill blocks while spares are being made (a graceful stop: a spare
+// half made when the process exits is left to the kernel's cleanup).
+func (m *Manager) WaitRefill() { m.pool.wait() }
+
 // configureInside gives eth0 (index eth0, up) in the sandbox namespace the
 // sandbox's addresses and default routes via the host side.
 func configureInside(h *netlink.Handle, eth0 int, n *Net) error {

@@ -2,8 +2,6 @@ package sandboxnet
 
 import (
 	"errors"
-	"fmt"
-	"sync"
 	"testing"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
@@ -30,56 +28,5 @@ func TestSplitSlots(t *testing.T) {
 		if err != nil || got != tc.want {
 			t.Errorf("SplitSlots(%d, %d, %d) = %+v, %v; want %+v", tc.max, tc.pool, tc.builds, got, err, tc.want)
 		}
-	}
-}
-
-func TestSlotRange(t *testing.T) {
-	busy := map[int]bool{11: true}
-	var mu sync.Mutex
-	r := NewSlotRange(10, 14, func(s int) bool { mu.Lock(); defer mu.Unlock(); return busy[s] })
-	if r.Size() != 5 || NewSlotRange(5, 4, nil).Size() != 0 {
-		t.Fatal("Size")
-	}
-	// Lowest first, skipping busy slots.
-	if s, ok := r.Take("a"); !ok || s != 10 {
-		t.Fatalf("first take %d %v", s, ok)
-	}
-	if s, ok := r.Take("b"); !ok || s != 12 {
-		t.Fatalf("second take %d %v, want 12 (11 is busy)", s, ok)
-	}
-	r.Release(10)
-	if s, _ := r.Take("c"); s != 10 {
-		t.Fatalf("a released slot is not reused first: %d", s)
-	}
-	if got := r.Held(); len(got) != 2 || got["b"] != 12 || got["c"] != 10 {
-		t.Fatalf("held %v", got)
-	}
-	// Concurrent takes never share a slot, and stop at the range's end.
-	var wg sync.WaitGroup
-	var tmu sync.Mutex
-	taken := map[int]string{}
-	for i := range 10 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if s, ok := r.Take(fmt.Sprint("x", i)); ok {
-				tmu.Lock()
-				defer tmu.Unlock()
-				if o, dup := taken[s]; dup {
-					t.Errorf("slot %d given to %s and x%d", s, o, i)
-				}
-				taken[s] = fmt.Sprint("x", i)
-			}
-		}()
-	}
-	wg.Wait()
-	if len(taken) != 2 || r.Free() {
-		t.Fatalf("took %v; free left: %v (want 13 and 14, none left)", taken, r.Free())
-	}
-	mu.Lock()
-	busy[11] = false
-	mu.Unlock()
-	if !r.Free() {
-		t.Fatal("a slot no longer busy is not free")
 	}
 }

@@ -102,6 +102,9 @@ func (s *Store) Backend() string { return s.db.d.name }
 const (
 	StateCreating = "creating"
 	StateRunning  = "running"
+	// StateStopping: its end was asked for (EndReason says why) and its
+	// processes are being killed; "stopped" follows within milliseconds.
+	StateStopping = "stopping"
 	StateStopped  = "stopped"
 	StateFailed   = "failed"
 )
@@ -160,22 +163,25 @@ type Mount struct {
 func (sb *Sandbox) Deadline() time.Time { return sb.CreatedAt.Add(sb.Timeout) }
 
 // Live reports whether the sandbox has not ended.
-func (sb *Sandbox) Live() bool { return sb.State == StateCreating || sb.State == StateRunning }
+func (sb *Sandbox) Live() bool {
+	return sb.State == StateCreating || sb.State == StateRunning || sb.State == StateStopping
+}
 
-// CreateSandbox inserts a new sandbox, assigning it the lowest network slot in
-// [1, maxSlot] not held by a live sandbox.
-//
-// The slot is the lowest free one up to maxSlot, unless sb.Slot is set
-// already (by the node, for a pre-started sandbox): then it must be free.
-func (s *Store) CreateSandbox(ctx context.Context, sb *Sandbox, maxSlot int) error {
-	return s.CreateSandboxWithin(ctx, sb, maxSlot, Quota{})
+// CreateSandbox inserts a new sandbox. Its network slot (sb.Slot) is the
+// one the node gave it: the store records it, it never chooses one (slots
+// are a node's own; see node.Slots).
+func (s *Store) CreateSandbox(ctx context.Context, sb *Sandbox) error {
+	return s.CreateSandboxWithin(ctx, sb, Quota{})
 }
 
 // CreateSandboxWithin is CreateSandbox refusing, in the same transaction,
 // a sandbox that would take its org past q (ErrResourceExhausted naming the
 // limit). Concurrent creates are serialised on the org's row, so a quota
 // of n admits exactly n however many race.
-func (s *Store) CreateSandboxWithin(ctx context.Context, sb *Sandbox, maxSlot int, q Quota) error {
+func (s *Store) CreateSandboxWithin(ctx context.Context, sb *Sandbox, q Quota) error {
+	if sb.Slot < 1 {
+		return fmt.Errorf("sandbox %q: network slot %d: the node gives every sandbox one: %w", sb.ID, sb.Slot, errdefs.ErrInvalidArgument)
+	}
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
@@ -187,49 +193,8 @@ func (s *Store) CreateSandboxWithin(ctx context.Context, sb *Sandbox, maxSlot in
 	if _, err := tx.ExecContext(ctx, `UPDATE orgs SET create_seq = create_seq + 1 WHERE name = ?`, sb.OrgID); err != nil {
 		return err
 	}
-	// Slots are the node's, shared by every org (and an org without a row
-	// locks nothing above): allocate them one create at a time.
-	if err := tx.d.lock(ctx, tx, "slots"); err != nil {
-		return err
-	}
 	if err := checkQuota(ctx, tx, sb, q); err != nil {
 		return err
-	}
-	rows, err := tx.QueryContext(ctx, `SELECT slot FROM sandboxes WHERE state IN (?, ?) ORDER BY slot`, StateCreating, StateRunning)
-	if err != nil {
-		return err
-	}
-	slot := 1
-	for rows.Next() {
-		var used int
-		if err := rows.Scan(&used); err != nil {
-			rows.Close()
-			return err
-		}
-		if sb.Slot != 0 {
-			// A slot given by the node (a pre-started sandbox's) must be free.
-			if used == sb.Slot {
-				rows.Close()
-				return fmt.Errorf("sandbox %q: slot %d is in use: %w", sb.ID, sb.Slot, errdefs.ErrAlreadyExists)
-			}
-			continue
-		}
-		if used == slot {
-			slot++
-		} else if used > slot {
-			break
-		}
-	}
-	if err := rows.Err(); err != nil {
-		rows.Close()
-		return err
-	}
-	rows.Close()
-	if sb.Slot == 0 {
-		if slot > maxSlot {
-			return fmt.Errorf("node is full (%d sandboxes): %w", maxSlot, errdefs.ErrResourceExhausted)
-		}
-		sb.Slot = slot
 	}
 	doc, err := json.Marshal(sb)
 	if err != nil {
@@ -261,7 +226,7 @@ func checkQuota(ctx context.Context, tx *txn, sb *Sandbox, q Quota) error {
 				sb.OrgID, q.MaxCreatesPerMinute, n, errdefs.ErrResourceExhausted)
 		}
 	}
-	rows, err := tx.QueryContext(ctx, `SELECT doc FROM sandboxes WHERE org_id = ? AND state IN (?, ?)`, sb.OrgID, StateCreating, StateRunning)
+	rows, err := tx.QueryContext(ctx, `SELECT doc FROM sandboxes WHERE org_id = ? AND state IN (?, ?, ?)`, sb.OrgID, StateCreating, StateRunning, StateStopping)
 	if err != nil {
 		return err
 	}
@@ -306,6 +271,37 @@ func (s *Store) UpdateSandbox(ctx context.Context, sb *Sandbox) error {
 		return fmt.Errorf("sandbox %q: %w", sb.ID, errdefs.ErrNotFound)
 	}
 	return nil
+}
+
+// MarkStopping records that running sandbox id is being ended for reason
+// (state stopping). A sandbox no longer running (its end recorded
+// meanwhile) is left as it is.
+func (s *Store) MarkStopping(ctx context.Context, id, reason string) error {
+	tx, err := s.db.BeginTx(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	var doc []byte
+	err = tx.QueryRowContext(ctx, `SELECT doc FROM sandboxes WHERE id = ? AND state = ?`+tx.d.forUpdate, id, StateRunning).Scan(&doc)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil // not running (ended already, or unknown): left as it is
+	}
+	if err != nil {
+		return fmt.Errorf("sandbox %q: %w", id, err)
+	}
+	var sb Sandbox
+	if err := json.Unmarshal(doc, &sb); err != nil {
+		return fmt.Errorf("sandbox %q record: %w", id, err)
+	}
+	sb.State, sb.EndReason = StateStopping, reason
+	if doc, err = json.Marshal(&sb); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `UPDATE sandboxes SET state = ?, doc = ? WHERE id = ?`, StateStopping, doc, id); err != nil {
+		return fmt.Errorf("sandbox %q: %w", id, err)
+	}
+	return tx.Commit()
 }
 
 // SetSandboxPaused records that a running sandbox is paused (or not). Only
@@ -362,8 +358,8 @@ func (s *Store) ListSandboxes(ctx context.Context, orgID string, liveOnly bool) 
 	q := `SELECT doc FROM sandboxes WHERE (? = '' OR org_id = ?)`
 	args := []any{orgID, orgID}
 	if liveOnly {
-		q += ` AND state IN (?, ?)`
-		args = append(args, StateCreating, StateRunning)
+		q += ` AND state IN (?, ?, ?)`
+		args = append(args, StateCreating, StateRunning, StateStopping)
 	}
 	q += ` ORDER BY rowid DESC`
 	rows, err := s.db.QueryContext(ctx, q, args...)

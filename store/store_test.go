@@ -3,7 +3,6 @@ package store
 import (
 	"context"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -61,70 +60,39 @@ func (b backend) open(t *testing.T) *Store {
 	return s
 }
 
-// TestGivenSlot: a slot given by the node (a pre-started sandbox's, above
-// maxSlot) is kept if free and refused if a live sandbox holds it; the
-// lowest-free allocation is not disturbed by it.
-func TestGivenSlot(t *testing.T) {
+// TestSandboxSlotRecorded: the store records the slot the node gave a
+// sandbox and never chooses one: a sandbox without a slot is refused,
+// unrecorded.
+func TestSandboxSlotRecorded(t *testing.T) {
 	eachBackend(t, func(t *testing.T, b backend) {
 		ctx := context.Background()
 		s := b.open(t)
-		pre := &Sandbox{ID: "pre", OrgID: "o", State: StateCreating, Slot: 40}
-		if err := s.CreateSandbox(ctx, pre, 3); err != nil || pre.Slot != 40 {
-			t.Fatalf("given slot: %d %v", pre.Slot, err)
+		sb := &Sandbox{ID: "a", OrgID: "o", State: StateRunning, Slot: 40, CreatedAt: time.Now()}
+		if err := s.CreateSandbox(ctx, sb); err != nil {
+			t.Fatal(err)
 		}
-		low := &Sandbox{ID: "low", OrgID: "o", State: StateCreating}
-		if err := s.CreateSandbox(ctx, low, 3); err != nil || low.Slot != 1 {
-			t.Fatalf("allocated beside a given slot: %d %v", low.Slot, err)
+		if got, err := s.GetSandbox(ctx, "a"); err != nil || got.Slot != 40 {
+			t.Fatalf("recorded slot: %+v %v", got, err)
 		}
-		if err := s.CreateSandbox(ctx, &Sandbox{ID: "dup", OrgID: "o", State: StateCreating, Slot: 40}, 3); !errors.Is(err, errdefs.ErrAlreadyExists) {
-			t.Fatalf("a given slot in use: %v, want already exists", err)
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "none", OrgID: "o", State: StateCreating}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Fatalf("no slot: %v, want invalid argument", err)
 		}
-		if _, err := s.GetSandbox(ctx, "dup"); !errors.Is(err, errdefs.ErrNotFound) {
+		if _, err := s.GetSandbox(ctx, "none"); !errors.Is(err, errdefs.ErrNotFound) {
 			t.Fatalf("the refused sandbox was recorded: %v", err)
 		}
-		pre.State = StateStopped
-		if err := s.UpdateSandbox(ctx, pre); err != nil {
-			t.Fatal(err)
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "a", OrgID: "o", State: StateStopped, Slot: 2}); !errors.Is(err, errdefs.ErrAlreadyExists) {
+			t.Fatalf("duplicate id: %v, want already exists", err)
 		}
-		again := &Sandbox{ID: "again", OrgID: "o", State: StateCreating, Slot: 40}
-		if err := s.CreateSandbox(ctx, again, 3); err != nil || again.Slot != 40 {
-			t.Fatalf("a given slot freed by a stopped sandbox: %d %v", again.Slot, err)
-		}
-	})
-}
-
-func TestSlotsLowestFreeAndReused(t *testing.T) {
-	eachBackend(t, func(t *testing.T, b backend) {
-		ctx := context.Background()
-		s := b.open(t)
-		var sbs []*Sandbox
-		for i, id := range []string{"a", "b", "c"} {
-			sb := &Sandbox{ID: id, OrgID: "o", State: StateRunning, CreatedAt: time.Now()}
-			if err := s.CreateSandbox(ctx, sb, 3); err != nil {
+		// Live: creating, running and stopping; newest first.
+		for i, st := range []string{StateStopping, StateStopped, StateCreating} {
+			id := string(rune('b' + i))
+			if err := s.CreateSandbox(ctx, &Sandbox{ID: id, OrgID: "o", State: st, Slot: 2 + i, CreatedAt: time.Now().Add(time.Duration(i+1) * time.Second)}); err != nil {
 				t.Fatal(err)
 			}
-			if sb.Slot != i+1 {
-				t.Fatalf("%s got slot %d", id, sb.Slot)
-			}
-			sbs = append(sbs, sb)
-		}
-		if err := s.CreateSandbox(ctx, &Sandbox{ID: "d", OrgID: "o", State: StateCreating}, 3); !errors.Is(err, errdefs.ErrResourceExhausted) {
-			t.Fatalf("full node: %v", err)
-		}
-		sbs[1].State = StateStopped
-		if err := s.UpdateSandbox(ctx, sbs[1]); err != nil {
-			t.Fatal(err)
-		}
-		d := &Sandbox{ID: "d", OrgID: "o", State: StateCreating}
-		if err := s.CreateSandbox(ctx, d, 3); err != nil || d.Slot != 2 {
-			t.Fatalf("reuse: slot %d err %v", d.Slot, err)
-		}
-		if err := s.CreateSandbox(ctx, &Sandbox{ID: "a", OrgID: "o", State: StateStopped}, 10); err == nil {
-			t.Fatal("duplicate id accepted")
 		}
 		live, err := s.ListSandboxes(ctx, "o", true)
-		if err != nil || len(live) != 3 {
-			t.Fatalf("live: %d %v", len(live), err)
+		if err != nil || len(live) != 3 || live[0].ID != "d" || live[1].ID != "b" || live[2].ID != "a" {
+			t.Fatalf("live: %v %v", live, err)
 		}
 		all, _ := s.ListSandboxes(ctx, "", false)
 		if len(all) != 4 || all[0].ID != "d" {
@@ -135,6 +103,33 @@ func TestSlotsLowestFreeAndReused(t *testing.T) {
 		}
 		if err := s.UpdateSandbox(ctx, &Sandbox{ID: "nope"}); !errors.Is(err, errdefs.ErrNotFound) {
 			t.Fatalf("update missing: %v", err)
+		}
+	})
+}
+
+// TestMarkStopping: a running sandbox is recorded stopping with the reason;
+// one whose end is recorded already is left as it is.
+func TestMarkStopping(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		run := &Sandbox{ID: "r", OrgID: "o", State: StateRunning, Slot: 1}
+		done := &Sandbox{ID: "d", OrgID: "o", State: StateStopped, EndReason: "exited", Slot: 2}
+		for _, sb := range []*Sandbox{run, done} {
+			if err := s.CreateSandbox(ctx, sb); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, id := range []string{"r", "d"} {
+			if err := s.MarkStopping(ctx, id, "terminated"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got, _ := s.GetSandbox(ctx, "r"); got.State != StateStopping || got.EndReason != "terminated" || !got.Live() {
+			t.Fatalf("running: %+v", got)
+		}
+		if got, _ := s.GetSandbox(ctx, "d"); got.State != StateStopped || got.EndReason != "exited" {
+			t.Fatalf("stopped: %+v", got)
 		}
 	})
 }
@@ -174,7 +169,7 @@ func TestReopen(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := s.CreateSandbox(ctx, &Sandbox{ID: "x", OrgID: "o", State: StateRunning, Env: map[string]string{"A": "b"}}, 5); err != nil {
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "x", OrgID: "o", State: StateRunning, Env: map[string]string{"A": "b"}, Slot: 1}); err != nil {
 			t.Fatal(err)
 		}
 		s.Close()
@@ -190,57 +185,14 @@ func TestReopen(t *testing.T) {
 	})
 }
 
-// TestSlotRace: creates racing in different orgs (none with an org row to
-// lock) still get distinct slots, and no more than the node has.
-func TestSlotRace(t *testing.T) {
-	eachBackend(t, func(t *testing.T, b backend) {
-		ctx := context.Background()
-		s := b.open(t)
-		var wg sync.WaitGroup
-		errs := make(chan error, 20)
-		for i := range 20 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				errs <- s.CreateSandbox(ctx, &Sandbox{ID: fmt.Sprintf("sb-%d", i), OrgID: fmt.Sprintf("o%d", i), State: StateCreating}, 15)
-			}()
-		}
-		wg.Wait()
-		close(errs)
-		full := 0
-		for err := range errs {
-			switch {
-			case errors.Is(err, errdefs.ErrResourceExhausted):
-				full++
-			case err != nil:
-				t.Fatal(err)
-			}
-		}
-		live, err := s.ListSandboxes(ctx, "", true)
-		if err != nil {
-			t.Fatal(err)
-		}
-		seen := map[int]string{}
-		for _, sb := range live {
-			if o, dup := seen[sb.Slot]; dup || sb.Slot < 1 || sb.Slot > 15 {
-				t.Fatalf("slot %d of %s (also %q)", sb.Slot, sb.ID, o)
-			}
-			seen[sb.Slot] = sb.ID
-		}
-		if len(live) != 15 || full != 5 {
-			t.Fatalf("%d created, %d refused; want 15 and 5", len(live), full)
-		}
-	})
-}
-
 // TestPaused: the paused flag changes only on a running sandbox, and
 // nothing else of its record does.
 func TestPaused(t *testing.T) {
 	eachBackend(t, func(t *testing.T, b backend) {
 		ctx := context.Background()
 		s := b.open(t)
-		sb := &Sandbox{ID: "x", OrgID: "o", State: StateRunning, Env: map[string]string{"NUL": "a\x00b"}}
-		if err := s.CreateSandbox(ctx, sb, 5); err != nil {
+		sb := &Sandbox{ID: "x", OrgID: "o", State: StateRunning, Env: map[string]string{"NUL": "a\x00b"}, Slot: 1}
+		if err := s.CreateSandbox(ctx, sb); err != nil {
 			t.Fatal(err)
 		}
 		if err := s.SetSandboxPaused(ctx, "x", true); err != nil {

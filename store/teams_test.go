@@ -69,7 +69,7 @@ func TestMigrateFromTokens(t *testing.T) {
 			t.Fatalf("org after migration: %+v %v", o, err)
 		}
 		// The migrated sandbox counts toward the org's running quota.
-		err = s.CreateSandboxWithin(ctx, &Sandbox{ID: "sb-2", OrgID: "default", State: StateCreating, CreatedAt: time.Now()}, 10, Quota{MaxRunning: 1})
+		err = s.CreateSandboxWithin(ctx, &Sandbox{ID: "sb-2", OrgID: "default", State: StateCreating, CreatedAt: time.Now(), Slot: 2}, Quota{MaxRunning: 1})
 		if !errors.Is(err, errdefs.ErrResourceExhausted) {
 			t.Fatalf("quota over a migrated sandbox: %v", err)
 		}
@@ -161,8 +161,8 @@ func TestQuotaEdges(t *testing.T) {
 				newOrg(t, s, "a", "alice")
 				for i := 0; i <= tc.admit; i++ {
 					sb := tc.each
-					sb.ID, sb.OrgID, sb.State, sb.CreatedAt = fmt.Sprintf("sb-%d", i), "a", StateCreating, now
-					err := s.CreateSandboxWithin(ctx, &sb, 100, tc.q)
+					sb.ID, sb.OrgID, sb.State, sb.CreatedAt, sb.Slot = fmt.Sprintf("sb-%d", i), "a", StateCreating, now, i+1
+					err := s.CreateSandboxWithin(ctx, &sb, tc.q)
 					if i < tc.admit && err != nil {
 						t.Fatalf("create %d (within the quota): %v", i+1, err)
 					}
@@ -172,7 +172,7 @@ func TestQuotaEdges(t *testing.T) {
 				}
 				// Another org is not affected by this org's use.
 				newOrg(t, s, "b", "bob")
-				if err := s.CreateSandboxWithin(ctx, &Sandbox{ID: "other", OrgID: "b", State: StateCreating, CreatedAt: now, CPU: tc.each.CPU, MemoryMB: tc.each.MemoryMB}, 100, tc.q); err != nil {
+				if err := s.CreateSandboxWithin(ctx, &Sandbox{ID: "other", OrgID: "b", State: StateCreating, CreatedAt: now, CPU: tc.each.CPU, MemoryMB: tc.each.MemoryMB, Slot: 99}, tc.q); err != nil {
 					t.Fatalf("other org: %v", err)
 				}
 			})
@@ -195,7 +195,7 @@ func TestQuotaRace(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				err := s.CreateSandboxWithin(ctx, &Sandbox{ID: fmt.Sprintf("sb-%d", i), OrgID: "a", State: StateCreating, CreatedAt: time.Now()}, 100, Quota{MaxRunning: 10})
+				err := s.CreateSandboxWithin(ctx, &Sandbox{ID: fmt.Sprintf("sb-%d", i), OrgID: "a", State: StateCreating, CreatedAt: time.Now(), Slot: i + 1}, Quota{MaxRunning: 10})
 				mu.Lock()
 				defer mu.Unlock()
 				switch {

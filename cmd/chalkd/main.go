@@ -71,6 +71,8 @@ func main() {
 	fs.Int64Var(&cfg.Limits.BuildMemoryMB, "build-memory-mb", daemon.DefaultBuildMemoryMB, "memory limit (MiB) of image build RUN steps, their disk included")
 	fs.Int64Var(&cfg.Limits.LogMaxBytes, "log-max-bytes", daemon.DefaultLogMaxBytes, "cap of a sandbox's console log: past it the log is rotated to LOG.1 (the last two parts are kept)")
 	fs.DurationVar(&cfg.Limits.LogRetention, "log-retention", daemon.DefaultLogRetention, "how long console logs of ended sandboxes are kept")
+	fs.DurationVar(&cfg.Limits.KeepStopped, "keep-stopped", api.DefaultKeepStopped, "how long a stopped sandbox's writable layer is kept so it can still be snapshotted (negative: not kept)")
+	fs.Int64Var(&cfg.Limits.KeepStoppedMB, "keep-stopped-mb", api.DefaultKeepStoppedMB, "MiB of stopped sandboxes' kept writable layers per org (host memory); a layer that does not fit is not kept")
 	userns := fs.Bool("userns", true, "give each sandbox a user namespace (its root is an unprivileged host uid range of its own); false: sandbox root is host root, confined by capabilities and seccomp only")
 	fs.Func("uid-base", "first host uid of the sandboxes' user namespace ranges (default 1048576; 65536 ids per sandbox)", func(v string) error {
 		n, err := strconv.ParseUint(v, 10, 32)

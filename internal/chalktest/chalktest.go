@@ -155,6 +155,7 @@ type Node struct {
 	Cgroup  string
 	Args    []string // extra chalkd flags
 	BinDir  string   // where chalkd, chalk and chalk-init come from (default Bin); Restart uses the current one
+	Env     []string // extra environment of chalkd (test hooks); Restart uses the current one
 	cmd     *exec.Cmd
 	logPath string
 	exited  chan struct{}
@@ -183,6 +184,7 @@ type Options struct {
 	Python   bool          // also seed python:3.11-slim-bookworm (debootstrap once per machine, cached)
 	Args     []string      // extra chalkd flags
 	BinDir   string        // binaries to run (default Bin: built from this tree)
+	Env      []string      // extra environment of chalkd (KEY=value)
 }
 
 // PythonSeedCache is where the Python base layer is cached between test runs.
@@ -206,6 +208,7 @@ func StartOpts(t testing.TB, o Options) *Node {
 		Netns:  "chalkt-" + id,
 		Cgroup: "/chalktest-" + id,
 		Args:   extraArgs,
+		Env:    o.Env,
 	}
 	// t.TempDir's parent is 0700; sandbox roots (unprivileged host uids under
 	// user namespaces) must pass through it to their rootfs, as through
@@ -293,6 +296,7 @@ func (n *Node) Restart() {
 		t.Fatal(err)
 	}
 	n.cmd = n.command(args...)
+	n.cmd.Env = append(os.Environ(), n.Env...)
 	n.cmd.Stdout, n.cmd.Stderr = logf, logf
 	if err := n.cmd.Start(); err != nil {
 		t.Fatal(err)

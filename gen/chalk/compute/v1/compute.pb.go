@@ -28,7 +28,7 @@ type Sandbox struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	OrgId string                 `protobuf:"bytes,2,opt,name=org_id,json=orgId,proto3" json:"org_id,omitempty"`
-	// creating | running | paused | stopped | failed
+	// creating | running | paused | stopping (its end asked for, being killed) | stopped | failed
 	State              string            `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
 	Image              string            `protobuf:"bytes,4,opt,name=image,proto3" json:"image,omitempty"`                                // the reference the user asked for (or the image hash for built images)
 	ImageDigest        string            `protobuf:"bytes,5,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"` // manifest digest actually run
