@@ -91,6 +91,12 @@ func run(args []string) int {
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		return fail(1, "prctl(PR_SET_DUMPABLE): %v", err)
 	}
+	// One P: init's work (accept, fork, copy output) is small and mostly
+	// waiting, and every P and thread is memory held by every idle sandbox
+	// (each thread ~26 KiB of kernel and runtime memory; docs/ARCHITECTURE.md,
+	// "Where the time and memory go"). Not through GOMAXPROCS in the
+	// environment: the processes init starts inherit that.
+	runtime.GOMAXPROCS(1)
 	reserveThreads(reservedThreads)
 	// Before anything can start a child, so no status is lost.
 	reaper := procapi.StartReaper()
@@ -284,8 +290,10 @@ func listen(path string) (net.Listener, error) {
 	return l, nil
 }
 
-// reservedThreads is how many OS threads init makes at start.
-const reservedThreads = 16
+// reservedThreads is how many OS threads init makes at start: with one P,
+// enough for the requests that block in system calls at once under a fork
+// bomb (TestEscapeForkBomb serves an exec, a file write and a signal).
+const reservedThreads = 8
 
 // reserveThreads makes n OS threads now and leaves them idle in the Go
 // runtime (which keeps idle threads for reuse). Init shares the sandbox's
