@@ -141,8 +141,8 @@ func ttiBench(ctx context.Context, c *chalkcompute.Client, work, bundle string, 
 	row("chalkcompute cold", cold, runcRun)
 	row("runc run (raw)", runcRun, runcRun)
 	rowOpt("podman run --rm", podmanRun, runcRun, podmanErr)
-	fmt.Printf("goal: median <= raw runc run: pre-started %s, cold %s\n\n",
-		verdict(median(warm) <= median(runcRun)), verdict(median(cold) <= median(runcRun)))
+	fmt.Printf("goal: pre-started median <= 5ms: %s; cold median <= 1.0x raw runc run: %s\n\n",
+		verdict(median(warm) <= 5*time.Millisecond), verdict(median(cold) <= median(runcRun)))
 }
 
 func execBench(ctx context.Context, c *chalkcompute.Client, work, bundle string, n int) {
@@ -169,7 +169,7 @@ func execBench(ctx context.Context, c *chalkcompute.Client, work, bundle string,
 	row("chalkcompute (SDK)", execRT, runcExec)
 	row("runc exec (raw)", runcExec, runcExec)
 	rowOpt("podman exec", podmanExec, runcExec, podmanExecErr)
-	fmt.Printf("goal: median <= 5ms and <= 0.1x runc exec: %s\n\n", verdict(median(execRT) <= 5*time.Millisecond && float64(median(execRT)) <= 0.1*float64(median(runcExec))))
+	fmt.Printf("goal: median <= 1ms (fork+exec of `true` alone is ~0.5-1ms): %s\n\n", verdict(median(execRT) <= time.Millisecond))
 }
 
 func memoryPerSandbox(ctx context.Context, c *chalkcompute.Client, count int, pidFile string) {
