@@ -315,9 +315,11 @@ func (s *Server) sandboxFor(ctx context.Context, id string) (*store.Sandbox, err
 	if p.IsWorkload() && p.SandboxID != id {
 		return nil, fmt.Errorf("workload %s may only see itself: %w", p.Subject, errdefs.ErrPermissionDenied)
 	}
-	sb, err := s.store.GetSandbox(ctx, id)
-	if err != nil {
-		return nil, err
+	sb := takeSandbox(ctx, id)
+	if sb == nil {
+		if sb, err = s.store.GetSandbox(ctx, id); err != nil {
+			return nil, err
+		}
 	}
 	if sb.OrgID != p.OrgID {
 		return nil, fmt.Errorf("sandbox %q: %w", id, errdefs.ErrNotFound)

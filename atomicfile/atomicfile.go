@@ -13,6 +13,19 @@ import (
 // directory (best effort) so that the rename survives a crash. On error
 // path is unchanged and no temporary file is left.
 func WriteFile(path string, data []byte, perm os.FileMode) (err error) {
+	return write(path, data, perm, true)
+}
+
+// WriteFileNoSync is WriteFile without the syncs: still atomic for readers,
+// but after a crash path may hold the old content (or none). Only for files
+// that are made again after a restart (a sandbox's identity tokens are
+// minted again when chalkd resumes it); it saves two fsyncs on a sandbox's
+// start path.
+func WriteFileNoSync(path string, data []byte, perm os.FileMode) error {
+	return write(path, data, perm, false)
+}
+
+func write(path string, data []byte, perm os.FileMode, sync bool) (err error) {
 	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return err
@@ -27,7 +40,7 @@ func WriteFile(path string, data []byte, perm os.FileMode) (err error) {
 	if err == nil {
 		err = f.Chmod(perm) // CreateTemp makes 0600; the umask does not apply to Chmod
 	}
-	if err == nil {
+	if err == nil && sync {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
@@ -38,6 +51,9 @@ func WriteFile(path string, data []byte, perm os.FileMode) (err error) {
 	}
 	if err = os.Rename(tmp, path); err != nil {
 		return err
+	}
+	if !sync {
+		return nil
 	}
 	if d, derr := os.Open(filepath.Dir(path)); derr == nil {
 		_ = d.Sync()

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -482,5 +483,79 @@ func TestEscapeDiskFill(t *testing.T) {
 	}
 	if _, size := sandboxDisk(t, n, sb["id"].(string)); size != 16<<20 {
 		t.Fatalf("cli --disk 16: quota %d bytes", size)
+	}
+}
+
+// compatSyscallELF is a minimal static amd64 program that calls exit(42)
+// through the i386 ABI (int 0x80) and, if that call returns, exit(7)
+// through the native one: 42 means the compat system call reached the
+// kernel, 7 that it was refused with an error.
+func compatSyscallELF() []byte {
+	code := []byte{
+		0xb8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1 (i386 exit)
+		0xbb, 0x2a, 0x00, 0x00, 0x00, // mov ebx, 42
+		0xcd, 0x80, // int 0x80
+		0xbf, 0x07, 0x00, 0x00, 0x00, // mov edi, 7
+		0xb8, 0x3c, 0x00, 0x00, 0x00, // mov eax, 60 (exit)
+		0x0f, 0x05, // syscall
+	}
+	const base, ehsize, phsize = 0x400000, 64, 56
+	b := make([]byte, 0, ehsize+phsize+len(code))
+	le := func(v uint64, n int) {
+		for i := range n {
+			b = append(b, byte(v>>(8*i)))
+		}
+	}
+	b = append(b, 0x7f, 'E', 'L', 'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+	le(2, 2)                               // ET_EXEC
+	le(0x3e, 2)                            // x86-64
+	le(1, 4)                               // version
+	le(base+ehsize+phsize, 8)              // entry
+	le(ehsize, 8)                          // program headers
+	le(0, 8)                               // no section headers
+	le(0, 4)                               // flags
+	le(ehsize, 2)                          // header size
+	le(phsize, 2)                          // program header size
+	le(1, 2)                               // one
+	le(0, 2)                               // section header size
+	le(0, 2)                               // none
+	le(0, 2)                               // no string table
+	le(1, 4)                               // PT_LOAD
+	le(5, 4)                               // r-x
+	le(0, 8)                               // from offset 0
+	le(base, 8)                            // vaddr
+	le(base, 8)                            // paddr
+	le(ehsize+phsize+uint64(len(code)), 8) // file size
+	le(ehsize+phsize+uint64(len(code)), 8) // memory size
+	le(0x1000, 8)                          // alignment
+	return append(b, code...)
+}
+
+// TestEscapeCompatSyscalls: the seccomp filter lists only the native ABI, so
+// a system call through the i386 entry point (int 0x80) kills the process
+// with SIGSYS instead of reaching the kernel's compat code.
+func TestEscapeCompatSyscalls(t *testing.T) {
+	if runtime.GOARCH != "amd64" {
+		t.Skip("the probe is amd64 machine code")
+	}
+	n := chalktest.Start(t)
+	sb := create(t, n.Client())
+	ctx := ctxT(t, time.Minute)
+	if err := sb.WriteFile(ctx, "/tmp/compat", compatSyscallELF(), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	res, err := sb.Exec(ctx, []string{"/tmp/compat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("i386 exit(42) through int 0x80: %+v", res.ExitStatus)
+	if res.Code == 42 {
+		t.Fatalf("the i386 system call reached the kernel: %+v", res.ExitStatus)
+	}
+	if onGVisor(n) {
+		return // gVisor's Sentry has no i386 ABI: refused or killed, never the host's compat code
+	}
+	if res.Signal != "SIGSYS" {
+		t.Fatalf("i386 system call: %+v, want the process killed by SIGSYS (seccomp: native ABI only)", res.ExitStatus)
 	}
 }

@@ -130,9 +130,10 @@ func refreshTokenFile(ctx context.Context, cfg TokenFileConfig) (time.Duration, 
 }
 
 // writeFileAtomic replaces path with data: a reader sees the old or the new
-// content, never a partial file.
+// content, never a partial file. Not synced: after a crash chalkd resumes
+// the sandbox and mints its tokens again.
 func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	if err := atomicfile.WriteFile(path, data, mode); err != nil {
+	if err := atomicfile.WriteFileNoSync(path, data, mode); err != nil {
 		return fmt.Errorf("metadata: write %s: %w", path, err)
 	}
 	return nil

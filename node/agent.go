@@ -16,6 +16,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/imagebuild"
@@ -75,6 +76,11 @@ type Agent struct {
 	slots *Slots    // the node's network slots: the one allocator
 	pool  *warmPool // nil: no pre-started sandboxes
 	td    teardowns // background teardowns (teardown.go)
+
+	// starting counts the control plane's Start calls in progress: the
+	// pool's refill waits while any runs (a burst of creates gets the CPUs;
+	// the pool fills up after it).
+	starting atomic.Int32
 }
 
 // New returns an Agent.
@@ -177,6 +183,14 @@ type Started struct {
 // Claim), any other is set up and started now. On error nothing is left but
 // what Claim's caller recorded.
 func (a *Agent) Start(ctx context.Context, req StartRequest) (Started, error) {
+	a.starting.Add(1)
+	defer func() {
+		// Decremented before the kick: a fill that saw this start running
+		// has stopped (under the pool's lock) by the time the kick looks.
+		if a.starting.Add(-1) == 0 && a.pool != nil {
+			a.pool.kick(a.pool.cfg.FillDelay)
+		}
+	}()
 	if a.pool != nil {
 		if m := a.pool.claimedMember(req.ID); m != nil {
 			defer a.pool.kick(a.pool.cfg.FillDelay)

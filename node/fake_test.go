@@ -65,6 +65,9 @@ type fakeNet struct {
 	inUse   map[int]string // slot -> id
 	setups  int
 	refills int
+	// gate, if set, is called (without the lock) at the start of every
+	// Setup: a test holds a start there.
+	gate func(id string)
 }
 
 var (
@@ -330,6 +333,9 @@ func (in *fakeInit) Remove(ctx context.Context, path string, recursive bool) err
 func newFakeNet(max int) *fakeNet { return &fakeNet{max: max, inUse: map[int]string{}} }
 
 func (n *fakeNet) Setup(_ context.Context, id string, slot int) (*sandboxnet.Net, error) {
+	if n.gate != nil {
+		n.gate(id)
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if slot < 1 || slot > n.max {

@@ -273,7 +273,8 @@ func (p *warmPool) next() (digest string, ok bool) {
 }
 
 // fill starts members until every image has its count (one at a time: a
-// fill is background work on the node's CPUs).
+// fill is background work on the node's CPUs), pausing while the control
+// plane starts sandboxes (Agent.starting).
 func (p *warmPool) fill() {
 	p.mu.Lock()
 	if p.filling || p.closed {
@@ -282,6 +283,12 @@ func (p *warmPool) fill() {
 	}
 	p.filling, p.timer = true, nil
 	for {
+		if p.a.starting.Load() > 0 {
+			// Creates are starting sandboxes: they get the CPUs (those
+			// beyond the pool start cold). The last one to end kicks the
+			// fill again.
+			break
+		}
 		digest, ok := p.next()
 		if !ok || p.closed {
 			break

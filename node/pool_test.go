@@ -103,6 +103,57 @@ func TestPoolClaimActivates(t *testing.T) {
 	}
 }
 
+// TestPoolYieldsToStarts: while a create starts a sandbox (cold), a claim's
+// refill starts no member; once the start ends, the pool fills up again.
+func TestPoolYieldsToStarts(t *testing.T) {
+	ctx := context.Background()
+	rt, n := newFakeRuntime(t), newFakeNet(20)
+	a := testAgent(t, poolCfg(), rt, n)
+	img := testImage("busybox")
+	if err := a.SetPrestarted(ctx, img, 1, nil); err != nil {
+		t.Fatal(err)
+	}
+	entered, release := make(chan struct{}), make(chan struct{})
+	n.gate = func(id string) {
+		if id == "sb-cold" {
+			close(entered)
+			<-release
+		}
+	}
+	started := make(chan error, 1)
+	go func() {
+		_, err := a.Start(ctx, StartRequest{ID: "sb-cold", Slot: 1, Image: img})
+		started <- err
+	}()
+	<-entered
+	id, _, ok := a.Claim(StartRequest{Image: img})
+	if !ok {
+		t.Fatal("no member to claim")
+	}
+	memberStarts := len(rt.starts)
+	// The claim's refill ran (its timer fired and the fill ended) and
+	// started nothing.
+	waitPool(t, a.pool, "the claim's refill to run", func() bool { return a.pool.timer == nil && !a.pool.filling })
+	a.pool.mu.Lock()
+	ready, starting := len(a.pool.ready[img.Digest]), a.pool.starting[img.Digest]
+	a.pool.mu.Unlock()
+	rt.mu.Lock()
+	got := len(rt.starts)
+	rt.mu.Unlock()
+	if ready != 0 || starting != 0 || got != memberStarts {
+		t.Fatalf("during a create's start: %d ready, %d starting, %d runtime starts (want 0, 0, %d)", ready, starting, got, memberStarts)
+	}
+	close(release)
+	if err := <-started; err != nil {
+		t.Fatal(err)
+	}
+	waitPool(t, a.pool, "1 ready after the start", func() bool { return len(a.pool.ready[img.Digest]) == 1 })
+	a.Unclaim(id)
+	if err := a.Destroy(ctx, "sb-cold", 1); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestPoolClaimRace: concurrent claims never hand one member out twice and
 // never more than are ready; unclaimed members are destroyed, not reused.
 func TestPoolClaimRace(t *testing.T) {

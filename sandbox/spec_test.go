@@ -3,6 +3,7 @@ package sandbox
 import (
 	"errors"
 	"math"
+	"runtime"
 	"slices"
 	"testing"
 
@@ -154,6 +155,10 @@ func TestWithSeccomp(t *testing.T) {
 	}
 	if p.DefaultAction != specs.ActErrno {
 		t.Errorf("default action %s, want SCMP_ACT_ERRNO", p.DefaultAction)
+	}
+	// The native ABI only: no i386/x32 (or arm) compat system calls.
+	if want, ok := nativeArch[runtime.GOARCH]; ok && !slices.Equal(p.Architectures, []specs.Arch{want}) {
+		t.Errorf("architectures %v, want only the native %s", p.Architectures, want)
 	}
 	for _, ok := range []string{"read", "write", "openat", "execve", "wait4", "ptrace"} {
 		if !allowed(p, ok) {

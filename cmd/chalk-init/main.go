@@ -36,6 +36,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"syscall"
@@ -91,6 +92,17 @@ func run(args []string) int {
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		return fail(1, "prctl(PR_SET_DUMPABLE): %v", err)
 	}
+	// One P: init's work (accept, fork, copy output) is small and mostly
+	// waiting, and every P and thread is memory held by every idle sandbox
+	// (each thread ~26 KiB of kernel and runtime memory; docs/ARCHITECTURE.md,
+	// "Where the time and memory go"). Not through GOMAXPROCS in the
+	// environment: the processes init starts inherit that.
+	runtime.GOMAXPROCS(1)
+	// A small heap goal: Go's default lets the heap grow to 4 MiB before the
+	// first collection, garbage every idle sandbox would hold; at 20 % the
+	// goal is 0.8 MiB (or 1.2x what is live), and init's allocations (a
+	// request, a frame buffer) are small and short-lived.
+	debug.SetGCPercent(20)
 	reserveThreads(reservedThreads)
 	// Before anything can start a child, so no status is lost.
 	reaper := procapi.StartReaper()
@@ -284,8 +296,10 @@ func listen(path string) (net.Listener, error) {
 	return l, nil
 }
 
-// reservedThreads is how many OS threads init makes at start.
-const reservedThreads = 16
+// reservedThreads is how many OS threads init makes at start: with one P,
+// enough for the requests that block in system calls at once under a fork
+// bomb (TestEscapeForkBomb serves an exec, a file write and a signal).
+const reservedThreads = 8
 
 // reserveThreads makes n OS threads now and leaves them idle in the Go
 // runtime (which keeps idle threads for reuse). Init shares the sandbox's

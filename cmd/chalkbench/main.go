@@ -9,7 +9,10 @@
 //   - tunnels: first packet after a member is created, throughput beside a
 //     bare veth pair;
 //   - MCP gateway: added latency of a tools/call and throughput, beside direct;
-//   - chalkd memory per idle sandbox with N running.
+//   - chalkd memory per idle sandbox with N running;
+//   - lifecycle: terminate (until the call returns), churn (create -> exec ->
+//     terminate in 8 clients), burst (50 concurrent creates) and density
+//     (host memory per idle sandbox), each beside raw runc in the same run.
 //
 // It talks to the running chalkd (scripts/setup.sh starts one) and needs root.
 // Run it with scripts/bench.sh.
@@ -36,7 +39,12 @@ func main() {
 	n := flag.Int("n", 30, "iterations per measurement")
 	idle := flag.Int("idle", 200, "sandboxes for the memory-per-idle-sandbox measurement (0 skips it)")
 	pidFile := flag.String("chalkd-pid-file", "/run/chalk/chalkd.pid", "chalkd's pid file (for its RSS)")
-	only := flag.String("only", "", "comma-separated sections to run: tti,exec,terminal,image,tunnel,mcp,memory (default: all)")
+	only := flag.String("only", "", "comma-separated sections to run: tti,exec,terminal,image,tunnel,mcp,memory,terminate,churn,burst,density (default: all)")
+	churnFor := flag.Duration("churn-for", 10*time.Second, "how long the churn row runs (each of chalkcompute and raw runc)")
+	churnClients := flag.Int("churn-clients", 8, "concurrent clients of the churn row")
+	burst := flag.Int("burst", 50, "concurrent creates of the burst row")
+	density := flag.Int("density", 50, "idle sandboxes of the density row")
+	cgroupParent := flag.String("cgroup-parent", "/chalk", "chalkd's --cgroup-parent (for the density row)")
 	flag.Parse()
 	want := func(section string) bool {
 		return *only == "" || slices.Contains(strings.Split(*only, ","), section)
@@ -82,6 +90,19 @@ func main() {
 	if want("memory") && *idle > 0 {
 		memoryPerSandbox(ctx, c, *idle, *pidFile)
 	}
+	peer := newRuncPeer(work, bundle)
+	if want("terminate") {
+		terminateBench(ctx, c, peer, *n)
+	}
+	if want("churn") {
+		churnBench(ctx, c, peer, *churnClients, *churnFor)
+	}
+	if want("burst") {
+		burstBench(ctx, c, peer, *burst)
+	}
+	if want("density") && *density > 0 {
+		densityBench(ctx, c, peer, *density, *pidFile, *cgroupParent)
+	}
 }
 
 func ttiBench(ctx context.Context, c *chalkcompute.Client, work, bundle string, n int) {
@@ -120,8 +141,8 @@ func ttiBench(ctx context.Context, c *chalkcompute.Client, work, bundle string, 
 	row("chalkcompute cold", cold, runcRun)
 	row("runc run (raw)", runcRun, runcRun)
 	rowOpt("podman run --rm", podmanRun, runcRun, podmanErr)
-	fmt.Printf("goal: median <= raw runc run: pre-started %s, cold %s\n\n",
-		verdict(median(warm) <= median(runcRun)), verdict(median(cold) <= median(runcRun)))
+	fmt.Printf("goal: pre-started median <= 5ms: %s; cold median <= 1.0x raw runc run: %s\n\n",
+		verdict(median(warm) <= 5*time.Millisecond), verdict(median(cold) <= median(runcRun)))
 }
 
 func execBench(ctx context.Context, c *chalkcompute.Client, work, bundle string, n int) {
@@ -148,7 +169,7 @@ func execBench(ctx context.Context, c *chalkcompute.Client, work, bundle string,
 	row("chalkcompute (SDK)", execRT, runcExec)
 	row("runc exec (raw)", runcExec, runcExec)
 	rowOpt("podman exec", podmanExec, runcExec, podmanExecErr)
-	fmt.Printf("goal: median <= 5ms and <= 0.1x runc exec: %s\n\n", verdict(median(execRT) <= 5*time.Millisecond && float64(median(execRT)) <= 0.1*float64(median(runcExec))))
+	fmt.Printf("goal: median <= 1ms (fork+exec of `true` alone is ~0.5-1ms): %s\n\n", verdict(median(execRT) <= time.Millisecond))
 }
 
 func memoryPerSandbox(ctx context.Context, c *chalkcompute.Client, count int, pidFile string) {

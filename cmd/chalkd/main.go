@@ -7,6 +7,9 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"strconv"
@@ -28,7 +31,7 @@ func main() {
 		return
 	}
 	var cfg daemon.Config
-	var level, upstreams string
+	var level, upstreams, pprofSocket string
 	fs := flag.NewFlagSet("chalkd", flag.ExitOnError)
 	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/chalk", "state directory (store, registry, cache, keys)")
 	fs.StringVar(&cfg.Database, "database", os.Getenv("CHALK_DATABASE"), "the store: a postgres://user@host/db URL (PostgreSQL; the password from $PGPASSWORD or ~/.pgpass keeps it out of ps), or the path of a SQLite file; default $CHALK_DATABASE, else DATA_DIR/chalk.db")
@@ -92,6 +95,7 @@ func main() {
 	})
 	fs.StringVar(&upstreams, "registry-upstreams", "", "pull-through mirrors, e.g. docker.io=https://registry-1.docker.io,nvcr.io=https://nvcr.io")
 	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&pprofSocket, "pprof-socket", "", "serve Go's profiler (net/http/pprof, /debug/pprof/) on this unix socket (0600, root only), for profiling chalkd; empty: off")
 	_ = fs.Parse(os.Args[1:])
 	cfg.NoUserNS = !*userns
 	var lvl slog.Level
@@ -109,6 +113,12 @@ func main() {
 				os.Exit(2)
 			}
 			cfg.Upstreams[k] = v
+		}
+	}
+	if pprofSocket != "" {
+		if err := servePprof(pprofSocket); err != nil {
+			fmt.Fprintln(os.Stderr, "chalkd: -pprof-socket:", err)
+			os.Exit(2)
 		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -177,4 +187,28 @@ func copyStore(args []string) {
 		fail(err)
 	}
 	fmt.Printf("copied %d rows from %s to %s; start chalkd with --database set to it\n", total, *from, store.Redact(*to))
+}
+
+// servePprof serves net/http/pprof on a unix socket only root can connect to
+// (profiles show memory contents: never on a TCP port).
+func servePprof(path string) error {
+	_ = os.Remove(path)
+	old := syscall.Umask(0o077) // no window in which others may connect; nothing else runs yet
+	l, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return err
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	go func() { _ = http.Serve(l, mux) }()
+	return nil
 }
