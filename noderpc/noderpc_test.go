@@ -2,8 +2,8 @@ package noderpc
 
 import (
 	"bytes"
-	"crypto/rand"
 	"context"
+	"crypto/rand"
 	"errors"
 	"io"
 	"net/http"
@@ -238,8 +238,12 @@ type safeBuffer struct {
 	b  bytes.Buffer
 }
 
-func (s *safeBuffer) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
-func (s *safeBuffer) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+func (s *safeBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+func (s *safeBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
 // waitFor polls cond until it holds (deadline-bounded).
 func waitFor(t *testing.T, what string, cond func() bool) {
@@ -290,7 +294,13 @@ func TestExecBackpressure(t *testing.T) {
 			n, err := stdout.Write(chunk)
 			written.Add(int64(n))
 			if err != nil {
-				return 1
+				// The fake has no init to kill it when its output
+				// breaks: only the node's SIGKILL ends it.
+				for sig := range p.signals {
+					if sig == syscall.SIGKILL {
+						return 137
+					}
+				}
 			}
 		}
 		return 0
