@@ -3473,6 +3473,320 @@ func (*SnapshotEvent_Progress) isSnapshotEvent_Event() {}
 
 func (*SnapshotEvent_Result) isSnapshotEvent_Event() {}
 
+// Capacity is what a node offers sandboxes.
+type Capacity struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Cpu           float64                `protobuf:"fixed64,1,opt,name=cpu,proto3" json:"cpu,omitempty"`
+	MemoryMb      int64                  `protobuf:"varint,2,opt,name=memory_mb,json=memoryMb,proto3" json:"memory_mb,omitempty"`
+	Slots         int32                  `protobuf:"varint,3,opt,name=slots,proto3" json:"slots,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Capacity) Reset() {
+	*x = Capacity{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Capacity) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Capacity) ProtoMessage() {}
+
+func (x *Capacity) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Capacity.ProtoReflect.Descriptor instead.
+func (*Capacity) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *Capacity) GetCpu() float64 {
+	if x != nil {
+		return x.Cpu
+	}
+	return 0
+}
+
+func (x *Capacity) GetMemoryMb() int64 {
+	if x != nil {
+		return x.MemoryMb
+	}
+	return 0
+}
+
+func (x *Capacity) GetSlots() int32 {
+	if x != nil {
+		return x.Slots
+	}
+	return 0
+}
+
+type JoinRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Token string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// csr_der is a PKCS#10 request for the node's key (the key never
+	// leaves the node).
+	CsrDer []byte `protobuf:"bytes,2,opt,name=csr_der,json=csrDer,proto3" json:"csr_der,omitempty"`
+	Name   string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	// node_url is where the node serves NodeService (https://host:port).
+	NodeUrl       string    `protobuf:"bytes,4,opt,name=node_url,json=nodeUrl,proto3" json:"node_url,omitempty"`
+	Capacity      *Capacity `protobuf:"bytes,5,opt,name=capacity,proto3" json:"capacity,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinRequest) Reset() {
+	*x = JoinRequest{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[60]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinRequest) ProtoMessage() {}
+
+func (x *JoinRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[60]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
+func (*JoinRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{60}
+}
+
+func (x *JoinRequest) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *JoinRequest) GetCsrDer() []byte {
+	if x != nil {
+		return x.CsrDer
+	}
+	return nil
+}
+
+func (x *JoinRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *JoinRequest) GetNodeUrl() string {
+	if x != nil {
+		return x.NodeUrl
+	}
+	return ""
+}
+
+func (x *JoinRequest) GetCapacity() *Capacity {
+	if x != nil {
+		return x.Capacity
+	}
+	return nil
+}
+
+type JoinResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	CertPem       []byte                 `protobuf:"bytes,2,opt,name=cert_pem,json=certPem,proto3" json:"cert_pem,omitempty"` // the node's certificate (client and server)
+	CaPem         []byte                 `protobuf:"bytes,3,opt,name=ca_pem,json=caPem,proto3" json:"ca_pem,omitempty"`       // the fleet CA
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinResponse) Reset() {
+	*x = JoinResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinResponse) ProtoMessage() {}
+
+func (x *JoinResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
+func (*JoinResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *JoinResponse) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *JoinResponse) GetCertPem() []byte {
+	if x != nil {
+		return x.CertPem
+	}
+	return nil
+}
+
+func (x *JoinResponse) GetCaPem() []byte {
+	if x != nil {
+		return x.CaPem
+	}
+	return nil
+}
+
+type HeartbeatRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Capacity *Capacity              `protobuf:"bytes,2,opt,name=capacity,proto3" json:"capacity,omitempty"`
+	// sandboxes running on the node (ids), for reconciliation.
+	Running       []string `protobuf:"bytes,3,rep,name=running,proto3" json:"running,omitempty"`
+	NodeUrl       string   `protobuf:"bytes,4,opt,name=node_url,json=nodeUrl,proto3" json:"node_url,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HeartbeatRequest) Reset() {
+	*x = HeartbeatRequest{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HeartbeatRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HeartbeatRequest) ProtoMessage() {}
+
+func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
+func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{62}
+}
+
+func (x *HeartbeatRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *HeartbeatRequest) GetCapacity() *Capacity {
+	if x != nil {
+		return x.Capacity
+	}
+	return nil
+}
+
+func (x *HeartbeatRequest) GetRunning() []string {
+	if x != nil {
+		return x.Running
+	}
+	return nil
+}
+
+func (x *HeartbeatRequest) GetNodeUrl() string {
+	if x != nil {
+		return x.NodeUrl
+	}
+	return ""
+}
+
+type HeartbeatResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// state the control plane holds for the node: ready | cordoned | draining
+	State         string `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HeartbeatResponse) Reset() {
+	*x = HeartbeatResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HeartbeatResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HeartbeatResponse) ProtoMessage() {}
+
+func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
+func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{63}
+}
+
+func (x *HeartbeatResponse) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
 var File_chalk_node_v1_node_proto protoreflect.FileDescriptor
 
 const file_chalk_node_v1_node_proto_rawDesc = "" +
@@ -3707,7 +4021,28 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\rSnapshotEvent\x125\n" +
 	"\bprogress\x18\x01 \x01(\v2\x17.chalk.node.v1.ProgressH\x00R\bprogress\x127\n" +
 	"\x06result\x18\x02 \x01(\v2\x1d.chalk.node.v1.SnapshotResultH\x00R\x06resultB\a\n" +
-	"\x05event2\xfc\f\n" +
+	"\x05event\"O\n" +
+	"\bCapacity\x12\x10\n" +
+	"\x03cpu\x18\x01 \x01(\x01R\x03cpu\x12\x1b\n" +
+	"\tmemory_mb\x18\x02 \x01(\x03R\bmemoryMb\x12\x14\n" +
+	"\x05slots\x18\x03 \x01(\x05R\x05slots\"\xa0\x01\n" +
+	"\vJoinRequest\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x17\n" +
+	"\acsr_der\x18\x02 \x01(\fR\x06csrDer\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12\x19\n" +
+	"\bnode_url\x18\x04 \x01(\tR\anodeUrl\x123\n" +
+	"\bcapacity\x18\x05 \x01(\v2\x17.chalk.node.v1.CapacityR\bcapacity\"Y\n" +
+	"\fJoinResponse\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x19\n" +
+	"\bcert_pem\x18\x02 \x01(\fR\acertPem\x12\x15\n" +
+	"\x06ca_pem\x18\x03 \x01(\fR\x05caPem\"\x95\x01\n" +
+	"\x10HeartbeatRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x123\n" +
+	"\bcapacity\x18\x02 \x01(\v2\x17.chalk.node.v1.CapacityR\bcapacity\x12\x18\n" +
+	"\arunning\x18\x03 \x03(\tR\arunning\x12\x19\n" +
+	"\bnode_url\x18\x04 \x01(\tR\anodeUrl\")\n" +
+	"\x11HeartbeatResponse\x12\x14\n" +
+	"\x05state\x18\x01 \x01(\tR\x05state2\xfc\f\n" +
 	"\vNodeService\x12H\n" +
 	"\aMaxSlot\x12\x1d.chalk.node.v1.MaxSlotRequest\x1a\x1e.chalk.node.v1.MaxSlotResponse\x12S\n" +
 	"\vEnsureImage\x12!.chalk.node.v1.EnsureImageRequest\x1a\x1f.chalk.node.v1.EnsureImageEvent0\x01\x12B\n" +
@@ -3732,7 +4067,10 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\bReapPool\x12\x1e.chalk.node.v1.ReapPoolRequest\x1a\x1f.chalk.node.v1.ReapPoolResponse\x12Y\n" +
 	"\rSetPrestarted\x12#.chalk.node.v1.SetPrestartedRequest\x1a!.chalk.node.v1.SetPrestartedEvent0\x01\x12N\n" +
 	"\tSetPaused\x12\x1f.chalk.node.v1.SetPausedRequest\x1a .chalk.node.v1.SetPausedResponse\x12J\n" +
-	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x01B?Z=github.com/chalkcompute/chalkcompute/gen/chalk/node/v1;nodev1b\x06proto3"
+	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x012\x9f\x01\n" +
+	"\fFleetService\x12?\n" +
+	"\x04Join\x12\x1a.chalk.node.v1.JoinRequest\x1a\x1b.chalk.node.v1.JoinResponse\x12N\n" +
+	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponseB?Z=github.com/chalkcompute/chalkcompute/gen/chalk/node/v1;nodev1b\x06proto3"
 
 var (
 	file_chalk_node_v1_node_proto_rawDescOnce sync.Once
@@ -3746,7 +4084,7 @@ func file_chalk_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_chalk_node_v1_node_proto_rawDescData
 }
 
-var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 61)
+var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 66)
 var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*MaxSlotRequest)(nil),       // 0: chalk.node.v1.MaxSlotRequest
 	(*MaxSlotResponse)(nil),      // 1: chalk.node.v1.MaxSlotResponse
@@ -3807,8 +4145,13 @@ var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*SnapshotRequest)(nil),      // 56: chalk.node.v1.SnapshotRequest
 	(*SnapshotResult)(nil),       // 57: chalk.node.v1.SnapshotResult
 	(*SnapshotEvent)(nil),        // 58: chalk.node.v1.SnapshotEvent
-	nil,                          // 59: chalk.node.v1.LeftoversRequest.LiveEntry
-	nil,                          // 60: chalk.node.v1.ReapPoolRequest.LiveEntry
+	(*Capacity)(nil),             // 59: chalk.node.v1.Capacity
+	(*JoinRequest)(nil),          // 60: chalk.node.v1.JoinRequest
+	(*JoinResponse)(nil),         // 61: chalk.node.v1.JoinResponse
+	(*HeartbeatRequest)(nil),     // 62: chalk.node.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),    // 63: chalk.node.v1.HeartbeatResponse
+	nil,                          // 64: chalk.node.v1.LeftoversRequest.LiveEntry
+	nil,                          // 65: chalk.node.v1.ReapPoolRequest.LiveEntry
 }
 var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	2,  // 0: chalk.node.v1.Image.layers:type_name -> chalk.node.v1.Layer
@@ -3824,61 +4167,67 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	23, // 10: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
 	31, // 11: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
 	34, // 12: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
-	59, // 13: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
+	64, // 13: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
 	8,  // 14: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
-	60, // 15: chalk.node.v1.ReapPoolRequest.live:type_name -> chalk.node.v1.ReapPoolRequest.LiveEntry
+	65, // 15: chalk.node.v1.ReapPoolRequest.live:type_name -> chalk.node.v1.ReapPoolRequest.LiveEntry
 	55, // 16: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
 	4,  // 17: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
 	57, // 18: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
-	0,  // 19: chalk.node.v1.NodeService.MaxSlot:input_type -> chalk.node.v1.MaxSlotRequest
-	5,  // 20: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
-	9,  // 21: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
-	13, // 22: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
-	15, // 23: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
-	17, // 24: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
-	21, // 25: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
-	25, // 26: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
-	27, // 27: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
-	29, // 28: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
-	32, // 29: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
-	35, // 30: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
-	37, // 31: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
-	39, // 32: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
-	41, // 33: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
-	43, // 34: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
-	45, // 35: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
-	47, // 36: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
-	49, // 37: chalk.node.v1.NodeService.ReapPool:input_type -> chalk.node.v1.ReapPoolRequest
-	51, // 38: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
-	53, // 39: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
-	56, // 40: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
-	1,  // 41: chalk.node.v1.NodeService.MaxSlot:output_type -> chalk.node.v1.MaxSlotResponse
-	6,  // 42: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
-	12, // 43: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
-	14, // 44: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
-	16, // 45: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
-	18, // 46: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
-	24, // 47: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
-	26, // 48: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
-	28, // 49: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
-	30, // 50: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
-	33, // 51: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
-	36, // 52: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
-	38, // 53: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
-	40, // 54: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
-	42, // 55: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
-	44, // 56: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
-	46, // 57: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
-	48, // 58: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
-	50, // 59: chalk.node.v1.NodeService.ReapPool:output_type -> chalk.node.v1.ReapPoolResponse
-	52, // 60: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
-	54, // 61: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
-	58, // 62: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
-	41, // [41:63] is the sub-list for method output_type
-	19, // [19:41] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	59, // 19: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
+	59, // 20: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
+	0,  // 21: chalk.node.v1.NodeService.MaxSlot:input_type -> chalk.node.v1.MaxSlotRequest
+	5,  // 22: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
+	9,  // 23: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
+	13, // 24: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
+	15, // 25: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
+	17, // 26: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
+	21, // 27: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
+	25, // 28: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
+	27, // 29: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
+	29, // 30: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
+	32, // 31: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
+	35, // 32: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
+	37, // 33: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
+	39, // 34: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
+	41, // 35: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
+	43, // 36: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
+	45, // 37: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
+	47, // 38: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
+	49, // 39: chalk.node.v1.NodeService.ReapPool:input_type -> chalk.node.v1.ReapPoolRequest
+	51, // 40: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
+	53, // 41: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
+	56, // 42: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
+	60, // 43: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
+	62, // 44: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
+	1,  // 45: chalk.node.v1.NodeService.MaxSlot:output_type -> chalk.node.v1.MaxSlotResponse
+	6,  // 46: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
+	12, // 47: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
+	14, // 48: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
+	16, // 49: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
+	18, // 50: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
+	24, // 51: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
+	26, // 52: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
+	28, // 53: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
+	30, // 54: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
+	33, // 55: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
+	36, // 56: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
+	38, // 57: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
+	40, // 58: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
+	42, // 59: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
+	44, // 60: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
+	46, // 61: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
+	48, // 62: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
+	50, // 63: chalk.node.v1.NodeService.ReapPool:output_type -> chalk.node.v1.ReapPoolResponse
+	52, // 64: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
+	54, // 65: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
+	58, // 66: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
+	61, // 67: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
+	63, // 68: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
+	45, // [45:69] is the sub-list for method output_type
+	21, // [21:45] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_chalk_node_v1_node_proto_init() }
@@ -3916,9 +4265,9 @@ func file_chalk_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_node_v1_node_proto_rawDesc), len(file_chalk_node_v1_node_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   61,
+			NumMessages:   66,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_chalk_node_v1_node_proto_goTypes,
 		DependencyIndexes: file_chalk_node_v1_node_proto_depIdxs,

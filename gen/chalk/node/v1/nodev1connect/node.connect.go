@@ -29,6 +29,8 @@ const _ = connect.IsAtLeastVersion1_13_0
 const (
 	// NodeServiceName is the fully-qualified name of the NodeService service.
 	NodeServiceName = "chalk.node.v1.NodeService"
+	// FleetServiceName is the fully-qualified name of the FleetService service.
+	FleetServiceName = "chalk.node.v1.FleetService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -84,6 +86,10 @@ const (
 	NodeServiceSetPausedProcedure = "/chalk.node.v1.NodeService/SetPaused"
 	// NodeServiceSnapshotProcedure is the fully-qualified name of the NodeService's Snapshot RPC.
 	NodeServiceSnapshotProcedure = "/chalk.node.v1.NodeService/Snapshot"
+	// FleetServiceJoinProcedure is the fully-qualified name of the FleetService's Join RPC.
+	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
+	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
+	FleetServiceHeartbeatProcedure = "/chalk.node.v1.FleetService/Heartbeat"
 )
 
 // NodeServiceClient is a client for the chalk.node.v1.NodeService service.
@@ -726,4 +732,100 @@ func (UnimplementedNodeServiceHandler) SetPaused(context.Context, *connect.Reque
 
 func (UnimplementedNodeServiceHandler) Snapshot(context.Context, *connect.Request[v1.SnapshotRequest], *connect.ServerStream[v1.SnapshotEvent]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.Snapshot is not implemented"))
+}
+
+// FleetServiceClient is a client for the chalk.node.v1.FleetService service.
+type FleetServiceClient interface {
+	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
+	Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error)
+}
+
+// NewFleetServiceClient constructs a client for the chalk.node.v1.FleetService service. By default,
+// it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses, and
+// sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the connect.WithGRPC()
+// or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewFleetServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) FleetServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	fleetServiceMethods := v1.File_chalk_node_v1_node_proto.Services().ByName("FleetService").Methods()
+	return &fleetServiceClient{
+		join: connect.NewClient[v1.JoinRequest, v1.JoinResponse](
+			httpClient,
+			baseURL+FleetServiceJoinProcedure,
+			connect.WithSchema(fleetServiceMethods.ByName("Join")),
+			connect.WithClientOptions(opts...),
+		),
+		heartbeat: connect.NewClient[v1.HeartbeatRequest, v1.HeartbeatResponse](
+			httpClient,
+			baseURL+FleetServiceHeartbeatProcedure,
+			connect.WithSchema(fleetServiceMethods.ByName("Heartbeat")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// fleetServiceClient implements FleetServiceClient.
+type fleetServiceClient struct {
+	join      *connect.Client[v1.JoinRequest, v1.JoinResponse]
+	heartbeat *connect.Client[v1.HeartbeatRequest, v1.HeartbeatResponse]
+}
+
+// Join calls chalk.node.v1.FleetService.Join.
+func (c *fleetServiceClient) Join(ctx context.Context, req *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error) {
+	return c.join.CallUnary(ctx, req)
+}
+
+// Heartbeat calls chalk.node.v1.FleetService.Heartbeat.
+func (c *fleetServiceClient) Heartbeat(ctx context.Context, req *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error) {
+	return c.heartbeat.CallUnary(ctx, req)
+}
+
+// FleetServiceHandler is an implementation of the chalk.node.v1.FleetService service.
+type FleetServiceHandler interface {
+	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
+	Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error)
+}
+
+// NewFleetServiceHandler builds an HTTP handler from the service implementation. It returns the
+// path on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewFleetServiceHandler(svc FleetServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	fleetServiceMethods := v1.File_chalk_node_v1_node_proto.Services().ByName("FleetService").Methods()
+	fleetServiceJoinHandler := connect.NewUnaryHandler(
+		FleetServiceJoinProcedure,
+		svc.Join,
+		connect.WithSchema(fleetServiceMethods.ByName("Join")),
+		connect.WithHandlerOptions(opts...),
+	)
+	fleetServiceHeartbeatHandler := connect.NewUnaryHandler(
+		FleetServiceHeartbeatProcedure,
+		svc.Heartbeat,
+		connect.WithSchema(fleetServiceMethods.ByName("Heartbeat")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/chalk.node.v1.FleetService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case FleetServiceJoinProcedure:
+			fleetServiceJoinHandler.ServeHTTP(w, r)
+		case FleetServiceHeartbeatProcedure:
+			fleetServiceHeartbeatHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedFleetServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedFleetServiceHandler struct{}
+
+func (UnimplementedFleetServiceHandler) Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.Join is not implemented"))
+}
+
+func (UnimplementedFleetServiceHandler) Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.Heartbeat is not implemented"))
 }
