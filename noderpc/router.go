@@ -1,0 +1,566 @@
+package noderpc
+
+import (
+	"cmp"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/imagebuild"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/nodecache"
+	"github.com/chalkcompute/chalkcompute/procapi"
+	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// DefaultHeartbeatTimeout is how long a node may stay silent before it is
+// unhealthy (nodes heartbeat every HeartbeatInterval).
+const (
+	DefaultHeartbeatTimeout = 3 * time.Second
+	HeartbeatInterval       = time.Second
+)
+
+// Router is the control plane's api.Node over the fleet: it places each
+// sandbox on a node (Start, Claim) and sends every later call for the
+// sandbox to that node. Nodes come from the store (joined through Fleet);
+// one whose heartbeat is older than HeartbeatTimeout is unhealthy: nothing
+// is placed on it and the Waits of its sandboxes return node.ErrLost. When
+// it heartbeats again, the sandboxes reported lost meanwhile are destroyed
+// there.
+type Router struct {
+	store *store.Store
+	ca    *CA
+	cert  tls.Certificate
+	log   *slog.Logger
+	// HeartbeatTimeout (default DefaultHeartbeatTimeout).
+	HeartbeatTimeout time.Duration
+	now              func() time.Time
+
+	mu      sync.Mutex
+	members map[string]*member // by node id
+	where   map[string]*placement
+	// orphans are sandboxes reported lost, by node, to destroy there when
+	// it returns.
+	orphans map[string]map[string]int
+}
+
+type member struct {
+	rec     *store.Node
+	client  api.Node
+	url     string
+	healthy bool
+	lost    chan struct{} // closed when the node became unhealthy
+	maxSlot int
+}
+
+// placement is where a sandbox runs and what it takes there.
+type placement struct {
+	node   string
+	slot   int
+	cpu    float64
+	memory int64 // bytes
+}
+
+var _ api.Node = (*Router)(nil)
+
+// NewRouter returns a Router calling nodes with the control plane's
+// certificate cert (from ca).
+func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) *Router {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now,
+		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{}}
+}
+
+// dial is how the router reaches a node (tests replace it).
+func (r *Router) dial(n *store.Node) api.Node {
+	return NewClient(HTTPClient(ControlClientTLS(r.ca, r.cert, n.ID)), n.URL, r.log.With("node", n.ID))
+}
+
+// Run refreshes the nodes from the store every interval until ctx ends.
+func (r *Router) Run(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if err := r.Refresh(ctx); err != nil && ctx.Err() == nil {
+			r.log.Warn("fleet: refresh nodes", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// Refresh reads the nodes from the store and updates their health.
+func (r *Router) Refresh(ctx context.Context) error {
+	recs, err := r.store.ListNodes(ctx)
+	if err != nil {
+		return err
+	}
+	timeout := cmp.Or(r.HeartbeatTimeout, DefaultHeartbeatTimeout)
+	now := r.now()
+	var back []string
+	r.mu.Lock()
+	for _, rec := range recs {
+		m := r.members[rec.ID]
+		if m == nil || m.url != rec.URL {
+			m = &member{client: r.dial(rec), url: rec.URL, lost: make(chan struct{}), healthy: true}
+			r.members[rec.ID] = m
+		}
+		m.rec = rec
+		healthy := now.Sub(rec.LastHeartbeat) < timeout
+		switch {
+		case m.healthy && !healthy:
+			r.log.Warn("fleet: node unhealthy: its sandboxes are lost", "node", rec.ID, "last_heartbeat", rec.LastHeartbeat)
+			close(m.lost)
+		case !m.healthy && healthy:
+			r.log.Info("fleet: node back", "node", rec.ID)
+			m.lost = make(chan struct{})
+			back = append(back, rec.ID)
+		}
+		m.healthy = healthy
+	}
+	r.mu.Unlock()
+	for _, id := range back {
+		r.reconcile(ctx, id)
+	}
+	return nil
+}
+
+// reconcile destroys on a returned node the sandboxes reported lost.
+func (r *Router) reconcile(ctx context.Context, nodeID string) {
+	r.mu.Lock()
+	orphans := r.orphans[nodeID]
+	delete(r.orphans, nodeID)
+	m := r.members[nodeID]
+	r.mu.Unlock()
+	for id, slot := range orphans {
+		if err := m.client.Destroy(ctx, id, slot); err != nil {
+			r.log.Warn("fleet: destroy a lost sandbox on its returned node", "node", nodeID, "sandbox", id, "err", err)
+			r.mu.Lock()
+			if r.orphans[nodeID] == nil {
+				r.orphans[nodeID] = map[string]int{}
+			}
+			r.orphans[nodeID][id] = slot
+			r.mu.Unlock()
+			continue
+		}
+		r.log.Info("fleet: destroyed a lost sandbox on its returned node", "node", nodeID, "sandbox", id)
+	}
+}
+
+// NodeOf returns the id of the node sandbox id runs on ("" if unknown).
+func (r *Router) NodeOf(id string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if p := r.where[id]; p != nil {
+		return p.node
+	}
+	return ""
+}
+
+// candidates are the nodes a sandbox may go to, best first: healthy and
+// ready, with room for req, by the smallest share of cpu, memory and slots
+// they have free (spread), then by id.
+func (r *Router) candidates(req node.StartRequest) []*member {
+	type cand struct {
+		m     *member
+		score float64
+	}
+	used := map[string]*placement{}
+	count := map[string]int{}
+	for _, p := range r.where {
+		u := used[p.node]
+		if u == nil {
+			u = &placement{}
+			used[p.node] = u
+		}
+		u.cpu += p.cpu
+		u.memory += p.memory
+		count[p.node]++
+	}
+	var cs []cand
+	for id, m := range r.members {
+		if !m.healthy || m.rec.State != store.NodeReady {
+			continue
+		}
+		u := used[id]
+		if u == nil {
+			u = &placement{}
+		}
+		freeCPU := m.rec.CPU - u.cpu
+		freeMem := m.rec.MemoryMB<<20 - u.memory
+		freeSlots := m.rec.Slots - count[id]
+		if freeSlots <= 0 || freeCPU < req.CPU || freeMem < req.Memory {
+			continue
+		}
+		score := min(freeCPU/m.rec.CPU, float64(freeMem)/float64(m.rec.MemoryMB<<20), float64(freeSlots)/float64(m.rec.Slots))
+		cs = append(cs, cand{m, score})
+	}
+	slices.SortFunc(cs, func(a, b cand) int {
+		if c := cmp.Compare(b.score, a.score); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.m.rec.ID, b.m.rec.ID)
+	})
+	out := make([]*member, len(cs))
+	for i, c := range cs {
+		out[i] = c.m
+	}
+	return out
+}
+
+func errNoNode(what string) error {
+	return fmt.Errorf("%s: no ready node has room: %w", what, errdefs.ErrResourceExhausted)
+}
+
+// on returns the node sandbox id is on.
+func (r *Router) on(id string) (*member, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p := r.where[id]
+	if p == nil {
+		return nil, fmt.Errorf("sandbox %q: on no node of the fleet: %w", id, errdefs.ErrNotFound)
+	}
+	m := r.members[p.node]
+	if m == nil || !m.healthy {
+		return nil, fmt.Errorf("sandbox %q: node %s: %w", id, p.node, node.ErrLost)
+	}
+	return m, nil
+}
+
+// MaxSlot is the smallest of the nodes' (the store allocates slots fleet
+// wide, so every slot it hands out is free on any node).
+func (r *Router) MaxSlot() int {
+	r.mu.Lock()
+	ms := make([]*member, 0, len(r.members))
+	for _, m := range r.members {
+		ms = append(ms, m)
+	}
+	r.mu.Unlock()
+	low := 0
+	for _, m := range ms {
+		if !m.healthy {
+			continue
+		}
+		if v := m.client.MaxSlot(); v > 0 && (low == 0 || v < low) {
+			low = v
+		}
+	}
+	return low
+}
+
+// EnsureImage ensures the image on the node a sandbox would go to now
+// (the node a sandbox lands on ensures it again by reference when it
+// starts there).
+func (r *Router) EnsureImage(ctx context.Context, ref string, progress func(nodecache.Progress)) (*nodecache.Image, error) {
+	r.mu.Lock()
+	cs := r.candidates(node.StartRequest{})
+	r.mu.Unlock()
+	if len(cs) == 0 {
+		return nil, errNoNode("image " + ref)
+	}
+	return cs[0].client.EnsureImage(ctx, ref, progress)
+}
+
+func (r *Router) Start(ctx context.Context, req node.StartRequest) (node.Started, error) {
+	r.mu.Lock()
+	p := r.where[req.ID] // claimed: its node
+	var m *member
+	if p != nil {
+		m = r.members[p.node]
+	} else if cs := r.candidates(req); len(cs) > 0 {
+		m = cs[0]
+		p = &placement{node: m.rec.ID, slot: req.Slot, cpu: req.CPU, memory: req.Memory}
+		r.where[req.ID] = p
+	}
+	r.mu.Unlock()
+	if m == nil {
+		return node.Started{}, errNoNode("sandbox " + req.ID)
+	}
+	st, err := m.client.Start(ctx, req)
+	if err != nil {
+		r.forget(req.ID)
+		return st, err
+	}
+	r.log.Info("fleet: placed", "sandbox", req.ID, "node", p.node)
+	return st, nil
+}
+
+func (r *Router) forget(id string) {
+	r.mu.Lock()
+	delete(r.where, id)
+	r.mu.Unlock()
+}
+
+func (r *Router) Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error) {
+	m, err := r.on(id)
+	if err != nil {
+		return sandbox.Exit{}, err
+	}
+	r.mu.Lock()
+	lost := m.lost
+	r.mu.Unlock()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type res struct {
+		ex  sandbox.Exit
+		err error
+	}
+	done := make(chan res, 1)
+	go func() {
+		ex, err := m.client.Wait(ctx, id, pid)
+		done <- res{ex, err}
+	}()
+	for {
+		select {
+		case x := <-done:
+			if x.err != nil && ctx.Err() == nil {
+				// The node went away mid-wait: lost if it is unhealthy now,
+				// else wait again (a restart of the node's process).
+				if r.waitHealth(ctx, m, lost) {
+					return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s stopped answering: %w", id, m.rec.ID, node.ErrLost)
+				}
+				go func() {
+					ex, err := m.client.Wait(ctx, id, pid)
+					done <- res{ex, err}
+				}()
+				continue
+			}
+			return x.ex, x.err
+		case <-lost:
+			return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s stopped answering: %w", id, m.rec.ID, node.ErrLost)
+		}
+	}
+}
+
+// waitHealth waits until the node is found unhealthy (true) or, for twice
+// the heartbeat timeout, is not (false: it answered heartbeats meanwhile, so
+// the failed call was a restart of its process).
+func (r *Router) waitHealth(ctx context.Context, m *member, lost chan struct{}) bool {
+	deadline := time.NewTimer(2 * cmp.Or(r.HeartbeatTimeout, DefaultHeartbeatTimeout))
+	defer deadline.Stop()
+	select {
+	case <-lost:
+		return true
+	case <-ctx.Done():
+		return false
+	case <-deadline.C:
+		return false
+	}
+}
+
+// Running asks the sandbox's node; for a sandbox placed by a previous
+// control-plane process it asks every healthy node and remembers the one
+// that runs it.
+func (r *Router) Running(ctx context.Context, id string) (int, bool) {
+	if m, err := r.on(id); err == nil {
+		return m.client.Running(ctx, id)
+	}
+	r.mu.Lock()
+	var ms []*member
+	for _, m := range r.members {
+		if m.healthy {
+			ms = append(ms, m)
+		}
+	}
+	r.mu.Unlock()
+	for _, m := range ms {
+		if pid, ok := m.client.Running(ctx, id); ok {
+			r.mu.Lock()
+			if r.where[id] == nil {
+				r.where[id] = &placement{node: m.rec.ID}
+			}
+			r.mu.Unlock()
+			return pid, true
+		}
+	}
+	return 0, false
+}
+
+// Destroy destroys the sandbox on its node; on a lost node it is destroyed
+// when the node returns.
+func (r *Router) Destroy(ctx context.Context, id string, slot int) error {
+	m, err := r.on(id)
+	if errors.Is(err, node.ErrLost) {
+		r.mu.Lock()
+		p := r.where[id]
+		if r.orphans[p.node] == nil {
+			r.orphans[p.node] = map[string]int{}
+		}
+		r.orphans[p.node][id] = slot
+		delete(r.where, id)
+		r.mu.Unlock()
+		return nil
+	}
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return nil // never placed (idempotent, as the agent's)
+	}
+	if err != nil {
+		return err
+	}
+	if err := m.client.Destroy(ctx, id, slot); err != nil {
+		return err
+	}
+	r.forget(id)
+	return nil
+}
+
+func (r *Router) Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (node.Process, error) {
+	m, err := r.on(id)
+	if err != nil {
+		return nil, err
+	}
+	return m.client.Exec(ctx, id, req, stdout, stderr)
+}
+
+func (r *Router) Files(id string) node.Files {
+	m, err := r.on(id)
+	if err != nil {
+		return errFiles{err}
+	}
+	return m.client.Files(id)
+}
+
+// errFiles answers every call with err (a sandbox on no reachable node).
+type errFiles struct{ err error }
+
+func (e errFiles) ReadFile(context.Context, string) (io.ReadCloser, error) { return nil, e.err }
+func (e errFiles) WriteFile(context.Context, string, fs.FileMode, io.Reader) error {
+	return e.err
+}
+func (e errFiles) ListDir(context.Context, string) ([]procapi.FileInfo, error) { return nil, e.err }
+func (e errFiles) Remove(context.Context, string, bool) error                  { return e.err }
+
+func (r *Router) Logs(id string) (io.ReadCloser, error) {
+	m, err := r.on(id)
+	if err != nil {
+		return nil, err
+	}
+	return m.client.Logs(id)
+}
+
+func (r *Router) healthy() []*member {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var ms []*member
+	for _, m := range r.members {
+		if m.healthy {
+			ms = append(ms, m)
+		}
+	}
+	slices.SortFunc(ms, func(a, b *member) int { return cmp.Compare(a.rec.ID, b.rec.ID) })
+	return ms
+}
+
+// Leftovers asks every healthy node (each removes what is not live there).
+func (r *Router) Leftovers(ctx context.Context, live map[string]int) ([]string, error) {
+	var out []string
+	var errs []error
+	for _, m := range r.healthy() {
+		left, err := m.client.Leftovers(ctx, live)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("node %s: %w", m.rec.ID, err))
+			continue
+		}
+		for _, l := range left {
+			out = append(out, m.rec.ID+": "+l)
+		}
+	}
+	return out, errors.Join(errs...)
+}
+
+func (r *Router) Adopt(id, imageDigest string) {
+	if m, err := r.on(id); err == nil {
+		m.client.Adopt(id, imageDigest)
+	}
+}
+
+// Claim takes a pre-started sandbox from the best node that has one.
+func (r *Router) Claim(req node.StartRequest) (string, int, bool) {
+	r.mu.Lock()
+	cs := r.candidates(req)
+	r.mu.Unlock()
+	for _, m := range cs {
+		if id, slot, ok := m.client.Claim(req); ok {
+			r.mu.Lock()
+			r.where[id] = &placement{node: m.rec.ID, slot: slot, cpu: req.CPU, memory: req.Memory}
+			r.mu.Unlock()
+			return id, slot, true
+		}
+	}
+	return "", 0, false
+}
+
+func (r *Router) Unclaim(id string) {
+	if m, err := r.on(id); err == nil {
+		m.client.Unclaim(id)
+	}
+	r.forget(id)
+}
+
+func (r *Router) ReapPool(ctx context.Context, live map[string]int) error {
+	var errs []error
+	for _, m := range r.healthy() {
+		if err := m.client.ReapPool(ctx, live); err != nil {
+			errs = append(errs, fmt.Errorf("node %s: %w", m.rec.ID, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// SetPrestarted sets the pool of every healthy node (progress sums them).
+func (r *Router) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, progress func(ready, want int)) error {
+	ms := r.healthy()
+	var mu sync.Mutex
+	ready := make([]int, len(ms))
+	var errs []error
+	for i, m := range ms {
+		err := m.client.SetPrestarted(ctx, img, n, func(rd, _ int) {
+			if progress == nil {
+				return
+			}
+			mu.Lock()
+			ready[i] = rd
+			sum := 0
+			for _, v := range ready {
+				sum += v
+			}
+			mu.Unlock()
+			progress(sum, n*len(ms))
+		})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("node %s: %w", m.rec.ID, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (r *Router) SetPaused(ctx context.Context, id string, paused bool) error {
+	m, err := r.on(id)
+	if err != nil {
+		return err
+	}
+	return m.client.SetPaused(ctx, id, paused)
+}
+
+func (r *Router) Snapshot(ctx context.Context, req node.SnapshotRequest) (*imagebuild.SnapshotResult, error) {
+	m, err := r.on(req.ID)
+	if err != nil {
+		return nil, err
+	}
+	return m.client.Snapshot(ctx, req)
+}
