@@ -170,6 +170,9 @@ func (f *fakeNode) Exec(_ context.Context, id string, req procapi.ExecRequest, s
 	f.procs = append(f.procs, p)
 	run := f.exec
 	f.mu.Unlock()
+	if run == nil {
+		run = func(*fakeProc, io.Writer, io.Writer) int { return 0 }
+	}
 	go func() {
 		defer close(p.exited)
 		p.status = procapi.ExitStatus{Code: run(p, stdout, stderr)}

@@ -43,7 +43,7 @@ type Sandbox struct {
 	StartedAt          string            `protobuf:"bytes,14,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
 	EndedAt            string            `protobuf:"bytes,15,opt,name=ended_at,json=endedAt,proto3" json:"ended_at,omitempty"`
 	ExitCode           int32             `protobuf:"varint,16,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`   // valid when state is stopped
-	EndReason          string            `protobuf:"bytes,17,opt,name=end_reason,json=endReason,proto3" json:"end_reason,omitempty"` // exited | terminated | timeout | idle | oom | error
+	EndReason          string            `protobuf:"bytes,17,opt,name=end_reason,json=endReason,proto3" json:"end_reason,omitempty"` // exited | terminated | timeout | idle | oom | error | lost (its node stopped answering)
 	Error              string            `protobuf:"bytes,18,opt,name=error,proto3" json:"error,omitempty"`
 	ImageWarm          bool              `protobuf:"varint,19,opt,name=image_warm,json=imageWarm,proto3" json:"image_warm,omitempty"` // the image was in the node cache at create time
 	Ip                 string            `protobuf:"bytes,20,opt,name=ip,proto3" json:"ip,omitempty"`

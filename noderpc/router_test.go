@@ -1,0 +1,203 @@
+package noderpc
+
+import (
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	nodev1 "github.com/chalkcompute/chalkcompute/gen/chalk/node/v1"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/procapi"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// fleetNode is a joined node serving a fake agent over mTLS.
+type fleetNode struct {
+	id   *NodeIdentity
+	fake *fakeNode
+	url  string
+}
+
+// addNode joins a node with capacity (cpu, memory MiB, slots) and serves
+// its API; its first heartbeat tells the control plane where.
+func addNode(t *testing.T, c *control, name string, cpu float64, memMB int64, slots int) *fleetNode {
+	t.Helper()
+	ctx := ctxT(t)
+	req := joinReq(c, c.token(t, time.Hour), name)
+	req.CPU, req.MemoryMB, req.Slots = cpu, memMB, slots
+	id, err := Join(ctx, t.TempDir(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFakeNode()
+	mux := http.NewServeMux()
+	mux.Handle(NewServer(f, nil).Handler())
+	hs := httptest.NewUnstartedServer(mux)
+	hs.EnableHTTP2 = true
+	hs.TLS = NodeServerTLS(id)
+	hs.StartTLS()
+	t.Cleanup(hs.Close)
+	n := &fleetNode{id: id, fake: f, url: hs.URL}
+	n.heartbeat(t, c)
+	return n
+}
+
+func (n *fleetNode) heartbeat(t *testing.T, c *control) {
+	t.Helper()
+	if _, err := FleetClient(n.id, c.url).Heartbeat(ctxT(t), connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: n.id.ID, NodeUrl: n.url})); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func newRouter(t *testing.T, c *control) *Router {
+	r := NewRouter(c.st, c.ca, c.cert, nil)
+	if err := r.Refresh(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// TestPlacementSpreads: sandboxes go to the node with the largest free
+// share, so equal nodes take turns; cordoned nodes and full nodes take
+// none; with no room anywhere the start is refused as resource exhausted.
+func TestPlacementSpreads(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	b := addNode(t, c, "b", 4, 4096, 10)
+	r := newRouter(t, c)
+	count := map[string]int{}
+	for i := range 6 {
+		id := "sb" + string(rune('0'+i))
+		if _, err := r.Start(ctx, node.StartRequest{ID: id, Slot: i + 1, CPU: 0.5, Memory: 256 << 20}); err != nil {
+			t.Fatal(err)
+		}
+		count[r.NodeOf(id)]++
+	}
+	if count[a.id.ID] != 3 || count[b.id.ID] != 3 {
+		t.Fatalf("placement %v: want 3 on each node", count)
+	}
+	// Exec reaches the sandbox's node only.
+	if _, err := r.Exec(ctx, "sb0", nodeExec(), nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	on := map[string]*fakeNode{a.id.ID: a.fake, b.id.ID: b.fake}[r.NodeOf("sb0")]
+	if on == nil || len(on.procs) != 1 {
+		t.Fatal("the exec did not reach the sandbox's node")
+	}
+	// Cordon b: everything goes to a.
+	nb, _ := c.st.GetNode(ctx, b.id.ID)
+	nb.State = store.NodeCordoned
+	c.st.PutNode(ctx, nb)
+	r.Refresh(ctx)
+	for i := range 3 {
+		id := "sc" + string(rune('0'+i))
+		if _, err := r.Start(ctx, node.StartRequest{ID: id, Slot: 20 + i, CPU: 0.5}); err != nil {
+			t.Fatal(err)
+		}
+		if r.NodeOf(id) != a.id.ID {
+			t.Errorf("%s on %s, want a (b is cordoned)", id, r.NodeOf(id))
+		}
+	}
+	// a has 4 cpus, 3 taken + 1.5: a 2-cpu sandbox fits nowhere.
+	if _, err := r.Start(ctx, node.StartRequest{ID: "big", Slot: 40, CPU: 2}); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Errorf("start without room: %v, want resource exhausted", err)
+	}
+	if r.NodeOf("big") != "" {
+		t.Error("a refused start stays placed")
+	}
+	// Destroy frees the room.
+	for _, id := range []string{"sb0", "sb1", "sb2", "sb3", "sb4", "sb5"} {
+		if err := r.Destroy(ctx, id, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := r.Start(ctx, node.StartRequest{ID: "big", Slot: 40, CPU: 2}); err != nil {
+		t.Errorf("start after destroys: %v", err)
+	}
+}
+
+// TestNodeLost: a node that stops heartbeating is unhealthy within the
+// timeout; the Waits of its sandboxes return node.ErrLost, calls for them
+// fail as lost, nothing more is placed there; when it heartbeats again the
+// sandboxes destroyed meanwhile are destroyed there.
+func TestNodeLost(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	n1 := addNode(t, c, "a", 4, 4096, 10)
+	n2 := addNode(t, c, "b", 4, 4096, 10)
+	r := newRouter(t, c)
+	if _, err := r.Start(ctx, node.StartRequest{ID: "sb", Slot: 1}); err != nil {
+		t.Fatal(err)
+	}
+	// a is the node sb landed on, b the other.
+	a, b := n1, n2
+	if r.NodeOf("sb") == n2.id.ID {
+		a, b = n2, n1
+	}
+	done := make(chan error, 1)
+	go func() { _, err := r.Wait(ctx, "forever", 0); done <- err }()
+	// Wait for a sandbox that is on a (a Wait that never ends there).
+	r.mu.Lock()
+	r.where["forever"] = &placement{node: a.id.ID}
+	r.mu.Unlock()
+	waitFor(t, "the wait to reach node a", func() bool {
+		a.fake.mu.Lock()
+		defer a.fake.mu.Unlock()
+		return slices.Contains(a.fake.calls, "Wait forever 0")
+	})
+	// a stops heartbeating (b goes on): the clock moves past the timeout.
+	later := time.Now().Add(2 * DefaultHeartbeatTimeout)
+	r.now = func() time.Time { return later }
+	c.fleet.Now = func() time.Time { return later }
+	b.heartbeat(t, c)
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if !errors.Is(err, node.ErrLost) {
+			t.Fatalf("wait on a lost node: %v, want node.ErrLost", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the wait did not end when its node was lost")
+	}
+	if _, err := r.Exec(ctx, "sb", nodeExec(), nil, nil); !errors.Is(err, node.ErrLost) {
+		t.Errorf("exec on a lost node: %v", err)
+	}
+	if _, err := r.Start(ctx, node.StartRequest{ID: "new", Slot: 2}); err != nil || r.NodeOf("new") != b.id.ID {
+		t.Errorf("placement with a lost: %v on %q, want b", err, r.NodeOf("new"))
+	}
+	// The control plane ends the lost sandbox: no call reaches a now.
+	if err := r.Destroy(ctx, "sb", 1); err != nil {
+		t.Fatal(err)
+	}
+	a.fake.mu.Lock()
+	early := slices.Contains(a.fake.calls, "Destroy sb 1")
+	a.fake.mu.Unlock()
+	if early {
+		t.Fatal("destroyed on a lost node")
+	}
+	// a returns.
+	a.heartbeat(t, c)
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a.fake.mu.Lock()
+	calls := slices.Clone(a.fake.calls)
+	a.fake.mu.Unlock()
+	if !slices.Contains(calls, "Destroy sb 1") {
+		t.Errorf("the lost sandbox was not destroyed on its returned node: %q", calls)
+	}
+}
+
+func nodeExec() (r procapi.ExecRequest) {
+	r.Argv = []string{"true"}
+	return r
+}
