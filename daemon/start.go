@@ -167,7 +167,7 @@ func (d *Daemon) startAgent(context.Context) (err error) {
 	}
 	d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
-		ReservedSlots: buildSlots, Pool: pool,
+		ReservedSlots: buildSlots, Pool: pool, ResolvConf: d.agentResolvConf(),
 	})
 	return err
 }
@@ -264,13 +264,19 @@ func (d *Daemon) newIngress(context.Context) (err error) {
 // store with the node (sandboxes that ran on, ended, or were left behind).
 func (d *Daemon) startAPI(ctx context.Context) error {
 	cfg := &d.cfg
-	d.API = api.New(ctx, api.Config{
-		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
+	acfg := api.Config{
+		Store: d.Store, Node: d.apiNode(), Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
 		DefaultMemoryMB: cfg.Limits.DefaultMemoryMB, NodeMemoryMB: cfg.Limits.nodeMemoryMB,
 		Workload: d.wi, Identity: d.wi, Policies: d.pol, Images: d.im, Tunnels: d.tun, MCP: d.mcp,
 		DefaultQuota: cfg.DefaultQuota, Live: d.live, Ingress: d.ingress.backend(),
 		Hooks: d.sandboxHooks(),
-	})
+	}
+	if d.router != nil {
+		// Egress policies are enforced on the node a sandbox runs on: not
+		// yet in fleet mode, so sandboxes with policies are refused.
+		acfg.Policies, acfg.Hooks = nil, d.fleetHooks()
+	}
+	d.API = api.New(ctx, acfg)
 	if err := d.API.Reconcile(ctx); err != nil {
 		return fmt.Errorf("reconcile: %w", err)
 	}
@@ -344,4 +350,13 @@ func (d *Daemon) startBackground(ctx context.Context) error {
 		}
 	}()
 	return nil
+}
+
+// agentResolvConf is the agent's ResolvConf: nil (its default, the DNS proxy
+// at the sandbox's gateway) unless the daemon set one (node mode).
+func (d *Daemon) agentResolvConf() func(*sandboxnet.Net) []byte {
+	if d.resolvConf == nil {
+		return nil
+	}
+	return func(*sandboxnet.Net) []byte { return d.resolvConf() }
 }
