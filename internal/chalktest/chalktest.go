@@ -114,14 +114,14 @@ func RequireRoot(t testing.TB) {
 
 // Node is a chalkd under test.
 type Node struct {
-	t       testing.TB
-	Dir     string // data dir
-	RunDir  string
-	Netns   string // name of the node's network namespace
-	Socket  string
-	Cgroup  string
-	Args    []string // extra chalkd flags
-	BinDir  string   // where chalkd, chalk and chalk-init come from (default Bin); Restart uses the current one
+	t      testing.TB
+	Dir    string // data dir
+	RunDir string
+	Netns  string // name of the node's network namespace
+	Socket string
+	Cgroup string
+	Args   []string // extra chalkd flags
+	BinDir string   // where chalkd, chalk and chalk-init come from (default Bin); Restart uses the current one
 	// Mode is chalkd's mode: "" (all-in-one), "control" or "node" (fleet.go).
 	Mode    string
 	cmd     *exec.Cmd
