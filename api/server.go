@@ -79,6 +79,7 @@ type Config struct {
 	Tunnels    TunnelBackend  // nil: tunnels are unavailable
 	MCP        MCPBackend     // nil: the MCP gateway is unavailable
 	Ingress    IngressBackend // nil: ingress (Expose) is unavailable
+	Fleet      FleetBackend   // nil: not the control plane of a fleet
 	Logger     *slog.Logger
 	// MaxWriteFile bounds WriteFile payloads (default 64 MiB).
 	MaxWriteFile int64
@@ -185,5 +186,6 @@ func (s *Server) services() http.Handler {
 	mux.Handle(computev1connect.NewTunnelServiceHandler(&tunnelService{s}, opts...))
 	mux.Handle(computev1connect.NewMcpServiceHandler(&mcpService{s}, opts...))
 	mux.Handle(computev1connect.NewTeamServiceHandler(&teamService{s}, opts...))
+	mux.Handle(computev1connect.NewNodeAdminServiceHandler(&nodeAdminService{s}, opts...))
 	return mux
 }

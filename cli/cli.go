@@ -203,6 +203,6 @@ func adminCmd(e *env) *cobra.Command {
 			return nil
 		},
 	})
-	admin.AddCommand(keys, orgCmd(e), memberCmd(e), auditCmd(e))
+	admin.AddCommand(keys, orgCmd(e), memberCmd(e), auditCmd(e), nodeCmd(e))
 	return admin
 }

@@ -2,7 +2,7 @@ package daemon_test
 
 import (
 	"bytes"
-	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -26,16 +26,37 @@ func TestFleet(t *testing.T) {
 	n2 := chalktest.StartFleetNode(t, control, 2)
 	c := control.Client()
 
-	// The nodes are placed on once the control plane saw their heartbeats.
-	var sbs []*chalkcompute.Sandbox
+	// Both nodes joined and heartbeat: `chalk admin node ls` says so.
+	nodes := func() []map[string]any {
+		out, errOut, code := control.CLI("admin", "node", "ls", "-o", "json")
+		if code != 0 {
+			t.Fatalf("chalk admin node ls: %d %s", code, errOut)
+		}
+		var ns []map[string]any
+		if err := json.Unmarshal([]byte(out), &ns); err != nil {
+			t.Fatalf("node ls -o json: %v: %s", err, out)
+		}
+		return ns
+	}
+	healthy := func(name string) bool {
+		for _, n := range nodes() {
+			if n["name"] == name {
+				return n["healthy"] == true
+			}
+		}
+		return false
+	}
 	deadline := time.Now().Add(30 * time.Second)
-	for len(sbs) < 4 {
+	for !healthy("node1") || !healthy("node2") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the nodes are not healthy on the control plane: %v", nodes())
+		}
+		time.Sleep(100 * time.Millisecond) // polling the control plane for the nodes' heartbeats
+	}
+	var sbs []*chalkcompute.Sandbox
+	for range 4 {
 		sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"),
 			chalkcompute.WithEntrypoint("sh", "-c", "echo hello-from-$(hostname); exec sleep 1000"))
-		if errors.Is(err, errdefs.ErrResourceExhausted) && len(sbs) == 0 && time.Now().Before(deadline) {
-			time.Sleep(100 * time.Millisecond) // polling the control plane for the nodes' first heartbeats
-			continue
-		}
 		if err != nil {
 			t.Fatalf("create: %v", err)
 		}
@@ -112,6 +133,19 @@ func TestFleet(t *testing.T) {
 			t.Fatalf("exec on the surviving node: %v", err)
 		}
 	}
+	if healthy("node1") {
+		t.Error("node ls: the killed node is healthy")
+	}
+	// Cordoned, the survivor takes nothing: no room anywhere.
+	if _, errOut, code := control.CLI("admin", "node", "cordon", "node2"); code != 0 {
+		t.Fatalf("cordon: %s", errOut)
+	}
+	if _, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox")); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("create with every node cordoned or lost: %v, want resource exhausted", err)
+	}
+	if _, errOut, code := control.CLI("admin", "node", "uncordon", "node2"); code != 0 {
+		t.Fatalf("uncordon: %s", errOut)
+	}
 	sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"))
 	if err != nil {
 		t.Fatalf("create with one node lost: %v", err)
@@ -119,5 +153,4 @@ func TestFleet(t *testing.T) {
 	if !on(n2, sb.ID()) {
 		t.Fatalf("sandbox %s not placed on the surviving node", sb.ID())
 	}
-	_ = context.Background
 }

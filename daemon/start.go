@@ -274,7 +274,7 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 	if d.router != nil {
 		// Egress policies are enforced on the node a sandbox runs on: not
 		// yet in fleet mode, so sandboxes with policies are refused.
-		acfg.Policies, acfg.Hooks = nil, d.fleetHooks()
+		acfg.Policies, acfg.Hooks, acfg.Fleet = nil, d.fleetHooks(), d.router
 	}
 	d.API = api.New(ctx, acfg)
 	if err := d.API.Reconcile(ctx); err != nil {

@@ -189,24 +189,27 @@ func (f *Fleet) Heartbeat(ctx context.Context, req *connect.Request[nodev1.Heart
 		f.log().Warn("fleet: node acting for another refused", "node", peer, "for", req.Msg.NodeId)
 		return nil, fmt.Errorf("heartbeat for node %q from node %q: %w", req.Msg.NodeId, peer, errdefs.ErrPermissionDenied)
 	}
-	n, err := f.Store.GetNode(ctx, peer)
-	if err != nil {
-		return nil, err
-	}
 	if req.Msg.Capacity != nil {
 		if err := checkCapacity(req.Msg.Capacity); err != nil {
 			return nil, err
 		}
-		n.CPU, n.MemoryMB, n.Slots = req.Msg.Capacity.Cpu, req.Msg.Capacity.MemoryMb, int(req.Msg.Capacity.Slots)
 	}
 	if req.Msg.NodeUrl != "" {
 		if err := checkNodeURL(req.Msg.NodeUrl); err != nil {
 			return nil, err
 		}
-		n.URL = req.Msg.NodeUrl
 	}
-	n.LastHeartbeat = f.now().UTC()
-	if err := f.Store.PutNode(ctx, n); err != nil {
+	n, err := f.Store.UpdateNode(ctx, peer, func(n *store.Node) error {
+		if c := req.Msg.Capacity; c != nil {
+			n.CPU, n.MemoryMB, n.Slots = c.Cpu, c.MemoryMb, int(c.Slots)
+		}
+		if req.Msg.NodeUrl != "" {
+			n.URL = req.Msg.NodeUrl
+		}
+		n.LastHeartbeat = f.now().UTC()
+		return nil
+	})
+	if err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(&nodev1.HeartbeatResponse{State: n.State}), nil

@@ -564,3 +564,62 @@ func (r *Router) Snapshot(ctx context.Context, req node.SnapshotRequest) (*image
 	}
 	return m.client.Snapshot(ctx, req)
 }
+
+var _ api.FleetBackend = (*Router)(nil)
+
+// Nodes lists the fleet's nodes with their health and sandbox counts.
+func (r *Router) Nodes(ctx context.Context) ([]api.NodeStatus, error) {
+	recs, err := r.store.ListNodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	count := map[string]int{}
+	for _, p := range r.where {
+		count[p.node]++
+	}
+	out := make([]api.NodeStatus, 0, len(recs))
+	for _, rec := range recs {
+		m := r.members[rec.ID]
+		out = append(out, api.NodeStatus{Node: *rec, Healthy: m != nil && m.healthy, Sandboxes: count[rec.ID]})
+	}
+	return out, nil
+}
+
+// SetNodeState cordons, drains or readies a node (by id or name); placement
+// follows at once.
+func (r *Router) SetNodeState(ctx context.Context, id, state string) (api.NodeStatus, error) {
+	recs, err := r.store.ListNodes(ctx)
+	if err != nil {
+		return api.NodeStatus{}, err
+	}
+	var rec *store.Node
+	for _, n := range recs {
+		if n.ID == id || n.Name == id {
+			if rec != nil {
+				return api.NodeStatus{}, fmt.Errorf("node %q: more than one node has that name (use its id): %w", id, errdefs.ErrInvalidArgument)
+			}
+			rec = n
+		}
+	}
+	if rec == nil {
+		return api.NodeStatus{}, fmt.Errorf("node %q: %w", id, errdefs.ErrNotFound)
+	}
+	if _, err := r.store.UpdateNode(ctx, rec.ID, func(n *store.Node) error { n.State = state; return nil }); err != nil {
+		return api.NodeStatus{}, err
+	}
+	if err := r.Refresh(ctx); err != nil {
+		return api.NodeStatus{}, err
+	}
+	ns, err := r.Nodes(ctx)
+	if err != nil {
+		return api.NodeStatus{}, err
+	}
+	for _, n := range ns {
+		if n.ID == rec.ID {
+			return n, nil
+		}
+	}
+	return api.NodeStatus{}, fmt.Errorf("node %q: %w", id, errdefs.ErrNotFound)
+}

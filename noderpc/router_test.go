@@ -92,10 +92,17 @@ func TestPlacementSpreads(t *testing.T) {
 		t.Fatal("the exec did not reach the sandbox's node")
 	}
 	// Cordon b: everything goes to a.
-	nb, _ := c.st.GetNode(ctx, b.id.ID)
-	nb.State = store.NodeCordoned
-	c.st.PutNode(ctx, nb)
+	if st, err := r.SetNodeState(ctx, "b", store.NodeCordoned); err != nil || st.State != store.NodeCordoned || st.Sandboxes != 3 || !st.Healthy {
+		t.Fatalf("cordon b by name: %+v, %v", st, err)
+	}
+	b.heartbeat(t, c) // a heartbeat does not undo it
 	r.Refresh(ctx)
+	if n, _ := c.st.GetNode(ctx, b.id.ID); n.State != store.NodeCordoned {
+		t.Fatalf("b is %s after its heartbeat", n.State)
+	}
+	if _, err := r.SetNodeState(ctx, "nope", store.NodeCordoned); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("cordon an unknown node: %v", err)
+	}
 	for i := range 3 {
 		id := "sc" + string(rune('0'+i))
 		if _, err := r.Start(ctx, node.StartRequest{ID: id, Slot: 20 + i, CPU: 0.5}); err != nil {

@@ -103,3 +103,34 @@ func (s *Store) UseJoinToken(ctx context.Context, hash string, now time.Time) er
 	}
 	return nil
 }
+
+// UpdateNode changes node id with fn, atomically against other updates (a
+// compare-and-swap on the record, retried): a heartbeat never undoes a
+// cordon made meanwhile. fn's error aborts the update.
+func (s *Store) UpdateNode(ctx context.Context, id string, fn func(*Node) error) (*Node, error) {
+	for range 20 {
+		var old string
+		if err := s.db.QueryRowContext(ctx, `SELECT doc FROM nodes WHERE id = ?`, id).Scan(&old); err != nil {
+			return nil, fmt.Errorf("node %q: %w", id, errdefs.ErrNotFound)
+		}
+		var n Node
+		if err := json.Unmarshal([]byte(old), &n); err != nil {
+			return nil, fmt.Errorf("node %q: %w", id, err)
+		}
+		if err := fn(&n); err != nil {
+			return nil, err
+		}
+		doc, err := json.Marshal(&n)
+		if err != nil {
+			return nil, err
+		}
+		res, err := s.db.ExecContext(ctx, `UPDATE nodes SET name = ?, doc = ? WHERE id = ? AND doc = ?`, n.Name, string(doc), id, old)
+		if err != nil {
+			return nil, err
+		}
+		if k, _ := res.RowsAffected(); k == 1 {
+			return &n, nil
+		}
+	}
+	return nil, fmt.Errorf("node %q: too many concurrent updates: %w", id, errdefs.ErrUnavailable)
+}
