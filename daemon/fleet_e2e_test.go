@@ -153,4 +153,23 @@ func TestFleet(t *testing.T) {
 	if !on(n2, sb.ID()) {
 		t.Fatalf("sandbox %s not placed on the surviving node", sb.ID())
 	}
+
+	// Node 1 returns (its identity kept: no new token): healthy again, and
+	// the sandboxes reported lost meanwhile are removed there.
+	n1.Restart()
+	deadline = time.Now().Add(30 * time.Second)
+	for !healthy("node1") {
+		if time.Now().After(deadline) {
+			t.Fatalf("node1 not healthy after its restart: %v", nodes())
+		}
+		time.Sleep(100 * time.Millisecond) // polling the control plane for the heartbeat
+	}
+	for _, sb := range byNode[n1][1:] {
+		for on(n1, sb.ID()) {
+			if time.Now().After(deadline) {
+				t.Fatalf("lost sandbox %s still on node1 after it returned", sb.ID())
+			}
+			time.Sleep(100 * time.Millisecond) // polling the node's state dir
+		}
+	}
 }

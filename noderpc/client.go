@@ -55,7 +55,7 @@ func NewClient(httpClient connect.HTTPClient, baseURL string, log *slog.Logger) 
 	// No compression: the link is a LAN, exec output and files are often
 	// compressed already, and the nodes' cores are the sandboxes'.
 	return &Client{rpc: nodev1connect.NewNodeServiceClient(httpClient, baseURL,
-		connect.WithAcceptCompression("gzip", nil, nil)), log: log}
+		connect.WithAcceptCompression("gzip", nil, nil), connect.WithReadMaxBytes(MaxMessage)), log: log}
 }
 
 // wire turns a call's error back into an errdefs class.

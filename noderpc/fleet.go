@@ -93,8 +93,9 @@ var _ nodev1connect.FleetServiceHandler = (*Fleet)(nil)
 
 // Handler is the fleet service; serve it behind ControlServerTLS.
 func (f *Fleet) Handler() (string, http.Handler) {
-	path, h := nodev1connect.NewFleetServiceHandler(f, connect.WithInterceptors(errInterceptor{}))
+	path, h := nodev1connect.NewFleetServiceHandler(f, connect.WithInterceptors(errInterceptor{}), connect.WithReadMaxBytes(MaxFleetMessage))
 	return path, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.Body = http.MaxBytesReader(w, r.Body, MaxFleetMessage+4096)
 		ctx := r.Context()
 		if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
 			if id := NodeIDOf(r.TLS.VerifiedChains[0][0]); id != "" {

@@ -133,6 +133,17 @@ func TestJoin(t *testing.T) {
 	}
 }
 
+// TestJoinBounded: the fleet listener reads at most MaxFleetMessage of a
+// request before it knows who sends it.
+func TestJoinBounded(t *testing.T) {
+	c := newControl(t)
+	anon := nodev1connect.NewFleetServiceClient(HTTPClient(&tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}}), c.url)
+	_, err := anon.Join(ctxT(t), connect.NewRequest(&nodev1.JoinRequest{Token: c.token(t, time.Hour), CsrDer: make([]byte, 8<<20)}))
+	if !errors.Is(wire(err), errdefs.ErrResourceExhausted) {
+		t.Fatalf("an 8 MiB join: %v, want resource exhausted", err)
+	}
+}
+
 // TestJoinChecksTheControlPlane: a node does not send its token to a
 // control plane whose CA is not the one the token names.
 func TestJoinChecksTheControlPlane(t *testing.T) {

@@ -37,6 +37,14 @@ import (
 // and log chunks).
 const ChunkSize = 32 << 10
 
+// MaxMessage bounds every message either end reads (a listing of a large
+// directory is the largest); a peer sending more gets resource_exhausted.
+const MaxMessage = 64 << 20
+
+// MaxFleetMessage bounds the fleet listener's messages: Join is read before
+// its caller is known.
+const MaxFleetMessage = 64 << 10
+
 // Server serves a node.
 type Server struct {
 	node api.Node
@@ -59,7 +67,8 @@ func NewServer(n api.Node, log *slog.Logger) *Server {
 
 // Handler returns the path and handler to mount the service at.
 func (s *Server) Handler(opts ...connect.HandlerOption) (string, http.Handler) {
-	return nodev1connect.NewNodeServiceHandler(s, append([]connect.HandlerOption{connect.WithInterceptors(errInterceptor{})}, opts...)...)
+	return nodev1connect.NewNodeServiceHandler(s, append([]connect.HandlerOption{
+		connect.WithInterceptors(errInterceptor{}), connect.WithReadMaxBytes(MaxMessage)}, opts...)...)
 }
 
 // errInterceptor gives every handler error its wire code (errconnect).
