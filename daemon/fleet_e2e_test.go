@@ -172,4 +172,24 @@ func TestFleet(t *testing.T) {
 			time.Sleep(100 * time.Millisecond) // polling the node's state dir
 		}
 	}
+
+	// kill -9 of the control plane loses no sandbox: after its restart
+	// (longer than a heartbeat timeout) the nodes' sandboxes run on and
+	// answer.
+	control.Kill()
+	time.Sleep(4 * time.Second) // the outage must outlast the heartbeat timeout (3 s) to test the grace
+	control.Restart()
+	c = control.Client()
+	for _, sb := range append(byNode[n2][1:], sb) {
+		got, err := c.Sandbox(ctxT(t, 30*time.Second), sb.ID())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st := got.Info; st.State != "running" {
+			t.Fatalf("sandbox %s after a control-plane restart: %s (%s)", sb.ID(), st.State, st.EndReason)
+		}
+		if res, err := got.Exec(ctxT(t, 30*time.Second), []string{"echo", "still"}); err != nil || string(res.Stdout) != "still\n" {
+			t.Fatalf("exec after a control-plane restart: %+v, %v", res, err)
+		}
+	}
 }

@@ -45,6 +45,10 @@ type Router struct {
 	// HeartbeatTimeout (default DefaultHeartbeatTimeout).
 	HeartbeatTimeout time.Duration
 	now              func() time.Time
+	// started is when this router began: for one heartbeat timeout after
+	// it, nodes count as healthy whatever their last heartbeat (they
+	// could not heartbeat while the control plane was down).
+	started time.Time
 
 	mu      sync.Mutex
 	members map[string]*member // by node id
@@ -79,7 +83,7 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now,
+	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now, started: time.Now(),
 		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{}}
 }
 
@@ -121,7 +125,7 @@ func (r *Router) Refresh(ctx context.Context) error {
 			r.members[rec.ID] = m
 		}
 		m.rec = rec
-		healthy := now.Sub(rec.LastHeartbeat) < timeout
+		healthy := now.Sub(rec.LastHeartbeat) < timeout || now.Sub(r.started) < timeout
 		switch {
 		case m.healthy && !healthy:
 			r.log.Warn("fleet: node unhealthy: its sandboxes are lost", "node", rec.ID, "last_heartbeat", rec.LastHeartbeat)
@@ -379,7 +383,10 @@ func (r *Router) Running(ctx context.Context, id string) (int, bool) {
 	}
 	r.mu.Unlock()
 	for _, m := range ms {
-		if pid, ok := m.client.Running(ctx, id); ok {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		pid, ok := m.client.Running(cctx, id)
+		cancel()
+		if ok {
 			r.mu.Lock()
 			if r.where[id] == nil {
 				r.where[id] = &placement{node: m.rec.ID}

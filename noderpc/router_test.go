@@ -208,3 +208,31 @@ func nodeExec() (r procapi.ExecRequest) {
 	r.Argv = []string{"true"}
 	return r
 }
+
+// TestRouterStartGrace: a control plane that was down saw no heartbeats;
+// right after it starts its nodes count as healthy (for one timeout), so
+// reconcile finds their sandboxes instead of ending them all.
+func TestRouterStartGrace(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	if _, err := c.st.UpdateNode(ctx, a.id.ID, func(n *store.Node) error {
+		n.LastHeartbeat = time.Now().Add(-time.Hour) // the control plane was down
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	r := newRouter(t, c)
+	if pid, ok := r.Running(ctx, "up"); !ok || pid != 77 || r.NodeOf("up") != a.id.ID {
+		t.Fatalf("reconcile after a control-plane restart: running %v pid %d on %q", ok, pid, r.NodeOf("up"))
+	}
+	// Past the grace, a node that still does not heartbeat is lost.
+	later := time.Now().Add(2 * DefaultHeartbeatTimeout)
+	r.now = func() time.Time { return later }
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Exec(ctx, "up", nodeExec(), nil, nil); !errors.Is(err, node.ErrLost) {
+		t.Errorf("after the grace: %v, want lost", err)
+	}
+}
