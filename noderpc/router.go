@@ -56,7 +56,15 @@ type Router struct {
 	// orphans are sandboxes reported lost, by node, to destroy there when
 	// it returns.
 	orphans map[string]map[string]int
+	// warm are the image digests each node has in its cache (as far as
+	// this router saw: ensured or started there).
+	warm map[string]map[string]bool
 }
+
+// warmBonus is what having the image counts in placement, in free share:
+// a node with the image is preferred until it is this much fuller than
+// one without.
+const warmBonus = 0.25
 
 type member struct {
 	rec     *store.Node
@@ -84,7 +92,8 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now, started: time.Now(),
-		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{}}
+		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{},
+		warm: map[string]map[string]bool{}}
 }
 
 // dial is how the router reaches a node (tests replace it).
@@ -176,9 +185,23 @@ func (r *Router) NodeOf(id string) string {
 	return ""
 }
 
+// markWarm records that node id has the image digest.
+func (r *Router) markWarm(id, digest string) {
+	if digest == "" {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.warm[id] == nil {
+		r.warm[id] = map[string]bool{}
+	}
+	r.warm[id][digest] = true
+}
+
 // candidates are the nodes a sandbox may go to, best first: healthy and
 // ready, with room for req, by the smallest share of cpu, memory and slots
-// they have free (spread), then by id.
+// they have free (spread), plus warmBonus where the image is warm
+// (locality), then by id.
 func (r *Router) candidates(req node.StartRequest) []*member {
 	type cand struct {
 		m     *member
@@ -212,6 +235,9 @@ func (r *Router) candidates(req node.StartRequest) []*member {
 			continue
 		}
 		score := min(freeCPU/m.rec.CPU, float64(freeMem)/float64(m.rec.MemoryMB<<20), float64(freeSlots)/float64(m.rec.Slots))
+		if req.Image != nil && r.warm[id][req.Image.Digest] {
+			score += warmBonus
+		}
 		cs = append(cs, cand{m, score})
 	}
 	slices.SortFunc(cs, func(a, b cand) int {
@@ -277,7 +303,11 @@ func (r *Router) EnsureImage(ctx context.Context, ref string, progress func(node
 	if len(cs) == 0 {
 		return nil, errNoNode("image " + ref)
 	}
-	return cs[0].client.EnsureImage(ctx, ref, progress)
+	img, err := cs[0].client.EnsureImage(ctx, ref, progress)
+	if err == nil {
+		r.markWarm(cs[0].rec.ID, img.Digest)
+	}
+	return img, err
 }
 
 func (r *Router) Start(ctx context.Context, req node.StartRequest) (node.Started, error) {
@@ -299,6 +329,9 @@ func (r *Router) Start(ctx context.Context, req node.StartRequest) (node.Started
 	if err != nil {
 		r.forget(req.ID)
 		return st, err
+	}
+	if req.Image != nil {
+		r.markWarm(p.node, req.Image.Digest)
 	}
 	r.log.Info("fleet: placed", "sandbox", req.ID, "node", p.node)
 	return st, nil

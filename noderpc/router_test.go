@@ -236,3 +236,33 @@ func TestRouterStartGrace(t *testing.T) {
 		t.Errorf("after the grace: %v, want lost", err)
 	}
 }
+
+// TestPlacementLocality: a node that has the image is preferred until it
+// is warmBonus fuller than one without; then placement spreads again.
+func TestPlacementLocality(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	b := addNode(t, c, "b", 4, 4096, 10)
+	r := newRouter(t, c)
+	img, err := r.EnsureImage(ctx, "python", nil) // warms it on one node
+	if err != nil {
+		t.Fatal(err)
+	}
+	warmNode := a.id.ID
+	if !slices.ContainsFunc(a.fake.calls, func(s string) bool { return s == "EnsureImage python" }) {
+		warmNode = b.id.ID
+	}
+	var got []string
+	for i := range 4 {
+		id := "sb" + string(rune('0'+i))
+		if _, err := r.Start(ctx, node.StartRequest{ID: id, Slot: i + 1, Image: img}); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, r.NodeOf(id))
+	}
+	// Free slot shares 1.0, 0.9, 0.8 (+0.25) beat the cold node's 1.0; 0.7+0.25 does not.
+	if got[0] != warmNode || got[1] != warmNode || got[2] != warmNode || got[3] == warmNode {
+		t.Errorf("placements %v, want the first three on the warm node %s", got, warmNode)
+	}
+}
