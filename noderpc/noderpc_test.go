@@ -24,7 +24,7 @@ import (
 
 // serve runs a Server of f over HTTP/2 (TLS, as in production) and returns a
 // Client of it.
-func serve(t *testing.T, f *fakeNode) (*Client, *Server) {
+func serve(t testing.TB, f *fakeNode) (*Client, *Server) {
 	t.Helper()
 	srv := NewServer(f, nil)
 	mux := http.NewServeMux()

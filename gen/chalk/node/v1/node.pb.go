@@ -3674,12 +3674,10 @@ func (x *JoinResponse) GetCaPem() []byte {
 }
 
 type HeartbeatRequest struct {
-	state    protoimpl.MessageState `protogen:"open.v1"`
-	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	Capacity *Capacity              `protobuf:"bytes,2,opt,name=capacity,proto3" json:"capacity,omitempty"`
-	// sandboxes running on the node (ids), for reconciliation.
-	Running       []string `protobuf:"bytes,3,rep,name=running,proto3" json:"running,omitempty"`
-	NodeUrl       string   `protobuf:"bytes,4,opt,name=node_url,json=nodeUrl,proto3" json:"node_url,omitempty"`
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Capacity      *Capacity              `protobuf:"bytes,2,opt,name=capacity,proto3" json:"capacity,omitempty"`
+	NodeUrl       string                 `protobuf:"bytes,4,opt,name=node_url,json=nodeUrl,proto3" json:"node_url,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3724,13 +3722,6 @@ func (x *HeartbeatRequest) GetNodeId() string {
 func (x *HeartbeatRequest) GetCapacity() *Capacity {
 	if x != nil {
 		return x.Capacity
-	}
-	return nil
-}
-
-func (x *HeartbeatRequest) GetRunning() []string {
-	if x != nil {
-		return x.Running
 	}
 	return nil
 }
@@ -4035,12 +4026,11 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\fJoinResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x19\n" +
 	"\bcert_pem\x18\x02 \x01(\fR\acertPem\x12\x15\n" +
-	"\x06ca_pem\x18\x03 \x01(\fR\x05caPem\"\x95\x01\n" +
+	"\x06ca_pem\x18\x03 \x01(\fR\x05caPem\"\x81\x01\n" +
 	"\x10HeartbeatRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x123\n" +
-	"\bcapacity\x18\x02 \x01(\v2\x17.chalk.node.v1.CapacityR\bcapacity\x12\x18\n" +
-	"\arunning\x18\x03 \x03(\tR\arunning\x12\x19\n" +
-	"\bnode_url\x18\x04 \x01(\tR\anodeUrl\")\n" +
+	"\bcapacity\x18\x02 \x01(\v2\x17.chalk.node.v1.CapacityR\bcapacity\x12\x19\n" +
+	"\bnode_url\x18\x04 \x01(\tR\anodeUrlJ\x04\b\x03\x10\x04\")\n" +
 	"\x11HeartbeatResponse\x12\x14\n" +
 	"\x05state\x18\x01 \x01(\tR\x05state2\xfc\f\n" +
 	"\vNodeService\x12H\n" +
