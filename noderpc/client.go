@@ -243,7 +243,9 @@ func (p *remoteProcess) Signal(sig syscall.Signal) error {
 	if p.ended() {
 		return fmt.Errorf("process %d has ended: %w", p.pid, errdefs.ErrFailedPrecondition)
 	}
-	_, err := p.c.rpc.SignalExec(context.Background(), connect.NewRequest(&nodev1.SignalExecRequest{ExecId: p.id, Signal: int32(sig)}))
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	_, err := p.c.rpc.SignalExec(ctx, connect.NewRequest(&nodev1.SignalExecRequest{ExecId: p.id, Signal: int32(sig)}))
 	return wire(err)
 }
 
@@ -257,7 +259,9 @@ func (p *remoteProcess) Resize(rows, cols int) error {
 	if rows < 0 || cols < 0 || rows > 0xffff || cols > 0xffff {
 		return fmt.Errorf("size %dx%d: out of range: %w", rows, cols, errdefs.ErrInvalidArgument)
 	}
-	_, err := p.c.rpc.ResizeExec(context.Background(), connect.NewRequest(&nodev1.ResizeExecRequest{ExecId: p.id, Rows: uint32(rows), Cols: uint32(cols)}))
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	_, err := p.c.rpc.ResizeExec(ctx, connect.NewRequest(&nodev1.ResizeExecRequest{ExecId: p.id, Rows: uint32(rows), Cols: uint32(cols)}))
 	return wire(err)
 }
 

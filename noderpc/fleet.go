@@ -263,10 +263,14 @@ func Join(ctx context.Context, dir string, req JoinRequest) (*NodeIdentity, erro
 	return LoadNodeIdentity(dir)
 }
 
-// HTTPClient is an HTTP/2 client with cfg (mTLS both ways).
+// HTTPClient is an HTTP/2 client with cfg (mTLS both ways). A connection
+// silent for 5 s is pinged and dropped if the ping goes unanswered for 5 s:
+// the streams on it (a Wait, a log follow) then fail instead of hanging on
+// a peer that died without closing.
 func HTTPClient(cfg *tls.Config) *http.Client {
 	return &http.Client{Transport: &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true,
-		IdleConnTimeout: 90 * time.Second, TLSHandshakeTimeout: 10 * time.Second}}
+		IdleConnTimeout: 90 * time.Second, TLSHandshakeTimeout: 10 * time.Second,
+		HTTP2: &http.HTTP2Config{SendPingTimeout: 5 * time.Second, PingTimeout: 5 * time.Second}}}
 }
 
 // FleetClient is a node's client of the control plane's fleet service.
