@@ -13,6 +13,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+	"github.com/chalkcompute/chalkcompute/noderpc"
 )
 
 // TestFleet: one control plane and two node agents, each in its own network
@@ -177,7 +178,7 @@ func TestFleet(t *testing.T) {
 	// (longer than a heartbeat timeout) the nodes' sandboxes run on and
 	// answer.
 	control.Kill()
-	time.Sleep(4 * time.Second) // the outage must outlast the heartbeat timeout (3 s) to test the grace
+	time.Sleep(noderpc.DefaultHeartbeatTimeout + time.Second) // the outage must outlast the heartbeat timeout to test the grace
 	control.Restart()
 	c = control.Client()
 	for _, sb := range append(byNode[n2][1:], sb) {

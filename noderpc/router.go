@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -26,7 +27,7 @@ import (
 // DefaultHeartbeatTimeout is how long a node may stay silent before it is
 // unhealthy (nodes heartbeat every HeartbeatInterval).
 const (
-	DefaultHeartbeatTimeout = 3 * time.Second
+	DefaultHeartbeatTimeout = 5 * time.Second
 	HeartbeatInterval       = time.Second
 )
 
@@ -153,13 +154,43 @@ func (r *Router) Refresh(ctx context.Context) error {
 	return nil
 }
 
-// reconcile destroys on a returned node the sandboxes reported lost.
+// reconcile cleans a returned node: the sandboxes reported lost meanwhile,
+// and any other sandbox there this control plane does not hold live (one
+// ended while the node was away and this process restarted, say), with its
+// slot from the store.
 func (r *Router) reconcile(ctx context.Context, nodeID string) {
 	r.mu.Lock()
 	orphans := r.orphans[nodeID]
 	delete(r.orphans, nodeID)
 	m := r.members[nodeID]
+	live := map[string]int{}
+	for id, p := range r.where {
+		if p.node == nodeID {
+			live[id] = p.slot
+		}
+	}
 	r.mu.Unlock()
+	if orphans == nil {
+		orphans = map[string]int{}
+	}
+	left, err := m.client.Leftovers(ctx, live)
+	if err != nil {
+		r.log.Warn("fleet: leftovers of a returned node", "node", nodeID, "err", err)
+	}
+	for _, l := range left {
+		kind, id, ok := strings.Cut(l, ":")
+		if !ok || (kind != "runc" && kind != "netns") || id == "" {
+			continue
+		}
+		if _, done := orphans[id]; done {
+			continue
+		}
+		slot := 0 // unknown: the node removes what it finds by id only
+		if sb, err := r.store.GetSandbox(ctx, id); err == nil {
+			slot = sb.Slot
+		}
+		orphans[id] = slot
+	}
 	for id, slot := range orphans {
 		if err := m.client.Destroy(ctx, id, slot); err != nil {
 			r.log.Warn("fleet: destroy a lost sandbox on its returned node", "node", nodeID, "sandbox", id, "err", err)

@@ -148,12 +148,12 @@ func TestNodeLost(t *testing.T) {
 	if r.NodeOf("sb") == n2.id.ID {
 		a, b = n2, n1
 	}
-	done := make(chan error, 1)
-	go func() { _, err := r.Wait(ctx, "forever", 0); done <- err }()
 	// Wait for a sandbox that is on a (a Wait that never ends there).
 	r.mu.Lock()
 	r.where["forever"] = &placement{node: a.id.ID}
 	r.mu.Unlock()
+	done := make(chan error, 1)
+	go func() { _, err := r.Wait(ctx, "forever", 0); done <- err }()
 	waitFor(t, "the wait to reach node a", func() bool {
 		a.fake.mu.Lock()
 		defer a.fake.mu.Unlock()
@@ -201,6 +201,11 @@ func TestNodeLost(t *testing.T) {
 	a.fake.mu.Unlock()
 	if !slices.Contains(calls, "Destroy sb 1") {
 		t.Errorf("the lost sandbox was not destroyed on its returned node: %q", calls)
+	}
+	// What else the node has that no live sandbox owns (the fake always
+	// reports runc:old and netns:old) is removed too, once.
+	if n := slices.Index(calls, "Destroy old 0"); n < 0 || slices.Index(calls[n+1:], "Destroy old 0") >= 0 {
+		t.Errorf("the node's leftover was not destroyed once: %q", calls)
 	}
 }
 
