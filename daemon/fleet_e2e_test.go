@@ -112,6 +112,25 @@ func TestFleet(t *testing.T) {
 		}
 	}
 
+	// Pause and resume reach the sandbox's node; snapshots are refused (the
+	// node's registry is not the fleet's yet).
+	{
+		sb := byNode[n2][1]
+		ctx := ctxT(t, time.Minute)
+		if st, err := sb.Pause(ctx); err != nil || st.State != "paused" {
+			t.Fatalf("pause: %+v, %v", st, err)
+		}
+		if st, err := sb.Resume(ctx); err != nil || st.State != "running" {
+			t.Fatalf("resume: %+v, %v", st, err)
+		}
+		if res, err := sb.Exec(ctx, []string{"echo", "resumed"}); err != nil || string(res.Stdout) != "resumed\n" {
+			t.Fatalf("exec after resume: %+v, %v", res, err)
+		}
+		if _, err := sb.Snapshot(ctx); !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "fleet mode") {
+			t.Fatalf("snapshot in fleet mode: %v, want failed precondition", err)
+		}
+	}
+
 	// kill -9 node 1: its remaining sandboxes are lost within seconds.
 	n1.Kill()
 	killed := time.Now()

@@ -273,8 +273,10 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 	}
 	if d.router != nil {
 		// Egress policies are enforced on the node a sandbox runs on: not
-		// yet in fleet mode, so sandboxes with policies are refused.
-		acfg.Policies, acfg.Hooks, acfg.Fleet = nil, d.fleetHooks(), d.router
+		// yet in fleet mode, so sandboxes with policies are refused. Builds
+		// and uploads would land in this host's registry and blob store,
+		// which nodes do not pull from yet: refused too.
+		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = nil, d.fleetHooks(), d.router, nil
 	}
 	d.API = api.New(ctx, acfg)
 	if err := d.API.Reconcile(ctx); err != nil {

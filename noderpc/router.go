@@ -628,12 +628,10 @@ func (r *Router) SetPaused(ctx context.Context, id string, paused bool) error {
 	return m.client.SetPaused(ctx, id, paused)
 }
 
+// Snapshot is refused: a node pushes snapshots to its own registry, which
+// neither the control plane nor other nodes pull from yet.
 func (r *Router) Snapshot(ctx context.Context, req node.SnapshotRequest) (*imagebuild.SnapshotResult, error) {
-	m, err := r.on(req.ID)
-	if err != nil {
-		return nil, err
-	}
-	return m.client.Snapshot(ctx, req)
+	return nil, fmt.Errorf("sandbox %q: snapshots are not available in fleet mode yet: %w", req.ID, errdefs.ErrFailedPrecondition)
 }
 
 var _ api.FleetBackend = (*Router)(nil)
