@@ -65,6 +65,7 @@ type fakeExec func(req procapi.ExecRequest, stdin io.Reader, stdout, stderr io.W
 type fakeSandbox struct {
 	pid  int
 	exit chan sandbox.Exit // buffered: the exit Wait returns
+	lost chan struct{}     // closed: Wait returns node.ErrLost (its node went away)
 }
 
 type fakeMember struct {
@@ -90,7 +91,9 @@ func newFakeNode() *fakeNode {
 		changed: make(chan struct{}), keepSize: 64 << 10, kept: map[string]bool{}}
 }
 
-func (f *fakeNode) ReserveSlot(id string) (int, error) { return f.slots.Take(node.SlotSandbox, id) }
+func (f *fakeNode) ReserveSlot(req node.StartRequest) (int, error) {
+	return f.slots.Take(node.SlotSandbox, req.ID)
+}
 
 // Kill ends the sandbox's init as SIGKILL would; what it has stays until
 // its teardown.
@@ -186,7 +189,7 @@ func (f *fakeNode) Start(_ context.Context, req node.StartRequest) (node.Started
 		return node.Started{}, f.startErr
 	}
 	f.pool = slices.DeleteFunc(f.pool, func(m fakeMember) bool { return m.id == req.ID })
-	f.running[req.ID] = &fakeSandbox{pid: 4242, exit: make(chan sandbox.Exit, 1)}
+	f.running[req.ID] = &fakeSandbox{pid: 4242, exit: make(chan sandbox.Exit, 1), lost: make(chan struct{})}
 	f.files[req.ID] = map[string][]byte{}
 	ip := netip.AddrFrom4([4]byte{10, 213, byte(req.Slot >> 6), byte(req.Slot<<2 | 2)})
 	return node.Started{Pid: 4242, Net: &sandboxnet.Net{ID: req.ID, Slot: req.Slot, SandboxIP: ip}}, nil
@@ -196,7 +199,14 @@ func (f *fakeNode) Start(_ context.Context, req node.StartRequest) (node.Started
 func (f *fakeNode) run(id string, pid int) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.running[id] = &fakeSandbox{pid: pid, exit: make(chan sandbox.Exit, 1)}
+	f.running[id] = &fakeSandbox{pid: pid, exit: make(chan sandbox.Exit, 1), lost: make(chan struct{})}
+}
+
+// loseSandbox makes sandbox id's node stop answering (fleet).
+func (f *fakeNode) loseSandbox(id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	close(f.running[id].lost)
 }
 
 // exitSandbox ends sandbox id's init as if it exited by itself.
@@ -221,6 +231,8 @@ func (f *fakeNode) Wait(ctx context.Context, id string, _ int) (sandbox.Exit, er
 	select {
 	case ex := <-sb.exit:
 		return ex, nil
+	case <-sb.lost:
+		return sandbox.Exit{}, fmt.Errorf("sandbox %q: node n1 stopped answering: %w", id, node.ErrLost)
 	case <-ctx.Done():
 		return sandbox.Exit{}, ctx.Err()
 	}

@@ -29,7 +29,8 @@ type liveSandbox struct {
 	done     chan struct{} // closed once the sandbox has ended and is cleaned up
 	cancel   context.CancelFunc
 	timer    *time.Timer
-	reason   string // why we are ending it (terminated, timeout, idle); "" if it ended by itself
+	reason   string // why we are ending it (terminated, timeout, idle, lost); "" if it ended by itself
+	detail   string // with reason lost: the error, recorded as the sandbox's
 	lastUsed time.Time
 }
 
@@ -128,6 +129,15 @@ func (s *Server) watch(sb *store.Sandbox) {
 		ex, err := s.node.Wait(ctx, sb.ID, sb.Pid)
 		if err != nil && ctx.Err() != nil {
 			return // daemon shutting down: the sandbox keeps running
+		}
+		if errors.Is(err, node.ErrLost) {
+			// Its node stopped answering (fleet): whether it still runs
+			// there is unknown; it is reported lost, not exited.
+			s.live.mu.Lock()
+			if l.reason == "" {
+				l.reason, l.detail = "lost", err.Error()
+			}
+			s.live.mu.Unlock()
 		}
 		s.finish(sb.ID, ex)
 	}()
@@ -243,8 +253,11 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 		s.log.Warn("journal sandbox teardown", "sandbox", id, "err", err)
 	}
 	s.live.mu.Lock()
-	reason := l.reason
+	reason, detail := l.reason, l.detail
 	s.live.mu.Unlock()
+	if detail != "" {
+		sb.Error = detail
+	}
 	sb.State = store.StateStopped
 	sb.EndedAt = time.Now().UTC()
 	sb.ExitCode = ex.Code
@@ -256,7 +269,7 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 	default:
 		sb.EndReason = "exited"
 	}
-	if !ex.Known && reason == "" {
+	if !ex.Known && (reason == "" || reason == "lost") {
 		sb.ExitCode = -1
 	}
 	if err := s.store.UpdateSandbox(ctx, sb); err != nil {

@@ -92,6 +92,9 @@ func TestSandboxStateMachine(t *testing.T) {
 		{"unknown exit", func(tn *testNode, _ clients, id string) {
 			tn.node.exitSandbox(id, sandbox.Exit{})
 		}, "exited", -1},
+		{"lost", func(tn *testNode, _ clients, id string) {
+			tn.node.loseSandbox(id)
+		}, "lost", -1},
 		{"terminated", func(_ *testNode, c clients, id string) {
 			sb, err := c.sandbox.Terminate(ctx, connect.NewRequest(&v1.TerminateSandboxRequest{Id: id}))
 			if err != nil || sb.Msg.State != "stopped" {
@@ -120,6 +123,9 @@ func TestSandboxStateMachine(t *testing.T) {
 			sb = waitSandbox(t, c, sb.Id)
 			if sb.State != "stopped" || sb.EndReason != tc.wantReason || sb.ExitCode != tc.wantCode || sb.EndedAt == "" {
 				t.Fatalf("ended: state %s reason %s code %d", sb.State, sb.EndReason, sb.ExitCode)
+			}
+			if tc.wantReason == "lost" && !strings.Contains(sb.Error, "stopped answering") {
+				t.Errorf("a lost sandbox's error does not say why: %q", sb.Error)
 			}
 			// (A terminated sandbox is recorded stopping before it is killed.)
 			wantEnded := "ended:running"

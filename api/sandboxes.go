@@ -258,7 +258,9 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		}
 	}
 	if sb.Slot == 0 {
-		if sb.Slot, err = s.node.ReserveSlot(sb.ID); err != nil {
+		reserve := startReq
+		reserve.ID = sb.ID
+		if sb.Slot, err = s.node.ReserveSlot(reserve); err != nil {
 			return nil, err
 		}
 	}

@@ -24,9 +24,10 @@ import (
 // *node.Agent in-process; an RPC client later for multi-node).
 type Node interface {
 	EnsureImage(ctx context.Context, ref string, progress func(nodecache.Progress)) (*nodecache.Image, error)
-	// ReserveSlot gives sandbox id a network slot on the node (slots are
-	// the node's: the control plane records the one it got).
-	ReserveSlot(id string) (int, error)
+	// ReserveSlot gives sandbox req.ID a network slot on the node (slots
+	// are the node's: the control plane records the one it got; a fleet
+	// places the sandbox on a node by req here).
+	ReserveSlot(req node.StartRequest) (int, error)
 	Start(ctx context.Context, req node.StartRequest) (node.Started, error)
 	Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error)
 	Running(ctx context.Context, id string) (int, bool)
@@ -95,6 +96,7 @@ type Config struct {
 	Tunnels    TunnelBackend  // nil: tunnels are unavailable
 	MCP        MCPBackend     // nil: the MCP gateway is unavailable
 	Ingress    IngressBackend // nil: ingress (Expose) is unavailable
+	Fleet      FleetBackend   // nil: not the control plane of a fleet
 	Logger     *slog.Logger
 	// MaxWriteFile bounds WriteFile payloads (default 64 MiB).
 	MaxWriteFile int64
@@ -233,5 +235,6 @@ func (s *Server) services() http.Handler {
 	mux.Handle(computev1connect.NewTunnelServiceHandler(&tunnelService{s}, opts...))
 	mux.Handle(computev1connect.NewMcpServiceHandler(&mcpService{s}, opts...))
 	mux.Handle(computev1connect.NewTeamServiceHandler(&teamService{s}, opts...))
+	mux.Handle(computev1connect.NewNodeAdminServiceHandler(&nodeAdminService{s}, opts...))
 	return mux
 }

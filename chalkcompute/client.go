@@ -44,6 +44,7 @@ type Client struct {
 	mcp      computev1connect.McpServiceClient
 	identity computev1connect.IdentityServiceClient
 	team     computev1connect.TeamServiceClient
+	nodes    computev1connect.NodeAdminServiceClient
 }
 
 type options struct {
@@ -204,6 +205,7 @@ func NewClient(opts ...Option) (*Client, error) {
 	c.mcp = computev1connect.NewMcpServiceClient(hc, base, auth)
 	c.identity = computev1connect.NewIdentityServiceClient(hc, base, auth)
 	c.team = computev1connect.NewTeamServiceClient(hc, base, auth)
+	c.nodes = computev1connect.NewNodeAdminServiceClient(hc, base, auth)
 	return c, nil
 }
 

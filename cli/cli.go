@@ -186,6 +186,6 @@ func adminCmd(e *env) *cobra.Command {
 			fmt.Fprintln(e.out, strings.Join(kids, "\n"))
 		}),
 	})
-	admin.AddCommand(keys, orgCmd(e), memberCmd(e), auditCmd(e))
+	admin.AddCommand(keys, orgCmd(e), memberCmd(e), auditCmd(e), nodeCmd(e))
 	return admin
 }

@@ -28,6 +28,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/metadata"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
+	"github.com/chalkcompute/chalkcompute/noderpc"
 	"github.com/chalkcompute/chalkcompute/registry"
 	"github.com/chalkcompute/chalkcompute/sandbox"
 	"github.com/chalkcompute/chalkcompute/sandboxnet"
@@ -174,6 +175,9 @@ type Config struct {
 	// DefaultQuota is every org's quota where the node admin set none (zero: no limits).
 	DefaultQuota store.Quota
 	Ingress      IngressConfig // exposed sandbox ports (daemon/ingress.go)
+	// Fleet, if set, makes this the control plane of a fleet (fleet.go):
+	// sandboxes are placed on joined node agents, none run here.
+	Fleet *FleetConfig
 }
 
 // Defaults of the pre-started sandboxes.
@@ -278,6 +282,11 @@ type Daemon struct {
 	auth *api.Authenticator // API keys and workload tokens: the API's callers and the ingress's
 	pol  *policies
 	im   *images
+	// Fleet (fleet.go): the router of control mode, the fleet listener's
+	// address; resolvConf replaces the agent's default resolv.conf (node mode).
+	router     *noderpc.Router
+	fleetAddr  string
+	resolvConf func() []byte
 
 	AdminToken string // set when this start created it
 	servers    []*http.Server
@@ -289,6 +298,10 @@ type Daemon struct {
 func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
+	}
+	if cfg.Fleet != nil {
+		// No sandboxes run on the control plane: no pre-started ones either.
+		cfg.Prestart, cfg.PrestartSlots = 0, -1
 	}
 	d := &Daemon{cfg: cfg, log: cfg.Logger}
 	ctx, d.cancel = context.WithCancel(context.WithoutCancel(ctx))
@@ -314,6 +327,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		{"MCP gateway", d.startMCP},
 		{"authentication", d.newAuth},
 		{"ingress", d.newIngress},
+		{"fleet", d.startFleet},
 		{"API", d.startAPI},
 		{"background work", d.startBackground},
 	} {

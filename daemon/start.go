@@ -170,7 +170,7 @@ func (d *Daemon) startAgent(context.Context) (err error) {
 	}
 	d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
-		ReservedSlots: buildSlots, Pool: pool,
+		ReservedSlots: buildSlots, Pool: pool, ResolvConf: d.agentResolvConf(),
 		TeardownDir: filepath.Join(cfg.DataDir, "teardown"), TeardownHold: teardownHold(cfg.Logger),
 	})
 	return err
@@ -277,14 +277,22 @@ func (d *Daemon) newIngress(context.Context) (err error) {
 // store with the node (sandboxes that ran on, ended, or were left behind).
 func (d *Daemon) startAPI(ctx context.Context) error {
 	cfg := &d.cfg
-	d.API = api.New(ctx, api.Config{
-		Store: d.Store, Node: d.Agent, Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
+	acfg := api.Config{
+		Store: d.Store, Node: d.apiNode(), Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
 		DefaultMemoryMB: cfg.Limits.DefaultMemoryMB, NodeMemoryMB: cfg.Limits.nodeMemoryMB,
 		Workload: d.wi, Identity: d.wi, Policies: d.pol, Images: d.im, Tunnels: d.tun, MCP: d.mcp,
 		DefaultQuota: cfg.DefaultQuota, Live: d.live, Auth: d.auth, Ingress: d.ingress.backend(),
 		KeepStopped: cfg.Limits.KeepStopped, KeepStoppedMB: cfg.Limits.KeepStoppedMB,
 		Hooks: d.sandboxHooks(),
-	})
+	}
+	if d.router != nil {
+		// Egress policies are enforced on the node a sandbox runs on: not
+		// yet in fleet mode, so sandboxes with policies are refused. Builds
+		// and uploads would land in this host's registry and blob store,
+		// which nodes do not pull from yet: refused too.
+		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = nil, d.fleetHooks(), d.router, nil
+	}
+	d.API = api.New(ctx, acfg)
 	if err := d.API.Reconcile(ctx); err != nil {
 		return fmt.Errorf("reconcile: %w", err)
 	}
@@ -362,4 +370,13 @@ func (d *Daemon) startBackground(ctx context.Context) error {
 		}
 	}()
 	return nil
+}
+
+// agentResolvConf is the agent's ResolvConf: nil (its default, the DNS proxy
+// at the sandbox's gateway) unless the daemon set one (node mode).
+func (d *Daemon) agentResolvConf() func(*sandboxnet.Net) []byte {
+	if d.resolvConf == nil {
+		return nil
+	}
+	return func(*sandboxnet.Net) []byte { return d.resolvConf() }
 }

@@ -136,7 +136,9 @@ func (a *Agent) Slots() *Slots { return a.slots }
 // pre-started sandbox comes with its own). It is held until the sandbox's
 // teardown ends (Destroy, Teardown), or Unclaim gives it back unused.
 // ErrResourceExhausted when the node is full.
-func (a *Agent) ReserveSlot(id string) (int, error) { return a.slots.Take(SlotSandbox, id) }
+// ReserveSlot gives sandbox req.ID a network slot (the rest of req is for
+// a fleet's placement, which picks the node by it).
+func (a *Agent) ReserveSlot(req StartRequest) (int, error) { return a.slots.Take(SlotSandbox, req.ID) }
 
 // EnsureImage resolves ref through the registry (and its mirrors) and makes the
 // image warm in the node cache.

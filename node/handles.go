@@ -103,3 +103,8 @@ func (l *consoleLog) Close() error {
 	}
 	return l.cur.Close()
 }
+
+// ErrLost is the error a node's Wait (or any call for a sandbox on it)
+// returns when the node stopped answering: the control plane cannot tell
+// whether the sandbox still runs, and reports it lost (end_reason "lost").
+var ErrLost = errors.New("node lost")

@@ -16,7 +16,7 @@ import (
 // the node, then Start.
 func startCold(t *testing.T, a *Agent, id string) int {
 	t.Helper()
-	slot, err := a.ReserveSlot(id)
+	slot, err := a.ReserveSlot(StartRequest{ID: id})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +151,7 @@ func TestTeardownRestart(t *testing.T) {
 func TestUnclaimReservedSlot(t *testing.T) {
 	rt, n := newFakeRuntime(t), newFakeNet(20)
 	a := testAgent(t, Config{}, rt, n)
-	slot, err := a.ReserveSlot("sb-x")
+	slot, err := a.ReserveSlot(StartRequest{ID: "sb-x"})
 	if err != nil {
 		t.Fatal(err)
 	}

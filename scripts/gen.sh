@@ -12,7 +12,7 @@ if [ "${1:-}" = --check ]; then
   out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
 fi
 PATH="$tools:$PATH" protoc -I proto --go_out="$out" --go_opt=paths=source_relative \
-  --connect-go_out="$out" --connect-go_opt=paths=source_relative proto/chalk/compute/v1/*.proto
+  --connect-go_out="$out" --connect-go_opt=paths=source_relative proto/chalk/compute/v1/*.proto proto/chalk/node/v1/*.proto
 if [ "${1:-}" = --check ]; then
   if ! diff -r "$out" gen >/dev/null; then
     diff -ru gen "$out" | head -40

@@ -166,6 +166,19 @@ var migrations = []migration{
 		doc TEXT NOT NULL,
 		PRIMARY KEY (sandbox_id, port)
 	);`},
+	// Fleet (issue #17): node agents that joined the control plane, and the
+	// one-time join tokens (their SHA-256; expires_at in Unix seconds). One
+	// migration, plain SQL, for the PostgreSQL store to mirror.
+	{sql: `CREATE TABLE nodes (
+		id TEXT PRIMARY KEY,
+		name TEXT NOT NULL,
+		doc TEXT NOT NULL
+	);
+	CREATE TABLE join_tokens (
+		hash TEXT PRIMARY KEY,
+		expires_at BIGINT NOT NULL,
+		used INTEGER NOT NULL DEFAULT 0
+	);`},
 }
 
 // legacyToken is a row of the tokens table before teams.

@@ -1,5 +1,6 @@
 // Command chalkd is the chalkcompute daemon: control plane and node agent in one
-// process by default.
+// process by default; `chalkd control` is the control plane of a fleet and
+// `chalkd node` one of its node agents (daemon/fleet.go).
 package main
 
 import (
@@ -15,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/daemon"
@@ -22,17 +24,39 @@ import (
 )
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "seed" {
-		seed(os.Args[2:])
-		return
-	}
-	if len(os.Args) > 1 && os.Args[1] == "copy-store" {
-		copyStore(os.Args[2:])
-		return
+	args, mode := os.Args[1:], ""
+	if len(args) > 0 {
+		switch args[0] {
+		case "seed":
+			seed(args[1:])
+			return
+		case "control":
+			if len(args) > 1 && args[1] == "token" {
+				controlToken(args[2:])
+				return
+			}
+			mode, args = "control", args[1:]
+		case "node":
+			mode, args = "node", args[1:]
+		case "copy-store":
+			copyStore(args[1:])
+			return
+		}
 	}
 	var cfg daemon.Config
-	var level, upstreams, pprofSocket string
-	fs := flag.NewFlagSet("chalkd", flag.ExitOnError)
+	var level, upstreams, fleetListen, pprofSocket string
+	var nopts daemon.NodeOptions
+	fs := flag.NewFlagSet(strings.TrimSpace("chalkd "+mode), flag.ExitOnError)
+	switch mode {
+	case "control":
+		fs.StringVar(&fleetListen, "fleet-listen", daemon.DefaultFleetListen, "the fleet listener (TLS with the fleet CA): node agents join and heartbeat here")
+	case "node":
+		fs.StringVar(&nopts.Join, "join", "", "the control plane's fleet listener, https://control:7450")
+		fs.StringVar(&nopts.JoinToken, "join-token", os.Getenv("CHALK_JOIN_TOKEN"), "one-time join token from `chalkd control token` (default $CHALK_JOIN_TOKEN; needed at the first start only)")
+		fs.StringVar(&nopts.Listen, "node-listen", daemon.DefaultNodeListen, "address of the node API (mTLS; only the control plane may call)")
+		fs.StringVar(&nopts.Advertise, "advertise", "", "the node API as the control plane reaches it, https://host:port (default from --node-listen)")
+		fs.StringVar(&nopts.Name, "name", "", "this node's name (default: the host name)")
+	}
 	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/chalk", "state directory (store, registry, cache, keys)")
 	fs.StringVar(&cfg.Database, "database", os.Getenv("CHALK_DATABASE"), "the store: a postgres://user@host/db URL (PostgreSQL; the password from $PGPASSWORD or ~/.pgpass keeps it out of ps), or the path of a SQLite file; default $CHALK_DATABASE, else DATA_DIR/chalk.db")
 	fs.StringVar(&cfg.RunDir, "run-dir", "/run/chalk", "runtime directory (runc state, netns, API socket)")
@@ -96,7 +120,7 @@ func main() {
 	fs.StringVar(&upstreams, "registry-upstreams", "", "pull-through mirrors, e.g. docker.io=https://registry-1.docker.io,nvcr.io=https://nvcr.io")
 	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&pprofSocket, "pprof-socket", "", "serve Go's profiler (net/http/pprof, /debug/pprof/) on this unix socket (0600, root only), for profiling chalkd; empty: off")
-	_ = fs.Parse(os.Args[1:])
+	_ = fs.Parse(args)
 	cfg.NoUserNS = !*userns
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(level)); err != nil {
@@ -123,10 +147,39 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := daemon.Main(ctx, cfg); err != nil {
+	var err error
+	switch mode {
+	case "node":
+		err = daemon.MainNode(ctx, cfg, nopts)
+	case "control":
+		cfg.Fleet = &daemon.FleetConfig{Listen: fleetListen}
+		err = daemon.Main(ctx, cfg)
+	default:
+		err = daemon.Main(ctx, cfg)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "chalkd:", err)
 		os.Exit(1)
 	}
+}
+
+// controlToken prints a one-time join token for a node (its hash is stored;
+// the token itself is shown once, here).
+func controlToken(args []string) {
+	fs := flag.NewFlagSet("chalkd control token", flag.ExitOnError)
+	dataDir := fs.String("data-dir", "/var/lib/chalk", "the control plane's data dir")
+	ttl := fs.Duration("ttl", time.Hour, "how long the token is valid")
+	_ = fs.Parse(args)
+	if *ttl <= 0 || *ttl > 7*24*time.Hour {
+		fmt.Fprintln(os.Stderr, "chalkd control token: --ttl must be positive and at most a week")
+		os.Exit(2)
+	}
+	tok, err := daemon.NewJoinToken(context.Background(), *dataDir, *ttl)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "chalkd control token:", err)
+		os.Exit(1)
+	}
+	fmt.Println(tok)
 }
 
 // seed pushes the base images into the embedded registry's storage.

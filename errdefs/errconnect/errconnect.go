@@ -62,3 +62,28 @@ func Class(code connect.Code) error {
 	}
 	return nil
 }
+
+// FromConnect turns an error from a Connect client back into an error of its
+// errdefs class (errors.Is holds; the message is the server's). Errors that
+// are not *connect.Error, or whose code has no class, are returned unchanged.
+func FromConnect(err error) error {
+	var ce *connect.Error
+	if !errors.As(err, &ce) {
+		return err
+	}
+	class := Class(ce.Code())
+	if class == nil {
+		return err
+	}
+	return &classed{msg: ce.Message(), class: class, err: err}
+}
+
+// classed is a wire error with its errdefs class.
+type classed struct {
+	msg   string
+	class error
+	err   error
+}
+
+func (c *classed) Error() string   { return c.msg }
+func (c *classed) Unwrap() []error { return []error{c.class, c.err} }

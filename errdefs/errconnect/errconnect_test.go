@@ -57,3 +57,25 @@ func TestToConnect(t *testing.T) {
 		t.Fatal("internal/unknown have no class")
 	}
 }
+
+// TestFromConnect: a client's wire error is of its errdefs class again, with
+// the server's message; errors without a class pass unchanged.
+func TestFromConnect(t *testing.T) {
+	wire := ToConnect(fmt.Errorf("sandbox %q: %w", "sbx-1", errdefs.ErrNotFound))
+	got := FromConnect(wire)
+	if !errors.Is(got, errdefs.ErrNotFound) || got.Error() != `sandbox "sbx-1": not found` {
+		t.Fatalf("FromConnect = %v (%T)", got, got)
+	}
+	var ce *connect.Error
+	if !errors.As(got, &ce) {
+		t.Error("the connect error is no longer reachable")
+	}
+	internal := connect.NewError(connect.CodeInternal, errors.New("boom"))
+	if FromConnect(internal) != error(internal) {
+		t.Error("an internal error was changed")
+	}
+	plain := errors.New("x")
+	if FromConnect(plain) != plain || FromConnect(nil) != nil {
+		t.Error("non-connect errors must pass unchanged")
+	}
+}

@@ -147,15 +147,17 @@ func RequireRoot(t testing.TB) {
 
 // Node is a chalkd under test.
 type Node struct {
-	t       testing.TB
-	Dir     string // data dir
-	RunDir  string
-	Netns   string // name of the node's network namespace
-	Socket  string
-	Cgroup  string
-	Args    []string // extra chalkd flags
-	BinDir  string   // where chalkd, chalk and chalk-init come from (default Bin); Restart uses the current one
-	Env     []string // extra environment of chalkd (test hooks); Restart uses the current one
+	t      testing.TB
+	Dir    string // data dir
+	RunDir string
+	Netns  string // name of the node's network namespace
+	Socket string
+	Cgroup string
+	Args   []string // extra chalkd flags
+	BinDir string   // where chalkd, chalk and chalk-init come from (default Bin); Restart uses the current one
+	Env    []string // extra environment of chalkd (test hooks); Restart uses the current one
+	// Mode is chalkd's mode: "" (all-in-one), "control" or "node" (fleet.go).
+	Mode    string
 	cmd     *exec.Cmd
 	logPath string
 	exited  chan struct{}
@@ -185,6 +187,10 @@ type Options struct {
 	Args     []string      // extra chalkd flags
 	BinDir   string        // binaries to run (default Bin: built from this tree)
 	Env      []string      // extra environment of chalkd (KEY=value)
+	Mode     string        // chalkd's mode: "" (all-in-one), "control" or "node"
+	// Before, if set, runs once the node's netns exists, before chalkd
+	// starts (to link it to others, add flags).
+	Before func(n *Node)
 }
 
 // PythonSeedCache is where the Python base layer is cached between test runs.
@@ -209,6 +215,7 @@ func StartOpts(t testing.TB, o Options) *Node {
 		Cgroup: "/chalktest-" + id,
 		Args:   extraArgs,
 		Env:    o.Env,
+		Mode:   o.Mode,
 	}
 	// t.TempDir's parent is 0700; sandbox roots (unprivileged host uids under
 	// user namespaces) must pass through it to their rootfs, as through
@@ -264,6 +271,9 @@ func StartOpts(t testing.TB, o Options) *Node {
 	if out, err := seed.CombinedOutput(); err != nil {
 		t.Fatalf("chalkd seed: %v\n%s", err, out)
 	}
+	if o.Before != nil {
+		o.Before(n)
+	}
 	n.Restart()
 	return n
 }
@@ -286,11 +296,15 @@ func (n *Node) Restart() {
 			t.Fatal("chalktest: Restart while chalkd runs: Stop or Kill it first")
 		}
 	}
-	args := append([]string{filepath.Join(n.BinDir, "chalkd"),
+	args := []string{filepath.Join(n.BinDir, "chalkd")}
+	if n.Mode != "" {
+		args = append(args, n.Mode)
+	}
+	args = append(append(args,
 		"--data-dir", n.Dir, "--run-dir", n.RunDir, "--listen", "", "--cgroup-parent", n.Cgroup,
 		"--client-config", filepath.Join(n.Dir, "client.json"), "--log-level", "debug",
 		"--init-binary", filepath.Join(n.BinDir, "chalk-init"), "--chalk-binary", filepath.Join(n.BinDir, "chalk"),
-	}, n.Args...)
+	), n.Args...)
 	logf, err := os.OpenFile(n.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {
 		t.Fatal(err)
@@ -306,9 +320,18 @@ func (n *Node) Restart() {
 	go func(c *exec.Cmd, ch chan struct{}) { _ = c.Wait(); close(ch) }(n.cmd, n.exited)
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		c, err := n.clientErr()
-		if err == nil {
-			if _, err = c.WhoAmI(context.Background()); err == nil {
+		var err error
+		if n.Mode == "node" {
+			// A node agent serves no API: it is up once it says so.
+			if strings.Contains(n.Log(), "chalkd node serving") {
+				return
+			}
+			err = fmt.Errorf("not serving yet")
+		} else if c, cerr := n.clientErr(); cerr != nil {
+			err = cerr
+		} else {
+			_, err = c.WhoAmI(context.Background())
+			if err == nil {
 				return
 			}
 		}

@@ -43,7 +43,7 @@ type Sandbox struct {
 	StartedAt          string            `protobuf:"bytes,14,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
 	EndedAt            string            `protobuf:"bytes,15,opt,name=ended_at,json=endedAt,proto3" json:"ended_at,omitempty"`
 	ExitCode           int32             `protobuf:"varint,16,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`   // valid when state is stopped
-	EndReason          string            `protobuf:"bytes,17,opt,name=end_reason,json=endReason,proto3" json:"end_reason,omitempty"` // exited | terminated | timeout | idle | oom | error
+	EndReason          string            `protobuf:"bytes,17,opt,name=end_reason,json=endReason,proto3" json:"end_reason,omitempty"` // exited | terminated | timeout | idle | oom | error | lost (its node stopped answering)
 	Error              string            `protobuf:"bytes,18,opt,name=error,proto3" json:"error,omitempty"`
 	ImageWarm          bool              `protobuf:"varint,19,opt,name=image_warm,json=imageWarm,proto3" json:"image_warm,omitempty"` // the image was in the node cache at create time
 	Ip                 string            `protobuf:"bytes,20,opt,name=ip,proto3" json:"ip,omitempty"`
@@ -6483,6 +6483,265 @@ func (x *AuditResponse) GetRecords() []*AuditRecord {
 	return nil
 }
 
+// A node agent of the fleet (chalkd control; see docs/ARCHITECTURE.md).
+type Node struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Url           string                 `protobuf:"bytes,3,opt,name=url,proto3" json:"url,omitempty"`          // where the control plane reaches its node API
+	State         string                 `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"`      // ready | cordoned | draining
+	Healthy       bool                   `protobuf:"varint,5,opt,name=healthy,proto3" json:"healthy,omitempty"` // heartbeating
+	Cpu           float64                `protobuf:"fixed64,6,opt,name=cpu,proto3" json:"cpu,omitempty"`        // capacity
+	MemoryMb      int64                  `protobuf:"varint,7,opt,name=memory_mb,json=memoryMb,proto3" json:"memory_mb,omitempty"`
+	Slots         int32                  `protobuf:"varint,8,opt,name=slots,proto3" json:"slots,omitempty"`
+	Sandboxes     int32                  `protobuf:"varint,9,opt,name=sandboxes,proto3" json:"sandboxes,omitempty"` // placed there by this control plane
+	LastHeartbeat string                 `protobuf:"bytes,10,opt,name=last_heartbeat,json=lastHeartbeat,proto3" json:"last_heartbeat,omitempty"`
+	JoinedAt      string                 `protobuf:"bytes,11,opt,name=joined_at,json=joinedAt,proto3" json:"joined_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Node) Reset() {
+	*x = Node{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[109]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Node) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Node) ProtoMessage() {}
+
+func (x *Node) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[109]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Node.ProtoReflect.Descriptor instead.
+func (*Node) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{109}
+}
+
+func (x *Node) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Node) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Node) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *Node) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *Node) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
+func (x *Node) GetCpu() float64 {
+	if x != nil {
+		return x.Cpu
+	}
+	return 0
+}
+
+func (x *Node) GetMemoryMb() int64 {
+	if x != nil {
+		return x.MemoryMb
+	}
+	return 0
+}
+
+func (x *Node) GetSlots() int32 {
+	if x != nil {
+		return x.Slots
+	}
+	return 0
+}
+
+func (x *Node) GetSandboxes() int32 {
+	if x != nil {
+		return x.Sandboxes
+	}
+	return 0
+}
+
+func (x *Node) GetLastHeartbeat() string {
+	if x != nil {
+		return x.LastHeartbeat
+	}
+	return ""
+}
+
+func (x *Node) GetJoinedAt() string {
+	if x != nil {
+		return x.JoinedAt
+	}
+	return ""
+}
+
+type ListNodesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNodesRequest) Reset() {
+	*x = ListNodesRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[110]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNodesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNodesRequest) ProtoMessage() {}
+
+func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[110]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
+func (*ListNodesRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{110}
+}
+
+type ListNodesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Nodes         []*Node                `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNodesResponse) Reset() {
+	*x = ListNodesResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[111]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNodesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNodesResponse) ProtoMessage() {}
+
+func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[111]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
+func (*ListNodesResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{111}
+}
+
+func (x *ListNodesResponse) GetNodes() []*Node {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+type SetNodeStateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// ready: takes new sandboxes; cordoned, draining: takes none (running
+	// sandboxes are left until they end).
+	State         string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetNodeStateRequest) Reset() {
+	*x = SetNodeStateRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[112]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetNodeStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetNodeStateRequest) ProtoMessage() {}
+
+func (x *SetNodeStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[112]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetNodeStateRequest.ProtoReflect.Descriptor instead.
+func (*SetNodeStateRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{112}
+}
+
+func (x *SetNodeStateRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *SetNodeStateRequest) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
 var File_chalk_compute_v1_compute_proto protoreflect.FileDescriptor
 
 const file_chalk_compute_v1_compute_proto_rawDesc = "" +
@@ -7003,7 +7262,26 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x06detail\x18\n" +
 	" \x01(\tR\x06detail\"H\n" +
 	"\rAuditResponse\x127\n" +
-	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords2\xf0\r\n" +
+	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords\"\x93\x02\n" +
+	"\x04Node\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x10\n" +
+	"\x03url\x18\x03 \x01(\tR\x03url\x12\x14\n" +
+	"\x05state\x18\x04 \x01(\tR\x05state\x12\x18\n" +
+	"\ahealthy\x18\x05 \x01(\bR\ahealthy\x12\x10\n" +
+	"\x03cpu\x18\x06 \x01(\x01R\x03cpu\x12\x1b\n" +
+	"\tmemory_mb\x18\a \x01(\x03R\bmemoryMb\x12\x14\n" +
+	"\x05slots\x18\b \x01(\x05R\x05slots\x12\x1c\n" +
+	"\tsandboxes\x18\t \x01(\x05R\tsandboxes\x12%\n" +
+	"\x0elast_heartbeat\x18\n" +
+	" \x01(\tR\rlastHeartbeat\x12\x1b\n" +
+	"\tjoined_at\x18\v \x01(\tR\bjoinedAt\"\x12\n" +
+	"\x10ListNodesRequest\"A\n" +
+	"\x11ListNodesResponse\x12,\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x16.chalk.compute.v1.NodeR\x05nodes\";\n" +
+	"\x13SetNodeStateRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state2\xf0\r\n" +
 	"\x0eSandboxService\x12K\n" +
 	"\x06Create\x12&.chalk.compute.v1.CreateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12J\n" +
 	"\x03Get\x12#.chalk.compute.v1.GetSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\"\x03\x90\x02\x01\x12\\\n" +
@@ -7077,7 +7355,10 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\tRevokeKey\x12\".chalk.compute.v1.RevokeKeyRequest\x1a#.chalk.compute.v1.RevokeKeyResponse\x12K\n" +
 	"\bGetQuota\x12!.chalk.compute.v1.GetQuotaRequest\x1a\x17.chalk.compute.v1.Quota\"\x03\x90\x02\x01\x12F\n" +
 	"\bSetQuota\x12!.chalk.compute.v1.SetQuotaRequest\x1a\x17.chalk.compute.v1.Quota\x12M\n" +
-	"\x05Audit\x12\x1e.chalk.compute.v1.AuditRequest\x1a\x1f.chalk.compute.v1.AuditResponse\"\x03\x90\x02\x01BEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
+	"\x05Audit\x12\x1e.chalk.compute.v1.AuditRequest\x1a\x1f.chalk.compute.v1.AuditResponse\"\x03\x90\x02\x012\xb3\x01\n" +
+	"\x10NodeAdminService\x12T\n" +
+	"\x04List\x12\".chalk.compute.v1.ListNodesRequest\x1a#.chalk.compute.v1.ListNodesResponse\"\x03\x90\x02\x01\x12I\n" +
+	"\bSetState\x12%.chalk.compute.v1.SetNodeStateRequest\x1a\x16.chalk.compute.v1.NodeBEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
 
 var (
 	file_chalk_compute_v1_compute_proto_rawDescOnce sync.Once
@@ -7091,7 +7372,7 @@ func file_chalk_compute_v1_compute_proto_rawDescGZIP() []byte {
 	return file_chalk_compute_v1_compute_proto_rawDescData
 }
 
-var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 115)
+var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 119)
 var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*Sandbox)(nil),                 // 0: chalk.compute.v1.Sandbox
 	(*CreateSandboxRequest)(nil),    // 1: chalk.compute.v1.CreateSandboxRequest
@@ -7202,21 +7483,25 @@ var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*AuditRequest)(nil),            // 106: chalk.compute.v1.AuditRequest
 	(*AuditRecord)(nil),             // 107: chalk.compute.v1.AuditRecord
 	(*AuditResponse)(nil),           // 108: chalk.compute.v1.AuditResponse
-	nil,                             // 109: chalk.compute.v1.Sandbox.EnvEntry
-	nil,                             // 110: chalk.compute.v1.Sandbox.LabelsEntry
-	nil,                             // 111: chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	nil,                             // 112: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
-	nil,                             // 113: chalk.compute.v1.ExecRequest.EnvEntry
-	nil,                             // 114: chalk.compute.v1.McpServer.SandboxLabelsEntry
+	(*Node)(nil),                    // 109: chalk.compute.v1.Node
+	(*ListNodesRequest)(nil),        // 110: chalk.compute.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),       // 111: chalk.compute.v1.ListNodesResponse
+	(*SetNodeStateRequest)(nil),     // 112: chalk.compute.v1.SetNodeStateRequest
+	nil,                             // 113: chalk.compute.v1.Sandbox.EnvEntry
+	nil,                             // 114: chalk.compute.v1.Sandbox.LabelsEntry
+	nil,                             // 115: chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	nil,                             // 116: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	nil,                             // 117: chalk.compute.v1.ExecRequest.EnvEntry
+	nil,                             // 118: chalk.compute.v1.McpServer.SandboxLabelsEntry
 }
 var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
-	109, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
-	110, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
-	111, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	113, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
+	114, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
+	115, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
 	56,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
-	112, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	116, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
 	0,   // 5: chalk.compute.v1.ListSandboxesResponse.sandboxes:type_name -> chalk.compute.v1.Sandbox
-	113, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
+	117, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
 	9,   // 7: chalk.compute.v1.ExecEvent.started:type_name -> chalk.compute.v1.ExecStarted
 	10,  // 8: chalk.compute.v1.ExecEvent.exited:type_name -> chalk.compute.v1.ExecExited
 	24,  // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
@@ -7231,7 +7516,7 @@ var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
 	68,  // 18: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
 	69,  // 19: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
 	67,  // 20: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
-	114, // 21: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
+	118, // 21: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
 	76,  // 22: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
 	82,  // 23: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
 	103, // 24: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
@@ -7245,129 +7530,134 @@ var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
 	97,  // 32: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
 	103, // 33: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
 	107, // 34: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
-	1,   // 35: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
-	2,   // 36: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
-	3,   // 37: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
-	5,   // 38: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
-	6,   // 39: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
-	7,   // 40: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
-	11,  // 41: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
-	13,  // 42: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
-	15,  // 43: chalk.compute.v1.SandboxService.ResizeExec:input_type -> chalk.compute.v1.ResizeExecRequest
-	17,  // 44: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
-	19,  // 45: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
-	21,  // 46: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
-	23,  // 47: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
-	26,  // 48: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
-	28,  // 49: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
-	31,  // 50: chalk.compute.v1.SandboxService.Snapshot:input_type -> chalk.compute.v1.SnapshotSandboxRequest
-	33,  // 51: chalk.compute.v1.SandboxService.Pause:input_type -> chalk.compute.v1.PauseSandboxRequest
-	34,  // 52: chalk.compute.v1.SandboxService.Resume:input_type -> chalk.compute.v1.ResumeSandboxRequest
-	35,  // 53: chalk.compute.v1.SandboxService.Expose:input_type -> chalk.compute.v1.ExposeRequest
-	37,  // 54: chalk.compute.v1.SandboxService.Unexpose:input_type -> chalk.compute.v1.UnexposeRequest
-	39,  // 55: chalk.compute.v1.SandboxService.ListExposures:input_type -> chalk.compute.v1.ListExposuresRequest
-	42,  // 56: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
-	43,  // 57: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
-	51,  // 58: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
-	45,  // 59: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
-	47,  // 60: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
-	49,  // 61: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
-	52,  // 62: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
-	54,  // 63: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
-	56,  // 64: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
-	56,  // 65: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
-	57,  // 66: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
-	58,  // 67: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
-	57,  // 68: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
-	61,  // 69: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
-	63,  // 70: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
-	65,  // 71: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
-	69,  // 72: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
-	70,  // 73: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
-	71,  // 74: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
-	70,  // 75: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
-	73,  // 76: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
-	74,  // 77: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
-	76,  // 78: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
-	78,  // 79: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
-	77,  // 80: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
-	81,  // 81: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
-	85,  // 82: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
-	87,  // 83: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
-	90,  // 84: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
-	92,  // 85: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
-	94,  // 86: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
-	95,  // 87: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
-	98,  // 88: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
-	99,  // 89: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
-	101, // 90: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
-	104, // 91: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
-	105, // 92: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
-	106, // 93: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
-	0,   // 94: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
-	0,   // 95: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
-	4,   // 96: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
-	0,   // 97: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
-	0,   // 98: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
-	8,   // 99: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
-	12,  // 100: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
-	14,  // 101: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
-	16,  // 102: chalk.compute.v1.SandboxService.ResizeExec:output_type -> chalk.compute.v1.ResizeExecResponse
-	18,  // 103: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
-	20,  // 104: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
-	22,  // 105: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
-	25,  // 106: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
-	27,  // 107: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
-	30,  // 108: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
-	32,  // 109: chalk.compute.v1.SandboxService.Snapshot:output_type -> chalk.compute.v1.SnapshotProgress
-	0,   // 110: chalk.compute.v1.SandboxService.Pause:output_type -> chalk.compute.v1.Sandbox
-	0,   // 111: chalk.compute.v1.SandboxService.Resume:output_type -> chalk.compute.v1.Sandbox
-	36,  // 112: chalk.compute.v1.SandboxService.Expose:output_type -> chalk.compute.v1.Exposure
-	38,  // 113: chalk.compute.v1.SandboxService.Unexpose:output_type -> chalk.compute.v1.UnexposeResponse
-	40,  // 114: chalk.compute.v1.SandboxService.ListExposures:output_type -> chalk.compute.v1.ListExposuresResponse
-	44,  // 115: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
-	44,  // 116: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
-	44,  // 117: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
-	46,  // 118: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
-	48,  // 119: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
-	50,  // 120: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
-	53,  // 121: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
-	55,  // 122: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
-	56,  // 123: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
-	56,  // 124: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
-	56,  // 125: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
-	59,  // 126: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
-	60,  // 127: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
-	62,  // 128: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
-	64,  // 129: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
-	66,  // 130: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
-	69,  // 131: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
-	69,  // 132: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
-	72,  // 133: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
-	75,  // 134: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
-	67,  // 135: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
-	69,  // 136: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
-	76,  // 137: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
-	79,  // 138: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
-	80,  // 139: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
-	83,  // 140: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
-	86,  // 141: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
-	88,  // 142: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
-	91,  // 143: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
-	93,  // 144: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
-	96,  // 145: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
-	89,  // 146: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
-	97,  // 147: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
-	100, // 148: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
-	102, // 149: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
-	103, // 150: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
-	103, // 151: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
-	108, // 152: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
-	94,  // [94:153] is the sub-list for method output_type
-	35,  // [35:94] is the sub-list for method input_type
-	35,  // [35:35] is the sub-list for extension type_name
-	35,  // [35:35] is the sub-list for extension extendee
-	0,   // [0:35] is the sub-list for field type_name
+	109, // 35: chalk.compute.v1.ListNodesResponse.nodes:type_name -> chalk.compute.v1.Node
+	1,   // 36: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
+	2,   // 37: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
+	3,   // 38: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
+	5,   // 39: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
+	6,   // 40: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
+	7,   // 41: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
+	11,  // 42: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
+	13,  // 43: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
+	15,  // 44: chalk.compute.v1.SandboxService.ResizeExec:input_type -> chalk.compute.v1.ResizeExecRequest
+	17,  // 45: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
+	19,  // 46: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
+	21,  // 47: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
+	23,  // 48: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
+	26,  // 49: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
+	28,  // 50: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
+	31,  // 51: chalk.compute.v1.SandboxService.Snapshot:input_type -> chalk.compute.v1.SnapshotSandboxRequest
+	33,  // 52: chalk.compute.v1.SandboxService.Pause:input_type -> chalk.compute.v1.PauseSandboxRequest
+	34,  // 53: chalk.compute.v1.SandboxService.Resume:input_type -> chalk.compute.v1.ResumeSandboxRequest
+	35,  // 54: chalk.compute.v1.SandboxService.Expose:input_type -> chalk.compute.v1.ExposeRequest
+	37,  // 55: chalk.compute.v1.SandboxService.Unexpose:input_type -> chalk.compute.v1.UnexposeRequest
+	39,  // 56: chalk.compute.v1.SandboxService.ListExposures:input_type -> chalk.compute.v1.ListExposuresRequest
+	42,  // 57: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
+	43,  // 58: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
+	51,  // 59: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
+	45,  // 60: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
+	47,  // 61: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
+	49,  // 62: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
+	52,  // 63: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
+	54,  // 64: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
+	56,  // 65: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
+	56,  // 66: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
+	57,  // 67: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
+	58,  // 68: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
+	57,  // 69: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
+	61,  // 70: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
+	63,  // 71: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
+	65,  // 72: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
+	69,  // 73: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
+	70,  // 74: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
+	71,  // 75: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
+	70,  // 76: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
+	73,  // 77: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
+	74,  // 78: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
+	76,  // 79: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
+	78,  // 80: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
+	77,  // 81: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
+	81,  // 82: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
+	85,  // 83: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
+	87,  // 84: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
+	90,  // 85: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
+	92,  // 86: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
+	94,  // 87: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
+	95,  // 88: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
+	98,  // 89: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
+	99,  // 90: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
+	101, // 91: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
+	104, // 92: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
+	105, // 93: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
+	106, // 94: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
+	110, // 95: chalk.compute.v1.NodeAdminService.List:input_type -> chalk.compute.v1.ListNodesRequest
+	112, // 96: chalk.compute.v1.NodeAdminService.SetState:input_type -> chalk.compute.v1.SetNodeStateRequest
+	0,   // 97: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
+	0,   // 98: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
+	4,   // 99: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
+	0,   // 100: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
+	0,   // 101: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
+	8,   // 102: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
+	12,  // 103: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
+	14,  // 104: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
+	16,  // 105: chalk.compute.v1.SandboxService.ResizeExec:output_type -> chalk.compute.v1.ResizeExecResponse
+	18,  // 106: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
+	20,  // 107: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
+	22,  // 108: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
+	25,  // 109: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
+	27,  // 110: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
+	30,  // 111: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
+	32,  // 112: chalk.compute.v1.SandboxService.Snapshot:output_type -> chalk.compute.v1.SnapshotProgress
+	0,   // 113: chalk.compute.v1.SandboxService.Pause:output_type -> chalk.compute.v1.Sandbox
+	0,   // 114: chalk.compute.v1.SandboxService.Resume:output_type -> chalk.compute.v1.Sandbox
+	36,  // 115: chalk.compute.v1.SandboxService.Expose:output_type -> chalk.compute.v1.Exposure
+	38,  // 116: chalk.compute.v1.SandboxService.Unexpose:output_type -> chalk.compute.v1.UnexposeResponse
+	40,  // 117: chalk.compute.v1.SandboxService.ListExposures:output_type -> chalk.compute.v1.ListExposuresResponse
+	44,  // 118: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
+	44,  // 119: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
+	44,  // 120: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
+	46,  // 121: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
+	48,  // 122: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
+	50,  // 123: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
+	53,  // 124: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
+	55,  // 125: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
+	56,  // 126: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
+	56,  // 127: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
+	56,  // 128: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
+	59,  // 129: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
+	60,  // 130: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
+	62,  // 131: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
+	64,  // 132: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
+	66,  // 133: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
+	69,  // 134: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
+	69,  // 135: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
+	72,  // 136: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
+	75,  // 137: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
+	67,  // 138: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
+	69,  // 139: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
+	76,  // 140: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
+	79,  // 141: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
+	80,  // 142: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
+	83,  // 143: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
+	86,  // 144: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
+	88,  // 145: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
+	91,  // 146: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
+	93,  // 147: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
+	96,  // 148: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
+	89,  // 149: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
+	97,  // 150: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
+	100, // 151: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
+	102, // 152: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
+	103, // 153: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
+	103, // 154: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
+	108, // 155: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
+	111, // 156: chalk.compute.v1.NodeAdminService.List:output_type -> chalk.compute.v1.ListNodesResponse
+	109, // 157: chalk.compute.v1.NodeAdminService.SetState:output_type -> chalk.compute.v1.Node
+	97,  // [97:158] is the sub-list for method output_type
+	36,  // [36:97] is the sub-list for method input_type
+	36,  // [36:36] is the sub-list for extension type_name
+	36,  // [36:36] is the sub-list for extension extendee
+	0,   // [0:36] is the sub-list for field type_name
 }
 
 func init() { file_chalk_compute_v1_compute_proto_init() }
@@ -7389,9 +7679,9 @@ func file_chalk_compute_v1_compute_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_compute_v1_compute_proto_rawDesc), len(file_chalk_compute_v1_compute_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   115,
+			NumMessages:   119,
 			NumExtensions: 0,
-			NumServices:   7,
+			NumServices:   8,
 		},
 		GoTypes:           file_chalk_compute_v1_compute_proto_goTypes,
 		DependencyIndexes: file_chalk_compute_v1_compute_proto_depIdxs,

@@ -38,6 +38,8 @@ const (
 	McpServiceName = "chalk.compute.v1.McpService"
 	// TeamServiceName is the fully-qualified name of the TeamService service.
 	TeamServiceName = "chalk.compute.v1.TeamService"
+	// NodeAdminServiceName is the fully-qualified name of the NodeAdminService service.
+	NodeAdminServiceName = "chalk.compute.v1.NodeAdminService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -180,6 +182,11 @@ const (
 	TeamServiceSetQuotaProcedure = "/chalk.compute.v1.TeamService/SetQuota"
 	// TeamServiceAuditProcedure is the fully-qualified name of the TeamService's Audit RPC.
 	TeamServiceAuditProcedure = "/chalk.compute.v1.TeamService/Audit"
+	// NodeAdminServiceListProcedure is the fully-qualified name of the NodeAdminService's List RPC.
+	NodeAdminServiceListProcedure = "/chalk.compute.v1.NodeAdminService/List"
+	// NodeAdminServiceSetStateProcedure is the fully-qualified name of the NodeAdminService's SetState
+	// RPC.
+	NodeAdminServiceSetStateProcedure = "/chalk.compute.v1.NodeAdminService/SetState"
 )
 
 // SandboxServiceClient is a client for the chalk.compute.v1.SandboxService service.
@@ -2094,4 +2101,102 @@ func (UnimplementedTeamServiceHandler) SetQuota(context.Context, *connect.Reques
 
 func (UnimplementedTeamServiceHandler) Audit(context.Context, *connect.Request[v1.AuditRequest]) (*connect.Response[v1.AuditResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.TeamService.Audit is not implemented"))
+}
+
+// NodeAdminServiceClient is a client for the chalk.compute.v1.NodeAdminService service.
+type NodeAdminServiceClient interface {
+	List(context.Context, *connect.Request[v1.ListNodesRequest]) (*connect.Response[v1.ListNodesResponse], error)
+	SetState(context.Context, *connect.Request[v1.SetNodeStateRequest]) (*connect.Response[v1.Node], error)
+}
+
+// NewNodeAdminServiceClient constructs a client for the chalk.compute.v1.NodeAdminService service.
+// By default, it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped
+// responses, and sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the
+// connect.WithGRPC() or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewNodeAdminServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) NodeAdminServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	nodeAdminServiceMethods := v1.File_chalk_compute_v1_compute_proto.Services().ByName("NodeAdminService").Methods()
+	return &nodeAdminServiceClient{
+		list: connect.NewClient[v1.ListNodesRequest, v1.ListNodesResponse](
+			httpClient,
+			baseURL+NodeAdminServiceListProcedure,
+			connect.WithSchema(nodeAdminServiceMethods.ByName("List")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+		setState: connect.NewClient[v1.SetNodeStateRequest, v1.Node](
+			httpClient,
+			baseURL+NodeAdminServiceSetStateProcedure,
+			connect.WithSchema(nodeAdminServiceMethods.ByName("SetState")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// nodeAdminServiceClient implements NodeAdminServiceClient.
+type nodeAdminServiceClient struct {
+	list     *connect.Client[v1.ListNodesRequest, v1.ListNodesResponse]
+	setState *connect.Client[v1.SetNodeStateRequest, v1.Node]
+}
+
+// List calls chalk.compute.v1.NodeAdminService.List.
+func (c *nodeAdminServiceClient) List(ctx context.Context, req *connect.Request[v1.ListNodesRequest]) (*connect.Response[v1.ListNodesResponse], error) {
+	return c.list.CallUnary(ctx, req)
+}
+
+// SetState calls chalk.compute.v1.NodeAdminService.SetState.
+func (c *nodeAdminServiceClient) SetState(ctx context.Context, req *connect.Request[v1.SetNodeStateRequest]) (*connect.Response[v1.Node], error) {
+	return c.setState.CallUnary(ctx, req)
+}
+
+// NodeAdminServiceHandler is an implementation of the chalk.compute.v1.NodeAdminService service.
+type NodeAdminServiceHandler interface {
+	List(context.Context, *connect.Request[v1.ListNodesRequest]) (*connect.Response[v1.ListNodesResponse], error)
+	SetState(context.Context, *connect.Request[v1.SetNodeStateRequest]) (*connect.Response[v1.Node], error)
+}
+
+// NewNodeAdminServiceHandler builds an HTTP handler from the service implementation. It returns the
+// path on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewNodeAdminServiceHandler(svc NodeAdminServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	nodeAdminServiceMethods := v1.File_chalk_compute_v1_compute_proto.Services().ByName("NodeAdminService").Methods()
+	nodeAdminServiceListHandler := connect.NewUnaryHandler(
+		NodeAdminServiceListProcedure,
+		svc.List,
+		connect.WithSchema(nodeAdminServiceMethods.ByName("List")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	nodeAdminServiceSetStateHandler := connect.NewUnaryHandler(
+		NodeAdminServiceSetStateProcedure,
+		svc.SetState,
+		connect.WithSchema(nodeAdminServiceMethods.ByName("SetState")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/chalk.compute.v1.NodeAdminService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case NodeAdminServiceListProcedure:
+			nodeAdminServiceListHandler.ServeHTTP(w, r)
+		case NodeAdminServiceSetStateProcedure:
+			nodeAdminServiceSetStateHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedNodeAdminServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedNodeAdminServiceHandler struct{}
+
+func (UnimplementedNodeAdminServiceHandler) List(context.Context, *connect.Request[v1.ListNodesRequest]) (*connect.Response[v1.ListNodesResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.NodeAdminService.List is not implemented"))
+}
+
+func (UnimplementedNodeAdminServiceHandler) SetState(context.Context, *connect.Request[v1.SetNodeStateRequest]) (*connect.Response[v1.Node], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.NodeAdminService.SetState is not implemented"))
 }

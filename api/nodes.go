@@ -1,0 +1,82 @@
+package api
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// NodeStatus is a fleet node as the control plane sees it.
+type NodeStatus struct {
+	store.Node
+	Healthy   bool
+	Sandboxes int
+}
+
+// FleetBackend is the fleet's node administration (noderpc.Router).
+type FleetBackend interface {
+	Nodes(ctx context.Context) ([]NodeStatus, error)
+	SetNodeState(ctx context.Context, id, state string) (NodeStatus, error)
+}
+
+type nodeAdminService struct{ s *Server }
+
+var _ computev1connect.NodeAdminServiceHandler = (*nodeAdminService)(nil)
+
+func (h *nodeAdminService) fleet() (FleetBackend, error) {
+	if h.s.cfg.Fleet == nil {
+		return nil, fmt.Errorf("this chalkd is not the control plane of a fleet (chalkd control): %w", errdefs.ErrFailedPrecondition)
+	}
+	return h.s.cfg.Fleet, nil
+}
+
+func nodeToPB(n NodeStatus) *v1.Node {
+	ts := func(t time.Time) string {
+		if t.IsZero() {
+			return ""
+		}
+		return t.UTC().Format(time.RFC3339Nano)
+	}
+	return &v1.Node{Id: n.ID, Name: n.Name, Url: n.URL, State: n.State, Healthy: n.Healthy, Cpu: n.CPU, MemoryMb: n.MemoryMB,
+		Slots: int32(n.Slots), Sandboxes: int32(n.Sandboxes), LastHeartbeat: ts(n.LastHeartbeat), JoinedAt: ts(n.JoinedAt)}
+}
+
+func (h *nodeAdminService) List(ctx context.Context, _ *connect.Request[v1.ListNodesRequest]) (*connect.Response[v1.ListNodesResponse], error) {
+	f, err := h.fleet()
+	if err != nil {
+		return nil, err
+	}
+	ns, err := f.Nodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := &v1.ListNodesResponse{}
+	for _, n := range ns {
+		out.Nodes = append(out.Nodes, nodeToPB(n))
+	}
+	return connect.NewResponse(out), nil
+}
+
+func (h *nodeAdminService) SetState(ctx context.Context, req *connect.Request[v1.SetNodeStateRequest]) (*connect.Response[v1.Node], error) {
+	f, err := h.fleet()
+	if err != nil {
+		return nil, err
+	}
+	switch req.Msg.State {
+	case store.NodeReady, store.NodeCordoned, store.NodeDraining:
+	default:
+		return nil, invalid("state %q: want ready, cordoned or draining", req.Msg.State)
+	}
+	n, err := f.SetNodeState(ctx, req.Msg.Id, req.Msg.State)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(nodeToPB(n)), nil
+}

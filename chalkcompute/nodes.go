@@ -1,0 +1,29 @@
+package chalkcompute
+
+import (
+	"context"
+
+	"connectrpc.com/connect"
+
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+)
+
+// Nodes lists the fleet's node agents (node admin only; a chalkd that is
+// not a fleet's control plane answers failed_precondition).
+func (c *Client) Nodes(ctx context.Context) ([]*v1.Node, error) {
+	resp, err := c.nodes.List(ctx, connect.NewRequest(&v1.ListNodesRequest{}))
+	if err != nil {
+		return nil, err
+	}
+	return resp.Msg.Nodes, nil
+}
+
+// SetNodeState sets a node's state (by id or name): ready, cordoned (no new
+// sandboxes) or draining (none either; its running sandboxes are left to end).
+func (c *Client) SetNodeState(ctx context.Context, node, state string) (*v1.Node, error) {
+	resp, err := c.nodes.SetState(ctx, connect.NewRequest(&v1.SetNodeStateRequest{Id: node, State: state}))
+	if err != nil {
+		return nil, err
+	}
+	return resp.Msg, nil
+}

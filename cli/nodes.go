@@ -1,0 +1,49 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+)
+
+// nodeCmd is `chalk admin node`: the fleet's node agents (chalkd control).
+func nodeCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{Use: "node", Short: "Fleet node agents (chalkd control)"}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "ls",
+		Short: "List the node agents: state, health, capacity, sandboxes",
+		Args:  cobra.NoArgs,
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, _ []string) ([]*v1.Node, error) {
+			return c.Nodes(ctx)
+		}, messages[*v1.Node], func(ns []*v1.Node) {
+			w := tabwriter.NewWriter(e.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "ID\tNAME\tSTATE\tHEALTHY\tCPU\tMEMORY_MB\tSLOTS\tSANDBOXES\tURL")
+			for _, n := range ns {
+				fmt.Fprintf(w, "%s\t%s\t%s\t%v\t%g\t%d\t%d\t%d\t%s\n", n.Id, n.Name, n.State, n.Healthy, n.Cpu, n.MemoryMb, n.Slots, n.Sandboxes, n.Url)
+			}
+			w.Flush()
+		}),
+	})
+	for _, s := range []struct{ use, state, short string }{
+		{"cordon", "cordoned", "Place no new sandboxes on a node"},
+		{"drain", "draining", "Place no new sandboxes on a node; its running ones are left to end"},
+		{"uncordon", "ready", "Place sandboxes on a node again"},
+	} {
+		cmd.AddCommand(&cobra.Command{
+			Use:   s.use + " NODE",
+			Short: s.short + " (NODE: its id or name)",
+			Args:  cobra.ExactArgs(1),
+			RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.Node, error) {
+				return c.SetNodeState(ctx, args[0], s.state)
+			}, asIs[*v1.Node], func(n *v1.Node) {
+				fmt.Fprintf(e.out, "node %s (%s): %s\n", n.Id, n.Name, n.State)
+			}),
+		})
+	}
+	return cmd
+}

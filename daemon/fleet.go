@@ -1,0 +1,290 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	goruntime "runtime"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	nodev1 "github.com/chalkcompute/chalkcompute/gen/chalk/node/v1"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/noderpc"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// Fleet modes (issue #17). `chalkd control` is the all-in-one daemon whose
+// API places sandboxes on node agents (noderpc.Router) instead of its own
+// node, and serves the fleet listener (joins, heartbeats) over TLS with the
+// fleet CA; `chalkd node` runs only the node side (image cache, network,
+// runtime, agent) and serves the node API over mTLS to the control plane.
+// With neither, nothing here runs: the all-in-one path is unchanged.
+
+// DefaultFleetListen is the control plane's fleet listener; DefaultNodeListen
+// is where a node serves the node API.
+const (
+	DefaultFleetListen = ":7450"
+	DefaultNodeListen  = ":7451"
+)
+
+// FleetConfig turns Start into the control plane of a fleet.
+type FleetConfig struct {
+	Listen string // fleet listener (default DefaultFleetListen)
+}
+
+// fleetDir is where the control plane keeps its CA.
+func fleetDir(dataDir string) string { return filepath.Join(dataDir, "fleet") }
+
+// startFleet loads (or makes) the fleet CA, starts the fleet listener and
+// the router the API places sandboxes with.
+func (d *Daemon) startFleet(ctx context.Context) error {
+	fc := d.cfg.Fleet
+	if fc == nil {
+		return nil
+	}
+	ca, err := noderpc.LoadOrCreateCA(fleetDir(d.cfg.DataDir))
+	if err != nil {
+		return fmt.Errorf("fleet CA: %w", err)
+	}
+	cert, err := ca.ControlCert(nil)
+	if err != nil {
+		return err
+	}
+	d.router = noderpc.NewRouter(d.Store, ca, cert, d.log.With("component", "fleet"))
+	if err := d.router.Refresh(ctx); err != nil {
+		return err
+	}
+	go d.router.Run(ctx, noderpc.HeartbeatInterval)
+	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet")}
+	mux := http.NewServeMux()
+	mux.Handle(f.Handler())
+	l, err := net.Listen("tcp", cmpOr(fc.Listen, DefaultFleetListen))
+	if err != nil {
+		return fmt.Errorf("fleet listener: %w", err)
+	}
+	d.fleetAddr = l.Addr().String()
+	srv := &http.Server{Handler: mux, TLSConfig: noderpc.ControlServerTLS(ca, cert), ReadHeaderTimeout: 10 * time.Second}
+	d.servers = append(d.servers, srv)
+	go func() {
+		if err := srv.ServeTLS(l, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("fleet listener", "err", err)
+		}
+	}()
+	return nil
+}
+
+func cmpOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+// FleetAddr is the fleet listener's address ("" unless control mode).
+func (d *Daemon) FleetAddr() string { return d.fleetAddr }
+
+// apiNode is the node the API places sandboxes on: the fleet's router in
+// control mode, else this process's agent.
+func (d *Daemon) apiNode() api.Node {
+	if d.router != nil {
+		return d.router
+	}
+	return d.Agent
+}
+
+// fleetHooks are the sandbox hooks of control mode. The node-side ones
+// (identity token files, image mounts, tunnels, egress rules) would act on
+// the control plane's host, not the sandbox's node: requests needing them
+// are refused with a clear error rather than half-served.
+func (d *Daemon) fleetHooks() api.Hooks {
+	return api.Hooks{
+		Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
+			switch {
+			case len(sb.Tunnels) > 0:
+				return fmt.Errorf("sandbox %s: tunnels are not available in fleet mode yet: %w", sb.ID, errdefs.ErrFailedPrecondition)
+			case len(sb.Mounts) > 0:
+				return fmt.Errorf("sandbox %s: image mounts are not available in fleet mode yet: %w", sb.ID, errdefs.ErrFailedPrecondition)
+			}
+			return nil
+		},
+		Ended: func(ctx context.Context, sb *store.Sandbox) {
+			d.ingress.ended(ctx, sb)
+			d.mcp.ended(sb.ID)
+		},
+	}
+}
+
+// NewJoinToken makes a join token for the control plane whose data dir is
+// dataDir (it may be running: the store is shared safely).
+func NewJoinToken(ctx context.Context, dataDir string, ttl time.Duration) (string, error) {
+	ca, err := noderpc.LoadOrCreateCA(fleetDir(dataDir))
+	if err != nil {
+		return "", err
+	}
+	st, err := store.Open(ctx, filepath.Join(dataDir, "chalk.db"))
+	if err != nil {
+		return "", err
+	}
+	defer st.Close()
+	return noderpc.NewJoinToken(ctx, st, ca, ttl)
+}
+
+// NodeOptions configure `chalkd node`.
+type NodeOptions struct {
+	Join      string // the control plane's fleet listener, https://host:port
+	JoinToken string // needed once, to join
+	Listen    string // node API (default DefaultNodeListen)
+	Advertise string // the node API as the control plane reaches it (https://host:port)
+	Name      string // default: the host name
+}
+
+// NodeDaemon is a running `chalkd node`.
+type NodeDaemon struct {
+	d      *Daemon
+	ID     string
+	srv    *http.Server
+	addr   string
+	cancel context.CancelFunc
+}
+
+// Addr is the node API's address.
+func (n *NodeDaemon) Addr() string { return n.addr }
+
+// StartNode brings up the node side, joins the fleet (once; the identity is
+// kept in DATA_DIR/fleet-node) and serves the node API.
+func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon, err error) {
+	// No pre-started sandboxes yet (their identity files are the control
+	// plane's), and the sandboxes resolve through the host's resolvers (the
+	// DNS proxy is the egress manager's, which runs in the control plane).
+	cfg.Prestart, cfg.PrestartSlots = 0, -1
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	if opts.Join == "" {
+		return nil, fmt.Errorf("chalkd node: --join is required: %w", errdefs.ErrInvalidArgument)
+	}
+	if opts.Listen == "" {
+		opts.Listen = DefaultNodeListen
+	}
+	if opts.Advertise == "" {
+		host, port, err := net.SplitHostPort(opts.Listen)
+		if err != nil || host == "" || net.ParseIP(host).IsUnspecified() {
+			return nil, fmt.Errorf("chalkd node: --advertise is required when --node-listen (%q) names no address: %w", opts.Listen, errdefs.ErrInvalidArgument)
+		}
+		opts.Advertise = "https://" + net.JoinHostPort(host, port)
+	}
+	if u, err := url.Parse(opts.Advertise); err != nil || u.Scheme != "https" || u.Host == "" {
+		return nil, fmt.Errorf("chalkd node: --advertise %q: want https://host:port: %w", opts.Advertise, errdefs.ErrInvalidArgument)
+	}
+	if opts.Name == "" {
+		opts.Name, _ = os.Hostname()
+	}
+	d := &Daemon{cfg: cfg, log: cfg.Logger, resolvConf: func() []byte { return node.HostResolvConf() }}
+	ctx, d.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+	for _, step := range []struct {
+		name string
+		run  func(context.Context) error
+	}{
+		{"data dir", d.prepareDataDir},
+		{"registry and node cache", d.startImages},
+		{"sandbox network", d.startNetwork},
+		{"sandbox runtime", d.startRuntime},
+		{"node agent", d.startAgent},
+	} {
+		if err := step.run(ctx); err != nil {
+			return nil, fmt.Errorf("%s: %w", step.name, err)
+		}
+	}
+	capacity := func() *nodev1.Capacity {
+		mem, _ := nodeMemoryMB()
+		return &nodev1.Capacity{Cpu: float64(goruntime.NumCPU()), MemoryMb: max(mem, 1), Slots: int32(max(d.Agent.Slots().Size(node.SlotSandbox), 1))}
+	}
+	dir := filepath.Join(cfg.DataDir, "fleet-node")
+	id, err := noderpc.LoadNodeIdentity(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		if opts.JoinToken == "" {
+			return nil, fmt.Errorf("chalkd node: not joined yet: --join-token is required: %w", errdefs.ErrInvalidArgument)
+		}
+		c := capacity()
+		id, err = noderpc.Join(ctx, dir, noderpc.JoinRequest{ControlURL: opts.Join, Token: opts.JoinToken, Name: opts.Name,
+			NodeURL: opts.Advertise, CPU: c.Cpu, MemoryMB: c.MemoryMb, Slots: int(c.Slots)})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("chalkd node: %w", err)
+	}
+	n := &NodeDaemon{d: d, ID: id.ID, cancel: d.cancel}
+	mux := http.NewServeMux()
+	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).Handler())
+	l, err := net.Listen("tcp", opts.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("node API: %w", err)
+	}
+	n.addr = l.Addr().String()
+	n.srv = &http.Server{Handler: mux, TLSConfig: noderpc.NodeServerTLS(id), ReadHeaderTimeout: 10 * time.Second}
+	d.servers = append(d.servers, n.srv)
+	go func() {
+		if err := n.srv.ServeTLS(l, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("node API", "err", err)
+		}
+	}()
+	go heartbeatLoop(ctx, d.log, noderpc.FleetClient(id, opts.Join), id.ID, opts.Advertise, capacity)
+	go func() { _ = d.startBackground(ctx) }()
+	d.log.Info("chalkd node serving", "node", id.ID, "api", n.addr, "advertise", opts.Advertise, "control", opts.Join)
+	return n, nil
+}
+
+// heartbeatLoop tells the control plane every HeartbeatInterval that this
+// node lives, where it serves and what it offers.
+func heartbeatLoop(ctx context.Context, log *slog.Logger, fc interface {
+	Heartbeat(context.Context, *connect.Request[nodev1.HeartbeatRequest]) (*connect.Response[nodev1.HeartbeatResponse], error)
+}, id, advertise string, capacity func() *nodev1.Capacity) {
+	t := time.NewTicker(noderpc.HeartbeatInterval)
+	defer t.Stop()
+	failing := false
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := fc.Heartbeat(cctx, connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: id, NodeUrl: advertise, Capacity: capacity()}))
+		cancel()
+		switch {
+		case err != nil && !failing && ctx.Err() == nil:
+			log.Warn("fleet: heartbeat failed", "err", err)
+			failing = true
+		case err == nil && failing:
+			log.Info("fleet: heartbeat back")
+			failing = false
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// Close stops the node (its sandboxes keep running).
+func (n *NodeDaemon) Close() error { return n.d.Close() }
+
+// MainNode runs `chalkd node` until ctx is done.
+func MainNode(ctx context.Context, cfg Config, opts NodeOptions) error {
+	n, err := StartNode(ctx, cfg, opts)
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	return n.Close()
+}

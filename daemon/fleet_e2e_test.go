@@ -1,0 +1,215 @@
+package daemon_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+	"github.com/chalkcompute/chalkcompute/noderpc"
+)
+
+// TestFleet: one control plane and two node agents, each in its own network
+// namespace with its own data dir, sandbox subnet and cgroup parent. Through
+// the normal SDK against the control plane: sandboxes land on both nodes,
+// and create → exec → files → logs → terminate work on each; a node killed
+// with -9 is found within seconds and its sandboxes are reported lost.
+func TestFleet(t *testing.T) {
+	control := chalktest.StartControl(t)
+	n1 := chalktest.StartFleetNode(t, control, 1)
+	n2 := chalktest.StartFleetNode(t, control, 2)
+	c := control.Client()
+
+	// Both nodes joined and heartbeat: `chalk admin node ls` says so.
+	nodes := func() []map[string]any {
+		out, errOut, code := control.CLI("admin", "node", "ls", "-o", "json")
+		if code != 0 {
+			t.Fatalf("chalk admin node ls: %d %s", code, errOut)
+		}
+		var ns []map[string]any
+		if err := json.Unmarshal([]byte(out), &ns); err != nil {
+			t.Fatalf("node ls -o json: %v: %s", err, out)
+		}
+		return ns
+	}
+	healthy := func(name string) bool {
+		for _, n := range nodes() {
+			if n["name"] == name {
+				return n["healthy"] == true
+			}
+		}
+		return false
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for !healthy("node1") || !healthy("node2") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the nodes are not healthy on the control plane: %v", nodes())
+		}
+		time.Sleep(100 * time.Millisecond) // polling the control plane for the nodes' heartbeats
+	}
+	var sbs []*chalkcompute.Sandbox
+	for range 4 {
+		sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"),
+			chalkcompute.WithEntrypoint("sh", "-c", "echo hello-from-$(hostname); exec sleep 1000"))
+		if err != nil {
+			t.Fatalf("create: %v", err)
+		}
+		sbs = append(sbs, sb)
+	}
+	on := func(n *chalktest.Node, id string) bool {
+		_, err := os.Stat(filepath.Join(n.Dir, "sandboxes", id))
+		return err == nil
+	}
+	byNode := map[*chalktest.Node][]*chalkcompute.Sandbox{}
+	for _, sb := range sbs {
+		switch {
+		case on(n1, sb.ID()) && !on(n2, sb.ID()):
+			byNode[n1] = append(byNode[n1], sb)
+		case on(n2, sb.ID()) && !on(n1, sb.ID()):
+			byNode[n2] = append(byNode[n2], sb)
+		default:
+			t.Fatalf("sandbox %s is on neither node or both", sb.ID())
+		}
+		if on(control, sb.ID()) {
+			t.Fatalf("sandbox %s runs on the control plane", sb.ID())
+		}
+	}
+	if len(byNode[n1]) == 0 || len(byNode[n2]) == 0 {
+		t.Fatalf("placement did not spread: %d on node1, %d on node2", len(byNode[n1]), len(byNode[n2]))
+	}
+
+	for _, sb := range []*chalkcompute.Sandbox{byNode[n1][0], byNode[n2][0]} {
+		ctx := ctxT(t, time.Minute)
+		res, err := sb.Exec(ctx, []string{"sh", "-c", "echo out; echo err >&2; exit 3"})
+		if err != nil || string(res.Stdout) != "out\n" || string(res.Stderr) != "err\n" || res.Code != 3 {
+			t.Fatalf("exec in %s: %+v, %v", sb.ID(), res, err)
+		}
+		big := bytes.Repeat([]byte("0123456789abcdef"), 256<<10) // 4 MiB: many chunks
+		if err := sb.WriteFile(ctx, "/tmp/big", big, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		back, err := sb.ReadFile(ctx, "/tmp/big")
+		if err != nil || !bytes.Equal(back, big) {
+			t.Fatalf("read back %d bytes, %v", len(back), err)
+		}
+		if res, err := sb.Exec(ctx, []string{"md5sum", "/tmp/big"}); err != nil || !strings.Contains(string(res.Stdout), "/tmp/big") {
+			t.Fatalf("md5sum: %+v %v", res, err)
+		}
+		var logs bytes.Buffer
+		if err := sb.Logs(ctx, &logs, false); err != nil || !strings.Contains(logs.String(), "hello-from-") {
+			t.Fatalf("logs of %s: %q, %v", sb.ID(), logs.String(), err)
+		}
+		st, err := sb.Terminate(ctx)
+		if err != nil || st.State != "stopped" || st.EndReason != "terminated" {
+			t.Fatalf("terminate %s: %+v, %v", sb.ID(), st, err)
+		}
+	}
+
+	// Pause and resume reach the sandbox's node; snapshots are refused (the
+	// node's registry is not the fleet's yet).
+	{
+		sb := byNode[n2][1]
+		ctx := ctxT(t, time.Minute)
+		if st, err := sb.Pause(ctx); err != nil || st.State != "paused" {
+			t.Fatalf("pause: %+v, %v", st, err)
+		}
+		if st, err := sb.Resume(ctx); err != nil || st.State != "running" {
+			t.Fatalf("resume: %+v, %v", st, err)
+		}
+		if res, err := sb.Exec(ctx, []string{"echo", "resumed"}); err != nil || string(res.Stdout) != "resumed\n" {
+			t.Fatalf("exec after resume: %+v, %v", res, err)
+		}
+		if _, err := sb.Snapshot(ctx); !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "fleet mode") {
+			t.Fatalf("snapshot in fleet mode: %v, want failed precondition", err)
+		}
+	}
+
+	// kill -9 node 1: its remaining sandboxes are lost within seconds.
+	n1.Kill()
+	killed := time.Now()
+	for _, sb := range byNode[n1][1:] {
+		st, err := sb.Wait(ctxT(t, 30*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.State != "stopped" || st.EndReason != "lost" || !strings.Contains(st.Error, "stopped answering") {
+			t.Fatalf("sandbox %s on the killed node: state %s reason %q error %q", sb.ID(), st.State, st.EndReason, st.Error)
+		}
+	}
+	t.Logf("sandboxes of the killed node reported lost after %v", time.Since(killed).Round(time.Millisecond))
+	if time.Since(killed) > 15*time.Second {
+		t.Errorf("lost only after %v", time.Since(killed))
+	}
+	// Node 2's still run, and new sandboxes go there.
+	for _, sb := range byNode[n2][1:] {
+		if _, err := sb.Exec(ctxT(t, 30*time.Second), []string{"true"}); err != nil {
+			t.Fatalf("exec on the surviving node: %v", err)
+		}
+	}
+	if healthy("node1") {
+		t.Error("node ls: the killed node is healthy")
+	}
+	// Cordoned, the survivor takes nothing: no room anywhere.
+	if _, errOut, code := control.CLI("admin", "node", "cordon", "node2"); code != 0 {
+		t.Fatalf("cordon: %s", errOut)
+	}
+	if _, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox")); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("create with every node cordoned or lost: %v, want resource exhausted", err)
+	}
+	if _, errOut, code := control.CLI("admin", "node", "uncordon", "node2"); code != 0 {
+		t.Fatalf("uncordon: %s", errOut)
+	}
+	sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"))
+	if err != nil {
+		t.Fatalf("create with one node lost: %v", err)
+	}
+	if !on(n2, sb.ID()) {
+		t.Fatalf("sandbox %s not placed on the surviving node", sb.ID())
+	}
+
+	// Node 1 returns (its identity kept: no new token): healthy again, and
+	// the sandboxes reported lost meanwhile are removed there.
+	n1.Restart()
+	deadline = time.Now().Add(30 * time.Second)
+	for !healthy("node1") {
+		if time.Now().After(deadline) {
+			t.Fatalf("node1 not healthy after its restart: %v", nodes())
+		}
+		time.Sleep(100 * time.Millisecond) // polling the control plane for the heartbeat
+	}
+	for _, sb := range byNode[n1][1:] {
+		for on(n1, sb.ID()) {
+			if time.Now().After(deadline) {
+				t.Fatalf("lost sandbox %s still on node1 after it returned", sb.ID())
+			}
+			time.Sleep(100 * time.Millisecond) // polling the node's state dir
+		}
+	}
+
+	// kill -9 of the control plane loses no sandbox: after its restart
+	// (longer than a heartbeat timeout) the nodes' sandboxes run on and
+	// answer.
+	control.Kill()
+	time.Sleep(noderpc.DefaultHeartbeatTimeout + time.Second) // the outage must outlast the heartbeat timeout to test the grace
+	control.Restart()
+	c = control.Client()
+	for _, sb := range append(byNode[n2][1:], sb) {
+		got, err := c.Sandbox(ctxT(t, 30*time.Second), sb.ID())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st := got.Info; st.State != "running" {
+			t.Fatalf("sandbox %s after a control-plane restart: %s (%s)", sb.ID(), st.State, st.EndReason)
+		}
+		if res, err := got.Exec(ctxT(t, 30*time.Second), []string{"echo", "still"}); err != nil || string(res.Stdout) != "still\n" {
+			t.Fatalf("exec after a control-plane restart: %+v, %v", res, err)
+		}
+	}
+}

@@ -1,0 +1,54 @@
+package chalktest
+
+import (
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// Fleet tests: a control plane (`chalkd control`) and node agents (`chalkd
+// node`), each in its own network namespace with its own data dir, sandbox
+// subnet and cgroup parent. Node i is linked to the control plane's netns by
+// a veth pair on 10.251.i.0/30 (the control plane .1, the node .2).
+
+// StartControl starts `chalkd control` (its fleet listener on :7450 of its
+// netns).
+func StartControl(t testing.TB, extraArgs ...string) *Node {
+	return StartOpts(t, Options{Mode: "control", Args: append([]string{"--fleet-listen", ":7450"}, extraArgs...)})
+}
+
+// JoinToken makes a join token on the control plane.
+func (n *Node) JoinToken() string {
+	n.t.Helper()
+	out, err := exec.Command(filepath.Join(n.BinDir, "chalkd"), "control", "token", "--data-dir", n.Dir).Output()
+	if err != nil {
+		n.t.Fatalf("chalkd control token: %v", err)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// StartFleetNode starts node agent i (1..250) joined to control.
+func StartFleetNode(t testing.TB, control *Node, i int) *Node {
+	t.Helper()
+	ctlIP, nodeIP := fmt.Sprintf("10.251.%d.1", i), fmt.Sprintf("10.251.%d.2", i)
+	tok := control.JoinToken()
+	return StartOpts(t, Options{Mode: "node", Before: func(n *Node) {
+		run := func(args ...string) {
+			if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+				t.Fatalf("ip %v: %v %s", args, err, out)
+			}
+		}
+		veth := "fl" + randHex(3)
+		run("-n", control.Netns, "link", "add", veth, "type", "veth", "peer", "name", veth+"n", "netns", n.Netns)
+		run("-n", control.Netns, "addr", "add", ctlIP+"/30", "dev", veth)
+		run("-n", control.Netns, "link", "set", veth, "up")
+		run("-n", n.Netns, "addr", "add", nodeIP+"/30", "dev", veth+"n")
+		run("-n", n.Netns, "link", "set", veth+"n", "up")
+		n.Args = append(n.Args,
+			"--join", "https://"+ctlIP+":7450", "--join-token", tok,
+			"--node-listen", nodeIP+":7451", "--name", fmt.Sprintf("node%d", i),
+			"--subnet", fmt.Sprintf("10.%d.0.0/16", 220+i))
+	}})
+}

@@ -1,0 +1,775 @@
+package noderpc
+
+import (
+	"cmp"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/api"
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/imagebuild"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/nodecache"
+	"github.com/chalkcompute/chalkcompute/procapi"
+	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// DefaultHeartbeatTimeout is how long a node may stay silent before it is
+// unhealthy (nodes heartbeat every HeartbeatInterval).
+const (
+	DefaultHeartbeatTimeout = 5 * time.Second
+	HeartbeatInterval       = time.Second
+)
+
+// Router is the control plane's api.Node over the fleet: it places each
+// sandbox on a node (Start, Claim) and sends every later call for the
+// sandbox to that node. Nodes come from the store (joined through Fleet);
+// one whose heartbeat is older than HeartbeatTimeout is unhealthy: nothing
+// is placed on it and the Waits of its sandboxes return node.ErrLost. When
+// it heartbeats again, the sandboxes reported lost meanwhile are destroyed
+// there.
+type Router struct {
+	store *store.Store
+	ca    *CA
+	cert  tls.Certificate
+	log   *slog.Logger
+	// HeartbeatTimeout (default DefaultHeartbeatTimeout).
+	HeartbeatTimeout time.Duration
+	now              func() time.Time
+	// started is when this router began: for one heartbeat timeout after
+	// it, nodes count as healthy whatever their last heartbeat (they
+	// could not heartbeat while the control plane was down).
+	started time.Time
+
+	mu      sync.Mutex
+	members map[string]*member // by node id
+	where   map[string]*placement
+	// orphans are sandboxes reported lost, by node, to destroy there when
+	// it returns.
+	orphans map[string]map[string]int
+	// warm are the image digests each node has in its cache (as far as
+	// this router saw: ensured or started there).
+	warm map[string]map[string]bool
+}
+
+// warmBonus is what having the image counts in placement, in free share:
+// a node with the image is preferred until it is this much fuller than
+// one without.
+const warmBonus = 0.25
+
+type member struct {
+	rec     *store.Node
+	client  api.Node
+	url     string
+	healthy bool
+	lost    chan struct{} // closed when the node became unhealthy
+}
+
+// placement is where a sandbox runs and what it takes there.
+type placement struct {
+	node   string
+	slot   int
+	cpu    float64
+	memory int64 // bytes
+}
+
+var _ api.Node = (*Router)(nil)
+
+// NewRouter returns a Router calling nodes with the control plane's
+// certificate cert (from ca).
+func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) *Router {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now, started: time.Now(),
+		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{},
+		warm: map[string]map[string]bool{}}
+}
+
+// dial is how the router reaches a node (tests replace it).
+func (r *Router) dial(n *store.Node) api.Node {
+	return NewClient(HTTPClient(ControlClientTLS(r.ca, r.cert, n.ID)), n.URL, r.log.With("node", n.ID))
+}
+
+// Run refreshes the nodes from the store every interval until ctx ends.
+func (r *Router) Run(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if err := r.Refresh(ctx); err != nil && ctx.Err() == nil {
+			r.log.Warn("fleet: refresh nodes", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// Refresh reads the nodes from the store and updates their health.
+func (r *Router) Refresh(ctx context.Context) error {
+	recs, err := r.store.ListNodes(ctx)
+	if err != nil {
+		return err
+	}
+	timeout := cmp.Or(r.HeartbeatTimeout, DefaultHeartbeatTimeout)
+	now := r.now()
+	var back []string
+	r.mu.Lock()
+	for _, rec := range recs {
+		m := r.members[rec.ID]
+		if m == nil || m.url != rec.URL {
+			m = &member{client: r.dial(rec), url: rec.URL, lost: make(chan struct{}), healthy: true}
+			r.members[rec.ID] = m
+		}
+		m.rec = rec
+		healthy := now.Sub(rec.LastHeartbeat) < timeout || now.Sub(r.started) < timeout
+		switch {
+		case m.healthy && !healthy:
+			r.log.Warn("fleet: node unhealthy: its sandboxes are lost", "node", rec.ID, "last_heartbeat", rec.LastHeartbeat)
+			close(m.lost)
+		case !m.healthy && healthy:
+			r.log.Info("fleet: node back", "node", rec.ID)
+			m.lost = make(chan struct{})
+			back = append(back, rec.ID)
+		}
+		m.healthy = healthy
+	}
+	r.mu.Unlock()
+	for _, id := range back {
+		r.reconcile(ctx, id)
+	}
+	return nil
+}
+
+// reconcile cleans a returned node: the sandboxes reported lost meanwhile,
+// and any other sandbox there this control plane does not hold live (one
+// ended while the node was away and this process restarted, say), with its
+// slot from the store.
+func (r *Router) reconcile(ctx context.Context, nodeID string) {
+	r.mu.Lock()
+	orphans := r.orphans[nodeID]
+	delete(r.orphans, nodeID)
+	m := r.members[nodeID]
+	live := map[string]int{}
+	for id, p := range r.where {
+		if p.node == nodeID {
+			live[id] = p.slot
+		}
+	}
+	r.mu.Unlock()
+	if orphans == nil {
+		orphans = map[string]int{}
+	}
+	// The node may have restarted meanwhile: its slot allocator learns the
+	// slots of the sandboxes live there, and it finishes its teardowns.
+	if err := m.client.Restore(ctx, live); err != nil {
+		r.log.Warn("fleet: restore a returned node", "node", nodeID, "err", err)
+	}
+	left, err := m.client.Leftovers(ctx, live)
+	if err != nil {
+		r.log.Warn("fleet: leftovers of a returned node", "node", nodeID, "err", err)
+	}
+	for _, l := range left {
+		kind, id, ok := strings.Cut(l, ":")
+		if !ok || (kind != "runc" && kind != "netns") || id == "" {
+			continue
+		}
+		if _, done := orphans[id]; done {
+			continue
+		}
+		slot := 0 // unknown: the node removes what it finds by id only
+		if sb, err := r.store.GetSandbox(ctx, id); err == nil {
+			slot = sb.Slot
+		}
+		orphans[id] = slot
+	}
+	for id, slot := range orphans {
+		if err := m.client.Destroy(ctx, id, slot); err != nil {
+			r.log.Warn("fleet: destroy a lost sandbox on its returned node", "node", nodeID, "sandbox", id, "err", err)
+			r.mu.Lock()
+			if r.orphans[nodeID] == nil {
+				r.orphans[nodeID] = map[string]int{}
+			}
+			r.orphans[nodeID][id] = slot
+			r.mu.Unlock()
+			continue
+		}
+		r.log.Info("fleet: destroyed a lost sandbox on its returned node", "node", nodeID, "sandbox", id)
+	}
+}
+
+// NodeOf returns the id of the node sandbox id runs on ("" if unknown).
+func (r *Router) NodeOf(id string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if p := r.where[id]; p != nil {
+		return p.node
+	}
+	return ""
+}
+
+// markWarm records that node id has the image digest.
+func (r *Router) markWarm(id, digest string) {
+	if digest == "" {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.warm[id] == nil {
+		r.warm[id] = map[string]bool{}
+	}
+	r.warm[id][digest] = true
+}
+
+// candidates are the nodes a sandbox may go to, best first: healthy and
+// ready, with room for req, by the smallest share of cpu, memory and slots
+// they have free (spread), plus warmBonus where the image is warm
+// (locality), then by id.
+func (r *Router) candidates(req node.StartRequest) []*member {
+	type cand struct {
+		m     *member
+		score float64
+	}
+	used := map[string]*placement{}
+	count := map[string]int{}
+	for _, p := range r.where {
+		u := used[p.node]
+		if u == nil {
+			u = &placement{}
+			used[p.node] = u
+		}
+		u.cpu += p.cpu
+		u.memory += p.memory
+		count[p.node]++
+	}
+	var cs []cand
+	for id, m := range r.members {
+		if !m.healthy || m.rec.State != store.NodeReady {
+			continue
+		}
+		u := used[id]
+		if u == nil {
+			u = &placement{}
+		}
+		freeCPU := m.rec.CPU - u.cpu
+		freeMem := m.rec.MemoryMB<<20 - u.memory
+		freeSlots := m.rec.Slots - count[id]
+		if freeSlots <= 0 || freeCPU < req.CPU || freeMem < req.Memory {
+			continue
+		}
+		score := min(freeCPU/m.rec.CPU, float64(freeMem)/float64(m.rec.MemoryMB<<20), float64(freeSlots)/float64(m.rec.Slots))
+		if req.Image != nil && r.warm[id][req.Image.Digest] {
+			score += warmBonus
+		}
+		cs = append(cs, cand{m, score})
+	}
+	slices.SortFunc(cs, func(a, b cand) int {
+		if c := cmp.Compare(b.score, a.score); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.m.rec.ID, b.m.rec.ID)
+	})
+	out := make([]*member, len(cs))
+	for i, c := range cs {
+		out[i] = c.m
+	}
+	return out
+}
+
+func errNoNode(what string) error {
+	return fmt.Errorf("%s: no ready node has room: %w", what, errdefs.ErrResourceExhausted)
+}
+
+// on returns the node sandbox id is on.
+func (r *Router) on(id string) (*member, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p := r.where[id]
+	if p == nil {
+		return nil, fmt.Errorf("sandbox %q: on no node of the fleet: %w", id, errdefs.ErrNotFound)
+	}
+	m := r.members[p.node]
+	if m == nil || !m.healthy {
+		return nil, fmt.Errorf("sandbox %q: node %s: %w", id, p.node, node.ErrLost)
+	}
+	return m, nil
+}
+
+// ReserveSlot places sandbox req.ID: the best candidate node for req
+// (see candidates) gives it one of its slots, and the sandbox is on that
+// node from here on (Start goes there; Unclaim gives the slot back).
+func (r *Router) ReserveSlot(req node.StartRequest) (int, error) {
+	r.mu.Lock()
+	cs := r.candidates(req)
+	r.mu.Unlock()
+	var errs []error
+	for _, m := range cs {
+		slot, err := m.client.ReserveSlot(req)
+		if err != nil {
+			// Full or unreachable: the next candidate.
+			errs = append(errs, fmt.Errorf("node %s: %w", m.rec.ID, err))
+			continue
+		}
+		r.mu.Lock()
+		r.where[req.ID] = &placement{node: m.rec.ID, slot: slot, cpu: req.CPU, memory: req.Memory}
+		r.mu.Unlock()
+		return slot, nil
+	}
+	if len(errs) > 0 {
+		return 0, fmt.Errorf("sandbox %q: no node gave a slot: %w", req.ID, errors.Join(errs...))
+	}
+	return 0, errNoNode("sandbox " + req.ID)
+}
+
+// EnsureImage ensures the image on the node a sandbox would go to now
+// (the node a sandbox lands on ensures it again by reference when it
+// starts there).
+func (r *Router) EnsureImage(ctx context.Context, ref string, progress func(nodecache.Progress)) (*nodecache.Image, error) {
+	r.mu.Lock()
+	cs := r.candidates(node.StartRequest{})
+	r.mu.Unlock()
+	if len(cs) == 0 {
+		return nil, errNoNode("image " + ref)
+	}
+	img, err := cs[0].client.EnsureImage(ctx, ref, progress)
+	if err == nil {
+		r.markWarm(cs[0].rec.ID, img.Digest)
+	}
+	return img, err
+}
+
+func (r *Router) Start(ctx context.Context, req node.StartRequest) (node.Started, error) {
+	r.mu.Lock()
+	p := r.where[req.ID] // reserved or claimed: its node
+	var m *member
+	if p != nil {
+		m = r.members[p.node]
+	} else if cs := r.candidates(req); len(cs) > 0 {
+		m = cs[0]
+		p = &placement{node: m.rec.ID, slot: req.Slot, cpu: req.CPU, memory: req.Memory}
+		r.where[req.ID] = p
+	}
+	r.mu.Unlock()
+	if m == nil {
+		return node.Started{}, errNoNode("sandbox " + req.ID)
+	}
+	st, err := m.client.Start(ctx, req)
+	if err != nil {
+		r.forget(req.ID)
+		return st, err
+	}
+	if req.Image != nil {
+		r.markWarm(p.node, req.Image.Digest)
+	}
+	r.log.Info("fleet: placed", "sandbox", req.ID, "node", p.node)
+	return st, nil
+}
+
+func (r *Router) forget(id string) {
+	r.mu.Lock()
+	delete(r.where, id)
+	r.mu.Unlock()
+}
+
+func (r *Router) Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error) {
+	m, err := r.on(id)
+	if err != nil {
+		return sandbox.Exit{}, err
+	}
+	r.mu.Lock()
+	lost := m.lost
+	r.mu.Unlock()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type res struct {
+		ex  sandbox.Exit
+		err error
+	}
+	done := make(chan res, 1)
+	go func() {
+		ex, err := m.client.Wait(ctx, id, pid)
+		done <- res{ex, err}
+	}()
+	for {
+		select {
+		case x := <-done:
+			if x.err != nil && ctx.Err() == nil {
+				// The node went away mid-wait: lost if it is unhealthy now,
+				// else wait again (a restart of the node's process).
+				if r.waitHealth(ctx, m, lost) {
+					return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s stopped answering: %w", id, m.rec.ID, node.ErrLost)
+				}
+				go func() {
+					ex, err := m.client.Wait(ctx, id, pid)
+					done <- res{ex, err}
+				}()
+				continue
+			}
+			return x.ex, x.err
+		case <-lost:
+			return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s stopped answering: %w", id, m.rec.ID, node.ErrLost)
+		}
+	}
+}
+
+// waitHealth waits until the node is found unhealthy (true) or, for twice
+// the heartbeat timeout, is not (false: it answered heartbeats meanwhile, so
+// the failed call was a restart of its process).
+func (r *Router) waitHealth(ctx context.Context, m *member, lost chan struct{}) bool {
+	deadline := time.NewTimer(2 * cmp.Or(r.HeartbeatTimeout, DefaultHeartbeatTimeout))
+	defer deadline.Stop()
+	select {
+	case <-lost:
+		return true
+	case <-ctx.Done():
+		return false
+	case <-deadline.C:
+		return false
+	}
+}
+
+// Running asks the sandbox's node; for a sandbox placed by a previous
+// control-plane process it asks every healthy node and remembers the one
+// that runs it.
+func (r *Router) Running(ctx context.Context, id string) (int, bool) {
+	if m, err := r.on(id); err == nil {
+		return m.client.Running(ctx, id)
+	}
+	r.mu.Lock()
+	var ms []*member
+	for _, m := range r.members {
+		if m.healthy {
+			ms = append(ms, m)
+		}
+	}
+	r.mu.Unlock()
+	for _, m := range ms {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		pid, ok := m.client.Running(cctx, id)
+		cancel()
+		if ok {
+			r.mu.Lock()
+			if r.where[id] == nil {
+				r.where[id] = &placement{node: m.rec.ID}
+			}
+			r.mu.Unlock()
+			return pid, true
+		}
+	}
+	return 0, false
+}
+
+// Kill kills the sandbox's processes on its node. On a lost node there is
+// nothing to do here: its Wait reports the sandbox lost.
+func (r *Router) Kill(ctx context.Context, id string) error {
+	m, err := r.on(id)
+	if errors.Is(err, node.ErrLost) || errors.Is(err, errdefs.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return m.client.Kill(ctx, id)
+}
+
+// orphan records that the sandbox on a lost node is to be destroyed when
+// the node returns (reconcile), and forgets its placement. It reports
+// whether id was on a lost node.
+func (r *Router) orphan(id string, slot int) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p := r.where[id]
+	if p == nil {
+		return false
+	}
+	if m := r.members[p.node]; m != nil && m.healthy {
+		return false
+	}
+	if r.orphans[p.node] == nil {
+		r.orphans[p.node] = map[string]int{}
+	}
+	r.orphans[p.node][id] = slot
+	delete(r.where, id)
+	return true
+}
+
+// Teardown tears the sandbox down on its node (there in the background);
+// on a lost node it is destroyed when the node returns.
+func (r *Router) Teardown(id string, slot int, keep node.KeepUpper) (int64, error) {
+	m, err := r.on(id)
+	if errors.Is(err, node.ErrLost) {
+		r.orphan(id, slot)
+		return 0, nil
+	}
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return 0, nil // never placed (idempotent, as the agent's)
+	}
+	if err != nil {
+		return 0, err
+	}
+	kept, err := m.client.Teardown(id, slot, keep)
+	if err != nil {
+		return 0, err
+	}
+	r.forget(id)
+	return kept, nil
+}
+
+// Destroy destroys the sandbox on its node; on a lost node it is destroyed
+// when the node returns.
+func (r *Router) Destroy(ctx context.Context, id string, slot int) error {
+	m, err := r.on(id)
+	if errors.Is(err, node.ErrLost) {
+		r.orphan(id, slot)
+		return nil
+	}
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return nil // never placed (idempotent, as the agent's)
+	}
+	if err != nil {
+		return err
+	}
+	if err := m.client.Destroy(ctx, id, slot); err != nil {
+		return err
+	}
+	r.forget(id)
+	return nil
+}
+
+func (r *Router) Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (node.Process, error) {
+	m, err := r.on(id)
+	if err != nil {
+		return nil, err
+	}
+	return m.client.Exec(ctx, id, req, stdout, stderr)
+}
+
+func (r *Router) Files(id string) node.Files {
+	m, err := r.on(id)
+	if err != nil {
+		return errFiles{err}
+	}
+	return m.client.Files(id)
+}
+
+// errFiles answers every call with err (a sandbox on no reachable node).
+type errFiles struct{ err error }
+
+func (e errFiles) ReadFile(context.Context, string) (io.ReadCloser, error) { return nil, e.err }
+func (e errFiles) WriteFile(context.Context, string, fs.FileMode, io.Reader) error {
+	return e.err
+}
+func (e errFiles) ListDir(context.Context, string) ([]procapi.FileInfo, error) { return nil, e.err }
+func (e errFiles) Remove(context.Context, string, bool) error                  { return e.err }
+
+func (r *Router) Logs(id string) (io.ReadCloser, error) {
+	m, err := r.on(id)
+	if err != nil {
+		return nil, err
+	}
+	return m.client.Logs(id)
+}
+
+func (r *Router) healthy() []*member {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var ms []*member
+	for _, m := range r.members {
+		if m.healthy {
+			ms = append(ms, m)
+		}
+	}
+	slices.SortFunc(ms, func(a, b *member) int { return cmp.Compare(a.rec.ID, b.rec.ID) })
+	return ms
+}
+
+// Leftovers asks every healthy node (each removes what is not live there).
+func (r *Router) Leftovers(ctx context.Context, live map[string]int) ([]string, error) {
+	var out []string
+	var errs []error
+	for _, m := range r.healthy() {
+		left, err := m.client.Leftovers(ctx, live)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("node %s: %w", m.rec.ID, err))
+			continue
+		}
+		for _, l := range left {
+			out = append(out, m.rec.ID+": "+l)
+		}
+	}
+	return out, errors.Join(errs...)
+}
+
+func (r *Router) Adopt(id, imageDigest string) {
+	if m, err := r.on(id); err == nil {
+		m.client.Adopt(id, imageDigest)
+	}
+}
+
+// Claim takes a pre-started sandbox from the best node that has one.
+func (r *Router) Claim(req node.StartRequest) (string, int, bool) {
+	r.mu.Lock()
+	cs := r.candidates(req)
+	r.mu.Unlock()
+	for _, m := range cs {
+		if id, slot, ok := m.client.Claim(req); ok {
+			r.mu.Lock()
+			r.where[id] = &placement{node: m.rec.ID, slot: slot, cpu: req.CPU, memory: req.Memory}
+			r.mu.Unlock()
+			return id, slot, true
+		}
+	}
+	return "", 0, false
+}
+
+func (r *Router) Unclaim(id string) {
+	if m, err := r.on(id); err == nil {
+		m.client.Unclaim(id)
+	}
+	r.forget(id)
+}
+
+// Restore restores every healthy node with the live sandboxes placed on it
+// (a node's slot allocator must learn only its own sandboxes' slots). The
+// control plane's Reconcile has asked Running for each live sandbox before,
+// which found its node.
+func (r *Router) Restore(ctx context.Context, live map[string]int) error {
+	var errs []error
+	for _, m := range r.healthy() {
+		if err := m.client.Restore(ctx, r.liveOn(m.rec.ID, live)); err != nil {
+			errs = append(errs, fmt.Errorf("node %s: %w", m.rec.ID, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// liveOn is the part of live placed on node id (all of live placed there
+// when live is nil).
+func (r *Router) liveOn(id string, live map[string]int) map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[string]int{}
+	for sb, p := range r.where {
+		if p.node != id {
+			continue
+		}
+		if live == nil {
+			out[sb] = p.slot
+		} else if slot, ok := live[sb]; ok {
+			out[sb] = slot
+		}
+	}
+	return out
+}
+
+// SetPrestarted sets the pool of every healthy node (progress sums them).
+func (r *Router) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, progress func(ready, want int)) error {
+	ms := r.healthy()
+	var mu sync.Mutex
+	ready := make([]int, len(ms))
+	var errs []error
+	for i, m := range ms {
+		err := m.client.SetPrestarted(ctx, img, n, func(rd, _ int) {
+			if progress == nil {
+				return
+			}
+			mu.Lock()
+			ready[i] = rd
+			sum := 0
+			for _, v := range ready {
+				sum += v
+			}
+			mu.Unlock()
+			progress(sum, n*len(ms))
+		})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("node %s: %w", m.rec.ID, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (r *Router) SetPaused(ctx context.Context, id string, paused bool) error {
+	m, err := r.on(id)
+	if err != nil {
+		return err
+	}
+	return m.client.SetPaused(ctx, id, paused)
+}
+
+// Snapshot is refused: a node pushes snapshots to its own registry, which
+// neither the control plane nor other nodes pull from yet.
+func (r *Router) Snapshot(ctx context.Context, req node.SnapshotRequest) (*imagebuild.SnapshotResult, error) {
+	return nil, fmt.Errorf("sandbox %q: snapshots are not available in fleet mode yet: %w", req.ID, errdefs.ErrFailedPrecondition)
+}
+
+var _ api.FleetBackend = (*Router)(nil)
+
+// Nodes lists the fleet's nodes with their health and sandbox counts.
+func (r *Router) Nodes(ctx context.Context) ([]api.NodeStatus, error) {
+	recs, err := r.store.ListNodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	count := map[string]int{}
+	for _, p := range r.where {
+		count[p.node]++
+	}
+	out := make([]api.NodeStatus, 0, len(recs))
+	for _, rec := range recs {
+		m := r.members[rec.ID]
+		out = append(out, api.NodeStatus{Node: *rec, Healthy: m != nil && m.healthy, Sandboxes: count[rec.ID]})
+	}
+	return out, nil
+}
+
+// SetNodeState cordons, drains or readies a node (by id or name); placement
+// follows at once.
+func (r *Router) SetNodeState(ctx context.Context, id, state string) (api.NodeStatus, error) {
+	recs, err := r.store.ListNodes(ctx)
+	if err != nil {
+		return api.NodeStatus{}, err
+	}
+	var rec *store.Node
+	for _, n := range recs {
+		if n.ID == id || n.Name == id {
+			if rec != nil {
+				return api.NodeStatus{}, fmt.Errorf("node %q: more than one node has that name (use its id): %w", id, errdefs.ErrInvalidArgument)
+			}
+			rec = n
+		}
+	}
+	if rec == nil {
+		return api.NodeStatus{}, fmt.Errorf("node %q: %w", id, errdefs.ErrNotFound)
+	}
+	if _, err := r.store.UpdateNode(ctx, rec.ID, func(n *store.Node) error { n.State = state; return nil }); err != nil {
+		return api.NodeStatus{}, err
+	}
+	if err := r.Refresh(ctx); err != nil {
+		return api.NodeStatus{}, err
+	}
+	ns, err := r.Nodes(ctx)
+	if err != nil {
+		return api.NodeStatus{}, err
+	}
+	for _, n := range ns {
+		if n.ID == rec.ID {
+			return n, nil
+		}
+	}
+	return api.NodeStatus{}, fmt.Errorf("node %q: %w", id, errdefs.ErrNotFound)
+}

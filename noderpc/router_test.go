@@ -1,0 +1,341 @@
+package noderpc
+
+import (
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	nodev1 "github.com/chalkcompute/chalkcompute/gen/chalk/node/v1"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/procapi"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// fleetNode is a joined node serving a fake agent over mTLS.
+type fleetNode struct {
+	id   *NodeIdentity
+	fake *fakeNode
+	url  string
+}
+
+// addNode joins a node with capacity (cpu, memory MiB, slots) and serves
+// its API; its first heartbeat tells the control plane where.
+func addNode(t *testing.T, c *control, name string, cpu float64, memMB int64, slots int) *fleetNode {
+	t.Helper()
+	ctx := ctxT(t)
+	req := joinReq(c, c.token(t, time.Hour), name)
+	req.CPU, req.MemoryMB, req.Slots = cpu, memMB, slots
+	id, err := Join(ctx, t.TempDir(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFakeNode()
+	mux := http.NewServeMux()
+	mux.Handle(NewServer(f, nil).Handler())
+	hs := httptest.NewUnstartedServer(mux)
+	hs.EnableHTTP2 = true
+	hs.TLS = NodeServerTLS(id)
+	hs.StartTLS()
+	t.Cleanup(hs.Close)
+	n := &fleetNode{id: id, fake: f, url: hs.URL}
+	n.heartbeat(t, c)
+	return n
+}
+
+func (n *fleetNode) heartbeat(t *testing.T, c *control) {
+	t.Helper()
+	if _, err := FleetClient(n.id, c.url).Heartbeat(ctxT(t), connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: n.id.ID, NodeUrl: n.url})); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func newRouter(t *testing.T, c *control) *Router {
+	r := NewRouter(c.st, c.ca, c.cert, nil)
+	if err := r.Refresh(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// TestPlacementSpreads: sandboxes go to the node with the largest free
+// share, so equal nodes take turns; cordoned nodes and full nodes take
+// none; with no room anywhere the start is refused as resource exhausted.
+func TestPlacementSpreads(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	b := addNode(t, c, "b", 4, 4096, 10)
+	r := newRouter(t, c)
+	count := map[string]int{}
+	for i := range 6 {
+		id := "sb" + string(rune('0'+i))
+		if _, err := r.Start(ctx, node.StartRequest{ID: id, Slot: i + 1, CPU: 0.5, Memory: 256 << 20}); err != nil {
+			t.Fatal(err)
+		}
+		count[r.NodeOf(id)]++
+	}
+	if count[a.id.ID] != 3 || count[b.id.ID] != 3 {
+		t.Fatalf("placement %v: want 3 on each node", count)
+	}
+	// Exec reaches the sandbox's node only.
+	if _, err := r.Exec(ctx, "sb0", nodeExec(), nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	on := map[string]*fakeNode{a.id.ID: a.fake, b.id.ID: b.fake}[r.NodeOf("sb0")]
+	if on == nil || len(on.procs) != 1 {
+		t.Fatal("the exec did not reach the sandbox's node")
+	}
+	// Cordon b: everything goes to a.
+	if st, err := r.SetNodeState(ctx, "b", store.NodeCordoned); err != nil || st.State != store.NodeCordoned || st.Sandboxes != 3 || !st.Healthy {
+		t.Fatalf("cordon b by name: %+v, %v", st, err)
+	}
+	b.heartbeat(t, c) // a heartbeat does not undo it
+	r.Refresh(ctx)
+	if n, _ := c.st.GetNode(ctx, b.id.ID); n.State != store.NodeCordoned {
+		t.Fatalf("b is %s after its heartbeat", n.State)
+	}
+	if _, err := r.SetNodeState(ctx, "nope", store.NodeCordoned); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("cordon an unknown node: %v", err)
+	}
+	for i := range 3 {
+		id := "sc" + string(rune('0'+i))
+		if _, err := r.Start(ctx, node.StartRequest{ID: id, Slot: 20 + i, CPU: 0.5}); err != nil {
+			t.Fatal(err)
+		}
+		if r.NodeOf(id) != a.id.ID {
+			t.Errorf("%s on %s, want a (b is cordoned)", id, r.NodeOf(id))
+		}
+	}
+	// a has 4 cpus, 3 taken + 1.5: a 2-cpu sandbox fits nowhere.
+	if _, err := r.Start(ctx, node.StartRequest{ID: "big", Slot: 40, CPU: 2}); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Errorf("start without room: %v, want resource exhausted", err)
+	}
+	if r.NodeOf("big") != "" {
+		t.Error("a refused start stays placed")
+	}
+	// Destroy frees the room.
+	for _, id := range []string{"sb0", "sb1", "sb2", "sb3", "sb4", "sb5"} {
+		if err := r.Destroy(ctx, id, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := r.Start(ctx, node.StartRequest{ID: "big", Slot: 40, CPU: 2}); err != nil {
+		t.Errorf("start after destroys: %v", err)
+	}
+}
+
+// TestNodeLost: a node that stops heartbeating is unhealthy within the
+// timeout; the Waits of its sandboxes return node.ErrLost, calls for them
+// fail as lost, nothing more is placed there; when it heartbeats again the
+// sandboxes destroyed meanwhile are destroyed there.
+func TestNodeLost(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	n1 := addNode(t, c, "a", 4, 4096, 10)
+	n2 := addNode(t, c, "b", 4, 4096, 10)
+	r := newRouter(t, c)
+	if _, err := r.Start(ctx, node.StartRequest{ID: "sb", Slot: 1}); err != nil {
+		t.Fatal(err)
+	}
+	// a is the node sb landed on, b the other.
+	a, b := n1, n2
+	if r.NodeOf("sb") == n2.id.ID {
+		a, b = n2, n1
+	}
+	// Wait for a sandbox that is on a (a Wait that never ends there).
+	r.mu.Lock()
+	r.where["forever"] = &placement{node: a.id.ID}
+	r.mu.Unlock()
+	done := make(chan error, 1)
+	go func() { _, err := r.Wait(ctx, "forever", 0); done <- err }()
+	waitFor(t, "the wait to reach node a", func() bool {
+		a.fake.mu.Lock()
+		defer a.fake.mu.Unlock()
+		return slices.Contains(a.fake.calls, "Wait forever 0")
+	})
+	// a stops heartbeating (b goes on): the clock moves past the timeout.
+	later := time.Now().Add(2 * DefaultHeartbeatTimeout)
+	r.now = func() time.Time { return later }
+	c.fleet.Now = func() time.Time { return later }
+	b.heartbeat(t, c)
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if !errors.Is(err, node.ErrLost) {
+			t.Fatalf("wait on a lost node: %v, want node.ErrLost", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the wait did not end when its node was lost")
+	}
+	if _, err := r.Exec(ctx, "sb", nodeExec(), nil, nil); !errors.Is(err, node.ErrLost) {
+		t.Errorf("exec on a lost node: %v", err)
+	}
+	if _, err := r.Start(ctx, node.StartRequest{ID: "new", Slot: 2}); err != nil || r.NodeOf("new") != b.id.ID {
+		t.Errorf("placement with a lost: %v on %q, want b", err, r.NodeOf("new"))
+	}
+	// The control plane ends the lost sandbox (its end tears it down): no
+	// call reaches a now.
+	if kept, err := r.Teardown("sb", 1, node.KeepUpper{For: time.Minute, MaxBytes: 1 << 20}); err != nil || kept != 0 {
+		t.Fatalf("teardown on a lost node: kept %d, %v", kept, err)
+	}
+	a.fake.mu.Lock()
+	early := slices.Contains(a.fake.calls, "Destroy sb 1")
+	a.fake.mu.Unlock()
+	if early {
+		t.Fatal("destroyed on a lost node")
+	}
+	// a returns.
+	a.heartbeat(t, c)
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a.fake.mu.Lock()
+	calls := slices.Clone(a.fake.calls)
+	a.fake.mu.Unlock()
+	if !slices.Contains(calls, "Destroy sb 1") {
+		t.Errorf("the lost sandbox was not destroyed on its returned node: %q", calls)
+	}
+	// The returned node (it may have restarted) learns the slots of the
+	// sandboxes live on it: "forever", not the lost one.
+	if !slices.Contains(calls, "Restore 1") {
+		t.Errorf("the returned node was not restored with its live sandbox: %q", calls)
+	}
+	// What else the node has that no live sandbox owns (the fake always
+	// reports runc:old and netns:old) is removed too, once.
+	if n := slices.Index(calls, "Destroy old 0"); n < 0 || slices.Index(calls[n+1:], "Destroy old 0") >= 0 {
+		t.Errorf("the node's leftover was not destroyed once: %q", calls)
+	}
+}
+
+func nodeExec() (r procapi.ExecRequest) {
+	r.Argv = []string{"true"}
+	return r
+}
+
+// TestRouterStartGrace: a control plane that was down saw no heartbeats;
+// right after it starts its nodes count as healthy (for one timeout), so
+// reconcile finds their sandboxes instead of ending them all.
+func TestRouterStartGrace(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	if _, err := c.st.UpdateNode(ctx, a.id.ID, func(n *store.Node) error {
+		n.LastHeartbeat = time.Now().Add(-time.Hour) // the control plane was down
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	r := newRouter(t, c)
+	if pid, ok := r.Running(ctx, "up"); !ok || pid != 77 || r.NodeOf("up") != a.id.ID {
+		t.Fatalf("reconcile after a control-plane restart: running %v pid %d on %q", ok, pid, r.NodeOf("up"))
+	}
+	// Past the grace, a node that still does not heartbeat is lost.
+	later := time.Now().Add(2 * DefaultHeartbeatTimeout)
+	r.now = func() time.Time { return later }
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Exec(ctx, "up", nodeExec(), nil, nil); !errors.Is(err, node.ErrLost) {
+		t.Errorf("after the grace: %v, want lost", err)
+	}
+}
+
+// TestPlacementLocality: a node that has the image is preferred until it
+// is warmBonus fuller than one without; then placement spreads again.
+func TestPlacementLocality(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	b := addNode(t, c, "b", 4, 4096, 10)
+	r := newRouter(t, c)
+	img, err := r.EnsureImage(ctx, "python", nil) // warms it on one node
+	if err != nil {
+		t.Fatal(err)
+	}
+	warmNode := a.id.ID
+	if !slices.ContainsFunc(a.fake.calls, func(s string) bool { return s == "EnsureImage python" }) {
+		warmNode = b.id.ID
+	}
+	var got []string
+	for i := range 4 {
+		id := "sb" + string(rune('0'+i))
+		if _, err := r.Start(ctx, node.StartRequest{ID: id, Slot: i + 1, Image: img}); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, r.NodeOf(id))
+	}
+	// Free slot shares 1.0, 0.9, 0.8 (+0.25) beat the cold node's 1.0; 0.7+0.25 does not.
+	if got[0] != warmNode || got[1] != warmNode || got[2] != warmNode || got[3] == warmNode {
+		t.Errorf("placements %v, want the first three on the warm node %s", got, warmNode)
+	}
+}
+
+// TestReserveSlotPlaces: a reservation places the sandbox (the node gives
+// the slot), counts against that node's room before the sandbox starts,
+// and Start, Kill and Teardown go to that node; Unclaim forgets it.
+func TestReserveSlotPlaces(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 2, 4096, 10)
+	b := addNode(t, c, "b", 2, 4096, 10)
+	r := newRouter(t, c)
+	fakes := map[string]*fakeNode{a.id.ID: a.fake, b.id.ID: b.fake}
+	called := func(f *fakeNode, call string) bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return slices.Contains(f.calls, call)
+	}
+	for _, id := range []string{"r0", "r1"} {
+		slot, err := r.ReserveSlot(node.StartRequest{ID: id, CPU: 2})
+		if err != nil || slot != 123 {
+			t.Fatalf("reserve %s: slot %d, %v", id, slot, err)
+		}
+		if !called(fakes[r.NodeOf(id)], "ReserveSlot "+id+" 2 0") {
+			t.Fatalf("%s: the slot did not come from its node", id)
+		}
+	}
+	if r.NodeOf("r0") == r.NodeOf("r1") {
+		t.Fatalf("both reservations on %s: a reservation must take the node's room", r.NodeOf("r0"))
+	}
+	// Both nodes' cpus are reserved: nothing more fits.
+	if _, err := r.ReserveSlot(node.StartRequest{ID: "r2", CPU: 1}); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("reserve without room: %v, want resource exhausted", err)
+	}
+	on := fakes[r.NodeOf("r0")]
+	if _, err := r.Start(ctx, node.StartRequest{ID: "r0", Slot: 123, CPU: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if !called(on, "Start r0") {
+		t.Fatal("the start of r0 did not go to its reserved node")
+	}
+	if err := r.Kill(ctx, "r0"); err != nil || !called(on, "Kill r0") {
+		t.Fatalf("kill of r0 on its node: %v", err)
+	}
+	if _, err := r.Teardown("r0", 123, node.KeepUpper{}); err != nil || !called(on, "Teardown r0 123 0s 0") {
+		t.Fatalf("teardown of r0 on its node: %v", err)
+	}
+	if r.NodeOf("r0") != "" {
+		t.Fatal("a torn down sandbox stays placed")
+	}
+	// A create that fails before Start gives its reservation back.
+	r.Unclaim("r1")
+	if r.NodeOf("r1") != "" {
+		t.Fatal("an unclaimed reservation stays placed")
+	}
+	// A node refusing the slot: the error names it.
+	if _, err := r.ReserveSlot(node.StartRequest{ID: "full", CPU: 1}); !errors.Is(err, errdefs.ErrResourceExhausted) || !strings.Contains(err.Error(), "no node gave a slot") {
+		t.Fatalf("every node full: %v", err)
+	}
+	if r.NodeOf("full") != "" {
+		t.Fatal("a refused reservation stays placed")
+	}
+}
