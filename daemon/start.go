@@ -291,6 +291,9 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		// and uploads would land in this host's registry and blob store,
 		// which nodes do not pull from yet: refused too.
 		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = nil, d.fleetHooks(), d.router, nil
+		// Snapshots are refused in fleet mode: keeping stopped sandboxes'
+		// layers on the nodes would only hold their memory.
+		acfg.KeepStopped = -1
 	}
 	d.API = api.New(ctx, acfg)
 	if err := d.API.Reconcile(ctx); err != nil {
