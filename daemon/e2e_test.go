@@ -524,9 +524,19 @@ func TestNoLeaks(t *testing.T) {
 	}
 	// chalkd's goroutines are back where they were: a leak per sandbox would
 	// show as hundreds; a few idle keep-alive connections (API clients, the
-	// node cache's registry client) are allowed.
-	if after, err := n.Metric("go_goroutines"); err != nil || after > goroutinesBefore+16 {
-		t.Errorf("goroutines: %v before, %v after %d sandboxes (%v)", goroutinesBefore, after, count, err)
+	// node cache's registry client) are allowed. Terminate returns before the
+	// sandbox's teardown ends (it runs in the background, bounded): poll
+	// until the teardowns are done.
+	for deadline := time.Now().Add(time.Minute); ; {
+		after, err := n.Metric("go_goroutines")
+		if err == nil && after <= goroutinesBefore+16 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("goroutines: %v before, %v a minute after %d sandboxes (%v)", goroutinesBefore, after, count, err)
+			break
+		}
+		time.Sleep(100 * time.Millisecond) // polling chalkd's metrics
 	}
 	// The creates claimed pre-started sandboxes where they could (busybox is
 	// pooled after the first create); a graceful stop removes the unclaimed

@@ -99,6 +99,26 @@ func (tm *tmuxTerm) waitFor(want string) {
 	}
 }
 
+// waitTTYSize polls the size of the sandbox's terminal tty until it is want
+// ("rows cols"): the CLI's resize has reached the sandbox.
+func waitTTYSize(t *testing.T, sb *chalkcompute.Sandbox, tty, want string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		res, err := sb.Exec(ctxT(t, 30*time.Second), []string{"stty", "-F", tty, "size"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.TrimSpace(string(res.Stdout)) == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never had size %q: %q %q", tty, want, res.Stdout, res.Stderr)
+		}
+		time.Sleep(20 * time.Millisecond) // polling the sandbox's terminal
+	}
+}
+
 // waitProc polls the sandbox's process list until a process with exactly
 // this command line is in one of states (letters of /proc/PID/stat: S
 // sleeping, T stopped), so a key typed next reaches it, not its shell.
@@ -156,6 +176,7 @@ func testTerminalShell(t *testing.T, n *chalktest.Node) {
 	tm.line("stty size; tty; echo IN-TERM=$TERM.")
 	tm.waitFor("24 80")
 	tm.waitFor("/dev/pts/")
+	tty := regexp.MustCompile(`/dev/pts/[0-9]+`).FindString(tm.screen())
 	outer := regexp.MustCompile(`OUTER-TERM=([^.\s]*)\.`).FindStringSubmatch(tm.screen())
 	if outer == nil || outer[1] == "" {
 		t.Fatalf("no TERM in the pane:\n%s", tm.screen())
@@ -163,6 +184,10 @@ func testTerminalShell(t *testing.T, n *chalktest.Node) {
 	tm.waitFor("IN-TERM=" + outer[1] + ".") // the CLI passes its TERM on
 
 	tm.run("resize-window", "-t", "t", "-x", "132", "-y", "40")
+	// Type only once the sandbox's terminal has the new size: a line typed
+	// while the shell's line editor handles the SIGWINCH could be redrawn
+	// without running (seen once on gVisor on a loaded machine).
+	waitTTYSize(t, sb, tty, "40 132")
 	tm.line("clear; stty size")
 	tm.waitFor("40 132")
 
