@@ -295,8 +295,17 @@ func TestNoZombiesUnderChalkd(t *testing.T) {
 	if _, err := sb.Terminate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if z := zombieChildren(t, pid); len(z) != 0 {
-		t.Fatalf("after a terminate: zombie children of chalkd: %v", z)
+	// Terminate returns before the sandbox's teardown (which reaps gVisor's
+	// gofer) ends: poll until it has, bounded.
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		z := zombieChildren(t, pid)
+		if len(z) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after a terminate: zombie children of chalkd for 30 s: %v", z)
+		}
+		time.Sleep(50 * time.Millisecond) // polling chalkd's children
 	}
 }
 

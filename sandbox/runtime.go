@@ -33,8 +33,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	runc "github.com/containerd/go-runc"
@@ -86,6 +88,41 @@ type Runtime struct {
 	cfg  Config
 	runc *runc.Runc
 	log  *slog.Logger
+
+	// helpers are the helper children (runsc's gofer) of sandboxes killed
+	// by Kill, found while they were alive: once dead they are zombies no
+	// longer in the sandbox's cgroup, and destroy must still reap them.
+	helpersMu sync.Mutex
+	helpers   map[string][]int
+}
+
+// noteHelpers records sandbox id's helper children (see helpers).
+func (r *Runtime) noteHelpers(id string) {
+	hs := r.helperChildren(id)
+	if len(hs) == 0 {
+		return
+	}
+	r.helpersMu.Lock()
+	defer r.helpersMu.Unlock()
+	if r.helpers == nil {
+		r.helpers = map[string][]int{}
+	}
+	r.helpers[id] = hs
+}
+
+// takeHelpers returns sandbox id's helper children: those Kill recorded and
+// those alive in its cgroup now.
+func (r *Runtime) takeHelpers(id string) []int {
+	r.helpersMu.Lock()
+	hs := r.helpers[id]
+	delete(r.helpers, id)
+	r.helpersMu.Unlock()
+	for _, pid := range r.helperChildren(id) {
+		if !slices.Contains(hs, pid) {
+			hs = append(hs, pid)
+		}
+	}
+	return hs
 }
 
 // New checks the configuration and prepares the state directories.
@@ -617,6 +654,7 @@ func (r *Runtime) Kill(ctx context.Context, id string) error {
 	if !validID(id) {
 		return fmt.Errorf("sandbox id %q: %w", id, errdefs.ErrInvalidArgument)
 	}
+	r.noteHelpers(id)
 	if r.frozen(id) {
 		if err := r.runc.Kill(ctx, id, int(unix.SIGKILL), &runc.KillOpts{All: true}); err != nil && !isNotExist(err) {
 			return fmt.Errorf("runc kill %s: %w", id, err)
@@ -714,7 +752,7 @@ func (r *Runtime) destroy(ctx context.Context, id string, keepUpper bool) error 
 		_ = r.runc.Kill(ctx, id, int(unix.SIGKILL), &runc.KillOpts{All: true})
 		_ = r.runc.Resume(ctx, id)
 	}
-	helpers := r.helperChildren(id)
+	helpers := r.takeHelpers(id)
 	if err := r.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil && !isNotExist(err) {
 		errs = append(errs, fmt.Errorf("runc delete: %w", err))
 	}
