@@ -125,13 +125,21 @@ func (d *Daemon) fleetHooks() api.Hooks {
 }
 
 // NewJoinToken makes a join token for the control plane whose data dir is
-// dataDir (it may be running: the store is shared safely).
-func NewJoinToken(ctx context.Context, dataDir string, ttl time.Duration) (string, error) {
+// dataDir and whose store is database (its --database: a postgres:// URL or
+// a SQLite file; "" is DataDir/chalk.db). It may be running: the store is
+// shared safely.
+func NewJoinToken(ctx context.Context, dataDir, database string, ttl time.Duration) (string, error) {
+	if database == "" {
+		database = filepath.Join(dataDir, "chalk.db")
+	}
+	if !store.IsPostgres(database) && !filepath.IsAbs(database) {
+		return "", fmt.Errorf("database %q: want a postgres:// URL or the absolute path of a SQLite file: %w", store.Redact(database), errdefs.ErrInvalidArgument)
+	}
 	ca, err := noderpc.LoadOrCreateCA(fleetDir(dataDir))
 	if err != nil {
 		return "", err
 	}
-	st, err := store.Open(ctx, filepath.Join(dataDir, "chalk.db"))
+	st, err := store.Open(ctx, database)
 	if err != nil {
 		return "", err
 	}

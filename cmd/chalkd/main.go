@@ -168,13 +168,14 @@ func main() {
 func controlToken(args []string) {
 	fs := flag.NewFlagSet("chalkd control token", flag.ExitOnError)
 	dataDir := fs.String("data-dir", "/var/lib/chalk", "the control plane's data dir")
+	database := fs.String("database", os.Getenv("CHALK_DATABASE"), "the control plane's store, as its --database (a postgres:// URL or a SQLite file; default $CHALK_DATABASE, else DATA_DIR/chalk.db)")
 	ttl := fs.Duration("ttl", time.Hour, "how long the token is valid")
 	_ = fs.Parse(args)
 	if *ttl <= 0 || *ttl > 7*24*time.Hour {
 		fmt.Fprintln(os.Stderr, "chalkd control token: --ttl must be positive and at most a week")
 		os.Exit(2)
 	}
-	tok, err := daemon.NewJoinToken(context.Background(), *dataDir, *ttl)
+	tok, err := daemon.NewJoinToken(context.Background(), *dataDir, *database, *ttl)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "chalkd control token:", err)
 		os.Exit(1)
