@@ -108,37 +108,65 @@ func fleetBench(ctx context.Context, n, clients int, d time.Duration) {
 	waitNodes(h, control, "node1", "node2", "node3")
 	ac, fc := aio.Client(), control.Client()
 
-	tti := func(c *chalkcompute.Client) []time.Duration {
-		var last *chalkcompute.Sandbox
-		return measureWithCleanup(n, func() error {
-			sb, err := c.Create(ctx, chalkcompute.Base("busybox"))
-			if err != nil {
-				return err
-			}
-			last = sb
-			res, err := sb.Exec(ctx, []string{"true"})
-			if err == nil && res.Code != 0 {
-				err = fmt.Errorf("true exited %d", res.Code)
-			}
-			return err
-		}, func() { _, _ = last.Terminate(ctx) })
+	// Create + first exec, and the exec round trip: the all-in-one chalkd
+	// and the fleet take turns, one iteration each, so a shared machine's
+	// drifting load favours neither (the first round warms caches, untimed).
+	createExec := func(c *chalkcompute.Client) (time.Duration, *chalkcompute.Sandbox, error) {
+		start := time.Now()
+		sb, err := c.Create(ctx, chalkcompute.Base("busybox"))
+		if err != nil {
+			return 0, nil, err
+		}
+		res, err := sb.Exec(ctx, []string{"true"})
+		if err == nil && res.Code != 0 {
+			err = fmt.Errorf("true exited %d", res.Code)
+		}
+		return time.Since(start), sb, err
 	}
-	aioTTI, fleetTTI := tti(ac), tti(fc)
+	var aioTTI, fleetTTI []time.Duration
+	for i := range n + 1 {
+		for _, side := range []struct {
+			c  *chalkcompute.Client
+			ds *[]time.Duration
+		}{{ac, &aioTTI}, {fc, &fleetTTI}} {
+			d, sb, err := createExec(side.c)
+			if err != nil {
+				h.Fatalf("create + exec: %v", err)
+			}
+			_, _ = sb.Terminate(ctx)
+			if i > 0 {
+				*side.ds = append(*side.ds, d)
+			}
+		}
+	}
+	sortDurations(aioTTI)
+	sortDurations(fleetTTI)
 
-	execRT := func(c *chalkcompute.Client) []time.Duration {
+	var execSbs []*chalkcompute.Sandbox
+	for _, c := range []*chalkcompute.Client{ac, fc} {
 		sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithTimeout(30*time.Minute))
 		if err != nil {
-			fail(err)
+			h.Fatalf("create: %v", err)
 		}
 		defer sb.Terminate(ctx)
-		return measure(n*10, func() error {
-			_, err := sb.Exec(ctx, []string{"true"})
-			return err
-		}, true)
+		execSbs = append(execSbs, sb)
 	}
-	aioExec, fleetExec := execRT(ac), execRT(fc)
+	var aioExec, fleetExec []time.Duration
+	for i := range n*10 + 1 {
+		for k, ds := range []*[]time.Duration{&aioExec, &fleetExec} {
+			start := time.Now()
+			if _, err := execSbs[k].Exec(ctx, []string{"true"}); err != nil {
+				h.Fatalf("exec: %v", err)
+			}
+			if i > 0 {
+				*ds = append(*ds, time.Since(start))
+			}
+		}
+	}
+	sortDurations(aioExec)
+	sortDurations(fleetExec)
 
-	churn := func(c *chalkcompute.Client) float64 {
+	churn := func(c *chalkcompute.Client, d time.Duration) float64 {
 		return loopFor(clients, d, func() error {
 			sb, err := c.Create(ctx, chalkcompute.Base("busybox"))
 			if err != nil {
@@ -154,26 +182,39 @@ func fleetBench(ctx context.Context, n, clients int, d time.Duration) {
 			return err
 		})
 	}
-	aioRate := churn(ac)
-	fleet3 := churn(fc)
-	for _, name := range []string{"node2", "node3"} {
-		if _, errOut, code := control.CLI("admin", "node", "cordon", name); code != 0 {
-			h.Fatalf("cordon %s: %s", name, errOut)
+	// Each row runs d/2 twice, in the order all-in-one, 3 nodes, 1 node,
+	// 1 node, 3 nodes, all-in-one, and reports the mean: the drift of a
+	// shared machine's load (and the teardowns a row leaves running) favour
+	// no row.
+	setState := func(cmd string) {
+		for _, name := range []string{"node2", "node3"} {
+			if _, errOut, code := control.CLI("admin", "node", cmd, name); code != 0 {
+				h.Fatalf("%s %s: %s", cmd, name, errOut)
+			}
 		}
 	}
-	fleet1 := churn(fc)
+	var aioRate, fleet3, fleet1 float64
+	aioRate += churn(ac, d/2)
+	fleet3 += churn(fc, d/2)
+	setState("cordon")
+	fleet1 += churn(fc, d/2)
+	fleet1 += churn(fc, d/2)
+	setState("uncordon")
+	fleet3 += churn(fc, d/2)
+	aioRate += churn(ac, d/2)
+	aioRate, fleet3, fleet1 = aioRate/2, fleet3/2, fleet1/2
 
 	fmt.Println("fleet: all-in-one chalkd vs control plane + node agents (chalkd control / chalkd node), each in its own netns on this machine, no pre-started sandboxes")
 	frow := func(name string, ds, ref []time.Duration) {
 		fmt.Printf("  %-25s median %9s  p90 %9s  ratio vs all-in-one %.3fx\n", name, median(ds).Round(10*time.Microsecond), p90(ds).Round(10*time.Microsecond), float64(median(ds))/float64(median(ref)))
 	}
-	fmt.Println(" create + first exec of `true`")
+	fmt.Println(" create + first exec of `true` (the two sides take turns)")
 	frow("all-in-one (cold)", aioTTI, aioTTI)
 	frow("fleet, 3 nodes", fleetTTI, aioTTI)
-	fmt.Println(" exec round trip of `true`")
+	fmt.Println(" exec round trip of `true` (the two sides take turns)")
 	frow("all-in-one", aioExec, aioExec)
 	frow("fleet (via node API)", fleetExec, aioExec)
-	fmt.Printf(" creates/s: create -> exec `true` -> terminate, %d clients for %s\n", clients, d)
+	fmt.Printf(" creates/s: create -> exec `true` -> terminate, %d clients, 2 x %s per row (interleaved)\n", clients, d/2)
 	for _, r := range []struct {
 		name string
 		rate float64
