@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/daemon"
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
 )
 
@@ -175,5 +177,23 @@ func TestFleetPostgres(t *testing.T) {
 	}
 	if d := time.Since(started); d > 60*time.Second {
 		t.Errorf("TestFleetPostgres took %v (budget 60 s)", d)
+	}
+}
+
+// TestJoinTokenNeedsTheStore: `chalkd control token` never makes a store of
+// its own: without --database on a data dir with no SQLite store (a control
+// plane on PostgreSQL) it fails naming --database instead of writing a token
+// no control plane will read.
+func TestJoinTokenNeedsTheStore(t *testing.T) {
+	dir := t.TempDir()
+	_, err := daemon.NewJoinToken(ctxT(t, time.Minute), dir, "", time.Hour)
+	if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "--database") {
+		t.Fatalf("a token without a store: %v, want failed precondition naming --database", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "chalk.db")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("chalkd control token made a SQLite store: %v", err)
+	}
+	if _, err := daemon.NewJoinToken(ctxT(t, time.Minute), dir, "relative/chalk.db", time.Hour); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("a relative --database: %v, want invalid argument", err)
 	}
 }
