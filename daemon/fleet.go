@@ -125,13 +125,27 @@ func (d *Daemon) fleetHooks() api.Hooks {
 }
 
 // NewJoinToken makes a join token for the control plane whose data dir is
-// dataDir (it may be running: the store is shared safely).
-func NewJoinToken(ctx context.Context, dataDir string, ttl time.Duration) (string, error) {
+// dataDir and whose store is database (its --database: a postgres:// URL or
+// a SQLite file; "" is DataDir/chalk.db). It may be running: the store is
+// shared safely.
+func NewJoinToken(ctx context.Context, dataDir, database string, ttl time.Duration) (string, error) {
+	if database == "" {
+		// Never create a store here: a token in a SQLite file that no
+		// control plane reads (one on PostgreSQL) would be refused at the
+		// join, with nothing saying why.
+		database = filepath.Join(dataDir, "chalk.db")
+		if _, err := os.Stat(database); errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("no store at %s: has the control plane started on this data dir? On PostgreSQL pass its --database (or set $CHALK_DATABASE): %w", database, errdefs.ErrFailedPrecondition)
+		}
+	}
+	if !store.IsPostgres(database) && !filepath.IsAbs(database) {
+		return "", fmt.Errorf("database %q: want a postgres:// URL or the absolute path of a SQLite file: %w", store.Redact(database), errdefs.ErrInvalidArgument)
+	}
 	ca, err := noderpc.LoadOrCreateCA(fleetDir(dataDir))
 	if err != nil {
 		return "", err
 	}
-	st, err := store.Open(ctx, filepath.Join(dataDir, "chalk.db"))
+	st, err := store.Open(ctx, database)
 	if err != nil {
 		return "", err
 	}

@@ -12,9 +12,13 @@
 //   - chalkd memory per idle sandbox with N running;
 //   - lifecycle: terminate (until the call returns), churn (create -> exec ->
 //     terminate in 8 clients), burst (50 concurrent creates) and density
-//     (host memory per idle sandbox), each beside raw runc in the same run.
+//     (host memory per idle sandbox), each beside raw runc in the same run;
+//   - fleet: create + first exec, exec round trip and creates/s through a
+//     control plane with node agents (3 nodes, and 1), beside an all-in-one
+//     chalkd, all started for the run from ./bin (fleet.go).
 //
-// It talks to the running chalkd (scripts/setup.sh starts one) and needs root.
+// It talks to the running chalkd (scripts/setup.sh starts one; not needed for
+// -only fleet) and needs root.
 // Run it with scripts/bench.sh.
 package main
 
@@ -39,17 +43,27 @@ func main() {
 	n := flag.Int("n", 30, "iterations per measurement")
 	idle := flag.Int("idle", 200, "sandboxes for the memory-per-idle-sandbox measurement (0 skips it)")
 	pidFile := flag.String("chalkd-pid-file", "/run/chalk/chalkd.pid", "chalkd's pid file (for its RSS)")
-	only := flag.String("only", "", "comma-separated sections to run: tti,exec,terminal,image,tunnel,mcp,memory,terminate,churn,burst,density (default: all)")
+	only := flag.String("only", "", "comma-separated sections to run: tti,exec,terminal,image,tunnel,mcp,memory,terminate,churn,burst,density,fleet (default: all)")
 	churnFor := flag.Duration("churn-for", 10*time.Second, "how long the churn row runs (each of chalkcompute and raw runc)")
 	churnClients := flag.Int("churn-clients", 8, "concurrent clients of the churn row")
 	burst := flag.Int("burst", 50, "concurrent creates of the burst row")
 	density := flag.Int("density", 50, "idle sandboxes of the density row")
+	fleetFor := flag.Duration("fleet-for", 10*time.Second, "how long each creates/s row of the fleet section runs")
 	cgroupParent := flag.String("cgroup-parent", "/chalk", "chalkd's --cgroup-parent (for the density row)")
 	flag.Parse()
 	want := func(section string) bool {
 		return *only == "" || slices.Contains(strings.Split(*only, ","), section)
 	}
 	ctx := context.Background()
+	host, _ := os.Hostname()
+	header := func() {
+		fmt.Printf("chalkbench %s on %s (%d cpus, %s/%s), n=%d\n\n", time.Now().UTC().Format("2006-01-02"), host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, *n)
+	}
+	if *only == "fleet" { // starts its own chalkds: no host chalkd needed
+		header()
+		fleetBench(ctx, *n, *churnClients, *fleetFor)
+		return
+	}
 	c, err := chalkcompute.NewClient()
 	if err != nil {
 		fail(err)
@@ -66,8 +80,7 @@ func main() {
 	if err != nil {
 		fail(err)
 	}
-	host, _ := os.Hostname()
-	fmt.Printf("chalkbench %s on %s (%d cpus, %s/%s), n=%d\n\n", time.Now().UTC().Format("2006-01-02"), host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, *n)
+	header()
 
 	if want("tti") {
 		ttiBench(ctx, c, work, bundle, *n)
@@ -102,6 +115,9 @@ func main() {
 	}
 	if want("density") && *density > 0 {
 		densityBench(ctx, c, peer, *density, *pidFile, *cgroupParent)
+	}
+	if want("fleet") {
+		fleetBench(ctx, *n, *churnClients, *fleetFor)
 	}
 }
 
@@ -222,7 +238,15 @@ func verdict(ok bool) string {
 	return "NOT met"
 }
 
+// atFail, if set, runs before fail exits (the fleet rows remove the chalkds
+// they started).
+var atFail func()
+
 func fail(err error) {
+	if f := atFail; f != nil {
+		atFail = nil
+		f()
+	}
 	fmt.Fprintln(os.Stderr, "chalkbench:", err)
 	os.Exit(1)
 }

@@ -43,85 +43,11 @@ func main() {
 			return
 		}
 	}
-	var cfg daemon.Config
-	var level, upstreams, fleetListen, pprofSocket string
-	var nopts daemon.NodeOptions
-	fs := flag.NewFlagSet(strings.TrimSpace("chalkd "+mode), flag.ExitOnError)
-	switch mode {
-	case "control":
-		fs.StringVar(&fleetListen, "fleet-listen", daemon.DefaultFleetListen, "the fleet listener (TLS with the fleet CA): node agents join and heartbeat here")
-	case "node":
-		fs.StringVar(&nopts.Join, "join", "", "the control plane's fleet listener, https://control:7450")
-		fs.StringVar(&nopts.JoinToken, "join-token", os.Getenv("CHALK_JOIN_TOKEN"), "one-time join token from `chalkd control token` (default $CHALK_JOIN_TOKEN; needed at the first start only)")
-		fs.StringVar(&nopts.Listen, "node-listen", daemon.DefaultNodeListen, "address of the node API (mTLS; only the control plane may call)")
-		fs.StringVar(&nopts.Advertise, "advertise", "", "the node API as the control plane reaches it, https://host:port (default from --node-listen)")
-		fs.StringVar(&nopts.Name, "name", "", "this node's name (default: the host name)")
-	}
-	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/chalk", "state directory (store, registry, cache, keys)")
-	fs.StringVar(&cfg.Database, "database", os.Getenv("CHALK_DATABASE"), "the store: a postgres://user@host/db URL (PostgreSQL; the password from $PGPASSWORD or ~/.pgpass keeps it out of ps), or the path of a SQLite file; default $CHALK_DATABASE, else DATA_DIR/chalk.db")
-	fs.StringVar(&cfg.RunDir, "run-dir", "/run/chalk", "runtime directory (runc state, netns, API socket)")
-	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:7447", "API TCP address (empty: unix socket only)")
-	fs.StringVar(&cfg.Socket, "socket", "", "API unix socket (default RUN_DIR/chalkd.sock)")
-	fs.StringVar(&cfg.RegistryAddr, "registry-addr", "127.0.0.1:7448", "embedded OCI registry address")
-	fs.StringVar(&cfg.InitBinary, "init-binary", "", "static chalk-init (default: next to chalkd)")
-	fs.StringVar(&cfg.ChalkBinary, "chalk-binary", "", "chalk CLI mounted into sandboxes (default: next to chalkd)")
-	fs.StringVar(&cfg.Subnet, "subnet", "", "sandbox IPv4 subnet (default 10.213.0.0/16)")
-	fs.StringVar(&cfg.Subnet6, "subnet6", "", "sandbox IPv6 subnet")
-	fs.StringVar(&cfg.NetPrefix, "net-prefix", "", "host interface name prefix")
-	fs.StringVar(&cfg.NetTable, "nft-table", "", "nftables table name")
-	fs.StringVar(&cfg.CgroupParent, "cgroup-parent", "", "cgroup parent of sandboxes (default /chalk)")
-	fs.StringVar(&cfg.ClientConfig, "client-config", "", "where to write the CLI config on first start (default ~/.config/chalk/config.json)")
-	fs.IntVar(&cfg.DefaultQuota.MaxRunning, "org-max-sandboxes", 0, "default per-org quota: running sandboxes (0: no limit; the node admin sets others per org)")
-	fs.Float64Var(&cfg.DefaultQuota.MaxVCPU, "org-max-vcpu", 0, "default per-org quota: total vCPU of running sandboxes (0: no limit)")
-	fs.Int64Var(&cfg.DefaultQuota.MaxMemoryMB, "org-max-memory-mb", 0, "default per-org quota: total memory of running sandboxes in MiB (0: no limit)")
-	fs.IntVar(&cfg.DefaultQuota.MaxCreatesPerMinute, "org-max-creates-per-minute", 0, "default per-org quota: sandbox creates per minute (0: no limit)")
-	fs.Int64Var(&cfg.CacheMaxBytes, "cache-max-bytes", 0, "node image cache size cap (default 20 GiB)")
-	fs.StringVar(&cfg.DNSUpstream, "dns-upstream", "", "DNS server the sandboxes' DNS proxy forwards to (default: from /etc/resolv.conf)")
-	fs.StringVar(&cfg.AWSRegion, "aws-region", "", "AWS region (AWS_REGION, AWS_DEFAULT_REGION) of sandboxes created with an AWS role and no region of their own (default us-east-1)")
-	fs.StringVar(&cfg.QueryURL, "query-url", "", "the organisation's Chalk query server as sandboxes reach it; `chalk query` inside sandboxes uses it with the sandbox's identity")
-	fs.StringVar(&cfg.TunnelSubnets, "tunnel-subnets", "", "IPv4 network carved into one /24 per WireGuard tunnel (default "+daemon.DefaultTunnelSubnets+")")
-	fs.StringVar(&cfg.TunnelEndpoint, "tunnel-endpoint", "", "this node's address as external WireGuard peers reach it (default: its address toward the outside)")
-	fs.StringVar(&cfg.Ingress.Listen, "ingress-listen", daemon.DefaultIngressListen, "address of the ingress listener serving exposed sandbox ports (\"off\": none)")
-	fs.StringVar(&cfg.Ingress.Domain, "ingress-domain", "", "route <port>-<sandbox>.DOMAIN to exposed ports (wildcard DNS to the ingress listener); without it URLs use /s/<sandbox>/<port>/")
-	fs.StringVar(&cfg.Ingress.URL, "ingress-url", "", "the ingress listener's base URL as clients reach it (default from --ingress-domain or --ingress-listen)")
-	fs.StringVar(&cfg.Ingress.TLSCert, "ingress-tls-cert", "", "PEM certificate (chain) of the ingress listener: serve HTTPS and HTTP/2")
-	fs.StringVar(&cfg.Ingress.TLSKey, "ingress-tls-key", "", "PEM private key of --ingress-tls-cert")
-	fs.IntVar(&cfg.Ingress.Limits.MaxPerRoute, "ingress-max-per-route", 256, "requests and WebSockets in flight per exposed port; more are answered 503")
-	fs.IntVar(&cfg.Ingress.Limits.MaxConnsPerClient, "ingress-max-conns-per-client", 64, "open ingress connections per client address; more are closed at accept")
-	fs.BoolVar(&cfg.Ingress.SelfSigned, "ingress-tls-self-signed", false, "serve the ingress over HTTPS with a self-signed certificate made at first start (DATA_DIR/ingress-tls/)")
-	fs.StringVar(&cfg.Runtime, "runtime", "runc", "OCI runtime of sandboxes: runc, or runsc (gVisor: a user-space kernel between sandboxes and the host; implies --userns=false)")
-	fs.DurationVar(&cfg.MCPAuditRetention, "mcp-audit-retention", daemon.DefaultMCPAuditRetention, "how long MCP gateway audit records are kept")
-	fs.StringVar(&cfg.RuntimeBinary, "runtime-binary", "", "path of the runtime binary (default: --runtime's name from PATH)")
-	fs.IntVar(&cfg.Prestart, "prestart", daemon.DefaultPrestart, "sandboxes kept pre-started for each of the 4 most recently used images, so a create is a claim instead of a runc start (0: off; `chalk compute image warm --sandboxes N` sets an image's count)")
-	fs.IntVar(&cfg.PrestartSlots, "prestart-slots", daemon.DefaultPrestartSlots, "network slots reserved for pre-started sandboxes and the sandboxes they become (-1: no pre-starting at all)")
-	fs.Int64Var(&cfg.Limits.DefaultMemoryMB, "default-memory-mb", api.DefaultMemoryMB, "memory limit (MiB) of sandboxes whose request gives none; a sandbox's disk (a tmpfs) counts toward its memory limit, so its disk quota is at most this")
-	fs.Int64Var(&cfg.Limits.BuildMemoryMB, "build-memory-mb", daemon.DefaultBuildMemoryMB, "memory limit (MiB) of image build RUN steps, their disk included")
-	fs.Int64Var(&cfg.Limits.LogMaxBytes, "log-max-bytes", daemon.DefaultLogMaxBytes, "cap of a sandbox's console log: past it the log is rotated to LOG.1 (the last two parts are kept)")
-	fs.DurationVar(&cfg.Limits.LogRetention, "log-retention", daemon.DefaultLogRetention, "how long console logs of ended sandboxes are kept")
-	fs.DurationVar(&cfg.Limits.KeepStopped, "keep-stopped", api.DefaultKeepStopped, "how long a stopped sandbox's writable layer is kept so it can still be snapshotted (negative: not kept)")
-	fs.Int64Var(&cfg.Limits.KeepStoppedMB, "keep-stopped-mb", api.DefaultKeepStoppedMB, "MiB of stopped sandboxes' kept writable layers per org (host memory); a layer that does not fit is not kept")
-	userns := fs.Bool("userns", true, "give each sandbox a user namespace (its root is an unprivileged host uid range of its own); false: sandbox root is host root, confined by capabilities and seccomp only")
-	fs.Func("uid-base", "first host uid of the sandboxes' user namespace ranges (default 1048576; 65536 ids per sandbox)", func(v string) error {
-		n, err := strconv.ParseUint(v, 10, 32)
-		if err != nil {
-			return fmt.Errorf("uid-base %q: %w", v, err)
-		}
-		cfg.UIDBase = uint32(n)
-		return nil
-	})
-	fs.StringVar(&cfg.IssuerURL, "issuer", "", "workload identity issuer URL (https in production; default http://LISTEN)")
-	fs.Func("build-env", "NAME=VALUE added to image build RUN steps, e.g. PIP_INDEX_URL=... (repeatable)", func(v string) error {
-		if !strings.Contains(v, "=") {
-			return fmt.Errorf("want NAME=VALUE")
-		}
-		cfg.BuildEnv = append(cfg.BuildEnv, v)
-		return nil
-	})
-	fs.StringVar(&upstreams, "registry-upstreams", "", "pull-through mirrors, e.g. docker.io=https://registry-1.docker.io,nvcr.io=https://nvcr.io")
-	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
-	fs.StringVar(&pprofSocket, "pprof-socket", "", "serve Go's profiler (net/http/pprof, /debug/pprof/) on this unix socket (0600, root only), for profiling chalkd; empty: off")
-	_ = fs.Parse(args)
-	cfg.NoUserNS = !*userns
+	f := newFlags(mode, flag.ExitOnError)
+	cfg, nopts := &f.cfg, &f.nopts
+	_ = f.fs.Parse(args)
+	cfg.NoUserNS = !*f.userns
+	level, upstreams, fleetListen, pprofSocket := f.level, f.upstreams, f.fleetListen, f.pprofSocket
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(level)); err != nil {
 		fmt.Fprintln(os.Stderr, "chalkd: bad -log-level:", err)
@@ -150,12 +76,12 @@ func main() {
 	var err error
 	switch mode {
 	case "node":
-		err = daemon.MainNode(ctx, cfg, nopts)
+		err = daemon.MainNode(ctx, *cfg, *nopts)
 	case "control":
 		cfg.Fleet = &daemon.FleetConfig{Listen: fleetListen}
-		err = daemon.Main(ctx, cfg)
+		err = daemon.Main(ctx, *cfg)
 	default:
-		err = daemon.Main(ctx, cfg)
+		err = daemon.Main(ctx, *cfg)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "chalkd:", err)
@@ -168,13 +94,14 @@ func main() {
 func controlToken(args []string) {
 	fs := flag.NewFlagSet("chalkd control token", flag.ExitOnError)
 	dataDir := fs.String("data-dir", "/var/lib/chalk", "the control plane's data dir")
+	database := fs.String("database", os.Getenv("CHALK_DATABASE"), "the control plane's store, as its --database (a postgres:// URL or a SQLite file; default $CHALK_DATABASE, else DATA_DIR/chalk.db)")
 	ttl := fs.Duration("ttl", time.Hour, "how long the token is valid")
 	_ = fs.Parse(args)
 	if *ttl <= 0 || *ttl > 7*24*time.Hour {
 		fmt.Fprintln(os.Stderr, "chalkd control token: --ttl must be positive and at most a week")
 		os.Exit(2)
 	}
-	tok, err := daemon.NewJoinToken(context.Background(), *dataDir, *ttl)
+	tok, err := daemon.NewJoinToken(context.Background(), *dataDir, *database, *ttl)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "chalkd control token:", err)
 		os.Exit(1)
@@ -264,4 +191,96 @@ func servePprof(path string) error {
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	go func() { _ = http.Serve(l, mux) }()
 	return nil
+}
+
+// chalkdFlags is chalkd's flag set of a mode ("", "control" or "node") and
+// where its values land (the deployment guide's test checks the flags of
+// deploy/systemd's units against it).
+type chalkdFlags struct {
+	fs                                         *flag.FlagSet
+	cfg                                        daemon.Config
+	nopts                                      daemon.NodeOptions
+	level, upstreams, fleetListen, pprofSocket string
+	userns                                     *bool
+}
+
+func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
+	f := &chalkdFlags{}
+	cfg, nopts := &f.cfg, &f.nopts
+	fs := flag.NewFlagSet(strings.TrimSpace("chalkd "+mode), eh)
+	switch mode {
+	case "control":
+		fs.StringVar(&f.fleetListen, "fleet-listen", daemon.DefaultFleetListen, "the fleet listener (TLS with the fleet CA): node agents join and heartbeat here")
+	case "node":
+		fs.StringVar(&nopts.Join, "join", "", "the control plane's fleet listener, https://control:7450")
+		fs.StringVar(&nopts.JoinToken, "join-token", os.Getenv("CHALK_JOIN_TOKEN"), "one-time join token from `chalkd control token` (default $CHALK_JOIN_TOKEN; needed at the first start only)")
+		fs.StringVar(&nopts.Listen, "node-listen", daemon.DefaultNodeListen, "address of the node API (mTLS; only the control plane may call)")
+		fs.StringVar(&nopts.Advertise, "advertise", "", "the node API as the control plane reaches it, https://host:port (default from --node-listen)")
+		fs.StringVar(&nopts.Name, "name", "", "this node's name (default: the host name)")
+	}
+	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/chalk", "state directory (store, registry, cache, keys)")
+	fs.StringVar(&cfg.Database, "database", os.Getenv("CHALK_DATABASE"), "the store: a postgres://user@host/db URL (PostgreSQL; the password from $PGPASSWORD or ~/.pgpass keeps it out of ps), or the path of a SQLite file; default $CHALK_DATABASE, else DATA_DIR/chalk.db")
+	fs.StringVar(&cfg.RunDir, "run-dir", "/run/chalk", "runtime directory (runc state, netns, API socket)")
+	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:7447", "API TCP address (empty: unix socket only)")
+	fs.StringVar(&cfg.Socket, "socket", "", "API unix socket (default RUN_DIR/chalkd.sock)")
+	fs.StringVar(&cfg.RegistryAddr, "registry-addr", "127.0.0.1:7448", "embedded OCI registry address")
+	fs.StringVar(&cfg.InitBinary, "init-binary", "", "static chalk-init (default: next to chalkd)")
+	fs.StringVar(&cfg.ChalkBinary, "chalk-binary", "", "chalk CLI mounted into sandboxes (default: next to chalkd)")
+	fs.StringVar(&cfg.Subnet, "subnet", "", "sandbox IPv4 subnet (default 10.213.0.0/16)")
+	fs.StringVar(&cfg.Subnet6, "subnet6", "", "sandbox IPv6 subnet")
+	fs.StringVar(&cfg.NetPrefix, "net-prefix", "", "host interface name prefix")
+	fs.StringVar(&cfg.NetTable, "nft-table", "", "nftables table name")
+	fs.StringVar(&cfg.CgroupParent, "cgroup-parent", "", "cgroup parent of sandboxes (default /chalk)")
+	fs.StringVar(&cfg.ClientConfig, "client-config", "", "where to write the CLI config on first start (default ~/.config/chalk/config.json)")
+	fs.IntVar(&cfg.DefaultQuota.MaxRunning, "org-max-sandboxes", 0, "default per-org quota: running sandboxes (0: no limit; the node admin sets others per org)")
+	fs.Float64Var(&cfg.DefaultQuota.MaxVCPU, "org-max-vcpu", 0, "default per-org quota: total vCPU of running sandboxes (0: no limit)")
+	fs.Int64Var(&cfg.DefaultQuota.MaxMemoryMB, "org-max-memory-mb", 0, "default per-org quota: total memory of running sandboxes in MiB (0: no limit)")
+	fs.IntVar(&cfg.DefaultQuota.MaxCreatesPerMinute, "org-max-creates-per-minute", 0, "default per-org quota: sandbox creates per minute (0: no limit)")
+	fs.Int64Var(&cfg.CacheMaxBytes, "cache-max-bytes", 0, "node image cache size cap (default 20 GiB)")
+	fs.StringVar(&cfg.DNSUpstream, "dns-upstream", "", "DNS server the sandboxes' DNS proxy forwards to (default: from /etc/resolv.conf)")
+	fs.StringVar(&cfg.AWSRegion, "aws-region", "", "AWS region (AWS_REGION, AWS_DEFAULT_REGION) of sandboxes created with an AWS role and no region of their own (default us-east-1)")
+	fs.StringVar(&cfg.QueryURL, "query-url", "", "the organisation's Chalk query server as sandboxes reach it; `chalk query` inside sandboxes uses it with the sandbox's identity")
+	fs.StringVar(&cfg.TunnelSubnets, "tunnel-subnets", "", "IPv4 network carved into one /24 per WireGuard tunnel (default "+daemon.DefaultTunnelSubnets+")")
+	fs.StringVar(&cfg.TunnelEndpoint, "tunnel-endpoint", "", "this node's address as external WireGuard peers reach it (default: its address toward the outside)")
+	fs.StringVar(&cfg.Ingress.Listen, "ingress-listen", daemon.DefaultIngressListen, "address of the ingress listener serving exposed sandbox ports (\"off\": none)")
+	fs.StringVar(&cfg.Ingress.Domain, "ingress-domain", "", "route <port>-<sandbox>.DOMAIN to exposed ports (wildcard DNS to the ingress listener); without it URLs use /s/<sandbox>/<port>/")
+	fs.StringVar(&cfg.Ingress.URL, "ingress-url", "", "the ingress listener's base URL as clients reach it (default from --ingress-domain or --ingress-listen)")
+	fs.StringVar(&cfg.Ingress.TLSCert, "ingress-tls-cert", "", "PEM certificate (chain) of the ingress listener: serve HTTPS and HTTP/2")
+	fs.StringVar(&cfg.Ingress.TLSKey, "ingress-tls-key", "", "PEM private key of --ingress-tls-cert")
+	fs.IntVar(&cfg.Ingress.Limits.MaxPerRoute, "ingress-max-per-route", 256, "requests and WebSockets in flight per exposed port; more are answered 503")
+	fs.IntVar(&cfg.Ingress.Limits.MaxConnsPerClient, "ingress-max-conns-per-client", 64, "open ingress connections per client address; more are closed at accept")
+	fs.BoolVar(&cfg.Ingress.SelfSigned, "ingress-tls-self-signed", false, "serve the ingress over HTTPS with a self-signed certificate made at first start (DATA_DIR/ingress-tls/)")
+	fs.StringVar(&cfg.Runtime, "runtime", "runc", "OCI runtime of sandboxes: runc, or runsc (gVisor: a user-space kernel between sandboxes and the host; implies --userns=false)")
+	fs.DurationVar(&cfg.MCPAuditRetention, "mcp-audit-retention", daemon.DefaultMCPAuditRetention, "how long MCP gateway audit records are kept")
+	fs.StringVar(&cfg.RuntimeBinary, "runtime-binary", "", "path of the runtime binary (default: --runtime's name from PATH)")
+	fs.IntVar(&cfg.Prestart, "prestart", daemon.DefaultPrestart, "sandboxes kept pre-started for each of the 4 most recently used images, so a create is a claim instead of a runc start (0: off; `chalk compute image warm --sandboxes N` sets an image's count)")
+	fs.IntVar(&cfg.PrestartSlots, "prestart-slots", daemon.DefaultPrestartSlots, "network slots reserved for pre-started sandboxes and the sandboxes they become (-1: no pre-starting at all)")
+	fs.Int64Var(&cfg.Limits.DefaultMemoryMB, "default-memory-mb", api.DefaultMemoryMB, "memory limit (MiB) of sandboxes whose request gives none; a sandbox's disk (a tmpfs) counts toward its memory limit, so its disk quota is at most this")
+	fs.Int64Var(&cfg.Limits.BuildMemoryMB, "build-memory-mb", daemon.DefaultBuildMemoryMB, "memory limit (MiB) of image build RUN steps, their disk included")
+	fs.Int64Var(&cfg.Limits.LogMaxBytes, "log-max-bytes", daemon.DefaultLogMaxBytes, "cap of a sandbox's console log: past it the log is rotated to LOG.1 (the last two parts are kept)")
+	fs.DurationVar(&cfg.Limits.LogRetention, "log-retention", daemon.DefaultLogRetention, "how long console logs of ended sandboxes are kept")
+	fs.DurationVar(&cfg.Limits.KeepStopped, "keep-stopped", api.DefaultKeepStopped, "how long a stopped sandbox's writable layer is kept so it can still be snapshotted (negative: not kept)")
+	fs.Int64Var(&cfg.Limits.KeepStoppedMB, "keep-stopped-mb", api.DefaultKeepStoppedMB, "MiB of stopped sandboxes' kept writable layers per org (host memory); a layer that does not fit is not kept")
+	f.userns = fs.Bool("userns", true, "give each sandbox a user namespace (its root is an unprivileged host uid range of its own); false: sandbox root is host root, confined by capabilities and seccomp only")
+	fs.Func("uid-base", "first host uid of the sandboxes' user namespace ranges (default 1048576; 65536 ids per sandbox)", func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 32)
+		if err != nil {
+			return fmt.Errorf("uid-base %q: %w", v, err)
+		}
+		cfg.UIDBase = uint32(n)
+		return nil
+	})
+	fs.StringVar(&cfg.IssuerURL, "issuer", "", "workload identity issuer URL (https in production; default http://LISTEN)")
+	fs.Func("build-env", "NAME=VALUE added to image build RUN steps, e.g. PIP_INDEX_URL=... (repeatable)", func(v string) error {
+		if !strings.Contains(v, "=") {
+			return fmt.Errorf("want NAME=VALUE")
+		}
+		cfg.BuildEnv = append(cfg.BuildEnv, v)
+		return nil
+	})
+	fs.StringVar(&f.upstreams, "registry-upstreams", "", "pull-through mirrors, e.g. docker.io=https://registry-1.docker.io,nvcr.io=https://nvcr.io")
+	fs.StringVar(&f.level, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&f.pprofSocket, "pprof-socket", "", "serve Go's profiler (net/http/pprof, /debug/pprof/) on this unix socket (0600, root only), for profiling chalkd; empty: off")
+	f.fs = fs
+	return f
 }

@@ -70,7 +70,7 @@ var (
 
 // Bin returns a directory holding chalkd, chalk and chalk-init built from this
 // tree ($CHALK_TEST_BIN if set, as scripts/test.sh does).
-func Bin(t testing.TB) string {
+func Bin(t TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		if d := os.Getenv("CHALK_TEST_BIN"); d != "" {
@@ -135,7 +135,7 @@ func BuildRev(t testing.TB, rev string) string {
 }
 
 // RequireRoot skips the test unless it runs as root with runc available.
-func RequireRoot(t testing.TB) {
+func RequireRoot(t TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: starts real sandboxes (runc, namespaces, nftables)")
@@ -145,9 +145,24 @@ func RequireRoot(t testing.TB) {
 	}
 }
 
+// TB is the part of testing.TB chalktest needs to start chalkds: a test's
+// *testing.T, or a harness of a command that starts them outside of a test
+// (cmd/chalkbench's fleet rows).
+type TB interface {
+	Helper()
+	Cleanup(func())
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+	Logf(format string, args ...any)
+	Skip(args ...any)
+	Skipf(format string, args ...any)
+	TempDir() string
+	Failed() bool
+}
+
 // Node is a chalkd under test.
 type Node struct {
-	t      testing.TB
+	t      TB
 	Dir    string // data dir
 	RunDir string
 	Netns  string // name of the node's network namespace
@@ -171,12 +186,12 @@ func randHex(n int) string {
 
 // Start starts a chalkd in a fresh node netns, seeded with busybox. Everything
 // is removed when the test ends.
-func Start(t testing.TB, extraArgs ...string) *Node {
+func Start(t TB, extraArgs ...string) *Node {
 	return StartWith(t, nil, extraArgs...)
 }
 
 // StartWith is Start with the node's uplink attached to inet (nil: no uplink).
-func StartWith(t testing.TB, inet *FakeInternet, extraArgs ...string) *Node {
+func StartWith(t TB, inet *FakeInternet, extraArgs ...string) *Node {
 	return StartOpts(t, Options{Internet: inet, Args: extraArgs})
 }
 
@@ -197,7 +212,7 @@ type Options struct {
 const PythonSeedCache = "/var/cache/chalk/seed"
 
 // StartOpts starts a chalkd as configured by o.
-func StartOpts(t testing.TB, o Options) *Node {
+func StartOpts(t TB, o Options) *Node {
 	inet, extraArgs := o.Internet, o.Args
 	t.Helper()
 	RequireRoot(t)
@@ -227,7 +242,11 @@ func StartOpts(t testing.TB, o Options) *Node {
 	// (a database of its own), to run the suite on it (not an older chalkd
 	// from BinDir, which may not know --database).
 	if os.Getenv("CHALK_TEST_STORE") == "postgres" && o.BinDir == "" && !slices.Contains(n.Args, "--database") {
-		db := PostgresDB(t) // dropped after the node's cleanup (registered below)
+		tt, ok := t.(testing.TB)
+		if !ok {
+			t.Fatalf("chalktest: CHALK_TEST_STORE=postgres works in tests only")
+		}
+		db := PostgresDB(tt) // dropped after the node's cleanup (registered below)
 		t.Logf("chalktest: the node's store is in PostgreSQL: %s", db)
 		n.Args = append(n.Args, "--database", db)
 	}

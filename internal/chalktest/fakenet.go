@@ -142,7 +142,7 @@ func (f *FakeInternet) serveDNS(w dns.ResponseWriter, r *dns.Msg) {
 
 // listenIn opens a listener inside the named netns (the socket keeps that
 // namespace after the thread returns to its own).
-func listenIn(t testing.TB, ns, network, addr string) any {
+func listenIn(t TB, ns, network, addr string) any {
 	t.Helper()
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()

@@ -1,11 +1,12 @@
 package chalktest
 
 import (
+	"errors"
 	"fmt"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
-	"testing"
 )
 
 // Fleet tests: a control plane (`chalkd control`) and node agents (`chalkd
@@ -15,22 +16,31 @@ import (
 
 // StartControl starts `chalkd control` (its fleet listener on :7450 of its
 // netns).
-func StartControl(t testing.TB, extraArgs ...string) *Node {
+func StartControl(t TB, extraArgs ...string) *Node {
 	return StartOpts(t, Options{Mode: "control", Args: append([]string{"--fleet-listen", ":7450"}, extraArgs...)})
 }
 
-// JoinToken makes a join token on the control plane.
+// JoinToken makes a join token on the control plane (in its store: the
+// --database it runs with, if any).
 func (n *Node) JoinToken() string {
 	n.t.Helper()
-	out, err := exec.Command(filepath.Join(n.BinDir, "chalkd"), "control", "token", "--data-dir", n.Dir).Output()
+	args := []string{"control", "token", "--data-dir", n.Dir}
+	if i := slices.Index(n.Args, "--database"); i >= 0 && i+1 < len(n.Args) {
+		args = append(args, "--database", n.Args[i+1])
+	}
+	out, err := exec.Command(filepath.Join(n.BinDir, "chalkd"), args...).Output()
 	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			n.t.Fatalf("chalkd control token: %v: %s", err, ee.Stderr)
+		}
 		n.t.Fatalf("chalkd control token: %v", err)
 	}
 	return strings.TrimSpace(string(out))
 }
 
 // StartFleetNode starts node agent i (1..250) joined to control.
-func StartFleetNode(t testing.TB, control *Node, i int) *Node {
+func StartFleetNode(t TB, control *Node, i int) *Node {
 	t.Helper()
 	ctlIP, nodeIP := fmt.Sprintf("10.251.%d.1", i), fmt.Sprintf("10.251.%d.2", i)
 	tok := control.JoinToken()
