@@ -511,24 +511,31 @@ func TestLargeOutputBoundedMemory(t *testing.T) {
 // TestBackgroundJobKeepsPipes: a background job that keeps stdout open
 // does not hold the exec open for ever, and what it wrote before the exit
 // is still forwarded.
+// Both pipes held, and only stdout held (stderr's pump ended at the exit,
+// stdout's only after the grace).
 func TestBackgroundJobKeepsPipes(t *testing.T) {
 	c := serve(t, ServerOptions{})
-	var out bytes.Buffer
-	p, err := c.Exec(testCtx(t), ExecRequest{Argv: []string{"sh", "-c", "echo first; sleep 1000 & echo $!"}}, &out, nil)
-	if err != nil {
-		t.Fatal(err)
+	for _, script := range []string{
+		"echo first; sleep 1000 & echo $!",
+		"echo first; echo err >&2; sleep 1000 2>/dev/null & echo $!",
+	} {
+		var out bytes.Buffer
+		p, err := c.Exec(testCtx(t), ExecRequest{Argv: []string{"sh", "-c", script}}, &out, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := p.Wait()
+		lines := strings.Fields(out.String())
+		if err != nil || st.Code != 0 || len(lines) != 2 || lines[0] != "first" {
+			t.Fatalf("%s: got %v %+v %q", script, err, st, out.String())
+		}
+		bg, _ := strconv.Atoi(lines[1])
+		if gone(bg) {
+			t.Fatalf("%s: the background job %d is gone; it should outlive the exec", script, bg)
+		}
+		syscall.Kill(bg, syscall.SIGKILL)
+		eventually(t, "the background job is reaped", func() bool { return gone(bg) })
 	}
-	st, err := p.Wait()
-	lines := strings.Fields(out.String())
-	if err != nil || st.Code != 0 || len(lines) != 2 || lines[0] != "first" {
-		t.Fatalf("got %v %+v %q", err, st, out.String())
-	}
-	bg, _ := strconv.Atoi(lines[1])
-	if gone(bg) {
-		t.Fatalf("the background job %d is gone; it should outlive the exec", bg)
-	}
-	syscall.Kill(bg, syscall.SIGKILL)
-	eventually(t, "the background job is reaped", func() bool { return gone(bg) })
 }
 
 // TestOrphansReaped: processes orphaned by execs come to the reaper (the

@@ -120,7 +120,11 @@ func (r *Reaper) Start(argv0 string, argv []string, attr *os.ProcAttr) (*os.Proc
 	// Children are the OOM killer's preferred victims, so a memory bomb
 	// kills the bomb, not init (and with it the sandbox). Raising a score
 	// needs no privilege, unlike lowering init's.
-	_ = os.WriteFile("/proc/"+strconv.Itoa(p.Pid)+"/oom_score_adj", []byte("500"), 0)
+	// (Raw system calls: os.WriteFile costs five more on a /proc file.)
+	if fd, err := unix.Open("/proc/"+strconv.Itoa(p.Pid)+"/oom_score_adj", unix.O_WRONLY|unix.O_CLOEXEC, 0); err == nil {
+		_, _ = unix.Write(fd, []byte("500"))
+		unix.Close(fd)
+	}
 	return p, ch, nil
 }
 

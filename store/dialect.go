@@ -154,6 +154,50 @@ func lockKey(name string) int64 {
 type handle struct {
 	db *sql.DB
 	d  *dialect
+	// stmts holds the statements of the hot paths (every API call looks
+	// its key up and writes an audit record; an exec reads its sandbox),
+	// prepared once: parsing them was about a sixth of chalkd's CPU per
+	// exec (docs/ARCHITECTURE.md, "Where the time and memory go"). Keyed
+	// by the rebound query; only constant queries go here (see prepared).
+	stmts sync.Map
+}
+
+// prepared returns the prepared statement of q, preparing it on first use;
+// nil if that fails (the caller then runs q unprepared, which reports the
+// error). q must be one of a fixed set of queries, never built from data.
+func (db *handle) prepared(ctx context.Context, q string) *sql.Stmt {
+	if st, ok := db.stmts.Load(q); ok {
+		return st.(*sql.Stmt)
+	}
+	st, err := db.db.PrepareContext(ctx, q)
+	if err != nil {
+		return nil
+	}
+	if old, loaded := db.stmts.LoadOrStore(q, st); loaded {
+		st.Close()
+		return old.(*sql.Stmt)
+	}
+	return st
+}
+
+// ExecPrepared is ExecContext through a statement prepared once.
+func (db *handle) ExecPrepared(ctx context.Context, q string, args ...any) (sql.Result, error) {
+	q = db.d.rebind(q)
+	if st := db.prepared(ctx, q); st != nil {
+		res, err := st.ExecContext(ctx, args...)
+		return res, db.d.classify(err)
+	}
+	res, err := db.db.ExecContext(ctx, q, args...)
+	return res, db.d.classify(err)
+}
+
+// QueryRowPrepared is QueryRowContext through a statement prepared once.
+func (db *handle) QueryRowPrepared(ctx context.Context, q string, args ...any) *sql.Row {
+	q = db.d.rebind(q)
+	if st := db.prepared(ctx, q); st != nil {
+		return st.QueryRowContext(ctx, args...)
+	}
+	return db.db.QueryRowContext(ctx, q, args...)
 }
 
 // ExecContext runs a statement.

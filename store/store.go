@@ -338,7 +338,7 @@ func (s *Store) SetSandboxPaused(ctx context.Context, id string, paused bool) er
 // GetSandbox returns one sandbox.
 func (s *Store) GetSandbox(ctx context.Context, id string) (*Sandbox, error) {
 	var doc []byte
-	err := s.db.QueryRowContext(ctx, `SELECT doc FROM sandboxes WHERE id = ?`, id).Scan(&doc)
+	err := s.db.QueryRowPrepared(ctx, `SELECT doc FROM sandboxes WHERE id = ?`, id).Scan(&doc)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("sandbox %q: %w", id, errdefs.ErrNotFound)
 	}

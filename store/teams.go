@@ -404,7 +404,7 @@ func scanKey(r scanner, extra ...any) (*APIKey, error) {
 func (s *Store) KeyByHash(ctx context.Context, hash string) (*KeyAuth, error) {
 	var role string
 	var nodeAdmin int
-	k, err := scanKey(s.db.QueryRowContext(ctx, `SELECT `+keyColumns+`, m.role, u.node_admin FROM api_keys k
+	k, err := scanKey(s.db.QueryRowPrepared(ctx, `SELECT `+keyColumns+`, m.role, u.node_admin FROM api_keys k
 		JOIN members m ON m.org_id = k.org_id AND m.user_name = k.user_name
 		JOIN users u ON u.name = k.user_name
 		WHERE k.hash = ?`, hash), &role, &nodeAdmin)
@@ -419,7 +419,7 @@ func (s *Store) KeyByHash(ctx context.Context, hash string) (*KeyAuth, error) {
 
 // TouchKey records that a key was used at t.
 func (s *Store) TouchKey(ctx context.Context, id string, t time.Time) error {
-	_, err := s.db.ExecContext(ctx, `UPDATE api_keys SET last_used_at = ? WHERE id = ?`, nanos(t), id)
+	_, err := s.db.ExecPrepared(ctx, `UPDATE api_keys SET last_used_at = ? WHERE id = ?`, nanos(t), id)
 	return err
 }
 
@@ -485,7 +485,7 @@ func (s *Store) AddAudit(ctx context.Context, r AuditRecord) error {
 	// The fields may carry what a caller sent (an object name, a peer's
 	// address): stored as valid UTF-8 without NUL, which PostgreSQL would
 	// refuse, losing the record.
-	_, err := s.db.ExecContext(ctx, `INSERT INTO audit (org_id, at, actor, via, peer, action, object, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+	_, err := s.db.ExecPrepared(ctx, `INSERT INTO audit (org_id, at, actor, via, peer, action, object, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		text(r.OrgID), nanos(r.At), text(r.Actor), text(r.Via), text(r.Peer), text(r.Action), text(r.Object), text(r.Outcome), text(r.Detail))
 	return err
 }
