@@ -31,6 +31,9 @@ type ImageInfo struct {
 // List returns every tagged image in the embedded registry, found through
 // the catalog and tags APIs, sorted by repository and tag.
 func (r *Registry) List(ctx context.Context) ([]ImageInfo, error) {
+	if err := r.checkLocal("listing images"); err != nil {
+		return nil, err
+	}
 	opts := r.RemoteOptions(ctx)
 	repos, err := remote.Catalog(ctx, r.host, opts...)
 	if err != nil {
@@ -100,6 +103,9 @@ func (r *Registry) describe(ctx context.Context, ref name.Reference, opts []remo
 // points at it. Blobs stay on disk until the registry is garbage collected.
 // A reference that is not there gives errdefs.ErrNotFound.
 func (r *Registry) Delete(ctx context.Context, ref string) error {
+	if err := r.checkLocal("deleting an image"); err != nil {
+		return err
+	}
 	local, err := r.LocalRef(ref)
 	if err != nil {
 		return err
