@@ -112,8 +112,38 @@ func TestFleet(t *testing.T) {
 		}
 	}
 
-	// Pause and resume reach the sandbox's node; snapshots are refused (the
-	// node's registry is not the fleet's yet).
+	// The nodes were seeded with nothing and run no registry: busybox came
+	// from the control plane's registry (over TLS, with the pull
+	// credential). An image built on the control plane lands there too, and
+	// a sandbox on a node runs it.
+	for _, n := range []*chalktest.Node{n1, n2} {
+		if ents, err := os.ReadDir(filepath.Join(n.Dir, "registry")); err != nil || len(ents) != 0 {
+			t.Errorf("node %s has a registry of its own: %v %v", n.Dir, ents, err)
+		}
+	}
+	{
+		ctx := ctxT(t, 3*time.Minute)
+		res, err := c.BuildImage(ctx, chalkcompute.Base("busybox").RunCommands("echo built-on-control > /built"), false, nil)
+		if err != nil {
+			t.Fatalf("build in fleet mode: %v", err)
+		}
+		sb, err := c.Create(ctx, chalkcompute.Base(res.Image.Ref))
+		if err != nil {
+			t.Fatalf("create from the built image %s: %v", res.Image.Ref, err)
+		}
+		if on(control, sb.ID()) || !on(n1, sb.ID()) && !on(n2, sb.ID()) {
+			t.Fatalf("sandbox %s of the built image is not on a node", sb.ID())
+		}
+		if out, err := sb.Exec(ctx, []string{"cat", "/built"}); err != nil || string(out.Stdout) != "built-on-control\n" {
+			t.Fatalf("the built image on a node: %+v, %v", out, err)
+		}
+		if _, err := sb.Terminate(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Pause and resume reach the sandbox's node; snapshots are refused
+	// (a node holds only the read-only pull credential).
 	{
 		sb := byNode[n2][1]
 		ctx := ctxT(t, time.Minute)

@@ -118,4 +118,9 @@ func (r *Registry) Delete(ctx context.Context, ref string) error {
 }
 
 // trimLocal strips the embedded registry's address from a reference string.
+// UserRef is a reference to this registry ("<addr>/chalk.local/x:t") as
+// any chalk registry client resolves it ("chalk.local/x:t"), wherever it
+// reaches the registry: what a fleet's control plane hands its nodes.
+func (r *Registry) UserRef(ref string) string { return r.trimLocal(ref) }
+
 func (r *Registry) trimLocal(s string) string { return strings.TrimPrefix(s, r.addr+"/") }

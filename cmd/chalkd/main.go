@@ -44,12 +44,14 @@ func main() {
 		}
 	}
 	var cfg daemon.Config
-	var level, upstreams, fleetListen, pprofSocket string
+	var level, upstreams, fleetListen, fleetRegistry, fleetRegistryAdvertise, pprofSocket string
 	var nopts daemon.NodeOptions
 	fs := flag.NewFlagSet(strings.TrimSpace("chalkd "+mode), flag.ExitOnError)
 	switch mode {
 	case "control":
 		fs.StringVar(&fleetListen, "fleet-listen", daemon.DefaultFleetListen, "the fleet listener (TLS with the fleet CA): node agents join and heartbeat here")
+		fs.StringVar(&fleetRegistry, "fleet-registry-listen", daemon.DefaultFleetRegistryListen, "the embedded registry for node agents (TLS with the fleet CA; the read-only pull credential, which nodes get over the fleet channel)")
+		fs.StringVar(&fleetRegistryAdvertise, "fleet-registry-advertise", "", "the registry's TLS listener as nodes reach it, host:port (default: the host a node joined at, the port of --fleet-registry-listen)")
 	case "node":
 		fs.StringVar(&nopts.Join, "join", "", "the control plane's fleet listener, https://control:7450")
 		fs.StringVar(&nopts.JoinToken, "join-token", os.Getenv("CHALK_JOIN_TOKEN"), "one-time join token from `chalkd control token` (default $CHALK_JOIN_TOKEN; needed at the first start only)")
@@ -152,7 +154,7 @@ func main() {
 	case "node":
 		err = daemon.MainNode(ctx, cfg, nopts)
 	case "control":
-		cfg.Fleet = &daemon.FleetConfig{Listen: fleetListen}
+		cfg.Fleet = &daemon.FleetConfig{Listen: fleetListen, RegistryListen: fleetRegistry, RegistryAdvertise: fleetRegistryAdvertise}
 		err = daemon.Main(ctx, cfg)
 	default:
 		err = daemon.Main(ctx, cfg)
