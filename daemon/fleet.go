@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/errdefs"
@@ -98,7 +99,8 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		_, port, _ := net.SplitHostPort(d.fleetRegistryAddr)
 		access.Addr = net.JoinHostPort("", port)
 	}
-	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet"), Registry: access}
+	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet"), Registry: access,
+		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }}
 	mux := http.NewServeMux()
 	mux.Handle(f.Handler())
 	l, err := net.Listen("tcp", cmpOr(fc.Listen, DefaultFleetListen))
@@ -114,6 +116,34 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		}
 	}()
 	return nil
+}
+
+// warmBase warms the base images this control plane's registry holds
+// (seeded: busybox, Python) on node id, at its first heartbeat here: a
+// node that joined has them before its first sandbox needs them.
+func (d *Daemon) warmBase(ctx context.Context, id string) {
+	if err := d.router.Refresh(ctx); err != nil {
+		d.log.Warn("fleet: warm base images", "node", id, "err", err)
+		return
+	}
+	for _, ref := range []string{BusyboxRef, PythonRef} {
+		local, err := d.Registry.LocalRef(ref)
+		if err != nil {
+			continue
+		}
+		if _, err := remote.Head(local, d.Registry.RemoteOptions(ctx)...); err != nil {
+			continue // not seeded here
+		}
+		res, err := d.router.WarmImage(ctx, ref, []string{id}, nil)
+		if err == nil && len(res) == 1 {
+			err = res[0].Err
+		}
+		if err != nil {
+			d.log.Warn("fleet: warm base image", "node", id, "image", ref, "err", err)
+			continue
+		}
+		d.log.Info("fleet: base image warm", "node", id, "image", ref, "pulled", res[0].Image.BytesPulled)
+	}
 }
 
 func cmpOr(a, b string) string {
@@ -291,9 +321,26 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	// mTLS fleet channel at every start) into its own cache. It runs no
 	// registry of its own.
 	remoteImages := func(ctx context.Context) (err error) {
-		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		defer cancel()
-		if d.Registry, err = noderpc.RemoteRegistry(cctx, fc, id, opts.Join, d.log.With("component", "registry")); err != nil {
+		// A control plane that is down (restarting) is waited for: the
+		// node has nothing to pull images with until it answers. Any
+		// other refusal (not a member any more) fails the start.
+		for warned := false; ; warned = true {
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			d.Registry, err = noderpc.RemoteRegistry(cctx, fc, id, opts.Join, d.log.With("component", "registry"))
+			cancel()
+			if err == nil || !errdefs.Is(err, errdefs.ErrUnavailable) && !errdefs.Is(err, errdefs.ErrDeadlineExceeded) {
+				break
+			}
+			if !warned {
+				d.log.Warn("fleet: waiting for the control plane to hand out registry access", "control", opts.Join, "err", err)
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(2 * time.Second):
+			}
+		}
+		if err != nil {
 			return err
 		}
 		if d.Cache, err = nodecache.New(nodecache.Config{

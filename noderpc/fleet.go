@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -91,8 +92,14 @@ type Fleet struct {
 	// registry on its TLS listener and the read-only pull credential (never
 	// the push credential). nil: nodes get nothing (failed_precondition).
 	Registry *RegistryAccess
+	// FirstHeartbeat, if set, runs (in its own goroutine) at the first
+	// heartbeat of each node in this process: a node that joined, or one
+	// seen again after the control plane started (its API serves by then).
+	FirstHeartbeat func(nodeID string)
 	// Now is the clock (tests).
 	Now func() time.Time
+
+	seen sync.Map // node id → struct{}: FirstHeartbeat ran
 }
 
 // RegistryAccess is how nodes pull from the control plane's registry.
@@ -227,6 +234,11 @@ func (f *Fleet) Heartbeat(ctx context.Context, req *connect.Request[nodev1.Heart
 	})
 	if err != nil {
 		return nil, err
+	}
+	if f.FirstHeartbeat != nil {
+		if _, again := f.seen.LoadOrStore(peer, struct{}{}); !again {
+			go f.FirstHeartbeat(peer)
+		}
 	}
 	return connect.NewResponse(&nodev1.HeartbeatResponse{State: n.State}), nil
 }

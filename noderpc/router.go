@@ -717,6 +717,76 @@ func (r *Router) Snapshot(ctx context.Context, req node.SnapshotRequest) (*image
 
 var _ api.FleetBackend = (*Router)(nil)
 
+// WarmImage ensures ref on nodes (names or ids; none: every healthy node in
+// state ready), all at once.
+func (r *Router) WarmImage(ctx context.Context, ref string, nodes []string, progress func(node string, p nodecache.Progress)) ([]api.NodeWarm, error) {
+	r.mu.Lock()
+	var ms []*member
+	if len(nodes) == 0 {
+		for _, m := range r.members {
+			if m.healthy && m.rec.State == store.NodeReady {
+				ms = append(ms, m)
+			}
+		}
+	} else {
+		seen := map[*member]bool{}
+		for _, n := range nodes {
+			var found *member
+			for _, m := range r.members {
+				if m.rec.ID == n || m.rec.Name == n {
+					found = m
+					break
+				}
+			}
+			if found == nil {
+				r.mu.Unlock()
+				return nil, fmt.Errorf("node %q: no such node in this fleet: %w", n, errdefs.ErrNotFound)
+			}
+			if !seen[found] {
+				seen[found] = true
+				ms = append(ms, found)
+			}
+		}
+	}
+	r.mu.Unlock()
+	if len(ms) == 0 {
+		return nil, errNoNode("image " + ref)
+	}
+	slices.SortFunc(ms, func(a, b *member) int { return cmp.Compare(a.rec.Name+a.rec.ID, b.rec.Name+b.rec.ID) })
+	out := make([]api.NodeWarm, len(ms))
+	var mu sync.Mutex // serialises progress
+	var wg sync.WaitGroup
+	for i, m := range ms {
+		out[i] = api.NodeWarm{ID: m.rec.ID, Name: m.rec.Name}
+		r.mu.Lock()
+		healthy := m.healthy
+		r.mu.Unlock()
+		if !healthy {
+			out[i].Err = fmt.Errorf("node %s is not healthy: %w", m.rec.Name, errdefs.ErrUnavailable)
+			continue
+		}
+		var pf func(nodecache.Progress)
+		if progress != nil {
+			pf = func(p nodecache.Progress) {
+				mu.Lock()
+				defer mu.Unlock()
+				progress(m.rec.Name, p)
+			}
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			img, err := m.client.EnsureImage(ctx, ref, pf)
+			if err == nil {
+				r.markWarm(m.rec.ID, img.Digest)
+			}
+			out[i].Image, out[i].Err = img, err
+		}()
+	}
+	wg.Wait()
+	return out, nil
+}
+
 // Nodes lists the fleet's nodes with their health and sandbox counts.
 func (r *Router) Nodes(ctx context.Context) ([]api.NodeStatus, error) {
 	recs, err := r.store.ListNodes(ctx)
