@@ -293,4 +293,13 @@ func TestFleet(t *testing.T) {
 			t.Fatalf("exec after a control-plane restart: %+v, %v", res, err)
 		}
 	}
+	// The nodes still resolve through the restarted control plane's
+	// registry (its new certificate, same fleet CA).
+	after, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"))
+	if err != nil {
+		t.Fatalf("create after a control-plane restart: %v", err)
+	}
+	if res, err := after.Exec(ctxT(t, 30*time.Second), []string{"echo", "new"}); err != nil || string(res.Stdout) != "new\n" {
+		t.Fatalf("exec in a sandbox created after a control-plane restart: %+v, %v", res, err)
+	}
 }
