@@ -748,21 +748,28 @@ func (r *Router) WarmImage(ctx context.Context, ref string, nodes []string, prog
 			}
 		}
 	}
+	// What is read of each member, under the lock (Refresh replaces recs).
+	type target struct {
+		m        *member
+		id, name string
+		healthy  bool
+	}
+	ts := make([]target, 0, len(ms))
+	for _, m := range ms {
+		ts = append(ts, target{m: m, id: m.rec.ID, name: m.rec.Name, healthy: m.healthy})
+	}
 	r.mu.Unlock()
-	if len(ms) == 0 {
+	if len(ts) == 0 {
 		return nil, errNoNode("image " + ref)
 	}
-	slices.SortFunc(ms, func(a, b *member) int { return cmp.Compare(a.rec.Name+a.rec.ID, b.rec.Name+b.rec.ID) })
-	out := make([]api.NodeWarm, len(ms))
+	slices.SortFunc(ts, func(a, b target) int { return cmp.Or(cmp.Compare(a.name, b.name), cmp.Compare(a.id, b.id)) })
+	out := make([]api.NodeWarm, len(ts))
 	var mu sync.Mutex // serialises progress
 	var wg sync.WaitGroup
-	for i, m := range ms {
-		out[i] = api.NodeWarm{ID: m.rec.ID, Name: m.rec.Name}
-		r.mu.Lock()
-		healthy := m.healthy
-		r.mu.Unlock()
-		if !healthy {
-			out[i].Err = fmt.Errorf("node %s is not healthy: %w", m.rec.Name, errdefs.ErrUnavailable)
+	for i, tg := range ts {
+		out[i] = api.NodeWarm{ID: tg.id, Name: tg.name}
+		if !tg.healthy {
+			out[i].Err = fmt.Errorf("node %s is not healthy: %w", tg.name, errdefs.ErrUnavailable)
 			continue
 		}
 		var pf func(nodecache.Progress)
@@ -770,15 +777,15 @@ func (r *Router) WarmImage(ctx context.Context, ref string, nodes []string, prog
 			pf = func(p nodecache.Progress) {
 				mu.Lock()
 				defer mu.Unlock()
-				progress(m.rec.Name, p)
+				progress(tg.name, p)
 			}
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			img, err := m.client.EnsureImage(ctx, ref, pf)
+			img, err := tg.m.client.EnsureImage(ctx, ref, pf)
 			if err == nil {
-				r.markWarm(m.rec.ID, img.Digest)
+				r.markWarm(tg.id, img.Digest)
 			}
 			out[i].Image, out[i].Err = img, err
 		}()
