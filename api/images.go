@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -56,7 +57,7 @@ func progressSender(stream *connect.ServerStream[v1.ImageProgress]) func(nodecac
 
 // ensure makes ref warm on the node and, with prestart set, sets how many
 // sandboxes of it are kept pre-started and waits for them.
-func (h *imageService) ensure(ctx context.Context, ref string, prestart *int32, stream *connect.ServerStream[v1.ImageProgress]) error {
+func (h *imageService) ensure(ctx context.Context, ref string, prestart *int32, nodes []string, warm bool, stream *connect.ServerStream[v1.ImageProgress]) error {
 	p, err := user(ctx)
 	if err != nil {
 		return err
@@ -76,9 +77,41 @@ func (h *imageService) ensure(ctx context.Context, ref string, prestart *int32, 
 		// The pools are the node's, shared by every org's creates.
 		return fmt.Errorf("sandboxes: pre-started pools are node-wide; only the node admin sets them: %w", errdefs.ErrPermissionDenied)
 	}
-	img, err := h.s.node.EnsureImage(ctx, ref, progressSender(stream))
-	if err != nil {
-		return err
+	if len(nodes) > 0 && h.s.cfg.Fleet == nil {
+		return fmt.Errorf("nodes: this chalkd is not the control plane of a fleet (chalkd control): %w", errdefs.ErrInvalidArgument)
+	}
+	var img *nodecache.Image
+	var fleet []*v1.NodeWarm
+	if warm && h.s.cfg.Fleet != nil {
+		// Every eligible node (or the named ones), each with its progress.
+		res, err := h.s.cfg.Fleet.WarmImage(ctx, ref, nodes, func(node string, p nodecache.Progress) {
+			_ = stream.Send(&v1.ImageProgress{Phase: p.Phase, Layer: p.Layer, Current: p.Current, Total: p.Total, Node: node})
+		})
+		if err != nil {
+			return err
+		}
+		var errs []error
+		for _, r := range res {
+			nw := &v1.NodeWarm{Node: r.Name, Id: r.ID}
+			if r.Err != nil {
+				nw.Error = r.Err.Error()
+				errs = append(errs, fmt.Errorf("node %s: %w", r.Name, r.Err))
+			} else {
+				nw.Digest, nw.BytesPulled = r.Image.Digest, r.Image.BytesPulled
+				if img == nil {
+					img = r.Image
+				}
+			}
+			fleet = append(fleet, nw)
+		}
+		if img == nil {
+			return errors.Join(errs...)
+		}
+	} else {
+		var err error
+		if img, err = h.s.node.EnsureImage(ctx, ref, progressSender(stream)); err != nil {
+			return err
+		}
 	}
 	// The same image by another name: its digest decides.
 	if err := h.s.imageVisible(ctx, p.OrgID, img.Digest); err != nil {
@@ -96,16 +129,16 @@ func (h *imageService) ensure(ctx context.Context, ref string, prestart *int32, 
 	for _, l := range img.Layers {
 		size += l.Size
 	}
-	return stream.Send(&v1.ImageProgress{Phase: "done", BytesPulled: img.BytesPulled,
+	return stream.Send(&v1.ImageProgress{Phase: "done", BytesPulled: img.BytesPulled, Nodes: fleet,
 		Image: &v1.Image{Ref: ref, Digest: img.Digest, Size: size, Warm: true, LocalRef: img.Ref}})
 }
 
 func (h *imageService) Pull(ctx context.Context, req *connect.Request[v1.PullImageRequest], stream *connect.ServerStream[v1.ImageProgress]) error {
-	return h.ensure(ctx, req.Msg.Ref, nil, stream)
+	return h.ensure(ctx, req.Msg.Ref, nil, nil, false, stream)
 }
 
 func (h *imageService) Warm(ctx context.Context, req *connect.Request[v1.WarmImageRequest], stream *connect.ServerStream[v1.ImageProgress]) error {
-	return h.ensure(ctx, req.Msg.Image, req.Msg.Sandboxes, stream)
+	return h.ensure(ctx, req.Msg.Image, req.Msg.Sandboxes, req.Msg.Nodes, true, stream)
 }
 
 func (h *imageService) Build(ctx context.Context, req *connect.Request[v1.BuildImageRequest], stream *connect.ServerStream[v1.ImageProgress]) error {

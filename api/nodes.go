@@ -10,6 +10,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
+	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -24,6 +25,18 @@ type NodeStatus struct {
 type FleetBackend interface {
 	Nodes(ctx context.Context) ([]NodeStatus, error)
 	SetNodeState(ctx context.Context, id, state string) (NodeStatus, error)
+	// WarmImage ensures ref on the named nodes (names or ids; none: every
+	// healthy node in state ready), concurrently; progress is called
+	// serially, with the node's name. An unknown name fails the whole call
+	// before anything is warmed; a node's failure is its result's Err.
+	WarmImage(ctx context.Context, ref string, nodes []string, progress func(node string, p nodecache.Progress)) ([]NodeWarm, error)
+}
+
+// NodeWarm is how warming an image went on one node.
+type NodeWarm struct {
+	ID, Name string
+	Image    *nodecache.Image
+	Err      error
 }
 
 type nodeAdminService struct{ s *Server }

@@ -46,6 +46,13 @@ func WithPrestarted(n int) WarmOption {
 	return func(r *v1.WarmImageRequest) { k := int32(n); r.Sandboxes = &k }
 }
 
+// OnNodes warms the image on these fleet nodes (names or ids) only; by
+// default a fleet's control plane warms it on every healthy node in state
+// ready. The final message's Nodes says how it went on each.
+func OnNodes(nodes ...string) WarmOption {
+	return func(r *v1.WarmImageRequest) { r.Nodes = append(r.Nodes, nodes...) }
+}
+
 // WarmImage makes an image (reference or image hash) warm on the node ahead of sandbox creation.
 func (c *Client) WarmImage(ctx context.Context, image string, progress func(*Progress), opts ...WarmOption) (*v1.ImageProgress, error) {
 	req := &v1.WarmImageRequest{Image: image}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -30,6 +31,7 @@ func (e *env) progressFn() func(*v1.ImageProgress) {
 func imgPull(e *env, verb string) *cobra.Command {
 	var image string
 	var sandboxes int
+	var nodes []string
 	short := "Pull an image into this node's cache"
 	if verb == "warm" {
 		short = "Distribute an image (reference or image hash) to nodes ahead of sandbox creation"
@@ -59,11 +61,40 @@ func imgPull(e *env, verb string) *cobra.Command {
 			if prestart {
 				opts = append(opts, chalkcompute.WithPrestarted(sandboxes))
 			}
-			return c.WarmImage(ctx, image, e.progressFn(), opts...)
+			if len(nodes) > 0 {
+				opts = append(opts, chalkcompute.OnNodes(nodes...))
+			}
+			res, err := c.WarmImage(ctx, image, e.progressFn(), opts...)
+			if err != nil {
+				return nil, err
+			}
+			// A fleet: one line per node on stderr (-o json: the final
+			// message has them); a node that failed fails the command.
+			var failed []string
+			for _, n := range res.GetNodes() {
+				if !e.json() {
+					if n.Error != "" {
+						fmt.Fprintf(e.errOut, "%s: failed: %s\n", n.Node, n.Error)
+					} else {
+						fmt.Fprintf(e.errOut, "%s: warm %s (%s pulled)\n", n.Node, n.Digest, human(n.BytesPulled))
+					}
+				}
+				if n.Error != "" {
+					failed = append(failed, n.Node)
+				}
+			}
+			if len(failed) > 0 {
+				if e.json() {
+					_ = e.printJSON(res)
+				}
+				return nil, fmt.Errorf("warm failed on %d of %d nodes: %s", len(failed), len(res.GetNodes()), strings.Join(failed, ", "))
+			}
+			return res, nil
 		}, asIs, nil)(cmd, args)
 	}
 	cmd.Flags().StringVar(&image, "image", "", "image reference or image hash")
 	if verb == "warm" {
+		cmd.Flags().StringSliceVar(&nodes, "nodes", nil, "fleet (chalkd control): warm on these nodes only, names or ids (default: every healthy node in state ready)")
 		cmd.Flags().IntVar(&sandboxes, "sandboxes", 0, "keep this many sandboxes of the image pre-started from now on (0: none; default: the node's automatic count), and wait until they are ready")
 	}
 	return cmd

@@ -63,7 +63,7 @@ func (p *progress) update(m *v1.ImageProgress) {
 		if m.Phase == "extract" {
 			amount = "" // extraction reports layers, not bytes
 		}
-		line := fmt.Sprintf("%-8s %s [%s] %s", m.Phase, short(m.Layer), bar(m.Current, m.Total), amount)
+		line := fmt.Sprintf("%s%-8s %s [%s] %s", nodePrefix(m), m.Phase, short(m.Layer), bar(m.Current, m.Total), amount)
 		if p.tty {
 			fmt.Fprintf(p.w, "\r%-90s", line)
 			p.last = line
@@ -93,8 +93,16 @@ func (p *progress) update(m *v1.ImageProgress) {
 	case m.Phase == "resolve" && m.Layer == "":
 	case m.Phase != "":
 		p.clear()
-		fmt.Fprintf(p.w, "%s %s\n", m.Phase, m.Layer)
+		fmt.Fprintf(p.w, "%s%s %s\n", nodePrefix(m), m.Phase, m.Layer)
 	}
+}
+
+// nodePrefix names the fleet node a progress message is about.
+func nodePrefix(m *v1.ImageProgress) string {
+	if m.Node == "" {
+		return ""
+	}
+	return m.Node + ": "
 }
 
 func (p *progress) clear() {

@@ -284,9 +284,10 @@ type Daemon struct {
 	im   *images
 	// Fleet (fleet.go): the router of control mode, the fleet listener's
 	// address; resolvConf replaces the agent's default resolv.conf (node mode).
-	router     *noderpc.Router
-	fleetAddr  string
-	resolvConf func() []byte
+	router            *noderpc.Router
+	fleetAddr         string
+	fleetRegistryAddr string
+	resolvConf        func() []byte
 
 	AdminToken string // set when this start created it
 	servers    []*http.Server

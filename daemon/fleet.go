@@ -14,12 +14,17 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	computev1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 	nodev1 "github.com/chalkcompute/chalkcompute/gen/chalk/node/v1"
+	"github.com/chalkcompute/chalkcompute/gen/chalk/node/v1/nodev1connect"
 	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/noderpc"
+	"github.com/chalkcompute/chalkcompute/registry"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -32,14 +37,21 @@ import (
 
 // DefaultFleetListen is the control plane's fleet listener; DefaultNodeListen
 // is where a node serves the node API.
+// DefaultFleetRegistryListen is where the control plane serves its registry
+// to nodes (TLS).
 const (
-	DefaultFleetListen = ":7450"
-	DefaultNodeListen  = ":7451"
+	DefaultFleetListen         = ":7450"
+	DefaultNodeListen          = ":7451"
+	DefaultFleetRegistryListen = ":7452"
 )
 
 // FleetConfig turns Start into the control plane of a fleet.
 type FleetConfig struct {
 	Listen string // fleet listener (default DefaultFleetListen)
+	// RegistryListen is the registry's TLS listener for nodes (default
+	// DefaultFleetRegistryListen); RegistryAdvertise is it as nodes reach
+	// it, host:port (default: the host a node joined at, this port).
+	RegistryListen, RegistryAdvertise string
 }
 
 // fleetDir is where the control plane keeps its CA.
@@ -65,7 +77,30 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		return err
 	}
 	go d.router.Run(ctx, noderpc.HeartbeatInterval)
-	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet")}
+	// Nodes pull images from this registry: over TLS with the control
+	// plane's certificate (fleet CA), with the read-only pull credential
+	// they get over the mTLS fleet channel (RegistryAccess).
+	rl, err := net.Listen("tcp", cmpOr(fc.RegistryListen, DefaultFleetRegistryListen))
+	if err != nil {
+		return fmt.Errorf("fleet registry listener: %w", err)
+	}
+	if err := d.Registry.ServeTLS(rl, cert); err != nil {
+		_ = rl.Close()
+		return err
+	}
+	d.fleetRegistryAddr = rl.Addr().String()
+	access := &noderpc.RegistryAccess{Pull: d.Registry.Credentials().Pull}
+	if fc.RegistryAdvertise != "" {
+		if _, _, err := net.SplitHostPort(fc.RegistryAdvertise); err != nil {
+			return fmt.Errorf("--fleet-registry-advertise %q: want host:port: %w", fc.RegistryAdvertise, errdefs.ErrInvalidArgument)
+		}
+		access.Addr = fc.RegistryAdvertise
+	} else {
+		_, port, _ := net.SplitHostPort(d.fleetRegistryAddr)
+		access.Addr = net.JoinHostPort("", port)
+	}
+	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet"), Registry: access,
+		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }}
 	mux := http.NewServeMux()
 	mux.Handle(f.Handler())
 	l, err := net.Listen("tcp", cmpOr(fc.Listen, DefaultFleetListen))
@@ -83,6 +118,34 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	return nil
 }
 
+// warmBase warms the base images this control plane's registry holds
+// (seeded: busybox, Python) on node id, at its first heartbeat here: a
+// node that joined has them before its first sandbox needs them.
+func (d *Daemon) warmBase(ctx context.Context, id string) {
+	if err := d.router.Refresh(ctx); err != nil {
+		d.log.Warn("fleet: warm base images", "node", id, "err", err)
+		return
+	}
+	for _, ref := range []string{BusyboxRef, PythonRef} {
+		local, err := d.Registry.LocalRef(ref)
+		if err != nil {
+			continue
+		}
+		if _, err := remote.Head(local, d.Registry.RemoteOptions(ctx)...); err != nil {
+			continue // not seeded here
+		}
+		res, err := d.router.WarmImage(ctx, ref, []string{id}, nil)
+		if err == nil && len(res) == 1 {
+			err = res[0].Err
+		}
+		if err != nil {
+			d.log.Warn("fleet: warm base image", "node", id, "image", ref, "err", err)
+			continue
+		}
+		d.log.Info("fleet: base image warm", "node", id, "image", ref, "pulled", res[0].Image.BytesPulled)
+	}
+}
+
 func cmpOr(a, b string) string {
 	if a != "" {
 		return a
@@ -92,6 +155,10 @@ func cmpOr(a, b string) string {
 
 // FleetAddr is the fleet listener's address ("" unless control mode).
 func (d *Daemon) FleetAddr() string { return d.fleetAddr }
+
+// FleetRegistryAddr is the registry's TLS listener for nodes ("" unless
+// control mode).
+func (d *Daemon) FleetRegistryAddr() string { return d.fleetRegistryAddr }
 
 // apiNode is the node the API places sandboxes on: the fleet's router in
 // control mode, else this process's agent.
@@ -122,6 +189,28 @@ func (d *Daemon) fleetHooks() api.Hooks {
 			d.mcp.ended(sb.ID)
 		},
 	}
+}
+
+// fleetImages are the image builds of control mode: a built image's
+// reference names it in this registry by its loopback address; a node
+// resolves it in the same registry through its TLS listener, so it gets
+// the reference without the address ("chalk.local/build:<key>").
+type fleetImages struct {
+	*images
+	reg *registry.Registry
+}
+
+func (f fleetImages) Build(ctx context.Context, specJSON []byte, force bool, events func(*computev1.ImageProgress)) (*api.BuildResult, error) {
+	res, err := f.images.Build(ctx, specJSON, force, events)
+	if res != nil {
+		res.Ref = f.reg.UserRef(res.Ref)
+	}
+	return res, err
+}
+
+func (f fleetImages) RefForHash(ctx context.Context, h string) (string, bool) {
+	ref, ok := f.images.RefForHash(ctx, h)
+	return f.reg.UserRef(ref), ok
 }
 
 // NewJoinToken makes a join token for the control plane whose data dir is
@@ -210,36 +299,86 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 			d.Close()
 		}
 	}()
+	capacity := func() *nodev1.Capacity {
+		mem, _ := nodeMemoryMB()
+		slots := 1
+		if d.Agent != nil {
+			slots = d.Agent.Slots().Size(node.SlotSandbox)
+		} else if d.Net != nil {
+			slots = d.Net.MaxSlot() // until the agent runs; the heartbeats say exactly
+		}
+		return &nodev1.Capacity{Cpu: float64(goruntime.NumCPU()), MemoryMb: max(mem, 1), Slots: int32(max(slots, 1))}
+	}
+	var id *noderpc.NodeIdentity
+	var fc nodev1connect.FleetServiceClient
+	// joinFleet loads this node's identity, joining the fleet the first
+	// time (the identity is kept in DATA_DIR/fleet-node).
+	joinFleet := func(ctx context.Context) (err error) {
+		dir := filepath.Join(cfg.DataDir, "fleet-node")
+		id, err = noderpc.LoadNodeIdentity(dir)
+		if errors.Is(err, os.ErrNotExist) {
+			if opts.JoinToken == "" {
+				return fmt.Errorf("chalkd node: not joined yet: --join-token is required: %w", errdefs.ErrInvalidArgument)
+			}
+			c := capacity()
+			id, err = noderpc.Join(ctx, dir, noderpc.JoinRequest{ControlURL: opts.Join, Token: opts.JoinToken, Name: opts.Name,
+				NodeURL: opts.Advertise, CPU: c.Cpu, MemoryMB: c.MemoryMb, Slots: int(c.Slots)})
+		}
+		if err != nil {
+			return fmt.Errorf("chalkd node: %w", err)
+		}
+		fc = noderpc.FleetClient(id, opts.Join)
+		return nil
+	}
+	// remoteImages: the node resolves and pulls images from the control
+	// plane's registry (over TLS, with the pull credential it gets over the
+	// mTLS fleet channel at every start) into its own cache. It runs no
+	// registry of its own.
+	remoteImages := func(ctx context.Context) (err error) {
+		// A control plane that is down (restarting) is waited for: the
+		// node has nothing to pull images with until it answers. Any
+		// other refusal (not a member any more) fails the start.
+		for warned := false; ; warned = true {
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			d.Registry, err = noderpc.RemoteRegistry(cctx, fc, id, opts.Join, d.log.With("component", "registry"))
+			cancel()
+			if err == nil || !errdefs.Is(err, errdefs.ErrUnavailable) && !errdefs.Is(err, errdefs.ErrDeadlineExceeded) {
+				break
+			}
+			if !warned {
+				d.log.Warn("fleet: waiting for the control plane to hand out registry access", "control", opts.Join, "err", err)
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(2 * time.Second):
+			}
+		}
+		if err != nil {
+			return err
+		}
+		if d.Cache, err = nodecache.New(nodecache.Config{
+			Root: filepath.Join(cfg.DataDir, "cache"), MaxBytes: cfg.CacheMaxBytes, Logger: cfg.Logger,
+			Remote: d.Registry.PullOptions(),
+		}); err != nil {
+			return fmt.Errorf("node cache: %w", err)
+		}
+		return nil
+	}
 	for _, step := range []struct {
 		name string
 		run  func(context.Context) error
 	}{
 		{"data dir", d.prepareDataDir},
-		{"registry and node cache", d.startImages},
 		{"sandbox network", d.startNetwork},
 		{"sandbox runtime", d.startRuntime},
+		{"fleet identity", joinFleet},
+		{"control plane registry and node cache", remoteImages},
 		{"node agent", d.startAgent},
 	} {
 		if err := step.run(ctx); err != nil {
 			return nil, fmt.Errorf("%s: %w", step.name, err)
 		}
-	}
-	capacity := func() *nodev1.Capacity {
-		mem, _ := nodeMemoryMB()
-		return &nodev1.Capacity{Cpu: float64(goruntime.NumCPU()), MemoryMb: max(mem, 1), Slots: int32(max(d.Agent.Slots().Size(node.SlotSandbox), 1))}
-	}
-	dir := filepath.Join(cfg.DataDir, "fleet-node")
-	id, err := noderpc.LoadNodeIdentity(dir)
-	if errors.Is(err, os.ErrNotExist) {
-		if opts.JoinToken == "" {
-			return nil, fmt.Errorf("chalkd node: not joined yet: --join-token is required: %w", errdefs.ErrInvalidArgument)
-		}
-		c := capacity()
-		id, err = noderpc.Join(ctx, dir, noderpc.JoinRequest{ControlURL: opts.Join, Token: opts.JoinToken, Name: opts.Name,
-			NodeURL: opts.Advertise, CPU: c.Cpu, MemoryMB: c.MemoryMb, Slots: int(c.Slots)})
-	}
-	if err != nil {
-		return nil, fmt.Errorf("chalkd node: %w", err)
 	}
 	n := &NodeDaemon{d: d, ID: id.ID, cancel: d.cancel}
 	mux := http.NewServeMux()
@@ -256,7 +395,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 			d.log.Error("node API", "err", err)
 		}
 	}()
-	go heartbeatLoop(ctx, d.log, noderpc.FleetClient(id, opts.Join), id.ID, opts.Advertise, capacity)
+	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, capacity)
 	go func() { _ = d.startBackground(ctx) }()
 	d.log.Info("chalkd node serving", "node", id.ID, "api", n.addr, "advertise", opts.Advertise, "control", opts.Join)
 	return n, nil

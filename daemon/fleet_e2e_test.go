@@ -54,6 +54,21 @@ func TestFleet(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond) // polling the control plane for the nodes' heartbeats
 	}
+	// Seeded with nothing, each node has busybox warm from the control
+	// plane's registry soon after it joined (base images warm at a node's
+	// first heartbeat), before any sandbox asks for it.
+	for _, n := range []*chalktest.Node{n1, n2} {
+		for {
+			idx, _ := os.ReadFile(filepath.Join(n.Dir, "cache", "index.json"))
+			if bytes.Contains(idx, []byte("library/busybox")) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("busybox not warmed on node %s after it joined: %s", n.Dir, idx)
+			}
+			time.Sleep(100 * time.Millisecond) // polling the node's cache index
+		}
+	}
 	var sbs []*chalkcompute.Sandbox
 	for range 4 {
 		sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"),
@@ -112,8 +127,74 @@ func TestFleet(t *testing.T) {
 		}
 	}
 
-	// Pause and resume reach the sandbox's node; snapshots are refused (the
-	// node's registry is not the fleet's yet).
+	// The nodes were seeded with nothing and run no registry: busybox came
+	// from the control plane's registry (over TLS, with the pull
+	// credential). An image built on the control plane lands there too, and
+	// a sandbox on a node runs it.
+	for _, n := range []*chalktest.Node{n1, n2} {
+		if ents, err := os.ReadDir(filepath.Join(n.Dir, "registry")); err != nil || len(ents) != 0 {
+			t.Errorf("node %s has a registry of its own: %v %v", n.Dir, ents, err)
+		}
+	}
+	{
+		ctx := ctxT(t, 3*time.Minute)
+		res, err := c.BuildImage(ctx, chalkcompute.Base("busybox").RunCommands("echo built-on-control > /built"), false, nil)
+		if err != nil {
+			t.Fatalf("build in fleet mode: %v", err)
+		}
+		// Fleet-wide warm: on every node, each reported (-o json).
+		warm := func(args ...string) (map[string]any, string, int) {
+			out, errOut, code := control.CLI(append([]string{"compute", "image", "warm", "-o", "json"}, args...)...)
+			var m map[string]any
+			if code == 0 {
+				if err := json.Unmarshal([]byte(out), &m); err != nil {
+					t.Fatalf("warm -o json: %v: %s", err, out)
+				}
+			}
+			return m, errOut, code
+		}
+		m, errOut, code := warm("--image", res.Image.Ref)
+		if code != 0 {
+			t.Fatalf("warm on every node: %d %s", code, errOut)
+		}
+		ns, _ := m["nodes"].([]any)
+		if len(ns) != 2 {
+			t.Fatalf("warm on every node: %v", m)
+		}
+		for _, x := range ns {
+			n := x.(map[string]any)
+			if n["digest"] != res.Image.Digest || n["error"] != nil {
+				t.Fatalf("warm of the built image on %v: want digest %s", n, res.Image.Digest)
+			}
+		}
+		m, errOut, code = warm("--image", "busybox", "--nodes", "node2")
+		if ns, _ := m["nodes"].([]any); code != 0 || len(ns) != 1 || ns[0].(map[string]any)["node"] != "node2" {
+			t.Fatalf("warm on node2: %d %v %s", code, m, errOut)
+		}
+		if _, errOut, code := warm("--image", "busybox", "--nodes", "node9"); code == 0 || !strings.Contains(errOut, "no such node") {
+			t.Fatalf("warm on an unknown node: %d %s", code, errOut)
+		}
+		if _, errOut, code := control.CLI("compute", "image", "warm", "--image", "busybox"); code != 0 ||
+			!strings.Contains(errOut, "node1: warm") || !strings.Contains(errOut, "node2: warm") {
+			t.Fatalf("warm text output: %d %s", code, errOut)
+		}
+		sb, err := c.Create(ctx, chalkcompute.Base(res.Image.Ref))
+		if err != nil {
+			t.Fatalf("create from the built image %s: %v", res.Image.Ref, err)
+		}
+		if on(control, sb.ID()) || !on(n1, sb.ID()) && !on(n2, sb.ID()) {
+			t.Fatalf("sandbox %s of the built image is not on a node", sb.ID())
+		}
+		if out, err := sb.Exec(ctx, []string{"cat", "/built"}); err != nil || string(out.Stdout) != "built-on-control\n" {
+			t.Fatalf("the built image on a node: %+v, %v", out, err)
+		}
+		if _, err := sb.Terminate(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Pause and resume reach the sandbox's node; snapshots are refused
+	// (a node holds only the read-only pull credential).
 	{
 		sb := byNode[n2][1]
 		ctx := ctxT(t, time.Minute)
@@ -211,5 +292,14 @@ func TestFleet(t *testing.T) {
 		if res, err := got.Exec(ctxT(t, 30*time.Second), []string{"echo", "still"}); err != nil || string(res.Stdout) != "still\n" {
 			t.Fatalf("exec after a control-plane restart: %+v, %v", res, err)
 		}
+	}
+	// The nodes still resolve through the restarted control plane's
+	// registry (its new certificate, same fleet CA).
+	after, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"))
+	if err != nil {
+		t.Fatalf("create after a control-plane restart: %v", err)
+	}
+	if res, err := after.Exec(ctxT(t, 30*time.Second), []string{"echo", "new"}); err != nil || string(res.Stdout) != "new\n" {
+		t.Fatalf("exec in a sandbox created after a control-plane restart: %+v, %v", res, err)
 	}
 }

@@ -288,9 +288,9 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 	if d.router != nil {
 		// Egress policies are enforced on the node a sandbox runs on: not
 		// yet in fleet mode, so sandboxes with policies are refused. Builds
-		// and uploads would land in this host's registry and blob store,
-		// which nodes do not pull from yet: refused too.
-		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = nil, d.fleetHooks(), d.router, nil
+		// run here and land in this registry, which nodes pull from; their
+		// references are handed to nodes registry-independent (fleetImages).
+		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = nil, d.fleetHooks(), d.router, fleetImages{d.im, d.Registry}
 		// Snapshots are refused in fleet mode: keeping stopped sandboxes'
 		// layers on the nodes would only hold their memory.
 		acfg.KeepStopped = -1

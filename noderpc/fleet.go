@@ -15,9 +15,11 @@ import (
 	"encoding/pem"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -25,6 +27,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	nodev1 "github.com/chalkcompute/chalkcompute/gen/chalk/node/v1"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/node/v1/nodev1connect"
+	"github.com/chalkcompute/chalkcompute/registry"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -85,8 +88,27 @@ type Fleet struct {
 	Store *store.Store
 	CA    *CA
 	Log   *slog.Logger
+	// Registry is what RegistryAccess hands nodes: the control plane's
+	// registry on its TLS listener and the read-only pull credential (never
+	// the push credential). nil: nodes get nothing (failed_precondition).
+	Registry *RegistryAccess
+	// FirstHeartbeat, if set, runs (in its own goroutine) at the first
+	// heartbeat of each node in this process: a node that joined, or one
+	// seen again after the control plane started (its API serves by then).
+	FirstHeartbeat func(nodeID string)
 	// Now is the clock (tests).
 	Now func() time.Time
+
+	seen sync.Map // node id → struct{}: FirstHeartbeat ran
+}
+
+// RegistryAccess is how nodes pull from the control plane's registry.
+type RegistryAccess struct {
+	// Addr is host:port of the registry's TLS listener; an empty host is
+	// the host the node reaches the fleet listener at.
+	Addr string
+	// Pull is the registry's read-only pull credential.
+	Pull registry.Credential
 }
 
 var _ nodev1connect.FleetServiceHandler = (*Fleet)(nil)
@@ -213,7 +235,63 @@ func (f *Fleet) Heartbeat(ctx context.Context, req *connect.Request[nodev1.Heart
 	if err != nil {
 		return nil, err
 	}
+	if f.FirstHeartbeat != nil {
+		if _, again := f.seen.LoadOrStore(peer, struct{}{}); !again {
+			go f.FirstHeartbeat(peer)
+		}
+	}
 	return connect.NewResponse(&nodev1.HeartbeatResponse{State: n.State}), nil
+}
+
+// RegistryAccess hands the calling node (by its certificate; it must be a
+// member of the fleet) the registry address and the read-only pull
+// credential. Over the mTLS fleet channel only: Join's TLS and any caller
+// without a node certificate get nothing.
+func (f *Fleet) RegistryAccess(ctx context.Context, req *connect.Request[nodev1.RegistryAccessRequest]) (*connect.Response[nodev1.RegistryAccessResponse], error) {
+	peer := NodeFromContext(ctx)
+	if peer == "" {
+		return nil, fmt.Errorf("registry access: a node certificate is required: %w", errdefs.ErrUnauthenticated)
+	}
+	if req.Msg.NodeId != peer {
+		f.log().Warn("fleet: node acting for another refused", "node", peer, "for", req.Msg.NodeId)
+		return nil, fmt.Errorf("registry access for node %q from node %q: %w", req.Msg.NodeId, peer, errdefs.ErrPermissionDenied)
+	}
+	if _, err := f.Store.GetNode(ctx, peer); err != nil {
+		if errdefs.Is(err, errdefs.ErrNotFound) {
+			return nil, fmt.Errorf("registry access: node %s is not a member of this fleet: %w", peer, errdefs.ErrPermissionDenied)
+		}
+		return nil, err
+	}
+	if f.Registry == nil || f.Registry.Pull.Username == "" {
+		return nil, fmt.Errorf("registry access: this control plane serves no registry to nodes: %w", errdefs.ErrFailedPrecondition)
+	}
+	return connect.NewResponse(&nodev1.RegistryAccessResponse{Addr: f.Registry.Addr,
+		Username: f.Registry.Pull.Username, Password: f.Registry.Pull.Password}), nil
+}
+
+// RemoteRegistry asks the control plane at controlURL (the fleet listener)
+// for registry access and returns the client-mode registry the node
+// resolves and pulls images through: HTTPS only, the control plane's
+// certificate checked against the fleet CA, the pull credential.
+func RemoteRegistry(ctx context.Context, fc nodev1connect.FleetServiceClient, id *NodeIdentity, controlURL string, log *slog.Logger) (*registry.Registry, error) {
+	res, err := fc.RegistryAccess(ctx, connect.NewRequest(&nodev1.RegistryAccessRequest{NodeId: id.ID}))
+	if err != nil {
+		return nil, fmt.Errorf("registry access from %s: %w", controlURL, wire(err))
+	}
+	host, port, err := net.SplitHostPort(res.Msg.Addr)
+	if err != nil || port == "" {
+		return nil, fmt.Errorf("registry access: the control plane sent address %q: want host:port: %w", res.Msg.Addr, errdefs.ErrInvalidArgument)
+	}
+	if host == "" {
+		u, err := url.Parse(controlURL)
+		if err != nil || u.Hostname() == "" {
+			return nil, fmt.Errorf("registry access: control URL %q: %w", controlURL, errdefs.ErrInvalidArgument)
+		}
+		host = u.Hostname()
+	}
+	return registry.NewRemote(registry.RemoteConfig{Addr: net.JoinHostPort(host, port),
+		Pull: registry.Credential{Username: res.Msg.Username, Password: res.Msg.Password},
+		TLS:  RegistryClientTLS(id), Logger: log})
 }
 
 // JoinRequest is what a node sends to join (Join).

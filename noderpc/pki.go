@@ -302,6 +302,27 @@ func NodeClientTLS(id *NodeIdentity) *tls.Config {
 	}
 }
 
+// RegistryClientTLS is a node pulling from the control plane's registry:
+// the peer must present the control plane's certificate from the fleet CA
+// (whatever address the node dials it at). No client certificate: the
+// registry authenticates the pull credential.
+func RegistryClientTLS(id *NodeIdentity) *tls.Config {
+	return &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		InsecureSkipVerify: true, // verified below: the chain and the control plane's URI
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			leaf, err := verifyPeer(cs, id.CA, x509.ExtKeyUsageServerAuth)
+			if err != nil {
+				return fmt.Errorf("control plane registry: %w", err)
+			}
+			if !isControl(leaf) {
+				return errors.New("control plane registry: the peer's certificate is not the control plane's")
+			}
+			return nil
+		},
+	}
+}
+
 // joinTLS is a node joining: it knows the CA only by the fingerprint in its
 // join token; the control plane presents its chain (leaf and CA).
 func joinTLS(caFingerprint string) *tls.Config {

@@ -717,6 +717,83 @@ func (r *Router) Snapshot(ctx context.Context, req node.SnapshotRequest) (*image
 
 var _ api.FleetBackend = (*Router)(nil)
 
+// WarmImage ensures ref on nodes (names or ids; none: every healthy node in
+// state ready), all at once.
+func (r *Router) WarmImage(ctx context.Context, ref string, nodes []string, progress func(node string, p nodecache.Progress)) ([]api.NodeWarm, error) {
+	r.mu.Lock()
+	var ms []*member
+	if len(nodes) == 0 {
+		for _, m := range r.members {
+			if m.healthy && m.rec.State == store.NodeReady {
+				ms = append(ms, m)
+			}
+		}
+	} else {
+		seen := map[*member]bool{}
+		for _, n := range nodes {
+			var found *member
+			for _, m := range r.members {
+				if m.rec.ID == n || m.rec.Name == n {
+					found = m
+					break
+				}
+			}
+			if found == nil {
+				r.mu.Unlock()
+				return nil, fmt.Errorf("node %q: no such node in this fleet: %w", n, errdefs.ErrNotFound)
+			}
+			if !seen[found] {
+				seen[found] = true
+				ms = append(ms, found)
+			}
+		}
+	}
+	// What is read of each member, under the lock (Refresh replaces recs).
+	type target struct {
+		m        *member
+		id, name string
+		healthy  bool
+	}
+	ts := make([]target, 0, len(ms))
+	for _, m := range ms {
+		ts = append(ts, target{m: m, id: m.rec.ID, name: m.rec.Name, healthy: m.healthy})
+	}
+	r.mu.Unlock()
+	if len(ts) == 0 {
+		return nil, errNoNode("image " + ref)
+	}
+	slices.SortFunc(ts, func(a, b target) int { return cmp.Or(cmp.Compare(a.name, b.name), cmp.Compare(a.id, b.id)) })
+	out := make([]api.NodeWarm, len(ts))
+	var mu sync.Mutex // serialises progress
+	var wg sync.WaitGroup
+	for i, tg := range ts {
+		out[i] = api.NodeWarm{ID: tg.id, Name: tg.name}
+		if !tg.healthy {
+			out[i].Err = fmt.Errorf("node %s is not healthy: %w", tg.name, errdefs.ErrUnavailable)
+			continue
+		}
+		var pf func(nodecache.Progress)
+		if progress != nil {
+			pf = func(p nodecache.Progress) {
+				mu.Lock()
+				defer mu.Unlock()
+				progress(tg.name, p)
+			}
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			img, err := tg.m.client.EnsureImage(ctx, ref, pf)
+			if err == nil {
+				r.markWarm(tg.id, img.Digest)
+			}
+			out[i].Image, out[i].Err = img, err
+		}()
+	}
+	wg.Wait()
+	return out, nil
+}
+
 // Nodes lists the fleet's nodes with their health and sandbox counts.
 func (r *Router) Nodes(ctx context.Context) ([]api.NodeStatus, error) {
 	recs, err := r.store.ListNodes(ctx)

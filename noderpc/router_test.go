@@ -14,6 +14,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	nodev1 "github.com/chalkcompute/chalkcompute/gen/chalk/node/v1"
 	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
 	"github.com/chalkcompute/chalkcompute/store"
 )
@@ -337,5 +338,66 @@ func TestReserveSlotPlaces(t *testing.T) {
 	}
 	if r.NodeOf("full") != "" {
 		t.Fatal("a refused reservation stays placed")
+	}
+}
+
+// TestRouterWarmImage: a fleet-wide warm ensures the image on every healthy
+// ready node (not a cordoned one), or on the named ones (by name or id,
+// cordoned too), with each node's progress named; an unknown name fails
+// the call before any node is asked; a node's failure is its own result.
+func TestRouterWarmImage(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	b := addNode(t, c, "b", 4, 4096, 10)
+	cn := addNode(t, c, "c", 4, 4096, 10)
+	r := newRouter(t, c)
+	if _, err := r.SetNodeState(ctx, "c", store.NodeCordoned); err != nil {
+		t.Fatal(err)
+	}
+	ensured := func(n *fleetNode, ref string) int {
+		n.fake.mu.Lock()
+		defer n.fake.mu.Unlock()
+		k := 0
+		for _, s := range n.fake.calls {
+			if s == "EnsureImage "+ref {
+				k++
+			}
+		}
+		return k
+	}
+	var progressed []string
+	res, err := r.WarmImage(ctx, "python", nil, func(node string, p nodecache.Progress) { progressed = append(progressed, node+" "+p.Phase) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res) != 2 || res[0].Name != "a" || res[1].Name != "b" || res[0].Err != nil || res[1].Err != nil || res[0].Image.Digest != "sha256:d-python" {
+		t.Fatalf("warm on every ready node: %+v", res)
+	}
+	if ensured(a, "python") != 1 || ensured(b, "python") != 1 || ensured(cn, "python") != 0 {
+		t.Errorf("ensured on a %d, b %d, cordoned c %d times", ensured(a, "python"), ensured(b, "python"), ensured(cn, "python"))
+	}
+	slices.Sort(progressed)
+	if !slices.Equal(progressed, []string{"a pull", "b pull"}) {
+		t.Errorf("progress %v, want each node's named", progressed)
+	}
+	// Warm counts in placement on both.
+	if !r.warm[a.id.ID]["sha256:d-python"] || !r.warm[b.id.ID]["sha256:d-python"] {
+		t.Errorf("warm not recorded for placement: %v", r.warm)
+	}
+
+	res, err = r.WarmImage(ctx, "busybox", []string{"c", b.id.ID, "b"}, nil)
+	if err != nil || len(res) != 2 || res[0].Name != "b" || res[1].Name != "c" || ensured(a, "busybox") != 0 {
+		t.Fatalf("warm on named nodes: %+v, %v", res, err)
+	}
+	if _, err := r.WarmImage(ctx, "busybox", []string{"a", "nope"}, nil); !errors.Is(err, errdefs.ErrNotFound) || !strings.Contains(err.Error(), "nope") {
+		t.Errorf("warm on an unknown node: %v", err)
+	}
+	if ensured(a, "busybox") != 0 {
+		t.Error("a warmed although the call named an unknown node")
+	}
+	res, err = r.WarmImage(ctx, "missing", []string{"a"}, nil)
+	if err != nil || len(res) != 1 || !errors.Is(res[0].Err, errdefs.ErrNotFound) {
+		t.Errorf("warm of a missing image: %+v, %v", res, err)
 	}
 }

@@ -31,6 +31,9 @@ type ImageInfo struct {
 // List returns every tagged image in the embedded registry, found through
 // the catalog and tags APIs, sorted by repository and tag.
 func (r *Registry) List(ctx context.Context) ([]ImageInfo, error) {
+	if err := r.checkLocal("listing images"); err != nil {
+		return nil, err
+	}
 	opts := r.RemoteOptions(ctx)
 	repos, err := remote.Catalog(ctx, r.host, opts...)
 	if err != nil {
@@ -100,6 +103,9 @@ func (r *Registry) describe(ctx context.Context, ref name.Reference, opts []remo
 // points at it. Blobs stay on disk until the registry is garbage collected.
 // A reference that is not there gives errdefs.ErrNotFound.
 func (r *Registry) Delete(ctx context.Context, ref string) error {
+	if err := r.checkLocal("deleting an image"); err != nil {
+		return err
+	}
 	local, err := r.LocalRef(ref)
 	if err != nil {
 		return err
@@ -112,4 +118,9 @@ func (r *Registry) Delete(ctx context.Context, ref string) error {
 }
 
 // trimLocal strips the embedded registry's address from a reference string.
+// UserRef is a reference to this registry ("<addr>/chalk.local/x:t") as
+// any chalk registry client resolves it ("chalk.local/x:t"), wherever it
+// reaches the registry: what a fleet's control plane hands its nodes.
+func (r *Registry) UserRef(ref string) string { return r.trimLocal(ref) }
+
 func (r *Registry) trimLocal(s string) string { return strings.TrimPrefix(s, r.addr+"/") }

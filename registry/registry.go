@@ -89,6 +89,11 @@ type Registry struct {
 
 	connMu   sync.Mutex
 	newConns map[net.Conn]struct{} // accepted, no request read yet
+	extra    []*http.Server        // ServeTLS listeners
+
+	// remotePull are the options of a remote registry (NewRemote): the pull
+	// credential over HTTPS only. nil for an embedded registry.
+	remotePull []remote.Option
 }
 
 // New starts an embedded registry storing its data under cfg.RootDir and
@@ -276,6 +281,10 @@ func (r *Registry) Addr() string { return r.addr }
 func (r *Registry) Close() error {
 	r.closeOnce.Do(func() {
 		r.transport.CloseIdleConnections()
+		if r.app == nil {
+			r.closeRemote()
+			return
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		done := make(chan error, 1)
@@ -288,6 +297,7 @@ func (r *Registry) Close() error {
 		if err != nil {
 			err = errors.Join(err, r.srv.Close())
 		}
+		err = errors.Join(err, r.closeExtra(ctx))
 		err = errors.Join(err, <-r.serveErr, r.app.Shutdown())
 		r.transport.CloseIdleConnections()
 		unregisterLogger(r.id)
@@ -319,6 +329,9 @@ func (r *Registry) closeNewConns() {
 // embedded registry as chalkd (the push credential, its loopback transport,
 // reused connections), with ctx.
 func (r *Registry) RemoteOptions(ctx context.Context) []remote.Option {
+	if r.app == nil {
+		return []remote.Option{remote.WithContext(ctx), remote.Reuse(r.puller)}
+	}
 	return []remote.Option{remote.WithContext(ctx), remote.Reuse(r.puller), remote.Reuse(r.pusher)}
 }
 
@@ -326,6 +339,9 @@ func (r *Registry) RemoteOptions(ctx context.Context) []remote.Option {
 // embedded registry with the read-only pull credential: what a node's image
 // cache uses.
 func (r *Registry) PullOptions() []remote.Option {
+	if r.app == nil {
+		return r.remotePull
+	}
 	opts := []remote.Option{remote.WithAuth(r.creds.Pull.Authenticator())}
 	if r.cfg.TLSCertFile != "" {
 		opts = append(opts, remote.WithTransport(r.roundTripper))

@@ -146,6 +146,9 @@ func (r *Registry) Resolve(ctx context.Context, ref string) (name.Reference, v1.
 		return nil, v1.Hash{}, fmt.Errorf("image %q: %w", ref, err)
 	}
 	host := normalizeHost(user.Context().RegistryStr())
+	if r.IsRemote() {
+		return nil, v1.Hash{}, fmt.Errorf("image %q: not in the control plane's registry (%s): %w", ref, r.addr, errdefs.ErrNotFound)
+	}
 	up, ok := r.upstreams[host]
 	if !ok || user.Context().RegistryStr() == r.addr {
 		return nil, v1.Hash{}, fmt.Errorf("image %q: not in the embedded registry and no upstream for %s: %w", ref, host, errdefs.ErrNotFound)

@@ -82,17 +82,34 @@ func RemotePullOptions(cred Credential, caPEM []byte) ([]remote.Option, error) {
 		}
 		cfg.RootCAs = pool
 	}
+	return RemotePullOptionsTLS(cred, cfg)
+}
+
+// RemotePullOptionsTLS is RemotePullOptions verifying the registry with cfg
+// (a fleet node: the fleet CA and the control plane's certificate).
+func RemotePullOptionsTLS(cred Credential, cfg *tls.Config) ([]remote.Option, error) {
+	opts, _, err := remotePullOptionsTLS(cred, cfg)
+	return opts, err
+}
+
+func remotePullOptionsTLS(cred Credential, cfg *tls.Config) ([]remote.Option, *http.Transport, error) {
+	if cred.Username == "" || cred.Password == "" {
+		return nil, nil, fmt.Errorf("registry: a credential is needed to pull: %w", errdefs.ErrInvalidArgument)
+	}
+	if cfg == nil {
+		return nil, nil, fmt.Errorf("registry: a TLS configuration is needed to pull: %w", errdefs.ErrInvalidArgument)
+	}
 	tr := &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
 		DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		TLSClientConfig:       cfg,
+		TLSClientConfig:       cfg.Clone(),
 		TLSHandshakeTimeout:   10 * time.Second,
 		ResponseHeaderTimeout: 60 * time.Second,
 		MaxIdleConnsPerHost:   16,
 		IdleConnTimeout:       90 * time.Second,
 		ForceAttemptHTTP2:     true,
 	}
-	return []remote.Option{remote.WithTransport(httpsOnly{tr}), remote.WithAuth(cred.Authenticator())}, nil
+	return []remote.Option{remote.WithTransport(httpsOnly{tr}), remote.WithAuth(cred.Authenticator())}, tr, nil
 }
 
 var _ http.RoundTripper = httpsOnly{}

@@ -47,7 +47,7 @@ func main() {
 	cfg, nopts := &f.cfg, &f.nopts
 	_ = f.fs.Parse(args)
 	cfg.NoUserNS = !*f.userns
-	level, upstreams, fleetListen, pprofSocket := f.level, f.upstreams, f.fleetListen, f.pprofSocket
+	level, upstreams, pprofSocket := f.level, f.upstreams, f.pprofSocket
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(level)); err != nil {
 		fmt.Fprintln(os.Stderr, "chalkd: bad -log-level:", err)
@@ -78,7 +78,7 @@ func main() {
 	case "node":
 		err = daemon.MainNode(ctx, *cfg, *nopts)
 	case "control":
-		cfg.Fleet = &daemon.FleetConfig{Listen: fleetListen}
+		cfg.Fleet = &daemon.FleetConfig{Listen: f.fleetListen, RegistryListen: f.fleetRegistry, RegistryAdvertise: f.fleetRegistryAdvertise}
 		err = daemon.Main(ctx, *cfg)
 	default:
 		err = daemon.Main(ctx, *cfg)
@@ -197,11 +197,12 @@ func servePprof(path string) error {
 // where its values land (the deployment guide's test checks the flags of
 // deploy/systemd's units against it).
 type chalkdFlags struct {
-	fs                                         *flag.FlagSet
-	cfg                                        daemon.Config
-	nopts                                      daemon.NodeOptions
-	level, upstreams, fleetListen, pprofSocket string
-	userns                                     *bool
+	fs                                                 *flag.FlagSet
+	cfg                                                daemon.Config
+	nopts                                              daemon.NodeOptions
+	level, upstreams, pprofSocket                      string
+	fleetListen, fleetRegistry, fleetRegistryAdvertise string
+	userns                                             *bool
 }
 
 func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
@@ -211,6 +212,8 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 	switch mode {
 	case "control":
 		fs.StringVar(&f.fleetListen, "fleet-listen", daemon.DefaultFleetListen, "the fleet listener (TLS with the fleet CA): node agents join and heartbeat here")
+		fs.StringVar(&f.fleetRegistry, "fleet-registry-listen", daemon.DefaultFleetRegistryListen, "the embedded registry for node agents (TLS with the fleet CA; the read-only pull credential, which nodes get over the fleet channel)")
+		fs.StringVar(&f.fleetRegistryAdvertise, "fleet-registry-advertise", "", "the registry's TLS listener as nodes reach it, host:port (default: the host a node joined at, the port of --fleet-registry-listen)")
 	case "node":
 		fs.StringVar(&nopts.Join, "join", "", "the control plane's fleet listener, https://control:7450")
 		fs.StringVar(&nopts.JoinToken, "join-token", os.Getenv("CHALK_JOIN_TOKEN"), "one-time join token from `chalkd control token` (default $CHALK_JOIN_TOKEN; needed at the first start only)")

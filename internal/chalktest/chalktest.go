@@ -203,6 +203,7 @@ type Options struct {
 	BinDir   string        // binaries to run (default Bin: built from this tree)
 	Env      []string      // extra environment of chalkd (KEY=value)
 	Mode     string        // chalkd's mode: "" (all-in-one), "control" or "node"
+	NoSeed   bool          // seed no base image (a fleet node pulls them from its control plane)
 	// Before, if set, runs once the node's netns exists, before chalkd
 	// starts (to link it to others, add flags).
 	Before func(n *Node)
@@ -286,9 +287,11 @@ func StartOpts(t TB, o Options) *Node {
 	// Seeding writes the registry's storage; it runs in the host's network
 	// namespace because the Python base comes from the Debian mirror (as the
 	// setup script does), cached across runs.
-	seed := exec.Command(seedArgs[0], seedArgs[1:]...)
-	if out, err := seed.CombinedOutput(); err != nil {
-		t.Fatalf("chalkd seed: %v\n%s", err, out)
+	if !o.NoSeed {
+		seed := exec.Command(seedArgs[0], seedArgs[1:]...)
+		if out, err := seed.CombinedOutput(); err != nil {
+			t.Fatalf("chalkd seed: %v\n%s", err, out)
+		}
 	}
 	if o.Before != nil {
 		o.Before(n)

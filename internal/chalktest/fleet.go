@@ -39,12 +39,14 @@ func (n *Node) JoinToken() string {
 	return strings.TrimSpace(string(out))
 }
 
-// StartFleetNode starts node agent i (1..250) joined to control.
+// StartFleetNode starts node agent i (1..250) joined to control. It is
+// seeded with no base image: it pulls every image from the control plane's
+// registry.
 func StartFleetNode(t TB, control *Node, i int) *Node {
 	t.Helper()
 	ctlIP, nodeIP := fmt.Sprintf("10.251.%d.1", i), fmt.Sprintf("10.251.%d.2", i)
 	tok := control.JoinToken()
-	return StartOpts(t, Options{Mode: "node", Before: func(n *Node) {
+	return StartOpts(t, Options{Mode: "node", NoSeed: true, Before: func(n *Node) {
 		run := func(args ...string) {
 			if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 				t.Fatalf("ip %v: %v %s", args, err, out)

@@ -2768,7 +2768,10 @@ type WarmImageRequest struct {
 	// If set: how many sandboxes of the image the node keeps pre-started from
 	// now on (0: none), in place of its automatic count; Warm returns once
 	// that many are ready (progress phase "prestart", current/total).
-	Sandboxes     *int32 `protobuf:"varint,2,opt,name=sandboxes,proto3,oneof" json:"sandboxes,omitempty"`
+	Sandboxes *int32 `protobuf:"varint,2,opt,name=sandboxes,proto3,oneof" json:"sandboxes,omitempty"`
+	// Fleet (chalkd control): the nodes (names or ids) to warm the image on;
+	// empty: every healthy node in state ready. Refused elsewhere.
+	Nodes         []string `protobuf:"bytes,3,rep,name=nodes,proto3" json:"nodes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2817,24 +2820,112 @@ func (x *WarmImageRequest) GetSandboxes() int32 {
 	return 0
 }
 
-type ImageProgress struct {
+func (x *WarmImageRequest) GetNodes() []string {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+// NodeWarm is how warming an image went on one fleet node.
+type NodeWarm struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Phase         string                 `protobuf:"bytes,1,opt,name=phase,proto3" json:"phase,omitempty"` // resolve | pull | extract | build | done
-	Layer         string                 `protobuf:"bytes,2,opt,name=layer,proto3" json:"layer,omitempty"`
-	Current       int64                  `protobuf:"varint,3,opt,name=current,proto3" json:"current,omitempty"`
-	Total         int64                  `protobuf:"varint,4,opt,name=total,proto3" json:"total,omitempty"`
-	Line          string                 `protobuf:"bytes,5,opt,name=line,proto3" json:"line,omitempty"` // build log line
-	Step          int32                  `protobuf:"varint,6,opt,name=step,proto3" json:"step,omitempty"`
-	Cached        bool                   `protobuf:"varint,7,opt,name=cached,proto3" json:"cached,omitempty"`
-	Image         *Image                 `protobuf:"bytes,8,opt,name=image,proto3" json:"image,omitempty"` // set on the final message
-	BytesPulled   int64                  `protobuf:"varint,9,opt,name=bytes_pulled,json=bytesPulled,proto3" json:"bytes_pulled,omitempty"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"` // name
+	Id            string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	Digest        string                 `protobuf:"bytes,3,opt,name=digest,proto3" json:"digest,omitempty"` // the image's digest there (empty on error)
+	BytesPulled   int64                  `protobuf:"varint,4,opt,name=bytes_pulled,json=bytesPulled,proto3" json:"bytes_pulled,omitempty"`
+	Error         string                 `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"` // empty: warm
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeWarm) Reset() {
+	*x = NodeWarm{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeWarm) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeWarm) ProtoMessage() {}
+
+func (x *NodeWarm) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeWarm.ProtoReflect.Descriptor instead.
+func (*NodeWarm) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *NodeWarm) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *NodeWarm) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *NodeWarm) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *NodeWarm) GetBytesPulled() int64 {
+	if x != nil {
+		return x.BytesPulled
+	}
+	return 0
+}
+
+func (x *NodeWarm) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type ImageProgress struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Phase       string                 `protobuf:"bytes,1,opt,name=phase,proto3" json:"phase,omitempty"` // resolve | pull | extract | build | done
+	Layer       string                 `protobuf:"bytes,2,opt,name=layer,proto3" json:"layer,omitempty"`
+	Current     int64                  `protobuf:"varint,3,opt,name=current,proto3" json:"current,omitempty"`
+	Total       int64                  `protobuf:"varint,4,opt,name=total,proto3" json:"total,omitempty"`
+	Line        string                 `protobuf:"bytes,5,opt,name=line,proto3" json:"line,omitempty"` // build log line
+	Step        int32                  `protobuf:"varint,6,opt,name=step,proto3" json:"step,omitempty"`
+	Cached      bool                   `protobuf:"varint,7,opt,name=cached,proto3" json:"cached,omitempty"`
+	Image       *Image                 `protobuf:"bytes,8,opt,name=image,proto3" json:"image,omitempty"` // set on the final message
+	BytesPulled int64                  `protobuf:"varint,9,opt,name=bytes_pulled,json=bytesPulled,proto3" json:"bytes_pulled,omitempty"`
+	// Fleet warm: the node (name) a progress message is about; and on the
+	// final message, how it went on each node.
+	Node          string      `protobuf:"bytes,10,opt,name=node,proto3" json:"node,omitempty"`
+	Nodes         []*NodeWarm `protobuf:"bytes,11,rep,name=nodes,proto3" json:"nodes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ImageProgress) Reset() {
 	*x = ImageProgress{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2846,7 +2937,7 @@ func (x *ImageProgress) String() string {
 func (*ImageProgress) ProtoMessage() {}
 
 func (x *ImageProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[44]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2859,7 +2950,7 @@ func (x *ImageProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageProgress.ProtoReflect.Descriptor instead.
 func (*ImageProgress) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{44}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ImageProgress) GetPhase() string {
@@ -2925,6 +3016,20 @@ func (x *ImageProgress) GetBytesPulled() int64 {
 	return 0
 }
 
+func (x *ImageProgress) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *ImageProgress) GetNodes() []*NodeWarm {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
 type ListImagesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -2933,7 +3038,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2945,7 +3050,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[45]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2958,7 +3063,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{45}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{46}
 }
 
 type ListImagesResponse struct {
@@ -2970,7 +3075,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2982,7 +3087,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[46]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2995,7 +3100,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{46}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -3014,7 +3119,7 @@ type InspectImageRequest struct {
 
 func (x *InspectImageRequest) Reset() {
 	*x = InspectImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3026,7 +3131,7 @@ func (x *InspectImageRequest) String() string {
 func (*InspectImageRequest) ProtoMessage() {}
 
 func (x *InspectImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[47]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3039,7 +3144,7 @@ func (x *InspectImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageRequest.ProtoReflect.Descriptor instead.
 func (*InspectImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{47}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *InspectImageRequest) GetRef() string {
@@ -3060,7 +3165,7 @@ type InspectImageResponse struct {
 
 func (x *InspectImageResponse) Reset() {
 	*x = InspectImageResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3072,7 +3177,7 @@ func (x *InspectImageResponse) String() string {
 func (*InspectImageResponse) ProtoMessage() {}
 
 func (x *InspectImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[48]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3085,7 +3190,7 @@ func (x *InspectImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageResponse.ProtoReflect.Descriptor instead.
 func (*InspectImageResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{48}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *InspectImageResponse) GetImage() *Image {
@@ -3118,7 +3223,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3130,7 +3235,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[49]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3143,7 +3248,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{49}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -3161,7 +3266,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3173,7 +3278,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[50]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3186,7 +3291,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{50}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{51}
 }
 
 type BuildImageRequest struct {
@@ -3199,7 +3304,7 @@ type BuildImageRequest struct {
 
 func (x *BuildImageRequest) Reset() {
 	*x = BuildImageRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3211,7 +3316,7 @@ func (x *BuildImageRequest) String() string {
 func (*BuildImageRequest) ProtoMessage() {}
 
 func (x *BuildImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[51]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3224,7 +3329,7 @@ func (x *BuildImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BuildImageRequest.ProtoReflect.Descriptor instead.
 func (*BuildImageRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{51}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *BuildImageRequest) GetSpecJson() string {
@@ -3250,7 +3355,7 @@ type HasBlobsRequest struct {
 
 func (x *HasBlobsRequest) Reset() {
 	*x = HasBlobsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3262,7 +3367,7 @@ func (x *HasBlobsRequest) String() string {
 func (*HasBlobsRequest) ProtoMessage() {}
 
 func (x *HasBlobsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[52]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3275,7 +3380,7 @@ func (x *HasBlobsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HasBlobsRequest.ProtoReflect.Descriptor instead.
 func (*HasBlobsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{52}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *HasBlobsRequest) GetDigests() []string {
@@ -3294,7 +3399,7 @@ type HasBlobsResponse struct {
 
 func (x *HasBlobsResponse) Reset() {
 	*x = HasBlobsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3306,7 +3411,7 @@ func (x *HasBlobsResponse) String() string {
 func (*HasBlobsResponse) ProtoMessage() {}
 
 func (x *HasBlobsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[53]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3319,7 +3424,7 @@ func (x *HasBlobsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HasBlobsResponse.ProtoReflect.Descriptor instead.
 func (*HasBlobsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{53}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *HasBlobsResponse) GetMissing() []string {
@@ -3339,7 +3444,7 @@ type UploadBlobRequest struct {
 
 func (x *UploadBlobRequest) Reset() {
 	*x = UploadBlobRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3351,7 +3456,7 @@ func (x *UploadBlobRequest) String() string {
 func (*UploadBlobRequest) ProtoMessage() {}
 
 func (x *UploadBlobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[54]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3364,7 +3469,7 @@ func (x *UploadBlobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadBlobRequest.ProtoReflect.Descriptor instead.
 func (*UploadBlobRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{54}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *UploadBlobRequest) GetDigest() string {
@@ -3391,7 +3496,7 @@ type UploadBlobResponse struct {
 
 func (x *UploadBlobResponse) Reset() {
 	*x = UploadBlobResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3403,7 +3508,7 @@ func (x *UploadBlobResponse) String() string {
 func (*UploadBlobResponse) ProtoMessage() {}
 
 func (x *UploadBlobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[55]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3416,7 +3521,7 @@ func (x *UploadBlobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadBlobResponse.ProtoReflect.Descriptor instead.
 func (*UploadBlobResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{55}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *UploadBlobResponse) GetDigest() string {
@@ -3447,7 +3552,7 @@ type NetworkPolicy struct {
 
 func (x *NetworkPolicy) Reset() {
 	*x = NetworkPolicy{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3459,7 +3564,7 @@ func (x *NetworkPolicy) String() string {
 func (*NetworkPolicy) ProtoMessage() {}
 
 func (x *NetworkPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[56]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3472,7 +3577,7 @@ func (x *NetworkPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkPolicy.ProtoReflect.Descriptor instead.
 func (*NetworkPolicy) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{56}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *NetworkPolicy) GetName() string {
@@ -3526,7 +3631,7 @@ type PolicyName struct {
 
 func (x *PolicyName) Reset() {
 	*x = PolicyName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3538,7 +3643,7 @@ func (x *PolicyName) String() string {
 func (*PolicyName) ProtoMessage() {}
 
 func (x *PolicyName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[57]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3551,7 +3656,7 @@ func (x *PolicyName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyName.ProtoReflect.Descriptor instead.
 func (*PolicyName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{57}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *PolicyName) GetName() string {
@@ -3569,7 +3674,7 @@ type ListPoliciesRequest struct {
 
 func (x *ListPoliciesRequest) Reset() {
 	*x = ListPoliciesRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3581,7 +3686,7 @@ func (x *ListPoliciesRequest) String() string {
 func (*ListPoliciesRequest) ProtoMessage() {}
 
 func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[58]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3594,7 +3699,7 @@ func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
 func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{58}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{59}
 }
 
 type ListPoliciesResponse struct {
@@ -3606,7 +3711,7 @@ type ListPoliciesResponse struct {
 
 func (x *ListPoliciesResponse) Reset() {
 	*x = ListPoliciesResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3618,7 +3723,7 @@ func (x *ListPoliciesResponse) String() string {
 func (*ListPoliciesResponse) ProtoMessage() {}
 
 func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[59]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3631,7 +3736,7 @@ func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
 func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{59}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *ListPoliciesResponse) GetPolicies() []*NetworkPolicy {
@@ -3649,7 +3754,7 @@ type DeletePolicyResponse struct {
 
 func (x *DeletePolicyResponse) Reset() {
 	*x = DeletePolicyResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3661,7 +3766,7 @@ func (x *DeletePolicyResponse) String() string {
 func (*DeletePolicyResponse) ProtoMessage() {}
 
 func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[60]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3674,7 +3779,7 @@ func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
 func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{60}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{61}
 }
 
 type WhoAmIRequest struct {
@@ -3685,7 +3790,7 @@ type WhoAmIRequest struct {
 
 func (x *WhoAmIRequest) Reset() {
 	*x = WhoAmIRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3697,7 +3802,7 @@ func (x *WhoAmIRequest) String() string {
 func (*WhoAmIRequest) ProtoMessage() {}
 
 func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[61]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3710,7 +3815,7 @@ func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIRequest.ProtoReflect.Descriptor instead.
 func (*WhoAmIRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{61}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{62}
 }
 
 type WhoAmIResponse struct {
@@ -3730,7 +3835,7 @@ type WhoAmIResponse struct {
 
 func (x *WhoAmIResponse) Reset() {
 	*x = WhoAmIResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3742,7 +3847,7 @@ func (x *WhoAmIResponse) String() string {
 func (*WhoAmIResponse) ProtoMessage() {}
 
 func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[62]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3755,7 +3860,7 @@ func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIResponse.ProtoReflect.Descriptor instead.
 func (*WhoAmIResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{62}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *WhoAmIResponse) GetKind() string {
@@ -3832,7 +3937,7 @@ type MintTokenRequest struct {
 
 func (x *MintTokenRequest) Reset() {
 	*x = MintTokenRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3844,7 +3949,7 @@ func (x *MintTokenRequest) String() string {
 func (*MintTokenRequest) ProtoMessage() {}
 
 func (x *MintTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[63]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3857,7 +3962,7 @@ func (x *MintTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintTokenRequest.ProtoReflect.Descriptor instead.
 func (*MintTokenRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{63}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *MintTokenRequest) GetAudience() string {
@@ -3891,7 +3996,7 @@ type MintTokenResponse struct {
 
 func (x *MintTokenResponse) Reset() {
 	*x = MintTokenResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3903,7 +4008,7 @@ func (x *MintTokenResponse) String() string {
 func (*MintTokenResponse) ProtoMessage() {}
 
 func (x *MintTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[64]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3916,7 +4021,7 @@ func (x *MintTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintTokenResponse.ProtoReflect.Descriptor instead.
 func (*MintTokenResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{64}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *MintTokenResponse) GetToken() string {
@@ -3941,7 +4046,7 @@ type RotateKeysRequest struct {
 
 func (x *RotateKeysRequest) Reset() {
 	*x = RotateKeysRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3953,7 +4058,7 @@ func (x *RotateKeysRequest) String() string {
 func (*RotateKeysRequest) ProtoMessage() {}
 
 func (x *RotateKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[65]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3966,7 +4071,7 @@ func (x *RotateKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeysRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeysRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{65}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{66}
 }
 
 type RotateKeysResponse struct {
@@ -3978,7 +4083,7 @@ type RotateKeysResponse struct {
 
 func (x *RotateKeysResponse) Reset() {
 	*x = RotateKeysResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3990,7 +4095,7 @@ func (x *RotateKeysResponse) String() string {
 func (*RotateKeysResponse) ProtoMessage() {}
 
 func (x *RotateKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[66]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4003,7 +4108,7 @@ func (x *RotateKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeysResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeysResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{66}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *RotateKeysResponse) GetKids() []string {
@@ -4029,7 +4134,7 @@ type TunnelPeer struct {
 
 func (x *TunnelPeer) Reset() {
 	*x = TunnelPeer{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4041,7 +4146,7 @@ func (x *TunnelPeer) String() string {
 func (*TunnelPeer) ProtoMessage() {}
 
 func (x *TunnelPeer) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[67]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4054,7 +4159,7 @@ func (x *TunnelPeer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelPeer.ProtoReflect.Descriptor instead.
 func (*TunnelPeer) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{67}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *TunnelPeer) GetPublicKey() string {
@@ -4099,7 +4204,7 @@ type TunnelMember struct {
 
 func (x *TunnelMember) Reset() {
 	*x = TunnelMember{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4111,7 +4216,7 @@ func (x *TunnelMember) String() string {
 func (*TunnelMember) ProtoMessage() {}
 
 func (x *TunnelMember) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[68]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4124,7 +4229,7 @@ func (x *TunnelMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelMember.ProtoReflect.Descriptor instead.
 func (*TunnelMember) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{68}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *TunnelMember) GetSandboxId() string {
@@ -4176,7 +4281,7 @@ type Tunnel struct {
 
 func (x *Tunnel) Reset() {
 	*x = Tunnel{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4188,7 +4293,7 @@ func (x *Tunnel) String() string {
 func (*Tunnel) ProtoMessage() {}
 
 func (x *Tunnel) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[69]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4201,7 +4306,7 @@ func (x *Tunnel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tunnel.ProtoReflect.Descriptor instead.
 func (*Tunnel) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{69}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *Tunnel) GetName() string {
@@ -4248,7 +4353,7 @@ type TunnelName struct {
 
 func (x *TunnelName) Reset() {
 	*x = TunnelName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4260,7 +4365,7 @@ func (x *TunnelName) String() string {
 func (*TunnelName) ProtoMessage() {}
 
 func (x *TunnelName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[70]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4273,7 +4378,7 @@ func (x *TunnelName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelName.ProtoReflect.Descriptor instead.
 func (*TunnelName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{70}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *TunnelName) GetName() string {
@@ -4291,7 +4396,7 @@ type ListTunnelsRequest struct {
 
 func (x *ListTunnelsRequest) Reset() {
 	*x = ListTunnelsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4303,7 +4408,7 @@ func (x *ListTunnelsRequest) String() string {
 func (*ListTunnelsRequest) ProtoMessage() {}
 
 func (x *ListTunnelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[71]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4316,7 +4421,7 @@ func (x *ListTunnelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTunnelsRequest.ProtoReflect.Descriptor instead.
 func (*ListTunnelsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{71}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{72}
 }
 
 type ListTunnelsResponse struct {
@@ -4328,7 +4433,7 @@ type ListTunnelsResponse struct {
 
 func (x *ListTunnelsResponse) Reset() {
 	*x = ListTunnelsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4340,7 +4445,7 @@ func (x *ListTunnelsResponse) String() string {
 func (*ListTunnelsResponse) ProtoMessage() {}
 
 func (x *ListTunnelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[72]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4353,7 +4458,7 @@ func (x *ListTunnelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTunnelsResponse.ProtoReflect.Descriptor instead.
 func (*ListTunnelsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{72}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *ListTunnelsResponse) GetTunnels() []*Tunnel {
@@ -4373,7 +4478,7 @@ type AddTunnelPeerRequest struct {
 
 func (x *AddTunnelPeerRequest) Reset() {
 	*x = AddTunnelPeerRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4385,7 +4490,7 @@ func (x *AddTunnelPeerRequest) String() string {
 func (*AddTunnelPeerRequest) ProtoMessage() {}
 
 func (x *AddTunnelPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[73]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4398,7 +4503,7 @@ func (x *AddTunnelPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddTunnelPeerRequest.ProtoReflect.Descriptor instead.
 func (*AddTunnelPeerRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{73}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *AddTunnelPeerRequest) GetTunnel() string {
@@ -4425,7 +4530,7 @@ type RemoveTunnelPeerRequest struct {
 
 func (x *RemoveTunnelPeerRequest) Reset() {
 	*x = RemoveTunnelPeerRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4437,7 +4542,7 @@ func (x *RemoveTunnelPeerRequest) String() string {
 func (*RemoveTunnelPeerRequest) ProtoMessage() {}
 
 func (x *RemoveTunnelPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[74]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4450,7 +4555,7 @@ func (x *RemoveTunnelPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveTunnelPeerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveTunnelPeerRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{74}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *RemoveTunnelPeerRequest) GetTunnel() string {
@@ -4475,7 +4580,7 @@ type DeleteTunnelResponse struct {
 
 func (x *DeleteTunnelResponse) Reset() {
 	*x = DeleteTunnelResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4487,7 +4592,7 @@ func (x *DeleteTunnelResponse) String() string {
 func (*DeleteTunnelResponse) ProtoMessage() {}
 
 func (x *DeleteTunnelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[75]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4500,7 +4605,7 @@ func (x *DeleteTunnelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteTunnelResponse.ProtoReflect.Descriptor instead.
 func (*DeleteTunnelResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{75}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{76}
 }
 
 // An upstream MCP server sandboxes reach through the gateway at
@@ -4527,7 +4632,7 @@ type McpServer struct {
 
 func (x *McpServer) Reset() {
 	*x = McpServer{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4539,7 +4644,7 @@ func (x *McpServer) String() string {
 func (*McpServer) ProtoMessage() {}
 
 func (x *McpServer) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[76]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4552,7 +4657,7 @@ func (x *McpServer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpServer.ProtoReflect.Descriptor instead.
 func (*McpServer) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{76}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *McpServer) GetName() string {
@@ -4655,7 +4760,7 @@ type McpServerName struct {
 
 func (x *McpServerName) Reset() {
 	*x = McpServerName{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4667,7 +4772,7 @@ func (x *McpServerName) String() string {
 func (*McpServerName) ProtoMessage() {}
 
 func (x *McpServerName) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[77]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4680,7 +4785,7 @@ func (x *McpServerName) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpServerName.ProtoReflect.Descriptor instead.
 func (*McpServerName) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{77}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *McpServerName) GetName() string {
@@ -4698,7 +4803,7 @@ type ListMcpServersRequest struct {
 
 func (x *ListMcpServersRequest) Reset() {
 	*x = ListMcpServersRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4710,7 +4815,7 @@ func (x *ListMcpServersRequest) String() string {
 func (*ListMcpServersRequest) ProtoMessage() {}
 
 func (x *ListMcpServersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[78]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4723,7 +4828,7 @@ func (x *ListMcpServersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMcpServersRequest.ProtoReflect.Descriptor instead.
 func (*ListMcpServersRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{78}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{79}
 }
 
 type ListMcpServersResponse struct {
@@ -4735,7 +4840,7 @@ type ListMcpServersResponse struct {
 
 func (x *ListMcpServersResponse) Reset() {
 	*x = ListMcpServersResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4747,7 +4852,7 @@ func (x *ListMcpServersResponse) String() string {
 func (*ListMcpServersResponse) ProtoMessage() {}
 
 func (x *ListMcpServersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[79]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4760,7 +4865,7 @@ func (x *ListMcpServersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMcpServersResponse.ProtoReflect.Descriptor instead.
 func (*ListMcpServersResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{79}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *ListMcpServersResponse) GetServers() []*McpServer {
@@ -4778,7 +4883,7 @@ type RemoveMcpServerResponse struct {
 
 func (x *RemoveMcpServerResponse) Reset() {
 	*x = RemoveMcpServerResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4790,7 +4895,7 @@ func (x *RemoveMcpServerResponse) String() string {
 func (*RemoveMcpServerResponse) ProtoMessage() {}
 
 func (x *RemoveMcpServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[80]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4803,7 +4908,7 @@ func (x *RemoveMcpServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMcpServerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveMcpServerResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{80}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{81}
 }
 
 type McpAuditRequest struct {
@@ -4818,7 +4923,7 @@ type McpAuditRequest struct {
 
 func (x *McpAuditRequest) Reset() {
 	*x = McpAuditRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4830,7 +4935,7 @@ func (x *McpAuditRequest) String() string {
 func (*McpAuditRequest) ProtoMessage() {}
 
 func (x *McpAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[81]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4843,7 +4948,7 @@ func (x *McpAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditRequest.ProtoReflect.Descriptor instead.
 func (*McpAuditRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{81}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *McpAuditRequest) GetSandboxId() string {
@@ -4896,7 +5001,7 @@ type McpAuditRecord struct {
 
 func (x *McpAuditRecord) Reset() {
 	*x = McpAuditRecord{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4908,7 +5013,7 @@ func (x *McpAuditRecord) String() string {
 func (*McpAuditRecord) ProtoMessage() {}
 
 func (x *McpAuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[82]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4921,7 +5026,7 @@ func (x *McpAuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditRecord.ProtoReflect.Descriptor instead.
 func (*McpAuditRecord) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{82}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *McpAuditRecord) GetSeq() int64 {
@@ -5031,7 +5136,7 @@ type McpAuditResponse struct {
 
 func (x *McpAuditResponse) Reset() {
 	*x = McpAuditResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5043,7 +5148,7 @@ func (x *McpAuditResponse) String() string {
 func (*McpAuditResponse) ProtoMessage() {}
 
 func (x *McpAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[83]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5056,7 +5161,7 @@ func (x *McpAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use McpAuditResponse.ProtoReflect.Descriptor instead.
 func (*McpAuditResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{83}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *McpAuditResponse) GetRecords() []*McpAuditRecord {
@@ -5079,7 +5184,7 @@ type Org struct {
 
 func (x *Org) Reset() {
 	*x = Org{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5091,7 +5196,7 @@ func (x *Org) String() string {
 func (*Org) ProtoMessage() {}
 
 func (x *Org) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[84]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5104,7 +5209,7 @@ func (x *Org) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Org.ProtoReflect.Descriptor instead.
 func (*Org) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{84}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *Org) GetName() string {
@@ -5138,7 +5243,7 @@ type CreateOrgRequest struct {
 
 func (x *CreateOrgRequest) Reset() {
 	*x = CreateOrgRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5150,7 +5255,7 @@ func (x *CreateOrgRequest) String() string {
 func (*CreateOrgRequest) ProtoMessage() {}
 
 func (x *CreateOrgRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[85]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5163,7 +5268,7 @@ func (x *CreateOrgRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOrgRequest.ProtoReflect.Descriptor instead.
 func (*CreateOrgRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{85}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *CreateOrgRequest) GetName() string {
@@ -5190,7 +5295,7 @@ type CreateOrgResponse struct {
 
 func (x *CreateOrgResponse) Reset() {
 	*x = CreateOrgResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5202,7 +5307,7 @@ func (x *CreateOrgResponse) String() string {
 func (*CreateOrgResponse) ProtoMessage() {}
 
 func (x *CreateOrgResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[86]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5215,7 +5320,7 @@ func (x *CreateOrgResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateOrgResponse.ProtoReflect.Descriptor instead.
 func (*CreateOrgResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{86}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *CreateOrgResponse) GetOrg() *Org {
@@ -5240,7 +5345,7 @@ type ListOrgsRequest struct {
 
 func (x *ListOrgsRequest) Reset() {
 	*x = ListOrgsRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5252,7 +5357,7 @@ func (x *ListOrgsRequest) String() string {
 func (*ListOrgsRequest) ProtoMessage() {}
 
 func (x *ListOrgsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[87]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5265,7 +5370,7 @@ func (x *ListOrgsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOrgsRequest.ProtoReflect.Descriptor instead.
 func (*ListOrgsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{87}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{88}
 }
 
 type ListOrgsResponse struct {
@@ -5277,7 +5382,7 @@ type ListOrgsResponse struct {
 
 func (x *ListOrgsResponse) Reset() {
 	*x = ListOrgsResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5289,7 +5394,7 @@ func (x *ListOrgsResponse) String() string {
 func (*ListOrgsResponse) ProtoMessage() {}
 
 func (x *ListOrgsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[88]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5302,7 +5407,7 @@ func (x *ListOrgsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOrgsResponse.ProtoReflect.Descriptor instead.
 func (*ListOrgsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{88}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *ListOrgsResponse) GetOrgs() []*Org {
@@ -5324,7 +5429,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5336,7 +5441,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[89]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5349,7 +5454,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{89}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *Member) GetUser() string {
@@ -5384,7 +5489,7 @@ type AddMemberRequest struct {
 
 func (x *AddMemberRequest) Reset() {
 	*x = AddMemberRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5396,7 +5501,7 @@ func (x *AddMemberRequest) String() string {
 func (*AddMemberRequest) ProtoMessage() {}
 
 func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[90]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5409,7 +5514,7 @@ func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddMemberRequest.ProtoReflect.Descriptor instead.
 func (*AddMemberRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{90}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *AddMemberRequest) GetOrg() string {
@@ -5443,7 +5548,7 @@ type AddMemberResponse struct {
 
 func (x *AddMemberResponse) Reset() {
 	*x = AddMemberResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5455,7 +5560,7 @@ func (x *AddMemberResponse) String() string {
 func (*AddMemberResponse) ProtoMessage() {}
 
 func (x *AddMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[91]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5468,7 +5573,7 @@ func (x *AddMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddMemberResponse.ProtoReflect.Descriptor instead.
 func (*AddMemberResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{91}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *AddMemberResponse) GetMember() *Member {
@@ -5494,7 +5599,7 @@ type ListMembersRequest struct {
 
 func (x *ListMembersRequest) Reset() {
 	*x = ListMembersRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5506,7 +5611,7 @@ func (x *ListMembersRequest) String() string {
 func (*ListMembersRequest) ProtoMessage() {}
 
 func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[92]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5519,7 +5624,7 @@ func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMembersRequest.ProtoReflect.Descriptor instead.
 func (*ListMembersRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{92}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *ListMembersRequest) GetOrg() string {
@@ -5538,7 +5643,7 @@ type ListMembersResponse struct {
 
 func (x *ListMembersResponse) Reset() {
 	*x = ListMembersResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5550,7 +5655,7 @@ func (x *ListMembersResponse) String() string {
 func (*ListMembersResponse) ProtoMessage() {}
 
 func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[93]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5563,7 +5668,7 @@ func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMembersResponse.ProtoReflect.Descriptor instead.
 func (*ListMembersResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{93}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *ListMembersResponse) GetMembers() []*Member {
@@ -5583,7 +5688,7 @@ type RemoveMemberRequest struct {
 
 func (x *RemoveMemberRequest) Reset() {
 	*x = RemoveMemberRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5595,7 +5700,7 @@ func (x *RemoveMemberRequest) String() string {
 func (*RemoveMemberRequest) ProtoMessage() {}
 
 func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[94]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5608,7 +5713,7 @@ func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberRequest.ProtoReflect.Descriptor instead.
 func (*RemoveMemberRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{94}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *RemoveMemberRequest) GetOrg() string {
@@ -5636,7 +5741,7 @@ type SetMemberRoleRequest struct {
 
 func (x *SetMemberRoleRequest) Reset() {
 	*x = SetMemberRoleRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5648,7 +5753,7 @@ func (x *SetMemberRoleRequest) String() string {
 func (*SetMemberRoleRequest) ProtoMessage() {}
 
 func (x *SetMemberRoleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[95]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5661,7 +5766,7 @@ func (x *SetMemberRoleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMemberRoleRequest.ProtoReflect.Descriptor instead.
 func (*SetMemberRoleRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{95}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *SetMemberRoleRequest) GetOrg() string {
@@ -5693,7 +5798,7 @@ type RemoveMemberResponse struct {
 
 func (x *RemoveMemberResponse) Reset() {
 	*x = RemoveMemberResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5705,7 +5810,7 @@ func (x *RemoveMemberResponse) String() string {
 func (*RemoveMemberResponse) ProtoMessage() {}
 
 func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[96]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5718,7 +5823,7 @@ func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberResponse.ProtoReflect.Descriptor instead.
 func (*RemoveMemberResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{96}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{97}
 }
 
 // An API key: per user per org. Only a hash of the secret is stored.
@@ -5742,7 +5847,7 @@ type ApiKey struct {
 
 func (x *ApiKey) Reset() {
 	*x = ApiKey{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5754,7 +5859,7 @@ func (x *ApiKey) String() string {
 func (*ApiKey) ProtoMessage() {}
 
 func (x *ApiKey) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[97]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5767,7 +5872,7 @@ func (x *ApiKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApiKey.ProtoReflect.Descriptor instead.
 func (*ApiKey) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{97}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *ApiKey) GetId() string {
@@ -5866,7 +5971,7 @@ type CreateKeyRequest struct {
 
 func (x *CreateKeyRequest) Reset() {
 	*x = CreateKeyRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5878,7 +5983,7 @@ func (x *CreateKeyRequest) String() string {
 func (*CreateKeyRequest) ProtoMessage() {}
 
 func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[98]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5891,7 +5996,7 @@ func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{98}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *CreateKeyRequest) GetName() string {
@@ -5931,7 +6036,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5943,7 +6048,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[99]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5956,7 +6061,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{99}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *ListKeysRequest) GetAll() bool {
@@ -5975,7 +6080,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5987,7 +6092,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[100]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6000,7 +6105,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{100}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *ListKeysResponse) GetKeys() []*ApiKey {
@@ -6019,7 +6124,7 @@ type RevokeKeyRequest struct {
 
 func (x *RevokeKeyRequest) Reset() {
 	*x = RevokeKeyRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[101]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6031,7 +6136,7 @@ func (x *RevokeKeyRequest) String() string {
 func (*RevokeKeyRequest) ProtoMessage() {}
 
 func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[101]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6044,7 +6149,7 @@ func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{101}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *RevokeKeyRequest) GetId() string {
@@ -6063,7 +6168,7 @@ type RevokeKeyResponse struct {
 
 func (x *RevokeKeyResponse) Reset() {
 	*x = RevokeKeyResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[102]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6075,7 +6180,7 @@ func (x *RevokeKeyResponse) String() string {
 func (*RevokeKeyResponse) ProtoMessage() {}
 
 func (x *RevokeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[102]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6088,7 +6193,7 @@ func (x *RevokeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyResponse.ProtoReflect.Descriptor instead.
 func (*RevokeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{102}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{103}
 }
 
 func (x *RevokeKeyResponse) GetKey() *ApiKey {
@@ -6111,7 +6216,7 @@ type Quota struct {
 
 func (x *Quota) Reset() {
 	*x = Quota{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[103]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[104]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6123,7 +6228,7 @@ func (x *Quota) String() string {
 func (*Quota) ProtoMessage() {}
 
 func (x *Quota) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[103]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[104]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6136,7 +6241,7 @@ func (x *Quota) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quota.ProtoReflect.Descriptor instead.
 func (*Quota) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{103}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{104}
 }
 
 func (x *Quota) GetMaxRunningSandboxes() int32 {
@@ -6176,7 +6281,7 @@ type GetQuotaRequest struct {
 
 func (x *GetQuotaRequest) Reset() {
 	*x = GetQuotaRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[104]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[105]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6188,7 +6293,7 @@ func (x *GetQuotaRequest) String() string {
 func (*GetQuotaRequest) ProtoMessage() {}
 
 func (x *GetQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[104]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[105]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6201,7 +6306,7 @@ func (x *GetQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetQuotaRequest.ProtoReflect.Descriptor instead.
 func (*GetQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{104}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{105}
 }
 
 func (x *GetQuotaRequest) GetOrg() string {
@@ -6221,7 +6326,7 @@ type SetQuotaRequest struct {
 
 func (x *SetQuotaRequest) Reset() {
 	*x = SetQuotaRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[105]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[106]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6233,7 +6338,7 @@ func (x *SetQuotaRequest) String() string {
 func (*SetQuotaRequest) ProtoMessage() {}
 
 func (x *SetQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[105]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[106]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6246,7 +6351,7 @@ func (x *SetQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetQuotaRequest.ProtoReflect.Descriptor instead.
 func (*SetQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{105}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{106}
 }
 
 func (x *SetQuotaRequest) GetOrg() string {
@@ -6274,7 +6379,7 @@ type AuditRequest struct {
 
 func (x *AuditRequest) Reset() {
 	*x = AuditRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[106]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[107]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6286,7 +6391,7 @@ func (x *AuditRequest) String() string {
 func (*AuditRequest) ProtoMessage() {}
 
 func (x *AuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[106]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[107]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6299,7 +6404,7 @@ func (x *AuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRequest.ProtoReflect.Descriptor instead.
 func (*AuditRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{106}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{107}
 }
 
 func (x *AuditRequest) GetSince() string {
@@ -6341,7 +6446,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[107]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[108]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6353,7 +6458,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[107]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[108]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6366,7 +6471,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{107}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{108}
 }
 
 func (x *AuditRecord) GetSeq() int64 {
@@ -6448,7 +6553,7 @@ type AuditResponse struct {
 
 func (x *AuditResponse) Reset() {
 	*x = AuditResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[108]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[109]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6460,7 +6565,7 @@ func (x *AuditResponse) String() string {
 func (*AuditResponse) ProtoMessage() {}
 
 func (x *AuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[108]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[109]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6473,7 +6578,7 @@ func (x *AuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditResponse.ProtoReflect.Descriptor instead.
 func (*AuditResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{108}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{109}
 }
 
 func (x *AuditResponse) GetRecords() []*AuditRecord {
@@ -6503,7 +6608,7 @@ type Node struct {
 
 func (x *Node) Reset() {
 	*x = Node{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[109]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[110]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6515,7 +6620,7 @@ func (x *Node) String() string {
 func (*Node) ProtoMessage() {}
 
 func (x *Node) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[109]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[110]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6528,7 +6633,7 @@ func (x *Node) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Node.ProtoReflect.Descriptor instead.
 func (*Node) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{109}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{110}
 }
 
 func (x *Node) GetId() string {
@@ -6616,7 +6721,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[110]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[111]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6628,7 +6733,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[110]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[111]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6641,7 +6746,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{110}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{111}
 }
 
 type ListNodesResponse struct {
@@ -6653,7 +6758,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[111]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[112]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6665,7 +6770,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[111]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[112]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6678,7 +6783,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{111}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{112}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -6700,7 +6805,7 @@ type SetNodeStateRequest struct {
 
 func (x *SetNodeStateRequest) Reset() {
 	*x = SetNodeStateRequest{}
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[112]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[113]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6712,7 +6817,7 @@ func (x *SetNodeStateRequest) String() string {
 func (*SetNodeStateRequest) ProtoMessage() {}
 
 func (x *SetNodeStateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_compute_v1_compute_proto_msgTypes[112]
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[113]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6725,7 +6830,7 @@ func (x *SetNodeStateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetNodeStateRequest.ProtoReflect.Descriptor instead.
 func (*SetNodeStateRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{112}
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{113}
 }
 
 func (x *SetNodeStateRequest) GetId() string {
@@ -6982,12 +7087,19 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x04warm\x18\x04 \x01(\bR\x04warm\x12\x1b\n" +
 	"\tlocal_ref\x18\x05 \x01(\tR\blocalRef\"$\n" +
 	"\x10PullImageRequest\x12\x10\n" +
-	"\x03ref\x18\x01 \x01(\tR\x03ref\"Y\n" +
+	"\x03ref\x18\x01 \x01(\tR\x03ref\"o\n" +
 	"\x10WarmImageRequest\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12!\n" +
-	"\tsandboxes\x18\x02 \x01(\x05H\x00R\tsandboxes\x88\x01\x01B\f\n" +
+	"\tsandboxes\x18\x02 \x01(\x05H\x00R\tsandboxes\x88\x01\x01\x12\x14\n" +
+	"\x05nodes\x18\x03 \x03(\tR\x05nodesB\f\n" +
 	"\n" +
-	"_sandboxes\"\xfd\x01\n" +
+	"_sandboxes\"\x7f\n" +
+	"\bNodeWarm\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12\x16\n" +
+	"\x06digest\x18\x03 \x01(\tR\x06digest\x12!\n" +
+	"\fbytes_pulled\x18\x04 \x01(\x03R\vbytesPulled\x12\x14\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\"\xc3\x02\n" +
 	"\rImageProgress\x12\x14\n" +
 	"\x05phase\x18\x01 \x01(\tR\x05phase\x12\x14\n" +
 	"\x05layer\x18\x02 \x01(\tR\x05layer\x12\x18\n" +
@@ -6997,7 +7109,10 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x04step\x18\x06 \x01(\x05R\x04step\x12\x16\n" +
 	"\x06cached\x18\a \x01(\bR\x06cached\x12-\n" +
 	"\x05image\x18\b \x01(\v2\x17.chalk.compute.v1.ImageR\x05image\x12!\n" +
-	"\fbytes_pulled\x18\t \x01(\x03R\vbytesPulled\"\x13\n" +
+	"\fbytes_pulled\x18\t \x01(\x03R\vbytesPulled\x12\x12\n" +
+	"\x04node\x18\n" +
+	" \x01(\tR\x04node\x120\n" +
+	"\x05nodes\x18\v \x03(\v2\x1a.chalk.compute.v1.NodeWarmR\x05nodes\"\x13\n" +
 	"\x11ListImagesRequest\"E\n" +
 	"\x12ListImagesResponse\x12/\n" +
 	"\x06images\x18\x01 \x03(\v2\x17.chalk.compute.v1.ImageR\x06images\"'\n" +
@@ -7372,7 +7487,7 @@ func file_chalk_compute_v1_compute_proto_rawDescGZIP() []byte {
 	return file_chalk_compute_v1_compute_proto_rawDescData
 }
 
-var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 119)
+var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 120)
 var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*Sandbox)(nil),                 // 0: chalk.compute.v1.Sandbox
 	(*CreateSandboxRequest)(nil),    // 1: chalk.compute.v1.CreateSandboxRequest
@@ -7418,90 +7533,91 @@ var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*Image)(nil),                   // 41: chalk.compute.v1.Image
 	(*PullImageRequest)(nil),        // 42: chalk.compute.v1.PullImageRequest
 	(*WarmImageRequest)(nil),        // 43: chalk.compute.v1.WarmImageRequest
-	(*ImageProgress)(nil),           // 44: chalk.compute.v1.ImageProgress
-	(*ListImagesRequest)(nil),       // 45: chalk.compute.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),      // 46: chalk.compute.v1.ListImagesResponse
-	(*InspectImageRequest)(nil),     // 47: chalk.compute.v1.InspectImageRequest
-	(*InspectImageResponse)(nil),    // 48: chalk.compute.v1.InspectImageResponse
-	(*RemoveImageRequest)(nil),      // 49: chalk.compute.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),     // 50: chalk.compute.v1.RemoveImageResponse
-	(*BuildImageRequest)(nil),       // 51: chalk.compute.v1.BuildImageRequest
-	(*HasBlobsRequest)(nil),         // 52: chalk.compute.v1.HasBlobsRequest
-	(*HasBlobsResponse)(nil),        // 53: chalk.compute.v1.HasBlobsResponse
-	(*UploadBlobRequest)(nil),       // 54: chalk.compute.v1.UploadBlobRequest
-	(*UploadBlobResponse)(nil),      // 55: chalk.compute.v1.UploadBlobResponse
-	(*NetworkPolicy)(nil),           // 56: chalk.compute.v1.NetworkPolicy
-	(*PolicyName)(nil),              // 57: chalk.compute.v1.PolicyName
-	(*ListPoliciesRequest)(nil),     // 58: chalk.compute.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),    // 59: chalk.compute.v1.ListPoliciesResponse
-	(*DeletePolicyResponse)(nil),    // 60: chalk.compute.v1.DeletePolicyResponse
-	(*WhoAmIRequest)(nil),           // 61: chalk.compute.v1.WhoAmIRequest
-	(*WhoAmIResponse)(nil),          // 62: chalk.compute.v1.WhoAmIResponse
-	(*MintTokenRequest)(nil),        // 63: chalk.compute.v1.MintTokenRequest
-	(*MintTokenResponse)(nil),       // 64: chalk.compute.v1.MintTokenResponse
-	(*RotateKeysRequest)(nil),       // 65: chalk.compute.v1.RotateKeysRequest
-	(*RotateKeysResponse)(nil),      // 66: chalk.compute.v1.RotateKeysResponse
-	(*TunnelPeer)(nil),              // 67: chalk.compute.v1.TunnelPeer
-	(*TunnelMember)(nil),            // 68: chalk.compute.v1.TunnelMember
-	(*Tunnel)(nil),                  // 69: chalk.compute.v1.Tunnel
-	(*TunnelName)(nil),              // 70: chalk.compute.v1.TunnelName
-	(*ListTunnelsRequest)(nil),      // 71: chalk.compute.v1.ListTunnelsRequest
-	(*ListTunnelsResponse)(nil),     // 72: chalk.compute.v1.ListTunnelsResponse
-	(*AddTunnelPeerRequest)(nil),    // 73: chalk.compute.v1.AddTunnelPeerRequest
-	(*RemoveTunnelPeerRequest)(nil), // 74: chalk.compute.v1.RemoveTunnelPeerRequest
-	(*DeleteTunnelResponse)(nil),    // 75: chalk.compute.v1.DeleteTunnelResponse
-	(*McpServer)(nil),               // 76: chalk.compute.v1.McpServer
-	(*McpServerName)(nil),           // 77: chalk.compute.v1.McpServerName
-	(*ListMcpServersRequest)(nil),   // 78: chalk.compute.v1.ListMcpServersRequest
-	(*ListMcpServersResponse)(nil),  // 79: chalk.compute.v1.ListMcpServersResponse
-	(*RemoveMcpServerResponse)(nil), // 80: chalk.compute.v1.RemoveMcpServerResponse
-	(*McpAuditRequest)(nil),         // 81: chalk.compute.v1.McpAuditRequest
-	(*McpAuditRecord)(nil),          // 82: chalk.compute.v1.McpAuditRecord
-	(*McpAuditResponse)(nil),        // 83: chalk.compute.v1.McpAuditResponse
-	(*Org)(nil),                     // 84: chalk.compute.v1.Org
-	(*CreateOrgRequest)(nil),        // 85: chalk.compute.v1.CreateOrgRequest
-	(*CreateOrgResponse)(nil),       // 86: chalk.compute.v1.CreateOrgResponse
-	(*ListOrgsRequest)(nil),         // 87: chalk.compute.v1.ListOrgsRequest
-	(*ListOrgsResponse)(nil),        // 88: chalk.compute.v1.ListOrgsResponse
-	(*Member)(nil),                  // 89: chalk.compute.v1.Member
-	(*AddMemberRequest)(nil),        // 90: chalk.compute.v1.AddMemberRequest
-	(*AddMemberResponse)(nil),       // 91: chalk.compute.v1.AddMemberResponse
-	(*ListMembersRequest)(nil),      // 92: chalk.compute.v1.ListMembersRequest
-	(*ListMembersResponse)(nil),     // 93: chalk.compute.v1.ListMembersResponse
-	(*RemoveMemberRequest)(nil),     // 94: chalk.compute.v1.RemoveMemberRequest
-	(*SetMemberRoleRequest)(nil),    // 95: chalk.compute.v1.SetMemberRoleRequest
-	(*RemoveMemberResponse)(nil),    // 96: chalk.compute.v1.RemoveMemberResponse
-	(*ApiKey)(nil),                  // 97: chalk.compute.v1.ApiKey
-	(*CreateKeyRequest)(nil),        // 98: chalk.compute.v1.CreateKeyRequest
-	(*ListKeysRequest)(nil),         // 99: chalk.compute.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),        // 100: chalk.compute.v1.ListKeysResponse
-	(*RevokeKeyRequest)(nil),        // 101: chalk.compute.v1.RevokeKeyRequest
-	(*RevokeKeyResponse)(nil),       // 102: chalk.compute.v1.RevokeKeyResponse
-	(*Quota)(nil),                   // 103: chalk.compute.v1.Quota
-	(*GetQuotaRequest)(nil),         // 104: chalk.compute.v1.GetQuotaRequest
-	(*SetQuotaRequest)(nil),         // 105: chalk.compute.v1.SetQuotaRequest
-	(*AuditRequest)(nil),            // 106: chalk.compute.v1.AuditRequest
-	(*AuditRecord)(nil),             // 107: chalk.compute.v1.AuditRecord
-	(*AuditResponse)(nil),           // 108: chalk.compute.v1.AuditResponse
-	(*Node)(nil),                    // 109: chalk.compute.v1.Node
-	(*ListNodesRequest)(nil),        // 110: chalk.compute.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),       // 111: chalk.compute.v1.ListNodesResponse
-	(*SetNodeStateRequest)(nil),     // 112: chalk.compute.v1.SetNodeStateRequest
-	nil,                             // 113: chalk.compute.v1.Sandbox.EnvEntry
-	nil,                             // 114: chalk.compute.v1.Sandbox.LabelsEntry
-	nil,                             // 115: chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	nil,                             // 116: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
-	nil,                             // 117: chalk.compute.v1.ExecRequest.EnvEntry
-	nil,                             // 118: chalk.compute.v1.McpServer.SandboxLabelsEntry
+	(*NodeWarm)(nil),                // 44: chalk.compute.v1.NodeWarm
+	(*ImageProgress)(nil),           // 45: chalk.compute.v1.ImageProgress
+	(*ListImagesRequest)(nil),       // 46: chalk.compute.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),      // 47: chalk.compute.v1.ListImagesResponse
+	(*InspectImageRequest)(nil),     // 48: chalk.compute.v1.InspectImageRequest
+	(*InspectImageResponse)(nil),    // 49: chalk.compute.v1.InspectImageResponse
+	(*RemoveImageRequest)(nil),      // 50: chalk.compute.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),     // 51: chalk.compute.v1.RemoveImageResponse
+	(*BuildImageRequest)(nil),       // 52: chalk.compute.v1.BuildImageRequest
+	(*HasBlobsRequest)(nil),         // 53: chalk.compute.v1.HasBlobsRequest
+	(*HasBlobsResponse)(nil),        // 54: chalk.compute.v1.HasBlobsResponse
+	(*UploadBlobRequest)(nil),       // 55: chalk.compute.v1.UploadBlobRequest
+	(*UploadBlobResponse)(nil),      // 56: chalk.compute.v1.UploadBlobResponse
+	(*NetworkPolicy)(nil),           // 57: chalk.compute.v1.NetworkPolicy
+	(*PolicyName)(nil),              // 58: chalk.compute.v1.PolicyName
+	(*ListPoliciesRequest)(nil),     // 59: chalk.compute.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),    // 60: chalk.compute.v1.ListPoliciesResponse
+	(*DeletePolicyResponse)(nil),    // 61: chalk.compute.v1.DeletePolicyResponse
+	(*WhoAmIRequest)(nil),           // 62: chalk.compute.v1.WhoAmIRequest
+	(*WhoAmIResponse)(nil),          // 63: chalk.compute.v1.WhoAmIResponse
+	(*MintTokenRequest)(nil),        // 64: chalk.compute.v1.MintTokenRequest
+	(*MintTokenResponse)(nil),       // 65: chalk.compute.v1.MintTokenResponse
+	(*RotateKeysRequest)(nil),       // 66: chalk.compute.v1.RotateKeysRequest
+	(*RotateKeysResponse)(nil),      // 67: chalk.compute.v1.RotateKeysResponse
+	(*TunnelPeer)(nil),              // 68: chalk.compute.v1.TunnelPeer
+	(*TunnelMember)(nil),            // 69: chalk.compute.v1.TunnelMember
+	(*Tunnel)(nil),                  // 70: chalk.compute.v1.Tunnel
+	(*TunnelName)(nil),              // 71: chalk.compute.v1.TunnelName
+	(*ListTunnelsRequest)(nil),      // 72: chalk.compute.v1.ListTunnelsRequest
+	(*ListTunnelsResponse)(nil),     // 73: chalk.compute.v1.ListTunnelsResponse
+	(*AddTunnelPeerRequest)(nil),    // 74: chalk.compute.v1.AddTunnelPeerRequest
+	(*RemoveTunnelPeerRequest)(nil), // 75: chalk.compute.v1.RemoveTunnelPeerRequest
+	(*DeleteTunnelResponse)(nil),    // 76: chalk.compute.v1.DeleteTunnelResponse
+	(*McpServer)(nil),               // 77: chalk.compute.v1.McpServer
+	(*McpServerName)(nil),           // 78: chalk.compute.v1.McpServerName
+	(*ListMcpServersRequest)(nil),   // 79: chalk.compute.v1.ListMcpServersRequest
+	(*ListMcpServersResponse)(nil),  // 80: chalk.compute.v1.ListMcpServersResponse
+	(*RemoveMcpServerResponse)(nil), // 81: chalk.compute.v1.RemoveMcpServerResponse
+	(*McpAuditRequest)(nil),         // 82: chalk.compute.v1.McpAuditRequest
+	(*McpAuditRecord)(nil),          // 83: chalk.compute.v1.McpAuditRecord
+	(*McpAuditResponse)(nil),        // 84: chalk.compute.v1.McpAuditResponse
+	(*Org)(nil),                     // 85: chalk.compute.v1.Org
+	(*CreateOrgRequest)(nil),        // 86: chalk.compute.v1.CreateOrgRequest
+	(*CreateOrgResponse)(nil),       // 87: chalk.compute.v1.CreateOrgResponse
+	(*ListOrgsRequest)(nil),         // 88: chalk.compute.v1.ListOrgsRequest
+	(*ListOrgsResponse)(nil),        // 89: chalk.compute.v1.ListOrgsResponse
+	(*Member)(nil),                  // 90: chalk.compute.v1.Member
+	(*AddMemberRequest)(nil),        // 91: chalk.compute.v1.AddMemberRequest
+	(*AddMemberResponse)(nil),       // 92: chalk.compute.v1.AddMemberResponse
+	(*ListMembersRequest)(nil),      // 93: chalk.compute.v1.ListMembersRequest
+	(*ListMembersResponse)(nil),     // 94: chalk.compute.v1.ListMembersResponse
+	(*RemoveMemberRequest)(nil),     // 95: chalk.compute.v1.RemoveMemberRequest
+	(*SetMemberRoleRequest)(nil),    // 96: chalk.compute.v1.SetMemberRoleRequest
+	(*RemoveMemberResponse)(nil),    // 97: chalk.compute.v1.RemoveMemberResponse
+	(*ApiKey)(nil),                  // 98: chalk.compute.v1.ApiKey
+	(*CreateKeyRequest)(nil),        // 99: chalk.compute.v1.CreateKeyRequest
+	(*ListKeysRequest)(nil),         // 100: chalk.compute.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),        // 101: chalk.compute.v1.ListKeysResponse
+	(*RevokeKeyRequest)(nil),        // 102: chalk.compute.v1.RevokeKeyRequest
+	(*RevokeKeyResponse)(nil),       // 103: chalk.compute.v1.RevokeKeyResponse
+	(*Quota)(nil),                   // 104: chalk.compute.v1.Quota
+	(*GetQuotaRequest)(nil),         // 105: chalk.compute.v1.GetQuotaRequest
+	(*SetQuotaRequest)(nil),         // 106: chalk.compute.v1.SetQuotaRequest
+	(*AuditRequest)(nil),            // 107: chalk.compute.v1.AuditRequest
+	(*AuditRecord)(nil),             // 108: chalk.compute.v1.AuditRecord
+	(*AuditResponse)(nil),           // 109: chalk.compute.v1.AuditResponse
+	(*Node)(nil),                    // 110: chalk.compute.v1.Node
+	(*ListNodesRequest)(nil),        // 111: chalk.compute.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),       // 112: chalk.compute.v1.ListNodesResponse
+	(*SetNodeStateRequest)(nil),     // 113: chalk.compute.v1.SetNodeStateRequest
+	nil,                             // 114: chalk.compute.v1.Sandbox.EnvEntry
+	nil,                             // 115: chalk.compute.v1.Sandbox.LabelsEntry
+	nil,                             // 116: chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	nil,                             // 117: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	nil,                             // 118: chalk.compute.v1.ExecRequest.EnvEntry
+	nil,                             // 119: chalk.compute.v1.McpServer.SandboxLabelsEntry
 }
 var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
-	113, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
-	114, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
-	115, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	56,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
-	116, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	114, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
+	115, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
+	116, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	57,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
+	117, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
 	0,   // 5: chalk.compute.v1.ListSandboxesResponse.sandboxes:type_name -> chalk.compute.v1.Sandbox
-	117, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
+	118, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
 	9,   // 7: chalk.compute.v1.ExecEvent.started:type_name -> chalk.compute.v1.ExecStarted
 	10,  // 8: chalk.compute.v1.ExecEvent.exited:type_name -> chalk.compute.v1.ExecExited
 	24,  // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
@@ -7509,155 +7625,156 @@ var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
 	41,  // 11: chalk.compute.v1.SnapshotProgress.image:type_name -> chalk.compute.v1.Image
 	36,  // 12: chalk.compute.v1.ListExposuresResponse.exposures:type_name -> chalk.compute.v1.Exposure
 	41,  // 13: chalk.compute.v1.ImageProgress.image:type_name -> chalk.compute.v1.Image
-	41,  // 14: chalk.compute.v1.ListImagesResponse.images:type_name -> chalk.compute.v1.Image
-	41,  // 15: chalk.compute.v1.InspectImageResponse.image:type_name -> chalk.compute.v1.Image
-	56,  // 16: chalk.compute.v1.ListPoliciesResponse.policies:type_name -> chalk.compute.v1.NetworkPolicy
-	67,  // 17: chalk.compute.v1.Tunnel.peers:type_name -> chalk.compute.v1.TunnelPeer
-	68,  // 18: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
-	69,  // 19: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
-	67,  // 20: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
-	118, // 21: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
-	76,  // 22: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
-	82,  // 23: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
-	103, // 24: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
-	84,  // 25: chalk.compute.v1.CreateOrgResponse.org:type_name -> chalk.compute.v1.Org
-	97,  // 26: chalk.compute.v1.CreateOrgResponse.admin_key:type_name -> chalk.compute.v1.ApiKey
-	84,  // 27: chalk.compute.v1.ListOrgsResponse.orgs:type_name -> chalk.compute.v1.Org
-	89,  // 28: chalk.compute.v1.AddMemberResponse.member:type_name -> chalk.compute.v1.Member
-	97,  // 29: chalk.compute.v1.AddMemberResponse.key:type_name -> chalk.compute.v1.ApiKey
-	89,  // 30: chalk.compute.v1.ListMembersResponse.members:type_name -> chalk.compute.v1.Member
-	97,  // 31: chalk.compute.v1.ListKeysResponse.keys:type_name -> chalk.compute.v1.ApiKey
-	97,  // 32: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
-	103, // 33: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
-	107, // 34: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
-	109, // 35: chalk.compute.v1.ListNodesResponse.nodes:type_name -> chalk.compute.v1.Node
-	1,   // 36: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
-	2,   // 37: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
-	3,   // 38: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
-	5,   // 39: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
-	6,   // 40: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
-	7,   // 41: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
-	11,  // 42: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
-	13,  // 43: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
-	15,  // 44: chalk.compute.v1.SandboxService.ResizeExec:input_type -> chalk.compute.v1.ResizeExecRequest
-	17,  // 45: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
-	19,  // 46: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
-	21,  // 47: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
-	23,  // 48: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
-	26,  // 49: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
-	28,  // 50: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
-	31,  // 51: chalk.compute.v1.SandboxService.Snapshot:input_type -> chalk.compute.v1.SnapshotSandboxRequest
-	33,  // 52: chalk.compute.v1.SandboxService.Pause:input_type -> chalk.compute.v1.PauseSandboxRequest
-	34,  // 53: chalk.compute.v1.SandboxService.Resume:input_type -> chalk.compute.v1.ResumeSandboxRequest
-	35,  // 54: chalk.compute.v1.SandboxService.Expose:input_type -> chalk.compute.v1.ExposeRequest
-	37,  // 55: chalk.compute.v1.SandboxService.Unexpose:input_type -> chalk.compute.v1.UnexposeRequest
-	39,  // 56: chalk.compute.v1.SandboxService.ListExposures:input_type -> chalk.compute.v1.ListExposuresRequest
-	42,  // 57: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
-	43,  // 58: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
-	51,  // 59: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
-	45,  // 60: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
-	47,  // 61: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
-	49,  // 62: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
-	52,  // 63: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
-	54,  // 64: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
-	56,  // 65: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
-	56,  // 66: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
-	57,  // 67: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
-	58,  // 68: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
-	57,  // 69: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
-	61,  // 70: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
-	63,  // 71: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
-	65,  // 72: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
-	69,  // 73: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
-	70,  // 74: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
-	71,  // 75: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
-	70,  // 76: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
-	73,  // 77: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
-	74,  // 78: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
-	76,  // 79: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
-	78,  // 80: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
-	77,  // 81: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
-	81,  // 82: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
-	85,  // 83: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
-	87,  // 84: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
-	90,  // 85: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
-	92,  // 86: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
-	94,  // 87: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
-	95,  // 88: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
-	98,  // 89: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
-	99,  // 90: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
-	101, // 91: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
-	104, // 92: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
-	105, // 93: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
-	106, // 94: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
-	110, // 95: chalk.compute.v1.NodeAdminService.List:input_type -> chalk.compute.v1.ListNodesRequest
-	112, // 96: chalk.compute.v1.NodeAdminService.SetState:input_type -> chalk.compute.v1.SetNodeStateRequest
-	0,   // 97: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
-	0,   // 98: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
-	4,   // 99: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
-	0,   // 100: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
-	0,   // 101: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
-	8,   // 102: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
-	12,  // 103: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
-	14,  // 104: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
-	16,  // 105: chalk.compute.v1.SandboxService.ResizeExec:output_type -> chalk.compute.v1.ResizeExecResponse
-	18,  // 106: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
-	20,  // 107: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
-	22,  // 108: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
-	25,  // 109: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
-	27,  // 110: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
-	30,  // 111: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
-	32,  // 112: chalk.compute.v1.SandboxService.Snapshot:output_type -> chalk.compute.v1.SnapshotProgress
-	0,   // 113: chalk.compute.v1.SandboxService.Pause:output_type -> chalk.compute.v1.Sandbox
-	0,   // 114: chalk.compute.v1.SandboxService.Resume:output_type -> chalk.compute.v1.Sandbox
-	36,  // 115: chalk.compute.v1.SandboxService.Expose:output_type -> chalk.compute.v1.Exposure
-	38,  // 116: chalk.compute.v1.SandboxService.Unexpose:output_type -> chalk.compute.v1.UnexposeResponse
-	40,  // 117: chalk.compute.v1.SandboxService.ListExposures:output_type -> chalk.compute.v1.ListExposuresResponse
-	44,  // 118: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
-	44,  // 119: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
-	44,  // 120: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
-	46,  // 121: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
-	48,  // 122: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
-	50,  // 123: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
-	53,  // 124: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
-	55,  // 125: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
-	56,  // 126: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
-	56,  // 127: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
-	56,  // 128: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
-	59,  // 129: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
-	60,  // 130: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
-	62,  // 131: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
-	64,  // 132: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
-	66,  // 133: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
-	69,  // 134: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
-	69,  // 135: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
-	72,  // 136: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
-	75,  // 137: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
-	67,  // 138: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
-	69,  // 139: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
-	76,  // 140: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
-	79,  // 141: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
-	80,  // 142: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
-	83,  // 143: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
-	86,  // 144: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
-	88,  // 145: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
-	91,  // 146: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
-	93,  // 147: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
-	96,  // 148: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
-	89,  // 149: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
-	97,  // 150: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
-	100, // 151: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
-	102, // 152: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
-	103, // 153: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
-	103, // 154: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
-	108, // 155: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
-	111, // 156: chalk.compute.v1.NodeAdminService.List:output_type -> chalk.compute.v1.ListNodesResponse
-	109, // 157: chalk.compute.v1.NodeAdminService.SetState:output_type -> chalk.compute.v1.Node
-	97,  // [97:158] is the sub-list for method output_type
-	36,  // [36:97] is the sub-list for method input_type
-	36,  // [36:36] is the sub-list for extension type_name
-	36,  // [36:36] is the sub-list for extension extendee
-	0,   // [0:36] is the sub-list for field type_name
+	44,  // 14: chalk.compute.v1.ImageProgress.nodes:type_name -> chalk.compute.v1.NodeWarm
+	41,  // 15: chalk.compute.v1.ListImagesResponse.images:type_name -> chalk.compute.v1.Image
+	41,  // 16: chalk.compute.v1.InspectImageResponse.image:type_name -> chalk.compute.v1.Image
+	57,  // 17: chalk.compute.v1.ListPoliciesResponse.policies:type_name -> chalk.compute.v1.NetworkPolicy
+	68,  // 18: chalk.compute.v1.Tunnel.peers:type_name -> chalk.compute.v1.TunnelPeer
+	69,  // 19: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
+	70,  // 20: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
+	68,  // 21: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
+	119, // 22: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
+	77,  // 23: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
+	83,  // 24: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
+	104, // 25: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
+	85,  // 26: chalk.compute.v1.CreateOrgResponse.org:type_name -> chalk.compute.v1.Org
+	98,  // 27: chalk.compute.v1.CreateOrgResponse.admin_key:type_name -> chalk.compute.v1.ApiKey
+	85,  // 28: chalk.compute.v1.ListOrgsResponse.orgs:type_name -> chalk.compute.v1.Org
+	90,  // 29: chalk.compute.v1.AddMemberResponse.member:type_name -> chalk.compute.v1.Member
+	98,  // 30: chalk.compute.v1.AddMemberResponse.key:type_name -> chalk.compute.v1.ApiKey
+	90,  // 31: chalk.compute.v1.ListMembersResponse.members:type_name -> chalk.compute.v1.Member
+	98,  // 32: chalk.compute.v1.ListKeysResponse.keys:type_name -> chalk.compute.v1.ApiKey
+	98,  // 33: chalk.compute.v1.RevokeKeyResponse.key:type_name -> chalk.compute.v1.ApiKey
+	104, // 34: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
+	108, // 35: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
+	110, // 36: chalk.compute.v1.ListNodesResponse.nodes:type_name -> chalk.compute.v1.Node
+	1,   // 37: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
+	2,   // 38: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
+	3,   // 39: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
+	5,   // 40: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
+	6,   // 41: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
+	7,   // 42: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
+	11,  // 43: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
+	13,  // 44: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
+	15,  // 45: chalk.compute.v1.SandboxService.ResizeExec:input_type -> chalk.compute.v1.ResizeExecRequest
+	17,  // 46: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
+	19,  // 47: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
+	21,  // 48: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
+	23,  // 49: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
+	26,  // 50: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
+	28,  // 51: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
+	31,  // 52: chalk.compute.v1.SandboxService.Snapshot:input_type -> chalk.compute.v1.SnapshotSandboxRequest
+	33,  // 53: chalk.compute.v1.SandboxService.Pause:input_type -> chalk.compute.v1.PauseSandboxRequest
+	34,  // 54: chalk.compute.v1.SandboxService.Resume:input_type -> chalk.compute.v1.ResumeSandboxRequest
+	35,  // 55: chalk.compute.v1.SandboxService.Expose:input_type -> chalk.compute.v1.ExposeRequest
+	37,  // 56: chalk.compute.v1.SandboxService.Unexpose:input_type -> chalk.compute.v1.UnexposeRequest
+	39,  // 57: chalk.compute.v1.SandboxService.ListExposures:input_type -> chalk.compute.v1.ListExposuresRequest
+	42,  // 58: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
+	43,  // 59: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
+	52,  // 60: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
+	46,  // 61: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
+	48,  // 62: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
+	50,  // 63: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
+	53,  // 64: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
+	55,  // 65: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
+	57,  // 66: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
+	57,  // 67: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
+	58,  // 68: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
+	59,  // 69: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
+	58,  // 70: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
+	62,  // 71: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
+	64,  // 72: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
+	66,  // 73: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
+	70,  // 74: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
+	71,  // 75: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
+	72,  // 76: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
+	71,  // 77: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
+	74,  // 78: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
+	75,  // 79: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
+	77,  // 80: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
+	79,  // 81: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
+	78,  // 82: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
+	82,  // 83: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
+	86,  // 84: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
+	88,  // 85: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
+	91,  // 86: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
+	93,  // 87: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
+	95,  // 88: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
+	96,  // 89: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
+	99,  // 90: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
+	100, // 91: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
+	102, // 92: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
+	105, // 93: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
+	106, // 94: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
+	107, // 95: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
+	111, // 96: chalk.compute.v1.NodeAdminService.List:input_type -> chalk.compute.v1.ListNodesRequest
+	113, // 97: chalk.compute.v1.NodeAdminService.SetState:input_type -> chalk.compute.v1.SetNodeStateRequest
+	0,   // 98: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
+	0,   // 99: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
+	4,   // 100: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
+	0,   // 101: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
+	0,   // 102: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
+	8,   // 103: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
+	12,  // 104: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
+	14,  // 105: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
+	16,  // 106: chalk.compute.v1.SandboxService.ResizeExec:output_type -> chalk.compute.v1.ResizeExecResponse
+	18,  // 107: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
+	20,  // 108: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
+	22,  // 109: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
+	25,  // 110: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
+	27,  // 111: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
+	30,  // 112: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
+	32,  // 113: chalk.compute.v1.SandboxService.Snapshot:output_type -> chalk.compute.v1.SnapshotProgress
+	0,   // 114: chalk.compute.v1.SandboxService.Pause:output_type -> chalk.compute.v1.Sandbox
+	0,   // 115: chalk.compute.v1.SandboxService.Resume:output_type -> chalk.compute.v1.Sandbox
+	36,  // 116: chalk.compute.v1.SandboxService.Expose:output_type -> chalk.compute.v1.Exposure
+	38,  // 117: chalk.compute.v1.SandboxService.Unexpose:output_type -> chalk.compute.v1.UnexposeResponse
+	40,  // 118: chalk.compute.v1.SandboxService.ListExposures:output_type -> chalk.compute.v1.ListExposuresResponse
+	45,  // 119: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
+	45,  // 120: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
+	45,  // 121: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
+	47,  // 122: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
+	49,  // 123: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
+	51,  // 124: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
+	54,  // 125: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
+	56,  // 126: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
+	57,  // 127: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
+	57,  // 128: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
+	57,  // 129: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
+	60,  // 130: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
+	61,  // 131: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
+	63,  // 132: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
+	65,  // 133: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
+	67,  // 134: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
+	70,  // 135: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
+	70,  // 136: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
+	73,  // 137: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
+	76,  // 138: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
+	68,  // 139: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
+	70,  // 140: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
+	77,  // 141: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
+	80,  // 142: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
+	81,  // 143: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
+	84,  // 144: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
+	87,  // 145: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
+	89,  // 146: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
+	92,  // 147: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
+	94,  // 148: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
+	97,  // 149: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
+	90,  // 150: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
+	98,  // 151: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
+	101, // 152: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
+	103, // 153: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
+	104, // 154: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
+	104, // 155: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
+	109, // 156: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
+	112, // 157: chalk.compute.v1.NodeAdminService.List:output_type -> chalk.compute.v1.ListNodesResponse
+	110, // 158: chalk.compute.v1.NodeAdminService.SetState:output_type -> chalk.compute.v1.Node
+	98,  // [98:159] is the sub-list for method output_type
+	37,  // [37:98] is the sub-list for method input_type
+	37,  // [37:37] is the sub-list for extension type_name
+	37,  // [37:37] is the sub-list for extension extendee
+	0,   // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_chalk_compute_v1_compute_proto_init() }
@@ -7672,14 +7789,14 @@ func file_chalk_compute_v1_compute_proto_init() {
 		(*ExecEvent_Exited)(nil),
 	}
 	file_chalk_compute_v1_compute_proto_msgTypes[43].OneofWrappers = []any{}
-	file_chalk_compute_v1_compute_proto_msgTypes[56].OneofWrappers = []any{}
+	file_chalk_compute_v1_compute_proto_msgTypes[57].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_compute_v1_compute_proto_rawDesc), len(file_chalk_compute_v1_compute_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   119,
+			NumMessages:   120,
 			NumExtensions: 0,
 			NumServices:   8,
 		},

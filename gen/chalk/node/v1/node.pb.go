@@ -3981,6 +3981,113 @@ func (x *HeartbeatResponse) GetState() string {
 	return ""
 }
 
+type RegistryAccessRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegistryAccessRequest) Reset() {
+	*x = RegistryAccessRequest{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegistryAccessRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegistryAccessRequest) ProtoMessage() {}
+
+func (x *RegistryAccessRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegistryAccessRequest.ProtoReflect.Descriptor instead.
+func (*RegistryAccessRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *RegistryAccessRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+type RegistryAccessResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// addr is host:port of the registry's TLS listener; an empty host means
+	// the host the node reaches the fleet listener at.
+	Addr string `protobuf:"bytes,1,opt,name=addr,proto3" json:"addr,omitempty"`
+	// the read-only pull credential
+	Username      string `protobuf:"bytes,2,opt,name=username,proto3" json:"username,omitempty"`
+	Password      string `protobuf:"bytes,3,opt,name=password,proto3" json:"password,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegistryAccessResponse) Reset() {
+	*x = RegistryAccessResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegistryAccessResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegistryAccessResponse) ProtoMessage() {}
+
+func (x *RegistryAccessResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegistryAccessResponse.ProtoReflect.Descriptor instead.
+func (*RegistryAccessResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *RegistryAccessResponse) GetAddr() string {
+	if x != nil {
+		return x.Addr
+	}
+	return ""
+}
+
+func (x *RegistryAccessResponse) GetUsername() string {
+	if x != nil {
+		return x.Username
+	}
+	return ""
+}
+
+func (x *RegistryAccessResponse) GetPassword() string {
+	if x != nil {
+		return x.Password
+	}
+	return ""
+}
+
 var File_chalk_node_v1_node_proto protoreflect.FileDescriptor
 
 const file_chalk_node_v1_node_proto_rawDesc = "" +
@@ -4246,7 +4353,13 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\bcapacity\x18\x02 \x01(\v2\x17.chalk.node.v1.CapacityR\bcapacity\x12\x19\n" +
 	"\bnode_url\x18\x04 \x01(\tR\anodeUrlJ\x04\b\x03\x10\x04\")\n" +
 	"\x11HeartbeatResponse\x12\x14\n" +
-	"\x05state\x18\x01 \x01(\tR\x05state2\x93\x0e\n" +
+	"\x05state\x18\x01 \x01(\tR\x05state\"0\n" +
+	"\x15RegistryAccessRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\"d\n" +
+	"\x16RegistryAccessResponse\x12\x12\n" +
+	"\x04addr\x18\x01 \x01(\tR\x04addr\x12\x1a\n" +
+	"\busername\x18\x02 \x01(\tR\busername\x12\x1a\n" +
+	"\bpassword\x18\x03 \x01(\tR\bpassword2\x93\x0e\n" +
 	"\vNodeService\x12T\n" +
 	"\vReserveSlot\x12!.chalk.node.v1.ReserveSlotRequest\x1a\".chalk.node.v1.ReserveSlotResponse\x12S\n" +
 	"\vEnsureImage\x12!.chalk.node.v1.EnsureImageRequest\x1a\x1f.chalk.node.v1.EnsureImageEvent0\x01\x12B\n" +
@@ -4273,10 +4386,11 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\aRestore\x12\x1d.chalk.node.v1.RestoreRequest\x1a\x1e.chalk.node.v1.RestoreResponse\x12Y\n" +
 	"\rSetPrestarted\x12#.chalk.node.v1.SetPrestartedRequest\x1a!.chalk.node.v1.SetPrestartedEvent0\x01\x12N\n" +
 	"\tSetPaused\x12\x1f.chalk.node.v1.SetPausedRequest\x1a .chalk.node.v1.SetPausedResponse\x12J\n" +
-	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x012\x9f\x01\n" +
+	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x012\xfe\x01\n" +
 	"\fFleetService\x12?\n" +
 	"\x04Join\x12\x1a.chalk.node.v1.JoinRequest\x1a\x1b.chalk.node.v1.JoinResponse\x12N\n" +
-	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponseB?Z=github.com/chalkcompute/chalkcompute/gen/chalk/node/v1;nodev1b\x06proto3"
+	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponse\x12]\n" +
+	"\x0eRegistryAccess\x12$.chalk.node.v1.RegistryAccessRequest\x1a%.chalk.node.v1.RegistryAccessResponseB?Z=github.com/chalkcompute/chalkcompute/gen/chalk/node/v1;nodev1b\x06proto3"
 
 var (
 	file_chalk_node_v1_node_proto_rawDescOnce sync.Once
@@ -4290,78 +4404,80 @@ func file_chalk_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_chalk_node_v1_node_proto_rawDescData
 }
 
-var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 70)
+var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 72)
 var file_chalk_node_v1_node_proto_goTypes = []any{
-	(*ReserveSlotRequest)(nil),   // 0: chalk.node.v1.ReserveSlotRequest
-	(*ReserveSlotResponse)(nil),  // 1: chalk.node.v1.ReserveSlotResponse
-	(*Layer)(nil),                // 2: chalk.node.v1.Layer
-	(*Image)(nil),                // 3: chalk.node.v1.Image
-	(*Progress)(nil),             // 4: chalk.node.v1.Progress
-	(*EnsureImageRequest)(nil),   // 5: chalk.node.v1.EnsureImageRequest
-	(*EnsureImageEvent)(nil),     // 6: chalk.node.v1.EnsureImageEvent
-	(*Bind)(nil),                 // 7: chalk.node.v1.Bind
-	(*StartSpec)(nil),            // 8: chalk.node.v1.StartSpec
-	(*StartRequest)(nil),         // 9: chalk.node.v1.StartRequest
-	(*UserNS)(nil),               // 10: chalk.node.v1.UserNS
-	(*Net)(nil),                  // 11: chalk.node.v1.Net
-	(*StartResponse)(nil),        // 12: chalk.node.v1.StartResponse
-	(*WaitRequest)(nil),          // 13: chalk.node.v1.WaitRequest
-	(*WaitResponse)(nil),         // 14: chalk.node.v1.WaitResponse
-	(*RunningRequest)(nil),       // 15: chalk.node.v1.RunningRequest
-	(*RunningResponse)(nil),      // 16: chalk.node.v1.RunningResponse
-	(*DestroyRequest)(nil),       // 17: chalk.node.v1.DestroyRequest
-	(*DestroyResponse)(nil),      // 18: chalk.node.v1.DestroyResponse
-	(*KillRequest)(nil),          // 19: chalk.node.v1.KillRequest
-	(*KillResponse)(nil),         // 20: chalk.node.v1.KillResponse
-	(*TeardownRequest)(nil),      // 21: chalk.node.v1.TeardownRequest
-	(*TeardownResponse)(nil),     // 22: chalk.node.v1.TeardownResponse
-	(*PTY)(nil),                  // 23: chalk.node.v1.PTY
-	(*ExecSpec)(nil),             // 24: chalk.node.v1.ExecSpec
-	(*ExecInput)(nil),            // 25: chalk.node.v1.ExecInput
-	(*ExecStarted)(nil),          // 26: chalk.node.v1.ExecStarted
-	(*ExecExited)(nil),           // 27: chalk.node.v1.ExecExited
-	(*ExecOutput)(nil),           // 28: chalk.node.v1.ExecOutput
-	(*SignalExecRequest)(nil),    // 29: chalk.node.v1.SignalExecRequest
-	(*SignalExecResponse)(nil),   // 30: chalk.node.v1.SignalExecResponse
-	(*ResizeExecRequest)(nil),    // 31: chalk.node.v1.ResizeExecRequest
-	(*ResizeExecResponse)(nil),   // 32: chalk.node.v1.ResizeExecResponse
-	(*ReadFileRequest)(nil),      // 33: chalk.node.v1.ReadFileRequest
-	(*FileChunk)(nil),            // 34: chalk.node.v1.FileChunk
-	(*WriteFileHeader)(nil),      // 35: chalk.node.v1.WriteFileHeader
-	(*WriteFileInput)(nil),       // 36: chalk.node.v1.WriteFileInput
-	(*WriteFileResponse)(nil),    // 37: chalk.node.v1.WriteFileResponse
-	(*FileInfo)(nil),             // 38: chalk.node.v1.FileInfo
-	(*ListDirRequest)(nil),       // 39: chalk.node.v1.ListDirRequest
-	(*ListDirResponse)(nil),      // 40: chalk.node.v1.ListDirResponse
-	(*RemoveRequest)(nil),        // 41: chalk.node.v1.RemoveRequest
-	(*RemoveResponse)(nil),       // 42: chalk.node.v1.RemoveResponse
-	(*LogsInput)(nil),            // 43: chalk.node.v1.LogsInput
-	(*LogsOutput)(nil),           // 44: chalk.node.v1.LogsOutput
-	(*LeftoversRequest)(nil),     // 45: chalk.node.v1.LeftoversRequest
-	(*LeftoversResponse)(nil),    // 46: chalk.node.v1.LeftoversResponse
-	(*AdoptRequest)(nil),         // 47: chalk.node.v1.AdoptRequest
-	(*AdoptResponse)(nil),        // 48: chalk.node.v1.AdoptResponse
-	(*ClaimRequest)(nil),         // 49: chalk.node.v1.ClaimRequest
-	(*ClaimResponse)(nil),        // 50: chalk.node.v1.ClaimResponse
-	(*UnclaimRequest)(nil),       // 51: chalk.node.v1.UnclaimRequest
-	(*UnclaimResponse)(nil),      // 52: chalk.node.v1.UnclaimResponse
-	(*RestoreRequest)(nil),       // 53: chalk.node.v1.RestoreRequest
-	(*RestoreResponse)(nil),      // 54: chalk.node.v1.RestoreResponse
-	(*SetPrestartedRequest)(nil), // 55: chalk.node.v1.SetPrestartedRequest
-	(*SetPrestartedEvent)(nil),   // 56: chalk.node.v1.SetPrestartedEvent
-	(*SetPausedRequest)(nil),     // 57: chalk.node.v1.SetPausedRequest
-	(*SetPausedResponse)(nil),    // 58: chalk.node.v1.SetPausedResponse
-	(*SnapshotSpec)(nil),         // 59: chalk.node.v1.SnapshotSpec
-	(*SnapshotRequest)(nil),      // 60: chalk.node.v1.SnapshotRequest
-	(*SnapshotResult)(nil),       // 61: chalk.node.v1.SnapshotResult
-	(*SnapshotEvent)(nil),        // 62: chalk.node.v1.SnapshotEvent
-	(*Capacity)(nil),             // 63: chalk.node.v1.Capacity
-	(*JoinRequest)(nil),          // 64: chalk.node.v1.JoinRequest
-	(*JoinResponse)(nil),         // 65: chalk.node.v1.JoinResponse
-	(*HeartbeatRequest)(nil),     // 66: chalk.node.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),    // 67: chalk.node.v1.HeartbeatResponse
-	nil,                          // 68: chalk.node.v1.LeftoversRequest.LiveEntry
-	nil,                          // 69: chalk.node.v1.RestoreRequest.LiveEntry
+	(*ReserveSlotRequest)(nil),     // 0: chalk.node.v1.ReserveSlotRequest
+	(*ReserveSlotResponse)(nil),    // 1: chalk.node.v1.ReserveSlotResponse
+	(*Layer)(nil),                  // 2: chalk.node.v1.Layer
+	(*Image)(nil),                  // 3: chalk.node.v1.Image
+	(*Progress)(nil),               // 4: chalk.node.v1.Progress
+	(*EnsureImageRequest)(nil),     // 5: chalk.node.v1.EnsureImageRequest
+	(*EnsureImageEvent)(nil),       // 6: chalk.node.v1.EnsureImageEvent
+	(*Bind)(nil),                   // 7: chalk.node.v1.Bind
+	(*StartSpec)(nil),              // 8: chalk.node.v1.StartSpec
+	(*StartRequest)(nil),           // 9: chalk.node.v1.StartRequest
+	(*UserNS)(nil),                 // 10: chalk.node.v1.UserNS
+	(*Net)(nil),                    // 11: chalk.node.v1.Net
+	(*StartResponse)(nil),          // 12: chalk.node.v1.StartResponse
+	(*WaitRequest)(nil),            // 13: chalk.node.v1.WaitRequest
+	(*WaitResponse)(nil),           // 14: chalk.node.v1.WaitResponse
+	(*RunningRequest)(nil),         // 15: chalk.node.v1.RunningRequest
+	(*RunningResponse)(nil),        // 16: chalk.node.v1.RunningResponse
+	(*DestroyRequest)(nil),         // 17: chalk.node.v1.DestroyRequest
+	(*DestroyResponse)(nil),        // 18: chalk.node.v1.DestroyResponse
+	(*KillRequest)(nil),            // 19: chalk.node.v1.KillRequest
+	(*KillResponse)(nil),           // 20: chalk.node.v1.KillResponse
+	(*TeardownRequest)(nil),        // 21: chalk.node.v1.TeardownRequest
+	(*TeardownResponse)(nil),       // 22: chalk.node.v1.TeardownResponse
+	(*PTY)(nil),                    // 23: chalk.node.v1.PTY
+	(*ExecSpec)(nil),               // 24: chalk.node.v1.ExecSpec
+	(*ExecInput)(nil),              // 25: chalk.node.v1.ExecInput
+	(*ExecStarted)(nil),            // 26: chalk.node.v1.ExecStarted
+	(*ExecExited)(nil),             // 27: chalk.node.v1.ExecExited
+	(*ExecOutput)(nil),             // 28: chalk.node.v1.ExecOutput
+	(*SignalExecRequest)(nil),      // 29: chalk.node.v1.SignalExecRequest
+	(*SignalExecResponse)(nil),     // 30: chalk.node.v1.SignalExecResponse
+	(*ResizeExecRequest)(nil),      // 31: chalk.node.v1.ResizeExecRequest
+	(*ResizeExecResponse)(nil),     // 32: chalk.node.v1.ResizeExecResponse
+	(*ReadFileRequest)(nil),        // 33: chalk.node.v1.ReadFileRequest
+	(*FileChunk)(nil),              // 34: chalk.node.v1.FileChunk
+	(*WriteFileHeader)(nil),        // 35: chalk.node.v1.WriteFileHeader
+	(*WriteFileInput)(nil),         // 36: chalk.node.v1.WriteFileInput
+	(*WriteFileResponse)(nil),      // 37: chalk.node.v1.WriteFileResponse
+	(*FileInfo)(nil),               // 38: chalk.node.v1.FileInfo
+	(*ListDirRequest)(nil),         // 39: chalk.node.v1.ListDirRequest
+	(*ListDirResponse)(nil),        // 40: chalk.node.v1.ListDirResponse
+	(*RemoveRequest)(nil),          // 41: chalk.node.v1.RemoveRequest
+	(*RemoveResponse)(nil),         // 42: chalk.node.v1.RemoveResponse
+	(*LogsInput)(nil),              // 43: chalk.node.v1.LogsInput
+	(*LogsOutput)(nil),             // 44: chalk.node.v1.LogsOutput
+	(*LeftoversRequest)(nil),       // 45: chalk.node.v1.LeftoversRequest
+	(*LeftoversResponse)(nil),      // 46: chalk.node.v1.LeftoversResponse
+	(*AdoptRequest)(nil),           // 47: chalk.node.v1.AdoptRequest
+	(*AdoptResponse)(nil),          // 48: chalk.node.v1.AdoptResponse
+	(*ClaimRequest)(nil),           // 49: chalk.node.v1.ClaimRequest
+	(*ClaimResponse)(nil),          // 50: chalk.node.v1.ClaimResponse
+	(*UnclaimRequest)(nil),         // 51: chalk.node.v1.UnclaimRequest
+	(*UnclaimResponse)(nil),        // 52: chalk.node.v1.UnclaimResponse
+	(*RestoreRequest)(nil),         // 53: chalk.node.v1.RestoreRequest
+	(*RestoreResponse)(nil),        // 54: chalk.node.v1.RestoreResponse
+	(*SetPrestartedRequest)(nil),   // 55: chalk.node.v1.SetPrestartedRequest
+	(*SetPrestartedEvent)(nil),     // 56: chalk.node.v1.SetPrestartedEvent
+	(*SetPausedRequest)(nil),       // 57: chalk.node.v1.SetPausedRequest
+	(*SetPausedResponse)(nil),      // 58: chalk.node.v1.SetPausedResponse
+	(*SnapshotSpec)(nil),           // 59: chalk.node.v1.SnapshotSpec
+	(*SnapshotRequest)(nil),        // 60: chalk.node.v1.SnapshotRequest
+	(*SnapshotResult)(nil),         // 61: chalk.node.v1.SnapshotResult
+	(*SnapshotEvent)(nil),          // 62: chalk.node.v1.SnapshotEvent
+	(*Capacity)(nil),               // 63: chalk.node.v1.Capacity
+	(*JoinRequest)(nil),            // 64: chalk.node.v1.JoinRequest
+	(*JoinResponse)(nil),           // 65: chalk.node.v1.JoinResponse
+	(*HeartbeatRequest)(nil),       // 66: chalk.node.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),      // 67: chalk.node.v1.HeartbeatResponse
+	(*RegistryAccessRequest)(nil),  // 68: chalk.node.v1.RegistryAccessRequest
+	(*RegistryAccessResponse)(nil), // 69: chalk.node.v1.RegistryAccessResponse
+	nil,                            // 70: chalk.node.v1.LeftoversRequest.LiveEntry
+	nil,                            // 71: chalk.node.v1.RestoreRequest.LiveEntry
 }
 var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	8,  // 0: chalk.node.v1.ReserveSlotRequest.spec:type_name -> chalk.node.v1.StartSpec
@@ -4378,9 +4494,9 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	27, // 11: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
 	35, // 12: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
 	38, // 13: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
-	68, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
+	70, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
 	8,  // 15: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
-	69, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
+	71, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
 	59, // 17: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
 	4,  // 18: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
 	61, // 19: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
@@ -4412,34 +4528,36 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	60, // 45: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
 	64, // 46: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
 	66, // 47: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
-	1,  // 48: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
-	6,  // 49: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
-	12, // 50: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
-	14, // 51: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
-	16, // 52: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
-	20, // 53: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
-	22, // 54: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
-	18, // 55: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
-	28, // 56: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
-	30, // 57: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
-	32, // 58: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
-	34, // 59: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
-	37, // 60: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
-	40, // 61: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
-	42, // 62: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
-	44, // 63: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
-	46, // 64: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
-	48, // 65: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
-	50, // 66: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
-	52, // 67: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
-	54, // 68: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
-	56, // 69: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
-	58, // 70: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
-	62, // 71: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
-	65, // 72: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
-	67, // 73: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
-	48, // [48:74] is the sub-list for method output_type
-	22, // [22:48] is the sub-list for method input_type
+	68, // 48: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
+	1,  // 49: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
+	6,  // 50: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
+	12, // 51: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
+	14, // 52: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
+	16, // 53: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
+	20, // 54: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
+	22, // 55: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
+	18, // 56: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
+	28, // 57: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
+	30, // 58: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
+	32, // 59: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
+	34, // 60: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
+	37, // 61: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
+	40, // 62: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
+	42, // 63: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
+	44, // 64: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
+	46, // 65: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
+	48, // 66: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
+	50, // 67: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
+	52, // 68: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
+	54, // 69: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
+	56, // 70: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
+	58, // 71: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
+	62, // 72: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
+	65, // 73: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
+	67, // 74: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
+	69, // 75: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
+	49, // [49:76] is the sub-list for method output_type
+	22, // [22:49] is the sub-list for method input_type
 	22, // [22:22] is the sub-list for extension type_name
 	22, // [22:22] is the sub-list for extension extendee
 	0,  // [0:22] is the sub-list for field type_name
@@ -4480,7 +4598,7 @@ func file_chalk_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_node_v1_node_proto_rawDesc), len(file_chalk_node_v1_node_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   70,
+			NumMessages:   72,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

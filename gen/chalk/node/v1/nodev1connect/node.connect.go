@@ -94,6 +94,9 @@ const (
 	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
 	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
 	FleetServiceHeartbeatProcedure = "/chalk.node.v1.FleetService/Heartbeat"
+	// FleetServiceRegistryAccessProcedure is the fully-qualified name of the FleetService's
+	// RegistryAccess RPC.
+	FleetServiceRegistryAccessProcedure = "/chalk.node.v1.FleetService/RegistryAccess"
 )
 
 // NodeServiceClient is a client for the chalk.node.v1.NodeService service.
@@ -812,6 +815,11 @@ func (UnimplementedNodeServiceHandler) Snapshot(context.Context, *connect.Reques
 type FleetServiceClient interface {
 	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
 	Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error)
+	// RegistryAccess hands a node (its certificate is required) what it pulls
+	// images with: the control plane's registry over TLS (its certificate is
+	// the control plane's, from the fleet CA) and the read-only pull
+	// credential. A node asks at every start.
+	RegistryAccess(context.Context, *connect.Request[v1.RegistryAccessRequest]) (*connect.Response[v1.RegistryAccessResponse], error)
 }
 
 // NewFleetServiceClient constructs a client for the chalk.node.v1.FleetService service. By default,
@@ -837,13 +845,20 @@ func NewFleetServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(fleetServiceMethods.ByName("Heartbeat")),
 			connect.WithClientOptions(opts...),
 		),
+		registryAccess: connect.NewClient[v1.RegistryAccessRequest, v1.RegistryAccessResponse](
+			httpClient,
+			baseURL+FleetServiceRegistryAccessProcedure,
+			connect.WithSchema(fleetServiceMethods.ByName("RegistryAccess")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // fleetServiceClient implements FleetServiceClient.
 type fleetServiceClient struct {
-	join      *connect.Client[v1.JoinRequest, v1.JoinResponse]
-	heartbeat *connect.Client[v1.HeartbeatRequest, v1.HeartbeatResponse]
+	join           *connect.Client[v1.JoinRequest, v1.JoinResponse]
+	heartbeat      *connect.Client[v1.HeartbeatRequest, v1.HeartbeatResponse]
+	registryAccess *connect.Client[v1.RegistryAccessRequest, v1.RegistryAccessResponse]
 }
 
 // Join calls chalk.node.v1.FleetService.Join.
@@ -856,10 +871,20 @@ func (c *fleetServiceClient) Heartbeat(ctx context.Context, req *connect.Request
 	return c.heartbeat.CallUnary(ctx, req)
 }
 
+// RegistryAccess calls chalk.node.v1.FleetService.RegistryAccess.
+func (c *fleetServiceClient) RegistryAccess(ctx context.Context, req *connect.Request[v1.RegistryAccessRequest]) (*connect.Response[v1.RegistryAccessResponse], error) {
+	return c.registryAccess.CallUnary(ctx, req)
+}
+
 // FleetServiceHandler is an implementation of the chalk.node.v1.FleetService service.
 type FleetServiceHandler interface {
 	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
 	Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error)
+	// RegistryAccess hands a node (its certificate is required) what it pulls
+	// images with: the control plane's registry over TLS (its certificate is
+	// the control plane's, from the fleet CA) and the read-only pull
+	// credential. A node asks at every start.
+	RegistryAccess(context.Context, *connect.Request[v1.RegistryAccessRequest]) (*connect.Response[v1.RegistryAccessResponse], error)
 }
 
 // NewFleetServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -881,12 +906,20 @@ func NewFleetServiceHandler(svc FleetServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(fleetServiceMethods.ByName("Heartbeat")),
 		connect.WithHandlerOptions(opts...),
 	)
+	fleetServiceRegistryAccessHandler := connect.NewUnaryHandler(
+		FleetServiceRegistryAccessProcedure,
+		svc.RegistryAccess,
+		connect.WithSchema(fleetServiceMethods.ByName("RegistryAccess")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.FleetService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case FleetServiceJoinProcedure:
 			fleetServiceJoinHandler.ServeHTTP(w, r)
 		case FleetServiceHeartbeatProcedure:
 			fleetServiceHeartbeatHandler.ServeHTTP(w, r)
+		case FleetServiceRegistryAccessProcedure:
+			fleetServiceRegistryAccessHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -902,4 +935,8 @@ func (UnimplementedFleetServiceHandler) Join(context.Context, *connect.Request[v
 
 func (UnimplementedFleetServiceHandler) Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.Heartbeat is not implemented"))
+}
+
+func (UnimplementedFleetServiceHandler) RegistryAccess(context.Context, *connect.Request[v1.RegistryAccessRequest]) (*connect.Response[v1.RegistryAccessResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.RegistryAccess is not implemented"))
 }
