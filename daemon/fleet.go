@@ -164,8 +164,8 @@ func (n *NodeDaemon) Addr() string { return n.addr }
 // kept in DATA_DIR/fleet-node) and serves the node API.
 func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon, err error) {
 	// No pre-started sandboxes yet (their identity files are the control
-	// plane's), and the sandboxes resolve through the host's resolvers (the
-	// DNS proxy is the egress manager's, which runs in the control plane).
+	// plane's). The sandboxes resolve through this node's DNS proxy and
+	// hold its egress rules (daemon/fleetegress.go).
 	cfg.Prestart, cfg.PrestartSlots = 0, -1
 	if err := cfg.defaults(); err != nil {
 		return nil, err
@@ -189,7 +189,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	if opts.Name == "" {
 		opts.Name, _ = os.Hostname()
 	}
-	d := &Daemon{cfg: cfg, log: cfg.Logger, resolvConf: func() []byte { return node.HostResolvConf() }}
+	d := &Daemon{cfg: cfg, log: cfg.Logger}
 	ctx, d.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
@@ -205,6 +205,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		{"sandbox network", d.startNetwork},
 		{"sandbox runtime", d.startRuntime},
 		{"node agent", d.startAgent},
+		{"egress", d.startNodeEgress},
 	} {
 		if err := step.run(ctx); err != nil {
 			return nil, fmt.Errorf("%s: %w", step.name, err)
@@ -229,7 +230,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	}
 	n := &NodeDaemon{d: d, ID: id.ID, cancel: d.cancel}
 	mux := http.NewServeMux()
-	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).Handler())
+	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).Handler())
 	l, err := net.Listen("tcp", opts.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("node API: %w", err)

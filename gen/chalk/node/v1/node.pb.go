@@ -3390,6 +3390,172 @@ func (*SetPausedResponse) Descriptor() ([]byte, []int) {
 	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{58}
 }
 
+// NetworkPolicy is an egress.Policy (the control plane resolved it from
+// the sandbox's org).
+type NetworkPolicy struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Name             string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	AllowAll         bool                   `protobuf:"varint,2,opt,name=allow_all,json=allowAll,proto3" json:"allow_all,omitempty"`
+	AllowedHostnames []string               `protobuf:"bytes,3,rep,name=allowed_hostnames,json=allowedHostnames,proto3" json:"allowed_hostnames,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *NetworkPolicy) Reset() {
+	*x = NetworkPolicy{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkPolicy) ProtoMessage() {}
+
+func (x *NetworkPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkPolicy.ProtoReflect.Descriptor instead.
+func (*NetworkPolicy) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *NetworkPolicy) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *NetworkPolicy) GetAllowAll() bool {
+	if x != nil {
+		return x.AllowAll
+	}
+	return false
+}
+
+func (x *NetworkPolicy) GetAllowedHostnames() []string {
+	if x != nil {
+		return x.AllowedHostnames
+	}
+	return nil
+}
+
+type ApplyEgressRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Slot          int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
+	Policies      []*NetworkPolicy       `protobuf:"bytes,3,rep,name=policies,proto3" json:"policies,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApplyEgressRequest) Reset() {
+	*x = ApplyEgressRequest{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[60]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApplyEgressRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApplyEgressRequest) ProtoMessage() {}
+
+func (x *ApplyEgressRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[60]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApplyEgressRequest.ProtoReflect.Descriptor instead.
+func (*ApplyEgressRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{60}
+}
+
+func (x *ApplyEgressRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ApplyEgressRequest) GetSlot() int32 {
+	if x != nil {
+		return x.Slot
+	}
+	return 0
+}
+
+func (x *ApplyEgressRequest) GetPolicies() []*NetworkPolicy {
+	if x != nil {
+		return x.Policies
+	}
+	return nil
+}
+
+type ApplyEgressResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Hash          string                 `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"` // the applied rules' hash (egress.Rules.Hash)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApplyEgressResponse) Reset() {
+	*x = ApplyEgressResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApplyEgressResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApplyEgressResponse) ProtoMessage() {}
+
+func (x *ApplyEgressResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApplyEgressResponse.ProtoReflect.Descriptor instead.
+func (*ApplyEgressResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *ApplyEgressResponse) GetHash() string {
+	if x != nil {
+		return x.Hash
+	}
+	return ""
+}
+
 type SnapshotSpec struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -3404,7 +3570,7 @@ type SnapshotSpec struct {
 
 func (x *SnapshotSpec) Reset() {
 	*x = SnapshotSpec{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[59]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3416,7 +3582,7 @@ func (x *SnapshotSpec) String() string {
 func (*SnapshotSpec) ProtoMessage() {}
 
 func (x *SnapshotSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[59]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3429,7 +3595,7 @@ func (x *SnapshotSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotSpec.ProtoReflect.Descriptor instead.
 func (*SnapshotSpec) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{59}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *SnapshotSpec) GetId() string {
@@ -3483,7 +3649,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[60]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3495,7 +3661,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[60]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3508,7 +3674,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{60}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *SnapshotRequest) GetSpec() *SnapshotSpec {
@@ -3531,7 +3697,7 @@ type SnapshotResult struct {
 
 func (x *SnapshotResult) Reset() {
 	*x = SnapshotResult{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[61]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3543,7 +3709,7 @@ func (x *SnapshotResult) String() string {
 func (*SnapshotResult) ProtoMessage() {}
 
 func (x *SnapshotResult) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[61]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3556,7 +3722,7 @@ func (x *SnapshotResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResult.ProtoReflect.Descriptor instead.
 func (*SnapshotResult) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{61}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *SnapshotResult) GetRef() string {
@@ -3607,7 +3773,7 @@ type SnapshotEvent struct {
 
 func (x *SnapshotEvent) Reset() {
 	*x = SnapshotEvent{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3619,7 +3785,7 @@ func (x *SnapshotEvent) String() string {
 func (*SnapshotEvent) ProtoMessage() {}
 
 func (x *SnapshotEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3632,7 +3798,7 @@ func (x *SnapshotEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotEvent.ProtoReflect.Descriptor instead.
 func (*SnapshotEvent) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{62}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *SnapshotEvent) GetEvent() isSnapshotEvent_Event {
@@ -3688,7 +3854,7 @@ type Capacity struct {
 
 func (x *Capacity) Reset() {
 	*x = Capacity{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3700,7 +3866,7 @@ func (x *Capacity) String() string {
 func (*Capacity) ProtoMessage() {}
 
 func (x *Capacity) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3713,7 +3879,7 @@ func (x *Capacity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Capacity.ProtoReflect.Descriptor instead.
 func (*Capacity) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{63}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *Capacity) GetCpu() float64 {
@@ -3753,7 +3919,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3765,7 +3931,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3778,7 +3944,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{64}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *JoinRequest) GetToken() string {
@@ -3827,7 +3993,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3839,7 +4005,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3852,7 +4018,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{65}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *JoinResponse) GetNodeId() string {
@@ -3887,7 +4053,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3899,7 +4065,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3912,7 +4078,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{66}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *HeartbeatRequest) GetNodeId() string {
@@ -3946,7 +4112,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3958,7 +4124,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3971,7 +4137,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{67}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *HeartbeatResponse) GetState() string {
@@ -4207,7 +4373,17 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\x10SetPausedRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06paused\x18\x02 \x01(\bR\x06paused\"\x13\n" +
-	"\x11SetPausedResponse\"\xa8\x01\n" +
+	"\x11SetPausedResponse\"m\n" +
+	"\rNetworkPolicy\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1b\n" +
+	"\tallow_all\x18\x02 \x01(\bR\ballowAll\x12+\n" +
+	"\x11allowed_hostnames\x18\x03 \x03(\tR\x10allowedHostnames\"r\n" +
+	"\x12ApplyEgressRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04slot\x18\x02 \x01(\x05R\x04slot\x128\n" +
+	"\bpolicies\x18\x03 \x03(\v2\x1c.chalk.node.v1.NetworkPolicyR\bpolicies\")\n" +
+	"\x13ApplyEgressResponse\x12\x12\n" +
+	"\x04hash\x18\x01 \x01(\tR\x04hash\"\xa8\x01\n" +
 	"\fSnapshotSpec\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04slot\x18\x02 \x01(\x05R\x04slot\x12\x1b\n" +
@@ -4246,7 +4422,7 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\bcapacity\x18\x02 \x01(\v2\x17.chalk.node.v1.CapacityR\bcapacity\x12\x19\n" +
 	"\bnode_url\x18\x04 \x01(\tR\anodeUrlJ\x04\b\x03\x10\x04\")\n" +
 	"\x11HeartbeatResponse\x12\x14\n" +
-	"\x05state\x18\x01 \x01(\tR\x05state2\x93\x0e\n" +
+	"\x05state\x18\x01 \x01(\tR\x05state2\xe9\x0e\n" +
 	"\vNodeService\x12T\n" +
 	"\vReserveSlot\x12!.chalk.node.v1.ReserveSlotRequest\x1a\".chalk.node.v1.ReserveSlotResponse\x12S\n" +
 	"\vEnsureImage\x12!.chalk.node.v1.EnsureImageRequest\x1a\x1f.chalk.node.v1.EnsureImageEvent0\x01\x12B\n" +
@@ -4273,7 +4449,8 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\aRestore\x12\x1d.chalk.node.v1.RestoreRequest\x1a\x1e.chalk.node.v1.RestoreResponse\x12Y\n" +
 	"\rSetPrestarted\x12#.chalk.node.v1.SetPrestartedRequest\x1a!.chalk.node.v1.SetPrestartedEvent0\x01\x12N\n" +
 	"\tSetPaused\x12\x1f.chalk.node.v1.SetPausedRequest\x1a .chalk.node.v1.SetPausedResponse\x12J\n" +
-	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x012\x9f\x01\n" +
+	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x01\x12T\n" +
+	"\vApplyEgress\x12!.chalk.node.v1.ApplyEgressRequest\x1a\".chalk.node.v1.ApplyEgressResponse2\x9f\x01\n" +
 	"\fFleetService\x12?\n" +
 	"\x04Join\x12\x1a.chalk.node.v1.JoinRequest\x1a\x1b.chalk.node.v1.JoinResponse\x12N\n" +
 	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponseB?Z=github.com/chalkcompute/chalkcompute/gen/chalk/node/v1;nodev1b\x06proto3"
@@ -4290,7 +4467,7 @@ func file_chalk_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_chalk_node_v1_node_proto_rawDescData
 }
 
-var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 70)
+var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 73)
 var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*ReserveSlotRequest)(nil),   // 0: chalk.node.v1.ReserveSlotRequest
 	(*ReserveSlotResponse)(nil),  // 1: chalk.node.v1.ReserveSlotResponse
@@ -4351,17 +4528,20 @@ var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*SetPrestartedEvent)(nil),   // 56: chalk.node.v1.SetPrestartedEvent
 	(*SetPausedRequest)(nil),     // 57: chalk.node.v1.SetPausedRequest
 	(*SetPausedResponse)(nil),    // 58: chalk.node.v1.SetPausedResponse
-	(*SnapshotSpec)(nil),         // 59: chalk.node.v1.SnapshotSpec
-	(*SnapshotRequest)(nil),      // 60: chalk.node.v1.SnapshotRequest
-	(*SnapshotResult)(nil),       // 61: chalk.node.v1.SnapshotResult
-	(*SnapshotEvent)(nil),        // 62: chalk.node.v1.SnapshotEvent
-	(*Capacity)(nil),             // 63: chalk.node.v1.Capacity
-	(*JoinRequest)(nil),          // 64: chalk.node.v1.JoinRequest
-	(*JoinResponse)(nil),         // 65: chalk.node.v1.JoinResponse
-	(*HeartbeatRequest)(nil),     // 66: chalk.node.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),    // 67: chalk.node.v1.HeartbeatResponse
-	nil,                          // 68: chalk.node.v1.LeftoversRequest.LiveEntry
-	nil,                          // 69: chalk.node.v1.RestoreRequest.LiveEntry
+	(*NetworkPolicy)(nil),        // 59: chalk.node.v1.NetworkPolicy
+	(*ApplyEgressRequest)(nil),   // 60: chalk.node.v1.ApplyEgressRequest
+	(*ApplyEgressResponse)(nil),  // 61: chalk.node.v1.ApplyEgressResponse
+	(*SnapshotSpec)(nil),         // 62: chalk.node.v1.SnapshotSpec
+	(*SnapshotRequest)(nil),      // 63: chalk.node.v1.SnapshotRequest
+	(*SnapshotResult)(nil),       // 64: chalk.node.v1.SnapshotResult
+	(*SnapshotEvent)(nil),        // 65: chalk.node.v1.SnapshotEvent
+	(*Capacity)(nil),             // 66: chalk.node.v1.Capacity
+	(*JoinRequest)(nil),          // 67: chalk.node.v1.JoinRequest
+	(*JoinResponse)(nil),         // 68: chalk.node.v1.JoinResponse
+	(*HeartbeatRequest)(nil),     // 69: chalk.node.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),    // 70: chalk.node.v1.HeartbeatResponse
+	nil,                          // 71: chalk.node.v1.LeftoversRequest.LiveEntry
+	nil,                          // 72: chalk.node.v1.RestoreRequest.LiveEntry
 }
 var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	8,  // 0: chalk.node.v1.ReserveSlotRequest.spec:type_name -> chalk.node.v1.StartSpec
@@ -4378,71 +4558,74 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	27, // 11: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
 	35, // 12: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
 	38, // 13: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
-	68, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
+	71, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
 	8,  // 15: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
-	69, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
-	59, // 17: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
-	4,  // 18: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
-	61, // 19: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
-	63, // 20: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
-	63, // 21: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
-	0,  // 22: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
-	5,  // 23: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
-	9,  // 24: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
-	13, // 25: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
-	15, // 26: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
-	19, // 27: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
-	21, // 28: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
-	17, // 29: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
-	25, // 30: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
-	29, // 31: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
-	31, // 32: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
-	33, // 33: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
-	36, // 34: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
-	39, // 35: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
-	41, // 36: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
-	43, // 37: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
-	45, // 38: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
-	47, // 39: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
-	49, // 40: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
-	51, // 41: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
-	53, // 42: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
-	55, // 43: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
-	57, // 44: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
-	60, // 45: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
-	64, // 46: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
-	66, // 47: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
-	1,  // 48: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
-	6,  // 49: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
-	12, // 50: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
-	14, // 51: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
-	16, // 52: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
-	20, // 53: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
-	22, // 54: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
-	18, // 55: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
-	28, // 56: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
-	30, // 57: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
-	32, // 58: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
-	34, // 59: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
-	37, // 60: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
-	40, // 61: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
-	42, // 62: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
-	44, // 63: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
-	46, // 64: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
-	48, // 65: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
-	50, // 66: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
-	52, // 67: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
-	54, // 68: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
-	56, // 69: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
-	58, // 70: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
-	62, // 71: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
-	65, // 72: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
-	67, // 73: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
-	48, // [48:74] is the sub-list for method output_type
-	22, // [22:48] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	72, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
+	59, // 17: chalk.node.v1.ApplyEgressRequest.policies:type_name -> chalk.node.v1.NetworkPolicy
+	62, // 18: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
+	4,  // 19: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
+	64, // 20: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
+	66, // 21: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
+	66, // 22: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
+	0,  // 23: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
+	5,  // 24: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
+	9,  // 25: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
+	13, // 26: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
+	15, // 27: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
+	19, // 28: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
+	21, // 29: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
+	17, // 30: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
+	25, // 31: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
+	29, // 32: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
+	31, // 33: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
+	33, // 34: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
+	36, // 35: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
+	39, // 36: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
+	41, // 37: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
+	43, // 38: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
+	45, // 39: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
+	47, // 40: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
+	49, // 41: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
+	51, // 42: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
+	53, // 43: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
+	55, // 44: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
+	57, // 45: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
+	63, // 46: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
+	60, // 47: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
+	67, // 48: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
+	69, // 49: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
+	1,  // 50: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
+	6,  // 51: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
+	12, // 52: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
+	14, // 53: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
+	16, // 54: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
+	20, // 55: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
+	22, // 56: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
+	18, // 57: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
+	28, // 58: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
+	30, // 59: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
+	32, // 60: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
+	34, // 61: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
+	37, // 62: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
+	40, // 63: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
+	42, // 64: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
+	44, // 65: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
+	46, // 66: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
+	48, // 67: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
+	50, // 68: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
+	52, // 69: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
+	54, // 70: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
+	56, // 71: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
+	58, // 72: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
+	65, // 73: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
+	61, // 74: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
+	68, // 75: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
+	70, // 76: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
+	50, // [50:77] is the sub-list for method output_type
+	23, // [23:50] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_chalk_node_v1_node_proto_init() }
@@ -4470,7 +4653,7 @@ func file_chalk_node_v1_node_proto_init() {
 		(*WriteFileInput_Header)(nil),
 		(*WriteFileInput_Data)(nil),
 	}
-	file_chalk_node_v1_node_proto_msgTypes[62].OneofWrappers = []any{
+	file_chalk_node_v1_node_proto_msgTypes[65].OneofWrappers = []any{
 		(*SnapshotEvent_Progress)(nil),
 		(*SnapshotEvent_Result)(nil),
 	}
@@ -4480,7 +4663,7 @@ func file_chalk_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_node_v1_node_proto_rawDesc), len(file_chalk_node_v1_node_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   70,
+			NumMessages:   73,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -90,6 +90,8 @@ const (
 	NodeServiceSetPausedProcedure = "/chalk.node.v1.NodeService/SetPaused"
 	// NodeServiceSnapshotProcedure is the fully-qualified name of the NodeService's Snapshot RPC.
 	NodeServiceSnapshotProcedure = "/chalk.node.v1.NodeService/Snapshot"
+	// NodeServiceApplyEgressProcedure is the fully-qualified name of the NodeService's ApplyEgress RPC.
+	NodeServiceApplyEgressProcedure = "/chalk.node.v1.NodeService/ApplyEgress"
 	// FleetServiceJoinProcedure is the fully-qualified name of the FleetService's Join RPC.
 	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
 	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
@@ -144,6 +146,12 @@ type NodeServiceClient interface {
 	SetPaused(context.Context, *connect.Request[v1.SetPausedRequest]) (*connect.Response[v1.SetPausedResponse], error)
 	// Snapshot streams progress, then one message with the result.
 	Snapshot(context.Context, *connect.Request[v1.SnapshotRequest]) (*connect.ServerStreamForClient[v1.SnapshotEvent], error)
+	// ApplyEgress sets the egress rules of a sandbox placed on the node (its
+	// slot's interface) from its network policies: before its Start (so they
+	// hold from its first packet) and whenever its policies change. A node
+	// gives a sandbox started without them the baseline rules (the blocked
+	// ranges, DNS through the node's proxy) itself.
+	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
 }
 
 // NewNodeServiceClient constructs a client for the chalk.node.v1.NodeService service. By default,
@@ -301,6 +309,12 @@ func NewNodeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(nodeServiceMethods.ByName("Snapshot")),
 			connect.WithClientOptions(opts...),
 		),
+		applyEgress: connect.NewClient[v1.ApplyEgressRequest, v1.ApplyEgressResponse](
+			httpClient,
+			baseURL+NodeServiceApplyEgressProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("ApplyEgress")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -330,6 +344,7 @@ type nodeServiceClient struct {
 	setPrestarted *connect.Client[v1.SetPrestartedRequest, v1.SetPrestartedEvent]
 	setPaused     *connect.Client[v1.SetPausedRequest, v1.SetPausedResponse]
 	snapshot      *connect.Client[v1.SnapshotRequest, v1.SnapshotEvent]
+	applyEgress   *connect.Client[v1.ApplyEgressRequest, v1.ApplyEgressResponse]
 }
 
 // ReserveSlot calls chalk.node.v1.NodeService.ReserveSlot.
@@ -452,6 +467,11 @@ func (c *nodeServiceClient) Snapshot(ctx context.Context, req *connect.Request[v
 	return c.snapshot.CallServerStream(ctx, req)
 }
 
+// ApplyEgress calls chalk.node.v1.NodeService.ApplyEgress.
+func (c *nodeServiceClient) ApplyEgress(ctx context.Context, req *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error) {
+	return c.applyEgress.CallUnary(ctx, req)
+}
+
 // NodeServiceHandler is an implementation of the chalk.node.v1.NodeService service.
 type NodeServiceHandler interface {
 	// ReserveSlot gives the sandbox a network slot on the node (slots are
@@ -500,6 +520,12 @@ type NodeServiceHandler interface {
 	SetPaused(context.Context, *connect.Request[v1.SetPausedRequest]) (*connect.Response[v1.SetPausedResponse], error)
 	// Snapshot streams progress, then one message with the result.
 	Snapshot(context.Context, *connect.Request[v1.SnapshotRequest], *connect.ServerStream[v1.SnapshotEvent]) error
+	// ApplyEgress sets the egress rules of a sandbox placed on the node (its
+	// slot's interface) from its network policies: before its Start (so they
+	// hold from its first packet) and whenever its policies change. A node
+	// gives a sandbox started without them the baseline rules (the blocked
+	// ranges, DNS through the node's proxy) itself.
+	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
 }
 
 // NewNodeServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -653,6 +679,12 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(nodeServiceMethods.ByName("Snapshot")),
 		connect.WithHandlerOptions(opts...),
 	)
+	nodeServiceApplyEgressHandler := connect.NewUnaryHandler(
+		NodeServiceApplyEgressProcedure,
+		svc.ApplyEgress,
+		connect.WithSchema(nodeServiceMethods.ByName("ApplyEgress")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.NodeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case NodeServiceReserveSlotProcedure:
@@ -703,6 +735,8 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 			nodeServiceSetPausedHandler.ServeHTTP(w, r)
 		case NodeServiceSnapshotProcedure:
 			nodeServiceSnapshotHandler.ServeHTTP(w, r)
+		case NodeServiceApplyEgressProcedure:
+			nodeServiceApplyEgressHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -806,6 +840,10 @@ func (UnimplementedNodeServiceHandler) SetPaused(context.Context, *connect.Reque
 
 func (UnimplementedNodeServiceHandler) Snapshot(context.Context, *connect.Request[v1.SnapshotRequest], *connect.ServerStream[v1.SnapshotEvent]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.Snapshot is not implemented"))
+}
+
+func (UnimplementedNodeServiceHandler) ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.ApplyEgress is not implemented"))
 }
 
 // FleetServiceClient is a client for the chalk.node.v1.FleetService service.
