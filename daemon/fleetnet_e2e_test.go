@@ -15,7 +15,7 @@ import (
 // TestFleetEgress: egress rules hold on a node as in the all-in-one
 // daemon. The node's uplink is a fake internet with a LAN host (10.66.x)
 // and a cloud-metadata address; the node also reaches the control plane's
-// fleet listener on a private link (10.251.1.1:7450). A sandbox placed on
+// address on a private link (10.251.1.1, beside its fleet listener). A sandbox placed on
 // the node, with no policy, reaches the public host through the node's DNS
 // proxy and none of the private ones; with policies (sent by the control
 // plane to the node) names are allowed and denied, a CIDR entry opens its
@@ -30,7 +30,10 @@ func TestFleetEgress(t *testing.T) {
 	n1 := chalktest.StartFleetNodeWith(t, control, 1, inet)
 	c := control.Client()
 	ctx := ctxT(t, 3*time.Minute)
-	fleetListener := net.JoinHostPort(chalktest.ControlAddr(1), "7450")
+	// A service on the control plane's private address on the node's link
+	// (beside its fleet listener): the node reaches it, its sandboxes must not.
+	private := net.JoinHostPort(chalktest.ControlAddr(1), "9997")
+	control.Listen(private)
 
 	onNode := func(sb *chalkcompute.Sandbox) {
 		t.Helper()
@@ -46,15 +49,16 @@ func TestFleetEgress(t *testing.T) {
 			}
 		}
 	}
-	// reaches reports whether the sandbox opens a TCP connection to addr
-	// (the fleet listener answers plain HTTP with a 400 once connected).
+	// reaches reports whether the sandbox gets the answer of the service on
+	// addr (a TCP server that writes "node-service" and closes).
 	reaches := func(t *testing.T, sb *chalkcompute.Sandbox, addr string) bool {
 		t.Helper()
-		res, err := sb.Exec(ctx, []string{"sh", "-c", "timeout 3 wget -T 2 -O- http://" + addr + "/ 2>&1"})
+		host, port, _ := net.SplitHostPort(addr)
+		res, err := sb.Exec(ctx, []string{"sh", "-c", "timeout 3 nc " + host + " " + port + " </dev/null"})
 		if err != nil {
 			t.Fatal(err)
 		}
-		return strings.Contains(string(res.Stdout), "HTTP/")
+		return strings.Contains(string(res.Stdout), "node-service")
 	}
 
 	// Wait until the node serves (create fails with no node).
@@ -81,8 +85,8 @@ func TestFleetEgress(t *testing.T) {
 			"http://lan.test/":        "",
 			"http://100.100.100.200/": "",
 		})
-		if reaches(t, open, fleetListener) {
-			t.Errorf("a sandbox on the node reaches the control plane's private address %s", fleetListener)
+		if reaches(t, open, private) {
+			t.Errorf("a sandbox on the node reaches the control plane's private address %s", private)
 		}
 		// It resolves through the node's DNS proxy (at its gateway), not
 		// the node's resolvers.
@@ -110,8 +114,8 @@ func TestFleetEgress(t *testing.T) {
 			"http://10.66.0.10/":      "lan",
 			"http://100.100.100.200/": "",
 		})
-		if reaches(t, lan, fleetListener) {
-			t.Errorf("a CIDR entry for 10.66.0.0/16 opened %s", fleetListener)
+		if reaches(t, lan, private) {
+			t.Errorf("a CIDR entry for 10.66.0.0/16 opened %s", private)
 		}
 		// A policy update reaches the node's rules.
 		names.AllowedHostnames = []string{"other.test"}
