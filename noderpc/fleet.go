@@ -87,6 +87,9 @@ type Fleet struct {
 	Log   *slog.Logger
 	// Now is the clock (tests).
 	Now func() time.Time
+	// Workloads, if set, answers nodes' Workload calls (workload identity
+	// of node sandboxes); nil: refused.
+	Workloads Workloads
 }
 
 var _ nodev1connect.FleetServiceHandler = (*Fleet)(nil)

@@ -4147,6 +4147,158 @@ func (x *HeartbeatResponse) GetState() string {
 	return ""
 }
 
+type WorkloadRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Audience      string                 `protobuf:"bytes,2,opt,name=audience,proto3" json:"audience,omitempty"`                        // "": the identity only
+	TtlSeconds    int64                  `protobuf:"varint,3,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"` // 0: the issuer's default
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WorkloadRequest) Reset() {
+	*x = WorkloadRequest{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WorkloadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WorkloadRequest) ProtoMessage() {}
+
+func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WorkloadRequest.ProtoReflect.Descriptor instead.
+func (*WorkloadRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{71}
+}
+
+func (x *WorkloadRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *WorkloadRequest) GetAudience() string {
+	if x != nil {
+		return x.Audience
+	}
+	return ""
+}
+
+func (x *WorkloadRequest) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+type WorkloadResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	OrgId         string                 `protobuf:"bytes,1,opt,name=org_id,json=orgId,proto3" json:"org_id,omitempty"`
+	ImageDigest   string                 `protobuf:"bytes,2,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"`
+	NetworkPolicy string                 `protobuf:"bytes,3,opt,name=network_policy,json=networkPolicy,proto3" json:"network_policy,omitempty"`
+	CreatedBy     string                 `protobuf:"bytes,4,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	Issuer        string                 `protobuf:"bytes,5,opt,name=issuer,proto3" json:"issuer,omitempty"`
+	Token         string                 `protobuf:"bytes,6,opt,name=token,proto3" json:"token,omitempty"`
+	ExpiresUnixMs int64                  `protobuf:"varint,7,opt,name=expires_unix_ms,json=expiresUnixMs,proto3" json:"expires_unix_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WorkloadResponse) Reset() {
+	*x = WorkloadResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WorkloadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WorkloadResponse) ProtoMessage() {}
+
+func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WorkloadResponse.ProtoReflect.Descriptor instead.
+func (*WorkloadResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{72}
+}
+
+func (x *WorkloadResponse) GetOrgId() string {
+	if x != nil {
+		return x.OrgId
+	}
+	return ""
+}
+
+func (x *WorkloadResponse) GetImageDigest() string {
+	if x != nil {
+		return x.ImageDigest
+	}
+	return ""
+}
+
+func (x *WorkloadResponse) GetNetworkPolicy() string {
+	if x != nil {
+		return x.NetworkPolicy
+	}
+	return ""
+}
+
+func (x *WorkloadResponse) GetCreatedBy() string {
+	if x != nil {
+		return x.CreatedBy
+	}
+	return ""
+}
+
+func (x *WorkloadResponse) GetIssuer() string {
+	if x != nil {
+		return x.Issuer
+	}
+	return ""
+}
+
+func (x *WorkloadResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *WorkloadResponse) GetExpiresUnixMs() int64 {
+	if x != nil {
+		return x.ExpiresUnixMs
+	}
+	return 0
+}
+
 var File_chalk_node_v1_node_proto protoreflect.FileDescriptor
 
 const file_chalk_node_v1_node_proto_rawDesc = "" +
@@ -4422,7 +4574,22 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\bcapacity\x18\x02 \x01(\v2\x17.chalk.node.v1.CapacityR\bcapacity\x12\x19\n" +
 	"\bnode_url\x18\x04 \x01(\tR\anodeUrlJ\x04\b\x03\x10\x04\")\n" +
 	"\x11HeartbeatResponse\x12\x14\n" +
-	"\x05state\x18\x01 \x01(\tR\x05state2\xe9\x0e\n" +
+	"\x05state\x18\x01 \x01(\tR\x05state\"m\n" +
+	"\x0fWorkloadRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1a\n" +
+	"\baudience\x18\x02 \x01(\tR\baudience\x12\x1f\n" +
+	"\vttl_seconds\x18\x03 \x01(\x03R\n" +
+	"ttlSeconds\"\xe8\x01\n" +
+	"\x10WorkloadResponse\x12\x15\n" +
+	"\x06org_id\x18\x01 \x01(\tR\x05orgId\x12!\n" +
+	"\fimage_digest\x18\x02 \x01(\tR\vimageDigest\x12%\n" +
+	"\x0enetwork_policy\x18\x03 \x01(\tR\rnetworkPolicy\x12\x1d\n" +
+	"\n" +
+	"created_by\x18\x04 \x01(\tR\tcreatedBy\x12\x16\n" +
+	"\x06issuer\x18\x05 \x01(\tR\x06issuer\x12\x14\n" +
+	"\x05token\x18\x06 \x01(\tR\x05token\x12&\n" +
+	"\x0fexpires_unix_ms\x18\a \x01(\x03R\rexpiresUnixMs2\xe9\x0e\n" +
 	"\vNodeService\x12T\n" +
 	"\vReserveSlot\x12!.chalk.node.v1.ReserveSlotRequest\x1a\".chalk.node.v1.ReserveSlotResponse\x12S\n" +
 	"\vEnsureImage\x12!.chalk.node.v1.EnsureImageRequest\x1a\x1f.chalk.node.v1.EnsureImageEvent0\x01\x12B\n" +
@@ -4450,10 +4617,11 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\rSetPrestarted\x12#.chalk.node.v1.SetPrestartedRequest\x1a!.chalk.node.v1.SetPrestartedEvent0\x01\x12N\n" +
 	"\tSetPaused\x12\x1f.chalk.node.v1.SetPausedRequest\x1a .chalk.node.v1.SetPausedResponse\x12J\n" +
 	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x01\x12T\n" +
-	"\vApplyEgress\x12!.chalk.node.v1.ApplyEgressRequest\x1a\".chalk.node.v1.ApplyEgressResponse2\x9f\x01\n" +
+	"\vApplyEgress\x12!.chalk.node.v1.ApplyEgressRequest\x1a\".chalk.node.v1.ApplyEgressResponse2\xec\x01\n" +
 	"\fFleetService\x12?\n" +
 	"\x04Join\x12\x1a.chalk.node.v1.JoinRequest\x1a\x1b.chalk.node.v1.JoinResponse\x12N\n" +
-	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponseB?Z=github.com/chalkcompute/chalkcompute/gen/chalk/node/v1;nodev1b\x06proto3"
+	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponse\x12K\n" +
+	"\bWorkload\x12\x1e.chalk.node.v1.WorkloadRequest\x1a\x1f.chalk.node.v1.WorkloadResponseB?Z=github.com/chalkcompute/chalkcompute/gen/chalk/node/v1;nodev1b\x06proto3"
 
 var (
 	file_chalk_node_v1_node_proto_rawDescOnce sync.Once
@@ -4467,7 +4635,7 @@ func file_chalk_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_chalk_node_v1_node_proto_rawDescData
 }
 
-var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 73)
+var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 75)
 var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*ReserveSlotRequest)(nil),   // 0: chalk.node.v1.ReserveSlotRequest
 	(*ReserveSlotResponse)(nil),  // 1: chalk.node.v1.ReserveSlotResponse
@@ -4540,8 +4708,10 @@ var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*JoinResponse)(nil),         // 68: chalk.node.v1.JoinResponse
 	(*HeartbeatRequest)(nil),     // 69: chalk.node.v1.HeartbeatRequest
 	(*HeartbeatResponse)(nil),    // 70: chalk.node.v1.HeartbeatResponse
-	nil,                          // 71: chalk.node.v1.LeftoversRequest.LiveEntry
-	nil,                          // 72: chalk.node.v1.RestoreRequest.LiveEntry
+	(*WorkloadRequest)(nil),      // 71: chalk.node.v1.WorkloadRequest
+	(*WorkloadResponse)(nil),     // 72: chalk.node.v1.WorkloadResponse
+	nil,                          // 73: chalk.node.v1.LeftoversRequest.LiveEntry
+	nil,                          // 74: chalk.node.v1.RestoreRequest.LiveEntry
 }
 var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	8,  // 0: chalk.node.v1.ReserveSlotRequest.spec:type_name -> chalk.node.v1.StartSpec
@@ -4558,9 +4728,9 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	27, // 11: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
 	35, // 12: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
 	38, // 13: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
-	71, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
+	73, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
 	8,  // 15: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
-	72, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
+	74, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
 	59, // 17: chalk.node.v1.ApplyEgressRequest.policies:type_name -> chalk.node.v1.NetworkPolicy
 	62, // 18: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
 	4,  // 19: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
@@ -4594,35 +4764,37 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	60, // 47: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
 	67, // 48: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
 	69, // 49: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
-	1,  // 50: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
-	6,  // 51: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
-	12, // 52: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
-	14, // 53: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
-	16, // 54: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
-	20, // 55: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
-	22, // 56: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
-	18, // 57: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
-	28, // 58: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
-	30, // 59: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
-	32, // 60: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
-	34, // 61: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
-	37, // 62: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
-	40, // 63: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
-	42, // 64: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
-	44, // 65: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
-	46, // 66: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
-	48, // 67: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
-	50, // 68: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
-	52, // 69: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
-	54, // 70: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
-	56, // 71: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
-	58, // 72: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
-	65, // 73: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
-	61, // 74: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
-	68, // 75: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
-	70, // 76: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
-	50, // [50:77] is the sub-list for method output_type
-	23, // [23:50] is the sub-list for method input_type
+	71, // 50: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
+	1,  // 51: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
+	6,  // 52: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
+	12, // 53: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
+	14, // 54: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
+	16, // 55: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
+	20, // 56: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
+	22, // 57: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
+	18, // 58: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
+	28, // 59: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
+	30, // 60: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
+	32, // 61: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
+	34, // 62: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
+	37, // 63: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
+	40, // 64: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
+	42, // 65: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
+	44, // 66: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
+	46, // 67: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
+	48, // 68: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
+	50, // 69: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
+	52, // 70: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
+	54, // 71: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
+	56, // 72: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
+	58, // 73: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
+	65, // 74: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
+	61, // 75: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
+	68, // 76: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
+	70, // 77: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
+	72, // 78: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
+	51, // [51:79] is the sub-list for method output_type
+	23, // [23:51] is the sub-list for method input_type
 	23, // [23:23] is the sub-list for extension type_name
 	23, // [23:23] is the sub-list for extension extendee
 	0,  // [0:23] is the sub-list for field type_name
@@ -4663,7 +4835,7 @@ func file_chalk_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_node_v1_node_proto_rawDesc), len(file_chalk_node_v1_node_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   73,
+			NumMessages:   75,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

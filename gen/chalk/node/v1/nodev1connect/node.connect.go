@@ -96,6 +96,8 @@ const (
 	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
 	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
 	FleetServiceHeartbeatProcedure = "/chalk.node.v1.FleetService/Heartbeat"
+	// FleetServiceWorkloadProcedure is the fully-qualified name of the FleetService's Workload RPC.
+	FleetServiceWorkloadProcedure = "/chalk.node.v1.FleetService/Workload"
 )
 
 // NodeServiceClient is a client for the chalk.node.v1.NodeService service.
@@ -850,6 +852,11 @@ func (UnimplementedNodeServiceHandler) ApplyEgress(context.Context, *connect.Req
 type FleetServiceClient interface {
 	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
 	Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error)
+	// Workload gives the calling node the identity of a sandbox placed on it
+	// and, with an audience, a workload token minted by the control plane's
+	// issuer (the node's metadata service hands it to the sandbox). A node
+	// gets nothing for a sandbox placed elsewhere.
+	Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error)
 }
 
 // NewFleetServiceClient constructs a client for the chalk.node.v1.FleetService service. By default,
@@ -875,6 +882,12 @@ func NewFleetServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(fleetServiceMethods.ByName("Heartbeat")),
 			connect.WithClientOptions(opts...),
 		),
+		workload: connect.NewClient[v1.WorkloadRequest, v1.WorkloadResponse](
+			httpClient,
+			baseURL+FleetServiceWorkloadProcedure,
+			connect.WithSchema(fleetServiceMethods.ByName("Workload")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -882,6 +895,7 @@ func NewFleetServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 type fleetServiceClient struct {
 	join      *connect.Client[v1.JoinRequest, v1.JoinResponse]
 	heartbeat *connect.Client[v1.HeartbeatRequest, v1.HeartbeatResponse]
+	workload  *connect.Client[v1.WorkloadRequest, v1.WorkloadResponse]
 }
 
 // Join calls chalk.node.v1.FleetService.Join.
@@ -894,10 +908,20 @@ func (c *fleetServiceClient) Heartbeat(ctx context.Context, req *connect.Request
 	return c.heartbeat.CallUnary(ctx, req)
 }
 
+// Workload calls chalk.node.v1.FleetService.Workload.
+func (c *fleetServiceClient) Workload(ctx context.Context, req *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error) {
+	return c.workload.CallUnary(ctx, req)
+}
+
 // FleetServiceHandler is an implementation of the chalk.node.v1.FleetService service.
 type FleetServiceHandler interface {
 	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
 	Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error)
+	// Workload gives the calling node the identity of a sandbox placed on it
+	// and, with an audience, a workload token minted by the control plane's
+	// issuer (the node's metadata service hands it to the sandbox). A node
+	// gets nothing for a sandbox placed elsewhere.
+	Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error)
 }
 
 // NewFleetServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -919,12 +943,20 @@ func NewFleetServiceHandler(svc FleetServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(fleetServiceMethods.ByName("Heartbeat")),
 		connect.WithHandlerOptions(opts...),
 	)
+	fleetServiceWorkloadHandler := connect.NewUnaryHandler(
+		FleetServiceWorkloadProcedure,
+		svc.Workload,
+		connect.WithSchema(fleetServiceMethods.ByName("Workload")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.FleetService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case FleetServiceJoinProcedure:
 			fleetServiceJoinHandler.ServeHTTP(w, r)
 		case FleetServiceHeartbeatProcedure:
 			fleetServiceHeartbeatHandler.ServeHTTP(w, r)
+		case FleetServiceWorkloadProcedure:
+			fleetServiceWorkloadHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -940,4 +972,8 @@ func (UnimplementedFleetServiceHandler) Join(context.Context, *connect.Request[v
 
 func (UnimplementedFleetServiceHandler) Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.Heartbeat is not implemented"))
+}
+
+func (UnimplementedFleetServiceHandler) Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.Workload is not implemented"))
 }
