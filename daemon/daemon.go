@@ -283,10 +283,12 @@ type Daemon struct {
 	pol  *policies
 	im   *images
 	// Fleet (fleet.go): the router of control mode, the fleet listener's
-	// address; resolvConf replaces the agent's default resolv.conf (node mode).
+	// address; resolvConf replaces the agent's default resolv.conf (node mode);
+	// nodeWL is a node's workload identity (fleetidentity.go).
 	router     *noderpc.Router
 	fleetAddr  string
 	resolvConf func() []byte
+	nodeWL     *nodeWorkloads
 
 	AdminToken string // set when this start created it
 	servers    []*http.Server

@@ -65,7 +65,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		return err
 	}
 	go d.router.Run(ctx, noderpc.HeartbeatInterval)
-	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet")}
+	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet"), Workloads: fleetWorkloads{d}}
 	mux := http.NewServeMux()
 	mux.Handle(f.Handler())
 	l, err := net.Listen("tcp", cmpOr(fc.Listen, DefaultFleetListen))
@@ -229,6 +229,9 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		return nil, fmt.Errorf("chalkd node: %w", err)
 	}
 	n := &NodeDaemon{d: d, ID: id.ID, cancel: d.cancel}
+	if err := d.startNodeMetadata(noderpc.NewWorkloadClient(id, opts.Join)); err != nil {
+		return nil, err
+	}
 	mux := http.NewServeMux()
 	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).Handler())
 	l, err := net.Listen("tcp", opts.Listen)

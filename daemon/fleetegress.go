@@ -77,7 +77,13 @@ func (e nodeEgress) Ensure(ctx context.Context, id string, slot int) error {
 	return e.apply(ctx, id, slot, r)
 }
 
-func (e nodeEgress) Remove(ctx context.Context, id string) { _ = e.d.Egress.Remove(ctx, id) }
+// Remove also forgets the ended sandbox's workload identity.
+func (e nodeEgress) Remove(ctx context.Context, id string) {
+	_ = e.d.Egress.Remove(ctx, id)
+	if e.d.nodeWL != nil {
+		e.d.nodeWL.forget(id)
+	}
+}
 
 func (e nodeEgress) Prune(ctx context.Context, live map[string]int) {
 	for _, id := range e.d.Egress.Adopted() {

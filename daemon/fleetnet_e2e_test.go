@@ -1,12 +1,16 @@
 package daemon_test
 
 import (
+	"context"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/coreos/go-oidc/v3/oidc"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
@@ -133,4 +137,76 @@ func TestFleetEgress(t *testing.T) {
 			t.Errorf("after the update public.test's address is still allowed: %q", got)
 		}
 	})
+}
+
+// TestFleetIdentity: a sandbox on a node gets workload tokens from the
+// node's metadata service, minted by the control plane's issuer (one for
+// the fleet) and verified by go-oidc against the control plane's discovery
+// and JWKS, with the sandbox's own claims. (That a node gets nothing for
+// another node's sandbox: noderpc.TestWorkloadOnlyForItsSandboxes.)
+func TestFleetIdentity(t *testing.T) {
+	control := chalktest.StartControl(t)
+	n1 := chalktest.StartFleetNode(t, control, 1)
+	c := control.Client()
+	ctx := ctxT(t, 2*time.Minute)
+	var a *chalkcompute.Sandbox
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"))
+		if err == nil {
+			a = sb
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("create on the fleet: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond) // polling the control plane for the node's first heartbeat
+	}
+	b := create(t, c)
+	for _, sb := range []*chalkcompute.Sandbox{a, b} {
+		if _, err := os.Stat(filepath.Join(n1.Dir, "sandboxes", sb.ID())); err != nil {
+			t.Fatalf("sandbox %s is not on the node: %v", sb.ID(), err)
+		}
+	}
+	tokA := fetchToken(t, a, "https://vault.example.test")
+	tokB := fetchToken(t, b, "https://vault.example.test")
+	if tokA == tokB {
+		t.Fatal("two sandboxes got the same token")
+	}
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", control.Socket)
+	}}}
+	octx := oidc.ClientContext(ctx, hc)
+	provider, err := oidc.NewProvider(octx, "http://127.0.0.1:7447")
+	if err != nil {
+		t.Fatalf("discovery: %v", err)
+	}
+	verifier := provider.Verifier(&oidc.Config{ClientID: "https://vault.example.test"})
+	for _, tc := range []struct {
+		sb  *chalkcompute.Sandbox
+		tok string
+	}{{a, tokA}, {b, tokB}} {
+		idt, err := verifier.Verify(octx, tc.tok)
+		if err != nil {
+			t.Fatalf("go-oidc verify: %v", err)
+		}
+		var claims map[string]any
+		if err := idt.Claims(&claims); err != nil {
+			t.Fatal(err)
+		}
+		if idt.Subject != "chalk:org:default:sbx:"+tc.sb.ID() || claims["sandbox_id"] != tc.sb.ID() || claims["image_digest"] != tc.sb.Info.ImageDigest || claims["created_by"] == "" || claims["network_policy"] == "" {
+			t.Fatalf("claims of %s: sub=%s %v", tc.sb.ID(), idt.Subject, claims)
+		}
+	}
+	if _, err := provider.Verifier(&oidc.Config{ClientID: "other"}).Verify(octx, tokA); err == nil {
+		t.Fatal("wrong audience accepted")
+	}
+	if out := mustExec(t, a, "wget", "-q", "-O-", "--header", "Metadata-Flavor: chalk", "http://169.254.169.254/v1/identity"); !strings.Contains(out, a.ID()) || !strings.Contains(out, "http://127.0.0.1:7447") {
+		t.Errorf("identity on the node: %q", out)
+	}
+	// Without the header the node's metadata service refuses.
+	if res, err := a.Exec(ctx, []string{"wget", "-q", "-O-", "http://169.254.169.254/v1/identity/token?audience=x"}); err != nil || res.Code == 0 {
+		t.Fatalf("token without Metadata-Flavor: %v %+v", err, res)
+	}
 }
