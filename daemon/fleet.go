@@ -103,9 +103,10 @@ func (d *Daemon) apiNode() api.Node {
 }
 
 // fleetHooks are the sandbox hooks of control mode. The node-side ones
-// (identity token files, image mounts, tunnels, egress rules) would act on
-// the control plane's host, not the sandbox's node: requests needing them
-// are refused with a clear error rather than half-served.
+// (identity token files, image mounts, tunnels) would act on the control
+// plane's host, not the sandbox's node: requests needing them are refused
+// with a clear error rather than half-served. (Egress rules and the
+// metadata service are the nodes': fleetegress.go, fleetidentity.go.)
 func (d *Daemon) fleetHooks() api.Hooks {
 	return api.Hooks{
 		Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
