@@ -67,7 +67,9 @@ func (f *Fleet) Workload(ctx context.Context, req *connect.Request[nodev1.Worklo
 
 // WorkloadClient is how a node asks the control plane for its sandboxes'
 // identities and tokens (over the fleet channel, with its certificate).
-type WorkloadClient struct{ rpc nodev1connect.FleetServiceClient }
+type WorkloadClient struct {
+	rpc nodev1connect.FleetServiceClient
+}
 
 // NewWorkloadClient calls the control plane at controlURL as node id.
 func NewWorkloadClient(id *NodeIdentity, controlURL string) *WorkloadClient {
