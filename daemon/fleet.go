@@ -40,6 +40,9 @@ const (
 // FleetConfig turns Start into the control plane of a fleet.
 type FleetConfig struct {
 	Listen string // fleet listener (default DefaultFleetListen)
+	// NodeTimeout: a node silent this long is lost (default
+	// noderpc.DefaultHeartbeatTimeout).
+	NodeTimeout time.Duration
 }
 
 // fleetDir is where the control plane keeps its CA.
@@ -61,6 +64,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		return err
 	}
 	d.router = noderpc.NewRouter(d.Store, ca, cert, d.log.With("component", "fleet"))
+	d.router.HeartbeatTimeout = fc.NodeTimeout
 	if err := d.router.Refresh(ctx); err != nil {
 		return err
 	}

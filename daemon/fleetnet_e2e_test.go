@@ -23,14 +23,17 @@ import (
 // the node, with no policy, reaches the public host through the node's DNS
 // proxy and none of the private ones; with policies (sent by the control
 // plane to the node) names are allowed and denied, a CIDR entry opens its
-// private range, and a policy update reaches the node.
+// private range, a policy update reaches the node, and all of it holds
+// across a restart of the node process.
 func TestFleetEgress(t *testing.T) {
 	inet := chalktest.NewFakeInternet(t)
 	inet.Host("public.test", "198.51.100.10", "public")
 	inet.Host("other.test", "198.51.100.11", "other")
 	inet.Host("lan.test", "10.66.0.10", "lan")
 	inet.Host("", "100.100.100.200", "cloud-metadata")
-	control := chalktest.StartControl(t)
+	// The node restarts below: a node timeout well above its restart, so
+	// its sandboxes are not lost meanwhile.
+	control := chalktest.StartControl(t, "--node-timeout", "2m")
 	n1 := chalktest.StartFleetNodeWith(t, control, 1, inet)
 	c := control.Client()
 	ctx := ctxT(t, 3*time.Minute)
@@ -135,6 +138,35 @@ func TestFleetEgress(t *testing.T) {
 		}
 		if got := fetch(t, sb, "http://198.51.100.10/"); got != "" {
 			t.Errorf("after the update public.test's address is still allowed: %q", got)
+		}
+
+		// The node process restarts (kill -9): its running sandboxes keep
+		// their rules, and its new DNS proxy knows them again (it applied
+		// their kept policies at start).
+		n1.Kill()
+		n1.Restart()
+		deadline = time.Now().Add(30 * time.Second)
+		for {
+			_, err := sb.Exec(ctxT(t, 10*time.Second), []string{"true"})
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("exec after the node restarted: %v", err)
+			}
+			time.Sleep(200 * time.Millisecond) // polling the control plane until the node answers again
+		}
+		check(t, sb, map[string]string{
+			"http://other.test/":  "other",
+			"http://public.test/": "",
+			"http://lan.test/":    "",
+		})
+		check(t, open, map[string]string{
+			"http://public.test/": "public",
+			"http://10.66.0.10/":  "",
+		})
+		if reaches(t, open, private) {
+			t.Errorf("after the node restarted a sandbox reaches %s", private)
 		}
 	})
 }

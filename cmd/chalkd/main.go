@@ -20,6 +20,7 @@ import (
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/daemon"
+	"github.com/chalkcompute/chalkcompute/noderpc"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -45,11 +46,13 @@ func main() {
 	}
 	var cfg daemon.Config
 	var level, upstreams, fleetListen, pprofSocket string
+	var nodeTimeout time.Duration
 	var nopts daemon.NodeOptions
 	fs := flag.NewFlagSet(strings.TrimSpace("chalkd "+mode), flag.ExitOnError)
 	switch mode {
 	case "control":
 		fs.StringVar(&fleetListen, "fleet-listen", daemon.DefaultFleetListen, "the fleet listener (TLS with the fleet CA): node agents join and heartbeat here")
+		fs.DurationVar(&nodeTimeout, "node-timeout", noderpc.DefaultHeartbeatTimeout, "a node silent this long is lost (its sandboxes end as lost)")
 	case "node":
 		fs.StringVar(&nopts.Join, "join", "", "the control plane's fleet listener, https://control:7450")
 		fs.StringVar(&nopts.JoinToken, "join-token", os.Getenv("CHALK_JOIN_TOKEN"), "one-time join token from `chalkd control token` (default $CHALK_JOIN_TOKEN; needed at the first start only)")
@@ -152,7 +155,11 @@ func main() {
 	case "node":
 		err = daemon.MainNode(ctx, cfg, nopts)
 	case "control":
-		cfg.Fleet = &daemon.FleetConfig{Listen: fleetListen}
+		if nodeTimeout <= 0 {
+			fmt.Fprintf(os.Stderr, "chalkd control: --node-timeout %v: must be positive\n", nodeTimeout)
+			os.Exit(2)
+		}
+		cfg.Fleet = &daemon.FleetConfig{Listen: fleetListen, NodeTimeout: nodeTimeout}
 		err = daemon.Main(ctx, cfg)
 	default:
 		err = daemon.Main(ctx, cfg)
