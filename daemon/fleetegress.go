@@ -78,7 +78,14 @@ func (e nodeEgress) apply(ctx context.Context, id string, slot int, ps []egress.
 	}
 	// The rules go on the slot's interface: only the slot the node gave
 	// this sandbox (a wrong one would move another sandbox's rules).
-	if got, ok := e.d.Agent.Slots().Of(id); checkSlot && (!ok || got != slot) {
+	got, ok := e.d.Agent.Slots().Of(id)
+	if !ok {
+		// A restarted node process learns its live sandboxes' slots only
+		// when the control plane restores it: until then, the slot kept
+		// with the sandbox's policies.
+		got, ok = e.keptSlots()[id]
+	}
+	if checkSlot && (!ok || got != slot) {
 		return "", fmt.Errorf("sandbox %q: slot %d is not its slot on this node: %w", id, slot, errdefs.ErrFailedPrecondition)
 	}
 	b, err := json.Marshal(appliedPolicies{Slot: slot, Policies: ps})
@@ -184,3 +191,21 @@ func (b *fleetPolicies) Apply(ctx context.Context, sb *store.Sandbox, ps []*stor
 
 // Drops: the egress log is the node's, not carried over the node API yet.
 func (b *fleetPolicies) Drops(string) []*v1.EgressDrop { return nil }
+
+// keptSlots is the slot of every sandbox with kept policies.
+func (e nodeEgress) keptSlots() map[string]int {
+	out := map[string]int{}
+	dir := filepath.Join(e.d.cfg.DataDir, "egress-policies")
+	ents, _ := os.ReadDir(dir)
+	for _, ent := range ents {
+		id, ok := strings.CutSuffix(ent.Name(), ".json")
+		if !ok {
+			continue
+		}
+		var ap appliedPolicies
+		if b, err := os.ReadFile(filepath.Join(dir, ent.Name())); err == nil && json.Unmarshal(b, &ap) == nil && ap.Slot > 0 {
+			out[id] = ap.Slot
+		}
+	}
+	return out
+}

@@ -69,14 +69,23 @@ var (
 	_ metadata.Minter   = (*nodeWorkloads)(nil)
 )
 
+// idAt is the sandbox at address a: among the slots the node holds, else
+// (a node process restarted and not restored yet) those kept with the
+// sandboxes' egress policies.
 func (w *nodeWorkloads) idAt(a netip.Addr) (string, bool) {
 	a = a.Unmap()
-	for id, slot := range w.d.Agent.Slots().Held() {
-		if n := w.d.Agent.Net(id, slot); n != nil && (n.SandboxIP == a || n.SandboxIP6 == a) {
-			return id, true
+	at := func(slots map[string]int) (string, bool) {
+		for id, slot := range slots {
+			if n := w.d.Agent.Net(id, slot); n != nil && (n.SandboxIP == a || n.SandboxIP6 == a) {
+				return id, true
+			}
 		}
+		return "", false
 	}
-	return "", false
+	if id, ok := at(w.d.Agent.Slots().Held()); ok {
+		return id, true
+	}
+	return at(nodeEgress{w.d}.keptSlots())
 }
 
 func (w *nodeWorkloads) SandboxByAddr(ctx context.Context, a netip.Addr) (metadata.Sandbox, bool) {

@@ -168,6 +168,22 @@ func TestFleetEgress(t *testing.T) {
 		if reaches(t, open, private) {
 			t.Errorf("after the node restarted a sandbox reaches %s", private)
 		}
+		// Before the control plane restores the node (it never lost it):
+		// policy updates and the metadata service still find the sandboxes.
+		names.AllowedHostnames = []string{"public.test"}
+		if _, err := c.UpdatePolicy(ctx, names); err != nil {
+			t.Fatal(err)
+		}
+		deadline = time.Now().Add(20 * time.Second)
+		for fetch(t, sb, "http://public.test/") != "public" {
+			if time.Now().After(deadline) {
+				t.Fatal("a policy update after the node restarted did not reach it")
+			}
+			time.Sleep(200 * time.Millisecond) // polling the sandbox's egress
+		}
+		if tok := fetchToken(t, sb, "https://vault.example.test"); strings.Count(tok, ".") != 2 {
+			t.Errorf("token after the node restarted: %q", tok)
+		}
 	})
 }
 
