@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/chalkcompute/chalkcompute/atomicfile"
 	"github.com/chalkcompute/chalkcompute/egress"
@@ -189,8 +190,18 @@ func (b *fleetPolicies) Apply(ctx context.Context, sb *store.Sandbox, ps []*stor
 	return nil
 }
 
-// Drops: the egress log is the node's, not carried over the node API yet.
-func (b *fleetPolicies) Drops(string) []*v1.EgressDrop { return nil }
+// Drops is the sandbox's egress log, kept by its node.
+func (b *fleetPolicies) Drops(id string) []*v1.EgressDrop {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ds, err := b.router.EgressDrops(ctx, id)
+	if err != nil {
+		return nil
+	}
+	return dropsToProto(ds)
+}
+
+func (e nodeEgress) Drops(id string) []egress.Drop { return e.d.Egress.Blocked(id) }
 
 // keptSlots is the slot of every sandbox with kept policies.
 func (e nodeEgress) keptSlots() map[string]int {

@@ -112,6 +112,18 @@ func TestFleetEgress(t *testing.T) {
 			"http://198.51.100.11/": "",
 			"http://lan.test/":      "",
 		})
+		// The node's egress log reaches the SDK through the control plane.
+		drops, err := sb.EgressLog(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		saw := false
+		for _, d := range drops {
+			saw = saw || strings.Contains(d.Dst, "198.51.100.11") || d.Name == "other.test"
+		}
+		if !saw {
+			t.Errorf("egress log of a node sandbox does not show the blocked destination: %v", drops)
+		}
 		lan := create(t, c, chalkcompute.WithNetworkPolicies(chalkcompute.NetworkPolicy{
 			Name: "lan", AllowAll: chalkcompute.Bool(true), AllowedHostnames: []string{"10.66.0.0/16"},
 		}))

@@ -3,6 +3,7 @@ package noderpc
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -26,6 +27,8 @@ type Egress interface {
 	Remove(ctx context.Context, id string)
 	// Prune drops the rules of every sandbox not in live (at a restore).
 	Prune(ctx context.Context, live map[string]int)
+	// Drops is the sandbox's recent blocked attempts.
+	Drops(id string) []egress.Drop
 }
 
 // WithEgress makes the server enforce egress rules with e: ApplyEgress
@@ -91,4 +94,41 @@ func (r *Router) ApplyEgress(ctx context.Context, id string, slot int, policies 
 		return "", fmt.Errorf("sandbox %q: node %s takes no egress rules: %w", id, m.rec.ID, errdefs.ErrFailedPrecondition)
 	}
 	return en.ApplyEgress(ctx, id, slot, policies)
+}
+
+func (s *Server) EgressDrops(_ context.Context, req *connect.Request[nodev1.EgressDropsRequest]) (*connect.Response[nodev1.EgressDropsResponse], error) {
+	res := &nodev1.EgressDropsResponse{}
+	if s.egress == nil {
+		return connect.NewResponse(res), nil
+	}
+	for _, d := range s.egress.Drops(req.Msg.Id) {
+		res.Drops = append(res.Drops, &nodev1.EgressDrop{TimeUnixNano: d.Time.UnixNano(), Proto: d.Proto, Dst: d.Dst, Port: int32(d.Port), Name: d.Name, Count: d.Count})
+	}
+	return connect.NewResponse(res), nil
+}
+
+// EgressDrops is sandbox id's egress log on the node.
+func (c *Client) EgressDrops(ctx context.Context, id string) ([]egress.Drop, error) {
+	res, err := c.rpc.EgressDrops(ctx, connect.NewRequest(&nodev1.EgressDropsRequest{Id: id}))
+	if err != nil {
+		return nil, wire(err)
+	}
+	out := make([]egress.Drop, 0, len(res.Msg.Drops))
+	for _, d := range res.Msg.Drops {
+		out = append(out, egress.Drop{Time: time.Unix(0, d.TimeUnixNano), Proto: d.Proto, Dst: d.Dst, Port: int(d.Port), Name: d.Name, Count: d.Count})
+	}
+	return out, nil
+}
+
+// EgressDrops is sandbox id's egress log, from the node it is placed on.
+func (r *Router) EgressDrops(ctx context.Context, id string) ([]egress.Drop, error) {
+	m, err := r.on(id)
+	if err != nil {
+		return nil, err
+	}
+	c, ok := m.client.(*Client)
+	if !ok {
+		return nil, fmt.Errorf("sandbox %q: node %s keeps no egress log: %w", id, m.rec.ID, errdefs.ErrFailedPrecondition)
+	}
+	return c.EgressDrops(ctx, id)
 }

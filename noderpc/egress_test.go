@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/chalkcompute/chalkcompute/egress"
 	"github.com/chalkcompute/chalkcompute/errdefs"
@@ -29,6 +30,9 @@ func (e fakeEgress) Ensure(_ context.Context, id string, slot int) error {
 	return nil
 }
 func (e fakeEgress) Remove(_ context.Context, id string) { e.f.call("egress.Remove " + id) }
+func (e fakeEgress) Drops(id string) []egress.Drop {
+	return []egress.Drop{{Time: time.Unix(1700000000, 5), Proto: "tcp", Dst: "10.0.0.1", Port: 80, Name: "lan.test", Count: 3}}
+}
 func (e fakeEgress) Prune(_ context.Context, live map[string]int) {
 	e.f.call(fmt.Sprintf("egress.Prune %d", len(live)))
 }
@@ -66,6 +70,10 @@ func TestEgressOnTheNode(t *testing.T) {
 	}
 	if err := c.Restore(ctx, map[string]int{"x": 1}); err != nil {
 		t.Fatal(err)
+	}
+	drops, err := c.EgressDrops(ctx, "sb")
+	if err != nil || len(drops) != 1 || drops[0] != (egress.Drop{Time: time.Unix(1700000000, 5), Proto: "tcp", Dst: "10.0.0.1", Port: 80, Name: "lan.test", Count: 3}) {
+		t.Errorf("EgressDrops = %+v, %v", drops, err)
 	}
 	var egressCalls []string
 	for _, call := range f.calls {

@@ -3556,6 +3556,179 @@ func (x *ApplyEgressResponse) GetHash() string {
 	return ""
 }
 
+type EgressDropsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EgressDropsRequest) Reset() {
+	*x = EgressDropsRequest{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EgressDropsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EgressDropsRequest) ProtoMessage() {}
+
+func (x *EgressDropsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EgressDropsRequest.ProtoReflect.Descriptor instead.
+func (*EgressDropsRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{62}
+}
+
+func (x *EgressDropsRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// EgressDrop is an egress.Drop.
+type EgressDrop struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TimeUnixNano  int64                  `protobuf:"varint,1,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
+	Proto         string                 `protobuf:"bytes,2,opt,name=proto,proto3" json:"proto,omitempty"`
+	Dst           string                 `protobuf:"bytes,3,opt,name=dst,proto3" json:"dst,omitempty"`
+	Port          int32                  `protobuf:"varint,4,opt,name=port,proto3" json:"port,omitempty"`
+	Name          string                 `protobuf:"bytes,5,opt,name=name,proto3" json:"name,omitempty"`
+	Count         int64                  `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EgressDrop) Reset() {
+	*x = EgressDrop{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EgressDrop) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EgressDrop) ProtoMessage() {}
+
+func (x *EgressDrop) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EgressDrop.ProtoReflect.Descriptor instead.
+func (*EgressDrop) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{63}
+}
+
+func (x *EgressDrop) GetTimeUnixNano() int64 {
+	if x != nil {
+		return x.TimeUnixNano
+	}
+	return 0
+}
+
+func (x *EgressDrop) GetProto() string {
+	if x != nil {
+		return x.Proto
+	}
+	return ""
+}
+
+func (x *EgressDrop) GetDst() string {
+	if x != nil {
+		return x.Dst
+	}
+	return ""
+}
+
+func (x *EgressDrop) GetPort() int32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *EgressDrop) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *EgressDrop) GetCount() int64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+type EgressDropsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Drops         []*EgressDrop          `protobuf:"bytes,1,rep,name=drops,proto3" json:"drops,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EgressDropsResponse) Reset() {
+	*x = EgressDropsResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EgressDropsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EgressDropsResponse) ProtoMessage() {}
+
+func (x *EgressDropsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EgressDropsResponse.ProtoReflect.Descriptor instead.
+func (*EgressDropsResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{64}
+}
+
+func (x *EgressDropsResponse) GetDrops() []*EgressDrop {
+	if x != nil {
+		return x.Drops
+	}
+	return nil
+}
+
 type SnapshotSpec struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -3570,7 +3743,7 @@ type SnapshotSpec struct {
 
 func (x *SnapshotSpec) Reset() {
 	*x = SnapshotSpec{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3582,7 +3755,7 @@ func (x *SnapshotSpec) String() string {
 func (*SnapshotSpec) ProtoMessage() {}
 
 func (x *SnapshotSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3595,7 +3768,7 @@ func (x *SnapshotSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotSpec.ProtoReflect.Descriptor instead.
 func (*SnapshotSpec) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{62}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *SnapshotSpec) GetId() string {
@@ -3649,7 +3822,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3661,7 +3834,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3674,7 +3847,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{63}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *SnapshotRequest) GetSpec() *SnapshotSpec {
@@ -3697,7 +3870,7 @@ type SnapshotResult struct {
 
 func (x *SnapshotResult) Reset() {
 	*x = SnapshotResult{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3709,7 +3882,7 @@ func (x *SnapshotResult) String() string {
 func (*SnapshotResult) ProtoMessage() {}
 
 func (x *SnapshotResult) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3722,7 +3895,7 @@ func (x *SnapshotResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResult.ProtoReflect.Descriptor instead.
 func (*SnapshotResult) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{64}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *SnapshotResult) GetRef() string {
@@ -3773,7 +3946,7 @@ type SnapshotEvent struct {
 
 func (x *SnapshotEvent) Reset() {
 	*x = SnapshotEvent{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3785,7 +3958,7 @@ func (x *SnapshotEvent) String() string {
 func (*SnapshotEvent) ProtoMessage() {}
 
 func (x *SnapshotEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3798,7 +3971,7 @@ func (x *SnapshotEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotEvent.ProtoReflect.Descriptor instead.
 func (*SnapshotEvent) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{65}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *SnapshotEvent) GetEvent() isSnapshotEvent_Event {
@@ -3854,7 +4027,7 @@ type Capacity struct {
 
 func (x *Capacity) Reset() {
 	*x = Capacity{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3866,7 +4039,7 @@ func (x *Capacity) String() string {
 func (*Capacity) ProtoMessage() {}
 
 func (x *Capacity) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3879,7 +4052,7 @@ func (x *Capacity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Capacity.ProtoReflect.Descriptor instead.
 func (*Capacity) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{66}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *Capacity) GetCpu() float64 {
@@ -3919,7 +4092,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3931,7 +4104,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3944,7 +4117,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{67}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *JoinRequest) GetToken() string {
@@ -3993,7 +4166,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4005,7 +4178,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4018,7 +4191,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{68}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *JoinResponse) GetNodeId() string {
@@ -4053,7 +4226,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4065,7 +4238,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4078,7 +4251,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{69}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *HeartbeatRequest) GetNodeId() string {
@@ -4112,7 +4285,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4124,7 +4297,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4137,7 +4310,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{70}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *HeartbeatResponse) GetState() string {
@@ -4158,7 +4331,7 @@ type WorkloadRequest struct {
 
 func (x *WorkloadRequest) Reset() {
 	*x = WorkloadRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4170,7 +4343,7 @@ func (x *WorkloadRequest) String() string {
 func (*WorkloadRequest) ProtoMessage() {}
 
 func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4183,7 +4356,7 @@ func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadRequest.ProtoReflect.Descriptor instead.
 func (*WorkloadRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{71}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *WorkloadRequest) GetSandboxId() string {
@@ -4222,7 +4395,7 @@ type WorkloadResponse struct {
 
 func (x *WorkloadResponse) Reset() {
 	*x = WorkloadResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4234,7 +4407,7 @@ func (x *WorkloadResponse) String() string {
 func (*WorkloadResponse) ProtoMessage() {}
 
 func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4247,7 +4420,7 @@ func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadResponse.ProtoReflect.Descriptor instead.
 func (*WorkloadResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{72}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *WorkloadResponse) GetOrgId() string {
@@ -4535,7 +4708,19 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\x04slot\x18\x02 \x01(\x05R\x04slot\x128\n" +
 	"\bpolicies\x18\x03 \x03(\v2\x1c.chalk.node.v1.NetworkPolicyR\bpolicies\")\n" +
 	"\x13ApplyEgressResponse\x12\x12\n" +
-	"\x04hash\x18\x01 \x01(\tR\x04hash\"\xa8\x01\n" +
+	"\x04hash\x18\x01 \x01(\tR\x04hash\"$\n" +
+	"\x12EgressDropsRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x98\x01\n" +
+	"\n" +
+	"EgressDrop\x12$\n" +
+	"\x0etime_unix_nano\x18\x01 \x01(\x03R\ftimeUnixNano\x12\x14\n" +
+	"\x05proto\x18\x02 \x01(\tR\x05proto\x12\x10\n" +
+	"\x03dst\x18\x03 \x01(\tR\x03dst\x12\x12\n" +
+	"\x04port\x18\x04 \x01(\x05R\x04port\x12\x12\n" +
+	"\x04name\x18\x05 \x01(\tR\x04name\x12\x14\n" +
+	"\x05count\x18\x06 \x01(\x03R\x05count\"F\n" +
+	"\x13EgressDropsResponse\x12/\n" +
+	"\x05drops\x18\x01 \x03(\v2\x19.chalk.node.v1.EgressDropR\x05drops\"\xa8\x01\n" +
 	"\fSnapshotSpec\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04slot\x18\x02 \x01(\x05R\x04slot\x12\x1b\n" +
@@ -4589,7 +4774,7 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"created_by\x18\x04 \x01(\tR\tcreatedBy\x12\x16\n" +
 	"\x06issuer\x18\x05 \x01(\tR\x06issuer\x12\x14\n" +
 	"\x05token\x18\x06 \x01(\tR\x05token\x12&\n" +
-	"\x0fexpires_unix_ms\x18\a \x01(\x03R\rexpiresUnixMs2\xe9\x0e\n" +
+	"\x0fexpires_unix_ms\x18\a \x01(\x03R\rexpiresUnixMs2\xbf\x0f\n" +
 	"\vNodeService\x12T\n" +
 	"\vReserveSlot\x12!.chalk.node.v1.ReserveSlotRequest\x1a\".chalk.node.v1.ReserveSlotResponse\x12S\n" +
 	"\vEnsureImage\x12!.chalk.node.v1.EnsureImageRequest\x1a\x1f.chalk.node.v1.EnsureImageEvent0\x01\x12B\n" +
@@ -4617,7 +4802,8 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\rSetPrestarted\x12#.chalk.node.v1.SetPrestartedRequest\x1a!.chalk.node.v1.SetPrestartedEvent0\x01\x12N\n" +
 	"\tSetPaused\x12\x1f.chalk.node.v1.SetPausedRequest\x1a .chalk.node.v1.SetPausedResponse\x12J\n" +
 	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x01\x12T\n" +
-	"\vApplyEgress\x12!.chalk.node.v1.ApplyEgressRequest\x1a\".chalk.node.v1.ApplyEgressResponse2\xec\x01\n" +
+	"\vApplyEgress\x12!.chalk.node.v1.ApplyEgressRequest\x1a\".chalk.node.v1.ApplyEgressResponse\x12T\n" +
+	"\vEgressDrops\x12!.chalk.node.v1.EgressDropsRequest\x1a\".chalk.node.v1.EgressDropsResponse2\xec\x01\n" +
 	"\fFleetService\x12?\n" +
 	"\x04Join\x12\x1a.chalk.node.v1.JoinRequest\x1a\x1b.chalk.node.v1.JoinResponse\x12N\n" +
 	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponse\x12K\n" +
@@ -4635,7 +4821,7 @@ func file_chalk_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_chalk_node_v1_node_proto_rawDescData
 }
 
-var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 75)
+var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
 var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*ReserveSlotRequest)(nil),   // 0: chalk.node.v1.ReserveSlotRequest
 	(*ReserveSlotResponse)(nil),  // 1: chalk.node.v1.ReserveSlotResponse
@@ -4699,19 +4885,22 @@ var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*NetworkPolicy)(nil),        // 59: chalk.node.v1.NetworkPolicy
 	(*ApplyEgressRequest)(nil),   // 60: chalk.node.v1.ApplyEgressRequest
 	(*ApplyEgressResponse)(nil),  // 61: chalk.node.v1.ApplyEgressResponse
-	(*SnapshotSpec)(nil),         // 62: chalk.node.v1.SnapshotSpec
-	(*SnapshotRequest)(nil),      // 63: chalk.node.v1.SnapshotRequest
-	(*SnapshotResult)(nil),       // 64: chalk.node.v1.SnapshotResult
-	(*SnapshotEvent)(nil),        // 65: chalk.node.v1.SnapshotEvent
-	(*Capacity)(nil),             // 66: chalk.node.v1.Capacity
-	(*JoinRequest)(nil),          // 67: chalk.node.v1.JoinRequest
-	(*JoinResponse)(nil),         // 68: chalk.node.v1.JoinResponse
-	(*HeartbeatRequest)(nil),     // 69: chalk.node.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),    // 70: chalk.node.v1.HeartbeatResponse
-	(*WorkloadRequest)(nil),      // 71: chalk.node.v1.WorkloadRequest
-	(*WorkloadResponse)(nil),     // 72: chalk.node.v1.WorkloadResponse
-	nil,                          // 73: chalk.node.v1.LeftoversRequest.LiveEntry
-	nil,                          // 74: chalk.node.v1.RestoreRequest.LiveEntry
+	(*EgressDropsRequest)(nil),   // 62: chalk.node.v1.EgressDropsRequest
+	(*EgressDrop)(nil),           // 63: chalk.node.v1.EgressDrop
+	(*EgressDropsResponse)(nil),  // 64: chalk.node.v1.EgressDropsResponse
+	(*SnapshotSpec)(nil),         // 65: chalk.node.v1.SnapshotSpec
+	(*SnapshotRequest)(nil),      // 66: chalk.node.v1.SnapshotRequest
+	(*SnapshotResult)(nil),       // 67: chalk.node.v1.SnapshotResult
+	(*SnapshotEvent)(nil),        // 68: chalk.node.v1.SnapshotEvent
+	(*Capacity)(nil),             // 69: chalk.node.v1.Capacity
+	(*JoinRequest)(nil),          // 70: chalk.node.v1.JoinRequest
+	(*JoinResponse)(nil),         // 71: chalk.node.v1.JoinResponse
+	(*HeartbeatRequest)(nil),     // 72: chalk.node.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),    // 73: chalk.node.v1.HeartbeatResponse
+	(*WorkloadRequest)(nil),      // 74: chalk.node.v1.WorkloadRequest
+	(*WorkloadResponse)(nil),     // 75: chalk.node.v1.WorkloadResponse
+	nil,                          // 76: chalk.node.v1.LeftoversRequest.LiveEntry
+	nil,                          // 77: chalk.node.v1.RestoreRequest.LiveEntry
 }
 var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	8,  // 0: chalk.node.v1.ReserveSlotRequest.spec:type_name -> chalk.node.v1.StartSpec
@@ -4728,76 +4917,79 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	27, // 11: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
 	35, // 12: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
 	38, // 13: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
-	73, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
+	76, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
 	8,  // 15: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
-	74, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
+	77, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
 	59, // 17: chalk.node.v1.ApplyEgressRequest.policies:type_name -> chalk.node.v1.NetworkPolicy
-	62, // 18: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
-	4,  // 19: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
-	64, // 20: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
-	66, // 21: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
-	66, // 22: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
-	0,  // 23: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
-	5,  // 24: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
-	9,  // 25: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
-	13, // 26: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
-	15, // 27: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
-	19, // 28: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
-	21, // 29: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
-	17, // 30: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
-	25, // 31: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
-	29, // 32: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
-	31, // 33: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
-	33, // 34: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
-	36, // 35: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
-	39, // 36: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
-	41, // 37: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
-	43, // 38: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
-	45, // 39: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
-	47, // 40: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
-	49, // 41: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
-	51, // 42: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
-	53, // 43: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
-	55, // 44: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
-	57, // 45: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
-	63, // 46: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
-	60, // 47: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
-	67, // 48: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
-	69, // 49: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
-	71, // 50: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
-	1,  // 51: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
-	6,  // 52: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
-	12, // 53: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
-	14, // 54: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
-	16, // 55: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
-	20, // 56: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
-	22, // 57: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
-	18, // 58: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
-	28, // 59: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
-	30, // 60: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
-	32, // 61: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
-	34, // 62: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
-	37, // 63: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
-	40, // 64: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
-	42, // 65: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
-	44, // 66: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
-	46, // 67: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
-	48, // 68: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
-	50, // 69: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
-	52, // 70: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
-	54, // 71: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
-	56, // 72: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
-	58, // 73: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
-	65, // 74: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
-	61, // 75: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
-	68, // 76: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
-	70, // 77: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
-	72, // 78: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
-	51, // [51:79] is the sub-list for method output_type
-	23, // [23:51] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	63, // 18: chalk.node.v1.EgressDropsResponse.drops:type_name -> chalk.node.v1.EgressDrop
+	65, // 19: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
+	4,  // 20: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
+	67, // 21: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
+	69, // 22: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
+	69, // 23: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
+	0,  // 24: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
+	5,  // 25: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
+	9,  // 26: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
+	13, // 27: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
+	15, // 28: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
+	19, // 29: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
+	21, // 30: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
+	17, // 31: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
+	25, // 32: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
+	29, // 33: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
+	31, // 34: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
+	33, // 35: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
+	36, // 36: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
+	39, // 37: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
+	41, // 38: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
+	43, // 39: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
+	45, // 40: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
+	47, // 41: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
+	49, // 42: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
+	51, // 43: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
+	53, // 44: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
+	55, // 45: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
+	57, // 46: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
+	66, // 47: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
+	60, // 48: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
+	62, // 49: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
+	70, // 50: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
+	72, // 51: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
+	74, // 52: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
+	1,  // 53: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
+	6,  // 54: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
+	12, // 55: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
+	14, // 56: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
+	16, // 57: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
+	20, // 58: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
+	22, // 59: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
+	18, // 60: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
+	28, // 61: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
+	30, // 62: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
+	32, // 63: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
+	34, // 64: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
+	37, // 65: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
+	40, // 66: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
+	42, // 67: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
+	44, // 68: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
+	46, // 69: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
+	48, // 70: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
+	50, // 71: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
+	52, // 72: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
+	54, // 73: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
+	56, // 74: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
+	58, // 75: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
+	68, // 76: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
+	61, // 77: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
+	64, // 78: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
+	71, // 79: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
+	73, // 80: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
+	75, // 81: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
+	53, // [53:82] is the sub-list for method output_type
+	24, // [24:53] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_chalk_node_v1_node_proto_init() }
@@ -4825,7 +5017,7 @@ func file_chalk_node_v1_node_proto_init() {
 		(*WriteFileInput_Header)(nil),
 		(*WriteFileInput_Data)(nil),
 	}
-	file_chalk_node_v1_node_proto_msgTypes[65].OneofWrappers = []any{
+	file_chalk_node_v1_node_proto_msgTypes[68].OneofWrappers = []any{
 		(*SnapshotEvent_Progress)(nil),
 		(*SnapshotEvent_Result)(nil),
 	}
@@ -4835,7 +5027,7 @@ func file_chalk_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_node_v1_node_proto_rawDesc), len(file_chalk_node_v1_node_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   75,
+			NumMessages:   78,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -92,6 +92,8 @@ const (
 	NodeServiceSnapshotProcedure = "/chalk.node.v1.NodeService/Snapshot"
 	// NodeServiceApplyEgressProcedure is the fully-qualified name of the NodeService's ApplyEgress RPC.
 	NodeServiceApplyEgressProcedure = "/chalk.node.v1.NodeService/ApplyEgress"
+	// NodeServiceEgressDropsProcedure is the fully-qualified name of the NodeService's EgressDrops RPC.
+	NodeServiceEgressDropsProcedure = "/chalk.node.v1.NodeService/EgressDrops"
 	// FleetServiceJoinProcedure is the fully-qualified name of the FleetService's Join RPC.
 	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
 	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
@@ -154,6 +156,8 @@ type NodeServiceClient interface {
 	// gives a sandbox started without them the baseline rules (the blocked
 	// ranges, DNS through the node's proxy) itself.
 	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
+	// EgressDrops is the sandbox's recent blocked attempts (its egress log).
+	EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error)
 }
 
 // NewNodeServiceClient constructs a client for the chalk.node.v1.NodeService service. By default,
@@ -317,6 +321,12 @@ func NewNodeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(nodeServiceMethods.ByName("ApplyEgress")),
 			connect.WithClientOptions(opts...),
 		),
+		egressDrops: connect.NewClient[v1.EgressDropsRequest, v1.EgressDropsResponse](
+			httpClient,
+			baseURL+NodeServiceEgressDropsProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("EgressDrops")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -347,6 +357,7 @@ type nodeServiceClient struct {
 	setPaused     *connect.Client[v1.SetPausedRequest, v1.SetPausedResponse]
 	snapshot      *connect.Client[v1.SnapshotRequest, v1.SnapshotEvent]
 	applyEgress   *connect.Client[v1.ApplyEgressRequest, v1.ApplyEgressResponse]
+	egressDrops   *connect.Client[v1.EgressDropsRequest, v1.EgressDropsResponse]
 }
 
 // ReserveSlot calls chalk.node.v1.NodeService.ReserveSlot.
@@ -474,6 +485,11 @@ func (c *nodeServiceClient) ApplyEgress(ctx context.Context, req *connect.Reques
 	return c.applyEgress.CallUnary(ctx, req)
 }
 
+// EgressDrops calls chalk.node.v1.NodeService.EgressDrops.
+func (c *nodeServiceClient) EgressDrops(ctx context.Context, req *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error) {
+	return c.egressDrops.CallUnary(ctx, req)
+}
+
 // NodeServiceHandler is an implementation of the chalk.node.v1.NodeService service.
 type NodeServiceHandler interface {
 	// ReserveSlot gives the sandbox a network slot on the node (slots are
@@ -528,6 +544,8 @@ type NodeServiceHandler interface {
 	// gives a sandbox started without them the baseline rules (the blocked
 	// ranges, DNS through the node's proxy) itself.
 	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
+	// EgressDrops is the sandbox's recent blocked attempts (its egress log).
+	EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error)
 }
 
 // NewNodeServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -687,6 +705,12 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(nodeServiceMethods.ByName("ApplyEgress")),
 		connect.WithHandlerOptions(opts...),
 	)
+	nodeServiceEgressDropsHandler := connect.NewUnaryHandler(
+		NodeServiceEgressDropsProcedure,
+		svc.EgressDrops,
+		connect.WithSchema(nodeServiceMethods.ByName("EgressDrops")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.NodeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case NodeServiceReserveSlotProcedure:
@@ -739,6 +763,8 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 			nodeServiceSnapshotHandler.ServeHTTP(w, r)
 		case NodeServiceApplyEgressProcedure:
 			nodeServiceApplyEgressHandler.ServeHTTP(w, r)
+		case NodeServiceEgressDropsProcedure:
+			nodeServiceEgressDropsHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -846,6 +872,10 @@ func (UnimplementedNodeServiceHandler) Snapshot(context.Context, *connect.Reques
 
 func (UnimplementedNodeServiceHandler) ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.ApplyEgress is not implemented"))
+}
+
+func (UnimplementedNodeServiceHandler) EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.EgressDrops is not implemented"))
 }
 
 // FleetServiceClient is a client for the chalk.node.v1.FleetService service.
