@@ -288,6 +288,7 @@ type Daemon struct {
 	fleetAddr         string
 	fleetRegistryAddr string
 	resolvConf        func() []byte
+	nodeWL            *nodeWorkloads
 
 	AdminToken string // set when this start created it
 	servers    []*http.Server

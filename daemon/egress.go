@@ -69,9 +69,11 @@ func (b *policies) Apply(ctx context.Context, sb *store.Sandbox, ps []*store.Pol
 	return nil
 }
 
-func (b *policies) Drops(id string) []*v1.EgressDrop {
+func (b *policies) Drops(id string) []*v1.EgressDrop { return dropsToProto(b.m.Blocked(id)) }
+
+func dropsToProto(ds []egress.Drop) []*v1.EgressDrop {
 	var out []*v1.EgressDrop
-	for _, d := range b.m.Blocked(id) {
+	for _, d := range ds {
 		out = append(out, &v1.EgressDrop{Time: d.Time.UTC().Format(time.RFC3339Nano), Proto: d.Proto, Dst: d.Dst, Port: int32(d.Port), Name: d.Name, Count: d.Count})
 	}
 	return out

@@ -52,6 +52,9 @@ type FleetConfig struct {
 	// DefaultFleetRegistryListen); RegistryAdvertise is it as nodes reach
 	// it, host:port (default: the host a node joined at, this port).
 	RegistryListen, RegistryAdvertise string
+	// NodeTimeout: a node silent this long is lost (default
+	// noderpc.DefaultHeartbeatTimeout).
+	NodeTimeout time.Duration
 }
 
 // fleetDir is where the control plane keeps its CA.
@@ -73,6 +76,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		return err
 	}
 	d.router = noderpc.NewRouter(d.Store, ca, cert, d.log.With("component", "fleet"))
+	d.router.HeartbeatTimeout = fc.NodeTimeout
 	if err := d.router.Refresh(ctx); err != nil {
 		return err
 	}
@@ -100,7 +104,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		access.Addr = net.JoinHostPort("", port)
 	}
 	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet"), Registry: access,
-		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }}
+		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }, Workloads: fleetWorkloads{d}}
 	mux := http.NewServeMux()
 	mux.Handle(f.Handler())
 	l, err := net.Listen("tcp", cmpOr(fc.Listen, DefaultFleetListen))
@@ -170,9 +174,10 @@ func (d *Daemon) apiNode() api.Node {
 }
 
 // fleetHooks are the sandbox hooks of control mode. The node-side ones
-// (identity token files, image mounts, tunnels, egress rules) would act on
-// the control plane's host, not the sandbox's node: requests needing them
-// are refused with a clear error rather than half-served.
+// (identity token files, image mounts, tunnels) would act on the control
+// plane's host, not the sandbox's node: requests needing them are refused
+// with a clear error rather than half-served. (Egress rules and the
+// metadata service are the nodes': fleetegress.go, fleetidentity.go.)
 func (d *Daemon) fleetHooks() api.Hooks {
 	return api.Hooks{
 		Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
@@ -267,8 +272,8 @@ func (n *NodeDaemon) Addr() string { return n.addr }
 // kept in DATA_DIR/fleet-node) and serves the node API.
 func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon, err error) {
 	// No pre-started sandboxes yet (their identity files are the control
-	// plane's), and the sandboxes resolve through the host's resolvers (the
-	// DNS proxy is the egress manager's, which runs in the control plane).
+	// plane's). The sandboxes resolve through this node's DNS proxy and
+	// hold its egress rules (daemon/fleetegress.go).
 	cfg.Prestart, cfg.PrestartSlots = 0, -1
 	if err := cfg.defaults(); err != nil {
 		return nil, err
@@ -292,7 +297,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	if opts.Name == "" {
 		opts.Name, _ = os.Hostname()
 	}
-	d := &Daemon{cfg: cfg, log: cfg.Logger, resolvConf: func() []byte { return node.HostResolvConf() }}
+	d := &Daemon{cfg: cfg, log: cfg.Logger}
 	ctx, d.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
@@ -375,14 +380,18 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		{"fleet identity", joinFleet},
 		{"control plane registry and node cache", remoteImages},
 		{"node agent", d.startAgent},
+		{"egress", d.startNodeEgress},
 	} {
 		if err := step.run(ctx); err != nil {
 			return nil, fmt.Errorf("%s: %w", step.name, err)
 		}
 	}
 	n := &NodeDaemon{d: d, ID: id.ID, cancel: d.cancel}
+	if err := d.startNodeMetadata(noderpc.NewWorkloadClient(id, opts.Join)); err != nil {
+		return nil, err
+	}
 	mux := http.NewServeMux()
-	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).Handler())
+	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).Handler())
 	l, err := net.Listen("tcp", opts.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("node API: %w", err)

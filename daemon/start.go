@@ -286,11 +286,12 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		Hooks: d.sandboxHooks(),
 	}
 	if d.router != nil {
-		// Egress policies are enforced on the node a sandbox runs on: not
-		// yet in fleet mode, so sandboxes with policies are refused. Builds
-		// run here and land in this registry, which nodes pull from; their
-		// references are handed to nodes registry-independent (fleetImages).
-		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = nil, d.fleetHooks(), d.router, fleetImages{d.im, d.Registry}
+		// Egress rules are enforced on the node a sandbox runs on: the
+		// control plane resolves its policies and sends them there
+		// (daemon/fleetegress.go). Builds run here and land in this
+		// registry, which nodes pull from; their references are handed to
+		// nodes registry-independent (fleetImages).
+		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = &fleetPolicies{router: d.router}, d.fleetHooks(), d.router, fleetImages{d.im, d.Registry}
 		// Snapshots are refused in fleet mode: keeping stopped sandboxes'
 		// layers on the nodes would only hold their memory.
 		acfg.KeepStopped = -1

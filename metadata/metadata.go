@@ -23,6 +23,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/netip"
+	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/identity"
@@ -79,9 +80,18 @@ type Resolver interface {
 	SandboxByAddr(ctx context.Context, addr netip.Addr) (Sandbox, bool)
 }
 
+// Minter mints the tokens the service hands out: the identity issuer
+// (*identity.Issuer), or on a fleet node its link to the control plane's
+// issuer.
+type Minter interface {
+	Mint(ctx context.Context, s identity.Subject, audience string, ttl time.Duration) (string, time.Time, error)
+	Now() time.Time
+	URL() string
+}
+
 // Config configures a Server. Issuer and Resolver are required.
 type Config struct {
-	Issuer   *identity.Issuer
+	Issuer   Minter
 	Resolver Resolver
 	Logger   *slog.Logger // nil discards
 	// DefaultAudience is used when a token request names no audience; with

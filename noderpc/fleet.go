@@ -98,6 +98,9 @@ type Fleet struct {
 	FirstHeartbeat func(nodeID string)
 	// Now is the clock (tests).
 	Now func() time.Time
+	// Workloads, if set, answers nodes' Workload calls (workload identity
+	// of node sandboxes); nil: refused.
+	Workloads Workloads
 
 	seen sync.Map // node id → struct{}: FirstHeartbeat ran
 }

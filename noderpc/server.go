@@ -48,8 +48,9 @@ const MaxFleetMessage = 64 << 10
 
 // Server serves a node.
 type Server struct {
-	node api.Node
-	log  *slog.Logger
+	node   api.Node
+	log    *slog.Logger
+	egress Egress // nil: the node enforces no egress rules
 
 	mu     sync.Mutex
 	images map[string]*nodecache.Image // by digest, as EnsureImage returned them
@@ -176,6 +177,13 @@ func (s *Server) Start(ctx context.Context, req *connect.Request[nodev1.StartReq
 	if err != nil {
 		return nil, err
 	}
+	if s.egress != nil {
+		// Never a sandbox without egress rules on this node: the baseline
+		// unless ApplyEgress set its policies.
+		if err := s.egress.Ensure(ctx, r.ID, r.Slot); err != nil {
+			return nil, fmt.Errorf("sandbox %q egress rules: %w", r.ID, err)
+		}
+	}
 	st, err := s.node.Start(ctx, r)
 	if err != nil {
 		return nil, err
@@ -203,7 +211,7 @@ func (s *Server) Kill(ctx context.Context, req *connect.Request[nodev1.KillReque
 	return connect.NewResponse(&nodev1.KillResponse{}), nil
 }
 
-func (s *Server) Teardown(_ context.Context, req *connect.Request[nodev1.TeardownRequest]) (*connect.Response[nodev1.TeardownResponse], error) {
+func (s *Server) Teardown(ctx context.Context, req *connect.Request[nodev1.TeardownRequest]) (*connect.Response[nodev1.TeardownResponse], error) {
 	m := req.Msg
 	if m.KeepForMs < 0 || m.KeepMaxBytes < 0 {
 		return nil, invalid("keep_for_ms and keep_max_bytes: must not be negative")
@@ -212,12 +220,18 @@ func (s *Server) Teardown(_ context.Context, req *connect.Request[nodev1.Teardow
 	if err != nil {
 		return nil, err
 	}
+	if s.egress != nil {
+		s.egress.Remove(context.WithoutCancel(ctx), m.Id)
+	}
 	return connect.NewResponse(&nodev1.TeardownResponse{Kept: kept}), nil
 }
 
 func (s *Server) Destroy(ctx context.Context, req *connect.Request[nodev1.DestroyRequest]) (*connect.Response[nodev1.DestroyResponse], error) {
 	if err := s.node.Destroy(ctx, req.Msg.Id, int(req.Msg.Slot)); err != nil {
 		return nil, err
+	}
+	if s.egress != nil {
+		s.egress.Remove(context.WithoutCancel(ctx), req.Msg.Id)
 	}
 	return connect.NewResponse(&nodev1.DestroyResponse{}), nil
 }
@@ -528,8 +542,12 @@ func (s *Server) Unclaim(_ context.Context, req *connect.Request[nodev1.UnclaimR
 }
 
 func (s *Server) Restore(ctx context.Context, req *connect.Request[nodev1.RestoreRequest]) (*connect.Response[nodev1.RestoreResponse], error) {
-	if err := s.node.Restore(ctx, liveFromPB(req.Msg.Live)); err != nil {
+	live := liveFromPB(req.Msg.Live)
+	if err := s.node.Restore(ctx, live); err != nil {
 		return nil, err
+	}
+	if s.egress != nil {
+		s.egress.Prune(ctx, live)
 	}
 	return connect.NewResponse(&nodev1.RestoreResponse{}), nil
 }

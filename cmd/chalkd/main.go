@@ -20,6 +20,7 @@ import (
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/daemon"
+	"github.com/chalkcompute/chalkcompute/noderpc"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -78,7 +79,11 @@ func main() {
 	case "node":
 		err = daemon.MainNode(ctx, *cfg, *nopts)
 	case "control":
-		cfg.Fleet = &daemon.FleetConfig{Listen: f.fleetListen, RegistryListen: f.fleetRegistry, RegistryAdvertise: f.fleetRegistryAdvertise}
+		if f.nodeTimeout <= 0 {
+			fmt.Fprintf(os.Stderr, "chalkd control: --node-timeout %v: must be positive\n", f.nodeTimeout)
+			os.Exit(2)
+		}
+		cfg.Fleet = &daemon.FleetConfig{Listen: f.fleetListen, RegistryListen: f.fleetRegistry, RegistryAdvertise: f.fleetRegistryAdvertise, NodeTimeout: f.nodeTimeout}
 		err = daemon.Main(ctx, *cfg)
 	default:
 		err = daemon.Main(ctx, *cfg)
@@ -202,6 +207,7 @@ type chalkdFlags struct {
 	nopts                                              daemon.NodeOptions
 	level, upstreams, pprofSocket                      string
 	fleetListen, fleetRegistry, fleetRegistryAdvertise string
+	nodeTimeout                                        time.Duration
 	userns                                             *bool
 }
 
@@ -214,6 +220,7 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 		fs.StringVar(&f.fleetListen, "fleet-listen", daemon.DefaultFleetListen, "the fleet listener (TLS with the fleet CA): node agents join and heartbeat here")
 		fs.StringVar(&f.fleetRegistry, "fleet-registry-listen", daemon.DefaultFleetRegistryListen, "the embedded registry for node agents (TLS with the fleet CA; the read-only pull credential, which nodes get over the fleet channel)")
 		fs.StringVar(&f.fleetRegistryAdvertise, "fleet-registry-advertise", "", "the registry's TLS listener as nodes reach it, host:port (default: the host a node joined at, the port of --fleet-registry-listen)")
+		fs.DurationVar(&f.nodeTimeout, "node-timeout", noderpc.DefaultHeartbeatTimeout, "a node silent this long is lost (its sandboxes end as lost)")
 	case "node":
 		fs.StringVar(&nopts.Join, "join", "", "the control plane's fleet listener, https://control:7450")
 		fs.StringVar(&nopts.JoinToken, "join-token", os.Getenv("CHALK_JOIN_TOKEN"), "one-time join token from `chalkd control token` (default $CHALK_JOIN_TOKEN; needed at the first start only)")

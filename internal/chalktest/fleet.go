@@ -44,9 +44,20 @@ func (n *Node) JoinToken() string {
 // registry.
 func StartFleetNode(t TB, control *Node, i int) *Node {
 	t.Helper()
-	ctlIP, nodeIP := fmt.Sprintf("10.251.%d.1", i), fmt.Sprintf("10.251.%d.2", i)
+	return StartFleetNodeWith(t, control, i, nil)
+}
+
+// ControlAddr is the control plane's address on node i's link (a private
+// address the node reaches: its fleet listener is on port 7450 there).
+func ControlAddr(i int) string { return fmt.Sprintf("10.251.%d.1", i) }
+
+// StartFleetNodeWith is StartFleetNode with the node's uplink attached to
+// inet (nil: none; one node per fake internet).
+func StartFleetNodeWith(t TB, control *Node, i int, inet *FakeInternet) *Node {
+	t.Helper()
+	ctlIP, nodeIP := ControlAddr(i), fmt.Sprintf("10.251.%d.2", i)
 	tok := control.JoinToken()
-	return StartOpts(t, Options{Mode: "node", NoSeed: true, Before: func(n *Node) {
+	return StartOpts(t, Options{Mode: "node", NoSeed: true, Internet: inet, Before: func(n *Node) {
 		run := func(args ...string) {
 			if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 				t.Fatalf("ip %v: %v %s", args, err, out)

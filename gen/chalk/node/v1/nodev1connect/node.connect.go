@@ -90,6 +90,10 @@ const (
 	NodeServiceSetPausedProcedure = "/chalk.node.v1.NodeService/SetPaused"
 	// NodeServiceSnapshotProcedure is the fully-qualified name of the NodeService's Snapshot RPC.
 	NodeServiceSnapshotProcedure = "/chalk.node.v1.NodeService/Snapshot"
+	// NodeServiceApplyEgressProcedure is the fully-qualified name of the NodeService's ApplyEgress RPC.
+	NodeServiceApplyEgressProcedure = "/chalk.node.v1.NodeService/ApplyEgress"
+	// NodeServiceEgressDropsProcedure is the fully-qualified name of the NodeService's EgressDrops RPC.
+	NodeServiceEgressDropsProcedure = "/chalk.node.v1.NodeService/EgressDrops"
 	// FleetServiceJoinProcedure is the fully-qualified name of the FleetService's Join RPC.
 	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
 	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
@@ -97,6 +101,8 @@ const (
 	// FleetServiceRegistryAccessProcedure is the fully-qualified name of the FleetService's
 	// RegistryAccess RPC.
 	FleetServiceRegistryAccessProcedure = "/chalk.node.v1.FleetService/RegistryAccess"
+	// FleetServiceWorkloadProcedure is the fully-qualified name of the FleetService's Workload RPC.
+	FleetServiceWorkloadProcedure = "/chalk.node.v1.FleetService/Workload"
 )
 
 // NodeServiceClient is a client for the chalk.node.v1.NodeService service.
@@ -147,6 +153,14 @@ type NodeServiceClient interface {
 	SetPaused(context.Context, *connect.Request[v1.SetPausedRequest]) (*connect.Response[v1.SetPausedResponse], error)
 	// Snapshot streams progress, then one message with the result.
 	Snapshot(context.Context, *connect.Request[v1.SnapshotRequest]) (*connect.ServerStreamForClient[v1.SnapshotEvent], error)
+	// ApplyEgress sets the egress rules of a sandbox placed on the node (its
+	// slot's interface) from its network policies: before its Start (so they
+	// hold from its first packet) and whenever its policies change. A node
+	// gives a sandbox started without them the baseline rules (the blocked
+	// ranges, DNS through the node's proxy) itself.
+	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
+	// EgressDrops is the sandbox's recent blocked attempts (its egress log).
+	EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error)
 }
 
 // NewNodeServiceClient constructs a client for the chalk.node.v1.NodeService service. By default,
@@ -304,6 +318,18 @@ func NewNodeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(nodeServiceMethods.ByName("Snapshot")),
 			connect.WithClientOptions(opts...),
 		),
+		applyEgress: connect.NewClient[v1.ApplyEgressRequest, v1.ApplyEgressResponse](
+			httpClient,
+			baseURL+NodeServiceApplyEgressProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("ApplyEgress")),
+			connect.WithClientOptions(opts...),
+		),
+		egressDrops: connect.NewClient[v1.EgressDropsRequest, v1.EgressDropsResponse](
+			httpClient,
+			baseURL+NodeServiceEgressDropsProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("EgressDrops")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -333,6 +359,8 @@ type nodeServiceClient struct {
 	setPrestarted *connect.Client[v1.SetPrestartedRequest, v1.SetPrestartedEvent]
 	setPaused     *connect.Client[v1.SetPausedRequest, v1.SetPausedResponse]
 	snapshot      *connect.Client[v1.SnapshotRequest, v1.SnapshotEvent]
+	applyEgress   *connect.Client[v1.ApplyEgressRequest, v1.ApplyEgressResponse]
+	egressDrops   *connect.Client[v1.EgressDropsRequest, v1.EgressDropsResponse]
 }
 
 // ReserveSlot calls chalk.node.v1.NodeService.ReserveSlot.
@@ -455,6 +483,16 @@ func (c *nodeServiceClient) Snapshot(ctx context.Context, req *connect.Request[v
 	return c.snapshot.CallServerStream(ctx, req)
 }
 
+// ApplyEgress calls chalk.node.v1.NodeService.ApplyEgress.
+func (c *nodeServiceClient) ApplyEgress(ctx context.Context, req *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error) {
+	return c.applyEgress.CallUnary(ctx, req)
+}
+
+// EgressDrops calls chalk.node.v1.NodeService.EgressDrops.
+func (c *nodeServiceClient) EgressDrops(ctx context.Context, req *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error) {
+	return c.egressDrops.CallUnary(ctx, req)
+}
+
 // NodeServiceHandler is an implementation of the chalk.node.v1.NodeService service.
 type NodeServiceHandler interface {
 	// ReserveSlot gives the sandbox a network slot on the node (slots are
@@ -503,6 +541,14 @@ type NodeServiceHandler interface {
 	SetPaused(context.Context, *connect.Request[v1.SetPausedRequest]) (*connect.Response[v1.SetPausedResponse], error)
 	// Snapshot streams progress, then one message with the result.
 	Snapshot(context.Context, *connect.Request[v1.SnapshotRequest], *connect.ServerStream[v1.SnapshotEvent]) error
+	// ApplyEgress sets the egress rules of a sandbox placed on the node (its
+	// slot's interface) from its network policies: before its Start (so they
+	// hold from its first packet) and whenever its policies change. A node
+	// gives a sandbox started without them the baseline rules (the blocked
+	// ranges, DNS through the node's proxy) itself.
+	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
+	// EgressDrops is the sandbox's recent blocked attempts (its egress log).
+	EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error)
 }
 
 // NewNodeServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -656,6 +702,18 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(nodeServiceMethods.ByName("Snapshot")),
 		connect.WithHandlerOptions(opts...),
 	)
+	nodeServiceApplyEgressHandler := connect.NewUnaryHandler(
+		NodeServiceApplyEgressProcedure,
+		svc.ApplyEgress,
+		connect.WithSchema(nodeServiceMethods.ByName("ApplyEgress")),
+		connect.WithHandlerOptions(opts...),
+	)
+	nodeServiceEgressDropsHandler := connect.NewUnaryHandler(
+		NodeServiceEgressDropsProcedure,
+		svc.EgressDrops,
+		connect.WithSchema(nodeServiceMethods.ByName("EgressDrops")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.NodeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case NodeServiceReserveSlotProcedure:
@@ -706,6 +764,10 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 			nodeServiceSetPausedHandler.ServeHTTP(w, r)
 		case NodeServiceSnapshotProcedure:
 			nodeServiceSnapshotHandler.ServeHTTP(w, r)
+		case NodeServiceApplyEgressProcedure:
+			nodeServiceApplyEgressHandler.ServeHTTP(w, r)
+		case NodeServiceEgressDropsProcedure:
+			nodeServiceEgressDropsHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -811,6 +873,14 @@ func (UnimplementedNodeServiceHandler) Snapshot(context.Context, *connect.Reques
 	return connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.Snapshot is not implemented"))
 }
 
+func (UnimplementedNodeServiceHandler) ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.ApplyEgress is not implemented"))
+}
+
+func (UnimplementedNodeServiceHandler) EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.EgressDrops is not implemented"))
+}
+
 // FleetServiceClient is a client for the chalk.node.v1.FleetService service.
 type FleetServiceClient interface {
 	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
@@ -820,6 +890,11 @@ type FleetServiceClient interface {
 	// the control plane's, from the fleet CA) and the read-only pull
 	// credential. A node asks at every start.
 	RegistryAccess(context.Context, *connect.Request[v1.RegistryAccessRequest]) (*connect.Response[v1.RegistryAccessResponse], error)
+	// Workload gives the calling node the identity of a sandbox placed on it
+	// and, with an audience, a workload token minted by the control plane's
+	// issuer (the node's metadata service hands it to the sandbox). A node
+	// gets nothing for a sandbox placed elsewhere.
+	Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error)
 }
 
 // NewFleetServiceClient constructs a client for the chalk.node.v1.FleetService service. By default,
@@ -851,6 +926,12 @@ func NewFleetServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(fleetServiceMethods.ByName("RegistryAccess")),
 			connect.WithClientOptions(opts...),
 		),
+		workload: connect.NewClient[v1.WorkloadRequest, v1.WorkloadResponse](
+			httpClient,
+			baseURL+FleetServiceWorkloadProcedure,
+			connect.WithSchema(fleetServiceMethods.ByName("Workload")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -859,6 +940,7 @@ type fleetServiceClient struct {
 	join           *connect.Client[v1.JoinRequest, v1.JoinResponse]
 	heartbeat      *connect.Client[v1.HeartbeatRequest, v1.HeartbeatResponse]
 	registryAccess *connect.Client[v1.RegistryAccessRequest, v1.RegistryAccessResponse]
+	workload       *connect.Client[v1.WorkloadRequest, v1.WorkloadResponse]
 }
 
 // Join calls chalk.node.v1.FleetService.Join.
@@ -876,6 +958,11 @@ func (c *fleetServiceClient) RegistryAccess(ctx context.Context, req *connect.Re
 	return c.registryAccess.CallUnary(ctx, req)
 }
 
+// Workload calls chalk.node.v1.FleetService.Workload.
+func (c *fleetServiceClient) Workload(ctx context.Context, req *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error) {
+	return c.workload.CallUnary(ctx, req)
+}
+
 // FleetServiceHandler is an implementation of the chalk.node.v1.FleetService service.
 type FleetServiceHandler interface {
 	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
@@ -885,6 +972,11 @@ type FleetServiceHandler interface {
 	// the control plane's, from the fleet CA) and the read-only pull
 	// credential. A node asks at every start.
 	RegistryAccess(context.Context, *connect.Request[v1.RegistryAccessRequest]) (*connect.Response[v1.RegistryAccessResponse], error)
+	// Workload gives the calling node the identity of a sandbox placed on it
+	// and, with an audience, a workload token minted by the control plane's
+	// issuer (the node's metadata service hands it to the sandbox). A node
+	// gets nothing for a sandbox placed elsewhere.
+	Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error)
 }
 
 // NewFleetServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -912,6 +1004,12 @@ func NewFleetServiceHandler(svc FleetServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(fleetServiceMethods.ByName("RegistryAccess")),
 		connect.WithHandlerOptions(opts...),
 	)
+	fleetServiceWorkloadHandler := connect.NewUnaryHandler(
+		FleetServiceWorkloadProcedure,
+		svc.Workload,
+		connect.WithSchema(fleetServiceMethods.ByName("Workload")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.FleetService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case FleetServiceJoinProcedure:
@@ -920,6 +1018,8 @@ func NewFleetServiceHandler(svc FleetServiceHandler, opts ...connect.HandlerOpti
 			fleetServiceHeartbeatHandler.ServeHTTP(w, r)
 		case FleetServiceRegistryAccessProcedure:
 			fleetServiceRegistryAccessHandler.ServeHTTP(w, r)
+		case FleetServiceWorkloadProcedure:
+			fleetServiceWorkloadHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -939,4 +1039,8 @@ func (UnimplementedFleetServiceHandler) Heartbeat(context.Context, *connect.Requ
 
 func (UnimplementedFleetServiceHandler) RegistryAccess(context.Context, *connect.Request[v1.RegistryAccessRequest]) (*connect.Response[v1.RegistryAccessResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.RegistryAccess is not implemented"))
+}
+
+func (UnimplementedFleetServiceHandler) Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.Workload is not implemented"))
 }
