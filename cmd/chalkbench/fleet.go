@@ -167,20 +167,7 @@ func fleetBench(ctx context.Context, n, clients int, d time.Duration) {
 	sortDurations(fleetExec)
 
 	churn := func(c *chalkcompute.Client, d time.Duration) float64 {
-		return loopFor(clients, d, func() error {
-			sb, err := c.Create(ctx, chalkcompute.Base("busybox"))
-			if err != nil {
-				return err
-			}
-			res, err := sb.Exec(ctx, []string{"true"})
-			if err == nil && res.Code != 0 {
-				err = fmt.Errorf("true exited %d", res.Code)
-			}
-			if _, terr := sb.Terminate(ctx); err == nil {
-				err = terr
-			}
-			return err
-		})
+		return loopFor(clients, d, func() error { return churnOnce(ctx, c) })
 	}
 	// Each row runs d/2 twice, in the order all-in-one, 3 nodes, 1 node,
 	// 1 node, 3 nodes, all-in-one, and reports the mean: the drift of a

@@ -130,20 +130,7 @@ func terminateBench(ctx context.Context, c *chalkcompute.Client, p *runcPeer, n 
 func churnBench(ctx context.Context, c *chalkcompute.Client, p *runcPeer, clients int, d time.Duration) {
 	// The peer runs half its time before and half after (as burst's).
 	peerBefore := loopFor(clients, d/2, p.run)
-	chalk := loopFor(clients, d, func() error {
-		sb, err := c.Create(ctx, chalkcompute.Base("busybox"))
-		if err != nil {
-			return err
-		}
-		res, err := sb.Exec(ctx, []string{"true"})
-		if err == nil && res.Code != 0 {
-			err = fmt.Errorf("true exited %d", res.Code)
-		}
-		if _, terr := sb.Terminate(ctx); err == nil {
-			err = terr
-		}
-		return err
-	})
+	chalk := loopFor(clients, d, func() error { return churnOnce(ctx, c) })
 	peer := (peerBefore + loopFor(clients, d/2, p.run)) / 2
 	fmt.Printf("churn: create -> exec `true` -> terminate, %d clients for %s\n", clients, d)
 	fmt.Printf("  %-25s %7.1f sandboxes/s  ratio vs raw runc %.3fx\n", "chalkcompute (SDK)", chalk, chalk/peer)
@@ -318,18 +305,38 @@ func densityBench(ctx context.Context, c *chalkcompute.Client, p *runcPeer, coun
 	fmt.Printf("goal: <= 1 MiB: %s\n\n", verdict(chalkPer <= 1))
 }
 
-func memAvailable() int64 {
-	b, err := os.ReadFile("/proc/meminfo")
+func memAvailable() int64 { return procField("/proc/meminfo", "MemAvailable:") }
+
+// procField is the number after key in a /proc file of "key value ..."
+// lines (0 if absent).
+func procField(path, key string) int64 {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return 0
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemAvailable:" {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == key {
 			v, _ := strconv.ParseInt(f[1], 10, 64)
 			return v
 		}
 	}
 	return 0
+}
+
+// churnOnce is one round of the churn rows: create, exec `true`, terminate.
+func churnOnce(ctx context.Context, c *chalkcompute.Client) error {
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox"))
+	if err != nil {
+		return err
+	}
+	res, err := sb.Exec(ctx, []string{"true"})
+	if err == nil && res.Code != 0 {
+		err = fmt.Errorf("true exited %d", res.Code)
+	}
+	if _, terr := sb.Terminate(ctx); err == nil {
+		err = terr
+	}
+	return err
 }
 
 // cgroupMemory is a cgroup's memory use in bytes (cgroup v2, else v1).

@@ -217,19 +217,7 @@ func memoryPerSandbox(ctx context.Context, c *chalkcompute.Client, count int, pi
 		count, per, before, after, verdict(per <= 2))
 }
 
-func rss(pid string) int64 {
-	b, err := os.ReadFile("/proc/" + pid + "/status")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
-			v, _ := strconv.ParseInt(f[1], 10, 64)
-			return v
-		}
-	}
-	return 0
-}
+func rss(pid string) int64 { return procField("/proc/"+pid+"/status", "VmRSS:") }
 
 func verdict(ok bool) string {
 	if ok {
