@@ -330,7 +330,17 @@ func decodeError(b []byte) error {
 		}
 	}
 	if e.Message == "" {
-		e.Message = "procapi: error of class " + m.Class
+		// The class is the server's too: named only cut short (an unknown
+		// class of any length must not pass MaxErrorMessage this way).
+		class := m.Class
+		if len(class) > maxClassName {
+			class = strings.ToValidUTF8(class[:maxClassName], "") + "…"
+		}
+		e.Message = fmt.Sprintf("procapi: error of class %q", class)
 	}
 	return e
 }
+
+// maxClassName bounds an error class name quoted in a message (the known
+// ones are far shorter).
+const maxClassName = 64
