@@ -460,9 +460,15 @@ func (r *Router) Running(ctx context.Context, id string) (int, bool) {
 		pid, ok := m.client.Running(cctx, id)
 		cancel()
 		if ok {
+			// What it takes there counts in placement from now on, as for
+			// a sandbox placed by this process.
+			p := &placement{node: m.rec.ID}
+			if sb, err := r.store.GetSandbox(ctx, id); err == nil {
+				p.slot, p.cpu, p.memory = sb.Slot, sb.CPU, sb.MemoryMB<<20
+			}
 			r.mu.Lock()
 			if r.where[id] == nil {
-				r.where[id] = &placement{node: m.rec.ID}
+				r.where[id] = p
 			}
 			r.mu.Unlock()
 			return pid, true

@@ -235,9 +235,17 @@ func TestRouterStartGrace(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	// "up" was placed by the previous control-plane process: all of a's cpus.
+	if err := c.st.CreateSandbox(ctx, &store.Sandbox{ID: "up", OrgID: "o", State: store.StateRunning, Slot: 3, CPU: 4, MemoryMB: 64}); err != nil {
+		t.Fatal(err)
+	}
 	r := newRouter(t, c)
 	if pid, ok := r.Running(ctx, "up"); !ok || pid != 77 || r.NodeOf("up") != a.id.ID {
 		t.Fatalf("reconcile after a control-plane restart: running %v pid %d on %q", ok, pid, r.NodeOf("up"))
+	}
+	// What it takes there counts, as for a sandbox placed by this process.
+	if _, err := r.ReserveSlot(node.StartRequest{ID: "more", CPU: 1}); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("a node full of a re-learned sandbox took another: %v", err)
 	}
 	// Past the grace, a node that still does not heartbeat is lost.
 	later := time.Now().Add(2 * DefaultHeartbeatTimeout)
