@@ -18,6 +18,11 @@
 // address is not the sending member's own: members cannot spoof one another.
 // Peer lists are updated synchronously when a member joins or leaves.
 //
+// In a fleet, each node's Manager holds the members placed on it; the
+// control plane tells it the members on other nodes (SetRemote), and each
+// member here peers with those directly at their node's UDP endpoint, under
+// the same AllowedIPs rule.
+//
 // Packets between members on this node do not take WireGuard at all: they
 // go TUN to TUN inside this process (local.go, steer.go), under the same
 // rule (the source must be the sender's own address). WireGuard carries
@@ -109,6 +114,20 @@ type Member struct {
 	Addr      netip.Addr
 	PublicKey Key
 	Port      int // the device's UDP port on the node
+	// Endpoint is where a member on another node receives (its node's
+	// host:port); "" for a member on this node.
+	Endpoint string
+}
+
+// Remote is a member of a tunnel placed on another node (fleet mode): each
+// member here peers with it directly at its node's endpoint, with
+// AllowedIPs exactly its address, so WireGuard's cryptokey routing on
+// either side admits only packets whose source is the sending member's own.
+type Remote struct {
+	SandboxID string
+	Addr      netip.Addr
+	PublicKey Key
+	Endpoint  string // host:port of its device's UDP socket
 }
 
 // Manager runs the WireGuard devices of this node.
@@ -122,6 +141,7 @@ type Manager struct {
 	members map[string]map[string]*member // tunnel key -> sandbox id -> member
 	subnets map[string]netip.Prefix       // tunnel key -> subnet
 	peers   map[string][]Peer             // tunnel key -> external peers
+	remotes map[string][]Remote           // tunnel key -> members on other nodes
 }
 
 type member struct {
@@ -143,7 +163,7 @@ func newManager(log *slog.Logger, probe func() error) *Manager {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	m := &Manager{log: log, members: map[string]map[string]*member{}, subnets: map[string]netip.Prefix{}, peers: map[string][]Peer{}}
+	m := &Manager{log: log, members: map[string]map[string]*member{}, subnets: map[string]netip.Prefix{}, peers: map[string][]Peer{}, remotes: map[string][]Remote{}}
 	if err := probe(); err != nil {
 		m.kernel = err
 	} else {
@@ -189,6 +209,14 @@ func (m *Manager) Stats() Stats {
 // interface ifname in tunnel key with subnet, at the lowest free address, and
 // adds it to every other member's peers. Joining twice is an AlreadyExists.
 func (m *Manager) Join(key, id, netnsPath, ifname string, subnet netip.Prefix) (Member, error) {
+	return m.JoinAt(key, id, netnsPath, ifname, subnet, netip.Addr{})
+}
+
+// JoinAt is Join at address addr (chosen by the control plane of a fleet,
+// which sees the members on every node); an invalid addr is the lowest
+// free one. An address outside the subnet, its network or broadcast
+// address, or one a member or peer has, is refused.
+func (m *Manager) JoinAt(key, id, netnsPath, ifname string, subnet netip.Prefix, addr netip.Addr) (Member, error) {
 	if !subnet.Addr().Is4() || subnet.Bits() > 30 || subnet != subnet.Masked() {
 		return Member{}, fmt.Errorf("tunnel %s: subnet %s: want an IPv4 network of at least 4 addresses: %w", key, subnet, errdefs.ErrInvalidArgument)
 	}
@@ -204,8 +232,11 @@ func (m *Manager) Join(key, id, netnsPath, ifname string, subnet netip.Prefix) (
 	if _, ok := m.members[key][id]; ok {
 		return Member{}, fmt.Errorf("sandbox %s is already in tunnel %s: %w", id, key, errdefs.ErrAlreadyExists)
 	}
-	addr, err := m.freeAddr(key, subnet)
-	if err != nil {
+	if !addr.IsValid() {
+		if addr, err = m.freeAddr(key, subnet); err != nil {
+			return Member{}, err
+		}
+	} else if err := m.usableAddr(key, subnet, addr); err != nil {
 		return Member{}, err
 	}
 	mb := &member{Member: Member{Tunnel: key, SandboxID: id, Interface: ifname, Addr: addr, PublicKey: priv.PublicKey()}, netnsPath: netnsPath, priv: priv}
@@ -254,6 +285,7 @@ func (m *Manager) removeLocked(key, id string) {
 	if len(m.members[key]) == 0 {
 		delete(m.members, key)
 		delete(m.subnets, key)
+		delete(m.remotes, key)
 	}
 }
 
@@ -274,7 +306,69 @@ func (m *Manager) SetPeers(key string, peers []Peer) error {
 	return m.syncLocked(key)
 }
 
-// Members lists the members of tunnel key, by address.
+// SetRemote replaces the members of tunnel key placed on other nodes (with
+// their subnet, which must be the local members' if there are any): every
+// member here peers with each of them at its endpoint. A remote with a
+// local member's address or an unparsable endpoint is refused, and the
+// previous set is kept.
+func (m *Manager) SetRemote(key string, subnet netip.Prefix, remotes []Remote) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	old, ok := m.subnets[key]
+	if !ok {
+		// No member here (it left meanwhile): nothing peers with them.
+		delete(m.remotes, key)
+		return nil
+	}
+	if old != subnet {
+		return fmt.Errorf("tunnel %s: subnet %s, but its members here use %s: %w", key, subnet, old, errdefs.ErrFailedPrecondition)
+	}
+	seen := map[netip.Addr]bool{}
+	for _, mb := range m.members[key] {
+		seen[mb.Addr] = true
+	}
+	for _, r := range remotes {
+		if !subnet.Contains(r.Addr) || r.Addr == subnet.Addr() || r.Addr == ipprefix.Last(subnet) {
+			return fmt.Errorf("tunnel %s: remote member %s: address %s is not a host of %s: %w", key, r.SandboxID, r.Addr, subnet, errdefs.ErrInvalidArgument)
+		}
+		if seen[r.Addr] {
+			return fmt.Errorf("tunnel %s: remote member %s: address %s is taken: %w", key, r.SandboxID, r.Addr, errdefs.ErrAlreadyExists)
+		}
+		seen[r.Addr] = true
+		if _, err := netip.ParseAddrPort(r.Endpoint); err != nil {
+			return fmt.Errorf("tunnel %s: remote member %s: endpoint %q: want ip:port: %w", key, r.SandboxID, r.Endpoint, errdefs.ErrInvalidArgument)
+		}
+	}
+	if len(remotes) == 0 {
+		delete(m.remotes, key)
+	} else {
+		m.remotes[key] = slices.Clone(remotes)
+	}
+	return m.syncLocked(key)
+}
+
+// All lists the members of tunnel key on this node and on others (those
+// with an Endpoint), by address.
+func (m *Manager) All(key string) []Member {
+	out := m.Members(key)
+	m.mu.Lock()
+	for _, r := range m.remotes[key] {
+		out = append(out, Member{Tunnel: key, SandboxID: r.SandboxID, Addr: r.Addr, PublicKey: r.PublicKey, Endpoint: r.Endpoint})
+	}
+	m.mu.Unlock()
+	slices.SortFunc(out, func(a, b Member) int { return a.Addr.Compare(b.Addr) })
+	return out
+}
+
+// Subnet is the subnet of tunnel key, if a member is here.
+func (m *Manager) Subnet(key string) (netip.Prefix, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p, ok := m.subnets[key]
+	return p, ok
+}
+
+// Members lists the members of tunnel key on this node, by address.
 func (m *Manager) Members(key string) []Member {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -322,11 +416,15 @@ func (m *Manager) Close() {
 	}
 }
 
-// freeAddr is the lowest host address of subnet no member of key has.
-func (m *Manager) freeAddr(key string, subnet netip.Prefix) (netip.Addr, error) {
+// usedLocked are the addresses of key's members (here and remote) and
+// its peers' single addresses.
+func (m *Manager) usedLocked(key string) map[netip.Addr]bool {
 	used := map[netip.Addr]bool{}
 	for _, mb := range m.members[key] {
 		used[mb.Addr] = true
+	}
+	for _, r := range m.remotes[key] {
+		used[r.Addr] = true
 	}
 	for _, p := range m.peers[key] {
 		for _, pfx := range p.AllowedIPs {
@@ -335,6 +433,23 @@ func (m *Manager) freeAddr(key string, subnet netip.Prefix) (netip.Addr, error) 
 			}
 		}
 	}
+	return used
+}
+
+// usableAddr says whether addr may be given to a new member of key.
+func (m *Manager) usableAddr(key string, subnet netip.Prefix, addr netip.Addr) error {
+	if !addr.Is4() || !subnet.Contains(addr) || addr == subnet.Addr() || addr == ipprefix.Last(subnet) {
+		return fmt.Errorf("tunnel %s: address %s is not a host of %s: %w", key, addr, subnet, errdefs.ErrInvalidArgument)
+	}
+	if m.usedLocked(key)[addr] {
+		return fmt.Errorf("tunnel %s: address %s is taken: %w", key, addr, errdefs.ErrAlreadyExists)
+	}
+	return nil
+}
+
+// freeAddr is the lowest host address of subnet no member of key has.
+func (m *Manager) freeAddr(key string, subnet netip.Prefix) (netip.Addr, error) {
+	used := m.usedLocked(key)
 	last := ipprefix.Last(subnet)
 	for a := subnet.Addr().Next(); a.IsValid() && a.Less(last); a = a.Next() {
 		if !used[a] {
@@ -366,6 +481,9 @@ func (m *Manager) syncLocked(key string) error {
 				continue
 			}
 			fmt.Fprintf(&b, "public_key=%s\nendpoint=127.0.0.1:%d\nreplace_allowed_ips=true\nallowed_ip=%s/32\n", o.PublicKey.hex(), o.Port, o.Addr)
+		}
+		for _, r := range m.remotes[key] {
+			fmt.Fprintf(&b, "public_key=%s\nendpoint=%s\npersistent_keepalive_interval=25\nreplace_allowed_ips=true\nallowed_ip=%s/32\n", r.PublicKey.hex(), r.Endpoint, r.Addr)
 		}
 		for _, p := range m.peers[key] {
 			fmt.Fprintf(&b, "public_key=%s\nreplace_allowed_ips=true\n", p.PublicKey.hex())
