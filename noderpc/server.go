@@ -51,6 +51,8 @@ type Server struct {
 	node   api.Node
 	log    *slog.Logger
 	egress Egress // nil: the node enforces no egress rules
+	// tunnels runs its sandboxes' tunnel devices (nil: none).
+	tunnels Tunnels
 
 	mu     sync.Mutex
 	images map[string]*nodecache.Image // by digest, as EnsureImage returned them
@@ -223,6 +225,9 @@ func (s *Server) Teardown(ctx context.Context, req *connect.Request[nodev1.Teard
 	if s.egress != nil {
 		s.egress.Remove(context.WithoutCancel(ctx), m.Id)
 	}
+	if s.tunnels != nil {
+		s.tunnels.Leave(m.Id)
+	}
 	return connect.NewResponse(&nodev1.TeardownResponse{Kept: kept}), nil
 }
 
@@ -232,6 +237,9 @@ func (s *Server) Destroy(ctx context.Context, req *connect.Request[nodev1.Destro
 	}
 	if s.egress != nil {
 		s.egress.Remove(context.WithoutCancel(ctx), req.Msg.Id)
+	}
+	if s.tunnels != nil {
+		s.tunnels.Leave(req.Msg.Id)
 	}
 	return connect.NewResponse(&nodev1.DestroyResponse{}), nil
 }

@@ -4579,6 +4579,459 @@ func (x *WorkloadResponse) GetExpiresUnixMs() int64 {
 	return 0
 }
 
+type TunnelJoinRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Slot      int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
+	// tunnel is the tunnel's key (org id/name).
+	Tunnel        string `protobuf:"bytes,3,opt,name=tunnel,proto3" json:"tunnel,omitempty"`
+	Interface     string `protobuf:"bytes,4,opt,name=interface,proto3" json:"interface,omitempty"` // inside the sandbox: wg0..wg3
+	Subnet        string `protobuf:"bytes,5,opt,name=subnet,proto3" json:"subnet,omitempty"`       // the tunnel's /24
+	Address       string `protobuf:"bytes,6,opt,name=address,proto3" json:"address,omitempty"`     // the member's address in it
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelJoinRequest) Reset() {
+	*x = TunnelJoinRequest{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelJoinRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelJoinRequest) ProtoMessage() {}
+
+func (x *TunnelJoinRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelJoinRequest.ProtoReflect.Descriptor instead.
+func (*TunnelJoinRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{78}
+}
+
+func (x *TunnelJoinRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *TunnelJoinRequest) GetSlot() int32 {
+	if x != nil {
+		return x.Slot
+	}
+	return 0
+}
+
+func (x *TunnelJoinRequest) GetTunnel() string {
+	if x != nil {
+		return x.Tunnel
+	}
+	return ""
+}
+
+func (x *TunnelJoinRequest) GetInterface() string {
+	if x != nil {
+		return x.Interface
+	}
+	return ""
+}
+
+func (x *TunnelJoinRequest) GetSubnet() string {
+	if x != nil {
+		return x.Subnet
+	}
+	return ""
+}
+
+func (x *TunnelJoinRequest) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+type TunnelJoinResponse struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	PublicKey string                 `protobuf:"bytes,1,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"` // base64
+	// endpoint is ip:port where the member's device receives, as other
+	// nodes and external peers reach it.
+	Endpoint      string `protobuf:"bytes,2,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelJoinResponse) Reset() {
+	*x = TunnelJoinResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelJoinResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelJoinResponse) ProtoMessage() {}
+
+func (x *TunnelJoinResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelJoinResponse.ProtoReflect.Descriptor instead.
+func (*TunnelJoinResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{79}
+}
+
+func (x *TunnelJoinResponse) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *TunnelJoinResponse) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+type TunnelLeaveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelLeaveRequest) Reset() {
+	*x = TunnelLeaveRequest{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelLeaveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelLeaveRequest) ProtoMessage() {}
+
+func (x *TunnelLeaveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelLeaveRequest.ProtoReflect.Descriptor instead.
+func (*TunnelLeaveRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{80}
+}
+
+func (x *TunnelLeaveRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+type TunnelLeaveResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelLeaveResponse) Reset() {
+	*x = TunnelLeaveResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelLeaveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelLeaveResponse) ProtoMessage() {}
+
+func (x *TunnelLeaveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelLeaveResponse.ProtoReflect.Descriptor instead.
+func (*TunnelLeaveResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{81}
+}
+
+// TunnelRemote is a member of the tunnel placed on another node.
+type TunnelRemote struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Address       string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	PublicKey     string                 `protobuf:"bytes,3,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	Endpoint      string                 `protobuf:"bytes,4,opt,name=endpoint,proto3" json:"endpoint,omitempty"` // ip:port
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelRemote) Reset() {
+	*x = TunnelRemote{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[82]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelRemote) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelRemote) ProtoMessage() {}
+
+func (x *TunnelRemote) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[82]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelRemote.ProtoReflect.Descriptor instead.
+func (*TunnelRemote) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{82}
+}
+
+func (x *TunnelRemote) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *TunnelRemote) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *TunnelRemote) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *TunnelRemote) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+// TunnelExternalPeer is one of the tunnel's external WireGuard peers.
+type TunnelExternalPeer struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	PublicKey     string                 `protobuf:"bytes,1,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	AllowedIps    []string               `protobuf:"bytes,2,rep,name=allowed_ips,json=allowedIps,proto3" json:"allowed_ips,omitempty"`
+	Endpoint      string                 `protobuf:"bytes,3,opt,name=endpoint,proto3" json:"endpoint,omitempty"` // host:port, or "" for a peer that connects in
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelExternalPeer) Reset() {
+	*x = TunnelExternalPeer{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[83]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelExternalPeer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelExternalPeer) ProtoMessage() {}
+
+func (x *TunnelExternalPeer) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[83]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelExternalPeer.ProtoReflect.Descriptor instead.
+func (*TunnelExternalPeer) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{83}
+}
+
+func (x *TunnelExternalPeer) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *TunnelExternalPeer) GetAllowedIps() []string {
+	if x != nil {
+		return x.AllowedIps
+	}
+	return nil
+}
+
+func (x *TunnelExternalPeer) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+type TunnelSyncRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tunnel        string                 `protobuf:"bytes,1,opt,name=tunnel,proto3" json:"tunnel,omitempty"`
+	Subnet        string                 `protobuf:"bytes,2,opt,name=subnet,proto3" json:"subnet,omitempty"`
+	Remotes       []*TunnelRemote        `protobuf:"bytes,3,rep,name=remotes,proto3" json:"remotes,omitempty"`
+	Peers         []*TunnelExternalPeer  `protobuf:"bytes,4,rep,name=peers,proto3" json:"peers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelSyncRequest) Reset() {
+	*x = TunnelSyncRequest{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[84]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelSyncRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelSyncRequest) ProtoMessage() {}
+
+func (x *TunnelSyncRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[84]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelSyncRequest.ProtoReflect.Descriptor instead.
+func (*TunnelSyncRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{84}
+}
+
+func (x *TunnelSyncRequest) GetTunnel() string {
+	if x != nil {
+		return x.Tunnel
+	}
+	return ""
+}
+
+func (x *TunnelSyncRequest) GetSubnet() string {
+	if x != nil {
+		return x.Subnet
+	}
+	return ""
+}
+
+func (x *TunnelSyncRequest) GetRemotes() []*TunnelRemote {
+	if x != nil {
+		return x.Remotes
+	}
+	return nil
+}
+
+func (x *TunnelSyncRequest) GetPeers() []*TunnelExternalPeer {
+	if x != nil {
+		return x.Peers
+	}
+	return nil
+}
+
+type TunnelSyncResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelSyncResponse) Reset() {
+	*x = TunnelSyncResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[85]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelSyncResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelSyncResponse) ProtoMessage() {}
+
+func (x *TunnelSyncResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[85]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelSyncResponse.ProtoReflect.Descriptor instead.
+func (*TunnelSyncResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{85}
+}
+
 var File_chalk_node_v1_node_proto protoreflect.FileDescriptor
 
 const file_chalk_node_v1_node_proto_rawDesc = "" +
@@ -4887,7 +5340,42 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"created_by\x18\x04 \x01(\tR\tcreatedBy\x12\x16\n" +
 	"\x06issuer\x18\x05 \x01(\tR\x06issuer\x12\x14\n" +
 	"\x05token\x18\x06 \x01(\tR\x05token\x12&\n" +
-	"\x0fexpires_unix_ms\x18\a \x01(\x03R\rexpiresUnixMs2\xbf\x0f\n" +
+	"\x0fexpires_unix_ms\x18\a \x01(\x03R\rexpiresUnixMs\"\xae\x01\n" +
+	"\x11TunnelJoinRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
+	"\x04slot\x18\x02 \x01(\x05R\x04slot\x12\x16\n" +
+	"\x06tunnel\x18\x03 \x01(\tR\x06tunnel\x12\x1c\n" +
+	"\tinterface\x18\x04 \x01(\tR\tinterface\x12\x16\n" +
+	"\x06subnet\x18\x05 \x01(\tR\x06subnet\x12\x18\n" +
+	"\aaddress\x18\x06 \x01(\tR\aaddress\"O\n" +
+	"\x12TunnelJoinResponse\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x01 \x01(\tR\tpublicKey\x12\x1a\n" +
+	"\bendpoint\x18\x02 \x01(\tR\bendpoint\"3\n" +
+	"\x12TunnelLeaveRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\"\x15\n" +
+	"\x13TunnelLeaveResponse\"\x82\x01\n" +
+	"\fTunnelRemote\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x03 \x01(\tR\tpublicKey\x12\x1a\n" +
+	"\bendpoint\x18\x04 \x01(\tR\bendpoint\"p\n" +
+	"\x12TunnelExternalPeer\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x01 \x01(\tR\tpublicKey\x12\x1f\n" +
+	"\vallowed_ips\x18\x02 \x03(\tR\n" +
+	"allowedIps\x12\x1a\n" +
+	"\bendpoint\x18\x03 \x01(\tR\bendpoint\"\xb3\x01\n" +
+	"\x11TunnelSyncRequest\x12\x16\n" +
+	"\x06tunnel\x18\x01 \x01(\tR\x06tunnel\x12\x16\n" +
+	"\x06subnet\x18\x02 \x01(\tR\x06subnet\x125\n" +
+	"\aremotes\x18\x03 \x03(\v2\x1b.chalk.node.v1.TunnelRemoteR\aremotes\x127\n" +
+	"\x05peers\x18\x04 \x03(\v2!.chalk.node.v1.TunnelExternalPeerR\x05peers\"\x14\n" +
+	"\x12TunnelSyncResponse2\xbb\x11\n" +
 	"\vNodeService\x12T\n" +
 	"\vReserveSlot\x12!.chalk.node.v1.ReserveSlotRequest\x1a\".chalk.node.v1.ReserveSlotResponse\x12S\n" +
 	"\vEnsureImage\x12!.chalk.node.v1.EnsureImageRequest\x1a\x1f.chalk.node.v1.EnsureImageEvent0\x01\x12B\n" +
@@ -4916,7 +5404,12 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\tSetPaused\x12\x1f.chalk.node.v1.SetPausedRequest\x1a .chalk.node.v1.SetPausedResponse\x12J\n" +
 	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x01\x12T\n" +
 	"\vApplyEgress\x12!.chalk.node.v1.ApplyEgressRequest\x1a\".chalk.node.v1.ApplyEgressResponse\x12T\n" +
-	"\vEgressDrops\x12!.chalk.node.v1.EgressDropsRequest\x1a\".chalk.node.v1.EgressDropsResponse2\xcb\x02\n" +
+	"\vEgressDrops\x12!.chalk.node.v1.EgressDropsRequest\x1a\".chalk.node.v1.EgressDropsResponse\x12Q\n" +
+	"\n" +
+	"TunnelJoin\x12 .chalk.node.v1.TunnelJoinRequest\x1a!.chalk.node.v1.TunnelJoinResponse\x12T\n" +
+	"\vTunnelLeave\x12!.chalk.node.v1.TunnelLeaveRequest\x1a\".chalk.node.v1.TunnelLeaveResponse\x12Q\n" +
+	"\n" +
+	"TunnelSync\x12 .chalk.node.v1.TunnelSyncRequest\x1a!.chalk.node.v1.TunnelSyncResponse2\xcb\x02\n" +
 	"\fFleetService\x12?\n" +
 	"\x04Join\x12\x1a.chalk.node.v1.JoinRequest\x1a\x1b.chalk.node.v1.JoinResponse\x12N\n" +
 	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponse\x12]\n" +
@@ -4935,7 +5428,7 @@ func file_chalk_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_chalk_node_v1_node_proto_rawDescData
 }
 
-var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 80)
+var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 88)
 var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*ReserveSlotRequest)(nil),     // 0: chalk.node.v1.ReserveSlotRequest
 	(*ReserveSlotResponse)(nil),    // 1: chalk.node.v1.ReserveSlotResponse
@@ -5015,8 +5508,16 @@ var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*RegistryAccessResponse)(nil), // 75: chalk.node.v1.RegistryAccessResponse
 	(*WorkloadRequest)(nil),        // 76: chalk.node.v1.WorkloadRequest
 	(*WorkloadResponse)(nil),       // 77: chalk.node.v1.WorkloadResponse
-	nil,                            // 78: chalk.node.v1.LeftoversRequest.LiveEntry
-	nil,                            // 79: chalk.node.v1.RestoreRequest.LiveEntry
+	(*TunnelJoinRequest)(nil),      // 78: chalk.node.v1.TunnelJoinRequest
+	(*TunnelJoinResponse)(nil),     // 79: chalk.node.v1.TunnelJoinResponse
+	(*TunnelLeaveRequest)(nil),     // 80: chalk.node.v1.TunnelLeaveRequest
+	(*TunnelLeaveResponse)(nil),    // 81: chalk.node.v1.TunnelLeaveResponse
+	(*TunnelRemote)(nil),           // 82: chalk.node.v1.TunnelRemote
+	(*TunnelExternalPeer)(nil),     // 83: chalk.node.v1.TunnelExternalPeer
+	(*TunnelSyncRequest)(nil),      // 84: chalk.node.v1.TunnelSyncRequest
+	(*TunnelSyncResponse)(nil),     // 85: chalk.node.v1.TunnelSyncResponse
+	nil,                            // 86: chalk.node.v1.LeftoversRequest.LiveEntry
+	nil,                            // 87: chalk.node.v1.RestoreRequest.LiveEntry
 }
 var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	8,  // 0: chalk.node.v1.ReserveSlotRequest.spec:type_name -> chalk.node.v1.StartSpec
@@ -5033,9 +5534,9 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	27, // 11: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
 	35, // 12: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
 	38, // 13: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
-	78, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
+	86, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
 	8,  // 15: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
-	79, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
+	87, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
 	59, // 17: chalk.node.v1.ApplyEgressRequest.policies:type_name -> chalk.node.v1.NetworkPolicy
 	63, // 18: chalk.node.v1.EgressDropsResponse.drops:type_name -> chalk.node.v1.EgressDrop
 	65, // 19: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
@@ -5043,71 +5544,79 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	67, // 21: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
 	69, // 22: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
 	69, // 23: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
-	0,  // 24: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
-	5,  // 25: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
-	9,  // 26: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
-	13, // 27: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
-	15, // 28: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
-	19, // 29: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
-	21, // 30: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
-	17, // 31: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
-	25, // 32: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
-	29, // 33: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
-	31, // 34: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
-	33, // 35: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
-	36, // 36: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
-	39, // 37: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
-	41, // 38: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
-	43, // 39: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
-	45, // 40: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
-	47, // 41: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
-	49, // 42: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
-	51, // 43: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
-	53, // 44: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
-	55, // 45: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
-	57, // 46: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
-	66, // 47: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
-	60, // 48: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
-	62, // 49: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
-	70, // 50: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
-	72, // 51: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
-	74, // 52: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
-	76, // 53: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
-	1,  // 54: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
-	6,  // 55: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
-	12, // 56: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
-	14, // 57: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
-	16, // 58: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
-	20, // 59: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
-	22, // 60: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
-	18, // 61: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
-	28, // 62: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
-	30, // 63: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
-	32, // 64: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
-	34, // 65: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
-	37, // 66: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
-	40, // 67: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
-	42, // 68: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
-	44, // 69: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
-	46, // 70: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
-	48, // 71: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
-	50, // 72: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
-	52, // 73: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
-	54, // 74: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
-	56, // 75: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
-	58, // 76: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
-	68, // 77: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
-	61, // 78: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
-	64, // 79: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
-	71, // 80: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
-	73, // 81: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
-	75, // 82: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
-	77, // 83: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
-	54, // [54:84] is the sub-list for method output_type
-	24, // [24:54] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	82, // 24: chalk.node.v1.TunnelSyncRequest.remotes:type_name -> chalk.node.v1.TunnelRemote
+	83, // 25: chalk.node.v1.TunnelSyncRequest.peers:type_name -> chalk.node.v1.TunnelExternalPeer
+	0,  // 26: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
+	5,  // 27: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
+	9,  // 28: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
+	13, // 29: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
+	15, // 30: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
+	19, // 31: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
+	21, // 32: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
+	17, // 33: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
+	25, // 34: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
+	29, // 35: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
+	31, // 36: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
+	33, // 37: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
+	36, // 38: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
+	39, // 39: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
+	41, // 40: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
+	43, // 41: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
+	45, // 42: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
+	47, // 43: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
+	49, // 44: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
+	51, // 45: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
+	53, // 46: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
+	55, // 47: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
+	57, // 48: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
+	66, // 49: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
+	60, // 50: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
+	62, // 51: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
+	78, // 52: chalk.node.v1.NodeService.TunnelJoin:input_type -> chalk.node.v1.TunnelJoinRequest
+	80, // 53: chalk.node.v1.NodeService.TunnelLeave:input_type -> chalk.node.v1.TunnelLeaveRequest
+	84, // 54: chalk.node.v1.NodeService.TunnelSync:input_type -> chalk.node.v1.TunnelSyncRequest
+	70, // 55: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
+	72, // 56: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
+	74, // 57: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
+	76, // 58: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
+	1,  // 59: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
+	6,  // 60: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
+	12, // 61: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
+	14, // 62: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
+	16, // 63: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
+	20, // 64: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
+	22, // 65: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
+	18, // 66: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
+	28, // 67: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
+	30, // 68: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
+	32, // 69: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
+	34, // 70: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
+	37, // 71: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
+	40, // 72: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
+	42, // 73: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
+	44, // 74: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
+	46, // 75: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
+	48, // 76: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
+	50, // 77: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
+	52, // 78: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
+	54, // 79: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
+	56, // 80: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
+	58, // 81: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
+	68, // 82: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
+	61, // 83: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
+	64, // 84: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
+	79, // 85: chalk.node.v1.NodeService.TunnelJoin:output_type -> chalk.node.v1.TunnelJoinResponse
+	81, // 86: chalk.node.v1.NodeService.TunnelLeave:output_type -> chalk.node.v1.TunnelLeaveResponse
+	85, // 87: chalk.node.v1.NodeService.TunnelSync:output_type -> chalk.node.v1.TunnelSyncResponse
+	71, // 88: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
+	73, // 89: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
+	75, // 90: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
+	77, // 91: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
+	59, // [59:92] is the sub-list for method output_type
+	26, // [26:59] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_chalk_node_v1_node_proto_init() }
@@ -5145,7 +5654,7 @@ func file_chalk_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_node_v1_node_proto_rawDesc), len(file_chalk_node_v1_node_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   80,
+			NumMessages:   88,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -94,6 +94,12 @@ const (
 	NodeServiceApplyEgressProcedure = "/chalk.node.v1.NodeService/ApplyEgress"
 	// NodeServiceEgressDropsProcedure is the fully-qualified name of the NodeService's EgressDrops RPC.
 	NodeServiceEgressDropsProcedure = "/chalk.node.v1.NodeService/EgressDrops"
+	// NodeServiceTunnelJoinProcedure is the fully-qualified name of the NodeService's TunnelJoin RPC.
+	NodeServiceTunnelJoinProcedure = "/chalk.node.v1.NodeService/TunnelJoin"
+	// NodeServiceTunnelLeaveProcedure is the fully-qualified name of the NodeService's TunnelLeave RPC.
+	NodeServiceTunnelLeaveProcedure = "/chalk.node.v1.NodeService/TunnelLeave"
+	// NodeServiceTunnelSyncProcedure is the fully-qualified name of the NodeService's TunnelSync RPC.
+	NodeServiceTunnelSyncProcedure = "/chalk.node.v1.NodeService/TunnelSync"
 	// FleetServiceJoinProcedure is the fully-qualified name of the FleetService's Join RPC.
 	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
 	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
@@ -161,6 +167,16 @@ type NodeServiceClient interface {
 	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
 	// EgressDrops is the sandbox's recent blocked attempts (its egress log).
 	EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error)
+	// TunnelJoin gives a sandbox placed on the node a WireGuard device in a
+	// tunnel, at the address the control plane chose (it sees the members on
+	// every node). The key is made on the node and never leaves it; the
+	// public key and the device's endpoint come back.
+	TunnelJoin(context.Context, *connect.Request[v1.TunnelJoinRequest]) (*connect.Response[v1.TunnelJoinResponse], error)
+	// TunnelLeave takes a sandbox out of every tunnel on the node.
+	TunnelLeave(context.Context, *connect.Request[v1.TunnelLeaveRequest]) (*connect.Response[v1.TunnelLeaveResponse], error)
+	// TunnelSync sets a tunnel's view from the node: its members on other
+	// nodes and its external peers (replacing the previous view).
+	TunnelSync(context.Context, *connect.Request[v1.TunnelSyncRequest]) (*connect.Response[v1.TunnelSyncResponse], error)
 }
 
 // NewNodeServiceClient constructs a client for the chalk.node.v1.NodeService service. By default,
@@ -330,6 +346,24 @@ func NewNodeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(nodeServiceMethods.ByName("EgressDrops")),
 			connect.WithClientOptions(opts...),
 		),
+		tunnelJoin: connect.NewClient[v1.TunnelJoinRequest, v1.TunnelJoinResponse](
+			httpClient,
+			baseURL+NodeServiceTunnelJoinProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("TunnelJoin")),
+			connect.WithClientOptions(opts...),
+		),
+		tunnelLeave: connect.NewClient[v1.TunnelLeaveRequest, v1.TunnelLeaveResponse](
+			httpClient,
+			baseURL+NodeServiceTunnelLeaveProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("TunnelLeave")),
+			connect.WithClientOptions(opts...),
+		),
+		tunnelSync: connect.NewClient[v1.TunnelSyncRequest, v1.TunnelSyncResponse](
+			httpClient,
+			baseURL+NodeServiceTunnelSyncProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("TunnelSync")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -361,6 +395,9 @@ type nodeServiceClient struct {
 	snapshot      *connect.Client[v1.SnapshotRequest, v1.SnapshotEvent]
 	applyEgress   *connect.Client[v1.ApplyEgressRequest, v1.ApplyEgressResponse]
 	egressDrops   *connect.Client[v1.EgressDropsRequest, v1.EgressDropsResponse]
+	tunnelJoin    *connect.Client[v1.TunnelJoinRequest, v1.TunnelJoinResponse]
+	tunnelLeave   *connect.Client[v1.TunnelLeaveRequest, v1.TunnelLeaveResponse]
+	tunnelSync    *connect.Client[v1.TunnelSyncRequest, v1.TunnelSyncResponse]
 }
 
 // ReserveSlot calls chalk.node.v1.NodeService.ReserveSlot.
@@ -493,6 +530,21 @@ func (c *nodeServiceClient) EgressDrops(ctx context.Context, req *connect.Reques
 	return c.egressDrops.CallUnary(ctx, req)
 }
 
+// TunnelJoin calls chalk.node.v1.NodeService.TunnelJoin.
+func (c *nodeServiceClient) TunnelJoin(ctx context.Context, req *connect.Request[v1.TunnelJoinRequest]) (*connect.Response[v1.TunnelJoinResponse], error) {
+	return c.tunnelJoin.CallUnary(ctx, req)
+}
+
+// TunnelLeave calls chalk.node.v1.NodeService.TunnelLeave.
+func (c *nodeServiceClient) TunnelLeave(ctx context.Context, req *connect.Request[v1.TunnelLeaveRequest]) (*connect.Response[v1.TunnelLeaveResponse], error) {
+	return c.tunnelLeave.CallUnary(ctx, req)
+}
+
+// TunnelSync calls chalk.node.v1.NodeService.TunnelSync.
+func (c *nodeServiceClient) TunnelSync(ctx context.Context, req *connect.Request[v1.TunnelSyncRequest]) (*connect.Response[v1.TunnelSyncResponse], error) {
+	return c.tunnelSync.CallUnary(ctx, req)
+}
+
 // NodeServiceHandler is an implementation of the chalk.node.v1.NodeService service.
 type NodeServiceHandler interface {
 	// ReserveSlot gives the sandbox a network slot on the node (slots are
@@ -549,6 +601,16 @@ type NodeServiceHandler interface {
 	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
 	// EgressDrops is the sandbox's recent blocked attempts (its egress log).
 	EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error)
+	// TunnelJoin gives a sandbox placed on the node a WireGuard device in a
+	// tunnel, at the address the control plane chose (it sees the members on
+	// every node). The key is made on the node and never leaves it; the
+	// public key and the device's endpoint come back.
+	TunnelJoin(context.Context, *connect.Request[v1.TunnelJoinRequest]) (*connect.Response[v1.TunnelJoinResponse], error)
+	// TunnelLeave takes a sandbox out of every tunnel on the node.
+	TunnelLeave(context.Context, *connect.Request[v1.TunnelLeaveRequest]) (*connect.Response[v1.TunnelLeaveResponse], error)
+	// TunnelSync sets a tunnel's view from the node: its members on other
+	// nodes and its external peers (replacing the previous view).
+	TunnelSync(context.Context, *connect.Request[v1.TunnelSyncRequest]) (*connect.Response[v1.TunnelSyncResponse], error)
 }
 
 // NewNodeServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -714,6 +776,24 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(nodeServiceMethods.ByName("EgressDrops")),
 		connect.WithHandlerOptions(opts...),
 	)
+	nodeServiceTunnelJoinHandler := connect.NewUnaryHandler(
+		NodeServiceTunnelJoinProcedure,
+		svc.TunnelJoin,
+		connect.WithSchema(nodeServiceMethods.ByName("TunnelJoin")),
+		connect.WithHandlerOptions(opts...),
+	)
+	nodeServiceTunnelLeaveHandler := connect.NewUnaryHandler(
+		NodeServiceTunnelLeaveProcedure,
+		svc.TunnelLeave,
+		connect.WithSchema(nodeServiceMethods.ByName("TunnelLeave")),
+		connect.WithHandlerOptions(opts...),
+	)
+	nodeServiceTunnelSyncHandler := connect.NewUnaryHandler(
+		NodeServiceTunnelSyncProcedure,
+		svc.TunnelSync,
+		connect.WithSchema(nodeServiceMethods.ByName("TunnelSync")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.NodeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case NodeServiceReserveSlotProcedure:
@@ -768,6 +848,12 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 			nodeServiceApplyEgressHandler.ServeHTTP(w, r)
 		case NodeServiceEgressDropsProcedure:
 			nodeServiceEgressDropsHandler.ServeHTTP(w, r)
+		case NodeServiceTunnelJoinProcedure:
+			nodeServiceTunnelJoinHandler.ServeHTTP(w, r)
+		case NodeServiceTunnelLeaveProcedure:
+			nodeServiceTunnelLeaveHandler.ServeHTTP(w, r)
+		case NodeServiceTunnelSyncProcedure:
+			nodeServiceTunnelSyncHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -879,6 +965,18 @@ func (UnimplementedNodeServiceHandler) ApplyEgress(context.Context, *connect.Req
 
 func (UnimplementedNodeServiceHandler) EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.EgressDrops is not implemented"))
+}
+
+func (UnimplementedNodeServiceHandler) TunnelJoin(context.Context, *connect.Request[v1.TunnelJoinRequest]) (*connect.Response[v1.TunnelJoinResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.TunnelJoin is not implemented"))
+}
+
+func (UnimplementedNodeServiceHandler) TunnelLeave(context.Context, *connect.Request[v1.TunnelLeaveRequest]) (*connect.Response[v1.TunnelLeaveResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.TunnelLeave is not implemented"))
+}
+
+func (UnimplementedNodeServiceHandler) TunnelSync(context.Context, *connect.Request[v1.TunnelSyncRequest]) (*connect.Response[v1.TunnelSyncResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.TunnelSync is not implemented"))
 }
 
 // FleetServiceClient is a client for the chalk.node.v1.FleetService service.
