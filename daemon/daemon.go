@@ -274,6 +274,7 @@ type Daemon struct {
 	Metadata *metadata.Server
 
 	tun     *tunnels
+	ftun    *fleetTunnels // control mode: the fleet's tunnel membership (fleettunnel.go)
 	mcp     *mcpGateway
 	ingress *ingressNode
 	// Built by Start's steps for later ones (start.go).

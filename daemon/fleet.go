@@ -174,25 +174,26 @@ func (d *Daemon) apiNode() api.Node {
 }
 
 // fleetHooks are the sandbox hooks of control mode. The node-side ones
-// (identity token files, image mounts, tunnels) would act on the control
-// plane's host, not the sandbox's node: requests needing them are refused
-// with a clear error rather than half-served. (Egress rules and the
-// metadata service are the nodes': fleetegress.go, fleetidentity.go.)
+// (identity token files, image mounts) would act on the control plane's
+// host, not the sandbox's node: requests needing them are refused with a
+// clear error rather than half-served. (Egress rules and the metadata
+// service are the nodes': fleetegress.go, fleetidentity.go; tunnel
+// devices too, with the membership kept here: fleettunnel.go.)
 func (d *Daemon) fleetHooks() api.Hooks {
 	return api.Hooks{
 		Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
-			switch {
-			case len(sb.Tunnels) > 0:
-				return fmt.Errorf("sandbox %s: tunnels are not available in fleet mode yet: %w", sb.ID, errdefs.ErrFailedPrecondition)
-			case len(sb.Mounts) > 0:
+			if len(sb.Mounts) > 0 {
 				return fmt.Errorf("sandbox %s: image mounts are not available in fleet mode yet: %w", sb.ID, errdefs.ErrFailedPrecondition)
 			}
 			return nil
 		},
+		Started: d.ftun.started,
 		Ended: func(ctx context.Context, sb *store.Sandbox) {
 			d.ingress.ended(ctx, sb)
+			d.ftun.ended(ctx, sb)
 			d.mcp.ended(sb.ID)
 		},
+		Resumed: d.ftun.resumed,
 	}
 }
 
@@ -380,6 +381,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		{"fleet identity", joinFleet},
 		{"control plane registry and node cache", remoteImages},
 		{"node agent", d.startAgent},
+		{"tunnels", func(context.Context) error { return d.startNodeTunnels(opts.Advertise) }},
 		{"egress", d.startNodeEgress},
 	} {
 		if err := step.run(ctx); err != nil {
@@ -391,7 +393,8 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		return nil, err
 	}
 	mux := http.NewServeMux()
-	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).Handler())
+	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).
+		WithTunnels(nodeTunnels{d: d, host: d.tun.endpoint}).Handler())
 	l, err := net.Listen("tcp", opts.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("node API: %w", err)

@@ -31,6 +31,9 @@ import (
 func (d *Daemon) startNodeEgress(ctx context.Context) (err error) {
 	if d.Egress, err = egress.New(egress.Config{
 		Table: d.Net.Table(), Logger: d.cfg.Logger, Upstream: d.cfg.DNSUpstream,
+		// The tunnels' names (of members on every node) and the metadata
+		// service's, as in the all-in-one daemon.
+		Local: localNames(d.tun),
 		ListenAddrs: []string{
 			netip.AddrPortFrom(d.Net.ServiceAddr(), 53).String(),
 			netip.AddrPortFrom(d.Net.ServiceAddr6(), 53).String(),

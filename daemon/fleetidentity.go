@@ -151,6 +151,8 @@ func (d *Daemon) startNodeMetadata(wc *noderpc.WorkloadClient) (err error) {
 	if d.Metadata, err = metadata.New(metadata.Config{Issuer: d.nodeWL, Resolver: d.nodeWL, Logger: d.cfg.Logger}); err != nil {
 		return err
 	}
+	// The caller's tunnels with their members on every node.
+	d.Metadata.Handle("GET /v1/tunnels", http.HandlerFunc(d.tun.metadataTunnels))
 	ml, err := net.Listen("tcp", netip.AddrPortFrom(d.Net.ServiceAddr(), d.cfg.MetadataPort).String())
 	if err != nil {
 		return fmt.Errorf("metadata service: %w", err)

@@ -291,6 +291,10 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		// (daemon/fleetegress.go). Builds run here and land in this
 		// registry, which nodes pull from; their references are handed to
 		// nodes registry-independent (fleetImages).
+		// Tunnel members run on their nodes; the membership is kept here
+		// (daemon/fleettunnel.go).
+		d.ftun = newFleetTunnels(d.tun, d.router, d.Store, d.log.With("component", "fleet"))
+		acfg.Tunnels = d.ftun
 		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = &fleetPolicies{router: d.router}, d.fleetHooks(), d.router, fleetImages{d.im, d.Registry}
 		// Snapshots are refused in fleet mode: keeping stopped sandboxes'
 		// layers on the nodes would only hold their memory.

@@ -100,6 +100,11 @@ func (b *tunnels) Subnet(idx int) netip.Prefix {
 }
 
 func (b *tunnels) ValidatePeer(t *store.Tunnel, p store.TunnelPeer) error {
+	return b.validatePeer(t, p, b.m.Members(key(t.OrgID, t.Name)))
+}
+
+// validatePeer checks external peer p of tunnel t against t's members.
+func (b *tunnels) validatePeer(t *store.Tunnel, p store.TunnelPeer, members []tunnel.Member) error {
 	if _, err := tunnel.ParseKey(p.PublicKey); err != nil {
 		return fmt.Errorf("tunnel %s peer: %w", t.Name, err)
 	}
@@ -107,7 +112,6 @@ func (b *tunnels) ValidatePeer(t *store.Tunnel, p store.TunnelPeer) error {
 		return fmt.Errorf("tunnel %s peer %s: allowed_ips is empty: %w", t.Name, p.PublicKey, errdefs.ErrInvalidArgument)
 	}
 	subnet := b.Subnet(t.Index)
-	members := b.m.Members(key(t.OrgID, t.Name))
 	for _, s := range p.AllowedIPs {
 		pfx, err := netip.ParsePrefix(s)
 		if err != nil || pfx != pfx.Masked() {
@@ -165,15 +169,34 @@ func (b *tunnels) SetPeers(_ context.Context, t *store.Tunnel) error {
 }
 
 func (b *tunnels) Members(t *store.Tunnel) []*v1.TunnelMember {
+	return b.membersToProto(b.m.Members(key(t.OrgID, t.Name)))
+}
+
+func (b *tunnels) membersToProto(ms []tunnel.Member) []*v1.TunnelMember {
 	var out []*v1.TunnelMember
-	for _, m := range b.m.Members(key(t.OrgID, t.Name)) {
+	for _, m := range ms {
 		out = append(out, &v1.TunnelMember{SandboxId: m.SandboxID, Address: m.Addr.String(), PublicKey: m.PublicKey.String(),
-			Endpoint: net.JoinHostPort(b.endpoint, strconv.Itoa(m.Port)), Interface: m.Interface})
+			Endpoint: b.endpointOf(m), Interface: m.Interface})
 	}
 	return out
 }
 
+// endpointOf is where member m's device receives: its node's endpoint
+// (fleet) or this node's.
+func (b *tunnels) endpointOf(m tunnel.Member) string {
+	if m.Endpoint != "" {
+		return m.Endpoint
+	}
+	return net.JoinHostPort(b.endpoint, strconv.Itoa(m.Port))
+}
+
 func (b *tunnels) PeerConfig(t *store.Tunnel, p store.TunnelPeer) string {
+	return b.peerConfig(t, p, b.m.Members(key(t.OrgID, t.Name)))
+}
+
+// peerConfig is the wg-quick file of external peer p of tunnel t, whose
+// members are members.
+func (b *tunnels) peerConfig(t *store.Tunnel, p store.TunnelPeer, members []tunnel.Member) string {
 	var w strings.Builder
 	fmt.Fprintf(&w, "# wg-quick config of external peer %s of chalkcompute tunnel %s (subnet %s).\n", p.PublicKey, t.Name, b.Subnet(t.Index))
 	w.WriteString("# PrivateKey is this peer's own key: chalkd never sees it.\n[Interface]\nPrivateKey = <the private key of " + p.PublicKey + ">\n")
@@ -186,9 +209,9 @@ func (b *tunnels) PeerConfig(t *store.Tunnel, p store.TunnelPeer) string {
 	if _, port, err := net.SplitHostPort(p.Endpoint); err == nil {
 		fmt.Fprintf(&w, "ListenPort = %s\n", port)
 	}
-	for _, m := range b.m.Members(key(t.OrgID, t.Name)) {
+	for _, m := range members {
 		fmt.Fprintf(&w, "\n# sandbox %s\n[Peer]\nPublicKey = %s\nAllowedIPs = %s/32\nEndpoint = %s\nPersistentKeepalive = 25\n",
-			m.SandboxID, m.PublicKey, m.Addr, net.JoinHostPort(b.endpoint, strconv.Itoa(m.Port)))
+			m.SandboxID, m.PublicKey, m.Addr, b.endpointOf(m))
 	}
 	return w.String()
 }
@@ -239,7 +262,8 @@ func (b *tunnels) resume(ctx context.Context, sb *store.Sandbox) error {
 }
 
 // metadataTunnels answers GET /v1/tunnels inside a sandbox: its tunnels,
-// its address in each and every member's.
+// its address in each and every member's (on every node of a fleet). It
+// reads only the Manager, so a fleet node serves it too.
 func (b *tunnels) metadataTunnels(w http.ResponseWriter, r *http.Request) {
 	caller, ok := metadata.CallerFrom(r.Context())
 	if !ok {
@@ -262,10 +286,11 @@ func (b *tunnels) metadataTunnels(w http.ResponseWriter, r *http.Request) {
 	for _, m := range b.m.Of(caller.ID) {
 		_, name, _ := strings.Cut(m.Tunnel, "/")
 		e := entry{Tunnel: name, Interface: m.Interface, Address: m.Addr.String(), Members: []member{}}
-		if t, err := b.st.GetTunnel(r.Context(), caller.OrgID, name); err == nil {
-			e.Subnet = b.Subnet(t.Index).String()
+		if subnet, ok := b.m.Subnet(m.Tunnel); ok {
+			e.Subnet = subnet.String()
 		}
-		for _, o := range b.m.Members(m.Tunnel) {
+		// All: in a fleet, the members on other nodes too.
+		for _, o := range b.m.All(m.Tunnel) {
 			e.Members = append(e.Members, member{SandboxID: o.SandboxID, Address: o.Addr.String(), Name: o.SandboxID + "." + name + ".tunnel.internal"})
 		}
 		out = append(out, e)
@@ -279,7 +304,8 @@ const tunnelZone = ".tunnel.internal."
 
 // resolveName is the DNS proxy's Local hook: it answers names in
 // tunnelZone, and only to members of that tunnel (NXDOMAIN to anyone else,
-// so a sandbox learns nothing about tunnels it is not in).
+// so a sandbox learns nothing about tunnels it is not in). On a fleet node
+// it knows the members on other nodes from the control plane (SetRemote).
 func (b *tunnels) resolveName(sandboxID, qname string) ([]netip.Addr, bool) {
 	q := strings.ToLower(dns.Fqdn(qname))
 	rest, ok := strings.CutSuffix(q, tunnelZone)
@@ -294,7 +320,7 @@ func (b *tunnels) resolveName(sandboxID, qname string) ([]netip.Addr, bool) {
 		if _, tn, _ := strings.Cut(m.Tunnel, "/"); tn != name {
 			continue
 		}
-		for _, o := range b.m.Members(m.Tunnel) {
+		for _, o := range b.m.All(m.Tunnel) {
 			if o.SandboxID == id {
 				return []netip.Addr{o.Addr}, true
 			}

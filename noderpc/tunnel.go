@@ -21,9 +21,10 @@ import (
 // made here and never leave the node.
 type Tunnels interface {
 	// Join gives sandbox id (holding slot here) interface ifname in
-	// tunnel key at addr, and returns its public key and the endpoint
-	// (ip:port) its device receives at.
-	Join(ctx context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (tunnel.Key, string, error)
+	// tunnel key at addr, and returns the membership: its address (a
+	// sandbox in the tunnel already keeps its own), public key and the
+	// endpoint (ip:port) its device receives at.
+	Join(ctx context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (tunnel.Member, error)
 	// Leave takes sandbox id out of every tunnel here.
 	Leave(id string)
 	// Sync replaces tunnel key's members on other nodes and its external
@@ -81,11 +82,11 @@ func (s *Server) TunnelJoin(ctx context.Context, req *connect.Request[nodev1.Tun
 	if err != nil || !subnet.Contains(addr) {
 		return nil, invalid("tunnel join: address %q: want an address of %s", m.Address, subnet)
 	}
-	pub, ep, err := s.tunnels.Join(ctx, m.SandboxId, int(m.Slot), m.Tunnel, m.Interface, subnet, addr)
+	mb, err := s.tunnels.Join(ctx, m.SandboxId, int(m.Slot), m.Tunnel, m.Interface, subnet, addr)
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&nodev1.TunnelJoinResponse{PublicKey: pub.String(), Endpoint: ep}), nil
+	return connect.NewResponse(&nodev1.TunnelJoinResponse{PublicKey: mb.PublicKey.String(), Endpoint: mb.Endpoint, Address: mb.Addr.String()}), nil
 }
 
 func (s *Server) TunnelLeave(_ context.Context, req *connect.Request[nodev1.TunnelLeaveRequest]) (*connect.Response[nodev1.TunnelLeaveResponse], error) {
@@ -159,20 +160,24 @@ func tunnelViewFromProto(m *nodev1.TunnelSyncRequest) ([]tunnel.Remote, []tunnel
 }
 
 // TunnelJoin joins sandbox id to tunnel key on its node (see Tunnels.Join).
-func (c *Client) TunnelJoin(ctx context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (tunnel.Key, string, error) {
+func (c *Client) TunnelJoin(ctx context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (tunnel.Member, error) {
 	res, err := c.rpc.TunnelJoin(ctx, connect.NewRequest(&nodev1.TunnelJoinRequest{SandboxId: id, Slot: int32(slot), Tunnel: key,
 		Interface: ifname, Subnet: subnet.String(), Address: addr.String()}))
 	if err != nil {
-		return tunnel.Key{}, "", wire(err)
+		return tunnel.Member{}, wire(err)
 	}
 	k, err := tunnel.ParseKey(res.Msg.PublicKey)
 	if err != nil {
-		return tunnel.Key{}, "", fmt.Errorf("node's answer: %w", err)
+		return tunnel.Member{}, fmt.Errorf("node's answer: %w", err)
 	}
 	if _, err := netip.ParseAddrPort(res.Msg.Endpoint); err != nil {
-		return tunnel.Key{}, "", fmt.Errorf("node's answer: endpoint %q: want ip:port: %w", res.Msg.Endpoint, errdefs.ErrInvalidArgument)
+		return tunnel.Member{}, fmt.Errorf("node's answer: endpoint %q: want ip:port: %w", res.Msg.Endpoint, errdefs.ErrInvalidArgument)
 	}
-	return k, res.Msg.Endpoint, nil
+	got, err := netip.ParseAddr(res.Msg.Address)
+	if err != nil || !subnet.Contains(got) {
+		return tunnel.Member{}, fmt.Errorf("node's answer: address %q is not in %s: %w", res.Msg.Address, subnet, errdefs.ErrInvalidArgument)
+	}
+	return tunnel.Member{Tunnel: key, SandboxID: id, Interface: ifname, Addr: got, PublicKey: k, Endpoint: res.Msg.Endpoint}, nil
 }
 
 // TunnelLeave takes sandbox id out of its tunnels on the node.
@@ -200,7 +205,7 @@ func (c *Client) TunnelSync(ctx context.Context, key string, subnet netip.Prefix
 
 // tunnelNode is a node that runs tunnel members (a *Client).
 type tunnelNode interface {
-	TunnelJoin(ctx context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (tunnel.Key, string, error)
+	TunnelJoin(ctx context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (tunnel.Member, error)
 	TunnelLeave(ctx context.Context, id string) error
 	TunnelSync(ctx context.Context, key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) error
 }
@@ -218,14 +223,14 @@ func (r *Router) tunnelNodeOf(id string) (tunnelNode, string, error) {
 }
 
 // TunnelJoin joins sandbox id to tunnel key on the node it is placed on,
-// and returns that node's id with the member's public key and endpoint.
-func (r *Router) TunnelJoin(ctx context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (string, tunnel.Key, string, error) {
+// and returns that node's id with the membership.
+func (r *Router) TunnelJoin(ctx context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (string, tunnel.Member, error) {
 	tn, nodeID, err := r.tunnelNodeOf(id)
 	if err != nil {
-		return "", tunnel.Key{}, "", err
+		return "", tunnel.Member{}, err
 	}
-	k, ep, err := tn.TunnelJoin(ctx, id, slot, key, ifname, subnet, addr)
-	return nodeID, k, ep, err
+	mb, err := tn.TunnelJoin(ctx, id, slot, key, ifname, subnet, addr)
+	return nodeID, mb, err
 }
 
 // TunnelLeave takes sandbox id out of its tunnels on its node.

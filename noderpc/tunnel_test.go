@@ -20,9 +20,9 @@ type fakeTunnels struct {
 	key tunnel.Key
 }
 
-func (t fakeTunnels) Join(_ context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (tunnel.Key, string, error) {
+func (t fakeTunnels) Join(_ context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (tunnel.Member, error) {
 	t.f.call(fmt.Sprintf("tunnels.Join %s %d %s %s %s %s", id, slot, key, ifname, subnet, addr))
-	return t.key, "10.251.1.2:40000", nil
+	return tunnel.Member{Addr: addr, PublicKey: t.key, Endpoint: "10.251.1.2:40000"}, nil
 }
 func (t fakeTunnels) Leave(id string) { t.f.call("tunnels.Leave " + id) }
 func (t fakeTunnels) Sync(key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) error {
@@ -49,26 +49,26 @@ func TestTunnelsOnTheNode(t *testing.T) {
 	ctx := ctxT(t)
 	subnet := netip.MustParsePrefix("100.96.3.0/24")
 	addr := netip.MustParseAddr("100.96.3.7")
-	if _, _, err := c.TunnelJoin(ctx, "sb", 3, "org/t", "wg0", subnet, addr); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+	if _, err := c.TunnelJoin(ctx, "sb", 3, "org/t", "wg0", subnet, addr); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Fatalf("TunnelJoin on a node without tunnels: %v, want failed precondition", err)
 	}
 	priv, _ := tunnel.NewPrivateKey()
 	pub := priv.PublicKey()
 	srv.WithTunnels(fakeTunnels{f: f, key: pub})
-	k, ep, err := c.TunnelJoin(ctx, "sb", 3, "org/t", "wg1", subnet, addr)
-	if err != nil || k != pub || ep != "10.251.1.2:40000" {
-		t.Fatalf("TunnelJoin = %s %q, %v", k, ep, err)
+	mb, err := c.TunnelJoin(ctx, "sb", 3, "org/t", "wg1", subnet, addr)
+	if err != nil || mb.PublicKey != pub || mb.Endpoint != "10.251.1.2:40000" || mb.Addr != addr || mb.SandboxID != "sb" || mb.Interface != "wg1" {
+		t.Fatalf("TunnelJoin = %+v, %v", mb, err)
 	}
 	for name, bad := range map[string]func() error{
-		"no slot":            func() error { _, _, err := c.TunnelJoin(ctx, "sb", 0, "org/t", "wg0", subnet, addr); return err },
-		"interface eth0":     func() error { _, _, err := c.TunnelJoin(ctx, "sb", 3, "org/t", "eth0", subnet, addr); return err },
-		"tunnel without org": func() error { _, _, err := c.TunnelJoin(ctx, "sb", 3, "t", "wg0", subnet, addr); return err },
+		"no slot":            func() error { _, err := c.TunnelJoin(ctx, "sb", 0, "org/t", "wg0", subnet, addr); return err },
+		"interface eth0":     func() error { _, err := c.TunnelJoin(ctx, "sb", 3, "org/t", "eth0", subnet, addr); return err },
+		"tunnel without org": func() error { _, err := c.TunnelJoin(ctx, "sb", 3, "t", "wg0", subnet, addr); return err },
 		"address outside": func() error {
-			_, _, err := c.TunnelJoin(ctx, "sb", 3, "org/t", "wg0", subnet, netip.MustParseAddr("100.96.4.1"))
+			_, err := c.TunnelJoin(ctx, "sb", 3, "org/t", "wg0", subnet, netip.MustParseAddr("100.96.4.1"))
 			return err
 		},
 		"unmasked subnet": func() error {
-			_, _, err := c.TunnelJoin(ctx, "sb", 3, "org/t", "wg0", netip.MustParsePrefix("100.96.3.1/24"), addr)
+			_, err := c.TunnelJoin(ctx, "sb", 3, "org/t", "wg0", netip.MustParsePrefix("100.96.3.1/24"), addr)
 			return err
 		},
 		"remote endpoint a name": func() error {

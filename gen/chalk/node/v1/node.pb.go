@@ -4669,7 +4669,11 @@ type TunnelJoinResponse struct {
 	PublicKey string                 `protobuf:"bytes,1,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"` // base64
 	// endpoint is ip:port where the member's device receives, as other
 	// nodes and external peers reach it.
-	Endpoint      string `protobuf:"bytes,2,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	Endpoint string `protobuf:"bytes,2,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	// address is the member's address: the one asked for, or, for a sandbox
+	// already in the tunnel on this node (a control plane that restarted
+	// joins its sandboxes again), the one it has.
+	Address       string `protobuf:"bytes,3,opt,name=address,proto3" json:"address,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4714,6 +4718,13 @@ func (x *TunnelJoinResponse) GetPublicKey() string {
 func (x *TunnelJoinResponse) GetEndpoint() string {
 	if x != nil {
 		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *TunnelJoinResponse) GetAddress() string {
+	if x != nil {
+		return x.Address
 	}
 	return ""
 }
@@ -5348,11 +5359,12 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\x06tunnel\x18\x03 \x01(\tR\x06tunnel\x12\x1c\n" +
 	"\tinterface\x18\x04 \x01(\tR\tinterface\x12\x16\n" +
 	"\x06subnet\x18\x05 \x01(\tR\x06subnet\x12\x18\n" +
-	"\aaddress\x18\x06 \x01(\tR\aaddress\"O\n" +
+	"\aaddress\x18\x06 \x01(\tR\aaddress\"i\n" +
 	"\x12TunnelJoinResponse\x12\x1d\n" +
 	"\n" +
 	"public_key\x18\x01 \x01(\tR\tpublicKey\x12\x1a\n" +
-	"\bendpoint\x18\x02 \x01(\tR\bendpoint\"3\n" +
+	"\bendpoint\x18\x02 \x01(\tR\bendpoint\x12\x18\n" +
+	"\aaddress\x18\x03 \x01(\tR\aaddress\"3\n" +
 	"\x12TunnelLeaveRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\"\x15\n" +

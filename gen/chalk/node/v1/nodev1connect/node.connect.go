@@ -170,7 +170,8 @@ type NodeServiceClient interface {
 	// TunnelJoin gives a sandbox placed on the node a WireGuard device in a
 	// tunnel, at the address the control plane chose (it sees the members on
 	// every node). The key is made on the node and never leaves it; the
-	// public key and the device's endpoint come back.
+	// public key, the device's endpoint and the address come back. Joining a
+	// tunnel the sandbox is in already returns its membership unchanged.
 	TunnelJoin(context.Context, *connect.Request[v1.TunnelJoinRequest]) (*connect.Response[v1.TunnelJoinResponse], error)
 	// TunnelLeave takes a sandbox out of every tunnel on the node.
 	TunnelLeave(context.Context, *connect.Request[v1.TunnelLeaveRequest]) (*connect.Response[v1.TunnelLeaveResponse], error)
@@ -604,7 +605,8 @@ type NodeServiceHandler interface {
 	// TunnelJoin gives a sandbox placed on the node a WireGuard device in a
 	// tunnel, at the address the control plane chose (it sees the members on
 	// every node). The key is made on the node and never leaves it; the
-	// public key and the device's endpoint come back.
+	// public key, the device's endpoint and the address come back. Joining a
+	// tunnel the sandbox is in already returns its membership unchanged.
 	TunnelJoin(context.Context, *connect.Request[v1.TunnelJoinRequest]) (*connect.Response[v1.TunnelJoinResponse], error)
 	// TunnelLeave takes a sandbox out of every tunnel on the node.
 	TunnelLeave(context.Context, *connect.Request[v1.TunnelLeaveRequest]) (*connect.Response[v1.TunnelLeaveResponse], error)

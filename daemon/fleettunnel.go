@@ -1,0 +1,345 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strconv"
+	"sync"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
+	"github.com/chalkcompute/chalkcompute/node"
+	"github.com/chalkcompute/chalkcompute/noderpc"
+	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/store"
+	"github.com/chalkcompute/chalkcompute/tunnel"
+)
+
+// Tunnels in fleet mode. The control plane owns each tunnel's membership
+// and addresses (fleetTunnels); every node runs the WireGuard devices of
+// the members placed on it (its own tunnel.Manager, nodeTunnels), with
+// keys made on the node. Members on different nodes peer directly: each
+// member's device has every member on another node as a peer with
+// AllowedIPs exactly that member's /32, at that node's endpoint (ip:port
+// of the device's UDP socket), so WireGuard carries the traffic between
+// nodes and its cryptokey routing drops a packet whose source is not the
+// sending member's own. On every join and leave (and change of the
+// external peers) the control plane sends every node holding a member
+// its view (noderpc TunnelSync: the members on other nodes and the
+// external peers) before the API call returns.
+
+// fleetMember is a tunnel member as the control plane knows it.
+type fleetMember struct {
+	node string
+	m    tunnel.Member // Endpoint: its node's ip:port
+}
+
+// fleetTunnels is the control plane's api.TunnelBackend.
+type fleetTunnels struct {
+	*tunnels // MaxTunnels, Subnet, peer validation and configs
+	router   *noderpc.Router
+	st       *store.Store
+	log      *slog.Logger
+
+	// mu serialises membership changes and the pushes that follow, so
+	// every node's view is the one of the last change.
+	mu      sync.Mutex
+	members map[string]map[string]*fleetMember // tunnel key -> sandbox id
+}
+
+func newFleetTunnels(base *tunnels, router *noderpc.Router, st *store.Store, log *slog.Logger) *fleetTunnels {
+	return &fleetTunnels{tunnels: base, router: router, st: st, log: log, members: map[string]map[string]*fleetMember{}}
+}
+
+// list is tunnel key's members by address (mu held).
+func (f *fleetTunnels) list(k string) []tunnel.Member {
+	var out []tunnel.Member
+	for _, fm := range f.members[k] {
+		out = append(out, fm.m)
+	}
+	slices.SortFunc(out, func(a, b tunnel.Member) int { return a.Addr.Compare(b.Addr) })
+	return out
+}
+
+func (f *fleetTunnels) snapshot(t *store.Tunnel) []tunnel.Member {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.list(key(t.OrgID, t.Name))
+}
+
+func (f *fleetTunnels) ValidatePeer(t *store.Tunnel, p store.TunnelPeer) error {
+	return f.validatePeer(t, p, f.snapshot(t))
+}
+
+func (f *fleetTunnels) Members(t *store.Tunnel) []*v1.TunnelMember {
+	return f.membersToProto(f.snapshot(t))
+}
+
+func (f *fleetTunnels) PeerConfig(t *store.Tunnel, p store.TunnelPeer) string {
+	return f.peerConfig(t, p, f.snapshot(t))
+}
+
+func (f *fleetTunnels) SetPeers(ctx context.Context, t *store.Tunnel) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.push(ctx, t)
+}
+
+// freeAddr is the lowest host address of subnet that no member of k and
+// no external peer (its single addresses) has (mu held).
+func (f *fleetTunnels) freeAddr(k string, subnet netip.Prefix, peers []store.TunnelPeer) (netip.Addr, error) {
+	used := map[netip.Addr]bool{}
+	for _, fm := range f.members[k] {
+		used[fm.m.Addr] = true
+	}
+	for _, p := range peers {
+		for _, s := range p.AllowedIPs {
+			if pfx, err := netip.ParsePrefix(s); err == nil && pfx.IsSingleIP() {
+				used[pfx.Addr()] = true
+			}
+		}
+	}
+	last := ipprefix.Last(subnet)
+	for a := subnet.Addr().Next(); a.IsValid() && a.Less(last); a = a.Next() {
+		if !used[a] {
+			return a, nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("tunnel %s: no free address in %s: %w", k, subnet, errdefs.ErrResourceExhausted)
+}
+
+// views are what push sends each node holding a member of tunnel k: the
+// members on the other nodes (mu held).
+func (f *fleetTunnels) views(k string) map[string][]tunnel.Remote {
+	out := map[string][]tunnel.Remote{}
+	for _, fm := range f.members[k] {
+		if _, ok := out[fm.node]; !ok {
+			out[fm.node] = []tunnel.Remote{}
+		}
+	}
+	for n := range out {
+		for _, fm := range f.members[k] {
+			if fm.node != n {
+				out[n] = append(out[n], tunnel.Remote{SandboxID: fm.m.SandboxID, Addr: fm.m.Addr, PublicKey: fm.m.PublicKey, Endpoint: fm.m.Endpoint})
+			}
+		}
+		slices.SortFunc(out[n], func(a, b tunnel.Remote) int { return a.Addr.Compare(b.Addr) })
+	}
+	return out
+}
+
+// push sends tunnel t's view to every node holding one of its members
+// (mu held). A node that cannot be reached is reported; the others are
+// configured.
+func (f *fleetTunnels) push(ctx context.Context, t *store.Tunnel) error {
+	peers, err := toPeers(t)
+	if err != nil {
+		return err
+	}
+	k := key(t.OrgID, t.Name)
+	subnet := f.Subnet(t.Index)
+	var errs []error
+	for n, remotes := range f.views(k) {
+		if err := f.router.TunnelSync(ctx, n, k, subnet, remotes, peers); err != nil {
+			errs = append(errs, fmt.Errorf("tunnel %s on node %s: %w", t.Name, n, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// started is the Started hook: the sandbox joins its tunnels on its node,
+// at addresses chosen here, and every node with a member of those tunnels
+// learns it before create returns.
+func (f *fleetTunnels) started(ctx context.Context, sb *store.Sandbox, _ node.Started) error {
+	if len(sb.Tunnels) == 0 {
+		return nil
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.join(ctx, sb); err != nil {
+		f.leave(context.WithoutCancel(ctx), sb)
+		return err
+	}
+	return nil
+}
+
+// join joins sb to its tunnels (mu held). An address the node reports for
+// a sandbox that is in the tunnel there already (a restarted control
+// plane rejoins the sandboxes it finds running) is taken as it is.
+func (f *fleetTunnels) join(ctx context.Context, sb *store.Sandbox) error {
+	for i, name := range sb.Tunnels {
+		t, err := f.st.GetTunnel(ctx, sb.OrgID, name)
+		if err != nil {
+			return fmt.Errorf("sandbox %s tunnel %s: %w", sb.ID, name, err)
+		}
+		k, subnet := key(sb.OrgID, name), f.Subnet(t.Index)
+		addr, err := f.freeAddr(k, subnet, t.Peers)
+		if err != nil {
+			return err
+		}
+		nodeID, mb, err := f.router.TunnelJoin(ctx, sb.ID, sb.Slot, k, "wg"+strconv.Itoa(i), subnet, addr)
+		if err != nil {
+			return fmt.Errorf("sandbox %s tunnel %s: %w", sb.ID, name, err)
+		}
+		for oid, o := range f.members[k] {
+			if o.m.Addr == mb.Addr && oid != sb.ID {
+				return fmt.Errorf("sandbox %s tunnel %s: its node has it at %s, sandbox %s's address: %w", sb.ID, name, mb.Addr, oid, errdefs.ErrAlreadyExists)
+			}
+		}
+		if f.members[k] == nil {
+			f.members[k] = map[string]*fleetMember{}
+		}
+		f.members[k][sb.ID] = &fleetMember{node: nodeID, m: mb}
+		if err := f.push(ctx, t); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ended is the sandbox's Ended hook: it leaves its tunnels (on its node,
+// if that answers) and the other nodes forget it.
+func (f *fleetTunnels) ended(ctx context.Context, sb *store.Sandbox) {
+	if len(sb.Tunnels) == 0 {
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.leave(ctx, sb)
+}
+
+// leave takes sb out of its tunnels (mu held).
+func (f *fleetTunnels) leave(ctx context.Context, sb *store.Sandbox) {
+	var in []string
+	for _, name := range sb.Tunnels {
+		k := key(sb.OrgID, name)
+		if _, ok := f.members[k][sb.ID]; ok {
+			delete(f.members[k], sb.ID)
+			if len(f.members[k]) == 0 {
+				delete(f.members, k)
+			}
+			in = append(in, name)
+		}
+	}
+	// Its node may be lost: then its devices went with it, or are taken
+	// down when it returns (Destroy leaves the tunnels).
+	if err := f.router.TunnelLeave(ctx, sb.ID); err != nil && !errdefs.Is(err, errdefs.ErrNotFound) {
+		f.log.Debug("fleet: tunnel leave on the sandbox's node", "sandbox", sb.ID, "err", err)
+	}
+	for _, name := range in {
+		t, err := f.st.GetTunnel(ctx, sb.OrgID, name)
+		if err != nil {
+			f.log.Warn("fleet: tunnel view after a member left", "tunnel", name, "sandbox", sb.ID, "err", err)
+			continue
+		}
+		if err := f.push(ctx, t); err != nil {
+			f.log.Warn("fleet: tunnel view after a member left", "tunnel", name, "sandbox", sb.ID, "err", err)
+		}
+	}
+}
+
+// resumed rejoins a sandbox this control plane found running at its start
+// (its devices live on on its node: the node answers with the membership
+// it has).
+func (f *fleetTunnels) resumed(ctx context.Context, sb *store.Sandbox) {
+	if len(sb.Tunnels) == 0 {
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.join(ctx, sb); err != nil {
+		f.log.Error("fleet: rejoin tunnels", "sandbox", sb.ID, "err", err)
+	}
+}
+
+// nodeTunnels is noderpc.Tunnels on a node's tunnel.Manager.
+type nodeTunnels struct {
+	d    *Daemon
+	host string // this node's address as other nodes and external peers reach it
+}
+
+var _ noderpc.Tunnels = nodeTunnels{}
+
+func (n nodeTunnels) Join(_ context.Context, id string, slot int, k, ifname string, subnet netip.Prefix, addr netip.Addr) (tunnel.Member, error) {
+	if n.d.cfg.Runtime == sandbox.RuntimeRunsc {
+		// As in the all-in-one daemon: gVisor's network stack takes over
+		// only the interfaces present when it starts.
+		return tunnel.Member{}, fmt.Errorf("sandbox %s: tunnels are not available on this node: it runs sandboxes on gVisor (chalkd --runtime runsc), whose network stack cannot use the tunnel's device: %w", id, errdefs.ErrFailedPrecondition)
+	}
+	// The device goes into the slot's namespace: only the slot this node
+	// gave that sandbox.
+	if got, ok := n.d.Agent.Slots().Of(id); !ok || got != slot {
+		return tunnel.Member{}, fmt.Errorf("sandbox %q: slot %d is not its slot on this node: %w", id, slot, errdefs.ErrFailedPrecondition)
+	}
+	for _, mb := range n.d.Tunnels.Of(id) {
+		if mb.Tunnel == k {
+			mb.Endpoint = net.JoinHostPort(n.host, strconv.Itoa(mb.Port))
+			return mb, nil
+		}
+	}
+	nt := n.d.Agent.Net(id, slot)
+	if nt == nil {
+		return tunnel.Member{}, fmt.Errorf("sandbox %q: no network on this node: %w", id, errdefs.ErrFailedPrecondition)
+	}
+	mb, err := n.d.Tunnels.JoinAt(k, id, nt.NetnsPath, ifname, subnet, addr)
+	if err != nil {
+		return tunnel.Member{}, err
+	}
+	mb.Endpoint = net.JoinHostPort(n.host, strconv.Itoa(mb.Port))
+	return mb, nil
+}
+
+func (n nodeTunnels) Leave(id string) { n.d.Tunnels.Leave(id) }
+
+func (n nodeTunnels) Sync(k string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) error {
+	if _, ok := n.d.Tunnels.Subnet(k); !ok {
+		return nil // no member here (any more): nothing to configure
+	}
+	if err := n.d.Tunnels.SetRemote(k, subnet, remotes); err != nil {
+		return err
+	}
+	return n.d.Tunnels.SetPeers(k, peers)
+}
+
+// nodeTunnelHost is the address a node's tunnel devices are reached at by
+// other nodes and external peers: --tunnel-endpoint, else the host of the
+// node API's advertised URL (a name is resolved once, here: WireGuard
+// endpoints are addresses).
+func nodeTunnelHost(endpoint, advertise string) (string, error) {
+	host := endpoint
+	if host == "" {
+		u, err := url.Parse(advertise)
+		if err != nil {
+			return "", err
+		}
+		host = u.Hostname()
+	}
+	if a, err := netip.ParseAddr(host); err == nil {
+		return a.String(), nil
+	}
+	addrs, err := net.LookupHost(host)
+	if err != nil || len(addrs) == 0 {
+		return "", fmt.Errorf("tunnel endpoint %q: not an address, and it does not resolve: %v: %w", host, err, errdefs.ErrInvalidArgument)
+	}
+	return addrs[0], nil
+}
+
+// startNodeTunnels starts the tunnel devices of `chalkd node` (members
+// placed here; the control plane says who and where the others are).
+func (d *Daemon) startNodeTunnels(advertise string) (err error) {
+	host, err := nodeTunnelHost(d.cfg.TunnelEndpoint, advertise)
+	if err != nil {
+		return err
+	}
+	d.Tunnels = tunnel.NewManager(d.cfg.Logger)
+	tunnelManagers.Store(d.Tunnels, struct{}{})
+	d.tun, err = newTunnels(d.Tunnels, d.Agent, nil, d.cfg.TunnelSubnets, host)
+	return err
+}
