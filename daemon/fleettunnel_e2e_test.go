@@ -1,8 +1,12 @@
 package daemon_test
 
 import (
+	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,7 +15,9 @@ import (
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+	"github.com/chalkcompute/chalkcompute/tunnel"
 )
 
 // TestFleetTunnels: members of one tunnel placed on two fleet nodes (each
@@ -22,52 +28,13 @@ import (
 // neither resolves nor reaches them; a member cannot send from another
 // member's address; a member that ends is gone from the other node's view.
 func TestFleetTunnels(t *testing.T) {
-	control := chalktest.StartControl(t)
-	n1 := chalktest.StartFleetNode(t, control, 1)
-	n2 := chalktest.StartFleetNode(t, control, 2)
-	c := control.Client()
-	// The nodes reach each other through the control plane's namespace
-	// (which forwards): their tunnel devices' UDP sockets are at their
-	// node addresses (10.251.i.2, the host of --advertise).
-	for i, n := range []*chalktest.Node{n1, n2} {
-		other := 2 - i
-		if out, err := exec.Command("ip", "-n", n.Netns, "route", "add", fmt.Sprintf("10.251.%d.0/30", other), "via", chalktest.ControlAddr(i+1)).CombinedOutput(); err != nil {
-			t.Fatalf("route between the nodes: %v %s", err, out)
-		}
-	}
-	waitNodesHealthy(t, control, "node1", "node2")
-	if onGVisor(n1) {
-		skipTunnelsOnGVisor(t, n1, c)
-	}
+	f := startTunnelFleet(t, nil)
+	n1, n2, c, createOn := f.n1, f.n2, f.c, f.createOn
 	ctx := ctxT(t, 5*time.Minute)
-	on := func(n *chalktest.Node, sb *chalkcompute.Sandbox) bool {
-		_, err := os.Stat(filepath.Join(n.Dir, "sandboxes", sb.ID()))
-		return err == nil
-	}
-	// createOn places a sandbox on node n (the other is cordoned meanwhile).
-	createOn := func(n *chalktest.Node, opts ...chalkcompute.CreateOption) *chalkcompute.Sandbox {
-		t.Helper()
-		other := "node2"
-		if n == n2 {
-			other = "node1"
-		}
-		cli := func(args ...string) {
-			if _, errOut, code := control.CLI(args...); code != 0 {
-				t.Fatalf("chalk %v: %d %s", args, code, errOut)
-			}
-		}
-		cli("admin", "node", "cordon", other)
-		defer cli("admin", "node", "uncordon", other)
-		sb := create(t, c, opts...)
-		if !on(n, sb) {
-			t.Fatalf("sandbox %s is not on %s", sb.ID(), n.Dir)
-		}
-		return sb
-	}
-	a := createOn(n1, chalkcompute.WithTunnels("mesh"))
-	m := createOn(n1, chalkcompute.WithTunnels("mesh"))
-	b := createOn(n2, chalkcompute.WithTunnels("mesh"))
-	x := createOn(n1) // not in the tunnel
+	a := createOn(t, n1, chalkcompute.WithTunnels("mesh"))
+	m := createOn(t, n1, chalkcompute.WithTunnels("mesh"))
+	b := createOn(t, n2, chalkcompute.WithTunnels("mesh"))
+	x := createOn(t, n1) // not in the tunnel
 	tun, err := c.Tunnel(ctx, "mesh")
 	if err != nil || len(tun.Members) != 3 {
 		t.Fatalf("tunnel: %+v %v", tun, err)
@@ -217,5 +184,167 @@ func waitNodesHealthy(t *testing.T, control *chalktest.Node, names ...string) {
 			t.Fatalf("nodes %v are not healthy on the control plane: %s", names, out)
 		}
 		time.Sleep(100 * time.Millisecond) // polling the control plane for the nodes' heartbeats
+	}
+}
+
+// tunnelFleet is a control plane with two nodes that reach each other
+// (through the control plane's namespace, which forwards): their tunnel
+// devices' UDP sockets are at their node addresses (10.251.i.2, the host
+// of --advertise).
+type tunnelFleet struct {
+	control, n1, n2 *chalktest.Node
+	c               *chalkcompute.Client
+}
+
+// startTunnelFleet starts it, node 1 attached to inet if not nil. On gVisor
+// it checks that tunnels are refused and skips the test.
+func startTunnelFleet(t *testing.T, inet *chalktest.FakeInternet) *tunnelFleet {
+	t.Helper()
+	f := &tunnelFleet{control: chalktest.StartControl(t)}
+	f.n1 = chalktest.StartFleetNodeWith(t, f.control, 1, inet)
+	f.n2 = chalktest.StartFleetNode(t, f.control, 2)
+	f.c = f.control.Client()
+	for i, n := range []*chalktest.Node{f.n1, f.n2} {
+		other := 2 - i
+		if out, err := exec.Command("ip", "-n", n.Netns, "route", "add", fmt.Sprintf("10.251.%d.0/30", other), "via", chalktest.ControlAddr(i+1)).CombinedOutput(); err != nil {
+			t.Fatalf("route between the nodes: %v %s", err, out)
+		}
+	}
+	waitNodesHealthy(t, f.control, "node1", "node2")
+	if onGVisor(f.n1) {
+		skipTunnelsOnGVisor(t, f.n1, f.c)
+	}
+	return f
+}
+
+// createOn places a sandbox on node n (the other is cordoned meanwhile).
+func (f *tunnelFleet) createOn(t *testing.T, n *chalktest.Node, opts ...chalkcompute.CreateOption) *chalkcompute.Sandbox {
+	t.Helper()
+	other := "node2"
+	if n == f.n2 {
+		other = "node1"
+	}
+	cli := func(args ...string) {
+		if _, errOut, code := f.control.CLI(args...); code != 0 {
+			t.Fatalf("chalk %v: %d %s", args, code, errOut)
+		}
+	}
+	cli("admin", "node", "cordon", other)
+	defer cli("admin", "node", "uncordon", other)
+	sb := create(t, f.c, opts...)
+	if _, err := os.Stat(filepath.Join(n.Dir, "sandboxes", sb.ID())); err != nil {
+		t.Fatalf("sandbox %s is not on %s", sb.ID(), n.Dir)
+	}
+	return sb
+}
+
+// TestFleetTunnelExternalPeer: an on-prem WireGuard peer in the fake
+// internet (wireguard-go configured from the wg-quick file the control
+// plane returns) reaches members on both nodes, each at its own node's
+// endpoint, and they reach it; removing the peer cuts it off on both.
+func TestFleetTunnelExternalPeer(t *testing.T) {
+	inet := chalktest.NewFakeInternet(t)
+	f := startTunnelFleet(t, inet)
+	ctx := ctxT(t, 5*time.Minute)
+	// The peer reaches node 1 on its uplink and node 2 through node 1 and
+	// the control plane; the replies find their way back.
+	for _, r := range [][]string{
+		{"-n", inet.Netns, "route", "add", "10.251.0.0/16", "via", "203.0.113.2"},
+		{"-n", f.control.Netns, "route", "add", "203.0.113.0/24", "via", "10.251.1.2"},
+		{"-n", f.n2.Netns, "route", "add", "203.0.113.0/24", "via", chalktest.ControlAddr(2)},
+	} {
+		if out, err := exec.Command("ip", r...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v %s", r, err, out)
+		}
+	}
+	a := f.createOn(t, f.n1, chalkcompute.WithTunnels("ext"))
+	b := f.createOn(t, f.n2, chalkcompute.WithTunnels("ext"))
+	for _, sb := range []*chalkcompute.Sandbox{a, b} {
+		withProbe(t, sb)
+	}
+	tun, err := f.c.Tunnel(ctx, "ext")
+	if err != nil || len(tun.Members) != 2 {
+		t.Fatalf("tunnel: %+v %v", tun, err)
+	}
+	addr := map[string]string{}
+	for _, mb := range tun.Members {
+		addr[mb.SandboxID] = mb.Address
+	}
+	peerAddr := netip.MustParsePrefix(tun.Subnet).Addr().As4()
+	peerAddr[3] = 200
+	peerIP := netip.AddrFrom4(peerAddr).String()
+	priv, err := tunnel.NewPrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := priv.PublicKey().String()
+	// A peer may not take a member's address, whichever node it is on.
+	if _, err := f.c.AddTunnelPeer(ctx, "ext", chalkcompute.TunnelPeer{PublicKey: pub, AllowedIPs: []string{addr[b.ID()] + "/32"}}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("a peer at b's address: %v, want InvalidArgument", err)
+	}
+	p, err := f.c.AddTunnelPeer(ctx, "ext", chalkcompute.TunnelPeer{PublicKey: pub, AllowedIPs: []string{peerIP + "/32"}, Endpoint: "203.0.113.1:51900"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"AllowedIPs = " + addr[a.ID()] + "/32\nEndpoint = 10.251.1.2:", "AllowedIPs = " + addr[b.ID()] + "/32\nEndpoint = 10.251.2.2:"} {
+		if !strings.Contains(p.Config, want) {
+			t.Fatalf("wg-quick config lacks %q:\n%s", want, p.Config)
+		}
+	}
+	cfg := filepath.Join(t.TempDir(), "wg-ext.conf")
+	if err := os.WriteFile(cfg, []byte(p.Config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	inNet := func(argv ...string) *exec.Cmd {
+		return exec.Command("ip", append([]string{"netns", "exec", inet.Netns}, argv...)...)
+	}
+	wg := inNet(testdataBin(t, "wgpeer"), "-key", priv.String(), cfg)
+	stdin, _ := wg.StdinPipe()
+	stdout, _ := wg.StdoutPipe()
+	var wgErr strings.Builder
+	wg.Stderr = &wgErr
+	if err := wg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = wg.Wait() })
+	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("wgpeer: %q %v %s", line, err, wgErr.String())
+	}
+	probe := testdataBin(t, "netprobe")
+	psrv := inNet(probe, "serve", "7001")
+	pout, _ := psrv.StdoutPipe()
+	if err := psrv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = psrv.Process.Kill(); _ = psrv.Wait() })
+	if line, err := bufio.NewReader(pout).ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("peer's server: %q %v", line, err)
+	}
+	go func() { _, _ = io.Copy(io.Discard, pout) }()
+	for _, sb := range []*chalkcompute.Sandbox{a, b} {
+		var served outputWatch
+		ready := served.until("ready")
+		if _, err := sb.Start(ctx, []string{"netprobe", "serve", "7000"}, chalkcompute.Stdout(&served), chalkcompute.Stderr(&served)); err != nil {
+			t.Fatal(err)
+		}
+		<-ready
+		if out, err := inNet(probe, "tcp", addr[sb.ID()]+":7000", "from-onprem").CombinedOutput(); err != nil || string(out) != "echo from-onprem\n" {
+			t.Fatalf("peer -> %s: %q %v", sb.ID(), out, err)
+		}
+		if out := mustExec(t, sb, "netprobe", "tcp", peerIP+":7001", "to-onprem"); out != "echo to-onprem\n" {
+			t.Fatalf("%s -> peer: %q", sb.ID(), out)
+		}
+	}
+	// Removing the peer cuts it off on both nodes.
+	if err := f.c.RemoveTunnelPeer(ctx, "ext", pub); err != nil {
+		t.Fatal(err)
+	}
+	for _, sb := range []*chalkcompute.Sandbox{a, b} {
+		if out, err := inNet(probe, "tcp-once", addr[sb.ID()]+":7000", "after-removal").CombinedOutput(); err == nil {
+			t.Fatalf("removed peer still reaches %s: %q", sb.ID(), out)
+		}
+		if res, err := sb.Exec(ctx, []string{"netprobe", "tcp-once", peerIP + ":7001", "after-removal"}); err != nil || res.Code == 0 {
+			t.Fatalf("%s still reaches the removed peer: %v %+v", sb.ID(), err, res)
+		}
 	}
 }
