@@ -26,10 +26,13 @@ import (
 // address and by <id>.<tunnel>.tunnel.internal; the metadata service on
 // either node lists the members of both; a sandbox outside the tunnel
 // neither resolves nor reaches them; a member cannot send from another
-// member's address; a member that ends is gone from the other node's view.
+// member's address; a member that ends is gone from the other node's view;
+// after a kill -9 and restart of the control plane the members keep their
+// addresses and a new member reaches them.
 func TestFleetTunnels(t *testing.T) {
 	f := startTunnelFleet(t, nil)
 	n1, n2, c, createOn := f.n1, f.n2, f.c, f.createOn
+	var err error
 	ctx := ctxT(t, 5*time.Minute)
 	a := createOn(t, n1, chalkcompute.WithTunnels("mesh"))
 	m := createOn(t, n1, chalkcompute.WithTunnels("mesh"))
@@ -153,6 +156,63 @@ func TestFleetTunnels(t *testing.T) {
 	}
 	if out := mustExec(t, b, "netprobe", "tcp", addr[a.ID()]+":7000", "still"); out != "echo still\n" {
 		t.Fatalf("TCP b -> a after m left: %q", out)
+	}
+
+	// kill -9 of the control plane: the tunnel devices live on the nodes,
+	// and the restarted control plane learns the membership back from
+	// them (Resumed), so the members keep their addresses and a new member
+	// gets a free one and reaches them both ways.
+	f.control.Kill()
+	f.control.Restart()
+	c = f.control.Client()
+	waitNodesHealthy(t, f.control, "node1", "node2")
+	if tun, err := c.Tunnel(ctx, "mesh"); err != nil || len(tun.Members) != 2 {
+		t.Fatalf("after a control-plane restart: %+v %v", tun, err)
+	} else {
+		for _, mb := range tun.Members {
+			if mb.Address != addr[mb.SandboxID] {
+				t.Fatalf("member %s has %s after a control-plane restart, had %s", mb.SandboxID, mb.Address, addr[mb.SandboxID])
+			}
+		}
+	}
+	for _, sb := range []**chalkcompute.Sandbox{&a, &b} {
+		if *sb, err = c.Sandbox(ctx, (*sb).ID()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nw := f.createOn(t, n2, chalkcompute.WithTunnels("mesh"))
+	tun, err = c.Tunnel(ctx, "mesh")
+	if err != nil || len(tun.Members) != 3 {
+		t.Fatalf("tunnel with a new member after the restart: %+v %v", tun, err)
+	}
+	for _, mb := range tun.Members {
+		if mb.SandboxID == nw.ID() {
+			addr[nw.ID()] = mb.Address
+		}
+	}
+	if addr[nw.ID()] == "" || addr[nw.ID()] == addr[a.ID()] || addr[nw.ID()] == addr[b.ID()] {
+		t.Fatalf("the new member's address %q is not free (a %s, b %s)", addr[nw.ID()], addr[a.ID()], addr[b.ID()])
+	}
+	withProbe(t, nw)
+	serve7001 := func(sb *chalkcompute.Sandbox) {
+		var w outputWatch
+		ready := w.until("ready")
+		if _, err := sb.Start(ctx, []string{"netprobe", "serve", "7001"}, chalkcompute.Stdout(&w), chalkcompute.Stderr(&w)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-ready:
+		case <-ctx.Done():
+			t.Fatalf("server in %s not ready: %q", sb.ID(), w.String())
+		}
+	}
+	serve7001(a)
+	serve7001(nw)
+	if out := mustExec(t, nw, "netprobe", "tcp", a.ID()+".mesh.tunnel.internal:7001", "new-to-a"); out != "echo new-to-a\n" {
+		t.Fatalf("TCP new member (node2) -> a (node1) after the restart: %q", out)
+	}
+	if out := mustExec(t, a, "netprobe", "tcp", addr[nw.ID()]+":7001", "a-to-new"); out != "echo a-to-new\n" {
+		t.Fatalf("TCP a (node1) -> new member (node2) after the restart: %q", out)
 	}
 }
 
