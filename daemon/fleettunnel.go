@@ -10,7 +10,9 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
+	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
@@ -38,6 +40,7 @@ import (
 // fleetMember is a tunnel member as the control plane knows it.
 type fleetMember struct {
 	node string
+	slot int           // its slot on its node (a rejoin names it)
 	m    tunnel.Member // Endpoint: its node's ip:port
 }
 
@@ -89,7 +92,8 @@ func (f *fleetTunnels) PeerConfig(t *store.Tunnel, p store.TunnelPeer) string {
 func (f *fleetTunnels) SetPeers(ctx context.Context, t *store.Tunnel) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.push(ctx, t)
+	_, err := f.push(ctx, t)
+	return err
 }
 
 // freeAddr is the lowest host address of subnet that no member of k and
@@ -136,22 +140,101 @@ func (f *fleetTunnels) views(k string) map[string][]tunnel.Remote {
 }
 
 // push sends tunnel t's view to every node holding one of its members
-// (mu held). A node that cannot be reached is reported; the others are
+// (mu held) and returns, by node, the members each runs. A node that
+// cannot be reached is reported (and absent from the map); the others are
 // configured.
-func (f *fleetTunnels) push(ctx context.Context, t *store.Tunnel) error {
+func (f *fleetTunnels) push(ctx context.Context, t *store.Tunnel) (map[string][]tunnel.Remote, error) {
 	peers, err := toPeers(t)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	k := key(t.OrgID, t.Name)
 	subnet := f.Subnet(t.Index)
+	runs := map[string][]tunnel.Remote{}
 	var errs []error
 	for n, remotes := range f.views(k) {
-		if err := f.router.TunnelSync(ctx, n, k, subnet, remotes, peers); err != nil {
+		here, err := f.router.TunnelSync(ctx, n, k, subnet, remotes, peers)
+		if err != nil {
 			errs = append(errs, fmt.Errorf("tunnel %s on node %s: %w", t.Name, n, err))
+			continue
 		}
+		runs[n] = here
 	}
-	return errors.Join(errs...)
+	return runs, errors.Join(errs...)
+}
+
+// RepairInterval is how often the control plane checks that every node
+// runs the tunnel members placed on it, with the view it was sent.
+const RepairInterval = 2 * time.Second
+
+// run repairs the tunnels every RepairInterval until ctx ends.
+func (f *fleetTunnels) run(ctx context.Context) {
+	t := time.NewTicker(RepairInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		f.repair(ctx)
+	}
+}
+
+// repair sends every tunnel's view again (a node that missed a push gets
+// it; an unchanged view changes nothing there) and joins again, at their
+// addresses, the members a node no longer runs: a node process that
+// restarted lost its devices (they lived in it), while its sandboxes run
+// on. Their new keys and endpoints then go to the other nodes.
+func (f *fleetTunnels) repair(ctx context.Context) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for k := range f.members {
+		org, name, _ := strings.Cut(k, "/")
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		if err := f.repairTunnel(cctx, org, name); err != nil && ctx.Err() == nil {
+			f.log.Warn("fleet: tunnel repair", "tunnel", k, "err", err)
+		}
+		cancel()
+	}
+}
+
+// repairTunnel repairs tunnel org/name (mu held).
+func (f *fleetTunnels) repairTunnel(ctx context.Context, org, name string) error {
+	t, err := f.st.GetTunnel(ctx, org, name)
+	if err != nil {
+		return err
+	}
+	k := key(org, name)
+	runs, err := f.push(ctx, t)
+	changed := false
+	for id, fm := range f.members[k] {
+		here, ok := runs[fm.node]
+		if !ok {
+			continue // not reachable now
+		}
+		i := slices.IndexFunc(here, func(r tunnel.Remote) bool { return r.SandboxID == id })
+		if i >= 0 && here[i].Addr == fm.m.Addr && here[i].PublicKey == fm.m.PublicKey && here[i].Endpoint == fm.m.Endpoint {
+			continue
+		}
+		_, mb, jerr := f.router.TunnelJoin(ctx, id, fm.slot, k, fm.m.Interface, f.Subnet(t.Index), fm.m.Addr)
+		if jerr != nil {
+			err = errors.Join(err, fmt.Errorf("sandbox %s: join again on node %s: %w", id, fm.node, jerr))
+			continue
+		}
+		if mb.Addr != fm.m.Addr {
+			err = errors.Join(err, fmt.Errorf("sandbox %s: node %s has it at %s, not %s: %w", id, fm.node, mb.Addr, fm.m.Addr, errdefs.ErrFailedPrecondition))
+			continue
+		}
+		f.log.Info("fleet: tunnel member joined again on its node", "tunnel", k, "sandbox", id, "node", fm.node, "address", mb.Addr)
+		fm.m = mb
+		changed = true
+	}
+	if changed {
+		_, perr := f.push(ctx, t)
+		err = errors.Join(err, perr)
+	}
+	return err
 }
 
 // started is the Started hook: the sandbox joins its tunnels on its node,
@@ -196,8 +279,8 @@ func (f *fleetTunnels) join(ctx context.Context, sb *store.Sandbox) error {
 		if f.members[k] == nil {
 			f.members[k] = map[string]*fleetMember{}
 		}
-		f.members[k][sb.ID] = &fleetMember{node: nodeID, m: mb}
-		if err := f.push(ctx, t); err != nil {
+		f.members[k][sb.ID] = &fleetMember{node: nodeID, slot: sb.Slot, m: mb}
+		if _, err := f.push(ctx, t); err != nil {
 			return err
 		}
 	}
@@ -239,7 +322,7 @@ func (f *fleetTunnels) leave(ctx context.Context, sb *store.Sandbox) {
 			f.log.Warn("fleet: tunnel view after a member left", "tunnel", name, "sandbox", sb.ID, "err", err)
 			continue
 		}
-		if err := f.push(ctx, t); err != nil {
+		if _, err := f.push(ctx, t); err != nil {
 			f.log.Warn("fleet: tunnel view after a member left", "tunnel", name, "sandbox", sb.ID, "err", err)
 		}
 	}
@@ -274,8 +357,13 @@ func (n nodeTunnels) Join(_ context.Context, id string, slot int, k, ifname stri
 		return tunnel.Member{}, fmt.Errorf("sandbox %s: tunnels are not available on this node: it runs sandboxes on gVisor (chalkd --runtime runsc), whose network stack cannot use the tunnel's device: %w", id, errdefs.ErrFailedPrecondition)
 	}
 	// The device goes into the slot's namespace: only the slot this node
-	// gave that sandbox.
-	if got, ok := n.d.Agent.Slots().Of(id); !ok || got != slot {
+	// gave that sandbox (before a restarted node process is restored: the
+	// slot kept with its egress policies).
+	got, ok := n.d.Agent.Slots().Of(id)
+	if !ok {
+		got, ok = nodeEgress{n.d}.keptSlots()[id]
+	}
+	if !ok || got != slot {
 		return tunnel.Member{}, fmt.Errorf("sandbox %q: slot %d is not its slot on this node: %w", id, slot, errdefs.ErrFailedPrecondition)
 	}
 	for _, mb := range n.d.Tunnels.Of(id) {
@@ -298,14 +386,15 @@ func (n nodeTunnels) Join(_ context.Context, id string, slot int, k, ifname stri
 
 func (n nodeTunnels) Leave(id string) { n.d.Tunnels.Leave(id) }
 
-func (n nodeTunnels) Sync(k string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) error {
-	if _, ok := n.d.Tunnels.Subnet(k); !ok {
-		return nil // no member here (any more): nothing to configure
+func (n nodeTunnels) Sync(k string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) ([]tunnel.Member, error) {
+	if err := n.d.Tunnels.SetView(k, subnet, remotes, peers); err != nil {
+		return nil, err
 	}
-	if err := n.d.Tunnels.SetRemote(k, subnet, remotes); err != nil {
-		return err
+	here := n.d.Tunnels.Members(k)
+	for i := range here {
+		here[i].Endpoint = net.JoinHostPort(n.host, strconv.Itoa(here[i].Port))
 	}
-	return n.d.Tunnels.SetPeers(k, peers)
+	return here, nil
 }
 
 // nodeTunnelHost is the address a node's tunnel devices are reached at by

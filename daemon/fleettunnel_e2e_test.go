@@ -28,7 +28,9 @@ import (
 // neither resolves nor reaches them; a member cannot send from another
 // member's address; a member that ends is gone from the other node's view;
 // after a kill -9 and restart of the control plane the members keep their
-// addresses and a new member reaches them.
+// addresses and a new member reaches them; after a kill -9 and restart of
+// a node's process its members are joined again (new keys, same
+// addresses) and reach the other node's.
 func TestFleetTunnels(t *testing.T) {
 	f := startTunnelFleet(t, nil)
 	n1, n2, c, createOn := f.n1, f.n2, f.c, f.createOn
@@ -214,6 +216,67 @@ func TestFleetTunnels(t *testing.T) {
 	if out := mustExec(t, a, "netprobe", "tcp", addr[nw.ID()]+":7001", "a-to-new"); out != "echo a-to-new\n" {
 		t.Fatalf("TCP a (node1) -> new member (node2) after the restart: %q", out)
 	}
+
+	// kill -9 and restart of node 2's process: its members' devices went
+	// with it (their sandboxes run on); the control plane joins them again
+	// there at their addresses, with new keys, and tells node 1.
+	pubBefore := map[string]string{}
+	for _, mb := range tun.Members {
+		pubBefore[mb.SandboxID] = mb.PublicKey
+	}
+	n2.Kill()
+	n2.Restart()
+	for _, sb := range []**chalkcompute.Sandbox{&b, &nw} {
+		if *sb, err = c.Sandbox(ctx, (*sb).ID()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		tun, err = c.Tunnel(ctx, "mesh")
+		if err != nil {
+			t.Fatal(err)
+		}
+		rejoined := 0
+		for _, mb := range tun.Members {
+			if (mb.SandboxID == b.ID() || mb.SandboxID == nw.ID()) && mb.PublicKey != pubBefore[mb.SandboxID] {
+				rejoined++
+				if mb.Address != addr[mb.SandboxID] {
+					t.Fatalf("member %s rejoined at %s, had %s", mb.SandboxID, mb.Address, addr[mb.SandboxID])
+				}
+			}
+		}
+		if rejoined == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node 2's members not joined again after its restart: %+v", tun.Members)
+		}
+		time.Sleep(200 * time.Millisecond) // polling the control plane's repair of node 2
+	}
+	if out := mustExec(t, nw, "ip", "-4", "-o", "addr", "show", "wg0"); !strings.Contains(out, addr[nw.ID()]+"/24") {
+		t.Fatalf("wg0 in the new member after its node restarted: %q, want %s/24", out, addr[nw.ID()])
+	}
+	serve7002 := func(sb *chalkcompute.Sandbox) {
+		var w outputWatch
+		ready := w.until("ready")
+		if _, err := sb.Start(ctx, []string{"netprobe", "serve", "7002"}, chalkcompute.Stdout(&w), chalkcompute.Stderr(&w)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-ready:
+		case <-ctx.Done():
+			t.Fatalf("server in %s not ready: %q", sb.ID(), w.String())
+		}
+	}
+	serve7002(a)
+	serve7002(b)
+	if out := mustExec(t, b, "netprobe", "tcp", a.ID()+".mesh.tunnel.internal:7002", "b-to-a-after-node-restart"); out != "echo b-to-a-after-node-restart\n" {
+		t.Fatalf("TCP b -> a after node 2 restarted: %q", out)
+	}
+	if out := mustExec(t, a, "netprobe", "tcp", addr[b.ID()]+":7002", "a-to-b-after-node-restart"); out != "echo a-to-b-after-node-restart\n" {
+		t.Fatalf("TCP a -> b after node 2 restarted: %q", out)
+	}
 }
 
 // waitNodesHealthy polls the control plane until the named nodes heartbeat.
@@ -260,7 +323,9 @@ type tunnelFleet struct {
 // it checks that tunnels are refused and skips the test.
 func startTunnelFleet(t *testing.T, inet *chalktest.FakeInternet) *tunnelFleet {
 	t.Helper()
-	f := &tunnelFleet{control: chalktest.StartControl(t)}
+	// A node process restarted by a test stays healthy meanwhile (its
+	// sandboxes are not lost).
+	f := &tunnelFleet{control: chalktest.StartControl(t, "--node-timeout", "2m")}
 	f.n1 = chalktest.StartFleetNodeWith(t, f.control, 1, inet)
 	f.n2 = chalktest.StartFleetNode(t, f.control, 2)
 	f.c = f.control.Client()

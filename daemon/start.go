@@ -294,6 +294,7 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		// Tunnel members run on their nodes; the membership is kept here
 		// (daemon/fleettunnel.go).
 		d.ftun = newFleetTunnels(d.tun, d.router, d.Store, d.log.With("component", "fleet"))
+		go d.ftun.run(ctx)
 		acfg.Tunnels = d.ftun
 		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = &fleetPolicies{router: d.router}, d.fleetHooks(), d.router, fleetImages{d.im, d.Registry}
 		// Snapshots are refused in fleet mode: keeping stopped sandboxes'

@@ -28,8 +28,8 @@ type Tunnels interface {
 	// Leave takes sandbox id out of every tunnel here.
 	Leave(id string)
 	// Sync replaces tunnel key's members on other nodes and its external
-	// peers.
-	Sync(key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) error
+	// peers, and returns its members here (Endpoint set).
+	Sync(key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) ([]tunnel.Member, error)
 }
 
 // WithTunnels makes the server run tunnel members with t; Teardown and
@@ -115,10 +115,15 @@ func (s *Server) TunnelSync(_ context.Context, req *connect.Request[nodev1.Tunne
 	if err != nil {
 		return nil, err
 	}
-	if err := s.tunnels.Sync(m.Tunnel, subnet, remotes, peers); err != nil {
+	here, err := s.tunnels.Sync(m.Tunnel, subnet, remotes, peers)
+	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&nodev1.TunnelSyncResponse{}), nil
+	res := &nodev1.TunnelSyncResponse{}
+	for _, mb := range here {
+		res.Members = append(res.Members, &nodev1.TunnelRemote{SandboxId: mb.SandboxID, Address: mb.Addr.String(), PublicKey: mb.PublicKey.String(), Endpoint: mb.Endpoint})
+	}
+	return connect.NewResponse(res), nil
 }
 
 func tunnelViewFromProto(m *nodev1.TunnelSyncRequest) ([]tunnel.Remote, []tunnel.Peer, error) {
@@ -186,8 +191,9 @@ func (c *Client) TunnelLeave(ctx context.Context, id string) error {
 	return wire(err)
 }
 
-// TunnelSync sets tunnel key's view on the node (see Tunnels.Sync).
-func (c *Client) TunnelSync(ctx context.Context, key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) error {
+// TunnelSync sets tunnel key's view on the node and returns the members it
+// runs (see Tunnels.Sync).
+func (c *Client) TunnelSync(ctx context.Context, key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) ([]tunnel.Remote, error) {
 	m := &nodev1.TunnelSyncRequest{Tunnel: key, Subnet: subnet.String()}
 	for _, r := range remotes {
 		m.Remotes = append(m.Remotes, &nodev1.TunnelRemote{SandboxId: r.SandboxID, Address: r.Addr.String(), PublicKey: r.PublicKey.String(), Endpoint: r.Endpoint})
@@ -199,15 +205,22 @@ func (c *Client) TunnelSync(ctx context.Context, key string, subnet netip.Prefix
 		}
 		m.Peers = append(m.Peers, tp)
 	}
-	_, err := c.rpc.TunnelSync(ctx, connect.NewRequest(m))
-	return wire(err)
+	res, err := c.rpc.TunnelSync(ctx, connect.NewRequest(m))
+	if err != nil {
+		return nil, wire(err)
+	}
+	here, _, err := tunnelViewFromProto(&nodev1.TunnelSyncRequest{Remotes: res.Msg.Members})
+	if err != nil {
+		return nil, fmt.Errorf("node's answer: %w", err)
+	}
+	return here, nil
 }
 
 // tunnelNode is a node that runs tunnel members (a *Client).
 type tunnelNode interface {
 	TunnelJoin(ctx context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (tunnel.Member, error)
 	TunnelLeave(ctx context.Context, id string) error
-	TunnelSync(ctx context.Context, key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) error
+	TunnelSync(ctx context.Context, key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) ([]tunnel.Remote, error)
 }
 
 func (r *Router) tunnelNodeOf(id string) (tunnelNode, string, error) {
@@ -242,17 +255,18 @@ func (r *Router) TunnelLeave(ctx context.Context, id string) error {
 	return tn.TunnelLeave(ctx, id)
 }
 
-// TunnelSync sets tunnel key's view on node nodeID.
-func (r *Router) TunnelSync(ctx context.Context, nodeID, key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) error {
+// TunnelSync sets tunnel key's view on node nodeID and returns the members
+// the node runs.
+func (r *Router) TunnelSync(ctx context.Context, nodeID, key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) ([]tunnel.Remote, error) {
 	r.mu.Lock()
 	m := r.members[nodeID]
 	r.mu.Unlock()
 	if m == nil || !m.healthy {
-		return fmt.Errorf("node %s: %w", nodeID, errdefs.ErrUnavailable)
+		return nil, fmt.Errorf("node %s: %w", nodeID, errdefs.ErrUnavailable)
 	}
 	tn, ok := m.client.(tunnelNode)
 	if !ok {
-		return fmt.Errorf("node %s runs no tunnels: %w", nodeID, errdefs.ErrFailedPrecondition)
+		return nil, fmt.Errorf("node %s runs no tunnels: %w", nodeID, errdefs.ErrFailedPrecondition)
 	}
 	return tn.TunnelSync(ctx, key, subnet, remotes, peers)
 }

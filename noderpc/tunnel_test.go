@@ -25,7 +25,7 @@ func (t fakeTunnels) Join(_ context.Context, id string, slot int, key, ifname st
 	return tunnel.Member{Addr: addr, PublicKey: t.key, Endpoint: "10.251.1.2:40000"}, nil
 }
 func (t fakeTunnels) Leave(id string) { t.f.call("tunnels.Leave " + id) }
-func (t fakeTunnels) Sync(key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) error {
+func (t fakeTunnels) Sync(key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) ([]tunnel.Member, error) {
 	var rs, ps []string
 	for _, r := range remotes {
 		rs = append(rs, fmt.Sprintf("%s@%s=%s,%s", r.SandboxID, r.Addr, r.PublicKey, r.Endpoint))
@@ -34,7 +34,7 @@ func (t fakeTunnels) Sync(key string, subnet netip.Prefix, remotes []tunnel.Remo
 		ps = append(ps, fmt.Sprintf("%s:%v:%s", p.PublicKey, p.AllowedIPs, p.Endpoint))
 	}
 	t.f.call(fmt.Sprintf("tunnels.Sync %s %s [%s] [%s]", key, subnet, strings.Join(rs, " "), strings.Join(ps, " ")))
-	return nil
+	return []tunnel.Member{{SandboxID: "sb", Addr: netip.MustParseAddr("100.96.3.7"), PublicKey: t.key, Endpoint: "10.251.1.2:40000"}}, nil
 }
 
 // TestTunnelsOnTheNode: TunnelJoin, TunnelSync and TunnelLeave cross the
@@ -72,13 +72,16 @@ func TestTunnelsOnTheNode(t *testing.T) {
 			return err
 		},
 		"remote endpoint a name": func() error {
-			return c.TunnelSync(ctx, "org/t", subnet, []tunnel.Remote{{SandboxID: "r", Addr: addr, PublicKey: pub, Endpoint: "node2:51820"}}, nil)
+			_, err := c.TunnelSync(ctx, "org/t", subnet, []tunnel.Remote{{SandboxID: "r", Addr: addr, PublicKey: pub, Endpoint: "node2:51820"}}, nil)
+			return err
 		},
 		"peer default route": func() error {
-			return c.TunnelSync(ctx, "org/t", subnet, nil, []tunnel.Peer{{PublicKey: pub, AllowedIPs: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}}})
+			_, err := c.TunnelSync(ctx, "org/t", subnet, nil, []tunnel.Peer{{PublicKey: pub, AllowedIPs: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}}})
+			return err
 		},
 		"too many remotes": func() error {
-			return c.TunnelSync(ctx, "org/t", subnet, make([]tunnel.Remote, maxTunnelRemotes+1), nil)
+			_, err := c.TunnelSync(ctx, "org/t", subnet, make([]tunnel.Remote, maxTunnelRemotes+1), nil)
+			return err
 		},
 	} {
 		if err := bad(); !errors.Is(err, errdefs.ErrInvalidArgument) {
@@ -87,8 +90,9 @@ func TestTunnelsOnTheNode(t *testing.T) {
 	}
 	r := tunnel.Remote{SandboxID: "r", Addr: netip.MustParseAddr("100.96.3.8"), PublicKey: pub, Endpoint: "10.251.2.2:40001"}
 	p := tunnel.Peer{PublicKey: pub, AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}, Endpoint: "203.0.113.5:51820"}
-	if err := c.TunnelSync(ctx, "org/t", subnet, []tunnel.Remote{r}, []tunnel.Peer{p}); err != nil {
-		t.Fatal(err)
+	here, err := c.TunnelSync(ctx, "org/t", subnet, []tunnel.Remote{r}, []tunnel.Peer{p})
+	if err != nil || len(here) != 1 || here[0] != (tunnel.Remote{SandboxID: "sb", Addr: addr, PublicKey: pub, Endpoint: "10.251.1.2:40000"}) {
+		t.Fatalf("TunnelSync = %+v, %v; want the node's member sb", here, err)
 	}
 	if _, err := c.Teardown("sb", 3, node.KeepUpper{}); err != nil {
 		t.Fatal(err)

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -56,16 +57,16 @@ func TestRemoteMembers(t *testing.T) {
 	remote := func(mb Member) Remote {
 		return Remote{SandboxID: mb.SandboxID, Addr: mb.Addr, PublicKey: mb.PublicKey, Endpoint: "127.0.0.1:" + strconv.Itoa(mb.Port)}
 	}
-	if err := n1.SetRemote("org/t", subnet, []Remote{{SandboxID: "b", Addr: c.Addr, PublicKey: b.PublicKey, Endpoint: "127.0.0.1:1"}}); !errors.Is(err, errdefs.ErrAlreadyExists) {
+	if err := n1.SetView("org/t", subnet, []Remote{{SandboxID: "b", Addr: c.Addr, PublicKey: b.PublicKey, Endpoint: "127.0.0.1:1"}}, nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Fatalf("a remote at a local member's address: %v, want AlreadyExists", err)
 	}
-	if err := n1.SetRemote("org/t", subnet, []Remote{{SandboxID: "b", Addr: b.Addr, PublicKey: b.PublicKey, Endpoint: "node2:1"}}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+	if err := n1.SetView("org/t", subnet, []Remote{{SandboxID: "b", Addr: b.Addr, PublicKey: b.PublicKey, Endpoint: "node2:1"}}, nil); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Fatalf("a remote endpoint that is no ip:port: %v, want InvalidArgument", err)
 	}
-	if err := n1.SetRemote("org/t", subnet, []Remote{remote(b)}); err != nil {
+	if err := n1.SetView("org/t", subnet, []Remote{remote(b)}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := n2.SetRemote("org/t", subnet, []Remote{remote(a), remote(c)}); err != nil {
+	if err := n2.SetView("org/t", subnet, []Remote{remote(a), remote(c)}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if all := n1.All("org/t"); len(all) != 3 || all[1].SandboxID != "b" || all[1].Endpoint == "" || all[0].Endpoint != "" {
@@ -103,6 +104,37 @@ func TestRemoteMembers(t *testing.T) {
 	tcp(nsA, nsB, b)
 	tcp(nsB, nsA, a)
 
+	// The same view again leaves the devices' sessions as they are (a
+	// replaced peer would lose its handshake and the packets meanwhile).
+	handshake := func() string {
+		t.Helper()
+		n1.mu.Lock()
+		cfg, err := n1.members["org/t"]["a"].dev.IpcGet()
+		n1.mu.Unlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, peer, _ := strings.Cut(cfg, "public_key="+b.PublicKey.hex()+"\n")
+		peer, _, _ = strings.Cut(peer, "public_key=")
+		var sec, nsec string
+		for _, l := range strings.Split(peer, "\n") {
+			if v, ok := strings.CutPrefix(l, "last_handshake_time_sec="); ok {
+				sec = v
+			}
+			if v, ok := strings.CutPrefix(l, "last_handshake_time_nsec="); ok {
+				nsec = v
+			}
+		}
+		return sec + "." + nsec
+	}
+	before := handshake()
+	if err := n1.SetView("org/t", subnet, []Remote{remote(b)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if after := handshake(); after != before || strings.HasPrefix(before, "0.") || before == "." {
+		t.Fatalf("a's session with b: handshake %q before an unchanged view, %q after", before, after)
+	}
+
 	// a claims c's address toward b: b's device knows that address as c's
 	// (its peer's AllowedIPs) and drops it; a's own address arrives.
 	var pc net.PacketConn
@@ -138,14 +170,14 @@ func TestRemoteMembers(t *testing.T) {
 
 	// b leaves node 2; node 1 is told: it lists a and c only.
 	n2.Leave("b")
-	if err := n1.SetRemote("org/t", subnet, nil); err != nil {
+	if err := n1.SetView("org/t", subnet, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	if all := n1.All("org/t"); len(all) != 2 || all[0].SandboxID != "a" || all[1].SandboxID != "c" {
 		t.Fatalf("node 1 sees %+v after b left, want a and c", all)
 	}
 	// Remotes for a tunnel with no member here are not kept.
-	if err := n2.SetRemote("org/t", subnet, []Remote{remote(a)}); err != nil {
+	if err := n2.SetView("org/t", subnet, []Remote{remote(a)}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if all := n2.All("org/t"); len(all) != 0 {

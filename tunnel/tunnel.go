@@ -19,7 +19,7 @@
 // Peer lists are updated synchronously when a member joins or leaves.
 //
 // In a fleet, each node's Manager holds the members placed on it; the
-// control plane tells it the members on other nodes (SetRemote), and each
+// control plane tells it the members on other nodes (SetView), and each
 // member here peers with those directly at their node's UDP endpoint, under
 // the same AllowedIPs rule.
 //
@@ -306,12 +306,15 @@ func (m *Manager) SetPeers(key string, peers []Peer) error {
 	return m.syncLocked(key)
 }
 
-// SetRemote replaces the members of tunnel key placed on other nodes (with
-// their subnet, which must be the local members' if there are any): every
-// member here peers with each of them at its endpoint. A remote with a
-// local member's address or an unparsable endpoint is refused, and the
-// previous set is kept.
-func (m *Manager) SetRemote(key string, subnet netip.Prefix, remotes []Remote) error {
+// SetView replaces, for tunnel key (with subnet, which must be its local
+// members'), the members placed on other nodes and the external peers:
+// every member here peers with each of them (remote members at their
+// endpoint, AllowedIPs their address). A remote with a local member's
+// address or an endpoint that is not ip:port is refused, and the previous
+// view is kept. A view equal to the current one changes nothing (the
+// devices keep their sessions), and one for a tunnel with no member here is
+// not kept.
+func (m *Manager) SetView(key string, subnet netip.Prefix, remotes []Remote, peers []Peer) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	old, ok := m.subnets[key]
@@ -339,10 +342,28 @@ func (m *Manager) SetRemote(key string, subnet netip.Prefix, remotes []Remote) e
 			return fmt.Errorf("tunnel %s: remote member %s: endpoint %q: want ip:port: %w", key, r.SandboxID, r.Endpoint, errdefs.ErrInvalidArgument)
 		}
 	}
+	samePeers := slices.EqualFunc(m.peers[key], peers, func(a, b Peer) bool {
+		return a.PublicKey == b.PublicKey && a.Endpoint == b.Endpoint && slices.Equal(a.AllowedIPs, b.AllowedIPs)
+	})
+	if samePeers && slices.Equal(m.remotes[key], remotes) {
+		return nil
+	}
 	if len(remotes) == 0 {
 		delete(m.remotes, key)
 	} else {
 		m.remotes[key] = slices.Clone(remotes)
+	}
+	if !samePeers {
+		if len(peers) == 0 {
+			delete(m.peers, key)
+		} else {
+			m.peers[key] = slices.Clone(peers)
+		}
+		for _, mb := range m.members[key] {
+			if err := mb.routes(m.routesLocked(key)); err != nil {
+				return err
+			}
+		}
 	}
 	return m.syncLocked(key)
 }

@@ -176,7 +176,8 @@ type NodeServiceClient interface {
 	// TunnelLeave takes a sandbox out of every tunnel on the node.
 	TunnelLeave(context.Context, *connect.Request[v1.TunnelLeaveRequest]) (*connect.Response[v1.TunnelLeaveResponse], error)
 	// TunnelSync sets a tunnel's view from the node: its members on other
-	// nodes and its external peers (replacing the previous view).
+	// nodes and its external peers (replacing the previous view; the same
+	// view again changes nothing), and returns the members the node runs.
 	TunnelSync(context.Context, *connect.Request[v1.TunnelSyncRequest]) (*connect.Response[v1.TunnelSyncResponse], error)
 }
 
@@ -611,7 +612,8 @@ type NodeServiceHandler interface {
 	// TunnelLeave takes a sandbox out of every tunnel on the node.
 	TunnelLeave(context.Context, *connect.Request[v1.TunnelLeaveRequest]) (*connect.Response[v1.TunnelLeaveResponse], error)
 	// TunnelSync sets a tunnel's view from the node: its members on other
-	// nodes and its external peers (replacing the previous view).
+	// nodes and its external peers (replacing the previous view; the same
+	// view again changes nothing), and returns the members the node runs.
 	TunnelSync(context.Context, *connect.Request[v1.TunnelSyncRequest]) (*connect.Response[v1.TunnelSyncResponse], error)
 }
 
