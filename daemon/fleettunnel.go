@@ -44,10 +44,19 @@ type fleetMember struct {
 	m    tunnel.Member // Endpoint: its node's ip:port
 }
 
+// tunnelRouter reaches the nodes' tunnel devices (a *noderpc.Router).
+type tunnelRouter interface {
+	TunnelJoin(ctx context.Context, id string, slot int, key, ifname string, subnet netip.Prefix, addr netip.Addr) (string, tunnel.Member, error)
+	TunnelLeave(ctx context.Context, id string) error
+	TunnelSync(ctx context.Context, nodeID, key string, subnet netip.Prefix, remotes []tunnel.Remote, peers []tunnel.Peer) ([]tunnel.Remote, error)
+}
+
+var _ tunnelRouter = (*noderpc.Router)(nil)
+
 // fleetTunnels is the control plane's api.TunnelBackend.
 type fleetTunnels struct {
 	*tunnels // MaxTunnels, Subnet, peer validation and configs
-	router   *noderpc.Router
+	router   tunnelRouter
 	st       *store.Store
 	log      *slog.Logger
 
@@ -57,7 +66,7 @@ type fleetTunnels struct {
 	members map[string]map[string]*fleetMember // tunnel key -> sandbox id
 }
 
-func newFleetTunnels(base *tunnels, router *noderpc.Router, st *store.Store, log *slog.Logger) *fleetTunnels {
+func newFleetTunnels(base *tunnels, router tunnelRouter, st *store.Store, log *slog.Logger) *fleetTunnels {
 	return &fleetTunnels{tunnels: base, router: router, st: st, log: log, members: map[string]map[string]*fleetMember{}}
 }
 
@@ -280,8 +289,14 @@ func (f *fleetTunnels) join(ctx context.Context, sb *store.Sandbox) error {
 			f.members[k] = map[string]*fleetMember{}
 		}
 		f.members[k][sb.ID] = &fleetMember{node: nodeID, slot: sb.Slot, m: mb}
-		if _, err := f.push(ctx, t); err != nil {
+		// The sandbox's own node must take the view; another node that
+		// does not answer now (lost, restarting) gets it from the repair.
+		runs, err := f.push(ctx, t)
+		if _, ok := runs[nodeID]; !ok {
 			return err
+		}
+		if err != nil {
+			f.log.Warn("fleet: tunnel view not taken by every node (the repair sends it again)", "tunnel", name, "sandbox", sb.ID, "err", err)
 		}
 	}
 	return nil

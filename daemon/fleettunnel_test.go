@@ -1,12 +1,17 @@
 package daemon
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"log/slog"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"testing"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/store"
 	"github.com/chalkcompute/chalkcompute/tunnel"
 )
@@ -21,7 +26,7 @@ func TestFleetTunnelViews(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := newFleetTunnels(base, nil, nil, nil)
+	f := newFleetTunnels(base, nil, nil, slog.New(slog.DiscardHandler))
 	subnet := base.Subnet(0)
 	mk := func(k, id, node, addr, ep string) {
 		priv, _ := tunnel.NewPrivateKey()
@@ -73,5 +78,167 @@ func TestFleetTunnelViews(t *testing.T) {
 	}
 	if _, err := f.freeAddr("o/full", subnet, nil); !errors.Is(err, errdefs.ErrResourceExhausted) {
 		t.Errorf("a full tunnel: %v, want ResourceExhausted", err)
+	}
+}
+
+// fakeTunnelRouter is the nodes as fleetTunnels reaches them: which
+// members each runs, the last view each was sent, and nodes that are down.
+type fakeTunnelRouter struct {
+	placed map[string]string                              // sandbox -> node
+	runs   map[string]map[string]map[string]tunnel.Member // node -> key -> sandbox
+	views  map[string]map[string][]tunnel.Remote          // node -> key -> last view
+	down   map[string]bool
+	joins  int
+	port   int
+}
+
+func newFakeTunnelRouter() *fakeTunnelRouter {
+	return &fakeTunnelRouter{placed: map[string]string{}, runs: map[string]map[string]map[string]tunnel.Member{},
+		views: map[string]map[string][]tunnel.Remote{}, down: map[string]bool{}, port: 40000}
+}
+
+func (r *fakeTunnelRouter) TunnelJoin(_ context.Context, id string, slot int, k, ifname string, subnet netip.Prefix, addr netip.Addr) (string, tunnel.Member, error) {
+	n := r.placed[id]
+	if r.down[n] {
+		return n, tunnel.Member{}, fmt.Errorf("node %s: %w", n, errdefs.ErrUnavailable)
+	}
+	if mb, ok := r.runs[n][k][id]; ok {
+		return n, mb, nil
+	}
+	priv, _ := tunnel.NewPrivateKey()
+	r.joins++
+	r.port++
+	mb := tunnel.Member{Tunnel: k, SandboxID: id, Interface: ifname, Addr: addr, PublicKey: priv.PublicKey(), Endpoint: fmt.Sprintf("%s:%d", n, r.port)}
+	if r.runs[n] == nil {
+		r.runs[n] = map[string]map[string]tunnel.Member{}
+	}
+	if r.runs[n][k] == nil {
+		r.runs[n][k] = map[string]tunnel.Member{}
+	}
+	r.runs[n][k][id] = mb
+	return n, mb, nil
+}
+
+func (r *fakeTunnelRouter) TunnelLeave(_ context.Context, id string) error {
+	for _, ks := range r.runs[r.placed[id]] {
+		delete(ks, id)
+	}
+	return nil
+}
+
+func (r *fakeTunnelRouter) TunnelSync(_ context.Context, n, k string, _ netip.Prefix, remotes []tunnel.Remote, _ []tunnel.Peer) ([]tunnel.Remote, error) {
+	if r.down[n] {
+		return nil, fmt.Errorf("node %s: %w", n, errdefs.ErrUnavailable)
+	}
+	if r.views[n] == nil {
+		r.views[n] = map[string][]tunnel.Remote{}
+	}
+	r.views[n][k] = remotes
+	var out []tunnel.Remote
+	for _, mb := range r.runs[n][k] {
+		out = append(out, tunnel.Remote{SandboxID: mb.SandboxID, Addr: mb.Addr, PublicKey: mb.PublicKey, Endpoint: mb.Endpoint})
+	}
+	return out, nil
+}
+
+// TestFleetTunnelMembership drives the control plane's tunnel membership
+// against fake nodes and a real store: joins push every node holding a
+// member its view; a node that does not answer fails only the joins of
+// its own sandboxes (the repair catches it up); a node that lost its
+// devices (process restart) gets its members joined again at their
+// addresses, and the other nodes learn their new keys; an unchanged
+// fleet makes the repair join nothing; a member that ends leaves every
+// view.
+func TestFleetTunnelMembership(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "chalk.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	tun, _, err := st.EnsureTunnel(ctx, "o", "mesh", 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, err := newTunnels(nil, nil, st, DefaultTunnelSubnets, "192.0.2.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := newFakeTunnelRouter()
+	f := newFleetTunnels(base, r, st, slog.New(slog.DiscardHandler))
+	const k = "o/mesh"
+	sb := func(id, node string) *store.Sandbox {
+		r.placed[id] = node
+		return &store.Sandbox{ID: id, OrgID: "o", Slot: 2, Tunnels: []string{"mesh"}}
+	}
+	view := func(n string) []string {
+		var out []string
+		for _, rm := range r.views[n][k] {
+			out = append(out, rm.SandboxID+"="+rm.Addr.String())
+		}
+		return out
+	}
+	a, b, c := sb("a", "n1"), sb("b", "n2"), sb("c", "n1")
+	for _, s := range []*store.Sandbox{a, b} {
+		if err := f.started(ctx, s, node.Started{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	subnet := base.Subnet(tun.Index)
+	addrA, addrB := subnet.Addr().Next(), subnet.Addr().Next().Next()
+	if got := view("n1"); !slices.Equal(got, []string{"b=" + addrB.String()}) {
+		t.Fatalf("n1's view: %v", got)
+	}
+	if got := view("n2"); !slices.Equal(got, []string{"a=" + addrA.String()}) {
+		t.Fatalf("n2's view: %v", got)
+	}
+
+	// n2 does not answer: c (on n1) joins all the same.
+	r.down["n2"] = true
+	if err := f.started(ctx, c, node.Started{}); err != nil {
+		t.Fatalf("a join while another node is down: %v", err)
+	}
+	// d is on n2: its join fails, and it is no member.
+	if err := f.started(ctx, sb("d", "n2"), node.Started{}); !errdefs.Is(err, errdefs.ErrUnavailable) {
+		t.Fatalf("a join on a node that is down: %v, want Unavailable", err)
+	}
+	if ms := f.Members(tun); len(ms) != 3 {
+		t.Fatalf("members %v, want a, b, c", ms)
+	}
+
+	// n2 returns after a process restart: its devices are gone.
+	r.down["n2"] = false
+	oldB := f.members[k]["b"].m.PublicKey
+	r.runs["n2"] = nil
+	joins := r.joins
+	f.repair(ctx)
+	if r.joins != joins+1 {
+		t.Fatalf("repair joined %d members, want b again", r.joins-joins)
+	}
+	newB := r.runs["n2"][k]["b"]
+	if newB.Addr != addrB || newB.PublicKey == oldB || f.members[k]["b"].m.PublicKey != newB.PublicKey {
+		t.Fatalf("b rejoined as %+v (recorded %+v), want its address %s and a new key", newB, f.members[k]["b"].m, addrB)
+	}
+	if got := r.views["n1"][k]; len(got) != 1 || got[0].PublicKey != newB.PublicKey {
+		t.Fatalf("n1 was not told b's new key: %+v", got)
+	}
+	if got := view("n2"); len(got) != 2 {
+		t.Fatalf("n2's view after the repair: %v, want a and c", got)
+	}
+	f.repair(ctx)
+	if r.joins != joins+1 {
+		t.Fatalf("a repair of an unchanged fleet joined %d members", r.joins-joins-1)
+	}
+
+	// b ends: n1 forgets it, and n2 (no member left) is sent nothing more.
+	f.ended(ctx, b)
+	if got := view("n1"); len(got) != 0 {
+		t.Fatalf("n1's view after b ended: %v", got)
+	}
+	if _, ok := r.runs["n2"][k]["b"]; ok {
+		t.Fatal("b still runs on n2 after it ended")
+	}
+	if ms := f.Members(tun); len(ms) != 2 || ms[0].SandboxId != "a" || ms[1].SandboxId != "c" {
+		t.Fatalf("members after b ended: %v", ms)
 	}
 }
