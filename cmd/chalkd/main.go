@@ -251,7 +251,7 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 	fs.StringVar(&cfg.AWSRegion, "aws-region", "", "AWS region (AWS_REGION, AWS_DEFAULT_REGION) of sandboxes created with an AWS role and no region of their own (default us-east-1)")
 	fs.StringVar(&cfg.QueryURL, "query-url", "", "the organisation's Chalk query server as sandboxes reach it; `chalk query` inside sandboxes uses it with the sandbox's identity")
 	fs.StringVar(&cfg.TunnelSubnets, "tunnel-subnets", "", "IPv4 network carved into one /24 per WireGuard tunnel (default "+daemon.DefaultTunnelSubnets+")")
-	fs.StringVar(&cfg.TunnelEndpoint, "tunnel-endpoint", "", "this node's address as external WireGuard peers reach it (default: its address toward the outside)")
+	fs.StringVar(&cfg.TunnelEndpoint, "tunnel-endpoint", "", "this node's address as external WireGuard peers (and, on a fleet node, the other nodes) reach it (default: its address toward the outside; on a fleet node the host of --advertise)")
 	fs.StringVar(&cfg.Ingress.Listen, "ingress-listen", daemon.DefaultIngressListen, "address of the ingress listener serving exposed sandbox ports (\"off\": none)")
 	fs.StringVar(&cfg.Ingress.Domain, "ingress-domain", "", "route <port>-<sandbox>.DOMAIN to exposed ports (wildcard DNS to the ingress listener); without it URLs use /s/<sandbox>/<port>/")
 	fs.StringVar(&cfg.Ingress.URL, "ingress-url", "", "the ingress listener's base URL as clients reach it (default from --ingress-domain or --ingress-listen)")
