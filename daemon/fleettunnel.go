@@ -371,6 +371,12 @@ func (n nodeTunnels) Join(_ context.Context, id string, slot int, k, ifname stri
 		// only the interfaces present when it starts.
 		return tunnel.Member{}, fmt.Errorf("sandbox %s: tunnels are not available on this node: it runs sandboxes on gVisor (chalkd --runtime runsc), whose network stack cannot use the tunnel's device: %w", id, errdefs.ErrFailedPrecondition)
 	}
+	// The node keeps its sandboxes' veths away from its tunnel space
+	// (sandboxnet's reserved ranges): a tunnel outside it would be routed
+	// to from non-members.
+	if !n.d.tun.base.Contains(subnet.Addr()) || subnet.Bits() < n.d.tun.base.Bits() {
+		return tunnel.Member{}, fmt.Errorf("tunnel %s: subnet %s is outside this node's --tunnel-subnets %s: give the control plane and its nodes the same: %w", k, subnet, n.d.tun.base, errdefs.ErrFailedPrecondition)
+	}
 	// The device goes into the slot's namespace: only the slot this node
 	// gave that sandbox (before a restarted node process is restored: the
 	// slot kept with its egress policies).

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
@@ -240,5 +241,23 @@ func TestFleetTunnelMembership(t *testing.T) {
 	}
 	if ms := f.Members(tun); len(ms) != 2 || ms[0].SandboxId != "a" || ms[1].SandboxId != "c" {
 		t.Fatalf("members after b ended: %v", ms)
+	}
+}
+
+// TestNodeTunnelSubnet: a node refuses a member whose tunnel lies outside
+// its own --tunnel-subnets (its sandboxes' veths are kept away from those
+// only), naming the flag, before it touches the sandbox.
+func TestNodeTunnelSubnet(t *testing.T) {
+	base, err := newTunnels(nil, nil, nil, "100.96.0.0/16", "192.0.2.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := nodeTunnels{d: &Daemon{tun: base}, host: "192.0.2.1"}
+	for _, s := range []string{"100.97.0.0/24", "100.0.0.0/8"} {
+		subnet := netip.MustParsePrefix(s)
+		_, err := n.Join(context.Background(), "sb", 2, "o/t", "wg0", subnet, subnet.Addr().Next())
+		if !errdefs.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "--tunnel-subnets") {
+			t.Errorf("subnet %s: %v, want a failed precondition naming --tunnel-subnets", s, err)
+		}
 	}
 }
