@@ -15,10 +15,13 @@
 //     (host memory per idle sandbox), each beside raw runc in the same run;
 //   - fleet: create + first exec, exec round trip and creates/s through a
 //     control plane with node agents (3 nodes, and 1), beside an all-in-one
-//     chalkd, all started for the run from ./bin (fleet.go).
+//     chalkd, all started for the run from ./bin (fleet.go);
+//   - fleet tunnel: TCP throughput between tunnel members on two fleet
+//     nodes, beside two members on one node and a bare veth pair
+//     (fleettunnel.go).
 //
 // It talks to the running chalkd (scripts/setup.sh starts one; not needed for
-// -only fleet) and needs root.
+// -only fleet or -only fleettunnel) and needs root.
 // Run it with scripts/bench.sh.
 package main
 
@@ -43,7 +46,7 @@ func main() {
 	n := flag.Int("n", 30, "iterations per measurement")
 	idle := flag.Int("idle", 200, "sandboxes for the memory-per-idle-sandbox measurement (0 skips it)")
 	pidFile := flag.String("chalkd-pid-file", "/run/chalk/chalkd.pid", "chalkd's pid file (for its RSS)")
-	only := flag.String("only", "", "comma-separated sections to run: tti,exec,terminal,image,tunnel,mcp,memory,terminate,churn,burst,density,fleet (default: all)")
+	only := flag.String("only", "", "comma-separated sections to run: tti,exec,terminal,image,tunnel,mcp,memory,terminate,churn,burst,density,fleet,fleettunnel (default: all)")
 	churnFor := flag.Duration("churn-for", 10*time.Second, "how long the churn row runs (each of chalkcompute and raw runc)")
 	churnClients := flag.Int("churn-clients", 8, "concurrent clients of the churn row")
 	burst := flag.Int("burst", 50, "concurrent creates of the burst row")
@@ -59,9 +62,14 @@ func main() {
 	header := func() {
 		fmt.Printf("chalkbench %s on %s (%d cpus, %s/%s), n=%d\n\n", time.Now().UTC().Format("2006-01-02"), host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, *n)
 	}
-	if *only == "fleet" { // starts its own chalkds: no host chalkd needed
+	if *only == "fleet" || *only == "fleettunnel" { // starts its own chalkds: no host chalkd needed
 		header()
-		fleetBench(ctx, *n, *churnClients, *fleetFor)
+		if want("fleet") {
+			fleetBench(ctx, *n, *churnClients, *fleetFor)
+		}
+		if want("fleettunnel") {
+			fleetTunnelBench(ctx)
+		}
 		return
 	}
 	c, err := chalkcompute.NewClient()
@@ -118,6 +126,9 @@ func main() {
 	}
 	if want("fleet") {
 		fleetBench(ctx, *n, *churnClients, *fleetFor)
+	}
+	if want("fleettunnel") {
+		fleetTunnelBench(ctx)
 	}
 }
 
