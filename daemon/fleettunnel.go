@@ -64,10 +64,13 @@ type fleetTunnels struct {
 	// every node's view is the one of the last change.
 	mu      sync.Mutex
 	members map[string]map[string]*fleetMember // tunnel key -> sandbox id
+	// pending are running sandboxes found at this control plane's start
+	// whose node did not answer their rejoin yet (the repair retries).
+	pending map[string]*store.Sandbox
 }
 
 func newFleetTunnels(base *tunnels, router tunnelRouter, st *store.Store, log *slog.Logger) *fleetTunnels {
-	return &fleetTunnels{tunnels: base, router: router, st: st, log: log, members: map[string]map[string]*fleetMember{}}
+	return &fleetTunnels{tunnels: base, router: router, st: st, log: log, members: map[string]map[string]*fleetMember{}, pending: map[string]*store.Sandbox{}}
 }
 
 // list is tunnel key's members by address (mu held).
@@ -198,6 +201,14 @@ func (f *fleetTunnels) run(ctx context.Context) {
 func (f *fleetTunnels) repair(ctx context.Context) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	for id, sb := range f.pending {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		if err := f.join(cctx, sb); err == nil {
+			delete(f.pending, id)
+			f.log.Info("fleet: tunnel members rejoined", "sandbox", id)
+		}
+		cancel()
+	}
 	for k := range f.members {
 		org, name, _ := strings.Cut(k, "/")
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -315,6 +326,7 @@ func (f *fleetTunnels) ended(ctx context.Context, sb *store.Sandbox) {
 
 // leave takes sb out of its tunnels (mu held).
 func (f *fleetTunnels) leave(ctx context.Context, sb *store.Sandbox) {
+	delete(f.pending, sb.ID)
 	var in []string
 	for _, name := range sb.Tunnels {
 		k := key(sb.OrgID, name)
@@ -353,7 +365,10 @@ func (f *fleetTunnels) resumed(ctx context.Context, sb *store.Sandbox) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.join(ctx, sb); err != nil {
-		f.log.Error("fleet: rejoin tunnels", "sandbox", sb.ID, "err", err)
+		// Its node may not answer yet (restarting too): the repair
+		// tries again until it does or the sandbox ends.
+		f.pending[sb.ID] = sb
+		f.log.Warn("fleet: rejoin tunnels (the repair tries again)", "sandbox", sb.ID, "err", err)
 	}
 }
 

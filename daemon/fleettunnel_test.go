@@ -148,8 +148,9 @@ func (r *fakeTunnelRouter) TunnelSync(_ context.Context, n, k string, _ netip.Pr
 // its own sandboxes (the repair catches it up); a node that lost its
 // devices (process restart) gets its members joined again at their
 // addresses, and the other nodes learn their new keys; an unchanged
-// fleet makes the repair join nothing; a member that ends leaves every
-// view.
+// fleet makes the repair join nothing; a sandbox a restarted control plane
+// finds while its node does not answer is joined by the repair once it
+// does (and not after it ended); a member that ends leaves every view.
 func TestFleetTunnelMembership(t *testing.T) {
 	ctx := context.Background()
 	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "chalk.db"))
@@ -229,6 +230,30 @@ func TestFleetTunnelMembership(t *testing.T) {
 	f.repair(ctx)
 	if r.joins != joins+1 {
 		t.Fatalf("a repair of an unchanged fleet joined %d members", r.joins-joins-1)
+	}
+
+	// A restarted control plane finds e running on n2, which does not
+	// answer yet: e is no member until n2 does, then the repair joins it.
+	e := sb("e", "n2")
+	r.down["n2"] = true
+	f.resumed(ctx, e)
+	if _, ok := f.members[k]["e"]; ok {
+		t.Fatal("e is a member though its node did not answer")
+	}
+	f.repair(ctx)
+	r.down["n2"] = false
+	f.repair(ctx)
+	if _, ok := f.members[k]["e"]; !ok || len(f.pending) != 0 {
+		t.Fatalf("e not rejoined by the repair once n2 answered (pending %v)", f.pending)
+	}
+	f.ended(ctx, e)
+	// A pending sandbox that ends is not retried.
+	g := sb("g", "n3")
+	r.down["n3"] = true
+	f.resumed(ctx, g)
+	f.ended(ctx, g)
+	if len(f.pending) != 0 {
+		t.Fatalf("an ended sandbox is still pending: %v", f.pending)
 	}
 
 	// b ends: n1 forgets it, and n2 (no member left) is sent nothing more.
