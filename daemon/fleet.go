@@ -107,6 +107,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }, Workloads: fleetWorkloads{d}}
 	mux := http.NewServeMux()
 	mux.Handle(f.Handler())
+	mux.Handle(noderpc.RelayPrefix, d.fleetRelay())
 	l, err := net.Listen("tcp", cmpOr(fc.Listen, DefaultFleetListen))
 	if err != nil {
 		return fmt.Errorf("fleet listener: %w", err)
@@ -387,7 +388,11 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		}
 	}
 	n := &NodeDaemon{d: d, ID: id.ID, cancel: d.cancel}
-	if err := d.startNodeMetadata(noderpc.NewWorkloadClient(id, opts.Join)); err != nil {
+	relay, err := noderpc.NewRelayClient(id, opts.Join, d.log.With("component", "metadata"))
+	if err != nil {
+		return nil, err
+	}
+	if err := d.startNodeMetadata(noderpc.NewWorkloadClient(id, opts.Join), relay); err != nil {
 		return nil, err
 	}
 	mux := http.NewServeMux()

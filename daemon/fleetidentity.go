@@ -145,11 +145,17 @@ func (w *nodeWorkloads) forget(id string) {
 	}
 }
 
-// startNodeMetadata serves the metadata service of a node's sandboxes.
-func (d *Daemon) startNodeMetadata(wc *noderpc.WorkloadClient) (err error) {
+// startNodeMetadata serves the metadata service of a node's sandboxes:
+// identities and tokens from the control plane (wc), the MCP gateway and
+// /api relayed to it (noderpc/relay.go), both as in the all-in-one daemon
+// (stock MCP clients send no Metadata-Flavor header).
+func (d *Daemon) startNodeMetadata(wc *noderpc.WorkloadClient, relay *noderpc.RelayClient) (err error) {
 	d.nodeWL = &nodeWorkloads{d: d, wc: wc, known: map[string]metadata.Sandbox{}}
 	if d.Metadata, err = metadata.New(metadata.Config{Issuer: d.nodeWL, Resolver: d.nodeWL, Logger: d.cfg.Logger}); err != nil {
 		return err
+	}
+	for _, route := range noderpc.RelayRoutes {
+		d.Metadata.Handle(route, relay, metadata.WithoutFlavorHeader())
 	}
 	ml, err := net.Listen("tcp", netip.AddrPortFrom(d.Net.ServiceAddr(), d.cfg.MetadataPort).String())
 	if err != nil {

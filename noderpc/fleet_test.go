@@ -32,6 +32,7 @@ type control struct {
 	fleet *Fleet
 	logs  *bytes.Buffer
 	dir   string
+	mux   *http.ServeMux // the fleet listener's routes
 }
 
 func newControl(t *testing.T) *control {
@@ -59,7 +60,7 @@ func newControl(t *testing.T) *control {
 	hs.TLS = ControlServerTLS(ca, cert)
 	hs.StartTLS()
 	t.Cleanup(hs.Close)
-	return &control{ca: ca, st: st, cert: cert, url: hs.URL, fleet: f, logs: logs, dir: dir}
+	return &control{ca: ca, st: st, cert: cert, url: hs.URL, fleet: f, logs: logs, dir: dir, mux: mux}
 }
 
 func (c *control) token(t *testing.T, ttl time.Duration) string {
