@@ -31,6 +31,7 @@ import (
 func (d *Daemon) startNodeEgress(ctx context.Context) (err error) {
 	if d.Egress, err = egress.New(egress.Config{
 		Table: d.Net.Table(), Logger: d.cfg.Logger, Upstream: d.cfg.DNSUpstream,
+		Local: metadataName, // the node's metadata service, MCP gateway included
 		ListenAddrs: []string{
 			netip.AddrPortFrom(d.Net.ServiceAddr(), 53).String(),
 			netip.AddrPortFrom(d.Net.ServiceAddr6(), 53).String(),
