@@ -175,10 +175,11 @@ func (d *Daemon) apiNode() api.Node {
 }
 
 // fleetHooks are the sandbox hooks of control mode. The node-side ones
-// (identity token files, image mounts, tunnels) would act on the control
-// plane's host, not the sandbox's node: requests needing them are refused
-// with a clear error rather than half-served. (Egress rules and the
-// metadata service are the nodes': fleetegress.go, fleetidentity.go.)
+// (image mounts, tunnels) would act on the control plane's host, not the
+// sandbox's node: requests needing them are refused with a clear error
+// rather than half-served. (Egress rules, the metadata service and the
+// identity files are the nodes': fleetegress.go, fleetidentity.go,
+// fleettokens.go.)
 func (d *Daemon) fleetHooks() api.Hooks {
 	return api.Hooks{
 		Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
@@ -188,7 +189,9 @@ func (d *Daemon) fleetHooks() api.Hooks {
 			case len(sb.Mounts) > 0:
 				return fmt.Errorf("sandbox %s: image mounts are not available in fleet mode yet: %w", sb.ID, errdefs.ErrFailedPrecondition)
 			}
-			return nil
+			// Its identity files: its node writes them and keeps the
+			// tokens fresh (fleettokens.go).
+			return d.wi.fleetIdentityFiles(sb, req)
 		},
 		Ended: func(ctx context.Context, sb *store.Sandbox) {
 			d.ingress.ended(ctx, sb)
@@ -396,7 +399,9 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		return nil, err
 	}
 	mux := http.NewServeMux()
-	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).Handler())
+	ids := &nodeIdentity{d: d, stops: map[string][]func(){}}
+	ids.resume(nil) // a restarted node process: its sandboxes' tokens (Restore prunes)
+	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).WithIdentity(ids).Handler())
 	l, err := net.Listen("tcp", opts.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("node API: %w", err)

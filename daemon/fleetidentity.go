@@ -40,7 +40,8 @@ func (w fleetWorkloads) Subject(ctx context.Context, id string) (identity.Subjec
 	if err != nil {
 		return identity.Subject{}, err
 	}
-	if sb.State != store.StateRunning {
+	// Creating: its node writes its token files before it starts.
+	if sb.State != store.StateRunning && sb.State != store.StateCreating {
 		return identity.Subject{}, fmt.Errorf("sandbox %q is %s: %w", id, sb.State, errdefs.ErrFailedPrecondition)
 	}
 	return w.d.wi.subject(ctx, sb)

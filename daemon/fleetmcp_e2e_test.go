@@ -1,13 +1,18 @@
 package daemon_test
 
 import (
+	"context"
 	"encoding/json"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/coreos/go-oidc/v3/oidc"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
@@ -200,5 +205,94 @@ func TestFleetMCPGateway(t *testing.T) {
 	// identification), and the node has served them.
 	if strings.Contains(control.Log(), "relay for a sandbox not on the node refused") {
 		t.Fatalf("a relay of the node was refused:\n%s", control.Log())
+	}
+}
+
+// TestFleetIdentityFiles: a sandbox on a fleet node gets the identity
+// files the all-in-one daemon writes (the Chalk API token file named by
+// CHALK_API_TOKEN_FILE, the AWS web identity token file and the GCP
+// external account file), written by its node with tokens from the control
+// plane's issuer: go-oidc verifies them for their audiences, the API token
+// works through the node's /api, only root writes them, and the node
+// removes them when the sandbox ends.
+func TestFleetIdentityFiles(t *testing.T) {
+	control := chalktest.StartControl(t)
+	n1 := chalktest.StartFleetNode(t, control, 1)
+	c := control.Client()
+	ctx := ctxT(t, 3*time.Minute)
+	const role = "arn:aws:iam::123456789012:role/chalk-sandbox"
+	const provider = "projects/123456/locations/global/workloadIdentityPools/chalk-pool/providers/chalk-oidc"
+	var sb *chalkcompute.Sandbox
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"), chalkcompute.WithAWSRole(role), chalkcompute.WithGCPWorkloadProvider(provider))
+		if err == nil {
+			sb = s
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("create on the fleet: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond) // polling the control plane for the node's first heartbeat
+	}
+	onNode(t, n1, sb)
+
+	env := mustExec(t, sb, "env")
+	for _, want := range []string{"CHALK_API_TOKEN_FILE=/run/chalk/identity/token", "CHALK_API_URL=http://169.254.169.254/api",
+		"AWS_WEB_IDENTITY_TOKEN_FILE=/run/chalk/identity/aws-web-identity-token", "AWS_ROLE_ARN=" + role} {
+		if !strings.Contains(env, want) {
+			t.Errorf("node sandbox env lacks %q:\n%s", want, env)
+		}
+	}
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", control.Socket)
+	}}}
+	octx := oidc.ClientContext(ctx, hc)
+	p, err := oidc.NewProvider(octx, "http://127.0.0.1:7447")
+	if err != nil {
+		t.Fatalf("discovery: %v", err)
+	}
+	for file, aud := range map[string]string{"token": "chalk-api", "aws-web-identity-token": "sts.amazonaws.com", "gcp-token": "//iam.googleapis.com/" + provider} {
+		tok := mustExec(t, sb, "cat", "/run/chalk/identity/"+file)
+		idt, err := p.Verifier(&oidc.Config{ClientID: aud}).Verify(octx, tok)
+		if err != nil {
+			t.Fatalf("go-oidc verify of %s: %v", file, err)
+		}
+		var claims map[string]any
+		if err := idt.Claims(&claims); err != nil {
+			t.Fatal(err)
+		}
+		if idt.Subject != "chalk:org:default:sbx:"+sb.ID() || claims["image_digest"] != sb.Info.ImageDigest || claims["network_policy"] == "" {
+			t.Fatalf("claims of %s: sub=%s %v", file, idt.Subject, claims)
+		}
+	}
+	if out := mustExec(t, sb, "cat", "/run/chalk/identity/gcp-credentials.json"); !strings.Contains(out, `"external_account"`) || !strings.Contains(out, "/run/chalk/identity/gcp-token") {
+		t.Errorf("gcp credentials file: %q", out)
+	}
+	// The files are read-only in the sandbox.
+	if res, err := sb.Exec(ctx, []string{"sh", "-c", "echo x > /run/chalk/identity/token"}); err != nil || res.Code == 0 {
+		t.Errorf("the token file is writable in the sandbox: %v %+v", err, res)
+	}
+	// The API token works through the node's /api, as the sandbox.
+	if code, out, errOut := apiFromSandbox(ctx, t, sb, "chalk.compute.v1.IdentityService/WhoAmI", "$CHALK_API_TOKEN_FILE"); code != 0 || !strings.Contains(out, sb.ID()) {
+		t.Fatalf("/api with the token file: %d %q %q", code, out, errOut)
+	}
+	dir := filepath.Join(n1.Dir, "identity-files", sb.ID())
+	if _, err := os.Stat(filepath.Join(dir, "files", "token")); err != nil {
+		t.Fatalf("the node's identity dir: %v", err)
+	}
+	if _, err := sb.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(dir); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the node kept the identity dir of an ended sandbox")
+		}
+		time.Sleep(100 * time.Millisecond) // polling the node's teardown
 	}
 }

@@ -51,6 +51,8 @@ type Server struct {
 	node   api.Node
 	log    *slog.Logger
 	egress Egress // nil: the node enforces no egress rules
+	// identity, if set, keeps the sandboxes' identity files (identityfiles.go).
+	identity Identity
 
 	mu     sync.Mutex
 	images map[string]*nodecache.Image // by digest, as EnsureImage returned them
@@ -184,8 +186,24 @@ func (s *Server) Start(ctx context.Context, req *connect.Request[nodev1.StartReq
 			return nil, fmt.Errorf("sandbox %q egress rules: %w", r.ID, err)
 		}
 	}
+	if len(r.Identity) > 0 {
+		if s.identity == nil {
+			return nil, fmt.Errorf("sandbox %q: this node keeps no identity files: %w", r.ID, errdefs.ErrFailedPrecondition)
+		}
+		if err := checkIdentityFiles(r.Identity); err != nil {
+			return nil, err
+		}
+		b, err := s.identity.Prepare(ctx, r.ID, r.Slot, r.Identity)
+		if err != nil {
+			return nil, fmt.Errorf("sandbox %q identity files: %w", r.ID, err)
+		}
+		r.Binds = append(r.Binds, b)
+	}
 	st, err := s.node.Start(ctx, r)
 	if err != nil {
+		if s.identity != nil && len(r.Identity) > 0 {
+			s.identity.Remove(r.ID)
+		}
 		return nil, err
 	}
 	return connect.NewResponse(&nodev1.StartResponse{Pid: int32(st.Pid), Net: netToPB(st.Net)}), nil
@@ -223,6 +241,9 @@ func (s *Server) Teardown(ctx context.Context, req *connect.Request[nodev1.Teard
 	if s.egress != nil {
 		s.egress.Remove(context.WithoutCancel(ctx), m.Id)
 	}
+	if s.identity != nil {
+		s.identity.Remove(m.Id)
+	}
 	return connect.NewResponse(&nodev1.TeardownResponse{Kept: kept}), nil
 }
 
@@ -232,6 +253,9 @@ func (s *Server) Destroy(ctx context.Context, req *connect.Request[nodev1.Destro
 	}
 	if s.egress != nil {
 		s.egress.Remove(context.WithoutCancel(ctx), req.Msg.Id)
+	}
+	if s.identity != nil {
+		s.identity.Remove(req.Msg.Id)
 	}
 	return connect.NewResponse(&nodev1.DestroyResponse{}), nil
 }
@@ -548,6 +572,9 @@ func (s *Server) Restore(ctx context.Context, req *connect.Request[nodev1.Restor
 	}
 	if s.egress != nil {
 		s.egress.Prune(ctx, live)
+	}
+	if s.identity != nil {
+		s.identity.Restore(ctx, live)
 	}
 	return connect.NewResponse(&nodev1.RestoreResponse{}), nil
 }
