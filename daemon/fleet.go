@@ -81,6 +81,10 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		return err
 	}
 	go d.router.Run(ctx, noderpc.HeartbeatInterval)
+	if d.ingress != nil {
+		// Exposed ports of node sandboxes: through their node (DialSandbox).
+		d.ingress.srv.DialVia(d.router.DialSandbox)
+	}
 	// Nodes pull images from this registry: over TLS with the control
 	// plane's certificate (fleet CA), with the read-only pull credential
 	// they get over the mTLS fleet channel (RegistryAccess).
@@ -401,7 +405,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	mux := http.NewServeMux()
 	ids := &nodeIdentity{d: d, stops: map[string][]func(){}}
 	ids.resume(nil) // a restarted node process: its sandboxes' tokens (Restore prunes)
-	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).WithIdentity(ids).Handler())
+	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).WithIdentity(ids).WithDialer(d.dialSandbox).Handler())
 	l, err := net.Listen("tcp", opts.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("node API: %w", err)

@@ -1,8 +1,10 @@
 package daemon_test
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -294,5 +296,139 @@ func TestFleetIdentityFiles(t *testing.T) {
 			t.Fatal("the node kept the identity dir of an ended sandbox")
 		}
 		time.Sleep(100 * time.Millisecond) // polling the node's teardown
+	}
+}
+
+// TestFleetIngress: an exposed port of a sandbox on a fleet node is served
+// by the control plane's ingress as in the all-in-one daemon (the same
+// credential rules, host and path routing, HTTP/2, server-sent events
+// event by event, WebSockets, large bodies), the control plane reaching the
+// port through the sandbox's node (a NodeService.DialSandbox stream); the
+// route ends with the sandbox.
+func TestFleetIngress(t *testing.T) {
+	control := chalktest.StartControl(t, "--ingress-domain", ingressDomain, "--ingress-tls-self-signed")
+	n1 := chalktest.StartFleetNode(t, control, 1)
+	c := control.Client()
+	ctx := ctxT(t, 4*time.Minute)
+	ic := newIngressClients(t, control)
+	admin := control.Token()
+	var sb *chalkcompute.Sandbox
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"))
+		if err == nil {
+			sb = s
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("create on the fleet: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond) // polling the control plane for the node's first heartbeat
+	}
+	onNode(t, n1, sb)
+	startIngressd(t, sb, 8080)
+	mustExec(t, sb, "sh", "-c", "mkdir -p /www && echo 'busybox httpd here' > /www/index.html && httpd -p 8081 -h /www")
+	priv, err := sb.Expose(ctx, 8080)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := sb.Expose(ctx, 8081, chalkcompute.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Credentials: none, a bad key, a workload token, another org's key.
+	for _, u := range []string{priv.Url, priv.PathUrl} {
+		if code, _, _ := ic.get(t, u, ""); code != http.StatusUnauthorized {
+			t.Fatalf("%s without a token: %d, want 401", u, code)
+		}
+	}
+	if code, _, _ := ic.get(t, priv.Url, "chalk_notakey"); code != http.StatusUnauthorized {
+		t.Fatalf("bad key: %d", code)
+	}
+	wtok, err := c.MintToken(ctx, sb.ID(), "chalk-api", 300)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, _, _ := ic.get(t, priv.Url, wtok.Token); code == http.StatusOK {
+		t.Fatal("a workload token opened a private route")
+	}
+	org, err := c.CreateOrg(ctx, "other", "olga")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, _, _ := ic.get(t, priv.Url, org.AdminKey.Secret); code != http.StatusForbidden {
+		t.Fatalf("other org's key: %d, want 403", code)
+	}
+
+	// An API key, HTTP/2, host and path routing; the key does not reach the sandbox.
+	code, proto, body := ic.get(t, priv.Url+"echo?x=1", admin)
+	if code != 200 || proto != 2 {
+		t.Fatalf("host route: %d HTTP/%d %q", code, proto, body)
+	}
+	var seen struct {
+		URI    string
+		Header http.Header
+	}
+	if err := json.Unmarshal([]byte(body), &seen); err != nil {
+		t.Fatal(err)
+	}
+	if seen.URI != "/echo?x=1" || seen.Header.Get("Authorization") != "" || seen.Header.Get("X-Forwarded-Proto") != "https" {
+		t.Fatalf("the sandbox saw %+v", seen)
+	}
+	if code, _, body := ic.get(t, priv.PathUrl+"echo", admin); code != 200 || !strings.Contains(body, `"uri":"/echo"`) {
+		t.Fatalf("path route: %d %q", code, body)
+	}
+	if code, _, body := ic.get(t, pub.Url, ""); code != 200 || body != "busybox httpd here\n" {
+		t.Fatalf("public busybox httpd: %d %q", code, body)
+	}
+	// A large body arrives whole (flow controlled through the node).
+	if code, _, body := ic.get(t, priv.Url+"bytes?n=4194304", admin); code != 200 || len(body) != 4<<20 || strings.Trim(body, "x") != "" {
+		t.Fatalf("4 MiB body: %d, %d bytes", code, len(body))
+	}
+
+	// Server-sent events, one by one (the server waits for a release).
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(sctx, "GET", priv.Url+"sse", nil)
+	req.Header.Set("Authorization", "Bearer "+admin)
+	resp, err := ic.h2.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(resp.Body)
+	for i := 1; i <= 3; i++ {
+		line, err := r.ReadString('\n')
+		if err != nil || line != fmt.Sprintf("data: event %d\n", i) {
+			t.Fatalf("event %d: %q %v", i, line, err)
+		}
+		_, _ = r.ReadString('\n')
+		if code, _, _ := ic.get(t, priv.Url+"release", admin); code != 200 {
+			t.Fatalf("release: %d", code)
+		}
+	}
+	resp.Body.Close()
+
+	// WebSockets.
+	if _, err := ic.ws(sctx, priv.Url+"ws", ""); err == nil {
+		t.Fatal("private WebSocket without credentials opened")
+	}
+	ws, err := ic.ws(sctx, priv.Url+"ws", admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if err := wsEcho(sctx, ws, fmt.Sprintf("ping %d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ws.CloseNow()
+
+	// The route ends with the sandbox.
+	if _, err := sb.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, _ := ic.get(t, pub.Url, ""); code != http.StatusNotFound {
+		t.Fatalf("after terminate: %d, want 404", code)
 	}
 }

@@ -3,7 +3,9 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
@@ -52,4 +54,24 @@ func (d *Daemon) relayCaller(ctx context.Context, id string) (metadata.Sandbox, 
 		return metadata.Sandbox{}, fmt.Errorf("sandbox %q is %s: %w", id, sb.State, errdefs.ErrFailedPrecondition)
 	}
 	return metadata.Sandbox{ID: sb.ID, OrgID: sb.OrgID, ImageDigest: sb.ImageHash, CreatedBy: sb.CreatedBy, Running: true}, nil
+}
+
+// dialSandbox is a node's noderpc.SandboxDialer: the control plane's
+// ingress reaches an exposed port of a sandbox on this node at the
+// sandbox's own address (its slot's).
+func (d *Daemon) dialSandbox(ctx context.Context, id string, port uint16) (net.Conn, error) {
+	slot, ok := d.Agent.Slots().Of(id)
+	if !ok {
+		return nil, fmt.Errorf("sandbox %q is not on this node: %w", id, errdefs.ErrNotFound)
+	}
+	n := d.Agent.Net(id, slot)
+	if n == nil || !n.SandboxIP.IsValid() {
+		return nil, fmt.Errorf("sandbox %q has no address on this node: %w", id, errdefs.ErrFailedPrecondition)
+	}
+	var dl net.Dialer
+	c, err := dl.DialContext(ctx, "tcp", netip.AddrPortFrom(n.SandboxIP, port).String())
+	if err != nil {
+		return nil, fmt.Errorf("sandbox %q port %d: %v: %w", id, port, err, errdefs.ErrUnavailable)
+	}
+	return c, nil
 }

@@ -53,6 +53,8 @@ type Server struct {
 	egress Egress // nil: the node enforces no egress rules
 	// identity, if set, keeps the sandboxes' identity files (identityfiles.go).
 	identity Identity
+	// dialer, if set, connects the control plane to sandbox ports (dial.go).
+	dialer SandboxDialer
 
 	mu     sync.Mutex
 	images map[string]*nodecache.Image // by digest, as EnsureImage returned them

@@ -3803,6 +3803,238 @@ func (x *EgressDropsResponse) GetDrops() []*EgressDrop {
 	return nil
 }
 
+type DialTarget struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Port          uint32                 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DialTarget) Reset() {
+	*x = DialTarget{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DialTarget) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DialTarget) ProtoMessage() {}
+
+func (x *DialTarget) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DialTarget.ProtoReflect.Descriptor instead.
+func (*DialTarget) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{66}
+}
+
+func (x *DialTarget) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *DialTarget) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+type DialInput struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Input:
+	//
+	//	*DialInput_Target
+	//	*DialInput_Data
+	//	*DialInput_CloseWrite
+	Input         isDialInput_Input `protobuf_oneof:"input"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DialInput) Reset() {
+	*x = DialInput{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DialInput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DialInput) ProtoMessage() {}
+
+func (x *DialInput) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DialInput.ProtoReflect.Descriptor instead.
+func (*DialInput) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{67}
+}
+
+func (x *DialInput) GetInput() isDialInput_Input {
+	if x != nil {
+		return x.Input
+	}
+	return nil
+}
+
+func (x *DialInput) GetTarget() *DialTarget {
+	if x != nil {
+		if x, ok := x.Input.(*DialInput_Target); ok {
+			return x.Target
+		}
+	}
+	return nil
+}
+
+func (x *DialInput) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Input.(*DialInput_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+func (x *DialInput) GetCloseWrite() bool {
+	if x != nil {
+		if x, ok := x.Input.(*DialInput_CloseWrite); ok {
+			return x.CloseWrite
+		}
+	}
+	return false
+}
+
+type isDialInput_Input interface {
+	isDialInput_Input()
+}
+
+type DialInput_Target struct {
+	Target *DialTarget `protobuf:"bytes,1,opt,name=target,proto3,oneof"`
+}
+
+type DialInput_Data struct {
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+type DialInput_CloseWrite struct {
+	CloseWrite bool `protobuf:"varint,3,opt,name=close_write,json=closeWrite,proto3,oneof"`
+}
+
+func (*DialInput_Target) isDialInput_Input() {}
+
+func (*DialInput_Data) isDialInput_Input() {}
+
+func (*DialInput_CloseWrite) isDialInput_Input() {}
+
+type DialOutput struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Output:
+	//
+	//	*DialOutput_Connected
+	//	*DialOutput_Data
+	Output        isDialOutput_Output `protobuf_oneof:"output"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DialOutput) Reset() {
+	*x = DialOutput{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DialOutput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DialOutput) ProtoMessage() {}
+
+func (x *DialOutput) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DialOutput.ProtoReflect.Descriptor instead.
+func (*DialOutput) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *DialOutput) GetOutput() isDialOutput_Output {
+	if x != nil {
+		return x.Output
+	}
+	return nil
+}
+
+func (x *DialOutput) GetConnected() bool {
+	if x != nil {
+		if x, ok := x.Output.(*DialOutput_Connected); ok {
+			return x.Connected
+		}
+	}
+	return false
+}
+
+func (x *DialOutput) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Output.(*DialOutput_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+type isDialOutput_Output interface {
+	isDialOutput_Output()
+}
+
+type DialOutput_Connected struct {
+	Connected bool `protobuf:"varint,1,opt,name=connected,proto3,oneof"`
+}
+
+type DialOutput_Data struct {
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+func (*DialOutput_Connected) isDialOutput_Output() {}
+
+func (*DialOutput_Data) isDialOutput_Output() {}
+
 type SnapshotSpec struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -3817,7 +4049,7 @@ type SnapshotSpec struct {
 
 func (x *SnapshotSpec) Reset() {
 	*x = SnapshotSpec{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3829,7 +4061,7 @@ func (x *SnapshotSpec) String() string {
 func (*SnapshotSpec) ProtoMessage() {}
 
 func (x *SnapshotSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3842,7 +4074,7 @@ func (x *SnapshotSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotSpec.ProtoReflect.Descriptor instead.
 func (*SnapshotSpec) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{66}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *SnapshotSpec) GetId() string {
@@ -3896,7 +4128,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3908,7 +4140,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3921,7 +4153,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{67}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *SnapshotRequest) GetSpec() *SnapshotSpec {
@@ -3944,7 +4176,7 @@ type SnapshotResult struct {
 
 func (x *SnapshotResult) Reset() {
 	*x = SnapshotResult{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3956,7 +4188,7 @@ func (x *SnapshotResult) String() string {
 func (*SnapshotResult) ProtoMessage() {}
 
 func (x *SnapshotResult) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3969,7 +4201,7 @@ func (x *SnapshotResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResult.ProtoReflect.Descriptor instead.
 func (*SnapshotResult) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{68}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *SnapshotResult) GetRef() string {
@@ -4020,7 +4252,7 @@ type SnapshotEvent struct {
 
 func (x *SnapshotEvent) Reset() {
 	*x = SnapshotEvent{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4032,7 +4264,7 @@ func (x *SnapshotEvent) String() string {
 func (*SnapshotEvent) ProtoMessage() {}
 
 func (x *SnapshotEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4045,7 +4277,7 @@ func (x *SnapshotEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotEvent.ProtoReflect.Descriptor instead.
 func (*SnapshotEvent) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{69}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *SnapshotEvent) GetEvent() isSnapshotEvent_Event {
@@ -4101,7 +4333,7 @@ type Capacity struct {
 
 func (x *Capacity) Reset() {
 	*x = Capacity{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4113,7 +4345,7 @@ func (x *Capacity) String() string {
 func (*Capacity) ProtoMessage() {}
 
 func (x *Capacity) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4126,7 +4358,7 @@ func (x *Capacity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Capacity.ProtoReflect.Descriptor instead.
 func (*Capacity) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{70}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *Capacity) GetCpu() float64 {
@@ -4166,7 +4398,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4178,7 +4410,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4191,7 +4423,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{71}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *JoinRequest) GetToken() string {
@@ -4240,7 +4472,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4252,7 +4484,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4265,7 +4497,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{72}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *JoinResponse) GetNodeId() string {
@@ -4300,7 +4532,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4312,7 +4544,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4325,7 +4557,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{73}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *HeartbeatRequest) GetNodeId() string {
@@ -4359,7 +4591,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4371,7 +4603,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4384,7 +4616,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{74}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *HeartbeatResponse) GetState() string {
@@ -4403,7 +4635,7 @@ type RegistryAccessRequest struct {
 
 func (x *RegistryAccessRequest) Reset() {
 	*x = RegistryAccessRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4415,7 +4647,7 @@ func (x *RegistryAccessRequest) String() string {
 func (*RegistryAccessRequest) ProtoMessage() {}
 
 func (x *RegistryAccessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4428,7 +4660,7 @@ func (x *RegistryAccessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegistryAccessRequest.ProtoReflect.Descriptor instead.
 func (*RegistryAccessRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{75}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *RegistryAccessRequest) GetNodeId() string {
@@ -4452,7 +4684,7 @@ type RegistryAccessResponse struct {
 
 func (x *RegistryAccessResponse) Reset() {
 	*x = RegistryAccessResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4464,7 +4696,7 @@ func (x *RegistryAccessResponse) String() string {
 func (*RegistryAccessResponse) ProtoMessage() {}
 
 func (x *RegistryAccessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4477,7 +4709,7 @@ func (x *RegistryAccessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegistryAccessResponse.ProtoReflect.Descriptor instead.
 func (*RegistryAccessResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{76}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *RegistryAccessResponse) GetAddr() string {
@@ -4512,7 +4744,7 @@ type WorkloadRequest struct {
 
 func (x *WorkloadRequest) Reset() {
 	*x = WorkloadRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4524,7 +4756,7 @@ func (x *WorkloadRequest) String() string {
 func (*WorkloadRequest) ProtoMessage() {}
 
 func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4537,7 +4769,7 @@ func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadRequest.ProtoReflect.Descriptor instead.
 func (*WorkloadRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{77}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *WorkloadRequest) GetSandboxId() string {
@@ -4576,7 +4808,7 @@ type WorkloadResponse struct {
 
 func (x *WorkloadResponse) Reset() {
 	*x = WorkloadResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4588,7 +4820,7 @@ func (x *WorkloadResponse) String() string {
 func (*WorkloadResponse) ProtoMessage() {}
 
 func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4601,7 +4833,7 @@ func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadResponse.ProtoReflect.Descriptor instead.
 func (*WorkloadResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{78}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *WorkloadResponse) GetOrgId() string {
@@ -4906,7 +5138,23 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\x04name\x18\x05 \x01(\tR\x04name\x12\x14\n" +
 	"\x05count\x18\x06 \x01(\x03R\x05count\"F\n" +
 	"\x13EgressDropsResponse\x12/\n" +
-	"\x05drops\x18\x01 \x03(\v2\x19.chalk.node.v1.EgressDropR\x05drops\"\xa8\x01\n" +
+	"\x05drops\x18\x01 \x03(\v2\x19.chalk.node.v1.EgressDropR\x05drops\"?\n" +
+	"\n" +
+	"DialTarget\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\"\x82\x01\n" +
+	"\tDialInput\x123\n" +
+	"\x06target\x18\x01 \x01(\v2\x19.chalk.node.v1.DialTargetH\x00R\x06target\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04data\x12!\n" +
+	"\vclose_write\x18\x03 \x01(\bH\x00R\n" +
+	"closeWriteB\a\n" +
+	"\x05input\"L\n" +
+	"\n" +
+	"DialOutput\x12\x1e\n" +
+	"\tconnected\x18\x01 \x01(\bH\x00R\tconnected\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\b\n" +
+	"\x06output\"\xa8\x01\n" +
 	"\fSnapshotSpec\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04slot\x18\x02 \x01(\x05R\x04slot\x12\x1b\n" +
@@ -4966,7 +5214,7 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"created_by\x18\x04 \x01(\tR\tcreatedBy\x12\x16\n" +
 	"\x06issuer\x18\x05 \x01(\tR\x06issuer\x12\x14\n" +
 	"\x05token\x18\x06 \x01(\tR\x05token\x12&\n" +
-	"\x0fexpires_unix_ms\x18\a \x01(\x03R\rexpiresUnixMs2\xbf\x0f\n" +
+	"\x0fexpires_unix_ms\x18\a \x01(\x03R\rexpiresUnixMs2\x87\x10\n" +
 	"\vNodeService\x12T\n" +
 	"\vReserveSlot\x12!.chalk.node.v1.ReserveSlotRequest\x1a\".chalk.node.v1.ReserveSlotResponse\x12S\n" +
 	"\vEnsureImage\x12!.chalk.node.v1.EnsureImageRequest\x1a\x1f.chalk.node.v1.EnsureImageEvent0\x01\x12B\n" +
@@ -4995,7 +5243,8 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\tSetPaused\x12\x1f.chalk.node.v1.SetPausedRequest\x1a .chalk.node.v1.SetPausedResponse\x12J\n" +
 	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x01\x12T\n" +
 	"\vApplyEgress\x12!.chalk.node.v1.ApplyEgressRequest\x1a\".chalk.node.v1.ApplyEgressResponse\x12T\n" +
-	"\vEgressDrops\x12!.chalk.node.v1.EgressDropsRequest\x1a\".chalk.node.v1.EgressDropsResponse2\xcb\x02\n" +
+	"\vEgressDrops\x12!.chalk.node.v1.EgressDropsRequest\x1a\".chalk.node.v1.EgressDropsResponse\x12F\n" +
+	"\vDialSandbox\x12\x18.chalk.node.v1.DialInput\x1a\x19.chalk.node.v1.DialOutput(\x010\x012\xcb\x02\n" +
 	"\fFleetService\x12?\n" +
 	"\x04Join\x12\x1a.chalk.node.v1.JoinRequest\x1a\x1b.chalk.node.v1.JoinResponse\x12N\n" +
 	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponse\x12]\n" +
@@ -5014,7 +5263,7 @@ func file_chalk_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_chalk_node_v1_node_proto_rawDescData
 }
 
-var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 81)
+var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 84)
 var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*ReserveSlotRequest)(nil),     // 0: chalk.node.v1.ReserveSlotRequest
 	(*ReserveSlotResponse)(nil),    // 1: chalk.node.v1.ReserveSlotResponse
@@ -5082,21 +5331,24 @@ var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*EgressDropsRequest)(nil),     // 63: chalk.node.v1.EgressDropsRequest
 	(*EgressDrop)(nil),             // 64: chalk.node.v1.EgressDrop
 	(*EgressDropsResponse)(nil),    // 65: chalk.node.v1.EgressDropsResponse
-	(*SnapshotSpec)(nil),           // 66: chalk.node.v1.SnapshotSpec
-	(*SnapshotRequest)(nil),        // 67: chalk.node.v1.SnapshotRequest
-	(*SnapshotResult)(nil),         // 68: chalk.node.v1.SnapshotResult
-	(*SnapshotEvent)(nil),          // 69: chalk.node.v1.SnapshotEvent
-	(*Capacity)(nil),               // 70: chalk.node.v1.Capacity
-	(*JoinRequest)(nil),            // 71: chalk.node.v1.JoinRequest
-	(*JoinResponse)(nil),           // 72: chalk.node.v1.JoinResponse
-	(*HeartbeatRequest)(nil),       // 73: chalk.node.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),      // 74: chalk.node.v1.HeartbeatResponse
-	(*RegistryAccessRequest)(nil),  // 75: chalk.node.v1.RegistryAccessRequest
-	(*RegistryAccessResponse)(nil), // 76: chalk.node.v1.RegistryAccessResponse
-	(*WorkloadRequest)(nil),        // 77: chalk.node.v1.WorkloadRequest
-	(*WorkloadResponse)(nil),       // 78: chalk.node.v1.WorkloadResponse
-	nil,                            // 79: chalk.node.v1.LeftoversRequest.LiveEntry
-	nil,                            // 80: chalk.node.v1.RestoreRequest.LiveEntry
+	(*DialTarget)(nil),             // 66: chalk.node.v1.DialTarget
+	(*DialInput)(nil),              // 67: chalk.node.v1.DialInput
+	(*DialOutput)(nil),             // 68: chalk.node.v1.DialOutput
+	(*SnapshotSpec)(nil),           // 69: chalk.node.v1.SnapshotSpec
+	(*SnapshotRequest)(nil),        // 70: chalk.node.v1.SnapshotRequest
+	(*SnapshotResult)(nil),         // 71: chalk.node.v1.SnapshotResult
+	(*SnapshotEvent)(nil),          // 72: chalk.node.v1.SnapshotEvent
+	(*Capacity)(nil),               // 73: chalk.node.v1.Capacity
+	(*JoinRequest)(nil),            // 74: chalk.node.v1.JoinRequest
+	(*JoinResponse)(nil),           // 75: chalk.node.v1.JoinResponse
+	(*HeartbeatRequest)(nil),       // 76: chalk.node.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),      // 77: chalk.node.v1.HeartbeatResponse
+	(*RegistryAccessRequest)(nil),  // 78: chalk.node.v1.RegistryAccessRequest
+	(*RegistryAccessResponse)(nil), // 79: chalk.node.v1.RegistryAccessResponse
+	(*WorkloadRequest)(nil),        // 80: chalk.node.v1.WorkloadRequest
+	(*WorkloadResponse)(nil),       // 81: chalk.node.v1.WorkloadResponse
+	nil,                            // 82: chalk.node.v1.LeftoversRequest.LiveEntry
+	nil,                            // 83: chalk.node.v1.RestoreRequest.LiveEntry
 }
 var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	8,  // 0: chalk.node.v1.ReserveSlotRequest.spec:type_name -> chalk.node.v1.StartSpec
@@ -5114,81 +5366,84 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	28, // 12: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
 	36, // 13: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
 	39, // 14: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
-	79, // 15: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
+	82, // 15: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
 	8,  // 16: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
-	80, // 17: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
+	83, // 17: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
 	60, // 18: chalk.node.v1.ApplyEgressRequest.policies:type_name -> chalk.node.v1.NetworkPolicy
 	64, // 19: chalk.node.v1.EgressDropsResponse.drops:type_name -> chalk.node.v1.EgressDrop
-	66, // 20: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
-	4,  // 21: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
-	68, // 22: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
-	70, // 23: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
-	70, // 24: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
-	0,  // 25: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
-	5,  // 26: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
-	10, // 27: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
-	14, // 28: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
-	16, // 29: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
-	20, // 30: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
-	22, // 31: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
-	18, // 32: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
-	26, // 33: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
-	30, // 34: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
-	32, // 35: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
-	34, // 36: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
-	37, // 37: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
-	40, // 38: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
-	42, // 39: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
-	44, // 40: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
-	46, // 41: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
-	48, // 42: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
-	50, // 43: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
-	52, // 44: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
-	54, // 45: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
-	56, // 46: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
-	58, // 47: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
-	67, // 48: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
-	61, // 49: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
-	63, // 50: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
-	71, // 51: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
-	73, // 52: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
-	75, // 53: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
-	77, // 54: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
-	1,  // 55: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
-	6,  // 56: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
-	13, // 57: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
-	15, // 58: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
-	17, // 59: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
-	21, // 60: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
-	23, // 61: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
-	19, // 62: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
-	29, // 63: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
-	31, // 64: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
-	33, // 65: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
-	35, // 66: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
-	38, // 67: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
-	41, // 68: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
-	43, // 69: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
-	45, // 70: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
-	47, // 71: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
-	49, // 72: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
-	51, // 73: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
-	53, // 74: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
-	55, // 75: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
-	57, // 76: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
-	59, // 77: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
-	69, // 78: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
-	62, // 79: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
-	65, // 80: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
-	72, // 81: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
-	74, // 82: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
-	76, // 83: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
-	78, // 84: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
-	55, // [55:85] is the sub-list for method output_type
-	25, // [25:55] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	66, // 20: chalk.node.v1.DialInput.target:type_name -> chalk.node.v1.DialTarget
+	69, // 21: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
+	4,  // 22: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
+	71, // 23: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
+	73, // 24: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
+	73, // 25: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
+	0,  // 26: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
+	5,  // 27: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
+	10, // 28: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
+	14, // 29: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
+	16, // 30: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
+	20, // 31: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
+	22, // 32: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
+	18, // 33: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
+	26, // 34: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
+	30, // 35: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
+	32, // 36: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
+	34, // 37: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
+	37, // 38: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
+	40, // 39: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
+	42, // 40: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
+	44, // 41: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
+	46, // 42: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
+	48, // 43: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
+	50, // 44: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
+	52, // 45: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
+	54, // 46: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
+	56, // 47: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
+	58, // 48: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
+	70, // 49: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
+	61, // 50: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
+	63, // 51: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
+	67, // 52: chalk.node.v1.NodeService.DialSandbox:input_type -> chalk.node.v1.DialInput
+	74, // 53: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
+	76, // 54: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
+	78, // 55: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
+	80, // 56: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
+	1,  // 57: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
+	6,  // 58: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
+	13, // 59: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
+	15, // 60: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
+	17, // 61: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
+	21, // 62: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
+	23, // 63: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
+	19, // 64: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
+	29, // 65: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
+	31, // 66: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
+	33, // 67: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
+	35, // 68: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
+	38, // 69: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
+	41, // 70: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
+	43, // 71: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
+	45, // 72: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
+	47, // 73: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
+	49, // 74: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
+	51, // 75: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
+	53, // 76: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
+	55, // 77: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
+	57, // 78: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
+	59, // 79: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
+	72, // 80: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
+	62, // 81: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
+	65, // 82: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
+	68, // 83: chalk.node.v1.NodeService.DialSandbox:output_type -> chalk.node.v1.DialOutput
+	75, // 84: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
+	77, // 85: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
+	79, // 86: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
+	81, // 87: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
+	57, // [57:88] is the sub-list for method output_type
+	26, // [26:57] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_chalk_node_v1_node_proto_init() }
@@ -5216,7 +5471,16 @@ func file_chalk_node_v1_node_proto_init() {
 		(*WriteFileInput_Header)(nil),
 		(*WriteFileInput_Data)(nil),
 	}
-	file_chalk_node_v1_node_proto_msgTypes[69].OneofWrappers = []any{
+	file_chalk_node_v1_node_proto_msgTypes[67].OneofWrappers = []any{
+		(*DialInput_Target)(nil),
+		(*DialInput_Data)(nil),
+		(*DialInput_CloseWrite)(nil),
+	}
+	file_chalk_node_v1_node_proto_msgTypes[68].OneofWrappers = []any{
+		(*DialOutput_Connected)(nil),
+		(*DialOutput_Data)(nil),
+	}
+	file_chalk_node_v1_node_proto_msgTypes[72].OneofWrappers = []any{
 		(*SnapshotEvent_Progress)(nil),
 		(*SnapshotEvent_Result)(nil),
 	}
@@ -5226,7 +5490,7 @@ func file_chalk_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_node_v1_node_proto_rawDesc), len(file_chalk_node_v1_node_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   81,
+			NumMessages:   84,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -94,6 +94,8 @@ const (
 	NodeServiceApplyEgressProcedure = "/chalk.node.v1.NodeService/ApplyEgress"
 	// NodeServiceEgressDropsProcedure is the fully-qualified name of the NodeService's EgressDrops RPC.
 	NodeServiceEgressDropsProcedure = "/chalk.node.v1.NodeService/EgressDrops"
+	// NodeServiceDialSandboxProcedure is the fully-qualified name of the NodeService's DialSandbox RPC.
+	NodeServiceDialSandboxProcedure = "/chalk.node.v1.NodeService/DialSandbox"
 	// FleetServiceJoinProcedure is the fully-qualified name of the FleetService's Join RPC.
 	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
 	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
@@ -161,6 +163,13 @@ type NodeServiceClient interface {
 	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
 	// EgressDrops is the sandbox's recent blocked attempts (its egress log).
 	EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error)
+	// DialSandbox connects to a port of a sandbox on the node (the control
+	// plane's ingress, for an exposed port it names): the first input names
+	// the sandbox and port, the node dials that sandbox's own address (from
+	// its slot, never an address from the wire) and answers connected; then
+	// bytes both ways (HTTP/2 flow control is the backpressure); close_write
+	// half-closes toward the sandbox; the stream's end closes the connection.
+	DialSandbox(context.Context) *connect.BidiStreamForClient[v1.DialInput, v1.DialOutput]
 }
 
 // NewNodeServiceClient constructs a client for the chalk.node.v1.NodeService service. By default,
@@ -330,6 +339,12 @@ func NewNodeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(nodeServiceMethods.ByName("EgressDrops")),
 			connect.WithClientOptions(opts...),
 		),
+		dialSandbox: connect.NewClient[v1.DialInput, v1.DialOutput](
+			httpClient,
+			baseURL+NodeServiceDialSandboxProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("DialSandbox")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -361,6 +376,7 @@ type nodeServiceClient struct {
 	snapshot      *connect.Client[v1.SnapshotRequest, v1.SnapshotEvent]
 	applyEgress   *connect.Client[v1.ApplyEgressRequest, v1.ApplyEgressResponse]
 	egressDrops   *connect.Client[v1.EgressDropsRequest, v1.EgressDropsResponse]
+	dialSandbox   *connect.Client[v1.DialInput, v1.DialOutput]
 }
 
 // ReserveSlot calls chalk.node.v1.NodeService.ReserveSlot.
@@ -493,6 +509,11 @@ func (c *nodeServiceClient) EgressDrops(ctx context.Context, req *connect.Reques
 	return c.egressDrops.CallUnary(ctx, req)
 }
 
+// DialSandbox calls chalk.node.v1.NodeService.DialSandbox.
+func (c *nodeServiceClient) DialSandbox(ctx context.Context) *connect.BidiStreamForClient[v1.DialInput, v1.DialOutput] {
+	return c.dialSandbox.CallBidiStream(ctx)
+}
+
 // NodeServiceHandler is an implementation of the chalk.node.v1.NodeService service.
 type NodeServiceHandler interface {
 	// ReserveSlot gives the sandbox a network slot on the node (slots are
@@ -549,6 +570,13 @@ type NodeServiceHandler interface {
 	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
 	// EgressDrops is the sandbox's recent blocked attempts (its egress log).
 	EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error)
+	// DialSandbox connects to a port of a sandbox on the node (the control
+	// plane's ingress, for an exposed port it names): the first input names
+	// the sandbox and port, the node dials that sandbox's own address (from
+	// its slot, never an address from the wire) and answers connected; then
+	// bytes both ways (HTTP/2 flow control is the backpressure); close_write
+	// half-closes toward the sandbox; the stream's end closes the connection.
+	DialSandbox(context.Context, *connect.BidiStream[v1.DialInput, v1.DialOutput]) error
 }
 
 // NewNodeServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -714,6 +742,12 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(nodeServiceMethods.ByName("EgressDrops")),
 		connect.WithHandlerOptions(opts...),
 	)
+	nodeServiceDialSandboxHandler := connect.NewBidiStreamHandler(
+		NodeServiceDialSandboxProcedure,
+		svc.DialSandbox,
+		connect.WithSchema(nodeServiceMethods.ByName("DialSandbox")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.NodeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case NodeServiceReserveSlotProcedure:
@@ -768,6 +802,8 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 			nodeServiceApplyEgressHandler.ServeHTTP(w, r)
 		case NodeServiceEgressDropsProcedure:
 			nodeServiceEgressDropsHandler.ServeHTTP(w, r)
+		case NodeServiceDialSandboxProcedure:
+			nodeServiceDialSandboxHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -879,6 +915,10 @@ func (UnimplementedNodeServiceHandler) ApplyEgress(context.Context, *connect.Req
 
 func (UnimplementedNodeServiceHandler) EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.EgressDrops is not implemented"))
+}
+
+func (UnimplementedNodeServiceHandler) DialSandbox(context.Context, *connect.BidiStream[v1.DialInput, v1.DialOutput]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.DialSandbox is not implemented"))
 }
 
 // FleetServiceClient is a client for the chalk.node.v1.FleetService service.
