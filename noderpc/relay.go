@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/chalkcompute/chalkcompute/mcpgw"
 	"github.com/chalkcompute/chalkcompute/metadata"
@@ -41,6 +42,10 @@ const (
 	MaxRelaysPerSandbox = 32
 	MaxRelaysPerNode    = 1024
 	MaxRelayMCPBody     = mcpgw.DefaultMaxRequest
+	// RelayMCPHeaderTimeout bounds the wait for the control plane's answer
+	// to an MCP request on the node's hop (the gateway's own bound on the
+	// upstream's answer, and some).
+	RelayMCPHeaderTimeout = mcpgw.DefaultTimeout + 30*time.Second
 )
 
 // relayRoute checks a relayed route: one of RelayRoutes, no dot segments.
@@ -170,10 +175,18 @@ func (rl *Relay) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rl.Handler.ServeHTTP(w, out)
 }
 
+type headerTimer struct{}
+
+var errHeaderTimeout = errors.New("relay: no answer from the control plane in time")
+
 // RelayClient is a node's side: the handler of RelayRoutes on its metadata
 // service, relaying each request of an identified sandbox to the control
 // plane.
 type RelayClient struct {
+	// MCPHeaderTimeout bounds the wait for the answer to an MCP request
+	// (default RelayMCPHeaderTimeout).
+	MCPHeaderTimeout time.Duration
+
 	proxy    *httputil.ReverseProxy
 	inflight counter
 }
@@ -187,7 +200,7 @@ func NewRelayClient(id *NodeIdentity, controlURL string, log *slog.Logger) (*Rel
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	c := &RelayClient{}
+	c := &RelayClient{MCPHeaderTimeout: RelayMCPHeaderTimeout}
 	c.proxy = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			sb, _ := metadata.CallerFrom(pr.In.Context())
@@ -199,10 +212,19 @@ func NewRelayClient(id *NodeIdentity, controlURL string, log *slog.Logger) (*Rel
 				pr.Out.Header.Del(h)
 			}
 		},
-		Transport:     HTTPClient(NodeClientTLS(id)).Transport,
+		Transport: HTTPClient(NodeClientTLS(id)).Transport,
+		ModifyResponse: func(res *http.Response) error {
+			if t, ok := res.Request.Context().Value(headerTimer{}).(*time.Timer); ok {
+				t.Stop()
+			}
+			return nil
+		},
 		FlushInterval: -1, // every write as it comes: SSE events one by one
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+				if _, mcp := r.Context().Value(headerTimer{}).(*time.Timer); mcp && context.Cause(r.Context()) == errHeaderTimeout {
+					relayError(w, http.StatusGatewayTimeout, "the control plane did not answer in time")
+				}
 				return // the sandbox went away
 			}
 			log.Warn("fleet: relay to the control plane", "path", r.URL.Path, "err", err)
@@ -239,6 +261,13 @@ func (c *RelayClient) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		r.Body = http.MaxBytesReader(w, r.Body, MaxRelayMCPBody+1)
+		// The answer's headers within RelayMCPHeaderTimeout (a stream's
+		// events are then bounded by the gateway's idle limit).
+		ctx, cancel := context.WithCancelCause(r.Context())
+		defer cancel(nil)
+		t := time.AfterFunc(c.MCPHeaderTimeout, func() { cancel(errHeaderTimeout) })
+		defer t.Stop()
+		r = r.WithContext(context.WithValue(ctx, headerTimer{}, t))
 	}
 	c.proxy.ServeHTTP(w, r)
 }

@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -65,7 +66,8 @@ func TestRelayOnlyForItsSandboxes(t *testing.T) {
 		t.Fatal(err)
 	}
 	on := map[string]string{"sb-a": a.ID, "sb-b": b.ID, "sb-ended": a.ID}
-	release := make(chan struct{})
+	release, hold := make(chan struct{}), make(chan struct{})
+	var holding atomic.Int32
 	var mu sync.Mutex
 	var seen []string
 	c.mux.Handle(RelayPrefix, &Relay{
@@ -78,6 +80,15 @@ func TestRelayOnlyForItsSandboxes(t *testing.T) {
 		},
 		Log: c.fleet.log(),
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/mcp/hold" {
+				holding.Add(1)
+				defer holding.Add(-1)
+				select {
+				case <-hold:
+				case <-r.Context().Done():
+				}
+				return
+			}
 			sb, ok := metadata.CallerFrom(r.Context())
 			body, _ := io.ReadAll(r.Body)
 			mu.Lock()
@@ -174,5 +185,45 @@ func TestRelayOnlyForItsSandboxes(t *testing.T) {
 	rest, _ := io.ReadAll(br)
 	if string(rest) != "\ndata: two\n\n" {
 		t.Fatalf("rest of the stream: %q", rest)
+	}
+
+	// A sandbox's requests in flight are bounded on the node's hop.
+	done := make(chan int, MaxRelaysPerSandbox)
+	for range MaxRelaysPerSandbox {
+		go func() {
+			res, err := http.Post(fromA+"/mcp/hold", "application/json", strings.NewReader("{}"))
+			if err != nil {
+				done <- 0
+				return
+			}
+			res.Body.Close()
+			done <- res.StatusCode
+		}()
+	}
+	waitFor(t, "the held requests", func() bool { return holding.Load() == MaxRelaysPerSandbox })
+	if code, body := get(t, "POST", fromA+"/mcp/tools", "{}"); code != http.StatusTooManyRequests {
+		t.Errorf("request %d in flight: %d %q", MaxRelaysPerSandbox+1, code, body)
+	}
+	// Another sandbox is not held up by it.
+	if code, body := get(t, "POST", nodeMetadata(t, relayA, "sb-ended")+"/mcp/tools", "{}"); code != http.StatusForbidden {
+		t.Errorf("another sandbox meanwhile: %d %q", code, body)
+	}
+	close(hold)
+	for range MaxRelaysPerSandbox {
+		if code := <-done; code != http.StatusOK {
+			t.Errorf("held request: %d", code)
+		}
+	}
+
+	// An MCP answer that does not come within the bound is given up.
+	slow, err := NewRelayClient(a, c.url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slow.MCPHeaderTimeout = 200 * time.Millisecond
+	hold = make(chan struct{})
+	defer close(hold)
+	if code, body := get(t, "POST", nodeMetadata(t, slow, "sb-a")+"/mcp/hold", "{}"); code != http.StatusGatewayTimeout {
+		t.Errorf("no answer: %d %q, want 504", code, body)
 	}
 }
