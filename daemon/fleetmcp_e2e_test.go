@@ -215,10 +215,12 @@ func TestFleetMCPGateway(t *testing.T) {
 // CHALK_API_TOKEN_FILE, the AWS web identity token file and the GCP
 // external account file), written by its node with tokens from the control
 // plane's issuer: go-oidc verifies them for their audiences, the API token
-// works through the node's /api, only root writes them, and the node
-// removes them when the sandbox ends.
+// works through the node's /api, only root writes them, a restarted node
+// process resumes their refresh, and the node removes them when the
+// sandbox ends.
 func TestFleetIdentityFiles(t *testing.T) {
-	control := chalktest.StartControl(t)
+	// The node restarts below: a node timeout well above its restart.
+	control := chalktest.StartControl(t, "--node-timeout", "2m")
 	n1 := chalktest.StartFleetNode(t, control, 1)
 	c := control.Client()
 	ctx := ctxT(t, 3*time.Minute)
@@ -296,6 +298,31 @@ func TestFleetIdentityFiles(t *testing.T) {
 			t.Fatal("the node kept the identity dir of an ended sandbox")
 		}
 		time.Sleep(100 * time.Millisecond) // polling the node's teardown
+	}
+
+	sb2 := create(t, c)
+	onNode(t, n1, sb2)
+	// A restarted node process (kill -9) resumes the refresh: it writes
+	// fresh tokens at once, which still verify.
+	// (Every token differs: each has its own jti.)
+	before := mustExec(t, sb2, "cat", "/run/chalk/identity/token")
+	n1.Kill()
+	n1.Restart()
+	deadline = time.Now().Add(30 * time.Second)
+	var after string
+	for {
+		res, err := sb2.Exec(ctx, []string{"cat", "/run/chalk/identity/token"})
+		if err == nil && res.Code == 0 && string(res.Stdout) != before {
+			after = string(res.Stdout)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the restarted node did not refresh the token file: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond) // polling the node's restart and refresh
+	}
+	if _, err := p.Verifier(&oidc.Config{ClientID: "chalk-api"}).Verify(octx, after); err != nil {
+		t.Fatalf("the token after the node's restart: %v", err)
 	}
 }
 
