@@ -35,7 +35,7 @@ type control struct {
 	mux   *http.ServeMux // the fleet listener's routes
 }
 
-func newControl(t *testing.T) *control {
+func newControl(t testing.TB) *control {
 	t.Helper()
 	dir := t.TempDir()
 	ca, err := LoadOrCreateCA(filepath.Join(dir, "fleet"))
@@ -63,7 +63,7 @@ func newControl(t *testing.T) *control {
 	return &control{ca: ca, st: st, cert: cert, url: hs.URL, fleet: f, logs: logs, dir: dir, mux: mux}
 }
 
-func (c *control) token(t *testing.T, ttl time.Duration) string {
+func (c *control) token(t testing.TB, ttl time.Duration) string {
 	t.Helper()
 	tok, err := NewJoinToken(context.Background(), c.st, c.ca, ttl)
 	if err != nil {

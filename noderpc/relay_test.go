@@ -20,7 +20,7 @@ import (
 
 // nodeMetadata is a node's metadata service for tests: every request comes
 // from sandbox id (as its source address would say) and goes to rc.
-func nodeMetadata(t *testing.T, rc *RelayClient, id string) string {
+func nodeMetadata(t testing.TB, rc *RelayClient, id string) string {
 	t.Helper()
 	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rc.ServeHTTP(w, r.WithContext(metadata.WithCaller(r.Context(), metadata.Sandbox{ID: id, Running: true})))
