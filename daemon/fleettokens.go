@@ -72,12 +72,17 @@ func (n *nodeIdentity) specFile(id string) (string, error) {
 	return filepath.Join(n.d.wi.filesAt, id, "files.json"), nil
 }
 
-func (n *nodeIdentity) Prepare(ctx context.Context, id string, slot int, files []node.IdentityFile) (sandbox.Bind, error) {
+func (n *nodeIdentity) Prepare(ctx context.Context, id string, slot int, files []node.IdentityFile) (_ sandbox.Bind, err error) {
 	spec, err := n.specFile(id)
 	if err != nil {
 		return sandbox.Bind{}, err
 	}
 	n.stop(id) // a start tried again
+	defer func() {
+		if err != nil {
+			n.Remove(id) // nothing half-written stays
+		}
+	}()
 	dir, err := n.d.wi.identityDir(&store.Sandbox{ID: id, Slot: slot})
 	if err != nil {
 		return sandbox.Bind{}, err
