@@ -227,6 +227,11 @@ func NewRelayClient(id *NodeIdentity, controlURL string, log *slog.Logger) (*Rel
 				}
 				return // the sandbox went away
 			}
+			if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
+				w.Header().Set("Connection", "close")
+				relayError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body over %d bytes", MaxRelayMCPBody))
+				return
+			}
 			log.Warn("fleet: relay to the control plane", "path", r.URL.Path, "err", err)
 			relayError(w, http.StatusBadGateway, "the control plane cannot be reached from this node: "+err.Error())
 		},

@@ -226,4 +226,11 @@ func TestRelayOnlyForItsSandboxes(t *testing.T) {
 	if code, body := get(t, "POST", nodeMetadata(t, slow, "sb-a")+"/mcp/hold", "{}"); code != http.StatusGatewayTimeout {
 		t.Errorf("no answer: %d %q, want 504", code, body)
 	}
+	// Without a Content-Length too.
+	chunked, _ := http.NewRequest("POST", fromA+"/mcp/tools", io.MultiReader(strings.NewReader(strings.Repeat("x", 2*MaxRelayMCPBody))))
+	if res, err := http.DefaultClient.Do(chunked); err != nil || res.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Errorf("oversized chunked MCP body: %v %v", res.StatusCode, err)
+	} else {
+		res.Body.Close()
+	}
 }
