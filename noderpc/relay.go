@@ -232,8 +232,10 @@ func NewRelayClient(id *NodeIdentity, controlURL string, log *slog.Logger) (*Rel
 				relayError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body over %d bytes", MaxRelayMCPBody))
 				return
 			}
+			// The details (the control plane's address) go to the node's
+			// log, not to the sandbox.
 			log.Warn("fleet: relay to the control plane", "path", r.URL.Path, "err", err)
-			relayError(w, http.StatusBadGateway, "the control plane cannot be reached from this node: "+err.Error())
+			relayError(w, http.StatusBadGateway, "the control plane cannot be reached from this node")
 		},
 	}
 	return c, nil
