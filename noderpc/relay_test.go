@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -232,5 +233,20 @@ func TestRelayOnlyForItsSandboxes(t *testing.T) {
 		t.Errorf("oversized chunked MCP body: %v %v", res.StatusCode, err)
 	} else {
 		res.Body.Close()
+	}
+
+	// A control plane out of reach: 502, without its address.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone := "https://" + l.Addr().String()
+	l.Close()
+	down, err := NewRelayClient(a, gone, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, body := get(t, "POST", nodeMetadata(t, down, "sb-a")+"/mcp/tools", "{}"); code != http.StatusBadGateway || strings.Contains(body, "127.0.0.1") {
+		t.Errorf("control plane out of reach: %d %q", code, body)
 	}
 }
