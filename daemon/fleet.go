@@ -81,6 +81,10 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		return err
 	}
 	go d.router.Run(ctx, noderpc.HeartbeatInterval)
+	if d.ingress != nil {
+		// Exposed ports of node sandboxes: through their node (DialSandbox).
+		d.ingress.srv.DialVia(d.router.DialSandbox)
+	}
 	// Nodes pull images from this registry: over TLS with the control
 	// plane's certificate (fleet CA), with the read-only pull credential
 	// they get over the mTLS fleet channel (RegistryAccess).
@@ -107,6 +111,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }, Workloads: fleetWorkloads{d}}
 	mux := http.NewServeMux()
 	mux.Handle(f.Handler())
+	mux.Handle(noderpc.RelayPrefix, d.fleetRelay())
 	l, err := net.Listen("tcp", cmpOr(fc.Listen, DefaultFleetListen))
 	if err != nil {
 		return fmt.Errorf("fleet listener: %w", err)
@@ -174,10 +179,10 @@ func (d *Daemon) apiNode() api.Node {
 }
 
 // fleetHooks are the sandbox hooks of control mode. The node-side ones
-// (identity token files, image mounts) would act on the control plane's
-// host, not the sandbox's node: requests needing them are refused with a
-// clear error rather than half-served. (Egress rules and the metadata
-// service are the nodes': fleetegress.go, fleetidentity.go; tunnel
+// (image mounts) would act on the control plane's host, not the sandbox's
+// node: requests needing them are refused with a clear error rather than
+// half-served. (Egress rules, the metadata service and the identity files
+// are the nodes': fleetegress.go, fleetidentity.go, fleettokens.go; tunnel
 // devices too, with the membership kept here: fleettunnel.go.)
 func (d *Daemon) fleetHooks() api.Hooks {
 	return api.Hooks{
@@ -185,7 +190,9 @@ func (d *Daemon) fleetHooks() api.Hooks {
 			if len(sb.Mounts) > 0 {
 				return fmt.Errorf("sandbox %s: image mounts are not available in fleet mode yet: %w", sb.ID, errdefs.ErrFailedPrecondition)
 			}
-			return nil
+			// Its identity files: its node writes them and keeps the
+			// tokens fresh (fleettokens.go).
+			return d.wi.fleetIdentityFiles(sb, req)
 		},
 		Started: d.ftun.started,
 		Ended: func(ctx context.Context, sb *store.Sandbox) {
@@ -389,12 +396,18 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		}
 	}
 	n := &NodeDaemon{d: d, ID: id.ID, cancel: d.cancel}
-	if err := d.startNodeMetadata(noderpc.NewWorkloadClient(id, opts.Join)); err != nil {
+	relay, err := noderpc.NewRelayClient(id, opts.Join, d.log.With("component", "metadata"))
+	if err != nil {
+		return nil, err
+	}
+	if err := d.startNodeMetadata(noderpc.NewWorkloadClient(id, opts.Join), relay); err != nil {
 		return nil, err
 	}
 	mux := http.NewServeMux()
+	ids := &nodeIdentity{d: d, stops: map[string][]func(){}}
+	ids.resume(nil) // a restarted node process: its sandboxes' tokens (Restore prunes)
 	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).
-		WithTunnels(nodeTunnels{d: d, host: d.tun.endpoint}).Handler())
+		WithTunnels(nodeTunnels{d: d, host: d.tun.endpoint}).WithIdentity(ids).WithDialer(d.dialSandbox).Handler())
 	l, err := net.Listen("tcp", opts.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("node API: %w", err)

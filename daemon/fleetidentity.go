@@ -40,7 +40,8 @@ func (w fleetWorkloads) Subject(ctx context.Context, id string) (identity.Subjec
 	if err != nil {
 		return identity.Subject{}, err
 	}
-	if sb.State != store.StateRunning {
+	// Creating: its node writes its token files before it starts.
+	if sb.State != store.StateRunning && sb.State != store.StateCreating {
 		return identity.Subject{}, fmt.Errorf("sandbox %q is %s: %w", id, sb.State, errdefs.ErrFailedPrecondition)
 	}
 	return w.d.wi.subject(ctx, sb)
@@ -145,14 +146,20 @@ func (w *nodeWorkloads) forget(id string) {
 	}
 }
 
-// startNodeMetadata serves the metadata service of a node's sandboxes.
-func (d *Daemon) startNodeMetadata(wc *noderpc.WorkloadClient) (err error) {
+// startNodeMetadata serves the metadata service of a node's sandboxes:
+// identities and tokens from the control plane (wc), the MCP gateway and
+// /api relayed to it (noderpc/relay.go), both as in the all-in-one daemon
+// (stock MCP clients send no Metadata-Flavor header).
+func (d *Daemon) startNodeMetadata(wc *noderpc.WorkloadClient, relay *noderpc.RelayClient) (err error) {
 	d.nodeWL = &nodeWorkloads{d: d, wc: wc, known: map[string]metadata.Sandbox{}}
 	if d.Metadata, err = metadata.New(metadata.Config{Issuer: d.nodeWL, Resolver: d.nodeWL, Logger: d.cfg.Logger}); err != nil {
 		return err
 	}
 	// The caller's tunnels with their members on every node.
 	d.Metadata.Handle("GET /v1/tunnels", http.HandlerFunc(d.tun.metadataTunnels))
+	for _, route := range noderpc.RelayRoutes {
+		d.Metadata.Handle(route, relay, metadata.WithoutFlavorHeader())
+	}
 	ml, err := net.Listen("tcp", netip.AddrPortFrom(d.Net.ServiceAddr(), d.cfg.MetadataPort).String())
 	if err != nil {
 		return fmt.Errorf("metadata service: %w", err)

@@ -143,24 +143,7 @@ func (w *workloadIdentity) prepare(ctx context.Context, sb *store.Sandbox, req *
 	if err != nil {
 		return err
 	}
-	feds := []func() (metadata.Federation, error){
-		func() (metadata.Federation, error) {
-			return metadata.ChalkAPIFederation(api.APIAudience, metadata.URL+"/api")
-		},
-	}
-	if w.queryURL != "" {
-		feds = append(feds, func() (metadata.Federation, error) { return metadata.ChalkQueryFederation(w.queryURL) })
-	}
-	if sb.AWSRoleARN != "" {
-		feds = append(feds, func() (metadata.Federation, error) {
-			return metadata.AWSFederation(sb.AWSRoleARN, sb.ID, cmp.Or(sb.AWSRegion, w.awsRegion))
-		})
-	}
-	if sb.GCPProvider != "" {
-		feds = append(feds, func() (metadata.Federation, error) {
-			return metadata.GCPFederation(sb.GCPProvider, sb.GCPServiceAccount)
-		})
-	}
+	feds := w.federations(sb)
 	var stops []func()
 	for _, mk := range feds {
 		f, err := mk()
@@ -192,6 +175,31 @@ func (w *workloadIdentity) prepare(ctx context.Context, sb *store.Sandbox, req *
 	w.mu.Unlock()
 	req.Binds = append(req.Binds, identityBind(dir))
 	return nil
+}
+
+// federations are the identity files and environment of sandbox sb: the
+// Chalk API token file, the query server's, and cloud federation when
+// asked for.
+func (w *workloadIdentity) federations(sb *store.Sandbox) []func() (metadata.Federation, error) {
+	feds := []func() (metadata.Federation, error){
+		func() (metadata.Federation, error) {
+			return metadata.ChalkAPIFederation(api.APIAudience, metadata.URL+"/api")
+		},
+	}
+	if w.queryURL != "" {
+		feds = append(feds, func() (metadata.Federation, error) { return metadata.ChalkQueryFederation(w.queryURL) })
+	}
+	if sb.AWSRoleARN != "" {
+		feds = append(feds, func() (metadata.Federation, error) {
+			return metadata.AWSFederation(sb.AWSRoleARN, sb.ID, cmp.Or(sb.AWSRegion, w.awsRegion))
+		})
+	}
+	if sb.GCPProvider != "" {
+		feds = append(feds, func() (metadata.Federation, error) {
+			return metadata.GCPFederation(sb.GCPProvider, sb.GCPServiceAccount)
+		})
+	}
+	return feds
 }
 
 func identityBind(dir string) sandbox.Bind {

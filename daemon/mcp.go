@@ -404,9 +404,17 @@ const MetadataName = "metadata.chalk.internal."
 // tunnels' names.
 func localNames(tun *tunnels) func(string, string) ([]netip.Addr, bool) {
 	return func(sandboxID, qname string) ([]netip.Addr, bool) {
-		if strings.EqualFold(dns.Fqdn(qname), MetadataName) {
-			return []netip.Addr{sandboxnet.MetadataAddr}, true
+		if addrs, ok := metadataName(sandboxID, qname); ok {
+			return addrs, true
 		}
 		return tun.resolveName(sandboxID, qname)
 	}
+}
+
+// metadataName resolves MetadataName (part of localNames, all-in-one and nodes).
+func metadataName(_, qname string) ([]netip.Addr, bool) {
+	if strings.EqualFold(dns.Fqdn(qname), MetadataName) {
+		return []netip.Addr{sandboxnet.MetadataAddr}, true
+	}
+	return nil, false
 }

@@ -104,6 +104,35 @@ type Server struct {
 
 	mu     sync.Mutex
 	routes map[key]*route
+	// dial, if set (DialVia), connects to sandbox ports instead of their
+	// addresses.
+	dial func(ctx context.Context, id string, port uint16) (net.Conn, error)
+}
+
+// dialHost is the host of a proxied request's URL under DialVia: it names
+// the sandbox, so that a kept-alive connection serves only its sandbox
+// and port (addresses of sandboxes on different nodes may be the same).
+const dialHost = ".sandbox.invalid"
+
+// DialVia makes the server reach sandbox ports with dial (in a fleet, the
+// control plane through the sandbox's node) rather than by the routes'
+// addresses. Call it before serving.
+func (s *Server) DialVia(dial func(ctx context.Context, id string, port uint16) (net.Conn, error)) {
+	s.dial = dial
+	s.tr.DialContext = func(ctx context.Context, _, addr string) (net.Conn, error) {
+		host, ps, err := net.SplitHostPort(addr)
+		if err != nil {
+			return nil, err
+		}
+		id, ok := strings.CutSuffix(host, dialHost)
+		port, perr := parsePort(ps)
+		if !ok || !validID(id) || perr != nil {
+			return nil, fmt.Errorf("ingress: dial %q: not a sandbox port", addr)
+		}
+		ctx, cancel := context.WithTimeout(ctx, s.cfg.Limits.DialTimeout)
+		defer cancel()
+		return dial(ctx, id, port)
+	}
 }
 
 // CookieName is the cookie a signed URL's token is kept in.
@@ -306,6 +335,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	defer leave()
 	t.addr = netip.AddrPortFrom(rt.Addr, rt.Port).String()
+	if s.dial != nil {
+		t.addr = net.JoinHostPort(k.id+dialHost, strconv.Itoa(int(k.port)))
+	}
 	s.proxy.ServeHTTP(w, r.WithContext(context.WithValue(ctx, targetKey{}, t)))
 }
 

@@ -322,3 +322,53 @@ func TestClientBounds(t *testing.T) {
 		t.Fatalf("16 KiB header: %d, want 431", resp.StatusCode)
 	}
 }
+
+// TestDialVia: with DialVia (a fleet's control plane), a route is reached
+// by its sandbox id and port through the dial function, never by its
+// address; two sandboxes with the same address (on different nodes) never
+// share a kept-alive connection, in either order; a dial's failure is a
+// 502.
+func TestDialVia(t *testing.T) {
+	backends := map[string]*httptest.Server{}
+	for _, id := range []string{"sb-000a", "sb-000b"} {
+		be := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, id) }))
+		t.Cleanup(be.Close)
+		backends[id] = be
+	}
+	s, err := New(Config{BaseURL: "http://ingress.test", Domain: "sbx.test", Key: testKey,
+		Authenticate: func(context.Context, string) (string, error) { return "", errors.New("no keys") }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dials atomic.Int32
+	s.DialVia(func(ctx context.Context, id string, port uint16) (net.Conn, error) {
+		dials.Add(1)
+		be, ok := backends[id]
+		if !ok || port != 8080 {
+			return nil, errors.New("no such sandbox port")
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", be.Listener.Addr().String())
+	})
+	same := netip.MustParseAddr("10.221.0.5") // both nodes gave their sandbox this address
+	for _, id := range []string{"sb-000a", "sb-000b", "sb-000c"} {
+		s.Add(Route{SandboxID: id, Port: 8080, OrgID: "a", Public: true, Addr: same})
+	}
+	front := httptest.NewServer(s)
+	t.Cleanup(front.Close)
+	t.Cleanup(s.Close)
+	for range 3 {
+		for _, id := range []string{"sb-000a", "sb-000b"} {
+			res, body := do(t, front, "8080-"+id+".sbx.test", "/")
+			if res.StatusCode != 200 || body != id {
+				t.Fatalf("%s: %d %q", id, res.StatusCode, body)
+			}
+		}
+	}
+	if n := dials.Load(); n != 2 {
+		t.Errorf("%d dials, want 2 (one kept-alive connection per sandbox)", n)
+	}
+	if res, _ := do(t, front, "8080-sb-000c.sbx.test", "/"); res.StatusCode != http.StatusBadGateway {
+		t.Errorf("a failed dial: %d, want 502", res.StatusCode)
+	}
+}

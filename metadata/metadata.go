@@ -172,6 +172,13 @@ func CallerFrom(ctx context.Context) (Sandbox, bool) {
 	return sb, ok
 }
 
+// WithCaller returns ctx naming sb as the caller (CallerFrom): for a
+// request relayed by a fleet node, whose caller the control plane
+// identified from the node's certificate and the sandbox's placement.
+func WithCaller(ctx context.Context, sb Sandbox) context.Context {
+	return context.WithValue(ctx, callerKey{}, sb)
+}
+
 // ServeHTTP identifies the caller by its source address and dispatches.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")

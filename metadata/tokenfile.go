@@ -15,9 +15,16 @@ import (
 	"github.com/chalkcompute/chalkcompute/identity"
 )
 
+// TokenMinter mints the tokens of a token file: the identity issuer
+// (*identity.Issuer), or on a fleet node its link to the control plane's.
+type TokenMinter interface {
+	Mint(ctx context.Context, s identity.Subject, audience string, ttl time.Duration) (string, time.Time, error)
+	Now() time.Time
+}
+
 // TokenFileConfig configures a token file; see StartTokenFileConfig.
 type TokenFileConfig struct {
-	Issuer   *identity.Issuer
+	Issuer   TokenMinter
 	Subject  identity.Subject
 	Audience string
 	// Path is the host path of the file, inside a directory that is

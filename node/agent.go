@@ -173,6 +173,16 @@ type StartRequest struct {
 	Pids       int64
 	DiskMB     int64 // writable-layer quota in MiB; 0 = the runtime's default
 	Binds      []sandbox.Bind
+	// Identity are the sandbox's identity files on a fleet node (its
+	// daemon writes them and adds their bind; the agent ignores them).
+	Identity []IdentityFile
+}
+
+// IdentityFile is a file of a sandbox's identity dir: a token file kept
+// fresh for Audience when set, else Content written once.
+type IdentityFile struct {
+	Name, Audience string
+	Content        []byte
 }
 
 // Started describes a sandbox that is up.

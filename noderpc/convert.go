@@ -61,6 +61,9 @@ func startToPB(r node.StartRequest) *nodev1.StartSpec {
 	for _, b := range r.Binds {
 		s.Binds = append(s.Binds, &nodev1.Bind{Source: b.Source, Dest: b.Dest, ReadOnly: b.ReadOnly})
 	}
+	for _, f := range r.Identity {
+		s.IdentityFiles = append(s.IdentityFiles, &nodev1.IdentityFile{Name: f.Name, Audience: f.Audience, Content: f.Content})
+	}
 	return s
 }
 
@@ -72,6 +75,9 @@ func startFromPB(s *nodev1.StartSpec) node.StartRequest {
 	}
 	for _, b := range s.Binds {
 		r.Binds = append(r.Binds, sandbox.Bind{Source: b.Source, Dest: b.Dest, ReadOnly: b.ReadOnly})
+	}
+	for _, f := range s.IdentityFiles {
+		r.Identity = append(r.Identity, node.IdentityFile{Name: f.Name, Audience: f.Audience, Content: f.Content})
 	}
 	return r
 }

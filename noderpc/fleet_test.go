@@ -32,9 +32,10 @@ type control struct {
 	fleet *Fleet
 	logs  *bytes.Buffer
 	dir   string
+	mux   *http.ServeMux // the fleet listener's routes
 }
 
-func newControl(t *testing.T) *control {
+func newControl(t testing.TB) *control {
 	t.Helper()
 	dir := t.TempDir()
 	ca, err := LoadOrCreateCA(filepath.Join(dir, "fleet"))
@@ -59,10 +60,10 @@ func newControl(t *testing.T) *control {
 	hs.TLS = ControlServerTLS(ca, cert)
 	hs.StartTLS()
 	t.Cleanup(hs.Close)
-	return &control{ca: ca, st: st, cert: cert, url: hs.URL, fleet: f, logs: logs, dir: dir}
+	return &control{ca: ca, st: st, cert: cert, url: hs.URL, fleet: f, logs: logs, dir: dir, mux: mux}
 }
 
-func (c *control) token(t *testing.T, ttl time.Duration) string {
+func (c *control) token(t testing.TB, ttl time.Duration) string {
 	t.Helper()
 	tok, err := NewJoinToken(context.Background(), c.st, c.ca, ttl)
 	if err != nil {

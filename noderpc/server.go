@@ -53,6 +53,10 @@ type Server struct {
 	egress Egress // nil: the node enforces no egress rules
 	// tunnels runs its sandboxes' tunnel devices (nil: none).
 	tunnels Tunnels
+	// identity, if set, keeps the sandboxes' identity files (identityfiles.go).
+	identity Identity
+	// dialer, if set, connects the control plane to sandbox ports (dial.go).
+	dialer SandboxDialer
 
 	mu     sync.Mutex
 	images map[string]*nodecache.Image // by digest, as EnsureImage returned them
@@ -186,8 +190,24 @@ func (s *Server) Start(ctx context.Context, req *connect.Request[nodev1.StartReq
 			return nil, fmt.Errorf("sandbox %q egress rules: %w", r.ID, err)
 		}
 	}
+	if len(r.Identity) > 0 {
+		if s.identity == nil {
+			return nil, fmt.Errorf("sandbox %q: this node keeps no identity files: %w", r.ID, errdefs.ErrFailedPrecondition)
+		}
+		if err := checkIdentityFiles(r.Identity); err != nil {
+			return nil, err
+		}
+		b, err := s.identity.Prepare(ctx, r.ID, r.Slot, r.Identity)
+		if err != nil {
+			return nil, fmt.Errorf("sandbox %q identity files: %w", r.ID, err)
+		}
+		r.Binds = append(r.Binds, b)
+	}
 	st, err := s.node.Start(ctx, r)
 	if err != nil {
+		if s.identity != nil && len(r.Identity) > 0 {
+			s.identity.Remove(r.ID)
+		}
 		return nil, err
 	}
 	return connect.NewResponse(&nodev1.StartResponse{Pid: int32(st.Pid), Net: netToPB(st.Net)}), nil
@@ -228,6 +248,9 @@ func (s *Server) Teardown(ctx context.Context, req *connect.Request[nodev1.Teard
 	if s.tunnels != nil {
 		s.tunnels.Leave(m.Id)
 	}
+	if s.identity != nil {
+		s.identity.Remove(m.Id)
+	}
 	return connect.NewResponse(&nodev1.TeardownResponse{Kept: kept}), nil
 }
 
@@ -240,6 +263,9 @@ func (s *Server) Destroy(ctx context.Context, req *connect.Request[nodev1.Destro
 	}
 	if s.tunnels != nil {
 		s.tunnels.Leave(req.Msg.Id)
+	}
+	if s.identity != nil {
+		s.identity.Remove(req.Msg.Id)
 	}
 	return connect.NewResponse(&nodev1.DestroyResponse{}), nil
 }
@@ -556,6 +582,9 @@ func (s *Server) Restore(ctx context.Context, req *connect.Request[nodev1.Restor
 	}
 	if s.egress != nil {
 		s.egress.Prune(ctx, live)
+	}
+	if s.identity != nil {
+		s.identity.Restore(ctx, live)
 	}
 	return connect.NewResponse(&nodev1.RestoreResponse{}), nil
 }

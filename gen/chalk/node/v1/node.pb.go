@@ -524,20 +524,25 @@ func (x *Bind) GetReadOnly() bool {
 }
 
 type StartSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Slot          int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
-	ImageRef      string                 `protobuf:"bytes,3,opt,name=image_ref,json=imageRef,proto3" json:"image_ref,omitempty"`
-	ImageDigest   string                 `protobuf:"bytes,4,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"`
-	Entrypoint    []string               `protobuf:"bytes,5,rep,name=entrypoint,proto3" json:"entrypoint,omitempty"`
-	Env           []string               `protobuf:"bytes,6,rep,name=env,proto3" json:"env,omitempty"`
-	Workdir       string                 `protobuf:"bytes,7,opt,name=workdir,proto3" json:"workdir,omitempty"`
-	User          string                 `protobuf:"bytes,8,opt,name=user,proto3" json:"user,omitempty"`
-	Cpu           float64                `protobuf:"fixed64,9,opt,name=cpu,proto3" json:"cpu,omitempty"`
-	Memory        int64                  `protobuf:"varint,10,opt,name=memory,proto3" json:"memory,omitempty"`
-	Pids          int64                  `protobuf:"varint,11,opt,name=pids,proto3" json:"pids,omitempty"`
-	DiskMb        int64                  `protobuf:"varint,12,opt,name=disk_mb,json=diskMb,proto3" json:"disk_mb,omitempty"`
-	Binds         []*Bind                `protobuf:"bytes,13,rep,name=binds,proto3" json:"binds,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Id          string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Slot        int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
+	ImageRef    string                 `protobuf:"bytes,3,opt,name=image_ref,json=imageRef,proto3" json:"image_ref,omitempty"`
+	ImageDigest string                 `protobuf:"bytes,4,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"`
+	Entrypoint  []string               `protobuf:"bytes,5,rep,name=entrypoint,proto3" json:"entrypoint,omitempty"`
+	Env         []string               `protobuf:"bytes,6,rep,name=env,proto3" json:"env,omitempty"`
+	Workdir     string                 `protobuf:"bytes,7,opt,name=workdir,proto3" json:"workdir,omitempty"`
+	User        string                 `protobuf:"bytes,8,opt,name=user,proto3" json:"user,omitempty"`
+	Cpu         float64                `protobuf:"fixed64,9,opt,name=cpu,proto3" json:"cpu,omitempty"`
+	Memory      int64                  `protobuf:"varint,10,opt,name=memory,proto3" json:"memory,omitempty"`
+	Pids        int64                  `protobuf:"varint,11,opt,name=pids,proto3" json:"pids,omitempty"`
+	DiskMb      int64                  `protobuf:"varint,12,opt,name=disk_mb,json=diskMb,proto3" json:"disk_mb,omitempty"`
+	Binds       []*Bind                `protobuf:"bytes,13,rep,name=binds,proto3" json:"binds,omitempty"`
+	// identity_files are the sandbox's identity files (token files kept
+	// fresh by the node with tokens it gets from FleetService.Workload, and
+	// files written once), in a dir the node binds read-only at
+	// /run/chalk/identity. No credential is among them.
+	IdentityFiles []*IdentityFile `protobuf:"bytes,14,rep,name=identity_files,json=identityFiles,proto3" json:"identity_files,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -663,6 +668,75 @@ func (x *StartSpec) GetBinds() []*Bind {
 	return nil
 }
 
+func (x *StartSpec) GetIdentityFiles() []*IdentityFile {
+	if x != nil {
+		return x.IdentityFiles
+	}
+	return nil
+}
+
+// IdentityFile is one file of a sandbox's identity dir: a token file when
+// audience is set (its tokens are for that audience), else content.
+type IdentityFile struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Audience      string                 `protobuf:"bytes,2,opt,name=audience,proto3" json:"audience,omitempty"`
+	Content       []byte                 `protobuf:"bytes,3,opt,name=content,proto3" json:"content,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IdentityFile) Reset() {
+	*x = IdentityFile{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IdentityFile) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IdentityFile) ProtoMessage() {}
+
+func (x *IdentityFile) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IdentityFile.ProtoReflect.Descriptor instead.
+func (*IdentityFile) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *IdentityFile) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *IdentityFile) GetAudience() string {
+	if x != nil {
+		return x.Audience
+	}
+	return ""
+}
+
+func (x *IdentityFile) GetContent() []byte {
+	if x != nil {
+		return x.Content
+	}
+	return nil
+}
+
 type StartRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Spec          *StartSpec             `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
@@ -672,7 +746,7 @@ type StartRequest struct {
 
 func (x *StartRequest) Reset() {
 	*x = StartRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[9]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -684,7 +758,7 @@ func (x *StartRequest) String() string {
 func (*StartRequest) ProtoMessage() {}
 
 func (x *StartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[9]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -697,7 +771,7 @@ func (x *StartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
 func (*StartRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{9}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *StartRequest) GetSpec() *StartSpec {
@@ -718,7 +792,7 @@ type UserNS struct {
 
 func (x *UserNS) Reset() {
 	*x = UserNS{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[10]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -730,7 +804,7 @@ func (x *UserNS) String() string {
 func (*UserNS) ProtoMessage() {}
 
 func (x *UserNS) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[10]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -743,7 +817,7 @@ func (x *UserNS) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserNS.ProtoReflect.Descriptor instead.
 func (*UserNS) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{10}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *UserNS) GetPath() string {
@@ -785,7 +859,7 @@ type Net struct {
 
 func (x *Net) Reset() {
 	*x = Net{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[11]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -797,7 +871,7 @@ func (x *Net) String() string {
 func (*Net) ProtoMessage() {}
 
 func (x *Net) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[11]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -810,7 +884,7 @@ func (x *Net) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Net.ProtoReflect.Descriptor instead.
 func (*Net) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{11}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Net) GetId() string {
@@ -886,7 +960,7 @@ type StartResponse struct {
 
 func (x *StartResponse) Reset() {
 	*x = StartResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[12]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -898,7 +972,7 @@ func (x *StartResponse) String() string {
 func (*StartResponse) ProtoMessage() {}
 
 func (x *StartResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[12]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -911,7 +985,7 @@ func (x *StartResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartResponse.ProtoReflect.Descriptor instead.
 func (*StartResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{12}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *StartResponse) GetPid() int32 {
@@ -938,7 +1012,7 @@ type WaitRequest struct {
 
 func (x *WaitRequest) Reset() {
 	*x = WaitRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[13]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -950,7 +1024,7 @@ func (x *WaitRequest) String() string {
 func (*WaitRequest) ProtoMessage() {}
 
 func (x *WaitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[13]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -963,7 +1037,7 @@ func (x *WaitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitRequest.ProtoReflect.Descriptor instead.
 func (*WaitRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{13}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *WaitRequest) GetId() string {
@@ -992,7 +1066,7 @@ type WaitResponse struct {
 
 func (x *WaitResponse) Reset() {
 	*x = WaitResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[14]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1004,7 +1078,7 @@ func (x *WaitResponse) String() string {
 func (*WaitResponse) ProtoMessage() {}
 
 func (x *WaitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[14]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1017,7 +1091,7 @@ func (x *WaitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitResponse.ProtoReflect.Descriptor instead.
 func (*WaitResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{14}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *WaitResponse) GetCode() int32 {
@@ -1057,7 +1131,7 @@ type RunningRequest struct {
 
 func (x *RunningRequest) Reset() {
 	*x = RunningRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[15]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1069,7 +1143,7 @@ func (x *RunningRequest) String() string {
 func (*RunningRequest) ProtoMessage() {}
 
 func (x *RunningRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[15]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1082,7 +1156,7 @@ func (x *RunningRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunningRequest.ProtoReflect.Descriptor instead.
 func (*RunningRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{15}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RunningRequest) GetId() string {
@@ -1102,7 +1176,7 @@ type RunningResponse struct {
 
 func (x *RunningResponse) Reset() {
 	*x = RunningResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[16]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1114,7 +1188,7 @@ func (x *RunningResponse) String() string {
 func (*RunningResponse) ProtoMessage() {}
 
 func (x *RunningResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[16]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1127,7 +1201,7 @@ func (x *RunningResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunningResponse.ProtoReflect.Descriptor instead.
 func (*RunningResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{16}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RunningResponse) GetPid() int32 {
@@ -1154,7 +1228,7 @@ type DestroyRequest struct {
 
 func (x *DestroyRequest) Reset() {
 	*x = DestroyRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[17]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1166,7 +1240,7 @@ func (x *DestroyRequest) String() string {
 func (*DestroyRequest) ProtoMessage() {}
 
 func (x *DestroyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[17]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1179,7 +1253,7 @@ func (x *DestroyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyRequest.ProtoReflect.Descriptor instead.
 func (*DestroyRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{17}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *DestroyRequest) GetId() string {
@@ -1204,7 +1278,7 @@ type DestroyResponse struct {
 
 func (x *DestroyResponse) Reset() {
 	*x = DestroyResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[18]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1216,7 +1290,7 @@ func (x *DestroyResponse) String() string {
 func (*DestroyResponse) ProtoMessage() {}
 
 func (x *DestroyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[18]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1229,7 +1303,7 @@ func (x *DestroyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyResponse.ProtoReflect.Descriptor instead.
 func (*DestroyResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{18}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{19}
 }
 
 type KillRequest struct {
@@ -1241,7 +1315,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[19]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1253,7 +1327,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[19]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1266,7 +1340,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{19}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *KillRequest) GetId() string {
@@ -1284,7 +1358,7 @@ type KillResponse struct {
 
 func (x *KillResponse) Reset() {
 	*x = KillResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[20]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1296,7 +1370,7 @@ func (x *KillResponse) String() string {
 func (*KillResponse) ProtoMessage() {}
 
 func (x *KillResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[20]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1309,7 +1383,7 @@ func (x *KillResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillResponse.ProtoReflect.Descriptor instead.
 func (*KillResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{20}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{21}
 }
 
 type TeardownRequest struct {
@@ -1326,7 +1400,7 @@ type TeardownRequest struct {
 
 func (x *TeardownRequest) Reset() {
 	*x = TeardownRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[21]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1338,7 +1412,7 @@ func (x *TeardownRequest) String() string {
 func (*TeardownRequest) ProtoMessage() {}
 
 func (x *TeardownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[21]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1351,7 +1425,7 @@ func (x *TeardownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TeardownRequest.ProtoReflect.Descriptor instead.
 func (*TeardownRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{21}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *TeardownRequest) GetId() string {
@@ -1392,7 +1466,7 @@ type TeardownResponse struct {
 
 func (x *TeardownResponse) Reset() {
 	*x = TeardownResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[22]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1404,7 +1478,7 @@ func (x *TeardownResponse) String() string {
 func (*TeardownResponse) ProtoMessage() {}
 
 func (x *TeardownResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[22]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1417,7 +1491,7 @@ func (x *TeardownResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TeardownResponse.ProtoReflect.Descriptor instead.
 func (*TeardownResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{22}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *TeardownResponse) GetKept() int64 {
@@ -1438,7 +1512,7 @@ type PTY struct {
 
 func (x *PTY) Reset() {
 	*x = PTY{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[23]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1450,7 +1524,7 @@ func (x *PTY) String() string {
 func (*PTY) ProtoMessage() {}
 
 func (x *PTY) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[23]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1463,7 +1537,7 @@ func (x *PTY) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PTY.ProtoReflect.Descriptor instead.
 func (*PTY) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{23}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PTY) GetRows() uint32 {
@@ -1502,7 +1576,7 @@ type ExecSpec struct {
 
 func (x *ExecSpec) Reset() {
 	*x = ExecSpec{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[24]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1514,7 +1588,7 @@ func (x *ExecSpec) String() string {
 func (*ExecSpec) ProtoMessage() {}
 
 func (x *ExecSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[24]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1527,7 +1601,7 @@ func (x *ExecSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecSpec.ProtoReflect.Descriptor instead.
 func (*ExecSpec) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{24}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ExecSpec) GetSandboxId() string {
@@ -1593,7 +1667,7 @@ type ExecInput struct {
 
 func (x *ExecInput) Reset() {
 	*x = ExecInput{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[25]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1605,7 +1679,7 @@ func (x *ExecInput) String() string {
 func (*ExecInput) ProtoMessage() {}
 
 func (x *ExecInput) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[25]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1618,7 +1692,7 @@ func (x *ExecInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecInput.ProtoReflect.Descriptor instead.
 func (*ExecInput) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{25}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ExecInput) GetInput() isExecInput_Input {
@@ -1688,7 +1762,7 @@ type ExecStarted struct {
 
 func (x *ExecStarted) Reset() {
 	*x = ExecStarted{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[26]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1700,7 +1774,7 @@ func (x *ExecStarted) String() string {
 func (*ExecStarted) ProtoMessage() {}
 
 func (x *ExecStarted) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[26]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1713,7 +1787,7 @@ func (x *ExecStarted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStarted.ProtoReflect.Descriptor instead.
 func (*ExecStarted) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{26}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ExecStarted) GetExecId() string {
@@ -1747,7 +1821,7 @@ type ExecExited struct {
 
 func (x *ExecExited) Reset() {
 	*x = ExecExited{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[27]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1759,7 +1833,7 @@ func (x *ExecExited) String() string {
 func (*ExecExited) ProtoMessage() {}
 
 func (x *ExecExited) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[27]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1772,7 +1846,7 @@ func (x *ExecExited) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecExited.ProtoReflect.Descriptor instead.
 func (*ExecExited) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{27}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ExecExited) GetCode() int32 {
@@ -1805,7 +1879,7 @@ type ExecOutput struct {
 
 func (x *ExecOutput) Reset() {
 	*x = ExecOutput{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[28]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1817,7 +1891,7 @@ func (x *ExecOutput) String() string {
 func (*ExecOutput) ProtoMessage() {}
 
 func (x *ExecOutput) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[28]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1830,7 +1904,7 @@ func (x *ExecOutput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecOutput.ProtoReflect.Descriptor instead.
 func (*ExecOutput) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{28}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ExecOutput) GetOutput() isExecOutput_Output {
@@ -1930,7 +2004,7 @@ type SignalExecRequest struct {
 
 func (x *SignalExecRequest) Reset() {
 	*x = SignalExecRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[29]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1942,7 +2016,7 @@ func (x *SignalExecRequest) String() string {
 func (*SignalExecRequest) ProtoMessage() {}
 
 func (x *SignalExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[29]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1955,7 +2029,7 @@ func (x *SignalExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalExecRequest.ProtoReflect.Descriptor instead.
 func (*SignalExecRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{29}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SignalExecRequest) GetExecId() string {
@@ -1980,7 +2054,7 @@ type SignalExecResponse struct {
 
 func (x *SignalExecResponse) Reset() {
 	*x = SignalExecResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[30]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1992,7 +2066,7 @@ func (x *SignalExecResponse) String() string {
 func (*SignalExecResponse) ProtoMessage() {}
 
 func (x *SignalExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[30]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2005,7 +2079,7 @@ func (x *SignalExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalExecResponse.ProtoReflect.Descriptor instead.
 func (*SignalExecResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{30}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{31}
 }
 
 type ResizeExecRequest struct {
@@ -2019,7 +2093,7 @@ type ResizeExecRequest struct {
 
 func (x *ResizeExecRequest) Reset() {
 	*x = ResizeExecRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[31]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2031,7 +2105,7 @@ func (x *ResizeExecRequest) String() string {
 func (*ResizeExecRequest) ProtoMessage() {}
 
 func (x *ResizeExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[31]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2044,7 +2118,7 @@ func (x *ResizeExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeExecRequest.ProtoReflect.Descriptor instead.
 func (*ResizeExecRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{31}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ResizeExecRequest) GetExecId() string {
@@ -2076,7 +2150,7 @@ type ResizeExecResponse struct {
 
 func (x *ResizeExecResponse) Reset() {
 	*x = ResizeExecResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[32]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2088,7 +2162,7 @@ func (x *ResizeExecResponse) String() string {
 func (*ResizeExecResponse) ProtoMessage() {}
 
 func (x *ResizeExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[32]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2101,7 +2175,7 @@ func (x *ResizeExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeExecResponse.ProtoReflect.Descriptor instead.
 func (*ResizeExecResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{32}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{33}
 }
 
 type ReadFileRequest struct {
@@ -2114,7 +2188,7 @@ type ReadFileRequest struct {
 
 func (x *ReadFileRequest) Reset() {
 	*x = ReadFileRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[33]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2126,7 +2200,7 @@ func (x *ReadFileRequest) String() string {
 func (*ReadFileRequest) ProtoMessage() {}
 
 func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[33]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2139,7 +2213,7 @@ func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileRequest.ProtoReflect.Descriptor instead.
 func (*ReadFileRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{33}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ReadFileRequest) GetSandboxId() string {
@@ -2165,7 +2239,7 @@ type FileChunk struct {
 
 func (x *FileChunk) Reset() {
 	*x = FileChunk{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[34]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2177,7 +2251,7 @@ func (x *FileChunk) String() string {
 func (*FileChunk) ProtoMessage() {}
 
 func (x *FileChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[34]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2190,7 +2264,7 @@ func (x *FileChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
 func (*FileChunk) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{34}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *FileChunk) GetData() []byte {
@@ -2211,7 +2285,7 @@ type WriteFileHeader struct {
 
 func (x *WriteFileHeader) Reset() {
 	*x = WriteFileHeader{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[35]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2223,7 +2297,7 @@ func (x *WriteFileHeader) String() string {
 func (*WriteFileHeader) ProtoMessage() {}
 
 func (x *WriteFileHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[35]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2236,7 +2310,7 @@ func (x *WriteFileHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileHeader.ProtoReflect.Descriptor instead.
 func (*WriteFileHeader) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{35}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *WriteFileHeader) GetSandboxId() string {
@@ -2273,7 +2347,7 @@ type WriteFileInput struct {
 
 func (x *WriteFileInput) Reset() {
 	*x = WriteFileInput{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[36]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2285,7 +2359,7 @@ func (x *WriteFileInput) String() string {
 func (*WriteFileInput) ProtoMessage() {}
 
 func (x *WriteFileInput) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[36]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2298,7 +2372,7 @@ func (x *WriteFileInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileInput.ProtoReflect.Descriptor instead.
 func (*WriteFileInput) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{36}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *WriteFileInput) GetInput() isWriteFileInput_Input {
@@ -2350,7 +2424,7 @@ type WriteFileResponse struct {
 
 func (x *WriteFileResponse) Reset() {
 	*x = WriteFileResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[37]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2362,7 +2436,7 @@ func (x *WriteFileResponse) String() string {
 func (*WriteFileResponse) ProtoMessage() {}
 
 func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[37]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2375,7 +2449,7 @@ func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileResponse.ProtoReflect.Descriptor instead.
 func (*WriteFileResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{37}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{38}
 }
 
 type FileInfo struct {
@@ -2391,7 +2465,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[38]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2403,7 +2477,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[38]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2416,7 +2490,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{38}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *FileInfo) GetName() string {
@@ -2464,7 +2538,7 @@ type ListDirRequest struct {
 
 func (x *ListDirRequest) Reset() {
 	*x = ListDirRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[39]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2476,7 +2550,7 @@ func (x *ListDirRequest) String() string {
 func (*ListDirRequest) ProtoMessage() {}
 
 func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[39]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2489,7 +2563,7 @@ func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirRequest.ProtoReflect.Descriptor instead.
 func (*ListDirRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{39}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ListDirRequest) GetSandboxId() string {
@@ -2515,7 +2589,7 @@ type ListDirResponse struct {
 
 func (x *ListDirResponse) Reset() {
 	*x = ListDirResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[40]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2527,7 +2601,7 @@ func (x *ListDirResponse) String() string {
 func (*ListDirResponse) ProtoMessage() {}
 
 func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[40]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2540,7 +2614,7 @@ func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirResponse.ProtoReflect.Descriptor instead.
 func (*ListDirResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{40}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ListDirResponse) GetEntries() []*FileInfo {
@@ -2561,7 +2635,7 @@ type RemoveRequest struct {
 
 func (x *RemoveRequest) Reset() {
 	*x = RemoveRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[41]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2573,7 +2647,7 @@ func (x *RemoveRequest) String() string {
 func (*RemoveRequest) ProtoMessage() {}
 
 func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[41]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2586,7 +2660,7 @@ func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveRequest.ProtoReflect.Descriptor instead.
 func (*RemoveRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{41}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RemoveRequest) GetSandboxId() string {
@@ -2618,7 +2692,7 @@ type RemoveResponse struct {
 
 func (x *RemoveResponse) Reset() {
 	*x = RemoveResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[42]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2630,7 +2704,7 @@ func (x *RemoveResponse) String() string {
 func (*RemoveResponse) ProtoMessage() {}
 
 func (x *RemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[42]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2643,7 +2717,7 @@ func (x *RemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveResponse.ProtoReflect.Descriptor instead.
 func (*RemoveResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{42}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{43}
 }
 
 type LogsInput struct {
@@ -2656,7 +2730,7 @@ type LogsInput struct {
 
 func (x *LogsInput) Reset() {
 	*x = LogsInput{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[43]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2668,7 +2742,7 @@ func (x *LogsInput) String() string {
 func (*LogsInput) ProtoMessage() {}
 
 func (x *LogsInput) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[43]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2681,7 +2755,7 @@ func (x *LogsInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsInput.ProtoReflect.Descriptor instead.
 func (*LogsInput) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{43}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *LogsInput) GetSandboxId() string {
@@ -2708,7 +2782,7 @@ type LogsOutput struct {
 
 func (x *LogsOutput) Reset() {
 	*x = LogsOutput{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[44]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2720,7 +2794,7 @@ func (x *LogsOutput) String() string {
 func (*LogsOutput) ProtoMessage() {}
 
 func (x *LogsOutput) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[44]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2733,7 +2807,7 @@ func (x *LogsOutput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsOutput.ProtoReflect.Descriptor instead.
 func (*LogsOutput) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{44}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *LogsOutput) GetData() []byte {
@@ -2759,7 +2833,7 @@ type LeftoversRequest struct {
 
 func (x *LeftoversRequest) Reset() {
 	*x = LeftoversRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[45]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2771,7 +2845,7 @@ func (x *LeftoversRequest) String() string {
 func (*LeftoversRequest) ProtoMessage() {}
 
 func (x *LeftoversRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[45]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2784,7 +2858,7 @@ func (x *LeftoversRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeftoversRequest.ProtoReflect.Descriptor instead.
 func (*LeftoversRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{45}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *LeftoversRequest) GetLive() map[string]int32 {
@@ -2803,7 +2877,7 @@ type LeftoversResponse struct {
 
 func (x *LeftoversResponse) Reset() {
 	*x = LeftoversResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[46]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2815,7 +2889,7 @@ func (x *LeftoversResponse) String() string {
 func (*LeftoversResponse) ProtoMessage() {}
 
 func (x *LeftoversResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[46]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2828,7 +2902,7 @@ func (x *LeftoversResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeftoversResponse.ProtoReflect.Descriptor instead.
 func (*LeftoversResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{46}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *LeftoversResponse) GetItems() []string {
@@ -2848,7 +2922,7 @@ type AdoptRequest struct {
 
 func (x *AdoptRequest) Reset() {
 	*x = AdoptRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[47]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2860,7 +2934,7 @@ func (x *AdoptRequest) String() string {
 func (*AdoptRequest) ProtoMessage() {}
 
 func (x *AdoptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[47]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2873,7 +2947,7 @@ func (x *AdoptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdoptRequest.ProtoReflect.Descriptor instead.
 func (*AdoptRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{47}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *AdoptRequest) GetId() string {
@@ -2898,7 +2972,7 @@ type AdoptResponse struct {
 
 func (x *AdoptResponse) Reset() {
 	*x = AdoptResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[48]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2910,7 +2984,7 @@ func (x *AdoptResponse) String() string {
 func (*AdoptResponse) ProtoMessage() {}
 
 func (x *AdoptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[48]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2923,7 +2997,7 @@ func (x *AdoptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdoptResponse.ProtoReflect.Descriptor instead.
 func (*AdoptResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{48}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{49}
 }
 
 type ClaimRequest struct {
@@ -2935,7 +3009,7 @@ type ClaimRequest struct {
 
 func (x *ClaimRequest) Reset() {
 	*x = ClaimRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[49]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2947,7 +3021,7 @@ func (x *ClaimRequest) String() string {
 func (*ClaimRequest) ProtoMessage() {}
 
 func (x *ClaimRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[49]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2960,7 +3034,7 @@ func (x *ClaimRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClaimRequest.ProtoReflect.Descriptor instead.
 func (*ClaimRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{49}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ClaimRequest) GetSpec() *StartSpec {
@@ -2981,7 +3055,7 @@ type ClaimResponse struct {
 
 func (x *ClaimResponse) Reset() {
 	*x = ClaimResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[50]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2993,7 +3067,7 @@ func (x *ClaimResponse) String() string {
 func (*ClaimResponse) ProtoMessage() {}
 
 func (x *ClaimResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[50]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3006,7 +3080,7 @@ func (x *ClaimResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClaimResponse.ProtoReflect.Descriptor instead.
 func (*ClaimResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{50}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ClaimResponse) GetId() string {
@@ -3039,7 +3113,7 @@ type UnclaimRequest struct {
 
 func (x *UnclaimRequest) Reset() {
 	*x = UnclaimRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[51]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3051,7 +3125,7 @@ func (x *UnclaimRequest) String() string {
 func (*UnclaimRequest) ProtoMessage() {}
 
 func (x *UnclaimRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[51]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3064,7 +3138,7 @@ func (x *UnclaimRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnclaimRequest.ProtoReflect.Descriptor instead.
 func (*UnclaimRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{51}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *UnclaimRequest) GetId() string {
@@ -3082,7 +3156,7 @@ type UnclaimResponse struct {
 
 func (x *UnclaimResponse) Reset() {
 	*x = UnclaimResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[52]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3094,7 +3168,7 @@ func (x *UnclaimResponse) String() string {
 func (*UnclaimResponse) ProtoMessage() {}
 
 func (x *UnclaimResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[52]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3107,7 +3181,7 @@ func (x *UnclaimResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnclaimResponse.ProtoReflect.Descriptor instead.
 func (*UnclaimResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{52}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{53}
 }
 
 type RestoreRequest struct {
@@ -3119,7 +3193,7 @@ type RestoreRequest struct {
 
 func (x *RestoreRequest) Reset() {
 	*x = RestoreRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[53]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3131,7 +3205,7 @@ func (x *RestoreRequest) String() string {
 func (*RestoreRequest) ProtoMessage() {}
 
 func (x *RestoreRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[53]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3144,7 +3218,7 @@ func (x *RestoreRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreRequest.ProtoReflect.Descriptor instead.
 func (*RestoreRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{53}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *RestoreRequest) GetLive() map[string]int32 {
@@ -3162,7 +3236,7 @@ type RestoreResponse struct {
 
 func (x *RestoreResponse) Reset() {
 	*x = RestoreResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[54]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3174,7 +3248,7 @@ func (x *RestoreResponse) String() string {
 func (*RestoreResponse) ProtoMessage() {}
 
 func (x *RestoreResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[54]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3187,7 +3261,7 @@ func (x *RestoreResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreResponse.ProtoReflect.Descriptor instead.
 func (*RestoreResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{54}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{55}
 }
 
 type SetPrestartedRequest struct {
@@ -3201,7 +3275,7 @@ type SetPrestartedRequest struct {
 
 func (x *SetPrestartedRequest) Reset() {
 	*x = SetPrestartedRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[55]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3213,7 +3287,7 @@ func (x *SetPrestartedRequest) String() string {
 func (*SetPrestartedRequest) ProtoMessage() {}
 
 func (x *SetPrestartedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[55]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3226,7 +3300,7 @@ func (x *SetPrestartedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPrestartedRequest.ProtoReflect.Descriptor instead.
 func (*SetPrestartedRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{55}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *SetPrestartedRequest) GetImageRef() string {
@@ -3260,7 +3334,7 @@ type SetPrestartedEvent struct {
 
 func (x *SetPrestartedEvent) Reset() {
 	*x = SetPrestartedEvent{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[56]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3272,7 +3346,7 @@ func (x *SetPrestartedEvent) String() string {
 func (*SetPrestartedEvent) ProtoMessage() {}
 
 func (x *SetPrestartedEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[56]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3285,7 +3359,7 @@ func (x *SetPrestartedEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPrestartedEvent.ProtoReflect.Descriptor instead.
 func (*SetPrestartedEvent) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{56}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *SetPrestartedEvent) GetReady() int32 {
@@ -3312,7 +3386,7 @@ type SetPausedRequest struct {
 
 func (x *SetPausedRequest) Reset() {
 	*x = SetPausedRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[57]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3324,7 +3398,7 @@ func (x *SetPausedRequest) String() string {
 func (*SetPausedRequest) ProtoMessage() {}
 
 func (x *SetPausedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[57]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3337,7 +3411,7 @@ func (x *SetPausedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPausedRequest.ProtoReflect.Descriptor instead.
 func (*SetPausedRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{57}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *SetPausedRequest) GetId() string {
@@ -3362,7 +3436,7 @@ type SetPausedResponse struct {
 
 func (x *SetPausedResponse) Reset() {
 	*x = SetPausedResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[58]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3374,7 +3448,7 @@ func (x *SetPausedResponse) String() string {
 func (*SetPausedResponse) ProtoMessage() {}
 
 func (x *SetPausedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[58]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3387,7 +3461,7 @@ func (x *SetPausedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPausedResponse.ProtoReflect.Descriptor instead.
 func (*SetPausedResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{58}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{59}
 }
 
 // NetworkPolicy is an egress.Policy (the control plane resolved it from
@@ -3403,7 +3477,7 @@ type NetworkPolicy struct {
 
 func (x *NetworkPolicy) Reset() {
 	*x = NetworkPolicy{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[59]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3415,7 +3489,7 @@ func (x *NetworkPolicy) String() string {
 func (*NetworkPolicy) ProtoMessage() {}
 
 func (x *NetworkPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[59]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3428,7 +3502,7 @@ func (x *NetworkPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkPolicy.ProtoReflect.Descriptor instead.
 func (*NetworkPolicy) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{59}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *NetworkPolicy) GetName() string {
@@ -3463,7 +3537,7 @@ type ApplyEgressRequest struct {
 
 func (x *ApplyEgressRequest) Reset() {
 	*x = ApplyEgressRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[60]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3475,7 +3549,7 @@ func (x *ApplyEgressRequest) String() string {
 func (*ApplyEgressRequest) ProtoMessage() {}
 
 func (x *ApplyEgressRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[60]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3488,7 +3562,7 @@ func (x *ApplyEgressRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyEgressRequest.ProtoReflect.Descriptor instead.
 func (*ApplyEgressRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{60}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *ApplyEgressRequest) GetId() string {
@@ -3521,7 +3595,7 @@ type ApplyEgressResponse struct {
 
 func (x *ApplyEgressResponse) Reset() {
 	*x = ApplyEgressResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[61]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3533,7 +3607,7 @@ func (x *ApplyEgressResponse) String() string {
 func (*ApplyEgressResponse) ProtoMessage() {}
 
 func (x *ApplyEgressResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[61]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3546,7 +3620,7 @@ func (x *ApplyEgressResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyEgressResponse.ProtoReflect.Descriptor instead.
 func (*ApplyEgressResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{61}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *ApplyEgressResponse) GetHash() string {
@@ -3565,7 +3639,7 @@ type EgressDropsRequest struct {
 
 func (x *EgressDropsRequest) Reset() {
 	*x = EgressDropsRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3577,7 +3651,7 @@ func (x *EgressDropsRequest) String() string {
 func (*EgressDropsRequest) ProtoMessage() {}
 
 func (x *EgressDropsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[62]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3590,7 +3664,7 @@ func (x *EgressDropsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EgressDropsRequest.ProtoReflect.Descriptor instead.
 func (*EgressDropsRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{62}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *EgressDropsRequest) GetId() string {
@@ -3615,7 +3689,7 @@ type EgressDrop struct {
 
 func (x *EgressDrop) Reset() {
 	*x = EgressDrop{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3627,7 +3701,7 @@ func (x *EgressDrop) String() string {
 func (*EgressDrop) ProtoMessage() {}
 
 func (x *EgressDrop) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[63]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3640,7 +3714,7 @@ func (x *EgressDrop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EgressDrop.ProtoReflect.Descriptor instead.
 func (*EgressDrop) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{63}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *EgressDrop) GetTimeUnixNano() int64 {
@@ -3694,7 +3768,7 @@ type EgressDropsResponse struct {
 
 func (x *EgressDropsResponse) Reset() {
 	*x = EgressDropsResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3706,7 +3780,7 @@ func (x *EgressDropsResponse) String() string {
 func (*EgressDropsResponse) ProtoMessage() {}
 
 func (x *EgressDropsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[64]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3719,7 +3793,7 @@ func (x *EgressDropsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EgressDropsResponse.ProtoReflect.Descriptor instead.
 func (*EgressDropsResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{64}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *EgressDropsResponse) GetDrops() []*EgressDrop {
@@ -3728,6 +3802,238 @@ func (x *EgressDropsResponse) GetDrops() []*EgressDrop {
 	}
 	return nil
 }
+
+type DialTarget struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Port          uint32                 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DialTarget) Reset() {
+	*x = DialTarget{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DialTarget) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DialTarget) ProtoMessage() {}
+
+func (x *DialTarget) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DialTarget.ProtoReflect.Descriptor instead.
+func (*DialTarget) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{66}
+}
+
+func (x *DialTarget) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *DialTarget) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+type DialInput struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Input:
+	//
+	//	*DialInput_Target
+	//	*DialInput_Data
+	//	*DialInput_CloseWrite
+	Input         isDialInput_Input `protobuf_oneof:"input"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DialInput) Reset() {
+	*x = DialInput{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DialInput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DialInput) ProtoMessage() {}
+
+func (x *DialInput) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DialInput.ProtoReflect.Descriptor instead.
+func (*DialInput) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{67}
+}
+
+func (x *DialInput) GetInput() isDialInput_Input {
+	if x != nil {
+		return x.Input
+	}
+	return nil
+}
+
+func (x *DialInput) GetTarget() *DialTarget {
+	if x != nil {
+		if x, ok := x.Input.(*DialInput_Target); ok {
+			return x.Target
+		}
+	}
+	return nil
+}
+
+func (x *DialInput) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Input.(*DialInput_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+func (x *DialInput) GetCloseWrite() bool {
+	if x != nil {
+		if x, ok := x.Input.(*DialInput_CloseWrite); ok {
+			return x.CloseWrite
+		}
+	}
+	return false
+}
+
+type isDialInput_Input interface {
+	isDialInput_Input()
+}
+
+type DialInput_Target struct {
+	Target *DialTarget `protobuf:"bytes,1,opt,name=target,proto3,oneof"`
+}
+
+type DialInput_Data struct {
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+type DialInput_CloseWrite struct {
+	CloseWrite bool `protobuf:"varint,3,opt,name=close_write,json=closeWrite,proto3,oneof"`
+}
+
+func (*DialInput_Target) isDialInput_Input() {}
+
+func (*DialInput_Data) isDialInput_Input() {}
+
+func (*DialInput_CloseWrite) isDialInput_Input() {}
+
+type DialOutput struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Output:
+	//
+	//	*DialOutput_Connected
+	//	*DialOutput_Data
+	Output        isDialOutput_Output `protobuf_oneof:"output"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DialOutput) Reset() {
+	*x = DialOutput{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DialOutput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DialOutput) ProtoMessage() {}
+
+func (x *DialOutput) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DialOutput.ProtoReflect.Descriptor instead.
+func (*DialOutput) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *DialOutput) GetOutput() isDialOutput_Output {
+	if x != nil {
+		return x.Output
+	}
+	return nil
+}
+
+func (x *DialOutput) GetConnected() bool {
+	if x != nil {
+		if x, ok := x.Output.(*DialOutput_Connected); ok {
+			return x.Connected
+		}
+	}
+	return false
+}
+
+func (x *DialOutput) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Output.(*DialOutput_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+type isDialOutput_Output interface {
+	isDialOutput_Output()
+}
+
+type DialOutput_Connected struct {
+	Connected bool `protobuf:"varint,1,opt,name=connected,proto3,oneof"`
+}
+
+type DialOutput_Data struct {
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+func (*DialOutput_Connected) isDialOutput_Output() {}
+
+func (*DialOutput_Data) isDialOutput_Output() {}
 
 type SnapshotSpec struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -3743,7 +4049,7 @@ type SnapshotSpec struct {
 
 func (x *SnapshotSpec) Reset() {
 	*x = SnapshotSpec{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3755,7 +4061,7 @@ func (x *SnapshotSpec) String() string {
 func (*SnapshotSpec) ProtoMessage() {}
 
 func (x *SnapshotSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[65]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3768,7 +4074,7 @@ func (x *SnapshotSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotSpec.ProtoReflect.Descriptor instead.
 func (*SnapshotSpec) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{65}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *SnapshotSpec) GetId() string {
@@ -3822,7 +4128,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3834,7 +4140,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[66]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3847,7 +4153,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{66}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *SnapshotRequest) GetSpec() *SnapshotSpec {
@@ -3870,7 +4176,7 @@ type SnapshotResult struct {
 
 func (x *SnapshotResult) Reset() {
 	*x = SnapshotResult{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3882,7 +4188,7 @@ func (x *SnapshotResult) String() string {
 func (*SnapshotResult) ProtoMessage() {}
 
 func (x *SnapshotResult) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[67]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3895,7 +4201,7 @@ func (x *SnapshotResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResult.ProtoReflect.Descriptor instead.
 func (*SnapshotResult) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{67}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *SnapshotResult) GetRef() string {
@@ -3946,7 +4252,7 @@ type SnapshotEvent struct {
 
 func (x *SnapshotEvent) Reset() {
 	*x = SnapshotEvent{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3958,7 +4264,7 @@ func (x *SnapshotEvent) String() string {
 func (*SnapshotEvent) ProtoMessage() {}
 
 func (x *SnapshotEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[68]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3971,7 +4277,7 @@ func (x *SnapshotEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotEvent.ProtoReflect.Descriptor instead.
 func (*SnapshotEvent) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{68}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *SnapshotEvent) GetEvent() isSnapshotEvent_Event {
@@ -4027,7 +4333,7 @@ type Capacity struct {
 
 func (x *Capacity) Reset() {
 	*x = Capacity{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4039,7 +4345,7 @@ func (x *Capacity) String() string {
 func (*Capacity) ProtoMessage() {}
 
 func (x *Capacity) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4052,7 +4358,7 @@ func (x *Capacity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Capacity.ProtoReflect.Descriptor instead.
 func (*Capacity) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{69}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *Capacity) GetCpu() float64 {
@@ -4092,7 +4398,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4104,7 +4410,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4117,7 +4423,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{70}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *JoinRequest) GetToken() string {
@@ -4166,7 +4472,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4178,7 +4484,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4191,7 +4497,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{71}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *JoinResponse) GetNodeId() string {
@@ -4226,7 +4532,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4238,7 +4544,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4251,7 +4557,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{72}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *HeartbeatRequest) GetNodeId() string {
@@ -4285,7 +4591,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4297,7 +4603,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4310,7 +4616,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{73}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *HeartbeatResponse) GetState() string {
@@ -4329,7 +4635,7 @@ type RegistryAccessRequest struct {
 
 func (x *RegistryAccessRequest) Reset() {
 	*x = RegistryAccessRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4341,7 +4647,7 @@ func (x *RegistryAccessRequest) String() string {
 func (*RegistryAccessRequest) ProtoMessage() {}
 
 func (x *RegistryAccessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4354,7 +4660,7 @@ func (x *RegistryAccessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegistryAccessRequest.ProtoReflect.Descriptor instead.
 func (*RegistryAccessRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{74}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *RegistryAccessRequest) GetNodeId() string {
@@ -4378,7 +4684,7 @@ type RegistryAccessResponse struct {
 
 func (x *RegistryAccessResponse) Reset() {
 	*x = RegistryAccessResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4390,7 +4696,7 @@ func (x *RegistryAccessResponse) String() string {
 func (*RegistryAccessResponse) ProtoMessage() {}
 
 func (x *RegistryAccessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4403,7 +4709,7 @@ func (x *RegistryAccessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegistryAccessResponse.ProtoReflect.Descriptor instead.
 func (*RegistryAccessResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{75}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *RegistryAccessResponse) GetAddr() string {
@@ -4438,7 +4744,7 @@ type WorkloadRequest struct {
 
 func (x *WorkloadRequest) Reset() {
 	*x = WorkloadRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4450,7 +4756,7 @@ func (x *WorkloadRequest) String() string {
 func (*WorkloadRequest) ProtoMessage() {}
 
 func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4463,7 +4769,7 @@ func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadRequest.ProtoReflect.Descriptor instead.
 func (*WorkloadRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{76}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *WorkloadRequest) GetSandboxId() string {
@@ -4502,7 +4808,7 @@ type WorkloadResponse struct {
 
 func (x *WorkloadResponse) Reset() {
 	*x = WorkloadResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4514,7 +4820,7 @@ func (x *WorkloadResponse) String() string {
 func (*WorkloadResponse) ProtoMessage() {}
 
 func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4527,7 +4833,7 @@ func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadResponse.ProtoReflect.Descriptor instead.
 func (*WorkloadResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{77}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *WorkloadResponse) GetOrgId() string {
@@ -4594,7 +4900,7 @@ type TunnelJoinRequest struct {
 
 func (x *TunnelJoinRequest) Reset() {
 	*x = TunnelJoinRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4606,7 +4912,7 @@ func (x *TunnelJoinRequest) String() string {
 func (*TunnelJoinRequest) ProtoMessage() {}
 
 func (x *TunnelJoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4619,7 +4925,7 @@ func (x *TunnelJoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelJoinRequest.ProtoReflect.Descriptor instead.
 func (*TunnelJoinRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{78}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *TunnelJoinRequest) GetSandboxId() string {
@@ -4680,7 +4986,7 @@ type TunnelJoinResponse struct {
 
 func (x *TunnelJoinResponse) Reset() {
 	*x = TunnelJoinResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4692,7 +4998,7 @@ func (x *TunnelJoinResponse) String() string {
 func (*TunnelJoinResponse) ProtoMessage() {}
 
 func (x *TunnelJoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4705,7 +5011,7 @@ func (x *TunnelJoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelJoinResponse.ProtoReflect.Descriptor instead.
 func (*TunnelJoinResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{79}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *TunnelJoinResponse) GetPublicKey() string {
@@ -4738,7 +5044,7 @@ type TunnelLeaveRequest struct {
 
 func (x *TunnelLeaveRequest) Reset() {
 	*x = TunnelLeaveRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4750,7 +5056,7 @@ func (x *TunnelLeaveRequest) String() string {
 func (*TunnelLeaveRequest) ProtoMessage() {}
 
 func (x *TunnelLeaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4763,7 +5069,7 @@ func (x *TunnelLeaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelLeaveRequest.ProtoReflect.Descriptor instead.
 func (*TunnelLeaveRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{80}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *TunnelLeaveRequest) GetSandboxId() string {
@@ -4781,7 +5087,7 @@ type TunnelLeaveResponse struct {
 
 func (x *TunnelLeaveResponse) Reset() {
 	*x = TunnelLeaveResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4793,7 +5099,7 @@ func (x *TunnelLeaveResponse) String() string {
 func (*TunnelLeaveResponse) ProtoMessage() {}
 
 func (x *TunnelLeaveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4806,7 +5112,7 @@ func (x *TunnelLeaveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelLeaveResponse.ProtoReflect.Descriptor instead.
 func (*TunnelLeaveResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{81}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{85}
 }
 
 // TunnelRemote is a member of the tunnel placed on another node.
@@ -4822,7 +5128,7 @@ type TunnelRemote struct {
 
 func (x *TunnelRemote) Reset() {
 	*x = TunnelRemote{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[82]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4834,7 +5140,7 @@ func (x *TunnelRemote) String() string {
 func (*TunnelRemote) ProtoMessage() {}
 
 func (x *TunnelRemote) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[82]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4847,7 +5153,7 @@ func (x *TunnelRemote) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelRemote.ProtoReflect.Descriptor instead.
 func (*TunnelRemote) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{82}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *TunnelRemote) GetSandboxId() string {
@@ -4890,7 +5196,7 @@ type TunnelExternalPeer struct {
 
 func (x *TunnelExternalPeer) Reset() {
 	*x = TunnelExternalPeer{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[83]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4902,7 +5208,7 @@ func (x *TunnelExternalPeer) String() string {
 func (*TunnelExternalPeer) ProtoMessage() {}
 
 func (x *TunnelExternalPeer) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[83]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4915,7 +5221,7 @@ func (x *TunnelExternalPeer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelExternalPeer.ProtoReflect.Descriptor instead.
 func (*TunnelExternalPeer) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{83}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *TunnelExternalPeer) GetPublicKey() string {
@@ -4951,7 +5257,7 @@ type TunnelSyncRequest struct {
 
 func (x *TunnelSyncRequest) Reset() {
 	*x = TunnelSyncRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[84]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4963,7 +5269,7 @@ func (x *TunnelSyncRequest) String() string {
 func (*TunnelSyncRequest) ProtoMessage() {}
 
 func (x *TunnelSyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[84]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4976,7 +5282,7 @@ func (x *TunnelSyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelSyncRequest.ProtoReflect.Descriptor instead.
 func (*TunnelSyncRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{84}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *TunnelSyncRequest) GetTunnel() string {
@@ -5018,7 +5324,7 @@ type TunnelSyncResponse struct {
 
 func (x *TunnelSyncResponse) Reset() {
 	*x = TunnelSyncResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[85]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5030,7 +5336,7 @@ func (x *TunnelSyncResponse) String() string {
 func (*TunnelSyncResponse) ProtoMessage() {}
 
 func (x *TunnelSyncResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[85]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5043,7 +5349,7 @@ func (x *TunnelSyncResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelSyncResponse.ProtoReflect.Descriptor instead.
 func (*TunnelSyncResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{85}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *TunnelSyncResponse) GetMembers() []*TunnelRemote {
@@ -5089,7 +5395,7 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\x04Bind\x12\x16\n" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12\x12\n" +
 	"\x04dest\x18\x02 \x01(\tR\x04dest\x12\x1b\n" +
-	"\tread_only\x18\x03 \x01(\bR\breadOnly\"\xd1\x02\n" +
+	"\tread_only\x18\x03 \x01(\bR\breadOnly\"\x95\x03\n" +
 	"\tStartSpec\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04slot\x18\x02 \x01(\x05R\x04slot\x12\x1b\n" +
@@ -5106,7 +5412,12 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	" \x01(\x03R\x06memory\x12\x12\n" +
 	"\x04pids\x18\v \x01(\x03R\x04pids\x12\x17\n" +
 	"\adisk_mb\x18\f \x01(\x03R\x06diskMb\x12)\n" +
-	"\x05binds\x18\r \x03(\v2\x13.chalk.node.v1.BindR\x05binds\"<\n" +
+	"\x05binds\x18\r \x03(\v2\x13.chalk.node.v1.BindR\x05binds\x12B\n" +
+	"\x0eidentity_files\x18\x0e \x03(\v2\x1b.chalk.node.v1.IdentityFileR\ridentityFiles\"X\n" +
+	"\fIdentityFile\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\baudience\x18\x02 \x01(\tR\baudience\x12\x18\n" +
+	"\acontent\x18\x03 \x01(\fR\acontent\"<\n" +
 	"\fStartRequest\x12,\n" +
 	"\x04spec\x18\x01 \x01(\v2\x18.chalk.node.v1.StartSpecR\x04spec\"I\n" +
 	"\x06UserNS\x12\x12\n" +
@@ -5301,7 +5612,23 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\x04name\x18\x05 \x01(\tR\x04name\x12\x14\n" +
 	"\x05count\x18\x06 \x01(\x03R\x05count\"F\n" +
 	"\x13EgressDropsResponse\x12/\n" +
-	"\x05drops\x18\x01 \x03(\v2\x19.chalk.node.v1.EgressDropR\x05drops\"\xa8\x01\n" +
+	"\x05drops\x18\x01 \x03(\v2\x19.chalk.node.v1.EgressDropR\x05drops\"?\n" +
+	"\n" +
+	"DialTarget\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\"\x82\x01\n" +
+	"\tDialInput\x123\n" +
+	"\x06target\x18\x01 \x01(\v2\x19.chalk.node.v1.DialTargetH\x00R\x06target\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04data\x12!\n" +
+	"\vclose_write\x18\x03 \x01(\bH\x00R\n" +
+	"closeWriteB\a\n" +
+	"\x05input\"L\n" +
+	"\n" +
+	"DialOutput\x12\x1e\n" +
+	"\tconnected\x18\x01 \x01(\bH\x00R\tconnected\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\b\n" +
+	"\x06output\"\xa8\x01\n" +
 	"\fSnapshotSpec\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04slot\x18\x02 \x01(\x05R\x04slot\x12\x1b\n" +
@@ -5398,7 +5725,7 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\aremotes\x18\x03 \x03(\v2\x1b.chalk.node.v1.TunnelRemoteR\aremotes\x127\n" +
 	"\x05peers\x18\x04 \x03(\v2!.chalk.node.v1.TunnelExternalPeerR\x05peers\"K\n" +
 	"\x12TunnelSyncResponse\x125\n" +
-	"\amembers\x18\x01 \x03(\v2\x1b.chalk.node.v1.TunnelRemoteR\amembers2\xbb\x11\n" +
+	"\amembers\x18\x01 \x03(\v2\x1b.chalk.node.v1.TunnelRemoteR\amembers2\x83\x12\n" +
 	"\vNodeService\x12T\n" +
 	"\vReserveSlot\x12!.chalk.node.v1.ReserveSlotRequest\x1a\".chalk.node.v1.ReserveSlotResponse\x12S\n" +
 	"\vEnsureImage\x12!.chalk.node.v1.EnsureImageRequest\x1a\x1f.chalk.node.v1.EnsureImageEvent0\x01\x12B\n" +
@@ -5432,7 +5759,8 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"TunnelJoin\x12 .chalk.node.v1.TunnelJoinRequest\x1a!.chalk.node.v1.TunnelJoinResponse\x12T\n" +
 	"\vTunnelLeave\x12!.chalk.node.v1.TunnelLeaveRequest\x1a\".chalk.node.v1.TunnelLeaveResponse\x12Q\n" +
 	"\n" +
-	"TunnelSync\x12 .chalk.node.v1.TunnelSyncRequest\x1a!.chalk.node.v1.TunnelSyncResponse2\xcb\x02\n" +
+	"TunnelSync\x12 .chalk.node.v1.TunnelSyncRequest\x1a!.chalk.node.v1.TunnelSyncResponse\x12F\n" +
+	"\vDialSandbox\x12\x18.chalk.node.v1.DialInput\x1a\x19.chalk.node.v1.DialOutput(\x010\x012\xcb\x02\n" +
 	"\fFleetService\x12?\n" +
 	"\x04Join\x12\x1a.chalk.node.v1.JoinRequest\x1a\x1b.chalk.node.v1.JoinResponse\x12N\n" +
 	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponse\x12]\n" +
@@ -5451,7 +5779,7 @@ func file_chalk_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_chalk_node_v1_node_proto_rawDescData
 }
 
-var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 88)
+var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 92)
 var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*ReserveSlotRequest)(nil),     // 0: chalk.node.v1.ReserveSlotRequest
 	(*ReserveSlotResponse)(nil),    // 1: chalk.node.v1.ReserveSlotResponse
@@ -5462,85 +5790,89 @@ var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*EnsureImageEvent)(nil),       // 6: chalk.node.v1.EnsureImageEvent
 	(*Bind)(nil),                   // 7: chalk.node.v1.Bind
 	(*StartSpec)(nil),              // 8: chalk.node.v1.StartSpec
-	(*StartRequest)(nil),           // 9: chalk.node.v1.StartRequest
-	(*UserNS)(nil),                 // 10: chalk.node.v1.UserNS
-	(*Net)(nil),                    // 11: chalk.node.v1.Net
-	(*StartResponse)(nil),          // 12: chalk.node.v1.StartResponse
-	(*WaitRequest)(nil),            // 13: chalk.node.v1.WaitRequest
-	(*WaitResponse)(nil),           // 14: chalk.node.v1.WaitResponse
-	(*RunningRequest)(nil),         // 15: chalk.node.v1.RunningRequest
-	(*RunningResponse)(nil),        // 16: chalk.node.v1.RunningResponse
-	(*DestroyRequest)(nil),         // 17: chalk.node.v1.DestroyRequest
-	(*DestroyResponse)(nil),        // 18: chalk.node.v1.DestroyResponse
-	(*KillRequest)(nil),            // 19: chalk.node.v1.KillRequest
-	(*KillResponse)(nil),           // 20: chalk.node.v1.KillResponse
-	(*TeardownRequest)(nil),        // 21: chalk.node.v1.TeardownRequest
-	(*TeardownResponse)(nil),       // 22: chalk.node.v1.TeardownResponse
-	(*PTY)(nil),                    // 23: chalk.node.v1.PTY
-	(*ExecSpec)(nil),               // 24: chalk.node.v1.ExecSpec
-	(*ExecInput)(nil),              // 25: chalk.node.v1.ExecInput
-	(*ExecStarted)(nil),            // 26: chalk.node.v1.ExecStarted
-	(*ExecExited)(nil),             // 27: chalk.node.v1.ExecExited
-	(*ExecOutput)(nil),             // 28: chalk.node.v1.ExecOutput
-	(*SignalExecRequest)(nil),      // 29: chalk.node.v1.SignalExecRequest
-	(*SignalExecResponse)(nil),     // 30: chalk.node.v1.SignalExecResponse
-	(*ResizeExecRequest)(nil),      // 31: chalk.node.v1.ResizeExecRequest
-	(*ResizeExecResponse)(nil),     // 32: chalk.node.v1.ResizeExecResponse
-	(*ReadFileRequest)(nil),        // 33: chalk.node.v1.ReadFileRequest
-	(*FileChunk)(nil),              // 34: chalk.node.v1.FileChunk
-	(*WriteFileHeader)(nil),        // 35: chalk.node.v1.WriteFileHeader
-	(*WriteFileInput)(nil),         // 36: chalk.node.v1.WriteFileInput
-	(*WriteFileResponse)(nil),      // 37: chalk.node.v1.WriteFileResponse
-	(*FileInfo)(nil),               // 38: chalk.node.v1.FileInfo
-	(*ListDirRequest)(nil),         // 39: chalk.node.v1.ListDirRequest
-	(*ListDirResponse)(nil),        // 40: chalk.node.v1.ListDirResponse
-	(*RemoveRequest)(nil),          // 41: chalk.node.v1.RemoveRequest
-	(*RemoveResponse)(nil),         // 42: chalk.node.v1.RemoveResponse
-	(*LogsInput)(nil),              // 43: chalk.node.v1.LogsInput
-	(*LogsOutput)(nil),             // 44: chalk.node.v1.LogsOutput
-	(*LeftoversRequest)(nil),       // 45: chalk.node.v1.LeftoversRequest
-	(*LeftoversResponse)(nil),      // 46: chalk.node.v1.LeftoversResponse
-	(*AdoptRequest)(nil),           // 47: chalk.node.v1.AdoptRequest
-	(*AdoptResponse)(nil),          // 48: chalk.node.v1.AdoptResponse
-	(*ClaimRequest)(nil),           // 49: chalk.node.v1.ClaimRequest
-	(*ClaimResponse)(nil),          // 50: chalk.node.v1.ClaimResponse
-	(*UnclaimRequest)(nil),         // 51: chalk.node.v1.UnclaimRequest
-	(*UnclaimResponse)(nil),        // 52: chalk.node.v1.UnclaimResponse
-	(*RestoreRequest)(nil),         // 53: chalk.node.v1.RestoreRequest
-	(*RestoreResponse)(nil),        // 54: chalk.node.v1.RestoreResponse
-	(*SetPrestartedRequest)(nil),   // 55: chalk.node.v1.SetPrestartedRequest
-	(*SetPrestartedEvent)(nil),     // 56: chalk.node.v1.SetPrestartedEvent
-	(*SetPausedRequest)(nil),       // 57: chalk.node.v1.SetPausedRequest
-	(*SetPausedResponse)(nil),      // 58: chalk.node.v1.SetPausedResponse
-	(*NetworkPolicy)(nil),          // 59: chalk.node.v1.NetworkPolicy
-	(*ApplyEgressRequest)(nil),     // 60: chalk.node.v1.ApplyEgressRequest
-	(*ApplyEgressResponse)(nil),    // 61: chalk.node.v1.ApplyEgressResponse
-	(*EgressDropsRequest)(nil),     // 62: chalk.node.v1.EgressDropsRequest
-	(*EgressDrop)(nil),             // 63: chalk.node.v1.EgressDrop
-	(*EgressDropsResponse)(nil),    // 64: chalk.node.v1.EgressDropsResponse
-	(*SnapshotSpec)(nil),           // 65: chalk.node.v1.SnapshotSpec
-	(*SnapshotRequest)(nil),        // 66: chalk.node.v1.SnapshotRequest
-	(*SnapshotResult)(nil),         // 67: chalk.node.v1.SnapshotResult
-	(*SnapshotEvent)(nil),          // 68: chalk.node.v1.SnapshotEvent
-	(*Capacity)(nil),               // 69: chalk.node.v1.Capacity
-	(*JoinRequest)(nil),            // 70: chalk.node.v1.JoinRequest
-	(*JoinResponse)(nil),           // 71: chalk.node.v1.JoinResponse
-	(*HeartbeatRequest)(nil),       // 72: chalk.node.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),      // 73: chalk.node.v1.HeartbeatResponse
-	(*RegistryAccessRequest)(nil),  // 74: chalk.node.v1.RegistryAccessRequest
-	(*RegistryAccessResponse)(nil), // 75: chalk.node.v1.RegistryAccessResponse
-	(*WorkloadRequest)(nil),        // 76: chalk.node.v1.WorkloadRequest
-	(*WorkloadResponse)(nil),       // 77: chalk.node.v1.WorkloadResponse
-	(*TunnelJoinRequest)(nil),      // 78: chalk.node.v1.TunnelJoinRequest
-	(*TunnelJoinResponse)(nil),     // 79: chalk.node.v1.TunnelJoinResponse
-	(*TunnelLeaveRequest)(nil),     // 80: chalk.node.v1.TunnelLeaveRequest
-	(*TunnelLeaveResponse)(nil),    // 81: chalk.node.v1.TunnelLeaveResponse
-	(*TunnelRemote)(nil),           // 82: chalk.node.v1.TunnelRemote
-	(*TunnelExternalPeer)(nil),     // 83: chalk.node.v1.TunnelExternalPeer
-	(*TunnelSyncRequest)(nil),      // 84: chalk.node.v1.TunnelSyncRequest
-	(*TunnelSyncResponse)(nil),     // 85: chalk.node.v1.TunnelSyncResponse
-	nil,                            // 86: chalk.node.v1.LeftoversRequest.LiveEntry
-	nil,                            // 87: chalk.node.v1.RestoreRequest.LiveEntry
+	(*IdentityFile)(nil),           // 9: chalk.node.v1.IdentityFile
+	(*StartRequest)(nil),           // 10: chalk.node.v1.StartRequest
+	(*UserNS)(nil),                 // 11: chalk.node.v1.UserNS
+	(*Net)(nil),                    // 12: chalk.node.v1.Net
+	(*StartResponse)(nil),          // 13: chalk.node.v1.StartResponse
+	(*WaitRequest)(nil),            // 14: chalk.node.v1.WaitRequest
+	(*WaitResponse)(nil),           // 15: chalk.node.v1.WaitResponse
+	(*RunningRequest)(nil),         // 16: chalk.node.v1.RunningRequest
+	(*RunningResponse)(nil),        // 17: chalk.node.v1.RunningResponse
+	(*DestroyRequest)(nil),         // 18: chalk.node.v1.DestroyRequest
+	(*DestroyResponse)(nil),        // 19: chalk.node.v1.DestroyResponse
+	(*KillRequest)(nil),            // 20: chalk.node.v1.KillRequest
+	(*KillResponse)(nil),           // 21: chalk.node.v1.KillResponse
+	(*TeardownRequest)(nil),        // 22: chalk.node.v1.TeardownRequest
+	(*TeardownResponse)(nil),       // 23: chalk.node.v1.TeardownResponse
+	(*PTY)(nil),                    // 24: chalk.node.v1.PTY
+	(*ExecSpec)(nil),               // 25: chalk.node.v1.ExecSpec
+	(*ExecInput)(nil),              // 26: chalk.node.v1.ExecInput
+	(*ExecStarted)(nil),            // 27: chalk.node.v1.ExecStarted
+	(*ExecExited)(nil),             // 28: chalk.node.v1.ExecExited
+	(*ExecOutput)(nil),             // 29: chalk.node.v1.ExecOutput
+	(*SignalExecRequest)(nil),      // 30: chalk.node.v1.SignalExecRequest
+	(*SignalExecResponse)(nil),     // 31: chalk.node.v1.SignalExecResponse
+	(*ResizeExecRequest)(nil),      // 32: chalk.node.v1.ResizeExecRequest
+	(*ResizeExecResponse)(nil),     // 33: chalk.node.v1.ResizeExecResponse
+	(*ReadFileRequest)(nil),        // 34: chalk.node.v1.ReadFileRequest
+	(*FileChunk)(nil),              // 35: chalk.node.v1.FileChunk
+	(*WriteFileHeader)(nil),        // 36: chalk.node.v1.WriteFileHeader
+	(*WriteFileInput)(nil),         // 37: chalk.node.v1.WriteFileInput
+	(*WriteFileResponse)(nil),      // 38: chalk.node.v1.WriteFileResponse
+	(*FileInfo)(nil),               // 39: chalk.node.v1.FileInfo
+	(*ListDirRequest)(nil),         // 40: chalk.node.v1.ListDirRequest
+	(*ListDirResponse)(nil),        // 41: chalk.node.v1.ListDirResponse
+	(*RemoveRequest)(nil),          // 42: chalk.node.v1.RemoveRequest
+	(*RemoveResponse)(nil),         // 43: chalk.node.v1.RemoveResponse
+	(*LogsInput)(nil),              // 44: chalk.node.v1.LogsInput
+	(*LogsOutput)(nil),             // 45: chalk.node.v1.LogsOutput
+	(*LeftoversRequest)(nil),       // 46: chalk.node.v1.LeftoversRequest
+	(*LeftoversResponse)(nil),      // 47: chalk.node.v1.LeftoversResponse
+	(*AdoptRequest)(nil),           // 48: chalk.node.v1.AdoptRequest
+	(*AdoptResponse)(nil),          // 49: chalk.node.v1.AdoptResponse
+	(*ClaimRequest)(nil),           // 50: chalk.node.v1.ClaimRequest
+	(*ClaimResponse)(nil),          // 51: chalk.node.v1.ClaimResponse
+	(*UnclaimRequest)(nil),         // 52: chalk.node.v1.UnclaimRequest
+	(*UnclaimResponse)(nil),        // 53: chalk.node.v1.UnclaimResponse
+	(*RestoreRequest)(nil),         // 54: chalk.node.v1.RestoreRequest
+	(*RestoreResponse)(nil),        // 55: chalk.node.v1.RestoreResponse
+	(*SetPrestartedRequest)(nil),   // 56: chalk.node.v1.SetPrestartedRequest
+	(*SetPrestartedEvent)(nil),     // 57: chalk.node.v1.SetPrestartedEvent
+	(*SetPausedRequest)(nil),       // 58: chalk.node.v1.SetPausedRequest
+	(*SetPausedResponse)(nil),      // 59: chalk.node.v1.SetPausedResponse
+	(*NetworkPolicy)(nil),          // 60: chalk.node.v1.NetworkPolicy
+	(*ApplyEgressRequest)(nil),     // 61: chalk.node.v1.ApplyEgressRequest
+	(*ApplyEgressResponse)(nil),    // 62: chalk.node.v1.ApplyEgressResponse
+	(*EgressDropsRequest)(nil),     // 63: chalk.node.v1.EgressDropsRequest
+	(*EgressDrop)(nil),             // 64: chalk.node.v1.EgressDrop
+	(*EgressDropsResponse)(nil),    // 65: chalk.node.v1.EgressDropsResponse
+	(*DialTarget)(nil),             // 66: chalk.node.v1.DialTarget
+	(*DialInput)(nil),              // 67: chalk.node.v1.DialInput
+	(*DialOutput)(nil),             // 68: chalk.node.v1.DialOutput
+	(*SnapshotSpec)(nil),           // 69: chalk.node.v1.SnapshotSpec
+	(*SnapshotRequest)(nil),        // 70: chalk.node.v1.SnapshotRequest
+	(*SnapshotResult)(nil),         // 71: chalk.node.v1.SnapshotResult
+	(*SnapshotEvent)(nil),          // 72: chalk.node.v1.SnapshotEvent
+	(*Capacity)(nil),               // 73: chalk.node.v1.Capacity
+	(*JoinRequest)(nil),            // 74: chalk.node.v1.JoinRequest
+	(*JoinResponse)(nil),           // 75: chalk.node.v1.JoinResponse
+	(*HeartbeatRequest)(nil),       // 76: chalk.node.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),      // 77: chalk.node.v1.HeartbeatResponse
+	(*RegistryAccessRequest)(nil),  // 78: chalk.node.v1.RegistryAccessRequest
+	(*RegistryAccessResponse)(nil), // 79: chalk.node.v1.RegistryAccessResponse
+	(*WorkloadRequest)(nil),        // 80: chalk.node.v1.WorkloadRequest
+	(*WorkloadResponse)(nil),       // 81: chalk.node.v1.WorkloadResponse
+	(*TunnelJoinRequest)(nil),      // 82: chalk.node.v1.TunnelJoinRequest
+	(*TunnelJoinResponse)(nil),     // 83: chalk.node.v1.TunnelJoinResponse
+	(*TunnelLeaveRequest)(nil),     // 84: chalk.node.v1.TunnelLeaveRequest
+	(*TunnelLeaveResponse)(nil),    // 85: chalk.node.v1.TunnelLeaveResponse
+	(*TunnelRemote)(nil),           // 86: chalk.node.v1.TunnelRemote
+	(*TunnelExternalPeer)(nil),     // 87: chalk.node.v1.TunnelExternalPeer
+	(*TunnelSyncRequest)(nil),      // 88: chalk.node.v1.TunnelSyncRequest
+	(*TunnelSyncResponse)(nil),     // 89: chalk.node.v1.TunnelSyncResponse
+	nil,                            // 90: chalk.node.v1.LeftoversRequest.LiveEntry
+	nil,                            // 91: chalk.node.v1.RestoreRequest.LiveEntry
 }
 var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	8,  // 0: chalk.node.v1.ReserveSlotRequest.spec:type_name -> chalk.node.v1.StartSpec
@@ -5548,99 +5880,103 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	4,  // 2: chalk.node.v1.EnsureImageEvent.progress:type_name -> chalk.node.v1.Progress
 	3,  // 3: chalk.node.v1.EnsureImageEvent.image:type_name -> chalk.node.v1.Image
 	7,  // 4: chalk.node.v1.StartSpec.binds:type_name -> chalk.node.v1.Bind
-	8,  // 5: chalk.node.v1.StartRequest.spec:type_name -> chalk.node.v1.StartSpec
-	10, // 6: chalk.node.v1.Net.user_ns:type_name -> chalk.node.v1.UserNS
-	11, // 7: chalk.node.v1.StartResponse.net:type_name -> chalk.node.v1.Net
-	23, // 8: chalk.node.v1.ExecSpec.pty:type_name -> chalk.node.v1.PTY
-	24, // 9: chalk.node.v1.ExecInput.start:type_name -> chalk.node.v1.ExecSpec
-	26, // 10: chalk.node.v1.ExecOutput.started:type_name -> chalk.node.v1.ExecStarted
-	27, // 11: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
-	35, // 12: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
-	38, // 13: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
-	86, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
-	8,  // 15: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
-	87, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
-	59, // 17: chalk.node.v1.ApplyEgressRequest.policies:type_name -> chalk.node.v1.NetworkPolicy
-	63, // 18: chalk.node.v1.EgressDropsResponse.drops:type_name -> chalk.node.v1.EgressDrop
-	65, // 19: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
-	4,  // 20: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
-	67, // 21: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
-	69, // 22: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
-	69, // 23: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
-	82, // 24: chalk.node.v1.TunnelSyncRequest.remotes:type_name -> chalk.node.v1.TunnelRemote
-	83, // 25: chalk.node.v1.TunnelSyncRequest.peers:type_name -> chalk.node.v1.TunnelExternalPeer
-	82, // 26: chalk.node.v1.TunnelSyncResponse.members:type_name -> chalk.node.v1.TunnelRemote
-	0,  // 27: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
-	5,  // 28: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
-	9,  // 29: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
-	13, // 30: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
-	15, // 31: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
-	19, // 32: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
-	21, // 33: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
-	17, // 34: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
-	25, // 35: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
-	29, // 36: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
-	31, // 37: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
-	33, // 38: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
-	36, // 39: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
-	39, // 40: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
-	41, // 41: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
-	43, // 42: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
-	45, // 43: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
-	47, // 44: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
-	49, // 45: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
-	51, // 46: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
-	53, // 47: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
-	55, // 48: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
-	57, // 49: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
-	66, // 50: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
-	60, // 51: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
-	62, // 52: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
-	78, // 53: chalk.node.v1.NodeService.TunnelJoin:input_type -> chalk.node.v1.TunnelJoinRequest
-	80, // 54: chalk.node.v1.NodeService.TunnelLeave:input_type -> chalk.node.v1.TunnelLeaveRequest
-	84, // 55: chalk.node.v1.NodeService.TunnelSync:input_type -> chalk.node.v1.TunnelSyncRequest
-	70, // 56: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
-	72, // 57: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
-	74, // 58: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
-	76, // 59: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
-	1,  // 60: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
-	6,  // 61: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
-	12, // 62: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
-	14, // 63: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
-	16, // 64: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
-	20, // 65: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
-	22, // 66: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
-	18, // 67: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
-	28, // 68: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
-	30, // 69: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
-	32, // 70: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
-	34, // 71: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
-	37, // 72: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
-	40, // 73: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
-	42, // 74: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
-	44, // 75: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
-	46, // 76: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
-	48, // 77: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
-	50, // 78: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
-	52, // 79: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
-	54, // 80: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
-	56, // 81: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
-	58, // 82: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
-	68, // 83: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
-	61, // 84: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
-	64, // 85: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
-	79, // 86: chalk.node.v1.NodeService.TunnelJoin:output_type -> chalk.node.v1.TunnelJoinResponse
-	81, // 87: chalk.node.v1.NodeService.TunnelLeave:output_type -> chalk.node.v1.TunnelLeaveResponse
-	85, // 88: chalk.node.v1.NodeService.TunnelSync:output_type -> chalk.node.v1.TunnelSyncResponse
-	71, // 89: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
-	73, // 90: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
-	75, // 91: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
-	77, // 92: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
-	60, // [60:93] is the sub-list for method output_type
-	27, // [27:60] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	9,  // 5: chalk.node.v1.StartSpec.identity_files:type_name -> chalk.node.v1.IdentityFile
+	8,  // 6: chalk.node.v1.StartRequest.spec:type_name -> chalk.node.v1.StartSpec
+	11, // 7: chalk.node.v1.Net.user_ns:type_name -> chalk.node.v1.UserNS
+	12, // 8: chalk.node.v1.StartResponse.net:type_name -> chalk.node.v1.Net
+	24, // 9: chalk.node.v1.ExecSpec.pty:type_name -> chalk.node.v1.PTY
+	25, // 10: chalk.node.v1.ExecInput.start:type_name -> chalk.node.v1.ExecSpec
+	27, // 11: chalk.node.v1.ExecOutput.started:type_name -> chalk.node.v1.ExecStarted
+	28, // 12: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
+	36, // 13: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
+	39, // 14: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
+	90, // 15: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
+	8,  // 16: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
+	91, // 17: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
+	60, // 18: chalk.node.v1.ApplyEgressRequest.policies:type_name -> chalk.node.v1.NetworkPolicy
+	64, // 19: chalk.node.v1.EgressDropsResponse.drops:type_name -> chalk.node.v1.EgressDrop
+	66, // 20: chalk.node.v1.DialInput.target:type_name -> chalk.node.v1.DialTarget
+	69, // 21: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
+	4,  // 22: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
+	71, // 23: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
+	73, // 24: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
+	73, // 25: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
+	86, // 26: chalk.node.v1.TunnelSyncRequest.remotes:type_name -> chalk.node.v1.TunnelRemote
+	87, // 27: chalk.node.v1.TunnelSyncRequest.peers:type_name -> chalk.node.v1.TunnelExternalPeer
+	86, // 28: chalk.node.v1.TunnelSyncResponse.members:type_name -> chalk.node.v1.TunnelRemote
+	0,  // 29: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
+	5,  // 30: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
+	10, // 31: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
+	14, // 32: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
+	16, // 33: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
+	20, // 34: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
+	22, // 35: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
+	18, // 36: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
+	26, // 37: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
+	30, // 38: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
+	32, // 39: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
+	34, // 40: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
+	37, // 41: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
+	40, // 42: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
+	42, // 43: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
+	44, // 44: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
+	46, // 45: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
+	48, // 46: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
+	50, // 47: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
+	52, // 48: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
+	54, // 49: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
+	56, // 50: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
+	58, // 51: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
+	70, // 52: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
+	61, // 53: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
+	63, // 54: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
+	82, // 55: chalk.node.v1.NodeService.TunnelJoin:input_type -> chalk.node.v1.TunnelJoinRequest
+	84, // 56: chalk.node.v1.NodeService.TunnelLeave:input_type -> chalk.node.v1.TunnelLeaveRequest
+	88, // 57: chalk.node.v1.NodeService.TunnelSync:input_type -> chalk.node.v1.TunnelSyncRequest
+	67, // 58: chalk.node.v1.NodeService.DialSandbox:input_type -> chalk.node.v1.DialInput
+	74, // 59: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
+	76, // 60: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
+	78, // 61: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
+	80, // 62: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
+	1,  // 63: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
+	6,  // 64: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
+	13, // 65: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
+	15, // 66: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
+	17, // 67: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
+	21, // 68: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
+	23, // 69: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
+	19, // 70: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
+	29, // 71: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
+	31, // 72: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
+	33, // 73: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
+	35, // 74: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
+	38, // 75: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
+	41, // 76: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
+	43, // 77: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
+	45, // 78: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
+	47, // 79: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
+	49, // 80: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
+	51, // 81: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
+	53, // 82: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
+	55, // 83: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
+	57, // 84: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
+	59, // 85: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
+	72, // 86: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
+	62, // 87: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
+	65, // 88: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
+	83, // 89: chalk.node.v1.NodeService.TunnelJoin:output_type -> chalk.node.v1.TunnelJoinResponse
+	85, // 90: chalk.node.v1.NodeService.TunnelLeave:output_type -> chalk.node.v1.TunnelLeaveResponse
+	89, // 91: chalk.node.v1.NodeService.TunnelSync:output_type -> chalk.node.v1.TunnelSyncResponse
+	68, // 92: chalk.node.v1.NodeService.DialSandbox:output_type -> chalk.node.v1.DialOutput
+	75, // 93: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
+	77, // 94: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
+	79, // 95: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
+	81, // 96: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
+	63, // [63:97] is the sub-list for method output_type
+	29, // [29:63] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_chalk_node_v1_node_proto_init() }
@@ -5652,23 +5988,32 @@ func file_chalk_node_v1_node_proto_init() {
 		(*EnsureImageEvent_Progress)(nil),
 		(*EnsureImageEvent_Image)(nil),
 	}
-	file_chalk_node_v1_node_proto_msgTypes[25].OneofWrappers = []any{
+	file_chalk_node_v1_node_proto_msgTypes[26].OneofWrappers = []any{
 		(*ExecInput_Start)(nil),
 		(*ExecInput_Stdin)(nil),
 		(*ExecInput_CloseStdin)(nil),
 	}
-	file_chalk_node_v1_node_proto_msgTypes[28].OneofWrappers = []any{
+	file_chalk_node_v1_node_proto_msgTypes[29].OneofWrappers = []any{
 		(*ExecOutput_Started)(nil),
 		(*ExecOutput_Stdout)(nil),
 		(*ExecOutput_Stderr)(nil),
 		(*ExecOutput_Exited)(nil),
 		(*ExecOutput_StdinError)(nil),
 	}
-	file_chalk_node_v1_node_proto_msgTypes[36].OneofWrappers = []any{
+	file_chalk_node_v1_node_proto_msgTypes[37].OneofWrappers = []any{
 		(*WriteFileInput_Header)(nil),
 		(*WriteFileInput_Data)(nil),
 	}
+	file_chalk_node_v1_node_proto_msgTypes[67].OneofWrappers = []any{
+		(*DialInput_Target)(nil),
+		(*DialInput_Data)(nil),
+		(*DialInput_CloseWrite)(nil),
+	}
 	file_chalk_node_v1_node_proto_msgTypes[68].OneofWrappers = []any{
+		(*DialOutput_Connected)(nil),
+		(*DialOutput_Data)(nil),
+	}
+	file_chalk_node_v1_node_proto_msgTypes[72].OneofWrappers = []any{
 		(*SnapshotEvent_Progress)(nil),
 		(*SnapshotEvent_Result)(nil),
 	}
@@ -5678,7 +6023,7 @@ func file_chalk_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_node_v1_node_proto_rawDesc), len(file_chalk_node_v1_node_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   88,
+			NumMessages:   92,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

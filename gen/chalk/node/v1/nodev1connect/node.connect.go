@@ -100,6 +100,8 @@ const (
 	NodeServiceTunnelLeaveProcedure = "/chalk.node.v1.NodeService/TunnelLeave"
 	// NodeServiceTunnelSyncProcedure is the fully-qualified name of the NodeService's TunnelSync RPC.
 	NodeServiceTunnelSyncProcedure = "/chalk.node.v1.NodeService/TunnelSync"
+	// NodeServiceDialSandboxProcedure is the fully-qualified name of the NodeService's DialSandbox RPC.
+	NodeServiceDialSandboxProcedure = "/chalk.node.v1.NodeService/DialSandbox"
 	// FleetServiceJoinProcedure is the fully-qualified name of the FleetService's Join RPC.
 	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
 	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
@@ -179,6 +181,13 @@ type NodeServiceClient interface {
 	// nodes and its external peers (replacing the previous view; the same
 	// view again changes nothing), and returns the members the node runs.
 	TunnelSync(context.Context, *connect.Request[v1.TunnelSyncRequest]) (*connect.Response[v1.TunnelSyncResponse], error)
+	// DialSandbox connects to a port of a sandbox on the node (the control
+	// plane's ingress, for an exposed port it names): the first input names
+	// the sandbox and port, the node dials that sandbox's own address (from
+	// its slot, never an address from the wire) and answers connected; then
+	// bytes both ways (HTTP/2 flow control is the backpressure); close_write
+	// half-closes toward the sandbox; the stream's end closes the connection.
+	DialSandbox(context.Context) *connect.BidiStreamForClient[v1.DialInput, v1.DialOutput]
 }
 
 // NewNodeServiceClient constructs a client for the chalk.node.v1.NodeService service. By default,
@@ -366,6 +375,12 @@ func NewNodeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(nodeServiceMethods.ByName("TunnelSync")),
 			connect.WithClientOptions(opts...),
 		),
+		dialSandbox: connect.NewClient[v1.DialInput, v1.DialOutput](
+			httpClient,
+			baseURL+NodeServiceDialSandboxProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("DialSandbox")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -400,6 +415,7 @@ type nodeServiceClient struct {
 	tunnelJoin    *connect.Client[v1.TunnelJoinRequest, v1.TunnelJoinResponse]
 	tunnelLeave   *connect.Client[v1.TunnelLeaveRequest, v1.TunnelLeaveResponse]
 	tunnelSync    *connect.Client[v1.TunnelSyncRequest, v1.TunnelSyncResponse]
+	dialSandbox   *connect.Client[v1.DialInput, v1.DialOutput]
 }
 
 // ReserveSlot calls chalk.node.v1.NodeService.ReserveSlot.
@@ -547,6 +563,11 @@ func (c *nodeServiceClient) TunnelSync(ctx context.Context, req *connect.Request
 	return c.tunnelSync.CallUnary(ctx, req)
 }
 
+// DialSandbox calls chalk.node.v1.NodeService.DialSandbox.
+func (c *nodeServiceClient) DialSandbox(ctx context.Context) *connect.BidiStreamForClient[v1.DialInput, v1.DialOutput] {
+	return c.dialSandbox.CallBidiStream(ctx)
+}
+
 // NodeServiceHandler is an implementation of the chalk.node.v1.NodeService service.
 type NodeServiceHandler interface {
 	// ReserveSlot gives the sandbox a network slot on the node (slots are
@@ -615,6 +636,13 @@ type NodeServiceHandler interface {
 	// nodes and its external peers (replacing the previous view; the same
 	// view again changes nothing), and returns the members the node runs.
 	TunnelSync(context.Context, *connect.Request[v1.TunnelSyncRequest]) (*connect.Response[v1.TunnelSyncResponse], error)
+	// DialSandbox connects to a port of a sandbox on the node (the control
+	// plane's ingress, for an exposed port it names): the first input names
+	// the sandbox and port, the node dials that sandbox's own address (from
+	// its slot, never an address from the wire) and answers connected; then
+	// bytes both ways (HTTP/2 flow control is the backpressure); close_write
+	// half-closes toward the sandbox; the stream's end closes the connection.
+	DialSandbox(context.Context, *connect.BidiStream[v1.DialInput, v1.DialOutput]) error
 }
 
 // NewNodeServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -798,6 +826,12 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(nodeServiceMethods.ByName("TunnelSync")),
 		connect.WithHandlerOptions(opts...),
 	)
+	nodeServiceDialSandboxHandler := connect.NewBidiStreamHandler(
+		NodeServiceDialSandboxProcedure,
+		svc.DialSandbox,
+		connect.WithSchema(nodeServiceMethods.ByName("DialSandbox")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.NodeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case NodeServiceReserveSlotProcedure:
@@ -858,6 +892,8 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 			nodeServiceTunnelLeaveHandler.ServeHTTP(w, r)
 		case NodeServiceTunnelSyncProcedure:
 			nodeServiceTunnelSyncHandler.ServeHTTP(w, r)
+		case NodeServiceDialSandboxProcedure:
+			nodeServiceDialSandboxHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -981,6 +1017,10 @@ func (UnimplementedNodeServiceHandler) TunnelLeave(context.Context, *connect.Req
 
 func (UnimplementedNodeServiceHandler) TunnelSync(context.Context, *connect.Request[v1.TunnelSyncRequest]) (*connect.Response[v1.TunnelSyncResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.TunnelSync is not implemented"))
+}
+
+func (UnimplementedNodeServiceHandler) DialSandbox(context.Context, *connect.BidiStream[v1.DialInput, v1.DialOutput]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.DialSandbox is not implemented"))
 }
 
 // FleetServiceClient is a client for the chalk.node.v1.FleetService service.
