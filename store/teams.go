@@ -490,6 +490,25 @@ func (s *Store) AddAudit(ctx context.Context, r AuditRecord) error {
 	return err
 }
 
+// AddAudits appends records in one transaction (all or none).
+func (s *Store) AddAudits(ctx context.Context, recs []AuditRecord) error {
+	if len(recs) == 1 {
+		return s.AddAudit(ctx, recs[0])
+	}
+	tx, err := s.db.BeginTx(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	for _, r := range recs {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO audit (org_id, at, actor, via, peer, action, object, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			text(r.OrgID), nanos(r.At), text(r.Actor), text(r.Via), text(r.Peer), text(r.Action), text(r.Object), text(r.Outcome), text(r.Detail)); err != nil {
+			return err
+		}
+	}
+	return tx.Commit()
+}
+
 // AuditQuery selects audit records of an org, newest first, at most Limit.
 type AuditQuery struct {
 	OrgID  string
