@@ -150,6 +150,7 @@ func (s *Store) HasUsers(ctx context.Context) (bool, error) {
 // if needed, as node admin when nodeAdmin) and key (if not nil) as that
 // user's key, all in one transaction.
 func (s *Store) CreateOrg(ctx context.Context, org Org, admin string, nodeAdmin bool, key *APIKey) error {
+	defer s.authChanged()
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
@@ -268,6 +269,7 @@ func addMember(ctx context.Context, tx *txn, m Member, nodeAdmin bool) error {
 // AddMember adds a user (created if new) to an org with a role, and key (if
 // not nil) as the user's first key there, in one transaction.
 func (s *Store) AddMember(ctx context.Context, m Member, key *APIKey) error {
+	defer s.authChanged()
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
@@ -325,6 +327,7 @@ func (s *Store) ListMembers(ctx context.Context, org string) ([]*Member, error) 
 // RemoveMember removes a user from an org and revokes the user's keys there.
 // Removing the org's last admin is refused (failed precondition).
 func (s *Store) RemoveMember(ctx context.Context, org, user string, at time.Time) error {
+	defer s.authChanged()
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
@@ -367,6 +370,7 @@ func insertKey(ctx context.Context, tx *txn, k *APIKey) error {
 
 // CreateKey stores a key for a current member of its org.
 func (s *Store) CreateKey(ctx context.Context, k *APIKey) error {
+	defer s.authChanged()
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
@@ -454,6 +458,7 @@ func (s *Store) GetKey(ctx context.Context, org, idOrPrefix string) (*APIKey, er
 
 // RevokeKey revokes a key of an org at t (revoking twice keeps the first time).
 func (s *Store) RevokeKey(ctx context.Context, org, id string, t time.Time) error {
+	defer s.authChanged()
 	res, err := s.db.ExecContext(ctx, `UPDATE api_keys SET revoked_at = ? WHERE org_id = ? AND id = ? AND revoked_at = 0`, nanos(t), org, id)
 	if err != nil {
 		return err
@@ -588,6 +593,7 @@ func (s *Store) RemoveOrgImages(ctx context.Context, org string, refs ...string)
 // SetMemberRole changes a member's role; taking admin from the org's last
 // admin is refused (failed precondition).
 func (s *Store) SetMemberRole(ctx context.Context, org, user string, role Role) error {
+	defer s.authChanged()
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
