@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -58,19 +60,88 @@ type WorkloadVerifier interface {
 // Authenticator resolves bearer tokens to principals: the API server's
 // calls, console sessions and the ingress listener's private routes share
 // one (built before any of them, so none needs another to authenticate).
-// There is no cache: every call looks the key's hash up (one indexed read),
-// so a revoked key, a removed member or a lowered role takes effect on the
-// next call.
+// Verified keys are cached in memory (keyCache): a revoked key, a removed
+// member or a lowered role changed through this process's store takes
+// effect on the next call (the store's AuthGeneration drops every cached
+// answer); a change made by another chalkd on the same database within
+// keyCacheTTL. Expiry is checked on every call.
 type Authenticator struct {
 	store    *store.Store
 	workload WorkloadVerifier
 	now      func() time.Time
+	keys     keyCache
 }
 
 // NewAuthenticator returns an Authenticator of API keys in st and, if
 // workload is not nil, workload tokens for the API audience.
 func NewAuthenticator(st *store.Store, workload WorkloadVerifier) *Authenticator {
 	return &Authenticator{store: st, workload: workload, now: time.Now}
+}
+
+// keyCacheTTL bounds how long a cached key is used without reading the
+// store again: how late another process's revocation is seen here.
+// keyCacheMax bounds the cache (only keys that verified are cached, so
+// only holders of valid keys fill it; when full it starts over).
+const (
+	keyCacheTTL = 2 * time.Second
+	keyCacheMax = 4096
+)
+
+// keyCache holds KeyByHash answers of usable keys by hash.
+type keyCache struct {
+	mu sync.Mutex
+	m  map[string]*cachedKey
+}
+
+type cachedKey struct {
+	ka  store.KeyAuth
+	gen uint64    // the store's AuthGeneration before the lookup
+	at  time.Time // when it was read
+	// touched is when last_used_at was last written (unix nanos).
+	touched atomic.Int64
+}
+
+func (c *keyCache) get(hash string, gen uint64, now time.Time) *cachedKey {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e := c.m[hash]
+	if e == nil {
+		return nil
+	}
+	if e.gen != gen || now.Sub(e.at) >= keyCacheTTL || now.Before(e.at) {
+		delete(c.m, hash)
+		return nil
+	}
+	return e
+}
+
+func (c *keyCache) put(hash string, e *cachedKey) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil || len(c.m) >= keyCacheMax {
+		c.m = map[string]*cachedKey{}
+	}
+	c.m[hash] = e
+}
+
+// keyByHash is store.KeyByHash through the cache.
+func (a *Authenticator) keyByHash(ctx context.Context, hash string, now time.Time) (*cachedKey, error) {
+	gen := a.store.AuthGeneration() // before the read: a change during it invalidates the answer
+	if e := a.keys.get(hash, gen, now); e != nil {
+		return e, nil
+	}
+	ka, err := a.store.KeyByHash(ctx, hash)
+	if err != nil {
+		return nil, err
+	}
+	e := &cachedKey{ka: *ka, gen: gen, at: now}
+	if !ka.Key.LastUsedAt.IsZero() {
+		e.touched.Store(ka.Key.LastUsedAt.UnixNano())
+	}
+	if ka.Key.RevokedAt.IsZero() {
+		a.keys.put(hash, e)
+	}
+	return e, nil
 }
 
 // Authenticate resolves an Authorization header value ("Bearer <token>")
@@ -102,21 +173,22 @@ func (a *Authenticator) authenticate(ctx context.Context, header string) (*Princ
 // now (console sessions keep the hash, never the secret, and come here on
 // every request).
 func (a *Authenticator) authenticateKey(ctx context.Context, hash string) (*Principal, error) {
-	ka, err := a.store.KeyByHash(ctx, hash)
+	now := a.now()
+	e, err := a.keyByHash(ctx, hash, now)
 	if errors.Is(err, errdefs.ErrNotFound) {
 		return nil, fmt.Errorf("invalid API token: %w", errdefs.ErrUnauthenticated)
 	}
 	if err != nil {
 		return nil, err
 	}
-	k, now := ka.Key, a.now()
+	ka, k := &e.ka, &e.ka.Key
 	if !k.RevokedAt.IsZero() {
 		return nil, fmt.Errorf("API key %s was revoked at %s: %w", k.Prefix, ts(k.RevokedAt), errdefs.ErrUnauthenticated)
 	}
 	if !k.ExpiresAt.IsZero() && !now.Before(k.ExpiresAt) {
 		return nil, fmt.Errorf("API key %s expired at %s: %w", k.Prefix, ts(k.ExpiresAt), errdefs.ErrUnauthenticated)
 	}
-	if now.Sub(k.LastUsedAt) > time.Minute {
+	if last := e.touched.Load(); now.Sub(time.Unix(0, last)) > time.Minute && e.touched.CompareAndSwap(last, now.UnixNano()) {
 		// last_used_at is shown to users, not used for decisions: a
 		// minute's precision keeps the hot path free of writes, and a
 		// failed update does not refuse a valid key.

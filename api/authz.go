@@ -324,6 +324,10 @@ func (s *Server) audit(ctx context.Context, procedure, object, peer string, call
 	if o := auditObject(ctx); o != "" && rec.Object == "" {
 		rec.Object = o
 	}
+	if batchedAudit[procedure] {
+		s.audits.add(ctx, rec)
+		return
+	}
 	// The audit write must not be cancelled with the call it records.
 	if err := s.store.AddAudit(context.WithoutCancel(ctx), rec); err != nil {
 		s.log.Error("audit record", "action", rec.Action, "err", err)

@@ -32,17 +32,19 @@ type testNode struct {
 	images *fakeImages
 	url    string
 	keys   map[string]string // user -> secret of a key in its org
+	dbPath string
 }
 
 func newTestNode(t *testing.T, cfg Config) *testNode {
 	t.Helper()
 	ctx := context.Background()
-	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "chalk.db"))
+	dbPath := filepath.Join(t.TempDir(), "chalk.db")
+	st, err := store.Open(ctx, dbPath)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	tn := &testNode{store: st, node: newFakeNode(), keys: map[string]string{},
+	tn := &testNode{store: st, dbPath: dbPath, node: newFakeNode(), keys: map[string]string{},
 		images: &fakeImages{images: map[string]*v1.Image{}, hashes: map[string]string{}}}
 	cfg.Store, cfg.Node, cfg.ImageStore, cfg.Images = st, tn.node, tn.images, tn.images
 	tn.srv = New(ctx, cfg)

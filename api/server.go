@@ -152,6 +152,9 @@ type Server struct {
 	live *Live // the sandboxes this process starts and watches
 	kept *keptLayers
 
+	// audits stores the audit records of batchedAudit's calls.
+	audits *auditWriter
+
 	mu      sync.Mutex
 	execs   map[string]*execEntry
 	baseCtx context.Context
@@ -196,8 +199,14 @@ func New(ctx context.Context, cfg Config) *Server {
 		kept:     newKeptLayers(cfg.KeepStopped, cfg.KeepStoppedMB<<20),
 		execs:    map[string]*execEntry{},
 		baseCtx:  context.WithoutCancel(ctx),
+		audits:   newAuditWriter(cfg.Store, cfg.Logger, auditBatchDelay),
 	}
 }
+
+// CloseAudit stores the audit records still queued and stops the audit
+// writer (later records are stored by their calls). Call it after the
+// listeners stopped, before the store is closed.
+func (s *Server) CloseAudit() { s.audits.Close() }
 
 // Handler returns the HTTP handler serving every service. Every request is
 // authenticated from its headers, and its body admitted against the caller's

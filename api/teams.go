@@ -302,6 +302,9 @@ func (h *teamService) Audit(ctx context.Context, req *connect.Request[v1.AuditRe
 			return nil, invalid("since %q: want RFC 3339", req.Msg.Since)
 		}
 	}
+	// Records of batched calls (exec) that are still queued first: a
+	// caller sees its own calls.
+	h.s.audits.Flush(ctx)
 	recs, err := h.s.store.ListAudit(ctx, q)
 	if err != nil {
 		return nil, err

@@ -50,8 +50,9 @@ func TestKeyFormat(t *testing.T) {
 }
 
 // TestRevokedKeyFailsNextCall: a revoked key is refused on the very next
-// call (no cache window); so is an expired one and one whose member was
-// removed from the org.
+// call, though it was just used (and so cached: no cache window on this
+// chalkd); so is an expired one and one whose member was removed from the
+// org, and a lowered role counts at once.
 func TestRevokedKeyFailsNextCall(t *testing.T) {
 	ctx := context.Background()
 	tn := newTestNode(t, Config{})
@@ -91,6 +92,9 @@ func TestRevokedKeyFailsNextCall(t *testing.T) {
 	}
 
 	// Lowering a member's role lowers what its keys may do at once.
+	if who, err := tn.user("mia").identity.WhoAmI(ctx, connect.NewRequest(&v1.WhoAmIRequest{})); err != nil || who.Msg.Role != "member" {
+		t.Fatalf("whoami before the role change: %+v %v", who, err)
+	}
 	if _, err := tn.user("alice").team.SetMemberRole(ctx, connect.NewRequest(&v1.SetMemberRoleRequest{User: "mia", Role: "viewer"})); err != nil {
 		t.Fatal(err)
 	}
@@ -406,5 +410,85 @@ func TestImageViews(t *testing.T) {
 	}
 	if got := list("bob"); len(got) != 2 {
 		t.Fatalf("org b after a's removal lists %v, want its copy kept", got)
+	}
+}
+
+// TestKeyCache: a verified key is answered from memory; a change made
+// through the store by any path (not only the API) drops it at once; a
+// change made by another process on the same database counts within
+// keyCacheTTL; a cached key still expires on time.
+func TestKeyCache(t *testing.T) {
+	ctx := context.Background()
+	tn := newTestNode(t, Config{})
+	a := tn.srv.auth
+	now := time.Now()
+	a.now = func() time.Time { return now }
+	whoami := func(secret string) error {
+		_, err := tn.as(secret).identity.WhoAmI(ctx, connect.NewRequest(&v1.WhoAmIRequest{}))
+		return err
+	}
+	cached := func(secret string) bool {
+		a.keys.mu.Lock()
+		defer a.keys.mu.Unlock()
+		return a.keys.m[HashKey(secret)] != nil
+	}
+	k, secret := newAPIKey("a", "mia", "cache", store.RoleMember, "test", now, 0)
+	k.ExpiresAt = now.Add(time.Second)
+	if err := tn.store.CreateKey(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+	if err := whoami(secret); err != nil {
+		t.Fatal(err)
+	}
+	if !cached(secret) {
+		t.Fatal("a verified key is not cached")
+	}
+	// Expiry is checked on a cache hit.
+	now = now.Add(1500 * time.Millisecond)
+	if err := whoami(secret); code(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "expired") {
+		t.Fatalf("a cached key past its expiry: %v", err)
+	}
+
+	// A revocation through the store itself (no API call) drops the cache.
+	k2, secret2 := newAPIKey("a", "mia", "cache2", store.RoleMember, "test", now, 0)
+	if err := tn.store.CreateKey(ctx, k2); err != nil {
+		t.Fatal(err)
+	}
+	if err := whoami(secret2); err != nil || !cached(secret2) {
+		t.Fatalf("second key: %v, cached %v", err, cached(secret2))
+	}
+	if err := tn.store.RevokeKey(ctx, "a", k2.ID, now); err != nil {
+		t.Fatal(err)
+	}
+	if err := whoami(secret2); code(err) != connect.CodeUnauthenticated {
+		t.Fatalf("a key revoked in the store, cached before: %v", err)
+	}
+
+	// Another process on the same database: its revocation counts here
+	// once the cached answer is keyCacheTTL old.
+	k3, secret3 := newAPIKey("a", "mia", "cache3", store.RoleMember, "test", now, 0)
+	if err := tn.store.CreateKey(ctx, k3); err != nil {
+		t.Fatal(err)
+	}
+	if err := whoami(secret3); err != nil {
+		t.Fatal(err)
+	}
+	other, err := store.Open(ctx, tn.dbPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if err := other.RevokeKey(ctx, "a", k3.ID, now); err != nil {
+		t.Fatal(err)
+	}
+	now = now.Add(keyCacheTTL)
+	if err := whoami(secret3); code(err) != connect.CodeUnauthenticated {
+		t.Fatalf("a key revoked by another process, keyCacheTTL later: %v", err)
+	}
+
+	// Unknown keys are not cached (nothing an unauthenticated caller sends
+	// fills the cache).
+	if err := whoami(KeyPrefix + "nope"); code(err) != connect.CodeUnauthenticated || cached(KeyPrefix+"nope") {
+		t.Fatalf("unknown key: %v, cached %v", err, cached(KeyPrefix+"nope"))
 	}
 }

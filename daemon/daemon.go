@@ -472,6 +472,7 @@ func (d *Daemon) Close() error {
 	}
 	if d.API != nil {
 		d.API.Shutdown()
+		d.API.CloseAudit()
 	}
 	if d.Agent != nil {
 		d.Agent.ClosePool()

@@ -372,11 +372,17 @@ func (e *execution) signal(sig syscall.Signal) {
 // connection ends.
 func (e *execution) readClient(gone chan<- struct{}) {
 	defer close(gone)
-	buf := make([]byte, MaxChunk)
+	// Grown to the largest frame read so far (push copies what it keeps):
+	// most execs get no frame at all, and a buffer per exec was garbage
+	// that made init collect every few execs.
+	var buf []byte
 	for {
 		typ, b, err := readFrame(e.c, buf)
 		if err != nil {
 			return
+		}
+		if cap(b) > cap(buf) {
+			buf = b[:0]
 		}
 		switch typ {
 		case frameStdin:
@@ -408,13 +414,18 @@ func (e *execution) readClient(gone chan<- struct{}) {
 	}
 }
 
+// pumpFirstChunk is the size of a pump's first buffer.
+const pumpFirstChunk = 4 << 10
+
 // pump forwards a pipe to the connection chunk by chunk. The next read waits
 // for the previous chunk to be sent, which is the backpressure. Once the
 // read deadline has passed it forwards what is still buffered (up to
 // drainLimit) without waiting for more.
 func pump(c *conn, r *os.File, typ byte) {
 	defer r.Close()
-	buf := make([]byte, MaxChunk)
+	// Small first, MaxChunk once a read fills it: most execs write little,
+	// and two MaxChunk buffers per exec were most of init's garbage.
+	buf := make([]byte, pumpFirstChunk)
 	for {
 		n, err := r.Read(buf)
 		if n > 0 {
@@ -423,6 +434,9 @@ func pump(c *conn, r *os.File, typ byte) {
 				// keep reading so nothing blocks on a full pipe.
 				_, _ = io.Copy(io.Discard, r)
 				return
+			}
+			if n == len(buf) && len(buf) < MaxChunk {
+				buf = make([]byte, MaxChunk)
 			}
 		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {

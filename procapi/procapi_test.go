@@ -266,3 +266,56 @@ func TestServeShutdownKillsExecs(t *testing.T) {
 	}
 	eventually(t, fmt.Sprintf("child %d is killed", child), func() bool { return gone(child) })
 }
+
+// TestOnIdle: OnIdle runs once IdleAfter has passed with no connection
+// open, not before the first connection, never while one is open (an exec
+// in progress), and again after the next connection ends.
+func TestOnIdle(t *testing.T) {
+	ctx := testCtx(t)
+	var mu sync.Mutex
+	open := 0 // connections the test holds open
+	idled := make(chan int, 16)
+	// IdleAfter is long beside the test's own steps: the test marks the
+	// exec's end right after Wait returns, well within it.
+	c := serve(t, ServerOptions{IdleAfter: 200 * time.Millisecond, OnIdle: func() {
+		mu.Lock()
+		defer mu.Unlock()
+		idled <- open
+	}})
+	wantIdle := func(what string) {
+		t.Helper()
+		select {
+		case n := <-idled:
+			if n != 0 {
+				t.Fatalf("%s: OnIdle ran with %d connections open", what, n)
+			}
+		case <-ctx.Done():
+			t.Fatalf("%s: OnIdle never ran", what)
+		}
+	}
+	// Not before the first connection.
+	select {
+	case <-idled:
+		t.Fatal("OnIdle ran before any connection")
+	case <-time.After(400 * time.Millisecond):
+	}
+	if err := c.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	wantIdle("after a ping")
+	// An exec holds its connection: OnIdle waits for its end.
+	mu.Lock()
+	open = 1
+	mu.Unlock()
+	p, err := c.Exec(ctx, ExecRequest{Argv: []string{"sleep", "0.5"}}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	open = 0
+	mu.Unlock()
+	wantIdle("after an exec")
+}

@@ -118,12 +118,17 @@ func (p *Process) read(stdout, stderr io.Writer) {
 			p.stdin.mu.Unlock()
 		}
 	}()
-	buf := make([]byte, MaxChunk)
+	// Grown to the largest frame so far (writers keep nothing of what they
+	// are given): an exec of little output allocates little.
+	var buf []byte
 	for {
 		typ, b, err := readServerFrame(p.cc, buf)
 		if err != nil {
 			p.err = connErr(p.ctx, err)
 			return
+		}
+		if cap(b) > cap(buf) {
+			buf = b[:0]
 		}
 		switch typ {
 		case frameStdout, frameStderr:

@@ -32,6 +32,14 @@ type ServerOptions struct {
 	// before: an entrypoint that ends at once would otherwise cut the
 	// answer off).
 	Activate func(Activation) (then func(), err error)
+	// OnIdle, if set, is called once IdleAfter (default a second) has
+	// passed with no connection open, after connections were served (not
+	// before the first): chalk-init gives its free memory back to the
+	// host then, so an idle sandbox does not keep what a burst of execs
+	// grew. It runs on its own goroutine and may be slow; connections are
+	// served meanwhile.
+	OnIdle    func()
+	IdleAfter time.Duration
 }
 
 // Activation is what a pre-started sandbox receives when it is claimed:
@@ -64,13 +72,18 @@ func Serve(ctx context.Context, l net.Listener, opts ServerOptions) error {
 	}
 	defer devnull.Close()
 	s := &server{
-		log:      log,
-		reaper:   StartReaper(),
-		owner:    owner,
-		devnull:  devnull,
-		activate: opts.Activate,
-		conns:    map[net.Conn]struct{}{},
-		stopping: make(chan struct{}),
+		log:       log,
+		reaper:    StartReaper(),
+		owner:     owner,
+		devnull:   devnull,
+		activate:  opts.Activate,
+		conns:     map[net.Conn]struct{}{},
+		stopping:  make(chan struct{}),
+		onIdle:    opts.OnIdle,
+		idleAfter: opts.IdleAfter,
+	}
+	if s.idleAfter <= 0 {
+		s.idleAfter = time.Second
 	}
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
@@ -119,6 +132,20 @@ type server struct {
 	closing  bool
 	stopping chan struct{} // closed with closing: kills detached execs
 	handlers sync.WaitGroup
+
+	onIdle    func()
+	idleAfter time.Duration
+	idleTimer *time.Timer // armed when the last connection ends (mu)
+}
+
+// idle calls onIdle if still no connection is open.
+func (s *server) idle() {
+	s.mu.Lock()
+	quiet := len(s.conns) == 0 && !s.closing
+	s.mu.Unlock()
+	if quiet {
+		s.onIdle()
+	}
 }
 
 // track registers a connection; false once the server is shutting down.
@@ -130,12 +157,22 @@ func (s *server) track(nc net.Conn) bool {
 	}
 	s.conns[nc] = struct{}{}
 	s.handlers.Add(1)
+	if s.idleTimer != nil {
+		s.idleTimer.Stop()
+	}
 	return true
 }
 
 func (s *server) untrack(nc net.Conn) {
 	s.mu.Lock()
 	delete(s.conns, nc)
+	if len(s.conns) == 0 && s.onIdle != nil && !s.closing {
+		if s.idleTimer == nil {
+			s.idleTimer = time.AfterFunc(s.idleAfter, s.idle)
+		} else {
+			s.idleTimer.Reset(s.idleAfter)
+		}
+	}
 	s.mu.Unlock()
 	s.handlers.Done()
 }
@@ -144,6 +181,9 @@ func (s *server) untrack(nc net.Conn) {
 func (s *server) shutdown() {
 	s.mu.Lock()
 	s.closing = true
+	if s.idleTimer != nil {
+		s.idleTimer.Stop()
+	}
 	close(s.stopping)
 	for nc := range s.conns {
 		nc.Close()

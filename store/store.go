@@ -19,6 +19,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
@@ -34,7 +35,24 @@ type Store struct {
 
 	leaseMu sync.Mutex
 	leases  map[string]*localLease // SQLite's leases, by name
+
+	// authGen counts this process's changes to who may authenticate
+	// (AuthGeneration).
+	authGen atomic.Uint64
 }
+
+// AuthGeneration changes after every change this Store made to keys,
+// members, roles or orgs has been committed (or failed). A cache of
+// KeyByHash answers keeps the generation read before its lookup and drops
+// the answer once it differs: a key revoked, a member removed or a role
+// lowered through this Store is never served from the cache after the
+// call that changed it returned. Changes made by other processes on the
+// same database do not move it.
+func (s *Store) AuthGeneration() uint64 { return s.authGen.Load() }
+
+// authChanged moves AuthGeneration; deferred by every method that changes
+// keys, members, roles or orgs, so it runs after the commit.
+func (s *Store) authChanged() { s.authGen.Add(1) }
 
 // IsPostgres reports whether database (as given to Open) names a
 // PostgreSQL database rather than a SQLite file.

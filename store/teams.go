@@ -150,6 +150,7 @@ func (s *Store) HasUsers(ctx context.Context) (bool, error) {
 // if needed, as node admin when nodeAdmin) and key (if not nil) as that
 // user's key, all in one transaction.
 func (s *Store) CreateOrg(ctx context.Context, org Org, admin string, nodeAdmin bool, key *APIKey) error {
+	defer s.authChanged()
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
@@ -268,6 +269,7 @@ func addMember(ctx context.Context, tx *txn, m Member, nodeAdmin bool) error {
 // AddMember adds a user (created if new) to an org with a role, and key (if
 // not nil) as the user's first key there, in one transaction.
 func (s *Store) AddMember(ctx context.Context, m Member, key *APIKey) error {
+	defer s.authChanged()
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
@@ -325,6 +327,7 @@ func (s *Store) ListMembers(ctx context.Context, org string) ([]*Member, error) 
 // RemoveMember removes a user from an org and revokes the user's keys there.
 // Removing the org's last admin is refused (failed precondition).
 func (s *Store) RemoveMember(ctx context.Context, org, user string, at time.Time) error {
+	defer s.authChanged()
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
@@ -367,6 +370,7 @@ func insertKey(ctx context.Context, tx *txn, k *APIKey) error {
 
 // CreateKey stores a key for a current member of its org.
 func (s *Store) CreateKey(ctx context.Context, k *APIKey) error {
+	defer s.authChanged()
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err
@@ -454,6 +458,7 @@ func (s *Store) GetKey(ctx context.Context, org, idOrPrefix string) (*APIKey, er
 
 // RevokeKey revokes a key of an org at t (revoking twice keeps the first time).
 func (s *Store) RevokeKey(ctx context.Context, org, id string, t time.Time) error {
+	defer s.authChanged()
 	res, err := s.db.ExecContext(ctx, `UPDATE api_keys SET revoked_at = ? WHERE org_id = ? AND id = ? AND revoked_at = 0`, nanos(t), org, id)
 	if err != nil {
 		return err
@@ -488,6 +493,25 @@ func (s *Store) AddAudit(ctx context.Context, r AuditRecord) error {
 	_, err := s.db.ExecPrepared(ctx, `INSERT INTO audit (org_id, at, actor, via, peer, action, object, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		text(r.OrgID), nanos(r.At), text(r.Actor), text(r.Via), text(r.Peer), text(r.Action), text(r.Object), text(r.Outcome), text(r.Detail))
 	return err
+}
+
+// AddAudits appends records in one transaction (all or none).
+func (s *Store) AddAudits(ctx context.Context, recs []AuditRecord) error {
+	if len(recs) == 1 {
+		return s.AddAudit(ctx, recs[0])
+	}
+	tx, err := s.db.BeginTx(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	for _, r := range recs {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO audit (org_id, at, actor, via, peer, action, object, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			text(r.OrgID), nanos(r.At), text(r.Actor), text(r.Via), text(r.Peer), text(r.Action), text(r.Object), text(r.Outcome), text(r.Detail)); err != nil {
+			return err
+		}
+	}
+	return tx.Commit()
 }
 
 // AuditQuery selects audit records of an org, newest first, at most Limit.
@@ -569,6 +593,7 @@ func (s *Store) RemoveOrgImages(ctx context.Context, org string, refs ...string)
 // SetMemberRole changes a member's role; taking admin from the org's last
 // admin is refused (failed precondition).
 func (s *Store) SetMemberRole(ctx context.Context, org, user string, role Role) error {
+	defer s.authChanged()
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return err

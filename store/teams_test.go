@@ -230,6 +230,13 @@ func TestAuditHostileText(t *testing.T) {
 		if err != nil || len(recs) != 1 || recs[0].Object != "x\uFFFDy\uFFFD" {
 			t.Fatalf("audit: %+v %v", recs, err)
 		}
+		// A batch with the same text is stored whole.
+		if err := s.AddAudits(ctx, []AuditRecord{{OrgID: "a", At: time.Now(), Object: "ok"}, {OrgID: "a", At: time.Now(), Object: bad}}); err != nil {
+			t.Fatalf("audit batch with NUL and invalid UTF-8: %v", err)
+		}
+		if recs, err := s.ListAudit(ctx, AuditQuery{OrgID: "a"}); err != nil || len(recs) != 3 || recs[0].Object != "x\uFFFDy\uFFFD" || recs[1].Object != "ok" {
+			t.Fatalf("audit after a batch: %+v %v", recs, err)
+		}
 		if err := s.AddMCPAudit(ctx, []MCPAudit{
 			{At: time.Now(), OrgID: "a", SandboxID: "s", Server: "ok"},
 			{At: time.Now(), OrgID: "a", SandboxID: "s\x00", Server: bad},

@@ -37,6 +37,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"strings"
 	"sync"
 	"syscall"
@@ -208,7 +209,11 @@ func run(args []string) int {
 	}
 	served := make(chan error, 1)
 	go func() {
-		served <- procapi.Serve(ctx, l, procapi.ServerOptions{DefaultUser: *user, Activate: activate})
+		served <- procapi.Serve(ctx, l, procapi.ServerOptions{DefaultUser: *user, Activate: activate,
+			// Idle: what a burst of execs grew (output buffers, frames)
+			// goes back to the host instead of staying in every idle
+			// sandbox (docs/ARCHITECTURE.md, "Where the time and memory go").
+			OnIdle: trimIfGrown, IdleAfter: idleTrimAfter})
 	}()
 
 	var entryExit <-chan unix.WaitStatus
@@ -294,6 +299,42 @@ func listen(path string) (net.Listener, error) {
 		return nil, err
 	}
 	return l, nil
+}
+
+// idleTrimAfter is how long init waits with no connection open before it
+// collects and returns its free memory to the host (trimIfGrown);
+// trimMinAllocs is how much it must have allocated since the last time.
+const (
+	idleTrimAfter = time.Second
+	trimMinAllocs = 1 << 20
+)
+
+var (
+	trimMu         sync.Mutex
+	trimmedAtAlloc uint64 // /gc/heap/allocs:bytes at the last trim
+)
+
+// trimIfGrown collects and returns free memory to the host
+// (debug.FreeOSMemory) if init allocated trimMinAllocs since it last did: a
+// burst of execs (output buffers, frames) grows the heap to ~2.5 MiB that
+// the runtime would keep. Not for less: a collection in an init that has
+// never collected (a pre-started sandbox, only pinged and activated)
+// itself costs ~0.2 MiB (the collector's first-use structures), more than
+// it frees.
+func trimIfGrown() {
+	trimMu.Lock()
+	defer trimMu.Unlock()
+	sample := []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}}
+	metrics.Read(sample)
+	if sample[0].Value.Kind() != metrics.KindUint64 {
+		return
+	}
+	if a := sample[0].Value.Uint64(); a-trimmedAtAlloc < trimMinAllocs {
+		return
+	}
+	debug.FreeOSMemory()
+	metrics.Read(sample)
+	trimmedAtAlloc = sample[0].Value.Uint64()
 }
 
 // reservedThreads is how many OS threads init makes at start: with one P,

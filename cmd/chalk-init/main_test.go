@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/metrics"
 	"strconv"
 	"strings"
 	"syscall"
@@ -436,5 +437,38 @@ func TestTerminateWaitsForExecs(t *testing.T) {
 	// The exec ended by its trap; init may exit before it reports that.
 	if st, err := p.Wait(); err == nil && st.Code != 9 {
 		t.Fatalf("exec ended with %+v, want code 9", st)
+	}
+}
+
+var trimSink []byte
+
+// TestTrimIfGrown: after init allocated more than trimMinAllocs, an idle
+// trim collects and gives the freed memory back to the host; with nothing
+// allocated since, it does not collect at all (a collection costs an init
+// that never collected more than it frees).
+func TestTrimIfGrown(t *testing.T) {
+	read := func() (released, forced uint64) {
+		s := []metrics.Sample{{Name: "/memory/classes/heap/released:bytes"}, {Name: "/gc/cycles/forced:gc-cycles"}}
+		metrics.Read(s)
+		return s[0].Value.Uint64(), s[1].Value.Uint64()
+	}
+	trimIfGrown() // from whatever the test binary did so far
+	trimSink = make([]byte, 8<<20)
+	for i := range trimSink {
+		trimSink[i] = 1 // touched: resident
+	}
+	trimSink = nil
+	rel0, forced0 := read()
+	trimIfGrown()
+	rel1, forced1 := read()
+	if forced1 != forced0+1 {
+		t.Fatalf("forced collections %d -> %d after 8 MiB allocated: want one", forced0, forced1)
+	}
+	if rel1 < rel0+4<<20 {
+		t.Fatalf("released heap %d -> %d bytes: want the freed 8 MiB back to the host", rel0, rel1)
+	}
+	trimIfGrown()
+	if _, forced2 := read(); forced2 != forced1 {
+		t.Fatalf("a trim with nothing allocated since collected (%d -> %d)", forced1, forced2)
 	}
 }
