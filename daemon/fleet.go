@@ -55,6 +55,11 @@ type FleetConfig struct {
 	// NodeTimeout: a node silent this long is lost (default
 	// noderpc.DefaultHeartbeatTimeout).
 	NodeTimeout time.Duration
+	// Prestart is how many pre-started sandboxes of the base image
+	// (busybox) each node keeps, set when it joins (its first heartbeat
+	// here); 0: none set (nodes pre-start recently used images by their own
+	// --prestart).
+	Prestart int
 }
 
 // fleetDir is where the control plane keeps its CA.
@@ -147,6 +152,9 @@ func (d *Daemon) warmBase(ctx context.Context, id string) {
 			continue
 		}
 		d.log.Info("fleet: base image warm", "node", id, "image", ref, "pulled", res[0].Image.BytesPulled)
+		if ref == BusyboxRef && d.cfg.Fleet.Prestart > 0 {
+			d.prestartBase(ctx, id, res[0].Image)
+		}
 	}
 }
 
@@ -271,10 +279,9 @@ func (n *NodeDaemon) Addr() string { return n.addr }
 // StartNode brings up the node side, joins the fleet (once; the identity is
 // kept in DATA_DIR/fleet-node) and serves the node API.
 func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon, err error) {
-	// No pre-started sandboxes yet (their identity files are the control
-	// plane's). The sandboxes resolve through this node's DNS proxy and
-	// hold its egress rules (daemon/fleetegress.go).
-	cfg.Prestart, cfg.PrestartSlots = 0, -1
+	// The sandboxes resolve through this node's DNS proxy and hold its
+	// egress rules (daemon/fleetegress.go); its pre-started sandboxes are
+	// made without identity files (fleetpool.go).
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
@@ -297,7 +304,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	if opts.Name == "" {
 		opts.Name, _ = os.Hostname()
 	}
-	d := &Daemon{cfg: cfg, log: cfg.Logger}
+	d := &Daemon{cfg: cfg, log: cfg.Logger, nodeMode: true}
 	ctx, d.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
@@ -381,6 +388,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		{"control plane registry and node cache", remoteImages},
 		{"node agent", d.startAgent},
 		{"egress", d.startNodeEgress},
+		{"pre-started sandboxes", d.startNodePool},
 	} {
 		if err := step.run(ctx); err != nil {
 			return nil, fmt.Errorf("%s: %w", step.name, err)

@@ -168,6 +168,9 @@ func (d *Daemon) startAgent(context.Context) (err error) {
 		CountsFile: filepath.Join(cfg.DataDir, "prestart-counts.json"),
 		Memory:     cfg.Limits.DefaultMemoryMB << 20, DiskMB: min(sandbox.DefaultDiskMB, cfg.Limits.DefaultMemoryMB),
 	}
+	if d.nodeMode {
+		nodePool(&pool)
+	}
 	d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
 		ReservedSlots: buildSlots, Pool: pool, ResolvConf: d.agentResolvConf(),

@@ -38,6 +38,7 @@ type fakeNode struct {
 	logs     *bytes.Buffer
 	live     map[string]int
 	paused   map[string]bool
+	pool     map[string][]string // image digest -> pre-started ids (nil: Claim always gives sb-pre)
 }
 
 func newFakeNode() *fakeNode {
@@ -288,7 +289,39 @@ func (f *fakeNode) Claim(req node.StartRequest) (string, int, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.claimed = append(f.claimed, req)
-	return "sb-pre", 250, true
+	if f.pool == nil {
+		return "sb-pre", 250, true
+	}
+	ids := f.pool[req.Image.Digest]
+	if len(ids) == 0 {
+		return "", 0, false
+	}
+	f.pool[req.Image.Digest] = ids[1:]
+	return ids[0], 250, true
+}
+
+// Prestarted counts the pool's ids of the image (nil pool: none).
+func (f *fakeNode) Prestarted(digest string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.pool[digest])
+}
+
+// prestart puts ids in the pool of image digest (Claim hands them out).
+func (f *fakeNode) prestart(digest string, ids ...string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.pool == nil {
+		f.pool = map[string][]string{}
+	}
+	f.pool[digest] = append(f.pool[digest], ids...)
+}
+
+// claims is how many times Claim was called.
+func (f *fakeNode) claims() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.claimed)
 }
 
 func (f *fakeNode) Unclaim(id string) { f.call("Unclaim " + id) }

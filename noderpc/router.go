@@ -60,6 +60,9 @@ type Router struct {
 	// warm are the image digests each node has in its cache (as far as
 	// this router saw: ensured or started there).
 	warm map[string]map[string]bool
+	// pooled are the pre-started sandboxes each node has ready, by image
+	// digest, as it last said (router_pool.go).
+	pooled map[string]map[string]int
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -93,7 +96,7 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 	}
 	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now, started: time.Now(),
 		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{},
-		warm: map[string]map[string]bool{}}
+		warm: map[string]map[string]bool{}, pooled: map[string]map[string]int{}}
 }
 
 // dial is how the router reaches a node (tests replace it).
@@ -624,22 +627,6 @@ func (r *Router) Adopt(id, imageDigest string) {
 	}
 }
 
-// Claim takes a pre-started sandbox from the best node that has one.
-func (r *Router) Claim(req node.StartRequest) (string, int, bool) {
-	r.mu.Lock()
-	cs := r.candidates(req)
-	r.mu.Unlock()
-	for _, m := range cs {
-		if id, slot, ok := m.client.Claim(req); ok {
-			r.mu.Lock()
-			r.where[id] = &placement{node: m.rec.ID, slot: slot, cpu: req.CPU, memory: req.Memory}
-			r.mu.Unlock()
-			return id, slot, true
-		}
-	}
-	return "", 0, false
-}
-
 func (r *Router) Unclaim(id string) {
 	if m, err := r.on(id); err == nil {
 		m.client.Unclaim(id)
@@ -678,33 +665,6 @@ func (r *Router) liveOn(id string, live map[string]int) map[string]int {
 		}
 	}
 	return out
-}
-
-// SetPrestarted sets the pool of every healthy node (progress sums them).
-func (r *Router) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, progress func(ready, want int)) error {
-	ms := r.healthy()
-	var mu sync.Mutex
-	ready := make([]int, len(ms))
-	var errs []error
-	for i, m := range ms {
-		err := m.client.SetPrestarted(ctx, img, n, func(rd, _ int) {
-			if progress == nil {
-				return
-			}
-			mu.Lock()
-			ready[i] = rd
-			sum := 0
-			for _, v := range ready {
-				sum += v
-			}
-			mu.Unlock()
-			progress(sum, n*len(ms))
-		})
-		if err != nil {
-			errs = append(errs, fmt.Errorf("node %s: %w", m.rec.ID, err))
-		}
-	}
-	return errors.Join(errs...)
 }
 
 func (r *Router) SetPaused(ctx context.Context, id string, paused bool) error {

@@ -2971,10 +2971,13 @@ func (x *ClaimRequest) GetSpec() *StartSpec {
 }
 
 type ClaimResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Slot          int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
-	Ok            bool                   `protobuf:"varint,3,opt,name=ok,proto3" json:"ok,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Slot  int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
+	Ok    bool                   `protobuf:"varint,3,opt,name=ok,proto3" json:"ok,omitempty"`
+	// Pre-started sandboxes of the image still ready on the node after this
+	// call (a placement hint for the control plane).
+	Ready         int32 `protobuf:"varint,4,opt,name=ready,proto3" json:"ready,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3028,6 +3031,13 @@ func (x *ClaimResponse) GetOk() bool {
 		return x.Ok
 	}
 	return false
+}
+
+func (x *ClaimResponse) GetReady() int32 {
+	if x != nil {
+		return x.Ready
+	}
+	return 0
 }
 
 type UnclaimRequest struct {
@@ -4781,11 +4791,12 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\fimage_digest\x18\x02 \x01(\tR\vimageDigest\"\x0f\n" +
 	"\rAdoptResponse\"<\n" +
 	"\fClaimRequest\x12,\n" +
-	"\x04spec\x18\x01 \x01(\v2\x18.chalk.node.v1.StartSpecR\x04spec\"C\n" +
+	"\x04spec\x18\x01 \x01(\v2\x18.chalk.node.v1.StartSpecR\x04spec\"Y\n" +
 	"\rClaimResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04slot\x18\x02 \x01(\x05R\x04slot\x12\x0e\n" +
-	"\x02ok\x18\x03 \x01(\bR\x02ok\" \n" +
+	"\x02ok\x18\x03 \x01(\bR\x02ok\x12\x14\n" +
+	"\x05ready\x18\x04 \x01(\x05R\x05ready\" \n" +
 	"\x0eUnclaimRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x11\n" +
 	"\x0fUnclaimResponse\"\x86\x01\n" +
