@@ -300,6 +300,13 @@ func (f *fakeNode) Claim(req node.StartRequest) (string, int, bool) {
 	return ids[0], 250, true
 }
 
+// startCount is how many sandboxes were started here.
+func (f *fakeNode) startCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.started)
+}
+
 // Prestarted counts the pool's ids of the image (nil pool: none).
 func (f *fakeNode) Prestarted(digest string) int {
 	f.mu.Lock()

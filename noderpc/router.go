@@ -76,6 +76,7 @@ type member struct {
 	url     string
 	healthy bool
 	lost    chan struct{} // closed when the node became unhealthy
+	removed bool          // set before lost is closed: removed from the fleet (remove.go)
 }
 
 // placement is where a sandbox runs and what it takes there.
@@ -101,7 +102,7 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 
 // dial is how the router reaches a node (tests replace it).
 func (r *Router) dial(n *store.Node) api.Node {
-	return NewClient(HTTPClient(ControlClientTLS(r.ca, r.cert, n.ID)), n.URL, r.log.With("node", n.ID))
+	return NewClient(HTTPClient(r.nodeTLS(n.ID)), n.URL, r.log.With("node", n.ID))
 }
 
 // Run refreshes the nodes from the store every interval until ctx ends.
@@ -149,6 +150,7 @@ func (r *Router) Refresh(ctx context.Context) error {
 		}
 		m.healthy = healthy
 	}
+	r.dropRemoved(recs)
 	r.mu.Unlock()
 	for _, id := range back {
 		r.reconcile(ctx, id)
@@ -412,7 +414,7 @@ func (r *Router) Wait(ctx context.Context, id string, pid int) (sandbox.Exit, er
 				// The node went away mid-wait: lost if it is unhealthy now,
 				// else wait again (a restart of the node's process).
 				if r.waitHealth(ctx, m, lost) {
-					return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s stopped answering: %w", id, m.rec.ID, node.ErrLost)
+					return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s %s: %w", id, m.rec.ID, m.gone(), node.ErrLost)
 				}
 				go func() {
 					ex, err := m.client.Wait(ctx, id, pid)
@@ -422,7 +424,7 @@ func (r *Router) Wait(ctx context.Context, id string, pid int) (sandbox.Exit, er
 			}
 			return x.ex, x.err
 		case <-lost:
-			return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s stopped answering: %w", id, m.rec.ID, node.ErrLost)
+			return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s %s: %w", id, m.rec.ID, m.gone(), node.ErrLost)
 		}
 	}
 }
@@ -783,21 +785,9 @@ func (r *Router) Nodes(ctx context.Context) ([]api.NodeStatus, error) {
 // SetNodeState cordons, drains or readies a node (by id or name); placement
 // follows at once.
 func (r *Router) SetNodeState(ctx context.Context, id, state string) (api.NodeStatus, error) {
-	recs, err := r.store.ListNodes(ctx)
+	rec, err := r.findNode(ctx, id)
 	if err != nil {
 		return api.NodeStatus{}, err
-	}
-	var rec *store.Node
-	for _, n := range recs {
-		if n.ID == id || n.Name == id {
-			if rec != nil {
-				return api.NodeStatus{}, fmt.Errorf("node %q: more than one node has that name (use its id): %w", id, errdefs.ErrInvalidArgument)
-			}
-			rec = n
-		}
-	}
-	if rec == nil {
-		return api.NodeStatus{}, fmt.Errorf("node %q: %w", id, errdefs.ErrNotFound)
 	}
 	if _, err := r.store.UpdateNode(ctx, rec.ID, func(n *store.Node) error { n.State = state; return nil }); err != nil {
 		return api.NodeStatus{}, err
