@@ -93,7 +93,11 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("fleet registry listener: %w", err)
 	}
-	if err := d.Registry.ServeTLS(rl, cert); err != nil {
+	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet"),
+		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }, Workloads: fleetWorkloads{d}}
+	// Only fleet members reach it: a node certificate not revoked (a
+	// removed node keeps its copy of the pull credential).
+	if err := d.Registry.ServeTLSConfig(rl, noderpc.RegistryServerTLS(ca, cert), f.RegistryGate); err != nil {
 		_ = rl.Close()
 		return err
 	}
@@ -108,8 +112,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		_, port, _ := net.SplitHostPort(d.fleetRegistryAddr)
 		access.Addr = net.JoinHostPort("", port)
 	}
-	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet"), Registry: access,
-		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }, Workloads: fleetWorkloads{d}}
+	f.Registry = access
 	mux := http.NewServeMux()
 	mux.Handle(f.Handler())
 	l, err := net.Listen("tcp", cmpOr(fc.Listen, DefaultFleetListen))

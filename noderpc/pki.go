@@ -304,11 +304,13 @@ func NodeClientTLS(id *NodeIdentity) *tls.Config {
 
 // RegistryClientTLS is a node pulling from the control plane's registry:
 // the peer must present the control plane's certificate from the fleet CA
-// (whatever address the node dials it at). No client certificate: the
-// registry authenticates the pull credential.
+// (whatever address the node dials it at). The node presents its own
+// certificate (the listener admits fleet members not removed:
+// Fleet.RegistryGate); the registry then asks the pull credential.
 func RegistryClientTLS(id *NodeIdentity) *tls.Config {
 	return &tls.Config{
 		MinVersion:         tls.VersionTLS13,
+		Certificates:       []tls.Certificate{id.Cert},
 		InsecureSkipVerify: true, // verified below: the chain and the control plane's URI
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			leaf, err := verifyPeer(cs, id.CA, x509.ExtKeyUsageServerAuth)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
 
@@ -154,4 +155,36 @@ func (m *member) gone() string {
 		return "was removed from the fleet"
 	}
 	return "stopped answering"
+}
+
+// RegistryServerTLS is the control plane's registry listener for nodes:
+// its control certificate, and a client certificate of the fleet CA
+// required (RegistryGate then refuses a removed node's).
+func RegistryServerTLS(ca *CA, cert tls.Certificate) *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{cert},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    ca.pool,
+	}
+}
+
+// RegistryGate admits a request on the registry listener for nodes only
+// from a fleet member: the verified client certificate names a node whose
+// certificate is not revoked (checked on every request, so a removed node
+// keeping a connection open is refused too), or the control plane. The
+// pull credential is asked by the registry after this.
+func (f *Fleet) RegistryGate(r *http.Request) error {
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+		return fmt.Errorf("a fleet certificate is required: %w", errdefs.ErrUnauthenticated)
+	}
+	leaf := r.TLS.VerifiedChains[0][0]
+	if isControl(leaf) {
+		return nil
+	}
+	id := NodeIDOf(leaf)
+	if id == "" {
+		return fmt.Errorf("the client certificate names no node: %w", errdefs.ErrPermissionDenied)
+	}
+	return f.checkRevoked(r.Context(), id)
 }
