@@ -86,6 +86,9 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		return err
 	}
 	go d.router.Run(ctx, noderpc.HeartbeatInterval)
+	if err := d.router.SetSnapshots(filepath.Join(d.cfg.DataDir, "fleet-snapshots"), d.pushFleetSnapshot); err != nil {
+		return err
+	}
 	// Nodes pull images from this registry: over TLS with the control
 	// plane's certificate (fleet CA), with the read-only pull credential
 	// they get over the mTLS fleet channel (RegistryAccess).

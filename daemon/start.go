@@ -295,8 +295,9 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		// registry, which nodes pull from; their references are handed to
 		// nodes registry-independent (fleetImages).
 		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = &fleetPolicies{router: d.router}, d.fleetHooks(), d.router, fleetImages{d.im, d.Registry}
-		// Snapshots are refused in fleet mode: keeping stopped sandboxes'
-		// layers on the nodes would only hold their memory.
+		// Snapshots of running sandboxes only in fleet mode (the node
+		// streams the layer, this control plane pushes it: fleetsnapshot.go):
+		// nodes keep no stopped sandbox's layer.
 		acfg.KeepStopped = -1
 	}
 	d.API = api.New(ctx, acfg)

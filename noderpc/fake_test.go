@@ -7,6 +7,7 @@ import (
 	"io"
 	"io/fs"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -39,6 +40,7 @@ type fakeNode struct {
 	live     map[string]int
 	paused   map[string]bool
 	pool     map[string][]string // image digest -> pre-started ids (nil: Claim always gives sb-pre)
+	layer    []byte              // SnapshotLayer's layer
 }
 
 func newFakeNode() *fakeNode {
@@ -360,4 +362,21 @@ func (f *fakeNode) Snapshot(_ context.Context, req node.SnapshotRequest) (*image
 		req.Progress("push", 10, 20)
 	}
 	return &imagebuild.SnapshotResult{Ref: "snap:1", LocalRef: "local/snap:1", Digest: "sha256:s", DiffID: "sha256:sd", Size: 42}, nil
+}
+
+// SnapshotLayer writes f.layer to a temporary file, as node.Agent does.
+func (f *fakeNode) SnapshotLayer(_ context.Context, req node.SnapshotRequest) (string, error) {
+	f.call(fmt.Sprintf("SnapshotLayer %s %d %s %s %v", req.ID, req.Slot, req.ImageRef, req.ImageDigest, req.Exclude))
+	if req.Progress != nil {
+		req.Progress("freeze", 0, 0)
+	}
+	file, err := os.CreateTemp("", "fake-layer-*.tar")
+	if err != nil {
+		return "", err
+	}
+	defer file.Close()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, err = file.Write(f.layer)
+	return file.Name(), err
 }

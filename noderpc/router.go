@@ -16,7 +16,6 @@ import (
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/errdefs"
-	"github.com/chalkcompute/chalkcompute/imagebuild"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
@@ -63,6 +62,8 @@ type Router struct {
 	// pooled are the pre-started sandboxes each node has ready, by image
 	// digest, as it last said (router_pool.go).
 	pooled map[string]map[string]int
+	// snapshots, if set, takes snapshots (snapshot.go).
+	snapshots *fleetSnapshots
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -675,12 +676,6 @@ func (r *Router) SetPaused(ctx context.Context, id string, paused bool) error {
 		return err
 	}
 	return m.client.SetPaused(ctx, id, paused)
-}
-
-// Snapshot is refused: a node pushes snapshots to its own registry, which
-// neither the control plane nor other nodes pull from yet.
-func (r *Router) Snapshot(ctx context.Context, req node.SnapshotRequest) (*imagebuild.SnapshotResult, error) {
-	return nil, fmt.Errorf("sandbox %q: snapshots are not available in fleet mode yet: %w", req.ID, errdefs.ErrFailedPrecondition)
 }
 
 var _ api.FleetBackend = (*Router)(nil)

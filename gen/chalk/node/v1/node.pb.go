@@ -4025,6 +4025,96 @@ func (*SnapshotEvent_Progress) isSnapshotEvent_Event() {}
 
 func (*SnapshotEvent_Result) isSnapshotEvent_Event() {}
 
+type SnapshotLayerEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Event:
+	//
+	//	*SnapshotLayerEvent_Progress
+	//	*SnapshotLayerEvent_Chunk
+	Event         isSnapshotLayerEvent_Event `protobuf_oneof:"event"`
+	Eof           bool                       `protobuf:"varint,3,opt,name=eof,proto3" json:"eof,omitempty"` // the layer is complete (with the last chunk)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotLayerEvent) Reset() {
+	*x = SnapshotLayerEvent{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotLayerEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotLayerEvent) ProtoMessage() {}
+
+func (x *SnapshotLayerEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotLayerEvent.ProtoReflect.Descriptor instead.
+func (*SnapshotLayerEvent) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *SnapshotLayerEvent) GetEvent() isSnapshotLayerEvent_Event {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *SnapshotLayerEvent) GetProgress() *Progress {
+	if x != nil {
+		if x, ok := x.Event.(*SnapshotLayerEvent_Progress); ok {
+			return x.Progress
+		}
+	}
+	return nil
+}
+
+func (x *SnapshotLayerEvent) GetChunk() []byte {
+	if x != nil {
+		if x, ok := x.Event.(*SnapshotLayerEvent_Chunk); ok {
+			return x.Chunk
+		}
+	}
+	return nil
+}
+
+func (x *SnapshotLayerEvent) GetEof() bool {
+	if x != nil {
+		return x.Eof
+	}
+	return false
+}
+
+type isSnapshotLayerEvent_Event interface {
+	isSnapshotLayerEvent_Event()
+}
+
+type SnapshotLayerEvent_Progress struct {
+	Progress *Progress `protobuf:"bytes,1,opt,name=progress,proto3,oneof"` // freeze, layer
+}
+
+type SnapshotLayerEvent_Chunk struct {
+	Chunk []byte `protobuf:"bytes,2,opt,name=chunk,proto3,oneof"` // the layer tar, in order
+}
+
+func (*SnapshotLayerEvent_Progress) isSnapshotLayerEvent_Event() {}
+
+func (*SnapshotLayerEvent_Chunk) isSnapshotLayerEvent_Event() {}
+
 // Capacity is what a node offers sandboxes.
 type Capacity struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -4037,7 +4127,7 @@ type Capacity struct {
 
 func (x *Capacity) Reset() {
 	*x = Capacity{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4049,7 +4139,7 @@ func (x *Capacity) String() string {
 func (*Capacity) ProtoMessage() {}
 
 func (x *Capacity) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[69]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4062,7 +4152,7 @@ func (x *Capacity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Capacity.ProtoReflect.Descriptor instead.
 func (*Capacity) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{69}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *Capacity) GetCpu() float64 {
@@ -4102,7 +4192,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4114,7 +4204,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4127,7 +4217,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{70}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *JoinRequest) GetToken() string {
@@ -4176,7 +4266,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4188,7 +4278,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4201,7 +4291,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{71}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *JoinResponse) GetNodeId() string {
@@ -4236,7 +4326,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4248,7 +4338,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4261,7 +4351,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{72}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *HeartbeatRequest) GetNodeId() string {
@@ -4295,7 +4385,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4307,7 +4397,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4320,7 +4410,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{73}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *HeartbeatResponse) GetState() string {
@@ -4339,7 +4429,7 @@ type RegistryAccessRequest struct {
 
 func (x *RegistryAccessRequest) Reset() {
 	*x = RegistryAccessRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4351,7 +4441,7 @@ func (x *RegistryAccessRequest) String() string {
 func (*RegistryAccessRequest) ProtoMessage() {}
 
 func (x *RegistryAccessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4364,7 +4454,7 @@ func (x *RegistryAccessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegistryAccessRequest.ProtoReflect.Descriptor instead.
 func (*RegistryAccessRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{74}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *RegistryAccessRequest) GetNodeId() string {
@@ -4388,7 +4478,7 @@ type RegistryAccessResponse struct {
 
 func (x *RegistryAccessResponse) Reset() {
 	*x = RegistryAccessResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4400,7 +4490,7 @@ func (x *RegistryAccessResponse) String() string {
 func (*RegistryAccessResponse) ProtoMessage() {}
 
 func (x *RegistryAccessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4413,7 +4503,7 @@ func (x *RegistryAccessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegistryAccessResponse.ProtoReflect.Descriptor instead.
 func (*RegistryAccessResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{75}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *RegistryAccessResponse) GetAddr() string {
@@ -4448,7 +4538,7 @@ type WorkloadRequest struct {
 
 func (x *WorkloadRequest) Reset() {
 	*x = WorkloadRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4460,7 +4550,7 @@ func (x *WorkloadRequest) String() string {
 func (*WorkloadRequest) ProtoMessage() {}
 
 func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4473,7 +4563,7 @@ func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadRequest.ProtoReflect.Descriptor instead.
 func (*WorkloadRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{76}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *WorkloadRequest) GetSandboxId() string {
@@ -4512,7 +4602,7 @@ type WorkloadResponse struct {
 
 func (x *WorkloadResponse) Reset() {
 	*x = WorkloadResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4524,7 +4614,7 @@ func (x *WorkloadResponse) String() string {
 func (*WorkloadResponse) ProtoMessage() {}
 
 func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4537,7 +4627,7 @@ func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadResponse.ProtoReflect.Descriptor instead.
 func (*WorkloadResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{77}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *WorkloadResponse) GetOrgId() string {
@@ -4857,6 +4947,11 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\rSnapshotEvent\x125\n" +
 	"\bprogress\x18\x01 \x01(\v2\x17.chalk.node.v1.ProgressH\x00R\bprogress\x127\n" +
 	"\x06result\x18\x02 \x01(\v2\x1d.chalk.node.v1.SnapshotResultH\x00R\x06resultB\a\n" +
+	"\x05event\"~\n" +
+	"\x12SnapshotLayerEvent\x125\n" +
+	"\bprogress\x18\x01 \x01(\v2\x17.chalk.node.v1.ProgressH\x00R\bprogress\x12\x16\n" +
+	"\x05chunk\x18\x02 \x01(\fH\x00R\x05chunk\x12\x10\n" +
+	"\x03eof\x18\x03 \x01(\bR\x03eofB\a\n" +
 	"\x05event\"O\n" +
 	"\bCapacity\x12\x10\n" +
 	"\x03cpu\x18\x01 \x01(\x01R\x03cpu\x12\x1b\n" +
@@ -4898,7 +4993,7 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"created_by\x18\x04 \x01(\tR\tcreatedBy\x12\x16\n" +
 	"\x06issuer\x18\x05 \x01(\tR\x06issuer\x12\x14\n" +
 	"\x05token\x18\x06 \x01(\tR\x05token\x12&\n" +
-	"\x0fexpires_unix_ms\x18\a \x01(\x03R\rexpiresUnixMs2\xbf\x0f\n" +
+	"\x0fexpires_unix_ms\x18\a \x01(\x03R\rexpiresUnixMs2\x95\x10\n" +
 	"\vNodeService\x12T\n" +
 	"\vReserveSlot\x12!.chalk.node.v1.ReserveSlotRequest\x1a\".chalk.node.v1.ReserveSlotResponse\x12S\n" +
 	"\vEnsureImage\x12!.chalk.node.v1.EnsureImageRequest\x1a\x1f.chalk.node.v1.EnsureImageEvent0\x01\x12B\n" +
@@ -4927,7 +5022,8 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\tSetPaused\x12\x1f.chalk.node.v1.SetPausedRequest\x1a .chalk.node.v1.SetPausedResponse\x12J\n" +
 	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x01\x12T\n" +
 	"\vApplyEgress\x12!.chalk.node.v1.ApplyEgressRequest\x1a\".chalk.node.v1.ApplyEgressResponse\x12T\n" +
-	"\vEgressDrops\x12!.chalk.node.v1.EgressDropsRequest\x1a\".chalk.node.v1.EgressDropsResponse2\xcb\x02\n" +
+	"\vEgressDrops\x12!.chalk.node.v1.EgressDropsRequest\x1a\".chalk.node.v1.EgressDropsResponse\x12T\n" +
+	"\rSnapshotLayer\x12\x1e.chalk.node.v1.SnapshotRequest\x1a!.chalk.node.v1.SnapshotLayerEvent0\x012\xcb\x02\n" +
 	"\fFleetService\x12?\n" +
 	"\x04Join\x12\x1a.chalk.node.v1.JoinRequest\x1a\x1b.chalk.node.v1.JoinResponse\x12N\n" +
 	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponse\x12]\n" +
@@ -4946,7 +5042,7 @@ func file_chalk_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_chalk_node_v1_node_proto_rawDescData
 }
 
-var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 80)
+var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 81)
 var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*ReserveSlotRequest)(nil),     // 0: chalk.node.v1.ReserveSlotRequest
 	(*ReserveSlotResponse)(nil),    // 1: chalk.node.v1.ReserveSlotResponse
@@ -5017,17 +5113,18 @@ var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*SnapshotRequest)(nil),        // 66: chalk.node.v1.SnapshotRequest
 	(*SnapshotResult)(nil),         // 67: chalk.node.v1.SnapshotResult
 	(*SnapshotEvent)(nil),          // 68: chalk.node.v1.SnapshotEvent
-	(*Capacity)(nil),               // 69: chalk.node.v1.Capacity
-	(*JoinRequest)(nil),            // 70: chalk.node.v1.JoinRequest
-	(*JoinResponse)(nil),           // 71: chalk.node.v1.JoinResponse
-	(*HeartbeatRequest)(nil),       // 72: chalk.node.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),      // 73: chalk.node.v1.HeartbeatResponse
-	(*RegistryAccessRequest)(nil),  // 74: chalk.node.v1.RegistryAccessRequest
-	(*RegistryAccessResponse)(nil), // 75: chalk.node.v1.RegistryAccessResponse
-	(*WorkloadRequest)(nil),        // 76: chalk.node.v1.WorkloadRequest
-	(*WorkloadResponse)(nil),       // 77: chalk.node.v1.WorkloadResponse
-	nil,                            // 78: chalk.node.v1.LeftoversRequest.LiveEntry
-	nil,                            // 79: chalk.node.v1.RestoreRequest.LiveEntry
+	(*SnapshotLayerEvent)(nil),     // 69: chalk.node.v1.SnapshotLayerEvent
+	(*Capacity)(nil),               // 70: chalk.node.v1.Capacity
+	(*JoinRequest)(nil),            // 71: chalk.node.v1.JoinRequest
+	(*JoinResponse)(nil),           // 72: chalk.node.v1.JoinResponse
+	(*HeartbeatRequest)(nil),       // 73: chalk.node.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),      // 74: chalk.node.v1.HeartbeatResponse
+	(*RegistryAccessRequest)(nil),  // 75: chalk.node.v1.RegistryAccessRequest
+	(*RegistryAccessResponse)(nil), // 76: chalk.node.v1.RegistryAccessResponse
+	(*WorkloadRequest)(nil),        // 77: chalk.node.v1.WorkloadRequest
+	(*WorkloadResponse)(nil),       // 78: chalk.node.v1.WorkloadResponse
+	nil,                            // 79: chalk.node.v1.LeftoversRequest.LiveEntry
+	nil,                            // 80: chalk.node.v1.RestoreRequest.LiveEntry
 }
 var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	8,  // 0: chalk.node.v1.ReserveSlotRequest.spec:type_name -> chalk.node.v1.StartSpec
@@ -5044,81 +5141,84 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	27, // 11: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
 	35, // 12: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
 	38, // 13: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
-	78, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
+	79, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
 	8,  // 15: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
-	79, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
+	80, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
 	59, // 17: chalk.node.v1.ApplyEgressRequest.policies:type_name -> chalk.node.v1.NetworkPolicy
 	63, // 18: chalk.node.v1.EgressDropsResponse.drops:type_name -> chalk.node.v1.EgressDrop
 	65, // 19: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
 	4,  // 20: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
 	67, // 21: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
-	69, // 22: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
-	69, // 23: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
-	0,  // 24: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
-	5,  // 25: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
-	9,  // 26: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
-	13, // 27: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
-	15, // 28: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
-	19, // 29: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
-	21, // 30: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
-	17, // 31: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
-	25, // 32: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
-	29, // 33: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
-	31, // 34: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
-	33, // 35: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
-	36, // 36: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
-	39, // 37: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
-	41, // 38: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
-	43, // 39: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
-	45, // 40: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
-	47, // 41: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
-	49, // 42: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
-	51, // 43: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
-	53, // 44: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
-	55, // 45: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
-	57, // 46: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
-	66, // 47: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
-	60, // 48: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
-	62, // 49: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
-	70, // 50: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
-	72, // 51: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
-	74, // 52: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
-	76, // 53: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
-	1,  // 54: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
-	6,  // 55: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
-	12, // 56: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
-	14, // 57: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
-	16, // 58: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
-	20, // 59: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
-	22, // 60: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
-	18, // 61: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
-	28, // 62: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
-	30, // 63: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
-	32, // 64: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
-	34, // 65: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
-	37, // 66: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
-	40, // 67: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
-	42, // 68: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
-	44, // 69: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
-	46, // 70: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
-	48, // 71: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
-	50, // 72: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
-	52, // 73: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
-	54, // 74: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
-	56, // 75: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
-	58, // 76: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
-	68, // 77: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
-	61, // 78: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
-	64, // 79: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
-	71, // 80: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
-	73, // 81: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
-	75, // 82: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
-	77, // 83: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
-	54, // [54:84] is the sub-list for method output_type
-	24, // [24:54] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	4,  // 22: chalk.node.v1.SnapshotLayerEvent.progress:type_name -> chalk.node.v1.Progress
+	70, // 23: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
+	70, // 24: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
+	0,  // 25: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
+	5,  // 26: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
+	9,  // 27: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
+	13, // 28: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
+	15, // 29: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
+	19, // 30: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
+	21, // 31: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
+	17, // 32: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
+	25, // 33: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
+	29, // 34: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
+	31, // 35: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
+	33, // 36: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
+	36, // 37: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
+	39, // 38: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
+	41, // 39: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
+	43, // 40: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
+	45, // 41: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
+	47, // 42: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
+	49, // 43: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
+	51, // 44: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
+	53, // 45: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
+	55, // 46: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
+	57, // 47: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
+	66, // 48: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
+	60, // 49: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
+	62, // 50: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
+	66, // 51: chalk.node.v1.NodeService.SnapshotLayer:input_type -> chalk.node.v1.SnapshotRequest
+	71, // 52: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
+	73, // 53: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
+	75, // 54: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
+	77, // 55: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
+	1,  // 56: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
+	6,  // 57: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
+	12, // 58: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
+	14, // 59: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
+	16, // 60: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
+	20, // 61: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
+	22, // 62: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
+	18, // 63: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
+	28, // 64: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
+	30, // 65: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
+	32, // 66: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
+	34, // 67: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
+	37, // 68: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
+	40, // 69: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
+	42, // 70: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
+	44, // 71: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
+	46, // 72: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
+	48, // 73: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
+	50, // 74: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
+	52, // 75: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
+	54, // 76: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
+	56, // 77: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
+	58, // 78: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
+	68, // 79: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
+	61, // 80: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
+	64, // 81: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
+	69, // 82: chalk.node.v1.NodeService.SnapshotLayer:output_type -> chalk.node.v1.SnapshotLayerEvent
+	72, // 83: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
+	74, // 84: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
+	76, // 85: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
+	78, // 86: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
+	56, // [56:87] is the sub-list for method output_type
+	25, // [25:56] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_chalk_node_v1_node_proto_init() }
@@ -5150,13 +5250,17 @@ func file_chalk_node_v1_node_proto_init() {
 		(*SnapshotEvent_Progress)(nil),
 		(*SnapshotEvent_Result)(nil),
 	}
+	file_chalk_node_v1_node_proto_msgTypes[69].OneofWrappers = []any{
+		(*SnapshotLayerEvent_Progress)(nil),
+		(*SnapshotLayerEvent_Chunk)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_node_v1_node_proto_rawDesc), len(file_chalk_node_v1_node_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   80,
+			NumMessages:   81,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -94,6 +94,9 @@ const (
 	NodeServiceApplyEgressProcedure = "/chalk.node.v1.NodeService/ApplyEgress"
 	// NodeServiceEgressDropsProcedure is the fully-qualified name of the NodeService's EgressDrops RPC.
 	NodeServiceEgressDropsProcedure = "/chalk.node.v1.NodeService/EgressDrops"
+	// NodeServiceSnapshotLayerProcedure is the fully-qualified name of the NodeService's SnapshotLayer
+	// RPC.
+	NodeServiceSnapshotLayerProcedure = "/chalk.node.v1.NodeService/SnapshotLayer"
 	// FleetServiceJoinProcedure is the fully-qualified name of the FleetService's Join RPC.
 	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
 	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
@@ -161,6 +164,11 @@ type NodeServiceClient interface {
 	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
 	// EgressDrops is the sandbox's recent blocked attempts (its egress log).
 	EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error)
+	// SnapshotLayer takes a running sandbox's snapshot layer (frozen while
+	// it is taken) and streams it: progress, then the layer tar in chunks,
+	// the last one with eof set. The control plane pushes the image itself:
+	// a node holds no push credential.
+	SnapshotLayer(context.Context, *connect.Request[v1.SnapshotRequest]) (*connect.ServerStreamForClient[v1.SnapshotLayerEvent], error)
 }
 
 // NewNodeServiceClient constructs a client for the chalk.node.v1.NodeService service. By default,
@@ -330,6 +338,12 @@ func NewNodeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(nodeServiceMethods.ByName("EgressDrops")),
 			connect.WithClientOptions(opts...),
 		),
+		snapshotLayer: connect.NewClient[v1.SnapshotRequest, v1.SnapshotLayerEvent](
+			httpClient,
+			baseURL+NodeServiceSnapshotLayerProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("SnapshotLayer")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -361,6 +375,7 @@ type nodeServiceClient struct {
 	snapshot      *connect.Client[v1.SnapshotRequest, v1.SnapshotEvent]
 	applyEgress   *connect.Client[v1.ApplyEgressRequest, v1.ApplyEgressResponse]
 	egressDrops   *connect.Client[v1.EgressDropsRequest, v1.EgressDropsResponse]
+	snapshotLayer *connect.Client[v1.SnapshotRequest, v1.SnapshotLayerEvent]
 }
 
 // ReserveSlot calls chalk.node.v1.NodeService.ReserveSlot.
@@ -493,6 +508,11 @@ func (c *nodeServiceClient) EgressDrops(ctx context.Context, req *connect.Reques
 	return c.egressDrops.CallUnary(ctx, req)
 }
 
+// SnapshotLayer calls chalk.node.v1.NodeService.SnapshotLayer.
+func (c *nodeServiceClient) SnapshotLayer(ctx context.Context, req *connect.Request[v1.SnapshotRequest]) (*connect.ServerStreamForClient[v1.SnapshotLayerEvent], error) {
+	return c.snapshotLayer.CallServerStream(ctx, req)
+}
+
 // NodeServiceHandler is an implementation of the chalk.node.v1.NodeService service.
 type NodeServiceHandler interface {
 	// ReserveSlot gives the sandbox a network slot on the node (slots are
@@ -549,6 +569,11 @@ type NodeServiceHandler interface {
 	ApplyEgress(context.Context, *connect.Request[v1.ApplyEgressRequest]) (*connect.Response[v1.ApplyEgressResponse], error)
 	// EgressDrops is the sandbox's recent blocked attempts (its egress log).
 	EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error)
+	// SnapshotLayer takes a running sandbox's snapshot layer (frozen while
+	// it is taken) and streams it: progress, then the layer tar in chunks,
+	// the last one with eof set. The control plane pushes the image itself:
+	// a node holds no push credential.
+	SnapshotLayer(context.Context, *connect.Request[v1.SnapshotRequest], *connect.ServerStream[v1.SnapshotLayerEvent]) error
 }
 
 // NewNodeServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -714,6 +739,12 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(nodeServiceMethods.ByName("EgressDrops")),
 		connect.WithHandlerOptions(opts...),
 	)
+	nodeServiceSnapshotLayerHandler := connect.NewServerStreamHandler(
+		NodeServiceSnapshotLayerProcedure,
+		svc.SnapshotLayer,
+		connect.WithSchema(nodeServiceMethods.ByName("SnapshotLayer")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.NodeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case NodeServiceReserveSlotProcedure:
@@ -768,6 +799,8 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 			nodeServiceApplyEgressHandler.ServeHTTP(w, r)
 		case NodeServiceEgressDropsProcedure:
 			nodeServiceEgressDropsHandler.ServeHTTP(w, r)
+		case NodeServiceSnapshotLayerProcedure:
+			nodeServiceSnapshotLayerHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -879,6 +912,10 @@ func (UnimplementedNodeServiceHandler) ApplyEgress(context.Context, *connect.Req
 
 func (UnimplementedNodeServiceHandler) EgressDrops(context.Context, *connect.Request[v1.EgressDropsRequest]) (*connect.Response[v1.EgressDropsResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.EgressDrops is not implemented"))
+}
+
+func (UnimplementedNodeServiceHandler) SnapshotLayer(context.Context, *connect.Request[v1.SnapshotRequest], *connect.ServerStream[v1.SnapshotLayerEvent]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.SnapshotLayer is not implemented"))
 }
 
 // FleetServiceClient is a client for the chalk.node.v1.FleetService service.
