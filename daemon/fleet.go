@@ -188,9 +188,10 @@ func (d *Daemon) apiNode() api.Node {
 }
 
 // fleetHooks are the sandbox hooks of control mode. The node-side ones
-// (identity token files, image mounts, tunnels) would act on the control
-// plane's host, not the sandbox's node: requests needing them are refused
-// with a clear error rather than half-served. (Egress rules and the
+// (identity token files, tunnels) would act on the control plane's host,
+// not the sandbox's node: requests needing them are refused with a clear
+// error rather than half-served. Upload mounts are sent to the node
+// (fleetmounts.go). (Egress rules and the
 // metadata service are the nodes': fleetegress.go, fleetidentity.go.)
 func (d *Daemon) fleetHooks() api.Hooks {
 	return api.Hooks{
@@ -198,10 +199,8 @@ func (d *Daemon) fleetHooks() api.Hooks {
 			switch {
 			case len(sb.Tunnels) > 0:
 				return fmt.Errorf("sandbox %s: tunnels are not available in fleet mode yet: %w", sb.ID, errdefs.ErrFailedPrecondition)
-			case len(sb.Mounts) > 0:
-				return fmt.Errorf("sandbox %s: image mounts are not available in fleet mode yet: %w", sb.ID, errdefs.ErrFailedPrecondition)
 			}
-			return nil
+			return d.fleetMountBinds(ctx, sb, req)
 		},
 		Ended: func(ctx context.Context, sb *store.Sandbox) {
 			d.ingress.ended(ctx, sb)
@@ -405,7 +404,11 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		return nil, err
 	}
 	mux := http.NewServeMux()
-	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).Handler())
+	mounts, err := newNodeMounts(cfg.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("upload mounts: %w", err)
+	}
+	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).WithMounts(mounts).Handler())
 	l, err := net.Listen("tcp", opts.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("node API: %w", err)

@@ -51,6 +51,7 @@ type Server struct {
 	node   api.Node
 	log    *slog.Logger
 	egress Egress // nil: the node enforces no egress rules
+	mounts Mounts // nil: no upload mounts (mounts.go)
 
 	mu     sync.Mutex
 	images map[string]*nodecache.Image // by digest, as EnsureImage returned them

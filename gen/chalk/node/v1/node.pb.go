@@ -4115,6 +4115,110 @@ func (*SnapshotLayerEvent_Progress) isSnapshotLayerEvent_Event() {}
 
 func (*SnapshotLayerEvent_Chunk) isSnapshotLayerEvent_Event() {}
 
+type PutMountInput struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Digest        string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`             // first message
+	IsDir         bool                   `protobuf:"varint,2,opt,name=is_dir,json=isDir,proto3" json:"is_dir,omitempty"` // first message
+	Chunk         []byte                 `protobuf:"bytes,3,opt,name=chunk,proto3" json:"chunk,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutMountInput) Reset() {
+	*x = PutMountInput{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutMountInput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutMountInput) ProtoMessage() {}
+
+func (x *PutMountInput) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutMountInput.ProtoReflect.Descriptor instead.
+func (*PutMountInput) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{70}
+}
+
+func (x *PutMountInput) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *PutMountInput) GetIsDir() bool {
+	if x != nil {
+		return x.IsDir
+	}
+	return false
+}
+
+func (x *PutMountInput) GetChunk() []byte {
+	if x != nil {
+		return x.Chunk
+	}
+	return nil
+}
+
+type PutMountResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutMountResponse) Reset() {
+	*x = PutMountResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutMountResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutMountResponse) ProtoMessage() {}
+
+func (x *PutMountResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutMountResponse.ProtoReflect.Descriptor instead.
+func (*PutMountResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{71}
+}
+
+func (x *PutMountResponse) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
 // Capacity is what a node offers sandboxes.
 type Capacity struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -4127,7 +4231,7 @@ type Capacity struct {
 
 func (x *Capacity) Reset() {
 	*x = Capacity{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4139,7 +4243,7 @@ func (x *Capacity) String() string {
 func (*Capacity) ProtoMessage() {}
 
 func (x *Capacity) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[70]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4152,7 +4256,7 @@ func (x *Capacity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Capacity.ProtoReflect.Descriptor instead.
 func (*Capacity) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{70}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *Capacity) GetCpu() float64 {
@@ -4192,7 +4296,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4204,7 +4308,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[71]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4217,7 +4321,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{71}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *JoinRequest) GetToken() string {
@@ -4266,7 +4370,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4278,7 +4382,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[72]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4291,7 +4395,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{72}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *JoinResponse) GetNodeId() string {
@@ -4326,7 +4430,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4338,7 +4442,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4351,7 +4455,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{73}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *HeartbeatRequest) GetNodeId() string {
@@ -4385,7 +4489,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4397,7 +4501,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4410,7 +4514,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{74}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *HeartbeatResponse) GetState() string {
@@ -4429,7 +4533,7 @@ type RegistryAccessRequest struct {
 
 func (x *RegistryAccessRequest) Reset() {
 	*x = RegistryAccessRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4441,7 +4545,7 @@ func (x *RegistryAccessRequest) String() string {
 func (*RegistryAccessRequest) ProtoMessage() {}
 
 func (x *RegistryAccessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4454,7 +4558,7 @@ func (x *RegistryAccessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegistryAccessRequest.ProtoReflect.Descriptor instead.
 func (*RegistryAccessRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{75}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *RegistryAccessRequest) GetNodeId() string {
@@ -4478,7 +4582,7 @@ type RegistryAccessResponse struct {
 
 func (x *RegistryAccessResponse) Reset() {
 	*x = RegistryAccessResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4490,7 +4594,7 @@ func (x *RegistryAccessResponse) String() string {
 func (*RegistryAccessResponse) ProtoMessage() {}
 
 func (x *RegistryAccessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4503,7 +4607,7 @@ func (x *RegistryAccessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegistryAccessResponse.ProtoReflect.Descriptor instead.
 func (*RegistryAccessResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{76}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *RegistryAccessResponse) GetAddr() string {
@@ -4538,7 +4642,7 @@ type WorkloadRequest struct {
 
 func (x *WorkloadRequest) Reset() {
 	*x = WorkloadRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4550,7 +4654,7 @@ func (x *WorkloadRequest) String() string {
 func (*WorkloadRequest) ProtoMessage() {}
 
 func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4563,7 +4667,7 @@ func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadRequest.ProtoReflect.Descriptor instead.
 func (*WorkloadRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{77}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *WorkloadRequest) GetSandboxId() string {
@@ -4602,7 +4706,7 @@ type WorkloadResponse struct {
 
 func (x *WorkloadResponse) Reset() {
 	*x = WorkloadResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4614,7 +4718,7 @@ func (x *WorkloadResponse) String() string {
 func (*WorkloadResponse) ProtoMessage() {}
 
 func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4627,7 +4731,7 @@ func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadResponse.ProtoReflect.Descriptor instead.
 func (*WorkloadResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{78}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *WorkloadResponse) GetOrgId() string {
@@ -4952,7 +5056,13 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\bprogress\x18\x01 \x01(\v2\x17.chalk.node.v1.ProgressH\x00R\bprogress\x12\x16\n" +
 	"\x05chunk\x18\x02 \x01(\fH\x00R\x05chunk\x12\x10\n" +
 	"\x03eof\x18\x03 \x01(\bR\x03eofB\a\n" +
-	"\x05event\"O\n" +
+	"\x05event\"T\n" +
+	"\rPutMountInput\x12\x16\n" +
+	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x15\n" +
+	"\x06is_dir\x18\x02 \x01(\bR\x05isDir\x12\x14\n" +
+	"\x05chunk\x18\x03 \x01(\fR\x05chunk\"&\n" +
+	"\x10PutMountResponse\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"O\n" +
 	"\bCapacity\x12\x10\n" +
 	"\x03cpu\x18\x01 \x01(\x01R\x03cpu\x12\x1b\n" +
 	"\tmemory_mb\x18\x02 \x01(\x03R\bmemoryMb\x12\x14\n" +
@@ -4993,7 +5103,7 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"created_by\x18\x04 \x01(\tR\tcreatedBy\x12\x16\n" +
 	"\x06issuer\x18\x05 \x01(\tR\x06issuer\x12\x14\n" +
 	"\x05token\x18\x06 \x01(\tR\x05token\x12&\n" +
-	"\x0fexpires_unix_ms\x18\a \x01(\x03R\rexpiresUnixMs2\x95\x10\n" +
+	"\x0fexpires_unix_ms\x18\a \x01(\x03R\rexpiresUnixMs2\xe2\x10\n" +
 	"\vNodeService\x12T\n" +
 	"\vReserveSlot\x12!.chalk.node.v1.ReserveSlotRequest\x1a\".chalk.node.v1.ReserveSlotResponse\x12S\n" +
 	"\vEnsureImage\x12!.chalk.node.v1.EnsureImageRequest\x1a\x1f.chalk.node.v1.EnsureImageEvent0\x01\x12B\n" +
@@ -5023,7 +5133,8 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\bSnapshot\x12\x1e.chalk.node.v1.SnapshotRequest\x1a\x1c.chalk.node.v1.SnapshotEvent0\x01\x12T\n" +
 	"\vApplyEgress\x12!.chalk.node.v1.ApplyEgressRequest\x1a\".chalk.node.v1.ApplyEgressResponse\x12T\n" +
 	"\vEgressDrops\x12!.chalk.node.v1.EgressDropsRequest\x1a\".chalk.node.v1.EgressDropsResponse\x12T\n" +
-	"\rSnapshotLayer\x12\x1e.chalk.node.v1.SnapshotRequest\x1a!.chalk.node.v1.SnapshotLayerEvent0\x012\xcb\x02\n" +
+	"\rSnapshotLayer\x12\x1e.chalk.node.v1.SnapshotRequest\x1a!.chalk.node.v1.SnapshotLayerEvent0\x01\x12K\n" +
+	"\bPutMount\x12\x1c.chalk.node.v1.PutMountInput\x1a\x1f.chalk.node.v1.PutMountResponse(\x012\xcb\x02\n" +
 	"\fFleetService\x12?\n" +
 	"\x04Join\x12\x1a.chalk.node.v1.JoinRequest\x1a\x1b.chalk.node.v1.JoinResponse\x12N\n" +
 	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponse\x12]\n" +
@@ -5042,7 +5153,7 @@ func file_chalk_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_chalk_node_v1_node_proto_rawDescData
 }
 
-var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 81)
+var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 83)
 var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*ReserveSlotRequest)(nil),     // 0: chalk.node.v1.ReserveSlotRequest
 	(*ReserveSlotResponse)(nil),    // 1: chalk.node.v1.ReserveSlotResponse
@@ -5114,17 +5225,19 @@ var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*SnapshotResult)(nil),         // 67: chalk.node.v1.SnapshotResult
 	(*SnapshotEvent)(nil),          // 68: chalk.node.v1.SnapshotEvent
 	(*SnapshotLayerEvent)(nil),     // 69: chalk.node.v1.SnapshotLayerEvent
-	(*Capacity)(nil),               // 70: chalk.node.v1.Capacity
-	(*JoinRequest)(nil),            // 71: chalk.node.v1.JoinRequest
-	(*JoinResponse)(nil),           // 72: chalk.node.v1.JoinResponse
-	(*HeartbeatRequest)(nil),       // 73: chalk.node.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),      // 74: chalk.node.v1.HeartbeatResponse
-	(*RegistryAccessRequest)(nil),  // 75: chalk.node.v1.RegistryAccessRequest
-	(*RegistryAccessResponse)(nil), // 76: chalk.node.v1.RegistryAccessResponse
-	(*WorkloadRequest)(nil),        // 77: chalk.node.v1.WorkloadRequest
-	(*WorkloadResponse)(nil),       // 78: chalk.node.v1.WorkloadResponse
-	nil,                            // 79: chalk.node.v1.LeftoversRequest.LiveEntry
-	nil,                            // 80: chalk.node.v1.RestoreRequest.LiveEntry
+	(*PutMountInput)(nil),          // 70: chalk.node.v1.PutMountInput
+	(*PutMountResponse)(nil),       // 71: chalk.node.v1.PutMountResponse
+	(*Capacity)(nil),               // 72: chalk.node.v1.Capacity
+	(*JoinRequest)(nil),            // 73: chalk.node.v1.JoinRequest
+	(*JoinResponse)(nil),           // 74: chalk.node.v1.JoinResponse
+	(*HeartbeatRequest)(nil),       // 75: chalk.node.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),      // 76: chalk.node.v1.HeartbeatResponse
+	(*RegistryAccessRequest)(nil),  // 77: chalk.node.v1.RegistryAccessRequest
+	(*RegistryAccessResponse)(nil), // 78: chalk.node.v1.RegistryAccessResponse
+	(*WorkloadRequest)(nil),        // 79: chalk.node.v1.WorkloadRequest
+	(*WorkloadResponse)(nil),       // 80: chalk.node.v1.WorkloadResponse
+	nil,                            // 81: chalk.node.v1.LeftoversRequest.LiveEntry
+	nil,                            // 82: chalk.node.v1.RestoreRequest.LiveEntry
 }
 var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	8,  // 0: chalk.node.v1.ReserveSlotRequest.spec:type_name -> chalk.node.v1.StartSpec
@@ -5141,17 +5254,17 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	27, // 11: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
 	35, // 12: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
 	38, // 13: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
-	79, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
+	81, // 14: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
 	8,  // 15: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
-	80, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
+	82, // 16: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
 	59, // 17: chalk.node.v1.ApplyEgressRequest.policies:type_name -> chalk.node.v1.NetworkPolicy
 	63, // 18: chalk.node.v1.EgressDropsResponse.drops:type_name -> chalk.node.v1.EgressDrop
 	65, // 19: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
 	4,  // 20: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
 	67, // 21: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
 	4,  // 22: chalk.node.v1.SnapshotLayerEvent.progress:type_name -> chalk.node.v1.Progress
-	70, // 23: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
-	70, // 24: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
+	72, // 23: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
+	72, // 24: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
 	0,  // 25: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
 	5,  // 26: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
 	9,  // 27: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
@@ -5179,43 +5292,45 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	60, // 49: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
 	62, // 50: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
 	66, // 51: chalk.node.v1.NodeService.SnapshotLayer:input_type -> chalk.node.v1.SnapshotRequest
-	71, // 52: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
-	73, // 53: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
-	75, // 54: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
-	77, // 55: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
-	1,  // 56: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
-	6,  // 57: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
-	12, // 58: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
-	14, // 59: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
-	16, // 60: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
-	20, // 61: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
-	22, // 62: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
-	18, // 63: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
-	28, // 64: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
-	30, // 65: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
-	32, // 66: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
-	34, // 67: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
-	37, // 68: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
-	40, // 69: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
-	42, // 70: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
-	44, // 71: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
-	46, // 72: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
-	48, // 73: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
-	50, // 74: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
-	52, // 75: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
-	54, // 76: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
-	56, // 77: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
-	58, // 78: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
-	68, // 79: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
-	61, // 80: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
-	64, // 81: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
-	69, // 82: chalk.node.v1.NodeService.SnapshotLayer:output_type -> chalk.node.v1.SnapshotLayerEvent
-	72, // 83: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
-	74, // 84: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
-	76, // 85: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
-	78, // 86: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
-	56, // [56:87] is the sub-list for method output_type
-	25, // [25:56] is the sub-list for method input_type
+	70, // 52: chalk.node.v1.NodeService.PutMount:input_type -> chalk.node.v1.PutMountInput
+	73, // 53: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
+	75, // 54: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
+	77, // 55: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
+	79, // 56: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
+	1,  // 57: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
+	6,  // 58: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
+	12, // 59: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
+	14, // 60: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
+	16, // 61: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
+	20, // 62: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
+	22, // 63: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
+	18, // 64: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
+	28, // 65: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
+	30, // 66: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
+	32, // 67: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
+	34, // 68: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
+	37, // 69: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
+	40, // 70: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
+	42, // 71: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
+	44, // 72: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
+	46, // 73: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
+	48, // 74: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
+	50, // 75: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
+	52, // 76: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
+	54, // 77: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
+	56, // 78: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
+	58, // 79: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
+	68, // 80: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
+	61, // 81: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
+	64, // 82: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
+	69, // 83: chalk.node.v1.NodeService.SnapshotLayer:output_type -> chalk.node.v1.SnapshotLayerEvent
+	71, // 84: chalk.node.v1.NodeService.PutMount:output_type -> chalk.node.v1.PutMountResponse
+	74, // 85: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
+	76, // 86: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
+	78, // 87: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
+	80, // 88: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
+	57, // [57:89] is the sub-list for method output_type
+	25, // [25:57] is the sub-list for method input_type
 	25, // [25:25] is the sub-list for extension type_name
 	25, // [25:25] is the sub-list for extension extendee
 	0,  // [0:25] is the sub-list for field type_name
@@ -5260,7 +5375,7 @@ func file_chalk_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_node_v1_node_proto_rawDesc), len(file_chalk_node_v1_node_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   81,
+			NumMessages:   83,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

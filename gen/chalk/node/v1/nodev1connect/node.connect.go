@@ -97,6 +97,8 @@ const (
 	// NodeServiceSnapshotLayerProcedure is the fully-qualified name of the NodeService's SnapshotLayer
 	// RPC.
 	NodeServiceSnapshotLayerProcedure = "/chalk.node.v1.NodeService/SnapshotLayer"
+	// NodeServicePutMountProcedure is the fully-qualified name of the NodeService's PutMount RPC.
+	NodeServicePutMountProcedure = "/chalk.node.v1.NodeService/PutMount"
 	// FleetServiceJoinProcedure is the fully-qualified name of the FleetService's Join RPC.
 	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
 	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
@@ -169,6 +171,13 @@ type NodeServiceClient interface {
 	// the last one with eof set. The control plane pushes the image itself:
 	// a node holds no push credential.
 	SnapshotLayer(context.Context, *connect.Request[v1.SnapshotRequest]) (*connect.ServerStreamForClient[v1.SnapshotLayerEvent], error)
+	// PutMount stores content uploaded to the control plane (a file, or a
+	// directory as a tar) that a sandbox placed on the node mounts, by its
+	// sha256 digest, which the node checks: the first message names it, the
+	// rest carry its bytes. The answer is its path on the node (for a
+	// directory, where it is extracted) for StartSpec's binds; content the
+	// node has already is not sent again.
+	PutMount(context.Context) *connect.ClientStreamForClient[v1.PutMountInput, v1.PutMountResponse]
 }
 
 // NewNodeServiceClient constructs a client for the chalk.node.v1.NodeService service. By default,
@@ -344,6 +353,12 @@ func NewNodeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(nodeServiceMethods.ByName("SnapshotLayer")),
 			connect.WithClientOptions(opts...),
 		),
+		putMount: connect.NewClient[v1.PutMountInput, v1.PutMountResponse](
+			httpClient,
+			baseURL+NodeServicePutMountProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("PutMount")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -376,6 +391,7 @@ type nodeServiceClient struct {
 	applyEgress   *connect.Client[v1.ApplyEgressRequest, v1.ApplyEgressResponse]
 	egressDrops   *connect.Client[v1.EgressDropsRequest, v1.EgressDropsResponse]
 	snapshotLayer *connect.Client[v1.SnapshotRequest, v1.SnapshotLayerEvent]
+	putMount      *connect.Client[v1.PutMountInput, v1.PutMountResponse]
 }
 
 // ReserveSlot calls chalk.node.v1.NodeService.ReserveSlot.
@@ -513,6 +529,11 @@ func (c *nodeServiceClient) SnapshotLayer(ctx context.Context, req *connect.Requ
 	return c.snapshotLayer.CallServerStream(ctx, req)
 }
 
+// PutMount calls chalk.node.v1.NodeService.PutMount.
+func (c *nodeServiceClient) PutMount(ctx context.Context) *connect.ClientStreamForClient[v1.PutMountInput, v1.PutMountResponse] {
+	return c.putMount.CallClientStream(ctx)
+}
+
 // NodeServiceHandler is an implementation of the chalk.node.v1.NodeService service.
 type NodeServiceHandler interface {
 	// ReserveSlot gives the sandbox a network slot on the node (slots are
@@ -574,6 +595,13 @@ type NodeServiceHandler interface {
 	// the last one with eof set. The control plane pushes the image itself:
 	// a node holds no push credential.
 	SnapshotLayer(context.Context, *connect.Request[v1.SnapshotRequest], *connect.ServerStream[v1.SnapshotLayerEvent]) error
+	// PutMount stores content uploaded to the control plane (a file, or a
+	// directory as a tar) that a sandbox placed on the node mounts, by its
+	// sha256 digest, which the node checks: the first message names it, the
+	// rest carry its bytes. The answer is its path on the node (for a
+	// directory, where it is extracted) for StartSpec's binds; content the
+	// node has already is not sent again.
+	PutMount(context.Context, *connect.ClientStream[v1.PutMountInput]) (*connect.Response[v1.PutMountResponse], error)
 }
 
 // NewNodeServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -745,6 +773,12 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(nodeServiceMethods.ByName("SnapshotLayer")),
 		connect.WithHandlerOptions(opts...),
 	)
+	nodeServicePutMountHandler := connect.NewClientStreamHandler(
+		NodeServicePutMountProcedure,
+		svc.PutMount,
+		connect.WithSchema(nodeServiceMethods.ByName("PutMount")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.NodeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case NodeServiceReserveSlotProcedure:
@@ -801,6 +835,8 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 			nodeServiceEgressDropsHandler.ServeHTTP(w, r)
 		case NodeServiceSnapshotLayerProcedure:
 			nodeServiceSnapshotLayerHandler.ServeHTTP(w, r)
+		case NodeServicePutMountProcedure:
+			nodeServicePutMountHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -916,6 +952,10 @@ func (UnimplementedNodeServiceHandler) EgressDrops(context.Context, *connect.Req
 
 func (UnimplementedNodeServiceHandler) SnapshotLayer(context.Context, *connect.Request[v1.SnapshotRequest], *connect.ServerStream[v1.SnapshotLayerEvent]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.SnapshotLayer is not implemented"))
+}
+
+func (UnimplementedNodeServiceHandler) PutMount(context.Context, *connect.ClientStream[v1.PutMountInput]) (*connect.Response[v1.PutMountResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.PutMount is not implemented"))
 }
 
 // FleetServiceClient is a client for the chalk.node.v1.FleetService service.
