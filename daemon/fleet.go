@@ -422,6 +422,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		}
 	}()
 	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, capacity)
+	go noderpc.RenewLoop(ctx, d.log, id, fc, time.Hour) // its certificate, before it expires
 	go func() { _ = d.startBackground(ctx) }()
 	d.log.Info("chalkd node serving", "node", id.ID, "api", n.addr, "advertise", opts.Advertise, "control", opts.Join)
 	return n, nil

@@ -207,7 +207,7 @@ func TestRegistryRefusesRemovedNode(t *testing.T) {
 	}
 	// The pull credential without a fleet certificate.
 	noCert := RegistryClientTLS(a)
-	noCert.Certificates = nil
+	noCert.GetClientCertificate = nil
 	anon, err := registry.NewRemote(registry.RemoteConfig{Addr: l.Addr().String(), Pull: reg.Credentials().Pull, TLS: noCert})
 	if err != nil {
 		t.Fatal(err)

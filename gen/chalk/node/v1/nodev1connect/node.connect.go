@@ -108,6 +108,8 @@ const (
 	FleetServiceRegistryAccessProcedure = "/chalk.node.v1.FleetService/RegistryAccess"
 	// FleetServiceWorkloadProcedure is the fully-qualified name of the FleetService's Workload RPC.
 	FleetServiceWorkloadProcedure = "/chalk.node.v1.FleetService/Workload"
+	// FleetServiceRenewProcedure is the fully-qualified name of the FleetService's Renew RPC.
+	FleetServiceRenewProcedure = "/chalk.node.v1.FleetService/Renew"
 )
 
 // NodeServiceClient is a client for the chalk.node.v1.NodeService service.
@@ -972,6 +974,10 @@ type FleetServiceClient interface {
 	// issuer (the node's metadata service hands it to the sandbox). A node
 	// gets nothing for a sandbox placed elsewhere.
 	Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error)
+	// Renew issues the calling node a new certificate for a new key (its CSR;
+	// only the key is taken), before its current one expires. Node
+	// certificate required, not revoked.
+	Renew(context.Context, *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error)
 }
 
 // NewFleetServiceClient constructs a client for the chalk.node.v1.FleetService service. By default,
@@ -1009,6 +1015,12 @@ func NewFleetServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(fleetServiceMethods.ByName("Workload")),
 			connect.WithClientOptions(opts...),
 		),
+		renew: connect.NewClient[v1.RenewRequest, v1.RenewResponse](
+			httpClient,
+			baseURL+FleetServiceRenewProcedure,
+			connect.WithSchema(fleetServiceMethods.ByName("Renew")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -1018,6 +1030,7 @@ type fleetServiceClient struct {
 	heartbeat      *connect.Client[v1.HeartbeatRequest, v1.HeartbeatResponse]
 	registryAccess *connect.Client[v1.RegistryAccessRequest, v1.RegistryAccessResponse]
 	workload       *connect.Client[v1.WorkloadRequest, v1.WorkloadResponse]
+	renew          *connect.Client[v1.RenewRequest, v1.RenewResponse]
 }
 
 // Join calls chalk.node.v1.FleetService.Join.
@@ -1040,6 +1053,11 @@ func (c *fleetServiceClient) Workload(ctx context.Context, req *connect.Request[
 	return c.workload.CallUnary(ctx, req)
 }
 
+// Renew calls chalk.node.v1.FleetService.Renew.
+func (c *fleetServiceClient) Renew(ctx context.Context, req *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error) {
+	return c.renew.CallUnary(ctx, req)
+}
+
 // FleetServiceHandler is an implementation of the chalk.node.v1.FleetService service.
 type FleetServiceHandler interface {
 	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
@@ -1054,6 +1072,10 @@ type FleetServiceHandler interface {
 	// issuer (the node's metadata service hands it to the sandbox). A node
 	// gets nothing for a sandbox placed elsewhere.
 	Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error)
+	// Renew issues the calling node a new certificate for a new key (its CSR;
+	// only the key is taken), before its current one expires. Node
+	// certificate required, not revoked.
+	Renew(context.Context, *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error)
 }
 
 // NewFleetServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -1087,6 +1109,12 @@ func NewFleetServiceHandler(svc FleetServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(fleetServiceMethods.ByName("Workload")),
 		connect.WithHandlerOptions(opts...),
 	)
+	fleetServiceRenewHandler := connect.NewUnaryHandler(
+		FleetServiceRenewProcedure,
+		svc.Renew,
+		connect.WithSchema(fleetServiceMethods.ByName("Renew")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.FleetService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case FleetServiceJoinProcedure:
@@ -1097,6 +1125,8 @@ func NewFleetServiceHandler(svc FleetServiceHandler, opts ...connect.HandlerOpti
 			fleetServiceRegistryAccessHandler.ServeHTTP(w, r)
 		case FleetServiceWorkloadProcedure:
 			fleetServiceWorkloadHandler.ServeHTTP(w, r)
+		case FleetServiceRenewProcedure:
+			fleetServiceRenewHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -1120,4 +1150,8 @@ func (UnimplementedFleetServiceHandler) RegistryAccess(context.Context, *connect
 
 func (UnimplementedFleetServiceHandler) Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.Workload is not implemented"))
+}
+
+func (UnimplementedFleetServiceHandler) Renew(context.Context, *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.Renew is not implemented"))
 }
