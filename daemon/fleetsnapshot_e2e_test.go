@@ -18,7 +18,9 @@ import (
 // credential: nodes keep no registry and their registry dir stays empty);
 // a sandbox created from it on the other node (the first cordoned) sees the
 // files and the deletion; the source runs on. The snapshot of a snapshot
-// sandbox works too (its image is the control plane's as well).
+// sandbox works too (its image is the control plane's as well), and so
+// does one of a stopped sandbox (its layer kept on its node by its
+// teardown).
 func TestFleetSnapshot(t *testing.T) {
 	control := chalktest.StartControl(t)
 	n1 := chalktest.StartFleetNodeArgs(t, control, 1, "--prestart", "0")
@@ -102,10 +104,31 @@ func TestFleetSnapshot(t *testing.T) {
 	if res, err := third.Exec(ctx, []string{"sh", "-c", "busybox cat /data/state.txt /data/second.txt"}); err != nil || string(res.Stdout) != "made-on-"+srcName+"\nsecond\n" {
 		t.Fatalf("the second snapshot's files: %+v %v", res, err)
 	}
-	for _, s := range []*chalkcompute.Sandbox{sb, nb, third} {
+	for _, s := range []*chalkcompute.Sandbox{sb, nb} {
 		if _, err := s.Terminate(ctx); err != nil {
 			t.Fatal(err)
 		}
+	}
+	// A stopped sandbox: its layer kept on its node by its teardown.
+	if res, err := third.Exec(ctx, []string{"sh", "-c", "echo after-stop > /data/third.txt"}); err != nil || res.Code != 0 {
+		t.Fatalf("%+v %v", res, err)
+	}
+	if st, err := third.Terminate(ctx); err != nil || st.State != "stopped" {
+		t.Fatalf("terminate: %+v %v", st, err)
+	}
+	img3, err := third.Snapshot(ctx)
+	if err != nil {
+		t.Fatalf("snapshot of a stopped sandbox in fleet mode: %v", err)
+	}
+	fourth, err := c.Create(ctx, chalkcompute.Base(img3.Ref))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res, err := fourth.Exec(ctx, []string{"busybox", "cat", "/data/third.txt"}); err != nil || string(res.Stdout) != "after-stop\n" {
+		t.Fatalf("the stopped sandbox's snapshot: %+v %v", res, err)
+	}
+	if _, err := fourth.Terminate(ctx); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -294,11 +294,10 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		// (daemon/fleetegress.go). Builds run here and land in this
 		// registry, which nodes pull from; their references are handed to
 		// nodes registry-independent (fleetImages).
+		// Snapshots: the node streams the layer (a stopped sandbox's from
+		// where its teardown kept it, on its node), this control plane
+		// pushes it (fleetsnapshot.go).
 		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = &fleetPolicies{router: d.router}, d.fleetHooks(), d.router, fleetImages{d.im, d.Registry}
-		// Snapshots of running sandboxes only in fleet mode (the node
-		// streams the layer, this control plane pushes it: fleetsnapshot.go):
-		// nodes keep no stopped sandbox's layer.
-		acfg.KeepStopped = -1
 	}
 	d.API = api.New(ctx, acfg)
 	if err := d.API.Reconcile(ctx); err != nil {

@@ -62,8 +62,10 @@ type Router struct {
 	// pooled are the pre-started sandboxes each node has ready, by image
 	// digest, as it last said (router_pool.go).
 	pooled map[string]map[string]int
-	// snapshots, if set, takes snapshots (snapshot.go).
+	// snapshots, if set, takes snapshots (snapshot.go); kept is where
+	// ended sandboxes' writable layers may still be kept.
 	snapshots *fleetSnapshots
+	kept      map[string]keptLayer
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -536,6 +538,9 @@ func (r *Router) Teardown(id string, slot int, keep node.KeepUpper) (int64, erro
 		return 0, err
 	}
 	r.forget(id)
+	if keep.For > 0 {
+		r.keptOn(id, m.rec.ID, keep.For) // its layer, for a snapshot (snapshot.go)
+	}
 	return kept, nil
 }
 

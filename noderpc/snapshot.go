@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -52,7 +53,7 @@ func (s *Server) SnapshotLayer(ctx context.Context, req *connect.Request[nodev1.
 	if sp == nil {
 		return invalid("snapshot layer: spec is required")
 	}
-	r := node.SnapshotRequest{ID: sp.Id, Slot: int(sp.Slot), ImageRef: sp.ImageRef, ImageDigest: sp.ImageDigest, Exclude: sp.Exclude}
+	r := node.SnapshotRequest{ID: sp.Id, Slot: int(sp.Slot), ImageRef: sp.ImageRef, ImageDigest: sp.ImageDigest, Exclude: sp.Exclude, Stopped: sp.Stopped}
 	var mu sync.Mutex
 	if sp.Progress {
 		r.Progress = func(phase string, cur, total int64) {
@@ -96,7 +97,8 @@ func (s *Server) SnapshotLayer(ctx context.Context, req *connect.Request[nodev1.
 // complete fails.
 func (c *Client) SnapshotLayer(ctx context.Context, req node.SnapshotRequest, w io.Writer, max int64) (int64, error) {
 	stream, err := c.rpc.SnapshotLayer(ctx, connect.NewRequest(&nodev1.SnapshotRequest{Spec: &nodev1.SnapshotSpec{
-		Id: req.ID, Slot: int32(req.Slot), ImageRef: req.ImageRef, ImageDigest: req.ImageDigest, Exclude: req.Exclude, Progress: req.Progress != nil}}))
+		Id: req.ID, Slot: int32(req.Slot), ImageRef: req.ImageRef, ImageDigest: req.ImageDigest, Exclude: req.Exclude, Progress: req.Progress != nil,
+		Stopped: req.Stopped}}))
 	if err != nil {
 		return 0, wire(err)
 	}
@@ -169,10 +171,13 @@ func (r *Router) Snapshot(ctx context.Context, req node.SnapshotRequest) (*image
 	if fs == nil {
 		return nil, fmt.Errorf("sandbox %q: snapshots are not available on this control plane: %w", req.ID, errdefs.ErrFailedPrecondition)
 	}
+	var m *member
+	var err error
 	if req.Stopped {
-		return nil, fmt.Errorf("sandbox %q is stopped: in fleet mode a snapshot needs a running sandbox (nodes keep no stopped sandbox's layer): %w", req.ID, errdefs.ErrFailedPrecondition)
+		m, err = r.keptAt(req.ID)
+	} else {
+		m, err = r.on(req.ID)
 	}
-	m, err := r.on(req.ID)
 	if err != nil {
 		return nil, err
 	}
@@ -193,4 +198,43 @@ func (r *Router) Snapshot(ctx context.Context, req node.SnapshotRequest) (*image
 		return nil, fmt.Errorf("sandbox %q: snapshot layer from node %s: %w", req.ID, m.rec.ID, err)
 	}
 	return fs.push(ctx, req, f.Name())
+}
+
+// keptLayer is the node an ended sandbox's writable layer is kept on, and
+// until when at most.
+type keptLayer struct {
+	node  string
+	until time.Time
+}
+
+// keptOn records that node keeps sandbox id's layer for at most d (its
+// teardown kept it: the node says at snapshot time whether it still does).
+func (r *Router) keptOn(id, nodeID string, d time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.kept == nil {
+		r.kept = map[string]keptLayer{}
+	}
+	now := r.now()
+	for k, v := range r.kept {
+		if now.After(v.until) {
+			delete(r.kept, k)
+		}
+	}
+	r.kept[id] = keptLayer{node: nodeID, until: now.Add(d)}
+}
+
+// keptAt is the healthy node keeping ended sandbox id's layer.
+func (r *Router) keptAt(id string) (*member, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	k, ok := r.kept[id]
+	if !ok || r.now().After(k.until) {
+		return nil, fmt.Errorf("sandbox %q is stopped and its writable layer is kept on no node: %w", id, errdefs.ErrFailedPrecondition)
+	}
+	m := r.members[k.node]
+	if m == nil || !m.healthy {
+		return nil, fmt.Errorf("sandbox %q: node %s, which keeps its layer: %w", id, k.node, node.ErrLost)
+	}
+	return m, nil
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/imagebuild"
@@ -16,8 +17,9 @@ import (
 // TestRouterSnapshot: a snapshot through the router takes the layer from
 // the sandbox's node over the node API (several chunks, progress passed
 // on) and hands it, complete, to the control plane's push; without
-// SetSnapshots, and for a stopped sandbox, it is refused; a layer over the
-// bound is cut off as resource exhausted and nothing is pushed.
+// SetSnapshots it is refused; a stopped sandbox's comes from the node its
+// teardown kept it on, while kept; a layer over the bound is cut off as
+// resource exhausted and nothing is pushed.
 func TestRouterSnapshot(t *testing.T) {
 	c := newControl(t)
 	ctx := ctxT(t)
@@ -61,11 +63,26 @@ func TestRouterSnapshot(t *testing.T) {
 	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
 		t.Errorf("layer files left on the control plane: %v", ents)
 	}
+	// Stopped: taken from the node its teardown kept the layer on, while
+	// it keeps it; a sandbox whose layer was not kept is refused.
 	stopped := req
 	stopped.Stopped = true
 	if _, err := r.Snapshot(ctx, stopped); !errors.Is(err, errdefs.ErrFailedPrecondition) {
-		t.Errorf("snapshot of a stopped sandbox: %v, want failed precondition", err)
+		t.Errorf("snapshot of a stopped sandbox never kept: %v, want failed precondition", err)
 	}
+	if _, err := r.Teardown("sb", 1, node.KeepUpper{For: time.Minute, MaxBytes: 1 << 30}); err != nil {
+		t.Fatal(err)
+	}
+	pushed = nil
+	if _, err := r.Snapshot(ctx, stopped); err != nil || !bytes.Equal(pushed, layer) {
+		t.Fatalf("snapshot of a stopped sandbox whose layer is kept: %v (%d bytes pushed)", err, len(pushed))
+	}
+	later := time.Now().Add(2 * time.Minute)
+	r.now = func() time.Time { return later }
+	if _, err := r.Snapshot(ctx, stopped); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Errorf("snapshot of a stopped sandbox past its keep: %v, want failed precondition", err)
+	}
+	r.now = time.Now
 	// Over the bound: cut off.
 	r.mu.Lock()
 	m := r.members[a.id.ID]

@@ -3740,13 +3740,16 @@ func (x *EgressDropsResponse) GetDrops() []*EgressDrop {
 }
 
 type SnapshotSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Slot          int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
-	ImageRef      string                 `protobuf:"bytes,3,opt,name=image_ref,json=imageRef,proto3" json:"image_ref,omitempty"`
-	ImageDigest   string                 `protobuf:"bytes,4,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"`
-	Exclude       []string               `protobuf:"bytes,5,rep,name=exclude,proto3" json:"exclude,omitempty"`
-	Progress      bool                   `protobuf:"varint,6,opt,name=progress,proto3" json:"progress,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Id          string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Slot        int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
+	ImageRef    string                 `protobuf:"bytes,3,opt,name=image_ref,json=imageRef,proto3" json:"image_ref,omitempty"`
+	ImageDigest string                 `protobuf:"bytes,4,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"`
+	Exclude     []string               `protobuf:"bytes,5,rep,name=exclude,proto3" json:"exclude,omitempty"`
+	Progress    bool                   `protobuf:"varint,6,opt,name=progress,proto3" json:"progress,omitempty"`
+	// The sandbox has ended: its layer is taken from where its teardown
+	// kept it (SnapshotLayer).
+	Stopped       bool `protobuf:"varint,7,opt,name=stopped,proto3" json:"stopped,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3819,6 +3822,13 @@ func (x *SnapshotSpec) GetExclude() []string {
 func (x *SnapshotSpec) GetProgress() bool {
 	if x != nil {
 		return x.Progress
+	}
+	return false
+}
+
+func (x *SnapshotSpec) GetStopped() bool {
+	if x != nil {
+		return x.Stopped
 	}
 	return false
 }
@@ -5120,14 +5130,15 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\x04name\x18\x05 \x01(\tR\x04name\x12\x14\n" +
 	"\x05count\x18\x06 \x01(\x03R\x05count\"F\n" +
 	"\x13EgressDropsResponse\x12/\n" +
-	"\x05drops\x18\x01 \x03(\v2\x19.chalk.node.v1.EgressDropR\x05drops\"\xa8\x01\n" +
+	"\x05drops\x18\x01 \x03(\v2\x19.chalk.node.v1.EgressDropR\x05drops\"\xc2\x01\n" +
 	"\fSnapshotSpec\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04slot\x18\x02 \x01(\x05R\x04slot\x12\x1b\n" +
 	"\timage_ref\x18\x03 \x01(\tR\bimageRef\x12!\n" +
 	"\fimage_digest\x18\x04 \x01(\tR\vimageDigest\x12\x18\n" +
 	"\aexclude\x18\x05 \x03(\tR\aexclude\x12\x1a\n" +
-	"\bprogress\x18\x06 \x01(\bR\bprogress\"B\n" +
+	"\bprogress\x18\x06 \x01(\bR\bprogress\x12\x18\n" +
+	"\astopped\x18\a \x01(\bR\astopped\"B\n" +
 	"\x0fSnapshotRequest\x12/\n" +
 	"\x04spec\x18\x01 \x01(\v2\x1b.chalk.node.v1.SnapshotSpecR\x04spec\"\x84\x01\n" +
 	"\x0eSnapshotResult\x12\x10\n" +
