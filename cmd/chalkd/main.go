@@ -269,6 +269,7 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 	fs.StringVar(&cfg.RuntimeBinary, "runtime-binary", "", "path of the runtime binary (default: --runtime's name from PATH)")
 	if mode == "control" {
 		fs.IntVar(&cfg.Prestart, "prestart", 0, "pre-started sandboxes of the base image (busybox) every node keeps, set when it joins (0: none set; each node pre-starts its recently used images by its own --prestart)")
+		fs.IntVar(&cfg.PrestartSlots, "prestart-slots", daemon.DefaultPrestartSlots, "unused by the control plane (which runs no sandboxes): each node's own --prestart-slots counts")
 	} else {
 		fs.IntVar(&cfg.Prestart, "prestart", daemon.DefaultPrestart, "sandboxes kept pre-started for each of the 4 most recently used images, so a create is a claim instead of a runc start (0: off; `chalk compute image warm --sandboxes N` sets an image's count)")
 		fs.IntVar(&cfg.PrestartSlots, "prestart-slots", daemon.DefaultPrestartSlots, "network slots reserved for pre-started sandboxes and the sandboxes they become (-1: no pre-starting at all)")
