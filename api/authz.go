@@ -115,6 +115,7 @@ var rules = map[string]rule{
 	c.TeamServiceCreateOrgProcedure:     {role: roleAdmin, nodeAdmin: true},
 	c.NodeAdminServiceListProcedure:     {role: roleAdmin, nodeAdmin: true},
 	c.NodeAdminServiceSetStateProcedure: {role: roleAdmin, nodeAdmin: true},
+	c.NodeAdminServiceRemoveProcedure:   {role: roleAdmin, nodeAdmin: true},
 	c.TeamServiceListOrgsProcedure:      {role: roleViewer},
 	c.TeamServiceAddMemberProcedure:     {role: roleAdmin, object: objOrg, field: "org"},
 	c.TeamServiceListMembersProcedure:   {role: roleViewer, object: objOrg, field: "org"},

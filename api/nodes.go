@@ -30,6 +30,17 @@ type FleetBackend interface {
 	// serially, with the node's name. An unknown name fails the whole call
 	// before anything is warmed; a node's failure is its result's Err.
 	WarmImage(ctx context.Context, ref string, nodes []string, progress func(node string, p nodecache.Progress)) ([]NodeWarm, error)
+	// RemoveNode removes a node (id or name) and revokes its certificate:
+	// only one unhealthy or draining with no live sandbox unless force,
+	// which ends its sandboxes as lost.
+	RemoveNode(ctx context.Context, id string, force bool) (NodeRemoved, error)
+}
+
+// NodeRemoved is a node removed from the fleet, with the sandboxes that
+// were live there (ended as lost; only with force).
+type NodeRemoved struct {
+	Node store.Node
+	Lost []string
 }
 
 // NodeWarm is how warming an image went on one node.
@@ -92,4 +103,20 @@ func (h *nodeAdminService) SetState(ctx context.Context, req *connect.Request[v1
 		return nil, err
 	}
 	return connect.NewResponse(nodeToPB(n)), nil
+}
+
+func (h *nodeAdminService) Remove(ctx context.Context, req *connect.Request[v1.RemoveNodeRequest]) (*connect.Response[v1.RemoveNodeResponse], error) {
+	f, err := h.fleet()
+	if err != nil {
+		return nil, err
+	}
+	if req.Msg.Id == "" {
+		return nil, invalid("id: required (a node's id or name)")
+	}
+	res, err := f.RemoveNode(ctx, req.Msg.Id, req.Msg.Force)
+	if err != nil {
+		return nil, err
+	}
+	n := nodeToPB(NodeStatus{Node: res.Node})
+	return connect.NewResponse(&v1.RemoveNodeResponse{Node: n, LostSandboxes: res.Lost}), nil
 }

@@ -27,3 +27,15 @@ func (c *Client) SetNodeState(ctx context.Context, node, state string) (*v1.Node
 	}
 	return resp.Msg, nil
 }
+
+// RemoveNode removes a fleet node (id or name) and revokes its certificate
+// (node admin). Without force the node must be unhealthy or draining and
+// have no live sandbox; force ends its sandboxes as lost (listed in the
+// answer).
+func (c *Client) RemoveNode(ctx context.Context, node string, force bool) (*v1.RemoveNodeResponse, error) {
+	resp, err := c.nodes.Remove(ctx, connect.NewRequest(&v1.RemoveNodeRequest{Id: node, Force: force}))
+	if err != nil {
+		return nil, err
+	}
+	return resp.Msg, nil
+}

@@ -45,5 +45,26 @@ func nodeCmd(e *env) *cobra.Command {
 			}),
 		})
 	}
+	cmd.AddCommand(nodeRmCmd(e))
 	return cmd
+}
+
+// nodeRmCmd is `chalk admin node rm NODE [--force]`.
+func nodeRmCmd(e *env) *cobra.Command {
+	var force bool
+	rm := &cobra.Command{
+		Use:   "rm NODE",
+		Short: "Remove a node from the fleet and revoke its certificate (NODE: its id or name; it must be unhealthy or drained with no sandboxes, unless --force)",
+		Args:  cobra.ExactArgs(1),
+		RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.RemoveNodeResponse, error) {
+			return c.RemoveNode(ctx, args[0], force)
+		}, asIs[*v1.RemoveNodeResponse], func(r *v1.RemoveNodeResponse) {
+			fmt.Fprintf(e.out, "node %s (%s) removed; its certificate is revoked (it can rejoin only with a new join token)\n", r.Node.GetId(), r.Node.GetName())
+			for _, id := range r.LostSandboxes {
+				fmt.Fprintf(e.out, "sandbox %s: ended as lost\n", id)
+			}
+		}),
+	}
+	rm.Flags().BoolVar(&force, "force", false, "remove a node that is healthy or still has sandboxes: its sandboxes end as lost")
+	return rm
 }

@@ -289,6 +289,7 @@ type Daemon struct {
 	fleetAddr         string
 	fleetRegistryAddr string
 	resolvConf        func() []byte
+	nodeMode          bool // `chalkd node` (fleetpool.go)
 	nodeWL            *nodeWorkloads
 
 	AdminToken string // set when this start created it

@@ -55,6 +55,11 @@ type FleetConfig struct {
 	// NodeTimeout: a node silent this long is lost (default
 	// noderpc.DefaultHeartbeatTimeout).
 	NodeTimeout time.Duration
+	// Prestart is how many pre-started sandboxes of the base image
+	// (busybox) each node keeps, set when it joins (its first heartbeat
+	// here); 0: none set (nodes pre-start recently used images by their own
+	// --prestart).
+	Prestart int
 }
 
 // fleetDir is where the control plane keeps its CA.
@@ -85,6 +90,9 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		// Exposed ports of node sandboxes: through their node (DialSandbox).
 		d.ingress.srv.DialVia(d.router.DialSandbox)
 	}
+	if err := d.router.SetSnapshots(filepath.Join(d.cfg.DataDir, "fleet-snapshots"), d.pushFleetSnapshot); err != nil {
+		return err
+	}
 	// Nodes pull images from this registry: over TLS with the control
 	// plane's certificate (fleet CA), with the read-only pull credential
 	// they get over the mTLS fleet channel (RegistryAccess).
@@ -92,7 +100,11 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("fleet registry listener: %w", err)
 	}
-	if err := d.Registry.ServeTLS(rl, cert); err != nil {
+	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet"),
+		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }, Workloads: fleetWorkloads{d}}
+	// Only fleet members reach it: a node certificate not revoked (a
+	// removed node keeps its copy of the pull credential).
+	if err := d.Registry.ServeTLSConfig(rl, noderpc.RegistryServerTLS(ca, cert), f.RegistryGate); err != nil {
 		_ = rl.Close()
 		return err
 	}
@@ -107,8 +119,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		_, port, _ := net.SplitHostPort(d.fleetRegistryAddr)
 		access.Addr = net.JoinHostPort("", port)
 	}
-	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet"), Registry: access,
-		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }, Workloads: fleetWorkloads{d}}
+	f.Registry = access
 	mux := http.NewServeMux()
 	mux.Handle(f.Handler())
 	mux.Handle(noderpc.RelayPrefix, d.fleetRelay())
@@ -152,6 +163,9 @@ func (d *Daemon) warmBase(ctx context.Context, id string) {
 			continue
 		}
 		d.log.Info("fleet: base image warm", "node", id, "image", ref, "pulled", res[0].Image.BytesPulled)
+		if ref == BusyboxRef && d.cfg.Fleet.Prestart > 0 {
+			d.prestartBase(ctx, id, res[0].Image)
+		}
 	}
 }
 
@@ -179,16 +193,15 @@ func (d *Daemon) apiNode() api.Node {
 }
 
 // fleetHooks are the sandbox hooks of control mode. The node-side ones
-// (image mounts) would act on the control plane's host, not the sandbox's
-// node: requests needing them are refused with a clear error rather than
-// half-served. (Egress rules, the metadata service and the identity files
-// are the nodes': fleetegress.go, fleetidentity.go, fleettokens.go; tunnel
-// devices too, with the membership kept here: fleettunnel.go.)
+// are the nodes' own or sent to them: egress rules, the metadata service and
+// the identity files (fleetegress.go, fleetidentity.go, fleettokens.go),
+// upload mounts (fleetmounts.go), tunnel devices, with the membership kept
+// here (fleettunnel.go).
 func (d *Daemon) fleetHooks() api.Hooks {
 	return api.Hooks{
 		Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
-			if len(sb.Mounts) > 0 {
-				return fmt.Errorf("sandbox %s: image mounts are not available in fleet mode yet: %w", sb.ID, errdefs.ErrFailedPrecondition)
+			if err := d.fleetMountBinds(ctx, sb, req); err != nil {
+				return err
 			}
 			// Its identity files: its node writes them and keeps the
 			// tokens fresh (fleettokens.go).
@@ -279,10 +292,9 @@ func (n *NodeDaemon) Addr() string { return n.addr }
 // StartNode brings up the node side, joins the fleet (once; the identity is
 // kept in DATA_DIR/fleet-node) and serves the node API.
 func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon, err error) {
-	// No pre-started sandboxes yet (their identity files are the control
-	// plane's). The sandboxes resolve through this node's DNS proxy and
-	// hold its egress rules (daemon/fleetegress.go).
-	cfg.Prestart, cfg.PrestartSlots = 0, -1
+	// The sandboxes resolve through this node's DNS proxy and hold its
+	// egress rules (daemon/fleetegress.go); its pre-started sandboxes are
+	// made without identity files (fleetpool.go).
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
@@ -305,7 +317,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	if opts.Name == "" {
 		opts.Name, _ = os.Hostname()
 	}
-	d := &Daemon{cfg: cfg, log: cfg.Logger}
+	d := &Daemon{cfg: cfg, log: cfg.Logger, nodeMode: true}
 	ctx, d.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
@@ -390,6 +402,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		{"node agent", d.startAgent},
 		{"tunnels", func(context.Context) error { return d.startNodeTunnels(opts.Advertise) }},
 		{"egress", d.startNodeEgress},
+		{"pre-started sandboxes", d.startNodePool},
 	} {
 		if err := step.run(ctx); err != nil {
 			return nil, fmt.Errorf("%s: %w", step.name, err)
@@ -406,8 +419,13 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	mux := http.NewServeMux()
 	ids := &nodeIdentity{d: d, stops: map[string][]func(){}}
 	ids.resume(nil) // a restarted node process: its sandboxes' tokens (Restore prunes)
+	mounts, err := newNodeMounts(cfg.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("upload mounts: %w", err)
+	}
 	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).
-		WithTunnels(nodeTunnels{d: d, host: d.tun.endpoint}).WithIdentity(ids).WithDialer(d.dialSandbox).Handler())
+		WithTunnels(nodeTunnels{d: d, host: d.tun.endpoint}).WithIdentity(ids).WithDialer(d.dialSandbox).
+		WithMounts(mounts).Handler())
 	l, err := net.Listen("tcp", opts.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("node API: %w", err)
@@ -421,6 +439,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		}
 	}()
 	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, capacity)
+	go noderpc.RenewLoop(ctx, d.log, id, fc, time.Hour) // its certificate, before it expires
 	go func() { _ = d.startBackground(ctx) }()
 	d.log.Info("chalkd node serving", "node", id.ID, "api", n.addr, "advertise", opts.Advertise, "control", opts.Join)
 	return n, nil

@@ -282,7 +282,7 @@ func TestFleetTunnels(t *testing.T) {
 // waitNodesHealthy polls the control plane until the named nodes heartbeat.
 func waitNodesHealthy(t *testing.T, control *chalktest.Node, names ...string) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for {
 		out, errOut, code := control.CLI("admin", "node", "ls", "-o", "json")
 		if code != 0 {

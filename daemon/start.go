@@ -168,6 +168,9 @@ func (d *Daemon) startAgent(context.Context) (err error) {
 		CountsFile: filepath.Join(cfg.DataDir, "prestart-counts.json"),
 		Memory:     cfg.Limits.DefaultMemoryMB << 20, DiskMB: min(sandbox.DefaultDiskMB, cfg.Limits.DefaultMemoryMB),
 	}
+	if d.nodeMode {
+		nodePool(&pool)
+	}
 	d.Agent, err = node.New(node.Config{
 		Runtime: d.Runtime, Net: d.Net, Cache: d.Cache, Registry: d.Registry, Logger: cfg.Logger,
 		ReservedSlots: buildSlots, Pool: pool, ResolvConf: d.agentResolvConf(),
@@ -296,10 +299,10 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		d.ftun = newFleetTunnels(d.tun, d.router, d.Store, d.log.With("component", "fleet"))
 		go d.ftun.run(ctx)
 		acfg.Tunnels = d.ftun
+		// Snapshots: the node streams the layer (a stopped sandbox's from
+		// where its teardown kept it, on its node), this control plane
+		// pushes it (fleetsnapshot.go).
 		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = &fleetPolicies{router: d.router}, d.fleetHooks(), d.router, fleetImages{d.im, d.Registry}
-		// Snapshots are refused in fleet mode: keeping stopped sandboxes'
-		// layers on the nodes would only hold their memory.
-		acfg.KeepStopped = -1
 	}
 	d.API = api.New(ctx, acfg)
 	if err := d.API.Reconcile(ctx); err != nil {

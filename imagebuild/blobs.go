@@ -84,3 +84,43 @@ func (b *Blobs) Open(digest string) (io.ReadCloser, error) {
 
 // Path is the file holding digest (for bind mounts of mount-strategy files).
 func (b *Blobs) Path(digest string) string { return b.path(digest) }
+
+// PutFrom stores the content read from r, which must hash to digest and
+// be at most max bytes (more: resource exhausted; nothing is stored). It
+// streams to a temporary file: a fleet node gets mount content this way
+// from its control plane.
+func (b *Blobs) PutFrom(digest string, r io.Reader, max int64) error {
+	if !digestRE.MatchString(digest) {
+		return fmt.Errorf("digest %q: want sha256:<64 hex>: %w", digest, errdefs.ErrInvalidArgument)
+	}
+	if b.Has(digest) {
+		return nil
+	}
+	tmp, err := os.CreateTemp(b.dir, ".upload-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	h := sha256.New()
+	n, err := io.Copy(io.MultiWriter(tmp, h), io.LimitReader(r, max+1))
+	if err != nil {
+		tmp.Close()
+		return err
+	}
+	if n > max {
+		tmp.Close()
+		return fmt.Errorf("content %s: larger than %d bytes: %w", digest, max, errdefs.ErrResourceExhausted)
+	}
+	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); got != digest {
+		tmp.Close()
+		return fmt.Errorf("content of %s hashes to %s: %w", digest, got, errdefs.ErrInvalidArgument)
+	}
+	if err := tmp.Chmod(0o644); err != nil { // bind-mounted read-only into sandboxes
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), b.path(digest))
+}

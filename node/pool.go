@@ -433,6 +433,18 @@ func (a *Agent) Claim(req StartRequest) (id string, slot int, ok bool) {
 	return m.id, m.slot, true
 }
 
+// Prestarted is how many pre-started sandboxes of the image (by digest)
+// are ready to be claimed now.
+func (a *Agent) Prestarted(digest string) int {
+	p := a.pool
+	if p == nil {
+		return 0
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.ready[digest])
+}
+
 // Unclaim gives back what Claim or ReserveSlot gave to a create that
 // failed before its sandbox started: a claimed pre-started sandbox is
 // destroyed, never put back, since its id may have been seen; a reserved
@@ -586,12 +598,18 @@ func (a *Agent) RestorePool() error {
 }
 
 // ReapPool removes the pre-started sandboxes a previous chalkd left (its
-// journal), except those that became the live sandboxes given. It reaps
-// even with pre-starting now off, whatever slots the journal names.
+// journal), except those that became the live sandboxes given and the
+// members of this process's pool (a fleet node is restored, and reaps,
+// while its pool runs). It reaps even with pre-starting now off, whatever
+// slots the journal names.
 func (a *Agent) ReapPool(ctx context.Context, live map[string]int) error {
 	dir := a.cfg.Pool.Dir
 	if dir == "" {
 		return nil
+	}
+	var mine map[string]int
+	if a.pool != nil {
+		mine = a.pool.members()
 	}
 	ents, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) {
@@ -604,6 +622,9 @@ func (a *Agent) ReapPool(ctx context.Context, live map[string]int) error {
 	for _, e := range ents {
 		id := e.Name()
 		path := filepath.Join(dir, id)
+		if _, ok := mine[id]; ok {
+			continue
+		}
 		if _, ok := live[id]; ok {
 			_ = os.Remove(path)
 			continue

@@ -414,3 +414,44 @@ func newTestID() string {
 	testIDs.n++
 	return "sb-t" + strconv.Itoa(testIDs.n)
 }
+
+// TestPoolSurvivesRestore: a fleet node is restored (Agent.Restore, which
+// reaps the pool journal) while its pool runs, each time its control plane
+// starts or finds it back. The ready members of this process stay ready and
+// claimable; only a previous process's journal entries are reaped.
+func TestPoolSurvivesRestore(t *testing.T) {
+	ctx := context.Background()
+	rt, n := newFakeRuntime(t), newFakeNet(20)
+	cfg := poolCfg()
+	cfg.Pool.Dir = t.TempDir()
+	cfg.Pool.NewID = func() string { return newTestID() }
+	a := testAgent(t, cfg, rt, n)
+	img := testImage("busybox")
+	if err := a.SetPrestarted(ctx, img, 2, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := a.Prestarted(img.Digest); got != 2 {
+		t.Fatalf("Prestarted: %d ready, want 2", got)
+	}
+	// A previous process's member (its journal entry; nothing runs).
+	if err := os.WriteFile(filepath.Join(cfg.Pool.Dir, "sb-old"), []byte("16"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	members := rt.ids()
+	if err := a.Restore(ctx, map[string]int{}); err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	if got := rt.ids(); !slices.Equal(got, members) {
+		t.Fatalf("after a restore: running %v, want the members %v", got, members)
+	}
+	if _, err := os.Stat(filepath.Join(cfg.Pool.Dir, "sb-old")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the previous process's journal entry is still there: %v", err)
+	}
+	if got := a.Prestarted(img.Digest); got != 2 {
+		t.Fatalf("after a restore: %d ready, want 2", got)
+	}
+	id, _, ok := a.Claim(StartRequest{Image: img})
+	if !ok || !slices.Contains(members, id) {
+		t.Fatalf("claim after a restore: %q %v, want one of %v", id, ok, members)
+	}
+}

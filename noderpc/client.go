@@ -517,14 +517,21 @@ func (c *Client) Adopt(id, imageDigest string) {
 // Claim reports no claim when the node cannot be asked (logged): the
 // sandbox then starts cold.
 func (c *Client) Claim(req node.StartRequest) (string, int, bool) {
+	id, slot, _, ok := c.ClaimPooled(req)
+	return id, slot, ok
+}
+
+// ClaimPooled is Claim that also says how many pre-started sandboxes of
+// req's image the node has ready after it (as the node reports: a hint).
+func (c *Client) ClaimPooled(req node.StartRequest) (id string, slot, ready int, ok bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 	defer cancel()
 	res, err := c.rpc.Claim(ctx, connect.NewRequest(&nodev1.ClaimRequest{Spec: startToPB(req)}))
 	if err != nil {
 		c.log.Warn("node: claim", "sandbox", req.ID, "err", err)
-		return "", 0, false
+		return "", 0, 0, false
 	}
-	return res.Msg.Id, int(res.Msg.Slot), res.Msg.Ok
+	return res.Msg.Id, int(res.Msg.Slot), max(int(res.Msg.Ready), 0), res.Msg.Ok
 }
 
 func (c *Client) Unclaim(id string) {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"io/fs"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -38,6 +39,8 @@ type fakeNode struct {
 	logs     *bytes.Buffer
 	live     map[string]int
 	paused   map[string]bool
+	pool     map[string][]string // image digest -> pre-started ids (nil: Claim always gives sb-pre)
+	layer    []byte              // SnapshotLayer's layer
 }
 
 func newFakeNode() *fakeNode {
@@ -288,7 +291,46 @@ func (f *fakeNode) Claim(req node.StartRequest) (string, int, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.claimed = append(f.claimed, req)
-	return "sb-pre", 250, true
+	if f.pool == nil {
+		return "sb-pre", 250, true
+	}
+	ids := f.pool[req.Image.Digest]
+	if len(ids) == 0 {
+		return "", 0, false
+	}
+	f.pool[req.Image.Digest] = ids[1:]
+	return ids[0], 250, true
+}
+
+// startCount is how many sandboxes were started here.
+func (f *fakeNode) startCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.started)
+}
+
+// Prestarted counts the pool's ids of the image (nil pool: none).
+func (f *fakeNode) Prestarted(digest string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.pool[digest])
+}
+
+// prestart puts ids in the pool of image digest (Claim hands them out).
+func (f *fakeNode) prestart(digest string, ids ...string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.pool == nil {
+		f.pool = map[string][]string{}
+	}
+	f.pool[digest] = append(f.pool[digest], ids...)
+}
+
+// claims is how many times Claim was called.
+func (f *fakeNode) claims() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.claimed)
 }
 
 func (f *fakeNode) Unclaim(id string) { f.call("Unclaim " + id) }
@@ -320,4 +362,21 @@ func (f *fakeNode) Snapshot(_ context.Context, req node.SnapshotRequest) (*image
 		req.Progress("push", 10, 20)
 	}
 	return &imagebuild.SnapshotResult{Ref: "snap:1", LocalRef: "local/snap:1", Digest: "sha256:s", DiffID: "sha256:sd", Size: 42}, nil
+}
+
+// SnapshotLayer writes f.layer to a temporary file, as node.Agent does.
+func (f *fakeNode) SnapshotLayer(_ context.Context, req node.SnapshotRequest) (string, error) {
+	f.call(fmt.Sprintf("SnapshotLayer %s %d %s %s %v", req.ID, req.Slot, req.ImageRef, req.ImageDigest, req.Exclude))
+	if req.Progress != nil {
+		req.Progress("freeze", 0, 0)
+	}
+	file, err := os.CreateTemp("", "fake-layer-*.tar")
+	if err != nil {
+		return "", err
+	}
+	defer file.Close()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, err = file.Write(f.layer)
+	return file.Name(), err
 }

@@ -25,6 +25,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/errdefs/errconnect"
 	nodev1 "github.com/chalkcompute/chalkcompute/gen/chalk/node/v1"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/node/v1/nodev1connect"
 	"github.com/chalkcompute/chalkcompute/registry"
@@ -124,6 +125,10 @@ func (f *Fleet) Handler() (string, http.Handler) {
 		ctx := r.Context()
 		if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
 			if id := NodeIDOf(r.TLS.VerifiedChains[0][0]); id != "" {
+				if err := f.checkRevoked(ctx, id); err != nil {
+					_ = connect.NewErrorWriter().Write(w, r, errconnect.ToConnect(err))
+					return
+				}
 				ctx = context.WithValue(ctx, peerNode{}, id)
 			}
 		}

@@ -20,6 +20,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/atomicfile"
@@ -37,8 +38,8 @@ import (
 const (
 	controlURI    = "chalk://control"
 	nodeURIPrefix = "chalk://node/"
-	// certTTL is how long issued certificates are valid. There is no
-	// rotation yet: a node rejoins with a new token before then.
+	// certTTL is how long issued certificates are valid; a node renews
+	// its own once less than a third of it is left (rotate.go).
 	certTTL = 365 * 24 * time.Hour
 )
 
@@ -260,34 +261,43 @@ func ControlClientTLS(ca *CA, cert tls.Certificate, nodeID string) *tls.Config {
 // NodeIdentity is what a node holds after joining.
 type NodeIdentity struct {
 	ID   string
-	Cert tls.Certificate
+	Cert tls.Certificate // as loaded; the one in use is current() (rotate.go)
 	CA   *x509.CertPool
+
+	dir     string // where it is kept ("": not saved)
+	rotated atomic.Pointer[tls.Certificate]
 }
 
 // NodeServerTLS is a node serving NodeService: only the control plane's
 // certificate is accepted.
 func NodeServerTLS(id *NodeIdentity) *tls.Config {
-	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{id.Cert},
-		ClientAuth:   tls.RequireAndVerifyClientCert,
-		ClientCAs:    id.CA,
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) == 0 || !isControl(cs.PeerCertificates[0]) {
-				return errors.New("node API: only the control plane may call")
-			}
-			return nil
-		},
-		NextProtos: []string{"h2"},
+	config := func(cert *tls.Certificate) *tls.Config {
+		return &tls.Config{
+			MinVersion:   tls.VersionTLS13,
+			Certificates: []tls.Certificate{*cert},
+			ClientAuth:   tls.RequireAndVerifyClientCert,
+			ClientCAs:    id.CA,
+			VerifyConnection: func(cs tls.ConnectionState) error {
+				if len(cs.PeerCertificates) == 0 || !isControl(cs.PeerCertificates[0]) {
+					return errors.New("node API: only the control plane may call")
+				}
+				return nil
+			},
+			NextProtos: []string{"h2"},
+		}
 	}
+	cfg := config(id.current())
+	// Each handshake with the certificate in use (a renewal replaces it).
+	cfg.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) { return config(id.current()), nil }
+	return cfg
 }
 
 // NodeClientTLS is a node calling the control plane's fleet listener.
 func NodeClientTLS(id *NodeIdentity) *tls.Config {
 	return &tls.Config{
-		MinVersion:         tls.VersionTLS13,
-		Certificates:       []tls.Certificate{id.Cert},
-		InsecureSkipVerify: true, // verified below: the chain and the control plane's URI
+		MinVersion:           tls.VersionTLS13,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return id.current(), nil },
+		InsecureSkipVerify:   true, // verified below: the chain and the control plane's URI
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			leaf, err := verifyPeer(cs, id.CA, x509.ExtKeyUsageServerAuth)
 			if err != nil {
@@ -304,12 +314,14 @@ func NodeClientTLS(id *NodeIdentity) *tls.Config {
 
 // RegistryClientTLS is a node pulling from the control plane's registry:
 // the peer must present the control plane's certificate from the fleet CA
-// (whatever address the node dials it at). No client certificate: the
-// registry authenticates the pull credential.
+// (whatever address the node dials it at). The node presents its own
+// certificate (the listener admits fleet members not removed:
+// Fleet.RegistryGate); the registry then asks the pull credential.
 func RegistryClientTLS(id *NodeIdentity) *tls.Config {
 	return &tls.Config{
-		MinVersion:         tls.VersionTLS13,
-		InsecureSkipVerify: true, // verified below: the chain and the control plane's URI
+		MinVersion:           tls.VersionTLS13,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return id.current(), nil },
+		InsecureSkipVerify:   true, // verified below: the chain and the control plane's URI
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			leaf, err := verifyPeer(cs, id.CA, x509.ExtKeyUsageServerAuth)
 			if err != nil {
@@ -375,6 +387,9 @@ func SaveNodeIdentity(dir, id string, keyPEM, certPEM, caPEM []byte) error {
 // LoadNodeIdentity reads what SaveNodeIdentity wrote (os.ErrNotExist: the
 // node has not joined).
 func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
+	if err := finishRenewal(dir); err != nil {
+		return nil, err
+	}
 	idb, err := os.ReadFile(filepath.Join(dir, "node-id"))
 	if err != nil {
 		return nil, err
@@ -395,5 +410,5 @@ func LoadNodeIdentity(dir string) (*NodeIdentity, error) {
 	if leaf, err := x509.ParseCertificate(pair.Certificate[0]); err != nil || NodeIDOf(leaf) != id {
 		return nil, fmt.Errorf("node identity in %s: the certificate is not node %q's", dir, id)
 	}
-	return &NodeIdentity{ID: id, Cert: pair, CA: pool}, nil
+	return &NodeIdentity{ID: id, Cert: pair, CA: pool, dir: dir}, nil
 }

@@ -152,3 +152,77 @@ func TestRegistryAccess(t *testing.T) {
 }
 
 func insecureTLS() *tls.Config { return &tls.Config{InsecureSkipVerify: true} }
+
+// TestRegistryRefusesRemovedNode: the registry listener for nodes admits
+// only fleet members: a client without a fleet certificate is refused at
+// the handshake even with the pull credential, and a node removed from the
+// fleet is refused on its next request (even on a connection it keeps
+// open), while another node pulls on.
+func TestRegistryRefusesRemovedNode(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	reg, err := registry.New(ctx, registry.Config{RootDir: filepath.Join(t.TempDir(), "registry")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = reg.Close() })
+	img, err := random.Image(256, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	local, err := reg.LocalRef("chalk.local/fleet:v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(local, img, reg.RemoteOptions(ctx)...); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.ServeTLSConfig(l, RegistryServerTLS(c.ca, c.cert), c.fleet.RegistryGate); err != nil {
+		t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	c.fleet.Registry = &RegistryAccess{Addr: net.JoinHostPort("", port), Pull: reg.Credentials().Pull}
+	pullerOf := func(name string) (*NodeIdentity, *registry.Registry) {
+		id, err := Join(ctx, t.TempDir(), joinReq(c, c.token(t, time.Hour), name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rem, err := RemoteRegistry(ctx, FleetClient(id, c.url), id, c.url, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = rem.Close() })
+		return id, rem
+	}
+	a, ra := pullerOf("a")
+	_, rb := pullerOf("b")
+	for _, r := range []*registry.Registry{ra, rb} {
+		if _, _, err := r.Resolve(ctx, "chalk.local/fleet:v1"); err != nil {
+			t.Fatalf("a member's pull: %v", err)
+		}
+	}
+	// The pull credential without a fleet certificate.
+	noCert := RegistryClientTLS(a)
+	noCert.GetClientCertificate = nil
+	anon, err := registry.NewRemote(registry.RemoteConfig{Addr: l.Addr().String(), Pull: reg.Credentials().Pull, TLS: noCert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := anon.Resolve(ctx, "chalk.local/fleet:v1"); err == nil {
+		t.Fatal("the pull credential without a fleet certificate pulled")
+	}
+	// a is removed: its next pull is refused (its connection is still open).
+	if err := c.st.RemoveNode(ctx, a.ID, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ra.Resolve(ctx, "chalk.local/fleet:v1"); err == nil || !strings.Contains(err.Error(), "403") {
+		t.Fatalf("a removed node's pull: %v, want refused (403)", err)
+	}
+	if _, _, err := rb.Resolve(ctx, "chalk.local/fleet:v1"); err != nil {
+		t.Fatalf("another node's pull after the removal: %v", err)
+	}
+}

@@ -16,7 +16,6 @@ import (
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/errdefs"
-	"github.com/chalkcompute/chalkcompute/imagebuild"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
@@ -60,6 +59,13 @@ type Router struct {
 	// warm are the image digests each node has in its cache (as far as
 	// this router saw: ensured or started there).
 	warm map[string]map[string]bool
+	// pooled are the pre-started sandboxes each node has ready, by image
+	// digest, as it last said (router_pool.go).
+	pooled map[string]map[string]int
+	// snapshots, if set, takes snapshots (snapshot.go); kept is where
+	// ended sandboxes' writable layers may still be kept.
+	snapshots *fleetSnapshots
+	kept      map[string]keptLayer
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -73,6 +79,7 @@ type member struct {
 	url     string
 	healthy bool
 	lost    chan struct{} // closed when the node became unhealthy
+	removed bool          // set before lost is closed: removed from the fleet (remove.go)
 }
 
 // placement is where a sandbox runs and what it takes there.
@@ -93,12 +100,12 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 	}
 	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now, started: time.Now(),
 		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{},
-		warm: map[string]map[string]bool{}}
+		warm: map[string]map[string]bool{}, pooled: map[string]map[string]int{}}
 }
 
 // dial is how the router reaches a node (tests replace it).
 func (r *Router) dial(n *store.Node) api.Node {
-	return NewClient(HTTPClient(ControlClientTLS(r.ca, r.cert, n.ID)), n.URL, r.log.With("node", n.ID))
+	return NewClient(HTTPClient(r.nodeTLS(n.ID)), n.URL, r.log.With("node", n.ID))
 }
 
 // Run refreshes the nodes from the store every interval until ctx ends.
@@ -146,6 +153,7 @@ func (r *Router) Refresh(ctx context.Context) error {
 		}
 		m.healthy = healthy
 	}
+	r.dropRemoved(recs)
 	r.mu.Unlock()
 	for _, id := range back {
 		r.reconcile(ctx, id)
@@ -409,7 +417,7 @@ func (r *Router) Wait(ctx context.Context, id string, pid int) (sandbox.Exit, er
 				// The node went away mid-wait: lost if it is unhealthy now,
 				// else wait again (a restart of the node's process).
 				if r.waitHealth(ctx, m, lost) {
-					return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s stopped answering: %w", id, m.rec.ID, node.ErrLost)
+					return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s %s: %w", id, m.rec.ID, m.gone(), node.ErrLost)
 				}
 				go func() {
 					ex, err := m.client.Wait(ctx, id, pid)
@@ -419,7 +427,7 @@ func (r *Router) Wait(ctx context.Context, id string, pid int) (sandbox.Exit, er
 			}
 			return x.ex, x.err
 		case <-lost:
-			return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s stopped answering: %w", id, m.rec.ID, node.ErrLost)
+			return sandbox.Exit{}, fmt.Errorf("sandbox %q: node %s %s: %w", id, m.rec.ID, m.gone(), node.ErrLost)
 		}
 	}
 }
@@ -530,6 +538,9 @@ func (r *Router) Teardown(id string, slot int, keep node.KeepUpper) (int64, erro
 		return 0, err
 	}
 	r.forget(id)
+	if keep.For > 0 {
+		r.keptOn(id, m.rec.ID, keep.For) // its layer, for a snapshot (snapshot.go)
+	}
 	return kept, nil
 }
 
@@ -624,22 +635,6 @@ func (r *Router) Adopt(id, imageDigest string) {
 	}
 }
 
-// Claim takes a pre-started sandbox from the best node that has one.
-func (r *Router) Claim(req node.StartRequest) (string, int, bool) {
-	r.mu.Lock()
-	cs := r.candidates(req)
-	r.mu.Unlock()
-	for _, m := range cs {
-		if id, slot, ok := m.client.Claim(req); ok {
-			r.mu.Lock()
-			r.where[id] = &placement{node: m.rec.ID, slot: slot, cpu: req.CPU, memory: req.Memory}
-			r.mu.Unlock()
-			return id, slot, true
-		}
-	}
-	return "", 0, false
-}
-
 func (r *Router) Unclaim(id string) {
 	if m, err := r.on(id); err == nil {
 		m.client.Unclaim(id)
@@ -680,45 +675,12 @@ func (r *Router) liveOn(id string, live map[string]int) map[string]int {
 	return out
 }
 
-// SetPrestarted sets the pool of every healthy node (progress sums them).
-func (r *Router) SetPrestarted(ctx context.Context, img *nodecache.Image, n int, progress func(ready, want int)) error {
-	ms := r.healthy()
-	var mu sync.Mutex
-	ready := make([]int, len(ms))
-	var errs []error
-	for i, m := range ms {
-		err := m.client.SetPrestarted(ctx, img, n, func(rd, _ int) {
-			if progress == nil {
-				return
-			}
-			mu.Lock()
-			ready[i] = rd
-			sum := 0
-			for _, v := range ready {
-				sum += v
-			}
-			mu.Unlock()
-			progress(sum, n*len(ms))
-		})
-		if err != nil {
-			errs = append(errs, fmt.Errorf("node %s: %w", m.rec.ID, err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
 func (r *Router) SetPaused(ctx context.Context, id string, paused bool) error {
 	m, err := r.on(id)
 	if err != nil {
 		return err
 	}
 	return m.client.SetPaused(ctx, id, paused)
-}
-
-// Snapshot is refused: a node pushes snapshots to its own registry, which
-// neither the control plane nor other nodes pull from yet.
-func (r *Router) Snapshot(ctx context.Context, req node.SnapshotRequest) (*imagebuild.SnapshotResult, error) {
-	return nil, fmt.Errorf("sandbox %q: snapshots are not available in fleet mode yet: %w", req.ID, errdefs.ErrFailedPrecondition)
 }
 
 var _ api.FleetBackend = (*Router)(nil)
@@ -823,21 +785,9 @@ func (r *Router) Nodes(ctx context.Context) ([]api.NodeStatus, error) {
 // SetNodeState cordons, drains or readies a node (by id or name); placement
 // follows at once.
 func (r *Router) SetNodeState(ctx context.Context, id, state string) (api.NodeStatus, error) {
-	recs, err := r.store.ListNodes(ctx)
+	rec, err := r.findNode(ctx, id)
 	if err != nil {
 		return api.NodeStatus{}, err
-	}
-	var rec *store.Node
-	for _, n := range recs {
-		if n.ID == id || n.Name == id {
-			if rec != nil {
-				return api.NodeStatus{}, fmt.Errorf("node %q: more than one node has that name (use its id): %w", id, errdefs.ErrInvalidArgument)
-			}
-			rec = n
-		}
-	}
-	if rec == nil {
-		return api.NodeStatus{}, fmt.Errorf("node %q: %w", id, errdefs.ErrNotFound)
 	}
 	if _, err := r.store.UpdateNode(ctx, rec.ID, func(n *store.Node) error { n.State = state; return nil }); err != nil {
 		return api.NodeStatus{}, err

@@ -409,3 +409,100 @@ func TestRouterWarmImage(t *testing.T) {
 		t.Errorf("warm of a missing image: %+v, %v", res, err)
 	}
 }
+
+// TestPlacementPrestarted: a claim goes first to a node the router knows
+// to hold a ready pre-started sandbox of the image (from the nodes' answers
+// to SetPrestarted and to claims), ahead of a node that would win on free
+// capacity; nodes believed empty are still asked after it (each ask is a use
+// there); with none anywhere, the claim fails and nothing is placed.
+func TestPlacementPrestarted(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	b := addNode(t, c, "b", 4, 4096, 10)
+	r := newRouter(t, c)
+	img, err := r.EnsureImage(ctx, "alpine", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The node that ensured the image is warm: it wins placement (a).
+	if slices.Contains(b.fake.calls, "EnsureImage alpine") {
+		a, b = b, a
+	}
+	req := node.StartRequest{Image: img}
+	a.fake.prestart(img.Digest) // a pool, empty
+	b.fake.prestart(img.Digest, "sb-00000000000000b1", "sb-00000000000000b2")
+	// Nothing known yet: a (spread) is asked first and has none; b serves.
+	id, slot, ok := r.Claim(req)
+	if !ok || id != "sb-00000000000000b1" || slot != 250 || r.NodeOf(id) != b.id.ID {
+		t.Fatalf("first claim: %q %d %v on %q, want b's sb-...b1", id, slot, ok, r.NodeOf(id))
+	}
+	if a.fake.claims() != 1 {
+		t.Fatalf("a asked %d times, want once", a.fake.claims())
+	}
+	// b said it has one more ready: it is asked first now, although a
+	// wins placement and has a member of its own meanwhile.
+	a.fake.prestart(img.Digest, "sb-00000000000000a1")
+	id, _, ok = r.Claim(req)
+	if !ok || id != "sb-00000000000000b2" || a.fake.claims() != 1 {
+		t.Fatalf("second claim: %q %v (a asked %d times), want b's sb-...b2 without asking a", id, ok, a.fake.claims())
+	}
+	// b said it has none left: a (asked first again) serves.
+	id, _, ok = r.Claim(req)
+	if !ok || id != "sb-00000000000000a1" || r.NodeOf(id) != a.id.ID {
+		t.Fatalf("third claim: %q %v on %q, want a's sb-...a1", id, ok, r.NodeOf(id))
+	}
+	if id, _, ok := r.Claim(req); ok {
+		t.Fatalf("a claim with no pre-started sandbox anywhere gave %q", id)
+	}
+	// SetPrestarted's answers are learned too: after b reports 2 ready
+	// (the fake reports any count it is asked), b goes first.
+	if err := r.SetNodePrestarted(ctx, b.id.ID, img, 2); err != nil {
+		t.Fatal(err)
+	}
+	b.fake.prestart(img.Digest, "sb-00000000000000b3")
+	a.fake.prestart(img.Digest, "sb-00000000000000a2")
+	before := a.fake.claims()
+	if id, _, ok := r.Claim(req); !ok || id != "sb-00000000000000b3" || a.fake.claims() != before {
+		t.Fatalf("claim after SetNodePrestarted on b: %q %v, want b's without asking a", id, ok)
+	}
+}
+
+// TestClaimChecksNodeAnswer: the id a node answers a claim with becomes
+// the sandbox's, so a node cannot answer with a sandbox already placed
+// (on another node: it would take over its calls and identity tokens) or
+// with a malformed id; such an answer is ignored and the claim goes on.
+func TestClaimChecksNodeAnswer(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 8, 8192, 20)
+	b := addNode(t, c, "b", 4, 4096, 10)
+	r := newRouter(t, c)
+	img, err := r.EnsureImage(ctx, "alpine", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := "sb-000000000000000f"
+	if _, err := r.Start(ctx, node.StartRequest{ID: victim, Slot: 3}); err != nil {
+		t.Fatal(err)
+	}
+	home := r.NodeOf(victim)
+	hostile, honest := a, b
+	if home == a.id.ID {
+		hostile, honest = b, a
+	}
+	hostile.fake.prestart(img.Digest, victim, "../../etc", "sb-0000000000000001x")
+	honest.fake.prestart(img.Digest, "sb-00000000000000c1")
+	for range 3 {
+		id, _, ok := r.Claim(node.StartRequest{Image: img})
+		if ok && id != "sb-00000000000000c1" {
+			t.Fatalf("claim gave %q from a node's bad answer", id)
+		}
+		if r.NodeOf(victim) != home {
+			t.Fatalf("sandbox %s moved to %q after a node's claim answer", victim, r.NodeOf(victim))
+		}
+	}
+	if r.NodeOf("sb-00000000000000c1") != honest.id.ID {
+		t.Fatal("the honest node's pre-started sandbox was never claimed")
+	}
+}

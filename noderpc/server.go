@@ -57,6 +57,7 @@ type Server struct {
 	identity Identity
 	// dialer, if set, connects the control plane to sandbox ports (dial.go).
 	dialer SandboxDialer
+	mounts Mounts // nil: no upload mounts (mounts.go)
 
 	mu     sync.Mutex
 	images map[string]*nodecache.Image // by digest, as EnsureImage returned them
@@ -567,7 +568,18 @@ func (s *Server) Claim(ctx context.Context, req *connect.Request[nodev1.ClaimReq
 		return nil, err
 	}
 	id, slot, ok := s.node.Claim(r)
-	return connect.NewResponse(&nodev1.ClaimResponse{Id: id, Slot: int32(slot), Ok: ok}), nil
+	res := &nodev1.ClaimResponse{Id: id, Slot: int32(slot), Ok: ok}
+	if pc, isPool := s.node.(prestartCounter); isPool && r.Image != nil {
+		res.Ready = int32(pc.Prestarted(r.Image.Digest))
+	}
+	return connect.NewResponse(res), nil
+}
+
+// prestartCounter is a node that tells how many pre-started sandboxes of an
+// image it has ready (node.Agent): a claim's answer carries it, for the
+// control plane's placement.
+type prestartCounter interface {
+	Prestarted(digest string) int
 }
 
 func (s *Server) Unclaim(_ context.Context, req *connect.Request[nodev1.UnclaimRequest]) (*connect.Response[nodev1.UnclaimResponse], error) {

@@ -27,15 +27,34 @@ import (
 // of its credentials) on l over TLS with cert, until Close. It never speaks
 // plain HTTP.
 func (r *Registry) ServeTLS(l net.Listener, cert tls.Certificate) error {
+	return r.ServeTLSConfig(l, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil)
+}
+
+// ServeTLSConfig is ServeTLS with the listener's TLS configuration (client
+// certificates, say) and, if gate is set, a check of every request before
+// the registry's own (a refusal is answered 403).
+func (r *Registry) ServeTLSConfig(l net.Listener, cfg *tls.Config, gate func(*http.Request) error) error {
 	if r.app == nil {
 		return fmt.Errorf("registry: a remote registry serves nothing: %w", errdefs.ErrFailedPrecondition)
 	}
+	h := r.srv.Handler
+	if gate != nil {
+		inner := h
+		h = http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+			if err := gate(req); err != nil {
+				r.log.Warn("registry: TLS listener: request refused", "remote", req.RemoteAddr, "err", err)
+				http.Error(w, "refused: "+err.Error(), http.StatusForbidden)
+				return
+			}
+			inner.ServeHTTP(w, req)
+		})
+	}
 	srv := &http.Server{
-		Handler:           r.srv.Handler,
+		Handler:           h,
 		ReadHeaderTimeout: 30 * time.Second,
 		BaseContext:       r.srv.BaseContext,
 		ErrorLog:          r.srv.ErrorLog,
-		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12},
+		TLSConfig:         cfg,
 	}
 	r.connMu.Lock()
 	r.extra = append(r.extra, srv)

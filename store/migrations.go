@@ -179,6 +179,14 @@ var migrations = []migration{
 		expires_at BIGINT NOT NULL,
 		used INTEGER NOT NULL DEFAULT 0
 	);`},
+	// Fleet: nodes removed from the fleet (`chalk admin node rm`), whose
+	// certificates are refused from then on (by node id; the serial is
+	// kept for the record). revoked_at in Unix seconds.
+	{sql: `CREATE TABLE revoked_nodes (
+		id TEXT PRIMARY KEY,
+		serial TEXT NOT NULL,
+		revoked_at BIGINT NOT NULL
+	);`},
 }
 
 // legacyToken is a row of the tokens table before teams.

@@ -55,6 +55,10 @@ func (s *Store) GetNode(ctx context.Context, id string) (*Node, error) {
 	if err := s.db.QueryRowContext(ctx, `SELECT doc FROM nodes WHERE id = ?`, id).Scan(&doc); err != nil {
 		return nil, fmt.Errorf("node %q: %w", id, errdefs.ErrNotFound)
 	}
+	return decodeNode(id, doc)
+}
+
+func decodeNode(id, doc string) (*Node, error) {
 	var n Node
 	if err := json.Unmarshal([]byte(doc), &n); err != nil {
 		return nil, fmt.Errorf("node %q: %w", id, err)

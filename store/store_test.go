@@ -267,3 +267,41 @@ func TestConcurrentOpen(t *testing.T) {
 		t.Fatalf("%d migrations recorded (%v), want %d once each", applied, err, len(migrations))
 	}
 }
+
+// TestRemoveNode: removing a node deletes its record and revokes its id in
+// one step; a node never removed is not revoked; removing an unknown node
+// is not found and revokes nothing; a second removal is not found.
+func TestRemoveNode(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		for _, id := range []string{"n1", "n2"} {
+			if err := s.PutNode(ctx, &Node{ID: id, Name: id, State: NodeReady, CertSerial: "ab" + id}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := s.RemoveNode(ctx, "n1", time.Unix(1000, 0)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.GetNode(ctx, "n1"); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Fatalf("removed node still recorded: %v", err)
+		}
+		ns, err := s.ListNodes(ctx)
+		if err != nil || len(ns) != 1 || ns[0].ID != "n2" {
+			t.Fatalf("nodes after removing n1: %v %v", ns, err)
+		}
+		for id, want := range map[string]bool{"n1": true, "n2": false, "nope": false} {
+			if got, err := s.NodeRevoked(ctx, id); err != nil || got != want {
+				t.Errorf("NodeRevoked(%s) = %v, %v; want %v", id, got, err, want)
+			}
+		}
+		for _, id := range []string{"nope", "n1"} {
+			if err := s.RemoveNode(ctx, id, time.Now()); !errors.Is(err, errdefs.ErrNotFound) {
+				t.Errorf("remove %s: %v, want not found", id, err)
+			}
+		}
+		if got, _ := s.NodeRevoked(ctx, "nope"); got {
+			t.Error("a failed removal revoked an id")
+		}
+	})
+}

@@ -98,12 +98,12 @@ func fleetBench(ctx context.Context, n, clients int, d time.Duration) {
 		}
 	}()
 
-	// Both sides start cold: the nodes run no pre-started sandboxes (not
-	// part of placement yet), so neither does the all-in-one chalkd here.
+	// Both sides start cold: neither the all-in-one chalkd nor the nodes
+	// run pre-started sandboxes here (the cold path is compared).
 	aio := chalktest.Start(h, "--prestart", "0")
 	control := chalktest.StartControl(h)
 	for i := 1; i <= 3; i++ {
-		chalktest.StartFleetNode(h, control, i)
+		chalktest.StartFleetNodeArgs(h, control, i, "--prestart", "0")
 	}
 	waitNodes(h, control, "node1", "node2", "node3")
 	ac, fc := aio.Client(), control.Client()

@@ -83,7 +83,11 @@ func main() {
 			fmt.Fprintf(os.Stderr, "chalkd control: --node-timeout %v: must be positive\n", f.nodeTimeout)
 			os.Exit(2)
 		}
-		cfg.Fleet = &daemon.FleetConfig{Listen: f.fleetListen, RegistryListen: f.fleetRegistry, RegistryAdvertise: f.fleetRegistryAdvertise, NodeTimeout: f.nodeTimeout}
+		cfg.Fleet = &daemon.FleetConfig{Listen: f.fleetListen, RegistryListen: f.fleetRegistry, RegistryAdvertise: f.fleetRegistryAdvertise, NodeTimeout: f.nodeTimeout, Prestart: cfg.Prestart}
+		if cfg.Prestart < 0 {
+			fmt.Fprintf(os.Stderr, "chalkd control: --prestart %d: want 0 or more\n", cfg.Prestart)
+			os.Exit(2)
+		}
 		err = daemon.Main(ctx, *cfg)
 	default:
 		err = daemon.Main(ctx, *cfg)
@@ -263,8 +267,13 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 	fs.StringVar(&cfg.Runtime, "runtime", "runc", "OCI runtime of sandboxes: runc, or runsc (gVisor: a user-space kernel between sandboxes and the host; implies --userns=false)")
 	fs.DurationVar(&cfg.MCPAuditRetention, "mcp-audit-retention", daemon.DefaultMCPAuditRetention, "how long MCP gateway audit records are kept")
 	fs.StringVar(&cfg.RuntimeBinary, "runtime-binary", "", "path of the runtime binary (default: --runtime's name from PATH)")
-	fs.IntVar(&cfg.Prestart, "prestart", daemon.DefaultPrestart, "sandboxes kept pre-started for each of the 4 most recently used images, so a create is a claim instead of a runc start (0: off; `chalk compute image warm --sandboxes N` sets an image's count)")
-	fs.IntVar(&cfg.PrestartSlots, "prestart-slots", daemon.DefaultPrestartSlots, "network slots reserved for pre-started sandboxes and the sandboxes they become (-1: no pre-starting at all)")
+	if mode == "control" {
+		fs.IntVar(&cfg.Prestart, "prestart", 0, "pre-started sandboxes of the base image (busybox) every node keeps, set when it joins (0: none set; each node pre-starts its recently used images by its own --prestart)")
+		fs.IntVar(&cfg.PrestartSlots, "prestart-slots", daemon.DefaultPrestartSlots, "unused by the control plane (which runs no sandboxes): each node's own --prestart-slots counts")
+	} else {
+		fs.IntVar(&cfg.Prestart, "prestart", daemon.DefaultPrestart, "sandboxes kept pre-started for each of the 4 most recently used images, so a create is a claim instead of a runc start (0: off; `chalk compute image warm --sandboxes N` sets an image's count)")
+		fs.IntVar(&cfg.PrestartSlots, "prestart-slots", daemon.DefaultPrestartSlots, "network slots reserved for pre-started sandboxes and the sandboxes they become (-1: no pre-starting at all)")
+	}
 	fs.Int64Var(&cfg.Limits.DefaultMemoryMB, "default-memory-mb", api.DefaultMemoryMB, "memory limit (MiB) of sandboxes whose request gives none; a sandbox's disk (a tmpfs) counts toward its memory limit, so its disk quota is at most this")
 	fs.Int64Var(&cfg.Limits.BuildMemoryMB, "build-memory-mb", daemon.DefaultBuildMemoryMB, "memory limit (MiB) of image build RUN steps, their disk included")
 	fs.Int64Var(&cfg.Limits.LogMaxBytes, "log-max-bytes", daemon.DefaultLogMaxBytes, "cap of a sandbox's console log: past it the log is rotated to LOG.1 (the last two parts are kept)")

@@ -55,6 +55,17 @@ func ControlAddr(i int) string { return fmt.Sprintf("10.251.%d.1", i) }
 // inet (nil: none; one node per fake internet).
 func StartFleetNodeWith(t TB, control *Node, i int, inet *FakeInternet) *Node {
 	t.Helper()
+	return startFleetNode(t, control, i, inet)
+}
+
+// StartFleetNodeArgs is StartFleetNode with more `chalkd node` flags.
+func StartFleetNodeArgs(t TB, control *Node, i int, extraArgs ...string) *Node {
+	t.Helper()
+	return startFleetNode(t, control, i, nil, extraArgs...)
+}
+
+func startFleetNode(t TB, control *Node, i int, inet *FakeInternet, extraArgs ...string) *Node {
+	t.Helper()
 	ctlIP, nodeIP := ControlAddr(i), fmt.Sprintf("10.251.%d.2", i)
 	tok := control.JoinToken()
 	return StartOpts(t, Options{Mode: "node", NoSeed: true, Internet: inet, Before: func(n *Node) {
@@ -73,5 +84,6 @@ func StartFleetNodeWith(t TB, control *Node, i int, inet *FakeInternet) *Node {
 			"--join", "https://"+ctlIP+":7450", "--join-token", tok,
 			"--node-listen", nodeIP+":7451", "--name", fmt.Sprintf("node%d", i),
 			"--subnet", fmt.Sprintf("10.%d.0.0/16", 220+i))
+		n.Args = append(n.Args, extraArgs...)
 	}})
 }

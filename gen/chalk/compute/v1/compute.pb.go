@@ -6847,6 +6847,110 @@ func (x *SetNodeStateRequest) GetState() string {
 	return ""
 }
 
+type RemoveNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // id or name
+	Force         bool                   `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveNodeRequest) Reset() {
+	*x = RemoveNodeRequest{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[114]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveNodeRequest) ProtoMessage() {}
+
+func (x *RemoveNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[114]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveNodeRequest.ProtoReflect.Descriptor instead.
+func (*RemoveNodeRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{114}
+}
+
+func (x *RemoveNodeRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *RemoveNodeRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type RemoveNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`                                        // as it was
+	LostSandboxes []string               `protobuf:"bytes,2,rep,name=lost_sandboxes,json=lostSandboxes,proto3" json:"lost_sandboxes,omitempty"` // live there, ended as lost (force)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveNodeResponse) Reset() {
+	*x = RemoveNodeResponse{}
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[115]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveNodeResponse) ProtoMessage() {}
+
+func (x *RemoveNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_compute_v1_compute_proto_msgTypes[115]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveNodeResponse.ProtoReflect.Descriptor instead.
+func (*RemoveNodeResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_compute_v1_compute_proto_rawDescGZIP(), []int{115}
+}
+
+func (x *RemoveNodeResponse) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+func (x *RemoveNodeResponse) GetLostSandboxes() []string {
+	if x != nil {
+		return x.LostSandboxes
+	}
+	return nil
+}
+
 var File_chalk_compute_v1_compute_proto protoreflect.FileDescriptor
 
 const file_chalk_compute_v1_compute_proto_rawDesc = "" +
@@ -7396,7 +7500,13 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x05nodes\x18\x01 \x03(\v2\x16.chalk.compute.v1.NodeR\x05nodes\";\n" +
 	"\x13SetNodeStateRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
-	"\x05state\x18\x02 \x01(\tR\x05state2\xf0\r\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\"9\n" +
+	"\x11RemoveNodeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05force\x18\x02 \x01(\bR\x05force\"g\n" +
+	"\x12RemoveNodeResponse\x12*\n" +
+	"\x04node\x18\x01 \x01(\v2\x16.chalk.compute.v1.NodeR\x04node\x12%\n" +
+	"\x0elost_sandboxes\x18\x02 \x03(\tR\rlostSandboxes2\xf0\r\n" +
 	"\x0eSandboxService\x12K\n" +
 	"\x06Create\x12&.chalk.compute.v1.CreateSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\x12J\n" +
 	"\x03Get\x12#.chalk.compute.v1.GetSandboxRequest\x1a\x19.chalk.compute.v1.Sandbox\"\x03\x90\x02\x01\x12\\\n" +
@@ -7470,10 +7580,11 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\tRevokeKey\x12\".chalk.compute.v1.RevokeKeyRequest\x1a#.chalk.compute.v1.RevokeKeyResponse\x12K\n" +
 	"\bGetQuota\x12!.chalk.compute.v1.GetQuotaRequest\x1a\x17.chalk.compute.v1.Quota\"\x03\x90\x02\x01\x12F\n" +
 	"\bSetQuota\x12!.chalk.compute.v1.SetQuotaRequest\x1a\x17.chalk.compute.v1.Quota\x12M\n" +
-	"\x05Audit\x12\x1e.chalk.compute.v1.AuditRequest\x1a\x1f.chalk.compute.v1.AuditResponse\"\x03\x90\x02\x012\xb3\x01\n" +
+	"\x05Audit\x12\x1e.chalk.compute.v1.AuditRequest\x1a\x1f.chalk.compute.v1.AuditResponse\"\x03\x90\x02\x012\x88\x02\n" +
 	"\x10NodeAdminService\x12T\n" +
 	"\x04List\x12\".chalk.compute.v1.ListNodesRequest\x1a#.chalk.compute.v1.ListNodesResponse\"\x03\x90\x02\x01\x12I\n" +
-	"\bSetState\x12%.chalk.compute.v1.SetNodeStateRequest\x1a\x16.chalk.compute.v1.NodeBEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
+	"\bSetState\x12%.chalk.compute.v1.SetNodeStateRequest\x1a\x16.chalk.compute.v1.Node\x12S\n" +
+	"\x06Remove\x12#.chalk.compute.v1.RemoveNodeRequest\x1a$.chalk.compute.v1.RemoveNodeResponseBEZCgithub.com/chalkcompute/chalkcompute/gen/chalk/compute/v1;computev1b\x06proto3"
 
 var (
 	file_chalk_compute_v1_compute_proto_rawDescOnce sync.Once
@@ -7487,7 +7598,7 @@ func file_chalk_compute_v1_compute_proto_rawDescGZIP() []byte {
 	return file_chalk_compute_v1_compute_proto_rawDescData
 }
 
-var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 120)
+var file_chalk_compute_v1_compute_proto_msgTypes = make([]protoimpl.MessageInfo, 122)
 var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*Sandbox)(nil),                 // 0: chalk.compute.v1.Sandbox
 	(*CreateSandboxRequest)(nil),    // 1: chalk.compute.v1.CreateSandboxRequest
@@ -7603,21 +7714,23 @@ var file_chalk_compute_v1_compute_proto_goTypes = []any{
 	(*ListNodesRequest)(nil),        // 111: chalk.compute.v1.ListNodesRequest
 	(*ListNodesResponse)(nil),       // 112: chalk.compute.v1.ListNodesResponse
 	(*SetNodeStateRequest)(nil),     // 113: chalk.compute.v1.SetNodeStateRequest
-	nil,                             // 114: chalk.compute.v1.Sandbox.EnvEntry
-	nil,                             // 115: chalk.compute.v1.Sandbox.LabelsEntry
-	nil,                             // 116: chalk.compute.v1.CreateSandboxRequest.EnvEntry
-	nil,                             // 117: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
-	nil,                             // 118: chalk.compute.v1.ExecRequest.EnvEntry
-	nil,                             // 119: chalk.compute.v1.McpServer.SandboxLabelsEntry
+	(*RemoveNodeRequest)(nil),       // 114: chalk.compute.v1.RemoveNodeRequest
+	(*RemoveNodeResponse)(nil),      // 115: chalk.compute.v1.RemoveNodeResponse
+	nil,                             // 116: chalk.compute.v1.Sandbox.EnvEntry
+	nil,                             // 117: chalk.compute.v1.Sandbox.LabelsEntry
+	nil,                             // 118: chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	nil,                             // 119: chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	nil,                             // 120: chalk.compute.v1.ExecRequest.EnvEntry
+	nil,                             // 121: chalk.compute.v1.McpServer.SandboxLabelsEntry
 }
 var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
-	114, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
-	115, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
-	116, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
+	116, // 0: chalk.compute.v1.Sandbox.env:type_name -> chalk.compute.v1.Sandbox.EnvEntry
+	117, // 1: chalk.compute.v1.Sandbox.labels:type_name -> chalk.compute.v1.Sandbox.LabelsEntry
+	118, // 2: chalk.compute.v1.CreateSandboxRequest.env:type_name -> chalk.compute.v1.CreateSandboxRequest.EnvEntry
 	57,  // 3: chalk.compute.v1.CreateSandboxRequest.inline_policies:type_name -> chalk.compute.v1.NetworkPolicy
-	117, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
+	119, // 4: chalk.compute.v1.CreateSandboxRequest.labels:type_name -> chalk.compute.v1.CreateSandboxRequest.LabelsEntry
 	0,   // 5: chalk.compute.v1.ListSandboxesResponse.sandboxes:type_name -> chalk.compute.v1.Sandbox
-	118, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
+	120, // 6: chalk.compute.v1.ExecRequest.env:type_name -> chalk.compute.v1.ExecRequest.EnvEntry
 	9,   // 7: chalk.compute.v1.ExecEvent.started:type_name -> chalk.compute.v1.ExecStarted
 	10,  // 8: chalk.compute.v1.ExecEvent.exited:type_name -> chalk.compute.v1.ExecExited
 	24,  // 9: chalk.compute.v1.ListFilesResponse.files:type_name -> chalk.compute.v1.FileInfo
@@ -7633,7 +7746,7 @@ var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
 	69,  // 19: chalk.compute.v1.Tunnel.members:type_name -> chalk.compute.v1.TunnelMember
 	70,  // 20: chalk.compute.v1.ListTunnelsResponse.tunnels:type_name -> chalk.compute.v1.Tunnel
 	68,  // 21: chalk.compute.v1.AddTunnelPeerRequest.peer:type_name -> chalk.compute.v1.TunnelPeer
-	119, // 22: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
+	121, // 22: chalk.compute.v1.McpServer.sandbox_labels:type_name -> chalk.compute.v1.McpServer.SandboxLabelsEntry
 	77,  // 23: chalk.compute.v1.ListMcpServersResponse.servers:type_name -> chalk.compute.v1.McpServer
 	83,  // 24: chalk.compute.v1.McpAuditResponse.records:type_name -> chalk.compute.v1.McpAuditRecord
 	104, // 25: chalk.compute.v1.Org.quota:type_name -> chalk.compute.v1.Quota
@@ -7648,133 +7761,136 @@ var file_chalk_compute_v1_compute_proto_depIdxs = []int32{
 	104, // 34: chalk.compute.v1.SetQuotaRequest.quota:type_name -> chalk.compute.v1.Quota
 	108, // 35: chalk.compute.v1.AuditResponse.records:type_name -> chalk.compute.v1.AuditRecord
 	110, // 36: chalk.compute.v1.ListNodesResponse.nodes:type_name -> chalk.compute.v1.Node
-	1,   // 37: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
-	2,   // 38: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
-	3,   // 39: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
-	5,   // 40: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
-	6,   // 41: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
-	7,   // 42: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
-	11,  // 43: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
-	13,  // 44: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
-	15,  // 45: chalk.compute.v1.SandboxService.ResizeExec:input_type -> chalk.compute.v1.ResizeExecRequest
-	17,  // 46: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
-	19,  // 47: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
-	21,  // 48: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
-	23,  // 49: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
-	26,  // 50: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
-	28,  // 51: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
-	31,  // 52: chalk.compute.v1.SandboxService.Snapshot:input_type -> chalk.compute.v1.SnapshotSandboxRequest
-	33,  // 53: chalk.compute.v1.SandboxService.Pause:input_type -> chalk.compute.v1.PauseSandboxRequest
-	34,  // 54: chalk.compute.v1.SandboxService.Resume:input_type -> chalk.compute.v1.ResumeSandboxRequest
-	35,  // 55: chalk.compute.v1.SandboxService.Expose:input_type -> chalk.compute.v1.ExposeRequest
-	37,  // 56: chalk.compute.v1.SandboxService.Unexpose:input_type -> chalk.compute.v1.UnexposeRequest
-	39,  // 57: chalk.compute.v1.SandboxService.ListExposures:input_type -> chalk.compute.v1.ListExposuresRequest
-	42,  // 58: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
-	43,  // 59: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
-	52,  // 60: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
-	46,  // 61: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
-	48,  // 62: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
-	50,  // 63: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
-	53,  // 64: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
-	55,  // 65: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
-	57,  // 66: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
-	57,  // 67: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
-	58,  // 68: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
-	59,  // 69: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
-	58,  // 70: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
-	62,  // 71: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
-	64,  // 72: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
-	66,  // 73: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
-	70,  // 74: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
-	71,  // 75: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
-	72,  // 76: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
-	71,  // 77: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
-	74,  // 78: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
-	75,  // 79: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
-	77,  // 80: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
-	79,  // 81: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
-	78,  // 82: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
-	82,  // 83: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
-	86,  // 84: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
-	88,  // 85: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
-	91,  // 86: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
-	93,  // 87: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
-	95,  // 88: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
-	96,  // 89: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
-	99,  // 90: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
-	100, // 91: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
-	102, // 92: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
-	105, // 93: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
-	106, // 94: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
-	107, // 95: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
-	111, // 96: chalk.compute.v1.NodeAdminService.List:input_type -> chalk.compute.v1.ListNodesRequest
-	113, // 97: chalk.compute.v1.NodeAdminService.SetState:input_type -> chalk.compute.v1.SetNodeStateRequest
-	0,   // 98: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
-	0,   // 99: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
-	4,   // 100: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
-	0,   // 101: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
-	0,   // 102: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
-	8,   // 103: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
-	12,  // 104: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
-	14,  // 105: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
-	16,  // 106: chalk.compute.v1.SandboxService.ResizeExec:output_type -> chalk.compute.v1.ResizeExecResponse
-	18,  // 107: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
-	20,  // 108: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
-	22,  // 109: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
-	25,  // 110: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
-	27,  // 111: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
-	30,  // 112: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
-	32,  // 113: chalk.compute.v1.SandboxService.Snapshot:output_type -> chalk.compute.v1.SnapshotProgress
-	0,   // 114: chalk.compute.v1.SandboxService.Pause:output_type -> chalk.compute.v1.Sandbox
-	0,   // 115: chalk.compute.v1.SandboxService.Resume:output_type -> chalk.compute.v1.Sandbox
-	36,  // 116: chalk.compute.v1.SandboxService.Expose:output_type -> chalk.compute.v1.Exposure
-	38,  // 117: chalk.compute.v1.SandboxService.Unexpose:output_type -> chalk.compute.v1.UnexposeResponse
-	40,  // 118: chalk.compute.v1.SandboxService.ListExposures:output_type -> chalk.compute.v1.ListExposuresResponse
-	45,  // 119: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
-	45,  // 120: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
-	45,  // 121: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
-	47,  // 122: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
-	49,  // 123: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
-	51,  // 124: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
-	54,  // 125: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
-	56,  // 126: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
-	57,  // 127: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
-	57,  // 128: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
-	57,  // 129: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
-	60,  // 130: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
-	61,  // 131: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
-	63,  // 132: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
-	65,  // 133: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
-	67,  // 134: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
-	70,  // 135: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
-	70,  // 136: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
-	73,  // 137: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
-	76,  // 138: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
-	68,  // 139: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
-	70,  // 140: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
-	77,  // 141: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
-	80,  // 142: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
-	81,  // 143: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
-	84,  // 144: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
-	87,  // 145: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
-	89,  // 146: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
-	92,  // 147: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
-	94,  // 148: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
-	97,  // 149: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
-	90,  // 150: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
-	98,  // 151: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
-	101, // 152: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
-	103, // 153: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
-	104, // 154: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
-	104, // 155: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
-	109, // 156: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
-	112, // 157: chalk.compute.v1.NodeAdminService.List:output_type -> chalk.compute.v1.ListNodesResponse
-	110, // 158: chalk.compute.v1.NodeAdminService.SetState:output_type -> chalk.compute.v1.Node
-	98,  // [98:159] is the sub-list for method output_type
-	37,  // [37:98] is the sub-list for method input_type
-	37,  // [37:37] is the sub-list for extension type_name
-	37,  // [37:37] is the sub-list for extension extendee
-	0,   // [0:37] is the sub-list for field type_name
+	110, // 37: chalk.compute.v1.RemoveNodeResponse.node:type_name -> chalk.compute.v1.Node
+	1,   // 38: chalk.compute.v1.SandboxService.Create:input_type -> chalk.compute.v1.CreateSandboxRequest
+	2,   // 39: chalk.compute.v1.SandboxService.Get:input_type -> chalk.compute.v1.GetSandboxRequest
+	3,   // 40: chalk.compute.v1.SandboxService.List:input_type -> chalk.compute.v1.ListSandboxesRequest
+	5,   // 41: chalk.compute.v1.SandboxService.Wait:input_type -> chalk.compute.v1.WaitSandboxRequest
+	6,   // 42: chalk.compute.v1.SandboxService.Terminate:input_type -> chalk.compute.v1.TerminateSandboxRequest
+	7,   // 43: chalk.compute.v1.SandboxService.Exec:input_type -> chalk.compute.v1.ExecRequest
+	11,  // 44: chalk.compute.v1.SandboxService.WriteStdin:input_type -> chalk.compute.v1.WriteStdinRequest
+	13,  // 45: chalk.compute.v1.SandboxService.SignalExec:input_type -> chalk.compute.v1.SignalExecRequest
+	15,  // 46: chalk.compute.v1.SandboxService.ResizeExec:input_type -> chalk.compute.v1.ResizeExecRequest
+	17,  // 47: chalk.compute.v1.SandboxService.Logs:input_type -> chalk.compute.v1.LogsRequest
+	19,  // 48: chalk.compute.v1.SandboxService.ReadFile:input_type -> chalk.compute.v1.ReadFileRequest
+	21,  // 49: chalk.compute.v1.SandboxService.WriteFile:input_type -> chalk.compute.v1.WriteFileRequest
+	23,  // 50: chalk.compute.v1.SandboxService.ListFiles:input_type -> chalk.compute.v1.ListFilesRequest
+	26,  // 51: chalk.compute.v1.SandboxService.RemoveFile:input_type -> chalk.compute.v1.RemoveFileRequest
+	28,  // 52: chalk.compute.v1.SandboxService.EgressLog:input_type -> chalk.compute.v1.EgressLogRequest
+	31,  // 53: chalk.compute.v1.SandboxService.Snapshot:input_type -> chalk.compute.v1.SnapshotSandboxRequest
+	33,  // 54: chalk.compute.v1.SandboxService.Pause:input_type -> chalk.compute.v1.PauseSandboxRequest
+	34,  // 55: chalk.compute.v1.SandboxService.Resume:input_type -> chalk.compute.v1.ResumeSandboxRequest
+	35,  // 56: chalk.compute.v1.SandboxService.Expose:input_type -> chalk.compute.v1.ExposeRequest
+	37,  // 57: chalk.compute.v1.SandboxService.Unexpose:input_type -> chalk.compute.v1.UnexposeRequest
+	39,  // 58: chalk.compute.v1.SandboxService.ListExposures:input_type -> chalk.compute.v1.ListExposuresRequest
+	42,  // 59: chalk.compute.v1.ImageService.Pull:input_type -> chalk.compute.v1.PullImageRequest
+	43,  // 60: chalk.compute.v1.ImageService.Warm:input_type -> chalk.compute.v1.WarmImageRequest
+	52,  // 61: chalk.compute.v1.ImageService.Build:input_type -> chalk.compute.v1.BuildImageRequest
+	46,  // 62: chalk.compute.v1.ImageService.List:input_type -> chalk.compute.v1.ListImagesRequest
+	48,  // 63: chalk.compute.v1.ImageService.Inspect:input_type -> chalk.compute.v1.InspectImageRequest
+	50,  // 64: chalk.compute.v1.ImageService.Remove:input_type -> chalk.compute.v1.RemoveImageRequest
+	53,  // 65: chalk.compute.v1.ImageService.HasBlobs:input_type -> chalk.compute.v1.HasBlobsRequest
+	55,  // 66: chalk.compute.v1.ImageService.UploadBlob:input_type -> chalk.compute.v1.UploadBlobRequest
+	57,  // 67: chalk.compute.v1.PolicyService.Create:input_type -> chalk.compute.v1.NetworkPolicy
+	57,  // 68: chalk.compute.v1.PolicyService.Update:input_type -> chalk.compute.v1.NetworkPolicy
+	58,  // 69: chalk.compute.v1.PolicyService.Get:input_type -> chalk.compute.v1.PolicyName
+	59,  // 70: chalk.compute.v1.PolicyService.List:input_type -> chalk.compute.v1.ListPoliciesRequest
+	58,  // 71: chalk.compute.v1.PolicyService.Delete:input_type -> chalk.compute.v1.PolicyName
+	62,  // 72: chalk.compute.v1.IdentityService.WhoAmI:input_type -> chalk.compute.v1.WhoAmIRequest
+	64,  // 73: chalk.compute.v1.IdentityService.MintToken:input_type -> chalk.compute.v1.MintTokenRequest
+	66,  // 74: chalk.compute.v1.IdentityService.RotateKeys:input_type -> chalk.compute.v1.RotateKeysRequest
+	70,  // 75: chalk.compute.v1.TunnelService.Apply:input_type -> chalk.compute.v1.Tunnel
+	71,  // 76: chalk.compute.v1.TunnelService.Get:input_type -> chalk.compute.v1.TunnelName
+	72,  // 77: chalk.compute.v1.TunnelService.List:input_type -> chalk.compute.v1.ListTunnelsRequest
+	71,  // 78: chalk.compute.v1.TunnelService.Delete:input_type -> chalk.compute.v1.TunnelName
+	74,  // 79: chalk.compute.v1.TunnelService.AddPeer:input_type -> chalk.compute.v1.AddTunnelPeerRequest
+	75,  // 80: chalk.compute.v1.TunnelService.RemovePeer:input_type -> chalk.compute.v1.RemoveTunnelPeerRequest
+	77,  // 81: chalk.compute.v1.McpService.AddServer:input_type -> chalk.compute.v1.McpServer
+	79,  // 82: chalk.compute.v1.McpService.ListServers:input_type -> chalk.compute.v1.ListMcpServersRequest
+	78,  // 83: chalk.compute.v1.McpService.RemoveServer:input_type -> chalk.compute.v1.McpServerName
+	82,  // 84: chalk.compute.v1.McpService.Audit:input_type -> chalk.compute.v1.McpAuditRequest
+	86,  // 85: chalk.compute.v1.TeamService.CreateOrg:input_type -> chalk.compute.v1.CreateOrgRequest
+	88,  // 86: chalk.compute.v1.TeamService.ListOrgs:input_type -> chalk.compute.v1.ListOrgsRequest
+	91,  // 87: chalk.compute.v1.TeamService.AddMember:input_type -> chalk.compute.v1.AddMemberRequest
+	93,  // 88: chalk.compute.v1.TeamService.ListMembers:input_type -> chalk.compute.v1.ListMembersRequest
+	95,  // 89: chalk.compute.v1.TeamService.RemoveMember:input_type -> chalk.compute.v1.RemoveMemberRequest
+	96,  // 90: chalk.compute.v1.TeamService.SetMemberRole:input_type -> chalk.compute.v1.SetMemberRoleRequest
+	99,  // 91: chalk.compute.v1.TeamService.CreateKey:input_type -> chalk.compute.v1.CreateKeyRequest
+	100, // 92: chalk.compute.v1.TeamService.ListKeys:input_type -> chalk.compute.v1.ListKeysRequest
+	102, // 93: chalk.compute.v1.TeamService.RevokeKey:input_type -> chalk.compute.v1.RevokeKeyRequest
+	105, // 94: chalk.compute.v1.TeamService.GetQuota:input_type -> chalk.compute.v1.GetQuotaRequest
+	106, // 95: chalk.compute.v1.TeamService.SetQuota:input_type -> chalk.compute.v1.SetQuotaRequest
+	107, // 96: chalk.compute.v1.TeamService.Audit:input_type -> chalk.compute.v1.AuditRequest
+	111, // 97: chalk.compute.v1.NodeAdminService.List:input_type -> chalk.compute.v1.ListNodesRequest
+	113, // 98: chalk.compute.v1.NodeAdminService.SetState:input_type -> chalk.compute.v1.SetNodeStateRequest
+	114, // 99: chalk.compute.v1.NodeAdminService.Remove:input_type -> chalk.compute.v1.RemoveNodeRequest
+	0,   // 100: chalk.compute.v1.SandboxService.Create:output_type -> chalk.compute.v1.Sandbox
+	0,   // 101: chalk.compute.v1.SandboxService.Get:output_type -> chalk.compute.v1.Sandbox
+	4,   // 102: chalk.compute.v1.SandboxService.List:output_type -> chalk.compute.v1.ListSandboxesResponse
+	0,   // 103: chalk.compute.v1.SandboxService.Wait:output_type -> chalk.compute.v1.Sandbox
+	0,   // 104: chalk.compute.v1.SandboxService.Terminate:output_type -> chalk.compute.v1.Sandbox
+	8,   // 105: chalk.compute.v1.SandboxService.Exec:output_type -> chalk.compute.v1.ExecEvent
+	12,  // 106: chalk.compute.v1.SandboxService.WriteStdin:output_type -> chalk.compute.v1.WriteStdinResponse
+	14,  // 107: chalk.compute.v1.SandboxService.SignalExec:output_type -> chalk.compute.v1.SignalExecResponse
+	16,  // 108: chalk.compute.v1.SandboxService.ResizeExec:output_type -> chalk.compute.v1.ResizeExecResponse
+	18,  // 109: chalk.compute.v1.SandboxService.Logs:output_type -> chalk.compute.v1.LogChunk
+	20,  // 110: chalk.compute.v1.SandboxService.ReadFile:output_type -> chalk.compute.v1.FileChunk
+	22,  // 111: chalk.compute.v1.SandboxService.WriteFile:output_type -> chalk.compute.v1.WriteFileResponse
+	25,  // 112: chalk.compute.v1.SandboxService.ListFiles:output_type -> chalk.compute.v1.ListFilesResponse
+	27,  // 113: chalk.compute.v1.SandboxService.RemoveFile:output_type -> chalk.compute.v1.RemoveFileResponse
+	30,  // 114: chalk.compute.v1.SandboxService.EgressLog:output_type -> chalk.compute.v1.EgressLogResponse
+	32,  // 115: chalk.compute.v1.SandboxService.Snapshot:output_type -> chalk.compute.v1.SnapshotProgress
+	0,   // 116: chalk.compute.v1.SandboxService.Pause:output_type -> chalk.compute.v1.Sandbox
+	0,   // 117: chalk.compute.v1.SandboxService.Resume:output_type -> chalk.compute.v1.Sandbox
+	36,  // 118: chalk.compute.v1.SandboxService.Expose:output_type -> chalk.compute.v1.Exposure
+	38,  // 119: chalk.compute.v1.SandboxService.Unexpose:output_type -> chalk.compute.v1.UnexposeResponse
+	40,  // 120: chalk.compute.v1.SandboxService.ListExposures:output_type -> chalk.compute.v1.ListExposuresResponse
+	45,  // 121: chalk.compute.v1.ImageService.Pull:output_type -> chalk.compute.v1.ImageProgress
+	45,  // 122: chalk.compute.v1.ImageService.Warm:output_type -> chalk.compute.v1.ImageProgress
+	45,  // 123: chalk.compute.v1.ImageService.Build:output_type -> chalk.compute.v1.ImageProgress
+	47,  // 124: chalk.compute.v1.ImageService.List:output_type -> chalk.compute.v1.ListImagesResponse
+	49,  // 125: chalk.compute.v1.ImageService.Inspect:output_type -> chalk.compute.v1.InspectImageResponse
+	51,  // 126: chalk.compute.v1.ImageService.Remove:output_type -> chalk.compute.v1.RemoveImageResponse
+	54,  // 127: chalk.compute.v1.ImageService.HasBlobs:output_type -> chalk.compute.v1.HasBlobsResponse
+	56,  // 128: chalk.compute.v1.ImageService.UploadBlob:output_type -> chalk.compute.v1.UploadBlobResponse
+	57,  // 129: chalk.compute.v1.PolicyService.Create:output_type -> chalk.compute.v1.NetworkPolicy
+	57,  // 130: chalk.compute.v1.PolicyService.Update:output_type -> chalk.compute.v1.NetworkPolicy
+	57,  // 131: chalk.compute.v1.PolicyService.Get:output_type -> chalk.compute.v1.NetworkPolicy
+	60,  // 132: chalk.compute.v1.PolicyService.List:output_type -> chalk.compute.v1.ListPoliciesResponse
+	61,  // 133: chalk.compute.v1.PolicyService.Delete:output_type -> chalk.compute.v1.DeletePolicyResponse
+	63,  // 134: chalk.compute.v1.IdentityService.WhoAmI:output_type -> chalk.compute.v1.WhoAmIResponse
+	65,  // 135: chalk.compute.v1.IdentityService.MintToken:output_type -> chalk.compute.v1.MintTokenResponse
+	67,  // 136: chalk.compute.v1.IdentityService.RotateKeys:output_type -> chalk.compute.v1.RotateKeysResponse
+	70,  // 137: chalk.compute.v1.TunnelService.Apply:output_type -> chalk.compute.v1.Tunnel
+	70,  // 138: chalk.compute.v1.TunnelService.Get:output_type -> chalk.compute.v1.Tunnel
+	73,  // 139: chalk.compute.v1.TunnelService.List:output_type -> chalk.compute.v1.ListTunnelsResponse
+	76,  // 140: chalk.compute.v1.TunnelService.Delete:output_type -> chalk.compute.v1.DeleteTunnelResponse
+	68,  // 141: chalk.compute.v1.TunnelService.AddPeer:output_type -> chalk.compute.v1.TunnelPeer
+	70,  // 142: chalk.compute.v1.TunnelService.RemovePeer:output_type -> chalk.compute.v1.Tunnel
+	77,  // 143: chalk.compute.v1.McpService.AddServer:output_type -> chalk.compute.v1.McpServer
+	80,  // 144: chalk.compute.v1.McpService.ListServers:output_type -> chalk.compute.v1.ListMcpServersResponse
+	81,  // 145: chalk.compute.v1.McpService.RemoveServer:output_type -> chalk.compute.v1.RemoveMcpServerResponse
+	84,  // 146: chalk.compute.v1.McpService.Audit:output_type -> chalk.compute.v1.McpAuditResponse
+	87,  // 147: chalk.compute.v1.TeamService.CreateOrg:output_type -> chalk.compute.v1.CreateOrgResponse
+	89,  // 148: chalk.compute.v1.TeamService.ListOrgs:output_type -> chalk.compute.v1.ListOrgsResponse
+	92,  // 149: chalk.compute.v1.TeamService.AddMember:output_type -> chalk.compute.v1.AddMemberResponse
+	94,  // 150: chalk.compute.v1.TeamService.ListMembers:output_type -> chalk.compute.v1.ListMembersResponse
+	97,  // 151: chalk.compute.v1.TeamService.RemoveMember:output_type -> chalk.compute.v1.RemoveMemberResponse
+	90,  // 152: chalk.compute.v1.TeamService.SetMemberRole:output_type -> chalk.compute.v1.Member
+	98,  // 153: chalk.compute.v1.TeamService.CreateKey:output_type -> chalk.compute.v1.ApiKey
+	101, // 154: chalk.compute.v1.TeamService.ListKeys:output_type -> chalk.compute.v1.ListKeysResponse
+	103, // 155: chalk.compute.v1.TeamService.RevokeKey:output_type -> chalk.compute.v1.RevokeKeyResponse
+	104, // 156: chalk.compute.v1.TeamService.GetQuota:output_type -> chalk.compute.v1.Quota
+	104, // 157: chalk.compute.v1.TeamService.SetQuota:output_type -> chalk.compute.v1.Quota
+	109, // 158: chalk.compute.v1.TeamService.Audit:output_type -> chalk.compute.v1.AuditResponse
+	112, // 159: chalk.compute.v1.NodeAdminService.List:output_type -> chalk.compute.v1.ListNodesResponse
+	110, // 160: chalk.compute.v1.NodeAdminService.SetState:output_type -> chalk.compute.v1.Node
+	115, // 161: chalk.compute.v1.NodeAdminService.Remove:output_type -> chalk.compute.v1.RemoveNodeResponse
+	100, // [100:162] is the sub-list for method output_type
+	38,  // [38:100] is the sub-list for method input_type
+	38,  // [38:38] is the sub-list for extension type_name
+	38,  // [38:38] is the sub-list for extension extendee
+	0,   // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_chalk_compute_v1_compute_proto_init() }
@@ -7796,7 +7912,7 @@ func file_chalk_compute_v1_compute_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_compute_v1_compute_proto_rawDesc), len(file_chalk_compute_v1_compute_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   120,
+			NumMessages:   122,
 			NumExtensions: 0,
 			NumServices:   8,
 		},

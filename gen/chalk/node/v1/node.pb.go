@@ -3045,10 +3045,13 @@ func (x *ClaimRequest) GetSpec() *StartSpec {
 }
 
 type ClaimResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Slot          int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
-	Ok            bool                   `protobuf:"varint,3,opt,name=ok,proto3" json:"ok,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Slot  int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
+	Ok    bool                   `protobuf:"varint,3,opt,name=ok,proto3" json:"ok,omitempty"`
+	// Pre-started sandboxes of the image still ready on the node after this
+	// call (a placement hint for the control plane).
+	Ready         int32 `protobuf:"varint,4,opt,name=ready,proto3" json:"ready,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3102,6 +3105,13 @@ func (x *ClaimResponse) GetOk() bool {
 		return x.Ok
 	}
 	return false
+}
+
+func (x *ClaimResponse) GetReady() int32 {
+	if x != nil {
+		return x.Ready
+	}
+	return 0
 }
 
 type UnclaimRequest struct {
@@ -4036,13 +4046,16 @@ func (*DialOutput_Connected) isDialOutput_Output() {}
 func (*DialOutput_Data) isDialOutput_Output() {}
 
 type SnapshotSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Slot          int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
-	ImageRef      string                 `protobuf:"bytes,3,opt,name=image_ref,json=imageRef,proto3" json:"image_ref,omitempty"`
-	ImageDigest   string                 `protobuf:"bytes,4,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"`
-	Exclude       []string               `protobuf:"bytes,5,rep,name=exclude,proto3" json:"exclude,omitempty"`
-	Progress      bool                   `protobuf:"varint,6,opt,name=progress,proto3" json:"progress,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Id          string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Slot        int32                  `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
+	ImageRef    string                 `protobuf:"bytes,3,opt,name=image_ref,json=imageRef,proto3" json:"image_ref,omitempty"`
+	ImageDigest string                 `protobuf:"bytes,4,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"`
+	Exclude     []string               `protobuf:"bytes,5,rep,name=exclude,proto3" json:"exclude,omitempty"`
+	Progress    bool                   `protobuf:"varint,6,opt,name=progress,proto3" json:"progress,omitempty"`
+	// The sandbox has ended: its layer is taken from where its teardown
+	// kept it (SnapshotLayer).
+	Stopped       bool `protobuf:"varint,7,opt,name=stopped,proto3" json:"stopped,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4115,6 +4128,13 @@ func (x *SnapshotSpec) GetExclude() []string {
 func (x *SnapshotSpec) GetProgress() bool {
 	if x != nil {
 		return x.Progress
+	}
+	return false
+}
+
+func (x *SnapshotSpec) GetStopped() bool {
+	if x != nil {
+		return x.Stopped
 	}
 	return false
 }
@@ -4321,6 +4341,200 @@ func (*SnapshotEvent_Progress) isSnapshotEvent_Event() {}
 
 func (*SnapshotEvent_Result) isSnapshotEvent_Event() {}
 
+type SnapshotLayerEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Event:
+	//
+	//	*SnapshotLayerEvent_Progress
+	//	*SnapshotLayerEvent_Chunk
+	Event         isSnapshotLayerEvent_Event `protobuf_oneof:"event"`
+	Eof           bool                       `protobuf:"varint,3,opt,name=eof,proto3" json:"eof,omitempty"` // the layer is complete (with the last chunk)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotLayerEvent) Reset() {
+	*x = SnapshotLayerEvent{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotLayerEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotLayerEvent) ProtoMessage() {}
+
+func (x *SnapshotLayerEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotLayerEvent.ProtoReflect.Descriptor instead.
+func (*SnapshotLayerEvent) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *SnapshotLayerEvent) GetEvent() isSnapshotLayerEvent_Event {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *SnapshotLayerEvent) GetProgress() *Progress {
+	if x != nil {
+		if x, ok := x.Event.(*SnapshotLayerEvent_Progress); ok {
+			return x.Progress
+		}
+	}
+	return nil
+}
+
+func (x *SnapshotLayerEvent) GetChunk() []byte {
+	if x != nil {
+		if x, ok := x.Event.(*SnapshotLayerEvent_Chunk); ok {
+			return x.Chunk
+		}
+	}
+	return nil
+}
+
+func (x *SnapshotLayerEvent) GetEof() bool {
+	if x != nil {
+		return x.Eof
+	}
+	return false
+}
+
+type isSnapshotLayerEvent_Event interface {
+	isSnapshotLayerEvent_Event()
+}
+
+type SnapshotLayerEvent_Progress struct {
+	Progress *Progress `protobuf:"bytes,1,opt,name=progress,proto3,oneof"` // freeze, layer
+}
+
+type SnapshotLayerEvent_Chunk struct {
+	Chunk []byte `protobuf:"bytes,2,opt,name=chunk,proto3,oneof"` // the layer tar, in order
+}
+
+func (*SnapshotLayerEvent_Progress) isSnapshotLayerEvent_Event() {}
+
+func (*SnapshotLayerEvent_Chunk) isSnapshotLayerEvent_Event() {}
+
+type PutMountInput struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Digest        string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`             // first message
+	IsDir         bool                   `protobuf:"varint,2,opt,name=is_dir,json=isDir,proto3" json:"is_dir,omitempty"` // first message
+	Chunk         []byte                 `protobuf:"bytes,3,opt,name=chunk,proto3" json:"chunk,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutMountInput) Reset() {
+	*x = PutMountInput{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutMountInput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutMountInput) ProtoMessage() {}
+
+func (x *PutMountInput) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutMountInput.ProtoReflect.Descriptor instead.
+func (*PutMountInput) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{74}
+}
+
+func (x *PutMountInput) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *PutMountInput) GetIsDir() bool {
+	if x != nil {
+		return x.IsDir
+	}
+	return false
+}
+
+func (x *PutMountInput) GetChunk() []byte {
+	if x != nil {
+		return x.Chunk
+	}
+	return nil
+}
+
+type PutMountResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutMountResponse) Reset() {
+	*x = PutMountResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutMountResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutMountResponse) ProtoMessage() {}
+
+func (x *PutMountResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutMountResponse.ProtoReflect.Descriptor instead.
+func (*PutMountResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{75}
+}
+
+func (x *PutMountResponse) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
 // Capacity is what a node offers sandboxes.
 type Capacity struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -4333,7 +4547,7 @@ type Capacity struct {
 
 func (x *Capacity) Reset() {
 	*x = Capacity{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4345,7 +4559,7 @@ func (x *Capacity) String() string {
 func (*Capacity) ProtoMessage() {}
 
 func (x *Capacity) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[73]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4358,7 +4572,7 @@ func (x *Capacity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Capacity.ProtoReflect.Descriptor instead.
 func (*Capacity) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{73}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *Capacity) GetCpu() float64 {
@@ -4398,7 +4612,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4410,7 +4624,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[74]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4423,7 +4637,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{74}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *JoinRequest) GetToken() string {
@@ -4472,7 +4686,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4484,7 +4698,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[75]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4497,7 +4711,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{75}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *JoinResponse) GetNodeId() string {
@@ -4532,7 +4746,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4544,7 +4758,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[76]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4557,7 +4771,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{76}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *HeartbeatRequest) GetNodeId() string {
@@ -4591,7 +4805,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4603,7 +4817,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[77]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4616,7 +4830,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{77}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *HeartbeatResponse) GetState() string {
@@ -4635,7 +4849,7 @@ type RegistryAccessRequest struct {
 
 func (x *RegistryAccessRequest) Reset() {
 	*x = RegistryAccessRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4647,7 +4861,7 @@ func (x *RegistryAccessRequest) String() string {
 func (*RegistryAccessRequest) ProtoMessage() {}
 
 func (x *RegistryAccessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[78]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4660,7 +4874,7 @@ func (x *RegistryAccessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegistryAccessRequest.ProtoReflect.Descriptor instead.
 func (*RegistryAccessRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{78}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *RegistryAccessRequest) GetNodeId() string {
@@ -4684,7 +4898,7 @@ type RegistryAccessResponse struct {
 
 func (x *RegistryAccessResponse) Reset() {
 	*x = RegistryAccessResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4696,7 +4910,7 @@ func (x *RegistryAccessResponse) String() string {
 func (*RegistryAccessResponse) ProtoMessage() {}
 
 func (x *RegistryAccessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[79]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4709,7 +4923,7 @@ func (x *RegistryAccessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegistryAccessResponse.ProtoReflect.Descriptor instead.
 func (*RegistryAccessResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{79}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *RegistryAccessResponse) GetAddr() string {
@@ -4744,7 +4958,7 @@ type WorkloadRequest struct {
 
 func (x *WorkloadRequest) Reset() {
 	*x = WorkloadRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4756,7 +4970,7 @@ func (x *WorkloadRequest) String() string {
 func (*WorkloadRequest) ProtoMessage() {}
 
 func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[80]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4769,7 +4983,7 @@ func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadRequest.ProtoReflect.Descriptor instead.
 func (*WorkloadRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{80}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *WorkloadRequest) GetSandboxId() string {
@@ -4808,7 +5022,7 @@ type WorkloadResponse struct {
 
 func (x *WorkloadResponse) Reset() {
 	*x = WorkloadResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4820,7 +5034,7 @@ func (x *WorkloadResponse) String() string {
 func (*WorkloadResponse) ProtoMessage() {}
 
 func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[81]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4833,7 +5047,7 @@ func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadResponse.ProtoReflect.Descriptor instead.
 func (*WorkloadResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{81}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *WorkloadResponse) GetOrgId() string {
@@ -4900,7 +5114,7 @@ type TunnelJoinRequest struct {
 
 func (x *TunnelJoinRequest) Reset() {
 	*x = TunnelJoinRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[82]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4912,7 +5126,7 @@ func (x *TunnelJoinRequest) String() string {
 func (*TunnelJoinRequest) ProtoMessage() {}
 
 func (x *TunnelJoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[82]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4925,7 +5139,7 @@ func (x *TunnelJoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelJoinRequest.ProtoReflect.Descriptor instead.
 func (*TunnelJoinRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{82}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *TunnelJoinRequest) GetSandboxId() string {
@@ -4986,7 +5200,7 @@ type TunnelJoinResponse struct {
 
 func (x *TunnelJoinResponse) Reset() {
 	*x = TunnelJoinResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[83]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4998,7 +5212,7 @@ func (x *TunnelJoinResponse) String() string {
 func (*TunnelJoinResponse) ProtoMessage() {}
 
 func (x *TunnelJoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[83]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5011,7 +5225,7 @@ func (x *TunnelJoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelJoinResponse.ProtoReflect.Descriptor instead.
 func (*TunnelJoinResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{83}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *TunnelJoinResponse) GetPublicKey() string {
@@ -5044,7 +5258,7 @@ type TunnelLeaveRequest struct {
 
 func (x *TunnelLeaveRequest) Reset() {
 	*x = TunnelLeaveRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[84]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5056,7 +5270,7 @@ func (x *TunnelLeaveRequest) String() string {
 func (*TunnelLeaveRequest) ProtoMessage() {}
 
 func (x *TunnelLeaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[84]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5069,7 +5283,7 @@ func (x *TunnelLeaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelLeaveRequest.ProtoReflect.Descriptor instead.
 func (*TunnelLeaveRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{84}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *TunnelLeaveRequest) GetSandboxId() string {
@@ -5087,7 +5301,7 @@ type TunnelLeaveResponse struct {
 
 func (x *TunnelLeaveResponse) Reset() {
 	*x = TunnelLeaveResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[85]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5099,7 +5313,7 @@ func (x *TunnelLeaveResponse) String() string {
 func (*TunnelLeaveResponse) ProtoMessage() {}
 
 func (x *TunnelLeaveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[85]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5112,7 +5326,7 @@ func (x *TunnelLeaveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelLeaveResponse.ProtoReflect.Descriptor instead.
 func (*TunnelLeaveResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{85}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{88}
 }
 
 // TunnelRemote is a member of the tunnel placed on another node.
@@ -5128,7 +5342,7 @@ type TunnelRemote struct {
 
 func (x *TunnelRemote) Reset() {
 	*x = TunnelRemote{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[86]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5140,7 +5354,7 @@ func (x *TunnelRemote) String() string {
 func (*TunnelRemote) ProtoMessage() {}
 
 func (x *TunnelRemote) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[86]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5153,7 +5367,7 @@ func (x *TunnelRemote) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelRemote.ProtoReflect.Descriptor instead.
 func (*TunnelRemote) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{86}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *TunnelRemote) GetSandboxId() string {
@@ -5196,7 +5410,7 @@ type TunnelExternalPeer struct {
 
 func (x *TunnelExternalPeer) Reset() {
 	*x = TunnelExternalPeer{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[87]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5208,7 +5422,7 @@ func (x *TunnelExternalPeer) String() string {
 func (*TunnelExternalPeer) ProtoMessage() {}
 
 func (x *TunnelExternalPeer) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[87]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5221,7 +5435,7 @@ func (x *TunnelExternalPeer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelExternalPeer.ProtoReflect.Descriptor instead.
 func (*TunnelExternalPeer) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{87}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *TunnelExternalPeer) GetPublicKey() string {
@@ -5257,7 +5471,7 @@ type TunnelSyncRequest struct {
 
 func (x *TunnelSyncRequest) Reset() {
 	*x = TunnelSyncRequest{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[88]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5269,7 +5483,7 @@ func (x *TunnelSyncRequest) String() string {
 func (*TunnelSyncRequest) ProtoMessage() {}
 
 func (x *TunnelSyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[88]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5282,7 +5496,7 @@ func (x *TunnelSyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelSyncRequest.ProtoReflect.Descriptor instead.
 func (*TunnelSyncRequest) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{88}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *TunnelSyncRequest) GetTunnel() string {
@@ -5324,7 +5538,7 @@ type TunnelSyncResponse struct {
 
 func (x *TunnelSyncResponse) Reset() {
 	*x = TunnelSyncResponse{}
-	mi := &file_chalk_node_v1_node_proto_msgTypes[89]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5336,7 +5550,7 @@ func (x *TunnelSyncResponse) String() string {
 func (*TunnelSyncResponse) ProtoMessage() {}
 
 func (x *TunnelSyncResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chalk_node_v1_node_proto_msgTypes[89]
+	mi := &file_chalk_node_v1_node_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5349,12 +5563,100 @@ func (x *TunnelSyncResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelSyncResponse.ProtoReflect.Descriptor instead.
 func (*TunnelSyncResponse) Descriptor() ([]byte, []int) {
-	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{89}
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *TunnelSyncResponse) GetMembers() []*TunnelRemote {
 	if x != nil {
 		return x.Members
+	}
+	return nil
+}
+
+type RenewRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CsrDer        []byte                 `protobuf:"bytes,1,opt,name=csr_der,json=csrDer,proto3" json:"csr_der,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewRequest) Reset() {
+	*x = RenewRequest{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[93]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewRequest) ProtoMessage() {}
+
+func (x *RenewRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[93]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewRequest.ProtoReflect.Descriptor instead.
+func (*RenewRequest) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{93}
+}
+
+func (x *RenewRequest) GetCsrDer() []byte {
+	if x != nil {
+		return x.CsrDer
+	}
+	return nil
+}
+
+type RenewResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CertPem       []byte                 `protobuf:"bytes,1,opt,name=cert_pem,json=certPem,proto3" json:"cert_pem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewResponse) Reset() {
+	*x = RenewResponse{}
+	mi := &file_chalk_node_v1_node_proto_msgTypes[94]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewResponse) ProtoMessage() {}
+
+func (x *RenewResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chalk_node_v1_node_proto_msgTypes[94]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewResponse.ProtoReflect.Descriptor instead.
+func (*RenewResponse) Descriptor() ([]byte, []int) {
+	return file_chalk_node_v1_node_proto_rawDescGZIP(), []int{94}
+}
+
+func (x *RenewResponse) GetCertPem() []byte {
+	if x != nil {
+		return x.CertPem
 	}
 	return nil
 }
@@ -5566,11 +5868,12 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\fimage_digest\x18\x02 \x01(\tR\vimageDigest\"\x0f\n" +
 	"\rAdoptResponse\"<\n" +
 	"\fClaimRequest\x12,\n" +
-	"\x04spec\x18\x01 \x01(\v2\x18.chalk.node.v1.StartSpecR\x04spec\"C\n" +
+	"\x04spec\x18\x01 \x01(\v2\x18.chalk.node.v1.StartSpecR\x04spec\"Y\n" +
 	"\rClaimResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04slot\x18\x02 \x01(\x05R\x04slot\x12\x0e\n" +
-	"\x02ok\x18\x03 \x01(\bR\x02ok\" \n" +
+	"\x02ok\x18\x03 \x01(\bR\x02ok\x12\x14\n" +
+	"\x05ready\x18\x04 \x01(\x05R\x05ready\" \n" +
 	"\x0eUnclaimRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x11\n" +
 	"\x0fUnclaimResponse\"\x86\x01\n" +
@@ -5628,14 +5931,15 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"DialOutput\x12\x1e\n" +
 	"\tconnected\x18\x01 \x01(\bH\x00R\tconnected\x12\x14\n" +
 	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\b\n" +
-	"\x06output\"\xa8\x01\n" +
+	"\x06output\"\xc2\x01\n" +
 	"\fSnapshotSpec\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04slot\x18\x02 \x01(\x05R\x04slot\x12\x1b\n" +
 	"\timage_ref\x18\x03 \x01(\tR\bimageRef\x12!\n" +
 	"\fimage_digest\x18\x04 \x01(\tR\vimageDigest\x12\x18\n" +
 	"\aexclude\x18\x05 \x03(\tR\aexclude\x12\x1a\n" +
-	"\bprogress\x18\x06 \x01(\bR\bprogress\"B\n" +
+	"\bprogress\x18\x06 \x01(\bR\bprogress\x12\x18\n" +
+	"\astopped\x18\a \x01(\bR\astopped\"B\n" +
 	"\x0fSnapshotRequest\x12/\n" +
 	"\x04spec\x18\x01 \x01(\v2\x1b.chalk.node.v1.SnapshotSpecR\x04spec\"\x84\x01\n" +
 	"\x0eSnapshotResult\x12\x10\n" +
@@ -5647,7 +5951,18 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\rSnapshotEvent\x125\n" +
 	"\bprogress\x18\x01 \x01(\v2\x17.chalk.node.v1.ProgressH\x00R\bprogress\x127\n" +
 	"\x06result\x18\x02 \x01(\v2\x1d.chalk.node.v1.SnapshotResultH\x00R\x06resultB\a\n" +
-	"\x05event\"O\n" +
+	"\x05event\"~\n" +
+	"\x12SnapshotLayerEvent\x125\n" +
+	"\bprogress\x18\x01 \x01(\v2\x17.chalk.node.v1.ProgressH\x00R\bprogress\x12\x16\n" +
+	"\x05chunk\x18\x02 \x01(\fH\x00R\x05chunk\x12\x10\n" +
+	"\x03eof\x18\x03 \x01(\bR\x03eofB\a\n" +
+	"\x05event\"T\n" +
+	"\rPutMountInput\x12\x16\n" +
+	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x15\n" +
+	"\x06is_dir\x18\x02 \x01(\bR\x05isDir\x12\x14\n" +
+	"\x05chunk\x18\x03 \x01(\fR\x05chunk\"&\n" +
+	"\x10PutMountResponse\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"O\n" +
 	"\bCapacity\x12\x10\n" +
 	"\x03cpu\x18\x01 \x01(\x01R\x03cpu\x12\x1b\n" +
 	"\tmemory_mb\x18\x02 \x01(\x03R\bmemoryMb\x12\x14\n" +
@@ -5725,7 +6040,11 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\aremotes\x18\x03 \x03(\v2\x1b.chalk.node.v1.TunnelRemoteR\aremotes\x127\n" +
 	"\x05peers\x18\x04 \x03(\v2!.chalk.node.v1.TunnelExternalPeerR\x05peers\"K\n" +
 	"\x12TunnelSyncResponse\x125\n" +
-	"\amembers\x18\x01 \x03(\v2\x1b.chalk.node.v1.TunnelRemoteR\amembers2\x83\x12\n" +
+	"\amembers\x18\x01 \x03(\v2\x1b.chalk.node.v1.TunnelRemoteR\amembers\"'\n" +
+	"\fRenewRequest\x12\x17\n" +
+	"\acsr_der\x18\x01 \x01(\fR\x06csrDer\"*\n" +
+	"\rRenewResponse\x12\x19\n" +
+	"\bcert_pem\x18\x01 \x01(\fR\acertPem2\xa6\x13\n" +
 	"\vNodeService\x12T\n" +
 	"\vReserveSlot\x12!.chalk.node.v1.ReserveSlotRequest\x1a\".chalk.node.v1.ReserveSlotResponse\x12S\n" +
 	"\vEnsureImage\x12!.chalk.node.v1.EnsureImageRequest\x1a\x1f.chalk.node.v1.EnsureImageEvent0\x01\x12B\n" +
@@ -5760,12 +6079,15 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\vTunnelLeave\x12!.chalk.node.v1.TunnelLeaveRequest\x1a\".chalk.node.v1.TunnelLeaveResponse\x12Q\n" +
 	"\n" +
 	"TunnelSync\x12 .chalk.node.v1.TunnelSyncRequest\x1a!.chalk.node.v1.TunnelSyncResponse\x12F\n" +
-	"\vDialSandbox\x12\x18.chalk.node.v1.DialInput\x1a\x19.chalk.node.v1.DialOutput(\x010\x012\xcb\x02\n" +
+	"\vDialSandbox\x12\x18.chalk.node.v1.DialInput\x1a\x19.chalk.node.v1.DialOutput(\x010\x01\x12T\n" +
+	"\rSnapshotLayer\x12\x1e.chalk.node.v1.SnapshotRequest\x1a!.chalk.node.v1.SnapshotLayerEvent0\x01\x12K\n" +
+	"\bPutMount\x12\x1c.chalk.node.v1.PutMountInput\x1a\x1f.chalk.node.v1.PutMountResponse(\x012\x8f\x03\n" +
 	"\fFleetService\x12?\n" +
 	"\x04Join\x12\x1a.chalk.node.v1.JoinRequest\x1a\x1b.chalk.node.v1.JoinResponse\x12N\n" +
 	"\tHeartbeat\x12\x1f.chalk.node.v1.HeartbeatRequest\x1a .chalk.node.v1.HeartbeatResponse\x12]\n" +
 	"\x0eRegistryAccess\x12$.chalk.node.v1.RegistryAccessRequest\x1a%.chalk.node.v1.RegistryAccessResponse\x12K\n" +
-	"\bWorkload\x12\x1e.chalk.node.v1.WorkloadRequest\x1a\x1f.chalk.node.v1.WorkloadResponseB?Z=github.com/chalkcompute/chalkcompute/gen/chalk/node/v1;nodev1b\x06proto3"
+	"\bWorkload\x12\x1e.chalk.node.v1.WorkloadRequest\x1a\x1f.chalk.node.v1.WorkloadResponse\x12B\n" +
+	"\x05Renew\x12\x1b.chalk.node.v1.RenewRequest\x1a\x1c.chalk.node.v1.RenewResponseB?Z=github.com/chalkcompute/chalkcompute/gen/chalk/node/v1;nodev1b\x06proto3"
 
 var (
 	file_chalk_node_v1_node_proto_rawDescOnce sync.Once
@@ -5779,7 +6101,7 @@ func file_chalk_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_chalk_node_v1_node_proto_rawDescData
 }
 
-var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 92)
+var file_chalk_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 97)
 var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*ReserveSlotRequest)(nil),     // 0: chalk.node.v1.ReserveSlotRequest
 	(*ReserveSlotResponse)(nil),    // 1: chalk.node.v1.ReserveSlotResponse
@@ -5854,25 +6176,30 @@ var file_chalk_node_v1_node_proto_goTypes = []any{
 	(*SnapshotRequest)(nil),        // 70: chalk.node.v1.SnapshotRequest
 	(*SnapshotResult)(nil),         // 71: chalk.node.v1.SnapshotResult
 	(*SnapshotEvent)(nil),          // 72: chalk.node.v1.SnapshotEvent
-	(*Capacity)(nil),               // 73: chalk.node.v1.Capacity
-	(*JoinRequest)(nil),            // 74: chalk.node.v1.JoinRequest
-	(*JoinResponse)(nil),           // 75: chalk.node.v1.JoinResponse
-	(*HeartbeatRequest)(nil),       // 76: chalk.node.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),      // 77: chalk.node.v1.HeartbeatResponse
-	(*RegistryAccessRequest)(nil),  // 78: chalk.node.v1.RegistryAccessRequest
-	(*RegistryAccessResponse)(nil), // 79: chalk.node.v1.RegistryAccessResponse
-	(*WorkloadRequest)(nil),        // 80: chalk.node.v1.WorkloadRequest
-	(*WorkloadResponse)(nil),       // 81: chalk.node.v1.WorkloadResponse
-	(*TunnelJoinRequest)(nil),      // 82: chalk.node.v1.TunnelJoinRequest
-	(*TunnelJoinResponse)(nil),     // 83: chalk.node.v1.TunnelJoinResponse
-	(*TunnelLeaveRequest)(nil),     // 84: chalk.node.v1.TunnelLeaveRequest
-	(*TunnelLeaveResponse)(nil),    // 85: chalk.node.v1.TunnelLeaveResponse
-	(*TunnelRemote)(nil),           // 86: chalk.node.v1.TunnelRemote
-	(*TunnelExternalPeer)(nil),     // 87: chalk.node.v1.TunnelExternalPeer
-	(*TunnelSyncRequest)(nil),      // 88: chalk.node.v1.TunnelSyncRequest
-	(*TunnelSyncResponse)(nil),     // 89: chalk.node.v1.TunnelSyncResponse
-	nil,                            // 90: chalk.node.v1.LeftoversRequest.LiveEntry
-	nil,                            // 91: chalk.node.v1.RestoreRequest.LiveEntry
+	(*SnapshotLayerEvent)(nil),     // 73: chalk.node.v1.SnapshotLayerEvent
+	(*PutMountInput)(nil),          // 74: chalk.node.v1.PutMountInput
+	(*PutMountResponse)(nil),       // 75: chalk.node.v1.PutMountResponse
+	(*Capacity)(nil),               // 76: chalk.node.v1.Capacity
+	(*JoinRequest)(nil),            // 77: chalk.node.v1.JoinRequest
+	(*JoinResponse)(nil),           // 78: chalk.node.v1.JoinResponse
+	(*HeartbeatRequest)(nil),       // 79: chalk.node.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),      // 80: chalk.node.v1.HeartbeatResponse
+	(*RegistryAccessRequest)(nil),  // 81: chalk.node.v1.RegistryAccessRequest
+	(*RegistryAccessResponse)(nil), // 82: chalk.node.v1.RegistryAccessResponse
+	(*WorkloadRequest)(nil),        // 83: chalk.node.v1.WorkloadRequest
+	(*WorkloadResponse)(nil),       // 84: chalk.node.v1.WorkloadResponse
+	(*TunnelJoinRequest)(nil),      // 85: chalk.node.v1.TunnelJoinRequest
+	(*TunnelJoinResponse)(nil),     // 86: chalk.node.v1.TunnelJoinResponse
+	(*TunnelLeaveRequest)(nil),     // 87: chalk.node.v1.TunnelLeaveRequest
+	(*TunnelLeaveResponse)(nil),    // 88: chalk.node.v1.TunnelLeaveResponse
+	(*TunnelRemote)(nil),           // 89: chalk.node.v1.TunnelRemote
+	(*TunnelExternalPeer)(nil),     // 90: chalk.node.v1.TunnelExternalPeer
+	(*TunnelSyncRequest)(nil),      // 91: chalk.node.v1.TunnelSyncRequest
+	(*TunnelSyncResponse)(nil),     // 92: chalk.node.v1.TunnelSyncResponse
+	(*RenewRequest)(nil),           // 93: chalk.node.v1.RenewRequest
+	(*RenewResponse)(nil),          // 94: chalk.node.v1.RenewResponse
+	nil,                            // 95: chalk.node.v1.LeftoversRequest.LiveEntry
+	nil,                            // 96: chalk.node.v1.RestoreRequest.LiveEntry
 }
 var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	8,  // 0: chalk.node.v1.ReserveSlotRequest.spec:type_name -> chalk.node.v1.StartSpec
@@ -5890,93 +6217,100 @@ var file_chalk_node_v1_node_proto_depIdxs = []int32{
 	28, // 12: chalk.node.v1.ExecOutput.exited:type_name -> chalk.node.v1.ExecExited
 	36, // 13: chalk.node.v1.WriteFileInput.header:type_name -> chalk.node.v1.WriteFileHeader
 	39, // 14: chalk.node.v1.ListDirResponse.entries:type_name -> chalk.node.v1.FileInfo
-	90, // 15: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
+	95, // 15: chalk.node.v1.LeftoversRequest.live:type_name -> chalk.node.v1.LeftoversRequest.LiveEntry
 	8,  // 16: chalk.node.v1.ClaimRequest.spec:type_name -> chalk.node.v1.StartSpec
-	91, // 17: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
+	96, // 17: chalk.node.v1.RestoreRequest.live:type_name -> chalk.node.v1.RestoreRequest.LiveEntry
 	60, // 18: chalk.node.v1.ApplyEgressRequest.policies:type_name -> chalk.node.v1.NetworkPolicy
 	64, // 19: chalk.node.v1.EgressDropsResponse.drops:type_name -> chalk.node.v1.EgressDrop
 	66, // 20: chalk.node.v1.DialInput.target:type_name -> chalk.node.v1.DialTarget
 	69, // 21: chalk.node.v1.SnapshotRequest.spec:type_name -> chalk.node.v1.SnapshotSpec
 	4,  // 22: chalk.node.v1.SnapshotEvent.progress:type_name -> chalk.node.v1.Progress
 	71, // 23: chalk.node.v1.SnapshotEvent.result:type_name -> chalk.node.v1.SnapshotResult
-	73, // 24: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
-	73, // 25: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
-	86, // 26: chalk.node.v1.TunnelSyncRequest.remotes:type_name -> chalk.node.v1.TunnelRemote
-	87, // 27: chalk.node.v1.TunnelSyncRequest.peers:type_name -> chalk.node.v1.TunnelExternalPeer
-	86, // 28: chalk.node.v1.TunnelSyncResponse.members:type_name -> chalk.node.v1.TunnelRemote
-	0,  // 29: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
-	5,  // 30: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
-	10, // 31: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
-	14, // 32: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
-	16, // 33: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
-	20, // 34: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
-	22, // 35: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
-	18, // 36: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
-	26, // 37: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
-	30, // 38: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
-	32, // 39: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
-	34, // 40: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
-	37, // 41: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
-	40, // 42: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
-	42, // 43: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
-	44, // 44: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
-	46, // 45: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
-	48, // 46: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
-	50, // 47: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
-	52, // 48: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
-	54, // 49: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
-	56, // 50: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
-	58, // 51: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
-	70, // 52: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
-	61, // 53: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
-	63, // 54: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
-	82, // 55: chalk.node.v1.NodeService.TunnelJoin:input_type -> chalk.node.v1.TunnelJoinRequest
-	84, // 56: chalk.node.v1.NodeService.TunnelLeave:input_type -> chalk.node.v1.TunnelLeaveRequest
-	88, // 57: chalk.node.v1.NodeService.TunnelSync:input_type -> chalk.node.v1.TunnelSyncRequest
-	67, // 58: chalk.node.v1.NodeService.DialSandbox:input_type -> chalk.node.v1.DialInput
-	74, // 59: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
-	76, // 60: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
-	78, // 61: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
-	80, // 62: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
-	1,  // 63: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
-	6,  // 64: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
-	13, // 65: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
-	15, // 66: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
-	17, // 67: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
-	21, // 68: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
-	23, // 69: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
-	19, // 70: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
-	29, // 71: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
-	31, // 72: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
-	33, // 73: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
-	35, // 74: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
-	38, // 75: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
-	41, // 76: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
-	43, // 77: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
-	45, // 78: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
-	47, // 79: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
-	49, // 80: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
-	51, // 81: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
-	53, // 82: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
-	55, // 83: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
-	57, // 84: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
-	59, // 85: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
-	72, // 86: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
-	62, // 87: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
-	65, // 88: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
-	83, // 89: chalk.node.v1.NodeService.TunnelJoin:output_type -> chalk.node.v1.TunnelJoinResponse
-	85, // 90: chalk.node.v1.NodeService.TunnelLeave:output_type -> chalk.node.v1.TunnelLeaveResponse
-	89, // 91: chalk.node.v1.NodeService.TunnelSync:output_type -> chalk.node.v1.TunnelSyncResponse
-	68, // 92: chalk.node.v1.NodeService.DialSandbox:output_type -> chalk.node.v1.DialOutput
-	75, // 93: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
-	77, // 94: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
-	79, // 95: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
-	81, // 96: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
-	63, // [63:97] is the sub-list for method output_type
-	29, // [29:63] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	4,  // 24: chalk.node.v1.SnapshotLayerEvent.progress:type_name -> chalk.node.v1.Progress
+	76, // 25: chalk.node.v1.JoinRequest.capacity:type_name -> chalk.node.v1.Capacity
+	76, // 26: chalk.node.v1.HeartbeatRequest.capacity:type_name -> chalk.node.v1.Capacity
+	89, // 27: chalk.node.v1.TunnelSyncRequest.remotes:type_name -> chalk.node.v1.TunnelRemote
+	90, // 28: chalk.node.v1.TunnelSyncRequest.peers:type_name -> chalk.node.v1.TunnelExternalPeer
+	89, // 29: chalk.node.v1.TunnelSyncResponse.members:type_name -> chalk.node.v1.TunnelRemote
+	0,  // 30: chalk.node.v1.NodeService.ReserveSlot:input_type -> chalk.node.v1.ReserveSlotRequest
+	5,  // 31: chalk.node.v1.NodeService.EnsureImage:input_type -> chalk.node.v1.EnsureImageRequest
+	10, // 32: chalk.node.v1.NodeService.Start:input_type -> chalk.node.v1.StartRequest
+	14, // 33: chalk.node.v1.NodeService.Wait:input_type -> chalk.node.v1.WaitRequest
+	16, // 34: chalk.node.v1.NodeService.Running:input_type -> chalk.node.v1.RunningRequest
+	20, // 35: chalk.node.v1.NodeService.Kill:input_type -> chalk.node.v1.KillRequest
+	22, // 36: chalk.node.v1.NodeService.Teardown:input_type -> chalk.node.v1.TeardownRequest
+	18, // 37: chalk.node.v1.NodeService.Destroy:input_type -> chalk.node.v1.DestroyRequest
+	26, // 38: chalk.node.v1.NodeService.Exec:input_type -> chalk.node.v1.ExecInput
+	30, // 39: chalk.node.v1.NodeService.SignalExec:input_type -> chalk.node.v1.SignalExecRequest
+	32, // 40: chalk.node.v1.NodeService.ResizeExec:input_type -> chalk.node.v1.ResizeExecRequest
+	34, // 41: chalk.node.v1.NodeService.ReadFile:input_type -> chalk.node.v1.ReadFileRequest
+	37, // 42: chalk.node.v1.NodeService.WriteFile:input_type -> chalk.node.v1.WriteFileInput
+	40, // 43: chalk.node.v1.NodeService.ListDir:input_type -> chalk.node.v1.ListDirRequest
+	42, // 44: chalk.node.v1.NodeService.Remove:input_type -> chalk.node.v1.RemoveRequest
+	44, // 45: chalk.node.v1.NodeService.Logs:input_type -> chalk.node.v1.LogsInput
+	46, // 46: chalk.node.v1.NodeService.Leftovers:input_type -> chalk.node.v1.LeftoversRequest
+	48, // 47: chalk.node.v1.NodeService.Adopt:input_type -> chalk.node.v1.AdoptRequest
+	50, // 48: chalk.node.v1.NodeService.Claim:input_type -> chalk.node.v1.ClaimRequest
+	52, // 49: chalk.node.v1.NodeService.Unclaim:input_type -> chalk.node.v1.UnclaimRequest
+	54, // 50: chalk.node.v1.NodeService.Restore:input_type -> chalk.node.v1.RestoreRequest
+	56, // 51: chalk.node.v1.NodeService.SetPrestarted:input_type -> chalk.node.v1.SetPrestartedRequest
+	58, // 52: chalk.node.v1.NodeService.SetPaused:input_type -> chalk.node.v1.SetPausedRequest
+	70, // 53: chalk.node.v1.NodeService.Snapshot:input_type -> chalk.node.v1.SnapshotRequest
+	61, // 54: chalk.node.v1.NodeService.ApplyEgress:input_type -> chalk.node.v1.ApplyEgressRequest
+	63, // 55: chalk.node.v1.NodeService.EgressDrops:input_type -> chalk.node.v1.EgressDropsRequest
+	85, // 56: chalk.node.v1.NodeService.TunnelJoin:input_type -> chalk.node.v1.TunnelJoinRequest
+	87, // 57: chalk.node.v1.NodeService.TunnelLeave:input_type -> chalk.node.v1.TunnelLeaveRequest
+	91, // 58: chalk.node.v1.NodeService.TunnelSync:input_type -> chalk.node.v1.TunnelSyncRequest
+	67, // 59: chalk.node.v1.NodeService.DialSandbox:input_type -> chalk.node.v1.DialInput
+	70, // 60: chalk.node.v1.NodeService.SnapshotLayer:input_type -> chalk.node.v1.SnapshotRequest
+	74, // 61: chalk.node.v1.NodeService.PutMount:input_type -> chalk.node.v1.PutMountInput
+	77, // 62: chalk.node.v1.FleetService.Join:input_type -> chalk.node.v1.JoinRequest
+	79, // 63: chalk.node.v1.FleetService.Heartbeat:input_type -> chalk.node.v1.HeartbeatRequest
+	81, // 64: chalk.node.v1.FleetService.RegistryAccess:input_type -> chalk.node.v1.RegistryAccessRequest
+	83, // 65: chalk.node.v1.FleetService.Workload:input_type -> chalk.node.v1.WorkloadRequest
+	93, // 66: chalk.node.v1.FleetService.Renew:input_type -> chalk.node.v1.RenewRequest
+	1,  // 67: chalk.node.v1.NodeService.ReserveSlot:output_type -> chalk.node.v1.ReserveSlotResponse
+	6,  // 68: chalk.node.v1.NodeService.EnsureImage:output_type -> chalk.node.v1.EnsureImageEvent
+	13, // 69: chalk.node.v1.NodeService.Start:output_type -> chalk.node.v1.StartResponse
+	15, // 70: chalk.node.v1.NodeService.Wait:output_type -> chalk.node.v1.WaitResponse
+	17, // 71: chalk.node.v1.NodeService.Running:output_type -> chalk.node.v1.RunningResponse
+	21, // 72: chalk.node.v1.NodeService.Kill:output_type -> chalk.node.v1.KillResponse
+	23, // 73: chalk.node.v1.NodeService.Teardown:output_type -> chalk.node.v1.TeardownResponse
+	19, // 74: chalk.node.v1.NodeService.Destroy:output_type -> chalk.node.v1.DestroyResponse
+	29, // 75: chalk.node.v1.NodeService.Exec:output_type -> chalk.node.v1.ExecOutput
+	31, // 76: chalk.node.v1.NodeService.SignalExec:output_type -> chalk.node.v1.SignalExecResponse
+	33, // 77: chalk.node.v1.NodeService.ResizeExec:output_type -> chalk.node.v1.ResizeExecResponse
+	35, // 78: chalk.node.v1.NodeService.ReadFile:output_type -> chalk.node.v1.FileChunk
+	38, // 79: chalk.node.v1.NodeService.WriteFile:output_type -> chalk.node.v1.WriteFileResponse
+	41, // 80: chalk.node.v1.NodeService.ListDir:output_type -> chalk.node.v1.ListDirResponse
+	43, // 81: chalk.node.v1.NodeService.Remove:output_type -> chalk.node.v1.RemoveResponse
+	45, // 82: chalk.node.v1.NodeService.Logs:output_type -> chalk.node.v1.LogsOutput
+	47, // 83: chalk.node.v1.NodeService.Leftovers:output_type -> chalk.node.v1.LeftoversResponse
+	49, // 84: chalk.node.v1.NodeService.Adopt:output_type -> chalk.node.v1.AdoptResponse
+	51, // 85: chalk.node.v1.NodeService.Claim:output_type -> chalk.node.v1.ClaimResponse
+	53, // 86: chalk.node.v1.NodeService.Unclaim:output_type -> chalk.node.v1.UnclaimResponse
+	55, // 87: chalk.node.v1.NodeService.Restore:output_type -> chalk.node.v1.RestoreResponse
+	57, // 88: chalk.node.v1.NodeService.SetPrestarted:output_type -> chalk.node.v1.SetPrestartedEvent
+	59, // 89: chalk.node.v1.NodeService.SetPaused:output_type -> chalk.node.v1.SetPausedResponse
+	72, // 90: chalk.node.v1.NodeService.Snapshot:output_type -> chalk.node.v1.SnapshotEvent
+	62, // 91: chalk.node.v1.NodeService.ApplyEgress:output_type -> chalk.node.v1.ApplyEgressResponse
+	65, // 92: chalk.node.v1.NodeService.EgressDrops:output_type -> chalk.node.v1.EgressDropsResponse
+	86, // 93: chalk.node.v1.NodeService.TunnelJoin:output_type -> chalk.node.v1.TunnelJoinResponse
+	88, // 94: chalk.node.v1.NodeService.TunnelLeave:output_type -> chalk.node.v1.TunnelLeaveResponse
+	92, // 95: chalk.node.v1.NodeService.TunnelSync:output_type -> chalk.node.v1.TunnelSyncResponse
+	68, // 96: chalk.node.v1.NodeService.DialSandbox:output_type -> chalk.node.v1.DialOutput
+	73, // 97: chalk.node.v1.NodeService.SnapshotLayer:output_type -> chalk.node.v1.SnapshotLayerEvent
+	75, // 98: chalk.node.v1.NodeService.PutMount:output_type -> chalk.node.v1.PutMountResponse
+	78, // 99: chalk.node.v1.FleetService.Join:output_type -> chalk.node.v1.JoinResponse
+	80, // 100: chalk.node.v1.FleetService.Heartbeat:output_type -> chalk.node.v1.HeartbeatResponse
+	82, // 101: chalk.node.v1.FleetService.RegistryAccess:output_type -> chalk.node.v1.RegistryAccessResponse
+	84, // 102: chalk.node.v1.FleetService.Workload:output_type -> chalk.node.v1.WorkloadResponse
+	94, // 103: chalk.node.v1.FleetService.Renew:output_type -> chalk.node.v1.RenewResponse
+	67, // [67:104] is the sub-list for method output_type
+	30, // [30:67] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_chalk_node_v1_node_proto_init() }
@@ -6017,13 +6351,17 @@ func file_chalk_node_v1_node_proto_init() {
 		(*SnapshotEvent_Progress)(nil),
 		(*SnapshotEvent_Result)(nil),
 	}
+	file_chalk_node_v1_node_proto_msgTypes[73].OneofWrappers = []any{
+		(*SnapshotLayerEvent_Progress)(nil),
+		(*SnapshotLayerEvent_Chunk)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chalk_node_v1_node_proto_rawDesc), len(file_chalk_node_v1_node_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   92,
+			NumMessages:   97,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -187,6 +187,8 @@ const (
 	// NodeAdminServiceSetStateProcedure is the fully-qualified name of the NodeAdminService's SetState
 	// RPC.
 	NodeAdminServiceSetStateProcedure = "/chalk.compute.v1.NodeAdminService/SetState"
+	// NodeAdminServiceRemoveProcedure is the fully-qualified name of the NodeAdminService's Remove RPC.
+	NodeAdminServiceRemoveProcedure = "/chalk.compute.v1.NodeAdminService/Remove"
 )
 
 // SandboxServiceClient is a client for the chalk.compute.v1.SandboxService service.
@@ -2107,6 +2109,12 @@ func (UnimplementedTeamServiceHandler) Audit(context.Context, *connect.Request[v
 type NodeAdminServiceClient interface {
 	List(context.Context, *connect.Request[v1.ListNodesRequest]) (*connect.Response[v1.ListNodesResponse], error)
 	SetState(context.Context, *connect.Request[v1.SetNodeStateRequest]) (*connect.Response[v1.Node], error)
+	// Remove removes a node from the fleet and revokes its certificate (it
+	// can come back only by joining with a new token). Without force the node
+	// must be unhealthy or draining and have no live sandbox
+	// (failed_precondition says which it is not); force ends its sandboxes
+	// as lost.
+	Remove(context.Context, *connect.Request[v1.RemoveNodeRequest]) (*connect.Response[v1.RemoveNodeResponse], error)
 }
 
 // NewNodeAdminServiceClient constructs a client for the chalk.compute.v1.NodeAdminService service.
@@ -2133,6 +2141,12 @@ func NewNodeAdminServiceClient(httpClient connect.HTTPClient, baseURL string, op
 			connect.WithSchema(nodeAdminServiceMethods.ByName("SetState")),
 			connect.WithClientOptions(opts...),
 		),
+		remove: connect.NewClient[v1.RemoveNodeRequest, v1.RemoveNodeResponse](
+			httpClient,
+			baseURL+NodeAdminServiceRemoveProcedure,
+			connect.WithSchema(nodeAdminServiceMethods.ByName("Remove")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -2140,6 +2154,7 @@ func NewNodeAdminServiceClient(httpClient connect.HTTPClient, baseURL string, op
 type nodeAdminServiceClient struct {
 	list     *connect.Client[v1.ListNodesRequest, v1.ListNodesResponse]
 	setState *connect.Client[v1.SetNodeStateRequest, v1.Node]
+	remove   *connect.Client[v1.RemoveNodeRequest, v1.RemoveNodeResponse]
 }
 
 // List calls chalk.compute.v1.NodeAdminService.List.
@@ -2152,10 +2167,21 @@ func (c *nodeAdminServiceClient) SetState(ctx context.Context, req *connect.Requ
 	return c.setState.CallUnary(ctx, req)
 }
 
+// Remove calls chalk.compute.v1.NodeAdminService.Remove.
+func (c *nodeAdminServiceClient) Remove(ctx context.Context, req *connect.Request[v1.RemoveNodeRequest]) (*connect.Response[v1.RemoveNodeResponse], error) {
+	return c.remove.CallUnary(ctx, req)
+}
+
 // NodeAdminServiceHandler is an implementation of the chalk.compute.v1.NodeAdminService service.
 type NodeAdminServiceHandler interface {
 	List(context.Context, *connect.Request[v1.ListNodesRequest]) (*connect.Response[v1.ListNodesResponse], error)
 	SetState(context.Context, *connect.Request[v1.SetNodeStateRequest]) (*connect.Response[v1.Node], error)
+	// Remove removes a node from the fleet and revokes its certificate (it
+	// can come back only by joining with a new token). Without force the node
+	// must be unhealthy or draining and have no live sandbox
+	// (failed_precondition says which it is not); force ends its sandboxes
+	// as lost.
+	Remove(context.Context, *connect.Request[v1.RemoveNodeRequest]) (*connect.Response[v1.RemoveNodeResponse], error)
 }
 
 // NewNodeAdminServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -2178,12 +2204,20 @@ func NewNodeAdminServiceHandler(svc NodeAdminServiceHandler, opts ...connect.Han
 		connect.WithSchema(nodeAdminServiceMethods.ByName("SetState")),
 		connect.WithHandlerOptions(opts...),
 	)
+	nodeAdminServiceRemoveHandler := connect.NewUnaryHandler(
+		NodeAdminServiceRemoveProcedure,
+		svc.Remove,
+		connect.WithSchema(nodeAdminServiceMethods.ByName("Remove")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.compute.v1.NodeAdminService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case NodeAdminServiceListProcedure:
 			nodeAdminServiceListHandler.ServeHTTP(w, r)
 		case NodeAdminServiceSetStateProcedure:
 			nodeAdminServiceSetStateHandler.ServeHTTP(w, r)
+		case NodeAdminServiceRemoveProcedure:
+			nodeAdminServiceRemoveHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -2199,4 +2233,8 @@ func (UnimplementedNodeAdminServiceHandler) List(context.Context, *connect.Reque
 
 func (UnimplementedNodeAdminServiceHandler) SetState(context.Context, *connect.Request[v1.SetNodeStateRequest]) (*connect.Response[v1.Node], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.NodeAdminService.SetState is not implemented"))
+}
+
+func (UnimplementedNodeAdminServiceHandler) Remove(context.Context, *connect.Request[v1.RemoveNodeRequest]) (*connect.Response[v1.RemoveNodeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.compute.v1.NodeAdminService.Remove is not implemented"))
 }

@@ -102,6 +102,11 @@ const (
 	NodeServiceTunnelSyncProcedure = "/chalk.node.v1.NodeService/TunnelSync"
 	// NodeServiceDialSandboxProcedure is the fully-qualified name of the NodeService's DialSandbox RPC.
 	NodeServiceDialSandboxProcedure = "/chalk.node.v1.NodeService/DialSandbox"
+	// NodeServiceSnapshotLayerProcedure is the fully-qualified name of the NodeService's SnapshotLayer
+	// RPC.
+	NodeServiceSnapshotLayerProcedure = "/chalk.node.v1.NodeService/SnapshotLayer"
+	// NodeServicePutMountProcedure is the fully-qualified name of the NodeService's PutMount RPC.
+	NodeServicePutMountProcedure = "/chalk.node.v1.NodeService/PutMount"
 	// FleetServiceJoinProcedure is the fully-qualified name of the FleetService's Join RPC.
 	FleetServiceJoinProcedure = "/chalk.node.v1.FleetService/Join"
 	// FleetServiceHeartbeatProcedure is the fully-qualified name of the FleetService's Heartbeat RPC.
@@ -111,6 +116,8 @@ const (
 	FleetServiceRegistryAccessProcedure = "/chalk.node.v1.FleetService/RegistryAccess"
 	// FleetServiceWorkloadProcedure is the fully-qualified name of the FleetService's Workload RPC.
 	FleetServiceWorkloadProcedure = "/chalk.node.v1.FleetService/Workload"
+	// FleetServiceRenewProcedure is the fully-qualified name of the FleetService's Renew RPC.
+	FleetServiceRenewProcedure = "/chalk.node.v1.FleetService/Renew"
 )
 
 // NodeServiceClient is a client for the chalk.node.v1.NodeService service.
@@ -188,6 +195,18 @@ type NodeServiceClient interface {
 	// bytes both ways (HTTP/2 flow control is the backpressure); close_write
 	// half-closes toward the sandbox; the stream's end closes the connection.
 	DialSandbox(context.Context) *connect.BidiStreamForClient[v1.DialInput, v1.DialOutput]
+	// SnapshotLayer takes a running sandbox's snapshot layer (frozen while
+	// it is taken) and streams it: progress, then the layer tar in chunks,
+	// the last one with eof set. The control plane pushes the image itself:
+	// a node holds no push credential.
+	SnapshotLayer(context.Context, *connect.Request[v1.SnapshotRequest]) (*connect.ServerStreamForClient[v1.SnapshotLayerEvent], error)
+	// PutMount stores content uploaded to the control plane (a file, or a
+	// directory as a tar) that a sandbox placed on the node mounts, by its
+	// sha256 digest, which the node checks: the first message names it, the
+	// rest carry its bytes. The answer is its path on the node (for a
+	// directory, where it is extracted) for StartSpec's binds; content the
+	// node has already is not sent again.
+	PutMount(context.Context) *connect.ClientStreamForClient[v1.PutMountInput, v1.PutMountResponse]
 }
 
 // NewNodeServiceClient constructs a client for the chalk.node.v1.NodeService service. By default,
@@ -381,6 +400,18 @@ func NewNodeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(nodeServiceMethods.ByName("DialSandbox")),
 			connect.WithClientOptions(opts...),
 		),
+		snapshotLayer: connect.NewClient[v1.SnapshotRequest, v1.SnapshotLayerEvent](
+			httpClient,
+			baseURL+NodeServiceSnapshotLayerProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("SnapshotLayer")),
+			connect.WithClientOptions(opts...),
+		),
+		putMount: connect.NewClient[v1.PutMountInput, v1.PutMountResponse](
+			httpClient,
+			baseURL+NodeServicePutMountProcedure,
+			connect.WithSchema(nodeServiceMethods.ByName("PutMount")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -416,6 +447,8 @@ type nodeServiceClient struct {
 	tunnelLeave   *connect.Client[v1.TunnelLeaveRequest, v1.TunnelLeaveResponse]
 	tunnelSync    *connect.Client[v1.TunnelSyncRequest, v1.TunnelSyncResponse]
 	dialSandbox   *connect.Client[v1.DialInput, v1.DialOutput]
+	snapshotLayer *connect.Client[v1.SnapshotRequest, v1.SnapshotLayerEvent]
+	putMount      *connect.Client[v1.PutMountInput, v1.PutMountResponse]
 }
 
 // ReserveSlot calls chalk.node.v1.NodeService.ReserveSlot.
@@ -568,6 +601,16 @@ func (c *nodeServiceClient) DialSandbox(ctx context.Context) *connect.BidiStream
 	return c.dialSandbox.CallBidiStream(ctx)
 }
 
+// SnapshotLayer calls chalk.node.v1.NodeService.SnapshotLayer.
+func (c *nodeServiceClient) SnapshotLayer(ctx context.Context, req *connect.Request[v1.SnapshotRequest]) (*connect.ServerStreamForClient[v1.SnapshotLayerEvent], error) {
+	return c.snapshotLayer.CallServerStream(ctx, req)
+}
+
+// PutMount calls chalk.node.v1.NodeService.PutMount.
+func (c *nodeServiceClient) PutMount(ctx context.Context) *connect.ClientStreamForClient[v1.PutMountInput, v1.PutMountResponse] {
+	return c.putMount.CallClientStream(ctx)
+}
+
 // NodeServiceHandler is an implementation of the chalk.node.v1.NodeService service.
 type NodeServiceHandler interface {
 	// ReserveSlot gives the sandbox a network slot on the node (slots are
@@ -643,6 +686,18 @@ type NodeServiceHandler interface {
 	// bytes both ways (HTTP/2 flow control is the backpressure); close_write
 	// half-closes toward the sandbox; the stream's end closes the connection.
 	DialSandbox(context.Context, *connect.BidiStream[v1.DialInput, v1.DialOutput]) error
+	// SnapshotLayer takes a running sandbox's snapshot layer (frozen while
+	// it is taken) and streams it: progress, then the layer tar in chunks,
+	// the last one with eof set. The control plane pushes the image itself:
+	// a node holds no push credential.
+	SnapshotLayer(context.Context, *connect.Request[v1.SnapshotRequest], *connect.ServerStream[v1.SnapshotLayerEvent]) error
+	// PutMount stores content uploaded to the control plane (a file, or a
+	// directory as a tar) that a sandbox placed on the node mounts, by its
+	// sha256 digest, which the node checks: the first message names it, the
+	// rest carry its bytes. The answer is its path on the node (for a
+	// directory, where it is extracted) for StartSpec's binds; content the
+	// node has already is not sent again.
+	PutMount(context.Context, *connect.ClientStream[v1.PutMountInput]) (*connect.Response[v1.PutMountResponse], error)
 }
 
 // NewNodeServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -832,6 +887,18 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(nodeServiceMethods.ByName("DialSandbox")),
 		connect.WithHandlerOptions(opts...),
 	)
+	nodeServiceSnapshotLayerHandler := connect.NewServerStreamHandler(
+		NodeServiceSnapshotLayerProcedure,
+		svc.SnapshotLayer,
+		connect.WithSchema(nodeServiceMethods.ByName("SnapshotLayer")),
+		connect.WithHandlerOptions(opts...),
+	)
+	nodeServicePutMountHandler := connect.NewClientStreamHandler(
+		NodeServicePutMountProcedure,
+		svc.PutMount,
+		connect.WithSchema(nodeServiceMethods.ByName("PutMount")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.NodeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case NodeServiceReserveSlotProcedure:
@@ -894,6 +961,10 @@ func NewNodeServiceHandler(svc NodeServiceHandler, opts ...connect.HandlerOption
 			nodeServiceTunnelSyncHandler.ServeHTTP(w, r)
 		case NodeServiceDialSandboxProcedure:
 			nodeServiceDialSandboxHandler.ServeHTTP(w, r)
+		case NodeServiceSnapshotLayerProcedure:
+			nodeServiceSnapshotLayerHandler.ServeHTTP(w, r)
+		case NodeServicePutMountProcedure:
+			nodeServicePutMountHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -1023,6 +1094,14 @@ func (UnimplementedNodeServiceHandler) DialSandbox(context.Context, *connect.Bid
 	return connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.DialSandbox is not implemented"))
 }
 
+func (UnimplementedNodeServiceHandler) SnapshotLayer(context.Context, *connect.Request[v1.SnapshotRequest], *connect.ServerStream[v1.SnapshotLayerEvent]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.SnapshotLayer is not implemented"))
+}
+
+func (UnimplementedNodeServiceHandler) PutMount(context.Context, *connect.ClientStream[v1.PutMountInput]) (*connect.Response[v1.PutMountResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.NodeService.PutMount is not implemented"))
+}
+
 // FleetServiceClient is a client for the chalk.node.v1.FleetService service.
 type FleetServiceClient interface {
 	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
@@ -1037,6 +1116,10 @@ type FleetServiceClient interface {
 	// issuer (the node's metadata service hands it to the sandbox). A node
 	// gets nothing for a sandbox placed elsewhere.
 	Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error)
+	// Renew issues the calling node a new certificate for a new key (its CSR;
+	// only the key is taken), before its current one expires. Node
+	// certificate required, not revoked.
+	Renew(context.Context, *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error)
 }
 
 // NewFleetServiceClient constructs a client for the chalk.node.v1.FleetService service. By default,
@@ -1074,6 +1157,12 @@ func NewFleetServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(fleetServiceMethods.ByName("Workload")),
 			connect.WithClientOptions(opts...),
 		),
+		renew: connect.NewClient[v1.RenewRequest, v1.RenewResponse](
+			httpClient,
+			baseURL+FleetServiceRenewProcedure,
+			connect.WithSchema(fleetServiceMethods.ByName("Renew")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -1083,6 +1172,7 @@ type fleetServiceClient struct {
 	heartbeat      *connect.Client[v1.HeartbeatRequest, v1.HeartbeatResponse]
 	registryAccess *connect.Client[v1.RegistryAccessRequest, v1.RegistryAccessResponse]
 	workload       *connect.Client[v1.WorkloadRequest, v1.WorkloadResponse]
+	renew          *connect.Client[v1.RenewRequest, v1.RenewResponse]
 }
 
 // Join calls chalk.node.v1.FleetService.Join.
@@ -1105,6 +1195,11 @@ func (c *fleetServiceClient) Workload(ctx context.Context, req *connect.Request[
 	return c.workload.CallUnary(ctx, req)
 }
 
+// Renew calls chalk.node.v1.FleetService.Renew.
+func (c *fleetServiceClient) Renew(ctx context.Context, req *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error) {
+	return c.renew.CallUnary(ctx, req)
+}
+
 // FleetServiceHandler is an implementation of the chalk.node.v1.FleetService service.
 type FleetServiceHandler interface {
 	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
@@ -1119,6 +1214,10 @@ type FleetServiceHandler interface {
 	// issuer (the node's metadata service hands it to the sandbox). A node
 	// gets nothing for a sandbox placed elsewhere.
 	Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error)
+	// Renew issues the calling node a new certificate for a new key (its CSR;
+	// only the key is taken), before its current one expires. Node
+	// certificate required, not revoked.
+	Renew(context.Context, *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error)
 }
 
 // NewFleetServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -1152,6 +1251,12 @@ func NewFleetServiceHandler(svc FleetServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(fleetServiceMethods.ByName("Workload")),
 		connect.WithHandlerOptions(opts...),
 	)
+	fleetServiceRenewHandler := connect.NewUnaryHandler(
+		FleetServiceRenewProcedure,
+		svc.Renew,
+		connect.WithSchema(fleetServiceMethods.ByName("Renew")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/chalk.node.v1.FleetService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case FleetServiceJoinProcedure:
@@ -1162,6 +1267,8 @@ func NewFleetServiceHandler(svc FleetServiceHandler, opts ...connect.HandlerOpti
 			fleetServiceRegistryAccessHandler.ServeHTTP(w, r)
 		case FleetServiceWorkloadProcedure:
 			fleetServiceWorkloadHandler.ServeHTTP(w, r)
+		case FleetServiceRenewProcedure:
+			fleetServiceRenewHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -1185,4 +1292,8 @@ func (UnimplementedFleetServiceHandler) RegistryAccess(context.Context, *connect
 
 func (UnimplementedFleetServiceHandler) Workload(context.Context, *connect.Request[v1.WorkloadRequest]) (*connect.Response[v1.WorkloadResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.Workload is not implemented"))
+}
+
+func (UnimplementedFleetServiceHandler) Renew(context.Context, *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("chalk.node.v1.FleetService.Renew is not implemented"))
 }

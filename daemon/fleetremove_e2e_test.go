@@ -1,0 +1,122 @@
+package daemon_test
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+)
+
+// TestFleetNodeRemove: `chalk admin node rm` refuses a healthy ready node
+// and a drained node with a live sandbox (failed_precondition saying why);
+// --force removes it, its sandbox ends as lost, it leaves `node ls`, and
+// the node agent's certificate is refused from then on (its heartbeats say
+// it was removed). With its identity deleted and a new join token the
+// machine joins again, as a new node that takes sandboxes.
+func TestFleetNodeRemove(t *testing.T) {
+	control := chalktest.StartControl(t)
+	n1 := chalktest.StartFleetNodeArgs(t, control, 1, "--prestart", "0")
+	c := control.Client()
+
+	nodes := func() []map[string]any {
+		out, errOut, code := control.CLI("admin", "node", "ls", "-o", "json")
+		if code != 0 {
+			t.Fatalf("chalk admin node ls: %d %s", code, errOut)
+		}
+		var ns []map[string]any
+		if err := json.Unmarshal([]byte(out), &ns); err != nil {
+			t.Fatalf("node ls -o json: %v: %s", err, out)
+		}
+		return ns
+	}
+	healthyID := func() string {
+		for _, n := range nodes() {
+			if n["name"] == "node1" && n["healthy"] == true {
+				return n["id"].(string)
+			}
+		}
+		return ""
+	}
+	waitHealthy := func() string {
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			if id := healthyID(); id != "" {
+				return id
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("node1 not healthy on the control plane: %v", nodes())
+			}
+			time.Sleep(100 * time.Millisecond) // polling the control plane for the node's heartbeats
+		}
+	}
+	oldID := waitHealthy()
+	rm := func(args ...string) (string, string, int) {
+		return control.CLI(append([]string{"admin", "node", "rm"}, args...)...)
+	}
+	if _, errOut, code := rm("node1"); code == 0 || !strings.Contains(errOut, "drain it first") {
+		t.Fatalf("rm of a healthy ready node: %d %s", code, errOut)
+	}
+	ctx := ctxT(t, 2*time.Minute)
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, errOut, code := control.CLI("admin", "node", "drain", "node1"); code != 0 {
+		t.Fatalf("drain: %d %s", code, errOut)
+	}
+	if _, errOut, code := rm("node1"); code == 0 || !strings.Contains(errOut, "live sandbox") || !strings.Contains(errOut, sb.ID()) {
+		t.Fatalf("rm of a drained node with a sandbox: %d %s", code, errOut)
+	}
+	out, errOut, code := rm("node1", "--force", "-o", "json")
+	if code != 0 || !strings.Contains(out, sb.ID()) || !strings.Contains(out, oldID) {
+		t.Fatalf("rm --force -o json: %d %s %s", code, out, errOut)
+	}
+	st, err := sb.Wait(ctx)
+	if err != nil || st.State != "stopped" || st.EndReason != "lost" || !strings.Contains(st.Error, "removed from the fleet") {
+		t.Fatalf("the removed node's sandbox: %+v %v, want stopped, lost, removed", st, err)
+	}
+	if ns := nodes(); len(ns) != 0 {
+		t.Fatalf("node ls after rm: %v, want none", ns)
+	}
+	// The agent still runs: its heartbeats are refused (its certificate is
+	// revoked), and it is not listed again.
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(n1.Log(), "removed from the fleet and its certificate revoked") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the removed node's heartbeats were not refused:\n%s", n1.Log())
+		}
+		time.Sleep(100 * time.Millisecond) // polling the node's log
+	}
+	if ns := nodes(); len(ns) != 0 {
+		t.Fatalf("node ls after the removed node's heartbeats: %v", ns)
+	}
+
+	// Back only as a new node: identity deleted, a new token.
+	n1.Stop()
+	if err := os.RemoveAll(filepath.Join(n1.Dir, "fleet-node")); err != nil {
+		t.Fatal(err)
+	}
+	i := slices.Index(n1.Args, "--join-token")
+	n1.Args[i+1] = control.JoinToken()
+	n1.Restart()
+	newID := waitHealthy()
+	if newID == oldID {
+		t.Fatalf("the machine came back with its removed id %s", oldID)
+	}
+	sb2, err := c.Create(ctx, chalkcompute.Base("busybox"))
+	if err != nil {
+		t.Fatalf("create on the rejoined node: %v", err)
+	}
+	if res, err := sb2.Exec(ctx, []string{"echo", "back"}); err != nil || string(res.Stdout) != "back\n" {
+		t.Fatalf("exec on the rejoined node: %+v %v", res, err)
+	}
+	if _, err := sb2.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
