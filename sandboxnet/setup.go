@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"sync"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -178,7 +179,7 @@ func (m *Manager) Teardown(ctx context.Context, id string, slot int) error {
 			if err := m.setSource(n, false); err != nil {
 				errs = append(errs, fmt.Errorf("anti-spoofing elements of %s: %w", n.HostIf, err))
 			}
-			if err := forgetFlows(n.SandboxIP, n.SandboxIP6); err != nil {
+			if err := m.flows.forget(n.SandboxIP, n.SandboxIP6); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -205,19 +206,76 @@ func (f flowsOf) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 	return f[src.Unmap()] || f[dst.Unmap()]
 }
 
+// flowForgetter deletes conntrack entries for concurrent teardowns in
+// shared walks of the table (group commit): a call joins the next walk,
+// which covers the addresses of every call that joined it, and returns
+// once that walk has ended. A walk costs the same for one address as for
+// fifty (the kernel visits every bucket), so a churn of sandboxes pays for
+// fewer of them.
+type flowForgetter struct {
+	mu      sync.Mutex
+	running bool         // a goroutine is walking (or about to)
+	next    flowsOf      // addresses of the calls waiting for the next walk
+	waiters []chan error // those calls
+	walks   int          // walks started
+
+	do func(flowsOf) error // the walk (nil: forgetFlows; tests replace it)
+}
+
+// forget deletes the tracked flows from or to addrs and returns once they
+// are gone (with the error of the walk that covered them).
+func (f *flowForgetter) forget(addrs ...netip.Addr) error {
+	done := make(chan error, 1)
+	f.mu.Lock()
+	if f.next == nil {
+		f.next = flowsOf{}
+	}
+	for _, a := range addrs {
+		f.next[a] = true
+	}
+	f.waiters = append(f.waiters, done)
+	if !f.running {
+		f.running = true
+		go f.walk()
+	}
+	f.mu.Unlock()
+	return <-done
+}
+
+// walk runs walks until no call waits: each takes every address asked for
+// before it started.
+func (f *flowForgetter) walk() {
+	for {
+		f.mu.Lock()
+		if len(f.waiters) == 0 {
+			f.running = false
+			f.mu.Unlock()
+			return
+		}
+		batch, waiters := f.next, f.waiters
+		f.next, f.waiters = nil, nil
+		f.walks++
+		f.mu.Unlock()
+		do := f.do
+		if do == nil {
+			do = forgetFlows
+		}
+		err := do(batch)
+		for _, w := range waiters {
+			w <- err
+		}
+	}
+}
+
 // forgetFlows deletes the connection tracking entries of flows from or to
-// the addresses. (The kernel walks its whole table for each family, about
-// 2 ms each with the default 262144 buckets.)
-func forgetFlows(addrs ...netip.Addr) error {
+// the addresses in f. (The kernel walks its whole table for each family,
+// about 2 ms each with the default 262144 buckets.)
+func forgetFlows(f flowsOf) error {
 	h, err := netlink.NewHandle(unix.NETLINK_NETFILTER)
 	if err != nil {
 		return fmt.Errorf("conntrack: %w", err)
 	}
 	defer h.Close()
-	f := flowsOf{}
-	for _, a := range addrs {
-		f[a] = true
-	}
 	var errs []error
 	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
 		if err := retryDump(func() error { _, err := h.ConntrackDeleteFilters(netlink.ConntrackTable, fam, f); return err }); err != nil {

@@ -1,0 +1,85 @@
+package sandboxnet
+
+import (
+	"errors"
+	"net/netip"
+	"runtime"
+	"sync"
+	"testing"
+)
+
+// TestFlowForgetterCoalesces: teardowns that ask while a conntrack walk runs
+// share the next walk, which covers all their addresses; none returns
+// before a walk that started after it asked has ended, and each gets that
+// walk's error.
+func TestFlowForgetterCoalesces(t *testing.T) {
+	first := netip.MustParseAddr("10.213.0.6")
+	entered := make(chan struct{})
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var batches []flowsOf
+	f := &flowForgetter{do: func(b flowsOf) error {
+		mu.Lock()
+		batches = append(batches, b)
+		n := len(batches)
+		mu.Unlock()
+		if n == 1 {
+			close(entered)
+			<-release // the first walk runs while the others ask
+			return nil
+		}
+		return errors.New("walk failed")
+	}}
+	firstDone := make(chan error, 1)
+	go func() { firstDone <- f.forget(first) }()
+	<-entered
+	const k = 5
+	var addrs []netip.Addr
+	for i := range k {
+		addrs = append(addrs, netip.AddrFrom4([4]byte{10, 213, 0, byte(10 + 4*i)}))
+	}
+	errs := make(chan error, k)
+	for _, a := range addrs {
+		go func() { errs <- f.forget(a) }()
+	}
+	// Every late caller is waiting for the next walk before the first ends.
+	for {
+		f.mu.Lock()
+		n := len(f.waiters)
+		f.mu.Unlock()
+		if n == k {
+			break
+		}
+		select {
+		case err := <-errs:
+			t.Fatalf("a call returned (%v) before any walk covering it", err)
+		default:
+			runtime.Gosched()
+		}
+	}
+	close(release)
+	if err := <-firstDone; err != nil {
+		t.Fatalf("first: %v", err)
+	}
+	for range k {
+		if err := <-errs; err == nil || err.Error() != "walk failed" {
+			t.Errorf("late call: %v, want the second walk's error", err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(batches) != 2 {
+		t.Fatalf("%d walks for %d calls, want 2", len(batches), k+1)
+	}
+	if len(batches[0]) != 1 || !batches[0][first] {
+		t.Errorf("first walk %v, want only %v", batches[0], first)
+	}
+	for _, a := range addrs {
+		if !batches[1][a] {
+			t.Errorf("second walk %v misses %v", batches[1], a)
+		}
+	}
+	if batches[1][first] {
+		t.Errorf("second walk repeats %v", first)
+	}
+}
