@@ -22,7 +22,8 @@ import (
 // state). Removing them takes a few hundred milliseconds that nobody needs
 // to wait for: Teardown journals the sandbox (TeardownDir/<id>, holding its
 // slot), returns, and removes them in the background, at most MaxTeardowns
-// at a time, each bounded by teardownTimeout. The sandbox's slot stays
+// containers at a time (the network's part follows outside that bound), each
+// bounded by teardownTimeout. The sandbox's slot stays
 // held until its teardown ends, so no new sandbox gets the slot while its
 // network still exists. A chalkd that dies with teardowns under way
 // finishes them at its next start (Restore), before it serves; a graceful
@@ -100,13 +101,26 @@ func (a *Agent) Teardown(id string, slot int, keep KeepUpper) (kept int64, err e
 			close(done)
 		}()
 		a.td.sem <- struct{}{}
-		defer func() { <-a.td.sem }()
+		// The token bounds the container's removal (runc, unmounts, the
+		// disk); it is given back before the network's, whose conntrack
+		// walk is shared with other teardowns and waits for the next one
+		// (sandboxnet: at most every 100 ms), so that waiting holds no
+		// token a container's removal could use.
+		var once sync.Once
+		putToken := func() { once.Do(func() { <-a.td.sem }) }
+		defer putToken()
+		hold := func(id string) {
+			putToken()
+			if a.cfg.TeardownHold != nil {
+				a.cfg.TeardownHold(id)
+			}
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), teardownTimeout)
 		defer cancel()
 		if k != nil {
 			defer close(k.ready)
 		}
-		if err := a.destroy(ctx, id, slot, a.cfg.TeardownHold, false, k != nil); err != nil {
+		if err := a.destroy(ctx, id, slot, hold, false, k != nil); err != nil {
 			a.log.Warn("sandbox teardown failed; the next start retries it", "sandbox", id, "slot", slot, "err", err)
 			if k != nil {
 				a.dropKept(id)

@@ -6,6 +6,7 @@ import (
 	"runtime"
 	"sync"
 	"testing"
+	"time"
 )
 
 // TestFlowForgetterCoalesces: teardowns that ask while a conntrack walk runs
@@ -18,7 +19,7 @@ func TestFlowForgetterCoalesces(t *testing.T) {
 	release := make(chan struct{})
 	var mu sync.Mutex
 	var batches []flowsOf
-	f := &flowForgetter{do: func(b flowsOf) error {
+	f := &flowForgetter{gap: -1, do: func(b flowsOf) error {
 		mu.Lock()
 		batches = append(batches, b)
 		n := len(batches)
@@ -81,5 +82,53 @@ func TestFlowForgetterCoalesces(t *testing.T) {
 	}
 	if batches[1][first] {
 		t.Errorf("second walk repeats %v", first)
+	}
+}
+
+// TestFlowForgetterGap: walks start at least the gap apart, even for calls
+// that come one after the other; the calls that arrive meanwhile share the
+// next walk.
+func TestFlowForgetterGap(t *testing.T) {
+	const gap = 50 * time.Millisecond
+	var mu sync.Mutex
+	var starts []time.Time
+	var sizes []int
+	f := &flowForgetter{gap: gap, do: func(b flowsOf) error {
+		mu.Lock()
+		starts = append(starts, time.Now())
+		sizes = append(sizes, len(b))
+		mu.Unlock()
+		return nil
+	}}
+	if err := f.forget(netip.MustParseAddr("10.213.0.6")); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for i := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f.forget(netip.AddrFrom4([4]byte{10, 213, 0, byte(10 + 4*i)})); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(starts) < 2 {
+		t.Fatalf("%d walks", len(starts))
+	}
+	for i := 1; i < len(starts); i++ {
+		if d := starts[i].Sub(starts[i-1]); d < gap {
+			t.Errorf("walk %d started %v after the previous, want >= %v", i, d, gap)
+		}
+	}
+	total := 0
+	for _, n := range sizes[1:] {
+		total += n
+	}
+	if total != 3 {
+		t.Errorf("walks after the first covered %v addresses, want the 3 asked", sizes[1:])
 	}
 }

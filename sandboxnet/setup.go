@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -210,17 +211,25 @@ func (f flowsOf) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 // shared walks of the table (group commit): a call joins the next walk,
 // which covers the addresses of every call that joined it, and returns
 // once that walk has ended. A walk costs the same for one address as for
-// fifty (the kernel visits every bucket), so a churn of sandboxes pays for
-// fewer of them.
+// fifty (the kernel visits every bucket of the table all network
+// namespaces share, 262144 by default, locking each: 2-5 ms of CPU per
+// family), so walks start at most every flowWalkGap: a churn of sandboxes
+// pays for a few walks a second, not one per sandbox, and a teardown waits
+// at most that long more (its slot is held until its flows are gone).
 type flowForgetter struct {
-	mu      sync.Mutex
-	running bool         // a goroutine is walking (or about to)
-	next    flowsOf      // addresses of the calls waiting for the next walk
-	waiters []chan error // those calls
-	walks   int          // walks started
+	mu       sync.Mutex
+	running  bool         // a goroutine is walking (or about to)
+	next     flowsOf      // addresses of the calls waiting for the next walk
+	waiters  []chan error // those calls
+	walks    int          // walks started
+	lastWalk time.Time    // when the last walk started
 
-	do func(flowsOf) error // the walk (nil: forgetFlows; tests replace it)
+	do  func(flowsOf) error // the walk (nil: forgetFlows; tests replace it)
+	gap time.Duration       // least time between walk starts (0: flowWalkGap; <0: none)
 }
+
+// flowWalkGap is the least time between two conntrack walks.
+const flowWalkGap = 100 * time.Millisecond
 
 // forget deletes the tracked flows from or to addrs and returns once they
 // are gone (with the error of the walk that covered them).
@@ -252,9 +261,20 @@ func (f *flowForgetter) walk() {
 			f.mu.Unlock()
 			return
 		}
+		gap := f.gap
+		if gap == 0 {
+			gap = flowWalkGap
+		}
+		if wait := time.Until(f.lastWalk.Add(gap)); wait > 0 {
+			// More teardowns may join meanwhile.
+			f.mu.Unlock()
+			time.Sleep(wait)
+			continue
+		}
 		batch, waiters := f.next, f.waiters
 		f.next, f.waiters = nil, nil
 		f.walks++
+		f.lastWalk = time.Now()
 		f.mu.Unlock()
 		do := f.do
 		if do == nil {
