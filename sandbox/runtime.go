@@ -808,7 +808,11 @@ func (r *Runtime) destroy(ctx context.Context, id string, keepUpper bool) error 
 		_ = r.runc.Resume(ctx, id)
 	}
 	helpers := r.takeHelpers(id)
-	if err := r.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil && !isNotExist(err) {
+	if done, err := r.deleteStopped(id); done {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("delete the runc state of a stopped sandbox: %w", err))
+		}
+	} else if err := r.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil && !isNotExist(err) {
 		errs = append(errs, fmt.Errorf("runc delete: %w", err))
 	}
 	for _, pid := range helpers {
