@@ -1,6 +1,7 @@
 package api
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -46,11 +47,12 @@ func newID() string {
 	return "sb-" + hex.EncodeToString(b)
 }
 
-// launch starts a recorded sandbox on the node and begins watching it.
-func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRequest) error {
+// launch installs a recorded sandbox's egress rules, starts it on the
+// node and begins watching it.
+func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRequest, policies []*store.Policy) error {
 	req.ID, req.Slot = sb.ID, sb.Slot
 	s.live.mu.Lock()
-	s.live.starting[sb.ID] = true
+	s.live.starting[sb.ID] = true // its identity may be minted from now on
 	s.live.mu.Unlock()
 	defer func() {
 		s.live.mu.Lock()
@@ -58,10 +60,28 @@ func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRe
 		s.live.mu.Unlock()
 	}()
 	t0 := time.Now()
-	if s.cfg.Hooks.Prepare != nil {
-		if err := s.cfg.Hooks.Prepare(ctx, sb, &req); err != nil {
-			return s.fail(ctx, sb, err)
+	// The Prepare hook (identity token files: an RSA signature, ~1 ms)
+	// runs while the egress rules are installed: both only read the
+	// record, neither needs the other, and both are done before the node
+	// starts anything of the sandbox's. A failure of either is recorded
+	// once both have ended (fail's Ended hook undoes what the other made).
+	prepared := make(chan error, 1)
+	go func() {
+		if s.cfg.Hooks.Prepare == nil {
+			prepared <- nil
+			return
 		}
+		prepared <- s.cfg.Hooks.Prepare(ctx, sb, &req)
+	}()
+	// The egress rules are keyed by the slot's interface, so they are in force
+	// before the sandbox's first packet: nothing runs unrestricted, not even briefly.
+	var aerr error
+	if s.cfg.Policies != nil {
+		aerr = s.cfg.Policies.Apply(ctx, sb, policies)
+	}
+	perr := <-prepared
+	if err := cmp.Or(aerr, perr); err != nil {
+		return s.fail(ctx, sb, err)
 	}
 	t1 := time.Now()
 	st, err := s.node.Start(ctx, req)
@@ -70,7 +90,7 @@ func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRe
 	}
 	t2 := time.Now()
 	defer func() {
-		s.log.Debug("sandbox started", "sandbox", sb.ID, "prepare", t1.Sub(t0), "node", t2.Sub(t1), "record_and_hooks", time.Since(t2))
+		s.log.Debug("sandbox started", "sandbox", sb.ID, "egress_and_prepare", t1.Sub(t0), "node", t2.Sub(t1), "record_and_hooks", time.Since(t2))
 	}()
 	now := time.Now().UTC()
 	sb.State = store.StateRunning

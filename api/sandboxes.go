@@ -273,14 +273,7 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		return nil, err
 	}
 	setAuditObject(ctx, sb.ID)
-	// The egress rules are keyed by the slot's interface, so they are in force
-	// before the sandbox's first packet: nothing runs unrestricted, not even briefly.
-	if s.cfg.Policies != nil {
-		if err = s.cfg.Policies.Apply(ctx, sb, policies); err != nil {
-			return nil, s.fail(ctx, sb, err)
-		}
-	}
-	if err = s.launch(ctx, sb, startReq); err != nil {
+	if err = s.launch(ctx, sb, startReq, policies); err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(toProto(sb)), nil

@@ -591,9 +591,17 @@ func TestNoLeaks(t *testing.T) {
 	if strings.TrimSpace(runcList) != "" {
 		t.Errorf("leftover runc containers: %s", runcList)
 	}
-	cg, _ := n.Exec("sh", "-c", "ls /sys/fs/cgroup/memory"+n.Cgroup+" 2>/dev/null | grep -c sb- || true")
-	if strings.TrimSpace(cg) != "0" {
+	// In every hierarchy (cgroup v1 has one per controller; runc's state
+	// lists them), and no runc state directory either (the teardown of a
+	// stopped sandbox removes both without runc: sandbox.deleteStopped).
+	cg, _ := n.Exec("sh", "-c", "ls -d /sys/fs/cgroup/*"+n.Cgroup+"/sb-* /sys/fs/cgroup"+n.Cgroup+"/sb-* 2>/dev/null || true")
+	if strings.TrimSpace(cg) != "" {
 		t.Errorf("leftover cgroups: %s", cg)
+	}
+	// (runsc keeps a file of its own there, null-netns.)
+	runcDirs, _ := n.Exec("sh", "-c", "ls -A "+n.RunDir+"/runc 2>/dev/null | grep sb- || true")
+	if strings.TrimSpace(runcDirs) != "" {
+		t.Errorf("leftover runc state: %s", runcDirs)
 	}
 	dirs, _ := n.Exec("sh", "-c", "ls "+n.Dir+"/sandboxes | wc -l")
 	if strings.TrimSpace(dirs) != "0" {

@@ -50,7 +50,8 @@ type Config struct {
 	// TeardownDir journals the teardowns not finished (teardown.go), so
 	// that the next process finishes them (Restore). "": not journalled.
 	TeardownDir string
-	// MaxTeardowns bounds the teardowns running at once (default 4).
+	// MaxTeardowns bounds the teardowns removing containers at once
+	// (default 4; their networks are removed after, at most 4 × this many at once).
 	MaxTeardowns int
 	// TeardownHold, if set, is called by every background teardown between
 	// the removal of the container and that of its network; it blocks as

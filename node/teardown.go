@@ -22,7 +22,8 @@ import (
 // state). Removing them takes a few hundred milliseconds that nobody needs
 // to wait for: Teardown journals the sandbox (TeardownDir/<id>, holding its
 // slot), returns, and removes them in the background, at most MaxTeardowns
-// at a time, each bounded by teardownTimeout. The sandbox's slot stays
+// containers at a time (the network's part follows under a bound of its own,
+// 4 × MaxTeardowns), each bounded by teardownTimeout. The sandbox's slot stays
 // held until its teardown ends, so no new sandbox gets the slot while its
 // network still exists. A chalkd that dies with teardowns under way
 // finishes them at its next start (Restore), before it serves; a graceful
@@ -38,7 +39,8 @@ const keptMark = "kept"
 const teardownTimeout = 2 * time.Minute
 
 type teardowns struct {
-	sem chan struct{} // one token per running teardown
+	sem    chan struct{} // one token per teardown removing a container
+	netSem chan struct{} // one token per teardown removing a network
 
 	mu      sync.Mutex
 	pending map[string]chan struct{} // sandbox id -> closed when its teardown ends
@@ -47,6 +49,7 @@ type teardowns struct {
 
 func (t *teardowns) init(n int) {
 	t.sem = make(chan struct{}, n)
+	t.netSem = make(chan struct{}, 4*n)
 	t.pending = map[string]chan struct{}{}
 	t.kept = map[string]*keptUpper{}
 }
@@ -100,13 +103,37 @@ func (a *Agent) Teardown(id string, slot int, keep KeepUpper) (kept int64, err e
 			close(done)
 		}()
 		a.td.sem <- struct{}{}
-		defer func() { <-a.td.sem }()
+		// The token bounds the container's removal (runc, unmounts, the
+		// disk); it is given back before the network's, whose conntrack
+		// walk is shared with other teardowns and waits for the next one
+		// (sandboxnet: at most every 100 ms), so that waiting holds no
+		// token a container's removal could use (the network's part
+		// takes one of netSem's).
+		var once sync.Once
+		putToken := func() { once.Do(func() { <-a.td.sem }) }
+		defer putToken()
+		netHeld := false
+		hold := func(id string) {
+			putToken()
+			if a.cfg.TeardownHold != nil {
+				a.cfg.TeardownHold(id)
+			}
+			// The network's part has a bound of its own, wider: most of
+			// its time is waiting for a shared conntrack walk.
+			a.td.netSem <- struct{}{}
+			netHeld = true
+		}
+		defer func() {
+			if netHeld {
+				<-a.td.netSem
+			}
+		}()
 		ctx, cancel := context.WithTimeout(context.Background(), teardownTimeout)
 		defer cancel()
 		if k != nil {
 			defer close(k.ready)
 		}
-		if err := a.destroy(ctx, id, slot, a.cfg.TeardownHold, false, k != nil); err != nil {
+		if err := a.destroy(ctx, id, slot, hold, false, k != nil); err != nil {
 			a.log.Warn("sandbox teardown failed; the next start retries it", "sandbox", id, "slot", slot, "err", err)
 			if k != nil {
 				a.dropKept(id)

@@ -1,11 +1,16 @@
 package sandbox
 
 import (
+	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"strconv"
+	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -117,5 +122,49 @@ func TestCheckPeer(t *testing.T) {
 	r := &Runtime{cfg: Config{StateDir: state, Runtime: RuntimeRunc, CgroupParent: parent}}
 	if err := r.checkPeer(id, &unix.Ucred{Pid: int32(sibling)}); err == nil {
 		t.Fatal("a symlinked pid file was followed")
+	}
+}
+
+// TestOwnChildren: ownChildren (helperChildren's source) lists this
+// process's children, alive and zombie (a dead helper must still be
+// reaped), and no other process: the same set as a scan of /proc.
+func TestOwnChildren(t *testing.T) {
+	alive := startIn(t, "")
+	zombie := exec.Command("true")
+	if err := zombie.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer zombie.Wait()
+	// Poll until it has exited (a zombie: not yet waited for).
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if time.Now().After(deadline) {
+			t.Fatal("true did not exit in 10s")
+		}
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(zombie.Process.Pid) + "/stat")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i := bytes.LastIndexByte(b, ')'); i > 0 && len(b) > i+2 && b[i+2] == 'Z' {
+			break
+		}
+		runtime.Gosched()
+	}
+	got := ownChildren()
+	for _, pid := range []int{alive, zombie.Process.Pid} {
+		if !slices.Contains(got, pid) {
+			t.Errorf("ownChildren %v: no child %d", got, pid)
+		}
+	}
+	// Not the parent, not itself, nothing that is not a child.
+	for _, pid := range got {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if err != nil {
+			continue // reaped meanwhile (another test's child)
+		}
+		i := bytes.LastIndexByte(b, ')')
+		if f := strings.Fields(string(b[i+1:])); len(f) < 2 || f[1] != strconv.Itoa(os.Getpid()) {
+			t.Errorf("ownChildren lists %d, whose parent is %v", pid, f[1:2])
+		}
 	}
 }

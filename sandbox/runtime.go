@@ -517,15 +517,63 @@ func (r *Runtime) waitReady(ctx context.Context, id string, pid int, appeared <-
 // pre-start pool for its members).
 func (r *Runtime) helperChildren(id string) []int {
 	initPID, _ := r.initPid(id)
+	cg := r.cgroupPath(id)
+	var out []int
+	for _, pid := range ownChildren() {
+		if pid == initPID {
+			continue
+		}
+		if in, _ := inCgroup(pid, cg); in {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// ownChildren lists this process's children, zombies included: the
+// children file of each of its threads (a child belongs to the thread that
+// forked it, or that it was reparented to), which lists far fewer
+// processes than /proc. Without that file (a kernel without
+// CONFIG_PROC_CHILDREN) it scans /proc for processes whose parent is this
+// one.
+func ownChildren() []int {
+	self := os.Getpid()
+	task := "/proc/" + strconv.Itoa(self) + "/task"
+	tids, err := os.ReadDir(task)
+	if err == nil {
+		var out []int
+		read, failed := false, false
+		var buf [4096]byte
+		for _, t := range tids {
+			b, err := readSmall(task+"/"+t.Name()+"/children", buf[:])
+			if errors.Is(err, os.ErrNotExist) {
+				continue // the thread ended, or no children files at all
+			}
+			if err != nil {
+				failed = true // (too many children for readSmall): scan /proc
+				break
+			}
+			read = true
+			// A child is listed by one thread only: its parent.
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil {
+					out = append(out, pid)
+				}
+			}
+		}
+		if read && !failed {
+			return out
+		}
+	}
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil
 	}
-	self, cg := strconv.Itoa(os.Getpid()), r.cgroupPath(id)
 	var out []int
+	selfStr := strconv.Itoa(self)
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == initPID {
+		if err != nil {
 			continue
 		}
 		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
@@ -537,11 +585,7 @@ func (r *Runtime) helperChildren(id string) []int {
 		if i < 0 {
 			continue
 		}
-		f := strings.Fields(string(b[i+1:]))
-		if len(f) < 2 || f[1] != self {
-			continue
-		}
-		if in, _ := inCgroup(pid, cg); in {
+		if f := strings.Fields(string(b[i+1:])); len(f) >= 2 && f[1] == selfStr {
 			out = append(out, pid)
 		}
 	}
@@ -614,6 +658,17 @@ func (r *Runtime) Resume(ctx context.Context, id string) error {
 func (r *Runtime) Paused(ctx context.Context, id string) bool {
 	c, err := r.runc.State(ctx, id)
 	return err == nil && c.Status == "paused"
+}
+
+// pausedNoExec is Paused without running the runtime where it can: runc
+// pauses through the cgroup freezer, which cgroupfs shows (frozen); runsc
+// pauses inside its Sentry, which only `runsc state` knows. (destroy asks
+// this of every sandbox it removes: a runc process less per teardown.)
+func (r *Runtime) pausedNoExec(ctx context.Context, id string) bool {
+	if r.cfg.Runtime == RuntimeRunc {
+		return r.frozen(id)
+	}
+	return r.Paused(ctx, id)
 }
 
 // UpperDir is the host path of sandbox id's writable layer (overlay upper).
@@ -745,7 +800,7 @@ func (r *Runtime) destroy(ctx context.Context, id string, keepUpper bool) error 
 		return fmt.Errorf("sandbox id %q: %w", id, errdefs.ErrInvalidArgument)
 	}
 	var errs []error
-	if r.Paused(ctx, id) {
+	if r.pausedNoExec(ctx, id) {
 		// A frozen process does not die of SIGKILL until thawed (cgroup v1
 		// freezer), and runc delete would wait for it: kill, then thaw, so
 		// nothing runs again but the kill.
@@ -753,7 +808,11 @@ func (r *Runtime) destroy(ctx context.Context, id string, keepUpper bool) error 
 		_ = r.runc.Resume(ctx, id)
 	}
 	helpers := r.takeHelpers(id)
-	if err := r.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil && !isNotExist(err) {
+	if done, err := r.deleteStopped(id); done {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("delete the runc state of a stopped sandbox: %w", err))
+		}
+	} else if err := r.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil && !isNotExist(err) {
 		errs = append(errs, fmt.Errorf("runc delete: %w", err))
 	}
 	for _, pid := range helpers {

@@ -144,6 +144,8 @@ type Manager struct {
 
 	pool *sparePool
 
+	flows flowForgetter // coalesces concurrent teardowns' conntrack walks
+
 	mu     sync.Mutex
 	svcDev string // interface holding the service addresses, once known
 }

@@ -7,8 +7,11 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
@@ -178,7 +181,7 @@ func (m *Manager) Teardown(ctx context.Context, id string, slot int) error {
 			if err := m.setSource(n, false); err != nil {
 				errs = append(errs, fmt.Errorf("anti-spoofing elements of %s: %w", n.HostIf, err))
 			}
-			if err := forgetFlows(n.SandboxIP, n.SandboxIP6); err != nil {
+			if err := m.flows.forget(n.SandboxIP, n.SandboxIP6); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -205,26 +208,158 @@ func (f flowsOf) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 	return f[src.Unmap()] || f[dst.Unmap()]
 }
 
-// forgetFlows deletes the connection tracking entries of flows from or to
-// the addresses. (The kernel walks its whole table for each family, about
-// 2 ms each with the default 262144 buckets.)
-func forgetFlows(addrs ...netip.Addr) error {
-	h, err := netlink.NewHandle(unix.NETLINK_NETFILTER)
-	if err != nil {
-		return fmt.Errorf("conntrack: %w", err)
+// flowForgetter deletes conntrack entries for concurrent teardowns in
+// shared walks of the table (group commit): a call joins the next walk,
+// which covers the addresses of every call that joined it, and returns
+// once that walk has ended. A walk costs the same for one address as for
+// fifty (the kernel visits every bucket of the table all network
+// namespaces share, 262144 by default, locking each: 2-5 ms of CPU per
+// family), so walks start at most every flowWalkGap: a churn of sandboxes
+// pays for a few walks a second, not one per sandbox, and a teardown waits
+// at most that long more (its slot is held until its flows are gone).
+type flowForgetter struct {
+	mu       sync.Mutex
+	running  bool         // a goroutine is walking (or about to)
+	next     flowsOf      // addresses of the calls waiting for the next walk
+	waiters  []chan error // those calls
+	walks    int          // walks started
+	lastWalk time.Time    // when the last walk started
+
+	do  func(flowsOf) error // the walk (nil: forgetFlows; tests replace it)
+	gap time.Duration       // least time between walk starts (0: flowWalkGap; <0: none)
+}
+
+// flowWalkGap is the least time between two conntrack walks.
+const flowWalkGap = 100 * time.Millisecond
+
+// forget deletes the tracked flows from or to addrs and returns once they
+// are gone (with the error of the walk that covered them).
+func (f *flowForgetter) forget(addrs ...netip.Addr) error {
+	done := make(chan error, 1)
+	f.mu.Lock()
+	if f.next == nil {
+		f.next = flowsOf{}
 	}
-	defer h.Close()
-	f := flowsOf{}
 	for _, a := range addrs {
-		f[a] = true
+		f.next[a] = true
+	}
+	f.waiters = append(f.waiters, done)
+	if !f.running {
+		f.running = true
+		go f.walk()
+	}
+	f.mu.Unlock()
+	return <-done
+}
+
+// walk runs walks until no call waits: each takes every address asked for
+// before it started.
+func (f *flowForgetter) walk() {
+	for {
+		f.mu.Lock()
+		if len(f.waiters) == 0 {
+			f.running = false
+			f.mu.Unlock()
+			return
+		}
+		gap := f.gap
+		if gap == 0 {
+			gap = flowWalkGap
+		}
+		if wait := time.Until(f.lastWalk.Add(gap)); wait > 0 {
+			// More teardowns may join meanwhile.
+			f.mu.Unlock()
+			time.Sleep(wait)
+			continue
+		}
+		batch, waiters := f.next, f.waiters
+		f.next, f.waiters = nil, nil
+		f.walks++
+		f.lastWalk = time.Now()
+		f.mu.Unlock()
+		do := f.do
+		if do == nil {
+			do = forgetFlows
+		}
+		err := do(batch)
+		for _, w := range waiters {
+			w <- err
+		}
+	}
+}
+
+// forgetFlows deletes the connection tracking entries of flows from or to
+// the addresses in f. One dump of every family (AF_UNSPEC: the kernel
+// walks its whole table once, 262144 buckets by default, each locked; 5-10
+// ms of CPU on a loaded VM) finds them; each is then deleted by its own
+// entry (the dumped message sent back, as `conntrack -D` does), without
+// another walk. Most ended sandboxes have none.
+func forgetFlows(f flowsOf) error {
+	var msgs [][]byte
+	if err := retryDump(func() error {
+		req := nl.NewNetlinkRequest(int(netlink.ConntrackTable)<<8|nl.IPCTNL_MSG_CT_GET, unix.NLM_F_DUMP)
+		req.AddData(&nl.Nfgenmsg{NfgenFamily: unix.AF_UNSPEC, Version: nl.NFNETLINK_V0})
+		var err error
+		msgs, err = req.Execute(unix.NETLINK_NETFILTER, 0)
+		return err
+	}); err != nil {
+		return fmt.Errorf("list conntrack entries: %w", err)
 	}
 	var errs []error
-	for _, fam := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
-		if err := retryDump(func() error { _, err := h.ConntrackDeleteFilters(netlink.ConntrackTable, fam, f); return err }); err != nil {
-			errs = append(errs, fmt.Errorf("delete conntrack entries: %w", err))
+	for _, m := range msgs {
+		if len(m) < 4 {
+			continue
+		}
+		src, dst, ok := origAddrs(m[4:])
+		if !ok || !(f[src] || f[dst]) {
+			continue
+		}
+		// The entry's family is in the dumped message's header.
+		del := nl.NewNetlinkRequest(int(netlink.ConntrackTable)<<8|nl.IPCTNL_MSG_CT_DELETE, unix.NLM_F_ACK)
+		del.AddData(&nl.Nfgenmsg{NfgenFamily: m[0], Version: nl.NFNETLINK_V0})
+		del.AddRawData(m[4:])
+		if _, err := del.Execute(unix.NETLINK_NETFILTER, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("delete conntrack entry %s -> %s: %w", src, dst, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// origAddrs reads the source and destination addresses of a conntrack
+// entry's original direction from its netlink attributes.
+func origAddrs(b []byte) (src, dst netip.Addr, ok bool) {
+	attrs, err := nl.ParseRouteAttr(b)
+	if err != nil {
+		return src, dst, false
+	}
+	for _, a := range attrs {
+		if a.Attr.Type&nl.NLA_TYPE_MASK != nl.CTA_TUPLE_ORIG {
+			continue
+		}
+		tuple, err := nl.ParseRouteAttr(a.Value)
+		if err != nil {
+			return src, dst, false
+		}
+		for _, t := range tuple {
+			if t.Attr.Type&nl.NLA_TYPE_MASK != nl.CTA_TUPLE_IP {
+				continue
+			}
+			ips, err := nl.ParseRouteAttr(t.Value)
+			if err != nil {
+				return src, dst, false
+			}
+			for _, ip := range ips {
+				switch ip.Attr.Type & nl.NLA_TYPE_MASK {
+				case nl.CTA_IP_V4_SRC, nl.CTA_IP_V6_SRC:
+					src, _ = netip.AddrFromSlice(ip.Value)
+				case nl.CTA_IP_V4_DST, nl.CTA_IP_V6_DST:
+					dst, _ = netip.AddrFromSlice(ip.Value)
+				}
+			}
+			return src.Unmap(), dst.Unmap(), src.IsValid() || dst.IsValid()
+		}
+	}
+	return src, dst, false
 }
 
 func ignoreNotFound(err error) error {

@@ -167,7 +167,8 @@ func fleetBench(ctx context.Context, n, clients int, d time.Duration) {
 	sortDurations(fleetExec)
 
 	churn := func(c *chalkcompute.Client, d time.Duration) float64 {
-		return loopFor(clients, d, func() error { return churnOnce(ctx, c) })
+		rate, _ := loopFor(clients, d, func() error { return churnOnce(ctx, c) })
+		return rate
 	}
 	// Each row runs d/2 twice, in the order all-in-one, 3 nodes, 1 node,
 	// 1 node, 3 nodes, all-in-one, and reports the mean: the drift of a

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
@@ -127,20 +128,87 @@ func terminateBench(ctx context.Context, c *chalkcompute.Client, p *runcPeer, n 
 // churnBench runs create -> exec `true` -> terminate in 8 clients for d and
 // counts completed sandboxes per second, beside 8 clients of `runc run` (for
 // d/2 before and d/2 after).
-func churnBench(ctx context.Context, c *chalkcompute.Client, p *runcPeer, clients int, d time.Duration) {
+//
+// Beside the rates it prints the CPU time each sandbox cost: chalkd's and
+// that of the processes it reaped (runc, the sandbox's init and what ran in
+// it, the user namespace's holder), from before the chalkcompute loop until
+// after the peer's second half (when the background teardowns have
+// ended), per sandbox; and the peer's (this process's reaped children) per
+// container. CPU time is what a shared machine's load distorts least; what
+// the kernel does in its own threads (namespace and cgroup cleanup) is in
+// neither figure.
+func churnBench(ctx context.Context, c *chalkcompute.Client, p *runcPeer, clients int, d time.Duration, pidFile string) {
 	// The peer runs half its time before and half after (as burst's).
-	peerBefore := loopFor(clients, d/2, p.run)
-	chalk := loopFor(clients, d, func() error { return churnOnce(ctx, c) })
-	peer := (peerBefore + loopFor(clients, d/2, p.run)) / 2
+	peerCPU0 := childrenCPU()
+	peerBefore, n1 := loopFor(clients, d/2, p.run)
+	peerCPU1 := childrenCPU()
+	chalkdPid := ""
+	if b, err := os.ReadFile(pidFile); err == nil {
+		chalkdPid = strings.TrimSpace(string(b))
+	}
+	chalkdCPU0 := procCPU(chalkdPid)
+	chalk, nc := loopFor(clients, d, func() error { return churnOnce(ctx, c) })
+	peerCPU2 := childrenCPU()
+	peerAfter, n2 := loopFor(clients, d/2, p.run)
+	chalkdCPU1 := procCPU(chalkdPid)
+	peerPer := (childrenCPU() - peerCPU2 + peerCPU1 - peerCPU0) / time.Duration(max(n1+n2, 1))
+	peer := (peerBefore + peerAfter) / 2
 	fmt.Printf("churn: create -> exec `true` -> terminate, %d clients for %s\n", clients, d)
-	fmt.Printf("  %-25s %7.1f sandboxes/s  ratio vs raw runc %.3fx\n", "chalkcompute (SDK)", chalk, chalk/peer)
-	fmt.Printf("  %-25s %7.1f containers/s\n", "runc run (raw)", peer)
+	fmt.Printf("  %-25s %7.1f sandboxes/s  ratio vs raw runc %.3fx", "chalkcompute (SDK)", chalk, chalk/peer)
+	if chalkdCPU0 >= 0 && chalkdCPU1 >= 0 && nc > 0 {
+		per := (chalkdCPU1 - chalkdCPU0) / time.Duration(nc)
+		fmt.Printf("; CPU %.1f ms per sandbox (chalkd and what it reaped; %.2fx raw runc's)", ms(per), float64(per)/float64(max(peerPer, 1)))
+	}
+	fmt.Println()
+	fmt.Printf("  %-25s %7.1f containers/s; CPU %.1f ms per container\n", "runc run (raw)", peer, ms(peerPer))
 	fmt.Printf("goal: >= 30/s: %s\n\n", verdict(chalk >= 30))
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// childrenCPU is the user + system CPU time of this process's reaped
+// children.
+func childrenCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_CHILDREN, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// procCPU is process pid's user + system CPU time and its reaped
+// children's (/proc/PID/stat utime, stime, cutime, cstime); -1 if unknown.
+func procCPU(pid string) time.Duration {
+	if pid == "" {
+		return -1
+	}
+	b, err := os.ReadFile("/proc/" + pid + "/stat")
+	if err != nil {
+		return -1
+	}
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return -1
+	}
+	// After "pid (comm)": state is field 3; utime..cstime are 14..17.
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 15 {
+		return -1
+	}
+	var ticks int64
+	for _, s := range f[11:15] {
+		v, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return -1
+		}
+		ticks += v
+	}
+	return time.Duration(ticks) * time.Second / 100 // USER_HZ
 }
 
 // loopFor runs f in k goroutines until d has passed and returns completions
 // per second. An error ends the benchmark.
-func loopFor(k int, d time.Duration, f func() error) float64 {
+func loopFor(k int, d time.Duration, f func() error) (float64, int64) {
 	var done atomic.Int64
 	var wg sync.WaitGroup
 	start := time.Now()
@@ -158,7 +226,7 @@ func loopFor(k int, d time.Duration, f func() error) float64 {
 		}()
 	}
 	wg.Wait()
-	return float64(done.Load()) / time.Since(start).Seconds()
+	return float64(done.Load()) / time.Since(start).Seconds(), done.Load()
 }
 
 // burstBench creates k sandboxes at once, each until its first exec returns

@@ -116,7 +116,7 @@ func main() {
 		terminateBench(ctx, c, peer, *n)
 	}
 	if want("churn") {
-		churnBench(ctx, c, peer, *churnClients, *churnFor)
+		churnBench(ctx, c, peer, *churnClients, *churnFor, *pidFile)
 	}
 	if want("burst") {
 		burstBench(ctx, c, peer, *burst)
