@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -130,6 +131,53 @@ func TestMarkStopping(t *testing.T) {
 		}
 		if got, _ := s.GetSandbox(ctx, "d"); got.State != StateStopped || got.EndReason != "exited" {
 			t.Fatalf("stopped: %+v", got)
+		}
+	})
+}
+
+// TestEndSandboxOnce: of several replicas recording the same sandbox's end
+// at once, exactly one does (compare-and-swap on its state); a later record
+// does not overwrite it, and a live state is refused.
+func TestEndSandboxOnce(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "r", OrgID: "o", State: StateRunning, Slot: 1}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.MarkStopping(ctx, "r", "terminated"); err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		won := make(chan string, 8)
+		for i := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				reason := fmt.Sprintf("replica%d", i)
+				ok, err := s.EndSandbox(ctx, &Sandbox{ID: "r", OrgID: "o", State: StateStopped, EndReason: reason, Slot: 1})
+				if err != nil {
+					t.Error(err)
+				}
+				if ok {
+					won <- reason
+				}
+			}()
+		}
+		wg.Wait()
+		close(won)
+		var winners []string
+		for w := range won {
+			winners = append(winners, w)
+		}
+		if len(winners) != 1 {
+			t.Fatalf("%d replicas recorded the end (%v), want exactly one", len(winners), winners)
+		}
+		if got, _ := s.GetSandbox(ctx, "r"); got.State != StateStopped || got.EndReason != winners[0] {
+			t.Fatalf("recorded %+v, want the winner's %q", got, winners[0])
+		}
+		if _, err := s.EndSandbox(ctx, &Sandbox{ID: "r", State: StateRunning, Slot: 1}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Fatalf("a live state as an end: %v", err)
 		}
 	})
 }
