@@ -119,9 +119,16 @@ func (s *Server) watch(sb *store.Sandbox) {
 		l.lastUsed = time.Now()
 	}
 	s.live.mu.Lock()
+	if _, dup := s.live.m[sb.ID]; dup {
+		// Watched already (replicas: adopted by the sync and a request at once).
+		s.live.mu.Unlock()
+		cancel()
+		return
+	}
 	s.live.m[sb.ID] = l
+	// Replicas: it fires on the leader only (expire).
+	l.timer = time.AfterFunc(time.Until(sb.Deadline()), func() { s.expire(sb.ID, "timeout") })
 	s.live.mu.Unlock()
-	l.timer = time.AfterFunc(time.Until(sb.Deadline()), func() { s.end(sb.ID, "timeout") })
 	if sb.IdleTimeout > 0 {
 		go s.idleLoop(ctx, l, sb.IdleTimeout)
 	}
@@ -155,9 +162,14 @@ func (s *Server) idleLoop(ctx context.Context, l *liveSandbox, d time.Duration) 
 			s.live.mu.Lock()
 			idle := time.Since(l.lastUsed)
 			s.live.mu.Unlock()
-			if idle >= d {
+			if idle >= d && s.leading() {
 				s.end(l.id, "idle")
 				return
+			}
+			if idle >= d {
+				// Replicas: only the leader ends it; look again.
+				t.Reset(leaderPoll)
+				continue
 			}
 			t.Reset(d - idle)
 		}
@@ -179,8 +191,8 @@ func (s *Server) touch(id string) {
 // node is removed in the background (node Teardown), its slot held until
 // then.
 func (s *Server) end(id, reason string) {
+	l := s.liveHere(id)
 	s.live.mu.Lock()
-	l := s.live.m[id]
 	first := l != nil && l.reason == ""
 	if first {
 		l.reason = reason
@@ -232,6 +244,14 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 		l.cancel()
 		close(l.done)
 	}()
+	if s.replicated() && !s.awaitRecord(id) {
+		// The leader recorded its end and tears it down: what this
+		// replica keeps of it (hooks) goes.
+		if sb, err := s.store.GetSandbox(ctx, id); err == nil && s.cfg.Hooks.Ended != nil {
+			s.cfg.Hooks.Ended(ctx, sb)
+		}
+		return
+	}
 	sb, err := s.store.GetSandbox(ctx, id)
 	if err != nil {
 		s.log.Error("finish sandbox", "sandbox", id, "err", err)
@@ -255,6 +275,9 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 	s.live.mu.Lock()
 	reason, detail := l.reason, l.detail
 	s.live.mu.Unlock()
+	if reason == "" && sb.State == store.StateStopping && sb.EndReason != "" {
+		reason = sb.EndReason // asked for on another replica (MarkStopping precedes the kill)
+	}
 	if detail != "" {
 		sb.Error = detail
 	}
@@ -272,8 +295,8 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 	if !ex.Known && (reason == "" || reason == "lost") {
 		sb.ExitCode = -1
 	}
-	if err := s.store.UpdateSandbox(ctx, sb); err != nil {
-		s.log.Error("record sandbox end", "sandbox", id, "err", err)
+	if !s.recordEnd(ctx, sb) {
+		return
 	}
 	s.log.Info("sandbox ended", "sandbox", id, "reason", sb.EndReason, "exit_code", sb.ExitCode)
 }
@@ -283,6 +306,9 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 // those that died meanwhile are recorded and cleaned, and anything on the node
 // that belongs to no live sandbox is removed.
 func (s *Server) Reconcile(ctx context.Context) error {
+	if s.replicated() {
+		return s.reconcileReplica(ctx)
+	}
 	sbs, err := s.store.ListSandboxes(ctx, "", true)
 	if err != nil {
 		return err
@@ -366,9 +392,7 @@ func (s *Server) IsActive(ctx context.Context, id string) bool { return s.live.I
 
 // WaitEnded blocks until sandbox id is no longer live, or ctx ends.
 func (s *Server) WaitEnded(ctx context.Context, id string) error {
-	s.live.mu.Lock()
-	l := s.live.m[id]
-	s.live.mu.Unlock()
+	l := s.liveHere(id)
 	if l == nil {
 		return nil
 	}

@@ -269,6 +269,9 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 			s.node.Unclaim(id) // a no-op once Start has taken it
 		}
 	}(sb.ID)
+	if p, ok := s.node.(interface{ NodeOf(id string) string }); ok {
+		sb.Node = p.NodeOf(sb.ID) // fleet: every replica routes its calls there
+	}
 	if err = s.store.CreateSandboxWithin(ctx, sb, quota); err != nil {
 		return nil, err
 	}

@@ -45,7 +45,11 @@ type Router struct {
 	log   *slog.Logger
 	// HeartbeatTimeout (default DefaultHeartbeatTimeout).
 	HeartbeatTimeout time.Duration
-	now              func() time.Time
+	// Leading, with control-plane replicas, reports whether this one
+	// holds the leader lease: only the leader reconciles a returned node
+	// (nil: always; see replicas.go).
+	Leading func() bool
+	now     func() time.Time
 	// started is when this router began: for one heartbeat timeout after
 	// it, nodes count as healthy whatever their last heartbeat (they
 	// could not heartbeat while the control plane was down).
@@ -81,6 +85,9 @@ type placement struct {
 	slot   int
 	cpu    float64
 	memory int64 // bytes
+	// recorded: its store record was seen live (replicas.go: once it is
+	// no longer live there, the placement is dropped).
+	recorded bool
 }
 
 var _ api.Node = (*Router)(nil)
@@ -123,6 +130,9 @@ func (r *Router) Refresh(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := r.syncPlacements(ctx); err != nil {
+		return err
+	}
 	timeout := cmp.Or(r.HeartbeatTimeout, DefaultHeartbeatTimeout)
 	now := r.now()
 	var back []string
@@ -142,7 +152,9 @@ func (r *Router) Refresh(ctx context.Context) error {
 		case !m.healthy && healthy:
 			r.log.Info("fleet: node back", "node", rec.ID)
 			m.lost = make(chan struct{})
-			back = append(back, rec.ID)
+			if r.leading() {
+				back = append(back, rec.ID)
+			}
 		}
 		m.healthy = healthy
 	}
@@ -298,6 +310,12 @@ func (r *Router) on(id string) (*member, error) {
 	defer r.mu.Unlock()
 	p := r.where[id]
 	if p == nil {
+		// Placed by another replica: its record names the node.
+		r.mu.Unlock()
+		p = r.placed(id)
+		r.mu.Lock()
+	}
+	if p == nil {
 		return nil, fmt.Errorf("sandbox %q: on no node of the fleet: %w", id, errdefs.ErrNotFound)
 	}
 	m := r.members[p.node]
@@ -311,6 +329,12 @@ func (r *Router) on(id string) (*member, error) {
 // (see candidates) gives it one of its slots, and the sandbox is on that
 // node from here on (Start goes there; Unclaim gives the slot back).
 func (r *Router) ReserveSlot(req node.StartRequest) (int, error) {
+	// What other replicas placed counts: read it from the store now.
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	if err := r.syncPlacements(sctx); err != nil {
+		r.log.Warn("fleet: placements from the store", "err", err)
+	}
+	cancel()
 	r.mu.Lock()
 	cs := r.candidates(req)
 	r.mu.Unlock()
