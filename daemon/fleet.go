@@ -249,7 +249,10 @@ func NewJoinToken(ctx context.Context, dataDir, database string, ttl time.Durati
 
 // NodeOptions configure `chalkd node`.
 type NodeOptions struct {
-	Join      string // the control plane's fleet listener, https://host:port
+	// Join is the control plane's fleet listener, https://host:port; with
+	// control-plane replicas, each one's, separated by commas (the node
+	// joins, heartbeats and asks for identities at whichever answers).
+	Join      string
 	JoinToken string // needed once, to join
 	Listen    string // node API (default DefaultNodeListen)
 	Advertise string // the node API as the control plane reaches it (https://host:port)
@@ -280,6 +283,10 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	}
 	if opts.Join == "" {
 		return nil, fmt.Errorf("chalkd node: --join is required: %w", errdefs.ErrInvalidArgument)
+	}
+	controls, err := noderpc.ControlURLs(opts.Join)
+	if err != nil {
+		return nil, fmt.Errorf("chalkd node: --join: %w", err)
 	}
 	if opts.Listen == "" {
 		opts.Listen = DefaultNodeListen
@@ -326,13 +333,20 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 				return fmt.Errorf("chalkd node: not joined yet: --join-token is required: %w", errdefs.ErrInvalidArgument)
 			}
 			c := capacity()
-			id, err = noderpc.Join(ctx, dir, noderpc.JoinRequest{ControlURL: opts.Join, Token: opts.JoinToken, Name: opts.Name,
-				NodeURL: opts.Advertise, CPU: c.Cpu, MemoryMB: c.MemoryMb, Slots: int(c.Slots)})
+			// The first replica that answers takes the join (they share
+			// the store: the token is good at any of them).
+			for _, u := range controls {
+				id, err = noderpc.Join(ctx, dir, noderpc.JoinRequest{ControlURL: u, Token: opts.JoinToken, Name: opts.Name,
+					NodeURL: opts.Advertise, CPU: c.Cpu, MemoryMB: c.MemoryMb, Slots: int(c.Slots)})
+				if err == nil || !errdefs.Is(err, errdefs.ErrUnavailable) {
+					break
+				}
+			}
 		}
 		if err != nil {
 			return fmt.Errorf("chalkd node: %w", err)
 		}
-		fc = noderpc.FleetClient(id, opts.Join)
+		fc = noderpc.FailoverFleetClient(id, controls)
 		return nil
 	}
 	// remoteImages: the node resolves and pulls images from the control
@@ -344,9 +358,16 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		// node has nothing to pull images with until it answers. Any
 		// other refusal (not a member any more) fails the start.
 		for warned := false; ; warned = true {
-			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			d.Registry, err = noderpc.RemoteRegistry(cctx, fc, id, opts.Join, d.log.With("component", "registry"))
-			cancel()
+			// The registry of the first replica that answers (its
+			// --fleet-registry-advertise, else its host).
+			for _, u := range controls {
+				cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+				d.Registry, err = noderpc.RemoteRegistry(cctx, noderpc.FleetClient(id, u), id, u, d.log.With("component", "registry"))
+				cancel()
+				if err == nil {
+					break
+				}
+			}
 			if err == nil || !errdefs.Is(err, errdefs.ErrUnavailable) && !errdefs.Is(err, errdefs.ErrDeadlineExceeded) {
 				break
 			}
@@ -387,7 +408,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		}
 	}
 	n := &NodeDaemon{d: d, ID: id.ID, cancel: d.cancel}
-	if err := d.startNodeMetadata(noderpc.NewWorkloadClient(id, opts.Join)); err != nil {
+	if err := d.startNodeMetadata(noderpc.NewWorkloadClientOver(fc)); err != nil {
 		return nil, err
 	}
 	mux := http.NewServeMux()
