@@ -55,6 +55,10 @@ type FleetConfig struct {
 	// NodeTimeout: a node silent this long is lost (default
 	// noderpc.DefaultHeartbeatTimeout).
 	NodeTimeout time.Duration
+	// SharedDir makes this control plane one of several replicas on one
+	// PostgreSQL database: it holds their shared keys and registry
+	// storage (daemon/replicas.go).
+	SharedDir string
 }
 
 // fleetDir is where the control plane keeps its CA.
@@ -67,7 +71,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	if fc == nil {
 		return nil
 	}
-	ca, err := noderpc.LoadOrCreateCA(fleetDir(d.cfg.DataDir))
+	ca, err := noderpc.LoadOrCreateCA(fleetDir(d.cfg.sharedDir()))
 	if err != nil {
 		return fmt.Errorf("fleet CA: %w", err)
 	}
@@ -77,6 +81,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	}
 	d.router = noderpc.NewRouter(d.Store, ca, cert, d.log.With("component", "fleet"))
 	d.router.HeartbeatTimeout = fc.NodeTimeout
+	d.router.Leading = d.leaderFunc()
 	if err := d.router.Refresh(ctx); err != nil {
 		return err
 	}

@@ -78,7 +78,7 @@ func (d *Daemon) openStore(ctx context.Context) (err error) {
 // pulls from it.
 func (d *Daemon) startImages(ctx context.Context) (err error) {
 	cfg := &d.cfg
-	regCfg := registryConfig(cfg.DataDir, cfg.RegistryAddr, cfg.Logger)
+	regCfg := registryConfig(cfg.sharedDir(), cfg.RegistryAddr, cfg.Logger)
 	regCfg.Upstreams = cfg.Upstreams
 	if d.Registry, err = registry.New(ctx, regCfg); err != nil {
 		return fmt.Errorf("embedded registry: %w", err)
@@ -206,7 +206,7 @@ func (d *Daemon) startEgress(ctx context.Context) (err error) {
 // startBuilds sets up image builds and uploaded content.
 func (d *Daemon) startBuilds(context.Context) error {
 	cfg := &d.cfg
-	blobs, err := imagebuild.NewBlobs(filepath.Join(cfg.DataDir, "blobs"))
+	blobs, err := imagebuild.NewBlobs(filepath.Join(cfg.sharedDir(), "blobs"))
 	if err != nil {
 		return err
 	}
@@ -227,8 +227,8 @@ func (d *Daemon) startBuilds(context.Context) error {
 func (d *Daemon) startIdentity(ctx context.Context) (err error) {
 	cfg := &d.cfg
 	if d.Issuer, err = identity.New(ctx, identity.Config{
-		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.DataDir, "identity"), Logger: cfg.Logger,
-		IsActive: d.live.IsActive,
+		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.sharedDir(), "identity"), Logger: cfg.Logger,
+		IsActive: d.live.IsActive, Leading: d.leaderFunc(),
 	}); err != nil {
 		return fmt.Errorf("identity issuer: %w", err)
 	}
@@ -251,7 +251,7 @@ func (d *Daemon) startIdentity(ctx context.Context) (err error) {
 func (d *Daemon) startMCP(context.Context) (err error) {
 	s4, s6 := d.Net.Subnets()
 	deny := []netip.Prefix{s4, s6, netip.PrefixFrom(d.Net.ServiceAddr(), 32), d.tun.base}
-	if d.mcp, err = newMCPGateway(d.cfg.DataDir, d.Store, d.Issuer, deny, d.cfg.MCPAuditRetention, d.cfg.Logger); err != nil {
+	if d.mcp, err = newMCPGateway(d.cfg.sharedDir(), d.Store, d.Issuer, deny, d.cfg.MCPAuditRetention, d.cfg.Logger); err != nil {
 		return fmt.Errorf("MCP gateway: %w", err)
 	}
 	return nil
@@ -284,6 +284,9 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		DefaultQuota: cfg.DefaultQuota, Live: d.live, Auth: d.auth, Ingress: d.ingress.backend(),
 		KeepStopped: cfg.Limits.KeepStopped, KeepStoppedMB: cfg.Limits.KeepStoppedMB,
 		Hooks: d.sandboxHooks(),
+	}
+	if d.leader != nil {
+		acfg.Leader = d.leader
 	}
 	if d.router != nil {
 		// Egress rules are enforced on the node a sandbox runs on: the
