@@ -1,0 +1,74 @@
+package api
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/store"
+)
+
+// fakeLease is a Leadership the test flips.
+type fakeLease struct{ held atomic.Bool }
+
+func (f *fakeLease) Leading() bool { return f.held.Load() }
+
+// TestLeaderOnlyTimers: a replica that does not hold the leader lease
+// never ends a sandbox whose lifetime ran out, nor records an end its
+// watch saw; once it takes the lease, the overdue timer fires within a
+// few polls and the end is recorded (once: a second record is refused).
+func TestLeaderOnlyTimers(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	lease := &fakeLease{}
+	lease.held.Store(true) // create as the leader, then lose the lease
+	tn := newTestNode(t, Config{Leader: lease})
+	c := tn.user("mia")
+	sb := create(t, c, &v1.CreateSandboxRequest{Image: "busybox", TimeoutSeconds: 1})
+	lease.held.Store(false)
+	time.Sleep(1500 * time.Millisecond) // past the lifetime, as a follower (a timer that must not fire)
+	rec, err := tn.store.GetSandbox(ctx, sb.Id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.State != store.StateRunning || !tn.srv.IsRunning(ctx, sb.Id) {
+		t.Fatalf("a follower ended a sandbox at its timeout: %s %s", rec.State, rec.EndReason)
+	}
+	lease.held.Store(true)
+	if got := waitSandbox(t, c, sb.Id); got.EndReason != "timeout" {
+		t.Fatalf("ended as %q after taking the lease, want timeout", got.EndReason)
+	}
+	rec, _ = tn.store.GetSandbox(ctx, sb.Id)
+	again := *rec
+	again.EndReason = "exited"
+	if ok, err := tn.store.EndSandbox(ctx, &again); err != nil || ok {
+		t.Fatalf("a second record of the end: %v, %v", ok, err)
+	}
+}
+
+// TestFollowerAdopts: a replica watches a running sandbox another replica
+// recorded (SyncReplicas), so it counts as live there (identity, Wait).
+func TestFollowerAdopts(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	lease := &fakeLease{}
+	tn := newTestNode(t, Config{Leader: lease})
+	now := time.Now().UTC()
+	rec := &store.Sandbox{ID: "sb-other", OrgID: "a", State: store.StateRunning, Slot: 7, Pid: 42,
+		CreatedAt: now, StartedAt: now, Timeout: time.Hour}
+	tn.node.run(rec.ID, 42)
+	if err := tn.store.CreateSandbox(ctx, rec); err != nil {
+		t.Fatal(err)
+	}
+	if tn.srv.IsActive(ctx, rec.ID) {
+		t.Fatal("live before the sync")
+	}
+	if err := tn.srv.syncOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !tn.srv.IsActive(ctx, rec.ID) {
+		t.Fatal("a sandbox another replica started is not live on this one after the sync")
+	}
+}
