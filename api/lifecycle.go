@@ -32,6 +32,10 @@ type liveSandbox struct {
 	reason   string // why we are ending it (terminated, timeout, idle, lost); "" if it ended by itself
 	detail   string // with reason lost: the error, recorded as the sandbox's
 	lastUsed time.Time
+	// idle is its idle timeout; stored is when lastUsed was last written
+	// to the store (replicas: the leader enforces the idle timeout).
+	idle   time.Duration
+	stored time.Time
 }
 
 // NewSandboxID returns a fresh sandbox id (also for pre-started sandboxes,
@@ -114,7 +118,7 @@ func (s *Server) fail(ctx context.Context, sb *store.Sandbox, cause error) error
 func (s *Server) watch(sb *store.Sandbox) {
 	ctx, cancel := context.WithCancel(s.baseCtx)
 	ip, _ := netip.ParseAddr(sb.IP)
-	l := &liveSandbox{id: sb.ID, slot: sb.Slot, ip: ip, done: make(chan struct{}), cancel: cancel, lastUsed: sb.LastActive}
+	l := &liveSandbox{id: sb.ID, slot: sb.Slot, ip: ip, done: make(chan struct{}), cancel: cancel, lastUsed: sb.LastActive, idle: sb.IdleTimeout}
 	if l.lastUsed.IsZero() {
 		l.lastUsed = time.Now()
 	}
@@ -162,14 +166,18 @@ func (s *Server) idleLoop(ctx context.Context, l *liveSandbox, d time.Duration) 
 			s.live.mu.Lock()
 			idle := time.Since(l.lastUsed)
 			s.live.mu.Unlock()
-			if idle >= d && s.leading() {
-				s.end(l.id, "idle")
-				return
-			}
-			if idle >= d {
+			if idle >= d && !s.leading() {
 				// Replicas: only the leader ends it; look again.
 				t.Reset(leaderPoll)
 				continue
+			}
+			if idle >= d && s.replicated() {
+				// Used through another replica meanwhile?
+				idle = s.idleAcrossReplicas(ctx, l)
+			}
+			if idle >= d {
+				s.end(l.id, "idle")
+				return
 			}
 			t.Reset(d - idle)
 		}
@@ -178,11 +186,19 @@ func (s *Server) idleLoop(ctx context.Context, l *liveSandbox, d time.Duration) 
 
 // touch records activity for the idle timeout.
 func (s *Server) touch(id string) {
+	now := time.Now()
+	persist := false
 	s.live.mu.Lock()
 	if l := s.live.m[id]; l != nil {
-		l.lastUsed = time.Now()
+		l.lastUsed = now
+		if s.replicated() && l.idle > 0 && now.Sub(l.stored) >= touchEvery(l.idle) {
+			l.stored, persist = now, true
+		}
 	}
 	s.live.mu.Unlock()
+	if persist {
+		s.storeTouch(id, now)
+	}
 }
 
 // end ends a running sandbox for reason: it is recorded as stopping (with

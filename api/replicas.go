@@ -213,3 +213,33 @@ func (s *Server) recordEnd(ctx context.Context, sb *store.Sandbox) bool {
 	}
 	return ok
 }
+
+// touchEvery is how often a replica writes a sandbox's last activity to
+// the store, for an idle timeout d: often enough that the leader never
+// ends a sandbox in use elsewhere (it looks at the store before ending).
+func touchEvery(d time.Duration) time.Duration {
+	return min(max(d/4, 100*time.Millisecond), 5*time.Second)
+}
+
+// storeTouch writes sandbox id's last activity to the store in the
+// background (replicas).
+func (s *Server) storeTouch(id string, at time.Time) {
+	go func() {
+		if err := s.store.TouchSandbox(s.baseCtx, id, at); err != nil {
+			s.log.Debug("replicas: record sandbox activity", "sandbox", id, "err", err)
+		}
+	}()
+}
+
+// idleAcrossReplicas returns how long sandbox l has been idle as far as
+// every replica saw: its activity here, or the latest another replica
+// recorded in the store.
+func (s *Server) idleAcrossReplicas(ctx context.Context, l *liveSandbox) time.Duration {
+	sb, err := s.store.GetSandbox(ctx, l.id)
+	s.live.mu.Lock()
+	defer s.live.mu.Unlock()
+	if err == nil && sb.LastActive.After(l.lastUsed) {
+		l.lastUsed = sb.LastActive
+	}
+	return time.Since(l.lastUsed)
+}

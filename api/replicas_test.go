@@ -72,3 +72,33 @@ func TestFollowerAdopts(t *testing.T) {
 		t.Fatal("a sandbox another replica started is not live on this one after the sync")
 	}
 }
+
+// TestIdleAcrossReplicas: the leader does not end a sandbox as idle while
+// another replica records activity on it in the store; once that stops,
+// the leader ends it as idle.
+func TestIdleAcrossReplicas(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	lease := &fakeLease{}
+	lease.held.Store(true)
+	tn := newTestNode(t, Config{Leader: lease})
+	c := tn.user("mia")
+	sb := create(t, c, &v1.CreateSandboxRequest{Image: "busybox", IdleTimeoutSeconds: 1})
+	// Another replica serves it: its activity reaches the leader only
+	// through the store, for 3 idle timeouts.
+	until := time.Now().Add(3 * time.Second)
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for time.Now().Before(until) {
+		if err := tn.store.TouchSandbox(ctx, sb.Id, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		if rec, _ := tn.store.GetSandbox(ctx, sb.Id); rec.State != store.StateRunning {
+			t.Fatalf("ended as %q while another replica used it", rec.EndReason)
+		}
+		<-tick.C
+	}
+	if got := waitSandbox(t, c, sb.Id); got.EndReason != "idle" {
+		t.Fatalf("ended as %q, want idle", got.EndReason)
+	}
+}

@@ -300,6 +300,41 @@ func (s *Store) EndSandbox(ctx context.Context, sb *Sandbox) (bool, error) {
 	return n == 1, nil
 }
 
+// TouchSandbox records that running sandbox id was used at (its
+// LastActive, if later than the recorded one), for the idle timeout that
+// another control-plane replica may enforce. Only that field changes, under
+// the record's lock; a sandbox no longer running is left as it is.
+func (s *Store) TouchSandbox(ctx context.Context, id string, at time.Time) error {
+	tx, err := s.db.BeginTx(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	var doc []byte
+	err = tx.QueryRowContext(ctx, `SELECT doc FROM sandboxes WHERE id = ? AND state = ?`+tx.d.forUpdate, id, StateRunning).Scan(&doc)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("sandbox %q: %w", id, err)
+	}
+	var sb Sandbox
+	if err := json.Unmarshal(doc, &sb); err != nil {
+		return fmt.Errorf("sandbox %q record: %w", id, err)
+	}
+	if !at.After(sb.LastActive) {
+		return nil
+	}
+	sb.LastActive = at.UTC()
+	if doc, err = json.Marshal(&sb); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `UPDATE sandboxes SET doc = ? WHERE id = ?`, doc, id); err != nil {
+		return fmt.Errorf("sandbox %q: %w", id, err)
+	}
+	return tx.Commit()
+}
+
 // MarkStopping records that running sandbox id is being ended for reason
 // (state stopping). A sandbox no longer running (its end recorded
 // meanwhile) is left as it is.

@@ -182,6 +182,35 @@ func TestEndSandboxOnce(t *testing.T) {
 	})
 }
 
+// TestTouchSandbox: a running sandbox's last activity moves forward only;
+// an ended one is left as it is.
+func TestTouchSandbox(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		t0 := time.Now().UTC().Truncate(time.Millisecond)
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "r", OrgID: "o", State: StateRunning, Slot: 1, LastActive: t0, Labels: map[string]string{"k": "v"}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "d", OrgID: "o", State: StateStopped, Slot: 2, LastActive: t0}); err != nil {
+			t.Fatal(err)
+		}
+		for _, at := range []time.Time{t0.Add(2 * time.Second), t0.Add(time.Second)} {
+			for _, id := range []string{"r", "d"} {
+				if err := s.TouchSandbox(ctx, id, at); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if got, _ := s.GetSandbox(ctx, "r"); !got.LastActive.Equal(t0.Add(2*time.Second)) || got.Labels["k"] != "v" || got.State != StateRunning {
+			t.Fatalf("running: %+v", got)
+		}
+		if got, _ := s.GetSandbox(ctx, "d"); !got.LastActive.Equal(t0) {
+			t.Fatalf("stopped: last active %v, want %v", got.LastActive, t0)
+		}
+	})
+}
+
 func TestPoliciesAndTokens(t *testing.T) {
 	eachBackend(t, func(t *testing.T, b backend) {
 		ctx := context.Background()
