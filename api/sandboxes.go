@@ -272,7 +272,11 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 	if p, ok := s.node.(interface{ NodeOf(id string) string }); ok {
 		sb.Node = p.NodeOf(sb.ID) // fleet: every replica routes its calls there
 	}
-	if err = s.store.CreateSandboxWithin(ctx, sb, quota); err != nil {
+	err = s.store.CreateSandboxWithin(ctx, sb, quota)
+	if p, ok := s.node.(interface{ Recorded(id string) }); ok {
+		p.Recorded(sb.ID) // fleet: the next placement (any replica) counts this one
+	}
+	if err != nil {
 		return nil, err
 	}
 	setAuditObject(ctx, sb.ID)

@@ -25,7 +25,8 @@ import (
 // through replica A are exec'd into, have files written and read and are
 // terminated through replica B; a sandbox with a short timeout made
 // through B is ended by the leader (A); workload tokens minted by either
-// replica verify with go-oidc against the other's JWKS. kill -9 of the
+// replica verify with go-oidc against the other's JWKS; creates placed
+// through both at once never overfill a node. kill -9 of the
 // leader: B takes the lease within seconds, no sandbox is lost, the node
 // that heartbeated to A carries on with B, timers still fire, and a node
 // killed afterwards is still marked lost.
@@ -128,6 +129,56 @@ func TestFleetReplicas(t *testing.T) {
 		verifyWith(t, tc.verify, fetchToken(t, tc.sb, "https://vault.example.test"), tc.sb.ID())
 	}
 
+	// Both replicas placing at once never overfill a node: 8 creates of
+	// one cpu each, half via A and half via B, on three nodes of 2 cpus:
+	// exactly 6 fit, at most 2 on any node; the others are refused as
+	// resource exhausted.
+	type placed struct {
+		sb  *chalkcompute.Sandbox
+		err error
+	}
+	results := make(chan placed, 8)
+	for i := range 8 {
+		c := ca
+		if i%2 == 1 {
+			c = cb
+		}
+		go func() {
+			sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"),
+				chalkcompute.WithCPU(1), chalkcompute.WithMemoryMB(64))
+			results <- placed{sb, err}
+		}()
+	}
+	perNode := map[int]int{}
+	var full []*chalkcompute.Sandbox
+	for range 8 {
+		p := <-results
+		if p.err != nil {
+			if !strings.Contains(p.err.Error(), "resource_exhausted") && !strings.Contains(p.err.Error(), "no ready node has room") {
+				t.Fatalf("a create refused for another reason than room: %v", p.err)
+			}
+			continue
+		}
+		full = append(full, p.sb)
+		perNode[whichNode(t, nodes, p.sb.ID())]++
+	}
+	if len(full) != 6 || perNode[0] > 2 || perNode[1] > 2 || perNode[2] > 2 {
+		t.Fatalf("%d one-cpu sandboxes placed by two replicas at once (per node %v), want 6, at most 2 per node", len(full), perNode)
+	}
+	for i, sb := range full {
+		c := cb
+		if i%2 == 1 {
+			c = ca
+		}
+		other, err := c.Sandbox(ctxT(t, 30*time.Second), sb.ID())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := other.Terminate(ctxT(t, 30*time.Second)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
 	// kill -9 of the leader: B leads within seconds, nothing is lost.
 	a.Kill()
 	killed := time.Now()
@@ -185,8 +236,8 @@ func TestFleetReplicas(t *testing.T) {
 			lost++
 		}
 	}
-	if want := 3 + lost; stopped != want {
-		t.Fatalf("%d stopped sandboxes in PostgreSQL, want %d (terminated, 2 timeouts, %d lost)", stopped, want, lost)
+	if want := 3 + 6 + lost; stopped != want {
+		t.Fatalf("%d stopped sandboxes in PostgreSQL, want %d (7 terminated, 2 timeouts, %d lost)", stopped, want, lost)
 	}
 	if d := time.Since(started); d > 150*time.Second {
 		t.Errorf("TestFleetReplicas took %v (budget 150 s)", d)

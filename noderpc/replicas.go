@@ -69,3 +69,90 @@ func (r *Router) syncPlacements(ctx context.Context) error {
 // leading reports whether this router does leader-only work (reconciling
 // a returned node): always without replicas.
 func (r *Router) leading() bool { return r.Leading == nil || r.Leading() }
+
+// The placement lock (store.PlacementLock) is this process's while any
+// placement of it is between its reservation and its record: taken by the
+// first, released when the last is recorded (or given back). In process,
+// placements are serialised by placeMu and count each other in memory.
+type placementHold struct {
+	release     func() // nil: not held
+	outstanding map[string]*time.Timer
+	placing     bool
+}
+
+// placementWait bounds how long a placement waits for its record: a
+// create that never reports back does not hold placement for good.
+const placementWait = 30 * time.Second
+
+// lockPlacement serialises this placement with every other (in process,
+// then among replicas through the store) and reads the live placements
+// under it. done(id, ok) ends it: ok means sandbox id is reserved and
+// holds the lock until its record exists (Recorded).
+func (r *Router) lockPlacement() (done func(id string, ok bool)) {
+	r.placeMu.Lock()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	r.mu.Lock()
+	h := &r.hold
+	h.placing = true
+	held := h.release != nil
+	r.mu.Unlock()
+	if !held {
+		rel, err := r.store.PlacementLock(ctx)
+		if err != nil {
+			r.log.Warn("fleet: placement lock (placing on what this replica knows)", "err", err)
+			rel = func() {}
+		}
+		r.mu.Lock()
+		h.release = rel
+		r.mu.Unlock()
+	}
+	// What other replicas placed counts: read it from the store now.
+	if err := r.syncPlacements(ctx); err != nil {
+		r.log.Warn("fleet: placements from the store", "err", err)
+	}
+	return func(id string, ok bool) {
+		r.mu.Lock()
+		h.placing = false
+		if ok {
+			if h.outstanding == nil {
+				h.outstanding = map[string]*time.Timer{}
+			}
+			h.outstanding[id] = time.AfterFunc(placementWait, func() { r.Recorded(id) })
+		}
+		rel := r.releasable()
+		r.mu.Unlock()
+		r.placeMu.Unlock()
+		if rel != nil {
+			rel()
+		}
+	}
+}
+
+// releasable returns the placement lock's release when nothing of this
+// process needs it any more (and forgets it). r.mu is held.
+func (r *Router) releasable() func() {
+	h := &r.hold
+	if h.placing || len(h.outstanding) > 0 || h.release == nil {
+		return nil
+	}
+	rel := h.release
+	h.release = nil
+	return rel
+}
+
+// Recorded says that sandbox id's record (naming its node) is in the
+// store: once every placement of this process is, the placement lock
+// passes to other replicas.
+func (r *Router) Recorded(id string) {
+	r.mu.Lock()
+	if t := r.hold.outstanding[id]; t != nil {
+		t.Stop()
+		delete(r.hold.outstanding, id)
+	}
+	rel := r.releasable()
+	r.mu.Unlock()
+	if rel != nil {
+		rel()
+	}
+}

@@ -64,6 +64,10 @@ type Router struct {
 	// warm are the image digests each node has in its cache (as far as
 	// this router saw: ensured or started there).
 	warm map[string]map[string]bool
+	// placeMu and pending: one placement at a time, until its record
+	// exists (replicas.go).
+	placeMu sync.Mutex
+	hold    placementHold
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -328,13 +332,11 @@ func (r *Router) on(id string) (*member, error) {
 // ReserveSlot places sandbox req.ID: the best candidate node for req
 // (see candidates) gives it one of its slots, and the sandbox is on that
 // node from here on (Start goes there; Unclaim gives the slot back).
-func (r *Router) ReserveSlot(req node.StartRequest) (int, error) {
-	// What other replicas placed counts: read it from the store now.
-	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	if err := r.syncPlacements(sctx); err != nil {
-		r.log.Warn("fleet: placements from the store", "err", err)
-	}
-	cancel()
+func (r *Router) ReserveSlot(req node.StartRequest) (_ int, err error) {
+	// Under the placement lock, held until the sandbox's record exists
+	// (Recorded): another replica's placement counts this one.
+	done := r.lockPlacement()
+	defer func() { done(req.ID, err == nil) }()
 	r.mu.Lock()
 	cs := r.candidates(req)
 	r.mu.Unlock()
@@ -665,6 +667,7 @@ func (r *Router) Claim(req node.StartRequest) (string, int, bool) {
 }
 
 func (r *Router) Unclaim(id string) {
+	r.Recorded(id) // no record coming: the placement lock passes on
 	if m, err := r.on(id); err == nil {
 		m.client.Unclaim(id)
 	}

@@ -133,3 +133,27 @@ func (l *pgLease) Acquire(ctx context.Context) (context.Context, func(), error) 
 	context.AfterFunc(held, func() { go release() })
 	return held, release, nil
 }
+
+// PlacementLock serialises placement among control-plane replicas sharing
+// this store: held from reading the live placements until the new
+// sandbox's record exists, so the next placer anywhere counts it. On
+// PostgreSQL it is a transaction-scoped advisory lock on one pooled
+// connection (release ends the transaction; the server drops it if the
+// replica dies); on SQLite, which one process uses, it is nothing (the
+// router serialises in process). Callers hold at most one at a time per
+// process, so waiters hold no connection of the pool.
+func (s *Store) PlacementLock(ctx context.Context) (release func(), err error) {
+	if s.dsn == "" {
+		return func() {}, nil
+	}
+	tx, err := s.db.BeginTx(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := tx.d.lock(ctx, tx, "placement"); err != nil {
+		_ = tx.Rollback()
+		return nil, fmt.Errorf("placement lock: %w", err)
+	}
+	var once sync.Once
+	return func() { once.Do(func() { _ = tx.Rollback() }) }, nil
+}
