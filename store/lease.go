@@ -146,7 +146,9 @@ func (s *Store) PlacementLock(ctx context.Context) (release func(), err error) {
 	if s.dsn == "" {
 		return func() {}, nil
 	}
-	tx, err := s.db.BeginTx(ctx)
+	// The transaction outlives ctx (which only bounds the wait): it ends
+	// at release.
+	tx, err := s.db.BeginTx(context.WithoutCancel(ctx))
 	if err != nil {
 		return nil, err
 	}

@@ -135,7 +135,11 @@ func TestPlacementLock(t *testing.T) {
 		} else {
 			s2 = s1
 		}
-		rel1, err := s1.PlacementLock(ctx)
+		// The lock outlives the context it was taken with (which bounds
+		// only the wait).
+		lctx, cancel := context.WithCancel(ctx)
+		rel1, err := s1.PlacementLock(lctx)
+		cancel()
 		if err != nil {
 			t.Fatal(err)
 		}
