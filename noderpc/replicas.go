@@ -2,6 +2,7 @@ package noderpc
 
 import (
 	"context"
+	"slices"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/store"
@@ -155,4 +156,23 @@ func (r *Router) Recorded(id string) {
 	if rel != nil {
 		rel()
 	}
+}
+
+// toReconcile returns the returned nodes to reconcile now: those still
+// healthy, when this router leads (a replica that takes the lease
+// reconciles what came back while another led, which may have died
+// before it did). r.mu is held.
+func (r *Router) toReconcile() []string {
+	if !r.leading() {
+		return nil
+	}
+	var back []string
+	for id := range r.unreconciled {
+		if m := r.members[id]; m != nil && m.healthy {
+			back = append(back, id)
+		}
+		delete(r.unreconciled, id)
+	}
+	slices.Sort(back)
+	return back
 }

@@ -68,6 +68,9 @@ type Router struct {
 	// exists (replicas.go).
 	placeMu sync.Mutex
 	hold    placementHold
+	// unreconciled are nodes back from unhealthy that the leader has not
+	// reconciled yet (replicas.go).
+	unreconciled map[string]bool
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -104,7 +107,7 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 	}
 	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now, started: time.Now(),
 		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{},
-		warm: map[string]map[string]bool{}}
+		warm: map[string]map[string]bool{}, unreconciled: map[string]bool{}}
 }
 
 // dial is how the router reaches a node (tests replace it).
@@ -156,12 +159,11 @@ func (r *Router) Refresh(ctx context.Context) error {
 		case !m.healthy && healthy:
 			r.log.Info("fleet: node back", "node", rec.ID)
 			m.lost = make(chan struct{})
-			if r.leading() {
-				back = append(back, rec.ID)
-			}
+			r.unreconciled[rec.ID] = true // by the leader (replicas.go)
 		}
 		m.healthy = healthy
 	}
+	back = r.toReconcile()
 	r.mu.Unlock()
 	for _, id := range back {
 		r.reconcile(ctx, id)

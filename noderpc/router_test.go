@@ -6,6 +6,7 @@ import (
 	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -407,5 +408,42 @@ func TestRouterWarmImage(t *testing.T) {
 	res, err = r.WarmImage(ctx, "missing", []string{"a"}, nil)
 	if err != nil || len(res) != 1 || !errors.Is(res[0].Err, errdefs.ErrNotFound) {
 		t.Errorf("warm of a missing image: %+v, %v", res, err)
+	}
+}
+
+// TestReconcileByTheLeader: with replicas, a node that returns is
+// reconciled only by the replica holding the leader lease; one that takes
+// the lease later reconciles what came back while it did not lead.
+func TestReconcileByTheLeader(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	r := newRouter(t, c)
+	var leads atomic.Bool
+	r.Leading = leads.Load
+	restored := func() bool {
+		a.fake.mu.Lock()
+		defer a.fake.mu.Unlock()
+		return slices.ContainsFunc(a.fake.calls, func(s string) bool { return strings.HasPrefix(s, "Restore") })
+	}
+	later := time.Now().Add(2 * DefaultHeartbeatTimeout)
+	r.now = func() time.Time { return later }
+	c.fleet.Now = func() time.Time { return later }
+	if err := r.Refresh(ctx); err != nil { // a is lost
+		t.Fatal(err)
+	}
+	a.heartbeat(t, c) // and back
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if restored() {
+		t.Fatal("a replica that does not lead reconciled a returned node")
+	}
+	leads.Store(true)
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !restored() {
+		t.Fatal("the new leader did not reconcile the node that returned before it led")
 	}
 }
