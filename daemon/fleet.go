@@ -364,15 +364,11 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		// other refusal (not a member any more) fails the start.
 		for warned := false; ; warned = true {
 			// The registry of the first replica that answers (its
-			// --fleet-registry-advertise, else its host).
-			for _, u := range controls {
-				cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-				d.Registry, err = noderpc.RemoteRegistry(cctx, noderpc.FleetClient(id, u), id, u, d.log.With("component", "registry"))
-				cancel()
-				if err == nil {
-					break
-				}
-			}
+			// --fleet-registry-advertise, else its host with the other
+			// replicas' as alternates).
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			d.Registry, err = noderpc.RemoteRegistryAt(cctx, id, controls, d.log.With("component", "registry"))
+			cancel()
 			if err == nil || !errdefs.Is(err, errdefs.ErrUnavailable) && !errdefs.Is(err, errdefs.ErrDeadlineExceeded) {
 				break
 			}

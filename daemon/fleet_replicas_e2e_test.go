@@ -194,15 +194,29 @@ func TestFleetReplicas(t *testing.T) {
 			t.Fatalf("exec into %s after the leader's kill -9: %+v, %v", sa.ID(), res, err)
 		}
 	}
-	// node1 pulls from A's registry (the one it reached first): keep new
-	// sandboxes off it (docs/DEPLOY.md: one registry address for replicas).
-	if _, errOut, code := b.CLI("admin", "node", "cordon", "node1"); code != 0 {
-		t.Fatalf("cordon node1 via B: %s", errOut)
+	// node1 reached A first, so A's registry address is the one it pulls
+	// from: with node2 and node3 cordoned, a new sandbox lands on node1,
+	// which resolves and pulls its image through B (the alternate), and
+	// its short timeout fires on the new leader.
+	cordon := func(verb string, names ...string) {
+		for _, n := range names {
+			if _, errOut, code := b.CLI("admin", "node", verb, n); code != 0 {
+				t.Fatalf("%s %s via B: %s", verb, n, errOut)
+			}
+		}
 	}
+	cordon("cordon", "node2", "node3")
 	short2, err := cb.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"), chalkcompute.WithTimeout(3*time.Second))
 	if err != nil {
-		t.Fatalf("create via B after A's kill -9: %v", err)
+		t.Fatalf("create on node1 via B after A's kill -9: %v", err)
 	}
+	if n := whichNode(t, nodes, short2.ID()); n != 0 {
+		t.Fatalf("placed on node%d with node2 and node3 cordoned", n+1)
+	}
+	if res, err := short2.Exec(ctxT(t, 30*time.Second), []string{"echo", "node1"}); err != nil || string(res.Stdout) != "node1\n" {
+		t.Fatalf("exec on node1 after A's kill -9: %+v, %v", res, err)
+	}
+	cordon("uncordon", "node2", "node3")
 	waitEnded(t, cb, short2.ID(), "timeout", 30*time.Second)
 
 	// A node killed now is still marked lost (by B).

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net"
 	"net/url"
 	"strings"
 	"sync"
@@ -13,6 +15,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	nodev1 "github.com/chalkcompute/chalkcompute/gen/chalk/node/v1"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/node/v1/nodev1connect"
+	"github.com/chalkcompute/chalkcompute/registry"
 )
 
 // ControlURLs splits a node's --join (one control-plane fleet listener, or
@@ -109,4 +112,51 @@ func (f *failoverFleet) Workload(ctx context.Context, r *connect.Request[nodev1.
 	return failover(ctx, f, func(c nodev1connect.FleetServiceClient) (*connect.Response[nodev1.WorkloadResponse], error) {
 		return c.Workload(ctx, r)
 	})
+}
+
+// RemoteRegistryAt is RemoteRegistry over the control-plane replicas at
+// urls: it asks the first that answers for registry access; unless that
+// names a host of its own (--fleet-registry-advertise: one address for
+// every replica), the registry is that replica's host and the others'
+// hosts at the same port are its alternates (registry.RemoteConfig), so
+// pulls go on when a replica dies.
+func RemoteRegistryAt(ctx context.Context, id *NodeIdentity, urls []string, log *slog.Logger) (*registry.Registry, error) {
+	var err error
+	for i, u := range urls {
+		var res *connect.Response[nodev1.RegistryAccessResponse]
+		res, err = FleetClient(id, u).RegistryAccess(ctx, connect.NewRequest(&nodev1.RegistryAccessRequest{NodeId: id.ID}))
+		if err != nil {
+			err = fmt.Errorf("registry access from %s: %w", u, wire(err))
+			if errdefs.Is(err, errdefs.ErrUnavailable) || errdefs.Is(err, errdefs.ErrDeadlineExceeded) {
+				continue
+			}
+			return nil, err
+		}
+		host, port, serr := net.SplitHostPort(res.Msg.Addr)
+		if serr != nil || port == "" {
+			return nil, fmt.Errorf("registry access: the control plane sent address %q: want host:port: %w", res.Msg.Addr, errdefs.ErrInvalidArgument)
+		}
+		var alts []string
+		if host == "" {
+			host = hostOf(u)
+			for j, o := range urls {
+				if j != i {
+					alts = append(alts, net.JoinHostPort(hostOf(o), port))
+				}
+			}
+		}
+		return registry.NewRemote(registry.RemoteConfig{Addr: net.JoinHostPort(host, port), Alternates: alts,
+			Pull: registry.Credential{Username: res.Msg.Username, Password: res.Msg.Password},
+			TLS:  RegistryClientTLS(id), Logger: log})
+	}
+	return nil, err
+}
+
+// hostOf is the host of a control URL checked by ControlURLs.
+func hostOf(u string) string {
+	p, err := url.Parse(u)
+	if err != nil {
+		return ""
+	}
+	return p.Hostname()
 }
