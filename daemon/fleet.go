@@ -426,7 +426,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 			d.log.Error("node API", "err", err)
 		}
 	}()
-	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, capacity)
+	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, newBootID(), capacity)
 	go func() { _ = d.startBackground(ctx) }()
 	d.log.Info("chalkd node serving", "node", id.ID, "api", n.addr, "advertise", opts.Advertise, "control", opts.Join)
 	return n, nil
@@ -436,13 +436,13 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 // node lives, where it serves and what it offers.
 func heartbeatLoop(ctx context.Context, log *slog.Logger, fc interface {
 	Heartbeat(context.Context, *connect.Request[nodev1.HeartbeatRequest]) (*connect.Response[nodev1.HeartbeatResponse], error)
-}, id, advertise string, capacity func() *nodev1.Capacity) {
+}, id, advertise, bootID string, capacity func() *nodev1.Capacity) {
 	t := time.NewTicker(noderpc.HeartbeatInterval)
 	defer t.Stop()
 	failing := false
 	for {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		_, err := fc.Heartbeat(cctx, connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: id, NodeUrl: advertise, Capacity: capacity()}))
+		_, err := fc.Heartbeat(cctx, connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: id, NodeUrl: advertise, Capacity: capacity(), BootId: bootID}))
 		cancel()
 		switch {
 		case err != nil && !failing && ctx.Err() == nil:

@@ -2,6 +2,8 @@ package daemon
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"sync/atomic"
@@ -129,4 +131,14 @@ func (d *Daemon) endStart(ctx context.Context) {
 	}
 	go d.runLeader(ctx)
 	go d.API.SyncReplicas(ctx, time.Second)
+}
+
+// newBootID is this node process's boot id (heartbeats carry it: a new one
+// tells the control plane the node restarted and must be restored).
+func newBootID() string {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return hex.EncodeToString(b)
 }

@@ -176,3 +176,18 @@ func (r *Router) toReconcile() []string {
 	slices.Sort(back)
 	return back
 }
+
+// noteBoot notices a node whose process restarted (a new boot id in its
+// heartbeats) while it stayed healthy: it is reconciled as a returned
+// node (its allocator learns its live sandboxes' slots, it finishes its
+// journalled teardowns). r.mu is held.
+func (r *Router) noteBoot(m *member, rec *store.Node) {
+	if rec.BootID == "" || rec.BootID == m.boot {
+		return
+	}
+	if m.boot != "" && m.healthy {
+		r.log.Info("fleet: node restarted: restoring it", "node", rec.ID)
+		r.unreconciled[rec.ID] = true
+	}
+	m.boot = rec.BootID
+}

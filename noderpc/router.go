@@ -82,6 +82,7 @@ type member struct {
 	rec     *store.Node
 	client  api.Node
 	url     string
+	boot    string // the node process's boot id last seen
 	healthy bool
 	lost    chan struct{} // closed when the node became unhealthy
 }
@@ -162,6 +163,7 @@ func (r *Router) Refresh(ctx context.Context) error {
 			r.unreconciled[rec.ID] = true // by the leader (replicas.go)
 		}
 		m.healthy = healthy
+		r.noteBoot(m, rec)
 	}
 	back = r.toReconcile()
 	r.mu.Unlock()
