@@ -29,7 +29,8 @@ import (
 // through both at once never overfill a node. kill -9 of the
 // leader: B takes the lease within seconds, no sandbox is lost, the node
 // that heartbeated to A carries on with B, timers still fire, and a node
-// killed afterwards is still marked lost.
+// killed afterwards is still marked lost; a drain deadline set through B
+// ends the sandboxes still on that node as drained.
 func TestFleetReplicas(t *testing.T) {
 	chalktest.RequireRoot(t)
 	started := time.Now()
@@ -234,6 +235,28 @@ func TestFleetReplicas(t *testing.T) {
 			t.Fatalf("sandbox %s on node%d after node3's kill: %+v, %v", sb.ID(), onNode[sb.ID()]+1, got, err)
 		}
 	}
+	// A drain deadline: node2's sandboxes still running after it are
+	// terminated by the leader, as drained (one more placed there first).
+	cordon("cordon", "node1")
+	extra, err := cb.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sbs = append(sbs, extra)
+	if onNode[extra.ID()] = whichNode(t, nodes, extra.ID()); onNode[extra.ID()] != 1 {
+		t.Fatalf("placed on node%d with node1 cordoned and node3 lost", onNode[extra.ID()]+1)
+	}
+	out, errOut, code := b.CLI("admin", "node", "drain", "node2", "--deadline", "2s")
+	if code != 0 || !strings.Contains(out, "draining until") {
+		t.Fatalf("drain --deadline via B: %d %s %s", code, out, errOut)
+	}
+	drained := 0
+	for _, sb := range sbs {
+		if onNode[sb.ID()] == 1 {
+			waitEnded(t, cb, sb.ID(), "drained", 30*time.Second)
+			drained++
+		}
+	}
 	// Every end was recorded once and as what it was.
 	db, err := sql.Open("pgx", dsn)
 	if err != nil {
@@ -250,8 +273,8 @@ func TestFleetReplicas(t *testing.T) {
 			lost++
 		}
 	}
-	if want := 3 + 6 + lost; stopped != want {
-		t.Fatalf("%d stopped sandboxes in PostgreSQL, want %d (7 terminated, 2 timeouts, %d lost)", stopped, want, lost)
+	if want := 3 + 6 + lost + drained; stopped != want {
+		t.Fatalf("%d stopped sandboxes in PostgreSQL, want %d (7 terminated, 2 timeouts, %d lost, %d drained)", stopped, want, lost, drained)
 	}
 	if d := time.Since(started); d > 150*time.Second {
 		t.Errorf("TestFleetReplicas took %v (budget 150 s)", d)

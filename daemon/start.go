@@ -300,6 +300,9 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		acfg.KeepStopped = -1
 	}
 	d.API = api.New(ctx, acfg)
+	if d.router != nil {
+		go d.API.RunDrains(ctx, time.Second) // drain deadlines, on the leader
+	}
 	if err := d.API.Reconcile(ctx); err != nil {
 		return fmt.Errorf("reconcile: %w", err)
 	}

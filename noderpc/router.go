@@ -854,6 +854,18 @@ func (r *Router) Nodes(ctx context.Context) ([]api.NodeStatus, error) {
 // SetNodeState cordons, drains or readies a node (by id or name); placement
 // follows at once.
 func (r *Router) SetNodeState(ctx context.Context, id, state string) (api.NodeStatus, error) {
+	return r.setNodeState(ctx, id, state, time.Time{})
+}
+
+// DrainNode drains a node (by id or name) until deadline, when the
+// leading control plane terminates its sandboxes still running
+// (api.Server.RunDrains).
+func (r *Router) DrainNode(ctx context.Context, id string, deadline time.Time) (api.NodeStatus, error) {
+	return r.setNodeState(ctx, id, store.NodeDraining, deadline)
+}
+
+// setNodeState sets a node's state and its drain deadline (zero: none).
+func (r *Router) setNodeState(ctx context.Context, id, state string, deadline time.Time) (api.NodeStatus, error) {
 	recs, err := r.store.ListNodes(ctx)
 	if err != nil {
 		return api.NodeStatus{}, err
@@ -870,7 +882,10 @@ func (r *Router) SetNodeState(ctx context.Context, id, state string) (api.NodeSt
 	if rec == nil {
 		return api.NodeStatus{}, fmt.Errorf("node %q: %w", id, errdefs.ErrNotFound)
 	}
-	if _, err := r.store.UpdateNode(ctx, rec.ID, func(n *store.Node) error { n.State = state; return nil }); err != nil {
+	if _, err := r.store.UpdateNode(ctx, rec.ID, func(n *store.Node) error {
+		n.State, n.DrainDeadline = state, deadline
+		return nil
+	}); err != nil {
 		return api.NodeStatus{}, err
 	}
 	if err := r.Refresh(ctx); err != nil {

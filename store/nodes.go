@@ -36,6 +36,9 @@ type Node struct {
 	// BootID is the node process's, from its heartbeats: a new one means
 	// it restarted.
 	BootID string `json:"boot_id,omitempty"`
+	// DrainDeadline, while draining, is when its sandboxes still running
+	// are terminated (zero: none).
+	DrainDeadline time.Time `json:"drain_deadline,omitempty"`
 }
 
 // PutNode records (or replaces) a node.
