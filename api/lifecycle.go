@@ -138,6 +138,15 @@ func (s *Server) watch(sb *store.Sandbox) {
 	}
 	go func() {
 		ex, err := s.node.Wait(ctx, sb.ID, sb.Pid)
+		for s.replicated() && errors.Is(err, node.ErrLost) && !s.leading() && ctx.Err() == nil {
+			// Replicas: the leader decides that a sandbox is lost (this
+			// replica may only be cut off from its node); wait again
+			// while its end is not recorded.
+			if !s.awaitLostOrBack(ctx, sb.ID) {
+				break
+			}
+			ex, err = s.node.Wait(ctx, sb.ID, sb.Pid)
+		}
 		if err != nil && ctx.Err() != nil {
 			return // daemon shutting down: the sandbox keeps running
 		}

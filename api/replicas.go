@@ -126,6 +126,14 @@ func (s *Server) adopt(sb *store.Sandbox) bool {
 	if starting || sb.Pid == 0 {
 		return false
 	}
+	if !s.runsAsRecorded(sb) {
+		// Gone (its init's pid may be another process's by now: never
+		// watched by pid). The leader records its end.
+		if s.leading() {
+			s.endGone(sb)
+		}
+		return false
+	}
 	s.watch(sb)
 	if sb.State == store.StateStopping && sb.EndReason != "" {
 		// Its end was asked for on a replica that died: finish it.
@@ -242,4 +250,58 @@ func (s *Server) idleAcrossReplicas(ctx context.Context, l *liveSandbox) time.Du
 		l.lastUsed = sb.LastActive
 	}
 	return time.Since(l.lastUsed)
+}
+
+// runsAsRecorded reports whether sb runs on its node with the init pid
+// recorded; a sandbox on a node that stopped answering counts (its watch
+// reports it lost).
+func (s *Server) runsAsRecorded(sb *store.Sandbox) bool {
+	if l, ok := s.node.(interface{ Lost(id string) bool }); ok && l.Lost(sb.ID) {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(s.baseCtx, 10*time.Second)
+	defer cancel()
+	pid, running := s.node.Running(ctx, sb.ID)
+	return running && pid == sb.Pid
+}
+
+// endGone records the end of a sandbox found not running (its replica
+// died before it saw the end), as Reconcile does on one control plane.
+func (s *Server) endGone(sb *store.Sandbox) {
+	ctx := s.baseCtx
+	reason := "exited"
+	if sb.State == store.StateStopping && sb.EndReason != "" {
+		reason = sb.EndReason
+	}
+	if time.Now().After(sb.Deadline()) {
+		reason = "timeout"
+	}
+	if err := s.node.Destroy(ctx, sb.ID, sb.Slot); err != nil {
+		s.log.Warn("replicas: destroy a sandbox found gone", "sandbox", sb.ID, "err", err)
+	}
+	sb.State, sb.EndReason, sb.EndedAt, sb.ExitCode = store.StateStopped, reason, time.Now().UTC(), -1
+	if !s.recordEnd(ctx, sb) {
+		return
+	}
+	if s.cfg.Hooks.Ended != nil {
+		s.cfg.Hooks.Ended(ctx, sb)
+	}
+	s.log.Info("sandbox ended", "sandbox", sb.ID, "reason", reason, "exit_code", -1, "found", "not running")
+}
+
+// awaitLostOrBack is a follower's wait on a sandbox its node stopped
+// answering for: after leaderPoll, true to wait on it again (it is still
+// live in the store, and this replica does not lead), false when its end
+// is recorded or this replica leads now (then it is finished here).
+func (s *Server) awaitLostOrBack(ctx context.Context, id string) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(leaderPoll):
+	}
+	if s.leading() {
+		return false
+	}
+	sb, err := s.store.GetSandbox(ctx, id)
+	return err == nil && sb.Live()
 }

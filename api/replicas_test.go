@@ -102,3 +102,59 @@ func TestIdleAcrossReplicas(t *testing.T) {
 		t.Fatalf("ended as %q, want idle", got.EndReason)
 	}
 }
+
+// TestGoneNotAdopted: a running record whose sandbox does not run on its
+// node (its replica died before seeing the end; its pid may be another
+// process's by now) is not watched; the leader records its end.
+func TestGoneNotAdopted(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	lease := &fakeLease{}
+	tn := newTestNode(t, Config{Leader: lease})
+	now := time.Now().UTC()
+	rec := &store.Sandbox{ID: "sb-gone", OrgID: "a", State: store.StateRunning, Slot: 8, Pid: 43,
+		CreatedAt: now, StartedAt: now, Timeout: time.Hour}
+	if err := tn.store.CreateSandbox(ctx, rec); err != nil {
+		t.Fatal(err)
+	}
+	if err := tn.srv.syncOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := tn.store.GetSandbox(ctx, rec.ID); tn.srv.IsActive(ctx, rec.ID) || got.State != store.StateRunning {
+		t.Fatalf("a follower adopted or ended a gone sandbox: active %v, %s", tn.srv.IsActive(ctx, rec.ID), got.State)
+	}
+	lease.held.Store(true)
+	if err := tn.srv.syncOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := tn.store.GetSandbox(ctx, rec.ID)
+	if tn.srv.IsActive(ctx, rec.ID) || got.State != store.StateStopped || got.EndReason != "exited" || got.ExitCode != -1 {
+		t.Fatalf("the leader on a gone sandbox: active %v, %+v", tn.srv.IsActive(ctx, rec.ID), got)
+	}
+	if tn.node.destroyed(rec.ID) == 0 {
+		t.Fatal("what the gone sandbox left on its node was not destroyed")
+	}
+}
+
+// TestFollowerDoesNotDecideLost: a replica that does not lead and sees a
+// sandbox's node stop answering does not end it (it may be cut off from
+// the node alone); once it leads, it records the sandbox lost.
+func TestFollowerDoesNotDecideLost(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	lease := &fakeLease{}
+	lease.held.Store(true)
+	tn := newTestNode(t, Config{Leader: lease})
+	c := tn.user("mia")
+	sb := create(t, c, &v1.CreateSandboxRequest{Image: "busybox"})
+	lease.held.Store(false)
+	tn.node.loseSandbox(sb.Id)
+	time.Sleep(4 * leaderPoll) // what a follower must not do in that time: record the loss
+	if rec, _ := tn.store.GetSandbox(ctx, sb.Id); rec.State != store.StateRunning {
+		t.Fatalf("a follower recorded a sandbox lost: %s %s", rec.State, rec.EndReason)
+	}
+	lease.held.Store(true)
+	if got := waitSandbox(t, c, sb.Id); got.EndReason != "lost" {
+		t.Fatalf("ended %q once leading, want lost", got.EndReason)
+	}
+}

@@ -2,9 +2,11 @@ package noderpc
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"time"
 
+	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -190,4 +192,10 @@ func (r *Router) noteBoot(m *member, rec *store.Node) {
 		r.unreconciled[rec.ID] = true
 	}
 	m.boot = rec.BootID
+}
+
+// Lost reports whether sandbox id is on a node that stopped answering.
+func (r *Router) Lost(id string) bool {
+	_, err := r.on(id)
+	return errors.Is(err, node.ErrLost)
 }
