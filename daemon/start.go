@@ -254,6 +254,7 @@ func (d *Daemon) startMCP(context.Context) (err error) {
 	if d.mcp, err = newMCPGateway(d.cfg.sharedDir(), d.Store, d.Issuer, deny, d.cfg.MCPAuditRetention, d.cfg.Logger); err != nil {
 		return fmt.Errorf("MCP gateway: %w", err)
 	}
+	d.mcp.leading = d.leaderFunc()
 	return nil
 }
 
