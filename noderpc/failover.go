@@ -160,17 +160,3 @@ func hostOf(u string) string {
 	}
 	return p.Hostname()
 }
-
-// checkBootID refuses a boot id that is not a short token (what a node
-// sends is hostile input: it is stored and logged).
-func checkBootID(id string) error {
-	if len(id) > 64 {
-		return fmt.Errorf("heartbeat boot_id: %d bytes, at most 64: %w", len(id), errdefs.ErrInvalidArgument)
-	}
-	for _, c := range id {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
-			return fmt.Errorf("heartbeat boot_id: want [A-Za-z0-9-]: %w", errdefs.ErrInvalidArgument)
-		}
-	}
-	return nil
-}

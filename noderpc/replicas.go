@@ -3,9 +3,11 @@ package noderpc
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"time"
 
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/store"
 )
@@ -198,4 +200,18 @@ func (r *Router) noteBoot(m *member, rec *store.Node) {
 func (r *Router) Lost(id string) bool {
 	_, err := r.on(id)
 	return errors.Is(err, node.ErrLost)
+}
+
+// checkBootID refuses a boot id that is not a short token (what a node
+// sends is hostile input: it is stored and logged).
+func checkBootID(id string) error {
+	if len(id) > 64 {
+		return fmt.Errorf("heartbeat boot_id: %d bytes, at most 64: %w", len(id), errdefs.ErrInvalidArgument)
+	}
+	for _, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
+			return fmt.Errorf("heartbeat boot_id: want [A-Za-z0-9-]: %w", errdefs.ErrInvalidArgument)
+		}
+	}
+	return nil
 }
