@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
@@ -89,6 +90,11 @@ func (l *pgLease) Acquire(ctx context.Context) (context.Context, func(), error) 
 	}
 	// Operators see who holds what in pg_stat_activity and pg_locks.
 	cfg.RuntimeParams["application_name"] = "chalkd lease " + l.name
+	// A holder whose host died without closing its connection (power
+	// loss, a partition) pings no more: the server ends the idle session,
+	// and with it the lock, after a few missed checks rather than at the
+	// TCP keepalive's hours.
+	cfg.RuntimeParams["idle_session_timeout"] = strconv.FormatInt((5 * l.check).Milliseconds(), 10)
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, nil, fmt.Errorf("lease connection to %s: %w", Redact(l.dsn), err)
@@ -153,6 +159,12 @@ func (s *Store) PlacementLock(ctx context.Context) (release func(), err error) {
 		return nil, err
 	}
 	if err := tx.d.lock(ctx, tx, "placement"); err != nil {
+		_ = tx.Rollback()
+		return nil, fmt.Errorf("placement lock: %w", err)
+	}
+	// A replica that died holding it (its host gone without closing the
+	// connection) gives it up after this long idle.
+	if _, err := tx.tx.ExecContext(ctx, `SET LOCAL idle_in_transaction_session_timeout = '10s'`); err != nil {
 		_ = tx.Rollback()
 		return nil, fmt.Errorf("placement lock: %w", err)
 	}
