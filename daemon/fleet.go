@@ -109,7 +109,11 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		access.Addr = net.JoinHostPort("", port)
 	}
 	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet"), Registry: access,
-		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }, Workloads: fleetWorkloads{d}}
+		FirstHeartbeat: func(id string) {
+			if !d.cfg.replicated() { // replicas: the leader warms (warmByLeader)
+				d.warmBase(ctx, id)
+			}
+		}, Workloads: fleetWorkloads{d}}
 	mux := http.NewServeMux()
 	mux.Handle(f.Handler())
 	l, err := net.Listen("tcp", cmpOr(fc.Listen, DefaultFleetListen))

@@ -61,6 +61,18 @@ func TestFleetReplicas(t *testing.T) {
 		waitHealthy(t, c, map[string]bool{"node1": true, "node2": true, "node3": true})
 	}
 	ca, cb := a.Client(), b.Client()
+	// The leader (A) warms the base images on every node, also those that
+	// heartbeat to B; B, a follower, warms none.
+	deadline := time.Now().Add(60 * time.Second)
+	for strings.Count(a.Log(), "fleet: base image warm") < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the leader warmed busybox on %d of 3 nodes", strings.Count(a.Log(), "fleet: base image warm"))
+		}
+		time.Sleep(100 * time.Millisecond) // polling the leader's log
+	}
+	if strings.Contains(b.Log(), "fleet: base image warm") {
+		t.Fatal("a follower warmed base images")
+	}
 
 	// Made via A, used and ended via B.
 	var sbs []*chalkcompute.Sandbox
@@ -181,8 +193,11 @@ func TestFleetReplicas(t *testing.T) {
 	}
 
 	// kill -9 of the leader: B leads within seconds, nothing is lost.
-	a.Kill()
+	if strings.Contains(b.Log(), "replicas: leading") {
+		t.Fatal("B led while A held the lease")
+	}
 	killed := time.Now()
+	a.Kill()
 	waitLog(t, b, "replicas: leading", 20*time.Second)
 	t.Logf("B leads %v after A's kill -9", time.Since(killed).Round(time.Millisecond))
 	waitHealthy(t, b, map[string]bool{"node1": true, "node2": true, "node3": true})

@@ -23,8 +23,8 @@ import (
 // start lease (one replica starts at a time). Leader-only work runs under
 // the leader lease (a PostgreSQL session advisory lock, store.Lease): the
 // sandbox timers and the recording of ends (api), the reconcile of a
-// returned node (noderpc.Router), the identity key rotation and the MCP
-// audit prune.
+// returned node (noderpc.Router), the identity key rotation, the MCP
+// audit prune and warming the base images on nodes.
 
 // Lease names and how often a holder checks its lease connection: a
 // replica cut off from the database gives leadership up within
@@ -131,6 +131,37 @@ func (d *Daemon) endStart(ctx context.Context) {
 	}
 	go d.runLeader(ctx)
 	go d.API.SyncReplicas(ctx, time.Second)
+	go d.warmByLeader(ctx, 2*time.Second)
+}
+
+// warmByLeader warms the base images on every healthy node the leader
+// has not warmed since it took the lease: a node that joined (at any
+// replica), and every node after a leader change (cheap: already warm).
+func (d *Daemon) warmByLeader(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	warmed := map[string]bool{}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !d.leader.Leading() {
+			clear(warmed)
+			continue
+		}
+		ns, err := d.router.Nodes(ctx)
+		if err != nil {
+			continue
+		}
+		for _, n := range ns {
+			if n.Healthy && !warmed[n.ID] {
+				warmed[n.ID] = true
+				go d.warmBase(ctx, n.ID)
+			}
+		}
+	}
 }
 
 // newBootID is this node process's boot id (heartbeats carry it: a new one
