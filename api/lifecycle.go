@@ -33,6 +33,10 @@ type liveSandbox struct {
 	reason   string // why we are ending it (terminated, timeout, idle, lost); "" if it ended by itself
 	detail   string // with reason lost: the error, recorded as the sandbox's
 	lastUsed time.Time
+	// idle is its idle timeout; stored is when lastUsed was last written
+	// to the store (replicas: the leader enforces the idle timeout).
+	idle   time.Duration
+	stored time.Time
 }
 
 // NewSandboxID returns a fresh sandbox id (also for pre-started sandboxes,
@@ -134,19 +138,35 @@ func (s *Server) fail(ctx context.Context, sb *store.Sandbox, cause error) error
 func (s *Server) watch(sb *store.Sandbox) {
 	ctx, cancel := context.WithCancel(s.baseCtx)
 	ip, _ := netip.ParseAddr(sb.IP)
-	l := &liveSandbox{id: sb.ID, slot: sb.Slot, ip: ip, done: make(chan struct{}), cancel: cancel, lastUsed: sb.LastActive}
+	l := &liveSandbox{id: sb.ID, slot: sb.Slot, ip: ip, done: make(chan struct{}), cancel: cancel, lastUsed: sb.LastActive, idle: sb.IdleTimeout}
 	if l.lastUsed.IsZero() {
 		l.lastUsed = time.Now()
 	}
 	s.live.mu.Lock()
+	if _, dup := s.live.m[sb.ID]; dup {
+		// Watched already (replicas: adopted by the sync and a request at once).
+		s.live.mu.Unlock()
+		cancel()
+		return
+	}
 	s.live.m[sb.ID] = l
+	// Replicas: it fires on the leader only (expire).
+	l.timer = time.AfterFunc(time.Until(sb.Deadline()), func() { s.expire(sb.ID, "timeout") })
 	s.live.mu.Unlock()
-	l.timer = time.AfterFunc(time.Until(sb.Deadline()), func() { s.end(sb.ID, "timeout") })
 	if sb.IdleTimeout > 0 {
 		go s.idleLoop(ctx, l, sb.IdleTimeout)
 	}
 	go func() {
 		ex, err := s.node.Wait(ctx, sb.ID, sb.Pid)
+		for s.replicated() && errors.Is(err, node.ErrLost) && !s.leading() && ctx.Err() == nil {
+			// Replicas: the leader decides that a sandbox is lost (this
+			// replica may only be cut off from its node); wait again
+			// while its end is not recorded.
+			if !s.awaitLostOrBack(ctx, sb.ID) {
+				break
+			}
+			ex, err = s.node.Wait(ctx, sb.ID, sb.Pid)
+		}
 		if err != nil && ctx.Err() != nil {
 			return // daemon shutting down: the sandbox keeps running
 		}
@@ -175,6 +195,15 @@ func (s *Server) idleLoop(ctx context.Context, l *liveSandbox, d time.Duration) 
 			s.live.mu.Lock()
 			idle := time.Since(l.lastUsed)
 			s.live.mu.Unlock()
+			if idle >= d && !s.leading() {
+				// Replicas: only the leader ends it; look again.
+				t.Reset(leaderPoll)
+				continue
+			}
+			if idle >= d && s.replicated() {
+				// Used through another replica meanwhile?
+				idle = s.idleAcrossReplicas(ctx, l)
+			}
 			if idle >= d {
 				s.end(l.id, "idle")
 				return
@@ -186,11 +215,19 @@ func (s *Server) idleLoop(ctx context.Context, l *liveSandbox, d time.Duration) 
 
 // touch records activity for the idle timeout.
 func (s *Server) touch(id string) {
+	now := time.Now()
+	persist := false
 	s.live.mu.Lock()
 	if l := s.live.m[id]; l != nil {
-		l.lastUsed = time.Now()
+		l.lastUsed = now
+		if s.replicated() && l.idle > 0 && now.Sub(l.stored) >= touchEvery(l.idle) {
+			l.stored, persist = now, true
+		}
 	}
 	s.live.mu.Unlock()
+	if persist {
+		s.storeTouch(id, now)
+	}
 }
 
 // end ends a running sandbox for reason: it is recorded as stopping (with
@@ -199,8 +236,8 @@ func (s *Server) touch(id string) {
 // node is removed in the background (node Teardown), its slot held until
 // then.
 func (s *Server) end(id, reason string) {
+	l := s.liveHere(id)
 	s.live.mu.Lock()
-	l := s.live.m[id]
 	first := l != nil && l.reason == ""
 	if first {
 		l.reason = reason
@@ -252,6 +289,14 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 		l.cancel()
 		close(l.done)
 	}()
+	if s.replicated() && !s.awaitRecord(id) {
+		// The leader recorded its end and tears it down: what this
+		// replica keeps of it (hooks) goes.
+		if sb, err := s.store.GetSandbox(ctx, id); err == nil && s.cfg.Hooks.Ended != nil {
+			s.cfg.Hooks.Ended(ctx, sb)
+		}
+		return
+	}
 	sb, err := s.store.GetSandbox(ctx, id)
 	if err != nil {
 		s.log.Error("finish sandbox", "sandbox", id, "err", err)
@@ -275,6 +320,9 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 	s.live.mu.Lock()
 	reason, detail := l.reason, l.detail
 	s.live.mu.Unlock()
+	if reason == "" && sb.State == store.StateStopping && sb.EndReason != "" {
+		reason = sb.EndReason // asked for on another replica (MarkStopping precedes the kill)
+	}
 	if detail != "" {
 		sb.Error = detail
 	}
@@ -292,8 +340,8 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 	if !ex.Known && (reason == "" || reason == "lost") {
 		sb.ExitCode = -1
 	}
-	if err := s.store.UpdateSandbox(ctx, sb); err != nil {
-		s.log.Error("record sandbox end", "sandbox", id, "err", err)
+	if !s.recordEnd(ctx, sb) {
+		return
 	}
 	s.log.Info("sandbox ended", "sandbox", id, "reason", sb.EndReason, "exit_code", sb.ExitCode)
 }
@@ -303,6 +351,9 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 // those that died meanwhile are recorded and cleaned, and anything on the node
 // that belongs to no live sandbox is removed.
 func (s *Server) Reconcile(ctx context.Context) error {
+	if s.replicated() {
+		return s.reconcileReplica(ctx)
+	}
 	sbs, err := s.store.ListSandboxes(ctx, "", true)
 	if err != nil {
 		return err
@@ -386,9 +437,7 @@ func (s *Server) IsActive(ctx context.Context, id string) bool { return s.live.I
 
 // WaitEnded blocks until sandbox id is no longer live, or ctx ends.
 func (s *Server) WaitEnded(ctx context.Context, id string) error {
-	s.live.mu.Lock()
-	l := s.live.m[id]
-	s.live.mu.Unlock()
+	l := s.liveHere(id)
 	if l == nil {
 		return nil
 	}

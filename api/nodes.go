@@ -69,7 +69,8 @@ func nodeToPB(n NodeStatus) *v1.Node {
 		return t.UTC().Format(time.RFC3339Nano)
 	}
 	return &v1.Node{Id: n.ID, Name: n.Name, Url: n.URL, State: n.State, Healthy: n.Healthy, Cpu: n.CPU, MemoryMb: n.MemoryMB,
-		Slots: int32(n.Slots), Sandboxes: int32(n.Sandboxes), LastHeartbeat: ts(n.LastHeartbeat), JoinedAt: ts(n.JoinedAt)}
+		Slots: int32(n.Slots), Sandboxes: int32(n.Sandboxes), LastHeartbeat: ts(n.LastHeartbeat), JoinedAt: ts(n.JoinedAt),
+		DrainDeadline: ts(n.DrainDeadline)}
 }
 
 func (h *nodeAdminService) List(ctx context.Context, _ *connect.Request[v1.ListNodesRequest]) (*connect.Response[v1.ListNodesResponse], error) {
@@ -98,7 +99,12 @@ func (h *nodeAdminService) SetState(ctx context.Context, req *connect.Request[v1
 	default:
 		return nil, invalid("state %q: want ready, cordoned or draining", req.Msg.State)
 	}
-	n, err := f.SetNodeState(ctx, req.Msg.Id, req.Msg.State)
+	var n NodeStatus
+	if req.Msg.DeadlineSeconds != 0 {
+		n, err = h.drainBy(ctx, f, req.Msg)
+	} else {
+		n, err = f.SetNodeState(ctx, req.Msg.Id, req.Msg.State)
+	}
 	if err != nil {
 		return nil, err
 	}

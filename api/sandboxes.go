@@ -269,7 +269,14 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 			s.node.Unclaim(id) // a no-op once Start has taken it
 		}
 	}(sb.ID)
-	if err = s.store.CreateSandboxWithin(ctx, sb, quota); err != nil {
+	if p, ok := s.node.(interface{ NodeOf(id string) string }); ok {
+		sb.Node = p.NodeOf(sb.ID) // fleet: every replica routes its calls there
+	}
+	err = s.store.CreateSandboxWithin(ctx, sb, quota)
+	if p, ok := s.node.(interface{ Recorded(id string) }); ok {
+		p.Recorded(sb.ID) // fleet: the next placement (any replica) counts this one
+	}
+	if err != nil {
 		return nil, err
 	}
 	setAuditObject(ctx, sb.ID)

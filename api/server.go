@@ -126,6 +126,9 @@ type Config struct {
 	// are built before the server with the same one. Nil: the server makes
 	// its own.
 	Live *Live
+	// Leader is the control plane's leader lease when replicas share the
+	// store (nil: this process is the only control plane; see replicas.go).
+	Leader Leadership
 }
 
 // DefaultMemoryMB is Config.DefaultMemoryMB's default: 1 GiB.

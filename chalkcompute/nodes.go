@@ -2,6 +2,8 @@ package chalkcompute
 
 import (
 	"context"
+	"fmt"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -16,6 +18,19 @@ func (c *Client) Nodes(ctx context.Context) ([]*v1.Node, error) {
 		return nil, err
 	}
 	return resp.Msg.Nodes, nil
+}
+
+// DrainNode drains a node (id or name) and has the control plane terminate
+// its sandboxes still running after deadline (end_reason "drained").
+func (c *Client) DrainNode(ctx context.Context, node string, deadline time.Duration) (*v1.Node, error) {
+	if deadline <= 0 || deadline%time.Second != 0 {
+		return nil, fmt.Errorf("drain deadline %v: want a positive whole number of seconds", deadline)
+	}
+	resp, err := c.nodes.SetState(ctx, connect.NewRequest(&v1.SetNodeStateRequest{Id: node, State: "draining", DeadlineSeconds: int64(deadline / time.Second)}))
+	if err != nil {
+		return nil, err
+	}
+	return resp.Msg, nil
 }
 
 // SetNodeState sets a node's state (by id or name): ready, cordoned (no new

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -31,19 +32,31 @@ func nodeCmd(e *env) *cobra.Command {
 	})
 	for _, s := range []struct{ use, state, short string }{
 		{"cordon", "cordoned", "Place no new sandboxes on a node"},
-		{"drain", "draining", "Place no new sandboxes on a node; its running ones are left to end"},
+		{"drain", "draining", "Place no new sandboxes on a node; its running ones are left to end (or terminated at --deadline)"},
 		{"uncordon", "ready", "Place sandboxes on a node again"},
 	} {
-		cmd.AddCommand(&cobra.Command{
+		var deadline time.Duration
+		c := &cobra.Command{
 			Use:   s.use + " NODE",
 			Short: s.short + " (NODE: its id or name)",
 			Args:  cobra.ExactArgs(1),
 			RunE: call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.Node, error) {
+				if deadline != 0 {
+					return c.DrainNode(ctx, args[0], deadline)
+				}
 				return c.SetNodeState(ctx, args[0], s.state)
 			}, asIs[*v1.Node], func(n *v1.Node) {
+				if n.DrainDeadline != "" {
+					fmt.Fprintf(e.out, "node %s (%s): %s until %s (then its sandboxes still running are terminated)\n", n.Id, n.Name, n.State, n.DrainDeadline)
+					return
+				}
 				fmt.Fprintf(e.out, "node %s (%s): %s\n", n.Id, n.Name, n.State)
 			}),
-		})
+		}
+		if s.use == "drain" {
+			c.Flags().DurationVar(&deadline, "deadline", 0, "terminate the node's sandboxes still running this long from now (e.g. 10m; end_reason drained)")
+		}
+		cmd.AddCommand(c)
 	}
 	cmd.AddCommand(nodeRmCmd(e))
 	return cmd

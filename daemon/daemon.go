@@ -292,6 +292,11 @@ type Daemon struct {
 	nodeMode          bool // `chalkd node` (fleetpool.go)
 	nodeWL            *nodeWorkloads
 
+	// leader is the leader lease's state (replicas only); releaseStart
+	// gives the start lease back (replicas.go).
+	leader       *leadership
+	releaseStart func()
+
 	AdminToken string // set when this start created it
 	servers    []*http.Server
 	listeners  []net.Listener
@@ -301,6 +306,9 @@ type Daemon struct {
 // Start brings up every component and serves the API. It returns once serving.
 func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	if err := cfg.checkReplicas(); err != nil {
 		return nil, err
 	}
 	if cfg.Fleet != nil {
@@ -321,6 +329,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}{
 		{"data dir", d.prepareDataDir},
 		{"store", d.openStore},
+		{"replica start lease", d.takeStartLease},
 		{"registry and node cache", d.startImages},
 		{"sandbox network", d.startNetwork},
 		{"sandbox runtime", d.startRuntime},
@@ -349,6 +358,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := startIngress(ctx, d); err != nil {
 		return nil, err
 	}
+	d.endStart(ctx)
 	return d, nil
 }
 
@@ -465,6 +475,9 @@ func writeFile0600(path string, b []byte) error { return atomicfile.WriteFile(pa
 // reattaches to them.
 func (d *Daemon) Close() error {
 	var errs []error
+	if d.releaseStart != nil {
+		d.releaseStart() // a start that failed
+	}
 	d.ingress.close() // cut exposed routes' streams first: Shutdown waits for requests
 	for _, s := range d.servers {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

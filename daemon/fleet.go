@@ -60,6 +60,10 @@ type FleetConfig struct {
 	// here); 0: none set (nodes pre-start recently used images by their own
 	// --prestart).
 	Prestart int
+	// SharedDir makes this control plane one of several replicas on one
+	// PostgreSQL database: it holds their shared keys and registry
+	// storage (daemon/replicas.go).
+	SharedDir string
 }
 
 // fleetDir is where the control plane keeps its CA.
@@ -72,7 +76,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	if fc == nil {
 		return nil
 	}
-	ca, err := noderpc.LoadOrCreateCA(fleetDir(d.cfg.DataDir))
+	ca, err := noderpc.LoadOrCreateCA(fleetDir(d.cfg.sharedDir()))
 	if err != nil {
 		return fmt.Errorf("fleet CA: %w", err)
 	}
@@ -82,6 +86,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	}
 	d.router = noderpc.NewRouter(d.Store, ca, cert, d.log.With("component", "fleet"))
 	d.router.HeartbeatTimeout = fc.NodeTimeout
+	d.router.Leading = d.leaderFunc()
 	if err := d.router.Refresh(ctx); err != nil {
 		return err
 	}
@@ -101,7 +106,11 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 		return fmt.Errorf("fleet registry listener: %w", err)
 	}
 	f := &noderpc.Fleet{Store: d.Store, CA: ca, Log: d.log.With("component", "fleet"),
-		FirstHeartbeat: func(id string) { d.warmBase(ctx, id) }, Workloads: fleetWorkloads{d}}
+		FirstHeartbeat: func(id string) {
+			if !d.cfg.replicated() { // replicas: the leader warms (warmByLeader)
+				d.warmBase(ctx, id)
+			}
+		}, Workloads: fleetWorkloads{d}}
 	// Only fleet members reach it: a node certificate not revoked (a
 	// removed node keeps its copy of the pull credential).
 	if err := d.Registry.ServeTLSConfig(rl, noderpc.RegistryServerTLS(ca, cert), f.RegistryGate); err != nil {
@@ -200,6 +209,12 @@ func (d *Daemon) apiNode() api.Node {
 func (d *Daemon) fleetHooks() api.Hooks {
 	return api.Hooks{
 		Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
+			if len(sb.Tunnels) > 0 && d.cfg.replicated() {
+				// The tunnels' membership is kept in one control plane's
+				// memory (fleettunnel.go): replicas would push each other's
+				// nodes views missing the members the other placed.
+				return fmt.Errorf("sandbox %s: tunnels are not available with several control-plane replicas (--shared-dir) yet: %w", sb.ID, errdefs.ErrFailedPrecondition)
+			}
 			if err := d.fleetMountBinds(ctx, sb, req); err != nil {
 				return err
 			}
@@ -270,7 +285,10 @@ func NewJoinToken(ctx context.Context, dataDir, database string, ttl time.Durati
 
 // NodeOptions configure `chalkd node`.
 type NodeOptions struct {
-	Join      string // the control plane's fleet listener, https://host:port
+	// Join is the control plane's fleet listener, https://host:port; with
+	// control-plane replicas, each one's, separated by commas (the node
+	// joins, heartbeats and asks for identities at whichever answers).
+	Join      string
 	JoinToken string // needed once, to join
 	Listen    string // node API (default DefaultNodeListen)
 	Advertise string // the node API as the control plane reaches it (https://host:port)
@@ -300,6 +318,10 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	}
 	if opts.Join == "" {
 		return nil, fmt.Errorf("chalkd node: --join is required: %w", errdefs.ErrInvalidArgument)
+	}
+	controls, err := noderpc.ControlURLs(opts.Join)
+	if err != nil {
+		return nil, fmt.Errorf("chalkd node: --join: %w", err)
 	}
 	if opts.Listen == "" {
 		opts.Listen = DefaultNodeListen
@@ -346,13 +368,20 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 				return fmt.Errorf("chalkd node: not joined yet: --join-token is required: %w", errdefs.ErrInvalidArgument)
 			}
 			c := capacity()
-			id, err = noderpc.Join(ctx, dir, noderpc.JoinRequest{ControlURL: opts.Join, Token: opts.JoinToken, Name: opts.Name,
-				NodeURL: opts.Advertise, CPU: c.Cpu, MemoryMB: c.MemoryMb, Slots: int(c.Slots)})
+			// The first replica that answers takes the join (they share
+			// the store: the token is good at any of them).
+			for _, u := range controls {
+				id, err = noderpc.Join(ctx, dir, noderpc.JoinRequest{ControlURL: u, Token: opts.JoinToken, Name: opts.Name,
+					NodeURL: opts.Advertise, CPU: c.Cpu, MemoryMB: c.MemoryMb, Slots: int(c.Slots)})
+				if err == nil || !errdefs.Is(err, errdefs.ErrUnavailable) {
+					break
+				}
+			}
 		}
 		if err != nil {
 			return fmt.Errorf("chalkd node: %w", err)
 		}
-		fc = noderpc.FleetClient(id, opts.Join)
+		fc = noderpc.FailoverFleetClient(id, controls)
 		return nil
 	}
 	// remoteImages: the node resolves and pulls images from the control
@@ -364,8 +393,11 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		// node has nothing to pull images with until it answers. Any
 		// other refusal (not a member any more) fails the start.
 		for warned := false; ; warned = true {
+			// The registry of the first replica that answers (its
+			// --fleet-registry-advertise, else its host with the other
+			// replicas' as alternates).
 			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			d.Registry, err = noderpc.RemoteRegistry(cctx, fc, id, opts.Join, d.log.With("component", "registry"))
+			d.Registry, err = noderpc.RemoteRegistryAt(cctx, id, controls, d.log.With("component", "registry"))
 			cancel()
 			if err == nil || !errdefs.Is(err, errdefs.ErrUnavailable) && !errdefs.Is(err, errdefs.ErrDeadlineExceeded) {
 				break
@@ -409,11 +441,11 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		}
 	}
 	n := &NodeDaemon{d: d, ID: id.ID, cancel: d.cancel}
-	relay, err := noderpc.NewRelayClient(id, opts.Join, d.log.With("component", "metadata"))
+	relay, err := noderpc.NewRelayClientOver(id, controls, noderpc.CurrentReplica(fc), d.log.With("component", "metadata"))
 	if err != nil {
 		return nil, err
 	}
-	if err := d.startNodeMetadata(noderpc.NewWorkloadClient(id, opts.Join), relay); err != nil {
+	if err := d.startNodeMetadata(noderpc.NewWorkloadClientOver(fc), relay); err != nil {
 		return nil, err
 	}
 	mux := http.NewServeMux()
@@ -438,7 +470,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 			d.log.Error("node API", "err", err)
 		}
 	}()
-	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, capacity)
+	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, newBootID(), capacity)
 	go noderpc.RenewLoop(ctx, d.log, id, fc, time.Hour) // its certificate, before it expires
 	go func() { _ = d.startBackground(ctx) }()
 	d.log.Info("chalkd node serving", "node", id.ID, "api", n.addr, "advertise", opts.Advertise, "control", opts.Join)
@@ -449,13 +481,13 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 // node lives, where it serves and what it offers.
 func heartbeatLoop(ctx context.Context, log *slog.Logger, fc interface {
 	Heartbeat(context.Context, *connect.Request[nodev1.HeartbeatRequest]) (*connect.Response[nodev1.HeartbeatResponse], error)
-}, id, advertise string, capacity func() *nodev1.Capacity) {
+}, id, advertise, bootID string, capacity func() *nodev1.Capacity) {
 	t := time.NewTicker(noderpc.HeartbeatInterval)
 	defer t.Stop()
 	failing := false
 	for {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		_, err := fc.Heartbeat(cctx, connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: id, NodeUrl: advertise, Capacity: capacity()}))
+		_, err := fc.Heartbeat(cctx, connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: id, NodeUrl: advertise, Capacity: capacity(), BootId: bootID}))
 		cancel()
 		switch {
 		case err != nil && !failing && ctx.Err() == nil:

@@ -90,7 +90,7 @@ func newIngress(cfg *Config, st *store.Store, auth *api.Authenticator, live *api
 	if ic.Listen == "" {
 		ic.Listen = DefaultIngressListen
 	}
-	key, err := loadOrMakeKey(filepath.Join(cfg.DataDir, "ingress.key"))
+	key, err := loadOrMakeKey(filepath.Join(cfg.sharedDir(), "ingress.key"))
 	if err != nil {
 		return nil, fmt.Errorf("ingress signing key: %w", err)
 	}

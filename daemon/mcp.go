@@ -41,6 +41,9 @@ type mcpGateway struct {
 	droppedMu sync.Mutex
 	droppedBy map[string]int64 // org -> records lost and not yet reported in the audit
 	retention time.Duration
+	// leading, with control-plane replicas, says whether this one prunes
+	// (nil: always).
+	leading   func() bool
 	cacheMu   sync.Mutex
 	upstreams map[string]*mcpgw.Upstream   // org/name -> (dropped by Invalidate)
 	gen       uint64                       // Invalidate calls: a load that raced one is not cached
@@ -250,6 +253,9 @@ func (m *mcpGateway) reportDropped(ctx context.Context) {
 
 // prune removes records older than the retention.
 func (m *mcpGateway) prune() {
+	if m.leading != nil && !m.leading() {
+		return // the leading replica prunes
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	n, err := m.st.PruneMCPAudit(ctx, time.Now().Add(-m.retention))

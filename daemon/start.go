@@ -78,7 +78,7 @@ func (d *Daemon) openStore(ctx context.Context) (err error) {
 // pulls from it.
 func (d *Daemon) startImages(ctx context.Context) (err error) {
 	cfg := &d.cfg
-	regCfg := registryConfig(cfg.DataDir, cfg.RegistryAddr, cfg.Logger)
+	regCfg := registryConfig(cfg.sharedDir(), cfg.RegistryAddr, cfg.Logger)
 	regCfg.Upstreams = cfg.Upstreams
 	if d.Registry, err = registry.New(ctx, regCfg); err != nil {
 		return fmt.Errorf("embedded registry: %w", err)
@@ -209,7 +209,7 @@ func (d *Daemon) startEgress(ctx context.Context) (err error) {
 // startBuilds sets up image builds and uploaded content.
 func (d *Daemon) startBuilds(context.Context) error {
 	cfg := &d.cfg
-	blobs, err := imagebuild.NewBlobs(filepath.Join(cfg.DataDir, "blobs"))
+	blobs, err := imagebuild.NewBlobs(filepath.Join(cfg.sharedDir(), "blobs"))
 	if err != nil {
 		return err
 	}
@@ -230,8 +230,8 @@ func (d *Daemon) startBuilds(context.Context) error {
 func (d *Daemon) startIdentity(ctx context.Context) (err error) {
 	cfg := &d.cfg
 	if d.Issuer, err = identity.New(ctx, identity.Config{
-		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.DataDir, "identity"), Logger: cfg.Logger,
-		IsActive: d.live.IsActive,
+		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.sharedDir(), "identity"), Logger: cfg.Logger,
+		IsActive: d.live.IsActive, Leading: d.leaderFunc(),
 	}); err != nil {
 		return fmt.Errorf("identity issuer: %w", err)
 	}
@@ -254,9 +254,10 @@ func (d *Daemon) startIdentity(ctx context.Context) (err error) {
 func (d *Daemon) startMCP(context.Context) (err error) {
 	s4, s6 := d.Net.Subnets()
 	deny := []netip.Prefix{s4, s6, netip.PrefixFrom(d.Net.ServiceAddr(), 32), d.tun.base}
-	if d.mcp, err = newMCPGateway(d.cfg.DataDir, d.Store, d.Issuer, deny, d.cfg.MCPAuditRetention, d.cfg.Logger); err != nil {
+	if d.mcp, err = newMCPGateway(d.cfg.sharedDir(), d.Store, d.Issuer, deny, d.cfg.MCPAuditRetention, d.cfg.Logger); err != nil {
 		return fmt.Errorf("MCP gateway: %w", err)
 	}
+	d.mcp.leading = d.leaderFunc()
 	return nil
 }
 
@@ -288,6 +289,9 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		KeepStopped: cfg.Limits.KeepStopped, KeepStoppedMB: cfg.Limits.KeepStoppedMB,
 		Hooks: d.sandboxHooks(),
 	}
+	if d.leader != nil {
+		acfg.Leader = d.leader
+	}
 	if d.router != nil {
 		// Egress rules are enforced on the node a sandbox runs on: the
 		// control plane resolves its policies and sends them there
@@ -305,6 +309,9 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		acfg.Policies, acfg.Hooks, acfg.Fleet, acfg.Images = &fleetPolicies{router: d.router}, d.fleetHooks(), d.router, fleetImages{d.im, d.Registry}
 	}
 	d.API = api.New(ctx, acfg)
+	if d.router != nil {
+		go d.API.RunDrains(ctx, time.Second) // drain deadlines, on the leader
+	}
 	if err := d.API.Reconcile(ctx); err != nil {
 		return fmt.Errorf("reconcile: %w", err)
 	}

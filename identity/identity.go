@@ -81,6 +81,12 @@ type Config struct {
 	// refuses and Verify rejects tokens of sandboxes for which it returns
 	// false. Nil means every sandbox is active.
 	IsActive func(ctx context.Context, sandboxID string) bool
+	// Leading, when control-plane replicas share Dir, reports whether this
+	// one holds the leader lease: only the leader rotates keys (Maintain);
+	// the others re-read Dir at every tick (Reload), so every replica
+	// publishes and verifies the same keys. Nil: this process alone
+	// maintains them.
+	Leading func() bool
 }
 
 func (c Config) withDefaults() (Config, error) {

@@ -96,6 +96,23 @@ func New(ctx context.Context, cfg Config) (*Issuer, error) {
 	return i, nil
 }
 
+// Reload makes the key file in Dir the live key set (written by another
+// replica's rotation), without writing it.
+func (i *Issuer) Reload() error {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	recs, _, err := readKeyFile(i.cfg.Dir)
+	if err != nil {
+		return err
+	}
+	ks, err := buildKeySet(recs)
+	if err != nil {
+		return err
+	}
+	i.keys.Store(ks)
+	return nil
+}
+
 // install persists recs and makes them the live key set.
 func (i *Issuer) install(recs []*keyRecord) error {
 	ks, err := buildKeySet(recs)
@@ -209,6 +226,12 @@ func (i *Issuer) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-t.C:
+			if i.cfg.Leading != nil && !i.cfg.Leading() {
+				if err := i.Reload(); err != nil {
+					i.log.ErrorContext(ctx, "identity: reload the keys another replica maintains", "err", err)
+				}
+				continue
+			}
 			if err := i.Maintain(ctx); err != nil {
 				i.log.ErrorContext(ctx, "identity: key maintenance failed", "err", err)
 			}

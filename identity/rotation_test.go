@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -296,5 +297,58 @@ func TestAlgChange(t *testing.T) {
 		if _, err := es.Verify(ctx, tok, "api"); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestReplicasShareKeys: two issuers on one key directory (control-plane
+// replicas): after the leader rotates, the follower's Run reloads the keys,
+// so it publishes the same JWKS and verifies the leader's new tokens, and
+// its own tokens verify on the leader. A follower never rotates.
+func TestReplicasShareKeys(t *testing.T) {
+	var aLeads atomic.Bool
+	aLeads.Store(true)
+	env := newEnv(t, func(c *Config) { c.Leading = aLeads.Load })
+	ctx := context.Background()
+	follower, err := New(ctx, Config{Issuer: env.iss.URL(), Dir: env.dir, Now: env.clock.Now, IsActive: env.active.IsActive,
+		Leading: func() bool { return false }, RotateEvery: MinRotateEvery})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() { _ = follower.Run(runCtx) }()
+	if err := env.iss.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	want := strings.Join(kids(env.iss), ",")
+	deadline := time.Now().Add(30 * time.Second)
+	for strings.Join(kids(follower), ",") != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("the follower publishes %v after the leader rotated, want %s", kids(follower), want)
+		}
+		time.Sleep(10 * time.Millisecond) // polling the follower's Run
+	}
+	tok, _, err := env.iss.Mint(ctx, testSubject, "vault", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := follower.Verify(ctx, tok, "vault"); err != nil {
+		t.Fatalf("the follower refuses the leader's token after a rotation: %v", err)
+	}
+	ftok, _, err := follower.Mint(ctx, testSubject, "vault", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.iss.Verify(ctx, ftok, "vault"); err != nil {
+		t.Fatalf("the leader refuses the follower's token: %v", err)
+	}
+	// Long past its rotation time, the follower still does not rotate.
+	env.clock.Add(10 * MinRotateEvery)
+	before := strings.Join(kids(follower), ",")
+	if err := follower.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(kids(follower), ","); got != before {
+		t.Fatalf("keys changed without the leader: %s -> %s", before, got)
 	}
 }

@@ -230,12 +230,18 @@ func (f *Fleet) Heartbeat(ctx context.Context, req *connect.Request[nodev1.Heart
 			return nil, err
 		}
 	}
+	if err := checkBootID(req.Msg.BootId); err != nil {
+		return nil, err
+	}
 	n, err := f.Store.UpdateNode(ctx, peer, func(n *store.Node) error {
 		if c := req.Msg.Capacity; c != nil {
 			n.CPU, n.MemoryMB, n.Slots = c.Cpu, c.MemoryMb, int(c.Slots)
 		}
 		if req.Msg.NodeUrl != "" {
 			n.URL = req.Msg.NodeUrl
+		}
+		if req.Msg.BootId != "" {
+			n.BootID = req.Msg.BootId
 		}
 		n.LastHeartbeat = f.now().UTC()
 		return nil

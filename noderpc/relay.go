@@ -193,9 +193,34 @@ type RelayClient struct {
 
 // NewRelayClient relays to the control plane at controlURL as node id.
 func NewRelayClient(id *NodeIdentity, controlURL string, log *slog.Logger) (*RelayClient, error) {
-	base, err := url.Parse(controlURL)
-	if err != nil || base.Scheme != "https" || base.Host == "" {
-		return nil, fmt.Errorf("relay: control plane URL %q: want https://host:port", controlURL)
+	return NewRelayClientOver(id, []string{controlURL}, nil, log)
+}
+
+// NewRelayClientOver relays to one of several control-plane replicas as
+// node id: each request goes to urls[current()] (the replica the node's
+// fleet client reached last, CurrentReplica), or to the first with a nil
+// current. A request is not retried at another replica (its body is
+// streamed); the next one goes to where the heartbeats moved.
+func NewRelayClientOver(id *NodeIdentity, urls []string, current func() int, log *slog.Logger) (*RelayClient, error) {
+	if len(urls) == 0 {
+		return nil, fmt.Errorf("relay: no control plane URL")
+	}
+	bases := make([]*url.URL, len(urls))
+	for i, u := range urls {
+		b, err := url.Parse(u)
+		if err != nil || b.Scheme != "https" || b.Host == "" {
+			return nil, fmt.Errorf("relay: control plane URL %q: want https://host:port", u)
+		}
+		bases[i] = b
+	}
+	pick := func() *url.URL {
+		if current == nil {
+			return bases[0]
+		}
+		if i := current(); i >= 0 && i < len(bases) {
+			return bases[i]
+		}
+		return bases[0]
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -204,6 +229,7 @@ func NewRelayClient(id *NodeIdentity, controlURL string, log *slog.Logger) (*Rel
 	c.proxy = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			sb, _ := metadata.CallerFrom(pr.In.Context())
+			base := pick()
 			pr.Out.URL = &url.URL{Scheme: base.Scheme, Host: base.Host, Path: RelayPrefix + sb.ID + pr.In.URL.Path, RawQuery: pr.In.URL.RawQuery}
 			pr.Out.Host = base.Host
 			// Nothing the sandbox sends says who it is or where it came

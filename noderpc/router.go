@@ -44,7 +44,11 @@ type Router struct {
 	log   *slog.Logger
 	// HeartbeatTimeout (default DefaultHeartbeatTimeout).
 	HeartbeatTimeout time.Duration
-	now              func() time.Time
+	// Leading, with control-plane replicas, reports whether this one
+	// holds the leader lease: only the leader reconciles a returned node
+	// (nil: always; see replicas.go).
+	Leading func() bool
+	now     func() time.Time
 	// started is when this router began: for one heartbeat timeout after
 	// it, nodes count as healthy whatever their last heartbeat (they
 	// could not heartbeat while the control plane was down).
@@ -66,6 +70,13 @@ type Router struct {
 	// ended sandboxes' writable layers may still be kept.
 	snapshots *fleetSnapshots
 	kept      map[string]keptLayer
+	// placeMu and pending: one placement at a time, until its record
+	// exists (replicas.go).
+	placeMu sync.Mutex
+	hold    placementHold
+	// unreconciled are nodes back from unhealthy that the leader has not
+	// reconciled yet (replicas.go).
+	unreconciled map[string]bool
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -77,6 +88,7 @@ type member struct {
 	rec     *store.Node
 	client  api.Node
 	url     string
+	boot    string // the node process's boot id last seen
 	healthy bool
 	lost    chan struct{} // closed when the node became unhealthy
 	removed bool          // set before lost is closed: removed from the fleet (remove.go)
@@ -88,6 +100,9 @@ type placement struct {
 	slot   int
 	cpu    float64
 	memory int64 // bytes
+	// recorded: its store record was seen live (replicas.go: once it is
+	// no longer live there, the placement is dropped).
+	recorded bool
 }
 
 var _ api.Node = (*Router)(nil)
@@ -100,7 +115,7 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 	}
 	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now, started: time.Now(),
 		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{},
-		warm: map[string]map[string]bool{}, pooled: map[string]map[string]int{}}
+		warm: map[string]map[string]bool{}, pooled: map[string]map[string]int{}, unreconciled: map[string]bool{}}
 }
 
 // dial is how the router reaches a node (tests replace it).
@@ -130,6 +145,9 @@ func (r *Router) Refresh(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := r.syncPlacements(ctx); err != nil {
+		return err
+	}
 	timeout := cmp.Or(r.HeartbeatTimeout, DefaultHeartbeatTimeout)
 	now := r.now()
 	var back []string
@@ -149,11 +167,13 @@ func (r *Router) Refresh(ctx context.Context) error {
 		case !m.healthy && healthy:
 			r.log.Info("fleet: node back", "node", rec.ID)
 			m.lost = make(chan struct{})
-			back = append(back, rec.ID)
+			r.unreconciled[rec.ID] = true // by the leader (replicas.go)
 		}
 		m.healthy = healthy
+		r.noteBoot(m, rec)
 	}
 	r.dropRemoved(recs)
+	back = r.toReconcile()
 	r.mu.Unlock()
 	for _, id := range back {
 		r.reconcile(ctx, id)
@@ -221,11 +241,17 @@ func (r *Router) reconcile(ctx context.Context, nodeID string) {
 // NodeOf returns the id of the node sandbox id runs on ("" if unknown).
 func (r *Router) NodeOf(id string) string {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	if p := r.where[id]; p != nil {
-		return p.node
+	p := r.where[id]
+	r.mu.Unlock()
+	if p == nil {
+		// Placed by another control-plane replica in the last second
+		// (before syncPlacements): its record names the node.
+		p = r.placed(id)
 	}
-	return ""
+	if p == nil {
+		return ""
+	}
+	return p.node
 }
 
 // markWarm records that node id has the image digest.
@@ -306,6 +332,12 @@ func (r *Router) on(id string) (*member, error) {
 	defer r.mu.Unlock()
 	p := r.where[id]
 	if p == nil {
+		// Placed by another replica: its record names the node.
+		r.mu.Unlock()
+		p = r.placed(id)
+		r.mu.Lock()
+	}
+	if p == nil {
 		return nil, fmt.Errorf("sandbox %q: on no node of the fleet: %w", id, errdefs.ErrNotFound)
 	}
 	m := r.members[p.node]
@@ -318,7 +350,11 @@ func (r *Router) on(id string) (*member, error) {
 // ReserveSlot places sandbox req.ID: the best candidate node for req
 // (see candidates) gives it one of its slots, and the sandbox is on that
 // node from here on (Start goes there; Unclaim gives the slot back).
-func (r *Router) ReserveSlot(req node.StartRequest) (int, error) {
+func (r *Router) ReserveSlot(req node.StartRequest) (_ int, err error) {
+	// Under the placement lock, held until the sandbox's record exists
+	// (Recorded): another replica's placement counts this one.
+	done := r.lockPlacement()
+	defer func() { done(req.ID, err == nil) }()
 	r.mu.Lock()
 	cs := r.candidates(req)
 	r.mu.Unlock()
@@ -636,6 +672,7 @@ func (r *Router) Adopt(id, imageDigest string) {
 }
 
 func (r *Router) Unclaim(id string) {
+	r.Recorded(id) // no record coming: the placement lock passes on
 	if m, err := r.on(id); err == nil {
 		m.client.Unclaim(id)
 	}
@@ -785,11 +822,26 @@ func (r *Router) Nodes(ctx context.Context) ([]api.NodeStatus, error) {
 // SetNodeState cordons, drains or readies a node (by id or name); placement
 // follows at once.
 func (r *Router) SetNodeState(ctx context.Context, id, state string) (api.NodeStatus, error) {
+	return r.setNodeState(ctx, id, state, time.Time{})
+}
+
+// DrainNode drains a node (by id or name) until deadline, when the
+// leading control plane terminates its sandboxes still running
+// (api.Server.RunDrains).
+func (r *Router) DrainNode(ctx context.Context, id string, deadline time.Time) (api.NodeStatus, error) {
+	return r.setNodeState(ctx, id, store.NodeDraining, deadline)
+}
+
+// setNodeState sets a node's state and its drain deadline (zero: none).
+func (r *Router) setNodeState(ctx context.Context, id, state string, deadline time.Time) (api.NodeStatus, error) {
 	rec, err := r.findNode(ctx, id)
 	if err != nil {
 		return api.NodeStatus{}, err
 	}
-	if _, err := r.store.UpdateNode(ctx, rec.ID, func(n *store.Node) error { n.State = state; return nil }); err != nil {
+	if _, err := r.store.UpdateNode(ctx, rec.ID, func(n *store.Node) error {
+		n.State, n.DrainDeadline = state, deadline
+		return nil
+	}); err != nil {
 		return api.NodeStatus{}, err
 	}
 	if err := r.Refresh(ctx); err != nil {

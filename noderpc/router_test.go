@@ -6,6 +6,7 @@ import (
 	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -504,5 +505,101 @@ func TestClaimChecksNodeAnswer(t *testing.T) {
 	}
 	if r.NodeOf("sb-00000000000000c1") != honest.id.ID {
 		t.Fatal("the honest node's pre-started sandbox was never claimed")
+	}
+}
+
+// TestReconcileByTheLeader: with replicas, a node that returns is
+// reconciled only by the replica holding the leader lease; one that takes
+// the lease later reconciles what came back while it did not lead.
+func TestReconcileByTheLeader(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	r := newRouter(t, c)
+	var leads atomic.Bool
+	r.Leading = leads.Load
+	restored := func() bool {
+		a.fake.mu.Lock()
+		defer a.fake.mu.Unlock()
+		return slices.ContainsFunc(a.fake.calls, func(s string) bool { return strings.HasPrefix(s, "Restore") })
+	}
+	later := time.Now().Add(2 * DefaultHeartbeatTimeout)
+	r.now = func() time.Time { return later }
+	c.fleet.Now = func() time.Time { return later }
+	if err := r.Refresh(ctx); err != nil { // a is lost
+		t.Fatal(err)
+	}
+	a.heartbeat(t, c) // and back
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if restored() {
+		t.Fatal("a replica that does not lead reconciled a returned node")
+	}
+	leads.Store(true)
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !restored() {
+		t.Fatal("the new leader did not reconcile the node that returned before it led")
+	}
+}
+
+// TestNodeRestartRestored: a node whose process restarts within the
+// heartbeat timeout (a new boot id, never unhealthy) is restored with the
+// live sandboxes placed on it; a hostile boot id is refused.
+func TestNodeRestartRestored(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	r := newRouter(t, c)
+	if _, err := r.Start(ctx, node.StartRequest{ID: "sb", Slot: 3}); err != nil {
+		t.Fatal(err)
+	}
+	beat := func(boot string) error {
+		_, err := FleetClient(a.id, c.url).Heartbeat(ctx, connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: a.id.ID, NodeUrl: a.url, BootId: boot}))
+		return err
+	}
+	restores := func() int {
+		a.fake.mu.Lock()
+		defer a.fake.mu.Unlock()
+		n := 0
+		for _, c := range a.fake.calls {
+			if strings.HasPrefix(c, "Restore") {
+				n++
+			}
+		}
+		return n
+	}
+	for _, boot := range []string{"boot-1", "boot-1"} {
+		if err := beat(boot); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Refresh(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := restores(); n != 0 {
+		t.Fatalf("restored %d times without a restart", n)
+	}
+	if err := beat("boot-2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a.fake.mu.Lock()
+	calls := slices.Clone(a.fake.calls)
+	a.fake.mu.Unlock()
+	if !slices.Contains(calls, "Restore 1") {
+		t.Fatalf("a node restarted within the timeout was not restored with its live sandbox: %q", calls)
+	}
+	for _, bad := range []string{strings.Repeat("x", 65), "a b", "boot\n1", "ü"} {
+		if err := beat(bad); !errors.Is(wire(err), errdefs.ErrInvalidArgument) {
+			t.Errorf("boot id %q: %v, want invalid argument", bad, err)
+		}
+	}
+	if n, err := c.st.GetNode(ctx, a.id.ID); err != nil || n.BootID != "boot-2" {
+		t.Fatalf("the node's boot id after hostile heartbeats: %+v, %v", n, err)
 	}
 }

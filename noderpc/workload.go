@@ -76,6 +76,12 @@ func NewWorkloadClient(id *NodeIdentity, controlURL string) *WorkloadClient {
 	return &WorkloadClient{rpc: FleetClient(id, controlURL)}
 }
 
+// NewWorkloadClientOver is NewWorkloadClient over fc (FailoverFleetClient:
+// any replica of the control plane).
+func NewWorkloadClientOver(fc nodev1connect.FleetServiceClient) *WorkloadClient {
+	return &WorkloadClient{rpc: fc}
+}
+
 // Workload returns sandbox id's identity and, with an audience, a token.
 func (c *WorkloadClient) Workload(ctx context.Context, id, audience string, ttl time.Duration) (*nodev1.WorkloadResponse, error) {
 	res, err := c.rpc.Workload(ctx, connect.NewRequest(&nodev1.WorkloadRequest{SandboxId: id, Audience: audience, TtlSeconds: int64(ttl / time.Second)}))

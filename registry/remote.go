@@ -78,6 +78,12 @@ type RemoteConfig struct {
 	// TLS verifies the registry (RemotePullOptionsTLS); required.
 	TLS    *tls.Config
 	Logger *slog.Logger
+	// Alternates are other host:port serving the same registry (control-
+	// plane replicas sharing its storage): a connection to Addr that
+	// cannot be made is made to them in turn, and the one that answered
+	// is tried first next time. References keep naming Addr. TLS checks
+	// each the same way.
+	Alternates []string
 }
 
 // NewRemote returns a client-mode Registry for the registry at cfg.Addr:
@@ -99,6 +105,10 @@ func NewRemote(cfg RemoteConfig) (*Registry, error) {
 	opts, tr, err := remotePullOptionsTLS(cfg.Pull, cfg.TLS)
 	if err != nil {
 		return nil, err
+	}
+	if len(cfg.Alternates) > 0 {
+		tr.DialContext = (&failoverDialer{addr: cfg.Addr, addrs: append([]string{cfg.Addr}, cfg.Alternates...),
+			dialer: tr.DialContext}).DialContext
 	}
 	log := cfg.Logger
 	if log == nil {

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
@@ -89,6 +90,11 @@ func (l *pgLease) Acquire(ctx context.Context) (context.Context, func(), error) 
 	}
 	// Operators see who holds what in pg_stat_activity and pg_locks.
 	cfg.RuntimeParams["application_name"] = "chalkd lease " + l.name
+	// A holder whose host died without closing its connection (power
+	// loss, a partition) pings no more: the server ends the idle session,
+	// and with it the lock, after a few missed checks rather than at the
+	// TCP keepalive's hours.
+	cfg.RuntimeParams["idle_session_timeout"] = strconv.FormatInt((5 * l.check).Milliseconds(), 10)
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, nil, fmt.Errorf("lease connection to %s: %w", Redact(l.dsn), err)
@@ -132,4 +138,36 @@ func (l *pgLease) Acquire(ctx context.Context) (context.Context, func(), error) 
 	}
 	context.AfterFunc(held, func() { go release() })
 	return held, release, nil
+}
+
+// PlacementLock serialises placement among control-plane replicas sharing
+// this store: held from reading the live placements until the new
+// sandbox's record exists, so the next placer anywhere counts it. On
+// PostgreSQL it is a transaction-scoped advisory lock on one pooled
+// connection (release ends the transaction; the server drops it if the
+// replica dies); on SQLite, which one process uses, it is nothing (the
+// router serialises in process). Callers hold at most one at a time per
+// process, so waiters hold no connection of the pool.
+func (s *Store) PlacementLock(ctx context.Context) (release func(), err error) {
+	if s.dsn == "" {
+		return func() {}, nil
+	}
+	// The transaction outlives ctx (which only bounds the wait): it ends
+	// at release.
+	tx, err := s.db.BeginTx(context.WithoutCancel(ctx))
+	if err != nil {
+		return nil, err
+	}
+	if err := tx.d.lock(ctx, tx, "placement"); err != nil {
+		_ = tx.Rollback()
+		return nil, fmt.Errorf("placement lock: %w", err)
+	}
+	// A replica that died holding it (its host gone without closing the
+	// connection) gives it up after this long idle.
+	if _, err := tx.tx.ExecContext(ctx, `SET LOCAL idle_in_transaction_session_timeout = '10s'`); err != nil {
+		_ = tx.Rollback()
+		return nil, fmt.Errorf("placement lock: %w", err)
+	}
+	var once sync.Once
+	return func() { once.Do(func() { _ = tx.Rollback() }) }, nil
 }

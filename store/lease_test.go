@@ -119,3 +119,52 @@ func waitFor(t *testing.T, ctx context.Context, s *Store, q string, want int) {
 		}
 	}
 }
+
+// TestPlacementLock: on PostgreSQL a second holder (another replica) waits
+// until the first releases; on SQLite (one process) it is nothing.
+func TestPlacementLock(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s1, s2 := b.open(t), (*Store)(nil)
+		if b.name == "postgres" {
+			var err error
+			if s2, err = Open(ctx, s1.dsn); err != nil {
+				t.Fatal(err)
+			}
+			defer s2.Close()
+		} else {
+			s2 = s1
+		}
+		// The lock outlives the context it was taken with (which bounds
+		// only the wait).
+		lctx, cancel := context.WithCancel(ctx)
+		rel1, err := s1.PlacementLock(lctx)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make(chan func(), 1)
+		go func() {
+			rel2, err := s2.PlacementLock(ctx)
+			if err != nil {
+				t.Error(err)
+			}
+			got <- rel2
+		}()
+		if b.name == "postgres" {
+			select {
+			case <-got:
+				t.Fatal("a second replica took the placement lock while it was held")
+			case <-time.After(300 * time.Millisecond): // a wait that must not end
+			}
+		}
+		rel1()
+		select {
+		case rel2 := <-got:
+			rel2()
+			rel2() // idempotent
+		case <-time.After(30 * time.Second):
+			t.Fatal("the placement lock was not handed over on release")
+		}
+	})
+}

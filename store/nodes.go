@@ -33,6 +33,12 @@ type Node struct {
 	CertSerial    string    `json:"cert_serial"`
 	JoinedAt      time.Time `json:"joined_at"`
 	LastHeartbeat time.Time `json:"last_heartbeat"`
+	// BootID is the node process's, from its heartbeats: a new one means
+	// it restarted.
+	BootID string `json:"boot_id,omitempty"`
+	// DrainDeadline, while draining, is when its sandboxes still running
+	// are terminated (zero: none).
+	DrainDeadline time.Time `json:"drain_deadline,omitempty"`
 }
 
 // PutNode records (or replaces) a node.

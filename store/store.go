@@ -168,6 +168,9 @@ type Sandbox struct {
 	// Paused: running, with every process frozen (the API shows state
 	// "paused"; slots and quotas count it as running).
 	Paused bool `json:"paused,omitempty"`
+	// Node is the fleet node the sandbox is placed on ("" outside a
+	// fleet): every control-plane replica routes its calls there.
+	Node string `json:"node,omitempty"`
 }
 
 // Mount is a content-addressed upload shown in the sandbox at Dst.
@@ -289,6 +292,65 @@ func (s *Store) UpdateSandbox(ctx context.Context, sb *Sandbox) error {
 		return fmt.Errorf("sandbox %q: %w", sb.ID, errdefs.ErrNotFound)
 	}
 	return nil
+}
+
+// EndSandbox records the end of sandbox sb (its state stopped or failed)
+// unless its end is recorded already: a compare-and-swap on the record's
+// state, so when several control-plane replicas see the same exit exactly
+// one records it. It reports whether this call recorded it.
+func (s *Store) EndSandbox(ctx context.Context, sb *Sandbox) (bool, error) {
+	if sb.Live() {
+		return false, fmt.Errorf("sandbox %q: end it as %q: not an end state: %w", sb.ID, sb.State, errdefs.ErrInvalidArgument)
+	}
+	doc, err := json.Marshal(sb)
+	if err != nil {
+		return false, err
+	}
+	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET state = ?, slot = ?, doc = ? WHERE id = ? AND state IN (?, ?, ?)`,
+		sb.State, sb.Slot, doc, sb.ID, StateCreating, StateRunning, StateStopping)
+	if err != nil {
+		return false, fmt.Errorf("sandbox %q: %w", sb.ID, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("sandbox %q: %w", sb.ID, err)
+	}
+	return n == 1, nil
+}
+
+// TouchSandbox records that running sandbox id was used at (its
+// LastActive, if later than the recorded one), for the idle timeout that
+// another control-plane replica may enforce. Only that field changes, under
+// the record's lock; a sandbox no longer running is left as it is.
+func (s *Store) TouchSandbox(ctx context.Context, id string, at time.Time) error {
+	tx, err := s.db.BeginTx(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	var doc []byte
+	err = tx.QueryRowContext(ctx, `SELECT doc FROM sandboxes WHERE id = ? AND state = ?`+tx.d.forUpdate, id, StateRunning).Scan(&doc)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("sandbox %q: %w", id, err)
+	}
+	var sb Sandbox
+	if err := json.Unmarshal(doc, &sb); err != nil {
+		return fmt.Errorf("sandbox %q record: %w", id, err)
+	}
+	if !at.After(sb.LastActive) {
+		return nil
+	}
+	sb.LastActive = at.UTC()
+	if doc, err = json.Marshal(&sb); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `UPDATE sandboxes SET doc = ? WHERE id = ?`, doc, id); err != nil {
+		return fmt.Errorf("sandbox %q: %w", id, err)
+	}
+	return tx.Commit()
 }
 
 // MarkStopping records that running sandbox id is being ended for reason

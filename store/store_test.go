@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -130,6 +131,82 @@ func TestMarkStopping(t *testing.T) {
 		}
 		if got, _ := s.GetSandbox(ctx, "d"); got.State != StateStopped || got.EndReason != "exited" {
 			t.Fatalf("stopped: %+v", got)
+		}
+	})
+}
+
+// TestEndSandboxOnce: of several replicas recording the same sandbox's end
+// at once, exactly one does (compare-and-swap on its state); a later record
+// does not overwrite it, and a live state is refused.
+func TestEndSandboxOnce(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "r", OrgID: "o", State: StateRunning, Slot: 1}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.MarkStopping(ctx, "r", "terminated"); err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		won := make(chan string, 8)
+		for i := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				reason := fmt.Sprintf("replica%d", i)
+				ok, err := s.EndSandbox(ctx, &Sandbox{ID: "r", OrgID: "o", State: StateStopped, EndReason: reason, Slot: 1})
+				if err != nil {
+					t.Error(err)
+				}
+				if ok {
+					won <- reason
+				}
+			}()
+		}
+		wg.Wait()
+		close(won)
+		var winners []string
+		for w := range won {
+			winners = append(winners, w)
+		}
+		if len(winners) != 1 {
+			t.Fatalf("%d replicas recorded the end (%v), want exactly one", len(winners), winners)
+		}
+		if got, _ := s.GetSandbox(ctx, "r"); got.State != StateStopped || got.EndReason != winners[0] {
+			t.Fatalf("recorded %+v, want the winner's %q", got, winners[0])
+		}
+		if _, err := s.EndSandbox(ctx, &Sandbox{ID: "r", State: StateRunning, Slot: 1}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Fatalf("a live state as an end: %v", err)
+		}
+	})
+}
+
+// TestTouchSandbox: a running sandbox's last activity moves forward only;
+// an ended one is left as it is.
+func TestTouchSandbox(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		t0 := time.Now().UTC().Truncate(time.Millisecond)
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "r", OrgID: "o", State: StateRunning, Slot: 1, LastActive: t0, Labels: map[string]string{"k": "v"}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.CreateSandbox(ctx, &Sandbox{ID: "d", OrgID: "o", State: StateStopped, Slot: 2, LastActive: t0}); err != nil {
+			t.Fatal(err)
+		}
+		for _, at := range []time.Time{t0.Add(2 * time.Second), t0.Add(time.Second)} {
+			for _, id := range []string{"r", "d"} {
+				if err := s.TouchSandbox(ctx, id, at); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if got, _ := s.GetSandbox(ctx, "r"); !got.LastActive.Equal(t0.Add(2*time.Second)) || got.Labels["k"] != "v" || got.State != StateRunning {
+			t.Fatalf("running: %+v", got)
+		}
+		if got, _ := s.GetSandbox(ctx, "d"); !got.LastActive.Equal(t0) {
+			t.Fatalf("stopped: last active %v, want %v", got.LastActive, t0)
 		}
 	})
 }

@@ -83,7 +83,7 @@ func main() {
 			fmt.Fprintf(os.Stderr, "chalkd control: --node-timeout %v: must be positive\n", f.nodeTimeout)
 			os.Exit(2)
 		}
-		cfg.Fleet = &daemon.FleetConfig{Listen: f.fleetListen, RegistryListen: f.fleetRegistry, RegistryAdvertise: f.fleetRegistryAdvertise, NodeTimeout: f.nodeTimeout, Prestart: cfg.Prestart}
+		cfg.Fleet = &daemon.FleetConfig{Listen: f.fleetListen, RegistryListen: f.fleetRegistry, RegistryAdvertise: f.fleetRegistryAdvertise, NodeTimeout: f.nodeTimeout, Prestart: cfg.Prestart, SharedDir: f.sharedDir}
 		if cfg.Prestart < 0 {
 			fmt.Fprintf(os.Stderr, "chalkd control: --prestart %d: want 0 or more\n", cfg.Prestart)
 			os.Exit(2)
@@ -105,7 +105,15 @@ func controlToken(args []string) {
 	dataDir := fs.String("data-dir", "/var/lib/chalk", "the control plane's data dir")
 	database := fs.String("database", os.Getenv("CHALK_DATABASE"), "the control plane's store, as its --database (a postgres:// URL or a SQLite file; default $CHALK_DATABASE, else DATA_DIR/chalk.db)")
 	ttl := fs.Duration("ttl", time.Hour, "how long the token is valid")
+	sharedDir := fs.String("shared-dir", "", "the replicas' shared dir, as their --shared-dir (the fleet CA is there)")
 	_ = fs.Parse(args)
+	if *sharedDir != "" {
+		if !store.IsPostgres(*database) {
+			fmt.Fprintln(os.Stderr, "chalkd control token: --shared-dir needs --database postgres://… (the replicas' store)")
+			os.Exit(2)
+		}
+		*dataDir = *sharedDir // the CA is in the shared dir
+	}
 	if *ttl <= 0 || *ttl > 7*24*time.Hour {
 		fmt.Fprintln(os.Stderr, "chalkd control token: --ttl must be positive and at most a week")
 		os.Exit(2)
@@ -211,6 +219,7 @@ type chalkdFlags struct {
 	nopts                                              daemon.NodeOptions
 	level, upstreams, pprofSocket                      string
 	fleetListen, fleetRegistry, fleetRegistryAdvertise string
+	sharedDir                                          string
 	nodeTimeout                                        time.Duration
 	userns                                             *bool
 }
@@ -225,8 +234,9 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 		fs.StringVar(&f.fleetRegistry, "fleet-registry-listen", daemon.DefaultFleetRegistryListen, "the embedded registry for node agents (TLS with the fleet CA; the read-only pull credential, which nodes get over the fleet channel)")
 		fs.StringVar(&f.fleetRegistryAdvertise, "fleet-registry-advertise", "", "the registry's TLS listener as nodes reach it, host:port (default: the host a node joined at, the port of --fleet-registry-listen)")
 		fs.DurationVar(&f.nodeTimeout, "node-timeout", noderpc.DefaultHeartbeatTimeout, "a node silent this long is lost (its sandboxes end as lost)")
+		fs.StringVar(&f.sharedDir, "shared-dir", "", "run as one of several control-plane replicas on one PostgreSQL --database: the directory they share (fleet CA, identity and other keys, the registry's storage; docs/DEPLOY.md)")
 	case "node":
-		fs.StringVar(&nopts.Join, "join", "", "the control plane's fleet listener, https://control:7450")
+		fs.StringVar(&nopts.Join, "join", "", "the control plane's fleet listener, https://control:7450 (control-plane replicas: each one's, separated by commas)")
 		fs.StringVar(&nopts.JoinToken, "join-token", os.Getenv("CHALK_JOIN_TOKEN"), "one-time join token from `chalkd control token` (default $CHALK_JOIN_TOKEN; needed at the first start only)")
 		fs.StringVar(&nopts.Listen, "node-listen", daemon.DefaultNodeListen, "address of the node API (mTLS; only the control plane may call)")
 		fs.StringVar(&nopts.Advertise, "advertise", "", "the node API as the control plane reaches it, https://host:port (default from --node-listen)")

@@ -43,7 +43,7 @@ type Sandbox struct {
 	StartedAt          string            `protobuf:"bytes,14,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
 	EndedAt            string            `protobuf:"bytes,15,opt,name=ended_at,json=endedAt,proto3" json:"ended_at,omitempty"`
 	ExitCode           int32             `protobuf:"varint,16,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`   // valid when state is stopped
-	EndReason          string            `protobuf:"bytes,17,opt,name=end_reason,json=endReason,proto3" json:"end_reason,omitempty"` // exited | terminated | timeout | idle | oom | error | lost (its node stopped answering)
+	EndReason          string            `protobuf:"bytes,17,opt,name=end_reason,json=endReason,proto3" json:"end_reason,omitempty"` // exited | terminated | timeout | idle | oom | error | lost (its node stopped answering) | drained (its node's drain deadline passed)
 	Error              string            `protobuf:"bytes,18,opt,name=error,proto3" json:"error,omitempty"`
 	ImageWarm          bool              `protobuf:"varint,19,opt,name=image_warm,json=imageWarm,proto3" json:"image_warm,omitempty"` // the image was in the node cache at create time
 	Ip                 string            `protobuf:"bytes,20,opt,name=ip,proto3" json:"ip,omitempty"`
@@ -6602,6 +6602,9 @@ type Node struct {
 	Sandboxes     int32                  `protobuf:"varint,9,opt,name=sandboxes,proto3" json:"sandboxes,omitempty"` // placed there by this control plane
 	LastHeartbeat string                 `protobuf:"bytes,10,opt,name=last_heartbeat,json=lastHeartbeat,proto3" json:"last_heartbeat,omitempty"`
 	JoinedAt      string                 `protobuf:"bytes,11,opt,name=joined_at,json=joinedAt,proto3" json:"joined_at,omitempty"`
+	// draining with a deadline: when its sandboxes still running are
+	// terminated (RFC 3339; "" without one)
+	DrainDeadline string `protobuf:"bytes,12,opt,name=drain_deadline,json=drainDeadline,proto3" json:"drain_deadline,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -6713,6 +6716,13 @@ func (x *Node) GetJoinedAt() string {
 	return ""
 }
 
+func (x *Node) GetDrainDeadline() string {
+	if x != nil {
+		return x.DrainDeadline
+	}
+	return ""
+}
+
 type ListNodesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -6798,9 +6808,13 @@ type SetNodeStateRequest struct {
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// ready: takes new sandboxes; cordoned, draining: takes none (running
 	// sandboxes are left until they end).
-	State         string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	State string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// deadline_seconds, with state draining: sandboxes still running on the
+	// node this long from now are terminated (end_reason "drained"); 0: none.
+	// At most 30 days.
+	DeadlineSeconds int64 `protobuf:"varint,3,opt,name=deadline_seconds,json=deadlineSeconds,proto3" json:"deadline_seconds,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *SetNodeStateRequest) Reset() {
@@ -6845,6 +6859,13 @@ func (x *SetNodeStateRequest) GetState() string {
 		return x.State
 	}
 	return ""
+}
+
+func (x *SetNodeStateRequest) GetDeadlineSeconds() int64 {
+	if x != nil {
+		return x.DeadlineSeconds
+	}
+	return 0
 }
 
 type RemoveNodeRequest struct {
@@ -7481,7 +7502,7 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x06detail\x18\n" +
 	" \x01(\tR\x06detail\"H\n" +
 	"\rAuditResponse\x127\n" +
-	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords\"\x93\x02\n" +
+	"\arecords\x18\x01 \x03(\v2\x1d.chalk.compute.v1.AuditRecordR\arecords\"\xba\x02\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x10\n" +
@@ -7494,13 +7515,15 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\tsandboxes\x18\t \x01(\x05R\tsandboxes\x12%\n" +
 	"\x0elast_heartbeat\x18\n" +
 	" \x01(\tR\rlastHeartbeat\x12\x1b\n" +
-	"\tjoined_at\x18\v \x01(\tR\bjoinedAt\"\x12\n" +
+	"\tjoined_at\x18\v \x01(\tR\bjoinedAt\x12%\n" +
+	"\x0edrain_deadline\x18\f \x01(\tR\rdrainDeadline\"\x12\n" +
 	"\x10ListNodesRequest\"A\n" +
 	"\x11ListNodesResponse\x12,\n" +
-	"\x05nodes\x18\x01 \x03(\v2\x16.chalk.compute.v1.NodeR\x05nodes\";\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x16.chalk.compute.v1.NodeR\x05nodes\"f\n" +
 	"\x13SetNodeStateRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
-	"\x05state\x18\x02 \x01(\tR\x05state\"9\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\x12)\n" +
+	"\x10deadline_seconds\x18\x03 \x01(\x03R\x0fdeadlineSeconds\"9\n" +
 	"\x11RemoveNodeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05force\x18\x02 \x01(\bR\x05force\"g\n" +

@@ -4736,10 +4736,14 @@ func (x *JoinResponse) GetCaPem() []byte {
 }
 
 type HeartbeatRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	Capacity      *Capacity              `protobuf:"bytes,2,opt,name=capacity,proto3" json:"capacity,omitempty"`
-	NodeUrl       string                 `protobuf:"bytes,4,opt,name=node_url,json=nodeUrl,proto3" json:"node_url,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Capacity *Capacity              `protobuf:"bytes,2,opt,name=capacity,proto3" json:"capacity,omitempty"`
+	NodeUrl  string                 `protobuf:"bytes,4,opt,name=node_url,json=nodeUrl,proto3" json:"node_url,omitempty"`
+	// boot_id is random per node process: when it changes the node restarted
+	// (within the heartbeat timeout, too) and the control plane restores it.
+	// At most 64 characters of [A-Za-z0-9-].
+	BootId        string `protobuf:"bytes,5,opt,name=boot_id,json=bootId,proto3" json:"boot_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4791,6 +4795,13 @@ func (x *HeartbeatRequest) GetCapacity() *Capacity {
 func (x *HeartbeatRequest) GetNodeUrl() string {
 	if x != nil {
 		return x.NodeUrl
+	}
+	return ""
+}
+
+func (x *HeartbeatRequest) GetBootId() string {
+	if x != nil {
+		return x.BootId
 	}
 	return ""
 }
@@ -5976,11 +5987,12 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\fJoinResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x19\n" +
 	"\bcert_pem\x18\x02 \x01(\fR\acertPem\x12\x15\n" +
-	"\x06ca_pem\x18\x03 \x01(\fR\x05caPem\"\x81\x01\n" +
+	"\x06ca_pem\x18\x03 \x01(\fR\x05caPem\"\x9a\x01\n" +
 	"\x10HeartbeatRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x123\n" +
 	"\bcapacity\x18\x02 \x01(\v2\x17.chalk.node.v1.CapacityR\bcapacity\x12\x19\n" +
-	"\bnode_url\x18\x04 \x01(\tR\anodeUrlJ\x04\b\x03\x10\x04\")\n" +
+	"\bnode_url\x18\x04 \x01(\tR\anodeUrl\x12\x17\n" +
+	"\aboot_id\x18\x05 \x01(\tR\x06bootIdJ\x04\b\x03\x10\x04\")\n" +
 	"\x11HeartbeatResponse\x12\x14\n" +
 	"\x05state\x18\x01 \x01(\tR\x05state\"0\n" +
 	"\x15RegistryAccessRequest\x12\x17\n" +
