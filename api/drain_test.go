@@ -2,7 +2,6 @@ package api
 
 import (
 	"context"
-	"github.com/chalkcompute/chalkcompute/errdefs"
 	"net/http"
 	"strings"
 	"sync"
@@ -11,6 +10,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
 	"github.com/chalkcompute/chalkcompute/nodecache"
