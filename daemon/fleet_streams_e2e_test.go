@@ -51,6 +51,7 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 func TestFleetStreams(t *testing.T) {
 	control := chalktest.StartControl(t)
 	chalktest.StartFleetNode(t, control, 1)
+	waitNodesHealthy(t, control, "node1")
 	c := control.Client()
 
 	sb, err := c.Create(ctxT(t, 2*time.Minute), chalkcompute.Base("busybox"),

@@ -33,12 +33,12 @@ var _ noderpc.Workloads = fleetWorkloads{}
 func (w fleetWorkloads) NodeOf(id string) string { return w.d.router.NodeOf(id) }
 
 func (w fleetWorkloads) Subject(ctx context.Context, id string) (identity.Subject, error) {
-	if !w.d.live.IsActive(ctx, id) {
-		return identity.Subject{}, fmt.Errorf("sandbox %q is not running: %w", id, errdefs.ErrFailedPrecondition)
-	}
 	sb, err := w.d.Store.GetSandbox(ctx, id)
 	if err != nil {
 		return identity.Subject{}, err
+	}
+	if !w.d.activeHere(ctx, sb) {
+		return identity.Subject{}, fmt.Errorf("sandbox %q is not running: %w", id, errdefs.ErrFailedPrecondition)
 	}
 	// Creating: its node writes its token files before it starts.
 	if sb.State != store.StateRunning && sb.State != store.StateCreating {

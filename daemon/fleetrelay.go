@@ -43,17 +43,29 @@ func (d *Daemon) fleetRelay() *noderpc.Relay {
 
 // relayCaller is sandbox id as a metadata caller, if it runs.
 func (d *Daemon) relayCaller(ctx context.Context, id string) (metadata.Sandbox, error) {
-	if d.live == nil || !d.live.IsActive(ctx, id) {
-		return metadata.Sandbox{}, fmt.Errorf("sandbox %q is not running: %w", id, errdefs.ErrFailedPrecondition)
-	}
 	sb, err := d.Store.GetSandbox(ctx, id)
 	if err != nil {
 		return metadata.Sandbox{}, err
+	}
+	if !d.activeHere(ctx, sb) {
+		return metadata.Sandbox{}, fmt.Errorf("sandbox %q is not running: %w", id, errdefs.ErrFailedPrecondition)
 	}
 	if sb.State != store.StateRunning {
 		return metadata.Sandbox{}, fmt.Errorf("sandbox %q is %s: %w", id, sb.State, errdefs.ErrFailedPrecondition)
 	}
 	return metadata.Sandbox{ID: sb.ID, OrgID: sb.OrgID, ImageDigest: sb.ImageHash, CreatedBy: sb.CreatedBy, Running: true}, nil
+}
+
+// activeHere reports whether sandbox sb is live for this control plane:
+// watched here and not ending, or, with replicas, created or running by its
+// record (another replica placed it less than a sync ago; its node asks
+// for its identity files while it is created). An end that began anywhere
+// shows in the record (stopping), so neither lets an ending sandbox act.
+func (d *Daemon) activeHere(ctx context.Context, sb *store.Sandbox) bool {
+	if d.live != nil && d.live.IsActive(ctx, sb.ID) {
+		return true
+	}
+	return d.cfg.replicated() && (sb.State == store.StateCreating || sb.State == store.StateRunning)
 }
 
 // dialSandbox is a node's noderpc.SandboxDialer: the control plane's

@@ -1,12 +1,14 @@
 package chalktest
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 )
 
 // Fleet tests: a control plane (`chalkd control`) and node agents (`chalkd
@@ -68,7 +70,7 @@ func startFleetNode(t TB, control *Node, i int, inet *FakeInternet, extraArgs ..
 	t.Helper()
 	ctlIP, nodeIP := ControlAddr(i), fmt.Sprintf("10.251.%d.2", i)
 	tok := control.JoinToken()
-	return StartOpts(t, Options{Mode: "node", NoSeed: true, Internet: inet, Before: func(n *Node) {
+	n := StartOpts(t, Options{Mode: "node", NoSeed: true, Internet: inet, Before: func(n *Node) {
 		run := func(args ...string) {
 			if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 				t.Fatalf("ip %v: %v %s", args, err, out)
@@ -86,4 +88,35 @@ func startFleetNode(t TB, control *Node, i int, inet *FakeInternet, extraArgs ..
 			"--subnet", fmt.Sprintf("10.%d.0.0/16", 220+i))
 		n.Args = append(n.Args, extraArgs...)
 	}})
+	waitHealthy(t, control, fmt.Sprintf("node%d", i))
+	return n
+}
+
+// waitHealthy waits until the control plane lists node name as healthy
+// (its router has seen a heartbeat: placement may use it), so a test's
+// first create does not race the node's first heartbeat.
+func waitHealthy(t TB, control *Node, name string) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		out, errOut, code := control.CLI("admin", "node", "ls", "-o", "json")
+		if code == 0 {
+			var ns []struct {
+				Name    string `json:"name"`
+				Healthy bool   `json:"healthy"`
+			}
+			if err := json.Unmarshal([]byte(out), &ns); err != nil {
+				t.Fatalf("node ls -o json: %v: %s", err, out)
+			}
+			for _, n := range ns {
+				if n.Name == name && n.Healthy {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node %s not healthy on the control plane after 60 s: %s %s", name, out, errOut)
+		}
+		time.Sleep(100 * time.Millisecond) // polling the control plane for the node's first heartbeat
+	}
 }
