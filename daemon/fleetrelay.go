@@ -68,6 +68,21 @@ func (d *Daemon) activeHere(ctx context.Context, sb *store.Sandbox) bool {
 	return d.cfg.replicated() && (sb.State == store.StateCreating || sb.State == store.StateRunning)
 }
 
+// isActive is activeHere by id: the identity issuer's test for minting and
+// verifying a sandbox's tokens (a token minted at one replica is verified
+// at another, possibly before that one watches the sandbox). The store is
+// read only with replicas, for a sandbox this replica does not watch.
+func (d *Daemon) isActive(ctx context.Context, id string) bool {
+	if d.live != nil && d.live.IsActive(ctx, id) {
+		return true
+	}
+	if !d.cfg.replicated() {
+		return false
+	}
+	sb, err := d.Store.GetSandbox(ctx, id)
+	return err == nil && d.activeHere(ctx, sb)
+}
+
 // dialSandbox is a node's noderpc.SandboxDialer: the control plane's
 // ingress reaches an exposed port of a sandbox on this node at the
 // sandbox's own address (its slot's).

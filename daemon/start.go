@@ -231,7 +231,7 @@ func (d *Daemon) startIdentity(ctx context.Context) (err error) {
 	cfg := &d.cfg
 	if d.Issuer, err = identity.New(ctx, identity.Config{
 		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.sharedDir(), "identity"), Logger: cfg.Logger,
-		IsActive: d.live.IsActive, Leading: d.leaderFunc(),
+		IsActive: d.isActive, Leading: d.leaderFunc(),
 	}); err != nil {
 		return fmt.Errorf("identity issuer: %w", err)
 	}
