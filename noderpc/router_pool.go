@@ -73,7 +73,12 @@ func (r *Router) claimOrder(req node.StartRequest) []*member {
 // sandbox's from here on, so it is checked: a sandbox id in form, on no
 // node yet (a node answering with another sandbox's id would take over its
 // placement: its calls, its identity tokens).
-func (r *Router) Claim(req node.StartRequest) (string, int, bool) {
+//
+// Under the placement lock, as ReserveSlot: a claim takes cpu, memory and a
+// slot on its node too, and another replica's placements count.
+func (r *Router) Claim(req node.StartRequest) (claimed string, _ int, ok bool) {
+	done := r.lockPlacement()
+	defer func() { done(claimed, ok) }()
 	r.mu.Lock()
 	cs := r.claimOrder(req)
 	r.mu.Unlock()
