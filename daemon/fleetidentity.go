@@ -33,7 +33,7 @@ var _ noderpc.Workloads = fleetWorkloads{}
 func (w fleetWorkloads) NodeOf(id string) string { return w.d.router.NodeOf(id) }
 
 func (w fleetWorkloads) Subject(ctx context.Context, id string) (identity.Subject, error) {
-	if !w.d.live.IsActive(ctx, id) {
+	if !w.d.isActive(ctx, id) {
 		return identity.Subject{}, fmt.Errorf("sandbox %q is not running: %w", id, errdefs.ErrFailedPrecondition)
 	}
 	sb, err := w.d.Store.GetSandbox(ctx, id)

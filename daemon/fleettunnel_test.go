@@ -171,7 +171,11 @@ func TestFleetTunnelMembership(t *testing.T) {
 	const k = "o/mesh"
 	sb := func(id, node string) *store.Sandbox {
 		r.placed[id] = node
-		return &store.Sandbox{ID: id, OrgID: "o", Slot: 2, Tunnels: []string{"mesh"}}
+		s := &store.Sandbox{ID: id, OrgID: "o", Slot: 2, State: store.StateRunning, Tunnels: []string{"mesh"}}
+		if err := st.CreateSandbox(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+		return s
 	}
 	view := func(n string) []string {
 		var out []string
@@ -284,5 +288,93 @@ func TestNodeTunnelSubnet(t *testing.T) {
 		if !errdefs.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "--tunnel-subnets") {
 			t.Errorf("subnet %s: %v, want a failed precondition naming --tunnel-subnets", s, err)
 		}
+	}
+}
+
+// TestFleetTunnelReplicas: two control planes on one store (replicas) keep
+// one membership: a member joined through one is in the other's members,
+// gets an address the other did not hand out, and the nodes of both
+// replicas' members are pushed views holding both; a row of a sandbox that
+// ended without leaving (its replica stopped in between) is removed by the
+// repair, and the nodes forget it.
+func TestFleetTunnelReplicas(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "chalk.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	tun, _, err := st.EnsureTunnel(ctx, "o", "mesh", 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, err := newTunnels(nil, nil, st, DefaultTunnelSubnets, "192.0.2.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := newFakeTunnelRouter()
+	f1 := newFleetTunnels(base, r, st, slog.New(slog.DiscardHandler))
+	f2 := newFleetTunnels(base, r, st, slog.New(slog.DiscardHandler))
+	const k = "o/mesh"
+	sb := func(id, node string) *store.Sandbox {
+		r.placed[id] = node
+		s := &store.Sandbox{ID: id, OrgID: "o", Slot: 2, State: store.StateRunning, Tunnels: []string{"mesh"}}
+		if err := st.CreateSandbox(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	view := func(n string) []string {
+		var out []string
+		for _, rm := range r.views[n][k] {
+			out = append(out, rm.SandboxID+"="+rm.Addr.String())
+		}
+		return out
+	}
+	a, b, c := sb("a", "n1"), sb("b", "n2"), sb("c", "n3")
+	if err := f1.started(ctx, a, node.Started{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f2.started(ctx, b, node.Started{}); err != nil {
+		t.Fatal(err)
+	}
+	subnet := base.Subnet(tun.Index)
+	addrA, addrB := subnet.Addr().Next(), subnet.Addr().Next().Next()
+	if got := view("n1"); !slices.Equal(got, []string{"b=" + addrB.String()}) {
+		t.Fatalf("n1's view after b joined through the other replica: %v", got)
+	}
+	if got := view("n2"); !slices.Equal(got, []string{"a=" + addrA.String()}) {
+		t.Fatalf("n2's view: %v", got)
+	}
+	for i, f := range []*fleetTunnels{f1, f2} {
+		if ms := f.Members(tun); len(ms) != 2 || ms[0].SandboxId != "a" || ms[1].SandboxId != "b" {
+			t.Fatalf("replica %d's members: %v, want a and b", i+1, ms)
+		}
+	}
+	// c joins through f1, then ends with its record left behind.
+	if err := f1.started(ctx, c, node.Started{}); err != nil {
+		t.Fatal(err)
+	}
+	if got := view("n2"); len(got) != 2 {
+		t.Fatalf("n2's view with c: %v", got)
+	}
+	c.State = store.StateStopped
+	if err := st.UpdateSandbox(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	f2.repair(ctx)
+	if ms, err := st.ListTunnelMembers(ctx, "o", "mesh"); err != nil || len(ms) != 2 {
+		t.Fatalf("records after the repair: %d %v, want a and b", len(ms), err)
+	}
+	if got := view("n2"); !slices.Equal(got, []string{"a=" + addrA.String()}) {
+		t.Fatalf("n2's view after the repair: %v, want c forgotten", got)
+	}
+	// b leaves through f1 (not the replica it joined through).
+	f1.ended(ctx, b)
+	if ms := f2.Members(tun); len(ms) != 1 || ms[0].SandboxId != "a" {
+		t.Fatalf("members after b left: %v", ms)
+	}
+	if got := view("n1"); len(got) != 0 {
+		t.Fatalf("n1's view after b left: %v", got)
 	}
 }

@@ -173,3 +173,20 @@ func newBootID() string {
 	}
 	return hex.EncodeToString(b)
 }
+
+// isActive reports whether sandbox id is starting or running, so its
+// identity may be used: in this process's live set, or, with replicas,
+// by its record (another replica may be starting it, and this one learns
+// it at the next sync; a node asks whichever replica it reaches, and a
+// token minted on one replica is verified on another). An ended
+// sandbox's record is stopped or failed: its tokens are refused as before.
+func (d *Daemon) isActive(ctx context.Context, id string) bool {
+	if d.live.IsActive(ctx, id) {
+		return true
+	}
+	if !d.cfg.replicated() {
+		return false
+	}
+	sb, err := d.Store.GetSandbox(ctx, id)
+	return err == nil && (sb.State == store.StateRunning || sb.State == store.StateCreating)
+}
