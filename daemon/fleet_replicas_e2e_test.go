@@ -461,7 +461,7 @@ func replicaTunnels(t *testing.T, a *chalktest.Node, ca, cb *chalkcompute.Client
 		if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "gVisor") {
 			t.Fatalf("a tunnel member on gVisor nodes: %v, want a failed precondition naming gVisor", err)
 		}
-		return 0
+		return 1 // it started, its join failed: ended (stopped, reason error)
 	}
 	// The nodes reach each other's tunnel endpoints (their addresses on
 	// A's links) through A's namespace.
