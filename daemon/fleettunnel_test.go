@@ -9,9 +9,11 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/chalktest"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/store"
 	"github.com/chalkcompute/chalkcompute/tunnel"
@@ -85,6 +87,7 @@ func TestFleetTunnelViews(t *testing.T) {
 // fakeTunnelRouter is the nodes as fleetTunnels reaches them: which
 // members each runs, the last view each was sent, and nodes that are down.
 type fakeTunnelRouter struct {
+	mu     sync.Mutex                                     // replicas' joins may run at once
 	placed map[string]string                              // sandbox -> node
 	runs   map[string]map[string]map[string]tunnel.Member // node -> key -> sandbox
 	views  map[string]map[string][]tunnel.Remote          // node -> key -> last view
@@ -99,6 +102,8 @@ func newFakeTunnelRouter() *fakeTunnelRouter {
 }
 
 func (r *fakeTunnelRouter) TunnelJoin(_ context.Context, id string, slot int, k, ifname string, subnet netip.Prefix, addr netip.Addr) (string, tunnel.Member, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	n := r.placed[id]
 	if r.down[n] {
 		return n, tunnel.Member{}, fmt.Errorf("node %s: %w", n, errdefs.ErrUnavailable)
@@ -121,6 +126,8 @@ func (r *fakeTunnelRouter) TunnelJoin(_ context.Context, id string, slot int, k,
 }
 
 func (r *fakeTunnelRouter) TunnelLeave(_ context.Context, id string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	for _, ks := range r.runs[r.placed[id]] {
 		delete(ks, id)
 	}
@@ -128,6 +135,8 @@ func (r *fakeTunnelRouter) TunnelLeave(_ context.Context, id string) error {
 }
 
 func (r *fakeTunnelRouter) TunnelSync(_ context.Context, n, k string, _ netip.Prefix, remotes []tunnel.Remote, _ []tunnel.Peer) ([]tunnel.Remote, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if r.down[n] {
 		return nil, fmt.Errorf("node %s: %w", n, errdefs.ErrUnavailable)
 	}
@@ -296,10 +305,17 @@ func TestNodeTunnelSubnet(t *testing.T) {
 // gets an address the other did not hand out, and the nodes of both
 // replicas' members are pushed views holding both; a row of a sandbox that
 // ended without leaving (its replica stopped in between) is removed by the
-// repair, and the nodes forget it.
+// repair, and the nodes forget it; joins through both replicas at once get
+// distinct addresses, and after the leader's repair every node's view
+// holds the other's member. On SQLite and on PostgreSQL.
 func TestFleetTunnelReplicas(t *testing.T) {
+	t.Run("sqlite", func(t *testing.T) { fleetTunnelReplicas(t, filepath.Join(t.TempDir(), "chalk.db")) })
+	t.Run("postgres", func(t *testing.T) { fleetTunnelReplicas(t, chalktest.PostgresDB(t)) })
+}
+
+func fleetTunnelReplicas(t *testing.T, database string) {
 	ctx := context.Background()
-	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "chalk.db"))
+	st, err := store.Open(ctx, database)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -376,5 +392,46 @@ func TestFleetTunnelReplicas(t *testing.T) {
 	}
 	if got := view("n1"); len(got) != 0 {
 		t.Fatalf("n1's view after b left: %v", got)
+	}
+
+	// Joins through both replicas at once: p on n4 via f1, q on n5 via f2.
+	p, q := sb("p", "n4"), sb("q", "n5")
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	for i, j := range []struct {
+		f  *fleetTunnels
+		sb *store.Sandbox
+	}{{f1, p}, {f2, q}} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = j.f.started(ctx, j.sb, node.Started{})
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatalf("joins through both replicas at once: %v", err)
+	}
+	ms, err := st.ListTunnelMembers(ctx, "o", "mesh")
+	if err != nil || len(ms) != 3 {
+		t.Fatalf("records: %+v %v, want a, p, q", ms, err)
+	}
+	seen := map[string]string{}
+	for _, m := range ms {
+		if o, ok := seen[m.Addr]; ok {
+			t.Fatalf("%s and %s both at %s", o, m.SandboxID, m.Addr)
+		}
+		seen[m.Addr] = m.SandboxID
+	}
+	f1.repair(ctx) // the leader
+	for n, want := range map[string][]string{"n4": {"a", "q"}, "n5": {"a", "p"}, "n1": {"p", "q"}} {
+		var got []string
+		for _, rm := range r.views[n][k] {
+			got = append(got, rm.SandboxID)
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			t.Errorf("%s's view after the repair: %v, want %v", n, got, want)
+		}
 	}
 }
