@@ -24,7 +24,7 @@ import (
 )
 
 // Tunnels in fleet mode. The control plane owns each tunnel's membership
-// and addresses (fleetTunnels); every node runs the WireGuard devices of
+// and addresses (fleetTunnels, kept in the store); every node runs the WireGuard devices of
 // the members placed on it (its own tunnel.Manager, nodeTunnels), with
 // keys made on the node. Members on different nodes peer directly: each
 // member's device has every member on another node as a peer with
