@@ -205,16 +205,10 @@ func (d *Daemon) apiNode() api.Node {
 // are the nodes' own or sent to them: egress rules, the metadata service and
 // the identity files (fleetegress.go, fleetidentity.go, fleettokens.go),
 // upload mounts (fleetmounts.go), tunnel devices, with the membership kept
-// here (fleettunnel.go).
+// in the store (fleettunnel.go).
 func (d *Daemon) fleetHooks() api.Hooks {
 	return api.Hooks{
 		Prepare: func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error {
-			if len(sb.Tunnels) > 0 && d.cfg.replicated() {
-				// The tunnels' membership is kept in one control plane's
-				// memory (fleettunnel.go): replicas would push each other's
-				// nodes views missing the members the other placed.
-				return fmt.Errorf("sandbox %s: tunnels are not available with several control-plane replicas (--shared-dir) yet: %w", sb.ID, errdefs.ErrFailedPrecondition)
-			}
 			if err := d.fleetMountBinds(ctx, sb, req); err != nil {
 				return err
 			}

@@ -28,7 +28,9 @@ import (
 // terminated through replica B; a sandbox with a short timeout made
 // through B is ended by the leader (A); workload tokens minted by either
 // replica verify with go-oidc against the other's JWKS; creates placed
-// through both at once never overfill a node. kill -9 of the
+// through both at once never overfill a node; two members of one tunnel
+// made through different replicas on different nodes exchange TCP data
+// over it, and each replica lists both. kill -9 of the
 // leader: B takes the lease within seconds, no sandbox is lost, the node
 // that heartbeated to A carries on with B, timers still fire, and a node
 // killed afterwards is still marked lost; a drain deadline set through B
@@ -86,11 +88,6 @@ func TestFleetReplicas(t *testing.T) {
 		}
 		sbs = append(sbs, sb)
 		onNode[sb.ID()] = whichNode(t, nodes, sb.ID())
-	}
-	// Tunnels keep their membership in one control plane's memory: with
-	// replicas they are refused, naming why, rather than half-served.
-	if _, err := cb.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"), chalkcompute.WithTunnels("t1")); !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "replicas") {
-		t.Fatalf("a tunnel member with replicas: %v, want failed precondition naming replicas", err)
 	}
 	for i, sa := range sbs {
 		sb, err := cb.Sandbox(ctxT(t, 30*time.Second), sa.ID())
@@ -198,6 +195,7 @@ func TestFleetReplicas(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	tunnelsEnded := replicaTunnels(t, a, ca, cb, nodes)
 
 	// kill -9 of the leader: B leads within seconds, nothing is lost.
 	if strings.Contains(b.Log(), "replicas: leading") {
@@ -295,8 +293,8 @@ func TestFleetReplicas(t *testing.T) {
 			lost++
 		}
 	}
-	if want := 3 + 6 + lost + drained; stopped != want {
-		t.Fatalf("%d stopped sandboxes in PostgreSQL, want %d (7 terminated, 2 timeouts, %d lost, %d drained)", stopped, want, lost, drained)
+	if want := 3 + 6 + tunnelsEnded + lost + drained; stopped != want {
+		t.Fatalf("%d stopped sandboxes in PostgreSQL, want %d (7 terminated, 2 timeouts, %d tunnel members, %d lost, %d drained)", stopped, want, tunnelsEnded, lost, drained)
 	}
 	if d := time.Since(started); d > 150*time.Second {
 		t.Errorf("TestFleetReplicas took %v (budget 150 s)", d)
@@ -447,4 +445,105 @@ func verifyWith(t *testing.T, control *chalktest.Node, tok, sandboxID string) {
 	if idt.Subject != "chalk:org:default:sbx:"+sandboxID {
 		t.Fatalf("subject %s, want sandbox %s", idt.Subject, sandboxID)
 	}
+}
+
+// replicaTunnels: ta made through A and tb through B, on different nodes,
+// are members of one tunnel (the membership is in the shared store): both
+// replicas list both at distinct addresses, they exchange TCP data both
+// ways over WireGuard between their nodes, and when tb ends through A
+// both replicas list ta alone. On gVisor nodes tunnels are refused at
+// create, naming gVisor. It returns how many sandboxes it ended.
+func replicaTunnels(t *testing.T, a *chalktest.Node, ca, cb *chalkcompute.Client, nodes []*chalktest.Node) int {
+	t.Helper()
+	ctx := ctxT(t, 3*time.Minute)
+	if onGVisor(nodes[0]) {
+		_, err := cb.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithTunnels("t1"))
+		if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "gVisor") {
+			t.Fatalf("a tunnel member on gVisor nodes: %v, want a failed precondition naming gVisor", err)
+		}
+		return 1 // it started, its join failed: ended (stopped, reason error)
+	}
+	// The nodes reach each other's tunnel endpoints (their addresses on
+	// A's links) through A's namespace.
+	for i, n := range nodes {
+		for j := range nodes {
+			if j == i {
+				continue
+			}
+			if out, err := exec.Command("ip", "-n", n.Netns, "route", "replace", fmt.Sprintf("10.251.%d.0/30", j+1), "via", fmt.Sprintf("10.251.%d.1", i+1)).CombinedOutput(); err != nil {
+				t.Fatalf("route between the nodes: %v %s", err, out)
+			}
+		}
+	}
+	ta, err := ca.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"), chalkcompute.WithTunnels("t1"))
+	if err != nil {
+		t.Fatalf("a tunnel member via A: %v", err)
+	}
+	na := whichNode(t, nodes, ta.ID())
+	cli := func(args ...string) {
+		if _, errOut, code := a.CLI(args...); code != 0 {
+			t.Fatalf("chalk %v: %d %s", args, code, errOut)
+		}
+	}
+	name := fmt.Sprintf("node%d", na+1)
+	cli("admin", "node", "cordon", name)
+	tb, err := cb.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"), chalkcompute.WithTunnels("t1"))
+	cli("admin", "node", "uncordon", name)
+	if err != nil {
+		t.Fatalf("a tunnel member via B: %v", err)
+	}
+	if nb := whichNode(t, nodes, tb.ID()); nb == na {
+		t.Fatalf("both members on node%d (its cordon did not hold)", na+1)
+	}
+	addr := map[string]string{}
+	for i, c := range []*chalkcompute.Client{ca, cb} {
+		tun, err := c.Tunnel(ctx, "t1")
+		if err != nil || len(tun.Members) != 2 {
+			t.Fatalf("tunnel t1 via replica %d: %+v %v, want both members", i, tun, err)
+		}
+		for _, mb := range tun.Members {
+			if mb.PublicKey == "" || mb.Endpoint == "" || (addr[mb.SandboxID] != "" && addr[mb.SandboxID] != mb.Address) {
+				t.Fatalf("member %+v via replica %d (seen before at %q)", mb, i, addr[mb.SandboxID])
+			}
+			addr[mb.SandboxID] = mb.Address
+		}
+	}
+	if addr[ta.ID()] == "" || addr[ta.ID()] == addr[tb.ID()] {
+		t.Fatalf("members' addresses: %v, want two distinct", addr)
+	}
+	withProbe(t, ta)
+	withProbe(t, tb)
+	for _, sb := range []*chalkcompute.Sandbox{ta, tb} {
+		var w outputWatch
+		ready := w.until("ready")
+		if _, err := sb.Start(ctx, []string{"netprobe", "serve", "7000"}, chalkcompute.Stdout(&w), chalkcompute.Stderr(&w)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-ready:
+		case <-ctx.Done():
+			t.Fatalf("server in %s not ready: %q", sb.ID(), w.String())
+		}
+	}
+	if out := mustExec(t, ta, "netprobe", "tcp", addr[tb.ID()]+":7000", "a-to-b"); out != "echo a-to-b\n" {
+		t.Fatalf("TCP ta (made via A) -> tb (made via B): %q", out)
+	}
+	if out := mustExec(t, tb, "netprobe", "tcp", addr[ta.ID()]+":7000", "b-to-a"); out != "echo b-to-a\n" {
+		t.Fatalf("TCP tb -> ta: %q", out)
+	}
+	// tb ends through A: both replicas list ta alone.
+	if tbA, err := ca.Sandbox(ctx, tb.ID()); err != nil {
+		t.Fatal(err)
+	} else if _, err := tbA.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range []*chalkcompute.Client{ca, cb} {
+		if tun, err := c.Tunnel(ctx, "t1"); err != nil || len(tun.Members) != 1 || tun.Members[0].SandboxID != ta.ID() {
+			t.Fatalf("tunnel t1 via replica %d after tb ended: %+v %v", i, tun, err)
+		}
+	}
+	if _, err := ta.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return 2
 }

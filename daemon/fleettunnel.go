@@ -10,7 +10,6 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -25,7 +24,7 @@ import (
 )
 
 // Tunnels in fleet mode. The control plane owns each tunnel's membership
-// and addresses (fleetTunnels); every node runs the WireGuard devices of
+// and addresses (fleetTunnels, kept in the store); every node runs the WireGuard devices of
 // the members placed on it (its own tunnel.Manager, nodeTunnels), with
 // keys made on the node. Members on different nodes peer directly: each
 // member's device has every member on another node as a peer with
@@ -37,11 +36,54 @@ import (
 // its view (noderpc TunnelSync: the members on other nodes and the
 // external peers) before the API call returns.
 
+// The membership is kept in the store (table tunnel_members), so every
+// control-plane replica sees the same: a join or leave through any replica
+// writes it and then pushes the affected nodes their views, computed from
+// the store as it is then. An address is reserved by inserting its row (the
+// store refuses an address that is taken in that tunnel: two replicas never
+// hand out the same one) before the node makes the device. The repair runs
+// on the leader only (with one control plane: there), and it is what makes
+// concurrent changes through different replicas converge: a node sent a
+// view that missed the other replica's change gets the full one within
+// RepairInterval.
+
 // fleetMember is a tunnel member as the control plane knows it.
 type fleetMember struct {
 	node string
 	slot int           // its slot on its node (a rejoin names it)
 	m    tunnel.Member // Endpoint: its node's ip:port
+}
+
+// joined reports whether the member's device exists (a row without a key
+// is an address reserved by a join in flight).
+func (fm *fleetMember) joined() bool { return fm.m.PublicKey != (tunnel.Key{}) }
+
+// memberOf is the member a store row records.
+func memberOf(r *store.TunnelMember) (*fleetMember, error) {
+	addr, err := netip.ParseAddr(r.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("tunnel %s member %s: address %q: %w", r.Tunnel, r.SandboxID, r.Addr, err)
+	}
+	var pk tunnel.Key
+	if r.PublicKey != "" {
+		if pk, err = tunnel.ParseKey(r.PublicKey); err != nil {
+			return nil, fmt.Errorf("tunnel %s member %s: public key: %w", r.Tunnel, r.SandboxID, err)
+		}
+	}
+	return &fleetMember{node: r.Node, slot: r.Slot, m: tunnel.Member{
+		Tunnel: key(r.OrgID, r.Tunnel), SandboxID: r.SandboxID, Interface: r.Interface,
+		Addr: addr, PublicKey: pk, Port: r.Port, Endpoint: r.Endpoint,
+	}}, nil
+}
+
+// rowOf is fm's store row (fm a member of org's tunnel name).
+func rowOf(org, name, id string, fm *fleetMember) *store.TunnelMember {
+	r := &store.TunnelMember{OrgID: org, Tunnel: name, SandboxID: id, Node: fm.node, Slot: fm.slot,
+		Addr: fm.m.Addr.String(), Interface: fm.m.Interface, Port: fm.m.Port, Endpoint: fm.m.Endpoint}
+	if fm.joined() {
+		r.PublicKey = fm.m.PublicKey.String()
+	}
+	return r
 }
 
 // tunnelRouter reaches the nodes' tunnel devices (a *noderpc.Router).
@@ -59,11 +101,16 @@ type fleetTunnels struct {
 	router   tunnelRouter
 	st       *store.Store
 	log      *slog.Logger
+	// leading reports whether this replica holds the leader lease (nil:
+	// no replicas, it leads): only the leader repairs.
+	leading func() bool
 
-	// mu serialises membership changes and the pushes that follow, so
-	// every node's view is the one of the last change.
-	mu      sync.Mutex
-	members map[string]map[string]*fleetMember // tunnel key -> sandbox id
+	// mu serialises this process's membership changes and the pushes that
+	// follow (replicas serialise through the store and the repair).
+	mu sync.Mutex
+	// members are the store's rows as this process last read them, by
+	// tunnel key and sandbox id (load reads a tunnel's again).
+	members map[string]map[string]*fleetMember
 	// pending are running sandboxes found at this control plane's start
 	// whose node did not answer their rejoin yet (the repair retries).
 	pending map[string]*store.Sandbox
@@ -73,11 +120,36 @@ func newFleetTunnels(base *tunnels, router tunnelRouter, st *store.Store, log *s
 	return &fleetTunnels{tunnels: base, router: router, st: st, log: log, members: map[string]map[string]*fleetMember{}, pending: map[string]*store.Sandbox{}}
 }
 
-// list is tunnel key's members by address (mu held).
+// load reads org's tunnel name's members from the store (mu held).
+func (f *fleetTunnels) load(ctx context.Context, org, name string) error {
+	rows, err := f.st.ListTunnelMembers(ctx, org, name)
+	if err != nil {
+		return fmt.Errorf("tunnel %s: its members: %w", name, err)
+	}
+	ms := map[string]*fleetMember{}
+	for _, r := range rows {
+		fm, err := memberOf(r)
+		if err != nil {
+			f.log.Warn("fleet: a tunnel member's record cannot be read (skipped)", "err", err)
+			continue
+		}
+		ms[r.SandboxID] = fm
+	}
+	if k := key(org, name); len(ms) == 0 {
+		delete(f.members, k)
+	} else {
+		f.members[k] = ms
+	}
+	return nil
+}
+
+// list is tunnel key's joined members by address (mu held).
 func (f *fleetTunnels) list(k string) []tunnel.Member {
 	var out []tunnel.Member
 	for _, fm := range f.members[k] {
-		out = append(out, fm.m)
+		if fm.joined() {
+			out = append(out, fm.m)
+		}
 	}
 	slices.SortFunc(out, func(a, b tunnel.Member) int { return a.Addr.Compare(b.Addr) })
 	return out
@@ -86,6 +158,11 @@ func (f *fleetTunnels) list(k string) []tunnel.Member {
 func (f *fleetTunnels) snapshot(t *store.Tunnel) []tunnel.Member {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := f.load(ctx, t.OrgID, t.Name); err != nil {
+		f.log.Warn("fleet: tunnel members (as last read)", "tunnel", t.Name, "err", err)
+	}
 	return f.list(key(t.OrgID, t.Name))
 }
 
@@ -108,8 +185,9 @@ func (f *fleetTunnels) SetPeers(ctx context.Context, t *store.Tunnel) error {
 	return err
 }
 
-// freeAddr is the lowest host address of subnet that no member of k and
-// no external peer (its single addresses) has (mu held).
+// freeAddr is the lowest host address of subnet that no member of k
+// (reserved addresses too) and no external peer (its single addresses)
+// has (mu held).
 func (f *fleetTunnels) freeAddr(k string, subnet netip.Prefix, peers []store.TunnelPeer) (netip.Addr, error) {
 	used := map[netip.Addr]bool{}
 	for _, fm := range f.members[k] {
@@ -131,18 +209,18 @@ func (f *fleetTunnels) freeAddr(k string, subnet netip.Prefix, peers []store.Tun
 	return netip.Addr{}, fmt.Errorf("tunnel %s: no free address in %s: %w", k, subnet, errdefs.ErrResourceExhausted)
 }
 
-// views are what push sends each node holding a member of tunnel k: the
-// members on the other nodes (mu held).
+// views are what push sends each node holding a joined member of tunnel
+// k: the joined members on the other nodes (mu held).
 func (f *fleetTunnels) views(k string) map[string][]tunnel.Remote {
 	out := map[string][]tunnel.Remote{}
 	for _, fm := range f.members[k] {
-		if _, ok := out[fm.node]; !ok {
+		if _, ok := out[fm.node]; !ok && fm.joined() {
 			out[fm.node] = []tunnel.Remote{}
 		}
 	}
 	for n := range out {
 		for _, fm := range f.members[k] {
-			if fm.node != n {
+			if fm.node != n && fm.joined() {
 				out[n] = append(out[n], tunnel.Remote{SandboxID: fm.m.SandboxID, Addr: fm.m.Addr, PublicKey: fm.m.PublicKey, Endpoint: fm.m.Endpoint})
 			}
 		}
@@ -151,13 +229,16 @@ func (f *fleetTunnels) views(k string) map[string][]tunnel.Remote {
 	return out
 }
 
-// push sends tunnel t's view to every node holding one of its members
-// (mu held) and returns, by node, the members each runs. A node that
-// cannot be reached is reported (and absent from the map); the others are
-// configured.
+// push reads tunnel t's members from the store and sends its view to
+// every node holding one of them (mu held); it returns, by node, the
+// members each runs. A node that cannot be reached is reported (and absent
+// from the map); the others are configured.
 func (f *fleetTunnels) push(ctx context.Context, t *store.Tunnel) (map[string][]tunnel.Remote, error) {
 	peers, err := toPeers(t)
 	if err != nil {
+		return nil, err
+	}
+	if err := f.load(ctx, t.OrgID, t.Name); err != nil {
 		return nil, err
 	}
 	k := key(t.OrgID, t.Name)
@@ -175,11 +256,13 @@ func (f *fleetTunnels) push(ctx context.Context, t *store.Tunnel) (map[string][]
 	return runs, errors.Join(errs...)
 }
 
-// RepairInterval is how often the control plane checks that every node
-// runs the tunnel members placed on it, with the view it was sent.
+// RepairInterval is how often the control plane (the leader, with
+// replicas) checks that every node runs the tunnel members placed on it,
+// with the view it was sent.
 const RepairInterval = 2 * time.Second
 
-// run repairs the tunnels every RepairInterval until ctx ends.
+// run repairs the tunnels every RepairInterval while this replica leads,
+// until ctx ends.
 func (f *fleetTunnels) run(ctx context.Context) {
 	t := time.NewTicker(RepairInterval)
 	defer t.Stop()
@@ -189,6 +272,9 @@ func (f *fleetTunnels) run(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		if f.leading != nil && !f.leading() {
+			continue
+		}
 		f.repair(ctx)
 	}
 }
@@ -197,7 +283,9 @@ func (f *fleetTunnels) run(ctx context.Context) {
 // it; an unchanged view changes nothing there) and joins again, at their
 // addresses, the members a node no longer runs: a node process that
 // restarted lost its devices (they lived in it), while its sandboxes run
-// on. Their new keys and endpoints then go to the other nodes.
+// on. Their new keys and endpoints then go to the other nodes. Rows of
+// sandboxes that ended (their leave did not reach the store: a replica
+// stopped in between) are removed.
 func (f *fleetTunnels) repair(ctx context.Context) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -209,14 +297,49 @@ func (f *fleetTunnels) repair(ctx context.Context) {
 		}
 		cancel()
 	}
+	rows, err := f.st.ListTunnelMembers(ctx, "", "")
+	if err != nil {
+		if ctx.Err() == nil {
+			f.log.Warn("fleet: tunnel repair", "err", err)
+		}
+		return
+	}
+	type named struct{ org, name string }
+	var todo []named
+	seen := map[string]bool{}
+	for _, r := range rows {
+		if f.gone(ctx, r.SandboxID) {
+			if _, err := f.st.DeleteTunnelMember(ctx, r.OrgID, r.Tunnel, r.SandboxID); err == nil {
+				f.log.Info("fleet: tunnel member of an ended sandbox removed", "tunnel", key(r.OrgID, r.Tunnel), "sandbox", r.SandboxID)
+			}
+		}
+		if k := key(r.OrgID, r.Tunnel); !seen[k] {
+			seen[k] = true
+			todo = append(todo, named{r.OrgID, r.Tunnel})
+		}
+	}
 	for k := range f.members {
-		org, name, _ := strings.Cut(k, "/")
+		if !seen[k] {
+			delete(f.members, k)
+		}
+	}
+	for _, n := range todo {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		if err := f.repairTunnel(cctx, org, name); err != nil && ctx.Err() == nil {
-			f.log.Warn("fleet: tunnel repair", "tunnel", k, "err", err)
+		if err := f.repairTunnel(cctx, n.org, n.name); err != nil && ctx.Err() == nil {
+			f.log.Warn("fleet: tunnel repair", "tunnel", key(n.org, n.name), "err", err)
 		}
 		cancel()
 	}
+}
+
+// gone reports whether sandbox id is gone or has ended (not whether the
+// store could not say).
+func (f *fleetTunnels) gone(ctx context.Context, id string) bool {
+	sb, err := f.st.GetSandbox(ctx, id)
+	if errdefs.Is(err, errdefs.ErrNotFound) {
+		return true
+	}
+	return err == nil && (sb.State == store.StateStopped || sb.State == store.StateFailed)
 }
 
 // repairTunnel repairs tunnel org/name (mu held).
@@ -229,6 +352,9 @@ func (f *fleetTunnels) repairTunnel(ctx context.Context, org, name string) error
 	runs, err := f.push(ctx, t)
 	changed := false
 	for id, fm := range f.members[k] {
+		if !fm.joined() {
+			continue // its join is under way
+		}
 		here, ok := runs[fm.node]
 		if !ok {
 			continue // not reachable now
@@ -244,6 +370,13 @@ func (f *fleetTunnels) repairTunnel(ctx context.Context, org, name string) error
 		}
 		if mb.Addr != fm.m.Addr {
 			err = errors.Join(err, fmt.Errorf("sandbox %s: node %s has it at %s, not %s: %w", id, fm.node, mb.Addr, fm.m.Addr, errdefs.ErrFailedPrecondition))
+			continue
+		}
+		again := &fleetMember{node: fm.node, slot: fm.slot, m: mb}
+		if perr := f.st.PutTunnelMember(ctx, rowOf(org, name, id, again)); perr != nil {
+			// It left meanwhile (through another replica): its node
+			// takes the device down when it ends there.
+			err = errors.Join(err, fmt.Errorf("sandbox %s: record its new key: %w", id, perr))
 			continue
 		}
 		f.log.Info("fleet: tunnel member joined again on its node", "tunnel", k, "sandbox", id, "node", fm.node, "address", mb.Addr)
@@ -273,37 +406,87 @@ func (f *fleetTunnels) started(ctx context.Context, sb *store.Sandbox, _ node.St
 	return nil
 }
 
-// join joins sb to its tunnels (mu held). An address the node reports for
-// a sandbox that is in the tunnel there already (a restarted control
-// plane rejoins the sandboxes it finds running) is taken as it is.
+// reserve records sb as a member of org's tunnel name at the lowest free
+// address, which no other member (placed through any replica) has: the
+// store refuses an address taken meanwhile, and the next is tried (mu
+// held).
+func (f *fleetTunnels) reserve(ctx context.Context, sb *store.Sandbox, name, ifname string, subnet netip.Prefix, peers []store.TunnelPeer) (*fleetMember, error) {
+	k := key(sb.OrgID, name)
+	for range 32 {
+		addr, err := f.freeAddr(k, subnet, peers)
+		if err != nil {
+			return nil, err
+		}
+		fm := &fleetMember{slot: sb.Slot, m: tunnel.Member{Tunnel: k, SandboxID: sb.ID, Interface: ifname, Addr: addr}}
+		err = f.st.AddTunnelMember(ctx, rowOf(sb.OrgID, name, sb.ID, fm))
+		if err == nil {
+			if f.members[k] == nil {
+				f.members[k] = map[string]*fleetMember{}
+			}
+			f.members[k][sb.ID] = fm
+			return fm, nil
+		}
+		if !errdefs.Is(err, errdefs.ErrAlreadyExists) {
+			return nil, fmt.Errorf("sandbox %s tunnel %s: %w", sb.ID, name, err)
+		}
+		// Another replica took the address: read the members again.
+		if err := f.load(ctx, sb.OrgID, name); err != nil {
+			return nil, err
+		}
+		if _, ok := f.members[k][sb.ID]; ok {
+			return nil, fmt.Errorf("sandbox %s tunnel %s: it is joining through another control-plane replica: %w", sb.ID, name, errdefs.ErrAlreadyExists)
+		}
+	}
+	return nil, fmt.Errorf("sandbox %s tunnel %s: every address tried was taken meanwhile: %w", sb.ID, name, errdefs.ErrUnavailable)
+}
+
+// join joins sb to its tunnels (mu held). A sandbox the store has in a
+// tunnel already (a restarted control plane rejoins the sandboxes it finds
+// running) joins at its recorded address; an address its node reports for
+// it (in the tunnel there already) is taken as it is, unless another
+// member has it.
 func (f *fleetTunnels) join(ctx context.Context, sb *store.Sandbox) error {
 	for i, name := range sb.Tunnels {
 		t, err := f.st.GetTunnel(ctx, sb.OrgID, name)
 		if err != nil {
 			return fmt.Errorf("sandbox %s tunnel %s: %w", sb.ID, name, err)
 		}
-		k, subnet := key(sb.OrgID, name), f.Subnet(t.Index)
-		addr, err := f.freeAddr(k, subnet, t.Peers)
-		if err != nil {
+		k, subnet, ifname := key(sb.OrgID, name), f.Subnet(t.Index), "wg"+strconv.Itoa(i)
+		if err := f.load(ctx, sb.OrgID, name); err != nil {
 			return err
 		}
-		nodeID, mb, err := f.router.TunnelJoin(ctx, sb.ID, sb.Slot, k, "wg"+strconv.Itoa(i), subnet, addr)
+		fm, fresh := f.members[k][sb.ID], false
+		if fm == nil {
+			if fm, err = f.reserve(ctx, sb, name, ifname, subnet, t.Peers); err != nil {
+				return err
+			}
+			fresh = true
+		}
+		nodeID, mb, err := f.router.TunnelJoin(ctx, sb.ID, sb.Slot, k, ifname, subnet, fm.m.Addr)
 		if err != nil {
+			if fresh {
+				// The address is free again (it never was its).
+				if _, derr := f.st.DeleteTunnelMember(context.WithoutCancel(ctx), sb.OrgID, name, sb.ID); derr == nil {
+					delete(f.members[k], sb.ID)
+				}
+			}
 			return fmt.Errorf("sandbox %s tunnel %s: %w", sb.ID, name, err)
 		}
-		for oid, o := range f.members[k] {
-			if o.m.Addr == mb.Addr && oid != sb.ID {
-				return fmt.Errorf("sandbox %s tunnel %s: its node has it at %s, sandbox %s's address: %w", sb.ID, name, mb.Addr, oid, errdefs.ErrAlreadyExists)
+		joined := &fleetMember{node: nodeID, slot: sb.Slot, m: mb}
+		if err := f.st.PutTunnelMember(ctx, rowOf(sb.OrgID, name, sb.ID, joined)); err != nil {
+			if errdefs.Is(err, errdefs.ErrAlreadyExists) {
+				return fmt.Errorf("sandbox %s tunnel %s: its node has it at %s, another member's address: %w", sb.ID, name, mb.Addr, errdefs.ErrAlreadyExists)
 			}
+			return fmt.Errorf("sandbox %s tunnel %s: %w", sb.ID, name, err)
 		}
-		if f.members[k] == nil {
-			f.members[k] = map[string]*fleetMember{}
-		}
-		f.members[k][sb.ID] = &fleetMember{node: nodeID, slot: sb.Slot, m: mb}
+		f.members[k][sb.ID] = joined
 		// The sandbox's own node must take the view; another node that
 		// does not answer now (lost, restarting) gets it from the repair.
 		runs, err := f.push(ctx, t)
 		if _, ok := runs[nodeID]; !ok {
+			if err == nil {
+				err = fmt.Errorf("tunnel %s: node %s was sent no view", name, nodeID)
+			}
 			return err
 		}
 		if err != nil {
@@ -324,17 +507,25 @@ func (f *fleetTunnels) ended(ctx context.Context, sb *store.Sandbox) {
 	f.leave(ctx, sb)
 }
 
-// leave takes sb out of its tunnels (mu held).
+// leave takes sb out of its tunnels, in the store and on the nodes (mu
+// held).
 func (f *fleetTunnels) leave(ctx context.Context, sb *store.Sandbox) {
 	delete(f.pending, sb.ID)
 	var in []string
 	for _, name := range sb.Tunnels {
 		k := key(sb.OrgID, name)
-		if _, ok := f.members[k][sb.ID]; ok {
-			delete(f.members[k], sb.ID)
-			if len(f.members[k]) == 0 {
-				delete(f.members, k)
-			}
+		_, was := f.members[k][sb.ID]
+		ok, err := f.st.DeleteTunnelMember(ctx, sb.OrgID, name, sb.ID)
+		if err != nil {
+			// The leader's repair removes the row once it sees the
+			// sandbox ended.
+			f.log.Warn("fleet: tunnel member's record (the repair removes it)", "tunnel", name, "sandbox", sb.ID, "err", err)
+		}
+		delete(f.members[k], sb.ID)
+		if len(f.members[k]) == 0 {
+			delete(f.members, k)
+		}
+		if was || ok {
 			in = append(in, name)
 		}
 	}

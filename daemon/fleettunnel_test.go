@@ -9,9 +9,11 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/chalktest"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/store"
 	"github.com/chalkcompute/chalkcompute/tunnel"
@@ -85,6 +87,7 @@ func TestFleetTunnelViews(t *testing.T) {
 // fakeTunnelRouter is the nodes as fleetTunnels reaches them: which
 // members each runs, the last view each was sent, and nodes that are down.
 type fakeTunnelRouter struct {
+	mu     sync.Mutex                                     // replicas' joins may run at once
 	placed map[string]string                              // sandbox -> node
 	runs   map[string]map[string]map[string]tunnel.Member // node -> key -> sandbox
 	views  map[string]map[string][]tunnel.Remote          // node -> key -> last view
@@ -99,6 +102,8 @@ func newFakeTunnelRouter() *fakeTunnelRouter {
 }
 
 func (r *fakeTunnelRouter) TunnelJoin(_ context.Context, id string, slot int, k, ifname string, subnet netip.Prefix, addr netip.Addr) (string, tunnel.Member, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	n := r.placed[id]
 	if r.down[n] {
 		return n, tunnel.Member{}, fmt.Errorf("node %s: %w", n, errdefs.ErrUnavailable)
@@ -121,6 +126,8 @@ func (r *fakeTunnelRouter) TunnelJoin(_ context.Context, id string, slot int, k,
 }
 
 func (r *fakeTunnelRouter) TunnelLeave(_ context.Context, id string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	for _, ks := range r.runs[r.placed[id]] {
 		delete(ks, id)
 	}
@@ -128,6 +135,8 @@ func (r *fakeTunnelRouter) TunnelLeave(_ context.Context, id string) error {
 }
 
 func (r *fakeTunnelRouter) TunnelSync(_ context.Context, n, k string, _ netip.Prefix, remotes []tunnel.Remote, _ []tunnel.Peer) ([]tunnel.Remote, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if r.down[n] {
 		return nil, fmt.Errorf("node %s: %w", n, errdefs.ErrUnavailable)
 	}
@@ -171,7 +180,11 @@ func TestFleetTunnelMembership(t *testing.T) {
 	const k = "o/mesh"
 	sb := func(id, node string) *store.Sandbox {
 		r.placed[id] = node
-		return &store.Sandbox{ID: id, OrgID: "o", Slot: 2, Tunnels: []string{"mesh"}}
+		s := &store.Sandbox{ID: id, OrgID: "o", Slot: 2, State: store.StateRunning, Tunnels: []string{"mesh"}}
+		if err := st.CreateSandbox(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+		return s
 	}
 	view := func(n string) []string {
 		var out []string
@@ -283,6 +296,142 @@ func TestNodeTunnelSubnet(t *testing.T) {
 		_, err := n.Join(context.Background(), "sb", 2, "o/t", "wg0", subnet, subnet.Addr().Next())
 		if !errdefs.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "--tunnel-subnets") {
 			t.Errorf("subnet %s: %v, want a failed precondition naming --tunnel-subnets", s, err)
+		}
+	}
+}
+
+// TestFleetTunnelReplicas: two control planes on one store (replicas) keep
+// one membership: a member joined through one is in the other's members,
+// gets an address the other did not hand out, and the nodes of both
+// replicas' members are pushed views holding both; a row of a sandbox that
+// ended without leaving (its replica stopped in between) is removed by the
+// repair, and the nodes forget it; joins through both replicas at once get
+// distinct addresses, and after the leader's repair every node's view
+// holds the other's member. On SQLite and on PostgreSQL.
+func TestFleetTunnelReplicas(t *testing.T) {
+	t.Run("sqlite", func(t *testing.T) { fleetTunnelReplicas(t, filepath.Join(t.TempDir(), "chalk.db")) })
+	t.Run("postgres", func(t *testing.T) { fleetTunnelReplicas(t, chalktest.PostgresDB(t)) })
+}
+
+func fleetTunnelReplicas(t *testing.T, database string) {
+	ctx := context.Background()
+	st, err := store.Open(ctx, database)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	tun, _, err := st.EnsureTunnel(ctx, "o", "mesh", 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, err := newTunnels(nil, nil, st, DefaultTunnelSubnets, "192.0.2.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := newFakeTunnelRouter()
+	f1 := newFleetTunnels(base, r, st, slog.New(slog.DiscardHandler))
+	f2 := newFleetTunnels(base, r, st, slog.New(slog.DiscardHandler))
+	const k = "o/mesh"
+	sb := func(id, node string) *store.Sandbox {
+		r.placed[id] = node
+		s := &store.Sandbox{ID: id, OrgID: "o", Slot: 2, State: store.StateRunning, Tunnels: []string{"mesh"}}
+		if err := st.CreateSandbox(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	view := func(n string) []string {
+		var out []string
+		for _, rm := range r.views[n][k] {
+			out = append(out, rm.SandboxID+"="+rm.Addr.String())
+		}
+		return out
+	}
+	a, b, c := sb("a", "n1"), sb("b", "n2"), sb("c", "n3")
+	if err := f1.started(ctx, a, node.Started{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f2.started(ctx, b, node.Started{}); err != nil {
+		t.Fatal(err)
+	}
+	subnet := base.Subnet(tun.Index)
+	addrA, addrB := subnet.Addr().Next(), subnet.Addr().Next().Next()
+	if got := view("n1"); !slices.Equal(got, []string{"b=" + addrB.String()}) {
+		t.Fatalf("n1's view after b joined through the other replica: %v", got)
+	}
+	if got := view("n2"); !slices.Equal(got, []string{"a=" + addrA.String()}) {
+		t.Fatalf("n2's view: %v", got)
+	}
+	for i, f := range []*fleetTunnels{f1, f2} {
+		if ms := f.Members(tun); len(ms) != 2 || ms[0].SandboxId != "a" || ms[1].SandboxId != "b" {
+			t.Fatalf("replica %d's members: %v, want a and b", i+1, ms)
+		}
+	}
+	// c joins through f1, then ends with its record left behind.
+	if err := f1.started(ctx, c, node.Started{}); err != nil {
+		t.Fatal(err)
+	}
+	if got := view("n2"); len(got) != 2 {
+		t.Fatalf("n2's view with c: %v", got)
+	}
+	c.State = store.StateStopped
+	if err := st.UpdateSandbox(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	f2.repair(ctx)
+	if ms, err := st.ListTunnelMembers(ctx, "o", "mesh"); err != nil || len(ms) != 2 {
+		t.Fatalf("records after the repair: %d %v, want a and b", len(ms), err)
+	}
+	if got := view("n2"); !slices.Equal(got, []string{"a=" + addrA.String()}) {
+		t.Fatalf("n2's view after the repair: %v, want c forgotten", got)
+	}
+	// b leaves through f1 (not the replica it joined through).
+	f1.ended(ctx, b)
+	if ms := f2.Members(tun); len(ms) != 1 || ms[0].SandboxId != "a" {
+		t.Fatalf("members after b left: %v", ms)
+	}
+	if got := view("n1"); len(got) != 0 {
+		t.Fatalf("n1's view after b left: %v", got)
+	}
+
+	// Joins through both replicas at once: p on n4 via f1, q on n5 via f2.
+	p, q := sb("p", "n4"), sb("q", "n5")
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	for i, j := range []struct {
+		f  *fleetTunnels
+		sb *store.Sandbox
+	}{{f1, p}, {f2, q}} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = j.f.started(ctx, j.sb, node.Started{})
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatalf("joins through both replicas at once: %v", err)
+	}
+	ms, err := st.ListTunnelMembers(ctx, "o", "mesh")
+	if err != nil || len(ms) != 3 {
+		t.Fatalf("records: %+v %v, want a, p, q", ms, err)
+	}
+	seen := map[string]string{}
+	for _, m := range ms {
+		if o, ok := seen[m.Addr]; ok {
+			t.Fatalf("%s and %s both at %s", o, m.SandboxID, m.Addr)
+		}
+		seen[m.Addr] = m.SandboxID
+	}
+	f1.repair(ctx) // the leader
+	for n, want := range map[string][]string{"n4": {"a", "q"}, "n5": {"a", "p"}, "n1": {"p", "q"}} {
+		var got []string
+		for _, rm := range r.views[n][k] {
+			got = append(got, rm.SandboxID)
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			t.Errorf("%s's view after the repair: %v, want %v", n, got, want)
 		}
 	}
 }

@@ -298,9 +298,10 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		// (daemon/fleetegress.go). Builds run here and land in this
 		// registry, which nodes pull from; their references are handed to
 		// nodes registry-independent (fleetImages).
-		// Tunnel members run on their nodes; the membership is kept here
-		// (daemon/fleettunnel.go).
+		// Tunnel members run on their nodes; the membership is kept in
+		// the store, shared by replicas (daemon/fleettunnel.go).
 		d.ftun = newFleetTunnels(d.tun, d.router, d.Store, d.log.With("component", "fleet"))
+		d.ftun.leading = d.leaderFunc()
 		go d.ftun.run(ctx)
 		acfg.Tunnels = d.ftun
 		// Snapshots: the node streams the layer (a stopped sandbox's from

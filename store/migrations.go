@@ -187,6 +187,20 @@ var migrations = []migration{
 		serial TEXT NOT NULL,
 		revoked_at BIGINT NOT NULL
 	);`},
+	// Fleet tunnels: the membership (which sandbox is in which tunnel, at
+	// which address, on which node, with which key and endpoint), shared by
+	// control-plane replicas. An address is unique per tunnel (the
+	// constraint is what keeps two replicas from handing one out twice).
+	{sql: `CREATE TABLE tunnel_members (
+		org_id TEXT NOT NULL,
+		tunnel TEXT NOT NULL,
+		sandbox_id TEXT NOT NULL,
+		addr TEXT NOT NULL,
+		doc TEXT NOT NULL,
+		PRIMARY KEY (org_id, tunnel, sandbox_id),
+		UNIQUE (org_id, tunnel, addr)
+	);
+	CREATE INDEX tunnel_members_sandbox ON tunnel_members (sandbox_id);`},
 }
 
 // legacyToken is a row of the tokens table before teams.
