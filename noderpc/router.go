@@ -77,6 +77,10 @@ type Router struct {
 	// unreconciled are nodes back from unhealthy that the leader has not
 	// reconciled yet (replicas.go).
 	unreconciled map[string]bool
+	// LostGrace is how long after a sandbox is reported lost its node may
+	// return and have it re-adopted (readopt.go; 0: never).
+	LostGrace time.Duration
+	readopter Readopter
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -199,6 +203,12 @@ func (r *Router) reconcile(ctx context.Context, nodeID string) {
 	r.mu.Unlock()
 	if orphans == nil {
 		orphans = map[string]int{}
+	}
+	// What still runs there of what was reported lost may be re-adopted
+	// (readopt.go): live from here on, not destroyed.
+	for id, slot := range r.readopt(ctx, m, nodeID, orphans) {
+		live[id] = slot
+		delete(orphans, id)
 	}
 	// The node may have restarted meanwhile: its slot allocator learns the
 	// slots of the sandboxes live there, and it finishes its teardowns.
