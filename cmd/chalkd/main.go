@@ -224,7 +224,7 @@ type chalkdFlags struct {
 	level, upstreams, pprofSocket                      string
 	fleetListen, fleetRegistry, fleetRegistryAdvertise string
 	sharedDir                                          string
-	lostGrace   time.Duration
+	lostGrace                                          time.Duration
 	nodeTimeout                                        time.Duration
 	userns                                             *bool
 }
