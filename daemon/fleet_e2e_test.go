@@ -25,7 +25,8 @@ import (
 // with -9 is found within seconds and its sandboxes are reported lost; when
 // it returns, the one still running there is re-adopted (running again,
 // exec works), the one whose processes died meanwhile stays lost and is
-// removed there.
+// removed there; a partition (the node's process stopped, then continued)
+// is reported lost and re-adopted the same way.
 func TestFleet(t *testing.T) {
 	control := chalktest.StartControl(t)
 	n1 := chalktest.StartFleetNode(t, control, 1)
@@ -304,6 +305,35 @@ func TestFleet(t *testing.T) {
 	}
 	if res, err := readopted.Exec(ctxT(t, 30*time.Second), []string{"echo", "back"}); err != nil || string(res.Stdout) != "back\n" {
 		t.Fatalf("exec in the re-adopted sandbox: %+v, %v", res, err)
+	}
+
+	// A partition (node1's chalkd stopped, SIGSTOP: its sandboxes run on):
+	// the re-adopted sandbox is reported lost within seconds, and
+	// re-adopted again once node1 answers (SIGCONT, the same process).
+	n1.Freeze()
+	frozen := time.Now()
+	if st, err := readopted.Wait(ctxT(t, 30*time.Second)); err != nil || st.State != "stopped" || st.EndReason != "lost" {
+		n1.Thaw()
+		t.Fatalf("wait on a sandbox of the frozen node: %+v, %v; want stopped, lost", st, err)
+	}
+	t.Logf("sandbox of the frozen node reported lost after %v", time.Since(frozen).Round(time.Millisecond))
+	n1.Thaw()
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		got, err := c.Sandbox(ctxT(t, 30*time.Second), readopted.ID())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Info.State == "running" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sandbox %s not re-adopted after the partition: %s (%s)", readopted.ID(), got.Info.State, got.Info.EndReason)
+		}
+		time.Sleep(100 * time.Millisecond) // polling the control plane for the re-adoption
+	}
+	if res, err := readopted.Exec(ctxT(t, 30*time.Second), []string{"echo", "thawed"}); err != nil || string(res.Stdout) != "thawed\n" {
+		t.Fatalf("exec after the partition: %+v, %v", res, err)
 	}
 
 	// kill -9 of the control plane loses no sandbox: after its restart
