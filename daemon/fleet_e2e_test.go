@@ -317,6 +317,9 @@ func TestFleet(t *testing.T) {
 		t.Fatalf("wait on a sandbox of the frozen node: %+v, %v; want stopped, lost", st, err)
 	}
 	t.Logf("sandbox of the frozen node reported lost after %v", time.Since(frozen).Round(time.Millisecond))
+	if time.Since(frozen) > 15*time.Second {
+		t.Errorf("lost only after %v (a reconcile stuck on the frozen node holding the health checks?)", time.Since(frozen))
+	}
 	n1.Thaw()
 	deadline = time.Now().Add(30 * time.Second)
 	for {

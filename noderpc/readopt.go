@@ -3,6 +3,7 @@ package noderpc
 import (
 	"context"
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -97,4 +98,53 @@ func (r *Router) readopt(ctx context.Context, m *member, nodeID string, orphans 
 		r.log.Info("fleet: re-adopted a lost sandbox on its returned node", "node", nodeID, "sandbox", id, "pid", pid)
 	}
 	return out
+}
+
+// reconcileWait is how long Refresh waits for the reconciles it started
+// before it returns (they go on in the background): a node that stops
+// answering in the middle of its reconcile (frozen, partitioned again)
+// delays the health of no node by more.
+const reconcileWait = time.Second
+
+// reconcileBounded reconciles the returned nodes ids, each in its own
+// goroutine (one at a time per node: a node whose reconcile still runs
+// is reconciled again at the next Refresh), and waits for them for at
+// most reconcileWait.
+func (r *Router) reconcileBounded(ctx context.Context, ids []string) {
+	if len(ids) == 0 {
+		return
+	}
+	var wg sync.WaitGroup
+	for _, id := range ids {
+		r.mu.Lock()
+		busy := r.reconciling[id]
+		if busy {
+			r.unreconciled[id] = true // again, once the running one ends
+		} else {
+			r.reconciling[id] = true
+		}
+		r.mu.Unlock()
+		if busy {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() {
+				r.mu.Lock()
+				delete(r.reconciling, id)
+				r.mu.Unlock()
+			}()
+			r.reconcile(context.WithoutCancel(ctx), id)
+		}()
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	t := time.NewTimer(reconcileWait)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		r.log.Warn("fleet: a returned node's reconcile goes on in the background", "nodes", ids)
+	}
 }

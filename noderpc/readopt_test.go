@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -132,5 +133,70 @@ func TestLostReadopted(t *testing.T) {
 	defer mu.Unlock()
 	if !slices.Contains(asked, "up") || slices.Contains(asked, "gone") {
 		t.Errorf("readopter asked for %q: want up only (gone does not run)", asked)
+	}
+}
+
+// TestReconcileDoesNotHoldRefresh: a returned node that stops answering in
+// the middle of its reconcile (its Restore never returns) does not hold
+// Refresh: it returns with the reconcile still running, another node's
+// silence is still found at the next Refresh, and the stuck node is not
+// reconciled twice at once.
+func TestReconcileDoesNotHoldRefresh(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	b := addNode(t, c, "b", 4, 4096, 10)
+	r := newRouter(t, c)
+	hold := make(chan struct{})
+	defer close(hold)
+	a.fake.mu.Lock()
+	a.fake.restoreHold = hold
+	a.fake.mu.Unlock()
+	clock := time.Now().Add(2 * DefaultHeartbeatTimeout)
+	r.now = func() time.Time { return clock }
+	if err := r.Refresh(ctx); err != nil { // both silent: unhealthy
+		t.Fatal(err)
+	}
+	c.fleet.Now = func() time.Time { return clock }
+	a.heartbeat(t, c)
+	b.heartbeat(t, c)
+	if err := r.Refresh(ctx); err != nil { // both back: a's reconcile sticks in Restore
+		t.Fatal(err)
+	}
+	restores := func() int {
+		a.fake.mu.Lock()
+		defer a.fake.mu.Unlock()
+		n := 0
+		for _, c := range a.fake.calls {
+			if strings.HasPrefix(c, "Restore") {
+				n++
+			}
+		}
+		return n
+	}
+	if restores() != 1 {
+		t.Fatalf("a restored %d times, want 1 (held)", restores())
+	}
+	// b goes silent; a answers heartbeats but its Restore still hangs.
+	clock = clock.Add(2 * DefaultHeartbeatTimeout)
+	c.fleet.Now = func() time.Time { return clock }
+	a.heartbeat(t, c)
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []*fleetNode{a, b} {
+		healthy := false
+		ns, _ := r.Nodes(ctx)
+		for _, s := range ns {
+			if s.ID == n.id.ID {
+				healthy = s.Healthy
+			}
+		}
+		if healthy != (n == a) {
+			t.Errorf("node %s healthy %v", n.id.ID, healthy)
+		}
+	}
+	if restores() != 1 {
+		t.Errorf("a restored %d times while its reconcile still ran", restores())
 	}
 }

@@ -81,6 +81,8 @@ type Router struct {
 	// return and have it re-adopted (readopt.go; 0: never).
 	LostGrace time.Duration
 	readopter Readopter
+	// reconciling are the nodes whose reconcile runs now (readopt.go).
+	reconciling map[string]bool
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -119,7 +121,8 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 	}
 	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now, started: time.Now(),
 		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{},
-		warm: map[string]map[string]bool{}, pooled: map[string]map[string]int{}, unreconciled: map[string]bool{}}
+		warm: map[string]map[string]bool{}, pooled: map[string]map[string]int{}, unreconciled: map[string]bool{},
+		reconciling: map[string]bool{}}
 }
 
 // dial is how the router reaches a node (tests replace it).
@@ -179,9 +182,7 @@ func (r *Router) Refresh(ctx context.Context) error {
 	r.dropRemoved(recs)
 	back = r.toReconcile()
 	r.mu.Unlock()
-	for _, id := range back {
-		r.reconcile(ctx, id)
-	}
+	r.reconcileBounded(ctx, back)
 	return nil
 }
 
