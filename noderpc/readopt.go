@@ -1,6 +1,7 @@
 package noderpc
 
 import (
+	"cmp"
 	"context"
 	"slices"
 	"sync"
@@ -100,16 +101,16 @@ func (r *Router) readopt(ctx context.Context, m *member, nodeID string, orphans 
 	return out
 }
 
-// reconcileWait is how long Refresh waits for the reconciles it started
-// before it returns (they go on in the background): a node that stops
-// answering in the middle of its reconcile (frozen, partitioned again)
-// delays the health of no node by more.
-const reconcileWait = time.Second
+// DefaultReconcileWait is how long Refresh waits for the reconciles it
+// started before it returns (they go on in the background): a node that
+// stops answering in the middle of its reconcile (frozen, partitioned
+// again) delays the health of no node by more (Router.ReconcileWait).
+const DefaultReconcileWait = time.Second
 
 // reconcileBounded reconciles the returned nodes ids, each in its own
 // goroutine (one at a time per node: a node whose reconcile still runs
 // is reconciled again at the next Refresh), and waits for them for at
-// most reconcileWait.
+// most ReconcileWait.
 func (r *Router) reconcileBounded(ctx context.Context, ids []string) {
 	if len(ids) == 0 {
 		return
@@ -140,7 +141,7 @@ func (r *Router) reconcileBounded(ctx context.Context, ids []string) {
 	}
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
-	t := time.NewTimer(reconcileWait)
+	t := time.NewTimer(cmp.Or(r.ReconcileWait, DefaultReconcileWait))
 	defer t.Stop()
 	select {
 	case <-done:

@@ -147,6 +147,7 @@ func TestReconcileDoesNotHoldRefresh(t *testing.T) {
 	a := addNode(t, c, "a", 4, 4096, 10)
 	b := addNode(t, c, "b", 4, 4096, 10)
 	r := newRouter(t, c)
+	r.ReconcileWait = DefaultReconcileWait
 	hold := make(chan struct{})
 	defer close(hold)
 	a.fake.mu.Lock()

@@ -35,7 +35,8 @@ const (
 // sandbox to that node. Nodes come from the store (joined through Fleet);
 // one whose heartbeat is older than HeartbeatTimeout is unhealthy: nothing
 // is placed on it and the Waits of its sandboxes return node.ErrLost. When
-// it heartbeats again, the sandboxes reported lost meanwhile are destroyed
+// it heartbeats again, the sandboxes reported lost meanwhile are re-adopted
+// if they still run there within LostGrace (readopt.go), else destroyed
 // there.
 type Router struct {
 	store *store.Store
@@ -80,7 +81,10 @@ type Router struct {
 	// LostGrace is how long after a sandbox is reported lost its node may
 	// return and have it re-adopted (readopt.go; 0: never).
 	LostGrace time.Duration
-	readopter Readopter
+	// ReconcileWait bounds how long Refresh waits for returned nodes'
+	// reconciles (default DefaultReconcileWait; readopt.go).
+	ReconcileWait time.Duration
+	readopter     Readopter
 	// reconciling are the nodes whose reconcile runs now (readopt.go).
 	reconciling map[string]bool
 }
