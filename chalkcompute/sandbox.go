@@ -175,6 +175,10 @@ func (s *Sandbox) Terminate(ctx context.Context) (*v1.Sandbox, error) {
 }
 
 // Wait blocks until the sandbox ends (or ctx ends) and returns its final state.
+// On a fleet, a sandbox whose node stops answering ends with end_reason
+// "lost" and Wait returns then; if the node comes back soon with the
+// sandbox still running, the control plane re-adopts it: a later read
+// (Client.Sandbox) shows it running again, and Wait waits for its real end.
 func (s *Sandbox) Wait(ctx context.Context) (*v1.Sandbox, error) {
 	resp, err := s.c.sandbox.Wait(ctx, connect.NewRequest(&v1.WaitSandboxRequest{Id: s.id}))
 	if err != nil {

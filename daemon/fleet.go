@@ -55,6 +55,10 @@ type FleetConfig struct {
 	// NodeTimeout: a node silent this long is lost (default
 	// noderpc.DefaultHeartbeatTimeout).
 	NodeTimeout time.Duration
+	// LostGrace: a node that returns this long after its sandboxes were
+	// reported lost has those still running re-adopted (0: never;
+	// noderpc.DefaultLostGrace by the command line).
+	LostGrace time.Duration
 	// Prestart is how many pre-started sandboxes of the base image
 	// (busybox) each node keeps, set when it joins (its first heartbeat
 	// here); 0: none set (nodes pre-start recently used images by their own
@@ -87,6 +91,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	d.router = noderpc.NewRouter(d.Store, ca, cert, d.log.With("component", "fleet"))
 	d.router.HeartbeatTimeout = fc.NodeTimeout
 	d.router.Leading = d.leaderFunc()
+	d.router.LostGrace = fc.LostGrace
 	if err := d.router.Refresh(ctx); err != nil {
 		return err
 	}

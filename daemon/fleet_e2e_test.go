@@ -6,7 +6,9 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -20,7 +22,11 @@ import (
 // namespace with its own data dir, sandbox subnet and cgroup parent. Through
 // the normal SDK against the control plane: sandboxes land on both nodes,
 // and create → exec → files → logs → terminate work on each; a node killed
-// with -9 is found within seconds and its sandboxes are reported lost.
+// with -9 is found within seconds and its sandboxes are reported lost; when
+// it returns, the one still running there is re-adopted (running again,
+// exec works), the one whose processes died meanwhile stays lost and is
+// removed there; a partition (the node's process stopped, then continued)
+// is reported lost and re-adopted the same way.
 func TestFleet(t *testing.T) {
 	control := chalktest.StartControl(t)
 	n1 := chalktest.StartFleetNode(t, control, 1)
@@ -73,13 +79,14 @@ func TestFleet(t *testing.T) {
 		_, err := os.Stat(filepath.Join(n.Dir, "sandboxes", id))
 		return err == nil
 	}
-	// Creates until each node has two (the steps below use two per node):
+	// Creates until node1 has three and node2 two (the steps below use
+	// two per node, and node1's third dies while node1 is away):
 	// placement spreads, though a node with pre-started sandboxes ready is
 	// asked first, so the split of the first few is not fixed.
 	byNode := map[*chalktest.Node][]*chalkcompute.Sandbox{}
-	for i := 0; len(byNode[n1]) < 2 || len(byNode[n2]) < 2; i++ {
-		if i == 8 {
-			t.Fatalf("placement did not spread: %d on node1, %d on node2 after 8 creates", len(byNode[n1]), len(byNode[n2]))
+	for i := 0; len(byNode[n1]) < 3 || len(byNode[n2]) < 2; i++ {
+		if i == 10 {
+			t.Fatalf("placement did not spread: %d on node1, %d on node2 after 10 creates", len(byNode[n1]), len(byNode[n2]))
 		}
 		sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"),
 			chalkcompute.WithEntrypoint("sh", "-c", "echo hello-from-$(hostname); exec sleep 1000"))
@@ -251,8 +258,15 @@ func TestFleet(t *testing.T) {
 		t.Fatalf("sandbox %s not placed on the surviving node", sb.ID())
 	}
 
-	// Node 1 returns (its identity kept: no new token): healthy again, and
-	// the sandboxes reported lost meanwhile are removed there.
+	// While node1 is away, one of its sandboxes dies (all its processes
+	// killed); the other runs on (runc detached it from the node's chalkd).
+	readopted, died := byNode[n1][1], byNode[n1][2]
+	killSandbox(t, died.ID())
+
+	// Node 1 returns (its identity kept: no new token) within --lost-grace:
+	// healthy again; the lost sandbox still running there with the same
+	// init is re-adopted (running, exec works), the dead one stays lost
+	// and is removed there.
 	n1.Restart()
 	deadline = time.Now().Add(30 * time.Second)
 	for !healthy("node1") {
@@ -261,13 +275,68 @@ func TestFleet(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond) // polling the control plane for the heartbeat
 	}
-	for _, sb := range byNode[n1][1:] {
-		for on(n1, sb.ID()) {
-			if time.Now().After(deadline) {
-				t.Fatalf("lost sandbox %s still on node1 after it returned", sb.ID())
-			}
-			time.Sleep(100 * time.Millisecond) // polling the node's state dir
+	for on(n1, died.ID()) {
+		if time.Now().After(deadline) {
+			t.Fatalf("lost sandbox %s, dead, still on node1 after it returned", died.ID())
 		}
+		time.Sleep(100 * time.Millisecond) // polling the node's state dir
+	}
+	if got, err := c.Sandbox(ctxT(t, 30*time.Second), died.ID()); err != nil || got.Info.State != "stopped" || got.Info.EndReason != "lost" {
+		t.Fatalf("the dead sandbox after its node returned: %+v, %v; want stopped, lost", got, err)
+	}
+	for {
+		got, err := c.Sandbox(ctxT(t, 30*time.Second), readopted.ID())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Info.State == "running" {
+			if got.Info.EndReason != "" || got.Info.Error != "" {
+				t.Fatalf("re-adopted sandbox keeps its end: %+v", got.Info)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sandbox %s running on node1 not re-adopted after it returned: %s (%s)", readopted.ID(), got.Info.State, got.Info.EndReason)
+		}
+		time.Sleep(100 * time.Millisecond) // polling the control plane for the re-adoption
+	}
+	if !on(n1, readopted.ID()) {
+		t.Fatalf("re-adopted sandbox %s removed from node1", readopted.ID())
+	}
+	if res, err := readopted.Exec(ctxT(t, 30*time.Second), []string{"echo", "back"}); err != nil || string(res.Stdout) != "back\n" {
+		t.Fatalf("exec in the re-adopted sandbox: %+v, %v", res, err)
+	}
+
+	// A partition (node1's chalkd stopped, SIGSTOP: its sandboxes run on):
+	// the re-adopted sandbox is reported lost within seconds, and
+	// re-adopted again once node1 answers (SIGCONT, the same process).
+	n1.Freeze()
+	frozen := time.Now()
+	if st, err := readopted.Wait(ctxT(t, 30*time.Second)); err != nil || st.State != "stopped" || st.EndReason != "lost" {
+		n1.Thaw()
+		t.Fatalf("wait on a sandbox of the frozen node: %+v, %v; want stopped, lost", st, err)
+	}
+	t.Logf("sandbox of the frozen node reported lost after %v", time.Since(frozen).Round(time.Millisecond))
+	if time.Since(frozen) > 15*time.Second {
+		t.Errorf("lost only after %v (a reconcile stuck on the frozen node holding the health checks?)", time.Since(frozen))
+	}
+	n1.Thaw()
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		got, err := c.Sandbox(ctxT(t, 30*time.Second), readopted.ID())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Info.State == "running" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sandbox %s not re-adopted after the partition: %s (%s)", readopted.ID(), got.Info.State, got.Info.EndReason)
+		}
+		time.Sleep(100 * time.Millisecond) // polling the control plane for the re-adoption
+	}
+	if res, err := readopted.Exec(ctxT(t, 30*time.Second), []string{"echo", "thawed"}); err != nil || string(res.Stdout) != "thawed\n" {
+		t.Fatalf("exec after the partition: %+v, %v", res, err)
 	}
 
 	// kill -9 of the control plane loses no sandbox: after its restart
@@ -277,7 +346,7 @@ func TestFleet(t *testing.T) {
 	time.Sleep(noderpc.DefaultHeartbeatTimeout + time.Second) // the outage must outlast the heartbeat timeout to test the grace
 	control.Restart()
 	c = control.Client()
-	for _, sb := range append(byNode[n2][1:], sb) {
+	for _, sb := range append(byNode[n2][1:], sb, readopted) {
 		got, err := c.Sandbox(ctxT(t, 30*time.Second), sb.ID())
 		if err != nil {
 			t.Fatal(err)
@@ -297,5 +366,42 @@ func TestFleet(t *testing.T) {
 	}
 	if res, err := after.Exec(ctxT(t, 30*time.Second), []string{"echo", "new"}); err != nil || string(res.Stdout) != "new\n" {
 		t.Fatalf("exec in a sandbox created after a control-plane restart: %+v, %v", res, err)
+	}
+}
+
+// killSandbox kills every process of sandbox id (those in its cgroup, on
+// runc and gVisor alike), as if it died while its node was away, and
+// returns once none is left.
+func killSandbox(t *testing.T, id string) {
+	t.Helper()
+	procs := func() []int {
+		var pids []int
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil {
+				continue
+			}
+			cg, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cgroup"))
+			if err == nil && bytes.Contains(cg, []byte("/"+id)) {
+				pids = append(pids, pid)
+			}
+		}
+		return pids
+	}
+	pids := procs()
+	if len(pids) == 0 {
+		t.Fatalf("sandbox %s: no process in its cgroup", id)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for len(pids) > 0 {
+		for _, pid := range pids {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sandbox %s: processes %v left after SIGKILL", id, pids)
+		}
+		time.Sleep(50 * time.Millisecond) // polling /proc for the processes' end
+		pids = procs()
 	}
 }

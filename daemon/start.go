@@ -311,7 +311,8 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 	}
 	d.API = api.New(ctx, acfg)
 	if d.router != nil {
-		go d.API.RunDrains(ctx, time.Second) // drain deadlines, on the leader
+		d.router.SetReadopter(d.API.ReadoptLost) // lost sandboxes a returned node still runs
+		go d.API.RunDrains(ctx, time.Second)     // drain deadlines, on the leader
 	}
 	if err := d.API.Reconcile(ctx); err != nil {
 		return fmt.Errorf("reconcile: %w", err)

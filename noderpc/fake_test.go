@@ -41,6 +41,8 @@ type fakeNode struct {
 	paused   map[string]bool
 	pool     map[string][]string // image digest -> pre-started ids (nil: Claim always gives sb-pre)
 	layer    []byte              // SnapshotLayer's layer
+	// restoreHold, if set, holds Restore until closed.
+	restoreHold chan struct{}
 }
 
 func newFakeNode() *fakeNode {
@@ -335,8 +337,18 @@ func (f *fakeNode) claims() int {
 
 func (f *fakeNode) Unclaim(id string) { f.call("Unclaim " + id) }
 
-func (f *fakeNode) Restore(_ context.Context, live map[string]int) error {
+func (f *fakeNode) Restore(ctx context.Context, live map[string]int) error {
 	f.call(fmt.Sprintf("Restore %d", len(live)))
+	f.mu.Lock()
+	hold := f.restoreHold
+	f.mu.Unlock()
+	if hold != nil {
+		select {
+		case <-hold: // a node that stopped answering mid-call
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	return nil
 }
 

@@ -35,7 +35,8 @@ const (
 // sandbox to that node. Nodes come from the store (joined through Fleet);
 // one whose heartbeat is older than HeartbeatTimeout is unhealthy: nothing
 // is placed on it and the Waits of its sandboxes return node.ErrLost. When
-// it heartbeats again, the sandboxes reported lost meanwhile are destroyed
+// it heartbeats again, the sandboxes reported lost meanwhile are re-adopted
+// if they still run there within LostGrace (readopt.go), else destroyed
 // there.
 type Router struct {
 	store *store.Store
@@ -77,6 +78,15 @@ type Router struct {
 	// unreconciled are nodes back from unhealthy that the leader has not
 	// reconciled yet (replicas.go).
 	unreconciled map[string]bool
+	// LostGrace is how long after a sandbox is reported lost its node may
+	// return and have it re-adopted (readopt.go; 0: never).
+	LostGrace time.Duration
+	// ReconcileWait bounds how long Refresh waits for returned nodes'
+	// reconciles (default DefaultReconcileWait; readopt.go).
+	ReconcileWait time.Duration
+	readopter     Readopter
+	// reconciling are the nodes whose reconcile runs now (readopt.go).
+	reconciling map[string]bool
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -115,7 +125,8 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 	}
 	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now, started: time.Now(),
 		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{},
-		warm: map[string]map[string]bool{}, pooled: map[string]map[string]int{}, unreconciled: map[string]bool{}}
+		warm: map[string]map[string]bool{}, pooled: map[string]map[string]int{}, unreconciled: map[string]bool{},
+		reconciling: map[string]bool{}}
 }
 
 // dial is how the router reaches a node (tests replace it).
@@ -175,9 +186,7 @@ func (r *Router) Refresh(ctx context.Context) error {
 	r.dropRemoved(recs)
 	back = r.toReconcile()
 	r.mu.Unlock()
-	for _, id := range back {
-		r.reconcile(ctx, id)
-	}
+	r.reconcileBounded(ctx, back)
 	return nil
 }
 
@@ -199,6 +208,12 @@ func (r *Router) reconcile(ctx context.Context, nodeID string) {
 	r.mu.Unlock()
 	if orphans == nil {
 		orphans = map[string]int{}
+	}
+	// What still runs there of what was reported lost may be re-adopted
+	// (readopt.go): live from here on, not destroyed.
+	for id, slot := range r.readopt(ctx, m, nodeID, orphans) {
+		live[id] = slot
+		delete(orphans, id)
 	}
 	// The node may have restarted meanwhile: its slot allocator learns the
 	// slots of the sandboxes live there, and it finishes its teardowns.

@@ -60,6 +60,9 @@ func (n *fleetNode) heartbeat(t *testing.T, c *control) {
 
 func newRouter(t *testing.T, c *control) *Router {
 	r := NewRouter(c.st, c.ca, c.cert, nil)
+	// A returned node's reconcile is over when Refresh returns (the
+	// machine may be loaded; TestReconcileDoesNotHoldRefresh sets less).
+	r.ReconcileWait = time.Minute
 	if err := r.Refresh(ctxT(t)); err != nil {
 		t.Fatal(err)
 	}

@@ -627,7 +627,29 @@ func (r *Runtime) Running(ctx context.Context, id string) (int, bool) {
 	if err != nil || (c.Status != "running" && c.Status != "paused") {
 		return 0, false
 	}
+	if !pidAlive(c.Pid) {
+		// runsc's state says running while its sandbox process is a
+		// zombie (dead, its parent gone before reaping it): not running.
+		return 0, false
+	}
 	return c.Pid, true
+}
+
+// pidAlive reports whether process pid exists and is not a zombie.
+func pidAlive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	// pid (comm) S ...: the state follows the last ')'.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		return false
+	}
+	return b[i+2] != 'Z' && b[i+2] != 'X'
 }
 
 // Pause freezes every process of sandbox id (`runc pause`: the cgroup

@@ -83,7 +83,11 @@ func main() {
 			fmt.Fprintf(os.Stderr, "chalkd control: --node-timeout %v: must be positive\n", f.nodeTimeout)
 			os.Exit(2)
 		}
-		cfg.Fleet = &daemon.FleetConfig{Listen: f.fleetListen, RegistryListen: f.fleetRegistry, RegistryAdvertise: f.fleetRegistryAdvertise, NodeTimeout: f.nodeTimeout, Prestart: cfg.Prestart, SharedDir: f.sharedDir}
+		if f.lostGrace < 0 {
+			fmt.Fprintf(os.Stderr, "chalkd control: --lost-grace %v: want 0 (never re-adopt) or more\n", f.lostGrace)
+			os.Exit(2)
+		}
+		cfg.Fleet = &daemon.FleetConfig{Listen: f.fleetListen, RegistryListen: f.fleetRegistry, RegistryAdvertise: f.fleetRegistryAdvertise, NodeTimeout: f.nodeTimeout, LostGrace: f.lostGrace, Prestart: cfg.Prestart, SharedDir: f.sharedDir}
 		if cfg.Prestart < 0 {
 			fmt.Fprintf(os.Stderr, "chalkd control: --prestart %d: want 0 or more\n", cfg.Prestart)
 			os.Exit(2)
@@ -220,6 +224,7 @@ type chalkdFlags struct {
 	level, upstreams, pprofSocket                      string
 	fleetListen, fleetRegistry, fleetRegistryAdvertise string
 	sharedDir                                          string
+	lostGrace                                          time.Duration
 	nodeTimeout                                        time.Duration
 	userns                                             *bool
 }
@@ -234,6 +239,7 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 		fs.StringVar(&f.fleetRegistry, "fleet-registry-listen", daemon.DefaultFleetRegistryListen, "the embedded registry for node agents (TLS with the fleet CA; the read-only pull credential, which nodes get over the fleet channel)")
 		fs.StringVar(&f.fleetRegistryAdvertise, "fleet-registry-advertise", "", "the registry's TLS listener as nodes reach it, host:port (default: the host a node joined at, the port of --fleet-registry-listen)")
 		fs.DurationVar(&f.nodeTimeout, "node-timeout", noderpc.DefaultHeartbeatTimeout, "a node silent this long is lost (its sandboxes end as lost)")
+		fs.DurationVar(&f.lostGrace, "lost-grace", noderpc.DefaultLostGrace, "a node that returns within this long of its sandboxes being reported lost has those still running there re-adopted (running again); later, or not running, they are destroyed there (0: never re-adopt)")
 		fs.StringVar(&f.sharedDir, "shared-dir", "", "run as one of several control-plane replicas on one PostgreSQL --database: the directory they share (fleet CA, identity and other keys, the registry's storage; docs/DEPLOY.md)")
 	case "node":
 		fs.StringVar(&nopts.Join, "join", "", "the control plane's fleet listener, https://control:7450 (control-plane replicas: each one's, separated by commas)")

@@ -377,6 +377,21 @@ func (n *Node) Kill() {
 	}
 }
 
+// Freeze stops chalkd's process (SIGSTOP: silent, as behind a network
+// partition; its sandboxes keep running); Thaw continues it (SIGCONT).
+func (n *Node) Freeze() { n.signal(syscall.SIGSTOP) }
+
+// Thaw continues a frozen chalkd (SIGCONT).
+func (n *Node) Thaw() { n.signal(syscall.SIGCONT) }
+
+func (n *Node) signal(sig syscall.Signal) {
+	if n.cmd != nil && n.cmd.Process != nil {
+		if err := n.cmd.Process.Signal(sig); err != nil {
+			n.t.Fatalf("signal %v to chalkd: %v", sig, err)
+		}
+	}
+}
+
 // Stop stops chalkd gracefully.
 func (n *Node) Stop() {
 	if n.cmd != nil && n.cmd.Process != nil {
