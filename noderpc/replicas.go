@@ -116,6 +116,11 @@ func (r *Router) lockPlacement() (done func(id string, ok bool)) {
 	if err := r.syncPlacements(ctx); err != nil {
 		r.log.Warn("fleet: placements from the store", "err", err)
 	}
+	if r.Leading != nil {
+		// With replicas, a cordon or drain set at another one holds from
+		// the next placement on, not from this one's next refresh.
+		r.syncNodeStates(ctx)
+	}
 	return func(id string, ok bool) {
 		r.mu.Lock()
 		h.placing = false
@@ -214,4 +219,22 @@ func checkBootID(id string) error {
 		}
 	}
 	return nil
+}
+
+// syncNodeStates takes the node records' states (ready, cordoned,
+// draining) from the store for the nodes this router knows; health stays
+// Refresh's.
+func (r *Router) syncNodeStates(ctx context.Context) {
+	recs, err := r.store.ListNodes(ctx)
+	if err != nil {
+		r.log.Warn("fleet: node states from the store", "err", err)
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, rec := range recs {
+		if m := r.members[rec.ID]; m != nil && m.url == rec.URL {
+			m.rec = rec
+		}
+	}
 }

@@ -2,6 +2,7 @@ package noderpc
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -604,5 +605,32 @@ func TestNodeRestartRestored(t *testing.T) {
 	}
 	if n, err := c.st.GetNode(ctx, a.id.ID); err != nil || n.BootID != "boot-2" {
 		t.Fatalf("the node's boot id after hostile heartbeats: %+v, %v", n, err)
+	}
+}
+
+// TestCordonAtAnotherReplica: with replicas, a cordon set through one
+// router holds at the other's very next placement, not only after its next
+// refresh (the placement lock reads the node states).
+func TestCordonAtAnotherReplica(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	addNode(t, c, "b", 4, 4096, 10)
+	ra, rb := newRouter(t, c), newRouter(t, c)
+	for _, r := range []*Router{ra, rb} {
+		r.Leading = func() bool { return false } // replicas
+	}
+	if _, err := ra.SetNodeState(ctx, "b", store.NodeCordoned); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		id := fmt.Sprintf("sb-cordon%d", i)
+		if _, err := rb.ReserveSlot(node.StartRequest{ID: id, CPU: 0.5, Memory: 64 << 20}); err != nil {
+			t.Fatal(err)
+		}
+		if got := rb.NodeOf(id); got != a.id.ID {
+			t.Fatalf("placement %d through the other replica went to %s, want a (b is cordoned)", i, got)
+		}
+		rb.Unclaim(id)
 	}
 }
