@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"net/netip"
@@ -44,7 +45,13 @@ func TestKeys(t *testing.T) {
 
 func netnsFor(t *testing.T) string {
 	t.Helper()
-	name := "chalktun-" + strings.ReplaceAll(t.Name(), "/", "-")[:8] + hex.EncodeToString([]byte{byte(time.Now().UnixNano()), byte(os.Getpid())})
+	// Random: two names made in the same nanosecond tick's low byte (one
+	// test makes several) collided ("File exists").
+	var r [5]byte
+	if _, err := rand.Read(r[:]); err != nil {
+		t.Fatal(err)
+	}
+	name := "chalktun-" + strings.ReplaceAll(t.Name(), "/", "-")[:8] + hex.EncodeToString(r[:])
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns add: %v %s", err, out)
 	}
