@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"path/filepath"
 	"runtime"
 	"time"
 
@@ -73,13 +72,7 @@ func (h *harness) close() {
 // exec round trip and creates/s of an all-in-one chalkd and of the fleet
 // (3 nodes, and 1 node: the other two cordoned).
 func fleetBench(ctx context.Context, n, clients int, d time.Duration) {
-	if os.Getenv("CHALK_TEST_BIN") == "" {
-		if abs, err := filepath.Abs("bin"); err == nil {
-			if _, err := os.Stat(filepath.Join(abs, "chalkd")); err == nil {
-				os.Setenv("CHALK_TEST_BIN", abs)
-			}
-		}
-	}
+	useTreeBin()
 	h := &harness{}
 	defer h.close()
 	atFail = h.close

@@ -36,13 +36,7 @@ func fleetTunnelBench(ctx context.Context) {
 			fail(fmt.Errorf("fleet tunnel: %s", s.msg))
 		}
 	}()
-	if os.Getenv("CHALK_TEST_BIN") == "" {
-		if abs, err := filepath.Abs("bin"); err == nil {
-			if _, err := os.Stat(filepath.Join(abs, "chalkd")); err == nil {
-				os.Setenv("CHALK_TEST_BIN", abs)
-			}
-		}
-	}
+	useTreeBin()
 	probePath := filepath.Join(h.TempDir(), "netprobe")
 	build := exec.Command("go", "build", "-o", probePath, "./daemon/testdata/netprobe")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")

@@ -53,6 +53,7 @@ func main() {
 	density := flag.Int("density", 50, "idle sandboxes of the density row")
 	fleetFor := flag.Duration("fleet-for", 10*time.Second, "how long each creates/s row of the fleet section runs")
 	cgroupParent := flag.String("cgroup-parent", "/chalk", "chalkd's --cgroup-parent (for the density row)")
+	own := flag.String("own", "", "start a chalkd of this run's own (internal/chalktest: its own network namespace, data dir and cgroup parent, binaries from ./bin or $CHALK_TEST_BIN) with these extra flags (space-separated; \"-\" for none) instead of using the host's")
 	flag.Parse()
 	want := func(section string) bool {
 		return *only == "" || slices.Contains(strings.Split(*only, ","), section)
@@ -72,9 +73,16 @@ func main() {
 		}
 		return
 	}
-	c, err := chalkcompute.NewClient()
-	if err != nil {
-		fail(err)
+	var c *chalkcompute.Client
+	if *own != "" {
+		d := startOwn(*own)
+		defer d.close()
+		c, *pidFile, *cgroupParent, upstreamNetns = d.client, d.pidFile, d.cgroupParent, d.netns
+	} else {
+		var err error
+		if c, err = chalkcompute.NewClient(); err != nil {
+			fail(err)
+		}
 	}
 	if _, err := c.PullImage(ctx, "busybox", nil); err != nil {
 		fail(err)

@@ -26,6 +26,10 @@ type mcpBenchResult struct {
 // throughput of 8 concurrent sessions. The upstream (the official SDK's
 // server) runs in a network namespace of its own, which the sandbox reaches
 // through its normal egress and chalkd directly.
+// upstreamNetns is the network namespace of the chalkd measured ("": the
+// host's).
+var upstreamNetns string
+
 func mcpBench(ctx context.Context, c *chalkcompute.Client, work string, n int) {
 	probe := filepath.Join(work, "mcpprobe")
 	build := exec.Command("go", "build", "-o", probe, "./daemon/testdata/mcpprobe")
@@ -39,10 +43,17 @@ func mcpBench(ctx context.Context, c *chalkcompute.Client, work string, n int) {
 		fail(err)
 	}
 	defer run("ip", "netns", "del", ns)
+	// The upstream's link ends in chalkd's network namespace: the host's,
+	// or that of a chalkd started with -own.
+	at := []string{"ip"}
+	if upstreamNetns != "" {
+		at = append(at, "-n", upstreamNetns)
+	}
+	at = at[:len(at):len(at)] // each append below copies
 	for _, argv := range [][]string{
-		{"ip", "link", "add", hostIf, "type", "veth", "peer", "name", "cbm1" + id, "netns", ns},
-		{"ip", "addr", "add", "10.254.88.1/30", "dev", hostIf},
-		{"ip", "link", "set", hostIf, "up"},
+		append(at, "link", "add", hostIf, "type", "veth", "peer", "name", "cbm1"+id, "netns", ns),
+		append(at, "addr", "add", "10.254.88.1/30", "dev", hostIf),
+		append(at, "link", "set", hostIf, "up"),
 		{"ip", "-n", ns, "addr", "add", "10.254.88.2/30", "dev", "cbm1" + id},
 		{"ip", "-n", ns, "link", "set", "cbm1" + id, "up"},
 		{"ip", "-n", ns, "link", "set", "lo", "up"},

@@ -400,6 +400,14 @@ func (n *Node) Stop() {
 	}
 }
 
+// Pid is chalkd's process id (0 before it started).
+func (n *Node) Pid() int {
+	if n.cmd == nil || n.cmd.Process == nil {
+		return 0
+	}
+	return n.cmd.Process.Pid
+}
+
 // Token is the admin token chalkd created.
 func (n *Node) Token() string {
 	b, err := os.ReadFile(filepath.Join(n.Dir, "admin.token"))
