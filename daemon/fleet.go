@@ -136,7 +136,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	f.Registry = access
 	mux := http.NewServeMux()
 	mux.Handle(f.Handler())
-	mux.Handle(noderpc.RelayPrefix, d.fleetRelay())
+	mux.Handle(noderpc.RelayPrefix, d.fleetRelay(f.AdmitNode))
 	l, err := net.Listen("tcp", cmpOr(fc.Listen, DefaultFleetListen))
 	if err != nil {
 		return fmt.Errorf("fleet listener: %w", err)

@@ -21,12 +21,13 @@ import (
 // leave the control plane.
 
 // fleetRelay is the control plane's noderpc.Relay.
-func (d *Daemon) fleetRelay() *noderpc.Relay {
+func (d *Daemon) fleetRelay(admit func(ctx context.Context, node string) error) *noderpc.Relay {
 	var once sync.Once
 	var mux *http.ServeMux
 	return &noderpc.Relay{
 		NodeOf: func(id string) string { return d.router.NodeOf(id) },
 		Caller: d.relayCaller,
+		Admit:  admit,
 		Log:    d.log.With("component", "fleet"),
 		// Built at the first request: the gateway and the API exist by
 		// then (the fleet listener starts before them).

@@ -115,6 +115,10 @@ type Relay struct {
 	// Caller is sandbox id as a metadata caller if it runs (else an error
 	// saying why not).
 	Caller func(ctx context.Context, id string) (metadata.Sandbox, error)
+	// Admit refuses a node removed from the fleet (Fleet.AdmitNode): checked
+	// on every request, so a removed node keeping a connection open gets
+	// nothing, even for a sandbox still recorded on it. Required.
+	Admit func(ctx context.Context, node string) error
 	// Handler serves the routes (paths /mcp/..., /api/...) for the caller
 	// metadata.CallerFrom names.
 	Handler http.Handler
@@ -137,6 +141,14 @@ func (rl *Relay) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if peer == "" {
 		relayError(w, http.StatusUnauthorized, "relay: a node certificate is required")
+		return
+	}
+	if rl.Admit == nil {
+		relayError(w, http.StatusInternalServerError, "relay: no revocation check configured")
+		return
+	}
+	if err := rl.Admit(r.Context(), peer); err != nil {
+		relayError(w, http.StatusForbidden, "relay: "+err.Error())
 		return
 	}
 	id, route, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, RelayPrefix), "/")

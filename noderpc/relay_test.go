@@ -72,6 +72,7 @@ func TestRelayOnlyForItsSandboxes(t *testing.T) {
 	var mu sync.Mutex
 	var seen []string
 	c.mux.Handle(RelayPrefix, &Relay{
+		Admit:  c.fleet.AdmitNode,
 		NodeOf: func(id string) string { return on[id] },
 		Caller: func(_ context.Context, id string) (metadata.Sandbox, error) {
 			if id == "sb-ended" {
@@ -249,4 +250,24 @@ func TestRelayOnlyForItsSandboxes(t *testing.T) {
 	if code, body := get(t, "POST", nodeMetadata(t, down, "sb-a")+"/mcp/tools", "{}"); code != http.StatusBadGateway || strings.Contains(body, "127.0.0.1") {
 		t.Errorf("control plane out of reach: %d %q", code, body)
 	}
+
+	// A node removed from the fleet gets nothing relayed, even for a
+	// sandbox still recorded on it, on a connection it already holds.
+	mu.Lock()
+	before = len(seen)
+	mu.Unlock()
+	if err := c.st.RemoveNode(ctx, a.ID, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if code, body := get(t, "POST", fromA+"/mcp/tools", "{}"); code != http.StatusForbidden || !strings.Contains(body, "removed from the fleet") {
+		t.Errorf("relay by a removed node: %d %q", code, body)
+	}
+	if code, body := get(t, "POST", nodeMetadata(t, relayB, "sb-b")+"/mcp/tools", "{}"); code != http.StatusOK {
+		t.Errorf("another node after a removal: %d %q", code, body)
+	}
+	mu.Lock()
+	if len(seen) != before+1 {
+		t.Errorf("a removed node's relay reached the handler: %q", seen[before:])
+	}
+	mu.Unlock()
 }

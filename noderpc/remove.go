@@ -134,6 +134,11 @@ func (r *Router) nodeTLS(id string) *tls.Config {
 	return cfg
 }
 
+// AdmitNode refuses node id if it was removed from the fleet (and, failing
+// safe, while the store cannot say): the check of every call a node makes
+// to the control plane (the fleet service, the registry, the relay).
+func (f *Fleet) AdmitNode(ctx context.Context, id string) error { return f.checkRevoked(ctx, id) }
+
 // checkRevoked refuses a node removed from the fleet (and, failing safe,
 // any node while the store cannot say).
 func (f *Fleet) checkRevoked(ctx context.Context, id string) error {
