@@ -255,18 +255,23 @@ func (r *Router) reconcile(ctx context.Context, nodeID string) {
 
 // NodeOf returns the id of the node sandbox id runs on ("" if unknown).
 func (r *Router) NodeOf(id string) string {
+	if p := r.placementOf(id); p != nil {
+		return p.node
+	}
+	return ""
+}
+
+// placementOf is sandbox id's placement (nil: on no node): this router's,
+// or, for one placed by another control-plane replica in the last second
+// (before syncPlacements), the one its record names.
+func (r *Router) placementOf(id string) *placement {
 	r.mu.Lock()
 	p := r.where[id]
 	r.mu.Unlock()
 	if p == nil {
-		// Placed by another control-plane replica in the last second
-		// (before syncPlacements): its record names the node.
 		p = r.placed(id)
 	}
-	if p == nil {
-		return ""
-	}
-	return p.node
+	return p
 }
 
 // markWarm records that node id has the image digest.
@@ -343,18 +348,12 @@ func errNoNode(what string) error {
 
 // on returns the node sandbox id is on.
 func (r *Router) on(id string) (*member, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	p := r.where[id]
-	if p == nil {
-		// Placed by another replica: its record names the node.
-		r.mu.Unlock()
-		p = r.placed(id)
-		r.mu.Lock()
-	}
+	p := r.placementOf(id)
 	if p == nil {
 		return nil, fmt.Errorf("sandbox %q: on no node of the fleet: %w", id, errdefs.ErrNotFound)
 	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	m := r.members[p.node]
 	if m == nil || !m.healthy {
 		return nil, fmt.Errorf("sandbox %q: node %s: %w", id, p.node, node.ErrLost)
