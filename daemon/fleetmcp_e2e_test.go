@@ -29,20 +29,26 @@ func startFleetWithInternet(t *testing.T, inet *chalktest.FakeInternet) (control
 	control = chalktest.StartOpts(t, chalktest.Options{Mode: "control", Internet: inet, Args: []string{"--fleet-listen", ":7450"}})
 	n1 = chalktest.StartFleetNode(t, control, 1)
 	c := control.Client()
+	first = createOnFleet(t, c)
+	onNode(t, n1, first)
+	return control, n1, first
+}
+
+// createOnFleet creates a busybox sandbox on the fleet, retrying for up to
+// 30 s while the control plane has no node to place it on yet.
+func createOnFleet(t *testing.T, c *chalkcompute.Client, opts ...chalkcompute.CreateOption) *chalkcompute.Sandbox {
+	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"))
+		sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"), opts...)
 		if err == nil {
-			first = sb
-			break
+			return sb
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("create on the fleet: %v", err)
 		}
 		time.Sleep(200 * time.Millisecond) // polling the control plane for the node's first heartbeat
 	}
-	onNode(t, n1, first)
-	return control, n1, first
 }
 
 func onNode(t *testing.T, n *chalktest.Node, sb *chalkcompute.Sandbox) {
@@ -78,54 +84,10 @@ func TestFleetMCPGateway(t *testing.T) {
 	}
 	b := create(t, c)
 	onNode(t, n1, b)
-	probe, err := os.ReadFile(testdataBin(t, "mcpprobe"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, sb := range []*chalkcompute.Sandbox{a, b} {
-		if err := sb.WriteFile(ctx, "/bin/mcpprobe", probe, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
+	putMCPProbe(t, ctx, a, b)
 
-	// The SDK client in a: the slow tool's progress arrives while the tool
-	// still runs (released only once the client printed it), through both
-	// hops.
-	var out outputWatch
-	progressed := out.until("progress: halfway")
-	p, err := a.Start(ctx, []string{"mcpprobe", "sdk", gwURL}, chalkcompute.Stdout(&out), chalkcompute.Stderr(&out))
-	if err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-progressed:
-	case <-ctx.Done():
-		t.Fatalf("no progress through the node's gateway while the tool ran: %q", out.String())
-	}
-	up.Release()
-	if st, err := p.Wait(); err != nil || st.Code != 0 {
-		t.Fatalf("mcpprobe sdk: %v %+v\n%s", err, st, out.String())
-	}
-	got := out.String()
-	for _, want := range []string{"tools: add,slow,whoami\n", "add: 5\n", "whoami: error:", "held the server's credential", `secret_tool: error:`, `tool "secret_tool" is not allowed`, "slow: done\n"} {
-		if !strings.Contains(got, want) {
-			t.Fatalf("sandbox client output lacks %q:\n%s", want, got)
-		}
-	}
-	if strings.Contains(got, cred) {
-		t.Fatalf("the sandbox saw the credential:\n%s", got)
-	}
-	if n := up.SecretCalls.Load(); n != 0 {
-		t.Fatalf("secret_tool ran upstream %d times", n)
-	}
-	for _, v := range up.Seen() {
-		if v != "Bearer "+cred {
-			t.Fatalf("upstream received Authorization %q", v)
-		}
-	}
-	if env := mustExec(t, a, "sh", "-c", "env; cat /proc/self/environ; true"); strings.Contains(env, cred) {
-		t.Fatal("the credential is in the sandbox's environment")
-	}
+	// The SDK client in a, through both hops (see checkMCPClient).
+	checkMCPClient(t, ctx, a, up, gwURL, cred)
 	// Nothing of the credential is on the node (it never crosses the fleet channel).
 	if out, err := exec.Command("grep", "-rlF", cred, n1.Dir).Output(); len(out) > 0 || err == nil {
 		t.Fatalf("the credential is on the node: %s %v", out, err)
@@ -135,24 +97,7 @@ func TestFleetMCPGateway(t *testing.T) {
 	if st, _, body := mcpRaw(t, a, "POST", gwURL, "-", mcpInit); st != "401" || !strings.Contains(body, "missing bearer token") {
 		t.Fatalf("no token: %s %s", st, body)
 	}
-	bTok, err := c.MintToken(ctx, b.ID(), gwURL, 300)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st, _, body := mcpRaw(t, a, "POST", gwURL, bTok.Token, mcpInit); st != "403" || !strings.Contains(body, "belongs to sandbox "+b.ID()) {
-		t.Fatalf("b's token from a: %s %s", st, body)
-	}
-	st, session, body := mcpRaw(t, a, "POST", gwURL, "meta:"+gwURL, mcpInit)
-	if st != "200" || session == "" {
-		t.Fatalf("initialize from a: %s %q %s", st, session, body)
-	}
-	ping := `{"jsonrpc":"2.0","id":2,"method":"ping"}`
-	if st, _, body := mcpRaw(t, b, "POST", gwURL, "meta:"+gwURL, ping, "Mcp-Session-Id="+session, "Mcp-Protocol-Version=2025-06-18"); st != "404" {
-		t.Fatalf("a's session used by b: %s %s", st, body)
-	}
-	if st, _, body := mcpRaw(t, a, "POST", gwURL, "meta:"+gwURL, ping, "Mcp-Session-Id="+session, "Mcp-Protocol-Version=2025-06-18"); st != "200" || !strings.Contains(body, `"id":2`) {
-		t.Fatalf("a's own session: %s %s", st, body)
-	}
+	checkMCPSessions(t, ctx, c, a, b, gwURL)
 	if st, _, body := mcpRaw(t, a, "POST", "http://metadata.chalk.internal/mcp/tools", "meta:"+gwURL, mcpInit); st != "200" {
 		t.Fatalf("by DNS name: %s %s", st, body)
 	}
@@ -226,19 +171,7 @@ func TestFleetIdentityFiles(t *testing.T) {
 	ctx := ctxT(t, 3*time.Minute)
 	const role = "arn:aws:iam::123456789012:role/chalk-sandbox"
 	const provider = "projects/123456/locations/global/workloadIdentityPools/chalk-pool/providers/chalk-oidc"
-	var sb *chalkcompute.Sandbox
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		s, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"), chalkcompute.WithAWSRole(role), chalkcompute.WithGCPWorkloadProvider(provider))
-		if err == nil {
-			sb = s
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("create on the fleet: %v", err)
-		}
-		time.Sleep(200 * time.Millisecond) // polling the control plane for the node's first heartbeat
-	}
+	sb := createOnFleet(t, c, chalkcompute.WithAWSRole(role), chalkcompute.WithGCPWorkloadProvider(provider))
 	onNode(t, n1, sb)
 
 	env := mustExec(t, sb, "env")
@@ -289,7 +222,7 @@ func TestFleetIdentityFiles(t *testing.T) {
 	if _, err := sb.Terminate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	deadline = time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	for {
 		if _, err := os.Stat(dir); os.IsNotExist(err) {
 			break
@@ -339,19 +272,7 @@ func TestFleetIngress(t *testing.T) {
 	ctx := ctxT(t, 4*time.Minute)
 	ic := newIngressClients(t, control)
 	admin := control.Token()
-	var sb *chalkcompute.Sandbox
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		s, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"))
-		if err == nil {
-			sb = s
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("create on the fleet: %v", err)
-		}
-		time.Sleep(200 * time.Millisecond) // polling the control plane for the node's first heartbeat
-	}
+	sb := createOnFleet(t, c)
 	onNode(t, n1, sb)
 	startIngressd(t, sb, 8080)
 	mustExec(t, sb, "sh", "-c", "mkdir -p /www && echo 'busybox httpd here' > /www/index.html && httpd -p 8081 -h /www")

@@ -69,19 +69,7 @@ func TestFleetEgress(t *testing.T) {
 	}
 
 	// Wait until the node serves (create fails with no node).
-	var open *chalkcompute.Sandbox
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"))
-		if err == nil {
-			open = sb
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("create on the fleet: %v", err)
-		}
-		time.Sleep(200 * time.Millisecond) // polling the control plane for the node's first heartbeat
-	}
+	open := createOnFleet(t, c)
 	onNode(open)
 
 	t.Run("no policy", func(t *testing.T) {
@@ -209,19 +197,7 @@ func TestFleetIdentity(t *testing.T) {
 	n1 := chalktest.StartFleetNode(t, control, 1)
 	c := control.Client()
 	ctx := ctxT(t, 2*time.Minute)
-	var a *chalkcompute.Sandbox
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		sb, err := c.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"))
-		if err == nil {
-			a = sb
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("create on the fleet: %v", err)
-		}
-		time.Sleep(200 * time.Millisecond) // polling the control plane for the node's first heartbeat
-	}
+	a := createOnFleet(t, c)
 	b := create(t, c)
 	for _, sb := range []*chalkcompute.Sandbox{a, b} {
 		if _, err := os.Stat(filepath.Join(n1.Dir, "sandboxes", sb.ID())); err != nil {

@@ -1,11 +1,9 @@
 package daemon_test
 
 import (
-	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -416,36 +414,9 @@ func TestFleetTunnelExternalPeer(t *testing.T) {
 			t.Fatalf("wg-quick config lacks %q:\n%s", want, p.Config)
 		}
 	}
-	cfg := filepath.Join(t.TempDir(), "wg-ext.conf")
-	if err := os.WriteFile(cfg, []byte(p.Config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	inNet := func(argv ...string) *exec.Cmd {
-		return exec.Command("ip", append([]string{"netns", "exec", inet.Netns}, argv...)...)
-	}
-	wg := inNet(testdataBin(t, "wgpeer"), "-key", priv.String(), cfg)
-	stdin, _ := wg.StdinPipe()
-	stdout, _ := wg.StdoutPipe()
-	var wgErr strings.Builder
-	wg.Stderr = &wgErr
-	if err := wg.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stdin.Close(); _ = wg.Wait() })
-	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ready\n" {
-		t.Fatalf("wgpeer: %q %v %s", line, err, wgErr.String())
-	}
+	inNet := startWGPeer(t, inet, priv.String(), p.Config)
 	probe := testdataBin(t, "netprobe")
-	psrv := inNet(probe, "serve", "7001")
-	pout, _ := psrv.StdoutPipe()
-	if err := psrv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = psrv.Process.Kill(); _ = psrv.Wait() })
-	if line, err := bufio.NewReader(pout).ReadString('\n'); err != nil || line != "ready\n" {
-		t.Fatalf("peer's server: %q %v", line, err)
-	}
-	go func() { _, _ = io.Copy(io.Discard, pout) }()
+	servePeer(t, inNet, probe, "7001")
 	for _, sb := range []*chalkcompute.Sandbox{a, b} {
 		var served outputWatch
 		ready := served.until("ready")

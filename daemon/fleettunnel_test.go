@@ -151,6 +151,58 @@ func (r *fakeTunnelRouter) TunnelSync(_ context.Context, n, k string, _ netip.Pr
 	return out, nil
 }
 
+// tunnelFixture is the control plane's tunnel state for membership tests:
+// a real store holding tunnel o/mesh, the tunnel address plan, and fake
+// nodes (r) recording the views pushed to them.
+type tunnelFixture struct {
+	st   *store.Store
+	tun  *store.Tunnel
+	base *tunnels
+	r    *fakeTunnelRouter
+}
+
+func newTunnelFixture(t *testing.T, database string) *tunnelFixture {
+	t.Helper()
+	ctx := context.Background()
+	st, err := store.Open(ctx, database)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	tun, _, err := st.EnsureTunnel(ctx, "o", "mesh", 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, err := newTunnels(nil, nil, st, DefaultTunnelSubnets, "192.0.2.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &tunnelFixture{st: st, tun: tun, base: base, r: newFakeTunnelRouter()}
+}
+
+// sandbox records a running member of o/mesh placed on node.
+func (x *tunnelFixture) sandbox(t *testing.T, id, node string) *store.Sandbox {
+	t.Helper()
+	x.r.placed[id] = node
+	s := &store.Sandbox{ID: id, OrgID: "o", Slot: 2, State: store.StateRunning, Tunnels: []string{"mesh"}}
+	if err := x.st.CreateSandbox(context.Background(), s); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// tunnelKey is o/mesh as the fake nodes' views are keyed.
+const tunnelKey = "o/mesh"
+
+// view is node n's view of o/mesh: its members as id=address.
+func (x *tunnelFixture) view(n string) []string {
+	var out []string
+	for _, rm := range x.r.views[n][tunnelKey] {
+		out = append(out, rm.SandboxID+"="+rm.Addr.String())
+	}
+	return out
+}
+
 // TestFleetTunnelMembership drives the control plane's tunnel membership
 // against fake nodes and a real store: joins push every node holding a
 // member its view; a node that does not answer fails only the joins of
@@ -162,37 +214,12 @@ func (r *fakeTunnelRouter) TunnelSync(_ context.Context, n, k string, _ netip.Pr
 // does (and not after it ended); a member that ends leaves every view.
 func TestFleetTunnelMembership(t *testing.T) {
 	ctx := context.Background()
-	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "chalk.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	tun, _, err := st.EnsureTunnel(ctx, "o", "mesh", 16)
-	if err != nil {
-		t.Fatal(err)
-	}
-	base, err := newTunnels(nil, nil, st, DefaultTunnelSubnets, "192.0.2.1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := newFakeTunnelRouter()
+	x := newTunnelFixture(t, filepath.Join(t.TempDir(), "chalk.db"))
+	st, tun, base, r := x.st, x.tun, x.base, x.r
 	f := newFleetTunnels(base, r, st, slog.New(slog.DiscardHandler))
-	const k = "o/mesh"
-	sb := func(id, node string) *store.Sandbox {
-		r.placed[id] = node
-		s := &store.Sandbox{ID: id, OrgID: "o", Slot: 2, State: store.StateRunning, Tunnels: []string{"mesh"}}
-		if err := st.CreateSandbox(ctx, s); err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
-	view := func(n string) []string {
-		var out []string
-		for _, rm := range r.views[n][k] {
-			out = append(out, rm.SandboxID+"="+rm.Addr.String())
-		}
-		return out
-	}
+	sb := func(id, node string) *store.Sandbox { return x.sandbox(t, id, node) }
+	view := x.view
+	const k = tunnelKey
 	a, b, c := sb("a", "n1"), sb("b", "n2"), sb("c", "n1")
 	for _, s := range []*store.Sandbox{a, b} {
 		if err := f.started(ctx, s, node.Started{}); err != nil {
@@ -315,38 +342,13 @@ func TestFleetTunnelReplicas(t *testing.T) {
 
 func fleetTunnelReplicas(t *testing.T, database string) {
 	ctx := context.Background()
-	st, err := store.Open(ctx, database)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	tun, _, err := st.EnsureTunnel(ctx, "o", "mesh", 16)
-	if err != nil {
-		t.Fatal(err)
-	}
-	base, err := newTunnels(nil, nil, st, DefaultTunnelSubnets, "192.0.2.1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := newFakeTunnelRouter()
+	x := newTunnelFixture(t, database)
+	st, tun, base, r := x.st, x.tun, x.base, x.r
 	f1 := newFleetTunnels(base, r, st, slog.New(slog.DiscardHandler))
 	f2 := newFleetTunnels(base, r, st, slog.New(slog.DiscardHandler))
-	const k = "o/mesh"
-	sb := func(id, node string) *store.Sandbox {
-		r.placed[id] = node
-		s := &store.Sandbox{ID: id, OrgID: "o", Slot: 2, State: store.StateRunning, Tunnels: []string{"mesh"}}
-		if err := st.CreateSandbox(ctx, s); err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
-	view := func(n string) []string {
-		var out []string
-		for _, rm := range r.views[n][k] {
-			out = append(out, rm.SandboxID+"="+rm.Addr.String())
-		}
-		return out
-	}
+	sb := func(id, node string) *store.Sandbox { return x.sandbox(t, id, node) }
+	view := x.view
+	const k = tunnelKey
 	a, b, c := sb("a", "n1"), sb("b", "n2"), sb("c", "n3")
 	if err := f1.started(ctx, a, node.Started{}); err != nil {
 		t.Fatal(err)

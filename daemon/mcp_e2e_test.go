@@ -1,6 +1,7 @@
 package daemon_test
 
 import (
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -136,53 +137,10 @@ func TestMCPGateway(t *testing.T) {
 
 	a := create(t, c)
 	b := create(t, c)
-	probe, err := os.ReadFile(testdataBin(t, "mcpprobe"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, sb := range []*chalkcompute.Sandbox{a, b} {
-		if err := sb.WriteFile(ctx, "/bin/mcpprobe", probe, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
+	putMCPProbe(t, ctx, a, b)
 
-	// The SDK client in a: the slow tool's progress must arrive while the
-	// tool still runs (it is released only once the client printed it).
-	var out outputWatch
-	progressed := out.until("progress: halfway")
-	p, err := a.Start(ctx, []string{"mcpprobe", "sdk", gwURL}, chalkcompute.Stdout(&out), chalkcompute.Stderr(&out))
-	if err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-progressed:
-	case <-ctx.Done():
-		t.Fatalf("no progress through the gateway while the tool ran: %q", out.String())
-	}
-	up.Release()
-	if st, err := p.Wait(); err != nil || st.Code != 0 {
-		t.Fatalf("mcpprobe sdk: %v %+v\n%s", err, st, out.String())
-	}
-	got := out.String()
-	for _, want := range []string{"tools: add,slow,whoami\n", "add: 5\n", "whoami: error:", "held the server's credential", `secret_tool: error:`, `tool "secret_tool" is not allowed`, "slow: done\n"} {
-		if !strings.Contains(got, want) {
-			t.Fatalf("sandbox client output lacks %q:\n%s", want, got)
-		}
-	}
-	if strings.Contains(got, cred) {
-		t.Fatalf("the sandbox saw the credential:\n%s", got)
-	}
-	if n := up.SecretCalls.Load(); n != 0 {
-		t.Fatalf("secret_tool ran upstream %d times", n)
-	}
-	for _, v := range up.Seen() {
-		if v != "Bearer "+cred {
-			t.Fatalf("upstream received Authorization %q", v)
-		}
-	}
-	if env := mustExec(t, a, "sh", "-c", "env; cat /proc/self/environ; true"); strings.Contains(env, cred) {
-		t.Fatal("the credential is in the sandbox's environment")
-	}
+	// The SDK client in a (see checkMCPClient).
+	checkMCPClient(t, ctx, a, up, gwURL, cred)
 
 	// Refusals.
 	if st, _, body := mcpRaw(t, a, "POST", gwURL, "-", mcpInit); st != "401" || !strings.Contains(body, "missing bearer token") {
@@ -194,24 +152,7 @@ func TestMCPGateway(t *testing.T) {
 	if st, _, body := mcpRaw(t, a, "POST", gwURL, expiredToken(t, n, c, a, gwURL), mcpInit); st != "401" || !strings.Contains(body, "expired") {
 		t.Fatalf("expired token: %s %s", st, body)
 	}
-	bTok, err := c.MintToken(ctx, b.ID(), gwURL, 300)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st, _, body := mcpRaw(t, a, "POST", gwURL, bTok.Token, mcpInit); st != "403" || !strings.Contains(body, "belongs to sandbox "+b.ID()) {
-		t.Fatalf("b's token from a: %s %s", st, body)
-	}
-	st, session, body := mcpRaw(t, a, "POST", gwURL, "meta:"+gwURL, mcpInit)
-	if st != "200" || session == "" {
-		t.Fatalf("initialize from a: %s %q %s", st, session, body)
-	}
-	ping := `{"jsonrpc":"2.0","id":2,"method":"ping"}`
-	if st, _, body := mcpRaw(t, b, "POST", gwURL, "meta:"+gwURL, ping, "Mcp-Session-Id="+session, "Mcp-Protocol-Version=2025-06-18"); st != "404" {
-		t.Fatalf("a's session used by b: %s %s", st, body)
-	}
-	if st, _, body := mcpRaw(t, a, "POST", gwURL, "meta:"+gwURL, ping, "Mcp-Session-Id="+session, "Mcp-Protocol-Version=2025-06-18"); st != "200" || !strings.Contains(body, `"id":2`) {
-		t.Fatalf("a's own session: %s %s", st, body)
-	}
+	checkMCPSessions(t, ctx, c, a, b, gwURL)
 	call := `{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"secret_tool","arguments":{}}}`
 	if st, _, body := mcpRaw(t, a, "POST", gwURL, "meta:"+gwURL, call, "Mcp-Method=tools/list"); st != "400" || !strings.Contains(body, "disagrees") {
 		t.Fatalf("header/body method mismatch: %s %s", st, body)
@@ -264,5 +205,91 @@ func TestMCPGateway(t *testing.T) {
 	}
 	if st, _, body := mcpRaw(t, a, "POST", gwURL, "meta:"+gwURL, mcpInit); st != "404" {
 		t.Fatalf("after removal: %s %s", st, body)
+	}
+}
+
+// putMCPProbe copies the mcpprobe test binary (an MCP client built on the
+// official Go SDK) to /bin/mcpprobe in each sandbox.
+func putMCPProbe(t *testing.T, ctx context.Context, sbs ...*chalkcompute.Sandbox) {
+	t.Helper()
+	probe, err := os.ReadFile(testdataBin(t, "mcpprobe"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sb := range sbs {
+		if err := sb.WriteFile(ctx, "/bin/mcpprobe", probe, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// checkMCPClient runs the official SDK's client in sb against the gateway
+// at gwURL, in front of up (registered with credential cred, allowing
+// add, whoami and slow): the slow tool's progress arrives while the tool
+// still runs (up releases it only once the client printed it), the allowed
+// tools work, secret_tool is refused without reaching up, an answer
+// holding the credential is refused, up receives the credential on every
+// call, and neither the client's output nor sb's environment holds it.
+func checkMCPClient(t *testing.T, ctx context.Context, sb *chalkcompute.Sandbox, up *mcptest.Upstream, gwURL, cred string) {
+	t.Helper()
+	var out outputWatch
+	progressed := out.until("progress: halfway")
+	p, err := sb.Start(ctx, []string{"mcpprobe", "sdk", gwURL}, chalkcompute.Stdout(&out), chalkcompute.Stderr(&out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-progressed:
+	case <-ctx.Done():
+		t.Fatalf("no progress through the gateway while the tool ran: %q", out.String())
+	}
+	up.Release()
+	if st, err := p.Wait(); err != nil || st.Code != 0 {
+		t.Fatalf("mcpprobe sdk: %v %+v\n%s", err, st, out.String())
+	}
+	got := out.String()
+	for _, want := range []string{"tools: add,slow,whoami\n", "add: 5\n", "whoami: error:", "held the server's credential", `secret_tool: error:`, `tool "secret_tool" is not allowed`, "slow: done\n"} {
+		if !strings.Contains(got, want) {
+			t.Fatalf("sandbox client output lacks %q:\n%s", want, got)
+		}
+	}
+	if strings.Contains(got, cred) {
+		t.Fatalf("the sandbox saw the credential:\n%s", got)
+	}
+	if n := up.SecretCalls.Load(); n != 0 {
+		t.Fatalf("secret_tool ran upstream %d times", n)
+	}
+	for _, v := range up.Seen() {
+		if v != "Bearer "+cred {
+			t.Fatalf("upstream received Authorization %q", v)
+		}
+	}
+	if env := mustExec(t, sb, "sh", "-c", "env; cat /proc/self/environ; true"); strings.Contains(env, cred) {
+		t.Fatal("the credential is in the sandbox's environment")
+	}
+}
+
+// checkMCPSessions checks, with raw requests from sandboxes a and b to the
+// gateway at gwURL, that b's token is refused from a, and that a session a
+// opened is a's alone (unknown to b).
+func checkMCPSessions(t *testing.T, ctx context.Context, c *chalkcompute.Client, a, b *chalkcompute.Sandbox, gwURL string) {
+	t.Helper()
+	bTok, err := c.MintToken(ctx, b.ID(), gwURL, 300)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, _, body := mcpRaw(t, a, "POST", gwURL, bTok.Token, mcpInit); st != "403" || !strings.Contains(body, "belongs to sandbox "+b.ID()) {
+		t.Fatalf("b's token from a: %s %s", st, body)
+	}
+	st, session, body := mcpRaw(t, a, "POST", gwURL, "meta:"+gwURL, mcpInit)
+	if st != "200" || session == "" {
+		t.Fatalf("initialize from a: %s %q %s", st, session, body)
+	}
+	ping := `{"jsonrpc":"2.0","id":2,"method":"ping"}`
+	if st, _, body := mcpRaw(t, b, "POST", gwURL, "meta:"+gwURL, ping, "Mcp-Session-Id="+session, "Mcp-Protocol-Version=2025-06-18"); st != "404" {
+		t.Fatalf("a's session used by b: %s %s", st, body)
+	}
+	if st, _, body := mcpRaw(t, a, "POST", gwURL, "meta:"+gwURL, ping, "Mcp-Session-Id="+session, "Mcp-Protocol-Version=2025-06-18"); st != "200" || !strings.Contains(body, `"id":2`) {
+		t.Fatalf("a's own session: %s %s", st, body)
 	}
 }

@@ -339,27 +339,8 @@ func TestTunnelExternalPeer(t *testing.T) {
 	if out, stderr, code := n.CLI("compute", "tunnel", "peer", "ls", "ext", "--output", "json"); code != 0 || !strings.Contains(out, pub) || !strings.Contains(out, "[Interface]") {
 		t.Fatalf("tunnel peer ls: %d %q %q", code, out, stderr)
 	}
-	cfg := filepath.Join(t.TempDir(), "wg-ext.conf")
-	if err := os.WriteFile(cfg, []byte(p.Config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-
 	// The external peer comes up in the fake internet.
-	inNet := func(argv ...string) *exec.Cmd {
-		return exec.Command("ip", append([]string{"netns", "exec", inet.Netns}, argv...)...)
-	}
-	wg := inNet(testdataBin(t, "wgpeer"), "-key", priv.String(), cfg)
-	stdin, _ := wg.StdinPipe()
-	stdout, _ := wg.StdoutPipe()
-	var wgErr strings.Builder
-	wg.Stderr = &wgErr
-	if err := wg.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stdin.Close(); _ = wg.Wait() })
-	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ready\n" {
-		t.Fatalf("wgpeer: %q %v %s", line, err, wgErr.String())
-	}
+	inNet := startWGPeer(t, inet, priv.String(), p.Config)
 	probe := testdataBin(t, "netprobe")
 
 	// Peer -> sandbox.
@@ -374,16 +355,7 @@ func TestTunnelExternalPeer(t *testing.T) {
 		t.Fatalf("peer -> sandbox: %q %v", out, err)
 	}
 	// Sandbox -> peer, TCP and UDP, though a's egress policy denies everything.
-	psrv := inNet(probe, "serve", "7001")
-	pout, _ := psrv.StdoutPipe()
-	if err := psrv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = psrv.Process.Kill(); _ = psrv.Wait() })
-	if line, err := bufio.NewReader(pout).ReadString('\n'); err != nil || line != "ready\n" {
-		t.Fatalf("peer's server: %q %v", line, err)
-	}
-	go func() { _, _ = io.Copy(io.Discard, pout) }()
+	servePeer(t, inNet, probe, "7001")
 	// Tunnel names resolve under the deny-all policy too (and never go upstream).
 	if out := mustExec(t, a, "nslookup", a.ID()+".ext.tunnel.internal"); !strings.Contains(out, aAddr) {
 		t.Fatalf("own tunnel name under deny-all: %q", out)
@@ -426,4 +398,48 @@ func TestTunnelExternalPeer(t *testing.T) {
 	if _, err := srv.Wait(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// startWGPeer brings up an external WireGuard peer (testdata/wgpeer,
+// wireguard-go on a TUN device) in the fake internet with the private key
+// and the wg-quick config a tunnel gave it, and returns how to run a
+// command in the fake internet's network namespace.
+func startWGPeer(t *testing.T, inet *chalktest.FakeInternet, key, config string) func(argv ...string) *exec.Cmd {
+	t.Helper()
+	cfg := filepath.Join(t.TempDir(), "wg-ext.conf")
+	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	inNet := func(argv ...string) *exec.Cmd {
+		return exec.Command("ip", append([]string{"netns", "exec", inet.Netns}, argv...)...)
+	}
+	wg := inNet(testdataBin(t, "wgpeer"), "-key", key, cfg)
+	stdin, _ := wg.StdinPipe()
+	stdout, _ := wg.StdoutPipe()
+	var wgErr strings.Builder
+	wg.Stderr = &wgErr
+	if err := wg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = wg.Wait() })
+	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("wgpeer: %q %v %s", line, err, wgErr.String())
+	}
+	return inNet
+}
+
+// servePeer starts netprobe's TCP and UDP echo server (probe) on port
+// through inNet and returns once it listens.
+func servePeer(t *testing.T, inNet func(argv ...string) *exec.Cmd, probe, port string) {
+	t.Helper()
+	psrv := inNet(probe, "serve", port)
+	pout, _ := psrv.StdoutPipe()
+	if err := psrv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = psrv.Process.Kill(); _ = psrv.Wait() })
+	if line, err := bufio.NewReader(pout).ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("peer's server: %q %v", line, err)
+	}
+	go func() { _, _ = io.Copy(io.Discard, pout) }()
 }
