@@ -163,7 +163,7 @@ func (r *Reaper) Start(argv0 string, argv []string, attr *os.ProcAttr) (*os.Proc
 // chalk-init uses it to keep its own threads out of the workload's pids
 // limit: the workload's cgroup is a child of the sandbox's with a lower
 // pids.max, so a fork bomb can never take the pids init needs for a new
-// thread (docs/SECURITY.md, "Fork bombs").
+// thread (docs/SECURITY.md, "Fork bombs do not kill init").
 //
 // Its error means nothing was moved: Start forks on the calling thread as
 // before.

@@ -354,8 +354,8 @@ func trimIfGrown() {
 // init starts begins there (procapi.Reaper.StartInCgroup): the workload can
 // never take the last pids of the sandbox, so init makes threads as it
 // needs them. Without it init makes its threads ahead (reserveThreads);
-// each costs ~88 KiB of every idle sandbox (docs/ARCHITECTURE.md, "Where
-// the time and memory go").
+// each costs ~40 KiB of every idle sandbox (docs/ARCHITECTURE.md, "Where
+// the time and memory go", round 4).
 func keepPidsHeadroom(reaper *procapi.Reaper, tasksFD int) error {
 	// Inherited from runc without close-on-exec; needed only until the
 	// spawning thread is in the cgroup.
