@@ -20,6 +20,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+	"github.com/chalkcompute/chalkcompute/sandbox"
 )
 
 // The escape suite: real attempts, from inside a sandbox running as its root,
@@ -289,6 +290,36 @@ func TestEscapeForkBomb(t *testing.T) {
 	// drain back to about this.
 	idle := readInt(t, cgroupFile(n, "pids", bombed.ID(), "pids.current"))
 	t.Logf("idle sandbox: pids.current %d", idle)
+	// With the workload's cgroup init makes threads when it needs them
+	// (none ahead): those it made during the bomb are not the bomb's
+	// (the sandbox's own tasks file lists init's threads but the forking one).
+	initTasks := func() int64 {
+		b, err := os.ReadFile(cgroupFile(n, "pids", bombed.ID(), "tasks"))
+		if err != nil || !fileExists(cgroupFile(n, "pids", bombed.ID(), sandbox.WorkloadCgroup)) {
+			return 0
+		}
+		return int64(len(strings.Fields(string(b))))
+	}
+	idleInit := initTasks()
+	if work := cgroupFile(n, "pids", bombed.ID(), sandbox.WorkloadCgroup); fileExists(work) {
+		// The workload's pids cgroup: what init starts is in it, with
+		// init's headroom below the sandbox's limit, and cannot leave it.
+		if wmax := readInt(t, filepath.Join(work, "pids.max")); wmax != limit-sandbox.InitPidsHeadroom {
+			t.Errorf("workload pids.max %d, want the sandbox's %d less %d", wmax, limit, sandbox.InitPidsHeadroom)
+		}
+		if out := mustExec(t, bombed, "cat", "/proc/self/cgroup"); !strings.Contains(out, ":pids:/"+sandbox.WorkloadCgroup+"\n") {
+			t.Errorf("an exec's cgroups:\n%s\nwant pids /%s", out, sandbox.WorkloadCgroup)
+		}
+		for _, f := range []string{"cgroup.procs", "tasks"} {
+			res, err := bombed.Exec(ctx, []string{"sh", "-c", "echo $$ > /sys/fs/cgroup/pids/" + f})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Code == 0 {
+				t.Errorf("a process of the sandbox moved itself out of the workload's pids cgroup (%s)", f)
+			}
+		}
+	}
 	// Each invocation forks two more and returns; /tmp/stop ends it (written
 	// through the file API, which needs no fork).
 	bomb, err := bombed.Start(ctx, []string{"sh", "-c", "f(){ [ -e /tmp/stop ] || { f | f & }; }; f; sleep 60"})
@@ -296,8 +327,13 @@ func TestEscapeForkBomb(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = bomb.Signal(context.Background(), "KILL") })
-	// The limit was hit (forks refused) and held.
+	// The limit was hit (forks refused) and held. On runc with cgroup v1
+	// the workload runs in a child of the sandbox's pids cgroup with a
+	// lower limit (sandbox.WorkloadCgroup): that limit is the one hit.
 	events := cgroupFile(n, "pids", bombed.ID(), "pids.events")
+	if w := cgroupFile(n, "pids", bombed.ID(), sandbox.WorkloadCgroup+"/pids.events"); fileExists(w) {
+		events = w
+	}
 	pollUntil(t, time.Minute, "the fork bomb to reach the pids limit", func() bool {
 		b, _ := os.ReadFile(events)
 		return strings.Contains(string(b), "max ") && !strings.Contains(string(b), "max 0")
@@ -330,8 +366,10 @@ func TestEscapeForkBomb(t *testing.T) {
 	}
 	_ = bomb.Signal(ctx, "KILL")
 	pollUntil(t, time.Minute, "the fork bomb to drain", func() bool {
-		return readInt(t, cgroupFile(n, "pids", bombed.ID(), "pids.current")) <= idle+4
+		grown := max(initTasks()-idleInit, 0)
+		return readInt(t, cgroupFile(n, "pids", bombed.ID(), "pids.current"))-grown <= idle+4
 	})
+	t.Logf("init's threads outside the workload's cgroup after the bomb: %d", initTasks())
 	if out := mustExec(t, bombed, "echo", "survived"); out != "survived\n" {
 		t.Fatalf("bombed sandbox after the bomb: %q", out)
 	}
@@ -558,4 +596,9 @@ func TestEscapeCompatSyscalls(t *testing.T) {
 	if res.Signal != "SIGSYS" {
 		t.Fatalf("i386 system call: %+v, want the process killed by SIGSYS (seccomp: native ABI only)", res.ExitStatus)
 	}
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
@@ -32,6 +33,21 @@ type Reaper struct {
 	pass chan struct{}
 	idle bool
 	sigs chan os.Signal
+	// spawn, once StartInCgroup has succeeded, takes every fork to the
+	// thread that lives in the workload's cgroup; spawned answers.
+	spawn   chan spawnJob
+	spawned chan spawnResult
+}
+
+type spawnJob struct {
+	argv0 string
+	argv  []string
+	attr  *os.ProcAttr
+}
+
+type spawnResult struct {
+	p   *os.Process
+	err error
 }
 
 var (
@@ -110,7 +126,15 @@ func (r *Reaper) Start(argv0 string, argv []string, attr *os.ProcAttr) (*os.Proc
 	// that waits for the lock.
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	p, err := os.StartProcess(argv0, argv, attr)
+	var p *os.Process
+	var err error
+	if r.spawn != nil {
+		r.spawn <- spawnJob{argv0, argv, attr}
+		res := <-r.spawned
+		p, err = res.p, res.err
+	} else {
+		p, err = os.StartProcess(argv0, argv, attr)
+	}
 	if err != nil {
 		return nil, nil, err
 	}
@@ -126,6 +150,51 @@ func (r *Reaper) Start(argv0 string, argv []string, attr *os.ProcAttr) (*os.Proc
 		unix.Close(fd)
 	}
 	return p, ch, nil
+}
+
+// StartInCgroup makes every process that Start starts from now on begin in
+// another cgroup (v1) than this process: tasks is that cgroup's `tasks`
+// file, open for writing (the caller may close it once this returns). One
+// OS thread of this process is moved into that cgroup and does every fork
+// from then on; a child starts in the cgroup of the thread that forked it.
+// The rest of the process, the threads the Go runtime makes later
+// included, stays where it was.
+//
+// chalk-init uses it to keep its own threads out of the workload's pids
+// limit: the workload's cgroup is a child of the sandbox's with a lower
+// pids.max, so a fork bomb can never take the pids init needs for a new
+// thread (docs/SECURITY.md, "Fork bombs do not kill init").
+//
+// Its error means nothing was moved: Start forks on the calling thread as
+// before.
+func (r *Reaper) StartInCgroup(tasks *os.File) error {
+	errc := make(chan error, 1)
+	spawn := make(chan spawnJob)
+	spawned := make(chan spawnResult)
+	go func() {
+		// Locked for good: the thread is in the workload's cgroup and no
+		// other goroutine may run on it. A new thread the runtime needs
+		// while this one is locked is made by its template thread, which
+		// is not in the workload's cgroup.
+		runtime.LockOSThread()
+		if _, err := tasks.WriteString(strconv.Itoa(unix.Gettid())); err != nil {
+			runtime.UnlockOSThread() // the thread is where it was
+			errc <- fmt.Errorf("move the spawning thread into the workload's cgroup: %w", err)
+			return
+		}
+		errc <- nil
+		for j := range spawn {
+			p, err := os.StartProcess(j.argv0, j.argv, j.attr)
+			spawned <- spawnResult{p, err}
+		}
+	}()
+	if err := <-errc; err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.spawn, r.spawned = spawn, spawned
+	r.mu.Unlock()
+	return nil
 }
 
 // Signal sends sig to every process started through Start that has not been

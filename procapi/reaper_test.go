@@ -68,3 +68,35 @@ func TestReaper(t *testing.T) {
 		t.Fatal("signalGroup accepted pid 1")
 	}
 }
+
+// TestStartInCgroupFails: a tasks file init cannot write moves nothing and
+// leaves Start forking as before (init then reserves threads instead).
+func TestStartInCgroupFails(t *testing.T) {
+	r := StartReaper()
+	f, err := os.Open(os.DevNull) // read-only: the write fails
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := r.StartInCgroup(f); err == nil {
+		t.Fatal("StartInCgroup with a read-only file: no error")
+	}
+	r.mu.Lock()
+	spawn := r.spawn
+	r.mu.Unlock()
+	if spawn != nil {
+		t.Fatal("forks handed to a thread that is not in the cgroup")
+	}
+	bin, err := LookPath("true", os.Environ(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, ch, err := r.Start(bin, []string{"true"}, &os.ProcAttr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Release()
+	if ws := <-ch; ws.ExitStatus() != 0 {
+		t.Fatalf("true: exit %d", ws.ExitStatus())
+	}
+}

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -90,19 +89,4 @@ func procStart(pid int) (start uint64, ok bool) {
 		return 0, false
 	}
 	return v, true
-}
-
-// removeCgroupDir removes the (leaf) cgroup at p; it is removable once its
-// last task is gone, so it retries briefly while the kernel says busy.
-func removeCgroupDir(p string) error {
-	for attempt := 0; ; attempt++ {
-		err := os.Remove(p)
-		if err == nil || errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		if !errors.Is(err, unix.EBUSY) || attempt >= 50 {
-			return err
-		}
-		time.Sleep(10 * time.Millisecond) // until its tasks have exited
-	}
 }

@@ -376,6 +376,20 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	if prevLog {
 		args = append(args, "--log-prev-fd", "3")
 	}
+	// The workload's pids cgroup (workcg.go): its tasks file is init's
+	// next fd (ExtraFiles below).
+	tasks, err := r.workloadTasks(sp.ID, sp.Pids)
+	if err != nil {
+		return 0, fmt.Errorf("sandbox %q: %w", sp.ID, err)
+	}
+	if tasks != nil {
+		defer tasks.Close()
+		fd := 3
+		if prevLog {
+			fd = 4
+		}
+		args = append(args, "--workload-tasks-fd", strconv.Itoa(fd))
+	}
 	if user != "" {
 		args = append(args, "--user", user)
 	}
@@ -433,6 +447,9 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 		}
 		defer prev.Close()
 		extra = []*os.File{prev}
+	}
+	if tasks != nil {
+		extra = append(extra, tasks)
 	}
 	pidFile := filepath.Join(dir, initPidFile)
 	// Watch for init's socket before init can make it: readiness is then an
@@ -867,21 +884,12 @@ func (r *Runtime) destroy(ctx context.Context, id string, keepUpper bool) error 
 }
 
 // removeCgroups removes the sandbox's cgroup directories that runc left (it
-// can lose the race with exiting processes). A cgroup is removable once its
-// last task is gone, so retry briefly.
+// can lose the race with exiting processes), the workload's child with them.
 func (r *Runtime) removeCgroups(id string) {
 	for _, ctl := range []string{"memory", "pids", "cpu", "cpuacct", "cpuset", "blkio", "devices", "freezer", "systemd", "unified", ""} {
 		p := filepath.Join("/sys/fs/cgroup", ctl, r.cgroupPath(id))
-		for attempt := 0; attempt < 50; attempt++ {
-			err := os.Remove(p)
-			if err == nil || errors.Is(err, os.ErrNotExist) {
-				break
-			}
-			if !errors.Is(err, unix.EBUSY) {
-				r.log.Warn("remove cgroup", "path", p, "err", err)
-				break
-			}
-			time.Sleep(10 * time.Millisecond) // retry until its tasks have exited
+		if err := removeCgroupDir(p); err != nil {
+			r.log.Warn("remove cgroup", "path", p, "err", err)
 		}
 	}
 }

@@ -61,6 +61,7 @@ func run(args []string) int {
 	grace := fl.Duration("grace", 10*time.Second, "how long to wait for processes to end after a termination signal")
 	logMax := fl.Int64("log-max", 0, "cap the console log (stdout, a regular file) at this many bytes, rotating into --log-prev-fd; the entrypoint's output then goes through init (0: no cap)")
 	logPrev := fl.Int("log-prev-fd", 0, "fd of the console log's previous part (with --log-max)")
+	workTasks := fl.Int("workload-tasks-fd", 0, "fd of the `tasks` file (cgroup v1, open for writing) of the cgroup every process init starts begins in; without it init reserves threads instead")
 	if err := fl.Parse(args); err != nil {
 		return 2
 	}
@@ -104,9 +105,14 @@ func run(args []string) int {
 	// goal is 0.8 MiB (or 1.2x what is live), and init's allocations (a
 	// request, a frame buffer) are small and short-lived.
 	debug.SetGCPercent(20)
-	reserveThreads(reservedThreads)
 	// Before anything can start a child, so no status is lost.
 	reaper := procapi.StartReaper()
+	if *workTasks <= 2 {
+		reserveThreads(reservedThreads)
+	} else if err := keepPidsHeadroom(reaper, *workTasks); err != nil {
+		fmt.Fprintf(stderr, "chalk-init: %v; reserving %d threads instead\n", err, reservedThreads)
+		reserveThreads(reservedThreads)
+	}
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 
@@ -335,6 +341,28 @@ func trimIfGrown() {
 	debug.FreeOSMemory()
 	metrics.Read(sample)
 	trimmedAtAlloc = sample[0].Value.Uint64()
+}
+
+// keepPidsHeadroom makes sure a fork bomb in the sandbox cannot kill init:
+// init shares the sandbox's pids limit with everything in it, and a Go
+// program that cannot make a thread when it needs one (a blocking system
+// call while serving a request) dies of it, and with init the sandbox.
+//
+// With tasksFD (a runc sandbox on a node with the pids controller on
+// cgroup v1, sandbox.Runtime.Start), the host made a child of the
+// sandbox's pids cgroup with a limit below the sandbox's, and every process
+// init starts begins there (procapi.Reaper.StartInCgroup): the workload can
+// never take the last pids of the sandbox, so init makes threads as it
+// needs them. Without it init makes its threads ahead (reserveThreads);
+// each costs ~40 KiB of every idle sandbox (docs/ARCHITECTURE.md, "Where
+// the time and memory go", round 4).
+func keepPidsHeadroom(reaper *procapi.Reaper, tasksFD int) error {
+	// Inherited from runc without close-on-exec; needed only until the
+	// spawning thread is in the cgroup.
+	unix.CloseOnExec(tasksFD)
+	f := os.NewFile(uintptr(tasksFD), "workload-tasks")
+	defer f.Close()
+	return reaper.StartInCgroup(f)
 }
 
 // reservedThreads is how many OS threads init makes at start: with one P,

@@ -472,3 +472,184 @@ func TestTrimIfGrown(t *testing.T) {
 		t.Fatalf("a trim with nothing allocated since collected (%d -> %d)", forced1, forced2)
 	}
 }
+
+// TestWorkloadCgroup: with --workload-tasks-fd (a runc sandbox on cgroup v1:
+// sandbox.Runtime.Start) every process init starts begins in the workload's
+// pids cgroup, a child of init's with a lower limit, while init's own
+// threads (all but the one that forks) stay out of it; init then reserves
+// no threads, and a fork bomb that fills the workload's limit leaves init
+// serving, free to make the threads it needs.
+func TestWorkloadCgroup(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for cgroups")
+	}
+	if _, err := os.Stat("/sys/fs/cgroup/pids/tasks"); err != nil {
+		t.Skip("no cgroup v1 pids hierarchy")
+	}
+	sandboxCg := filepath.Join("/sys/fs/cgroup/pids", fmt.Sprintf("chalk-init-test-%d", os.Getpid()))
+	workCg := filepath.Join(sandboxCg, "workload")
+	if err := os.MkdirAll(workCg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { // after init is killed (cleanups run last first)
+		killCgroup(workCg, 0)
+		_ = os.Remove(workCg)
+		eventually(t, "the test's pids cgroup to be removable", func() bool {
+			err := os.Remove(sandboxCg)
+			return err == nil || errors.Is(err, os.ErrNotExist)
+		})
+	})
+	for dir, max := range map[string]string{sandboxCg: "64", workCg: "16"} {
+		if err := os.WriteFile(filepath.Join(dir, "pids.max"), []byte(max), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tasks, err := os.OpenFile(filepath.Join(workCg, "tasks"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tasks.Close()
+
+	ctx := testCtx(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "init.sock")
+	// Init starts in the sandbox's cgroup, as runc starts it.
+	cmd := initCmd(t, "-c", `echo $$ > "$1/cgroup.procs" && shift && exec "$@"`, "sh", sandboxCg,
+		os.Args[0], "--socket", sock, "--workload-tasks-fd", "3")
+	cmd.Path, cmd.Args = "/bin/sh", append([]string{"sh"}, cmd.Args[1:]...)
+	cmd.ExtraFiles = []*os.File{tasks}
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c := initClient(sock, cmd)
+	if err := c.WaitReady(ctx); err != nil {
+		t.Fatalf("%v; stderr %q", err, errb.String())
+	}
+	tasks.Close()
+	pid := cmd.Process.Pid
+
+	// One thread of init (the one that forks) in the workload's cgroup,
+	// the rest in the sandbox's; no threads made ahead.
+	rel := strings.TrimPrefix(sandboxCg, "/sys/fs/cgroup/pids")
+	threads := func() int {
+		t.Helper()
+		in := map[string]int{}
+		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range ents {
+			in[pidsCgroupOf(t, fmt.Sprintf("/proc/%d/task/%s/cgroup", pid, e.Name()))]++
+		}
+		if in[rel+"/workload"] != 1 || in[rel] != len(ents)-1 {
+			t.Fatalf("init's threads by pids cgroup: %v; want one in %s/workload, the rest in %s (stderr %q)", in, rel, rel, errb.String())
+		}
+		return len(ents)
+	}
+	if n := threads(); n >= reservedThreads {
+		t.Errorf("init runs %d threads with a workload cgroup: it should make none ahead (%d reserved without)", n, reservedThreads)
+	}
+
+	// An exec begins in the workload's cgroup.
+	var out bytes.Buffer
+	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"cat", "/proc/self/cgroup"}}, &out, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if es, err := p.Wait(); err != nil || es.Code != 0 {
+		t.Fatalf("exec: %+v %v", es, err)
+	}
+	if !strings.Contains(out.String(), ":pids:"+rel+"/workload\n") {
+		t.Fatalf("exec's cgroups:\n%s\nwant pids %s/workload", out.String(), rel)
+	}
+
+	// A fork bomb fills the workload's limit...
+	stop := filepath.Join(dir, "stop")
+	bomb, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"sh", "-c", `f(){ [ -e "$1" ] || { f "$1" | f "$1" & }; }; f "$0"; sleep 60`, stop}}, io.Discard, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the fork bomb to reach the workload's limit", func() bool {
+		b, _ := os.ReadFile(filepath.Join(workCg, "pids.events"))
+		return strings.HasPrefix(string(b), "max ") && string(b) != "max 0\n"
+	})
+	// ...and init serves on: requests at once, each blocking init in system
+	// calls (file writes, stats, forks refused), need threads it had not
+	// made before the bomb.
+	errs := make(chan error, 16)
+	for i := range 16 {
+		go func() {
+			name := filepath.Join(dir, fmt.Sprintf("f%d", i))
+			if err := c.WriteFile(ctx, name, 0o644, strings.NewReader("during the bomb")); err != nil {
+				errs <- fmt.Errorf("write %s: %w", name, err)
+				return
+			}
+			_, err := c.Stat(ctx, name)
+			errs <- err
+		}()
+	}
+	for range 16 {
+		if err := <-errs; err != nil {
+			t.Errorf("file API during the bomb: %v", err)
+		}
+	}
+	if err := c.Ping(ctx); err != nil {
+		t.Fatalf("init during the bomb: %v (stderr %q)", err, errb.String())
+	}
+	// Whatever threads init made meanwhile are in the sandbox's cgroup.
+	t.Logf("init's threads after the requests during the bomb: %d", threads())
+	if err := c.WriteFile(ctx, stop, 0o644, strings.NewReader("")); err != nil {
+		t.Fatal(err)
+	}
+	_ = bomb.Signal(syscall.SIGKILL)
+	killCgroup(workCg, pid)
+	out.Reset()
+	if p, err = c.Exec(ctx, procapi.ExecRequest{Argv: []string{"echo", "survived"}}, &out, nil); err != nil {
+		t.Fatalf("exec after the bomb: %v", err)
+	}
+	if es, err := p.Wait(); err != nil || es.Code != 0 || out.String() != "survived\n" {
+		t.Fatalf("exec after the bomb: %+v %v %q", es, err, out.String())
+	}
+	if gone(pid) {
+		t.Fatalf("init died: stderr %q", errb.String())
+	}
+}
+
+// pidsCgroupOf is the pids cgroup named in a /proc/.../cgroup file.
+func pidsCgroupOf(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if _, cg, ok := strings.Cut(line, ":pids:"); ok {
+			return cg
+		}
+	}
+	t.Fatalf("no pids cgroup in %s", path)
+	return ""
+}
+
+// killCgroup kills every process of the cgroup at dir but init (whose
+// forking thread is there: cgroup.procs lists init too) until it has none.
+func killCgroup(dir string, init int) {
+	for range 1000 {
+		b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+		var pids []int
+		for _, f := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil && n != init {
+				pids = append(pids, n)
+			}
+		}
+		if err != nil || len(pids) == 0 {
+			return
+		}
+		for _, p := range pids {
+			_ = unix.Kill(p, unix.SIGKILL)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

@@ -336,8 +336,10 @@ func densityBench(ctx context.Context, c *chalkcompute.Client, p *runcPeer, coun
 	}
 	var cg int64
 	var inits []int64
+	var parts []memParts
 	for _, sb := range sbs {
 		cg += cgroupMemory(filepath.Join(cgroupParent, sb.ID()))
+		parts = append(parts, sandboxMemParts(filepath.Join(cgroupParent, sb.ID())))
 	}
 	inits = initRSS(cgroupParent, sbs)
 	availAfter, rssAfter := memAvailable(), rss(pid)
@@ -359,8 +361,10 @@ func densityBench(ctx context.Context, c *chalkcompute.Client, p *runcPeer, coun
 		ids = append(ids, id)
 	}
 	var pcg int64
+	var pparts []memParts
 	for _, id := range ids {
 		pcg += cgroupMemory(filepath.Join(peerCgroup, id))
+		pparts = append(pparts, sandboxMemParts(filepath.Join(peerCgroup, id)))
 	}
 	pAvailAfter := memAvailable()
 	peerPer := float64(pcg) / float64(count) / (1 << 20)
@@ -369,7 +373,9 @@ func densityBench(ctx context.Context, c *chalkcompute.Client, p *runcPeer, coun
 	fmt.Printf("density: host memory per idle sandbox, %d running\n", count)
 	fmt.Printf("  %-25s %.2f MiB (its cgroup + chalkd's RSS growth %.3f MiB); host MemAvailable drop %.2f MiB; chalk-init RSS median %.2f MiB  ratio vs raw runc %.3fx\n",
 		"chalkcompute", chalkPer, float64(rssAfter-rssBefore)/float64(count)/1024, hostPer, medianInt(inits)/1024, chalkPer/peerPer)
+	printMemParts(parts)
 	fmt.Printf("  %-25s %.2f MiB (its cgroup; a sleeping busybox); host MemAvailable drop %.2f MiB\n", "runc run -d (raw)", peerPer, pHostPer)
+	printMemParts(pparts)
 	fmt.Printf("goal: <= 1 MiB: %s\n\n", verdict(chalkPer <= 1))
 }
 

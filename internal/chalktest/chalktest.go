@@ -488,6 +488,8 @@ func (n *Node) cleanup() {
 		ents, _ := os.ReadDir(base)
 		for _, e := range ents {
 			if e.IsDir() {
+				// A sandbox's pids cgroup has the workload's child (sandbox.WorkloadCgroup).
+				_ = os.Remove(filepath.Join(base, e.Name(), "workload"))
 				_ = os.Remove(filepath.Join(base, e.Name()))
 			}
 		}
