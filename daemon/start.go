@@ -80,6 +80,9 @@ func (d *Daemon) startImages(ctx context.Context) (err error) {
 	cfg := &d.cfg
 	regCfg := registryConfig(cfg.sharedDir(), cfg.RegistryAddr, cfg.Logger)
 	regCfg.Upstreams = cfg.Upstreams
+	// Replicas share the registry's storage: another one's write would not
+	// be seen by this one's cache.
+	regCfg.CacheTags = !cfg.replicated()
 	if d.Registry, err = registry.New(ctx, regCfg); err != nil {
 		return fmt.Errorf("embedded registry: %w", err)
 	}
