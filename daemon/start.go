@@ -234,7 +234,7 @@ func (d *Daemon) startIdentity(ctx context.Context) (err error) {
 	cfg := &d.cfg
 	if d.Issuer, err = identity.New(ctx, identity.Config{
 		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.sharedDir(), "identity"), Logger: cfg.Logger,
-		IsActive: d.isActive, Leading: d.leaderFunc(),
+		Alg: cfg.IdentityAlg, IsActive: d.isActive, Leading: d.leaderFunc(),
 	}); err != nil {
 		return fmt.Errorf("identity issuer: %w", err)
 	}
