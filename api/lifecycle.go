@@ -70,12 +70,15 @@ func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRe
 	// starts anything of the sandbox's. A failure of either is recorded
 	// once both have ended (fail's Ended hook undoes what the other made).
 	prepared := make(chan error, 1)
+	var prepareTook time.Duration // written before prepared is sent
 	go func() {
 		if s.cfg.Hooks.Prepare == nil {
 			prepared <- nil
 			return
 		}
-		prepared <- s.cfg.Hooks.Prepare(ctx, sb, &req)
+		err := s.cfg.Hooks.Prepare(ctx, sb, &req)
+		prepareTook = time.Since(t0)
+		prepared <- err
 	}()
 	// The egress rules are keyed by the slot's interface, so they are in force
 	// before the sandbox's first packet: nothing runs unrestricted, not even briefly.
@@ -83,6 +86,7 @@ func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRe
 	if s.cfg.Policies != nil {
 		aerr = s.cfg.Policies.Apply(ctx, sb, policies)
 	}
+	egressTook := time.Since(t0)
 	perr := <-prepared
 	if err := cmp.Or(aerr, perr); err != nil {
 		return s.fail(ctx, sb, err)
@@ -94,7 +98,8 @@ func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRe
 	}
 	t2 := time.Now()
 	defer func() {
-		s.log.Debug("sandbox started", "sandbox", sb.ID, "egress_and_prepare", t1.Sub(t0), "node", t2.Sub(t1), "record_and_hooks", time.Since(t2))
+		s.log.Debug("sandbox started", "sandbox", sb.ID, "egress_and_prepare", t1.Sub(t0), "egress", egressTook, "prepare", prepareTook,
+			"node", t2.Sub(t1), "record_and_hooks", time.Since(t2))
 	}()
 	now := time.Now().UTC()
 	sb.State = store.StateRunning

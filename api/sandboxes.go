@@ -161,6 +161,7 @@ func envList(env map[string]string) []string {
 
 func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.CreateSandboxRequest]) (_ *connect.Response[v1.Sandbox], err error) {
 	s := h.s
+	t0 := time.Now()
 	p, err := user(ctx)
 	if err != nil {
 		return nil, err
@@ -229,10 +230,12 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		}
 		sb.ImageHash, ref = ref, built
 	}
+	t1 := time.Now()
 	img, err := s.node.EnsureImage(ctx, ref, nil)
 	if err != nil {
 		return nil, err
 	}
+	t2 := time.Now()
 	if err := s.imageVisible(ctx, p.OrgID, img.Digest); err != nil {
 		return nil, fmt.Errorf("image %q: %w", r.Image, errdefs.ErrNotFound)
 	}
@@ -252,9 +255,11 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 	// A pre-started sandbox fits unless the sandbox needs binds made at
 	// container start (mount-strategy files); the node checks the rest.
 	// (Tunnel devices are added after start, by the Started hook, either way.)
+	t3 := time.Now()
+	claimed := false
 	if len(mounts) == 0 {
 		if id, slot, ok := s.node.Claim(startReq); ok {
-			sb.ID, sb.Slot = id, slot
+			sb.ID, sb.Slot, claimed = id, slot, true
 		}
 	}
 	if sb.Slot == 0 {
@@ -272,6 +277,7 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 	if p, ok := s.node.(interface{ NodeOf(id string) string }); ok {
 		sb.Node = p.NodeOf(sb.ID) // fleet: every replica routes its calls there
 	}
+	t4 := time.Now()
 	err = s.store.CreateSandboxWithin(ctx, sb, quota)
 	if p, ok := s.node.(interface{ Recorded(id string) }); ok {
 		p.Recorded(sb.ID) // fleet: the next placement (any replica) counts this one
@@ -279,10 +285,13 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 	if err != nil {
 		return nil, err
 	}
+	t5 := time.Now()
 	setAuditObject(ctx, sb.ID)
 	if err = s.launch(ctx, sb, startReq, policies); err != nil {
 		return nil, err
 	}
+	s.log.Debug("sandbox created", "sandbox", sb.ID, "prestarted", claimed, "checks", t1.Sub(t0)+t3.Sub(t2),
+		"ensure_image", t2.Sub(t1), "claim", t4.Sub(t3), "record", t5.Sub(t4), "launch", time.Since(t5))
 	return connect.NewResponse(toProto(sb)), nil
 }
 

@@ -250,6 +250,16 @@ type Process struct {
 // Start starts argv in the sandbox; output goes to the Stdout/Stderr writers
 // as it is produced.
 func (s *Sandbox) Start(ctx context.Context, argv []string, opts ...ExecOption) (*Process, error) {
+	p, err := s.start(ctx, argv, opts)
+	if err != nil {
+		return nil, err
+	}
+	go p.pump()
+	return p, nil
+}
+
+// start starts argv; the caller runs the process's pump.
+func (s *Sandbox) start(ctx context.Context, argv []string, opts []ExecOption) (*Process, error) {
 	o := &execOptions{req: &v1.ExecRequest{SandboxId: s.id, Argv: argv}, stdout: io.Discard, stderr: io.Discard}
 	for _, opt := range opts {
 		opt(o)
@@ -275,7 +285,6 @@ func (s *Sandbox) Start(ctx context.Context, argv []string, opts ...ExecOption) 
 	if o.req.Stdin {
 		p.stdin = &stdinWriter{p: p, ctx: context.WithoutCancel(ctx)}
 	}
-	go p.pump()
 	return p, nil
 }
 
@@ -384,10 +393,11 @@ type ExecResult struct {
 func (s *Sandbox) Exec(ctx context.Context, argv []string, opts ...ExecOption) (*ExecResult, error) {
 	var out, errb bytes.Buffer
 	opts = append(opts, Stdout(&out), Stderr(&errb))
-	p, err := s.Start(ctx, argv, opts...)
+	p, err := s.start(ctx, argv, opts)
 	if err != nil {
 		return nil, err
 	}
+	p.pump() // here: no goroutine and hand-over per exec
 	st, err := p.Wait()
 	if err != nil {
 		return nil, err

@@ -126,6 +126,10 @@ type Config struct {
 	// discovery document and JWKS must be reachable there). Default:
 	// http://<Listen>, for development.
 	IssuerURL string
+	// IdentityAlg is the signing algorithm of new identity keys
+	// (identity.Config.Alg): "" is ES256 without replacing existing keys,
+	// "RS256" or "ES256" replaces a published next key of the other one.
+	IdentityAlg string
 	// BuildEnv is added to image build RUN steps (e.g. PIP_INDEX_URL,
 	// PIP_TRUSTED_HOST for a private package index); not part of image hashes.
 	BuildEnv []string

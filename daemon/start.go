@@ -80,6 +80,9 @@ func (d *Daemon) startImages(ctx context.Context) (err error) {
 	cfg := &d.cfg
 	regCfg := registryConfig(cfg.sharedDir(), cfg.RegistryAddr, cfg.Logger)
 	regCfg.Upstreams = cfg.Upstreams
+	// Replicas share the registry's storage: another one's write would not
+	// be seen by this one's cache.
+	regCfg.CacheTags = !cfg.replicated()
 	if d.Registry, err = registry.New(ctx, regCfg); err != nil {
 		return fmt.Errorf("embedded registry: %w", err)
 	}
@@ -231,7 +234,7 @@ func (d *Daemon) startIdentity(ctx context.Context) (err error) {
 	cfg := &d.cfg
 	if d.Issuer, err = identity.New(ctx, identity.Config{
 		Issuer: cfg.IssuerURL, Dir: filepath.Join(cfg.sharedDir(), "identity"), Logger: cfg.Logger,
-		IsActive: d.isActive, Leading: d.leaderFunc(),
+		Alg: cfg.IdentityAlg, IsActive: d.isActive, Leading: d.leaderFunc(),
 	}); err != nil {
 		return fmt.Errorf("identity issuer: %w", err)
 	}

@@ -74,6 +74,9 @@ func newEnv(t testing.TB, opts ...envOpt) *testEnv {
 		Dir:      env.dir,
 		Now:      env.clock.Now,
 		IsActive: env.active.IsActive,
+		// These tests were written for RS256 keys, the default before
+		// ES256 (TestDefaultAlg* test the default).
+		Alg: AlgRS256,
 	}
 	for _, o := range opts {
 		o(&cfg)

@@ -78,8 +78,9 @@ func New(ctx context.Context, cfg Config) (*Issuer, error) {
 			return nil, err
 		}
 		// A next key of another algorithm has never signed: replace it so
-		// the configured algorithm takes over at the next rotation.
-		if ks.next.rec.Alg != cfg.Alg {
+		// the configured algorithm takes over at the next rotation (not
+		// for the default: see Config.Alg).
+		if ks.next.rec.Alg != cfg.Alg && !cfg.keepNext {
 			next, err := generateKey(cfg.Alg, now)
 			if err != nil {
 				return nil, err

@@ -61,6 +61,11 @@ type Config struct {
 	// address they dial). Needed whenever the registry is reached over the
 	// network: clients then use RemotePullOptions (tls.go).
 	TLSCertFile, TLSKeyFile string
+	// CacheTags lets Resolve remember what a reference named (tagCache),
+	// invalidated by every write that comes through this Registry's
+	// listeners. Only for storage no other process writes: not for
+	// control-plane replicas sharing RootDir.
+	CacheTags bool
 }
 
 // Registry is an embedded OCI registry serving over HTTP on a local address
@@ -83,6 +88,8 @@ type Registry struct {
 	pusher       *remote.Pusher
 	upstreams    map[string]upstream
 	pulls        singleflight.Group
+	// tags is Resolve's cache (Config.CacheTags); nil: none.
+	tags *tagCache
 
 	closeOnce sync.Once
 	closeErr  error
@@ -177,7 +184,13 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 
 	oci := &ociHandler{next: app, log: log, dir: filepath.Join(cfg.RootDir, "chalk-oci"), os: Platform().OS, arch: Platform().Architecture}
 	oci.maxReferrers.Store(defaultMaxReferrers)
-	handler := &recoverHandler{next: newAuthHandler(creds, log, &immutableTags{next: oci}), log: log}
+	var tags *tagCache
+	var inner http.Handler = &immutableTags{next: oci}
+	if cfg.CacheTags {
+		tags = newTagCache()
+		inner = tags.watch(inner)
+	}
+	handler := &recoverHandler{next: newAuthHandler(creds, log, inner), log: log}
 	r := &Registry{
 		cfg:       cfg,
 		log:       log,
@@ -188,6 +201,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		app:       app,
 		oci:       oci,
 		upstreams: ups,
+		tags:      tags,
 		serveErr:  make(chan error, 1),
 		transport: &http.Transport{
 			Proxy:               nil, // loopback: never through a proxy

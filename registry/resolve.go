@@ -124,7 +124,9 @@ func withIdentifier(repo name.Repository, like name.Reference) (name.Reference, 
 // the digest of the image manifest for this node's Platform (for a
 // multi-platform index, the digest of the matching child, not of the index).
 //
-// If the image is in the embedded registry, its local reference is returned.
+// If the image is in the embedded registry, its local reference is returned
+// (with Config.CacheTags, from what an earlier Resolve found, while no
+// write has come to the registry since).
 // Otherwise, if Config.Upstreams has the reference's registry host, the image
 // (for an index: the index and the Platform's image) is copied from the
 // upstream into the embedded registry first. Otherwise the error wraps
@@ -138,8 +140,19 @@ func (r *Registry) Resolve(ctx context.Context, ref string) (name.Reference, v1.
 	if err != nil {
 		return nil, v1.Hash{}, err
 	}
+	key := local.String()
+	var gen uint64
+	if r.tags != nil {
+		if h, ok := r.tags.get(key); ok {
+			return local, h, nil
+		}
+		gen = r.tags.generation()
+	}
 	h, err := r.platformDigest(ctx, local, r.RemoteOptions(ctx))
 	if err == nil {
+		if r.tags != nil {
+			r.tags.put(key, gen, h)
+		}
 		return local, h, nil
 	}
 	if !errdefs.Is(err, errdefs.ErrNotFound) {

@@ -306,6 +306,7 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 		return nil
 	})
 	fs.StringVar(&cfg.IssuerURL, "issuer", "", "workload identity issuer URL (https in production; default http://LISTEN)")
+	fs.StringVar(&cfg.IdentityAlg, "identity-alg", "", "signing algorithm of new workload identity keys, ES256 or RS256 (default: ES256 for new keys, keeping existing RS256 keys until they rotate out; a value given here also replaces a published next key of the other algorithm at start)")
 	fs.Func("build-env", "NAME=VALUE added to image build RUN steps, e.g. PIP_INDEX_URL=... (repeatable)", func(v string) error {
 		if !strings.Contains(v, "=") {
 			return fmt.Errorf("want NAME=VALUE")
