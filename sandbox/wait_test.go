@@ -47,3 +47,52 @@ func TestWatchCreate(t *testing.T) {
 	}
 	stop2()
 }
+
+// TestWatchStopReleases: stop returns before the (slow) close of the
+// inotify descriptor, which then happens in the background: once the
+// channel stop returns is closed, the process holds no more inotify
+// descriptors than before the watches, whether the watch fired or not,
+// and stopping twice is harmless.
+func TestWatchStopReleases(t *testing.T) {
+	before := inotifyFDs(t)
+	dir := t.TempDir()
+	appeared, stop, err := watchCreate(dir, "init.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, stopNever, err := watchCreate(dir, "never")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := inotifyFDs(t); got != before+2 {
+		t.Fatalf("%d inotify descriptors with two watches, %d before", got, before)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "init.sock"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	<-appeared
+	done := stop()
+	doneNever := stopNever()
+	<-done
+	<-doneNever
+	<-stop() // a second stop: the same channel, closed already
+	if got := inotifyFDs(t); got != before {
+		t.Fatalf("%d inotify descriptors after both watches stopped, %d before", got, before)
+	}
+}
+
+// inotifyFDs counts this process's open inotify descriptors.
+func inotifyFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); err == nil && l == "anon_inode:inotify" {
+			n++
+		}
+	}
+	return n
+}
