@@ -106,7 +106,7 @@ func (a *Agent) Teardown(id string, slot int, keep KeepUpper) (kept int64, err e
 		// The token bounds the container's removal (runc, unmounts, the
 		// disk); it is given back before the network's, whose conntrack
 		// walk is shared with other teardowns and waits for the next one
-		// (sandboxnet: at most every 100 ms), so that waiting holds no
+		// (sandboxnet: walks 100 ms to 1 s apart), so that waiting holds no
 		// token a container's removal could use (the network's part
 		// takes one of netSem's).
 		var once sync.Once

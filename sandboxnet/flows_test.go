@@ -132,3 +132,49 @@ func TestFlowForgetterGap(t *testing.T) {
 		t.Errorf("walks after the first covered %v addresses, want the 3 asked", sizes[1:])
 	}
 }
+
+// TestWalkGap: walks are at least flowWalkGap apart, further the longer a
+// walk took (so that they take a bounded share of a CPU), never more than
+// flowWalkMaxGap.
+func TestWalkGap(t *testing.T) {
+	for _, c := range []struct{ cost, want time.Duration }{
+		{0, flowWalkGap},
+		{time.Millisecond, flowWalkGap},
+		{2 * time.Millisecond, flowWalkGap},
+		{5 * time.Millisecond, 250 * time.Millisecond},
+		{10 * time.Millisecond, 500 * time.Millisecond},
+		{time.Second, flowWalkMaxGap},
+	} {
+		if got := walkGap(c.cost); got != c.want {
+			t.Errorf("walkGap(%v) = %v, want %v", c.cost, got, c.want)
+		}
+	}
+}
+
+// TestFlowForgetterGapFollowsCost: without a fixed gap, the walk after a
+// slow walk waits walkGap of the slow walk's duration.
+func TestFlowForgetterGapFollowsCost(t *testing.T) {
+	const cost = 4 * time.Millisecond // walkGap: 200 ms
+	var mu sync.Mutex
+	var starts []time.Time
+	f := &flowForgetter{do: func(flowsOf) error {
+		mu.Lock()
+		starts = append(starts, time.Now())
+		mu.Unlock()
+		time.Sleep(cost) // the walk's own duration, not a synchronisation
+		return nil
+	}}
+	for i := range 2 {
+		if err := f.forget(netip.AddrFrom4([4]byte{10, 213, 0, byte(2 + 4*i)})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(starts) != 2 {
+		t.Fatalf("%d walks, want 2", len(starts))
+	}
+	if d, want := starts[1].Sub(starts[0]), walkGap(cost); d < want {
+		t.Errorf("second walk started %v after the first, want >= %v", d, want)
+	}
+}

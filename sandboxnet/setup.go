@@ -214,23 +214,40 @@ func (f flowsOf) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 // once that walk has ended. A walk costs the same for one address as for
 // fifty (the kernel visits every bucket of the table all network
 // namespaces share, 262144 by default, locking each: 2-5 ms of CPU per
-// family), so walks start at most every flowWalkGap: a churn of sandboxes
-// pays for a few walks a second, not one per sandbox, and a teardown waits
-// at most that long more (its slot is held until its flows are gone).
+// family), so walks start at least walkGap(the last walk's duration)
+// apart: a churn of sandboxes pays for a few walks a second, not one per
+// sandbox, and a teardown waits at most that long more (its slot is held
+// until its flows are gone). A teardown after a quiet spell walks at once.
 type flowForgetter struct {
 	mu       sync.Mutex
-	running  bool         // a goroutine is walking (or about to)
-	next     flowsOf      // addresses of the calls waiting for the next walk
-	waiters  []chan error // those calls
-	walks    int          // walks started
-	lastWalk time.Time    // when the last walk started
+	running  bool          // a goroutine is walking (or about to)
+	next     flowsOf       // addresses of the calls waiting for the next walk
+	waiters  []chan error  // those calls
+	walks    int           // walks started
+	lastWalk time.Time     // when the last walk started
+	lastCost time.Duration // how long the last walk took
 
 	do  func(flowsOf) error // the walk (nil: forgetFlows; tests replace it)
-	gap time.Duration       // least time between walk starts (0: flowWalkGap; <0: none)
+	gap time.Duration       // least time between walk starts (0: walkGap(lastCost); <0: none)
 }
 
-// flowWalkGap is the least time between two conntrack walks.
-const flowWalkGap = 100 * time.Millisecond
+// Walks start at least flowWalkGap apart, and further apart the longer a
+// walk takes (flowWalkCostFactor times its duration, at most
+// flowWalkMaxGap): the walks then take at most ~2 % of a CPU however slow
+// the machine is. With a fixed 100 ms gap a churn of ~10 sandboxes/s on 2
+// busy cores walked once per sandbox (5-10 ms each), a quarter of chalkd's
+// CPU (issue #18 round 4).
+const (
+	flowWalkGap        = 100 * time.Millisecond
+	flowWalkMaxGap     = time.Second
+	flowWalkCostFactor = 50
+)
+
+// walkGap is the least time between the start of a walk that took cost
+// and the start of the next.
+func walkGap(cost time.Duration) time.Duration {
+	return min(max(flowWalkGap, flowWalkCostFactor*cost), flowWalkMaxGap)
+}
 
 // forget deletes the tracked flows from or to addrs and returns once they
 // are gone (with the error of the walk that covered them).
@@ -264,7 +281,7 @@ func (f *flowForgetter) walk() {
 		}
 		gap := f.gap
 		if gap == 0 {
-			gap = flowWalkGap
+			gap = walkGap(f.lastCost)
 		}
 		if wait := time.Until(f.lastWalk.Add(gap)); wait > 0 {
 			// More teardowns may join meanwhile.
@@ -282,6 +299,9 @@ func (f *flowForgetter) walk() {
 			do = forgetFlows
 		}
 		err := do(batch)
+		f.mu.Lock()
+		f.lastCost = time.Since(f.lastWalk)
+		f.mu.Unlock()
 		for _, w := range waiters {
 			w <- err
 		}
