@@ -74,6 +74,8 @@ type Upstream struct {
 
 	detOnce sync.Once
 	det     *leakDetector // the credential's, made once: an Upstream is reused across requests
+	redOnce sync.Once
+	red     [][]byte // what redact replaces, made once
 }
 
 // detector returns the leak detector of the credential, made at first use
@@ -164,7 +166,7 @@ type Gateway struct {
 	mu        sync.Mutex
 	sessions  map[string]*session // gateway session id ->
 	buckets   map[string]*bucket  // sandbox/server ->
-	verified  map[string]Claims   // audience + token -> claims, until the token expires
+	verified  map[verKey]Claims   // audience and token -> claims, until the token expires
 	inflight  map[string]int      // sandbox -> requests in flight
 	requests  map[string]value    // inflightKey -> the gateway's id of a request in flight
 	audits    map[string]*bucket  // sandbox -> audit budget
@@ -173,6 +175,10 @@ type Gateway struct {
 }
 
 type suppKey struct{ org, sandbox, server string }
+
+// verKey keys the verified-token cache (a struct: no concatenation of the
+// token per request).
+type verKey struct{ aud, tok string }
 
 // maxVerified bounds the verified-token cache.
 const maxVerified = 8192
@@ -225,7 +231,7 @@ func New(cfg Config) (*Gateway, error) {
 	if cfg.AuditBurst <= 0 {
 		cfg.AuditBurst = DefaultAuditBurst
 	}
-	g := &Gateway{cfg: cfg, sessions: map[string]*session{}, buckets: map[string]*bucket{}, verified: map[string]Claims{},
+	g := &Gateway{cfg: cfg, sessions: map[string]*session{}, buckets: map[string]*bucket{}, verified: map[verKey]Claims{},
 		inflight: map[string]int{}, requests: map[string]value{}, audits: map[string]*bucket{}, supp: map[suppKey]int{}}
 	rt := cfg.Transport
 	if rt == nil {
@@ -603,7 +609,7 @@ func (g *Gateway) leave(sandboxID string) {
 // come from its sandbox, which the caller check establishes per request,
 // and Forget drops a sandbox's tokens when it ends.
 func (g *Gateway) verify(ctx context.Context, tok, aud string) (Claims, error) {
-	key := aud + "\x00" + tok
+	key := verKey{aud, tok}
 	now := g.cfg.Now()
 	g.mu.Lock()
 	cl, ok := g.verified[key]

@@ -29,9 +29,10 @@ import (
 // runs the gateway, as chalkd serves it: the metadata service's HTTP
 // server and listener, the gateway, its audit records drained by a
 // goroutine. The sandbox's client (8 sessions of the official SDK, as
-// chalkbench's throughput row) and the upstream (the official SDK's server)
-// run in child processes, so this process's CPU time per call is the
-// gateway hop's alone: "cpu-us/call" (user + system, getrusage), and
+// chalkbench's throughput row, but paced at hopRate calls/s in all, so
+// that the machine's load changes the work per call less) and the upstream
+// (the official SDK's server) run in child processes, so this process's CPU
+// time per call is the gateway hop's alone: "cpu-us/call" (user + system, getrusage), and
 // "syscalls/call" (read and write system calls, /proc/self/io). CPU time is
 // what a loaded shared machine distorts least; throughput with 8 sessions
 // on 2 cores is bound by it. Run with -benchtime=1x (each run lasts
@@ -95,7 +96,10 @@ func BenchmarkGatewayHop(b *testing.B) {
 	}
 }
 
-const hopSeconds = 3
+const (
+	hopSeconds = 3
+	hopRate    = 500 // calls per second, all sessions together
+)
 
 type hopResolver struct{}
 
@@ -185,7 +189,12 @@ func hopClient(t *testing.T, url string) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for time.Now().Before(deadline) {
+			tick := time.NewTicker(time.Second * time.Duration(len(sessions)) / hopRate)
+			defer tick.Stop()
+			for range tick.C {
+				if !time.Now().Before(deadline) {
+					return
+				}
 				if _, err := s.CallTool(ctx, args); err != nil {
 					t.Error(err)
 					return

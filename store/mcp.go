@@ -78,6 +78,13 @@ func (s *Store) AddMCPAudit(ctx context.Context, recs []MCPAudit) error {
 		return err
 	}
 	defer tx.Rollback()
+	// One statement for the batch (the gateway's writer stores up to 512
+	// records at once): parsed once, not per record.
+	st, err := tx.PrepareContext(ctx, `INSERT INTO mcp_audit (org_id, at, sandbox_id, server, doc) VALUES (?, ?, ?, ?, ?)`)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
 	for i := range recs {
 		doc, err := json.Marshal(&recs[i])
 		if err != nil {
@@ -85,9 +92,8 @@ func (s *Store) AddMCPAudit(ctx context.Context, recs []MCPAudit) error {
 		}
 		// The sandbox names the server: stored as valid UTF-8 without NUL
 		// (PostgreSQL would refuse it, and with it the whole batch).
-		if _, err := tx.ExecContext(ctx, `INSERT INTO mcp_audit (org_id, at, sandbox_id, server, doc) VALUES (?, ?, ?, ?, ?)`,
-			text(recs[i].OrgID), recs[i].At.UnixNano(), text(recs[i].SandboxID), text(recs[i].Server), doc); err != nil {
-			return err
+		if _, err := st.ExecContext(ctx, text(recs[i].OrgID), recs[i].At.UnixNano(), text(recs[i].SandboxID), text(recs[i].Server), doc); err != nil {
+			return tx.d.classify(err)
 		}
 	}
 	return tx.Commit()

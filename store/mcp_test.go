@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 )
@@ -30,6 +31,51 @@ func TestPruneMCPAudit(t *testing.T) {
 		left, err := s.ListMCPAudit(ctx, MCPAuditQuery{OrgID: "o", Limit: 10000})
 		if err != nil || len(left) != 3000 {
 			t.Fatalf("%d left, %v", len(left), err)
+		}
+	})
+}
+
+// TestAddMCPAuditBatch: every record of a batch is stored with its own
+// fields (one statement runs for all of them), a server name that is not
+// valid UTF-8 or holds NUL included; a failing batch stores nothing.
+func TestAddMCPAuditBatch(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		s := b.open(t)
+		ctx := context.Background()
+		at := time.Unix(1700000000, 0).UTC()
+		var recs []MCPAudit
+		for i := range 600 {
+			recs = append(recs, MCPAudit{At: at.Add(time.Duration(i) * time.Millisecond), OrgID: "o", SandboxID: fmt.Sprintf("sb%d", i%3),
+				Server: fmt.Sprintf("srv%d", i%5), Method: "tools/call", Tool: fmt.Sprintf("t%d", i), Decision: "allowed", Status: 200, BytesIn: int64(i)})
+		}
+		recs[8].Server = "bad\xff\x00name"
+		if err := s.AddMCPAudit(ctx, recs); err != nil {
+			t.Fatal(err)
+		}
+		got, err := s.ListMCPAudit(ctx, MCPAuditQuery{OrgID: "o", Limit: 10000})
+		if err != nil || len(got) != len(recs) {
+			t.Fatalf("%d stored, %v; want %d", len(got), err, len(recs))
+		}
+		byTool := map[string]MCPAudit{}
+		for _, a := range got {
+			byTool[a.Tool] = a
+		}
+		for i, r := range recs {
+			a, ok := byTool[r.Tool]
+			if !ok || a.SandboxID != r.SandboxID || a.BytesIn != r.BytesIn || !a.At.Equal(r.At) || (i != 8 && a.Server != r.Server) {
+				t.Fatalf("record %d: stored %+v, want %+v", i, a, r)
+			}
+		}
+		if n, err := s.ListMCPAudit(ctx, MCPAuditQuery{OrgID: "o", SandboxID: "sb1", Server: "srv2", Limit: 10000}); err != nil || len(n) != 40 {
+			t.Fatalf("sb1/srv2: %d, %v; want 40", len(n), err)
+		}
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		if err := s.AddMCPAudit(cctx, recs[:10]); err == nil {
+			t.Fatal("a batch under a cancelled context was stored")
+		}
+		if got, _ := s.ListMCPAudit(ctx, MCPAuditQuery{OrgID: "o", Limit: 10000}); len(got) != len(recs) {
+			t.Fatalf("%d records after a failed batch, want %d", len(got), len(recs))
 		}
 	})
 }
