@@ -44,7 +44,7 @@ func TestAddMCPAuditBatch(t *testing.T) {
 		ctx := context.Background()
 		at := time.Unix(1700000000, 0).UTC()
 		var recs []MCPAudit
-		for i := range 600 {
+		for i := range 600 { // 9 full chunks of auditRowsPerInsert and a rest
 			recs = append(recs, MCPAudit{At: at.Add(time.Duration(i) * time.Millisecond), OrgID: "o", SandboxID: fmt.Sprintf("sb%d", i%3),
 				Server: fmt.Sprintf("srv%d", i%5), Method: "tools/call", Tool: fmt.Sprintf("t%d", i), Decision: "allowed", Status: 200, BytesIn: int64(i)})
 		}
@@ -55,6 +55,11 @@ func TestAddMCPAuditBatch(t *testing.T) {
 		got, err := s.ListMCPAudit(ctx, MCPAuditQuery{OrgID: "o", Limit: 10000})
 		if err != nil || len(got) != len(recs) {
 			t.Fatalf("%d stored, %v; want %d", len(got), err, len(recs))
+		}
+		for i, a := range got { // newest first: seq follows the batch's order
+			if want := recs[len(recs)-1-i].Tool; a.Tool != want {
+				t.Fatalf("record %d from the newest is %q, want %q", i, a.Tool, want)
+			}
 		}
 		byTool := map[string]MCPAudit{}
 		for _, a := range got {
@@ -78,4 +83,25 @@ func TestAddMCPAuditBatch(t *testing.T) {
 			t.Fatalf("%d records after a failed batch, want %d", len(got), len(recs))
 		}
 	})
+}
+
+// BenchmarkAddMCPAudit stores the gateway's largest batch (512 records)
+// in SQLite; ns/op over 512 is the store's cost of one call's record.
+func BenchmarkAddMCPAudit(b *testing.B) {
+	s, err := Open(context.Background(), b.TempDir()+"/store.db")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	recs := make([]MCPAudit, 512)
+	for i := range recs {
+		recs[i] = MCPAudit{At: time.Now(), OrgID: "o", SandboxID: "sb-0123456789abcdef", Subject: "chalk:org:o:sbx:sb-0123456789abcdef", Server: "tools",
+			HTTPMethod: "POST", Method: "tools/call", Tool: "add", ArgsSHA256: "4f0b8c5d1a0e2b6f9d3c7a8e5b1f0c2d4e6a8b0c1d3e5f7a9b1c3d5e7f9a1b3c", Decision: "allowed", Status: 200, LatencyMS: 0.3, BytesIn: 120, BytesOut: 180}
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := s.AddMCPAudit(context.Background(), recs); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
