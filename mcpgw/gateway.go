@@ -162,6 +162,7 @@ type Config struct {
 type Gateway struct {
 	cfg    Config
 	client *http.Client
+	hold   time.Duration // sseHold (tests: longer, so that write counts do not depend on timing)
 
 	mu        sync.Mutex
 	sessions  map[string]*session // gateway session id ->
@@ -231,7 +232,7 @@ func New(cfg Config) (*Gateway, error) {
 	if cfg.AuditBurst <= 0 {
 		cfg.AuditBurst = DefaultAuditBurst
 	}
-	g := &Gateway{cfg: cfg, sessions: map[string]*session{}, buckets: map[string]*bucket{}, verified: map[verKey]Claims{},
+	g := &Gateway{cfg: cfg, hold: sseHold, sessions: map[string]*session{}, buckets: map[string]*bucket{}, verified: map[verKey]Claims{},
 		inflight: map[string]int{}, requests: map[string]value{}, audits: map[string]*bucket{}, supp: map[suppKey]int{}}
 	rt := cfg.Transport
 	if rt == nil {
@@ -831,7 +832,7 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 					if werr == nil && fl != nil {
 						if c.requests > 0 && len(c.pending) == 0 {
 							if hold == nil {
-								hold = time.AfterFunc(sseHold, func() {
+								hold = time.AfterFunc(g.hold, func() {
 									mu.Lock()
 									defer mu.Unlock()
 									if !ended {
@@ -839,7 +840,7 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 									}
 								})
 							} else {
-								hold.Reset(sseHold)
+								hold.Reset(g.hold)
 							}
 						} else {
 							fl.Flush()
