@@ -776,7 +776,7 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 	// mu orders the hold timer's Flush with this goroutine's writes; ended
 	// says the handler returned (w must not be used then).
 	var mu sync.Mutex
-	ended := false
+	ended, holding := false, false // holding: the hold timer is armed
 	var hold *time.Timer
 	defer func() {
 		mu.Lock()
@@ -831,17 +831,23 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 					c.bytesOut += int64(n)
 					if werr == nil && fl != nil {
 						if c.requests > 0 && len(c.pending) == 0 {
-							if hold == nil {
+							// Held: the timer, once armed, is not pushed
+							// back by later events (no event waits longer).
+							switch {
+							case holding:
+							case hold == nil:
 								hold = time.AfterFunc(g.hold, func() {
 									mu.Lock()
 									defer mu.Unlock()
+									holding = false
 									if !ended {
 										fl.Flush()
 									}
 								})
-							} else {
+							default:
 								hold.Reset(g.hold)
 							}
+							holding = true
 						} else {
 							fl.Flush()
 						}
