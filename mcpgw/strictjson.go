@@ -51,6 +51,10 @@ func decodeStrict(b []byte) (value, error) {
 	return v, nil
 }
 
+// smallObject is how many members an object's duplicate check scans
+// before it keeps a set.
+const smallObject = 16
+
 type jsonParser struct {
 	s string
 	i int
@@ -85,6 +89,7 @@ func (p *jsonParser) value(depth int) (value, error) {
 		}
 		p.i++
 		v := value{kind: 'o', obj: []member{}}
+		var seen map[string]bool // keys, once the object has more than smallObject
 		p.space()
 		if p.i < len(p.s) && p.s[p.i] == '}' {
 			p.i++
@@ -98,10 +103,29 @@ func (p *jsonParser) value(depth int) (value, error) {
 			if err != nil {
 				return value{}, err
 			}
-			for _, m := range v.obj {
-				if m.key == k {
-					return value{}, fmt.Errorf("duplicate key %q", k)
+			// Duplicates: a scan of the few members an MCP object has, a
+			// set once there are more (a hostile body can hold 100,000 keys).
+			dup := false
+			if seen != nil {
+				dup = seen[k]
+				seen[k] = true
+			} else {
+				for _, m := range v.obj {
+					if m.key == k {
+						dup = true
+						break
+					}
 				}
+				if len(v.obj) == smallObject {
+					seen = make(map[string]bool, 2*smallObject)
+					for _, m := range v.obj {
+						seen[m.key] = true
+					}
+					seen[k] = true
+				}
+			}
+			if dup {
+				return value{}, fmt.Errorf("duplicate key %q", k)
 			}
 			p.space()
 			if p.i >= len(p.s) || p.s[p.i] != ':' {

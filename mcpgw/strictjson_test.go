@@ -2,7 +2,9 @@ package mcpgw
 
 import (
 	"encoding/json"
+	"fmt"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -28,6 +30,40 @@ var strictCases = []string{
 func TestDecodeStrictAsBefore(t *testing.T) {
 	for _, s := range strictCases {
 		sameAsReference(t, []byte(s))
+	}
+	// Objects around smallObject members, a duplicate at each place.
+	for n := smallObject - 2; n <= smallObject+3; n++ {
+		keys := make([]string, n)
+		for i := range keys {
+			keys[i] = fmt.Sprintf(`"k%d":%d`, i, i)
+		}
+		sameAsReference(t, []byte("{"+strings.Join(keys, ",")+"}"))
+		for i := range n {
+			for j := range n {
+				if i < j {
+					dup := slices.Clone(keys)
+					dup[j] = fmt.Sprintf(`"k%d":0`, i)
+					sameAsReference(t, []byte("{"+strings.Join(dup, ",")+"}"))
+				}
+			}
+		}
+	}
+}
+
+// TestDecodeStrictManyKeys: an object of 100,000 members (a 1 MiB body can
+// hold that many) is read in linear time, its duplicate found.
+func TestDecodeStrictManyKeys(t *testing.T) {
+	keys := make([]string, 100000)
+	for i := range keys {
+		keys[i] = fmt.Sprintf(`"%d":0`, i)
+	}
+	body := []byte("{" + strings.Join(keys, ",") + "}")
+	if v, err := decodeStrict(body); err != nil || len(v.obj) != len(keys) {
+		t.Fatalf("%d members, %v", len(v.obj), err)
+	}
+	keys[len(keys)-1] = `"17":1`
+	if _, err := decodeStrict([]byte("{" + strings.Join(keys, ",") + "}")); err == nil || !strings.Contains(err.Error(), "duplicate") {
+		t.Fatalf("a duplicate last: %v", err)
 	}
 }
 
