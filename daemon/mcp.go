@@ -36,7 +36,7 @@ type mcpGateway struct {
 	log    *slog.Logger
 
 	audit    chan store.MCPAudit
-	full     chan struct{} // the queue holds a batch's worth (auditBatchMax)
+	full     chan struct{} // the queue holds a batch's worth (with the record the writer holds)
 	flushReq chan chan struct{}
 	// batchDelay is how long the writer gathers after a first record
 	// (0: auditBatchDelay).
@@ -219,7 +219,7 @@ func (m *mcpGateway) caller(r *http.Request) (mcpgw.Caller, bool) {
 func (m *mcpGateway) record(a store.MCPAudit) {
 	select {
 	case m.audit <- a:
-		if len(m.audit) >= auditBatchMax {
+		if len(m.audit) >= auditBatchMax-1 { // and the one the writer holds
 			select {
 			case m.full <- struct{}{}:
 			default:
@@ -327,8 +327,8 @@ func (m *mcpGateway) writeAudit() {
 			// store everything queued at once).
 			batch = append(batch, a)
 			open, ack := m.gather()
-			if open {
-				open = drain()
+			if !drain() { // on stop too: what was queued while it gathered
+				open = false
 			}
 			flush()
 			if ack != nil {

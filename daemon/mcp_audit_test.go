@@ -41,7 +41,7 @@ func TestMCPAuditQueueLossIsRecorded(t *testing.T) {
 
 // TestMCPAuditWriterBatches: the writer stores a queue holding a batch's
 // worth at once (not after its gathering delay, here an hour), what is left
-// on FlushAudit, and every record exactly once.
+// on FlushAudit or when it stops, and every record exactly once.
 func TestMCPAuditWriterBatches(t *testing.T) {
 	ctx := context.Background()
 	st, err := store.Open(ctx, t.TempDir()+"/store.db")
@@ -62,7 +62,13 @@ func TestMCPAuditWriterBatches(t *testing.T) {
 		t.Fatal(err)
 	}
 	go m.writeAudit()
-	defer func() { close(m.stop); <-m.done }()
+	stopped := false
+	defer func() {
+		if !stopped {
+			close(m.stop)
+			<-m.done
+		}
+	}()
 	count := func() int {
 		recs, err := st.ListMCPAudit(ctx, store.MCPAuditQuery{OrgID: "org1", Limit: 10000})
 		if err != nil {
@@ -70,10 +76,16 @@ func TestMCPAuditWriterBatches(t *testing.T) {
 		}
 		return len(recs)
 	}
+	deadline := time.Now().Add(20 * time.Second)
 	for i := range auditBatchMax {
 		m.record(store.MCPAudit{OrgID: "org1", SandboxID: "sb", Server: "x", Tool: strconv.Itoa(i), Decision: "allowed"})
+		for i == 0 && len(m.audit) > 0 { // the writer holds the first while it gathers
+			if time.Now().After(deadline) {
+				t.Fatal("the writer did not take the first record")
+			}
+			runtime.Gosched()
+		}
 	}
-	deadline := time.Now().Add(20 * time.Second)
 	for count() < auditBatchMax {
 		if time.Now().After(deadline) {
 			t.Fatalf("%d of %d records stored: a full queue waited for the gathering delay", count(), auditBatchMax)
@@ -88,5 +100,15 @@ func TestMCPAuditWriterBatches(t *testing.T) {
 	m.FlushAudit(fctx)
 	if n := count(); n != auditBatchMax+3 {
 		t.Fatalf("%d records stored after FlushAudit, want %d", n, auditBatchMax+3)
+	}
+	// Records queued while the writer gathers are stored when it stops.
+	for i := range 3 {
+		m.record(store.MCPAudit{OrgID: "org1", SandboxID: "sb", Server: "x", Tool: "last" + strconv.Itoa(i), Decision: "allowed"})
+	}
+	close(m.stop)
+	<-m.done
+	stopped = true
+	if n := count(); n != auditBatchMax+6 {
+		t.Fatalf("%d records stored after the writer stopped, want %d", n, auditBatchMax+6)
 	}
 }
