@@ -35,12 +35,16 @@ type mcpGateway struct {
 	deny   []netip.Prefix
 	log    *slog.Logger
 
-	audit     chan store.MCPAudit
-	flushReq  chan chan struct{}
-	dropped   atomic.Int64 // records lost to a full queue, ever
-	droppedMu sync.Mutex
-	droppedBy map[string]int64 // org -> records lost and not yet reported in the audit
-	retention time.Duration
+	audit    chan store.MCPAudit
+	full     chan struct{} // the queue holds a batch's worth (with the record the writer holds)
+	flushReq chan chan struct{}
+	// batchDelay is how long the writer gathers after a first record
+	// (0: auditBatchDelay).
+	batchDelay time.Duration
+	dropped    atomic.Int64 // records lost to a full queue, ever
+	droppedMu  sync.Mutex
+	droppedBy  map[string]int64 // org -> records lost and not yet reported in the audit
+	retention  time.Duration
 	// leading, with control-plane replicas, says whether this one prunes
 	// (nil: always).
 	leading   func() bool
@@ -89,7 +93,7 @@ func newMCPGateway(dataDir string, st *store.Store, iss *identity.Issuer, deny [
 	if err != nil {
 		return nil, err
 	}
-	m := &mcpGateway{sealer: sealer, st: st, deny: deny, log: log, audit: make(chan store.MCPAudit, 8192), flushReq: make(chan chan struct{}), droppedBy: map[string]int64{}, retention: retention, stop: make(chan struct{}), done: make(chan struct{}),
+	m := &mcpGateway{sealer: sealer, st: st, deny: deny, log: log, audit: make(chan store.MCPAudit, 8192), full: make(chan struct{}, 1), flushReq: make(chan chan struct{}), droppedBy: map[string]int64{}, retention: retention, stop: make(chan struct{}), done: make(chan struct{}),
 		upstreams: map[string]*mcpgw.Upstream{}, labels: map[string]map[string]string{}}
 	m.gw, err = mcpgw.New(mcpgw.Config{
 		BaseURL:  GatewayBase,
@@ -215,6 +219,12 @@ func (m *mcpGateway) caller(r *http.Request) (mcpgw.Caller, bool) {
 func (m *mcpGateway) record(a store.MCPAudit) {
 	select {
 	case m.audit <- a:
+		if len(m.audit) >= auditBatchMax-1 { // and the one the writer holds
+			select {
+			case m.full <- struct{}{}:
+			default:
+			}
+		}
 	default:
 		mcpAuditDropped.Inc()
 		m.droppedMu.Lock()
@@ -316,9 +326,9 @@ func (m *mcpGateway) writeAudit() {
 			// connection free for requests (FlushAudit and close still
 			// store everything queued at once).
 			batch = append(batch, a)
-			open, ack := m.gather(&batch)
-			if open {
-				open = drain()
+			open, ack := m.gather()
+			if !drain() { // on stop too: what was queued while it gathered
+				open = false
 			}
 			flush()
 			if ack != nil {
@@ -341,35 +351,33 @@ func (m *mcpGateway) writeAudit() {
 }
 
 // auditBatchDelay is how long the audit writer gathers records after the
-// first before storing them (auditBatchMax at most).
+// first before storing them (at most auditBatchMax per transaction; a queue
+// that holds that many is stored at once).
 const (
 	auditBatchDelay = 50 * time.Millisecond
 	auditBatchMax   = 512
 )
 
-// gather adds queued records to batch until auditBatchDelay passes,
-// auditBatchMax are held, a flush is asked for (returned: the caller
-// answers it after storing the batch) or the writer stops; open is false
-// once the queue is closed or the writer stops.
-func (m *mcpGateway) gather(batch *[]store.MCPAudit) (open bool, ack chan struct{}) {
-	t := time.NewTimer(auditBatchDelay)
-	defer t.Stop()
-	for len(*batch) < auditBatchMax {
-		select {
-		case a, ok := <-m.audit:
-			if !ok {
-				return false, nil
-			}
-			*batch = append(*batch, a)
-		case <-t.C:
-			return true, nil
-		case ack := <-m.flushReq:
-			return true, ack
-		case <-m.stop:
-			return false, nil
-		}
+// gather waits while records queue up: until auditBatchDelay has passed
+// since the first, the queue holds auditBatchMax, a flush is asked for
+// (returned: the caller answers it after storing the batch) or the writer
+// stops (open false). It does not take the records one by one as they come
+// (that woke the writer once per call); the caller drains the queue after.
+func (m *mcpGateway) gather() (open bool, ack chan struct{}) {
+	d := m.batchDelay
+	if d <= 0 {
+		d = auditBatchDelay
 	}
-	return true, nil
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-m.full:
+	case ack = <-m.flushReq:
+	case <-m.stop:
+		return false, nil
+	}
+	return true, ack
 }
 
 // FlushAudit returns once every record queued before the call is stored.

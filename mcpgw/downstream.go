@@ -40,6 +40,7 @@ func (c *call) assignIDs(inflight func(sandboxID value) (value, bool)) []byte {
 		}
 		gw := value{kind: 'n', str: strconv.FormatUint(lastID.Add(1), 10)}
 		c.pending[gw.str] = pending{id: *m.id, method: m.method, name: m.name}
+		c.requests++
 		out[i] = m.upward(&gw)
 	}
 	if c.batch {

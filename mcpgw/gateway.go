@@ -74,6 +74,8 @@ type Upstream struct {
 
 	detOnce sync.Once
 	det     *leakDetector // the credential's, made once: an Upstream is reused across requests
+	redOnce sync.Once
+	red     [][]byte // what redact replaces, made once
 }
 
 // detector returns the leak detector of the credential, made at first use
@@ -160,11 +162,12 @@ type Config struct {
 type Gateway struct {
 	cfg    Config
 	client *http.Client
+	hold   time.Duration // sseHold (tests: longer, so that write counts do not depend on timing)
 
 	mu        sync.Mutex
 	sessions  map[string]*session // gateway session id ->
 	buckets   map[string]*bucket  // sandbox/server ->
-	verified  map[string]Claims   // audience + token -> claims, until the token expires
+	verified  map[verKey]Claims   // audience and token -> claims, until the token expires
 	inflight  map[string]int      // sandbox -> requests in flight
 	requests  map[string]value    // inflightKey -> the gateway's id of a request in flight
 	audits    map[string]*bucket  // sandbox -> audit budget
@@ -173,6 +176,10 @@ type Gateway struct {
 }
 
 type suppKey struct{ org, sandbox, server string }
+
+// verKey keys the verified-token cache (a struct: no concatenation of the
+// token per request).
+type verKey struct{ aud, tok string }
 
 // maxVerified bounds the verified-token cache.
 const maxVerified = 8192
@@ -225,7 +232,7 @@ func New(cfg Config) (*Gateway, error) {
 	if cfg.AuditBurst <= 0 {
 		cfg.AuditBurst = DefaultAuditBurst
 	}
-	g := &Gateway{cfg: cfg, sessions: map[string]*session{}, buckets: map[string]*bucket{}, verified: map[string]Claims{},
+	g := &Gateway{cfg: cfg, hold: sseHold, sessions: map[string]*session{}, buckets: map[string]*bucket{}, verified: map[verKey]Claims{},
 		inflight: map[string]int{}, requests: map[string]value{}, audits: map[string]*bucket{}, supp: map[suppKey]int{}}
 	rt := cfg.Transport
 	if rt == nil {
@@ -354,6 +361,7 @@ type call struct {
 	msgs      []rpcMsg // the JSON-RPC messages of a POST
 	batch     bool     // the POST was a batch
 	pending   map[string]pending
+	requests  int // requests forwarded (pending holds those not answered yet)
 	det       *leakDetector
 	notes     []store.MCPAudit // refusals of the upstream's messages
 	moreNotes int              // refusals beyond maxNotes
@@ -602,7 +610,7 @@ func (g *Gateway) leave(sandboxID string) {
 // come from its sandbox, which the caller check establishes per request,
 // and Forget drops a sandbox's tokens when it ends.
 func (g *Gateway) verify(ctx context.Context, tok, aud string) (Claims, error) {
-	key := aud + "\x00" + tok
+	key := verKey{aud, tok}
 	now := g.cfg.Now()
 	g.mu.Lock()
 	cl, ok := g.verified[key]
@@ -689,7 +697,13 @@ func (g *Gateway) relay(w http.ResponseWriter, resp *http.Response, c *call, gwI
 	if ct == "text/event-stream" {
 		h.Set("Cache-Control", "no-cache")
 		w.WriteHeader(resp.StatusCode)
-		_ = http.NewResponseController(w).Flush() // the client waits for the headers
+		if len(c.pending) == 0 {
+			// A GET stream (or a POST's without requests): the client
+			// waits for the headers, and events may not come for long.
+			// A POST's answer stream sends them with its first event,
+			// as the upstream does.
+			_ = http.NewResponseController(w).Flush()
+		}
 		return g.relaySSE(w, resp.Body, c)
 	}
 	b, err := readLimited(resp.Body, g.cfg.MaxResponse, g.cfg.Timeout)
@@ -743,6 +757,11 @@ func readLimited(r io.Reader, max int64, timeout time.Duration) ([]byte, error) 
 
 // relaySSE streams events: each event's data (a JSON-RPC message) is
 // filtered and redacted, and the event flushed before the next is read.
+// Once every request of the POST is answered, an event is held for at most
+// sseHold instead: the upstream normally ends the stream right after its
+// answer, and the end goes to the sandbox in the same write (one write per
+// call instead of three); an upstream that keeps the stream open has its
+// events flushed by the timer.
 func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) error {
 	fl, _ := w.(http.Flusher)
 	br := sseReaders.Get().(*bufio.Reader)
@@ -750,9 +769,23 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 	defer func() { br.Reset(nil); sseReaders.Put(br) }()
 	var ev bytes.Buffer   // the event's non-data lines
 	var data bytes.Buffer // its data, lines joined
+	var out bytes.Buffer  // the event as relayed
 	hasData := false
 	idle := time.AfterFunc(g.cfg.StreamIdle, func() { body.Close() })
 	defer idle.Stop()
+	// mu orders the hold timer's Flush with this goroutine's writes; ended
+	// says the handler returned (w must not be used then).
+	var mu sync.Mutex
+	ended, holding := false, false // holding: the hold timer is armed
+	var hold *time.Timer
+	defer func() {
+		mu.Lock()
+		ended = true
+		mu.Unlock()
+		if hold != nil {
+			hold.Stop()
+		}
+	}()
 	for {
 		line, err := br.ReadSlice('\n')
 		if errors.Is(err, bufio.ErrBufferFull) {
@@ -775,7 +808,7 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 		switch {
 		case len(trimmed) == 0:
 			if hasData || ev.Len() > 0 {
-				var out bytes.Buffer
+				out.Reset()
 				out.Write(ev.Bytes())
 				if hasData {
 					d := bytes.TrimSpace(data.Bytes())
@@ -793,13 +826,35 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 					out.WriteByte('\n')
 				}
 				if out.Len() > 0 {
+					mu.Lock()
 					n, werr := w.Write(out.Bytes())
 					c.bytesOut += int64(n)
+					if werr == nil && fl != nil {
+						if c.requests > 0 && len(c.pending) == 0 {
+							// Held: the timer, once armed, is not pushed
+							// back by later events (no event waits longer).
+							switch {
+							case holding:
+							case hold == nil:
+								hold = time.AfterFunc(g.hold, func() {
+									mu.Lock()
+									defer mu.Unlock()
+									holding = false
+									if !ended {
+										fl.Flush()
+									}
+								})
+							default:
+								hold.Reset(g.hold)
+							}
+							holding = true
+						} else {
+							fl.Flush()
+						}
+					}
+					mu.Unlock()
 					if werr != nil {
 						return nil
-					}
-					if fl != nil {
-						fl.Flush()
 					}
 				}
 			}
@@ -834,6 +889,10 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 		}
 	}
 }
+
+// sseHold bounds how long an event after the POST's last answer waits for
+// the end of the stream before it is flushed on its own.
+const sseHold = 2 * time.Millisecond
 
 // audit records the call: one record per JSON-RPC message with its own
 // decision (or one for the HTTP request when it carried none: GET, DELETE,

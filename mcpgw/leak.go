@@ -173,16 +173,23 @@ func redact(b []byte, up *Upstream) []byte {
 	if up == nil || up.Credential == "" {
 		return b
 	}
-	forms := [][]byte{[]byte(up.Credential)}
-	if j, err := json.Marshal(up.Credential); err == nil && utf8.Valid(j) {
-		forms = append(forms, j[1:len(j)-1])
-	}
-	for _, s := range forms {
+	for _, s := range up.redactForms() {
 		if len(s) > 0 && bytes.Contains(b, s) {
 			b = bytes.ReplaceAll(b, s, []byte(redacted))
 		}
 	}
 	return b
+}
+
+// redactForms returns the forms redact replaces, made at first use.
+func (u *Upstream) redactForms() [][]byte {
+	u.redOnce.Do(func() {
+		u.red = [][]byte{[]byte(u.Credential)}
+		if j, err := json.Marshal(u.Credential); err == nil && utf8.Valid(j) {
+			u.red = append(u.red, j[1:len(j)-1])
+		}
+	})
+	return u.red
 }
 
 func redactString(s string, up *Upstream) string { return string(redact([]byte(s), up)) }

@@ -238,6 +238,13 @@ func (tx *txn) ExecContext(ctx context.Context, q string, args ...any) (sql.Resu
 	return res, tx.d.classify(err)
 }
 
+// PrepareContext prepares a statement for the transaction (run it as
+// often as needed; close it before the transaction ends).
+func (tx *txn) PrepareContext(ctx context.Context, q string) (*sql.Stmt, error) {
+	st, err := tx.tx.PrepareContext(ctx, tx.d.rebind(q))
+	return st, tx.d.classify(err)
+}
+
 // QueryContext runs a query in the transaction.
 func (tx *txn) QueryContext(ctx context.Context, q string, args ...any) (*sql.Rows, error) {
 	return tx.tx.QueryContext(ctx, tx.d.rebind(q), args...)

@@ -2,7 +2,9 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
+	"strings"
 	"time"
 )
 
@@ -78,19 +80,59 @@ func (s *Store) AddMCPAudit(ctx context.Context, recs []MCPAudit) error {
 		return err
 	}
 	defer tx.Rollback()
-	for i := range recs {
-		doc, err := json.Marshal(&recs[i])
+	// Rows go auditRowsPerInsert to a statement (the gateway's writer
+	// stores up to 512 records at once), the full chunks through one
+	// statement prepared for the batch: parsed once, run once per chunk.
+	var full *sql.Stmt
+	if len(recs) >= auditRowsPerInsert {
+		if full, err = tx.PrepareContext(ctx, auditInsert(auditRowsPerInsert)); err != nil {
+			return err
+		}
+		defer full.Close()
+	}
+	args := make([]any, 0, 5*auditRowsPerInsert)
+	for len(recs) > 0 {
+		n := min(len(recs), auditRowsPerInsert)
+		args = args[:0]
+		for i := range recs[:n] {
+			doc, err := json.Marshal(&recs[i])
+			if err != nil {
+				return err
+			}
+			// The sandbox names the server: stored as valid UTF-8 without
+			// NUL (PostgreSQL would refuse it, and with it the whole batch).
+			args = append(args, text(recs[i].OrgID), recs[i].At.UnixNano(), text(recs[i].SandboxID), text(recs[i].Server), doc)
+		}
+		if n == auditRowsPerInsert {
+			_, err = full.ExecContext(ctx, args...)
+			err = tx.d.classify(err)
+		} else {
+			_, err = tx.ExecContext(ctx, auditInsert(n), args...)
+		}
 		if err != nil {
 			return err
 		}
-		// The sandbox names the server: stored as valid UTF-8 without NUL
-		// (PostgreSQL would refuse it, and with it the whole batch).
-		if _, err := tx.ExecContext(ctx, `INSERT INTO mcp_audit (org_id, at, sandbox_id, server, doc) VALUES (?, ?, ?, ?, ?)`,
-			text(recs[i].OrgID), recs[i].At.UnixNano(), text(recs[i].SandboxID), text(recs[i].Server), doc); err != nil {
-			return err
-		}
+		recs = recs[n:]
 	}
 	return tx.Commit()
+}
+
+// auditRowsPerInsert is how many audit records one INSERT stores (5
+// parameters each: well within SQLite's 999 and PostgreSQL's 65535).
+const auditRowsPerInsert = 64
+
+// auditInsert is the INSERT of n audit records (rows in order: seq follows
+// the records' order).
+func auditInsert(n int) string {
+	var b strings.Builder
+	b.WriteString(`INSERT INTO mcp_audit (org_id, at, sandbox_id, server, doc) VALUES `)
+	for i := range n {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString("(?, ?, ?, ?, ?)")
+	}
+	return b.String()
 }
 
 // PruneMCPAudit removes the records older than before (in chunks, so the

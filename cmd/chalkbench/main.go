@@ -114,7 +114,7 @@ func main() {
 		tunnelBench(ctx, c, work, *n)
 	}
 	if want("mcp") {
-		mcpBench(ctx, c, work, *n)
+		mcpBench(ctx, c, work, *n, *pidFile)
 	}
 	if want("memory") && *idle > 0 {
 		memoryPerSandbox(ctx, c, *idle, *pidFile)

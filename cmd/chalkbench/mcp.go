@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
@@ -18,6 +19,13 @@ type mcpBenchResult struct {
 	MedianUS    float64 `json:"median_us"`
 	P90US       float64 `json:"p90_us"`
 	CallsPerSec float64 `json:"calls_per_sec"`
+	Calls       int64   `json:"calls"` // tools/call made in all (sequential and concurrent)
+	// CPU time per call, over the whole measurement: chalkd's and the
+	// upstream's (-1: unknown).
+	ChalkdCPU, UpstreamCPU time.Duration
+	// ChalkdIO is chalkd's read and write system calls per call
+	// (/proc/PID/io syscr + syscw; -1: unknown).
+	ChalkdIO float64
 }
 
 // mcpBench measures the MCP gateway: a tools/call from inside a sandbox
@@ -30,7 +38,7 @@ type mcpBenchResult struct {
 // host's).
 var upstreamNetns string
 
-func mcpBench(ctx context.Context, c *chalkcompute.Client, work string, n int) {
+func mcpBench(ctx context.Context, c *chalkcompute.Client, work string, n int, pidFile string) {
 	probe := filepath.Join(work, "mcpprobe")
 	build := exec.Command("go", "build", "-o", probe, "./daemon/testdata/mcpprobe")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
@@ -98,8 +106,14 @@ func mcpBench(ctx context.Context, c *chalkcompute.Client, work string, n int) {
 	if err := sb.WriteFile(ctx, "/bin/mcpprobe", b, 0o755); err != nil {
 		fail(err)
 	}
+	chalkdPid := ""
+	if b, err := os.ReadFile(pidFile); err == nil {
+		chalkdPid = strings.TrimSpace(string(b))
+	}
+	upPid := strconv.Itoa(up.Process.Pid) // ip netns exec execs the probe
 	calls := strconv.Itoa(max(n*20, 200))
 	measure := func(url, aud string) mcpBenchResult {
+		chalkd0, up0, io0 := procCPU(chalkdPid), procCPU(upPid), procIO(chalkdPid)
 		res, err := sb.Exec(ctx, []string{"mcpprobe", "bench", url, aud, calls, "8", "3"})
 		if err != nil || res.Code != 0 {
 			fail(fmt.Errorf("mcpprobe bench %s: %v %s", url, err, res.Stderr))
@@ -107,6 +121,17 @@ func mcpBench(ctx context.Context, c *chalkcompute.Client, work string, n int) {
 		var r mcpBenchResult
 		if err := json.Unmarshal(res.Stdout, &r); err != nil {
 			fail(fmt.Errorf("mcpprobe bench: %q", res.Stdout))
+		}
+		chalkd1, up1, io1 := procCPU(chalkdPid), procCPU(upPid), procIO(chalkdPid)
+		r.ChalkdCPU, r.UpstreamCPU, r.ChalkdIO = -1, -1, -1
+		if io0 >= 0 && io1 >= 0 && r.Calls > 0 {
+			r.ChalkdIO = float64(io1-io0) / float64(r.Calls)
+		}
+		if chalkd0 >= 0 && chalkd1 >= 0 && r.Calls > 0 {
+			r.ChalkdCPU = (chalkd1 - chalkd0) / time.Duration(r.Calls)
+		}
+		if up0 >= 0 && up1 >= 0 && r.Calls > 0 {
+			r.UpstreamCPU = (up1 - up0) / time.Duration(r.Calls)
 		}
 		return r
 	}
@@ -122,6 +147,8 @@ func mcpBench(ctx context.Context, c *chalkcompute.Client, work string, n int) {
 	fmt.Println("MCP gateway: tools/call from a sandbox (official Go SDK client and server; medians of 3 alternating rounds)")
 	fmt.Printf("  %-22s median %7.2fms  p90 %7.2fms  %8.0f calls/s (8 sessions)\n", "through the gateway", gw.MedianUS/1000, gw.P90US/1000, gw.CallsPerSec)
 	fmt.Printf("  %-22s median %7.2fms  p90 %7.2fms  %8.0f calls/s (8 sessions)\n", "direct to upstream", direct.MedianUS/1000, direct.P90US/1000, direct.CallsPerSec)
+	fmt.Printf("  CPU per call: chalkd %.3fms through the gateway (%.3fms while direct); the upstream %.3fms / %.3fms; chalkd's reads+writes %.1f\n",
+		ms(gw.ChalkdCPU), ms(direct.ChalkdCPU), ms(gw.UpstreamCPU), ms(direct.UpstreamCPU), gw.ChalkdIO)
 	fmt.Printf("  added latency %.2fms (%.2fx direct); throughput %.2fx direct\n", added, gw.MedianUS/direct.MedianUS, gw.CallsPerSec/direct.CallsPerSec)
 	fmt.Printf("goal (issue #18): added median <= 0.5ms: %s; throughput >= 0.8x direct: %s\n\n", verdict(added <= 0.5), verdict(gw.CallsPerSec >= 0.8*direct.CallsPerSec))
 }
@@ -140,5 +167,38 @@ func medianResult(rs []mcpBenchResult) mcpBenchResult {
 		MedianUS:    med(func(r mcpBenchResult) float64 { return r.MedianUS }),
 		P90US:       med(func(r mcpBenchResult) float64 { return r.P90US }),
 		CallsPerSec: med(func(r mcpBenchResult) float64 { return r.CallsPerSec }),
+		ChalkdCPU:   time.Duration(med(func(r mcpBenchResult) float64 { return float64(r.ChalkdCPU) })),
+		UpstreamCPU: time.Duration(med(func(r mcpBenchResult) float64 { return float64(r.UpstreamCPU) })),
+		ChalkdIO:    med(func(r mcpBenchResult) float64 { return r.ChalkdIO }),
 	}
+}
+
+// procIO is process pid's read and write system calls so far (/proc/PID/io
+// syscr + syscw); -1 if unknown.
+func procIO(pid string) int64 {
+	if pid == "" {
+		return -1
+	}
+	b, err := os.ReadFile("/proc/" + pid + "/io")
+	if err != nil {
+		return -1
+	}
+	var n int64
+	found := 0
+	for _, l := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(l, ": ")
+		if !ok || (k != "syscr" && k != "syscw") {
+			continue
+		}
+		x, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return -1
+		}
+		n += x
+		found++
+	}
+	if found != 2 {
+		return -1
+	}
+	return n
 }

@@ -71,11 +71,19 @@ func token(audience string) (string, error) {
 	return t.Token, nil
 }
 
-type bearer struct{ tok string }
+// bearer adds the token to every request, sent by rt (nil:
+// http.DefaultTransport).
+type bearer struct {
+	tok string
+	rt  http.RoundTripper
+}
 
 func (b bearer) RoundTrip(r *http.Request) (*http.Response, error) {
 	r = r.Clone(r.Context())
 	r.Header.Set("Authorization", "Bearer "+b.tok)
+	if b.rt != nil {
+		return b.rt.RoundTrip(r)
+	}
 	return http.DefaultTransport.RoundTrip(r)
 }
 
@@ -101,7 +109,7 @@ func sdk(endpoint string) error {
 			fmt.Printf("progress: %s\n", r.Params.Message)
 		},
 	})
-	s, err := c.Connect(ctx, &mcp.StreamableClientTransport{Endpoint: endpoint, HTTPClient: &http.Client{Transport: bearer{tok}}}, nil)
+	s, err := c.Connect(ctx, &mcp.StreamableClientTransport{Endpoint: endpoint, HTTPClient: &http.Client{Transport: bearer{tok: tok}}}, nil)
 	if err != nil {
 		return fmt.Errorf("connect: %w", err)
 	}
@@ -189,13 +197,17 @@ func serveUpstream(addr string) error {
 }
 
 func connect(ctx context.Context, endpoint, aud string) (*mcp.ClientSession, error) {
+	// Each session its own transport, the same on both paths (a shared
+	// http.DefaultTransport keeps 2 idle connections per host: 8 sessions
+	// through the gateway opened a connection every few calls, the direct
+	// ones none).
 	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
 	if aud != "-" {
 		tok, err := token(aud)
 		if err != nil {
 			return nil, err
 		}
-		hc.Transport = bearer{tok}
+		hc.Transport = bearer{tok: tok, rt: hc.Transport}
 	}
 	c := mcp.NewClient(&mcp.Implementation{Name: "mcpprobe-bench", Version: "1"}, nil)
 	return c.Connect(ctx, &mcp.StreamableClientTransport{Endpoint: endpoint, HTTPClient: hc, DisableStandaloneSSE: true}, nil)
@@ -223,7 +235,8 @@ func bench(endpoint, aud, nS, concS, secsS string) error {
 		}
 	}
 	slices.Sort(lat)
-	var calls atomic.Int64
+	var calls, concCalls atomic.Int64 // all calls; the concurrent sessions' calls
+	calls.Store(int64(n + n/10))
 	var wg sync.WaitGroup
 	deadline := time.Now().Add(time.Duration(secs) * time.Second)
 	errs := make(chan error, conc)
@@ -242,6 +255,7 @@ func bench(endpoint, aud, nS, concS, secsS string) error {
 					return
 				}
 				calls.Add(1)
+				concCalls.Add(1)
 			}
 		}()
 	}
@@ -252,7 +266,7 @@ func bench(endpoint, aud, nS, concS, secsS string) error {
 	}
 	out, _ := json.Marshal(map[string]any{
 		"median_us": lat[len(lat)/2].Microseconds(), "p90_us": lat[len(lat)*9/10].Microseconds(),
-		"calls_per_sec": float64(calls.Load()) / float64(secs),
+		"calls_per_sec": float64(concCalls.Load()) / float64(secs), "calls": calls.Load(),
 	})
 	fmt.Println(string(out))
 	return nil
