@@ -43,7 +43,7 @@ func expiredToken(t *testing.T, n *chalktest.Node, c *chalkcompute.Client, sb *c
 	parts := strings.Split(fresh.Token, ".")
 	hdr, _ := base64.RawURLEncoding.DecodeString(parts[0])
 	payload, _ := base64.RawURLEncoding.DecodeString(parts[1])
-	var h struct{ Kid string }
+	var h struct{ Kid, Alg string }
 	var claims map[string]any
 	if json.Unmarshal(hdr, &h) != nil || json.Unmarshal(payload, &claims) != nil {
 		t.Fatalf("token %q", fresh.Token)
@@ -74,7 +74,8 @@ func expiredToken(t *testing.T, n *chalktest.Node, c *chalkcompute.Client, sb *c
 	}
 	now := time.Now().Unix()
 	claims["iat"], claims["nbf"], claims["exp"] = now-1200, now-1200, now-600
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.RS256, Key: jwk}, (&jose.SignerOptions{}).WithType("JWT"))
+	// Signed as chalkd signs (ES256 by default, RS256 for older key sets).
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.SignatureAlgorithm(h.Alg), Key: jwk}, (&jose.SignerOptions{}).WithType("JWT"))
 	if err != nil {
 		t.Fatal(err)
 	}

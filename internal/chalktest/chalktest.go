@@ -507,7 +507,10 @@ func tailStr(s string, n int) string {
 
 // Metric reads one unlabelled metric from chalkd's /metrics.
 func (n *Node) Metric(name string) (float64, error) {
-	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+	// One connection per call, closed after it: a poll of go_goroutines
+	// (TestNoLeaks) must not leave chalkd a kept-alive connection, and its
+	// goroutine, per call.
+	hc := &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", n.Socket)
 	}}}
