@@ -35,25 +35,29 @@ class TerminalTest(unittest.TestCase):
         res = self.sb.exec("sh", "-c", "test -t 0 || echo no-tty")
         self.assertEqual(res.stdout, "no-tty\n")
 
-    def _read_until(self, it, want: bytes) -> bytes:
-        seen = b""
-        for name, data in it:
+    def _read_until(self, it, want: bytes, seen: bytes = b"") -> bytes:
+        """Reads it until want is in seen (what came before, not yet
+        matched) plus what it yields; returns what came after want. One
+        chunk can hold the ends of two waits: "50 160\r\nready\r\n"."""
+        while want not in seen:
+            try:
+                name, data = next(it)
+            except StopIteration:
+                self.fail("output ended without %r: %r" % (want, seen))
             self.assertEqual(name, "stdout")
             seen += data
-            if want in seen:
-                return seen
-        self.fail("output ended without %r: %r" % (want, seen))
+        return seen.split(want, 1)[1]
 
     def test_stream_resize_and_interrupt(self) -> None:
         p = self.sb.exec_stream("sh", "-c", "stty size; read x; stty size; echo ready; exec sleep 100",
                                 stdin=True, pty=True, rows=24, cols=80)
         self.assertTrue(p.pty)
         it = iter(p)
-        self._read_until(it, b"24 80")
+        rest = self._read_until(it, b"24 80")
         p.resize(50, 160)
         p.write_stdin("\r")
-        self._read_until(it, b"50 160")
-        self._read_until(it, b"ready")
+        rest = self._read_until(it, b"50 160", rest)
+        self._read_until(it, b"ready", rest)
         p.write_stdin("\x03")  # ^C: the sandbox's terminal sends SIGINT to sleep
         res = p.wait()
         self.assertEqual(res.exit_code, 130)
