@@ -201,6 +201,50 @@ var migrations = []migration{
 		UNIQUE (org_id, tunnel, addr)
 	);
 	CREATE INDEX tunnel_members_sandbox ON tunnel_members (sandbox_id);`},
+	// Fleet: a node's certificate serials in columns of their own (the
+	// admission check of every node request reads them, with the
+	// revocation, in one query): the current one, and the one a renewal
+	// superseded with the deadline until which it is still accepted (Unix
+	// nanoseconds; '' and 0: none). Existing nodes: current = the serial
+	// their document recorded (migrateNodeSerials), none superseded.
+	{sql: `ALTER TABLE nodes ADD COLUMN cert_serial TEXT NOT NULL DEFAULT '';
+	ALTER TABLE nodes ADD COLUMN superseded_serial TEXT NOT NULL DEFAULT '';
+	ALTER TABLE nodes ADD COLUMN superseded_until BIGINT NOT NULL DEFAULT 0;`, fn: migrateNodeSerials},
+}
+
+// migrateNodeSerials copies each node's certificate serial from its
+// document (cert_serial, where Node kept it before) into its column.
+func migrateNodeSerials(ctx context.Context, tx *txn) error {
+	rows, err := tx.QueryContext(ctx, `SELECT id, doc FROM nodes`)
+	if err != nil {
+		return err
+	}
+	serials := map[string]string{}
+	for rows.Next() {
+		var id, doc string
+		if err := rows.Scan(&id, &doc); err != nil {
+			rows.Close()
+			return err
+		}
+		var old struct {
+			CertSerial string `json:"cert_serial"`
+		}
+		if err := json.Unmarshal([]byte(doc), &old); err != nil {
+			rows.Close()
+			return fmt.Errorf("node %q: %w", id, err)
+		}
+		serials[id] = old.CertSerial
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	for id, serial := range serials {
+		if _, err := tx.ExecContext(ctx, `UPDATE nodes SET cert_serial = ? WHERE id = ?`, serial, id); err != nil {
+			return fmt.Errorf("node %q: %w", id, err)
+		}
+	}
+	return nil
 }
 
 // legacyToken is a row of the tokens table before teams.

@@ -36,14 +36,11 @@ func (s *Store) RemoveNode(ctx context.Context, id string, now time.Time) error 
 }
 
 func getNodeTx(ctx context.Context, tx *txn, id string) (*Node, error) {
-	var doc string
-	if err := tx.QueryRowContext(ctx, `SELECT doc FROM nodes WHERE id = ?`, id).Scan(&doc); err != nil {
-		if errors.Is(err, sql.ErrNoRows) {
-			return nil, fmt.Errorf("node %q: %w", id, errdefs.ErrNotFound)
-		}
-		return nil, err
+	n, _, err := scanNode(id, tx.QueryRowContext(ctx, `SELECT `+nodeCols+` FROM nodes WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("node %q: %w", id, errdefs.ErrNotFound)
 	}
-	return decodeNode(id, doc)
+	return n, err
 }
 
 // NodeRevoked reports whether node id was removed from the fleet (its
