@@ -115,9 +115,10 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 			if !d.cfg.replicated() { // replicas: the leader warms (warmByLeader)
 				d.warmBase(ctx, id)
 			}
-		}, Workloads: fleetWorkloads{d}}
-	// Only fleet members reach it: a node certificate not revoked (a
-	// removed node keeps its copy of the pull credential).
+		}, Workloads: fleetWorkloads{d}, CertGrace: certGrace(d.log)}
+	// Only fleet members reach it: a node certificate not revoked and not
+	// superseded by a renewal past its grace (a removed node keeps its copy
+	// of the pull credential).
 	if err := d.Registry.ServeTLSConfig(rl, noderpc.RegistryServerTLS(ca, cert), f.RegistryGate); err != nil {
 		_ = rl.Close()
 		return err
@@ -136,7 +137,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	f.Registry = access
 	mux := http.NewServeMux()
 	mux.Handle(f.Handler())
-	mux.Handle(noderpc.RelayPrefix, d.fleetRelay(f.AdmitNode))
+	mux.Handle(noderpc.RelayPrefix, d.fleetRelay(f.AdmitCert))
 	l, err := net.Listen("tcp", cmpOr(fc.Listen, DefaultFleetListen))
 	if err != nil {
 		return fmt.Errorf("fleet listener: %w", err)
@@ -470,7 +471,8 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 		}
 	}()
 	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, newBootID(), capacity)
-	go noderpc.RenewLoop(ctx, d.log, id, fc, time.Hour) // its certificate, before it expires
+	every, due := renewSchedule(d.log)
+	go noderpc.RenewLoop(ctx, d.log, id, fc, every, due) // its certificate, before it expires
 	go func() { _ = d.startBackground(ctx) }()
 	d.log.Info("chalkd node serving", "node", id.ID, "api", n.addr, "advertise", opts.Advertise, "control", opts.Join)
 	return n, nil

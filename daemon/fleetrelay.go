@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"net"
 	"net/http"
@@ -21,7 +22,7 @@ import (
 // leave the control plane.
 
 // fleetRelay is the control plane's noderpc.Relay.
-func (d *Daemon) fleetRelay(admit func(ctx context.Context, node string) error) *noderpc.Relay {
+func (d *Daemon) fleetRelay(admit func(ctx context.Context, leaf *x509.Certificate) (context.Context, context.CancelFunc, error)) *noderpc.Relay {
 	var once sync.Once
 	var mux *http.ServeMux
 	return &noderpc.Relay{

@@ -71,7 +71,7 @@ func BenchmarkRelay(b *testing.B) {
 		_, _ = w.Write(answer)
 	})
 	c.mux.Handle(RelayPrefix, &Relay{
-		Admit:  c.fleet.AdmitNode,
+		Admit:  c.fleet.AdmitCert,
 		NodeOf: func(string) string { return a.ID },
 		Caller: func(_ context.Context, id string) (metadata.Sandbox, error) {
 			return metadata.Sandbox{ID: id, OrgID: "org", Running: true}, nil

@@ -167,7 +167,7 @@ func RemoteRegistryAt(ctx context.Context, id *NodeIdentity, urls []string, log 
 		}
 		return registry.NewRemote(registry.RemoteConfig{Addr: net.JoinHostPort(host, port), Alternates: alts,
 			Pull: registry.Credential{Username: res.Msg.Username, Password: res.Msg.Password},
-			TLS:  RegistryClientTLS(id), Logger: log})
+			TLS:  RegistryClientTLS(id), Logger: log, Generation: id.Renewals})
 	}
 	return nil, err
 }

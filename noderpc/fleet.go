@@ -103,7 +103,12 @@ type Fleet struct {
 	// of node sandboxes); nil: refused.
 	Workloads Workloads
 
-	seen sync.Map // node id → struct{}: FirstHeartbeat ran
+	// CertGrace is how long a certificate a renewal superseded is still
+	// accepted (default DefaultCertGrace; certcheck.go).
+	CertGrace time.Duration
+
+	seen     sync.Map // node id → struct{}: FirstHeartbeat ran
+	inflight certInflight
 }
 
 // RegistryAccess is how nodes pull from the control plane's registry.
@@ -124,12 +129,14 @@ func (f *Fleet) Handler() (string, http.Handler) {
 		r.Body = http.MaxBytesReader(w, r.Body, MaxFleetMessage+4096)
 		ctx := r.Context()
 		if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
-			if id := NodeIDOf(r.TLS.VerifiedChains[0][0]); id != "" {
-				if err := f.checkRevoked(ctx, id); err != nil {
+			if leaf := r.TLS.VerifiedChains[0][0]; NodeIDOf(leaf) != "" {
+				actx, cancel, err := f.AdmitCert(ctx, leaf)
+				if err != nil {
 					_ = connect.NewErrorWriter().Write(w, r, errconnect.ToConnect(err))
 					return
 				}
-				ctx = context.WithValue(ctx, peerNode{}, id)
+				defer cancel()
+				ctx = actx
 			}
 		}
 		h.ServeHTTP(w, r.WithContext(ctx))
@@ -305,7 +312,7 @@ func RemoteRegistry(ctx context.Context, fc nodev1connect.FleetServiceClient, id
 	}
 	return registry.NewRemote(registry.RemoteConfig{Addr: net.JoinHostPort(host, port),
 		Pull: registry.Credential{Username: res.Msg.Username, Password: res.Msg.Password},
-		TLS:  RegistryClientTLS(id), Logger: log})
+		TLS:  RegistryClientTLS(id), Logger: log, Generation: id.Renewals})
 }
 
 // JoinRequest is what a node sends to join (Join).
@@ -366,6 +373,7 @@ func HTTPClient(cfg *tls.Config) *http.Client {
 }
 
 // FleetClient is a node's client of the control plane's fleet service.
+// After a renewal its calls go over new connections (nodeTransport).
 func FleetClient(id *NodeIdentity, controlURL string) nodev1connect.FleetServiceClient {
-	return nodev1connect.NewFleetServiceClient(HTTPClient(NodeClientTLS(id)), controlURL)
+	return nodev1connect.NewFleetServiceClient(&http.Client{Transport: nodeTransport(id, NodeClientTLS(id))}, controlURL)
 }

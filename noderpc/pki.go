@@ -264,8 +264,9 @@ type NodeIdentity struct {
 	Cert tls.Certificate // as loaded; the one in use is current() (rotate.go)
 	CA   *x509.CertPool
 
-	dir     string // where it is kept ("": not saved)
-	rotated atomic.Pointer[tls.Certificate]
+	dir      string // where it is kept ("": not saved)
+	rotated  atomic.Pointer[tls.Certificate]
+	renewals atomic.Uint64
 }
 
 // NodeServerTLS is a node serving NodeService: only the control plane's

@@ -2,6 +2,7 @@ package noderpc
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -115,10 +116,14 @@ type Relay struct {
 	// Caller is sandbox id as a metadata caller if it runs (else an error
 	// saying why not).
 	Caller func(ctx context.Context, id string) (metadata.Sandbox, error)
-	// Admit refuses a node removed from the fleet (Fleet.AdmitNode): checked
-	// on every request, so a removed node keeping a connection open gets
-	// nothing, even for a sandbox still recorded on it. Required.
-	Admit func(ctx context.Context, node string) error
+	// Admit admits the node whose verified certificate is leaf
+	// (Fleet.AdmitCert: not removed, its current certificate or the
+	// superseded one before its deadline): checked on every request, so a
+	// removed node, or an old certificate, keeping a connection open gets
+	// nothing, even for a sandbox still recorded on it. The request runs
+	// in the context it returns (ended when the certificate is accepted
+	// no more); cancel when it ends. Required.
+	Admit func(ctx context.Context, leaf *x509.Certificate) (context.Context, context.CancelFunc, error)
 	// Handler serves the routes (paths /mcp/..., /api/...) for the caller
 	// metadata.CallerFrom names.
 	Handler http.Handler
@@ -144,13 +149,16 @@ func (rl *Relay) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if rl.Admit == nil {
-		relayError(w, http.StatusInternalServerError, "relay: no revocation check configured")
+		relayError(w, http.StatusInternalServerError, "relay: no certificate check configured")
 		return
 	}
-	if err := rl.Admit(r.Context(), peer); err != nil {
+	ctx, cancel, err := rl.Admit(r.Context(), r.TLS.VerifiedChains[0][0])
+	if err != nil {
 		relayError(w, http.StatusForbidden, "relay: "+err.Error())
 		return
 	}
+	defer cancel()
+	r = r.WithContext(ctx)
 	id, route, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, RelayPrefix), "/")
 	route = "/" + route
 	if !validSandboxID(id) {
@@ -250,7 +258,7 @@ func NewRelayClientOver(id *NodeIdentity, urls []string, current func() int, log
 				pr.Out.Header.Del(h)
 			}
 		},
-		Transport: HTTPClient(NodeClientTLS(id)).Transport,
+		Transport: nodeTransport(id, NodeClientTLS(id)), // new connections after a renewal
 		ModifyResponse: func(res *http.Response) error {
 			if t, ok := res.Request.Context().Value(headerTimer{}).(*time.Timer); ok {
 				t.Stop()

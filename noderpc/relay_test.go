@@ -72,7 +72,7 @@ func TestRelayOnlyForItsSandboxes(t *testing.T) {
 	var mu sync.Mutex
 	var seen []string
 	c.mux.Handle(RelayPrefix, &Relay{
-		Admit:  c.fleet.AdmitNode,
+		Admit:  c.fleet.AdmitCert,
 		NodeOf: func(id string) string { return on[id] },
 		Caller: func(_ context.Context, id string) (metadata.Sandbox, error) {
 			if id == "sb-ended" {

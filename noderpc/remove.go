@@ -16,9 +16,9 @@ import (
 // Removing a node (`chalk admin node rm`). The node's record goes and its
 // id enters the store's revocation set in one transaction
 // (store.RemoveNode); from then on its certificate is refused on every
-// request to the fleet listener (Fleet.checkRevoked: heartbeats, registry
-// access, workload identity) and on every connection the control plane
-// makes to a node API (nodeTLS), and every router drops it at its next
+// request to the fleet listener (Fleet.AdmitCert, checkNodeCert: heartbeats,
+// registry access, workload identity, the relay; RegistryGate) and on every
+// connection the control plane makes to a node API (nodeTLS), and every router drops it at its next
 // Refresh. Node ids are never reused, so the machine comes back only by
 // joining anew with a new join token (a new id and certificate).
 
@@ -113,8 +113,12 @@ func (r *Router) drop(id string) {
 }
 
 // nodeTLS is how the control plane connects to node id's API: the node's
-// certificate must chain to the fleet CA, name id, and not be revoked
-// (checked at every connection; a store error refuses it too).
+// certificate must chain to the fleet CA, name id, not be revoked, and be
+// its current one or the one its last renewal superseded, before that
+// one's deadline (checkNodeCert; at every connection; a store error
+// refuses it too). The router re-makes its connections to a node at a
+// renewal and at the deadline (Router.Refresh), so none made with the
+// superseded certificate outlives it.
 func (r *Router) nodeTLS(id string) *tls.Config {
 	cfg := ControlClientTLS(r.ca, r.cert, id)
 	verify := cfg.VerifyConnection
@@ -122,36 +126,10 @@ func (r *Router) nodeTLS(id string) *tls.Config {
 		if err := verify(cs); err != nil {
 			return err
 		}
-		revoked, err := r.store.NodeRevoked(context.Background(), id)
-		switch {
-		case err != nil:
-			return fmt.Errorf("node %s: %w", id, err)
-		case revoked:
-			return fmt.Errorf("node %s was removed from the fleet: its certificate is revoked", id)
-		}
-		return nil
+		_, err := checkNodeCert(context.Background(), r.store, id, serialOf(cs.PeerCertificates[0]), r.now())
+		return err
 	}
 	return cfg
-}
-
-// AdmitNode refuses node id if it was removed from the fleet (and, failing
-// safe, while the store cannot say): the check of every call a node makes
-// to the control plane (the fleet service, the registry, the relay).
-func (f *Fleet) AdmitNode(ctx context.Context, id string) error { return f.checkRevoked(ctx, id) }
-
-// checkRevoked refuses a node removed from the fleet (and, failing safe,
-// any node while the store cannot say).
-func (f *Fleet) checkRevoked(ctx context.Context, id string) error {
-	revoked, err := f.Store.NodeRevoked(ctx, id)
-	if err != nil {
-		f.log().Warn("fleet: revocation check failed: call refused", "node", id, "err", err)
-		return fmt.Errorf("node %s: the revocation check failed: %w", id, errdefs.ErrUnavailable)
-	}
-	if revoked {
-		f.log().Warn("fleet: call from a removed node refused", "node", id)
-		return fmt.Errorf("node %s was removed from the fleet and its certificate revoked: to bring this machine back, delete DATA_DIR/fleet-node on it and join with a new token: %w", id, errdefs.ErrPermissionDenied)
-	}
-	return nil
 }
 
 // gone says why a member's sandboxes are lost; read after m.lost is closed.
@@ -164,7 +142,7 @@ func (m *member) gone() string {
 
 // RegistryServerTLS is the control plane's registry listener for nodes:
 // its control certificate, and a client certificate of the fleet CA
-// required (RegistryGate then refuses a removed node's).
+// required (RegistryGate then refuses a removed node's, or a superseded one).
 func RegistryServerTLS(ca *CA, cert tls.Certificate) *tls.Config {
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
@@ -175,9 +153,11 @@ func RegistryServerTLS(ca *CA, cert tls.Certificate) *tls.Config {
 }
 
 // RegistryGate admits a request on the registry listener for nodes only
-// from a fleet member: the verified client certificate names a node whose
-// certificate is not revoked (checked on every request, so a removed node
-// keeping a connection open is refused too), or the control plane. The
+// from a fleet member: the verified client certificate names a node not
+// removed and is its current one or the superseded one before its deadline
+// (checkNodeCert; on every request, so a removed node, or a superseded
+// certificate, keeping a connection open is refused too), or the control
+// plane. The
 // pull credential is asked by the registry after this.
 func (f *Fleet) RegistryGate(r *http.Request) error {
 	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
@@ -191,5 +171,9 @@ func (f *Fleet) RegistryGate(r *http.Request) error {
 	if id == "" {
 		return fmt.Errorf("the client certificate names no node: %w", errdefs.ErrPermissionDenied)
 	}
-	return f.checkRevoked(r.Context(), id)
+	if _, err := checkNodeCert(r.Context(), f.Store, id, serialOf(leaf), f.now()); err != nil {
+		f.log().Warn("fleet: registry request refused", "node", id, "serial", serialOf(leaf), "err", err)
+		return err
+	}
+	return nil
 }

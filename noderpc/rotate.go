@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"time"
@@ -21,7 +22,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	nodev1 "github.com/chalkcompute/chalkcompute/gen/chalk/node/v1"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/node/v1/nodev1connect"
-	"github.com/chalkcompute/chalkcompute/store"
+	"github.com/chalkcompute/chalkcompute/internal/fresh"
 )
 
 // Node certificate rotation. A node's certificate lasts certTTL; once less
@@ -31,7 +32,13 @@ import (
 // issues one naming the same node id and records its serial. The node keeps
 // the new pair (node.key.new and node.crt.new, then renamed over the old:
 // a crash at any point leaves a pair that loads, finishRenewal) and
-// presents it on every new connection (NodeIdentity.current).
+// presents it on every new connection (NodeIdentity.current). The old one
+// is accepted only for the control plane's grace after that
+// (DefaultCertGrace, certcheck.go), so at a renewal the node moves every
+// client of the control plane to new connections (Renewals: the fleet
+// client, the relay, the registry's pulls go over fresh transports at
+// their next request), and a request that runs on an old connection past
+// the grace is ended by the control plane.
 
 // current is the certificate the node presents.
 func (id *NodeIdentity) current() *tls.Certificate {
@@ -101,7 +108,18 @@ func (id *NodeIdentity) Renew(ctx context.Context, fc nodev1connect.FleetService
 		}
 	}
 	id.rotated.Store(&pair)
+	id.renewals.Add(1)
 	return nil
+}
+
+// Renewals counts this process's renewals: a client of the control plane
+// over internal/fresh moves to new connections when it changes.
+func (id *NodeIdentity) Renewals() uint64 { return id.renewals.Load() }
+
+// nodeTransport is a node's transport to the control plane over cfg: new
+// connections after each renewal (Renewals).
+func nodeTransport(id *NodeIdentity, cfg *tls.Config) *fresh.Transport {
+	return fresh.New(HTTPClient(cfg).Transport.(*http.Transport), id.Renewals)
 }
 
 // saveRenewal replaces the kept pair: both new files first, then renamed
@@ -139,27 +157,36 @@ func finishRenewal(dir string) error {
 	return nil
 }
 
-// RenewLoop renews the node's certificate when it is due (checked every
-// interval; a failure is logged and retried at the next check) until ctx
-// ends.
-func RenewLoop(ctx context.Context, log *slog.Logger, id *NodeIdentity, fc nodev1connect.FleetServiceClient, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
+// RenewRetry is how soon a failed renewal is tried again (or the
+// interval, if shorter): within the control plane's grace
+// (DefaultCertGrace), so a node whose renewal answer was lost asks again
+// with its old certificate while that one is still accepted.
+const RenewRetry = 20 * time.Second
+
+// RenewLoop renews the node's certificate when it is due (due(now); nil:
+// RenewDue, a third of its life left), checked every interval; a failure
+// is logged and retried after RenewRetry; until ctx ends.
+func RenewLoop(ctx context.Context, log *slog.Logger, id *NodeIdentity, fc nodev1connect.FleetServiceClient, interval time.Duration, due func(time.Time) bool) {
+	if due == nil {
+		due = id.RenewDue
+	}
 	for {
-		if id.RenewDue(time.Now()) {
+		wait := interval
+		if due(time.Now()) {
 			cctx, cancel := context.WithTimeout(ctx, time.Minute)
 			err := id.Renew(cctx, fc)
 			cancel()
 			if err != nil && ctx.Err() == nil {
 				log.Warn("fleet: node certificate renewal failed; retrying", "expires", id.NotAfter(), "err", err)
+				wait = min(interval, RenewRetry)
 			} else if err == nil {
-				log.Info("fleet: node certificate renewed", "expires", id.NotAfter())
+				log.Info("fleet: node certificate renewed", "expires", id.NotAfter(), "serial", serialOf(id.current().Leaf))
 			}
 		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-time.After(wait):
 		}
 	}
 }
@@ -182,9 +209,15 @@ func (f *Fleet) Renew(ctx context.Context, req *connect.Request[nodev1.RenewRequ
 	if err != nil {
 		return nil, err
 	}
-	if _, err := f.Store.UpdateNode(ctx, peer, func(n *store.Node) error { n.CertSerial = serial; return nil }); err != nil {
+	// The new certificate is accepted only once recorded; the presented
+	// one is superseded (store.RenewNodeCert: from the current one, or from
+	// the superseded one before its deadline if the answer to the last
+	// renewal was lost; never past it).
+	presented, _ := ctx.Value(peerSerial{}).(string)
+	if err := f.Store.RenewNodeCert(ctx, peer, presented, serial, f.now(), f.grace()); err != nil {
+		f.log().Warn("fleet: node certificate renewal refused", "node", peer, "serial", presented, "err", err)
 		return nil, err
 	}
-	f.log().Info("fleet: node certificate renewed", "node", peer, "serial", serial)
+	f.log().Info("fleet: node certificate renewed", "node", peer, "serial", serial, "superseded", presented, "grace", f.grace())
 	return connect.NewResponse(&nodev1.RenewResponse{CertPem: certPEM}), nil
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/fresh"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/procapi"
@@ -97,6 +99,8 @@ const warmBonus = 0.25
 type member struct {
 	rec     *store.Node
 	client  api.Node
+	tr      *fresh.Transport // client's (nil for a test's client)
+	serial  string           // the node's certificate serial tr was last renewed for
 	url     string
 	boot    string // the node process's boot id last seen
 	healthy bool
@@ -129,9 +133,33 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 		reconciling: map[string]bool{}}
 }
 
-// dial is how the router reaches a node (tests replace it).
-func (r *Router) dial(n *store.Node) api.Node {
-	return NewClient(HTTPClient(r.nodeTLS(n.ID)), n.URL, r.log.With("node", n.ID))
+// dial is how the router reaches a node: over a transport Refresh
+// replaces when the node's certificate changes (renewCerts).
+func (r *Router) dial(n *store.Node) (api.Node, *fresh.Transport) {
+	tr := fresh.New(HTTPClient(r.nodeTLS(n.ID)).Transport.(*http.Transport), nil)
+	return NewClient(&http.Client{Transport: tr}, n.URL, r.log.With("node", n.ID)), tr
+}
+
+// renewCerts re-makes the connections to m's node when its record names
+// another certificate than the one they were made with (a renewal, here or
+// at another replica), and again at the superseded one's deadline: a
+// connection verified with the superseded certificate (the node had not
+// moved yet) is not used past it. Calls running on an old connection
+// finish there. r.mu held.
+func (r *Router) renewCerts(m *member, rec *store.Node, now time.Time) {
+	if m.tr == nil || rec.CertSerial == m.serial {
+		return
+	}
+	first := m.serial == ""
+	m.serial = rec.CertSerial
+	if !first {
+		m.tr.Renew()
+		r.log.Info("fleet: node certificate renewed: connections re-made", "node", rec.ID, "serial", rec.CertSerial)
+	}
+	if rec.SupersededSerial != "" && rec.SupersededUntil.After(now) {
+		tr := m.tr
+		time.AfterFunc(rec.SupersededUntil.Sub(now)+time.Millisecond, tr.Renew)
+	}
 }
 
 // Run refreshes the nodes from the store every interval until ctx ends.
@@ -166,9 +194,11 @@ func (r *Router) Refresh(ctx context.Context) error {
 	for _, rec := range recs {
 		m := r.members[rec.ID]
 		if m == nil || m.url != rec.URL {
-			m = &member{client: r.dial(rec), url: rec.URL, lost: make(chan struct{}), healthy: true}
+			m = &member{url: rec.URL, lost: make(chan struct{}), healthy: true}
+			m.client, m.tr = r.dial(rec)
 			r.members[rec.ID] = m
 		}
+		r.renewCerts(m, rec, now)
 		m.rec = rec
 		healthy := now.Sub(rec.LastHeartbeat) < timeout || now.Sub(r.started) < timeout
 		switch {

@@ -35,6 +35,7 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/fresh"
 )
 
 // Config configures an embedded registry. The zero value is not usable:
@@ -82,6 +83,9 @@ type Registry struct {
 	srv       *http.Server
 	serveErr  chan error
 	transport *http.Transport
+	// fresh, for a remote registry given a Generation, carries its
+	// requests over transport and the clones that replace it.
+	fresh *fresh.Transport
 	// roundTripper is transport, https only when the registry serves TLS.
 	roundTripper http.RoundTripper
 	puller       *remote.Puller

@@ -15,6 +15,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/fresh"
 )
 
 // Fleets (issue #17): the control plane serves its embedded registry to the
@@ -84,6 +85,10 @@ type RemoteConfig struct {
 	// is tried first next time. References keep naming Addr. TLS checks
 	// each the same way.
 	Alternates []string
+	// Generation, if set, is checked at every request: when it changes,
+	// the requests from then on go over new connections (internal/fresh):
+	// a fleet node's renewed certificate is presented at once.
+	Generation func() uint64
 }
 
 // NewRemote returns a client-mode Registry for the registry at cfg.Addr:
@@ -118,6 +123,12 @@ func NewRemote(cfg RemoteConfig) (*Registry, error) {
 		log: log, addr: cfg.Addr, host: host, creds: Credentials{Pull: cfg.Pull},
 		transport: tr, roundTripper: httpsOnly{tr}, remotePull: opts,
 	}
+	if cfg.Generation != nil {
+		r.fresh = fresh.New(tr, cfg.Generation)
+		r.roundTripper = httpsOnly{r.fresh}
+		r.remotePull = []remote.Option{remote.WithTransport(r.roundTripper), remote.WithAuth(cfg.Pull.Authenticator())}
+		opts = r.remotePull
+	}
 	r.puller, err = remote.NewPuller(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("registry client: %w", err)
@@ -137,7 +148,12 @@ func (r *Registry) checkLocal(what string) error {
 }
 
 // closeRemote releases a remote registry's connections.
-func (r *Registry) closeRemote() { r.transport.CloseIdleConnections() }
+func (r *Registry) closeRemote() {
+	r.transport.CloseIdleConnections()
+	if r.fresh != nil {
+		r.fresh.CloseIdleConnections()
+	}
+}
 
 // closeExtra stops the listeners ServeTLS added.
 func (r *Registry) closeExtra(ctx context.Context) error {
