@@ -66,11 +66,23 @@ func StartFleetNodeArgs(t TB, control *Node, i int, extraArgs ...string) *Node {
 	return startFleetNode(t, control, i, nil, extraArgs...)
 }
 
+// StartFleetNodeEnv is StartFleetNodeArgs with more environment of chalkd
+// (test hooks, KEY=value).
+func StartFleetNodeEnv(t TB, control *Node, i int, env []string, extraArgs ...string) *Node {
+	t.Helper()
+	return startFleetNodeEnv(t, control, i, nil, env, extraArgs...)
+}
+
 func startFleetNode(t TB, control *Node, i int, inet *FakeInternet, extraArgs ...string) *Node {
+	t.Helper()
+	return startFleetNodeEnv(t, control, i, inet, nil, extraArgs...)
+}
+
+func startFleetNodeEnv(t TB, control *Node, i int, inet *FakeInternet, env []string, extraArgs ...string) *Node {
 	t.Helper()
 	ctlIP, nodeIP := ControlAddr(i), fmt.Sprintf("10.251.%d.2", i)
 	tok := control.JoinToken()
-	n := StartOpts(t, Options{Mode: "node", NoSeed: true, Internet: inet, Before: func(n *Node) {
+	n := StartOpts(t, Options{Mode: "node", NoSeed: true, Internet: inet, Env: env, Before: func(n *Node) {
 		run := func(args ...string) {
 			if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 				t.Fatalf("ip %v: %v %s", args, err, out)
