@@ -226,3 +226,61 @@ func TestRegistryRefusesRemovedNode(t *testing.T) {
 		t.Fatalf("another node's pull after the removal: %v", err)
 	}
 }
+
+// TestRegistryPullsAfterRenewal: a node's registry client moves to the
+// renewed certificate at its next pull (a new connection), so its pulls go
+// on past the superseded certificate's deadline, while its old connection
+// would be refused then.
+func TestRegistryPullsAfterRenewal(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	c.fleet.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+	c.fleet.CertGrace = time.Minute
+	reg, err := registry.New(ctx, registry.Config{RootDir: filepath.Join(t.TempDir(), "registry")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = reg.Close() })
+	img, err := random.Image(256, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	local, err := reg.LocalRef("chalk.local/fleet:v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(local, img, reg.RemoteOptions(ctx)...); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.ServeTLSConfig(l, RegistryServerTLS(c.ca, c.cert), c.fleet.RegistryGate); err != nil {
+		t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	c.fleet.Registry = &RegistryAccess{Addr: net.JoinHostPort("", port), Pull: reg.Credentials().Pull}
+	id, err := Join(ctx, t.TempDir(), joinReq(c, c.token(t, time.Hour), "a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fc := FleetClient(id, c.url)
+	rem, err := RemoteRegistry(ctx, fc, id, c.url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rem.Close() })
+	if _, _, err := rem.Resolve(ctx, "chalk.local/fleet:v1"); err != nil { // a connection kept alive, old certificate
+		t.Fatal(err)
+	}
+	if err := id.Renew(ctx, fc); err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(int64(time.Minute))
+	if _, _, err := rem.Resolve(ctx, "chalk.local/fleet:v1"); err != nil {
+		t.Fatalf("a pull after the renewal, past the old certificate's deadline: %v", err)
+	}
+}
