@@ -212,13 +212,14 @@ func (c NodeCert) Accepts(serial string, now time.Time) bool {
 	return serial == c.Serial || serial == c.SupersededSerial && now.Before(c.SupersededUntil)
 }
 
-// NodeCertOf reads node id's NodeCert. An error reading the store is
-// returned as such: callers refuse the node then (fail safe).
+// NodeCertOf reads node id's NodeCert (every node request asks: one
+// prepared query). An error reading the store is returned as such:
+// callers refuse the node then (fail safe).
 func (s *Store) NodeCertOf(ctx context.Context, id string) (NodeCert, error) {
 	var revoked int
 	var serial, superseded sql.NullString
 	var until sql.NullInt64
-	if err := s.db.QueryRowContext(ctx, `SELECT (SELECT count(*) FROM revoked_nodes WHERE id = ?),
+	if err := s.db.QueryRowPrepared(ctx, `SELECT (SELECT count(*) FROM revoked_nodes WHERE id = ?),
 		(SELECT cert_serial FROM nodes WHERE id = ?), (SELECT superseded_serial FROM nodes WHERE id = ?),
 		(SELECT superseded_until FROM nodes WHERE id = ?)`, id, id, id, id).Scan(&revoked, &serial, &superseded, &until); err != nil {
 		return NodeCert{}, fmt.Errorf("node %q: certificate check: %w", id, err)
