@@ -87,21 +87,48 @@ func (f *Fleet) AdmitCert(ctx context.Context, leaf *x509.Certificate) (context.
 		f.log().Warn("fleet: node certificate refused", "node", id, "serial", serial, "err", err)
 		return nil, nil, err
 	}
-	ctx, cancel := f.inflight.admit(ctx, id, serial, c, now)
+	ctx, cancel, sweep := f.inflight.admit(ctx, id, serial, c, now)
+	if sweep {
+		go f.sweepInflight()
+	}
 	ctx = context.WithValue(context.WithValue(ctx, peerNode{}, id), peerSerial{}, serial)
 	return ctx, cancel, nil
 }
 
+// sweepInflight applies each node's record, as the store has it now, to
+// its requests running here every HeartbeatInterval, while there are any:
+// a renewal another replica made supersedes the requests here too, when
+// the node's next requests go to that replica only (a store error leaves
+// them as they are until the next sweep; admissions fail safe).
+func (f *Fleet) sweepInflight() {
+	t := time.NewTicker(HeartbeatInterval)
+	defer t.Stop()
+	for range t.C {
+		ids := f.inflight.nodes()
+		if ids == nil {
+			return
+		}
+		for _, id := range ids {
+			ctx, cancel := context.WithTimeout(context.Background(), HeartbeatInterval)
+			c, err := f.Store.NodeCertOf(ctx, id)
+			cancel()
+			if err == nil {
+				f.inflight.apply(id, c, f.now())
+			}
+		}
+	}
+}
+
 // certInflight are the requests admitted by node certificate running in
-// this process, by node and serial. Each admission of a node looks at its
+// this process, by node and serial. Each admission of a node, and a sweep
+// every HeartbeatInterval while requests run (sweepInflight), looks at its
 // record as it is now: its requests on a superseded serial end at that
-// one's deadline, those on a serial accepted no more end at once. (A node
-// heartbeats every second, so a renewal made at another replica is seen
-// here within a second of the node's first request with its new
-// certificate.)
+// one's deadline, those on a serial accepted no more end at once; so a
+// renewal made at another replica reaches the requests here too.
 type certInflight struct {
-	mu sync.Mutex
-	m  map[string]map[string]map[*certReq]struct{} // node → serial → requests
+	mu       sync.Mutex
+	m        map[string]map[string]map[*certReq]struct{} // node → serial → requests
+	sweeping bool                                        // sweepInflight runs
 }
 
 type certReq struct {
@@ -109,7 +136,9 @@ type certReq struct {
 	timer  *time.Timer
 }
 
-func (in *certInflight) admit(ctx context.Context, id, serial string, c store.NodeCert, now time.Time) (context.Context, context.CancelFunc) {
+// admit registers a request of node id with serial, applying c (the node's
+// record at now) to the node's requests; sweep: start sweepInflight.
+func (in *certInflight) admit(ctx context.Context, id, serial string, c store.NodeCert, now time.Time) (_ context.Context, _ context.CancelFunc, sweep bool) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	req := &certReq{cancel: cancel}
 	in.mu.Lock()
@@ -126,19 +155,9 @@ func (in *certInflight) admit(ctx context.Context, id, serial string, c store.No
 		bySerial[serial] = map[*certReq]struct{}{}
 	}
 	bySerial[serial][req] = struct{}{}
-	for s, reqs := range bySerial {
-		if s == c.Serial {
-			continue
-		}
-		for r := range reqs {
-			switch {
-			case !c.Accepts(s, now):
-				r.cancel(errSuperseded)
-			case r.timer == nil:
-				r.timer = time.AfterFunc(c.SupersededUntil.Sub(now), func() { r.cancel(errSuperseded) })
-			}
-		}
-	}
+	in.applyLocked(id, c, now)
+	sweep = !in.sweeping
+	in.sweeping = true
 	return ctx, func() {
 		in.mu.Lock()
 		defer in.mu.Unlock()
@@ -155,5 +174,45 @@ func (in *certInflight) admit(ctx context.Context, id, serial string, c store.No
 				}
 			}
 		}
+	}, sweep
+}
+
+// apply ends, or sets to end at its deadline, node id's requests whose
+// certificate c (its record at now) no longer names as current.
+func (in *certInflight) apply(id string, c store.NodeCert, now time.Time) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.applyLocked(id, c, now)
+}
+
+func (in *certInflight) applyLocked(id string, c store.NodeCert, now time.Time) {
+	for s, reqs := range in.m[id] {
+		if s == c.Serial {
+			continue
+		}
+		for r := range reqs {
+			switch {
+			case !c.Accepts(s, now):
+				r.cancel(errSuperseded)
+			case r.timer == nil:
+				r.timer = time.AfterFunc(c.SupersededUntil.Sub(now), func() { r.cancel(errSuperseded) })
+			}
+		}
 	}
+}
+
+// nodes are the nodes with requests running (nil: none, and the sweep
+// stops: the next admission starts it again).
+func (in *certInflight) nodes() []string {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if len(in.m) == 0 {
+		in.sweeping = false
+		return nil
+	}
+	ids := make([]string, 0, len(in.m))
+	for id := range in.m {
+		ids = append(ids, id)
+	}
+	return ids
 }

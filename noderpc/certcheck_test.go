@@ -257,33 +257,52 @@ func TestRenewAnswerLost(t *testing.T) {
 }
 
 // TestSupersededRequestsEnd: a request admitted with the node's current
-// certificate that a renewal then supersedes ends at the deadline (seen
-// at the node's next admission with its new certificate), its cause
-// saying so.
+// certificate that a renewal then supersedes ends at the deadline, its
+// cause saying so: seen at the node's next admission with its new
+// certificate, or, with no request of the node here after the renewal (it
+// went to another replica), by the sweep.
 func TestSupersededRequestsEnd(t *testing.T) {
 	c := newControl(t)
 	ctx := ctxT(t)
 	c.fleet.CertGrace = 200 * time.Millisecond
 	n := addNode(t, c, "a", 4, 4096, 10)
-	held, cancel, err := c.fleet.AdmitCert(ctx, leafOf(t, n.id))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cancel()
-	if err := n.id.Renew(ctx, FleetClient(n.id, c.url)); err != nil {
-		t.Fatal(err)
-	}
-	if held.Err() != nil {
-		t.Fatal("a request with the superseded certificate ended before its deadline")
-	}
-	n.heartbeat(t, c) // the node's next request, with its new certificate
-	select {
-	case <-held.Done():
-	case <-ctx.Done():
-		t.Fatal("a request with the superseded certificate runs past its deadline")
-	}
-	if !errors.Is(context.Cause(held), errSuperseded) {
-		t.Fatalf("it ended with %v, want %v", context.Cause(held), errSuperseded)
+	for _, next := range []string{"heartbeat", "sweep"} {
+		held, cancel, err := c.fleet.AdmitCert(ctx, leafOf(t, n.id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cancel()
+		url := c.url
+		if next == "sweep" {
+			// Renewed through another replica on the same store: nothing
+			// of the node comes here after.
+			fleet2 := &Fleet{Store: c.st, CA: c.ca, CertGrace: c.fleet.CertGrace}
+			mux := http.NewServeMux()
+			mux.Handle(fleet2.Handler())
+			hs := httptest.NewUnstartedServer(mux)
+			hs.EnableHTTP2 = true
+			hs.TLS = ControlServerTLS(c.ca, c.cert)
+			hs.StartTLS()
+			defer hs.Close()
+			url = hs.URL
+		}
+		if err := n.id.Renew(ctx, FleetClient(n.id, url)); err != nil {
+			t.Fatal(err)
+		}
+		if held.Err() != nil {
+			t.Fatalf("%s: a request with the superseded certificate ended before its deadline", next)
+		}
+		if next == "heartbeat" {
+			n.heartbeat(t, c) // the node's next request, with its new certificate
+		}
+		select {
+		case <-held.Done():
+		case <-ctx.Done():
+			t.Fatalf("%s: a request with the superseded certificate runs past its deadline", next)
+		}
+		if !errors.Is(context.Cause(held), errSuperseded) {
+			t.Fatalf("%s: it ended with %v, want %v", next, context.Cause(held), errSuperseded)
+		}
 	}
 }
 
