@@ -349,3 +349,44 @@ func TestRouterRedialsRenewedNode(t *testing.T) {
 		time.Sleep(20 * time.Millisecond) // polling for the deadline's re-dial
 	}
 }
+
+// TestRelayClientAfterRenewal: a node's relay client moves to the renewed
+// certificate at its next request (a new connection), so relayed calls go
+// on past the superseded certificate's deadline.
+func TestRelayClientAfterRenewal(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	c.fleet.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+	c.fleet.CertGrace = time.Minute
+	n := addNode(t, c, "a", 4, 4096, 10)
+	c.mux.Handle(RelayPrefix, &Relay{
+		Admit:  c.fleet.AdmitCert,
+		NodeOf: func(string) string { return n.id.ID },
+		Caller: func(_ context.Context, id string) (metadata.Sandbox, error) {
+			return metadata.Sandbox{ID: id, OrgID: "org", Running: true}, nil
+		},
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) }),
+	})
+	rc, err := NewRelayClient(n.id, c.url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	relay := func() int {
+		w := httptest.NewRecorder()
+		r := httptest.NewRequestWithContext(metadata.WithCaller(ctx, metadata.Sandbox{ID: "sb-1", Running: true}), "GET", "http://metadata/api/x", nil)
+		rc.ServeHTTP(w, r)
+		return w.Code
+	}
+	if code := relay(); code != http.StatusNoContent { // a connection kept alive, old certificate
+		t.Fatalf("relay: %d", code)
+	}
+	if err := n.id.Renew(ctx, FleetClient(n.id, c.url)); err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(int64(time.Minute))
+	if code := relay(); code != http.StatusNoContent {
+		t.Fatalf("relay after the renewal, past the old certificate's deadline: %d", code)
+	}
+}
