@@ -16,10 +16,10 @@ import (
 // Removing a node (`chalk admin node rm`). The node's record goes and its
 // id enters the store's revocation set in one transaction
 // (store.RemoveNode); from then on its certificate is refused on every
-// request to the fleet listener (Fleet.AdmitCert, checkNodeCert: heartbeats,
-// registry access, workload identity, the relay; RegistryGate) and on every
-// connection the control plane makes to a node API (nodeTLS), and every router drops it at its next
-// Refresh. Node ids are never reused, so the machine comes back only by
+// request to the fleet listener (Fleet.AdmitCert, checkNodeCert:
+// heartbeats, registry access, workload identity, the relay;
+// RegistryGate) and on every connection the control plane makes to a node
+// API (nodeTLS), and every router drops it at its next Refresh. Node ids are never reused, so the machine comes back only by
 // joining anew with a new join token (a new id and certificate).
 
 // findNode is the node with this id or name (a name held by two nodes is
