@@ -539,6 +539,9 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 	}
 	mu.Lock()
 	defer mu.Unlock()
+	// The exit status is the last message: it goes out with the end of the
+	// stream in one write when this handler returns (heldFlushWriter).
+	holdFlushes(ctx)
 	return stream.Send(&v1.ExecEvent{Event: &v1.ExecEvent_Exited{Exited: &v1.ExecExited{
 		ExitCode: int32(st.Code), Signal: st.Signal, TimedOut: timedOut.Load(),
 	}}})

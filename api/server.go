@@ -240,7 +240,8 @@ func (s *Server) services() http.Handler {
 		connect.WithCompressMinBytes(compressMinBytes),
 	}
 	mux := http.NewServeMux()
-	mux.Handle(computev1connect.NewSandboxServiceHandler(&sandboxService{s}, opts...))
+	sbPath, sbHandler := computev1connect.NewSandboxServiceHandler(&sandboxService{s}, opts...)
+	mux.Handle(sbPath, withHeldFlush(sbHandler))
 	mux.Handle(computev1connect.NewImageServiceHandler(&imageService{s}, opts...))
 	mux.Handle(computev1connect.NewPolicyServiceHandler(&policyService{s}, opts...))
 	mux.Handle(computev1connect.NewIdentityServiceHandler(&identityService{s}, opts...))

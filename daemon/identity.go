@@ -157,6 +157,9 @@ func (w *workloadIdentity) prepare(ctx context.Context, sb *store.Sandbox, req *
 		stop, err := metadata.StartTokenFileConfig(context.WithoutCancel(ctx), metadata.TokenFileConfig{
 			Issuer: w.iss, Subject: identity.Subject{OrgID: rec.OrgID, SandboxID: rec.ID}, Audience: f.Audience, Path: filepath.Join(dir, f.TokenFileName),
 			SubjectNow: func(ctx context.Context) (identity.Subject, error) { return w.subject(ctx, &rec) },
+			// A claimed pre-started sandbox has its API token file made
+			// empty at pre-start (binds): the first token goes into it.
+			FirstInPlace: true,
 		})
 		if err == nil {
 			err = f.WriteFiles(dir)
@@ -207,10 +210,15 @@ func identityBind(dir string) sandbox.Bind {
 }
 
 // binds makes the identity dir of a pre-started sandbox, empty until it is
-// claimed (prepare then fills it, before its init is activated).
+// claimed (prepare then fills it, before its init is activated) but for an
+// empty Chalk API token file: the claim writes the first token into it
+// rather than create a file and rename it over (metadata.PrepareTokenFile).
 func (w *workloadIdentity) binds(id string, slot int) ([]sandbox.Bind, error) {
 	dir, err := w.identityDir(&store.Sandbox{ID: id, Slot: slot})
 	if err != nil {
+		return nil, err
+	}
+	if err := metadata.PrepareTokenFile(filepath.Join(dir, metadata.ChalkTokenFileName)); err != nil {
 		return nil, err
 	}
 	return []sandbox.Bind{identityBind(dir)}, nil

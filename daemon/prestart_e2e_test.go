@@ -1,6 +1,7 @@
 package daemon_test
 
 import (
+	"encoding/base64"
 	"errors"
 	"os"
 	"path/filepath"
@@ -119,6 +120,14 @@ func TestPrestarted(t *testing.T) {
 	}
 	if out := mustExec(t, sb, "sh", "-c", "ls /run/chalk/identity"); !strings.Contains(out, "token") {
 		t.Fatalf("identity files of a claimed sandbox: %q", out)
+	}
+	// Its API token was written into the file made empty at pre-start: a
+	// whole token naming this sandbox.
+	tok := mustExec(t, sb, "cat", "/run/chalk/identity/token")
+	if parts := strings.Split(tok, "."); len(parts) != 3 {
+		t.Fatalf("API token file of a claimed sandbox: %q", tok)
+	} else if payload, err := base64.RawURLEncoding.DecodeString(parts[1]); err != nil || !strings.Contains(string(payload), sb.ID()) {
+		t.Fatalf("API token of a claimed sandbox: payload %s (%v), want it to name %s", payload, err, sb.ID())
 	}
 	if got := fetch(t, sb, "http://allowed.test/"); got != "allowed" {
 		t.Fatalf("allowed name from a claimed sandbox: %q", got)

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/chalkcompute/chalkcompute/atomicfile"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/identity"
@@ -39,6 +41,30 @@ type TokenFileConfig struct {
 	// Subject (claims that change while the sandbox runs, such as
 	// network_policy). Its errors are retried as refresh failures.
 	SubjectNow func(ctx context.Context) (identity.Subject, error)
+	// FirstInPlace says that nothing reads the file yet (a pre-started
+	// sandbox being claimed: nothing of its user's runs before its token
+	// files are written) and that an empty regular file at Path was made
+	// for it beforehand (PrepareTokenFile, at pre-start). The first token
+	// is then written into that file, without a temporary file to create
+	// and rename on a claim's path. Without such a file (a cold start, a
+	// file already holding a token, a symlink) the first token replaces
+	// the file atomically as always; so do all later refreshes.
+	FirstInPlace bool
+}
+
+// PrepareTokenFile makes the empty file at path (0644; not following a
+// symlink, failing if anything is there) that a later StartTokenFileConfig
+// with FirstInPlace writes its first token into.
+func PrepareTokenFile(path string) error {
+	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
+	if err != nil {
+		return fmt.Errorf("metadata: token file %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Fchmod(fd, 0o644); err != nil { // the umask applied to the open
+		return fmt.Errorf("metadata: token file %s: %w", path, err)
+	}
+	return nil
 }
 
 // StartTokenFile keeps a token for (s, audience) fresh at path (host path of
@@ -71,7 +97,7 @@ func StartTokenFileConfig(ctx context.Context, cfg TokenFileConfig) (stop func()
 	if err := os.Chmod(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("metadata: token dir: %w", err)
 	}
-	next, err := refreshTokenFile(ctx, cfg)
+	next, err := refreshTokenFile(ctx, cfg, cfg.FirstInPlace)
 	if err != nil {
 		return nil, err
 	}
@@ -88,7 +114,7 @@ func StartTokenFileConfig(ctx context.Context, cfg TokenFileConfig) (stop func()
 				return
 			case <-t.C:
 			}
-			wait, err := refreshTokenFile(ctx, cfg)
+			wait, err := refreshTokenFile(ctx, cfg, false)
 			switch {
 			case err == nil:
 				backoff = time.Second
@@ -115,9 +141,10 @@ func StartTokenFileConfig(ctx context.Context, cfg TokenFileConfig) (stop func()
 	}, nil
 }
 
-// refreshTokenFile mints a token, replaces the file and returns how long to
-// wait before the next refresh.
-func refreshTokenFile(ctx context.Context, cfg TokenFileConfig) (time.Duration, error) {
+// refreshTokenFile mints a token, replaces the file (or, inPlace, writes it
+// into the empty file prepared for it, if there is one) and returns how
+// long to wait before the next refresh.
+func refreshTokenFile(ctx context.Context, cfg TokenFileConfig, inPlace bool) (time.Duration, error) {
 	sub := cfg.Subject
 	if cfg.SubjectNow != nil {
 		var err error
@@ -130,10 +157,38 @@ func refreshTokenFile(ctx context.Context, cfg TokenFileConfig) (time.Duration, 
 	if err != nil {
 		return 0, err
 	}
-	if err := writeFileAtomic(cfg.Path, []byte(tok), 0o644); err != nil {
-		return 0, err
+	if !inPlace || !writePrepared(cfg.Path, []byte(tok)) {
+		if err := writeFileAtomic(cfg.Path, []byte(tok), 0o644); err != nil {
+			return 0, err
+		}
 	}
 	return time.Duration(float64(exp.Sub(minted)) * refreshFraction), nil
+}
+
+// writePrepared writes data into the empty regular file at path (made by
+// PrepareTokenFile) and reports whether it did. Anything else there — no
+// file, a symlink (not followed), a file that is not empty — is left for
+// the atomic replacement. The file is made 0644, nothing else, so its mode
+// is not set again here.
+func writePrepared(path string, data []byte) bool {
+	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != 0 || st.Nlink != 1 {
+		unix.Close(fd)
+		return false
+	}
+	n, err := unix.Write(fd, data)
+	if cerr := unix.Close(fd); err == nil {
+		err = cerr
+	}
+	if err != nil || n != len(data) {
+		// Whatever was written is replaced whole.
+		return false
+	}
+	return true
 }
 
 // writeFileAtomic replaces path with data: a reader sees the old or the new

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -256,5 +257,87 @@ func TestTokenFileSubjectNow(t *testing.T) {
 	next() // the second one starts (and holds): the first refresh's file is written
 	if got := policyIn(); got != "sha256:policy-xx" {
 		t.Fatalf("refreshed token: network_policy %q, want the subject of the refresh", got)
+	}
+}
+
+// TestTokenFileFirstInPlace: with FirstInPlace, the first token goes into
+// the empty file PrepareTokenFile made (the same inode, 0644, a valid token,
+// no temporary file left); anything else at the path — nothing, a file
+// already holding a token, a symlink — is replaced atomically as without
+// it, the symlink's target untouched. Refreshes replace the file.
+func TestTokenFileFirstInPlace(t *testing.T) {
+	iss := realClockIssuer(t, nil)
+	ctx := context.Background()
+	dir := t.TempDir()
+	inode := func(p string) uint64 {
+		t.Helper()
+		st, err := os.Lstat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Sys().(*syscall.Stat_t).Ino
+	}
+	start := func(path string) {
+		t.Helper()
+		stop, err := StartTokenFileConfig(ctx, TokenFileConfig{
+			Issuer: iss, Subject: sandboxA.Subject(), Audience: AWSAudience, Path: path, TTL: time.Hour, FirstInPlace: true,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(stop)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c, err := iss.Verify(ctx, string(b), AWSAudience); err != nil || c.SandboxID != sandboxA.ID {
+			t.Fatalf("%s: token %+v, %v", path, c, err)
+		}
+		if st, err := os.Lstat(path); err != nil || !st.Mode().IsRegular() || st.Mode().Perm() != 0o644 {
+			t.Fatalf("%s: %v, %v: want a regular file, 0644", path, st.Mode(), err)
+		}
+	}
+
+	prepared := filepath.Join(dir, "prepared")
+	if err := PrepareTokenFile(prepared); err != nil {
+		t.Fatal(err)
+	}
+	if err := PrepareTokenFile(prepared); err == nil {
+		t.Fatal("PrepareTokenFile over an existing file: no error")
+	}
+	ino := inode(prepared)
+	start(prepared)
+	if inode(prepared) != ino {
+		t.Fatal("the prepared file was replaced, not written into")
+	}
+
+	start(filepath.Join(dir, "missing")) // made atomically
+
+	full := filepath.Join(dir, "full")
+	if err := os.WriteFile(full, []byte("old token"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ino = inode(full)
+	start(full)
+	if inode(full) == ino {
+		t.Fatal("a file holding a token was written into, not replaced")
+	}
+
+	target := filepath.Join(t.TempDir(), "target")
+	if err := os.WriteFile(target, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	start(link) // the link is replaced by a file
+	if b, err := os.ReadFile(target); err != nil || len(b) != 0 {
+		t.Fatalf("the symlink's target: %q, %v: want it untouched", b, err)
+	}
+
+	ents, _ := os.ReadDir(dir)
+	if len(ents) != 4 {
+		t.Fatalf("dir holds %d entries (temp files left?), want 4", len(ents))
 	}
 }

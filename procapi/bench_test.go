@@ -29,11 +29,10 @@ func BenchmarkExecTrue(b *testing.B) {
 func BenchmarkForkExecTrue(b *testing.B) {
 	r := StartReaper()
 	for b.Loop() {
-		p, ch, err := r.Start("/bin/true", []string{"true"}, &os.ProcAttr{})
+		_, ch, err := r.Start("/bin/true", []string{"true"}, &os.ProcAttr{})
 		if err != nil {
 			b.Fatal(err)
 		}
-		p.Release()
 		if ws := <-ch; ws.ExitStatus() != 0 {
 			b.Fatal(ws)
 		}

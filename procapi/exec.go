@@ -193,7 +193,7 @@ func (s *server) exec(c *conn, req *request) {
 			return
 		}
 	}
-	p, exited, err := s.reaper.Start(bin, req.Argv, &os.ProcAttr{
+	pid, exited, err := s.reaper.Start(bin, req.Argv, &os.ProcAttr{
 		Dir:   req.Dir,
 		Env:   env,
 		Files: files[:],
@@ -209,8 +209,7 @@ func (s *server) exec(c *conn, req *request) {
 		c.sendErr(startErr(req.Argv[0], err))
 		return
 	}
-	e := &execution{c: c, pid: p.Pid, stopping: s.stopping}
-	p.Release() // (it sets p.Pid to -1)
+	e := &execution{c: c, pid: pid, stopping: s.stopping}
 	s.log.Debug("procapi: exec", "pid", e.pid, "argv0", req.Argv[0])
 	if stdinW != nil {
 		e.stdin = newStdinQueue(stdinW)

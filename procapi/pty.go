@@ -179,7 +179,7 @@ func (s *server) execPTY(c *conn, req *request, bin string, env []string, cred *
 			return
 		}
 	}
-	p, exited, err := s.reaper.Start(bin, req.Argv, &os.ProcAttr{
+	pid, exited, err := s.reaper.Start(bin, req.Argv, &os.ProcAttr{
 		Dir:   req.Dir,
 		Env:   mergeEnv(env, []string{"TERM=" + t.Term}),
 		Files: []*os.File{tty, tty, tty},
@@ -197,8 +197,7 @@ func (s *server) execPTY(c *conn, req *request, bin string, env []string, cred *
 		c.sendErr(startErr(req.Argv[0], err))
 		return
 	}
-	e := &execution{c: c, pid: p.Pid, stopping: s.stopping, pty: master}
-	p.Release()
+	e := &execution{c: c, pid: pid, stopping: s.stopping, pty: master}
 	s.log.Debug("procapi: exec on a terminal", "pid", e.pid, "argv0", req.Argv[0], "rows", t.Rows, "cols", t.Cols)
 	if stdinW != nil {
 		e.stdin = newStdinQueue(stdinW)

@@ -46,7 +46,7 @@ type spawnJob struct {
 }
 
 type spawnResult struct {
-	p   *os.Process
+	pid int
 	err error
 }
 
@@ -116,40 +116,74 @@ func (r *Reaper) reapLocked() {
 	}
 }
 
-// Start starts a process like os.StartProcess and returns a channel that
-// receives its wait status once it has ended and been reaped. The caller
-// should Release the returned process when done with it and must not Wait
-// for it.
-func (r *Reaper) Start(argv0 string, argv []string, attr *os.ProcAttr) (*os.Process, <-chan unix.WaitStatus, error) {
+// Start starts a process like os.StartProcess and returns its pid and a
+// channel that receives its wait status once it has ended and been reaped.
+func (r *Reaper) Start(argv0 string, argv []string, attr *os.ProcAttr) (int, <-chan unix.WaitStatus, error) {
 	// The lock is held across fork and registration so a child that ends at
 	// once is not reaped before it is known; its SIGCHLD triggers a pass
 	// that waits for the lock.
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var p *os.Process
+	var pid int
 	var err error
 	if r.spawn != nil {
 		r.spawn <- spawnJob{argv0, argv, attr}
 		res := <-r.spawned
-		p, err = res.p, res.err
+		pid, err = res.pid, res.err
 	} else {
-		p, err = os.StartProcess(argv0, argv, attr)
+		pid, err = startProcess(argv0, argv, attr)
 	}
 	if err != nil {
-		return nil, nil, err
+		return 0, nil, err
 	}
 	ch := make(chan unix.WaitStatus, 1)
-	r.waiters[p.Pid] = ch
+	r.waiters[pid] = ch
 	r.idle = false
 	// Children are the OOM killer's preferred victims, so a memory bomb
 	// kills the bomb, not init (and with it the sandbox). Raising a score
 	// needs no privilege, unlike lowering init's.
 	// (Raw system calls: os.WriteFile costs five more on a /proc file.)
-	if fd, err := unix.Open("/proc/"+strconv.Itoa(p.Pid)+"/oom_score_adj", unix.O_WRONLY|unix.O_CLOEXEC, 0); err == nil {
+	if fd, err := unix.Open("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", unix.O_WRONLY|unix.O_CLOEXEC, 0); err == nil {
 		_, _ = unix.Write(fd, []byte("500"))
 		unix.Close(fd)
 	}
-	return p, ch, nil
+	return pid, ch, nil
+}
+
+// startProcess is os.StartProcess without a pidfd. Since Go 1.23
+// os.StartProcess asks the kernel for a pidfd of every child (CLONE_PIDFD),
+// and before the process's first child it checks once that pidfds work:
+// pidfd_open, waitid and pidfd_send_signal on itself and a test clone of a
+// child that exits at once. The reaper waits by pid and never uses the
+// pidfd, so each exec paid for a descriptor it closed unused, and a
+// sandbox's first exec (the claim of a pre-started sandbox, which is timed
+// to its first exec) paid for the check and the extra child as well. The
+// rest is what os.StartProcess does on Linux: the files' descriptors
+// (f.Fd, which sets a non-blocking one back to blocking), the default
+// environment for a nil Env, the directory's check when there is no Sys,
+// and its error.
+func startProcess(argv0 string, argv []string, attr *os.ProcAttr) (int, error) {
+	if attr.Sys == nil && attr.Dir != "" {
+		if _, err := os.Stat(attr.Dir); err != nil {
+			pe := err.(*os.PathError)
+			pe.Op = "chdir"
+			return 0, pe
+		}
+	}
+	sysattr := &syscall.ProcAttr{Dir: attr.Dir, Env: attr.Env, Sys: attr.Sys}
+	if sysattr.Env == nil {
+		sysattr.Env = syscall.Environ()
+	}
+	sysattr.Files = make([]uintptr, 0, len(attr.Files))
+	for _, f := range attr.Files {
+		sysattr.Files = append(sysattr.Files, f.Fd())
+	}
+	pid, _, err := syscall.StartProcess(argv0, argv, sysattr)
+	runtime.KeepAlive(attr)
+	if err != nil {
+		return 0, &os.PathError{Op: "fork/exec", Path: argv0, Err: err}
+	}
+	return pid, nil
 }
 
 // StartInCgroup makes every process that Start starts from now on begin in
@@ -184,8 +218,8 @@ func (r *Reaper) StartInCgroup(tasks *os.File) error {
 		}
 		errc <- nil
 		for j := range spawn {
-			p, err := os.StartProcess(j.argv0, j.argv, j.attr)
-			spawned <- spawnResult{p, err}
+			pid, err := startProcess(j.argv0, j.argv, j.attr)
+			spawned <- spawnResult{pid, err}
 		}
 	}()
 	if err := <-errc; err != nil {

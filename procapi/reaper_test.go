@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -31,11 +32,10 @@ func TestReaper(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		p, ch, err := r.Start(bin, argv, &os.ProcAttr{})
+		_, ch, err := r.Start(bin, argv, &os.ProcAttr{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		p.Release()
 		all = append(all, started{ch, []int{3, 0, 42}[i]})
 	}
 	for i, s := range all {
@@ -46,11 +46,10 @@ func TestReaper(t *testing.T) {
 	// Signal reaches every group still running; WaitIdle waits for them.
 	var sleepers []<-chan unix.WaitStatus
 	for range 2 {
-		p, ch, err := r.Start("/bin/sh", []string{"sh", "-c", "sleep 1000"}, &os.ProcAttr{Sys: &syscall.SysProcAttr{Setpgid: true}})
+		_, ch, err := r.Start("/bin/sh", []string{"sh", "-c", "sleep 1000"}, &os.ProcAttr{Sys: &syscall.SysProcAttr{Setpgid: true}})
 		if err != nil {
 			t.Fatal(err)
 		}
-		p.Release()
 		sleepers = append(sleepers, ch)
 	}
 	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
@@ -91,12 +90,87 @@ func TestStartInCgroupFails(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, ch, err := r.Start(bin, []string{"true"}, &os.ProcAttr{})
+	_, ch, err := r.Start(bin, []string{"true"}, &os.ProcAttr{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.Release()
 	if ws := <-ch; ws.ExitStatus() != 0 {
 		t.Fatalf("true: exit %d", ws.ExitStatus())
 	}
 }
+
+// TestStartProcess: the reaper's own fork + exec (os.StartProcess without a
+// pidfd) keeps what os.StartProcess does — the files as the child's fds (a
+// nil one closed), the default environment for a nil Env, the working
+// directory, the SysProcAttr, and its errors — and leaves this process no
+// pidfd of the child (os.StartProcess opens one per child, and checks
+// pidfds with a test child before its first).
+func TestStartProcess(t *testing.T) {
+	r := StartReaper()
+	dir := t.TempDir()
+	t.Setenv("CHALK_REAPER_TEST", "inherited")
+	out, err := os.Create(dir + "/out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	gate, release, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gate.Close()
+	// fd 0: the gate (the child waits for it to close), 1: out, 2: closed.
+	script := `read x; pwd; echo "$CHALK_REAPER_TEST"; echo pgid $(cut -d' ' -f5 /proc/self/stat) pid $$; if [ -e /proc/self/fd/2 ]; then echo fd2 open; else echo fd2 closed; fi`
+	pid, ch, err := r.Start("/bin/sh", []string{"sh", "-c", script}, &os.ProcAttr{
+		Dir:   dir,
+		Files: []*os.File{gate, out, nil},
+		Sys:   &syscall.SysProcAttr{Setpgid: true},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The child is running (it waits for the gate): this process holds no
+	// pidfd for it.
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if l, _ := os.Readlink("/proc/self/fd/" + e.Name()); l == "anon_inode:[pidfd]" {
+			t.Errorf("fd %s is a pidfd", e.Name())
+		}
+	}
+	release.Close()
+	if ws := <-ch; ws.ExitStatus() != 0 {
+		t.Fatalf("child: %v", ws)
+	}
+	b, err := os.ReadFile(dir + "/out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := dir + "\ninherited\npgid " + itoa(pid) + " pid " + itoa(pid) + "\nfd2 closed\n"
+	if string(b) != want {
+		t.Fatalf("child wrote %q, want %q", b, want)
+	}
+
+	// Errors are os.StartProcess's: a *os.PathError with the errno.
+	if _, _, err := r.Start(dir+"/missing", []string{"missing"}, &os.ProcAttr{Sys: &syscall.SysProcAttr{}}); !isPathErr(err, "fork/exec", syscall.ENOENT) {
+		t.Errorf("missing executable: %v", err)
+	}
+	if _, _, err := r.Start(dir+"/out", []string{"out"}, &os.ProcAttr{Sys: &syscall.SysProcAttr{}}); !isPathErr(err, "fork/exec", syscall.EACCES) {
+		t.Errorf("file without x bits: %v", err)
+	}
+	if _, _, err := r.Start("/bin/true", []string{"true"}, &os.ProcAttr{Dir: dir + "/nodir"}); !isPathErr(err, "chdir", syscall.ENOENT) {
+		t.Errorf("missing dir without Sys: %v", err)
+	}
+	if _, _, err := r.Start("/bin/true", []string{"true"}, &os.ProcAttr{Dir: dir + "/nodir", Sys: &syscall.SysProcAttr{}}); !isPathErr(err, "fork/exec", syscall.ENOENT) {
+		t.Errorf("missing dir with Sys: %v", err)
+	}
+}
+
+func isPathErr(err error, op string, errno syscall.Errno) bool {
+	var pe *os.PathError
+	return errors.As(err, &pe) && pe.Op == op && errors.Is(err, errno)
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }

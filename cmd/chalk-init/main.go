@@ -150,7 +150,7 @@ func run(args []string) int {
 			pumpDone = make(chan struct{})
 			go con.pump(r, pumpDone)
 		}
-		p, ch, err := reaper.Start(bin, argv, &os.ProcAttr{
+		_, ch, err := reaper.Start(bin, argv, &os.ProcAttr{
 			Env:   os.Environ(),
 			Files: []*os.File{devnull, outF, errF},
 			Sys:   &syscall.SysProcAttr{Setpgid: true, Credential: cred},
@@ -158,7 +158,6 @@ func run(args []string) int {
 		if err != nil {
 			return nil, 126, fmt.Errorf("start entrypoint %q: %w", argv[0], err)
 		}
-		p.Release()
 		return ch, 0, nil
 	}
 
