@@ -532,8 +532,21 @@ func (r *Runtime) waitReady(ctx context.Context, id string, pid int, appeared <-
 // (the subreaper) like the sandbox process, is one. Destroy reaps them;
 // init is left to whoever watches it (the control plane's watcher, or the
 // pre-start pool for its members).
+//
+// Under runc there are none once runc has written init's pid: every other
+// process of the sandbox is in init's pid namespace, and the kernel
+// reparents an orphan of a pid namespace to a subreaper of that namespace
+// or to its init, never to a subreaper outside it (find_new_reaper); runc
+// leaves no process of its own (chalkd never runs `runc exec`). So the
+// scan, which reads every chalkd thread's children and the cgroup of each
+// child (~0.5 ms per call under churn, growing with the live sandboxes), is
+// skipped. Without the pid file (runc died before writing it) init itself
+// may be an unknown child: the scan runs. TestRuncNoHelpers.
 func (r *Runtime) helperChildren(id string) []int {
 	initPID, _ := r.initPid(id)
+	if initPID > 0 && r.cfg.Runtime == RuntimeRunc {
+		return nil
+	}
 	cg := r.cgroupPath(id)
 	var out []int
 	for _, pid := range ownChildren() {
