@@ -3,6 +3,7 @@ package sandbox
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
@@ -123,4 +124,79 @@ func TestRuncNoHelpers(t *testing.T) {
 func cmdline(pid int) string {
 	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 	return strings.ReplaceAll(string(b), "\x00", " ")
+}
+
+// TestDestroyWithoutRuncState: removing a kept writable layer (Destroy after
+// DestroyKeepUpper) runs no runc process and no helper scan: the first
+// teardown removed runc's state. A sandbox whose runc state directory
+// exists without a state file (an aborted start) is still handed to `runc
+// delete`, which removes the directory.
+func TestDestroyWithoutRuncState(t *testing.T) {
+	r := testRuntime(t, Config{})
+	layer := busyboxLayer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// runc, through a wrapper that logs what it is asked.
+	real := r.runc.Command
+	calls := filepath.Join(t.TempDir(), "calls")
+	wrapper := filepath.Join(t.TempDir(), "runc")
+	if err := os.WriteFile(wrapper, []byte("#!/bin/sh\necho \"$*\" >> "+calls+"\nexec "+real+" \"$@\"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r.runc.Command = wrapper
+	logged := func() string { b, _ := os.ReadFile(calls); return string(b) }
+
+	startSandbox(t, r, Spec{ID: "kept-layer", LowerDirs: []string{layer}})
+	if code, _ := run(t, r, "kept-layer", "sh", "-c", "echo kept > /kept"); code != 0 {
+		t.Fatal("write to the writable layer failed")
+	}
+	pid, err := r.initPid("kept-layer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Kill(ctx, "kept-layer"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Wait(ctx, "kept-layer", pid); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.DestroyKeepUpper(ctx, "kept-layer"); err != nil {
+		t.Fatal(err)
+	}
+	if !r.runcStateGone("kept-layer") {
+		t.Fatal("runc state left after the first teardown")
+	}
+	if b, err := os.ReadFile(filepath.Join(r.UpperDir("kept-layer"), "kept")); err != nil || string(b) != "kept\n" {
+		t.Fatalf("kept layer: %q %v", b, err)
+	}
+	before := logged()
+	if err := r.Destroy(ctx, "kept-layer"); err != nil {
+		t.Fatal(err)
+	}
+	if after := logged(); after != before {
+		t.Errorf("Destroy of a kept layer ran runc: %q", strings.TrimPrefix(after, before))
+	}
+	if _, err := os.Stat(r.Dir("kept-layer")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("sandbox dir after Destroy: %v", err)
+	}
+	if mounted(t, r.Dir("kept-layer")) {
+		t.Error("the kept layer's disk is still mounted")
+	}
+
+	// An aborted start: runc's directory without state.json.
+	if err := os.MkdirAll(filepath.Join(r.cfg.RuncRoot, "aborted"), 0o711); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(r.Dir("aborted"), 0o711); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Destroy(ctx, "aborted"); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logged(), "delete --force aborted") {
+		t.Errorf("runc delete not run for a state directory without state: %q", logged())
+	}
+	if _, err := os.Stat(filepath.Join(r.cfg.RuncRoot, "aborted")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("runc state directory after Destroy: %v", err)
+	}
 }
