@@ -205,3 +205,45 @@ func TestHolderCommands(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkHolder: one holder's life (start, namespaces ready, release,
+// reaped) with each command; reports the CPU of this process and its reaped
+// children per holder (steadier than wall time on a loaded machine).
+func BenchmarkHolder(b *testing.B) {
+	requireNode(b)
+	cmds := map[string][]string{}
+	if bin, err := exec.LookPath("busybox"); err == nil && isStatic(bin) {
+		cmds["busybox"] = []string{bin, "unshare", "--user", "--net", "--", bin, "cat"}
+	}
+	u, err1 := exec.LookPath("unshare")
+	c, err2 := exec.LookPath("cat")
+	if err1 == nil && err2 == nil {
+		cmds["util-linux"] = []string{u, "--user", "--net", "--", c}
+	}
+	for _, name := range []string{"busybox", "util-linux"} {
+		argv, ok := cmds[name]
+		if !ok {
+			continue
+		}
+		b.Run(name, func(b *testing.B) {
+			cpu := func() time.Duration {
+				var self, kids unix.Rusage
+				_ = unix.Getrusage(unix.RUSAGE_SELF, &self)
+				_ = unix.Getrusage(unix.RUSAGE_CHILDREN, &kids)
+				return time.Duration(self.Utime.Nano() + self.Stime.Nano() + kids.Utime.Nano() + kids.Stime.Nano())
+			}
+			c0 := cpu()
+			for i := 0; i < b.N; i++ {
+				h, ns, err := startHolder(argv)
+				if err != nil {
+					b.Fatal(err)
+				}
+				ns.Close()
+				h.stdin.Close()
+				h.stdin = nil
+				_ = h.cmd.Wait()
+			}
+			b.ReportMetric(float64(cpu()-c0)/float64(b.N)/1e6, "cpu-ms/op")
+		})
+	}
+}
