@@ -542,8 +542,10 @@ func (r *Runtime) waitReady(ctx context.Context, id string, pid int, appeared <-
 // child (~0.5 ms per call under churn, growing with the live sandboxes), is
 // skipped. Without the pid file (runc died before writing it) init itself
 // may be an unknown child: the scan runs, unless runc's state directory is
-// gone too (runcStateGone: no container, or one deleted after its init
-// ended, as when a kept writable layer is removed). TestRuncNoHelpers.
+// gone too (runcStateGone: no container ever, or one deleted after its init
+// ended, as when a kept writable layer is removed; a `runc run` that fails
+// kills and waits for the init it made before it removes the directory,
+// and a runc killed midway leaves the directory). TestRuncNoHelpers.
 func (r *Runtime) helperChildren(id string) []int {
 	initPID, _ := r.initPid(id)
 	if r.cfg.Runtime == RuntimeRunc && (initPID > 0 || r.runcStateGone(id)) {
