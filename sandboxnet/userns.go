@@ -96,9 +96,9 @@ type holder struct {
 
 // holderArgv returns the holder's command: a static busybox's unshare and
 // cat applets when there is one that makes a holder (one small static
-// program, exec'd twice: no dynamic loader, ~0.8 ms less CPU per holder
+// program, exec'd twice: no dynamic loader, ~0.65 ms less CPU per holder
 // than util-linux's unshare and coreutils' cat, which load ~6 shared
-// libraries between them), else util-linux's unshare and coreutils' cat.
+// libraries between them; BenchmarkHolder), else util-linux's unshare and coreutils' cat.
 // The busybox candidate is tried once (a holder started and released): a
 // busybox built without either applet, or not static, is not used.
 func holderArgv() ([]string, error) {
