@@ -544,6 +544,22 @@ func TestNoLeaks(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond) // polling chalkd's metrics
 	}
+	// No process of an ended sandbox is left as chalkd's child (a helper
+	// the teardown did not reap would be a zombie, or alive in the
+	// sandbox's cgroup): its children are the pre-started sandboxes' inits
+	// (2) and the spare networks' holders. A released holder or an ended
+	// init may still be being reaped: poll.
+	for deadline := time.Now().Add(time.Minute); ; {
+		zombies, inSandboxes := chalkdChildren(t, n.Pid(), n.Cgroup)
+		if len(zombies) == 0 && len(inSandboxes) <= 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("chalkd's children a minute after %d sandboxes: zombies %v, in sandbox cgroups %v (want at most the 2 pre-started inits)", count, zombies, inSandboxes)
+			break
+		}
+		time.Sleep(100 * time.Millisecond) // polling /proc
+	}
 	// The creates claimed pre-started sandboxes where they could (busybox is
 	// pooled after the first create); a graceful stop removes the unclaimed
 	// ones, and sandboxes that were running would survive it: so after it
@@ -607,6 +623,41 @@ func TestNoLeaks(t *testing.T) {
 	if strings.TrimSpace(dirs) != "0" {
 		t.Errorf("leftover sandbox dirs: %s", dirs)
 	}
+}
+
+// chalkdChildren lists chalkd's (pid) children that are zombies, and those
+// in a cgroup under cgroupParent (sandboxes' processes), as "pid comm".
+func chalkdChildren(t *testing.T, pid int, cgroupParent string) (zombies, inSandboxes []string) {
+	t.Helper()
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
+		if err != nil {
+			continue // the thread ended
+		}
+		for _, child := range strings.Fields(string(b)) {
+			st, err := os.ReadFile("/proc/" + child + "/stat")
+			if err != nil {
+				continue // reaped meanwhile
+			}
+			i, j := bytes.IndexByte(st, '('), bytes.LastIndexByte(st, ')')
+			if i < 0 || j < i || len(st) < j+3 {
+				continue
+			}
+			what := child + " " + string(st[i+1:j])
+			if st[j+2] == 'Z' {
+				zombies = append(zombies, what)
+				continue
+			}
+			if cg, err := os.ReadFile("/proc/" + child + "/cgroup"); err == nil && strings.Contains(string(cg), ":"+cgroupParent+"/sb-") {
+				inSandboxes = append(inSandboxes, what)
+			}
+		}
+	}
+	return zombies, inSandboxes
 }
 
 // TestIsolation: sandboxes cannot reach each other or the node's own

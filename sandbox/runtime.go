@@ -532,8 +532,25 @@ func (r *Runtime) waitReady(ctx context.Context, id string, pid int, appeared <-
 // (the subreaper) like the sandbox process, is one. Destroy reaps them;
 // init is left to whoever watches it (the control plane's watcher, or the
 // pre-start pool for its members).
+//
+// Under runc there are none once runc has written init's pid: every other
+// process of the sandbox is in init's pid namespace, and the kernel
+// reparents an orphan of a pid namespace to a subreaper of that namespace
+// or to its init, never to a subreaper outside it (find_new_reaper); runc
+// leaves no process of its own (chalkd never runs `runc exec`). So the
+// scan, which reads every chalkd thread's children and the cgroup of each
+// child (~0.5 ms per call under churn, growing with the live sandboxes), is
+// skipped. Without the pid file (runc died before writing it) init itself
+// may be an unknown child: the scan runs, unless runc's state directory is
+// gone too (runcStateGone: no container ever, or one deleted after its init
+// ended, as when a kept writable layer is removed; a `runc run` that fails
+// kills and waits for the init it made before it removes the directory,
+// and a runc killed midway leaves the directory). TestRuncNoHelpers.
 func (r *Runtime) helperChildren(id string) []int {
 	initPID, _ := r.initPid(id)
+	if r.cfg.Runtime == RuntimeRunc && (initPID > 0 || r.runcStateGone(id)) {
+		return nil
+	}
 	cg := r.cgroupPath(id)
 	var out []int
 	for _, pid := range ownChildren() {
@@ -851,6 +868,10 @@ func (r *Runtime) destroy(ctx context.Context, id string, keepUpper bool) error 
 		if err != nil {
 			errs = append(errs, fmt.Errorf("delete the runc state of a stopped sandbox: %w", err))
 		}
+	} else if r.runcStateGone(id) {
+		// Nothing for `runc delete` to remove (a runc process less when a
+		// kept writable layer is removed: its state went with the layer's
+		// first teardown).
 	} else if err := r.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil && !isNotExist(err) {
 		errs = append(errs, fmt.Errorf("runc delete: %w", err))
 	}
@@ -881,6 +902,19 @@ func (r *Runtime) destroy(ctx context.Context, id string, keepUpper bool) error 
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// runcStateGone reports whether runc (not runsc) has no state directory
+// for sandbox id. runc makes it before it starts the container's init and
+// removes it last when it deletes the container; `runc delete --force` of
+// an id without it only finds that it does not exist (and removes the
+// directory, absent already). TestDestroyWithoutRuncState.
+func (r *Runtime) runcStateGone(id string) bool {
+	if r.cfg.Runtime != RuntimeRunc || !validID(id) {
+		return false
+	}
+	_, err := os.Lstat(filepath.Join(r.cfg.RuncRoot, id))
+	return errors.Is(err, os.ErrNotExist)
 }
 
 // removeCgroups removes the sandbox's cgroup directories that runc left (it

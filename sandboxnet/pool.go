@@ -53,14 +53,14 @@ func (s *spare) release() {
 }
 
 // makeSpare builds a spare for a Manager with the given interface prefix.
-// With holder binaries (unshare and cat, Config.UserNS) the namespace is owned by a new user
-// namespace that Setup maps (see userns.go).
-func makeSpare(prefix string, holderBins []string) (*spare, error) {
+// With a holder's command (Config.UserNS, see holderArgv) the namespace is
+// owned by a new user namespace that Setup maps (see userns.go).
+func makeSpare(prefix string, holderArgv []string) (*spare, error) {
 	var ns netns.NsHandle
 	var hold *holder
 	var err error
-	if len(holderBins) == 2 {
-		hold, ns, err = startHolder(holderBins[0], holderBins[1])
+	if len(holderArgv) > 0 {
+		hold, ns, err = startHolder(holderArgv)
 	} else {
 		ns, err = unshareNetns()
 	}
@@ -127,7 +127,7 @@ func makeSpare(prefix string, holderBins []string) (*spare, error) {
 type sparePool struct {
 	size       int
 	prefix     string
-	holderBins []string // unshare and cat; nil = no user namespaces
+	holderArgv []string // the holder's command (holderArgv); nil = no user namespaces
 
 	mu      sync.Mutex
 	ready   []*spare
@@ -136,8 +136,8 @@ type sparePool struct {
 	done    *sync.Cond // signalled when a fill ends
 }
 
-func newSparePool(size int, prefix string, holderBins []string) *sparePool {
-	p := &sparePool{size: size, prefix: prefix, holderBins: holderBins}
+func newSparePool(size int, prefix string, holderArgv []string) *sparePool {
+	p := &sparePool{size: size, prefix: prefix, holderArgv: holderArgv}
 	p.done = sync.NewCond(&p.mu)
 	return p
 }
@@ -164,7 +164,7 @@ func (p *sparePool) get() (*spare, error) {
 	if s != nil {
 		return s, nil
 	}
-	return makeSpare(p.prefix, p.holderBins)
+	return makeSpare(p.prefix, p.holderArgv)
 }
 
 // empty reports whether no spare is ready.
@@ -192,7 +192,7 @@ func (p *sparePool) refill() {
 		runtime.LockOSThread()
 		_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), 19)
 		for {
-			s, err := makeSpare(p.prefix, p.holderBins)
+			s, err := makeSpare(p.prefix, p.holderArgv)
 			p.mu.Lock()
 			if err != nil || p.closed || len(p.ready) >= p.size {
 				p.filling = false

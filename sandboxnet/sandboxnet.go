@@ -82,7 +82,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -211,7 +210,7 @@ func New(cfg Config) (*Manager, error) {
 	// A slot is 4 addresses (2 bits) in both families; names carry 4 hex digits.
 	slotBits := min(32-cfg.Subnet.Bits(), 128-cfg.Subnet6.Bits(), 18) - 2
 	maxSlot := 1<<slotBits - 1
-	var holderBins []string
+	var hargv []string
 	if cfg.UserNS {
 		if cfg.UIDBase == 0 {
 			cfg.UIDBase = DefaultUIDBase
@@ -219,15 +218,12 @@ func New(cfg Config) (*Manager, error) {
 		if err := checkUIDRange(cfg.UIDBase, maxSlot); err != nil {
 			return nil, err
 		}
-		for _, name := range []string{"unshare", "cat"} {
-			bin, err := exec.LookPath(name)
-			if err != nil {
-				return nil, fmt.Errorf("user namespaces need %s(1) (util-linux, coreutils) to make them: %w", name, err)
-			}
-			holderBins = append(holderBins, bin)
+		var err error
+		if hargv, err = holderArgv(); err != nil {
+			return nil, err
 		}
 	}
-	m := &Manager{cfg: cfg, log: cfg.Logger, pool: newSparePool(cfg.NetnsPool, cfg.Prefix, holderBins), maxSlot: maxSlot}
+	m := &Manager{cfg: cfg, log: cfg.Logger, pool: newSparePool(cfg.NetnsPool, cfg.Prefix, hargv), maxSlot: maxSlot}
 	m.svc = addN(cfg.Subnet.Addr(), 1)
 	m.svc6 = addN(cfg.Subnet6.Addr(), 1)
 	seen := map[uint16]bool{0: true}

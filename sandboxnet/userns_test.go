@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -126,5 +128,122 @@ func TestUserNSRange(t *testing.T) {
 	m, err := New(Config{NetnsDir: t.TempDir()})
 	if err != nil || m.Lookup("x", 1).UserNS != nil {
 		t.Fatalf("no userns: %v %+v", err, m.Lookup("x", 1))
+	}
+}
+
+// TestHolderCommands: both holder commands (a static busybox's applets,
+// preferred, and util-linux's unshare with coreutils' cat) make a holder in
+// a user namespace of its own that owns a network namespace of its own,
+// whose maps can be written once, and that exits and is reaped once
+// released; holderArgv picks busybox when a static one is on PATH and
+// util-linux's otherwise.
+func TestHolderCommands(t *testing.T) {
+	requireNode(t)
+	var cmds [][]string
+	if bb, err := exec.LookPath("busybox"); err == nil && isStatic(bb) {
+		cmds = append(cmds, []string{bb, "unshare", "--user", "--net", "--", bb, "cat"})
+		argv, err := holderArgv()
+		if err != nil || len(argv) == 0 || argv[0] != bb {
+			t.Errorf("holderArgv with static %s on PATH = %q, %v; want busybox's", bb, argv, err)
+		}
+	} else {
+		t.Log("no static busybox on PATH: only util-linux's holder checked")
+	}
+	// PATH without busybox: util-linux's unshare and coreutils' cat.
+	noBB := t.TempDir()
+	for _, name := range []string{"unshare", "cat"} {
+		bin, err := exec.LookPath(name)
+		if err != nil {
+			t.Skipf("no %s: %v", name, err)
+		}
+		if err := os.Symlink(bin, noBB+"/"+name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("PATH", noBB)
+	argv, err := holderArgv()
+	if err != nil || len(argv) != 5 || argv[0] != noBB+"/unshare" || argv[4] != noBB+"/cat" {
+		t.Fatalf("holderArgv without busybox = %q, %v", argv, err)
+	}
+	cmds = append(cmds, argv)
+	for _, argv := range cmds {
+		h, ns, err := startHolder(argv)
+		if err != nil {
+			t.Fatalf("%q: %v", argv, err)
+		}
+		pid := h.cmd.Process.Pid
+		userNS := fmt.Sprintf("/proc/%d/ns/user", pid)
+		if nsInode(t, userNS) == nsInode(t, "/proc/self/ns/user") || nsInode(t, fmt.Sprintf("/proc/%d/ns/net", pid)) == nsInode(t, "/proc/self/ns/net") {
+			t.Errorf("%q: holder shares our namespaces", argv)
+		}
+		var st unix.Stat_t
+		if err := unix.Fstat(int(ns), &st); err != nil || st.Ino != nsInode(t, fmt.Sprintf("/proc/%d/ns/net", pid)) {
+			t.Errorf("%q: handle is not the holder's netns: %v", argv, err)
+		}
+		if got, want := ownerOf(t, fmt.Sprintf("/proc/%d/ns/net", pid)), nsInode(t, userNS); got != want {
+			t.Errorf("%q: netns owned by %d, want the holder's user namespace %d", argv, got, want)
+		}
+		if err := h.mapIDs(DefaultUIDBase, IDsPerSandbox); err != nil {
+			t.Errorf("%q: map: %v", argv, err)
+		}
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/uid_map", pid)); err != nil || strings.Join(strings.Fields(string(b)), " ") != fmt.Sprintf("0 %d %d", DefaultUIDBase, IDsPerSandbox) {
+			t.Errorf("%q: uid_map %q %v", argv, b, err)
+		}
+		ns.Close()
+		h.release()
+		// release lets it exit and reaps it in the background: /proc/pid
+		// goes once it is reaped (a zombie keeps it).
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); errors.Is(err, os.ErrNotExist) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%q: holder %d still there 10s after release", argv, pid)
+			}
+			runtime.Gosched()
+		}
+	}
+}
+
+// BenchmarkHolder: one holder's life (start, namespaces ready, release,
+// reaped) with each command; reports the CPU of this process and its reaped
+// children per holder (steadier than wall time on a loaded machine).
+func BenchmarkHolder(b *testing.B) {
+	requireNode(b)
+	cmds := map[string][]string{}
+	if bin, err := exec.LookPath("busybox"); err == nil && isStatic(bin) {
+		cmds["busybox"] = []string{bin, "unshare", "--user", "--net", "--", bin, "cat"}
+	}
+	u, err1 := exec.LookPath("unshare")
+	c, err2 := exec.LookPath("cat")
+	if err1 == nil && err2 == nil {
+		cmds["util-linux"] = []string{u, "--user", "--net", "--", c}
+	}
+	for _, name := range []string{"busybox", "util-linux"} {
+		argv, ok := cmds[name]
+		if !ok {
+			continue
+		}
+		b.Run(name, func(b *testing.B) {
+			cpu := func() time.Duration {
+				var self, kids unix.Rusage
+				_ = unix.Getrusage(unix.RUSAGE_SELF, &self)
+				_ = unix.Getrusage(unix.RUSAGE_CHILDREN, &kids)
+				return time.Duration(self.Utime.Nano() + self.Stime.Nano() + kids.Utime.Nano() + kids.Stime.Nano())
+			}
+			c0 := cpu()
+			for i := 0; i < b.N; i++ {
+				h, ns, err := startHolder(argv)
+				if err != nil {
+					b.Fatal(err)
+				}
+				ns.Close()
+				h.stdin.Close()
+				h.stdin = nil
+				_ = h.cmd.Wait()
+			}
+			b.ReportMetric(float64(cpu()-c0)/float64(b.N)/1e6, "cpu-ms/op")
+		})
 	}
 }
