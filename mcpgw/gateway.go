@@ -299,7 +299,9 @@ func CheckURL(raw string, deny []netip.Prefix) error {
 	return nil
 }
 
-func (g *Gateway) transport() *http.Transport {
+// transport reaches upstreams: plain http:// through h1Transport, the rest
+// (https) through net/http's Transport; both dial through the guard.
+func (g *Gateway) transport() http.RoundTripper {
 	d := &net.Dialer{Timeout: 10 * time.Second, Control: func(_, address string, _ syscall.RawConn) error {
 		ap, err := netip.ParseAddrPort(address)
 		if err != nil {
@@ -307,11 +309,12 @@ func (g *Gateway) transport() *http.Transport {
 		}
 		return g.checkDial(ap)
 	}}
-	return &http.Transport{
+	std := &http.Transport{
 		Proxy: nil, DialContext: d.DialContext, ForceAttemptHTTP2: true,
 		MaxIdleConns: 256, MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second,
 		TLSHandshakeTimeout: 10 * time.Second, ResponseHeaderTimeout: g.cfg.Timeout,
 	}
+	return newH1Transport(d.DialContext, std, g.cfg.Timeout)
 }
 
 var errForbiddenAddr = errors.New("forbidden upstream address")
