@@ -836,8 +836,12 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 						if c.requests > 0 && len(c.pending) == 0 {
 							// Held: the timer, once armed, is not pushed
 							// back by later events (no event waits longer).
+							// Not armed when the upstream's stream has
+							// ended already (its end came with the
+							// event): the next read returns at once.
 							switch {
 							case holding:
+							case br.Buffered() == 0 && bodyEnded(body):
 							case hold == nil:
 								hold = time.AfterFunc(g.hold, func() {
 									mu.Lock()
@@ -891,6 +895,13 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 			return nil
 		}
 	}
+}
+
+// bodyEnded reports whether body (h1Transport's) has ended: the next read
+// returns io.EOF without waiting for the upstream.
+func bodyEnded(body io.Reader) bool {
+	e, ok := body.(interface{ ended() bool })
+	return ok && e.ended()
 }
 
 // sseHold bounds how long an event after the POST's last answer waits for

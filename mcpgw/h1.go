@@ -29,6 +29,7 @@ type h1Transport struct {
 	dial          func(ctx context.Context, network, addr string) (net.Conn, error)
 	next          http.RoundTripper
 	headerTimeout time.Duration // from the request written to the answer's headers
+	probeAfter    time.Duration // h1ProbeAfter (tests: 0)
 
 	mu   sync.Mutex
 	idle map[string][]*h1Conn // host:port -> kept-alive connections, the newest last
@@ -77,7 +78,7 @@ func (l *h1Limited) Read(p []byte) (int, error) {
 }
 
 func newH1Transport(dial func(ctx context.Context, network, addr string) (net.Conn, error), next http.RoundTripper, headerTimeout time.Duration) *h1Transport {
-	return &h1Transport{dial: dial, next: next, headerTimeout: headerTimeout, idle: map[string][]*h1Conn{}}
+	return &h1Transport{dial: dial, next: next, headerTimeout: headerTimeout, probeAfter: h1ProbeAfter, idle: map[string][]*h1Conn{}}
 }
 
 func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -245,7 +246,7 @@ func (t *h1Transport) get(ctx context.Context, key string) (*h1Conn, error) {
 		t.idle[key] = l[:len(l)-1]
 		t.mu.Unlock()
 		idle := now.Sub(pc.idle)
-		if idle >= h1IdleTimeout || idle >= h1ProbeAfter && !pc.alive() {
+		if idle >= h1IdleTimeout || idle >= t.probeAfter && !pc.alive() {
 			pc.c.Close()
 			continue
 		}
@@ -349,6 +350,15 @@ func (b *h1Body) Read(p []byte) (int, error) {
 		b.finish(b.reuse)
 	}
 	return n, err
+}
+
+// ended reports whether the body's end was read (net/http's chunked
+// reader reads the end with the last data when it is in the buffer): the
+// next Read returns io.EOF at once.
+func (b *h1Body) ended() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.eof
 }
 
 func (b *h1Body) Close() error {
