@@ -330,3 +330,48 @@ func TestH1Ended(t *testing.T) {
 		c2.Close()
 	}
 }
+
+// FuzzH1Request: whatever header names, values, host and path the request
+// carries, what appendRequest writes is either refused or read back by
+// net/http's server parser as exactly one request, with the headers given
+// (the framing ones aside), its Content-Length and nothing after it.
+func FuzzH1Request(f *testing.F) {
+	f.Add("Mcp-Name", "add", "h:80", "/mcp", "{}")
+	f.Add("Mcp-Name", "x\r\nAuthorization: Bearer y", "h", "/", "")
+	f.Add("Transfer-Encoding", "chunked", "h", "/a?b", "0\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+	f.Add("X", "a\x00b", "h\nX: y", "/ HTTP/1.0\r\n", "{}")
+	f.Fuzz(func(t *testing.T, name, value, host, path, body string) {
+		u, err := url.Parse("http://upstream" + path)
+		if err != nil || u.Host != "upstream" || http.CanonicalHeaderKey(name) == "Mcp-Method" {
+			return // (a second spelling of a key: net/http's maps hold canonical keys)
+		}
+		req := &http.Request{Method: "POST", URL: u, Header: http.Header{name: {value}, "Mcp-Method": {"tools/call"}}}
+		b, err := appendRequest(nil, req, host, int64(len(body)))
+		if err != nil {
+			return
+		}
+		b = append(b, body...)
+		br := bufio.NewReader(bytes.NewReader(b))
+		got, err := http.ReadRequest(br)
+		if err != nil {
+			t.Fatalf("%q: written, not read back: %v", b, err)
+		}
+		gotBody, err := io.ReadAll(got.Body)
+		if err != nil || string(gotBody) != body || br.Buffered() != 0 {
+			t.Fatalf("%q: body %q, %v, %d bytes after it", b, gotBody, err, br.Buffered())
+		}
+		if got.Host != host || got.Method != "POST" || got.RequestURI != u.RequestURI() {
+			t.Fatalf("%q: read as %s %s host %q", b, got.Method, got.RequestURI, got.Host)
+		}
+		if got.Header.Get("Mcp-Method") != "tools/call" {
+			t.Fatalf("%q: Mcp-Method %q", b, got.Header.Get("Mcp-Method"))
+		}
+		switch k := http.CanonicalHeaderKey(name); k {
+		case "Host", "Content-Length", "Transfer-Encoding", "Connection", "User-Agent", "Te", "Trailer", "Upgrade":
+		default:
+			if v := got.Header.Values(k); len(v) != 1 || v[0] != strings.Trim(value, " \t") {
+				t.Fatalf("%q: %s read as %q, want %q", b, k, v, value)
+			}
+		}
+	})
+}
