@@ -30,9 +30,11 @@ type h1Transport struct {
 	next          http.RoundTripper
 	headerTimeout time.Duration // from the request written to the answer's headers
 	probeAfter    time.Duration // h1ProbeAfter (tests: 0)
+	idleTimeout   time.Duration // h1IdleTimeout (tests: shorter)
 
-	mu   sync.Mutex
-	idle map[string][]*h1Conn // host:port -> kept-alive connections, the newest last
+	mu    sync.Mutex
+	idle  map[string][]*h1Conn // host:port -> kept-alive connections, the newest last
+	sweep *time.Timer          // armed while idle holds connections
 }
 
 const (
@@ -78,7 +80,7 @@ func (l *h1Limited) Read(p []byte) (int, error) {
 }
 
 func newH1Transport(dial func(ctx context.Context, network, addr string) (net.Conn, error), next http.RoundTripper, headerTimeout time.Duration) *h1Transport {
-	return &h1Transport{dial: dial, next: next, headerTimeout: headerTimeout, probeAfter: h1ProbeAfter, idle: map[string][]*h1Conn{}}
+	return &h1Transport{dial: dial, next: next, headerTimeout: headerTimeout, probeAfter: h1ProbeAfter, idleTimeout: h1IdleTimeout, idle: map[string][]*h1Conn{}}
 }
 
 func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -246,7 +248,7 @@ func (t *h1Transport) get(ctx context.Context, key string) (*h1Conn, error) {
 		t.idle[key] = l[:len(l)-1]
 		t.mu.Unlock()
 		idle := now.Sub(pc.idle)
-		if idle >= h1IdleTimeout || idle >= t.probeAfter && !pc.alive() {
+		if idle >= t.idleTimeout || idle >= t.probeAfter && !pc.alive() {
 			pc.c.Close()
 			continue
 		}
@@ -294,11 +296,47 @@ func (t *h1Transport) put(pc *h1Conn, reuse bool) {
 	t.mu.Lock()
 	if l := t.idle[pc.key]; len(l) < h1MaxIdlePerHost {
 		t.idle[pc.key] = append(l, pc)
+		if t.sweep == nil {
+			t.sweep = time.AfterFunc(t.idleTimeout, t.sweepIdle)
+		}
 		t.mu.Unlock()
 		return
 	}
 	t.mu.Unlock()
 	pc.c.Close()
+}
+
+// sweepIdle closes the connections idle for idleTimeout (of upstreams no
+// longer called too), every idleTimeout while any are kept.
+func (t *h1Transport) sweepIdle() {
+	now := time.Now()
+	var old []*h1Conn
+	t.mu.Lock()
+	for k, l := range t.idle {
+		keep := l[:0]
+		for _, pc := range l {
+			if now.Sub(pc.idle) >= t.idleTimeout {
+				old = append(old, pc)
+			} else {
+				keep = append(keep, pc)
+			}
+		}
+		clear(l[len(keep):])
+		if len(keep) == 0 {
+			delete(t.idle, k)
+		} else {
+			t.idle[k] = keep
+		}
+	}
+	if len(t.idle) > 0 {
+		t.sweep.Reset(t.idleTimeout)
+	} else {
+		t.sweep = nil
+	}
+	t.mu.Unlock()
+	for _, pc := range old {
+		pc.c.Close()
+	}
 }
 
 // CloseIdleConnections closes the kept-alive connections.

@@ -375,3 +375,35 @@ func FuzzH1Request(f *testing.F) {
 		}
 	})
 }
+
+// Idle connections are closed after idleTimeout, also when no request
+// comes again.
+func TestH1IdleConnectionsClose(t *testing.T) {
+	closed := make(chan struct{})
+	up := rawUpstream(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		_, _ = io.Copy(io.Discard, req.Body)
+		_, _ = c.Write([]byte("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+		_, _ = br.ReadByte() // returns once the gateway's end closes
+		close(closed)
+	})
+	rt := testH1(time.Minute)
+	rt.idleTimeout = 20 * time.Millisecond
+	if _, b := h1Get(t, rt, "POST", up+"/", "{}", nil); b != "ok" {
+		t.Fatal(b)
+	}
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the idle connection was not closed")
+	}
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	if len(rt.idle) != 0 || rt.sweep != nil {
+		t.Fatalf("after the sweep: %d hosts kept, sweep timer %v", len(rt.idle), rt.sweep != nil)
+	}
+}
