@@ -101,19 +101,22 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	ctx := req.Context()
 	pc, err := t.get(ctx, key)
-	if err != nil {
-		return nil, err
+	if err == nil {
+		pc.wbuf, err = appendRequest(pc.wbuf[:0], req, host, bodyLen)
+		if err == nil && bodyLen > 0 {
+			// The body after the headers: one write for the whole request.
+			n := len(pc.wbuf)
+			pc.wbuf = slices.Grow(pc.wbuf, int(bodyLen))[:n+int(bodyLen)]
+			_, err = io.ReadFull(req.Body, pc.wbuf[n:])
+		}
+		if err != nil {
+			t.put(pc, false)
+		}
 	}
-	pc.wbuf, err = appendRequest(pc.wbuf[:0], req, host, bodyLen)
-	if err == nil && bodyLen > 0 {
-		// The body after the headers: one write for the whole request.
-		n := len(pc.wbuf)
-		pc.wbuf = slices.Grow(pc.wbuf, int(bodyLen))[:n+int(bodyLen)]
-		_, err = io.ReadFull(req.Body, pc.wbuf[n:])
-		req.Body.Close()
+	if req.Body != nil {
+		req.Body.Close() // a RoundTripper closes it, on errors too
 	}
 	if err != nil {
-		t.put(pc, false)
 		return nil, err
 	}
 	// The sandbox's request ending (its context) ends the exchange.
@@ -124,24 +127,24 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
+		if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+			err = fmt.Errorf("no answer's headers in %s: %w", t.headerTimeout, context.DeadlineExceeded)
+		}
 		return nil, err
 	}
+	// headerTimeout bounds the write too (an upstream that reads nothing).
+	_ = pc.c.SetDeadline(time.Now().Add(t.headerTimeout))
 	if _, err := pc.c.Write(pc.wbuf); err != nil {
 		return fail(err)
 	}
 	if cap(pc.wbuf) > 64<<10 {
 		pc.wbuf = nil
 	}
-	_ = pc.c.SetReadDeadline(time.Now().Add(t.headerTimeout))
 	pc.lr.limit, pc.lr.left = true, h1MaxHeader
 	var resp *http.Response
 	for {
 		resp, err = http.ReadResponse(pc.br, req)
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() && ctx.Err() == nil {
-				err = fmt.Errorf("timeout awaiting response headers: %w", context.DeadlineExceeded)
-			}
 			return fail(err)
 		}
 		if resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols {
@@ -151,7 +154,7 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		pc.lr.left = h1MaxHeader
 	}
 	pc.lr.limit = false
-	_ = pc.c.SetReadDeadline(time.Time{})
+	_ = pc.c.SetDeadline(time.Time{})
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		return fail(errors.New("the upstream switched protocols"))
 	}

@@ -233,6 +233,14 @@ func TestH1HostileUpstreams(t *testing.T) {
 		t.Fatalf("silent upstream: %v", err)
 	}
 
+	// An upstream that reads nothing: the write is bounded too.
+	deaf := rawUpstream(t, func(c net.Conn) { _, _ = c.Read(make([]byte, 0)); <-t.Context().Done() })
+	rt = testH1(50 * time.Millisecond)
+	req, _ = http.NewRequest("POST", deaf+"/", bytes.NewReader(make([]byte, 64<<20)))
+	if _, err := rt.RoundTrip(req); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("deaf upstream: %v", err)
+	}
+
 	rt = testH1(time.Hour)
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ = http.NewRequestWithContext(ctx, "GET", quiet+"/", nil)
