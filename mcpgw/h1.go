@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -169,7 +170,7 @@ var aLongTimeAgo = time.Unix(1, 0)
 // header names and values that would change the message's framing.
 func appendRequest(b []byte, req *http.Request, host string, bodyLen int64) ([]byte, error) {
 	uri := req.URL.RequestURI()
-	if !validValue(host) || !validValue(uri) || !validToken(req.Method) {
+	if host == "" || strings.ContainsAny(host, " \t") || !validValue(host) || !validValue(uri) || !validToken(req.Method) {
 		return b, errors.New("invalid request line or host")
 	}
 	b = append(b, req.Method...)

@@ -173,7 +173,7 @@ func TestH1RefusesInjection(t *testing.T) {
 			t.Fatalf("%q: sent", h)
 		}
 	}
-	for _, host := range []string{"a\r\nb", "a b\x01"} {
+	for _, host := range []string{"a\r\nb", "a b\x01", "a b", " "} {
 		req, _ := http.NewRequest("GET", up+"/", nil)
 		req.Host = host
 		if resp, err := rt.RoundTrip(req); err == nil {
