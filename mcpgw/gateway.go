@@ -299,7 +299,9 @@ func CheckURL(raw string, deny []netip.Prefix) error {
 	return nil
 }
 
-func (g *Gateway) transport() *http.Transport {
+// transport reaches upstreams: plain http:// through h1Transport, the rest
+// (https) through net/http's Transport; both dial through the guard.
+func (g *Gateway) transport() http.RoundTripper {
 	d := &net.Dialer{Timeout: 10 * time.Second, Control: func(_, address string, _ syscall.RawConn) error {
 		ap, err := netip.ParseAddrPort(address)
 		if err != nil {
@@ -307,11 +309,12 @@ func (g *Gateway) transport() *http.Transport {
 		}
 		return g.checkDial(ap)
 	}}
-	return &http.Transport{
+	std := &http.Transport{
 		Proxy: nil, DialContext: d.DialContext, ForceAttemptHTTP2: true,
 		MaxIdleConns: 256, MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second,
 		TLSHandshakeTimeout: 10 * time.Second, ResponseHeaderTimeout: g.cfg.Timeout,
 	}
+	return newH1Transport(d.DialContext, std, g.cfg.Timeout)
 }
 
 var errForbiddenAddr = errors.New("forbidden upstream address")
@@ -833,8 +836,12 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 						if c.requests > 0 && len(c.pending) == 0 {
 							// Held: the timer, once armed, is not pushed
 							// back by later events (no event waits longer).
+							// Not armed when the upstream's stream has
+							// ended already (its end came with the
+							// event): the next read returns at once.
 							switch {
 							case holding:
+							case br.Buffered() == 0 && bodyEnded(body):
 							case hold == nil:
 								hold = time.AfterFunc(g.hold, func() {
 									mu.Lock()
@@ -888,6 +895,13 @@ func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) e
 			return nil
 		}
 	}
+}
+
+// bodyEnded reports whether body (h1Transport's) has ended: the next read
+// returns io.EOF without waiting for the upstream.
+func bodyEnded(body io.Reader) bool {
+	e, ok := body.(interface{ ended() bool })
+	return ok && e.ended()
 }
 
 // sseHold bounds how long an event after the POST's last answer waits for

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -450,5 +451,60 @@ func TestSealer(t *testing.T) {
 	}
 	if _, err := s2.Open("org1/other", sealed); err == nil {
 		t.Fatal("a credential opened for another server")
+	}
+}
+
+// A verified token is cached (Verify runs once per token), but nothing
+// else is: the sandbox's end (the caller check, every request), a changed
+// allowlist or label rule (the Upstream, every request) and Forget take
+// effect on the next request with the same cached token.
+func TestVerifiedTokenCacheKeepsRevocation(t *testing.T) {
+	f := newFixture(t, "Authorization")
+	var verifies atomic.Int32
+	verify := f.gw.cfg.Verify
+	f.gw.cfg.Verify = func(ctx context.Context, token, aud string) (Claims, error) {
+		verifies.Add(1)
+		cl, err := verify(ctx, token, aud)
+		cl.Expiry = time.Now().Add(time.Hour)
+		return cl, err
+	}
+	var ended atomic.Bool
+	caller := f.gw.cfg.Caller
+	f.gw.cfg.Caller = func(r *http.Request) (Caller, bool) {
+		c, ok := caller(r)
+		return c, ok && !ended.Load()
+	}
+	aud := "http://169.254.169.254/mcp/tools"
+	ping := `{"jsonrpc":"2.0","id":2,"method":"ping"}`
+	call := `{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}`
+	for range 3 {
+		if status, _, body := f.post(t, "sb-a", tok("sb-a", aud), ping, nil); status != 200 {
+			t.Fatalf("ping: %d %s", status, body)
+		}
+	}
+	if n := verifies.Load(); n != 1 {
+		t.Fatalf("Verify ran %d times for one token, want 1 (cached)", n)
+	}
+	// The allowlist changes: the next call is refused.
+	f.servers["tools"].Tools = []string{"whoami"}
+	if _, _, body := f.post(t, "sb-a", tok("sb-a", aud), call, nil); !strings.Contains(body, "-32001") {
+		t.Fatalf("tools/call after its tool left the allowlist: %s", body)
+	}
+	// A label rule: refused.
+	f.servers["tools"].Labels = map[string]string{"team": "other"}
+	if status, _, _ := f.post(t, "sb-a", tok("sb-a", aud), ping, nil); status != http.StatusForbidden {
+		t.Fatalf("after a label rule the sandbox lacks: %d", status)
+	}
+	f.servers["tools"].Labels = nil
+	// The sandbox ends: refused, cached token or not.
+	ended.Store(true)
+	if status, _, _ := f.post(t, "sb-a", tok("sb-a", aud), ping, nil); status != http.StatusForbidden {
+		t.Fatalf("ended sandbox with a cached token: %d", status)
+	}
+	ended.Store(false)
+	// Forget drops its tokens: verified again.
+	f.gw.Forget("sb-a")
+	if status, _, body := f.post(t, "sb-a", tok("sb-a", aud), ping, nil); status != 200 || verifies.Load() != 2 {
+		t.Fatalf("after Forget: %d %s, %d verifications, want 2", status, body, verifies.Load())
 	}
 }
