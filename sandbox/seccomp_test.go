@@ -232,3 +232,28 @@ func seccompData(nr, arch uint32, args [6]uint64) []byte {
 	}
 	return in
 }
+
+// BenchmarkSeccompCompile: compiling the sandbox profile (once per distinct
+// profile in chalkd) and a cache hit (every start: the profile's JSON as
+// the key).
+func BenchmarkSeccompCompile(b *testing.B) {
+	spec, err := GenerateSpec(WithProcess([]string{"/x"}, nil, "", ""), WithSeccomp())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("compile", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := seccompbpf.Compile(spec.Linux.Seccomp); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("cached", func(b *testing.B) {
+		var c seccompCache
+		for b.Loop() {
+			if _, err := c.get(spec.Linux.Seccomp); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}

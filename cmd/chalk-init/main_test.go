@@ -678,7 +678,7 @@ func TestInstallSeccompArgs(t *testing.T) {
 		{"--seccomp-fd"},
 		{"--seccomp-fd", "x"},
 		{"--seccomp-fd=2"},
-		{"-seccomp-fd", "1000"},             // not open
+		{"-seccomp-fd", "1000"},              // not open
 		{"--seccomp-fd", fmt.Sprint(r.Fd())}, // empty
 	} {
 		if err := installSeccomp(args); err == nil {
