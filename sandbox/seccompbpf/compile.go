@@ -15,7 +15,7 @@
 //   - returns ENOSYS for a number greater than the largest the profile names
 //     (runc's patchbpf stub, so that libc falls back from a call newer than
 //     the profile, e.g. clone3 -> clone, instead of failing with the default
-//     errno);
+//     errno), unless the default action allows (as runc);
 //   - otherwise applies the profile: a call's rules are OR'ed, a rule's
 //     conditions AND'ed, each condition compares the full 64-bit argument
 //     (both 32-bit halves), and a call no rule matches gets the default
@@ -142,7 +142,8 @@ func compile(p *specs.LinuxSeccomp, arch specs.Arch, auditArch uint32, table map
 	a.jeq(auditArch, "", "kill")
 	a.ld(offNr)
 	a.jset(x32SyscallBit, "x32", "")
-	if maxNr > 0 {
+	// runc adds its ENOSYS stub only under a default action that refuses.
+	if maxNr > 0 && def != retAllow && def != retLog {
 		a.jgt(maxNr, "enosys", "")
 	}
 	a.jmp("dispatch")

@@ -197,6 +197,34 @@ func TestCompileOps(t *testing.T) {
 	}
 }
 
+// TestCompileAllowDefault: under a default action that allows, runc adds
+// no ENOSYS stub: a number above the largest named is allowed.
+func TestCompileAllowDefault(t *testing.T) {
+	p := &specs.LinuxSeccomp{
+		DefaultAction: specs.ActAllow, Architectures: []specs.Arch{specs.ArchX86_64},
+		Syscalls: []specs.LinuxSyscall{{Names: []string{"mount"}, Action: specs.ActErrno}},
+	}
+	prog, err := compile(p, specs.ArchX86_64, x86, testTable)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := newVM(t, prog)
+	for _, tc := range []struct {
+		c    call
+		want uint32
+	}{
+		{call{nr: 165, arch: x86}, retErrno | uint32(unix.EPERM)},
+		{call{nr: 0, arch: x86}, retAllow},
+		{call{nr: 435, arch: x86}, retAllow},
+		{call{nr: 0x4000_0000, arch: x86}, retKillThread},
+		{call{nr: 0, arch: unix.AUDIT_ARCH_I386}, retKillThread},
+	} {
+		if got := v.run(t, tc.c); got != tc.want {
+			t.Errorf("%+v: got %#x, want %#x", tc.c, got, tc.want)
+		}
+	}
+}
+
 func TestCompileStructure(t *testing.T) {
 	p := &specs.LinuxSeccomp{
 		DefaultAction: specs.ActErrno, Architectures: []specs.Arch{specs.ArchX86_64},
