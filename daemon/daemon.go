@@ -164,6 +164,10 @@ type Config struct {
 	// path (default: the name, from PATH).
 	Runtime       string
 	RuntimeBinary string
+	// SeccompLoader is who loads a runc sandbox's seccomp filter:
+	// sandbox.SeccompInit (default: compiled once by chalkd, loaded by
+	// chalk-init) or sandbox.SeccompRunc (runc and libseccomp on every start).
+	SeccompLoader string
 	// Prestart is how many sandboxes are kept pre-started for each of the
 	// recently used images (node/pool.go); 0 turns that off (`image warm
 	// --sandboxes N` still pre-starts). PrestartSlots is the network slot

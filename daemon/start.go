@@ -144,7 +144,7 @@ func (d *Daemon) startRuntime(context.Context) (err error) {
 		StateDir: filepath.Join(cfg.DataDir, "sandboxes"), LogDir: filepath.Join(cfg.DataDir, "logs"),
 		RuncRoot: filepath.Join(cfg.RunDir, "runc"), InitBinary: cfg.InitBinary, ChalkBinary: cfg.ChalkBinary,
 		CgroupParent: cfg.CgroupParent, Logger: cfg.Logger, Runtime: cfg.Runtime, RuncBinary: cfg.RuntimeBinary,
-		LogMaxBytes: cfg.Limits.LogMaxBytes,
+		LogMaxBytes: cfg.Limits.LogMaxBytes, Seccomp: cfg.SeccompLoader,
 	}); err != nil {
 		return err
 	}

@@ -77,7 +77,14 @@ type Config struct {
 	// most twice this is kept per sandbox. On runsc (no extra fds) init
 	// empties the log at the cap instead: at most this, no .1.
 	LogMaxBytes int64
-	Logger      *slog.Logger
+	// Seccomp is who loads the sandbox's seccomp filter with the runc
+	// runtime: SeccompInit (default) compiles the profile once per distinct
+	// profile in chalkd (package seccompbpf) and chalk-init loads it first
+	// thing; SeccompRunc leaves the profile in the spec for runc and
+	// libseccomp to compile on every start. runsc always keeps it in the
+	// spec (gVisor's Sentry implements it). See seccomp.go.
+	Seccomp string
+	Logger  *slog.Logger
 }
 
 // DefaultLogMaxBytes is Config.LogMaxBytes's default.
@@ -94,6 +101,8 @@ type Runtime struct {
 	// longer in the sandbox's cgroup, and destroy must still reap them.
 	helpersMu sync.Mutex
 	helpers   map[string][]int
+
+	seccomp seccompCache
 }
 
 // noteHelpers records sandbox id's helper children (see helpers).
@@ -145,6 +154,13 @@ func New(cfg Config) (*Runtime, error) {
 	}
 	if cfg.RuncBinary == "" {
 		cfg.RuncBinary = cfg.Runtime
+	}
+	switch cfg.Seccomp {
+	case "":
+		cfg.Seccomp = SeccompInit
+	case SeccompInit, SeccompRunc:
+	default:
+		return nil, fmt.Errorf("sandbox runtime: seccomp loader %q: want %q or %q: %w", cfg.Seccomp, SeccompInit, SeccompRunc, errdefs.ErrInvalidArgument)
 	}
 	if cfg.CgroupParent == "" {
 		cfg.CgroupParent = "/chalk"
@@ -390,6 +406,14 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 		}
 		args = append(args, "--workload-tasks-fd", strconv.Itoa(fd))
 	}
+	// The compiled seccomp filter (seccomp.go) is init's next fd.
+	seccompFD := 3
+	if prevLog {
+		seccompFD++
+	}
+	if tasks != nil {
+		seccompFD++
+	}
 	if user != "" {
 		args = append(args, "--user", user)
 	}
@@ -426,6 +450,13 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 		return 0, fmt.Errorf("sandbox %q spec: %v: %w", sp.ID, err, errdefs.ErrInvalidArgument)
 	}
 	spec.Root.Path = rootfs
+	filter, err := r.takeSeccomp(spec, seccompFD)
+	if err != nil {
+		return 0, fmt.Errorf("sandbox %q: %w", sp.ID, err)
+	}
+	if filter != nil {
+		defer filter.Close()
+	}
 	cfgJSON, err := json.Marshal(spec)
 	if err != nil {
 		return 0, err
@@ -450,6 +481,9 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	}
 	if tasks != nil {
 		extra = append(extra, tasks)
+	}
+	if filter != nil {
+		extra = append(extra, filter)
 	}
 	pidFile := filepath.Join(dir, initPidFile)
 	// Watch for init's socket before init can make it: readiness is then an
@@ -494,6 +528,14 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 			return pid, nil
 		}
 		return 0, err
+	}
+	if filter != nil {
+		// The host's check that the boundary holds: init loads the
+		// filter before it serves, so a served init without one is a
+		// broken init and its sandbox is never used.
+		if err := checkFiltered(pid); err != nil {
+			return 0, fmt.Errorf("sandbox %q: %w", sp.ID, err)
+		}
 	}
 	return pid, nil
 }

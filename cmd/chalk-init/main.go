@@ -28,6 +28,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -38,6 +39,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -47,10 +49,70 @@ import (
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/procapi"
+	"github.com/chalkcompute/chalkcompute/sandbox/seccompbpf"
 )
 
 func main() {
+	// First of all, before init reads anything or starts anything.
+	if err := installSeccomp(os.Args[1:]); err != nil {
+		fmt.Fprintf(os.Stderr, "chalk-init: seccomp: %v\n", err)
+		os.Exit(1)
+	}
 	os.Exit(run(os.Args[1:]))
+}
+
+// installSeccomp loads the seccomp filter chalkd compiled (sandbox/seccompbpf)
+// from the fd named by --seccomp-fd, if any, into every thread of init
+// (TSYNC: the Go runtime's threads exist already), then closes the fd. Every
+// process init starts inherits the filter. It runs before the flags are
+// parsed (so it only scans for its own) and before anything is read from the
+// sandbox: what ran before it is the Go runtime's start and this package's
+// own code. An error is fatal: init exits (fail closed), and chalkd in any
+// case refuses a sandbox whose init is not filtered.
+func installSeccomp(args []string) error {
+	fd := -1
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			break
+		}
+		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") || name != "seccomp-fd" {
+			continue
+		}
+		if !hasVal {
+			if i+1 >= len(args) {
+				return errors.New("--seccomp-fd without a value")
+			}
+			i++
+			val = args[i]
+		}
+		n, err := strconv.Atoi(val)
+		if err != nil || n <= 2 {
+			return fmt.Errorf("--seccomp-fd %q", val)
+		}
+		fd = n
+	}
+	if fd < 0 || skipSeccomp {
+		return nil
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("fd %d: %w", fd, err)
+	}
+	if st.Size <= 0 || st.Size > 8*unix.BPF_MAXINSNS {
+		return fmt.Errorf("fd %d: %d bytes", fd, st.Size)
+	}
+	b := make([]byte, st.Size)
+	if n, err := unix.Pread(fd, b, 0); err != nil || n != len(b) {
+		return fmt.Errorf("read fd %d: %d bytes, %v", fd, n, err)
+	}
+	unix.Close(fd)
+	prog, err := seccompbpf.Decode(b)
+	if err != nil {
+		return err
+	}
+	return seccompbpf.Install(prog)
 }
 
 // run is chalk-init; it returns the exit code.
@@ -61,6 +123,7 @@ func run(args []string) int {
 	grace := fl.Duration("grace", 10*time.Second, "how long to wait for processes to end after a termination signal")
 	logMax := fl.Int64("log-max", 0, "cap the console log (stdout, a regular file) at this many bytes, rotating into --log-prev-fd; the entrypoint's output then goes through init (0: no cap)")
 	logPrev := fl.Int("log-prev-fd", 0, "fd of the console log's previous part (with --log-max)")
+	fl.Int("seccomp-fd", 0, "fd of the compiled seccomp filter to load before anything else (read by main; see installSeccomp)")
 	workTasks := fl.Int("workload-tasks-fd", 0, "fd of the `tasks` file (cgroup v1, open for writing) of the cgroup every process init starts begins in; without it init reserves threads instead")
 	if err := fl.Parse(args); err != nil {
 		return 2

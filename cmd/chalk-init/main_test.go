@@ -656,3 +656,33 @@ func killCgroup(dir string, init int) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestInstallSeccompArgs: --seccomp-fd is found among init's flags (not in
+// the entrypoint's), and a filter that cannot be read is an error (main then
+// exits non-zero: fail closed). Loading one is TestSeccompMatchesRunc's and
+// the daemon e2e tests' (it would filter this test process).
+func TestInstallSeccompArgs(t *testing.T) {
+	if err := installSeccomp([]string{"--socket", "/x", "--", "sh", "--seccomp-fd", "9"}); err != nil {
+		t.Errorf("--seccomp-fd after --: %v", err)
+	}
+	if err := installSeccomp(nil); err != nil {
+		t.Errorf("no flag: %v", err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	for _, args := range [][]string{
+		{"--seccomp-fd"},
+		{"--seccomp-fd", "x"},
+		{"--seccomp-fd=2"},
+		{"-seccomp-fd", "1000"},              // not open
+		{"--seccomp-fd", fmt.Sprint(r.Fd())}, // empty
+	} {
+		if err := installSeccomp(args); err == nil {
+			t.Errorf("%q: no error", args)
+		}
+	}
+}

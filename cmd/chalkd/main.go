@@ -280,6 +280,7 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 	fs.IntVar(&cfg.Ingress.Limits.MaxPerRoute, "ingress-max-per-route", 256, "requests and WebSockets in flight per exposed port; more are answered 503")
 	fs.IntVar(&cfg.Ingress.Limits.MaxConnsPerClient, "ingress-max-conns-per-client", 64, "open ingress connections per client address; more are closed at accept")
 	fs.BoolVar(&cfg.Ingress.SelfSigned, "ingress-tls-self-signed", false, "serve the ingress over HTTPS with a self-signed certificate made at first start (DATA_DIR/ingress-tls/)")
+	fs.StringVar(&cfg.SeccompLoader, "seccomp-loader", "init", "who loads a runc sandbox's seccomp filter: init (compiled once by chalkd, loaded by chalk-init before anything else; chalkd refuses a sandbox whose init is not filtered) or runc (runc compiles the profile with libseccomp on every start)")
 	fs.StringVar(&cfg.Runtime, "runtime", "runc", "OCI runtime of sandboxes: runc, or runsc (gVisor: a user-space kernel between sandboxes and the host; implies --userns=false)")
 	fs.DurationVar(&cfg.MCPAuditRetention, "mcp-audit-retention", daemon.DefaultMCPAuditRetention, "how long MCP gateway audit records are kept")
 	fs.StringVar(&cfg.RuntimeBinary, "runtime-binary", "", "path of the runtime binary (default: --runtime's name from PATH)")
