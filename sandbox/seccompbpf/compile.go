@@ -70,7 +70,7 @@ func Compile(p *specs.LinuxSeccomp) (Program, error) {
 	if runtime.GOARCH != "amd64" {
 		return nil, fmt.Errorf("%w: architecture %s", ErrUnsupported, runtime.GOARCH)
 	}
-	return compile(p, specs.ArchX86_64, unix.AUDIT_ARCH_X86_64, sysnumAMD64)
+	return compile(p, specs.ArchX86_64, unix.AUDIT_ARCH_X86_64, sysnumAMD64())
 }
 
 type rule struct {
@@ -103,7 +103,7 @@ func compile(p *specs.LinuxSeccomp, arch specs.Arch, auditArch uint32, table map
 			if a.Index > 5 {
 				return nil, fmt.Errorf("syscalls %v: argument index %d", sc.Names, a.Index)
 			}
-			if _, ok := cmpOps[a.Op]; !ok {
+			if !cmpOp(a.Op) {
 				return nil, fmt.Errorf("%w: syscalls %v: operator %q", ErrUnsupported, sc.Names, a.Op)
 			}
 		}
@@ -219,9 +219,16 @@ func action(act specs.LinuxSeccompAction, errnoRet *uint) (uint32, error) {
 	return 0, fmt.Errorf("%w: action %q", ErrUnsupported, act)
 }
 
-var cmpOps = map[specs.LinuxSeccompOperator]bool{
-	specs.OpNotEqual: true, specs.OpLessThan: true, specs.OpLessEqual: true, specs.OpEqualTo: true,
-	specs.OpGreaterEqual: true, specs.OpGreaterThan: true, specs.OpMaskedEqual: true,
+// cmpOp says whether op is one the compiler reproduces (a switch, not a
+// package-level map: chalk-init links this package and allocates nothing
+// for it at start).
+func cmpOp(op specs.LinuxSeccompOperator) bool {
+	switch op {
+	case specs.OpNotEqual, specs.OpLessThan, specs.OpLessEqual, specs.OpEqualTo,
+		specs.OpGreaterEqual, specs.OpGreaterThan, specs.OpMaskedEqual:
+		return true
+	}
+	return false
 }
 
 // Encode is the program as struct sock_filter array, in host byte order:

@@ -46,9 +46,12 @@ out = [
     "",
     "package seccompbpf",
     "",
-    "var sysnumAMD64 = map[string]uint32{",
+    "// sysnumAMD64 is built when called, not at package init: chalk-init links",
+    "// this package and must not hold the table in every sandbox's memory.",
+    "func sysnumAMD64() map[string]uint32 {",
+    "\treturn map[string]uint32{",
 ]
-out += [f'\t"{n}": {nr},' for n, nr in kept]
-out.append("}")
+out += [f'\t\t"{n}": {nr},' for n, nr in kept]
+out += ["\t}", "}"]
 open("sandbox/seccompbpf/zsysnum_amd64.go", "w").write("\n".join(out) + "\n")
 subprocess.check_call(["gofmt", "-w", "sandbox/seccompbpf/zsysnum_amd64.go"])
