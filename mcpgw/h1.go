@@ -170,7 +170,10 @@ var aLongTimeAgo = time.Unix(1, 0)
 // header names and values that would change the message's framing.
 func appendRequest(b []byte, req *http.Request, host string, bodyLen int64) ([]byte, error) {
 	uri := req.URL.RequestURI()
-	if host == "" || strings.ContainsAny(host, " \t") || !validValue(host) || !validValue(uri) || !validToken(req.Method) {
+	// The request line is split at spaces: a space or tab in the target
+	// (a raw query such as "? HTTP/1.0") would give the upstream another
+	// request line than the one checked here.
+	if host == "" || strings.ContainsAny(host, " \t") || strings.ContainsAny(uri, " \t") || !validValue(host) || !validValue(uri) || !validToken(req.Method) {
 		return b, errors.New("invalid request line or host")
 	}
 	b = append(b, req.Method...)

@@ -181,6 +181,16 @@ func TestH1RefusesInjection(t *testing.T) {
 			t.Fatalf("host %q: sent", host)
 		}
 	}
+	// A space or tab in the request target would split the request line
+	// (found by FuzzH1Request: a raw query of " ").
+	for _, q := range []string{" ", "a HTTP/1.0", "a\tb"} {
+		u := mustURL(t, up+"/")
+		u.RawQuery = q
+		if resp, err := rt.RoundTrip(&http.Request{Method: "POST", URL: u, Header: http.Header{}, Body: io.NopCloser(strings.NewReader("{}")), ContentLength: 2}); err == nil {
+			resp.Body.Close()
+			t.Fatalf("query %q: sent", q)
+		}
+	}
 	// Tabs and visible characters pass.
 	b, err := appendRequest(nil, &http.Request{Method: "POST", URL: mustURL(t, up+"/p?q=1"), Header: http.Header{"Mcp-Name": {"a\tb ü"}, "Transfer-Encoding": {"chunked"}, "Content-Length": {"9"}}}, "h", 2)
 	if err != nil {
