@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -51,11 +52,17 @@ func TestLostReadopted(t *testing.T) {
 	// loseAndReturn makes a silent past the timeout, records its
 	// sandboxes lost as the API does (end, then teardown through the
 	// router), and has it heartbeat again at clock.
-	clock := time.Now()
+	// The clock is read by the router's and the fleet's goroutines (a
+	// dial's certificate check among them): atomic, and the functions
+	// reading it are set once.
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	now := func() time.Time { return time.Unix(0, clock.Load()) }
+	r.now = now
+	c.fleet.Now = now
 	loseAndReturn := func(ids ...string) {
 		t.Helper()
-		clock = clock.Add(2 * DefaultHeartbeatTimeout)
-		r.now = func() time.Time { return clock }
+		clock.Add(int64(2 * DefaultHeartbeatTimeout))
 		if err := r.Refresh(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -75,7 +82,6 @@ func TestLostReadopted(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		c.fleet.Now = func() time.Time { return clock }
 		a.heartbeat(t, c)
 		if err := r.Refresh(ctx); err != nil {
 			t.Fatal(err)
@@ -153,12 +159,16 @@ func TestReconcileDoesNotHoldRefresh(t *testing.T) {
 	a.fake.mu.Lock()
 	a.fake.restoreHold = hold
 	a.fake.mu.Unlock()
-	clock := time.Now().Add(2 * DefaultHeartbeatTimeout)
-	r.now = func() time.Time { return clock }
+	// Read by the router's and the fleet's goroutines (a dial's
+	// certificate check among them): atomic, the functions set once.
+	var clock atomic.Int64
+	clock.Store(time.Now().Add(2 * DefaultHeartbeatTimeout).UnixNano())
+	now := func() time.Time { return time.Unix(0, clock.Load()) }
+	r.now = now
+	c.fleet.Now = now
 	if err := r.Refresh(ctx); err != nil { // both silent: unhealthy
 		t.Fatal(err)
 	}
-	c.fleet.Now = func() time.Time { return clock }
 	a.heartbeat(t, c)
 	b.heartbeat(t, c)
 	if err := r.Refresh(ctx); err != nil { // both back: a's reconcile sticks in Restore
@@ -179,8 +189,7 @@ func TestReconcileDoesNotHoldRefresh(t *testing.T) {
 		t.Fatalf("a restored %d times, want 1 (held)", restores())
 	}
 	// b goes silent; a answers heartbeats but its Restore still hangs.
-	clock = clock.Add(2 * DefaultHeartbeatTimeout)
-	c.fleet.Now = func() time.Time { return clock }
+	clock.Add(int64(2 * DefaultHeartbeatTimeout))
 	a.heartbeat(t, c)
 	if err := r.Refresh(ctx); err != nil {
 		t.Fatal(err)
