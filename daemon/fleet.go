@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	goruntime "runtime"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -297,12 +298,18 @@ type NodeOptions struct {
 
 // NodeDaemon is a running `chalkd node`.
 type NodeDaemon struct {
-	d      *Daemon
-	ID     string
-	srv    *http.Server
-	addr   string
-	cancel context.CancelFunc
+	d       *Daemon
+	ID      string
+	srv     *http.Server
+	addr    string
+	cancel  context.CancelFunc
+	removed chan struct{} // closed once the node wiped itself after its removal
 }
+
+// Removed is closed when the control plane refused this node as removed
+// from the fleet and the node has destroyed every sandbox it ran and
+// stopped serving its API (MainNode then exits with an error).
+func (n *NodeDaemon) Removed() <-chan struct{} { return n.removed }
 
 // Addr is the node API's address.
 func (n *NodeDaemon) Addr() string { return n.addr }
@@ -412,6 +419,16 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 			}
 		}
 		if err != nil {
+			// Refused (not unreachable): if the control plane says this
+			// node was removed from the fleet (a partitioned or stopped
+			// node removed meanwhile), what it still runs goes now.
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			_, herr := fc.Heartbeat(cctx, connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: id.ID, NodeUrl: opts.Advertise, Capacity: capacity()}))
+			cancel()
+			if noderpc.RemovedFromFleet(herr, id.ID) {
+				d.removedFromFleet(ctx, id.ID, herr)
+				return fmt.Errorf("this node was removed from the fleet (every sandbox it ran was destroyed): %w", herr)
+			}
 			return err
 		}
 		if d.Cache, err = nodecache.New(nodecache.Config{
@@ -440,7 +457,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 			return nil, fmt.Errorf("%s: %w", step.name, err)
 		}
 	}
-	n := &NodeDaemon{d: d, ID: id.ID, cancel: d.cancel}
+	n := &NodeDaemon{d: d, ID: id.ID, cancel: d.cancel, removed: make(chan struct{})}
 	relay, err := noderpc.NewRelayClientOver(id, controls, noderpc.CurrentReplica(fc), d.log.With("component", "metadata"))
 	if err != nil {
 		return nil, err
@@ -470,7 +487,11 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 			d.log.Error("node API", "err", err)
 		}
 	}()
-	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, newBootID(), capacity)
+	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, newBootID(), capacity, func(err error) {
+		n.srv.Close() // this node serves nothing more
+		d.removedFromFleet(ctx, id.ID, err)
+		close(n.removed)
+	})
 	every, due := renewSchedule(d.log)
 	go noderpc.RenewLoop(ctx, d.log, id, fc, every, due) // its certificate, before it expires
 	go func() { _ = d.startBackground(ctx) }()
@@ -479,10 +500,14 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 }
 
 // heartbeatLoop tells the control plane every HeartbeatInterval that this
-// node lives, where it serves and what it offers.
+// node lives, where it serves and what it offers. When the control plane
+// refuses a heartbeat because this node was removed from the fleet
+// (noderpc.RemovedFromFleet: `chalk admin node rm`, also one made while
+// the node was cut off), removed runs and the loop ends; any other failure
+// is retried.
 func heartbeatLoop(ctx context.Context, log *slog.Logger, fc interface {
 	Heartbeat(context.Context, *connect.Request[nodev1.HeartbeatRequest]) (*connect.Response[nodev1.HeartbeatResponse], error)
-}, id, advertise, bootID string, capacity func() *nodev1.Capacity) {
+}, id, advertise, bootID string, capacity func() *nodev1.Capacity, removed func(error)) {
 	t := time.NewTicker(noderpc.HeartbeatInterval)
 	defer t.Stop()
 	failing := false
@@ -490,6 +515,11 @@ func heartbeatLoop(ctx context.Context, log *slog.Logger, fc interface {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		_, err := fc.Heartbeat(cctx, connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: id, NodeUrl: advertise, Capacity: capacity(), BootId: bootID}))
 		cancel()
+		if noderpc.RemovedFromFleet(err, id) {
+			log.Warn("fleet: heartbeat failed", "err", err)
+			removed(err)
+			return
+		}
 		switch {
 		case err != nil && !failing && ctx.Err() == nil:
 			log.Warn("fleet: heartbeat failed", "err", err)
@@ -515,6 +545,60 @@ func MainNode(ctx context.Context, cfg Config, opts NodeOptions) error {
 	if err != nil {
 		return err
 	}
-	<-ctx.Done()
-	return n.Close()
+	select {
+	case <-ctx.Done():
+		return n.Close()
+	case <-n.Removed():
+		_ = n.Close()
+		return fmt.Errorf("chalkd node: node %s was removed from the fleet: its sandboxes were destroyed; to bring this machine back, delete DATA_DIR/fleet-node and join with a new token: %w", n.ID, errdefs.ErrPermissionDenied)
+	}
+}
+
+// removedFromFleet destroys every sandbox this node machine runs (its
+// pre-started ones too) after the control plane refused the node as
+// removed: their records ended as lost there, nobody can reach them any
+// more, and the node's certificate is good for nothing (the node gets no
+// token, image or relay for them). Best effort, bounded; what fails is
+// logged (and left to whoever wipes the machine).
+func (d *Daemon) removedFromFleet(ctx context.Context, id string, why error) {
+	d.log.Error("fleet: this node was removed from the fleet: destroying every sandbox it runs and stopping", "node", id, "why", why)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+	defer cancel()
+	if d.Agent != nil {
+		d.Agent.ClosePool() // pre-starts nothing more, destroys its unclaimed members
+		_ = d.Agent.WaitTeardowns(ctx)
+	}
+	var destroyed []string
+	var errs []error
+	if d.Runtime != nil {
+		ids, err := d.Runtime.List(ctx)
+		errs = append(errs, err)
+		for _, sb := range ids {
+			var err error
+			if d.Agent != nil {
+				slot, _ := d.Agent.Slots().Of(sb)
+				err = d.Agent.Destroy(ctx, sb, slot)
+			} else {
+				err = errors.Join(d.Runtime.Destroy(ctx, sb), d.Net.Teardown(ctx, sb, 0))
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("sandbox %s: %w", sb, err))
+				continue
+			}
+			destroyed = append(destroyed, sb)
+		}
+	}
+	if d.Net != nil {
+		left, err := d.Net.Leftovers(ctx, nil)
+		errs = append(errs, err)
+		for _, l := range left {
+			if kind, sb, _ := strings.Cut(l, ":"); kind == "netns" && sb != "" {
+				errs = append(errs, d.Net.Teardown(ctx, sb, 0))
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		d.log.Warn("fleet: removed node: not everything was destroyed", "node", id, "err", err)
+	}
+	d.log.Warn("fleet: removed node: sandboxes destroyed", "node", id, "count", len(destroyed), "sandboxes", destroyed)
 }

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"time"
 
+	"connectrpc.com/connect"
+
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/store"
 )
@@ -35,6 +37,32 @@ import (
 // still had to run when it was renewed.
 const DefaultCertGrace = 5 * time.Minute
 
+// ErrNodeRemoved is in the refusal of a removed (revoked) node's
+// certificate. The fleet service sends it to the node as RemovedHeader on
+// the refusal (Fleet.Handler), so that the node, and only it, learns that
+// it was removed and destroys what it runs (RemovedFromFleet).
+var ErrNodeRemoved = errors.New("removed from the fleet")
+
+// removedError is a refusal that is ErrNodeRemoved (its text unchanged).
+type removedError struct{ error }
+
+func (e removedError) Unwrap() error        { return e.error }
+func (e removedError) Is(target error) bool { return target == ErrNodeRemoved }
+
+// RemovedHeader is the response header of a fleet call refused because
+// the calling node was removed: the node's id.
+const RemovedHeader = "Chalk-Node-Removed"
+
+// RemovedFromFleet reports whether err is the control plane's refusal of
+// node id as removed from the fleet (a permission_denied answer of the
+// fleet service carrying RemovedHeader with id). Any other failure (the
+// control plane unreachable, a store error there, answered unavailable) is
+// not: a node never destroys its sandboxes on a guess.
+func RemovedFromFleet(err error, id string) bool {
+	var ce *connect.Error
+	return errors.As(err, &ce) && ce.Code() == connect.CodePermissionDenied && id != "" && ce.Meta().Get(RemovedHeader) == id
+}
+
 // errSuperseded ends a request admitted with a certificate accepted no more.
 var errSuperseded = errors.New("the node certificate this request came with was superseded by a renewal")
 
@@ -61,7 +89,7 @@ func checkNodeCert(ctx context.Context, st *store.Store, id, serial string, now 
 	case err != nil:
 		return c, fmt.Errorf("node %s: the certificate check failed (%v): %w", id, err, errdefs.ErrUnavailable)
 	case c.Revoked:
-		return c, fmt.Errorf("node %s was removed from the fleet and its certificate revoked: to bring this machine back, delete DATA_DIR/fleet-node on it and join with a new token: %w", id, errdefs.ErrPermissionDenied)
+		return c, removedError{fmt.Errorf("node %s was removed from the fleet and its certificate revoked: to bring this machine back, delete DATA_DIR/fleet-node on it and join with a new token: %w", id, errdefs.ErrPermissionDenied)}
 	case !c.Member:
 		return c, fmt.Errorf("node %s is not a member of this fleet: %w", id, errdefs.ErrPermissionDenied)
 	case !c.Accepts(serial, now):

@@ -13,6 +13,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -132,7 +133,15 @@ func (f *Fleet) Handler() (string, http.Handler) {
 			if leaf := r.TLS.VerifiedChains[0][0]; NodeIDOf(leaf) != "" {
 				actx, cancel, err := f.AdmitCert(ctx, leaf)
 				if err != nil {
-					_ = connect.NewErrorWriter().Write(w, r, errconnect.ToConnect(err))
+					cerr := errconnect.ToConnect(err)
+					var ce *connect.Error
+					if errors.Is(err, ErrNodeRemoved) && errors.As(cerr, &ce) {
+						// Only the holder of this node's key reads it: the
+						// node destroys its sandboxes and stops (daemon's
+						// heartbeat loop).
+						ce.Meta().Set(RemovedHeader, NodeIDOf(leaf))
+					}
+					_ = connect.NewErrorWriter().Write(w, r, cerr)
 					return
 				}
 				defer cancel()

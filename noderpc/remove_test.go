@@ -164,3 +164,50 @@ func TestNodeRemove(t *testing.T) {
 		t.Fatalf("heartbeat of the rejoined node: %v", err)
 	}
 }
+
+// TestRemovedFromFleet: a removed node's heartbeat is refused with the
+// removal marked for that node (RemovedHeader), through the failover
+// client a node uses, so the node wipes itself; a node not removed, a
+// check of another node's id and a refusal for any other reason (here the
+// control plane's store failing) are not taken as a removal.
+func TestRemovedFromFleet(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	x := addNode(t, c, "a", 4, 4096, 10)
+	y := addNode(t, c, "b", 4, 4096, 10)
+	r := newRouter(t, c)
+	hb := func(n *fleetNode) error {
+		_, err := FailoverFleetClient(n.id, []string{c.url}).Heartbeat(ctx, connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: n.id.ID, NodeUrl: n.url}))
+		return err
+	}
+	if err := hb(x); err != nil || RemovedFromFleet(err, x.id.ID) {
+		t.Fatalf("heartbeat of a member: %v", err)
+	}
+	if _, err := r.RemoveNode(ctx, x.id.ID, true); err != nil {
+		t.Fatal(err)
+	}
+	err := hb(x)
+	if !RemovedFromFleet(err, x.id.ID) {
+		t.Fatalf("heartbeat of a removed node: %v (header %q), want it marked removed", err, metaOf(err))
+	}
+	if RemovedFromFleet(err, y.id.ID) {
+		t.Fatal("x's removal read as y's")
+	}
+	if err := hb(y); err != nil || RemovedFromFleet(err, y.id.ID) {
+		t.Fatalf("heartbeat of the node not removed: %v", err)
+	}
+	// The certificate check fails (store closed): refused, not removed.
+	c.st.Close()
+	err = hb(y)
+	if err == nil || RemovedFromFleet(err, y.id.ID) {
+		t.Fatalf("heartbeat while the control plane's store fails: %v, want refused and not a removal", err)
+	}
+}
+
+func metaOf(err error) string {
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return ce.Meta().Get(RemovedHeader)
+	}
+	return ""
+}
