@@ -426,7 +426,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 			_, herr := fc.Heartbeat(cctx, connect.NewRequest(&nodev1.HeartbeatRequest{NodeId: id.ID, NodeUrl: opts.Advertise, Capacity: capacity()}))
 			cancel()
 			if noderpc.RemovedFromFleet(herr, id.ID) {
-				d.removedFromFleet(ctx, id.ID, herr)
+				d.removedFromFleet(ctx, id.ID, herr, nil)
 				return fmt.Errorf("this node was removed from the fleet (every sandbox it ran was destroyed): %w", herr)
 			}
 			return err
@@ -489,7 +489,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	}()
 	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, newBootID(), capacity, func(err error) {
 		n.srv.Close() // this node serves nothing more
-		d.removedFromFleet(ctx, id.ID, err)
+		d.removedFromFleet(ctx, id.ID, err, ids)
 		close(n.removed)
 	})
 	every, due := renewSchedule(d.log)
@@ -560,7 +560,7 @@ func MainNode(ctx context.Context, cfg Config, opts NodeOptions) error {
 // more, and the node's certificate is good for nothing (the node gets no
 // token, image or relay for them). Best effort, bounded; what fails is
 // logged (and left to whoever wipes the machine).
-func (d *Daemon) removedFromFleet(ctx context.Context, id string, why error) {
+func (d *Daemon) removedFromFleet(ctx context.Context, id string, why error, ids *nodeIdentity) {
 	d.log.Error("fleet: this node was removed from the fleet: destroying every sandbox it runs and stopping", "node", id, "why", why)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
 	defer cancel()
@@ -595,6 +595,20 @@ func (d *Daemon) removedFromFleet(ctx context.Context, id string, why error) {
 			if kind, sb, _ := strings.Cut(l, ":"); kind == "netns" && sb != "" {
 				errs = append(errs, d.Net.Teardown(ctx, sb, 0))
 			}
+		}
+	}
+	// Their egress rules and kept policies, identity files (refreshes
+	// stopped first, when they run).
+	if d.Egress != nil {
+		nodeEgress{d}.Prune(ctx, nil)
+	}
+	if ids != nil {
+		ids.Restore(ctx, nil)
+	}
+	for _, dir := range []string{"egress-policies", "identity-files"} {
+		ents, _ := os.ReadDir(filepath.Join(d.cfg.DataDir, dir))
+		for _, e := range ents {
+			errs = append(errs, os.RemoveAll(filepath.Join(d.cfg.DataDir, dir, e.Name())))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

@@ -2,9 +2,12 @@ package daemon_test
 
 import (
 	"encoding/json"
+	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -17,7 +20,8 @@ import (
 // and a drained node with a live sandbox (failed_precondition saying why);
 // --force removes it, its sandbox ends as lost, it leaves `node ls`, and
 // the node agent's certificate is refused from then on (its heartbeats say
-// it was removed). With its identity deleted and a new join token the
+// it was removed), and the node, still running, destroys the sandbox (its
+// process leaves the machine) and exits. With its identity deleted and a new join token the
 // machine joins again, as a new node that takes sandboxes.
 func TestFleetNodeRemove(t *testing.T) {
 	control := chalktest.StartControl(t)
@@ -63,10 +67,38 @@ func TestFleetNodeRemove(t *testing.T) {
 		t.Fatalf("rm of a healthy ready node: %d %s", code, errOut)
 	}
 	ctx := ctxT(t, 2*time.Minute)
-	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"))
+	// A sleep whose argument no other process on this machine has: the
+	// sandbox's process, found in /proc (node and test share the pid
+	// namespace).
+	secs := fmt.Sprint(900000 + rand.IntN(99999))
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", secs))
 	if err != nil {
 		t.Fatal(err)
 	}
+	sleeping := func() []int {
+		var pids []int
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil {
+				continue
+			}
+			if b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline")); err == nil && string(b) == "sleep\x00"+secs+"\x00" {
+				pids = append(pids, pid)
+			}
+		}
+		return pids
+	}
+	waitProcs := func(what string, want bool, within time.Duration) {
+		deadline := time.Now().Add(within)
+		for (len(sleeping()) > 0) != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: processes %v after %v:\n%s", what, sleeping(), within, n1.Log())
+			}
+			time.Sleep(50 * time.Millisecond) // polling /proc for the sandbox's process
+		}
+	}
+	waitProcs("the sandbox's process on node1", true, 30*time.Second)
 	if _, errOut, code := control.CLI("admin", "node", "drain", "node1"); code != 0 {
 		t.Fatalf("drain: %d %s", code, errOut)
 	}
@@ -81,12 +113,23 @@ func TestFleetNodeRemove(t *testing.T) {
 	if err != nil || st.State != "stopped" || st.EndReason != "lost" || !strings.Contains(st.Error, "removed from the fleet") {
 		t.Fatalf("the removed node's sandbox: %+v %v, want stopped, lost, removed", st, err)
 	}
+	// The node still runs: it learns of its removal at its next heartbeat
+	// (refused) and destroys what it runs, so the sandbox's process is
+	// gone from the machine within a few heartbeats.
+	waitProcs("the removed node's sandbox still runs on the machine", false, 20*time.Second)
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(n1.Log(), "removed node: sandboxes destroyed") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the removed node did not log what it destroyed:\n%s", n1.Log())
+		}
+		time.Sleep(100 * time.Millisecond) // polling the node's log
+	}
 	if ns := nodes(); len(ns) != 0 {
 		t.Fatalf("node ls after rm: %v, want none", ns)
 	}
 	// The agent still runs: its heartbeats are refused (its certificate is
 	// revoked), and it is not listed again.
-	deadline := time.Now().Add(30 * time.Second)
+	deadline = time.Now().Add(30 * time.Second)
 	for !strings.Contains(n1.Log(), "removed from the fleet and its certificate revoked") {
 		if time.Now().After(deadline) {
 			t.Fatalf("the removed node's heartbeats were not refused:\n%s", n1.Log())
