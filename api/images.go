@@ -23,6 +23,10 @@ type BuildResult struct {
 	Mounts     []store.Mount
 	Cached     bool
 	StepsBuilt int
+	// Release lets the upload GC remove the Mounts' content again (nil:
+	// nothing held): a create calls it once its record (which refers to
+	// them) exists, any other caller at once.
+	Release func()
 }
 
 // ImageBackend builds image specs and stores uploaded file content.
@@ -155,6 +159,9 @@ func (h *imageService) Build(ctx context.Context, req *connect.Request[v1.BuildI
 	res, err := h.s.cfg.Images.Build(ctx, []byte(req.Msg.SpecJson), req.Msg.Force, func(p *v1.ImageProgress) { _ = stream.Send(p) })
 	if err != nil {
 		return err
+	}
+	if res.Release != nil {
+		res.Release() // no sandbox of this build yet: its mounts are held by none
 	}
 	// The built image is in this org's view (and, if another org built the
 	// same content, in both: the blobs are shared, the views are not).

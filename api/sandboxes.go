@@ -210,6 +210,11 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		if err != nil {
 			return nil, err
 		}
+		if res.Release != nil {
+			// The mounts' content is held (upload GC) until this create
+			// ends: its record, which refers to them, exists by then.
+			defer res.Release()
+		}
 		if err := s.store.AddOrgImages(ctx, p.OrgID, res.Hash, res.Digest, res.Ref); err != nil {
 			return nil, err
 		}

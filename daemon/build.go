@@ -47,17 +47,35 @@ func (im *images) Build(ctx context.Context, specJSON []byte, force bool, events
 			events(&v1.ImageProgress{Phase: "build", Step: int32(e.Step), Layer: e.Kind, Cached: e.Cached, Line: e.Line})
 		}
 	}
+	// The upload GC removes nothing the build reads (its copy sources that
+	// are here: a cached step needs none) while it runs.
+	var srcs []string
+	for _, st := range spec.Steps {
+		if st.Src != "" {
+			srcs = append(srcs, st.Src)
+		}
+	}
+	defer im.blobs.PinPresent(srcs...)()
 	res, err := im.b.Build(ctx, spec, force, ev)
 	if err != nil {
 		return nil, err
 	}
 	out := &api.BuildResult{Ref: res.Ref, Hash: res.Hash, Digest: res.Digest, Cached: res.Cached, StepsBuilt: res.StepsBuilt}
+	var mounts []string
 	for _, m := range res.Mounts {
 		if !im.blobs.Has(m.Src) {
 			return nil, fmt.Errorf("mount %s: content %s was not uploaded: %w", m.Dst, m.Src, errdefs.ErrFailedPrecondition)
 		}
+		mounts = append(mounts, m.Src)
 		out.Mounts = append(out.Mounts, store.Mount{Digest: m.Src, Dst: m.Dst, IsDir: m.IsDir})
 	}
+	// Held until the caller's sandbox record refers to them (Release); Pin
+	// checks under the GC's lock that they are still here.
+	release, err := im.blobs.Pin(mounts...)
+	if err != nil {
+		return nil, fmt.Errorf("mounts: %w", err)
+	}
+	out.Release = release
 	return out, nil
 }
 
@@ -79,7 +97,7 @@ func (im *images) BaseDigest(ctx context.Context, specJSON []byte) (string, erro
 func (im *images) RefForHash(ctx context.Context, h string) (string, bool) {
 	return im.b.RefForHash(ctx, h)
 }
-func (im *images) HasBlob(d string) bool                               { return im.blobs.Has(d) }
+func (im *images) HasBlob(d string) bool                               { return im.blobs.Touch(d) } // told it is here: its grace restarts
 func (im *images) PutBlob(_ context.Context, d string, b []byte) error { return im.blobs.Put(d, b) }
 
 // binds turns a sandbox's mount-strategy files into read-only bind mounts:

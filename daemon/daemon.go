@@ -175,6 +175,11 @@ type Config struct {
 	// and 32 (DefaultPrestart, DefaultPrestartSlots).
 	Prestart      int
 	PrestartSlots int
+	// UploadGCGrace: uploaded content (DataDir/blobs, DataDir/mounts) no
+	// live sandbox binds and nothing holds is removed this long after its
+	// last use (uploadgc.go; 0: never, as before; chalkd's flag defaults to
+	// DefaultUploadGCGrace).
+	UploadGCGrace time.Duration
 	// MCPAuditRetention is how long MCP gateway audit records are kept
 	// (default DefaultMCPAuditRetention).
 	MCPAuditRetention time.Duration

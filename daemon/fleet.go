@@ -472,6 +472,7 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 	if err != nil {
 		return nil, fmt.Errorf("upload mounts: %w", err)
 	}
+	go mounts.gc(ctx, d.log.With("component", "upload-gc"), cfg.DataDir, cfg.UploadGCGrace)
 	mux.Handle(noderpc.NewServer(d.Agent, d.log.With("component", "node-api")).WithEgress(nodeEgress{d}).
 		WithTunnels(nodeTunnels{d: d, host: d.tun.endpoint}).WithIdentity(ids).WithDialer(d.dialSandbox).
 		WithMounts(mounts).Handler())

@@ -4,10 +4,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/imagebuild"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/noderpc"
@@ -39,8 +42,13 @@ func (d *Daemon) fleetMountBinds(ctx context.Context, sb *store.Sandbox, req *no
 	return nil
 }
 
-// nodeMounts is a node's noderpc.Mounts.
-type nodeMounts struct{ im *images }
+// nodeMounts is a node's noderpc.Mounts. Each copy it hands out is held
+// (pend) until a start binding it has run (the sandbox's bundle then
+// refers to it, uploadgc.go) or startWindow passed.
+type nodeMounts struct {
+	im   *images
+	pend *pendingMounts
+}
 
 var _ noderpc.Mounts = nodeMounts{}
 
@@ -55,11 +63,23 @@ func newNodeMounts(dataDir string) (nodeMounts, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nodeMounts{}, err
 	}
-	return nodeMounts{&images{blobs: blobs, dir: dir}}, nil
+	return nodeMounts{&images{blobs: blobs, dir: dir}, &pendingMounts{blobs: blobs, held: map[string][]pendingPin{}, now: time.Now}}, nil
+}
+
+// Started releases the hold of the copies a start bound (noderpc.Server.Start).
+func (n nodeMounts) Started(binds []sandbox.Bind) {
+	n.pend.started(binds, n.im.blobs.Dir(), n.im.dir)
+}
+
+// gc collects this node's copies that no sandbox here binds (grace <= 0:
+// never).
+func (n nodeMounts) gc(ctx context.Context, log *slog.Logger, dataDir string, grace time.Duration) {
+	uploadGC(ctx, log, n.im.blobs, n.im.dir, grace, nil, n.pend.refs,
+		bundleRefs(filepath.Join(dataDir, "sandboxes"), n.im.blobs.Dir(), n.im.dir))
 }
 
 func (n nodeMounts) Path(digest string, isDir bool) (string, bool) {
-	if !n.im.blobs.Has(digest) {
+	if !n.pend.hold(digest) {
 		return "", false
 	}
 	if !isDir {
@@ -67,6 +87,7 @@ func (n nodeMounts) Path(digest string, isDir bool) (string, bool) {
 	}
 	p := filepath.Join(n.im.dir, strings.TrimPrefix(digest, "sha256:"))
 	if _, err := os.Stat(p); err != nil {
+		n.pend.unhold(digest)
 		return "", false
 	}
 	return p, true
@@ -76,8 +97,15 @@ func (n nodeMounts) Put(digest string, isDir bool, r io.Reader) (string, error) 
 	if err := n.im.blobs.PutFrom(digest, r, noderpc.MaxMount); err != nil {
 		return "", err
 	}
+	if !n.pend.hold(digest) {
+		return "", fmt.Errorf("content %s: removed as it was stored: %w", digest, errdefs.ErrUnavailable)
+	}
 	if isDir {
-		return n.im.extracted(digest)
+		p, err := n.im.extracted(digest)
+		if err != nil {
+			n.pend.unhold(digest)
+		}
+		return p, err
 	}
 	return n.im.blobs.Path(digest), nil
 }

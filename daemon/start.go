@@ -210,7 +210,7 @@ func (d *Daemon) startEgress(ctx context.Context) (err error) {
 }
 
 // startBuilds sets up image builds and uploaded content.
-func (d *Daemon) startBuilds(context.Context) error {
+func (d *Daemon) startBuilds(ctx context.Context) error {
 	cfg := &d.cfg
 	blobs, err := imagebuild.NewBlobs(filepath.Join(cfg.sharedDir(), "blobs"))
 	if err != nil {
@@ -225,7 +225,14 @@ func (d *Daemon) startBuilds(context.Context) error {
 		return err
 	}
 	d.im = &images{b: builder, blobs: blobs, dir: filepath.Join(cfg.DataDir, "mounts")}
-	return os.MkdirAll(d.im.dir, 0o700)
+	if err := os.MkdirAll(d.im.dir, 0o700); err != nil {
+		return err
+	}
+	// Uploads live sandboxes (this machine's, or the store's: a fleet's
+	// nodes') bind are kept; with replicas the leader collects.
+	go uploadGC(ctx, d.log.With("component", "upload-gc"), blobs, d.im.dir, cfg.UploadGCGrace, d.leaderFunc(),
+		storeMountRefs(d.Store), bundleRefs(filepath.Join(cfg.DataDir, "sandboxes"), blobs.Dir(), d.im.dir))
+	return nil
 }
 
 // startIdentity starts the workload identity issuer (its keys rotate in

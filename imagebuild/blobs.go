@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"sync"
+	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
@@ -16,14 +18,35 @@ import (
 var digestRE = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 
 // Blobs stores content the SDKs upload (copy and mount sources), by SHA-256.
-type Blobs struct{ dir string }
+// Content is kept while something refers to it and removed by Collect
+// (gc.go) after a grace counted from its last use.
+type Blobs struct {
+	dir string
+	// Now is the clock of the grace (nil: time.Now; tests).
+	Now func() time.Time
+
+	mu   sync.Mutex
+	pins map[string]int  // digest → holders (Pin)
+	seen map[string]bool // while a Collect runs: digests pinned since it began
+	gc   bool            // a Collect runs
+}
 
 // NewBlobs opens (creating) a blob store in dir.
 func NewBlobs(dir string) (*Blobs, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	return &Blobs{dir: dir}, nil
+	return &Blobs{dir: dir, pins: map[string]int{}}, nil
+}
+
+// Dir is where the content is kept.
+func (b *Blobs) Dir() string { return b.dir }
+
+func (b *Blobs) now() time.Time {
+	if b.Now != nil {
+		return b.Now()
+	}
+	return time.Now()
 }
 
 func (b *Blobs) path(digest string) string {
@@ -48,7 +71,7 @@ func (b *Blobs) Put(digest string, data []byte) error {
 	if got := "sha256:" + hex.EncodeToString(sum[:]); got != digest {
 		return fmt.Errorf("upload of %s: content hashes to %s: %w", digest, got, errdefs.ErrInvalidArgument)
 	}
-	if b.Has(digest) {
+	if b.Touch(digest) {
 		return nil
 	}
 	tmp, err := os.CreateTemp(b.dir, ".upload-*")
@@ -67,7 +90,17 @@ func (b *Blobs) Put(digest string, data []byte) error {
 	if err := tmp.Close(); err != nil {
 		return err
 	}
-	return os.Rename(tmp.Name(), b.path(digest))
+	return b.commit(tmp.Name(), digest)
+}
+
+// commit moves a complete upload to its place, its mtime (the start of its
+// grace) now.
+func (b *Blobs) commit(tmp, digest string) error {
+	now := b.now()
+	if err := os.Chtimes(tmp, now, now); err != nil {
+		return err
+	}
+	return os.Rename(tmp, b.path(digest))
 }
 
 // Open opens stored content.
@@ -93,7 +126,7 @@ func (b *Blobs) PutFrom(digest string, r io.Reader, max int64) error {
 	if !digestRE.MatchString(digest) {
 		return fmt.Errorf("digest %q: want sha256:<64 hex>: %w", digest, errdefs.ErrInvalidArgument)
 	}
-	if b.Has(digest) {
+	if b.Touch(digest) {
 		return nil
 	}
 	tmp, err := os.CreateTemp(b.dir, ".upload-*")
@@ -122,5 +155,5 @@ func (b *Blobs) PutFrom(digest string, r io.Reader, max int64) error {
 	if err := tmp.Close(); err != nil {
 		return err
 	}
-	return os.Rename(tmp.Name(), b.path(digest))
+	return b.commit(tmp.Name(), digest)
 }

@@ -32,6 +32,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/gen/chalk/node/v1/nodev1connect"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
+	"github.com/chalkcompute/chalkcompute/sandbox"
 )
 
 // ChunkSize is the most data one stream message carries (exec output, file
@@ -205,6 +206,11 @@ func (s *Server) Start(ctx context.Context, req *connect.Request[nodev1.StartReq
 		r.Binds = append(r.Binds, b)
 	}
 	st, err := s.node.Start(ctx, r)
+	if m, ok := s.mounts.(interface{ Started([]sandbox.Bind) }); ok {
+		// The copies PutMount held for this start: its bundle refers to
+		// them now (or it failed).
+		m.Started(r.Binds)
+	}
 	if err != nil {
 		if s.identity != nil && len(r.Identity) > 0 {
 			s.identity.Remove(r.ID)

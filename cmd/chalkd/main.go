@@ -294,6 +294,7 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 	fs.Int64Var(&cfg.Limits.DefaultMemoryMB, "default-memory-mb", api.DefaultMemoryMB, "memory limit (MiB) of sandboxes whose request gives none; a sandbox's disk (a tmpfs) counts toward its memory limit, so its disk quota is at most this")
 	fs.Int64Var(&cfg.Limits.BuildMemoryMB, "build-memory-mb", daemon.DefaultBuildMemoryMB, "memory limit (MiB) of image build RUN steps, their disk included")
 	fs.Int64Var(&cfg.Limits.LogMaxBytes, "log-max-bytes", daemon.DefaultLogMaxBytes, "cap of a sandbox's console log: past it the log is rotated to LOG.1 (the last two parts are kept)")
+	fs.DurationVar(&cfg.UploadGCGrace, "upload-gc-grace", daemon.DefaultUploadGCGrace, "uploaded content (copy and mount sources, build contexts, a node's copies of mounts) that no live sandbox binds and no build or create holds is removed this long after its last use (upload, or a client told it is there); 0: never removed")
 	fs.DurationVar(&cfg.Limits.LogRetention, "log-retention", daemon.DefaultLogRetention, "how long console logs of ended sandboxes are kept")
 	fs.DurationVar(&cfg.Limits.KeepStopped, "keep-stopped", api.DefaultKeepStopped, "how long a stopped sandbox's writable layer is kept so it can still be snapshotted (negative: not kept)")
 	fs.Int64Var(&cfg.Limits.KeepStoppedMB, "keep-stopped-mb", api.DefaultKeepStoppedMB, "MiB of stopped sandboxes' kept writable layers per org (host memory); a layer that does not fit is not kept")

@@ -1,0 +1,119 @@
+package daemon_test
+
+import (
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+)
+
+// TestFleetUploadGC: with --upload-gc-grace 3s on the control plane and
+// the node, the uploads of a sandbox that ended (its blob on the control
+// plane, the node's copy) are removed once the grace passed, while those a
+// running sandbox binds (a file and an extracted directory) stay through
+// the same passes and still read in the sandbox; once it ends they go too,
+// on both machines. Without the GC nothing is ever removed.
+func TestFleetUploadGC(t *testing.T) {
+	control := chalktest.StartControl(t, "--upload-gc-grace", "3s")
+	n1 := chalktest.StartFleetNodeArgs(t, control, 1, "--prestart", "0", "--upload-gc-grace", "3s")
+	c := control.Client()
+	ctx := ctxT(t, 3*time.Minute)
+	waitNodesHealthy(t, control, "node1")
+
+	names := func(dir string) map[string]bool {
+		out := map[string]bool{}
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			if !strings.HasPrefix(e.Name(), ".") {
+				out[e.Name()] = true
+			}
+		}
+		return out
+	}
+	ctlBlobs, nodeBlobs, nodeTrees := filepath.Join(control.Dir, "blobs"), filepath.Join(n1.Dir, "blobs"), filepath.Join(n1.Dir, "mounts")
+	// added: what dir holds now that it did not hold in before.
+	added := func(dir string, before map[string]bool) []string {
+		var out []string
+		for n := range names(dir) {
+			if !before[n] {
+				out = append(out, n)
+			}
+		}
+		return out
+	}
+	waitGone := func(what, dir string, gone []string) {
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			now := names(dir)
+			if !slices.ContainsFunc(gone, func(n string) bool { return now[n] }) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %v still in %s after 60 s (grace 3 s)", what, gone, dir)
+			}
+			time.Sleep(100 * time.Millisecond) // polling the data dir for the GC's removals
+		}
+	}
+
+	dir := t.TempDir()
+	writeFile(t, dir, "src/a.txt", "A")
+	kept := chalkcompute.Base("busybox").
+		AddLocalFile(writeFile(t, dir, "data.txt", "mounted"), "/data/data.txt", chalkcompute.Mount).
+		AddLocalDir(filepath.Join(dir, "src"), "/srcdir", chalkcompute.Mount)
+	a, err := c.Create(ctx, kept, chalkcompute.WithEntrypoint("sleep", "1000"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := mustExec(t, a, "sh", "-c", "cat /data/data.txt /srcdir/a.txt"); out != "mountedA" {
+		t.Fatalf("mounts: %q", out)
+	}
+	aCtl, aNode, aTrees := names(ctlBlobs), names(nodeBlobs), names(nodeTrees)
+	if len(aCtl) != 2 || len(aNode) != 2 || len(aTrees) != 1 {
+		t.Fatalf("uploads of the running sandbox: control %v, node %v, trees %v; want 2, 2, 1", aCtl, aNode, aTrees)
+	}
+
+	// Another sandbox's upload, ended: it goes from both machines, in
+	// passes that keep the running sandbox's (older than the grace too).
+	b, err := c.Create(ctx, chalkcompute.Base("busybox").
+		AddLocalFile(writeFile(t, dir, "other.txt", "other"), "/data/other.txt", chalkcompute.Mount))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bCtl, bNode := added(ctlBlobs, aCtl), added(nodeBlobs, aNode)
+	if len(bCtl) != 1 || len(bNode) != 1 {
+		t.Fatalf("the second sandbox's upload: control %v, node %v", bCtl, bNode)
+	}
+	if _, err := b.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitGone("the ended sandbox's upload on the control plane", ctlBlobs, bCtl)
+	waitGone("the ended sandbox's copy on its node", nodeBlobs, bNode)
+	// The GC passes that removed them (3 s after their last use, after
+	// the running sandbox's) kept what the running sandbox binds.
+	if got := names(ctlBlobs); !maps.Equal(got, aCtl) {
+		t.Fatalf("control plane blobs while a sandbox binds them: %v, want %v", got, aCtl)
+	}
+	if got, gotTrees := names(nodeBlobs), names(nodeTrees); !maps.Equal(got, aNode) || !maps.Equal(gotTrees, aTrees) {
+		t.Fatalf("node copies while a sandbox binds them: %v %v, want %v %v", got, gotTrees, aNode, aTrees)
+	}
+	if out := mustExec(t, a, "sh", "-c", "cat /data/data.txt /srcdir/a.txt"); out != "mountedA" {
+		t.Fatalf("mounts of the running sandbox after GC passes: %q", out)
+	}
+	if !strings.Contains(n1.Log(), "upload GC: removed unreferenced uploads") || !strings.Contains(control.Log(), "upload GC: removed unreferenced uploads") {
+		t.Error("the removals were not logged")
+	}
+
+	// It ends: its uploads go too.
+	if _, err := a.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitGone("the uploads of the sandbox that ended, on the control plane", ctlBlobs, slices.Collect(maps.Keys(aCtl)))
+	waitGone("the copies of the sandbox that ended, on its node", nodeBlobs, slices.Collect(maps.Keys(aNode)))
+	waitGone("the extracted tree of the sandbox that ended, on its node", nodeTrees, slices.Collect(maps.Keys(aTrees)))
+}

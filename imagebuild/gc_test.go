@@ -1,0 +1,176 @@
+package imagebuild
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
+)
+
+func put(t *testing.T, b *Blobs, s string) string {
+	t.Helper()
+	sum := sha256.Sum256([]byte(s))
+	d := "sha256:" + hex.EncodeToString(sum[:])
+	if err := b.Put(d, []byte(s)); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// gcClock is a test clock.
+type gcClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *gcClock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *gcClock) add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// TestCollect: unreferenced content goes once its grace since its last use
+// (upload, HasBlobs/Touch, a Pin) passed, with its extracted tree; content
+// a live sandbox refers to or a build/create holds stays; a Refs error
+// removes nothing; an extracted tree whose blob is gone goes too.
+func TestCollect(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	b, err := NewBlobs(filepath.Join(dir, "blobs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := &gcClock{t: time.Now()}
+	b.Now = clock.now
+	ext := filepath.Join(dir, "mounts")
+	old, live, held, touched := put(t, b, "old"), put(t, b, "live"), put(t, b, "held"), put(t, b, "touched")
+	orphan := "sha256:" + hex.EncodeToString(make([]byte, 32))
+	for _, d := range []string{old, orphan} {
+		if err := os.MkdirAll(filepath.Join(ext, d[7:], "sub"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	refs := map[string]bool{live: true}
+	opts := CollectOptions{Grace: time.Hour, Extracted: ext, Refs: func(context.Context) (map[string]bool, error) { return refs, nil }}
+	clock.add(30 * time.Minute)
+	if res, err := b.Collect(ctx, opts); err != nil || len(res.Digests) != 1 || res.Digests[0] != orphan {
+		t.Fatalf("collect within the grace: %+v %v, want only the orphaned tree", res, err)
+	}
+	release, err := b.Pin(held)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock.add(31 * time.Minute)
+	if !b.Touch(touched) {
+		t.Fatal("touch of stored content")
+	}
+	clock.add(31 * time.Minute) // old and live: 92 min; held and touched: 31 min since their last use
+	if _, err := b.Collect(ctx, CollectOptions{Grace: time.Minute, Refs: func(context.Context) (map[string]bool, error) {
+		return nil, errors.New("store down")
+	}}); err == nil || !b.Has(old) {
+		t.Fatalf("collect with failing references: %v; old kept: %v", err, b.Has(old))
+	}
+	res, err := b.Collect(ctx, opts)
+	if err != nil || !slices.Equal(res.Digests, []string{old}) || res.Bytes != 3 {
+		t.Fatalf("collect: %+v %v, want old (3 bytes)", res, err)
+	}
+	if _, err := os.Stat(filepath.Join(ext, old[7:])); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("old's extracted tree: %v", err)
+	}
+	clock.add(2 * time.Hour)
+	res, err = b.Collect(ctx, opts)
+	if err != nil || !slices.Equal(res.Digests, []string{touched}) || !b.Has(live) || !b.Has(held) {
+		t.Fatalf("collect past every grace: %+v %v, want touched only (live referenced, held pinned)", res, err)
+	}
+	release()
+	release() // a second release does nothing
+	if _, err := b.Pin(old); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("pin of collected content: %v, want failed_precondition", err)
+	}
+	clock.add(2 * time.Hour)
+	delete(refs, live)
+	res, err = b.Collect(ctx, opts)
+	slices.Sort(res.Digests)
+	want := []string{held, live}
+	slices.Sort(want)
+	if err != nil || !slices.Equal(res.Digests, want) {
+		t.Fatalf("collect after the release and the sandbox's end: %+v %v, want %v", res, err, want)
+	}
+}
+
+// TestUploadThenCreateRace: content uploaded long ago (its grace passed)
+// that a create mounts is not lost between the create's check (Pin, in its
+// build) and its record: a collection that read the live sandboxes before
+// the record existed, and looks at the content after the create released
+// its pin, keeps it; the next collection sees the record. Without the pins
+// taken during a collection (seen), the first one removed it.
+func TestUploadThenCreateRace(t *testing.T) {
+	ctx := context.Background()
+	b, err := NewBlobs(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := &gcClock{t: time.Now()}
+	b.Now = clock.now
+	d := put(t, b, "mounted")
+	clock.add(2 * time.Hour) // uploaded long ago: only references keep it
+
+	var mu sync.Mutex
+	records := map[string]bool{} // the store's live sandboxes' mounts
+	refs := func(context.Context) (map[string]bool, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return maps(records), nil
+	}
+	created := make(chan struct{})
+	// Grace 0: only the pin and the record keep it.
+	opts := CollectOptions{Refs: refs, afterRefs: func() {
+		// The create runs between the collection's read of the live
+		// sandboxes and its look at the content.
+		go func() {
+			defer close(created)
+			release, err := b.Pin(d) // the create's build checks the mount
+			if err != nil {
+				t.Errorf("pin: %v", err)
+				return
+			}
+			mu.Lock()
+			records[d] = true // its record, with the mount
+			mu.Unlock()
+			release() // the create returned
+		}()
+		<-created
+	}}
+	res, err := b.Collect(ctx, opts)
+	if err != nil || len(res.Digests) != 0 || !b.Has(d) {
+		t.Fatalf("collect racing a create: %+v %v: the created sandbox's mount was removed", res, err)
+	}
+	clock.add(2 * time.Hour)
+	opts.afterRefs = nil
+	if res, err := b.Collect(ctx, opts); err != nil || len(res.Digests) != 0 || !b.Has(d) {
+		t.Fatalf("collect with the record: %+v %v", res, err)
+	}
+	mu.Lock()
+	delete(records, d) // the sandbox ended
+	mu.Unlock()
+	if res, err := b.Collect(ctx, opts); err != nil || len(res.Digests) != 1 || b.Has(d) {
+		t.Fatalf("collect after the sandbox ended: %+v %v", res, err)
+	}
+}
+
+func maps(m map[string]bool) map[string]bool {
+	out := make(map[string]bool, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
