@@ -491,6 +491,7 @@ type fakeImages struct {
 	mu     sync.Mutex
 	images map[string]*v1.Image // by ref
 	hashes map[string]string    // content hash -> ref
+	build  func() (*BuildResult, error)
 }
 
 var (
@@ -529,6 +530,9 @@ func (f *fakeImages) Remove(_ context.Context, ref string) error {
 }
 
 func (f *fakeImages) Build(context.Context, []byte, bool, func(*v1.ImageProgress)) (*BuildResult, error) {
+	if f.build != nil {
+		return f.build()
+	}
 	return nil, errors.New("fake images: no builds")
 }
 
