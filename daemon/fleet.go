@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	goruntime "runtime"
-	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -592,10 +591,8 @@ func (d *Daemon) removedFromFleet(ctx context.Context, id string, why error, ids
 	if d.Net != nil {
 		left, err := d.Net.Leftovers(ctx, nil)
 		errs = append(errs, err)
-		for _, l := range left {
-			if kind, sb, _ := strings.Cut(l, ":"); kind == "netns" && sb != "" {
-				errs = append(errs, d.Net.Teardown(ctx, sb, 0))
-			}
+		for _, l := range left { // network namespaces, their links and rules
+			errs = append(errs, d.Net.RemoveLeftover(ctx, l))
 		}
 	}
 	// Their egress rules and kept policies, identity files (refreshes
