@@ -75,29 +75,7 @@ func TestFleetNodeRemove(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sleeping := func() []int {
-		var pids []int
-		ents, _ := os.ReadDir("/proc")
-		for _, e := range ents {
-			pid, err := strconv.Atoi(e.Name())
-			if err != nil {
-				continue
-			}
-			if b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline")); err == nil && string(b) == "sleep\x00"+secs+"\x00" {
-				pids = append(pids, pid)
-			}
-		}
-		return pids
-	}
-	waitProcs := func(what string, want bool, within time.Duration) {
-		deadline := time.Now().Add(within)
-		for (len(sleeping()) > 0) != want {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: processes %v after %v:\n%s", what, sleeping(), within, n1.Log())
-			}
-			time.Sleep(50 * time.Millisecond) // polling /proc for the sandbox's process
-		}
-	}
+	waitProcs := func(what string, want bool, within time.Duration) { waitSleeping(t, n1, secs, what, want, within) }
 	waitProcs("the sandbox's process on node1", true, 30*time.Second)
 	if _, errOut, code := control.CLI("admin", "node", "drain", "node1"); code != 0 {
 		t.Fatalf("drain: %d %s", code, errOut)
@@ -161,5 +139,71 @@ func TestFleetNodeRemove(t *testing.T) {
 	}
 	if _, err := sb2.Terminate(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// sleeping lists the processes on this machine running `sleep secs`.
+func sleeping(secs string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline")); err == nil && string(b) == "sleep\x00"+secs+"\x00" {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// waitSleeping waits until `sleep secs` runs on this machine (want) or
+// runs no more (!want), within a bound.
+func waitSleeping(t *testing.T, n *chalktest.Node, secs, what string, want bool, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for (len(sleeping(secs)) > 0) != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: processes %v after %v:\n%s", what, sleeping(secs), within, n.Log())
+		}
+		time.Sleep(50 * time.Millisecond) // polling /proc for the sandbox's process
+	}
+}
+
+// TestFleetNodeRemovedWhilePartitioned: a node silent (SIGSTOP: as behind
+// a partition) while it is removed with --force destroys its sandboxes
+// when it is back and its first heartbeat is refused as removed, and exits.
+func TestFleetNodeRemovedWhilePartitioned(t *testing.T) {
+	control := chalktest.StartControl(t)
+	n1 := chalktest.StartFleetNodeArgs(t, control, 1, "--prestart", "0")
+	c := control.Client()
+	ctx := ctxT(t, 2*time.Minute)
+	waitNodesHealthy(t, control, "node1")
+	secs := fmt.Sprint(900000 + rand.IntN(99999))
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", secs))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitSleeping(t, n1, secs, "the sandbox's process on node1", true, 30*time.Second)
+	n1.Freeze()
+	if out, errOut, code := control.CLI("admin", "node", "rm", "node1", "--force"); code != 0 {
+		t.Fatalf("rm --force of a silent node: %d %s %s", code, out, errOut)
+	}
+	if st, err := sb.Wait(ctx); err != nil || st.EndReason != "lost" {
+		t.Fatalf("the removed node's sandbox: %+v %v, want lost", st, err)
+	}
+	// Silent, it cannot know: its sandbox runs on.
+	if len(sleeping(secs)) == 0 {
+		t.Fatal("the sandbox of the silent node is gone before the node is back")
+	}
+	n1.Thaw()
+	waitSleeping(t, n1, secs, "the partitioned node's sandbox after it is back", false, 30*time.Second)
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(n1.Log(), "was removed from the fleet: its sandboxes were destroyed") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the removed node did not exit saying so:\n%s", n1.Log())
+		}
+		time.Sleep(100 * time.Millisecond) // polling the node's log
 	}
 }
