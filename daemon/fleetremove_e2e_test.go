@@ -2,8 +2,6 @@ package daemon_test
 
 import (
 	"encoding/json"
-	"fmt"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -67,15 +65,15 @@ func TestFleetNodeRemove(t *testing.T) {
 		t.Fatalf("rm of a healthy ready node: %d %s", code, errOut)
 	}
 	ctx := ctxT(t, 2*time.Minute)
-	// A sleep whose argument no other process on this machine has: the
-	// sandbox's process, found in /proc (node and test share the pid
-	// namespace).
-	secs := fmt.Sprint(900000 + rand.IntN(99999))
-	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", secs))
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitProcs := func(what string, want bool, within time.Duration) { waitSleeping(t, n1, secs, what, want, within) }
+	// The sandbox's processes on this machine (the test shares the node's
+	// pid namespace): those in its cgroup, on runc and gVisor alike.
+	waitProcs := func(what string, want bool, within time.Duration) {
+		waitSandboxProcs(t, n1, sb.ID(), what, want, within)
+	}
 	waitProcs("the sandbox's process on node1", true, 30*time.Second)
 	if _, errOut, code := control.CLI("admin", "node", "drain", "node1"); code != 0 {
 		t.Fatalf("drain: %d %s", code, errOut)
@@ -105,8 +103,8 @@ func TestFleetNodeRemove(t *testing.T) {
 	if ns := nodes(); len(ns) != 0 {
 		t.Fatalf("node ls after rm: %v, want none", ns)
 	}
-	// The agent still runs: its heartbeats are refused (its certificate is
-	// revoked), and it is not listed again.
+	// The agent's heartbeats were refused (its certificate is revoked; it
+	// then wiped itself and exited), and it is not listed again.
 	deadline = time.Now().Add(30 * time.Second)
 	for !strings.Contains(n1.Log(), "removed from the fleet and its certificate revoked") {
 		if time.Now().After(deadline) {
@@ -142,8 +140,9 @@ func TestFleetNodeRemove(t *testing.T) {
 	}
 }
 
-// sleeping lists the processes on this machine running `sleep secs`.
-func sleeping(secs string) []int {
+// sandboxProcs lists the processes of sandbox id on this machine (those
+// in its cgroup, on runc and gVisor alike).
+func sandboxProcs(id string) []int {
 	var pids []int
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -151,23 +150,23 @@ func sleeping(secs string) []int {
 		if err != nil {
 			continue
 		}
-		if b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline")); err == nil && string(b) == "sleep\x00"+secs+"\x00" {
+		if cg, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cgroup")); err == nil && strings.Contains(string(cg), "/"+id) {
 			pids = append(pids, pid)
 		}
 	}
 	return pids
 }
 
-// waitSleeping waits until `sleep secs` runs on this machine (want) or
-// runs no more (!want), within a bound.
-func waitSleeping(t *testing.T, n *chalktest.Node, secs, what string, want bool, within time.Duration) {
+// waitSandboxProcs waits until sandbox id has processes on this machine
+// (want) or has none (!want), within a bound.
+func waitSandboxProcs(t *testing.T, n *chalktest.Node, id, what string, want bool, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
-	for (len(sleeping(secs)) > 0) != want {
+	for (len(sandboxProcs(id)) > 0) != want {
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: processes %v after %v:\n%s", what, sleeping(secs), within, n.Log())
+			t.Fatalf("%s: processes %v after %v:\n%s", what, sandboxProcs(id), within, n.Log())
 		}
-		time.Sleep(50 * time.Millisecond) // polling /proc for the sandbox's process
+		time.Sleep(50 * time.Millisecond) // polling /proc for the sandbox's processes
 	}
 }
 
@@ -180,12 +179,11 @@ func TestFleetNodeRemovedWhilePartitioned(t *testing.T) {
 	c := control.Client()
 	ctx := ctxT(t, 2*time.Minute)
 	waitNodesHealthy(t, control, "node1")
-	secs := fmt.Sprint(900000 + rand.IntN(99999))
-	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", secs))
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitSleeping(t, n1, secs, "the sandbox's process on node1", true, 30*time.Second)
+	waitSandboxProcs(t, n1, sb.ID(), "the sandbox's process on node1", true, 30*time.Second)
 	n1.Freeze()
 	if out, errOut, code := control.CLI("admin", "node", "rm", "node1", "--force"); code != 0 {
 		t.Fatalf("rm --force of a silent node: %d %s %s", code, out, errOut)
@@ -194,11 +192,11 @@ func TestFleetNodeRemovedWhilePartitioned(t *testing.T) {
 		t.Fatalf("the removed node's sandbox: %+v %v, want lost", st, err)
 	}
 	// Silent, it cannot know: its sandbox runs on.
-	if len(sleeping(secs)) == 0 {
+	if len(sandboxProcs(sb.ID())) == 0 {
 		t.Fatal("the sandbox of the silent node is gone before the node is back")
 	}
 	n1.Thaw()
-	waitSleeping(t, n1, secs, "the partitioned node's sandbox after it is back", false, 30*time.Second)
+	waitSandboxProcs(t, n1, sb.ID(), "the partitioned node's sandbox after it is back", false, 30*time.Second)
 	deadline := time.Now().Add(30 * time.Second)
 	for !strings.Contains(n1.Log(), "was removed from the fleet: its sandboxes were destroyed") {
 		if time.Now().After(deadline) {

@@ -117,3 +117,76 @@ func TestFleetUploadGC(t *testing.T) {
 	waitGone("the copies of the sandbox that ended, on its node", nodeBlobs, slices.Collect(maps.Keys(aNode)))
 	waitGone("the extracted tree of the sandbox that ended, on its node", nodeTrees, slices.Collect(maps.Keys(aTrees)))
 }
+
+// TestUploadGC: the all-in-one daemon with --upload-gc-grace 3s: an ended
+// sandbox's upload goes, while a running sandbox's file and extracted
+// directory (referred to by its record and its bundle) stay through the
+// same passes and still read; once it ends they go too, tree included.
+func TestUploadGC(t *testing.T) {
+	n := chalktest.Start(t, "--upload-gc-grace", "3s")
+	c := n.Client()
+	ctx := ctxT(t, 3*time.Minute)
+	names := func(dir string) map[string]bool {
+		out := map[string]bool{}
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			if !strings.HasPrefix(e.Name(), ".") {
+				out[e.Name()] = true
+			}
+		}
+		return out
+	}
+	blobs, trees := filepath.Join(n.Dir, "blobs"), filepath.Join(n.Dir, "mounts")
+	waitGone := func(what, dir string, gone map[string]bool) {
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			now := names(dir)
+			if !slices.ContainsFunc(slices.Collect(maps.Keys(gone)), func(n string) bool { return now[n] }) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %v still in %s after 60 s (grace 3 s)", what, gone, dir)
+			}
+			time.Sleep(100 * time.Millisecond) // polling the data dir for the GC's removals
+		}
+	}
+	dir := t.TempDir()
+	writeFile(t, dir, "src/a.txt", "A")
+	a, err := c.Create(ctx, chalkcompute.Base("busybox").
+		AddLocalFile(writeFile(t, dir, "data.txt", "mounted"), "/data/data.txt", chalkcompute.Mount).
+		AddLocalDir(filepath.Join(dir, "src"), "/srcdir", chalkcompute.Mount), chalkcompute.WithEntrypoint("sleep", "1000"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	aBlobs, aTrees := names(blobs), names(trees)
+	if len(aBlobs) != 2 || len(aTrees) != 1 {
+		t.Fatalf("uploads of the running sandbox: %v %v", aBlobs, aTrees)
+	}
+	b, err := c.Create(ctx, chalkcompute.Base("busybox").
+		AddLocalFile(writeFile(t, dir, "other.txt", "other"), "/data/other.txt", chalkcompute.Mount))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bBlobs := names(blobs)
+	for n := range aBlobs {
+		delete(bBlobs, n)
+	}
+	if len(bBlobs) != 1 {
+		t.Fatalf("the second sandbox's upload: %v", bBlobs)
+	}
+	if _, err := b.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitGone("the ended sandbox's upload", blobs, bBlobs)
+	if got, gotTrees := names(blobs), names(trees); !maps.Equal(got, aBlobs) || !maps.Equal(gotTrees, aTrees) {
+		t.Fatalf("uploads while a sandbox binds them: %v %v, want %v %v", got, gotTrees, aBlobs, aTrees)
+	}
+	if out := mustExec(t, a, "sh", "-c", "cat /data/data.txt /srcdir/a.txt"); out != "mountedA" {
+		t.Fatalf("mounts of the running sandbox after GC passes: %q", out)
+	}
+	if _, err := a.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitGone("the uploads of the sandbox that ended", blobs, aBlobs)
+	waitGone("the extracted tree of the sandbox that ended", trees, aTrees)
+}
