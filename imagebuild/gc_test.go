@@ -174,3 +174,41 @@ func maps(m map[string]bool) map[string]bool {
 	}
 	return out
 }
+
+// BenchmarkPin: what a create from a spec with one upload mount adds (its
+// build's Pin and the release), and a HasBlobs check of one digest (Touch),
+// against the Has it replaced.
+func BenchmarkPin(b *testing.B) {
+	bl, err := NewBlobs(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	sum := sha256.Sum256([]byte("x"))
+	d := "sha256:" + hex.EncodeToString(sum[:])
+	if err := bl.Put(d, []byte("x")); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("pin+release", func(b *testing.B) {
+		for range b.N {
+			release, err := bl.Pin(d)
+			if err != nil {
+				b.Fatal(err)
+			}
+			release()
+		}
+	})
+	b.Run("touch", func(b *testing.B) {
+		for range b.N {
+			if !bl.Touch(d) {
+				b.Fatal("not stored")
+			}
+		}
+	})
+	b.Run("has", func(b *testing.B) {
+		for range b.N {
+			if !bl.Has(d) {
+				b.Fatal("not stored")
+			}
+		}
+	})
+}
