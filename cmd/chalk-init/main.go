@@ -44,6 +44,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -103,12 +104,17 @@ func installSeccomp(args []string) error {
 	if st.Size <= 0 || st.Size > 8*unix.BPF_MAXINSNS {
 		return fmt.Errorf("fd %d: %d bytes", fd, st.Size)
 	}
-	b := make([]byte, st.Size)
-	if n, err := unix.Pread(fd, b, 0); err != nil || n != len(b) {
-		return fmt.Errorf("read fd %d: %d bytes, %v", fd, n, err)
-	}
+	// The program is installed from a private read-only mapping of the
+	// memfd, unmapped after: nothing of it stays in init's heap (the kernel
+	// keeps its own copy of the filter).
+	n := uintptr(st.Size)
+	mem, err := unix.MmapPtr(fd, 0, nil, n, unix.PROT_READ, unix.MAP_PRIVATE)
 	unix.Close(fd)
-	prog, err := seccompbpf.Decode(b)
+	if err != nil {
+		return fmt.Errorf("map fd %d: %w", fd, err)
+	}
+	defer unix.MunmapPtr(mem, n)
+	prog, err := seccompbpf.View(unsafe.Slice((*byte)(mem), n))
 	if err != nil {
 		return err
 	}
