@@ -770,3 +770,26 @@ func TestInstallSeccompFromMemfd(t *testing.T) {
 		t.Errorf("a truncated program: child exited %d, want 3 (refused)", code)
 	}
 }
+
+// TestDropGomaxprocs: with --drop-gomaxprocs the GOMAXPROCS chalkd put in
+// init's environment (for init's own runtime) is not passed on to what
+// init starts; without it the environment's GOMAXPROCS is the sandbox's
+// and is passed on.
+func TestDropGomaxprocs(t *testing.T) {
+	for _, tc := range []struct {
+		flags []string
+		want  string
+	}{
+		{[]string{"--drop-gomaxprocs"}, "unset\n"},
+		{nil, "1\n"},
+	} {
+		sock := filepath.Join(t.TempDir(), "run", "init.sock")
+		args := append(append([]string{"--socket", sock}, tc.flags...), "--", "sh", "-c", "echo ${GOMAXPROCS-unset}")
+		cmd := initCmd(t, args...)
+		cmd.Env = append(cmd.Env, "GOMAXPROCS=1")
+		out, err := cmd.Output()
+		if err != nil || string(out) != tc.want {
+			t.Errorf("%q: %q, %v; want %q", tc.flags, out, err, tc.want)
+		}
+	}
+}
