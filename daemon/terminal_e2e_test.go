@@ -99,6 +99,27 @@ func (tm *tmuxTerm) waitFor(want string) {
 	}
 }
 
+// atPrompt waits until busybox sh's prompt ("/ # ") shows on the line after
+// the one ending in after: the shell has read the last line, run it, and is
+// reading the next one. Type a command that starts a foreground job only
+// then. Busybox's line editor asks the terminal where the cursor is (ESC
+// [6n) right after printing each prompt, and the terminal's answer (ESC
+// [row;colR) comes back as input; typed before the prompt, a command's
+// Enter can reach the shell before the answer, which then arrives while the
+// shell switches the terminal back to canonical mode to run the command.
+// gVisor's line discipline keeps bytes left in its input queue at that
+// switch "readable", and then holds all later input, ^C and ^Z with it,
+// until someone reads the terminal: a job like sleep never does, so the
+// keys never arrive (the flake of TestTerminalShellRunsc and
+// CHALK_TEST_RUNTIME=runsc, seen with sleep 100 running, the terminal in
+// canonical mode with isig, and nothing echoed after ^C). The prompt and its
+// question are one write of the shell's, so once the prompt shows, the
+// terminal has answered before anything typed next.
+func (tm *tmuxTerm) atPrompt(after string) {
+	tm.t.Helper()
+	tm.waitFor(after + "\n/ #")
+}
+
 // waitTTYSize polls the size of the sandbox's terminal tty until it is want
 // ("rows cols"): the CLI's resize has reached the sandbox.
 func waitTTYSize(t *testing.T, sb *chalkcompute.Sandbox, tty, want string) {
@@ -189,13 +210,13 @@ func testTerminalShell(t *testing.T, n *chalktest.Node) {
 	// without running (seen once on gVisor on a loaded machine).
 	waitTTYSize(t, sb, tty, "40 132")
 	tm.line("clear; stty size")
-	tm.waitFor("40 132")
+	tm.atPrompt("40 132")
 
 	tm.line("sleep 100")
 	waitProc(t, sb, "sleep 100", "SR")
 	tm.keys(false, "C-c")
 	tm.line("echo after-sleep=$?") // typed ahead if the shell is not back yet
-	tm.waitFor("after-sleep=130")
+	tm.atPrompt("after-sleep=130")
 
 	// Job control: ^Z stops the job, fg continues it in the foreground.
 	tm.line("sleep 101")
@@ -203,6 +224,7 @@ func testTerminalShell(t *testing.T, n *chalktest.Node) {
 	tm.keys(false, "C-z")
 	tm.waitFor("Stopped")
 	waitProc(t, sb, "sleep 101", "T")
+	tm.atPrompt("sleep 101") // the end of the line "[1]+  Stopped    sleep 101"
 	tm.line("fg")
 	waitProc(t, sb, "sleep 101", "SR")
 	tm.keys(false, "C-c")
@@ -213,6 +235,46 @@ func testTerminalShell(t *testing.T, n *chalktest.Node) {
 	tm.waitFor("CLI-EXIT=7")
 	if s := tm.screen(); !strings.Contains(s, "RESTORED") || strings.Contains(s, "NOT-RESTORED") {
 		t.Fatalf("the terminal was not restored:\n%s", s)
+	}
+}
+
+// TestTerminalInputAtCanonicalSwitch pins the line-discipline behaviour
+// tmuxTerm.atPrompt works around: bytes left unread in a terminal's input
+// queue when canonical mode is switched on (a program read one byte of
+// "a" + a cursor report in raw mode, then switched back) and then ^C.
+// Under runc (Linux's n_tty) the ^C reaches the foreground job at once
+// (exit 130); gVisor holds the ^C behind the unread bytes until someone
+// reads the terminal, so the job runs to its end (exit 0). If this fails
+// on gVisor with 130, gVisor fixed it and atPrompt's reason is gone.
+func TestTerminalInputAtCanonicalSwitch(t *testing.T) {
+	n := chalktest.Start(t)
+	sb := create(t, n.Client())
+	ctx := ctxT(t, time.Minute)
+	out := &syncBuffer{}
+	p, err := sb.Start(ctx, []string{"sh", "-c", `stty -icanon -echo -isig min 1; echo RAW; dd bs=1 count=1 >/dev/null 2>&1; stty icanon echo isig; echo COOKED; exec sleep 3`},
+		chalkcompute.ExecPTY(24, 80), chalkcompute.ExecStdin(), chalkcompute.Stdout(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitOutput(t, ctx, out, "RAW")
+	if _, err := p.Stdin().Write([]byte("a\x1b[5;5R")); err != nil { // dd reads the "a"
+		t.Fatal(err)
+	}
+	waitOutput(t, ctx, out, "COOKED")
+	waitProc(t, sb, "sleep 3", "SR")
+	if _, err := p.Stdin().Write([]byte{3}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := p.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := 130
+	if os.Getenv("CHALK_TEST_RUNTIME") == "runsc" {
+		want = 0
+	}
+	if st.Code != want {
+		t.Fatalf("^C after a switch to canonical mode with input left: exit %d, want %d; output %q", st.Code, want, out.String())
 	}
 }
 

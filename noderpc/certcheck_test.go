@@ -105,17 +105,14 @@ func dialNode(r *Router, id, url string) error {
 func TestSupersededCertificate(t *testing.T) {
 	c := newControl(t)
 	ctx := ctxT(t)
-	var clock atomic.Int64
-	clock.Store(time.Now().UnixNano())
-	now := func() time.Time { return time.Unix(0, clock.Load()) }
-	c.fleet.Now = now
+	clk := useFakeClock(nil, c.fleet)
 	c.fleet.CertGrace = time.Minute
 	n := addNode(t, c, "a", 4, 4096, 10)
 	old := copyIdentity(t, n.id)
 	oldLeaf := leafOf(t, old)
 	oldURL, _ := serveNodeAPI(t, old) // a node API serving with the old certificate
 	r := newRouter(t, c)
-	r.now = now
+	r.SetClock(clk.Now)
 	c.mux.Handle(RelayPrefix, &Relay{
 		Admit:  c.fleet.AdmitCert,
 		NodeOf: func(string) string { return n.id.ID },
@@ -152,7 +149,7 @@ func TestSupersededCertificate(t *testing.T) {
 	}
 
 	// Within the grace: both accepted everywhere.
-	clock.Add(int64(59 * time.Second))
+	clk.Add(59 * time.Second)
 	for name, id := range map[string]*NodeIdentity{"old": old, "new": n.id} {
 		if err := heartbeat(FleetClient(id, c.url)); err != nil {
 			t.Errorf("%s certificate within the grace: heartbeat: %v", name, err)
@@ -169,7 +166,7 @@ func TestSupersededCertificate(t *testing.T) {
 	}
 
 	// Past the deadline: the old one refused everywhere, the new one not.
-	clock.Add(int64(time.Second))
+	clk.Add(time.Second)
 	err := heartbeat(FleetClient(old, c.url))
 	if !errors.Is(err, errdefs.ErrPermissionDenied) || !strings.Contains(err.Error(), n.id.ID) || !strings.Contains(err.Error(), "superseded by a renewal") {
 		t.Errorf("heartbeat with the old certificate past the deadline: %v, want permission denied naming the node and the renewal", err)
@@ -227,16 +224,14 @@ func TestSupersededCertificate(t *testing.T) {
 func TestRenewAnswerLost(t *testing.T) {
 	c := newControl(t)
 	ctx := ctxT(t)
-	var clock atomic.Int64
-	clock.Store(time.Now().UnixNano())
-	c.fleet.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+	clk := useFakeClock(nil, c.fleet)
 	c.fleet.CertGrace = time.Minute
 	n := addNode(t, c, "a", 4, 4096, 10)
 	lost := copyIdentity(t, n.id)
 	if err := n.id.Renew(ctx, FleetClient(n.id, c.url)); err != nil { // the answer n.id got is the one "lost"
 		t.Fatal(err)
 	}
-	clock.Add(int64(30 * time.Second))
+	clk.Add(30 * time.Second)
 	if err := lost.Renew(ctx, FleetClient(lost, c.url)); err != nil {
 		t.Fatalf("renewal again from the superseded certificate within the grace: %v", err)
 	}
@@ -251,7 +246,7 @@ func TestRenewAnswerLost(t *testing.T) {
 		t.Fatalf("the certificate issued in between: %v, want permission denied", err)
 	}
 	rec, err := c.st.GetNode(ctx, n.id.ID)
-	if err != nil || rec.CertSerial != serialOf(leafOf(t, lost)) || !rec.SupersededUntil.Equal(time.Unix(0, clock.Load()).Add(-30*time.Second).Add(time.Minute)) {
+	if err != nil || rec.CertSerial != serialOf(leafOf(t, lost)) || !rec.SupersededUntil.Equal(clk.Now().Add(-30*time.Second).Add(time.Minute)) {
 		t.Fatalf("record after the second renewal: %+v %v", rec, err)
 	}
 }
@@ -356,9 +351,7 @@ func TestRouterRedialsRenewedNode(t *testing.T) {
 func TestRelayClientAfterRenewal(t *testing.T) {
 	c := newControl(t)
 	ctx := ctxT(t)
-	var clock atomic.Int64
-	clock.Store(time.Now().UnixNano())
-	c.fleet.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+	clk := useFakeClock(nil, c.fleet)
 	c.fleet.CertGrace = time.Minute
 	n := addNode(t, c, "a", 4, 4096, 10)
 	c.mux.Handle(RelayPrefix, &Relay{
@@ -385,7 +378,7 @@ func TestRelayClientAfterRenewal(t *testing.T) {
 	if err := n.id.Renew(ctx, FleetClient(n.id, c.url)); err != nil {
 		t.Fatal(err)
 	}
-	clock.Add(int64(time.Minute))
+	clk.Add(time.Minute)
 	if code := relay(); code != http.StatusNoContent {
 		t.Fatalf("relay after the renewal, past the old certificate's deadline: %d", code)
 	}

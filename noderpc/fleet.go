@@ -98,8 +98,6 @@ type Fleet struct {
 	// heartbeat of each node in this process: a node that joined, or one
 	// seen again after the control plane started (its API serves by then).
 	FirstHeartbeat func(nodeID string)
-	// Now is the clock (tests).
-	Now func() time.Time
 	// Workloads, if set, answers nodes' Workload calls (workload identity
 	// of node sandboxes); nil: refused.
 	Workloads Workloads
@@ -110,6 +108,7 @@ type Fleet struct {
 
 	seen     sync.Map // node id → struct{}: FirstHeartbeat ran
 	inflight certInflight
+	clock    clock // SetClock
 }
 
 // RegistryAccess is how nodes pull from the control plane's registry.
@@ -152,12 +151,11 @@ func (f *Fleet) Handler() (string, http.Handler) {
 	})
 }
 
-func (f *Fleet) now() time.Time {
-	if f.Now != nil {
-		return f.Now()
-	}
-	return time.Now()
-}
+// SetClock makes now the fleet's clock (nil: time.Now), also while its
+// goroutines read it (tests move it).
+func (f *Fleet) SetClock(now func() time.Time) { f.clock.set(now) }
+
+func (f *Fleet) now() time.Time { return f.clock.Now() }
 
 func (f *Fleet) log() *slog.Logger {
 	if f.Log == nil {

@@ -108,11 +108,12 @@ func TestJoin(t *testing.T) {
 	}
 	// Expired.
 	old := c.token(t, time.Hour)
-	c.fleet.Now = func() time.Time { return time.Now().Add(2 * time.Hour) }
+	clk := useFakeClock(nil, c.fleet)
+	clk.Add(2 * time.Hour)
 	if _, err := Join(ctx, filepath.Join(dir, "c"), joinReq(c, old, "c")); !errors.Is(err, errdefs.ErrPermissionDenied) {
 		t.Errorf("expired token: %v, want permission denied", err)
 	}
-	c.fleet.Now = nil
+	c.fleet.SetClock(nil)
 	// Never in clear at rest, never in the logs.
 	secret := strings.Split(tok, ".")[1]
 	db, _ := os.ReadFile(filepath.Join(c.dir, "chalk.db"))

@@ -6,7 +6,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -51,18 +50,11 @@ func TestLostReadopted(t *testing.T) {
 	}
 	// loseAndReturn makes a silent past the timeout, records its
 	// sandboxes lost as the API does (end, then teardown through the
-	// router), and has it heartbeat again at clock.
-	// The clock is read by the router's and the fleet's goroutines (a
-	// dial's certificate check among them): atomic, and the functions
-	// reading it are set once.
-	var clock atomic.Int64
-	clock.Store(time.Now().UnixNano())
-	now := func() time.Time { return time.Unix(0, clock.Load()) }
-	r.now = now
-	c.fleet.Now = now
+	// router), and has it heartbeat again at clk.
+	clk := useFakeClock(r, c.fleet)
 	loseAndReturn := func(ids ...string) {
 		t.Helper()
-		clock.Add(int64(2 * DefaultHeartbeatTimeout))
+		clk.Add(2 * DefaultHeartbeatTimeout)
 		if err := r.Refresh(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -159,13 +151,8 @@ func TestReconcileDoesNotHoldRefresh(t *testing.T) {
 	a.fake.mu.Lock()
 	a.fake.restoreHold = hold
 	a.fake.mu.Unlock()
-	// Read by the router's and the fleet's goroutines (a dial's
-	// certificate check among them): atomic, the functions set once.
-	var clock atomic.Int64
-	clock.Store(time.Now().Add(2 * DefaultHeartbeatTimeout).UnixNano())
-	now := func() time.Time { return time.Unix(0, clock.Load()) }
-	r.now = now
-	c.fleet.Now = now
+	clk := useFakeClock(r, c.fleet)
+	clk.Add(2 * DefaultHeartbeatTimeout)
 	if err := r.Refresh(ctx); err != nil { // both silent: unhealthy
 		t.Fatal(err)
 	}
@@ -189,7 +176,7 @@ func TestReconcileDoesNotHoldRefresh(t *testing.T) {
 		t.Fatalf("a restored %d times, want 1 (held)", restores())
 	}
 	// b goes silent; a answers heartbeats but its Restore still hangs.
-	clock.Add(int64(2 * DefaultHeartbeatTimeout))
+	clk.Add(2 * DefaultHeartbeatTimeout)
 	a.heartbeat(t, c)
 	if err := r.Refresh(ctx); err != nil {
 		t.Fatal(err)

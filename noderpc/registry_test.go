@@ -234,9 +234,7 @@ func TestRegistryRefusesRemovedNode(t *testing.T) {
 func TestRegistryPullsAfterRenewal(t *testing.T) {
 	c := newControl(t)
 	ctx := ctxT(t)
-	var clock atomic.Int64
-	clock.Store(time.Now().UnixNano())
-	c.fleet.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+	clk := useFakeClock(nil, c.fleet)
 	c.fleet.CertGrace = time.Minute
 	reg, err := registry.New(ctx, registry.Config{RootDir: filepath.Join(t.TempDir(), "registry")})
 	if err != nil {
@@ -279,7 +277,7 @@ func TestRegistryPullsAfterRenewal(t *testing.T) {
 	if err := id.Renew(ctx, fc); err != nil {
 		t.Fatal(err)
 	}
-	clock.Add(int64(time.Minute))
+	clk.Add(time.Minute)
 	if _, _, err := rem.Resolve(ctx, "chalk.local/fleet:v1"); err != nil {
 		t.Fatalf("a pull after the renewal, past the old certificate's deadline: %v", err)
 	}

@@ -29,6 +29,7 @@ func TestNodeRemove(t *testing.T) {
 	n1 := addNode(t, c, "a", 4, 4096, 10)
 	n2 := addNode(t, c, "b", 4, 4096, 10)
 	r := newRouter(t, c)
+	clk := useFakeClock(r, nil)
 	other := newRouter(t, c) // another control plane on the same store
 	if _, err := r.Start(ctx, node.StartRequest{ID: "sb", Slot: 1}); err != nil {
 		t.Fatal(err)
@@ -145,8 +146,7 @@ func TestNodeRemove(t *testing.T) {
 		}
 	}
 	r.mu.Unlock()
-	later := time.Now().Add(2 * DefaultHeartbeatTimeout)
-	r.now = func() time.Time { return later }
+	clk.Add(2 * DefaultHeartbeatTimeout)
 	if err := r.Refresh(ctx); err != nil {
 		t.Fatal(err)
 	}

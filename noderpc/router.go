@@ -51,7 +51,7 @@ type Router struct {
 	// holds the leader lease: only the leader reconciles a returned node
 	// (nil: always; see replicas.go).
 	Leading func() bool
-	now     func() time.Time
+	clock   clock // SetClock
 	// started is when this router began: for one heartbeat timeout after
 	// it, nodes count as healthy whatever their last heartbeat (they
 	// could not heartbeat while the control plane was down).
@@ -121,13 +121,19 @@ type placement struct {
 
 var _ api.Node = (*Router)(nil)
 
+// SetClock makes now the router's clock (nil: time.Now), also while its
+// goroutines read it (tests move it).
+func (r *Router) SetClock(now func() time.Time) { r.clock.set(now) }
+
+func (r *Router) now() time.Time { return r.clock.Now() }
+
 // NewRouter returns a Router calling nodes with the control plane's
 // certificate cert (from ca).
 func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) *Router {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now, started: time.Now(),
+	return &Router{store: st, ca: ca, cert: cert, log: log, started: time.Now(),
 		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{},
 		warm: map[string]map[string]bool{}, pooled: map[string]map[string]int{}, unreconciled: map[string]bool{},
 		reconciling: map[string]bool{}}

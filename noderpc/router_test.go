@@ -147,6 +147,7 @@ func TestNodeLost(t *testing.T) {
 	n1 := addNode(t, c, "a", 4, 4096, 10)
 	n2 := addNode(t, c, "b", 4, 4096, 10)
 	r := newRouter(t, c)
+	clk := useFakeClock(r, c.fleet)
 	if _, err := r.Start(ctx, node.StartRequest{ID: "sb", Slot: 1}); err != nil {
 		t.Fatal(err)
 	}
@@ -167,9 +168,7 @@ func TestNodeLost(t *testing.T) {
 		return slices.Contains(a.fake.calls, "Wait forever 0")
 	})
 	// a stops heartbeating (b goes on): the clock moves past the timeout.
-	later := time.Now().Add(2 * DefaultHeartbeatTimeout)
-	r.now = func() time.Time { return later }
-	c.fleet.Now = func() time.Time { return later }
+	clk.Add(2 * DefaultHeartbeatTimeout)
 	b.heartbeat(t, c)
 	if err := r.Refresh(ctx); err != nil {
 		t.Fatal(err)
@@ -245,6 +244,7 @@ func TestRouterStartGrace(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := newRouter(t, c)
+	clk := useFakeClock(r, nil)
 	if pid, ok := r.Running(ctx, "up"); !ok || pid != 77 || r.NodeOf("up") != a.id.ID {
 		t.Fatalf("reconcile after a control-plane restart: running %v pid %d on %q", ok, pid, r.NodeOf("up"))
 	}
@@ -253,8 +253,7 @@ func TestRouterStartGrace(t *testing.T) {
 		t.Fatalf("a node full of a re-learned sandbox took another: %v", err)
 	}
 	// Past the grace, a node that still does not heartbeat is lost.
-	later := time.Now().Add(2 * DefaultHeartbeatTimeout)
-	r.now = func() time.Time { return later }
+	clk.Add(2 * DefaultHeartbeatTimeout)
 	if err := r.Refresh(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -527,9 +526,8 @@ func TestReconcileByTheLeader(t *testing.T) {
 		defer a.fake.mu.Unlock()
 		return slices.ContainsFunc(a.fake.calls, func(s string) bool { return strings.HasPrefix(s, "Restore") })
 	}
-	later := time.Now().Add(2 * DefaultHeartbeatTimeout)
-	r.now = func() time.Time { return later }
-	c.fleet.Now = func() time.Time { return later }
+	clk := useFakeClock(r, c.fleet)
+	clk.Add(2 * DefaultHeartbeatTimeout)
 	if err := r.Refresh(ctx); err != nil { // a is lost
 		t.Fatal(err)
 	}

@@ -25,6 +25,7 @@ func TestRouterSnapshot(t *testing.T) {
 	ctx := ctxT(t)
 	a := addNode(t, c, "a", 4, 4096, 10)
 	r := newRouter(t, c)
+	clk := useFakeClock(r, nil)
 	if _, err := r.Start(ctx, node.StartRequest{ID: "sb", Slot: 1}); err != nil {
 		t.Fatal(err)
 	}
@@ -77,12 +78,11 @@ func TestRouterSnapshot(t *testing.T) {
 	if _, err := r.Snapshot(ctx, stopped); err != nil || !bytes.Equal(pushed, layer) {
 		t.Fatalf("snapshot of a stopped sandbox whose layer is kept: %v (%d bytes pushed)", err, len(pushed))
 	}
-	later := time.Now().Add(2 * time.Minute)
-	r.now = func() time.Time { return later }
+	clk.Add(2 * time.Minute)
 	if _, err := r.Snapshot(ctx, stopped); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Errorf("snapshot of a stopped sandbox past its keep: %v, want failed precondition", err)
 	}
-	r.now = time.Now
+	clk.Add(-2 * time.Minute)
 	// Over the bound: cut off.
 	r.mu.Lock()
 	m := r.members[a.id.ID]

@@ -389,6 +389,10 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 	// passes no extra fds, so on gVisor init empties the log at the cap.
 	prevLog := r.cfg.Runtime == RuntimeRunc
 	args = append(args, "--log-max", strconv.FormatInt(r.cfg.LogMaxBytes, 10))
+	env, dropGomaxprocs := initEnv(sp.Env)
+	if dropGomaxprocs {
+		args = append(args, "--drop-gomaxprocs")
+	}
 	if prevLog {
 		args = append(args, "--log-prev-fd", "3")
 	}
@@ -421,7 +425,7 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 		args = append(append(args, "--"), sp.Entrypoint...)
 	}
 	opts := []SpecOpt{
-		WithProcess(args, sp.Env, sp.Workdir, ""),
+		WithProcess(args, env, sp.Workdir, ""),
 		WithHostname(sp.ID),
 		WithResources(r.cgroupPath(sp.ID), sp.CPU, sp.Memory, sp.Pids),
 		WithSeccomp(),
@@ -1109,4 +1113,19 @@ func resolveUser(rootfs, user string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("user %q not found in the image's /etc/passwd: %w", user, errdefs.ErrInvalidArgument)
+}
+
+// initEnv is init's environment: the sandbox's env with GOMAXPROCS=1 added,
+// so that init's Go runtime starts with one P (two Ps at the start cost
+// every idle sandbox ~0.3 MiB: docs/ARCHITECTURE.md, "Where the time and
+// memory go", round 6); drop says init must remove it again before it starts
+// anything (--drop-gomaxprocs). A GOMAXPROCS the sandbox sets itself is left
+// as it is, for its processes (init then still runs one P, set in main).
+func initEnv(env []string) (_ []string, drop bool) {
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "GOMAXPROCS=") {
+			return env, false
+		}
+	}
+	return append(env[:len(env):len(env)], "GOMAXPROCS=1"), true
 }

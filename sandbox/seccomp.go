@@ -3,7 +3,7 @@ package sandbox
 import (
 	"bufio"
 	"bytes"
-	"encoding/json"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -33,17 +33,15 @@ const (
 // profile depends on the bounding capabilities).
 type seccompCache struct {
 	mu    sync.Mutex
-	progs map[string][]byte // profile JSON -> encoded program; nil: not compilable
+	key   []byte            // scratch for profileKey, under mu
+	progs map[string][]byte // profileKey -> encoded program; nil: not compilable
 }
 
 func (c *seccompCache) get(p *specs.LinuxSeccomp) ([]byte, error) {
-	key, err := json.Marshal(p)
-	if err != nil {
-		return nil, err
-	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if b, ok := c.progs[string(key)]; ok {
+	c.key = profileKey(c.key[:0], p)
+	if b, ok := c.progs[string(c.key)]; ok {
 		if b == nil {
 			return nil, seccompbpf.ErrUnsupported
 		}
@@ -60,8 +58,63 @@ func (c *seccompCache) get(p *specs.LinuxSeccomp) ([]byte, error) {
 	if err == nil {
 		b = prog.Encode()
 	}
-	c.progs[string(key)] = b
+	c.progs[string(c.key)] = b
 	return b, err
+}
+
+// profileKey appends to b an encoding of the whole profile p that is
+// injective (every field; strings and lists length-prefixed, pointers with
+// a presence byte): two profiles that differ in anything have different
+// keys, so they never share a program. It replaces json.Marshal (~22 µs a
+// start for the default profile; TestSeccompKeyCoversProfile fails if the
+// spec types gain a field this does not encode).
+func profileKey(b []byte, p *specs.LinuxSeccomp) []byte {
+	if p == nil {
+		return append(b, 0)
+	}
+	b = append(b, 1)
+	b = keyString(b, string(p.DefaultAction))
+	b = keyUintPtr(b, p.DefaultErrnoRet)
+	b = binary.AppendUvarint(b, uint64(len(p.Architectures)))
+	for _, a := range p.Architectures {
+		b = keyString(b, string(a))
+	}
+	b = binary.AppendUvarint(b, uint64(len(p.Flags)))
+	for _, f := range p.Flags {
+		b = keyString(b, string(f))
+	}
+	b = keyString(b, p.ListenerPath)
+	b = keyString(b, p.ListenerMetadata)
+	b = binary.AppendUvarint(b, uint64(len(p.Syscalls)))
+	for i := range p.Syscalls {
+		sc := &p.Syscalls[i]
+		b = binary.AppendUvarint(b, uint64(len(sc.Names)))
+		for _, n := range sc.Names {
+			b = keyString(b, n)
+		}
+		b = keyString(b, string(sc.Action))
+		b = keyUintPtr(b, sc.ErrnoRet)
+		b = binary.AppendUvarint(b, uint64(len(sc.Args)))
+		for _, a := range sc.Args {
+			b = binary.AppendUvarint(b, uint64(a.Index))
+			b = binary.AppendUvarint(b, a.Value)
+			b = binary.AppendUvarint(b, a.ValueTwo)
+			b = keyString(b, string(a.Op))
+		}
+	}
+	return b
+}
+
+func keyString(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+func keyUintPtr(b []byte, u *uint) []byte {
+	if u == nil {
+		return append(b, 0)
+	}
+	return binary.AppendUvarint(append(b, 1), uint64(*u))
 }
 
 // takeSeccomp moves spec's seccomp profile out of the spec into a compiled

@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"unsafe"
@@ -234,8 +237,8 @@ func seccompData(nr, arch uint32, args [6]uint64) []byte {
 }
 
 // BenchmarkSeccompCompile: compiling the sandbox profile (once per distinct
-// profile in chalkd) and a cache hit (every start: the profile's JSON as
-// the key).
+// profile in chalkd) and a cache hit (every start: profileKey's encoding
+// of the profile as the key).
 func BenchmarkSeccompCompile(b *testing.B) {
 	spec, err := GenerateSpec(WithProcess([]string{"/x"}, nil, "", ""), WithSeccomp())
 	if err != nil {
@@ -256,4 +259,166 @@ func BenchmarkSeccompCompile(b *testing.B) {
 			}
 		}
 	})
+}
+
+// TestSeccompCacheKeysWholeProfile: profiles that differ in one field
+// (of the profile, of a rule, of an argument condition) get different
+// programs from the cache, each the one its own profile compiles to, and a
+// profile equal to one seen before (a copy) gets that one's program.
+func TestSeccompCacheKeysWholeProfile(t *testing.T) {
+	spec, err := GenerateSpec(WithProcess([]string{"/x"}, nil, "", ""), WithSeccomp())
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := spec.Linux.Seccomp
+	withArgs := slices.IndexFunc(base.Syscalls, func(s specs.LinuxSyscall) bool { return len(s.Args) > 0 })
+	if withArgs < 0 {
+		t.Fatal("the default profile has no argument condition")
+	}
+	errnoRule := slices.IndexFunc(base.Syscalls, func(s specs.LinuxSyscall) bool { return s.Action == specs.ActErrno })
+	if errnoRule < 0 {
+		t.Fatal("the default profile has no errno rule")
+	}
+	enosys, eperm := uint(unix.ENOSYS), uint(unix.EPERM)
+	variants := map[string]func(p *specs.LinuxSeccomp){
+		"default errno":   func(p *specs.LinuxSeccomp) { p.DefaultErrnoRet = &enosys },
+		"a rule's action": func(p *specs.LinuxSeccomp) { p.Syscalls[0].Action = specs.ActErrno },
+		"a rule's errno":  func(p *specs.LinuxSeccomp) { p.Syscalls[errnoRule].ErrnoRet = &eperm },
+		"a name less":     func(p *specs.LinuxSeccomp) { p.Syscalls[0].Names = p.Syscalls[0].Names[1:] },
+		"an arg's value":  func(p *specs.LinuxSeccomp) { p.Syscalls[withArgs].Args[0].Value++ },
+		"an arg's index":  func(p *specs.LinuxSeccomp) { p.Syscalls[withArgs].Args[0].Index++ },
+	}
+	var c seccompCache
+	got0, err := c.get(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, change := range variants {
+		p := cloneProfile(t, base)
+		change(p)
+		got, err := c.get(p)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		want, err := seccompbpf.Compile(p)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if bytes.Equal(got, got0) || !bytes.Equal(got, want.Encode()) {
+			t.Errorf("%s: the cache gave the base profile's program, or not this profile's own", name)
+		}
+	}
+	if again, err := c.get(cloneProfile(t, base)); err != nil || !bytes.Equal(again, got0) {
+		t.Errorf("a copy of the base profile: %v, not its program", err)
+	}
+	if n := len(c.progs); n != len(variants)+1 {
+		t.Errorf("%d programs cached, want %d", n, len(variants)+1)
+	}
+}
+
+// TestSeccompKeyCoversProfile: changing any one field anywhere in a
+// profile (found by reflection, so a field the spec types gain is covered
+// too) changes its cache key, and no two of these changes give one key.
+func TestSeccompKeyCoversProfile(t *testing.T) {
+	zero := uint(0)
+	base := &specs.LinuxSeccomp{
+		DefaultAction: specs.ActErrno, DefaultErrnoRet: &zero,
+		Architectures: []specs.Arch{specs.ArchX86_64}, Flags: []specs.LinuxSeccompFlag{"f"},
+		ListenerPath: "l", ListenerMetadata: "m",
+		Syscalls: []specs.LinuxSyscall{{Names: []string{"a", "b"}, Action: specs.ActAllow, ErrnoRet: &zero,
+			Args: []specs.LinuxSeccompArg{{Index: 1, Value: 2, ValueTwo: 3, Op: specs.OpEqualTo}}}},
+	}
+	keys := map[string]string{string(profileKey(nil, base)): "the base"}
+	n := 0
+	var walk func(path string, v reflect.Value)
+	walk = func(path string, v reflect.Value) {
+		switch v.Kind() {
+		case reflect.Struct:
+			for i := range v.NumField() {
+				walk(path+"."+v.Type().Field(i).Name, v.Field(i))
+			}
+			return
+		case reflect.Slice:
+			for i := range v.Len() {
+				walk(fmt.Sprintf("%s[%d]", path, i), v.Index(i))
+			}
+		case reflect.Pointer:
+			if !v.IsNil() {
+				walk("*"+path, v.Elem())
+			}
+		}
+		// Change this field in a copy (found again by the same walk).
+		p := cloneProfile(t, base)
+		if !mutateAt(reflect.ValueOf(p).Elem(), "", path) {
+			t.Fatalf("%s: not found in the copy", path)
+		}
+		n++
+		k := string(profileKey(nil, p))
+		if other, ok := keys[k]; ok {
+			t.Errorf("changing %s gives the key of %s", path, other)
+		}
+		keys[k] = path
+	}
+	walk("", reflect.ValueOf(base).Elem())
+	if n < 20 {
+		t.Fatalf("only %d changes made", n)
+	}
+}
+
+// mutateAt changes the value at path (as TestSeccompKeyCoversProfile's walk
+// names it) under v: a string gets longer, a number larger, a nil pointer
+// set, a slice an element more.
+func mutateAt(v reflect.Value, at, path string) bool {
+	switch v.Kind() {
+	case reflect.Struct:
+		for i := range v.NumField() {
+			if mutateAt(v.Field(i), at+"."+v.Type().Field(i).Name, path) {
+				return true
+			}
+		}
+	case reflect.Slice:
+		for i := range v.Len() {
+			if mutateAt(v.Index(i), fmt.Sprintf("%s[%d]", at, i), path) {
+				return true
+			}
+		}
+	case reflect.Pointer:
+		if !v.IsNil() && mutateAt(v.Elem(), "*"+at, path) {
+			return true
+		}
+	}
+	if at != path {
+		return false
+	}
+	switch v.Kind() {
+	case reflect.String:
+		v.SetString(v.String() + "x")
+	case reflect.Uint, reflect.Uint64, reflect.Uint32:
+		v.SetUint(v.Uint() + 1)
+	case reflect.Pointer:
+		if v.IsNil() {
+			v.Set(reflect.New(v.Type().Elem()))
+		} else {
+			v.Set(reflect.Zero(v.Type()))
+		}
+	case reflect.Slice:
+		v.Set(reflect.Append(v, reflect.Zero(v.Type().Elem())))
+	default:
+		panic("mutateAt: kind " + v.Kind().String() + " at " + path)
+	}
+	return true
+}
+
+// cloneProfile is a deep copy of p.
+func cloneProfile(t *testing.T, p *specs.LinuxSeccomp) *specs.LinuxSeccomp {
+	t.Helper()
+	b, err := json.Marshal(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c specs.LinuxSeccomp
+	if err := json.Unmarshal(b, &c); err != nil {
+		t.Fatal(err)
+	}
+	return &c
 }

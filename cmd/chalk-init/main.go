@@ -44,6 +44,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -103,12 +104,17 @@ func installSeccomp(args []string) error {
 	if st.Size <= 0 || st.Size > 8*unix.BPF_MAXINSNS {
 		return fmt.Errorf("fd %d: %d bytes", fd, st.Size)
 	}
-	b := make([]byte, st.Size)
-	if n, err := unix.Pread(fd, b, 0); err != nil || n != len(b) {
-		return fmt.Errorf("read fd %d: %d bytes, %v", fd, n, err)
-	}
+	// The program is installed from a private read-only mapping of the
+	// memfd, unmapped after: nothing of it stays in init's heap (the kernel
+	// keeps its own copy of the filter).
+	n := uintptr(st.Size)
+	mem, err := unix.MmapPtr(fd, 0, nil, n, unix.PROT_READ, unix.MAP_PRIVATE)
 	unix.Close(fd)
-	prog, err := seccompbpf.Decode(b)
+	if err != nil {
+		return fmt.Errorf("map fd %d: %w", fd, err)
+	}
+	defer unix.MunmapPtr(mem, n)
+	prog, err := seccompbpf.View(unsafe.Slice((*byte)(mem), n))
 	if err != nil {
 		return err
 	}
@@ -125,8 +131,18 @@ func run(args []string) int {
 	logPrev := fl.Int("log-prev-fd", 0, "fd of the console log's previous part (with --log-max)")
 	fl.Int("seccomp-fd", 0, "fd of the compiled seccomp filter to load before anything else (read by main; see installSeccomp)")
 	workTasks := fl.Int("workload-tasks-fd", 0, "fd of the `tasks` file (cgroup v1, open for writing) of the cgroup every process init starts begins in; without it init reserves threads instead")
+	dropGomaxprocs := fl.Bool("drop-gomaxprocs", false, "GOMAXPROCS in init's environment is chalkd's, for init alone: remove it before init starts anything")
 	if err := fl.Parse(args); err != nil {
 		return 2
+	}
+	if *dropGomaxprocs {
+		// chalkd set GOMAXPROCS=1 so that the runtime starts with one P:
+		// with two, a goroutine of the runtime's start can run on the
+		// second P before GOMAXPROCS(1) below, which leaves its spans and
+		// metadata (~0.3 MiB) in every idle sandbox (docs/ARCHITECTURE.md,
+		// "Where the time and memory go", round 6). The sandbox's
+		// processes must not inherit it.
+		os.Unsetenv("GOMAXPROCS")
 	}
 	entry := fl.Args()
 	var stderr io.Writer = os.Stderr
@@ -160,8 +176,9 @@ func run(args []string) int {
 	// One P: init's work (accept, fork, copy output) is small and mostly
 	// waiting, and every P and thread is memory held by every idle sandbox
 	// (each thread ~26 KiB of kernel and runtime memory; docs/ARCHITECTURE.md,
-	// "Where the time and memory go"). Not through GOMAXPROCS in the
-	// environment: the processes init starts inherit that.
+	// "Where the time and memory go"). chalkd starts init with
+	// GOMAXPROCS=1 in its environment (--drop-gomaxprocs above), so this
+	// is for an init whose sandbox sets GOMAXPROCS itself.
 	runtime.GOMAXPROCS(1)
 	// A small heap goal: Go's default lets the heap grow to 4 MiB before the
 	// first collection, garbage every idle sandbox would hold; at 20 % the

@@ -18,10 +18,12 @@ import (
 	"testing"
 	"time"
 
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/procapi"
+	"github.com/chalkcompute/chalkcompute/sandbox/seccompbpf"
 )
 
 // The test binary doubles as chalk-init: started with this variable set it
@@ -29,6 +31,9 @@ import (
 const asInit = "CHALK_INIT_TEST_AS_INIT"
 
 func TestMain(m *testing.M) {
+	if os.Getenv(seccompChild) == "1" {
+		os.Exit(seccompChildMain())
+	}
 	if os.Getenv(asInit) == "1" {
 		os.Exit(run(os.Args[1:]))
 	}
@@ -683,6 +688,108 @@ func TestInstallSeccompArgs(t *testing.T) {
 	} {
 		if err := installSeccomp(args); err == nil {
 			t.Errorf("%q: no error", args)
+		}
+	}
+}
+
+// seccompChild makes the test binary a child that loads the filter of
+// --seccomp-fd as init's main does, then reports by its exit code.
+const seccompChild = "CHALK_INIT_TEST_SECCOMP_CHILD"
+
+// seccompChildMain: 0 if installSeccomp succeeded, every thread is filtered
+// (/proc/self/task/*/status "Seccomp: 2") and getppid fails with EPERM (the
+// test's filter); 3 if installSeccomp refused the program; else 1.
+func seccompChildMain() int {
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return 1
+	}
+	if err := installSeccomp(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 3
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_GETPPID, 0, 0, 0); errno != unix.EPERM {
+		fmt.Fprintln(os.Stderr, "getppid:", errno)
+		return 1
+	}
+	tasks, _ := filepath.Glob("/proc/self/task/*/status")
+	for _, f := range tasks {
+		b, err := os.ReadFile(f)
+		if err != nil || !bytes.Contains(b, []byte("Seccomp:\t2")) {
+			fmt.Fprintln(os.Stderr, f, "not filtered", err)
+			return 1
+		}
+	}
+	return 0
+}
+
+// TestInstallSeccompFromMemfd: a program passed as chalkd passes it (a
+// sealed memfd, sandbox.takeSeccomp) is loaded from its mapping into every
+// thread of the process (a child: the filter would stay on this one), and
+// the calls it refuses fail; a memfd whose size is no whole program is
+// refused before anything is loaded.
+func TestInstallSeccompFromMemfd(t *testing.T) {
+	prog, err := seccompbpf.Compile(&specs.LinuxSeccomp{DefaultAction: specs.ActAllow, Architectures: []specs.Arch{specs.ArchX86_64},
+		Syscalls: []specs.LinuxSyscall{{Names: []string{"getppid"}, Action: specs.ActErrno}}})
+	if err != nil {
+		t.Skip("no compiler for this architecture:", err)
+	}
+	memfd := func(b []byte) *os.File {
+		fd, err := unix.MemfdCreate("chalk-seccomp", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := os.NewFile(uintptr(fd), "seccomp")
+		t.Cleanup(func() { f.Close() })
+		if _, err := f.Write(b); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := unix.FcntlInt(f.Fd(), unix.F_ADD_SEALS, unix.F_SEAL_SEAL|unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_WRITE); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	child := func(f *os.File) int {
+		cmd := exec.Command(os.Args[0], "--socket", "/x", "--seccomp-fd", "3")
+		cmd.Env = append(os.Environ(), seccompChild+"=1")
+		cmd.ExtraFiles = []*os.File{f}
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if err != nil && !errors.As(err, &ee) {
+			t.Fatal(err)
+		}
+		if len(out) > 0 {
+			t.Logf("child: %s", out)
+		}
+		return cmd.ProcessState.ExitCode()
+	}
+	b := prog.Encode()
+	if code := child(memfd(b)); code != 0 {
+		t.Errorf("the compiled program: child exited %d, want 0 (filtered)", code)
+	}
+	if code := child(memfd(b[:len(b)-3])); code != 3 {
+		t.Errorf("a truncated program: child exited %d, want 3 (refused)", code)
+	}
+}
+
+// TestDropGomaxprocs: with --drop-gomaxprocs the GOMAXPROCS chalkd put in
+// init's environment (for init's own runtime) is not passed on to what
+// init starts; without it the environment's GOMAXPROCS is the sandbox's
+// and is passed on.
+func TestDropGomaxprocs(t *testing.T) {
+	for _, tc := range []struct {
+		flags []string
+		want  string
+	}{
+		{[]string{"--drop-gomaxprocs"}, "unset\n"},
+		{nil, "1\n"},
+	} {
+		sock := filepath.Join(t.TempDir(), "run", "init.sock")
+		args := append(append([]string{"--socket", sock}, tc.flags...), "--", "sh", "-c", "echo ${GOMAXPROCS-unset}")
+		cmd := initCmd(t, args...)
+		cmd.Env = append(cmd.Env, "GOMAXPROCS=1")
+		out, err := cmd.Output()
+		if err != nil || string(out) != tc.want {
+			t.Errorf("%q: %q, %v; want %q", tc.flags, out, err, tc.want)
 		}
 	}
 }

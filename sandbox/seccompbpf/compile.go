@@ -256,6 +256,20 @@ func Decode(b []byte) (Program, error) {
 	return p, nil
 }
 
+// View is the program b encodes (Encode), read in place: the returned
+// Program shares b's memory, nothing is copied or allocated (chalk-init maps
+// the program's memfd and installs it from there; see its installSeccomp).
+// b must be 4-byte aligned (a mapping is).
+func View(b []byte) (Program, error) {
+	if len(b) == 0 || len(b)%8 != 0 || len(b)/8 > unix.BPF_MAXINSNS {
+		return nil, fmt.Errorf("seccomp program of %d bytes", len(b))
+	}
+	if uintptr(unsafe.Pointer(&b[0]))%unsafe.Alignof(unix.SockFilter{}) != 0 {
+		return nil, errors.New("seccomp program: unaligned")
+	}
+	return unsafe.Slice((*unix.SockFilter)(unsafe.Pointer(&b[0])), len(b)/8), nil
+}
+
 // Install loads the program as a filter of every thread of the calling
 // process (SECCOMP_FILTER_FLAG_TSYNC). The caller must have no_new_privs set
 // (or CAP_SYS_ADMIN).

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"testing"
+	"unsafe"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/net/bpf"
@@ -261,6 +262,28 @@ func TestCompileStructure(t *testing.T) {
 		if _, err := Decode(bad); err == nil {
 			t.Errorf("Decode of %d bytes: no error", len(bad))
 		}
+		if _, err := View(bad); err == nil {
+			t.Errorf("View of %d bytes: no error", len(bad))
+		}
+	}
+	// View reads the encoding in place (the struct's layout is the
+	// encoding): the same program, sharing b.
+	view, err := View(b)
+	if err != nil || len(view) != len(prog) {
+		t.Fatalf("View: %d, %v", len(view), err)
+	}
+	for i := range prog {
+		if view[i] != prog[i] {
+			t.Fatalf("instruction %d: %+v viewed as %+v", i, prog[i], view[i])
+		}
+	}
+	if unsafe.Pointer(&view[0]) != unsafe.Pointer(&b[0]) {
+		t.Error("View copied the program")
+	}
+	odd := make([]byte, len(b)+1)
+	copy(odd[1:], b)
+	if _, err := View(odd[1:]); err == nil {
+		t.Error("View of an unaligned buffer: no error")
 	}
 }
 
