@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"math/bits"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -83,10 +84,11 @@ func (s *Store) AddMCPAudit(ctx context.Context, recs []MCPAudit) error {
 	// was a new INSERT to parse each time (with the 64-row one prepared per
 	// batch, about 40 % of the writer's CPU). The statements are prepared
 	// before the transaction takes the connection (SQLite has one).
+	qs := auditQueries(s.db.d)
 	var stmts [auditSizes]*sql.Stmt
 	for rest := len(recs); rest > 0; {
 		n := auditChunk(rest)
-		stmts[auditSize(n)] = s.db.prepared(ctx, s.db.d.rebind(auditInsert(n)))
+		stmts[auditSize(n)] = s.db.prepared(ctx, qs[auditSize(n)])
 		rest -= n
 	}
 	tx, err := s.db.BeginTx(ctx)
@@ -140,6 +142,22 @@ func auditChunk(rest int) int {
 
 // auditSize indexes a chunk size (a power of two) in [auditSizes].
 func auditSize(n int) int { return bits.Len(uint(n)) - 1 }
+
+// auditQueryCache holds, per dialect, the audit INSERT of each size as the
+// dialect writes it (built once, not per batch).
+var auditQueryCache sync.Map // *dialect -> *[auditSizes]string
+
+func auditQueries(d *dialect) *[auditSizes]string {
+	if qs, ok := auditQueryCache.Load(d); ok {
+		return qs.(*[auditSizes]string)
+	}
+	var qs [auditSizes]string
+	for i := range qs {
+		qs[i] = d.rebind(auditInsert(1 << i))
+	}
+	got, _ := auditQueryCache.LoadOrStore(d, &qs)
+	return got.(*[auditSizes]string)
+}
 
 // auditInsert is the INSERT of n audit records (rows in order: seq follows
 // the records' order).
