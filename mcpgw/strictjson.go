@@ -68,6 +68,7 @@ type scratch struct {
 	elems   []value
 }
 
+// maxScratch bounds the stacks (members, values) a pooled scratch keeps.
 const maxScratch = 256
 
 var scratches = sync.Pool{New: func() any { return &scratch{} }}
