@@ -585,9 +585,19 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, erro
 // Buffers reused across requests (a request's body is copied out of its
 // chunk; an SSE reader is reset before and after use).
 var (
-	chunks     = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
-	sseReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 64<<10) }}
+	chunks    = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+	sseStates = sync.Pool{New: func() any { return &sseState{br: bufio.NewReaderSize(nil, 64<<10)} }}
 )
+
+// sseState is relaySSE's reader and event buffers, reused across streams
+// (reset before use; the reader is reset to nil after).
+type sseState struct {
+	br            *bufio.Reader
+	ev, data, out bytes.Buffer
+}
+
+// maxPooledEvent bounds the event buffers sseStates keeps.
+const maxPooledEvent = 256 << 10
 
 // enter counts a request of the sandbox in flight, within MaxConcurrent.
 func (g *Gateway) enter(sandboxID string) bool {
@@ -767,12 +777,20 @@ func readLimited(r io.Reader, max int64, timeout time.Duration) ([]byte, error) 
 // events flushed by the timer.
 func (g *Gateway) relaySSE(w http.ResponseWriter, body io.ReadCloser, c *call) error {
 	fl, _ := w.(http.Flusher)
-	br := sseReaders.Get().(*bufio.Reader)
+	st := sseStates.Get().(*sseState)
+	br := st.br
 	br.Reset(body)
-	defer func() { br.Reset(nil); sseReaders.Put(br) }()
-	var ev bytes.Buffer   // the event's non-data lines
-	var data bytes.Buffer // its data, lines joined
-	var out bytes.Buffer  // the event as relayed
+	ev, data, out := &st.ev, &st.data, &st.out // the event's non-data lines; its data, lines joined; the event as relayed
+	ev.Reset()
+	data.Reset()
+	out.Reset()
+	defer func() {
+		br.Reset(nil)
+		// The buffers are kept unless a large event grew them.
+		if ev.Cap()+data.Cap()+out.Cap() <= maxPooledEvent {
+			sseStates.Put(st)
+		}
+	}()
 	hasData := false
 	idle := time.AfterFunc(g.cfg.StreamIdle, func() { body.Close() })
 	defer idle.Stop()

@@ -179,7 +179,7 @@ func (m *rpcMsg) parse(v value) error {
 // upward is the message as the gateway forwards it: its canonical
 // encoding, a request's id replaced by gwID.
 func (m *rpcMsg) upward(gwID *value) value {
-	out := value{kind: 'o'}
+	out := value{kind: 'o', obj: make([]member, 0, len(topLevel))}
 	for _, k := range topLevel {
 		x, ok := m.v.get(k)
 		if !ok {

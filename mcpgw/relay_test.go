@@ -151,3 +151,33 @@ func TestHeldAnswerIsFlushed(t *testing.T) {
 	close(more)
 	waitLine(`"data":"after"`)
 }
+
+// TestSSEStateIsReset: relaySSE's reader and event buffers are reused
+// across streams; a stream that ended inside an event leaves nothing of it
+// to the next stream.
+func TestSSEStateIsReset(t *testing.T) {
+	g, err := New(Config{
+		Upstream: func(context.Context, string, string) (*Upstream, error) { return nil, nil },
+		Verify:   func(context.Context, string, string) (Claims, error) { return Claims{}, nil },
+		Caller:   func(*http.Request) (Caller, bool) { return Caller{}, false },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := &Upstream{Name: "u", Credential: "credential-of-the-upstream"}
+	relay := func(stream string) string {
+		w := httptest.NewRecorder()
+		if err := g.relaySSE(w, io.NopCloser(strings.NewReader(stream)), &call{up: up, det: up.detector()}); err != nil {
+			t.Fatal(err)
+		}
+		return w.Body.String()
+	}
+	for i := range 20 {
+		if got := relay(fmt.Sprintf("id: %d\nevent: message\n\nid: leak-%d\nevent: cut\ndata: {\"jsonrpc\":", i, i)); got != fmt.Sprintf("id: %d\nevent: message\n\n", i) {
+			t.Fatalf("stream %d: relayed %q", i, got)
+		}
+		if got := relay("id: next\n\n"); got != "id: next\n\n" {
+			t.Fatalf("the stream after %d: relayed %q, want only its own event", i, got)
+		}
+	}
+}

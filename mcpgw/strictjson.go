@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
+	"sync"
 	"unicode/utf16"
 	"unicode/utf8"
 )
@@ -38,7 +40,15 @@ const maxDepth = 64
 // (strictjson_test.go holds it to the json.Decoder-based reader it
 // replaced.)
 func decodeStrict(b []byte) (value, error) {
-	p := jsonParser{s: string(b)}
+	sc := scratches.Get().(*scratch)
+	p := jsonParser{s: string(b), members: sc.members[:0], elems: sc.elems[:0]}
+	defer func() {
+		// Kept for the next parse unless a large body grew them.
+		if cap(p.members) <= maxScratch && cap(p.elems) <= maxScratch {
+			sc.members, sc.elems = p.members[:0], p.elems[:0]
+			scratches.Put(sc)
+		}
+	}()
 	p.space()
 	v, err := p.value(0)
 	if err != nil {
@@ -51,6 +61,18 @@ func decodeStrict(b []byte) (value, error) {
 	return v, nil
 }
 
+// scratch is a parser's stacks, reused across parses (empty and cleared
+// between them: nothing of one body stays reachable from the pool).
+type scratch struct {
+	members []member
+	elems   []value
+}
+
+// maxScratch bounds the stacks (members, values) a pooled scratch keeps.
+const maxScratch = 256
+
+var scratches = sync.Pool{New: func() any { return &scratch{} }}
+
 // smallObject is how many members an object's duplicate check scans
 // before it keeps a set.
 const smallObject = 16
@@ -58,6 +80,12 @@ const smallObject = 16
 type jsonParser struct {
 	s string
 	i int
+	// Scratch stacks: an object's members (an array's elements) are
+	// gathered here, above those of the values it is nested in, and copied
+	// out once at its end, so each object or array allocates once
+	// instead of once per doubling.
+	members []member
+	elems   []value
 }
 
 func (p *jsonParser) space() {
@@ -88,13 +116,14 @@ func (p *jsonParser) value(depth int) (value, error) {
 			return value{}, fmt.Errorf("nested deeper than %d", maxDepth)
 		}
 		p.i++
-		v := value{kind: 'o', obj: []member{}}
 		var seen map[string]bool // keys, once the object has more than smallObject
 		p.space()
 		if p.i < len(p.s) && p.s[p.i] == '}' {
 			p.i++
-			return v, nil
+			return value{kind: 'o', obj: []member{}}, nil
 		}
+		base := len(p.members)
+		defer func() { clear(p.members[base:]); p.members = p.members[:base] }()
 		for {
 			if p.i >= len(p.s) || p.s[p.i] != '"' {
 				return value{}, p.fail("looking for beginning of object key string")
@@ -110,15 +139,16 @@ func (p *jsonParser) value(depth int) (value, error) {
 				dup = seen[k]
 				seen[k] = true
 			} else {
-				for _, m := range v.obj {
+				obj := p.members[base:]
+				for _, m := range obj {
 					if m.key == k {
 						dup = true
 						break
 					}
 				}
-				if len(v.obj) == smallObject {
+				if len(obj) == smallObject {
 					seen = make(map[string]bool, 2*smallObject)
-					for _, m := range v.obj {
+					for _, m := range obj {
 						seen[m.key] = true
 					}
 					seen[k] = true
@@ -133,11 +163,11 @@ func (p *jsonParser) value(depth int) (value, error) {
 			}
 			p.i++
 			p.space()
-			mv, err := p.value(depth + 1)
+			mv, err := p.value(depth + 1) // its own members go above ours, and are gone on return
 			if err != nil {
 				return value{}, err
 			}
-			v.obj = append(v.obj, member{k, mv})
+			p.members = append(p.members, member{k, mv})
 			p.space()
 			if p.i >= len(p.s) {
 				return value{}, io.ErrUnexpectedEOF
@@ -148,7 +178,7 @@ func (p *jsonParser) value(depth int) (value, error) {
 				p.space()
 			case '}':
 				p.i++
-				return v, nil
+				return value{kind: 'o', obj: slices.Clone(p.members[base:])}, nil
 			default:
 				return value{}, p.fail("after object key:value pair")
 			}
@@ -158,18 +188,19 @@ func (p *jsonParser) value(depth int) (value, error) {
 			return value{}, fmt.Errorf("nested deeper than %d", maxDepth)
 		}
 		p.i++
-		v := value{kind: 'a', arr: []value{}}
 		p.space()
 		if p.i < len(p.s) && p.s[p.i] == ']' {
 			p.i++
-			return v, nil
+			return value{kind: 'a', arr: []value{}}, nil
 		}
+		base := len(p.elems)
+		defer func() { clear(p.elems[base:]); p.elems = p.elems[:base] }()
 		for {
 			ev, err := p.value(depth + 1)
 			if err != nil {
 				return value{}, err
 			}
-			v.arr = append(v.arr, ev)
+			p.elems = append(p.elems, ev)
 			p.space()
 			if p.i >= len(p.s) {
 				return value{}, io.ErrUnexpectedEOF
@@ -180,7 +211,7 @@ func (p *jsonParser) value(depth int) (value, error) {
 				p.space()
 			case ']':
 				p.i++
-				return v, nil
+				return value{kind: 'a', arr: slices.Clone(p.elems[base:])}, nil
 			default:
 				return value{}, p.fail("after array element")
 			}
@@ -394,7 +425,31 @@ func (v value) encode(b []byte) []byte {
 	return append(b, "null"...)
 }
 
-func (v value) bytes() []byte { return v.encode(nil) }
+// bytes is v encoded, in one allocation unless strings need escapes.
+func (v value) bytes() []byte { return v.encode(make([]byte, 0, v.size())) }
+
+// size is the length of v's encoding when no string needs an escape.
+func (v value) size() int {
+	switch v.kind {
+	case 'o':
+		n := 1 + len(v.obj)
+		for _, m := range v.obj {
+			n += len(m.key) + 3 + m.val.size()
+		}
+		return n
+	case 'a':
+		n := 1 + len(v.arr)
+		for _, e := range v.arr {
+			n += e.size()
+		}
+		return n
+	case 's':
+		return len(v.str) + 2
+	case 'n', 'b':
+		return len(v.str)
+	}
+	return 4
+}
 
 // appendString appends s quoted as encoding/json's Marshal writes it (HTML
 // characters, U+2028 and U+2029 escaped; invalid UTF-8 as \ufffd).

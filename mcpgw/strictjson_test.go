@@ -129,3 +129,49 @@ func BenchmarkDecodeStrict(b *testing.B) {
 		})
 	}
 }
+
+// TestDecodeStrictScratch: objects and arrays are gathered on stacks the
+// parser reuses across parses; every value decoded stays its own (a later
+// parse does not change it), nested objects' keys do not count as their
+// parent's, and a body too large for the pool does not break the next.
+func TestDecodeStrictScratch(t *testing.T) {
+	var big strings.Builder
+	big.WriteString(`{`)
+	for i := range 2 * maxScratch {
+		if i > 0 {
+			big.WriteString(`,`)
+		}
+		fmt.Fprintf(&big, `"k%d":[%d,{"k%d":"v"}]`, i, i, i)
+	}
+	big.WriteString(`}`)
+	docs := []string{
+		`{"a":{"a":1,"b":[1,{"a":2,"b":[]}]},"b":{},"c":[[],[{}],{"x":"y"}]}`,
+		`[{"id":1,"result":{"content":[{"type":"text","text":"3"}],"isError":false}},{"id":2}]`,
+		big.String(),
+		`{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}`,
+		`[1,[2,[3,[4]]],{"a":{"b":{"c":{}}}}]`,
+	}
+	var vals []value
+	for _, d := range docs {
+		v, err := decodeStrict([]byte(d))
+		if err != nil {
+			t.Fatalf("%.60s: %v", d, err)
+		}
+		vals = append(vals, v)
+	}
+	for i, v := range vals {
+		if got := string(v.bytes()); got != docs[i] {
+			t.Fatalf("value %d after later parses: %.80s, want %.80s", i, got, docs[i])
+		}
+	}
+	for _, d := range []string{`{"a":{"b":1},"b":2}`, `{"a":[{"a":1}],"x":{"a":{"a":0}}}`} {
+		if _, err := decodeStrict([]byte(d)); err != nil {
+			t.Fatalf("%s: %v", d, err)
+		}
+	}
+	for _, d := range []string{`{"a":{"b":1,"b":2}}`, `{"a":{"b":1},"a":2}`, `[{"x":1},{"y":1,"y":2}]`, `{"a":[{"c":1}],"b":{"c":2,"d":{"c":3}},"b":0}`} {
+		if _, err := decodeStrict([]byte(d)); err == nil || !strings.Contains(err.Error(), "duplicate key") {
+			t.Fatalf("%s: %v, want a duplicate key", d, err)
+		}
+	}
+}
