@@ -6,6 +6,7 @@ import (
 	"os"
 	"slices"
 	"sync/atomic"
+	"syscall"
 
 	"golang.zx2c4.com/wireguard/tun"
 )
@@ -27,8 +28,10 @@ import (
 // unchanged.
 type localTUN struct {
 	tun.Device          // queue 0, wireguard-go's
-	raw        *os.File // queue 1, the forwarder's (steer.go), or nil
-	done       chan struct{}
+	raw        *os.File // queue 1, read by the tunnel's relay (steer.go, relay.go), or nil
+	relay      *relay
+	rc         syscall.RawConn // raw's, for the relay
+	token      int32           // raw's in the relay's epoll set
 	self       [4]byte
 	local      atomic.Pointer[map[[4]byte]*localTUN]
 
@@ -39,17 +42,23 @@ type localTUN struct {
 	stats *counters
 }
 
-func newLocalTUN(d tun.Device, raw *os.File, self netip.Addr, stats *counters) *localTUN {
+// newLocalTUN wraps queue 0 (d) and hands queue 1 (raw, if any) to relay r;
+// without r, or if r cannot take it, queue 1 is closed and the batch path
+// carries the members' packets.
+func newLocalTUN(d tun.Device, raw *os.File, self netip.Addr, stats *counters, r *relay) *localTUN {
 	t := &localTUN{Device: d, raw: raw, self: self.As4(), out: map[tun.Device][][]byte{}, stats: stats}
-	if raw != nil {
-		t.done = make(chan struct{})
-		go t.forward(raw)
+	if raw != nil && (r == nil || r.add(t) != nil) {
+		raw.Close()
+		t.raw = nil
+	}
+	if t.raw != nil {
+		t.relay = r
 	}
 	return t
 }
 
 // setLocal replaces the members reachable the local way: the table first,
-// then the steering program (a packet steered to the forwarder always
+// then the steering program (a packet steered to the relay always
 // finds its member in the table, or that member has left).
 func (t *localTUN) setLocal(members map[netip.Addr]*localTUN) error {
 	l := make(map[[4]byte]*localTUN, len(members))
@@ -67,15 +76,16 @@ func (t *localTUN) setLocal(members map[netip.Addr]*localTUN) error {
 	slices.SortFunc(steered, func(a, b [4]byte) int { return bytes.Compare(a[:], b[:]) })
 	// Should this fail, the previous program stays: members it does not
 	// know take the batch path, members it still names are dropped by the
-	// forwarder.
+	// relay.
 	return steer(t.raw, steered)
 }
 
-// closeQueue closes the forwarder's queue and waits for the forwarder.
+// closeQueue takes the steered queue from the relay and closes it (Close
+// waits for a read of the relay's under way).
 func (t *localTUN) closeQueue() {
 	if t.raw != nil {
+		t.relay.remove(t)
 		t.raw.Close()
-		<-t.done
 	}
 }
 

@@ -13,7 +13,7 @@ import (
 
 // A member's TUN has two queues (IFF_MULTI_QUEUE). Queue 0 is wireguard-go's
 // (tun.CreateTUNFromFile: virtio-net headers, TSO). Queue 1 is read by the
-// member's forwarder, and an eBPF steering program on the device
+// tunnel's relay (relay.go), and an eBPF steering program on the device
 // (TUNSETSTEERINGEBPF) sends it exactly the IPv4 packets addressed to
 // another member on this node: those arrive as the sandbox's kernel made
 // them, TCP segments of up to 64 KiB with their virtio-net header, and are
@@ -23,8 +23,8 @@ import (
 //
 // Without a program the kernel would spread flows over both queues by hash,
 // so queue 1 exists only while a program is attached: if the first one
-// cannot be (no eBPF, no multi-queue TUN), the queue is closed at once and
-// localTUN's batch path carries the members' packets instead.
+// cannot be (no eBPF, no multi-queue TUN) or the relay cannot take it, the
+// queue is closed at once and localTUN's batch path carries the members' packets instead.
 
 // steerQueues is false only in tests of the batch path.
 var steerQueues = true
@@ -138,7 +138,7 @@ func clen(b []byte) int {
 
 // createTUNQueues creates TUN name in the current thread's namespace:
 // wireguard-go's device on queue 0 and, if a steering program can be
-// attached, queue 1 for the forwarder (else nil).
+// attached, queue 1 for the tunnel's relay (else nil).
 func createTUNQueues(name string) (tun.Device, *os.File, error) {
 	q0, err := openQueue(name)
 	if err != nil {
@@ -163,43 +163,38 @@ func createTUNQueues(name string) (tun.Device, *os.File, error) {
 	return dev, q1, nil
 }
 
-// forward reads queue q until it is closed: each packet from the sandbox
-// to another member with the sender's own source address is written whole
-// (virtio-net header and all) into that member's TUN; anything else that
-// lands here (the steering program runs a membership behind the table, or
-// a spoofed source) is dropped, as wireguard-go would drop it.
-func (t *localTUN) forward(q *os.File) {
-	defer close(t.done)
-	buf := make([]byte, virtioNetHdrLen+65535)
-	for {
-		n, err := q.Read(buf)
-		if err != nil {
-			return // closed (os.ErrClosed), or the device is gone
-		}
-		p := buf[virtioNetHdrLen:n]
-		if n < virtioNetHdrLen || !wholeIPv4(p) {
-			continue
-		}
-		lp := t.local.Load()
-		if lp == nil {
-			continue
-		}
-		dst, ok := (*lp)[[4]byte(p[16:20])]
-		if !ok || dst.raw == nil {
-			continue
-		}
-		if [4]byte(p[12:16]) != t.self {
-			t.stats.spoofed.Add(1)
-			continue
-		}
-		// Counted before the write: once the packet is there, it is in.
-		t.stats.local.Add(1)
-		t.stats.localBytes.Add(uint64(len(p)))
-		if len(p) > MTU {
-			t.stats.localGSO.Add(1)
-		}
-		_, _ = dst.raw.Write(buf[:n]) // a member that has just left: lost, as on a wire
+// forward handles packet b read from the steered queue (virtio-net header
+// and all): a packet from the sandbox to another member with the sender's
+// own source address is written whole into that member's TUN; anything
+// else that lands here (the steering program runs a membership behind the
+// table, or a spoofed source) is dropped, as wireguard-go would drop it.
+func (t *localTUN) forward(b []byte) {
+	if len(b) < virtioNetHdrLen {
+		return
 	}
+	p := b[virtioNetHdrLen:]
+	if !wholeIPv4(p) {
+		return
+	}
+	lp := t.local.Load()
+	if lp == nil {
+		return
+	}
+	dst, ok := (*lp)[[4]byte(p[16:20])]
+	if !ok || dst.raw == nil {
+		return
+	}
+	if [4]byte(p[12:16]) != t.self {
+		t.stats.spoofed.Add(1)
+		return
+	}
+	// Counted before the write: once the packet is there, it is in.
+	t.stats.local.Add(1)
+	t.stats.localBytes.Add(uint64(len(p)))
+	if len(p) > MTU {
+		t.stats.localGSO.Add(1)
+	}
+	_, _ = dst.raw.Write(b) // a member that has just left: lost, as on a wire
 }
 
 // wholeIPv4 reports whether p is exactly one IPv4 packet as a kernel makes
