@@ -1,14 +1,15 @@
 package tunnel
 
 import (
-	"errors"
+	"os"
 	"sync"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
 
 // A relay forwards the steered queues (steer.go) of one tunnel's members on
-// this node: one goroutine waits on all of them with its own epoll set and,
+// this node: one goroutine watches all of them with its own epoll set and,
 // once woken, reads them in turn, one packet per member per round, until
 // every one is empty. Run to completion, as the kernel's softirq runs a
 // veth pair: the acknowledgement written into the sender's TUN makes the
@@ -17,39 +18,47 @@ import (
 // no wakeup, no other thread to be scheduled. With a forwarder goroutine
 // per member, each round trip waited for two of them to be scheduled in
 // turn, and under load that wait, not the copying, set the throughput
-// (issue #18, round 6). Tunnels have a relay each, so different tunnels
-// still forward in parallel.
+// (issue #18, round 6). The goroutine waits for the epoll set in Go's
+// netpoller (an epoll descriptor is readable while it has events), not in
+// a blocking epoll_wait, so a wakeup does not need a P handed back.
+// Tunnels have a relay each, so different tunnels forward in parallel.
 type relay struct {
-	ep, ev int // epoll set; eventfd that wakes the loop to stop
-	done   chan struct{}
+	ep   *os.File // the epoll set, non-blocking
+	erc  syscall.RawConn
+	done chan struct{}
 
-	mu       sync.Mutex
-	tuns     map[int32]*localTUN // epoll token -> member's TUN
-	next     int32
-	stopping bool
+	mu   sync.Mutex
+	tuns map[int32]*localTUN // epoll token -> member's TUN
+	next int32
 }
 
-// relayStop is the eventfd's token.
-const relayStop = 0
-
 func newRelay() (*relay, error) {
-	ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	fd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, err
 	}
-	ev, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	ep := os.NewFile(uintptr(fd), "relay-epoll")
+	erc, err := ep.SyscallConn()
 	if err != nil {
-		unix.Close(ep)
+		ep.Close()
 		return nil, err
 	}
-	if err := unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, ev, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: relayStop}); err != nil {
-		unix.Close(ep)
-		unix.Close(ev)
-		return nil, err
-	}
-	r := &relay{ep: ep, ev: ev, done: make(chan struct{}), tuns: map[int32]*localTUN{}, next: relayStop + 1}
+	r := &relay{ep: ep, erc: erc, done: make(chan struct{}), tuns: map[int32]*localTUN{}}
 	go r.run()
 	return r, nil
+}
+
+// ctl changes the epoll set.
+func (r *relay) ctl(op, fd int, ev *unix.EpollEvent) error {
+	var err error
+	if cerr := r.erc.Control(func(ep uintptr) { err = unix.EpollCtl(int(ep), op, fd, ev) }); cerr != nil {
+		return cerr
+	}
+	return err
 }
 
 // add makes the relay read t's steered queue.
@@ -60,10 +69,7 @@ func (r *relay) add(t *localTUN) error {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.stopping {
-		return errors.New("relay stopped")
-	}
-	for r.next == relayStop || r.tuns[r.next] != nil {
+	for r.tuns[r.next] != nil {
 		r.next++
 	}
 	tok := r.next
@@ -73,7 +79,7 @@ func (r *relay) add(t *localTUN) error {
 		// Edge-triggered: the loop reads a queue until it is empty
 		// before it waits again. A queue that already holds packets is
 		// reported at once.
-		aerr = unix.EpollCtl(r.ep, unix.EPOLL_CTL_ADD, int(fd), &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: tok})
+		aerr = r.ctl(unix.EPOLL_CTL_ADD, int(fd), &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: tok})
 	}); err != nil {
 		return err
 	}
@@ -94,18 +100,13 @@ func (r *relay) remove(t *localTUN) {
 		return
 	}
 	delete(r.tuns, t.token)
-	_ = t.rc.Control(func(fd uintptr) { _ = unix.EpollCtl(r.ep, unix.EPOLL_CTL_DEL, int(fd), nil) })
+	_ = t.rc.Control(func(fd uintptr) { _ = r.ctl(unix.EPOLL_CTL_DEL, int(fd), nil) })
 }
 
 // stop ends the loop and waits for it.
 func (r *relay) stop() {
-	r.mu.Lock()
-	r.stopping = true
-	r.mu.Unlock()
-	_, _ = unix.Write(r.ev, []byte{1, 0, 0, 0, 0, 0, 0, 0})
+	r.ep.Close() // wakes the loop's wait with os.ErrClosed
 	<-r.done
-	unix.Close(r.ep)
-	unix.Close(r.ev)
 }
 
 func (r *relay) run() {
@@ -114,15 +115,19 @@ func (r *relay) run() {
 	evs := make([]unix.EpollEvent, 64)
 	var ready []*localTUN
 	for {
-		n, err := unix.EpollWait(r.ep, evs, -1)
-		if err == unix.EINTR {
-			continue
+		n := 0
+		if err := r.erc.Read(func(ep uintptr) bool {
+			var err error
+			n, err = unix.EpollWait(int(ep), evs, 0)
+			if err != nil {
+				n = 0
+				return err != unix.EAGAIN // EINTR: look again
+			}
+			return n > 0 // none: wait in the netpoller
+		}); err != nil {
+			return // stopped
 		}
 		r.mu.Lock()
-		if err != nil || r.stopping {
-			r.mu.Unlock()
-			return
-		}
 		for _, e := range evs[:n] {
 			if t := r.tuns[e.Fd]; t != nil {
 				ready = append(ready, t)
@@ -148,7 +153,7 @@ func (t *localTUN) readOne(buf []byte) bool {
 	n, err := 0, error(nil)
 	if cerr := t.rc.Read(func(fd uintptr) bool {
 		n, err = unix.Read(int(fd), buf)
-		return true // never wait in Go's poller: the relay's epoll does
+		return true // never wait in Go's poller: the relay's epoll set does
 	}); cerr != nil {
 		return false // closed: the member left
 	}
