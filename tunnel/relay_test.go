@@ -109,6 +109,24 @@ func TestRelay(t *testing.T) {
 	if q := queues("org/t2"); q != -1 {
 		t.Fatalf("tunnel 2 has no members, but its relay has %d queues", q)
 	}
+
+	// Without a relay the steered queue is closed at once (nothing would
+	// read it): the member's packets take the batch path.
+	dev, raw, err := createTUNIn("/run/netns/"+netnsFor(t), "wg9")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	if raw == nil {
+		t.Fatal("no steered queue")
+	}
+	var stats counters
+	if lt := newLocalTUN(dev, raw, netip.MustParseAddr("100.96.11.9"), &stats, nil); lt.raw != nil {
+		t.Fatal("a steered queue without a relay")
+	}
+	if _, err := raw.Stat(); err == nil {
+		t.Fatal("the steered queue without a relay is still open")
+	}
 }
 
 // TestForwardMalformed: what the steered queue hands the relay is checked
