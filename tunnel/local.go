@@ -6,7 +6,6 @@ import (
 	"os"
 	"slices"
 	"sync/atomic"
-	"syscall"
 
 	"golang.zx2c4.com/wireguard/tun"
 )
@@ -28,10 +27,8 @@ import (
 // unchanged.
 type localTUN struct {
 	tun.Device          // queue 0, wireguard-go's
-	raw        *os.File // queue 1, read by the tunnel's relay (steer.go, relay.go), or nil
-	relay      *relay
-	rc         syscall.RawConn // raw's, for the relay
-	token      int32           // raw's in the relay's epoll set
+	raw        *os.File // queue 1, the forwarder's (steer.go), or nil
+	done       chan struct{}
 	self       [4]byte
 	local      atomic.Pointer[map[[4]byte]*localTUN]
 
@@ -42,23 +39,17 @@ type localTUN struct {
 	stats *counters
 }
 
-// newLocalTUN wraps queue 0 (d) and hands queue 1 (raw, if any) to relay r;
-// without r, or if r cannot take it, queue 1 is closed and the batch path
-// carries the members' packets.
-func newLocalTUN(d tun.Device, raw *os.File, self netip.Addr, stats *counters, r *relay) *localTUN {
+func newLocalTUN(d tun.Device, raw *os.File, self netip.Addr, stats *counters) *localTUN {
 	t := &localTUN{Device: d, raw: raw, self: self.As4(), out: map[tun.Device][][]byte{}, stats: stats}
-	if raw != nil && (r == nil || r.add(t) != nil) {
-		raw.Close()
-		t.raw = nil
-	}
-	if t.raw != nil {
-		t.relay = r
+	if raw != nil {
+		t.done = make(chan struct{})
+		go t.forward(raw)
 	}
 	return t
 }
 
 // setLocal replaces the members reachable the local way: the table first,
-// then the steering program (a packet steered to the relay always
+// then the steering program (a packet steered to the forwarder always
 // finds its member in the table, or that member has left).
 func (t *localTUN) setLocal(members map[netip.Addr]*localTUN) error {
 	l := make(map[[4]byte]*localTUN, len(members))
@@ -76,16 +67,15 @@ func (t *localTUN) setLocal(members map[netip.Addr]*localTUN) error {
 	slices.SortFunc(steered, func(a, b [4]byte) int { return bytes.Compare(a[:], b[:]) })
 	// Should this fail, the previous program stays: members it does not
 	// know take the batch path, members it still names are dropped by the
-	// relay.
+	// forwarder.
 	return steer(t.raw, steered)
 }
 
-// closeQueue takes the steered queue from the relay and closes it (Close
-// waits for a read of the relay's under way).
+// closeQueue closes the forwarder's queue and waits for the forwarder.
 func (t *localTUN) closeQueue() {
 	if t.raw != nil {
-		t.relay.remove(t)
 		t.raw.Close()
+		<-t.done
 	}
 }
 

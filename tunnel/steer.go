@@ -13,7 +13,7 @@ import (
 
 // A member's TUN has two queues (IFF_MULTI_QUEUE). Queue 0 is wireguard-go's
 // (tun.CreateTUNFromFile: virtio-net headers, TSO). Queue 1 is read by the
-// tunnel's relay (relay.go), and an eBPF steering program on the device
+// member's forwarder, and an eBPF steering program on the device
 // (TUNSETSTEERINGEBPF) sends it exactly the IPv4 packets addressed to
 // another member on this node: those arrive as the sandbox's kernel made
 // them, TCP segments of up to 64 KiB with their virtio-net header, and are
@@ -23,8 +23,8 @@ import (
 //
 // Without a program the kernel would spread flows over both queues by hash,
 // so queue 1 exists only while a program is attached: if the first one
-// cannot be (no eBPF, no multi-queue TUN) or the relay cannot take it, the
-// queue is closed at once and localTUN's batch path carries the members' packets instead.
+// cannot be (no eBPF, no multi-queue TUN), the queue is closed at once and
+// localTUN's batch path carries the members' packets instead.
 
 // steerQueues is false only in tests of the batch path.
 var steerQueues = true
@@ -138,7 +138,7 @@ func clen(b []byte) int {
 
 // createTUNQueues creates TUN name in the current thread's namespace:
 // wireguard-go's device on queue 0 and, if a steering program can be
-// attached, queue 1 for the tunnel's relay (else nil).
+// attached, queue 1 for the forwarder (else nil).
 func createTUNQueues(name string) (tun.Device, *os.File, error) {
 	q0, err := openQueue(name)
 	if err != nil {
@@ -163,12 +163,26 @@ func createTUNQueues(name string) (tun.Device, *os.File, error) {
 	return dev, q1, nil
 }
 
-// forward handles packet b read from the steered queue (virtio-net header
+// forward reads queue q until it is closed, handing each packet to
+// forwardPacket.
+func (t *localTUN) forward(q *os.File) {
+	defer close(t.done)
+	buf := make([]byte, virtioNetHdrLen+65535)
+	for {
+		n, err := q.Read(buf)
+		if err != nil {
+			return // closed (os.ErrClosed), or the device is gone
+		}
+		t.forwardPacket(buf[:n])
+	}
+}
+
+// forwardPacket handles b, read from the steered queue (virtio-net header
 // and all): a packet from the sandbox to another member with the sender's
 // own source address is written whole into that member's TUN; anything
 // else that lands here (the steering program runs a membership behind the
 // table, or a spoofed source) is dropped, as wireguard-go would drop it.
-func (t *localTUN) forward(b []byte) {
+func (t *localTUN) forwardPacket(b []byte) {
 	if len(b) < virtioNetHdrLen {
 		return
 	}

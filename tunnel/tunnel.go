@@ -142,7 +142,6 @@ type Manager struct {
 	subnets map[string]netip.Prefix       // tunnel key -> subnet
 	peers   map[string][]Peer             // tunnel key -> external peers
 	remotes map[string][]Remote           // tunnel key -> members on other nodes
-	relays  map[string]*relay             // tunnel key -> its local members' relay (relay.go)
 }
 
 type member struct {
@@ -164,7 +163,7 @@ func newManager(log *slog.Logger, probe func() error) *Manager {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	m := &Manager{log: log, members: map[string]map[string]*member{}, subnets: map[string]netip.Prefix{}, peers: map[string][]Peer{}, remotes: map[string][]Remote{}, relays: map[string]*relay{}}
+	m := &Manager{log: log, members: map[string]map[string]*member{}, subnets: map[string]netip.Prefix{}, peers: map[string][]Peer{}, remotes: map[string][]Remote{}}
 	if err := probe(); err != nil {
 		m.kernel = err
 	} else {
@@ -241,20 +240,8 @@ func (m *Manager) JoinAt(key, id, netnsPath, ifname string, subnet netip.Prefix,
 		return Member{}, err
 	}
 	mb := &member{Member: Member{Tunnel: key, SandboxID: id, Interface: ifname, Addr: addr, PublicKey: priv.PublicKey()}, netnsPath: netnsPath, priv: priv}
-	r := m.relays[key]
-	if r == nil && steerQueues {
-		// Without one, the members' packets take the batch path.
-		if r, err = newRelay(); err != nil {
-			m.log.Warn("tunnel relay", "tunnel", key, "err", err)
-		} else {
-			m.relays[key] = r
-		}
-	}
-	if err := mb.up(netnsPath, subnet, m.routesLocked(key), &m.stats, r); err != nil {
+	if err := mb.up(netnsPath, subnet, m.routesLocked(key), &m.stats); err != nil {
 		clear(mb.priv[:])
-		if len(m.members[key]) == 0 {
-			m.stopRelayLocked(key)
-		}
 		return Member{}, fmt.Errorf("sandbox %s tunnel %s: %w", id, key, err)
 	}
 	if m.members[key] == nil {
@@ -299,15 +286,6 @@ func (m *Manager) removeLocked(key, id string) {
 		delete(m.members, key)
 		delete(m.subnets, key)
 		delete(m.remotes, key)
-		m.stopRelayLocked(key)
-	}
-}
-
-// stopRelayLocked stops tunnel key's relay, if it has one.
-func (m *Manager) stopRelayLocked(key string) {
-	if r := m.relays[key]; r != nil {
-		r.stop()
-		delete(m.relays, key)
 	}
 }
 
@@ -555,12 +533,12 @@ func (m *Manager) syncLocked(key string) error {
 
 // up creates the member's device: TUN in the sandbox's namespace, address
 // and routes there, UDP on the node.
-func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix, stats *counters, r *relay) (err error) {
+func (mb *member) up(netnsPath string, subnet netip.Prefix, extra []netip.Prefix, stats *counters) (err error) {
 	tdev, raw, err := createTUNIn(netnsPath, mb.Interface)
 	if err != nil {
 		return err
 	}
-	mb.tun = newLocalTUN(tdev, raw, mb.Addr, stats, r)
+	mb.tun = newLocalTUN(tdev, raw, mb.Addr, stats)
 	mb.bind = conn.NewDefaultBind()
 	mb.dev = device.NewDevice(mb.tun, mb.bind, device.NewLogger(device.LogLevelSilent, ""))
 	defer func() {
@@ -657,7 +635,7 @@ func listenPort(d *device.Device) (int, error) {
 
 // createTUNIn creates a TUN interface called name inside the namespace at
 // netnsPath: wireguard-go's device (virtio-net headers, TSO/USO) and the
-// local relay's queue, if it can have one (createTUNQueues).
+// local forwarder's queue, if it can have one (createTUNQueues).
 func createTUNIn(netnsPath, name string) (tun.Device, *os.File, error) {
 	var (
 		dev tun.Device
