@@ -163,11 +163,8 @@ func createTUNQueues(name string) (tun.Device, *os.File, error) {
 	return dev, q1, nil
 }
 
-// forward reads queue q until it is closed: each packet from the sandbox
-// to another member with the sender's own source address is written whole
-// (virtio-net header and all) into that member's TUN; anything else that
-// lands here (the steering program runs a membership behind the table, or
-// a spoofed source) is dropped, as wireguard-go would drop it.
+// forward reads queue q until it is closed, handing each packet to
+// forwardPacket.
 func (t *localTUN) forward(q *os.File) {
 	defer close(t.done)
 	buf := make([]byte, virtioNetHdrLen+65535)
@@ -176,30 +173,42 @@ func (t *localTUN) forward(q *os.File) {
 		if err != nil {
 			return // closed (os.ErrClosed), or the device is gone
 		}
-		p := buf[virtioNetHdrLen:n]
-		if n < virtioNetHdrLen || !wholeIPv4(p) {
-			continue
-		}
-		lp := t.local.Load()
-		if lp == nil {
-			continue
-		}
-		dst, ok := (*lp)[[4]byte(p[16:20])]
-		if !ok || dst.raw == nil {
-			continue
-		}
-		if [4]byte(p[12:16]) != t.self {
-			t.stats.spoofed.Add(1)
-			continue
-		}
-		// Counted before the write: once the packet is there, it is in.
-		t.stats.local.Add(1)
-		t.stats.localBytes.Add(uint64(len(p)))
-		if len(p) > MTU {
-			t.stats.localGSO.Add(1)
-		}
-		_, _ = dst.raw.Write(buf[:n]) // a member that has just left: lost, as on a wire
+		t.forwardPacket(buf[:n])
 	}
+}
+
+// forwardPacket handles b, read from the steered queue (virtio-net header
+// and all): a packet from the sandbox to another member with the sender's
+// own source address is written whole into that member's TUN; anything
+// else that lands here (the steering program runs a membership behind the
+// table, or a spoofed source) is dropped, as wireguard-go would drop it.
+func (t *localTUN) forwardPacket(b []byte) {
+	if len(b) < virtioNetHdrLen {
+		return
+	}
+	p := b[virtioNetHdrLen:]
+	if !wholeIPv4(p) {
+		return
+	}
+	lp := t.local.Load()
+	if lp == nil {
+		return
+	}
+	dst, ok := (*lp)[[4]byte(p[16:20])]
+	if !ok || dst.raw == nil {
+		return
+	}
+	if [4]byte(p[12:16]) != t.self {
+		t.stats.spoofed.Add(1)
+		return
+	}
+	// Counted before the write: once the packet is there, it is in.
+	t.stats.local.Add(1)
+	t.stats.localBytes.Add(uint64(len(p)))
+	if len(p) > MTU {
+		t.stats.localGSO.Add(1)
+	}
+	_, _ = dst.raw.Write(b) // a member that has just left: lost, as on a wire
 }
 
 // wholeIPv4 reports whether p is exactly one IPv4 packet as a kernel makes

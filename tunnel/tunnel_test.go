@@ -43,7 +43,7 @@ func TestKeys(t *testing.T) {
 	}
 }
 
-func netnsFor(t *testing.T) string {
+func netnsFor(t testing.TB) string {
 	t.Helper()
 	// Random: two names made in the same nanosecond tick's low byte (one
 	// test makes several) collided ("File exists").
