@@ -91,8 +91,9 @@ func (s *Slots) Size(k SlotKind) int {
 }
 
 // Take gives owner the lowest free slot of kind. An owner holds one slot:
-// taking again returns the one it holds. ErrResourceExhausted when none is
-// free.
+// taking again returns the one it holds (an owner's calls must not
+// overlap: the slot under check is already its own). ErrResourceExhausted
+// when none is free.
 func (s *Slots) Take(k SlotKind, owner string) (int, error) {
 	if owner == "" {
 		return 0, fmt.Errorf("network slot: no owner: %w", errdefs.ErrInvalidArgument)
