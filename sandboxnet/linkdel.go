@@ -36,7 +36,7 @@ type linkDeleter struct {
 	waiters []chan error // calls whose links are in the group, for the next deletion
 	batches int          // deletions started
 
-	group uint32             // the device group; 0: groupOf(DefaultPrefix)
+	group uint32             // the device group (New: groupOf(Prefix)); never 0
 	do    func(uint32) error // the deletion (nil: deleteGroup; tests wrap it)
 }
 
