@@ -77,8 +77,8 @@ func identityFilesTmpfs(log *slog.Logger, dataDir string) {
 	}
 }
 
-// tmpfsIfEmpty mounts a tmpfs (mode, at most 64 MiB, nosuid, nodev) on dir if dir is
-// empty and not on a tmpfs already; it reports whether it did.
+// tmpfsIfEmpty mounts a tmpfs (mode, at most 64 MiB, nosuid, nodev) on dir
+// if dir is empty and not on a tmpfs already; it reports whether it did.
 func tmpfsIfEmpty(dir, source string, mode os.FileMode) (bool, error) {
 	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil {
