@@ -3,8 +3,11 @@ package daemon
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+
+	"golang.org/x/sys/unix"
 )
 
 // dataDirModes are the modes of DataDir's subdirectories, set at every start
@@ -49,4 +52,54 @@ func restrictDataDir(dataDir string, userns bool) error {
 		}
 	}
 	return nil
+}
+
+// identityFilesTmpfs puts DataDir/identity-files (one identity dir per
+// sandbox: its token files, written at every create and refresh, removed
+// at its end) on a tmpfs of its own when it is on another file system and
+// empty. Nothing in it outlives the host's boot (no sandbox does), and on
+// a disk file system each create's dirs and token file cost its journal:
+// a create + remove of a small file took 0.56-0.59 ms of CPU on the CI
+// VM's ext4, 0.02 ms on a tmpfs (issue #18 round 6). The mount outlives
+// chalkd (a restart finds it and its sandboxes' dirs, bind-mounted by
+// path, in place); a dir that is not empty is left as it is (an older
+// chalkd's sandboxes have theirs bind-mounted from the disk), and so is
+// one on a tmpfs already. A mount that fails is logged and the disk used.
+func identityFilesTmpfs(log *slog.Logger, dataDir string) {
+	dir := filepath.Join(dataDir, "identity-files")
+	mounted, err := tmpfsIfEmpty(dir, "chalk-identity", dataDirModes["identity-files"])
+	if err != nil {
+		log.Warn("identity files stay on the data dir's file system", "dir", dir, "err", err)
+		return
+	}
+	if mounted {
+		log.Debug("identity files on a tmpfs", "dir", dir)
+	}
+}
+
+// tmpfsIfEmpty mounts a tmpfs (mode, at most 64 MiB, nosuid, nodev) on dir
+// if dir is empty and not on a tmpfs already; it reports whether it did.
+func tmpfsIfEmpty(dir, source string, mode os.FileMode) (bool, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return false, err
+	}
+	if st.Type == unix.TMPFS_MAGIC {
+		return false, nil
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return false, err
+	}
+	if len(ents) > 0 {
+		return false, nil
+	}
+	opts := fmt.Sprintf("mode=%o,size=64m", mode.Perm())
+	// Not noexec: runc binds a sandbox's identity dir read-only, nosuid
+	// and nodev from inside the sandbox's user namespace, where a flag of
+	// the source mount it does not repeat is locked (EPERM).
+	if err := unix.Mount(source, dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
+		return false, fmt.Errorf("mount a tmpfs on %s: %w", dir, err)
+	}
+	return true, nil
 }

@@ -1,9 +1,13 @@
 package daemon
 
 import (
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestRestrictDataDir: an install made with world-readable subdirectories
@@ -39,4 +43,83 @@ func TestRestrictDataDir(t *testing.T) {
 	if dataDirModes["mounts"] != 0o700 || dataDirModes["cache"] != 0o700 || dataDirModes["logs"] != 0o700 {
 		t.Errorf("uploads, layers and logs must be private: %v", dataDirModes)
 	}
+}
+
+// TestIdentityFilesTmpfs: an empty identity-files dir on a disk file system
+// gets a tmpfs of its own (mode kept, files written there stay off the
+// disk); a second start finds it and mounts nothing more; a dir that is not
+// empty (an older chalkd's sandboxes' identity dirs, bind-mounted by path)
+// is left on the disk.
+func TestIdentityFilesTmpfs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (mount)")
+	}
+	onTmpfs := func(dir string) bool {
+		var st unix.Statfs_t
+		if err := unix.Statfs(dir, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Type == unix.TMPFS_MAGIC
+	}
+	data := t.TempDir()
+	if onTmpfs(data) {
+		t.Skip("the test's temporary dir is on a tmpfs already")
+	}
+	if err := restrictDataDir(data, false); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(data, "identity-files")
+	t.Cleanup(func() {
+		for unix.Unmount(dir, unix.MNT_DETACH) == nil {
+		}
+	})
+	log := slog.New(slog.DiscardHandler)
+	identityFilesTmpfs(log, data)
+	if !onTmpfs(dir) {
+		t.Fatal("an empty identity-files dir is not on a tmpfs")
+	}
+	if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != dataDirModes["identity-files"] {
+		t.Fatalf("identity-files: %v %v, want mode %v", st.Mode(), err, dataDirModes["identity-files"])
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "sb-1", "files"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// A restart: restrictDataDir again, and the mount is found, not stacked.
+	if err := restrictDataDir(data, false); err != nil {
+		t.Fatal(err)
+	}
+	identityFilesTmpfs(log, data)
+	if _, err := os.Stat(filepath.Join(dir, "sb-1", "files")); err != nil {
+		t.Fatalf("a restart hid the sandboxes' identity dirs: %v", err)
+	}
+	if n := mountsAt(t, dir); n != 1 {
+		t.Fatalf("%d mounts on %s, want 1", n, dir)
+	}
+
+	// An older chalkd's identity dirs on the disk: left there.
+	old := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(old, "identity-files", "sb-2", "files"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	identityFilesTmpfs(log, old)
+	if onTmpfs(filepath.Join(old, "identity-files")) {
+		_ = unix.Unmount(filepath.Join(old, "identity-files"), unix.MNT_DETACH)
+		t.Fatal("a tmpfs was mounted over identity dirs in use")
+	}
+}
+
+// mountsAt counts the mounts whose mount point is dir.
+func mountsAt(t *testing.T, dir string) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == dir {
+			n++
+		}
+	}
+	return n
 }

@@ -50,6 +50,7 @@ func (d *Daemon) prepareDataDir(ctx context.Context) error {
 	if err := restrictDataDir(cfg.DataDir, !cfg.NoUserNS); err != nil {
 		return err
 	}
+	identityFilesTmpfs(d.log, cfg.DataDir)
 	go pruneLogsLoop(ctx, d.log, cfg.DataDir, cfg.Limits.LogRetention)
 	if err := sandbox.SetSubreaper(); err != nil {
 		return fmt.Errorf("become subreaper: %w", err)

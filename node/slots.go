@@ -47,8 +47,10 @@ func (k SlotKind) String() string {
 	return fmt.Sprintf("SlotKind(%d)", int(k))
 }
 
-// Slots is a node's network slot allocator. Safe for concurrent use; busy
-// is called with its lock held and must not call back into it.
+// Slots is a node's network slot allocator. Safe for concurrent use. busy
+// is called without its lock held (a netlink round trip, which a burst's
+// creates queued behind one by one when Take called it under the lock:
+// issue #18 round 6); it must not call back into it.
 type Slots struct {
 	plan sandboxnet.SlotPlan
 	busy func(slot int) bool
@@ -89,28 +91,52 @@ func (s *Slots) Size(k SlotKind) int {
 }
 
 // Take gives owner the lowest free slot of kind. An owner holds one slot:
-// taking again returns the one it holds. ErrResourceExhausted when none is
-// free.
+// taking again returns the one it holds (an owner's calls must not
+// overlap: the slot under check is already its own). ErrResourceExhausted
+// when none is free.
 func (s *Slots) Take(k SlotKind, owner string) (int, error) {
 	if owner == "" {
 		return 0, fmt.Errorf("network slot: no owner: %w", errdefs.ErrInvalidArgument)
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if slot, ok := s.slot[owner]; ok {
+		s.mu.Unlock()
 		return slot, nil
 	}
-	if slot, ok := s.freeLocked(k); ok {
+	var skip map[int]bool // slots found busy by this call
+	for {
+		slot, ok := s.unheldLocked(k, skip)
+		if !ok {
+			s.mu.Unlock()
+			return 0, fmt.Errorf("node is full: all %d %s network slots are in use: %w", s.Size(k), k, errdefs.ErrResourceExhausted)
+		}
+		// Held while its network is looked for, outside the lock: no
+		// other Take gets it meanwhile, and a busy one is given back.
 		s.owner[slot], s.slot[owner] = owner, slot
-		return slot, nil
+		s.mu.Unlock()
+		if s.busy == nil || !s.busy(slot) {
+			return slot, nil
+		}
+		s.mu.Lock()
+		if s.owner[slot] == owner {
+			delete(s.owner, slot)
+		}
+		if s.slot[owner] == slot {
+			delete(s.slot, owner)
+		}
+		if skip == nil {
+			skip = map[int]bool{}
+		}
+		skip[slot] = true
 	}
-	return 0, fmt.Errorf("node is full: all %d %s network slots are in use: %w", s.Size(k), k, errdefs.ErrResourceExhausted)
 }
 
-func (s *Slots) freeLocked(k SlotKind) (int, bool) {
+// unheldLocked is the lowest slot of kind that no owner holds, and not in
+// skip.
+func (s *Slots) unheldLocked(k SlotKind, skip map[int]bool) (int, bool) {
 	lo, hi := s.Range(k)
 	for slot := lo; slot <= hi; slot++ {
-		if _, held := s.owner[slot]; !held && (s.busy == nil || !s.busy(slot)) {
+		if _, held := s.owner[slot]; !held && !skip[slot] {
 			return slot, true
 		}
 	}
@@ -119,10 +145,22 @@ func (s *Slots) freeLocked(k SlotKind) (int, bool) {
 
 // Free reports whether Take(k, ...) would find a slot now.
 func (s *Slots) Free(k SlotKind) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	_, ok := s.freeLocked(k)
-	return ok
+	var skip map[int]bool
+	for {
+		s.mu.Lock()
+		slot, ok := s.unheldLocked(k, skip)
+		s.mu.Unlock()
+		if !ok {
+			return false
+		}
+		if s.busy == nil || !s.busy(slot) {
+			return true
+		}
+		if skip == nil {
+			skip = map[int]bool{}
+		}
+		skip[slot] = true
+	}
 }
 
 // Hold records that owner holds slot (a live sandbox found at a restart, a

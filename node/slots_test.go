@@ -134,3 +134,61 @@ func TestSlotsConcurrent(t *testing.T) {
 		t.Fatalf("%d slots handed out, want all 64", n)
 	}
 }
+
+// TestSlotsBusyOutsideLock: the busy check (a netlink round trip) runs
+// without the allocator's lock, so concurrent creates do not queue behind
+// each other's: a Take whose check is slow does not hold up another Take,
+// Free, Of or Release; the slot under check is not handed to anyone else;
+// a busy slot is skipped and given back.
+func TestSlotsBusyOutsideLock(t *testing.T) {
+	checking, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	var mu sync.Mutex
+	busySlots := map[int]bool{3: true}
+	s, err := NewSlots(8, 0, 0, func(slot int) bool {
+		if slot == 1 {
+			once.Do(func() { close(checking); <-release })
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		return busySlots[slot]
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := make(chan int, 1)
+	go func() {
+		slot, err := s.Take(SlotSandbox, "a")
+		if err != nil {
+			t.Error(err)
+		}
+		first <- slot
+	}()
+	<-checking // "a"'s check of slot 1 blocks until the others are done
+	if slot, err := s.Take(SlotSandbox, "b"); err != nil || slot != 2 {
+		t.Fatalf("Take(b) = %d, %v; want 2 (1 is under check for a)", slot, err)
+	}
+	if slot, err := s.Take(SlotSandbox, "c"); err != nil || slot != 4 {
+		t.Fatalf("Take(c) = %d, %v; want 4 (3 is busy)", slot, err)
+	}
+	if !s.Free(SlotSandbox) {
+		t.Fatal("Free = false with slots 5-8 free")
+	}
+	s.Release("b")
+	if _, ok := s.Of("b"); ok {
+		t.Fatal("b still holds a slot after Release")
+	}
+	close(release)
+	if slot := <-first; slot != 1 {
+		t.Fatalf("Take(a) = %d, want 1", slot)
+	}
+	mu.Lock()
+	busySlots[2] = true // a failed teardown's network is left on 2
+	mu.Unlock()
+	if slot, err := s.Take(SlotSandbox, "d"); err != nil || slot != 5 {
+		t.Fatalf("Take(d) = %d, %v; want 5 (1, 4 held; 2, 3 busy)", slot, err)
+	}
+	if got := s.Held(); len(got) != 3 || got["a"] != 1 || got["c"] != 4 || got["d"] != 5 {
+		t.Fatalf("Held = %v", got)
+	}
+}

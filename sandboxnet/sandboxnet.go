@@ -72,7 +72,8 @@
 // addresses and routes (in the sandbox's namespace through a netlink handle
 // bound to it, no thread switches) and two set elements in one nf_tables
 // transaction, about 1-2 ms.
-// Teardown is dominated by the kernel's veth deletion (tens of ms). After a
+// Teardown is dominated by the kernel's veth deletion (tens of ms under
+// RTNL), which concurrent teardowns share (linkDeleter). After a
 // daemon restart, Lookup gives the Net of a live sandbox and Leftovers (with
 // RemoveLeftover) reconciles what no live sandbox owns.
 package sandboxnet
@@ -144,6 +145,7 @@ type Manager struct {
 	pool *sparePool
 
 	flows flowForgetter // coalesces concurrent teardowns' conntrack walks
+	links linkDeleter   // coalesces concurrent teardowns' veth deletions
 
 	mu     sync.Mutex
 	svcDev string // interface holding the service addresses, once known
@@ -224,6 +226,7 @@ func New(cfg Config) (*Manager, error) {
 		}
 	}
 	m := &Manager{cfg: cfg, log: cfg.Logger, pool: newSparePool(cfg.NetnsPool, cfg.Prefix, hargv), maxSlot: maxSlot}
+	m.links.group = groupOf(cfg.Prefix)
 	m.svc = addN(cfg.Subnet.Addr(), 1)
 	m.svc6 = addN(cfg.Subnet6.Addr(), 1)
 	seen := map[uint16]bool{0: true}

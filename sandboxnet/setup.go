@@ -173,7 +173,7 @@ func (m *Manager) Teardown(ctx context.Context, id string, slot int) error {
 			if alias := l.Attrs().Alias; alias != "" && alias != id {
 				owned = false
 				m.log.Warn("teardown: slot belongs to another sandbox", "sandbox", id, "slot", slot, "owner", alias)
-			} else if err := ignoreNotFound(netlink.LinkDel(l)); err != nil {
+			} else if err := m.links.del(l); err != nil {
 				errs = append(errs, fmt.Errorf("delete %s: %w", n.HostIf, err))
 			}
 		}
