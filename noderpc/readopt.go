@@ -3,6 +3,7 @@ package noderpc
 import (
 	"cmp"
 	"context"
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -52,7 +53,7 @@ func (r *Router) SetLostFinal(f func(ctx context.Context, id string)) {
 // and the API revives is placed there again and leaves orphans; it
 // returns the slots of those re-adopted, by id, and the others it
 // considered (their loss is final once the node is found answering).
-func (r *Router) readopt(ctx context.Context, m *member, nodeID string, orphans map[string]int) (map[string]int, []string) {
+func (r *Router) readopt(ctx context.Context, m *member, nodeID string, orphans, live map[string]int) (map[string]int, []string) {
 	r.mu.Lock()
 	f := r.readopter
 	r.mu.Unlock()
@@ -70,13 +71,13 @@ func (r *Router) readopt(ctx context.Context, m *member, nodeID string, orphans 
 	for id, slot := range orphans {
 		cands[id] = cand{slot: slot}
 	}
-	if sbs, err := r.store.ListSandboxes(ctx, "", false); err != nil {
+	// Only this node's lost records within the grace are read
+	// (store.LostOn), not every sandbox record.
+	if sbs, err := r.store.LostOn(ctx, nodeID, since); err != nil {
 		r.log.Warn("fleet: lost sandboxes of a returned node", "node", nodeID, "err", err)
 	} else {
 		for _, sb := range sbs {
-			if !sb.Live() && sb.Node == nodeID && sb.EndReason == "lost" && !sb.EndedAt.Before(since) {
-				cands[sb.ID] = cand{slot: sb.Slot, cpu: sb.CPU, memory: sb.MemoryMB << 20}
-			}
+			cands[sb.ID] = cand{slot: sb.Slot, cpu: sb.CPU, memory: sb.MemoryMB << 20}
 		}
 	}
 	ids := make([]string, 0, len(cands))
@@ -84,15 +85,34 @@ func (r *Router) readopt(ctx context.Context, m *member, nodeID string, orphans 
 		ids = append(ids, id)
 	}
 	slices.Sort(ids)
-	out := map[string]int{}
 	var rest []string
+	pids := map[string]int{}
 	for _, id := range ids {
-		c := cands[id]
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		pid, running := m.client.Running(cctx, id)
 		cancel()
 		if !running {
 			rest = append(rest, id)
+			continue
+		}
+		pids[id] = pid
+	}
+	if len(pids) > 0 {
+		// The node learns them as live before they are (its slots: its
+		// ingress dial finds the sandbox once its record says running).
+		with := maps.Clone(live)
+		for id := range pids {
+			with[id] = cands[id].slot
+		}
+		if err := m.client.Restore(ctx, with); err != nil {
+			r.log.Warn("fleet: restore a returned node before re-adoption", "node", nodeID, "err", err)
+		}
+	}
+	out := map[string]int{}
+	for _, id := range ids {
+		c := cands[id]
+		pid, running := pids[id]
+		if !running {
 			continue
 		}
 		// Placed there again before its record says running, so that the

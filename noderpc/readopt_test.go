@@ -219,8 +219,8 @@ func TestReconcileDoesNotHoldRefresh(t *testing.T) {
 // runs with the recorded pid ("up"), from its record alone, and does not
 // destroy it; the one a no longer runs ("gone") is not revived and its loss
 // is final (SetLostFinal), but only once a answered the reconcile: its
-// first Restore fails (not reached), and the reconcile is done again at the
-// next Refresh.
+// first reconcile's Restores fail (not reached), and the reconcile is done
+// again at the next Refresh.
 func TestReconcileStartReadopts(t *testing.T) {
 	c := newControl(t)
 	ctx := ctxT(t)
@@ -267,7 +267,7 @@ func TestReconcileStartReadopts(t *testing.T) {
 		return slices.Clone(a.fake.calls)
 	}
 	a.fake.mu.Lock()
-	a.fake.restoreFail = 1
+	a.fake.restoreFail = 2 // before the re-adoption, and after it
 	a.fake.mu.Unlock()
 
 	r.ReconcileStart(ctx)

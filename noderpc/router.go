@@ -242,7 +242,7 @@ func (r *Router) reconcile(ctx context.Context, nodeID string) {
 	}
 	// What still runs there of what was reported lost may be re-adopted
 	// (readopt.go): live from here on, not destroyed.
-	readopted, rest := r.readopt(ctx, m, nodeID, orphans)
+	readopted, rest := r.readopt(ctx, m, nodeID, orphans, live)
 	for id, slot := range readopted {
 		live[id] = slot
 		delete(orphans, id)
