@@ -241,6 +241,13 @@ func TestReconcileStartReadopts(t *testing.T) {
 		}
 	}
 	r := newRouter(t, c)
+	// Read by the router's and the fleet's goroutines (a dial's
+	// certificate check among them): atomic, the functions set once.
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	now := func() time.Time { return time.Unix(0, clock.Load()) }
+	r.now = now
+	c.fleet.Now = now
 	r.LostGrace = time.Minute
 	r.SetReadopter(func(ctx context.Context, id, nodeID string, pid int, since time.Time) bool {
 		sb, err := c.st.ReviveLost(ctx, id, nodeID, pid, since)
@@ -283,8 +290,27 @@ func TestReconcileStartReadopts(t *testing.T) {
 	if got := finals(); len(got) != 0 {
 		t.Errorf("losses final before the node answered the reconcile: %q", got)
 	}
-	// a answers at the next Refresh: reconciled again, the loss of gone
-	// is final.
+	// Not again at once (a node that heartbeats but is not reached is
+	// not reconciled every second); a heartbeat timeout later a answers:
+	// reconciled again, the loss of gone is final.
+	a.heartbeat(t, c)
+	restores := func() int {
+		n := 0
+		for _, c := range calls() {
+			if strings.HasPrefix(c, "Restore") {
+				n++
+			}
+		}
+		return n
+	}
+	before := restores()
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if restores() != before {
+		t.Errorf("reconciled again at once after a reconcile that did not reach the node: %q", calls())
+	}
+	clock.Add(int64(DefaultHeartbeatTimeout + time.Second))
 	a.heartbeat(t, c)
 	if err := r.Refresh(ctx); err != nil {
 		t.Fatal(err)

@@ -88,8 +88,10 @@ type Router struct {
 	ReconcileWait time.Duration
 	readopter     Readopter
 	lostFinal     func(ctx context.Context, id string)
-	// reconciling are the nodes whose reconcile runs now (readopt.go).
+	// reconciling are the nodes whose reconcile runs now (readopt.go);
+	// retryAt, when a node whose reconcile did not reach it is tried again.
 	reconciling map[string]bool
+	retryAt     map[string]time.Time
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -131,7 +133,7 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 	return &Router{store: st, ca: ca, cert: cert, log: log, now: time.Now, started: time.Now(),
 		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{},
 		warm: map[string]map[string]bool{}, pooled: map[string]map[string]int{}, unreconciled: map[string]bool{},
-		reconciling: map[string]bool{}}
+		reconciling: map[string]bool{}, retryAt: map[string]time.Time{}}
 }
 
 // dial is how the router reaches a node: over a transport Refresh
@@ -253,9 +255,11 @@ func (r *Router) reconcile(ctx context.Context, nodeID string) {
 		r.log.Warn("fleet: restore a returned node", "node", nodeID, "err", err)
 		// Not reached (it was silent at the control plane's start, say,
 		// and answers heartbeats again before it was found silent): again
-		// at the next Refresh while it counts as healthy.
+		// at a Refresh a heartbeat timeout later, while it counts as
+		// healthy.
 		r.mu.Lock()
 		r.unreconciled[nodeID] = true
+		r.retryAt[nodeID] = r.now().Add(cmp.Or(r.HeartbeatTimeout, DefaultHeartbeatTimeout))
 		r.mu.Unlock()
 	} else {
 		// It answered: what it did not run is lost for good.
