@@ -220,7 +220,7 @@ func TestReconcileDoesNotHoldRefresh(t *testing.T) {
 // destroy it; the one a no longer runs ("gone") is not revived and its loss
 // is final (SetLostFinal), but only once a answered the reconcile: its
 // first reconcile's Restores fail (not reached), and the reconcile is done
-// again at the next Refresh.
+// again a heartbeat timeout later (not at the very next Refresh).
 func TestReconcileStartReadopts(t *testing.T) {
 	c := newControl(t)
 	ctx := ctxT(t)
