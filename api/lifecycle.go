@@ -309,6 +309,14 @@ func (s *Server) finish(id string, ex sandbox.Exit) {
 	}
 	t0 := time.Now()
 	if s.cfg.Hooks.Ended != nil {
+		s.live.mu.Lock()
+		lost := l.reason == "lost"
+		s.live.mu.Unlock()
+		if lost {
+			// The hooks see a loss as one (the ingress keeps the
+			// exposures of a sandbox that may be re-adopted).
+			sb.EndReason = "lost"
+		}
 		s.cfg.Hooks.Ended(ctx, sb)
 	}
 	t1 := time.Now()
@@ -404,6 +412,13 @@ func (s *Server) Reconcile(ctx context.Context) error {
 			}
 		}
 	}
+	if f, ok := s.node.(startReconciler); ok {
+		// A fleet: each node is reconciled as a returned node (lost
+		// sandboxes it still runs re-adopted, the rest removed), in the
+		// background for a node that does not answer now.
+		f.ReconcileStart(ctx)
+		return nil
+	}
 	if err := s.node.Restore(ctx, live); err != nil {
 		s.log.Warn("reconcile: node state of the previous process", "err", err)
 	}
@@ -415,6 +430,16 @@ func (s *Server) Reconcile(ctx context.Context) error {
 		s.log.Warn("reconcile: node objects of no live sandbox", "objects", left)
 	}
 	return nil
+}
+
+// startReconciler is a node that reconciles itself once Reconcile has
+// watched the running sandboxes and ended the others (the fleet's router:
+// noderpc.Router.ReconcileStart). Reconcile then neither restores it nor
+// removes its leftovers itself: a sandbox reported lost before the start,
+// which its node may still run, is not live, and only the router knows
+// which of those to re-adopt.
+type startReconciler interface {
+	ReconcileStart(ctx context.Context)
 }
 
 // Leftovers lists node objects not belonging to live sandboxes (leak checks).

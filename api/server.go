@@ -74,9 +74,12 @@ type Hooks struct {
 	Prepare func(ctx context.Context, sb *store.Sandbox, req *node.StartRequest) error
 	// Started runs once the sandbox runs (egress rules, etc.).
 	Started func(ctx context.Context, sb *store.Sandbox, st node.Started) error
-	// Ended runs when the sandbox has ended, before its resources are freed.
+	// Ended runs when the sandbox has ended, before its resources are freed
+	// (sb.EndReason is "lost" for a sandbox whose node stopped answering:
+	// it may be re-adopted, ReadoptLost).
 	Ended func(ctx context.Context, sb *store.Sandbox)
-	// Resumed runs for a sandbox found running when chalkd starts.
+	// Resumed runs for a sandbox found running when chalkd starts, and for
+	// one re-adopted after its loss.
 	Resumed func(ctx context.Context, sb *store.Sandbox)
 }
 

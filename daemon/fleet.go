@@ -99,6 +99,10 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	if d.ingress != nil {
 		// Exposed ports of node sandboxes: through their node (DialSandbox).
 		d.ingress.srv.DialVia(d.router.DialSandbox)
+		// A lost sandbox's exposures are kept for its re-adoption; they go
+		// when its node answers without it.
+		d.ingress.lostGrace = fc.LostGrace
+		d.router.SetLostFinal(d.ingress.lostFinal)
 	}
 	if err := d.router.SetSnapshots(filepath.Join(d.cfg.DataDir, "fleet-snapshots"), d.pushFleetSnapshot); err != nil {
 		return err
@@ -228,7 +232,10 @@ func (d *Daemon) fleetHooks() api.Hooks {
 			d.ftun.ended(ctx, sb)
 			d.mcp.ended(sb.ID)
 		},
-		Resumed: d.ftun.resumed,
+		Resumed: func(ctx context.Context, sb *store.Sandbox) {
+			d.ftun.resumed(ctx, sb)
+			d.ingress.resumed(ctx, sb) // re-adopted: its exposures served again
+		},
 	}
 }
 

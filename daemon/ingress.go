@@ -54,6 +54,9 @@ type ingressNode struct {
 	tls   *tls.Config
 	ln    net.Listener
 	log   *slog.Logger
+	// lostGrace (fleet): the exposures of a sandbox reported lost are kept
+	// this long, for its re-adoption (0: deleted at its end, as any).
+	lostGrace time.Duration
 }
 
 var _ api.IngressBackend = (*ingressNode)(nil)
@@ -67,14 +70,116 @@ func (n *ingressNode) Sign(id string, port uint16, exp time.Time) string {
 	return n.srv.Sign(id, port, exp)
 }
 
-// ended forgets a sandbox's exposures: its routes are cut at once.
+// ended forgets a sandbox's exposures: its routes are cut at once. Those
+// of a sandbox reported lost (its node stopped answering) stay recorded:
+// it may be re-adopted (resumed routes them again), and they go when its
+// loss is final (lostFinal, or prune once the grace has passed).
 func (n *ingressNode) ended(ctx context.Context, sb *store.Sandbox) {
 	if n == nil {
 		return
 	}
 	n.srv.Remove(sb.ID, 0)
+	if sb.EndReason == "lost" && n.lostGrace > 0 {
+		return
+	}
 	if err := n.store.DeleteExposures(ctx, sb.ID); err != nil {
 		n.log.Warn("delete exposures", "sandbox", sb.ID, "err", err)
+	}
+}
+
+// resumed routes the recorded exposures of a sandbox running again
+// (re-adopted after its loss, or found running at a start), at the
+// sandbox's address.
+func (n *ingressNode) resumed(ctx context.Context, sb *store.Sandbox) {
+	if n == nil {
+		return
+	}
+	addr, err := netip.ParseAddr(sb.IP)
+	if err != nil {
+		return
+	}
+	es, err := n.store.ListExposures(ctx, sb.ID)
+	if err != nil {
+		n.log.Warn("exposures of a resumed sandbox", "sandbox", sb.ID, "err", err)
+		return
+	}
+	for _, e := range es {
+		n.Route(e, addr)
+	}
+}
+
+// lostFinal deletes the exposures of sandbox id, lost and not re-adopted
+// (its node answered again without it).
+func (n *ingressNode) lostFinal(ctx context.Context, id string) {
+	if n == nil {
+		return
+	}
+	n.srv.Remove(id, 0)
+	if err := n.store.DeleteExposures(ctx, id); err != nil {
+		n.log.Warn("delete exposures of a lost sandbox", "sandbox", id, "err", err)
+	}
+}
+
+// keep reports whether the exposures of sb, which does not run here, are
+// kept: it was reported lost less than the grace ago and may be
+// re-adopted.
+func (n *ingressNode) keep(sb *store.Sandbox, now time.Time) bool {
+	return n.lostGrace > 0 && sb.State == store.StateStopped && sb.EndReason == "lost" && sb.Node != "" &&
+		now.Sub(sb.EndedAt) < n.lostGrace
+}
+
+// prune deletes the exposures of sandboxes that do not run (running
+// reports which do), except those kept for a re-adoption (keep); it
+// returns those of running sandboxes, with their addresses.
+func (n *ingressNode) prune(ctx context.Context, running func(id string) bool) (map[*store.Exposure]netip.Addr, error) {
+	es, err := n.store.ListExposures(ctx, "")
+	if err != nil {
+		return nil, err
+	}
+	out := map[*store.Exposure]netip.Addr{}
+	now := time.Now()
+	sbs := map[string]*store.Sandbox{}
+	for _, e := range es {
+		sb, ok := sbs[e.SandboxID]
+		if !ok {
+			sb, _ = n.store.GetSandbox(ctx, e.SandboxID)
+			sbs[e.SandboxID] = sb
+		}
+		var addr netip.Addr
+		if sb != nil {
+			addr, _ = netip.ParseAddr(sb.IP)
+		}
+		switch {
+		case sb != nil && addr.IsValid() && running(e.SandboxID):
+			out[e] = addr
+		case sb != nil && (n.keep(sb, now) || n.lostGrace > 0 && sb.Live()):
+			// Kept for a re-adoption, or being re-adopted now (its
+			// record revived, its watch not started yet).
+		default:
+			_ = n.store.DeleteExposures(ctx, e.SandboxID)
+		}
+	}
+	return out, nil
+}
+
+// pruneLoop deletes, every interval while this control plane leads, the
+// exposures of lost sandboxes whose grace has passed (their node did not
+// return in time).
+func (n *ingressNode) pruneLoop(ctx context.Context, interval time.Duration, leading func() bool, running func(id string) bool) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if leading != nil && !leading() {
+			continue
+		}
+		if _, err := n.prune(ctx, running); err != nil && ctx.Err() == nil {
+			n.log.Warn("prune exposures of lost sandboxes", "err", err)
+		}
 	}
 }
 
@@ -153,30 +258,28 @@ func ingressAuth(auth *api.Authenticator) func(ctx context.Context, h string) (s
 	}
 }
 
+// exposurePrune is how often the leader deletes the exposures of lost
+// sandboxes whose grace has passed.
+const exposurePrune = 30 * time.Second
+
 // startIngress restores the routes of running sandboxes (exposures of
-// ended ones are deleted) and serves the ingress listener.
+// ended ones are deleted, but for lost ones that may be re-adopted) and
+// serves the ingress listener.
 func startIngress(ctx context.Context, d *Daemon) error {
 	n := d.ingress
 	if n == nil {
 		return nil
 	}
-	es, err := d.Store.ListExposures(ctx, "")
+	running := func(id string) bool { return d.API.IsRunning(ctx, id) }
+	routes, err := n.prune(ctx, running)
 	if err != nil {
 		return err
 	}
-	for _, e := range es {
-		sb, err := d.Store.GetSandbox(ctx, e.SandboxID)
-		addr, aerr := netip.ParseAddr(func() string {
-			if sb == nil {
-				return ""
-			}
-			return sb.IP
-		}())
-		if err != nil || aerr != nil || !d.API.IsRunning(ctx, e.SandboxID) {
-			_ = d.Store.DeleteExposures(ctx, e.SandboxID)
-			continue
-		}
+	for e, addr := range routes {
 		n.Route(e, addr)
+	}
+	if n.lostGrace > 0 {
+		go n.pruneLoop(ctx, exposurePrune, d.leaderFunc(), running)
 	}
 	srv := n.srv.HTTPServer()
 	d.servers = append(d.servers, srv)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/ingress"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -111,5 +112,94 @@ func TestIngressAuthWithoutTheAPI(t *testing.T) {
 	}
 	if _, err := check(ctx, "Bearer "+secrets["org-a"]); !errors.Is(err, errdefs.ErrUnauthenticated) {
 		t.Fatalf("a revoked key: %v", err)
+	}
+}
+
+// TestExposuresKeptForReadoption: with a lost grace (a control plane), the
+// exposures of a sandbox recorded lost within it are kept by the prune (at
+// a start, and the leader's every 30 s) and by its Ended hook, so a
+// re-adoption serves them again; those of a sandbox lost longer ago, ended
+// otherwise, or gone are deleted, and a running one's are returned to
+// route. lostFinal deletes a kept one. Without a grace a loss keeps
+// nothing.
+func TestExposuresKeptForReadoption(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "chalk.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	now := time.Now().UTC()
+	mk := func(id, state, reason string, ended time.Time) {
+		t.Helper()
+		sb := &store.Sandbox{ID: id, OrgID: "o", State: store.StateRunning, Slot: 1, Node: "n1", Pid: 7, IP: "10.0.0.2", CreatedAt: now}
+		if err := st.CreateSandbox(ctx, sb); err != nil {
+			t.Fatal(err)
+		}
+		if state != store.StateRunning {
+			sb.State, sb.EndReason, sb.EndedAt = state, reason, ended
+			if ok, err := st.EndSandbox(ctx, sb); err != nil || !ok {
+				t.Fatal(ok, err)
+			}
+		}
+		if err := st.PutExposure(ctx, &store.Exposure{SandboxID: id, Port: 8080, OrgID: "o"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mk("running", store.StateRunning, "", time.Time{})
+	mk("lost", store.StateStopped, "lost", now)
+	mk("lost-long-ago", store.StateStopped, "lost", now.Add(-time.Hour))
+	mk("exited", store.StateStopped, "exited", now)
+	if err := st.PutExposure(ctx, &store.Exposure{SandboxID: "no-record", Port: 1, OrgID: "o"}); err != nil {
+		t.Fatal(err)
+	}
+	n := &ingressNode{store: st, lostGrace: 5 * time.Minute}
+	routes, err := n.prune(ctx, func(id string) bool { return id == "running" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(routes) != 1 {
+		t.Fatalf("routes: %v, want the running sandbox's", routes)
+	}
+	for e, addr := range routes {
+		if e.SandboxID != "running" || addr.String() != "10.0.0.2" {
+			t.Fatalf("route %+v at %v", e, addr)
+		}
+	}
+	has := func(id string) bool {
+		es, err := st.ListExposures(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(es) > 0
+	}
+	for id, want := range map[string]bool{"running": true, "lost": true, "lost-long-ago": false, "exited": false, "no-record": false} {
+		if has(id) != want {
+			t.Errorf("exposures of %s kept: %v, want %v", id, !want, want)
+		}
+	}
+	if n.srv, err = ingress.New(ingress.Config{BaseURL: "http://127.0.0.1:7449", Key: make([]byte, 32),
+		Authenticate: func(context.Context, string) (string, error) { return "", errdefs.ErrPermissionDenied }}); err != nil {
+		t.Fatal(err)
+	}
+	// The Ended hook keeps a lost sandbox's, deletes another's.
+	n.ended(ctx, &store.Sandbox{ID: "lost", State: store.StateStopped, EndReason: "lost"})
+	n.ended(ctx, &store.Sandbox{ID: "running", State: store.StateStopped, EndReason: "exited"})
+	if !has("lost") || has("running") {
+		t.Errorf("after the Ended hook: lost's kept %v (want true), running's kept %v (want false)", has("lost"), has("running"))
+	}
+	// lostFinal (the node answered without it) deletes them.
+	n.lostFinal(ctx, "lost")
+	if has("lost") {
+		t.Error("exposures of a sandbox whose loss is final kept")
+	}
+	// Without a grace, a lost sandbox's exposures go at the prune.
+	mk("lost-2", store.StateStopped, "lost", now)
+	n.lostGrace = 0
+	if _, err := n.prune(ctx, func(string) bool { return false }); err != nil {
+		t.Fatal(err)
+	}
+	if has("lost-2") {
+		t.Error("exposures of a lost sandbox kept without a grace")
 	}
 }

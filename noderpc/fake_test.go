@@ -43,6 +43,8 @@ type fakeNode struct {
 	layer    []byte              // SnapshotLayer's layer
 	// restoreHold, if set, holds Restore until closed.
 	restoreHold chan struct{}
+	// restoreFail: Restore fails this many more times (a node not reached).
+	restoreFail int
 }
 
 func newFakeNode() *fakeNode {
@@ -341,7 +343,14 @@ func (f *fakeNode) Restore(ctx context.Context, live map[string]int) error {
 	f.call(fmt.Sprintf("Restore %d", len(live)))
 	f.mu.Lock()
 	hold := f.restoreHold
+	fail := f.restoreFail > 0
+	if fail {
+		f.restoreFail--
+	}
 	f.mu.Unlock()
+	if fail {
+		return fmt.Errorf("restore: node not reached: %w", errdefs.ErrUnavailable)
+	}
 	if hold != nil {
 		select {
 		case <-hold: // a node that stopped answering mid-call

@@ -3,6 +3,7 @@ package noderpc
 import (
 	"cmp"
 	"context"
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -36,18 +37,29 @@ func (r *Router) SetReadopter(f Readopter) {
 	r.readopter = f
 }
 
+// SetLostFinal sets what the router tells when the loss of a sandbox is
+// final: its node answered again (its reconcile reached it) and it was not
+// re-adopted (not running there, another pid, refused). What was kept for a
+// possible re-adoption (its ingress exposures) may go then.
+func (r *Router) SetLostFinal(f func(ctx context.Context, id string)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.lostFinal = f
+}
+
 // readopt re-adopts what may be on returned node nodeID among its orphans
 // and the records reported lost on it within the grace (another replica,
 // leading before, may have recorded them): each one the node still runs
 // and the API revives is placed there again and leaves orphans; it
-// returns the slots of those re-adopted, by id.
-func (r *Router) readopt(ctx context.Context, m *member, nodeID string, orphans map[string]int) map[string]int {
+// returns the slots of those re-adopted, by id, and the others it
+// considered (their loss is final once the node is found answering).
+func (r *Router) readopt(ctx context.Context, m *member, nodeID string, orphans, live map[string]int) (map[string]int, []string) {
 	r.mu.Lock()
 	f := r.readopter
 	r.mu.Unlock()
 	grace := r.LostGrace
 	if f == nil || grace <= 0 {
-		return nil
+		return nil, nil
 	}
 	since := r.now().Add(-grace)
 	type cand struct {
@@ -59,13 +71,13 @@ func (r *Router) readopt(ctx context.Context, m *member, nodeID string, orphans 
 	for id, slot := range orphans {
 		cands[id] = cand{slot: slot}
 	}
-	if sbs, err := r.store.ListSandboxes(ctx, "", false); err != nil {
+	// Only this node's lost records within the grace are read
+	// (store.LostOn), not every sandbox record.
+	if sbs, err := r.store.LostOn(ctx, nodeID, since); err != nil {
 		r.log.Warn("fleet: lost sandboxes of a returned node", "node", nodeID, "err", err)
 	} else {
 		for _, sb := range sbs {
-			if !sb.Live() && sb.Node == nodeID && sb.EndReason == "lost" && !sb.EndedAt.Before(since) {
-				cands[sb.ID] = cand{slot: sb.Slot, cpu: sb.CPU, memory: sb.MemoryMB << 20}
-			}
+			cands[sb.ID] = cand{slot: sb.Slot, cpu: sb.CPU, memory: sb.MemoryMB << 20}
 		}
 	}
 	ids := make([]string, 0, len(cands))
@@ -73,12 +85,33 @@ func (r *Router) readopt(ctx context.Context, m *member, nodeID string, orphans 
 		ids = append(ids, id)
 	}
 	slices.Sort(ids)
-	out := map[string]int{}
+	var rest []string
+	pids := map[string]int{}
 	for _, id := range ids {
-		c := cands[id]
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		pid, running := m.client.Running(cctx, id)
 		cancel()
+		if !running {
+			rest = append(rest, id)
+			continue
+		}
+		pids[id] = pid
+	}
+	if len(pids) > 0 {
+		// The node learns them as live before they are (its slots: its
+		// ingress dial finds the sandbox once its record says running).
+		with := maps.Clone(live)
+		for id := range pids {
+			with[id] = cands[id].slot
+		}
+		if err := m.client.Restore(ctx, with); err != nil {
+			r.log.Warn("fleet: restore a returned node before re-adoption", "node", nodeID, "err", err)
+		}
+	}
+	out := map[string]int{}
+	for _, id := range ids {
+		c := cands[id]
+		pid, running := pids[id]
 		if !running {
 			continue
 		}
@@ -93,12 +126,34 @@ func (r *Router) readopt(ctx context.Context, m *member, nodeID string, orphans 
 		r.mu.Unlock()
 		if !f(ctx, id, nodeID, pid, since) {
 			r.forget(id)
+			rest = append(rest, id)
 			continue
 		}
 		out[id] = c.slot
 		r.log.Info("fleet: re-adopted a lost sandbox on its returned node", "node", nodeID, "sandbox", id, "pid", pid)
 	}
-	return out
+	return out, rest
+}
+
+// ReconcileStart reconciles every node as a returned node, once the
+// control plane's start has watched the sandboxes still running and ended
+// the others (api.Server.Reconcile): a sandbox recorded lost before the
+// start (its node went silent, then the control plane restarted) that its
+// node still runs with the recorded init pid is re-adopted from its record
+// (readopt), and what the node holds of no live sandbox is removed. Only the
+// leader reconciles (toReconcile; a replica that takes the lease later
+// reconciles the nodes then). A node that does not answer now is
+// reconciled in the background, and again at a later Refresh while it
+// counts as healthy (reconcile), or when it returns after it was found
+// silent.
+func (r *Router) ReconcileStart(ctx context.Context) {
+	r.mu.Lock()
+	for id := range r.members {
+		r.unreconciled[id] = true
+	}
+	back := r.toReconcile()
+	r.mu.Unlock()
+	r.reconcileBounded(ctx, back)
 }
 
 // DefaultReconcileWait is how long Refresh waits for the reconciles it

@@ -197,3 +197,125 @@ func TestReconcileDoesNotHoldRefresh(t *testing.T) {
 		t.Errorf("a restored %d times while its reconcile still ran", restores())
 	}
 }
+
+// TestReconcileStartReadopts: the control plane restarted while node a was
+// silent, after its sandboxes were recorded lost; this router (the new
+// process) knows of the loss only what the store holds, and a answers at
+// its start (within the heartbeat window: it never saw a silent, so no
+// return to reconcile). ReconcileStart re-adopts the lost sandbox a still
+// runs with the recorded pid ("up"), from its record alone, and does not
+// destroy it; the one a no longer runs ("gone") is not revived and its loss
+// is final (SetLostFinal), but only once a answered the reconcile: its
+// first reconcile's Restores fail (not reached), and the reconcile is done
+// again a heartbeat timeout later (not at the very next Refresh).
+func TestReconcileStartReadopts(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	a.heartbeat(t, c)
+	for i, id := range []string{"up", "gone"} {
+		if err := c.st.CreateSandbox(ctx, &store.Sandbox{ID: id, OrgID: "o", State: store.StateRunning, Slot: i + 1,
+			Node: a.id.ID, Pid: 77, CPU: 1, MemoryMB: 256, CreatedAt: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+		sb, err := c.st.GetSandbox(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sb.State, sb.EndReason, sb.EndedAt, sb.ExitCode, sb.Error = store.StateStopped, "lost", time.Now().UTC(), -1, "node a stopped answering"
+		if ok, err := c.st.EndSandbox(ctx, sb); err != nil || !ok {
+			t.Fatalf("record %s lost: %v %v", id, ok, err)
+		}
+	}
+	r := newRouter(t, c)
+	// Read by the router's and the fleet's goroutines (a dial's
+	// certificate check among them): atomic, the functions set once.
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	now := func() time.Time { return time.Unix(0, clock.Load()) }
+	r.now = now
+	c.fleet.Now = now
+	r.LostGrace = time.Minute
+	r.SetReadopter(func(ctx context.Context, id, nodeID string, pid int, since time.Time) bool {
+		sb, err := c.st.ReviveLost(ctx, id, nodeID, pid, since)
+		if err != nil {
+			t.Error(err)
+		}
+		return sb != nil
+	})
+	var mu sync.Mutex
+	var final []string
+	r.SetLostFinal(func(_ context.Context, id string) {
+		mu.Lock()
+		final = append(final, id)
+		mu.Unlock()
+	})
+	finals := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(final)
+	}
+	calls := func() []string {
+		a.fake.mu.Lock()
+		defer a.fake.mu.Unlock()
+		return slices.Clone(a.fake.calls)
+	}
+	a.fake.mu.Lock()
+	a.fake.restoreFail = 2 // before the re-adoption, and after it
+	a.fake.mu.Unlock()
+
+	r.ReconcileStart(ctx)
+	if sb, _ := c.st.GetSandbox(ctx, "up"); sb.State != store.StateRunning || sb.EndReason != "" {
+		t.Fatalf("up after the start: %s %q, want re-adopted (running)", sb.State, sb.EndReason)
+	}
+	if sb, _ := c.st.GetSandbox(ctx, "gone"); sb.State != store.StateStopped || sb.EndReason != "lost" {
+		t.Errorf("gone after the start: %s %q, want stopped lost", sb.State, sb.EndReason)
+	}
+	if r.NodeOf("up") != a.id.ID {
+		t.Errorf("up placed on %q, want a", r.NodeOf("up"))
+	}
+	if got := finals(); len(got) != 0 {
+		t.Errorf("losses final before the node answered the reconcile: %q", got)
+	}
+	// Not again at once (a node that heartbeats but is not reached is
+	// not reconciled every second); a heartbeat timeout later a answers:
+	// reconciled again, the loss of gone is final.
+	a.heartbeat(t, c)
+	restores := func() int {
+		n := 0
+		for _, c := range calls() {
+			if strings.HasPrefix(c, "Restore") {
+				n++
+			}
+		}
+		return n
+	}
+	before := restores()
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if restores() != before {
+		t.Errorf("reconciled again at once after a reconcile that did not reach the node: %q", calls())
+	}
+	clock.Add(int64(DefaultHeartbeatTimeout + time.Second))
+	a.heartbeat(t, c)
+	if err := r.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got := calls()
+	if n := slices.Index(got, "Restore 1"); n < 0 || slices.Index(got[n+1:], "Restore 1") < 0 {
+		t.Errorf("a restored %q: want twice with the re-adopted sandbox (the first not reached)", got)
+	}
+	if slices.Contains(got, "Destroy up 1") {
+		t.Errorf("the re-adopted sandbox was destroyed: %q", got)
+	}
+	a.fake.mu.Lock()
+	_, kept := a.fake.live["up"]
+	a.fake.mu.Unlock()
+	if !kept {
+		t.Errorf("a's leftovers were removed without the re-adopted sandbox in its live set")
+	}
+	if got := finals(); !slices.Equal(got, []string{"gone"}) {
+		t.Errorf("losses final: %q, want gone", got)
+	}
+}

@@ -176,11 +176,17 @@ func (r *Router) toReconcile() []string {
 		return nil
 	}
 	var back []string
+	now := r.now()
 	for id := range r.unreconciled {
-		if m := r.members[id]; m != nil && m.healthy {
+		m := r.members[id]
+		if m != nil && m.healthy && now.Before(r.retryAt[id]) {
+			continue // its last reconcile did not reach it: not yet again
+		}
+		if m != nil && m.healthy {
 			back = append(back, id)
 		}
 		delete(r.unreconciled, id)
+		delete(r.retryAt, id)
 	}
 	slices.Sort(back)
 	return back

@@ -87,8 +87,11 @@ type Router struct {
 	// reconciles (default DefaultReconcileWait; readopt.go).
 	ReconcileWait time.Duration
 	readopter     Readopter
-	// reconciling are the nodes whose reconcile runs now (readopt.go).
+	lostFinal     func(ctx context.Context, id string)
+	// reconciling are the nodes whose reconcile runs now (readopt.go);
+	// retryAt, when a node whose reconcile did not reach it is tried again.
 	reconciling map[string]bool
+	retryAt     map[string]time.Time
 }
 
 // warmBonus is what having the image counts in placement, in free share:
@@ -136,7 +139,7 @@ func NewRouter(st *store.Store, ca *CA, cert tls.Certificate, log *slog.Logger) 
 	return &Router{store: st, ca: ca, cert: cert, log: log, started: time.Now(),
 		members: map[string]*member{}, where: map[string]*placement{}, orphans: map[string]map[string]int{},
 		warm: map[string]map[string]bool{}, pooled: map[string]map[string]int{}, unreconciled: map[string]bool{},
-		reconciling: map[string]bool{}}
+		reconciling: map[string]bool{}, retryAt: map[string]time.Time{}}
 }
 
 // dial is how the router reaches a node: over a transport Refresh
@@ -247,7 +250,8 @@ func (r *Router) reconcile(ctx context.Context, nodeID string) {
 	}
 	// What still runs there of what was reported lost may be re-adopted
 	// (readopt.go): live from here on, not destroyed.
-	for id, slot := range r.readopt(ctx, m, nodeID, orphans) {
+	readopted, rest := r.readopt(ctx, m, nodeID, orphans, live)
+	for id, slot := range readopted {
 		live[id] = slot
 		delete(orphans, id)
 	}
@@ -255,6 +259,24 @@ func (r *Router) reconcile(ctx context.Context, nodeID string) {
 	// slots of the sandboxes live there, and it finishes its teardowns.
 	if err := m.client.Restore(ctx, live); err != nil {
 		r.log.Warn("fleet: restore a returned node", "node", nodeID, "err", err)
+		// Not reached (it was silent at the control plane's start, say,
+		// and answers heartbeats again before it was found silent): again
+		// at a Refresh a heartbeat timeout later, while it counts as
+		// healthy.
+		r.mu.Lock()
+		r.unreconciled[nodeID] = true
+		r.retryAt[nodeID] = r.now().Add(cmp.Or(r.HeartbeatTimeout, DefaultHeartbeatTimeout))
+		r.mu.Unlock()
+	} else {
+		// It answered: what it did not run is lost for good.
+		r.mu.Lock()
+		final := r.lostFinal
+		r.mu.Unlock()
+		for _, id := range rest {
+			if final != nil {
+				final(ctx, id)
+			}
+		}
 	}
 	left, err := m.client.Leftovers(ctx, live)
 	if err != nil {
@@ -539,7 +561,11 @@ func (r *Router) waitHealth(ctx context.Context, m *member, lost chan struct{}) 
 // that runs it.
 func (r *Router) Running(ctx context.Context, id string) (int, bool) {
 	if m, err := r.on(id); err == nil {
-		return m.client.Running(ctx, id)
+		// Bounded as below: a node silent at the control plane's start
+		// counts as healthy for a heartbeat timeout.
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		return m.client.Running(cctx, id)
 	}
 	r.mu.Lock()
 	var ms []*member

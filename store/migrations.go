@@ -210,6 +210,52 @@ var migrations = []migration{
 	{sql: `ALTER TABLE nodes ADD COLUMN cert_serial TEXT NOT NULL DEFAULT '';
 	ALTER TABLE nodes ADD COLUMN superseded_serial TEXT NOT NULL DEFAULT '';
 	ALTER TABLE nodes ADD COLUMN superseded_until BIGINT NOT NULL DEFAULT 0;`, fn: migrateNodeSerials},
+	// Sandboxes recorded lost, by node (issue #17: a returned node's
+	// re-adoption reads only its own, store.LostOn): the node of a record
+	// stopped with end_reason lost and when it ended (Unix nanoseconds);
+	// '' and 0 for every other record. Written with the state (EndSandbox,
+	// UpdateSandbox, ReviveLost). Existing lost records: from their
+	// documents (migrateLostNodes).
+	{sql: `ALTER TABLE sandboxes ADD COLUMN lost_node TEXT NOT NULL DEFAULT '';
+	ALTER TABLE sandboxes ADD COLUMN lost_at BIGINT NOT NULL DEFAULT 0;
+	CREATE INDEX sandboxes_lost ON sandboxes (lost_node, lost_at);`, fn: migrateLostNodes},
+}
+
+// migrateLostNodes fills lost_node and lost_at of the records stopped as
+// lost from their documents.
+func migrateLostNodes(ctx context.Context, tx *txn) error {
+	rows, err := tx.QueryContext(ctx, `SELECT id, doc FROM sandboxes WHERE state = ?`, StateStopped)
+	if err != nil {
+		return err
+	}
+	lost := map[string]*Sandbox{}
+	for rows.Next() {
+		var id string
+		var doc []byte
+		if err := rows.Scan(&id, &doc); err != nil {
+			rows.Close()
+			return err
+		}
+		var sb Sandbox
+		if err := json.Unmarshal(doc, &sb); err != nil {
+			rows.Close()
+			return fmt.Errorf("sandbox %q: %w", id, err)
+		}
+		if node, _ := lostCols(&sb); node != "" {
+			lost[id] = &sb
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	for id, sb := range lost {
+		node, at := lostCols(sb)
+		if _, err := tx.ExecContext(ctx, `UPDATE sandboxes SET lost_node = ?, lost_at = ? WHERE id = ?`, node, at, id); err != nil {
+			return fmt.Errorf("sandbox %q: %w", id, err)
+		}
+	}
+	return nil
 }
 
 // migrateNodeSerials copies each node's certificate serial from its

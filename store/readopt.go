@@ -42,11 +42,51 @@ func (s *Store) ReviveLost(ctx context.Context, id, node string, pid int, since 
 	if doc, err = json.Marshal(&sb); err != nil {
 		return nil, err
 	}
-	if _, err := tx.ExecContext(ctx, `UPDATE sandboxes SET state = ?, doc = ? WHERE id = ? AND state = ?`, StateRunning, doc, id, StateStopped); err != nil {
+	if _, err := tx.ExecContext(ctx, `UPDATE sandboxes SET state = ?, lost_node = '', lost_at = 0, doc = ? WHERE id = ? AND state = ?`, StateRunning, doc, id, StateStopped); err != nil {
 		return nil, fmt.Errorf("sandbox %q: %w", id, err)
 	}
 	if err := tx.Commit(); err != nil {
 		return nil, err
 	}
 	return &sb, nil
+}
+
+// lostCols are the lost_node and lost_at columns of sb: its node and the
+// time it ended if it is recorded lost, else "" and 0.
+func lostCols(sb *Sandbox) (string, int64) {
+	if sb.State != StateStopped || sb.EndReason != "lost" || sb.Node == "" {
+		return "", 0
+	}
+	return sb.Node, nanos(sb.EndedAt)
+}
+
+// LostOn lists the sandboxes recorded lost on node (stopped, end_reason
+// lost) that ended at since or later, by id: the candidates for
+// re-adoption when the node returns. Only those records are read (an
+// index on lost_node, lost_at).
+func (s *Store) LostOn(ctx context.Context, node string, since time.Time) ([]*Sandbox, error) {
+	if node == "" {
+		return nil, nil
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT doc FROM sandboxes WHERE lost_node = ? AND lost_at >= ? AND state = ? ORDER BY id`,
+		node, nanos(since), StateStopped)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []*Sandbox
+	for rows.Next() {
+		var doc []byte
+		if err := rows.Scan(&doc); err != nil {
+			return nil, err
+		}
+		var sb Sandbox
+		if err := json.Unmarshal(doc, &sb); err != nil {
+			return nil, err
+		}
+		if sb.EndReason == "lost" && sb.Node == node { // as the columns say
+			out = append(out, &sb)
+		}
+	}
+	return out, rows.Err()
 }

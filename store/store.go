@@ -284,7 +284,8 @@ func (s *Store) UpdateSandbox(ctx context.Context, sb *Sandbox) error {
 	if err != nil {
 		return err
 	}
-	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET state = ?, slot = ?, doc = ? WHERE id = ?`, sb.State, sb.Slot, doc, sb.ID)
+	node, at := lostCols(sb)
+	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET state = ?, slot = ?, lost_node = ?, lost_at = ?, doc = ? WHERE id = ?`, sb.State, sb.Slot, node, at, doc, sb.ID)
 	if err != nil {
 		return fmt.Errorf("sandbox %q: %w", sb.ID, err)
 	}
@@ -306,8 +307,9 @@ func (s *Store) EndSandbox(ctx context.Context, sb *Sandbox) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET state = ?, slot = ?, doc = ? WHERE id = ? AND state IN (?, ?, ?)`,
-		sb.State, sb.Slot, doc, sb.ID, StateCreating, StateRunning, StateStopping)
+	node, at := lostCols(sb)
+	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET state = ?, slot = ?, lost_node = ?, lost_at = ?, doc = ? WHERE id = ? AND state IN (?, ?, ?)`,
+		sb.State, sb.Slot, node, at, doc, sb.ID, StateCreating, StateRunning, StateStopping)
 	if err != nil {
 		return false, fmt.Errorf("sandbox %q: %w", sb.ID, err)
 	}
