@@ -228,13 +228,7 @@ func TestReconcileStartReadopts(t *testing.T) {
 		}
 	}
 	r := newRouter(t, c)
-	// Read by the router's and the fleet's goroutines (a dial's
-	// certificate check among them): atomic, the functions set once.
-	var clock atomic.Int64
-	clock.Store(time.Now().UnixNano())
-	now := func() time.Time { return time.Unix(0, clock.Load()) }
-	r.now = now
-	c.fleet.Now = now
+	clk := useFakeClock(r, c.fleet)
 	r.LostGrace = time.Minute
 	r.SetReadopter(func(ctx context.Context, id, nodeID string, pid int, since time.Time) bool {
 		sb, err := c.st.ReviveLost(ctx, id, nodeID, pid, since)
@@ -297,7 +291,7 @@ func TestReconcileStartReadopts(t *testing.T) {
 	if restores() != before {
 		t.Errorf("reconciled again at once after a reconcile that did not reach the node: %q", calls())
 	}
-	clock.Add(int64(DefaultHeartbeatTimeout + time.Second))
+	clk.Add(DefaultHeartbeatTimeout + time.Second)
 	a.heartbeat(t, c)
 	if err := r.Refresh(ctx); err != nil {
 		t.Fatal(err)
