@@ -24,7 +24,9 @@ import (
 // from a member with the address of another member of its node is dropped
 // by the receiving device's cryptokey routing; a remote member at a local
 // member's address is refused; All lists both sides and forgets a remote
-// once it is withdrawn.
+// once it is withdrawn. No device sends to a remote before a packet is for
+// it (two ends initiating at once cross), and members joining and leaving
+// on either node leave the sessions of the others' pairs as they are.
 func TestRemoteMembers(t *testing.T) {
 	chalktest.RequireRoot(t)
 	nsA, nsB, nsC := netnsFor(t), netnsFor(t), netnsFor(t)
