@@ -24,7 +24,9 @@ import (
 // from a member with the address of another member of its node is dropped
 // by the receiving device's cryptokey routing; a remote member at a local
 // member's address is refused; All lists both sides and forgets a remote
-// once it is withdrawn.
+// once it is withdrawn. No device sends to a remote before a packet is for
+// it (two ends initiating at once cross), and members joining and leaving
+// on either node leave the sessions of the others' pairs as they are.
 func TestRemoteMembers(t *testing.T) {
 	chalktest.RequireRoot(t)
 	nsA, nsB, nsC := netnsFor(t), netnsFor(t), netnsFor(t)
@@ -72,6 +74,21 @@ func TestRemoteMembers(t *testing.T) {
 	if all := n1.All("org/t"); len(all) != 3 || all[1].SandboxID != "b" || all[1].Endpoint == "" || all[0].Endpoint != "" {
 		t.Fatalf("node 1 sees %+v, want a, b (remote), c", all)
 	}
+	// Being given a remote makes no device send to it: the first packet
+	// for it starts the one handshake. (A keepalive from each end as both
+	// nodes got their views made two initiations cross, which WireGuard
+	// resolves only by a retry after REKEY_TIMEOUT, 5 s, that can cross
+	// again: the dial below then timed out under load.)
+	for _, s := range []struct {
+		m        *Manager
+		id       string
+		peer     Key
+		peerName string
+	}{{n1, "a", b.PublicKey, "b"}, {n1, "c", b.PublicKey, "b"}, {n2, "b", a.PublicKey, "a"}, {n2, "b", c.PublicKey, "c"}} {
+		if tx := peerField(t, s.m, s.id, s.peer, "tx_bytes"); tx != "0" {
+			t.Fatalf("%s sent %s bytes to %s before any packet was for it", s.id, tx, s.peerName)
+		}
+	}
 
 	// TCP both ways between the nodes.
 	tcp := func(fromNS, toNS string, to Member) {
@@ -105,34 +122,45 @@ func TestRemoteMembers(t *testing.T) {
 	tcp(nsB, nsA, a)
 
 	// The same view again leaves the devices' sessions as they are (a
-	// replaced peer would lose its handshake and the packets meanwhile).
-	handshake := func() string {
+	// replaced peer would lose its handshake and the packets meanwhile),
+	// and so do other members coming and going: only the peers that
+	// changed are touched.
+	handshake := func(m *Manager, id string, peer Key) string {
 		t.Helper()
-		n1.mu.Lock()
-		cfg, err := n1.members["org/t"]["a"].dev.IpcGet()
-		n1.mu.Unlock()
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, peer, _ := strings.Cut(cfg, "public_key="+b.PublicKey.hex()+"\n")
-		peer, _, _ = strings.Cut(peer, "public_key=")
-		var sec, nsec string
-		for _, l := range strings.Split(peer, "\n") {
-			if v, ok := strings.CutPrefix(l, "last_handshake_time_sec="); ok {
-				sec = v
-			}
-			if v, ok := strings.CutPrefix(l, "last_handshake_time_nsec="); ok {
-				nsec = v
-			}
-		}
-		return sec + "." + nsec
+		return peerField(t, m, id, peer, "last_handshake_time_sec") + "." + peerField(t, m, id, peer, "last_handshake_time_nsec")
 	}
-	before := handshake()
+	before, beforeB := handshake(n1, "a", b.PublicKey), handshake(n2, "b", a.PublicKey)
+	if strings.HasPrefix(before, "0.") || strings.HasPrefix(beforeB, "0.") {
+		t.Fatalf("a and b have no session after TCP both ways: handshakes %q, %q", before, beforeB)
+	}
 	if err := n1.SetView("org/t", subnet, []Remote{remote(b)}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if after := handshake(); after != before || strings.HasPrefix(before, "0.") || before == "." {
+	if after := handshake(n1, "a", b.PublicKey); after != before {
 		t.Fatalf("a's session with b: handshake %q before an unchanged view, %q after", before, after)
+	}
+	nsD, nsE := netnsFor(t), netnsFor(t)
+	d := join(n2, "d", nsD, "100.96.7.13")
+	e := join(n1, "e", nsE, "100.96.7.14")
+	if err := n1.SetView("org/t", subnet, []Remote{remote(b), remote(d)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := n2.SetView("org/t", subnet, []Remote{remote(a), remote(c), remote(e)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	n1.Leave("e")
+	n2.Leave("d")
+	if err := n1.SetView("org/t", subnet, []Remote{remote(b)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := n2.SetView("org/t", subnet, []Remote{remote(a), remote(c)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if after, afterB := handshake(n1, "a", b.PublicKey), handshake(n2, "b", a.PublicKey); after != before || afterB != beforeB {
+		t.Fatalf("a's and b's session: handshakes %q, %q before members d and e came and went, %q, %q after", before, beforeB, after, afterB)
+	}
+	if cfg := ipcGet(t, n1, "a"); strings.Contains(cfg, d.PublicKey.hex()) || strings.Contains(cfg, e.PublicKey.hex()) {
+		t.Fatalf("a still peers with d or e after they left:\n%s", cfg)
 	}
 
 	// a claims c's address toward b: b's device knows that address as c's
@@ -183,4 +211,37 @@ func TestRemoteMembers(t *testing.T) {
 	if all := n2.All("org/t"); len(all) != 0 {
 		t.Fatalf("node 2 has no member but lists %+v", all)
 	}
+}
+
+func ipcGet(t *testing.T, m *Manager, id string) string {
+	t.Helper()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, ms := range m.members {
+		if mb, ok := ms[id]; ok {
+			cfg, err := mb.dev.IpcGet()
+			if err != nil {
+				t.Fatal(err)
+			}
+			return cfg
+		}
+	}
+	t.Fatalf("no member %s", id)
+	return ""
+}
+
+// peerField is field of member id's device's peer (UAPI get), "" if absent.
+func peerField(t *testing.T, m *Manager, id string, peer Key, field string) string {
+	t.Helper()
+	_, cfg, ok := strings.Cut(ipcGet(t, m, id), "public_key="+peer.hex()+"\n")
+	if !ok {
+		t.Fatalf("%s has no peer %s", id, peer)
+	}
+	cfg, _, _ = strings.Cut(cfg, "public_key=")
+	for _, l := range strings.Split(cfg, "\n") {
+		if v, ok := strings.CutPrefix(l, field+"="); ok {
+			return v
+		}
+	}
+	return ""
 }

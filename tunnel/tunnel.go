@@ -151,6 +151,9 @@ type member struct {
 	dev       *device.Device
 	tun       *localTUN
 	bind      conn.Bind
+	// peerCfg is each peer's configuration as last given to dev (UAPI
+	// lines after its public_key), so a sync touches only what changed.
+	peerCfg map[Key]string
 }
 
 // NewManager returns a Manager with no devices. It probes for the kernel's
@@ -491,32 +494,66 @@ func (m *Manager) routesLocked(key string) []netip.Prefix {
 }
 
 // syncLocked gives every member of key its peers: the other members (each
-// exactly its /32, at its node endpoint) and the external peers.
+// exactly its /32, at its node endpoint) and the external peers. A peer
+// whose configuration is unchanged is not touched (it keeps its session and
+// its AllowedIPs stay in place); one no longer wanted is removed.
+//
+// No device initiates a handshake to a member (here or on another node)
+// before it has a packet for it: no persistent keepalive toward members.
+// WireGuard has no tie-break for two initiations that cross — each side
+// takes the other's, answers, and refuses the answer to its own — so a
+// keepalive sent by each end as the control plane gives both nodes their
+// views at once stalled the pair until a retry after REKEY_TIMEOUT (5 s),
+// which could cross again. Fleet endpoints are reachable node sockets
+// (ip:port), so nothing needs a keepalive to hold a mapping open; while
+// traffic flows WireGuard's passive keepalive keeps the session. External
+// peers with an endpoint keep theirs (they may be behind NAT).
 func (m *Manager) syncLocked(key string) error {
 	var errs []error
 	for id, mb := range m.members[key] {
-		var b strings.Builder
-		b.WriteString("replace_peers=true\n")
+		want := map[Key]string{}
 		for oid, o := range m.members[key] {
-			if oid == id {
-				continue
+			if oid != id {
+				want[o.PublicKey] = fmt.Sprintf("endpoint=127.0.0.1:%d\npersistent_keepalive_interval=0\nreplace_allowed_ips=true\nallowed_ip=%s/32\n", o.Port, o.Addr)
 			}
-			fmt.Fprintf(&b, "public_key=%s\nendpoint=127.0.0.1:%d\nreplace_allowed_ips=true\nallowed_ip=%s/32\n", o.PublicKey.hex(), o.Port, o.Addr)
 		}
 		for _, r := range m.remotes[key] {
-			fmt.Fprintf(&b, "public_key=%s\nendpoint=%s\npersistent_keepalive_interval=25\nreplace_allowed_ips=true\nallowed_ip=%s/32\n", r.PublicKey.hex(), r.Endpoint, r.Addr)
+			want[r.PublicKey] = fmt.Sprintf("endpoint=%s\npersistent_keepalive_interval=0\nreplace_allowed_ips=true\nallowed_ip=%s/32\n", r.Endpoint, r.Addr)
 		}
 		for _, p := range m.peers[key] {
-			fmt.Fprintf(&b, "public_key=%s\nreplace_allowed_ips=true\n", p.PublicKey.hex())
+			var b strings.Builder
 			if p.Endpoint != "" {
 				fmt.Fprintf(&b, "endpoint=%s\npersistent_keepalive_interval=25\n", p.Endpoint)
+			} else {
+				b.WriteString("persistent_keepalive_interval=0\n")
 			}
+			b.WriteString("replace_allowed_ips=true\n")
 			for _, a := range p.AllowedIPs {
 				fmt.Fprintf(&b, "allowed_ip=%s\n", a)
 			}
+			want[p.PublicKey] = b.String()
 		}
-		if err := mb.dev.IpcSet(b.String()); err != nil {
-			errs = append(errs, fmt.Errorf("tunnel %s: peers of %s: %w", key, id, err))
+		var b strings.Builder
+		if mb.peerCfg == nil {
+			// A new device, or one whose last update failed midway.
+			b.WriteString("replace_peers=true\n")
+		}
+		for k := range mb.peerCfg {
+			if _, ok := want[k]; !ok {
+				fmt.Fprintf(&b, "public_key=%s\nremove=true\n", k.hex())
+			}
+		}
+		for k, cfg := range want {
+			if have, ok := mb.peerCfg[k]; !ok || have != cfg {
+				fmt.Fprintf(&b, "public_key=%s\n%s", k.hex(), cfg)
+			}
+		}
+		if b.Len() > 0 {
+			if err := mb.dev.IpcSet(b.String()); err != nil {
+				errs = append(errs, fmt.Errorf("tunnel %s: peers of %s: %w", key, id, err))
+				want = nil // unknown state: all of them again next time
+			}
+			mb.peerCfg = want
 		}
 		local := map[netip.Addr]*localTUN{}
 		for oid, o := range m.members[key] {
