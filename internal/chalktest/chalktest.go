@@ -27,6 +27,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	"github.com/chalkcompute/chalkcompute/internal/pgtest"
 )
@@ -474,6 +476,13 @@ func (n *Node) cleanup() {
 			_ = exec.Command("runc", "--root", runcRoot, "delete", "--force", id).Run()
 		}
 	}
+	// `runc list` knows no gVisor sandbox (runsc keeps its own state under
+	// the same root): whatever still runs in the node's cgroups (a runsc
+	// sandbox's runsc-sandbox, gofer and their children, or anything runc
+	// left) is killed, so no test leaves sandboxes running behind it.
+	if left := killCgroupTree(n.Cgroup); len(left) > 0 {
+		n.t.Logf("chalktest: processes still in %s after SIGKILL: %v", n.Cgroup, left)
+	}
 	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
 			f := strings.Fields(line)
@@ -534,4 +543,66 @@ func (n *Node) Metric(name string) (float64, error) {
 		}
 	}
 	return 0, fmt.Errorf("metric %s not found", name)
+}
+
+// killCgroupTree sends SIGKILL to every process in cgroup (a path below
+// the hierarchies' roots) and its descendants, in every v1 hierarchy and
+// the unified one, and waits for each to exit (through a pidfd: the kill
+// cannot reach a process that took a reused pid). It returns the pids
+// still alive 10 s after their kill.
+func killCgroupTree(cgroup string) []int {
+	pids := map[int]bool{}
+	roots, _ := filepath.Glob("/sys/fs/cgroup/*")
+	roots = append(roots, "/sys/fs/cgroup")
+	for _, root := range roots {
+		_ = filepath.WalkDir(filepath.Join(root, cgroup), func(path string, d os.DirEntry, err error) error {
+			if err != nil || d.IsDir() || d.Name() != "cgroup.procs" {
+				return nil
+			}
+			b, _ := os.ReadFile(path)
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil && pid > 0 {
+					pids[pid] = true
+				}
+			}
+			return nil
+		})
+	}
+	var fds []unix.PollFd
+	byFd := map[int32]int{}
+	for pid := range pids {
+		fd, err := unix.PidfdOpen(pid, 0)
+		if err != nil {
+			continue // gone already
+		}
+		if unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0) != nil {
+			unix.Close(fd)
+			continue
+		}
+		fds = append(fds, unix.PollFd{Fd: int32(fd), Events: unix.POLLIN})
+		byFd[int32(fd)] = pid
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(fds) > 0 && time.Now().Before(deadline) {
+		if _, err := unix.Poll(fds, int(time.Until(deadline).Milliseconds())+1); err != nil && err != unix.EINTR {
+			break
+		}
+		fds = slices.DeleteFunc(fds, func(p unix.PollFd) bool {
+			if p.Revents == 0 {
+				return false
+			}
+			unix.Close(int(p.Fd))
+			return true
+		})
+		for i := range fds {
+			fds[i].Revents = 0
+		}
+	}
+	var left []int
+	for _, p := range fds {
+		left = append(left, byFd[p.Fd])
+		unix.Close(int(p.Fd))
+	}
+	slices.Sort(left)
+	return left
 }
