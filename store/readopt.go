@@ -68,25 +68,8 @@ func (s *Store) LostOn(ctx context.Context, node string, since time.Time) ([]*Sa
 	if node == "" {
 		return nil, nil
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT doc FROM sandboxes WHERE lost_node = ? AND lost_at >= ? AND state = ? ORDER BY id`,
+	return s.querySandboxes(ctx, func(sb *Sandbox) bool {
+		return sb.EndReason == "lost" && sb.Node == node // as the columns say
+	}, `SELECT doc FROM sandboxes WHERE lost_node = ? AND lost_at >= ? AND state = ? ORDER BY id`,
 		node, nanos(since), StateStopped)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []*Sandbox
-	for rows.Next() {
-		var doc []byte
-		if err := rows.Scan(&doc); err != nil {
-			return nil, err
-		}
-		var sb Sandbox
-		if err := json.Unmarshal(doc, &sb); err != nil {
-			return nil, err
-		}
-		if sb.EndReason == "lost" && sb.Node == node { // as the columns say
-			out = append(out, &sb)
-		}
-	}
-	return out, rows.Err()
 }

@@ -444,6 +444,12 @@ func (s *Store) ListSandboxes(ctx context.Context, orgID string, liveOnly bool) 
 		args = append(args, StateCreating, StateRunning, StateStopping)
 	}
 	q += ` ORDER BY rowid DESC`
+	return s.querySandboxes(ctx, nil, q, args...)
+}
+
+// querySandboxes runs q, a SELECT of sandbox records' doc column, and
+// returns the records keep accepts (nil: all), in the query's order.
+func (s *Store) querySandboxes(ctx context.Context, keep func(*Sandbox) bool, q string, args ...any) ([]*Sandbox, error) {
 	rows, err := s.db.QueryContext(ctx, q, args...)
 	if err != nil {
 		return nil, err
@@ -459,7 +465,9 @@ func (s *Store) ListSandboxes(ctx context.Context, orgID string, liveOnly bool) 
 		if err := json.Unmarshal(doc, &sb); err != nil {
 			return nil, err
 		}
-		out = append(out, &sb)
+		if keep == nil || keep(&sb) {
+			out = append(out, &sb)
+		}
 	}
 	return out, rows.Err()
 }
