@@ -94,8 +94,12 @@ func (b *Blobs) Put(digest string, data []byte) error {
 }
 
 // commit moves a complete upload to its place, its mtime (the start of its
-// grace) now.
+// grace) now. Under the GC's lock: a Collect removing this digest (an
+// extracted tree whose blob was gone) stats and removes the blob as one
+// step, so it never removes content committed between the two.
 func (b *Blobs) commit(tmp, digest string) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	now := b.now()
 	if err := os.Chtimes(tmp, now, now); err != nil {
 		return err

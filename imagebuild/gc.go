@@ -118,6 +118,8 @@ type CollectOptions struct {
 	Extracted string
 	// afterRefs runs after Refs (tests: what happens meanwhile).
 	afterRefs func()
+	// beforeRemove runs before a digest's blob is removed (tests).
+	beforeRemove func(digest string)
 }
 
 // Collected is what a Collect removed.
@@ -227,8 +229,15 @@ func (b *Blobs) collect(d string, refs map[string]bool, o CollectOptions) (bool,
 			return false, 0, err
 		}
 	}
-	if err := os.Remove(blob); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return false, 0, err
+	if o.beforeRemove != nil {
+		o.beforeRemove(d)
+	}
+	// Only a blob that was here and old: an orphaned tree's digest may be
+	// uploaded again meanwhile, and that new blob is not this pass's.
+	if err == nil {
+		if err := os.Remove(blob); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return false, 0, err
+		}
 	}
 	return true, size, nil
 }

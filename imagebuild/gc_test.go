@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -164,6 +165,48 @@ func TestUploadThenCreateRace(t *testing.T) {
 	mu.Unlock()
 	if res, err := b.Collect(ctx, opts); err != nil || len(res.Digests) != 1 || b.Has(d) {
 		t.Fatalf("collect after the sandbox ended: %+v %v", res, err)
+	}
+}
+
+// TestCollectOrphanTreeKeepsNewUpload: a collection removing an extracted
+// tree whose blob was gone does not remove the blob of the same digest
+// uploaded again meanwhile (the hook stands for that upload's commit
+// landing between the collection's look at the blob and its removal).
+func TestCollectOrphanTreeKeepsNewUpload(t *testing.T) {
+	ctx := context.Background()
+	b, err := NewBlobs(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := &gcClock{t: time.Now()}
+	b.Now = clock.now
+	extracted := t.TempDir()
+	d := put(t, b, "a directory upload")
+	content, err := os.ReadFile(b.path(d))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tree := filepath.Join(extracted, strings.TrimPrefix(d, "sha256:"))
+	if err := os.MkdirAll(tree, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(b.path(d)); err != nil { // the blob gone, its tree left
+		t.Fatal(err)
+	}
+	clock.add(2 * time.Hour)
+	res, err := b.Collect(ctx, CollectOptions{Extracted: extracted, beforeRemove: func(string) {
+		if err := os.WriteFile(b.path(d), content, 0o600); err != nil { // uploaded again
+			t.Error(err)
+		}
+	}})
+	if err != nil || len(res.Digests) != 1 {
+		t.Fatalf("collect: %+v %v, want the orphaned tree removed", res, err)
+	}
+	if _, err := os.Stat(tree); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the orphaned tree: %v, want removed", err)
+	}
+	if !b.Has(d) {
+		t.Fatal("the blob uploaded again during the collection was removed")
 	}
 }
 
