@@ -130,7 +130,10 @@ func (n *ingressNode) keep(sb *store.Sandbox, now time.Time) bool {
 
 // prune deletes the exposures of sandboxes that do not run (running
 // reports which do), except those kept for a re-adoption (keep); it
-// returns those of running sandboxes, with their addresses.
+// returns those of running sandboxes, with their addresses. A sandbox
+// whose record cannot be read (not: does not exist) keeps its exposures
+// unrouted, and the error is returned with the routes: a store that
+// fails for a moment deletes nothing.
 func (n *ingressNode) prune(ctx context.Context, running func(id string) bool) (map[*store.Exposure]netip.Addr, error) {
 	es, err := n.store.ListExposures(ctx, "")
 	if err != nil {
@@ -139,11 +142,18 @@ func (n *ingressNode) prune(ctx context.Context, running func(id string) bool) (
 	out := map[*store.Exposure]netip.Addr{}
 	now := time.Now()
 	sbs := map[string]*store.Sandbox{}
+	failed := map[string]error{}
 	for _, e := range es {
 		sb, ok := sbs[e.SandboxID]
-		if !ok {
-			sb, _ = n.store.GetSandbox(ctx, e.SandboxID)
+		if !ok && failed[e.SandboxID] == nil {
+			var err error
+			if sb, err = n.store.GetSandbox(ctx, e.SandboxID); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+				failed[e.SandboxID] = err
+			}
 			sbs[e.SandboxID] = sb
+		}
+		if failed[e.SandboxID] != nil {
+			continue
 		}
 		var addr netip.Addr
 		if sb != nil {
@@ -159,7 +169,11 @@ func (n *ingressNode) prune(ctx context.Context, running func(id string) bool) (
 			_ = n.store.DeleteExposures(ctx, e.SandboxID)
 		}
 	}
-	return out, nil
+	var errs []error
+	for id, err := range failed {
+		errs = append(errs, fmt.Errorf("exposures of sandbox %s kept: %w", id, err))
+	}
+	return out, errors.Join(errs...)
 }
 
 // pruneLoop deletes, every interval while this control plane leads, the
@@ -272,8 +286,11 @@ func startIngress(ctx context.Context, d *Daemon) error {
 	}
 	running := func(id string) bool { return d.API.IsRunning(ctx, id) }
 	routes, err := n.prune(ctx, running)
-	if err != nil {
+	if routes == nil {
 		return err
+	}
+	if err != nil {
+		n.log.Warn("ingress: exposures not restored", "err", err)
 	}
 	for e, addr := range routes {
 		n.Route(e, addr)

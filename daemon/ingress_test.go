@@ -3,6 +3,7 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"errors"
 	"net"
 	"os"
@@ -201,5 +202,46 @@ func TestExposuresKeptForReadoption(t *testing.T) {
 	}
 	if has("lost-2") {
 		t.Error("exposures of a lost sandbox kept without a grace")
+	}
+}
+
+// TestPruneKeepsUnreadable: an exposure whose sandbox record cannot be
+// read (a store error, not a missing record) is kept and reported, not
+// deleted: the leader's prune runs every 30 s, and a failing store must not
+// cut every exposed URL. A missing record still deletes.
+func TestPruneKeepsUnreadable(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "chalk.db")
+	st, err := store.Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	sb := &store.Sandbox{ID: "unreadable", OrgID: "o", State: store.StateRunning, Slot: 1, Node: "n1", Pid: 7, IP: "10.0.0.2", CreatedAt: time.Now()}
+	if err := st.CreateSandbox(ctx, sb); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"unreadable", "no-record"} {
+		if err := st.PutExposure(ctx, &store.Exposure{SandboxID: id, Port: 8080, OrgID: "o"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db, err := sql.Open("sqlite", "file:"+path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.ExecContext(ctx, `UPDATE sandboxes SET doc = '{' WHERE id = 'unreadable'`); err != nil {
+		t.Fatal(err)
+	}
+	n := &ingressNode{store: st, lostGrace: 5 * time.Minute}
+	routes, err := n.prune(ctx, func(string) bool { return false })
+	if err == nil || len(routes) != 0 {
+		t.Fatalf("prune: routes %v, err %v; want no route and the read error", routes, err)
+	}
+	for id, want := range map[string]int{"unreadable": 1, "no-record": 0} {
+		if es, err := st.ListExposures(ctx, id); err != nil || len(es) != want {
+			t.Errorf("exposures of %s: %d %v, want %d", id, len(es), err, want)
+		}
 	}
 }
