@@ -578,9 +578,9 @@ func (d *Daemon) removedFromFleet(ctx context.Context, id string, why error, ids
 	var destroyed []string
 	var errs []error
 	if d.Runtime != nil {
-		ids, err := d.Runtime.List(ctx)
+		running, err := d.Runtime.List(ctx)
 		errs = append(errs, err)
-		for _, sb := range ids {
+		for _, sb := range running {
 			var err error
 			if d.Agent != nil {
 				slot, _ := d.Agent.Slots().Of(sb)
