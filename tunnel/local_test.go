@@ -109,6 +109,10 @@ func udpGRO(t *testing.T, port int) bool {
 // one that left is reached.
 func TestLocalPath(t *testing.T) {
 	chalktest.RequireRoot(t)
+	// The TUN path: where the router namespace (TestKernelLocalPath)
+	// cannot be made.
+	kernelLocalPath = false
+	defer func() { kernelLocalPath = true }()
 	t.Run("steered", func(t *testing.T) { testLocalPath(t, true) })
 	t.Run("batch", func(t *testing.T) {
 		steerQueues = false

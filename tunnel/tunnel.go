@@ -142,7 +142,13 @@ type Manager struct {
 	subnets map[string]netip.Prefix       // tunnel key -> subnet
 	peers   map[string][]Peer             // tunnel key -> external peers
 	remotes map[string][]Remote           // tunnel key -> members on other nodes
+	routers map[string]*router            // tunnel key -> its router here (router.go)
 }
+
+// kernelLocalPath: members on this node are joined through a router
+// namespace (router.go); tests of the TUN-to-TUN path, which carries the
+// packets where the router could not be made, turn it off.
+var kernelLocalPath = true
 
 type member struct {
 	Member
@@ -166,7 +172,7 @@ func newManager(log *slog.Logger, probe func() error) *Manager {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	m := &Manager{log: log, members: map[string]map[string]*member{}, subnets: map[string]netip.Prefix{}, peers: map[string][]Peer{}, remotes: map[string][]Remote{}}
+	m := &Manager{log: log, members: map[string]map[string]*member{}, subnets: map[string]netip.Prefix{}, peers: map[string][]Peer{}, remotes: map[string][]Remote{}, routers: map[string]*router{}}
 	if err := probe(); err != nil {
 		m.kernel = err
 	} else {
@@ -256,6 +262,7 @@ func (m *Manager) JoinAt(key, id, netnsPath, ifname string, subnet netip.Prefix,
 		m.removeLocked(key, id)
 		return Member{}, err
 	}
+	m.attachLocked(key, id, mb)
 	m.log.Debug("tunnel member up", "tunnel", key, "sandbox", id, "if", ifname, "addr", addr, "port", mb.Port)
 	return mb.Member, nil
 }
@@ -272,6 +279,7 @@ func (m *Manager) Leave(id string) {
 			if err := m.syncLocked(key); err != nil {
 				m.log.Warn("tunnel peers after a member left", "tunnel", key, "err", err)
 			}
+			m.localRoutesLocked(key)
 		}
 	}
 }
@@ -281,6 +289,13 @@ func (m *Manager) removeLocked(key, id string) {
 	if mb == nil {
 		return
 	}
+	if r := m.routers[key]; r != nil {
+		r.remove(id)
+		if len(r.ports) == 0 {
+			r.close()
+			delete(m.routers, key)
+		}
+	}
 	mb.dev.Close()
 	mb.tun.closeQueue()
 	clear(mb.priv[:])
@@ -289,6 +304,48 @@ func (m *Manager) removeLocked(key, id string) {
 		delete(m.members, key)
 		delete(m.subnets, key)
 		delete(m.remotes, key)
+	}
+}
+
+// attachLocked gives member id of key a port on the tunnel's router (made
+// if it is the first) and sets every local member's routes through it.
+// Should that fail, the member's packets to the others, and theirs to it,
+// take the TUN-to-TUN path (local.go), which makes the same source check.
+func (m *Manager) attachLocked(key, id string, mb *member) {
+	if !kernelLocalPath {
+		return
+	}
+	r := m.routers[key]
+	if r == nil {
+		var err error
+		if r, err = newRouter(); err != nil {
+			m.log.Warn("tunnel kernel path: members here take the TUN path", "tunnel", key, "err", err)
+			return
+		}
+		m.routers[key] = r
+	}
+	if err := r.add(id, mb); err != nil {
+		m.log.Warn("tunnel kernel path: the member takes the TUN path", "tunnel", key, "sandbox", id, "err", err)
+		if len(r.ports) == 0 {
+			r.close()
+			delete(m.routers, key)
+		}
+		return
+	}
+	m.localRoutesLocked(key)
+}
+
+// localRoutesLocked sets, in every member of key with a port, a route to
+// each other such member through the router.
+func (m *Manager) localRoutesLocked(key string) {
+	r := m.routers[key]
+	if r == nil {
+		return
+	}
+	for id := range r.ports {
+		if err := r.setRoutes(id, m.members[key][id]); err != nil {
+			m.log.Warn("tunnel kernel path routes", "tunnel", key, "sandbox", id, "err", err)
+		}
 	}
 }
 
