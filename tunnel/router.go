@@ -9,8 +9,12 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
+	"time"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -52,6 +56,7 @@ func localIfname(ifname string) string {
 
 // router is a tunnel's router namespace on this node.
 type router struct {
+	stats *counters
 	ns    netns.NsHandle
 	h     *netlink.Handle
 	next  int              // number of the next port's name
@@ -83,7 +88,7 @@ var routerSysctls = [][2]string{
 
 // newRouter makes a router namespace: sysctls set, nftables dropping its
 // input and output.
-func newRouter() (*router, error) {
+func newRouter(stats *counters) (*router, error) {
 	type res struct {
 		ns  netns.NsHandle
 		err error
@@ -138,28 +143,110 @@ func newRouter() (*router, error) {
 		r.ns.Close()
 		return nil, fmt.Errorf("tunnel router: netlink: %w", err)
 	}
-	return &router{ns: r.ns, h: h, ports: map[string]*port{}}, nil
+	return &router{stats: stats, ns: r.ns, h: h, ports: map[string]*port{}}, nil
 }
 
+var (
+	routerTable   = &nftables.Table{Family: nftables.TableFamilyINet, Name: "chalk-tunnel-router"}
+	routerForward = &nftables.Chain{Name: "forward", Table: routerTable}
+)
+
 // routerFirewall drops, in the router namespace ns, every packet delivered
-// to it or sent from it (both families): it only forwards.
+// to it or sent from it (both families): it only forwards. Two counters in
+// its forward chain count what it forwards: every packet, and those longer
+// than the MTU (TCP segments that went whole).
 func routerFirewall(ns netns.NsHandle) error {
 	c, err := nftables.New(nftables.WithNetNSFd(int(ns)))
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: "chalk-tunnel-router"})
-	drop := nftables.ChainPolicyDrop
+	t := c.AddTable(routerTable)
+	drop, accept := nftables.ChainPolicyDrop, nftables.ChainPolicyAccept
 	c.AddChain(&nftables.Chain{Name: "input", Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &drop})
 	c.AddChain(&nftables.Chain{Name: "output", Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityFilter, Policy: &drop})
+	fwd := c.AddChain(&nftables.Chain{Name: routerForward.Name, Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+	c.AddRule(&nftables.Rule{Table: t, Chain: fwd, Exprs: []expr.Any{&expr.Counter{}}})
+	c.AddRule(&nftables.Rule{Table: t, Chain: fwd, Exprs: []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyLEN, Register: 1},
+		&expr.Byteorder{SourceRegister: 1, DestRegister: 1, Op: expr.ByteorderHton, Len: 4, Size: 4},
+		&expr.Cmp{Op: expr.CmpOpGt, Register: 1, Data: binaryutil.BigEndian.PutUint32(MTU)},
+		&expr.Counter{},
+	}})
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
 	return nil
 }
 
+// routerCounts are a router's forwarded packets and bytes, those of them
+// over the MTU, and the packets its source check dropped.
+type routerCounts struct{ packets, bytes, gso, spoofed uint64 }
+
+func (c *counters) add(rc routerCounts) {
+	c.local.Add(rc.packets)
+	c.localBytes.Add(rc.bytes)
+	c.localGSO.Add(rc.gso)
+	c.spoofed.Add(rc.spoofed)
+}
+
+// counts reads the router's counters.
+func (r *router) counts() (routerCounts, error) {
+	var rc routerCounts
+	c, err := nftables.New(nftables.WithNetNSFd(int(r.ns)))
+	if err != nil {
+		return rc, err
+	}
+	rules, err := c.GetRules(routerTable, routerForward)
+	if err != nil {
+		return rc, err
+	}
+	for i, rule := range rules {
+		for _, e := range rule.Exprs {
+			if ctr, ok := e.(*expr.Counter); ok {
+				if i == 0 {
+					rc.packets, rc.bytes = ctr.Packets, ctr.Bytes
+				} else {
+					rc.gso = ctr.Packets
+				}
+			}
+		}
+	}
+	err = inNetns(fmt.Sprintf("/proc/self/fd/%d", int(r.ns)), func() error {
+		b, err := os.ReadFile("/proc/thread-self/net/netstat")
+		if err != nil {
+			return err
+		}
+		rc.spoofed = rpFilterDrops(string(b))
+		return nil
+	}, nil)
+	return rc, err
+}
+
+// rpFilterDrops is TcpExt's IPReversePathFilter in /proc/net/netstat's
+// text.
+func rpFilterDrops(netstat string) uint64 {
+	lines := strings.Split(netstat, "\n")
+	for i := 0; i+1 < len(lines); i++ {
+		names, vals := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+		if len(names) == 0 || names[0] != "TcpExt:" || len(vals) != len(names) {
+			continue
+		}
+		for j, n := range names {
+			if n == "IPReversePathFilter" {
+				v, _ := strconv.ParseUint(vals[j], 10, 64)
+				return v
+			}
+		}
+	}
+	return 0
+}
+
 // close deletes the ports left and lets the namespace go.
 func (r *router) close() {
+	// Its counters go into the Manager's, which only grow.
+	if rc, err := r.counts(); err == nil {
+		r.stats.add(rc)
+	}
 	for id := range r.ports {
 		r.remove(id)
 	}
@@ -233,8 +320,37 @@ func (r *router) add(id string, mb *member) (err error) {
 	if err := h.LinkSetUp(il); err != nil {
 		return fmt.Errorf("%s up: %w", inner, err)
 	}
+	// Up is not yet ready: until the kernel's link watch has seen the
+	// carrier (asynchronously) each end's queue drops what it is given.
+	// No route leads here before both ends say so; meanwhile the TUN path
+	// carries the member's packets.
+	if err := operUp(r.h, p.name); err != nil {
+		return err
+	}
+	if err := operUp(h, inner); err != nil {
+		return err
+	}
 	r.ports[id] = p
 	return nil
+}
+
+// operUp waits until link name's operational state is up (the link
+// watch's work done), for at most 5 s.
+func operUp(h *netlink.Handle, name string) error {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		l, err := h.LinkByName(name)
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		if l.Attrs().OperState == netlink.OperUp {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s: still %s after 5 s", name, l.Attrs().OperState)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // remove deletes id's port (its pair's other end goes with it, and the

@@ -196,7 +196,9 @@ func waitCounters(t *testing.T, path string, before map[string]int64, want map[s
 // reach a member of another tunnel, the node or anything but a member
 // through the router even with routes of its own through wg0-local (the
 // router has none: "no route"), or reach the router itself (no address, no
-// IPv6, nftables dropping input and output). A member that leaves is
+// IPv6, nftables dropping input and output). The router's counters are
+// the Manager's Stats (local packets, segments over the MTU, spoofed
+// packets), kept when it goes. A member that leaves is
 // routed around at once; the router goes with the last member, and no
 // veth stays behind.
 func TestKernelLocalPath(t *testing.T) {
@@ -299,8 +301,14 @@ func TestKernelLocalPath(t *testing.T) {
 	if r := <-got; !bytes.Equal(r, payload) {
 		t.Fatalf("b received %d bytes, want the %d sent", len(r), len(payload))
 	}
-	if s := m.Stats(); s.Local != before.Local {
-		t.Fatalf("%d packets took the TUN path", s.Local-before.Local)
+	// Counted as the router's (Stats), not the TUN path's (m.stats), and
+	// the sender's TCP segments went whole.
+	after := m.Stats()
+	if after.LocalBytes-before.LocalBytes < uint64(len(payload)) || after.LocalGSO == before.LocalGSO {
+		t.Fatalf("local bytes %d -> %d, over the MTU %d -> %d, for %d bytes", before.LocalBytes, after.LocalBytes, before.LocalGSO, after.LocalGSO, len(payload))
+	}
+	if n := m.stats.local.Load(); n != 0 {
+		t.Fatalf("%d packets took the TUN path", n)
 	}
 
 	// Spoofing: from c's address and from an address outside the tunnel,
@@ -308,11 +316,15 @@ func TestKernelLocalPath(t *testing.T) {
 	// arrive.
 	pcB := listenUDP(t, nsB, netip.AddrPortFrom(b.Addr, 7101))
 	st := routerStats(t, rp)
+	spoofed := m.Stats().Spoofed
 	udpFrom(t, nsA, c.Addr, netip.AddrPortFrom(b.Addr, 7101), "as c")
 	udpFrom(t, nsA, netip.MustParseAddr("10.123.0.1"), netip.AddrPortFrom(b.Addr, 7101), "as a stranger")
 	waitCounters(t, rp, st, map[string]int64{"TcpExt:IPReversePathFilter": 2})
 	udpFrom(t, nsA, a.Addr, netip.AddrPortFrom(b.Addr, 7101), "genuine")
 	recvFrom(t, pcB, a.Addr, "genuine")
+	if s := m.Stats().Spoofed; s < spoofed+2 {
+		t.Fatalf("spoofed packets counted: %d, want %d", s, spoofed+2)
+	}
 
 	// Beyond the members: a routes (as a sandbox with CAP_NET_ADMIN
 	// could) e's address (another tunnel), the node's address and a free
@@ -364,6 +376,10 @@ func TestKernelLocalPath(t *testing.T) {
 	m.mu.Unlock()
 	if n != 0 {
 		t.Fatalf("%d routers left", n)
+	}
+	// The gone router's counters are kept.
+	if s := m.Stats(); s.LocalBytes < after.LocalBytes || s.Spoofed < spoofed+2 {
+		t.Fatalf("counters went back when the router went: %+v, had %+v", s, after)
 	}
 	for _, ns := range []string{nsA, nsB, nsD, nsE} {
 		if l := links(t, ns); strings.Contains(l, "-local") {

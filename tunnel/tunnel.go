@@ -196,22 +196,39 @@ func (m *Manager) KernelWireGuard() error { return m.kernel }
 
 // Stats are the Manager's packet counters since it started.
 type Stats struct {
-	// Local counts packets between members on this node, carried TUN to
-	// TUN inside this process, and LocalBytes their IP bytes.
+	// Local counts packets between members on this node (forwarded by a
+	// tunnel's router, or carried TUN to TUN inside this process where the
+	// router could not be made), and LocalBytes their IP bytes.
 	Local, LocalBytes uint64
 	// LocalGSO counts those of them larger than the MTU: TCP segments
-	// forwarded whole, as the sender's kernel made them (steer.go).
+	// forwarded whole, as the sender's kernel made them.
 	LocalGSO uint64
 	// Spoofed counts packets a member sent to another member with a
-	// source address not its own, dropped.
+	// source address not its own, dropped (by the router's source check
+	// or the TUN path's).
 	Spoofed uint64
 }
 
 type counters struct{ local, localBytes, localGSO, spoofed atomic.Uint64 }
 
-// Stats returns the packet counters.
+// Stats returns the packet counters: the TUN path's and the routers'
+// (those of routers gone are kept).
 func (m *Manager) Stats() Stats {
-	return Stats{Local: m.stats.local.Load(), LocalBytes: m.stats.localBytes.Load(), LocalGSO: m.stats.localGSO.Load(), Spoofed: m.stats.spoofed.Load()}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := Stats{Local: m.stats.local.Load(), LocalBytes: m.stats.localBytes.Load(), LocalGSO: m.stats.localGSO.Load(), Spoofed: m.stats.spoofed.Load()}
+	for key, r := range m.routers {
+		rc, err := r.counts()
+		if err != nil {
+			m.log.Warn("tunnel router counters", "tunnel", key, "err", err)
+			continue
+		}
+		s.Local += rc.packets
+		s.LocalBytes += rc.bytes
+		s.LocalGSO += rc.gso
+		s.Spoofed += rc.spoofed
+	}
+	return s
 }
 
 // Join gives sandbox id (whose network namespace is at netnsPath) an
@@ -318,7 +335,7 @@ func (m *Manager) attachLocked(key, id string, mb *member) {
 	r := m.routers[key]
 	if r == nil {
 		var err error
-		if r, err = newRouter(); err != nil {
+		if r, err = newRouter(&m.stats); err != nil {
 			m.log.Warn("tunnel kernel path: members here take the TUN path", "tunnel", key, "err", err)
 			return
 		}
