@@ -11,7 +11,8 @@
 // address and a route for the tunnel's subnet; without CAP_NET_ADMIN it can
 // neither read nor change the device. Tunnel traffic therefore never takes
 // the sandbox's veth (and its egress rules): it leaves the namespace through
-// the TUN, and the node only as WireGuard UDP.
+// the TUN (or its veth into the tunnel's router, between members on this
+// node), and the node only as WireGuard UDP.
 //
 // Every peer's AllowedIPs is exactly its member address (/32), so the
 // cryptokey routing of the receiving device drops packets whose source
@@ -24,9 +25,11 @@
 // the same AllowedIPs rule.
 //
 // Packets between members on this node do not take WireGuard at all: they
-// go TUN to TUN inside this process (local.go, steer.go), under the same
-// rule (the source must be the sender's own address). WireGuard carries
-// the traffic to external peers.
+// stay in the kernel, through a router namespace per tunnel (router.go),
+// or, where that cannot be made, go TUN to TUN inside this process
+// (local.go, steer.go), under the same rule either way (the source must be
+// the sender's own address). WireGuard carries the traffic to external
+// peers and to members on other nodes.
 package tunnel
 
 import (
