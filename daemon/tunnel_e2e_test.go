@@ -443,3 +443,84 @@ func servePeer(t *testing.T, inNet func(argv ...string) *exec.Cmd, probe, port s
 	}
 	go func() { _, _ = io.Copy(io.Discard, pout) }()
 }
+
+// TestTunnelRestart: members on one node are joined through the tunnel's
+// router (wg0-local in each), and after chalkd is killed (-9) and restarted
+// they are joined again the same way (the old router went with the old
+// chalkd; each member has one wg0-local, not a leftover beside a new one)
+// and reach each other; a member that ends is no longer routed through the
+// router by the other.
+func TestTunnelRestart(t *testing.T) {
+	n := chalktest.Start(t)
+	c := n.Client()
+	skipTunnelsOnGVisor(t, n, c)
+	ctx := ctxT(t, 5*time.Minute)
+	a := create(t, c, chalkcompute.WithTunnels("mesh"))
+	b := create(t, c, chalkcompute.WithTunnels("mesh"))
+	withProbe(t, a)
+	withProbe(t, b)
+	exchange := func(a, b *chalkcompute.Sandbox, msg string) {
+		t.Helper()
+		tun, err := c.Tunnel(ctx, "mesh")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var bAddr string
+		for _, mb := range tun.Members {
+			if mb.SandboxID == b.ID() {
+				bAddr = mb.Address
+			}
+		}
+		if bAddr == "" {
+			t.Fatalf("b is not a member: %+v", tun)
+		}
+		if l := mustExec(t, a, "ip", "-o", "link", "show"); strings.Count(l, "wg0-local") != 1 {
+			t.Fatalf("links of a: %q, want one wg0-local", l)
+		}
+		if r := mustExec(t, a, "ip", "route", "get", bAddr); !strings.Contains(r, "dev wg0-local") {
+			t.Fatalf("a's route to b: %q, want through wg0-local", r)
+		}
+		var served outputWatch
+		ready := served.until("ready")
+		srv, err := b.Start(ctx, []string{"netprobe", "serve", "7000"}, chalkcompute.Stdout(&served), chalkcompute.Stderr(&served))
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-ready:
+		case <-ctx.Done():
+			t.Fatalf("server not ready: %q", served.String())
+		}
+		local := counter(t, n, "chalk_tunnel_local_packets_total")
+		if out := mustExec(t, a, "netprobe", "tcp", bAddr+":7000", msg); out != "echo "+msg+"\n" {
+			t.Fatalf("TCP over the tunnel: %q", out)
+		}
+		if got := counter(t, n, "chalk_tunnel_local_packets_total"); got < local+6 {
+			t.Fatalf("local tunnel packets %v -> %v", local, got)
+		}
+		if _, err := a.Exec(ctx, []string{"netprobe", "udp", bAddr + ":7000", "quit"}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := srv.Wait(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	exchange(a, b, "before")
+	n.Kill()
+	n.Restart()
+	c = n.Client()
+	var err error
+	if a, err = c.Sandbox(ctx, a.ID()); err != nil {
+		t.Fatal(err)
+	}
+	if b, err = c.Sandbox(ctx, b.ID()); err != nil {
+		t.Fatal(err)
+	}
+	exchange(a, b, "after")
+	if _, err := b.Terminate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if r := mustExec(t, a, "ip", "route"); strings.Contains(r, "wg0-local") {
+		t.Fatalf("a still routes through the router with no other member: %q", r)
+	}
+}
