@@ -45,13 +45,13 @@ func tunnelStat(f func(tunnel.Stats) uint64) func() float64 {
 func init() {
 	prometheus.MustRegister(
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "chalk_tunnel_local_packets_total",
-			Help: "Packets between tunnel members on this node, carried TUN to TUN inside chalkd instead of through WireGuard over loopback."},
+			Help: "Packets between tunnel members on this node, forwarded by the tunnel's router namespace in the kernel (or, where it could not be made, TUN to TUN inside chalkd) instead of through WireGuard."},
 			tunnelStat(func(s tunnel.Stats) uint64 { return s.Local })),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "chalk_tunnel_local_segments_total",
-			Help: "Of the local tunnel packets, TCP segments larger than the MTU forwarded whole (the TUN's steered queue)."},
+			Help: "Of the local tunnel packets, TCP segments larger than the MTU forwarded whole (through the router, or the TUN's steered queue)."},
 			tunnelStat(func(s tunnel.Stats) uint64 { return s.LocalGSO })),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "chalk_tunnel_spoofed_packets_total",
-			Help: "Packets a tunnel member sent to another member with a source address not its own, dropped."},
+			Help: "Packets a tunnel member sent to another member with a source address not its own, dropped (by the router's reverse-path filter or the TUN path's check)."},
 			tunnelStat(func(s tunnel.Stats) uint64 { return s.Spoofed })))
 }
 
