@@ -193,9 +193,9 @@ func TestTunnel(t *testing.T) {
 	if out := mustExec(t, a, "netprobe", "udp", bAddr, "hello-udp"); out != "echo hello-udp\n" {
 		t.Fatalf("UDP over the tunnel: %q", out)
 	}
-	// Members on one node are joined TUN to TUN inside chalkd (a TCP
-	// exchange and a UDP one are at least 6 packets each way), and a bulk
-	// transfer's TCP segments go whole (steered queue, TSO).
+	// Members on one node are joined locally, through the tunnel's router
+	// namespace (a TCP exchange and a UDP one are at least 6 packets each
+	// way), and a bulk transfer's TCP segments go whole (TSO).
 	if got := counter(t, n, "chalk_tunnel_local_packets_total"); got < local+6 {
 		t.Fatalf("local tunnel packets %v -> %v: the members' traffic did not take the local path", local, got)
 	}
@@ -214,7 +214,7 @@ func TestTunnel(t *testing.T) {
 		t.Fatalf("16 MiB over the tunnel: %q", out)
 	}
 	if got := counter(t, n, "chalk_tunnel_local_segments_total"); got <= segs {
-		t.Fatalf("no TCP segment over the MTU went whole between members (%v -> %v): steering or TSO is off", segs, got)
+		t.Fatalf("no TCP segment over the MTU went whole between members (%v -> %v): TSO is off", segs, got)
 	}
 	// Members have DNS names, which only members resolve.
 	bName := b.ID() + ".mesh.tunnel.internal"
@@ -234,8 +234,9 @@ func TestTunnel(t *testing.T) {
 	// a tries to send one datagram claiming m's address (IP_FREEBIND needs
 	// no privilege), then one of its own: the first must not arrive. Without
 	// CAP_NET_RAW or CAP_NET_ADMIN the sandbox cannot even send it (sendto
-	// fails: no route from a foreign source); were it sent, chalkd's local
-	// path would drop it (tunnel.TestLocalPath sends one as root).
+	// fails: no route from a foreign source); were it sent, the router's
+	// source check would drop it (tunnel.TestKernelLocalPath sends one as
+	// root; tunnel.TestLocalPath on the TUN path).
 	if res, err := a.Exec(ctx, []string{"netprobe", "udp-from", addr[m.ID()], bAddr, "spoofed"}); err != nil || res.Code == 0 || !strings.Contains(string(res.Stderr), "network is unreachable") {
 		t.Fatalf("a sandbox sending from another member's address: %v %+v, want sendto to fail (network is unreachable)", err, res)
 	}
