@@ -91,8 +91,9 @@ func udpSockets(t *testing.T) int {
 }
 
 // TestJoinLeaveNoLeaks: after 100 join/leave cycles of two members (one
-// with an external peer's route) no WireGuard device, TUN interface,
-// goroutine, file descriptor or UDP port is left.
+// with an external peer's route) no WireGuard device, TUN interface, veth
+// into the tunnel's router (wg0-local), router (its namespace's
+// descriptor), goroutine, file descriptor or UDP port is left.
 func TestJoinLeaveNoLeaks(t *testing.T) {
 	chalktest.RequireRoot(t)
 	nsA, nsB := netnsFor(t), netnsFor(t)
@@ -152,6 +153,12 @@ func TestJoinLeaveNoLeaks(t *testing.T) {
 	}
 	if n := m.Devices(); n != 0 {
 		t.Fatalf("%d devices left", n)
+	}
+	m.mu.Lock()
+	routers := len(m.routers)
+	m.mu.Unlock()
+	if routers != 0 {
+		t.Fatalf("%d tunnel routers left", routers)
 	}
 	for _, ns := range []string{nsA, nsB} {
 		if l := links(t, ns); strings.Contains(l, "wg") || strings.Contains(l, "tun") {
