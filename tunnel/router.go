@@ -317,6 +317,10 @@ func (r *router) add(id string, mb *member) (err error) {
 	if err != nil {
 		return fmt.Errorf("%s in the sandbox: %w", inner, err)
 	}
+	// No IPv6 link-local address on the member's end (the router has no
+	// IPv6 to speak to it); where the namespace has no IPv6 there is
+	// nothing to turn off.
+	_ = h.LinkSetIP6AddrGenMode(il, 1) // IN6_ADDR_GEN_MODE_NONE
 	if err := h.LinkSetUp(il); err != nil {
 		return fmt.Errorf("%s up: %w", inner, err)
 	}

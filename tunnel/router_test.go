@@ -226,6 +226,9 @@ func TestKernelLocalPath(t *testing.T) {
 	if d := routeDev(t, nsA, netip.MustParseAddr("100.96.11.200")); d != "wg0" {
 		t.Fatalf("a routes a non-local address of the subnet via %s, want wg0", d)
 	}
+	if out, err := exec.Command("ip", "-n", nsA, "addr", "show", "dev", "wg0-local").CombinedOutput(); err != nil || strings.Contains(string(out), "inet") {
+		t.Fatalf("wg0-local has an address: %s %v", out, err)
+	}
 
 	// The router: no address, no IPv6, strict source checks, forwarding,
 	// nftables dropping its input and output.
