@@ -94,7 +94,7 @@ func (s *Server) ensureTunnels(ctx context.Context, orgID string, names []string
 		}
 	}
 	for _, n := range names {
-		if _, _, err := s.store.EnsureTunnel(ctx, orgID, n, tb.MaxTunnels()); err != nil {
+		if _, _, err := s.store.EnsureTunnelLimit(ctx, orgID, n, tb.MaxTunnels(), s.cfg.OrgMaxTunnels); err != nil {
 			return err
 		}
 	}
@@ -152,7 +152,7 @@ func (h *tunnelService) Apply(ctx context.Context, req *connect.Request[v1.Tunne
 	for _, m := range req.Msg.Peers {
 		peers = append(peers, peerFromProto(m))
 	}
-	t, _, err := h.s.store.EnsureTunnel(ctx, u.OrgID, name, tb.MaxTunnels())
+	t, _, err := h.s.store.EnsureTunnelLimit(ctx, u.OrgID, name, tb.MaxTunnels(), h.s.cfg.OrgMaxTunnels)
 	if err != nil {
 		return nil, err
 	}
@@ -216,7 +216,7 @@ func (h *tunnelService) AddPeer(ctx context.Context, req *connect.Request[v1.Add
 	if err := validTunnelName(req.Msg.Tunnel); err != nil {
 		return nil, err
 	}
-	t, _, err := h.s.store.EnsureTunnel(ctx, u.OrgID, req.Msg.Tunnel, tb.MaxTunnels())
+	t, _, err := h.s.store.EnsureTunnelLimit(ctx, u.OrgID, req.Msg.Tunnel, tb.MaxTunnels(), h.s.cfg.OrgMaxTunnels)
 	if err != nil {
 		return nil, err
 	}
