@@ -207,6 +207,12 @@ func (s *Server) specVisible(ctx context.Context, org string, specJSON []byte) e
 	return nil
 }
 
+// MaxHasBlobs bounds the digests of one HasBlobs call: each is a store
+// query and a file's mtime set, and a request may be as large as the
+// largest upload (MaxWriteFile: ~900,000 digests). An image spec names a
+// few; the SDKs ask once per spec.
+const MaxHasBlobs = 4096
+
 // uploadRef is how an org's upload of content d is recorded in its view
 // (store org_images; no image reference has this form).
 func uploadRef(d string) string { return "upload:" + d }
@@ -326,6 +332,9 @@ func (h *imageService) HasBlobs(ctx context.Context, req *connect.Request[v1.Has
 	}
 	if h.s.cfg.Images == nil {
 		return nil, fmt.Errorf("uploads are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
+	}
+	if n := len(req.Msg.Digests); n > MaxHasBlobs {
+		return nil, invalid("has blobs: %d digests (at most %d, api.MaxHasBlobs)", n, MaxHasBlobs)
 	}
 	// Content another org uploaded is missing to this one (it is only
 	// here once this org uploaded it too): HasBlobs is no oracle of other

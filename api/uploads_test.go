@@ -89,6 +89,12 @@ func TestUploadsPerOrg(t *testing.T) {
 	if builds.Load() != 1 {
 		t.Fatal("org a's build did not run")
 	}
+	many := make([]string, MaxHasBlobs+1)
+	for i := range many {
+		many[i] = d
+	}
+	_, err := alice.image.HasBlobs(ctx, connect.NewRequest(&v1.HasBlobsRequest{Digests: many}))
+	wantCode(t, "HasBlobs of one digest over the bound", err, connect.CodeInvalidArgument)
 	// Org b has the same content: uploading it proves it, and it is b's too.
 	if _, err := bob.image.UploadBlob(ctx, connect.NewRequest(&v1.UploadBlobRequest{Digest: d, Data: content})); err != nil {
 		t.Fatal(err)
