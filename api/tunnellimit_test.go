@@ -55,3 +55,36 @@ func TestOrgMaxTunnels(t *testing.T) {
 		t.Fatalf("org b's first tunnel: %v", err)
 	}
 }
+
+// TestTunnelPeerBounds: a tunnel takes at most MaxTunnelPeers external
+// peers (Apply and AddPeer) and a peer at most MaxPeerAllowedIPs networks
+// (each is written to every member's device, the peers are checked
+// pairwise, quadratic in their number).
+func TestTunnelPeerBounds(t *testing.T) {
+	ctx := context.Background()
+	tn := newTestNode(t, Config{Tunnels: fewTunnels{max: 8}})
+	mia := computev1connect.NewTunnelServiceClient(http.DefaultClient, tn.url, connect.WithInterceptors(bearer(tn.keys["mia"])))
+	peer := func(i int, ips int) *v1.TunnelPeer {
+		p := &v1.TunnelPeer{PublicKey: fmt.Sprintf("key-%d", i)}
+		for j := range ips {
+			p.AllowedIps = append(p.AllowedIps, fmt.Sprintf("10.%d.%d.0/24", j/256, j%256))
+		}
+		return p
+	}
+	var peers []*v1.TunnelPeer
+	for i := range MaxTunnelPeers + 1 {
+		peers = append(peers, peer(i, 1))
+	}
+	_, err := mia.Apply(ctx, connect.NewRequest(&v1.Tunnel{Name: "mesh", Peers: peers}))
+	wantCode(t, "Apply of one peer over the bound", err, connect.CodeResourceExhausted)
+	if _, err := mia.Apply(ctx, connect.NewRequest(&v1.Tunnel{Name: "mesh", Peers: peers[:MaxTunnelPeers]})); err != nil {
+		t.Fatalf("Apply of the bound: %v", err)
+	}
+	_, err = mia.AddPeer(ctx, connect.NewRequest(&v1.AddTunnelPeerRequest{Tunnel: "mesh", Peer: peers[MaxTunnelPeers]}))
+	wantCode(t, "AddPeer past the bound", err, connect.CodeResourceExhausted)
+	_, err = mia.Apply(ctx, connect.NewRequest(&v1.Tunnel{Name: "other", Peers: []*v1.TunnelPeer{peer(0, MaxPeerAllowedIPs+1)}}))
+	wantCode(t, "a peer with one allowed IP over the bound", err, connect.CodeInvalidArgument)
+	if _, err := mia.Apply(ctx, connect.NewRequest(&v1.Tunnel{Name: "other", Peers: []*v1.TunnelPeer{peer(0, MaxPeerAllowedIPs)}})); err != nil {
+		t.Fatalf("a peer with the bound's allowed IPs: %v", err)
+	}
+}
