@@ -492,6 +492,9 @@ type fakeImages struct {
 	images map[string]*v1.Image // by ref
 	hashes map[string]string    // content hash -> ref
 	build  func() (*BuildResult, error)
+
+	blobs   map[string]bool // uploaded digests
+	touched map[string]int  // HasBlob calls per digest
 }
 
 var (
@@ -544,5 +547,25 @@ func (f *fakeImages) RefForHash(_ context.Context, h string) (string, bool) {
 	r, ok := f.hashes[h]
 	return r, ok
 }
-func (f *fakeImages) HasBlob(string) bool                           { return false }
-func (f *fakeImages) PutBlob(context.Context, string, []byte) error { return nil }
+
+// HasBlob says whether d was put, and counts the ask (a Touch: it restarts
+// the content's grace in the real backend).
+func (f *fakeImages) HasBlob(d string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.touched == nil {
+		f.touched = map[string]int{}
+	}
+	f.touched[d]++
+	return f.blobs[d]
+}
+
+func (f *fakeImages) PutBlob(_ context.Context, d string, _ []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.blobs == nil {
+		f.blobs = map[string]bool{}
+	}
+	f.blobs[d] = true
+	return nil
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"connectrpc.com/connect"
@@ -11,6 +12,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 	"github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
+	"github.com/chalkcompute/chalkcompute/imagespec"
 	"github.com/chalkcompute/chalkcompute/nodecache"
 	"github.com/chalkcompute/chalkcompute/store"
 )
@@ -153,7 +155,7 @@ func (h *imageService) Build(ctx context.Context, req *connect.Request[v1.BuildI
 	if h.s.cfg.Images == nil {
 		return fmt.Errorf("image builds are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
 	}
-	if err := h.s.baseVisible(ctx, p.OrgID, []byte(req.Msg.SpecJson)); err != nil {
+	if err := h.s.specVisible(ctx, p.OrgID, []byte(req.Msg.SpecJson)); err != nil {
 		return err
 	}
 	res, err := h.s.cfg.Images.Build(ctx, []byte(req.Msg.SpecJson), req.Msg.Force, func(p *v1.ImageProgress) { _ = stream.Send(p) })
@@ -173,9 +175,28 @@ func (h *imageService) Build(ctx context.Context, req *connect.Request[v1.BuildI
 		Image: &v1.Image{Ref: res.Hash, Digest: res.Digest, LocalRef: res.Ref}})
 }
 
-// baseVisible refuses a spec whose base image is not in org's view (another
-// org's build or snapshot): not found, as for a create naming it.
-func (s *Server) baseVisible(ctx context.Context, org string, specJSON []byte) error {
+// specVisible refuses a spec whose base image is not in org's view (another
+// org's build or snapshot), or which reads uploaded content org did not
+// upload itself (another org's file, known by its digest): not found, as
+// for a create naming it.
+func (s *Server) specVisible(ctx context.Context, org string, specJSON []byte) error {
+	spec, err := imagespec.Parse(specJSON)
+	if err != nil {
+		return err
+	}
+	ups, err := spec.Uploads()
+	if err != nil {
+		return err
+	}
+	for _, u := range ups {
+		mine, err := s.orgUploaded(ctx, org, u)
+		if err != nil {
+			return err
+		}
+		if !mine {
+			return fmt.Errorf("uploaded content %s: not uploaded by this org (upload it first): %w", u, errdefs.ErrNotFound)
+		}
+	}
 	d, err := s.cfg.Images.BaseDigest(ctx, specJSON)
 	if err != nil || d == "" {
 		return err
@@ -184,6 +205,28 @@ func (s *Server) baseVisible(ctx context.Context, org string, specJSON []byte) e
 		return fmt.Errorf("base image: %w", err)
 	}
 	return nil
+}
+
+// MaxHasBlobs bounds the digests of one HasBlobs call: each is a store
+// query and a file's mtime set, and a request may be as large as the
+// largest upload (MaxWriteFile: ~900,000 digests). An image spec names a
+// few; the SDKs ask once per spec.
+const MaxHasBlobs = 4096
+
+// uploadRef is how an org's upload of content d is recorded in its view
+// (store org_images; no image reference has this form).
+func uploadRef(d string) string { return "upload:" + d }
+
+// orgUploaded says whether org uploaded content d (UploadBlob). Uploaded
+// content is shared on disk across orgs but each org sees only what it
+// uploaded itself: unlike images, content nobody recorded (uploaded before
+// uploads were recorded) is no org's, and is uploaded again.
+func (s *Server) orgUploaded(ctx context.Context, org, d string) (bool, error) {
+	owners, err := s.store.ImageOwners(ctx, uploadRef(d))
+	if err != nil {
+		return false, err
+	}
+	return slices.Contains(owners, org), nil
 }
 
 func (h *imageService) List(ctx context.Context, _ *connect.Request[v1.ListImagesRequest]) (*connect.Response[v1.ListImagesResponse], error) {
@@ -283,15 +326,26 @@ func (h *imageService) Remove(ctx context.Context, req *connect.Request[v1.Remov
 }
 
 func (h *imageService) HasBlobs(ctx context.Context, req *connect.Request[v1.HasBlobsRequest]) (*connect.Response[v1.HasBlobsResponse], error) {
-	if _, err := user(ctx); err != nil {
+	p, err := user(ctx)
+	if err != nil {
 		return nil, err
 	}
 	if h.s.cfg.Images == nil {
 		return nil, fmt.Errorf("uploads are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
 	}
+	if n := len(req.Msg.Digests); n > MaxHasBlobs {
+		return nil, invalid("has blobs: %d digests (at most %d, api.MaxHasBlobs)", n, MaxHasBlobs)
+	}
+	// Content another org uploaded is missing to this one (it is only
+	// here once this org uploaded it too): HasBlobs is no oracle of other
+	// orgs' files, and asking does not restart their content's grace.
 	out := &v1.HasBlobsResponse{}
 	for _, d := range req.Msg.Digests {
-		if !h.s.cfg.Images.HasBlob(d) {
+		mine, err := h.s.orgUploaded(ctx, p.OrgID, d)
+		if err != nil {
+			return nil, err
+		}
+		if !mine || !h.s.cfg.Images.HasBlob(d) {
 			out.Missing = append(out.Missing, d)
 		}
 	}
@@ -299,13 +353,20 @@ func (h *imageService) HasBlobs(ctx context.Context, req *connect.Request[v1.Has
 }
 
 func (h *imageService) UploadBlob(ctx context.Context, req *connect.Request[v1.UploadBlobRequest]) (*connect.Response[v1.UploadBlobResponse], error) {
-	if _, err := user(ctx); err != nil {
+	p, err := user(ctx)
+	if err != nil {
 		return nil, err
 	}
 	if h.s.cfg.Images == nil {
 		return nil, fmt.Errorf("uploads are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
 	}
+	// PutBlob checks the content hashes to the digest (also when another
+	// org's copy is here already): the org proved it has the content, so
+	// the content is in its view from now on.
 	if err := h.s.cfg.Images.PutBlob(ctx, req.Msg.Digest, req.Msg.Data); err != nil {
+		return nil, err
+	}
+	if err := h.s.store.AddOrgImages(ctx, p.OrgID, uploadRef(req.Msg.Digest)); err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(&v1.UploadBlobResponse{Digest: req.Msg.Digest, Size: int64(len(req.Msg.Data))}), nil

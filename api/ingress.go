@@ -41,6 +41,11 @@ func (s *Server) ingress() (IngressBackend, error) {
 	return s.cfg.Ingress, nil
 }
 
+// MaxExposuresPerSandbox bounds a sandbox's exposed ports: each is a row,
+// a route in memory and an entry of every prune; without a bound one
+// member could expose all 65,535 ports of each of its sandboxes.
+const MaxExposuresPerSandbox = 64
+
 func validPort(p uint32) error {
 	if p == 0 || p > 65535 {
 		return invalid("port %d: want 1-65535", p)
@@ -73,7 +78,7 @@ func (h *sandboxService) Expose(ctx context.Context, req *connect.Request[v1.Exp
 	}
 	p, _ := caller(ctx)
 	e := &store.Exposure{SandboxID: sb.ID, Port: uint16(r.Port), OrgID: sb.OrgID, Public: r.Public, CreatedBy: p.Subject, CreatedAt: time.Now().UTC()}
-	if err := h.s.store.PutExposure(ctx, e); err != nil {
+	if err := h.s.store.PutExposureLimit(ctx, e, MaxExposuresPerSandbox); err != nil {
 		return nil, err
 	}
 	ib.Route(e, addr)

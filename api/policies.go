@@ -45,9 +45,23 @@ func policyToProto(p *store.Policy) *v1.NetworkPolicy {
 		Description: p.Description, CreatedAt: ts(p.CreatedAt), UpdatedAt: ts(p.UpdatedAt)}
 }
 
+// Bounds of network policies. Every sandbox a policy is bound to gets its
+// networks as elements of its own nftables sets (kernel memory no cgroup of
+// the sandbox counts, written in the nftables transactions every create
+// and teardown of the node waits for) and its names in the DNS proxy's
+// matcher: without bounds one policy (or a create's inline policies) could
+// carry about a million entries, the API's message limit.
+const (
+	MaxPolicyEntries      = 1024 // allowed_hostnames of one policy
+	MaxPoliciesPerSandbox = 16   // named and inline policies of one create
+)
+
 func (s *Server) validatePolicy(p *store.Policy) error {
 	if p.Name == "" || len(p.Name) > 128 || strings.ContainsAny(p.Name, " /\t\n") {
 		return invalid("network policy name %q: must be 1-128 characters without spaces or '/'", p.Name)
+	}
+	if n := len(p.AllowedHostnames); n > MaxPolicyEntries {
+		return invalid("network policy %q: %d allowed_hostnames entries, at most %d (api.MaxPolicyEntries)", p.Name, n, MaxPolicyEntries)
 	}
 	if s.cfg.Policies != nil {
 		return s.cfg.Policies.Validate(p)
@@ -59,6 +73,9 @@ func (s *Server) validatePolicy(p *store.Policy) error {
 func (s *Server) resolvePolicies(ctx context.Context, orgID string, names []string, inline []*v1.NetworkPolicy) ([]*store.Policy, error) {
 	if (len(names) > 0 || len(inline) > 0) && s.cfg.Policies == nil {
 		return nil, fmt.Errorf("network policies are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
+	}
+	if n := len(names) + len(inline); n > MaxPoliciesPerSandbox {
+		return nil, invalid("network policies: %d given, a sandbox may have at most %d (api.MaxPoliciesPerSandbox)", n, MaxPoliciesPerSandbox)
 	}
 	var out []*store.Policy
 	for _, m := range inline {

@@ -203,7 +203,7 @@ func (h *sandboxService) Create(ctx context.Context, req *connect.Request[v1.Cre
 		if s.cfg.Images == nil {
 			return nil, fmt.Errorf("image specs: builds are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
 		}
-		if err := s.baseVisible(ctx, p.OrgID, []byte(r.ImageSpecJson)); err != nil {
+		if err := s.specVisible(ctx, p.OrgID, []byte(r.ImageSpecJson)); err != nil {
 			return nil, err
 		}
 		res, err := s.cfg.Images.Build(ctx, []byte(r.ImageSpecJson), false, nil)

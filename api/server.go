@@ -105,6 +105,10 @@ type Config struct {
 	MaxWriteFile int64
 	// DefaultQuota is every org's quota where the node admin set none (zero: no limits).
 	DefaultQuota store.Quota
+	// OrgMaxTunnels is the most tunnels an org may have (0: no limit).
+	// Tunnel subnets are shared by every org: without a limit one org
+	// could take them all and no other could make a tunnel.
+	OrgMaxTunnels int
 	// DefaultMemoryMB is the memory limit of a create without memory_mb
 	// (default DefaultMemoryMB). A sandbox's disk is a tmpfs whose pages
 	// count toward this limit (see resources).

@@ -33,6 +33,15 @@ type TunnelBackend interface {
 	PeerConfig(t *store.Tunnel, p store.TunnelPeer) string
 }
 
+// Bounds of a tunnel's external peers: every peer and allowed IP is
+// written to every member's device (and its routes) at each change, and
+// the peers are checked pairwise; without them one Apply could carry a
+// million.
+const (
+	MaxTunnelPeers    = 256
+	MaxPeerAllowedIPs = 64
+)
+
 // MaxTunnelsPerSandbox bounds a sandbox's tunnels (interfaces wg0…wg3).
 const MaxTunnelsPerSandbox = 4
 
@@ -94,7 +103,7 @@ func (s *Server) ensureTunnels(ctx context.Context, orgID string, names []string
 		}
 	}
 	for _, n := range names {
-		if _, _, err := s.store.EnsureTunnel(ctx, orgID, n, tb.MaxTunnels()); err != nil {
+		if _, _, err := s.store.EnsureTunnelLimit(ctx, orgID, n, tb.MaxTunnels(), s.cfg.OrgMaxTunnels); err != nil {
 			return err
 		}
 	}
@@ -122,7 +131,13 @@ func peerFromProto(m *v1.TunnelPeer) store.TunnelPeer {
 
 // setPeers validates peers, stores them on t and pushes them to the members.
 func (s *Server) setPeers(ctx context.Context, tb TunnelBackend, t *store.Tunnel, peers []store.TunnelPeer) error {
+	if len(peers) > MaxTunnelPeers {
+		return fmt.Errorf("tunnel %s: %d external peers, at most %d (api.MaxTunnelPeers): %w", t.Name, len(peers), MaxTunnelPeers, errdefs.ErrResourceExhausted)
+	}
 	for i, p := range peers {
+		if len(p.AllowedIPs) > MaxPeerAllowedIPs {
+			return invalid("tunnel %s: peer %s has %d allowed IPs, at most %d (api.MaxPeerAllowedIPs)", t.Name, p.PublicKey, len(p.AllowedIPs), MaxPeerAllowedIPs)
+		}
 		if err := tb.ValidatePeer(t, p); err != nil {
 			return err
 		}
@@ -152,7 +167,7 @@ func (h *tunnelService) Apply(ctx context.Context, req *connect.Request[v1.Tunne
 	for _, m := range req.Msg.Peers {
 		peers = append(peers, peerFromProto(m))
 	}
-	t, _, err := h.s.store.EnsureTunnel(ctx, u.OrgID, name, tb.MaxTunnels())
+	t, _, err := h.s.store.EnsureTunnelLimit(ctx, u.OrgID, name, tb.MaxTunnels(), h.s.cfg.OrgMaxTunnels)
 	if err != nil {
 		return nil, err
 	}
@@ -216,7 +231,7 @@ func (h *tunnelService) AddPeer(ctx context.Context, req *connect.Request[v1.Add
 	if err := validTunnelName(req.Msg.Tunnel); err != nil {
 		return nil, err
 	}
-	t, _, err := h.s.store.EnsureTunnel(ctx, u.OrgID, req.Msg.Tunnel, tb.MaxTunnels())
+	t, _, err := h.s.store.EnsureTunnelLimit(ctx, u.OrgID, req.Msg.Tunnel, tb.MaxTunnels(), h.s.cfg.OrgMaxTunnels)
 	if err != nil {
 		return nil, err
 	}

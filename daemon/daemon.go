@@ -187,7 +187,10 @@ type Config struct {
 	Logger            *slog.Logger
 	// DefaultQuota is every org's quota where the node admin set none (zero: no limits).
 	DefaultQuota store.Quota
-	Ingress      IngressConfig // exposed sandbox ports (daemon/ingress.go)
+	// OrgMaxTunnels is the most tunnels an org may have (0:
+	// DefaultOrgMaxTunnels; negative: no limit).
+	OrgMaxTunnels int
+	Ingress       IngressConfig // exposed sandbox ports (daemon/ingress.go)
 	// Fleet, if set, makes this the control plane of a fleet (fleet.go):
 	// sandboxes are placed on joined node agents, none run here.
 	Fleet *FleetConfig

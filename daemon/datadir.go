@@ -67,7 +67,7 @@ func restrictDataDir(dataDir string, userns bool) error {
 // one on a tmpfs already. A mount that fails is logged and the disk used.
 func identityFilesTmpfs(log *slog.Logger, dataDir string) {
 	dir := filepath.Join(dataDir, "identity-files")
-	mounted, err := tmpfsIfEmpty(dir, "chalk-identity", dataDirModes["identity-files"])
+	mounted, err := tmpfsIfEmpty(dir, "chalk-identity", dataDirModes["identity-files"], identityTmpfsSize)
 	if err != nil {
 		log.Warn("identity files stay on the data dir's file system", "dir", dir, "err", err)
 		return
@@ -77,14 +77,38 @@ func identityFilesTmpfs(log *slog.Logger, dataDir string) {
 	}
 }
 
-// tmpfsIfEmpty mounts a tmpfs (mode, at most 64 MiB, nosuid, nodev) on dir
-// if dir is empty and not on a tmpfs already; it reports whether it did.
-func tmpfsIfEmpty(dir, source string, mode os.FileMode) (bool, error) {
+// identityTmpfsSize bounds the identity-files tmpfs: 64 KiB (16 pages: a
+// sandbox's token and federation files, the node's files.json, a refresh's
+// temporary file) for each of the most slots a node can have (sandboxnet:
+// 16 bits). The tmpfs is shared by every sandbox of every org and chalkd
+// writes a few pages into it per sandbox, so a smaller bound is a capacity
+// of its own below the node's: the first bound, 64 MiB, held 16,384 pages,
+// which the sandboxes of one org without a quota could fill (~16k sandboxes
+// with only the API token file, ~4k with AWS federation on a fleet node),
+// after which every org's creates and token refreshes failed. Pages are
+// used only as written: what is written per sandbox is bounded by chalkd
+// (noderpc.MaxIdentityFiles on a node), never by the sandbox, which sees
+// its dir read-only.
+const identityTmpfsSize = 64 << 10 << 16
+
+// tmpfsIfEmpty mounts a tmpfs (mode, at most size bytes, nosuid, nodev) on
+// dir if dir is empty and not on a tmpfs already; it reports whether it
+// did. A tmpfs mounted there smaller than size (an older chalkd's) is
+// grown to size, keeping its files.
+func tmpfsIfEmpty(dir, source string, mode os.FileMode, size int64) (bool, error) {
 	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil {
 		return false, err
 	}
 	if st.Type == unix.TMPFS_MAGIC {
+		if int64(st.Blocks)*st.Bsize < size {
+			// Only a mount point is remounted (EINVAL for a dir on its
+			// parent's tmpfs, which is then left as it is).
+			err := unix.Mount(source, dir, "tmpfs", unix.MS_REMOUNT|unix.MS_NOSUID|unix.MS_NODEV, fmt.Sprintf("size=%d", size))
+			if err != nil && !errors.Is(err, unix.EINVAL) {
+				return false, fmt.Errorf("grow the tmpfs on %s: %w", dir, err)
+			}
+		}
 		return false, nil
 	}
 	ents, err := os.ReadDir(dir)
@@ -94,7 +118,7 @@ func tmpfsIfEmpty(dir, source string, mode os.FileMode) (bool, error) {
 	if len(ents) > 0 {
 		return false, nil
 	}
-	opts := fmt.Sprintf("mode=%o,size=64m", mode.Perm())
+	opts := fmt.Sprintf("mode=%o,size=%d", mode.Perm(), size)
 	// Not noexec: runc binds a sandbox's identity dir read-only, nosuid
 	// and nodev from inside the sandbox's user namespace, where a flag of
 	// the source mount it does not repeat is locked (EPERM).

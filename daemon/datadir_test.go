@@ -81,6 +81,14 @@ func TestIdentityFilesTmpfs(t *testing.T) {
 	if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != dataDirModes["identity-files"] {
 		t.Fatalf("identity-files: %v %v, want mode %v", st.Mode(), err, dataDirModes["identity-files"])
 	}
+	// It is shared by every sandbox of every org: it must hold a few pages
+	// (token and federation files, a refresh's temporary file) for every
+	// slot a node can have, or one org's sandboxes fill it for all (the
+	// first bound, 64 MiB, held 16,384 pages).
+	const slots, pagesPerSandbox = 1<<16 - 1, 8
+	if size := tmpfsSize(t, dir); size < slots*pagesPerSandbox*4096 {
+		t.Fatalf("identity-files tmpfs of %d MiB: under %d pages for each of %d slots", size>>20, pagesPerSandbox, slots)
+	}
 	if err := os.MkdirAll(filepath.Join(dir, "sb-1", "files"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -94,6 +102,21 @@ func TestIdentityFilesTmpfs(t *testing.T) {
 	}
 	if n := mountsAt(t, dir); n != 1 {
 		t.Fatalf("%d mounts on %s, want 1", n, dir)
+	}
+
+	// An older chalkd's 64 MiB tmpfs: grown, its files kept.
+	if err := unix.Mount("chalk-identity", dir, "tmpfs", unix.MS_REMOUNT|unix.MS_NOSUID|unix.MS_NODEV, "size=64m"); err != nil {
+		t.Fatal(err)
+	}
+	identityFilesTmpfs(log, data)
+	if size := tmpfsSize(t, dir); size != identityTmpfsSize {
+		t.Fatalf("an older chalkd's tmpfs: %d MiB after a start, want %d", size>>20, identityTmpfsSize>>20)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "sb-1", "files")); err != nil {
+		t.Fatalf("growing the tmpfs lost the sandboxes' identity dirs: %v", err)
+	}
+	if n := mountsAt(t, dir); n != 1 {
+		t.Fatalf("%d mounts on %s after growing it, want 1", n, dir)
 	}
 
 	// An older chalkd's identity dirs on the disk: left there.
@@ -122,4 +145,14 @@ func mountsAt(t *testing.T, dir string) int {
 		}
 	}
 	return n
+}
+
+// tmpfsSize is the size of the file system dir is on.
+func tmpfsSize(t *testing.T, dir string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks) * st.Bsize
 }

@@ -437,3 +437,13 @@ func fleetTunnelReplicas(t *testing.T, database string) {
 		}
 	}
 }
+
+// TestOrgMaxTunnelsFlag: chalkd limits an org's tunnels unless told not
+// to (--org-max-tunnels -1): the default is not "no limit".
+func TestOrgMaxTunnelsFlag(t *testing.T) {
+	for n, want := range map[int]int{0: DefaultOrgMaxTunnels, -1: 0, 5: 5} {
+		if got := orgMaxTunnels(n); got != want {
+			t.Errorf("orgMaxTunnels(%d) = %d, want %d", n, got, want)
+		}
+	}
+}

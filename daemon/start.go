@@ -296,7 +296,7 @@ func (d *Daemon) startAPI(ctx context.Context) error {
 		Store: d.Store, Node: d.apiNode(), Logger: cfg.Logger, ImageStore: imageStore{d.Registry, d.Cache},
 		DefaultMemoryMB: cfg.Limits.DefaultMemoryMB, NodeMemoryMB: cfg.Limits.nodeMemoryMB,
 		Workload: d.wi, Identity: d.wi, Policies: d.pol, Images: d.im, Tunnels: d.tun, MCP: d.mcp,
-		DefaultQuota: cfg.DefaultQuota, Live: d.live, Auth: d.auth, Ingress: d.ingress.backend(),
+		DefaultQuota: cfg.DefaultQuota, OrgMaxTunnels: orgMaxTunnels(cfg.OrgMaxTunnels), Live: d.live, Auth: d.auth, Ingress: d.ingress.backend(),
 		KeepStopped: cfg.Limits.KeepStopped, KeepStoppedMB: cfg.Limits.KeepStoppedMB,
 		Hooks: d.sandboxHooks(),
 	}

@@ -28,6 +28,21 @@ import (
 // sandboxes' own networks and the usual on-prem ranges do not use).
 const DefaultTunnelSubnets = "100.96.0.0/12"
 
+// DefaultOrgMaxTunnels is --org-max-tunnels' default: 64 of the default
+// subnets' 4,096 tunnels per org.
+const DefaultOrgMaxTunnels = 64
+
+// orgMaxTunnels is api.Config.OrgMaxTunnels for Config.OrgMaxTunnels n.
+func orgMaxTunnels(n int) int {
+	switch {
+	case n == 0:
+		return DefaultOrgMaxTunnels
+	case n < 0:
+		return 0
+	}
+	return n
+}
+
 // The tunnels' packet counters, for /metrics.
 var tunnelManagers = sync.Map{} // *tunnel.Manager -> struct{}: the live ones
 

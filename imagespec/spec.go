@@ -433,3 +433,31 @@ func Executes(kind string) bool { return kind == KindRun || kind == KindPip || k
 // ValidUser reports whether u is a user as an image config holds it: a name
 // or uid, optionally with :group.
 func ValidUser(u string) bool { return userRE.MatchString(u) }
+
+// Uploads returns the digests of the uploaded content s reads (copy steps,
+// a Dockerfile's context, mounts), each once, in the order they appear.
+// It canonicalises s to find them (a Dockerfile's COPY reads its context),
+// so an invalid spec is the same error Canonicalize gives.
+func (s Spec) Uploads() ([]string, error) {
+	// The default Python version only names a base: any valid one will do.
+	c, err := Canonicalize(s, Defaults{PythonVersion: "3.12"})
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	seen := map[string]bool{}
+	add := func(d string) {
+		if d != "" && !seen[d] {
+			seen[d] = true
+			out = append(out, d)
+		}
+	}
+	add(s.Context)
+	for _, st := range c.Steps {
+		add(st.Src)
+	}
+	for _, m := range c.Mounts {
+		add(m.Src)
+	}
+	return out, nil
+}

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -290,5 +291,39 @@ func TestArgsBeforeFrom(t *testing.T) {
 		if _, err := canon(tc.dockerfile); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%q: %v, want invalid argument mentioning %q", tc.dockerfile, err, tc.want)
 		}
+	}
+}
+
+// TestUploads: every digest of uploaded content a spec reads is named (the
+// API checks each is the caller's org's), whichever field carries it.
+func TestUploads(t *testing.T) {
+	d := func(c byte) string { return "sha256:" + strings.Repeat(string(c), 64) }
+	s := Spec{
+		Base: "busybox",
+		Steps: []Step{
+			{Kind: KindCopy, Src: d('a'), Dst: "/a"},
+			{Kind: KindRun, Commands: []string{"true"}},
+			{Kind: KindCopy, Src: d('b'), Dst: "/b", IsDir: true},
+			{Kind: KindCopy, Src: d('a'), Dst: "/a2"},
+		},
+		Mounts: []Mount{{Src: d('c'), Dst: "/c"}},
+	}
+	got, err := s.Uploads()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{d('a'), d('b'), d('c')}; !slices.Equal(got, want) {
+		t.Fatalf("uploads %v, want %v", got, want)
+	}
+	df := Spec{Dockerfile: "FROM busybox\nCOPY x /x\n", Context: d('e'), Steps: []Step{{Kind: KindCopy, Src: d('f'), Dst: "/f"}}}
+	got, err = df.Uploads()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{d('e'), d('f')}; !slices.Equal(got, want) {
+		t.Fatalf("dockerfile uploads %v, want %v", got, want)
+	}
+	if _, err := (Spec{Base: "busybox", Mounts: []Mount{{Src: "../x", Dst: "/x"}}}).Uploads(); err == nil {
+		t.Fatal("a mount whose src is no digest: no error")
 	}
 }

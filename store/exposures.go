@@ -37,6 +37,38 @@ func (s *Store) PutExposure(ctx context.Context, e *Exposure) error {
 	return nil
 }
 
+// PutExposureLimit is PutExposure refusing (resource exhausted) a new port
+// of a sandbox that has max exposures already (replacing one of them is
+// allowed); counted under a lock per sandbox.
+func (s *Store) PutExposureLimit(ctx context.Context, e *Exposure, max int) error {
+	doc, err := json.Marshal(e)
+	if err != nil {
+		return err
+	}
+	tx, err := s.db.BeginTx(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if err := tx.d.lock(ctx, tx, "exposures:"+e.SandboxID); err != nil {
+		return err
+	}
+	var n int
+	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM exposures WHERE sandbox_id = ? AND port <> ?`, e.SandboxID, int(e.Port)).Scan(&n); err != nil {
+		return err
+	}
+	if n >= max {
+		return fmt.Errorf("exposure of port %d of sandbox %q: it has %d exposed ports, the most a sandbox may have; unexpose one first: %w",
+			e.Port, e.SandboxID, n, errdefs.ErrResourceExhausted)
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT INTO exposures(sandbox_id, port, org_id, doc) VALUES(?,?,?,?)
+		ON CONFLICT(sandbox_id, port) DO UPDATE SET org_id = excluded.org_id, doc = excluded.doc`,
+		e.SandboxID, int(e.Port), e.OrgID, doc); err != nil {
+		return fmt.Errorf("exposure %s:%d: %w", e.SandboxID, e.Port, err)
+	}
+	return tx.Commit()
+}
+
 // DeleteExposure removes one exposure (ErrNotFound if there was none).
 func (s *Store) DeleteExposure(ctx context.Context, sandboxID string, port uint16) error {
 	res, err := s.db.ExecContext(ctx, `DELETE FROM exposures WHERE sandbox_id = ? AND port = ?`, sandboxID, int(port))

@@ -55,3 +55,30 @@ func TestExposures(t *testing.T) {
 		}
 	})
 }
+
+// TestExposuresPerSandbox: a sandbox gets at most max exposed ports; one
+// of them may still be replaced, and another sandbox is not counted.
+func TestExposuresPerSandbox(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		for _, p := range []uint16{80, 81} {
+			if err := s.PutExposureLimit(ctx, &Exposure{SandboxID: "sb-a", Port: p, OrgID: "o"}, 2); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := s.PutExposureLimit(ctx, &Exposure{SandboxID: "sb-a", Port: 82, OrgID: "o"}, 2); !errors.Is(err, errdefs.ErrResourceExhausted) {
+			t.Fatalf("a third port over a limit of 2: %v", err)
+		}
+		if err := s.PutExposureLimit(ctx, &Exposure{SandboxID: "sb-a", Port: 81, OrgID: "o", Public: true}, 2); err != nil {
+			t.Fatalf("replacing an exposure at the limit: %v", err)
+		}
+		if err := s.PutExposureLimit(ctx, &Exposure{SandboxID: "sb-b", Port: 82, OrgID: "o"}, 2); err != nil {
+			t.Fatalf("another sandbox: %v", err)
+		}
+		got, err := s.ListExposures(ctx, "sb-a")
+		if err != nil || len(got) != 2 || !got[1].Public {
+			t.Fatalf("sb-a's exposures: %+v %v", got, err)
+		}
+	})
+}

@@ -31,6 +31,14 @@ type TunnelPeer struct {
 // EnsureTunnel returns the org's tunnel name, creating it (with the lowest
 // free index below max) if it does not exist yet.
 func (s *Store) EnsureTunnel(ctx context.Context, orgID, name string, max int) (*Tunnel, bool, error) {
+	return s.EnsureTunnelLimit(ctx, orgID, name, max, 0)
+}
+
+// EnsureTunnelLimit is EnsureTunnel refusing (resource exhausted) a new
+// tunnel of an org that has perOrg tunnels already (0: no limit): the
+// indexes are shared by every org, so without it one org could take them
+// all.
+func (s *Store) EnsureTunnelLimit(ctx context.Context, orgID, name string, max, perOrg int) (*Tunnel, bool, error) {
 	tx, err := s.db.BeginTx(ctx)
 	if err != nil {
 		return nil, false, err
@@ -44,6 +52,16 @@ func (s *Store) EnsureTunnel(ctx context.Context, orgID, name string, max int) (
 		return t, false, nil
 	} else if !errors.Is(err, errdefs.ErrNotFound) {
 		return nil, false, err
+	}
+	if perOrg > 0 {
+		var n int
+		if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM tunnels WHERE org_id = ?`, orgID).Scan(&n); err != nil {
+			return nil, false, err
+		}
+		if n >= perOrg {
+			return nil, false, fmt.Errorf("tunnel %q: org %q has %d tunnels, the most an org may have (chalkd --org-max-tunnels); delete one first: %w",
+				name, orgID, n, errdefs.ErrResourceExhausted)
+		}
 	}
 	// The lowest free index.
 	rows, err := tx.QueryContext(ctx, `SELECT idx FROM tunnels ORDER BY idx`)

@@ -53,3 +53,33 @@ func TestTunnels(t *testing.T) {
 		}
 	})
 }
+
+// TestTunnelsPerOrg: the tunnel subnets are shared by every org, so an org
+// gets at most perOrg of them and another org still gets its own; an
+// existing tunnel is still returned at the limit.
+func TestTunnelsPerOrg(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		for _, n := range []string{"t1", "t2"} {
+			if _, _, err := s.EnsureTunnelLimit(ctx, "greedy", n, 8, 2); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, _, err := s.EnsureTunnelLimit(ctx, "greedy", "t3", 8, 2); !errors.Is(err, errdefs.ErrResourceExhausted) {
+			t.Fatalf("an org's third tunnel over a limit of 2: %v", err)
+		}
+		if tun, created, err := s.EnsureTunnelLimit(ctx, "greedy", "t1", 8, 2); err != nil || created || tun.Index != 0 {
+			t.Fatalf("an existing tunnel at the limit: %+v %v %v", tun, created, err)
+		}
+		if tun, created, err := s.EnsureTunnelLimit(ctx, "other", "t1", 8, 2); err != nil || !created || tun.Index != 2 {
+			t.Fatalf("another org's tunnel: %+v %v %v", tun, created, err)
+		}
+		if err := s.DeleteTunnel(ctx, "greedy", "t2"); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := s.EnsureTunnelLimit(ctx, "greedy", "t3", 8, 2); err != nil {
+			t.Fatalf("after a deletion: %v", err)
+		}
+	})
+}
