@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/signal"
 	"runtime"
 	"strconv"
 	"sync"
@@ -14,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/sigrelay"
 )
 
 // Reaper is the one place in the process that waits for child processes.
@@ -32,7 +32,6 @@ type Reaper struct {
 	// something; idle records whether the last pass found no children.
 	pass chan struct{}
 	idle bool
-	sigs chan os.Signal
 	// spawn, once StartInCgroup has succeeded, takes every fork to the
 	// thread that lives in the workload's cgroup; spawned answers.
 	spawn   chan spawnJob
@@ -67,21 +66,15 @@ func StartReaper() *Reaper {
 		r := &Reaper{
 			waiters: map[int]chan unix.WaitStatus{},
 			pass:    make(chan struct{}),
-			sigs:    make(chan os.Signal, 16),
 		}
-		signal.Notify(r.sigs, syscall.SIGCHLD)
-		go r.loop()
+		if err := sigrelay.Notify(func(syscall.Signal) { r.reap() }, syscall.SIGCHLD); err != nil {
+			panic(fmt.Sprintf("procapi: relay SIGCHLD: %v", err))
+		}
 		// Children that ended before SIGCHLD was caught are reaped now.
 		r.reap()
 		theReaper = r
 	})
 	return theReaper
-}
-
-func (r *Reaper) loop() {
-	for range r.sigs {
-		r.reap()
-	}
 }
 
 // reap reaps every child that has ended. SIGCHLDs coalesce, so one signal

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime/metrics"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -791,5 +792,24 @@ func TestDropGomaxprocs(t *testing.T) {
 		if err != nil || string(out) != tc.want {
 			t.Errorf("%q: %q, %v; want %q", tc.flags, out, err, tc.want)
 		}
+	}
+}
+
+// TestNoOSSignal: init does not link os/signal, whose receiving goroutine
+// keeps an OS thread blocked for the process's life, ~35 KiB of every idle
+// sandbox (docs/ARCHITECTURE.md, "Where the time and memory go", round 7):
+// its signals come through package sigrelay. Something that imports
+// os/signal again (and calls Notify) would bring that thread back.
+func TestNoOSSignal(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v: %s", err, out)
+	}
+	deps := strings.Fields(string(out))
+	if slices.Contains(deps, "os/signal") {
+		t.Error("chalk-init links os/signal (go list -deps): use package sigrelay for init's signals")
+	}
+	if !slices.Contains(deps, "github.com/chalkcompute/chalkcompute/sigrelay") {
+		t.Errorf("chalk-init does not link sigrelay; deps %v", deps)
 	}
 }
