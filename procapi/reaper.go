@@ -19,8 +19,9 @@ import (
 // Reaper is the one place in the process that waits for child processes.
 // As PID 1, or as a child subreaper when it is not (tests), the process
 // inherits every orphan below it; a single wait4(-1) loop driven by SIGCHLD
-// reaps them all and hands the statuses of the processes started through
-// Start to their waiters.
+// (relayed by package sigrelay, which keeps no thread for it) reaps them all
+// and hands the statuses of the processes started through Start to their
+// waiters.
 //
 // Because it reaps every child, nothing else in the process may wait for
 // children: no os/exec Cmd.Wait or Run, no os.Process.Wait. Start processes
