@@ -19,6 +19,7 @@
 package sigrelay
 
 import (
+	"fmt"
 	"os"
 	"sync"
 	"syscall"
@@ -26,18 +27,18 @@ import (
 
 // Notify calls fn, on the relay's goroutine, for every arrival of each of
 // sigs (arrivals that come before the relay has read the first coalesce).
-// fn must not block for long: it delays every signal after it. The error
-// means the signals are not relayed (nothing changed).
+// fn must not block for long: it delays every signal after it. An error
+// names the signal that could not be relayed; those before it in sigs are.
 func Notify(fn func(syscall.Signal), sigs ...syscall.Signal) error {
 	mu.Lock()
 	defer mu.Unlock()
 	for _, s := range sigs {
 		if s <= 0 || int(s) >= len(handlers) {
-			return syscall.EINVAL
+			return fmt.Errorf("relay signal %d: %w", int(s), syscall.EINVAL)
 		}
 	}
 	if err := startLocked(); err != nil {
-		return err
+		return fmt.Errorf("relay signals: %w", err)
 	}
 	for _, s := range sigs {
 		first := len(handlers[s]) == 0
@@ -45,7 +46,7 @@ func Notify(fn func(syscall.Signal), sigs ...syscall.Signal) error {
 		if first {
 			if err := install(s); err != nil {
 				handlers[s] = handlers[s][:len(handlers[s])-1]
-				return err
+				return fmt.Errorf("relay %v: %w", s, err)
 			}
 		}
 	}
