@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/signal"
 	"runtime"
 	"strconv"
 	"sync"
@@ -14,13 +13,15 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/sigrelay"
 )
 
 // Reaper is the one place in the process that waits for child processes.
 // As PID 1, or as a child subreaper when it is not (tests), the process
 // inherits every orphan below it; a single wait4(-1) loop driven by SIGCHLD
-// reaps them all and hands the statuses of the processes started through
-// Start to their waiters.
+// (relayed by package sigrelay, which keeps no thread for it) reaps them all
+// and hands the statuses of the processes started through Start to their
+// waiters.
 //
 // Because it reaps every child, nothing else in the process may wait for
 // children: no os/exec Cmd.Wait or Run, no os.Process.Wait. Start processes
@@ -32,7 +33,6 @@ type Reaper struct {
 	// something; idle records whether the last pass found no children.
 	pass chan struct{}
 	idle bool
-	sigs chan os.Signal
 	// spawn, once StartInCgroup has succeeded, takes every fork to the
 	// thread that lives in the workload's cgroup; spawned answers.
 	spawn   chan spawnJob
@@ -67,21 +67,15 @@ func StartReaper() *Reaper {
 		r := &Reaper{
 			waiters: map[int]chan unix.WaitStatus{},
 			pass:    make(chan struct{}),
-			sigs:    make(chan os.Signal, 16),
 		}
-		signal.Notify(r.sigs, syscall.SIGCHLD)
-		go r.loop()
+		if err := sigrelay.Notify(func(syscall.Signal) { r.reap() }, syscall.SIGCHLD); err != nil {
+			panic(fmt.Sprintf("procapi: relay SIGCHLD: %v", err))
+		}
 		// Children that ended before SIGCHLD was caught are reaped now.
 		r.reap()
 		theReaper = r
 	})
 	return theReaper
-}
-
-func (r *Reaper) loop() {
-	for range r.sigs {
-		r.reap()
-	}
 }
 
 // reap reaps every child that has ended. SIGCHLDs coalesce, so one signal

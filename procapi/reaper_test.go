@@ -174,3 +174,47 @@ func isPathErr(err error, op string, errno syscall.Errno) bool {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestReaperSignalFlood: a flood of SIGCHLDs that are not exits (a sandbox
+// can `kill -CHLD 1` in a loop) loses no exit status and leaves no child
+// unreaped: the relay coalesces them, each pass reaps all that ended.
+func TestReaperSignalFlood(t *testing.T) {
+	r := StartReaper()
+	stop := make(chan struct{})
+	flooded := make(chan int)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				flooded <- n
+				return
+			default:
+				_ = unix.Kill(os.Getpid(), unix.SIGCHLD)
+				n++
+			}
+		}
+	}()
+	var chans []<-chan unix.WaitStatus
+	for i := range 40 {
+		_, ch, err := r.Start("/bin/sh", []string{"sh", "-c", "exit " + strconv.Itoa(i)}, &os.ProcAttr{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		chans = append(chans, ch)
+	}
+	for i, ch := range chans {
+		select {
+		case ws := <-ch:
+			if ws.ExitStatus() != i {
+				t.Errorf("child %d: exit %d", i, ws.ExitStatus())
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("child %d: no exit status", i)
+		}
+	}
+	close(stop)
+	if n := <-flooded; n < 100 {
+		t.Errorf("only %d SIGCHLDs sent during the test", n)
+	}
+}

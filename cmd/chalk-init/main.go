@@ -34,7 +34,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
@@ -51,6 +50,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/procapi"
 	"github.com/chalkcompute/chalkcompute/sandbox/seccompbpf"
+	"github.com/chalkcompute/chalkcompute/sigrelay"
 )
 
 func main() {
@@ -194,7 +194,9 @@ func run(args []string) int {
 		reserveThreads(reservedThreads)
 	}
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	if err := sigrelay.NotifyChan(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP); err != nil {
+		return fail(1, "signals: %v", err)
+	}
 
 	cred, err := procapi.ParseUser(*user)
 	if err != nil {

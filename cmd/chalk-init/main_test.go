@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime/metrics"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -554,8 +555,9 @@ func TestWorkloadCgroup(t *testing.T) {
 		return len(ents)
 	}
 	// Made ahead, the reserve is reservedThreads threads besides the main
-	// one and sysmon's; without it an idle init runs 5-7 (8 seen under
-	// -race on a loaded machine: the runtime's own threads vary).
+	// one and sysmon's; without it an idle init runs 4-5 since round 7's
+	// sigrelay (5-7 before, 8 seen under -race on a loaded machine: the
+	// runtime's own threads vary).
 	if n := threads(); n >= reservedThreads+2 {
 		t.Errorf("init runs %d threads with a workload cgroup: it should make none ahead (%d reserved without)", n, reservedThreads)
 	}
@@ -791,5 +793,24 @@ func TestDropGomaxprocs(t *testing.T) {
 		if err != nil || string(out) != tc.want {
 			t.Errorf("%q: %q, %v; want %q", tc.flags, out, err, tc.want)
 		}
+	}
+}
+
+// TestNoOSSignal: init does not link os/signal, whose receiving goroutine
+// keeps an OS thread blocked for the process's life, ~35 KiB of every idle
+// sandbox (docs/ARCHITECTURE.md, "Where the time and memory go", round 7):
+// its signals come through package sigrelay. Something that imports
+// os/signal again (and calls Notify) would bring that thread back.
+func TestNoOSSignal(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v: %s", err, out)
+	}
+	deps := strings.Fields(string(out))
+	if slices.Contains(deps, "os/signal") {
+		t.Error("chalk-init links os/signal (go list -deps): use package sigrelay for init's signals")
+	}
+	if !slices.Contains(deps, "github.com/chalkcompute/chalkcompute/sigrelay") {
+		t.Errorf("chalk-init does not link sigrelay; deps %v", deps)
 	}
 }
