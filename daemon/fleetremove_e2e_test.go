@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/daemon"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
 )
 
@@ -201,6 +202,94 @@ func TestFleetNodeRemovedWhilePartitioned(t *testing.T) {
 	for !strings.Contains(n1.Log(), "was removed from the fleet: its sandboxes were destroyed") {
 		if time.Now().After(deadline) {
 			t.Fatalf("the removed node did not exit saying so:\n%s", n1.Log())
+		}
+		time.Sleep(100 * time.Millisecond) // polling the node's log
+	}
+}
+
+// TestFleetNodeRemovedWhileDown: a node whose chalkd is down (killed with
+// -9: its sandbox runs on) while it is removed with --force learns it at
+// its next start (its registry access refused, then its heartbeat refused
+// as removed): it destroys what the machine runs and fails to start,
+// saying so, instead of serving or leaving the sandbox running.
+func TestFleetNodeRemovedWhileDown(t *testing.T) {
+	control := chalktest.StartControl(t)
+	n1 := chalktest.StartFleetNodeArgs(t, control, 1, "--prestart", "0")
+	c := control.Client()
+	ctx := ctxT(t, 2*time.Minute)
+	waitNodesHealthy(t, control, "node1")
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitSandboxProcs(t, n1, sb.ID(), "the sandbox's process on node1", true, 30*time.Second)
+	n1.Kill()
+	if out, errOut, code := control.CLI("admin", "node", "rm", "node1", "--force"); code != 0 {
+		t.Fatalf("rm --force of a node that is down: %d %s %s", code, out, errOut)
+	}
+	if st, err := sb.Wait(ctx); err != nil || st.EndReason != "lost" {
+		t.Fatalf("the removed node's sandbox: %+v %v, want lost", st, err)
+	}
+	if len(sandboxProcs(sb.ID())) == 0 {
+		t.Fatal("the sandbox of the node that is down is gone before the node started again")
+	}
+	from := len(n1.Log())
+	n1.RestartFails(60 * time.Second)
+	// Destroyed before the process exited; its processes leave the
+	// machine as the kernel reaps them.
+	waitSandboxProcs(t, n1, sb.ID(), "the removed node failed to start with its sandbox still running", false, 20*time.Second)
+	log := n1.Log()[from:]
+	for _, want := range []string{"removed node: sandboxes destroyed", "was removed from the fleet (every sandbox it ran was destroyed)"} {
+		if !strings.Contains(log, want) {
+			t.Fatalf("the removed node's start did not log %q:\n%s", want, log)
+		}
+	}
+}
+
+// TestFleetRemovedNodeCertExpires: a node removed while it is silent
+// (SIGSTOP) whose control plane is then gone for good (stopped) can never
+// learn of its removal; a partition alone destroys nothing (its heartbeats
+// fail, its sandbox runs on), but once its certificate has expired (60 s
+// here: CHALK_TEST_NODE_CERT_TTL) nothing can ever reach the sandbox
+// again, and the node destroys it and exits saying why.
+func TestFleetRemovedNodeCertExpires(t *testing.T) {
+	const ttl = 60 * time.Second
+	control := chalktest.StartOpts(t, chalktest.Options{Mode: "control", Args: []string{"--fleet-listen", ":7450"},
+		Env: []string{daemon.NodeCertTTLEnv + "=" + ttl.String()}})
+	n1 := chalktest.StartFleetNodeArgs(t, control, 1, "--prestart", "0")
+	c := control.Client()
+	ctx := ctxT(t, 3*time.Minute)
+	waitNodesHealthy(t, control, "node1")
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitSandboxProcs(t, n1, sb.ID(), "the sandbox's process on node1", true, 30*time.Second)
+	n1.Freeze()
+	if out, errOut, code := control.CLI("admin", "node", "rm", "node1", "--force"); code != 0 {
+		t.Fatalf("rm --force of a silent node: %d %s %s", code, out, errOut)
+	}
+	if st, err := sb.Wait(ctx); err != nil || st.EndReason != "lost" {
+		t.Fatalf("the removed node's sandbox: %+v %v, want lost", st, err)
+	}
+	control.Stop()
+	from := len(n1.Log())
+	n1.Thaw()
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(n1.Log()[from:], "fleet: heartbeat failed") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the node's heartbeats did not fail without its control plane:\n%s", n1.Log()[from:])
+		}
+		time.Sleep(100 * time.Millisecond) // polling the node's log
+	}
+	if !strings.Contains(n1.Log()[from:], "certificate has expired") && len(sandboxProcs(sb.ID())) == 0 {
+		t.Fatal("the node destroyed its sandbox because its heartbeats failed, with its certificate valid")
+	}
+	waitSandboxProcs(t, n1, sb.ID(), "the sandbox of a node whose certificate expired", false, ttl+30*time.Second)
+	deadline = time.Now().Add(30 * time.Second)
+	for !strings.Contains(n1.Log()[from:], "node certificate has expired") || !strings.Contains(n1.Log()[from:], "its sandboxes were destroyed") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the node did not exit saying its certificate expired:\n%s", n1.Log()[from:])
 		}
 		time.Sleep(100 * time.Millisecond) // polling the node's log
 	}
