@@ -599,7 +599,7 @@ func certExpired(notAfter, now time.Time, err error) error {
 	if err == nil || notAfter.IsZero() || now.Before(notAfter) {
 		return nil
 	}
-	return fmt.Errorf("%w (at %s) and the control plane refuses it (%v)", errCertExpired, notAfter.UTC().Format(time.RFC3339), err)
+	return fmt.Errorf("%w (at %s), and a call to the control plane failed (%v)", errCertExpired, notAfter.UTC().Format(time.RFC3339), err)
 }
 
 // removedFromFleet destroys every sandbox this node machine runs (its
