@@ -1,9 +1,6 @@
 package daemon_test
 
 import (
-	"os"
-	"os/exec"
-	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -21,20 +18,7 @@ import (
 // a node, and the sandbox ran on unmanaged, recorded lost.
 func TestFleetReplicasReadoptAfterRestart(t *testing.T) {
 	chalktest.RequireRoot(t)
-	dsn := chalktest.PostgresDB(t)
-	shared := t.TempDir()
-	seed := exec.Command(filepath.Join(chalktest.Bin(t), "chalkd"), "seed", "--data-dir", shared, "--busybox")
-	if out, err := seed.CombinedOutput(); err != nil {
-		t.Fatalf("chalkd seed: %v\n%s", err, out)
-	}
-	args := []string{"--fleet-listen", ":7450", "--database", dsn, "--shared-dir", shared}
-	a := chalktest.StartOpts(t, chalktest.Options{Mode: "control", NoSeed: true, Args: args})
-	b := chalktest.StartOpts(t, chalktest.Options{Mode: "control", NoSeed: true, Args: args, Before: func(n *chalktest.Node) {
-		if err := os.WriteFile(filepath.Join(n.Dir, "admin.token"), []byte(a.Token()+"\n"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}})
-	waitLog(t, a, "replicas: leading", 30*time.Second)
+	a, b, shared, dsn := startReplicas(t)
 	n1 := startReplicaNode(t, a, b, 1, replicaJoinToken(t, shared, dsn), false)
 	waitHealthy(t, a, map[string]bool{"node1": true})
 	sb, err := a.Client().Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"))
