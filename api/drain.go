@@ -6,6 +6,7 @@ import (
 	"time"
 
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/internal/periodic"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -41,21 +42,12 @@ func (h *nodeAdminService) drainBy(ctx context.Context, f FleetBackend, req *v1.
 // RunDrains ends, every interval until ctx ends and while this control
 // plane leads, the running sandboxes of nodes whose drain deadline passed.
 func (s *Server) RunDrains(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if s.cfg.Fleet == nil || !s.leading() {
-			continue
-		}
+	leading := func() bool { return s.cfg.Fleet != nil && s.leading() }
+	periodic.WhileLeading(ctx, interval, leading, func() {
 		if err := s.drainOnce(ctx, time.Now()); err != nil && ctx.Err() == nil {
 			s.log.Warn("drain deadlines", "err", err)
 		}
-	}
+	})
 }
 
 // drainOnce ends the running sandboxes of the nodes whose drain deadline

@@ -373,8 +373,16 @@ func (s *Server) Reconcile(ctx context.Context) error {
 	}
 	live := map[string]int{}
 	for _, sb := range sbs {
-		pid, running := s.node.Running(ctx, sb.ID)
+		pid, running, silent := s.runningOrSilent(ctx, sb.ID)
 		switch {
+		case silent != nil && sb.State == store.StateRunning && !time.Now().After(sb.Deadline()):
+			// Its node did not answer (silent just before this start):
+			// lost, as for a node that goes silent while the control
+			// plane runs, so that its node's reconcile re-adopts it if
+			// it still runs there within the grace.
+			if err := s.endSilent(ctx, sb, silent); err != nil {
+				return err
+			}
 		case running && sb.State == store.StateRunning && pid == sb.Pid:
 			live[sb.ID] = sb.Slot
 			s.node.Adopt(sb.ID, sb.ImageDigest)
@@ -429,6 +437,51 @@ func (s *Server) Reconcile(ctx context.Context) error {
 	if len(left) > 0 {
 		s.log.Warn("reconcile: node objects of no live sandbox", "objects", left)
 	}
+	return nil
+}
+
+// silentNodes is a node that tells a sandbox whose node did not answer
+// from one not running there (the fleet's router): RunningOrSilent's
+// silent is set then. Lose forgets the placement of a sandbox recorded
+// lost, so that its node's reconcile finds it among the lost records.
+type silentNodes interface {
+	RunningOrSilent(ctx context.Context, id string) (pid int, running bool, silent error)
+	Lose(id string)
+}
+
+// runningOrSilent is node.Running, and why it is not known (silent: the
+// sandbox's node did not answer) when the node can tell.
+func (s *Server) runningOrSilent(ctx context.Context, id string) (int, bool, error) {
+	if sn, ok := s.node.(silentNodes); ok {
+		return sn.RunningOrSilent(ctx, id)
+	}
+	pid, running := s.node.Running(ctx, id)
+	return pid, running, nil
+}
+
+// endSilent records running sandbox sb lost because its node did not
+// answer (why): not destroyed (it may run on there), its record stopped
+// with end_reason lost on its node (store.LostOn), so that the node's
+// reconcile re-adopts it if it still runs there with its pid within the
+// grace, and removes it otherwise. The Ended hooks see the loss (the
+// ingress keeps its exposures for the re-adoption).
+func (s *Server) endSilent(ctx context.Context, sb *store.Sandbox, why error) error {
+	sb.State, sb.EndReason, sb.EndedAt, sb.ExitCode = store.StateStopped, "lost", time.Now().UTC(), -1
+	sb.Error = why.Error()
+	if s.replicated() {
+		if !s.recordEnd(ctx, sb) {
+			return nil
+		}
+	} else if err := s.store.UpdateSandbox(ctx, sb); err != nil {
+		return err
+	}
+	if sn, ok := s.node.(silentNodes); ok {
+		sn.Lose(sb.ID) // after the record: a refresh places no live record again
+	}
+	if s.cfg.Hooks.Ended != nil {
+		s.cfg.Hooks.Ended(ctx, sb)
+	}
+	s.log.Warn("sandbox lost: its node did not answer at the start", "sandbox", sb.ID, "node", sb.Node, "err", why)
 	return nil
 }
 

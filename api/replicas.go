@@ -126,10 +126,18 @@ func (s *Server) adopt(sb *store.Sandbox) bool {
 	if starting || sb.Pid == 0 {
 		return false
 	}
-	if !s.runsAsRecorded(sb) {
+	if runs, silent := s.runsAsRecorded(sb); !runs {
 		// Gone (its init's pid may be another process's by now: never
-		// watched by pid). The leader records its end.
-		if s.leading() {
+		// watched by pid). The leader records its end: lost if its node
+		// did not answer (it may still run there: re-adoptable), else
+		// as found.
+		switch {
+		case !s.leading():
+		case silent != nil && sb.State == store.StateRunning:
+			if err := s.endSilent(s.baseCtx, sb, silent); err != nil {
+				s.log.Error("replicas: record a sandbox of a silent node lost", "sandbox", sb.ID, "err", err)
+			}
+		default:
 			s.endGone(sb)
 		}
 		return false
@@ -205,6 +213,15 @@ func (s *Server) reconcileReplica(ctx context.Context) error {
 	if err := s.node.Restore(ctx, live); err != nil {
 		s.log.Warn("reconcile: restore nodes", "err", err)
 	}
+	if f, ok := s.node.(startReconciler); ok {
+		// Each node is reconciled as a returned node by the leader (now
+		// if this replica leads, else once it takes the lease): a
+		// sandbox recorded lost before this start, which its node runs
+		// on, is re-adopted or removed, as on one control plane. Without
+		// it a lost sandbox on a node that answered at this start (every
+		// replica restarted, or the only one) ran on unmanaged.
+		f.ReconcileStart(ctx)
+	}
 	return nil
 }
 
@@ -254,15 +271,16 @@ func (s *Server) idleAcrossReplicas(ctx context.Context, l *liveSandbox) time.Du
 
 // runsAsRecorded reports whether sb runs on its node with the init pid
 // recorded; a sandbox on a node that stopped answering counts (its watch
-// reports it lost).
-func (s *Server) runsAsRecorded(sb *store.Sandbox) bool {
+// reports it lost). silent is set when its node, counted as answering
+// (the start's window), did not answer.
+func (s *Server) runsAsRecorded(sb *store.Sandbox) (runs bool, silent error) {
 	if l, ok := s.node.(interface{ Lost(id string) bool }); ok && l.Lost(sb.ID) {
-		return true
+		return true, nil
 	}
 	ctx, cancel := context.WithTimeout(s.baseCtx, 10*time.Second)
 	defer cancel()
-	pid, running := s.node.Running(ctx, sb.ID)
-	return running && pid == sb.Pid
+	pid, running, silent := s.runningOrSilent(ctx, sb.ID)
+	return running && pid == sb.Pid, silent
 }
 
 // endGone records the end of a sandbox found not running (its replica

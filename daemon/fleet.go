@@ -84,6 +84,7 @@ func (d *Daemon) startFleet(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("fleet CA: %w", err)
 	}
+	ca.NodeTTL = nodeCertTTL(d.log)
 	cert, err := ca.ControlCert(nil)
 	if err != nil {
 		return err
@@ -309,7 +310,8 @@ type NodeDaemon struct {
 	srv     *http.Server
 	addr    string
 	cancel  context.CancelFunc
-	removed chan struct{} // closed once the node wiped itself after its removal
+	removed chan struct{} // closed once the node wiped itself after its removal (or certificate expiry)
+	why     error         // why it wiped itself; set before removed is closed
 }
 
 // Removed is closed when the control plane refused this node as removed
@@ -412,6 +414,14 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			d.Registry, err = noderpc.RemoteRegistryAt(cctx, id, controls, d.log.With("component", "registry"))
 			cancel()
+			if err != nil {
+				if xerr := certExpired(id.NotAfter(), time.Now(), err); xerr != nil {
+					// No control plane will ever accept this node again:
+					// what it still runs goes now.
+					d.removedFromFleet(ctx, id.ID, xerr, nil)
+					return fmt.Errorf("every sandbox this node ran was destroyed: %w", xerr)
+				}
+			}
 			if err == nil || !errdefs.Is(err, errdefs.ErrUnavailable) && !errdefs.Is(err, errdefs.ErrDeadlineExceeded) {
 				break
 			}
@@ -494,8 +504,9 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 			d.log.Error("node API", "err", err)
 		}
 	}()
-	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, newBootID(), capacity, func(err error) {
+	go heartbeatLoop(ctx, d.log, fc, id.ID, opts.Advertise, newBootID(), capacity, id.NotAfter, func(err error) {
 		n.srv.Close() // this node serves nothing more
+		n.why = err
 		d.removedFromFleet(ctx, id.ID, err, ids)
 		close(n.removed)
 	})
@@ -510,11 +521,12 @@ func StartNode(ctx context.Context, cfg Config, opts NodeOptions) (_ *NodeDaemon
 // node lives, where it serves and what it offers. When the control plane
 // refuses a heartbeat because this node was removed from the fleet
 // (noderpc.RemovedFromFleet: `chalk admin node rm`, also one made while
-// the node was cut off), removed runs and the loop ends; any other failure
-// is retried.
+// the node was cut off), or a heartbeat fails once the node's certificate
+// (notAfter) has expired (certExpired), removed runs and the loop ends;
+// any other failure is retried.
 func heartbeatLoop(ctx context.Context, log *slog.Logger, fc interface {
 	Heartbeat(context.Context, *connect.Request[nodev1.HeartbeatRequest]) (*connect.Response[nodev1.HeartbeatResponse], error)
-}, id, advertise, bootID string, capacity func() *nodev1.Capacity, removed func(error)) {
+}, id, advertise, bootID string, capacity func() *nodev1.Capacity, notAfter func() time.Time, removed func(error)) {
 	t := time.NewTicker(noderpc.HeartbeatInterval)
 	defer t.Stop()
 	failing := false
@@ -526,6 +538,13 @@ func heartbeatLoop(ctx context.Context, log *slog.Logger, fc interface {
 			log.Warn("fleet: heartbeat failed", "err", err)
 			removed(err)
 			return
+		}
+		if err != nil && ctx.Err() == nil {
+			if xerr := certExpired(notAfter(), time.Now(), err); xerr != nil {
+				log.Warn("fleet: heartbeat failed", "err", xerr)
+				removed(xerr)
+				return
+			}
 		}
 		switch {
 		case err != nil && !failing && ctx.Err() == nil:
@@ -557,18 +576,42 @@ func MainNode(ctx context.Context, cfg Config, opts NodeOptions) error {
 		return n.Close()
 	case <-n.Removed():
 		_ = n.Close()
+		if errors.Is(n.why, errCertExpired) {
+			return fmt.Errorf("chalkd node: node %s: %v: its sandboxes were destroyed; to bring this machine back, delete DATA_DIR/fleet-node and join with a new token: %w", n.ID, n.why, errdefs.ErrPermissionDenied)
+		}
 		return fmt.Errorf("chalkd node: node %s was removed from the fleet: its sandboxes were destroyed; to bring this machine back, delete DATA_DIR/fleet-node and join with a new token: %w", n.ID, errdefs.ErrPermissionDenied)
 	}
 }
 
+// errCertExpired is in the error of a node whose certificate has expired.
+var errCertExpired = errors.New("the node certificate has expired")
+
+// certExpired is why a node whose call to the control plane failed (err)
+// can never be reached again: its certificate expired at notAfter (now,
+// by the node's clock). No control plane accepts it any more (heartbeats,
+// renewal, registry) or connects to its node API with it, so nothing can
+// re-adopt its sandboxes or end them: the node destroys them itself
+// (removedFromFleet) and stops; the machine comes back only by joining
+// anew. nil while the certificate is valid, or when the call did not
+// fail: a control plane that still answers (its clock behind the node's)
+// decides, not the node's clock alone.
+func certExpired(notAfter, now time.Time, err error) error {
+	if err == nil || notAfter.IsZero() || now.Before(notAfter) {
+		return nil
+	}
+	return fmt.Errorf("%w (at %s), and a call to the control plane failed (%v)", errCertExpired, notAfter.UTC().Format(time.RFC3339), err)
+}
+
 // removedFromFleet destroys every sandbox this node machine runs (its
 // pre-started ones too) after the control plane refused the node as
-// removed: their records ended as lost there, nobody can reach them any
-// more, and the node's certificate is good for nothing (the node gets no
-// token, image or relay for them). Best effort, bounded; what fails is
-// logged (and left to whoever wipes the machine).
+// removed, or once its certificate expired (certExpired): their records
+// ended as lost there (or will when a control plane finds the node
+// silent), nobody can reach them any more, and the node's certificate is
+// good for nothing (the node gets no token, image or relay for them).
+// Best effort, bounded; what fails is logged (and left to whoever wipes
+// the machine).
 func (d *Daemon) removedFromFleet(ctx context.Context, id string, why error, ids *nodeIdentity) {
-	d.log.Error("fleet: this node was removed from the fleet: destroying every sandbox it runs and stopping", "node", id, "why", why)
+	d.log.Error("fleet: this node is out of the fleet for good: destroying every sandbox it runs and stopping", "node", id, "why", why)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
 	defer cancel()
 	if d.Agent != nil {

@@ -38,21 +38,7 @@ import (
 func TestFleetReplicas(t *testing.T) {
 	chalktest.RequireRoot(t)
 	started := time.Now()
-	dsn := chalktest.PostgresDB(t)
-	shared := t.TempDir()
-	seed := exec.Command(filepath.Join(chalktest.Bin(t), "chalkd"), "seed", "--data-dir", shared, "--busybox")
-	if out, err := seed.CombinedOutput(); err != nil {
-		t.Fatalf("chalkd seed: %v\n%s", err, out)
-	}
-	args := []string{"--fleet-listen", ":7450", "--database", dsn, "--shared-dir", shared}
-	a := chalktest.StartOpts(t, chalktest.Options{Mode: "control", NoSeed: true, Args: args})
-	b := chalktest.StartOpts(t, chalktest.Options{Mode: "control", NoSeed: true, Args: args, Before: func(n *chalktest.Node) {
-		// One admin for the fleet: A made it in the shared store.
-		if err := os.WriteFile(filepath.Join(n.Dir, "admin.token"), []byte(a.Token()+"\n"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}})
-	waitLog(t, a, "replicas: leading", 30*time.Second)
+	a, b, shared, dsn := startReplicas(t)
 	tok := replicaJoinToken(t, shared, dsn)
 	// node1 joins and heartbeats at A first, node2 and node3 at B: one
 	// token store for both.
@@ -299,6 +285,29 @@ func TestFleetReplicas(t *testing.T) {
 	if d := time.Since(started); d > 150*time.Second {
 		t.Errorf("TestFleetReplicas took %v (budget 150 s)", d)
 	}
+}
+
+// startReplicas starts two control-plane replicas, A (leading once this
+// returns) and B, on a fresh PostgreSQL database and a shared dir seeded
+// with busybox.
+func startReplicas(t *testing.T) (a, b *chalktest.Node, shared, dsn string) {
+	t.Helper()
+	dsn = chalktest.PostgresDB(t)
+	shared = t.TempDir()
+	seed := exec.Command(filepath.Join(chalktest.Bin(t), "chalkd"), "seed", "--data-dir", shared, "--busybox")
+	if out, err := seed.CombinedOutput(); err != nil {
+		t.Fatalf("chalkd seed: %v\n%s", err, out)
+	}
+	args := []string{"--fleet-listen", ":7450", "--database", dsn, "--shared-dir", shared}
+	a = chalktest.StartOpts(t, chalktest.Options{Mode: "control", NoSeed: true, Args: args})
+	b = chalktest.StartOpts(t, chalktest.Options{Mode: "control", NoSeed: true, Args: args, Before: func(n *chalktest.Node) {
+		// One admin for the fleet: A made it in the shared store.
+		if err := os.WriteFile(filepath.Join(n.Dir, "admin.token"), []byte(a.Token()+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}})
+	waitLog(t, a, "replicas: leading", 30*time.Second)
+	return a, b, shared, dsn
 }
 
 // replicaJoinToken makes a join token in the replicas' store.

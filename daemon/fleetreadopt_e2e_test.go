@@ -22,7 +22,10 @@ import (
 //     restarted while the node is still silent, then the node answers: the
 //     sandbox is re-adopted by the new process (running, exec works, the
 //     URLs serve);
-//   - the same with a graceful stop of the control plane.
+//   - the same with a graceful stop of the control plane;
+//   - the node goes silent just before the control plane is killed (its
+//     loss not seen yet): the new process records it lost at its start,
+//     and it is re-adopted when the node answers.
 //
 // A sandbox killed while its node is silent is not re-adopted (another
 // pid, or none): it stays lost and its exposure is deleted.
@@ -175,6 +178,30 @@ func TestFleetReadoptRestart(t *testing.T) {
 		t.Logf("%s: control plane restarted while the node was silent", round.name)
 		back(round.answer, newIngressClients(t, control))
 	}
+
+	// The node goes silent just before the control plane is killed (-9),
+	// so the loss was never seen: at its start the new process finds the
+	// node silent and records the sandbox lost (not exited), and it is
+	// re-adopted when the node answers.
+	n1.Freeze()
+	control.Kill()
+	control.Restart()
+	c = control.Client()
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		got := cur()
+		if got.Info.State != "running" {
+			if got.Info.State != "stopped" || got.Info.EndReason != "lost" {
+				t.Fatalf("node silent just before the restart: %s (%s) %s; want stopped, lost", got.Info.State, got.Info.EndReason, got.Info.Error)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node silent just before the restart: still running after 30 s")
+		}
+		time.Sleep(100 * time.Millisecond) // polling the control plane for the start's reconcile
+	}
+	back(n1.Thaw, newIngressClients(t, control))
 }
 
 type ingressErr struct {

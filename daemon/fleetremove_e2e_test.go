@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/daemon"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
 )
 
@@ -170,21 +171,21 @@ func waitSandboxProcs(t *testing.T, n *chalktest.Node, id, what string, want boo
 	}
 }
 
-// TestFleetNodeRemovedWhilePartitioned: a node silent (SIGSTOP: as behind
-// a partition) while it is removed with --force destroys its sandboxes
-// when it is back and its first heartbeat is refused as removed, and exits.
-func TestFleetNodeRemovedWhilePartitioned(t *testing.T) {
-	control := chalktest.StartControl(t)
+// removedWithSandbox starts node1 on control with a sandbox running
+// `sleep 1000` (its process seen on the machine), silences the node
+// (Freeze, Kill), removes it with --force and checks that the sandbox
+// ended lost while its process runs on (the node cannot know yet).
+func removedWithSandbox(t *testing.T, control *chalktest.Node, silence func(*chalktest.Node)) (*chalktest.Node, *chalkcompute.Sandbox) {
+	t.Helper()
 	n1 := chalktest.StartFleetNodeArgs(t, control, 1, "--prestart", "0")
-	c := control.Client()
 	ctx := ctxT(t, 2*time.Minute)
 	waitNodesHealthy(t, control, "node1")
-	sb, err := c.Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"))
+	sb, err := control.Client().Create(ctx, chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	waitSandboxProcs(t, n1, sb.ID(), "the sandbox's process on node1", true, 30*time.Second)
-	n1.Freeze()
+	silence(n1)
 	if out, errOut, code := control.CLI("admin", "node", "rm", "node1", "--force"); code != 0 {
 		t.Fatalf("rm --force of a silent node: %d %s %s", code, out, errOut)
 	}
@@ -195,13 +196,71 @@ func TestFleetNodeRemovedWhilePartitioned(t *testing.T) {
 	if len(sandboxProcs(sb.ID())) == 0 {
 		t.Fatal("the sandbox of the silent node is gone before the node is back")
 	}
-	n1.Thaw()
-	waitSandboxProcs(t, n1, sb.ID(), "the partitioned node's sandbox after it is back", false, 30*time.Second)
-	deadline := time.Now().Add(30 * time.Second)
-	for !strings.Contains(n1.Log(), "was removed from the fleet: its sandboxes were destroyed") {
+	return n1, sb
+}
+
+// waitNodeLog waits until node n's log, after its first from bytes, says
+// every one of wants, within a bound.
+func waitNodeLog(t *testing.T, n *chalktest.Node, from int, within time.Duration, wants ...string) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		log := n.Log()[from:]
+		if !slices.ContainsFunc(wants, func(w string) bool { return !strings.Contains(log, w) }) {
+			return
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the removed node did not exit saying so:\n%s", n1.Log())
+			t.Fatalf("the node did not log %q within %v:\n%s", wants, within, log)
 		}
 		time.Sleep(100 * time.Millisecond) // polling the node's log
 	}
+}
+
+// TestFleetNodeRemovedWhilePartitioned: a node silent (SIGSTOP: as behind
+// a partition) while it is removed with --force destroys its sandboxes
+// when it is back and its first heartbeat is refused as removed, and exits.
+func TestFleetNodeRemovedWhilePartitioned(t *testing.T) {
+	control := chalktest.StartControl(t)
+	n1, sb := removedWithSandbox(t, control, (*chalktest.Node).Freeze)
+	n1.Thaw()
+	waitSandboxProcs(t, n1, sb.ID(), "the partitioned node's sandbox after it is back", false, 30*time.Second)
+	waitNodeLog(t, n1, 0, 30*time.Second, "was removed from the fleet: its sandboxes were destroyed")
+}
+
+// TestFleetNodeRemovedWhileDown: a node whose chalkd is down (killed with
+// -9: its sandbox runs on) while it is removed with --force learns it at
+// its next start (its registry access refused, then its heartbeat refused
+// as removed): it destroys what the machine runs and fails to start,
+// saying so, instead of serving or leaving the sandbox running.
+func TestFleetNodeRemovedWhileDown(t *testing.T) {
+	control := chalktest.StartControl(t)
+	n1, sb := removedWithSandbox(t, control, (*chalktest.Node).Kill)
+	from := len(n1.Log())
+	n1.RestartFails(60 * time.Second)
+	// Destroyed before the process exited; its processes leave the
+	// machine as the kernel reaps them.
+	waitSandboxProcs(t, n1, sb.ID(), "the removed node failed to start with its sandbox still running", false, 20*time.Second)
+	waitNodeLog(t, n1, from, 0, "removed node: sandboxes destroyed", "was removed from the fleet (every sandbox it ran was destroyed)")
+}
+
+// TestFleetRemovedNodeCertExpires: a node removed while it is silent
+// (SIGSTOP) whose control plane is then gone for good (stopped) can never
+// learn of its removal; a partition alone destroys nothing (its heartbeats
+// fail, its sandbox runs on), but once its certificate has expired (60 s
+// here: CHALK_TEST_NODE_CERT_TTL) nothing can ever reach the sandbox
+// again, and the node destroys it and exits saying why.
+func TestFleetRemovedNodeCertExpires(t *testing.T) {
+	const ttl = 60 * time.Second
+	control := chalktest.StartOpts(t, chalktest.Options{Mode: "control", Args: []string{"--fleet-listen", ":7450"},
+		Env: []string{daemon.NodeCertTTLEnv + "=" + ttl.String()}})
+	n1, sb := removedWithSandbox(t, control, (*chalktest.Node).Freeze)
+	control.Stop()
+	from := len(n1.Log())
+	n1.Thaw()
+	waitNodeLog(t, n1, from, 30*time.Second, "fleet: heartbeat failed")
+	if !strings.Contains(n1.Log()[from:], "certificate has expired") && len(sandboxProcs(sb.ID())) == 0 {
+		t.Fatal("the node destroyed its sandbox because its heartbeats failed, with its certificate valid")
+	}
+	waitSandboxProcs(t, n1, sb.ID(), "the sandbox of a node whose certificate expired", false, ttl+30*time.Second)
+	waitNodeLog(t, n1, from, 30*time.Second, "node certificate has expired", "its sandboxes were destroyed")
 }

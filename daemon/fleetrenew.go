@@ -19,7 +19,26 @@ const (
 	// 100 ms and renews its certificate (then removes the file), due or
 	// not.
 	RenewNowEnv = "CHALK_TEST_RENEW_NOW"
+	// NodeCertTTLEnv sets how long the node certificates the control
+	// plane issues last (a Go duration; default a year).
+	NodeCertTTLEnv = "CHALK_TEST_NODE_CERT_TTL"
 )
+
+// nodeCertTTL is how long the control plane's node certificates last (0:
+// the default).
+func nodeCertTTL(log *slog.Logger) time.Duration {
+	v := os.Getenv(NodeCertTTLEnv)
+	if v == "" {
+		return 0
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		log.Error("test hook: ignored (want a positive duration)", "env", NodeCertTTLEnv, "value", v)
+		return 0
+	}
+	log.Warn("test hook: node certificates issued for a lifetime other than the default", "env", NodeCertTTLEnv, "ttl", d)
+	return d
+}
 
 // certGrace is the control plane's grace for superseded node certificates.
 func certGrace(log *slog.Logger) time.Duration {

@@ -16,6 +16,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
+	"github.com/chalkcompute/chalkcompute/internal/periodic"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/noderpc"
 	"github.com/chalkcompute/chalkcompute/sandbox"
@@ -264,19 +265,7 @@ const RepairInterval = 2 * time.Second
 // run repairs the tunnels every RepairInterval while this replica leads,
 // until ctx ends.
 func (f *fleetTunnels) run(ctx context.Context) {
-	t := time.NewTicker(RepairInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if f.leading != nil && !f.leading() {
-			continue
-		}
-		f.repair(ctx)
-	}
+	periodic.WhileLeading(ctx, RepairInterval, f.leading, func() { f.repair(ctx) })
 }
 
 // repair sends every tunnel's view again (a node that missed a push gets

@@ -23,6 +23,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/ingress"
+	"github.com/chalkcompute/chalkcompute/internal/periodic"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -180,21 +181,11 @@ func (n *ingressNode) prune(ctx context.Context, running func(id string) bool) (
 // exposures of lost sandboxes whose grace has passed (their node did not
 // return in time).
 func (n *ingressNode) pruneLoop(ctx context.Context, interval time.Duration, leading func() bool, running func(id string) bool) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if leading != nil && !leading() {
-			continue
-		}
+	periodic.WhileLeading(ctx, interval, leading, func() {
 		if _, err := n.prune(ctx, running); err != nil && ctx.Err() == nil {
 			n.log.Warn("prune exposures of lost sandboxes", "err", err)
 		}
-	}
+	})
 }
 
 // newIngress makes the ingress server (nil when off): its signing key

@@ -26,39 +26,16 @@ func TestFleetUploadGC(t *testing.T) {
 	ctx := ctxT(t, 3*time.Minute)
 	waitNodesHealthy(t, control, "node1")
 
-	names := func(dir string) map[string]bool {
-		out := map[string]bool{}
-		ents, _ := os.ReadDir(dir)
-		for _, e := range ents {
-			if !strings.HasPrefix(e.Name(), ".") {
-				out[e.Name()] = true
-			}
-		}
-		return out
-	}
 	ctlBlobs, nodeBlobs, nodeTrees := filepath.Join(control.Dir, "blobs"), filepath.Join(n1.Dir, "blobs"), filepath.Join(n1.Dir, "mounts")
 	// added: what dir holds now that it did not hold in before.
 	added := func(dir string, before map[string]bool) []string {
 		var out []string
-		for n := range names(dir) {
+		for n := range uploadNames(dir) {
 			if !before[n] {
 				out = append(out, n)
 			}
 		}
 		return out
-	}
-	waitGone := func(what, dir string, gone []string) {
-		deadline := time.Now().Add(60 * time.Second)
-		for {
-			now := names(dir)
-			if !slices.ContainsFunc(gone, func(n string) bool { return now[n] }) {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: %v still in %s after 60 s (grace 3 s)", what, gone, dir)
-			}
-			time.Sleep(100 * time.Millisecond) // polling the data dir for the GC's removals
-		}
 	}
 
 	dir := t.TempDir()
@@ -73,7 +50,7 @@ func TestFleetUploadGC(t *testing.T) {
 	if out := mustExec(t, a, "sh", "-c", "cat /data/data.txt /srcdir/a.txt"); out != "mountedA" {
 		t.Fatalf("mounts: %q", out)
 	}
-	aCtl, aNode, aTrees := names(ctlBlobs), names(nodeBlobs), names(nodeTrees)
+	aCtl, aNode, aTrees := uploadNames(ctlBlobs), uploadNames(nodeBlobs), uploadNames(nodeTrees)
 	if len(aCtl) != 2 || len(aNode) != 2 || len(aTrees) != 1 {
 		t.Fatalf("uploads of the running sandbox: control %v, node %v, trees %v; want 2, 2, 1", aCtl, aNode, aTrees)
 	}
@@ -92,14 +69,14 @@ func TestFleetUploadGC(t *testing.T) {
 	if _, err := b.Terminate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	waitGone("the ended sandbox's upload on the control plane", ctlBlobs, bCtl)
-	waitGone("the ended sandbox's copy on its node", nodeBlobs, bNode)
+	waitUploadsGone(t, "the ended sandbox's upload on the control plane", ctlBlobs, bCtl)
+	waitUploadsGone(t, "the ended sandbox's copy on its node", nodeBlobs, bNode)
 	// The GC passes that removed them (3 s after their last use, after
 	// the running sandbox's) kept what the running sandbox binds.
-	if got := names(ctlBlobs); !maps.Equal(got, aCtl) {
+	if got := uploadNames(ctlBlobs); !maps.Equal(got, aCtl) {
 		t.Fatalf("control plane blobs while a sandbox binds them: %v, want %v", got, aCtl)
 	}
-	if got, gotTrees := names(nodeBlobs), names(nodeTrees); !maps.Equal(got, aNode) || !maps.Equal(gotTrees, aTrees) {
+	if got, gotTrees := uploadNames(nodeBlobs), uploadNames(nodeTrees); !maps.Equal(got, aNode) || !maps.Equal(gotTrees, aTrees) {
 		t.Fatalf("node copies while a sandbox binds them: %v %v, want %v %v", got, gotTrees, aNode, aTrees)
 	}
 	if out := mustExec(t, a, "sh", "-c", "cat /data/data.txt /srcdir/a.txt"); out != "mountedA" {
@@ -113,9 +90,9 @@ func TestFleetUploadGC(t *testing.T) {
 	if _, err := a.Terminate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	waitGone("the uploads of the sandbox that ended, on the control plane", ctlBlobs, slices.Collect(maps.Keys(aCtl)))
-	waitGone("the copies of the sandbox that ended, on its node", nodeBlobs, slices.Collect(maps.Keys(aNode)))
-	waitGone("the extracted tree of the sandbox that ended, on its node", nodeTrees, slices.Collect(maps.Keys(aTrees)))
+	waitUploadsGone(t, "the uploads of the sandbox that ended, on the control plane", ctlBlobs, slices.Collect(maps.Keys(aCtl)))
+	waitUploadsGone(t, "the copies of the sandbox that ended, on its node", nodeBlobs, slices.Collect(maps.Keys(aNode)))
+	waitUploadsGone(t, "the extracted tree of the sandbox that ended, on its node", nodeTrees, slices.Collect(maps.Keys(aTrees)))
 }
 
 // TestUploadGC: the all-in-one daemon with --upload-gc-grace 3s: an ended
@@ -126,29 +103,9 @@ func TestUploadGC(t *testing.T) {
 	n := chalktest.Start(t, "--upload-gc-grace", "3s")
 	c := n.Client()
 	ctx := ctxT(t, 3*time.Minute)
-	names := func(dir string) map[string]bool {
-		out := map[string]bool{}
-		ents, _ := os.ReadDir(dir)
-		for _, e := range ents {
-			if !strings.HasPrefix(e.Name(), ".") {
-				out[e.Name()] = true
-			}
-		}
-		return out
-	}
 	blobs, trees := filepath.Join(n.Dir, "blobs"), filepath.Join(n.Dir, "mounts")
 	waitGone := func(what, dir string, gone map[string]bool) {
-		deadline := time.Now().Add(60 * time.Second)
-		for {
-			now := names(dir)
-			if !slices.ContainsFunc(slices.Collect(maps.Keys(gone)), func(n string) bool { return now[n] }) {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: %v still in %s after 60 s (grace 3 s)", what, gone, dir)
-			}
-			time.Sleep(100 * time.Millisecond) // polling the data dir for the GC's removals
-		}
+		waitUploadsGone(t, what, dir, slices.Collect(maps.Keys(gone)))
 	}
 	dir := t.TempDir()
 	writeFile(t, dir, "src/a.txt", "A")
@@ -158,7 +115,7 @@ func TestUploadGC(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	aBlobs, aTrees := names(blobs), names(trees)
+	aBlobs, aTrees := uploadNames(blobs), uploadNames(trees)
 	if len(aBlobs) != 2 || len(aTrees) != 1 {
 		t.Fatalf("uploads of the running sandbox: %v %v", aBlobs, aTrees)
 	}
@@ -167,7 +124,7 @@ func TestUploadGC(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bBlobs := names(blobs)
+	bBlobs := uploadNames(blobs)
 	for n := range aBlobs {
 		delete(bBlobs, n)
 	}
@@ -178,7 +135,7 @@ func TestUploadGC(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitGone("the ended sandbox's upload", blobs, bBlobs)
-	if got, gotTrees := names(blobs), names(trees); !maps.Equal(got, aBlobs) || !maps.Equal(gotTrees, aTrees) {
+	if got, gotTrees := uploadNames(blobs), uploadNames(trees); !maps.Equal(got, aBlobs) || !maps.Equal(gotTrees, aTrees) {
 		t.Fatalf("uploads while a sandbox binds them: %v %v, want %v %v", got, gotTrees, aBlobs, aTrees)
 	}
 	if out := mustExec(t, a, "sh", "-c", "cat /data/data.txt /srcdir/a.txt"); out != "mountedA" {
@@ -189,4 +146,34 @@ func TestUploadGC(t *testing.T) {
 	}
 	waitGone("the uploads of the sandbox that ended", blobs, aBlobs)
 	waitGone("the extracted tree of the sandbox that ended", trees, aTrees)
+}
+
+// uploadNames lists the uploads (blobs, extracted trees) in dir, not the
+// hidden entries (temporary files, locks).
+func uploadNames(dir string) map[string]bool {
+	out := map[string]bool{}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), ".") {
+			out[e.Name()] = true
+		}
+	}
+	return out
+}
+
+// waitUploadsGone waits until none of gone is in dir any more (the upload
+// GC removed them; grace 3 s in these tests), within 60 s.
+func waitUploadsGone(t *testing.T, what, dir string, gone []string) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		now := uploadNames(dir)
+		if !slices.ContainsFunc(gone, func(n string) bool { return now[n] }) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %v still in %s after 60 s (grace 3 s)", what, gone, dir)
+		}
+		time.Sleep(100 * time.Millisecond) // polling the data dir for the GC's removals
+	}
 }

@@ -113,12 +113,22 @@ func (c *Client) Wait(ctx context.Context, id string, pid int) (sandbox.Exit, er
 
 // Running reports false when the node cannot be asked (logged).
 func (c *Client) Running(ctx context.Context, id string) (int, bool) {
-	res, err := c.rpc.Running(ctx, connect.NewRequest(&nodev1.RunningRequest{Id: id}))
+	pid, running, err := c.RunningErr(ctx, id)
 	if err != nil {
 		c.log.Warn("node: running", "sandbox", id, "err", err)
-		return 0, false
 	}
-	return int(res.Msg.Pid), res.Msg.Running
+	return pid, running
+}
+
+// RunningErr is Running, with the error of a node that did not answer
+// (unreachable, frozen, refused): then it is not known whether the
+// sandbox runs.
+func (c *Client) RunningErr(ctx context.Context, id string) (int, bool, error) {
+	res, err := c.rpc.Running(ctx, connect.NewRequest(&nodev1.RunningRequest{Id: id}))
+	if err != nil {
+		return 0, false, wire(err)
+	}
+	return int(res.Msg.Pid), res.Msg.Running, nil
 }
 
 func (c *Client) Kill(ctx context.Context, id string) error {

@@ -2,6 +2,7 @@ package noderpc
 
 import (
 	"bytes"
+	"cmp"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -49,6 +50,9 @@ type CA struct {
 	Key  crypto.Signer
 	PEM  []byte // Cert, PEM-encoded
 	pool *x509.CertPool
+	// NodeTTL is how long node certificates it issues last (0: certTTL,
+	// a year; shorter only as a test hook).
+	NodeTTL time.Duration
 }
 
 // LoadOrCreateCA loads the CA from dir (ca.crt, ca.key), creating both the
@@ -129,7 +133,7 @@ func Fingerprint(c *x509.Certificate) string {
 	return hex.EncodeToString(sum[:])
 }
 
-func (ca *CA) issue(pub crypto.PublicKey, uri string, hosts []string) ([]byte, *x509.Certificate, error) {
+func (ca *CA) issue(pub crypto.PublicKey, uri string, hosts []string, ttl time.Duration) ([]byte, *x509.Certificate, error) {
 	u, err := url.Parse(uri)
 	if err != nil {
 		return nil, nil, err
@@ -138,7 +142,7 @@ func (ca *CA) issue(pub crypto.PublicKey, uri string, hosts []string) ([]byte, *
 		SerialNumber: serial(),
 		Subject:      pkix.Name{CommonName: uri},
 		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(certTTL),
+		NotAfter:     time.Now().Add(ttl),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		URIs:         []*url.URL{u},
@@ -165,7 +169,7 @@ func (ca *CA) ControlCert(hosts []string) (tls.Certificate, error) {
 	if err != nil {
 		return tls.Certificate{}, err
 	}
-	der, c, err := ca.issue(key.Public(), controlURI, hosts)
+	der, c, err := ca.issue(key.Public(), controlURI, hosts, certTTL)
 	if err != nil {
 		return tls.Certificate{}, err
 	}
@@ -183,7 +187,7 @@ func (ca *CA) IssueNode(csrDER []byte, nodeID string) ([]byte, string, error) {
 		return nil, "", fmt.Errorf("certificate request: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
 	// Only the key is taken from the request: the names are the CA's.
-	der, c, err := ca.issue(csr.PublicKey, nodeURIPrefix+nodeID, nil)
+	der, c, err := ca.issue(csr.PublicKey, nodeURIPrefix+nodeID, nil, cmp.Or(ca.NodeTTL, certTTL))
 	if err != nil {
 		return nil, "", err
 	}

@@ -597,6 +597,42 @@ func (r *Router) Running(ctx context.Context, id string) (int, bool) {
 	return 0, false
 }
 
+// RunningOrSilent is Running for a control plane's start: silent is
+// set, naming the node, when the sandbox's node does not answer (it may
+// still run it: its record is to be ended lost, not exited, so that the
+// node's reconcile may re-adopt it; Lose). A sandbox not placed on a node
+// is asked as Running does.
+func (r *Router) RunningOrSilent(ctx context.Context, id string) (int, bool, error) {
+	m, err := r.on(id)
+	if errors.Is(err, node.ErrLost) {
+		return 0, false, err
+	}
+	if err != nil {
+		pid, ok := r.Running(ctx, id)
+		return pid, ok, nil
+	}
+	rc, ok := m.client.(interface {
+		RunningErr(context.Context, string) (int, bool, error)
+	})
+	if !ok {
+		pid, ok := r.Running(ctx, id)
+		return pid, ok, nil
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	pid, running, err := rc.RunningErr(cctx, id)
+	if err != nil {
+		return 0, false, fmt.Errorf("node %s did not answer: %w", m.rec.ID, err)
+	}
+	return pid, running, nil
+}
+
+// Lose forgets the placement of sandbox id, recorded lost by the API
+// (its node did not answer at the start: RunningOrSilent): the node's
+// reconcile then finds it among the lost records on it (store.LostOn)
+// and re-adopts it if it still runs there, or removes it.
+func (r *Router) Lose(id string) { r.forget(id) }
+
 // Kill kills the sandbox's processes on its node. On a lost node there is
 // nothing to do here: its Wait reports the sandbox lost.
 func (r *Router) Kill(ctx context.Context, id string) error {

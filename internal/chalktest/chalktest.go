@@ -311,6 +311,66 @@ func (n *Node) command(argv ...string) *exec.Cmd {
 func (n *Node) Restart() {
 	t := n.t
 	t.Helper()
+	n.spawn()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var err error
+		if n.Mode == "node" {
+			// A node agent serves no API: it is up once it says so.
+			if strings.Contains(n.Log(), "chalkd node serving") {
+				return
+			}
+			err = fmt.Errorf("not serving yet")
+		} else if c, cerr := n.clientErr(); cerr != nil {
+			err = cerr
+		} else {
+			_, err = c.WhoAmI(context.Background())
+			if err == nil {
+				return
+			}
+		}
+		select {
+		case <-n.exited:
+			t.Fatalf("chalkd exited during start:\n%s", n.Log())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("chalkd not serving after 60s (%v):\n%s", err, n.Log())
+		}
+		time.Sleep(20 * time.Millisecond) // polling an external process for readiness
+	}
+}
+
+// RestartFails starts chalkd (again) on the same state, expecting it to
+// fail to start: it waits, within a bound, until the process exits, and
+// fails the test if a node agent says it serves first.
+func (n *Node) RestartFails(within time.Duration) {
+	t := n.t
+	t.Helper()
+	from := len(n.Log()) // what earlier processes logged
+	n.spawn()
+	deadline := time.NewTimer(within)
+	defer deadline.Stop()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-n.exited:
+			return
+		case <-deadline.C:
+			t.Fatalf("chalkd still runs %v after its start, want it to fail:\n%s", within, n.Log())
+		case <-tick.C: // polling the log of an external process
+			if n.Mode == "node" && strings.Contains(n.Log()[from:], "chalkd node serving") {
+				t.Fatalf("chalkd node serves, want it to fail to start:\n%s", n.Log())
+			}
+		}
+	}
+}
+
+// spawn starts the chalkd process on the node's state.
+func (n *Node) spawn() {
+	t := n.t
+	t.Helper()
 	if n.exited != nil {
 		select {
 		case <-n.exited:
@@ -342,33 +402,6 @@ func (n *Node) Restart() {
 	logf.Close()
 	n.exited = make(chan struct{})
 	go func(c *exec.Cmd, ch chan struct{}) { _ = c.Wait(); close(ch) }(n.cmd, n.exited)
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		var err error
-		if n.Mode == "node" {
-			// A node agent serves no API: it is up once it says so.
-			if strings.Contains(n.Log(), "chalkd node serving") {
-				return
-			}
-			err = fmt.Errorf("not serving yet")
-		} else if c, cerr := n.clientErr(); cerr != nil {
-			err = cerr
-		} else {
-			_, err = c.WhoAmI(context.Background())
-			if err == nil {
-				return
-			}
-		}
-		select {
-		case <-n.exited:
-			t.Fatalf("chalkd exited during start:\n%s", n.Log())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("chalkd not serving after 60s (%v):\n%s", err, n.Log())
-		}
-		time.Sleep(20 * time.Millisecond) // polling an external process for readiness
-	}
 }
 
 // Kill kills chalkd with SIGKILL (sandboxes keep running).
