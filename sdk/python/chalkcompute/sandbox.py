@@ -291,6 +291,7 @@ class Sandbox:
         rows: int = 24,
         cols: int = 80,
         term: Optional[str] = None,
+        _wait: bool = False,
     ) -> Process:
         """Start ``argv`` and return the running :class:`Process` as soon as it started.
 
@@ -325,6 +326,10 @@ class Sandbox:
             req.update(pty=True, rows=rows, cols=cols)
             if term:
                 req["term"] = term
+        if _wait and not stdin:
+            # The caller only waits for the end (exec): the server may send
+            # the start with the first output or the exit, in one write.
+            req["wait"] = True
         stream = self._client._t.stream("SandboxService", "Exec", req)
         try:
             first = next(stream)
@@ -382,7 +387,7 @@ class Sandbox:
         output, stderr included, is ``result.stdout`` with ``\\r\\n`` line ends).
         """
         p = self.start(*argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin is not None, user=user,
-                       pty=pty, rows=rows, cols=cols, term=term)
+                       pty=pty, rows=rows, cols=cols, term=term, _wait=stdin is None)
         if stdin is None:
             return p.wait()
         data = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)
