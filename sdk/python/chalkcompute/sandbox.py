@@ -291,7 +291,6 @@ class Sandbox:
         rows: int = 24,
         cols: int = 80,
         term: Optional[str] = None,
-        _wait: bool = False,
     ) -> Process:
         """Start ``argv`` and return the running :class:`Process` as soon as it started.
 
@@ -305,6 +304,23 @@ class Sandbox:
                 sandbox (``TERM`` is ``term``, default xterm-256color); see
                 :class:`Process`.
         """
+        return self._start(argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin, user=user,
+                           pty=pty, rows=rows, cols=cols, term=term, wait=False)
+
+    def _start(
+        self,
+        argv: Tuple[Any, ...],
+        env: Optional[Mapping[str, str]],
+        workdir: Optional[str],
+        timeout: Optional[Seconds],
+        stdin: bool,
+        user: Optional[str],
+        pty: bool,
+        rows: int,
+        cols: int,
+        term: Optional[str],
+        wait: bool,
+    ) -> Process:
         if len(argv) == 1 and isinstance(argv[0], (list, tuple)):
             argv = tuple(argv[0])
         if not argv:
@@ -326,7 +342,7 @@ class Sandbox:
             req.update(pty=True, rows=rows, cols=cols)
             if term:
                 req["term"] = term
-        if _wait and not stdin:
+        if wait and not stdin:
             # The caller only waits for the end (exec): the server may send
             # the start with the first output or the exit, in one write.
             req["wait"] = True
@@ -386,8 +402,8 @@ class Sandbox:
         With ``pty=True`` the command runs on a terminal (``isatty`` holds, its
         output, stderr included, is ``result.stdout`` with ``\\r\\n`` line ends).
         """
-        p = self.start(*argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin is not None, user=user,
-                       pty=pty, rows=rows, cols=cols, term=term, _wait=stdin is None)
+        p = self._start(argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin is not None, user=user,
+                        pty=pty, rows=rows, cols=cols, term=term, wait=stdin is None)
         if stdin is None:
             return p.wait()
         data = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)
