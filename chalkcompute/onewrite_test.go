@@ -103,4 +103,3 @@ func TestOneWrite(t *testing.T) {
 		})
 	}
 }
-
