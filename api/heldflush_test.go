@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -84,7 +85,7 @@ func TestExecFlushes(t *testing.T) {
 
 	// On the wire: the exit status and the end of the stream share the
 	// body's last chunk.
-	chunks := rawExecChunks(t, tn, sb.Id, []string{"true"})
+	chunks := rawExecChunks(t, tn, &v1.ExecRequest{SandboxId: sb.Id, Argv: []string{"true"}})
 	if len(chunks) < 2 {
 		t.Fatalf("chunks %q: want the start, then the exit with the end of the stream", chunks)
 	}
@@ -110,8 +111,9 @@ func TestExecFlushes(t *testing.T) {
 
 // rawExecChunks runs an exec over a plain HTTP/1.1 connection (Connect's
 // streaming protocol, JSON) and returns the response body's chunks as the
-// server framed them (each flush of the server makes one).
-func rawExecChunks(t *testing.T, tn *testNode, sandboxID string, argv []string) [][]byte {
+// server framed them (each flush of the server makes one; a body sent whole
+// when the handler returned, with its length, is one).
+func rawExecChunks(t *testing.T, tn *testNode, r *v1.ExecRequest) [][]byte {
 	t.Helper()
 	u, err := url.Parse(tn.url)
 	if err != nil {
@@ -123,7 +125,7 @@ func rawExecChunks(t *testing.T, tn *testNode, sandboxID string, argv []string) 
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	msg, err := protojson.Marshal(&v1.ExecRequest{SandboxId: sandboxID, Argv: argv})
+	msg, err := protojson.Marshal(r)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,6 +145,15 @@ func rawExecChunks(t *testing.T, tn *testNode, sandboxID string, argv []string) 
 	resp, err := http.ReadResponse(br, req)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if resp.StatusCode == 200 && len(resp.TransferEncoding) == 0 && resp.ContentLength > 0 {
+		// Nothing was flushed before the handler returned: the whole body
+		// went out with the header, its length known.
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return [][]byte{b}
 	}
 	if resp.StatusCode != 200 || len(resp.TransferEncoding) == 0 || resp.TransferEncoding[0] != "chunked" {
 		t.Fatalf("response %s, transfer encoding %q", resp.Status, resp.TransferEncoding)
@@ -166,6 +177,61 @@ func rawExecChunks(t *testing.T, tn *testNode, sandboxID string, argv []string) 
 			t.Fatal(err)
 		}
 		chunks = append(chunks, ch[:n])
+	}
+}
+
+// TestExecWaitHoldsStart: an exec whose caller only waits (wait) gets its
+// start, its exit status and the end of the stream in one chunk (one write
+// of the server), and init is asked to hold its start too; an exec without
+// output that runs on gets its start once startHold has passed (the caller
+// below ends the process only after seeing it).
+func TestExecWaitHoldsStart(t *testing.T) {
+	tn := newTestNode(t, Config{})
+	c := tn.user("mia")
+	sb := create(t, c, &v1.CreateSandboxRequest{Image: "busybox"})
+	var gotWait atomic.Bool
+	seen := make(chan struct{})
+	tn.node.exec = func(req procapi.ExecRequest, _ io.Reader, stdout, stderr io.Writer, sig <-chan syscall.Signal) int {
+		gotWait.Store(req.Wait)
+		if req.Argv[0] == "block" {
+			<-seen
+		}
+		return 0
+	}
+	defer func(d time.Duration) { startHold = d }(startHold)
+	startHold = time.Minute // the process's end comes first, however loaded the machine
+	chunks := rawExecChunks(t, tn, &v1.ExecRequest{SandboxId: sb.Id, Argv: []string{"true"}, Wait: true})
+	if len(chunks) != 1 {
+		t.Fatalf("chunks %q: want one write (the start, the exit status, the end of the stream)", chunks)
+	}
+	msgs := envelopes(t, chunks[0])
+	if len(msgs) != 3 || !bytes.Contains(msgs[0].data, []byte("started")) || !bytes.Contains(msgs[1].data, []byte("exited")) || msgs[2].flags != 2 {
+		t.Fatalf("the chunk holds %+v: want the start, the exit status, the end of the stream", msgs)
+	}
+	if !gotWait.Load() {
+		t.Error("the node was not asked to hold the start (procapi.ExecRequest.Wait)")
+	}
+
+	startHold = 10 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := c.sandbox.Exec(ctx, connect.NewRequest(&v1.ExecRequest{SandboxId: sb.Id, Argv: []string{"block"}, Wait: true}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var events []string
+	for s.Receive() {
+		switch e := s.Msg().Event.(type) {
+		case *v1.ExecEvent_Started:
+			events = append(events, "started")
+			close(seen) // were the start held to the end, this exec would never end
+		case *v1.ExecEvent_Exited:
+			events = append(events, fmt.Sprintf("exited %d", e.Exited.ExitCode))
+		}
+	}
+	if err := s.Err(); err != nil || strings.Join(events, "|") != "started|exited 0" {
+		t.Fatalf("events %q, err %v: want started|exited 0", events, err)
 	}
 }
 

@@ -421,6 +421,11 @@ func (h *sandboxService) Terminate(ctx context.Context, req *connect.Request[v1.
 	return connect.NewResponse(toProto(sb)), nil
 }
 
+// startHold bounds how long an exec's started event waits for the next
+// message when its caller only waits (ExecRequest.wait). (A variable for
+// tests.)
+var startHold = 10 * time.Millisecond
+
 // execEntry is a running exec whose stdin or signals are still reachable.
 type execEntry struct {
 	sandboxID string
@@ -498,8 +503,11 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 			close(ready)
 		}
 	}()
+	// A caller that only waits (and sends no stdin) gets the started event
+	// with the first output or the exit status, in one write.
+	wait := r.Wait && !r.Stdin
 	proc, err := s.node.Exec(ctx, sb.ID, procapi.ExecRequest{
-		Argv: r.Argv, Env: envList(r.Env), Dir: r.Workdir, Stdin: r.Stdin, User: r.User, PTY: tty,
+		Argv: r.Argv, Env: envList(r.Env), Dir: r.Workdir, Stdin: r.Stdin, User: r.User, PTY: tty, Wait: wait,
 	}, streamWriter{&mu, stream, false, touch, ready}, streamWriter{&mu, stream, true, touch, ready})
 	if err != nil {
 		return fmt.Errorf("exec in sandbox %q: %w", sb.ID, err)
@@ -514,6 +522,24 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 		s.mu.Unlock()
 	}()
 	mu.Lock()
+	if wait && holdNextFlush(ctx) {
+		// Flushed by the next message, or here after startHold; never
+		// once the handler has returned (ended, under mu).
+		ended := false
+		t := time.AfterFunc(startHold, func() {
+			mu.Lock()
+			defer mu.Unlock()
+			if !ended {
+				flushPending(ctx)
+			}
+		})
+		defer func() {
+			t.Stop()
+			mu.Lock()
+			ended = true
+			mu.Unlock()
+		}()
+	}
 	err = stream.Send(&v1.ExecEvent{Event: &v1.ExecEvent_Started{Started: &v1.ExecStarted{ExecId: id, Pid: int32(proc.Pid())}}})
 	mu.Unlock()
 	close(ready)

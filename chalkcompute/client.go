@@ -14,10 +14,12 @@
 package chalkcompute
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -189,12 +191,12 @@ func NewClient(opts ...Option) (*Client, error) {
 			return d.DialContext(ctx, "unix", sock)
 		}}
 		if hc == nil {
-			hc = &http.Client{Transport: tr}
+			hc = &http.Client{Transport: oneWrite{tr}}
 		}
 		base = "http://chalkd"
 	}
 	if hc == nil {
-		hc = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, Proxy: nil}}
+		hc = &http.Client{Transport: oneWrite{&http.Transport{MaxIdleConnsPerHost: 64, Proxy: nil}}}
 	}
 	c := &Client{url: base, token: o.token, http: hc}
 	auth := connect.WithInterceptors(tokenInterceptor{token: o.token, file: o.tokenFile})
@@ -207,6 +209,39 @@ func NewClient(opts ...Option) (*Client, error) {
 	c.team = computev1connect.NewTeamServiceClient(hc, base, auth)
 	c.nodes = computev1connect.NewNodeAdminServiceClient(hc, base, auth)
 	return c, nil
+}
+
+// oneWriteMax bounds the request bodies oneWrite sends with their header.
+const oneWriteMax = 64 << 10
+
+// oneWrite sends a request whose body has a known length of at most
+// oneWriteMax in one write with its header. Connect gives unary and
+// server-stream requests such a body, but of a type net/http does not know
+// to be in memory, so net/http flushed the header first and the body in a
+// second write: two wake-ups of the server per call (an exec included).
+type oneWrite struct{ base http.RoundTripper }
+
+func (t oneWrite) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.Body == nil || req.Body == http.NoBody || req.ContentLength <= 0 || req.ContentLength > oneWriteMax {
+		return t.base.RoundTrip(req)
+	}
+	b := make([]byte, req.ContentLength)
+	_, err := io.ReadFull(req.Body, b)
+	req.Body.Close()
+	if err != nil {
+		return nil, fmt.Errorf("read the request body: %w", err)
+	}
+	r := req.Clone(req.Context())
+	r.Body = io.NopCloser(bytes.NewReader(b)) // in memory: net/http writes it with the header
+	return t.base.RoundTrip(r)
+}
+
+// CloseIdleConnections lets http.Client.CloseIdleConnections reach the
+// transport.
+func (t oneWrite) CloseIdleConnections() {
+	if c, ok := t.base.(interface{ CloseIdleConnections() }); ok {
+		c.CloseIdleConnections()
+	}
 }
 
 // tokenInterceptor adds the bearer token to every call.

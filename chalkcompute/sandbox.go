@@ -392,7 +392,9 @@ type ExecResult struct {
 // Exec runs argv to completion and returns its output. Use Start to stream.
 func (s *Sandbox) Exec(ctx context.Context, argv []string, opts ...ExecOption) (*ExecResult, error) {
 	var out, errb bytes.Buffer
-	opts = append(opts, Stdout(&out), Stderr(&errb))
+	// Exec only waits: the server may send the start with the first output
+	// or the exit (one write less for a short command).
+	opts = append(opts, Stdout(&out), Stderr(&errb), func(o *execOptions) { o.req.Wait = !o.req.Stdin })
 	p, err := s.start(ctx, argv, opts)
 	if err != nil {
 		return nil, err

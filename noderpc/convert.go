@@ -140,7 +140,7 @@ func netFromPB(m *nodev1.Net) (*sandboxnet.Net, error) {
 }
 
 func execToPB(id string, r procapi.ExecRequest) *nodev1.ExecSpec {
-	s := &nodev1.ExecSpec{SandboxId: id, Argv: r.Argv, Env: r.Env, Dir: r.Dir, Stdin: r.Stdin, User: r.User}
+	s := &nodev1.ExecSpec{SandboxId: id, Argv: r.Argv, Env: r.Env, Dir: r.Dir, Stdin: r.Stdin, User: r.User, Wait: r.Wait}
 	if r.PTY != nil {
 		s.Pty = &nodev1.PTY{Rows: uint32(r.PTY.Rows), Cols: uint32(r.PTY.Cols), Term: r.PTY.Term}
 	}
@@ -148,7 +148,7 @@ func execToPB(id string, r procapi.ExecRequest) *nodev1.ExecSpec {
 }
 
 func execFromPB(s *nodev1.ExecSpec) (procapi.ExecRequest, error) {
-	r := procapi.ExecRequest{Argv: s.Argv, Env: s.Env, Dir: s.Dir, Stdin: s.Stdin, User: s.User}
+	r := procapi.ExecRequest{Argv: s.Argv, Env: s.Env, Dir: s.Dir, Stdin: s.Stdin, User: s.User, Wait: s.Wait}
 	if s.Pty != nil {
 		if s.Pty.Rows > 0xffff || s.Pty.Cols > 0xffff {
 			return r, fmt.Errorf("pty %dx%d: out of range: %w", s.Pty.Rows, s.Pty.Cols, errdefs.ErrInvalidArgument)

@@ -477,3 +477,25 @@ func TestWaitCancel(t *testing.T) {
 		t.Errorf("Wait: %v, want canceled", err)
 	}
 }
+
+// TestExecWait: an exec whose caller only waits (procapi.ExecRequest.Wait)
+// reaches the node's init with Wait set (it holds its started frame), and
+// one that does not without it.
+func TestExecWait(t *testing.T) {
+	f := newFakeNode()
+	c, _ := serve(t, f)
+	ctx := ctxT(t)
+	f.exec = func(p *fakeProc, stdout, stderr io.Writer) int { return 0 }
+	for i, wait := range []bool{true, false} {
+		p, err := c.Exec(ctx, "sb", procapi.ExecRequest{Argv: []string{"true"}, Wait: wait}, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st, err := p.Wait(); err != nil || st.Code != 0 {
+			t.Fatalf("Wait = %+v, %v", st, err)
+		}
+		if got := f.procs[i].req.Wait; got != wait {
+			t.Errorf("exec %d: the node got Wait %v, want %v", i, got, wait)
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package procapi
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -31,6 +32,11 @@ type Client struct {
 // path pointing at its own init.
 func NewClient(name string, dial Dialer) *Client { return &Client{name: name, dial: dial} }
 
+// clientReadBuf is the size of a connection's read buffer; larger frames
+// (file bytes, output chunks) are read past it, straight into the caller's
+// buffer.
+const clientReadBuf = 1 << 10
+
 // cancelGrace bounds how long a cancelled exec may take to tell the server
 // (a write to a server that does not read).
 const cancelGrace = time.Second
@@ -38,13 +44,16 @@ const cancelGrace = time.Second
 // clientConn is the client's end of one operation.
 type clientConn struct {
 	net.Conn
-	wmu  sync.Mutex // serialises frame writes (stdin, signals, the cancel)
+	r    *bufio.Reader // reads: frames that arrive together cost one read(2)
+	wmu  sync.Mutex    // serialises frame writes (stdin, signals, the cancel)
 	fw   frameWriter
 	stop func() bool // detaches the ctx watcher
 	// exec: an abort first sends frameCancel, since the server lets an
 	// exec whose connection merely ends run on (chalkd may have died).
 	exec bool
 }
+
+func (cc *clientConn) Read(p []byte) (int, error) { return cc.r.Read(p) }
 
 func (cc *clientConn) send(typ byte, payload []byte) error {
 	cc.wmu.Lock()
@@ -86,7 +95,7 @@ func (c *Client) call(ctx context.Context, req *request) (*clientConn, error) {
 		}
 		return nil, err
 	}
-	cc := &clientConn{Conn: nc, exec: req.Op == opExec}
+	cc := &clientConn{Conn: nc, r: bufio.NewReaderSize(nc, clientReadBuf), exec: req.Op == opExec}
 	cc.fw.w = nc
 	cc.stop = context.AfterFunc(ctx, cc.abort)
 	if err := cc.send(frameRequest, b); err != nil {

@@ -2,6 +2,7 @@ package procapi
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -30,6 +31,11 @@ const (
 	// defaultPath is used when the exec's environment has no PATH.
 	defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 )
+
+// startHold bounds how long the started frame of an exec whose client only
+// waits (request.Wait) is held back for the next frame. (A variable for
+// tests.)
+var startHold = 10 * time.Millisecond
 
 // mergeEnv overlays add on base; a later KEY= wins, at the place of the first.
 func mergeEnv(base, add []string) []string {
@@ -132,6 +138,9 @@ type execution struct {
 	stdin    *stdinQueue   // nil without stdin
 	pty      *os.File      // the terminal's master; nil without a terminal
 	stopping chan struct{} // closed when the server shuts down
+	// holdStart: the client only waits (request.Wait), so the started
+	// frame may wait for the next frame, at most startHold.
+	holdStart bool
 
 	mu        sync.Mutex
 	exited    bool // reaped: its pid may be reused, signals must stop
@@ -209,7 +218,7 @@ func (s *server) exec(c *conn, req *request) {
 		c.sendErr(startErr(req.Argv[0], err))
 		return
 	}
-	e := &execution{c: c, pid: pid, stopping: s.stopping}
+	e := &execution{c: c, pid: pid, stopping: s.stopping, holdStart: req.Wait}
 	s.log.Debug("procapi: exec", "pid", e.pid, "argv0", req.Argv[0])
 	if stdinW != nil {
 		e.stdin = newStdinQueue(stdinW)
@@ -259,7 +268,19 @@ func (e *execution) run(outs []output, exited <-chan unix.WaitStatus) {
 			e.stdin.close()
 		}
 	}()
-	if err := e.c.sendJSON(frameStarted, startedMsg{Pid: e.pid, PTY: e.pty != nil}); err != nil {
+	if e.holdStart {
+		// The started frame goes out with the first output or the exit
+		// status (one write, one wake-up of the client, instead of two
+		// for a short command), or alone after startHold.
+		b, _ := json.Marshal(startedMsg{Pid: e.pid, PTY: e.pty != nil})
+		e.c.hold(frameStarted, b)
+		t := time.AfterFunc(startHold, func() {
+			if e.c.release() != nil {
+				e.kill()
+			}
+		})
+		defer t.Stop()
+	} else if err := e.c.sendJSON(frameStarted, startedMsg{Pid: e.pid, PTY: e.pty != nil}); err != nil {
 		e.kill()
 	}
 	// Each pump reports its end here (no goroutine just to wait for them).

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -670,5 +672,120 @@ func TestExecSurvivesLostConnection(t *testing.T) {
 		}
 	case <-ctx.Done():
 		t.Fatal("the exec did not finish after its connection was lost")
+	}
+}
+
+// writeLog records every write a server makes to its connections.
+type writeLog struct {
+	mu     sync.Mutex
+	writes [][]byte
+}
+
+type loggedListener struct {
+	net.Listener
+	log *writeLog
+}
+
+func (l loggedListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return loggedConn{c, l.log}, nil
+}
+
+type loggedConn struct {
+	net.Conn
+	log *writeLog
+}
+
+func (c loggedConn) Write(b []byte) (int, error) {
+	c.log.mu.Lock()
+	c.log.writes = append(c.log.writes, append([]byte(nil), b...))
+	c.log.mu.Unlock()
+	return c.Conn.Write(b)
+}
+
+// frameTypes lists the types of the frames in one write.
+func frameTypes(t *testing.T, b []byte) string {
+	t.Helper()
+	var s []byte
+	for len(b) > 0 {
+		if len(b) < frameHeader {
+			t.Fatalf("write ends in a partial header: %q", b)
+		}
+		n := int(binary.BigEndian.Uint32(b[1:frameHeader]))
+		if len(b) < frameHeader+n {
+			t.Fatalf("write ends in a partial frame: %q", b)
+		}
+		s = append(s, b[0])
+		b = b[frameHeader+n:]
+	}
+	return string(s)
+}
+
+// TestExecWaitHoldsStart: an exec whose client only waits (Wait) gets its
+// started frame in the same write as the exit status, and one that runs
+// without output gets it alone once startHold has passed (else its Exec
+// would not return before the process ends); without Wait the started
+// frame is written at once, alone.
+func TestExecWaitHoldsStart(t *testing.T) {
+	log := &writeLog{}
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, loggedListener{l, log}, ServerOptions{}) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	c := testClient(sock)
+	run := func(req ExecRequest) []string {
+		t.Helper()
+		log.mu.Lock()
+		log.writes = nil
+		log.mu.Unlock()
+		p, err := c.Exec(context.Background(), req, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if req.Argv[0] == "sleep" {
+			if err := p.Signal(syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := p.Wait(); err != nil {
+			t.Fatal(err)
+		}
+		log.mu.Lock()
+		defer log.mu.Unlock()
+		var got []string
+		for _, w := range log.writes {
+			got = append(got, frameTypes(t, w))
+		}
+		return got
+	}
+	// Held for as long as the process may take on a loaded machine.
+	defer func(d time.Duration) { startHold = d }(startHold)
+	startHold = time.Minute
+	if got := run(ExecRequest{Argv: []string{"true"}, Wait: true}); strings.Join(got, " ") != "PX" {
+		t.Errorf("wait: writes %q, want the started frame and the exit in one (PX)", got)
+	}
+	if got := run(ExecRequest{Argv: []string{"sh", "-c", "echo hi"}, Wait: true}); len(got) == 0 || got[0] != "PO" {
+		t.Errorf("wait with output: writes %q, want the started frame with the first output (PO ...)", got)
+	}
+	// Exec returns (the started frame is released) while the process runs.
+	startHold = 10 * time.Millisecond
+	if got := run(ExecRequest{Argv: []string{"sleep", "60"}, Wait: true}); strings.Join(got, " ") != "P X" {
+		t.Errorf("wait, no output: writes %q, want the started frame alone, then the exit (P X)", got)
+	}
+	if got := run(ExecRequest{Argv: []string{"true"}}); strings.Join(got, " ") != "P X" {
+		t.Errorf("no wait: writes %q, want P X", got)
 	}
 }

@@ -19,6 +19,11 @@ type ExecRequest struct {
 	Dir   string   // working directory; "" => init's
 	Stdin bool     // false: the process reads /dev/null
 	User  string   // "uid[:gid]", numeric; "" => the server's default user
+	// Wait says the caller only waits for the end: Exec may return only
+	// with the process's first output or its exit (at most ~10 ms after
+	// the start), which saves a write and a wake-up per exec of a short
+	// command. An init that predates it answers at once.
+	Wait bool
 	// PTY, if set, runs the process on a terminal that init allocates
 	// (see the package doc): its output arrives on stdout, Stdin types
 	// into it, Resize resizes it.
@@ -63,7 +68,7 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, stdout, stderr io.Wr
 			return nil, err
 		}
 	}
-	cc, err := c.call(ctx, &request{Op: opExec, Argv: req.Argv, Env: req.Env, Dir: req.Dir, Stdin: req.Stdin, User: req.User, PTY: req.PTY})
+	cc, err := c.call(ctx, &request{Op: opExec, Argv: req.Argv, Env: req.Env, Dir: req.Dir, Stdin: req.Stdin, User: req.User, PTY: req.PTY, Wait: req.Wait})
 	if err != nil {
 		return nil, err
 	}

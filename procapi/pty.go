@@ -197,7 +197,7 @@ func (s *server) execPTY(c *conn, req *request, bin string, env []string, cred *
 		c.sendErr(startErr(req.Argv[0], err))
 		return
 	}
-	e := &execution{c: c, pid: pid, stopping: s.stopping, pty: master}
+	e := &execution{c: c, pid: pid, stopping: s.stopping, pty: master, holdStart: req.Wait}
 	s.log.Debug("procapi: exec on a terminal", "pid", e.pid, "argv0", req.Argv[0], "rows", t.Rows, "cols", t.Cols)
 	if stdinW != nil {
 		e.stdin = newStdinQueue(stdinW)

@@ -196,14 +196,40 @@ func (s *server) shutdown() {
 // goroutines (the output pumps, the stdin writer, the handler).
 type conn struct {
 	net.Conn
-	wmu sync.Mutex
-	fw  frameWriter
+	wmu  sync.Mutex
+	fw   frameWriter
+	held []byte // a frame that goes out before the next one (hold)
 }
 
 func (c *conn) send(typ byte, payload []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	if held := c.held; held != nil {
+		c.held = nil
+		return c.fw.writeFrameAfter(held, typ, payload)
+	}
 	return c.fw.writeFrame(typ, payload)
+}
+
+// hold keeps the frame typ/payload back: it goes out with the next frame
+// sent, in the same write, or alone through release.
+func (c *conn) hold(typ byte, payload []byte) {
+	c.wmu.Lock()
+	c.held = encodeFrame(typ, payload)
+	c.wmu.Unlock()
+}
+
+// release writes the held frame, if any, now.
+func (c *conn) release() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	held := c.held
+	if held == nil {
+		return nil
+	}
+	c.held = nil
+	_, err := c.Conn.Write(held)
+	return err
 }
 
 func (c *conn) sendJSON(typ byte, v any) error {

@@ -43,7 +43,10 @@
 //	                meanwhile the client may send 'I' stdin bytes, 'E' (stdin
 //	                EOF), 'S' (1 byte: a signal number), 'Z' (cancel: kill
 //	                the process group) and 'T' (4 bytes: rows and columns,
-//	                each big endian uint16: resize the terminal)
+//	                each big endian uint16: resize the terminal). With
+//	                "wait" the server may hold 'P' back until its next
+//	                frame or for at most 10 ms, and write both at once
+//	                (an older server sends it at once: the same frames)
 //
 // An exec with "pty" {"rows","cols","term"} runs on a pseudo-terminal that
 // init allocates: the process is a session leader with the terminal as its
@@ -184,6 +187,35 @@ func (fw *frameWriter) writeFrame(typ byte, payload []byte) error {
 	return err
 }
 
+// writeFrameAfter writes prefix (whole frames already encoded) and then
+// one frame, in one write(2) (one writev(2) for a large payload when w is
+// a net.Conn).
+func (fw *frameWriter) writeFrameAfter(prefix []byte, typ byte, payload []byte) error {
+	if len(payload) > MaxFrame {
+		return fmt.Errorf("frame of %d bytes exceeds %d: %w", len(payload), MaxFrame, errdefs.ErrInvalidArgument)
+	}
+	if n := len(prefix) + frameHeader + len(payload); n <= 4<<10 {
+		b := make([]byte, n)
+		copy(b, prefix)
+		putHeader(b[len(prefix):], typ, len(payload))
+		copy(b[len(prefix)+frameHeader:], payload)
+		_, err := fw.w.Write(b)
+		return err
+	}
+	putHeader(fw.hdr[:], typ, len(payload))
+	bufs := net.Buffers{prefix, fw.hdr[:], payload}
+	_, err := bufs.WriteTo(fw.w)
+	return err
+}
+
+// encodeFrame returns typ and payload as one frame.
+func encodeFrame(typ byte, payload []byte) []byte {
+	b := make([]byte, frameHeader+len(payload))
+	putHeader(b, typ, len(payload))
+	copy(b[frameHeader:], payload)
+	return b
+}
+
 func (fw *frameWriter) writeJSON(typ byte, v any) error {
 	b, err := json.Marshal(v)
 	if err != nil {
@@ -257,6 +289,10 @@ type request struct {
 	Mode      uint32   `json:"mode,omitempty"`
 	Recursive bool     `json:"recursive,omitempty"`
 	PTY       *PTY     `json:"pty,omitempty"`
+	// Wait (exec): the client only waits for the end, so the server may
+	// hold the started frame back (at most startHold) and write it with
+	// the first output or the exit.
+	Wait bool `json:"wait,omitempty"`
 }
 
 type pingMsg struct {

@@ -304,6 +304,23 @@ class Sandbox:
                 sandbox (``TERM`` is ``term``, default xterm-256color); see
                 :class:`Process`.
         """
+        return self._start(argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin, user=user,
+                           pty=pty, rows=rows, cols=cols, term=term, wait=False)
+
+    def _start(
+        self,
+        argv: Tuple[Any, ...],
+        env: Optional[Mapping[str, str]],
+        workdir: Optional[str],
+        timeout: Optional[Seconds],
+        stdin: bool,
+        user: Optional[str],
+        pty: bool,
+        rows: int,
+        cols: int,
+        term: Optional[str],
+        wait: bool,
+    ) -> Process:
         if len(argv) == 1 and isinstance(argv[0], (list, tuple)):
             argv = tuple(argv[0])
         if not argv:
@@ -325,6 +342,10 @@ class Sandbox:
             req.update(pty=True, rows=rows, cols=cols)
             if term:
                 req["term"] = term
+        if wait and not stdin:
+            # The caller only waits for the end (exec): the server may send
+            # the start with the first output or the exit, in one write.
+            req["wait"] = True
         stream = self._client._t.stream("SandboxService", "Exec", req)
         try:
             first = next(stream)
@@ -381,8 +402,8 @@ class Sandbox:
         With ``pty=True`` the command runs on a terminal (``isatty`` holds, its
         output, stderr included, is ``result.stdout`` with ``\\r\\n`` line ends).
         """
-        p = self.start(*argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin is not None, user=user,
-                       pty=pty, rows=rows, cols=cols, term=term)
+        p = self._start(argv, env=env, workdir=workdir, timeout=timeout, stdin=stdin is not None, user=user,
+                        pty=pty, rows=rows, cols=cols, term=term, wait=stdin is None)
         if stdin is None:
             return p.wait()
         data = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)

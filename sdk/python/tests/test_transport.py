@@ -369,7 +369,17 @@ class StreamTest(_EnvSandbox):
         self.assertEqual(r.stdout, "hello\n\ufffd")
         path, h, body = self.srv.calls[-1]
         self.assertEqual(h["content-type"], "application/connect+json")
-        self.assertEqual(body, {"sandboxId": "sb-1", "argv": ["sh", "-c", "x"], "env": {"A": "b"}, "workdir": "/w", "timeoutSeconds": 5})
+        # exec only waits for the end: it asks the server to send the start
+        # with the first output or the exit (wait).
+        self.assertEqual(body, {"sandboxId": "sb-1", "argv": ["sh", "-c", "x"], "env": {"A": "b"}, "workdir": "/w", "timeoutSeconds": 5, "wait": True})
+        # start and exec_stream hand out the exec id (stdin, signals), and
+        # exec with stdin writes it: none of them asks to hold the start.
+        self.sb.exec_stream("true").wait()
+        self.sb.exec("cat", stdin="")
+        execs = [b for p, _, b in self.srv.calls if p.endswith("/Exec")]
+        self.assertEqual(len(execs), 3)
+        self.assertNotIn("wait", execs[1])
+        self.assertNotIn("wait", execs[2])
 
     def test_output_is_yielded_as_it_arrives(self) -> None:
         got_first = threading.Event()

@@ -681,10 +681,16 @@ type ExecRequest struct {
 	// pty runs the command on a pseudo-terminal that init allocates inside the
 	// sandbox (its master never leaves init): stdout events carry the terminal's
 	// output, stderr is unused, WriteStdin types into it, ResizeExec resizes it.
-	Pty           bool   `protobuf:"varint,8,opt,name=pty,proto3" json:"pty,omitempty"`
-	Rows          uint32 `protobuf:"varint,9,opt,name=rows,proto3" json:"rows,omitempty"` // initial window size with pty (default 24x80)
-	Cols          uint32 `protobuf:"varint,10,opt,name=cols,proto3" json:"cols,omitempty"`
-	Term          string `protobuf:"bytes,11,opt,name=term,proto3" json:"term,omitempty"` // TERM with pty (default xterm-256color)
+	Pty  bool   `protobuf:"varint,8,opt,name=pty,proto3" json:"pty,omitempty"`
+	Rows uint32 `protobuf:"varint,9,opt,name=rows,proto3" json:"rows,omitempty"` // initial window size with pty (default 24x80)
+	Cols uint32 `protobuf:"varint,10,opt,name=cols,proto3" json:"cols,omitempty"`
+	Term string `protobuf:"bytes,11,opt,name=term,proto3" json:"term,omitempty"` // TERM with pty (default xterm-256color)
+	// wait: the caller only waits for the end (it will not write stdin, signal
+	// or resize by exec id). The server may then hold the started event back
+	// for a few milliseconds and send it in one write with the first output or
+	// the exit; the events and their order are the same. A server that does not
+	// know the field sends the started event at once.
+	Wait          bool `protobuf:"varint,12,opt,name=wait,proto3" json:"wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -794,6 +800,13 @@ func (x *ExecRequest) GetTerm() string {
 		return x.Term
 	}
 	return ""
+}
+
+func (x *ExecRequest) GetWait() bool {
+	if x != nil {
+		return x.Wait
+	}
+	return false
 }
 
 type ExecEvent struct {
@@ -7058,7 +7071,7 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x0ftimeout_seconds\x18\x02 \x01(\x03R\x0etimeoutSeconds\")\n" +
 	"\x17TerminateSandboxRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\xed\x02\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x81\x03\n" +
 	"\vExecRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
@@ -7072,7 +7085,8 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x04rows\x18\t \x01(\rR\x04rows\x12\x12\n" +
 	"\x04cols\x18\n" +
 	" \x01(\rR\x04cols\x12\x12\n" +
-	"\x04term\x18\v \x01(\tR\x04term\x1a6\n" +
+	"\x04term\x18\v \x01(\tR\x04term\x12\x12\n" +
+	"\x04wait\x18\f \x01(\bR\x04wait\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xbb\x01\n" +

@@ -1562,14 +1562,18 @@ func (x *PTY) GetTerm() string {
 }
 
 type ExecSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
-	Argv          []string               `protobuf:"bytes,2,rep,name=argv,proto3" json:"argv,omitempty"`
-	Env           []string               `protobuf:"bytes,3,rep,name=env,proto3" json:"env,omitempty"`
-	Dir           string                 `protobuf:"bytes,4,opt,name=dir,proto3" json:"dir,omitempty"`
-	Stdin         bool                   `protobuf:"varint,5,opt,name=stdin,proto3" json:"stdin,omitempty"`
-	User          string                 `protobuf:"bytes,6,opt,name=user,proto3" json:"user,omitempty"`
-	Pty           *PTY                   `protobuf:"bytes,7,opt,name=pty,proto3" json:"pty,omitempty"` // unset: no terminal
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Argv      []string               `protobuf:"bytes,2,rep,name=argv,proto3" json:"argv,omitempty"`
+	Env       []string               `protobuf:"bytes,3,rep,name=env,proto3" json:"env,omitempty"`
+	Dir       string                 `protobuf:"bytes,4,opt,name=dir,proto3" json:"dir,omitempty"`
+	Stdin     bool                   `protobuf:"varint,5,opt,name=stdin,proto3" json:"stdin,omitempty"`
+	User      string                 `protobuf:"bytes,6,opt,name=user,proto3" json:"user,omitempty"`
+	Pty       *PTY                   `protobuf:"bytes,7,opt,name=pty,proto3" json:"pty,omitempty"` // unset: no terminal
+	// wait: the caller only waits for the end; the node's init may hold the
+	// started frame back briefly (procapi.ExecRequest.Wait). A node that does
+	// not know the field starts as before.
+	Wait          bool `protobuf:"varint,8,opt,name=wait,proto3" json:"wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1651,6 +1655,13 @@ func (x *ExecSpec) GetPty() *PTY {
 		return x.Pty
 	}
 	return nil
+}
+
+func (x *ExecSpec) GetWait() bool {
+	if x != nil {
+		return x.Wait
+	}
+	return false
 }
 
 type ExecInput struct {
@@ -5783,7 +5794,7 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\x03PTY\x12\x12\n" +
 	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +
 	"\x04cols\x18\x02 \x01(\rR\x04cols\x12\x12\n" +
-	"\x04term\x18\x03 \x01(\tR\x04term\"\xb1\x01\n" +
+	"\x04term\x18\x03 \x01(\tR\x04term\"\xc5\x01\n" +
 	"\bExecSpec\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
@@ -5792,7 +5803,8 @@ const file_chalk_node_v1_node_proto_rawDesc = "" +
 	"\x03dir\x18\x04 \x01(\tR\x03dir\x12\x14\n" +
 	"\x05stdin\x18\x05 \x01(\bR\x05stdin\x12\x12\n" +
 	"\x04user\x18\x06 \x01(\tR\x04user\x12$\n" +
-	"\x03pty\x18\a \x01(\v2\x12.chalk.node.v1.PTYR\x03pty\"\x80\x01\n" +
+	"\x03pty\x18\a \x01(\v2\x12.chalk.node.v1.PTYR\x03pty\x12\x12\n" +
+	"\x04wait\x18\b \x01(\bR\x04wait\"\x80\x01\n" +
 	"\tExecInput\x12/\n" +
 	"\x05start\x18\x01 \x01(\v2\x17.chalk.node.v1.ExecSpecH\x00R\x05start\x12\x16\n" +
 	"\x05stdin\x18\x02 \x01(\fH\x00R\x05stdin\x12!\n" +
