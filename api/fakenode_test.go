@@ -43,7 +43,6 @@ type fakeNode struct {
 	unclaims []string                     // ids passed to Unclaim
 	left     []string                     // what Leftovers reports
 	startErr error                        // Start fails with it when set
-	onStart  func()                       // called (under mu) by every Start, when set
 	exec     fakeExec                     // default: echo argv, exit 0
 	files    map[string]map[string][]byte // sandbox id -> path -> content
 	logs     map[string]*bytes.Buffer     // sandbox id -> console output
@@ -186,9 +185,6 @@ func (f *fakeNode) Start(_ context.Context, req node.StartRequest) (node.Started
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.started = append(f.started, req)
-	if f.onStart != nil {
-		f.onStart()
-	}
 	if f.startErr != nil {
 		return node.Started{}, f.startErr
 	}

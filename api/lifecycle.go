@@ -66,11 +66,9 @@ func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRe
 	t0 := time.Now()
 	// The Prepare hook (identity token files: an RSA signature, ~1 ms)
 	// runs while the egress rules are installed: both only read the
-	// record, neither needs the other. Prepare is done before the node
-	// starts anything of the sandbox's (its binds and environment are the
-	// container's), the rules before anything of the sandbox's runs (see
-	// below). A failure of either is recorded once both have ended (fail's
-	// Ended hook undoes what the other made).
+	// record, neither needs the other, and both are done before the node
+	// starts anything of the sandbox's. A failure of either is recorded
+	// once both have ended (fail's Ended hook undoes what the other made).
 	prepared := make(chan error, 1)
 	var prepareTook time.Duration // written before prepared is sent
 	go func() {
@@ -83,44 +81,24 @@ func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRe
 		prepared <- err
 	}()
 	// The egress rules are keyed by the slot's interface, so they are in force
-	// before the sandbox's first packet: nothing runs unrestricted, not even
-	// briefly. Without an entrypoint nothing of the sandbox's runs before
-	// Start returns (its init runs no code of the sandbox's before an exec,
-	// and an exec needs the sandbox running, recorded below), so the rules
-	// are installed while the node starts it; with one, before.
-	applied := make(chan error, 1)
-	var egressTook time.Duration // written before applied is sent
-	go func() {
-		var err error
-		if s.cfg.Policies != nil {
-			err = s.cfg.Policies.Apply(ctx, sb, policies)
-		}
-		egressTook = time.Since(t0)
-		applied <- err
-	}()
+	// before the sandbox's first packet: nothing runs unrestricted, not even briefly.
+	var aerr error
+	if s.cfg.Policies != nil {
+		aerr = s.cfg.Policies.Apply(ctx, sb, policies)
+	}
+	egressTook := time.Since(t0)
 	perr := <-prepared
-	overlap := len(req.Entrypoint) == 0 && perr == nil
-	if !overlap {
-		if err := cmp.Or(<-applied, perr); err != nil {
-			return s.fail(ctx, sb, err)
-		}
+	if err := cmp.Or(aerr, perr); err != nil {
+		return s.fail(ctx, sb, err)
 	}
 	t1 := time.Now()
 	st, err := s.node.Start(ctx, req)
-	if overlap {
-		if aerr := <-applied; aerr != nil {
-			if err == nil {
-				s.discard(ctx, sb, st.Pid)
-			}
-			return s.fail(ctx, sb, aerr)
-		}
-	}
 	if err != nil {
 		return s.fail(ctx, sb, err)
 	}
 	t2 := time.Now()
 	defer func() {
-		s.log.Debug("sandbox started", "sandbox", sb.ID, "egress_and_prepare", t1.Sub(t0), "egress", egressTook, "egress_overlapped", overlap, "prepare", prepareTook,
+		s.log.Debug("sandbox started", "sandbox", sb.ID, "egress_and_prepare", t1.Sub(t0), "egress", egressTook, "prepare", prepareTook,
 			"node", t2.Sub(t1), "record_and_hooks", time.Since(t2))
 	}()
 	now := time.Now().UTC()
@@ -143,24 +121,6 @@ func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRe
 		}
 	}
 	return nil
-}
-
-// discard removes a sandbox the node started whose start failed after (its
-// egress rules): kill, remove, and reap its init (no watcher waits for it).
-func (s *Server) discard(ctx context.Context, sb *store.Sandbox, pid int) {
-	ctx = context.WithoutCancel(ctx)
-	if err := s.node.Kill(ctx, sb.ID); err != nil {
-		s.log.Warn("kill after failed start", "sandbox", sb.ID, "err", err)
-	}
-	if err := s.node.Destroy(ctx, sb.ID, sb.Slot); err != nil {
-		s.log.Warn("remove after failed start", "sandbox", sb.ID, "err", err)
-		return // init may still run: waiting for it could hang
-	}
-	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if _, err := s.node.Wait(wctx, sb.ID, pid); err != nil {
-		s.log.Warn("reap the init of a failed start", "sandbox", sb.ID, "err", err)
-	}
 }
 
 // fail records a failed start.
