@@ -30,10 +30,10 @@ type spare struct {
 // namespace.
 func (s *spare) discard() error {
 	var err error
-	if s.host == "" {
-		// No links yet (makeNamespaces).
-	} else if l, lerr := netlink.LinkByIndex(s.hostIx); lerr == nil && l.Attrs().Name == s.host {
-		err = ignoreNotFound(netlink.LinkDel(l))
+	if s.host != "" { // "": no links yet (makeNamespaces)
+		if l, lerr := netlink.LinkByIndex(s.hostIx); lerr == nil && l.Attrs().Name == s.host {
+			err = ignoreNotFound(netlink.LinkDel(l))
+		}
 	}
 	s.release()
 	return err
