@@ -17,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/imagebuild"
@@ -236,18 +237,35 @@ func (a *Agent) start(ctx context.Context, req StartRequest) (st Started, err er
 	if req.Image == nil {
 		return Started{}, fmt.Errorf("sandbox %q: no image: %w", req.ID, errdefs.ErrInvalidArgument)
 	}
-	n, err := a.net.Setup(ctx, req.ID, req.Slot)
+	t0 := time.Now()
+	pending, err := a.net.Begin(ctx, req.ID, req.Slot)
+	tBegun := time.Now()
 	if err != nil {
 		return Started{}, fmt.Errorf("sandbox %q network: %w", req.ID, err)
 	}
 	defer func() {
 		if err != nil {
-			if terr := a.net.Teardown(context.WithoutCancel(ctx), req.ID, req.Slot); terr != nil {
-				a.log.Warn("network teardown after failed start", "sandbox", req.ID, "err", terr)
+			// A network whose configuration failed is removed already.
+			if _, werr := pending.Wait(); werr == nil {
+				if terr := a.net.Teardown(context.WithoutCancel(ctx), req.ID, req.Slot); terr != nil {
+					a.log.Warn("network teardown after failed start", "sandbox", req.ID, "err", terr)
+				}
 			}
 			a.net.Refill()
 		}
 	}()
+	// The container starts while the network's links are configured when
+	// nothing of the sandbox's runs before Start returns: under runc,
+	// chalk-init without an entrypoint runs nothing until an exec. An
+	// entrypoint starts with init, and runsc's network stack takes over
+	// the interfaces as they are at its start: both wait for the network.
+	early := len(req.Entrypoint) == 0 && !a.rt.NeedsNetworkAtStart()
+	n := pending.Net
+	if !early {
+		if n, err = pending.Wait(); err != nil {
+			return Started{}, fmt.Errorf("sandbox %q network: %w", req.ID, err)
+		}
+	}
 	cfg := req.Image.Config.Config
 	env := append(append([]string(nil), cfg.Env...), req.Env...)
 	workdir := req.Workdir
@@ -287,7 +305,34 @@ func (a *Agent) start(ctx context.Context, req StartRequest) (st Started, err er
 	if err != nil {
 		return Started{}, err
 	}
+	tRuntime := time.Now()
+	if early {
+		if n, err = pending.Wait(); err != nil {
+			a.removeStarted(ctx, req.ID, pid)
+			return Started{}, fmt.Errorf("sandbox %q network: %w", req.ID, err)
+		}
+	}
+	a.log.Debug("sandbox node start", "sandbox", req.ID, "network_begin", tBegun.Sub(t0), "network_early", early,
+		"runtime", tRuntime.Sub(tBegun), "network_wait_after", time.Since(tRuntime))
 	return Started{Pid: pid, Net: n}, nil
+}
+
+// removeStarted kills and removes the container of a start that failed
+// after its init was started, and reaps init (no watcher waits for it yet).
+func (a *Agent) removeStarted(ctx context.Context, id string, pid int) {
+	ctx = context.WithoutCancel(ctx)
+	if err := a.rt.Kill(ctx, id); err != nil {
+		a.log.Warn("kill after failed start", "sandbox", id, "err", err)
+	}
+	if err := a.rt.Destroy(ctx, id); err != nil {
+		a.log.Warn("remove after failed start", "sandbox", id, "err", err)
+		return // init may still run: waiting for it could hang
+	}
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := a.rt.Wait(wctx, id, pid); err != nil {
+		a.log.Warn("reap the init of a failed start", "sandbox", id, "pid", pid, "err", err)
+	}
 }
 
 // SandboxUserNS is the runtime's view of the user namespace sandboxnet made

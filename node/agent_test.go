@@ -295,3 +295,98 @@ func TestAgentStartRollback(t *testing.T) {
 		})
 	}
 }
+
+// TestStartOverlapsNetwork: a sandbox without an entrypoint has its
+// container started while its network's links are configured (Start
+// returns once both are done); one with an entrypoint, or on a runtime
+// that takes over the network at its start (runsc), only once the network
+// is configured. A network that fails after the container started fails
+// the start and leaves nothing: no container, no slot, no image hold.
+func TestStartOverlapsNetwork(t *testing.T) {
+	ctx := context.Background()
+	t.Run("overlapped", func(t *testing.T) {
+		rt, n := newFakeRuntime(t), newFakeNet(8)
+		a := testAgent(t, Config{}, rt, n)
+		started := make(chan struct{})
+		rt.startErr = func(sandbox.Spec) error { close(started); return nil }
+		n.configure = func(string) error {
+			select {
+			case <-started: // the container started before the network was done
+				return nil
+			case <-time.After(10 * time.Second):
+				return errors.New("the container did not start while the network was configured")
+			}
+		}
+		st, err := a.Start(ctx, StartRequest{ID: "sb-a", Slot: 1, Image: testImage("busybox")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Net == nil || st.Net.Slot != 1 || st.Pid == 0 {
+			t.Fatalf("started %+v", st)
+		}
+	})
+	for _, tc := range []struct {
+		name       string
+		entrypoint []string
+		netAtStart bool
+	}{
+		{"entrypoint", []string{"sleep", "1"}, false},
+		{"runsc", nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rt, n := newFakeRuntime(t), newFakeNet(8)
+			rt.netAtStart = tc.netAtStart
+			a := testAgent(t, Config{}, rt, n)
+			started := make(chan struct{})
+			rt.startErr = func(sandbox.Spec) error { close(started); return nil }
+			n.configure = func(string) error {
+				// The container must not start meanwhile: give it the
+				// chance (a wrong order starts it within microseconds).
+				select {
+				case <-started:
+					return errors.New("the container started before its network was configured")
+				case <-time.After(50 * time.Millisecond):
+					return nil
+				}
+			}
+			if _, err := a.Start(ctx, StartRequest{ID: "sb-a", Slot: 1, Image: testImage("busybox"), Entrypoint: tc.entrypoint}); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	t.Run("network fails", func(t *testing.T) {
+		rt, n := newFakeRuntime(t), newFakeNet(8)
+		a := testAgent(t, Config{}, rt, n)
+		started := make(chan struct{})
+		rt.startErr = func(sandbox.Spec) error { close(started); return nil }
+		n.configure = func(string) error {
+			select {
+			case <-started:
+			case <-time.After(10 * time.Second):
+			}
+			return errors.New("netlink: boom")
+		}
+		_, err := a.Start(ctx, StartRequest{ID: "sb-a", Slot: 1, Image: testImage("busybox")})
+		if err == nil || !strings.Contains(err.Error(), "boom") {
+			t.Fatalf("Start: %v, want the network's error", err)
+		}
+		rt.mu.Lock()
+		running, destroys := rt.running["sb-a"], rt.destroys["sb-a"]
+		rt.mu.Unlock()
+		if running != nil || destroys != 1 {
+			t.Fatalf("container left running %v, destroyed %d times, want removed once", running != nil, destroys)
+		}
+		n.mu.Lock()
+		holder, held := n.inUse[1]
+		n.mu.Unlock()
+		if held {
+			t.Fatalf("slot 1 still held by %s", holder)
+		}
+		a.mu.Lock()
+		_, hold := a.inUse["sb-a"]
+		a.mu.Unlock()
+		if hold {
+			t.Fatal("the image's layers are still held")
+		}
+	})
+}

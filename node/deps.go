@@ -22,6 +22,10 @@ type runtime interface {
 	Leftovers(ctx context.Context, live map[string]bool) ([]string, error)
 	LogPath(id string) string
 	CanUpdate() bool
+	// NeedsNetworkAtStart: the runtime takes over the sandbox's network as
+	// it is when the container starts (runsc), so the network must be
+	// configured before.
+	NeedsNetworkAtStart() bool
 	SetDiskMB(id string, mb int64) error
 	SetLimits(ctx context.Context, id string, cpu float64, memory int64) error
 	// Init is the process API of the sandbox's init.
@@ -38,7 +42,9 @@ type sandboxInit interface {
 // network is what the agent needs of sandbox networking: a
 // *sandboxnet.Manager, or a fake in tests.
 type network interface {
-	Setup(ctx context.Context, id string, slot int) (*sandboxnet.Net, error)
+	// Begin sets the sandbox's network up; its links are configured in the
+	// background until the Pending's Wait (sandboxnet.Manager.Begin).
+	Begin(ctx context.Context, id string, slot int) (*sandboxnet.Pending, error)
 	Teardown(ctx context.Context, id string, slot int) error
 	Refill()
 	Lookup(id string, slot int) *sandboxnet.Net

@@ -27,15 +27,16 @@ import (
 // fakeRuntime is a runtime that runs nothing: a started sandbox "runs"
 // until destroyed (or killed by the test); its init answers Activate.
 type fakeRuntime struct {
-	mu        sync.Mutex
-	dir       string
-	nextPid   int
-	running   map[string]*fakeInit // by id
-	starts    []sandbox.Spec
-	startErr  func(sp sandbox.Spec) error // optional
-	canUpdate bool
-	limits    map[string][2]float64 // id -> cpu, memory (SetLimits)
-	disks     map[string]int64      // id -> MiB (SetDiskMB)
+	mu         sync.Mutex
+	dir        string
+	nextPid    int
+	running    map[string]*fakeInit // by id
+	starts     []sandbox.Spec
+	startErr   func(sp sandbox.Spec) error // optional
+	canUpdate  bool
+	netAtStart bool                  // NeedsNetworkAtStart (runsc)
+	limits     map[string][2]float64 // id -> cpu, memory (SetLimits)
+	disks      map[string]int64      // id -> MiB (SetDiskMB)
 	// procs gives each started sandbox a real init process API: a
 	// procapi server in this process on a socket of its own (rootless;
 	// processes run as the test's user), ended with the sandbox.
@@ -68,6 +69,9 @@ type fakeNet struct {
 	// gate, if set, is called (without the lock) at the start of every
 	// Setup: a test holds a start there.
 	gate func(id string)
+	// configure, if set, is Begin's background part (after the slot is
+	// taken): an error fails the network, which then frees the slot.
+	configure func(id string) error
 }
 
 var (
@@ -233,8 +237,9 @@ func (r *fakeRuntime) ids() []string {
 	return slices.Sorted(maps.Keys(r.running))
 }
 
-func (r *fakeRuntime) LogPath(id string) string { return filepath.Join(r.dir, id+".log") }
-func (r *fakeRuntime) CanUpdate() bool          { return r.canUpdate }
+func (r *fakeRuntime) LogPath(id string) string  { return filepath.Join(r.dir, id+".log") }
+func (r *fakeRuntime) CanUpdate() bool           { return r.canUpdate }
+func (r *fakeRuntime) NeedsNetworkAtStart() bool { return r.netAtStart }
 
 func (r *fakeRuntime) SetDiskMB(id string, mb int64) error {
 	r.mu.Lock()
@@ -348,6 +353,23 @@ func (n *fakeNet) Setup(_ context.Context, id string, slot int) (*sandboxnet.Net
 	n.setups++
 	return &sandboxnet.Net{ID: id, Slot: slot, HostIP: netip.MustParseAddr("10.0.0.1"),
 		SandboxIP: netip.AddrFrom4([4]byte{10, 0, byte(slot >> 8), byte(slot)})}, nil
+}
+
+func (n *fakeNet) Begin(ctx context.Context, id string, slot int) (*sandboxnet.Pending, error) {
+	sn, err := n.Setup(ctx, id, slot)
+	if err != nil {
+		return nil, err
+	}
+	return sandboxnet.NewPending(sn, func() error {
+		if n.configure == nil {
+			return nil
+		}
+		if err := n.configure(id); err != nil {
+			_ = n.Teardown(ctx, id, slot)
+			return err
+		}
+		return nil
+	}), nil
 }
 
 func (n *fakeNet) Teardown(_ context.Context, id string, slot int) error {

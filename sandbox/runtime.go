@@ -778,6 +778,12 @@ func (r *Runtime) pausedNoExec(ctx context.Context, id string) bool {
 // imagebuild's confined diff while the sandbox is frozen.
 func (r *Runtime) UpperDir(id string) string { return filepath.Join(r.Dir(id), "upper") }
 
+// NeedsNetworkAtStart reports whether the runtime takes over the
+// sandbox's network as it is when the container starts: gVisor's network
+// stack (runsc) copies the namespace's interfaces, addresses and routes
+// at its start, runc only joins the namespace.
+func (r *Runtime) NeedsNetworkAtStart() bool { return r.cfg.Runtime == RuntimeRunsc }
+
 // CanUpdate reports whether SetLimits works on this runtime (runc; gVisor's
 // runsc has no update).
 func (r *Runtime) CanUpdate() bool { return r.cfg.Runtime == RuntimeRunc }

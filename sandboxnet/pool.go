@@ -30,8 +30,10 @@ type spare struct {
 // namespace.
 func (s *spare) discard() error {
 	var err error
-	if l, lerr := netlink.LinkByIndex(s.hostIx); lerr == nil && l.Attrs().Name == s.host {
-		err = ignoreNotFound(netlink.LinkDel(l))
+	if s.host != "" { // "": no links yet (makeNamespaces)
+		if l, lerr := netlink.LinkByIndex(s.hostIx); lerr == nil && l.Attrs().Name == s.host {
+			err = ignoreNotFound(netlink.LinkDel(l))
+		}
 	}
 	s.release()
 	return err
@@ -56,6 +58,20 @@ func (s *spare) release() {
 // With a holder's command (Config.UserNS, see holderArgv) the namespace is
 // owned by a new user namespace that Setup maps (see userns.go).
 func makeSpare(prefix string, holderArgv []string) (*spare, error) {
+	s, err := makeNamespaces(holderArgv)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.addLinks(prefix); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// makeNamespaces is the first part of makeSpare: the namespaces, without
+// links yet (addLinks). A spare made inline by Begin gets its links in
+// Begin's background part, while the sandbox's container starts.
+func makeNamespaces(holderArgv []string) (*spare, error) {
 	var ns netns.NsHandle
 	var hold *holder
 	var err error
@@ -67,16 +83,22 @@ func makeSpare(prefix string, holderArgv []string) (*spare, error) {
 	if err != nil {
 		return nil, err
 	}
-	h, err := netlink.NewHandleAt(ns)
+	return &spare{ns: ns, holder: hold}, nil
+}
+
+// addLinks is the second part of makeSpare: lo up, and a veth pair with
+// eth0 (up) in the namespace and the node side (down) under a temporary
+// name. On error the spare is discarded.
+func (s *spare) addLinks(prefix string) error {
+	h, err := netlink.NewHandleAt(s.ns)
 	if err != nil {
-		ns.Close()
-		hold.release()
-		return nil, fmt.Errorf("netlink in new netns: %w", err)
-	}
-	s := &spare{ns: ns, h: h, holder: hold}
-	fail := func(what string, err error) (*spare, error) {
 		_ = s.discard()
-		return nil, fmt.Errorf("spare sandbox network: %s: %w", what, err)
+		return fmt.Errorf("netlink in new netns: %w", err)
+	}
+	s.h = h
+	fail := func(what string, err error) error {
+		_ = s.discard()
+		return fmt.Errorf("spare sandbox network: %s: %w", what, err)
 	}
 	lo, err := h.LinkByName("lo")
 	if err != nil {
@@ -93,7 +115,7 @@ func makeSpare(prefix string, holderArgv []string) (*spare, error) {
 			LinkAttrs:     netlink.LinkAttrs{Name: s.host, TxQLen: -1},
 			PeerName:      "eth0",
 			PeerTxQLen:    -1,
-			PeerNamespace: netlink.NsFd(int(ns)),
+			PeerNamespace: netlink.NsFd(int(s.ns)),
 		}
 		err := netlink.LinkAdd(veth)
 		if err == nil {
@@ -119,7 +141,7 @@ func makeSpare(prefix string, holderArgv []string) (*spare, error) {
 	if err := h.LinkSetUp(eth); err != nil {
 		return fail("eth0 up", err)
 	}
-	return s, nil
+	return nil
 }
 
 // sparePool keeps a few spares ready. Spares hold their namespace by
@@ -150,9 +172,10 @@ func (p *sparePool) start() {
 	p.refill()
 }
 
-// get returns a spare: a ready one, or one made now. The caller calls
-// refill once it has finished with the spare: making the next one competes
-// for the RTNL lock and the CPUs with the network being configured.
+// get returns a spare: a ready one, or the namespaces of one made now
+// (its links are not made yet: spare.addLinks). The caller calls refill
+// once it has finished with the spare: making the next one competes for
+// the RTNL lock and the CPUs with the network being configured.
 func (p *sparePool) get() (*spare, error) {
 	p.mu.Lock()
 	var s *spare
@@ -164,7 +187,7 @@ func (p *sparePool) get() (*spare, error) {
 	if s != nil {
 		return s, nil
 	}
-	return makeSpare(p.prefix, p.holderArgv)
+	return makeNamespaces(p.holderArgv)
 }
 
 // empty reports whether no spare is ready.

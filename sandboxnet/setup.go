@@ -23,8 +23,62 @@ import (
 // NetnsDir/id), its veth pair, addresses and routes, and its anti-spoofing
 // elements. A slot that is in use (by any id) or an id whose netns file
 // exists is ErrAlreadyExists. On error Setup removes what it made and
-// nothing else.
-func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err error) {
+// nothing else. It is Begin and Wait.
+func (m *Manager) Setup(ctx context.Context, id string, slot int) (*Net, error) {
+	p, err := m.Begin(ctx, id, slot)
+	if err != nil {
+		return nil, err
+	}
+	return p.Wait()
+}
+
+// Pending is a sandbox network whose namespaces are in place while its links,
+// addresses, routes and anti-spoofing elements are still being configured
+// (Begin): a container can be started in it meanwhile, nothing in it can
+// reach anything until Wait has returned.
+type Pending struct {
+	// Net is the network (as Lookup): its namespace files exist and its
+	// user namespace is mapped.
+	Net  *Net
+	done chan struct{}
+	err  error
+}
+
+// NewPending returns a Pending for n that configure finishes, run in a
+// goroutine of its own (Begin's, and fake networks' in tests).
+func NewPending(n *Net, configure func() error) *Pending {
+	p := &Pending{Net: n, done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		p.err = configure()
+	}()
+	return p
+}
+
+// Wait returns the network once it is configured, or the error that
+// ended its configuration (everything Begin made is removed then). It may
+// be called any number of times.
+func (p *Pending) Wait() (*Net, error) {
+	<-p.done
+	if p.err != nil {
+		return nil, p.err
+	}
+	return p.Net, nil
+}
+
+// Begin does the part of Setup a container start needs: it checks the
+// slot, takes a spare, bind-mounts its network namespace at NetnsPath and
+// (Config.UserNS) maps its user namespace to the slot's range and binds it
+// at UserNS.Path. The rest — renaming the node side to the slot's name,
+// its alias, addresses and link, eth0's addresses and routes, the
+// anti-spoofing elements: ~10 netlink round trips under the kernel's RTNL
+// lock, 1-3 ms on a quiet 2-core node and more when teardowns hold the
+// lock — goes on in the background until the Pending's Wait. A runtime
+// that runs nothing of the sandbox's before the caller's Wait (runc with
+// chalk-init and no entrypoint: init runs no code of the sandbox's before
+// an exec) starts the container meanwhile. On error (Begin's, or the
+// background part's at Wait) everything Begin made is removed.
+func (m *Manager) Begin(ctx context.Context, id string, slot int) (_ *Pending, err error) {
 	if slot < 1 || slot > m.maxSlot {
 		return nil, fmt.Errorf("network slot %d: out of range 1..%d: %w", slot, m.maxSlot, errdefs.ErrInvalidArgument)
 	}
@@ -40,16 +94,13 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 	}
 
 	var undo []func() error
-	defer func() {
-		if err != nil {
-			for i := len(undo) - 1; i >= 0; i-- {
-				if uerr := undo[i](); uerr != nil {
-					m.log.Warn("sandbox network rollback", "sandbox", id, "slot", slot, "err", uerr)
-				}
+	rollback := func() {
+		for i := len(undo) - 1; i >= 0; i-- {
+			if uerr := undo[i](); uerr != nil {
+				m.log.Warn("sandbox network rollback", "sandbox", id, "slot", slot, "err", uerr)
 			}
 		}
-	}()
-
+	}
 	if err := createNetnsFile(n.NetnsPath); err != nil {
 		return nil, err
 	}
@@ -59,12 +110,12 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 		m.pool.refill() // a burst of creates: do not let the next one wait
 	}
 	if err != nil {
+		rollback()
 		return nil, err
 	}
 	// Until the rename, discarding the spare undoes it; after, the veth is
 	// deleted by its slot name (the exclusive rename made that name ours).
 	renamed := false
-	defer sp.release()
 	undo = append(undo, func() error {
 		if !renamed {
 			return sp.discard()
@@ -75,6 +126,12 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 		}
 		return ignoreNotFound(netlink.LinkDel(l))
 	})
+	defer func() {
+		if err != nil {
+			rollback()
+			sp.release()
+		}
+	}()
 	if err := unix.Mount(fmt.Sprintf("/proc/self/fd/%d", int(sp.ns)), n.NetnsPath, "none", unix.MS_BIND, ""); err != nil {
 		return nil, fmt.Errorf("bind netns to %s: %w", n.NetnsPath, err)
 	}
@@ -93,35 +150,55 @@ func (m *Manager) Setup(ctx context.Context, id string, slot int) (_ *Net, err e
 		}
 		undo = append(undo, func() error { return removeUserNSFile(n.UserNS.Path) })
 	}
+	return NewPending(n, func() error {
+		defer sp.release()
+		if err := m.configure(sp, n, &renamed); err != nil {
+			rollback()
+			return err
+		}
+		m.log.Debug("sandbox network up", "sandbox", id, "slot", slot, "if", n.HostIf, "ip", n.SandboxIP, "ip6", n.SandboxIP6)
+		return nil
+	}), nil
+}
+
+// configure is the part of Setup after Begin: the node side of spare sp
+// renamed to n's interface (renamed set then), its alias, addresses and
+// link, eth0's addresses and routes, and n's anti-spoofing elements.
+func (m *Manager) configure(sp *spare, n *Net, renamed *bool) error {
+	if sp.host == "" {
+		// Made inline by Begin (the pool was empty): its links now.
+		if err := sp.addLinks(m.cfg.Prefix); err != nil {
+			return err
+		}
+	}
 	host := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: sp.hostIx, Name: sp.host}}
 	if err := netlink.LinkSetName(host, n.HostIf); err != nil {
 		if errors.Is(err, unix.EEXIST) {
-			return nil, fmt.Errorf("network slot %d: %s exists: %w", slot, n.HostIf, errdefs.ErrAlreadyExists)
+			return fmt.Errorf("network slot %d: %s exists: %w", n.Slot, n.HostIf, errdefs.ErrAlreadyExists)
 		}
-		return nil, fmt.Errorf("rename %s to %s: %w", sp.host, n.HostIf, err)
+		return fmt.Errorf("rename %s to %s: %w", sp.host, n.HostIf, err)
 	}
-	renamed = true
+	*renamed = true
 	host.Name = n.HostIf
 	// The alias records the owner, for Teardown and Leftovers.
-	if err := netlink.LinkSetAlias(host, id); err != nil {
-		return nil, fmt.Errorf("alias of %s: %w", n.HostIf, err)
+	if err := netlink.LinkSetAlias(host, n.ID); err != nil {
+		return fmt.Errorf("alias of %s: %w", n.HostIf, err)
 	}
 	for _, a := range []netip.Prefix{netip.PrefixFrom(n.HostIP, 30), netip.PrefixFrom(n.HostIP6, 126)} {
 		if err := netlink.AddrAdd(host, &netlink.Addr{IPNet: ipprefix.IPNet(a), Flags: unix.IFA_F_NODAD}); err != nil {
-			return nil, fmt.Errorf("address %s on %s: %w", a, n.HostIf, err)
+			return fmt.Errorf("address %s on %s: %w", a, n.HostIf, err)
 		}
 	}
 	if err := netlink.LinkSetUp(host); err != nil {
-		return nil, fmt.Errorf("%s up: %w", n.HostIf, err)
+		return fmt.Errorf("%s up: %w", n.HostIf, err)
 	}
 	if err := configureInside(sp.h, sp.eth0, n); err != nil {
-		return nil, fmt.Errorf("sandbox %q network: %w", id, err)
+		return fmt.Errorf("sandbox %q network: %w", n.ID, err)
 	}
 	if err := m.setSource(n, true); err != nil {
-		return nil, fmt.Errorf("anti-spoofing elements for %s: %w", n.HostIf, err)
+		return fmt.Errorf("anti-spoofing elements for %s: %w", n.HostIf, err)
 	}
-	m.log.Debug("sandbox network up", "sandbox", id, "slot", slot, "if", n.HostIf, "ip", n.SandboxIP, "ip6", n.SandboxIP6)
-	return n, nil
+	return nil
 }
 
 // Refill tops the pool of spare networks up in the background, at idle

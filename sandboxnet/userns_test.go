@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
@@ -11,9 +13,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/nettest"
 )
 
 // nsInode is the namespace inode behind a namespace file.
@@ -246,4 +250,82 @@ func BenchmarkHolder(b *testing.B) {
 			b.ReportMetric(float64(cpu()-c0)/float64(b.N)/1e6, "cpu-ms/op")
 		})
 	}
+}
+
+// TestBegin: Begin returns with the namespace files in place and the user
+// namespace mapped (what runc needs to start the container), from a spare
+// of the pool or one made inline; Wait returns the configured network. A
+// failure of the background part (here the anti-spoofing elements: the
+// table is gone) is Wait's error and leaves nothing behind: no netns or
+// userns file, no veth, spare or not.
+func TestBegin(t *testing.T) {
+	ctx := context.Background()
+	for _, pool := range []int{2, -1} {
+		t.Run(fmt.Sprintf("pool=%d", pool), func(t *testing.T) {
+			m := newNode(t, Config{NetnsPool: pool, UserNS: true})
+			m.pool.wait()
+			p, err := m.Begin(ctx, "sb-begin", 5)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n := p.Net
+			if _, err := os.Stat(n.NetnsPath); err != nil {
+				t.Errorf("netns file after Begin: %v", err)
+			}
+			if got, want := ownerOf(t, n.NetnsPath), nsInode(t, n.UserNS.Path); got != want {
+				t.Errorf("netns owned by user namespace %d, want %d", got, want)
+			}
+			got, err := p.Wait()
+			if err != nil {
+				t.Fatal(err)
+			}
+			l, err := netlink.LinkByName(n.HostIf)
+			if err != nil || l.Attrs().Alias != "sb-begin" || l.Attrs().Flags&net.FlagUp == 0 {
+				t.Fatalf("%s after Wait: %v %v", n.HostIf, l, err)
+			}
+			h := nettest.OpenNetns(n.NetnsPath).Handle(t)
+			addrs, err := h.AddrList(nil, netlink.FAMILY_V4)
+			if err != nil || !hasAddr(addrs, got.SandboxIP) {
+				t.Fatalf("sandbox addresses %v %v, want %s", addrs, err, got.SandboxIP)
+			}
+			if err := m.Teardown(ctx, "sb-begin", 5); err != nil {
+				t.Fatal(err)
+			}
+			// The background part fails: everything is removed.
+			if err := m.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+			p, err = m.Begin(ctx, "sb-fail", 6)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := p.Wait(); err == nil {
+				t.Fatal("Wait succeeded without the table")
+			}
+			fn := m.Lookup("sb-fail", 6)
+			for _, f := range []string{fn.NetnsPath, fn.UserNS.Path} {
+				if _, err := os.Stat(f); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("failed network left %s: %v", f, err)
+				}
+			}
+			if _, err := netlink.LinkByName(fn.HostIf); err == nil {
+				t.Errorf("failed network left %s", fn.HostIf)
+			}
+			if spares := spareLinks(t, m); len(spares) != 0 {
+				t.Errorf("failed network left veths: %v", spares)
+			}
+			if err := m.Init(ctx); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+func hasAddr(addrs []netlink.Addr, ip netip.Addr) bool {
+	for _, a := range addrs {
+		if a.IP.Equal(ip.AsSlice()) {
+			return true
+		}
+	}
+	return false
 }
