@@ -56,7 +56,6 @@ func localIfname(ifname string) string {
 
 // router is a tunnel's router namespace on this node.
 type router struct {
-	stats *counters
 	ns    netns.NsHandle
 	h     *netlink.Handle
 	next  int              // number of the next port's name
@@ -88,7 +87,7 @@ var routerSysctls = [][2]string{
 
 // newRouter makes a router namespace: sysctls set, nftables dropping its
 // input and output.
-func newRouter(stats *counters) (*router, error) {
+func newRouter() (*router, error) {
 	type res struct {
 		ns  netns.NsHandle
 		err error
@@ -143,7 +142,7 @@ func newRouter(stats *counters) (*router, error) {
 		r.ns.Close()
 		return nil, fmt.Errorf("tunnel router: netlink: %w", err)
 	}
-	return &router{stats: stats, ns: r.ns, h: h, ports: map[string]*port{}}, nil
+	return &router{ns: r.ns, h: h, ports: map[string]*port{}}, nil
 }
 
 var (
@@ -241,12 +240,9 @@ func rpFilterDrops(netstat string) uint64 {
 	return 0
 }
 
-// close deletes the ports left and lets the namespace go.
+// close deletes the ports left and lets the namespace go (its counters
+// are folded into the Manager's first: Manager.dropRouterLocked).
 func (r *router) close() {
-	// Its counters go into the Manager's, which only grow.
-	if rc, err := r.counts(); err == nil {
-		r.stats.add(rc)
-	}
 	for id := range r.ports {
 		r.remove(id)
 	}

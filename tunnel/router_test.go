@@ -453,3 +453,52 @@ func TestKernelPathKilled(t *testing.T) {
 		}
 	}
 }
+
+// TestStatsDoesNotWaitForJoins: Stats, which /metrics reads, answers while
+// a join or leave holds the Manager's lock (a join's netlink work can take
+// seconds), and still counts the router's packets; a router that goes
+// leaves its counts behind.
+func TestStatsDoesNotWaitForJoins(t *testing.T) {
+	chalktest.RequireRoot(t)
+	nsA, nsB := netnsFor(t), netnsFor(t)
+	m := NewManager(nil)
+	defer m.Close()
+	subnet := netip.MustParsePrefix("100.96.14.0/24")
+	a, err := m.Join("org/t", "a", "/run/netns/"+nsA, "wg0", subnet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := m.Join("org/t", "b", "/run/netns/"+nsB, "wg0", subnet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc := listenUDP(t, nsB, netip.AddrPortFrom(b.Addr, 7104))
+	udpFrom(t, nsA, a.Addr, netip.AddrPortFrom(b.Addr, 7104), "counted")
+	recvFrom(t, pc, a.Addr, "counted")
+
+	m.mu.Lock() // as a join in progress
+	got := make(chan Stats, 1)
+	go func() { got <- m.Stats() }()
+	var s Stats
+	select {
+	case s = <-got:
+	case <-time.After(10 * time.Second):
+		m.mu.Unlock()
+		t.Fatal("Stats waited for the Manager's lock")
+	}
+	m.mu.Unlock()
+	if s.Local == 0 {
+		t.Fatalf("Stats %+v: the router's packet not counted", s)
+	}
+	m.Leave("b")
+	m.Leave("a")
+	m.mu.Lock()
+	left := len(m.routers)
+	m.mu.Unlock()
+	if left != 0 {
+		t.Fatalf("%d routers left", left)
+	}
+	if after := m.Stats(); after.Local < s.Local {
+		t.Fatalf("Stats after the router went %+v, before %+v: counts lost", after, s)
+	}
+}

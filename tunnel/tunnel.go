@@ -146,6 +146,12 @@ type Manager struct {
 	peers   map[string][]Peer             // tunnel key -> external peers
 	remotes map[string][]Remote           // tunnel key -> members on other nodes
 	routers map[string]*router            // tunnel key -> its router here (router.go)
+
+	// rmu guards routers for Stats, which must not wait for mu: a join
+	// holds mu through its netlink work (seconds at worst), and /metrics
+	// reads Stats. The map changes with both held; a router leaves it
+	// (its counts folded into stats) before it is closed.
+	rmu sync.Mutex
 }
 
 // kernelLocalPath: members on this node are joined through a router
@@ -217,8 +223,8 @@ type counters struct{ local, localBytes, localGSO, spoofed atomic.Uint64 }
 // Stats returns the packet counters: the TUN path's and the routers'
 // (those of routers gone are kept).
 func (m *Manager) Stats() Stats {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.rmu.Lock()
+	defer m.rmu.Unlock()
 	s := Stats{Local: m.stats.local.Load(), LocalBytes: m.stats.localBytes.Load(), LocalGSO: m.stats.localGSO.Load(), Spoofed: m.stats.spoofed.Load()}
 	for key, r := range m.routers {
 		rc, err := r.counts()
@@ -312,8 +318,7 @@ func (m *Manager) removeLocked(key, id string) {
 	if r := m.routers[key]; r != nil {
 		r.remove(id)
 		if len(r.ports) == 0 {
-			r.close()
-			delete(m.routers, key)
+			m.dropRouterLocked(key, r)
 		}
 	}
 	mb.dev.Close()
@@ -338,21 +343,34 @@ func (m *Manager) attachLocked(key, id string, mb *member) {
 	r := m.routers[key]
 	if r == nil {
 		var err error
-		if r, err = newRouter(&m.stats); err != nil {
+		if r, err = newRouter(); err != nil {
 			m.log.Warn("tunnel kernel path: members here take the TUN path", "tunnel", key, "err", err)
 			return
 		}
+		m.rmu.Lock()
 		m.routers[key] = r
+		m.rmu.Unlock()
 	}
 	if err := r.add(id, mb); err != nil {
 		m.log.Warn("tunnel kernel path: the member takes the TUN path", "tunnel", key, "sandbox", id, "err", err)
 		if len(r.ports) == 0 {
-			r.close()
-			delete(m.routers, key)
+			m.dropRouterLocked(key, r)
 		}
 		return
 	}
 	m.localRoutesLocked(key)
+}
+
+// dropRouterLocked removes key's router r (no ports left) from the map,
+// its counters folded into the Manager's (which only grow), and closes it.
+func (m *Manager) dropRouterLocked(key string, r *router) {
+	m.rmu.Lock()
+	if rc, err := r.counts(); err == nil {
+		m.stats.add(rc)
+	}
+	delete(m.routers, key)
+	m.rmu.Unlock()
+	r.close()
 }
 
 // localRoutesLocked sets, in every member of key with a port, a route to
