@@ -48,7 +48,6 @@ type rule struct {
 	workload  bool       // sandboxes (workload tokens) may call it, for themselves
 	nodeAdmin bool       // only the node's bootstrap admin
 	quiet     bool       // not audited: data-plane calls made many times per action (stdin chunks, uploads)
-	brief     bool       // the handler needs only the sandbox's brief (store.SandboxBrief; briefRunningFor)
 }
 
 const (
@@ -65,7 +64,7 @@ var rules = map[string]rule{
 	c.SandboxServiceListProcedure:          {role: roleViewer},
 	c.SandboxServiceWaitProcedure:          {role: roleViewer, object: objSandbox, field: "id", workload: true},
 	c.SandboxServiceTerminateProcedure:     {role: roleMember, object: objSandbox, field: "id"},
-	c.SandboxServiceExecProcedure:          {role: roleMember, object: objSandbox, field: "sandbox_id", brief: true},
+	c.SandboxServiceExecProcedure:          {role: roleMember, object: objSandbox, field: "sandbox_id"},
 	c.SandboxServiceWriteStdinProcedure:    {role: roleMember, object: objSandbox, field: "sandbox_id", quiet: true},
 	c.SandboxServiceSignalExecProcedure:    {role: roleMember, object: objSandbox, field: "sandbox_id"},
 	c.SandboxServiceResizeExecProcedure:    {role: roleMember, object: objSandbox, field: "sandbox_id"},
@@ -186,25 +185,15 @@ func (s *Server) authorize(ctx context.Context, procedure string, msg proto.Mess
 	if object == "" {
 		return object, nil
 	}
-	return object, s.inOrg(ctx, p, r, object)
+	return object, s.inOrg(ctx, p, r.object, object)
 }
 
 // inOrg checks that the object named id belongs to the caller's org;
 // another org's (or a missing) object is ErrNotFound.
-func (s *Server) inOrg(ctx context.Context, p *Principal, r rule, id string) error {
+func (s *Server) inOrg(ctx context.Context, p *Principal, kind objectKind, id string) error {
 	var err error
-	switch r.object {
+	switch kind {
 	case objSandbox:
-		if r.brief {
-			var b *store.SandboxBrief
-			if b, err = s.store.GetSandboxBrief(ctx, id); err == nil && b.OrgID != p.OrgID {
-				err = fmt.Errorf("sandbox %q: %w", id, errdefs.ErrNotFound)
-			}
-			if err == nil {
-				keepBrief(ctx, b)
-			}
-			break
-		}
 		var sb *store.Sandbox
 		if sb, err = s.store.GetSandbox(ctx, id); err == nil && sb.OrgID != p.OrgID {
 			err = fmt.Errorf("sandbox %q: %w", id, errdefs.ErrNotFound)
@@ -357,7 +346,6 @@ type auditObjectKey struct{}
 type auditSlot struct {
 	object string
 	sb     *store.Sandbox
-	brief  *store.SandboxBrief // instead of sb, for a rule's brief
 }
 
 // keepSandbox keeps the record authorisation read for the handler.
@@ -377,24 +365,6 @@ func takeSandbox(ctx context.Context, id string) *store.Sandbox {
 	sb := a.sb
 	a.sb = nil
 	return sb
-}
-
-// keepBrief keeps the brief authorisation read for the handler.
-func keepBrief(ctx context.Context, b *store.SandboxBrief) {
-	if a, ok := ctx.Value(auditObjectKey{}).(*auditSlot); ok {
-		a.brief = b
-	}
-}
-
-// takeBrief is takeSandbox for a brief.
-func takeBrief(ctx context.Context, id string) *store.SandboxBrief {
-	a, ok := ctx.Value(auditObjectKey{}).(*auditSlot)
-	if !ok || a.brief == nil || a.brief.ID != id {
-		return nil
-	}
-	b := a.brief
-	a.brief = nil
-	return b
 }
 
 func withAuditSlot(ctx context.Context) context.Context {

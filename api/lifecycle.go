@@ -543,11 +543,6 @@ func (s *Server) Shutdown() {
 }
 
 func notRunning(sb *store.Sandbox) error {
-	return notRunningBrief(sb.Brief())
-}
-
-// notRunningBrief is notRunning of a sandbox's brief.
-func notRunningBrief(sb *store.SandboxBrief) error {
 	if sb.State == store.StateRunning && sb.Paused {
 		return fmt.Errorf("sandbox %q is paused (resume it first): %w", sb.ID, errdefs.ErrFailedPrecondition)
 	}

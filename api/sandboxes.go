@@ -321,9 +321,15 @@ func chargeDefaults(r *v1.CreateSandboxRequest, q store.Quota) {
 // sandboxFor loads a sandbox the caller may see: users see their org's,
 // workloads only themselves.
 func (s *Server) sandboxFor(ctx context.Context, id string) (*store.Sandbox, error) {
-	p, err := sandboxCaller(ctx, id)
+	p, err := caller(ctx)
 	if err != nil {
 		return nil, err
+	}
+	if id == "" {
+		return nil, invalid("sandbox id: required")
+	}
+	if p.IsWorkload() && p.SandboxID != id {
+		return nil, fmt.Errorf("workload %s may only see itself: %w", p.Subject, errdefs.ErrPermissionDenied)
 	}
 	sb := takeSandbox(ctx, id)
 	if sb == nil {
@@ -335,48 +341,6 @@ func (s *Server) sandboxFor(ctx context.Context, id string) (*store.Sandbox, err
 		return nil, fmt.Errorf("sandbox %q: %w", id, errdefs.ErrNotFound)
 	}
 	return sb, nil
-}
-
-// sandboxCaller is the caller of a call naming sandbox id, if it may name
-// it (sandboxFor reads the record and checks the org).
-func sandboxCaller(ctx context.Context, id string) (*Principal, error) {
-	p, err := caller(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if id == "" {
-		return nil, invalid("sandbox id: required")
-	}
-	if p.IsWorkload() && p.SandboxID != id {
-		return nil, fmt.Errorf("workload %s may only see itself: %w", p.Subject, errdefs.ErrPermissionDenied)
-	}
-	return p, nil
-}
-
-// briefRunningFor is runningFor with only the sandbox's brief (the
-// authorisation rule's brief: the record's other fields are not decoded).
-func (s *Server) briefRunningFor(ctx context.Context, id string) (*store.SandboxBrief, error) {
-	if _, err := user(ctx); err != nil {
-		return nil, err
-	}
-	p, err := sandboxCaller(ctx, id)
-	if err != nil {
-		return nil, err
-	}
-	b := takeBrief(ctx, id)
-	if b == nil {
-		if b, err = s.store.GetSandboxBrief(ctx, id); err != nil {
-			return nil, err
-		}
-	}
-	if b.OrgID != p.OrgID {
-		return nil, fmt.Errorf("sandbox %q: %w", id, errdefs.ErrNotFound)
-	}
-	if err := notRunningBrief(b); err != nil {
-		return nil, err
-	}
-	s.touch(id)
-	return b, nil
 }
 
 // runningFor is sandboxFor for users, requiring the sandbox to run.
@@ -500,7 +464,7 @@ func (w streamWriter) Write(b []byte) (int, error) {
 func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecRequest], stream *connect.ServerStream[v1.ExecEvent]) error {
 	s := h.s
 	r := req.Msg
-	sb, err := s.briefRunningFor(ctx, r.SandboxId)
+	sb, err := s.runningFor(ctx, r.SandboxId)
 	if err != nil {
 		return err
 	}

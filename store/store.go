@@ -434,42 +434,6 @@ func (s *Store) GetSandbox(ctx context.Context, id string) (*Sandbox, error) {
 	return &sb, nil
 }
 
-// SandboxBrief is the part of a sandbox record a call into a running
-// sandbox needs to be allowed (exec): whose it is and whether it runs.
-type SandboxBrief struct {
-	ID        string `json:"id"`
-	OrgID     string `json:"org_id"`
-	State     string `json:"state"`
-	EndReason string `json:"end_reason,omitempty"`
-	Paused    bool   `json:"paused,omitempty"`
-}
-
-// Brief returns sb's brief.
-func (sb *Sandbox) Brief() *SandboxBrief {
-	return &SandboxBrief{ID: sb.ID, OrgID: sb.OrgID, State: sb.State, EndReason: sb.EndReason, Paused: sb.Paused}
-}
-
-// GetSandboxBrief returns the brief of one sandbox, read from the store on
-// every call like GetSandbox (never cached: a sandbox another replica ends
-// is refused at once), but decoding only the brief's fields of the record:
-// on every exec, decoding the whole record was ~40 µs of chalkd's CPU
-// (profiled for issue #18).
-func (s *Store) GetSandboxBrief(ctx context.Context, id string) (*SandboxBrief, error) {
-	var doc []byte
-	err := s.db.QueryRowPrepared(ctx, `SELECT doc FROM sandboxes WHERE id = ?`, id).Scan(&doc)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, fmt.Errorf("sandbox %q: %w", id, errdefs.ErrNotFound)
-	}
-	if err != nil {
-		return nil, err
-	}
-	var b SandboxBrief
-	if err := json.Unmarshal(doc, &b); err != nil {
-		return nil, fmt.Errorf("sandbox %q record: %w", id, err)
-	}
-	return &b, nil
-}
-
 // ListSandboxes lists sandboxes of an org ("" = every org), newest first.
 // With liveOnly, only creating and running ones.
 func (s *Store) ListSandboxes(ctx context.Context, orgID string, liveOnly bool) ([]*Sandbox, error) {
