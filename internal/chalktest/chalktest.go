@@ -311,13 +311,15 @@ func (n *Node) command(argv ...string) *exec.Cmd {
 func (n *Node) Restart() {
 	t := n.t
 	t.Helper()
+	from := len(n.Log()) // what earlier processes logged
 	n.spawn()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		var err error
 		if n.Mode == "node" {
-			// A node agent serves no API: it is up once it says so.
-			if strings.Contains(n.Log(), "chalkd node serving") {
+			// A node agent serves no API: it is up once it says so (this
+			// process: an earlier one's line does not count).
+			if log := n.Log(); len(log) >= from && strings.Contains(log[from:], "chalkd node serving") {
 				return
 			}
 			err = fmt.Errorf("not serving yet")
