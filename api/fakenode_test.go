@@ -56,6 +56,12 @@ type fakeNode struct {
 	changed  chan struct{}   // closed and replaced at every teardown's end
 	keepSize int64           // size of a stopped sandbox's writable layer
 	kept     map[string]bool // stopped sandboxes whose layer is kept
+	// unreaped: sandboxes whose init was killed (Kill, Destroy) and not
+	// waited for since: a real node's init stays a zombie until Wait.
+	unreaped map[string]bool
+	// onStart, if set, runs in Start (with Start's context) before it
+	// succeeds.
+	onStart func(ctx context.Context, id string)
 }
 
 // fakeExec is the body of an exec: it writes its output, may read the
@@ -85,7 +91,7 @@ func newFakeNode() *fakeNode {
 	if err != nil {
 		panic(err)
 	}
-	return &fakeNode{digests: map[string]string{}, running: map[string]*fakeSandbox{},
+	return &fakeNode{digests: map[string]string{}, running: map[string]*fakeSandbox{}, unreaped: map[string]bool{},
 		destroys: map[string]int{}, files: map[string]map[string][]byte{}, logs: map[string]*bytes.Buffer{},
 		slots: slots, killed: map[string]bool{}, torn: map[string]int{}, tearing: map[string]int{},
 		changed: make(chan struct{}), keepSize: 64 << 10, kept: map[string]bool{}}
@@ -102,6 +108,7 @@ func (f *fakeNode) Kill(_ context.Context, id string) error {
 	defer f.mu.Unlock()
 	f.killed[id] = true
 	if sb := f.running[id]; sb != nil {
+		f.unreaped[id] = true
 		select {
 		case sb.exit <- sandbox.Exit{Code: 137, Signal: "SIGKILL", Known: true}:
 		default:
@@ -181,7 +188,10 @@ func (f *fakeNode) EnsureImage(_ context.Context, ref string, _ func(nodecache.P
 	return &nodecache.Image{Ref: ref, Digest: d, Warm: true}, nil
 }
 
-func (f *fakeNode) Start(_ context.Context, req node.StartRequest) (node.Started, error) {
+func (f *fakeNode) Start(ctx context.Context, req node.StartRequest) (node.Started, error) {
+	if f.onStart != nil {
+		f.onStart(ctx, req.ID)
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.started = append(f.started, req)
@@ -224,12 +234,18 @@ func (f *fakeNode) exitSandbox(id string, ex sandbox.Exit) {
 func (f *fakeNode) Wait(ctx context.Context, id string, _ int) (sandbox.Exit, error) {
 	f.mu.Lock()
 	sb := f.running[id]
+	if sb == nil {
+		delete(f.unreaped, id)
+	}
 	f.mu.Unlock()
 	if sb == nil {
 		return sandbox.Exit{Known: true}, nil
 	}
 	select {
 	case ex := <-sb.exit:
+		f.mu.Lock()
+		delete(f.unreaped, id)
+		f.mu.Unlock()
 		return ex, nil
 	case <-sb.lost:
 		return sandbox.Exit{}, fmt.Errorf("sandbox %q: node n1 stopped answering: %w", id, node.ErrLost)
@@ -253,6 +269,7 @@ func (f *fakeNode) Destroy(_ context.Context, id string, slot int) error {
 	defer f.mu.Unlock()
 	f.destroys[id]++
 	if sb := f.running[id]; sb != nil {
+		f.unreaped[id] = true
 		select {
 		case sb.exit <- sandbox.Exit{Code: 137, Signal: "SIGKILL", Known: true}:
 		default:

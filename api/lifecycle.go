@@ -110,7 +110,7 @@ func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRe
 		sb.IP = st.Net.SandboxIP.String()
 	}
 	if err := s.store.UpdateSandbox(ctx, sb); err != nil {
-		_ = s.node.Destroy(context.WithoutCancel(ctx), sb.ID, sb.Slot)
+		s.discard(ctx, sb, st.Pid)
 		return s.fail(ctx, sb, err)
 	}
 	s.watch(sb)
@@ -121,6 +121,25 @@ func (s *Server) launch(ctx context.Context, sb *store.Sandbox, req node.StartRe
 		}
 	}
 	return nil
+}
+
+// discard removes a sandbox that started (init pid) but is not watched
+// (its running state was not recorded): its init is killed and waited for
+// (a node's Destroy does not reap it: nothing else would, and it would stay
+// a zombie of the node's chalkd), then everything it had on its node goes,
+// its slot too.
+func (s *Server) discard(ctx context.Context, sb *store.Sandbox, pid int) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	if err := s.node.Kill(ctx, sb.ID); err != nil {
+		s.log.Warn("kill a sandbox whose start was not recorded", "sandbox", sb.ID, "err", err)
+	}
+	if _, err := s.node.Wait(ctx, sb.ID, pid); err != nil {
+		s.log.Warn("reap a sandbox whose start was not recorded", "sandbox", sb.ID, "pid", pid, "err", err)
+	}
+	if err := s.node.Destroy(ctx, sb.ID, sb.Slot); err != nil {
+		s.log.Warn("destroy a sandbox whose start was not recorded", "sandbox", sb.ID, "err", err)
+	}
 }
 
 // fail records a failed start.

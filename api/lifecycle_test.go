@@ -481,3 +481,43 @@ func TestTerminateAsync(t *testing.T) {
 		t.Fatalf("second terminate: %+v %v", res, err)
 	}
 }
+
+// TestRecordRunningFails: a sandbox that started but whose running state
+// cannot be recorded (here: the request's context ends while the node
+// starts it, so the store refuses the update) is recorded failed and
+// removed from its node: its init killed and waited for (reaped: the node's
+// Destroy does not reap it), its slot given back.
+func TestRecordRunningFails(t *testing.T) {
+	var hl hookLog
+	tn := newTestNode(t, Config{Hooks: hl.hooks()})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	tn.node.onStart = func(sctx context.Context, id string) {
+		cancel()
+		<-sctx.Done() // the server's context for the request ends too
+	}
+	if _, err := tn.user("mia").sandbox.Create(ctx, connect.NewRequest(&v1.CreateSandboxRequest{Image: "busybox"})); err == nil {
+		t.Fatal("create succeeded with its running state not recorded")
+	}
+	tn.node.onStart = nil
+	l, err := tn.user("mia").sandbox.List(context.Background(), connect.NewRequest(&v1.ListSandboxesRequest{All: true}))
+	if err != nil || len(l.Msg.Sandboxes) != 1 {
+		t.Fatalf("records: %v %v", l, err)
+	}
+	sb := l.Msg.Sandboxes[0]
+	if sb.State != "failed" || sb.EndReason != "error" {
+		t.Fatalf("record: %+v, want failed", sb)
+	}
+	if tn.node.destroyed(sb.Id) == 0 {
+		t.Fatal("the started sandbox was not destroyed on its node")
+	}
+	tn.node.mu.Lock()
+	unreaped := tn.node.unreaped[sb.Id]
+	tn.node.mu.Unlock()
+	if unreaped {
+		t.Fatal("the started sandbox's init was killed and never waited for (a zombie on its node)")
+	}
+	if _, held := tn.node.slots.Of(sb.Id); held {
+		t.Fatal("its slot is still held")
+	}
+}

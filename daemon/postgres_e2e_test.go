@@ -15,11 +15,9 @@ import (
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	chalktest.StopPostgres()
-	os.Exit(code)
-}
+// TestMain stops the PostgreSQL cluster and removes the binaries
+// chalktest built once the tests are done.
+func TestMain(m *testing.M) { os.Exit(chalktest.Main(m)) }
 
 // TestPostgresStore: chalkd --database postgres://... keeps its state in
 // PostgreSQL (no SQLite file), and a create/exec/terminate and teams flow

@@ -15,6 +15,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/identity"
 	"github.com/chalkcompute/chalkcompute/imagebuild"
 	"github.com/chalkcompute/chalkcompute/imagespec"
+	"github.com/chalkcompute/chalkcompute/internal/periodic"
 	"github.com/chalkcompute/chalkcompute/metadata"
 	"github.com/chalkcompute/chalkcompute/node"
 	"github.com/chalkcompute/chalkcompute/nodecache"
@@ -385,22 +386,13 @@ func (d *Daemon) sandboxHooks() api.Hooks {
 // startBackground starts the node cache's garbage collection (under its
 // size cap, every 10 minutes).
 func (d *Daemon) startBackground(ctx context.Context) error {
-	go func() {
-		t := time.NewTicker(10 * time.Minute)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				if freed, err := d.Agent.CollectGarbage(ctx); err != nil {
-					d.log.Warn("node cache GC", "err", err)
-				} else if freed > 0 {
-					d.log.Info("node cache GC", "freed_bytes", freed)
-				}
-			}
+	go periodic.WhileLeading(ctx, 10*time.Minute, nil, func() {
+		if freed, err := d.Agent.CollectGarbage(ctx); err != nil {
+			d.log.Warn("node cache GC", "err", err)
+		} else if freed > 0 {
+			d.log.Info("node cache GC", "freed_bytes", freed)
 		}
-	}()
+	})
 	return nil
 }
 

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/periodic"
 )
 
 // Config configures a Manager. The zero value works for a node whose table
@@ -894,14 +895,7 @@ func (m *Manager) readDrops(l *nflog) {
 
 // expireLoop forgets learned addresses the kernel has expired.
 func (m *Manager) expireLoop(ctx context.Context) {
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	periodic.WhileLeading(ctx, time.Second, nil, func() {
 		now := m.cfg.Now()
 		m.mu.Lock()
 		for _, s := range m.byID {
@@ -912,5 +906,5 @@ func (m *Manager) expireLoop(ctx context.Context) {
 			}
 		}
 		m.mu.Unlock()
-	}
+	})
 }

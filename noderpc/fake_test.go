@@ -45,6 +45,8 @@ type fakeNode struct {
 	restoreHold chan struct{}
 	// restoreFail: Restore fails this many more times (a node not reached).
 	restoreFail int
+	// left: more of what Leftovers finds (besides "old"), not in live.
+	left []string
 }
 
 func newFakeNode() *fakeNode {
@@ -285,8 +287,14 @@ func (f *fakeNode) Logs(id string) (io.ReadCloser, error) {
 func (f *fakeNode) Leftovers(_ context.Context, live map[string]int) ([]string, error) {
 	f.mu.Lock()
 	f.live = live
+	out := []string{"runc:old", "netns:old"}
+	for _, id := range f.left {
+		if _, ok := live[id]; !ok {
+			out = append(out, "runc:"+id, "netns:"+id)
+		}
+	}
 	f.mu.Unlock()
-	return []string{"runc:old", "netns:old"}, nil
+	return out, nil
 }
 
 func (f *fakeNode) Adopt(id, digest string) { f.call("Adopt " + id + " " + digest) }

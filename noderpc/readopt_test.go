@@ -313,3 +313,64 @@ func TestReconcileStartReadopts(t *testing.T) {
 		t.Errorf("losses final: %q, want gone", got)
 	}
 }
+
+// TestReconcileSparesCreateMeanwhile: the leader's reconcile of a node
+// reads the sandboxes live there, then has the node list what it holds of
+// no live sandbox and removes it. A sandbox created through another
+// replica in between (reserved, recorded, started there) is on the node
+// but not in that live set: it is not removed (the leftovers are checked
+// again under the placement lock), nor is one this router reserved there
+// meanwhile (its record not written yet), while a real leftover ("old")
+// is.
+func TestReconcileSparesCreateMeanwhile(t *testing.T) {
+	c := newControl(t)
+	ctx := ctxT(t)
+	a := addNode(t, c, "a", 4, 4096, 10)
+	leader, replica := newRouter(t, c), newRouter(t, c)
+	replica.Leading = func() bool { return false }
+	const id, own = "sb-fresh", "sb-own"
+	leader.beforeLeftovers = func(nodeID string) {
+		slot, err := replica.ReserveSlot(node.StartRequest{ID: id, CPU: 1, Memory: 256 << 20})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		err = c.st.CreateSandbox(ctx, &store.Sandbox{ID: id, OrgID: "o", State: store.StateCreating, Slot: slot,
+			Node: replica.NodeOf(id), CPU: 1, MemoryMB: 256, CreatedAt: time.Now()})
+		replica.Recorded(id)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		if _, err := replica.Start(ctx, node.StartRequest{ID: id, Slot: slot, CPU: 1, Memory: 256 << 20}); err != nil {
+			t.Error(err)
+		}
+		// One through the leader itself, reserved, its record not yet
+		// written (a node may list what it is starting).
+		if _, err := leader.ReserveSlot(node.StartRequest{ID: own, CPU: 1, Memory: 256 << 20}); err != nil {
+			t.Error(err)
+		}
+		a.fake.mu.Lock()
+		a.fake.left = append(a.fake.left, id, own)
+		a.fake.mu.Unlock()
+	}
+	leader.ReconcileStart(ctx)
+	a.fake.mu.Lock()
+	calls := slices.Clone(a.fake.calls)
+	a.fake.mu.Unlock()
+	if !slices.Contains(calls, "Start "+id) {
+		t.Fatalf("the create through the replica did not reach the node: %q", calls)
+	}
+	defer leader.Recorded(own)
+	for _, c := range calls {
+		if strings.HasPrefix(c, "Destroy "+id+" ") || strings.HasPrefix(c, "Destroy "+own+" ") {
+			t.Fatalf("a sandbox created through another replica during the reconcile was removed as a leftover: %q", calls)
+		}
+	}
+	if !slices.Contains(calls, "Destroy old 0") {
+		t.Errorf("the node's real leftover was not removed: %q", calls)
+	}
+	if leader.NodeOf(id) != a.id.ID {
+		t.Errorf("the leader places %s on %q, want a", id, leader.NodeOf(id))
+	}
+}

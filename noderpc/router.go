@@ -88,6 +88,9 @@ type Router struct {
 	ReconcileWait time.Duration
 	readopter     Readopter
 	lostFinal     func(ctx context.Context, id string)
+	// beforeLeftovers, in tests, runs in a node's reconcile between its
+	// live set and its Leftovers call (a create landing in between).
+	beforeLeftovers func(nodeID string)
 	// reconciling are the nodes whose reconcile runs now (readopt.go);
 	// retryAt, when a node whose reconcile did not reach it is tried again.
 	reconciling map[string]bool
@@ -278,18 +281,27 @@ func (r *Router) reconcile(ctx context.Context, nodeID string) {
 			}
 		}
 	}
+	if r.beforeLeftovers != nil {
+		r.beforeLeftovers(nodeID)
+	}
 	left, err := m.client.Leftovers(ctx, live)
 	if err != nil {
 		r.log.Warn("fleet: leftovers of a returned node", "node", nodeID, "err", err)
 	}
+	var cands []string
 	for _, l := range left {
 		kind, id, ok := strings.Cut(l, ":")
 		if !ok || (kind != "runc" && kind != "netns") || id == "" {
 			continue
 		}
-		if _, done := orphans[id]; done {
+		if _, done := orphans[id]; done || slices.Contains(cands, id) {
 			continue
 		}
+		cands = append(cands, id)
+	}
+	// live is from before: a sandbox placed there since (through this
+	// replica or another) is not a leftover.
+	for _, id := range r.unplaced(ctx, nodeID, cands) {
 		slot := 0 // unknown: the node removes what it finds by id only
 		if sb, err := r.store.GetSandbox(ctx, id); err == nil {
 			slot = sb.Slot
@@ -309,6 +321,40 @@ func (r *Router) reconcile(ctx context.Context, nodeID string) {
 		}
 		r.log.Info("fleet: destroyed a lost sandbox on its returned node", "node", nodeID, "sandbox", id)
 	}
+}
+
+// unplaced returns those of ids, found on node nodeID but not among the
+// sandboxes live there when its reconcile began, that are still placed
+// there by no replica: the leftovers to remove. A create through any
+// replica reserves its slot (or claims its sandbox) under the placement
+// lock and holds it until its record, naming the node, is in the store;
+// under that lock every sandbox a node can have started is either placed
+// by this router or recorded live (syncPlacements), so a create that
+// landed after the reconcile read its live set is spared. If the store
+// cannot be read, nothing is removed now (the next reconcile will).
+func (r *Router) unplaced(ctx context.Context, nodeID string, ids []string) []string {
+	if len(ids) == 0 {
+		return nil
+	}
+	done := r.lockPlacement()
+	defer done("", false)
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := r.syncPlacements(sctx); err != nil {
+		r.log.Warn("fleet: leftovers of a returned node kept: placements not read", "node", nodeID, "err", err)
+		return nil
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []string
+	for _, id := range ids {
+		if p := r.where[id]; p != nil && p.node == nodeID {
+			r.log.Info("fleet: not a leftover: placed on the node since its reconcile began", "node", nodeID, "sandbox", id)
+			continue
+		}
+		out = append(out, id)
+	}
+	return out
 }
 
 // NodeOf returns the id of the node sandbox id runs on ("" if unknown).

@@ -68,7 +68,41 @@ var (
 	buildOnce sync.Once
 	binDir    string
 	buildErr  error
+	// builtDir is binDir when Bin made it (not $CHALK_TEST_BIN): this
+	// test binary's own, removed by Main when it exits.
+	builtDir string
+	// buildBin builds package pkg of the repository at root into out.
+	buildBin = func(root, out, pkg string) error {
+		cmd := exec.Command("go", "build", "-o", out, pkg)
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("%v\n%s", err, out)
+		}
+		return nil
+	}
 )
+
+// Main runs a package's tests (m.Run) and then removes what the test
+// binary made that outlives its tests: the PostgreSQL cluster of
+// PostgresDB and the directory Bin built the binaries in (one per test
+// binary: packages run at once do not share it). A package using
+// chalktest calls it from its TestMain: os.Exit(chalktest.Main(m)).
+func Main(m *testing.M) int {
+	code := m.Run()
+	StopPostgres()
+	RemoveBin()
+	return code
+}
+
+// RemoveBin removes the directory Bin built the binaries in, if it did
+// (not $CHALK_TEST_BIN); nothing may use them any more.
+func RemoveBin() {
+	if builtDir != "" {
+		_ = os.RemoveAll(builtDir)
+		builtDir = ""
+	}
+}
 
 // Bin returns a directory holding chalkd, chalk and chalk-init built from this
 // tree ($CHALK_TEST_BIN if set, as scripts/test.sh does).
@@ -85,12 +119,10 @@ func Bin(t TB) string {
 		if buildErr != nil {
 			return
 		}
+		builtDir = binDir
 		for _, b := range [][2]string{{"chalkd", "./cmd/chalkd"}, {"chalk", "./cmd/chalk"}, {"chalk-init", "./cmd/chalk-init"}} {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, b[0]), b[1])
-			cmd.Dir = root
-			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-			if out, err := cmd.CombinedOutput(); err != nil {
-				buildErr = fmt.Errorf("build %s: %v\n%s", b[0], err, out)
+			if err := buildBin(root, filepath.Join(binDir, b[0]), b[1]); err != nil {
+				buildErr = fmt.Errorf("build %s: %w", b[0], err)
 				return
 			}
 		}
@@ -311,13 +343,15 @@ func (n *Node) command(argv ...string) *exec.Cmd {
 func (n *Node) Restart() {
 	t := n.t
 	t.Helper()
+	from := len(n.Log()) // what earlier processes logged
 	n.spawn()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		var err error
 		if n.Mode == "node" {
-			// A node agent serves no API: it is up once it says so.
-			if strings.Contains(n.Log(), "chalkd node serving") {
+			// A node agent serves no API: it is up once it says so (this
+			// process: an earlier one's line does not count).
+			if log := n.Log(); len(log) >= from && strings.Contains(log[from:], "chalkd node serving") {
 				return
 			}
 			err = fmt.Errorf("not serving yet")

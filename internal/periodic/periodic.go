@@ -1,5 +1,7 @@
-// Package periodic runs a control plane's leader-only background work on a
-// ticker (the ingress prune, drain deadlines, tunnel repair).
+// Package periodic runs background work on a ticker: a control plane's
+// leader-only work (the ingress prune, drain deadlines, tunnel repair) and
+// work every process does (leading nil: the node cache's GC, the expiry of
+// egress's learned addresses).
 package periodic
 
 import (
