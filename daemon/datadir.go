@@ -77,6 +77,50 @@ func identityFilesTmpfs(log *slog.Logger, dataDir string) {
 	}
 }
 
+// nsFilesTmpfs puts RunDir/netns and RunDir/userns (the sandboxes' network
+// and user namespace files: empty files, each the mount point of a
+// namespace's bind, made at every create or spare and removed at the
+// sandbox's end) on a tmpfs each when they are on a disk file system and
+// empty, as identityFilesTmpfs does: on the CI VM /run is the root's ext4,
+// and in a burst of 50 creates ext4's inode allocator (its search through
+// the groups for an inode not recently deleted) was about half of chalkd's
+// CPU (issue #18 rounds 7 and 7b). A namespace outlives neither the host's
+// boot nor its bind, so nothing lost there at a reboot was not lost
+// before; the mounts outlive chalkd, and a restart finds them and its
+// sandboxes' binds in place. The modes are sandboxnet's (0755: the dirs
+// hold no secret, runc opens the files as root). Without user namespaces
+// the userns dir is not made.
+func nsFilesTmpfs(log *slog.Logger, runDir string, userns bool) {
+	dirs := []string{"netns"}
+	if userns {
+		dirs = append(dirs, "userns")
+	}
+	for _, name := range dirs {
+		dir := filepath.Join(runDir, name)
+		if err := os.MkdirAll(dir, nsDirMode); err != nil {
+			log.Warn("namespace files stay on the run dir's file system", "dir", dir, "err", err)
+			continue
+		}
+		mounted, err := tmpfsIfEmpty(dir, "chalk-"+name, nsDirMode, nsTmpfsSize)
+		if err != nil {
+			log.Warn("namespace files stay on the run dir's file system", "dir", dir, "err", err)
+			continue
+		}
+		if mounted {
+			log.Debug("namespace files on a tmpfs", "dir", dir)
+		}
+	}
+}
+
+// nsDirMode is the mode sandboxnet makes its netns and userns dirs with.
+const nsDirMode = 0o755
+
+// nsTmpfsSize bounds the namespace files' tmpfs: its files are empty (a
+// namespace's bind is a mount on them, not their content), so what it holds
+// is only its inodes and dirents, which a tmpfs does not count in size;
+// 1 MiB is for nothing but a mistake's writes.
+const nsTmpfsSize = 1 << 20
+
 // identityTmpfsSize bounds the identity-files tmpfs: 64 KiB (16 pages: a
 // sandbox's token and federation files, the node's files.json, a refresh's
 // temporary file) for each of the most slots a node can have (sandboxnet:

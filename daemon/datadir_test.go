@@ -156,3 +156,73 @@ func tmpfsSize(t *testing.T, dir string) int64 {
 	}
 	return int64(st.Blocks) * st.Bsize
 }
+
+// TestNSFilesTmpfs: the run dir's empty netns and userns dirs on a disk
+// file system get a tmpfs each, with sandboxnet's mode; a second start
+// (a chalkd restart) finds them and mounts nothing more, the namespace
+// files made there kept; a dir that is not empty (an older chalkd's
+// sandboxes' files, each a namespace's mount point) is left on the disk;
+// without user namespaces no userns dir is made.
+func TestNSFilesTmpfs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (mount)")
+	}
+	onTmpfs := func(dir string) bool {
+		var st unix.Statfs_t
+		if err := unix.Statfs(dir, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Type == unix.TMPFS_MAGIC
+	}
+	run := t.TempDir()
+	if onTmpfs(run) {
+		t.Skip("the test's temporary dir is on a tmpfs already")
+	}
+	dirs := []string{filepath.Join(run, "netns"), filepath.Join(run, "userns")}
+	t.Cleanup(func() {
+		for _, dir := range dirs {
+			for unix.Unmount(dir, unix.MNT_DETACH) == nil {
+			}
+		}
+	})
+	log := slog.New(slog.DiscardHandler)
+	nsFilesTmpfs(log, run, true)
+	for _, dir := range dirs {
+		if !onTmpfs(dir) {
+			t.Fatalf("%s: not on a tmpfs", dir)
+		}
+		if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != nsDirMode {
+			t.Fatalf("%s: %v %v, want mode %v", dir, st.Mode(), err, os.FileMode(nsDirMode))
+		}
+		if err := os.WriteFile(filepath.Join(dir, "sb-1"), nil, 0o444); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A restart: found, not stacked, the files kept.
+	nsFilesTmpfs(log, run, true)
+	for _, dir := range dirs {
+		if _, err := os.Stat(filepath.Join(dir, "sb-1")); err != nil {
+			t.Fatalf("a restart hid the namespace files: %v", err)
+		}
+		if n := mountsAt(t, dir); n != 1 {
+			t.Fatalf("%d mounts on %s, want 1", n, dir)
+		}
+	}
+
+	// An older chalkd's files on the disk: left there.
+	old := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(old, "netns"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(old, "netns", "sb-2"), nil, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	dirs = append(dirs, filepath.Join(old, "netns"), filepath.Join(old, "userns"))
+	nsFilesTmpfs(log, old, false)
+	if onTmpfs(filepath.Join(old, "netns")) {
+		t.Fatal("a tmpfs was mounted over namespace files in use")
+	}
+	if _, err := os.Stat(filepath.Join(old, "userns")); !os.IsNotExist(err) {
+		t.Fatalf("userns dir without user namespaces: %v", err)
+	}
+}

@@ -19,6 +19,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
+	"golang.org/x/sys/unix"
 )
 
 func ctxT(t *testing.T, d time.Duration) context.Context {
@@ -442,6 +443,17 @@ func TestRestartSurvival(t *testing.T) {
 	keep := create(t, c)
 	short := create(t, c, chalkcompute.WithTimeout(time.Second))
 	mustExec(t, keep, "sh", "-c", "echo state > /tmp/marker")
+	// The namespace files are on tmpfs mounts of their own (issue #18
+	// round 7b), which must outlive chalkd with the sandboxes' binds.
+	nsFiles := []string{filepath.Join(n.RunDir, "netns", keep.ID()), filepath.Join(n.RunDir, "userns", keep.ID())}
+	for _, f := range nsFiles {
+		if fs := fsType(t, filepath.Dir(f)); fs != unix.TMPFS_MAGIC {
+			t.Fatalf("%s: file system %#x, not a tmpfs", filepath.Dir(f), fs)
+		}
+		if fs := fsType(t, f); fs != unix.NSFS_MAGIC {
+			t.Fatalf("%s: file system %#x, not a namespace's bind", f, fs)
+		}
+	}
 	n.Kill()
 	// While chalkd is down the short sandbox's deadline passes.
 	time.Sleep(1500 * time.Millisecond) // wall-clock deadline under test, not synchronisation
@@ -453,6 +465,11 @@ func TestRestartSurvival(t *testing.T) {
 	}
 	if out := mustExec(t, kept, "cat", "/tmp/marker"); out != "state\n" {
 		t.Fatalf("state lost: %q", out)
+	}
+	for _, f := range nsFiles {
+		if fs := fsType(t, f); fs != unix.NSFS_MAGIC {
+			t.Fatalf("after restart %s: file system %#x, not a namespace's bind", f, fs)
+		}
 	}
 	info, err := short.Wait(ctx)
 	if err != nil || info.State != "stopped" || info.EndReason != "timeout" {
@@ -709,4 +726,14 @@ func gateway(ip string) string {
 	a := netip.MustParseAddr(ip).As4()
 	a[3]--
 	return netip.AddrFrom4(a).String()
+}
+
+// fsType is the type (statfs f_type) of the file system path is on.
+func fsType(t *testing.T, path string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Type)
 }

@@ -52,6 +52,7 @@ func (d *Daemon) prepareDataDir(ctx context.Context) error {
 		return err
 	}
 	identityFilesTmpfs(d.log, cfg.DataDir)
+	nsFilesTmpfs(d.log, cfg.RunDir, !cfg.NoUserNS)
 	go pruneLogsLoop(ctx, d.log, cfg.DataDir, cfg.Limits.LogRetention)
 	if err := sandbox.SetSubreaper(); err != nil {
 		return fmt.Errorf("become subreaper: %w", err)
