@@ -62,6 +62,9 @@ type Quota struct {
 	MaxVCPU             float64 `json:"max_vcpu,omitempty"`
 	MaxMemoryMB         int64   `json:"max_memory_mb,omitempty"`
 	MaxCreatesPerMinute int     `json:"max_creates_per_minute,omitempty"`
+	// MaxUploadBytes bounds the bytes of the org's recorded uploads
+	// (AddOrgUpload); -1: no limit.
+	MaxUploadBytes int64 `json:"max_upload_bytes,omitempty"`
 }
 
 // Or returns q with every unset limit taken from def.
@@ -77,6 +80,9 @@ func (q Quota) Or(def Quota) Quota {
 	}
 	if q.MaxCreatesPerMinute == 0 {
 		q.MaxCreatesPerMinute = def.MaxCreatesPerMinute
+	}
+	if q.MaxUploadBytes == 0 {
+		q.MaxUploadBytes = def.MaxUploadBytes
 	}
 	return q
 }
