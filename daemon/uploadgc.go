@@ -55,9 +55,11 @@ func uploadGCEvery(grace time.Duration) time.Duration {
 }
 
 // uploadGC runs passes over blobs until ctx ends (grace <= 0: never).
-// leading (nil: always) says whether this process collects now.
+// leading (nil: always) says whether this process collects now; forget
+// (nil: none) drops the orgs' records of content being removed
+// (CollectOptions.Forget).
 func uploadGC(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, extracted string, grace time.Duration,
-	leading func() bool, refs ...func(context.Context) (map[string]bool, error)) {
+	leading func() bool, forget func(string) error, refs ...func(context.Context) (map[string]bool, error)) {
 	if grace <= 0 {
 		return
 	}
@@ -65,7 +67,7 @@ func uploadGC(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, ex
 	defer t.Stop()
 	for {
 		if leading == nil || leading() {
-			uploadGCPass(ctx, log, blobs, extracted, grace, refs...)
+			uploadGCPass(ctx, log, blobs, extracted, grace, forget, refs...)
 		}
 		select {
 		case <-ctx.Done():
@@ -76,8 +78,8 @@ func uploadGC(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, ex
 }
 
 func uploadGCPass(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, extracted string, grace time.Duration,
-	refs ...func(context.Context) (map[string]bool, error)) {
-	res, err := blobs.Collect(ctx, imagebuild.CollectOptions{Grace: grace, Extracted: extracted,
+	forget func(string) error, refs ...func(context.Context) (map[string]bool, error)) {
+	res, err := blobs.Collect(ctx, imagebuild.CollectOptions{Grace: grace, Extracted: extracted, Forget: forget,
 		Refs: func(ctx context.Context) (map[string]bool, error) {
 			all := map[string]bool{}
 			for _, r := range refs {

@@ -116,6 +116,12 @@ type CollectOptions struct {
 	// digest): removed with their blob, and on their own when their blob is
 	// gone and they are unreferenced. "": none.
 	Extracted string
+	// Forget runs for content about to be removed (its blob, or an
+	// orphaned extracted tree), under the lock an upload commits under, so
+	// an upload committed after it is recorded after it: the store drops
+	// every org's record of the upload (their budgets' charge). An error
+	// keeps the content. nil: nothing.
+	Forget func(digest string) error
 	// afterRefs runs after Refs (tests: what happens meanwhile).
 	afterRefs func()
 	// beforeRemove runs before a digest's blob is removed (tests).
@@ -221,6 +227,11 @@ func (b *Blobs) collect(d string, refs map[string]bool, o CollectOptions) (bool,
 		size = st.Size()
 	case !errors.Is(err, os.ErrNotExist):
 		return false, 0, err
+	}
+	if o.Forget != nil {
+		if err := o.Forget(d); err != nil {
+			return false, 0, fmt.Errorf("upload GC: forgetting %s: %w", d, err)
+		}
 	}
 	// The extracted tree first: a crash between the two leaves a blob
 	// whose tree is extracted again when used.
