@@ -233,8 +233,7 @@ func (d *Daemon) startBuilds(ctx context.Context) error {
 	// nodes') bind are kept; with replicas the leader collects.
 	// The orgs' records of removed content go with it (their upload
 	// budgets' charge).
-	forget := func(digest string) error { return d.Store.RemoveUploads(ctx, digest) }
-	go uploadGC(ctx, d.log.With("component", "upload-gc"), blobs, d.im.dir, cfg.UploadGCGrace, d.leaderFunc(), forget,
+	go uploadGC(ctx, d.log.With("component", "upload-gc"), blobs, d.im.dir, cfg.UploadGCGrace, d.leaderFunc(), d.Store,
 		storeMountRefs(d.Store), bundleRefs(filepath.Join(cfg.DataDir, "sandboxes"), blobs.Dir(), d.im.dir))
 	return nil
 }

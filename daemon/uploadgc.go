@@ -54,12 +54,19 @@ func uploadGCEvery(grace time.Duration) time.Duration {
 	return min(max(grace/4, time.Second), 10*time.Minute)
 }
 
+// uploadRecords are the orgs' records of their uploads (*store.Store).
+type uploadRecords interface {
+	UploadDigests(context.Context) ([]string, error)
+	RemoveUploads(context.Context, ...string) error
+}
+
 // uploadGC runs passes over blobs until ctx ends (grace <= 0: never).
-// leading (nil: always) says whether this process collects now; forget
-// (nil: none) drops the orgs' records of content being removed
-// (CollectOptions.Forget).
+// leading (nil: always) says whether this process collects now; recs
+// (nil: none) are the orgs' records of uploads, dropped with the content
+// removed (CollectOptions.Forget) and, at each pass, for content not
+// stored.
 func uploadGC(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, extracted string, grace time.Duration,
-	leading func() bool, forget func(string) error, refs ...func(context.Context) (map[string]bool, error)) {
+	leading func() bool, recs uploadRecords, refs ...func(context.Context) (map[string]bool, error)) {
 	if grace <= 0 {
 		return
 	}
@@ -67,7 +74,7 @@ func uploadGC(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, ex
 	defer t.Stop()
 	for {
 		if leading == nil || leading() {
-			uploadGCPass(ctx, log, blobs, extracted, grace, forget, refs...)
+			uploadGCPass(ctx, log, blobs, extracted, grace, recs, refs...)
 		}
 		select {
 		case <-ctx.Done():
@@ -78,7 +85,11 @@ func uploadGC(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, ex
 }
 
 func uploadGCPass(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, extracted string, grace time.Duration,
-	forget func(string) error, refs ...func(context.Context) (map[string]bool, error)) {
+	recs uploadRecords, refs ...func(context.Context) (map[string]bool, error)) {
+	var forget func(string) error
+	if recs != nil {
+		forget = func(d string) error { return recs.RemoveUploads(ctx, d) }
+	}
 	res, err := blobs.Collect(ctx, imagebuild.CollectOptions{Grace: grace, Extracted: extracted, Forget: forget,
 		Refs: func(ctx context.Context) (map[string]bool, error) {
 			all := map[string]bool{}
@@ -102,6 +113,24 @@ func uploadGCPass(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs
 	if err != nil && ctx.Err() == nil {
 		uploadGCErrors.Inc()
 		log.Warn("upload GC", "err", err)
+	}
+	if recs == nil || ctx.Err() != nil {
+		return
+	}
+	// Records of content not stored (removed before records were dropped
+	// with it, or never written) go too: their orgs are charged for them
+	// no more.
+	ds, err := recs.UploadDigests(ctx)
+	if err == nil {
+		var n int
+		n, err = blobs.ForgetMissing(ds, forget)
+		if n > 0 {
+			log.Info("upload GC: dropped the records of uploads not stored", "count", n)
+		}
+	}
+	if err != nil && ctx.Err() == nil {
+		uploadGCErrors.Inc()
+		log.Warn("upload GC: the records of uploads not stored", "err", err)
 	}
 }
 

@@ -253,6 +253,33 @@ func (b *Blobs) collect(d string, refs map[string]bool, o CollectOptions) (bool,
 	return true, size, nil
 }
 
+// ForgetMissing runs forget for each of digests (content recorded as
+// uploaded) that is not stored: records whose content went before the GC
+// dropped records, or whose write never happened (chalkd stopped between
+// an upload's charge and its write). Under the lock an upload commits
+// under, so an upload committed after it records again. Returns how many
+// it forgot.
+func (b *Blobs) ForgetMissing(digests []string, forget func(string) error) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	n := 0
+	var errs []error
+	for _, d := range digests {
+		if !digestRE.MatchString(d) {
+			continue
+		}
+		if _, err := os.Stat(b.path(d)); !errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err := forget(d); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		n++
+	}
+	return n, errors.Join(errs...)
+}
+
 // removeTemps removes what interrupted uploads and extractions left
 // (".upload-*" in the store, ".extract-*" in extracted) once untouched for
 // the grace: one in progress is written to, so its mtime moves.

@@ -660,6 +660,24 @@ func orgUploadBytes(ctx context.Context, q queryer, org string) (int64, error) {
 	return n, err
 }
 
+// UploadDigests lists the digests of every org's upload records.
+func (s *Store) UploadDigests(ctx context.Context) ([]string, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT DISTINCT ref FROM org_images WHERE ref LIKE 'upload:%' ORDER BY ref`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var r string
+		if err := rows.Scan(&r); err != nil {
+			return nil, err
+		}
+		out = append(out, strings.TrimPrefix(r, "upload:"))
+	}
+	return out, rows.Err()
+}
+
 // RemoveUploads drops every org's record of the uploads of digests (the
 // upload GC removed their content): their orgs' budgets are charged for
 // them no more.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -283,6 +284,9 @@ func TestUploadBudget(t *testing.T) {
 		}
 		if err := s.RemoveUploads(ctx, mine, dig(101)); err != nil {
 			t.Fatal(err)
+		}
+		if ds, err := s.UploadDigests(ctx); err != nil || len(ds) != 9 || slices.Contains(ds, mine) {
+			t.Fatalf("upload digests after the GC: %v %v, want a's 9 others", ds, err)
 		}
 		for org, want := range map[string]int64{"a": 900, "b": 0} {
 			if n, err := s.OrgUploadBytes(ctx, org); err != nil || n != want {
