@@ -512,6 +512,7 @@ type fakeImages struct {
 
 	blobs   map[string]bool // uploaded digests
 	touched map[string]int  // HasBlob calls per digest
+	putErr  error           // PutBlob's answer (nil: stores)
 }
 
 var (
@@ -580,6 +581,9 @@ func (f *fakeImages) HasBlob(d string) bool {
 func (f *fakeImages) PutBlob(_ context.Context, d string, _ []byte) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.putErr != nil {
+		return f.putErr
+	}
 	if f.blobs == nil {
 		f.blobs = map[string]bool{}
 	}

@@ -2,6 +2,8 @@ package api
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"slices"
@@ -215,7 +217,7 @@ const MaxHasBlobs = 4096
 
 // uploadRef is how an org's upload of content d is recorded in its view
 // (store org_images; no image reference has this form).
-func uploadRef(d string) string { return "upload:" + d }
+func uploadRef(d string) string { return store.UploadRef(d) }
 
 // orgUploaded says whether org uploaded content d (UploadBlob). Uploaded
 // content is shared on disk across orgs but each org sees only what it
@@ -360,13 +362,37 @@ func (h *imageService) UploadBlob(ctx context.Context, req *connect.Request[v1.U
 	if h.s.cfg.Images == nil {
 		return nil, fmt.Errorf("uploads are %w: %w", errNoBackend, errdefs.ErrFailedPrecondition)
 	}
-	// PutBlob checks the content hashes to the digest (also when another
-	// org's copy is here already): the org proved it has the content, so
-	// the content is in its view from now on.
-	if err := h.s.cfg.Images.PutBlob(ctx, req.Msg.Digest, req.Msg.Data); err != nil {
+	// The content must hash to the digest (also when another org's copy is
+	// here already): the org proved it has the content, so the content is
+	// in its view from now on. Checked before anything is recorded.
+	d, data := req.Msg.Digest, req.Msg.Data
+	if sum := sha256.Sum256(data); d != "sha256:"+hex.EncodeToString(sum[:]) {
+		return nil, invalid("upload of %q: content hashes to sha256:%x", d, sum)
+	}
+	// The org's upload budget is charged before the content is written
+	// (counted one upload of the org at a time); a write that fails takes a
+	// new record back.
+	q, err := h.s.quotaOf(ctx, p.OrgID)
+	if err != nil {
 		return nil, err
 	}
-	if err := h.s.store.AddOrgImages(ctx, p.OrgID, uploadRef(req.Msg.Digest)); err != nil {
+	added, err := h.s.store.AddOrgUpload(ctx, p.OrgID, d, int64(len(data)), q.MaxUploadBytes)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.s.cfg.Images.PutBlob(ctx, d, data); err != nil {
+		if added {
+			if rerr := h.s.store.RemoveOrgImages(context.WithoutCancel(ctx), p.OrgID, uploadRef(d)); rerr != nil {
+				err = errors.Join(err, rerr)
+			}
+		}
+		return nil, err
+	}
+	// The upload GC drops the records of content it removes under the lock
+	// the write commits under: content it removed before this write was
+	// committed may have lost the record taken above; record it again (no
+	// charge beyond the one just checked).
+	if _, err := h.s.store.AddOrgUpload(ctx, p.OrgID, d, int64(len(data)), 0); err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(&v1.UploadBlobResponse{Digest: req.Msg.Digest, Size: int64(len(req.Msg.Data))}), nil

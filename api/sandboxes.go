@@ -82,6 +82,9 @@ func validateCreate(r *v1.CreateSandboxRequest) (timeout, idle time.Duration, er
 	if err := validateEnv(r.Env); err != nil {
 		return 0, 0, err
 	}
+	if err := createArgBounds(r.Entrypoint, r.Env); err != nil {
+		return 0, 0, err
+	}
 	if err := validateFederation(r); err != nil {
 		return 0, 0, err
 	}
@@ -134,6 +137,47 @@ func noNUL(field string, vals ...string) error {
 			}
 			return invalid("%s: contains a NUL byte", field)
 		}
+	}
+	return nil
+}
+
+// Bounds of a create's entrypoint and env. They are stored whole in the
+// sandbox's record (every read of it, every replica's and the fleet's
+// copies) and were bounded only by the API's message limit; the kernel's
+// execve refuses an argument or environment string over 128 KiB
+// (MAX_ARG_STRLEN) and, with the default 8 MiB stack, more than 2 MiB of
+// them together, so an entrypoint past these could never start anyway.
+const (
+	MaxEntrypointArgs = 4096      // entrypoint elements
+	MaxEnvVars        = 4096      // env entries
+	MaxArgBytes       = 128 << 10 // one entrypoint element, one env NAME=value
+	MaxArgsTotalBytes = 1 << 20   // the entrypoint's and env's bytes together
+)
+
+// createArgBounds checks a create's entrypoint and env against the bounds
+// above, naming the element and the numbers.
+func createArgBounds(entrypoint []string, env map[string]string) error {
+	if n := len(entrypoint); n > MaxEntrypointArgs {
+		return invalid("entrypoint: %d elements (at most %d, api.MaxEntrypointArgs)", n, MaxEntrypointArgs)
+	}
+	if n := len(env); n > MaxEnvVars {
+		return invalid("env: %d variables (at most %d, api.MaxEnvVars)", n, MaxEnvVars)
+	}
+	total := 0
+	for i, a := range entrypoint {
+		if len(a) > MaxArgBytes {
+			return invalid("entrypoint[%d]: %d bytes (at most %d, api.MaxArgBytes)", i, len(a), MaxArgBytes)
+		}
+		total += len(a)
+	}
+	for k, v := range env {
+		if n := len(k) + 1 + len(v); n > MaxArgBytes {
+			return invalid("env %.64s: %d bytes as NAME=value (at most %d, api.MaxArgBytes)", k, n, MaxArgBytes)
+		}
+		total += len(k) + 1 + len(v)
+	}
+	if total > MaxArgsTotalBytes {
+		return invalid("entrypoint and env: %d bytes together (at most %d, api.MaxArgsTotalBytes)", total, MaxArgsTotalBytes)
 	}
 	return nil
 }

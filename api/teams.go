@@ -67,7 +67,22 @@ func (h *teamService) orgProto(o *store.Org) *v1.Org {
 }
 
 func quotaProto(q store.Quota) *v1.Quota {
-	return &v1.Quota{MaxRunningSandboxes: int32(q.MaxRunning), MaxVcpu: q.MaxVCPU, MaxMemoryMb: q.MaxMemoryMB, MaxCreatesPerMinute: int32(q.MaxCreatesPerMinute)}
+	return &v1.Quota{MaxRunningSandboxes: int32(q.MaxRunning), MaxVcpu: q.MaxVCPU, MaxMemoryMb: q.MaxMemoryMB, MaxCreatesPerMinute: int32(q.MaxCreatesPerMinute),
+		MaxUploadBytes: q.MaxUploadBytes}
+}
+
+// quotaWithUse is org's quota as GetQuota and SetQuota answer: with what
+// its uploads are charged now.
+func (s *Server) quotaWithUse(ctx context.Context, org string) (*v1.Quota, error) {
+	q, err := s.quotaOf(ctx, org)
+	if err != nil {
+		return nil, err
+	}
+	out := quotaProto(q)
+	if out.UploadBytes, err = s.store.OrgUploadBytes(ctx, org); err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 func (h *teamService) CreateOrg(ctx context.Context, req *connect.Request[v1.CreateOrgRequest]) (*connect.Response[v1.CreateOrgResponse], error) {
@@ -259,11 +274,11 @@ func (h *teamService) GetQuota(ctx context.Context, req *connect.Request[v1.GetQ
 	if err != nil {
 		return nil, err
 	}
-	q, err := h.s.quotaOf(ctx, orgOf(p, req.Msg.Org))
+	q, err := h.s.quotaWithUse(ctx, orgOf(p, req.Msg.Org))
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(quotaProto(q)), nil
+	return connect.NewResponse(q), nil
 }
 
 func (h *teamService) SetQuota(ctx context.Context, req *connect.Request[v1.SetQuotaRequest]) (*connect.Response[v1.Quota], error) {
@@ -279,16 +294,20 @@ func (h *teamService) SetQuota(ctx context.Context, req *connect.Request[v1.SetQ
 	if in.MaxRunningSandboxes < 0 || in.MaxVcpu < 0 || math.IsNaN(in.MaxVcpu) || math.IsInf(in.MaxVcpu, 0) || in.MaxMemoryMb < 0 || in.MaxCreatesPerMinute < 0 {
 		return nil, invalid("quota: limits must be 0 (the node's default) or more")
 	}
-	q := store.Quota{MaxRunning: int(in.MaxRunningSandboxes), MaxVCPU: in.MaxVcpu, MaxMemoryMB: in.MaxMemoryMb, MaxCreatesPerMinute: int(in.MaxCreatesPerMinute)}
+	if in.MaxUploadBytes < -1 {
+		return nil, invalid("quota: max_upload_bytes %d: want -1 (no limit), 0 (the node's default) or more", in.MaxUploadBytes)
+	}
+	q := store.Quota{MaxRunning: int(in.MaxRunningSandboxes), MaxVCPU: in.MaxVcpu, MaxMemoryMB: in.MaxMemoryMb, MaxCreatesPerMinute: int(in.MaxCreatesPerMinute),
+		MaxUploadBytes: in.MaxUploadBytes}
 	setAuditObject(ctx, "org:"+org)
 	if err := h.s.store.SetQuota(ctx, org, q); err != nil {
 		return nil, err
 	}
-	eff, err := h.s.quotaOf(ctx, org)
+	eff, err := h.s.quotaWithUse(ctx, org)
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(quotaProto(eff)), nil
+	return connect.NewResponse(eff), nil
 }
 
 func (h *teamService) Audit(ctx context.Context, req *connect.Request[v1.AuditRequest]) (*connect.Response[v1.AuditResponse], error) {

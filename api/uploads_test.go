@@ -4,14 +4,17 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 
 	"connectrpc.com/connect"
 
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
+	"github.com/chalkcompute/chalkcompute/store"
 )
 
 // TestUploadsPerOrg: uploaded content is shared on disk but each org sees
@@ -105,4 +108,85 @@ func TestUploadsPerOrg(t *testing.T) {
 	if err := build(bob, specs["copy"]); err != nil {
 		t.Fatalf("org b builds from its own upload: %v", err)
 	}
+}
+
+// TestUploadBudget: an org's uploads are charged to its upload quota
+// (max_upload_bytes, the node's default where the admin set none) before
+// the content is written: an upload past it is resource_exhausted naming
+// the quota and the numbers, with nothing written or recorded; content the
+// org has is not charged again; another org uploading the same content is
+// charged for it too; a write that fails leaves no record; GetQuota
+// reports the use; -1 lifts the limit.
+func TestUploadBudget(t *testing.T) {
+	ctx := context.Background()
+	tn := newTestNode(t, Config{DefaultQuota: store.Quota{MaxUploadBytes: 100}})
+	content := func(i int) ([]byte, string) {
+		b := []byte(fmt.Sprintf("%060d", i))
+		sum := sha256.Sum256(b)
+		return b, "sha256:" + hex.EncodeToString(sum[:])
+	}
+	upload := func(c clients, i int) error {
+		b, d := content(i)
+		_, err := c.image.UploadBlob(ctx, connect.NewRequest(&v1.UploadBlobRequest{Digest: d, Data: b}))
+		return err
+	}
+	alice, bob := tn.user("alice"), tn.user("bob")
+	if err := upload(alice, 1); err != nil {
+		t.Fatal(err)
+	}
+	err := upload(alice, 2)
+	wantCode(t, "an upload past the org's budget", err, connect.CodeResourceExhausted)
+	for _, want := range []string{"60 bytes of uploads recorded", "upload quota is 100 bytes", "max_upload_bytes"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Fatalf("the refusal %q does not say %q", err, want)
+		}
+	}
+	if _, d := content(2); tn.images.blobs[d] {
+		t.Fatal("a refused upload was written")
+	}
+	if err := upload(alice, 1); err != nil {
+		t.Fatalf("alice uploads her content again: %v", err)
+	}
+	if err := upload(bob, 1); err != nil {
+		t.Fatalf("bob uploads content alice has: %v", err)
+	}
+	q, err := alice.team.GetQuota(ctx, connect.NewRequest(&v1.GetQuotaRequest{}))
+	if err != nil || q.Msg.MaxUploadBytes != 100 || q.Msg.UploadBytes != 60 {
+		t.Fatalf("alice's quota: %v %v; want 60 of 100 bytes", q, err)
+	}
+	if n, err := tn.store.OrgUploadBytes(ctx, "b"); err != nil || n != 60 {
+		t.Fatalf("bob's org is charged %d (%v), want 60", n, err)
+	}
+
+	tn.images.mu.Lock()
+	tn.images.putErr = errors.New("disk full")
+	tn.images.mu.Unlock()
+	if err := upload(bob, 3); err == nil {
+		t.Fatal("a failed write succeeded")
+	}
+	if n, _ := tn.store.OrgUploadBytes(ctx, "b"); n != 60 {
+		t.Fatalf("a failed write left a charge: %d bytes, want 60", n)
+	}
+	if _, d := content(3); slices.Contains(must(tn.store.ImageOwners(ctx, store.UploadRef(d))), "b") {
+		t.Fatal("a failed write left its record")
+	}
+	tn.images.mu.Lock()
+	tn.images.putErr = nil
+	tn.images.mu.Unlock()
+
+	_, err = alice.team.SetQuota(ctx, connect.NewRequest(&v1.SetQuotaRequest{Quota: &v1.Quota{MaxUploadBytes: -2}}))
+	wantCode(t, "max_upload_bytes -2", err, connect.CodeInvalidArgument)
+	if _, err := alice.team.SetQuota(ctx, connect.NewRequest(&v1.SetQuotaRequest{Quota: &v1.Quota{MaxUploadBytes: -1}})); err != nil {
+		t.Fatal(err)
+	}
+	if err := upload(alice, 2); err != nil {
+		t.Fatalf("with no limit: %v", err)
+	}
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
 }

@@ -1,9 +1,14 @@
 package api
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"slices"
 	"strings"
 	"testing"
+
+	"connectrpc.com/connect"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
@@ -63,5 +68,49 @@ func TestExecPTY(t *testing.T) {
 				t.Fatalf("got %v, want invalid argument with %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestCreateArgBounds: a create's entrypoint and env are bounded in count
+// and bytes (they are stored whole in the sandbox's record, and execve
+// could not start more): past a bound the create is invalid_argument naming
+// the field and the numbers, and nothing is recorded; at the bounds it runs.
+func TestCreateArgBounds(t *testing.T) {
+	ctx := context.Background()
+	tn := newTestNode(t, Config{})
+	alice := tn.user("alice")
+	big := strings.Repeat("x", MaxArgBytes)
+	many := func(n int) []string { return slices.Repeat([]string{"a"}, n) }
+	env := func(n int, v string) map[string]string {
+		m := map[string]string{}
+		for i := range n {
+			m[fmt.Sprintf("V%d", i)] = v
+		}
+		return m
+	}
+	for _, tc := range []struct {
+		name string
+		req  *v1.CreateSandboxRequest
+		want string
+	}{
+		{"elements", &v1.CreateSandboxRequest{Entrypoint: many(MaxEntrypointArgs + 1)}, "entrypoint: 4097 elements (at most 4096"},
+		{"element", &v1.CreateSandboxRequest{Entrypoint: []string{"sh", big + "x"}}, "entrypoint[1]: 131073 bytes (at most 131072"},
+		{"variables", &v1.CreateSandboxRequest{Env: env(MaxEnvVars+1, "")}, "env: 4097 variables (at most 4096"},
+		{"variable", &v1.CreateSandboxRequest{Env: map[string]string{"A": big}}, "env A: 131074 bytes as NAME=value"},
+		{"total", &v1.CreateSandboxRequest{Entrypoint: many(8), Env: env(9, big[:MaxArgBytes-8])}, "bytes together (at most 1048576"},
+	} {
+		tc.req.Image = "busybox"
+		_, err := alice.sandbox.Create(ctx, connect.NewRequest(tc.req))
+		if connect.CodeOf(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want invalid_argument with %q", tc.name, err, tc.want)
+		}
+	}
+	if sbs, err := tn.store.ListSandboxes(ctx, "", true); err != nil || len(sbs) != 0 {
+		t.Fatalf("refused creates recorded: %d %v", len(sbs), err)
+	}
+	_, err := alice.sandbox.Create(ctx, connect.NewRequest(&v1.CreateSandboxRequest{Image: "busybox",
+		Entrypoint: append([]string{big}, many(MaxEntrypointArgs-1)...), Env: env(MaxEnvVars, "")}))
+	if err != nil {
+		t.Fatalf("a create at the bounds: %v", err)
 	}
 }

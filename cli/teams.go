@@ -58,7 +58,7 @@ func orgCmd(e *env) *cobra.Command {
 			for _, o := range orgs {
 				rows = append(rows, append([]string{o.Name, o.CreatedAt}, quotaCells(o.Quota)...))
 			}
-			e.table("NAME\tCREATED\tMAX SANDBOXES\tMAX VCPU\tMAX MEMORY MB\tMAX CREATES/MIN", rows)
+			e.table("NAME\tCREATED\tMAX SANDBOXES\tMAX VCPU\tMAX MEMORY MB\tMAX CREATES/MIN\tMAX UPLOAD BYTES", rows)
 		}),
 	}
 	cmd.AddCommand(create, ls, quotaCmd(e))
@@ -66,26 +66,26 @@ func orgCmd(e *env) *cobra.Command {
 }
 
 func limit(v any) string {
-	if fmt.Sprint(v) == "0" {
+	if s := fmt.Sprint(v); s == "0" || s == "-1" {
 		return "-"
 	}
 	return fmt.Sprint(v)
 }
 
 func quotaCells(q *v1.Quota) []string {
-	return []string{limit(q.GetMaxRunningSandboxes()), limit(q.GetMaxVcpu()), limit(q.GetMaxMemoryMb()), limit(q.GetMaxCreatesPerMinute())}
+	return []string{limit(q.GetMaxRunningSandboxes()), limit(q.GetMaxVcpu()), limit(q.GetMaxMemoryMb()), limit(q.GetMaxCreatesPerMinute()), limit(q.GetMaxUploadBytes())}
 }
 
 func quotaCmd(e *env) *cobra.Command {
 	q := &v1.Quota{}
 	cmd := &cobra.Command{
-		Use:   "quota [ORG] [--max-sandboxes N] [--max-vcpu N] [--max-memory-mb N] [--max-creates-per-minute N]",
+		Use:   "quota [ORG] [--max-sandboxes N] [--max-vcpu N] [--max-memory-mb N] [--max-creates-per-minute N] [--max-upload-bytes N]",
 		Short: "Show an org's quota, or set it (node admin; 0 = the node's default)",
 		Args:  cobra.MaximumNArgs(1),
 	}
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		set := false
-		for _, f := range []string{"max-sandboxes", "max-vcpu", "max-memory-mb", "max-creates-per-minute"} {
+		for _, f := range []string{"max-sandboxes", "max-vcpu", "max-memory-mb", "max-creates-per-minute", "max-upload-bytes"} {
 			set = set || cmd.Flags().Changed(f)
 		}
 		return call(e, func(ctx context.Context, c *chalkcompute.Client, args []string) (*v1.Quota, error) {
@@ -98,7 +98,8 @@ func quotaCmd(e *env) *cobra.Command {
 			}
 			return c.Quota(ctx, org)
 		}, asIs, func(res *v1.Quota) {
-			e.table("MAX SANDBOXES\tMAX VCPU\tMAX MEMORY MB\tMAX CREATES/MIN", [][]string{quotaCells(res)})
+			e.table("MAX SANDBOXES\tMAX VCPU\tMAX MEMORY MB\tMAX CREATES/MIN\tMAX UPLOAD BYTES\tUPLOAD BYTES",
+				[][]string{append(quotaCells(res), fmt.Sprint(res.GetUploadBytes()))})
 		})(cmd, args)
 	}
 	f := cmd.Flags()
@@ -106,6 +107,7 @@ func quotaCmd(e *env) *cobra.Command {
 	f.Float64Var(&q.MaxVcpu, "max-vcpu", 0, "total vCPU of running sandboxes")
 	f.Int64Var(&q.MaxMemoryMb, "max-memory-mb", 0, "total memory of running sandboxes (MiB)")
 	f.Int32Var(&q.MaxCreatesPerMinute, "max-creates-per-minute", 0, "sandbox creates per minute")
+	f.Int64Var(&q.MaxUploadBytes, "max-upload-bytes", 0, "bytes of uploaded content the org keeps (-1: no limit)")
 	return cmd
 }
 

@@ -185,7 +185,8 @@ type Config struct {
 	MCPAuditRetention time.Duration
 	Limits            Limits // memory defaults, console log bounds (limits.go)
 	Logger            *slog.Logger
-	// DefaultQuota is every org's quota where the node admin set none (zero: no limits).
+	// DefaultQuota is every org's quota where the node admin set none (zero: no limits;
+	// chalkd sets MaxUploadBytes to DefaultOrgMaxUploadBytes unless told).
 	DefaultQuota store.Quota
 	// OrgMaxTunnels is the most tunnels an org may have (0:
 	// DefaultOrgMaxTunnels; negative: no limit).
@@ -552,3 +553,8 @@ func Main(ctx context.Context, cfg Config) error {
 	<-ctx.Done()
 	return d.Close()
 }
+
+// DefaultOrgMaxUploadBytes is --org-max-upload-bytes' default: an org's
+// uploads (each distinct digest it uploaded, until the upload GC removes
+// it) may take 10 GiB of the data dir every org shares.
+const DefaultOrgMaxUploadBytes = 10 << 30

@@ -74,7 +74,7 @@ func (n nodeMounts) Started(binds []sandbox.Bind) {
 // gc collects this node's copies that no sandbox here binds (grace <= 0:
 // never).
 func (n nodeMounts) gc(ctx context.Context, log *slog.Logger, dataDir string, grace time.Duration) {
-	uploadGC(ctx, log, n.im.blobs, n.im.dir, grace, nil, n.pend.refs,
+	uploadGC(ctx, log, n.im.blobs, n.im.dir, grace, nil, nil, n.pend.refs,
 		bundleRefs(filepath.Join(dataDir, "sandboxes"), n.im.blobs.Dir(), n.im.dir))
 }
 

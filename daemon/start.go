@@ -233,7 +233,9 @@ func (d *Daemon) startBuilds(ctx context.Context) error {
 	}
 	// Uploads live sandboxes (this machine's, or the store's: a fleet's
 	// nodes') bind are kept; with replicas the leader collects.
-	go uploadGC(ctx, d.log.With("component", "upload-gc"), blobs, d.im.dir, cfg.UploadGCGrace, d.leaderFunc(),
+	// The orgs' records of removed content go with it (their upload
+	// budgets' charge).
+	go uploadGC(ctx, d.log.With("component", "upload-gc"), blobs, d.im.dir, cfg.UploadGCGrace, d.leaderFunc(), d.Store,
 		storeMountRefs(d.Store), bundleRefs(filepath.Join(cfg.DataDir, "sandboxes"), blobs.Dir(), d.im.dir))
 	return nil
 }

@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -79,6 +80,12 @@ func TestTeamsEndToEnd(t *testing.T) {
 	if out, stderr, code := cli("--token", n.Token(), "admin", "org", "quota", "acme", "--max-sandboxes", "5", "-o", "json"); code != 0 ||
 		json.Unmarshal([]byte(out), &quota) != nil || quota["max_running_sandboxes"] != float64(5) {
 		t.Fatalf("org quota set: %d %q %q", code, out, stderr)
+	}
+	// The upload budget: set and shown (int64s are JSON strings; nothing
+	// uploaded yet: no upload_bytes, as zero fields are left out).
+	if out, stderr, code := cli("--token", n.Token(), "admin", "org", "quota", "acme", "--max-sandboxes", "5", "--max-upload-bytes", "1000", "-o", "json"); code != 0 ||
+		json.Unmarshal([]byte(out), &quota) != nil || fmt.Sprint(quota["max_upload_bytes"]) != "1000" || quota["upload_bytes"] != nil {
+		t.Fatalf("org quota --max-upload-bytes: %d %q %q", code, out, stderr)
 	}
 	if _, stderr, code := cli("admin", "org", "quota", "acme", "--max-sandboxes", "50"); code == 0 || !strings.Contains(stderr, "node") {
 		t.Fatalf("org quota set by the org's admin: %d %q", code, stderr)

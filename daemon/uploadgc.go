@@ -54,10 +54,19 @@ func uploadGCEvery(grace time.Duration) time.Duration {
 	return min(max(grace/4, time.Second), 10*time.Minute)
 }
 
+// uploadRecords are the orgs' records of their uploads (*store.Store).
+type uploadRecords interface {
+	UploadDigests(context.Context) ([]string, error)
+	RemoveUploads(context.Context, ...string) error
+}
+
 // uploadGC runs passes over blobs until ctx ends (grace <= 0: never).
-// leading (nil: always) says whether this process collects now.
+// leading (nil: always) says whether this process collects now; recs
+// (nil: none) are the orgs' records of uploads, dropped with the content
+// removed (CollectOptions.Forget) and, at each pass, for content not
+// stored.
 func uploadGC(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, extracted string, grace time.Duration,
-	leading func() bool, refs ...func(context.Context) (map[string]bool, error)) {
+	leading func() bool, recs uploadRecords, refs ...func(context.Context) (map[string]bool, error)) {
 	if grace <= 0 {
 		return
 	}
@@ -65,7 +74,7 @@ func uploadGC(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, ex
 	defer t.Stop()
 	for {
 		if leading == nil || leading() {
-			uploadGCPass(ctx, log, blobs, extracted, grace, refs...)
+			uploadGCPass(ctx, log, blobs, extracted, grace, recs, refs...)
 		}
 		select {
 		case <-ctx.Done():
@@ -76,8 +85,12 @@ func uploadGC(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, ex
 }
 
 func uploadGCPass(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, extracted string, grace time.Duration,
-	refs ...func(context.Context) (map[string]bool, error)) {
-	res, err := blobs.Collect(ctx, imagebuild.CollectOptions{Grace: grace, Extracted: extracted,
+	recs uploadRecords, refs ...func(context.Context) (map[string]bool, error)) {
+	var forget func(string) error
+	if recs != nil {
+		forget = func(d string) error { return recs.RemoveUploads(ctx, d) }
+	}
+	res, err := blobs.Collect(ctx, imagebuild.CollectOptions{Grace: grace, Extracted: extracted, Forget: forget,
 		Refs: func(ctx context.Context) (map[string]bool, error) {
 			all := map[string]bool{}
 			for _, r := range refs {
@@ -100,6 +113,24 @@ func uploadGCPass(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs
 	if err != nil && ctx.Err() == nil {
 		uploadGCErrors.Inc()
 		log.Warn("upload GC", "err", err)
+	}
+	if recs == nil || ctx.Err() != nil {
+		return
+	}
+	// Records of content not stored (removed before records were dropped
+	// with it, or never written) go too: their orgs are charged for them
+	// no more.
+	ds, err := recs.UploadDigests(ctx)
+	if err == nil {
+		var n int
+		n, err = blobs.ForgetMissing(ds, forget)
+		if n > 0 {
+			log.Info("upload GC: dropped the records of uploads not stored", "count", n)
+		}
+	}
+	if err != nil && ctx.Err() == nil {
+		uploadGCErrors.Inc()
+		log.Warn("upload GC: the records of uploads not stored", "err", err)
 	}
 }
 

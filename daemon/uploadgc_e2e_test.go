@@ -1,6 +1,8 @@
 package daemon_test
 
 import (
+	"context"
+	"errors"
 	"maps"
 	"os"
 	"path/filepath"
@@ -10,6 +12,7 @@ import (
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/chalkcompute"
+	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/internal/chalktest"
 )
 
@@ -141,11 +144,55 @@ func TestUploadGC(t *testing.T) {
 	if out := mustExec(t, a, "sh", "-c", "cat /data/data.txt /srcdir/a.txt"); out != "mountedA" {
 		t.Fatalf("mounts of the running sandbox after GC passes: %q", out)
 	}
+	if q, err := c.Quota(ctx, ""); err != nil || q.UploadBytes == 0 {
+		t.Fatalf("the org's uploads while a sandbox binds them: %v %v, want charged", q, err)
+	}
 	if _, err := a.Terminate(ctx); err != nil {
 		t.Fatal(err)
 	}
 	waitGone("the uploads of the sandbox that ended", blobs, aBlobs)
 	waitGone("the extracted tree of the sandbox that ended", trees, aTrees)
+	// The org's records of removed content go with it: its budget is
+	// charged for them no more.
+	if q, err := c.Quota(ctx, ""); err != nil || q.UploadBytes != 0 {
+		t.Fatalf("the org's uploads after the GC removed them all: %v %v, want 0 bytes", q, err)
+	}
+}
+
+// TestUploadBudgetE2E: through the Go SDK, a create whose local files
+// exceed the org's upload quota (--org-max-upload-bytes) fails with
+// resource_exhausted naming the quota and the numbers, and nothing of
+// the refused content is on disk; within the quota it runs.
+func TestUploadBudgetE2E(t *testing.T) {
+	n := chalktest.Start(t, "--org-max-upload-bytes", "100")
+	c := n.Client()
+	ctx := ctxT(t, 2*time.Minute)
+	dir := t.TempDir()
+	small := writeFile(t, dir, "small.txt", strings.Repeat("s", 60))
+	big := writeFile(t, dir, "big.txt", strings.Repeat("b", 60))
+	sb, err := c.Create(ctx, chalkcompute.Base("busybox").AddLocalFile(small, "/data/small.txt", chalkcompute.Mount))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sb.Terminate(context.Background())
+	blobs := filepath.Join(n.Dir, "blobs")
+	before := uploadNames(blobs)
+	_, err = c.Create(ctx, chalkcompute.Base("busybox").AddLocalFile(big, "/data/big.txt", chalkcompute.Mount))
+	if !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("a create past the upload quota: %v, want resource_exhausted", err)
+	}
+	for _, want := range []string{"upload quota is 100 bytes", "60 bytes of uploads recorded", "max_upload_bytes"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Fatalf("the SDK's error %q does not say %q", err, want)
+		}
+	}
+	if after := uploadNames(blobs); !maps.Equal(before, after) {
+		t.Fatalf("the refused upload left content: %v, before %v", after, before)
+	}
+	q, err := c.Quota(ctx, "")
+	if err != nil || q.MaxUploadBytes != 100 || q.UploadBytes != 60 {
+		t.Fatalf("quota: %v %v, want 60 of 100 bytes", q, err)
+	}
 }
 
 // uploadNames lists the uploads (blobs, extracted trees) in dir, not the

@@ -2,6 +2,9 @@ package daemon
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,6 +13,7 @@ import (
 
 	"github.com/chalkcompute/chalkcompute/imagebuild"
 	"github.com/chalkcompute/chalkcompute/sandbox"
+	"github.com/chalkcompute/chalkcompute/store"
 )
 
 // TestBundleRefs: the uploads a machine's sandboxes bind are read from
@@ -86,5 +90,60 @@ func TestPendingMounts(t *testing.T) {
 	collect()                                // its hold expires (this pass saw it held)
 	if got := collect(); len(got) != 1 || m.im.blobs.Has(d) {
 		t.Fatalf("after the start window: %v", got)
+	}
+}
+
+// TestUploadGCRecords: a pass drops every org's records of the content it
+// removes and the records of content not stored (a charge whose write
+// never happened, records from before they were dropped with their
+// content), and keeps those of content it keeps: the orgs' upload budgets
+// are charged only for what is on disk.
+func TestUploadGCRecords(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	st, err := store.Open(ctx, filepath.Join(dir, "chalk.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	blobs, err := imagebuild.NewBlobs(filepath.Join(dir, "blobs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	blobs.Now = func() time.Time { return now }
+	put := func(s string) string {
+		sum := sha256.Sum256([]byte(s))
+		d := "sha256:" + hex.EncodeToString(sum[:])
+		if err := blobs.Put(d, []byte(s)); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	old, kept := put("old"), put("kept")
+	never := "sha256:" + strings.Repeat("0", 64)
+	for _, org := range []string{"a", "b"} {
+		for _, d := range []string{old, kept, never} {
+			if _, err := st.AddOrgUpload(ctx, org, d, 3, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	now = now.Add(2 * time.Hour)
+	if !blobs.Touch(kept) {
+		t.Fatal("touch")
+	}
+	uploadGCPass(ctx, slog.New(slog.DiscardHandler), blobs, "", time.Hour, st)
+	if blobs.Has(old) || !blobs.Has(kept) {
+		t.Fatalf("after the pass: old stored %v, kept stored %v", blobs.Has(old), blobs.Has(kept))
+	}
+	ds, err := st.UploadDigests(ctx)
+	if err != nil || len(ds) != 1 || ds[0] != kept {
+		t.Fatalf("upload records after the pass: %v %v, want only %s", ds, err, kept)
+	}
+	for _, org := range []string{"a", "b"} {
+		if n, err := st.OrgUploadBytes(ctx, org); err != nil || n != 3 {
+			t.Fatalf("org %s is charged %d (%v), want 3", org, n, err)
+		}
 	}
 }

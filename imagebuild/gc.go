@@ -116,6 +116,12 @@ type CollectOptions struct {
 	// digest): removed with their blob, and on their own when their blob is
 	// gone and they are unreferenced. "": none.
 	Extracted string
+	// Forget runs for content about to be removed (its blob, or an
+	// orphaned extracted tree), under the lock an upload commits under, so
+	// an upload committed after it is recorded after it: the store drops
+	// every org's record of the upload (their budgets' charge). An error
+	// keeps the content. nil: nothing.
+	Forget func(digest string) error
 	// afterRefs runs after Refs (tests: what happens meanwhile).
 	afterRefs func()
 	// beforeRemove runs before a digest's blob is removed (tests).
@@ -222,6 +228,11 @@ func (b *Blobs) collect(d string, refs map[string]bool, o CollectOptions) (bool,
 	case !errors.Is(err, os.ErrNotExist):
 		return false, 0, err
 	}
+	if o.Forget != nil {
+		if err := o.Forget(d); err != nil {
+			return false, 0, fmt.Errorf("upload GC: forgetting %s: %w", d, err)
+		}
+	}
 	// The extracted tree first: a crash between the two leaves a blob
 	// whose tree is extracted again when used.
 	if o.Extracted != "" {
@@ -240,6 +251,33 @@ func (b *Blobs) collect(d string, refs map[string]bool, o CollectOptions) (bool,
 		}
 	}
 	return true, size, nil
+}
+
+// ForgetMissing runs forget for each of digests (content recorded as
+// uploaded) that is not stored: records whose content went before the GC
+// dropped records, or whose write never happened (chalkd stopped between
+// an upload's charge and its write). Under the lock an upload commits
+// under, so an upload committed after it records again. Returns how many
+// it forgot.
+func (b *Blobs) ForgetMissing(digests []string, forget func(string) error) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	n := 0
+	var errs []error
+	for _, d := range digests {
+		if !digestRE.MatchString(d) {
+			continue
+		}
+		if _, err := os.Stat(b.path(d)); !errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err := forget(d); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		n++
+	}
+	return n, errors.Join(errs...)
 }
 
 // removeTemps removes what interrupted uploads and extractions left

@@ -255,3 +255,40 @@ func BenchmarkPin(b *testing.B) {
 		}
 	})
 }
+
+// TestCollectForget: Forget runs for content being removed (the store drops
+// the orgs' records of it), under the lock an upload commits under (an
+// upload of the digest waits for it), and its error keeps the content.
+func TestCollectForget(t *testing.T) {
+	ctx := context.Background()
+	b, err := NewBlobs(filepath.Join(t.TempDir(), "blobs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := &gcClock{t: time.Now()}
+	b.Now = clock.now
+	keep, gone := put(t, b, "keep"), put(t, b, "gone")
+	clock.add(2 * time.Hour)
+	var forgot []string
+	opts := CollectOptions{Grace: time.Hour, Forget: func(d string) error {
+		if b.mu.TryLock() {
+			b.mu.Unlock()
+			t.Error("Forget runs without the lock uploads commit under")
+		}
+		if d == keep {
+			return errors.New("the store is down")
+		}
+		forgot = append(forgot, d)
+		return nil
+	}}
+	res, err := b.Collect(ctx, opts)
+	if err == nil || !strings.Contains(err.Error(), "the store is down") {
+		t.Fatalf("collect with a failing Forget: %v", err)
+	}
+	if !slices.Equal(res.Digests, []string{gone}) || !slices.Equal(forgot, []string{gone}) {
+		t.Fatalf("removed %v, forgot %v; want %s", res.Digests, forgot, gone)
+	}
+	if !b.Has(keep) || b.Has(gone) {
+		t.Fatalf("after the pass: keep stored %v, gone stored %v", b.Has(keep), b.Has(gone))
+	}
+}

@@ -219,6 +219,11 @@ var migrations = []migration{
 	{sql: `ALTER TABLE sandboxes ADD COLUMN lost_node TEXT NOT NULL DEFAULT '';
 	ALTER TABLE sandboxes ADD COLUMN lost_at BIGINT NOT NULL DEFAULT 0;
 	CREATE INDEX sandboxes_lost ON sandboxes (lost_node, lost_at);`, fn: migrateLostNodes},
+	// The size of an org's upload record (upload:<digest> in org_images:
+	// the bytes its upload budget is charged, store.AddOrgUpload); 0 for
+	// every other record, and for uploads recorded before (charged when
+	// the org uploads the content again).
+	{sql: `ALTER TABLE org_images ADD COLUMN size BIGINT NOT NULL DEFAULT 0;`},
 }
 
 // migrateLostNodes fills lost_node and lost_at of the records stopped as

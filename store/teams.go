@@ -62,6 +62,9 @@ type Quota struct {
 	MaxVCPU             float64 `json:"max_vcpu,omitempty"`
 	MaxMemoryMB         int64   `json:"max_memory_mb,omitempty"`
 	MaxCreatesPerMinute int     `json:"max_creates_per_minute,omitempty"`
+	// MaxUploadBytes bounds the bytes of the org's recorded uploads
+	// (AddOrgUpload); -1: no limit.
+	MaxUploadBytes int64 `json:"max_upload_bytes,omitempty"`
 }
 
 // Or returns q with every unset limit taken from def.
@@ -77,6 +80,9 @@ func (q Quota) Or(def Quota) Quota {
 	}
 	if q.MaxCreatesPerMinute == 0 {
 		q.MaxCreatesPerMinute = def.MaxCreatesPerMinute
+	}
+	if q.MaxUploadBytes == 0 {
+		q.MaxUploadBytes = def.MaxUploadBytes
 	}
 	return q
 }
@@ -584,6 +590,100 @@ func (s *Store) ImageOwners(ctx context.Context, ref string) ([]string, error) {
 func (s *Store) RemoveOrgImages(ctx context.Context, org string, refs ...string) error {
 	for _, r := range refs {
 		if _, err := s.db.ExecContext(ctx, `DELETE FROM org_images WHERE org_id = ? AND ref = ?`, org, r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// UploadRef is how an org's upload of content digest is recorded in its
+// view (org_images; no image reference has this form).
+func UploadRef(digest string) string { return "upload:" + digest }
+
+// AddOrgUpload records that org uploaded content digest of size bytes
+// (UploadRef in its view), charging the org's upload budget: with max > 0,
+// an upload that would make the org's recorded uploads total more than max
+// bytes is refused (resource_exhausted, naming the numbers) and nothing is
+// recorded. Content the org recorded already is not charged again (one
+// recorded without its size is charged it now). Uploads of one org are
+// counted one at a time (a transaction-scoped lock on PostgreSQL; SQLite
+// has one writer). added says the record is new: the caller takes it back
+// (RemoveOrgImages) if the content then fails to be stored.
+func (s *Store) AddOrgUpload(ctx context.Context, org, digest string, size, max int64) (added bool, err error) {
+	tx, err := s.db.BeginTx(ctx)
+	if err != nil {
+		return false, err
+	}
+	defer tx.Rollback()
+	if err := tx.d.lock(ctx, tx, "uploads:"+org); err != nil {
+		return false, err
+	}
+	ref := UploadRef(digest)
+	var had int64
+	switch err := tx.QueryRowContext(ctx, `SELECT size FROM org_images WHERE org_id = ? AND ref = ?`, org, ref).Scan(&had); {
+	case err == nil:
+		if had >= size {
+			return false, nil
+		}
+	case errors.Is(err, sql.ErrNoRows):
+		had = -1
+	default:
+		return false, err
+	}
+	if max > 0 {
+		used, err := orgUploadBytes(ctx, tx, org)
+		if err != nil {
+			return false, err
+		}
+		if more := size - max0(had); used+more > max {
+			return false, fmt.Errorf("upload of %s (%d bytes): org %q has %d bytes of uploads recorded and its upload quota is %d bytes (max_upload_bytes; uploads go when the upload GC removes them, unused for chalkd's --upload-gc-grace): %w",
+				digest, size, org, used, max, errdefs.ErrResourceExhausted)
+		}
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT INTO org_images (org_id, ref, size) VALUES (?, ?, ?)
+		ON CONFLICT (org_id, ref) DO UPDATE SET size = excluded.size`, org, ref, size); err != nil {
+		return false, err
+	}
+	return had < 0, tx.Commit()
+}
+
+func max0(n int64) int64 { return max(n, 0) }
+
+// OrgUploadBytes is what org's recorded uploads are charged (AddOrgUpload).
+func (s *Store) OrgUploadBytes(ctx context.Context, org string) (int64, error) {
+	return orgUploadBytes(ctx, s.db, org)
+}
+
+func orgUploadBytes(ctx context.Context, q queryer, org string) (int64, error) {
+	var n int64
+	err := q.QueryRowContext(ctx, `SELECT COALESCE(SUM(size), 0) FROM org_images WHERE org_id = ? AND ref LIKE 'upload:%'`, org).Scan(&n)
+	return n, err
+}
+
+// UploadDigests lists the digests of every org's upload records.
+func (s *Store) UploadDigests(ctx context.Context) ([]string, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT DISTINCT ref FROM org_images WHERE ref LIKE 'upload:%' ORDER BY ref`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var r string
+		if err := rows.Scan(&r); err != nil {
+			return nil, err
+		}
+		out = append(out, strings.TrimPrefix(r, "upload:"))
+	}
+	return out, rows.Err()
+}
+
+// RemoveUploads drops every org's record of the uploads of digests (the
+// upload GC removed their content): their orgs' budgets are charged for
+// them no more.
+func (s *Store) RemoveUploads(ctx context.Context, digests ...string) error {
+	for _, d := range digests {
+		if _, err := s.db.ExecContext(ctx, `DELETE FROM org_images WHERE ref = ?`, UploadRef(d)); err != nil {
 			return err
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -211,6 +212,93 @@ func TestQuotaRace(t *testing.T) {
 		wg.Wait()
 		if ok != 10 || exhausted != 10 {
 			t.Fatalf("%d created, %d refused; want 10 and 10", ok, exhausted)
+		}
+	})
+}
+
+// TestUploadBudget: an org's upload records are charged their sizes, each
+// distinct digest once (another org's record of the same content charges
+// that org); 20 racing uploads of distinct content at a budget of 10 admit
+// exactly 10; an upload past the budget records nothing and its error
+// names the numbers; the GC's removal of content drops every org's record
+// and their charge.
+func TestUploadBudget(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		newOrg(t, s, "a", "alice")
+		newOrg(t, s, "b", "bob")
+		dig := func(i int) string { return fmt.Sprintf("sha256:%064x", i) }
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		ok, exhausted := 0, 0
+		for i := 0; i < 20; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				added, err := s.AddOrgUpload(ctx, "a", dig(i), 100, 1000)
+				mu.Lock()
+				defer mu.Unlock()
+				switch {
+				case err == nil && added:
+					ok++
+				case errors.Is(err, errdefs.ErrResourceExhausted):
+					exhausted++
+				default:
+					t.Error(added, err)
+				}
+			}()
+		}
+		wg.Wait()
+		if ok != 10 || exhausted != 10 {
+			t.Fatalf("%d uploads recorded, %d refused; want 10 and 10", ok, exhausted)
+		}
+		if n, err := s.OrgUploadBytes(ctx, "a"); err != nil || n != 1000 {
+			t.Fatalf("a's upload bytes: %d %v, want 1000", n, err)
+		}
+		// One a has already: not charged again, not new.
+		var mine string
+		for i := 0; i < 20; i++ {
+			if o, _ := s.ImageOwners(ctx, UploadRef(dig(i))); len(o) == 1 {
+				mine = dig(i)
+				break
+			}
+		}
+		if added, err := s.AddOrgUpload(ctx, "a", mine, 100, 1000); err != nil || added {
+			t.Fatalf("a's upload of content it has: added %v, %v", added, err)
+		}
+		_, err := s.AddOrgUpload(ctx, "a", dig(100), 1, 1000)
+		if !errors.Is(err, errdefs.ErrResourceExhausted) || !strings.Contains(err.Error(), "1000 bytes of uploads recorded") || !strings.Contains(err.Error(), "quota is 1000 bytes") {
+			t.Fatalf("an upload past the budget: %v", err)
+		}
+		if o, _ := s.ImageOwners(ctx, UploadRef(dig(100))); len(o) != 0 {
+			t.Fatalf("a refused upload was recorded: %v", o)
+		}
+		// b is charged for the same content too; a's budget is not b's.
+		if added, err := s.AddOrgUpload(ctx, "b", mine, 100, 100); err != nil || !added {
+			t.Fatalf("b's upload of a's content: %v %v", added, err)
+		}
+		// No limit.
+		if _, err := s.AddOrgUpload(ctx, "a", dig(101), 5000, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.RemoveUploads(ctx, mine, dig(101)); err != nil {
+			t.Fatal(err)
+		}
+		if ds, err := s.UploadDigests(ctx); err != nil || len(ds) != 9 || slices.Contains(ds, mine) {
+			t.Fatalf("upload digests after the GC: %v %v, want a's 9 others", ds, err)
+		}
+		for org, want := range map[string]int64{"a": 900, "b": 0} {
+			if n, err := s.OrgUploadBytes(ctx, org); err != nil || n != want {
+				t.Fatalf("%s's upload bytes after the GC: %d %v, want %d", org, n, err, want)
+			}
+		}
+		// Images are not uploads.
+		if err := s.AddOrgImages(ctx, "a", "sha256:"+strings.Repeat("e", 64)); err != nil {
+			t.Fatal(err)
+		}
+		if n, _ := s.OrgUploadBytes(ctx, "a"); n != 900 {
+			t.Fatalf("a's upload bytes with an image: %d", n)
 		}
 	})
 }

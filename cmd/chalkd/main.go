@@ -266,6 +266,7 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 	fs.Float64Var(&cfg.DefaultQuota.MaxVCPU, "org-max-vcpu", 0, "default per-org quota: total vCPU of running sandboxes (0: no limit)")
 	fs.Int64Var(&cfg.DefaultQuota.MaxMemoryMB, "org-max-memory-mb", 0, "default per-org quota: total memory of running sandboxes in MiB (0: no limit)")
 	fs.IntVar(&cfg.DefaultQuota.MaxCreatesPerMinute, "org-max-creates-per-minute", 0, "default per-org quota: sandbox creates per minute (0: no limit)")
+	fs.Int64Var(&cfg.DefaultQuota.MaxUploadBytes, "org-max-upload-bytes", daemon.DefaultOrgMaxUploadBytes, "default per-org quota: bytes of uploaded content (UploadBlob) an org may have on the data dir, each distinct digest it uploaded until the upload GC removes it (-1: no limit)")
 	fs.IntVar(&cfg.OrgMaxTunnels, "org-max-tunnels", daemon.DefaultOrgMaxTunnels, "the most tunnels an org may have (their subnets are shared by all orgs; -1: no limit)")
 	fs.Int64Var(&cfg.CacheMaxBytes, "cache-max-bytes", 0, "node image cache size cap (default 20 GiB)")
 	fs.StringVar(&cfg.DNSUpstream, "dns-upstream", "", "DNS server the sandboxes' DNS proxy forwards to (default: from /etc/resolv.conf)")

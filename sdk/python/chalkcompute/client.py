@@ -512,14 +512,18 @@ class SandboxClient:
         return dict(self._t.unary("TeamService", "RevokeKey", {"id": key}).get("key") or {})
 
     def get_quota(self, org: Optional[str] = None) -> Dict[str, Any]:
-        """The org's limits in force (0 or absent: no limit)."""
+        """The org's limits in force (0 or absent: no limit; ``maxUploadBytes`` -1: no limit)
+        and ``uploadBytes``, what its uploads are charged now."""
         return self._t.unary("TeamService", "GetQuota", {"org": org} if org else {})
 
     def set_quota(self, org: Optional[str] = None, max_running_sandboxes: int = 0, max_vcpu: float = 0,
-                  max_memory_mb: int = 0, max_creates_per_minute: int = 0) -> Dict[str, Any]:
-        """Set an org's limits (node admin; 0 = the node's default); returns the limits in force."""
+                  max_memory_mb: int = 0, max_creates_per_minute: int = 0,
+                  max_upload_bytes: int = 0) -> Dict[str, Any]:
+        """Set an org's limits (node admin; 0 = the node's default; max_upload_bytes -1: no
+        limit); returns the limits in force."""
         q = {"maxRunningSandboxes": int(max_running_sandboxes), "maxVcpu": float(max_vcpu),
-             "maxMemoryMb": int(max_memory_mb), "maxCreatesPerMinute": int(max_creates_per_minute)}
+             "maxMemoryMb": int(max_memory_mb), "maxCreatesPerMinute": int(max_creates_per_minute),
+             "maxUploadBytes": str(int(max_upload_bytes))}
         req: Dict[str, Any] = {"quota": q}
         if org:
             req["org"] = org

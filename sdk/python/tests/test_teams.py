@@ -84,6 +84,21 @@ class TeamsTest(unittest.TestCase):
             self.admin.create(image=Image.base("busybox"))
         self.assertIn("max_running_sandboxes", str(cm.exception))
 
+    def test_upload_quota_names_the_numbers(self) -> None:
+        self.root.set_quota(org="py-team", max_upload_bytes=100)
+        self.addCleanup(self.root.set_quota, "py-team")
+        q = self.admin.get_quota()
+        self.assertEqual(int(q["maxUploadBytes"]), 100)
+        used = int(q.get("uploadBytes", 0))
+        path = os.path.join(tempfile.mkdtemp(), "big.txt")
+        with open(path, "w") as f:
+            f.write("x" * (101 - used))
+        with self.assertRaises(ResourceExhaustedError) as cm:
+            self.admin.create(image=Image.base("busybox").add_local_file(path, "/data/big.txt"), timeout=60)
+        self.assertIn("upload quota is 100 bytes", str(cm.exception))
+        self.assertIn("%d bytes of uploads recorded" % used, str(cm.exception))
+        self.assertEqual(int(self.admin.get_quota().get("uploadBytes", 0)), used)
+
     def test_revoked_key_fails_next_call(self) -> None:
         k = self.admin.create_key("py-ci", role="member")
         self.assertTrue(k["secret"].startswith("chalk_"))

@@ -6216,15 +6216,21 @@ func (x *RevokeKeyResponse) GetKey() *ApiKey {
 	return nil
 }
 
-// Quota: per-org limits enforced at sandbox create. 0 = no limit.
+// Quota: per-org limits enforced at sandbox create (and, for
+// max_upload_bytes, at UploadBlob). 0 = the node's default (no limit if it
+// has none).
 type Quota struct {
 	state               protoimpl.MessageState `protogen:"open.v1"`
 	MaxRunningSandboxes int32                  `protobuf:"varint,1,opt,name=max_running_sandboxes,json=maxRunningSandboxes,proto3" json:"max_running_sandboxes,omitempty"`
 	MaxVcpu             float64                `protobuf:"fixed64,2,opt,name=max_vcpu,json=maxVcpu,proto3" json:"max_vcpu,omitempty"`
 	MaxMemoryMb         int64                  `protobuf:"varint,3,opt,name=max_memory_mb,json=maxMemoryMb,proto3" json:"max_memory_mb,omitempty"`
 	MaxCreatesPerMinute int32                  `protobuf:"varint,4,opt,name=max_creates_per_minute,json=maxCreatesPerMinute,proto3" json:"max_creates_per_minute,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Bytes of uploaded content (UploadBlob) the org may have recorded: each
+	// distinct digest it uploaded, until the upload GC removes it. -1: no limit.
+	MaxUploadBytes int64 `protobuf:"varint,5,opt,name=max_upload_bytes,json=maxUploadBytes,proto3" json:"max_upload_bytes,omitempty"`
+	UploadBytes    int64 `protobuf:"varint,6,opt,name=upload_bytes,json=uploadBytes,proto3" json:"upload_bytes,omitempty"` // output only: what the org's uploads are charged now
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Quota) Reset() {
@@ -6281,6 +6287,20 @@ func (x *Quota) GetMaxMemoryMb() int64 {
 func (x *Quota) GetMaxCreatesPerMinute() int32 {
 	if x != nil {
 		return x.MaxCreatesPerMinute
+	}
+	return 0
+}
+
+func (x *Quota) GetMaxUploadBytes() int64 {
+	if x != nil {
+		return x.MaxUploadBytes
+	}
+	return 0
+}
+
+func (x *Quota) GetUploadBytes() int64 {
+	if x != nil {
+		return x.UploadBytes
 	}
 	return 0
 }
@@ -7488,12 +7508,14 @@ const file_chalk_compute_v1_compute_proto_rawDesc = "" +
 	"\x10RevokeKeyRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"?\n" +
 	"\x11RevokeKeyResponse\x12*\n" +
-	"\x03key\x18\x01 \x01(\v2\x18.chalk.compute.v1.ApiKeyR\x03key\"\xaf\x01\n" +
+	"\x03key\x18\x01 \x01(\v2\x18.chalk.compute.v1.ApiKeyR\x03key\"\xfc\x01\n" +
 	"\x05Quota\x122\n" +
 	"\x15max_running_sandboxes\x18\x01 \x01(\x05R\x13maxRunningSandboxes\x12\x19\n" +
 	"\bmax_vcpu\x18\x02 \x01(\x01R\amaxVcpu\x12\"\n" +
 	"\rmax_memory_mb\x18\x03 \x01(\x03R\vmaxMemoryMb\x123\n" +
-	"\x16max_creates_per_minute\x18\x04 \x01(\x05R\x13maxCreatesPerMinute\"#\n" +
+	"\x16max_creates_per_minute\x18\x04 \x01(\x05R\x13maxCreatesPerMinute\x12(\n" +
+	"\x10max_upload_bytes\x18\x05 \x01(\x03R\x0emaxUploadBytes\x12!\n" +
+	"\fupload_bytes\x18\x06 \x01(\x03R\vuploadBytes\"#\n" +
 	"\x0fGetQuotaRequest\x12\x10\n" +
 	"\x03org\x18\x01 \x01(\tR\x03org\"R\n" +
 	"\x0fSetQuotaRequest\x12\x10\n" +
