@@ -431,18 +431,7 @@ func TestKernelPathKilled(t *testing.T) {
 	_ = child.Wait()
 
 	m := NewManager(nil)
-	subnet := netip.MustParsePrefix("100.96.13.0/24")
-	a, err := m.Join("org/t", "a", "/run/netns/"+nsA, "wg0", subnet)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := m.Join("org/t", "b", "/run/netns/"+nsB, "wg0", subnet)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pc := listenUDP(t, nsB, netip.AddrPortFrom(b.Addr, 7103))
-	udpFrom(t, nsA, a.Addr, netip.AddrPortFrom(b.Addr, 7103), "again")
-	recvFrom(t, pc, a.Addr, "again")
+	_, b := joinAndSend(t, m, nsA, nsB, "100.96.13.0/24", 7103, "again")
 	if d := routeDev(t, nsA, b.Addr); d != "wg0-local" {
 		t.Fatalf("a routes b via %s, want wg0-local", d)
 	}
@@ -463,18 +452,7 @@ func TestStatsDoesNotWaitForJoins(t *testing.T) {
 	nsA, nsB := netnsFor(t), netnsFor(t)
 	m := NewManager(nil)
 	defer m.Close()
-	subnet := netip.MustParsePrefix("100.96.14.0/24")
-	a, err := m.Join("org/t", "a", "/run/netns/"+nsA, "wg0", subnet)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := m.Join("org/t", "b", "/run/netns/"+nsB, "wg0", subnet)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pc := listenUDP(t, nsB, netip.AddrPortFrom(b.Addr, 7104))
-	udpFrom(t, nsA, a.Addr, netip.AddrPortFrom(b.Addr, 7104), "counted")
-	recvFrom(t, pc, a.Addr, "counted")
+	joinAndSend(t, m, nsA, nsB, "100.96.14.0/24", 7104, "counted")
 
 	m.mu.Lock() // as a join in progress
 	got := make(chan Stats, 1)
@@ -501,4 +479,22 @@ func TestStatsDoesNotWaitForJoins(t *testing.T) {
 	if after := m.Stats(); after.Local < s.Local {
 		t.Fatalf("Stats after the router went %+v, before %+v: counts lost", after, s)
 	}
+}
+
+// joinAndSend joins members a (in nsA) and b (in nsB) to tunnel org/t with
+// subnet, and has a UDP message from a reach b at port.
+func joinAndSend(t *testing.T, m *Manager, nsA, nsB, subnet string, port uint16, msg string) (a, b Member) {
+	t.Helper()
+	sub := netip.MustParsePrefix(subnet)
+	a, err := m.Join("org/t", "a", "/run/netns/"+nsA, "wg0", sub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err = m.Join("org/t", "b", "/run/netns/"+nsB, "wg0", sub); err != nil {
+		t.Fatal(err)
+	}
+	pc := listenUDP(t, nsB, netip.AddrPortFrom(b.Addr, port))
+	udpFrom(t, nsA, a.Addr, netip.AddrPortFrom(b.Addr, port), msg)
+	recvFrom(t, pc, a.Addr, msg)
+	return a, b
 }
