@@ -163,6 +163,11 @@ func (s *Server) authorize(ctx context.Context, procedure string, msg proto.Mess
 	if !ok {
 		return "", fmt.Errorf("%s has no authorisation rule: %w", procedure, errdefs.ErrPermissionDenied)
 	}
+	if msg != nil {
+		if err := requestBounds(msg.ProtoReflect()); err != nil {
+			return "", err
+		}
+	}
 	object := ""
 	if r.field != "" && msg != nil {
 		if fd := msg.ProtoReflect().Descriptor().Fields().ByName(protoreflect.Name(r.field)); fd != nil && fd.Kind() == protoreflect.StringKind {
@@ -300,6 +305,14 @@ func (c *authzConn) Receive(m any) error {
 	return toConnect(c.err)
 }
 
+// Bounds of an audit record's object and detail (the error's message,
+// which may quote a request's values): the trail keeps every call a member
+// or a viewer makes, and a record must not grow with the request.
+const (
+	MaxAuditObject = 256
+	MaxAuditDetail = 1024
+)
+
 // audit records a call that is not read-only in the caller's org.
 func (s *Server) audit(ctx context.Context, procedure, object, peer string, callErr error) {
 	if readOnly(procedure) || rules[procedure].quiet {
@@ -325,6 +338,7 @@ func (s *Server) audit(ctx context.Context, procedure, object, peer string, call
 	if o := auditObject(ctx); o != "" && rec.Object == "" {
 		rec.Object = o
 	}
+	rec.Object, rec.Detail = clip(rec.Object, MaxAuditObject), clip(rec.Detail, MaxAuditDetail)
 	if batchedAudit[procedure] {
 		s.audits.add(ctx, rec)
 		return

@@ -157,16 +157,22 @@ const (
 // createArgBounds checks a create's entrypoint and env against the bounds
 // above, naming the element and the numbers.
 func createArgBounds(entrypoint []string, env map[string]string) error {
-	if n := len(entrypoint); n > MaxEntrypointArgs {
-		return invalid("entrypoint: %d elements (at most %d, api.MaxEntrypointArgs)", n, MaxEntrypointArgs)
+	return argBounds("entrypoint", entrypoint, env)
+}
+
+// argBounds checks a command line (a create's entrypoint, an exec's argv)
+// and its env against the bounds above; field names the command line.
+func argBounds(field string, args []string, env map[string]string) error {
+	if n := len(args); n > MaxEntrypointArgs {
+		return invalid("%s: %d elements (at most %d, api.MaxEntrypointArgs)", field, n, MaxEntrypointArgs)
 	}
 	if n := len(env); n > MaxEnvVars {
 		return invalid("env: %d variables (at most %d, api.MaxEnvVars)", n, MaxEnvVars)
 	}
 	total := 0
-	for i, a := range entrypoint {
+	for i, a := range args {
 		if len(a) > MaxArgBytes {
-			return invalid("entrypoint[%d]: %d bytes (at most %d, api.MaxArgBytes)", i, len(a), MaxArgBytes)
+			return invalid("%s[%d]: %d bytes (at most %d, api.MaxArgBytes)", field, i, len(a), MaxArgBytes)
 		}
 		total += len(a)
 	}
@@ -177,7 +183,7 @@ func createArgBounds(entrypoint []string, env map[string]string) error {
 		total += len(k) + 1 + len(v)
 	}
 	if total > MaxArgsTotalBytes {
-		return invalid("entrypoint and env: %d bytes together (at most %d, api.MaxArgsTotalBytes)", total, MaxArgsTotalBytes)
+		return invalid("%s and env: %d bytes together (at most %d, api.MaxArgsTotalBytes)", field, total, MaxArgsTotalBytes)
 	}
 	return nil
 }
@@ -531,6 +537,9 @@ func (h *sandboxService) Exec(ctx context.Context, req *connect.Request[v1.ExecR
 		return err
 	}
 	if err := validateEnv(r.Env); err != nil {
+		return err
+	}
+	if err := argBounds("argv", r.Argv, r.Env); err != nil {
 		return err
 	}
 	tty, err := execPTY(r)

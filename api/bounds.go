@@ -1,0 +1,132 @@
+package api
+
+import (
+	"fmt"
+	"unicode/utf8"
+
+	"google.golang.org/protobuf/reflect/protoreflect"
+)
+
+// Bounds of every request's strings, lists and maps, checked once per call
+// (requestBounds, from authorize) before a handler, a store lookup or the
+// audit trail sees any of it. The API's message limit alone let one string
+// be ~65 MiB: a sandbox id, an image reference, a workdir or a file path of
+// that size was looked up, echoed in the error and stored in the audit
+// record of the call. Fields with bounds of their own (the entrypoint's,
+// argv's and env's MaxArgBytes, the policies' and peers' counts) are checked
+// again with their own messages by their handlers.
+const (
+	// MaxStringBytes bounds a request string without a bound of its own:
+	// names, ids, references, paths (PATH_MAX is 4,096), URLs, users.
+	MaxStringBytes = 4096
+	// MaxListLen bounds a repeated field or a map without a bound of its own.
+	MaxListLen = 4096
+	// MaxCredentialBytes bounds an MCP server's credential (a token).
+	MaxCredentialBytes = 64 << 10
+)
+
+// stringBounds are the fields whose strings have another bound than
+// MaxStringBytes; 0 means only the API's message limit (image specs, whose
+// size is the number of files they copy; they are parsed strictly; and an
+// output field a client may send back, which is ignored).
+var stringBounds = map[protoreflect.FullName]int{
+	"chalk.compute.v1.CreateSandboxRequest.image_spec_json": 0,
+	"chalk.compute.v1.BuildImageRequest.spec_json":          0,
+	"chalk.compute.v1.CreateSandboxRequest.entrypoint":      MaxArgBytes,
+	"chalk.compute.v1.CreateSandboxRequest.env":             MaxArgBytes,
+	"chalk.compute.v1.ExecRequest.argv":                     MaxArgBytes,
+	"chalk.compute.v1.ExecRequest.env":                      MaxArgBytes,
+	"chalk.compute.v1.McpServer.credential":                 MaxCredentialBytes,
+	// Output only (a peer's wg-quick file, one section per member), and
+	// ignored in an Apply: a client that applies what Get returned sends it.
+	"chalk.compute.v1.TunnelPeer.config": 0,
+}
+
+// ownCount are the lists and maps whose length the handler checks with a
+// bound and a message of its own (argBounds: MaxEntrypointArgs, MaxEnvVars).
+var ownCount = map[protoreflect.FullName]bool{
+	"chalk.compute.v1.CreateSandboxRequest.entrypoint": true,
+	"chalk.compute.v1.CreateSandboxRequest.env":        true,
+	"chalk.compute.v1.ExecRequest.argv":                true,
+	"chalk.compute.v1.ExecRequest.env":                 true,
+}
+
+// requestBounds checks every string, list and map of a request (nested
+// messages too) against the bounds above, naming the field.
+func requestBounds(m protoreflect.Message) error {
+	var err error
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		err = fieldBounds(fd, v)
+		return err == nil
+	})
+	return err
+}
+
+func fieldBounds(fd protoreflect.FieldDescriptor, v protoreflect.Value) error {
+	max, ok := stringBounds[fd.FullName()]
+	if !ok {
+		max = MaxStringBytes
+	}
+	name := fd.Name()
+	switch {
+	case fd.IsList():
+		l := v.List()
+		if l.Len() > MaxListLen && !ownCount[fd.FullName()] {
+			return invalid("%s: %d elements (at most %d, api.MaxListLen)", name, l.Len(), MaxListLen)
+		}
+		for i := range l.Len() {
+			if err := valueBounds(fmt.Sprintf("%s[%d]", name, i), fd, l.Get(i), max); err != nil {
+				return err
+			}
+		}
+	case fd.IsMap():
+		mp := v.Map()
+		if mp.Len() > MaxListLen && !ownCount[fd.FullName()] {
+			return invalid("%s: %d entries (at most %d, api.MaxListLen)", name, mp.Len(), MaxListLen)
+		}
+		var err error
+		mp.Range(func(k protoreflect.MapKey, v protoreflect.Value) bool {
+			key := k.String()
+			if max > 0 && len(key) > max {
+				err = invalid("%s key %s: %d bytes (at most %d)", name, short(key), len(key), max)
+				return false
+			}
+			err = valueBounds(fmt.Sprintf("%s %s", name, short(key)), fd.MapValue(), v, max)
+			return err == nil
+		})
+		return err
+	default:
+		return valueBounds(string(name), fd, v, max)
+	}
+	return nil
+}
+
+func valueBounds(name string, fd protoreflect.FieldDescriptor, v protoreflect.Value, max int) error {
+	switch fd.Kind() {
+	case protoreflect.StringKind:
+		if n := len(v.String()); max > 0 && n > max {
+			return invalid("%s: %d bytes (at most %d)", name, n, max)
+		}
+	case protoreflect.MessageKind, protoreflect.GroupKind:
+		if err := requestBounds(v.Message()); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// short is s cut to 64 bytes (at a rune boundary) for an error message.
+func short(s string) string {
+	return clip(s, 64)
+}
+
+// clip cuts s to at most n bytes at a rune boundary, marking the cut.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
+}
