@@ -56,6 +56,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	"github.com/chalkcompute/chalkcompute/store"
@@ -972,6 +973,9 @@ func (g *Gateway) audit(c *call, r *http.Request, name string, status int, decis
 		rec.Method, rec.Decision = "(response)", fmt.Sprintf("refused: %d more upstream messages (not recorded one by one)", c.moreNotes)
 		recs = append(recs, rec)
 	}
+	for i := range recs {
+		recs[i].Tool, recs[i].Decision = clip(recs[i].Tool, MaxAuditTool), clip(recs[i].Decision, MaxAuditDecision)
+	}
 	g.emit(suppKey{c.caller.OrgID, c.caller.SandboxID, name}, recs)
 }
 
@@ -979,6 +983,26 @@ func (g *Gateway) audit(c *call, r *http.Request, name string, status int, decis
 // (AuditRate per second, AuditBurst at once); the rest are counted, and
 // reported by a record of their number before the sandbox's next record
 // that fits, or by FlushSuppressed.
+// Bounds of an audit record's sandbox-written strings: a tool name or
+// resource URI, and the decision (a denial quotes the name). The audit rate
+// counts records, and a name may fill a request body (MaxRequest, 1 MiB):
+// unbounded, one sandbox wrote ~200 MiB/s to the store, kept 30 days.
+const (
+	MaxAuditTool     = 512
+	MaxAuditDecision = 1024
+)
+
+// clip cuts s to at most n bytes at a rune boundary, marking the cut.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
+}
+
 func (g *Gateway) emit(k suppKey, recs []store.MCPAudit) {
 	now := g.cfg.Now()
 	g.mu.Lock()

@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 
@@ -537,6 +538,30 @@ func TestErrorsWithholdTheCredential(t *testing.T) {
 	for _, a := range f.audit {
 		if strings.Contains(a.Decision, enc[:20]) {
 			t.Fatalf("the audit holds the encoded credential: %+v", a)
+		}
+	}
+}
+
+// TestAuditNamesBounded: a tool name is the sandbox's, as long as a request
+// body: its audit record (the name, and the denial quoting it) is cut to
+// MaxAuditTool and MaxAuditDecision bytes, since the audit rate counts
+// records, not bytes (a 1 MiB name was stored whole, twice).
+func TestAuditNamesBounded(t *testing.T) {
+	f := newHostile(t)
+	name := "\x1b]0;owned\x07" + strings.Repeat("é", 400<<10)
+	body := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"` + strings.ReplaceAll(name, "\x1b", `\u001b`) + `"}}`
+	body = strings.ReplaceAll(body, "\x07", `\u0007`)
+	if status, resp := f.postTo(t, "ro", body); status != 200 || !strings.Contains(resp, "is not allowed") {
+		t.Fatalf("a long tool name: %d %.200s", status, resp)
+	}
+	f.waitAudit(t, func(recs []store.MCPAudit) bool { return len(recs) >= 1 })
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, a := range f.audit {
+		if len(a.Tool) > MaxAuditTool+len("…") || len(a.Decision) > MaxAuditDecision+len("…") || !utf8.ValidString(a.Tool) ||
+			!strings.HasPrefix(a.Tool, name[:64]) || !strings.HasPrefix(a.Decision, "denied: ") {
+			t.Fatalf("audit record: %d bytes of tool (at most %d), %d of decision (at most %d): %.80q %.80q",
+				len(a.Tool), MaxAuditTool, len(a.Decision), MaxAuditDecision, a.Tool, a.Decision)
 		}
 	}
 }
