@@ -16,6 +16,8 @@ import (
 	"strings"
 	"syscall"
 	"text/tabwriter"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -119,13 +121,58 @@ func marshalJSON(v any) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
+// table prints rows under header, aligned. Cells are made printable
+// (printable): many are written by a sandbox (tool names, DNS names, file
+// names) and reach the user's terminal.
 func (e *env) table(header string, rows [][]string) {
 	tw := tabwriter.NewWriter(e.out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, header)
+	cells := make([]string, 0, 16)
 	for _, r := range rows {
-		fmt.Fprintln(tw, strings.Join(r, "\t"))
+		cells = cells[:0]
+		for _, c := range r {
+			cells = append(cells, printable(c))
+		}
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
 	}
 	tw.Flush()
+}
+
+// printable escapes what a terminal would act on or that would break a
+// table's layout: control characters (C0 with tab and newline, DEL, C1),
+// bidirectional overrides and invalid UTF-8, as Go's \x, \u escapes; a
+// backslash is left as it is.
+func printable(s string) string {
+	clean := true
+	for _, r := range s {
+		if !plainRune(r) {
+			clean = false
+			break
+		}
+	}
+	if clean {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, n := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && n == 1:
+			fmt.Fprintf(&b, `\x%02x`, s[i])
+		case !plainRune(r) && r < 0x80:
+			fmt.Fprintf(&b, `\x%02x`, r)
+		case !plainRune(r):
+			fmt.Fprintf(&b, `\u%04x`, r)
+		default:
+			b.WriteRune(r)
+		}
+		i += n
+	}
+	return b.String()
+}
+
+func plainRune(r rune) bool {
+	return r != utf8.RuneError && !unicode.IsControl(r) && !unicode.Is(unicode.Bidi_Control, r)
 }
 
 func newRoot(in io.Reader, out, errOut io.Writer) *cobra.Command {
