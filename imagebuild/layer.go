@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path"
 	"path/filepath"
@@ -73,7 +74,22 @@ func diffUpper(upper string, shift idShift, w io.Writer) error {
 // diffUpperExcluding is diffUpper leaving out the paths in extra (relative,
 // cleaned, like the keys of excluded) as well; with stripSetID the
 // setuid/setgid bits are dropped.
+//
+// The files' contents in the layer are at most the size of the upper's
+// filesystem (the sandbox's or the build step's disk, a tmpfs): a sparse
+// file, or hard links to one file, take nothing or one copy there, and
+// would be written whole, each time, into the layer (a `truncate -s 1T`
+// made a terabyte of zeros in chalkd's memory for a build step, on the
+// node's disk for a snapshot).
 func diffUpperExcluding(upper string, shift idShift, extra map[string]bool, stripSetID bool, w io.Writer) error {
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(upper, &sfs); err != nil {
+		return fmt.Errorf("upper dir: %w", err)
+	}
+	budget := int64(sfs.Blocks) * sfs.Bsize
+	if sfs.Blocks == 0 {
+		budget = math.MaxInt64 // a tmpfs without a size (chalkd always sets one)
+	}
 	tw := tar.NewWriter(w)
 	var walk func(dir, rel string) error
 	walk = func(dir, rel string) error {
@@ -146,6 +162,10 @@ func diffUpperExcluding(upper string, shift idShift, extra map[string]bool, stri
 				}
 				if stripSetID {
 					h.Mode &^= 0o6000
+				}
+				if budget -= h.Size; budget < 0 {
+					return fmt.Errorf("/%s: %d bytes: the files' contents pass the size of the disk they are on (%d bytes; a sparse file or hard links count whole): %w",
+						name, h.Size, int64(sfs.Blocks)*sfs.Bsize, errdefs.ErrResourceExhausted)
 				}
 				if err := tw.WriteHeader(h); err != nil {
 					return err
@@ -234,7 +254,8 @@ func copyLayer(content io.Reader, dst string, isDir bool, mode uint32) ([]byte, 
 			return nil, err
 		}
 	}
-	tr := tar.NewReader(content)
+	cr := &archiveReader{r: content}
+	tr := tar.NewReader(cr)
 	var entries []*tar.Header
 	data := map[string][]byte{}
 	for {
@@ -256,7 +277,7 @@ func copyLayer(content io.Reader, dst string, isDir bool, mode uint32) ([]byte, 
 		case tar.TypeDir:
 			entries = append(entries, &tar.Header{Name: path.Join(rel, name) + "/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: epoch, Format: tar.FormatPAX})
 		case tar.TypeReg:
-			b, err := io.ReadAll(tr)
+			b, err := cr.entry(tr, h.Name)
 			if err != nil {
 				return nil, err
 			}
@@ -285,6 +306,42 @@ func copyLayer(content io.Reader, dst string, isDir bool, mode uint32) ([]byte, 
 	return buf.Bytes(), tw.Close()
 }
 
+// archiveReader reads an API user's archive (an upload) and its entries'
+// contents, which together can be no larger than the archive itself: a
+// sparse entry reads as its holes too (archive/tar expands GNU and PAX
+// sparse files), and a 1.5 KB upload could read as 100 GiB into chalkd's
+// memory.
+type archiveReader struct {
+	r        io.Reader
+	raw, got int64 // bytes of the archive read; bytes of its entries read
+}
+
+func (a *archiveReader) Read(p []byte) (int, error) {
+	n, err := a.r.Read(p)
+	a.raw += int64(n)
+	return n, err
+}
+
+// entry reads the current entry of tr (which reads a), refusing it once
+// the entries read pass the archive's bytes.
+func (a *archiveReader) entry(tr *tar.Reader, name string) ([]byte, error) {
+	var b bytes.Buffer
+	chunk := make([]byte, 32<<10)
+	for {
+		n, err := tr.Read(chunk)
+		b.Write(chunk[:n])
+		if a.got += int64(n); a.got > a.raw {
+			return nil, fmt.Errorf("entry %q: its content reads as more than the archive holds (%d bytes so far; a sparse entry?): %w", name, a.raw, errdefs.ErrResourceExhausted)
+		}
+		if errors.Is(err, io.EOF) {
+			return b.Bytes(), nil
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+}
+
 // contextLayer makes the layer of a Dockerfile COPY/ADD from the build
 // context tar: each source (a file or a directory, relative to the context)
 // goes to dst with docker's rules (a directory's contents are copied; a file
@@ -295,7 +352,8 @@ func contextLayer(content io.Reader, sources []string, dst string) ([]byte, erro
 		data []byte
 	}
 	var all []entry
-	tr := tar.NewReader(content)
+	cr := &archiveReader{r: content}
+	tr := tar.NewReader(cr)
 	for {
 		h, err := tr.Next()
 		if errors.Is(err, io.EOF) {
@@ -304,7 +362,7 @@ func contextLayer(content io.Reader, sources []string, dst string) ([]byte, erro
 		if err != nil {
 			return nil, fmt.Errorf("build context: %w", err)
 		}
-		b, err := io.ReadAll(tr)
+		b, err := cr.entry(tr, h.Name)
 		if err != nil {
 			return nil, err
 		}

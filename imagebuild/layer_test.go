@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/tartest"
 )
 
 // TestContextLayerRefusesDevices: a build context (an API user's upload)
@@ -54,5 +55,37 @@ func TestDiffUpperKeepsLinks(t *testing.T) {
 	}
 	if strings.Contains(buf.String(), "host secret") {
 		t.Fatal("the layer holds the host file's content")
+	}
+}
+
+// TestCopyLayerSparseBomb: an upload copied into an image (a directory's
+// tar, a Dockerfile's build context) is the API user's: a 1.5 KB tar whose
+// sparse entry reads as 100 GiB is refused with resource_exhausted after
+// reading no more than the archive holds (before, io.ReadAll held the
+// whole expanded entry in chalkd's memory).
+func TestCopyLayerSparseBomb(t *testing.T) {
+	bomb := tartest.SparseBomb(100 << 30)
+	if _, err := copyLayer(bytes.NewReader(bomb), "/x", true, 0); !errors.Is(err, errdefs.ErrResourceExhausted) || !strings.Contains(err.Error(), `entry "big"`) {
+		t.Errorf("copy of a directory: %v, want resource exhausted naming big", err)
+	}
+	if _, err := contextLayer(bytes.NewReader(bomb), []string{"."}, "/x/"); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Errorf("build context: %v, want resource exhausted", err)
+	}
+	// An ordinary archive is read whole.
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, n := range []string{"a", "b"} {
+		tw.WriteHeader(&tar.Header{Name: "d/" + n, Typeflag: tar.TypeReg, Mode: 0o644, Size: 3 << 10})
+		tw.Write(bytes.Repeat([]byte(n), 3<<10))
+	}
+	tw.Close()
+	for _, f := range []func() ([]byte, error){
+		func() ([]byte, error) { return copyLayer(bytes.NewReader(buf.Bytes()), "/x", true, 0) },
+		func() ([]byte, error) { return contextLayer(bytes.NewReader(buf.Bytes()), []string{"d"}, "/x/") },
+	} {
+		layer, err := f()
+		if err != nil || !bytes.Contains(layer, bytes.Repeat([]byte("b"), 3<<10)) {
+			t.Fatalf("an ordinary archive: %v", err)
+		}
 	}
 }

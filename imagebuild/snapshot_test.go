@@ -3,6 +3,7 @@ package imagebuild
 import (
 	"archive/tar"
 	"bytes"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -10,6 +11,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
 // TestSnapshotLayer: a sandbox's upper dir becomes a reproducible layer:
@@ -108,4 +111,76 @@ func TestSnapshotLayer(t *testing.T) {
 	if bytes.Contains(b, []byte("host secret")) {
 		t.Error("the layer holds a host file's content")
 	}
+}
+
+// TestSnapshotLayerSparse: a layer's file contents are bounded by the size
+// of the disk the upper is on (the sandbox's tmpfs): a sparse file (1 GiB
+// on a 1 MiB disk) or hard links to one file (taking one copy there, each
+// carried whole) are refused with resource_exhausted naming the file, and
+// nothing is left in the snapshot dir; a tree that fits is carried. Before,
+// `truncate -s 1T` in a sandbox wrote a terabyte of zeros to the node's
+// disk at its snapshot (and into chalkd's memory at a build step).
+func TestSnapshotLayerSparse(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounts a tmpfs: needs root")
+	}
+	disk := func(t *testing.T) string {
+		dir := t.TempDir()
+		if err := unix.Mount("chalktest-disk", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "size=1m"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+		return dir
+	}
+	t.Run("sparse", func(t *testing.T) {
+		upper, out := disk(t), t.TempDir()
+		if err := os.WriteFile(filepath.Join(upper, "small"), bytes.Repeat([]byte("s"), 100<<10), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.Create(filepath.Join(upper, "zeros"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Truncate(1 << 30); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		_, err = SnapshotLayer(upper, nil, nil, out)
+		if !errors.Is(err, errdefs.ErrResourceExhausted) || !strings.Contains(err.Error(), "/zeros: 1073741824 bytes") {
+			t.Fatalf("a sparse 1 GiB file on a 1 MiB disk: %v, want resource exhausted naming /zeros", err)
+		}
+		if ents, _ := os.ReadDir(out); len(ents) != 0 {
+			t.Fatalf("left in the snapshot dir: %v", ents)
+		}
+	})
+	t.Run("hard links", func(t *testing.T) {
+		upper := disk(t)
+		if err := os.WriteFile(filepath.Join(upper, "a"), bytes.Repeat([]byte("a"), 400<<10), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range []string{"b", "c", "d"} {
+			if err := os.Link(filepath.Join(upper, "a"), filepath.Join(upper, l)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := SnapshotLayer(upper, nil, nil, t.TempDir()); !errors.Is(err, errdefs.ErrResourceExhausted) || !strings.Contains(err.Error(), "/c: 409600 bytes") {
+			t.Fatalf("four links to 400 KiB on a 1 MiB disk: %v, want resource exhausted at /c", err)
+		}
+	})
+	t.Run("fits", func(t *testing.T) {
+		upper := disk(t)
+		if err := os.WriteFile(filepath.Join(upper, "a"), bytes.Repeat([]byte("a"), 400<<10), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Link(filepath.Join(upper, "a"), filepath.Join(upper, "b")); err != nil {
+			t.Fatal(err)
+		}
+		p, err := SnapshotLayer(upper, nil, nil, t.TempDir())
+		if err != nil {
+			t.Fatalf("two links to 400 KiB on a 1 MiB disk: %v", err)
+		}
+		if st, err := os.Stat(p); err != nil || st.Size() < 800<<10 {
+			t.Fatalf("layer: %v %v", st, err)
+		}
+	})
 }
