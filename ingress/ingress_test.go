@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -370,5 +371,71 @@ func TestDialVia(t *testing.T) {
 	}
 	if res, _ := do(t, front, "8080-sb-000c.sbx.test", "/"); res.StatusCode != http.StatusBadGateway {
 		t.Errorf("a failed dial: %d, want 502", res.StatusCode)
+	}
+}
+
+// TestSmuggling: a client's connection to a public route cannot carry a
+// request past the ingress's checks. Each request the ingress reads is
+// routed and authorised on its own and re-encoded toward the sandbox
+// (ReverseProxy), so a body framed two ways (Content-Length and chunked),
+// two Content-Lengths, an obfuscated Transfer-Encoding, or a second request
+// pipelined behind the first to another sandbox's private route reaches
+// the public backend as one well-framed request at most, and the private
+// route never.
+func TestSmuggling(t *testing.T) {
+	var public, private atomic.Int32
+	var mu sync.Mutex
+	var bodies []string
+	s, front, port := newTest(t, true, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		public.Add(1)
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		bodies = append(bodies, r.Method+" "+r.URL.Path+" "+string(b))
+		mu.Unlock()
+		io.WriteString(w, "public")
+	}))
+	be := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		private.Add(1)
+		io.WriteString(w, "private")
+	}))
+	defer be.Close()
+	ap := netip.MustParseAddrPort(be.Listener.Addr().String())
+	s.Add(Route{SandboxID: "sb-0002", Port: ap.Port(), OrgID: "a", Addr: ap.Addr()})
+	pubHost := itoa(port) + "-sb-0001.sbx.test"
+	privHost := itoa(ap.Port()) + "-sb-0002.sbx.test"
+	smuggled := "GET /secret HTTP/1.1\r\nHost: " + privHost + "\r\n\r\n"
+	for _, c := range []struct{ name, head, body string }{
+		{"CL.TE", "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", "0\r\n\r\n" + smuggled},
+		{"TE.CL", "Transfer-Encoding: chunked\r\nContent-Length: 60\r\n", "0\r\n\r\n" + smuggled},
+		{"two lengths", "Content-Length: 0\r\nContent-Length: 60\r\n", smuggled},
+		{"obfuscated TE", "Transfer-Encoding: xchunked\r\n", "0\r\n\r\n" + smuggled},
+		{"TE list", "Transfer-Encoding: chunked, identity\r\n", "0\r\n\r\n" + smuggled},
+		{"pipelined", "Content-Length: 0\r\n", smuggled},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			conn, err := net.Dial("tcp", strings.TrimPrefix(front.URL, "http://"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			// A last request closes the connection once everything before it was answered.
+			last := "GET /end HTTP/1.1\r\nHost: " + pubHost + "\r\nConnection: close\r\n\r\n"
+			io.WriteString(conn, "POST /p HTTP/1.1\r\nHost: "+pubHost+"\r\n"+c.head+"\r\n"+c.body+last)
+			_ = conn.SetReadDeadline(time.Now().Add(30 * time.Second)) // a hang fails, not blocks
+			out, _ := io.ReadAll(conn)
+			if private.Load() != 0 {
+				t.Fatalf("the private route was reached: %q", out)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			for _, b := range bodies {
+				if strings.Contains(b, "/secret") {
+					t.Fatalf("the smuggled request reached the public sandbox as a body: %q", b)
+				}
+			}
+			if !strings.HasPrefix(string(out), "HTTP/1.1 400") && !strings.HasPrefix(string(out), "HTTP/1.1 501") && !strings.Contains(string(out), "HTTP/1.1 401") {
+				t.Fatalf("neither refused whole nor the second request refused on its own: %q", out)
+			}
+		})
 	}
 }
