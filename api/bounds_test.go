@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
 
+	"github.com/chalkcompute/chalkcompute/chalkcompute"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 )
 
@@ -202,4 +203,23 @@ func TestRequestBoundsCoverEveryRPC(t *testing.T) {
 		t.Fatalf("only %d fields checked", checked)
 	}
 	t.Logf("%d request string fields checked", checked)
+}
+
+// TestSDKBoundsAgree: the Go SDK checks the API's bounds before sending
+// (chalkcompute TestClientBounds); its numbers are the server's.
+func TestSDKBoundsAgree(t *testing.T) {
+	for _, c := range []struct {
+		name      string
+		sdk, here int
+	}{
+		{"MaxStringBytes", chalkcompute.MaxStringBytes, MaxStringBytes},
+		{"MaxArgs (entrypoint)", chalkcompute.MaxArgs, MaxEntrypointArgs},
+		{"MaxArgs (env)", chalkcompute.MaxArgs, MaxEnvVars},
+		{"MaxArgBytes", chalkcompute.MaxArgBytes, MaxArgBytes},
+		{"MaxArgsTotalBytes", chalkcompute.MaxArgsTotalBytes, MaxArgsTotalBytes},
+	} {
+		if c.sdk != c.here {
+			t.Errorf("%s: the SDK says %d, the API %d", c.name, c.sdk, c.here)
+		}
+	}
 }

@@ -129,6 +129,12 @@ func (c *Client) Create(ctx context.Context, img *Image, opts ...CreateOption) (
 	if o.err != nil {
 		return nil, o.err
 	}
+	if err := checkStrings("image", o.req.Image, "workdir", o.req.Workdir); err != nil {
+		return nil, err
+	}
+	if err := checkCommand("entrypoint", o.req.Entrypoint, o.req.Env); err != nil {
+		return nil, err
+	}
 	resp, err := c.sandbox.Create(ctx, connect.NewRequest(o.req))
 	if err != nil {
 		return nil, err
@@ -263,6 +269,12 @@ func (s *Sandbox) start(ctx context.Context, argv []string, opts []ExecOption) (
 	o := &execOptions{req: &v1.ExecRequest{SandboxId: s.id, Argv: argv}, stdout: io.Discard, stderr: io.Discard}
 	for _, opt := range opts {
 		opt(o)
+	}
+	if err := checkStrings("workdir", o.req.Workdir, "user", o.req.User); err != nil {
+		return nil, err
+	}
+	if err := checkCommand("argv", o.req.Argv, o.req.Env); err != nil {
+		return nil, err
 	}
 	stream, err := s.c.sandbox.Exec(ctx, connect.NewRequest(o.req))
 	if err != nil {
@@ -409,6 +421,9 @@ func (s *Sandbox) Exec(ctx context.Context, argv []string, opts ...ExecOption) (
 
 // WriteFile writes data to path in the sandbox (parents created, replaced atomically).
 func (s *Sandbox) WriteFile(ctx context.Context, path string, data []byte, mode os.FileMode) error {
+	if err := checkStrings("path", path); err != nil {
+		return err
+	}
 	_, err := s.c.sandbox.WriteFile(ctx, connect.NewRequest(&v1.WriteFileRequest{SandboxId: s.id, Path: path, Data: data, Mode: uint32(mode.Perm())}))
 	return err
 }
@@ -424,6 +439,9 @@ func (s *Sandbox) ReadFile(ctx context.Context, path string) ([]byte, error) {
 
 // CopyFile streams a file from the sandbox to w.
 func (s *Sandbox) CopyFile(ctx context.Context, path string, w io.Writer) error {
+	if err := checkStrings("path", path); err != nil {
+		return err
+	}
 	stream, err := s.c.sandbox.ReadFile(ctx, connect.NewRequest(&v1.ReadFileRequest{SandboxId: s.id, Path: path}))
 	if err != nil {
 		return fromConnect(err)
@@ -439,6 +457,9 @@ func (s *Sandbox) CopyFile(ctx context.Context, path string, w io.Writer) error 
 
 // ListFiles lists a directory in the sandbox.
 func (s *Sandbox) ListFiles(ctx context.Context, path string) ([]*v1.FileInfo, error) {
+	if err := checkStrings("path", path); err != nil {
+		return nil, err
+	}
 	resp, err := s.c.sandbox.ListFiles(ctx, connect.NewRequest(&v1.ListFilesRequest{SandboxId: s.id, Path: path}))
 	if err != nil {
 		return nil, err
@@ -448,6 +469,9 @@ func (s *Sandbox) ListFiles(ctx context.Context, path string) ([]*v1.FileInfo, e
 
 // RemoveFile removes a file (or, with recursive, a directory tree).
 func (s *Sandbox) RemoveFile(ctx context.Context, path string, recursive bool) error {
+	if err := checkStrings("path", path); err != nil {
+		return err
+	}
 	_, err := s.c.sandbox.RemoveFile(ctx, connect.NewRequest(&v1.RemoveFileRequest{SandboxId: s.id, Path: path, Recursive: recursive}))
 	return err
 }

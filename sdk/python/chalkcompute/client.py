@@ -3,6 +3,7 @@
 import datetime
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
+from ._bounds import check_command, check_string
 from ._transport import Transport, b64, resolve_config
 from .errors import InvalidArgumentError
 from .image import Image
@@ -190,6 +191,9 @@ class SandboxClient:
             req["gcpWorkloadProvider"] = gcp_workload_provider
         if gcp_service_account:
             req["gcpServiceAccount"] = gcp_service_account
+        check_string("image", req.get("image"))
+        check_string("workdir", req.get("workdir"))
+        check_command("entrypoint", req.get("entrypoint") or [], req.get("env"))
         return Sandbox(self, self._t.unary("SandboxService", "Create", req))
 
     def get(self, sandbox_id: str) -> Sandbox:

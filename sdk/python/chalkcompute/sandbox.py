@@ -4,6 +4,7 @@ import datetime
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
+from ._bounds import check_command, check_string
 from ._transport import Stream, b64, unb64
 from .errors import ProtocolError
 
@@ -337,6 +338,9 @@ class Sandbox:
             req["stdin"] = True
         if user:
             req["user"] = user
+        check_string("workdir", req.get("workdir"))
+        check_string("user", req.get("user"))
+        check_command("argv", req["argv"], req.get("env"))
         if pty:
             _check_winsize(rows, cols)
             req.update(pty=True, rows=rows, cols=cols)
@@ -436,6 +440,7 @@ class Sandbox:
         atomically); returns the size written."""
         if isinstance(data, str):
             data = data.encode("utf-8")
+        check_string("path", path)
         r = self._client._t.unary("SandboxService", "WriteFile", {
             "sandboxId": self.id, "path": path, "data": b64(bytes(data)), "mode": mode,
         })
@@ -443,6 +448,7 @@ class Sandbox:
 
     def read_file(self, path: str) -> bytes:
         """Read a whole file from the sandbox."""
+        check_string("path", path)
         parts = []
         for m in self._client._t.stream("SandboxService", "ReadFile", {"sandboxId": self.id, "path": path}):
             parts.append(unb64(m.get("data")))
@@ -454,11 +460,13 @@ class Sandbox:
 
     def list_files(self, path: str = "/") -> List[FileInfo]:
         """List a directory in the sandbox."""
+        check_string("path", path)
         r = self._client._t.unary("SandboxService", "ListFiles", {"sandboxId": self.id, "path": path})
         return [FileInfo(m) for m in r.get("files") or []]
 
     def remove_file(self, path: str, recursive: bool = False) -> None:
         """Remove a file (or, with ``recursive``, a directory tree)."""
+        check_string("path", path)
         self._client._t.unary("SandboxService", "RemoveFile", {"sandboxId": self.id, "path": path, "recursive": recursive})
 
     # -- logs
