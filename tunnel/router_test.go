@@ -498,3 +498,79 @@ func joinAndSend(t *testing.T, m *Manager, nsA, nsB, subnet string, port uint16,
 	recvFrom(t, pc, a.Addr, msg)
 	return a, b
 }
+
+// TestKernelRouterBroadcast: a member's broadcasts and multicasts go
+// nowhere through the router (round 8 review): the limited broadcast, the
+// tunnel subnet's broadcast and a multicast group, sent out of a's
+// wg0-local (bound to it, as a sandbox may), reach neither b (listening on
+// every address and joined to the group on its wg0-local) nor anything
+// else; a unicast sent after them arrives, so they were not merely late.
+func TestKernelRouterBroadcast(t *testing.T) {
+	chalktest.RequireRoot(t)
+	nsA, nsB := netnsFor(t), netnsFor(t)
+	m := NewManager(nil)
+	defer m.Close()
+	subnet := netip.MustParsePrefix("100.96.14.0/24")
+	var a, b Member
+	for _, x := range []struct {
+		id, ns string
+		mb     *Member
+	}{{"a", nsA, &a}, {"b", nsB, &b}} {
+		mb, err := m.Join("org/t", x.id, "/run/netns/"+x.ns, "wg0", subnet)
+		if err != nil {
+			t.Fatal(err)
+		}
+		*x.mb = mb
+	}
+	group := netip.MustParseAddr("239.1.2.3")
+	var pcAny, pcGroup net.PacketConn
+	in(t, nsB, func() (err error) {
+		if pcAny, err = net.ListenPacket("udp4", "0.0.0.0:7200"); err != nil {
+			return err
+		}
+		ifi, err := net.InterfaceByName("wg0-local")
+		if err != nil {
+			return err
+		}
+		pcGroup, err = net.ListenMulticastUDP("udp4", ifi, &net.UDPAddr{IP: group.AsSlice(), Port: 7201})
+		return err
+	})
+	defer pcAny.Close()
+	defer pcGroup.Close()
+	// a routes the subnet's broadcast address out of wg0-local too.
+	bcast := netip.MustParseAddr("100.96.14.255")
+	run(t, "ip", "-n", nsA, "route", "add", bcast.String()+"/32", "dev", "wg0-local")
+	in(t, nsA, func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		for _, o := range []error{
+			unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_BROADCAST, 1),
+			unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, "wg0-local"),
+			unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_MULTICAST_TTL, 8),
+		} {
+			if o != nil {
+				return o
+			}
+		}
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: a.Addr.As4(), Port: 7300}); err != nil {
+			return err
+		}
+		for _, dst := range []unix.SockaddrInet4{
+			{Addr: [4]byte{255, 255, 255, 255}, Port: 7200},
+			{Addr: bcast.As4(), Port: 7200},
+			{Addr: group.As4(), Port: 7201},
+		} {
+			if err := unix.Sendto(fd, []byte("broadcast"), 0, &dst); err != nil {
+				return fmt.Errorf("send to %v: %w", dst.Addr, err)
+			}
+		}
+		// The fence: a unicast to b on the same path, after them.
+		return unix.Sendto(fd, []byte("unicast"), 0, &unix.SockaddrInet4{Addr: b.Addr.As4(), Port: 7200})
+	})
+	recvFrom(t, pcAny, a.Addr, "unicast")
+	nothingOn(t, pcAny, "b on every address")
+	nothingOn(t, pcGroup, "b in the multicast group")
+}
