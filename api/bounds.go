@@ -56,6 +56,13 @@ var ownCount = map[protoreflect.FullName]bool{
 func requestBounds(m protoreflect.Message) error {
 	var err error
 	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		switch fd.Kind() {
+		case protoreflect.StringKind, protoreflect.MessageKind, protoreflect.GroupKind:
+		default:
+			if !fd.IsList() {
+				return true // a number, a bool, bytes (bounded by the message limit and their handlers)
+			}
+		}
 		err = fieldBounds(fd, v)
 		return err == nil
 	})
@@ -75,8 +82,8 @@ func fieldBounds(fd protoreflect.FieldDescriptor, v protoreflect.Value) error {
 			return invalid("%s: %d elements (at most %d, api.MaxListLen)", name, l.Len(), MaxListLen)
 		}
 		for i := range l.Len() {
-			if err := valueBounds(fmt.Sprintf("%s[%d]", name, i), fd, l.Get(i), max); err != nil {
-				return err
+			if err := valueBounds(fd, l.Get(i), max); err != nil {
+				return fmt.Errorf("%s[%d]%w", name, i, err)
 			}
 		}
 	case fd.IsMap():
@@ -91,25 +98,31 @@ func fieldBounds(fd protoreflect.FieldDescriptor, v protoreflect.Value) error {
 				err = invalid("%s key %s: %d bytes (at most %d)", name, short(key), len(key), max)
 				return false
 			}
-			err = valueBounds(fmt.Sprintf("%s %s", name, short(key)), fd.MapValue(), v, max)
+			if verr := valueBounds(fd.MapValue(), v, max); verr != nil {
+				err = fmt.Errorf("%s %s%w", name, short(key), verr)
+			}
 			return err == nil
 		})
 		return err
 	default:
-		return valueBounds(string(name), fd, v, max)
+		if err := valueBounds(fd, v, max); err != nil {
+			return fmt.Errorf("%s%w", name, err)
+		}
 	}
 	return nil
 }
 
-func valueBounds(name string, fd protoreflect.FieldDescriptor, v protoreflect.Value, max int) error {
+// valueBounds checks one value; its error follows the field's name
+// (": N bytes (at most M)"), made only when there is one.
+func valueBounds(fd protoreflect.FieldDescriptor, v protoreflect.Value, max int) error {
 	switch fd.Kind() {
 	case protoreflect.StringKind:
 		if n := len(v.String()); max > 0 && n > max {
-			return invalid("%s: %d bytes (at most %d)", name, n, max)
+			return invalid(": %d bytes (at most %d)", n, max)
 		}
 	case protoreflect.MessageKind, protoreflect.GroupKind:
 		if err := requestBounds(v.Message()); err != nil {
-			return fmt.Errorf("%s: %w", name, err)
+			return fmt.Errorf(": %w", err)
 		}
 	}
 	return nil

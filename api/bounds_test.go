@@ -223,3 +223,21 @@ func TestSDKBoundsAgree(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkRequestBounds: the direct cost of the bounds check on every
+// call, for an exec's request (the hot path) and a create's.
+func BenchmarkRequestBounds(b *testing.B) {
+	for _, m := range []proto.Message{
+		&v1.ExecRequest{SandboxId: "sb-0123456789abcdef", Argv: []string{"sh", "-c", "echo hello"}, Env: map[string]string{"A": "1", "B": "2"}, Workdir: "/work"},
+		&v1.CreateSandboxRequest{Image: "busybox", Entrypoint: []string{"sleep", "infinity"}, Labels: map[string]string{"team": "a"}, Tunnels: []string{"t"}},
+	} {
+		b.Run(string(m.ProtoReflect().Descriptor().Name()), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := requestBounds(m.ProtoReflect()); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
