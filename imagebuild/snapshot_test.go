@@ -117,7 +117,8 @@ func TestSnapshotLayer(t *testing.T) {
 // of the disk the upper is on (the sandbox's tmpfs): a sparse file (1 GiB
 // on a 1 MiB disk) or hard links to one file (taking one copy there, each
 // carried whole) are refused with resource_exhausted naming the file, and
-// nothing is left in the snapshot dir; a tree that fits is carried. Before,
+// nothing is left in the snapshot dir; a tree that fits is carried; no
+// extended attribute (a file capability) is carried (round 8: holds). Before,
 // `truncate -s 1T` in a sandbox wrote a terabyte of zeros to the node's
 // disk at its snapshot (and into chalkd's memory at a build step).
 func TestSnapshotLayerSparse(t *testing.T) {
@@ -165,6 +166,45 @@ func TestSnapshotLayerSparse(t *testing.T) {
 		}
 		if _, err := SnapshotLayer(upper, nil, nil, t.TempDir()); !errors.Is(err, errdefs.ErrResourceExhausted) || !strings.Contains(err.Error(), "/c: 409600 bytes") {
 			t.Fatalf("four links to 400 KiB on a 1 MiB disk: %v, want resource exhausted at /c", err)
+		}
+	})
+	t.Run("xattrs", func(t *testing.T) {
+		// File capabilities and other extended attributes are not carried
+		// (the layer is extracted as root on the node).
+		upper := disk(t)
+		f := filepath.Join(upper, "capped")
+		if err := os.WriteFile(f, []byte("x"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		// A v2 file capability blob: CAP_SYS_ADMIN permitted and effective.
+		capBlob := []byte{0x01, 0x00, 0x00, 0x02, 0x00, 0x00, 0x20, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+		if err := unix.Setxattr(f, "security.capability", capBlob, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Setxattr(f, "trusted.chalk", []byte("y"), 0); err != nil {
+			t.Fatal(err)
+		}
+		p, err := SnapshotLayer(upper, nil, nil, t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		lf, err := os.Open(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer lf.Close()
+		tr := tar.NewReader(lf)
+		for {
+			h, err := tr.Next()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(h.PAXRecords) != 0 || len(h.Xattrs) != 0 {
+				t.Fatalf("%s carries %v %v", h.Name, h.PAXRecords, h.Xattrs)
+			}
 		}
 	})
 	t.Run("fits", func(t *testing.T) {
