@@ -374,6 +374,9 @@ func contextLayer(content io.Reader, sources []string, dst string) ([]byte, erro
 		}
 		hc := *h
 		hc.Name = path.Clean(h.Name)
+		if hc.Name == ".." || strings.HasPrefix(hc.Name, "../") || path.IsAbs(hc.Name) {
+			return nil, fmt.Errorf("build context: entry %q escapes the context: %w", h.Name, errdefs.ErrInvalidArgument)
+		}
 		all = append(all, entry{&hc, b})
 	}
 	intoDir := strings.HasSuffix(dst, "/")
@@ -381,6 +384,9 @@ func contextLayer(content io.Reader, sources []string, dst string) ([]byte, erro
 	var out []entry
 	for _, src := range sources {
 		src = path.Clean(src)
+		if src == ".." || strings.HasPrefix(src, "../") {
+			return nil, fmt.Errorf("COPY source %q: outside the build context: %w", src, errdefs.ErrInvalidArgument)
+		}
 		found := false
 		for _, e := range all {
 			var rel string

@@ -89,3 +89,35 @@ func TestCopyLayerSparseBomb(t *testing.T) {
 		}
 	}
 }
+
+// TestContextLayerEscapes: a build context's entry named outside it
+// ("../x", "/x") or a COPY source outside it ("..", "../x") is refused,
+// invalid argument, instead of becoming a layer entry named "../etc/x"
+// (the cache's extraction confines it, but a layer is also pulled by
+// other clients as it is).
+func TestContextLayerEscapes(t *testing.T) {
+	ctx := func(name string) *bytes.Reader {
+		var buf bytes.Buffer
+		tw := tar.NewWriter(&buf)
+		tw.WriteHeader(&tar.Header{Name: "ok", Typeflag: tar.TypeReg, Mode: 0o644, Size: 1})
+		tw.Write([]byte("x"))
+		tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Size: 1})
+		tw.Write([]byte("x"))
+		tw.Close()
+		return bytes.NewReader(buf.Bytes())
+	}
+	for _, name := range []string{"../../etc/cron.d/x", "/etc/passwd", "a/../../x"} {
+		if _, err := contextLayer(ctx(name), []string{"."}, "/app/"); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "escapes the context") {
+			t.Errorf("entry %q: %v, want invalid argument", name, err)
+		}
+	}
+	for _, src := range []string{"..", "../x", "x/../.."} {
+		if _, err := contextLayer(ctx("x/y"), []string{src}, "/app/"); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "outside the build context") {
+			t.Errorf("source %q: %v, want invalid argument", src, err)
+		}
+	}
+	layer, err := contextLayer(ctx("x/y"), []string{"x"}, "/app/")
+	if err != nil || !bytes.Contains(layer, []byte("app/y")) {
+		t.Fatalf("an ordinary COPY: %v", err)
+	}
+}
