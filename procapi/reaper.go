@@ -33,10 +33,15 @@ type Reaper struct {
 	// something; idle records whether the last pass found no children.
 	pass chan struct{}
 	idle bool
-	// spawn, once StartInCgroup has succeeded, takes every fork to the
-	// thread that lives in the workload's cgroup; spawned answers.
-	spawn   chan spawnJob
-	spawned chan spawnResult
+	// tasks, once StartInCgroup has succeeded, is the workload cgroup's
+	// tasks file; spawn then takes every fork to the thread that lives in
+	// that cgroup (nil while there is none: it is made on demand and ended
+	// by StopSpawner), and spawned answers. onSpawnFail hears of a thread
+	// that could not be moved (tasks is then dropped).
+	tasks       *os.File
+	spawn       chan spawnJob
+	spawned     chan spawnResult
+	onSpawnFail func(error)
 }
 
 type spawnJob struct {
@@ -120,6 +125,9 @@ func (r *Reaper) Start(argv0 string, argv []string, attr *os.ProcAttr) (int, <-c
 	defer r.mu.Unlock()
 	var pid int
 	var err error
+	if r.tasks != nil && r.spawn == nil {
+		r.startSpawnerLocked()
+	}
 	if r.spawn != nil {
 		r.spawn <- spawnJob{argv0, argv, attr}
 		res := <-r.spawned
@@ -182,47 +190,118 @@ func startProcess(argv0 string, argv []string, attr *os.ProcAttr) (int, error) {
 
 // StartInCgroup makes every process that Start starts from now on begin in
 // another cgroup (v1) than this process: tasks is that cgroup's `tasks`
-// file, open for writing (the caller may close it once this returns). One
-// OS thread of this process is moved into that cgroup and does every fork
-// from then on; a child starts in the cgroup of the thread that forked it.
-// The rest of the process, the threads the Go runtime makes later
-// included, stays where it was.
+// file, open for writing, which the reaper keeps (the caller must not close
+// it). The forks are done by one OS thread of this process moved into that
+// cgroup (a child starts in the cgroup of the thread that forked it); the
+// rest of the process, the threads the Go runtime makes later included,
+// stays where it was.
 //
 // chalk-init uses it to keep its own threads out of the workload's pids
 // limit: the workload's cgroup is a child of the sandbox's with a lower
 // pids.max, so a fork bomb can never take the pids init needs for a new
 // thread (docs/SECURITY.md, "Fork bombs do not kill init").
 //
-// Its error means nothing was moved: Start forks on the calling thread as
-// before.
-func (r *Reaper) StartInCgroup(tasks *os.File) error {
+// The forking thread is made when it is first needed (Start, Prewarm) and
+// ended by StopSpawner: an idle process keeps no thread for it, nor the
+// Go runtime's template thread that a locked thread brings (made at the
+// first lock; docs/ARCHITECTURE.md, "Where the time and memory go", round
+// 8). Moving a thread into a pids cgroup is not refused at its limit, so a
+// thread is made and moved under a fork bomb too (its forks then fail).
+//
+// Its error (tasks not open for writing) means nothing changed: Start forks
+// on the calling thread as before. A move that fails later (the cgroup is
+// gone) is passed to onFail (may be nil), once, and Start forks on the
+// calling thread from then on.
+func (r *Reaper) StartInCgroup(tasks *os.File, onFail func(error)) error {
+	fl, err := unix.FcntlInt(tasks.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		return fmt.Errorf("workload's cgroup: %w", err)
+	}
+	if fl&unix.O_ACCMODE == unix.O_RDONLY {
+		return fmt.Errorf("workload's cgroup: %s is not open for writing", tasks.Name())
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.tasks, r.onSpawnFail = tasks, onFail
+	return nil
+}
+
+// Prewarm makes the forking thread of StartInCgroup now, in the
+// background, if there is none: chalk-init calls it when a pre-started
+// sandbox is claimed, so that the first exec finds it.
+func (r *Reaper) Prewarm() {
+	go func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if r.tasks != nil && r.spawn == nil {
+			r.startSpawnerLocked()
+		}
+	}()
+}
+
+// StopSpawner ends the forking thread of StartInCgroup, if there is one;
+// the next Start makes a new one. chalk-init calls it when idle.
+func (r *Reaper) StopSpawner() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.spawn != nil {
+		close(r.spawn)
+		r.spawn, r.spawned = nil, nil
+	}
+}
+
+// startSpawnerLocked makes the forking thread: a goroutine locked to a
+// thread it moves into the workload's cgroup, serving r.spawn until
+// StopSpawner closes it. It returns with r.spawn set, or with r.tasks
+// dropped if the thread could not be moved (r.mu held).
+func (r *Reaper) startSpawnerLocked() {
 	errc := make(chan error, 1)
 	spawn := make(chan spawnJob)
 	spawned := make(chan spawnResult)
-	go func() {
-		// Locked for good: the thread is in the workload's cgroup and no
-		// other goroutine may run on it. A new thread the runtime needs
-		// while this one is locked is made by its template thread, which
-		// is not in the workload's cgroup.
-		runtime.LockOSThread()
-		if _, err := tasks.WriteString(strconv.Itoa(unix.Gettid())); err != nil {
-			runtime.UnlockOSThread() // the thread is where it was
-			errc <- fmt.Errorf("move the spawning thread into the workload's cgroup: %w", err)
-			return
-		}
-		errc <- nil
-		for j := range spawn {
-			pid, err := startProcess(j.argv0, j.argv, j.attr)
-			spawned <- spawnResult{pid, err}
-		}
-	}()
+	go r.spawner(spawn, spawned, errc, nil)
 	if err := <-errc; err != nil {
-		return err
+		r.tasks = nil
+		if r.onSpawnFail != nil {
+			go r.onSpawnFail(err)
+		}
+		return
 	}
-	r.mu.Lock()
 	r.spawn, r.spawned = spawn, spawned
-	r.mu.Unlock()
-	return nil
+}
+
+// spawner is the forking thread's goroutine. Locked for good: the thread is
+// in the workload's cgroup and no other goroutine may run on it. A new
+// thread the runtime needs while this one is locked is made by its template
+// thread, which is not in the workload's cgroup. When spawn is closed the
+// goroutine returns still locked, which ends the thread. locked, if not
+// nil, is closed once the goroutine has its thread.
+func (r *Reaper) spawner(spawn <-chan spawnJob, spawned chan<- spawnResult, errc chan<- error, locked chan<- struct{}) {
+	runtime.LockOSThread()
+	if unix.Gettid() == unix.Getpid() {
+		// The process's main thread, which the runtime never ends (a
+		// locked goroutine returning there wedges it: it would stay in
+		// the workload's cgroup for good). While this goroutine holds
+		// it, a new one runs on another thread; it takes over, and the
+		// main thread is given back.
+		onOther := make(chan struct{})
+		go r.spawner(spawn, spawned, errc, onOther)
+		<-onOther
+		runtime.UnlockOSThread()
+		return
+	}
+	if locked != nil {
+		close(locked)
+	}
+	if _, err := r.tasks.WriteString(strconv.Itoa(unix.Gettid())); err != nil {
+		runtime.UnlockOSThread() // the thread is where it was
+		errc <- fmt.Errorf("move the spawning thread into the workload's cgroup: %w", err)
+		return
+	}
+	errc <- nil
+	for j := range spawn {
+		pid, err := startProcess(j.argv0, j.argv, j.attr)
+		spawned <- spawnResult{pid, err}
+	}
 }
 
 // Signal sends sig to every process started through Start that has not been
