@@ -35,9 +35,9 @@ type Reaper struct {
 	idle bool
 	// tasks, once StartInCgroup has succeeded, is the workload cgroup's
 	// tasks file; spawn then takes every fork to the thread that lives in
-	// that cgroup (nil while there is none: it is made on demand and ended
-	// by StopSpawner), and spawned answers. onSpawnFail hears of a thread
-	// that could not be moved (tasks is then dropped).
+	// that cgroup (nil until it is made, on demand), and spawned answers.
+	// onSpawnFail hears of a thread that could not be moved (tasks is then
+	// dropped).
 	tasks       *os.File
 	spawn       chan spawnJob
 	spawned     chan spawnResult
@@ -201,11 +201,12 @@ func startProcess(argv0 string, argv []string, attr *os.ProcAttr) (int, error) {
 // pids.max, so a fork bomb can never take the pids init needs for a new
 // thread (docs/SECURITY.md, "Fork bombs do not kill init").
 //
-// The forking thread is made when it is first needed (Start, Prewarm) and
-// ended by StopSpawner: an idle process keeps no thread for it, nor the
-// Go runtime's template thread that a locked thread brings (made at the
-// first lock; docs/ARCHITECTURE.md, "Where the time and memory go", round
-// 8). Moving a thread into a pids cgroup is not refused at its limit, so a
+// The forking thread is made when it is first needed (Start, Prewarm), and
+// kept: a process that never starts one (an idle sandbox never used, or a
+// pre-started one not yet claimed) keeps no thread for it, nor the Go
+// runtime's template thread that a locked thread brings (made at the first
+// lock; docs/ARCHITECTURE.md, "Where the time and memory go", round 8).
+// Moving a thread into a pids cgroup is not refused at its limit, so the
 // thread is made and moved under a fork bomb too (its forks then fail).
 //
 // Its error (tasks not open for writing) means nothing changed: Start forks
@@ -239,26 +240,32 @@ func (r *Reaper) Prewarm() {
 	}()
 }
 
-// StopSpawner ends the forking thread of StartInCgroup, if there is one;
-// the next Start makes a new one. chalk-init calls it when idle.
-func (r *Reaper) StopSpawner() {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.spawn != nil {
-		close(r.spawn)
-		r.spawn, r.spawned = nil, nil
-	}
-}
-
 // startSpawnerLocked makes the forking thread: a goroutine locked to a
-// thread it moves into the workload's cgroup, serving r.spawn until
-// StopSpawner closes it. It returns with r.spawn set, or with r.tasks
-// dropped if the thread could not be moved (r.mu held).
+// thread it moves into the workload's cgroup, serving r.spawn for good. It
+// returns with r.spawn set, or with r.tasks dropped if the thread could not
+// be moved (r.mu held).
 func (r *Reaper) startSpawnerLocked() {
 	errc := make(chan error, 1)
 	spawn := make(chan spawnJob)
 	spawned := make(chan spawnResult)
-	go r.spawner(spawn, spawned, errc, nil)
+	tasks := r.tasks
+	go func() {
+		// Locked for good: the thread is in the workload's cgroup and no
+		// other goroutine may run on it. A new thread the runtime needs
+		// while this one is locked is made by its template thread, which
+		// is not in the workload's cgroup.
+		runtime.LockOSThread()
+		if _, err := tasks.WriteString(strconv.Itoa(unix.Gettid())); err != nil {
+			runtime.UnlockOSThread() // the thread is where it was
+			errc <- fmt.Errorf("move the spawning thread into the workload's cgroup: %w", err)
+			return
+		}
+		errc <- nil
+		for j := range spawn {
+			pid, err := startProcess(j.argv0, j.argv, j.attr)
+			spawned <- spawnResult{pid, err}
+		}
+	}()
 	if err := <-errc; err != nil {
 		r.tasks = nil
 		if r.onSpawnFail != nil {
@@ -267,41 +274,6 @@ func (r *Reaper) startSpawnerLocked() {
 		return
 	}
 	r.spawn, r.spawned = spawn, spawned
-}
-
-// spawner is the forking thread's goroutine. Locked for good: the thread is
-// in the workload's cgroup and no other goroutine may run on it. A new
-// thread the runtime needs while this one is locked is made by its template
-// thread, which is not in the workload's cgroup. When spawn is closed the
-// goroutine returns still locked, which ends the thread. locked, if not
-// nil, is closed once the goroutine has its thread.
-func (r *Reaper) spawner(spawn <-chan spawnJob, spawned chan<- spawnResult, errc chan<- error, locked chan<- struct{}) {
-	runtime.LockOSThread()
-	if unix.Gettid() == unix.Getpid() {
-		// The process's main thread, which the runtime never ends (a
-		// locked goroutine returning there wedges it: it would stay in
-		// the workload's cgroup for good). While this goroutine holds
-		// it, a new one runs on another thread; it takes over, and the
-		// main thread is given back.
-		onOther := make(chan struct{})
-		go r.spawner(spawn, spawned, errc, onOther)
-		<-onOther
-		runtime.UnlockOSThread()
-		return
-	}
-	if locked != nil {
-		close(locked)
-	}
-	if _, err := r.tasks.WriteString(strconv.Itoa(unix.Gettid())); err != nil {
-		runtime.UnlockOSThread() // the thread is where it was
-		errc <- fmt.Errorf("move the spawning thread into the workload's cgroup: %w", err)
-		return
-	}
-	errc <- nil
-	for j := range spawn {
-		pid, err := startProcess(j.argv0, j.argv, j.attr)
-		spawned <- spawnResult{pid, err}
-	}
 }
 
 // Signal sends sig to every process started through Start that has not been

@@ -307,8 +307,7 @@ func run(args []string) int {
 			// Idle: what a burst of execs grew (output buffers, frames)
 			// goes back to the host instead of staying in every idle
 			// sandbox (docs/ARCHITECTURE.md, "Where the time and memory go").
-			// The forking thread ends too (keepPidsHeadroom).
-			OnIdle: func() { reaper.StopSpawner(); trimIfGrown() }, IdleAfter: idleTrimAfter})
+			OnIdle: trimIfGrown, IdleAfter: idleTrimAfter})
 	}()
 
 	var entryExit <-chan unix.WaitStatus
@@ -505,15 +504,16 @@ func anonMemory() int64 {
 // init starts begins there (procapi.Reaper.StartInCgroup): the workload can
 // never take the last pids of the sandbox, so init makes threads as it
 // needs them. The thread that forks in that cgroup is made when init first
-// starts a process, or when a pre-started sandbox is activated, and ends
-// when init is idle (OnIdle): an idle sandbox keeps no thread for it, nor
-// the runtime's template thread (docs/ARCHITECTURE.md, "Where the time and
-// memory go", round 8). Without tasksFD init makes its threads ahead
+// starts a process, or when a pre-started sandbox is activated, and kept: a
+// sandbox never used keeps no thread for it, nor the runtime's template
+// thread (docs/ARCHITECTURE.md, "Where the time and memory go", round 8;
+// ending it when idle put a thread creation and a cgroup move on the next
+// exec). Without tasksFD init makes its threads ahead
 // (reserveThreads); each costs ~40 KiB of every idle sandbox (round 4).
 // onFail runs if a later move into the cgroup fails.
 func keepPidsHeadroom(reaper *procapi.Reaper, tasksFD int, onFail func(error)) error {
 	// Inherited from runc without close-on-exec; kept open (the forking
-	// thread is moved in whenever it is made again). The sandbox cannot
+	// thread is moved in when it is made). The sandbox cannot
 	// reach it: init is not dumpable, and no process it starts inherits it.
 	unix.CloseOnExec(tasksFD)
 	f := os.NewFile(uintptr(tasksFD), "workload-tasks")

@@ -567,35 +567,26 @@ func TestWorkloadCgroup(t *testing.T) {
 	// one and sysmon's; without it an idle init runs 3 since round 8 (the
 	// forking thread is made on demand; 5-7 before, 8 seen under -race on
 	// a loaded machine: the runtime's own threads vary). Only pinged, init
-	// has made no forking thread (nor the runtime's template thread).
+	// has made no forking thread (nor the runtime's template thread): an
+	// idle sandbox never used keeps none.
 	if n := threads(0); n >= reservedThreads+2 {
 		t.Errorf("init runs %d threads with a workload cgroup: it should make none ahead (%d reserved without)", n, reservedThreads)
 	}
 
 	// An exec begins in the workload's cgroup, forked by a thread made
-	// for it there; idle, init ends that thread, and the next exec makes
-	// another.
-	execCgroup := func() {
-		t.Helper()
-		var out bytes.Buffer
-		p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"cat", "/proc/self/cgroup"}}, &out, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if es, err := p.Wait(); err != nil || es.Code != 0 {
-			t.Fatalf("exec: %+v %v", es, err)
-		}
-		if !strings.Contains(out.String(), ":pids:"+rel+"/workload\n") {
-			t.Fatalf("exec's cgroups:\n%s\nwant pids %s/workload", out.String(), rel)
-		}
-	}
-	execCgroup()
-	eventually(t, "init to end its forking thread when idle", func() bool {
-		work, _ := inCgroups()
-		return work == 0
-	})
-	execCgroup()
+	// for it there, which init keeps.
 	var out bytes.Buffer
+	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"cat", "/proc/self/cgroup"}}, &out, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if es, err := p.Wait(); err != nil || es.Code != 0 {
+		t.Fatalf("exec: %+v %v", es, err)
+	}
+	if !strings.Contains(out.String(), ":pids:"+rel+"/workload\n") {
+		t.Fatalf("exec's cgroups:\n%s\nwant pids %s/workload", out.String(), rel)
+	}
+	threads(1)
 
 	// A fork bomb fills the workload's limit...
 	stop := filepath.Join(dir, "stop")
@@ -630,8 +621,7 @@ func TestWorkloadCgroup(t *testing.T) {
 	if err := c.Ping(ctx); err != nil {
 		t.Fatalf("init during the bomb: %v (stderr %q)", err, errb.String())
 	}
-	// Whatever threads init made meanwhile are in the sandbox's cgroup
-	// (the bomb's exec is still open: the forking thread lives on).
+	// Whatever threads init made meanwhile are in the sandbox's cgroup.
 	t.Logf("init's threads after the requests during the bomb: %d", threads(1))
 	if err := c.WriteFile(ctx, stop, 0o644, strings.NewReader("")); err != nil {
 		t.Fatal(err)
@@ -639,8 +629,7 @@ func TestWorkloadCgroup(t *testing.T) {
 	_ = bomb.Signal(syscall.SIGKILL)
 	killCgroup(workCg, pid)
 	out.Reset()
-	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"echo", "survived"}}, &out, nil)
-	if err != nil {
+	if p, err = c.Exec(ctx, procapi.ExecRequest{Argv: []string{"echo", "survived"}}, &out, nil); err != nil {
 		t.Fatalf("exec after the bomb: %v", err)
 	}
 	if es, err := p.Wait(); err != nil || es.Code != 0 || out.String() != "survived\n" {
