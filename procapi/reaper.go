@@ -201,7 +201,8 @@ func startProcess(argv0 string, argv []string, attr *os.ProcAttr) (int, error) {
 // pids.max, so a fork bomb can never take the pids init needs for a new
 // thread (docs/SECURITY.md, "Fork bombs do not kill init").
 //
-// The forking thread is made when it is first needed (Start, Prewarm), and
+// The forking thread is made when it is first needed (Start, StartSpawner,
+// Prewarm), and
 // kept: a process that never starts one (an idle sandbox never used, or a
 // pre-started one not yet claimed) keeps no thread for it, nor the Go
 // runtime's template thread that a locked thread brings (made at the first
@@ -227,18 +228,19 @@ func (r *Reaper) StartInCgroup(tasks *os.File, onFail func(error)) error {
 	return nil
 }
 
-// Prewarm makes the forking thread of StartInCgroup now, in the
-// background, if there is none: chalk-init calls it when a pre-started
-// sandbox is claimed, so that the first exec finds it.
-func (r *Reaper) Prewarm() {
-	go func() {
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		if r.tasks != nil && r.spawn == nil {
-			r.startSpawnerLocked()
-		}
-	}()
+// StartSpawner makes the forking thread of StartInCgroup now, if there is
+// none (chalk-init's --prestarted).
+func (r *Reaper) StartSpawner() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.tasks != nil && r.spawn == nil {
+		r.startSpawnerLocked()
+	}
 }
+
+// Prewarm is StartSpawner in the background: chalk-init calls it when a
+// pre-started sandbox is claimed, so that the first exec finds the thread.
+func (r *Reaper) Prewarm() { go r.StartSpawner() }
 
 // startSpawnerLocked makes the forking thread: a goroutine locked to a
 // thread it moves into the workload's cgroup, serving r.spawn for good. It

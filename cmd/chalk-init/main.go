@@ -130,6 +130,7 @@ func run(args []string) int {
 	logPrev := fl.Int("log-prev-fd", 0, "fd of the console log's previous part (with --log-max)")
 	fl.Int("seccomp-fd", 0, "fd of the compiled seccomp filter to load before anything else (read by main; see installSeccomp)")
 	workTasks := fl.Int("workload-tasks-fd", 0, "fd of the `tasks` file (cgroup v1, open for writing) of the cgroup every process init starts begins in; without it init reserves threads instead")
+	prestarted := fl.Bool("prestarted", false, "a pre-started sandbox's init: with --workload-tasks-fd, make the thread that forks at start, not at the first exec (the claim's first exec must not wait for it)")
 	dropGomaxprocs := fl.Bool("drop-gomaxprocs", false, "GOMAXPROCS in init's environment is chalkd's, for init alone: remove it before init starts anything")
 	if err := fl.Parse(args); err != nil {
 		return 2
@@ -194,6 +195,8 @@ func run(args []string) int {
 	}); err != nil {
 		fmt.Fprintf(stderr, "chalk-init: %v; reserving %d threads instead\n", err, reservedThreads)
 		reserveThreads(reservedThreads)
+	} else if *prestarted {
+		reaper.StartSpawner()
 	}
 	sigs := make(chan os.Signal, 4)
 	if err := sigrelay.NotifyChan(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP); err != nil {
@@ -504,7 +507,9 @@ func anonMemory() int64 {
 // init starts begins there (procapi.Reaper.StartInCgroup): the workload can
 // never take the last pids of the sandbox, so init makes threads as it
 // needs them. The thread that forks in that cgroup is made when init first
-// starts a process, or when a pre-started sandbox is activated, and kept: a
+// starts a process, or at start with --prestarted (a pool member: its
+// claim's first exec must not wait for a thread creation and a cgroup
+// move; an older chalkd's pool member makes it when activated), and kept: a
 // sandbox never used keeps no thread for it, nor the runtime's template
 // thread (docs/ARCHITECTURE.md, "Where the time and memory go", round 8;
 // ending it when idle put a thread creation and a cgroup move on the next

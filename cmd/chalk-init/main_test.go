@@ -540,7 +540,7 @@ func TestWorkloadCgroup(t *testing.T) {
 	// forks, while there is one) in the workload's cgroup, the rest in the
 	// sandbox's.
 	rel := strings.TrimPrefix(sandboxCg, "/sys/fs/cgroup/pids")
-	inCgroups := func() (work, total int) {
+	inCgroups := func(pid int) (work, total int) {
 		t.Helper()
 		in := map[string]int{}
 		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
@@ -557,7 +557,7 @@ func TestWorkloadCgroup(t *testing.T) {
 	}
 	threads := func(wantWork int) int {
 		t.Helper()
-		work, total := inCgroups()
+		work, total := inCgroups(pid)
 		if work != wantWork {
 			t.Fatalf("%d of init's %d threads in %s/workload, want %d", work, total, rel, wantWork)
 		}
@@ -587,6 +587,30 @@ func TestWorkloadCgroup(t *testing.T) {
 		t.Fatalf("exec's cgroups:\n%s\nwant pids %s/workload", out.String(), rel)
 	}
 	threads(1)
+
+	// A pre-started sandbox's init (--prestarted) makes it at start: the
+	// claim's first exec does not wait for it.
+	ptasks, err := os.OpenFile(filepath.Join(workCg, "tasks"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	psock := filepath.Join(dir, "pre.sock")
+	pcmd := initCmd(t, "-c", `echo $$ > "$1/cgroup.procs" && shift && exec "$@"`, "sh", sandboxCg,
+		os.Args[0], "--socket", psock, "--workload-tasks-fd", "3", "--prestarted")
+	pcmd.Path, pcmd.Args = "/bin/sh", append([]string{"sh"}, pcmd.Args[1:]...)
+	pcmd.ExtraFiles = []*os.File{ptasks}
+	if err := pcmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ptasks.Close()
+	if err := initClient(psock, pcmd).WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if work, total := inCgroups(pcmd.Process.Pid); work != 1 {
+		t.Fatalf("--prestarted: %d of init's %d threads in %s/workload before any exec, want 1", work, total, rel)
+	}
+	_ = pcmd.Process.Kill()
+	_ = pcmd.Wait()
 
 	// A fork bomb fills the workload's limit...
 	stop := filepath.Join(dir, "stop")
