@@ -178,6 +178,9 @@ type StartRequest struct {
 	// Identity are the sandbox's identity files on a fleet node (its
 	// daemon writes them and adds their bind; the agent ignores them).
 	Identity []IdentityFile
+	// Prestarted: a pre-started pool member, claimed later (its init
+	// readies what the claim's first exec needs at start: sandbox.Spec).
+	Prestarted bool
 }
 
 // IdentityFile is a file of a sandbox's identity dir: a token file kept
@@ -297,6 +300,7 @@ func (a *Agent) start(ctx context.Context, req StartRequest) (st Started, err er
 		Memory:     req.Memory,
 		Pids:       pids,
 		DiskMB:     req.DiskMB,
+		Prestarted: req.Prestarted,
 		NetnsPath:  n.NetnsPath,
 		UserNS:     SandboxUserNS(n),
 		ResolvConf: a.cfg.ResolvConf(n),

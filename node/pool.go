@@ -341,7 +341,7 @@ func (p *warmPool) start(img *nodecache.Image, id string, slot int) (*member, er
 			return nil, err
 		}
 	}
-	st, err := p.a.start(context.Background(), StartRequest{ID: id, Slot: slot, Image: img, Binds: m.binds, Memory: p.cfg.Memory, DiskMB: p.cfg.DiskMB})
+	st, err := p.a.start(context.Background(), StartRequest{ID: id, Slot: slot, Image: img, Binds: m.binds, Memory: p.cfg.Memory, DiskMB: p.cfg.DiskMB, Prestarted: true})
 	if err != nil {
 		p.cfg.forget(id)
 		return nil, err

@@ -3,11 +3,14 @@ package procapi
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -318,4 +321,85 @@ func TestOnIdle(t *testing.T) {
 	open = 0
 	mu.Unlock()
 	wantIdle("after an exec")
+}
+
+// TestPingWithoutJSON: a ping as Client encodes it is answered without
+// encoding/json (its first use builds caches a never-used sandbox would
+// hold: docs/ARCHITECTURE.md, round 8), with the answer sendJSON would
+// give; a ping encoded otherwise gets the same answer through the decoder.
+// The allocations are checked in a child process (json's caches are
+// process-wide, and other tests fill them).
+func TestPingWithoutJSON(t *testing.T) {
+	if os.Getenv("PROCAPI_PING_CHILD") != "" {
+		pingChild(t)
+		return
+	}
+	if b, _ := json.Marshal(&request{Op: opPing}); string(b) != pingRequest {
+		t.Fatalf("Client encodes a ping as %s, the server expects %s", b, pingRequest)
+	}
+	if b, _ := json.Marshal(pingMsg{Version: ProtocolVersion}); string(b) != pingAnswer {
+		t.Fatalf("a ping's answer is %s, the server sends %s", b, pingAnswer)
+	}
+	ctx := testCtx(t)
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sctx, stop := context.WithCancel(ctx)
+	defer stop()
+	go func() { _ = Serve(sctx, l, ServerOptions{}) }()
+	c := testClient(sock)
+	for _, req := range []string{pingRequest, `{ "op": "ping" }`} {
+		nc := raw(t, c, frameRequest, []byte(req))
+		typ, b, err := readFrame(nc, nil)
+		if err != nil || typ != frameResult || string(b) != pingAnswer {
+			t.Fatalf("ping %s: %q %s %v, want %q %s", req, typ, b, err, frameResult, pingAnswer)
+		}
+	}
+
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestPingWithoutJSON$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "PROCAPI_PING_CHILD=1")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+}
+
+// pingChild serves one ping (sent without encoding/json) and fails if
+// anything of encoding/json allocated meanwhile.
+func pingChild(t *testing.T) {
+	runtime.MemProfileRate = 1
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- Serve(ctx, l, ServerOptions{}) }()
+	nc := raw(t, testClient(sock), frameRequest, []byte(pingRequest))
+	if typ, b, err := readFrame(nc, nil); err != nil || typ != frameResult || string(b) != pingAnswer {
+		t.Fatalf("ping: %q %s %v", typ, b, err)
+	}
+	nc.Close()
+	stop()
+	<-served
+	runtime.GC()
+	runtime.GC()
+	var recs []runtime.MemProfileRecord
+	n, _ := runtime.MemProfile(nil, true)
+	recs = make([]runtime.MemProfileRecord, n+50)
+	n, _ = runtime.MemProfile(recs, true)
+	for _, r := range recs[:n] {
+		frames := runtime.CallersFrames(r.Stack())
+		for {
+			f, more := frames.Next()
+			if strings.HasPrefix(f.Function, "encoding/json.") {
+				t.Fatalf("a ping allocated in %s (%d bytes)", f.Function, r.AllocBytes)
+			}
+			if !more {
+				break
+			}
+		}
+	}
 }

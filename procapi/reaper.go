@@ -33,10 +33,15 @@ type Reaper struct {
 	// something; idle records whether the last pass found no children.
 	pass chan struct{}
 	idle bool
-	// spawn, once StartInCgroup has succeeded, takes every fork to the
-	// thread that lives in the workload's cgroup; spawned answers.
-	spawn   chan spawnJob
-	spawned chan spawnResult
+	// tasks, once StartInCgroup has succeeded, is the workload cgroup's
+	// tasks file; spawn then takes every fork to the thread that lives in
+	// that cgroup (nil until it is made, on demand), and spawned answers.
+	// onSpawnFail hears of a thread that could not be moved (tasks is then
+	// dropped).
+	tasks       *os.File
+	spawn       chan spawnJob
+	spawned     chan spawnResult
+	onSpawnFail func(error)
 }
 
 type spawnJob struct {
@@ -120,6 +125,9 @@ func (r *Reaper) Start(argv0 string, argv []string, attr *os.ProcAttr) (int, <-c
 	defer r.mu.Unlock()
 	var pid int
 	var err error
+	if r.tasks != nil && r.spawn == nil {
+		r.startSpawnerLocked()
+	}
 	if r.spawn != nil {
 		r.spawn <- spawnJob{argv0, argv, attr}
 		res := <-r.spawned
@@ -182,23 +190,67 @@ func startProcess(argv0 string, argv []string, attr *os.ProcAttr) (int, error) {
 
 // StartInCgroup makes every process that Start starts from now on begin in
 // another cgroup (v1) than this process: tasks is that cgroup's `tasks`
-// file, open for writing (the caller may close it once this returns). One
-// OS thread of this process is moved into that cgroup and does every fork
-// from then on; a child starts in the cgroup of the thread that forked it.
-// The rest of the process, the threads the Go runtime makes later
-// included, stays where it was.
+// file, open for writing, which the reaper keeps (the caller must not close
+// it). The forks are done by one OS thread of this process moved into that
+// cgroup (a child starts in the cgroup of the thread that forked it); the
+// rest of the process, the threads the Go runtime makes later included,
+// stays where it was.
 //
 // chalk-init uses it to keep its own threads out of the workload's pids
 // limit: the workload's cgroup is a child of the sandbox's with a lower
 // pids.max, so a fork bomb can never take the pids init needs for a new
 // thread (docs/SECURITY.md, "Fork bombs do not kill init").
 //
-// Its error means nothing was moved: Start forks on the calling thread as
-// before.
-func (r *Reaper) StartInCgroup(tasks *os.File) error {
+// The forking thread is made when it is first needed (Start, StartSpawner,
+// Prewarm), and
+// kept: a process that never starts one (an idle sandbox never used, or a
+// pre-started one not yet claimed) keeps no thread for it, nor the Go
+// runtime's template thread that a locked thread brings (made at the first
+// lock; docs/ARCHITECTURE.md, "Where the time and memory go", round 8).
+// Moving a thread into a pids cgroup is not refused at its limit, so the
+// thread is made and moved under a fork bomb too (its forks then fail).
+//
+// Its error (tasks not open for writing) means nothing changed: Start forks
+// on the calling thread as before. A move that fails later (the cgroup is
+// gone) is passed to onFail (may be nil), once, and Start forks on the
+// calling thread from then on.
+func (r *Reaper) StartInCgroup(tasks *os.File, onFail func(error)) error {
+	fl, err := unix.FcntlInt(tasks.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		return fmt.Errorf("workload's cgroup: %w", err)
+	}
+	if fl&unix.O_ACCMODE == unix.O_RDONLY {
+		return fmt.Errorf("workload's cgroup: %s is not open for writing", tasks.Name())
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.tasks, r.onSpawnFail = tasks, onFail
+	return nil
+}
+
+// StartSpawner makes the forking thread of StartInCgroup now, if there is
+// none (chalk-init's --prestarted).
+func (r *Reaper) StartSpawner() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.tasks != nil && r.spawn == nil {
+		r.startSpawnerLocked()
+	}
+}
+
+// Prewarm is StartSpawner in the background: chalk-init calls it when a
+// pre-started sandbox is claimed, so that the first exec finds the thread.
+func (r *Reaper) Prewarm() { go r.StartSpawner() }
+
+// startSpawnerLocked makes the forking thread: a goroutine locked to a
+// thread it moves into the workload's cgroup, serving r.spawn for good. It
+// returns with r.spawn set, or with r.tasks dropped if the thread could not
+// be moved (r.mu held).
+func (r *Reaper) startSpawnerLocked() {
 	errc := make(chan error, 1)
 	spawn := make(chan spawnJob)
 	spawned := make(chan spawnResult)
+	tasks := r.tasks
 	go func() {
 		// Locked for good: the thread is in the workload's cgroup and no
 		// other goroutine may run on it. A new thread the runtime needs
@@ -217,12 +269,13 @@ func (r *Reaper) StartInCgroup(tasks *os.File) error {
 		}
 	}()
 	if err := <-errc; err != nil {
-		return err
+		r.tasks = nil
+		if r.onSpawnFail != nil {
+			go r.onSpawnFail(err)
+		}
+		return
 	}
-	r.mu.Lock()
 	r.spawn, r.spawned = spawn, spawned
-	r.mu.Unlock()
-	return nil
 }
 
 // Signal sends sig to every process started through Start that has not been

@@ -77,13 +77,13 @@ func TestStartInCgroupFails(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if err := r.StartInCgroup(f); err == nil {
+	if err := r.StartInCgroup(f, nil); err == nil {
 		t.Fatal("StartInCgroup with a read-only file: no error")
 	}
 	r.mu.Lock()
-	spawn := r.spawn
+	spawn, tasks := r.spawn, r.tasks
 	r.mu.Unlock()
-	if spawn != nil {
+	if spawn != nil || tasks != nil {
 		t.Fatal("forks handed to a thread that is not in the cgroup")
 	}
 	bin, err := LookPath("true", os.Environ(), "")

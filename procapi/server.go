@@ -240,6 +240,13 @@ func (c *conn) sendJSON(typ byte, v any) error {
 	return c.send(typ, b)
 }
 
+// pingRequest is a ping as Client encodes it; pingAnswer is the answer,
+// as sendJSON would encode it (TestPingWithoutJSON).
+const (
+	pingRequest = `{"op":"ping"}`
+	pingAnswer  = `{"version":1}`
+)
+
 func (c *conn) sendErr(err error) { _ = c.sendJSON(frameError, wireError(err)) }
 
 func (s *server) handle(nc net.Conn) {
@@ -253,6 +260,17 @@ func (s *server) handle(nc net.Conn) {
 	}
 	if typ != frameRequest {
 		c.sendErr(fmt.Errorf("first frame %q: want a request: %w", typ, errdefs.ErrInvalidArgument))
+		return
+	}
+	if string(b) == pingRequest {
+		// chalkd's readiness check, and all an idle sandbox never used
+		// (a fresh one, a pre-started one) is ever sent: answered
+		// without encoding/json, whose first use builds its caches of
+		// request's and pingMsg's fields, ~10 KB in a dozen size
+		// classes that such a sandbox would hold for good
+		// (docs/ARCHITECTURE.md, "Where the time and memory go", round
+		// 8). A ping encoded otherwise is decoded below: the same answer.
+		_ = c.send(frameResult, []byte(pingAnswer))
 		return
 	}
 	var req request

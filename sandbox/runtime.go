@@ -236,6 +236,11 @@ type Spec struct {
 	ResolvConf []byte
 	Hosts      []byte
 	Binds      []Bind
+	// Prestarted: a pre-started pool member. Its init makes the thread
+	// that forks the sandbox's processes at start (--prestarted), not at
+	// the first exec: the claim's first exec must not wait for it, while
+	// a sandbox never used keeps none (cmd/chalk-init, keepPidsHeadroom).
+	Prestarted bool
 }
 
 // prepareUserNS gives the sandbox's root what it must own on the host: its
@@ -409,6 +414,9 @@ func (r *Runtime) Start(ctx context.Context, sp Spec) (pid int, err error) {
 			fd = 4
 		}
 		args = append(args, "--workload-tasks-fd", strconv.Itoa(fd))
+		if sp.Prestarted {
+			args = append(args, "--prestarted")
+		}
 	}
 	// The compiled seccomp filter (seccomp.go) is init's next fd.
 	seccompFD := 3

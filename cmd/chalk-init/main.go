@@ -37,7 +37,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
-	"runtime/metrics"
 	"strconv"
 	"strings"
 	"sync"
@@ -131,6 +130,7 @@ func run(args []string) int {
 	logPrev := fl.Int("log-prev-fd", 0, "fd of the console log's previous part (with --log-max)")
 	fl.Int("seccomp-fd", 0, "fd of the compiled seccomp filter to load before anything else (read by main; see installSeccomp)")
 	workTasks := fl.Int("workload-tasks-fd", 0, "fd of the `tasks` file (cgroup v1, open for writing) of the cgroup every process init starts begins in; without it init reserves threads instead")
+	prestarted := fl.Bool("prestarted", false, "a pre-started sandbox's init: with --workload-tasks-fd, make the thread that forks at start, not at the first exec (the claim's first exec must not wait for it)")
 	dropGomaxprocs := fl.Bool("drop-gomaxprocs", false, "GOMAXPROCS in init's environment is chalkd's, for init alone: remove it before init starts anything")
 	if err := fl.Parse(args); err != nil {
 		return 2
@@ -189,9 +189,14 @@ func run(args []string) int {
 	reaper := procapi.StartReaper()
 	if *workTasks <= 2 {
 		reserveThreads(reservedThreads)
-	} else if err := keepPidsHeadroom(reaper, *workTasks); err != nil {
+	} else if err := keepPidsHeadroom(reaper, *workTasks, func(err error) {
 		fmt.Fprintf(stderr, "chalk-init: %v; reserving %d threads instead\n", err, reservedThreads)
 		reserveThreads(reservedThreads)
+	}); err != nil {
+		fmt.Fprintf(stderr, "chalk-init: %v; reserving %d threads instead\n", err, reservedThreads)
+		reserveThreads(reservedThreads)
+	} else if *prestarted {
+		reaper.StartSpawner()
 	}
 	sigs := make(chan os.Signal, 4)
 	if err := sigrelay.NotifyChan(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP); err != nil {
@@ -206,6 +211,7 @@ func run(args []string) int {
 	if err != nil {
 		return fail(1, "%v", err)
 	}
+	trimBaseline()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
@@ -277,6 +283,10 @@ func run(args []string) int {
 		}
 		activated = true
 		if len(a.Entrypoint) == 0 {
+			// The claimed sandbox's first exec is coming: its forking
+			// thread (made on demand, see keepPidsHeadroom) is made
+			// meanwhile.
+			reaper.Prewarm()
 			return nil, nil
 		}
 		ch, code, err := startEntry(a.Entrypoint)
@@ -364,64 +374,126 @@ func forward(reaper *procapi.Reaper, sig syscall.Signal) {
 
 // listen binds the socket under a temporary name, restricts it to its owner
 // and renames it into place, so it appears only when it accepts.
+//
+// The socket is made with system calls and handed to net.FileListener:
+// net.Listen reads /proc/sys/net/core/somaxconn into a 64 KiB buffer, an
+// object held by every idle sandbox (docs/ARCHITECTURE.md, "Where the time
+// and memory go", round 8). The backlog asked for is the one net.Listen
+// asks for: the kernel cuts it to somaxconn.
 func listen(path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, err
 	}
-	tmp := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
+	tmp := path + "." + strconv.Itoa(os.Getpid()) + ".tmp"
 	_ = os.Remove(tmp)
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return nil, err
+		return nil, os.NewSyscallError("socket", err)
 	}
-	l.SetUnlinkOnClose(false)
-	if err := os.Chmod(tmp, 0o600); err != nil {
-		l.Close()
+	f := os.NewFile(uintptr(fd), tmp)
+	defer f.Close() // net.FileListener keeps a duplicate
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: tmp}); err != nil {
+		return nil, &os.PathError{Op: "bind", Path: tmp, Err: err}
+	}
+	fail := func(err error) (net.Listener, error) {
 		os.Remove(tmp)
 		return nil, err
+	}
+	if err := unix.Listen(fd, listenBacklog); err != nil {
+		return fail(os.NewSyscallError("listen", err))
+	}
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		return fail(err)
+	}
+	l, err := net.FileListener(f)
+	if err != nil {
+		return fail(err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		l.Close()
-		os.Remove(tmp)
-		return nil, err
+		return fail(err)
 	}
 	return l, nil
 }
 
+// listenBacklog is net.Listen's largest backlog; the kernel uses at most
+// net.core.somaxconn.
+const listenBacklog = 1<<16 - 1
+
 // idleTrimAfter is how long init waits with no connection open before it
 // collects and returns its free memory to the host (trimIfGrown);
-// trimMinAllocs is how much it must have allocated since the last time.
+// trimMinGrowth is how much its anonymous memory must have grown since the
+// last time (or since start).
 const (
 	idleTrimAfter = time.Second
-	trimMinAllocs = 1 << 20
+	trimMinGrowth = 1 << 20
 )
 
 var (
-	trimMu         sync.Mutex
-	trimmedAtAlloc uint64 // /gc/heap/allocs:bytes at the last trim
+	trimMu      sync.Mutex
+	trimmedAnon int64 // anonymous memory after the last trim, or at start (trimBaseline)
 )
 
+// trimBaseline records init's anonymous memory at start, before it serves.
+func trimBaseline() {
+	trimMu.Lock()
+	defer trimMu.Unlock()
+	trimmedAnon = anonMemory()
+}
+
 // trimIfGrown collects and returns free memory to the host
-// (debug.FreeOSMemory) if init allocated trimMinAllocs since it last did: a
-// burst of execs (output buffers, frames) grows the heap to ~2.5 MiB that
-// the runtime would keep. Not for less: a collection in an init that has
-// never collected (a pre-started sandbox, only pinged and activated)
-// itself costs ~0.2 MiB (the collector's first-use structures), more than
-// it frees.
+// (debug.FreeOSMemory) if init's anonymous memory grew by trimMinGrowth
+// since it last did (or since start): a burst of execs (output buffers,
+// frames) grows the heap to ~2.5 MiB that the runtime would keep. Not for
+// less: a collection in an init that has never collected (a pre-started
+// sandbox, only pinged and activated) itself costs ~0.2 MiB (the
+// collector's first-use structures), more than it frees.
+//
+// The growth is read from /proc/self/statm, not from the runtime: the
+// first runtime/metrics.Read builds the runtime's table of metrics, ~20 KB
+// of heap objects in seven size classes, and runtime.ReadMemStats flushes
+// every span cache; either would stay in every sandbox that was ever idle
+// (docs/ARCHITECTURE.md, "Where the time and memory go", round 8).
 func trimIfGrown() {
 	trimMu.Lock()
 	defer trimMu.Unlock()
-	sample := []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}}
-	metrics.Read(sample)
-	if sample[0].Value.Kind() != metrics.KindUint64 {
-		return
-	}
-	if a := sample[0].Value.Uint64(); a-trimmedAtAlloc < trimMinAllocs {
+	if anon := anonMemory(); anon < 0 || anon-trimmedAnon < trimMinGrowth {
 		return
 	}
 	debug.FreeOSMemory()
-	metrics.Read(sample)
-	trimmedAtAlloc = sample[0].Value.Uint64()
+	trimmedAnon = anonMemory()
+}
+
+// anonMemory is this process's resident anonymous memory in bytes (resident
+// less shared pages, /proc/self/statm), or -1 if it cannot be read. It
+// allocates nothing.
+func anonMemory() int64 {
+	fd, err := unix.Open("/proc/self/statm", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1
+	}
+	var buf [128]byte
+	n, err := unix.Read(fd, buf[:])
+	unix.Close(fd)
+	if err != nil || n <= 0 {
+		return -1
+	}
+	// size resident shared text lib data dt, in pages
+	var f [3]int64
+	k := 0
+	for _, c := range buf[:n] {
+		switch {
+		case c >= '0' && c <= '9':
+			f[k] = f[k]*10 + int64(c-'0')
+		case c == ' ':
+			if k++; k == len(f) {
+				return (f[1] - f[2]) * int64(os.Getpagesize())
+			}
+		default:
+			return -1
+		}
+	}
+	return -1
 }
 
 // keepPidsHeadroom makes sure a fork bomb in the sandbox cannot kill init:
@@ -434,16 +506,27 @@ func trimIfGrown() {
 // sandbox's pids cgroup with a limit below the sandbox's, and every process
 // init starts begins there (procapi.Reaper.StartInCgroup): the workload can
 // never take the last pids of the sandbox, so init makes threads as it
-// needs them. Without it init makes its threads ahead (reserveThreads);
-// each costs ~40 KiB of every idle sandbox (docs/ARCHITECTURE.md, "Where
-// the time and memory go", round 4).
-func keepPidsHeadroom(reaper *procapi.Reaper, tasksFD int) error {
-	// Inherited from runc without close-on-exec; needed only until the
-	// spawning thread is in the cgroup.
+// needs them. The thread that forks in that cgroup is made when init first
+// starts a process, or at start with --prestarted (a pool member: its
+// claim's first exec must not wait for a thread creation and a cgroup
+// move; an older chalkd's pool member makes it when activated), and kept: a
+// sandbox never used keeps no thread for it, nor the runtime's template
+// thread (docs/ARCHITECTURE.md, "Where the time and memory go", round 8;
+// ending it when idle put a thread creation and a cgroup move on the next
+// exec). Without tasksFD init makes its threads ahead
+// (reserveThreads); each costs ~40 KiB of every idle sandbox (round 4).
+// onFail runs if a later move into the cgroup fails.
+func keepPidsHeadroom(reaper *procapi.Reaper, tasksFD int, onFail func(error)) error {
+	// Inherited from runc without close-on-exec; kept open (the forking
+	// thread is moved in when it is made). The sandbox cannot
+	// reach it: init is not dumpable, and no process it starts inherits it.
 	unix.CloseOnExec(tasksFD)
 	f := os.NewFile(uintptr(tasksFD), "workload-tasks")
-	defer f.Close()
-	return reaper.StartInCgroup(f)
+	if err := reaper.StartInCgroup(f, onFail); err != nil {
+		f.Close()
+		return err
+	}
+	return nil
 }
 
 // reservedThreads is how many OS threads init makes at start: with one P,

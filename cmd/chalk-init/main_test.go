@@ -536,10 +536,11 @@ func TestWorkloadCgroup(t *testing.T) {
 	tasks.Close()
 	pid := cmd.Process.Pid
 
-	// One thread of init (the one that forks) in the workload's cgroup,
-	// the rest in the sandbox's; no threads made ahead.
+	// Init's threads by pids cgroup: wantWork of them (the one that
+	// forks, while there is one) in the workload's cgroup, the rest in the
+	// sandbox's.
 	rel := strings.TrimPrefix(sandboxCg, "/sys/fs/cgroup/pids")
-	threads := func() int {
+	inCgroups := func(pid int) (work, total int) {
 		t.Helper()
 		in := map[string]int{}
 		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
@@ -549,20 +550,31 @@ func TestWorkloadCgroup(t *testing.T) {
 		for _, e := range ents {
 			in[pidsCgroupOf(t, fmt.Sprintf("/proc/%d/task/%s/cgroup", pid, e.Name()))]++
 		}
-		if in[rel+"/workload"] != 1 || in[rel] != len(ents)-1 {
-			t.Fatalf("init's threads by pids cgroup: %v; want one in %s/workload, the rest in %s (stderr %q)", in, rel, rel, errb.String())
+		if in[rel+"/workload"]+in[rel] != len(ents) {
+			t.Fatalf("init's threads by pids cgroup: %v; want them in %s/workload or %s (stderr %q)", in, rel, rel, errb.String())
 		}
-		return len(ents)
+		return in[rel+"/workload"], len(ents)
+	}
+	threads := func(wantWork int) int {
+		t.Helper()
+		work, total := inCgroups(pid)
+		if work != wantWork {
+			t.Fatalf("%d of init's %d threads in %s/workload, want %d", work, total, rel, wantWork)
+		}
+		return total
 	}
 	// Made ahead, the reserve is reservedThreads threads besides the main
-	// one and sysmon's; without it an idle init runs 4-5 since round 7's
-	// sigrelay (5-7 before, 8 seen under -race on a loaded machine: the
-	// runtime's own threads vary).
-	if n := threads(); n >= reservedThreads+2 {
+	// one and sysmon's; without it an idle init runs 3 since round 8 (the
+	// forking thread is made on demand; 5-7 before, 8 seen under -race on
+	// a loaded machine: the runtime's own threads vary). Only pinged, init
+	// has made no forking thread (nor the runtime's template thread): an
+	// idle sandbox never used keeps none.
+	if n := threads(0); n >= reservedThreads+2 {
 		t.Errorf("init runs %d threads with a workload cgroup: it should make none ahead (%d reserved without)", n, reservedThreads)
 	}
 
-	// An exec begins in the workload's cgroup.
+	// An exec begins in the workload's cgroup, forked by a thread made
+	// for it there, which init keeps.
 	var out bytes.Buffer
 	p, err := c.Exec(ctx, procapi.ExecRequest{Argv: []string{"cat", "/proc/self/cgroup"}}, &out, nil)
 	if err != nil {
@@ -574,6 +586,31 @@ func TestWorkloadCgroup(t *testing.T) {
 	if !strings.Contains(out.String(), ":pids:"+rel+"/workload\n") {
 		t.Fatalf("exec's cgroups:\n%s\nwant pids %s/workload", out.String(), rel)
 	}
+	threads(1)
+
+	// A pre-started sandbox's init (--prestarted) makes it at start: the
+	// claim's first exec does not wait for it.
+	ptasks, err := os.OpenFile(filepath.Join(workCg, "tasks"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	psock := filepath.Join(dir, "pre.sock")
+	pcmd := initCmd(t, "-c", `echo $$ > "$1/cgroup.procs" && shift && exec "$@"`, "sh", sandboxCg,
+		os.Args[0], "--socket", psock, "--workload-tasks-fd", "3", "--prestarted")
+	pcmd.Path, pcmd.Args = "/bin/sh", append([]string{"sh"}, pcmd.Args[1:]...)
+	pcmd.ExtraFiles = []*os.File{ptasks}
+	if err := pcmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ptasks.Close()
+	if err := initClient(psock, pcmd).WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if work, total := inCgroups(pcmd.Process.Pid); work != 1 {
+		t.Fatalf("--prestarted: %d of init's %d threads in %s/workload before any exec, want 1", work, total, rel)
+	}
+	_ = pcmd.Process.Kill()
+	_ = pcmd.Wait()
 
 	// A fork bomb fills the workload's limit...
 	stop := filepath.Join(dir, "stop")
@@ -609,7 +646,7 @@ func TestWorkloadCgroup(t *testing.T) {
 		t.Fatalf("init during the bomb: %v (stderr %q)", err, errb.String())
 	}
 	// Whatever threads init made meanwhile are in the sandbox's cgroup.
-	t.Logf("init's threads after the requests during the bomb: %d", threads())
+	t.Logf("init's threads after the requests during the bomb: %d", threads(1))
 	if err := c.WriteFile(ctx, stop, 0o644, strings.NewReader("")); err != nil {
 		t.Fatal(err)
 	}
