@@ -745,28 +745,25 @@ func (g *Gateway) relay(w http.ResponseWriter, resp *http.Response, c *call, gwI
 
 var protocolVersion = regexp.MustCompile(`^[0-9]{4}-[0-9]{2}-[0-9]{2}$`)
 
-func readLimited(r io.Reader, max int64, timeout time.Duration) ([]byte, error) {
-	type res struct {
-		b   []byte
-		err error
-	}
-	ch := make(chan res, 1)
-	go func() {
-		b, err := io.ReadAll(io.LimitReader(r, max+1))
-		ch <- res{b, err}
-	}()
-	select {
-	case x := <-ch:
-		if x.err == nil && int64(len(x.b)) > max {
-			return nil, fmt.Errorf("over %d bytes", max)
-		}
-		return x.b, x.err
-	case <-time.After(timeout):
-		if c, ok := r.(io.Closer); ok {
-			c.Close()
-		}
+// readLimited reads a whole answer body within max bytes and timeout, in
+// the caller's goroutine: a timer closes the body if it is not complete by
+// then, which ends the Read in progress (h1Body closes its connection;
+// net/http's bodies end their reads too). Before, a goroutine read it while
+// the handler waited on a channel: two goroutine hand-offs per JSON answer.
+func readLimited(r io.ReadCloser, max int64, timeout time.Duration) ([]byte, error) {
+	var timedOut atomic.Bool
+	t := time.AfterFunc(timeout, func() {
+		timedOut.Store(true)
+		r.Close()
+	})
+	b, err := io.ReadAll(io.LimitReader(r, max+1))
+	if !t.Stop() || timedOut.Load() {
 		return nil, fmt.Errorf("no complete answer in %s", timeout)
 	}
+	if err == nil && int64(len(b)) > max {
+		return nil, fmt.Errorf("over %d bytes", max)
+	}
+	return b, err
 }
 
 // relaySSE streams events: each event's data (a JSON-RPC message) is

@@ -2,8 +2,10 @@ package mcpgw
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -37,9 +39,15 @@ import (
 // what a loaded shared machine distorts least; throughput with 8 sessions
 // on 2 cores is bound by it. Run with -benchtime=1x (each run lasts
 // hopSeconds whatever b.N).
-func BenchmarkGatewayHop(b *testing.B) {
-	ctx := context.Background()
-	up := startHopChild(b, "upstream", "")
+func BenchmarkGatewayHop(b *testing.B) { gatewayHop(b, "upstream") }
+
+// BenchmarkGatewayHopJSON is BenchmarkGatewayHop with an upstream that
+// answers POSTs with JSON bodies instead of SSE streams (the SDK's
+// JSONResponse option, as many servers do).
+func BenchmarkGatewayHopJSON(b *testing.B) { gatewayHop(b, "upstream-json") }
+
+func gatewayHop(b *testing.B, upstream string) {
+	up := startHopChild(b, upstream, "")
 	upURL := "http://" + up.addr + "/"
 	server := &Upstream{Name: "tools", URL: upURL, Credential: secret, Rate: 1e9, Tools: []string{"add", "whoami"}}
 	audits := make(chan store.MCPAudit, 8192)
@@ -62,11 +70,62 @@ func BenchmarkGatewayHop(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	hopMeasure(b, gw)
+}
+
+// BenchmarkBareHop is BenchmarkGatewayHop with a bare proxy in the
+// gateway's place: the same metadata service (server, listener), the
+// gateway's HTTP/1.1 transport under an http.Client, the body forwarded
+// as it came and the answer copied back unparsed, with the headers the
+// gateway passes; no token, policy, JSON, session mapping or audit. It is
+// the floor of a gateway built on net/http's server and this transport:
+// BenchmarkGatewayHop's figure less this one is the gateway's own work.
+func BenchmarkBareHop(b *testing.B) {
+	up := startHopChild(b, "upstream", "")
+	upURL := "http://" + up.addr + "/"
+	client := &http.Client{Transport: newH1Transport((&net.Dialer{}).DialContext, http.DefaultTransport, DefaultTimeout)}
+	hopMeasure(b, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		req, err := http.NewRequestWithContext(r.Context(), r.Method, upURL, bytes.NewReader(body))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		for _, k := range []string{"Accept", "Content-Type", "Mcp-Protocol-Version", "Mcp-Session-Id"} {
+			if v := r.Header.Get(k); v != "" {
+				req.Header.Set(k, v)
+			}
+		}
+		req.Header.Set("Authorization", "Bearer "+secret)
+		resp, err := client.Do(req)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		defer resp.Body.Close()
+		for _, k := range []string{"Content-Type", "Mcp-Session-Id", "Mcp-Protocol-Version"} {
+			if v := resp.Header.Get(k); v != "" {
+				w.Header().Set(k, v)
+			}
+		}
+		w.WriteHeader(resp.StatusCode)
+		_, _ = io.Copy(w, resp.Body)
+	}))
+}
+
+// hopMeasure serves h as chalkd serves the gateway (the metadata service's
+// server and listener, at /mcp/) and runs the client child b.N times,
+// reporting this process's CPU time and read/write system calls per call.
+func hopMeasure(b *testing.B, h http.Handler) {
 	md, err := metadata.New(metadata.Config{Issuer: hopMinter{}, Resolver: hopResolver{}})
 	if err != nil {
 		b.Fatal(err)
 	}
-	md.Handle("/mcp/", gw, metadata.WithoutFlavorHeader())
+	md.Handle("/mcp/", h, metadata.WithoutFlavorHeader())
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -74,7 +133,6 @@ func BenchmarkGatewayHop(b *testing.B) {
 	srv := md.HTTPServer()
 	go srv.Serve(md.Listener(ln))
 	defer srv.Close()
-	_ = ctx
 	for b.Loop() {
 		cl := startHopChild(b, "client", "http://"+ln.Addr().String()+"/mcp/tools")
 		if !cl.sc.Scan() || cl.sc.Text() != "start" {
@@ -136,7 +194,7 @@ func startHopChild(b *testing.B, role, url string) *hopChild {
 	}
 	b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	c := &hopChild{cmd: cmd, sc: bufio.NewScanner(out)}
-	if role == "upstream" {
+	if strings.HasPrefix(role, "upstream") {
 		if !c.sc.Scan() {
 			b.Fatal("upstream did not start")
 		}
@@ -148,13 +206,17 @@ func startHopChild(b *testing.B, role, url string) *hopChild {
 // TestHopChild is BenchmarkGatewayHop's child processes (skipped otherwise).
 func TestHopChild(t *testing.T) {
 	switch os.Getenv("MCPGW_HOP_CHILD") {
-	case "upstream":
+	case "upstream", "upstream-json":
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
 		}
 		fmt.Println(ln.Addr())
-		_ = http.Serve(ln, mcptest.New("Authorization"))
+		var opts *mcp.StreamableHTTPOptions
+		if os.Getenv("MCPGW_HOP_CHILD") == "upstream-json" {
+			opts = &mcp.StreamableHTTPOptions{JSONResponse: true}
+		}
+		_ = http.Serve(ln, mcptest.NewWith("Authorization", opts))
 	case "client":
 		hopClient(t, os.Getenv("MCPGW_HOP_URL"))
 	default:

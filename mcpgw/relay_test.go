@@ -181,3 +181,62 @@ func TestSSEStateIsReset(t *testing.T) {
 		}
 	}
 }
+
+// TestJSONAnswerTimeout: a JSON answer whose body does not complete within
+// the gateway's Timeout is refused with 502 (not waited for), the
+// upstream's connection is closed (not kept with half an answer in it), and
+// the audit records the error. readLimited reads in the handler's
+// goroutine; its timer must end the read in progress.
+func TestJSONAnswerTimeout(t *testing.T) {
+	gone := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", "1000")
+		w.WriteHeader(http.StatusOK)
+		fmt.Fprint(w, `{"jsonrpc":"2.0",`)
+		w.(http.Flusher).Flush()
+		select { // the rest never comes
+		case <-r.Context().Done():
+			close(gone)
+		case <-time.After(30 * time.Second):
+		}
+	}))
+	defer up.Close()
+	f := newFixture(t, "Authorization")
+	f.gw.cfg.AllowAddrs = append(f.gw.cfg.AllowAddrs, addrPort(t, up.URL))
+	f.gw.cfg.Timeout = 300 * time.Millisecond
+	f.servers["stalls"] = &Upstream{Name: "stalls", URL: up.URL, Credential: secret}
+	start := time.Now()
+	req, _ := http.NewRequest(http.MethodPost, f.url("stalls"), strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	resp, err := (&http.Client{Transport: as{sandbox: "sb-a", token: tok("sb-a", "http://169.254.169.254/mcp/stalls")}}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	status, body := resp.StatusCode, string(b)
+	if status != http.StatusBadGateway || !strings.Contains(body, "no complete answer in 300ms") {
+		t.Fatalf("stalled JSON answer: %d %s, want 502 naming the timeout", status, body)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("the gateway answered after %s, want about its 300ms Timeout", d)
+	}
+	select {
+	case <-gone:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the upstream's connection stayed open after the timed-out answer")
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	found := false
+	for _, a := range f.audit {
+		if a.Server == "stalls" && a.Status == http.StatusBadGateway && strings.Contains(a.Decision, "no complete answer") {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("no audit record of the timed-out answer: %+v", f.audit)
+	}
+}

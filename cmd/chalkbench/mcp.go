@@ -26,6 +26,12 @@ type mcpBenchResult struct {
 	// ChalkdIO is chalkd's read and write system calls per call
 	// (/proc/PID/io syscr + syscw; -1: unknown).
 	ChalkdIO float64
+	// ClientUS is the client's (mcpprobe's) CPU time per call of its
+	// concurrent sessions, in microseconds.
+	ClientUS float64 `json:"client_cpu_us"`
+	// Busy is the machine's busy CPU time (every process, /proc/stat) per
+	// call: what bounds throughput when the cores are full.
+	Busy time.Duration
 }
 
 // mcpBench measures the MCP gateway: a tools/call from inside a sandbox
@@ -113,7 +119,7 @@ func mcpBench(ctx context.Context, c *chalkcompute.Client, work string, n int, p
 	upPid := strconv.Itoa(up.Process.Pid) // ip netns exec execs the probe
 	calls := strconv.Itoa(max(n*20, 200))
 	measure := func(url, aud string) mcpBenchResult {
-		chalkd0, up0, io0 := procCPU(chalkdPid), procCPU(upPid), procIO(chalkdPid)
+		chalkd0, up0, io0, busy0 := procCPU(chalkdPid), procCPU(upPid), procIO(chalkdPid), machineBusy()
 		res, err := sb.Exec(ctx, []string{"mcpprobe", "bench", url, aud, calls, "8", "3"})
 		if err != nil || res.Code != 0 {
 			fail(fmt.Errorf("mcpprobe bench %s: %v %s", url, err, res.Stderr))
@@ -122,8 +128,11 @@ func mcpBench(ctx context.Context, c *chalkcompute.Client, work string, n int, p
 		if err := json.Unmarshal(res.Stdout, &r); err != nil {
 			fail(fmt.Errorf("mcpprobe bench: %q", res.Stdout))
 		}
-		chalkd1, up1, io1 := procCPU(chalkdPid), procCPU(upPid), procIO(chalkdPid)
-		r.ChalkdCPU, r.UpstreamCPU, r.ChalkdIO = -1, -1, -1
+		chalkd1, up1, io1, busy1 := procCPU(chalkdPid), procCPU(upPid), procIO(chalkdPid), machineBusy()
+		r.ChalkdCPU, r.UpstreamCPU, r.ChalkdIO, r.Busy = -1, -1, -1, -1
+		if busy0 >= 0 && busy1 >= 0 && r.Calls > 0 {
+			r.Busy = (busy1 - busy0) / time.Duration(r.Calls)
+		}
 		if io0 >= 0 && io1 >= 0 && r.Calls > 0 {
 			r.ChalkdIO = float64(io1-io0) / float64(r.Calls)
 		}
@@ -149,6 +158,8 @@ func mcpBench(ctx context.Context, c *chalkcompute.Client, work string, n int, p
 	fmt.Printf("  %-22s median %7.2fms  p90 %7.2fms  %8.0f calls/s (8 sessions)\n", "direct to upstream", direct.MedianUS/1000, direct.P90US/1000, direct.CallsPerSec)
 	fmt.Printf("  CPU per call: chalkd %.3fms through the gateway (%.3fms while direct); the upstream %.3fms / %.3fms; chalkd's reads+writes %.1f\n",
 		ms(gw.ChalkdCPU), ms(direct.ChalkdCPU), ms(gw.UpstreamCPU), ms(direct.UpstreamCPU), gw.ChalkdIO)
+	fmt.Printf("  the client %.3fms / %.3fms; the machine's busy CPU (every process) %.3fms / %.3fms\n",
+		gw.ClientUS/1000, direct.ClientUS/1000, ms(gw.Busy), ms(direct.Busy))
 	fmt.Printf("  added latency %.2fms (%.2fx direct); throughput %.2fx direct\n", added, gw.MedianUS/direct.MedianUS, gw.CallsPerSec/direct.CallsPerSec)
 	fmt.Printf("goal (issue #18): added median <= 0.5ms: %s; throughput >= 0.8x direct: %s\n\n", verdict(added <= 0.5), verdict(gw.CallsPerSec >= 0.8*direct.CallsPerSec))
 }
@@ -170,7 +181,35 @@ func medianResult(rs []mcpBenchResult) mcpBenchResult {
 		ChalkdCPU:   time.Duration(med(func(r mcpBenchResult) float64 { return float64(r.ChalkdCPU) })),
 		UpstreamCPU: time.Duration(med(func(r mcpBenchResult) float64 { return float64(r.UpstreamCPU) })),
 		ChalkdIO:    med(func(r mcpBenchResult) float64 { return r.ChalkdIO }),
+		ClientUS:    med(func(r mcpBenchResult) float64 { return r.ClientUS }),
+		Busy:        time.Duration(med(func(r mcpBenchResult) float64 { return float64(r.Busy) })),
 	}
+}
+
+// machineBusy is the machine's CPU time spent not idle so far, over all
+// cores (/proc/stat: every field but idle and iowait); -1 if unknown.
+func machineBusy() time.Duration {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return -1
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		return -1
+	}
+	var ticks int64
+	for i, s := range f[1:8] { // user nice system idle iowait irq softirq
+		if i == 3 || i == 4 {
+			continue
+		}
+		v, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return -1
+		}
+		ticks += v
+	}
+	return time.Duration(ticks) * time.Second / 100 // USER_HZ
 }
 
 // procIO is process pid's read and write system calls so far (/proc/PID/io

@@ -10,6 +10,7 @@
 //	mcpprobe bench URL AUD N CONC SECS
 //	                               N sequential tools/call of "add", then CONC sessions calling for SECS seconds;
 //	                               prints a JSON line (AUD "-": no token, for the direct baseline)
+//	                               with the client's CPU time per call of the concurrent sessions
 package main
 
 import (
@@ -26,6 +27,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
@@ -73,6 +75,13 @@ func token(audience string) (string, error) {
 
 // bearer adds the token to every request, sent by rt (nil:
 // http.DefaultTransport).
+// selfCPU is this process's user + system time so far.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
 type bearer struct {
 	tok string
 	rt  http.RoundTripper
@@ -238,6 +247,7 @@ func bench(endpoint, aud, nS, concS, secsS string) error {
 	var calls, concCalls atomic.Int64 // all calls; the concurrent sessions' calls
 	calls.Store(int64(n + n/10))
 	var wg sync.WaitGroup
+	cpu0 := selfCPU()
 	deadline := time.Now().Add(time.Duration(secs) * time.Second)
 	errs := make(chan error, conc)
 	for range conc {
@@ -260,6 +270,7 @@ func bench(endpoint, aud, nS, concS, secsS string) error {
 		}()
 	}
 	wg.Wait()
+	cpu := selfCPU() - cpu0
 	close(errs)
 	if err := <-errs; err != nil {
 		return err
@@ -267,6 +278,7 @@ func bench(endpoint, aud, nS, concS, secsS string) error {
 	out, _ := json.Marshal(map[string]any{
 		"median_us": lat[len(lat)/2].Microseconds(), "p90_us": lat[len(lat)*9/10].Microseconds(),
 		"calls_per_sec": float64(concCalls.Load()) / float64(secs), "calls": calls.Load(),
+		"client_cpu_us": float64(cpu.Microseconds()) / float64(max(concCalls.Load(), 1)),
 	})
 	fmt.Println(string(out))
 	return nil
