@@ -226,3 +226,56 @@ func TestNSFilesTmpfs(t *testing.T) {
 		t.Fatalf("userns dir without user namespaces: %v", err)
 	}
 }
+
+// TestRuncRootTmpfs: the run dir's empty runc dir on a disk file system
+// gets a tmpfs with package sandbox's mode; a restart finds it, mounts
+// nothing more and keeps the containers' state; a dir that is not empty (an
+// older chalkd's containers) is left on the disk.
+func TestRuncRootTmpfs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (mount)")
+	}
+	onTmpfs := func(dir string) bool {
+		var st unix.Statfs_t
+		if err := unix.Statfs(dir, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Type == unix.TMPFS_MAGIC
+	}
+	run := t.TempDir()
+	if onTmpfs(run) {
+		t.Skip("the test's temporary dir is on a tmpfs already")
+	}
+	dir := filepath.Join(run, "runc")
+	t.Cleanup(func() {
+		for unix.Unmount(dir, unix.MNT_DETACH) == nil {
+		}
+	})
+	log := slog.New(slog.DiscardHandler)
+	runcRootTmpfs(log, run)
+	if !onTmpfs(dir) {
+		t.Fatalf("%s: not on a tmpfs", dir)
+	}
+	if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != runcRootMode {
+		t.Fatalf("%s: %v %v, want mode %v", dir, st.Mode(), err, os.FileMode(runcRootMode))
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "sb-1"), 0o711); err != nil {
+		t.Fatal(err)
+	}
+	runcRootTmpfs(log, run)
+	if _, err := os.Stat(filepath.Join(dir, "sb-1")); err != nil {
+		t.Fatalf("a restart hid runc's state: %v", err)
+	}
+	if n := mountsAt(t, dir); n != 1 {
+		t.Fatalf("%d mounts on %s, want 1", n, dir)
+	}
+
+	old := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(old, "runc", "sb-2"), 0o711); err != nil {
+		t.Fatal(err)
+	}
+	runcRootTmpfs(log, old)
+	if onTmpfs(filepath.Join(old, "runc")) {
+		t.Fatal("a tmpfs was mounted over runc's state in use")
+	}
+}
