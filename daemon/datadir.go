@@ -112,43 +112,6 @@ func nsFilesTmpfs(log *slog.Logger, runDir string, userns bool) {
 	}
 }
 
-// runcRootTmpfs puts RunDir/runc (runc's --root: a dir per container with
-// its state.json, written through a temporary file and a rename at every
-// state change, and the exec fifo) on a tmpfs when it is on a disk file
-// system and empty, as nsFilesTmpfs does for the namespace files: on the CI
-// VM /run is the root's ext4, where every `runc run` made and removed
-// those inodes through ext4's allocator (its search for an inode not
-// recently deleted was ~6 % of the samples of a series of `runc run -d`;
-// runc's CPU per start 16.5 -> 15.2 ms on the tmpfs, issue #18 round 8).
-// A container's state outlives neither the host's boot nor its container,
-// which a normal host's /run (a tmpfs) already means; the mount outlives
-// chalkd, so a restart finds its containers. A dir that is not empty (an
-// older chalkd's containers) is left on the disk.
-func runcRootTmpfs(log *slog.Logger, runDir string) {
-	dir := filepath.Join(runDir, "runc")
-	if err := os.MkdirAll(dir, runcRootMode); err != nil {
-		log.Warn("runc's state stays on the run dir's file system", "dir", dir, "err", err)
-		return
-	}
-	mounted, err := tmpfsIfEmpty(dir, "chalk-runc", runcRootMode, runcRootTmpfsSize)
-	if err != nil {
-		log.Warn("runc's state stays on the run dir's file system", "dir", dir, "err", err)
-		return
-	}
-	if mounted {
-		log.Debug("runc's state on a tmpfs", "dir", dir)
-	}
-}
-
-// runcRootMode is the mode package sandbox makes runc's root with.
-const runcRootMode = 0o711
-
-// runcRootTmpfsSize bounds runc's state tmpfs: 64 KiB (a container's
-// state.json, ~8-12 KiB, and the temporary file of its next write) for each
-// of the most slots a node can have (sandboxnet: 16 bits); pages are used
-// only as written.
-const runcRootTmpfsSize = 64 << 10 << 16
-
 // nsDirMode is the mode sandboxnet makes its netns and userns dirs with.
 const nsDirMode = 0o755
 

@@ -53,7 +53,6 @@ func (d *Daemon) prepareDataDir(ctx context.Context) error {
 	}
 	identityFilesTmpfs(d.log, cfg.DataDir)
 	nsFilesTmpfs(d.log, cfg.RunDir, !cfg.NoUserNS)
-	runcRootTmpfs(d.log, cfg.RunDir)
 	go pruneLogsLoop(ctx, d.log, cfg.DataDir, cfg.Limits.LogRetention)
 	if err := sandbox.SetSubreaper(); err != nil {
 		return fmt.Errorf("become subreaper: %w", err)

@@ -202,14 +202,6 @@ func New(cfg Config) (*Runtime, error) {
 	if err := os.Chmod(cfg.LogDir, 0o700); err != nil {
 		return nil, err
 	}
-	if cfg.Runtime == RuntimeRunc {
-		// runc runs from a sealed copy made once (runcbin.go).
-		if sealed, err := sealedCopy(bin); err != nil {
-			cfg.Logger.Warn("runc runs from its own path (no sealed copy): each start copies it", "runc", bin, "err", err)
-		} else {
-			bin = sealed
-		}
-	}
 	return &Runtime{
 		cfg:  cfg,
 		runc: &runc.Runc{Command: bin, Root: cfg.RuncRoot, ExtraArgs: runtimeArgs(cfg.Runtime)},
