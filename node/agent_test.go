@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	goruntime "runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -339,13 +340,26 @@ func TestStartOverlapsNetwork(t *testing.T) {
 			a := testAgent(t, Config{}, rt, n)
 			started := make(chan struct{})
 			rt.startErr = func(sandbox.Spec) error { close(started); return nil }
+			// The network's configuration holds until the start waits for
+			// it (Start parked in Pending.Wait) or the container started
+			// (the wrong order, which starts it before it waits: started
+			// is then closed before the wait begins).
+			waiting, returned := make(chan struct{}), make(chan struct{})
+			go func() {
+				if awaitFrame(returned, "sandboxnet.(*Pending).Wait", "node.(*Agent).start") {
+					close(waiting)
+				}
+			}()
+			defer close(returned)
 			n.configure = func(string) error {
-				// The container must not start meanwhile: give it the
-				// chance (a wrong order starts it within microseconds).
+				select {
+				case <-started:
+				case <-waiting:
+				}
 				select {
 				case <-started:
 					return errors.New("the container started before its network was configured")
-				case <-time.After(50 * time.Millisecond):
+				default:
 					return nil
 				}
 			}
@@ -389,4 +403,29 @@ func TestStartOverlapsNetwork(t *testing.T) {
 			t.Fatal("the image's layers are still held")
 		}
 	})
+}
+
+// awaitFrame returns true once a goroutine's stack holds every one of
+// frames (function names as runtime.Stack prints them): the event that a
+// goroutine is parked there, without a timer; false once stop is closed.
+func awaitFrame(stop <-chan struct{}, frames ...string) bool {
+	buf := make([]byte, 1<<20)
+	for {
+		select {
+		case <-stop:
+			return false
+		default:
+		}
+		n := goruntime.Stack(buf, true)
+		for _, g := range strings.Split(string(buf[:n]), "\n\n") {
+			all := true
+			for _, f := range frames {
+				all = all && strings.Contains(g, f)
+			}
+			if all {
+				return true
+			}
+		}
+		goruntime.Gosched()
+	}
 }
