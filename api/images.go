@@ -380,19 +380,21 @@ func (h *imageService) UploadBlob(ctx context.Context, req *connect.Request[v1.U
 	if err != nil {
 		return nil, err
 	}
-	if err := h.s.cfg.Images.PutBlob(ctx, d, data); err != nil {
+	// The content is written and the record made again under the upload
+	// lock of the digest, which the upload GC (of any replica) holds from
+	// its look at the content to its removal with every org's record of
+	// it: content or a record it removed before the write is stored and
+	// recorded again (no charge beyond the one just checked), and it
+	// removes neither after it.
+	err = h.s.store.CommitUpload(ctx, p.OrgID, d, int64(len(data)), func() error {
+		return h.s.cfg.Images.PutBlob(ctx, d, data)
+	})
+	if err != nil {
 		if added {
 			if rerr := h.s.store.RemoveOrgImages(context.WithoutCancel(ctx), p.OrgID, uploadRef(d)); rerr != nil {
 				err = errors.Join(err, rerr)
 			}
 		}
-		return nil, err
-	}
-	// The upload GC drops the records of content it removes under the lock
-	// the write commits under: content it removed before this write was
-	// committed may have lost the record taken above; record it again (no
-	// charge beyond the one just checked).
-	if _, err := h.s.store.AddOrgUpload(ctx, p.OrgID, d, int64(len(data)), 0); err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(&v1.UploadBlobResponse{Digest: req.Msg.Digest, Size: int64(len(req.Msg.Data))}), nil

@@ -235,7 +235,7 @@ func (d *Daemon) startBuilds(ctx context.Context) error {
 	// nodes') bind are kept; with replicas the leader collects.
 	// The orgs' records of removed content go with it (their upload
 	// budgets' charge).
-	go uploadGC(ctx, d.log.With("component", "upload-gc"), blobs, d.im.dir, cfg.UploadGCGrace, d.leaderFunc(), d.Store,
+	go uploadGC(ctx, d.log.With("component", "upload-gc"), blobs, d.im.dir, cfg.UploadGCGrace, d.leaderFunc(), storeUploads{d.Store},
 		storeMountRefs(d.Store), bundleRefs(filepath.Join(cfg.DataDir, "sandboxes"), blobs.Dir(), d.im.dir))
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -54,10 +55,63 @@ func uploadGCEvery(grace time.Duration) time.Duration {
 	return min(max(grace/4, time.Second), 10*time.Minute)
 }
 
-// uploadRecords are the orgs' records of their uploads (*store.Store).
+// uploadRecords are the orgs' records of their uploads (storeUploads).
 type uploadRecords interface {
 	UploadDigests(context.Context) ([]string, error)
-	RemoveUploads(context.Context, ...string) error
+	// LockUpload is the lock uploads through any replica commit under
+	// (store.CommitUpload); the records go with its Forget.
+	LockUpload(context.Context, string) (uploadLock, error)
+}
+
+// uploadLock is a held *store.UploadLock.
+type uploadLock interface {
+	Forget(context.Context) error
+	Release() error
+}
+
+// storeUploads are the records of uploads in the store.
+type storeUploads struct{ *store.Store }
+
+func (s storeUploads) LockUpload(ctx context.Context, d string) (uploadLock, error) {
+	return s.Store.LockUpload(ctx, d)
+}
+
+// uploadLocks gives a pass's Collect and ForgetMissing the upload lock of
+// each digest they remove (CollectOptions.Lock) and drops the records
+// under it (Forget).
+type uploadLocks struct {
+	ctx  context.Context
+	recs uploadRecords
+	mu   sync.Mutex
+	held map[string]uploadLock
+}
+
+func (u *uploadLocks) lock(d string) (release func(), err error) {
+	l, err := u.recs.LockUpload(u.ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	u.mu.Lock()
+	u.held[d] = l
+	u.mu.Unlock()
+	return func() {
+		u.mu.Lock()
+		delete(u.held, d)
+		u.mu.Unlock()
+		// An error leaves the records (a later pass drops those of
+		// content not stored).
+		_ = l.Release()
+	}, nil
+}
+
+func (u *uploadLocks) forget(d string) error {
+	u.mu.Lock()
+	l := u.held[d]
+	u.mu.Unlock()
+	if l == nil {
+		return fmt.Errorf("upload GC: the records of %s dropped without its upload lock", d)
+	}
+	return l.Forget(u.ctx)
 }
 
 // uploadGC runs passes over blobs until ctx ends (grace <= 0: never).
@@ -87,10 +141,12 @@ func uploadGC(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, ex
 func uploadGCPass(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs, extracted string, grace time.Duration,
 	recs uploadRecords, refs ...func(context.Context) (map[string]bool, error)) {
 	var forget func(string) error
+	var lock func(string) (func(), error)
 	if recs != nil {
-		forget = func(d string) error { return recs.RemoveUploads(ctx, d) }
+		u := &uploadLocks{ctx: ctx, recs: recs, held: map[string]uploadLock{}}
+		forget, lock = u.forget, u.lock
 	}
-	res, err := blobs.Collect(ctx, imagebuild.CollectOptions{Grace: grace, Extracted: extracted, Forget: forget,
+	res, err := blobs.Collect(ctx, imagebuild.CollectOptions{Grace: grace, Extracted: extracted, Forget: forget, Lock: lock,
 		Refs: func(ctx context.Context) (map[string]bool, error) {
 			all := map[string]bool{}
 			for _, r := range refs {
@@ -123,7 +179,7 @@ func uploadGCPass(ctx context.Context, log *slog.Logger, blobs *imagebuild.Blobs
 	ds, err := recs.UploadDigests(ctx)
 	if err == nil {
 		var n int
-		n, err = blobs.ForgetMissing(ds, forget)
+		n, err = blobs.ForgetMissing(ds, forget, lock)
 		if n > 0 {
 			log.Info("upload GC: dropped the records of uploads not stored", "count", n)
 		}

@@ -4,14 +4,17 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/imagebuild"
+	"github.com/chalkcompute/chalkcompute/internal/chalktest"
 	"github.com/chalkcompute/chalkcompute/sandbox"
 	"github.com/chalkcompute/chalkcompute/store"
 )
@@ -133,7 +136,7 @@ func TestUploadGCRecords(t *testing.T) {
 	if !blobs.Touch(kept) {
 		t.Fatal("touch")
 	}
-	uploadGCPass(ctx, slog.New(slog.DiscardHandler), blobs, "", time.Hour, st)
+	uploadGCPass(ctx, slog.New(slog.DiscardHandler), blobs, "", time.Hour, storeUploads{st})
 	if blobs.Has(old) || !blobs.Has(kept) {
 		t.Fatalf("after the pass: old stored %v, kept stored %v", blobs.Has(old), blobs.Has(kept))
 	}
@@ -146,4 +149,155 @@ func TestUploadGCRecords(t *testing.T) {
 			t.Fatalf("org %s is charged %d (%v), want 3", org, n, err)
 		}
 	}
+}
+
+// hookedUploads runs beforeForget when the pass is about to drop the
+// records of digest (it has looked at the content and holds its upload
+// lock: the removal follows).
+type hookedUploads struct {
+	uploadRecords
+	beforeForget func(digest string)
+}
+
+func (h hookedUploads) LockUpload(ctx context.Context, d string) (uploadLock, error) {
+	l, err := h.uploadRecords.LockUpload(ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	return hookedLock{l, func() { h.beforeForget(d) }}, nil
+}
+
+type hookedLock struct {
+	uploadLock
+	hook func()
+}
+
+func (h hookedLock) Forget(ctx context.Context) error {
+	h.hook()
+	return h.uploadLock.Forget(ctx)
+}
+
+// TestUploadGCReplicaUploadRace: with replicas (two stores on one
+// PostgreSQL database, two blob stores on one directory), an upload
+// through replica B while the leader's upload GC pass removes the same
+// content is never lost once it got an OK: (1) the pass looked and found
+// the content missing (B's write not done yet; its charge recorded) and is
+// about to drop the record: B's upload then completes; (2) the pass found
+// old content to remove and is about to drop its records and remove it: B
+// uploads the same content again. Each upload B makes at that moment
+// (store.CommitUpload, the API's write and record) either waits for the
+// pass (here: its wait bounded, it fails and is retried after the pass) or
+// got its OK before the pass looked; afterwards the content is stored and
+// B's org has its record. Before, the pass's look and its removal were
+// serialised with uploads in its own process only (the blob store's lock):
+// B's upload got its OK in between, then lost its record (1) or its
+// content and record (2).
+func TestUploadGCReplicaUploadRace(t *testing.T) {
+	ctx := context.Background()
+	db := chalktest.PostgresDB(t)
+	leader, replica := openTestStore(t, db), openTestStore(t, db)
+	dir := filepath.Join(t.TempDir(), "blobs")
+	blobsL, err := imagebuild.NewBlobs(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blobsB, err := imagebuild.NewBlobs(dir) // the other replica's, same directory
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	clock := func() time.Time { return now }
+	blobsL.Now, blobsB.Now = clock, clock
+	digest := func(s string) string {
+		sum := sha256.Sum256([]byte(s))
+		return "sha256:" + hex.EncodeToString(sum[:])
+	}
+	// upload is UploadBlob's sequence at replica B: the charge, then the
+	// write and record under the upload lock (bounded by wait).
+	upload := func(content string, wait time.Duration) error {
+		d := digest(content)
+		if _, err := replica.AddOrgUpload(ctx, "b", d, int64(len(content)), 0); err != nil {
+			t.Fatal(err)
+		}
+		wctx, cancel := context.WithTimeout(ctx, wait)
+		defer cancel()
+		return replica.CommitUpload(wctx, "b", d, int64(len(content)), func() error { return blobsB.Put(d, []byte(content)) })
+	}
+	for _, tc := range []struct {
+		name, content string
+		before        func(d string) // the state when the pass starts
+	}{
+		{"the write done while the pass drops the records of content not stored", "pending", func(d string) {
+			// B charged the upload; its write has not happened yet.
+			if _, err := replica.AddOrgUpload(ctx, "b", d, int64(len("pending")), 0); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"content uploaded again while the pass removes it", "old", func(d string) {
+			if err := blobsL.Put(d, []byte("old")); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := leader.AddOrgUpload(ctx, "a", d, 3, 0); err != nil {
+				t.Fatal(err)
+			}
+			now = now.Add(2 * time.Hour) // past the grace
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := digest(tc.content)
+			tc.before(d)
+			var hooked bool
+			var uploadErr error
+			recs := hookedUploads{storeUploads{leader}, func(got string) {
+				if got != d || hooked {
+					return
+				}
+				hooked = true
+				// The leader has looked and holds the lock: B's upload
+				// waits (bounded here) or, without the lock, gets its OK
+				// now.
+				uploadErr = upload(tc.content, 2*time.Second)
+			}}
+			uploadGCPass(ctx, slog.New(slog.DiscardHandler), blobsL, "", time.Hour, recs)
+			if !hooked {
+				t.Fatal("the pass did not drop the records of the content")
+			}
+			if uploadErr == nil {
+				t.Log("B's upload got its OK while the pass held the content")
+			} else {
+				if !errors.Is(uploadErr, context.DeadlineExceeded) {
+					t.Fatalf("B's upload during the pass: %v, want it waiting for the pass's upload lock", uploadErr)
+				}
+				// No OK: the client uploads again.
+				if err := upload(tc.content, time.Minute); err != nil {
+					t.Fatalf("B's upload after the pass: %v", err)
+				}
+			}
+			if !blobsB.Has(d) {
+				t.Errorf("B's upload got an OK, its content is gone")
+			}
+			if n, err := replica.OrgUploadBytes(ctx, "b"); err != nil || n != int64(len(tc.content)) {
+				t.Errorf("B's upload got an OK, its org's record: %d bytes (%v), want %d", n, err, len(tc.content))
+			}
+			ds, err := replica.UploadDigests(ctx)
+			if err != nil || !slices.Contains(ds, d) {
+				t.Errorf("B's upload got an OK, its record is gone: records %v (%v)", ds, err)
+			}
+			// A pass after: kept (its grace restarted with B's upload).
+			uploadGCPass(ctx, slog.New(slog.DiscardHandler), blobsL, "", time.Hour, storeUploads{leader})
+			if ds, err := replica.UploadDigests(ctx); err != nil || !slices.Contains(ds, d) || !blobsL.Has(d) {
+				t.Errorf("after the next pass: stored %v, records %v (%v)", blobsL.Has(d), ds, err)
+			}
+		})
+	}
+}
+
+func openTestStore(t *testing.T, db string) *store.Store {
+	t.Helper()
+	st, err := store.Open(context.Background(), db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
 }

@@ -122,6 +122,14 @@ type CollectOptions struct {
 	// every org's record of the upload (their budgets' charge). An error
 	// keeps the content. nil: nothing.
 	Forget func(digest string) error
+	// Lock, if set, is taken for each digest about to be removed (or whose
+	// records ForgetMissing is about to drop) before the look that decides
+	// it, and held through Forget and the removal: other processes sharing
+	// the directory (control-plane replicas) commit uploads under it
+	// (store.CommitUpload), which this store's own lock does not
+	// serialise. Content that a first look (without it) keeps is not
+	// locked. An error keeps the content.
+	Lock func(digest string) (release func(), err error)
 	// afterRefs runs after Refs (tests: what happens meanwhile).
 	afterRefs func()
 	// beforeRemove runs before a digest's blob is removed (tests).
@@ -209,25 +217,29 @@ func (b *Blobs) Collect(ctx context.Context, o CollectOptions) (Collected, error
 	return out, errors.Join(errs...)
 }
 
-// collect removes digest's content if nothing keeps it.
+// collect removes digest's content if nothing keeps it: looked at once,
+// and if it goes, again under o.Lock.
 func (b *Blobs) collect(d string, refs map[string]bool, o CollectOptions) (bool, int64, error) {
+	if o.Lock != nil {
+		b.mu.Lock()
+		_, _, keep, err := b.keep(d, refs, o)
+		b.mu.Unlock()
+		if keep || err != nil {
+			return false, 0, err
+		}
+		release, err := o.Lock(d)
+		if err != nil {
+			return false, 0, fmt.Errorf("upload GC: locking %s: %w", d, err)
+		}
+		defer release()
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if refs[d] || b.pins[d] > 0 || b.seen[d] {
-		return false, 0, nil
-	}
-	var size int64
-	blob := b.path(d)
-	st, err := os.Stat(blob)
-	switch {
-	case err == nil:
-		if b.now().Sub(st.ModTime()) < o.Grace {
-			return false, 0, nil
-		}
-		size = st.Size()
-	case !errors.Is(err, os.ErrNotExist):
+	size, here, keep, err := b.keep(d, refs, o)
+	if keep || err != nil {
 		return false, 0, err
 	}
+	blob := b.path(d)
 	if o.Forget != nil {
 		if err := o.Forget(d); err != nil {
 			return false, 0, fmt.Errorf("upload GC: forgetting %s: %w", d, err)
@@ -245,7 +257,7 @@ func (b *Blobs) collect(d string, refs map[string]bool, o CollectOptions) (bool,
 	}
 	// Only a blob that was here and old: an orphaned tree's digest may be
 	// uploaded again meanwhile, and that new blob is not this pass's.
-	if err == nil {
+	if here {
 		if err := os.Remove(blob); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return false, 0, err
 		}
@@ -253,31 +265,67 @@ func (b *Blobs) collect(d string, refs map[string]bool, o CollectOptions) (bool,
 	return true, size, nil
 }
 
+// keep looks at digest's content (b.mu held): keep says something keeps
+// it; else here says its blob is stored (not: an orphaned extracted
+// tree), of size bytes.
+func (b *Blobs) keep(d string, refs map[string]bool, o CollectOptions) (size int64, here, keep bool, err error) {
+	if refs[d] || b.pins[d] > 0 || b.seen[d] {
+		return 0, false, true, nil
+	}
+	st, err := os.Stat(b.path(d))
+	switch {
+	case err == nil:
+		if b.now().Sub(st.ModTime()) < o.Grace {
+			return 0, true, true, nil
+		}
+		return st.Size(), true, false, nil
+	case errors.Is(err, os.ErrNotExist):
+		return 0, false, false, nil
+	}
+	return 0, false, false, err
+}
+
 // ForgetMissing runs forget for each of digests (content recorded as
 // uploaded) that is not stored: records whose content went before the GC
 // dropped records, or whose write never happened (chalkd stopped between
 // an upload's charge and its write). Under the lock an upload commits
-// under, so an upload committed after it records again. Returns how many
-// it forgot.
-func (b *Blobs) ForgetMissing(digests []string, forget func(string) error) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
+// under (and lock, if set, taken before it for each digest not stored at
+// a first look: see CollectOptions.Lock), so an upload committed after it
+// records again. Returns how many it forgot.
+func (b *Blobs) ForgetMissing(digests []string, forget func(string) error, lock func(string) (func(), error)) (int, error) {
 	n := 0
 	var errs []error
 	for _, d := range digests {
-		if !digestRE.MatchString(d) {
+		if !digestRE.MatchString(d) || b.Has(d) {
 			continue
 		}
-		if _, err := os.Stat(b.path(d)); !errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err := forget(d); err != nil {
+		forgot, err := b.forgetMissing(d, forget, lock)
+		if err != nil {
 			errs = append(errs, err)
-			continue
+		} else if forgot {
+			n++
 		}
-		n++
 	}
 	return n, errors.Join(errs...)
+}
+
+func (b *Blobs) forgetMissing(d string, forget func(string) error, lock func(string) (func(), error)) (bool, error) {
+	if lock != nil {
+		release, err := lock(d)
+		if err != nil {
+			return false, fmt.Errorf("upload GC: locking %s: %w", d, err)
+		}
+		defer release()
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, err := os.Stat(b.path(d)); !errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err := forget(d); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // removeTemps removes what interrupted uploads and extractions left

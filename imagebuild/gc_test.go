@@ -292,3 +292,78 @@ func TestCollectForget(t *testing.T) {
 		t.Fatalf("after the pass: keep stored %v, gone stored %v", b.Has(keep), b.Has(gone))
 	}
 }
+
+// TestCollectLock: Lock is taken only for content a first look would
+// remove, before the store's own lock (an upload through another process
+// commits under it), and held through Forget and the removal; the look
+// is made again under it (content used meanwhile stays); a Lock error
+// keeps the content. ForgetMissing locks the same way.
+func TestCollectLock(t *testing.T) {
+	ctx := context.Background()
+	b, err := NewBlobs(filepath.Join(t.TempDir(), "blobs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := &gcClock{t: time.Now()}
+	b.Now = clock.now
+	fresh, gone, used, failing := put(t, b, "fresh"), put(t, b, "gone"), put(t, b, "used"), put(t, b, "failing")
+	clock.add(2 * time.Hour)
+	if !b.Touch(fresh) {
+		t.Fatal("touch")
+	}
+	var locked, forgot []string
+	held := map[string]bool{}
+	opts := CollectOptions{Grace: time.Hour,
+		Lock: func(d string) (func(), error) {
+			if !b.mu.TryLock() {
+				t.Error("Lock taken under the store's lock")
+			} else {
+				b.mu.Unlock()
+			}
+			locked = append(locked, d)
+			if d == failing {
+				return nil, errors.New("the database is down")
+			}
+			if d == used {
+				b.Touch(used) // an upload through another replica, before the lock was ours
+			}
+			held[d] = true
+			return func() { held[d] = false }, nil
+		},
+		Forget: func(d string) error {
+			if !held[d] {
+				t.Errorf("Forget of %s without its Lock", d)
+			}
+			forgot = append(forgot, d)
+			return nil
+		},
+		beforeRemove: func(d string) {
+			if !held[d] {
+				t.Errorf("removal of %s without its Lock", d)
+			}
+		},
+	}
+	res, err := b.Collect(ctx, opts)
+	if err == nil || !strings.Contains(err.Error(), "the database is down") {
+		t.Fatalf("collect with a failing Lock: %v", err)
+	}
+	slices.Sort(locked)
+	want := []string{gone, used, failing}
+	slices.Sort(want)
+	if !slices.Equal(locked, want) {
+		t.Errorf("locked %v, want %v (not the fresh one)", locked, want)
+	}
+	if !slices.Equal(res.Digests, []string{gone}) || !slices.Equal(forgot, []string{gone}) {
+		t.Fatalf("removed %v, forgot %v; want %s", res.Digests, forgot, gone)
+	}
+	if !b.Has(fresh) || !b.Has(used) || !b.Has(failing) || b.Has(gone) {
+		t.Fatal("the wrong content was removed")
+	}
+	// ForgetMissing: only digests not stored are locked and forgotten.
+	locked, forgot = nil, nil
+	n, err := b.ForgetMissing([]string{gone, fresh}, func(d string) error { forgot = append(forgot, d); return nil },
+		func(d string) (func(), error) { locked = append(locked, d); return func() {}, nil })
+	if err != nil || n != 1 || !slices.Equal(locked, []string{gone}) || !slices.Equal(forgot, []string{gone}) {
+		t.Fatalf("ForgetMissing: %d %v, locked %v, forgot %v; want %s", n, err, locked, forgot, gone)
+	}
+}

@@ -83,6 +83,9 @@ type Agent struct {
 	// pool's refill waits while any runs (a burst of creates gets the CPUs;
 	// the pool fills up after it).
 	starting atomic.Int32
+	// reapHook, in tests, runs in ReapPool between its two reads (the
+	// journal and the running pool's members).
+	reapHook func()
 }
 
 // New returns an Agent.

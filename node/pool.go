@@ -607,16 +607,27 @@ func (a *Agent) ReapPool(ctx context.Context, live map[string]int) error {
 	if dir == "" {
 		return nil
 	}
-	var mine map[string]int
-	if a.pool != nil {
-		mine = a.pool.members()
-	}
+	// The journal first, then the running pool's members: an entry of this
+	// process's member exists only while the member is in the pool (it is
+	// journalled after the pool owns it and unjournalled before the pool
+	// lets go of it, and ids are never reused), so an entry listed here
+	// whose id is not among the members read after is a previous
+	// process's, or gone (activated meanwhile: skipped below). Read the
+	// other way round, a member started in between was taken for a
+	// previous process's and destroyed, whoever had claimed it since.
 	ents, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
 	if err != nil {
 		return err
+	}
+	if a.reapHook != nil {
+		a.reapHook()
+	}
+	var mine map[string]int
+	if a.pool != nil {
+		mine = a.pool.members()
 	}
 	var errs []error
 	for _, e := range ents {
@@ -630,6 +641,9 @@ func (a *Agent) ReapPool(ctx context.Context, live map[string]int) error {
 			continue
 		}
 		b, err := os.ReadFile(path)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // a member of this process activated since the listing
+		}
 		slot, perr := strconv.Atoi(strings.TrimSpace(string(b)))
 		if err != nil || perr != nil || slot < 1 || slot > a.net.MaxSlot() {
 			// Not ours to guess: the leftover check reports what remains.

@@ -455,3 +455,64 @@ func TestPoolSurvivesRestore(t *testing.T) {
 		t.Fatalf("claim after a restore: %q %v, want one of %v", id, ok, members)
 	}
 }
+
+// TestReapSparesMembersStartedMeanwhile: a fleet node's pool runs while the
+// control plane restores it (its start, a returned node). A member the pool
+// starts while ReapPool runs, and a member claimed and activated meanwhile
+// (a create through another replica), are this process's: neither is
+// destroyed, and the reap reports no error. Before, ReapPool read the
+// pool's members before the journal, so a member started in between was
+// taken for a previous process's and destroyed (then claimable, and its
+// sandbox destroyed under a user's create).
+func TestReapSparesMembersStartedMeanwhile(t *testing.T) {
+	ctx := context.Background()
+	rt, n := newFakeRuntime(t), newFakeNet(20)
+	cfg := poolCfg()
+	cfg.Pool.Dir = t.TempDir()
+	cfg.Pool.NewID = func() string { return newTestID() }
+	a := testAgent(t, cfg, rt, n)
+	img := testImage("busybox")
+	if err := a.SetPrestarted(ctx, img, 1, nil); err != nil {
+		t.Fatal(err)
+	}
+	var activated string
+	a.reapHook = func() {
+		a.reapHook = nil
+		// A create claims a member and activates it...
+		req := StartRequest{Image: img}
+		id, slot, ok := a.Claim(req)
+		if !ok {
+			t.Error("no member to claim")
+			return
+		}
+		req.ID, req.Slot = id, slot
+		if _, err := a.Start(ctx, req); err != nil {
+			t.Error(err)
+			return
+		}
+		activated = id
+		// ...and the pool grows (members started now).
+		if err := a.SetPrestarted(ctx, img, 2, nil); err != nil {
+			t.Error(err)
+		}
+	}
+	if err := a.Restore(ctx, map[string]int{}); err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	if activated == "" {
+		t.Fatal("the hook did not run")
+	}
+	waitPool(t, a.pool, "the refill done", func() bool { return !a.pool.filling && a.pool.timer == nil })
+	running := rt.ids()
+	for id := range a.pool.members() {
+		if !slices.Contains(running, id) {
+			t.Errorf("member %s was destroyed by the reap (running: %v)", id, running)
+		}
+	}
+	if !slices.Contains(running, activated) {
+		t.Errorf("the activated sandbox %s was destroyed by the reap (running: %v)", activated, running)
+	}
+	if got := a.Prestarted(img.Digest); got != 2 {
+		t.Errorf("%d ready after the reap, want 2", got)
+	}
+}

@@ -79,11 +79,10 @@ type keptUpper struct {
 // is the journal's (the teardown runs all the same: only a restart in the
 // middle would miss it).
 func (a *Agent) Teardown(id string, slot int, keep KeepUpper) (kept int64, err error) {
-	jerr := a.journalTeardown(id, slot)
 	a.td.mu.Lock()
 	if _, ok := a.td.pending[id]; ok {
 		a.td.mu.Unlock()
-		return 0, jerr // under way already
+		return 0, a.journalTeardown(id, slot) // under way already
 	}
 	done := make(chan struct{})
 	a.td.pending[id] = done
@@ -95,6 +94,10 @@ func (a *Agent) Teardown(id string, slot int, keep KeepUpper) (kept int64, err e
 		}
 	}
 	a.td.mu.Unlock()
+	// Journalled once registered as this process's (pending), so that a
+	// Restore while this process runs (a fleet node's) never takes the
+	// entry for a previous process's (finishTeardowns).
+	jerr := a.journalTeardown(id, slot)
 	go func() {
 		defer func() {
 			a.td.mu.Lock()
@@ -298,15 +301,38 @@ func (a *Agent) finishTeardowns(ctx context.Context, live map[string]int) error 
 		id   string
 		slot int
 	}
+	// This process's teardowns (under way, or keeping a stopped sandbox's
+	// layer) are left alone: a fleet node is restored while it runs (each
+	// control-plane start, each return), and only a previous process's
+	// entries are finished here. Read after the listing: an entry is
+	// journalled only once its teardown is registered (Teardown), and it
+	// is removed before the teardown is unregistered, or marked kept and
+	// removed before the layer is forgotten (dropKept). Before, a restore
+	// removed the layers this process kept for snapshots.
+	mine := map[string]bool{}
+	a.td.mu.Lock()
+	for id := range a.td.pending {
+		mine[id] = true
+	}
+	for id := range a.td.kept {
+		mine[id] = true
+	}
+	a.td.mu.Unlock()
 	var jobs []job
 	var errs []error
 	for _, e := range ents {
 		id := e.Name()
+		if mine[id] {
+			continue
+		}
 		if _, ok := live[id]; ok || !validJournalName(id) {
 			_ = os.Remove(filepath.Join(dir, id))
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join(dir, id))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // this process's, ended since the listing
+		}
 		if err == nil && string(b) == keptMark {
 			// A kept writable layer: its network and slot are long gone
 			// (the slot may be a live sandbox's now).

@@ -248,3 +248,59 @@ func TestTeardownKeepUpper(t *testing.T) {
 		t.Fatalf("journal after the restart: %v", ents)
 	}
 }
+
+// TestRestoreKeepsThisProcessesTeardowns: a fleet node is restored while
+// it runs (each control-plane start, each return): a teardown under way
+// is not done a second time beside it, and a stopped sandbox's writable
+// layer this process keeps for a snapshot stays (its journal entry too);
+// only a previous process's entries are finished. Before, a restore
+// removed the kept layers (a later snapshot of the stopped sandbox found
+// nothing) and destroyed a sandbox being torn down a second time.
+func TestRestoreKeepsThisProcessesTeardowns(t *testing.T) {
+	ctx := context.Background()
+	rt, n := newFakeRuntime(t), newFakeNet(20)
+	dir := t.TempDir()
+	held, release := make(chan string), make(chan struct{})
+	a := testAgent(t, Config{TeardownDir: dir, TeardownHold: func(id string) {
+		if id == "sb-t" {
+			held <- id
+			<-release
+		}
+	}}, rt, n)
+	ts := startCold(t, a, "sb-t")
+	_ = a.Kill(ctx, "sb-t")
+	if _, err := a.Teardown("sb-t", ts, KeepUpper{}); err != nil {
+		t.Fatal(err)
+	}
+	<-held // its container removed, its network's part to come
+	if err := a.Restore(ctx, map[string]int{}); err != nil {
+		t.Fatal(err)
+	}
+	rt.mu.Lock()
+	destroys := rt.destroys["sb-t"]
+	rt.mu.Unlock()
+	close(release)
+	if err := a.WaitTeardowns(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if destroys != 1 {
+		t.Fatalf("the container of a sandbox being torn down was destroyed %d times by the time the restore returned, want once (its teardown's)", destroys)
+	}
+	slot := startCold(t, a, "sb-k")
+	_ = a.Kill(ctx, "sb-k")
+	if _, err := a.Teardown("sb-k", slot, KeepUpper{For: time.Hour, MaxBytes: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.WaitTeardowns(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Restore(ctx, map[string]int{}); err != nil {
+		t.Fatal(err)
+	}
+	if !rt.upper["sb-k"] || !a.Kept("sb-k") {
+		t.Fatalf("after a restore of the running node: layer %v, kept %v", rt.upper["sb-k"], a.Kept("sb-k"))
+	}
+	if err := a.withKept(ctx, "sb-k", func() error { return nil }); err != nil {
+		t.Fatalf("a snapshot after the restore: %v", err)
+	}
+}

@@ -33,20 +33,27 @@ type control struct {
 	logs  *bytes.Buffer
 	dir   string
 	mux   *http.ServeMux // the fleet listener's routes
+	db    string         // its PostgreSQL database's URL ("": SQLite)
 }
 
 func newControl(t testing.TB) *control {
+	t.Helper()
+	return newControlDB(t, "")
+}
+
+// newControlDB is newControl with its store in database db (a path or a
+// PostgreSQL URL; "": a SQLite file in its dir).
+func newControlDB(t testing.TB, db string) *control {
 	t.Helper()
 	dir := t.TempDir()
 	ca, err := LoadOrCreateCA(filepath.Join(dir, "fleet"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := store.Open(context.Background(), filepath.Join(dir, "chalk.db"))
-	if err != nil {
-		t.Fatal(err)
+	if db == "" {
+		db = filepath.Join(dir, "chalk.db")
 	}
-	t.Cleanup(func() { st.Close() })
+	st := openStore(t, db)
 	cert, err := ca.ControlCert([]string{"127.0.0.1"})
 	if err != nil {
 		t.Fatal(err)

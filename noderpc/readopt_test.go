@@ -321,12 +321,25 @@ func TestReconcileStartReadopts(t *testing.T) {
 // but not in that live set: it is not removed (the leftovers are checked
 // again under the placement lock), nor is one this router reserved there
 // meanwhile (its record not written yet), while a real leftover ("old")
-// is.
+// is. On PostgreSQL the replica has a store of its own on the same
+// database, as a second control-plane process: the placement lock is the
+// database's advisory lock and the leader learns the replica's placement
+// from its record alone.
 func TestReconcileSparesCreateMeanwhile(t *testing.T) {
-	c := newControl(t)
+	eachDatabase(t, testReconcileSparesCreateMeanwhile)
+}
+
+func testReconcileSparesCreateMeanwhile(t *testing.T, db database) {
+	c := db.control(t)
 	ctx := ctxT(t)
 	a := addNode(t, c, "a", 4, 4096, 10)
-	leader, replica := newRouter(t, c), newRouter(t, c)
+	rst := db.replica(t, c)
+	leader := newRouter(t, c)
+	replica := NewRouter(rst, c.ca, c.cert, nil)
+	replica.ReconcileWait = time.Minute
+	if err := replica.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
 	replica.Leading = func() bool { return false }
 	const id, own = "sb-fresh", "sb-own"
 	leader.beforeLeftovers = func(nodeID string) {
@@ -335,7 +348,7 @@ func TestReconcileSparesCreateMeanwhile(t *testing.T) {
 			t.Error(err)
 			return
 		}
-		err = c.st.CreateSandbox(ctx, &store.Sandbox{ID: id, OrgID: "o", State: store.StateCreating, Slot: slot,
+		err = rst.CreateSandbox(ctx, &store.Sandbox{ID: id, OrgID: "o", State: store.StateCreating, Slot: slot,
 			Node: replica.NodeOf(id), CPU: 1, MemoryMB: 256, CreatedAt: time.Now()})
 		replica.Recorded(id)
 		if err != nil {

@@ -411,3 +411,70 @@ func TestNewerSchemaRefused(t *testing.T) {
 		}
 	})
 }
+
+// TestUploadLock: CommitUpload writes and records an org's upload (made
+// again if the GC dropped it after the charge; the larger size kept; a
+// failed write records nothing new), Forget drops every org's record of the
+// content; on PostgreSQL the records change at Release, and a second holder
+// (another replica's upload or GC) waits meanwhile.
+func TestUploadLock(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		ctx := context.Background()
+		s := b.open(t)
+		d := "sha256:" + strings.Repeat("a", 64)
+		wrote := 0
+		write := func() error { wrote++; return nil }
+		if err := s.CommitUpload(ctx, "a", d, 10, write); err != nil || wrote != 1 {
+			t.Fatalf("commit: %v, %d writes", err, wrote)
+		}
+		if err := s.CommitUpload(ctx, "a", d, 5, write); err != nil {
+			t.Fatal(err)
+		}
+		if n, _ := s.OrgUploadBytes(ctx, "a"); n != 10 {
+			t.Fatalf("a charged %d, want 10 (the larger size kept)", n)
+		}
+		boom := errors.New("disk full")
+		if err := s.CommitUpload(ctx, "b", d, 10, func() error { return boom }); !errors.Is(err, boom) {
+			t.Fatalf("a failed write: %v", err)
+		}
+		if n, _ := s.OrgUploadBytes(ctx, "b"); n != 0 {
+			t.Fatalf("a failed write recorded %d bytes", n)
+		}
+		if _, err := s.AddOrgUpload(ctx, "b", d, 10, 0); err != nil {
+			t.Fatal(err)
+		}
+		l, err := s.LockUpload(ctx, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Forget(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if b.name == "postgres" {
+			if ds, _ := s.UploadDigests(ctx); len(ds) != 1 {
+				t.Fatalf("records %v before Release, want them still", ds)
+			}
+			wctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+			_, err := s.LockUpload(wctx, d)
+			cancel()
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("a second LockUpload while held: %v, want it waiting", err)
+			}
+			// Another digest's lock is another lock.
+			o, err := s.LockUpload(ctx, "sha256:"+strings.Repeat("b", 64))
+			if err != nil {
+				t.Fatal(err)
+			}
+			o.Release()
+		}
+		if err := l.Release(); err != nil {
+			t.Fatal(err)
+		}
+		if ds, err := s.UploadDigests(ctx); err != nil || len(ds) != 0 {
+			t.Fatalf("records after Forget: %v %v", ds, err)
+		}
+		if err := l.Release(); err != nil {
+			t.Fatalf("a second Release: %v", err)
+		}
+	})
+}

@@ -60,13 +60,20 @@ type router struct {
 	h     *netlink.Handle
 	next  int              // number of the next port's name
 	ports map[string]*port // sandbox id -> its port
+	// work counts what the members' routes cost: member namespaces
+	// entered and routes written there (tests).
+	work routeWork
 }
+
+// routeWork is the work of setting members' routes.
+type routeWork struct{ namespaces, routes int }
 
 // port is a member's veth pair into the router.
 type port struct {
 	name   string // in the router
 	mac    net.HardwareAddr
 	inner  string // in the member's namespace
+	index  int    // inner's interface index there
 	memMAC net.HardwareAddr
 	addr   netip.Addr
 }
@@ -259,7 +266,8 @@ func randomMAC() net.HardwareAddr {
 
 // add gives member mb (namespace netnsPath) a port: the veth pair, the
 // router's route and static neighbour for mb's address, the member's end
-// up. The member's routes to the others are set by setRoutes.
+// up. The member's routes to the others, and theirs to it, are set by
+// joined.
 func (r *router) add(id string, mb *member) (err error) {
 	inner := localIfname(mb.Interface)
 	if inner == "" {
@@ -330,6 +338,7 @@ func (r *router) add(id string, mb *member) (err error) {
 	if err := operUp(h, inner); err != nil {
 		return err
 	}
+	p.index = il.Attrs().Index
 	r.ports[id] = p
 	return nil
 }
@@ -367,6 +376,76 @@ func (r *router) remove(id string) {
 	}
 }
 
+// joined sets the routes of member id, whose port was just added: its
+// own to every other member with a port (setRoutes), and in each of those
+// one to it. Linear in the members: the others' routes to each other
+// stand. members are the tunnel's members here (by sandbox id).
+func (r *router) joined(id string, members map[string]*member) []error {
+	p := r.ports[id]
+	if p == nil {
+		return nil
+	}
+	var errs []error
+	if err := r.setRoutes(id, members[id]); err != nil {
+		errs = append(errs, fmt.Errorf("sandbox %s: %w", id, err))
+	}
+	for oid := range r.ports {
+		if oid == id {
+			continue
+		}
+		if err := r.routeOne(oid, members[oid], p.addr, true); err != nil {
+			errs = append(errs, fmt.Errorf("sandbox %s: %w", oid, err))
+		}
+	}
+	return errs
+}
+
+// left removes, in every member with a port, its route to addr (a
+// member whose port was removed; the other end of its route is gone).
+func (r *router) left(addr netip.Addr, members map[string]*member) []error {
+	var errs []error
+	for id := range r.ports {
+		if err := r.routeOne(id, members[id], addr, false); err != nil {
+			errs = append(errs, fmt.Errorf("sandbox %s: %w", id, err))
+		}
+	}
+	return errs
+}
+
+// routeOne adds (add) or removes the route and static neighbour of
+// member id's namespace for addr through its port.
+func (r *router) routeOne(id string, mb *member, addr netip.Addr, add bool) error {
+	p := r.ports[id]
+	if p == nil || mb == nil {
+		return nil
+	}
+	h, ns, err := handleAt(mb.netnsPath)
+	if err != nil {
+		return err
+	}
+	r.work.namespaces++
+	defer ns.Close()
+	defer h.Close()
+	dst := ipprefix.IPNet(netip.PrefixFrom(addr, 32))
+	r.work.routes++
+	if add {
+		if err := h.NeighSet(&netlink.Neigh{LinkIndex: p.index, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: net.IP(addr.AsSlice()), HardwareAddr: p.mac}); err != nil {
+			return fmt.Errorf("neighbour %s on %s: %w", addr, p.inner, err)
+		}
+		if err := h.RouteReplace(&netlink.Route{LinkIndex: p.index, Dst: dst, Src: net.IP(p.addr.AsSlice()), Scope: netlink.SCOPE_LINK}); err != nil {
+			return fmt.Errorf("route %s via %s: %w", addr, p.inner, err)
+		}
+		return nil
+	}
+	if err := h.RouteDel(&netlink.Route{LinkIndex: p.index, Dst: dst, Scope: netlink.SCOPE_LINK}); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("route %s via %s: %w", addr, p.inner, err)
+	}
+	if err := h.NeighDel(&netlink.Neigh{LinkIndex: p.index, Family: unix.AF_INET, IP: net.IP(addr.AsSlice())}); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("neighbour %s on %s: %w", addr, p.inner, err)
+	}
+	return nil
+}
+
 // setRoutes makes the routes of mb's namespace through its port exactly
 // one /32 per other member with a port (source mb's address, static
 // neighbour the port's MAC).
@@ -379,6 +458,7 @@ func (r *router) setRoutes(id string, mb *member) error {
 	if err != nil {
 		return err
 	}
+	r.work.namespaces++
 	defer ns.Close()
 	defer h.Close()
 	l, err := h.LinkByName(p.inner)
@@ -395,6 +475,7 @@ func (r *router) setRoutes(id string, mb *member) error {
 		if err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: net.IP(o.addr.AsSlice()), HardwareAddr: p.mac}); err != nil {
 			return fmt.Errorf("neighbour %s on %s: %w", o.addr, p.inner, err)
 		}
+		r.work.routes++
 		if err := h.RouteReplace(&netlink.Route{LinkIndex: idx, Dst: ipprefix.IPNet(netip.PrefixFrom(o.addr, 32)), Src: net.IP(p.addr.AsSlice()), Scope: netlink.SCOPE_LINK}); err != nil {
 			return fmt.Errorf("route %s via %s: %w", o.addr, p.inner, err)
 		}
@@ -409,6 +490,7 @@ func (r *router) setRoutes(id string, mb *member) error {
 		}
 		a, _ := netip.AddrFromSlice(rt.Dst.IP.To4())
 		if !want[a] {
+			r.work.routes++
 			if err := h.RouteDel(&rt); err != nil {
 				return fmt.Errorf("route %s via %s: %w", a, p.inner, err)
 			}

@@ -574,3 +574,75 @@ func TestKernelRouterBroadcast(t *testing.T) {
 	nothingOn(t, pcAny, "b on every address")
 	nothingOn(t, pcGroup, "b in the multicast group")
 }
+
+// TestKernelPathJoinIsLinear: a join sets the joiner's routes to each
+// local member of its tunnel and one route (to the joiner) in each of them,
+// entering each member's namespace once; a leave removes one route from
+// each member left. Before, every join and leave set every member's routes
+// anew (k(k-1) routes written at the k-th join). Each member reaches
+// exactly the others through the router, whatever the order.
+func TestKernelPathJoinIsLinear(t *testing.T) {
+	chalktest.RequireRoot(t)
+	m := NewManager(nil)
+	defer m.Close()
+	subnet := netip.MustParsePrefix("100.96.13.0/24")
+	const n = 6
+	ns := make([]string, n)
+	addrs := make([]netip.Addr, n)
+	work := func() routeWork {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if r := m.routers["org/lin"]; r != nil {
+			return r.work
+		}
+		return routeWork{}
+	}
+	for k := range n {
+		ns[k] = netnsFor(t)
+		before := work()
+		mb, err := m.Join("org/lin", "s"+strconv.Itoa(k), "/run/netns/"+ns[k], "wg0", subnet)
+		if err != nil {
+			t.Fatal(err)
+		}
+		addrs[k] = mb.Addr
+		w := work()
+		if got, want := w.routes-before.routes, 2*k; got != want {
+			t.Errorf("join %d: %d routes written, want %d (one to each of the %d others, one in each to it)", k+1, got, want, k)
+		}
+		if got, want := w.namespaces-before.namespaces, k+1; k > 0 && got != want {
+			t.Errorf("join %d: %d member namespaces entered, want %d", k+1, got, want)
+		}
+	}
+	// Every member routes every other through the router, and nothing
+	// else of the subnet.
+	check := func(left map[int]bool) {
+		t.Helper()
+		for i := range n {
+			if left[i] {
+				continue
+			}
+			for j := range n {
+				want := "wg0-local"
+				if i == j {
+					continue
+				}
+				if left[j] {
+					want = "wg0"
+				}
+				if d := routeDev(t, ns[i], addrs[j]); d != want {
+					t.Errorf("member %d routes member %d via %s, want %s", i, j, d, want)
+				}
+			}
+		}
+	}
+	check(nil)
+	before := work()
+	m.Leave("s2")
+	if got, want := work().routes-before.routes, n-1; got != want {
+		t.Errorf("leave: %d routes written, want %d (one in each member left)", got, want)
+	}
+	check(map[int]bool{2: true})
+	pc := listenUDP(t, ns[4], netip.AddrPortFrom(addrs[4], 7103))
+	udpFrom(t, ns[0], addrs[0], netip.AddrPortFrom(addrs[4], 7103), "first to fifth")
+	recvFrom(t, pc, addrs[0], "first to fifth")
+}

@@ -301,11 +301,19 @@ func (m *Manager) Leave(id string) {
 	defer m.mu.Unlock()
 	for key, ms := range m.members {
 		if _, ok := ms[id]; ok {
+			var routed netip.Addr // its address, if the others route it through the router
+			if r := m.routers[key]; r != nil && r.ports[id] != nil {
+				routed = r.ports[id].addr
+			}
 			m.removeLocked(key, id)
 			if err := m.syncLocked(key); err != nil {
 				m.log.Warn("tunnel peers after a member left", "tunnel", key, "err", err)
 			}
-			m.localRoutesLocked(key)
+			if r := m.routers[key]; r != nil && routed.IsValid() {
+				for _, err := range r.left(routed, m.members[key]) {
+					m.log.Warn("tunnel kernel path routes after a member left", "tunnel", key, "err", err)
+				}
+			}
 		}
 	}
 }
@@ -333,7 +341,8 @@ func (m *Manager) removeLocked(key, id string) {
 }
 
 // attachLocked gives member id of key a port on the tunnel's router (made
-// if it is the first) and sets every local member's routes through it.
+// if it is the first), its routes to every other local member with a port
+// and theirs to it (linear in the members: router.joined).
 // Should that fail, the member's packets to the others, and theirs to it,
 // take the TUN-to-TUN path (local.go), which makes the same source check.
 func (m *Manager) attachLocked(key, id string, mb *member) {
@@ -358,7 +367,9 @@ func (m *Manager) attachLocked(key, id string, mb *member) {
 		}
 		return
 	}
-	m.localRoutesLocked(key)
+	for _, err := range r.joined(id, m.members[key]) {
+		m.log.Warn("tunnel kernel path routes", "tunnel", key, "err", err)
+	}
 }
 
 // dropRouterLocked removes key's router r (no ports left) from the map,
@@ -371,20 +382,6 @@ func (m *Manager) dropRouterLocked(key string, r *router) {
 	delete(m.routers, key)
 	m.rmu.Unlock()
 	r.close()
-}
-
-// localRoutesLocked sets, in every member of key with a port, a route to
-// each other such member through the router.
-func (m *Manager) localRoutesLocked(key string) {
-	r := m.routers[key]
-	if r == nil {
-		return
-	}
-	for id := range r.ports {
-		if err := r.setRoutes(id, m.members[key][id]); err != nil {
-			m.log.Warn("tunnel kernel path routes", "tunnel", key, "sandbox", id, "err", err)
-		}
-	}
 }
 
 // SetPeers replaces the external peers of tunnel key on every member.
