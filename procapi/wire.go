@@ -10,8 +10,9 @@
 //
 // # Wire protocol
 //
-// One unix stream connection per operation, so concurrent operations need no
-// multiplexing. Both directions carry frames:
+// One unix stream connection per operation at a time, so concurrent
+// operations need no multiplexing (execs may run one after the other on a
+// connection; see below). Both directions carry frames:
 //
 //	+--------+----------------------+-------------------+
 //	| type   | length               | payload           |
