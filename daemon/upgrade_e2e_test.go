@@ -1,6 +1,7 @@
 package daemon_test
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -56,6 +57,14 @@ func TestUpgradeFromPreTeams(t *testing.T) {
 	}
 	if out := mustExec(t, kept, "cat", "/tmp/marker"); out != "kept\n" {
 		t.Fatalf("sandbox state after upgrade: %q", out)
+	}
+	// Its init predates connections shared between execs: each exec dials
+	// again and gets its own output (the first exec's connection was not
+	// kept for a second).
+	for i := range 3 {
+		if out := mustExec(t, kept, "sh", "-c", fmt.Sprintf("echo again %d", i)); out != fmt.Sprintf("again %d\n", i) {
+			t.Fatalf("exec %d into the old init: %q", i, out)
+		}
 	}
 	if p, err := c.GetPolicy(ctx, "upgrade-pol"); err != nil || len(p.AllowedHostnames) != 1 {
 		t.Fatalf("policy after upgrade: %+v %v", p, err)

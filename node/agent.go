@@ -78,6 +78,7 @@ type Agent struct {
 	slots *Slots    // the node's network slots: the one allocator
 	pool  *warmPool // nil: no pre-started sandboxes
 	td    teardowns // background teardowns (teardown.go)
+	inits initConns // pooled connections to inits for execs (initconns.go)
 
 	// starting counts the control plane's Start calls in progress: the
 	// pool's refill waits while any runs (a burst of creates gets the CPUs;
@@ -203,6 +204,7 @@ type Started struct {
 // Claim), any other is set up and started now. On error nothing is left but
 // what Claim's caller recorded.
 func (a *Agent) Start(ctx context.Context, req StartRequest) (Started, error) {
+	a.dropInit(req.ID) // a new init under this id
 	a.starting.Add(1)
 	defer func() {
 		// Decremented before the kick: a fill that saw this start running
@@ -356,7 +358,11 @@ func (a *Agent) Net(id string, slot int) *sandboxnet.Net { return a.net.Lookup(i
 
 // Wait blocks until the sandbox's init exits.
 func (a *Agent) Wait(ctx context.Context, id string, pid int) (sandbox.Exit, error) {
-	return a.rt.Wait(ctx, id, pid)
+	ex, err := a.rt.Wait(ctx, id, pid)
+	if err == nil {
+		a.dropInit(id) // its init has exited
+	}
+	return ex, err
 }
 
 // Running reports whether the sandbox runs, with its init pid.
@@ -367,7 +373,10 @@ func (a *Agent) Running(ctx context.Context, id string) (int, bool) {
 // Kill kills every process of the sandbox now and returns (see
 // sandbox.Runtime.Kill): nothing of it runs any more; Wait reports its end.
 // Everything else it has stays until Destroy or Teardown.
-func (a *Agent) Kill(ctx context.Context, id string) error { return a.rt.Kill(ctx, id) }
+func (a *Agent) Kill(ctx context.Context, id string) error {
+	a.dropInit(id)
+	return a.rt.Kill(ctx, id)
+}
 
 // Destroy stops the sandbox and removes everything it had on this node,
 // then frees its slot. Idempotent.
@@ -379,6 +388,7 @@ func (a *Agent) Destroy(ctx context.Context, id string, slot int) error {
 // removal and the network's; keepSlot leaves the slot held; keepUpper
 // leaves the writable layer (see sandbox.Runtime.DestroyKeepUpper).
 func (a *Agent) destroy(ctx context.Context, id string, slot int, hold func(string), keepSlot, keepUpper bool) error {
+	a.dropInit(id)
 	var rerr error
 	if keepUpper {
 		rerr = a.rt.DestroyKeepUpper(ctx, id)
@@ -436,7 +446,7 @@ func (a *Agent) CollectGarbage(ctx context.Context) (int64, error) { return a.cf
 
 // Exec starts a process in the sandbox through its init.
 func (a *Agent) Exec(ctx context.Context, id string, req procapi.ExecRequest, stdout, stderr io.Writer) (Process, error) {
-	p, err := a.rt.Init(id).Exec(ctx, req, stdout, stderr)
+	p, err := a.execInit(id).Exec(ctx, req, stdout, stderr)
 	if err != nil {
 		return nil, err // not a typed nil in the interface
 	}
@@ -507,6 +517,7 @@ func (a *Agent) SetPaused(ctx context.Context, id string, paused bool) error {
 	a.freezeMu.Lock()
 	defer a.freezeMu.Unlock()
 	if paused {
+		a.dropInit(id) // a frozen init serves nothing until the resume
 		return a.cfg.Runtime.Pause(ctx, id)
 	}
 	return a.cfg.Runtime.Resume(ctx, id)

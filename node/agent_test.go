@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	goruntime "runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -427,5 +429,50 @@ func awaitFrame(stop <-chan struct{}, frames ...string) bool {
 			}
 		}
 		goruntime.Gosched()
+	}
+}
+
+// TestExecReusesInitConnection: a sandbox's execs share a connection to its
+// init (one dial for many execs, each with its own output and exit code);
+// killing, destroying or restarting the sandbox closes what the agent
+// keeps, and the restarted sandbox's execs reach its new init.
+func TestExecReusesInitConnection(t *testing.T) {
+	a, rt, _ := procAgent(t)
+	startOne(t, a, "sb1", 1)
+	for i := range 5 {
+		out, _, st := execWait(t, a, "sb1", procapi.ExecRequest{Argv: []string{"sh", "-c", `echo "run $0"; exit $0`, strconv.Itoa(i)}, Wait: true}, "")
+		if want := fmt.Sprintf("run %d\n", i); out != want || st.Code != i {
+			t.Fatalf("exec %d: %q code %d", i, out, st.Code)
+		}
+	}
+	if n := rt.dials.Load(); n != 1 {
+		t.Fatalf("5 execs dialled init %d times, want 1", n)
+	}
+	c, ok := a.execInit("sb1").(*procapi.Client)
+	if !ok || c.Idle() != 1 {
+		t.Fatalf("no connection kept between execs (%T)", a.execInit("sb1"))
+	}
+	if err := a.Kill(context.Background(), "sb1"); err != nil {
+		t.Fatal(err)
+	}
+	if c.Idle() != 0 || a.pooledInits() != 0 {
+		t.Fatalf("after Kill: %d connections kept, %d sandboxes pooled", c.Idle(), a.pooledInits())
+	}
+	if err := a.Destroy(context.Background(), "sb1", 1); err != nil {
+		t.Fatal(err)
+	}
+	startOne(t, a, "sb1", 1)
+	out, _, st := execWait(t, a, "sb1", procapi.ExecRequest{Argv: []string{"echo", "again"}}, "")
+	if out != "again\n" || st.Code != 0 {
+		t.Fatalf("exec after the restart: %q %d", out, st.Code)
+	}
+	if n := rt.dials.Load(); n != 2 {
+		t.Fatalf("%d dials, want 2 (one per init)", n)
+	}
+	if err := a.Destroy(context.Background(), "sb1", 1); err != nil {
+		t.Fatal(err)
+	}
+	if a.pooledInits() != 0 {
+		t.Fatalf("after Destroy: %d sandboxes pooled", a.pooledInits())
 	}
 }

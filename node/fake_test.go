@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -41,6 +42,7 @@ type fakeRuntime struct {
 	// procapi server in this process on a socket of its own (rootless;
 	// processes run as the test's user), ended with the sandbox.
 	procs    bool
+	dials    atomic.Int32 // connections to the inits of procs
 	t        *testing.T
 	dead     map[string]bool // killed (Kill), not yet destroyed
 	upper    map[string]bool // writable layers kept (DestroyKeepUpper)
@@ -98,6 +100,7 @@ func (r *fakeRuntime) serveInit(in *fakeInit) error {
 	go func() { _ = procapi.Serve(ctx, l, procapi.ServerOptions{}); close(done) }()
 	in.stop = func() { cancel(); <-done }
 	in.client = procapi.NewClient(sock, func(ctx context.Context) (net.Conn, error) {
+		r.dials.Add(1)
 		return procapi.DialSocket(ctx, filepath.Dir(sock), filepath.Base(sock), func(cred *unix.Ucred) error {
 			if int(cred.Pid) != os.Getpid() {
 				return fmt.Errorf("listener pid %d, want %d", cred.Pid, os.Getpid())
@@ -291,6 +294,15 @@ func (in *fakeInit) activation() *procapi.Activation {
 	in.rt.mu.Lock()
 	defer in.rt.mu.Unlock()
 	return in.activated
+}
+
+// Pooled is the init's real process API with connections kept between
+// execs (procs), as the agent's execs use it; nil without procs.
+func (in *fakeInit) Pooled(maxIdle int) *procapi.Client {
+	if in.client == nil {
+		return nil
+	}
+	return in.client.Pooled(maxIdle)
 }
 
 // real is the init's process API while its sandbox runs (procs), else nil:

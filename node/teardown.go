@@ -79,6 +79,7 @@ type keptUpper struct {
 // is the journal's (the teardown runs all the same: only a restart in the
 // middle would miss it).
 func (a *Agent) Teardown(id string, slot int, keep KeepUpper) (kept int64, err error) {
+	a.dropInit(id)
 	a.td.mu.Lock()
 	if _, ok := a.td.pending[id]; ok {
 		a.td.mu.Unlock()

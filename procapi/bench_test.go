@@ -24,6 +24,23 @@ func BenchmarkExecTrue(b *testing.B) {
 	}
 }
 
+// BenchmarkExecTruePooled is BenchmarkExecTrue on a pooled client: the
+// execs share one connection (no dial, no accept).
+func BenchmarkExecTruePooled(b *testing.B) {
+	c := serve(b, ServerOptions{}).Pooled(2)
+	defer c.Close()
+	ctx := context.Background()
+	for b.Loop() {
+		p, err := c.Exec(ctx, ExecRequest{Argv: []string{"/bin/true"}}, nil, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if st, err := p.Wait(); err != nil || st.Code != 0 {
+			b.Fatal(st, err)
+		}
+	}
+}
+
 // BenchmarkForkExecTrue is the floor under BenchmarkExecTrue: starting and
 // reaping /bin/true directly.
 func BenchmarkForkExecTrue(b *testing.B) {

@@ -18,12 +18,14 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
-// Client talks to one sandbox's init over its socket. It holds no
-// connection: every call dials, so a Client is cheap, safe for concurrent
-// use, and survives init restarts.
+// Client talks to one sandbox's init over its socket. It is safe for
+// concurrent use and survives init restarts. A Client from NewClient holds
+// no connection: every call dials, so it is cheap. One from Pooled keeps a
+// few connections between execs and must be closed.
 type Client struct {
 	name string // for messages: the sandbox or socket
 	dial Dialer
+	pool *connPool // nil: one connection per operation
 }
 
 // NewClient returns a client that reaches the init called name (in
@@ -31,6 +33,95 @@ type Client struct {
 // sandbox.Runtime.Client); the sandbox side can never be trusted to keep a
 // path pointing at its own init.
 func NewClient(name string, dial Dialer) *Client { return &Client{name: name, dial: dial} }
+
+// Pooled returns a client of the same init that keeps up to maxIdle
+// connections open between execs and runs the next exec on one of them (see
+// the package doc): no dial, no peer check. Other operations dial as
+// before. A pooled connection stays with the init process that accepted
+// it; one that init closed meanwhile costs a failed write and a new dial,
+// never the exec. Close it when the sandbox stops, pauses or restarts.
+func (c *Client) Pooled(maxIdle int) *Client {
+	return &Client{name: c.name, dial: c.dial, pool: &connPool{max: max(maxIdle, 1)}}
+}
+
+// Close closes the connections kept between execs; later execs dial each
+// time. Execs under way go on. Close of a client without a pool does nothing.
+func (c *Client) Close() error {
+	if c.pool != nil {
+		c.pool.close()
+	}
+	return nil
+}
+
+// Idle reports how many connections the client keeps between execs.
+func (c *Client) Idle() int {
+	if c.pool == nil {
+		return 0
+	}
+	c.pool.mu.Lock()
+	defer c.pool.mu.Unlock()
+	return len(c.pool.idle)
+}
+
+// connPool holds a client's connections between execs.
+type connPool struct {
+	max int
+
+	mu     sync.Mutex
+	idle   []*idleConn // most recently used last
+	closed bool
+}
+
+// idleConn is a connection whose last exec has ended; it owes the server the
+// frameEnd, sent with the next request.
+type idleConn struct {
+	nc net.Conn
+	r  *bufio.Reader // empty
+}
+
+func (p *connPool) get() *idleConn {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := len(p.idle)
+	if n == 0 {
+		return nil
+	}
+	ic := p.idle[n-1]
+	p.idle[n-1] = nil
+	p.idle = p.idle[:n-1]
+	return ic
+}
+
+func (p *connPool) put(ic *idleConn) {
+	p.mu.Lock()
+	if !p.closed && len(p.idle) < p.max {
+		p.idle = append(p.idle, ic)
+		ic = nil
+	}
+	p.mu.Unlock()
+	if ic != nil {
+		ic.nc.Close()
+	}
+}
+
+// drain closes the idle connections (a stale one was found: its siblings,
+// to the same init, most likely are too).
+func (p *connPool) drain() {
+	p.mu.Lock()
+	idle := p.idle
+	p.idle = nil
+	p.mu.Unlock()
+	for _, ic := range idle {
+		ic.nc.Close()
+	}
+}
+
+func (p *connPool) close() {
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
+	p.drain()
+}
 
 // clientReadBuf is the size of a connection's read buffer; larger frames
 // (file bytes, output chunks) are read past it, straight into the caller's
@@ -51,13 +142,26 @@ type clientConn struct {
 	// exec: an abort first sends frameCancel, since the server lets an
 	// exec whose connection merely ends run on (chalkd may have died).
 	exec bool
+	// reused: the connection served an exec before this operation (it came
+	// from the pool).
+	reused bool
+	// released (wmu): the exec is over and the connection went back to the
+	// pool; this clientConn must not write to it or close it any more.
+	released bool
 }
+
+// errExecOver is what a write for an exec that has ended returns once its
+// connection went back to the pool.
+var errExecOver = errors.New("procapi: the exec has ended")
 
 func (cc *clientConn) Read(p []byte) (int, error) { return cc.r.Read(p) }
 
 func (cc *clientConn) send(typ byte, payload []byte) error {
 	cc.wmu.Lock()
 	defer cc.wmu.Unlock()
+	if cc.released {
+		return errExecOver
+	}
 	return cc.fw.writeFrame(typ, payload)
 }
 
@@ -68,19 +172,60 @@ func (cc *clientConn) abort() {
 		// The deadline also unblocks a write in progress (stdin to a
 		// server that stopped reading), which holds wmu.
 		_ = cc.Conn.SetWriteDeadline(time.Now().Add(cancelGrace))
-		_ = cc.send(frameCancel, nil)
+		if cc.send(frameCancel, nil) == errExecOver {
+			return
+		}
 	}
-	cc.Conn.Close()
+	cc.closeConn()
 }
 
 func (cc *clientConn) close() {
 	cc.stop()
-	cc.Conn.Close()
+	cc.closeConn()
+}
+
+// closeConn closes the connection unless it went back to the pool.
+func (cc *clientConn) closeConn() {
+	cc.wmu.Lock()
+	released := cc.released
+	cc.wmu.Unlock()
+	if !released {
+		cc.Conn.Close()
+	}
+}
+
+// release hands the connection of an exec that has ended (its exit frame
+// read) back to pool; false if it cannot serve another (ctx's abort has run
+// or runs, or the server sent more than the exit frame), and then it is
+// closed.
+func (cc *clientConn) release(pool *connPool) bool {
+	if !cc.stop() {
+		cc.closeConn() // the abort closes it too
+		return false
+	}
+	if cc.r.Buffered() != 0 {
+		cc.closeConn()
+		return false
+	}
+	cc.wmu.Lock()
+	cc.released = true
+	cc.wmu.Unlock()
+	// The frameEnd it owes goes out with the next request (one write).
+	pool.put(&idleConn{nc: cc.Conn, r: cc.r})
+	return true
 }
 
 // call dials, sends req and returns the connection, which is closed when ctx
 // is done (that cancels the operation on the server).
 func (c *Client) call(ctx context.Context, req *request) (*clientConn, error) {
+	b, err := encodeRequest(req)
+	if err != nil {
+		return nil, err
+	}
+	return c.callEncoded(ctx, req.Op, b, nil)
+}
+
+func encodeRequest(req *request) ([]byte, error) {
 	b, err := json.Marshal(req)
 	if err != nil {
 		return nil, err
@@ -88,21 +233,56 @@ func (c *Client) call(ctx context.Context, req *request) (*clientConn, error) {
 	if len(b) > MaxFrame {
 		return nil, fmt.Errorf("%s request of %d bytes exceeds %d: %w", req.Op, len(b), MaxFrame, errdefs.ErrInvalidArgument)
 	}
-	nc, err := c.dial(ctx)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, ctxErr(ctx)
+	return b, nil
+}
+
+// endFrame is frameEnd, encoded: it precedes the request on a reused
+// connection.
+var endFrame = encodeFrame(frameEnd, nil)
+
+// callEncoded sends the encoded request b of op on ic (a pooled connection,
+// its frameEnd first) or, when ic is nil, on a new connection. An error of
+// the write on ic is stale: the server did not get the request.
+func (c *Client) callEncoded(ctx context.Context, op string, b []byte, ic *idleConn) (*clientConn, error) {
+	var cc *clientConn
+	if ic != nil {
+		cc = &clientConn{Conn: ic.nc, r: ic.r, exec: op == opExec, reused: true}
+	} else {
+		nc, err := c.dial(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctxErr(ctx)
+			}
+			return nil, err
 		}
-		return nil, err
+		cc = &clientConn{Conn: nc, r: bufio.NewReaderSize(nc, clientReadBuf), exec: op == opExec}
 	}
-	cc := &clientConn{Conn: nc, r: bufio.NewReaderSize(nc, clientReadBuf), exec: req.Op == opExec}
-	cc.fw.w = nc
+	cc.fw.w = cc.Conn
 	cc.stop = context.AfterFunc(ctx, cc.abort)
-	if err := cc.send(frameRequest, b); err != nil {
+	cc.wmu.Lock()
+	var err error
+	if ic != nil {
+		err = cc.fw.writeFrameAfter(endFrame, frameRequest, b)
+	} else {
+		err = cc.fw.writeFrame(frameRequest, b)
+	}
+	cc.wmu.Unlock()
+	if err != nil {
 		cc.close()
+		if ic != nil && ctx.Err() == nil {
+			return nil, &staleConn{err}
+		}
 		return nil, connErr(ctx, err)
 	}
 	return cc, nil
+}
+
+// staleConn is the failure of a pooled connection that init had closed
+// before it read the request: nothing ran, the request may be sent again.
+type staleConn struct{ err error }
+
+func (e *staleConn) Error() string {
+	return "procapi: pooled connection to sandbox init closed: " + e.err.Error()
 }
 
 // ctxErr is ctx's error as an errdefs class (keeping context.Canceled and

@@ -141,39 +141,44 @@ type execution struct {
 	// holdStart: the client only waits (request.Wait), so the started
 	// frame may wait for the next frame, at most startHold.
 	holdStart bool
+	// reuse: the client asked to keep the connection (request.Reuse); it
+	// ends the exec with frameEnd, which readClient reports in ended.
+	reuse bool
+	ended bool // frameEnd read (readClient; read after it has returned)
 
 	mu        sync.Mutex
 	exited    bool // reaped: its pid may be reused, signals must stop
 	cancelled bool // the client sent frameCancel
 }
 
-func (s *server) exec(c *conn, req *request) {
+// exec runs an exec request; true when the client ended it with frameEnd
+// and the connection may carry the next request.
+func (s *server) exec(c *conn, req *request) (again bool) {
 	if len(req.Argv) == 0 || req.Argv[0] == "" {
 		c.sendErr(fmt.Errorf("argv: a command is required: %w", errdefs.ErrInvalidArgument))
-		return
+		return false
 	}
 	if req.Dir != "" {
 		if st, err := os.Stat(req.Dir); err != nil || !st.IsDir() {
 			c.sendErr(fmt.Errorf("working directory %q: not a directory: %w", req.Dir, errdefs.ErrInvalidArgument))
-			return
+			return false
 		}
 	}
 	env := mergeEnv(os.Environ(), req.Env)
 	bin, err := LookPath(req.Argv[0], env, req.Dir)
 	if err != nil {
 		c.sendErr(err)
-		return
+		return false
 	}
 	cred := s.owner
 	if req.User != "" {
 		if cred, err = ParseUser(req.User); err != nil {
 			c.sendErr(err)
-			return
+			return false
 		}
 	}
 	if req.PTY != nil {
-		s.execPTY(c, req, bin, env, cred)
-		return
+		return s.execPTY(c, req, bin, env, cred)
 	}
 
 	var files [3]*os.File // the child's ends
@@ -187,19 +192,19 @@ func (s *server) exec(c *conn, req *request) {
 	}
 	if outR, files[1], err = childPipe(false); err != nil {
 		c.sendErr(startErr(req.Argv[0], err))
-		return
+		return false
 	}
 	if errR, files[2], err = childPipe(false); err != nil {
 		closeAll(outR, files[1])
 		c.sendErr(startErr(req.Argv[0], err))
-		return
+		return false
 	}
 	files[0] = s.devnull
 	if req.Stdin {
 		if stdinW, files[0], err = childPipe(true); err != nil {
 			closeAll(outR, files[1], errR, files[2])
 			c.sendErr(startErr(req.Argv[0], err))
-			return
+			return false
 		}
 	}
 	pid, exited, err := s.reaper.Start(bin, req.Argv, &os.ProcAttr{
@@ -216,16 +221,17 @@ func (s *server) exec(c *conn, req *request) {
 	if err != nil {
 		closeAll(outR, errR, stdinW)
 		c.sendErr(startErr(req.Argv[0], err))
-		return
+		return false
 	}
-	e := &execution{c: c, pid: pid, stopping: s.stopping, holdStart: req.Wait}
+	e := &execution{c: c, pid: pid, stopping: s.stopping, holdStart: req.Wait, reuse: req.Reuse}
 	s.log.Debug("procapi: exec", "pid", e.pid, "argv0", req.Argv[0])
 	if stdinW != nil {
 		e.stdin = newStdinQueue(stdinW)
 		go e.stdin.run(c)
 	}
-	e.run([]output{{outR, frameStdout}, {errR, frameStderr}}, exited)
+	again = e.run([]output{{outR, frameStdout}, {errR, frameStderr}}, exited)
 	s.log.Debug("procapi: exec ended", "pid", e.pid)
+	return again
 }
 
 // childPipe makes a pipe with one end for a child process (its stdin if
@@ -261,18 +267,21 @@ type output struct {
 }
 
 // run streams the exec until the process has ended and its output has been
-// forwarded, then sends its exit status.
-func (e *execution) run(outs []output, exited <-chan unix.WaitStatus) {
+// forwarded, then sends its exit status. With reuse it then waits for the
+// client's frameEnd and reports whether it came (the connection carries the
+// next request).
+func (e *execution) run(outs []output, exited <-chan unix.WaitStatus) (again bool) {
 	defer func() {
 		if e.stdin != nil {
 			e.stdin.close()
 		}
 	}()
+	started := startedMsg{Pid: e.pid, PTY: e.pty != nil, Reuse: e.reuse}
 	if e.holdStart {
 		// The started frame goes out with the first output or the exit
 		// status (one write, one wake-up of the client, instead of two
 		// for a short command), or alone after startHold.
-		b, _ := json.Marshal(startedMsg{Pid: e.pid, PTY: e.pty != nil})
+		b, _ := json.Marshal(started)
 		e.c.hold(frameStarted, b)
 		t := time.AfterFunc(startHold, func() {
 			if e.c.release() != nil {
@@ -280,7 +289,7 @@ func (e *execution) run(outs []output, exited <-chan unix.WaitStatus) {
 			}
 		})
 		defer t.Stop()
-	} else if err := e.c.sendJSON(frameStarted, startedMsg{Pid: e.pid, PTY: e.pty != nil}); err != nil {
+	} else if err := e.c.sendJSON(frameStarted, started); err != nil {
 		e.kill()
 	}
 	// Each pump reports its end here (no goroutine just to wait for them).
@@ -318,12 +327,23 @@ func (e *execution) run(outs []output, exited <-chan unix.WaitStatus) {
 		}
 	}
 	grace.Stop()
+	if e.stdin != nil {
+		// Nothing of this exec follows its exit frame on the connection:
+		// the stdin writer (its credit frames) stops first.
+		e.stdin.close()
+		<-e.stdin.stopped
+	}
 	msg := exitMsg{Code: ws.ExitStatus()}
 	if ws.Signaled() {
 		msg.Code = 128 + int(ws.Signal())
 		msg.Signal = unix.SignalName(ws.Signal())
 	}
-	_ = e.c.sendJSON(frameExit, msg)
+	if e.c.sendJSON(frameExit, msg) != nil || !e.reuse {
+		return false
+	}
+	e.c.rest()
+	<-clientGone
+	return e.ended
 }
 
 // clientGone handles the end of the connection before the process's: a
@@ -430,6 +450,13 @@ func (e *execution) readClient(gone chan<- struct{}) {
 			}
 		case frameCancel:
 			e.cancel()
+		case frameEnd:
+			if e.reuse {
+				// The exec is over for the client; what follows is
+				// the next request, read by the connection's handler.
+				e.ended = true
+				return
+			}
 		}
 	}
 }
@@ -507,10 +534,11 @@ type stdinQueue struct {
 	closed bool
 
 	closeOnce sync.Once
+	stopped   chan struct{} // closed when run returns
 }
 
 func newStdinQueue(w *os.File) *stdinQueue {
-	q := &stdinQueue{w: w}
+	q := &stdinQueue{w: w, stopped: make(chan struct{})}
 	q.cond.L = &q.mu
 	return q
 }
@@ -573,6 +601,7 @@ func (q *stdinQueue) done(n int) {
 // If the process closed its stdin, the client is told once and later bytes
 // are dropped.
 func (q *stdinQueue) run(c *conn) {
+	defer close(q.stopped)
 	defer q.closeOnce.Do(func() { q.w.Close() })
 	broken := false
 	var credit [4]byte

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -44,6 +45,7 @@ type Process struct {
 	pty bool
 
 	stdin *stdinWriter
+	pool  *connPool // the connection goes back here after the exit frame; nil: closed
 
 	exited chan struct{} // closed when the exec is over (status or err set)
 	status ExitStatus
@@ -68,28 +70,14 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, stdout, stderr io.Wr
 			return nil, err
 		}
 	}
-	cc, err := c.call(ctx, &request{Op: opExec, Argv: req.Argv, Env: req.Env, Dir: req.Dir, Stdin: req.Stdin, User: req.User, PTY: req.PTY, Wait: req.Wait})
+	r := &request{Op: opExec, Argv: req.Argv, Env: req.Env, Dir: req.Dir, Stdin: req.Stdin, User: req.User, PTY: req.PTY, Wait: req.Wait, Reuse: c.pool != nil}
+	b, err := encodeRequest(r)
 	if err != nil {
 		return nil, err
 	}
-	typ, b, err := readServerFrame(cc, nil)
+	cc, st, err := c.start(ctx, b)
 	if err != nil {
-		cc.close()
-		return nil, connErr(ctx, err)
-	}
-	var st startedMsg
-	switch typ {
-	case frameStarted:
-		if err := json.Unmarshal(b, &st); err != nil {
-			cc.close()
-			return nil, fmt.Errorf("procapi: malformed start frame: %v: %w", err, errdefs.ErrUnavailable)
-		}
-	case frameError:
-		cc.close()
-		return nil, decodeError(b)
-	default:
-		cc.close()
-		return nil, unexpected(typ)
+		return nil, err
 	}
 	if req.PTY != nil && !st.PTY {
 		// An init of an older build ran it without a terminal.
@@ -104,6 +92,9 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, stdout, stderr io.Wr
 		stderr = io.Discard
 	}
 	p := &Process{cc: cc, ctx: ctx, pid: st.Pid, pty: req.PTY != nil, exited: make(chan struct{})}
+	if st.Reuse && c.pool != nil {
+		p.pool = c.pool
+	}
 	if req.Stdin {
 		p.stdin = &stdinWriter{p: p, credit: StdinWindow}
 		p.stdin.cond.L = &p.stdin.mu
@@ -112,10 +103,61 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, stdout, stderr io.Wr
 	return p, nil
 }
 
+// start sends the encoded exec request b, on a pooled connection if there is
+// one, and reads the started frame. A pooled connection that init closed
+// before reading the request (the write fails, or the read finds
+// ECONNRESET: closed with the request unread) is dropped with its idle
+// siblings and the request goes out again on a new connection; any other
+// failure is the exec's, as on a new connection.
+func (c *Client) start(ctx context.Context, b []byte) (*clientConn, startedMsg, error) {
+	var st startedMsg
+	for {
+		var ic *idleConn
+		if c.pool != nil {
+			ic = c.pool.get()
+		}
+		cc, err := c.callEncoded(ctx, opExec, b, ic)
+		var stale *staleConn
+		if errors.As(err, &stale) {
+			c.pool.drain()
+			continue
+		}
+		if err != nil {
+			return nil, st, err
+		}
+		typ, fb, err := readServerFrame(cc, nil)
+		if err != nil {
+			cc.close()
+			if ic != nil && errors.Is(err, syscall.ECONNRESET) && ctx.Err() == nil {
+				c.pool.drain()
+				continue
+			}
+			return nil, st, connErr(ctx, err)
+		}
+		switch typ {
+		case frameStarted:
+			if err := json.Unmarshal(fb, &st); err != nil {
+				cc.close()
+				return nil, st, fmt.Errorf("procapi: malformed start frame: %v: %w", err, errdefs.ErrUnavailable)
+			}
+			return cc, st, nil
+		case frameError:
+			cc.close()
+			return nil, st, decodeError(fb)
+		default:
+			cc.close()
+			return nil, st, unexpected(typ)
+		}
+	}
+}
+
 // read delivers the server's frames until the exit status.
 func (p *Process) read(stdout, stderr io.Writer) {
+	reuse := false // the exit frame was read: the connection may serve again
 	defer func() {
-		p.cc.close()
+		if !reuse || !p.cc.release(p.pool) {
+			p.cc.close()
+		}
 		close(p.exited)
 		if p.stdin != nil {
 			p.stdin.mu.Lock()
@@ -161,6 +203,7 @@ func (p *Process) read(stdout, stderr io.Writer) {
 				return
 			}
 			p.status = ExitStatus{Code: m.Code, Signal: m.Signal}
+			reuse = p.pool != nil
 			return
 		case frameError:
 			p.err = decodeError(b)
@@ -204,7 +247,7 @@ func (p *Process) Signal(sig syscall.Signal) error {
 		return fmt.Errorf("signal process %d: it has ended: %w", p.pid, errdefs.ErrFailedPrecondition)
 	}
 	if err := p.send(frameSignal, []byte{byte(sig)}); err != nil {
-		if p.done() {
+		if p.done() || errors.Is(err, errExecOver) {
 			return fmt.Errorf("signal process %d: it has ended: %w", p.pid, errdefs.ErrFailedPrecondition)
 		}
 		return connErr(p.ctx, err)
@@ -226,7 +269,7 @@ func (p *Process) Resize(rows, cols int) error {
 		return fmt.Errorf("resize process %d: it has ended: %w", p.pid, errdefs.ErrFailedPrecondition)
 	}
 	if err := p.send(frameResize, resizePayload(uint16(rows), uint16(cols))); err != nil {
-		if p.done() {
+		if p.done() || errors.Is(err, errExecOver) {
 			return fmt.Errorf("resize process %d: it has ended: %w", p.pid, errdefs.ErrFailedPrecondition)
 		}
 		return connErr(p.ctx, err)
@@ -304,6 +347,9 @@ func (w *stdinWriter) Write(b []byte) (int, error) {
 			return off, err
 		}
 		if err := w.p.send(frameStdin, b[off:off+n]); err != nil {
+			if errors.Is(err, errExecOver) {
+				return off, fmt.Errorf("stdin of process %d: it has ended: %w (%w)", w.p.pid, io.ErrClosedPipe, errdefs.ErrFailedPrecondition)
+			}
 			return off, fmt.Errorf("stdin of process %d: %w", w.p.pid, connErr(w.p.ctx, err))
 		}
 		off += n
@@ -327,7 +373,7 @@ func (w *stdinWriter) Close() error {
 	if w.p.done() {
 		return nil
 	}
-	if err := w.p.send(frameStdinEOF, nil); err != nil && !w.p.done() {
+	if err := w.p.send(frameStdinEOF, nil); err != nil && !w.p.done() && !errors.Is(err, errExecOver) {
 		return fmt.Errorf("close stdin of process %d: %w", w.p.pid, connErr(w.p.ctx, err))
 	}
 	return nil

@@ -148,22 +148,22 @@ func dupFile(f *os.File, name string) (*os.File, error) {
 // execPTY starts an exec on a new terminal and streams it: the process is a
 // session leader whose controlling terminal is the new one (setsid,
 // TIOCSCTTY), so job control and ^C/^Z/^\ work as on a console.
-func (s *server) execPTY(c *conn, req *request, bin string, env []string, cred *syscall.Credential) {
+func (s *server) execPTY(c *conn, req *request, bin string, env []string, cred *syscall.Credential) (again bool) {
 	t, err := req.PTY.withDefaults()
 	if err != nil {
 		c.sendErr(err)
-		return
+		return false
 	}
 	master, tty, err := openPTY()
 	if err != nil {
 		c.sendErr(fmt.Errorf("allocate a terminal: %v: %w", err, errdefs.ErrFailedPrecondition))
-		return
+		return false
 	}
 	if err := setWinsize(master, t.Rows, t.Cols); err != nil {
 		master.Close()
 		tty.Close()
 		c.sendErr(fmt.Errorf("size the terminal: %v: %w", err, errdefs.ErrFailedPrecondition))
-		return
+		return false
 	}
 	if cred != nil {
 		// The user owns its terminal, as after a login (mesg, reopening
@@ -176,7 +176,7 @@ func (s *server) execPTY(c *conn, req *request, bin string, env []string, cred *
 			master.Close()
 			tty.Close()
 			c.sendErr(startErr(req.Argv[0], err))
-			return
+			return false
 		}
 	}
 	pid, exited, err := s.reaper.Start(bin, req.Argv, &os.ProcAttr{
@@ -195,16 +195,17 @@ func (s *server) execPTY(c *conn, req *request, bin string, env []string, cred *
 			stdinW.Close()
 		}
 		c.sendErr(startErr(req.Argv[0], err))
-		return
+		return false
 	}
-	e := &execution{c: c, pid: pid, stopping: s.stopping, pty: master, holdStart: req.Wait}
+	e := &execution{c: c, pid: pid, stopping: s.stopping, pty: master, holdStart: req.Wait, reuse: req.Reuse}
 	s.log.Debug("procapi: exec on a terminal", "pid", e.pid, "argv0", req.Argv[0], "rows", t.Rows, "cols", t.Cols)
 	if stdinW != nil {
 		e.stdin = newStdinQueue(stdinW)
 		go e.stdin.run(c)
 	}
-	e.run([]output{{master, frameStdout}}, exited)
+	again = e.run([]output{{master, frameStdout}}, exited)
 	s.log.Debug("procapi: exec on a terminal ended", "pid", e.pid)
+	return again
 }
 
 // resize handles a resize frame: a malformed or out-of-range size is

@@ -33,8 +33,9 @@ type ServerOptions struct {
 	// answer off).
 	Activate func(Activation) (then func(), err error)
 	// OnIdle, if set, is called once IdleAfter (default a second) has
-	// passed with no connection open, after connections were served (not
-	// before the first): chalk-init gives its free memory back to the
+	// passed with no connection serving an operation (a connection resting
+	// between two execs does not count), after connections were served
+	// (not before the first): chalk-init gives its free memory back to the
 	// host then, so an idle sandbox does not keep what a burst of execs
 	// grew. It runs on its own goroutine and may be slow; connections are
 	// served meanwhile.
@@ -129,26 +130,28 @@ type server struct {
 
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{}
+	busy     int // connections serving an operation (not resting between execs)
 	closing  bool
 	stopping chan struct{} // closed with closing: kills detached execs
 	handlers sync.WaitGroup
 
 	onIdle    func()
 	idleAfter time.Duration
-	idleTimer *time.Timer // armed when the last connection ends (mu)
+	idleTimer *time.Timer // armed when the last busy connection ends or rests (mu)
 }
 
-// idle calls onIdle if still no connection is open.
+// idle calls onIdle if still no connection is busy.
 func (s *server) idle() {
 	s.mu.Lock()
-	quiet := len(s.conns) == 0 && !s.closing
+	quiet := s.busy == 0 && !s.closing
 	s.mu.Unlock()
 	if quiet {
 		s.onIdle()
 	}
 }
 
-// track registers a connection; false once the server is shutting down.
+// track registers a connection (busy until it rests); false once the
+// server is shutting down.
 func (s *server) track(nc net.Conn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -157,24 +160,51 @@ func (s *server) track(nc net.Conn) bool {
 	}
 	s.conns[nc] = struct{}{}
 	s.handlers.Add(1)
-	if s.idleTimer != nil {
-		s.idleTimer.Stop()
-	}
+	s.busyLocked(1)
 	return true
 }
 
-func (s *server) untrack(nc net.Conn) {
+// untrack forgets a connection; resting: it was between two execs (already
+// not busy).
+func (s *server) untrack(nc net.Conn, resting bool) {
 	s.mu.Lock()
 	delete(s.conns, nc)
-	if len(s.conns) == 0 && s.onIdle != nil && !s.closing {
+	if !resting {
+		s.busyLocked(-1)
+	}
+	s.mu.Unlock()
+	s.handlers.Done()
+}
+
+// rest marks a connection idle between two execs; wake, busy again.
+func (s *server) rest() {
+	s.mu.Lock()
+	s.busyLocked(-1)
+	s.mu.Unlock()
+}
+
+func (s *server) wake() {
+	s.mu.Lock()
+	s.busyLocked(1)
+	s.mu.Unlock()
+}
+
+// busyLocked counts connections serving an operation; the idle timer runs
+// while none does (s.mu held).
+func (s *server) busyLocked(delta int) {
+	s.busy += delta
+	switch {
+	case s.busy > 0:
+		if s.idleTimer != nil {
+			s.idleTimer.Stop()
+		}
+	case s.onIdle != nil && !s.closing:
 		if s.idleTimer == nil {
 			s.idleTimer = time.AfterFunc(s.idleAfter, s.idle)
 		} else {
 			s.idleTimer.Reset(s.idleAfter)
 		}
 	}
-	s.mu.Unlock()
-	s.handlers.Done()
 }
 
 // shutdown closes every connection and waits for the handlers.
@@ -196,6 +226,11 @@ func (s *server) shutdown() {
 // goroutines (the output pumps, the stdin writer, the handler).
 type conn struct {
 	net.Conn
+	// resting: the connection waits for the next request between two
+	// execs; rest sets it (the handler's goroutine only).
+	resting bool
+	rest    func()
+
 	wmu  sync.Mutex
 	fw   frameWriter
 	held []byte // a frame that goes out before the next one (hold)
@@ -250,17 +285,40 @@ const (
 func (c *conn) sendErr(err error) { _ = c.sendJSON(frameError, wireError(err)) }
 
 func (s *server) handle(nc net.Conn) {
-	defer s.untrack(nc)
-	defer nc.Close()
 	c := &conn{Conn: nc}
 	c.fw.w = nc
-	typ, b, err := readFrame(c, nil)
-	if err != nil {
-		return
+	// An exec that may share its connection with the next marks it resting
+	// (idle) once its exit frame is out: the client's frameEnd comes only
+	// with its next request.
+	c.rest = func() {
+		if !c.resting {
+			c.resting = true
+			s.rest()
+		}
 	}
+	defer func() { s.untrack(nc, c.resting) }()
+	defer nc.Close()
+	for {
+		typ, b, err := readFrame(c, nil)
+		if err != nil {
+			return
+		}
+		if c.resting {
+			s.wake()
+			c.resting = false
+		}
+		if !s.serve(c, typ, b) {
+			return
+		}
+	}
+}
+
+// serve answers one request; true when it was an exec the client ended
+// with frameEnd, after which the next request may follow on c.
+func (s *server) serve(c *conn, typ byte, b []byte) (again bool) {
 	if typ != frameRequest {
 		c.sendErr(fmt.Errorf("first frame %q: want a request: %w", typ, errdefs.ErrInvalidArgument))
-		return
+		return false
 	}
 	if string(b) == pingRequest {
 		// chalkd's readiness check, and all an idle sandbox never used
@@ -276,7 +334,7 @@ func (s *server) handle(nc net.Conn) {
 	var req request
 	if err := json.Unmarshal(b, &req); err != nil {
 		c.sendErr(fmt.Errorf("request: %v: %w", err, errdefs.ErrInvalidArgument))
-		return
+		return false
 	}
 	switch req.Op {
 	case opPing:
@@ -289,14 +347,14 @@ func (s *server) handle(nc net.Conn) {
 		}
 		if err != nil {
 			c.sendErr(err)
-			return
+			return false
 		}
 		_ = c.sendJSON(frameResult, struct{}{})
 		if then != nil {
 			then()
 		}
 	case opExec:
-		s.exec(c, &req)
+		return s.exec(c, &req)
 	case opRead:
 		s.readFile(c, &req)
 	case opWrite:
@@ -310,6 +368,7 @@ func (s *server) handle(nc net.Conn) {
 	default:
 		c.sendErr(fmt.Errorf("operation %q: unknown: %w", req.Op, errdefs.ErrInvalidArgument))
 	}
+	return false
 }
 
 // ParseUser parses "uid[:gid]" (numeric; gid defaults to uid) into the

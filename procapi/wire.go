@@ -10,8 +10,9 @@
 //
 // # Wire protocol
 //
-// One unix stream connection per operation, so concurrent operations need no
-// multiplexing. Both directions carry frames:
+// One unix stream connection per operation at a time, so concurrent
+// operations need no multiplexing (execs may run one after the other on a
+// connection; see below). Both directions carry frames:
 //
 //	+--------+----------------------+-------------------+
 //	| type   | length               | payload           |
@@ -47,6 +48,19 @@
 //	                "wait" the server may hold 'P' back until its next
 //	                frame or for at most 10 ms, and write both at once
 //	                (an older server sends it at once: the same frames)
+//
+// An exec may share its connection with the execs before and after it: a
+// client that asks with "reuse" and gets {"reuse":true} in 'P' (servers that
+// predate it leave it out, and close after 'X' as before) sends 'N' (end of
+// the exec) once it has read 'X'; everything it sent before 'N' belongs to
+// that exec, and the next request may follow on the same connection. The
+// server writes nothing of an exec after its 'X' (the stdin writer has
+// stopped by then). Clients keep at most a few such idle connections per
+// sandbox (Client.Pooled) and send 'N' together with the next request. A
+// pooled connection that init closed meanwhile (init restarted, the sandbox
+// stopped) shows in the write of that request (EPIPE) or as ECONNRESET before
+// any answer (init closed it with the request unread); then, and only then,
+// the exec is sent again on a new connection: nothing ran.
 //
 // An exec with "pty" {"rows","cols","term"} runs on a pseudo-terminal that
 // init allocates: the process is a session leader with the terminal as its
@@ -110,6 +124,7 @@ const (
 	frameStdinEOF    = 'E'
 	frameSignal      = 'S'
 	frameCancel      = 'Z'
+	frameEnd         = 'N'
 	frameResize      = 'T'
 	frameData        = 'D'
 	frameDataEnd     = 'F'
@@ -293,6 +308,9 @@ type request struct {
 	// hold the started frame back (at most startHold) and write it with
 	// the first output or the exit.
 	Wait bool `json:"wait,omitempty"`
+	// Reuse (exec): the client will end the exec with frameEnd after its
+	// exit frame and may then send the next request on the connection.
+	Reuse bool `json:"reuse,omitempty"`
 }
 
 type pingMsg struct {
@@ -302,6 +320,10 @@ type pingMsg struct {
 type startedMsg struct {
 	Pid int  `json:"pid"`
 	PTY bool `json:"pty,omitempty"` // the exec runs on a terminal
+	// Reuse: the server takes the next request on this connection once
+	// the client has ended the exec (request.Reuse; older servers leave
+	// it out and close the connection after the exit frame).
+	Reuse bool `json:"reuse,omitempty"`
 }
 
 type exitMsg struct {
