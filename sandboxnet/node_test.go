@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -18,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
 	"github.com/chalkcompute/chalkcompute/internal/nettest"
 )
 
@@ -686,5 +688,71 @@ func TestInitNeedsIPv6(t *testing.T) {
 	}
 	if err := m.Init(context.Background()); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Fatalf("Init = %v, want ErrFailedPrecondition", err)
+	}
+}
+
+// TestSetupNoGoroutine: Setup configures the network on the caller's
+// goroutine (Begin's background part needs one, Setup waits anyway).
+func TestSetupNoGoroutine(t *testing.T) {
+	m := newNode(t, Config{NetnsPool: 1})
+	var stack []byte
+	m.configured = func() {
+		buf := make([]byte, 64<<10)
+		stack = buf[:runtime.Stack(buf, false)]
+	}
+	setup(t, m, "sb-sync", 3)
+	if !strings.Contains(string(stack), "sandboxnet.TestSetupNoGoroutine(") {
+		t.Errorf("Setup configured the network on another goroutine:\n%s", stack)
+	}
+	// Begin's part still runs in the background: Begin returns before it.
+	stack = nil
+	p, err := m.Begin(context.Background(), "sb-async", 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.Teardown(context.Background(), "sb-async", 4) })
+	if _, err := p.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(stack), "sandboxnet.TestSetupNoGoroutine(") || len(stack) == 0 {
+		t.Errorf("Begin configured the network on the caller's goroutine:\n%s", stack)
+	}
+}
+
+// TestConfigureErrorMessage: an error configuring eth0 names eth0 and is
+// not prefixed with the sandbox's "network:" again (node.Agent adds
+// `sandbox "id" network: `; the message had it twice).
+func TestConfigureErrorMessage(t *testing.T) {
+	m := newNode(t, Config{NetnsPool: 1})
+	m.pool.wait()
+	m.pool.mu.Lock()
+	if len(m.pool.ready) != 1 {
+		m.pool.mu.Unlock()
+		t.Fatalf("%d spares ready, want 1", len(m.pool.ready))
+	}
+	sp := m.pool.ready[0]
+	m.pool.mu.Unlock()
+	n := m.Lookup("sb-bad", 5)
+	// The spare's eth0 already has the sandbox's address: configureInside's
+	// AddrAdd fails (EEXIST) in the real kernel.
+	eth := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: sp.eth0, Name: "eth0"}}
+	if err := sp.h.AddrAdd(eth, &netlink.Addr{IPNet: ipprefix.IPNet(netip.PrefixFrom(n.SandboxIP, 30))}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := m.Setup(context.Background(), "sb-bad", 5)
+	if err == nil {
+		t.Fatal("Setup succeeded with eth0's address taken")
+	}
+	want := fmt.Sprintf("address %s on eth0: file exists", netip.PrefixFrom(n.SandboxIP, 30))
+	if err.Error() != want {
+		t.Errorf("error %q, want %q", err, want)
+	}
+	// As node.Agent reports it: the sandbox and "network:" once.
+	msg := fmt.Errorf("sandbox %q network: %w", "sb-bad", err).Error()
+	if k := strings.Count(msg, "network:"); k != 1 {
+		t.Errorf("%q: \"network:\" %d times, want 1", msg, k)
+	}
+	if _, err := os.Stat(n.NetnsPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("failed Setup left its netns file: %v", err)
 	}
 }

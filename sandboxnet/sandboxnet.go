@@ -149,6 +149,8 @@ type Manager struct {
 
 	mu     sync.Mutex
 	svcDev string // interface holding the service addresses, once known
+
+	configured func() // tests: called where a network's configuration ends
 }
 
 // Net is one sandbox's network.
