@@ -159,6 +159,9 @@ type Config struct {
 	// range of its own starting at UIDBase (default sandboxnet.DefaultUIDBase).
 	NoUserNS bool
 	UIDBase  uint32
+	// NetnsPool and NetnsPoolMax size the spare network pool
+	// (sandboxnet.Config's fields of the same names; 0: its defaults).
+	NetnsPool, NetnsPoolMax int
 	// Runtime is the OCI runtime of this node's sandboxes: "runc" (default)
 	// or "runsc" (gVisor; implies NoUserNS). RuntimeBinary overrides its
 	// path (default: the name, from PATH).

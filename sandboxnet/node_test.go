@@ -756,3 +756,149 @@ func TestConfigureErrorMessage(t *testing.T) {
 		t.Errorf("failed Setup left its netns file: %v", err)
 	}
 }
+
+// TestPoolGrowsAndShrinks: each get finding the pool empty raises its size
+// by one up to NetnsPoolMax, the refill then makes that many, and the idle
+// timer brings it back to NetnsPool, deleting the spares beyond it (their
+// veths and namespaces).
+func TestPoolGrowsAndShrinks(t *testing.T) {
+	m := newNode(t, Config{NetnsPool: 2, NetnsPoolMax: 4})
+	m.pool.wait()
+	sizes := func(when string, wantTarget, wantReady int) {
+		t.Helper()
+		target, ready := m.pool.sizes()
+		if target != wantTarget || ready != wantReady {
+			t.Fatalf("%s: pool size %d with %d ready, want %d with %d", when, target, ready, wantTarget, wantReady)
+		}
+	}
+	sizes("started", 2, 2)
+	var got []*spare
+	for range 7 { // 2 ready, 5 made now: growth by 5, bounded by 4
+		s, err := m.pool.get()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, s)
+	}
+	sizes("after 7 gets", 4, 0)
+	for _, s := range got {
+		if err := s.discard(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m.Refill()
+	m.pool.wait()
+	sizes("refilled", 4, 4)
+	if spares := spareLinks(t, m); len(spares) != 4 {
+		t.Fatalf("spare veths %v, want 4", spares)
+	}
+	// A get from a ready spare does not grow the pool.
+	s, err := m.pool.get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.discard(); err != nil {
+		t.Fatal(err)
+	}
+	m.Refill()
+	m.pool.wait()
+	sizes("a hit, refilled", 4, 4)
+
+	before := readyNetns(t, m)
+	shrunk := make(chan struct{})
+	m.pool.mu.Lock()
+	m.pool.onShrink = func() { close(shrunk) }
+	m.pool.idle.Reset(time.Millisecond)
+	m.pool.mu.Unlock()
+	<-shrunk
+	sizes("idle", 2, 2)
+	if spares := spareLinks(t, m); len(spares) != 2 {
+		t.Errorf("spare veths after shrinking %v, want 2", spares)
+	}
+	kept := map[string]bool{}
+	for _, ns := range readyNetns(t, m) {
+		kept[ns] = true
+	}
+	open := openNetns(t)
+	for _, ns := range before {
+		if !kept[ns] && open[ns] != 0 {
+			t.Errorf("deleted spare's namespace %s still held by %d descriptors", ns, open[ns])
+		}
+	}
+	m.Refill()
+	m.pool.wait()
+	sizes("refilled after shrinking", 2, 2)
+}
+
+// TestPoolBurst: concurrent Setups beyond the pool all succeed (the ones
+// without a spare make theirs), the pool grows within its bound, and
+// tearing them down leaves nothing.
+func TestPoolBurst(t *testing.T) {
+	m := newNode(t, Config{NetnsPool: 1, NetnsPoolMax: 3})
+	m.pool.wait()
+	const k = 8
+	nets := make([]*Net, k)
+	var wg sync.WaitGroup
+	errs := make([]error, k)
+	for i := range k {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			nets[i], errs[i] = m.Setup(context.Background(), fmt.Sprintf("sb-burst%d", i), 20+i)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("Setup %d: %v", i, err)
+		}
+	}
+	for i := range k {
+		if err := m.Teardown(context.Background(), fmt.Sprintf("sb-burst%d", i), 20+i); err != nil {
+			t.Error(err)
+		}
+	}
+	m.Refill()
+	m.pool.wait()
+	target, ready := m.pool.sizes()
+	if target < 1 || target > 3 || ready != target {
+		t.Errorf("pool size %d with %d ready after a burst of %d, want 1..3 all ready", target, ready, k)
+	}
+	if spares := spareLinks(t, m); len(spares) != ready {
+		t.Errorf("spare veths %v, want %d", spares, ready)
+	}
+	assertClean(t, m, nets...)
+}
+
+// TestNetnsPoolConfig: the pool's bounds are checked and defaulted.
+func TestNetnsPoolConfig(t *testing.T) {
+	for _, c := range []struct {
+		pool, max          int
+		wantBase, wantMost int
+		bad                bool
+	}{
+		{0, 0, DefaultNetnsPool, DefaultNetnsPoolMax, false},
+		{8, 0, 8, DefaultNetnsPoolMax, false},
+		{32, 0, 32, 32, false},
+		{4, -1, 4, 4, false},
+		{-1, 10, 0, 0, false},
+		{6, 5, 0, 0, true},
+		{4, MaxNetnsPool + 1, 0, 0, true},
+		{MaxNetnsPool + 1, 0, 0, 0, true},
+	} {
+		m, err := New(Config{NetnsPool: c.pool, NetnsPoolMax: c.max, NetnsDir: t.TempDir()})
+		if c.bad {
+			if !errors.Is(err, errdefs.ErrInvalidArgument) {
+				t.Errorf("pool %d max %d: %v, want ErrInvalidArgument", c.pool, c.max, err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("pool %d max %d: %v", c.pool, c.max, err)
+			continue
+		}
+		if m.pool.base != c.wantBase || m.pool.max != c.wantMost {
+			t.Errorf("pool %d max %d: %d..%d, want %d..%d", c.pool, c.max, m.pool.base, m.pool.max, c.wantBase, c.wantMost)
+		}
+	}
+}
