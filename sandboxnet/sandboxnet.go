@@ -63,7 +63,9 @@
 //
 // Slot allocation is the caller's (it is persisted in the store). Setup and
 // Teardown of different slots may run concurrently. Setup takes a spare
-// network made ahead of time (Config.NetnsPool of them: a namespace with lo
+// network made ahead of time (Config.NetnsPool of them, growing by one for
+// each Setup that found none up to Config.NetnsPoolMax and back after a
+// minute without a Setup: a namespace with lo
 // and eth0 up, eth0's peer down in the node namespace under the temporary
 // name Prefix+"q"+3 hex digits; with Config.UserNS, owned by a new user
 // namespace; Init fills the pool, Refill tops it up after a Teardown, Close
