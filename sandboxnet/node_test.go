@@ -785,9 +785,8 @@ func TestPoolGrowsAndShrinks(t *testing.T) {
 		if err := s.discard(); err != nil {
 			t.Fatal(err)
 		}
-		m.pool.ended()
 	}
-	// The last create's end refilled the pool (no Refill call).
+	m.Refill()
 	m.pool.wait()
 	sizes("refilled", 4, 4)
 	if spares := spareLinks(t, m); len(spares) != 4 {
@@ -801,7 +800,7 @@ func TestPoolGrowsAndShrinks(t *testing.T) {
 	if err := s.discard(); err != nil {
 		t.Fatal(err)
 	}
-	m.pool.ended()
+	m.Refill()
 	m.pool.wait()
 	sizes("a hit, refilled", 4, 4)
 
@@ -902,44 +901,4 @@ func TestNetnsPoolConfig(t *testing.T) {
 			t.Errorf("pool %d max %d: %d..%d, want %d..%d", c.pool, c.max, m.pool.base, m.pool.max, c.wantBase, c.wantMost)
 		}
 	}
-}
-
-// TestPoolRefillPriority: spares made while a create is under way are made
-// at nice 19 (their holders inherit it), those made with none at nice 0
-// (a busy node starved the refill at 19 between bursts).
-func TestPoolRefillPriority(t *testing.T) {
-	m := newNode(t, Config{NetnsPool: 2, UserNS: true})
-	m.pool.wait()
-	niceOf := func(s *spare) string {
-		st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.holder.cmd.Process.Pid))
-		if err != nil {
-			t.Fatal(err)
-		}
-		f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+1:]))
-		return f[16] // field 19, nice
-	}
-	m.pool.mu.Lock()
-	idle := append([]*spare(nil), m.pool.ready...)
-	m.pool.mu.Unlock()
-	for _, s := range idle {
-		if n := niceOf(s); n != "0" {
-			t.Errorf("spare made with no create under way: nice %s, want 0", n)
-		}
-	}
-	s, err := m.pool.get() // a create under way
-	if err != nil {
-		t.Fatal(err)
-	}
-	m.Refill()
-	m.pool.wait()
-	m.pool.mu.Lock()
-	busy := m.pool.ready[len(m.pool.ready)-1]
-	m.pool.mu.Unlock()
-	if n := niceOf(busy); n != "19" {
-		t.Errorf("spare made during a create: nice %s, want 19", n)
-	}
-	if err := s.discard(); err != nil {
-		t.Fatal(err)
-	}
-	m.pool.ended()
 }

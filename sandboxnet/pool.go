@@ -164,7 +164,6 @@ type sparePool struct {
 
 	mu      sync.Mutex
 	target  int // base..max
-	creates int // gets whose create has not ended (done)
 	ready   []*spare
 	filling bool
 	closed  bool
@@ -198,7 +197,6 @@ func (p *sparePool) start() {
 // the RTNL lock and the CPUs with the network being configured.
 func (p *sparePool) get() (*spare, error) {
 	p.mu.Lock()
-	p.creates++
 	var s *spare
 	if k := len(p.ready); k > 0 {
 		s = p.ready[k-1]
@@ -225,26 +223,6 @@ func (p *sparePool) get() (*spare, error) {
 	return makeNamespaces(p.holderArgv)
 }
 
-// ended ends a get's create (its network configured, or failed). When no
-// create is left, the pool is refilled at normal priority: what a burst
-// took is made before the next one, not during it.
-func (p *sparePool) ended() {
-	p.mu.Lock()
-	p.creates--
-	idle := p.creates == 0
-	p.mu.Unlock()
-	if idle {
-		p.refill()
-	}
-}
-
-// busy reports whether a create is under way (fills then run at nice 19).
-func (p *sparePool) busy() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.creates > 0
-}
-
 // empty reports whether no spare is ready.
 func (p *sparePool) empty() bool {
 	p.mu.Lock()
@@ -261,27 +239,15 @@ func (p *sparePool) refill() {
 	}
 	p.filling = true
 	go func() {
-		// While creates are under way, fill at idle priority: making a
-		// namespace pair is mostly kernel work done in this thread's
-		// syscalls and in the holder (which inherits the thread's nice
-		// value), and on a small node it would otherwise compete with the
-		// sandbox being started for the CPUs (measured: +10 %
-		// time-to-interactive on 2 cores with user namespaces). With none
-		// (after a burst, ended) at normal priority: at nice 19 a node
-		// busy with anything else starved the refill, and the next burst
-		// found the pool as empty as the last one left it. Checked before
-		// each spare. The thread is discarded with the goroutine.
+		// Fill at idle priority: making a namespace pair is mostly kernel
+		// work done in this thread's syscalls and in the holder (which
+		// inherits the thread's nice value), and on a small node it would
+		// otherwise compete with the sandbox being started for the CPUs
+		// (measured: +10 % time-to-interactive on 2 cores with user
+		// namespaces). The thread is discarded with the goroutine.
 		runtime.LockOSThread()
-		nice := -1
+		_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), 19)
 		for {
-			want := 0
-			if p.busy() {
-				want = 19
-			}
-			if want != nice {
-				nice = want
-				_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), nice)
-			}
 			s, err := makeSpare(p.prefix, p.holderArgv)
 			p.mu.Lock()
 			if err != nil || p.closed || len(p.ready) >= p.target {

@@ -126,7 +126,6 @@ func (m *Manager) begin(ctx context.Context, id string, slot int) (_ *Net, confi
 	}
 	if err != nil {
 		rollback()
-		m.pool.ended()
 		return nil, nil, err
 	}
 	// Until the rename, discarding the spare undoes it; after, the veth is
@@ -146,7 +145,6 @@ func (m *Manager) begin(ctx context.Context, id string, slot int) (_ *Net, confi
 		if err != nil {
 			rollback()
 			sp.release()
-			m.pool.ended()
 		}
 	}()
 	if err := unix.Mount(fmt.Sprintf("/proc/self/fd/%d", int(sp.ns)), n.NetnsPath, "none", unix.MS_BIND, ""); err != nil {
@@ -168,7 +166,6 @@ func (m *Manager) begin(ctx context.Context, id string, slot int) (_ *Net, confi
 		undo = append(undo, func() error { return removeUserNSFile(n.UserNS.Path) })
 	}
 	return n, func() error {
-		defer m.pool.ended()
 		defer sp.release()
 		if err := m.configure(sp, n, &renamed); err != nil {
 			rollback()
