@@ -518,8 +518,13 @@ func (d *Daemon) Close() error {
 		}
 		cancel()
 		d.Agent.DropKept() // stopped sandboxes' kept layers (a restart would remove them)
-		// The teardowns' refill of spare networks ends before the process does.
+		// The teardowns' refill of spare networks ends before the process
+		// does, and the spares are deleted (a pool grown by a burst holds
+		// up to --netns-pool-max).
 		d.Net.WaitRefill()
+		if err := d.Net.CloseSpares(); err != nil {
+			d.log.Warn("stop: spare networks", "err", err)
+		}
 	}
 	if d.wi != nil {
 		d.wi.removing.Wait()

@@ -230,6 +230,12 @@ func (m *Manager) configure(sp *spare, n *Net, renamed *bool) error {
 // even at nice 19, +3 ms on the first exec when refilling right after it).
 func (m *Manager) Refill() { m.pool.refill() }
 
+// CloseSpares stops refilling and deletes the ready spares (a graceful
+// stop: the sandboxes' networks stay, the spares would otherwise linger
+// while the kernel destroys their namespaces after the process exits, up
+// to NetnsPoolMax of them after a burst).
+func (m *Manager) CloseSpares() error { return m.pool.close() }
+
 // WaitRefill blocks while spares are being made (a graceful stop: a spare
 // half made when the process exits is left to the kernel's cleanup).
 func (m *Manager) WaitRefill() { m.pool.wait() }
