@@ -159,6 +159,9 @@ type Config struct {
 	// range of its own starting at UIDBase (default sandboxnet.DefaultUIDBase).
 	NoUserNS bool
 	UIDBase  uint32
+	// NetnsPool and NetnsPoolMax size the spare network pool
+	// (sandboxnet.Config's fields of the same names; 0: its defaults).
+	NetnsPool, NetnsPoolMax int
 	// Runtime is the OCI runtime of this node's sandboxes: "runc" (default)
 	// or "runsc" (gVisor; implies NoUserNS). RuntimeBinary overrides its
 	// path (default: the name, from PATH).
@@ -515,8 +518,13 @@ func (d *Daemon) Close() error {
 		}
 		cancel()
 		d.Agent.DropKept() // stopped sandboxes' kept layers (a restart would remove them)
-		// The teardowns' refill of spare networks ends before the process does.
+		// The teardowns' refill of spare networks ends before the process
+		// does, and the spares are deleted (a pool grown by a burst holds
+		// up to --netns-pool-max).
 		d.Net.WaitRefill()
+		if err := d.Net.CloseSpares(); err != nil {
+			d.log.Warn("stop: spare networks", "err", err)
+		}
 	}
 	if d.wi != nil {
 		d.wi.removing.Wait()

@@ -105,6 +105,7 @@ func (d *Daemon) startNetwork(ctx context.Context) (err error) {
 		Prefix: cfg.NetPrefix, Table: cfg.NetTable, NetnsDir: filepath.Join(cfg.RunDir, "netns"), Logger: cfg.Logger,
 		MetadataPort: cfg.MetadataPort, ServicePorts: []uint16{cfg.MetadataPort}, DNSPort: 53,
 		UserNS: !cfg.NoUserNS, UIDBase: cfg.UIDBase,
+		NetnsPool: cfg.NetnsPool, NetnsPoolMax: cfg.NetnsPoolMax,
 	}
 	if cfg.Subnet != "" {
 		if netCfg.Subnet, err = netip.ParsePrefix(cfg.Subnet); err != nil {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -18,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/ipprefix"
 	"github.com/chalkcompute/chalkcompute/internal/nettest"
 )
 
@@ -686,5 +688,217 @@ func TestInitNeedsIPv6(t *testing.T) {
 	}
 	if err := m.Init(context.Background()); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Fatalf("Init = %v, want ErrFailedPrecondition", err)
+	}
+}
+
+// TestSetupNoGoroutine: Setup configures the network on the caller's
+// goroutine (Begin's background part needs one, Setup waits anyway).
+func TestSetupNoGoroutine(t *testing.T) {
+	m := newNode(t, Config{NetnsPool: 1})
+	var stack []byte
+	m.configured = func() {
+		buf := make([]byte, 64<<10)
+		stack = buf[:runtime.Stack(buf, false)]
+	}
+	setup(t, m, "sb-sync", 3)
+	if !strings.Contains(string(stack), "sandboxnet.TestSetupNoGoroutine(") {
+		t.Errorf("Setup configured the network on another goroutine:\n%s", stack)
+	}
+	// Begin's part still runs in the background: Begin returns before it.
+	stack = nil
+	p, err := m.Begin(context.Background(), "sb-async", 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.Teardown(context.Background(), "sb-async", 4) })
+	if _, err := p.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(stack), "sandboxnet.TestSetupNoGoroutine(") || len(stack) == 0 {
+		t.Errorf("Begin configured the network on the caller's goroutine:\n%s", stack)
+	}
+}
+
+// TestConfigureErrorMessage: an error configuring eth0 names eth0 and is
+// not prefixed with the sandbox's "network:" again (node.Agent adds
+// `sandbox "id" network: `; the message had it twice).
+func TestConfigureErrorMessage(t *testing.T) {
+	m := newNode(t, Config{NetnsPool: 1})
+	m.pool.wait()
+	m.pool.mu.Lock()
+	if len(m.pool.ready) != 1 {
+		m.pool.mu.Unlock()
+		t.Fatalf("%d spares ready, want 1", len(m.pool.ready))
+	}
+	sp := m.pool.ready[0]
+	m.pool.mu.Unlock()
+	n := m.Lookup("sb-bad", 5)
+	// The spare's eth0 already has the sandbox's address: configureInside's
+	// AddrAdd fails (EEXIST) in the real kernel.
+	eth := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: sp.eth0, Name: "eth0"}}
+	if err := sp.h.AddrAdd(eth, &netlink.Addr{IPNet: ipprefix.IPNet(netip.PrefixFrom(n.SandboxIP, 30))}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := m.Setup(context.Background(), "sb-bad", 5)
+	if err == nil {
+		t.Fatal("Setup succeeded with eth0's address taken")
+	}
+	want := fmt.Sprintf("address %s on eth0: file exists", netip.PrefixFrom(n.SandboxIP, 30))
+	if err.Error() != want {
+		t.Errorf("error %q, want %q", err, want)
+	}
+	// As node.Agent reports it: the sandbox and "network:" once.
+	msg := fmt.Errorf("sandbox %q network: %w", "sb-bad", err).Error()
+	if k := strings.Count(msg, "network:"); k != 1 {
+		t.Errorf("%q: \"network:\" %d times, want 1", msg, k)
+	}
+	if _, err := os.Stat(n.NetnsPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("failed Setup left its netns file: %v", err)
+	}
+}
+
+// TestPoolGrowsAndShrinks: each get finding the pool empty raises its size
+// by one up to NetnsPoolMax, the refill then makes that many, and the idle
+// timer brings it back to NetnsPool, deleting the spares beyond it (their
+// veths and namespaces).
+func TestPoolGrowsAndShrinks(t *testing.T) {
+	m := newNode(t, Config{NetnsPool: 2, NetnsPoolMax: 4})
+	m.pool.wait()
+	sizes := func(when string, wantTarget, wantReady int) {
+		t.Helper()
+		target, ready := m.pool.sizes()
+		if target != wantTarget || ready != wantReady {
+			t.Fatalf("%s: pool size %d with %d ready, want %d with %d", when, target, ready, wantTarget, wantReady)
+		}
+	}
+	sizes("started", 2, 2)
+	var got []*spare
+	for range 7 { // 2 ready, 5 made now: growth by 5, bounded by 4
+		s, err := m.pool.get()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, s)
+	}
+	sizes("after 7 gets", 4, 0)
+	for _, s := range got {
+		if err := s.discard(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m.Refill()
+	m.pool.wait()
+	sizes("refilled", 4, 4)
+	if spares := spareLinks(t, m); len(spares) != 4 {
+		t.Fatalf("spare veths %v, want 4", spares)
+	}
+	// A get from a ready spare does not grow the pool.
+	s, err := m.pool.get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.discard(); err != nil {
+		t.Fatal(err)
+	}
+	m.Refill()
+	m.pool.wait()
+	sizes("a hit, refilled", 4, 4)
+
+	before := readyNetns(t, m)
+	shrunk := make(chan struct{})
+	m.pool.mu.Lock()
+	m.pool.onShrink = func() { close(shrunk) }
+	m.pool.idle.Reset(time.Millisecond)
+	m.pool.mu.Unlock()
+	<-shrunk
+	sizes("idle", 2, 2)
+	if spares := spareLinks(t, m); len(spares) != 2 {
+		t.Errorf("spare veths after shrinking %v, want 2", spares)
+	}
+	kept := map[string]bool{}
+	for _, ns := range readyNetns(t, m) {
+		kept[ns] = true
+	}
+	open := openNetns(t)
+	for _, ns := range before {
+		if !kept[ns] && open[ns] != 0 {
+			t.Errorf("deleted spare's namespace %s still held by %d descriptors", ns, open[ns])
+		}
+	}
+	m.Refill()
+	m.pool.wait()
+	sizes("refilled after shrinking", 2, 2)
+}
+
+// TestPoolBurst: concurrent Setups beyond the pool all succeed (the ones
+// without a spare make theirs), the pool grows within its bound, and
+// tearing them down leaves nothing.
+func TestPoolBurst(t *testing.T) {
+	m := newNode(t, Config{NetnsPool: 1, NetnsPoolMax: 3})
+	m.pool.wait()
+	const k = 8
+	nets := make([]*Net, k)
+	var wg sync.WaitGroup
+	errs := make([]error, k)
+	for i := range k {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			nets[i], errs[i] = m.Setup(context.Background(), fmt.Sprintf("sb-burst%d", i), 20+i)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("Setup %d: %v", i, err)
+		}
+	}
+	for i := range k {
+		if err := m.Teardown(context.Background(), fmt.Sprintf("sb-burst%d", i), 20+i); err != nil {
+			t.Error(err)
+		}
+	}
+	m.Refill()
+	m.pool.wait()
+	target, ready := m.pool.sizes()
+	if target < 1 || target > 3 || ready != target {
+		t.Errorf("pool size %d with %d ready after a burst of %d, want 1..3 all ready", target, ready, k)
+	}
+	if spares := spareLinks(t, m); len(spares) != ready {
+		t.Errorf("spare veths %v, want %d", spares, ready)
+	}
+	assertClean(t, m, nets...)
+}
+
+// TestNetnsPoolConfig: the pool's bounds are checked and defaulted.
+func TestNetnsPoolConfig(t *testing.T) {
+	for _, c := range []struct {
+		pool, max          int
+		wantBase, wantMost int
+		bad                bool
+	}{
+		{0, 0, DefaultNetnsPool, DefaultNetnsPoolMax, false},
+		{8, 0, 8, DefaultNetnsPoolMax, false},
+		{32, 0, 32, 32, false},
+		{4, -1, 4, 4, false},
+		{-1, 10, 0, 0, false},
+		{6, 5, 0, 0, true},
+		{4, MaxNetnsPool + 1, 0, 0, true},
+		{MaxNetnsPool + 1, 0, 0, 0, true},
+	} {
+		m, err := New(Config{NetnsPool: c.pool, NetnsPoolMax: c.max, NetnsDir: t.TempDir()})
+		if c.bad {
+			if !errors.Is(err, errdefs.ErrInvalidArgument) {
+				t.Errorf("pool %d max %d: %v, want ErrInvalidArgument", c.pool, c.max, err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("pool %d max %d: %v", c.pool, c.max, err)
+			continue
+		}
+		if m.pool.base != c.wantBase || m.pool.max != c.wantMost {
+			t.Errorf("pool %d max %d: %d..%d, want %d..%d", c.pool, c.max, m.pool.base, m.pool.max, c.wantBase, c.wantMost)
+		}
 	}
 }

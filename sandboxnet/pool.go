@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -144,22 +145,40 @@ func (s *spare) addLinks(prefix string) error {
 	return nil
 }
 
-// sparePool keeps a few spares ready. Spares hold their namespace by
-// descriptor only: if the process dies, the namespaces and veths vanish.
+// sparePool keeps spares ready: base of them, more after a burst. Spares
+// hold their namespace by descriptor only: if the process dies, the
+// namespaces and veths vanish.
+//
+// Its size follows demand between base and max: every get that finds the
+// pool empty (a create that makes its namespaces inline, as in a burst)
+// raises the target by one, up to max, so the refill after a burst leaves
+// as many spares as that burst lacked (the next burst of the same size
+// finds them); after shrinkAfter without a get, the target falls back to
+// base and the spares beyond it are deleted (each spare holds a network and
+// a user namespace, a veth pair and a holder process).
 type sparePool struct {
-	size       int
-	prefix     string
-	holderArgv []string // the holder's command (holderArgv); nil = no user namespaces
+	base, max   int
+	shrinkAfter time.Duration
+	prefix      string
+	holderArgv  []string // the holder's command (holderArgv); nil = no user namespaces
 
 	mu      sync.Mutex
+	target  int // base..max
 	ready   []*spare
 	filling bool
 	closed  bool
-	done    *sync.Cond // signalled when a fill ends
+	done    *sync.Cond  // signalled when a fill ends
+	idle    *time.Timer // shrinks the pool shrinkAfter after the last get beyond base
+
+	onShrink func() // tests: called after the idle timer's shrink
 }
 
-func newSparePool(size int, prefix string, holderArgv []string) *sparePool {
-	p := &sparePool{size: size, prefix: prefix, holderArgv: holderArgv}
+// defaultShrinkAfter is how long a pool grown by a burst keeps its size
+// without a create.
+const defaultShrinkAfter = time.Minute
+
+func newSparePool(base, most int, prefix string, holderArgv []string) *sparePool {
+	p := &sparePool{base: base, max: max(base, most), target: base, shrinkAfter: defaultShrinkAfter, prefix: prefix, holderArgv: holderArgv}
 	p.done = sync.NewCond(&p.mu)
 	return p
 }
@@ -182,6 +201,20 @@ func (p *sparePool) get() (*spare, error) {
 	if k := len(p.ready); k > 0 {
 		s = p.ready[k-1]
 		p.ready = p.ready[:k-1]
+	} else if p.target < p.max && !p.closed {
+		p.target++ // demand beyond the pool: the refill makes one more
+	}
+	if p.target > p.base && !p.closed {
+		if p.idle == nil {
+			p.idle = time.AfterFunc(p.shrinkAfter, func() {
+				p.shrink()
+				if p.onShrink != nil {
+					p.onShrink()
+				}
+			})
+		} else {
+			p.idle.Reset(p.shrinkAfter)
+		}
 	}
 	p.mu.Unlock()
 	if s != nil {
@@ -201,7 +234,7 @@ func (p *sparePool) empty() bool {
 func (p *sparePool) refill() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.filling || p.closed || len(p.ready) >= p.size {
+	if p.filling || p.closed || len(p.ready) >= p.target {
 		return
 	}
 	p.filling = true
@@ -217,7 +250,7 @@ func (p *sparePool) refill() {
 		for {
 			s, err := makeSpare(p.prefix, p.holderArgv)
 			p.mu.Lock()
-			if err != nil || p.closed || len(p.ready) >= p.size {
+			if err != nil || p.closed || len(p.ready) >= p.target {
 				p.filling = false
 				p.done.Broadcast()
 				p.mu.Unlock()
@@ -227,7 +260,7 @@ func (p *sparePool) refill() {
 				return
 			}
 			p.ready = append(p.ready, s)
-			full := len(p.ready) >= p.size
+			full := len(p.ready) >= p.target
 			if full {
 				p.filling = false
 				p.done.Broadcast()
@@ -238,6 +271,29 @@ func (p *sparePool) refill() {
 			}
 		}
 	}()
+}
+
+// shrink sets the target back to base and deletes the spares beyond it
+// (the pool's idle timer: no get for shrinkAfter).
+func (p *sparePool) shrink() {
+	p.mu.Lock()
+	p.target = p.base
+	var extra []*spare
+	if k := len(p.ready); k > p.base {
+		extra = append(extra, p.ready[p.base:]...)
+		p.ready = p.ready[:p.base]
+	}
+	p.mu.Unlock()
+	for _, s := range extra {
+		_ = s.discard()
+	}
+}
+
+// sizes returns the pool's target and how many spares are ready.
+func (p *sparePool) sizes() (target, ready int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.target, len(p.ready)
 }
 
 // wait blocks while a fill runs.
@@ -253,6 +309,9 @@ func (p *sparePool) wait() {
 func (p *sparePool) close() error {
 	p.mu.Lock()
 	p.closed = true
+	if p.idle != nil {
+		p.idle.Stop()
+	}
 	for p.filling {
 		p.done.Wait()
 	}

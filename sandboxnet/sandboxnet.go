@@ -63,7 +63,9 @@
 //
 // Slot allocation is the caller's (it is persisted in the store). Setup and
 // Teardown of different slots may run concurrently. Setup takes a spare
-// network made ahead of time (Config.NetnsPool of them: a namespace with lo
+// network made ahead of time (Config.NetnsPool of them, growing by one for
+// each Setup that found none up to Config.NetnsPoolMax and back after a
+// minute without a Setup: a namespace with lo
 // and eth0 up, eth0's peer down in the node namespace under the temporary
 // name Prefix+"q"+3 hex digits; with Config.UserNS, owned by a new user
 // namespace; Init fills the pool, Refill tops it up after a Teardown, Close
@@ -105,6 +107,13 @@ const (
 	DefaultTable        = "chalk"
 	DefaultNetnsDir     = "/run/chalk/netns"
 	DefaultMetadataPort = 80
+
+	// The spare network pool: DefaultNetnsPool spares, growing after bursts
+	// up to DefaultNetnsPoolMax (Config.NetnsPool, NetnsPoolMax); no
+	// configuration may ask for more than MaxNetnsPool.
+	DefaultNetnsPool    = 4
+	DefaultNetnsPoolMax = 16
+	MaxNetnsPool        = 1024
 )
 
 // Config configures a Manager. The zero value works: every empty field takes
@@ -119,6 +128,11 @@ type Config struct {
 	MetadataPort uint16       // metadata port on the service address; default 80
 	ServicePorts []uint16     // ports sandboxes may reach on the service address (DNSPort and MetadataPort are added)
 	NetnsPool    int          // sandbox networks (netns + veth) made ahead for Setup; 0 = 4, negative = none
+	// NetnsPoolMax bounds the pool's growth after bursts: each Setup that
+	// finds no spare raises the pool's size by one up to it, and a minute
+	// without a Setup brings the size back to NetnsPool. 0 = 16 (at least
+	// NetnsPool), negative = no growth. At most MaxNetnsPool, as NetnsPool.
+	NetnsPoolMax int
 	// Reserved are destinations sandboxes never reach through the node,
 	// whatever their egress policy: the WireGuard tunnels' address space,
 	// reachable only over a tunnel's own interface inside the sandbox.
@@ -149,6 +163,8 @@ type Manager struct {
 
 	mu     sync.Mutex
 	svcDev string // interface holding the service addresses, once known
+
+	configured func() // tests: called where a network's configuration ends
 }
 
 // Net is one sandbox's network.
@@ -205,9 +221,21 @@ func New(cfg Config) (*Manager, error) {
 	cfg.ServicePorts = append([]uint16(nil), cfg.ServicePorts...)
 	switch {
 	case cfg.NetnsPool == 0:
-		cfg.NetnsPool = 4
+		cfg.NetnsPool = DefaultNetnsPool
 	case cfg.NetnsPool < 0:
 		cfg.NetnsPool = 0
+	}
+	switch {
+	case cfg.NetnsPool == 0 || cfg.NetnsPoolMax < 0:
+		cfg.NetnsPoolMax = cfg.NetnsPool
+	case cfg.NetnsPoolMax == 0:
+		cfg.NetnsPoolMax = max(DefaultNetnsPoolMax, cfg.NetnsPool)
+	}
+	if cfg.NetnsPool > MaxNetnsPool || cfg.NetnsPoolMax > MaxNetnsPool {
+		return nil, fmt.Errorf("netns pool %d, growing to %d: at most %d: %w", cfg.NetnsPool, cfg.NetnsPoolMax, MaxNetnsPool, errdefs.ErrInvalidArgument)
+	}
+	if cfg.NetnsPoolMax < cfg.NetnsPool {
+		return nil, fmt.Errorf("netns pool max %d: below the pool's size %d: %w", cfg.NetnsPoolMax, cfg.NetnsPool, errdefs.ErrInvalidArgument)
 	}
 	// A slot is 4 addresses (2 bits) in both families; names carry 4 hex digits.
 	slotBits := min(32-cfg.Subnet.Bits(), 128-cfg.Subnet6.Bits(), 18) - 2
@@ -225,7 +253,7 @@ func New(cfg Config) (*Manager, error) {
 			return nil, err
 		}
 	}
-	m := &Manager{cfg: cfg, log: cfg.Logger, pool: newSparePool(cfg.NetnsPool, cfg.Prefix, hargv), maxSlot: maxSlot}
+	m := &Manager{cfg: cfg, log: cfg.Logger, pool: newSparePool(cfg.NetnsPool, cfg.NetnsPoolMax, cfg.Prefix, hargv), maxSlot: maxSlot}
 	m.links.group = groupOf(cfg.Prefix)
 	m.svc = addN(cfg.Subnet.Addr(), 1)
 	m.svc6 = addN(cfg.Subnet6.Addr(), 1)

@@ -23,13 +23,17 @@ import (
 // NetnsDir/id), its veth pair, addresses and routes, and its anti-spoofing
 // elements. A slot that is in use (by any id) or an id whose netns file
 // exists is ErrAlreadyExists. On error Setup removes what it made and
-// nothing else. It is Begin and Wait.
+// nothing else. It is Begin and Wait, with the background part run on the
+// caller's goroutine (the caller waits for it anyway: no goroutine).
 func (m *Manager) Setup(ctx context.Context, id string, slot int) (*Net, error) {
-	p, err := m.Begin(ctx, id, slot)
+	n, configure, err := m.begin(ctx, id, slot)
 	if err != nil {
 		return nil, err
 	}
-	return p.Wait()
+	if err := configure(); err != nil {
+		return nil, err
+	}
+	return n, nil
 }
 
 // Pending is a sandbox network whose namespaces are in place while its links,
@@ -78,19 +82,30 @@ func (p *Pending) Wait() (*Net, error) {
 // chalk-init and no entrypoint: init runs no code of the sandbox's before
 // an exec) starts the container meanwhile. On error (Begin's, or the
 // background part's at Wait) everything Begin made is removed.
-func (m *Manager) Begin(ctx context.Context, id string, slot int) (_ *Pending, err error) {
+func (m *Manager) Begin(ctx context.Context, id string, slot int) (*Pending, error) {
+	n, configure, err := m.begin(ctx, id, slot)
+	if err != nil {
+		return nil, err
+	}
+	return NewPending(n, configure), nil
+}
+
+// begin is Begin's first part; configure is the rest (run once, by
+// Begin's goroutine or by Setup itself). On error from either everything
+// begin made is removed.
+func (m *Manager) begin(ctx context.Context, id string, slot int) (_ *Net, configure func() error, err error) {
 	if slot < 1 || slot > m.maxSlot {
-		return nil, fmt.Errorf("network slot %d: out of range 1..%d: %w", slot, m.maxSlot, errdefs.ErrInvalidArgument)
+		return nil, nil, fmt.Errorf("network slot %d: out of range 1..%d: %w", slot, m.maxSlot, errdefs.ErrInvalidArgument)
 	}
 	if !validID(id) {
-		return nil, fmt.Errorf("sandbox id %q: %w", id, errdefs.ErrInvalidArgument)
+		return nil, nil, fmt.Errorf("sandbox id %q: %w", id, errdefs.ErrInvalidArgument)
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	n := m.Lookup(id, slot)
 	if l, err := netlink.LinkByName(n.HostIf); err == nil {
-		return nil, fmt.Errorf("network slot %d: in use by %q (%s): %w", slot, l.Attrs().Alias, n.HostIf, errdefs.ErrAlreadyExists)
+		return nil, nil, fmt.Errorf("network slot %d: in use by %q (%s): %w", slot, l.Attrs().Alias, n.HostIf, errdefs.ErrAlreadyExists)
 	}
 
 	var undo []func() error
@@ -102,7 +117,7 @@ func (m *Manager) Begin(ctx context.Context, id string, slot int) (_ *Pending, e
 		}
 	}
 	if err := createNetnsFile(n.NetnsPath); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	undo = append(undo, func() error { return removeNetnsFile(n.NetnsPath) })
 	sp, err := m.pool.get()
@@ -111,7 +126,7 @@ func (m *Manager) Begin(ctx context.Context, id string, slot int) (_ *Pending, e
 	}
 	if err != nil {
 		rollback()
-		return nil, err
+		return nil, nil, err
 	}
 	// Until the rename, discarding the spare undoes it; after, the veth is
 	// deleted by its slot name (the exclusive rename made that name ours).
@@ -133,32 +148,35 @@ func (m *Manager) Begin(ctx context.Context, id string, slot int) (_ *Pending, e
 		}
 	}()
 	if err := unix.Mount(fmt.Sprintf("/proc/self/fd/%d", int(sp.ns)), n.NetnsPath, "none", unix.MS_BIND, ""); err != nil {
-		return nil, fmt.Errorf("bind netns to %s: %w", n.NetnsPath, err)
+		return nil, nil, fmt.Errorf("bind netns to %s: %w", n.NetnsPath, err)
 	}
 	if n.UserNS != nil {
 		if sp.holder == nil {
-			return nil, fmt.Errorf("sandbox %q: spare network has no user namespace: %w", id, errdefs.ErrFailedPrecondition)
+			return nil, nil, fmt.Errorf("sandbox %q: spare network has no user namespace: %w", id, errdefs.ErrFailedPrecondition)
 		}
 		if err := sp.holder.mapIDs(n.UserNS.HostID, n.UserNS.Size); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if err := sp.holder.bindUserNS(n.UserNS.Path); err != nil {
 			if errors.Is(err, errdefs.ErrAlreadyExists) {
-				return nil, fmt.Errorf("user namespace of %q: %w", id, err)
+				return nil, nil, fmt.Errorf("user namespace of %q: %w", id, err)
 			}
-			return nil, err
+			return nil, nil, err
 		}
 		undo = append(undo, func() error { return removeUserNSFile(n.UserNS.Path) })
 	}
-	return NewPending(n, func() error {
+	return n, func() error {
 		defer sp.release()
 		if err := m.configure(sp, n, &renamed); err != nil {
 			rollback()
 			return err
 		}
 		m.log.Debug("sandbox network up", "sandbox", id, "slot", slot, "if", n.HostIf, "ip", n.SandboxIP, "ip6", n.SandboxIP6)
+		if m.configured != nil {
+			m.configured()
+		}
 		return nil
-	}), nil
+	}, nil
 }
 
 // configure is the part of Setup after Begin: the node side of spare sp
@@ -192,8 +210,10 @@ func (m *Manager) configure(sp *spare, n *Net, renamed *bool) error {
 	if err := netlink.LinkSetUp(host); err != nil {
 		return fmt.Errorf("%s up: %w", n.HostIf, err)
 	}
+	// Its errors name eth0; the caller names the sandbox (node.Agent's
+	// "sandbox %q network: ": not twice).
 	if err := configureInside(sp.h, sp.eth0, n); err != nil {
-		return fmt.Errorf("sandbox %q network: %w", n.ID, err)
+		return err
 	}
 	if err := m.setSource(n, true); err != nil {
 		return fmt.Errorf("anti-spoofing elements for %s: %w", n.HostIf, err)
@@ -209,6 +229,12 @@ func (m *Manager) configure(sp *spare, n *Net, renamed *bool) error {
 // user namespaces: +8 % time-to-interactive when refilling during the start
 // even at nice 19, +3 ms on the first exec when refilling right after it).
 func (m *Manager) Refill() { m.pool.refill() }
+
+// CloseSpares stops refilling and deletes the ready spares (a graceful
+// stop: the sandboxes' networks stay, the spares would otherwise linger
+// while the kernel destroys their namespaces after the process exits, up
+// to NetnsPoolMax of them after a burst).
+func (m *Manager) CloseSpares() error { return m.pool.close() }
 
 // WaitRefill blocks while spares are being made (a graceful stop: a spare
 // half made when the process exits is left to the kernel's cleanup).

@@ -21,6 +21,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/api"
 	"github.com/chalkcompute/chalkcompute/daemon"
 	"github.com/chalkcompute/chalkcompute/noderpc"
+	"github.com/chalkcompute/chalkcompute/sandboxnet"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -309,6 +310,8 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 		cfg.UIDBase = uint32(n)
 		return nil
 	})
+	fs.IntVar(&cfg.NetnsPool, "netns-pool", sandboxnet.DefaultNetnsPool, "sandbox networks (network and user namespace, veth pair) kept made ahead, so a create does not make its own (-1: none)")
+	fs.IntVar(&cfg.NetnsPoolMax, "netns-pool-max", sandboxnet.DefaultNetnsPoolMax, "how far the spare network pool grows after bursts: each create that finds no spare adds one, a minute without creates shrinks it back to --netns-pool (-1: no growth)")
 	fs.StringVar(&cfg.IssuerURL, "issuer", "", "workload identity issuer URL (https in production; default http://LISTEN)")
 	fs.StringVar(&cfg.IdentityAlg, "identity-alg", "", "signing algorithm of new workload identity keys, ES256 or RS256 (default: ES256 for new keys, keeping existing RS256 keys until they rotate out; a value given here also replaces a published next key of the other algorithm at start)")
 	fs.Func("build-env", "NAME=VALUE added to image build RUN steps, e.g. PIP_INDEX_URL=... (repeatable)", func(v string) error {
