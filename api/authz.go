@@ -15,6 +15,7 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 	v1 "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1"
 	c "github.com/chalkcompute/chalkcompute/gen/chalk/compute/v1/computev1connect"
+	"github.com/chalkcompute/chalkcompute/internal/reqlimit"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -338,7 +339,7 @@ func (s *Server) audit(ctx context.Context, procedure, object, peer string, call
 	if o := auditObject(ctx); o != "" && rec.Object == "" {
 		rec.Object = o
 	}
-	rec.Object, rec.Detail = clip(rec.Object, MaxAuditObject), clip(rec.Detail, MaxAuditDetail)
+	rec.Object, rec.Detail = reqlimit.Clip(rec.Object, MaxAuditObject), reqlimit.Clip(rec.Detail, MaxAuditDetail)
 	if batchedAudit[procedure] {
 		s.audits.add(ctx, rec)
 		return

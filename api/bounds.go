@@ -2,9 +2,10 @@ package api
 
 import (
 	"fmt"
-	"unicode/utf8"
 
 	"google.golang.org/protobuf/reflect/protoreflect"
+
+	"github.com/chalkcompute/chalkcompute/internal/reqlimit"
 )
 
 // Bounds of every request's strings, lists and maps, checked once per call
@@ -130,16 +131,5 @@ func valueBounds(fd protoreflect.FieldDescriptor, v protoreflect.Value, max int)
 
 // short is s cut to 64 bytes (at a rune boundary) for an error message.
 func short(s string) string {
-	return clip(s, 64)
-}
-
-// clip cuts s to at most n bytes at a rune boundary, marking the cut.
-func clip(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n] + "…"
+	return reqlimit.Clip(s, 64)
 }

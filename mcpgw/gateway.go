@@ -56,9 +56,9 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unicode/utf8"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/internal/reqlimit"
 	"github.com/chalkcompute/chalkcompute/store"
 )
 
@@ -971,7 +971,7 @@ func (g *Gateway) audit(c *call, r *http.Request, name string, status int, decis
 		recs = append(recs, rec)
 	}
 	for i := range recs {
-		recs[i].Tool, recs[i].Decision = clip(recs[i].Tool, MaxAuditTool), clip(recs[i].Decision, MaxAuditDecision)
+		recs[i].Tool, recs[i].Decision = reqlimit.Clip(recs[i].Tool, MaxAuditTool), reqlimit.Clip(recs[i].Decision, MaxAuditDecision)
 	}
 	g.emit(suppKey{c.caller.OrgID, c.caller.SandboxID, name}, recs)
 }
@@ -988,17 +988,6 @@ const (
 	MaxAuditTool     = 512
 	MaxAuditDecision = 1024
 )
-
-// clip cuts s to at most n bytes at a rune boundary, marking the cut.
-func clip(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n] + "…"
-}
 
 func (g *Gateway) emit(k suppKey, recs []store.MCPAudit) {
 	now := g.cfg.Now()

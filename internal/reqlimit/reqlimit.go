@@ -2,6 +2,7 @@
 // request body bytes it has in flight (Budget, per caller and in total) and
 // how slowly a body may arrive (BodyDeadline). Both act before the handler
 // reads a byte of the body; callers are authenticated or identified first.
+// Clip cuts a value a caller chose to a bound before it is stored or quoted.
 package reqlimit
 
 import (
@@ -11,6 +12,7 @@ import (
 	"net/http"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
@@ -186,3 +188,16 @@ func (d *deadlineBody) Read(p []byte) (int, error) {
 }
 
 func (d *deadlineBody) Close() error { return d.rc.Close() }
+
+// Clip cuts s to at most n bytes at a rune boundary, marking a cut with
+// "…": for a value a client or a sandbox chose, stored or quoted whole
+// otherwise (an audit record's fields, an error's quote).
+func Clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
+}
