@@ -24,15 +24,21 @@ const (
 	MaxListLen = 4096
 	// MaxCredentialBytes bounds an MCP server's credential (a token).
 	MaxCredentialBytes = 64 << 10
+	// MaxImageSpecBytes bounds an image spec's JSON (a create's
+	// image_spec_json, a build's spec_json). A spec holds its steps'
+	// commands, package names and paths, and a Dockerfile's text; files
+	// are uploaded apart and named by their digest (71 bytes each), so a
+	// spec of thousands of steps and files is a few hundred KiB, and a
+	// larger one was only parsed (strictly, whole) to be refused later.
+	MaxImageSpecBytes = 1 << 20
 )
 
 // stringBounds are the fields whose strings have another bound than
-// MaxStringBytes; 0 means only the API's message limit (image specs, whose
-// size is the number of files they copy; they are parsed strictly; and an
-// output field a client may send back, which is ignored).
+// MaxStringBytes; 0 means only the API's message limit (an output field a
+// client may send back, which is ignored).
 var stringBounds = map[protoreflect.FullName]int{
-	"chalk.compute.v1.CreateSandboxRequest.image_spec_json": 0,
-	"chalk.compute.v1.BuildImageRequest.spec_json":          0,
+	"chalk.compute.v1.CreateSandboxRequest.image_spec_json": MaxImageSpecBytes,
+	"chalk.compute.v1.BuildImageRequest.spec_json":          MaxImageSpecBytes,
 	"chalk.compute.v1.CreateSandboxRequest.entrypoint":      MaxArgBytes,
 	"chalk.compute.v1.CreateSandboxRequest.env":             MaxArgBytes,
 	"chalk.compute.v1.ExecRequest.argv":                     MaxArgBytes,

@@ -30,7 +30,7 @@ func execErr(ctx context.Context, c clients, r *v1.ExecRequest) error {
 // handler, a store lookup or the audit trail sees it (they were bounded only
 // by the API's message limit, ~65 MiB): a create's image and workdir, an
 // exec's argv, env, workdir and user, the files API's paths, a nested inline
-// policy's description; past a bound the call is invalid_argument naming
+// policy's description, a create's and a build's image spec; past a bound the call is invalid_argument naming
 // the field and the numbers, nothing is recorded, and at the bounds it runs.
 func TestRequestBounds(t *testing.T) {
 	ctx := context.Background()
@@ -62,6 +62,8 @@ func TestRequestBounds(t *testing.T) {
 		{"inline policy", &v1.CreateSandboxRequest{Image: "busybox", InlinePolicies: []*v1.NetworkPolicy{{Description: long}}},
 			"inline_policies[0]: description: 4097 bytes"},
 		{"policies", &v1.CreateSandboxRequest{Image: "busybox", NetworkPolicies: many(MaxListLen + 1)}, "network_policies: 4097 elements (at most 4096, api.MaxListLen)"},
+		{"image spec", &v1.CreateSandboxRequest{ImageSpecJson: `{"base":"busybox","steps":[]}` + strings.Repeat(" ", MaxImageSpecBytes)},
+			"image_spec_json: 1048605 bytes (at most 1048576)"},
 	} {
 		_, err := mia.sandbox.Create(ctx, connect.NewRequest(tc.req))
 		check("create "+tc.name, err, tc.want)
@@ -107,6 +109,13 @@ func TestRequestBounds(t *testing.T) {
 	check("get", err, "id: 4097 bytes")
 	_, err = tn.user("alice").team.CreateKey(ctx, connect.NewRequest(&v1.CreateKeyRequest{Name: long}))
 	check("key name", err, "name: 4097 bytes")
+	bs, err := mia.image.Build(ctx, connect.NewRequest(&v1.BuildImageRequest{SpecJson: `{"steps":[]}` + strings.Repeat(" ", MaxImageSpecBytes)}))
+	if err == nil {
+		for bs.Receive() {
+		}
+		err = bs.Err()
+	}
+	check("build spec", err, "spec_json: 1048588 bytes (at most 1048576)")
 }
 
 // TestAuditRecordBounded: an audit record does not grow with the request it
@@ -217,6 +226,7 @@ func TestSDKBoundsAgree(t *testing.T) {
 		{"MaxArgs (env)", chalkcompute.MaxArgs, MaxEnvVars},
 		{"MaxArgBytes", chalkcompute.MaxArgBytes, MaxArgBytes},
 		{"MaxArgsTotalBytes", chalkcompute.MaxArgsTotalBytes, MaxArgsTotalBytes},
+		{"MaxImageSpecBytes", chalkcompute.MaxImageSpecBytes, MaxImageSpecBytes},
 	} {
 		if c.sdk != c.here {
 			t.Errorf("%s: the SDK says %d, the API %d", c.name, c.sdk, c.here)

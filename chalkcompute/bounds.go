@@ -7,8 +7,8 @@ import (
 )
 
 // The API's bounds on what a client sends (the server's api.MaxStringBytes,
-// MaxEntrypointArgs, MaxEnvVars, MaxArgBytes and MaxArgsTotalBytes; a test
-// of package api checks they agree). The SDK checks them before sending, so
+// MaxEntrypointArgs, MaxEnvVars, MaxArgBytes, MaxArgsTotalBytes and
+// MaxImageSpecBytes; a test of package api checks they agree). The SDK checks them before sending, so
 // an oversized command, path or name fails at once, naming the field, with
 // the same class (invalid argument) as the server's refusal.
 const (
@@ -16,6 +16,7 @@ const (
 	MaxArgs           = 4096      // entrypoint or argv elements; env variables
 	MaxArgBytes       = 128 << 10 // one element, one NAME=value
 	MaxArgsTotalBytes = 1 << 20   // a command line's and its env's bytes together
+	MaxImageSpecBytes = 1 << 20   // an image spec's JSON (steps, Dockerfile text; files go by digest)
 )
 
 func invalidArg(format string, a ...any) error {
@@ -58,6 +59,15 @@ func checkCommand(field string, args []string, env map[string]string) error {
 	}
 	if total > MaxArgsTotalBytes {
 		return invalidArg("%s and env: %d bytes together (at most %d)", field, total, MaxArgsTotalBytes)
+	}
+	return nil
+}
+
+// checkSpec checks an image spec's JSON (field: "image_spec_json" or
+// "spec_json", as the API names it) against MaxImageSpecBytes.
+func checkSpec(field string, spec []byte) error {
+	if n := len(spec); n > MaxImageSpecBytes {
+		return invalidArg("%s: %d bytes (at most %d): the image spec is too large", field, n, MaxImageSpecBytes)
 	}
 	return nil
 }

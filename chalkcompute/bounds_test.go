@@ -5,6 +5,8 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -13,9 +15,9 @@ import (
 	"github.com/chalkcompute/chalkcompute/errdefs"
 )
 
-// TestClientBounds: a command, env, workdir, user or file path past the
-// API's bounds fails in the SDK, invalid argument naming the field, before
-// a byte is sent (the server refuses it the same way: api TestRequestBounds).
+// TestClientBounds: a command, env, workdir, user, file path or image spec
+// past the API's bounds fails in the SDK, invalid argument naming the
+// field, before a byte is sent (a spec's local files are not uploaded) (the server refuses it the same way: api TestRequestBounds).
 func TestClientBounds(t *testing.T) {
 	var calls atomic.Int32
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -49,6 +51,23 @@ func TestClientBounds(t *testing.T) {
 		{"read file", func() error { _, err := sb.ReadFile(ctx, long); return err }(), "path: 4097 bytes"},
 		{"list files", func() error { _, err := sb.ListFiles(ctx, long); return err }(), "path: 4097 bytes"},
 		{"remove file", sb.RemoveFile(ctx, long, false), "path: 4097 bytes"},
+		{"create spec", func() error {
+			_, err := c.Create(ctx, Base("busybox").RunCommands(strings.Repeat("x", MaxImageSpecBytes)))
+			return err
+		}(), "image_spec_json: 1048635 bytes (at most 1048576)"},
+		{"build spec", func() error {
+			_, err := c.BuildImage(ctx, FromSpec([]byte(`{"steps":[]}`+strings.Repeat(" ", MaxImageSpecBytes))), false, nil)
+			return err
+		}(), "spec_json: 1048588 bytes (at most 1048576)"},
+		{"build spec before its uploads", func() error {
+			dir := t.TempDir()
+			if err := os.WriteFile(filepath.Join(dir, "f"), []byte("x"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			img := Base("busybox").AddLocalFile(filepath.Join(dir, "f"), "/f", Copy).RunCommands(strings.Repeat("x", MaxImageSpecBytes))
+			_, err := c.BuildImage(ctx, img, false, nil)
+			return err
+		}(), "spec_json: "},
 	} {
 		if !errors.Is(tc.err, errdefs.ErrInvalidArgument) || !strings.Contains(tc.err.Error(), tc.want) {
 			t.Errorf("%s: %v, want invalid argument with %q", tc.name, tc.err, tc.want)

@@ -121,11 +121,14 @@ func (i *Image) apply(ctx context.Context, c *Client, req *v1.CreateSandboxReque
 		req.Image = i.base
 		return nil
 	}
-	if err := c.uploadAll(ctx, i.uploads); err != nil {
-		return err
-	}
 	spec, err := i.Spec()
 	if err != nil {
+		return err
+	}
+	if err := checkSpec("image_spec_json", spec); err != nil {
+		return err // before any upload
+	}
+	if err := c.uploadAll(ctx, i.uploads); err != nil {
 		return err
 	}
 	req.ImageSpecJson = string(spec)

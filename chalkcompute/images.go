@@ -69,11 +69,14 @@ func (c *Client) WarmImage(ctx context.Context, image string, progress func(*Pro
 // BuildImage builds img (skipped when its content hash is already built),
 // streaming build logs to progress. The final report's Image.Ref is the hash.
 func (c *Client) BuildImage(ctx context.Context, img *Image, force bool, progress func(*Progress)) (*v1.ImageProgress, error) {
-	if err := c.uploadAll(ctx, img.uploads); err != nil {
-		return nil, err
-	}
 	spec, err := img.Spec()
 	if err != nil {
+		return nil, err
+	}
+	if err := checkSpec("spec_json", spec); err != nil {
+		return nil, err // before any upload
+	}
+	if err := c.uploadAll(ctx, img.uploads); err != nil {
 		return nil, err
 	}
 	stream, err := c.images.Build(ctx, connect.NewRequest(&v1.BuildImageRequest{SpecJson: string(spec), Force: force}))

@@ -186,8 +186,12 @@ type Config struct {
 	// MCPAuditRetention is how long MCP gateway audit records are kept
 	// (default DefaultMCPAuditRetention).
 	MCPAuditRetention time.Duration
-	Limits            Limits // memory defaults, console log bounds (limits.go)
-	Logger            *slog.Logger
+	// AuditRetention is how long the orgs' audit trail records are kept
+	// (auditprune.go); 0 or less: for ever (chalkd's flag defaults to
+	// DefaultAuditRetention).
+	AuditRetention time.Duration
+	Limits         Limits // memory defaults, console log bounds (limits.go)
+	Logger         *slog.Logger
 	// DefaultQuota is every org's quota where the node admin set none (zero: no limits;
 	// chalkd sets MaxUploadBytes to DefaultOrgMaxUploadBytes unless told).
 	DefaultQuota store.Quota
@@ -363,6 +367,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		{"fleet", d.startFleet},
 		{"API", d.startAPI},
 		{"background work", d.startBackground},
+		{"audit retention", d.startAuditRetention},
 	} {
 		if err := step.run(ctx); err != nil {
 			d.log.Debug("start step failed", "step", step.name, "err", err)

@@ -224,6 +224,12 @@ var migrations = []migration{
 	// every other record, and for uploads recorded before (charged when
 	// the org uploads the content again).
 	{sql: `ALTER TABLE org_images ADD COLUMN size BIGINT NOT NULL DEFAULT 0;`},
+	// The org audit trail's retention (store.PruneAudit, chalkd
+	// --audit-retention): its batches find the records older than the cut
+	// by time. Without the index each DELETE scanned the whole table
+	// inside its write transaction (SQLite's one writer, PostgreSQL's row
+	// locks), every hour, on a table that only grows.
+	{sql: `CREATE INDEX audit_at ON audit (at);`},
 }
 
 // migrateLostNodes fills lost_node and lost_at of the records stopped as

@@ -520,6 +520,35 @@ func (s *Store) AddAudits(ctx context.Context, recs []AuditRecord) error {
 	return tx.Commit()
 }
 
+// auditPruneBatch is how many audit records one DELETE of PruneAudit
+// removes: each is its own transaction, so the writers the store serves
+// meanwhile (the API's audit writer, creates) wait for one batch at most.
+const auditPruneBatch = 2000
+
+// PruneAudit removes the org audit records (every org's) stored with a
+// time before before, in batches of auditPruneBatch (each its own
+// transaction, found through the audit_at index), and returns how many it
+// removed. A cancelled ctx stops it between batches: what was removed
+// stays removed, the rest goes at the next call.
+func (s *Store) PruneAudit(ctx context.Context, before time.Time) (int64, error) {
+	var total int64
+	for {
+		res, err := s.db.ExecPrepared(ctx, `DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE at < ? ORDER BY at LIMIT ?)`,
+			nanos(before), auditPruneBatch)
+		if err != nil {
+			return total, err
+		}
+		n, err := res.RowsAffected()
+		if err != nil {
+			return total, err
+		}
+		total += n
+		if n < auditPruneBatch {
+			return total, nil
+		}
+	}
+}
+
 // AuditQuery selects audit records of an org, newest first, at most Limit.
 type AuditQuery struct {
 	OrgID  string

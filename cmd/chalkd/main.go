@@ -286,6 +286,7 @@ func newFlags(mode string, eh flag.ErrorHandling) *chalkdFlags {
 	fs.StringVar(&cfg.SeccompLoader, "seccomp-loader", "init", "who loads a runc sandbox's seccomp filter: init (compiled once by chalkd, loaded by chalk-init before anything else; chalkd refuses a sandbox whose init is not filtered) or runc (runc compiles the profile with libseccomp on every start)")
 	fs.StringVar(&cfg.Runtime, "runtime", "runc", "OCI runtime of sandboxes: runc, or runsc (gVisor: a user-space kernel between sandboxes and the host; implies --userns=false)")
 	fs.DurationVar(&cfg.MCPAuditRetention, "mcp-audit-retention", daemon.DefaultMCPAuditRetention, "how long MCP gateway audit records are kept")
+	fs.DurationVar(&cfg.AuditRetention, "audit-retention", daemon.DefaultAuditRetention, "how long the orgs' audit trail records are kept (pruned at start and hourly; with replicas by the leader); 0: kept for ever")
 	fs.StringVar(&cfg.RuntimeBinary, "runtime-binary", "", "path of the runtime binary (default: --runtime's name from PATH)")
 	if mode == "control" {
 		fs.IntVar(&cfg.Prestart, "prestart", 0, "pre-started sandboxes of the base image (busybox) every node keeps, set when it joins (0: none set; each node pre-starts its recently used images by its own --prestart)")

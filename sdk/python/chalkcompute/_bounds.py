@@ -1,6 +1,6 @@
 """The API's bounds on what a client sends, checked before sending (the
-server's api.MaxStringBytes, MaxEntrypointArgs, MaxEnvVars, MaxArgBytes and
-MaxArgsTotalBytes; the Go SDK has the same numbers). An oversized command,
+server's api.MaxStringBytes, MaxEntrypointArgs, MaxEnvVars, MaxArgBytes,
+MaxArgsTotalBytes and MaxImageSpecBytes; the Go SDK has the same numbers). An oversized command,
 path or name fails at once with InvalidArgumentError naming the field, as
 the server would refuse it."""
 
@@ -12,6 +12,7 @@ MAX_STRING_BYTES = 4096  # an image reference, workdir, user, file path, name
 MAX_ARGS = 4096  # entrypoint or argv elements; env variables
 MAX_ARG_BYTES = 128 << 10  # one element, one NAME=value
 MAX_ARGS_TOTAL_BYTES = 1 << 20  # a command line's and its env's bytes together
+MAX_IMAGE_SPEC_BYTES = 1 << 20  # an image spec's JSON (steps, Dockerfile text; files go by digest)
 
 
 def _n(s: str) -> int:
@@ -42,3 +43,11 @@ def check_command(field: str, args: Sequence[str], env: Optional[Mapping[str, st
         total += n
     if total > MAX_ARGS_TOTAL_BYTES:
         raise InvalidArgumentError("%s and env: %d bytes together (at most %d)" % (field, total, MAX_ARGS_TOTAL_BYTES))
+
+
+def check_spec(field: str, spec: str) -> None:
+    """An image spec's JSON (field: image_spec_json or spec_json, as the API
+    names it) against MAX_IMAGE_SPEC_BYTES."""
+    n = _n(spec)
+    if n > MAX_IMAGE_SPEC_BYTES:
+        raise InvalidArgumentError("%s: %d bytes (at most %d): the image spec is too large" % (field, n, MAX_IMAGE_SPEC_BYTES))

@@ -3,7 +3,7 @@
 import datetime
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from ._bounds import check_command, check_string
+from ._bounds import check_command, check_spec, check_string
 from ._transport import Transport, b64, resolve_config
 from .errors import InvalidArgumentError
 from .image import Image
@@ -130,11 +130,13 @@ class SandboxClient:
             else:
                 # Build through the streaming call so logs reach the caller,
                 # then create from the same spec (a cache hit).
+                spec = image.spec_json()
+                check_spec("image_spec_json", spec)  # before any upload or build
                 if _has_steps(image):
                     self.build(image, on_log=on_build_log or _default_log)
                 else:
                     self._upload(image)
-                req["imageSpecJson"] = image.spec_json()
+                req["imageSpecJson"] = spec
         else:
             raise TypeError("create: image must be an Image or a reference string, got %r" % (image,))
         names: List[str] = []
@@ -224,8 +226,10 @@ class SandboxClient:
         streaming build log lines to ``on_log`` as they come. Returns the
         :class:`BuildResult`; a failing step raises FailedPreconditionError
         with the command, exit code and output."""
+        spec = image.spec_json()
+        check_spec("spec_json", spec)  # before any upload
         self._upload(image)
-        return self._progress(self._t.stream("ImageService", "Build", {"specJson": image.spec_json(), "force": force}), on_log, on_progress)
+        return self._progress(self._t.stream("ImageService", "Build", {"specJson": spec, "force": force}), on_log, on_progress)
 
     def warm(self, image: Union[Image, str], on_log: Optional[Callable[[str], None]] = None,
              on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,

@@ -3,6 +3,8 @@ server refuses the same with invalid_argument: api TestRequestBounds)."""
 
 import os
 import re
+import shutil
+import tempfile
 import unittest
 
 from chalkcompute import InvalidArgumentError, SandboxClient
@@ -33,12 +35,37 @@ class BoundsTest(unittest.TestCase):
             ("read file", lambda: sb.read_file(long), "path: 4097 bytes"),
             ("list files", lambda: sb.list_files(long), "path: 4097 bytes"),
             ("remove file", lambda: sb.remove_file(long), "path: 4097 bytes"),
+            ("create spec", lambda: c.create(image=Image.base("busybox").run_commands("x" * _bounds.MAX_IMAGE_SPEC_BYTES)),
+             "image_spec_json: 1048635 bytes (at most 1048576)"),
+            ("create spec utf-8", lambda: c.create(image=Image.base("busybox").env({"A": "é" * (_bounds.MAX_IMAGE_SPEC_BYTES // 2)})),
+             "image_spec_json: 1048634 bytes"),
+            ("build spec", lambda: c.build(Image.from_spec({"base": "busybox", "steps": [{"kind": "run", "commands": ["x" * _bounds.MAX_IMAGE_SPEC_BYTES]}]})),
+             "spec_json: 1048635 bytes (at most 1048576)"),
+            ("build spec before its uploads", lambda: c.build(self._with_upload().run_commands("x" * _bounds.MAX_IMAGE_SPEC_BYTES)),
+             "spec_json: "),
+            ("create spec before its uploads", lambda: c.create(image=self._with_upload().env({"A": "x" * _bounds.MAX_IMAGE_SPEC_BYTES})),
+             "image_spec_json: "),
         ]
         for name, call, want in cases:
             with self.subTest(name):
                 with self.assertRaises(InvalidArgumentError) as cm:
                     call()
                 self.assertIn(want, str(cm.exception))
+
+    def _with_upload(self) -> Image:
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        path = os.path.join(d, "f")
+        with open(path, "w") as f:
+            f.write("x")
+        return Image.base("busybox").add_local_file(path, "/f", strategy="copy")
+
+    def test_spec_at_the_bound_passes_the_check(self) -> None:
+        spec = '{"steps":[]}'
+        spec += " " * (_bounds.MAX_IMAGE_SPEC_BYTES - len(spec))
+        _bounds.check_spec("spec_json", spec)  # exactly at the bound: no error
+        with self.assertRaises(InvalidArgumentError):
+            _bounds.check_spec("spec_json", spec + " ")
 
     def test_same_numbers_as_go(self) -> None:
         with open(os.path.join(ROOT, "chalkcompute", "bounds.go")) as f:
@@ -53,6 +80,7 @@ class BoundsTest(unittest.TestCase):
         self.assertEqual(const("MaxArgs"), _bounds.MAX_ARGS)
         self.assertEqual(const("MaxArgBytes"), _bounds.MAX_ARG_BYTES)
         self.assertEqual(const("MaxArgsTotalBytes"), _bounds.MAX_ARGS_TOTAL_BYTES)
+        self.assertEqual(const("MaxImageSpecBytes"), _bounds.MAX_IMAGE_SPEC_BYTES)
 
 
 if __name__ == "__main__":
