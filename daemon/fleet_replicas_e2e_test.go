@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -92,17 +93,33 @@ func TestFleetReplicas(t *testing.T) {
 			t.Fatalf("read via A what B wrote: %q, %v", got, err)
 		}
 	}
-	victim, err := cb.Sandbox(ctxT(t, 30*time.Second), sbs[0].ID())
+	// One issuer, checked below: a sandbox on node1 (its metadata asks A)
+	// and one on another node (asking B). Chosen before one is terminated,
+	// which is then neither: placement may put a single one on node1.
+	var viaA, viaB *chalkcompute.Sandbox
+	for _, sb := range sbs {
+		switch {
+		case onNode[sb.ID()] == 0 && viaA == nil:
+			viaA = sb
+		case onNode[sb.ID()] != 0 && viaB == nil:
+			viaB = sb
+		}
+	}
+	if viaA == nil || viaB == nil {
+		t.Fatalf("no sandbox on node1 or on the others: %v", onNode)
+	}
+	vi := slices.IndexFunc(sbs, func(sb *chalkcompute.Sandbox) bool { return sb != viaA && sb != viaB })
+	victim, err := cb.Sandbox(ctxT(t, 30*time.Second), sbs[vi].ID())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if st, err := victim.Terminate(ctxT(t, 30*time.Second)); err != nil || st.State != "stopped" || st.EndReason != "terminated" {
 		t.Fatalf("terminate via B: %+v, %v", st, err)
 	}
-	if got, err := ca.Sandbox(ctxT(t, 30*time.Second), sbs[0].ID()); err != nil || got.Info.State != "stopped" || got.Info.EndReason != "terminated" {
+	if got, err := ca.Sandbox(ctxT(t, 30*time.Second), sbs[vi].ID()); err != nil || got.Info.State != "stopped" || got.Info.EndReason != "terminated" {
 		t.Fatalf("the terminated sandbox via A: %+v, %v", got, err)
 	}
-	sbs = sbs[1:]
+	sbs = slices.Delete(sbs, vi, vi+1)
 
 	// A short timeout made via B: the leader (A) ends it.
 	short, err := cb.Create(ctxT(t, time.Minute), chalkcompute.Base("busybox"), chalkcompute.WithEntrypoint("sleep", "1000"), chalkcompute.WithTimeout(3*time.Second))
@@ -113,18 +130,6 @@ func TestFleetReplicas(t *testing.T) {
 
 	// One issuer: tokens minted on either replica verify against the
 	// other's JWKS (node1's metadata asks A, node2's and node3's ask B).
-	var viaA, viaB *chalkcompute.Sandbox
-	for _, sb := range sbs {
-		switch onNode[sb.ID()] {
-		case 0:
-			viaA = sb
-		default:
-			viaB = sb
-		}
-	}
-	if viaA == nil || viaB == nil {
-		t.Fatalf("no sandbox on node1 or on the others: %v", onNode)
-	}
 	for _, tc := range []struct {
 		sb     *chalkcompute.Sandbox
 		verify *chalktest.Node
