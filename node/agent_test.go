@@ -476,3 +476,50 @@ func TestExecReusesInitConnection(t *testing.T) {
 		t.Fatalf("after Destroy: %d sandboxes pooled", a.pooledInits())
 	}
 }
+
+// TestExecInitDroppedMeanwhile: a sandbox destroyed between an exec's look
+// for its pooled client and the insert of a new one leaves no client behind
+// (before, it stayed in the agent's map until the id started again: for a
+// destroyed sandbox, for good).
+func TestExecInitDroppedMeanwhile(t *testing.T) {
+	a, _, _ := procAgent(t)
+	startOne(t, a, "sb1", 1)
+	startOne(t, a, "sb2", 2)
+	var ran bool
+	a.inits.hook = func(id string) {
+		if ran {
+			return
+		}
+		ran = true
+		if err := a.Destroy(context.Background(), id, 1); err != nil {
+			t.Error(err)
+		}
+	}
+	if p, err := a.Exec(context.Background(), "sb1", procapi.ExecRequest{Argv: []string{"true"}}, io.Discard, io.Discard); err == nil {
+		p.Wait()
+		t.Fatal("exec into a destroyed sandbox succeeded")
+	}
+	if !ran {
+		t.Fatal("the hook did not run")
+	}
+	if n := a.pooledInits(); n != 0 {
+		t.Fatalf("%d sandboxes pooled after the destroy, want 0", n)
+	}
+	// A drop of another sandbox meanwhile costs one exec its pool, no more.
+	ran = false
+	a.inits.hook = func(string) {
+		if !ran {
+			ran = true
+			a.dropInit("sb1")
+		}
+	}
+	for i := range 2 {
+		out, _, st := execWait(t, a, "sb2", procapi.ExecRequest{Argv: []string{"echo", "hi"}}, "")
+		if out != "hi\n" || st.Code != 0 {
+			t.Fatalf("exec %d: %q %d", i, out, st.Code)
+		}
+	}
+	if n := a.pooledInits(); n != 1 {
+		t.Fatalf("%d sandboxes pooled, want 1 (sb2)", n)
+	}
+}

@@ -97,7 +97,16 @@ func (r *fakeRuntime) serveInit(in *fakeInit) error {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { _ = procapi.Serve(ctx, l, procapi.ServerOptions{}); close(done) }()
+	opts := procapi.ServerOptions{Activate: func(a procapi.Activation) (func(), error) {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if in.activated != nil {
+			return nil, errors.New("activated twice")
+		}
+		in.activated = &a
+		return nil, nil
+	}}
+	go func() { _ = procapi.Serve(ctx, l, opts); close(done) }()
 	in.stop = func() { cancel(); <-done }
 	in.client = procapi.NewClient(sock, func(ctx context.Context) (net.Conn, error) {
 		r.dials.Add(1)
@@ -275,11 +284,14 @@ func closed() chan struct{} {
 
 var errInitGone = fmt.Errorf("init: connection refused: %w", errdefs.ErrUnavailable)
 
-func (in *fakeInit) Activate(_ context.Context, a procapi.Activation) error {
+func (in *fakeInit) Activate(ctx context.Context, a procapi.Activation) error {
 	select {
 	case <-in.gone:
 		return errInitGone
 	default:
+	}
+	if in.client != nil {
+		return in.client.Activate(ctx, a) // the server records it (serveInit)
 	}
 	in.rt.mu.Lock()
 	defer in.rt.mu.Unlock()

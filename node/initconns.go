@@ -21,6 +21,13 @@ const execIdleConns = 2
 type initConns struct {
 	mu sync.Mutex
 	m  map[string]*procapi.Client
+	// drops counts dropInit calls: a client made while one ran is not
+	// kept (its sandbox may have been killed or destroyed meanwhile, and
+	// nothing would drop it again).
+	drops uint64
+	// hook, in tests, runs in execInit between its read of the map and
+	// the insert of the new client it made.
+	hook func(id string)
 }
 
 // pooler is a sandbox's init whose client can keep connections between
@@ -32,7 +39,7 @@ type pooler interface {
 // execInit is sandbox id's init as its execs reach it: a pooled client.
 func (a *Agent) execInit(id string) sandboxInit {
 	a.inits.mu.Lock()
-	c := a.inits.m[id]
+	c, drops, hook := a.inits.m[id], a.inits.drops, a.inits.hook
 	a.inits.mu.Unlock()
 	if c != nil {
 		return c
@@ -45,10 +52,19 @@ func (a *Agent) execInit(id string) sandboxInit {
 	if c = p.Pooled(execIdleConns); c == nil {
 		return in
 	}
+	if hook != nil {
+		hook(id)
+	}
 	a.inits.mu.Lock()
 	defer a.inits.mu.Unlock()
 	if old := a.inits.m[id]; old != nil {
 		return old // c holds nothing yet
+	}
+	if a.inits.drops != drops {
+		// A drop ran since the read (of this sandbox or another): this
+		// one may be gone, and an entry made now would outlive it. The
+		// exec dials; the next one makes the entry.
+		return in
 	}
 	if a.inits.m == nil {
 		a.inits.m = map[string]*procapi.Client{}
@@ -63,6 +79,7 @@ func (a *Agent) dropInit(id string) {
 	a.inits.mu.Lock()
 	c := a.inits.m[id]
 	delete(a.inits.m, id)
+	a.inits.drops++
 	a.inits.mu.Unlock()
 	if c != nil {
 		c.Close()

@@ -489,7 +489,9 @@ func (a *Agent) activate(ctx context.Context, m *member, req StartRequest) (Star
 			return Started{}, err
 		}
 	}
-	err := a.rt.Init(m.id).Activate(ctx, procapi.Activation{Env: req.Env, Dir: req.Workdir, Entrypoint: req.Entrypoint})
+	// Through the client the sandbox's execs use: it keeps the
+	// activation's connection, so the first exec does not dial.
+	err := a.execInit(m.id).Activate(ctx, procapi.Activation{Env: req.Env, Dir: req.Workdir, Entrypoint: req.Entrypoint})
 	if err != nil {
 		return Started{}, err
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/chalkcompute/chalkcompute/errdefs"
+	"github.com/chalkcompute/chalkcompute/procapi"
 	"github.com/chalkcompute/chalkcompute/sandbox"
 )
 
@@ -514,5 +515,48 @@ func TestReapSparesMembersStartedMeanwhile(t *testing.T) {
 	}
 	if got := a.Prestarted(img.Digest); got != 2 {
 		t.Errorf("%d ready after the reap, want 2", got)
+	}
+}
+
+// TestPoolClaimFirstExecNoDial: a claimed sandbox's activation leaves its
+// connection to init with the client the sandbox's execs use: the first
+// execs make no dial of their own (before, each claim cost the activation's
+// dial and the first exec's).
+func TestPoolClaimFirstExecNoDial(t *testing.T) {
+	ctx := context.Background()
+	rt, n := newFakeRuntime(t), newFakeNet(20)
+	rt.procs = true
+	a := testAgent(t, poolCfg(), rt, n)
+	img := testImage("busybox")
+	if err := a.SetPrestarted(ctx, img, 1, nil); err != nil {
+		t.Fatal(err)
+	}
+	req := StartRequest{Image: img, Env: []string{"A=1"}}
+	id, slot, ok := a.Claim(req)
+	if !ok {
+		t.Fatal("no claim")
+	}
+	req.ID, req.Slot = id, slot
+	d0 := rt.dials.Load()
+	if _, err := a.Start(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	if act := rt.Init(id).(*fakeInit).activation(); act == nil || strings.Join(act.Env, ",") != "A=1" {
+		t.Fatalf("activation %+v", act)
+	}
+	for i := range 3 {
+		out, _, st := execWait(t, a, id, procapi.ExecRequest{Argv: []string{"sh", "-c", "echo $0; exit $0", strconv.Itoa(i)}}, "")
+		if out != strconv.Itoa(i)+"\n" || st.Code != i {
+			t.Fatalf("exec %d: %q %d", i, out, st.Code)
+		}
+	}
+	if d := rt.dials.Load() - d0; d != 1 {
+		t.Fatalf("the activation and 3 execs dialled %d times, want 1", d)
+	}
+	if err := a.Destroy(ctx, id, slot); err != nil {
+		t.Fatal(err)
+	}
+	if n := a.pooledInits(); n != 0 {
+		t.Fatalf("%d sandboxes pooled after the destroy", n)
 	}
 }

@@ -37,7 +37,8 @@ func NewClient(name string, dial Dialer) *Client { return &Client{name: name, di
 // Pooled returns a client of the same init that keeps up to maxIdle
 // connections open between execs and runs the next exec on one of them (see
 // the package doc): no dial, no peer check. Other operations dial as
-// before. A pooled connection stays with the init process that accepted
+// before, except Activate, whose connection the client keeps for the first
+// exec. A pooled connection stays with the init process that accepted
 // it; one that init closed meanwhile costs a failed write and a new dial,
 // never the exec. Close it when the sandbox stops, pauses or restarts.
 func (c *Client) Pooled(maxIdle int) *Client {
@@ -357,14 +358,27 @@ func (c *Client) Ping(ctx context.Context) error {
 
 // Activate hands a pre-started sandbox's init the settings of the sandbox it
 // becomes (see ServerOptions.Activate). It returns once they are applied and
-// the entrypoint, if any, has started.
+// the entrypoint, if any, has started. A pooled client keeps its connection
+// for the next exec.
 func (c *Client) Activate(ctx context.Context, a Activation) error {
 	for _, e := range a.Env {
 		if k, _, ok := strings.Cut(e, "="); !ok || k == "" {
 			return fmt.Errorf("activate: environment entry %q: want KEY=VALUE: %w", e, errdefs.ErrInvalidArgument)
 		}
 	}
-	return c.simple(ctx, &request{Op: opActivate, Env: a.Env, Dir: a.Dir, Argv: a.Entrypoint}, nil)
+	// A pooled client keeps the activation's connection for the first exec
+	// when init can (an older init answers without "reuse" and closes).
+	cc, err := c.call(ctx, &request{Op: opActivate, Env: a.Env, Dir: a.Dir, Argv: a.Entrypoint, Reuse: c.pool != nil})
+	if err != nil {
+		return err
+	}
+	var m activatedMsg
+	if err := result(ctx, cc, &m, 0, nil); err != nil || !m.Reuse || c.pool == nil {
+		cc.close()
+		return err
+	}
+	cc.release(c.pool)
+	return nil
 }
 
 // WaitReady polls Ping until it succeeds or ctx is done, starting at 1ms

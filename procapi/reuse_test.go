@@ -489,3 +489,127 @@ func TestPooledIdleCountsAsIdle(t *testing.T) {
 	}
 	runOK(t, c, []string{"true"}, "", "", 0) // and the connection still serves
 }
+
+// TestPooledActivateCountsAsIdle: the connection a pooled client keeps
+// from an activation rests as one from an exec does: OnIdle runs (a
+// claimed sandbox that gets no exec gives its memory back).
+func TestPooledActivateCountsAsIdle(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	idled := make(chan struct{}, 16)
+	serveAt(t, sock, ServerOptions{IdleAfter: 50 * time.Millisecond, OnIdle: func() { idled <- struct{}{} },
+		Activate: func(Activation) (func(), error) { return nil, nil }})
+	c, dials := countingClient(sock, 2)
+	defer c.Close()
+	if err := c.Activate(testCtx(t), Activation{}); err != nil {
+		t.Fatal(err)
+	}
+	if c.Idle() != 1 {
+		t.Fatal("no pooled connection")
+	}
+	select {
+	case <-idled:
+	case <-testCtx(t).Done():
+		t.Fatal("OnIdle never ran with the activation's connection kept")
+	}
+	runOK(t, c, []string{"true"}, "", "", 0)
+	if n := dials.Load(); n != 1 {
+		t.Fatalf("%d dials, want 1", n)
+	}
+}
+
+// TestPooledActivateKeepsConnection: a pooled client keeps the activation's
+// connection, and the first execs run on it (one dial for the activation
+// and both execs); an activation that fails keeps nothing; a client without
+// a pool closes it as before.
+func TestPooledActivateKeepsConnection(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	var activations atomic.Int32
+	serveAt(t, sock, ServerOptions{Activate: func(a Activation) (func(), error) {
+		if a.Dir == "/bad" {
+			return nil, fmt.Errorf("activate: working directory: %w", errdefs.ErrInvalidArgument)
+		}
+		activations.Add(1)
+		return nil, nil
+	}})
+	c, dials := countingClient(sock, 2)
+	defer c.Close()
+	if err := c.Activate(testCtx(t), Activation{Env: []string{"A=1"}}); err != nil {
+		t.Fatal(err)
+	}
+	if n := c.Idle(); n != 1 {
+		t.Fatalf("%d connections kept after the activation, want 1", n)
+	}
+	runOK(t, c, []string{"sh", "-c", "echo one"}, "one\n", "", 0)
+	runOK(t, c, []string{"sh", "-c", "echo two >&2; exit 3"}, "", "two\n", 3)
+	if n, a := dials.Load(), activations.Load(); n != 1 || a != 1 {
+		t.Fatalf("%d dials and %d activations, want 1 and 1", n, a)
+	}
+
+	c2, dials2 := countingClient(sock, 2)
+	defer c2.Close()
+	if err := c2.Activate(testCtx(t), Activation{Dir: "/bad"}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("failed activation: %v", err)
+	}
+	if n := c2.Idle(); n != 0 {
+		t.Fatalf("%d connections kept after a failed activation", n)
+	}
+	runOK(t, c2, []string{"true"}, "", "", 0)
+	if n := dials2.Load(); n != 2 {
+		t.Fatalf("%d dials, want 2 (the failed activation's, the exec's)", n)
+	}
+
+	var plainDials atomic.Int32
+	plain := NewClient(sock, func(ctx context.Context) (net.Conn, error) {
+		plainDials.Add(1)
+		return testClient(sock).dial(ctx)
+	})
+	if err := plain.Activate(testCtx(t), Activation{}); err != nil {
+		t.Fatal(err)
+	}
+	runOK(t, plain, []string{"true"}, "", "", 0)
+	if n := plainDials.Load(); n != 2 {
+		t.Fatalf("a client without a pool dialled %d times, want 2", n)
+	}
+}
+
+// TestPooledActivateOldInit: an init that predates reuse answers the
+// activation with {} and closes: the activation succeeds, nothing is kept,
+// and the first exec dials.
+func TestPooledActivateOldInit(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "init.sock")
+	var asked atomic.Int32
+	fakeInit(t, sock, func(i int, nc net.Conn) {
+		req, err := readRequest(nc)
+		if err != nil {
+			return
+		}
+		switch req.Op {
+		case opActivate:
+			if req.Reuse {
+				asked.Add(1)
+			}
+			fw := frameWriter{w: nc}
+			_ = fw.writeFrame(frameResult, []byte(`{}`))
+		case opExec:
+			answer(nc, false, 5)
+		}
+	})
+	c, dials := countingClient(sock, 2)
+	defer c.Close()
+	if err := c.Activate(testCtx(t), Activation{}); err != nil {
+		t.Fatal(err)
+	}
+	if n, a := c.Idle(), asked.Load(); n != 0 || a != 1 {
+		t.Fatalf("%d connections kept, %d activations asking for reuse; want 0 and 1", n, a)
+	}
+	p, err := c.Exec(testCtx(t), ExecRequest{Argv: []string{"x"}}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := p.Wait(); err != nil || st.Code != 5 {
+		t.Fatalf("exec: %v %v", st, err)
+	}
+	if n := dials.Load(); n != 2 {
+		t.Fatalf("%d dials, want 2", n)
+	}
+}

@@ -349,10 +349,25 @@ func (s *server) serve(c *conn, typ byte, b []byte) (again bool) {
 			c.sendErr(err)
 			return false
 		}
-		_ = c.sendJSON(frameResult, struct{}{})
+		if !req.Reuse {
+			_ = c.sendJSON(frameResult, struct{}{})
+			if then != nil {
+				then()
+			}
+			return false
+		}
+		// The client keeps the connection for its execs (Client.Pooled):
+		// it rests as after an exec, until frameEnd and the next request.
+		err = c.send(frameResult, []byte(`{"reuse":true}`))
 		if then != nil {
 			then()
 		}
+		if err != nil {
+			return false
+		}
+		c.rest()
+		typ, _, err := readFrame(c, nil)
+		return err == nil && typ == frameEnd
 	case opExec:
 		return s.exec(c, &req)
 	case opRead:

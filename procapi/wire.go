@@ -60,7 +60,11 @@
 // pooled connection that init closed meanwhile (init restarted, the sandbox
 // stopped) shows in the write of that request (EPIPE) or as ECONNRESET before
 // any answer (init closed it with the request unread); then, and only then,
-// the exec is sent again on a new connection: nothing ran.
+// the exec is sent again on a new connection: nothing ran. An activate
+// with "reuse" answered {"reuse":true} leaves its connection the same way
+// (after 'K' and the entrypoint's start): a pooled client keeps it and
+// sends 'N' with its first exec, so a claimed sandbox's first exec skips
+// the dial. Older servers answer {} and close.
 //
 // An exec with "pty" {"rows","cols","term"} runs on a pseudo-terminal that
 // init allocates: the process is a session leader with the terminal as its
@@ -308,8 +312,15 @@ type request struct {
 	// hold the started frame back (at most startHold) and write it with
 	// the first output or the exit.
 	Wait bool `json:"wait,omitempty"`
-	// Reuse (exec): the client will end the exec with frameEnd after its
-	// exit frame and may then send the next request on the connection.
+	// Reuse (exec, activate): the client will end the exec with frameEnd
+	// after its exit frame (the activation after its result) and may then
+	// send the next request on the connection.
+	Reuse bool `json:"reuse,omitempty"`
+}
+
+// activatedMsg is activate's result: Reuse as in startedMsg (older
+// servers answer {} and close).
+type activatedMsg struct {
 	Reuse bool `json:"reuse,omitempty"`
 }
 
