@@ -427,10 +427,13 @@ func (e *execution) readClient(gone chan<- struct{}) {
 		switch typ {
 		case frameStdin:
 			if e.stdin != nil && !e.stdin.push(b) {
-				// Over its credit: a broken client. Its process is
-				// killed and the connection cut.
-				e.cancel()
+				// Over its credit: a broken client. The connection
+				// is cut, then its process killed: in the other
+				// order the process's end could be reported on the
+				// connection first (its exit frame written before
+				// the close), as if the client had been served.
 				e.c.Close()
+				e.cancel()
 				return
 			}
 		case frameStdinEOF:
