@@ -231,8 +231,11 @@ func TestFleetReplicas(t *testing.T) {
 	cordon("uncordon", "node2", "node3")
 	waitEnded(t, cb, short2.ID(), "timeout", 30*time.Second)
 
-	// A node killed now is still marked lost (by B).
+	// A node killed now is still marked lost (by B). Its loss is waited
+	// for whether or not a sandbox of the test's runs there: a create
+	// placed before it was noticed would go to the dead node.
 	nodes[2].Kill()
+	waitHealthy(t, b, map[string]bool{"node3": false})
 	for _, sb := range sbs {
 		if onNode[sb.ID()] == 2 {
 			waitEnded(t, cb, sb.ID(), "lost", 30*time.Second)
