@@ -176,21 +176,7 @@ func auditInsert(n int) string {
 // PruneMCPAudit removes the records older than before (in chunks, so the
 // writer lock is held briefly) and returns how many.
 func (s *Store) PruneMCPAudit(ctx context.Context, before time.Time) (int64, error) {
-	var total int64
-	for {
-		res, err := s.db.ExecContext(ctx, `DELETE FROM mcp_audit WHERE seq IN (SELECT seq FROM mcp_audit WHERE at < ? LIMIT 5000)`, before.UnixNano())
-		if err != nil {
-			return total, err
-		}
-		n, err := res.RowsAffected()
-		if err != nil {
-			return total, err
-		}
-		total += n
-		if n < 5000 {
-			return total, nil
-		}
-	}
+	return s.deleteInBatches(ctx, `DELETE FROM mcp_audit WHERE seq IN (SELECT seq FROM mcp_audit WHERE at < ? LIMIT ?)`, 5000, before.UnixNano())
 }
 
 // MCPAuditQuery selects audit records: newest first, at most Limit.

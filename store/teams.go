@@ -531,10 +531,19 @@ const auditPruneBatch = 2000
 // removed. A cancelled ctx stops it between batches: what was removed
 // stays removed, the rest goes at the next call.
 func (s *Store) PruneAudit(ctx context.Context, before time.Time) (int64, error) {
+	return s.deleteInBatches(ctx, `DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE at < ? ORDER BY at LIMIT ?)`,
+		auditPruneBatch, nanos(before))
+}
+
+// deleteInBatches runs the DELETE q (its last argument the LIMIT of a
+// batch, after args) until a batch removes fewer than batch rows: each
+// batch is its own statement, so no pass holds the writer for long. It
+// returns how many rows it removed, also with an error.
+func (s *Store) deleteInBatches(ctx context.Context, q string, batch int64, args ...any) (int64, error) {
+	args = append(args, batch)
 	var total int64
 	for {
-		res, err := s.db.ExecPrepared(ctx, `DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE at < ? ORDER BY at LIMIT ?)`,
-			nanos(before), auditPruneBatch)
+		res, err := s.db.ExecPrepared(ctx, q, args...)
 		if err != nil {
 			return total, err
 		}
@@ -543,7 +552,7 @@ func (s *Store) PruneAudit(ctx context.Context, before time.Time) (int64, error)
 			return total, err
 		}
 		total += n
-		if n < auditPruneBatch {
+		if n < batch {
 			return total, nil
 		}
 	}
